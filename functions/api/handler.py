@@ -1,0 +1,270 @@
+"""The public API v1: submit, get, list, cancel, redeliver, and the OpenAPI document.
+
+Routes are thin: read the tenant from the authorizer context, call one intake method,
+shape the response. Every error becomes problem+json in `problem_for` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from functools import cache
+from typing import Annotated, Any
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
+from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from llmq import errors
+from llmq.config import ApiEnvironment
+from llmq.intake import JobIntake
+from llmq.jobs import JobRecord, JobRepository
+from llmq.models import Job, JobList, JobRequest, JobStatus, Problem
+from llmq.queues import QueueRepository
+from llmq.ssrf import check_webhook_url
+from llmq.telemetry import logger
+from llmq.tenants import TenantIdentity
+
+ENV = ApiEnvironment.load(function_name="api")
+PROBLEM_JSON = "application/problem+json"
+JOB_ID = r"^job_[a-z0-9]{1,64}$"
+
+app = APIGatewayRestResolver(enable_validation=True)
+app.enable_swagger(path="/v1/docs", title="llmq", version="1.0.0")
+
+
+@cache
+def intake() -> JobIntake:
+    config = ENV.config
+    return JobIntake(
+        jobs=JobRepository(ENV.jobs_table, config),
+        queues=QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url),
+        config=config,
+        check_webhook_url=lambda url: check_webhook_url(
+            url, allow_loopback_http=config.webhooks.allow_loopback_http
+        ),
+    )
+
+
+# ---- errors: the one mapping to HTTP ----------------------------------------------------
+
+_STATUS = {
+    errors.InvalidRequest: 422,
+    errors.InvalidIdempotencyKey: 400,
+    errors.InvalidCursor: 400,
+    errors.UnsupportedMediaType: 415,
+    errors.PayloadTooLarge: 413,
+    errors.IdempotencyConflict: 422,
+    errors.JobNotFound: 404,
+    errors.JobNotCancelable: 409,
+    errors.JobNotTerminal: 409,
+    errors.NoWebhook: 409,
+    errors.Unauthenticated: 401,
+}
+
+
+def problem_for(exc: errors.DomainError) -> tuple[int, Problem]:
+    status = next((code for kind, code in _STATUS.items() if type(exc) is kind), None)
+    if status is None:
+        status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
+    return status, Problem(
+        type=f"https://llmq.dev/problems/{exc.code}",
+        title=exc.title,
+        status=status,
+        detail=exc.detail,
+        code=exc.code,
+    )
+
+
+def _problem_response(status: int, problem: Problem, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        status_code=status,
+        content_type=PROBLEM_JSON,
+        body=problem.model_dump_json(exclude_none=True),
+        headers=headers,
+    )
+
+
+@app.exception_handler(errors.DomainError)
+def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
+    return _problem_response(*problem_for(exc))
+
+
+@app.exception_handler(RequestValidationError)
+def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
+    # Never echo `input`: it could hold the prompt.
+    details = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+        for error in exc.errors()
+    ]
+    if any(detail["type"] == "json_invalid" for detail in details):
+        status, problem = 400, Problem(
+            title="The body is not valid JSON", status=400, code="malformed_json", detail="parse error"
+        )
+    else:
+        status, problem = problem_for(errors.InvalidRequest("the request does not match the schema"))
+        problem.errors = details
+    return _problem_response(status, problem)
+
+
+@app.not_found
+def handle_not_found(exc: NotFoundError) -> Response[Any]:
+    return _problem_response(404, Problem(title="No such route", status=404, code="route_not_found"))
+
+
+@app.exception_handler(Exception)
+def handle_unexpected(exc: Exception) -> Response[Any]:
+    logger.exception("unhandled error")
+    return _problem_response(
+        500, Problem(title="Internal error", status=500, code="internal_error", detail="see server logs")
+    )
+
+
+# ---- routes -----------------------------------------------------------------------------
+
+
+def _tenant() -> TenantIdentity:
+    context = app.current_event.request_context.authorizer.raw_event or {}
+    tenant_id, tier = context.get("tenant_id"), context.get("tier")
+    if not tenant_id or not tier:
+        raise errors.Unauthenticated("no tenant in the authorizer context")
+    return TenantIdentity(tenant_id=str(tenant_id), tier=str(tier))
+
+
+def _job_response(job: JobRecord, status_code: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        status_code=status_code,
+        content_type="application/json",
+        body=job.to_job().model_dump_json(),
+        headers=headers,
+    )
+
+
+def _responses(success: int, description: str, model: type = Job, *errors_: int) -> dict[int, Any]:
+    documented: dict[int, Any] = {
+        success: {"description": description, "content": {"application/json": {"model": model}}}
+    }
+    for status in (400, 401, 404, 422, *errors_):
+        documented[status] = {"description": "Problem", "content": {PROBLEM_JSON: {"model": Problem}}}
+    return documented
+
+
+def _prefer_wait(prefer: str | None) -> int:
+    match = re.search(r"\bwait\s*=\s*(\d+)", prefer or "")
+    if not match:
+        return 0
+    return min(int(match.group(1)), ENV.config.limits.max_submit_wait_seconds)
+
+
+@app.post(
+    "/v1/jobs",
+    summary="Submit a job",
+    responses=_responses(202, "Accepted; or 200 when `Prefer: wait` saw it finish", Job, 409, 413, 415, 429),
+)
+def handle_submit_job(
+    request: Annotated[JobRequest, Body()],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    prefer: Annotated[str | None, Header(alias="Prefer")] = None,
+) -> Response[Any]:
+    tenant = _tenant()
+    submission = intake().submit(tenant, request, idempotency_key)
+    job, status = submission.job, 202
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if submission.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    wait = _prefer_wait(prefer)
+    if wait:
+        job = intake().get(tenant, job.id, wait_seconds=wait)
+        headers["Preference-Applied"] = f"wait={wait}"
+        status = 200 if job.status.is_terminal else 202
+    return _job_response(job, status, headers)
+
+
+@app.get("/v1/jobs/<job_id>", summary="Get a job", responses=_responses(200, "The job"))
+def handle_get_job(
+    job_id: Annotated[str, Path(pattern=JOB_ID)],
+    wait: Annotated[int, Query(ge=0, le=20, description="Long-poll up to this many seconds")] = 0,
+) -> Response[Any]:
+    return _job_response(intake().get(_tenant(), job_id, wait_seconds=wait), 200)
+
+
+@app.get("/v1/jobs", summary="List jobs, newest first", responses=_responses(200, "A page of jobs", JobList))
+def handle_list_jobs(
+    status: Annotated[JobStatus | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+) -> Response[Any]:
+    jobs, next_cursor = intake().list(_tenant(), status, limit, cursor)
+    page = JobList(data=[job.to_job() for job in jobs], next_cursor=next_cursor)
+    return Response(status_code=200, content_type="application/json", body=page.model_dump_json())
+
+
+@app.post(
+    "/v1/jobs/<job_id>/cancel",
+    summary="Cancel a job",
+    responses={
+        **_responses(200, "Canceled", Job, 409),
+        202: {"description": "Cancel requested", "content": {"application/json": {"model": Job}}},
+    },
+)
+def handle_cancel_job(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[Any]:
+    job = intake().cancel(_tenant(), job_id)
+    return _job_response(job, 200 if job.status.is_terminal else 202)
+
+
+@app.post(
+    "/v1/jobs/<job_id>/webhook/redeliver",
+    summary="Send the job's terminal webhook again",
+    responses=_responses(202, "Queued for delivery", Job, 409),
+)
+def handle_redeliver_webhook(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[Any]:
+    return _job_response(intake().redeliver(_tenant(), job_id), 202)
+
+
+@app.get("/v1/openapi.json", summary="This document", include_in_schema=False)
+def handle_get_openapi() -> Response[Any]:
+    document = app.get_openapi_json_schema(
+        title="llmq",
+        version="1.0.0",
+        description="Asynchronous jobs for long-running LLM requests",
+        security_schemes={"bearer": HTTPBearer(description="Bearer <API key>")},
+        security=[{"bearer": []}],
+    )
+    return Response(status_code=200, content_type="application/json", body=document)
+
+
+# ---- entry point ------------------------------------------------------------------------
+
+
+def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | None:
+    """Size and media type are checked before validation parses the body."""
+    body = event.get("body")
+    if body is None or event.get("httpMethod") != "POST":
+        return None
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    if len(raw) > ENV.config.limits.max_body_bytes:
+        return errors.PayloadTooLarge(f"the body exceeds {ENV.config.limits.max_body_bytes} bytes")
+    headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
+    media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+    if raw.strip() and media_type != "application/json" and not media_type.endswith("+json"):
+        return errors.UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not application/json")
+    return None
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, log_event=False)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    rejection = _reject_unacceptable_body(event)
+    if rejection is not None:
+        status, problem = problem_for(rejection)
+        return {
+            "statusCode": status,
+            "headers": {"Content-Type": PROBLEM_JSON},
+            "body": json.dumps(problem.model_dump(exclude_none=True)),
+            "isBase64Encoded": False,
+        }
+    return app.resolve(event, context)

@@ -1,0 +1,58 @@
+"""REQUEST authorizer: the Bearer API key becomes the tenant id and tier in the context.
+
+API Gateway answers 401 when this function raises "Unauthorized". The policy allows every
+route of the API so that a cached decision holds for all of them.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools.utilities.data_classes import event_source
+from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event import (
+    APIGatewayAuthorizerRequestEvent,
+    APIGatewayAuthorizerResponse,
+)
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from llmq.config import AuthorizerEnvironment
+from llmq.telemetry import logger
+from llmq.tenants import TenantRepository
+
+ENV = AuthorizerEnvironment.load(function_name="authorizer")
+
+
+@cache
+def tenants() -> TenantRepository:
+    return TenantRepository(ENV.tenants_table)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+@event_source(data_class=APIGatewayAuthorizerRequestEvent)
+@logger.inject_lambda_context(log_event=False)
+def handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> dict[str, Any]:
+    headers = {key.lower(): value for key, value in (event.headers or {}).items()}
+    token = bearer_token(headers.get("authorization"))
+    identity = tenants().authenticate(token) if token else None
+    if identity is None:
+        logger.info("authentication refused", extra={"has_token": token is not None})
+        # The exact message API Gateway maps to 401.
+        raise Exception("Unauthorized")
+    arn = event.parsed_arn
+    policy = APIGatewayAuthorizerResponse(
+        principal_id=identity.tenant_id,
+        context={"tenant_id": identity.tenant_id, "tier": identity.tier},
+        region=arn.region,
+        aws_account_id=arn.aws_account_id,
+        api_id=arn.api_id,
+        stage=arn.stage,
+    )
+    policy.allow_all_routes()
+    return policy.asdict()

@@ -1,0 +1,48 @@
+"""Lane DLQs: a job whose message exhausted its receives fails as `worker_crashed`.
+
+Its webhook still goes out. A body that names no job is logged and reported as failed, so
+it stays in the DLQ for an operator; it never crashes the batch.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from llmq.config import DeadLetterEnvironment
+from llmq.errors import PoisonMessage
+from llmq.execution import mark_dead_letter
+from llmq.jobs import JobRepository
+from llmq.queues import MAX_VISIBILITY_SECONDS, QueueRepository
+from llmq.telemetry import logger, metrics
+
+ENV = DeadLetterEnvironment.load(function_name="dead_letter")
+processor = BatchProcessor(event_type=EventType.SQS)
+
+
+@cache
+def repositories() -> tuple[JobRepository, QueueRepository]:
+    return JobRepository(ENV.jobs_table, ENV.config), QueueRepository({}, ENV.webhook_queue_url)
+
+
+def record_handler(record: SQSRecord) -> None:
+    jobs, queues = repositories()
+    try:
+        job = mark_dead_letter(jobs, queues, record.body)
+    except PoisonMessage as exc:
+        logger.error("unprocessable dead letter kept", extra={"message_id": record.message_id, "why": str(exc)})
+        # Kept for an operator, but not re-read every few seconds: hide it for the SQS maximum.
+        queues.delay_redelivery(record.event_source_arn, record.receipt_handle, MAX_VISIBILITY_SECONDS)
+        raise
+    if job is not None:
+        logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(log_event=False)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -1,0 +1,76 @@
+"""The worker: a lane batch, run concurrently, answered as a partial batch response."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools.utilities.batch import (
+    AsyncBatchProcessor,
+    EventType,
+    async_process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.parameters import get_secret
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from llmq.config import WorkerEnvironment
+from llmq.errors import PoisonMessage
+from llmq.execution import Invocation, JobRunner, RetryLater
+from llmq.jobs import JobRepository
+from llmq.providers import ChatCompletionsProvider
+from llmq.queues import QueueRepository
+from llmq.telemetry import logger, metrics
+
+ENV = WorkerEnvironment.load(function_name="worker")
+processor = AsyncBatchProcessor(event_type=EventType.SQS)
+
+
+def provider_api_key() -> str | None:
+    if ENV.provider_api_key is not None:
+        return ENV.provider_api_key
+    if ENV.provider_secret_id:
+        # Cached by Powertools for five minutes: one Secrets Manager call per warm container.
+        return str(get_secret(ENV.provider_secret_id, max_age=300))
+    return None
+
+
+@cache
+def queues() -> QueueRepository:
+    return QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url)
+
+
+@cache
+def runner() -> JobRunner:
+    config = ENV.config
+    provider = ChatCompletionsProvider(
+        base_url=ENV.provider_base_url or str(config.provider.base_url),
+        api_key=provider_api_key,
+        stream=config.provider.stream,
+    )
+    return JobRunner(JobRepository(ENV.jobs_table, config), queues(), provider, config)
+
+
+async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
+    invocation = Invocation(
+        owner=f"{lambda_context.aws_request_id}/{record.message_id}",
+        remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
+    )
+    try:
+        await runner().run(record.body, invocation)
+    except RetryLater as retry:
+        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, retry.delay_seconds)
+        raise
+    except PoisonMessage:
+        logger.error("poison message; it goes to the DLQ", extra={"message_id": record.message_id})
+        # Come back at once: the receive count, not the clock, should carry it to the DLQ.
+        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, 0)
+        raise
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context(log_event=False)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return async_process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

@@ -1,0 +1,258 @@
+"""The one typed configuration of llmq.
+
+The CDK app reads it from `cdk.json` context, passes it to every function as the
+`LLMQ_CONFIG` environment variable, and each function validates it at cold start with
+the same model. The sandbox reads the same model. No number lives in two places.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Annotated, Any, Self
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ENV_VAR = "LLMQ_CONFIG"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LaneConfig(_Frozen):
+    """A priority lane: one SQS queue, one DLQ and one event source mapping."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")]
+    tiers: list[str] = Field(min_length=1, description="Tenant tiers routed to this lane")
+    # Lambda's event source mapping accepts MaximumConcurrency from 2 to 1000.
+    max_concurrency: Annotated[int, Field(ge=2, le=1000)]
+    batch_size: Annotated[int, Field(ge=1, le=10)] = 10
+    batching_window_seconds: Annotated[int, Field(ge=0, le=300)] = 0
+
+
+class RetryPolicy(_Frozen):
+    """Backoff between provider attempts: exponential with full jitter, floored by Retry-After."""
+
+    base_seconds: Annotated[float, Field(ge=0)] = 2.0
+    max_seconds: Annotated[float, Field(ge=0, le=43_200)] = 900.0
+
+
+class WebhookPolicy(_Frozen):
+    # Standard Webhooks' recommended schedule, after the first attempt.
+    schedule_seconds: list[Annotated[int, Field(ge=0, le=43_200)]] = [5, 300, 1800, 7200, 18000, 36000, 36000]
+    jitter_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 15.0
+    # Above this many bytes of JSON the result is left out of the body and a result_url given.
+    inline_result_limit_bytes: Annotated[int, Field(ge=1024)] = 128 * 1024
+    # Only the sandbox turns this on: http:// receivers on loopback.
+    allow_loopback_http: bool = False
+
+
+class ProviderConfig(_Frozen):
+    base_url: AnyHttpUrl = AnyHttpUrl("https://api.openai.com/v1")
+    default_model: str = "gpt-4o-mini"
+    models: list[str] = Field(default_factory=lambda: ["gpt-4o-mini", "gpt-4o"], min_length=1)
+    timeout_seconds: Annotated[float, Field(gt=0, le=900)] = 120.0
+    stream: bool = True
+    allowed_params: list[str] = Field(
+        default_factory=lambda: [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+        ]
+    )
+
+    @model_validator(mode="after")
+    def _default_model_is_allowed(self) -> Self:
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not in models")
+        return self
+
+
+class LimitsConfig(_Frozen):
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
+    max_metadata_keys: Annotated[int, Field(ge=0)] = 16
+    max_submit_wait_seconds: Annotated[int, Field(ge=0, le=25)] = 25
+    max_get_wait_seconds: Annotated[int, Field(ge=0, le=20)] = 20
+    max_deadline_seconds: Annotated[int, Field(ge=1)] = 86_400
+    wait_poll_seconds: Annotated[float, Field(gt=0)] = 0.5
+
+
+class ReconcilerConfig(_Frozen):
+    schedule_minutes: Annotated[int, Field(ge=1)] = 5
+    # A queued job untouched this long may have lost its message between PutItem and SendMessage.
+    stale_queued_seconds: Annotated[int, Field(ge=1)] = 300
+    # A running job whose lease expired this long ago was left behind by a crash.
+    expired_lease_grace_seconds: Annotated[int, Field(ge=0)] = 300
+    stale_webhook_seconds: Annotated[int, Field(ge=1)] = 900
+    max_items_per_run: Annotated[int, Field(ge=1)] = 500
+
+
+class FunctionSizing(_Frozen):
+    memory_mb: Annotated[int, Field(ge=128, le=10240)] = 256
+    timeout_seconds: Annotated[int, Field(ge=1, le=900)] = 30
+
+
+def _worker_sizing() -> FunctionSizing:
+    return FunctionSizing(memory_mb=256, timeout_seconds=300)
+
+
+def _dispatcher_sizing() -> FunctionSizing:
+    return FunctionSizing(memory_mb=256, timeout_seconds=60)
+
+
+class LlmqConfig(_Frozen):
+    """Everything an operator may tune. Read from cdk.json context key `llmq`."""
+
+    lanes: list[LaneConfig] = Field(
+        default_factory=lambda: [
+            LaneConfig(name="high", tiers=["enterprise"], max_concurrency=8),
+            LaneConfig(name="low", tiers=["free"], max_concurrency=2),
+        ],
+        min_length=1,
+    )
+    default_lane: str = "low"
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    # SQS redrives to the DLQ after this many receives; it must exceed max_attempts so the
+    # DLQ only ever sees crashes and poison, never ordinary retries.
+    max_receive_count: Annotated[int, Field(ge=5, le=1000)] = 6
+    retention_days: Annotated[int, Field(ge=1, le=365)] = 7
+    # Added to the Lambda's remaining time to form the lease.
+    lease_margin_seconds: Annotated[int, Field(ge=0)] = 30
+    # How often a running job re-reads cancel_requested while waiting on the provider.
+    cancel_check_seconds: Annotated[float, Field(gt=0)] = 5.0
+    retry: RetryPolicy = RetryPolicy()
+    webhooks: WebhookPolicy = WebhookPolicy()
+    provider: ProviderConfig = ProviderConfig()
+    limits: LimitsConfig = LimitsConfig()
+    reconciler: ReconcilerConfig = ReconcilerConfig()
+    api: FunctionSizing = FunctionSizing()
+    worker: FunctionSizing = Field(default_factory=_worker_sizing)
+    dispatcher: FunctionSizing = Field(default_factory=_dispatcher_sizing)
+
+    @model_validator(mode="after")
+    def _check_lanes(self) -> Self:
+        names = [lane.name for lane in self.lanes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lane names must be unique: {names}")
+        if self.default_lane not in names:
+            raise ValueError(f"default_lane {self.default_lane!r} is not a lane")
+        tiers = [tier for lane in self.lanes for tier in lane.tiers]
+        if len(set(tiers)) != len(tiers):
+            raise ValueError("a tier may be routed to one lane only")
+        if self.max_receive_count <= self.max_attempts:
+            raise ValueError("max_receive_count must be greater than max_attempts")
+        return self
+
+    @cached_property
+    def lanes_by_name(self) -> dict[str, LaneConfig]:
+        return {lane.name: lane for lane in self.lanes}
+
+    @property
+    def total_lane_concurrency(self) -> int:
+        return sum(lane.max_concurrency for lane in self.lanes)
+
+    @property
+    def lane_visibility_timeout_seconds(self) -> int:
+        # AWS guidance: at least six times the consuming function's timeout.
+        return 6 * self.worker.timeout_seconds
+
+    @property
+    def webhook_visibility_timeout_seconds(self) -> int:
+        return 6 * self.dispatcher.timeout_seconds
+
+    @property
+    def retention_seconds(self) -> int:
+        return self.retention_days * 86_400
+
+    def to_env(self) -> str:
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_context(cls, context: Mapping[str, Any] | None) -> LlmqConfig:
+        return cls.model_validate(dict(context or {}))
+
+
+class ConfigError(RuntimeError):
+    """Raised at cold start when a function's environment is incomplete or invalid."""
+
+
+class FunctionEnvironment(BaseModel):
+    """The environment every llmq function receives from the stack.
+
+    Each function declares the subclass it needs; a missing variable fails the cold start
+    with the function's name in the message.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    config: LlmqConfig = Field(alias=CONFIG_ENV_VAR)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, function_name: str | None = None) -> Self:
+        environ = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            key = field.alias or name
+            if key in environ:
+                raw[key] = _decode(key, environ[key])
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            who = function_name or environ.get("AWS_LAMBDA_FUNCTION_NAME", cls.__name__)
+            raise ConfigError(f"{who}: invalid environment: {exc}") from exc
+
+
+def _decode(key: str, value: str) -> Any:
+    if key in _JSON_VARS:
+        return json.loads(value) if value else {}
+    return value
+
+
+_JSON_VARS = {CONFIG_ENV_VAR, "LLMQ_LANE_QUEUE_URLS"}
+
+
+class ApiEnvironment(FunctionEnvironment):
+    jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
+    lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
+    webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
+
+
+class AuthorizerEnvironment(FunctionEnvironment):
+    tenants_table: str = Field(alias="LLMQ_TENANTS_TABLE", min_length=1)
+
+
+class WorkerEnvironment(FunctionEnvironment):
+    jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
+    lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
+    webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
+    # Either a Secrets Manager secret name/ARN (deployed) or a literal key (sandbox, tests).
+    provider_secret_id: str | None = Field(default=None, alias="LLMQ_PROVIDER_SECRET_ID")
+    provider_api_key: str | None = Field(default=None, alias="LLMQ_PROVIDER_API_KEY")
+    provider_base_url: str | None = Field(default=None, alias="LLMQ_PROVIDER_BASE_URL")
+
+
+class DeadLetterEnvironment(FunctionEnvironment):
+    jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
+    webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
+
+
+class DispatcherEnvironment(FunctionEnvironment):
+    jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
+    tenants_table: str = Field(alias="LLMQ_TENANTS_TABLE", min_length=1)
+    webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
+    public_api_url: str = Field(default="", alias="LLMQ_PUBLIC_API_URL")
+
+
+class ReconcilerEnvironment(FunctionEnvironment):
+    jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
+    lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
+    webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)

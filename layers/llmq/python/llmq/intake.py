@@ -1,0 +1,154 @@
+"""The API side of a job's life: accept, look up, wait, list, cancel and redeliver."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmq.config import LlmqConfig
+from llmq.errors import (
+    IdempotencyConflict,
+    InvalidIdempotencyKey,
+    InvalidRequest,
+    JobNotTerminal,
+    NoWebhook,
+    PromptTooLarge,
+    UnknownModel,
+)
+from llmq.jobs import JobInput, JobRecord, JobRepository, new_job_id
+from llmq.lanes import lane_for_tier
+from llmq.models import JobRequest, JobStatus
+from llmq.queues import QueueRepository
+from llmq.telemetry import fingerprint, logger
+from llmq.tenants import TenantIdentity
+
+MAX_IDEMPOTENCY_KEY = 255
+
+UrlGuard = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: JobRecord
+    replayed: bool
+
+
+def request_hash(request: JobRequest) -> str:
+    """What "the same body" means for an idempotent replay: the validated request, canonical."""
+    canonical = request.model_dump_json(exclude_none=True, exclude_defaults=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class JobIntake:
+    def __init__(
+        self,
+        jobs: JobRepository,
+        queues: QueueRepository,
+        config: LlmqConfig,
+        check_webhook_url: UrlGuard,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.jobs = jobs
+        self.queues = queues
+        self.config = config
+        self.check_webhook_url = check_webhook_url
+        self._sleep = sleep
+
+    def submit(self, tenant: TenantIdentity, request: JobRequest, idempotency_key: str | None) -> Submission:
+        """One conditional PutItem, then one SendMessage. A replay writes and sends nothing."""
+        self._validate(request, idempotency_key)
+        now_ms = self.jobs.now_ms()
+        record = self._new_record(tenant, request, idempotency_key, now_ms)
+        created = self.jobs.create(record)
+        if created.replayed:
+            if created.job.tenant_id != tenant.tenant_id or created.job.request_hash != record.request_hash:
+                raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
+            return Submission(job=created.job, replayed=True)
+        logger.info(
+            "job accepted",
+            extra={"job_id": record.id, "lane": record.lane, "prompt_sha": fingerprint(_prompt_text(request))},
+        )
+        try:
+            self.queues.enqueue_job(record.id, record.lane)
+        except Exception:
+            # The job is stored durably as queued; the reconciler enqueues it after
+            # `stale_queued_seconds`. The client keeps its 202 and its job id.
+            logger.exception("enqueue failed; the reconciler will pick the job up", extra={"job_id": record.id})
+        return Submission(job=record, replayed=False)
+
+    def _validate(self, request: JobRequest, idempotency_key: str | None) -> None:
+        limits = self.config.limits
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+            raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        model = request.model or self.config.provider.default_model
+        if model not in self.config.provider.models:
+            raise UnknownModel(f"model {model!r} is not one of {self.config.provider.models}")
+        if request.prompt_chars() > limits.max_prompt_chars:
+            raise PromptTooLarge(f"the prompt exceeds {limits.max_prompt_chars} characters")
+        if len(request.metadata) > limits.max_metadata_keys:
+            raise InvalidRequest(f"metadata holds at most {limits.max_metadata_keys} keys")
+        params = request.params.model_dump(exclude_none=True)
+        refused = sorted(set(params) - set(self.config.provider.allowed_params))
+        if refused:
+            raise InvalidRequest(f"parameters not allowed: {', '.join(refused)}")
+        if request.deadline_seconds is not None and request.deadline_seconds > limits.max_deadline_seconds:
+            raise InvalidRequest(f"deadline_seconds is at most {limits.max_deadline_seconds}")
+        if request.webhook is not None:
+            self.check_webhook_url(request.webhook.url)
+
+    def _new_record(
+        self, tenant: TenantIdentity, request: JobRequest, idempotency_key: str | None, now_ms: int
+    ) -> JobRecord:
+        webhook = request.webhook
+        return JobRecord(
+            id=new_job_id(tenant.tenant_id, idempotency_key, now_ms),
+            tenant_id=tenant.tenant_id,
+            status=JobStatus.QUEUED,
+            lane=lane_for_tier(self.config, tenant.tier).name,
+            model=request.model or self.config.provider.default_model,
+            input=JobInput(messages=request.chat_messages(), params=request.params),
+            request_hash=request_hash(request),
+            metadata=request.metadata,
+            created_ms=now_ms,
+            deadline_ms=now_ms + request.deadline_seconds * 1000 if request.deadline_seconds else None,
+            webhook_url=webhook.url if webhook else None,
+            webhook_events=webhook.subscribed_events() if webhook else [],
+            expires_at=now_ms // 1000 + self.config.retention_seconds,
+        )
+
+    def get(self, tenant: TenantIdentity, job_id: str, wait_seconds: float = 0) -> JobRecord:
+        """The tenant's job; with a wait, the first terminal state seen within it."""
+        deadline = time.monotonic() + wait_seconds
+        job = self.jobs.get(job_id, tenant.tenant_id)
+        while not job.status.is_terminal and time.monotonic() < deadline:
+            self._sleep(min(self.config.limits.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
+            job = self.jobs.get(job_id, tenant.tenant_id)
+        return job
+
+    def list(
+        self, tenant: TenantIdentity, status: JobStatus | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        return self.jobs.list_for_tenant(tenant.tenant_id, status, limit, cursor)
+
+    def cancel(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
+        job = self.jobs.cancel(job_id, tenant.tenant_id)
+        self.queues.announce_terminal(job)
+        return job
+
+    def redeliver(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
+        """Queue the terminal event again; the dispatcher reuses the same webhook-id."""
+        job = self.jobs.get(job_id, tenant.tenant_id)
+        event = job.terminal_event
+        if event is None:
+            raise JobNotTerminal(f"job {job_id} is {job.status.value}")
+        if not job.wants(event):
+            raise NoWebhook(f"job {job_id} has no webhook subscribed to {event.value}")
+        pending = self.jobs.mark_delivery_pending(job_id, tenant.tenant_id)
+        self.queues.enqueue_webhook(job_id, event)
+        return pending
+
+
+def _prompt_text(request: JobRequest) -> str:
+    return "\n".join(message.content for message in request.chat_messages())

@@ -1,0 +1,670 @@
+"""The job repository: every write of DESIGN §3, each a single conditional DynamoDB call.
+
+Nothing above this module sees botocore: `ClientError` codes become domain outcomes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.errors import InvalidCursor, JobNotCancelable, JobNotFound, LeaseLost
+from llmq.models import (
+    EVENT_FOR_STATUS,
+    ChatMessage,
+    DeliveryStatus,
+    GenerationParams,
+    Job,
+    JobError,
+    JobResult,
+    JobStatus,
+    JobWebhook,
+    WebhookDelivery,
+    WebhookEvent,
+)
+
+TENANT_INDEX = "by_tenant"
+SWEEP_INDEX = "by_sweep"
+# The sparse reconciler index has one partition key value; only jobs that may need help carry it.
+SWEEP_PARTITION = "sweep"
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+Clock = Callable[[], float]
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id(tenant_id: str, idempotency_key: str | None, now_ms: int) -> str:
+    """Derived from (tenant, key) when a key is given, so a replay hits the same PutItem condition."""
+    if idempotency_key is not None:
+        digest = hashlib.sha256(f"{tenant_id}\x00{idempotency_key}".encode()).digest()
+        return "job_" + base64.b32encode(digest).decode().lower().rstrip("=")[:26]
+    return f"job_{now_ms:012x}{secrets.token_hex(7)}"
+
+
+class JobInput(BaseModel):
+    """What the worker sends to the provider. Stored with the job, never in a queue message."""
+
+    messages: list[ChatMessage]
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+
+class JobRecord(BaseModel):
+    """A job as stored, including what the public Job hides (tenant, lease, input)."""
+
+    id: str
+    tenant_id: str
+    status: JobStatus
+    lane: str
+    model: str
+    input: JobInput
+    request_hash: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_ms: int
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    lease_owner: str | None = None
+    lease_expires_ms: int | None = None
+    deadline_ms: int | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    webhook_url: str | None = None
+    webhook_events: list[WebhookEvent] = Field(default_factory=list)
+    delivery_status: DeliveryStatus | None = None
+    delivery_attempts: int = 0
+    delivery_last_status_code: int | None = None
+    delivered_ms: int | None = None
+    expires_at: int
+
+    def wants(self, event: WebhookEvent) -> bool:
+        return self.webhook_url is not None and event in self.webhook_events
+
+    @property
+    def terminal_event(self) -> WebhookEvent | None:
+        return EVENT_FOR_STATUS[self.status] if self.status.is_terminal else None
+
+    def to_job(self) -> Job:
+        webhook = None
+        if self.webhook_url is not None:
+            webhook = JobWebhook(
+                url=self.webhook_url,
+                events=self.webhook_events,
+                delivery=WebhookDelivery(
+                    status=self.delivery_status,
+                    attempts=self.delivery_attempts,
+                    last_status_code=self.delivery_last_status_code,
+                    delivered_at=iso(self.delivered_ms) if self.delivered_ms else None,
+                ),
+            )
+        return Job(
+            id=self.id,
+            status=self.status,
+            lane=self.lane,
+            model=self.model,
+            metadata=self.metadata,
+            created_at=iso(self.created_ms),
+            started_at=iso(self.started_ms) if self.started_ms else None,
+            finished_at=iso(self.finished_ms) if self.finished_ms else None,
+            attempts=self.attempts,
+            cancel_requested=self.cancel_requested,
+            result=self.result,
+            error=self.error,
+            webhook=webhook,
+        )
+
+
+_JSON_FIELDS = ("input", "result", "error")
+
+
+def _to_item(record: JobRecord, extra: dict[str, Any]) -> dict[str, Any]:
+    data = record.model_dump(mode="json", exclude_none=True)
+    for name in _JSON_FIELDS:
+        if name in data:
+            data[name] = json.dumps(data[name], separators=(",", ":"))
+    data["pk"] = data.pop("id")
+    data.update(extra)
+    return {key: _serializer.serialize(value) for key, value in data.items()}
+
+
+def _from_item(item: dict[str, Any]) -> JobRecord:
+    data = {key: _deserializer.deserialize(value) for key, value in item.items()}
+    data["id"] = data.pop("pk")
+    for name in _JSON_FIELDS:
+        if name in data:
+            data[name] = json.loads(data[name])
+    for name in ("sweep_pk", "sweep_at", "tenant_created"):
+        data.pop(name, None)
+    return JobRecord.model_validate(data)
+
+
+def _values(**values: Any) -> dict[str, Any]:
+    return {f":{key}": _serializer.serialize(value) for key, value in values.items()}
+
+
+def _condition_failed(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+def _old_item(exc: ClientError) -> JobRecord | None:
+    item = exc.response.get("Item")
+    return _from_item(item) if item else None
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"
+    NOT_FOUND = "not_found"
+    TERMINAL = "terminal"
+    LEASED_ELSEWHERE = "leased_elsewhere"
+    DEADLINE_PASSED = "deadline_passed"
+    CANCEL_PENDING = "cancel_pending"
+    CRASHES_EXHAUSTED = "crashes_exhausted"
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    job: JobRecord | None
+
+
+@dataclass(frozen=True)
+class Created:
+    job: JobRecord
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class SweepEntry:
+    job_id: str
+    status: JobStatus
+    lane: str
+    sweep_at: int
+    delivery_status: DeliveryStatus | None
+    deadline_ms: int | None
+
+
+class JobRepository:
+    def __init__(self, table_name: str, config: LlmqConfig, clock: Clock = time.time) -> None:
+        self.table_name = table_name
+        self.config = config
+        self._clock = clock
+
+    @property
+    def _ddb(self) -> Any:
+        return aws.client("dynamodb")
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # ---- accept -------------------------------------------------------------------------
+
+    def create(self, record: JobRecord) -> Created:
+        """One conditional PutItem. A replay of the same id returns the stored job instead."""
+        extra = {
+            "tenant_created": f"{record.created_ms:013d}#{record.id}",
+            "sweep_pk": SWEEP_PARTITION,
+            "sweep_at": record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
+        }
+        try:
+            self._ddb.put_item(
+                TableName=self.table_name,
+                Item=_to_item(record, extra),
+                # An item past its TTL but not yet deleted by DynamoDB counts as gone.
+                ConditionExpression="attribute_not_exists(pk) OR expires_at < :now_s",
+                ExpressionAttributeValues=_values(now_s=int(self._clock())),
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if not _condition_failed(exc):
+                raise
+            existing = _old_item(exc)
+            if existing is None:
+                raise
+            return Created(job=existing, replayed=True)
+        return Created(job=record, replayed=False)
+
+    # ---- claim --------------------------------------------------------------------------
+
+    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
+        """One conditional UpdateItem returning the whole job, input included."""
+        now = self.now_ms()
+        lease_until = now + int(lease_seconds * 1000)
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression=(
+                    "SET #st = :running, lease_owner = :owner, lease_expires_ms = :lease, "
+                    "started_ms = if_not_exists(started_ms, :now), sweep_at = :sweep "
+                    "ADD attempts :one"
+                ),
+                ConditionExpression=(
+                    "attribute_exists(pk) AND expires_at > :now_s AND ("
+                    "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now)) OR "
+                    "(#st = :running AND lease_expires_ms < :now AND attempts < :max "
+                    "AND cancel_requested = :false))"
+                ),
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues=_values(
+                    running="running",
+                    queued="queued",
+                    owner=owner,
+                    lease=lease_until,
+                    now=now,
+                    now_s=now // 1000,
+                    sweep=lease_until + self.config.reconciler.expired_lease_grace_seconds * 1000,
+                    one=1,
+                    max=self.config.max_attempts,
+                    false=False,
+                ),
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if not _condition_failed(exc):
+                raise
+            return self._why_not_claimed(_old_item(exc), now)
+        return Claim(ClaimOutcome.CLAIMED, _from_item(response["Attributes"]))
+
+    def _why_not_claimed(self, old: JobRecord | None, now: int) -> Claim:
+        if old is None or old.expires_at * 1000 <= now:
+            return Claim(ClaimOutcome.NOT_FOUND, old)
+        if old.status.is_terminal:
+            return Claim(ClaimOutcome.TERMINAL, old)
+        if old.status is JobStatus.QUEUED:
+            return Claim(ClaimOutcome.DEADLINE_PASSED, old)
+        if old.lease_expires_ms is not None and old.lease_expires_ms >= now:
+            return Claim(ClaimOutcome.LEASED_ELSEWHERE, old)
+        if old.cancel_requested:
+            return Claim(ClaimOutcome.CANCEL_PENDING, old)
+        return Claim(ClaimOutcome.CRASHES_EXHAUSTED, old)
+
+    # ---- terminal and retry writes ------------------------------------------------------
+
+    def complete(self, job: JobRecord, owner: str, result: JobResult) -> JobRecord:
+        """Fenced: only the worker holding the lease may record the result."""
+        return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result)
+
+    def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
+        return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
+
+    def cancel_leased(self, job: JobRecord, owner: str) -> JobRecord:
+        return self._finish_leased(job, owner, JobStatus.CANCELED)
+
+    def requeue(self, job: JobRecord, owner: str, error: JobError, delay_seconds: float) -> JobRecord:
+        """A transient failure: back to queued with the attempt count kept, lease released."""
+        now = self.now_ms()
+        visible_at = now + int(delay_seconds * 1000)
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job.id}},
+                UpdateExpression="SET #st = :queued, #err = :error, sweep_at = :sweep "
+                "REMOVE lease_owner, lease_expires_ms",
+                ConditionExpression="lease_owner = :owner AND #st = :running",
+                ExpressionAttributeNames={"#st": "status", "#err": "error"},
+                ExpressionAttributeValues=_values(
+                    queued="queued",
+                    error=error.model_dump_json(),
+                    owner=owner,
+                    sweep=visible_at + self.config.reconciler.stale_queued_seconds * 1000,
+                ),
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                raise LeaseLost(job.id) from exc
+            raise
+        return _from_item(response["Attributes"])
+
+    def _finish_leased(
+        self,
+        job: JobRecord,
+        owner: str,
+        status: JobStatus,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+    ) -> JobRecord:
+        try:
+            return self._finish(
+                job,
+                status,
+                condition="lease_owner = :owner AND #st = :running",
+                values={"owner": owner, "running": "running"},
+                result=result,
+                error=error,
+            )
+        except _ConditionFailed as exc:
+            raise LeaseLost(job.id) from exc
+
+    def _finish(
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        *,
+        condition: str,
+        values: dict[str, Any],
+        result: JobResult | None = None,
+        error: JobError | None = None,
+    ) -> JobRecord:
+        """The one terminal write. It sets the delivery to pending when the event is subscribed."""
+        now = self.now_ms()
+        sets = ["#st = :status", "finished_ms = :now"]
+        removes = ["lease_owner", "lease_expires_ms"]
+        all_values: dict[str, Any] = {"status": status.value, "now": now, **values}
+        names = {"#st": "status"}
+        if result is not None:
+            sets.append("#res = :result")
+            names["#res"] = "result"
+            all_values["result"] = result.model_dump_json()
+        if error is not None:
+            sets.append("#err = :error")
+            names["#err"] = "error"
+            all_values["error"] = error.model_dump_json()
+        elif status is JobStatus.SUCCEEDED or status is JobStatus.CANCELED:
+            removes.append("#err")
+            names["#err"] = "error"
+        if job.wants(EVENT_FOR_STATUS[status]):
+            sets += ["delivery_status = :pending", "sweep_at = :sweep"]
+            all_values["pending"] = DeliveryStatus.PENDING.value
+            all_values["sweep"] = now + self.config.reconciler.stale_webhook_seconds * 1000
+        else:
+            removes += ["sweep_pk", "sweep_at"]
+        expression = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job.id}},
+                UpdateExpression=expression,
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_values(**all_values),
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                raise _ConditionFailed(_old_item(exc)) from exc
+            raise
+        return _from_item(response["Attributes"])
+
+    def expire(self, job: JobRecord) -> JobRecord | None:
+        """A queued job whose deadline passed before any worker started it."""
+        error = JobError(
+            code="deadline_exceeded", message="The job did not start before its deadline", retryable=False
+        )
+        try:
+            return self._finish(
+                job,
+                JobStatus.EXPIRED,
+                condition="#st = :queued AND deadline_ms <= :now",
+                values={"queued": "queued"},
+                error=error,
+            )
+        except _ConditionFailed:
+            return None
+
+    def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        """Fail a job that no live worker holds (dead letters, exhausted crash recovery)."""
+        try:
+            return self._finish(
+                job,
+                JobStatus.FAILED,
+                condition="(#st = :queued) OR (#st = :running AND "
+                "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now))",
+                values={"queued": "queued", "running": "running"},
+                error=error,
+            )
+        except _ConditionFailed:
+            return None
+
+    def cancel_unleased(self, job: JobRecord) -> JobRecord | None:
+        """A running job asked to cancel whose worker vanished: record it canceled."""
+        try:
+            return self._finish(
+                job,
+                JobStatus.CANCELED,
+                condition="#st = :running AND cancel_requested = :true AND lease_expires_ms < :now",
+                values={"running": "running", "true": True},
+            )
+        except _ConditionFailed:
+            return None
+
+    # ---- cancel (API) -------------------------------------------------------------------
+
+    def cancel(self, job_id: str, tenant_id: str) -> JobRecord:
+        """Queued: canceled at once. Running: cancel_requested, the worker stops it. Else 409."""
+        for _ in range(3):
+            job = self.get(job_id, tenant_id)
+            if job.status.is_terminal:
+                raise JobNotCancelable(f"job {job_id} is {job.status.value}")
+            if job.status is JobStatus.QUEUED:
+                try:
+                    return self._finish(
+                        job, JobStatus.CANCELED, condition="#st = :queued", values={"queued": "queued"}
+                    )
+                except _ConditionFailed:
+                    continue  # it started meanwhile: look again
+            updated = self._request_cancel(job)
+            if updated is not None:
+                return updated
+        raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
+
+    def _request_cancel(self, job: JobRecord) -> JobRecord | None:
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job.id}},
+                UpdateExpression="SET cancel_requested = :true",
+                ConditionExpression="#st = :running",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues=_values(true=True, running="running"),
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                return None
+            raise
+        return _from_item(response["Attributes"])
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        response = self._ddb.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": job_id}},
+            ProjectionExpression="cancel_requested",
+            ConsistentRead=True,
+        )
+        return bool(response.get("Item", {}).get("cancel_requested", {}).get("BOOL", False))
+
+    # ---- webhook delivery ---------------------------------------------------------------
+
+    def record_delivery(
+        self,
+        job_id: str,
+        status: DeliveryStatus,
+        status_code: int | None,
+        next_attempt_in_seconds: float | None = None,
+    ) -> None:
+        """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index."""
+        now = self.now_ms()
+        sets = ["delivery_status = :status", "delivery_last_status_code = :code"]
+        values: dict[str, Any] = {"status": status.value, "code": status_code, "one": 1}
+        removes: list[str] = []
+        if status is DeliveryStatus.DELIVERED:
+            sets.append("delivered_ms = :now")
+            values["now"] = now
+        if status is DeliveryStatus.PENDING:
+            wait_ms = int((next_attempt_in_seconds or 0) * 1000)
+            sets += ["sweep_pk = :sweep_pk", "sweep_at = :sweep"]
+            values["sweep_pk"] = SWEEP_PARTITION
+            values["sweep"] = now + wait_ms + self.config.reconciler.stale_webhook_seconds * 1000
+        else:
+            removes += ["sweep_pk", "sweep_at"]
+        expression = f"SET {', '.join(sets)} ADD delivery_attempts :one"
+        if removes:
+            expression += f" REMOVE {', '.join(removes)}"
+        self._ddb.update_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": job_id}},
+            UpdateExpression=expression,
+            ConditionExpression="attribute_exists(pk)",
+            ExpressionAttributeValues=_values(**values),
+        )
+
+    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
+        """Redelivery: the terminal event goes out again, so the delivery is pending once more."""
+        now = self.now_ms()
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
+                "sweep_pk = :sweep_pk, sweep_at = :sweep",
+                ConditionExpression="tenant_id = :tenant AND attribute_exists(webhook_url)",
+                ExpressionAttributeValues=_values(
+                    pending=DeliveryStatus.PENDING.value,
+                    sweep_pk=SWEEP_PARTITION,
+                    sweep=now + self.config.reconciler.stale_webhook_seconds * 1000,
+                    tenant=tenant_id,
+                    zero=0,
+                ),
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                raise JobNotFound(job_id) from exc
+            raise
+        return _from_item(response["Attributes"])
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def find(self, job_id: str) -> JobRecord | None:
+        """Any tenant's job, for workers. Expired-but-not-deleted items count as gone."""
+        response = self._ddb.get_item(
+            TableName=self.table_name, Key={"pk": {"S": job_id}}, ConsistentRead=True
+        )
+        item = response.get("Item")
+        if not item:
+            return None
+        record = _from_item(item)
+        if record.expires_at <= int(self._clock()):
+            return None
+        return record
+
+    def get(self, job_id: str, tenant_id: str) -> JobRecord:
+        """A tenant's own job; another tenant's job is indistinguishable from a missing one."""
+        record = self.find(job_id)
+        if record is None or record.tenant_id != tenant_id:
+            raise JobNotFound(f"no job {job_id}")
+        return record
+
+    def list_for_tenant(
+        self, tenant_id: str, status: JobStatus | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        """Newest first. With a status filter a page may hold fewer than `limit` jobs."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": TENANT_INDEX,
+            "KeyConditionExpression": "tenant_id = :tenant",
+            "ScanIndexForward": False,
+            "Limit": limit,
+        }
+        values: dict[str, Any] = {"tenant": tenant_id}
+        if status is not None:
+            kwargs["FilterExpression"] = "#st = :status"
+            kwargs["ExpressionAttributeNames"] = {"#st": "status"}
+            values["status"] = status.value
+        kwargs["ExpressionAttributeValues"] = _values(**values)
+        if cursor:
+            kwargs["ExclusiveStartKey"] = _decode_cursor(cursor, tenant_id)
+        response = self._ddb.query(**kwargs)
+        now_s = int(self._clock())
+        records = [_from_item(item) for item in response.get("Items", [])]
+        records = [record for record in records if record.expires_at > now_s]
+        last = response.get("LastEvaluatedKey")
+        return records, (_encode_cursor(last) if last else None)
+
+    def sweep(self, due_before_ms: int, limit: int) -> Iterator[SweepEntry]:
+        """Jobs the reconciler should look at, from the sparse index: never a scan."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": SWEEP_INDEX,
+            "KeyConditionExpression": "sweep_pk = :p AND sweep_at <= :due",
+            "ExpressionAttributeValues": _values(p=SWEEP_PARTITION, due=due_before_ms),
+            "Limit": min(limit, 100),
+        }
+        seen = 0
+        while seen < limit:
+            response = self._ddb.query(**kwargs)
+            for item in response.get("Items", []):
+                data = {key: _deserializer.deserialize(value) for key, value in item.items()}
+                seen += 1
+                yield SweepEntry(
+                    job_id=data["pk"],
+                    status=JobStatus(data["status"]),
+                    lane=data["lane"],
+                    sweep_at=int(data["sweep_at"]),
+                    delivery_status=DeliveryStatus(data["delivery_status"])
+                    if "delivery_status" in data
+                    else None,
+                    deadline_ms=int(data["deadline_ms"]) if "deadline_ms" in data else None,
+                )
+            if "LastEvaluatedKey" not in response:
+                return
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def postpone_sweep(self, job_id: str, seconds: float) -> None:
+        """After the reconciler re-enqueued something, leave the job alone for a while."""
+        self._ddb.update_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": job_id}},
+            UpdateExpression="SET sweep_at = :sweep",
+            ConditionExpression="attribute_exists(sweep_pk)",
+            ExpressionAttributeValues=_values(sweep=self.now_ms() + int(seconds * 1000)),
+        )
+
+
+class _ConditionFailed(Exception):
+    def __init__(self, old: JobRecord | None) -> None:
+        super().__init__("condition failed")
+        self.old = old
+
+
+def _encode_cursor(key: dict[str, Any]) -> str:
+    plain = {name: _deserializer.deserialize(value) for name, value in key.items()}
+    raw = json.dumps(plain, default=str, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, tenant_id: str) -> dict[str, Any]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        plain = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(plain, dict) or set(plain) != {"pk", "tenant_id", "tenant_created"}:
+            raise ValueError("unexpected cursor keys")
+        if plain["tenant_id"] != tenant_id:
+            raise ValueError("cursor of another tenant")
+        return {name: _serializer.serialize(str(value)) for name, value in plain.items()}
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursor("the cursor is not one this API returned") from exc

@@ -1,0 +1,27 @@
+"""Lane routing: the tenant's tier, from the tenant record, picks the lane. Never the request."""
+
+from __future__ import annotations
+
+import random
+
+from llmq.config import LaneConfig, LlmqConfig, RetryPolicy
+
+
+def lane_for_tier(config: LlmqConfig, tier: str) -> LaneConfig:
+    for lane in config.lanes:
+        if tier in lane.tiers:
+            return lane
+    return config.lanes_by_name[config.default_lane]
+
+
+def retry_delay_seconds(
+    policy: RetryPolicy, attempt: int, retry_after: float | None, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter, never sooner than the provider's Retry-After.
+
+    `attempt` is the number of the attempt that just failed, from 1.
+    """
+    ceiling = min(policy.max_seconds, policy.base_seconds * (2 ** max(0, attempt - 1)))
+    jittered = (rng or random).uniform(ceiling / 2, ceiling)
+    floor = retry_after or 0.0
+    return min(max(jittered, floor), 43_200.0)

@@ -1,0 +1,205 @@
+"""The public models of API v1. They validate requests and generate the OpenAPI document."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED})
+
+
+class WebhookEvent(StrEnum):
+    STARTED = "job.started"
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    CANCELED = "job.canceled"
+    EXPIRED = "job.expired"
+
+
+TERMINAL_EVENTS = [WebhookEvent.SUCCEEDED, WebhookEvent.FAILED, WebhookEvent.CANCELED, WebhookEvent.EXPIRED]
+
+EVENT_FOR_STATUS = {
+    JobStatus.RUNNING: WebhookEvent.STARTED,
+    JobStatus.SUCCEEDED: WebhookEvent.SUCCEEDED,
+    JobStatus.FAILED: WebhookEvent.FAILED,
+    JobStatus.CANCELED: WebhookEvent.CANCELED,
+    JobStatus.EXPIRED: WebhookEvent.EXPIRED,
+}
+
+
+class ErrorCode(StrEnum):
+    """The closed set of job error codes."""
+
+    INVALID_REQUEST = "invalid_request"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    CONTENT_FILTERED = "content_filtered"
+    MODEL_NOT_FOUND = "model_not_found"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    PROVIDER_ERROR = "provider_error"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    WORKER_CRASHED = "worker_crashed"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DISABLED = "disabled"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Annotated[str, Field(max_length=2_000_000)]
+
+
+class GenerationParams(_Strict):
+    """Allow-listed generation parameters, passed through to the provider."""
+
+    # Bounds are written as ge/le rather than gt so the OpenAPI document states them exactly.
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    stop: list[Annotated[str, Field(max_length=256)]] | Annotated[str, Field(max_length=256)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    seed: int | None = None
+
+
+class WebhookSubscription(_Strict):
+    url: Annotated[str, Field(min_length=8, max_length=2048, description="https URL of the receiver")]
+    events: list[WebhookEvent] | None = Field(
+        default=None, min_length=1, description="Defaults to every terminal event"
+    )
+
+    def subscribed_events(self) -> list[WebhookEvent]:
+        return list(dict.fromkeys(self.events)) if self.events else list(TERMINAL_EVENTS)
+
+
+class JobRequest(_Strict):
+    """POST /v1/jobs. Give `messages`, or `prompt` as shorthand for one user message."""
+
+    model: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1000)
+    prompt: Annotated[str, Field(min_length=1, max_length=2_000_000)] | None = None
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    webhook: WebhookSubscription | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
+        default_factory=dict
+    )
+    deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        return self
+
+    def chat_messages(self) -> list[ChatMessage]:
+        if self.messages is not None:
+            return self.messages
+        return [ChatMessage(role="user", content=self.prompt or "")]
+
+    def prompt_chars(self) -> int:
+        return sum(len(message.content) for message in self.chat_messages())
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class JobResult(BaseModel):
+    output: str
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+
+
+class JobError(BaseModel):
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+
+
+class WebhookDelivery(BaseModel):
+    status: DeliveryStatus | None = None
+    attempts: int = 0
+    last_status_code: int | None = None
+    delivered_at: str | None = None
+
+
+class JobWebhook(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+    delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
+
+
+class Job(BaseModel):
+    """The Job object of API v1."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    lane: str
+    model: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    result: JobResult | None = None
+    result_url: str | None = Field(default=None, description="Set when the result is too large to inline")
+    error: JobError | None = None
+    webhook: JobWebhook | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    next_cursor: str | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with a stable machine `code`."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    code: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class LaneMessage(_Strict):
+    """The body of a lane queue message: ids only, never the prompt."""
+
+    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    lane: str | None = None
+
+
+class WebhookMessage(_Strict):
+    """The body of a webhooks queue message."""
+
+    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    event: WebhookEvent

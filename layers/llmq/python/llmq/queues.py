@@ -1,0 +1,66 @@
+"""The SQS repository: lane messages, webhook messages and visibility changes.
+
+Messages carry ids only (DESIGN §1); the job itself lives in DynamoDB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmq import aws
+from llmq.jobs import JobRecord
+from llmq.models import DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessage
+
+# SQS caps a message's visibility timeout at 12 hours.
+MAX_VISIBILITY_SECONDS = 43_200
+
+
+class QueueRepository:
+    def __init__(self, lane_queue_urls: dict[str, str], webhook_queue_url: str) -> None:
+        self.lane_queue_urls = lane_queue_urls
+        self.webhook_queue_url = webhook_queue_url
+
+    @property
+    def _sqs(self) -> Any:
+        return aws.client("sqs")
+
+    def enqueue_job(self, job_id: str, lane: str, delay_seconds: int = 0) -> None:
+        body = LaneMessage(job_id=job_id, lane=lane).model_dump_json()
+        self._sqs.send_message(
+            QueueUrl=self.lane_queue_urls[lane], MessageBody=body, DelaySeconds=min(delay_seconds, 900)
+        )
+
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None:
+        body = WebhookMessage(job_id=job_id, event=event).model_dump_json()
+        self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
+
+    def queue_url_for_arn(self, queue_arn: str) -> str | None:
+        """The URL of one of our queues from an event record's eventSourceARN."""
+        name = queue_arn.rsplit(":", 1)[-1]
+        for url in [*self.lane_queue_urls.values(), self.webhook_queue_url]:
+            if url.rstrip("/").rsplit("/", 1)[-1] == name:
+                return url
+        return None
+
+    def _url_from_arn(self, queue_arn: str) -> str:
+        # arn:aws:sqs:<region>:<account>:<name>; DLQs are not in our environment by URL.
+        *_, account, name = queue_arn.split(":")
+        response = self._sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)
+        return str(response["QueueUrl"])
+
+    def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
+        """Make a message we report as failed come back after `seconds`, not the queue default."""
+        url = self.queue_url_for_arn(queue_arn) or self._url_from_arn(queue_arn)
+        self._sqs.change_message_visibility(
+            QueueUrl=url,
+            ReceiptHandle=receipt_handle,
+            VisibilityTimeout=max(0, min(int(round(seconds)), MAX_VISIBILITY_SECONDS)),
+        )
+
+    def announce_terminal(self, job: JobRecord) -> bool:
+        """Send the terminal event when the terminal write left the delivery pending."""
+        event = job.terminal_event
+        if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
+            return False
+        self.enqueue_webhook(job.id, event)
+        return True

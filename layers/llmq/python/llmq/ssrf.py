@@ -1,0 +1,248 @@
+"""The SSRF guard for webhook URLs (DESIGN §2 Webhooks).
+
+One check serves both moments: the API calls `check_webhook_url` when a job is submitted, and
+the dispatcher calls it again before every attempt. The dispatcher then connects through
+`PinnedTransport`, which dials only the addresses that passed the check, so a DNS answer that
+changes between the check and the connection (DNS rebinding) cannot redirect the request.
+TLS still verifies the certificate against the hostname, and the Host header keeps it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import httpcore
+import httpx
+
+from llmq.errors import InvalidWebhookUrl
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# (host, port) -> the IP addresses the host resolves to, as strings.
+Resolver = Callable[[str, int], Iterable[str]]
+
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+# Ranges that `ipaddress`'s properties miss, or classify differently across Python versions.
+_BLOCKED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "100.64.0.0/10",  # CGNAT (RFC 6598)
+        "192.0.0.0/24",  # IETF protocol assignments
+        "198.18.0.0/15",  # benchmarking
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+        "2001::/32",  # Teredo: tunnels to an address we cannot see
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # deprecated site-local
+    )
+)
+# Well-known NAT64 prefix: the last 32 bits are an IPv4 address that must itself be public.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every A/AAAA answer for `host`, in the order the system resolver gives them."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class PinnedTarget:
+    """A webhook URL that passed the guard, with the addresses a connection may use."""
+
+    url: str
+    scheme: str
+    # The ASCII (IDNA) form, as httpcore asks the network backend to connect to it.
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+def check_webhook_url(url: str, allow_loopback_http: bool, resolver: Resolver = system_resolver) -> PinnedTarget:
+    """Refuse anything but https to public addresses; raise InvalidWebhookUrl saying why.
+
+    http is accepted only when `allow_loopback_http` (the sandbox) and every address is loopback.
+    """
+    parsed = _parse(url)
+    scheme = parsed.scheme
+    if scheme not in _DEFAULT_PORTS:
+        raise InvalidWebhookUrl("the webhook URL must use https")
+    if scheme == "http" and not allow_loopback_http:
+        raise InvalidWebhookUrl("the webhook URL must use https")
+    if parsed.userinfo:
+        raise InvalidWebhookUrl("the webhook URL must not contain credentials")
+    host = parsed.raw_host.decode("ascii")
+    if not host:
+        raise InvalidWebhookUrl("the webhook URL has no host")
+    port = parsed.port or _DEFAULT_PORTS[scheme]
+    addresses = _addresses(host, port, resolver)
+    for address in addresses:
+        refusal = _refusal(address, allow_loopback_http)
+        if refusal is None:
+            continue
+        if _ip(host) is not None:
+            raise InvalidWebhookUrl(f"the webhook URL points to {refusal} address ({address})")
+        raise InvalidWebhookUrl(f"the webhook host {host} resolves to {refusal} address ({address})")
+    if scheme == "http" and not all(_unwrap(address).is_loopback for address in addresses):
+        raise InvalidWebhookUrl("the webhook URL must use https")
+    return PinnedTarget(
+        url=str(parsed),
+        scheme=scheme,
+        host=host,
+        port=port,
+        addresses=tuple(str(address) for address in addresses),
+    )
+
+
+def _parse(url: str) -> httpx.URL:
+    # Parsed with httpx, the client that sends the request, so the host checked here is the
+    # host it would connect to; a second URL parser could disagree on odd inputs.
+    try:
+        return httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise InvalidWebhookUrl("the webhook URL is not a valid URL") from exc
+
+
+def _addresses(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
+    literal = _ip(host)
+    if literal is not None:
+        return [literal]
+    try:
+        answers = list(resolver(host, port))
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise InvalidWebhookUrl(f"the webhook host {host} does not resolve") from exc
+    addresses = [_ip(answer) for answer in answers]
+    if not addresses or any(address is None for address in addresses):
+        raise InvalidWebhookUrl(f"the webhook host {host} does not resolve to IP addresses")
+    return [address for address in addresses if address is not None]
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _unwrap(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, NAT64), else the address itself."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def _refusal(address: IPAddress, allow_loopback: bool) -> str | None:
+    """Why a connection to `address` is refused ("a loopback", …), or None if it is public.
+
+    An IPv6 form that carries an IPv4 address is judged by that IPv4 address: it is where the
+    packets end up.
+    """
+    candidate = _unwrap(address)
+    if candidate.is_loopback:
+        return None if allow_loopback else "a loopback"
+    return _non_public(candidate)
+
+
+def _non_public(address: IPAddress) -> str | None:
+    if address.is_unspecified:
+        return "an unspecified"
+    if address.is_link_local:
+        return "a link-local"
+    if address.is_multicast:
+        return "a multicast"
+    if any(address in network for network in _BLOCKED_NETWORKS if network.version == address.version):
+        return "a non-public"
+    if address.is_private:
+        return "a private"
+    if address.is_reserved or not address.is_global:
+        return "a reserved"
+    return None
+
+
+# ---- the pinned connection ---------------------------------------------------------------
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Dials the checked addresses in place of the hostname; refuses any other destination."""
+
+    def __init__(self, target: PinnedTarget, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._target = target
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        if (host.lower(), port) != (self._target.host.lower(), self._target.port):
+            raise httpcore.ConnectError(f"refusing to connect to {host}:{port}, which was not checked")
+        failure: Exception | None = None
+        for address in self._target.addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        raise failure or httpcore.ConnectError(f"no address to connect to for {host}")
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("webhooks are never sent over unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+@cache
+def _default_ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle costs milliseconds; one verified context serves every delivery.
+    return httpx.create_ssl_context(verify=True, trust_env=False)
+
+
+class PinnedTransport(httpx.AsyncHTTPTransport):
+    """An httpx transport whose connections go only to `target.addresses`.
+
+    The URL keeps the hostname, so httpx sends it as Host and httpcore uses it for SNI and
+    certificate verification; only the TCP connect is redirected to the checked address.
+    """
+
+    def __init__(
+        self,
+        target: PinnedTarget,
+        *,
+        verify: ssl.SSLContext | bool = True,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        # httpx offers no public hook for the network backend, so this sets the one attribute
+        # AsyncHTTPTransport.__init__ would (httpx is pinned below 0.29 in pyproject). Not calling
+        # super().__init__ also keeps proxies from the environment out: they would defeat pinning.
+        if verify is True:
+            ssl_context = _default_ssl_context()
+        else:
+            ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=1,
+            http1=True,
+            http2=False,
+            retries=0,
+            network_backend=_PinnedBackend(target, network_backend or httpcore.AnyIOBackend()),
+        )

@@ -1,0 +1,24 @@
+"""Logging, metrics and tracing, shared by every function. Prompts and outputs are never logged."""
+
+from __future__ import annotations
+
+import hashlib
+
+from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
+from aws_lambda_powertools.metrics import MetricUnit
+
+logger = Logger(service="llmq")
+metrics = Metrics(namespace="llmq", service="llmq")
+tracer = Tracer(service="llmq")
+
+
+def fingerprint(text: str) -> str:
+    """A short, stable hash that lets operators correlate a prompt without ever seeing it."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def emit_job_metric(name: str, value: float, lane: str) -> None:
+    """One metric with the lane as its dimension (the dashboard graphs per lane)."""
+    unit = MetricUnit.Milliseconds if name.endswith("Ms") else MetricUnit.Count
+    with single_metric(name=name, unit=unit, value=value, namespace=metrics.namespace) as metric:
+        metric.add_dimension(name="lane", value=lane)

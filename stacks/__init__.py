@@ -1,0 +1,1 @@
+"""The llmq CDK app: one construct per concern, composed by `llmq_stack.LlmqStack`."""

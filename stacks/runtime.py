@@ -1,0 +1,15 @@
+"""The Lambda runtime every llmq function and layer targets.
+
+Kept free of CDK imports so that `layers/build.py` can read it without starting jsii.
+"""
+
+from __future__ import annotations
+
+# The newest Lambda Python runtime that Powertools supports (aws-lambda-powertools 3.37
+# declares 3.14, and every runtime dependency ships cp314 aarch64 wheels). The deps layer
+# is built for this version, so change it here and nowhere else.
+LAMBDA_PYTHON_VERSION = "3.14"
+# Graviton: cheaper per GB-second than x86 for I/O-bound waiting on a provider.
+LAMBDA_ARCHITECTURE = "arm64"
+# The manylinux platform tag that matches the Lambda arm64 image (glibc 2.34 on AL2023).
+LAYER_PLATFORM = "aarch64-manylinux2014"

@@ -1,0 +1,138 @@
+"""Fixtures shared by every suite: sample events and a moto-backed llmq stack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+EVENTS_DIR = Path(__file__).resolve().parent.parent / "events"
+REGION = "us-east-1"
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """A sample event from events/, by file name without the extension."""
+    return json.loads((EVENTS_DIR / f"{name}.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never let a test reach a real account, whatever the developer's shell holds.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "llmq")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "llmq")
+
+
+@dataclass
+class MotoStack:
+    jobs_table: str
+    tenants_table: str
+    lane_queue_urls: dict[str, str]
+    lane_dlq_urls: dict[str, str]
+    webhook_queue_url: str
+    webhook_dlq_url: str
+
+    def environ(self, config_json: str) -> dict[str, str]:
+        return {
+            "LLMQ_CONFIG": config_json,
+            "LLMQ_JOBS_TABLE": self.jobs_table,
+            "LLMQ_TENANTS_TABLE": self.tenants_table,
+            "LLMQ_LANE_QUEUE_URLS": json.dumps(self.lane_queue_urls),
+            "LLMQ_WEBHOOK_QUEUE_URL": self.webhook_queue_url,
+        }
+
+
+def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoStack:
+    """The tables and queues of the CDK app, created with boto3 inside an active moto mock."""
+    from llmq import aws
+
+    ddb = aws.client("dynamodb")
+    sqs = aws.client("sqs")
+    ddb.create_table(
+        TableName="llmq-jobs",
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "tenant_id", "AttributeType": "S"},
+            {"AttributeName": "tenant_created", "AttributeType": "S"},
+            {"AttributeName": "sweep_pk", "AttributeType": "S"},
+            {"AttributeName": "sweep_at", "AttributeType": "N"},
+        ],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        GlobalSecondaryIndexes=[
+            {
+                "IndexName": "by_tenant",
+                "KeySchema": [
+                    {"AttributeName": "tenant_id", "KeyType": "HASH"},
+                    {"AttributeName": "tenant_created", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
+            {
+                "IndexName": "by_sweep",
+                "KeySchema": [
+                    {"AttributeName": "sweep_pk", "KeyType": "HASH"},
+                    {"AttributeName": "sweep_at", "KeyType": "RANGE"},
+                ],
+                "Projection": {
+                    "ProjectionType": "INCLUDE",
+                    "NonKeyAttributes": ["status", "lane", "delivery_status", "deadline_ms"],
+                },
+            },
+        ],
+    )
+    ddb.create_table(
+        TableName="llmq-tenants",
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+    )
+
+    def queue_with_dlq(name: str) -> tuple[str, str]:
+        dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)})
+        url = sqs.create_queue(
+            QueueName=name, Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "60"}
+        )["QueueUrl"]
+        return url, dlq_url
+
+    lane_urls: dict[str, str] = {}
+    lane_dlqs: dict[str, str] = {}
+    for lane in lanes:
+        lane_urls[lane], lane_dlqs[lane] = queue_with_dlq(f"llmq-lane-{lane}")
+    webhook_url, webhook_dlq = queue_with_dlq("llmq-webhooks")
+    return MotoStack(
+        jobs_table="llmq-jobs",
+        tenants_table="llmq-tenants",
+        lane_queue_urls=lane_urls,
+        lane_dlq_urls=lane_dlqs,
+        webhook_queue_url=webhook_url,
+        webhook_dlq_url=webhook_dlq,
+    )
+
+
+@pytest.fixture
+def moto_stack(_aws_test_credentials: None) -> Iterator[MotoStack]:
+    """A fresh in-process moto with llmq's tables and queues; clients are created inside it."""
+    from moto import mock_aws
+
+    from llmq import aws
+
+    with mock_aws():
+        aws.reset_clients()
+        yield create_llmq_resources(["high", "low"])
+    aws.reset_clients()

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from llmq.config import LlmqConfig
+from sandbox.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.harness import Harness
+
+
+@pytest.fixture
+def provider() -> Iterator[FakeProviderServer]:
+    server = FakeProviderServer().start()
+    yield server
+    server.stop()
+
+
+def integration_config(provider: FakeProviderServer, **overrides: object) -> LlmqConfig:
+    base = {
+        "provider": {
+            "base_url": provider.base_url,
+            "default_model": "fake-model",
+            "models": ["fake-model", "fake-large"],
+            "timeout_seconds": 30,
+            "stream": False,
+        },
+        "retry": {"base_seconds": 1, "max_seconds": 8},
+        "cancel_check_seconds": 0.2,
+        "webhooks": {"allow_loopback_http": True, "schedule_seconds": [1, 2, 4]},
+        "limits": {"max_prompt_chars": 5000, "max_body_bytes": 65536, "wait_poll_seconds": 0.05},
+    }
+    base.update(overrides)
+    return LlmqConfig.model_validate(base)
+
+
+@pytest.fixture
+def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    return Harness(moto_stack, integration_config(provider), monkeypatch)

@@ -1,0 +1,192 @@
+"""Drive the real handlers against moto: API events in, SQS batches through the worker."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from tests.conftest import MotoStack, load_event
+
+ENTERPRISE = {"tenant_id": "ten_acme", "tier": "enterprise"}
+FREE = {"tenant_id": "ten_hobby", "tier": "free"}
+
+
+@dataclass
+class LambdaContextStub:
+    """The context object the Lambda runtime passes; only its clock matters here."""
+
+    timeout_seconds: float = 60.0
+    function_name: str = "llmq-test"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:llmq-test"
+    started: float = field(default_factory=time.monotonic)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.timeout_seconds - (time.monotonic() - self.started)) * 1000))
+
+
+@dataclass
+class ApiReply:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+    @property
+    def code(self) -> str | None:
+        return self.body.get("code") if isinstance(self.body, dict) else None
+
+
+def load_handler(name: str) -> ModuleType:
+    """A fresh import of functions/<name>/handler.py, so its cold start reads the current env."""
+    module_name = f"functions.{name}.handler"
+    sys.modules.pop(module_name, None)
+    return importlib.import_module(module_name)
+
+
+class Harness:
+    def __init__(self, stack: MotoStack, config: LlmqConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.stack = stack
+        self.config = config
+        for key, value in stack.environ(config.model_dump_json()).items():
+            monkeypatch.setenv(key, value)
+        self.api_module = load_handler("api")
+        self._worker: ModuleType | None = None
+
+    @property
+    def sqs(self) -> Any:
+        return aws.client("sqs")
+
+    @property
+    def ddb(self) -> Any:
+        return aws.client("dynamodb")
+
+    def worker(self) -> ModuleType:
+        if self._worker is None:
+            self._worker = load_handler("worker")
+        return self._worker
+
+    # ---- API --------------------------------------------------------------------------
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        tenant: dict[str, str] | None = None,
+        query: dict[str, str] | None = None,
+        raw_body: str | None = None,
+    ) -> ApiReply:
+        event = copy.deepcopy(load_event("api_submit"))
+        event["httpMethod"] = method
+        event["path"] = path
+        event["requestContext"]["httpMethod"] = method
+        event["pathParameters"] = {"proxy": path.removeprefix("/v1/")}
+        event["headers"] = {"Accept": "application/json", **(headers or {})}
+        if body is not None and "Content-Type" not in event["headers"]:
+            event["headers"]["Content-Type"] = "application/json"
+        event["multiValueHeaders"] = {key: [value] for key, value in event["headers"].items()}
+        event["queryStringParameters"] = query
+        event["multiValueQueryStringParameters"] = {k: [v] for k, v in query.items()} if query else None
+        event["body"] = raw_body if raw_body is not None else (json.dumps(body) if body is not None else None)
+        authorizer = {"principalId": "x", "integrationLatency": 1}
+        if tenant is not None:
+            authorizer.update(tenant)
+        event["requestContext"]["authorizer"] = authorizer
+        response = self.api_module.handler(event, LambdaContextStub(timeout_seconds=29))
+        text = response.get("body") or ""
+        try:
+            parsed = json.loads(text) if text else None
+        except ValueError:
+            parsed = text
+        headers_out = {key.lower(): value for key, value in (response.get("headers") or {}).items()}
+        for key, values in (response.get("multiValueHeaders") or {}).items():
+            headers_out.setdefault(key.lower(), values[0])
+        return ApiReply(status=response["statusCode"], headers=headers_out, body=parsed)
+
+    def submit(self, tenant: dict[str, str] = ENTERPRISE, key: str | None = None, **body: Any) -> ApiReply:
+        body.setdefault("prompt", "hello")
+        headers = {"Idempotency-Key": key} if key else {}
+        return self.api("POST", "/v1/jobs", body=body, headers=headers, tenant=tenant)
+
+    # ---- queues -----------------------------------------------------------------------
+
+    def receive(self, queue_url: str, max_messages: int = 10, visibility: int = 60) -> list[dict[str, Any]]:
+        response = self.sqs.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=max_messages,
+            VisibilityTimeout=visibility,
+            AttributeNames=["All"],
+        )
+        return list(response.get("Messages", []))
+
+    def visible_count(self, queue_url: str) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"])
+
+    def total_count(self, queue_url: str) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+
+    def sqs_event(self, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        arn = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        template = load_event("sqs_lane_batch")["Records"][0]
+        records = []
+        for message in messages:
+            record = copy.deepcopy(template)
+            record.update(
+                messageId=message["MessageId"],
+                receiptHandle=message["ReceiptHandle"],
+                body=message["Body"],
+                eventSourceARN=arn,
+            )
+            record["attributes"]["ApproximateReceiveCount"] = message.get("Attributes", {}).get(
+                "ApproximateReceiveCount", "1"
+            )
+            records.append(record)
+        return {"Records": records}
+
+    def run_worker(
+        self, queue_url: str, messages: list[dict[str, Any]], timeout_seconds: float = 60
+    ) -> dict[str, Any]:
+        """Invoke the worker as the event source mapping would, and delete what succeeded."""
+        event = self.sqs_event(queue_url, messages)
+        response: dict[str, Any] = self.worker().handler(event, LambdaContextStub(timeout_seconds=timeout_seconds))
+        failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                self.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        return response
+
+    def drain(self, lane: str, visibility: int = 60) -> dict[str, Any]:
+        url = self.stack.lane_queue_urls[lane]
+        messages = self.receive(url, visibility=visibility)
+        assert messages, f"nothing to receive in lane {lane}"
+        return self.run_worker(url, messages)
+
+    # ---- table ------------------------------------------------------------------------
+
+    def item_count(self) -> int:
+        return int(self.ddb.scan(TableName=self.stack.jobs_table, Select="COUNT")["Count"])
