@@ -164,7 +164,13 @@ class _Handler(BaseHTTPRequestHandler):
                 state.log.append(CallRecord(job_id=job_id, at=time.time(), status=status, stream=stream))
 
     def _answer(
-        self, job_id: str, attempt: int, directives: Directives, storm: Storm, stream: bool, payload: dict[str, Any]
+        self,
+        job_id: str,
+        attempt: int,
+        directives: Directives,
+        storm: Storm,
+        stream: bool,
+        payload: dict[str, Any],
     ) -> int:
         if directives.hang:
             self.server.state.stopping.wait()
@@ -258,10 +264,15 @@ class FakeProviderServer(ThreadingHTTPServer):
             self.state.max_in_flight = self.state.in_flight
             self.state.storm = Storm()
 
-    def storm(self, rate: float, seconds: float, statuses: list[int] | None = None, retry_after: float = 1.0) -> None:
+    def storm(
+        self, rate: float, seconds: float, statuses: list[int] | None = None, retry_after: float = 1.0
+    ) -> None:
         with self.state.lock:
             self.state.storm = Storm(
-                rate=rate, statuses=tuple(statuses or (429, 503)), retry_after=retry_after, until=time.time() + seconds
+                rate=rate,
+                statuses=tuple(statuses or (429, 503)),
+                retry_after=retry_after,
+                until=time.time() + seconds,
             )
 
     def start(self) -> FakeProviderServer:

@@ -13,6 +13,7 @@ from llmq.config import LaneConfig, LlmqConfig
 # The longest SQS allows; a DLQ message is evidence, kept as long as possible.
 DLQ_RETENTION = cdk.Duration.days(14)
 MAX_QUEUE_RETENTION_SECONDS = 14 * 86_400
+LANE_TAG = "llmq:lane"
 
 
 def pascal(name: str) -> str:
@@ -73,6 +74,9 @@ class LanesConstruct(Construct):
                 # A message outliving its job's retention would only find the job gone.
                 retention_seconds=config.retention_seconds,
             )
+            # The sandbox and the tests find a lane's queues by this tag, not by logical id.
+            cdk.Tags.of(queue).add(LANE_TAG, lane.name)
+            cdk.Tags.of(dlq).add(LANE_TAG, lane.name)
             self.lanes[lane.name] = Lane(config=lane, queue=queue, dlq=dlq)
 
     @property
@@ -82,3 +86,8 @@ class LanesConstruct(Construct):
     @property
     def dlqs(self) -> list[sqs.Queue]:
         return [lane.dlq for lane in self.lanes.values()]
+
+    def queue_urls_json(self) -> str:
+        """LLMQ_LANE_QUEUE_URLS: `{lane: queue_url}` as a JSON string built from tokens."""
+        urls = {name: lane.queue.queue_url for name, lane in self.lanes.items()}
+        return cdk.Stack.of(self).to_json_string(urls)

@@ -19,7 +19,6 @@ from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
-
 from llmq import errors
 from llmq.config import ApiEnvironment
 from llmq.intake import JobIntake
@@ -103,8 +102,11 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
         for error in exc.errors()
     ]
     if any(detail["type"] == "json_invalid" for detail in details):
-        status, problem = 400, Problem(
-            title="The body is not valid JSON", status=400, code="malformed_json", detail="parse error"
+        status, problem = (
+            400,
+            Problem(
+                title="The body is not valid JSON", status=400, code="malformed_json", detail="parse error"
+            ),
         )
     else:
         status, problem = problem_for(errors.InvalidRequest("the request does not match the schema"))

@@ -10,9 +10,9 @@ from functools import cache
 from typing import Any
 
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
-
 from llmq.config import DeadLetterEnvironment
 from llmq.errors import PoisonMessage
 from llmq.execution import mark_dead_letter
@@ -21,7 +21,7 @@ from llmq.queues import MAX_VISIBILITY_SECONDS, QueueRepository
 from llmq.telemetry import logger, metrics
 
 ENV = DeadLetterEnvironment.load(function_name="dead_letter")
-processor = BatchProcessor(event_type=EventType.SQS)
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 @cache
@@ -34,7 +34,9 @@ def record_handler(record: SQSRecord) -> None:
     try:
         job = mark_dead_letter(jobs, queues, record.body)
     except PoisonMessage as exc:
-        logger.error("unprocessable dead letter kept", extra={"message_id": record.message_id, "why": str(exc)})
+        logger.error(
+            "unprocessable dead letter kept", extra={"message_id": record.message_id, "why": str(exc)}
+        )
         # Kept for an operator, but not re-read every few seconds: hide it for the SQS maximum.
         queues.delay_redelivery(record.event_source_arn, record.receipt_handle, MAX_VISIBILITY_SECONDS)
         raise
@@ -42,7 +44,9 @@ def record_handler(record: SQSRecord) -> None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
 
 
-@metrics.log_metrics
+@metrics.log_metrics(raise_on_empty_metrics=False)
 @logger.inject_lambda_context(log_event=False)
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

@@ -10,10 +10,10 @@ from aws_lambda_powertools.utilities.batch import (
     EventType,
     async_process_partial_response,
 )
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.parameters import get_secret
 from aws_lambda_powertools.utilities.typing import LambdaContext
-
 from llmq.config import WorkerEnvironment
 from llmq.errors import PoisonMessage
 from llmq.execution import Invocation, JobRunner, RetryLater
@@ -23,7 +23,8 @@ from llmq.queues import QueueRepository
 from llmq.telemetry import logger, metrics
 
 ENV = WorkerEnvironment.load(function_name="worker")
-processor = AsyncBatchProcessor(event_type=EventType.SQS)
+# A batch whose every record is retried is normal here (a provider storm), not a function error.
+processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 def provider_api_key() -> str | None:
@@ -68,9 +69,9 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
         raise
 
 
-@metrics.log_metrics
+@metrics.log_metrics(raise_on_empty_metrics=False)
 @logger.inject_lambda_context(log_event=False)
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

@@ -3,8 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from llmq.config import LlmqConfig
+
 from sandbox.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.harness import Harness
@@ -17,10 +17,10 @@ def provider() -> Iterator[FakeProviderServer]:
     server.stop()
 
 
-def integration_config(provider: FakeProviderServer, **overrides: object) -> LlmqConfig:
+def integration_config(server: FakeProviderServer, **overrides: object) -> LlmqConfig:
     base = {
         "provider": {
-            "base_url": provider.base_url,
+            "base_url": server.base_url,
             "default_model": "fake-model",
             "models": ["fake-model", "fake-large"],
             "timeout_seconds": 30,

@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
 from llmq import aws
 from llmq.config import LlmqConfig
+
 from tests.conftest import MotoStack, load_event
 
 ENTERPRISE = {"tenant_id": "ten_acme", "tier": "enterprise"}
@@ -95,7 +95,7 @@ class Harness:
         event["requestContext"]["httpMethod"] = method
         event["pathParameters"] = {"proxy": path.removeprefix("/v1/")}
         event["headers"] = {"Accept": "application/json", **(headers or {})}
-        if body is not None and "Content-Type" not in event["headers"]:
+        if (body is not None or raw_body is not None) and "Content-Type" not in event["headers"]:
             event["headers"]["Content-Type"] = "application/json"
         event["multiValueHeaders"] = {key: [value] for key, value in event["headers"].items()}
         event["queryStringParameters"] = query
@@ -173,7 +173,9 @@ class Harness:
     ) -> dict[str, Any]:
         """Invoke the worker as the event source mapping would, and delete what succeeded."""
         event = self.sqs_event(queue_url, messages)
-        response: dict[str, Any] = self.worker().handler(event, LambdaContextStub(timeout_seconds=timeout_seconds))
+        response: dict[str, Any] = self.worker().handler(
+            event, LambdaContextStub(timeout_seconds=timeout_seconds)
+        )
         failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
         for message in messages:
             if message["MessageId"] not in failed:

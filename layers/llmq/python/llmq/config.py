@@ -208,7 +208,10 @@ class FunctionEnvironment(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as exc:
             who = function_name or environ.get("AWS_LAMBDA_FUNCTION_NAME", cls.__name__)
-            raise ConfigError(f"{who}: invalid environment: {exc}") from exc
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+            )
+            raise ConfigError(f"{who}: invalid environment: {problems}") from exc
 
 
 def _decode(key: str, value: str) -> Any:

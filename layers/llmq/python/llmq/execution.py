@@ -114,7 +114,9 @@ class JobRunner:
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
             await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
-        timeout = min(self.config.provider.timeout_seconds, invocation.remaining_seconds() - _WRITE_BACK_SECONDS)
+        timeout = min(
+            self.config.provider.timeout_seconds, invocation.remaining_seconds() - _WRITE_BACK_SECONDS
+        )
         request = GenerationRequest(
             model=job.model, messages=job.input.messages, params=job.input.params, job_id=job.id
         )

@@ -26,7 +26,7 @@ from llmq.tenants import TenantIdentity
 
 MAX_IDEMPOTENCY_KEY = 255
 
-UrlGuard = Callable[[str], None]
+UrlGuard = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,20 @@ class JobIntake:
             return Submission(job=created.job, replayed=True)
         logger.info(
             "job accepted",
-            extra={"job_id": record.id, "lane": record.lane, "prompt_sha": fingerprint(_prompt_text(request))},
+            extra={
+                "job_id": record.id,
+                "lane": record.lane,
+                "prompt_sha": fingerprint(_prompt_text(request)),
+            },
         )
         try:
             self.queues.enqueue_job(record.id, record.lane)
         except Exception:
             # The job is stored durably as queued; the reconciler enqueues it after
             # `stale_queued_seconds`. The client keeps its 202 and its job id.
-            logger.exception("enqueue failed; the reconciler will pick the job up", extra={"job_id": record.id})
+            logger.exception(
+                "enqueue failed; the reconciler will pick the job up", extra={"job_id": record.id}
+            )
         return Submission(job=record, replayed=False)
 
     def _validate(self, request: JobRequest, idempotency_key: str | None) -> None:

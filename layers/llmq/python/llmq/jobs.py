@@ -167,7 +167,7 @@ def _condition_failed(exc: ClientError) -> bool:
 
 
 def _old_item(exc: ClientError) -> JobRecord | None:
-    item = exc.response.get("Item")
+    item: dict[str, Any] | None = exc.response.get("Item")  # type: ignore[assignment]
     return _from_item(item) if item else None
 
 
@@ -325,6 +325,7 @@ class JobRepository:
                 ExpressionAttributeNames={"#st": "status", "#err": "error"},
                 ExpressionAttributeValues=_values(
                     queued="queued",
+                    running="running",
                     error=error.model_dump_json(),
                     owner=owner,
                     sweep=visible_at + self.config.reconciler.stale_queued_seconds * 1000,

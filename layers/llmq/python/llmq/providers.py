@@ -147,7 +147,9 @@ class ChatCompletionsProvider:
             async with httpx.AsyncClient(timeout=timeout, transport=self._transport) as client:
                 if self.stream:
                     return await self._generate_streaming(client, payload, headers)
-                response = await client.post(f"{self.base_url}/chat/completions", json=payload, headers=headers)
+                response = await client.post(
+                    f"{self.base_url}/chat/completions", json=payload, headers=headers
+                )
                 if response.status_code >= 300:
                     raise classify_response(response, response.content)
                 return _parse_completion(response.content)
@@ -198,7 +200,9 @@ def _json_or_error(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise TransientProviderError("the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR) from exc
+        raise TransientProviderError(
+            "the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR
+        ) from exc
     if not isinstance(data, dict):
         raise TransientProviderError("the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR)
     return data

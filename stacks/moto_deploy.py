@@ -1,0 +1,263 @@
+"""Deploy the llmq stack into a moto server through CloudFormation, as `cdk deploy` would.
+
+The sandbox and tests/infra share this. It synthesizes the app in sandbox mode (no
+bootstrap-version rule, disposable stateful resources, placeholder deps layer), publishes
+the file assets to the bootstrap bucket the template names, and calls CreateStack with a
+TemplateURL on the moto server. Moto quirks it works around (TOOLCHAIN.md):
+- the endpoint must be `http://localhost:PORT`: moto parses a path-style TemplateURL only there;
+- CreateStack directly, never a change set (moto's change sets ignore DependsOn);
+- resource types moto does not model (API Gateway Stage/Authorizer/Account, queue and topic
+  policies, alarms) are skipped by moto. A Ref to a skipped resource resolves to nothing, which
+  breaks an IAM policy that names it, so the one such resource llmq refers to, the provider
+  secret, is created here with boto3 first and its Refs are replaced by its ARN.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+
+from llmq.config import LlmqConfig
+from stacks.app_builder import CONTEXT_SANDBOX, build_app, llmq_stack
+
+BOOTSTRAP_QUALIFIER = "hnb659fds"
+BOOTSTRAP_VERSION_PARAMETER = f"/cdk-bootstrap/{BOOTSTRAP_QUALIFIER}/version"
+BOOTSTRAP_VERSION = "30"
+CAPABILITIES = ["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"]
+# Moto accepts any credentials; these never leave the process.
+MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+class MotoDeployError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class MotoDeployment:
+    stack_name: str
+    stack_id: str
+    region: str
+    endpoint_url: str
+    # CfnOutputs: ApiUrl, JobsTableName, TenantsTableName, LaneQueueUrls (JSON), WebhookQueueUrl, ...
+    outputs: dict[str, str]
+    # Logical id -> physical id of every resource moto created.
+    physical_ids: dict[str, str]
+    template: dict[str, Any] = field(repr=False)
+    assembly_dir: str = ""
+
+    def function_names(self) -> dict[str, str]:
+        """{"api": physical name, "worker": ..., ...} from the FunctionNames output."""
+        names: dict[str, str] = json.loads(self.outputs["FunctionNames"])
+        return names
+
+    def lane_queue_urls(self) -> dict[str, str]:
+        urls: dict[str, str] = json.loads(self.outputs["LaneQueueUrls"])
+        return urls
+
+
+def check_endpoint(endpoint_url: str) -> None:
+    host = urlsplit(endpoint_url).hostname
+    if host != "localhost":
+        raise MotoDeployError(
+            f"use http://localhost:PORT, not {endpoint_url}: moto resolves a path-style "
+            "TemplateURL only for a localhost endpoint"
+        )
+
+
+def deploy_to_moto(
+    endpoint_url: str,
+    config: LlmqConfig | None = None,
+    region: str = "us-east-1",
+    *,
+    context: Mapping[str, Any] | None = None,
+    outdir: str | None = None,
+) -> MotoDeployment:
+    """Synthesize llmq in sandbox mode and create its stack on the moto server at `endpoint_url`."""
+    check_endpoint(endpoint_url)
+    outdir = outdir or tempfile.mkdtemp(prefix="llmq-moto-cdk-")
+    app = build_app(config, outdir=outdir, context={**(context or {}), CONTEXT_SANDBOX: True})
+    stack = llmq_stack(app)
+    assembly = app.synth()
+    artifact = assembly.get_stack_artifact(stack.artifact_id)
+    session = boto3.session.Session(region_name=region, **MOTO_CREDENTIALS)
+    clients = _Clients(session, endpoint_url)
+    account = clients.get("sts").get_caller_identity()["Account"]
+    manifest_path = Path(assembly.directory, f"{artifact.id}.assets.json")
+    template_url = publish_assets(clients, manifest_path, account, region, endpoint_url, artifact.template_file)
+    template = json.loads(Path(assembly.directory, artifact.template_file).read_text())
+    moto_template = fill_moto_gaps(clients, template, artifact.stack_name)
+    if moto_template != template:
+        template_url = _upload_template(clients, template_url, moto_template)
+    _put_bootstrap_version(clients)
+    stack_id = _create_stack(clients, artifact.stack_name, template_url)
+    return MotoDeployment(
+        stack_name=artifact.stack_name,
+        stack_id=stack_id,
+        region=region,
+        endpoint_url=endpoint_url,
+        outputs=_outputs(clients, artifact.stack_name),
+        physical_ids=_physical_ids(clients, artifact.stack_name),
+        template=template,
+        assembly_dir=assembly.directory,
+    )
+
+
+class _Clients:
+    def __init__(self, session: boto3.session.Session, endpoint_url: str) -> None:
+        self._session = session
+        self._endpoint_url = endpoint_url
+        self._clients: dict[str, Any] = {}
+
+    def get(self, service: str) -> Any:
+        if service not in self._clients:
+            self._clients[service] = self._session.client(
+                service,  # type: ignore[call-overload]
+                endpoint_url=self._endpoint_url,
+            )
+        return self._clients[service]
+
+
+def publish_assets(
+    clients: _Clients,
+    manifest_path: Path,
+    account: str,
+    region: str,
+    endpoint_url: str,
+    template_file: str,
+) -> str:
+    """Upload every file asset where the template expects it; returns the template's URL."""
+    manifest = json.loads(manifest_path.read_text())
+    s3 = clients.get("s3")
+    created: set[str] = set()
+    template_url = ""
+    for asset in manifest.get("files", {}).values():
+        source_path = manifest_path.parent / asset["source"]["path"]
+        body = _zip_directory(source_path) if asset["source"].get("packaging") == "zip" else source_path.read_bytes()
+        for destination in asset["destinations"].values():
+            bucket = _substitute(destination["bucketName"], account, region)
+            key = destination["objectKey"]
+            if bucket not in created:
+                _ensure_bucket(s3, bucket, region)
+                created.add(bucket)
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+            if asset["source"]["path"] == template_file:
+                template_url = f"{endpoint_url.rstrip('/')}/{bucket}/{key}"
+    if not template_url:
+        raise MotoDeployError(f"the asset manifest {manifest_path} does not publish {template_file}")
+    return template_url
+
+
+def fill_moto_gaps(clients: _Clients, template: dict[str, Any], stack_name: str) -> dict[str, Any]:
+    """A copy of `template` in which the secrets moto cannot create from CloudFormation exist already."""
+    resources = dict(template["Resources"])
+    replacements: dict[str, str] = {}
+    secrets = clients.get("secretsmanager")
+    for logical_id, resource in template["Resources"].items():
+        if resource["Type"] != "AWS::SecretsManager::Secret":
+            continue
+        properties = resource.get("Properties", {})
+        response = secrets.create_secret(
+            Name=properties.get("Name", f"{stack_name}-{logical_id}"),
+            Description=properties.get("Description", ""),
+            # Never a real key: the sandbox's worker gets its provider key from its own config.
+            SecretString="sandbox-placeholder",
+        )
+        replacements[logical_id] = response["ARN"]
+        del resources[logical_id]
+    if not replacements:
+        return template
+    return {**_replace_refs(template, replacements), "Resources": _replace_refs(resources, replacements)}
+
+
+def _replace_refs(node: Any, replacements: Mapping[str, str]) -> Any:
+    if isinstance(node, dict):
+        if set(node) == {"Ref"} and node["Ref"] in replacements:
+            return replacements[node["Ref"]]
+        return {key: _replace_refs(value, replacements) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_replace_refs(item, replacements) for item in node]
+    return node
+
+
+def _upload_template(clients: _Clients, template_url: str, template: dict[str, Any]) -> str:
+    bucket, key = urlsplit(template_url).path.lstrip("/").split("/", 1)
+    moto_key = key.replace(".json", ".moto.json")
+    clients.get("s3").put_object(Bucket=bucket, Key=moto_key, Body=json.dumps(template).encode())
+    return template_url.replace(key, moto_key)
+
+
+def _substitute(value: str, account: str, region: str) -> str:
+    return (
+        value.replace("${AWS::AccountId}", account)
+        .replace("${AWS::Region}", region)
+        .replace("${AWS::Partition}", "aws")
+    )
+
+
+def _ensure_bucket(s3: Any, bucket: str, region: str) -> None:
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        s3.create_bucket(**kwargs)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+def _zip_directory(path: Path) -> bytes:
+    """A deterministic zip of a directory asset, laid out as the CDK CLI would publish it."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = Path(root, name)
+                info = zipfile.ZipInfo(str(full.relative_to(path)), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, full.read_bytes(), compress_type=zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
+
+
+def _put_bootstrap_version(clients: _Clients) -> None:
+    # Only read when the template keeps the bootstrap-version rule; harmless otherwise.
+    clients.get("ssm").put_parameter(
+        Name=BOOTSTRAP_VERSION_PARAMETER, Value=BOOTSTRAP_VERSION, Type="String", Overwrite=True
+    )
+
+
+def _create_stack(clients: _Clients, stack_name: str, template_url: str) -> str:
+    cloudformation = clients.get("cloudformation")
+    response = cloudformation.create_stack(
+        StackName=stack_name, TemplateURL=template_url, Capabilities=CAPABILITIES
+    )
+    stack_id: str = response["StackId"]
+    status = cloudformation.describe_stacks(StackName=stack_id)["Stacks"][0]["StackStatus"]
+    if status != "CREATE_COMPLETE":
+        events = cloudformation.describe_stack_events(StackName=stack_id)["StackEvents"]
+        reasons = [e.get("ResourceStatusReason") for e in events if e.get("ResourceStatusReason")]
+        raise MotoDeployError(f"stack {stack_name} is {status}: {reasons[:5]}")
+    return stack_id
+
+
+def _outputs(clients: _Clients, stack_name: str) -> dict[str, str]:
+    stack = clients.get("cloudformation").describe_stacks(StackName=stack_name)["Stacks"][0]
+    return {output["OutputKey"]: str(output.get("OutputValue", "")) for output in stack.get("Outputs", [])}
+
+
+def _physical_ids(clients: _Clients, stack_name: str) -> dict[str, str]:
+    paginator = clients.get("cloudformation").get_paginator("list_stack_resources")
+    physical: dict[str, str] = {}
+    for page in paginator.paginate(StackName=stack_name):
+        for resource in page["StackResourceSummaries"]:
+            physical[resource["LogicalResourceId"]] = resource.get("PhysicalResourceId", "")
+    return physical

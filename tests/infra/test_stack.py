@@ -1,0 +1,430 @@
+"""The default llmq stack: the properties that keep jobs safe, bounded and observable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmq.config import (
+    ApiEnvironment,
+    AuthorizerEnvironment,
+    DeadLetterEnvironment,
+    DispatcherEnvironment,
+    FunctionEnvironment,
+    LlmqConfig,
+    ReconcilerEnvironment,
+    WorkerEnvironment,
+)
+from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
+from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
+from stacks.runtime import LAMBDA_PYTHON_VERSION
+from tests.infra.conftest import SynthesizedApp, synthesize
+
+ENV_MODELS: dict[str, type[FunctionEnvironment]] = {
+    "api": ApiEnvironment,
+    "authorizer": AuthorizerEnvironment,
+    "worker": WorkerEnvironment,
+    "dead_letter": DeadLetterEnvironment,
+    "webhook_dispatcher": DispatcherEnvironment,
+    "reconciler": ReconcilerEnvironment,
+}
+BASE_VARIABLES = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "LOG_LEVEL"}
+
+
+@pytest.fixture(scope="module")
+def synthesized() -> SynthesizedApp:
+    return synthesize(LlmqConfig())
+
+
+@pytest.fixture(scope="module")
+def config(synthesized: SynthesizedApp) -> LlmqConfig:
+    return synthesized.config
+
+
+# ---- lanes ---------------------------------------------------------------------------
+
+
+def test_every_lane_has_a_queue_whose_visibility_timeout_outlasts_six_worker_runs(synthesized, config):
+    # Given the default lanes, When synthesized
+    lanes = synthesized.template.lane_queues()
+
+    # Then each configured lane has a queue, and none can reappear while a worker still runs it
+    assert set(lanes) == {lane.name for lane in config.lanes}
+    worker_timeout = synthesized.template.function("worker")[1]["Properties"]["Timeout"]
+    for _, queue in lanes.values():
+        assert queue["Properties"]["VisibilityTimeout"] >= 6 * worker_timeout
+
+
+def test_every_lane_queue_redrives_to_its_own_dlq_after_more_receives_than_attempts(synthesized, config):
+    dlq_targets = []
+    for lane, (_, queue) in synthesized.template.lane_queues().items():
+        redrive = queue["Properties"]["RedrivePolicy"]
+        assert redrive["maxReceiveCount"] == config.max_receive_count
+        assert redrive["maxReceiveCount"] > config.max_attempts
+        dlq_id = redrive["deadLetterTargetArn"]["Fn::GetAtt"][0]
+        dlq = synthesized.template.resources[dlq_id]
+        # The DLQ belongs to the same lane and keeps its evidence for the SQS maximum.
+        assert synthesized.template.tag(dlq, "llmq:lane") == lane
+        assert dlq["Properties"]["MessageRetentionPeriod"] == 14 * 86_400
+        dlq_targets.append(dlq_id)
+    assert len(set(dlq_targets)) == len(dlq_targets), "lanes must not share a DLQ"
+
+
+def test_every_queue_is_encrypted_and_refuses_plain_http(synthesized):
+    queues = synthesized.template.of_type("AWS::SQS::Queue")
+    policies = synthesized.template.of_type("AWS::SQS::QueuePolicy").values()
+    for logical_id, queue in queues.items():
+        assert queue["Properties"]["SqsManagedSseEnabled"] is True
+        denies_http = [
+            statement
+            for policy in policies
+            if {"Ref": logical_id} in policy["Properties"]["Queues"]
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+            if statement["Effect"] == "Deny"
+            and statement.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") == "false"
+        ]
+        assert denies_http, f"{logical_id} accepts requests without TLS"
+
+
+# ---- worker --------------------------------------------------------------------------
+
+
+def test_worker_has_one_mapping_per_lane_with_its_concurrency_and_partial_batch_responses(
+    synthesized, config
+):
+    template = synthesized.template
+    mappings = {
+        mapping["EventSourceArn"]["Fn::GetAtt"][0]: mapping
+        for mapping in template.event_source_mappings("worker")
+    }
+    for lane, (queue_id, _) in template.lane_queues().items():
+        mapping = mappings[queue_id]
+        lane_config = config.lanes_by_name[lane]
+        assert mapping["ScalingConfig"]["MaximumConcurrency"] == lane_config.max_concurrency
+        assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+        assert mapping["BatchSize"] == lane_config.batch_size
+    # The worker consumes the lanes and nothing else.
+    assert set(mappings) == {queue_id for queue_id, _ in template.lane_queues().values()}
+
+
+def test_worker_reserved_concurrency_covers_every_lane_at_once(synthesized, config):
+    worker = synthesized.template.function("worker")[1]["Properties"]
+    assert worker["ReservedConcurrentExecutions"] >= sum(lane.max_concurrency for lane in config.lanes)
+
+
+def test_dead_letter_function_drains_every_lane_dlq_with_partial_batch_responses(synthesized):
+    template = synthesized.template
+    lane_dlqs = {
+        queue["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+        for _, queue in template.lane_queues().values()
+    }
+    mappings = template.event_source_mappings("dead_letter")
+    assert {mapping["EventSourceArn"]["Fn::GetAtt"][0] for mapping in mappings} == lane_dlqs
+    assert all(mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"] for mapping in mappings)
+    # Lambda rejects a mapping whose queue could reappear before the function times out.
+    timeout = template.function("dead_letter")[1]["Properties"]["Timeout"]
+    for dlq_id in lane_dlqs:
+        assert template.resources[dlq_id]["Properties"]["VisibilityTimeout"] >= 6 * timeout
+
+
+def test_dispatcher_consumes_the_webhook_queue_whose_redrive_outlasts_the_retry_schedule(
+    synthesized, config
+):
+    template = synthesized.template
+    (mapping,) = template.event_source_mappings("webhook_dispatcher")
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    queue = template.resources[mapping["EventSourceArn"]["Fn::GetAtt"][0]]["Properties"]
+    timeout = template.function("webhook_dispatcher")[1]["Properties"]["Timeout"]
+    assert queue["VisibilityTimeout"] >= 6 * timeout
+    # Every scheduled retry is one more receive: the DLQ must not cut the schedule short.
+    assert queue["RedrivePolicy"]["maxReceiveCount"] > len(config.webhooks.schedule_seconds) + 1
+
+
+# ---- tables --------------------------------------------------------------------------
+
+
+def test_jobs_table_is_on_demand_with_ttl_pitr_and_both_indexes(synthesized):
+    (table,) = [
+        resource["Properties"]
+        for resource in synthesized.template.of_type("AWS::DynamoDB::Table").values()
+        if "GlobalSecondaryIndexes" in resource["Properties"]
+    ]
+    assert table["BillingMode"] == "PAY_PER_REQUEST"
+    assert table["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    assert table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert table["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}]
+    indexes = {index["IndexName"]: index for index in table["GlobalSecondaryIndexes"]}
+    assert indexes[TENANT_INDEX]["KeySchema"] == [
+        {"AttributeName": "tenant_id", "KeyType": "HASH"},
+        {"AttributeName": "tenant_created", "KeyType": "RANGE"},
+    ]
+    assert indexes[TENANT_INDEX]["Projection"] == {"ProjectionType": "ALL"}
+    assert indexes[SWEEP_INDEX]["KeySchema"] == [
+        {"AttributeName": "sweep_pk", "KeyType": "HASH"},
+        {"AttributeName": "sweep_at", "KeyType": "RANGE"},
+    ]
+    # The reconciler reads these from the index without a GetItem per job.
+    projection = indexes[SWEEP_INDEX]["Projection"]
+    assert projection["ProjectionType"] == "INCLUDE"
+    assert {"status", "lane", "delivery_status", "deadline_ms"} <= set(projection["NonKeyAttributes"])
+    types = {item["AttributeName"]: item["AttributeType"] for item in table["AttributeDefinitions"]}
+    assert types == {"pk": "S", "tenant_id": "S", "tenant_created": "S", "sweep_pk": "S", "sweep_at": "N"}
+
+
+def test_tables_and_secret_survive_a_stack_deletion(synthesized):
+    template = synthesized.template
+    for logical_id, table in template.of_type("AWS::DynamoDB::Table").items():
+        assert table["DeletionPolicy"] == "Retain", logical_id
+        assert table["Properties"]["DeletionProtectionEnabled"] is True
+        assert table["Properties"]["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    for logical_id, secret in template.of_type("AWS::SecretsManager::Secret").items():
+        assert secret["DeletionPolicy"] == "Retain", logical_id
+
+
+# ---- functions -----------------------------------------------------------------------
+
+
+def test_every_function_runs_on_arm64_with_the_powertools_runtime(synthesized):
+    functions = synthesized.template.functions()
+    assert set(functions) == set(FUNCTION_NAMES)
+    for name, (_, resource) in functions.items():
+        properties = resource["Properties"]
+        assert properties["Architectures"] == ["arm64"], name
+        assert properties["Runtime"] == f"python{LAMBDA_PYTHON_VERSION}", name
+        assert properties["Handler"] == "handler.handler", name
+        assert len(properties["Layers"]) == 2, name
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_function_code_asset_is_only_its_own_folder(synthesized, name):
+    code = synthesized.template.function(name)[1]["Properties"]["Code"]
+    asset_dir = synthesized.assembly_dir / f"asset.{code['S3Key'].removesuffix('.zip')}"
+    shipped = {path.relative_to(asset_dir) for path in asset_dir.rglob("*") if path.is_file()}
+    source = FUNCTIONS_DIR / name
+    expected = {
+        path.relative_to(source)
+        for path in source.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    assert shipped == expected
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_function_environment_parses_with_the_model_its_handler_loads(synthesized, config, name):
+    # Given the environment the stack gives the function, with CloudFormation tokens filled in
+    environ = synthesized.template.environment(name)
+    model = ENV_MODELS[name]
+
+    # When the handler loads it at cold start
+    loaded = model.load(environ, function_name=name)
+
+    # Then it validates, carries the stack's config, and holds no variable the model ignores
+    assert loaded.config == config
+    declared = {field.alias or field_name for field_name, field in model.model_fields.items()}
+    assert set(environ) - BASE_VARIABLES <= declared
+    assert environ["POWERTOOLS_SERVICE_NAME"] == "llmq"
+    assert environ["POWERTOOLS_METRICS_NAMESPACE"] == "llmq"
+
+
+def test_worker_and_dispatcher_get_their_optional_variables(synthesized, config):
+    worker = WorkerEnvironment.load(synthesized.template.environment("worker"))
+    assert worker.provider_secret_id
+    assert set(worker.lane_queue_urls) == {lane.name for lane in config.lanes}
+    dispatcher = DispatcherEnvironment.load(synthesized.template.environment("webhook_dispatcher"))
+    assert dispatcher.public_api_url.startswith("https://")
+
+
+def test_reconciler_runs_on_the_configured_schedule(synthesized, config):
+    (rule,) = synthesized.template.of_type("AWS::Events::Rule").values()
+    minutes = config.reconciler.schedule_minutes
+    assert rule["Properties"]["ScheduleExpression"] == f"rate({minutes} minute{'s' if minutes > 1 else ''})"
+    reconciler_id, _ = synthesized.template.function("reconciler")
+    assert rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [reconciler_id, "Arn"]}
+
+
+# ---- least privilege -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["dynamodb:DeleteItem", "dynamodb:Scan", "dynamodb:BatchWriteItem"])
+def test_worker_can_neither_delete_nor_scan_jobs(synthesized, action):
+    statements = synthesized.template.statements("worker")
+    assert statements, "the worker has no policy at all"
+    assert not [statement.raw for statement in statements if statement.allows(action)]
+    assert not [statement.raw for statement in statements if "NotAction" in statement.raw]
+    managed = synthesized.template.managed_policies("worker")
+    assert all("AWSLambdaBasicExecutionRole" in arn for arn in managed)
+
+
+@pytest.mark.parametrize("name", ["api", "authorizer", "reconciler", "dead_letter", "webhook_dispatcher"])
+def test_no_other_function_can_delete_jobs_or_scan_a_table(synthesized, name):
+    statements = synthesized.template.statements(name)
+    for action in ("dynamodb:DeleteItem", "dynamodb:Scan"):
+        assert not [statement.raw for statement in statements if statement.allows(action)], (name, action)
+
+
+def test_api_cannot_receive_from_any_dlq(synthesized):
+    template = synthesized.template
+    dlqs = template.dlq_ids()
+    assert dlqs
+    for statement in template.statements("api"):
+        if statement.allows("sqs:ReceiveMessage") or statement.allows("sqs:DeleteMessage"):
+            targets = set(template.iter_arn_refs(statement.resources))
+            assert "*" not in statement.resources
+            assert not targets & dlqs, statement.raw
+
+
+def test_api_can_send_to_every_lane_and_the_webhook_queue(synthesized):
+    template = synthesized.template
+    sendable = {
+        logical_id
+        for statement in template.statements("api")
+        if statement.allows("sqs:SendMessage")
+        for logical_id in template.iter_arn_refs(statement.resources)
+    }
+    lanes = {queue_id for queue_id, _ in template.lane_queues().values()}
+    assert lanes <= sendable
+    (dispatcher_mapping,) = template.event_source_mappings("webhook_dispatcher")
+    assert dispatcher_mapping["EventSourceArn"]["Fn::GetAtt"][0] in sendable
+    assert not sendable & template.dlq_ids()
+
+
+def test_only_xray_is_granted_on_every_resource(synthesized):
+    for name in FUNCTION_NAMES:
+        for statement in synthesized.template.statements(name):
+            if "*" in statement.resources:
+                assert all(action.startswith("xray:") for action in statement.actions), (name, statement.raw)
+
+
+def test_authorizer_reads_tenants_by_key_only(synthesized):
+    actions = {
+        action for statement in synthesized.template.statements("authorizer") for action in statement.actions
+    }
+    assert {action for action in actions if action.startswith("dynamodb:")} == {"dynamodb:GetItem"}
+
+
+# ---- API -----------------------------------------------------------------------------
+
+
+def test_api_routes_v1_through_a_cached_request_authorizer_on_the_authorization_header(synthesized):
+    template = synthesized.template
+    (authorizer_id, authorizer), *_ = template.of_type("AWS::ApiGateway::Authorizer").items()
+    properties = authorizer["Properties"]
+    assert properties["Type"] == "REQUEST"
+    assert properties["IdentitySource"] == "method.request.header.Authorization"
+    assert properties["AuthorizerResultTtlInSeconds"] > 0
+    methods = template.of_type("AWS::ApiGateway::Method").values()
+    proxy = [m["Properties"] for m in methods if m["Properties"]["HttpMethod"] == "ANY"]
+    assert proxy and all(m["AuthorizationType"] == "CUSTOM" for m in proxy)
+    assert all(m["AuthorizerId"] == {"Ref": authorizer_id} for m in proxy)
+    assert all(m["Integration"]["Type"] == "AWS_PROXY" for m in proxy)
+    resources = {r["Properties"]["PathPart"] for r in template.of_type("AWS::ApiGateway::Resource").values()}
+    assert {"v1", "{proxy+}"} <= resources
+    public = [m["Properties"] for m in methods if m["Properties"]["AuthorizationType"] == "NONE"]
+    assert len(public) == 1, "only GET /v1/openapi.json is public"
+
+
+def test_api_stage_is_throttled_and_access_logged_without_bodies(synthesized):
+    (stage,) = synthesized.template.of_type("AWS::ApiGateway::Stage").values()
+    properties = stage["Properties"]
+    assert properties["AccessLogSetting"]["DestinationArn"]
+    (settings,) = properties["MethodSettings"]
+    assert settings["ThrottlingRateLimit"] > 0 and settings["ThrottlingBurstLimit"] > 0
+    assert settings["DataTraceEnabled"] is False
+
+
+def test_gateway_errors_are_problem_json(synthesized):
+    responses = synthesized.template.of_type("AWS::ApiGateway::GatewayResponse").values()
+    by_type = {r["Properties"]["ResponseType"]: r["Properties"] for r in responses}
+    assert by_type["UNAUTHORIZED"]["StatusCode"] == "401"
+    for properties in by_type.values():
+        assert properties["ResponseParameters"]["gatewayresponse.header.Content-Type"] == (
+            "'application/problem+json'"
+        )
+
+
+# ---- monitoring ----------------------------------------------------------------------
+
+
+def _alarms(synthesized: SynthesizedApp) -> list[dict]:
+    return [alarm["Properties"] for alarm in synthesized.template.of_type("AWS::CloudWatch::Alarm").values()]
+
+
+def test_every_dlq_has_an_alarm_on_its_first_message(synthesized):
+    dlq_alarms = {
+        alarm["Dimensions"][0]["Value"]["Fn::GetAtt"][0]: alarm
+        for alarm in _alarms(synthesized)
+        if alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    }
+    for dlq_id in synthesized.template.dlq_ids():
+        alarm = dlq_alarms[dlq_id]
+        assert alarm["Threshold"] == 0
+        assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+        assert alarm["AlarmActions"], "an alarm nobody hears is no alarm"
+
+
+def test_every_lane_has_an_oldest_message_age_alarm(synthesized):
+    aged = {
+        alarm["Dimensions"][0]["Value"]["Fn::GetAtt"][0]
+        for alarm in _alarms(synthesized)
+        if alarm["MetricName"] == "ApproximateAgeOfOldestMessage"
+    }
+    assert {queue_id for queue_id, _ in synthesized.template.lane_queues().values()} <= aged
+
+
+@pytest.mark.parametrize("name", ["worker", "webhook_dispatcher"])
+def test_function_errors_raise_an_alarm(synthesized, name):
+    logical_id, _ = synthesized.template.function(name)
+    errors = [
+        alarm
+        for alarm in _alarms(synthesized)
+        if alarm["MetricName"] == "Errors" and alarm["Dimensions"][0]["Value"] == {"Ref": logical_id}
+    ]
+    assert errors and errors[0]["Threshold"] == 0
+
+
+def test_dashboard_shows_depth_wait_run_time_and_outcomes(synthesized):
+    (dashboard,) = synthesized.template.of_type("AWS::CloudWatch::Dashboard").values()
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    for metric in (
+        "ApproximateNumberOfMessagesVisible",
+        "QueueWaitMs",
+        "RunTimeMs",
+        "JobSucceeded",
+        "JobFailed",
+        "JobCanceled",
+        "JobExpired",
+        "WebhookDelivered",
+        "WebhookFailed",
+    ):
+        assert metric in body, metric
+
+
+# ---- outputs and checks --------------------------------------------------------------
+
+
+def test_outputs_tell_the_sandbox_where_everything_is(synthesized):
+    outputs = synthesized.template.template["Outputs"]
+    for key in ("ApiUrl", "JobsTableName", "TenantsTableName", "LaneQueueUrls", "WebhookQueueUrl", "FunctionNames"):
+        assert key in outputs
+    for lane in synthesized.config.lanes:
+        assert f"LaneQueueUrl{lane.name.capitalize()}" in outputs
+
+
+def test_cdk_nag_ran_and_every_acknowledged_finding_has_a_reason(synthesized):
+    (report,) = [r for r in synthesized.validation_report()["pluginReports"] if r["pluginName"] == "AwsSolutions"]
+    assert report["conclusion"] == "success"
+    assert report["violations"] == []
+    assert report["suppressedViolations"], "the AwsSolutions pack did not run"
+    for finding in report["suppressedViolations"]:
+        assert len(finding["reason"]) > 40, finding["ruleName"]
+
+
+def test_cfn_lint_finds_no_errors(synthesized):
+    from cfnlint.api import lint_file
+
+    matches = lint_file(Path(synthesized.template_path))
+    # W3005 (a DependsOn already implied by a GetAtt) is how CDK writes templates.
+    errors = [f"{m.rule.id} {m.message} at {m.path_string}" for m in matches if m.rule.id.startswith("E")]
+    assert errors == []

@@ -1,0 +1,216 @@
+"""The API handler against moto: what an integrator sees when submitting, reading and canceling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.harness import ENTERPRISE, FREE, Harness
+
+
+def _nothing_changed(harness: Harness) -> None:
+    assert harness.item_count() == 0
+    for url in harness.stack.lane_queue_urls.values():
+        assert harness.total_count(url) == 0
+
+
+def test_submit_returns_202_stores_queued_and_enqueues_ids_only(harness: Harness) -> None:
+    # Given an enterprise tenant
+    # When it submits a job
+    reply = harness.submit(prompt="Secret plan: [[tokens:4]]", metadata={"ref": "po-1"})
+    # Then it gets 202 with a Location and the queued job
+    assert reply.status == 202
+    job_id = reply.body["id"]
+    assert reply.headers["location"] == f"/v1/jobs/{job_id}"
+    assert reply.body["status"] == "queued"
+    assert reply.body["lane"] == "high"
+    assert reply.body["metadata"] == {"ref": "po-1"}
+    # And exactly one message sits in the high lane, carrying ids only
+    messages = harness.receive(harness.stack.lane_queue_urls["high"])
+    assert len(messages) == 1
+    assert json.loads(messages[0]["Body"]) == {"job_id": job_id, "lane": "high"}
+    assert "Secret plan" not in messages[0]["Body"]
+    assert harness.total_count(harness.stack.lane_queue_urls["low"]) == 0
+    # And the job reads back as queued
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+def test_free_tier_goes_to_the_low_lane(harness: Harness) -> None:
+    reply = harness.submit(tenant=FREE)
+    assert reply.body["lane"] == "low"
+    assert harness.total_count(harness.stack.lane_queue_urls["low"]) == 1
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_same_idempotency_key_and_body_replays_the_original(harness: Harness) -> None:
+    # Given a job submitted with an Idempotency-Key
+    first = harness.submit(key="order-1", prompt="same")
+    # When the client retries with the same key and body
+    second = harness.submit(key="order-1", prompt="same")
+    # Then it gets the same job, marked as replayed, and nothing new is enqueued
+    assert second.status == first.status == 202
+    assert second.body["id"] == first.body["id"]
+    assert second.headers.get("idempotent-replayed") == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
+    assert harness.item_count() == 1
+
+
+def test_same_idempotency_key_with_another_body_is_422_and_writes_nothing(harness: Harness) -> None:
+    first = harness.submit(key="order-2", prompt="one body")
+    reply = harness.submit(key="order-2", prompt="another body")
+    assert reply.status == 422
+    assert reply.code == "idempotency_key_reused"
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert harness.item_count() == 1
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
+    stored = harness.api("GET", f"/v1/jobs/{first.body['id']}", tenant=ENTERPRISE)
+    assert stored.status == 200
+
+
+def test_the_same_key_for_another_tenant_is_independent(harness: Harness) -> None:
+    mine = harness.submit(tenant=ENTERPRISE, key="shared-key", prompt="a")
+    theirs = harness.submit(tenant=FREE, key="shared-key", prompt="b")
+    assert theirs.status == 202
+    assert theirs.body["id"] != mine.body["id"]
+    assert "idempotent-replayed" not in theirs.headers
+    assert harness.item_count() == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"params": {"max_tokens": 5}}, 422, "invalid_request"),
+        ({"prompt": "x", "params": {"max_tokens": -1}}, 422, "invalid_request"),
+        ({"prompt": "x", "params": {"max_tokens": "many"}}, 422, "invalid_request"),
+        ({"prompt": "x", "model": "gpt-unknown"}, 422, "model_not_allowed"),
+        ({"prompt": "x" * 5001}, 413, "prompt_too_large"),
+        ({"prompt": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, 422, "invalid_request"),
+        ({"prompt": "x", "webhook": {"url": "https://10.1.2.3/hook"}}, 422, "invalid_webhook_url"),
+        (
+            {"prompt": "x", "webhook": {"url": "http://169.254.169.254/latest/meta-data/"}},
+            422,
+            "invalid_webhook_url",
+        ),
+        ({"prompt": "x", "surprise": True}, 422, "invalid_request"),
+        ({"prompt": "x", "deadline_seconds": 0}, 422, "invalid_request"),
+        (
+            {"prompt": "x", "webhook": {"url": "https://example.com/h", "events": ["job.exploded"]}},
+            422,
+            "invalid_request",
+        ),
+    ],
+    ids=[
+        "no-messages-or-prompt",
+        "negative-max-tokens",
+        "wrong-type",
+        "unknown-model",
+        "prompt-over-limit",
+        "17-metadata-keys",
+        "private-webhook",
+        "metadata-endpoint-webhook",
+        "unknown-field",
+        "zero-deadline",
+        "unknown-event",
+    ],
+)
+def test_bad_input_is_a_problem_and_changes_nothing(
+    harness: Harness, body: dict, status: int, code: str
+) -> None:
+    reply = harness.api("POST", "/v1/jobs", body=body, tenant=ENTERPRISE)
+    assert reply.status == status
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.code == code
+    assert reply.body["status"] == status
+    assert {"type", "title", "status", "code"} <= set(reply.body)
+    _nothing_changed(harness)
+
+
+def test_a_non_json_body_is_400_malformed_json(harness: Harness) -> None:
+    reply = harness.api("POST", "/v1/jobs", raw_body="{not json", tenant=ENTERPRISE)
+    assert (reply.status, reply.code) == (400, "malformed_json")
+    _nothing_changed(harness)
+
+
+def test_a_wrong_content_type_is_415(harness: Harness) -> None:
+    reply = harness.api(
+        "POST", "/v1/jobs", raw_body="prompt=hi", headers={"Content-Type": "text/plain"}, tenant=ENTERPRISE
+    )
+    assert (reply.status, reply.code) == (415, "unsupported_media_type")
+    _nothing_changed(harness)
+
+
+def test_an_oversized_body_is_413(harness: Harness) -> None:
+    reply = harness.api("POST", "/v1/jobs", body={"prompt": "x" * 70_000}, tenant=ENTERPRISE)
+    assert (reply.status, reply.code) == (413, "payload_too_large")
+    _nothing_changed(harness)
+
+
+def test_an_overlong_idempotency_key_is_rejected(harness: Harness) -> None:
+    reply = harness.submit(key="k" * 256)
+    assert reply.status in (400, 422)
+    assert reply.headers["content-type"] == "application/problem+json"
+    _nothing_changed(harness)
+
+
+def test_another_tenants_job_is_404_for_get_and_cancel_and_stays_unchanged(harness: Harness) -> None:
+    job_id = harness.submit(tenant=ENTERPRISE).body["id"]
+    get = harness.api("GET", f"/v1/jobs/{job_id}", tenant=FREE)
+    cancel = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=FREE)
+    assert (get.status, get.code) == (404, "job_not_found")
+    assert (cancel.status, cancel.code) == (404, "job_not_found")
+    mine = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE)
+    assert mine.body["status"] == "queued"
+
+
+def test_without_a_tenant_in_the_context_the_api_answers_401(harness: Harness) -> None:
+    reply = harness.api("GET", "/v1/jobs", tenant=None)
+    assert (reply.status, reply.code) == (401, "unauthenticated")
+
+
+def test_cancel_of_a_queued_job_is_immediate_and_a_terminal_job_gets_409(harness: Harness) -> None:
+    job_id = harness.submit().body["id"]
+    canceled = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    assert canceled.status == 200
+    assert canceled.body["status"] == "canceled"
+    again = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    assert (again.status, again.code) == (409, "job_not_cancelable")
+
+
+def test_list_is_newest_first_scoped_to_the_tenant_and_pages(harness: Harness) -> None:
+    ids = [harness.submit(prompt=f"p{i}").body["id"] for i in range(3)]
+    harness.submit(tenant=FREE)
+    first = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "2"})
+    assert first.status == 200
+    assert [job["id"] for job in first.body["data"]] == [ids[2], ids[1]]
+    second = harness.api(
+        "GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "2", "cursor": first.body["next_cursor"]}
+    )
+    assert [job["id"] for job in second.body["data"]] == [ids[0]]
+    canceled = harness.api("POST", f"/v1/jobs/{ids[1]}/cancel", tenant=ENTERPRISE)
+    assert canceled.status == 200
+    only = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"status": "canceled"})
+    assert [job["id"] for job in only.body["data"]] == [ids[1]]
+
+
+def test_a_cursor_of_another_tenant_is_refused(harness: Harness) -> None:
+    for i in range(2):
+        harness.submit(prompt=f"p{i}")
+    page = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "1"})
+    stolen = harness.api("GET", "/v1/jobs", tenant=FREE, query={"cursor": page.body["next_cursor"]})
+    assert (stolen.status, stolen.code) == (400, "invalid_cursor")
+
+
+def test_unknown_job_and_route_are_problem_404s(harness: Harness) -> None:
+    assert harness.api("GET", "/v1/jobs/job_doesnotexist", tenant=ENTERPRISE).code == "job_not_found"
+    assert harness.api("GET", "/v1/nothing", tenant=ENTERPRISE).status == 404
+
+
+def test_openapi_document_describes_the_job_routes(harness: Harness) -> None:
+    reply = harness.api("GET", "/v1/openapi.json", tenant=ENTERPRISE)
+    assert reply.status == 200
+    paths = reply.body["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel"} <= set(paths)
+    schemas = reply.body["components"]["schemas"]
+    assert {"JobRequest", "Job", "Problem"} <= set(schemas)

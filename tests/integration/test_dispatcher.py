@@ -1,0 +1,532 @@
+"""The webhook dispatcher handler against moto and a real receiver on 127.0.0.1.
+
+The receiver is addressed as http://receiver.test:<port>, a name only the injected resolver
+knows: every delivery that arrives proves the connection went to the pinned address.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from llmq import aws
+from llmq.config import LlmqConfig, WebhookPolicy
+from llmq.jobs import JobInput, JobRecord, JobRepository
+from llmq.models import TERMINAL_EVENTS, ChatMessage, DeliveryStatus, JobResult, JobStatus, WebhookEvent
+from llmq.queues import QueueRepository
+from llmq.ssrf import PinnedTransport, check_webhook_url
+from llmq.tenants import TenantRepository, new_webhook_secret
+from llmq.webhooks import WebhookDispatcher, webhook_id
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.conftest import REGION, MotoStack, load_event
+from tests.integration.harness import LambdaContextStub, load_handler
+from tests.integration.webhook_receiver import Answer, WebhookReceiver
+
+SCHEDULE = [5, 300, 1800]
+TENANT_ID = "ten_acme"
+
+
+# ---- the world around the handler -------------------------------------------------------
+
+
+@dataclass
+class FakeDns:
+    answers: dict[str, list[str]]
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return list(self.answers[host])
+
+
+@dataclass
+class FakeClock:
+    now: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Stage:
+    """Jobs and tenants in moto, the dispatcher handler, and SQS played by hand.
+
+    `dispatch()` is one event source mapping poll: receive, invoke, delete what succeeded.
+    `let_time_pass()` is the retry delay elapsing: the clock moves and the message is visible.
+    """
+
+    def __init__(
+        self,
+        stack: MotoStack,
+        handler: ModuleType,
+        config: LlmqConfig,
+        receiver: WebhookReceiver,
+        dns: FakeDns,
+        clock: FakeClock,
+    ) -> None:
+        self.stack = stack
+        self.handler = handler
+        self.config = config
+        self.receiver = receiver
+        self.dns = dns
+        self.clock = clock
+        self.jobs = JobRepository(stack.jobs_table, config)
+        self.tenants = TenantRepository(stack.tenants_table)
+        self.tenant = self.tenants.create("Acme", "enterprise", tenant_id=TENANT_ID).tenant
+        self.queues = QueueRepository({}, stack.webhook_queue_url)
+        # The test's own client: its calls are not the handler's, and are not spied on.
+        self.sqs: Any = boto3.client("sqs", region_name=REGION)
+        self.visibility_changes: list[int] = []
+        aws.client("sqs").meta.events.register(
+            "before-parameter-build.sqs.ChangeMessageVisibility", self._spy_visibility
+        )
+        self.in_flight: list[dict[str, Any]] = []
+
+    def _spy_visibility(self, params: dict[str, Any], **_: Any) -> None:
+        self.visibility_changes.append(int(params["VisibilityTimeout"]))
+
+    def job(
+        self,
+        path: str,
+        job_id: str = "job_hooked",
+        events: list[WebhookEvent] | None = None,
+        status: JobStatus = JobStatus.SUCCEEDED,
+    ) -> JobRecord:
+        url = self.receiver.url(path)
+        # As at submit: the URL passes the guard before the job is stored.
+        check_webhook_url(url, self.config.webhooks.allow_loopback_http, self.dns)
+        now_ms = int(time.time() * 1000)
+        record = JobRecord(
+            id=job_id,
+            tenant_id=TENANT_ID,
+            status=status,
+            lane="high",
+            model="gpt-4o-mini",
+            input=JobInput(messages=[ChatMessage(role="user", content="a prompt")]),
+            request_hash="h",
+            created_ms=now_ms - 2_000,
+            started_ms=now_ms - 1_000,
+            finished_ms=now_ms,
+            result=JobResult(output="the answer"),
+            webhook_url=url,
+            webhook_events=list(TERMINAL_EVENTS) if events is None else events,
+            delivery_status=DeliveryStatus.PENDING,
+            expires_at=int(time.time()) + 86_400,
+        )
+        self.jobs.create(record)
+        self.queues.enqueue_webhook(record.id, EVENT[status])
+        return record
+
+    def delivery(self, job_id: str = "job_hooked") -> Any:
+        record = self.jobs.find(job_id)
+        assert record is not None, "the job must stay retrievable"
+        webhook = record.to_job().webhook
+        assert webhook is not None
+        return webhook.delivery
+
+    def queued(self) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=self.stack.webhook_queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+
+    def receivable(self) -> int:
+        response = self.sqs.receive_message(QueueUrl=self.stack.webhook_queue_url, VisibilityTimeout=0)
+        return len(response.get("Messages", []))
+
+    def dispatch(self) -> dict[str, Any]:
+        messages = self.sqs.receive_message(
+            QueueUrl=self.stack.webhook_queue_url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=60,
+            AttributeNames=["All"],
+        ).get("Messages", [])
+        assert messages, "nothing to dispatch"
+        response: dict[str, Any] = self.handler.handler(self._event(messages), LambdaContextStub())
+        failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                self.sqs.delete_message(
+                    QueueUrl=self.stack.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
+                )
+        self.in_flight = [message for message in messages if message["MessageId"] in failed]
+        return response
+
+    def let_time_pass(self, seconds: float) -> None:
+        self.clock.now += seconds
+        for message in self.in_flight:
+            self.sqs.change_message_visibility(
+                QueueUrl=self.stack.webhook_queue_url,
+                ReceiptHandle=message["ReceiptHandle"],
+                VisibilityTimeout=0,
+            )
+
+    def _event(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        arn = self.sqs.get_queue_attributes(
+            QueueUrl=self.stack.webhook_queue_url, AttributeNames=["QueueArn"]
+        )["Attributes"]["QueueArn"]
+        template = load_event("sqs_lane_batch")["Records"][0]
+        records = []
+        for message in messages:
+            record = copy.deepcopy(template)
+            record.update(
+                messageId=message["MessageId"],
+                receiptHandle=message["ReceiptHandle"],
+                body=message["Body"],
+                eventSourceARN=arn,
+            )
+            record["attributes"]["ApproximateReceiveCount"] = message["Attributes"]["ApproximateReceiveCount"]
+            records.append(record)
+        return {"Records": records}
+
+
+EVENT = {
+    JobStatus.SUCCEEDED: WebhookEvent.SUCCEEDED,
+    JobStatus.FAILED: WebhookEvent.FAILED,
+    JobStatus.CANCELED: WebhookEvent.CANCELED,
+    JobStatus.EXPIRED: WebhookEvent.EXPIRED,
+}
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stage(moto_stack: MotoStack, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch) -> Stage:
+    config = LlmqConfig(
+        webhooks=WebhookPolicy(
+            schedule_seconds=SCHEDULE, jitter_fraction=0, timeout_seconds=5, allow_loopback_http=True
+        )
+    )
+    for key, value in moto_stack.environ(config.model_dump_json()).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LLMQ_PUBLIC_API_URL", "https://api.llmq.test")
+    handler = load_handler("webhook_dispatcher")
+    dns = FakeDns({WebhookReceiver.HOSTNAME: ["127.0.0.1"]})
+    clock = FakeClock()
+    built = Stage(moto_stack, handler, config, receiver, dns, clock)
+    dispatcher = WebhookDispatcher(
+        JobRepository(handler.ENV.jobs_table, handler.ENV.config),
+        TenantRepository(handler.ENV.tenants_table),
+        handler.ENV.config,
+        handler.ENV.public_api_url,
+        resolver=dns,
+        clock=clock,
+    )
+    monkeypatch.setattr(handler, "dispatcher", lambda: dispatcher)
+    return built
+
+
+# ---- signatures -------------------------------------------------------------------------
+
+
+def test_a_delivered_webhook_verifies_with_the_reference_package(stage: Stage) -> None:
+    # Given a succeeded job subscribed to its terminal event
+    stage.job("/hooks/acme")
+    # When the dispatcher runs
+    response = stage.dispatch()
+    # Then the receiver holds one POST that verifies with the tenant's secret
+    assert response == {"batchItemFailures": []}
+    [request] = stage.receiver.requests_to("/hooks/acme")
+    payload = Webhook(stage.tenant.webhook_secrets[0]).verify(request.body, request.headers)
+    assert payload["type"] == "job.succeeded"
+    assert payload["data"]["id"] == "job_hooked"
+    assert payload["data"]["result"]["output"] == "the answer"
+    assert request.headers["host"] == f"{WebhookReceiver.HOSTNAME}:{stage.receiver.port}"
+    assert request.headers["user-agent"] == "llmq-webhooks/1"
+    # and the job shows the delivery
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("delivered", 1, 200)
+    assert delivery.delivered_at is not None
+    assert stage.queued() == 0
+
+
+def test_tampering_a_wrong_secret_or_an_old_timestamp_fail_verification(stage: Stage) -> None:
+    stage.clock.now = time.time() - 600
+    stage.job("/hooks/acme")
+    stage.dispatch()
+    [request] = stage.receiver.requests_to("/hooks/acme")
+    secret = stage.tenant.webhook_secrets[0]
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(secret).verify(request.body, request.headers)
+    fresh = dict(request.headers, **{"webhook-timestamp": str(int(time.time()))})
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(secret).verify(request.body, fresh)  # the timestamp is signed too
+    stage.clock.now = time.time()
+    stage.job("/hooks/other", job_id="job_other")
+    stage.dispatch()
+    [request] = stage.receiver.requests_to("/hooks/other")
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(request.body.replace(b"the answer", b"the ANSWER"), request.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_webhook_secret()).verify(request.body, request.headers)
+
+
+def test_during_rotation_each_secret_verifies_the_same_delivery(stage: Stage) -> None:
+    # Given a tenant that rotated its secret, keeping the previous one in its grace period
+    previous = stage.tenant.webhook_secrets[0]
+    rotated = stage.tenants.rotate_webhook_secret(TENANT_ID)
+    assert rotated.webhook_secrets[1] == previous
+    # When a webhook goes out
+    stage.job("/hooks/acme")
+    stage.dispatch()
+    # Then the old and the new secret each verify it
+    [request] = stage.receiver.requests_to("/hooks/acme")
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    for secret in rotated.webhook_secrets:
+        Webhook(secret).verify(request.body, request.headers)
+
+
+# ---- retries ----------------------------------------------------------------------------
+
+
+def test_500_500_200_is_delivered_on_the_third_attempt_on_schedule(stage: Stage) -> None:
+    # Given a receiver that fails twice, then accepts
+    stage.receiver.script("/hooks/flaky", 500, 500, 200)
+    stage.job("/hooks/flaky")
+    start = stage.clock.now
+    # When SQS brings the message back after each delay
+    first = stage.dispatch()
+    assert len(first["batchItemFailures"]) == 1
+    assert stage.visibility_changes == [SCHEDULE[0]]
+    assert stage.receivable() == 0, "the message waits out its retry delay"
+    assert (stage.delivery().status, stage.delivery().attempts, stage.delivery().last_status_code) == (
+        "pending",
+        1,
+        500,
+    )
+    stage.let_time_pass(SCHEDULE[0])
+    stage.dispatch()
+    assert stage.visibility_changes == SCHEDULE[:2]
+    stage.let_time_pass(SCHEDULE[1])
+    last = stage.dispatch()
+    # Then the third attempt is delivered, and the message is gone
+    assert last == {"batchItemFailures": []}
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("delivered", 3, 200)
+    assert stage.queued() == 0
+    # and every attempt carried the same id, signed afresh with a new timestamp
+    requests = stage.receiver.requests_to("/hooks/flaky")
+    assert {request.headers["webhook-id"] for request in requests} == {
+        webhook_id("job_hooked", WebhookEvent.SUCCEEDED)
+    }
+    assert [int(request.headers["webhook-timestamp"]) for request in requests] == [
+        int(start),
+        int(start + SCHEDULE[0]),
+        int(start + SCHEDULE[0] + SCHEDULE[1]),
+    ]
+    assert len({request.headers["webhook-signature"] for request in requests}) == 3
+
+
+def test_when_the_schedule_is_exhausted_the_delivery_fails_and_the_job_stays(stage: Stage) -> None:
+    stage.receiver.script("/hooks/down", *[503] * (len(SCHEDULE) + 1))
+    stage.job("/hooks/down")
+    for delay in SCHEDULE:
+        stage.dispatch()
+        stage.let_time_pass(delay)
+    final = stage.dispatch()
+    # Then the last attempt is acknowledged, not retried
+    assert final == {"batchItemFailures": []}
+    assert stage.queued() == 0
+    assert stage.visibility_changes == SCHEDULE
+    assert len(stage.receiver.requests_to("/hooks/down")) == len(SCHEDULE) + 1
+    # and the job, still retrievable, says the delivery failed
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("failed", 4, 503)
+    job = stage.jobs.find("job_hooked")
+    assert job is not None and job.status is JobStatus.SUCCEEDED
+
+
+def test_410_disables_delivery_after_one_attempt(stage: Stage) -> None:
+    stage.receiver.script("/hooks/gone", 410)
+    stage.job("/hooks/gone")
+    assert stage.dispatch() == {"batchItemFailures": []}
+    assert len(stage.receiver.requests_to("/hooks/gone")) == 1
+    assert stage.delivery().status == "disabled"
+    assert stage.queued() == 0
+
+
+def test_a_redirect_is_a_failure_and_its_location_is_never_requested(stage: Stage) -> None:
+    stage.receiver.script("/hooks/moved", Answer(301, {"Location": "/hooks/elsewhere"}))
+    stage.job("/hooks/moved")
+    response = stage.dispatch()
+    assert len(response["batchItemFailures"]) == 1
+    assert stage.receiver.requests_to("/hooks/elsewhere") == []
+    assert [request.path for request in stage.receiver.requests] == ["/hooks/moved"]
+    assert (stage.delivery().status, stage.delivery().last_status_code) == ("pending", 301)
+    assert stage.visibility_changes == [SCHEDULE[0]]
+
+
+def test_retry_after_on_429_sets_the_message_visibility(stage: Stage) -> None:
+    stage.receiver.script("/hooks/busy", Answer(429, {"Retry-After": "120"}))
+    stage.job("/hooks/busy")
+    stage.dispatch()
+    [visibility] = stage.visibility_changes
+    assert visibility >= 120
+    assert stage.receivable() == 0
+
+
+# ---- SSRF at send time, duplicates, poison ----------------------------------------------
+
+
+def test_a_host_rebound_to_a_private_address_after_submit_is_not_contacted(stage: Stage) -> None:
+    # Given a job whose URL passed the guard at submit
+    stage.job("/hooks/acme")
+    # When the receiver's DNS answer switches to a private address before the send
+    stage.dns.answers[WebhookReceiver.HOSTNAME] = ["10.0.0.7"]
+    response = stage.dispatch()
+    # Then no request reaches anyone, and the delivery follows the failure path
+    assert stage.receiver.requests == []
+    assert len(response["batchItemFailures"]) == 1
+    assert stage.visibility_changes == [SCHEDULE[0]]
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("pending", 1, None)
+
+
+def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again(stage: Stage) -> None:
+    stage.job("/hooks/acme")
+    stage.dispatch()
+    # When the same event is queued again (a duplicate send, a reconciler race)
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    response = stage.dispatch()
+    # Then it is acknowledged without a second POST
+    assert response == {"batchItemFailures": []}
+    assert len(stage.receiver.requests_to("/hooks/acme")) == 1
+    assert stage.delivery().attempts == 1
+    assert stage.queued() == 0
+
+
+def test_a_malformed_message_is_reported_failed_without_any_request(stage: Stage) -> None:
+    stage.sqs.send_message(QueueUrl=stage.stack.webhook_queue_url, MessageBody="not json")
+    response = stage.dispatch()
+    assert len(response["batchItemFailures"]) == 1
+    assert stage.receiver.requests == []
+    assert stage.visibility_changes == [0]
+
+
+# ---- the pinned connection over real sockets ---------------------------------------------
+
+
+async def test_the_pinned_transport_reaches_a_fake_hostname_on_its_checked_address(
+    receiver: WebhookReceiver,
+) -> None:
+    # Given a hostname nothing but the injected resolver knows, checked to 127.0.0.1
+    url = receiver.url("/hooks/pinned")
+    target = check_webhook_url(url, True, FakeDns({WebhookReceiver.HOSTNAME: ["127.0.0.1"]}))
+    # When a request is sent through the pinned transport
+    async with httpx.AsyncClient(transport=PinnedTransport(target)) as client:
+        response = await client.post(url, content=b"{}")
+    # Then it reached the receiver, with the hostname as Host
+    assert response.status_code == 200
+    [request] = receiver.requests_to("/hooks/pinned")
+    assert request.headers["host"] == f"{WebhookReceiver.HOSTNAME}:{receiver.port}"
+
+
+def _self_signed(tmp_path: Path, hostname: str) -> Path:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp_path / f"{hostname}.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        + certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
+class _TlsServer:
+    """An HTTPS server on 127.0.0.1 that records the SNI name each client sent."""
+
+    def __init__(self, pem: Path) -> None:
+        self.server_names: list[str | None] = []
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pem)
+        context.sni_callback = lambda _socket, name, _context: self.server_names.append(name)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+async def test_tls_verifies_the_certificate_and_sends_sni_for_the_hostname(tmp_path: Path) -> None:
+    # Given an HTTPS receiver on 127.0.0.1 whose certificate names receiver.test
+    pem = _self_signed(tmp_path, WebhookReceiver.HOSTNAME)
+    server = _TlsServer(pem)
+    trust = ssl.create_default_context(cafile=str(pem))
+    dns = FakeDns({WebhookReceiver.HOSTNAME: ["127.0.0.1"], "impostor.test": ["127.0.0.1"]})
+    try:
+        # When a pinned request goes to https://receiver.test
+        url = f"https://{WebhookReceiver.HOSTNAME}:{server.port}/hooks"
+        target = check_webhook_url(url, True, dns)
+        async with httpx.AsyncClient(transport=PinnedTransport(target, verify=trust)) as client:
+            response = await client.post(url, content=b"{}")
+        # Then the handshake named and verified the hostname, not the IP
+        assert response.status_code == 204
+        assert server.server_names == [WebhookReceiver.HOSTNAME]
+        # and a hostname the certificate does not name is refused, though the IP is the same
+        other = f"https://impostor.test:{server.port}/hooks"
+        impostor = check_webhook_url(other, True, dns)
+        async with httpx.AsyncClient(transport=PinnedTransport(impostor, verify=trust)) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.post(other, content=b"{}")
+    finally:
+        server.stop()

@@ -1,0 +1,321 @@
+"""The worker against moto and a real loopback provider: what happens to a job once queued."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.errors import LeaseLost
+from llmq.jobs import ClaimOutcome, JobRepository
+from llmq.models import JobResult
+
+from sandbox.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
+
+
+def _job(harness: Harness, job_id: str) -> dict[str, Any]:
+    reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE)
+    assert reply.status == 200
+    return reply.body
+
+
+def _run_until_settled(harness: Harness, lane: str, rounds: int) -> None:
+    """Run the lane's messages; stand in for the clock by showing retried ones again at once."""
+    url = harness.stack.lane_queue_urls[lane]
+    for _ in range(rounds):
+        messages = harness.receive(url)
+        if not messages:
+            return
+        response = harness.run_worker(url, messages)
+        failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
+        for message in (m for m in messages if m["MessageId"] in failed):
+            harness.sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+            )
+
+
+class VisibilitySpy:
+    """Records ChangeMessageVisibility calls through botocore's event hooks on the real client."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[int] = []
+        aws.client("sqs").meta.events.register(
+            "provide-client-params.sqs.ChangeMessageVisibility", self._record
+        )
+
+    def _record(self, params: dict[str, Any], **_: Any) -> None:
+        self.timeouts.append(int(params["VisibilityTimeout"]))
+
+
+def test_a_batch_of_ten_runs_concurrently(harness: Harness, provider: FakeProviderServer) -> None:
+    # Given ten queued jobs that each take 1 s at the provider
+    ids = [harness.submit(prompt=f"job {i} [[latency:1]]").body["id"] for i in range(10)]
+    # When the worker receives them as one batch
+    response = harness.drain("high")
+    # Then all ten were in flight at the provider at once, and all succeeded
+    assert response == {"batchItemFailures": []}
+    assert provider.state.max_in_flight == 10
+    assert {_job(harness, job_id)["status"] for job_id in ids} == {"succeeded"}
+
+
+def test_streaming_answers_are_assembled(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch
+) -> None:
+    settings = integration_config(provider).provider.model_dump(mode="json")
+    config = integration_config(provider, provider={**settings, "stream": True})
+    harness = Harness(moto_stack, config, monkeypatch)
+    job_id = harness.submit(prompt="[[tokens:5]]").body["id"]
+    harness.drain("high")
+    job = _job(harness, job_id)
+    assert job["status"] == "succeeded"
+    assert len(job["result"]["output"].split()) == 5
+    assert job["result"]["usage"]["output_tokens"] == 5
+    assert provider.state.log[0].stream is True
+
+
+def test_the_same_message_twice_in_one_batch_calls_the_provider_once(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit(prompt="[[latency:0.3]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    body = json.dumps({"job_id": job_id, "lane": "high"})
+    harness.sqs.send_message(QueueUrl=url, MessageBody=body)
+    harness.sqs.send_message(QueueUrl=url, MessageBody=body)
+    messages: list[dict[str, Any]] = []
+    while len(messages) < 3:
+        messages += harness.receive(url)
+    response = harness.run_worker(url, messages)
+    assert response == {"batchItemFailures": []}
+    assert provider.calls_for(job_id) == 1
+    assert _job(harness, job_id)["status"] == "succeeded"
+
+
+def test_a_duplicate_in_a_later_batch_calls_the_provider_once(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit().body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    harness.drain("high")
+    harness.sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
+    assert harness.drain("high") == {"batchItemFailures": []}
+    assert provider.calls_for(job_id) == 1
+    assert harness.total_count(url) == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+
+
+def test_a_429_with_retry_after_requeues_then_the_redelivery_succeeds(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a job whose first provider call answers 429 with Retry-After: 7
+    job_id = harness.submit(prompt="[[fail:429x1]] [[retry_after:7]]").body["id"]
+    spy = VisibilitySpy()
+    # When the worker runs it
+    message = harness.receive(harness.stack.lane_queue_urls["high"])[0]
+    response = harness.run_worker(harness.stack.lane_queue_urls["high"], [message])
+    # Then the message is reported failed, hidden for at least 7 s, and the job is queued again
+    assert response == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
+    assert spy.timeouts and spy.timeouts[-1] >= 7
+    assert harness.receive(harness.stack.lane_queue_urls["high"]) == []
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 1)
+    assert job["error"]["retryable"] is True
+    # And when the message comes back, the job succeeds on the second call
+    harness.sqs.change_message_visibility(
+        QueueUrl=harness.stack.lane_queue_urls["high"],
+        ReceiptHandle=message["ReceiptHandle"],
+        VisibilityTimeout=0,
+    )
+    assert harness.drain("high") == {"batchItemFailures": []}
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"], job["error"]) == ("succeeded", 2, None)
+    assert provider.calls_for(job_id) == 2
+
+
+def test_a_provider_that_keeps_failing_ends_retries_exhausted_after_max_attempts(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit(prompt="[[fail:503x99]]").body["id"]
+    _run_until_settled(harness, "high", rounds=harness.config.max_attempts + 2)
+    job = _job(harness, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "retries_exhausted"
+    assert job["error"]["retryable"] is False
+    assert provider.calls_for(job_id) == harness.config.max_attempts
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_a_context_length_error_fails_once_and_acknowledges(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit(prompt="[[fail:400:context_length_exceeded]]").body["id"]
+    assert harness.drain("high") == {"batchItemFailures": []}
+    job = _job(harness, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "context_length_exceeded"
+    assert job["error"]["retryable"] is False
+    assert provider.calls_for(job_id) == 1
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_a_late_completion_after_a_lease_takeover_is_fenced(
+    moto_stack: MotoStack, provider: FakeProviderServer
+) -> None:
+    # Given worker A holding a one-second lease, and a clock we control
+    now = [1_800_000_000.0]
+    config = integration_config(provider)
+    jobs = JobRepository(moto_stack.jobs_table, config, clock=lambda: now[0])
+    from llmq.intake import JobIntake
+    from llmq.models import JobRequest
+    from llmq.queues import QueueRepository
+    from llmq.tenants import TenantIdentity
+
+    intake = JobIntake(
+        jobs,
+        QueueRepository(moto_stack.lane_queue_urls, moto_stack.webhook_queue_url),
+        config,
+        lambda _: None,
+    )
+    job_id = intake.submit(TenantIdentity("ten_acme", "enterprise"), JobRequest(prompt="x"), None).job.id
+    claim_a = jobs.claim(job_id, "worker-a", lease_seconds=1)
+    assert claim_a.outcome is ClaimOutcome.CLAIMED
+    # While the lease is live, B cannot claim
+    assert jobs.claim(job_id, "worker-b", lease_seconds=60).outcome is ClaimOutcome.LEASED_ELSEWHERE
+    # When A's lease expires, B claims and completes
+    now[0] += 5
+    claim_b = jobs.claim(job_id, "worker-b", lease_seconds=60)
+    assert claim_b.outcome is ClaimOutcome.CLAIMED and claim_b.job is not None
+    assert claim_b.job.attempts == 2
+    jobs.complete(claim_b.job, "worker-b", JobResult(output="from B"))
+    # Then A's late completion is rejected and B's result stands
+    assert claim_a.job is not None
+    with pytest.raises(LeaseLost):
+        jobs.complete(claim_a.job, "worker-a", JobResult(output="from A"))
+    stored = jobs.find(job_id)
+    assert stored is not None and stored.result is not None
+    assert (stored.status.value, stored.result.output) == ("succeeded", "from B")
+
+
+def test_a_job_canceled_while_queued_is_skipped_without_a_provider_call(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit().body["id"]
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 200
+    assert harness.drain("high") == {"batchItemFailures": []}
+    assert provider.calls_for(job_id) == 0
+    assert _job(harness, job_id)["status"] == "canceled"
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_a_running_job_asked_to_cancel_ends_canceled(harness: Harness, provider: FakeProviderServer) -> None:
+    # Given a job that takes 5 s at the provider, being run by the worker
+    job_id = harness.submit(prompt="[[latency:5]]").body["id"]
+    worker = threading.Thread(target=harness.drain, args=("high",))
+    worker.start()
+    for _ in range(100):
+        if _job(harness, job_id)["status"] == "running":
+            break
+        time.sleep(0.05)
+    # When the client cancels it
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    assert reply.status == 202
+    assert reply.body["cancel_requested"] is True
+    worker.join(timeout=10)
+    # Then the worker stops it and records it canceled, without finishing the generation
+    job = _job(harness, job_id)
+    assert job["status"] == "canceled"
+    assert job["result"] is None
+    assert provider.calls_for(job_id) == 1
+
+
+def test_a_deadline_passed_before_the_claim_expires_the_job(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit(deadline_seconds=1).body["id"]
+    time.sleep(1.1)
+    assert harness.drain("high") == {"batchItemFailures": []}
+    job = _job(harness, job_id)
+    assert job["status"] == "expired"
+    assert job["error"]["code"] == "deadline_exceeded"
+    assert provider.calls_for(job_id) == 0
+
+
+def test_a_terminal_event_with_a_webhook_is_enqueued_once(harness: Harness) -> None:
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    job = _job(harness, job_id)
+    assert job["webhook"]["delivery"]["status"] == "pending"
+    messages = harness.receive(harness.stack.webhook_queue_url)
+    assert [json.loads(m["Body"]) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
+
+
+def test_an_unsubscribed_event_sends_no_webhook(harness: Harness) -> None:
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook", "events": ["job.failed"]}).body["id"]
+    harness.drain("high")
+    assert _job(harness, job_id)["status"] == "succeeded"
+    assert harness.total_count(harness.stack.webhook_queue_url) == 0
+
+
+def test_a_poison_message_fails_alone_in_its_batch(harness: Harness, provider: FakeProviderServer) -> None:
+    url = harness.stack.lane_queue_urls["high"]
+    job_id = harness.submit().body["id"]
+    harness.sqs.send_message(QueueUrl=url, MessageBody="not json at all")
+    harness.sqs.send_message(
+        QueueUrl=url, MessageBody=json.dumps({"job_id": "job_nosuchjob", "lane": "high"})
+    )
+    messages = harness.receive(url)
+    assert len(messages) == 3
+    response = harness.run_worker(url, messages)
+    failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
+    poison = {m["MessageId"] for m in messages if "not json" in m["Body"] or "nosuchjob" in m["Body"]}
+    assert failed == poison
+    assert _job(harness, job_id)["status"] == "succeeded"
+
+
+def test_dead_letters_fail_the_job_as_worker_crashed_and_malformed_ones_do_not_raise(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    dlq = harness.stack.lane_dlq_urls["high"]
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody="}{ garbage")
+    dead_letter = load_handler("dead_letter")
+    messages = harness.receive(dlq)
+    response = dead_letter.handler(harness.sqs_event(dlq, messages), LambdaContextStub())
+    garbage = next(m["MessageId"] for m in messages if "garbage" in m["Body"])
+    assert response == {"batchItemFailures": [{"itemIdentifier": garbage}]}
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+    webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert webhooks == [{"job_id": job_id, "event": "job.failed"}]
+
+
+def test_accept_claim_and_complete_make_the_minimum_aws_calls(harness: Harness) -> None:
+    calls: list[str] = []
+
+    def count(event_name: str, **_: Any) -> None:
+        calls.append(event_name.split(".")[-1])
+
+    for service in ("dynamodb", "sqs"):
+        aws.client(service).meta.events.register("before-call.*.*", count)
+    job_id = harness.submit().body["id"]
+    assert calls == ["PutItem", "SendMessage"]
+    url = harness.stack.lane_queue_urls["high"]
+    event = harness.sqs_event(url, harness.receive(url))
+    calls.clear()
+    response = harness.worker().handler(event, LambdaContextStub())
+    assert response == {"batchItemFailures": []}
+    assert calls == ["UpdateItem", "UpdateItem"]
+    assert _job(harness, job_id)["status"] == "succeeded"
+
+
+def test_config_rejects_a_receive_count_not_above_max_attempts() -> None:
+    with pytest.raises(ValueError, match="max_receive_count"):
+        LlmqConfig.model_validate({"max_attempts": 6, "max_receive_count": 6})

@@ -1,0 +1,446 @@
+"""Webhook signing, payloads, the retry schedule and the delivery rules, with fakes only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import httpx
+import pytest
+from llmq.config import LlmqConfig, WebhookPolicy
+from llmq.jobs import JobInput, JobRecord, JobRepository
+from llmq.models import (
+    TERMINAL_EVENTS,
+    ChatMessage,
+    DeliveryStatus,
+    JobResult,
+    JobStatus,
+    WebhookEvent,
+    WebhookMessage,
+)
+from llmq.ssrf import PinnedTarget
+from llmq.tenants import Tenant, TenantRepository, UnknownTenant, new_webhook_secret
+from llmq.webhooks import (
+    USER_AGENT,
+    DeliveryOutcome,
+    OutcomeKind,
+    WebhookDispatcher,
+    WebhookSchedule,
+    build_payload,
+    parse_retry_after,
+    sign,
+    webhook_id,
+)
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+NOW = 1_790_000_000.0
+HOOK_URL = "https://hooks.example.com/llmq?token=abc"
+PUBLIC_IP = "93.184.215.14"
+SCHEDULE = [5, 300, 1800]
+# A status the fake receiver takes as "answer after 5 s".
+SLOW = 599
+
+
+# ---- fakes ----------------------------------------------------------------------------
+
+
+class FakeJobs(JobRepository):
+    """Jobs in a dict; record_delivery behaves like the DynamoDB one (attempts incremented)."""
+
+    def __init__(self, config: LlmqConfig) -> None:
+        super().__init__("unused", config, clock=lambda: NOW)
+        self.records: dict[str, JobRecord] = {}
+        self.recorded: list[tuple[DeliveryStatus, int | None, float | None]] = []
+
+    def find(self, job_id: str) -> JobRecord | None:
+        return self.records.get(job_id)
+
+    def record_delivery(
+        self,
+        job_id: str,
+        status: DeliveryStatus,
+        status_code: int | None,
+        next_attempt_in_seconds: float | None = None,
+    ) -> None:
+        self.recorded.append((status, status_code, next_attempt_in_seconds))
+        record = self.records[job_id]
+        self.records[job_id] = record.model_copy(
+            update={
+                "delivery_status": status,
+                "delivery_attempts": record.delivery_attempts + 1,
+                "delivery_last_status_code": status_code,
+            }
+        )
+
+
+class FakeTenants(TenantRepository):
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__("unused")
+        self.secrets = secrets
+
+    def get(self, tenant_id: str) -> Tenant:
+        if tenant_id != "ten_acme":
+            raise UnknownTenant(tenant_id)
+        return Tenant(id=tenant_id, name="Acme", tier="enterprise", webhook_secrets=self.secrets)
+
+
+class FakeReceiver:
+    """An httpx MockTransport handler: answers in order, then 200; records every request."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers: deque[httpx.Response | Exception] = deque(answers)
+        self.requests: list[httpx.Request] = []
+        self.targets: list[PinnedTarget] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.popleft() if self.answers else httpx.Response(200)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer.status_code == SLOW:
+            await asyncio.sleep(5)
+        return answer
+
+    def transport(self, target: PinnedTarget) -> httpx.AsyncBaseTransport:
+        self.targets.append(target)
+        return httpx.MockTransport(self)
+
+
+def make_job(
+    job_id: str = "job_1",
+    status: JobStatus = JobStatus.SUCCEEDED,
+    events: list[WebhookEvent] | None = None,
+    delivery: DeliveryStatus | None = DeliveryStatus.PENDING,
+    output: str = "a short answer",
+) -> JobRecord:
+    return JobRecord(
+        id=job_id,
+        tenant_id="ten_acme",
+        status=status,
+        lane="high",
+        model="gpt-4o-mini",
+        input=JobInput(messages=[ChatMessage(role="user", content="a secret prompt")]),
+        request_hash="h",
+        created_ms=int(NOW * 1000) - 60_000,
+        started_ms=int(NOW * 1000) - 30_000,
+        finished_ms=int(NOW * 1000) - 1_000 if status.is_terminal else None,
+        result=JobResult(output=output) if status is JobStatus.SUCCEEDED else None,
+        webhook_url=HOOK_URL,
+        webhook_events=list(TERMINAL_EVENTS) if events is None else events,
+        delivery_status=delivery if status.is_terminal else None,
+        expires_at=int(NOW) + 86_400,
+    )
+
+
+class World:
+    def __init__(
+        self,
+        *answers: httpx.Response | Exception,
+        secrets: list[str] | None = None,
+        timeout_seconds: float = 15,
+    ) -> None:
+        self.config = LlmqConfig(
+            webhooks=WebhookPolicy(
+                schedule_seconds=SCHEDULE, jitter_fraction=0, timeout_seconds=timeout_seconds
+            )
+        )
+        self.jobs = FakeJobs(self.config)
+        self.secrets = secrets if secrets is not None else [new_webhook_secret()]
+        self.receiver = FakeReceiver(*answers)
+        self.dns: dict[str, list[str]] = {"hooks.example.com": [PUBLIC_IP]}
+        self.now = time.time()
+        self.dispatcher = WebhookDispatcher(
+            self.jobs,
+            FakeTenants(self.secrets),
+            self.config,
+            "https://api.llmq.test",
+            transport_factory=self.receiver.transport,
+            resolver=lambda host, port: self.dns[host],
+            clock=lambda: self.now,
+        )
+
+    def add(self, job: JobRecord) -> JobRecord:
+        self.jobs.records[job.id] = job
+        return job
+
+    async def deliver(
+        self, job_id: str = "job_1", event: WebhookEvent = WebhookEvent.SUCCEEDED, attempt: int = 1
+    ) -> DeliveryOutcome:
+        return await self.dispatcher.deliver(WebhookMessage(job_id=job_id, event=event), attempt=attempt)
+
+
+# ---- signing ----------------------------------------------------------------------------
+
+
+def test_a_signature_verifies_with_the_reference_package() -> None:
+    # Given a tenant secret and a signed body
+    secret = new_webhook_secret()
+    body = b'{"type":"job.succeeded","data":{"id":"job_1"}}'
+    timestamp = int(time.time())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign([secret], "msg_1", timestamp, body),
+    }
+    # When the receiver verifies it with standardwebhooks
+    payload = Webhook(secret).verify(body, headers)
+    # Then it is accepted and parsed
+    assert payload["data"]["id"] == "job_1"
+    assert headers["webhook-signature"].startswith("v1,")
+
+
+def test_a_tampered_body_or_wrong_secret_fails_verification() -> None:
+    secret = new_webhook_secret()
+    body = b'{"type":"job.succeeded"}'
+    timestamp = int(time.time())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign([secret], "msg_1", timestamp, body),
+    }
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(b'{"type":"job.failed"}', headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(new_webhook_secret()).verify(body, headers)
+
+
+def test_during_rotation_one_header_carries_a_signature_per_secret() -> None:
+    # Given the new and the previous secret
+    new, old = new_webhook_secret(), new_webhook_secret()
+    body = b"{}"
+    timestamp = int(time.time())
+    signature = sign([new, old], "msg_1", timestamp, body)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(timestamp), "webhook-signature": signature}
+    # Then both secrets verify the same delivery, and the header holds two space-separated signatures
+    assert len(signature.split(" ")) == 2
+    Webhook(new).verify(body, headers)
+    Webhook(old).verify(body, headers)
+
+
+def test_signing_without_a_secret_is_refused() -> None:
+    with pytest.raises(ValueError):
+        sign([], "msg_1", 1, b"{}")
+
+
+def test_the_webhook_id_is_stable_per_job_and_event_type() -> None:
+    assert webhook_id("job_1", WebhookEvent.SUCCEEDED) == webhook_id("job_1", "job.succeeded")
+    assert webhook_id("job_1", WebhookEvent.SUCCEEDED).startswith("msg_")
+    assert webhook_id("job_1", WebhookEvent.SUCCEEDED) != webhook_id("job_1", WebhookEvent.STARTED)
+    assert webhook_id("job_1", WebhookEvent.SUCCEEDED) != webhook_id("job_2", WebhookEvent.SUCCEEDED)
+
+
+# ---- payload ----------------------------------------------------------------------------
+
+
+def test_the_payload_carries_the_event_its_time_and_the_job() -> None:
+    job = make_job().to_job()
+    payload = json.loads(build_payload(job, WebhookEvent.SUCCEEDED, "https://api.llmq.test", 1024))
+    assert payload["type"] == "job.succeeded"
+    assert payload["timestamp"] == job.finished_at
+    assert payload["data"]["id"] == "job_1"
+    assert payload["data"]["result"]["output"] == "a short answer"
+    assert payload["data"]["result_url"] is None
+
+
+def test_a_result_above_the_inline_limit_is_replaced_by_a_url() -> None:
+    job = make_job(output="x" * 5000).to_job()
+    payload = json.loads(build_payload(job, WebhookEvent.SUCCEEDED, "https://api.llmq.test/", 1024))
+    assert payload["data"]["result"] is None
+    assert payload["data"]["result_url"] == "https://api.llmq.test/v1/jobs/job_1"
+
+
+# ---- schedule and Retry-After -----------------------------------------------------------
+
+
+def test_the_schedule_gives_one_delay_per_retry_then_is_exhausted() -> None:
+    schedule = WebhookSchedule((5, 300, 1800))
+    assert [schedule.delay(n) for n in (1, 2, 3)] == [5, 300, 1800]
+    assert not schedule.exhausted(3)
+    assert schedule.exhausted(4)
+    with pytest.raises(ValueError):
+        schedule.delay(4)
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
+def test_jitter_stays_within_its_fraction(draw: float) -> None:
+    schedule = WebhookSchedule((300,), jitter_fraction=0.1, random=lambda: draw)
+    assert 270 <= schedule.delay(1) <= 330
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
+    now = 1_790_000_000.0
+    later = format_datetime(datetime.fromtimestamp(now + 90, tz=UTC), usegmt=True)
+    assert parse_retry_after("120", now) == 120
+    assert parse_retry_after(later, now) == pytest.approx(90)
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after(None, now) is None
+
+
+# ---- delivery rules ---------------------------------------------------------------------
+
+
+async def test_a_2xx_is_delivered_signed_and_recorded() -> None:
+    # Given a succeeded job whose delivery is pending
+    world = World(httpx.Response(204))
+    world.add(make_job())
+    # When its terminal event is delivered
+    outcome = await world.deliver()
+    # Then the receiver got one signed POST that verifies, and the delivery is recorded
+    assert outcome.kind is OutcomeKind.DELIVERED
+    [request] = world.receiver.requests
+    assert request.method == "POST"
+    assert request.headers["user-agent"] == USER_AGENT
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["webhook-id"] == webhook_id("job_1", WebhookEvent.SUCCEEDED)
+    payload = Webhook(world.secrets[0]).verify(request.content, dict(request.headers))
+    assert payload["type"] == "job.succeeded"
+    assert world.jobs.recorded == [(DeliveryStatus.DELIVERED, 204, None)]
+    # and the POST went to the address the guard checked
+    assert world.receiver.targets[0].addresses == (PUBLIC_IP,)
+
+
+async def test_a_timestamp_ten_minutes_old_fails_verification() -> None:
+    world = World()
+    world.now = time.time() - 600
+    world.add(make_job())
+    await world.deliver()
+    [request] = world.receiver.requests
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(world.secrets[0]).verify(request.content, dict(request.headers))
+
+
+async def test_a_redirect_is_a_failure_and_is_not_followed() -> None:
+    world = World(httpx.Response(301, headers={"Location": "https://hooks.example.com/elsewhere"}))
+    world.add(make_job())
+    outcome = await world.deliver()
+    assert outcome.kind is OutcomeKind.RETRY
+    assert outcome.retry_in == 5
+    assert [request.url.path for request in world.receiver.requests] == ["/llmq"]
+    assert world.jobs.recorded == [(DeliveryStatus.PENDING, 301, 5)]
+
+
+async def test_410_disables_delivery_and_a_later_message_is_not_sent() -> None:
+    world = World(httpx.Response(410))
+    world.add(make_job())
+    assert (await world.deliver()).kind is OutcomeKind.DISABLED
+    assert world.jobs.records["job_1"].delivery_status is DeliveryStatus.DISABLED
+    # When the same message comes back
+    again = await world.deliver(attempt=2)
+    # Then nothing more is sent
+    assert again.kind is OutcomeKind.SKIPPED
+    assert len(world.receiver.requests) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_lengthens_the_delay(status: int) -> None:
+    world = World(httpx.Response(status, headers={"Retry-After": "120"}))
+    world.add(make_job())
+    outcome = await world.deliver()
+    assert outcome.kind is OutcomeKind.RETRY
+    assert outcome.retry_in == 120
+
+
+async def test_retry_after_never_shortens_the_schedule_and_is_capped() -> None:
+    world = World(
+        httpx.Response(429, headers={"Retry-After": "1"}),
+        httpx.Response(429, headers={"Retry-After": str(7 * 86_400)}),
+    )
+    world.add(make_job())
+    assert (await world.deliver(attempt=2)).retry_in == 300
+    capped = await world.deliver(attempt=2)
+    assert capped.retry_in is not None and capped.retry_in <= 43_200
+
+
+async def test_a_500_does_not_honour_retry_after() -> None:
+    world = World(httpx.Response(500, headers={"Retry-After": "3600"}))
+    world.add(make_job())
+    assert (await world.deliver()).retry_in == 5
+
+
+async def test_a_connection_error_is_retried_with_no_status_code() -> None:
+    world = World(httpx.ConnectError("connection refused"))
+    world.add(make_job())
+    outcome = await world.deliver(attempt=2)
+    assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 300)
+    assert world.jobs.recorded == [(DeliveryStatus.PENDING, None, 300)]
+
+
+async def test_a_receiver_slower_than_the_timeout_is_a_failure() -> None:
+    world = World(httpx.Response(SLOW), timeout_seconds=0.1)
+    world.add(make_job())
+    outcome = await world.deliver()
+    assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 5)
+    assert world.jobs.recorded == [(DeliveryStatus.PENDING, None, 5)]
+
+
+async def test_when_the_schedule_is_exhausted_the_delivery_fails() -> None:
+    world = World(httpx.Response(500))
+    world.add(make_job())
+    outcome = await world.deliver(attempt=len(SCHEDULE) + 1)
+    assert outcome.kind is OutcomeKind.GAVE_UP
+    assert world.jobs.recorded == [(DeliveryStatus.FAILED, 500, None)]
+
+
+async def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again() -> None:
+    world = World()
+    world.add(make_job(delivery=DeliveryStatus.DELIVERED))
+    outcome = await world.deliver()
+    assert outcome.kind is OutcomeKind.SKIPPED
+    assert world.receiver.requests == []
+    assert world.jobs.recorded == []
+
+
+@pytest.mark.parametrize(
+    ("job", "event"),
+    [
+        (None, WebhookEvent.SUCCEEDED),
+        (make_job(events=[WebhookEvent.FAILED]), WebhookEvent.SUCCEEDED),
+        (make_job(status=JobStatus.FAILED), WebhookEvent.SUCCEEDED),
+        (make_job(delivery=DeliveryStatus.FAILED), WebhookEvent.SUCCEEDED),
+    ],
+    ids=["job gone", "not subscribed", "other terminal event", "already failed"],
+)
+async def test_messages_that_must_not_be_sent_are_skipped(job: JobRecord | None, event: WebhookEvent) -> None:
+    world = World()
+    if job is not None:
+        world.add(job)
+    outcome = await world.deliver(event=event)
+    assert outcome.kind is OutcomeKind.SKIPPED
+    assert world.receiver.requests == []
+
+
+async def test_job_started_is_sent_but_leaves_the_terminal_delivery_record_alone() -> None:
+    world = World(httpx.Response(500), httpx.Response(200))
+    world.add(make_job(status=JobStatus.RUNNING, events=[WebhookEvent.STARTED, *TERMINAL_EVENTS]))
+    assert (await world.deliver(event=WebhookEvent.STARTED)).kind is OutcomeKind.RETRY
+    assert (await world.deliver(event=WebhookEvent.STARTED, attempt=2)).kind is OutcomeKind.DELIVERED
+    assert world.jobs.recorded == []
+    [first, second] = world.receiver.requests
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert json.loads(second.content)["type"] == "job.started"
+
+
+async def test_a_host_that_now_resolves_to_a_private_address_is_not_contacted() -> None:
+    # Given a URL that passed the guard at submit, whose DNS answer then changed
+    world = World()
+    world.add(make_job())
+    world.dns["hooks.example.com"] = ["10.0.0.7"]
+    # When the delivery is attempted
+    outcome = await world.deliver()
+    # Then nothing is sent, and the delivery follows the failure path
+    assert world.receiver.requests == []
+    assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 5)
+    assert "private" in outcome.reason
+
+
+async def test_a_tenant_without_secrets_cannot_be_sent_to() -> None:
+    world = World(secrets=[])
+    world.add(make_job())
+    outcome = await world.deliver()
+    assert outcome.kind is OutcomeKind.GAVE_UP
+    assert world.receiver.requests == []
+    assert world.jobs.recorded == [(DeliveryStatus.FAILED, None, None)]
