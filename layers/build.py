@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         install(uv, requirements)
     prune()
     BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"layers/deps built: {size_mb(TARGET):.1f} MB for Python {LAMBDA_PYTHON_VERSION} on {LAYER_PLATFORM}")
+    print(
+        f"layers/deps built: {size_mb(TARGET):.1f} MB for Python {LAMBDA_PYTHON_VERSION} on {LAYER_PLATFORM}"
+    )
     return 0
 
 

@@ -10,8 +10,8 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-
 from llmq.config import LlmqConfig
+
 from stacks.functions import FunctionDefaults, build_function
 from stacks.lanes import LanesConstruct
 
@@ -149,7 +149,13 @@ class ApiConstruct(Construct):
     def _add_problem_responses(self) -> None:
         headers = {"Content-Type": f"'{PROBLEM_JSON}'"}
         responses = [
-            ("Unauthorized", apigw.ResponseType.UNAUTHORIZED, 401, "A valid API key is required", "unauthenticated"),
+            (
+                "Unauthorized",
+                apigw.ResponseType.UNAUTHORIZED,
+                401,
+                "A valid API key is required",
+                "unauthenticated",
+            ),
             ("AccessDenied", apigw.ResponseType.ACCESS_DENIED, 403, "Access denied", "forbidden"),
             ("Throttled", apigw.ResponseType.THROTTLED, 429, "Too many requests", "rate_limited"),
         ]
@@ -166,4 +172,6 @@ class ApiConstruct(Construct):
     def url(self) -> str:
         """The stage URL, built without a reference to the Stage resource (moto does not create one)."""
         stack = cdk.Stack.of(self)
-        return f"https://{self.rest_api.rest_api_id}.execute-api.{stack.region}.{stack.url_suffix}/{STAGE_NAME}/"
+        return (
+            f"https://{self.rest_api.rest_api_id}.execute-api.{stack.region}.{stack.url_suffix}/{STAGE_NAME}/"
+        )

@@ -12,8 +12,8 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-
 from llmq.config import LlmqConfig
+
 from stacks.functions import METRICS_NAMESPACE, SERVICE_NAME
 from stacks.lanes import LanesConstruct, pascal
 
@@ -87,7 +87,9 @@ class MonitoringConstruct(Construct):
             description=f"llmq: the {what} DLQ holds messages (a crash or a poison message)",
         )
 
-    def _alarm(self, construct_id: str, metric: cloudwatch.IMetric, threshold: float, description: str) -> None:
+    def _alarm(
+        self, construct_id: str, metric: cloudwatch.IMetric, threshold: float, description: str
+    ) -> None:
         alarm = cloudwatch.Alarm(
             self,
             construct_id,
@@ -108,7 +110,9 @@ class MonitoringConstruct(Construct):
         depth: list[cloudwatch.IMetric] = []
         for name, lane in lanes.lanes.items():
             depth.append(lane.queue.metric_approximate_number_of_messages_visible(label=f"{name} waiting"))
-            depth.append(lane.queue.metric_approximate_number_of_messages_not_visible(label=f"{name} in flight"))
+            depth.append(
+                lane.queue.metric_approximate_number_of_messages_not_visible(label=f"{name} in flight")
+            )
             depth.append(lane.dlq.metric_approximate_number_of_messages_visible(label=f"{name} DLQ"))
         widgets: list[cloudwatch.IWidget] = [
             cloudwatch.GraphWidget(title="Lane depth", left=depth, width=12),

@@ -14,6 +14,7 @@ TemplateURL on the moto server. Moto quirks it works around (TOOLCHAIN.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -26,8 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-
 from llmq.config import LlmqConfig
+
 from stacks.app_builder import CONTEXT_SANDBOX, build_app, llmq_stack
 
 BOOTSTRAP_QUALIFIER = "hnb659fds"
@@ -35,7 +36,14 @@ BOOTSTRAP_VERSION_PARAMETER = f"/cdk-bootstrap/{BOOTSTRAP_QUALIFIER}/version"
 BOOTSTRAP_VERSION = "30"
 CAPABILITIES = ["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"]
 # Moto accepts any credentials; these never leave the process.
-MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+MOTO_ACCESS_KEY_ID = "testing"
+MOTO_SECRET_ACCESS_KEY = "testing"
+
+
+def moto_session(region: str) -> boto3.session.Session:
+    return boto3.session.Session(
+        aws_access_key_id=MOTO_ACCESS_KEY_ID, aws_secret_access_key=MOTO_SECRET_ACCESS_KEY, region_name=region
+    )
 
 
 class MotoDeployError(RuntimeError):
@@ -89,11 +97,12 @@ def deploy_to_moto(
     stack = llmq_stack(app)
     assembly = app.synth()
     artifact = assembly.get_stack_artifact(stack.artifact_id)
-    session = boto3.session.Session(region_name=region, **MOTO_CREDENTIALS)
-    clients = _Clients(session, endpoint_url)
+    clients = _Clients(moto_session(region), endpoint_url)
     account = clients.get("sts").get_caller_identity()["Account"]
     manifest_path = Path(assembly.directory, f"{artifact.id}.assets.json")
-    template_url = publish_assets(clients, manifest_path, account, region, endpoint_url, artifact.template_file)
+    template_url = publish_assets(
+        clients, manifest_path, account, region, endpoint_url, artifact.template_file
+    )
     template = json.loads(Path(assembly.directory, artifact.template_file).read_text())
     moto_template = fill_moto_gaps(clients, template, artifact.stack_name)
     if moto_template != template:
@@ -142,7 +151,11 @@ def publish_assets(
     template_url = ""
     for asset in manifest.get("files", {}).values():
         source_path = manifest_path.parent / asset["source"]["path"]
-        body = _zip_directory(source_path) if asset["source"].get("packaging") == "zip" else source_path.read_bytes()
+        body = (
+            _zip_directory(source_path)
+            if asset["source"].get("packaging") == "zip"
+            else source_path.read_bytes()
+        )
         for destination in asset["destinations"].values():
             bucket = _substitute(destination["bucketName"], account, region)
             key = destination["objectKey"]
@@ -208,10 +221,8 @@ def _ensure_bucket(s3: Any, bucket: str, region: str) -> None:
     kwargs: dict[str, Any] = {"Bucket": bucket}
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    try:
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(**kwargs)
-    except s3.exceptions.BucketAlreadyOwnedByYou:
-        pass
 
 
 def _zip_directory(path: Path) -> bytes:

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from stacks.llmq_stack import LlmqStack
 
 PACK = "AwsSolutions"
-LAMBDA_BASIC_EXECUTION = "Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+LAMBDA_BASIC_EXECUTION = (
+    "Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+)
 API_GATEWAY_LOGS = (
     "Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs"
 )

@@ -20,6 +20,7 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
 os.environ.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
 
 from llmq.config import LlmqConfig  # noqa: E402
+
 from tests.infra.stack_template import StackTemplate  # noqa: E402
 
 

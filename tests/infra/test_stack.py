@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from llmq.config import (
     ApiEnvironment,
     AuthorizerEnvironment,
@@ -18,6 +17,7 @@ from llmq.config import (
     WorkerEnvironment,
 )
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
+
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_PYTHON_VERSION
 from tests.infra.conftest import SynthesizedApp, synthesize
@@ -129,9 +129,7 @@ def test_dead_letter_function_drains_every_lane_dlq_with_partial_batch_responses
         assert template.resources[dlq_id]["Properties"]["VisibilityTimeout"] >= 6 * timeout
 
 
-def test_dispatcher_consumes_the_webhook_queue_whose_redrive_outlasts_the_retry_schedule(
-    synthesized, config
-):
+def test_dispatcher_consumes_the_webhook_queue_whose_redrive_outlasts_the_retry_schedule(synthesized, config):
     template = synthesized.template
     (mapping,) = template.event_source_mappings("webhook_dispatcher")
     assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
@@ -406,14 +404,23 @@ def test_dashboard_shows_depth_wait_run_time_and_outcomes(synthesized):
 
 def test_outputs_tell_the_sandbox_where_everything_is(synthesized):
     outputs = synthesized.template.template["Outputs"]
-    for key in ("ApiUrl", "JobsTableName", "TenantsTableName", "LaneQueueUrls", "WebhookQueueUrl", "FunctionNames"):
+    for key in (
+        "ApiUrl",
+        "JobsTableName",
+        "TenantsTableName",
+        "LaneQueueUrls",
+        "WebhookQueueUrl",
+        "FunctionNames",
+    ):
         assert key in outputs
     for lane in synthesized.config.lanes:
         assert f"LaneQueueUrl{lane.name.capitalize()}" in outputs
 
 
 def test_cdk_nag_ran_and_every_acknowledged_finding_has_a_reason(synthesized):
-    (report,) = [r for r in synthesized.validation_report()["pluginReports"] if r["pluginName"] == "AwsSolutions"]
+    (report,) = [
+        r for r in synthesized.validation_report()["pluginReports"] if r["pluginName"] == "AwsSolutions"
+    ]
     assert report["conclusion"] == "success"
     assert report["violations"] == []
     assert report["suppressedViolations"], "the AwsSolutions pack did not run"

@@ -28,8 +28,10 @@ from llmq.providers import (
 from llmq.queues import QueueRepository
 from llmq.telemetry import emit_job_metric, logger
 
-# Time kept back from the provider call so the worker can still record the outcome.
+# Time kept back from the provider call so the worker can still record the outcome:
+# five seconds, or a quarter of what is left for very short functions (the sandbox).
 _WRITE_BACK_SECONDS = 5.0
+_WRITE_BACK_SHARE = 0.25
 
 
 class RetryLater(Exception):
@@ -114,9 +116,9 @@ class JobRunner:
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
             await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
-        timeout = min(
-            self.config.provider.timeout_seconds, invocation.remaining_seconds() - _WRITE_BACK_SECONDS
-        )
+        remaining = invocation.remaining_seconds()
+        reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
+        timeout = min(self.config.provider.timeout_seconds, remaining - reserve)
         request = GenerationRequest(
             model=job.model, messages=job.input.messages, params=job.input.params, job_id=job.id
         )

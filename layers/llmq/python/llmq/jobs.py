@@ -635,15 +635,24 @@ class JobRepository:
                 return
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
-    def postpone_sweep(self, job_id: str, seconds: float) -> None:
-        """After the reconciler re-enqueued something, leave the job alone for a while."""
-        self._ddb.update_item(
-            TableName=self.table_name,
-            Key={"pk": {"S": job_id}},
-            UpdateExpression="SET sweep_at = :sweep",
-            ConditionExpression="attribute_exists(sweep_pk)",
-            ExpressionAttributeValues=_values(sweep=self.now_ms() + int(seconds * 1000)),
-        )
+    def postpone_sweep(self, job_id: str, seconds: float) -> bool:
+        """After the reconciler re-enqueued something, leave the job alone for a while.
+
+        False when the job left the index meanwhile (it finished): nothing to postpone.
+        """
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression="SET sweep_at = :sweep",
+                ConditionExpression="attribute_exists(sweep_pk)",
+                ExpressionAttributeValues=_values(sweep=self.now_ms() + int(seconds * 1000)),
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                return False
+            raise
+        return True
 
 
 class _ConditionFailed(Exception):

@@ -1,0 +1,30 @@
+"""The reconciler, on an EventBridge schedule: re-enqueue what a crash or lost message left."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from llmq.config import ReconcilerEnvironment
+from llmq.jobs import JobRepository
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from llmq.telemetry import logger, metrics
+
+ENV = ReconcilerEnvironment.load(function_name="reconciler")
+
+
+@cache
+def reconciler() -> Reconciler:
+    return Reconciler(
+        JobRepository(ENV.jobs_table, ENV.config),
+        QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url),
+        ENV.config,
+    )
+
+
+@metrics.log_metrics(raise_on_empty_metrics=False)
+@logger.inject_lambda_context(log_event=False)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
+    return reconciler().run().as_log()

@@ -1,0 +1,123 @@
+"""The synthesized stack deploys into a moto server through CloudFormation, as the sandbox does it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from llmq.config import LlmqConfig
+from moto.server import ThreadedMotoServer
+
+from stacks.functions import FUNCTION_NAMES
+from stacks.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
+from tests.infra.test_stack import ENV_MODELS
+
+REGION = "us-east-1"
+# Moto skips the resource types it does not model (alarms, policies, API Gateway stages); expected.
+pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse .* not supported by moto:UserWarning")
+CONFIG = LlmqConfig()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    try:
+        yield f"http://localhost:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(moto_endpoint: str) -> MotoDeployment:
+    return deploy_to_moto(moto_endpoint, CONFIG, region=REGION)
+
+
+@pytest.fixture(scope="module")
+def aws(moto_endpoint: str) -> Any:
+    session = moto_session(REGION)
+    return lambda service: session.client(service, endpoint_url=moto_endpoint)
+
+
+def _queue_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def test_the_endpoint_must_be_localhost():
+    with pytest.raises(MotoDeployError, match="localhost"):
+        deploy_to_moto("http://127.0.0.1:5000", CONFIG)
+
+
+def test_the_stack_is_created_and_its_outputs_name_what_exists(deployment, aws):
+    stack = aws("cloudformation").describe_stacks(StackName=deployment.stack_name)["Stacks"][0]
+    assert stack["StackStatus"] == "CREATE_COMPLETE"
+    tables = set(aws("dynamodb").list_tables()["TableNames"])
+    assert {deployment.outputs["JobsTableName"], deployment.outputs["TenantsTableName"]} <= tables
+    assert deployment.outputs["ApiUrl"].startswith("https://")
+    assert set(deployment.function_names()) == set(FUNCTION_NAMES)
+
+
+def test_the_sandbox_template_has_no_bootstrap_rule_and_disposable_state(deployment):
+    assert "Rules" not in deployment.template
+    assert "BootstrapVersion" not in deployment.template.get("Parameters", {})
+    for resource in deployment.template["Resources"].values():
+        if resource["Type"] == "AWS::DynamoDB::Table":
+            assert resource["DeletionPolicy"] == "Delete"
+
+
+def test_lane_queues_exist_with_their_redrive_to_their_own_dlq(deployment, aws):
+    sqs = aws("sqs")
+    existing = {_queue_name(url): url for url in sqs.list_queues()["QueueUrls"]}
+    dlq_arns = []
+    for lane in CONFIG.lanes:
+        url = existing[_queue_name(deployment.lane_queue_urls()[lane.name])]
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        redrive = json.loads(attributes["RedrivePolicy"])
+        assert int(redrive["maxReceiveCount"]) == CONFIG.max_receive_count
+        assert int(attributes["VisibilityTimeout"]) == CONFIG.lane_visibility_timeout_seconds
+        dlq_name = redrive["deadLetterTargetArn"].rsplit(":", 1)[-1]
+        assert dlq_name == _queue_name(deployment.outputs[f"LaneDlqUrl{lane.name.capitalize()}"])
+        assert dlq_name in existing
+        dlq_arns.append(redrive["deadLetterTargetArn"])
+    assert len(set(dlq_arns)) == len(CONFIG.lanes)
+
+
+def test_jobs_table_exists_with_both_indexes(deployment, aws):
+    table = aws("dynamodb").describe_table(TableName=deployment.outputs["JobsTableName"])["Table"]
+    assert table["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}]
+    assert {index["IndexName"] for index in table["GlobalSecondaryIndexes"]} == {"by_tenant", "by_sweep"}
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_each_function_exists_with_an_environment_its_handler_accepts(deployment, aws, name):
+    # Given the function as moto holds it, with every CloudFormation token resolved
+    function = aws("lambda").get_function(FunctionName=deployment.function_names()[name])
+    environ = function["Configuration"]["Environment"]["Variables"]
+
+    # When its handler would load the environment at cold start
+    loaded = ENV_MODELS[name].load(environ, function_name=name)
+
+    # Then it validates and names resources that exist
+    assert loaded.config == CONFIG
+    queue_names = {_queue_name(url) for url in aws("sqs").list_queues()["QueueUrls"]}
+    for variable in ("lane_queue_urls",):
+        for url in getattr(loaded, variable, {}).values():
+            assert _queue_name(url) in queue_names
+    if hasattr(loaded, "webhook_queue_url"):
+        assert _queue_name(loaded.webhook_queue_url) in queue_names
+    if hasattr(loaded, "jobs_table"):
+        assert loaded.jobs_table == deployment.outputs["JobsTableName"]
+
+
+def test_worker_mappings_carry_each_lanes_maximum_concurrency(deployment, aws):
+    worker = deployment.function_names()["worker"]
+    mappings = aws("lambda").list_event_source_mappings(FunctionName=worker)["EventSourceMappings"]
+    by_queue = {mapping["EventSourceArn"].rsplit(":", 1)[-1]: mapping for mapping in mappings}
+    for lane in CONFIG.lanes:
+        mapping = by_queue[_queue_name(deployment.lane_queue_urls()[lane.name])]
+        assert mapping["ScalingConfig"]["MaximumConcurrency"] == lane.max_concurrency
+        assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert len(mappings) == len(CONFIG.lanes)

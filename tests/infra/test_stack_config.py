@@ -1,0 +1,82 @@
+"""A non-default config changes the template: lanes, timeouts, redrive and schedule follow it."""
+
+from __future__ import annotations
+
+import pytest
+from llmq.config import FunctionSizing, LaneConfig, LlmqConfig, ReconcilerConfig, WorkerEnvironment
+
+from tests.infra.conftest import SynthesizedApp, synthesize
+
+THREE_LANES = LlmqConfig(
+    lanes=[
+        LaneConfig(name="high", tiers=["enterprise"], max_concurrency=20, batch_size=5),
+        LaneConfig(name="low", tiers=["free"], max_concurrency=3),
+        LaneConfig(name="short-batch", tiers=["pro"], max_concurrency=6, batching_window_seconds=2),
+    ],
+    default_lane="low",
+    max_attempts=4,
+    max_receive_count=9,
+    worker=FunctionSizing(memory_mb=512, timeout_seconds=120),
+    reconciler=ReconcilerConfig(schedule_minutes=2),
+)
+
+
+@pytest.fixture(scope="module")
+def synthesized() -> SynthesizedApp:
+    return synthesize(THREE_LANES, context={"alarm_email": "oncall@example.com"})
+
+
+def test_each_configured_lane_gets_its_queue_with_the_configured_redrive_and_visibility(synthesized):
+    lanes = synthesized.template.lane_queues()
+
+    assert set(lanes) == {"high", "low", "short-batch"}
+    for _, queue in lanes.values():
+        assert queue["Properties"]["VisibilityTimeout"] == 6 * 120
+        assert queue["Properties"]["RedrivePolicy"]["maxReceiveCount"] == 9
+
+
+def test_each_lane_mapping_follows_its_lane_config(synthesized):
+    template = synthesized.template
+    by_queue = {m["EventSourceArn"]["Fn::GetAtt"][0]: m for m in template.event_source_mappings("worker")}
+    for lane, (queue_id, _) in template.lane_queues().items():
+        mapping, lane_config = by_queue[queue_id], THREE_LANES.lanes_by_name[lane]
+        assert mapping["ScalingConfig"]["MaximumConcurrency"] == lane_config.max_concurrency
+        assert mapping["BatchSize"] == lane_config.batch_size
+        assert mapping.get("MaximumBatchingWindowInSeconds", 0) == lane_config.batching_window_seconds
+        assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_worker_sizing_and_reserved_concurrency_follow_the_config(synthesized):
+    worker = synthesized.template.function("worker")[1]["Properties"]
+    assert worker["Timeout"] == 120
+    assert worker["MemorySize"] == 512
+    assert worker["ReservedConcurrentExecutions"] == 20 + 3 + 6
+
+
+def test_every_function_receives_the_same_config(synthesized):
+    for name in synthesized.template.functions():
+        environ = synthesized.template.environment(name)
+        assert LlmqConfig.model_validate_json(environ["LLMQ_CONFIG"]) == THREE_LANES, name
+    worker = WorkerEnvironment.load(synthesized.template.environment("worker"))
+    assert set(worker.lane_queue_urls) == {"high", "low", "short-batch"}
+
+
+def test_reconciler_schedule_follows_the_config(synthesized):
+    (rule,) = synthesized.template.of_type("AWS::Events::Rule").values()
+    assert rule["Properties"]["ScheduleExpression"] == "rate(2 minutes)"
+
+
+def test_alarm_email_context_subscribes_to_the_alarm_topic(synthesized):
+    (subscription,) = synthesized.template.of_type("AWS::SNS::Subscription").values()
+    assert subscription["Properties"]["Protocol"] == "email"
+    assert subscription["Properties"]["Endpoint"] == "oncall@example.com"
+
+
+def test_every_dlq_of_three_lanes_has_an_alarm(synthesized):
+    alarmed = {
+        alarm["Properties"]["Dimensions"][0]["Value"]["Fn::GetAtt"][0]
+        for alarm in synthesized.template.of_type("AWS::CloudWatch::Alarm").values()
+        if alarm["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+    }
+    assert synthesized.template.dlq_ids() <= alarmed
+    assert len(synthesized.template.dlq_ids()) == 4  # three lanes and the webhooks queue

@@ -1,0 +1,236 @@
+"""The reconciler and redelivery: nothing a crash or a lost message leaves behind stays lost."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+from llmq import aws
+from llmq.jobs import JobRepository
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from llmq.tenants import TenantRepository
+from standardwebhooks.webhooks import Webhook
+
+from sandbox.fake_provider import FakeProviderServer
+from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub, load_handler
+from tests.integration.webhook_receiver import WebhookReceiver
+
+
+class LaterClock:
+    """Real time, shifted forward: the reconciler sees the job as old as the test needs."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        import time
+
+        return time.time() + self.offset
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clock() -> LaterClock:
+    return LaterClock()
+
+
+@pytest.fixture
+def reconciler(harness: Harness, clock: LaterClock) -> Reconciler:
+    stack = harness.stack
+    return Reconciler(
+        JobRepository(stack.jobs_table, harness.config, clock=clock),
+        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url),
+        harness.config,
+    )
+
+
+@pytest.fixture
+def secret(harness: Harness) -> str:
+    created = TenantRepository(harness.stack.tenants_table).create("Acme", "enterprise", tenant_id="ten_acme")
+    return created.tenant.webhook_secrets[0]
+
+
+def _dispatch_all(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("LLMQ_PUBLIC_API_URL", "http://127.0.0.1")
+    dispatcher = load_handler("webhook_dispatcher")
+    url = harness.stack.webhook_queue_url
+    messages = harness.receive(url)
+    assert messages, "no webhook message to dispatch"
+    response: dict[str, Any] = dispatcher.handler(harness.sqs_event(url, messages), LambdaContextStub())
+    failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
+    for message in messages:
+        if message["MessageId"] not in failed:
+            harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return response
+
+
+def _purge(harness: Harness, url: str) -> None:
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _count_writes() -> list[str]:
+    calls: list[str] = []
+
+    def count(event_name: str, **_: Any) -> None:
+        operation = event_name.split(".")[-1]
+        if operation in {"PutItem", "UpdateItem", "DeleteItem", "SendMessage"}:
+            calls.append(operation)
+
+    for service in ("dynamodb", "sqs"):
+        aws.client(service).meta.events.register("before-call.*.*", count)
+    return calls
+
+
+def test_a_job_whose_enqueue_was_lost_is_enqueued_by_the_reconciler_and_completes_once(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, provider: FakeProviderServer
+) -> None:
+    # Given SendMessage fails right after the PutItem
+    def lose_the_message(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "injected"}}, "SendMessage")
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("before-call.sqs.SendMessage", lose_the_message, unique_id="lose")
+    reply = harness.submit(prompt="lost in transit")
+    sqs.meta.events.unregister("before-call.sqs.SendMessage", unique_id="lose")
+    # Then the client still gets its 202, and nothing is queued
+    assert reply.status == 202
+    job_id = reply.body["id"]
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+    # When the reconciler runs after the staleness threshold
+    assert reconciler.run().requeued == []
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 1
+    report = reconciler.run()
+    assert report.requeued == [job_id]
+    # Then the job runs once and succeeds
+    assert harness.drain("high") == {"batchItemFailures": []}
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "succeeded"
+    assert provider.calls_for(job_id) == 1
+    # And a later run finds nothing to do
+    assert reconciler.run().examined == 0
+
+
+def test_a_lost_enqueue_replayed_with_its_key_never_creates_a_second_job(harness: Harness) -> None:
+    sqs = aws.client("sqs")
+
+    def fail(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "injected"}}, "SendMessage")
+
+    sqs.meta.events.register("before-call.sqs.SendMessage", fail, unique_id="lose")
+    first = harness.submit(key="retry-me", prompt="p")
+    sqs.meta.events.unregister("before-call.sqs.SendMessage", unique_id="lose")
+    second = harness.submit(key="retry-me", prompt="p")
+    assert second.body["id"] == first.body["id"]
+    assert second.headers.get("idempotent-replayed") == "true"
+    assert harness.item_count() == 1
+
+
+def test_a_terminal_job_with_a_pending_webhook_gets_it_delivered_once(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    receiver: WebhookReceiver,
+    secret: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a job that succeeded, whose webhook message was lost
+    hook = f"http://127.0.0.1:{receiver.port}/hook"
+    job_id = harness.submit(webhook={"url": hook}).body["id"]
+    harness.drain("high")
+    _purge(harness, harness.stack.webhook_queue_url)
+    # When the reconciler runs after the webhook threshold
+    clock.offset = harness.config.reconciler.stale_webhook_seconds + 1
+    assert reconciler.run().webhooks == [job_id]
+    # Then the dispatcher delivers it once, verified
+    assert _dispatch_all(harness, monkeypatch) == {"batchItemFailures": []}
+    delivered = receiver.requests_to("/hook")
+    assert len(delivered) == 1
+    payload = Webhook(secret).verify(delivered[0].body, delivered[0].headers)
+    assert payload["type"] == "job.succeeded"
+    assert payload["data"]["id"] == job_id
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert job["webhook"]["delivery"]["status"] == "delivered"
+    # And the reconciler has nothing left to do for it
+    clock.offset += harness.config.reconciler.stale_webhook_seconds + 1
+    assert reconciler.run().examined == 0
+
+
+def test_a_reconciler_run_with_nothing_to_do_makes_no_write(harness: Harness, reconciler: Reconciler) -> None:
+    harness.submit()
+    harness.drain("high")
+    writes = _count_writes()
+    report = reconciler.run()
+    assert report.examined == 0
+    assert writes == []
+
+
+def test_a_queued_job_past_its_deadline_is_expired_by_the_reconciler(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, provider: FakeProviderServer
+) -> None:
+    job_id = harness.submit(deadline_seconds=5).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    assert reconciler.run().expired == [job_id]
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+    assert provider.calls_for(job_id) == 0
+
+
+def test_a_running_job_whose_worker_vanished_is_recovered(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, provider: FakeProviderServer
+) -> None:
+    # Given a worker that claimed the job and died, and its message was lost too
+    job_id = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    crashed = JobRepository(harness.stack.jobs_table, harness.config)
+    assert crashed.claim(job_id, "dead-worker", lease_seconds=1).outcome.value == "claimed"
+    # When the reconciler runs long after the lease lapsed
+    clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    assert reconciler.run().recovered == [job_id]
+    # Then a worker takes the job over: attempt 2, succeeded, one provider call
+    import time
+
+    time.sleep(1.1)  # the lease itself is judged by the worker's real clock
+    assert harness.drain("high") == {"batchItemFailures": []}
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    assert provider.calls_for(job_id) == 1
+
+
+def test_redeliver_queues_the_terminal_event_again(
+    harness: Harness, receiver: WebhookReceiver, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook = f"http://127.0.0.1:{receiver.port}/hook"
+    job_id = harness.submit(webhook={"url": hook}).body["id"]
+    harness.drain("high")
+    _dispatch_all(harness, monkeypatch)
+    # When the integrator asks for the webhook again
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE)
+    assert reply.status == 202
+    assert reply.body["webhook"]["delivery"]["status"] == "pending"
+    messages = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
+    assert messages == [{"job_id": job_id, "event": "job.succeeded"}]
+    _dispatch_all(harness, monkeypatch)
+    # Then it arrives a second time with the same webhook-id, freshly signed
+    first, second = receiver.requests_to("/hook")
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert Webhook(secret).verify(second.body, second.headers)["data"]["id"] == job_id
+
+
+def test_redeliver_is_409_before_the_end_and_404_for_another_tenant(harness: Harness) -> None:
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/h"}).body["id"]
+    early = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE)
+    assert (early.status, early.code) == (409, "job_not_terminal")
+    foreign = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=FREE)
+    assert (foreign.status, foreign.code) == (404, "job_not_found")
+    assert harness.total_count(harness.stack.webhook_queue_url) == 0
