@@ -68,3 +68,6 @@ node_modules/.installed: package.json package-lock.json | install
 
 clean: ## Remove build output (keeps the environments)
 	rm -rf cdk.out layers/deps .pytest_cache .mypy_cache .ruff_cache
+
+bench: install ## Benchmarks against same-run baselines; writes BENCHMARKS.md and bench/results.json
+	$(PY) -m bench.run

@@ -14,12 +14,14 @@ from llmq.config import LlmqConfig
 
 from stacks.llmq_stack import DeploymentSettings, LlmqStack
 
+CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 # CDK context keys (cdk.json or `cdk -c key=value`).
 CONTEXT_CONFIG = "llmq"
 CONTEXT_ALARM_EMAIL = "alarm_email"
 CONTEXT_SANDBOX = "llmq:sandbox"
 CONTEXT_LOG_LEVEL = "llmq:log_level"
 CONTEXT_STACK_NAME = "llmq:stack_name"
+CONTEXT_REQUIRE_DEPS_LAYER = "llmq:require_deps_layer"
 
 
 def _as_bool(value: Any) -> bool:
@@ -37,7 +39,19 @@ def settings_from_context(app: cdk.App) -> DeploymentSettings:
         alarm_email=str(email) if email else None,
         sandbox=_as_bool(node.try_get_context(CONTEXT_SANDBOX)),
         log_level=str(node.try_get_context(CONTEXT_LOG_LEVEL) or DeploymentSettings.log_level).upper(),
+        require_deps_layer=_as_bool(node.try_get_context(CONTEXT_REQUIRE_DEPS_LAYER)),
     )
+
+
+def cdk_json_context() -> dict[str, Any]:
+    """cdk.json's context: the feature flags and defaults every synth starts from.
+
+    Read here rather than left to the CDK CLI so that `python app.py`, the tests and the
+    sandbox synthesize exactly what `cdk synth` does. Under the CLI the same values arrive
+    again through CDK_CONTEXT_JSON, together with any `-c` overrides, and win.
+    """
+    context: dict[str, Any] = json.loads(CDK_JSON.read_text()).get("context", {})
+    return context
 
 
 def build_app(
@@ -45,8 +59,11 @@ def build_app(
     outdir: str | None = None,
     context: Mapping[str, Any] | None = None,
 ) -> cdk.App:
-    """The llmq app with cdk-nag AwsSolutions attached; `config` wins over the `llmq` context key."""
-    app = cdk.App(outdir=outdir, context=dict(context or {}))
+    """The llmq app with cdk-nag AwsSolutions attached.
+
+    `context` overrides cdk.json's context; `config` wins over the `llmq` context key.
+    """
+    app = cdk.App(outdir=outdir, context={**cdk_json_context(), **(context or {})})
     if config is None:
         config = LlmqConfig.from_context(app.node.try_get_context(CONTEXT_CONFIG))
     settings = settings_from_context(app)

@@ -73,7 +73,9 @@ def _placeholder_dir() -> Path:
 
 
 class LayersConstruct(Construct):
-    def __init__(self, scope: Construct, construct_id: str, *, use_placeholder_deps: bool) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, use_placeholder_deps: bool, require_deps: bool = False
+    ) -> None:
         super().__init__(scope, construct_id)
         runtime = lambda_runtime()
         self.llmq = lambda_.LayerVersion(
@@ -85,7 +87,10 @@ class LayersConstruct(Construct):
             description="llmq domain package (layers/llmq/python/llmq)",
         )
         deps = locate_deps_layer(use_placeholder_deps)
-        if deps.problem is not None:
+        if deps.problem is not None and require_deps:
+            # `make deploy` asks for this: a placeholder layer would break every function.
+            cdk.Annotations.of(self).add_error(deps.problem)
+        elif deps.problem is not None:
             cdk.Annotations.of(self).add_warning_v2("llmq:deps-layer", deps.problem)
         self.deps = lambda_.LayerVersion(
             self,

@@ -34,6 +34,8 @@ class DeploymentSettings:
     # and the dependencies layer is a placeholder (moto never runs Lambda code).
     sandbox: bool = False
     log_level: str = "INFO"
+    # `make deploy` sets it: synth fails unless layers/deps is built and current.
+    require_deps_layer: bool = False
     log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
 
 
@@ -61,7 +63,12 @@ class LlmqStack(cdk.Stack):
         )
         self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=stateful_removal)
         self.lanes = LanesConstruct(self, "Lanes", config=config)
-        layers = LayersConstruct(self, "Layers", use_placeholder_deps=settings.sandbox)
+        layers = LayersConstruct(
+            self,
+            "Layers",
+            use_placeholder_deps=settings.sandbox,
+            require_deps=settings.require_deps_layer,
+        )
         defaults = FunctionDefaults(
             config=config,
             layers=layers.all,

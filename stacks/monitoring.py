@@ -18,7 +18,8 @@ from stacks.functions import METRICS_NAMESPACE, SERVICE_NAME
 from stacks.lanes import LanesConstruct, pascal
 
 JOB_OUTCOMES = ("JobSucceeded", "JobFailed", "JobCanceled", "JobExpired")
-WEBHOOK_OUTCOMES = ("WebhookDelivered", "WebhookFailed")
+# As the dispatcher emits them (service dimension only).
+WEBHOOK_OUTCOMES = ("WebhookDelivered", "WebhookRetried", "WebhookFailed", "WebhookSkipped")
 ONE_MINUTE = cdk.Duration.minutes(1)
 FIVE_MINUTES = cdk.Duration.minutes(5)
 

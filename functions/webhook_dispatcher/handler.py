@@ -23,7 +23,7 @@ from llmq.errors import PoisonMessage
 from llmq.jobs import JobRepository
 from llmq.models import WebhookMessage
 from llmq.queues import QueueRepository
-from llmq.telemetry import logger, metrics
+from llmq.telemetry import logger, metrics, tracer
 from llmq.tenants import TenantRepository
 from llmq.webhooks import DeliveryOutcome, OutcomeKind, WebhookDispatcher
 from pydantic import ValidationError
@@ -104,6 +104,7 @@ def _observe(message: WebhookMessage, attempt: int, outcome: DeliveryOutcome) ->
 
 @metrics.log_metrics(raise_on_empty_metrics=False)
 @logger.inject_lambda_context(log_event=False)
+@tracer().capture_lambda_handler(capture_response=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context

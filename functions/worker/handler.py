@@ -20,7 +20,7 @@ from llmq.execution import Invocation, JobRunner, RetryLater
 from llmq.jobs import JobRepository
 from llmq.providers import ChatCompletionsProvider
 from llmq.queues import QueueRepository
-from llmq.telemetry import logger, metrics
+from llmq.telemetry import logger, metrics, tracer
 
 ENV = WorkerEnvironment.load(function_name="worker")
 # A batch whose every record is retried is normal here (a provider storm), not a function error.
@@ -71,6 +71,7 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
 
 @metrics.log_metrics(raise_on_empty_metrics=False)
 @logger.inject_lambda_context(log_event=False)
+@tracer().capture_lambda_handler(capture_response=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context

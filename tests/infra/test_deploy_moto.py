@@ -12,7 +12,7 @@ from moto.server import ThreadedMotoServer
 
 from stacks.functions import FUNCTION_NAMES
 from stacks.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
-from tests.infra.test_stack import ENV_MODELS
+from tests.infra.synthesis import ENV_MODELS
 
 REGION = "us-east-1"
 # Moto skips the resource types it does not model (alarms, policies, API Gateway stages); expected.

@@ -6,30 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from llmq.config import (
-    ApiEnvironment,
-    AuthorizerEnvironment,
-    DeadLetterEnvironment,
-    DispatcherEnvironment,
-    FunctionEnvironment,
-    LlmqConfig,
-    ReconcilerEnvironment,
-    WorkerEnvironment,
-)
+from llmq.config import DispatcherEnvironment, LlmqConfig, WorkerEnvironment
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
 
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_PYTHON_VERSION
-from tests.infra.conftest import SynthesizedApp, synthesize
+from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, synthesize
 
-ENV_MODELS: dict[str, type[FunctionEnvironment]] = {
-    "api": ApiEnvironment,
-    "authorizer": AuthorizerEnvironment,
-    "worker": WorkerEnvironment,
-    "dead_letter": DeadLetterEnvironment,
-    "webhook_dispatcher": DispatcherEnvironment,
-    "reconciler": ReconcilerEnvironment,
-}
 BASE_VARIABLES = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "LOG_LEVEL"}
 
 

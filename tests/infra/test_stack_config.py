@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from llmq.config import FunctionSizing, LaneConfig, LlmqConfig, ReconcilerConfig, WorkerEnvironment
 
-from tests.infra.conftest import SynthesizedApp, synthesize
+from tests.infra.synthesis import SynthesizedApp, synthesize
 
 THREE_LANES = LlmqConfig(
     lanes=[
@@ -80,3 +80,14 @@ def test_every_dlq_of_three_lanes_has_an_alarm(synthesized):
     }
     assert synthesized.template.dlq_ids() <= alarmed
     assert len(synthesized.template.dlq_ids()) == 4  # three lanes and the webhooks queue
+
+
+def test_a_deploy_refuses_to_ship_the_placeholder_dependencies_layer(tmp_path, monkeypatch):
+    # Given no built layers/deps, When synthesized as `make deploy` does it
+    from stacks import layers
+
+    monkeypatch.setattr(layers, "DEPS_LAYER_DIR", tmp_path / "deps")
+
+    # Then the synth fails instead of deploying functions that cannot import their dependencies
+    with pytest.raises(RuntimeError, match="layers/deps is not built"):
+        synthesize(LlmqConfig(), context={"llmq:require_deps_layer": "true"})

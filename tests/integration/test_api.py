@@ -214,3 +214,35 @@ def test_openapi_document_describes_the_job_routes(harness: Harness) -> None:
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel"} <= set(paths)
     schemas = reply.body["components"]["schemas"]
     assert {"JobRequest", "Job", "Problem"} <= set(schemas)
+
+
+def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness) -> None:
+    reply = harness.api(
+        "POST", "/v1/jobs", body={"prompt": "x"}, headers={"Prefer": "wait=1"}, tenant=ENTERPRISE
+    )
+    assert reply.status == 202
+    assert reply.headers["preference-applied"] == "wait=1"
+    assert reply.body["status"] == "queued"
+
+
+def test_get_with_wait_returns_at_once_for_a_terminal_job(harness: Harness) -> None:
+    job_id = harness.submit().body["id"]
+    harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE, query={"wait": "20"})
+    assert (reply.status, reply.body["status"]) == (200, "canceled")
+    too_long = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE, query={"wait": "21"})
+    assert (too_long.status, too_long.code) == (422, "invalid_request")
+
+
+def test_prompts_and_outputs_never_reach_the_logs(
+    harness: Harness, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    secret_prompt = "TOP-SECRET-merger-plan-7731"
+    job_id = harness.submit(prompt=f"{secret_prompt} [[tokens:3]]").body["id"]
+    harness.drain("high")
+    output = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["result"]["output"]
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err + caplog.text
+    assert "job accepted" in logs and "job succeeded" in logs
+    assert secret_prompt not in logs
+    assert output not in logs

@@ -319,3 +319,12 @@ def test_accept_claim_and_complete_make_the_minimum_aws_calls(harness: Harness) 
 def test_config_rejects_a_receive_count_not_above_max_attempts() -> None:
     with pytest.raises(ValueError, match="max_receive_count"):
         LlmqConfig.model_validate({"max_attempts": 6, "max_receive_count": 6})
+
+
+def test_job_started_is_sent_when_subscribed(harness: Harness) -> None:
+    events = ["job.started", "job.succeeded"]
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook", "events": events}).body["id"]
+    harness.drain("high")
+    messages = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert sorted(m["event"] for m in messages) == sorted(events)
+    assert {m["job_id"] for m in messages} == {job_id}

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+from functools import cache
+from typing import TYPE_CHECKING
 
-from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
+from aws_lambda_powertools import Logger, Metrics, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 
 logger = Logger(service="llmq")
 metrics = Metrics(namespace="llmq", service="llmq")
-tracer = Tracer(service="llmq")
+if TYPE_CHECKING:
+    from aws_lambda_powertools import Tracer
+
+
+@cache
+def tracer() -> Tracer:
+    """X-Ray tracing for the long-running functions only: importing the X-Ray SDK costs
+    about 150 ms of cold start, which the API and the authorizer should not pay."""
+    from aws_lambda_powertools import Tracer
+
+    return Tracer(service="llmq")
 
 
 def fingerprint(text: str) -> str:

@@ -1,0 +1,103 @@
+"""What llmq costs on AWS per million jobs, from measured call counts and public unit prices.
+
+The prices live in one table, with the date they were read. They are us-east-1 list prices
+beyond the free tier; a quote for a real account should start from the AWS calculator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRICES_AS_OF = "2025-06 (us-east-1 public list prices)"
+PRICES = {
+    "lambda_gb_second_arm64": 0.0000133334,
+    "lambda_request": 0.20 / 1e6,
+    "api_gateway_rest_request": 3.50 / 1e6,
+    "sqs_request": 0.40 / 1e6,
+    # DynamoDB on-demand, after the November 2024 price reduction.
+    "dynamodb_write_request_unit": 0.625 / 1e6,
+    "dynamodb_read_request_unit": 0.125 / 1e6,
+}
+
+
+@dataclass(frozen=True)
+class CallsPerJob:
+    """AWS calls one job makes, by kind. Defaults are the counts `make bench` measures."""
+
+    dynamodb_writes: float = 3.0  # PutItem, claim UpdateItem, complete UpdateItem
+    dynamodb_reads: float = 0.0
+    sqs_sends: float = 1.0
+    # The event source mapping's ReceiveMessage and DeleteMessageBatch, shared by a batch.
+    sqs_polls: float = 0.2
+    api_requests: float = 1.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    jobs: int
+    latency_seconds: float
+    worker_memory_mb: int = 256
+    batch_size: int = 10
+    # Time a worker spends around each batch besides waiting on the provider.
+    overhead_seconds: float = 0.15
+    calls: CallsPerJob = CallsPerJob()
+
+
+@dataclass(frozen=True)
+class CostLine:
+    item: str
+    per_million_jobs: float
+
+
+def cost_per_million(workload: Workload, jobs_per_invocation: float) -> list[CostLine]:
+    """The AWS bill for a million jobs, line by line.
+
+    `jobs_per_invocation` is how many generations one worker invocation waits on at once:
+    up to the batch size for llmq, 1 for a design that makes one invocation per job.
+    """
+    million = 1e6
+    invocations = million / jobs_per_invocation
+    gb = workload.worker_memory_mb / 1024
+    seconds_per_invocation = workload.latency_seconds + workload.overhead_seconds
+    calls = workload.calls
+    return [
+        CostLine("API Gateway requests", million * calls.api_requests * PRICES["api_gateway_rest_request"]),
+        CostLine(
+            "Lambda worker duration",
+            invocations * gb * seconds_per_invocation * PRICES["lambda_gb_second_arm64"],
+        ),
+        CostLine("Lambda requests", (invocations + million * 2) * PRICES["lambda_request"]),
+        CostLine(
+            "DynamoDB",
+            million
+            * (
+                calls.dynamodb_writes * PRICES["dynamodb_write_request_unit"]
+                + calls.dynamodb_reads * PRICES["dynamodb_read_request_unit"]
+            ),
+        ),
+        CostLine("SQS", million * (calls.sqs_sends + calls.sqs_polls) * PRICES["sqs_request"]),
+    ]
+
+
+def total(lines: list[CostLine]) -> float:
+    return sum(line.per_million_jobs for line in lines)
+
+
+def render(workload: Workload) -> str:
+    batched = cost_per_million(workload, jobs_per_invocation=workload.batch_size)
+    single = cost_per_million(workload, jobs_per_invocation=1)
+    rows = [
+        f"{'item':<24} {'llmq (batch of ' + str(workload.batch_size) + ')':>20} {'one invocation/job':>20}"
+    ]
+    for ours, theirs in zip(batched, single, strict=True):
+        rows.append(f"{ours.item:<24} {ours.per_million_jobs:>20,.2f} {theirs.per_million_jobs:>20,.2f}")
+    rows.append(f"{'total (USD / 1M jobs)':<24} {total(batched):>20,.2f} {total(single):>20,.2f}")
+    scaled = workload.jobs / 1e6
+    rows.append(
+        f"{'for ' + format(workload.jobs, ',') + ' jobs':<24} {total(batched) * scaled:>20,.2f} {total(single) * scaled:>20,.2f}"
+    )
+    header = (
+        f"{workload.latency_seconds:g} s generations, {workload.worker_memory_mb} MB arm64 worker; "
+        f"prices {PRICES_AS_OF}; provider tokens not included"
+    )
+    return "\n".join([header, *rows])

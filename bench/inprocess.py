@@ -1,0 +1,305 @@
+"""Benchmarks that need no sandbox: in-process moto, a loopback provider, the real handlers.
+
+- idle Lambda time per job: the worker's concurrent batch against a sequential baseline;
+- AWS calls per job, per step, counted with botocore event hooks;
+- cold start of each handler module against a boto3-only baseline, in fresh processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
+
+from llmq import aws  # noqa: E402
+from llmq.config import LlmqConfig  # noqa: E402
+
+from sandbox.fake_provider import FakeProviderServer  # noqa: E402
+from sandbox.moto_fidelity import make_dynamodb_writes_atomic  # noqa: E402
+
+ENTERPRISE = {"tenant_id": "ten_bench", "tier": "enterprise"}
+
+
+def _fake_credentials() -> None:
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_LOG_LEVEL": "WARNING",
+        "POWERTOOLS_METRICS_DISABLED": "true",
+    }.items():
+        os.environ[key] = value
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+@contextmanager
+def _stack(provider: FakeProviderServer, **overrides: Any) -> Iterator[Any]:
+    """A moto stack plus the handler environment, as the integration tests build it."""
+    from moto import mock_aws
+
+    from tests.conftest import create_llmq_resources
+    from tests.integration.harness import Harness
+
+    _fake_credentials()
+    make_dynamodb_writes_atomic()
+    base: dict[str, Any] = {
+        "provider": {
+            "base_url": provider.base_url,
+            "default_model": "fake-model",
+            "models": ["fake-model"],
+            "stream": False,
+            "timeout_seconds": 120,
+        },
+        "webhooks": {"allow_loopback_http": True},
+    }
+    base.update(overrides)
+    config = LlmqConfig.model_validate(base)
+    with mock_aws():
+        aws.reset_clients()
+        stack = create_llmq_resources(["high", "low"])
+
+        class _Patch:
+            def setenv(self, key: str, value: str) -> None:
+                os.environ[key] = value
+
+        yield Harness(stack, config, _Patch())  # type: ignore[arg-type]
+    aws.reset_clients()
+
+
+# ---- 1. idle Lambda time per job -------------------------------------------------------
+
+
+def idle_time(latencies: tuple[float, ...] = (1.0, 5.0), batch: int = 10) -> list[dict[str, Any]]:
+    from tests.integration.harness import LambdaContextStub
+
+    results = []
+    provider = FakeProviderServer().start()
+    try:
+        with _stack(provider) as harness:
+            url = harness.stack.lane_queue_urls["high"]
+            worker = harness.worker()
+            for latency in latencies:
+                concurrent = _timed_batch(
+                    harness,
+                    url,
+                    latency,
+                    batch,
+                    lambda event: worker.handler(event, LambdaContextStub(timeout_seconds=900)),
+                )
+                sequential = _timed_batch(
+                    harness, url, latency, batch, lambda event: _sequential(worker, event)
+                )
+                results.append(
+                    {
+                        "latency_s": latency,
+                        "batch": batch,
+                        "concurrent_wall_s": round(concurrent, 3),
+                        "sequential_wall_s": round(sequential, 3),
+                        "lambda_s_per_job_concurrent": round(concurrent / batch, 3),
+                        "lambda_s_per_job_sequential": round(sequential / batch, 3),
+                        "speedup": round(sequential / concurrent, 2),
+                        "physical_limit": batch,
+                    }
+                )
+    finally:
+        provider.stop()
+    return results
+
+
+def _sequential(worker: Any, event: dict[str, Any]) -> None:
+    """The baseline: the same domain code, one record at a time."""
+    from llmq.execution import Invocation
+
+    from tests.integration.harness import LambdaContextStub
+
+    context = LambdaContextStub(timeout_seconds=900)
+    for record in event["Records"]:
+        invocation = Invocation(
+            owner=record["messageId"], remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000
+        )
+        asyncio.run(worker.runner().run(record["body"], invocation))
+
+
+def _timed_batch(harness: Any, url: str, latency: float, batch: int, run: Any) -> float:
+    for index in range(batch):
+        harness.submit(tenant=ENTERPRISE, prompt=f"bench {index} {time.time()} [[latency:{latency}]]")
+    messages: list[dict[str, Any]] = []
+    while len(messages) < batch:
+        messages += harness.receive(url)
+    event = harness.sqs_event(url, messages)
+    started = time.perf_counter()
+    run(event)
+    elapsed = time.perf_counter() - started
+    for message in messages:
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    return elapsed
+
+
+# ---- 2. AWS calls per job --------------------------------------------------------------
+
+
+class CallCounter:
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        for service in ("dynamodb", "sqs"):
+            aws.client(service).meta.events.register("before-call.*.*", self._count)
+
+    def _count(self, event_name: str, **_: Any) -> None:
+        self.calls[event_name.split(".")[-1]] += 1
+
+    def take(self) -> dict[str, int]:
+        taken = dict(self.calls)
+        self.calls.clear()
+        return taken
+
+
+def aws_calls() -> dict[str, Any]:
+    """Calls per step for one job with a webhook, as the handlers make them."""
+    from llmq.tenants import TenantRepository
+
+    from tests.integration.harness import LambdaContextStub, load_handler
+    from tests.integration.webhook_receiver import WebhookReceiver
+
+    provider = FakeProviderServer().start()
+    receiver = WebhookReceiver().start()
+    try:
+        with _stack(provider) as harness:
+            TenantRepository(harness.stack.tenants_table).create("Bench", "enterprise", tenant_id="ten_bench")
+            os.environ["LLMQ_PUBLIC_API_URL"] = "http://127.0.0.1"
+            dispatcher = load_handler("webhook_dispatcher")
+            lane, hooks = harness.stack.lane_queue_urls["high"], harness.stack.webhook_queue_url
+            counter = CallCounter()
+            steps: dict[str, dict[str, int]] = {}
+            harness.submit(tenant=ENTERPRISE, webhook={"url": f"http://127.0.0.1:{receiver.port}/hook"})
+            steps["accept"] = counter.take()
+            event = harness.sqs_event(lane, harness.receive(lane))
+            counter.take()
+            harness.worker().handler(event, LambdaContextStub())
+            worker_calls = counter.take()
+            event = harness.sqs_event(hooks, harness.receive(hooks))
+            counter.take()
+            dispatcher.handler(event, LambdaContextStub())
+            steps["delivery"] = counter.take()
+            steps["claim + complete + webhook enqueue (worker)"] = worker_calls
+    finally:
+        receiver.stop()
+        provider.stop()
+    ours = sum(sum(step.values()) for step in steps.values())
+    writes = sum(
+        count
+        for step in steps.values()
+        for name, count in step.items()
+        if name in {"PutItem", "UpdateItem", "SendMessage"}
+    )
+    return {
+        "steps": steps,
+        "total_calls": ours,
+        "writes_and_sends": writes,
+        "design_minimum_with_webhook": 6,
+        "design_minimum_without_webhook": 4,
+        # A worker that locks, reads the status, writes PROCESSING, saves the result, writes
+        # COMPLETED and releases the lock: 6 calls, plus accept (2) = 8 without a webhook.
+        "lock_pattern_without_webhook": 8,
+        "lock_pattern_with_webhook": 8 + 2 + 1,
+    }
+
+
+# ---- 4. cold start ---------------------------------------------------------------------
+
+_PROBE = r"""
+import json, os, sys, time
+started = time.perf_counter()
+sys.path[:0] = [{layer!r}, {root!r}]
+{body}
+elapsed = time.perf_counter() - started
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({{"seconds": elapsed, "max_rss_mb": peak_kb / 1024}}))
+"""
+
+_HANDLER_BODY = """
+import importlib
+module = importlib.import_module("functions.{name}.handler")
+for factory in {factories!r}:
+    getattr(module, factory)()
+from llmq import aws
+clients = [aws.client(service) for service in {services!r}]
+"""
+
+_BASELINE_BODY = """
+import boto3
+session = boto3.session.Session()
+clients = [session.client(service, region_name="us-east-1") for service in {services!r}]
+"""
+
+# What each function builds at its first invocation, and the AWS clients it then uses.
+COLD_START = {
+    "api": (["intake"], ["dynamodb", "sqs"]),
+    "authorizer": (["tenants"], ["dynamodb"]),
+    "worker": (["runner"], ["dynamodb", "sqs"]),
+    "dead_letter": (["repositories"], ["dynamodb", "sqs"]),
+    "webhook_dispatcher": (["dispatcher", "queues"], ["dynamodb", "sqs"]),
+    "reconciler": (["reconciler"], ["dynamodb", "sqs"]),
+}
+
+
+def _probe(body: str, env: dict[str, str]) -> dict[str, float]:
+    code = _PROBE.format(layer=str(ROOT / "layers" / "llmq" / "python"), root=str(ROOT), body=body)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def cold_start(repeats: int = 3) -> list[dict[str, Any]]:
+    env = {
+        **os.environ,
+        "LLMQ_CONFIG": "{}",
+        "LLMQ_JOBS_TABLE": "jobs",
+        "LLMQ_TENANTS_TABLE": "tenants",
+        "LLMQ_LANE_QUEUE_URLS": json.dumps({"high": "https://sqs.us-east-1.amazonaws.com/1/high"}),
+        "LLMQ_WEBHOOK_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/hooks",
+        "LLMQ_PROVIDER_API_KEY": "sk-bench",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    # Warm the OS file cache once so the first probe does not pay for the disk.
+    _probe(_HANDLER_BODY.format(name="api", factories=["intake"], services=[]), env)
+    results = []
+    for name, (factories, services) in COLD_START.items():
+        ours = [
+            _probe(_HANDLER_BODY.format(name=name, factories=factories, services=services), env)
+            for _ in range(repeats)
+        ]
+        base = [_probe(_BASELINE_BODY.format(services=services), env) for _ in range(repeats)]
+        ours_s = statistics.median(run["seconds"] for run in ours)
+        base_s = statistics.median(run["seconds"] for run in base)
+        results.append(
+            {
+                "function": name,
+                "init_s": round(ours_s, 3),
+                "baseline_s": round(base_s, 3),
+                "ratio": round(ours_s / base_s, 2),
+                "max_rss_mb": round(max(run["max_rss_mb"] for run in ours), 1),
+                "baseline_rss_mb": round(max(run["max_rss_mb"] for run in base), 1),
+            }
+        )
+    return results

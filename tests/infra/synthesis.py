@@ -1,0 +1,63 @@
+"""Synthesize the llmq app once per test module and keep what it produced."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmq.config import (
+    ApiEnvironment,
+    AuthorizerEnvironment,
+    DeadLetterEnvironment,
+    DispatcherEnvironment,
+    FunctionEnvironment,
+    LlmqConfig,
+    ReconcilerEnvironment,
+    WorkerEnvironment,
+)
+
+from tests.infra.stack_template import StackTemplate
+
+# The environment model each function's handler loads at cold start.
+ENV_MODELS: dict[str, type[FunctionEnvironment]] = {
+    "api": ApiEnvironment,
+    "authorizer": AuthorizerEnvironment,
+    "worker": WorkerEnvironment,
+    "dead_letter": DeadLetterEnvironment,
+    "webhook_dispatcher": DispatcherEnvironment,
+    "reconciler": ReconcilerEnvironment,
+}
+
+
+@dataclass(frozen=True)
+class SynthesizedApp:
+    config: LlmqConfig
+    template: StackTemplate
+    assembly_dir: Path
+    template_path: Path
+
+    def validation_report(self) -> dict[str, Any]:
+        report: dict[str, Any] = json.loads((self.assembly_dir / "validation-report.json").read_text())
+        return report
+
+
+def synthesize(config: LlmqConfig, context: Mapping[str, Any] | None = None) -> SynthesizedApp:
+    """Synthesize the app as `cdk synth` would; raises if cdk-nag reports an unacknowledged error."""
+    from stacks.app_builder import build_app, llmq_stack
+
+    outdir = tempfile.mkdtemp(prefix="llmq-infra-test-")
+    app = build_app(config, outdir=outdir, context=context)
+    artifact_id = llmq_stack(app).artifact_id
+    assembly = app.synth()
+    artifact = assembly.get_stack_artifact(artifact_id)
+    template_path = Path(assembly.directory, artifact.template_file)
+    return SynthesizedApp(
+        config=config,
+        template=StackTemplate(json.loads(template_path.read_text())),
+        assembly_dir=Path(assembly.directory),
+        template_path=template_path,
+    )
