@@ -47,7 +47,7 @@ test-unit: install ## Domain tests; sockets are blocked
 test-integration: install ## Handlers and repositories against moto, provider over loopback HTTP
 	$(PYTEST) tests/integration -q -n 2
 
-test-infra: install node_modules/.installed ## The CDK app: properties, cdk-nag, cfn-lint, deploy into moto
+test-infra: install ## The CDK app: properties, cdk-nag, cfn-lint, deploy into moto
 	$(PYTEST) tests/infra -q
 
 test-e2e: install ## The sandbox end to end
@@ -61,6 +61,18 @@ lint: install ## ruff and mypy
 format: install ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+layers: install ## Build the Lambda dependencies layer (layers/deps) for the Lambda runtime, from uv.lock
+	$(PY) layers/build.py
+
+synth: install node_modules/.installed layers ## Synthesize into cdk.out, offline (cdk-nag AwsSolutions runs on every synth)
+	cdk synth --no-notices -q
+
+deploy: install node_modules/.installed layers ## Deploy to the account of your AWS credentials (ALARM_EMAIL=you@example.com)
+	cdk deploy --no-notices -c llmq:require_deps_layer=true $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
+
+destroy: install node_modules/.installed ## Delete the stack; the two tables and the provider secret are retained
+	cdk destroy --no-notices --force
 
 node_modules/.installed: package.json package-lock.json | install
 	npm ci --no-audit --no-fund --loglevel=error

@@ -10,19 +10,12 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.functions import FunctionDefaults, build_function
 from stacks.lanes import LanesConstruct
 
 STAGE_NAME = "prod"
-# Stage-wide ceilings that protect the account; each tenant's own request rate and active-job
-# quota are enforced by the api function, which answers 429 with Retry-After.
-THROTTLE_RATE_PER_SECOND = 50
-THROTTLE_BURST = 100
-# A revoked key keeps working for at most this long: the price of one GetItem per 5 minutes
-# per key instead of one per request.
-AUTHORIZER_CACHE_TTL = cdk.Duration.minutes(5)
 API_TABLE_ACTIONS = (
     "dynamodb:GetItem",
     "dynamodb:PutItem",
@@ -84,6 +77,7 @@ class ApiConstruct(Construct):
             queue.grant_send_messages(self.function)
         webhook_queue.grant_send_messages(self.function)
 
+        self.config = config
         self.rest_api = self._build_rest_api(defaults)
         self._add_routes()
         self._add_problem_responses()
@@ -102,8 +96,9 @@ class ApiConstruct(Construct):
             cloud_watch_role=True,
             deploy_options=apigw.StageOptions(
                 stage_name=STAGE_NAME,
-                throttling_rate_limit=THROTTLE_RATE_PER_SECOND,
-                throttling_burst_limit=THROTTLE_BURST,
+                # Stage-wide ceilings that protect the account (per-tenant quotas are not built yet).
+                throttling_rate_limit=self.config.limits.stage_rate_per_second,
+                throttling_burst_limit=self.config.limits.stage_burst,
                 access_log_destination=apigw.LogGroupLogDestination(access_logs),
                 access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
                     caller=False,
@@ -130,7 +125,8 @@ class ApiConstruct(Construct):
             "RequestAuthorizer",
             handler=self.authorizer_function,
             identity_sources=[apigw.IdentitySource.header("Authorization")],
-            results_cache_ttl=AUTHORIZER_CACHE_TTL,
+            # A revoked key keeps working for at most this long; one GetItem per key per TTL.
+            results_cache_ttl=cdk.Duration.seconds(self.config.limits.authorizer_cache_seconds),
         )
         integration = apigw.LambdaIntegration(self.function, allow_test_invoke=False)
         v1 = self.rest_api.root.add_resource("v1")

@@ -10,8 +10,8 @@ from typing import Any
 
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.llmq_stack import DeploymentSettings, LlmqStack
 
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"

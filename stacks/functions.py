@@ -10,8 +10,8 @@ import aws_cdk as cdk
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
-from llmq.config import CONFIG_ENV_VAR, FunctionSizing, LlmqConfig
 
+from llmq.config import CONFIG_ENV_VAR, FunctionSizing, LlmqConfig
 from stacks.layers import ASSET_EXCLUDES, ROOT, lambda_runtime
 
 FUNCTIONS_DIR: Path = ROOT / "functions"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aws_cdk as cdk
 from aws_cdk import aws_dynamodb as dynamodb
 from constructs import Construct
+
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
 
 # The attribute names below are the ones llmq.jobs writes.

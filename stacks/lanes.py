@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import aws_cdk as cdk
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
+
 from llmq.config import LaneConfig, LlmqConfig
 
 # The longest SQS allows; a DLQ message is evidence, kept as long as possible.

@@ -9,8 +9,8 @@ import aws_cdk as cdk
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.api import ApiConstruct
 from stacks.functions import FunctionDefaults
 from stacks.jobs_table import JobsTableConstruct

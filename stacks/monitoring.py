@@ -12,8 +12,8 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.functions import METRICS_NAMESPACE, SERVICE_NAME
 from stacks.lanes import LanesConstruct, pascal
 

@@ -27,8 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.app_builder import CONTEXT_SANDBOX, build_app, llmq_stack
 
 BOOTSTRAP_QUALIFIER = "hnb659fds"

@@ -8,8 +8,8 @@ from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.functions import FunctionDefaults, build_function
 from stacks.lanes import LanesConstruct
 

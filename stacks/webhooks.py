@@ -5,8 +5,8 @@ from __future__ import annotations
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_lambda_event_sources as event_sources
 from constructs import Construct
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.functions import FunctionDefaults, build_function
 from stacks.lanes import build_queue_pair
 

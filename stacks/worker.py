@@ -8,8 +8,8 @@ from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from stacks.functions import FunctionDefaults, build_function
 from stacks.lanes import LanesConstruct
 

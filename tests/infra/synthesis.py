@@ -19,7 +19,6 @@ from llmq.config import (
     ReconcilerEnvironment,
     WorkerEnvironment,
 )
-
 from tests.infra.stack_template import StackTemplate
 
 # The environment model each function's handler loads at cold start.
@@ -45,12 +44,14 @@ class SynthesizedApp:
         return report
 
 
-def synthesize(config: LlmqConfig, context: Mapping[str, Any] | None = None) -> SynthesizedApp:
+def synthesize(
+    config: LlmqConfig, context: Mapping[str, Any] | None = None, outdir: Path | None = None
+) -> SynthesizedApp:
     """Synthesize the app as `cdk synth` would; raises if cdk-nag reports an unacknowledged error."""
     from stacks.app_builder import build_app, llmq_stack
 
-    outdir = tempfile.mkdtemp(prefix="llmq-infra-test-")
-    app = build_app(config, outdir=outdir, context=context)
+    outdir = outdir or Path(tempfile.mkdtemp(prefix="llmq-infra-test-"))
+    app = build_app(config, outdir=str(outdir), context=context)
     artifact_id = llmq_stack(app).artifact_id
     assembly = app.synth()
     artifact = assembly.get_stack_artifact(artifact_id)

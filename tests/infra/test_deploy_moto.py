@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from llmq.config import LlmqConfig
 from moto.server import ThreadedMotoServer
 
+from llmq.config import LlmqConfig
 from stacks.functions import FUNCTION_NAMES
 from stacks.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
 from tests.infra.synthesis import ENV_MODELS
@@ -32,8 +32,9 @@ def moto_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def deployment(moto_endpoint: str) -> MotoDeployment:
-    return deploy_to_moto(moto_endpoint, CONFIG, region=REGION)
+def deployment(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> MotoDeployment:
+    outdir = str(tmp_path_factory.mktemp("cdk-sandbox"))
+    return deploy_to_moto(moto_endpoint, CONFIG, region=REGION, outdir=outdir)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from llmq.config import DispatcherEnvironment, LlmqConfig, WorkerEnvironment
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
-
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_PYTHON_VERSION
 from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, synthesize
@@ -17,8 +17,8 @@ BASE_VARIABLES = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "LO
 
 
 @pytest.fixture(scope="module")
-def synthesized() -> SynthesizedApp:
-    return synthesize(LlmqConfig())
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(LlmqConfig(), outdir=tmp_path_factory.mktemp("cdk-default"))
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +418,13 @@ def test_cfn_lint_finds_no_errors(synthesized):
     # W3005 (a DependsOn already implied by a GetAtt) is how CDK writes templates.
     errors = [f"{m.rule.id} {m.message} at {m.path_string}" for m in matches if m.rule.id.startswith("E")]
     assert errors == []
+
+
+def test_api_throttling_and_the_authorizer_cache_come_from_the_config(synthesized, config):
+    (authorizer,) = synthesized.template.of_type("AWS::ApiGateway::Authorizer").values()
+    assert authorizer["Properties"]["AuthorizerResultTtlInSeconds"] == config.limits.authorizer_cache_seconds
+    assert authorizer["Properties"]["Type"] == "REQUEST"
+    (stage,) = synthesized.template.of_type("AWS::ApiGateway::Stage").values()
+    (settings,) = stage["Properties"]["MethodSettings"]
+    assert settings["ThrottlingRateLimit"] == config.limits.stage_rate_per_second
+    assert settings["ThrottlingBurstLimit"] == config.limits.stage_burst

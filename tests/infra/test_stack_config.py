@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from llmq.config import FunctionSizing, LaneConfig, LlmqConfig, ReconcilerConfig, WorkerEnvironment
 
+from llmq.config import FunctionSizing, LaneConfig, LlmqConfig, ReconcilerConfig, WorkerEnvironment
 from tests.infra.synthesis import SynthesizedApp, synthesize
 
 THREE_LANES = LlmqConfig(
@@ -22,8 +22,10 @@ THREE_LANES = LlmqConfig(
 
 
 @pytest.fixture(scope="module")
-def synthesized() -> SynthesizedApp:
-    return synthesize(THREE_LANES, context={"alarm_email": "oncall@example.com"})
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(
+        THREE_LANES, context={"alarm_email": "oncall@example.com"}, outdir=tmp_path_factory.mktemp("cdk-3")
+    )
 
 
 def test_each_configured_lane_gets_its_queue_with_the_configured_redrive_and_visibility(synthesized):
@@ -90,4 +92,4 @@ def test_a_deploy_refuses_to_ship_the_placeholder_dependencies_layer(tmp_path, m
 
     # Then the synth fails instead of deploying functions that cannot import their dependencies
     with pytest.raises(RuntimeError, match="layers/deps is not built"):
-        synthesize(LlmqConfig(), context={"llmq:require_deps_layer": "true"})
+        synthesize(LlmqConfig(), context={"llmq:require_deps_layer": "true"}, outdir=tmp_path / "cdk.out")

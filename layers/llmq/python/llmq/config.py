@@ -84,6 +84,11 @@ class LimitsConfig(_Frozen):
     max_get_wait_seconds: Annotated[int, Field(ge=0, le=20)] = 20
     max_deadline_seconds: Annotated[int, Field(ge=1)] = 86_400
     wait_poll_seconds: Annotated[float, Field(gt=0)] = 0.5
+    # API Gateway stage throttling: the account-wide ceiling, answered with 429.
+    stage_rate_per_second: Annotated[int, Field(ge=1)] = 50
+    stage_burst: Annotated[int, Field(ge=1)] = 100
+    # A revoked key keeps working for at most this long (API Gateway's authorizer cache).
+    authorizer_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
 
 
 class ReconcilerConfig(_Frozen):

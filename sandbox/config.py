@@ -1,0 +1,137 @@
+"""The sandbox's one LlmqConfig, and the few settings that only the local runner has.
+
+Everything the functions read comes from `sandbox_config()`: it is handed to the real CDK
+app, which puts it in every function's LLMQ_CONFIG, so the handlers see the sandbox's
+numbers exactly as a deployed stack would pass them. The numbers are short so that a
+retry, a webhook schedule or a crash plays out in seconds instead of hours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llmq.config import LlmqConfig
+
+PROVIDER_BASE_URL_VAR = "LLMQ_PROVIDER_BASE_URL"
+PROVIDER_API_KEY_VAR = "LLMQ_PROVIDER_API_KEY"
+# Optional with a real endpoint: the model it serves becomes the default and is allowed.
+PROVIDER_MODEL_VAR = "LLMQ_PROVIDER_MODEL"
+# A JSON object merged over the sandbox's config (tests and experiments), validated as LlmqConfig.
+CONFIG_OVERRIDES_VAR = "LLMQ_SANDBOX_CONFIG"
+
+FAKE_MODELS = ["fake-model", "fake-large"]
+# Short enough that a crashed worker is noticed within seconds (its lane's visibility
+# timeout is six times this), long enough for the fake provider's demo latencies.
+FAKE_WORKER_TIMEOUT_SECONDS = 3
+# A real model takes tens of seconds; the deployed default leaves it room.
+REAL_WORKER_TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The built-in fake provider, or an OpenAI-compatible endpoint from the environment."""
+
+    base_url: str | None
+    api_key: str | None
+    model: str | None
+
+    @property
+    def is_fake(self) -> bool:
+        return self.base_url is None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ProviderChoice:
+        environ = os.environ if environ is None else environ
+        return cls(
+            base_url=environ.get(PROVIDER_BASE_URL_VAR) or None,
+            api_key=environ.get(PROVIDER_API_KEY_VAR) or None,
+            model=environ.get(PROVIDER_MODEL_VAR) or None,
+        )
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """How the local runner plays the AWS services; nothing here reaches a function."""
+
+    # EventBridge's shortest rate is one minute; the sandbox sweeps more often so that what
+    # the reconciler repairs is visible while you watch. None keeps the template's rate.
+    reconciler_every_seconds: float | None = 10.0
+    # API Gateway caches an authorizer's policy for the template's TTL (5 minutes); the
+    # sandbox caps it so that a revoked or new key takes effect within seconds.
+    authorizer_cache_cap_seconds: float = 5.0
+    # A mapping without ScalingConfig starts with this many concurrent batches on AWS.
+    default_mapping_concurrency: int = 5
+    # Execution environments per function when the template reserves no concurrency.
+    default_function_concurrency: int = 16
+    # API Gateway's integration timeout: the api function's answer must come within it.
+    integration_timeout_seconds: float = 29.0
+
+
+def _provider(choice: ProviderChoice, fake_url: str | None) -> dict[str, Any]:
+    if choice.is_fake:
+        return {
+            "base_url": fake_url or "http://127.0.0.1:9/v1",
+            "default_model": FAKE_MODELS[0],
+            "models": FAKE_MODELS,
+            "timeout_seconds": 60,
+            "stream": True,
+        }
+    provider: dict[str, Any] = {"base_url": choice.base_url, "timeout_seconds": 120, "stream": True}
+    if choice.model:
+        provider["default_model"] = choice.model
+        provider["models"] = [choice.model, *FAKE_MODELS]
+    return provider
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def sandbox_config(
+    fake_provider_url: str | None = None,
+    choice: ProviderChoice | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LlmqConfig:
+    """The sandbox's LlmqConfig. `overrides` (or LLMQ_SANDBOX_CONFIG) is merged over it."""
+    choice = choice or ProviderChoice.from_environment()
+    worker_timeout = FAKE_WORKER_TIMEOUT_SECONDS if choice.is_fake else REAL_WORKER_TIMEOUT_SECONDS
+    base: dict[str, Any] = {
+        # A transient failure is retried once: enough to watch a retry, short enough that a
+        # crashing job is settled within two visibility timeouts.
+        "max_attempts": 2,
+        "max_receive_count": 5,
+        "lease_margin_seconds": 1,
+        "cancel_check_seconds": 0.5,
+        "retry": {"base_seconds": 0.5, "max_seconds": 4},
+        "webhooks": {
+            "schedule_seconds": [1, 2, 4, 8],
+            "jitter_fraction": 0.1,
+            "timeout_seconds": 5,
+            "allow_loopback_http": True,
+        },
+        "provider": _provider(choice, fake_provider_url),
+        "limits": {"wait_poll_seconds": 0.2},
+        "reconciler": {
+            "schedule_minutes": 1,
+            "stale_queued_seconds": 30,
+            "expired_lease_grace_seconds": 5,
+            "stale_webhook_seconds": 30,
+        },
+        "worker": {"memory_mb": 256, "timeout_seconds": worker_timeout},
+        "dispatcher": {"memory_mb": 256, "timeout_seconds": 10},
+    }
+    extra = dict(overrides or {})
+    raw = os.environ.get(CONFIG_OVERRIDES_VAR)
+    if raw:
+        extra = _merge(json.loads(raw), extra)
+    return LlmqConfig.model_validate(_merge(base, extra))

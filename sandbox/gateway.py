@@ -1,0 +1,479 @@
+"""API Gateway (REST, Lambda proxy) on 127.0.0.1, played from the template's API model.
+
+For each request it does what API Gateway does with the resources, methods, authorizer and
+gateway responses the template declares:
+- picks the resource (literal path parts before `{var}`, before `{proxy+}`); none -> 403
+  "Missing Authentication Token";
+- with a CUSTOM authorizer: a missing identity source -> 401 without invoking it; otherwise
+  the REQUEST authorizer gets its event and methodArn, its policy is cached per identity
+  source for the authorizer's TTL (capped, see RunnerSettings) and evaluated against each
+  methodArn; "Unauthorized" -> 401, a deny -> 403, any other failure -> 500;
+- builds the proxy event (stage, resource, path parameters, headers and multiValueHeaders,
+  query strings, requestContext with requestId, identity.sourceIp and the authorizer's
+  context) and writes the function's proxy response back; a malformed response or a
+  function error -> 502, an answer later than the integration timeout -> 504.
+Error bodies are the template's gateway responses when it has them, else API Gateway's defaults.
+
+The stage may be given in the path (`/prod/v1/jobs`) or left out (`/v1/jobs`).
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from sandbox.config import RunnerSettings
+from sandbox.lambda_service import InvocationRecord, InvocationResult, LambdaService, Outcome
+from sandbox.topology import ApiSpec, AuthorizerSpec, RouteSpec
+
+log = logging.getLogger("llmq.sandbox")
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
+_DEFAULT_STATUS = {
+    "UNAUTHORIZED": 401,
+    "ACCESS_DENIED": 403,
+    "MISSING_AUTHENTICATION_TOKEN": 403,
+    "REQUEST_TOO_LARGE": 413,
+    "AUTHORIZER_FAILURE": 500,
+    "AUTHORIZER_CONFIGURATION_ERROR": 500,
+    "DEFAULT_5XX": 502,
+    "INTEGRATION_TIMEOUT": 504,
+}
+_ERROR_TYPE = {
+    "UNAUTHORIZED": "UnauthorizedException",
+    "ACCESS_DENIED": "AccessDeniedException",
+    "MISSING_AUTHENTICATION_TOKEN": "MissingAuthenticationTokenException",
+    "AUTHORIZER_FAILURE": "AuthorizerFailureException",
+    "DEFAULT_5XX": "InternalServerErrorException",
+    "INTEGRATION_TIMEOUT": "InternalServerErrorException",
+}
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    source_ip: str
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class _CachedPolicy:
+    expires: float
+    policy: dict[str, Any]
+    context: dict[str, Any]
+    principal_id: str
+
+
+@dataclass
+class _Authorized:
+    context: dict[str, Any] = field(default_factory=dict)
+    latency_ms: int = 0
+
+
+def _statements(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    document = policy.get("policyDocument") or {}
+    statements = document.get("Statement") or []
+    return [statements] if isinstance(statements, dict) else list(statements)
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [str(item) for item in value or []]
+
+
+def policy_allows(policy: dict[str, Any], method_arn: str) -> bool | None:
+    """True if allowed, False if explicitly denied, None if no statement allows it."""
+    allowed: bool | None = None
+    for statement in _statements(policy):
+        actions = _as_list(statement.get("Action"))
+        if not any(fnmatch.fnmatchcase("execute-api:Invoke", action) for action in actions):
+            continue
+        if not any(fnmatch.fnmatchcase(method_arn, resource) for resource in _as_list(statement.get("Resource"))):
+            continue
+        if str(statement.get("Effect", "")).lower() == "deny":
+            return False
+        if str(statement.get("Effect", "")).lower() == "allow":
+            allowed = True
+    return allowed
+
+
+class ApiGateway:
+    def __init__(
+        self,
+        api: ApiSpec,
+        functions: LambdaService,
+        account: str,
+        region: str,
+        settings: RunnerSettings,
+    ) -> None:
+        self.api = api
+        self._functions = functions
+        self._account = account
+        self._region = region
+        self._settings = settings
+        self._cache: dict[tuple[str, tuple[str, ...]], _CachedPolicy] = {}
+        self._cache_lock = threading.Lock()
+
+    # ---- the request ----
+
+    def handle(self, request: HttpRequest) -> HttpReply:
+        request_id = str(uuid.uuid4())
+        if len(request.body) > MAX_PAYLOAD_BYTES:
+            return self._gateway_response("REQUEST_TOO_LARGE", "Request Too Long", request_id)
+        path = self._without_stage(request.path)
+        found = self._route(request.method, path)
+        if found is None:
+            return self._gateway_response("MISSING_AUTHENTICATION_TOKEN", "Missing Authentication Token", request_id)
+        route, path_parameters = found
+        event = self._proxy_event(request, path, route, path_parameters, request_id)
+        authorized = _Authorized()
+        if route.authorizer is not None:
+            outcome = self._authorize(self.api.authorizers[route.authorizer], event, request_id)
+            if isinstance(outcome, HttpReply):
+                return outcome
+            authorized = outcome
+        if route.authorizer is not None:
+            event["requestContext"]["authorizer"] = {
+                **authorized.context,
+                "integrationLatency": authorized.latency_ms,
+            }
+        return self._integrate(route, event, request_id)
+
+    def _without_stage(self, path: str) -> str:
+        prefix = f"/{self.api.stage}"
+        if path == prefix or path.startswith(prefix + "/"):
+            return path[len(prefix) :] or "/"
+        return path
+
+    def _route(self, method: str, path: str) -> tuple[RouteSpec, dict[str, str]] | None:
+        for route in self.api.routes:
+            if route.http_method not in ("ANY", method):
+                continue
+            parameters = route.matches(path)
+            if parameters is not None:
+                return route, parameters
+        return None
+
+    def _proxy_event(
+        self,
+        request: HttpRequest,
+        path: str,
+        route: RouteSpec,
+        path_parameters: dict[str, str],
+        request_id: str,
+    ) -> dict[str, Any]:
+        headers = [*request.headers, ("X-Forwarded-For", request.source_ip), ("X-Forwarded-Proto", "http")]
+        single: dict[str, str] = {}
+        multi: dict[str, list[str]] = {}
+        for name, value in headers:
+            single[name] = value
+            multi.setdefault(name, []).append(value)
+        query_pairs = parse_qsl(request.query, keep_blank_values=True)
+        query_single = {name: value for name, value in query_pairs}
+        query_multi: dict[str, list[str]] = {}
+        for name, value in query_pairs:
+            query_multi.setdefault(name, []).append(value)
+        body, encoded = self._body(request.body)
+        now = datetime.now(UTC)
+        user_agent = single.get("User-Agent") or single.get("user-agent")
+        return {
+            "resource": route.resource_path,
+            "path": path,
+            "httpMethod": request.method,
+            "headers": single or None,
+            "multiValueHeaders": multi or None,
+            "queryStringParameters": query_single or None,
+            "multiValueQueryStringParameters": query_multi or None,
+            "pathParameters": path_parameters or None,
+            "stageVariables": None,
+            "requestContext": {
+                "resourceId": route.resource_id,
+                "resourcePath": route.resource_path,
+                "httpMethod": request.method,
+                "extendedRequestId": request_id,
+                "requestTime": now.strftime("%d/%b/%Y:%H:%M:%S +0000"),
+                "path": f"/{self.api.stage}{path}",
+                "accountId": self._account,
+                "protocol": "HTTP/1.1",
+                "stage": self.api.stage,
+                "domainPrefix": self.api.rest_api_id,
+                "requestTimeEpoch": int(now.timestamp() * 1000),
+                "requestId": request_id,
+                "identity": {
+                    "cognitoIdentityPoolId": None,
+                    "accountId": None,
+                    "cognitoIdentityId": None,
+                    "caller": None,
+                    "sourceIp": request.source_ip,
+                    "principalOrgId": None,
+                    "accessKey": None,
+                    "cognitoAuthenticationType": None,
+                    "cognitoAuthenticationProvider": None,
+                    "userArn": None,
+                    "userAgent": user_agent,
+                    "user": None,
+                },
+                "domainName": f"{self.api.rest_api_id}.execute-api.{self._region}.amazonaws.com",
+                "apiId": self.api.rest_api_id,
+            },
+            "body": body,
+            "isBase64Encoded": encoded,
+        }
+
+    @staticmethod
+    def _body(raw: bytes) -> tuple[str | None, bool]:
+        if not raw:
+            return None, False
+        try:
+            return raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            return base64.b64encode(raw).decode(), True
+
+    def _method_arn(self, event: dict[str, Any]) -> str:
+        return (
+            f"arn:aws:execute-api:{self._region}:{self._account}:{self.api.rest_api_id}/"
+            f"{self.api.stage}/{event['httpMethod']}/{event['path'].lstrip('/')}"
+        )
+
+    # ---- the authorizer ----
+
+    def _identity(self, authorizer: AuthorizerSpec, event: dict[str, Any]) -> tuple[str, ...] | None:
+        headers = {name.lower(): value for name, value in (event["headers"] or {}).items()}
+        values = tuple(headers.get(source.lower(), "") for source in authorizer.identity_sources)
+        return values if all(values) else None
+
+    def _authorize(
+        self, authorizer: AuthorizerSpec, event: dict[str, Any], request_id: str
+    ) -> _Authorized | HttpReply:
+        identity = self._identity(authorizer, event)
+        if identity is None:
+            # API Gateway answers 401 itself, without invoking the authorizer.
+            return self._gateway_response("UNAUTHORIZED", "Unauthorized", request_id)
+        method_arn = self._method_arn(event)
+        cached = self._cached(authorizer, identity)
+        latency = 0
+        if cached is None:
+            started = time.monotonic()
+            result = self._invoke_authorizer(authorizer, event, method_arn, identity)
+            latency = round((time.monotonic() - started) * 1000)
+            if isinstance(result, str):
+                return self._authorizer_failure(result, request_id)
+            cached = result
+            self._remember(authorizer, identity, cached)
+        verdict = policy_allows(cached.policy, method_arn)
+        if verdict is not True:
+            detail = "with an explicit deny" if verdict is False else ""
+            message = f"User is not authorized to access this resource {detail}".strip()
+            return self._gateway_response("ACCESS_DENIED", message, request_id)
+        return _Authorized(context={**cached.context, "principalId": cached.principal_id}, latency_ms=latency)
+
+    def _invoke_authorizer(
+        self, authorizer: AuthorizerSpec, event: dict[str, Any], method_arn: str, identity: tuple[str, ...]
+    ) -> _CachedPolicy | str:
+        if authorizer.type == "TOKEN":
+            authorizer_event: dict[str, Any] = {
+                "type": "TOKEN",
+                "authorizationToken": identity[0],
+                "methodArn": method_arn,
+            }
+        else:
+            request_context = {key: value for key, value in event["requestContext"].items() if key != "authorizer"}
+            authorizer_event = {
+                "type": "REQUEST",
+                "methodArn": method_arn,
+                **{key: value for key, value in event.items() if key not in ("body", "isBase64Encoded")},
+                "requestContext": request_context,
+            }
+        result = self._functions.invoke(authorizer.function, authorizer_event)
+        self._note(result, "authorizer")
+        if result.outcome is not Outcome.OK:
+            return "Unauthorized" if result.error_message == "Unauthorized" else "failure"
+        payload = result.payload if isinstance(result.payload, dict) else {}
+        if not payload.get("principalId") or not _statements(payload):
+            return "failure"
+        context = {key: value for key, value in (payload.get("context") or {}).items() if value is not None}
+        ttl = min(authorizer.ttl_seconds, self._settings.authorizer_cache_cap_seconds)
+        return _CachedPolicy(time.monotonic() + ttl, payload, context, str(payload["principalId"]))
+
+    def _authorizer_failure(self, why: str, request_id: str) -> HttpReply:
+        if why == "Unauthorized":
+            return self._gateway_response("UNAUTHORIZED", "Unauthorized", request_id)
+        return self._gateway_response("AUTHORIZER_FAILURE", None, request_id)
+
+    def _cached(self, authorizer: AuthorizerSpec, identity: tuple[str, ...]) -> _CachedPolicy | None:
+        with self._cache_lock:
+            cached = self._cache.get((authorizer.logical_id, identity))
+            if cached is not None and cached.expires > time.monotonic():
+                return cached
+            return None
+
+    def _remember(self, authorizer: AuthorizerSpec, identity: tuple[str, ...], policy: _CachedPolicy) -> None:
+        if policy.expires <= time.monotonic():
+            return
+        with self._cache_lock:
+            self._cache[(authorizer.logical_id, identity)] = policy
+
+    # ---- the integration ----
+
+    def _integrate(self, route: RouteSpec, event: dict[str, Any], request_id: str) -> HttpReply:
+        spec = self._functions.pools[route.function].spec
+        timeout = min(spec.timeout_seconds, self._settings.integration_timeout_seconds)
+        result = self._functions.invoke(route.function, event, timeout)
+        self._note(result, "api")
+        if result.outcome is Outcome.TIMEOUT:
+            return self._gateway_response("INTEGRATION_TIMEOUT", "Endpoint request timed out", request_id)
+        if result.outcome is Outcome.ERROR:
+            return self._gateway_response("DEFAULT_5XX", "Internal server error", request_id)
+        reply = self._proxy_reply(result.payload)
+        if reply is None:
+            log.warning("%s returned a malformed proxy response", route.function)
+            return self._gateway_response("DEFAULT_5XX", "Internal server error", request_id)
+        reply.headers.append(("x-amzn-RequestId", request_id))
+        return reply
+
+    @staticmethod
+    def _proxy_reply(payload: Any) -> HttpReply | None:
+        if not isinstance(payload, dict) or not isinstance(payload.get("statusCode"), int):
+            return None
+        headers: list[tuple[str, str]] = []
+        multi = payload.get("multiValueHeaders") or {}
+        multi_names = {name.lower() for name in multi}
+        for name, value in (payload.get("headers") or {}).items():
+            if name.lower() not in multi_names:
+                headers.append((name, str(value)))
+        for name, values in multi.items():
+            headers.extend((name, str(value)) for value in values or [])
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", "application/json"))
+        body = payload.get("body") or ""
+        raw = base64.b64decode(body) if payload.get("isBase64Encoded") else str(body).encode()
+        return HttpReply(status=payload["statusCode"], headers=headers, body=raw)
+
+    def _gateway_response(self, response_type: str, message: str | None, request_id: str) -> HttpReply:
+        status = _DEFAULT_STATUS.get(response_type, 500)
+        family = "DEFAULT_4XX" if status < 500 else "DEFAULT_5XX"
+        spec = self.api.gateway_responses.get(response_type) or self.api.gateway_responses.get(family)
+        template = '{"message":$context.error.messageString}'
+        headers: dict[str, str] = {"Content-Type": "application/json"}
+        if spec is not None:
+            status = spec.status_code or status
+            template = spec.templates.get("application/json", template)
+            headers.update(spec.headers)
+        body = (
+            template.replace("$context.error.messageString", json.dumps(message))
+            .replace("$context.error.message", message or "")
+            .replace("$context.requestId", request_id)
+        )
+        headers["x-amzn-RequestId"] = request_id
+        headers["x-amzn-ErrorType"] = _ERROR_TYPE.get(response_type, "InternalServerErrorException")
+        return HttpReply(status=status, headers=list(headers.items()), body=body.encode())
+
+    def _note(self, result: InvocationResult, trigger: str) -> None:
+        self._functions.invocations.add(
+            InvocationRecord(
+                function=result.function,
+                request_id=result.request_id,
+                outcome=result.outcome.value,
+                trigger=trigger,
+                started_at=result.started_at,
+                duration_seconds=result.duration_seconds,
+                cold_start=result.cold_start,
+                error=result.error_message or None,
+            )
+        )
+
+
+# ---- the HTTP server ------------------------------------------------------------------------
+
+Introspection = Callable[[str, dict[str, str]], tuple[int, Any] | None]
+
+
+class _GatewayHandler(BaseHTTPRequestHandler):
+    server: GatewayServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def _serve(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if parts.path.startswith("/_sandbox/"):
+            self._introspect(parts.path, dict(parse_qsl(parts.query)))
+            return
+        request = HttpRequest(
+            method=self.command,
+            path=parts.path or "/",
+            query=parts.query,
+            headers=[(name, value) for name, value in self.headers.items() if name.lower() != "connection"],
+            body=body,
+            source_ip=self.client_address[0],
+        )
+        try:
+            reply = self.server.gateway.handle(request)
+        except Exception:
+            log.exception("the gateway failed on %s %s", self.command, parts.path)
+            reply = HttpReply(500, [("Content-Type", "application/json")], b'{"message":"Internal server error"}')
+        self._write(reply)
+
+    def _introspect(self, path: str, query: dict[str, str]) -> None:
+        found = self.server.introspection(path, query) if self.server.introspection else None
+        status, data = found if found is not None else (404, {"message": "no such sandbox endpoint"})
+        body = json.dumps(data, default=str).encode()
+        self._write(HttpReply(status, [("Content-Type", "application/json")], body))
+
+    def _write(self, reply: HttpReply) -> None:
+        self.send_response(reply.status)
+        for name, value in reply.headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _serve
+
+
+class GatewayServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, gateway: ApiGateway, introspection: Introspection | None = None, port: int = 0):
+        super().__init__(("127.0.0.1", port), _GatewayHandler)
+        self.gateway = gateway
+        self.introspection = introspection
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> GatewayServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="gateway", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

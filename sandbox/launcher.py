@@ -1,0 +1,388 @@
+"""The embedded sandbox: moto, the real CDK app deployed into it, and a local runner for it.
+
+`Sandbox.start()`:
+1. starts a moto server on 127.0.0.1 (addressed as http://localhost:PORT: CloudFormation in
+   moto resolves a path-style TemplateURL only for localhost) and the fake provider;
+2. deploys the CDK app with the sandbox's LlmqConfig through CloudFormation
+   (stacks.moto_deploy), so every table, queue, mapping and variable is the app's own;
+3. reads the functions, mappings, schedule and API from the deployed template and moto,
+   and cold-starts one execution environment per function with exactly its environment:
+   a wiring mistake in the CDK app stops the sandbox here, naming the function;
+4. seeds one enterprise and one free tenant, and starts the webhook receiver, the API
+   gateway, a poller per event source mapping and a timer per schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from llmq.config import LlmqConfig
+from sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
+from sandbox.event_sources import QueuePoller, ScheduleTimer
+from sandbox.fake_provider import FakeProviderServer
+from sandbox.gateway import ApiGateway, GatewayServer
+from sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
+from sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from sandbox.receiver import WebhookReceiverServer
+from sandbox.state import SandboxState, TenantCredentials
+from sandbox.topology import Topology, TopologyError, read_topology
+
+log = logging.getLogger("llmq.sandbox")
+REGION = "us-east-1"
+# One tenant per tier of the default lanes; ids are fixed so examples can name them.
+SEED_TENANTS = (("ten_acme", "Acme Corp", "enterprise"), ("ten_hobby", "Hobby Hacker", "free"))
+_MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+class SandboxStartError(RuntimeError):
+    """The sandbox could not start; the message says which part and why."""
+
+
+def prepare_process() -> None:
+    """What jsii and the CDK need in this process: node 22 from the venv, no telemetry."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(venv_bin) / "node").exists() and not path.startswith(venv_bin + os.pathsep):
+        os.environ["PATH"] = venv_bin + os.pathsep + path
+    os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
+    os.environ.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
+    # moto warns about each resource type it skips (alarms, policies, API stages): expected here.
+    warnings.filterwarnings("ignore", message=".*not supported by moto.*")
+    warnings.filterwarnings("ignore", message="No Moto CloudFormation support.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@contextmanager
+def moto_environment(endpoint_url: str, region: str) -> Iterator[None]:
+    """llmq's client factory reads the endpoint from os.environ; point it at moto for a moment."""
+    from llmq import aws
+
+    names = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint_url,
+        AWS_REGION=region,
+        AWS_DEFAULT_REGION=region,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+    )
+    aws.reset_clients()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        aws.reset_clients()
+
+
+@dataclass
+class _Running:
+    moto: Any
+    endpoint_url: str
+    provider: FakeProviderServer | None = None
+    functions: LambdaService | None = None
+    receiver: WebhookReceiverServer | None = None
+    gateway: GatewayServer | None = None
+    pollers: list[QueuePoller] | None = None
+    timers: list[ScheduleTimer] | None = None
+    cdk_outdir: str | None = None
+
+
+class Sandbox:
+    def __init__(
+        self,
+        log_dir: Path,
+        settings: RunnerSettings | None = None,
+        provider: ProviderChoice | None = None,
+        config_overrides: dict[str, Any] | None = None,
+        region: str = REGION,
+    ) -> None:
+        self.log_dir = log_dir
+        self.settings = settings or RunnerSettings()
+        self.provider_choice = provider or ProviderChoice.from_environment()
+        self._overrides = config_overrides
+        self.region = region
+        self.config: LlmqConfig | None = None
+        self.topology: Topology | None = None
+        self.outputs: dict[str, str] = {}
+        self.state: SandboxState | None = None
+        self._running: _Running | None = None
+        self._secrets_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
+        self._secrets_lock = threading.Lock()
+
+    # ---- start ----
+
+    def start(self, pid: int | None = None) -> SandboxState:
+        prepare_process()
+        make_dynamodb_writes_atomic()
+        try:
+            return self._start(pid or os.getpid())
+        except Exception:
+            self.stop()
+            raise
+
+    def _start(self, pid: int) -> SandboxState:
+        from moto.server import ThreadedMotoServer
+
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        moto.start()
+        _, port = moto.get_host_and_port()
+        running = self._running = _Running(moto=moto, endpoint_url=f"http://localhost:{port}")
+        if self.provider_choice.is_fake:
+            running.provider = FakeProviderServer().start()
+        provider_url = running.provider.base_url if running.provider else str(self.provider_choice.base_url)
+        self.config = sandbox_config(provider_url, self.provider_choice, self._overrides)
+        log.info("deploying the CDK app into moto at %s", running.endpoint_url)
+        deployment = self._deploy(running)
+        self.outputs = deployment.outputs
+        self._put_provider_key()
+        self.topology = self._read_topology(deployment)
+        running.functions = self._start_functions(self.topology)
+        tenants = self._seed_tenants()
+        running.receiver = WebhookReceiverServer(self._tenant_secrets).start()
+        gateway = ApiGateway(self.topology.api, running.functions, self.topology.account, self.region, self.settings)
+        running.gateway = GatewayServer(gateway, self._introspect).start()
+        running.pollers = self._start_pollers(self.topology, running.functions)
+        running.timers = self._start_timers(self.topology, running.functions)
+        self.state = SandboxState(
+            api_url=running.gateway.url,
+            aws_endpoint_url=running.endpoint_url,
+            region=self.region,
+            provider_url=provider_url,
+            receiver_url=running.receiver.url,
+            pid=pid,
+            tenants=tenants,
+        )
+        return self.state
+
+    def _deploy(self, running: _Running) -> Any:
+        from stacks.moto_deploy import MotoDeployError, deploy_to_moto
+
+        running.cdk_outdir = tempfile.mkdtemp(prefix="llmq-sandbox-cdk-")
+        try:
+            return deploy_to_moto(running.endpoint_url, self.config, self.region, outdir=running.cdk_outdir)
+        except MotoDeployError as exc:
+            raise SandboxStartError(f"the CDK app did not deploy into moto: {exc}") from exc
+
+    def client(self, service: str) -> Any:
+        if self._running is None:
+            raise RuntimeError("the sandbox is not running")
+        session = boto3.session.Session(region_name=self.region, **_MOTO_CREDENTIALS)
+        return session.client(service, endpoint_url=self._running.endpoint_url)  # type: ignore[call-overload]
+
+    def _put_provider_key(self) -> None:
+        # The worker reads its provider key from the stack's secret, as deployed; put it there.
+        if self.provider_choice.api_key and "ProviderSecretArn" in self.outputs:
+            self.client("secretsmanager").put_secret_value(
+                SecretId=self.outputs["ProviderSecretArn"], SecretString=self.provider_choice.api_key
+            )
+
+    def _read_topology(self, deployment: Any) -> Topology:
+        lambda_client = self.client("lambda")
+        account = self.client("sts").get_caller_identity()["Account"]
+        deployed = {
+            logical_id: lambda_client.get_function_configuration(FunctionName=physical_id)
+            for logical_id, physical_id in deployment.physical_ids.items()
+            if deployment.template["Resources"].get(logical_id, {}).get("Type") == "AWS::Lambda::Function"
+        }
+        try:
+            return read_topology(deployment.template, deployment.physical_ids, deployed, account, self.region)
+        except TopologyError as exc:
+            raise SandboxStartError(f"the deployed template cannot run here: {exc}") from exc
+
+    def _start_functions(self, topology: Topology) -> LambdaService:
+        assert self._running is not None
+        functions = LambdaService(
+            topology.functions,
+            AwsAccess(self._running.endpoint_url, self.region),
+            self.log_dir,
+            self.settings.default_function_concurrency,
+        )
+        self._running.functions = functions
+        try:
+            functions.warm_up()
+        except FunctionStartError as exc:
+            raise SandboxStartError(f"{exc} (function logs: {self.log_dir})") from exc
+        return functions
+
+    def _seed_tenants(self) -> list[TenantCredentials]:
+        from llmq.tenants import TenantRepository
+
+        assert self._running is not None
+        repository = TenantRepository(self.outputs["TenantsTableName"])
+        seeded = []
+        with moto_environment(self._running.endpoint_url, self.region):
+            for tenant_id, name, tier in SEED_TENANTS:
+                created = repository.create(name, tier, tenant_id=tenant_id)
+                seeded.append(
+                    TenantCredentials(
+                        id=created.tenant.id,
+                        name=name,
+                        tier=tier,
+                        api_key=created.api_key,
+                        webhook_secret=created.tenant.webhook_secrets[0],
+                    )
+                )
+        return seeded
+
+    def _tenant_secrets(self) -> dict[str, list[str]]:
+        """Every tenant's current secrets (a rotation or a new tenant shows within a second)."""
+        with self._secrets_lock:
+            fetched_at, secrets = self._secrets_cache
+            if time.monotonic() - fetched_at < 1.0:
+                return secrets
+            paginator = self.client("dynamodb").get_paginator("scan")
+            secrets = {}
+            for page in paginator.paginate(
+                TableName=self.outputs["TenantsTableName"],
+                FilterExpression="begins_with(pk, :tenant)",
+                ExpressionAttributeValues={":tenant": {"S": "tenant#"}},
+            ):
+                for item in page["Items"]:
+                    secrets[item["pk"]["S"].removeprefix("tenant#")] = [
+                        entry["S"] for entry in item.get("webhook_secrets", {}).get("L", [])
+                    ]
+            self._secrets_cache = (time.monotonic(), secrets)
+            return secrets
+
+    def _start_pollers(self, topology: Topology, functions: LambdaService) -> list[QueuePoller]:
+        pollers = []
+        sqs = self.client("sqs")
+        for mapping in topology.mappings:
+            if not mapping.enabled:
+                continue
+            concurrency = mapping.max_concurrency or self.settings.default_mapping_concurrency
+            poller = QueuePoller(mapping, functions, sqs, self.region, concurrency)
+            poller.start()
+            pollers.append(poller)
+        return pollers
+
+    def _start_timers(self, topology: Topology, functions: LambdaService) -> list[ScheduleTimer]:
+        timers = []
+        for schedule in topology.schedules:
+            if not schedule.enabled:
+                continue
+            every = self.settings.reconciler_every_seconds or schedule.rate_seconds
+            timer = ScheduleTimer(schedule, functions, topology.account, self.region, every)
+            timer.start()
+            timers.append(timer)
+        return timers
+
+    # ---- while running ----
+
+    @property
+    def functions(self) -> LambdaService:
+        if self._running is None or self._running.functions is None:
+            raise RuntimeError("the sandbox is not running")
+        return self._running.functions
+
+    @property
+    def provider(self) -> FakeProviderServer | None:
+        return self._running.provider if self._running else None
+
+    @property
+    def receiver(self) -> WebhookReceiverServer | None:
+        return self._running.receiver if self._running else None
+
+    def _introspect(self, path: str, query: dict[str, str]) -> tuple[int, Any] | None:
+        if path == "/_sandbox/health":
+            return 200, {"status": "ok"}
+        if path == "/_sandbox/invocations":
+            records = self.functions.invocations.records(
+                lambda record: all(
+                    query.get(key) in (None, value)
+                    for key, value in (("function", record.function), ("lane", record.lane), ("outcome", record.outcome))
+                )
+                and (query.get("job_id") is None or query["job_id"] in record.job_ids)
+            )
+            return 200, {"data": [record.as_dict() for record in records]}
+        if path == "/_sandbox/topology" and self.topology is not None:
+            return 200, self.describe()
+        if path == "/_sandbox/config" and self.config is not None:
+            return 200, self.config.model_dump(mode="json")
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        assert self.topology is not None
+        return {
+            "functions": {
+                name: {
+                    "physical_name": spec.physical_name,
+                    "handler": spec.handler,
+                    "code": str(spec.code_dir),
+                    "timeout_seconds": spec.timeout_seconds,
+                    "reserved_concurrency": spec.reserved_concurrency,
+                    "environment": sorted(spec.environment),
+                }
+                for name, spec in self.topology.functions.items()
+            },
+            "event_source_mappings": [
+                {
+                    "function": mapping.function,
+                    "queue": mapping.queue.name,
+                    "lane": mapping.queue.lane,
+                    "batch_size": mapping.batch_size,
+                    "batching_window_seconds": mapping.batching_window_seconds,
+                    "max_concurrency": mapping.max_concurrency,
+                    "report_batch_item_failures": mapping.report_batch_item_failures,
+                }
+                for mapping in self.topology.mappings
+            ],
+            "schedules": [
+                {
+                    "function": schedule.function,
+                    "expression": schedule.expression,
+                    "sandbox_every_seconds": self.settings.reconciler_every_seconds or schedule.rate_seconds,
+                }
+                for schedule in self.topology.schedules
+            ],
+            "routes": [
+                {
+                    "resource": route.resource_path,
+                    "method": route.http_method,
+                    "function": route.function,
+                    "authorizer": route.authorizer is not None,
+                }
+                for route in self.topology.api.routes
+            ],
+            "stage": self.topology.api.stage,
+        }
+
+    # ---- stop ----
+
+    def stop(self) -> None:
+        """Idempotent; leaves no child process and no server thread behind."""
+        running, self._running = self._running, None
+        if running is None:
+            return
+        for timer in running.timers or []:
+            timer.stop()
+        if running.gateway is not None:
+            running.gateway.stop()
+        for poller in running.pollers or []:
+            poller.stop()
+        if running.functions is not None:
+            running.functions.close()
+        for server in (running.receiver, running.provider):
+            if server is not None:
+                server.stop()
+        running.moto.stop()
+        if running.cdk_outdir:
+            shutil.rmtree(running.cdk_outdir, ignore_errors=True)

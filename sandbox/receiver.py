@@ -1,0 +1,174 @@
+"""The demo webhook receiver: verifies every delivery with the reference library, records it.
+
+- `POST /hooks/<anything>` (or any other path): 200 when the signature verifies against one
+  of the seeded tenants' current secrets, 400 when it does not;
+- `POST /hooks/fail-N`: answers 500 to the first N attempts of each webhook-id, then as above;
+- `GET /_deliveries[?job_id=...&type=...]`: what arrived, oldest first, each with the saved
+  request (headers and exact body) that `llmq webhooks verify --file` accepts;
+- `POST /_reset`: forget every delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from sandbox.signatures import verify_delivery
+
+# tenant id -> that tenant's webhook secrets, newest first.
+SecretsSource = Callable[[], dict[str, list[str]]]
+_FAIL_PATH = re.compile(r"/fail-(\d+)/?$")
+_SAVED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "user-agent")
+
+
+@dataclass
+class Delivery:
+    webhook_id: str
+    type: str | None
+    job_id: str | None
+    verified: bool
+    reason: str
+    tenant_id: str | None
+    status: int
+    attempt: int
+    path: str
+    received_at: float
+    data: dict[str, Any] | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+
+
+class WebhookReceiverServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, secrets: SecretsSource, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _ReceiverHandler)
+        self._secrets = secrets
+        self._deliveries: list[Delivery] = []
+        self._attempts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def receive(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        lowered = {name.lower(): value for name, value in headers.items()}
+        webhook_id = lowered.get("webhook-id", "")
+        with self._lock:
+            self._attempts[webhook_id] += 1
+            attempt = self._attempts[webhook_id]
+        verdict, tenant_id = None, None
+        for tenant, secrets in self._secrets().items():
+            verdict = verify_delivery(body, lowered, secrets)
+            if verdict.verified:
+                tenant_id = tenant
+                break
+        verified = verdict is not None and verdict.verified
+        reason = "" if verified else (verdict.reason if verdict else "no tenant secrets to verify with")
+        status = self._status(path, attempt, verified)
+        payload = verdict.payload if verified and verdict is not None else _parse(body)
+        data = payload.get("data") if isinstance(payload, dict) else None
+        delivery = Delivery(
+            webhook_id=webhook_id,
+            type=payload.get("type") if isinstance(payload, dict) else None,
+            job_id=data.get("id") if isinstance(data, dict) else None,
+            verified=verified,
+            reason=reason,
+            tenant_id=tenant_id,
+            status=status,
+            attempt=attempt,
+            path=path,
+            received_at=time.time(),
+            data=data if isinstance(data, dict) else None,
+            request={
+                "headers": {name: lowered[name] for name in _SAVED_HEADERS if name in lowered},
+                "body": body.decode("utf-8", errors="replace"),
+            },
+        )
+        with self._lock:
+            self._deliveries.append(delivery)
+        answer = {"received": webhook_id, "verified": verified} if status < 300 else {"error": reason or "failing"}
+        return status, answer
+
+    @staticmethod
+    def _status(path: str, attempt: int, verified: bool) -> int:
+        failing = _FAIL_PATH.search(path)
+        if failing and attempt <= int(failing.group(1)):
+            return 500
+        return 200 if verified else 400
+
+    def deliveries(self, job_id: str | None = None, event_type: str | None = None) -> list[Delivery]:
+        with self._lock:
+            found = list(self._deliveries)
+        return [
+            delivery
+            for delivery in found
+            if (job_id is None or delivery.job_id == job_id) and (event_type is None or delivery.type == event_type)
+        ]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._deliveries.clear()
+            self._attempts.clear()
+
+    def start(self) -> WebhookReceiverServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="webhook-receiver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    server: WebhookReceiverServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        if parts.path == "/_reset":
+            self.server.reset()
+            self._json(200, {"ok": True})
+            return
+        status, answer = self.server.receive(parts.path, dict(self.headers.items()), body)
+        self._json(status, answer)
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.path.rstrip("/") == "/_deliveries":
+            query = dict(parse_qsl(parts.query))
+            found = self.server.deliveries(query.get("job_id"), query.get("type"))
+            self._json(200, {"data": [asdict(delivery) for delivery in found]})
+            return
+        self._json(200, {"receiver": "llmq sandbox", "post_to": "/hooks/<name>", "fail_first_n": "/hooks/fail-N"})
+
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

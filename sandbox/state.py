@@ -1,0 +1,89 @@
+"""`.llmq/sandbox.json`: how other tools find a running sandbox (DESIGN §6, Scripting interface).
+
+Its keys are a contract: {"api_url", "aws_endpoint_url", "region", "provider_url",
+"receiver_url", "pid", "tenants": [{"id", "name", "tier", "api_key", "webhook_secret"}]}.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_STATE_FILE = Path(".llmq") / "sandbox.json"
+STATE_FILE_VAR = "LLMQ_SANDBOX_STATE"
+
+
+class TenantCredentials(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+    tier: str
+    api_key: str
+    webhook_secret: str
+
+
+class SandboxState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_url: str
+    aws_endpoint_url: str
+    region: str
+    provider_url: str
+    receiver_url: str
+    pid: int
+    tenants: list[TenantCredentials]
+
+    def tenant(self, selector: str | None = None) -> TenantCredentials:
+        """The first tenant, or the one whose tier, id or name is `selector`."""
+        if not self.tenants:
+            raise LookupError("the sandbox has no tenants")
+        if selector is None:
+            return self.tenants[0]
+        for tenant in self.tenants:
+            if selector in (tenant.tier, tenant.id, tenant.name):
+                return tenant
+        known = ", ".join(f"{tenant.id} ({tenant.tier})" for tenant in self.tenants)
+        raise LookupError(f"no tenant {selector!r} in the sandbox; it has {known}")
+
+
+def state_file(path: str | os.PathLike[str] | None = None) -> Path:
+    return Path(path or os.environ.get(STATE_FILE_VAR) or DEFAULT_STATE_FILE)
+
+
+def read_state(path: Path) -> SandboxState:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: start the sandbox with `llmq sandbox up`")
+    return SandboxState.model_validate_json(path.read_text())
+
+
+def write_state(path: Path, state: SandboxState) -> None:
+    """Atomically, readable by the owner only: it holds API keys and webhook secrets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(state.model_dump_json(indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def remove_state(path: Path, pid: int | None = None) -> None:
+    """Remove the file, but only if it still describes `pid` (when given)."""
+    try:
+        if pid is not None and read_state(path).pid != pid:
+            return
+        path.unlink()
+    except (FileNotFoundError, ValueError):
+        return
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
