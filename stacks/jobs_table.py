@@ -1,9 +1,11 @@
-"""The jobs table (with its tenant-listing and reconciler indexes) and the tenants table."""
+"""The job store: the jobs table (with its tenant-listing and reconciler indexes), the tenants
+table, and the bucket for inputs and results too large for an item (DESIGN §3.10)."""
 
 from __future__ import annotations
 
 import aws_cdk as cdk
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
@@ -23,8 +25,19 @@ class JobsTableConstruct(Construct):
         *,
         removal_policy: cdk.RemovalPolicy,
         deletion_protection: bool,
+        retention_days: int,
     ) -> None:
         super().__init__(scope, construct_id)
+        self.payloads = s3.Bucket(
+            self,
+            "Payloads",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            enforce_ssl=True,
+            # Payloads live as long as their job: the table's TTL plus a day of slack.
+            lifecycle_rules=[s3.LifecycleRule(expiration=cdk.Duration.days(retention_days + 1))],
+            removal_policy=removal_policy,
+        )
         self.jobs = self._build_table("Jobs", removal_policy, deletion_protection, ttl=TTL_ATTRIBUTE)
         self.jobs.add_global_secondary_index(
             index_name=TENANT_INDEX,

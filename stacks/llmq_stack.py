@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aws_cdk as cdk
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
@@ -59,7 +60,11 @@ class LlmqStack(cdk.Stack):
         )
         stateful_removal = cdk.RemovalPolicy.DESTROY if settings.sandbox else cdk.RemovalPolicy.RETAIN
         self.tables = JobsTableConstruct(
-            self, "Tables", removal_policy=stateful_removal, deletion_protection=not settings.sandbox
+            self,
+            "Tables",
+            removal_policy=stateful_removal,
+            deletion_protection=not settings.sandbox,
+            retention_days=config.retention_days,
         )
         self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=stateful_removal)
         self.lanes = LanesConstruct(self, "Lanes", config=config)
@@ -100,6 +105,7 @@ class LlmqStack(cdk.Stack):
             webhook_queue=self.webhooks.queue,
         )
         self.webhooks.link_public_api(self.api.url)
+        self._link_payloads()
         self.reconciler = ReconcilerConstruct(
             self,
             "Reconciler",
@@ -122,6 +128,18 @@ class LlmqStack(cdk.Stack):
         self._add_outputs()
         acknowledge_findings(self)
 
+    def _link_payloads(self) -> None:
+        """The api stores large inputs and reads results; the worker reads inputs, stores results."""
+        bucket = self.tables.payloads
+        for function in (self.api.function, self.worker.worker):
+            function.add_environment("LLMQ_PAYLOAD_BUCKET", bucket.bucket_name)
+            # Object reads and writes only: no listing, no deletes (the lifecycle rule expires them).
+            function.add_to_role_policy(
+                iam.PolicyStatement(
+                    actions=["s3:GetObject", "s3:PutObject"], resources=[bucket.arn_for_objects("*")]
+                )
+            )
+
     @property
     def functions(self) -> dict[str, lambda_.Function]:
         return {
@@ -139,6 +157,7 @@ class LlmqStack(cdk.Stack):
         outputs: dict[str, str] = {
             "ApiUrl": self.api.url,
             "JobsTableName": self.tables.jobs.table_name,
+            "PayloadBucketName": self.tables.payloads.bucket_name,
             "TenantsTableName": self.tables.tenants.table_name,
             "LaneQueueUrls": self.lanes.queue_urls_json(),
             "WebhookQueueUrl": self.webhooks.queue.queue_url,

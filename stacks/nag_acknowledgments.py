@@ -39,6 +39,20 @@ def acknowledge_findings(stack: LlmqStack) -> None:
         "new one. Operators rotate it with put-secret-value; the worker re-reads it every 5 minutes.",
     )
     _acknowledge_api(stack.api.rest_api)
+    bucket = cdk.Stack.of(stack).resolve(stack.tables.payloads.bucket_arn)["Fn::GetAtt"][0]
+    for function in (stack.api.function, stack.worker.worker):
+        _acknowledge(
+            function,
+            f"IAM5[Resource::<{bucket}.Arn>/*]",
+            "Get and Put on the payload bucket's objects: each job's input and result has its own key "
+            "(inputs/<job>/, results/<job>/), unknown until the job exists; no list, no delete.",
+        )
+    _acknowledge(
+        stack.tables.payloads,
+        "S1",
+        "The bucket holds only oversized job payloads, read and written by two function roles; "
+        "CloudTrail S3 data events are the audit trail where one is required, not access logs.",
+    )
 
 
 def _acknowledge_function(function: lambda_.Function, jobs_table_arn_token: str) -> None:

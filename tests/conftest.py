@@ -42,6 +42,7 @@ class MotoStack:
     lane_dlq_urls: dict[str, str]
     webhook_queue_url: str
     webhook_dlq_url: str
+    payload_bucket: str = "llmq-payloads"
 
     def environ(self, config_json: str) -> dict[str, str]:
         return {
@@ -50,6 +51,7 @@ class MotoStack:
             "LLMQ_TENANTS_TABLE": self.tenants_table,
             "LLMQ_LANE_QUEUE_URLS": json.dumps(self.lane_queue_urls),
             "LLMQ_WEBHOOK_QUEUE_URL": self.webhook_queue_url,
+            "LLMQ_PAYLOAD_BUCKET": self.payload_bucket,
         }
 
 
@@ -110,6 +112,7 @@ def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoS
         )["QueueUrl"]
         return url, dlq_url
 
+    aws.client("s3").create_bucket(Bucket="llmq-payloads")
     lane_urls: dict[str, str] = {}
     lane_dlqs: dict[str, str] = {}
     for lane in lanes:

@@ -19,11 +19,13 @@ from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from llmq import errors
 from llmq.config import ApiEnvironment
 from llmq.intake import JobIntake
 from llmq.jobs import JobRecord, JobRepository
 from llmq.models import Job, JobList, JobRequest, JobStatus, Problem
+from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import check_webhook_url
 from llmq.telemetry import logger
@@ -41,7 +43,7 @@ app.enable_swagger(path="/v1/docs", title="llmq", version="1.0.0")
 def intake() -> JobIntake:
     config = ENV.config
     return JobIntake(
-        jobs=JobRepository(ENV.jobs_table, config),
+        jobs=JobRepository(ENV.jobs_table, config, payloads=payload_store(ENV.payload_bucket)),
         queues=QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url),
         config=config,
         check_webhook_url=lambda url: check_webhook_url(

@@ -15,6 +15,7 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
     APIGatewayAuthorizerResponse,
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from llmq.config import AuthorizerEnvironment
 from llmq.telemetry import logger
 from llmq.tenants import TenantRepository

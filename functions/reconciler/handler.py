@@ -6,6 +6,7 @@ from functools import cache
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from llmq.config import ReconcilerEnvironment
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository

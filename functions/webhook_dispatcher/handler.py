@@ -18,6 +18,8 @@ from aws_lambda_powertools.utilities.batch import (
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import ValidationError
+
 from llmq.config import DispatcherEnvironment
 from llmq.errors import PoisonMessage
 from llmq.jobs import JobRepository
@@ -26,7 +28,6 @@ from llmq.queues import QueueRepository
 from llmq.telemetry import logger, metrics, tracer
 from llmq.tenants import TenantRepository
 from llmq.webhooks import DeliveryOutcome, OutcomeKind, WebhookDispatcher
-from pydantic import ValidationError
 
 ENV = DispatcherEnvironment.load(function_name="webhook_dispatcher")
 # A batch whose every delivery is retried is a normal answer, not a function error.

@@ -14,10 +14,12 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.parameters import get_secret
 from aws_lambda_powertools.utilities.typing import LambdaContext
+
 from llmq.config import WorkerEnvironment
 from llmq.errors import PoisonMessage
 from llmq.execution import Invocation, JobRunner, RetryLater
 from llmq.jobs import JobRepository
+from llmq.payloads import payload_store
 from llmq.providers import ChatCompletionsProvider
 from llmq.queues import QueueRepository
 from llmq.telemetry import logger, metrics, tracer
@@ -49,7 +51,8 @@ def runner() -> JobRunner:
         api_key=provider_api_key,
         stream=config.provider.stream,
     )
-    return JobRunner(JobRepository(ENV.jobs_table, config), queues(), provider, config)
+    jobs = JobRepository(ENV.jobs_table, config, payloads=payload_store(ENV.payload_bucket))
+    return JobRunner(jobs, queues(), provider, config)
 
 
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:

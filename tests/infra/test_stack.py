@@ -428,3 +428,16 @@ def test_api_throttling_and_the_authorizer_cache_come_from_the_config(synthesize
     (settings,) = stage["Properties"]["MethodSettings"]
     assert settings["ThrottlingRateLimit"] == config.limits.stage_rate_per_second
     assert settings["ThrottlingBurstLimit"] == config.limits.stage_burst
+
+
+@pytest.mark.parametrize("name", ["api", "worker"])
+def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_touch(synthesized, name):
+    (bucket_id, bucket) = next(iter(synthesized.template.of_type("AWS::S3::Bucket").items()))
+    assert bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert bucket["Properties"]["PublicAccessBlockConfiguration"]["BlockPublicAcls"] is True
+    assert synthesized.template.environment(name)["LLMQ_PAYLOAD_BUCKET"]
+    statements = synthesized.template.statements(name)
+    assert [s for s in statements if s.allows("s3:PutObject")]
+    assert not [s.raw for s in statements if s.allows("s3:DeleteObject") or s.allows("s3:ListBucket")]
+    others = ["authorizer", "reconciler", "dead_letter", "webhook_dispatcher"]
+    assert not [o for o in others for s in synthesized.template.statements(o) if s.allows("s3:GetObject")]

@@ -33,7 +33,10 @@ def client(service: str) -> Any:
                 service,  # type: ignore[call-overload]
                 region_name=region,
                 endpoint_url=endpoint,
-                config=_BOTO_CONFIG,
+                # Presigned S3 URLs must be SigV4: SigV2 is refused in newer regions.
+                config=_BOTO_CONFIG.merge(Config(signature_version="s3v4"))
+                if service == "s3"
+                else _BOTO_CONFIG,
             )
             _clients[key] = found
         return found

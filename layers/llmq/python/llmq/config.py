@@ -84,6 +84,11 @@ class LimitsConfig(_Frozen):
     max_get_wait_seconds: Annotated[int, Field(ge=0, le=20)] = 20
     max_deadline_seconds: Annotated[int, Field(ge=1)] = 86_400
     wait_poll_seconds: Annotated[float, Field(gt=0)] = 0.5
+    # An input or result whose JSON is larger than this goes to S3 (an item holds 400 KB).
+    max_item_payload_bytes: Annotated[int, Field(ge=1024, le=350_000)] = 300_000
+    # GET returns an S3-held result inline up to this size, and a presigned URL above it
+    # (a Lambda response holds 6 MB).
+    max_inline_result_bytes: Annotated[int, Field(ge=1024, le=5_000_000)] = 4_000_000
     # API Gateway stage throttling: the account-wide ceiling, answered with 429.
     stage_rate_per_second: Annotated[int, Field(ge=1)] = 50
     stage_burst: Annotated[int, Field(ge=1)] = 100
@@ -229,6 +234,7 @@ _JSON_VARS = {CONFIG_ENV_VAR, "LLMQ_LANE_QUEUE_URLS"}
 
 
 class ApiEnvironment(FunctionEnvironment):
+    payload_bucket: str | None = Field(default=None, alias="LLMQ_PAYLOAD_BUCKET")
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
     lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
@@ -239,6 +245,7 @@ class AuthorizerEnvironment(FunctionEnvironment):
 
 
 class WorkerEnvironment(FunctionEnvironment):
+    payload_bucket: str | None = Field(default=None, alias="LLMQ_PAYLOAD_BUCKET")
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
     lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
@@ -254,6 +261,7 @@ class DeadLetterEnvironment(FunctionEnvironment):
 
 
 class DispatcherEnvironment(FunctionEnvironment):
+    payload_bucket: str | None = Field(default=None, alias="LLMQ_PAYLOAD_BUCKET")
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
     tenants_table: str = Field(alias="LLMQ_TENANTS_TABLE", min_length=1)
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)

@@ -119,6 +119,8 @@ class JobRunner:
         remaining = invocation.remaining_seconds()
         reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
         timeout = min(self.config.provider.timeout_seconds, remaining - reserve)
+        if job.input is None:  # the claim loads an S3-held input; this cannot be empty
+            raise PoisonMessage(f"job {job.id} has no input")
         request = GenerationRequest(
             model=job.model, messages=job.input.messages, params=job.input.params, job_id=job.id
         )

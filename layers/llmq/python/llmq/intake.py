@@ -131,7 +131,7 @@ class JobIntake:
         while not job.status.is_terminal and time.monotonic() < deadline:
             self._sleep(min(self.config.limits.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
             job = self.jobs.get(job_id, tenant.tenant_id)
-        return job
+        return self.jobs.with_result(job)
 
     def list(
         self, tenant: TenantIdentity, status: JobStatus | None, limit: int, cursor: str | None

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from llmq import aws
 from llmq.config import LlmqConfig
-from llmq.errors import InvalidCursor, JobNotCancelable, JobNotFound, LeaseLost
+from llmq.errors import InvalidCursor, JobNotCancelable, JobNotFound, LeaseLost, PayloadTooLarge
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
@@ -37,6 +37,7 @@ from llmq.models import (
     WebhookDelivery,
     WebhookEvent,
 )
+from llmq.payloads import PayloadStore
 
 TENANT_INDEX = "by_tenant"
 SWEEP_INDEX = "by_sweep"
@@ -76,7 +77,9 @@ class JobRecord(BaseModel):
     status: JobStatus
     lane: str
     model: str
-    input: JobInput
+    # None when the input lives in S3 under `input_ref` (a claim brings it back).
+    input: JobInput | None = None
+    input_ref: str | None = None
     request_hash: str
     metadata: dict[str, str] = Field(default_factory=dict)
     created_ms: int
@@ -88,6 +91,9 @@ class JobRecord(BaseModel):
     lease_expires_ms: int | None = None
     deadline_ms: int | None = None
     result: JobResult | None = None
+    # Set when the result lives in S3; the API inlines it or hands out a presigned URL.
+    result_ref: str | None = None
+    result_url: str | None = None
     error: JobError | None = None
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] = Field(default_factory=list)
@@ -104,7 +110,7 @@ class JobRecord(BaseModel):
     def terminal_event(self) -> WebhookEvent | None:
         return EVENT_FOR_STATUS[self.status] if self.status.is_terminal else None
 
-    def to_job(self) -> Job:
+    def to_job(self, api_base: str = "") -> Job:
         webhook = None
         if self.webhook_url is not None:
             webhook = JobWebhook(
@@ -129,6 +135,8 @@ class JobRecord(BaseModel):
             attempts=self.attempts,
             cancel_requested=self.cancel_requested,
             result=self.result,
+            result_url=self.result_url
+            or (f"{api_base}/v1/jobs/{self.id}" if self.result is None and self.result_ref else None),
             error=self.error,
             webhook=webhook,
         )
@@ -138,7 +146,7 @@ _JSON_FIELDS = ("input", "result", "error")
 
 
 def _to_item(record: JobRecord, extra: dict[str, Any]) -> dict[str, Any]:
-    data = record.model_dump(mode="json", exclude_none=True)
+    data = record.model_dump(mode="json", exclude_none=True, exclude={"result_url"})
     for name in _JSON_FIELDS:
         if name in data:
             data[name] = json.dumps(data[name], separators=(",", ":"))
@@ -204,10 +212,17 @@ class SweepEntry:
 
 
 class JobRepository:
-    def __init__(self, table_name: str, config: LlmqConfig, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        table_name: str,
+        config: LlmqConfig,
+        clock: Clock = time.time,
+        payloads: PayloadStore | None = None,
+    ) -> None:
         self.table_name = table_name
         self.config = config
         self._clock = clock
+        self.payloads = payloads
 
     @property
     def _ddb(self) -> Any:
@@ -225,10 +240,11 @@ class JobRepository:
             "sweep_pk": SWEEP_PARTITION,
             "sweep_at": record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
         }
+        stored = self._offload_input(record)
         try:
             self._ddb.put_item(
                 TableName=self.table_name,
-                Item=_to_item(record, extra),
+                Item=_to_item(stored, extra),
                 # An item past its TTL but not yet deleted by DynamoDB counts as gone.
                 ConditionExpression="attribute_not_exists(pk) OR expires_at < :now_s",
                 ExpressionAttributeValues=_values(now_s=int(self._clock())),
@@ -242,6 +258,37 @@ class JobRepository:
                 raise
             return Created(job=existing, replayed=True)
         return Created(job=record, replayed=False)
+
+    def _store(self) -> PayloadStore:
+        if self.payloads is None:
+            raise PayloadTooLarge("this job needs the payload bucket, which is not configured")
+        return self.payloads
+
+    def _offload_input(self, record: JobRecord) -> JobRecord:
+        if record.input is None:
+            return record
+        data = record.input.model_dump_json().encode()
+        if len(data) <= self.config.limits.max_item_payload_bytes:
+            return record
+        ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
+        return record.model_copy(update={"input": None, "input_ref": ref})
+
+    def _with_input(self, record: JobRecord) -> JobRecord:
+        if record.input is not None or record.input_ref is None:
+            return record
+        data = self._store().get(record.input_ref)
+        return record.model_copy(update={"input": JobInput.model_validate_json(data)})
+
+    def with_result(self, record: JobRecord) -> JobRecord:
+        """The result of an S3-held job: inline up to the configured size, else a presigned URL."""
+        if record.result is not None or record.result_ref is None:
+            return record
+        store = self._store()
+        if store.size(record.result_ref) > self.config.limits.max_inline_result_bytes:
+            return record.model_copy(update={"result_url": store.presigned_url(record.result_ref)})
+        return record.model_copy(
+            update={"result": JobResult.model_validate_json(store.get(record.result_ref))}
+        )
 
     # ---- claim --------------------------------------------------------------------------
 
@@ -284,7 +331,7 @@ class JobRepository:
             if not _condition_failed(exc):
                 raise
             return self._why_not_claimed(_old_item(exc), now)
-        return Claim(ClaimOutcome.CLAIMED, _from_item(response["Attributes"]))
+        return Claim(ClaimOutcome.CLAIMED, self._with_input(_from_item(response["Attributes"])))
 
     def _why_not_claimed(self, old: JobRecord | None, now: int) -> Claim:
         if old is None or old.expires_at * 1000 <= now:
@@ -303,7 +350,13 @@ class JobRepository:
 
     def complete(self, job: JobRecord, owner: str, result: JobResult) -> JobRecord:
         """Fenced: only the worker holding the lease may record the result."""
-        return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result)
+        data = result.model_dump_json().encode()
+        if len(data) <= self.config.limits.max_item_payload_bytes:
+            return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result)
+        # Keyed by owner too, so a fenced-out worker's upload never replaces the winner's.
+        key = f"results/{job.id}/{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
+        ref = self._store().put(key, data)
+        return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result_ref=ref)
 
     def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
         return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
@@ -346,6 +399,7 @@ class JobRepository:
         *,
         result: JobResult | None = None,
         error: JobError | None = None,
+        result_ref: str | None = None,
     ) -> JobRecord:
         try:
             return self._finish(
@@ -355,6 +409,7 @@ class JobRepository:
                 values={"owner": owner, "running": "running"},
                 result=result,
                 error=error,
+                result_ref=result_ref,
             )
         except _ConditionFailed as exc:
             raise LeaseLost(job.id) from exc
@@ -368,6 +423,7 @@ class JobRepository:
         values: dict[str, Any],
         result: JobResult | None = None,
         error: JobError | None = None,
+        result_ref: str | None = None,
     ) -> JobRecord:
         """The one terminal write. It sets the delivery to pending when the event is subscribed."""
         now = self.now_ms()
@@ -379,6 +435,9 @@ class JobRepository:
             sets.append("#res = :result")
             names["#res"] = "result"
             all_values["result"] = result.model_dump_json()
+        if result_ref is not None:
+            sets.append("result_ref = :result_ref")
+            all_values["result_ref"] = result_ref
         if error is not None:
             sets.append("#err = :error")
             names["#err"] = "error"

@@ -247,7 +247,10 @@ class WebhookDispatcher:
         except InvalidWebhookUrl as exc:
             return _Response(None, error=exc.detail)
         body = build_payload(
-            job.to_job(), event, self._public_api_url, self._policy.inline_result_limit_bytes
+            job.to_job(api_base=self._public_api_url),
+            event,
+            self._public_api_url,
+            self._policy.inline_result_limit_bytes,
         )
         return await self._post(target, body, self._headers(webhook_id(job.id, event), body, secrets))
 

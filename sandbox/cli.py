@@ -1,0 +1,645 @@
+"""`llmq`: the sandbox, the API, tenants, dead letters and webhook checks from one command.
+
+    llmq sandbox up [--detach] | down | status
+    llmq submit "prompt" [--webhook URL] [--wait N] ...     llmq status JOB [--wait]
+    llmq cancel JOB                                          llmq jobs [--status S]
+    llmq tenants create --name N --tier T | rotate-secret TENANT
+    llmq dlq list | redrive [--queue NAME]
+    llmq webhooks verify --secret whsec_... --file saved_request.json
+    llmq demo
+
+API commands use the running sandbox (`.llmq/sandbox.json`, first tenant or --tenant), or a
+deployed API with --api-url and --api-key. AWS commands (tenants, dlq) use the sandbox's
+moto when one is running, else your AWS credentials (or --endpoint-url).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sandbox.state import (
+    SandboxState,
+    TenantCredentials,
+    pid_alive,
+    read_state,
+    remove_state,
+    state_file,
+    write_state,
+)
+
+DETACH_TIMEOUT_SECONDS = 240.0
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+class CliError(Exception):
+    """Printed as `llmq: <message>`; exit status 1."""
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# ---- sandbox up / down / status -------------------------------------------------------------
+
+
+def _running_state(path: Path) -> SandboxState | None:
+    try:
+        state = read_state(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if pid_alive(state.pid) else None
+
+
+def _api_answers(state: SandboxState) -> bool:
+    try:
+        return httpx.get(f"{state.api_url}/v1/openapi.json", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def cmd_sandbox_up(args: argparse.Namespace) -> int:
+    path = state_file(args.state_file)
+    running = _running_state(path)
+    if running is not None and running.pid != os.getpid():
+        raise CliError(f"a sandbox is already running (pid {running.pid}, {path}); `llmq sandbox down` first")
+    if args.detach:
+        return _up_detached(path, args.timeout)
+    return _up_foreground(path, announce=not args.serve)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _up_foreground(path: Path, announce: bool) -> int:
+    import logging
+
+    from sandbox.launcher import Sandbox, SandboxStartError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
+    sandbox = Sandbox(log_dir=path.parent / "logs")
+    pid = os.getpid()
+    try:
+        if announce:
+            print("starting the sandbox: synthesizing the CDK app and deploying it into moto ...", flush=True)
+        try:
+            state = sandbox.start(pid)
+        except SandboxStartError as exc:
+            print(f"llmq: the sandbox did not start: {exc}", file=sys.stderr)
+            return 1
+        write_state(path, state)
+        if announce:
+            print(_banner(state, path), flush=True)
+        else:
+            print(f"sandbox ready: {state.api_url}", flush=True)
+        _sleep_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sandbox.stop()
+        remove_state(path, pid)
+    if announce:
+        print("sandbox stopped")
+    return 0
+
+
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _banner(state: SandboxState, path: Path) -> str:
+    enterprise = state.tenant("enterprise")
+    free = state.tenant("free")
+    api, hook = state.api_url, f"{state.receiver_url}/hooks/demo"
+    return f"""
+llmq sandbox is up (pid {state.pid}). State: {path}  Function logs: {path.parent / "logs"}/
+
+  API        {api}
+  AWS (moto) {state.aws_endpoint_url}   region {state.region}
+  provider   {state.provider_url}
+  receiver   {state.receiver_url}   (GET /_deliveries)
+
+Try it (enterprise tenant {enterprise.id}; the free tenant is {free.id}, key {free.api_key}):
+
+  export LLMQ_API={api}
+  export LLMQ_KEY={enterprise.api_key}
+
+  # submit; the fake provider obeys [[latency:S]] [[tokens:N]] [[fail:503x1]] [[fail:400:context_length_exceeded]] [[hang]]
+  curl -s $LLMQ_API/v1/jobs -H "Authorization: Bearer $LLMQ_KEY" -H 'Content-Type: application/json' \\
+       -H 'Idempotency-Key: try-1' \\
+       -d '{{"prompt": "Say hello [[latency:1]]", "webhook": {{"url": "{hook}"}}}}'
+
+  # poll it (long-poll up to 20 s), list, cancel
+  curl -s "$LLMQ_API/v1/jobs/JOB_ID?wait=10" -H "Authorization: Bearer $LLMQ_KEY"
+  curl -s "$LLMQ_API/v1/jobs?limit=5" -H "Authorization: Bearer $LLMQ_KEY"
+  curl -s -X POST $LLMQ_API/v1/jobs/JOB_ID/cancel -H "Authorization: Bearer $LLMQ_KEY"
+
+  # what the receiver got (verified with the reference standardwebhooks library)
+  curl -s {state.receiver_url}/_deliveries
+
+  # or the CLI: llmq submit "Say hello" --wait 10 ; llmq jobs ; llmq dlq list
+
+Ctrl-C stops it.
+"""
+
+
+def _up_detached(path: Path, timeout: float) -> int:
+    path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = path.parent / "sandbox.log"
+    command = [sys.executable, "-m", "sandbox", "--state-file", str(path), "sandbox", "up", "--serve"]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise CliError(f"the sandbox exited during start (status {process.returncode}):\n{_tail(log_path)}")
+        state = _running_state(path)
+        if state is not None and state.pid == process.pid and _api_answers(state):
+            print(f"sandbox up (pid {state.pid}): API {state.api_url}; state in {path}")
+            return 0
+        time.sleep(0.25)
+    _kill_group(process.pid)
+    raise CliError(f"the sandbox did not answer within {timeout:.0f}s:\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def cmd_sandbox_down(args: argparse.Namespace) -> int:
+    path = state_file(args.state_file)
+    try:
+        state = read_state(path)
+    except FileNotFoundError:
+        print("no sandbox is running")
+        return 0
+    pid = state.pid
+    # A detached sandbox leads its own process group (its function environments are in it);
+    # a foreground one (`make dev`) shares the terminal's, which must not be signalled.
+    leads_group = pid_alive(pid) and _process_group(pid) == pid
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if leads_group:
+        _kill_group(pid)
+    remove_state(path)
+    print(f"sandbox stopped (pid {pid})")
+    return 0
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def cmd_sandbox_status(args: argparse.Namespace) -> int:
+    path = state_file(args.state_file)
+    state = _running_state(path)
+    if state is None:
+        print("no sandbox is running")
+        return 1
+    _print_json({**state.model_dump(), "api_answers": _api_answers(state)})
+    return 0
+
+
+# ---- the API --------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sandbox.client import LlmqClient
+
+    api_url = args.api_url or os.environ.get("LLMQ_API_URL")
+    api_key = args.api_key or os.environ.get("LLMQ_API_KEY")
+    if api_url and api_key:
+        return LlmqClient(api_url, api_key)
+    if api_url or api_key:
+        raise CliError("give both --api-url and --api-key (or neither, to use the sandbox)")
+    path = state_file(args.state_file)
+    try:
+        state = read_state(path)
+    except FileNotFoundError as exc:
+        raise CliError(f"{exc}, or pass --api-url and --api-key") from exc
+    try:
+        tenant = state.tenant(args.tenant)
+    except LookupError as exc:
+        raise CliError(str(exc)) from exc
+    return LlmqClient(state.api_url, tenant.api_key)
+
+
+def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        key, separator, rest = value.partition("=")
+        if not separator:
+            raise CliError(f"{what} must look like key=value, not {value!r}")
+        pairs[key] = rest
+    return pairs
+
+
+def _param_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
+    if args.file:
+        body: dict[str, Any] = json.loads(Path(args.file).read_text())
+    elif args.prompt:
+        body = {"prompt": args.prompt}
+    else:
+        raise CliError("give a prompt, or --file with a JSON body")
+    if args.model:
+        body["model"] = args.model
+    params = {key: _param_value(value) for key, value in _pairs(args.param, "--param").items()}
+    if params:
+        body["params"] = {**body.get("params", {}), **params}
+    if args.webhook:
+        body["webhook"] = {"url": args.webhook, **({"events": args.event} if args.event else {})}
+    metadata = _pairs(args.metadata, "--metadata")
+    if metadata:
+        body["metadata"] = {**body.get("metadata", {}), **metadata}
+    if args.deadline:
+        body["deadline_seconds"] = args.deadline
+    return body
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.submit(_submit_body(args), args.idempotency_key, args.wait)
+        if reply.headers.get("idempotent-replayed"):
+            print("Idempotent-Replayed: true (the original job; nothing was created)", file=sys.stderr)
+        job = reply.body
+        if args.follow and job["status"] not in ("succeeded", "failed", "canceled", "expired"):
+            job = client.wait(job["id"], args.timeout)
+    _print_json(job)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.wait(args.job_id, args.timeout) if args.wait else client.get(args.job_id)
+    _print_json(job)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.cancel(args.job_id))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = client.list_all(args.status) if args.all else client.list(args.status, args.limit)["data"]
+    if args.json:
+        _print_json(jobs)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "status", "lane", "model", "attempts", "created_at", "error")
+    for job in jobs:
+        error = (job.get("error") or {}).get("code", "")
+        table.add_row(
+            job["id"], job["status"], job["lane"], job["model"], str(job["attempts"]), job["created_at"], error
+        )
+    Console().print(table)
+    return 0
+
+
+# ---- AWS: tenants and dead letters ----------------------------------------------------------
+
+
+class AwsTarget:
+    """The sandbox's moto, an explicit endpoint, or the account your credentials name."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.state: SandboxState | None = None
+        self.endpoint_url: str | None = args.endpoint_url
+        self.region: str | None = args.region
+        self.stack = args.stack
+        if self.endpoint_url is None and not args.aws:
+            self.state = _running_state(state_file(args.state_file))
+            if self.state is not None:
+                self.endpoint_url = self.state.aws_endpoint_url
+                self.region = self.region or self.state.region
+        where = f"the sandbox ({self.endpoint_url})" if self.state else (self.endpoint_url or "AWS")
+        print(f"llmq: using {where}", file=sys.stderr)
+
+    def client(self, service: str, config: Any = None) -> Any:
+        import boto3
+
+        credentials = (
+            {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"} if self.state is not None else {}
+        )
+        session = boto3.session.Session(region_name=self.region, **credentials)
+        return session.client(service, endpoint_url=self.endpoint_url, config=config)  # type: ignore[call-overload]
+
+    def outputs(self) -> dict[str, str]:
+        from sandbox.dead_letters import stack_outputs
+
+        return stack_outputs(self.client("cloudformation"), self.stack)
+
+    @contextmanager
+    def for_llmq(self) -> Iterator[None]:
+        """llmq's own client factory reads the endpoint and region from os.environ."""
+        from llmq import aws
+
+        overrides = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
+        if self.state is not None:
+            overrides |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        saved = {name: os.environ.get(name) for name in overrides}
+        for name, value in overrides.items():
+            if value is not None:
+                os.environ[name] = value
+        aws.reset_clients()
+        try:
+            yield
+        finally:
+            for name, previous in saved.items():
+                if previous is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = previous
+            aws.reset_clients()
+
+
+def _tenants_repository(target: AwsTarget, table: str | None) -> Any:
+    from llmq.tenants import TenantRepository
+
+    return TenantRepository(table or target.outputs()["TenantsTableName"])
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    target = AwsTarget(args)
+    with target.for_llmq():
+        created = _tenants_repository(target, args.table).create(args.name, args.tier, tenant_id=args.id)
+    credentials = TenantCredentials(
+        id=created.tenant.id,
+        name=created.tenant.name,
+        tier=created.tenant.tier,
+        api_key=created.api_key,
+        webhook_secret=created.tenant.webhook_secrets[0],
+    )
+    if target.state is not None:
+        target.state.tenants.append(credentials)
+        write_state(state_file(args.state_file), target.state)
+    print("The API key is shown once; llmq stores only its hash.", file=sys.stderr)
+    _print_json(credentials.model_dump())
+    return 0
+
+
+def cmd_tenants_rotate(args: argparse.Namespace) -> int:
+    from llmq.tenants import UnknownTenant
+
+    target = AwsTarget(args)
+    try:
+        with target.for_llmq():
+            tenant = _tenants_repository(target, args.table).rotate_webhook_secret(
+                args.tenant_id, keep_previous=not args.drop_previous
+            )
+    except UnknownTenant as exc:
+        raise CliError(f"no tenant {args.tenant_id}") from exc
+    if target.state is not None:
+        for entry in target.state.tenants:
+            if entry.id == tenant.id:
+                entry.webhook_secret = tenant.webhook_secrets[0]
+        write_state(state_file(args.state_file), target.state)
+    note = "both sign until the next rotation" if len(tenant.webhook_secrets) > 1 else "the old one no longer signs"
+    print(f"New secret first; {note}.", file=sys.stderr)
+    _print_json({"id": tenant.id, "webhook_secrets": tenant.webhook_secrets})
+    return 0
+
+
+def _dead_letter_queues(target: AwsTarget, selected: str | None) -> list[Any]:
+    from sandbox.dead_letters import stack_dead_letter_queues
+
+    queues = stack_dead_letter_queues(target.outputs())
+    if selected:
+        queues = [queue for queue in queues if queue.name == selected]
+        if not queues:
+            raise CliError(f"no dead-letter queue {selected!r}")
+    return queues
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from sandbox.dead_letters import depth, peek
+
+    target = AwsTarget(args)
+    sqs = target.client("sqs")
+    listing = []
+    for queue in _dead_letter_queues(target, args.queue):
+        found = depth(sqs, queue.dlq_url)
+        entry: dict[str, Any] = {
+            "queue": queue.name,
+            "dlq_url": queue.dlq_url,
+            "visible": found.visible,
+            "in_flight": found.in_flight,
+            "redrives_to": queue.source_url,
+        }
+        if args.peek:
+            entry["peek"] = peek(sqs, queue.dlq_url, args.peek)
+        listing.append(entry)
+    _print_json(listing)
+    return 0
+
+
+def cmd_dlq_redrive(args: argparse.Namespace) -> int:
+    from sandbox.dead_letters import redrive
+
+    target = AwsTarget(args)
+    results = [
+        redrive(target.client, queue, args.max).__dict__ for queue in _dead_letter_queues(target, args.queue)
+    ]
+    _print_json(results)
+    return 0
+
+
+# ---- webhooks -------------------------------------------------------------------------------
+
+
+def cmd_webhooks_verify(args: argparse.Namespace) -> int:
+    from sandbox.signatures import verify_delivery
+
+    saved = json.loads(Path(args.file).read_text())
+    headers = {str(name).lower(): str(value) for name, value in (saved.get("headers") or {}).items()}
+    body = saved.get("body")
+    if not isinstance(body, str):
+        print(
+            "warning: the saved body is not a string; it is re-serialized, so the bytes may differ "
+            "from what was signed. Save the raw body as a JSON string.",
+            file=sys.stderr,
+        )
+        body = json.dumps(body, separators=(",", ":"))
+    verdict = verify_delivery(body, headers, args.secret)
+    if verdict.verified:
+        which = f" (secret #{(verdict.secret_index or 0) + 1})" if len(args.secret) > 1 else ""
+        print(f"verified{which}: webhook-id {headers.get('webhook-id')}")
+        return 0
+    print(f"NOT verified: {verdict.reason}")
+    return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sandbox.demo import main as demo_main
+
+    return demo_main()
+
+
+# ---- the parser -----------------------------------------------------------------------------
+
+
+def _api_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", help="sandbox tenant: free, enterprise, or a tenant id (default: the first)")
+    parser.add_argument("--api-url", help="a deployed API (its ApiUrl output); needs --api-key")
+    parser.add_argument("--api-key", help="the tenant's API key for --api-url")
+
+
+def _aws_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint-url", help="an AWS-compatible endpoint (default: the sandbox's, if running)")
+    parser.add_argument("--aws", action="store_true", help="use your AWS credentials even if a sandbox runs")
+    parser.add_argument("--region", help="AWS region")
+    parser.add_argument("--stack", default="Llmq", help="the stack whose outputs name tables and queues")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmq", description="llmq: sandbox, API, tenants, dead letters, webhooks")
+    parser.add_argument("--state-file", help=f"the sandbox state file (default: {state_file()})")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sandbox = commands.add_parser("sandbox", help="the embedded sandbox").add_subparsers(dest="action", required=True)
+    up = sandbox.add_parser("up", help="start it (foreground unless --detach)")
+    up.add_argument("--detach", action="store_true", help="run in the background; return once the API answers")
+    up.add_argument("--timeout", type=float, default=DETACH_TIMEOUT_SECONDS, help="seconds to wait with --detach")
+    up.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    up.set_defaults(handler=cmd_sandbox_up)
+    sandbox.add_parser("down", help="stop it").set_defaults(handler=cmd_sandbox_down)
+    sandbox.add_parser("status", help="print its state").set_defaults(handler=cmd_sandbox_status)
+
+    submit = commands.add_parser("submit", help="submit a job")
+    submit.add_argument("prompt", nargs="?")
+    submit.add_argument("--file", help="a JSON request body instead of a prompt")
+    submit.add_argument("--model")
+    submit.add_argument("--param", action="append", help="generation parameter key=value (repeatable)")
+    submit.add_argument("--webhook", help="webhook URL")
+    submit.add_argument("--event", action="append", help="webhook event to subscribe (repeatable)")
+    submit.add_argument("--metadata", action="append", help="metadata key=value (repeatable)")
+    submit.add_argument("--deadline", type=int, help="deadline_seconds")
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--wait", type=int, help="Prefer: wait=N (N <= 25)")
+    submit.add_argument("--follow", action="store_true", help="poll until the job is terminal")
+    submit.add_argument("--timeout", type=float, default=300.0)
+    _api_options(submit)
+    submit.set_defaults(handler=cmd_submit)
+
+    status = commands.add_parser("status", help="get a job")
+    status.add_argument("job_id")
+    status.add_argument("--wait", action="store_true", help="long-poll until it is terminal")
+    status.add_argument("--timeout", type=float, default=300.0)
+    _api_options(status)
+    status.set_defaults(handler=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    _api_options(cancel)
+    cancel.set_defaults(handler=cmd_cancel)
+
+    jobs = commands.add_parser("jobs", help="list your jobs, newest first")
+    jobs.add_argument("--status")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--all", action="store_true", help="every page")
+    jobs.add_argument("--json", action="store_true")
+    _api_options(jobs)
+    jobs.set_defaults(handler=cmd_jobs)
+
+    tenants = commands.add_parser("tenants", help="tenants and their secrets").add_subparsers(
+        dest="action", required=True
+    )
+    create = tenants.add_parser("create", help="create a tenant and its first API key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tier", required=True, help="e.g. enterprise or free: it picks the lane")
+    create.add_argument("--id", help="tenant id (default: generated)")
+    create.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
+    _aws_options(create)
+    create.set_defaults(handler=cmd_tenants_create)
+    rotate = tenants.add_parser("rotate-secret", help="new webhook secret; the previous one keeps signing")
+    rotate.add_argument("tenant_id")
+    rotate.add_argument("--drop-previous", action="store_true", help="stop signing with the previous secret")
+    rotate.add_argument("--table")
+    _aws_options(rotate)
+    rotate.set_defaults(handler=cmd_tenants_rotate)
+
+    dlq = commands.add_parser("dlq", help="dead-letter queues").add_subparsers(dest="action", required=True)
+    listing = dlq.add_parser("list", help="depth of every DLQ")
+    listing.add_argument("--queue", help="a lane name or webhooks")
+    listing.add_argument("--peek", type=int, default=0, help="show up to N message bodies")
+    _aws_options(listing)
+    listing.set_defaults(handler=cmd_dlq_list)
+    again = dlq.add_parser("redrive", help="move dead letters back to their source queue")
+    again.add_argument("--queue", help="a lane name or webhooks (default: all)")
+    again.add_argument("--max", type=int, help="at most N messages (uses receive-and-send)")
+    _aws_options(again)
+    again.set_defaults(handler=cmd_dlq_redrive)
+
+    webhooks = commands.add_parser("webhooks", help="webhook tools").add_subparsers(dest="action", required=True)
+    verify = webhooks.add_parser("verify", help="check a saved delivery's signature")
+    verify.add_argument("--secret", action="append", required=True, help="whsec_... (repeatable)")
+    verify.add_argument("--file", required=True, help='JSON: {"headers": {...}, "body": "<raw body>"}')
+    verify.set_defaults(handler=cmd_webhooks_verify)
+
+    commands.add_parser("demo", help="the scripted tour (make demo)").set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sandbox.client import ApiError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except (CliError, ApiError) as exc:
+        print(f"llmq: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"llmq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

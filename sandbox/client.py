@@ -1,0 +1,109 @@
+"""A small client of the public API v1, for the CLI and the demo (the same calls as curl)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, body: Any) -> None:
+        detail = body.get("detail") or body.get("title") or body.get("message") if isinstance(body, dict) else body
+        code = body.get("code") if isinstance(body, dict) else None
+        super().__init__(f"{status} {code or ''} {detail or ''}".strip())
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: httpx.Headers
+    body: Any
+
+
+class LlmqClient:
+    def __init__(self, api_url: str, api_key: str, timeout: float = 40.0) -> None:
+        # A deployed ApiUrl ends with the stage ("/prod/"); the sandbox's has none. Both take "v1/...".
+        self.base_url = api_url.rstrip("/")
+        self._http = httpx.Client(
+            timeout=timeout, headers={"Authorization": f"Bearer {api_key}", "User-Agent": "llmq-cli/1"}
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> LlmqClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Reply:
+        response = self._http.request(method, f"{self.base_url}{path}", **kwargs)
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = response.text
+        return Reply(response.status_code, response.headers, body)
+
+    def _ok(self, reply: Reply) -> Any:
+        if reply.status >= 400:
+            raise ApiError(reply.status, reply.body)
+        return reply.body
+
+    def submit(
+        self,
+        body: dict[str, Any],
+        idempotency_key: str | None = None,
+        prefer_wait: int | None = None,
+    ) -> Reply:
+        headers = {}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        if prefer_wait:
+            headers["Prefer"] = f"wait={prefer_wait}"
+        reply = self.request("POST", "/v1/jobs", json=body, headers=headers)
+        self._ok(reply)
+        return reply
+
+    def get(self, job_id: str, wait: int = 0) -> dict[str, Any]:
+        params = {"wait": str(wait)} if wait else None
+        job: dict[str, Any] = self._ok(self.request("GET", f"/v1/jobs/{job_id}", params=params))
+        return job
+
+    def wait(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Long-poll (20 s at a time) until the job is terminal or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        job = self.get(job_id)
+        while job["status"] not in TERMINAL and time.monotonic() < deadline:
+            job = self.get(job_id, wait=max(1, min(20, int(deadline - time.monotonic()))))
+        return job
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = self._ok(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
+        return job
+
+    def list(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        params = {"limit": str(limit)}
+        if status:
+            params["status"] = status
+        if cursor:
+            params["cursor"] = cursor
+        page: dict[str, Any] = self._ok(self.request("GET", "/v1/jobs", params=params))
+        return page
+
+    def list_all(self, status: str | None = None) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.list(status=status, limit=100, cursor=cursor)
+            jobs.extend(page["data"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return jobs

@@ -1,0 +1,135 @@
+"""`llmq dlq list|redrive`: the stack's dead-letter queues, found from its outputs.
+
+Redrive uses SQS's StartMessageMoveTask where the service has it (AWS), and falls back to
+receive, send to the source queue, delete (moto has no message move tasks). The fallback
+keeps each message's body and attributes; the receive count starts again at zero, as it
+does after a move task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+# What a service without message move tasks answers (moto: a 500 "not implemented").
+_UNSUPPORTED_CODES = {"UnsupportedOperation", "InvalidAction", "NotImplemented", "AWS.SimpleQueueService.UnsupportedOperation"}
+_NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
+
+
+@dataclass(frozen=True)
+class DeadLetterQueue:
+    name: str  # the lane, or "webhooks"
+    dlq_url: str
+    source_url: str
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    visible: int
+    in_flight: int
+    delayed: int
+
+
+@dataclass(frozen=True)
+class RedriveResult:
+    queue: str
+    method: str  # "StartMessageMoveTask" or "receive-and-send"
+    moved: int | None  # None while a move task runs asynchronously
+    task_handle: str | None = None
+
+
+def stack_dead_letter_queues(outputs: dict[str, str]) -> list[DeadLetterQueue]:
+    """Pairs every DLQ output (LaneDlqUrl<Lane>, WebhookDlqUrl) with its source queue output."""
+    queues = []
+    for key, url in sorted(outputs.items()):
+        if key.startswith("LaneDlqUrl"):
+            lane = key.removeprefix("LaneDlqUrl")
+            source = outputs.get(f"LaneQueueUrl{lane}")
+            if source:
+                queues.append(DeadLetterQueue(lane.lower(), url, source))
+    if outputs.get("WebhookDlqUrl") and outputs.get("WebhookQueueUrl"):
+        queues.append(DeadLetterQueue("webhooks", outputs["WebhookDlqUrl"], outputs["WebhookQueueUrl"]))
+    return queues
+
+
+def stack_outputs(cloudformation: Any, stack_name: str) -> dict[str, str]:
+    stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
+    return {output["OutputKey"]: str(output.get("OutputValue", "")) for output in stack.get("Outputs", [])}
+
+
+def depth(sqs: Any, url: str) -> QueueDepth:
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=[
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ],
+    )["Attributes"]
+    return QueueDepth(
+        visible=int(attributes.get("ApproximateNumberOfMessages", 0)),
+        in_flight=int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        delayed=int(attributes.get("ApproximateNumberOfMessagesDelayed", 0)),
+    )
+
+
+def _arn(sqs: Any, url: str) -> str:
+    return str(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"])
+
+
+def _unsupported(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    return error.get("Code") in _UNSUPPORTED_CODES or status in (500, 501)
+
+
+def redrive(session_client: Any, queue: DeadLetterQueue, max_messages: int | None = None) -> RedriveResult:
+    """Move `queue`'s dead letters back to its source queue. `session_client(service, config)`."""
+    sqs = session_client("sqs", None)
+    if max_messages is None:
+        try:
+            task = session_client("sqs", _NO_RETRY).start_message_move_task(
+                SourceArn=_arn(sqs, queue.dlq_url), DestinationArn=_arn(sqs, queue.source_url)
+            )
+            return RedriveResult(queue.name, "StartMessageMoveTask", None, task.get("TaskHandle"))
+        except ClientError as exc:
+            if not _unsupported(exc):
+                raise
+    return RedriveResult(queue.name, "receive-and-send", _receive_and_send(sqs, queue, max_messages))
+
+
+def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None) -> int:
+    moved = 0
+    while max_messages is None or moved < max_messages:
+        count = 10 if max_messages is None else max(1, min(10, max_messages - moved))
+        messages = sqs.receive_message(
+            QueueUrl=queue.dlq_url,
+            MaxNumberOfMessages=count,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=60,
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        if not messages:
+            return moved
+        for message in messages:
+            sqs.send_message(
+                QueueUrl=queue.source_url,
+                MessageBody=message["Body"],
+                **({"MessageAttributes": message["MessageAttributes"]} if message.get("MessageAttributes") else {}),
+            )
+            # Deleted only once the copy is safely in the source queue: a crash here duplicates,
+            # which the claim's idempotency absorbs, and never loses a message.
+            sqs.delete_message(QueueUrl=queue.dlq_url, ReceiptHandle=message["ReceiptHandle"])
+            moved += 1
+    return moved
+
+
+def peek(sqs: Any, url: str, count: int) -> list[str]:
+    """Bodies of up to `count` visible dead letters; they become visible again at once."""
+    messages = sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=max(1, min(10, count)), WaitTimeSeconds=0, VisibilityTimeout=0
+    ).get("Messages", [])
+    return [str(message["Body"]) for message in messages]

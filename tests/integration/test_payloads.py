@@ -1,0 +1,71 @@
+"""Inputs and results too large for a DynamoDB item live in S3; the API still returns them."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmq import aws
+from sandbox.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, Harness
+
+
+@pytest.fixture
+def small_items(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> Harness:
+    # Any payload over 1 KB goes to S3, so the test needs no megabyte prompts.
+    config = integration_config(
+        provider,
+        limits={
+            "max_prompt_chars": 50_000,
+            "max_body_bytes": 200_000,
+            "max_item_payload_bytes": 1024,
+            "wait_poll_seconds": 0.05,
+        },
+    )
+    return Harness(moto_stack, config, monkeypatch)
+
+
+def _item(harness: Harness, job_id: str) -> dict:
+    return aws.client("dynamodb").get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})[
+        "Item"
+    ]
+
+
+def test_a_large_prompt_and_result_round_trip_through_s3(
+    small_items: Harness, provider: FakeProviderServer
+) -> None:
+    harness = small_items
+    prompt = "lorem ipsum " * 400 + "[[tokens:600]]"
+    job_id = harness.submit(prompt=prompt).body["id"]
+    item = _item(harness, job_id)
+    assert "input" not in item and item["input_ref"]["S"].startswith(f"inputs/{job_id}/")
+    assert harness.drain("high") == {"batchItemFailures": []}
+    item = _item(harness, job_id)
+    assert "result" not in item and item["result_ref"]["S"].startswith(f"results/{job_id}/")
+    # GET inlines the result
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert job["status"] == "succeeded"
+    assert len(job["result"]["output"].split()) == 600
+    assert job["result_url"] is None
+    # The list does not fetch it: it points at the job instead
+    listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"][0]
+    assert listed["result"] is None and listed["result_url"] == f"/v1/jobs/{job_id}"
+    assert provider.calls_for(job_id) == 1
+
+
+def test_a_result_above_the_inline_limit_is_a_presigned_url(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = integration_config(
+        provider,
+        limits={"max_prompt_chars": 5000, "max_item_payload_bytes": 1024, "max_inline_result_bytes": 1024},
+    )
+    harness = Harness(moto_stack, config, monkeypatch)
+    job_id = harness.submit(prompt="[[tokens:600]]").body["id"]
+    harness.drain("high")
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert job["result"] is None
+    assert "X-Amz-Signature" in job["result_url"] and job_id in job["result_url"]
