@@ -25,7 +25,6 @@ sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 
 from llmq import aws  # noqa: E402
 from llmq.config import LlmqConfig  # noqa: E402
-
 from sandbox.fake_provider import FakeProviderServer  # noqa: E402
 from sandbox.moto_fidelity import make_dynamodb_writes_atomic  # noqa: E402
 
@@ -123,7 +122,6 @@ def idle_time(latencies: tuple[float, ...] = (1.0, 5.0), batch: int = 10) -> lis
 def _sequential(worker: Any, event: dict[str, Any]) -> None:
     """The baseline: the same domain code, one record at a time."""
     from llmq.execution import Invocation
-
     from tests.integration.harness import LambdaContextStub
 
     context = LambdaContextStub(timeout_seconds=900)
@@ -170,7 +168,6 @@ class CallCounter:
 def aws_calls() -> dict[str, Any]:
     """Calls per step for one job with a webhook, as the handlers make them."""
     from llmq.tenants import TenantRepository
-
     from tests.integration.harness import LambdaContextStub, load_handler
     from tests.integration.webhook_receiver import WebhookReceiver
 

@@ -78,7 +78,7 @@ def _cost(calls: dict[str, Any] | None) -> dict[str, Any]:
             sqs_sends=counts.get("SendMessage", 0),
             sqs_polls=0.4,  # receive + delete, per batch of 10, for two queues
         )
-    out = {}
+    out: dict[str, Any] = {}
     for latency in (10.0, 60.0):
         workload = cost.Workload(jobs=1_000_000, latency_seconds=latency, calls=measured)
         batched = cost.total(cost.cost_per_million(workload, workload.batch_size))

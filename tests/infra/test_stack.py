@@ -432,7 +432,7 @@ def test_api_throttling_and_the_authorizer_cache_come_from_the_config(synthesize
 
 @pytest.mark.parametrize("name", ["api", "worker"])
 def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_touch(synthesized, name):
-    (bucket_id, bucket) = next(iter(synthesized.template.of_type("AWS::S3::Bucket").items()))
+    (bucket,) = synthesized.template.of_type("AWS::S3::Bucket").values()
     assert bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     assert bucket["Properties"]["PublicAccessBlockConfiguration"]["BlockPublicAcls"] is True
     assert synthesized.template.environment(name)["LLMQ_PAYLOAD_BUCKET"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from llmq.config import LlmqConfig
 
+from llmq.config import LlmqConfig
 from sandbox.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.harness import Harness

@@ -13,9 +13,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
 from llmq import aws
 from llmq.config import LlmqConfig
-
 from tests.conftest import MotoStack, load_event
 
 ENTERPRISE = {"tenant_id": "ten_acme", "tier": "enterprise"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from llmq.tenants import TenantRepository, hash_api_key
 
+from llmq.tenants import TenantRepository, hash_api_key
 from tests.conftest import MotoStack, load_event
 from tests.integration.harness import LambdaContextStub, load_handler
 

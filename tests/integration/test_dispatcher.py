@@ -22,6 +22,8 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
 from llmq import aws
 from llmq.config import LlmqConfig, WebhookPolicy
 from llmq.jobs import JobInput, JobRecord, JobRepository
@@ -30,8 +32,6 @@ from llmq.queues import QueueRepository
 from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.tenants import TenantRepository, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-
 from tests.conftest import REGION, MotoStack, load_event
 from tests.integration.harness import LambdaContextStub, load_handler
 from tests.integration.webhook_receiver import Answer, WebhookReceiver

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from standardwebhooks.webhooks import Webhook
+
 from llmq import aws
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.tenants import TenantRepository
-from standardwebhooks.webhooks import Webhook
-
 from sandbox.fake_provider import FakeProviderServer
 from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub, load_handler
 from tests.integration.webhook_receiver import WebhookReceiver

@@ -8,12 +8,12 @@ import time
 from typing import Any
 
 import pytest
+
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import LeaseLost
 from llmq.jobs import ClaimOutcome, JobRepository
 from llmq.models import JobResult
-
 from sandbox.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
