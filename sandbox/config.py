@@ -60,9 +60,6 @@ class RunnerSettings:
     # EventBridge's shortest rate is one minute; the sandbox sweeps more often so that what
     # the reconciler repairs is visible while you watch. None keeps the template's rate.
     reconciler_every_seconds: float | None = 10.0
-    # API Gateway caches an authorizer's policy for the template's TTL (5 minutes); the
-    # sandbox caps it so that a revoked or new key takes effect within seconds.
-    authorizer_cache_cap_seconds: float = 5.0
     # A mapping without ScalingConfig starts with this many concurrent batches on AWS.
     default_mapping_concurrency: int = 5
     # Execution environments per function when the template reserves no concurrency.
@@ -120,7 +117,8 @@ def sandbox_config(
             "allow_loopback_http": True,
         },
         "provider": _provider(choice, fake_provider_url),
-        "limits": {"wait_poll_seconds": 0.2},
+        # A revoked key stops working within seconds (the authorizer cache TTL in the template).
+        "limits": {"wait_poll_seconds": 0.2, "authorizer_cache_seconds": 5},
         "reconciler": {
             "schedule_minutes": 1,
             "stale_queued_seconds": 30,

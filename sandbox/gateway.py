@@ -6,7 +6,7 @@ gateway responses the template declares:
   "Missing Authentication Token";
 - with a CUSTOM authorizer: a missing identity source -> 401 without invoking it; otherwise
   the REQUEST authorizer gets its event and methodArn, its policy is cached per identity
-  source for the authorizer's TTL (capped, see RunnerSettings) and evaluated against each
+  source for the authorizer's TTL and evaluated against each
   methodArn; "Unauthorized" -> 401, a deny -> 403, any other failure -> 500;
 - builds the proxy event (stage, resource, path parameters, headers and multiValueHeaders,
   query strings, requestContext with requestId, identity.sourceIp and the authorizer's
@@ -311,8 +311,8 @@ class ApiGateway:
         if not payload.get("principalId") or not _statements(payload):
             return "failure"
         context = {key: value for key, value in (payload.get("context") or {}).items() if value is not None}
-        ttl = min(authorizer.ttl_seconds, self._settings.authorizer_cache_cap_seconds)
-        return _CachedPolicy(time.monotonic() + ttl, payload, context, str(payload["principalId"]))
+        expires = time.monotonic() + authorizer.ttl_seconds
+        return _CachedPolicy(expires, payload, context, str(payload["principalId"]))
 
     def _authorizer_failure(self, why: str, request_id: str) -> HttpReply:
         if why == "Unauthorized":

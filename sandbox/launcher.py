@@ -64,6 +64,8 @@ def prepare_process() -> None:
     warnings.filterwarnings("ignore", message=".*not supported by moto.*")
     warnings.filterwarnings("ignore", message="No Moto CloudFormation support.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # moto's server logs every request, and a traceback for each action it does not implement.
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -153,6 +155,7 @@ class Sandbox:
         deployment = self._deploy(running)
         self.outputs = deployment.outputs
         self._put_provider_key()
+        self._disable_moto_mappings()
         self.topology = self._read_topology(deployment)
         running.functions = self._start_functions(self.topology)
         tenants = self._seed_tenants()
@@ -193,6 +196,14 @@ class Sandbox:
             self.client("secretsmanager").put_secret_value(
                 SecretId=self.outputs["ProviderSecretArn"], SecretString=self.provider_choice.api_key
             )
+
+    def _disable_moto_mappings(self) -> None:
+        """moto consumes a message itself (and tries to run the function in Docker) on every
+        SendMessage to a queue with an enabled mapping; the runner's pollers play the mappings."""
+        lambda_client = self.client("lambda")
+        for page in lambda_client.get_paginator("list_event_source_mappings").paginate():
+            for mapping in page["EventSourceMappings"]:
+                lambda_client.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)
 
     def _read_topology(self, deployment: Any) -> Topology:
         lambda_client = self.client("lambda")

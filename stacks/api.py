@@ -11,8 +11,8 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from llmq.config import LlmqConfig
-from stacks.functions import FunctionDefaults, build_function
+from llmq.config import ApiEnvironment, AuthorizerEnvironment, LlmqConfig
+from stacks.functions import FunctionDefaults, build_function, function_environment
 from stacks.lanes import LanesConstruct
 
 STAGE_NAME = "prod"
@@ -54,7 +54,7 @@ class ApiConstruct(Construct):
             description="llmq: maps a Bearer API key to its tenant and tier",
             sizing=config.api,
             defaults=defaults,
-            environment={"LLMQ_TENANTS_TABLE": tenants_table.table_name},
+            environment=function_environment(AuthorizerEnvironment, tenants_table=tenants_table.table_name),
         )
         tenants_table.grant(self.authorizer_function, "dynamodb:GetItem")
 
@@ -65,11 +65,12 @@ class ApiConstruct(Construct):
             description="llmq: the public API v1 (submit, get, list, cancel, redeliver)",
             sizing=config.api,
             defaults=defaults,
-            environment={
-                "LLMQ_JOBS_TABLE": jobs_table.table_name,
-                "LLMQ_LANE_QUEUE_URLS": lanes.queue_urls_json(),
-                "LLMQ_WEBHOOK_QUEUE_URL": webhook_queue.queue_url,
-            },
+            environment=function_environment(
+                ApiEnvironment,
+                jobs_table=jobs_table.table_name,
+                lane_queue_urls=lanes.queue_urls_json(),
+                webhook_queue_url=webhook_queue.queue_url,
+            ),
         )
         # No DeleteItem and no Scan: jobs leave only through their TTL.
         jobs_table.grant(self.function, *API_TABLE_ACTIONS)

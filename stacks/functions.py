@@ -11,7 +11,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from llmq.config import CONFIG_ENV_VAR, FunctionSizing, LlmqConfig
+from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, LlmqConfig
 from stacks.layers import ASSET_EXCLUDES, ROOT, lambda_runtime
 
 FUNCTIONS_DIR: Path = ROOT / "functions"
@@ -38,6 +38,32 @@ def base_environment(defaults: FunctionDefaults) -> dict[str, str]:
         "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
         "LOG_LEVEL": defaults.log_level,
     }
+
+
+def env_var(model: type[FunctionEnvironment], field: str) -> str:
+    """The variable name of `field` in a function's environment model."""
+    alias = model.model_fields[field].alias
+    if alias is None:
+        raise KeyError(f"{model.__name__}.{field} has no variable name")
+    return alias
+
+
+def function_environment(model: type[FunctionEnvironment], **values: str) -> dict[str, str]:
+    """A function's variables, named by the model its handler validates at cold start.
+
+    A required field left out fails the synth, not the first invocation.
+    """
+    environment: dict[str, str] = {}
+    for field, info in model.model_fields.items():
+        if field == "config":
+            continue  # base_environment adds LLMQ_CONFIG to every function
+        if field in values:
+            environment[env_var(model, field)] = values.pop(field)
+        elif info.is_required():
+            raise ValueError(f"{model.__name__} requires {field} ({env_var(model, field)})")
+    if values:
+        raise ValueError(f"{model.__name__} has no fields {sorted(values)}")
+    return environment
 
 
 def build_function(

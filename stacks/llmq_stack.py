@@ -11,9 +11,9 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from llmq.config import LlmqConfig
+from llmq.config import ApiEnvironment, LlmqConfig
 from stacks.api import ApiConstruct
-from stacks.functions import FunctionDefaults
+from stacks.functions import FunctionDefaults, env_var
 from stacks.jobs_table import JobsTableConstruct
 from stacks.lanes import LanesConstruct, pascal
 from stacks.layers import LayersConstruct
@@ -132,7 +132,7 @@ class LlmqStack(cdk.Stack):
         """The api stores large inputs and reads results; the worker reads inputs, stores results."""
         bucket = self.tables.payloads
         for function in (self.api.function, self.worker.worker):
-            function.add_environment("LLMQ_PAYLOAD_BUCKET", bucket.bucket_name)
+            function.add_environment(env_var(ApiEnvironment, "payload_bucket"), bucket.bucket_name)
             # Object reads and writes only: no listing, no deletes (the lifecycle rule expires them).
             function.add_to_role_policy(
                 iam.PolicyStatement(

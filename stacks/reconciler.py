@@ -9,8 +9,8 @@ from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from llmq.config import LlmqConfig
-from stacks.functions import FunctionDefaults, build_function
+from llmq.config import LlmqConfig, ReconcilerEnvironment
+from stacks.functions import FunctionDefaults, build_function, function_environment
 from stacks.lanes import LanesConstruct
 
 # Query covers the sparse sweep index (the grant includes the table's index ARNs); never Scan.
@@ -37,11 +37,12 @@ class ReconcilerConstruct(Construct):
             description="llmq: re-enqueues stale queued jobs, expired leases and pending webhooks",
             sizing=config.api,
             defaults=defaults,
-            environment={
-                "LLMQ_JOBS_TABLE": jobs_table.table_name,
-                "LLMQ_LANE_QUEUE_URLS": lanes.queue_urls_json(),
-                "LLMQ_WEBHOOK_QUEUE_URL": webhook_queue.queue_url,
-            },
+            environment=function_environment(
+                ReconcilerEnvironment,
+                jobs_table=jobs_table.table_name,
+                lane_queue_urls=lanes.queue_urls_json(),
+                webhook_queue_url=webhook_queue.queue_url,
+            ),
             # Two overlapping sweeps would only enqueue duplicates; one at a time is enough.
             reserved_concurrency=1,
         )

@@ -6,11 +6,11 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_lambda_event_sources as event_sources
 from constructs import Construct
 
-from llmq.config import LlmqConfig
-from stacks.functions import FunctionDefaults, build_function
+from llmq.config import DispatcherEnvironment, LlmqConfig
+from stacks.functions import FunctionDefaults, build_function, env_var, function_environment
 from stacks.lanes import build_queue_pair
 
-PUBLIC_API_URL_VAR = "LLMQ_PUBLIC_API_URL"
+PUBLIC_API_URL_VAR = env_var(DispatcherEnvironment, "public_api_url")
 
 
 def webhook_max_receive_count(config: LlmqConfig) -> int:
@@ -47,11 +47,12 @@ class WebhooksConstruct(Construct):
             sizing=config.dispatcher,
             defaults=defaults,
             # LLMQ_PUBLIC_API_URL is added by the stack once the API exists (see LlmqStack).
-            environment={
-                "LLMQ_JOBS_TABLE": jobs_table.table_name,
-                "LLMQ_TENANTS_TABLE": tenants_table.table_name,
-                "LLMQ_WEBHOOK_QUEUE_URL": self.queue.queue_url,
-            },
+            environment=function_environment(
+                DispatcherEnvironment,
+                jobs_table=jobs_table.table_name,
+                tenants_table=tenants_table.table_name,
+                webhook_queue_url=self.queue.queue_url,
+            ),
         )
         jobs_table.grant(self.dispatcher, "dynamodb:GetItem", "dynamodb:UpdateItem")
         tenants_table.grant(self.dispatcher, "dynamodb:GetItem")

@@ -9,8 +9,8 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from llmq.config import LlmqConfig
-from stacks.functions import FunctionDefaults, build_function
+from llmq.config import DeadLetterEnvironment, LlmqConfig, WorkerEnvironment
+from stacks.functions import FunctionDefaults, build_function, function_environment
 from stacks.lanes import LanesConstruct
 
 # Explicit, so that the worker can neither delete jobs nor scan the table, and cannot
@@ -47,12 +47,13 @@ class WorkerConstruct(Construct):
             description="llmq: claims a job, calls the provider, completes it (one batch per lane)",
             sizing=config.worker,
             defaults=defaults,
-            environment={
-                "LLMQ_JOBS_TABLE": jobs_table.table_name,
-                "LLMQ_LANE_QUEUE_URLS": lanes.queue_urls_json(),
-                "LLMQ_WEBHOOK_QUEUE_URL": webhook_queue.queue_url,
-                "LLMQ_PROVIDER_SECRET_ID": provider_secret.secret_arn,
-            },
+            environment=function_environment(
+                WorkerEnvironment,
+                jobs_table=jobs_table.table_name,
+                lane_queue_urls=lanes.queue_urls_json(),
+                webhook_queue_url=webhook_queue.queue_url,
+                provider_secret_id=provider_secret.secret_arn,
+            ),
             # The sum of the lanes' MaximumConcurrency: each lane keeps its own floor, and the
             # total that can hit the provider (and the GPU budget) is bounded.
             reserved_concurrency=config.total_lane_concurrency,
@@ -80,10 +81,11 @@ class WorkerConstruct(Construct):
             description="llmq: marks a job whose message reached a lane DLQ as failed (worker_crashed)",
             sizing=config.api,
             defaults=defaults,
-            environment={
-                "LLMQ_JOBS_TABLE": jobs_table.table_name,
-                "LLMQ_WEBHOOK_QUEUE_URL": webhook_queue.queue_url,
-            },
+            environment=function_environment(
+                DeadLetterEnvironment,
+                jobs_table=jobs_table.table_name,
+                webhook_queue_url=webhook_queue.queue_url,
+            ),
         )
         jobs_table.grant(self.dead_letter, *DEAD_LETTER_TABLE_ACTIONS)
         webhook_queue.grant_send_messages(self.dead_letter)

@@ -93,3 +93,13 @@ def test_a_deploy_refuses_to_ship_the_placeholder_dependencies_layer(tmp_path, m
     # Then the synth fails instead of deploying functions that cannot import their dependencies
     with pytest.raises(RuntimeError, match="layers/deps is not built"):
         synthesize(LlmqConfig(), context={"llmq:require_deps_layer": "true"}, outdir=tmp_path / "cdk.out")
+
+
+def test_a_function_environment_missing_a_required_variable_fails_the_synth() -> None:
+    from llmq.config import WorkerEnvironment
+    from stacks.functions import function_environment
+
+    with pytest.raises(ValueError, match=r"WorkerEnvironment requires webhook_queue_url \(LLMQ_WEBHOOK_QUEUE_URL\)"):
+        function_environment(WorkerEnvironment, jobs_table="t", lane_queue_urls="{}")
+    with pytest.raises(ValueError, match="no fields"):
+        function_environment(WorkerEnvironment, jobs_table="t", lane_queue_urls="{}", webhook_queue_url="u", typo="x")
