@@ -50,8 +50,14 @@ test-integration: install ## Handlers and repositories against moto, provider ov
 test-infra: install ## The CDK app: properties, cdk-nag, cfn-lint, deploy into moto
 	$(PYTEST) tests/infra -q
 
-test-e2e: install ## The sandbox end to end
-	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PYTEST) tests/e2e -q; else echo "no e2e tests yet"; fi
+test-e2e: install ## The sandbox end to end over real HTTP (detached sandboxes, crashes, wiring, make demo)
+	$(PYTEST) tests/e2e -q
+
+demo: install ## The scripted tour: sandbox up, mixed load, replay, cancel, verified webhooks, summary, down
+	$(PY) -m sandbox.demo
+
+dev: install ## The sandbox in the foreground, printing curl commands to try (Ctrl-C stops it)
+	$(PY) -m sandbox sandbox up
 
 lint: install ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,10 @@ def _up_foreground(path: Path, announce: bool) -> int:
     from sandbox.launcher import Sandbox, SandboxStartError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # Ctrl-C and `llmq sandbox down` (SIGTERM) both stop it cleanly; SIGINT is set explicitly
+    # because a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     sandbox = Sandbox(log_dir=path.parent / "logs")
     pid = os.getpid()
     try:
@@ -138,7 +141,8 @@ Try it (enterprise tenant {enterprise.id}; the free tenant is {free.id}, key {fr
   export LLMQ_API={api}
   export LLMQ_KEY={enterprise.api_key}
 
-  # submit; the fake provider obeys [[latency:S]] [[tokens:N]] [[fail:503x1]] [[fail:400:context_length_exceeded]] [[hang]]
+  # submit; the fake provider obeys directives in the prompt: [[latency:S]] [[tokens:N]]
+  # [[fail:503x1]] [[fail:429x2]] [[fail:400:context_length_exceeded]] [[hang]] [[stall]]
   curl -s $LLMQ_API/v1/jobs -H "Authorization: Bearer $LLMQ_KEY" -H 'Content-Type: application/json' \\
        -H 'Idempotency-Key: try-1' \\
        -d '{{"prompt": "Say hello [[latency:1]]", "webhook": {{"url": "{hook}"}}}}'
@@ -169,7 +173,9 @@ def _up_detached(path: Path, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise CliError(f"the sandbox exited during start (status {process.returncode}):\n{_tail(log_path)}")
+            raise CliError(
+                f"the sandbox exited during start (status {process.returncode}):\n{_tail(log_path)}"
+            )
         state = _running_state(path)
         if state is not None and state.pid == process.pid and _api_answers(state):
             print(f"sandbox up (pid {state.pid}): API {state.api_url}; state in {path}")
@@ -187,10 +193,8 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def _kill_group(pid: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def cmd_sandbox_down(args: argparse.Namespace) -> int:
@@ -325,7 +329,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        jobs = client.list_all(args.status) if args.all else client.list(args.status, args.limit)["data"]
+        jobs = client.all_jobs(args.status) if args.all else client.page(args.status, args.limit)["data"]
     if args.json:
         _print_json(jobs)
         return 0
@@ -336,7 +340,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for job in jobs:
         error = (job.get("error") or {}).get("code", "")
         table.add_row(
-            job["id"], job["status"], job["lane"], job["model"], str(job["attempts"]), job["created_at"], error
+            job["id"],
+            job["status"],
+            job["lane"],
+            job["model"],
+            str(job["attempts"]),
+            job["created_at"],
+            error,
         )
     Console().print(table)
     return 0
@@ -364,10 +374,11 @@ class AwsTarget:
     def client(self, service: str, config: Any = None) -> Any:
         import boto3
 
-        credentials = (
-            {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"} if self.state is not None else {}
+        # moto takes any credentials; against AWS the usual chain (profile, SSO, role) decides.
+        dummy = "testing" if self.state is not None else None
+        session = boto3.session.Session(
+            region_name=self.region, aws_access_key_id=dummy, aws_secret_access_key=dummy
         )
-        session = boto3.session.Session(region_name=self.region, **credentials)
         return session.client(service, endpoint_url=self.endpoint_url, config=config)  # type: ignore[call-overload]
 
     def outputs(self) -> dict[str, str]:
@@ -440,7 +451,11 @@ def cmd_tenants_rotate(args: argparse.Namespace) -> int:
             if entry.id == tenant.id:
                 entry.webhook_secret = tenant.webhook_secrets[0]
         write_state(state_file(args.state_file), target.state)
-    note = "both sign until the next rotation" if len(tenant.webhook_secrets) > 1 else "the old one no longer signs"
+    note = (
+        "both sign until the next rotation"
+        if len(tenant.webhook_secrets) > 1
+        else "the old one no longer signs"
+    )
     print(f"New secret first; {note}.", file=sys.stderr)
     _print_json({"id": tenant.id, "webhook_secrets": tenant.webhook_secrets})
     return 0
@@ -525,27 +540,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _api_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tenant", help="sandbox tenant: free, enterprise, or a tenant id (default: the first)")
+    parser.add_argument(
+        "--tenant", help="sandbox tenant: free, enterprise, or a tenant id (default: the first)"
+    )
     parser.add_argument("--api-url", help="a deployed API (its ApiUrl output); needs --api-key")
     parser.add_argument("--api-key", help="the tenant's API key for --api-url")
 
 
 def _aws_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", help="an AWS-compatible endpoint (default: the sandbox's, if running)")
+    parser.add_argument(
+        "--endpoint-url", help="an AWS-compatible endpoint (default: the sandbox's, if running)"
+    )
     parser.add_argument("--aws", action="store_true", help="use your AWS credentials even if a sandbox runs")
     parser.add_argument("--region", help="AWS region")
     parser.add_argument("--stack", default="Llmq", help="the stack whose outputs name tables and queues")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmq", description="llmq: sandbox, API, tenants, dead letters, webhooks")
+    parser = argparse.ArgumentParser(
+        prog="llmq", description="llmq: sandbox, API, tenants, dead letters, webhooks"
+    )
     parser.add_argument("--state-file", help=f"the sandbox state file (default: {state_file()})")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sandbox = commands.add_parser("sandbox", help="the embedded sandbox").add_subparsers(dest="action", required=True)
+    sandbox = commands.add_parser("sandbox", help="the embedded sandbox").add_subparsers(
+        dest="action", required=True
+    )
     up = sandbox.add_parser("up", help="start it (foreground unless --detach)")
-    up.add_argument("--detach", action="store_true", help="run in the background; return once the API answers")
-    up.add_argument("--timeout", type=float, default=DETACH_TIMEOUT_SECONDS, help="seconds to wait with --detach")
+    up.add_argument(
+        "--detach", action="store_true", help="run in the background; return once the API answers"
+    )
+    up.add_argument(
+        "--timeout", type=float, default=DETACH_TIMEOUT_SECONDS, help="seconds to wait with --detach"
+    )
     up.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     up.set_defaults(handler=cmd_sandbox_up)
     sandbox.add_parser("down", help="stop it").set_defaults(handler=cmd_sandbox_down)
@@ -616,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     _aws_options(again)
     again.set_defaults(handler=cmd_dlq_redrive)
 
-    webhooks = commands.add_parser("webhooks", help="webhook tools").add_subparsers(dest="action", required=True)
+    webhooks = commands.add_parser("webhooks", help="webhook tools").add_subparsers(
+        dest="action", required=True
+    )
     verify = webhooks.add_parser("verify", help="check a saved delivery's signature")
     verify.add_argument("--secret", action="append", required=True, help="whsec_... (repeatable)")
     verify.add_argument("--file", required=True, help='JSON: {"headers": {...}, "body": "<raw body>"}')

@@ -13,7 +13,9 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 
 class ApiError(RuntimeError):
     def __init__(self, status: int, body: Any) -> None:
-        detail = body.get("detail") or body.get("title") or body.get("message") if isinstance(body, dict) else body
+        detail = (
+            body.get("detail") or body.get("title") or body.get("message") if isinstance(body, dict) else body
+        )
         code = body.get("code") if isinstance(body, dict) else None
         super().__init__(f"{status} {code or ''} {detail or ''}".strip())
         self.status = status
@@ -89,7 +91,7 @@ class LlmqClient:
         job: dict[str, Any] = self._ok(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
         return job
 
-    def list(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+    def page(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         params = {"limit": str(limit)}
         if status:
             params["status"] = status
@@ -98,11 +100,11 @@ class LlmqClient:
         page: dict[str, Any] = self._ok(self.request("GET", "/v1/jobs", params=params))
         return page
 
-    def list_all(self, status: str | None = None) -> list[dict[str, Any]]:
+    def all_jobs(self, status: str | None = None) -> list[dict[str, Any]]:
         jobs: list[dict[str, Any]] = []
         cursor = None
         while True:
-            page = self.list(status=status, limit=100, cursor=cursor)
+            page = self.page(status=status, limit=100, cursor=cursor)
             jobs.extend(page["data"])
             cursor = page.get("next_cursor")
             if not cursor:

@@ -24,9 +24,10 @@ PROVIDER_MODEL_VAR = "LLMQ_PROVIDER_MODEL"
 CONFIG_OVERRIDES_VAR = "LLMQ_SANDBOX_CONFIG"
 
 FAKE_MODELS = ["fake-model", "fake-large"]
-# Short enough that a crashed worker is noticed within seconds (its lane's visibility
-# timeout is six times this), long enough for the fake provider's demo latencies.
-FAKE_WORKER_TIMEOUT_SECONDS = 3
+# Short enough that a crashed worker's message is back within a minute (its lane's
+# visibility timeout is six times this), long enough that ten environments cold-starting at
+# once on a two-core laptop do not time out. Crash tests shorten it with overrides.
+FAKE_WORKER_TIMEOUT_SECONDS = 10
 # A real model takes tens of seconds; the deployed default leaves it room.
 REAL_WORKER_TIMEOUT_SECONDS = 300
 

@@ -15,7 +15,12 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 # What a service without message move tasks answers (moto: a 500 "not implemented").
-_UNSUPPORTED_CODES = {"UnsupportedOperation", "InvalidAction", "NotImplemented", "AWS.SimpleQueueService.UnsupportedOperation"}
+_UNSUPPORTED_CODES = {
+    "UnsupportedOperation",
+    "InvalidAction",
+    "NotImplemented",
+    "AWS.SimpleQueueService.UnsupportedOperation",
+}
 _NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
 
 
@@ -118,7 +123,11 @@ def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None
             sqs.send_message(
                 QueueUrl=queue.source_url,
                 MessageBody=message["Body"],
-                **({"MessageAttributes": message["MessageAttributes"]} if message.get("MessageAttributes") else {}),
+                **(
+                    {"MessageAttributes": message["MessageAttributes"]}
+                    if message.get("MessageAttributes")
+                    else {}
+                ),
             )
             # Deleted only once the copy is safely in the source queue: a crash here duplicates,
             # which the claim's idempotency absorbs, and never loses a message.

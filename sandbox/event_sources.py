@@ -94,14 +94,15 @@ class QueuePoller:
         self._region = region
         self._slots = threading.BoundedSemaphore(concurrency)
         self._stopping = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"poller-{mapping.queue.name}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"poller-{mapping.queue.name}", daemon=True)
         self._batches: set[threading.Thread] = set()
         self._batches_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -168,7 +169,8 @@ class QueuePoller:
                 if key in attributes
             },
             "messageAttributes": {
-                name: _attribute_value(value) for name, value in (message.get("MessageAttributes") or {}).items()
+                name: _attribute_value(value)
+                for name, value in (message.get("MessageAttributes") or {}).items()
             },
             "md5OfBody": message.get("MD5OfBody", ""),
             "eventSource": "aws:sqs",
@@ -199,7 +201,9 @@ class QueuePoller:
             return set()
         reported = batch_item_failures(result.payload, every)
         if reported is None:
-            log.warning("%s returned an invalid batch response; the whole batch failed", self.mapping.function)
+            log.warning(
+                "%s returned an invalid batch response; the whole batch failed", self.mapping.function
+            )
             return every
         return reported
 
@@ -233,7 +237,8 @@ class QueuePoller:
             message_ids=[message["MessageId"] for message in messages],
             job_ids=[job for job in (_job_id(message["Body"]) for message in messages) if job],
             receive_counts=[
-                int((message.get("Attributes") or {}).get("ApproximateReceiveCount", 0)) for message in messages
+                int((message.get("Attributes") or {}).get("ApproximateReceiveCount", 0))
+                for message in messages
             ],
             failed_message_ids=sorted(failed),
             deleted_message_ids=[message["MessageId"] for message in settled],
@@ -245,7 +250,12 @@ class ScheduleTimer:
     """Invokes a rule's target function every period, never two runs at once."""
 
     def __init__(
-        self, schedule: ScheduleSpec, functions: LambdaService, account: str, region: str, every_seconds: float
+        self,
+        schedule: ScheduleSpec,
+        functions: LambdaService,
+        account: str,
+        region: str,
+        every_seconds: float,
     ) -> None:
         self.schedule = schedule
         self._functions = functions
@@ -257,6 +267,9 @@ class ScheduleTimer:
 
     def start(self) -> None:
         self._thread.start()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -5,7 +5,9 @@ Directives (DESIGN §6):
 - `[[fail:429x2]]` fails the first 2 calls for the job with 429 (any status works);
 - `[[retry_after:3]]` adds `Retry-After: 3` to those failures;
 - `[[fail:400:context_length_exceeded]]` fails every call with that 400 error code;
-- `[[hang]]` never answers (until the server stops).
+- `[[hang]]` never answers (until the server stops);
+- `[[stall]]` answers 200 and then sends only keep-alives (SSE comments, or whitespace when not
+  streaming) forever: every read succeeds, so only a total deadline ends the call.
 
 Calls are counted per job (the `x-llmq-job-id` header, or the prompt's hash without it),
 and the counts, the in-flight peak and the call log are readable over HTTP and in process.
@@ -17,6 +19,7 @@ import hashlib
 import json
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -36,6 +39,7 @@ class Directives:
     fail_code: str | None = None
     retry_after: float | None = None
     hang: bool = False
+    stall: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Directives:
@@ -49,6 +53,8 @@ class Directives:
                 found.retry_after = float(arg)
             elif name == "hang":
                 found.hang = True
+            elif name == "stall":
+                found.stall = True
             elif name == "fail":
                 found._parse_fail(arg)
         return found
@@ -175,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
         if directives.hang:
             self.server.state.stopping.wait()
             return 0
+        if directives.stall:
+            self._stall(stream)
+            return 200
         if directives.latency and not stream:
             self.server.state.stopping.wait(directives.latency)
         if directives.fail_status is not None and attempt <= directives.fail_times:
@@ -211,6 +220,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")
 
+    def _stall(self, stream: bool) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream" if stream else "application/json")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        keep_alive = b": keep-alive\n\n" if stream else b" "
+        try:
+            while not self.server.state.stopping.wait(0.5):
+                self._write_chunk(keep_alive)
+        except OSError:  # the caller gave up and closed the connection
+            return
+
     def _chunk(self, data: dict[str, Any]) -> None:
         self._write_chunk(f"data: {json.dumps(data)}\n\n".encode())
 
@@ -241,6 +262,11 @@ def _completion(payload: dict[str, Any], text: str, usage: dict[str, int]) -> di
 
 class FakeProviderServer(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller that times out and closes its connection is normal here, not an error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, seed: int = 7) -> None:
         super().__init__((host, port), _Handler)

@@ -23,6 +23,7 @@ import base64
 import fnmatch
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -107,7 +108,9 @@ def policy_allows(policy: dict[str, Any], method_arn: str) -> bool | None:
         actions = _as_list(statement.get("Action"))
         if not any(fnmatch.fnmatchcase("execute-api:Invoke", action) for action in actions):
             continue
-        if not any(fnmatch.fnmatchcase(method_arn, resource) for resource in _as_list(statement.get("Resource"))):
+        if not any(
+            fnmatch.fnmatchcase(method_arn, resource) for resource in _as_list(statement.get("Resource"))
+        ):
             continue
         if str(statement.get("Effect", "")).lower() == "deny":
             return False
@@ -142,7 +145,9 @@ class ApiGateway:
         path = self._without_stage(request.path)
         found = self._route(request.method, path)
         if found is None:
-            return self._gateway_response("MISSING_AUTHENTICATION_TOKEN", "Missing Authentication Token", request_id)
+            return self._gateway_response(
+                "MISSING_AUTHENTICATION_TOKEN", "Missing Authentication Token", request_id
+            )
         route, path_parameters = found
         event = self._proxy_event(request, path, route, path_parameters, request_id)
         authorized = _Authorized()
@@ -296,7 +301,9 @@ class ApiGateway:
                 "methodArn": method_arn,
             }
         else:
-            request_context = {key: value for key, value in event["requestContext"].items() if key != "authorizer"}
+            request_context = {
+                key: value for key, value in event["requestContext"].items() if key != "authorizer"
+            }
             authorizer_event = {
                 "type": "REQUEST",
                 "methodArn": method_arn,
@@ -433,7 +440,9 @@ class _GatewayHandler(BaseHTTPRequestHandler):
             reply = self.server.gateway.handle(request)
         except Exception:
             log.exception("the gateway failed on %s %s", self.command, parts.path)
-            reply = HttpReply(500, [("Content-Type", "application/json")], b'{"message":"Internal server error"}')
+            reply = HttpReply(
+                500, [("Content-Type", "application/json")], b'{"message":"Internal server error"}'
+            )
         self._write(reply)
 
     def _introspect(self, path: str, query: dict[str, str]) -> None:
@@ -457,6 +466,11 @@ class _GatewayHandler(BaseHTTPRequestHandler):
 
 class GatewayServer(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-request is normal (a timeout, Ctrl-C), not an error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def __init__(self, gateway: ApiGateway, introspection: Introspection | None = None, port: int = 0):
         super().__init__(("127.0.0.1", port), _GatewayHandler)

@@ -45,7 +45,6 @@ log = logging.getLogger("llmq.sandbox")
 REGION = "us-east-1"
 # One tenant per tier of the default lanes; ids are fixed so examples can name them.
 SEED_TENANTS = (("ten_acme", "Acme Corp", "enterprise"), ("ten_hobby", "Hobby Hacker", "free"))
-_MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 class SandboxStartError(RuntimeError):
@@ -66,6 +65,8 @@ def prepare_process() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # moto's server logs every request, and a traceback for each action it does not implement.
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
+    logging.getLogger("moto").setLevel(logging.ERROR)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
 @contextmanager
@@ -73,7 +74,13 @@ def moto_environment(endpoint_url: str, region: str) -> Iterator[None]:
     """llmq's client factory reads the endpoint from os.environ; point it at moto for a moment."""
     from llmq import aws
 
-    names = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    names = (
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    )
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint_url,
@@ -151,16 +158,22 @@ class Sandbox:
             running.provider = FakeProviderServer().start()
         provider_url = running.provider.base_url if running.provider else str(self.provider_choice.base_url)
         self.config = sandbox_config(provider_url, self.provider_choice, self._overrides)
-        log.info("deploying the CDK app into moto at %s", running.endpoint_url)
+        log.info("synthesizing the CDK app and deploying it into moto at %s", running.endpoint_url)
+        began = time.monotonic()
         deployment = self._deploy(running)
+        log.info("stack %s deployed in %.1fs", deployment.stack_name, time.monotonic() - began)
         self.outputs = deployment.outputs
         self._put_provider_key()
         self._disable_moto_mappings()
         self.topology = self._read_topology(deployment)
+        began = time.monotonic()
         running.functions = self._start_functions(self.topology)
+        log.info("%d functions cold-started in %.1fs", len(self.topology.functions), time.monotonic() - began)
         tenants = self._seed_tenants()
         running.receiver = WebhookReceiverServer(self._tenant_secrets).start()
-        gateway = ApiGateway(self.topology.api, running.functions, self.topology.account, self.region, self.settings)
+        gateway = ApiGateway(
+            self.topology.api, running.functions, self.topology.account, self.region, self.settings
+        )
         running.gateway = GatewayServer(gateway, self._introspect).start()
         running.pollers = self._start_pollers(self.topology, running.functions)
         running.timers = self._start_timers(self.topology, running.functions)
@@ -183,11 +196,15 @@ class Sandbox:
             return deploy_to_moto(running.endpoint_url, self.config, self.region, outdir=running.cdk_outdir)
         except MotoDeployError as exc:
             raise SandboxStartError(f"the CDK app did not deploy into moto: {exc}") from exc
+        except RuntimeError as exc:  # jsii: a synth error, or cdk-nag's ValidationFailed
+            raise SandboxStartError(f"the CDK app did not synthesize: {exc}") from exc
 
     def client(self, service: str) -> Any:
         if self._running is None:
             raise RuntimeError("the sandbox is not running")
-        session = boto3.session.Session(region_name=self.region, **_MOTO_CREDENTIALS)
+        session = boto3.session.Session(
+            region_name=self.region, aws_access_key_id="testing", aws_secret_access_key="testing"
+        )
         return session.client(service, endpoint_url=self._running.endpoint_url)  # type: ignore[call-overload]
 
     def _put_provider_key(self) -> None:
@@ -317,11 +334,17 @@ class Sandbox:
             return 200, {"status": "ok"}
         if path == "/_sandbox/invocations":
             records = self.functions.invocations.records(
-                lambda record: all(
-                    query.get(key) in (None, value)
-                    for key, value in (("function", record.function), ("lane", record.lane), ("outcome", record.outcome))
+                lambda record: (
+                    all(
+                        query.get(key) in (None, value)
+                        for key, value in (
+                            ("function", record.function),
+                            ("lane", record.lane),
+                            ("outcome", record.outcome),
+                        )
+                    )
+                    and (query.get("job_id") is None or query["job_id"] in record.job_ids)
                 )
-                and (query.get("job_id") is None or query["job_id"] in record.job_ids)
             )
             return 200, {"data": [record.as_dict() for record in records]}
         if path == "/_sandbox/topology" and self.topology is not None:
@@ -383,12 +406,15 @@ class Sandbox:
         running, self._running = self._running, None
         if running is None:
             return
-        for timer in running.timers or []:
-            timer.stop()
+        # Everything is asked to stop first, then waited for, so the stop takes one poll
+        # interval rather than one per poller.
+        waiting: list[QueuePoller | ScheduleTimer] = [*(running.timers or []), *(running.pollers or [])]
+        for each in waiting:
+            each.request_stop()
         if running.gateway is not None:
             running.gateway.stop()
-        for poller in running.pollers or []:
-            poller.stop()
+        for each in waiting:
+            each.stop()
         if running.functions is not None:
             running.functions.close()
         for server in (running.receiver, running.provider):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -47,6 +48,11 @@ class Delivery:
 
 class WebhookReceiverServer(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-request is normal (a timeout, Ctrl-C), not an error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def __init__(self, secrets: SecretsSource, port: int = 0) -> None:
         super().__init__(("127.0.0.1", port), _ReceiverHandler)
@@ -97,7 +103,9 @@ class WebhookReceiverServer(ThreadingHTTPServer):
         )
         with self._lock:
             self._deliveries.append(delivery)
-        answer = {"received": webhook_id, "verified": verified} if status < 300 else {"error": reason or "failing"}
+        answer = (
+            {"received": webhook_id, "verified": verified} if status < 300 else {"error": reason or "failing"}
+        )
         return status, answer
 
     @staticmethod
@@ -113,7 +121,8 @@ class WebhookReceiverServer(ThreadingHTTPServer):
         return [
             delivery
             for delivery in found
-            if (job_id is None or delivery.job_id == job_id) and (event_type is None or delivery.type == event_type)
+            if (job_id is None or delivery.job_id == job_id)
+            and (event_type is None or delivery.type == event_type)
         ]
 
     def reset(self) -> None:
@@ -163,7 +172,9 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
             found = self.server.deliveries(query.get("job_id"), query.get("type"))
             self._json(200, {"data": [asdict(delivery) for delivery in found]})
             return
-        self._json(200, {"receiver": "llmq sandbox", "post_to": "/hooks/<name>", "fail_first_n": "/hooks/fail-N"})
+        self._json(
+            200, {"receiver": "llmq sandbox", "post_to": "/hooks/<name>", "fail_first_n": "/hooks/fail-N"}
+        )
 
     def _json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()

@@ -44,7 +44,9 @@ def verify_delivery(body: bytes | str, headers: Mapping[str, str], secrets: Sequ
     return Verification(verified=False, reason=explain_failure(text, lowered, secrets))
 
 
-def explain_failure(body: str, headers: Mapping[str, str], secrets: Sequence[str], now: float | None = None) -> str:
+def explain_failure(
+    body: str, headers: Mapping[str, str], secrets: Sequence[str], now: float | None = None
+) -> str:
     missing = [name for name in REQUIRED_HEADERS if not headers.get(name)]
     if missing:
         return f"missing header(s): {', '.join(missing)}"
@@ -54,7 +56,9 @@ def explain_failure(body: str, headers: Mapping[str, str], secrets: Sequence[str
         timestamp = float(headers["webhook-timestamp"])
     except ValueError:
         return f"webhook-timestamp is not a Unix time: {headers['webhook-timestamp']!r}"
-    passed = [entry.split(",", 1)[1] for entry in headers["webhook-signature"].split() if entry.startswith("v1,")]
+    passed = [
+        entry.split(",", 1)[1] for entry in headers["webhook-signature"].split() if entry.startswith("v1,")
+    ]
     if not passed:
         return "webhook-signature holds no v1 signature"
     usable = []

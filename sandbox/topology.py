@@ -80,7 +80,9 @@ class ScheduleSpec:
     def rate_seconds(self) -> float:
         match = re.fullmatch(r"rate\((\d+)\s+(minute|minutes|hour|hours|day|days)\)", self.expression.strip())
         if not match:
-            raise TopologyError(f"schedule {self.logical_id}: only rate() expressions run here: {self.expression}")
+            raise TopologyError(
+                f"schedule {self.logical_id}: only rate() expressions run here: {self.expression}"
+            )
         unit = {"minute": 60, "hour": 3600, "day": 86_400}[match.group(2).rstrip("s")]
         return int(match.group(1)) * unit
 
@@ -239,7 +241,9 @@ class TemplateReader:
         code_dir = FUNCTIONS_DIR / name
         module = handler.rsplit(".", 1)[0].replace(".", "/")
         if "." not in handler or not (code_dir / f"{module}.py").is_file():
-            raise TopologyError(f"function {name} ({logical_id}): no {module}.py in {code_dir} for {handler!r}")
+            raise TopologyError(
+                f"function {name} ({logical_id}): no {module}.py in {code_dir} for {handler!r}"
+            )
         reserved = properties.get("ReservedConcurrentExecutions")
         return FunctionSpec(
             name=name,
@@ -274,7 +278,9 @@ class TemplateReader:
             queue_id = self.referenced(properties.get("EventSourceArn"), "AWS::SQS::Queue")
             function_id = self.referenced(properties.get("FunctionName"), "AWS::Lambda::Function")
             if queue_id is None or function_id is None:
-                raise TopologyError(f"event source mapping {logical_id}: only SQS -> function mappings run here")
+                raise TopologyError(
+                    f"event source mapping {logical_id}: only SQS -> function mappings run here"
+                )
             scaling = properties.get("ScalingConfig") or {}
             found.append(
                 MappingSpec(
@@ -283,7 +289,9 @@ class TemplateReader:
                     queue=self.queue(queue_id),
                     batch_size=int(properties.get("BatchSize") or 10),
                     batching_window_seconds=float(properties.get("MaximumBatchingWindowInSeconds") or 0),
-                    max_concurrency=int(scaling["MaximumConcurrency"]) if "MaximumConcurrency" in scaling else None,
+                    max_concurrency=int(scaling["MaximumConcurrency"])
+                    if "MaximumConcurrency" in scaling
+                    else None,
                     report_batch_item_failures="ReportBatchItemFailures"
                     in (properties.get("FunctionResponseTypes") or []),
                     enabled=bool(properties.get("Enabled", True)),
@@ -398,7 +406,9 @@ class TemplateReader:
             authorizer=authorizer,
         )
 
-    def _authorizer(self, logical_id: str, properties: dict[str, Any], names: dict[str, str]) -> AuthorizerSpec:
+    def _authorizer(
+        self, logical_id: str, properties: dict[str, Any], names: dict[str, str]
+    ) -> AuthorizerSpec:
         function_id = self.referenced(properties.get("AuthorizerUri"), "AWS::Lambda::Function")
         if function_id is None:
             raise TopologyError(f"authorizer {logical_id} names no function")

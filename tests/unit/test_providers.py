@@ -116,3 +116,17 @@ async def test_a_stream_is_assembled_with_usage() -> None:
     provider = _provider(lambda request: httpx.Response(200, text=text), stream=True)
     result = await provider.generate(REQUEST, 5)
     assert (result.output, result.finish_reason, result.usage.output_tokens) == ("hello", "stop", 2)
+
+
+async def test_a_stream_that_trickles_past_the_deadline_is_a_transient_timeout() -> None:
+    import asyncio
+
+    class Trickle(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            while True:
+                await asyncio.sleep(0.05)
+                yield b": keep-alive\n\n"
+
+    provider = _provider(lambda request: httpx.Response(200, stream=Trickle()), stream=True)
+    with pytest.raises(TransientProviderError, match="did not finish in time"):
+        await provider.generate(REQUEST, 0.3)

@@ -6,6 +6,7 @@ Every failure becomes either a `TransientProviderError` (retry later, maybe afte
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,7 +145,12 @@ class ChatCompletionsProvider:
             headers["authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
         try:
-            async with httpx.AsyncClient(timeout=timeout, transport=self._transport) as client:
+            # httpx bounds each read; this bounds the whole call, so a stream that trickles
+            # forever still ends before the Lambda does.
+            async with (
+                asyncio.timeout(timeout_seconds),
+                httpx.AsyncClient(timeout=timeout, transport=self._transport) as client,
+            ):
                 if self.stream:
                     return await self._generate_streaming(client, payload, headers)
                 response = await client.post(
@@ -153,6 +159,8 @@ class ChatCompletionsProvider:
                 if response.status_code >= 300:
                     raise classify_response(response, response.content)
                 return _parse_completion(response.content)
+        except TimeoutError as exc:
+            raise TransientProviderError("the provider did not finish in time") from exc
         except httpx.HTTPError as exc:
             raise classify_exception(exc) from exc
 

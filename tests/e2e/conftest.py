@@ -1,0 +1,144 @@
+"""The sandbox driven from outside, as a tool would: `llmq sandbox up --detach`, HTTP, `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+STATE_KEYS = {"api_url", "aws_endpoint_url", "region", "provider_url", "receiver_url", "pid", "tenants"}
+TENANT_KEYS = {"id", "name", "tier", "api_key", "webhook_secret"}
+
+
+def llmq_command() -> list[str]:
+    """The installed console script, as a user runs it (python -m sandbox where it is missing)."""
+    script = Path(sys.executable).parent / "llmq"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sandbox"]
+
+
+def run_llmq(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **(env or {})}
+    # jsii needs node 22 from the venv, whatever the caller's PATH holds.
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
+    environment.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
+    environment.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
+    return subprocess.run(
+        [*llmq_command(), *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def pid_alive_or_group(pid: int) -> bool:
+    """True while `pid`, or any process of the group it leads (a detached sandbox), exists."""
+    for probe in (os.kill, os.killpg):
+        try:
+            probe(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True
+        return True
+    return False
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = condition()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(interval)
+
+
+@dataclass
+class SandboxUnderTest:
+    directory: Path
+    state: dict[str, Any]
+    up: subprocess.CompletedProcess[str]
+
+    @property
+    def api_url(self) -> str:
+        return str(self.state["api_url"])
+
+    def tenant(self, tier: str) -> dict[str, Any]:
+        return next(tenant for tenant in self.state["tenants"] if tenant["tier"] == tier)
+
+    def api(self, tier: str = "enterprise") -> httpx.Client:
+        key = self.tenant(tier)["api_key"]
+        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=40)
+
+    def wait_terminal(self, job_id: str, tier: str = "enterprise", timeout: float = 90) -> dict[str, Any]:
+        """Long-poll with ?wait= until the job is terminal."""
+        deadline = time.monotonic() + timeout
+        with self.api(tier) as client:
+            while True:
+                job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 20}).json()
+                if job["status"] in TERMINAL or time.monotonic() > deadline:
+                    return job
+
+    def invocations(self, **query: str) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = httpx.get(
+            f"{self.api_url}/_sandbox/invocations", params=query
+        ).json()["data"]
+        return records
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.state['receiver_url']}/_deliveries", params={"job_id": job_id})
+        deliveries: list[dict[str, Any]] = response.json()["data"]
+        return deliveries
+
+    def provider_calls(self, job_id: str) -> int:
+        calls = httpx.get(f"{self.state['provider_url']}/_calls").json()["calls"]
+        return int(calls.get(job_id, 0))
+
+    def stack_outputs(self) -> dict[str, str]:
+        import boto3
+
+        cloudformation = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=self.state["region"]
+        ).client("cloudformation", endpoint_url=self.state["aws_endpoint_url"])
+        stack = cloudformation.describe_stacks(StackName="Llmq")["Stacks"][0]
+        return {output["OutputKey"]: output["OutputValue"] for output in stack["Outputs"]}
+
+
+def start_sandbox(directory: Path, config: dict[str, Any] | None = None) -> SandboxUnderTest:
+    env = {"LLMQ_SANDBOX_CONFIG": json.dumps(config)} if config else {}
+    up = run_llmq(directory, "sandbox", "up", "--detach", env=env)
+    if up.returncode != 0:
+        log = directory / ".llmq" / "sandbox.log"
+        tail = log.read_text()[-4000:] if log.exists() else ""
+        pytest.fail(f"llmq sandbox up --detach failed ({up.returncode}):\n{up.stdout}\n{up.stderr}\n{tail}")
+    state = json.loads((directory / ".llmq" / "sandbox.json").read_text())
+    return SandboxUnderTest(directory=directory, state=state, up=up)
+
+
+def stop_sandbox(sandbox: SandboxUnderTest) -> subprocess.CompletedProcess[str]:
+    return run_llmq(sandbox.directory, "sandbox", "down", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SandboxUnderTest]]:
+    """Start detached sandboxes in fresh directories; whatever is still up at the end is stopped."""
+    started: list[SandboxUnderTest] = []
+
+    def start(config: dict[str, Any] | None = None) -> SandboxUnderTest:
+        sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox"), config)
+        started.append(sandbox)
+        return sandbox
+
+    yield start
+    for sandbox in started:
+        if (sandbox.directory / ".llmq" / "sandbox.json").exists():
+            stop_sandbox(sandbox)
