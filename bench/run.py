@@ -52,14 +52,14 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
         _section("cold", results, lambda: inprocess.cold_start(repeats=1 if quick else 3))
     if "flood" in sections or "throughput" in sections:
         try:
-            from bench import sandboxed
+            from bench.sandboxed import flood, throughput
         except ImportError as exc:
             results["flood"] = results["throughput"] = {"error": f"sandbox benchmarks unavailable: {exc}"}
         else:
             if "flood" in sections:
-                _section("flood", results, lambda: sandboxed.flood(quick=quick))
+                _section("flood", results, lambda: flood(quick=quick))
             if "throughput" in sections:
-                _section("throughput", results, lambda: sandboxed.throughput(quick=quick))
+                _section("throughput", results, lambda: throughput(quick=quick))
     if "cost" in sections:
         _section("cost", results, lambda: _cost(results.get("calls")))
     return results

@@ -536,6 +536,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from bench.cost import Workload, render
+
+    workload = Workload(
+        jobs=args.jobs, latency_seconds=args.latency, worker_memory_mb=args.memory, batch_size=args.batch
+    )
+    print(render(workload))
+    return 0
+
+
 # ---- the parser -----------------------------------------------------------------------------
 
 
@@ -652,6 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_webhooks_verify)
 
     commands.add_parser("demo", help="the scripted tour (make demo)").set_defaults(handler=cmd_demo)
+
+    cost = commands.add_parser("cost", help="AWS cost per million jobs, against one invocation per job")
+    cost.add_argument("--jobs", type=int, default=1_000_000, help="how many jobs (default 1,000,000)")
+    cost.add_argument("--latency", type=float, default=60.0, help="seconds per generation (default 60)")
+    cost.add_argument("--memory", type=int, default=256, help="worker memory in MB (default 256)")
+    cost.add_argument("--batch", type=int, default=10, help="jobs per worker batch (default 10)")
+    cost.set_defaults(handler=cmd_cost)
     return parser
 
 

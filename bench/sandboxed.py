@@ -1,0 +1,238 @@
+"""Benchmarks on the embedded sandbox: priority isolation under a flood, and throughput.
+
+Each runs an in-process sandbox (the real CDK app in moto, handlers in forked processes)
+so that the sandbox process itself can be sampled for where its time goes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+SINGLE_LANE = {
+    "lanes": [{"name": "all", "tiers": ["enterprise", "free"], "max_concurrency": 10}],
+    "default_lane": "all",
+}
+
+
+@contextmanager
+def sandbox(overrides: dict[str, Any] | None = None) -> Iterator[Any]:
+    from sandbox.launcher import Sandbox
+
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-") as directory:
+        running = Sandbox(Path(directory), config_overrides=overrides)
+        try:
+            yield running, running.start()
+        finally:
+            running.stop()
+
+
+def _client(state: Any, tier: str) -> httpx.Client:
+    key = next(tenant.api_key for tenant in state.tenants if tenant.tier == tier)
+    return httpx.Client(base_url=state.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _submit_all(state: Any, tier: str, prompts: list[str], threads: int = 8) -> tuple[list[str], list[float]]:
+    ids: list[str] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(prompt: str) -> None:
+        with _client(state, tier) as client:
+            began = time.perf_counter()
+            reply = client.post("/v1/jobs", json={"prompt": prompt})
+            elapsed = time.perf_counter() - began
+        reply.raise_for_status()
+        with lock:
+            ids.append(reply.json()["id"])
+            latencies.append(elapsed)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, prompts))
+    return ids, latencies
+
+
+def _all_jobs(state: Any, tier: str) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = []
+    cursor = None
+    with _client(state, tier) as client:
+        while True:
+            params: dict[str, Any] = {"limit": 100}
+            if cursor:
+                params["cursor"] = cursor
+            page = client.get("/v1/jobs", params=params).json()
+            jobs += page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return jobs
+
+
+def _wait_all_terminal(state: Any, tiers: dict[str, int], timeout: float) -> dict[str, list[dict[str, Any]]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {tier: _all_jobs(state, tier) for tier in tiers}
+        done = all(
+            len(jobs) >= tiers[tier] and all(job["status"] in TERMINAL for job in jobs)
+            for tier, jobs in found.items()
+        )
+        if done or time.monotonic() > deadline:
+            return found
+        time.sleep(1.0)
+
+
+def _seconds(stamp: str | None) -> float:
+    return datetime.fromisoformat((stamp or "").replace("Z", "+00:00")).timestamp()
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+# ---- 3. priority isolation under a flood -----------------------------------------------
+
+
+def flood(quick: bool = False) -> dict[str, Any]:
+    free, enterprise, latency = (200, 20, 1.0) if quick else (400, 20, 1.0)
+    rows = []
+    for name, overrides in (("lanes (high 8, low 2)", None), ("single lane (baseline)", SINGLE_LANE)):
+        with sandbox(overrides) as (_, state):
+            _submit_all(state, "free", [f"flood {i} [[latency:{latency}]]" for i in range(free)])
+            _submit_all(state, "enterprise", [f"vip {i} [[latency:{latency}]]" for i in range(enterprise)])
+            jobs = _wait_all_terminal(state, {"free": free, "enterprise": enterprise}, timeout=900)
+        waits = [
+            _seconds(job["started_at"]) - _seconds(job["created_at"])
+            for job in jobs["enterprise"]
+            if job["started_at"]
+        ]
+        free_jobs = jobs["free"]
+        drain = max(_seconds(job["finished_at"]) for job in free_jobs) - min(
+            _seconds(job["created_at"]) for job in free_jobs
+        )
+        rows.append(
+            {
+                "config": name,
+                "p50_s": _percentile(waits, 0.5),
+                "p95_s": _percentile(waits, 0.95),
+                "drain_s": drain,
+                "enterprise_succeeded": sum(job["status"] == "succeeded" for job in jobs["enterprise"]),
+            }
+        )
+    return {
+        "description": (
+            f"{free} free-tier jobs, then {enterprise} enterprise jobs, provider latency {latency:g} s; "
+            "queue wait = started_at − created_at. Baseline: one lane for every tier, same total concurrency (10)."
+        ),
+        "rows": rows,
+        "p95_ratio": rows[1]["p95_s"] / max(rows[0]["p95_s"], 0.001),
+    }
+
+
+# ---- 5. throughput ---------------------------------------------------------------------
+
+
+class StackSampler:
+    """Samples every thread of this process and sorts the samples: moto's, or the runner's."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.samples: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            for ident, frame in sys._current_frames().items():
+                if ident != me:
+                    self.samples[self._classify(frame)] += 1
+
+    @staticmethod
+    def _classify(frame: Any) -> str:
+        files: list[str] = []
+        while frame is not None and len(files) < 60:
+            files.append(frame.f_code.co_filename)
+            frame = frame.f_back
+        if "wait" in files[0] or files[0].endswith(("threading.py", "selectors.py", "socket.py", "queue.py")):
+            return "idle"
+        if any("/moto/" in name or "/werkzeug/" in name for name in files):
+            return "moto (AWS emulation)"
+        if any("fake_provider" in name or "receiver" in name for name in files):
+            return "fake provider and receiver"
+        return "sandbox runner (gateway, pollers)"
+
+    def __enter__(self) -> StackSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _children_cpu_seconds(pid: int) -> float:
+    """CPU time of every live descendant (the forked function environments)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                total += (int(fields[11]) + int(fields[12])) / ticks
+                pending.append(child)
+    return total
+
+
+def throughput(quick: bool = False) -> dict[str, Any]:
+    count = 100 if quick else 300
+    with sandbox() as (_, state):
+        children_before = _children_cpu_seconds(os.getpid())
+        own_before = sum(os.times()[:2])
+        with StackSampler() as sampler:
+            began = time.perf_counter()
+            _, latencies = _submit_all(state, "enterprise", [f"fast {i}" for i in range(count)])
+            jobs = _wait_all_terminal(state, {"enterprise": count}, timeout=600)["enterprise"]
+            wall = time.perf_counter() - began
+        own_cpu = sum(os.times()[:2]) - own_before
+        handlers_cpu = _children_cpu_seconds(os.getpid()) - children_before
+    busy = {part: n for part, n in sampler.samples.items() if part != "idle"}
+    total_samples = sum(busy.values()) or 1
+    cpu = {part: own_cpu * n / total_samples for part, n in busy.items()}
+    cpu["llmq handlers (function processes)"] = handlers_cpu
+    cpu_total = sum(cpu.values()) or 1
+    return {
+        "jobs": count,
+        "succeeded": sum(job["status"] == "succeeded" for job in jobs),
+        "wall_s": wall,
+        "jobs_per_second": count / wall,
+        "submit_p50_ms": statistics.median(latencies) * 1000,
+        "submit_p99_ms": _percentile(latencies, 0.99) * 1000,
+        "cpu_seconds": {part: round(seconds, 2) for part, seconds in cpu.items()},
+        "profile": {
+            part: seconds / cpu_total for part, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])
+        },
+    }
