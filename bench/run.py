@@ -239,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller loads")
     args = parser.parse_args(argv)
-    results = measure(tuple(args.only), args.quick)
-    (ROOT / "bench").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    measured = measure(tuple(args.only), args.quick)
+    path = ROOT / "bench" / "results.json"
+    # --only refreshes some sections and keeps the others from the previous run.
+    results = json.loads(path.read_text()) if path.exists() and len(args.only) < len(SECTIONS) else {}
+    results.update(measured)
+    path.write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / "BENCHMARKS.md").write_text(render(results))
     print(render(results))
     return 0

@@ -94,6 +94,7 @@ class QueuePoller:
         self._region = region
         self._slots = threading.BoundedSemaphore(concurrency)
         self._stopping = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"poller-{mapping.queue.name}", daemon=True)
         self._batches: set[threading.Thread] = set()
         self._batches_lock = threading.Lock()
@@ -104,12 +105,21 @@ class QueuePoller:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    def pause(self) -> None:
+        """Stop receiving (batches in flight finish): lets a benchmark build a backlog at once."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=_WAIT_SECONDS + 5)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            if self._paused.wait(0) and not self._stopping.wait(0.1):
+                continue
             if not self._slots.acquire(timeout=0.5):
                 continue
             try:

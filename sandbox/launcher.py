@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ from llmq.config import LlmqConfig
 from sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
 from sandbox.event_sources import QueuePoller, ScheduleTimer
 from sandbox.fake_provider import FakeProviderServer
+from sandbox.faults import CallFault, FaultSpecError
 from sandbox.gateway import ApiGateway, GatewayServer
 from sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
 from sandbox.moto_fidelity import make_dynamodb_writes_atomic
@@ -329,7 +331,11 @@ class Sandbox:
     def receiver(self) -> WebhookReceiverServer | None:
         return self._running.receiver if self._running else None
 
-    def _introspect(self, path: str, query: dict[str, str]) -> tuple[int, Any] | None:
+    def _introspect(
+        self, path: str, query: dict[str, str], method: str = "GET", body: bytes = b""
+    ) -> tuple[int, Any] | None:
+        if path == "/_sandbox/faults":
+            return self._faults_endpoint(method, body)
         if path == "/_sandbox/health":
             return 200, {"status": "ok"}
         if path == "/_sandbox/invocations":
@@ -352,6 +358,23 @@ class Sandbox:
         if path == "/_sandbox/config" and self.config is not None:
             return 200, self.config.model_dump(mode="json")
         return None
+
+    def _faults_endpoint(self, method: str, body: bytes) -> tuple[int, Any]:
+        """GET lists the armed call faults, POST arms one, DELETE disarms them all."""
+        book = self.functions.faults
+        if method == "POST":
+            try:
+                fault = CallFault.from_request(json.loads(body or b"{}"), set(self.functions.pools))
+            except (ValueError, FaultSpecError) as exc:
+                return 400, {"message": str(exc)}
+            return 201, book.add(fault).as_dict()
+        if method == "DELETE":
+            book.clear()
+        return 200, {"data": book.describe()}
+
+    @property
+    def pollers(self) -> list[QueuePoller]:
+        return list(self._running.pollers or []) if self._running else []
 
     def describe(self) -> dict[str, Any]:
         assert self.topology is not None
