@@ -62,7 +62,7 @@ dev: install ## The sandbox in the foreground, printing curl commands to try (Ct
 lint: install ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy layers/llmq/python/llmq functions stacks app.py sandbox
+	$(VENV)/bin/mypy layers/llmq/python/llmq functions stacks app.py sandbox bench
 
 format: install ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

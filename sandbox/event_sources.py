@@ -112,6 +112,10 @@ class QueuePoller:
     def resume(self) -> None:
         self._paused.clear()
 
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(timeout=_WAIT_SECONDS + 5)

@@ -9,6 +9,9 @@ Directives (DESIGN §6):
 - `[[stall]]` answers 200 and then sends only keep-alives (SSE comments, or whitespace when not
   streaming) forever: every read succeeds, so only a total deadline ends the call.
 
+The crash directives (`[[crash]]`, `[[crash_before_complete]]`, `[[overrun]]`) are not the
+provider's: the worker environment acts on them (sandbox/faults.py), and this server ignores them.
+
 Calls are counted per job (the `x-llmq-job-id` header, or the prompt's hash without it),
 and the counts, the in-flight peak and the call log are readable over HTTP and in process.
 """
@@ -81,9 +84,10 @@ class Storm:
 @dataclass
 class CallRecord:
     job_id: str
-    at: float
+    at: float  # when the answer was finished
     status: int
     stream: bool
+    started_at: float = 0.0  # when the request arrived: with `at`, shows calls that overlap
 
 
 @dataclass
@@ -130,11 +134,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length) if length else b""
-        if self.path.rstrip("/") == "/_reset":
+        # Like /_calls, the controls answer under the base URL (…/v1) as well as at the root.
+        if self.path.rstrip("/") in ("/_reset", "/v1/_reset"):
             self.server.reset()
             self._json(200, {"ok": True})
             return
-        if self.path.rstrip("/") == "/_storm":
+        if self.path.rstrip("/") in ("/_storm", "/v1/_storm"):
             body = json.loads(raw or b"{}")
             self.server.storm(**body)
             self._json(200, {"ok": True})
@@ -155,6 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
         job_id = self.headers.get("x-llmq-job-id") or hashlib.sha256(prompt.encode()).hexdigest()[:16]
         directives = Directives.parse(prompt)
         stream = bool(payload.get("stream"))
+        started_at = time.time()
         with state.lock:
             state.calls[job_id] += 1
             attempt = state.calls[job_id]
@@ -167,7 +173,11 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with state.lock:
                 state.in_flight -= 1
-                state.log.append(CallRecord(job_id=job_id, at=time.time(), status=status, stream=stream))
+                state.log.append(
+                    CallRecord(
+                        job_id=job_id, at=time.time(), status=status, stream=stream, started_at=started_at
+                    )
+                )
 
     def _answer(
         self,

@@ -411,7 +411,8 @@ class ApiGateway:
 
 # ---- the HTTP server ------------------------------------------------------------------------
 
-Introspection = Callable[[str, dict[str, str]], tuple[int, Any] | None]
+# (path, query, method, body) -> (status, JSON body), or None for "no such endpoint".
+Introspection = Callable[[str, dict[str, str], str, bytes], tuple[int, Any] | None]
 
 
 class _GatewayHandler(BaseHTTPRequestHandler):
@@ -426,7 +427,7 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         if parts.path.startswith("/_sandbox/"):
-            self._introspect(parts.path, dict(parse_qsl(parts.query)))
+            self._introspect(parts.path, dict(parse_qsl(parts.query)), body)
             return
         request = HttpRequest(
             method=self.command,
@@ -445,8 +446,9 @@ class _GatewayHandler(BaseHTTPRequestHandler):
             )
         self._write(reply)
 
-    def _introspect(self, path: str, query: dict[str, str]) -> None:
-        found = self.server.introspection(path, query) if self.server.introspection else None
+    def _introspect(self, path: str, query: dict[str, str], body: bytes) -> None:
+        introspection = self.server.introspection
+        found = introspection(path, query, self.command, body) if introspection else None
         status, data = found if found is not None else (404, {"message": "no such sandbox endpoint"})
         body = json.dumps(data, default=str).encode()
         self._write(HttpReply(status, [("Content-Type", "application/json")], body))

@@ -18,6 +18,10 @@ Two ways to start one:
 Either way the environment connects to the sandbox's Unix socket and speaks one JSON object
 per line: it says "ready" or "init_error", then answers each invocation with its result or
 error. Everything the function prints goes to its log file.
+
+Before the handler is imported, the environment installs the sandbox's fault hooks
+(sandbox/faults.py): botocore event handlers that do nothing unless a job's prompt carries a
+crash directive or the invocation was handed an armed call fault.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import threading
 import time
 import traceback
 from typing import Any, BinaryIO
+
+from sandbox import faults
 
 # Imported once by the fork server and shared by every environment it forks. None of them
 # reads a function's variables at import time; the handlers read theirs after the fork.
@@ -103,6 +109,7 @@ def _invoke(handler: Any, request: dict[str, Any]) -> dict[str, Any]:
     context = LambdaContext(request_id, int(request["deadline_ms"]))
     print(f"START RequestId: {request_id} Version: $LATEST", flush=True)
     started = time.monotonic()
+    faults.begin_invocation(request.get("faults"))
     try:
         payload = handler(request["event"], context)
         json.dumps(payload)  # Lambda serializes the result; an unserializable one is an error
@@ -110,6 +117,9 @@ def _invoke(handler: Any, request: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         traceback.print_exc()
         reply = {"type": "error", "request_id": request_id, "error": _error(exc)}
+    fired = faults.end_invocation()
+    if fired:
+        reply["faults_fired"] = fired
     duration = (time.monotonic() - started) * 1000
     print(f"END RequestId: {request_id}")
     print(f"REPORT RequestId: {request_id}\tDuration: {duration:.2f} ms", flush=True)
@@ -130,6 +140,7 @@ def run_environment(socket_path: str, token: str, forked: dict[str, Any] | None 
         if forked is not None:
             _become_environment(forked)
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+        faults.install()  # before the handler's import, so every client it makes has the hooks
         task_root = os.environ["LAMBDA_TASK_ROOT"]
         module_name, _, function_name = os.environ["_HANDLER"].rpartition(".")
         sys.path.insert(0, task_root)

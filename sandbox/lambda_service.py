@@ -39,6 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sandbox.faults import FaultBook
 from sandbox.topology import LLMQ_LAYER_DIR, ROOT, FunctionSpec
 
 INIT_TIMEOUT_SECONDS = 60.0
@@ -294,6 +295,7 @@ class ExecutionEnvironment:
         self._connection = connection
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.alive = True
+        self.faults_fired: list[str] = []
         threading.Thread(target=self._read_replies, name=f"{spec.name}-replies", daemon=True).start()
 
     @property
@@ -330,9 +332,24 @@ class ExecutionEnvironment:
             f"function {self.spec.name} ({self.spec.physical_name}) failed its cold start: {why}"
         )
 
-    def invoke(self, event: Any, request_id: str, timeout_seconds: float) -> tuple[Outcome, Any]:
+    def invoke(
+        self,
+        event: Any,
+        request_id: str,
+        timeout_seconds: float,
+        armed: list[dict[str, str]] | None = None,
+    ) -> tuple[Outcome, Any]:
+        """Run one invocation. `armed`: the call faults it may fire (sandbox/faults.py);
+        the ones that fired are left in `self.faults_fired`."""
+        self.faults_fired = []
         deadline = time.time() + timeout_seconds
-        request = {"request_id": request_id, "event": event, "deadline_ms": int(deadline * 1000)}
+        request: dict[str, Any] = {
+            "request_id": request_id,
+            "event": event,
+            "deadline_ms": int(deadline * 1000),
+        }
+        if armed:
+            request["faults"] = armed
         try:
             self._connection.socket.sendall((json.dumps(request) + "\n").encode())
         except OSError:
@@ -350,6 +367,7 @@ class ExecutionEnvironment:
         if reply is None:
             self.kill()
             return Outcome.ERROR, {"errorType": "Runtime.ExitError", "errorMessage": "the runtime exited"}
+        self.faults_fired = list(reply.get("faults_fired") or [])
         if reply.get("type") == "result":
             return Outcome.OK, reply.get("payload")
         return Outcome.ERROR, reply.get("error") or {}
@@ -390,8 +408,10 @@ class FunctionPool:
         launcher: EnvironmentLauncher,
         log_path: Path,
         max_environments: int,
+        faults: FaultBook | None = None,
     ) -> None:
         self.spec = spec
+        self._faults = faults or FaultBook()
         self._aws = aws
         self._launcher = launcher
         self._log_path = log_path
@@ -451,18 +471,23 @@ class FunctionPool:
                 error={"errorType": "Sandbox.Stopping", "errorMessage": "the sandbox is stopping"},
                 started_at=started,
             )
+        armed = self._faults.arm(self.spec.name)
+        fired: list[str] = []
         try:
             with self._environment() as (environment, cold):
                 started = time.time()
                 outcome, payload = environment.invoke(
-                    event, request_id, timeout_seconds or self.spec.timeout_seconds
+                    event, request_id, timeout_seconds or self.spec.timeout_seconds, armed
                 )
+                fired = environment.faults_fired
         except FunctionStartError as exc:
             outcome, payload, cold = (
                 Outcome.ERROR,
                 {"errorType": "Runtime.InitError", "errorMessage": str(exc)},
                 True,
             )
+        finally:
+            self._faults.settle(armed, fired)
         if outcome is Outcome.TIMEOUT:
             self._log.write(f"{request_id} {payload['errorMessage']}\n".encode())
         return InvocationResult(
@@ -539,6 +564,8 @@ class LambdaService:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir = log_dir.resolve()
         self.launcher = EnvironmentLauncher(log_dir, aws)
+        # Call faults armed over HTTP (POST /_sandbox/faults), handed to each invocation.
+        self.faults = FaultBook()
         self.pools = {
             name: FunctionPool(
                 spec,
@@ -546,6 +573,7 @@ class LambdaService:
                 self.launcher,
                 log_dir / f"{name}.log",
                 spec.reserved_concurrency or default_concurrency,
+                self.faults,
             )
             for name, spec in functions.items()
         }

@@ -336,6 +336,8 @@ class Sandbox:
     ) -> tuple[int, Any] | None:
         if path == "/_sandbox/faults":
             return self._faults_endpoint(method, body)
+        if path == "/_sandbox/mappings":
+            return self._mappings_endpoint(method, body)
         if path == "/_sandbox/health":
             return 200, {"status": "ok"}
         if path == "/_sandbox/invocations":
@@ -371,6 +373,35 @@ class Sandbox:
         if method == "DELETE":
             book.clear()
         return 200, {"data": book.describe()}
+
+    def _mappings_endpoint(self, method: str, body: bytes) -> tuple[int, Any]:
+        """GET lists the SQS event source mappings; POST `{"function", "lane" or "queue",
+        "enabled"}` pauses or resumes one's poller, as UpdateEventSourceMapping(Enabled=...)
+        does: a test can then queue several messages and have them received as one batch."""
+        if method == "POST":
+            try:
+                request = json.loads(body or b"{}")
+                selected = [poller for poller in self.pollers if _names_mapping(request, poller)]
+                enabled = request["enabled"]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return 400, {"message": 'expected {"function", "lane" or "queue", "enabled": true|false}'}
+            if len(selected) != 1 or not isinstance(enabled, bool):
+                return 400, {"message": "name exactly one mapping, and enabled as a boolean"}
+            if enabled:
+                selected[0].resume()
+            else:
+                selected[0].pause()
+        return 200, {
+            "data": [
+                {
+                    "function": poller.mapping.function,
+                    "queue": poller.mapping.queue.name,
+                    "lane": poller.mapping.queue.lane,
+                    "enabled": not poller.paused,
+                }
+                for poller in self.pollers
+            ]
+        }
 
     @property
     def pollers(self) -> list[QueuePoller]:
@@ -446,3 +477,10 @@ class Sandbox:
         running.moto.stop()
         if running.cdk_outdir:
             shutil.rmtree(running.cdk_outdir, ignore_errors=True)
+
+
+def _names_mapping(request: dict[str, Any], poller: QueuePoller) -> bool:
+    """`queue`, `lane` and `function` each narrow the choice (a lane's DLQ has its lane too)."""
+    mapping = poller.mapping
+    named = {"queue": mapping.queue.name, "lane": mapping.queue.lane, "function": mapping.function}
+    return all(request[key] == value for key, value in named.items() if key in request)

@@ -3,6 +3,8 @@
 - `POST /hooks/<anything>` (or any other path): 200 when the signature verifies against one
   of the seeded tenants' current secrets, 400 when it does not;
 - `POST /hooks/fail-N`: answers 500 to the first N attempts of each webhook-id, then as above;
+- `POST /_heal {"path": "/hooks/x/fail-99"}`: that path is back up: it answers as above from
+  now on, however many attempts it has failed (a receiver outage that ends);
 - `GET /_deliveries[?job_id=...&type=...]`: what arrived, oldest first, each with the saved
   request (headers and exact body) that `llmq webhooks verify --file` accepts;
 - `POST /_reset`: forget every delivery.
@@ -59,6 +61,7 @@ class WebhookReceiverServer(ThreadingHTTPServer):
         self._secrets = secrets
         self._deliveries: list[Delivery] = []
         self._attempts: Counter[str] = Counter()
+        self._healed: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -108,10 +111,11 @@ class WebhookReceiverServer(ThreadingHTTPServer):
         )
         return status, answer
 
-    @staticmethod
-    def _status(path: str, attempt: int, verified: bool) -> int:
+    def _status(self, path: str, attempt: int, verified: bool) -> int:
         failing = _FAIL_PATH.search(path)
-        if failing and attempt <= int(failing.group(1)):
+        with self._lock:
+            healed = path in self._healed
+        if failing and not healed and attempt <= int(failing.group(1)):
             return 500
         return 200 if verified else 400
 
@@ -125,10 +129,15 @@ class WebhookReceiverServer(ThreadingHTTPServer):
             and (event_type is None or delivery.type == event_type)
         ]
 
+    def heal(self, path: str) -> None:
+        with self._lock:
+            self._healed.add(path)
+
     def reset(self) -> None:
         with self._lock:
             self._deliveries.clear()
             self._attempts.clear()
+            self._healed.clear()
 
     def start(self) -> WebhookReceiverServer:
         self._thread = threading.Thread(target=self.serve_forever, name="webhook-receiver", daemon=True)
@@ -161,6 +170,14 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
         if parts.path == "/_reset":
             self.server.reset()
             self._json(200, {"ok": True})
+            return
+        if parts.path == "/_heal":
+            path = _parse(body)
+            if not isinstance(path, dict) or not isinstance(path.get("path"), str):
+                self._json(400, {"error": 'expected {"path": "/hooks/..."}'})
+                return
+            self.server.heal(path["path"])
+            self._json(200, {"ok": True, "healed": path["path"]})
             return
         status, answer = self.server.receive(parts.path, dict(self.headers.items()), body)
         self._json(status, answer)

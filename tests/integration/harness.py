@@ -190,5 +190,15 @@ class Harness:
 
     # ---- table ------------------------------------------------------------------------
 
+    def let_backoffs_pass(self) -> None:
+        """Stand in for the clock: every job waiting out a retry backoff is due now."""
+        for item in self.ddb.scan(TableName=self.stack.jobs_table)["Items"]:
+            if "not_before_ms" in item:
+                self.ddb.update_item(
+                    TableName=self.stack.jobs_table,
+                    Key={"pk": item["pk"]},
+                    UpdateExpression="REMOVE not_before_ms",
+                )
+
     def item_count(self) -> int:
         return int(self.ddb.scan(TableName=self.stack.jobs_table, Select="COUNT")["Count"])

@@ -34,6 +34,7 @@ def _run_until_settled(harness: Harness, lane: str, rounds: int) -> None:
         if not messages:
             return
         response = harness.run_worker(url, messages)
+        harness.let_backoffs_pass()
         failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
         for message in (m for m in messages if m["MessageId"] in failed):
             harness.sqs.change_message_visibility(
@@ -55,8 +56,9 @@ class VisibilitySpy:
 
 
 def test_a_batch_of_ten_runs_concurrently(harness: Harness, provider: FakeProviderServer) -> None:
-    # Given ten queued jobs that each take 1 s at the provider
-    ids = [harness.submit(prompt=f"job {i} [[latency:1]]").body["id"] for i in range(10)]
+    # Given ten queued jobs that each take 2 s at the provider (1 s leaves too little slack for
+    # ten claims on a loaded two-core machine; the assertion is the in-flight count, not time)
+    ids = [harness.submit(prompt=f"job {i} [[latency:2]]").body["id"] for i in range(10)]
     # When the worker receives them as one batch
     response = harness.drain("high")
     # Then all ten were in flight at the provider at once, and all succeeded
@@ -127,7 +129,17 @@ def test_a_429_with_retry_after_requeues_then_the_redelivery_succeeds(
     job = _job(harness, job_id)
     assert (job["status"], job["attempts"]) == ("queued", 1)
     assert job["error"]["retryable"] is True
+    # And a copy of the message arriving during the backoff does not run it early
+    harness.sqs.send_message(
+        QueueUrl=harness.stack.lane_queue_urls["high"],
+        MessageBody=json.dumps({"job_id": job_id, "lane": "high"}),
+    )
+    early = harness.drain("high")
+    assert len(early["batchItemFailures"]) == 1
+    assert provider.calls_for(job_id) == 1
+    assert spy.timeouts[-1] >= 6
     # And when the message comes back, the job succeeds on the second call
+    harness.let_backoffs_pass()
     harness.sqs.change_message_visibility(
         QueueUrl=harness.stack.lane_queue_urls["high"],
         ReceiptHandle=message["ReceiptHandle"],

@@ -75,6 +75,10 @@ class JobRunner:
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
             raise PoisonMessage(f"no job {message.job_id}")
+        if claim.outcome is ClaimOutcome.NOT_YET_DUE:
+            # A copy of the message arrived during the backoff: it comes back when it is due.
+            wait_ms = (job.not_before_ms or 0) - self.jobs.now_ms()
+            raise RetryLater(job.id, max(1.0, wait_ms / 1000))
         if claim.outcome is not ClaimOutcome.CLAIMED:
             logger.info("message not claimed", extra=log)
             await self._settle_unclaimed(claim.outcome, job)

@@ -89,6 +89,8 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     lease_owner: str | None = None
     lease_expires_ms: int | None = None
+    # After a transient failure: no claim before this time, whichever copy of its message comes.
+    not_before_ms: int | None = None
     deadline_ms: int | None = None
     result: JobResult | None = None
     # Set when the result lives in S3; the API inlines it or hands out a presigned URL.
@@ -185,6 +187,8 @@ class ClaimOutcome(StrEnum):
     TERMINAL = "terminal"
     LEASED_ELSEWHERE = "leased_elsewhere"
     DEADLINE_PASSED = "deadline_passed"
+    # Queued, waiting out its retry backoff: a duplicate message must not run it early.
+    NOT_YET_DUE = "not_yet_due"
     CANCEL_PENDING = "cancel_pending"
     CRASHES_EXHAUSTED = "crashes_exhausted"
 
@@ -307,7 +311,8 @@ class JobRepository:
                 ),
                 ConditionExpression=(
                     "attribute_exists(pk) AND expires_at > :now_s AND ("
-                    "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now)) OR "
+                    "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now) "
+                    "AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
                     "(#st = :running AND lease_expires_ms < :now AND attempts < :max "
                     "AND cancel_requested = :false))"
                 ),
@@ -339,7 +344,9 @@ class JobRepository:
         if old.status.is_terminal:
             return Claim(ClaimOutcome.TERMINAL, old)
         if old.status is JobStatus.QUEUED:
-            return Claim(ClaimOutcome.DEADLINE_PASSED, old)
+            if old.deadline_ms is not None and old.deadline_ms <= now:
+                return Claim(ClaimOutcome.DEADLINE_PASSED, old)
+            return Claim(ClaimOutcome.NOT_YET_DUE, old)
         if old.lease_expires_ms is not None and old.lease_expires_ms >= now:
             return Claim(ClaimOutcome.LEASED_ELSEWHERE, old)
         if old.cancel_requested:
@@ -372,8 +379,8 @@ class JobRepository:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job.id}},
-                UpdateExpression="SET #st = :queued, #err = :error, sweep_at = :sweep "
-                "REMOVE lease_owner, lease_expires_ms",
+                UpdateExpression="SET #st = :queued, #err = :error, sweep_at = :sweep, "
+                "not_before_ms = :not_before REMOVE lease_owner, lease_expires_ms",
                 ConditionExpression="lease_owner = :owner AND #st = :running",
                 ExpressionAttributeNames={"#st": "status", "#err": "error"},
                 ExpressionAttributeValues=_values(
@@ -382,6 +389,7 @@ class JobRepository:
                     error=error.model_dump_json(),
                     owner=owner,
                     sweep=visible_at + self.config.reconciler.stale_queued_seconds * 1000,
+                    not_before=visible_at,
                 ),
                 ReturnValues="ALL_NEW",
             )

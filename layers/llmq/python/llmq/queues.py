@@ -5,6 +5,7 @@ Messages carry ids only (DESIGN §1); the job itself lives in DynamoDB.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from llmq import aws
@@ -51,10 +52,11 @@ class QueueRepository:
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
         """Make a message we report as failed come back after `seconds`, not the queue default."""
         url = self.queue_url_for_arn(queue_arn) or self._url_from_arn(queue_arn)
+        # SQS takes whole seconds; rounding up keeps a fractional Retry-After from coming early.
         self._sqs.change_message_visibility(
             QueueUrl=url,
             ReceiptHandle=receipt_handle,
-            VisibilityTimeout=max(0, min(round(seconds), MAX_VISIBILITY_SECONDS)),
+            VisibilityTimeout=max(0, min(math.ceil(seconds), MAX_VISIBILITY_SECONDS)),
         )
 
     def announce_terminal(self, job: JobRecord) -> bool:

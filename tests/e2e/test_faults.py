@@ -1,0 +1,612 @@
+"""DESIGN §3 under injected faults, with figures from the job table, the provider's call log,
+the receiver's log and the queues.
+
+Two sandboxes, started side by side:
+- `main` has the sandbox's own numbers (worker timeout 10 s, 2 attempts, webhook schedule
+  1-2-4-8 s), except that a queued job counts as stale after 2 s, so the reconciler (every
+  10 s in the sandbox) finds a lost enqueue within one sweep;
+- `down` has its provider pointed at a closed port on 127.0.0.1.
+
+Faults come from the sandbox (sandbox/faults.py and the introspection API): the api's
+SendMessage failing after its PutItem (`POST /_sandbox/faults`), a lane's mapping paused so
+that poison and good messages form one batch (`POST /_sandbox/mappings`), provider directives
+and storms, and a receiver that fails the first N attempts until healed.
+
+The slow scenarios (a hung and a stalled provider, two receiver outages, a lost enqueue) are
+started first by the `background` fixture and checked near the end, so they play out while
+the quick ones run. Tests run in file order: the storm, which hits every provider call while
+it lasts, waits for the provider calls of everything else to be over.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import SandboxUnderTest, stop_sandbox, wait_until
+from tests.e2e.figures import (
+    CLOCK_SLACK,
+    Figures,
+    invocations_once_logged,
+    lane_message,
+    overlapping,
+    settle,
+    start_sandboxes,
+)
+
+pytestmark = pytest.mark.e2e
+
+STALE_QUEUED_SECONDS = 2
+MAIN_CONFIG: dict[str, Any] = {"reconciler": {"stale_queued_seconds": STALE_QUEUED_SECONDS}}
+DOWN_MAX_ATTEMPTS = 3
+NOT_JSON = "this is not { json"
+UNKNOWN_JOB = "job_00000000000000000000000000"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def sandboxes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, SandboxUnderTest]]:
+    down_config = {
+        "provider": {"base_url": f"http://127.0.0.1:{closed_port()}/v1"},
+        "max_attempts": DOWN_MAX_ATTEMPTS,
+    }
+    main, down = start_sandboxes(lambda: tmp_path_factory.mktemp("sandbox"), [MAIN_CONFIG, down_config])
+    yield {"main": main, "down": down}
+    for sandbox in (main, down):
+        if (sandbox.directory / ".llmq" / "sandbox.json").exists():
+            stop_sandbox(sandbox)
+
+
+@pytest.fixture(scope="module")
+def sandbox(sandboxes: dict[str, SandboxUnderTest]) -> SandboxUnderTest:
+    return sandboxes["main"]
+
+
+@pytest.fixture(scope="module")
+def figures(sandbox: SandboxUnderTest) -> Figures:
+    return Figures(sandbox)
+
+
+@pytest.fixture(scope="module")
+def config(sandbox: SandboxUnderTest) -> dict[str, Any]:
+    found: dict[str, Any] = httpx.get(f"{sandbox.api_url}/_sandbox/config").json()
+    return found
+
+
+@dataclass
+class Ledger:
+    """What this module did that the last test accounts for."""
+
+    poison_message_ids: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@dataclass
+class Background:
+    lost: str
+    lost_body: dict[str, Any]
+    lost_key: str
+    lost_fault: str
+    lost_replies: list[httpx.Response]
+    hang: str
+    stall: str
+    outage_brief: str
+    outage_brief_path: str
+    outage_long: str
+    outage_long_path: str
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(figures: Figures, config: dict[str, Any]) -> Background:
+    receiver = figures.sandbox.state["receiver_url"]
+    # A lost enqueue: the api's SendMessage fails once, after its PutItem; the client retries.
+    fault = figures.arm_call_fault("api", "sqs.SendMessage", times=1)
+    lost_body = {"prompt": "Lost in the mail [[tokens:4]]"}
+    key = "faults-lost-enqueue"
+    first = figures.submit("enterprise", lost_body, **{"Idempotency-Key": key})
+    retry = figures.submit("enterprise", lost_body, **{"Idempotency-Key": key})
+    # A receiver down for fewer attempts than the schedule has, and one down beyond it.
+    brief_failures = len(config["webhooks"]["schedule_seconds"]) - 1
+    brief_path = f"/hooks/outage-brief/fail-{brief_failures}"
+    long_path = "/hooks/outage-long/fail-99"
+    brief = figures.submit("enterprise", {"prompt": "Brief", "webhook": {"url": receiver + brief_path}})
+    long = figures.submit("enterprise", {"prompt": "Long", "webhook": {"url": receiver + long_path}})
+    # A provider that never answers, and one that trickles keep-alives forever (the free lane).
+    hang = figures.submit("free", {"prompt": "Think forever [[hang]]"})
+    stall = figures.submit("free", {"prompt": "Drip forever [[stall]]"})
+    return Background(
+        lost=first.json()["id"],
+        lost_body=lost_body,
+        lost_key=key,
+        lost_fault=fault,
+        lost_replies=[first, retry],
+        hang=hang.json()["id"],
+        stall=stall.json()["id"],
+        outage_brief=brief.json()["id"],
+        outage_brief_path=brief_path,
+        outage_long=long.json()["id"],
+        outage_long_path=long_path,
+    )
+
+
+def webhook_to(figures: Figures, path: str, events: list[str] | None = None) -> dict[str, Any]:
+    hook: dict[str, Any] = {"url": figures.sandbox.state["receiver_url"] + path}
+    if events is not None:
+        hook["events"] = events
+    return hook
+
+
+def wait_delivered(figures: Figures, job_id: str, event_type: str, timeout: float = 30) -> None:
+    assert wait_until(lambda: figures.successes(job_id).get(event_type), timeout=timeout), (
+        f"no successful {event_type} delivery for {job_id}: {figures.deliveries(job_id)}"
+    )
+
+
+# ---- deterministic errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("directive", "code"),
+    [
+        ("[[fail:400:context_length_exceeded]]", "context_length_exceeded"),
+        ("[[fail:400:content_policy_violation]]", "content_filtered"),
+        ("[[fail:404:model_not_found]]", "model_not_found"),
+        ("[[fail:400:invalid_request_error]]", "invalid_request"),
+    ],
+)
+def test_a_deterministic_error_costs_one_call_and_fails_for_good(
+    figures: Figures, directive: str, code: str
+) -> None:
+    # Given a job the provider refuses with a 4xx that no retry can fix, and a webhook
+    accepted = figures.submit(
+        "enterprise", {"prompt": f"Refused {directive}", "webhook": webhook_to(figures, f"/hooks/{code}")}
+    )
+    job = figures.sandbox.wait_terminal(accepted.json()["id"])
+    # Then it failed at once with that code, not retryable, after exactly one call
+    assert (job["status"], job["attempts"]) == ("failed", 1)
+    assert job["error"]["code"] == code
+    assert job["error"]["retryable"] is False
+    assert [call.status for call in figures.provider_calls(job["id"])] == [int(directive[7:10])]
+    # And the client heard it once
+    wait_delivered(figures, job["id"], "job.failed")
+    assert figures.successes(job["id"]) == {"job.failed": 1}
+
+
+# ---- duplicate deliveries ---------------------------------------------------------------------
+
+
+def test_duplicate_lane_messages_run_each_job_once_and_deliver_each_webhook_once(
+    figures: Figures, sandbox: SandboxUnderTest
+) -> None:
+    # Given three running jobs: one plain, one whose receiver fails its first attempt, one that
+    # also subscribes to job.started
+    hooks = [
+        webhook_to(figures, "/hooks/dup-plain"),
+        webhook_to(figures, "/hooks/dup-retried/fail-1"),
+        webhook_to(figures, "/hooks/dup-started", ["job.started", "job.succeeded"]),
+    ]
+    ids = [
+        figures.submit("enterprise", {"prompt": f"Dup {n} [[latency:2]]", "webhook": hook}).json()["id"]
+        for n, hook in enumerate(hooks)
+    ]
+    for job_id in ids:
+        assert figures.wait_status(job_id, {"running"}) == "running"
+    # When three copies of each lane message arrive while the jobs run, and three more after
+    copies = [lane_message(job_id, "high") for job_id in ids for _ in range(3)]
+    figures.send_lane_messages("high", copies)
+    figures.wait_all_terminal(ids)
+    figures.send_lane_messages("high", copies)
+    figures.wait_drained([figures.lane_queues["high"]])
+    for job_id in ids:
+        wait_delivered(figures, job_id, "job.succeeded")
+    settle(3)  # room for a second run or a second webhook, if there were one
+    for job_id, hook in zip(ids, hooks, strict=True):
+        job = figures.job(job_id)
+        # Then each job ran once: one claim, one provider call, one terminal state
+        assert (job["status"], job["attempts"]) == ("succeeded", 1)
+        assert [call.status for call in figures.provider_calls(job_id)] == [200]
+        # And the worker did receive every copy, and acknowledged each
+        receipts = [
+            record["job_ids"].count(job_id)
+            for record in sandbox.invocations(function="worker", job_id=job_id)
+        ]
+        assert sum(receipts) == 1 + 6
+        # And every subscribed event was received once as a success, under one webhook-id
+        subscribed = hook.get("events", ["job.succeeded"])
+        assert figures.successes(job_id) == dict.fromkeys(subscribed, 1)
+        for event_type in subscribed:
+            deliveries = figures.deliveries(job_id, event_type)
+            assert len({delivery["webhook_id"] for delivery in deliveries}) == 1
+            assert all(delivery["verified"] for delivery in deliveries)
+        assert job["webhook"]["delivery"]["status"] == "delivered"
+    # And the retried delivery carried the same webhook-id on both attempts
+    retried = figures.deliveries(ids[1], "job.succeeded")
+    assert [delivery["status"] for delivery in retried] == [500, 200]
+    assert retried[0]["webhook_id"] == retried[1]["webhook_id"]
+
+
+def test_duplicate_messages_during_a_retry_backoff_do_not_cut_the_retry_after_short(
+    figures: Figures,
+) -> None:
+    # Given a job whose first call answers 503 with Retry-After: 3, now queued for its retry
+    job_id = figures.submit("enterprise", {"prompt": "Busy [[fail:503x1]] [[retry_after:3]]"}).json()["id"]
+    assert figures.wait_status(job_id, {"queued"}, timeout=10) == "queued"
+    assert [call.status for call in figures.provider_calls(job_id)] == [503]
+    # When two copies of its lane message arrive during the backoff
+    figures.send_lane_messages("high", [lane_message(job_id, "high")] * 2)
+    job = figures.sandbox.wait_terminal(job_id)
+    # Then it succeeds on its second attempt, called no sooner than the provider asked
+    assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    first, second = figures.provider_calls(job_id)
+    assert (first.status, second.status) == (503, 200)
+    assert second.started_at - first.ended_at >= 3 - CLOCK_SLACK
+
+
+def test_a_fractional_retry_after_is_never_rounded_down(figures: Figures) -> None:
+    # Given a provider that asks for 1.45 s before each job's retry (jobs a quarter second apart,
+    # so that their retries do not all fall on the same poll of the queue)
+    ids = []
+    for n in range(4):
+        body = {"prompt": f"Slow down {n} [[fail:429x1]] [[retry_after:1.45]]"}
+        ids.append(figures.submit("enterprise", body).json()["id"])
+        time.sleep(0.25)
+    for job_id in ids:
+        job = figures.sandbox.wait_terminal(job_id)
+        # Then each retry came no sooner than 1.45 s after its 429
+        assert (job["status"], job["attempts"]) == ("succeeded", 2)
+        first, second = figures.provider_calls(job_id)
+        assert (first.status, second.status) == (429, 200)
+        assert second.started_at - first.ended_at >= 1.45 - CLOCK_SLACK, (first, second)
+
+
+# ---- poison -----------------------------------------------------------------------------------
+
+
+def test_poison_goes_to_the_dlq_and_its_batchmates_succeed(
+    figures: Figures, sandbox: SandboxUnderTest, config: dict[str, Any], ledger: Ledger
+) -> None:
+    # Given three jobs accepted while the api's SendMessage fails, so no message names them yet
+    fault = figures.arm_call_fault("api", "sqs.SendMessage", times=3)
+    good = [
+        figures.submit("enterprise", {"prompt": f"Batchmate {n} [[tokens:4]]"}).json()["id"] for n in range(3)
+    ]
+    assert figures.call_fault(fault)["fired"] == 3
+    # When their messages and two poison messages (not JSON; an unknown job) land as one batch
+    bodies = [
+        NOT_JSON,
+        lane_message(good[0], "high"),
+        lane_message(UNKNOWN_JOB, "high"),
+        lane_message(good[1], "high"),
+        lane_message(good[2], "high"),
+    ]
+    # Sent while the lane's mapping is paused (and its last long poll over), so that the
+    # poller receives them together when it resumes.
+    figures.set_mapping("worker", "high", enabled=False)
+    try:
+        settle(1.5)
+        message_ids = figures.send_lane_messages("high", bodies)
+    finally:
+        figures.set_mapping("worker", "high", enabled=True)
+    poison = [message_ids[0], message_ids[2]]
+    ledger.poison_message_ids += poison
+    # Then the good jobs succeed, each after one provider call
+    for job_id in good:
+        job = sandbox.wait_terminal(job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", 1)
+        assert len(figures.provider_calls(job_id)) == 1
+    # And the poison reached the lane's DLQ after max_receive_count receives, never crashing the worker
+    dlq = figures.lane_dlqs["high"]
+    assert wait_until(lambda: figures.depth(dlq) == len(poison), timeout=30), figures.depth(dlq)
+
+    def receipts(message_id: str) -> list[dict[str, Any]]:
+        return [
+            record for record in sandbox.invocations(function="worker") if message_id in record["message_ids"]
+        ]
+
+    receives = config["max_receive_count"]
+    assert wait_until(lambda: all(len(receipts(message_id)) >= receives for message_id in poison), timeout=15)
+    for message_id in poison:
+        assert len(receipts(message_id)) == receives
+        assert {record["outcome"] for record in receipts(message_id)} == {"ok"}
+    # And the good jobs shared the poison's first batch, which reported only the poison as failed
+    batch = min(receipts(poison[0]), key=lambda record: record["started_at"])
+    assert set(message_ids) <= set(batch["message_ids"])
+    assert batch["outcome"] == "ok"
+    assert set(batch["failed_message_ids"]) == set(poison)
+    assert set(batch["deleted_message_ids"]) == set(message_ids) - set(poison)
+    # And the dead-letter function looked at each, did not crash, and kept it in the DLQ
+    assert wait_until(
+        lambda: (
+            {
+                message_id
+                for record in sandbox.invocations(function="dead_letter")
+                for message_id in record["failed_message_ids"]
+            }
+            >= set(poison)
+        ),
+        timeout=30,
+    )
+    dead_letter = [
+        record
+        for record in sandbox.invocations(function="dead_letter")
+        if set(record["message_ids"]) & set(poison)
+    ]
+    assert {record["outcome"] for record in dead_letter} == {"ok"}
+    settle(2)
+    assert figures.depth(dlq) == len(poison)
+    # And the unknown job was not created by any of this
+    with sandbox.api("enterprise") as client:
+        assert client.get(f"/v1/jobs/{UNKNOWN_JOB}").status_code == 404
+
+
+# ---- lost enqueue -----------------------------------------------------------------------------
+
+
+def test_a_lost_enqueue_is_sent_by_the_reconciler_and_the_job_runs_once(
+    figures: Figures, sandbox: SandboxUnderTest, background: Background
+) -> None:
+    first, retry = background.lost_replies
+    # Given a submit whose SendMessage failed after its PutItem: the client still got 202
+    assert figures.call_fault(background.lost_fault)["fired"] == 1
+    assert first.status_code == 202
+    assert first.headers["location"] == f"/v1/jobs/{background.lost}"
+    # And its retry with the same Idempotency-Key got the same job back, created nothing
+    assert (retry.status_code, retry.json()["id"]) == (202, background.lost)
+    assert retry.headers["idempotent-replayed"] == "true"
+    # When the reconciler finds it queued and stale
+    job = sandbox.wait_terminal(background.lost, timeout=60)
+    # Then it ran once
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    assert len(figures.provider_calls(background.lost)) == 1
+    # And its first message was the reconciler's, sent once the job had been queued a while
+    created = datetime.fromisoformat(job["created_at"]).timestamp()
+    first_receipt = invocations_once_logged(sandbox, 1, function="worker", job_id=background.lost)[0]
+    assert first_receipt["started_at"] - created >= STALE_QUEUED_SECONDS - CLOCK_SLACK
+    # And a later retry with the key replays the finished job; the tenant has it once
+    again = figures.submit("enterprise", background.lost_body, **{"Idempotency-Key": background.lost_key})
+    assert (again.status_code, again.json()["id"], again.json()["status"]) == (
+        202,
+        background.lost,
+        "succeeded",
+    )
+    assert again.headers["idempotent-replayed"] == "true"
+    with sandbox.api("enterprise") as client:
+        listed = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    assert [listed_job["id"] for listed_job in listed].count(background.lost) == 1
+
+
+# ---- cancel races -----------------------------------------------------------------------------
+
+
+def submit_and_cancel(figures: Figures, body: dict[str, Any], offset: float) -> tuple[str, httpx.Response]:
+    """Submit, wait until the job runs (or already ended), wait `offset` seconds, cancel."""
+    job_id: str = figures.submit("enterprise", body).json()["id"]
+    figures.wait_status(job_id, {"running", "succeeded", "failed", "canceled"})
+    time.sleep(offset)
+    with figures.sandbox.api("enterprise") as client:
+        return job_id, client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_a_cancel_during_running_ends_in_one_state_with_only_that_states_webhook(figures: Figures) -> None:
+    # Given one long job, and five that finish about when their cancel arrives
+    plan = [({"prompt": "Long [[latency:4]]", "webhook": webhook_to(figures, "/hooks/cancel-long")}, 0.3)]
+    for n, offset in enumerate([0.6, 0.8, 0.9, 1.0, 1.2]):
+        body = {"prompt": f"Race {n} [[latency:1]]", "webhook": webhook_to(figures, f"/hooks/race-{n}")}
+        plan.append((body, offset))
+    # When each is canceled while it runs
+    with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+        replies = dict(pool.map(lambda step: submit_and_cancel(figures, *step), plan))
+    long_job = next(iter(replies))
+    finals = figures.wait_all_terminal(replies)
+    # Then the long job was stopped: canceled, no result, and its stream cut short
+    assert replies[long_job].status_code == 202
+    assert replies[long_job].json()["cancel_requested"] is True
+    assert (finals[long_job]["status"], finals[long_job]["result"]) == ("canceled", None)
+    # (the provider logs a call once it notices the closed connection, at its next chunk)
+    assert wait_until(lambda: figures.provider_calls(long_job), timeout=10)
+    (call,) = figures.provider_calls(long_job)
+    assert call.ended_at - call.started_at < 3.5
+    # And every job ended canceled or succeeded, one state only, heard of once
+    for job_id in replies:
+        wait_delivered(figures, job_id, f"job.{finals[job_id]['status']}")
+    settle(2)
+    for job_id, reply in replies.items():
+        final = finals[job_id]
+        assert final["status"] in {"canceled", "succeeded"}
+        assert reply.status_code in {202, 409}
+        if reply.status_code == 409:  # the cancel came too late: the result stands
+            assert final["status"] == "succeeded"
+        assert (final["result"] is not None) == (final["status"] == "succeeded")
+        assert figures.job(job_id)["status"] == final["status"]
+        assert figures.job(job_id)["finished_at"] == final["finished_at"]
+        assert figures.sandbox.provider_calls(job_id) == 1
+        deliveries = figures.deliveries(job_id)
+        assert {delivery["type"] for delivery in deliveries} == {f"job.{final['status']}"}
+        assert figures.successes(job_id) == {f"job.{final['status']}": 1}
+
+
+# ---- provider storms --------------------------------------------------------------------------
+
+
+def test_a_storm_of_429_and_503_ends_every_job_succeeded_or_exhausted_and_honours_retry_after(
+    figures: Figures, sandbox: SandboxUnderTest, config: dict[str, Any], background: Background
+) -> None:
+    retry_after = 2
+    # Given nothing else calls the provider any more (the lost enqueue has run)
+    sandbox.wait_terminal(background.lost, timeout=60)
+    # When half the provider's answers are 429 or 503 with Retry-After for a while
+    figures.storm(rate=0.5, seconds=12, statuses=[429, 503], retry_after=retry_after)
+    try:
+        ids = [
+            figures.submit("enterprise", {"prompt": f"Storm {n} [[tokens:4]]"}).json()["id"]
+            for n in range(12)
+        ]
+        jobs = figures.wait_all_terminal(ids)
+    finally:
+        figures.storm(rate=0, seconds=0, statuses=[429, 503], retry_after=0)
+    outcomes = []
+    for job_id, job in jobs.items():
+        calls = figures.provider_calls(job_id)
+        statuses = [call.status for call in calls]
+        # Then each job succeeded, or failed with retries_exhausted after max_attempts calls
+        if job["status"] == "succeeded":
+            assert statuses[-1] == 200 and set(statuses[:-1]) <= {429, 503}
+        else:
+            assert (job["status"], job["error"]["code"]) == ("failed", "retries_exhausted")
+            assert job["error"]["retryable"] is False
+            assert len(calls) == config["max_attempts"] and set(statuses) <= {429, 503}
+        # And no job was called more than max_attempts times, one call per attempt, never at once
+        assert len(calls) == job["attempts"] <= config["max_attempts"]
+        assert overlapping(calls) == []
+        # And each retry waited at least the Retry-After
+        for earlier, later in itertools.pairwise(calls):
+            assert later.started_at - earlier.ended_at >= retry_after - CLOCK_SLACK
+        outcomes.append((job["status"], len(calls)))
+    # And the storm did hit: some jobs were retried
+    assert any(calls == 2 for _, calls in outcomes), outcomes
+
+
+def test_a_provider_that_refuses_connections_exhausts_the_retries(
+    sandboxes: dict[str, SandboxUnderTest],
+) -> None:
+    down = sandboxes["down"]
+    config = httpx.get(f"{down.api_url}/_sandbox/config").json()
+    assert config["max_attempts"] == DOWN_MAX_ATTEMPTS
+    # When jobs are submitted while the provider's port refuses every connection
+    with down.api("enterprise") as client:
+        ids = [client.post("/v1/jobs", json={"prompt": f"Nobody home {n}"}).json()["id"] for n in range(3)]
+    for job_id in ids:
+        job = down.wait_terminal(job_id)
+        # Then each fails with retries_exhausted after max_attempts attempts
+        assert (job["status"], job["error"]["code"]) == ("failed", "retries_exhausted")
+        assert job["attempts"] == DOWN_MAX_ATTEMPTS
+        assert job["error"]["retryable"] is False
+        # And each attempt was an invocation that ended normally
+        records = invocations_once_logged(down, DOWN_MAX_ATTEMPTS, function="worker", job_id=job_id)
+        assert len(records) == DOWN_MAX_ATTEMPTS
+        assert {record["outcome"] for record in records} == {"ok"}
+        # And the sandbox's own provider was never reached
+        assert down.provider_calls(job_id) == 0
+    stop_sandbox(down)
+
+
+# ---- a provider that never finishes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["hang", "stall"])
+def test_a_provider_that_never_finishes_is_bounded_inside_the_invocation(
+    sandbox: SandboxUnderTest, background: Background, config: dict[str, Any], kind: str
+) -> None:
+    job_id = getattr(background, kind)
+    # When the provider never answers ([[hang]]) or answers and then only sends keep-alives
+    job = sandbox.wait_terminal(job_id, "free", timeout=90)
+    # Then the total deadline on the call ends each attempt; the job fails with retries_exhausted
+    assert (job["status"], job["error"]["code"]) == ("failed", "retries_exhausted")
+    assert job["attempts"] == config["max_attempts"]
+    assert sandbox.provider_calls(job_id) == config["max_attempts"]
+    # And no invocation overran its timeout: the first reported a retry, the last deleted the message
+    records = invocations_once_logged(sandbox, config["max_attempts"], function="worker", job_id=job_id)
+    assert [record["outcome"] for record in records] == ["ok"] * config["max_attempts"]
+    assert all(record["duration_seconds"] < config["worker"]["timeout_seconds"] for record in records)
+    assert records[0]["failed_message_ids"] and records[-1]["deleted_message_ids"]
+
+
+# ---- receiver outages -------------------------------------------------------------------------
+
+
+def test_a_receiver_down_for_n_attempts_gets_the_webhook_once_on_attempt_n_plus_one(
+    figures: Figures, background: Background, config: dict[str, Any]
+) -> None:
+    job_id = background.outage_brief
+    failures = len(config["webhooks"]["schedule_seconds"]) - 1
+    # When the receiver answers 500 to the first N attempts
+    wait_delivered(figures, job_id, "job.succeeded", timeout=40)
+    settle(2)
+    deliveries = figures.deliveries(job_id)
+    # Then attempt N+1 delivered it, once, and every attempt carried the same webhook-id
+    assert [delivery["status"] for delivery in deliveries] == [500] * failures + [200]
+    assert [delivery["attempt"] for delivery in deliveries] == list(range(1, failures + 2))
+    assert len({delivery["webhook_id"] for delivery in deliveries}) == 1
+    assert all(delivery["verified"] for delivery in deliveries)
+    # And the retries followed the schedule (each delay less its jitter)
+    jitter = config["webhooks"]["jitter_fraction"]
+    gaps = [
+        later["received_at"] - earlier["received_at"] for earlier, later in itertools.pairwise(deliveries)
+    ]
+    for gap, delay in zip(gaps, config["webhooks"]["schedule_seconds"], strict=False):
+        assert gap >= delay * (1 - jitter) - 0.5
+    # And the job records the delivery
+    delivery = figures.job(job_id)["webhook"]["delivery"]
+    assert (delivery["status"], delivery["attempts"], delivery["last_status_code"]) == (
+        "delivered",
+        failures + 1,
+        200,
+    )
+
+
+def test_a_receiver_down_beyond_the_schedule_fails_the_delivery_and_a_redeliver_works_later(
+    figures: Figures, sandbox: SandboxUnderTest, background: Background, config: dict[str, Any]
+) -> None:
+    job_id = background.outage_long
+    attempts = 1 + len(config["webhooks"]["schedule_seconds"])
+    # When the receiver fails every attempt of the schedule
+    assert wait_until(lambda: figures.job(job_id)["webhook"]["delivery"]["status"] == "failed", timeout=60), (
+        figures.job(job_id)["webhook"]
+    )
+    job = figures.job(job_id)
+    # Then the delivery is failed after every attempt, and the result is still there to poll
+    assert (job["status"], job["webhook"]["delivery"]["attempts"]) == ("succeeded", attempts)
+    assert job["result"]["output"]
+    deliveries = figures.deliveries(job_id)
+    assert [delivery["status"] for delivery in deliveries] == [500] * attempts
+    # When the receiver is back and the client asks for a redelivery
+    figures.heal(background.outage_long_path)
+    with sandbox.api("enterprise") as client:
+        redeliver = client.post(f"/v1/jobs/{job_id}/webhook/redeliver")
+    assert redeliver.status_code == 202
+    # Then it is delivered once more, as a success, under the same webhook-id
+    wait_delivered(figures, job_id, "job.succeeded")
+    settle(2)
+    deliveries = figures.deliveries(job_id)
+    assert [delivery["status"] for delivery in deliveries] == [500] * attempts + [200]
+    assert len({delivery["webhook_id"] for delivery in deliveries}) == 1
+    assert figures.job(job_id)["webhook"]["delivery"]["status"] == "delivered"
+
+
+# ---- the end state ----------------------------------------------------------------------------
+
+
+def test_nothing_is_left_running_or_queued_and_the_dlqs_hold_only_the_poison(
+    figures: Figures, ledger: Ledger
+) -> None:
+    # Then no job is left running or queued, for either tenant
+    for tier in ("enterprise", "free"):
+        assert figures.running(tier) == []
+        with figures.sandbox.api(tier) as client:
+            assert client.get("/v1/jobs", params={"status": "queued"}).json()["data"] == []
+    # And the lane and webhook queues are empty, and so is the webhook DLQ
+    depths = figures.wait_drained([*figures.working_queues(), figures.webhook_dlq])
+    assert set(depths.values()) == {0}, depths
+    # And the lane DLQs hold exactly the poison messages
+    assert figures.depth(figures.lane_dlqs["high"]) == len(ledger.poison_message_ids)
+    assert figures.depth(figures.lane_dlqs["low"]) == 0
