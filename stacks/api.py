@@ -155,6 +155,13 @@ class ApiConstruct(Construct):
             ),
             ("AccessDenied", apigw.ResponseType.ACCESS_DENIED, 403, "Access denied", "forbidden"),
             ("Throttled", apigw.ResponseType.THROTTLED, 429, "Too many requests", "rate_limited"),
+            (
+                "TooLarge",
+                apigw.ResponseType.REQUEST_TOO_LARGE,
+                413,
+                "The request is larger than API Gateway accepts",
+                "payload_too_large",
+            ),
         ]
         for construct_id, response_type, status, title, code in responses:
             self.rest_api.add_gateway_response(

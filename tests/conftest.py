@@ -131,9 +131,9 @@ def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoS
 @pytest.fixture
 def moto_stack(_aws_test_credentials: None) -> Iterator[MotoStack]:
     """A fresh in-process moto with llmq's tables and queues; clients are created inside it."""
-    from llmq import aws
     from moto import mock_aws
 
+    from llmq import aws
     from sandbox.moto_fidelity import make_dynamodb_writes_atomic
 
     make_dynamodb_writes_atomic()

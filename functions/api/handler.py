@@ -59,6 +59,7 @@ _STATUS = {
     errors.InvalidIdempotencyKey: 400,
     errors.InvalidCursor: 400,
     errors.UnsupportedMediaType: 415,
+    errors.MalformedJson: 400,
     errors.PayloadTooLarge: 413,
     errors.IdempotencyConflict: 422,
     errors.JobNotFound: 404,
@@ -116,8 +117,25 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
     return _problem_response(status, problem)
 
 
+# The methods each path serves, so a known path with another method is 405, not 404.
+_METHODS = [
+    (re.compile(r"^/v1/jobs/?$"), "GET, POST"),
+    (re.compile(r"^/v1/jobs/[^/]+/?$"), "GET"),
+    (re.compile(r"^/v1/jobs/[^/]+/cancel/?$"), "POST"),
+    (re.compile(r"^/v1/jobs/[^/]+/webhook/redeliver/?$"), "POST"),
+    (re.compile(r"^/v1/openapi\.json$"), "GET"),
+]
+
+
 @app.not_found
 def handle_not_found(exc: NotFoundError) -> Response[Any]:
+    path = app.current_event.path
+    allowed = next((methods for pattern, methods in _METHODS if pattern.match(path)), None)
+    if allowed is not None:
+        problem = Problem(
+            title="Method not allowed", status=405, code="method_not_allowed", detail=f"use {allowed}"
+        )
+        return _problem_response(405, problem, headers={"Allow": allowed})
     return _problem_response(404, Problem(title="No such route", status=404, code="route_not_found"))
 
 
@@ -153,7 +171,9 @@ def _responses(success: int, description: str, model: type = Job, *errors_: int)
     documented: dict[int, Any] = {
         success: {"description": description, "content": {"application/json": {"model": model}}}
     }
-    for status in (400, 401, 404, 422, *errors_):
+    # Every operation can meet the gateway's answers (401, 403, 413, 429) and the body checks
+    # made before validation (413, 415), as well as its own errors.
+    for status in (400, 401, 403, 404, 413, 415, 422, 429, *errors_):
         documented[status] = {"description": "Problem", "content": {PROBLEM_JSON: {"model": Problem}}}
     return documented
 
@@ -168,7 +188,13 @@ def _prefer_wait(prefer: str | None) -> int:
 @app.post(
     "/v1/jobs",
     summary="Submit a job",
-    responses=_responses(202, "Accepted; or 200 when `Prefer: wait` saw it finish", Job, 409, 413, 415, 429),
+    responses={
+        **_responses(202, "Accepted; or 200 when `Prefer: wait` saw it finish", Job, 409),
+        200: {
+            "description": "Finished within `Prefer: wait`",
+            "content": {"application/json": {"model": Job}},
+        },
+    },
 )
 def handle_submit_job(
     request: Annotated[JobRequest, Body()],
@@ -250,13 +276,17 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
     body = event.get("body")
     if body is None or event.get("httpMethod") != "POST":
         return None
-    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode()
+    raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogateescape")
     if len(raw) > ENV.config.limits.max_body_bytes:
         return errors.PayloadTooLarge(f"the body exceeds {ENV.config.limits.max_body_bytes} bytes")
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
     media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
     if raw.strip() and media_type != "application/json" and not media_type.endswith("+json"):
         return errors.UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not application/json")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return errors.MalformedJson("the body is not UTF-8 text")
     return None
 
 

@@ -99,7 +99,11 @@ def test_a_function_environment_missing_a_required_variable_fails_the_synth() ->
     from llmq.config import WorkerEnvironment
     from stacks.functions import function_environment
 
-    with pytest.raises(ValueError, match=r"WorkerEnvironment requires webhook_queue_url \(LLMQ_WEBHOOK_QUEUE_URL\)"):
+    with pytest.raises(
+        ValueError, match=r"WorkerEnvironment requires webhook_queue_url \(LLMQ_WEBHOOK_QUEUE_URL\)"
+    ):
         function_environment(WorkerEnvironment, jobs_table="t", lane_queue_urls="{}")
     with pytest.raises(ValueError, match="no fields"):
-        function_environment(WorkerEnvironment, jobs_table="t", lane_queue_urls="{}", webhook_queue_url="u", typo="x")
+        function_environment(
+            WorkerEnvironment, jobs_table="t", lane_queue_urls="{}", webhook_queue_url="u", typo="x"
+        )

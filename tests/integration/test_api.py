@@ -246,3 +246,10 @@ def test_prompts_and_outputs_never_reach_the_logs(
     assert "job accepted" in logs and "job succeeded" in logs
     assert secret_prompt not in logs
     assert output not in logs
+
+
+def test_a_known_path_with_another_method_is_405_with_allow(harness: Harness) -> None:
+    reply = harness.api("PUT", "/v1/jobs", body={"prompt": "x"}, tenant=ENTERPRISE)
+    assert (reply.status, reply.code) == (405, "method_not_allowed")
+    assert reply.headers["allow"] == "GET, POST"
+    _nothing_changed(harness)

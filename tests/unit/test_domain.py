@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from pydantic import ValidationError
+
 from llmq.config import ConfigError, LlmqConfig, RetryPolicy, WorkerEnvironment
 from llmq.intake import request_hash
 from llmq.jobs import new_job_id
 from llmq.lanes import lane_for_tier, retry_delay_seconds
 from llmq.models import JobRequest, WebhookEvent
-from pydantic import ValidationError
 
 
 def test_tiers_route_to_their_lane_and_unknown_tiers_to_the_default() -> None:

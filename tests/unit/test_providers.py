@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+
 from llmq.models import ChatMessage, ErrorCode, GenerationParams
 from llmq.providers import (
     ChatCompletionsProvider,

@@ -8,6 +8,7 @@ from typing import Any
 import httpcore
 import httpx
 import pytest
+
 from llmq.errors import InvalidWebhookUrl
 from llmq.ssrf import PinnedTarget, PinnedTransport, check_webhook_url
 

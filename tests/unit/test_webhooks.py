@@ -11,6 +11,8 @@ from email.utils import format_datetime
 
 import httpx
 import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
 from llmq.config import LlmqConfig, WebhookPolicy
 from llmq.jobs import JobInput, JobRecord, JobRepository
 from llmq.models import (
@@ -35,7 +37,6 @@ from llmq.webhooks import (
     sign,
     webhook_id,
 )
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 NOW = 1_790_000_000.0
 HOOK_URL = "https://hooks.example.com/llmq?token=abc"

@@ -17,6 +17,11 @@ class InvalidRequest(DomainError):
     title = "The request is invalid"
 
 
+class MalformedJson(DomainError):
+    code = "malformed_json"
+    title = "The body is not valid JSON"
+
+
 class UnknownModel(InvalidRequest):
     code = "model_not_allowed"
     title = "The model is not available"

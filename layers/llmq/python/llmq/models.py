@@ -104,9 +104,9 @@ class JobRequest(_Strict):
     prompt: Annotated[str, Field(min_length=1, max_length=2_000_000)] | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
     webhook: WebhookSubscription | None = None
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] = Field(
-        default_factory=dict
-    )
+    metadata: dict[
+        Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
+    ] = Field(default_factory=dict)
     deadline_seconds: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
