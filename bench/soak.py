@@ -6,8 +6,10 @@ The sandbox is started with `llmq sandbox up --detach` in a temporary directory,
 more tenants than it seeds (four in all, both tiers). Each job is submitted over HTTP with a
 webhook to the sandbox's receiver, and its prompt carries the fault it is dealt:
 - 5% transient provider failures: `[[fail:503x1]]`, or `[[fail:429x1]][[retry_after:1]]`;
-- 1% crashes: `[[stall]]` (every invocation overruns its timeout and is killed, so the job
-  ends `worker_crashed`), or `[[crash:1]]` (the environment is killed after the first claim);
+- 1% crashes (sandbox/faults.py): `[[crash:1]]` (the environment is killed after the first
+  claim), `[[overrun:1]]` (the first invocation overruns its timeout and is killed), or
+  `[[overrun]]` (every one does, so the job ends `worker_crashed`); a crash takes the other
+  jobs of its batch down with it;
 - 1% hangs: `[[hang]]` (the provider never answers; the worker's deadline ends each attempt);
 - 10% of webhooks go to `/hooks/fail-1`, which fails the first attempt of each delivery;
 - 10% of jobs get 1 to 3 copies of their lane message sent straight into the lane queue, at
@@ -47,9 +49,10 @@ REPORT = ROOT / "bench" / "soak.md"
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 SETTLED_DELIVERY = {"delivered", "failed", "disabled"}
 
-# Worker timeout 6 s: a crashed batch is back after its visibility timeout (6 x 6 s), so the
-# crashes of a run settle within minutes; cold starts under load still fit.
-SOAK_CONFIG: dict[str, Any] = {"worker": {"timeout_seconds": 6}}
+# The sandbox's own numbers (LLMQ_SANDBOX_CONFIG merges over them): its short retry and
+# webhook schedules, and a worker timeout that still fits cold starts on a loaded laptop. A
+# shorter one settles crashes sooner but turns slow batches into crashes of their own.
+SOAK_CONFIG: dict[str, Any] = {}
 EXTRA_TENANTS = [("Soak Industries", "enterprise"), ("Soak Weekend Project", "free")]
 
 
@@ -67,7 +70,11 @@ TRANSIENT = [
     Fault("transient 503", "[[fail:503x1]]"),
     Fault("transient 429", "[[fail:429x1]][[retry_after:1]]"),
 ]
-CRASHES = [Fault("crash (overrun)", "[[stall]]"), Fault("crash (killed once)", "[[crash:1]]")]
+CRASHES = [
+    Fault("crash (killed once)", "[[crash:1]]"),
+    Fault("crash (overrun once)", "[[overrun:1]]"),
+    Fault("crash (overrun always)", "[[overrun]]"),
+]
 HANG = Fault("hang", "[[hang]]")
 
 
@@ -150,7 +157,8 @@ def running_sandbox(keep: bool) -> Iterator[Sandbox]:
     directory = Path(tempfile.mkdtemp(prefix="llmq-soak-"))
     print(f"starting a sandbox in {directory} ...", flush=True)
     try:
-        _llmq(directory, "sandbox", "up", "--detach", env={"LLMQ_SANDBOX_CONFIG": json.dumps(SOAK_CONFIG)})
+        overrides = {"LLMQ_SANDBOX_CONFIG": json.dumps(SOAK_CONFIG)} if SOAK_CONFIG else {}
+        _llmq(directory, "sandbox", "up", "--detach", env=overrides)
         for name, tier in EXTRA_TENANTS:
             _llmq(directory, "tenants", "create", "--name", name, "--tier", tier)
         state = json.loads((directory / ".llmq" / "sandbox.json").read_text())
@@ -431,15 +439,18 @@ def _fault_rows(planned: list[PlannedJob], submitted: Submitted, observed: Obser
     return [(f"final states, fault {name}", _counts(states)) for name, states in sorted(ended.items())]
 
 
-def _webhook_rows(observed: Observed) -> list[tuple[str, str]]:
+def _webhook_rows(observed: Observed, injected: set[str]) -> list[tuple[str, str]]:
     accepted = [delivery for delivery in observed.deliveries if 200 <= delivery["status"] < 300]
     distinct = sum(len(ids) for by_type in successful_events(observed).values() for ids in by_type.values())
+    repeated = Counter(delivery["webhook_id"] for delivery in accepted)
+    repeated_jobs = {delivery["job_id"] for delivery in accepted if repeated[delivery["webhook_id"]] > 1}
     states = Counter(
         (job.get("webhook") or {}).get("delivery", {}).get("status") for job in observed.jobs.values()
     )
     return [
         ("webhooks delivered / expected", f"{distinct} / {len(observed.jobs)}"),
         ("webhook duplicates by webhook-id", str(len(accepted) - distinct)),
+        ("  of jobs given injected lane copies", f"{len(repeated_jobs & injected)} of {len(repeated_jobs)}"),
         ("webhook attempts refused by the receiver", str(len(observed.deliveries) - len(accepted))),
         (
             "webhook signatures not verified",
@@ -464,11 +475,12 @@ def figures(
     wall_seconds: float,
 ) -> Figures:
     terminal = sum(job["status"] in TERMINAL for job in observed.jobs.values())
+    injected = {submitted.ids[job.index] for job in planned if job.duplicates and job.index in submitted.ids}
     rows = [
         *_job_rows(planned, submitted, observed),
         *_fault_rows(planned, submitted, observed),
         ("duplicate lane messages injected", str(duplicates_sent)),
-        *_webhook_rows(observed),
+        *_webhook_rows(observed, injected),
         ("messages left in queues and DLQs", _counts(Counter(observed.depths))),
         ("wall time: submit / total", f"{submitted.seconds:.0f} s / {wall_seconds:.0f} s"),
     ]

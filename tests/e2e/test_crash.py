@@ -30,7 +30,9 @@ from tests.e2e.conftest import SandboxUnderTest, wait_until
 from tests.e2e.figures import Figures, invocations_once_logged, overlapping, settle
 
 pytestmark = pytest.mark.e2e
-WORKER_TIMEOUT_SECONDS = 3
+# Four seconds: short enough that each crash plays out in half a minute, long enough that a
+# busy two-core machine does not time out an attempt that should have finished.
+WORKER_TIMEOUT_SECONDS = 4
 # A crash takes its whole batch down, as it would on Lambda, so no two of these may share one:
 # they come in pairs, one per lane (each lane has its own poller), and a pair's messages come
 # back from their visibility timeout well after the previous pair's.
