@@ -48,6 +48,26 @@ class ApiReply:
         return self.body.get("code") if isinstance(self.body, dict) else None
 
 
+def sqs_event(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The event an SQS event source mapping would hand a function for these received messages."""
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    template = load_event("sqs_lane_batch")["Records"][0]
+    records = []
+    for message in messages:
+        record = copy.deepcopy(template)
+        record.update(
+            messageId=message["MessageId"],
+            receiptHandle=message["ReceiptHandle"],
+            body=message["Body"],
+            eventSourceARN=arn,
+        )
+        record["attributes"]["ApproximateReceiveCount"] = message.get("Attributes", {}).get(
+            "ApproximateReceiveCount", "1"
+        )
+        records.append(record)
+    return {"Records": records}
+
+
 def load_handler(name: str) -> ModuleType:
     """A fresh import of functions/<name>/handler.py, so its cold start reads the current env."""
     module_name = f"functions.{name}.handler"
@@ -149,24 +169,7 @@ class Harness:
         )
 
     def sqs_event(self, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        arn = self.sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
-            "QueueArn"
-        ]
-        template = load_event("sqs_lane_batch")["Records"][0]
-        records = []
-        for message in messages:
-            record = copy.deepcopy(template)
-            record.update(
-                messageId=message["MessageId"],
-                receiptHandle=message["ReceiptHandle"],
-                body=message["Body"],
-                eventSourceARN=arn,
-            )
-            record["attributes"]["ApproximateReceiveCount"] = message.get("Attributes", {}).get(
-                "ApproximateReceiveCount", "1"
-            )
-            records.append(record)
-        return {"Records": records}
+        return sqs_event(self.sqs, queue_url, messages)
 
     def run_worker(
         self, queue_url: str, messages: list[dict[str, Any]], timeout_seconds: float = 60

@@ -6,7 +6,6 @@ knows: every delivery that arrives proves the connection went to the pinned addr
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import socket
 import ssl
@@ -27,13 +26,21 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from llmq import aws
 from llmq.config import LlmqConfig, WebhookPolicy
 from llmq.jobs import JobInput, JobRecord, JobRepository
-from llmq.models import TERMINAL_EVENTS, ChatMessage, DeliveryStatus, JobResult, JobStatus, WebhookEvent
+from llmq.models import (
+    EVENT_FOR_STATUS,
+    TERMINAL_EVENTS,
+    ChatMessage,
+    DeliveryStatus,
+    JobResult,
+    JobStatus,
+    WebhookEvent,
+)
 from llmq.queues import QueueRepository
 from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.tenants import TenantRepository, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
-from tests.conftest import REGION, MotoStack, load_event
-from tests.integration.harness import LambdaContextStub, load_handler
+from tests.conftest import REGION, MotoStack
+from tests.integration.harness import LambdaContextStub, load_handler, sqs_event
 from tests.integration.webhook_receiver import Answer, WebhookReceiver
 
 SCHEDULE = [5, 300, 1800]
@@ -127,7 +134,7 @@ class Stage:
             expires_at=int(time.time()) + 86_400,
         )
         self.jobs.create(record)
-        self.queues.enqueue_webhook(record.id, EVENT[status])
+        self.queues.enqueue_webhook(record.id, EVENT_FOR_STATUS[status])
         return record
 
     def delivery(self, job_id: str = "job_hooked") -> Any:
@@ -158,7 +165,9 @@ class Stage:
             AttributeNames=["All"],
         ).get("Messages", [])
         assert messages, "nothing to dispatch"
-        response: dict[str, Any] = self.handler.handler(self._event(messages), LambdaContextStub())
+        response: dict[str, Any] = self.handler.handler(
+            sqs_event(self.sqs, self.stack.webhook_queue_url, messages), LambdaContextStub()
+        )
         failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
         for message in messages:
             if message["MessageId"] not in failed:
@@ -176,32 +185,6 @@ class Stage:
                 ReceiptHandle=message["ReceiptHandle"],
                 VisibilityTimeout=0,
             )
-
-    def _event(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        arn = self.sqs.get_queue_attributes(
-            QueueUrl=self.stack.webhook_queue_url, AttributeNames=["QueueArn"]
-        )["Attributes"]["QueueArn"]
-        template = load_event("sqs_lane_batch")["Records"][0]
-        records = []
-        for message in messages:
-            record = copy.deepcopy(template)
-            record.update(
-                messageId=message["MessageId"],
-                receiptHandle=message["ReceiptHandle"],
-                body=message["Body"],
-                eventSourceARN=arn,
-            )
-            record["attributes"]["ApproximateReceiveCount"] = message["Attributes"]["ApproximateReceiveCount"]
-            records.append(record)
-        return {"Records": records}
-
-
-EVENT = {
-    JobStatus.SUCCEEDED: WebhookEvent.SUCCEEDED,
-    JobStatus.FAILED: WebhookEvent.FAILED,
-    JobStatus.CANCELED: WebhookEvent.CANCELED,
-    JobStatus.EXPIRED: WebhookEvent.EXPIRED,
-}
 
 
 @pytest.fixture
