@@ -7,7 +7,21 @@ Directives (DESIGN §6):
 - `[[fail:400:context_length_exceeded]]` fails every call with that 400 error code;
 - `[[hang]]` never answers (until the server stops);
 - `[[stall]]` answers 200 and then sends only keep-alives (SSE comments, or whitespace when not
-  streaming) forever: every read succeeds, so only a total deadline ends the call.
+  streaming) forever: every read succeeds, so only a total deadline ends the call;
+- `[[finish:length]]` (or any reason: `content_filter`, …) ends the answer with that
+  `finish_reason` instead of `stop`.
+
+Broken answers, which start with 200 and fail part-way (each takes an optional `:xN` at the
+end, or `xN` glued to the status, to break only the first N calls for the job; without it
+every call breaks):
+- `[[stream_error]]` sends half the deltas, then the event
+  `data: {"error": {"message": …, "type": "server_error", "code": 503}}` and `[DONE]`, as vLLM
+  does; `[[stream_error:429]]` or `[[stream_error:503x1]]` pick the status, and
+  `[[stream_error:400:context_length_exceeded:x1]]` sends that code with `"status": 400`.
+  Not streaming, the whole 200 body is that `{"error": …}`.
+- `[[stream_cut]]` (`[[stream_cut:x1]]`) sends half the deltas, then closes the connection
+  with neither a finish_reason nor `[DONE]`. Not streaming, it sends half the JSON body it
+  announced and closes.
 
 The crash directives (`[[crash]]`, `[[crash_before_complete]]`, `[[overrun]]`) are not the
 provider's: the worker environment acts on them (sandbox/faults.py), and this server ignores them.
@@ -31,6 +45,48 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _DIRECTIVE = re.compile(r"\[\[(\w+)(?::([^\]]*))?\]\]")
+_COUNT = re.compile(r"(\d*)x(\d+)")
+_EVERY_CALL = 1_000_000
+
+
+@dataclass
+class StreamFault:
+    """An answer that starts with 200 and breaks part-way: an error event, or a cut."""
+
+    kind: str  # "stream_error" or "stream_cut"
+    status: int = 503
+    code: str | None = None
+    times: int = _EVERY_CALL
+
+    @classmethod
+    def parse(cls, kind: str, arg: str) -> StreamFault:
+        """`503`, `503x1`, `400:context_length_exceeded`, `x1`, `400:context_length_exceeded:x1`."""
+        parts = [part for part in (arg or "").split(":") if part]
+        fault = cls(kind)
+        count = _COUNT.fullmatch(parts[-1]) if parts else None
+        if count:
+            fault.times = int(count[2])
+            parts[-1] = count[1]
+            parts = [part for part in parts if part]
+        if parts:
+            fault.status = int(parts[0])
+        if len(parts) > 1:
+            fault.code = parts[1]
+        return fault
+
+    def error(self) -> dict[str, Any]:
+        """The error object, shaped as vLLM and OpenAI send it."""
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        if self.status == 429:
+            kind = "rate_limit_error"
+        error: dict[str, Any] = {
+            "message": f"fake {self.status} during the answer",
+            "type": kind,
+            "code": self.code or self.status,
+        }
+        if self.code:
+            error["status"] = self.status
+        return {"error": error}
 
 
 @dataclass
@@ -43,6 +99,8 @@ class Directives:
     retry_after: float | None = None
     hang: bool = False
     stall: bool = False
+    finish_reason: str = "stop"
+    stream_fault: StreamFault | None = None
 
     @classmethod
     def parse(cls, text: str) -> Directives:
@@ -60,6 +118,10 @@ class Directives:
                 found.stall = True
             elif name == "fail":
                 found._parse_fail(arg)
+            elif name == "finish":
+                found.finish_reason = arg
+            elif name in ("stream_error", "stream_cut"):
+                found.stream_fault = StreamFault.parse(name, arg)
         return found
 
     def _parse_fail(self, arg: str) -> None:
@@ -88,6 +150,7 @@ class CallRecord:
     status: int
     stream: bool
     started_at: float = 0.0  # when the request arrived: with `at`, shows calls that overlap
+    fault: str | None = None  # "stream_error" or "stream_cut" when a 200 answer broke part-way
 
 
 @dataclass
@@ -167,15 +230,20 @@ class _Handler(BaseHTTPRequestHandler):
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             storm = state.storm
-        status = 200
+        status, fault = 200, None
         try:
-            status = self._answer(job_id, attempt, directives, storm, stream, payload)
+            status, fault = self._answer(job_id, attempt, directives, storm, stream, payload)
         finally:
             with state.lock:
                 state.in_flight -= 1
                 state.log.append(
                     CallRecord(
-                        job_id=job_id, at=time.time(), status=status, stream=stream, started_at=started_at
+                        job_id=job_id,
+                        at=time.time(),
+                        status=status,
+                        stream=stream,
+                        started_at=started_at,
+                        fault=fault,
                     )
                 )
 
@@ -187,26 +255,33 @@ class _Handler(BaseHTTPRequestHandler):
         storm: Storm,
         stream: bool,
         payload: dict[str, Any],
-    ) -> int:
+    ) -> tuple[int, str | None]:
+        """The HTTP status answered, and the fault that broke a 200 answer, if any."""
         if directives.hang:
             self.server.state.stopping.wait()
-            return 0
+            return 0, None
         if directives.stall:
             self._stall(stream)
-            return 200
+            return 200, None
         if directives.latency and not stream:
             self.server.state.stopping.wait(directives.latency)
         if directives.fail_status is not None and attempt <= directives.fail_times:
-            return self._fail(directives.fail_status, directives.fail_code, directives.retry_after)
+            return self._fail(directives.fail_status, directives.fail_code, directives.retry_after), None
         if storm.rate and time.time() < storm.until and self.server.rng.random() < storm.rate:
-            return self._fail(self.server.rng.choice(storm.statuses), None, storm.retry_after)
+            return self._fail(self.server.rng.choice(storm.statuses), None, storm.retry_after), None
         words = _words(directives.tokens, job_id)
         usage = {"prompt_tokens": len(json.dumps(payload["messages"])) // 4, "completion_tokens": len(words)}
+        fault = directives.stream_fault
+        if fault is not None and attempt > fault.times:
+            fault = None
         if stream:
-            self._stream(words, usage, directives.latency)
+            self._stream(words, usage, directives.latency, directives.finish_reason, fault)
+        elif fault is not None and fault.kind == "stream_error":
+            self._json(200, fault.error())
         else:
-            self._json(200, _completion(payload, " ".join(words), usage))
-        return 200
+            body = _completion(payload, " ".join(words), usage, directives.finish_reason)
+            self._json(200, body, cut=fault is not None)
+        return 200, fault.kind if fault else None
 
     def _fail(self, status: int, code: str | None, retry_after: float | None) -> int:
         headers = {"retry-after": f"{retry_after:g}"} if retry_after is not None else {}
@@ -214,19 +289,35 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": {"message": f"fake {status}", "code": error_code}}, headers)
         return status
 
-    def _stream(self, words: list[str], usage: dict[str, int], latency: float) -> None:
+    def _stream(
+        self,
+        words: list[str],
+        usage: dict[str, int],
+        latency: float,
+        finish_reason: str,
+        fault: StreamFault | None,
+    ) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         pause = latency / max(1, len(words))
-        for index, word in enumerate(words):
+        # A broken answer breaks half-way, after at least one delta.
+        sent = words if fault is None else words[: max(1, len(words) // 2)]
+        for index, word in enumerate(sent):
             if pause:
                 self.server.state.stopping.wait(pause)
             text = word if index == 0 else " " + word
             self._chunk({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
-        self._chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        self._chunk({"choices": [], "usage": usage})
+        if fault is not None and fault.kind == "stream_cut":
+            # No terminating chunk: the client sees the connection drop mid-body.
+            self.close_connection = True
+            return
+        if fault is not None:
+            self._chunk(fault.error())
+        else:
+            self._chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+            self._chunk({"choices": [], "usage": usage})
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")
 
@@ -249,7 +340,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def _json(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None, cut: bool = False
+    ) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -257,15 +350,23 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        if cut:
+            # Half of the announced length, then the connection closes.
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
         self.wfile.write(data)
 
 
-def _completion(payload: dict[str, Any], text: str, usage: dict[str, int]) -> dict[str, Any]:
+def _completion(
+    payload: dict[str, Any], text: str, usage: dict[str, int], finish_reason: str = "stop"
+) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "model": payload.get("model", "fake-model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": usage,
     }
 

@@ -57,8 +57,14 @@ class WebhooksConstruct(Construct):
         jobs_table.grant(self.dispatcher, "dynamodb:GetItem", "dynamodb:UpdateItem")
         tenants_table.grant(self.dispatcher, "dynamodb:GetItem")
         # The event source grants receive, delete and ChangeMessageVisibility (the retry schedule).
+        # Bounded, so a backlog after a receiver outage cannot throttle the API and the worker.
         self.dispatcher.add_event_source(
-            event_sources.SqsEventSource(self.queue, batch_size=10, report_batch_item_failures=True)
+            event_sources.SqsEventSource(
+                self.queue,
+                batch_size=10,
+                max_concurrency=config.webhooks.max_concurrency,
+                report_batch_item_failures=True,
+            )
         )
 
     def link_public_api(self, url: str) -> None:

@@ -78,17 +78,21 @@ class WorkerConstruct(Construct):
             self,
             "DeadLetter",
             name="dead_letter",
-            description="llmq: marks a job whose message reached a lane DLQ as failed (worker_crashed)",
+            description="llmq: settles a job whose message reached a lane DLQ (failed, canceled or sent again)",
             sizing=config.api,
             defaults=defaults,
             environment=function_environment(
                 DeadLetterEnvironment,
                 jobs_table=jobs_table.table_name,
+                lane_queue_urls=lanes.queue_urls_json(),
                 webhook_queue_url=webhook_queue.queue_url,
             ),
         )
         jobs_table.grant(self.dead_letter, *DEAD_LETTER_TABLE_ACTIONS)
         webhook_queue.grant_send_messages(self.dead_letter)
+        # A queued job whose message dead-lettered before any claim is sent to its lane again.
+        for queue in lanes.queues:
+            queue.grant_send_messages(self.dead_letter)
         for dlq in lanes.dlqs:
             self.dead_letter.add_event_source(
                 event_sources.SqsEventSource(

@@ -67,7 +67,10 @@ _STATUS = {
     errors.JobNotTerminal: 409,
     errors.NoWebhook: 409,
     errors.Unauthenticated: 401,
+    errors.StoreUnavailable: 503,
 }
+# How long a client should wait after a 503 before it tries again.
+_RETRY_AFTER_UNAVAILABLE_SECONDS = 2
 
 
 def problem_for(exc: errors.DomainError) -> tuple[int, Problem]:
@@ -94,7 +97,9 @@ def _problem_response(status: int, problem: Problem, headers: dict[str, str] | N
 
 @app.exception_handler(errors.DomainError)
 def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
-    return _problem_response(*problem_for(exc))
+    status, problem = problem_for(exc)
+    headers = {"Retry-After": str(_RETRY_AFTER_UNAVAILABLE_SECONDS)} if status == 503 else None
+    return _problem_response(status, problem, headers)
 
 
 @app.exception_handler(RequestValidationError)

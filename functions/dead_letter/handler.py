@@ -16,10 +16,10 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq.config import DeadLetterEnvironment
 from llmq.errors import PoisonMessage
-from llmq.execution import mark_dead_letter
+from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.jobs import JobRepository
 from llmq.queues import MAX_VISIBILITY_SECONDS, QueueRepository
-from llmq.telemetry import logger, metrics
+from llmq.telemetry import log_record_failure, logger, metrics
 
 ENV = DeadLetterEnvironment.load(function_name="dead_letter")
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
@@ -27,14 +27,19 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 
 @cache
 def repositories() -> tuple[JobRepository, QueueRepository]:
-    return JobRepository(ENV.jobs_table, ENV.config), QueueRepository({}, ENV.webhook_queue_url)
+    return JobRepository(ENV.jobs_table, ENV.config), QueueRepository(
+        ENV.lane_queue_urls, ENV.webhook_queue_url
+    )
 
 
 def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
     try:
         job = mark_dead_letter(jobs, queues, record.body)
-    except PoisonMessage as exc:
+    except Exception as exc:
+        if not isinstance(exc, PoisonMessage):
+            log_record_failure(exc, record.message_id, lane_job_id(record.body))
+            raise
         logger.error(
             "unprocessable dead letter kept", extra={"message_id": record.message_id, "why": str(exc)}
         )

@@ -25,7 +25,7 @@ from llmq.errors import PoisonMessage
 from llmq.jobs import JobRepository
 from llmq.models import WebhookMessage
 from llmq.queues import QueueRepository
-from llmq.telemetry import logger, metrics, tracer
+from llmq.telemetry import log_record_failure, logger, metrics, tracer
 from llmq.tenants import TenantRepository
 from llmq.webhooks import DeliveryOutcome, OutcomeKind, WebhookDispatcher
 
@@ -79,7 +79,11 @@ async def record_handler(record: SQSRecord) -> None:
         queues().delay_redelivery(record.event_source_arn, record.receipt_handle, 0)
         raise
     attempt = int(record.attributes.approximate_receive_count or 1)
-    outcome = await dispatcher().deliver(message, attempt=attempt)
+    try:
+        outcome = await dispatcher().deliver(message, attempt=attempt)
+    except Exception as exc:
+        log_record_failure(exc, record.message_id, message.job_id)
+        raise
     _observe(message, attempt, outcome)
     if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
         queues().delay_redelivery(record.event_source_arn, record.receipt_handle, outcome.retry_in)

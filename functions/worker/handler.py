@@ -16,13 +16,13 @@ from aws_lambda_powertools.utilities.parameters import get_secret
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq.config import WorkerEnvironment
-from llmq.errors import PoisonMessage
-from llmq.execution import Invocation, JobRunner, RetryLater
+from llmq.errors import PoisonMessage, StoreUnavailable
+from llmq.execution import Invocation, JobRunner, RetryLater, lane_job_id
 from llmq.jobs import JobRepository
 from llmq.payloads import payload_store
 from llmq.providers import ChatCompletionsProvider
 from llmq.queues import QueueRepository
-from llmq.telemetry import logger, metrics, tracer
+from llmq.telemetry import log_record_failure, logger, metrics, tracer
 
 ENV = WorkerEnvironment.load(function_name="worker")
 # A batch whose every record is retried is normal here (a provider storm), not a function error.
@@ -50,6 +50,7 @@ def runner() -> JobRunner:
         base_url=ENV.provider_base_url or str(config.provider.base_url),
         api_key=provider_api_key,
         stream=config.provider.stream,
+        retry_timeouts=config.provider.retry_timeouts,
     )
     jobs = JobRepository(ENV.jobs_table, config, payloads=payload_store(ENV.payload_bucket))
     return JobRunner(jobs, queues(), provider, config)
@@ -63,13 +64,24 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
     try:
         await runner().run(record.body, invocation)
     except RetryLater as retry:
-        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, retry.delay_seconds)
+        _delay(record, retry.delay_seconds)
         raise
     except PoisonMessage:
         logger.error("poison message; it goes to the DLQ", extra={"message_id": record.message_id})
         # Come back at once: the receive count, not the clock, should carry it to the DLQ.
-        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, 0)
+        _delay(record, 0)
         raise
+    except Exception as exc:
+        log_record_failure(exc, record.message_id, lane_job_id(record.body))
+        raise
+
+
+def _delay(record: SQSRecord, seconds: float) -> None:
+    try:
+        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)
+    except StoreUnavailable:
+        # The message still counts as failed; it just comes back after the queue's own timeout.
+        logger.warning("could not shorten the message's visibility", extra={"message_id": record.message_id})
 
 
 @metrics.log_metrics(raise_on_empty_metrics=False)

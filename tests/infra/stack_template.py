@@ -101,6 +101,20 @@ class StackTemplate:
             if resource["Properties"]["FunctionName"] == {"Ref": logical_id}
         ]
 
+    def queue_event_source_mappings(self) -> dict[str, dict[str, Any]]:
+        """{logical id: properties} of every event source mapping that reads an SQS queue."""
+        return {
+            logical_id: resource["Properties"]
+            for logical_id, resource in self.of_type("AWS::Lambda::EventSourceMapping").items()
+            if self._is_queue_arn(resource["Properties"].get("EventSourceArn"))
+        }
+
+    def _is_queue_arn(self, arn: Any) -> bool:
+        if isinstance(arn, dict) and "Fn::GetAtt" in arn:
+            return bool(self.resources[arn["Fn::GetAtt"][0]]["Type"] == "AWS::SQS::Queue")
+        # An imported queue: its ARN is spelled out, or joined from pseudo parameters.
+        return ":sqs:" in str(resolve(arn))
+
     # ---- IAM -------------------------------------------------------------------------
 
     def role_of(self, function_name: str) -> str:

@@ -122,3 +122,27 @@ def test_worker_mappings_carry_each_lanes_maximum_concurrency(deployment, aws):
         assert mapping["ScalingConfig"]["MaximumConcurrency"] == lane.max_concurrency
         assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert len(mappings) == len(CONFIG.lanes)
+
+
+def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(deployment, aws):
+    # Given the stack deployed into moto, When the sandbox reads its topology as `sandbox up` does
+    from sandbox.topology import read_topology
+
+    lambda_client = aws("lambda")
+    resources = deployment.template["Resources"]
+    deployed = {
+        logical_id: lambda_client.get_function_configuration(FunctionName=physical_id)
+        for logical_id, physical_id in deployment.physical_ids.items()
+        if resources.get(logical_id, {}).get("Type") == "AWS::Lambda::Function"
+    }
+    account = aws("sts").get_caller_identity()["Account"]
+    topology = read_topology(deployment.template, deployment.physical_ids, deployed, account, REGION)
+
+    # Then every poller gets the mapping's own bound, the dispatcher's from the webhook config
+    by_id = {mapping.logical_id: mapping for mapping in topology.mappings}
+    for logical_id, resource in resources.items():
+        if resource["Type"] == "AWS::Lambda::EventSourceMapping":
+            scaling = resource["Properties"]["ScalingConfig"]
+            assert by_id[logical_id].max_concurrency == scaling["MaximumConcurrency"], logical_id
+    (dispatcher,) = [m for m in topology.mappings if m.function == "webhook_dispatcher"]
+    assert dispatcher.max_concurrency == CONFIG.webhooks.max_concurrency

@@ -11,6 +11,8 @@ from llmq.config import DispatcherEnvironment, LlmqConfig, WorkerEnvironment
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_PYTHON_VERSION
+from tests.aws_calls import load_catalogue
+from tests.infra.iam_grants import missing_grants
 from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, synthesize
 
 BASE_VARIABLES = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "LOG_LEVEL"}
@@ -121,6 +123,25 @@ def test_dispatcher_consumes_the_webhook_queue_whose_redrive_outlasts_the_retry_
     assert queue["VisibilityTimeout"] >= 6 * timeout
     # Every scheduled retry is one more receive: the DLQ must not cut the schedule short.
     assert queue["RedrivePolicy"]["maxReceiveCount"] > len(config.webhooks.schedule_seconds) + 1
+
+
+def test_every_queue_mapping_is_bounded_so_a_backlog_cannot_take_the_account_concurrency(synthesized):
+    # Given the default stack, When its SQS event source mappings are read
+    mappings = synthesized.template.queue_event_source_mappings()
+
+    # Then none is unbounded: each sets a MaximumConcurrency that Lambda accepts
+    # (every mapping of this stack reads a queue: the filter must not hide one)
+    assert set(mappings) == set(synthesized.template.of_type("AWS::Lambda::EventSourceMapping"))
+    for logical_id, mapping in mappings.items():
+        bound = mapping.get("ScalingConfig", {}).get("MaximumConcurrency")
+        assert isinstance(bound, int) and 2 <= bound <= 1000, f"{logical_id}: MaximumConcurrency {bound!r}"
+
+
+def test_dispatcher_concurrency_comes_from_the_webhook_config(synthesized, config):
+    # Given a receiver outage that leaves a backlog of webhooks, the dispatcher drains it at most
+    # this many batches at once
+    (mapping,) = synthesized.template.event_source_mappings("webhook_dispatcher")
+    assert mapping["ScalingConfig"]["MaximumConcurrency"] == config.webhooks.max_concurrency
 
 
 # ---- tables --------------------------------------------------------------------------
@@ -441,3 +462,22 @@ def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_touch
     assert not [s.raw for s in statements if s.allows("s3:DeleteObject") or s.allows("s3:ListBucket")]
     others = ["authorizer", "reconciler", "dead_letter", "webhook_dispatcher"]
     assert not [o for o in others for s in synthesized.template.statements(o) if s.allows("s3:GetObject")]
+
+
+# ---- every AWS call a function makes is granted to its role ---------------------------
+
+
+def test_every_function_has_the_aws_calls_the_integration_suite_saw_it_make():
+    # tests/aws_calls.json is kept complete by tests/integration; a function missing from it
+    # was never driven through its handler there, so its grants would go unchecked.
+    assert {call.function for call in load_catalogue()} == set(FUNCTION_NAMES)
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_every_aws_call_the_function_makes_is_granted_to_its_role(synthesized, name):
+    # Given the calls the function makes (tests/aws_calls.json), When each is followed to its
+    # table, index, queue, bucket or secret in the template
+    missing = missing_grants(synthesized.template, name, load_catalogue())
+
+    # Then a statement of the function's role allows it there, as do its event sources' needs
+    assert missing == [], f"{name}'s role does not allow:\n  " + "\n  ".join(missing)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llmq.config import FunctionSizing, LaneConfig, LlmqConfig, ReconcilerConfig, WorkerEnvironment
+from llmq.config import (
+    FunctionSizing,
+    LaneConfig,
+    LlmqConfig,
+    ReconcilerConfig,
+    WebhookPolicy,
+    WorkerEnvironment,
+)
 from tests.infra.synthesis import SynthesizedApp, synthesize
 
 THREE_LANES = LlmqConfig(
@@ -18,6 +25,7 @@ THREE_LANES = LlmqConfig(
     max_receive_count=9,
     worker=FunctionSizing(memory_mb=512, timeout_seconds=120),
     reconciler=ReconcilerConfig(schedule_minutes=2),
+    webhooks=WebhookPolicy(max_concurrency=12),
 )
 
 
@@ -61,6 +69,15 @@ def test_every_function_receives_the_same_config(synthesized):
         assert LlmqConfig.model_validate_json(environ["LLMQ_CONFIG"]) == THREE_LANES, name
     worker = WorkerEnvironment.load(synthesized.template.environment("worker"))
     assert set(worker.lane_queue_urls) == {"high", "low", "short-batch"}
+
+
+def test_dispatcher_concurrency_follows_the_config(synthesized):
+    # Given webhooks.max_concurrency = 12 (not the default), When synthesized
+    (mapping,) = synthesized.template.event_source_mappings("webhook_dispatcher")
+
+    # Then the dispatcher's mapping is bounded by it
+    assert THREE_LANES.webhooks.max_concurrency != LlmqConfig().webhooks.max_concurrency
+    assert mapping["ScalingConfig"]["MaximumConcurrency"] == 12
 
 
 def test_reconciler_schedule_follows_the_config(synthesized):

@@ -291,22 +291,55 @@ def test_a_poison_message_fails_alone_in_its_batch(harness: Harness, provider: F
     assert _job(harness, job_id)["status"] == "succeeded"
 
 
-def test_dead_letters_fail_the_job_as_worker_crashed_and_malformed_ones_do_not_raise(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+def _dead_letter(harness: Harness, job_id: str, *bodies: str) -> dict[str, Any]:
     dlq = harness.stack.lane_dlq_urls["high"]
-    harness.sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
-    harness.sqs.send_message(QueueUrl=dlq, MessageBody="}{ garbage")
-    dead_letter = load_handler("dead_letter")
+    for body in (json.dumps({"job_id": job_id, "lane": "high"}), *bodies):
+        harness.sqs.send_message(QueueUrl=dlq, MessageBody=body)
     messages = harness.receive(dlq)
-    response = dead_letter.handler(harness.sqs_event(dlq, messages), LambdaContextStub())
-    garbage = next(m["MessageId"] for m in messages if "garbage" in m["Body"])
-    assert response == {"batchItemFailures": [{"itemIdentifier": garbage}]}
+    response: dict[str, Any] = load_handler("dead_letter").handler(
+        harness.sqs_event(dlq, messages), LambdaContextStub()
+    )
+    for message in messages:
+        harness.sqs.delete_message(QueueUrl=dlq, ReceiptHandle=message["ReceiptHandle"])
+    garbage = {m["MessageId"] for m in messages if "garbage" in m["Body"]}
+    assert {item["itemIdentifier"] for item in response["batchItemFailures"]} == garbage
+    return response
+
+
+def test_a_queued_jobs_dead_letter_sends_it_again_once_then_fails_it_as_worker_crashed(
+    harness: Harness,
+) -> None:
+    # Given a queued job whose lane message dead-lettered before any worker claimed it
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    harness.receive(lane)  # the original message, now "lost" to the DLQ
+    # When the dead-letter function sees it the first time, with a garbage letter beside it
+    _dead_letter(harness, job_id, "}{ garbage")
+    # Then the job is still queued and has a fresh lane message; nothing went to the webhook
+    assert _job(harness, job_id)["status"] == "queued"
+    assert [json.loads(m["Body"])["job_id"] for m in harness.receive(lane)] == [job_id]
+    assert harness.total_count(harness.stack.webhook_queue_url) == 0
+    # When it dead-letters again, it fails as worker_crashed and its webhook goes out
+    _dead_letter(harness, job_id)
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
     webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert webhooks == [{"job_id": job_id, "event": "job.failed"}]
+
+
+def test_a_dead_lettered_job_asked_to_cancel_ends_canceled_not_failed(harness: Harness) -> None:
+    # Given a running job asked to cancel whose worker vanished (its lease lapsed)
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config)
+    assert jobs.claim(job_id, "vanished-worker", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+    # When its message dead-letters
+    _dead_letter(harness, job_id)
+    # Then it ends canceled, and job.canceled is announced
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]) == ("canceled", None)
+    webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert webhooks == [{"job_id": job_id, "event": "job.canceled"}]
 
 
 def test_accept_claim_and_complete_make_the_minimum_aws_calls(harness: Harness) -> None:

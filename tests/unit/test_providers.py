@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ from llmq.providers import (
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
+    ProviderTimeout,
     TransientProviderError,
 )
 
@@ -23,10 +27,54 @@ REQUEST = GenerationRequest(
 )
 
 
-def _provider(handler, stream: bool = False) -> ChatCompletionsProvider:
+def _provider(handler, stream: bool = False, retry_timeouts: bool = False) -> ChatCompletionsProvider:
     return ChatCompletionsProvider(
-        "http://provider.test/v1", lambda: "sk-test", stream, httpx.MockTransport(handler)
+        "http://provider.test/v1",
+        lambda: "sk-test",
+        stream,
+        httpx.MockTransport(handler),
+        retry_timeouts=retry_timeouts,
     )
+
+
+def _sse(*events: dict[str, Any] | str) -> str:
+    """An SSE body: each event a JSON chunk, or a raw data value such as "[DONE]"."""
+    return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events)
+
+
+def _delta(text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish_reason}]}
+
+
+def _streaming(body: str) -> ChatCompletionsProvider:
+    return _provider(lambda request: httpx.Response(200, text=body), stream=True)
+
+
+class _Broken(httpx.AsyncByteStream):
+    """A 200 body that sends `head`, then the connection drops."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+class _Trickle(httpx.AsyncByteStream):
+    """A 200 stream that only ever sends keep-alives: every read succeeds."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            await asyncio.sleep(0.05)
+            yield b": keep-alive\n\n"
+
+
+def _raises(exc_type: type[httpx.HTTPError]) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc_type("boom", request=request)
+
+    return handler
 
 
 async def test_a_completion_is_parsed_and_the_request_carries_params_and_key() -> None:
@@ -87,21 +135,18 @@ async def test_deterministic_errors_are_permanent_with_a_closed_code(status, cod
     assert caught.value.code is expected
 
 
-async def test_connection_errors_and_timeouts_are_transient() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
-
-    for handler in (refuse, slow):
-        with pytest.raises(TransientProviderError) as caught:
-            await _provider(handler).generate(REQUEST, 5)
-        assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
-
-
 async def test_a_malformed_answer_is_a_transient_provider_error() -> None:
     provider = _provider(lambda request: httpx.Response(200, content=b"<html>oops</html>"))
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.code is ErrorCode.PROVIDER_ERROR
+
+
+async def test_a_truncated_json_answer_is_a_transient_provider_error() -> None:
+    # Given a non-streaming answer whose JSON body stops half-way
+    whole = json.dumps({"choices": [{"message": {"content": "hello"}, "finish_reason": "stop"}]})
+    provider = _provider(lambda request: httpx.Response(200, content=whole[: len(whole) // 2].encode()))
+    # When the job calls it, then it is retried, never recorded as a result
     with pytest.raises(TransientProviderError) as caught:
         await provider.generate(REQUEST, 5)
     assert caught.value.code is ErrorCode.PROVIDER_ERROR
@@ -113,21 +158,225 @@ async def test_a_stream_is_assembled_with_usage() -> None:
         {"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]},
         {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 2}},
     ]
-    text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-    provider = _provider(lambda request: httpx.Response(200, text=text), stream=True)
-    result = await provider.generate(REQUEST, 5)
+    result = await _streaming(_sse(*chunks, "[DONE]")).generate(REQUEST, 5)
     assert (result.output, result.finish_reason, result.usage.output_tokens) == ("hello", "stop", 2)
 
 
-async def test_a_stream_that_trickles_past_the_deadline_is_a_transient_timeout() -> None:
-    import asyncio
+# ---- errors inside a 200 answer ---------------------------------------------------------------
 
-    class Trickle(httpx.AsyncByteStream):
-        async def __aiter__(self):
-            while True:
-                await asyncio.sleep(0.05)
-                yield b": keep-alive\n\n"
 
-    provider = _provider(lambda request: httpx.Response(200, stream=Trickle()), stream=True)
-    with pytest.raises(TransientProviderError, match="did not finish in time"):
+async def test_a_transient_error_event_mid_stream_is_retried_not_a_success() -> None:
+    # Given a stream that sends some text, then a 503 error event, then [DONE] (as vLLM does)
+    error = {"error": {"message": "engine died", "type": "server_error", "code": 503}}
+    provider = _streaming(_sse(_delta("half an"), _delta(" answer"), error, "[DONE]"))
+    # When the job calls it
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    # Then the job is retried as if the provider had answered 503, with the provider's message
+    assert (caught.value.code, caught.value.status_code) == (ErrorCode.PROVIDER_UNAVAILABLE, 503)
+    assert caught.value.message == "engine died"
+
+
+async def test_a_permanent_error_event_mid_stream_fails_with_its_code() -> None:
+    # Given a stream whose error event says the prompt is too long
+    error = {
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded",
+            "status": 400,
+        }
+    }
+    provider = _streaming(_sse(_delta("x"), error))
+    # When the job calls it, then it fails for good with the mapped code
+    with pytest.raises(PermanentProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert (caught.value.code, caught.value.status_code) == (ErrorCode.CONTEXT_LENGTH_EXCEEDED, 400)
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        # A status in the event decides, as the HTTP status would.
+        ({"error": {"message": "slow down", "code": 429}}, TransientProviderError),
+        ({"error": {"message": "bad", "code": "400"}}, ErrorCode.INVALID_REQUEST),
+        # Without a status, the type stands for one.
+        ({"error": {"message": "busy", "code": "rate_limit_exceeded"}}, TransientProviderError),
+        (
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+            TransientProviderError,
+        ),
+        ({"error": {"message": "no", "type": "not_found_error"}}, ErrorCode.MODEL_NOT_FOUND),
+        ({"error": {"message": "no", "type": "invalid_request_error"}}, ErrorCode.INVALID_REQUEST),
+        # A known permanent code, with no status: it beats what a generic type implies
+        ({"error": {"message": "no", "code": "content_policy_violation"}}, ErrorCode.CONTENT_FILTERED),
+        (
+            {"error": {"message": "no", "type": "server_error", "code": "context_length_exceeded"}},
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+        ),
+        # vLLM's older shape: the chunk itself is the error
+        (
+            {"object": "error", "message": "bad", "type": "BadRequestError", "code": 400},
+            ErrorCode.INVALID_REQUEST,
+        ),
+        # Nothing to go on: the provider failed while generating, so it is retried
+        ({"error": {"message": "???", "type": "mystery_error"}}, TransientProviderError),
+        ({"error": "model crashed"}, TransientProviderError),
+    ],
+)
+async def test_error_events_are_classified_like_the_http_error_they_stand_for(
+    event: dict[str, Any], expected: ErrorCode | type[Exception]
+) -> None:
+    # Given a stream that breaks with this error event
+    provider = _streaming(_sse(_delta("x"), event))
+    # When the job calls it, then it is retried or fails with the code a user can act on
+    if isinstance(expected, ErrorCode):
+        with pytest.raises(PermanentProviderError) as permanent:
+            await provider.generate(REQUEST, 5)
+        assert permanent.value.code is expected
+    else:
+        with pytest.raises(expected):
+            await provider.generate(REQUEST, 5)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"message": "overloaded", "type": "server_error", "code": 503}, TransientProviderError),
+        ({"message": "too long", "code": "context_length_exceeded"}, PermanentProviderError),
+    ],
+)
+async def test_a_200_body_that_is_only_an_error_is_classified_like_the_http_error(
+    error: dict[str, Any], expected: type[Exception]
+) -> None:
+    # Given a non-streaming 200 whose body is an error instead of a completion
+    provider = _provider(lambda request: httpx.Response(200, json={"error": error}))
+    # When the job calls it, then it is retried or failed like the error it reports
+    with pytest.raises(expected) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.message == error["message"]
+
+
+# ---- streams that stop early ------------------------------------------------------------------
+
+
+async def test_a_stream_that_ends_without_finish_reason_or_done_is_transient() -> None:
+    # Given a stream that sends half an answer and then simply ends
+    provider = _streaming(_sse(_delta("half an"), _delta(" answer")))
+    # When the job calls it, then it is retried: half an answer is never a success
+    with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
+        await provider.generate(REQUEST, 5)
+
+
+async def test_a_stream_whose_connection_drops_mid_answer_is_transient() -> None:
+    # Given a stream whose connection drops after some text
+    head = _sse(_delta("half an")).encode()
+    provider = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
+    # When the job calls it, then it is retried with the same explanation
+    with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
+        await provider.generate(REQUEST, 5)
+
+
+async def test_an_answer_whose_connection_drops_mid_body_is_transient() -> None:
+    # Given a non-streaming answer whose connection drops half-way through the body
+    provider = _provider(lambda request: httpx.Response(200, stream=_Broken(b'{"choices": [')))
+    # When the job calls it, then it is retried
+    with pytest.raises(TransientProviderError, match="cut off"):
+        await provider.generate(REQUEST, 5)
+
+
+@pytest.mark.parametrize(
+    ("events", "finish_reason"),
+    [
+        ((_delta("hello", "stop"),), "stop"),  # some servers never send [DONE]
+        ((_delta("hello"), "[DONE]"), None),  # and some never send a finish_reason
+    ],
+)
+async def test_a_stream_with_either_sign_of_completion_succeeds(
+    events: tuple[dict[str, Any] | str, ...], finish_reason: str | None
+) -> None:
+    # Given a stream that ends with a finish_reason or [DONE], but not both
+    result = await _streaming(_sse(*events)).generate(REQUEST, 5)
+    # Then the job has its output, and the finish_reason as given
+    assert (result.output, result.finish_reason) == ("hello", finish_reason)
+
+
+# ---- finish_reason ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("finish_reason", ["length", "content_filter"])
+async def test_a_streamed_finish_reason_is_kept_as_the_provider_said(finish_reason: str) -> None:
+    # Given a stream the provider ended for running out of tokens, or by its filter
+    provider = _streaming(_sse(_delta("cut"), _delta("", finish_reason), "[DONE]"))
+    # When the job calls it
+    result = await provider.generate(REQUEST, 5)
+    # Then it is a result, not an error, and the client sees why it ended
+    assert (result.output, result.finish_reason) == ("cut", finish_reason)
+
+
+@pytest.mark.parametrize("finish_reason", ["length", "content_filter"])
+async def test_a_completions_finish_reason_is_kept_as_the_provider_said(finish_reason: str) -> None:
+    body = {"choices": [{"message": {"content": "cut"}, "finish_reason": finish_reason}]}
+    provider = _provider(lambda request: httpx.Response(200, json=body))
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("cut", finish_reason)
+
+
+# ---- timeouts and connection errors -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout])
+async def test_failing_before_the_request_is_sent_is_transient(error: type[httpx.HTTPError]) -> None:
+    # Given a provider the worker could not reach: nothing was sent, so nothing was billed
+    with pytest.raises(TransientProviderError) as caught:
+        await _provider(_raises(error)).generate(REQUEST, 5)
+    # Then the job is retried
+    assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
+
+
+@pytest.mark.parametrize("error", [httpx.ReadTimeout, httpx.WriteTimeout])
+async def test_a_timeout_after_sending_is_a_provider_timeout_not_a_retry(
+    error: type[httpx.HTTPError],
+) -> None:
+    # Given a provider that received the request but did not answer in time
+    with pytest.raises(ProviderTimeout) as caught:
+        await _provider(_raises(error)).generate(REQUEST, 5)
+    # Then the job is not retried behind the client's back: it may still be generating
+    assert not isinstance(caught.value, TransientProviderError)
+    assert caught.value.code is ErrorCode.PROVIDER_TIMEOUT
+    assert "billing" in caught.value.message
+
+
+async def test_a_stream_that_trickles_past_the_deadline_is_a_provider_timeout() -> None:
+    # Given a stream that answered 200 and then only sends keep-alives
+    provider = _provider(lambda request: httpx.Response(200, stream=_Trickle()), stream=True)
+    # When the total deadline passes
+    with pytest.raises(ProviderTimeout, match=r"did not finish within 0\.3s") as caught:
         await provider.generate(REQUEST, 0.3)
+    # Then it is a provider timeout
+    assert caught.value.code is ErrorCode.PROVIDER_TIMEOUT
+
+
+async def test_a_deadline_that_passes_while_still_connecting_is_transient() -> None:
+    # Given a transport still connecting when the deadline passes (it says so through the
+    # trace extension, as httpcore does)
+    async def connecting(request: httpx.Request) -> httpx.Response:
+        await request.extensions["trace"]("connection.connect_tcp.started", {})
+        await asyncio.sleep(5)
+        raise AssertionError("the deadline should have ended the call")
+
+    # When the job calls it, then it is retried: the request never left
+    with pytest.raises(TransientProviderError, match="could not connect"):
+        await _provider(connecting).generate(REQUEST, 0.2)
+
+
+async def test_with_retry_timeouts_a_timeout_after_sending_is_transient() -> None:
+    # Given an operator who chose to retry timeouts
+    slow = _provider(_raises(httpx.ReadTimeout), retry_timeouts=True)
+    trickle = _provider(lambda request: httpx.Response(200, stream=_Trickle()), True, retry_timeouts=True)
+    # When a read times out, or the total deadline passes mid-stream
+    for provider, deadline in ((slow, 5.0), (trickle, 0.3)):
+        with pytest.raises(TransientProviderError) as caught:
+            await provider.generate(REQUEST, deadline)
+        # Then the job is retried as before
+        assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE

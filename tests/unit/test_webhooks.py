@@ -66,9 +66,12 @@ class FakeJobs(JobRepository):
         status: DeliveryStatus,
         status_code: int | None,
         next_attempt_in_seconds: float | None = None,
-    ) -> None:
-        self.recorded.append((status, status_code, next_attempt_in_seconds))
+    ) -> bool:
         record = self.records[job_id]
+        settled = record.delivery_status is not DeliveryStatus.PENDING
+        if settled and not (status is DeliveryStatus.DELIVERED and record.delivery_status is DeliveryStatus.FAILED):
+            return False
+        self.recorded.append((status, status_code, next_attempt_in_seconds))
         self.records[job_id] = record.model_copy(
             update={
                 "delivery_status": status,
@@ -76,6 +79,7 @@ class FakeJobs(JobRepository):
                 "delivery_last_status_code": status_code,
             }
         )
+        return True
 
 
 class FakeTenants(TenantRepository):

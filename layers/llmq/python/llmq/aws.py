@@ -42,7 +42,84 @@ def client(service: str) -> Any:
         return found
 
 
+# What botocore may still answer after its own retries that a later try can fix. Anything
+# else (validation, access denied, a failed condition) is deterministic.
+_TRANSIENT_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "SlowDown",
+        "InternalServerError",
+        "InternalFailure",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "TransactionInProgressException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A throttle, a 5xx or a lost connection: the call may succeed if tried again later."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return error.get("Code") in _TRANSIENT_CODES or status >= 500
+    return isinstance(
+        exc, (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError)
+    )
+
+
 def reset_clients() -> None:
     """Forget every cached client (tests call this when a moto mock starts or stops)."""
     with _lock:
         _clients.clear()
+
+
+class TranslatedClient:
+    """A boto3 client whose transient failures surface as the domain's StoreUnavailable.
+
+    Repositories call AWS through it, so nothing above them sees botocore for a throttle or a
+    5xx; other ClientErrors (a failed condition, validation) pass through for the repository
+    to interpret.
+    """
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    def __getattr__(self, operation: str) -> Any:
+        method = getattr(client(self._service), operation)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if is_transient(exc):
+                    from llmq.errors import StoreUnavailable
+
+                    raise StoreUnavailable(
+                        f"{self._service}.{operation}: {_error_code(exc)} after retries"
+                    ) from exc
+                raise
+
+        return call
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code") or type(exc).__name__)
+    return type(exc).__name__

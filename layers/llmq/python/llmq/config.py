@@ -49,13 +49,22 @@ class WebhookPolicy(_Frozen):
     inline_result_limit_bytes: Annotated[int, Field(ge=1024)] = 128 * 1024
     # Only the sandbox turns this on: http:// receivers on loopback.
     allow_loopback_http: bool = False
+    # The dispatcher mapping's MaximumConcurrency (Lambda accepts 2..1000): after a receiver
+    # outage the backlog drains at this pace instead of taking the account's concurrency.
+    max_concurrency: Annotated[int, Field(ge=2, le=1000)] = 5
 
 
 class ProviderConfig(_Frozen):
     base_url: AnyHttpUrl = AnyHttpUrl("https://api.openai.com/v1")
     default_model: str = "gpt-4o-mini"
     models: list[str] = Field(default_factory=lambda: ["gpt-4o-mini", "gpt-4o"], min_length=1)
-    timeout_seconds: Annotated[float, Field(gt=0, le=900)] = 120.0
+    # None: whatever the worker can afford, its remaining time less the write-back reserve.
+    # A number caps that further.
+    timeout_seconds: Annotated[float, Field(gt=0, le=900)] | None = None
+    # A generation that timed out may still be running, and billing, at the provider: a retry
+    # would pay for it twice. By default such a job fails as retryable `provider_timeout` and
+    # the client decides; True retries it like a 503.
+    retry_timeouts: bool = False
     stream: bool = True
     allowed_params: list[str] = Field(
         default_factory=lambda: [
@@ -84,8 +93,10 @@ class LimitsConfig(_Frozen):
     max_get_wait_seconds: Annotated[int, Field(ge=0, le=20)] = 20
     max_deadline_seconds: Annotated[int, Field(ge=1)] = 86_400
     wait_poll_seconds: Annotated[float, Field(gt=0)] = 0.5
-    # An input or result whose JSON is larger than this goes to S3 (an item holds 400 KB).
-    max_item_payload_bytes: Annotated[int, Field(ge=1024, le=350_000)] = 300_000
+    # The most a job's item may weigh, measured as DynamoDB measures it (attribute names plus
+    # UTF-8 values, input and result together); what would not fit goes to S3. An item holds
+    # 400 KB, and a few KB stay free for the attributes later writes add.
+    max_item_payload_bytes: Annotated[int, Field(ge=1024, le=350_000)] = 350_000
     # GET returns an S3-held result inline up to this size, and a presigned URL above it
     # (a Lambda response holds 6 MB).
     max_inline_result_bytes: Annotated[int, Field(ge=1024, le=5_000_000)] = 4_000_000
@@ -104,6 +115,9 @@ class ReconcilerConfig(_Frozen):
     expired_lease_grace_seconds: Annotated[int, Field(ge=0)] = 300
     stale_webhook_seconds: Annotated[int, Field(ge=1)] = 900
     max_items_per_run: Annotated[int, Field(ge=1)] = 500
+    # Partitions of the sparse reconciler index, so job writes never pile onto one hot key.
+    # Raise it freely; lowering it strands the entries of the dropped shards.
+    sweep_shards: Annotated[int, Field(ge=1, le=256)] = 16
 
 
 class FunctionSizing(_Frozen):
@@ -257,6 +271,7 @@ class WorkerEnvironment(FunctionEnvironment):
 
 class DeadLetterEnvironment(FunctionEnvironment):
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
+    lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
 
 

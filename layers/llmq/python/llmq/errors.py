@@ -96,6 +96,31 @@ class PoisonMessage(DomainError):
     title = "The queue message cannot be processed"
 
 
+class StoreUnavailable(DomainError):
+    """DynamoDB, SQS or S3 throttled or failed after botocore's own retries: try again later.
+
+    Whether the write was applied is unknown; every conditional write recognises its own
+    earlier success, so repeating it is safe.
+    """
+
+    code = "service_unavailable"
+    title = "A storage service is busy; retry shortly"
+
+
+class ItemTooLarge(DomainError):
+    """DynamoDB refused an item over 400 KB: the sizing let something through it should not."""
+
+    code = "item_too_large"
+    title = "The job does not fit in one item"
+
+
+class CancelRequested(DomainError):
+    """A write that would keep the job alive found that its client asked to cancel it."""
+
+    code = "cancel_requested"
+    title = "The job's client asked to cancel it"
+
+
 class Unauthenticated(DomainError):
     code = "unauthenticated"
     title = "A valid API key is required"

@@ -11,11 +11,12 @@ import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import ValidationError
 
 from llmq.config import LlmqConfig
-from llmq.errors import LeaseLost, PoisonMessage
+from llmq.errors import CancelRequested, LeaseLost, PoisonMessage, StoreUnavailable
 from llmq.jobs import ClaimOutcome, JobRecord, JobRepository
 from llmq.lanes import retry_delay_seconds
 from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
@@ -23,6 +24,7 @@ from llmq.providers import (
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
+    ProviderTimeout,
     TransientProviderError,
 )
 from llmq.queues import QueueRepository
@@ -32,6 +34,13 @@ from llmq.telemetry import emit_job_metric, logger
 # five seconds, or a quarter of what is left for very short functions (the sandbox).
 _WRITE_BACK_SECONDS = 5.0
 _WRITE_BACK_SHARE = 0.25
+# Retrying a write-back after AWS throttled or failed it: first pause, growth cap, and the
+# time to keep in hand so the last try still ends before the Lambda does.
+_WRITE_RETRY_FIRST_SECONDS = 0.2
+_WRITE_RETRY_MAX_SECONDS = 4.0
+_WRITE_RETRY_FLOOR_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 class RetryLater(Exception):
@@ -70,7 +79,14 @@ class JobRunner:
         """Process one lane message. Raises RetryLater or PoisonMessage to report it failed."""
         message = _parse(body)
         lease_seconds = invocation.remaining_seconds() + self.config.lease_margin_seconds
-        claim = await asyncio.to_thread(self.jobs.claim, message.job_id, invocation.owner, lease_seconds)
+        try:
+            claim = await asyncio.to_thread(self.jobs.claim, message.job_id, invocation.owner, lease_seconds)
+        except StoreUnavailable as exc:
+            # Nothing was spent yet: let the message come back soon rather than after the
+            # visibility timeout. Had the claim been applied, its lease lapses and is recovered.
+            delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
+            logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
+            raise RetryLater(message.job_id, delay) from exc
         job = claim.job
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
@@ -119,10 +135,14 @@ class JobRunner:
 
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
-            await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
+            with contextlib.suppress(StoreUnavailable):
+                # job.started is a courtesy; losing it must not cost the generation.
+                await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
         remaining = invocation.remaining_seconds()
         reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
-        timeout = min(self.config.provider.timeout_seconds, remaining - reserve)
+        timeout = remaining - reserve
+        if self.config.provider.timeout_seconds is not None:
+            timeout = min(self.config.provider.timeout_seconds, timeout)
         if job.input is None:  # the claim loads an S3-held input; this cannot be empty
             raise PoisonMessage(f"job {job.id} has no input")
         request = GenerationRequest(
@@ -137,25 +157,47 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await generation
             logger.info("job canceled while running", extra={"job_id": job.id})
-            await self._announce(await asyncio.to_thread(self.jobs.cancel_leased, job, invocation.owner))
+            await self._settle(self.jobs.cancel_leased, job, invocation)
             return
         watcher.cancel()
         emit_job_metric("RunTimeMs", self.jobs.now_ms() - started, job.lane)
         try:
             result = generation.result()
         except TransientProviderError as exc:
-            await self._after_transient(job, invocation.owner, exc)
+            await self._after_transient(job, invocation, exc)
             return
-        except PermanentProviderError as exc:
-            error = JobError(code=exc.code, message=exc.message, retryable=False)
+        except (PermanentProviderError, ProviderTimeout) as exc:
+            # A timeout is not retried here: the provider may still be generating, and billing.
+            error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
             logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
-            await self._announce(await asyncio.to_thread(self.jobs.fail_leased, job, invocation.owner, error))
+            await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
-        done = await asyncio.to_thread(self.jobs.complete, job, invocation.owner, result)
-        logger.info("job succeeded", extra={"job_id": job.id, "output_tokens": result.usage.output_tokens})
-        await self._announce(done)
+        # Paid for from here on: the result must be written, whatever AWS says for a while.
+        done = await self._write_back(lambda: self.jobs.complete(job, invocation.owner, result), invocation)
+        logger.info(
+            "job succeeded",
+            extra={
+                "job_id": job.id,
+                "output_tokens": result.usage.output_tokens,
+                "finish_reason": result.finish_reason,
+            },
+        )
+        await self._announce(done, invocation)
 
-    async def _after_transient(self, job: JobRecord, owner: str, exc: TransientProviderError) -> None:
+    async def _settle(
+        self,
+        write: Callable[..., JobRecord],
+        job: JobRecord,
+        invocation: Invocation,
+        *args: object,
+    ) -> None:
+        """A terminal write on our lease, retried through throttles, then its webhook."""
+        done = await self._write_back(lambda: write(job, invocation.owner, *args), invocation)
+        await self._announce(done, invocation)
+
+    async def _after_transient(
+        self, job: JobRecord, invocation: Invocation, exc: TransientProviderError
+    ) -> None:
         extra = {"job_id": job.id, "attempt": job.attempts, "status_code": exc.status_code}
         if job.attempts >= self.config.max_attempts:
             error = JobError(
@@ -164,27 +206,79 @@ class JobRunner:
                 retryable=False,
             )
             logger.info("retries exhausted", extra=extra)
-            await self._announce(await asyncio.to_thread(self.jobs.fail_leased, job, owner, error))
+            await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
         delay = retry_delay_seconds(self.config.retry, job.attempts, exc.retry_after, self._rng)
+        if job.deadline_ms is not None and self.jobs.now_ms() + delay * 1000 >= job.deadline_ms:
+            error = JobError(
+                code=ErrorCode.DEADLINE_EXCEEDED,
+                message=f"attempt {job.attempts} failed ({exc.message}) and a retry would start "
+                "after the job's deadline",
+                retryable=True,
+            )
+            logger.info("retry would cross the deadline", extra=extra)
+            await self._settle(self.jobs.fail_leased, job, invocation, error)
+            return
         error = JobError(code=exc.code, message=exc.message, retryable=True)
-        await asyncio.to_thread(self.jobs.requeue, job, owner, error, delay)
+        owner = invocation.owner
+        try:
+            await self._write_back(lambda: self.jobs.requeue(job, owner, error, delay), invocation)
+        except CancelRequested:
+            # The client canceled while the provider was failing: never send it again.
+            logger.info("cancel requested; not retried", extra=extra)
+            await self._settle(self.jobs.cancel_leased, job, invocation)
+            return
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
         raise RetryLater(job.id, delay)
 
+    async def _write_back(self, write: Callable[[], T], invocation: Invocation) -> T:
+        """Run a write, retrying throttles and 5xx with backoff while the Lambda has time.
+
+        Each repository write recognises its own earlier success, so a retry of a write that
+        was applied but unanswered returns the job as written instead of failing.
+        """
+        pause = _WRITE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return await asyncio.to_thread(write)
+            except StoreUnavailable as exc:
+                if invocation.remaining_seconds() < pause + _WRITE_RETRY_FLOOR_SECONDS:
+                    raise
+                logger.warning("write-back throttled; retrying", extra={"why": str(exc)})
+                await asyncio.sleep(pause * (0.5 + self._rng.random() / 2))
+                pause = min(pause * 2, _WRITE_RETRY_MAX_SECONDS)
+
     async def _cancel_requested(self, job_id: str) -> bool:
-        """Re-read cancel_requested every few seconds; a quick job never pays for a read."""
+        """Re-read cancel_requested every few seconds; a quick job never pays for a read.
+
+        A read that fails is only a missed look: the generation goes on, and the next look
+        (or the terminal write) still sees the flag.
+        """
         while True:
             await asyncio.sleep(self.config.cancel_check_seconds)
-            if await asyncio.to_thread(self.jobs.is_cancel_requested, job_id):
-                return True
+            try:
+                if await asyncio.to_thread(self.jobs.is_cancel_requested, job_id):
+                    return True
+            except Exception as exc:
+                logger.warning(
+                    "cancel check failed; the generation goes on",
+                    extra={"job_id": job_id, "error_class": type(exc).__name__},
+                )
 
-    async def _announce(self, job: JobRecord | None) -> None:
+    async def _announce(self, job: JobRecord | None, invocation: Invocation | None = None) -> None:
+        """Send the terminal event. If SQS will not take it, the reconciler sends it later:
+        the terminal write left the delivery pending in the reconciler's index."""
         if job is None:
             return
         if job.status.is_terminal:
             emit_job_metric(_OUTCOME_METRICS[job.status], 1, job.lane)
-        await asyncio.to_thread(self.queues.announce_terminal, job)
+        try:
+            if invocation is None:
+                await asyncio.to_thread(self.queues.announce_terminal, job)
+            else:
+                await self._write_back(lambda: self.queues.announce_terminal(job), invocation)
+        except StoreUnavailable:
+            logger.warning("webhook enqueue failed; the reconciler will send it", extra={"job_id": job.id})
 
 
 _OUTCOME_METRICS = {
@@ -195,6 +289,14 @@ _OUTCOME_METRICS = {
 }
 
 
+def lane_job_id(body: str) -> str | None:
+    """The job a lane message names, or None: for logs about a message that failed."""
+    try:
+        return _parse(body).job_id
+    except PoisonMessage:
+        return None
+
+
 def _parse(body: str) -> LaneMessage:
     try:
         return LaneMessage.model_validate_json(body)
@@ -202,8 +304,17 @@ def _parse(body: str) -> LaneMessage:
         raise PoisonMessage("the message is not a lane message") from exc
 
 
+# A queued job's message may dead-letter before any worker claimed it (crashes between the
+# receive and the claim). It is sent again this many times before the job is given up on.
+MAX_DEAD_LETTER_REDRIVES = 1
+
+
 def mark_dead_letter(jobs: JobRepository, queues: QueueRepository, body: str) -> JobRecord | None:
-    """A lane message that exhausted its receives: the job fails as `worker_crashed`.
+    """A lane message that exhausted its receives.
+
+    - a job asked to cancel ends `canceled`; one past its deadline `expired`;
+    - a running job whose worker vanished fails as `worker_crashed`;
+    - a queued job that never got claimed is sent once more, then fails as `worker_crashed`.
 
     Raises PoisonMessage for a body that names no job, so it stays in the DLQ for a human.
     """
@@ -214,13 +325,38 @@ def mark_dead_letter(jobs: JobRepository, queues: QueueRepository, body: str) ->
     if job.status.is_terminal:
         queues.announce_terminal(job)
         return job
+    if job.cancel_requested:
+        return _announced(queues, jobs.cancel_unleased(job))
+    if job.status is JobStatus.QUEUED:
+        return _dead_letter_queued(jobs, queues, job)
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
         message="the job's message exhausted its deliveries without an answer",
         retryable=False,
     )
-    failed = jobs.fail_unleased(job, error)
-    if failed is not None:
-        emit_job_metric("JobFailed", 1, failed.lane)
-        queues.announce_terminal(failed)
-    return failed
+    return _announced(queues, jobs.fail_unleased(job, error))
+
+
+def _dead_letter_queued(jobs: JobRepository, queues: QueueRepository, job: JobRecord) -> JobRecord | None:
+    if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
+        return _announced(queues, jobs.expire(job))
+    counted = jobs.note_dead_letter(job)
+    if counted is None:
+        return None  # it left queued meanwhile: whoever moved it owns it now
+    if counted.dead_letters <= MAX_DEAD_LETTER_REDRIVES:
+        queues.enqueue_job(counted.id, counted.lane)
+        logger.warning("queued job's message dead-lettered; sent again", extra={"job_id": counted.id})
+        return counted
+    error = JobError(
+        code=ErrorCode.WORKER_CRASHED,
+        message=f"no worker could claim the job: its message dead-lettered {counted.dead_letters} times",
+        retryable=True,
+    )
+    return _announced(queues, jobs.fail_queued_dead_letter(counted, error))
+
+
+def _announced(queues: QueueRepository, job: JobRecord | None) -> JobRecord | None:
+    if job is not None and job.status.is_terminal:
+        emit_job_metric(_OUTCOME_METRICS[job.status], 1, job.lane)
+        queues.announce_terminal(job)
+    return job

@@ -8,9 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import json
 import secrets
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +26,16 @@ from pydantic import BaseModel, Field
 
 from llmq import aws
 from llmq.config import LlmqConfig
-from llmq.errors import InvalidCursor, JobNotCancelable, JobNotFound, LeaseLost, PayloadTooLarge
+from llmq.errors import (
+    CancelRequested,
+    InvalidCursor,
+    ItemTooLarge,
+    JobNotCancelable,
+    JobNotFound,
+    LeaseLost,
+    PayloadTooLarge,
+)
+from llmq.item_size import item_size_bytes
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
@@ -41,13 +53,27 @@ from llmq.payloads import PayloadStore
 
 TENANT_INDEX = "by_tenant"
 SWEEP_INDEX = "by_sweep"
-# The sparse reconciler index has one partition key value; only jobs that may need help carry it.
-SWEEP_PARTITION = "sweep"
+# The sparse reconciler index is sharded: `sweep#<n>` by a hash of the job id, so job writes
+# spread over the index's partitions instead of all landing on one hot key. Items written
+# before sharding carry the bare prefix; the reconciler still reads that partition.
+SWEEP_PREFIX = "sweep"
+# Room kept under DynamoDB's 400 KB for the attributes a later write adds to the item
+# (the error of a retry, the delivery record, the write token).
+_ITEM_HEADROOM_BYTES = 4096
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
 
 Clock = Callable[[], float]
+
+
+def sweep_partition(job_id: str, shards: int) -> str:
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return f"{SWEEP_PREFIX}#{int.from_bytes(digest[:4], 'big') % shards}"
+
+
+def sweep_partitions(shards: int) -> list[str]:
+    return [SWEEP_PREFIX, *(f"{SWEEP_PREFIX}#{shard}" for shard in range(shards))]
 
 
 def iso(ms: int) -> str:
@@ -104,6 +130,11 @@ class JobRecord(BaseModel):
     delivery_last_status_code: int | None = None
     delivered_ms: int | None = None
     expires_at: int
+    # The token of the last conditional write. A write retried after its response was lost
+    # finds its own token in the item and knows it was applied (DESIGN §3.10).
+    last_write: str | None = None
+    # How often the job's lane message exhausted its receives before any worker claimed it.
+    dead_letters: int = 0
 
     def wants(self, event: WebhookEvent) -> bool:
         return self.webhook_url is not None and event in self.webhook_events
@@ -147,11 +178,17 @@ class JobRecord(BaseModel):
 _JSON_FIELDS = ("input", "result", "error")
 
 
+def _json_text(value: Any) -> str:
+    # Raw UTF-8, never \u escapes: an escaped CJK character costs 6 bytes of the item's
+    # 400 KB instead of 3, and an emoji 12 instead of 4.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _to_item(record: JobRecord, extra: dict[str, Any]) -> dict[str, Any]:
     data = record.model_dump(mode="json", exclude_none=True, exclude={"result_url"})
     for name in _JSON_FIELDS:
         if name in data:
-            data[name] = json.dumps(data[name], separators=(",", ":"))
+            data[name] = _json_text(data[name])
     data["pk"] = data.pop("id")
     data.update(extra)
     return {key: _serializer.serialize(value) for key, value in data.items()}
@@ -174,6 +211,15 @@ def _values(**values: Any) -> dict[str, Any]:
 
 def _condition_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+def _too_large(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    return error.get("Code") == "ValidationException" and "size" in str(error.get("Message", "")).lower()
+
+
+def _token(kind: str) -> str:
+    return f"{kind}#{uuid.uuid4().hex}"
 
 
 def _old_item(exc: ClientError) -> JobRecord | None:
@@ -230,7 +276,14 @@ class JobRepository:
 
     @property
     def _ddb(self) -> Any:
-        return aws.client("dynamodb")
+        return aws.TranslatedClient("dynamodb")
+
+    @property
+    def _item_budget(self) -> int:
+        return self.config.limits.max_item_payload_bytes
+
+    def _sweep_pk(self, job_id: str) -> str:
+        return sweep_partition(job_id, self.config.reconciler.sweep_shards)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -238,13 +291,18 @@ class JobRepository:
     # ---- accept -------------------------------------------------------------------------
 
     def create(self, record: JobRecord) -> Created:
-        """One conditional PutItem. A replay of the same id returns the stored job instead."""
+        """One conditional PutItem. A replay of the same id returns the stored job instead.
+
+        The put carries a fresh token: when botocore retries a put whose first try was
+        applied but unanswered, the condition fails on our own item, and the token says so.
+        """
+        token = _token("create")
         extra = {
             "tenant_created": f"{record.created_ms:013d}#{record.id}",
-            "sweep_pk": SWEEP_PARTITION,
+            "sweep_pk": self._sweep_pk(record.id),
             "sweep_at": record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
         }
-        stored = self._offload_input(record)
+        stored = self._offload_input(record.model_copy(update={"last_write": token}), extra)
         try:
             self._ddb.put_item(
                 TableName=self.table_name,
@@ -255,11 +313,15 @@ class JobRepository:
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
+            if _too_large(exc):
+                raise ItemTooLarge("the job does not fit in one item") from exc
             if not _condition_failed(exc):
                 raise
             existing = _old_item(exc)
             if existing is None:
                 raise
+            if existing.last_write == token:
+                return Created(job=record, replayed=False)
             return Created(job=existing, replayed=True)
         return Created(job=record, replayed=False)
 
@@ -268,12 +330,17 @@ class JobRepository:
             raise PayloadTooLarge("this job needs the payload bucket, which is not configured")
         return self.payloads
 
-    def _offload_input(self, record: JobRecord) -> JobRecord:
-        if record.input is None:
+    def item_size(self, record: JobRecord, extra: dict[str, Any] | None = None) -> int:
+        """The record's size as DynamoDB counts it: names plus UTF-8 values, input and result."""
+        return item_size_bytes(_to_item(record, extra or {}))
+
+    def _fits(self, record: JobRecord, extra: dict[str, Any] | None = None) -> bool:
+        return self.item_size(record, extra) + _ITEM_HEADROOM_BYTES <= self._item_budget
+
+    def _offload_input(self, record: JobRecord, extra: dict[str, Any]) -> JobRecord:
+        if record.input is None or self._fits(record, extra):
             return record
         data = record.input.model_dump_json().encode()
-        if len(data) <= self.config.limits.max_item_payload_bytes:
-            return record
         ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
         return record.model_copy(update={"input": None, "input_ref": ref})
 
@@ -310,11 +377,11 @@ class JobRepository:
                     "ADD attempts :one"
                 ),
                 ConditionExpression=(
-                    "attribute_exists(pk) AND expires_at > :now_s AND ("
+                    "attribute_exists(pk) AND expires_at > :now_s AND "
+                    "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND ("
                     "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now) "
                     "AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
-                    "(#st = :running AND lease_expires_ms < :now AND attempts < :max "
-                    "AND cancel_requested = :false))"
+                    "(#st = :running AND lease_expires_ms < :now AND attempts < :max))"
                 ),
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=_values(
@@ -335,15 +402,23 @@ class JobRepository:
         except ClientError as exc:
             if not _condition_failed(exc):
                 raise
-            return self._why_not_claimed(_old_item(exc), now)
+            claim = self._why_not_claimed(_old_item(exc), owner, now)
+            if claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None:
+                return Claim(ClaimOutcome.CLAIMED, self._with_input(claim.job))
+            return claim
         return Claim(ClaimOutcome.CLAIMED, self._with_input(_from_item(response["Attributes"])))
 
-    def _why_not_claimed(self, old: JobRecord | None, now: int) -> Claim:
+    def _why_not_claimed(self, old: JobRecord | None, owner: str, now: int) -> Claim:
         if old is None or old.expires_at * 1000 <= now:
             return Claim(ClaimOutcome.NOT_FOUND, old)
+        if old.status is JobStatus.RUNNING and old.lease_owner == owner:
+            # Our own claim, applied on a try whose answer was lost: carry on with it.
+            return Claim(ClaimOutcome.CLAIMED, old)
         if old.status.is_terminal:
             return Claim(ClaimOutcome.TERMINAL, old)
         if old.status is JobStatus.QUEUED:
+            if old.cancel_requested:
+                return Claim(ClaimOutcome.CANCEL_PENDING, old)
             if old.deadline_ms is not None and old.deadline_ms <= now:
                 return Claim(ClaimOutcome.DEADLINE_PASSED, old)
             return Claim(ClaimOutcome.NOT_YET_DUE, old)
@@ -356,13 +431,22 @@ class JobRepository:
     # ---- terminal and retry writes ------------------------------------------------------
 
     def complete(self, job: JobRecord, owner: str, result: JobResult) -> JobRecord:
-        """Fenced: only the worker holding the lease may record the result."""
-        data = result.model_dump_json().encode()
-        if len(data) <= self.config.limits.max_item_payload_bytes:
-            return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result)
+        """Fenced: only the worker holding the lease may record the result.
+
+        The result stays in the item when the whole item, input included, fits; otherwise it
+        goes to S3. Sized as DynamoDB sizes it, so the write cannot fail on the item limit.
+        """
+        as_stored = job.model_copy(
+            update={"input": None if job.input_ref else job.input, "result": result, "last_write": owner}
+        )
+        if self._fits(as_stored, {"sweep_pk": self._sweep_pk(job.id), "sweep_at": 0}):
+            try:
+                return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result)
+            except ItemTooLarge:
+                pass  # measured wrong somehow: the result still has a home in S3
         # Keyed by owner too, so a fenced-out worker's upload never replaces the winner's.
         key = f"results/{job.id}/{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
-        ref = self._store().put(key, data)
+        ref = self._store().put(key, result.model_dump_json().encode())
         return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result_ref=ref)
 
     def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
@@ -372,16 +456,22 @@ class JobRepository:
         return self._finish_leased(job, owner, JobStatus.CANCELED)
 
     def requeue(self, job: JobRecord, owner: str, error: JobError, delay_seconds: float) -> JobRecord:
-        """A transient failure: back to queued with the attempt count kept, lease released."""
+        """A transient failure: back to queued with the attempt count kept, lease released.
+
+        Raises CancelRequested, with the lease still ours, when the client asked to cancel
+        meanwhile: such a job must end canceled, never reach the provider again.
+        """
         now = self.now_ms()
         visible_at = now + int(delay_seconds * 1000)
+        token = f"{owner}#requeue"
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job.id}},
                 UpdateExpression="SET #st = :queued, #err = :error, sweep_at = :sweep, "
-                "not_before_ms = :not_before REMOVE lease_owner, lease_expires_ms",
-                ConditionExpression="lease_owner = :owner AND #st = :running",
+                "not_before_ms = :not_before, last_write = :token REMOVE lease_owner, lease_expires_ms",
+                ConditionExpression="lease_owner = :owner AND #st = :running AND "
+                "(attribute_not_exists(cancel_requested) OR cancel_requested = :false)",
                 ExpressionAttributeNames={"#st": "status", "#err": "error"},
                 ExpressionAttributeValues=_values(
                     queued="queued",
@@ -390,13 +480,21 @@ class JobRepository:
                     owner=owner,
                     sweep=visible_at + self.config.reconciler.stale_queued_seconds * 1000,
                     not_before=visible_at,
+                    token=token,
+                    false=False,
                 ),
                 ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
-            if _condition_failed(exc):
-                raise LeaseLost(job.id) from exc
-            raise
+            if not _condition_failed(exc):
+                raise
+            old = _old_item(exc)
+            if old is not None and old.last_write == token and old.status is JobStatus.QUEUED:
+                return old
+            if old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING:
+                raise CancelRequested(job.id) from exc
+            raise LeaseLost(job.id) from exc
         return _from_item(response["Attributes"])
 
     def _finish_leased(
@@ -415,6 +513,8 @@ class JobRepository:
                 status,
                 condition="lease_owner = :owner AND #st = :running",
                 values={"owner": owner, "running": "running"},
+                # The lease owner is unique to this invocation and message, so it names the write.
+                token=f"{owner}#{status.value}",
                 result=result,
                 error=error,
                 result_ref=result_ref,
@@ -429,33 +529,39 @@ class JobRepository:
         *,
         condition: str,
         values: dict[str, Any],
+        token: str | None = None,
         result: JobResult | None = None,
         error: JobError | None = None,
         result_ref: str | None = None,
     ) -> JobRecord:
-        """The one terminal write. It sets the delivery to pending when the event is subscribed."""
+        """The one terminal write. It sets the delivery to pending when the event is subscribed.
+
+        A retry of a write that was applied finds its own token and returns the job as written.
+        """
+        token = token or _token(status.value)
         now = self.now_ms()
-        sets = ["#st = :status", "finished_ms = :now"]
+        sets = ["#st = :status", "finished_ms = :now", "last_write = :token"]
         removes = ["lease_owner", "lease_expires_ms"]
-        all_values: dict[str, Any] = {"status": status.value, "now": now, **values}
+        all_values: dict[str, Any] = {"status": status.value, "now": now, "token": token, **values}
         names = {"#st": "status"}
         if result is not None:
             sets.append("#res = :result")
             names["#res"] = "result"
-            all_values["result"] = result.model_dump_json()
+            all_values["result"] = _json_text(result.model_dump(mode="json"))
         if result_ref is not None:
             sets.append("result_ref = :result_ref")
             all_values["result_ref"] = result_ref
         if error is not None:
             sets.append("#err = :error")
             names["#err"] = "error"
-            all_values["error"] = error.model_dump_json()
+            all_values["error"] = _json_text(error.model_dump(mode="json"))
         elif status is JobStatus.SUCCEEDED or status is JobStatus.CANCELED:
             removes.append("#err")
             names["#err"] = "error"
         if job.wants(EVENT_FOR_STATUS[status]):
-            sets += ["delivery_status = :pending", "sweep_at = :sweep"]
+            sets += ["delivery_status = :pending", "sweep_pk = :sweep_pk", "sweep_at = :sweep"]
             all_values["pending"] = DeliveryStatus.PENDING.value
+            all_values["sweep_pk"] = self._sweep_pk(job.id)
             all_values["sweep"] = now + self.config.reconciler.stale_webhook_seconds * 1000
         else:
             removes += ["sweep_pk", "sweep_at"]
@@ -472,49 +578,86 @@ class JobRepository:
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
-            if _condition_failed(exc):
-                raise _ConditionFailed(_old_item(exc)) from exc
-            raise
+            if _too_large(exc):
+                raise ItemTooLarge(f"job {job.id} does not fit in one item") from exc
+            if not _condition_failed(exc):
+                raise
+            old = _old_item(exc)
+            if old is not None and old.last_write == token and old.status is status:
+                return old
+            raise _ConditionFailed(old) from exc
         return _from_item(response["Attributes"])
 
     def expire(self, job: JobRecord) -> JobRecord | None:
-        """A queued job whose deadline passed before any worker started it."""
-        error = JobError(
-            code="deadline_exceeded", message="The job did not start before its deadline", retryable=False
-        )
+        """A queued job whose deadline passed before a worker started (or restarted) it."""
         try:
             return self._finish(
                 job,
                 JobStatus.EXPIRED,
                 condition="#st = :queued AND deadline_ms <= :now",
                 values={"queued": "queued"},
-                error=error,
+                error=_deadline_error(job),
             )
         except _ConditionFailed:
             return None
 
     def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
-        """Fail a job that no live worker holds (dead letters, exhausted crash recovery)."""
+        """Fail a running job that no live worker holds (dead letters, exhausted crash recovery)."""
         try:
             return self._finish(
                 job,
                 JobStatus.FAILED,
-                condition="(#st = :queued) OR (#st = :running AND "
-                "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now))",
-                values={"queued": "queued", "running": "running"},
+                condition="#st = :running AND "
+                "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)",
+                values={"running": "running"},
                 error=error,
             )
         except _ConditionFailed:
             return None
 
     def cancel_unleased(self, job: JobRecord) -> JobRecord | None:
-        """A running job asked to cancel whose worker vanished: record it canceled."""
+        """A job asked to cancel that no live worker holds: record it canceled."""
         try:
             return self._finish(
                 job,
                 JobStatus.CANCELED,
-                condition="#st = :running AND cancel_requested = :true AND lease_expires_ms < :now",
-                values={"running": "running", "true": True},
+                condition="cancel_requested = :true AND (#st = :queued OR "
+                "(#st = :running AND (attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
+                values={"queued": "queued", "running": "running", "true": True},
+            )
+        except _ConditionFailed:
+            return None
+
+    def note_dead_letter(self, job: JobRecord) -> JobRecord | None:
+        """A queued job whose message dead-lettered before any claim: count it, keep it queued.
+
+        None when the job is no longer queued (a worker or the API got to it first).
+        """
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job.id}},
+                UpdateExpression="ADD dead_letters :one",
+                ConditionExpression="#st = :queued",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues=_values(one=1, queued="queued"),
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                return None
+            raise
+        return _from_item(response["Attributes"])
+
+    def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        """A queued job whose every message dead-lettered: no worker can even claim it."""
+        try:
+            return self._finish(
+                job,
+                JobStatus.FAILED,
+                condition="#st = :queued AND dead_letters >= :limit",
+                values={"queued": "queued", "limit": job.dead_letters},
+                error=error,
             )
         except _ConditionFailed:
             return None
@@ -523,14 +666,21 @@ class JobRepository:
 
     def cancel(self, job_id: str, tenant_id: str) -> JobRecord:
         """Queued: canceled at once. Running: cancel_requested, the worker stops it. Else 409."""
+        token = _token("cancel")
         for _ in range(3):
             job = self.get(job_id, tenant_id)
+            if job.status is JobStatus.CANCELED and job.last_write == token:
+                return job  # our own cancel, applied on a try whose answer was lost
             if job.status.is_terminal:
                 raise JobNotCancelable(f"job {job_id} is {job.status.value}")
             if job.status is JobStatus.QUEUED:
                 try:
                     return self._finish(
-                        job, JobStatus.CANCELED, condition="#st = :queued", values={"queued": "queued"}
+                        job,
+                        JobStatus.CANCELED,
+                        condition="#st = :queued",
+                        values={"queued": "queued"},
+                        token=token,
                     )
                 except _ConditionFailed:
                     continue  # it started meanwhile: look again
@@ -540,6 +690,7 @@ class JobRepository:
         raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
 
     def _request_cancel(self, job: JobRecord) -> JobRecord | None:
+        # Idempotent: a retried write finds the job running with the flag already set.
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
@@ -573,32 +724,51 @@ class JobRepository:
         status: DeliveryStatus,
         status_code: int | None,
         next_attempt_in_seconds: float | None = None,
-    ) -> None:
-        """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index."""
+    ) -> bool:
+        """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index.
+
+        Only a pending delivery moves; `delivered`, `failed` and `disabled` are final until
+        a redelivery sets pending again (a late success may still turn `failed` into
+        `delivered`). False when the write was refused: a duplicate message's late outcome.
+        """
         now = self.now_ms()
         sets = ["delivery_status = :status", "delivery_last_status_code = :code"]
-        values: dict[str, Any] = {"status": status.value, "code": status_code, "one": 1}
+        values: dict[str, Any] = {
+            "status": status.value,
+            "code": status_code,
+            "one": 1,
+            "pending": DeliveryStatus.PENDING.value,
+        }
         removes: list[str] = []
+        condition = "delivery_status = :pending"
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = now
+            condition = "delivery_status IN (:pending, :failed)"
+            values["failed"] = DeliveryStatus.FAILED.value
         if status is DeliveryStatus.PENDING:
             wait_ms = int((next_attempt_in_seconds or 0) * 1000)
             sets += ["sweep_pk = :sweep_pk", "sweep_at = :sweep"]
-            values["sweep_pk"] = SWEEP_PARTITION
+            values["sweep_pk"] = self._sweep_pk(job_id)
             values["sweep"] = now + wait_ms + self.config.reconciler.stale_webhook_seconds * 1000
         else:
             removes += ["sweep_pk", "sweep_at"]
         expression = f"SET {', '.join(sets)} ADD delivery_attempts :one"
         if removes:
             expression += f" REMOVE {', '.join(removes)}"
-        self._ddb.update_item(
-            TableName=self.table_name,
-            Key={"pk": {"S": job_id}},
-            UpdateExpression=expression,
-            ConditionExpression="attribute_exists(pk)",
-            ExpressionAttributeValues=_values(**values),
-        )
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression=expression,
+                ConditionExpression=f"attribute_exists(pk) AND {condition}",
+                ExpressionAttributeValues=_values(**values),
+            )
+        except ClientError as exc:
+            if _condition_failed(exc):
+                return False
+            raise
+        return True
 
     def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
         """Redelivery: the terminal event goes out again, so the delivery is pending once more."""
@@ -612,7 +782,7 @@ class JobRepository:
                 ConditionExpression="tenant_id = :tenant AND attribute_exists(webhook_url)",
                 ExpressionAttributeValues=_values(
                     pending=DeliveryStatus.PENDING.value,
-                    sweep_pk=SWEEP_PARTITION,
+                    sweep_pk=self._sweep_pk(job_id),
                     sweep=now + self.config.reconciler.stale_webhook_seconds * 1000,
                     tenant=tenant_id,
                     zero=0,
@@ -674,20 +844,33 @@ class JobRepository:
         return records, (_encode_cursor(last) if last else None)
 
     def sweep(self, due_before_ms: int, limit: int) -> Iterator[SweepEntry]:
-        """Jobs the reconciler should look at, from the sparse index: never a scan."""
+        """Jobs the reconciler should look at, from the sparse index: never a scan.
+
+        Each shard is read lazily, a page at a time, and the shards are merged so the most
+        overdue entries come first whatever shard they live in.
+        """
+        shards = [
+            self._sweep_shard(pk, due_before_ms)
+            for pk in sweep_partitions(self.config.reconciler.sweep_shards)
+        ]
+        merged = heapq.merge(*shards, key=lambda entry: entry.sweep_at)
+        for seen, entry in enumerate(merged):
+            if seen >= limit:
+                return
+            yield entry
+
+    def _sweep_shard(self, partition: str, due_before_ms: int) -> Iterator[SweepEntry]:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": SWEEP_INDEX,
             "KeyConditionExpression": "sweep_pk = :p AND sweep_at <= :due",
-            "ExpressionAttributeValues": _values(p=SWEEP_PARTITION, due=due_before_ms),
-            "Limit": min(limit, 100),
+            "ExpressionAttributeValues": _values(p=partition, due=due_before_ms),
+            "Limit": 100,
         }
-        seen = 0
-        while seen < limit:
+        while True:
             response = self._ddb.query(**kwargs)
             for item in response.get("Items", []):
                 data = {key: _deserializer.deserialize(value) for key, value in item.items()}
-                seen += 1
                 yield SweepEntry(
                     job_id=data["pk"],
                     status=JobStatus(data["status"]),
@@ -701,6 +884,32 @@ class JobRepository:
             if "LastEvaluatedKey" not in response:
                 return
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def count_unfinished(self) -> Counter[str]:
+        """Queued and running jobs per lane, read from the sparse index's small entries.
+
+        The reconciler compares this with each lane queue's depth to tell a backlog (every
+        job still has its message) from a lost message.
+        """
+        counts: Counter[str] = Counter()
+        for partition in sweep_partitions(self.config.reconciler.sweep_shards):
+            kwargs: dict[str, Any] = {
+                "TableName": self.table_name,
+                "IndexName": SWEEP_INDEX,
+                "KeyConditionExpression": "sweep_pk = :p",
+                "FilterExpression": "#st IN (:queued, :running)",
+                "ProjectionExpression": "lane",
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": _values(p=partition, queued="queued", running="running"),
+            }
+            while True:
+                response = self._ddb.query(**kwargs)
+                for item in response.get("Items", []):
+                    counts[item["lane"]["S"]] += 1
+                if "LastEvaluatedKey" not in response:
+                    break
+                kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return counts
 
     def postpone_sweep(self, job_id: str, seconds: float) -> bool:
         """After the reconciler re-enqueued something, leave the job alone for a while.
@@ -720,6 +929,20 @@ class JobRepository:
                 return False
             raise
         return True
+
+
+def _deadline_error(job: JobRecord) -> JobError:
+    """Say what happened: a job that never ran differs from one whose retry came too late."""
+    if job.attempts == 0:
+        return JobError(
+            code="deadline_exceeded", message="The job did not start before its deadline", retryable=False
+        )
+    last = f"; its last attempt failed: {job.error.message}" if job.error else ""
+    return JobError(
+        code="deadline_exceeded",
+        message=f"The job ran {job.attempts} time(s) and its deadline passed before the next retry{last}",
+        retryable=True,
+    )
 
 
 class _ConditionFailed(Exception):

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     PROVIDER_ERROR = "provider_error"
+    PROVIDER_TIMEOUT = "provider_timeout"
     RETRIES_EXHAUSTED = "retries_exhausted"
     WORKER_CRASHED = "worker_crashed"
     DEADLINE_EXCEEDED = "deadline_exceeded"

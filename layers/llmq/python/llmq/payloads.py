@@ -13,7 +13,7 @@ class PayloadStore:
 
     @property
     def _s3(self) -> Any:
-        return aws.client("s3")
+        return aws.TranslatedClient("s3")
 
     def put(self, key: str, data: bytes) -> str:
         self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")

@@ -1,7 +1,14 @@
 """An OpenAI-compatible chat-completions client, and the classification of every failure.
 
-Every failure becomes either a `TransientProviderError` (retry later, maybe after
-`retry_after` seconds) or a `PermanentProviderError` with a code from the closed set.
+Every failure becomes one of three errors:
+- `TransientProviderError`: retry later, maybe after `retry_after` seconds;
+- `PermanentProviderError`, with a code from the closed set: the request itself is at fault;
+- `ProviderTimeout`: the request may have reached the provider, which may still be generating
+  (and billing) it, so a retry could pay twice. With `retry_timeouts` it is transient instead.
+
+An error reported inside a 200 answer (an SSE error event, or a JSON body that is only an
+`error`) is classified like the HTTP error it stands for, and an answer that stops before the
+generation finished is never a success.
 """
 
 from __future__ import annotations
@@ -29,7 +36,26 @@ _PERMANENT_CODES = {
 # Statuses worth retrying. 401/403 are included: they mean our key is wrong or rotated,
 # which an operator fixes; the job itself is not at fault and should not fail at once.
 _TRANSIENT_STATUSES = {401, 403, 408, 409, 425, 429}
+# The HTTP status an in-band error's type stands for, when the error carries no status
+# (OpenAI, Anthropic, vLLM and Ollama spellings, lower-cased).
+_STATUS_OF_TYPE = {
+    "invalid_request_error": 400,
+    "badrequesterror": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "notfounderror": 404,
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "server_error": 500,
+    "internal_server_error": 500,
+    "api_error": 500,
+    "overloaded_error": 503,
+    "service_unavailable": 503,
+}
 _MAX_MESSAGE = 300
+_STREAM_CUT = "the provider's stream ended before the generation finished"
+_ANSWER_CUT = "the provider's answer was cut off before it was complete"
 
 
 class ProviderError(Exception):
@@ -37,6 +63,7 @@ class ProviderError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message[:_MAX_MESSAGE]
+        # The HTTP status, or the one an in-band error event reported.
         self.status_code = status_code
 
 
@@ -54,6 +81,17 @@ class TransientProviderError(ProviderError):
 
 class PermanentProviderError(ProviderError):
     pass
+
+
+class ProviderTimeout(ProviderError):
+    """The call ran out of time after the request may have been sent.
+
+    Not transient on purpose: the provider may still be generating, and billing, the answer
+    nobody will read; retrying would start a second one. The client decides.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.PROVIDER_TIMEOUT, message)
 
 
 @dataclass(frozen=True)
@@ -90,34 +128,126 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
 def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
     """The error for a non-2xx answer."""
     status = response.status_code
-    code, message = _error_fields(body)
+    names, message = _error_fields(body)
     message = message or f"provider answered {status}"
+    return _classify(status, names, message, status, parse_retry_after(response.headers))
+
+
+def classify_error_event(error: object) -> ProviderError:
+    """The error for an `error` object inside a 200 answer: an SSE event or a JSON body.
+
+    It is classified like the HTTP error it stands for: by its status when it reports one
+    (`"code": 503`, `"status": 429`); else a known permanent code (`context_length_exceeded`)
+    fails the job; else its type stands for a status (`server_error`, `overloaded_error`,
+    `rate_limit_exceeded`, `invalid_request_error`). Anything else is transient: the provider
+    accepted the request and then failed while generating, its fault until it says otherwise.
+    """
+    fields = error if isinstance(error, dict) else {"message": str(error)}
+    names = _names(fields)
+    reported = _status_hint(fields)
+    message = str(fields.get("message") or "the provider reported an error in its answer")
+    if reported is not None:
+        return _classify(reported, names, message, reported, None)
+    permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
+    if permanent is not None:
+        return PermanentProviderError(permanent, message)
+    implied = next((_STATUS_OF_TYPE[name] for name in names if name in _STATUS_OF_TYPE), None)
+    if implied is not None:
+        return _classify(implied, names, message, None, None)
+    return TransientProviderError(message, code=ErrorCode.PROVIDER_ERROR)
+
+
+def _classify(
+    status: int, names: list[str], message: str, status_code: int | None, retry_after: float | None
+) -> ProviderError:
     if status in _TRANSIENT_STATUSES or status >= 500:
-        return TransientProviderError(message, status, parse_retry_after(response.headers))
-    if code in _PERMANENT_CODES:
-        return PermanentProviderError(_PERMANENT_CODES[code], message, status)
+        return TransientProviderError(message, status_code, retry_after)
+    permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
+    if permanent is not None:
+        return PermanentProviderError(permanent, message, status_code)
     if status == 404:
-        return PermanentProviderError(ErrorCode.MODEL_NOT_FOUND, message, status)
-    return PermanentProviderError(ErrorCode.INVALID_REQUEST, message, status)
+        return PermanentProviderError(ErrorCode.MODEL_NOT_FOUND, message, status_code)
+    return PermanentProviderError(ErrorCode.INVALID_REQUEST, message, status_code)
 
 
-def classify_exception(exc: httpx.HTTPError) -> TransientProviderError:
+def classify_exception(exc: httpx.HTTPError, retry_timeouts: bool = False) -> ProviderError:
+    # Nothing was sent yet: a retry costs nothing at the provider.
+    if isinstance(exc, httpx.ConnectTimeout):
+        return TransientProviderError("could not connect to the provider in time")
+    if isinstance(exc, httpx.PoolTimeout):
+        return TransientProviderError("no connection to the provider was free in time")
     if isinstance(exc, httpx.TimeoutException):
-        return TransientProviderError("the provider did not answer in time")
+        return timed_out("the provider stopped answering", retry_timeouts)
     return TransientProviderError(f"could not reach the provider: {type(exc).__name__}")
 
 
-def _error_fields(body: bytes) -> tuple[str | None, str | None]:
+def timed_out(message: str, retry_timeouts: bool) -> ProviderError:
+    """A timeout after the request may have been sent."""
+    if retry_timeouts:
+        return TransientProviderError(message)
+    return ProviderTimeout(f"{message}; it may still be generating, and billing, this request")
+
+
+def _error_fields(body: bytes) -> tuple[list[str], str | None]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None, None
+        return [], None
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
-        return None, None
-    code = error.get("code") or error.get("type")
+        return [], None
     message = error.get("message")
-    return (str(code) if code else None), (str(message) if message else None)
+    return _names(error), (str(message) if message else None)
+
+
+def _names(error: dict[str, Any]) -> list[str]:
+    """The error's code and type, lower-cased; a numeric code is a status, not a name."""
+    found = []
+    for key in ("code", "type"):
+        value = error.get(key)
+        if isinstance(value, str) and value and not value.isdigit():
+            found.append(value.lower())
+    return found
+
+
+def _status_hint(error: dict[str, Any]) -> int | None:
+    for key in ("status", "status_code", "code"):
+        value = error.get(key)
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+            return value
+    return None
+
+
+def _in_band_error(data: dict[str, Any]) -> ProviderError | None:
+    """The error a 200 answer reports in its body: `{"error": …}`, or vLLM's `"object": "error"`."""
+    if data.get("error"):
+        return classify_error_event(data["error"])
+    if data.get("object") == "error":
+        return classify_error_event(data)
+    return None
+
+
+class _Progress:
+    """Whether the request may have reached the provider, from httpcore's trace events.
+
+    A transport that reports nothing (a test's MockTransport) counts as having sent it.
+    """
+
+    def __init__(self) -> None:
+        self.connecting = False
+        self.sending = False
+
+    async def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.endswith(("connect_tcp.started", "start_tls.started")):
+            self.connecting = True
+        elif ".send_request_headers." in event:
+            self.sending = True
+
+    @property
+    def nothing_sent(self) -> bool:
+        return self.connecting and not self.sending
 
 
 class ChatCompletionsProvider:
@@ -129,14 +259,16 @@ class ChatCompletionsProvider:
         api_key: Callable[[], str | None],
         stream: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        retry_timeouts: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.stream = stream
         self._transport = transport
+        # True: a timeout after sending is a TransientProviderError (retried); see ProviderConfig.
+        self.retry_timeouts = retry_timeouts
 
     async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
-        payload = self._payload(request)
         headers = {"content-type": "application/json"}
         if request.job_id:
             headers["x-llmq-job-id"] = request.job_id
@@ -144,6 +276,7 @@ class ChatCompletionsProvider:
         if key:
             headers["authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
+        progress = _Progress()
         try:
             # httpx bounds each read; this bounds the whole call, so a stream that trickles
             # forever still ends before the Lambda does.
@@ -151,18 +284,14 @@ class ChatCompletionsProvider:
                 asyncio.timeout(timeout_seconds),
                 httpx.AsyncClient(timeout=timeout, transport=self._transport) as client,
             ):
-                if self.stream:
-                    return await self._generate_streaming(client, payload, headers)
-                response = await client.post(
-                    f"{self.base_url}/chat/completions", json=payload, headers=headers
-                )
-                if response.status_code >= 300:
-                    raise classify_response(response, response.content)
-                return _parse_completion(response.content)
+                return await self._call(client, self._payload(request), headers, progress)
         except TimeoutError as exc:
-            raise TransientProviderError("the provider did not finish in time") from exc
+            if progress.nothing_sent:
+                raise TransientProviderError("could not connect to the provider in time") from exc
+            message = f"the provider did not finish within {timeout_seconds:.1f}s"
+            raise timed_out(message, self.retry_timeouts) from exc
         except httpx.HTTPError as exc:
-            raise classify_exception(exc) from exc
+            raise classify_exception(exc, self.retry_timeouts) from exc
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -175,33 +304,59 @@ class ChatCompletionsProvider:
             payload["stream_options"] = {"include_usage": True}
         return payload
 
-    async def _generate_streaming(
-        self, client: httpx.AsyncClient, payload: dict[str, Any], headers: dict[str, str]
+    async def _call(
+        self, client: httpx.AsyncClient, payload: dict[str, Any], headers: dict[str, str], progress: _Progress
     ) -> JobResult:
         url = f"{self.base_url}/chat/completions"
-        async with client.stream("POST", url, json=payload, headers=headers) as response:
+        extensions = {"trace": progress}
+        async with client.stream(
+            "POST", url, json=payload, headers=headers, extensions=extensions
+        ) as response:
             if response.status_code >= 300:
                 raise classify_response(response, await response.aread())
-            # Cancelling the task that awaits here closes the connection between chunks,
-            # which is how a running job stops being billed.
-            parts: list[str] = []
-            finish_reason: str | None = None
-            usage = Usage()
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = _json_or_error(data.encode())
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    if delta.get("content"):
-                        parts.append(delta["content"])
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if chunk.get("usage"):
-                    usage = _usage(chunk["usage"])
-            return JobResult(output="".join(parts), finish_reason=finish_reason, usage=usage)
+            try:
+                if self.stream:
+                    return await _read_stream(response)
+                return _parse_completion(await response.aread())
+            except httpx.TimeoutException:
+                raise
+            except httpx.TransportError as exc:
+                # The connection broke after the answer began: the generation is incomplete.
+                raise TransientProviderError(
+                    _STREAM_CUT if self.stream else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
+                ) from exc
+
+
+async def _read_stream(response: httpx.Response) -> JobResult:
+    # Cancelling the task that awaits here closes the connection between chunks,
+    # which is how a running job stops being billed.
+    parts: list[str] = []
+    finish_reason: str | None = None
+    done = False
+    usage = Usage()
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        chunk = _json_or_error(data.encode())
+        error = _in_band_error(chunk)
+        if error is not None:
+            raise error
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                parts.append(delta["content"])
+            finish_reason = choice.get("finish_reason") or finish_reason
+        if chunk.get("usage"):
+            usage = _usage(chunk["usage"])
+    # Either sign of a finished generation will do: some servers omit [DONE], and some send
+    # no finish_reason. With neither, the stream stopped mid-generation.
+    if finish_reason is None and not done:
+        raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
+    return JobResult(output="".join(parts), finish_reason=finish_reason, usage=usage)
 
 
 def _json_or_error(body: bytes) -> dict[str, Any]:
@@ -225,6 +380,9 @@ def _usage(raw: dict[str, Any]) -> Usage:
 
 def _parse_completion(body: bytes) -> JobResult:
     data = _json_or_error(body)
+    error = _in_band_error(data)
+    if error is not None:
+        raise error
     choices = data.get("choices") or []
     if not choices:
         raise TransientProviderError("the provider answered without choices", code=ErrorCode.PROVIDER_ERROR)

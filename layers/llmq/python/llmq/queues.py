@@ -14,6 +14,11 @@ from llmq.models import DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessag
 
 # SQS caps a message's visibility timeout at 12 hours.
 MAX_VISIBILITY_SECONDS = 43_200
+_DEPTH_ATTRIBUTES = (
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+)
 
 
 class QueueRepository:
@@ -23,7 +28,7 @@ class QueueRepository:
 
     @property
     def _sqs(self) -> Any:
-        return aws.client("sqs")
+        return aws.TranslatedClient("sqs")
 
     def enqueue_job(self, job_id: str, lane: str, delay_seconds: int = 0) -> None:
         body = LaneMessage(job_id=job_id, lane=lane).model_dump_json()
@@ -34,6 +39,14 @@ class QueueRepository:
     def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None:
         body = WebhookMessage(job_id=job_id, event=event).model_dump_json()
         self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
+
+    def lane_depth(self, lane: str) -> int:
+        """Messages in the lane's queue: waiting, in flight and delayed (approximate)."""
+        response = self._sqs.get_queue_attributes(
+            QueueUrl=self.lane_queue_urls[lane], AttributeNames=list(_DEPTH_ATTRIBUTES)
+        )
+        attributes = response.get("Attributes", {})
+        return sum(int(attributes.get(name, 0)) for name in _DEPTH_ATTRIBUTES)
 
     def queue_url_for_arn(self, queue_arn: str) -> str | None:
         """The URL of one of our queues from an event record's eventSourceARN."""

@@ -1,11 +1,14 @@
 """The reconciler: whatever a crash or a lost message left behind, found from the sparse index.
 
 Every re-enqueue is safe to repeat: the claim is conditional and the webhook dispatcher
-skips a delivery that already succeeded.
+skips a delivery that already succeeded. Still, a queued job gets a new message only when its
+lane's queue holds fewer messages than the lane has unfinished jobs: under a backlog every
+job is stale, and re-sending them all would multiply the lane's messages run after run.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from llmq.config import LlmqConfig
@@ -19,6 +22,8 @@ from llmq.telemetry import logger
 class ReconcileReport:
     examined: int = 0
     requeued: list[str] = field(default_factory=list)
+    # Stale queued jobs left alone: the lane's queue still holds a message for each.
+    waiting: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
@@ -27,6 +32,7 @@ class ReconcileReport:
         return {
             "examined": self.examined,
             "requeued": len(self.requeued),
+            "waiting": len(self.waiting),
             "recovered": len(self.recovered),
             "expired": len(self.expired),
             "webhooks": len(self.webhooks),
@@ -42,21 +48,42 @@ class Reconciler:
     def run(self) -> ReconcileReport:
         report = ReconcileReport()
         now = self.jobs.now_ms()
-        for entry in self.jobs.sweep(now, self.config.reconciler.max_items_per_run):
+        entries = list(self.jobs.sweep(now, self.config.reconciler.max_items_per_run))
+        deficits = self._message_deficits(entries, now)
+        for entry in entries:
             report.examined += 1
-            self._settle(entry, now, report)
+            self._settle(entry, now, deficits, report)
         logger.info("reconciled", extra=report.as_log())
         return report
 
-    def _settle(self, entry: SweepEntry, now: int, report: ReconcileReport) -> None:
+    def _message_deficits(self, entries: list[SweepEntry], now: int) -> Counter[str]:
+        """Per lane, how many unfinished jobs have no message in the lane's queue.
+
+        A stale queued job is usually just waiting behind a backlog; only when the lane holds
+        fewer messages than it has queued and running jobs can a message have been lost.
+        Read only when there is a stale queued job to judge.
+        """
+        lanes = {entry.lane for entry in entries if _is_stale_queued(entry, now)}
+        if not lanes:
+            return Counter()
+        unfinished = self.jobs.count_unfinished()
+        return Counter(
+            {lane: max(0, unfinished[lane] - self.queues.lane_depth(lane)) for lane in sorted(lanes)}
+        )
+
+    def _settle(self, entry: SweepEntry, now: int, deficits: Counter[str], report: ReconcileReport) -> None:
         thresholds = self.config.reconciler
         if entry.status is JobStatus.QUEUED and entry.deadline_ms is not None and entry.deadline_ms <= now:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
-            # Its message may have been lost between PutItem and SendMessage.
-            self.queues.enqueue_job(entry.job_id, entry.lane)
+            # The most overdue jobs first take whatever messages the lane is short of.
+            if deficits[entry.lane] > 0:
+                deficits[entry.lane] -= 1
+                self.queues.enqueue_job(entry.job_id, entry.lane)
+                report.requeued.append(entry.job_id)
+            else:
+                report.waiting.append(entry.job_id)
             self.jobs.postpone_sweep(entry.job_id, thresholds.stale_queued_seconds)
-            report.requeued.append(entry.job_id)
         elif entry.status is JobStatus.RUNNING:
             # Its lease lapsed long ago: the worker crashed. A new message lets a worker take over.
             self.queues.enqueue_job(entry.job_id, entry.lane)
@@ -75,3 +102,7 @@ class Reconciler:
         if expired is not None:
             self.queues.announce_terminal(expired)
             report.expired.append(entry.job_id)
+
+
+def _is_stale_queued(entry: SweepEntry, now: int) -> bool:
+    return entry.status is JobStatus.QUEUED and (entry.deadline_ms is None or entry.deadline_ms > now)

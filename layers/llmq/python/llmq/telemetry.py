@@ -34,3 +34,21 @@ def emit_job_metric(name: str, value: float, lane: str) -> None:
     unit = MetricUnit.Milliseconds if name.endswith("Ms") else MetricUnit.Count
     with single_metric(name=name, unit=unit, value=value, namespace=metrics.namespace) as metric:
         metric.add_dimension(name="lane", value=lane)
+
+
+def log_record_failure(exc: BaseException, message_id: str, job_id: str | None) -> None:
+    """An unexpected exception in a record handler, which the batch processor would swallow.
+
+    The class and the AWS error code only: an exception's text can quote the payload.
+    """
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    logger.error(
+        "record failed unexpectedly; it will be retried",
+        extra={
+            "message_id": message_id,
+            "job_id": job_id,
+            "error_class": type(exc).__name__,
+            "error_code": code,
+        },
+    )

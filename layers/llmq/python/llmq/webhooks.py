@@ -226,8 +226,10 @@ class WebhookDispatcher:
             outcome = self._judge(response, attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
-        if terminal:
-            await asyncio.to_thread(self._record, job.id, outcome)
+        if terminal and not await asyncio.to_thread(self._record, job.id, outcome):
+            # Another copy of this message settled the delivery meanwhile: its outcome stands,
+            # and this one must neither move it backwards nor schedule another attempt.
+            return DeliveryOutcome.skipped("another delivery of this event settled it first")
         return outcome
 
     async def _secrets(self, tenant_id: str) -> list[str]:
@@ -302,9 +304,9 @@ class WebhookDispatcher:
             delay = max(delay, response.retry_after)
         return DeliveryOutcome(OutcomeKind.RETRY, code, min(delay, self.max_delay_seconds), reason)
 
-    def _record(self, job_id: str, outcome: DeliveryOutcome) -> None:
+    def _record(self, job_id: str, outcome: DeliveryOutcome) -> bool:
         status = _RECORDED_STATUS[outcome.kind]
-        self._jobs.record_delivery(job_id, status, outcome.status_code, outcome.retry_in)
+        return self._jobs.record_delivery(job_id, status, outcome.status_code, outcome.retry_in)
 
 
 _RECORDED_STATUS = {

@@ -1,0 +1,571 @@
+"""Regression tests for the core promise under real faults (issue #10).
+
+Each test names the defect it pins: a paid generation run twice, a cancel ignored, a result
+thrown away, a status moving backwards. AWS faults are injected with botocore's own event
+hooks on the clients the code uses, so the code under test is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.execution import Invocation, JobRunner
+from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
+from llmq.jobs import ClaimOutcome, JobRecord, JobRepository, sweep_partitions
+from llmq.models import DeliveryStatus, ErrorCode, JobResult, JobStatus, Usage
+from llmq.payloads import PayloadStore
+from llmq.providers import GenerationRequest, TransientProviderError
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from sandbox.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub
+
+CJK = "漢"  # 3 bytes in UTF-8, 6 as a JSON \u escape
+EMOJI = "😀"  # 4 bytes in UTF-8, 12 as a JSON surrogate-pair escape
+
+
+# ---- fault hooks ------------------------------------------------------------------------
+
+
+class AwsFaults:
+    """botocore hooks on llmq's cached clients: fail a call, or apply it and lose the answer."""
+
+    def __init__(self) -> None:
+        self.fired: list[str] = []
+
+    def fail(self, service: str, operation: str, code: str, times: int = 1, status: int = 400) -> None:
+        """The next `times` calls fail as botocore reports them after its own retries."""
+        left = [times]
+
+        def raise_error(**_: Any) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                self.fired.append(f"{operation}:{code}")
+                raise ClientError(
+                    {"Error": {"Code": code, "Message": "injected"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                    operation,
+                )
+
+        aws.client(service).meta.events.register(f"before-call.{service}.{operation}", raise_error)
+
+    def lose_answer(self, service: str, operation: str, times: int = 1, nth: int = 1) -> None:
+        """The `nth` call is applied, its answer is lost and botocore sends it again."""
+        seen = [0]
+        left = [times]
+
+        def retry(attempts: int, **_: Any) -> float | None:
+            if attempts == 1:
+                seen[0] += 1
+            if attempts == 1 and seen[0] >= nth and left[0] > 0:
+                left[0] -= 1
+                self.fired.append(f"{operation}:lost")
+                return 0.0
+            return None
+
+        aws.client(service).meta.events.register_first(f"needs-retry.{service}.{operation}", retry)
+
+
+@pytest.fixture
+def faults(harness: Harness) -> AwsFaults:
+    return AwsFaults()
+
+
+def _job(harness: Harness, job_id: str, tenant: dict[str, str] = ENTERPRISE) -> dict[str, Any]:
+    reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=tenant)
+    assert reply.status == 200, reply.body
+    return reply.body
+
+
+def _item(harness: Harness, job_id: str) -> dict[str, Any]:
+    item: dict[str, Any] = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})[
+        "Item"
+    ]
+    return item
+
+
+def _big_harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    config = integration_config(
+        provider, limits={"max_prompt_chars": 200_000, "max_body_bytes": 1024 * 1024, "wait_poll_seconds": 0.05}
+    )
+    return Harness(moto_stack, config, monkeypatch)
+
+
+@pytest.fixture
+def big(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    return _big_harness(moto_stack, provider, monkeypatch)
+
+
+# ---- 1. item size: measured as DynamoDB measures it, input and result together ------------
+
+
+def test_a_70k_character_cjk_prompt_is_accepted_and_run_once(big: Harness, provider: FakeProviderServer) -> None:
+    # Given a prompt well under max_prompt_chars whose \u-escaped JSON would pass 400 KB
+    prompt = CJK * 70_000
+    # When it is submitted and run
+    reply = big.submit(prompt=prompt)
+    # Then it is accepted (not a 500), fits its item, and completes with one provider call
+    assert reply.status == 202, reply.body
+    job_id = reply.body["id"]
+    assert item_size_bytes(_item(big, job_id)) <= MAX_ITEM_BYTES
+    big.drain("high")
+    assert _job(big, job_id)["status"] == "succeeded"
+    assert provider.calls_for(job_id) == 1
+
+
+def test_60k_cjk_in_and_60k_out_succeeds_with_the_whole_result(big: Harness) -> None:
+    # Given a 60k-character CJK job, claimed by a worker
+    job_id = big.submit(prompt=CJK * 60_000).body["id"]
+    jobs = JobRepository(big.stack.jobs_table, big.config, payloads=PayloadStore(big.stack.payload_bucket))
+    claim = jobs.claim(job_id, "worker-1", lease_seconds=60)
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
+    # When the provider answers 60k CJK characters too
+    output = CJK * 60_000
+    done = jobs.complete(claim.job, "worker-1", JobResult(output=output, finish_reason="stop"))
+    # Then the job succeeded, its lease is gone, and the API returns the whole result
+    assert done.status is JobStatus.SUCCEEDED
+    item = _item(big, job_id)
+    assert "lease_owner" not in item
+    assert item_size_bytes(item) <= MAX_ITEM_BYTES
+    job = _job(big, job_id)
+    assert (job["status"], job["result"]["output"]) == ("succeeded", output)
+
+
+def test_an_emoji_prompt_over_the_item_limit_keeps_its_input_in_s3_and_runs(
+    big: Harness, provider: FakeProviderServer
+) -> None:
+    # Given 120k emoji, sent as raw UTF-8: 480 KB, more than any item holds
+    body = json.dumps({"prompt": EMOJI * 120_000}, ensure_ascii=False)
+    reply = big.api("POST", "/v1/jobs", raw_body=body, tenant=ENTERPRISE)
+    assert reply.status == 202, reply.body
+    job_id = reply.body["id"]
+    # Then the item holds a reference, not the input, and the worker still runs it once
+    item = _item(big, job_id)
+    assert "input_ref" in item and "input" not in item
+    big.drain("high")
+    assert _job(big, job_id)["status"] == "succeeded"
+    assert provider.calls_for(job_id) == 1
+
+
+_PLANES = st.sampled_from(
+    [
+        st.characters(min_codepoint=0x20, max_codepoint=0x7E),  # ASCII
+        st.characters(min_codepoint=0x80, max_codepoint=0x7FF),  # 2-byte
+        st.characters(min_codepoint=0x800, max_codepoint=0xFFFF, exclude_categories=("Cs",)),  # BMP
+        st.characters(min_codepoint=0x10000, max_codepoint=0x10FFFF),  # astral planes
+    ]
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_prompt_under_the_limits_is_accepted_within_400_kb_or_refused_with_a_4xx(
+    big: Harness, data: st.DataObject
+) -> None:
+    # Given text from any Unicode plane, sized around the item and offload limits
+    alphabet = data.draw(_PLANES)
+    unit = data.draw(st.text(alphabet=alphabet, min_size=1, max_size=8))
+    target_bytes = data.draw(st.sampled_from([100_000, 170_000, 340_000, 350_000, 360_000, 400_000, 800_000]))
+    repeat = max(1, target_bytes // len(unit.encode()))
+    prompt = unit * repeat
+    # When it is submitted as raw UTF-8 JSON
+    body = json.dumps({"prompt": prompt}, ensure_ascii=False)
+    reply = big.api("POST", "/v1/jobs", raw_body=body, tenant=ENTERPRISE)
+    # Then it is never a 5xx: accepted and fitting its item, or a 4xx problem
+    assert reply.status < 500, reply.body
+    if reply.status == 202:
+        assert item_size_bytes(_item(big, reply.body["id"])) <= MAX_ITEM_BYTES
+    else:
+        assert reply.status in (413, 422) and reply.body["code"]
+
+
+# ---- 2. a cancel is never lost after a transient failure ---------------------------------
+
+
+class ScriptedProvider:
+    """An in-process provider: each call runs `before`, then answers or raises."""
+
+    def __init__(self, answers: list[JobResult | Exception], before: Callable[[], None] | None = None) -> None:
+        self.answers = answers
+        self.before = before
+        self.calls = 0
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.calls += 1
+        if self.before is not None:
+            await asyncio.to_thread(self.before)
+        await asyncio.sleep(0.2)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _runner(harness: Harness, provider: ScriptedProvider, **config: Any) -> JobRunner:
+    merged = harness.config.model_copy(update=config)
+    jobs = JobRepository(harness.stack.jobs_table, merged, payloads=PayloadStore(harness.stack.payload_bucket))
+    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
+    return JobRunner(jobs, queues, provider, merged)  # type: ignore[arg-type]
+
+
+def _run(runner: JobRunner, job_id: str, owner: str = "worker-1", seconds: float = 30.0) -> Exception | None:
+    started = time.monotonic()
+    invocation = Invocation(owner=owner, remaining_seconds=lambda: seconds - (time.monotonic() - started))
+    try:
+        asyncio.run(runner.run(json.dumps({"job_id": job_id, "lane": "high"}), invocation))
+    except Exception as exc:
+        return exc
+    return None
+
+
+OK = JobResult(output="fine", finish_reason="stop", usage=Usage(output_tokens=1))
+
+
+def test_a_cancel_during_a_429_ends_canceled_and_the_provider_is_not_called_again(harness: Harness) -> None:
+    # Given a running job whose provider call fails with 429 after the client canceled it
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+
+    def client_cancels() -> None:
+        assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+
+    provider = ScriptedProvider([TransientProviderError("busy", 429), OK], before=client_cancels)
+    runner = _runner(harness, provider, cancel_check_seconds=60.0)
+    # When the worker handles the 429 (the cancel watcher never looked)
+    outcome = _run(runner, job_id)
+    # Then the job is canceled at once, never requeued, and announced
+    assert outcome is None
+    assert _job(harness, job_id)["status"] == "canceled"
+    # And a duplicate message never reaches the provider again
+    provider.before = None
+    assert _run(runner, job_id, owner="worker-2") is None
+    assert provider.calls == 1
+    events = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert events == ["job.canceled"]
+
+
+def test_a_queued_job_with_a_recorded_cancel_is_canceled_at_its_claim_without_a_provider_call(
+    harness: Harness,
+) -> None:
+    # Given a queued job that carries cancel_requested (left by a requeue that raced a cancel)
+    job_id = harness.submit().body["id"]
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET cancel_requested = :t",
+        ExpressionAttributeValues={":t": {"BOOL": True}},
+    )
+    provider = ScriptedProvider([OK])
+    # When a worker gets its message
+    assert _run(_runner(harness, provider), job_id) is None
+    # Then it ends canceled and the provider was never called
+    assert _job(harness, job_id)["status"] == "canceled"
+    assert provider.calls == 0
+
+
+# ---- 3. a paid result survives transient AWS errors --------------------------------------
+
+
+def test_a_failing_cancel_check_never_abandons_the_generation(harness: Harness, faults: AwsFaults) -> None:
+    # Given the cancel watcher's reads are throttled
+    job_id = harness.submit().body["id"]
+    faults.fail("dynamodb", "GetItem", "ProvisionedThroughputExceededException", times=3)
+
+    provider = ScriptedProvider([OK])
+    runner = _runner(harness, provider, cancel_check_seconds=0.05)
+    # When the generation runs past several checks
+    outcome = _run(runner, job_id)
+    # Then it still completes, once
+    assert outcome is None
+    assert len(faults.fired) == 3, "the watcher did not meet its throttles"
+    assert _job(harness, job_id)["status"] == "succeeded"
+    assert provider.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("service", "operation", "code", "status"),
+    [
+        ("dynamodb", "UpdateItem", "ProvisionedThroughputExceededException", 400),
+        ("dynamodb", "UpdateItem", "InternalServerError", 500),
+        ("s3", "PutObject", "SlowDown", 503),
+    ],
+)
+def test_a_throttled_write_back_is_retried_and_the_paid_result_is_kept(
+    big: Harness, faults: AwsFaults, service: str, operation: str, code: str, status: int
+) -> None:
+    # Given a claimed job (a big result goes to S3, so PutObject is on the path)
+    job_id = big.submit(prompt="hello").body["id"]
+    output = CJK * 130_000 if service == "s3" else "fine"
+    provider = ScriptedProvider([JobResult(output=output, finish_reason="stop")])
+    runner = _runner(big, provider)
+
+    def arm_after_claim() -> None:
+        faults.fail(service, operation, code, times=2, status=status)
+
+    provider.before = arm_after_claim
+    # When the write-back is throttled twice after the provider answered
+    outcome = _run(runner, job_id)
+    # Then the worker retried it: one provider call, the whole result kept
+    assert outcome is None
+    assert len(faults.fired) == 2
+    job = _job(big, job_id)
+    assert (job["status"], job["result"]["output"]) == ("succeeded", output)
+    assert provider.calls == 1
+
+
+# ---- 5. a delivered webhook stays delivered -----------------------------------------------
+
+
+def test_a_late_failure_of_a_duplicate_delivery_never_moves_delivered_back_to_pending(harness: Harness) -> None:
+    # Given a job whose webhook was delivered
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    jobs = JobRepository(harness.stack.jobs_table, harness.config)
+    assert jobs.record_delivery(job_id, DeliveryStatus.DELIVERED, 200)
+    # When a duplicate message's POST times out, and another answers 409
+    late_pending = jobs.record_delivery(job_id, DeliveryStatus.PENDING, None, 5)
+    late_failed = jobs.record_delivery(job_id, DeliveryStatus.FAILED, 409)
+    # Then neither outcome is recorded, and the delivery stays delivered
+    assert (late_pending, late_failed) == (False, False)
+    delivery = _job(harness, job_id)["webhook"]["delivery"]
+    assert (delivery["status"], delivery["last_status_code"], delivery["attempts"]) == ("delivered", 200, 1)
+    # And a redelivery request makes it pending again, on purpose
+    assert harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE).status == 202
+    assert jobs.record_delivery(job_id, DeliveryStatus.PENDING, 500, 5)
+
+
+# ---- 6. ambiguous writes: a retried write recognises its own success ----------------------
+
+
+def test_a_submit_whose_put_was_applied_but_unanswered_is_a_first_submit_and_is_enqueued(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given the PutItem's first answer is lost and botocore sends it again
+    faults.lose_answer("dynamodb", "PutItem")
+    # When the client submits with an Idempotency-Key
+    reply = harness.submit(key="first-try")
+    # Then it is a first submit, enqueued once
+    assert faults.fired == ["PutItem:lost"]
+    assert reply.status == 202 and "idempotent-replayed" not in reply.headers
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
+
+
+def test_a_claim_applied_but_unanswered_runs_the_job_now_and_once(
+    harness: Harness, faults: AwsFaults, provider: FakeProviderServer
+) -> None:
+    # Given the claim's answer is lost and botocore retries it
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    faults.lose_answer("dynamodb", "UpdateItem", nth=1)
+    # When the worker runs the message
+    harness.drain("high")
+    # Then it recognised its own lease: the job ran now, once, and its webhook is queued
+    assert faults.fired == ["UpdateItem:lost"]
+    assert _job(harness, job_id)["status"] == "succeeded"
+    assert provider.calls_for(job_id) == 1
+    assert harness.total_count(harness.stack.webhook_queue_url) == 1
+
+
+def test_a_complete_applied_but_unanswered_sends_its_webhook_at_once(
+    harness: Harness, faults: AwsFaults, provider: FakeProviderServer
+) -> None:
+    # Given the complete's answer is lost and botocore retries it
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    faults.lose_answer("dynamodb", "UpdateItem", nth=2)
+    # When the worker runs the message
+    response = harness.drain("high")
+    # Then the retry saw our own write, not a lost lease: the webhook goes out now
+    assert faults.fired == ["UpdateItem:lost"]
+    assert response == {"batchItemFailures": []}
+    assert _job(harness, job_id)["status"] == "succeeded"
+    webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}]
+
+
+def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(harness: Harness, faults: AwsFaults) -> None:
+    # Given a queued job and a cancel whose write is applied but unanswered
+    job_id = harness.submit().body["id"]
+    faults.lose_answer("dynamodb", "UpdateItem")
+    # When the client cancels
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then it is told the job is canceled
+    assert faults.fired == ["UpdateItem:lost"]
+    assert (reply.status, reply.body["status"]) == (200, "canceled")
+
+
+def test_a_requeue_applied_but_unanswered_keeps_the_retry(harness: Harness, faults: AwsFaults) -> None:
+    # Given a 503 from the provider and a requeue whose answer is lost
+    job_id = harness.submit().body["id"]
+    provider = ScriptedProvider([TransientProviderError("down", 503)])
+    provider.before = lambda: faults.lose_answer("dynamodb", "UpdateItem")
+    # When the worker handles the 503
+    outcome = _run(_runner(harness, provider), job_id)
+    # Then the job waits for its retry (not a lost lease, not a crash)
+    assert faults.fired == ["UpdateItem:lost"]
+    assert type(outcome).__name__ == "RetryLater"
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("queued", "provider_unavailable")
+
+
+# ---- 7. a retry that would cross the deadline says so ------------------------------------
+
+
+def test_a_retry_past_the_deadline_fails_as_deadline_exceeded_and_says_it_ran(harness: Harness) -> None:
+    # Given a job with a 2 s deadline whose first attempt gets a 503 with Retry-After 60
+    job_id = harness.submit(deadline_seconds=2).body["id"]
+    provider = ScriptedProvider([TransientProviderError("down", 503, retry_after=60)])
+    # When the worker handles the 503
+    outcome = _run(_runner(harness, provider), job_id)
+    # Then the job ends now, saying it ran and why it will not run again
+    assert outcome is None
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "deadline_exceeded", 1)
+    assert "attempt 1 failed" in job["error"]["message"] and job["error"]["retryable"] is True
+
+
+def test_a_requeued_job_claimed_after_its_deadline_is_expired_with_what_happened(harness: Harness) -> None:
+    # Given a job that ran once, failed transiently and is waiting for its retry
+    job_id = harness.submit(deadline_seconds=600).body["id"]
+    provider = ScriptedProvider([TransientProviderError("down", 503)])
+    assert type(_run(_runner(harness, provider), job_id)).__name__ == "RetryLater"
+    # When its retry comes after the deadline
+    later = JobRepository(harness.stack.jobs_table, harness.config, clock=lambda: time.time() + 3600)
+    claim = later.claim(job_id, "worker-2", 60)
+    assert claim.outcome is ClaimOutcome.DEADLINE_PASSED and claim.job is not None
+    expired = later.expire(claim.job)
+    # Then it is expired, and the error says it ran and how it last failed
+    assert expired is not None and expired.error is not None
+    assert expired.status is JobStatus.EXPIRED
+    assert "ran 1 time" in expired.error.message and "down" in expired.error.message
+
+
+# ---- 8/9. the reconciler under a backlog, and its sharded index --------------------------
+
+
+def _reconciler(harness: Harness, offset: list[float]) -> Reconciler:
+    stack = harness.stack
+    return Reconciler(
+        JobRepository(stack.jobs_table, harness.config, clock=lambda: time.time() + offset[0]),
+        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url),
+        harness.config,
+    )
+
+
+def _count_sends(harness: Harness) -> list[str]:
+    sent: list[str] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        sent.append(params["QueueUrl"])
+
+    harness.sqs.meta.events.register("provide-client-params.sqs.SendMessage", count)
+    return sent
+
+
+def test_a_backlog_of_stale_queued_jobs_gets_no_extra_lane_messages(harness: Harness) -> None:
+    # Given 200 free-tier jobs waiting in their lane far longer than the stale threshold
+    jobs = [harness.submit(tenant=FREE).body["id"] for _ in range(200)]
+    lane = harness.stack.lane_queue_urls["low"]
+    sent = _count_sends(harness)
+    offset = [0.0]
+    reconciler = _reconciler(harness, offset)
+    # When the reconciler runs six times while the backlog drains slowly
+    for run in range(6):
+        offset[0] = (run + 1) * 3600.0
+        report = reconciler.run()
+        assert report.examined > 0
+        harness.drain("low")
+    # Then lane messages stay at one per job (target: at most 1.05 x jobs)
+    lane_messages = len(jobs) + sum(1 for url in sent if url == lane)
+    assert lane_messages <= 1.05 * len(jobs), f"{lane_messages} messages for {len(jobs)} jobs"
+
+
+def test_a_lost_message_among_steady_traffic_is_sent_again_at_the_next_run(harness: Harness) -> None:
+    # Given a job whose message was lost, and fresh jobs still waiting in the same lane
+    lost = harness.submit(tenant=FREE).body["id"]
+    lane = harness.stack.lane_queue_urls["low"]
+    for message in harness.receive(lane):
+        harness.sqs.delete_message(QueueUrl=lane, ReceiptHandle=message["ReceiptHandle"])
+    offset = [3600.0]
+    reconciler = _reconciler(harness, offset)
+    # fresh jobs, created "now" in the reconciler's clock, are not stale
+    fresh = JobRepository(harness.stack.jobs_table, harness.config, clock=lambda: time.time() + offset[0])
+    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
+    for index in range(20):
+        record = JobRecord.model_validate(
+            {**_record_of(harness, lost), "id": f"job_fresh{index}", "created_ms": fresh.now_ms()}
+        )
+        fresh.create(record)
+        queues.enqueue_job(record.id, "low")
+    # When the reconciler runs
+    report = reconciler.run()
+    # Then exactly the lost job got a new message
+    assert report.requeued == [lost]
+
+
+def _record_of(harness: Harness, job_id: str) -> dict[str, Any]:
+    record = JobRepository(harness.stack.jobs_table, harness.config).find(job_id)
+    assert record is not None
+    return record.model_dump(exclude={"last_write"})
+
+
+def test_the_reconciler_index_spreads_jobs_over_its_shards(harness: Harness) -> None:
+    # Given many jobs
+    ids = [harness.submit().body["id"] for _ in range(64)]
+    # Then their index keys spread over the configured shards, never one hot key
+    keys = {_item(harness, job_id)["sweep_pk"]["S"] for job_id in ids}
+    assert keys <= set(sweep_partitions(harness.config.reconciler.sweep_shards))
+    assert len(keys) >= harness.config.reconciler.sweep_shards // 2
+
+
+# ---- 12. a provider timeout is not retried like a 503 -------------------------------------
+
+
+def test_a_provider_timeout_fails_retryable_after_one_call(harness: Harness, provider: FakeProviderServer) -> None:
+    # Given a generation longer than the worker can wait for
+    job_id = harness.submit(prompt="slow [[latency:6]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    # When the worker (with 4 s left) runs it
+    response = harness.run_worker(url, harness.receive(url), timeout_seconds=4)
+    # Then the job fails as provider_timeout, retryable, after exactly one call: no ghost re-run
+    assert response == {"batchItemFailures": []}
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"], job["error"]["retryable"]) == (
+        "failed",
+        ErrorCode.PROVIDER_TIMEOUT.value,
+        True,
+    )
+    assert provider.calls_for(job_id) == 1
+
+
+# ---- the worker logs what the batch processor would swallow -------------------------------
+
+
+def test_an_unexpected_error_is_logged_with_the_job_and_class_but_never_the_prompt(
+    harness: Harness, faults: AwsFaults, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a claim that fails with an error nobody expects
+    job_id = harness.submit(prompt="top secret prompt").body["id"]
+    faults.fail("dynamodb", "UpdateItem", "ValidationException")
+    # When the worker runs the message
+    response = harness.drain("high")
+    # Then the message is reported failed and the log says which job and what class
+    assert len(response["batchItemFailures"]) == 1
+    failures = [r for r in caplog.records if r.getMessage().startswith("record failed unexpectedly")]
+    assert [(r.job_id, r.error_class, r.error_code) for r in failures] == [  # type: ignore[attr-defined]
+        (job_id, "ClientError", "ValidationException")
+    ]
+    assert not any("top secret" in str(r.__dict__) for r in caplog.records)
+
+
+def test_config_default_provider_timeout_is_what_the_worker_can_afford() -> None:
+    assert LlmqConfig().provider.timeout_seconds is None

@@ -1,0 +1,129 @@
+"""The provider client against the fake provider over real loopback HTTP: broken answers,
+finish reasons and timeouts as a worker meets them, with the fake's per-job call counts."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from llmq.models import ChatMessage, ErrorCode, GenerationParams, JobResult
+from llmq.providers import (
+    ChatCompletionsProvider,
+    GenerationRequest,
+    PermanentProviderError,
+    ProviderTimeout,
+    TransientProviderError,
+)
+from sandbox.fake_provider import FakeProviderServer
+
+STREAMING = [True, False]
+
+
+def _request(job_id: str, prompt: str) -> GenerationRequest:
+    return GenerationRequest(
+        model="fake-model",
+        messages=[ChatMessage(role="user", content=prompt)],
+        params=GenerationParams(max_tokens=50),
+        job_id=job_id,
+    )
+
+
+def _client(server: FakeProviderServer, stream: bool) -> ChatCompletionsProvider:
+    return ChatCompletionsProvider(server.base_url, lambda: None, stream=stream)
+
+
+def _faults(server: FakeProviderServer, job_id: str) -> list[str | None]:
+    return [record.fault for record in server.state.log if record.job_id == job_id]
+
+
+@pytest.mark.parametrize("stream", STREAMING)
+async def test_a_transient_stream_error_on_the_first_call_then_a_clean_answer(
+    provider: FakeProviderServer, stream: bool
+) -> None:
+    # Given a job whose first answer breaks with a 503 error event inside a 200
+    client = _client(provider, stream)
+    request = _request(f"job_stream_error_{stream}", "Hi [[tokens:6]] [[stream_error:503x1]]")
+    # When the worker calls the provider, and calls again
+    with pytest.raises(TransientProviderError) as first:
+        await client.generate(request, 10)
+    second = await client.generate(request, 10)
+    # Then the first call is retryable as a 503, and the second is the whole answer
+    assert (first.value.code, first.value.status_code) == (ErrorCode.PROVIDER_UNAVAILABLE, 503)
+    assert (len(second.output.split()), second.finish_reason) == (6, "stop")
+    # And the provider was called twice, the first answer broken
+    assert provider.calls_for(request.job_id or "") == 2
+    assert _faults(provider, request.job_id or "") == ["stream_error", None]
+
+
+@pytest.mark.parametrize("stream", STREAMING)
+async def test_a_permanent_stream_error_fails_with_its_code_after_one_call(
+    provider: FakeProviderServer, stream: bool
+) -> None:
+    # Given a job whose answer breaks with context_length_exceeded inside a 200
+    request = _request(f"job_too_long_{stream}", "Hi [[stream_error:400:context_length_exceeded]]")
+    # When the worker calls the provider
+    with pytest.raises(PermanentProviderError) as caught:
+        await _client(provider, stream).generate(request, 10)
+    # Then the job fails for good with that code, after one call
+    assert caught.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    assert provider.calls_for(request.job_id or "") == 1
+
+
+@pytest.mark.parametrize("stream", STREAMING)
+async def test_a_cut_answer_is_transient_and_the_retry_gets_the_whole_answer(
+    provider: FakeProviderServer, stream: bool
+) -> None:
+    # Given a job whose first answer's connection is closed half-way
+    client = _client(provider, stream)
+    request = _request(f"job_cut_{stream}", "Hi [[tokens:6]] [[stream_cut:x1]]")
+    # When the worker calls the provider, and calls again
+    expected = "stream ended before the generation finished" if stream else "answer was cut off"
+    with pytest.raises(TransientProviderError, match=expected) as first:
+        await client.generate(request, 10)
+    second = await client.generate(request, 10)
+    # Then the half answer was never a result; the retry got all of it
+    assert first.value.code is ErrorCode.PROVIDER_ERROR
+    assert (len(second.output.split()), second.finish_reason) == (6, "stop")
+    assert provider.calls_for(request.job_id or "") == 2
+    assert _faults(provider, request.job_id or "") == ["stream_cut", None]
+
+
+@pytest.mark.parametrize("stream", STREAMING)
+@pytest.mark.parametrize("reason", ["length", "content_filter"])
+async def test_the_finish_reason_reaches_the_result_as_the_provider_said(
+    provider: FakeProviderServer, stream: bool, reason: str
+) -> None:
+    # Given a provider that stops the answer for `reason`
+    request = _request(f"job_finish_{reason}_{stream}", f"Hi [[tokens:4]] [[finish:{reason}]]")
+    # When the worker calls it
+    result: JobResult = await _client(provider, stream).generate(request, 10)
+    # Then it is a result with that finish_reason, after one call
+    assert (len(result.output.split()), result.finish_reason) == (4, reason)
+    assert provider.calls_for(request.job_id or "") == 1
+
+
+@pytest.mark.parametrize("stream", STREAMING)
+async def test_a_provider_that_never_answers_is_a_provider_timeout(
+    provider: FakeProviderServer, stream: bool
+) -> None:
+    # Given a provider that received the request and never answers
+    request = _request(f"job_hang_{stream}", "Hi [[hang]]")
+    # When the call's deadline passes
+    with pytest.raises(ProviderTimeout) as caught:
+        await _client(provider, stream).generate(request, 0.5)
+    # Then it is a provider timeout (it may still be generating), not a retryable error
+    assert caught.value.code is ErrorCode.PROVIDER_TIMEOUT
+    assert provider.calls_for(request.job_id or "") == 1
+
+
+async def test_a_provider_nobody_listens_for_is_transient() -> None:
+    # Given a loopback port nothing listens on
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = ChatCompletionsProvider(f"http://127.0.0.1:{port}/v1", lambda: None)
+    # When the worker calls it, then the job is retried: nothing was sent
+    with pytest.raises(TransientProviderError) as caught:
+        await client.generate(_request("job_refused", "Hi"), 2)
+    assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
