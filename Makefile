@@ -21,7 +21,7 @@ export UV_LINK_MODE := copy
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help install test test-unit test-integration test-infra test-e2e lint format synth deploy destroy \
-        layers demo dev bench soak fuzz clean
+        layers demo dev bench soak fuzz clean aws-calls
 
 help: ## Show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ test-infra: install ## The CDK app: properties, cdk-nag, cfn-lint, deploy into m
 
 test-e2e: install ## The sandbox end to end over real HTTP (detached sandboxes, crashes, wiring, make demo)
 	$(PYTEST) tests/e2e -q
+
+aws-calls: install ## Add the AWS calls the integration suite observes to tests/aws_calls.json (test-infra checks their grants)
+	LLMQ_RECORD_AWS_CALLS=1 $(PYTEST) tests/integration -q -n 2
 
 demo: install ## The scripted tour: sandbox up, mixed load, replay, cancel, verified webhooks, summary, down
 	$(PY) -m sandbox.demo

@@ -142,9 +142,12 @@ class Sandbox:
     def aws(self, service: str) -> Any:
         import boto3
 
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=self.state["region"]
-        )
+        # The operator's key when the sandbox enforces IAM (moto refuses any other), else any.
+        credentials = self.state.get("aws_credentials") or {
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
+        session = boto3.session.Session(region_name=self.state["region"], **credentials)
         return session.client(service, endpoint_url=self.state["aws_endpoint_url"])  # type: ignore[call-overload]
 
     def outputs(self) -> dict[str, str]:

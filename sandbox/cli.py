@@ -74,6 +74,10 @@ def cmd_sandbox_up(args: argparse.Namespace) -> int:
     running = _running_state(path)
     if running is not None and running.pid != os.getpid():
         raise CliError(f"a sandbox is already running (pid {running.pid}, {path}); `llmq sandbox down` first")
+    if args.no_iam:
+        from sandbox.config import IAM_VAR
+
+        os.environ[IAM_VAR] = "off"  # read by the sandbox, here or in the detached child
     if args.detach:
         return _up_detached(path, args.timeout)
     return _up_foreground(path, announce=not args.serve)
@@ -371,13 +375,22 @@ class AwsTarget:
         where = f"the sandbox ({self.endpoint_url})" if self.state else (self.endpoint_url or "AWS")
         print(f"llmq: using {where}", file=sys.stderr)
 
+    def _sandbox_key(self) -> tuple[str, str] | None:
+        """The sandbox's operator key when it enforces IAM, else any key moto takes; against
+        AWS (no sandbox), None: the usual chain (profile, SSO, role) decides."""
+        if self.state is None:
+            return None
+        if self.state.aws_credentials is not None:
+            operator = self.state.aws_credentials
+            return operator.aws_access_key_id, operator.aws_secret_access_key
+        return "testing", "testing"
+
     def client(self, service: str, config: Any = None) -> Any:
         import boto3
 
-        # moto takes any credentials; against AWS the usual chain (profile, SSO, role) decides.
-        dummy = "testing" if self.state is not None else None
+        key_id, secret = self._sandbox_key() or (None, None)
         session = boto3.session.Session(
-            region_name=self.region, aws_access_key_id=dummy, aws_secret_access_key=dummy
+            region_name=self.region, aws_access_key_id=key_id, aws_secret_access_key=secret
         )
         return session.client(service, endpoint_url=self.endpoint_url, config=config)  # type: ignore[call-overload]
 
@@ -388,16 +401,20 @@ class AwsTarget:
 
     @contextmanager
     def for_llmq(self) -> Iterator[None]:
-        """llmq's own client factory reads the endpoint and region from os.environ."""
+        """llmq's own client factory reads the endpoint, region and credentials from os.environ."""
         from llmq import aws
 
         overrides = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
-        if self.state is not None:
-            overrides |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-        saved = {name: os.environ.get(name) for name in overrides}
+        key = self._sandbox_key()
+        if key is not None:
+            overrides |= {"AWS_ACCESS_KEY_ID": key[0], "AWS_SECRET_ACCESS_KEY": key[1]}
+        saved = {name: os.environ.get(name) for name in (*overrides, "AWS_SESSION_TOKEN")}
         for name, value in overrides.items():
             if value is not None:
                 os.environ[name] = value
+        if key is not None:
+            # A session token of yours does not belong to the sandbox's key.
+            os.environ.pop("AWS_SESSION_TOKEN", None)
         aws.reset_clients()
         try:
             yield
@@ -582,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--timeout", type=float, default=DETACH_TIMEOUT_SECONDS, help="seconds to wait with --detach"
+    )
+    up.add_argument(
+        "--no-iam",
+        action="store_true",
+        help="let every function do anything in moto (to debug; the e2e suite runs with IAM)",
     )
     up.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     up.set_defaults(handler=cmd_sandbox_up)

@@ -22,6 +22,9 @@ PROVIDER_API_KEY_VAR = "LLMQ_PROVIDER_API_KEY"
 PROVIDER_MODEL_VAR = "LLMQ_PROVIDER_MODEL"
 # A JSON object merged over the sandbox's config (tests and experiments), validated as LlmqConfig.
 CONFIG_OVERRIDES_VAR = "LLMQ_SANDBOX_CONFIG"
+# "off" runs the functions without IAM checks (to tell a grant problem from another while
+# debugging); the e2e suite always runs with them.
+IAM_VAR = "LLMQ_SANDBOX_IAM"
 
 FAKE_MODELS = ["fake-model", "fake-large"]
 # Short enough that a crashed worker's message is back within a minute (its lane's
@@ -67,6 +70,17 @@ class RunnerSettings:
     default_function_concurrency: int = 16
     # API Gateway's integration timeout: the api function's answer must come within it.
     integration_timeout_seconds: float = 29.0
+    # Each function acts with its own execution role, and moto refuses what the role does not
+    # allow (sandbox/iam.py), so a grant missing from the CDK app fails here as on AWS.
+    enforce_iam: bool = True
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> RunnerSettings:
+        environ = os.environ if environ is None else environ
+        switch = environ.get(IAM_VAR, "on").strip().lower()
+        if switch not in ("on", "off"):
+            raise ValueError(f"{IAM_VAR} must be on or off, not {switch!r}")
+        return cls(enforce_iam=switch == "on")
 
 
 def _provider(choice: ProviderChoice, fake_url: str | None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sandbox.faults import FaultBook
+from sandbox.iam import UNCHECKED, AwsCredentials
 from sandbox.topology import LLMQ_LAYER_DIR, ROOT, FunctionSpec
 
 INIT_TIMEOUT_SECONDS = 60.0
@@ -84,20 +85,30 @@ class InvocationResult:
 
 @dataclass(frozen=True)
 class AwsAccess:
-    """What every function shares: where AWS is, and the dummy credentials moto accepts."""
+    """Where AWS is, and each function's credentials: a session of its own execution role."""
 
     endpoint_url: str
     region: str
+    # By function name; None when moto checks nothing, and any key does.
+    role_credentials: Mapping[str, AwsCredentials] | None = None
 
     def environment(self) -> dict[str, str]:
+        """What every environment shares: the endpoint and the region, no credentials."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_REGION": self.region,
             "AWS_DEFAULT_REGION": self.region,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SESSION_TOKEN": "testing",
         }
+
+    def credentials(self, spec: FunctionSpec) -> AwsCredentials:
+        if self.role_credentials is None:
+            return UNCHECKED
+        try:
+            return self.role_credentials[spec.name]
+        except KeyError:
+            raise FunctionStartError(
+                f"function {spec.name} ({spec.physical_name}): no session of its role {spec.role_arn or '(none)'}"
+            ) from None
 
 
 def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
@@ -115,6 +126,7 @@ def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
         "AWS_LAMBDA_LOG_STREAM_NAME": f"sandbox/{uuid.uuid4().hex[:12]}",
         "LLMQ_SANDBOX_FUNCTION_ARN": spec.arn,
         **aws.environment(),
+        **aws.credentials(spec).environment(),
     }
     if "PYTHONDONTWRITEBYTECODE" in os.environ:
         environment["PYTHONDONTWRITEBYTECODE"] = os.environ["PYTHONDONTWRITEBYTECODE"]

@@ -3,11 +3,14 @@
 `Sandbox.start()`:
 1. starts a moto server on 127.0.0.1 (addressed as http://localhost:PORT: CloudFormation in
    moto resolves a path-style TemplateURL only for localhost) and the fake provider;
-2. deploys the CDK app with the sandbox's LlmqConfig through CloudFormation
-   (stacks.moto_deploy), so every table, queue, mapping and variable is the app's own;
+2. creates an operator allowed everything (sandbox/iam.py) and deploys, as that operator,
+   the CDK app with the sandbox's LlmqConfig through CloudFormation (stacks.moto_deploy),
+   so every table, queue, mapping, variable and role is the app's own;
 3. reads the functions, mappings, schedule and API from the deployed template and moto,
-   and cold-starts one execution environment per function with exactly its environment:
-   a wiring mistake in the CDK app stops the sandbox here, naming the function;
+   assumes each function's execution role and turns moto's IAM checks on, then cold-starts
+   one execution environment per function with exactly its environment and its role's
+   credentials: a wiring mistake in the CDK app stops the sandbox here, naming the function,
+   and a missing grant fails the calls that need it, as on AWS;
 4. seeds one enterprise and one free tenant, and starts the webhook receiver, the API
    gateway, a poller per event source mapping and a timer per schedule.
 """
@@ -24,7 +27,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +40,18 @@ from sandbox.event_sources import QueuePoller, ScheduleTimer
 from sandbox.fake_provider import FakeProviderServer
 from sandbox.faults import CallFault, FaultSpecError
 from sandbox.gateway import ApiGateway, GatewayServer
+from sandbox.iam import (
+    UNCHECKED,
+    AwsCredentials,
+    assume_roles,
+    create_operator,
+    make_moto_authorize_like_iam,
+    set_enforcement,
+)
 from sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
 from sandbox.moto_fidelity import make_dynamodb_writes_atomic
 from sandbox.receiver import WebhookReceiverServer
-from sandbox.state import SandboxState, TenantCredentials
+from sandbox.state import OperatorCredentials, SandboxState, TenantCredentials
 from sandbox.topology import Topology, TopologyError, read_topology
 
 log = logging.getLogger("llmq.sandbox")
@@ -72,7 +83,9 @@ def prepare_process() -> None:
 
 
 @contextmanager
-def moto_environment(endpoint_url: str, region: str) -> Iterator[None]:
+def moto_environment(
+    endpoint_url: str, region: str, credentials: AwsCredentials = UNCHECKED
+) -> Iterator[None]:
     """llmq's client factory reads the endpoint from os.environ; point it at moto for a moment."""
     from llmq import aws
 
@@ -82,14 +95,15 @@ def moto_environment(endpoint_url: str, region: str) -> Iterator[None]:
         "AWS_DEFAULT_REGION",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
     )
     saved = {name: os.environ.get(name) for name in names}
+    os.environ.pop("AWS_SESSION_TOKEN", None)  # a caller's token would not match moto's keys
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint_url,
         AWS_REGION=region,
         AWS_DEFAULT_REGION=region,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        **credentials.environment(),
     )
     aws.reset_clients()
     try:
@@ -126,7 +140,7 @@ class Sandbox:
         region: str = REGION,
     ) -> None:
         self.log_dir = log_dir
-        self.settings = settings or RunnerSettings()
+        self.settings = settings or RunnerSettings.from_environment()
         self.provider_choice = provider or ProviderChoice.from_environment()
         self._overrides = config_overrides
         self.region = region
@@ -137,12 +151,16 @@ class Sandbox:
         self._running: _Running | None = None
         self._secrets_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
         self._secrets_lock = threading.Lock()
+        # Who the sandbox itself acts as in moto: the operator once IAM is on, anyone before.
+        self._operator: AwsCredentials = UNCHECKED
 
     # ---- start ----
 
     def start(self, pid: int | None = None) -> SandboxState:
         prepare_process()
         make_dynamodb_writes_atomic()
+        if self.settings.enforce_iam:
+            make_moto_authorize_like_iam()
         try:
             return self._start(pid or os.getpid())
         except Exception:
@@ -156,6 +174,11 @@ class Sandbox:
         moto.start()
         _, port = moto.get_host_and_port()
         running = self._running = _Running(moto=moto, endpoint_url=f"http://localhost:{port}")
+        # Unchecked until the functions' roles are assumed, whatever INITIAL_NO_AUTH_ACTION_COUNT
+        # the environment sets (moto's server shares this process's settings).
+        set_enforcement(running.endpoint_url, enforced=False)
+        if self.settings.enforce_iam:
+            self._operator = create_operator(self.client("iam"))
         if self.provider_choice.is_fake:
             running.provider = FakeProviderServer().start()
         provider_url = running.provider.base_url if running.provider else str(self.provider_choice.base_url)
@@ -168,8 +191,9 @@ class Sandbox:
         self._put_provider_key()
         self._disable_moto_mappings()
         self.topology = self._read_topology(deployment)
+        role_credentials = self._enforce_iam(self.topology) if self.settings.enforce_iam else None
         began = time.monotonic()
-        running.functions = self._start_functions(self.topology)
+        running.functions = self._start_functions(self.topology, role_credentials)
         log.info("%d functions cold-started in %.1fs", len(self.topology.functions), time.monotonic() - began)
         tenants = self._seed_tenants()
         running.receiver = WebhookReceiverServer(self._tenant_secrets).start()
@@ -187,27 +211,64 @@ class Sandbox:
             receiver_url=running.receiver.url,
             pid=pid,
             tenants=tenants,
+            aws_credentials=self._operator_credentials(),
         )
         return self.state
+
+    def _enforce_iam(self, topology: Topology) -> dict[str, AwsCredentials]:
+        """Each function's session of its role, then IAM checks on every request from now on."""
+        assert self._running is not None
+        roles = {}
+        for name, spec in topology.functions.items():
+            if not spec.role_arn:
+                raise SandboxStartError(f"function {name} ({spec.physical_name}) has no execution role")
+            roles[name] = (spec.role_arn, spec.physical_name)
+        # The Lambda service assumes them, not the operator (whom the roles do not trust).
+        credentials = assume_roles(self.client("sts"), roles)
+        set_enforcement(self._running.endpoint_url, enforced=True)
+        log.info(
+            "IAM enforced: each function acts with its own role; the operator with %s",
+            self._operator.access_key_id,
+        )
+        return credentials
+
+    def _operator_credentials(self) -> OperatorCredentials | None:
+        if self._operator is UNCHECKED:
+            return None
+        return OperatorCredentials(
+            aws_access_key_id=self._operator.access_key_id,
+            aws_secret_access_key=self._operator.secret_access_key,
+        )
 
     def _deploy(self, running: _Running) -> Any:
         from stacks.moto_deploy import MotoDeployError, deploy_to_moto
 
         running.cdk_outdir = tempfile.mkdtemp(prefix="llmq-sandbox-cdk-")
         try:
-            return deploy_to_moto(running.endpoint_url, self.config, self.region, outdir=running.cdk_outdir)
+            return deploy_to_moto(
+                running.endpoint_url,
+                self.config,
+                self.region,
+                outdir=running.cdk_outdir,
+                session=self._session(),
+            )
         except MotoDeployError as exc:
             raise SandboxStartError(f"the CDK app did not deploy into moto: {exc}") from exc
         except RuntimeError as exc:  # jsii: a synth error, or cdk-nag's ValidationFailed
             raise SandboxStartError(f"the CDK app did not synthesize: {exc}") from exc
 
+    def _session(self) -> boto3.session.Session:
+        return boto3.session.Session(
+            region_name=self.region,
+            aws_access_key_id=self._operator.access_key_id,
+            aws_secret_access_key=self._operator.secret_access_key,
+        )
+
     def client(self, service: str) -> Any:
+        """A client acting as the sandbox's operator (the runner plays AWS's own services)."""
         if self._running is None:
             raise RuntimeError("the sandbox is not running")
-        session = boto3.session.Session(
-            region_name=self.region, aws_access_key_id="testing", aws_secret_access_key="testing"
-        )
-        return session.client(service, endpoint_url=self._running.endpoint_url)  # type: ignore[call-overload]
+        return self._session().client(service, endpoint_url=self._running.endpoint_url)  # type: ignore[call-overload]
 
     def _put_provider_key(self) -> None:
         # The worker reads its provider key from the stack's secret, as deployed; put it there.
@@ -237,11 +298,13 @@ class Sandbox:
         except TopologyError as exc:
             raise SandboxStartError(f"the deployed template cannot run here: {exc}") from exc
 
-    def _start_functions(self, topology: Topology) -> LambdaService:
+    def _start_functions(
+        self, topology: Topology, role_credentials: dict[str, AwsCredentials] | None
+    ) -> LambdaService:
         assert self._running is not None
         functions = LambdaService(
             topology.functions,
-            AwsAccess(self._running.endpoint_url, self.region),
+            AwsAccess(self._running.endpoint_url, self.region, role_credentials),
             self.log_dir,
             self.settings.default_function_concurrency,
         )
@@ -258,7 +321,7 @@ class Sandbox:
         assert self._running is not None
         repository = TenantRepository(self.outputs["TenantsTableName"])
         seeded = []
-        with moto_environment(self._running.endpoint_url, self.region):
+        with moto_environment(self._running.endpoint_url, self.region, self._operator):
             for tenant_id, name, tier in SEED_TENANTS:
                 created = repository.create(name, tier, tenant_id=tenant_id)
                 seeded.append(
@@ -294,6 +357,9 @@ class Sandbox:
 
     def _start_pollers(self, topology: Topology, functions: LambdaService) -> list[QueuePoller]:
         pollers = []
+        # The pollers are the Lambda service, so they act as the operator; on AWS the mapping
+        # also needs receive, delete and ChangeMessageVisibility in the function's role, which
+        # tests/infra checks in the template.
         sqs = self.client("sqs")
         for mapping in topology.mappings:
             if not mapping.enabled:
@@ -474,6 +540,10 @@ class Sandbox:
         for server in (running.receiver, running.provider):
             if server is not None:
                 server.stop()
+        if self.settings.enforce_iam:
+            # moto's settings are this process's: leave them as a later mock_aws expects.
+            with suppress(Exception):
+                set_enforcement(running.endpoint_url, enforced=False)
         running.moto.stop()
         if running.cdk_outdir:
             shutil.rmtree(running.cdk_outdir, ignore_errors=True)

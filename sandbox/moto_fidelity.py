@@ -1,17 +1,39 @@
-"""Make moto's DynamoDB as atomic as the real one.
+"""Make moto's DynamoDB as strict, and as atomic, as the real one.
 
-DynamoDB evaluates a ConditionExpression and applies the write atomically. moto's backend
-checks and writes in plain Python, so two threads (a worker's concurrent batch, or the
-sandbox's threaded server) can both pass the same condition. That would make our tests
-report double claims that real DynamoDB never allows, so every write goes through one lock.
+Three differences between moto (5.x) and DynamoDB would let a test pass that fails on AWS,
+or fail a test that AWS would pass:
+
+- **Concurrency.** DynamoDB evaluates a ConditionExpression and applies the write atomically.
+  moto checks and writes in plain Python, so two threads (a worker's concurrent batch, or the
+  sandbox's threaded server) can both pass the same condition and report double claims that
+  real DynamoDB never allows. Every write goes through one lock.
+- **All or nothing.** DynamoDB applies an UpdateItem entirely or not at all. moto applies the
+  update expression one attribute at a time and checks the item size at each step, so an
+  update that overflows 400 KB raised ValidationException with some attributes already set
+  (seen: `status` and `finished_ms` written, `result` missing), and an update of an absent
+  item left a key-only item behind. Here the stored item is snapshotted and restored when the
+  update raises.
+- **Item size.** moto refuses items above 405,000 bytes (DynamoDB: 400 KB = 409,600), counts a
+  number as the length of its text (DynamoDB: about a byte per two digits), and counts no
+  overhead for lists and maps (DynamoDB: 3 bytes each, plus 1 per element), which lets a
+  map-heavy item through that AWS refuses. It also checks intermediate states of an update,
+  where DynamoDB checks the result. Here the size is `llmq.item_size.item_size_bytes`, the
+  same count the domain uses to decide what goes to S3, checked on the whole new item.
+  moto already counts strings and names in UTF-8 bytes, so non-ASCII text was never the gap.
+
+transact_write_items needs no patch for atomicity: moto restores the tables it touched when
+one of its writes raises a validation error, and its writes go through the patched methods.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 
 _LOCK = threading.RLock()
 _WRITES = ("put_item", "update_item", "delete_item", "transact_write_items", "get_item")
@@ -27,14 +49,83 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
     return locked
 
 
+def moto_item_size(item: Any) -> int:
+    """The DynamoDB size of a stored moto Item (binary decoded to its raw bytes)."""
+    return item_size_bytes({name: value.to_regular_json() for name, value in item.attrs.items()})
+
+
+def _checked_put(put_item: Callable[..., Any]) -> Callable[..., Any]:
+    """Table.put_item refuses a whole new item over 400 KB before anything is stored."""
+    from moto.dynamodb.exceptions import ItemSizeTooLarge
+
+    @functools.wraps(put_item)
+    def put(self: Any, item_attrs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if item_size_bytes(item_attrs) > MAX_ITEM_BYTES:
+            raise ItemSizeTooLarge()
+        return put_item(self, item_attrs, *args, **kwargs)
+
+    return put
+
+
+def _all_or_nothing_update(update_item: Callable[..., Any]) -> Callable[..., Any]:
+    """DynamoDBBackend.update_item: the stored item is as before unless the whole update holds."""
+    from moto.dynamodb.exceptions import ItemSizeToUpdateTooLarge
+
+    @functools.wraps(update_item)
+    def update(self: Any, table_name: str, key: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            table = self.get_table(table_name)
+            hash_key, range_key = self.get_keys_value(table, key)
+        except Exception:
+            # A missing table or a malformed key: moto raises the right error, having written nothing.
+            return update_item(self, table_name, key, *args, **kwargs)
+        before = copy.deepcopy(table.get_item(hash_key, range_key))
+        try:
+            updated = update_item(self, table_name, key, *args, **kwargs)
+            if moto_item_size(updated) > MAX_ITEM_BYTES:
+                raise ItemSizeToUpdateTooLarge()
+        except BaseException:
+            _restore(table, hash_key, range_key, before)
+            raise
+        return updated
+
+    return update
+
+
+def _restore(table: Any, hash_key: Any, range_key: Any, item: Any) -> None:
+    """Put `item` back as the stored item for the key; None means there was none."""
+    if range_key is None:
+        if item is None:
+            table.items.pop(hash_key, None)
+        else:
+            table.items[hash_key] = item
+        return
+    if item is None:
+        table.items.get(hash_key, {}).pop(range_key, None)
+    else:
+        table.items[hash_key][range_key] = item
+
+
+def _size_checked_once_at_the_end(self: Any, key: str, value: Any) -> None:
+    # moto's LimitedSizeDict checks the size on every attribute it sets, intermediate states
+    # included; the whole item is checked in put_item and update_item instead.
+    dict.__setitem__(self, key, value)
+
+
 def make_dynamodb_writes_atomic() -> None:
-    """Idempotent: wraps moto's DynamoDB backend methods once per process."""
+    """Idempotent: patches moto's DynamoDB backend once per process."""
     global _applied
     with _LOCK:
         if _applied:
             return
         from moto.dynamodb.models import DynamoDBBackend
+        from moto.dynamodb.models.dynamo_type import LimitedSizeDict
+        from moto.dynamodb.models.table import Table
 
+        LimitedSizeDict.__setitem__ = _size_checked_once_at_the_end  # type: ignore[method-assign]
+        Table.put_item = _checked_put(Table.put_item)  # type: ignore[method-assign]
+        DynamoDBBackend.update_item = _all_or_nothing_update(DynamoDBBackend.update_item)  # type: ignore[method-assign]
+        # The lock goes outside, so a snapshot and its restore are never interleaved with a write.
         for name in _WRITES:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))
         _applied = True

@@ -1,7 +1,9 @@
 """`.llmq/sandbox.json`: how other tools find a running sandbox (DESIGN §6, Scripting interface).
 
 Its keys are a contract: {"api_url", "aws_endpoint_url", "region", "provider_url",
-"receiver_url", "pid", "tenants": [{"id", "name", "tier", "api_key", "webhook_secret"}]}.
+"receiver_url", "pid", "tenants": [{"id", "name", "tier", "api_key", "webhook_secret"}]},
+and, when the sandbox enforces IAM, "aws_credentials": {"aws_access_key_id",
+"aws_secret_access_key"} of an operator allowed everything: moto refuses any other key.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ class TenantCredentials(BaseModel):
     webhook_secret: str
 
 
+class OperatorCredentials(BaseModel):
+    """Named as boto3.session.Session's arguments: `Session(**state.aws_credentials.model_dump())`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aws_access_key_id: str
+    aws_secret_access_key: str
+
+
 class SandboxState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -35,6 +46,7 @@ class SandboxState(BaseModel):
     receiver_url: str
     pid: int
     tenants: list[TenantCredentials]
+    aws_credentials: OperatorCredentials | None = None
 
     def tenant(self, selector: str | None = None) -> TenantCredentials:
         """The first tenant, or the one whose tier, id or name is `selector`."""
@@ -65,7 +77,8 @@ def write_state(path: Path, state: SandboxState) -> None:
     temporary = path.with_suffix(".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
-        handle.write(state.model_dump_json(indent=2) + "\n")
+        # Without IAM the file has no aws_credentials key at all, as DESIGN §6 describes it.
+        handle.write(state.model_dump_json(indent=2, exclude_none=True) + "\n")
     os.replace(temporary, path)
 
 

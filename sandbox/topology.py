@@ -39,6 +39,7 @@ class FunctionSpec:
     reserved_concurrency: int | None
     environment: dict[str, str] = field(repr=False)
     runtime: str = "python3"
+    role_arn: str = ""  # its execution role, whose session the function's environments get
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ class TemplateReader:
             reserved_concurrency=int(reserved) if reserved is not None else None,
             environment=dict((deployed.get("Environment") or {}).get("Variables") or {}),
             runtime=str(properties.get("Runtime") or "python3"),
+            role_arn=str(deployed.get("Role") or ""),
         )
 
     # ---- queues and mappings ----

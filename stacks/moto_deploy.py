@@ -35,7 +35,7 @@ BOOTSTRAP_QUALIFIER = "hnb659fds"
 BOOTSTRAP_VERSION_PARAMETER = f"/cdk-bootstrap/{BOOTSTRAP_QUALIFIER}/version"
 BOOTSTRAP_VERSION = "30"
 CAPABILITIES = ["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"]
-# Moto accepts any credentials; these never leave the process.
+# Moto accepts any credentials unless it enforces IAM; these never leave the process.
 MOTO_ACCESS_KEY_ID = "testing"
 MOTO_SECRET_ACCESS_KEY = "testing"
 
@@ -89,15 +89,19 @@ def deploy_to_moto(
     *,
     context: Mapping[str, Any] | None = None,
     outdir: str | None = None,
+    session: boto3.session.Session | None = None,
 ) -> MotoDeployment:
-    """Synthesize llmq in sandbox mode and create its stack on the moto server at `endpoint_url`."""
+    """Synthesize llmq in sandbox mode and create its stack on the moto server at `endpoint_url`.
+
+    `session`: whose credentials deploy it, when moto checks them (the sandbox's operator).
+    """
     check_endpoint(endpoint_url)
     outdir = outdir or tempfile.mkdtemp(prefix="llmq-moto-cdk-")
     app = build_app(config, outdir=outdir, context={**(context or {}), CONTEXT_SANDBOX: True})
     stack = llmq_stack(app)
     assembly = app.synth()
     artifact = assembly.get_stack_artifact(stack.artifact_id)
-    clients = _Clients(moto_session(region), endpoint_url)
+    clients = _Clients(session or moto_session(region), endpoint_url)
     account = clients.get("sts").get_caller_identity()["Account"]
     manifest_path = Path(assembly.directory, f"{artifact.id}.assets.json")
     template_url = publish_assets(

@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 STATE_KEYS = {"api_url", "aws_endpoint_url", "region", "provider_url", "receiver_url", "pid", "tenants"}
+# Present when the sandbox enforces IAM, as it always does under these tests.
+OPERATOR_KEYS = {"aws_access_key_id", "aws_secret_access_key"}
 TENANT_KEYS = {"id", "name", "tier", "api_key", "webhook_secret"}
 
 
@@ -31,6 +33,9 @@ def run_llmq(
     cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, **(env or {})}
+    # The suite runs the functions with their own roles, whatever the developer's shell says.
+    if "LLMQ_SANDBOX_IAM" not in (env or {}):
+        environment.pop("LLMQ_SANDBOX_IAM", None)
     # jsii needs node 22 from the venv, whatever the caller's PATH holds.
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
     environment.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
@@ -66,7 +71,7 @@ def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0
 class SandboxUnderTest:
     directory: Path
     state: dict[str, Any]
-    up: subprocess.CompletedProcess[str]
+    up: subprocess.CompletedProcess[str] | None = None  # None: started otherwise (test_wiring)
 
     @property
     def api_url(self) -> str:
@@ -103,14 +108,24 @@ class SandboxUnderTest:
         calls = httpx.get(f"{self.state['provider_url']}/_calls").json()["calls"]
         return int(calls.get(job_id, 0))
 
-    def stack_outputs(self) -> dict[str, str]:
-        import boto3
+    def aws(self, service: str) -> Any:
+        """A client of the sandbox's moto, as its operator: with IAM on, moto refuses other keys."""
+        return aws_client(self.state, service)
 
-        cloudformation = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=self.state["region"]
-        ).client("cloudformation", endpoint_url=self.state["aws_endpoint_url"])
-        stack = cloudformation.describe_stacks(StackName="Llmq")["Stacks"][0]
+    def stack_outputs(self) -> dict[str, str]:
+        stack = self.aws("cloudformation").describe_stacks(StackName="Llmq")["Stacks"][0]
         return {output["OutputKey"]: output["OutputValue"] for output in stack["Outputs"]}
+
+
+def aws_client(state: dict[str, Any], service: str) -> Any:
+    import boto3
+
+    credentials = state.get("aws_credentials") or {
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+    }
+    session = boto3.session.Session(region_name=state["region"], **credentials)
+    return session.client(service, endpoint_url=state["aws_endpoint_url"])  # type: ignore[call-overload]
 
 
 def start_sandbox(directory: Path, config: dict[str, Any] | None = None) -> SandboxUnderTest:

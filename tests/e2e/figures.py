@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 
@@ -43,10 +42,7 @@ class Figures:
 
     def __init__(self, sandbox: SandboxUnderTest) -> None:
         self.sandbox = sandbox
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=sandbox.state["region"]
-        )
-        self.sqs = session.client("sqs", endpoint_url=sandbox.state["aws_endpoint_url"])
+        self.sqs = sandbox.aws("sqs")
         outputs = sandbox.stack_outputs()
         self.lane_queues: dict[str, str] = json.loads(outputs["LaneQueueUrls"])
         self.webhook_queue = outputs["WebhookQueueUrl"]

@@ -254,12 +254,7 @@ def test_a_body_sent_to_an_operation_that_takes_none_is_answered_as_documented(
 
 def _gateway_problem_statuses(sandbox: SandboxUnderTest) -> set[int]:
     """The statuses of the template's gateway responses that answer with problem+json."""
-    import boto3
-
-    cloudformation = boto3.session.Session(
-        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=sandbox.state["region"]
-    ).client("cloudformation", endpoint_url=sandbox.state["aws_endpoint_url"])
-    template = cloudformation.get_template(StackName="Llmq")["TemplateBody"]
+    template = sandbox.aws("cloudformation").get_template(StackName="Llmq")["TemplateBody"]
     return {
         int(resource["Properties"]["StatusCode"])
         for resource in template["Resources"].values()

@@ -13,6 +13,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.conftest import (
+    OPERATOR_KEYS,
     STATE_KEYS,
     TENANT_KEYS,
     SandboxUnderTest,
@@ -38,8 +39,9 @@ def submit(sandbox: SandboxUnderTest, tier: str, body: dict[str, Any], **headers
 def test_up_detached_writes_the_state_file_of_the_scripting_interface(sandbox: SandboxUnderTest) -> None:
     # Given a sandbox started with `llmq sandbox up --detach`
     state = sandbox.state
-    # Then its state file has exactly the documented keys, and one tenant per tier at least
-    assert set(state) == STATE_KEYS
+    # Then its state file has exactly the documented keys (IAM is on), and one tenant per tier at least
+    assert set(state) == STATE_KEYS | {"aws_credentials"}
+    assert set(state["aws_credentials"]) == OPERATOR_KEYS
     assert all(set(tenant) == TENANT_KEYS for tenant in state["tenants"])
     assert {"enterprise", "free"} <= {tenant["tier"] for tenant in state["tenants"]}
     assert all(tenant["webhook_secret"].startswith("whsec_") for tenant in state["tenants"])
@@ -47,6 +49,24 @@ def test_up_detached_writes_the_state_file_of_the_scripting_interface(sandbox: S
     # And the process it names is running and the API answers
     assert pid_alive_or_group(state["pid"])
     assert httpx.get(f"{sandbox.api_url}/v1/openapi.json").status_code == 200
+
+
+def test_moto_enforces_iam_and_the_state_files_operator_may_do_anything(sandbox: SandboxUnderTest) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    # Given the sandbox's moto, and a key that no IAM user or role of it owns
+    stranger = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=sandbox.state["region"]
+    ).client("dynamodb", endpoint_url=sandbox.state["aws_endpoint_url"])
+    # When that key and the operator's from the state file list the tables
+    with pytest.raises(ClientError) as refused:
+        stranger.list_tables()
+    tables = sandbox.aws("dynamodb").list_tables()["TableNames"]
+    # Then moto refuses the stranger, as AWS refuses an unknown key, and lets the operator in
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert "InvalidClientTokenId" in str(refused.value)
+    assert sandbox.stack_outputs()["JobsTableName"] in tables
 
 
 def test_the_gateway_answers_like_api_gateway_before_any_function_runs(sandbox: SandboxUnderTest) -> None:

@@ -229,8 +229,10 @@ def tenants_of(sandbox: SandboxUnderTest) -> Iterator[Any]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AWS_ENDPOINT_URL", sandbox.state["aws_endpoint_url"])
         patch.setenv("AWS_REGION", sandbox.state["region"])
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        operator = sandbox.state["aws_credentials"]
+        patch.setenv("AWS_ACCESS_KEY_ID", operator["aws_access_key_id"])
+        patch.setenv("AWS_SECRET_ACCESS_KEY", operator["aws_secret_access_key"])
+        patch.delenv("AWS_SESSION_TOKEN", raising=False)
         aws.reset_clients()
         try:
             yield TenantRepository(table)

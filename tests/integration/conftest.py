@@ -7,7 +7,20 @@ import pytest
 from llmq.config import LlmqConfig
 from sandbox.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
+from tests.integration import aws_call_recorder
 from tests.integration.harness import Harness
+
+aws_call_recorder.install()
+
+
+@pytest.fixture(autouse=True)
+def _aws_calls_are_catalogued() -> Iterator[None]:
+    """Every AWS call a handler makes here must be in tests/aws_calls.json, whose grants tests/infra checks."""
+    aws_call_recorder.take_observed()
+    yield
+    problems = aws_call_recorder.check_catalogued(aws_call_recorder.take_observed())
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture

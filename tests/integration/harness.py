@@ -17,6 +17,7 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from tests.conftest import MotoStack, load_event
+from tests.integration.aws_call_recorder import attribute_calls
 
 ENTERPRISE = {"tenant_id": "ten_acme", "tier": "enterprise"}
 FREE = {"tenant_id": "ten_hobby", "tier": "free"}
@@ -69,10 +70,15 @@ def sqs_event(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> dict[
 
 
 def load_handler(name: str) -> ModuleType:
-    """A fresh import of functions/<name>/handler.py, so its cold start reads the current env."""
+    """A fresh import of functions/<name>/handler.py, so its cold start reads the current env.
+
+    The AWS calls its `handler` makes are recorded as `name`'s, for the IAM catalogue.
+    """
     module_name = f"functions.{name}.handler"
     sys.modules.pop(module_name, None)
-    return importlib.import_module(module_name)
+    module = importlib.import_module(module_name)
+    attribute_calls(name, module)
+    return module
 
 
 class Harness:

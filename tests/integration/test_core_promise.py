@@ -31,7 +31,7 @@ from llmq.reconcile import Reconciler
 from sandbox.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub
+from tests.integration.harness import ENTERPRISE, FREE, Harness
 
 CJK = "漢"  # 3 bytes in UTF-8, 6 as a JSON \u escape
 EMOJI = "😀"  # 4 bytes in UTF-8, 12 as a JSON surrogate-pair escape
@@ -55,7 +55,10 @@ class AwsFaults:
                 left[0] -= 1
                 self.fired.append(f"{operation}:{code}")
                 raise ClientError(
-                    {"Error": {"Code": code, "Message": "injected"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                    {
+                        "Error": {"Code": code, "Message": "injected"},
+                        "ResponseMetadata": {"HTTPStatusCode": status},
+                    },
                     operation,
                 )
 
@@ -90,15 +93,18 @@ def _job(harness: Harness, job_id: str, tenant: dict[str, str] = ENTERPRISE) -> 
 
 
 def _item(harness: Harness, job_id: str) -> dict[str, Any]:
-    item: dict[str, Any] = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})[
-        "Item"
-    ]
+    item: dict[str, Any] = harness.ddb.get_item(
+        TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}}
+    )["Item"]
     return item
 
 
-def _big_harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+def _big_harness(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> Harness:
     config = integration_config(
-        provider, limits={"max_prompt_chars": 200_000, "max_body_bytes": 1024 * 1024, "wait_poll_seconds": 0.05}
+        provider,
+        limits={"max_prompt_chars": 200_000, "max_body_bytes": 1024 * 1024, "wait_poll_seconds": 0.05},
     )
     return Harness(moto_stack, config, monkeypatch)
 
@@ -111,7 +117,9 @@ def big(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest
 # ---- 1. item size: measured as DynamoDB measures it, input and result together ------------
 
 
-def test_a_70k_character_cjk_prompt_is_accepted_and_run_once(big: Harness, provider: FakeProviderServer) -> None:
+def test_a_70k_character_cjk_prompt_is_accepted_and_run_once(
+    big: Harness, provider: FakeProviderServer
+) -> None:
     # Given a prompt well under max_prompt_chars whose \u-escaped JSON would pass 400 KB
     prompt = CJK * 70_000
     # When it is submitted and run
@@ -197,7 +205,9 @@ def test_any_prompt_under_the_limits_is_accepted_within_400_kb_or_refused_with_a
 class ScriptedProvider:
     """An in-process provider: each call runs `before`, then answers or raises."""
 
-    def __init__(self, answers: list[JobResult | Exception], before: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, answers: list[JobResult | Exception], before: Callable[[], None] | None = None
+    ) -> None:
         self.answers = answers
         self.before = before
         self.calls = 0
@@ -215,7 +225,9 @@ class ScriptedProvider:
 
 def _runner(harness: Harness, provider: ScriptedProvider, **config: Any) -> JobRunner:
     merged = harness.config.model_copy(update=config)
-    jobs = JobRepository(harness.stack.jobs_table, merged, payloads=PayloadStore(harness.stack.payload_bucket))
+    jobs = JobRepository(
+        harness.stack.jobs_table, merged, payloads=PayloadStore(harness.stack.payload_bucket)
+    )
     queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
     return JobRunner(jobs, queues, provider, merged)  # type: ignore[arg-type]
 
@@ -327,7 +339,9 @@ def test_a_throttled_write_back_is_retried_and_the_paid_result_is_kept(
 # ---- 5. a delivered webhook stays delivered -----------------------------------------------
 
 
-def test_a_late_failure_of_a_duplicate_delivery_never_moves_delivered_back_to_pending(harness: Harness) -> None:
+def test_a_late_failure_of_a_duplicate_delivery_never_moves_delivered_back_to_pending(
+    harness: Harness,
+) -> None:
     # Given a job whose webhook was delivered
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
     harness.drain("high")
@@ -392,7 +406,9 @@ def test_a_complete_applied_but_unanswered_sends_its_webhook_at_once(
     assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}]
 
 
-def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(harness: Harness, faults: AwsFaults) -> None:
+def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(
+    harness: Harness, faults: AwsFaults
+) -> None:
     # Given a queued job and a cancel whose write is applied but unanswered
     job_id = harness.submit().body["id"]
     faults.lose_answer("dynamodb", "UpdateItem")
@@ -530,7 +546,9 @@ def test_the_reconciler_index_spreads_jobs_over_its_shards(harness: Harness) -> 
 # ---- 12. a provider timeout is not retried like a 503 -------------------------------------
 
 
-def test_a_provider_timeout_fails_retryable_after_one_call(harness: Harness, provider: FakeProviderServer) -> None:
+def test_a_provider_timeout_fails_retryable_after_one_call(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
     # Given a generation longer than the worker can wait for
     job_id = harness.submit(prompt="slow [[latency:6]]").body["id"]
     url = harness.stack.lane_queue_urls["high"]
