@@ -239,7 +239,7 @@ def cmd_sandbox_status(args: argparse.Namespace) -> int:
     if state is None:
         print("no sandbox is running")
         return 1
-    _print_json({**state.model_dump(), "api_answers": _api_answers(state)})
+    _print_json({**state.model_dump(exclude_none=True), "api_answers": _api_answers(state)})
     return 0
 
 

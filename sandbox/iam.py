@@ -1,0 +1,255 @@
+"""IAM in the sandbox's moto: each function acts with its own execution role (DESIGN §6).
+
+How the sandbox turns it on (sandbox/launcher.py):
+1. while moto authenticates nothing yet, it creates the operator: an IAM user with an inline
+   `*:*` policy and an access key. The deploy, the runner's own calls (pollers, the
+   receiver's secrets) and the tools and tests (through `aws_credentials` in
+   `.llmq/sandbox.json`) use that key;
+2. after the deploy it assumes each function's execution role, as the Lambda service does,
+   and gives the function's environments those credentials;
+3. then moto enforces (`POST /moto-api/reset-auth 0`): every request must be signed with a
+   key moto issued, and its action allowed by the caller's policies, so a grant missing
+   from the CDK app fails here as it would on AWS.
+
+moto checks actions, and resource ARNs only for SQS, S3 and AssumeRole. It differs from IAM
+in a few places that would deny what AWS allows, or crash; `make_moto_authorize_like_iam()`
+corrects them:
+- elsewhere (DynamoDB, Secrets Manager) moto matches statements against the resource "*",
+  which no resource-scoped Allow matches. Here an Allow matches a request whose resource
+  moto does not know: the check is by action, and tests/infra checks the template's resources.
+- moto checks a batch or a transaction as an action of its own (sqs:SendMessageBatch,
+  dynamodb:TransactWriteItems); IAM checks the actions of its entries.
+- moto reads the signature of every request from its Authorization header, so a presigned
+  S3 URL (signature in the query) raised KeyError, a 500. It is authorized here as its
+  signer's request, by action; its signature and expiry are not checked.
+- moto answers a denial in the XML of the query protocol whatever the service, so boto3
+  saw DynamoDB's as error code "403". Services of the JSON protocols answer here as AWS's
+  do: AccessDeniedException, naming the principal and the action.
+Two more, handled by the order above: moto's trust-policy check crashes on a role that
+trusts a service principal (`principal in None`, TypeError in
+moto/iam/access_control.py `_check_principal`), so roles are assumed before enforcement;
+and moto never expires an assumed-role session, so nothing needs refreshing however long
+the sandbox lives.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+OPERATOR_USER = "llmq-sandbox-operator"
+_ADMINISTRATOR_ACCESS = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+}
+# What moto checks a request against when it cannot tell which resource the request is for.
+_UNKNOWN_RESOURCE = "*"
+# The IAM action AWS evaluates for each entry of a batch call.
+_ENTRY_ACTIONS = {
+    "sqs:SendMessageBatch": "sqs:SendMessage",
+    "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility",
+    "dynamodb:TransactGetItems": "dynamodb:GetItem",
+}
+_TRANSACT_WRITE_ACTIONS = {
+    "Put": "dynamodb:PutItem",
+    "Update": "dynamodb:UpdateItem",
+    "Delete": "dynamodb:DeleteItem",
+    "ConditionCheck": "dynamodb:ConditionCheckItem",
+}
+
+
+@dataclass(frozen=True)
+class AwsCredentials:
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+
+    def environment(self) -> dict[str, str]:
+        """As Lambda passes them to a function: the variables botocore reads."""
+        variables = {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key}
+        if self.session_token:
+            variables["AWS_SESSION_TOKEN"] = self.session_token
+        return variables
+
+
+# Any key does while moto checks nothing (IAM off, or before enforcement begins).
+UNCHECKED = AwsCredentials("testing", "testing")
+
+
+def set_enforcement(endpoint_url: str, enforced: bool) -> None:
+    """From the next request on, moto authenticates and authorizes every request, or none.
+
+    moto's INITIAL_NO_AUTH_ACTION_COUNT (read from the environment at import) lets that many
+    requests through before it starts checking; reset-auth sets it and restarts the count.
+    """
+    request = urllib.request.Request(
+        f"{endpoint_url.rstrip('/')}/moto-api/reset-auth",
+        data=b"0" if enforced else b"inf",
+        # Not urllib's default form type: moto reads the number from the raw body.
+        headers={"Content-Type": "text/plain"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10):  # raises unless 2xx
+        pass
+
+
+def create_operator(iam: Any) -> AwsCredentials:
+    """An IAM user allowed everything, and its access key; `iam` must be able to create it."""
+    iam.create_user(UserName=OPERATOR_USER)
+    iam.put_user_policy(
+        UserName=OPERATOR_USER,
+        PolicyName="AdministratorAccess",
+        PolicyDocument=json.dumps(_ADMINISTRATOR_ACCESS),
+    )
+    key = iam.create_access_key(UserName=OPERATOR_USER)["AccessKey"]
+    return AwsCredentials(key["AccessKeyId"], key["SecretAccessKey"])
+
+
+def assume_roles(sts: Any, roles: Mapping[str, tuple[str, str]]) -> dict[str, AwsCredentials]:
+    """{function: (role ARN, session name)} -> the credentials of a session of each role.
+
+    Lambda names the session after the function. Call it before enforcement begins (see the
+    module's docstring).
+    """
+    assumed = {}
+    for function, (role_arn, session_name) in roles.items():
+        credentials = sts.assume_role(RoleArn=role_arn, RoleSessionName=session_name[:64])["Credentials"]
+        assumed[function] = AwsCredentials(
+            credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]
+        )
+    return assumed
+
+
+# ---- where moto's authorization differs from IAM -------------------------------------------
+
+_patch_lock = threading.Lock()
+_patched = False
+
+
+def make_moto_authorize_like_iam() -> None:
+    """Idempotent; changes nothing while moto does not enforce (see the module's docstring)."""
+    global _patched
+    with _patch_lock:
+        if _patched:
+            return
+        from moto.core.authorization import ActionAuthenticatorMixin
+        from moto.iam.access_control import IAMPolicyStatement, IAMRequest, IAMRequestBase
+
+        _allow_unknown_resources(IAMPolicyStatement)
+        _check_entry_actions(IAMRequestBase)
+        _authorize_presigned_urls(ActionAuthenticatorMixin)
+        _deny_in_the_services_protocol(IAMRequest)
+        _patched = True
+
+
+def _allow_unknown_resources(statement_class: Any) -> None:
+    matches = statement_class._check_element_matches
+
+    def check_element_matches(self: Any, element: str, value: str) -> bool:
+        if element == "Resource" and value == _UNKNOWN_RESOURCE and self._statement.get("Effect") == "Allow":
+            return True
+        return bool(matches(self, element, value))
+
+    statement_class._check_element_matches = check_element_matches
+
+
+def evaluated_actions(action: str, body: bytes | str | None) -> list[str]:
+    """The IAM actions AWS evaluates for a call that moto sees as `action` ("service:Operation")."""
+    if action in _ENTRY_ACTIONS:
+        return [_ENTRY_ACTIONS[action]]
+    if action != "dynamodb:TransactWriteItems":
+        return [action]
+    try:
+        items = json.loads(body or b"{}").get("TransactItems") or []
+    except (ValueError, AttributeError):
+        return [action]
+    found = {
+        _TRANSACT_WRITE_ACTIONS[kind] for item in items for kind in item if kind in _TRANSACT_WRITE_ACTIONS
+    }
+    return sorted(found) or [action]
+
+
+def _check_entry_actions(request_class: Any) -> None:
+    check_action_permitted = request_class.check_action_permitted
+
+    def check_each_action(self: Any, resource: str) -> None:
+        # The denial names the entry's action, as AWS's does.
+        for action in evaluated_actions(self._action, self._body):
+            self._action = action
+            check_action_permitted(self, resource)
+
+    request_class.check_action_permitted = check_each_action
+
+
+def _presigned_credential(query: Mapping[str, Iterable[str]]) -> tuple[str, str | None] | None:
+    credential = next(iter(query.get("X-Amz-Credential") or []), None)
+    if credential is None:
+        return None
+    return credential, next(iter(query.get("X-Amz-Security-Token") or []), None)
+
+
+def _authorize_presigned_urls(mixin: Any) -> None:
+    authenticate_and_authorize = mixin._authenticate_and_authorize_action
+
+    def authorize(self: Any, iam_request_cls: type, resource: str = "*") -> None:
+        from moto import settings
+
+        enforcing = mixin.request_count >= settings.INITIAL_NO_AUTH_ACTION_COUNT
+        presigned = _presigned_credential(getattr(self, "querystring", {}) or {})
+        if not enforcing or "Authorization" in self.headers or presigned is None:
+            authenticate_and_authorize(self, iam_request_cls, resource)
+            return
+        credential, token = presigned
+        # moto reads the caller's key from an Authorization header: give it the query's.
+        headers = {**dict(self.headers), "Authorization": f"AWS4-HMAC-SHA256 Credential={credential}, "}
+        if token is not None:
+            headers["X-Amz-Security-Token"] = token
+        request = iam_request_cls(
+            account_id=self.current_account,
+            method=self.method,
+            path=self.raw_path,
+            data=self.data,
+            body=self.raw_body,
+            headers=headers,
+            action=self._get_action(),
+        )
+        request.check_action_permitted(resource)
+
+    mixin._authenticate_and_authorize_action = authorize
+
+
+@functools.cache
+def _speaks_json(signing_name: str) -> bool:
+    """Whether the service signed as `signing_name` answers errors in JSON (botocore's model)."""
+    import botocore.session
+    from botocore.exceptions import UnknownServiceError
+
+    try:
+        protocol = botocore.session.get_session().get_service_model(signing_name).protocol
+    except UnknownServiceError:
+        return False
+    return protocol in ("json", "rest-json")
+
+
+def _deny_in_the_services_protocol(request_class: Any) -> None:
+    raise_access_denied = request_class._raise_access_denied
+
+    def deny(self: Any) -> None:
+        if not _speaks_json(self._service):
+            raise_access_denied(self)
+            return
+        from moto.core.exceptions import JsonRESTError
+
+        raise JsonRESTError(
+            "AccessDeniedException",
+            f"User: {self._access_key.arn} is not authorized to perform: {self._action} "
+            f"because no identity-based policy allows the {self._action} action",
+        )
+
+    request_class._raise_access_denied = deny
