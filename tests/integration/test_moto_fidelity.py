@@ -1,0 +1,162 @@
+"""moto's DynamoDB, as patched by sandbox.moto_fidelity, refuses and keeps what AWS refuses and keeps.
+
+A test that passes against a lenient moto and fails on AWS hides a bug; a test refused by a
+stricter moto hides a working feature. These pin the item-size limit and all-or-nothing writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from llmq import aws
+from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
+from tests.conftest import MotoStack
+
+
+@pytest.fixture
+def ddb(moto_stack: MotoStack) -> Any:
+    return aws.client("dynamodb")
+
+
+def _get(ddb: Any, table: str, pk: str) -> dict[str, Any] | None:
+    item: dict[str, Any] | None = ddb.get_item(
+        TableName=table, Key={"pk": {"S": pk}}, ConsistentRead=True
+    ).get("Item")
+    return item
+
+
+def _padded_to(size: int, **attributes: dict[str, Any]) -> dict[str, Any]:
+    """An item of exactly `size` bytes as DynamoDB counts them: the attributes plus an ASCII pad."""
+    item = {**attributes, "pad": {"S": ""}}
+    item["pad"] = {"S": "x" * (size - item_size_bytes(item))}
+    assert item_size_bytes(item) == size
+    return item
+
+
+def test_an_update_past_400_kb_is_refused_and_changes_nothing(ddb: Any, moto_stack: MotoStack) -> None:
+    # Given a running job
+    table = moto_stack.jobs_table
+    ddb.put_item(
+        TableName=table,
+        Item={"pk": {"S": "job_big"}, "status": {"S": "running"}, "attempts": {"N": "1"}},
+    )
+    before = _get(ddb, table, "job_big")
+
+    # When it completes with a result that takes the item past 400 KB (status first, result last,
+    # the order in which moto used to apply and keep them)
+    with pytest.raises(ClientError) as refused:
+        ddb.update_item(
+            TableName=table,
+            Key={"pk": {"S": "job_big"}},
+            UpdateExpression="SET #s = :done, finished_ms = :now, #r = :result",
+            ExpressionAttributeNames={"#s": "status", "#r": "result"},
+            ExpressionAttributeValues={
+                ":done": {"S": "succeeded"},
+                ":now": {"N": "1700000000000"},
+                ":result": {"S": "y" * MAX_ITEM_BYTES},
+            },
+        )
+
+    # Then DynamoDB's error, and the stored job is exactly as it was: still running, no finish time
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert "Item size to update has exceeded the maximum allowed size" in str(refused.value)
+    assert _get(ddb, table, "job_big") == before
+
+
+def test_an_oversized_update_of_an_absent_item_creates_nothing(ddb: Any, moto_stack: MotoStack) -> None:
+    # When an update that would create an item is refused for its size
+    with pytest.raises(ClientError) as refused:
+        ddb.update_item(
+            TableName=moto_stack.jobs_table,
+            Key={"pk": {"S": "job_ghost"}},
+            UpdateExpression="SET #r = :result",
+            ExpressionAttributeNames={"#r": "result"},
+            ExpressionAttributeValues={":result": {"S": "y" * MAX_ITEM_BYTES}},
+        )
+    # Then no key-only item is left behind
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert _get(ddb, moto_stack.jobs_table, "job_ghost") is None
+
+
+def test_a_cjk_item_under_the_limit_in_characters_but_over_in_utf8_bytes_is_refused(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    # Given an output of 140,000 CJK characters: 420,000 UTF-8 bytes
+    output = "漢" * 140_000
+    assert len(output) < MAX_ITEM_BYTES < len(output.encode())
+    # When it is put, Then it is refused, and nothing is stored
+    with pytest.raises(ClientError) as refused:
+        ddb.put_item(TableName=moto_stack.jobs_table, Item={"pk": {"S": "job_cjk"}, "output": {"S": output}})
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert "Item size has exceeded the maximum allowed size" in str(refused.value)
+    assert _get(ddb, moto_stack.jobs_table, "job_cjk") is None
+
+
+def test_an_item_of_exactly_400_kb_is_accepted_and_one_byte_more_is_not(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    # Given items sized to the byte, with emoji, a number and a map in them
+    attributes: dict[str, dict[str, Any]] = {
+        "pk": {"S": "job_edge"},
+        "note": {"S": "😀 日本語"},
+        "created_ms": {"N": "1700000000123"},
+        "metadata": {"M": {"k": {"S": "v"}}},
+    }
+    at_limit = _padded_to(MAX_ITEM_BYTES, **attributes)
+
+    # Then 409,600 bytes is stored whole (moto alone refused anything over 405,000)
+    ddb.put_item(TableName=moto_stack.jobs_table, Item=at_limit)
+    assert _get(ddb, moto_stack.jobs_table, "job_edge") == at_limit
+
+    # And an update that adds one byte is refused, leaving the item as it was
+    with pytest.raises(ClientError):
+        ddb.update_item(
+            TableName=moto_stack.jobs_table,
+            Key={"pk": {"S": "job_edge"}},
+            UpdateExpression="SET pad = :longer",
+            ExpressionAttributeValues={":longer": {"S": at_limit["pad"]["S"] + "x"}},
+        )
+    assert _get(ddb, moto_stack.jobs_table, "job_edge") == at_limit
+
+
+def test_list_overhead_counts_so_a_list_heavy_item_over_the_limit_is_refused(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    # Given 10,000 chunks of 40 bytes: 400,000 bytes of text, but 410,003 with the list's overhead
+    chunks: dict[str, Any] = {"L": [{"S": "c" * 40}] * 10_000}
+    item = {"pk": {"S": "job_chunks"}, "c": chunks}
+    assert item_size_bytes(item) > MAX_ITEM_BYTES
+    # When it is put, Then it is refused, as AWS would
+    with pytest.raises(ClientError) as refused:
+        ddb.put_item(TableName=moto_stack.jobs_table, Item=item)
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+
+
+def test_a_transaction_with_one_oversized_write_changes_no_item(ddb: Any, moto_stack: MotoStack) -> None:
+    # Given two jobs
+    table = moto_stack.jobs_table
+    for pk in ("job_a", "job_b"):
+        ddb.put_item(TableName=table, Item={"pk": {"S": pk}, "status": {"S": "queued"}})
+    before = {pk: _get(ddb, table, pk) for pk in ("job_a", "job_b")}
+
+    # When one transaction updates both, and the second update is too large
+    def update(pk: str, result: str) -> dict[str, Any]:
+        return {
+            "Update": {
+                "TableName": table,
+                "Key": {"pk": {"S": pk}},
+                "UpdateExpression": "SET #s = :s, #r = :r",
+                "ExpressionAttributeNames": {"#s": "status", "#r": "result"},
+                "ExpressionAttributeValues": {":s": {"S": "succeeded"}, ":r": {"S": result}},
+            }
+        }
+
+    with pytest.raises(ClientError) as refused:
+        ddb.transact_write_items(TransactItems=[update("job_a", "ok"), update("job_b", "y" * MAX_ITEM_BYTES)])
+
+    # Then neither job changed
+    assert refused.value.response["Error"]["Code"] in {"ValidationException", "TransactionCanceledException"}
+    assert {pk: _get(ddb, table, pk) for pk in ("job_a", "job_b")} == before
