@@ -8,6 +8,8 @@ Directives (DESIGN §6):
 - `[[hang]]` never answers (until the server stops);
 - `[[stall]]` answers 200 and then sends only keep-alives (SSE comments, or whitespace when not
   streaming) forever: every read succeeds, so only a total deadline ends the call;
+- `[[echo]]` answers with the last message's text, directives removed (exact bytes, any
+  script: the way to try a large or non-ASCII result);
 - `[[finish:length]]` (or any reason: `content_filter`, …) ends the answer with that
   `finish_reason` instead of `stop`.
 
@@ -99,6 +101,7 @@ class Directives:
     retry_after: float | None = None
     hang: bool = False
     stall: bool = False
+    echo: bool = False
     finish_reason: str = "stop"
     stream_fault: StreamFault | None = None
 
@@ -116,6 +119,8 @@ class Directives:
                 found.hang = True
             elif name == "stall":
                 found.stall = True
+            elif name == "echo":
+                found.echo = True
             elif name == "fail":
                 found._parse_fail(arg)
             elif name == "finish":
@@ -269,17 +274,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._fail(directives.fail_status, directives.fail_code, directives.retry_after), None
         if storm.rate and time.time() < storm.until and self.server.rng.random() < storm.rate:
             return self._fail(self.server.rng.choice(storm.statuses), None, storm.retry_after), None
-        words = _words(directives.tokens, job_id)
+        words, joiner = _words(directives.tokens, job_id), " "
+        if directives.echo:
+            words, joiner = _echo_chunks(payload), ""
         usage = {"prompt_tokens": len(json.dumps(payload["messages"])) // 4, "completion_tokens": len(words)}
         fault = directives.stream_fault
         if fault is not None and attempt > fault.times:
             fault = None
         if stream:
-            self._stream(words, usage, directives.latency, directives.finish_reason, fault)
+            self._stream(words, usage, directives.latency, directives.finish_reason, fault, joiner)
         elif fault is not None and fault.kind == "stream_error":
             self._json(200, fault.error())
         else:
-            body = _completion(payload, " ".join(words), usage, directives.finish_reason)
+            body = _completion(payload, joiner.join(words), usage, directives.finish_reason)
             self._json(200, body, cut=fault is not None)
         return 200, fault.kind if fault else None
 
@@ -296,6 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         latency: float,
         finish_reason: str,
         fault: StreamFault | None,
+        joiner: str = " ",
     ) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -307,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
         for index, word in enumerate(sent):
             if pause:
                 self.server.state.stopping.wait(pause)
-            text = word if index == 0 else " " + word
+            text = word if index == 0 else joiner + word
             self._chunk({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
         if fault is not None and fault.kind == "stream_cut":
             # No terminating chunk: the client sees the connection drop mid-body.
@@ -356,6 +364,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(data)
+
+
+def _echo_chunks(payload: dict[str, Any], size: int = 4096) -> list[str]:
+    messages = payload.get("messages") or [{}]
+    text = _DIRECTIVE.sub("", str(messages[-1].get("content") or ""))
+    return [text[start : start + size] for start in range(0, len(text), size)] or [""]
 
 
 def _completion(

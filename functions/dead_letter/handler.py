@@ -35,7 +35,7 @@ def repositories() -> tuple[JobRepository, QueueRepository]:
 def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
     try:
-        job = mark_dead_letter(jobs, queues, record.body)
+        job = mark_dead_letter(jobs, queues, record.body, record.message_id)
     except Exception as exc:
         if not isinstance(exc, PoisonMessage):
             log_record_failure(exc, record.message_id, lane_job_id(record.body))

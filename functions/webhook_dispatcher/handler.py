@@ -21,7 +21,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 
 from llmq.config import DispatcherEnvironment
-from llmq.errors import PoisonMessage
+from llmq.errors import PoisonMessage, StoreUnavailable
 from llmq.jobs import JobRepository
 from llmq.models import WebhookMessage
 from llmq.queues import QueueRepository
@@ -86,7 +86,11 @@ async def record_handler(record: SQSRecord) -> None:
         raise
     _observe(message, attempt, outcome)
     if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
-        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, outcome.retry_in)
+        try:
+            queues().delay_redelivery(record.event_source_arn, record.receipt_handle, outcome.retry_in)
+        except StoreUnavailable:
+            # Still retried, after the queue's own visibility timeout instead of the schedule.
+            logger.warning("could not set the retry delay", extra={"job_id": message.job_id})
         raise DeliveryDeferred(f"{message.job_id} {message.event}: retry in {outcome.retry_in:.0f}s")
 
 

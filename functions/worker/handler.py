@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from functools import cache
 from typing import Any
 
@@ -58,7 +59,8 @@ def runner() -> JobRunner:
 
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     invocation = Invocation(
-        owner=f"{lambda_context.aws_request_id}/{record.message_id}",
+        # Unique per handling, even for two copies of one message in a batch.
+        owner=f"{lambda_context.aws_request_id}/{record.message_id}/{uuid.uuid4().hex[:8]}",
         remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
     )
     try:

@@ -524,15 +524,20 @@ def test_a_provider_that_never_finishes_is_bounded_inside_the_invocation(
     job_id = getattr(background, kind)
     # When the provider never answers ([[hang]]) or answers and then only sends keep-alives
     job = sandbox.wait_terminal(job_id, "free", timeout=90)
-    # Then the total deadline on the call ends each attempt; the job fails with retries_exhausted
-    assert (job["status"], job["error"]["code"]) == ("failed", "retries_exhausted")
-    assert job["attempts"] == config["max_attempts"]
-    assert sandbox.provider_calls(job_id) == config["max_attempts"]
-    # And no invocation overran its timeout: the first reported a retry, the last deleted the message
-    records = invocations_once_logged(sandbox, config["max_attempts"], function="worker", job_id=job_id)
-    assert [record["outcome"] for record in records] == ["ok"] * config["max_attempts"]
+    # Then the total deadline on the call ends the attempt, and the job is not retried: the
+    # provider may still be generating, and billing, so the client decides (provider_timeout)
+    assert (job["status"], job["error"]["code"], job["error"]["retryable"]) == (
+        "failed",
+        "provider_timeout",
+        True,
+    )
+    assert job["attempts"] == 1
+    assert sandbox.provider_calls(job_id) == 1
+    # And the invocation did not overrun its timeout: it settled the job and deleted the message
+    records = invocations_once_logged(sandbox, 1, function="worker", job_id=job_id)
+    assert [record["outcome"] for record in records] == ["ok"]
     assert all(record["duration_seconds"] < config["worker"]["timeout_seconds"] for record in records)
-    assert records[0]["failed_message_ids"] and records[-1]["deleted_message_ids"]
+    assert records[-1]["deleted_message_ids"]
 
 
 # ---- receiver outages -------------------------------------------------------------------------

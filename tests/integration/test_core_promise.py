@@ -14,13 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectionClosedError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmq import aws
 from llmq.config import LlmqConfig
-from llmq.execution import Invocation, JobRunner
+from llmq.execution import Invocation, JobRunner, mark_dead_letter
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.jobs import ClaimOutcome, JobRecord, JobRepository, sweep_partitions
 from llmq.models import DeliveryStatus, ErrorCode, JobResult, JobStatus, Usage
@@ -79,6 +79,18 @@ class AwsFaults:
             return None
 
         aws.client(service).meta.events.register_first(f"needs-retry.{service}.{operation}", retry)
+
+    def apply_then_fail(self, service: str, operation: str, times: int = 1) -> None:
+        """The next call is applied, and the caller still gets a connection error."""
+        left = [times]
+
+        def lost(**_: Any) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                self.fired.append(f"{operation}:applied_lost")
+                raise ConnectionClosedError(endpoint_url="https://dynamodb.invalid")
+
+        aws.client(service).meta.events.register(f"after-call.{service}.{operation}", lost)
 
 
 @pytest.fixture
@@ -587,3 +599,94 @@ def test_an_unexpected_error_is_logged_with_the_job_and_class_but_never_the_prom
 
 def test_config_default_provider_timeout_is_what_the_worker_can_afford() -> None:
     assert LlmqConfig().provider.timeout_seconds is None
+
+
+# ---- found in review: more ways to run twice, hang or lose a cancel ------------------------
+
+
+def test_a_claim_applied_then_lost_is_recognised_in_process_and_runs_now(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a claim whose write is applied but whose every answer is lost
+    job_id = harness.submit().body["id"]
+    faults.apply_then_fail("dynamodb", "UpdateItem")
+    provider = ScriptedProvider([OK])
+    # When the worker handles the message
+    outcome = _run(_runner(harness, provider), job_id)
+    # Then its retry with the same owner finds its own lease: the job runs now, once
+    assert faults.fired == ["UpdateItem:applied_lost"]
+    assert outcome is None
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    assert provider.calls == 1
+
+
+def test_a_claim_recognised_as_ours_that_carries_a_cancel_never_calls_the_provider(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a claim applied but unanswered, and the client's cancel landing before the retry
+    job_id = harness.submit().body["id"]
+    faults.apply_then_fail("dynamodb", "UpdateItem")
+
+    def client_cancels(**_: Any) -> None:
+        if faults.fired == ["UpdateItem:applied_lost"] and not cancelled:
+            cancelled.append(True)
+            reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+            assert reply.status == 202
+
+    cancelled: list[bool] = []
+    aws.client("dynamodb").meta.events.register("before-call.dynamodb.UpdateItem", client_cancels)
+    provider = ScriptedProvider([OK])
+    # When the worker retries its claim and recognises its own lease
+    assert _run(_runner(harness, provider), job_id) is None
+    # Then it sees the cancel and stops: canceled, no provider call
+    assert cancelled == [True]
+    assert _job(harness, job_id)["status"] == "canceled"
+    assert provider.calls == 0
+
+
+def test_an_unreadable_provider_answer_fails_the_job_instead_of_re_running_it(harness: Harness) -> None:
+    # Given a provider answer the client code cannot read (a shape no one expected)
+    job_id = harness.submit().body["id"]
+    provider = ScriptedProvider([TypeError("sequence item 0: expected str instance, list found")])  # type: ignore[list-item]
+    # When the worker handles it
+    assert _run(_runner(harness, provider), job_id) is None
+    # Then the job fails, retryable, after that one (possibly billed) call: never a lease left to lapse
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"], job["error"]["retryable"]) == (
+        "failed",
+        "provider_error",
+        True,
+    )
+    assert provider.calls == 1
+
+
+def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> None:
+    # Given a queued job whose message dead-lettered
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config)
+    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
+    body = json.dumps({"job_id": job_id, "lane": "high"})
+    # When the dead-letter function handles that same letter twice (its record was retried)
+    mark_dead_letter(jobs, queues, body, "dlq-message-1")
+    mark_dead_letter(jobs, queues, body, "dlq-message-1")
+    # Then the job is still queued and waiting for its new message, not failed
+    assert _job(harness, job_id)["status"] == "queued"
+    # And only a second, different dead letter gives up on it
+    mark_dead_letter(jobs, queues, body, "dlq-message-2")
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
+def test_a_cancel_whose_webhook_enqueue_is_throttled_still_answers_canceled(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a queued job with a webhook, and SQS throttling the cancel's webhook message
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    faults.fail("sqs", "SendMessage", "ThrottlingException")
+    # When the client cancels
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then it is told canceled (a 503 would make its retry a 409), and the delivery waits pending
+    assert faults.fired == ["SendMessage:ThrottlingException"]
+    assert (reply.status, reply.body["status"]) == (200, "canceled")
+    assert reply.body["webhook"]["delivery"]["status"] == "pending"

@@ -69,7 +69,9 @@ class FakeJobs(JobRepository):
     ) -> bool:
         record = self.records[job_id]
         settled = record.delivery_status is not DeliveryStatus.PENDING
-        if settled and not (status is DeliveryStatus.DELIVERED and record.delivery_status is DeliveryStatus.FAILED):
+        if settled and not (
+            status is DeliveryStatus.DELIVERED and record.delivery_status is DeliveryStatus.FAILED
+        ):
             return False
         self.recorded.append((status, status_code, next_attempt_in_seconds))
         self.records[job_id] = record.model_copy(

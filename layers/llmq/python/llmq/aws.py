@@ -17,8 +17,14 @@ _lock = threading.Lock()
 _clients: dict[tuple[str, str | None, str | None], Any] = {}
 
 # Standard retry mode with a few attempts: throttles are retried by botocore, but a
-# handler never stalls for long on a dead endpoint.
-_BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, max_pool_connections=32)
+# handler never stalls for long on a dead endpoint. Short socket timeouts (botocore's default
+# is 60 s each) keep a worst-case write inside the worker's write-back reserve.
+_BOTO_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 3},
+    max_pool_connections=32,
+    connect_timeout=3,
+    read_timeout=10,
+)
 
 
 def client(service: str) -> Any:

@@ -23,22 +23,26 @@ from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEven
 from llmq.providers import (
     ChatCompletionsProvider,
     GenerationRequest,
-    PermanentProviderError,
+    ProviderError,
     ProviderTimeout,
     TransientProviderError,
 )
 from llmq.queues import QueueRepository
 from llmq.telemetry import emit_job_metric, logger
 
-# Time kept back from the provider call so the worker can still record the outcome:
-# five seconds, or a quarter of what is left for very short functions (the sandbox).
-_WRITE_BACK_SECONDS = 5.0
+# Time kept back from the provider call so the worker can still record the outcome, through
+# a throttle or two: fifteen seconds, or a quarter of what is left for very short functions
+# (the sandbox).
+_WRITE_BACK_SECONDS = 15.0
 _WRITE_BACK_SHARE = 0.25
 # Retrying a write-back after AWS throttled or failed it: first pause, growth cap, and the
 # time to keep in hand so the last try still ends before the Lambda does.
 _WRITE_RETRY_FIRST_SECONDS = 0.2
 _WRITE_RETRY_MAX_SECONDS = 4.0
 _WRITE_RETRY_FLOOR_SECONDS = 1.0
+# A throttled claim: retried in process this long, then the message comes back after the delay.
+_CLAIM_RETRY_BUDGET_SECONDS = 5.0
+_CLAIM_THROTTLED_DELAY_SECONDS = 60.0
 
 T = TypeVar("T")
 
@@ -80,13 +84,18 @@ class JobRunner:
         message = _parse(body)
         lease_seconds = invocation.remaining_seconds() + self.config.lease_margin_seconds
         try:
-            claim = await asyncio.to_thread(self.jobs.claim, message.job_id, invocation.owner, lease_seconds)
+            # Retried in process with the same owner, so a claim that was applied before its
+            # answer was lost is recognised as ours instead of stalling as someone else's lease.
+            claim = await self._write_back(
+                lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds),
+                invocation,
+                budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
+            )
         except StoreUnavailable as exc:
-            # Nothing was spent yet: let the message come back soon rather than after the
-            # visibility timeout. Had the claim been applied, its lease lapses and is recovered.
-            delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
+            # Nothing was spent yet. Come back later, but not so soon that a throttled table
+            # burns the message's receives and sends a job that never ran to the DLQ.
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
-            raise RetryLater(message.job_id, delay) from exc
+            raise RetryLater(message.job_id, _CLAIM_THROTTLED_DELAY_SECONDS) from exc
         job = claim.job
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
@@ -100,6 +109,11 @@ class JobRunner:
             await self._settle_unclaimed(claim.outcome, job)
             return
         logger.info("job claimed", extra={**log, "attempt": job.attempts, "lane": job.lane})
+        if job.cancel_requested:
+            # Only our own claim, recognised after a lost answer, can bring a cancel along.
+            await self._settle(self.jobs.cancel_leased, job, invocation)
+            return
+        job = await self._load_input(job, invocation)
         if job.attempts == 1 and job.started_ms is not None:
             emit_job_metric("QueueWaitMs", job.started_ms - job.created_ms, job.lane)
         try:
@@ -107,6 +121,24 @@ class JobRunner:
         except LeaseLost:
             # Another worker took the job over after our lease lapsed; its result stands.
             logger.warning("lease lost; result discarded", extra=log)
+
+    async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord:
+        """The claimed job's input from S3, through throttles. If S3 stays unavailable, the lease
+        is handed back at once, so the next delivery of the message can claim the job."""
+        if job.input is not None or job.input_ref is None:
+            return job
+        try:
+            return await self._write_back(lambda: self.jobs.with_input(job), invocation)
+        except StoreUnavailable as exc:
+            delay = retry_delay_seconds(self.config.retry, job.attempts, None, self._rng)
+            error = JobError(
+                code=ErrorCode.PROVIDER_UNAVAILABLE, message="could not read the job's input", retryable=True
+            )
+            with contextlib.suppress(LeaseLost, CancelRequested):
+                await self._write_back(
+                    lambda: self.jobs.requeue(job, invocation.owner, error, delay), invocation
+                )
+            raise RetryLater(job.id, delay) from exc
 
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:
@@ -163,13 +195,20 @@ class JobRunner:
         emit_job_metric("RunTimeMs", self.jobs.now_ms() - started, job.lane)
         try:
             result = generation.result()
-        except TransientProviderError as exc:
-            await self._after_transient(job, invocation, exc)
+        except ProviderError as exc:
+            await self._after_provider_error(job, invocation, exc)
             return
-        except (PermanentProviderError, ProviderTimeout) as exc:
-            # A timeout is not retried here: the provider may still be generating, and billing.
-            error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
-            logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
+        except Exception as exc:
+            # An answer we could not read (a shape no provider was expected to send): the call
+            # may have been billed, so it is not re-run; the client decides.
+            logger.error(
+                "provider answer unreadable", extra={"job_id": job.id, "error_class": type(exc).__name__}
+            )
+            error = JobError(
+                code=ErrorCode.PROVIDER_ERROR,
+                message="the provider's answer could not be read",
+                retryable=True,
+            )
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
         # Paid for from here on: the result must be written, whatever AWS says for a while.
@@ -183,6 +222,16 @@ class JobRunner:
             },
         )
         await self._announce(done, invocation)
+
+    async def _after_provider_error(self, job: JobRecord, invocation: Invocation, exc: ProviderError) -> None:
+        if isinstance(exc, TransientProviderError):
+            await self._after_transient(job, invocation, exc)
+            return
+        # Permanent errors fail at once. A timeout is not retried either: the provider may
+        # still be generating, and billing; the client decides.
+        error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
+        logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
+        await self._settle(self.jobs.fail_leased, job, invocation, error)
 
     async def _settle(
         self,
@@ -231,18 +280,25 @@ class JobRunner:
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
         raise RetryLater(job.id, delay)
 
-    async def _write_back(self, write: Callable[[], T], invocation: Invocation) -> T:
-        """Run a write, retrying throttles and 5xx with backoff while the Lambda has time.
+    async def _write_back(
+        self, write: Callable[[], T], invocation: Invocation, budget_seconds: float | None = None
+    ) -> T:
+        """Run a write, retrying throttles and 5xx with backoff while the Lambda has time
+        (or for `budget_seconds`).
 
         Each repository write recognises its own earlier success, so a retry of a write that
         was applied but unanswered returns the job as written instead of failing.
         """
         pause = _WRITE_RETRY_FIRST_SECONDS
+        started = invocation.remaining_seconds()
         while True:
             try:
                 return await asyncio.to_thread(write)
             except StoreUnavailable as exc:
-                if invocation.remaining_seconds() < pause + _WRITE_RETRY_FLOOR_SECONDS:
+                left = invocation.remaining_seconds()
+                if budget_seconds is not None:
+                    left = min(left, budget_seconds - (started - left))
+                if left < pause + _WRITE_RETRY_FLOOR_SECONDS:
                     raise
                 logger.warning("write-back throttled; retrying", extra={"why": str(exc)})
                 await asyncio.sleep(pause * (0.5 + self._rng.random() / 2))
@@ -309,7 +365,9 @@ def _parse(body: str) -> LaneMessage:
 MAX_DEAD_LETTER_REDRIVES = 1
 
 
-def mark_dead_letter(jobs: JobRepository, queues: QueueRepository, body: str) -> JobRecord | None:
+def mark_dead_letter(
+    jobs: JobRepository, queues: QueueRepository, body: str, message_id: str
+) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;
@@ -328,7 +386,7 @@ def mark_dead_letter(jobs: JobRepository, queues: QueueRepository, body: str) ->
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
     if job.status is JobStatus.QUEUED:
-        return _dead_letter_queued(jobs, queues, job)
+        return _dead_letter_queued(jobs, queues, job, message_id)
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
         message="the job's message exhausted its deliveries without an answer",
@@ -337,19 +395,22 @@ def mark_dead_letter(jobs: JobRepository, queues: QueueRepository, body: str) ->
     return _announced(queues, jobs.fail_unleased(job, error))
 
 
-def _dead_letter_queued(jobs: JobRepository, queues: QueueRepository, job: JobRecord) -> JobRecord | None:
+def _dead_letter_queued(
+    jobs: JobRepository, queues: QueueRepository, job: JobRecord, message_id: str
+) -> JobRecord | None:
     if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
         return _announced(queues, jobs.expire(job))
-    counted = jobs.note_dead_letter(job)
+    counted = jobs.note_dead_letter(job, message_id)
     if counted is None:
         return None  # it left queued meanwhile: whoever moved it owns it now
-    if counted.dead_letters <= MAX_DEAD_LETTER_REDRIVES:
+    if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
         queues.enqueue_job(counted.id, counted.lane)
         logger.warning("queued job's message dead-lettered; sent again", extra={"job_id": counted.id})
         return counted
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
-        message=f"no worker could claim the job: its message dead-lettered {counted.dead_letters} times",
+        message="no worker could claim the job: its messages dead-lettered "
+        f"{len(counted.dead_letter_ids)} times",
         retryable=True,
     )
     return _announced(queues, jobs.fail_queued_dead_letter(counted, error))

@@ -15,6 +15,7 @@ from llmq.errors import (
     JobNotTerminal,
     NoWebhook,
     PromptTooLarge,
+    StoreUnavailable,
     UnknownModel,
 )
 from llmq.jobs import JobInput, JobRecord, JobRepository, new_job_id
@@ -140,7 +141,12 @@ class JobIntake:
 
     def cancel(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
         job = self.jobs.cancel(job_id, tenant.tenant_id)
-        self.queues.announce_terminal(job)
+        try:
+            self.queues.announce_terminal(job)
+        except StoreUnavailable:
+            # The cancel is written and its delivery left pending: the reconciler sends it.
+            # Answering 503 here would make the client's retry a 409 for a canceled job.
+            logger.warning("cancel webhook enqueue failed", extra={"job_id": job.id})
         return job
 
     def redeliver(self, tenant: TenantIdentity, job_id: str) -> JobRecord:

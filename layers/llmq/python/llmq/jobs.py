@@ -133,8 +133,9 @@ class JobRecord(BaseModel):
     # The token of the last conditional write. A write retried after its response was lost
     # finds its own token in the item and knows it was applied (DESIGN §3.10).
     last_write: str | None = None
-    # How often the job's lane message exhausted its receives before any worker claimed it.
-    dead_letters: int = 0
+    # The dead-lettered lane messages of a job no worker claimed, by message id: a set, so a
+    # retried or repeated dead letter counts once.
+    dead_letter_ids: set[str] = Field(default_factory=set)
 
     def wants(self, event: WebhookEvent) -> bool:
         return self.webhook_url is not None and event in self.webhook_events
@@ -185,7 +186,8 @@ def _json_text(value: Any) -> str:
 
 
 def _to_item(record: JobRecord, extra: dict[str, Any]) -> dict[str, Any]:
-    data = record.model_dump(mode="json", exclude_none=True, exclude={"result_url"})
+    # The dead-letter set only ever grows through ADD (DynamoDB has no empty sets).
+    data = record.model_dump(mode="json", exclude_none=True, exclude={"result_url", "dead_letter_ids"})
     for name in _JSON_FIELDS:
         if name in data:
             data[name] = _json_text(data[name])
@@ -344,7 +346,8 @@ class JobRepository:
         ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
         return record.model_copy(update={"input": None, "input_ref": ref})
 
-    def _with_input(self, record: JobRecord) -> JobRecord:
+    def with_input(self, record: JobRecord) -> JobRecord:
+        """The job with its input, read from S3 when the item holds only a reference."""
         if record.input is not None or record.input_ref is None:
             return record
         data = self._store().get(record.input_ref)
@@ -364,7 +367,11 @@ class JobRepository:
     # ---- claim --------------------------------------------------------------------------
 
     def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
-        """One conditional UpdateItem returning the whole job, input included."""
+        """One conditional UpdateItem returning the whole job, input included when the item holds it.
+
+        An S3-held input is not read here: a failed read must not look like a failed claim,
+        because the lease is already ours (the runner loads it with `with_input`).
+        """
         now = self.now_ms()
         lease_until = now + int(lease_seconds * 1000)
         try:
@@ -402,11 +409,8 @@ class JobRepository:
         except ClientError as exc:
             if not _condition_failed(exc):
                 raise
-            claim = self._why_not_claimed(_old_item(exc), owner, now)
-            if claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None:
-                return Claim(ClaimOutcome.CLAIMED, self._with_input(claim.job))
-            return claim
-        return Claim(ClaimOutcome.CLAIMED, self._with_input(_from_item(response["Attributes"])))
+            return self._why_not_claimed(_old_item(exc), owner, now)
+        return Claim(ClaimOutcome.CLAIMED, _from_item(response["Attributes"]))
 
     def _why_not_claimed(self, old: JobRecord | None, owner: str, now: int) -> Claim:
         if old is None or old.expires_at * 1000 <= now:
@@ -628,19 +632,20 @@ class JobRepository:
         except _ConditionFailed:
             return None
 
-    def note_dead_letter(self, job: JobRecord) -> JobRecord | None:
-        """A queued job whose message dead-lettered before any claim: count it, keep it queued.
+    def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
+        """A queued job whose message dead-lettered before any claim: note it, keep it queued.
 
-        None when the job is no longer queued (a worker or the API got to it first).
+        Idempotent per DLQ message: the same letter handled twice (a retry of this write, a
+        redelivered DLQ record) counts once. None when the job is no longer queued.
         """
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job.id}},
-                UpdateExpression="ADD dead_letters :one",
+                UpdateExpression="ADD dead_letter_ids :ids",
                 ConditionExpression="#st = :queued",
                 ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues=_values(one=1, queued="queued"),
+                ExpressionAttributeValues={":ids": {"SS": [message_id]}, ":queued": {"S": "queued"}},
                 ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
@@ -655,8 +660,8 @@ class JobRepository:
             return self._finish(
                 job,
                 JobStatus.FAILED,
-                condition="#st = :queued AND dead_letters >= :limit",
-                values={"queued": "queued", "limit": job.dead_letters},
+                condition="#st = :queued AND size(dead_letter_ids) >= :limit",
+                values={"queued": "queued", "limit": len(job.dead_letter_ids)},
                 error=error,
             )
         except _ConditionFailed:

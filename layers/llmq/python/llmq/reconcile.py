@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmq.config import LlmqConfig
+from llmq.errors import StoreUnavailable
 from llmq.jobs import JobRepository, SweepEntry
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, JobStatus
 from llmq.queues import QueueRepository
@@ -24,6 +25,8 @@ class ReconcileReport:
     requeued: list[str] = field(default_factory=list)
     # Stale queued jobs left alone: the lane's queue still holds a message for each.
     waiting: list[str] = field(default_factory=list)
+    # Entries a throttle or a 5xx interrupted; still due at the next run.
+    skipped: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
@@ -33,6 +36,7 @@ class ReconcileReport:
             "examined": self.examined,
             "requeued": len(self.requeued),
             "waiting": len(self.waiting),
+            "skipped": len(self.skipped),
             "recovered": len(self.recovered),
             "expired": len(self.expired),
             "webhooks": len(self.webhooks),
@@ -49,10 +53,19 @@ class Reconciler:
         report = ReconcileReport()
         now = self.jobs.now_ms()
         entries = list(self.jobs.sweep(now, self.config.reconciler.max_items_per_run))
-        deficits = self._message_deficits(entries, now)
+        try:
+            deficits = self._message_deficits(entries, now)
+        except StoreUnavailable:
+            # Unknown this run: send nothing new for stale queued jobs; the rest goes on.
+            logger.warning("lane depths unavailable; stale queued jobs wait for the next run")
+            deficits = Counter()
         for entry in entries:
             report.examined += 1
-            self._settle(entry, now, deficits, report)
+            try:
+                self._settle(entry, now, deficits, report)
+            except StoreUnavailable:
+                # One throttled entry must not stop the run: it stays due for the next one.
+                report.skipped.append(entry.job_id)
         logger.info("reconciled", extra=report.as_log())
         return report
 
