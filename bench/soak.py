@@ -10,7 +10,9 @@ webhook to the sandbox's receiver, and its prompt carries the fault it is dealt:
   claim), `[[overrun:1]]` (the first invocation overruns its timeout and is killed), or
   `[[overrun]]` (every one does, so the job ends `worker_crashed`); a crash takes the other
   jobs of its batch down with it;
-- 1% hangs: `[[hang]]` (the provider never answers; the worker's deadline ends each attempt);
+- 1% hangs: `[[hang]]` (the provider never answers; the job fails `provider_timeout`, once);
+- 1% broken 200 answers: an error event mid-stream or a cut stream, on the first call only;
+- 1% non-ASCII jobs: 48k CJK, Hangul and emoji characters in, echoed back out;
 - 10% of webhooks go to `/hooks/fail-1`, which fails the first attempt of each delivery;
 - 10% of jobs get 1 to 3 copies of their lane message sent straight into the lane queue, at
   random moments from submit to well after the job finished.
@@ -76,6 +78,14 @@ CRASHES = [
     Fault("crash (overrun always)", "[[overrun]]"),
 ]
 HANG = Fault("hang", "[[hang]]")
+BROKEN_STREAMS = [
+    Fault("stream error once", "[[stream_error:503x1]]"),
+    Fault("stream cut once", "[[stream_cut:x1]]"),
+]
+# Non-ASCII text, echoed back: CJK at 3 bytes a character and emoji at 4, each job's input
+# and result together near the item's budget, so some results go to S3.
+UNICODE = Fault("unicode echo", "[[echo]]")
+_UNICODE_TEXT = "漢字かな한글😀" * 6_000
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,8 @@ class PlannedJob:
     duplicates: tuple[float, ...]  # seconds after submit at which a copy is sent
 
     def prompt(self) -> str:
-        return f"Soak job {self.index}: summarise ticket {self.index * 7919 % 100_003} {self.fault.directive}"
+        text = _UNICODE_TEXT if self.fault is UNICODE else ""
+        return f"Soak job {self.index}: summarise ticket {self.index * 7919 % 100_003} {text}{self.fault.directive}"
 
 
 def plan(jobs: int, tenants: int, rng: random.Random) -> list[PlannedJob]:
@@ -100,6 +111,10 @@ def plan(jobs: int, tenants: int, rng: random.Random) -> list[PlannedJob]:
             fault = rng.choice(CRASHES)
         elif roll < 0.07:
             fault = HANG
+        elif roll < 0.08:
+            fault = rng.choice(BROKEN_STREAMS)
+        elif roll < 0.09:
+            fault = UNICODE
         else:
             fault = NO_FAULT
         copies = rng.randint(1, 3) if rng.random() < 0.10 else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, FREE, Harness
 
+BACKLOG_JOBS = int(os.environ.get("LLMQ_BACKLOG_JOBS", "200"))
 CJK = "漢"  # 3 bytes in UTF-8, 6 as a JSON \u escape
 EMOJI = "😀"  # 4 bytes in UTF-8, 12 as a JSON surrogate-pair escape
 
@@ -500,8 +502,9 @@ def _count_sends(harness: Harness) -> list[str]:
 
 
 def test_a_backlog_of_stale_queued_jobs_gets_no_extra_lane_messages(harness: Harness) -> None:
-    # Given 200 free-tier jobs waiting in their lane far longer than the stale threshold
-    jobs = [harness.submit(tenant=FREE).body["id"] for _ in range(200)]
+    # Given a backlog of free-tier jobs (200 here; LLMQ_BACKLOG_JOBS=2000 for the issue's
+    # figure) waiting in their lane far longer than the stale threshold
+    jobs = [harness.submit(tenant=FREE).body["id"] for _ in range(BACKLOG_JOBS)]
     lane = harness.stack.lane_queue_urls["low"]
     sent = _count_sends(harness)
     offset = [0.0]
@@ -514,6 +517,7 @@ def test_a_backlog_of_stale_queued_jobs_gets_no_extra_lane_messages(harness: Har
         harness.drain("low")
     # Then lane messages stay at one per job (target: at most 1.05 x jobs)
     lane_messages = len(jobs) + sum(1 for url in sent if url == lane)
+    print(f"reconciler under a backlog: {lane_messages} lane messages for {len(jobs)} jobs")
     assert lane_messages <= 1.05 * len(jobs), f"{lane_messages} messages for {len(jobs)} jobs"
 
 
