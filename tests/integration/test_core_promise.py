@@ -11,11 +11,11 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError, ConnectionClosedError
+from botocore.exceptions import ClientError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +30,7 @@ from llmq.providers import GenerationRequest, TransientProviderError
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from sandbox.fake_provider import FakeProviderServer
+from tests.aws_faults import AwsFaults
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, FREE, Harness
@@ -42,62 +43,28 @@ EMOJI = "😀"  # 4 bytes in UTF-8, 12 as a JSON surrogate-pair escape
 # ---- fault hooks ------------------------------------------------------------------------
 
 
-class AwsFaults:
-    """botocore hooks on llmq's cached clients: fail a call, or apply it and lose the answer."""
-
-    def __init__(self) -> None:
-        self.fired: list[str] = []
-
-    def fail(self, service: str, operation: str, code: str, times: int = 1, status: int = 400) -> None:
-        """The next `times` calls fail as botocore reports them after its own retries."""
-        left = [times]
-
-        def raise_error(**_: Any) -> None:
-            if left[0] > 0:
-                left[0] -= 1
-                self.fired.append(f"{operation}:{code}")
-                raise ClientError(
-                    {
-                        "Error": {"Code": code, "Message": "injected"},
-                        "ResponseMetadata": {"HTTPStatusCode": status},
-                    },
-                    operation,
-                )
-
-        aws.client(service).meta.events.register(f"before-call.{service}.{operation}", raise_error)
-
-    def lose_answer(self, service: str, operation: str, times: int = 1, nth: int = 1) -> None:
-        """The `nth` call is applied, its answer is lost and botocore sends it again."""
-        seen = [0]
-        left = [times]
-
-        def retry(attempts: int, **_: Any) -> float | None:
-            if attempts == 1:
-                seen[0] += 1
-            if attempts == 1 and seen[0] >= nth and left[0] > 0:
-                left[0] -= 1
-                self.fired.append(f"{operation}:lost")
-                return 0.0
-            return None
-
-        aws.client(service).meta.events.register_first(f"needs-retry.{service}.{operation}", retry)
-
-    def apply_then_fail(self, service: str, operation: str, times: int = 1) -> None:
-        """The next call is applied, and the caller still gets a connection error."""
-        left = [times]
-
-        def lost(**_: Any) -> None:
-            if left[0] > 0:
-                left[0] -= 1
-                self.fired.append(f"{operation}:applied_lost")
-                raise ConnectionClosedError(endpoint_url="https://dynamodb.invalid")
-
-        aws.client(service).meta.events.register(f"after-call.{service}.{operation}", lost)
-
-
 @pytest.fixture
-def faults(harness: Harness) -> AwsFaults:
-    return AwsFaults()
+def faults(harness: Harness) -> Iterator[AwsFaults]:
+    injected = AwsFaults()
+    yield injected
+    injected.disarm()
+
+
+def _kinds(faults: AwsFaults) -> list[str]:
+    return [f"{fired.fault.name}:{fired.fault.kind.value}" for fired in faults.fired]
+
+
+def _fail_unexpectedly(service: str, operation: str) -> None:
+    """The next call fails with an error no code path expects (a ValidationException)."""
+    left = [1]
+
+    def raise_error(**_: Any) -> None:
+        if left[0]:
+            left[0] = 0
+            error = {"Error": {"Code": "ValidationException", "Message": "injected"}}
+            raise ClientError(error, operation)  # type: ignore[arg-type]
+
+    aws.client(service).meta.events.register(f"before-call.{service}.{operation}", raise_error)
 
 
 def _job(harness: Harness, job_id: str, tenant: dict[str, str] = ENTERPRISE) -> dict[str, Any]:
@@ -306,7 +273,7 @@ def test_a_queued_job_with_a_recorded_cancel_is_canceled_at_its_claim_without_a_
 def test_a_failing_cancel_check_never_abandons_the_generation(harness: Harness, faults: AwsFaults) -> None:
     # Given the cancel watcher's reads are throttled
     job_id = harness.submit().body["id"]
-    faults.fail("dynamodb", "GetItem", "ProvisionedThroughputExceededException", times=3)
+    faults.arm("throttle", "dynamodb.GetItem", times=3)
 
     provider = ScriptedProvider([OK])
     runner = _runner(harness, provider, cancel_check_seconds=0.05)
@@ -320,24 +287,24 @@ def test_a_failing_cancel_check_never_abandons_the_generation(harness: Harness, 
 
 
 @pytest.mark.parametrize(
-    ("service", "operation", "code", "status"),
+    ("operation", "kind"),
     [
-        ("dynamodb", "UpdateItem", "ProvisionedThroughputExceededException", 400),
-        ("dynamodb", "UpdateItem", "InternalServerError", 500),
-        ("s3", "PutObject", "SlowDown", 503),
+        ("dynamodb.UpdateItem", "throttle"),
+        ("dynamodb.UpdateItem", "server_error"),
+        ("s3.PutObject", "throttle"),
     ],
 )
 def test_a_throttled_write_back_is_retried_and_the_paid_result_is_kept(
-    big: Harness, faults: AwsFaults, service: str, operation: str, code: str, status: int
+    big: Harness, faults: AwsFaults, operation: str, kind: str
 ) -> None:
     # Given a claimed job (a big result goes to S3, so PutObject is on the path)
     job_id = big.submit(prompt="hello").body["id"]
-    output = CJK * 130_000 if service == "s3" else "fine"
+    output = CJK * 130_000 if operation.startswith("s3") else "fine"
     provider = ScriptedProvider([JobResult(output=output, finish_reason="stop")])
     runner = _runner(big, provider)
 
     def arm_after_claim() -> None:
-        faults.fail(service, operation, code, times=2, status=status)
+        faults.arm(kind, operation, times=2)
 
     provider.before = arm_after_claim
     # When the write-back is throttled twice after the provider answered
@@ -380,11 +347,11 @@ def test_a_submit_whose_put_was_applied_but_unanswered_is_a_first_submit_and_is_
     harness: Harness, faults: AwsFaults
 ) -> None:
     # Given the PutItem's first answer is lost and botocore sends it again
-    faults.lose_answer("dynamodb", "PutItem")
+    faults.arm("applied_retried", "dynamodb.PutItem")
     # When the client submits with an Idempotency-Key
     reply = harness.submit(key="first-try")
     # Then it is a first submit, enqueued once
-    assert faults.fired == ["PutItem:lost"]
+    assert _kinds(faults) == ["PutItem:applied_retried"]
     assert reply.status == 202 and "idempotent-replayed" not in reply.headers
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
 
@@ -394,11 +361,11 @@ def test_a_claim_applied_but_unanswered_runs_the_job_now_and_once(
 ) -> None:
     # Given the claim's answer is lost and botocore retries it
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
-    faults.lose_answer("dynamodb", "UpdateItem", nth=1)
+    faults.arm("applied_retried", "dynamodb.UpdateItem")
     # When the worker runs the message
     harness.drain("high")
     # Then it recognised its own lease: the job ran now, once, and its webhook is queued
-    assert faults.fired == ["UpdateItem:lost"]
+    assert _kinds(faults) == ["UpdateItem:applied_retried"]
     assert _job(harness, job_id)["status"] == "succeeded"
     assert provider.calls_for(job_id) == 1
     assert harness.total_count(harness.stack.webhook_queue_url) == 1
@@ -409,11 +376,11 @@ def test_a_complete_applied_but_unanswered_sends_its_webhook_at_once(
 ) -> None:
     # Given the complete's answer is lost and botocore retries it
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
-    faults.lose_answer("dynamodb", "UpdateItem", nth=2)
+    faults.arm("applied_retried", "dynamodb.UpdateItem", nth=2)
     # When the worker runs the message
     response = harness.drain("high")
     # Then the retry saw our own write, not a lost lease: the webhook goes out now
-    assert faults.fired == ["UpdateItem:lost"]
+    assert _kinds(faults) == ["UpdateItem:applied_retried"]
     assert response == {"batchItemFailures": []}
     assert _job(harness, job_id)["status"] == "succeeded"
     webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
@@ -425,11 +392,11 @@ def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(
 ) -> None:
     # Given a queued job and a cancel whose write is applied but unanswered
     job_id = harness.submit().body["id"]
-    faults.lose_answer("dynamodb", "UpdateItem")
+    faults.arm("applied_retried", "dynamodb.UpdateItem")
     # When the client cancels
     reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
     # Then it is told the job is canceled
-    assert faults.fired == ["UpdateItem:lost"]
+    assert _kinds(faults) == ["UpdateItem:applied_retried"]
     assert (reply.status, reply.body["status"]) == (200, "canceled")
 
 
@@ -437,11 +404,11 @@ def test_a_requeue_applied_but_unanswered_keeps_the_retry(harness: Harness, faul
     # Given a 503 from the provider and a requeue whose answer is lost
     job_id = harness.submit().body["id"]
     provider = ScriptedProvider([TransientProviderError("down", 503)])
-    provider.before = lambda: faults.lose_answer("dynamodb", "UpdateItem")
+    provider.before = lambda: faults.arm("applied_retried", "dynamodb.UpdateItem")
     # When the worker handles the 503
     outcome = _run(_runner(harness, provider), job_id)
     # Then the job waits for its retry (not a lost lease, not a crash)
-    assert faults.fired == ["UpdateItem:lost"]
+    assert _kinds(faults) == ["UpdateItem:applied_retried"]
     assert type(outcome).__name__ == "RetryLater"
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("queued", "provider_unavailable")
@@ -589,7 +556,7 @@ def test_an_unexpected_error_is_logged_with_the_job_and_class_but_never_the_prom
 ) -> None:
     # Given a claim that fails with an error nobody expects
     job_id = harness.submit(prompt="top secret prompt").body["id"]
-    faults.fail("dynamodb", "UpdateItem", "ValidationException")
+    _fail_unexpectedly("dynamodb", "UpdateItem")
     # When the worker runs the message
     response = harness.drain("high")
     # Then the message is reported failed and the log says which job and what class
@@ -613,12 +580,12 @@ def test_a_claim_applied_then_lost_is_recognised_in_process_and_runs_now(
 ) -> None:
     # Given a claim whose write is applied but whose every answer is lost
     job_id = harness.submit().body["id"]
-    faults.apply_then_fail("dynamodb", "UpdateItem")
+    faults.arm("applied_lost", "dynamodb.UpdateItem")
     provider = ScriptedProvider([OK])
     # When the worker handles the message
     outcome = _run(_runner(harness, provider), job_id)
     # Then its retry with the same owner finds its own lease: the job runs now, once
-    assert faults.fired == ["UpdateItem:applied_lost"]
+    assert _kinds(faults) == ["UpdateItem:applied_lost"]
     assert outcome is None
     job = _job(harness, job_id)
     assert (job["status"], job["attempts"]) == ("succeeded", 1)
@@ -630,10 +597,10 @@ def test_a_claim_recognised_as_ours_that_carries_a_cancel_never_calls_the_provid
 ) -> None:
     # Given a claim applied but unanswered, and the client's cancel landing before the retry
     job_id = harness.submit().body["id"]
-    faults.apply_then_fail("dynamodb", "UpdateItem")
+    faults.arm("applied_lost", "dynamodb.UpdateItem")
 
     def client_cancels(**_: Any) -> None:
-        if faults.fired == ["UpdateItem:applied_lost"] and not cancelled:
+        if _kinds(faults) == ["UpdateItem:applied_lost"] and not cancelled:
             cancelled.append(True)
             reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
             assert reply.status == 202
@@ -687,10 +654,10 @@ def test_a_cancel_whose_webhook_enqueue_is_throttled_still_answers_canceled(
 ) -> None:
     # Given a queued job with a webhook, and SQS throttling the cancel's webhook message
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
-    faults.fail("sqs", "SendMessage", "ThrottlingException")
+    faults.arm("throttle", "sqs.SendMessage")
     # When the client cancels
     reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
     # Then it is told canceled (a 503 would make its retry a 409), and the delivery waits pending
-    assert faults.fired == ["SendMessage:ThrottlingException"]
+    assert _kinds(faults) == ["SendMessage:throttle"]
     assert (reply.status, reply.body["status"]) == (200, "canceled")
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
