@@ -143,6 +143,16 @@ def stop_sandbox(sandbox: SandboxUnderTest) -> subprocess.CompletedProcess[str]:
     return run_llmq(sandbox.directory, "sandbox", "down", timeout=60)
 
 
+@pytest.fixture(scope="session")
+def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxUnderTest]:
+    """One default-config sandbox for the modules whose tests leave it as they found it
+    (each works on its own jobs): every boot is a CDK synth and a moto deploy."""
+    sandbox = start_sandbox(tmp_path_factory.mktemp("shared-sandbox"))
+    yield sandbox
+    if (sandbox.directory / ".llmq" / "sandbox.json").exists():
+        stop_sandbox(sandbox)
+
+
 @pytest.fixture(scope="module")
 def sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SandboxUnderTest]]:
     """Start detached sandboxes in fresh directories; whatever is still up at the end is stopped."""

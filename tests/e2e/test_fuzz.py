@@ -62,9 +62,8 @@ UNEXPECTED_METHODS = ["get", "put", "post", "delete", "patch", "options"]
 
 
 @pytest.fixture(scope="module")
-def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
-    started: SandboxUnderTest = sandbox_factory()
-    return started
+def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
+    return shared_sandbox
 
 
 def _config(api_key: str) -> schemathesis.Config:

@@ -21,9 +21,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
-    started: SandboxUnderTest = sandbox_factory()
-    return started
+def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
+    return shared_sandbox
 
 
 @pytest.fixture(scope="module")
