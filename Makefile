@@ -94,7 +94,7 @@ bench: install ## Benchmarks against same-run baselines; writes BENCHMARKS.md an
 	$(PY) -m bench.run
 
 fuzz: install ## Schemathesis against the sandbox's /v1/openapi.json with a large budget
-	LLMQ_FUZZ_EXAMPLES=300 $(PYTEST) tests/e2e/test_fuzz.py -q
+	LLMQ_FUZZ_EXAMPLES=300 LLMQ_MODEL_EXAMPLES=2000 $(PYTEST) tests/e2e/test_fuzz.py tests/integration/test_lifecycle_model.py -q
 
 soak: install ## N jobs (default 2000) through the sandbox under faults; prints and writes bench/soak.md
 	$(PY) -m bench.soak --jobs $(or $(JOBS),2000)

@@ -661,3 +661,61 @@ def test_a_cancel_whose_webhook_enqueue_is_throttled_still_answers_canceled(
     assert _kinds(faults) == ["SendMessage:throttle"]
     assert (reply.status, reply.body["status"]) == (200, "canceled")
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
+
+
+@pytest.fixture
+def s3_held(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    """Inputs over 4 KB live in S3."""
+    limits = {"max_prompt_chars": 50_000, "max_item_payload_bytes": 4096, "wait_poll_seconds": 0.05}
+    return Harness(moto_stack, integration_config(provider, limits=limits), monkeypatch)
+
+
+def test_an_input_s3_will_not_give_back_is_handed_back_with_its_attempt_refunded(
+    s3_held: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose input lives in S3, and S3 refusing every read for a while
+    harness = s3_held
+    job_id = harness.submit(prompt="x" * 8000).body["id"]
+    faults.arm("throttle", "s3.GetObject", times=1000)
+    provider = ScriptedProvider([OK])
+    # When a worker (with 8 s left) claims it
+    outcome = _run(_runner(harness, provider), job_id, seconds=8)
+    # Then the provider was never called and the job is queued again, its attempt refunded
+    assert type(outcome).__name__ == "RetryLater"
+    assert provider.calls == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"], job["error"]) == ("queued", 0, None)
+
+
+def test_a_cancel_while_the_input_cannot_be_read_ends_canceled(s3_held: Harness, faults: AwsFaults) -> None:
+    # Given an S3-held input that cannot be read, and the client canceling meanwhile
+    harness = s3_held
+    job_id = harness.submit(prompt="x" * 8000, webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+
+    def client_cancels(**_: Any) -> None:
+        if not cancelled:
+            cancelled.append(True)
+            assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+
+    cancelled: list[bool] = []
+    # registered first, so it runs before the injector's hook on every read
+    aws.client("s3").meta.events.register("before-call.s3.GetObject", client_cancels)
+    faults.arm("throttle", "s3.GetObject", times=1000)
+    provider = ScriptedProvider([OK])
+    # When the worker gives up on the input
+    assert _run(_runner(harness, provider), job_id, seconds=8) is None
+    # Then the job is canceled now (not left leased to a worker that moved on), never run
+    assert _job(harness, job_id)["status"] == "canceled"
+    assert provider.calls == 0
+
+
+def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness, faults: AwsFaults) -> None:
+    # Given a table that throttles every claim
+    job_id = harness.submit().body["id"]
+    faults.arm("throttle", "dynamodb.UpdateItem", times=1000)
+    # When a worker with 20 s left tries
+    outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=20)
+    # Then the message comes back only once a lease it may have taken has lapsed
+    lease = 20 + harness.config.lease_margin_seconds
+    assert type(outcome).__name__ == "RetryLater"
+    assert lease - 6 <= outcome.delay_seconds <= lease * 1.1  # type: ignore[union-attr]

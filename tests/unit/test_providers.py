@@ -380,3 +380,23 @@ async def test_with_retry_timeouts_a_timeout_after_sending_is_transient() -> Non
             await provider.generate(REQUEST, deadline)
         # Then the job is retried as before
         assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
+
+
+async def test_a_provider_key_that_cannot_be_read_is_transient_and_nothing_is_sent() -> None:
+    # Given a key store that is throttled
+    sent: list[httpx.Request] = []
+
+    def unreadable_key() -> str:
+        raise RuntimeError("secretsmanager throttled")
+
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1",
+        unreadable_key,
+        False,
+        httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200)),
+    )
+    # When a generation starts
+    with pytest.raises(TransientProviderError, match="provider key"):
+        await provider.generate(REQUEST, 5)
+    # Then it is an ordinary retry, and nothing reached the provider (nothing was billed)
+    assert sent == []

@@ -39,10 +39,12 @@ _WRITE_BACK_SHARE = 0.25
 # time to keep in hand so the last try still ends before the Lambda does.
 _WRITE_RETRY_FIRST_SECONDS = 0.2
 _WRITE_RETRY_MAX_SECONDS = 4.0
-_WRITE_RETRY_FLOOR_SECONDS = 1.0
+# One botocore call can itself take a few seconds (its own retries and backoff).
+_WRITE_RETRY_FLOOR_SECONDS = 4.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
-_CLAIM_THROTTLED_DELAY_SECONDS = 60.0
+# Reading an S3-held input before the call: how long to retry before handing the lease back.
+_INPUT_LOAD_BUDGET_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -92,10 +94,13 @@ class JobRunner:
                 budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
             )
         except StoreUnavailable as exc:
-            # Nothing was spent yet. Come back later, but not so soon that a throttled table
-            # burns the message's receives and sends a job that never ran to the DLQ.
+            # Nothing was spent yet. The claim may have been applied, though, leased to us: the
+            # message comes back once that lease has lapsed (with jitter, so throttled messages
+            # do not return in lock-step), when any worker can take the job over. That also
+            # keeps a throttled table from burning the receives of a job that never ran.
+            delay = lease_seconds * (1 + self._rng.random() / 10)
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
-            raise RetryLater(message.job_id, _CLAIM_THROTTLED_DELAY_SECONDS) from exc
+            raise RetryLater(message.job_id, delay) from exc
         job = claim.job
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
@@ -113,7 +118,10 @@ class JobRunner:
             # Only our own claim, recognised after a lost answer, can bring a cancel along.
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return
-        job = await self._load_input(job, invocation)
+        loaded = await self._load_input(job, invocation)
+        if loaded is None:
+            return
+        job = loaded
         if job.attempts == 1 and job.started_ms is not None:
             emit_job_metric("QueueWaitMs", job.started_ms - job.created_ms, job.lane)
         try:
@@ -122,22 +130,25 @@ class JobRunner:
             # Another worker took the job over after our lease lapsed; its result stands.
             logger.warning("lease lost; result discarded", extra=log)
 
-    async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord:
-        """The claimed job's input from S3, through throttles. If S3 stays unavailable, the lease
-        is handed back at once, so the next delivery of the message can claim the job."""
+    async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord | None:
+        """The claimed job's input from S3, through throttles for a bounded time.
+
+        If S3 stays unavailable the lease is handed back, attempt refunded (the provider was
+        never called), so the next delivery of the message can claim the job; a cancel that
+        arrived meanwhile ends it. None when the job was settled here.
+        """
         if job.input is not None or job.input_ref is None:
             return job
+        budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
         try:
-            return await self._write_back(lambda: self.jobs.with_input(job), invocation)
+            return await self._write_back(lambda: self.jobs.with_input(job), invocation, budget)
         except StoreUnavailable as exc:
-            delay = retry_delay_seconds(self.config.retry, job.attempts, None, self._rng)
-            error = JobError(
-                code=ErrorCode.PROVIDER_UNAVAILABLE, message="could not read the job's input", retryable=True
-            )
-            with contextlib.suppress(LeaseLost, CancelRequested):
-                await self._write_back(
-                    lambda: self.jobs.requeue(job, invocation.owner, error, delay), invocation
-                )
+            delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
+            try:
+                await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
+            except CancelRequested:
+                await self._settle(self.jobs.cancel_leased, job, invocation)
+                return None
             raise RetryLater(job.id, delay) from exc
 
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
@@ -198,7 +209,7 @@ class JobRunner:
         except ProviderError as exc:
             await self._after_provider_error(job, invocation, exc)
             return
-        except Exception as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # An answer we could not read (a shape no provider was expected to send): the call
             # may have been billed, so it is not re-run; the client decides.
             logger.error(

@@ -202,7 +202,7 @@ def _from_item(item: dict[str, Any]) -> JobRecord:
     for name in _JSON_FIELDS:
         if name in data:
             data[name] = json.loads(data[name])
-    for name in ("sweep_pk", "sweep_at", "tenant_created"):
+    for name in ("sweep_pk", "sweep_at", "tenant_created", "delivery_write"):
         data.pop(name, None)
     return JobRecord.model_validate(data)
 
@@ -381,7 +381,9 @@ class JobRepository:
                 UpdateExpression=(
                     "SET #st = :running, lease_owner = :owner, lease_expires_ms = :lease, "
                     "started_ms = if_not_exists(started_ms, :now), sweep_at = :sweep "
-                    "ADD attempts :one"
+                    "ADD attempts :one "
+                    # Dead letters count only while no worker has claimed the job.
+                    "REMOVE dead_letter_ids"
                 ),
                 ConditionExpression=(
                     "attribute_exists(pk) AND expires_at > :now_s AND "
@@ -465,28 +467,45 @@ class JobRepository:
         Raises CancelRequested, with the lease still ours, when the client asked to cancel
         meanwhile: such a job must end canceled, never reach the provider again.
         """
+        return self._back_to_queued(job, owner, delay_seconds, error=error)
+
+    def release(self, job: JobRecord, owner: str, delay_seconds: float) -> JobRecord:
+        """Hand a claimed job back before the provider was called: the attempt is refunded."""
+        return self._back_to_queued(job, owner, delay_seconds, error=None)
+
+    def _back_to_queued(
+        self, job: JobRecord, owner: str, delay_seconds: float, error: JobError | None
+    ) -> JobRecord:
         now = self.now_ms()
         visible_at = now + int(delay_seconds * 1000)
-        token = f"{owner}#requeue"
+        token = f"{owner}#{'requeue' if error else 'release'}"
+        sets = "SET #st = :queued, sweep_at = :sweep, not_before_ms = :not_before, last_write = :token"
+        values: dict[str, Any] = {
+            "queued": "queued",
+            "running": "running",
+            "owner": owner,
+            "sweep": visible_at + self.config.reconciler.stale_queued_seconds * 1000,
+            "not_before": visible_at,
+            "token": token,
+            "false": False,
+        }
+        names = {"#st": "status"}
+        expression = f"{sets} REMOVE lease_owner, lease_expires_ms ADD attempts :refund"
+        values["refund"] = -1
+        if error is not None:
+            names["#err"] = "error"
+            values["error"] = error.model_dump_json()
+            expression = f"{sets}, #err = :error REMOVE lease_owner, lease_expires_ms"
+            del values["refund"]
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job.id}},
-                UpdateExpression="SET #st = :queued, #err = :error, sweep_at = :sweep, "
-                "not_before_ms = :not_before, last_write = :token REMOVE lease_owner, lease_expires_ms",
+                UpdateExpression=expression,
                 ConditionExpression="lease_owner = :owner AND #st = :running AND "
                 "(attribute_not_exists(cancel_requested) OR cancel_requested = :false)",
-                ExpressionAttributeNames={"#st": "status", "#err": "error"},
-                ExpressionAttributeValues=_values(
-                    queued="queued",
-                    running="running",
-                    error=error.model_dump_json(),
-                    owner=owner,
-                    sweep=visible_at + self.config.reconciler.stale_queued_seconds * 1000,
-                    not_before=visible_at,
-                    token=token,
-                    false=False,
-                ),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_values(**values),
                 ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
@@ -745,6 +764,10 @@ class JobRepository:
             "pending": DeliveryStatus.PENDING.value,
         }
         removes: list[str] = []
+        # A fresh token per attempt: a retry of this write that finds it was applied already.
+        token = _token("delivery")
+        sets.append("delivery_write = :token")
+        values["token"] = token
         condition = "delivery_status = :pending"
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
@@ -766,13 +789,17 @@ class JobRepository:
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
                 UpdateExpression=expression,
-                ConditionExpression=f"attribute_exists(pk) AND {condition}",
+                # The token check also keeps a retried pending write from counting twice.
+                ConditionExpression=f"attribute_exists(pk) AND {condition} AND "
+                "(attribute_not_exists(delivery_write) OR delivery_write <> :token)",
                 ExpressionAttributeValues=_values(**values),
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
-            if _condition_failed(exc):
-                return False
-            raise
+            if not _condition_failed(exc):
+                raise
+            old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
+            return bool(old.get("delivery_write", {}).get("S") == token)
         return True
 
     def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:

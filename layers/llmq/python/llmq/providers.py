@@ -272,7 +272,11 @@ class ChatCompletionsProvider:
         headers = {"content-type": "application/json"}
         if request.job_id:
             headers["x-llmq-job-id"] = request.job_id
-        key = self._api_key()
+        try:
+            key = self._api_key()
+        except Exception as exc:
+            # The key store (Secrets Manager) failed: nothing was sent, so nothing was billed.
+            raise TransientProviderError(f"could not read the provider key: {type(exc).__name__}") from exc
         if key:
             headers["authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))

@@ -52,7 +52,12 @@ class Reconciler:
     def run(self) -> ReconcileReport:
         report = ReconcileReport()
         now = self.jobs.now_ms()
-        entries = list(self.jobs.sweep(now, self.config.reconciler.max_items_per_run))
+        entries: list[SweepEntry] = []
+        try:
+            entries.extend(self.jobs.sweep(now, self.config.reconciler.max_items_per_run))
+        except StoreUnavailable:
+            # A throttled shard: settle what was read; the rest stays due for the next run.
+            logger.warning("sweep interrupted", extra={"read": len(entries)})
         try:
             deficits = self._message_deficits(entries, now)
         except StoreUnavailable:

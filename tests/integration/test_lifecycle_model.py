@@ -1,0 +1,1138 @@
+"""The job lifecycle as a model, checked after every step of random interleavings (issue #10).
+
+A hypothesis state machine drives the real intake, job and queue repositories, runner,
+reconciler, dead-letter function and webhook dispatcher on moto. The test owns the clock, the
+provider and the webhook receiver, so every interleaving is deterministic and replayable:
+
+- the clock is a number the steps move; the repositories, the dispatcher and the event loop
+  all read it, so a worker's cancel check fires only when a step lets time pass;
+- `asyncio.to_thread` runs inline (the loop's default executor), so no thread races a step;
+- a run may stop inside the provider call, and any other step may happen before it answers:
+  a cancel, another worker's claim after the lease lapsed, a reconciler pass, a dead letter.
+
+Every write DynamoDB applies is checked as it lands (DESIGN §2 transitions, §3 invariants),
+and after every step the jobs are checked against the model: leases, provider calls, webhook
+deliveries. A step may arm a lost answer: DynamoDB applies a write, its answer is lost, and
+botocore sends it again (§3.10). When an example ends without a failure, time passes and
+healthy workers, reconciler and receiver run until nothing is left: no job hangs, no
+subscribed terminal event stays undelivered, and the table holds what the model saw written.
+
+A failing example prints as a list of `state.<rule>(...)` calls; `replayed` below runs such
+a list as a plain test, and the examples found so far are kept that way at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from random import Random
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, Phase, event, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from standardwebhooks.webhooks import Webhook
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.errors import (
+    IdempotencyConflict,
+    JobNotCancelable,
+    JobNotTerminal,
+    NoWebhook,
+    PoisonMessage,
+)
+from llmq.execution import Invocation, JobRunner, RetryLater, mark_dead_letter
+from llmq.intake import JobIntake
+from llmq.jobs import Claim, ClaimOutcome, JobRecord, JobRepository, _from_item
+from llmq.models import (
+    DeliveryStatus,
+    ErrorCode,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    LaneMessage,
+    Usage,
+    WebhookEvent,
+    WebhookMessage,
+)
+from llmq.providers import (
+    GenerationRequest,
+    PermanentProviderError,
+    ProviderTimeout,
+    TransientProviderError,
+)
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from llmq.telemetry import logger
+from llmq.tenants import TenantIdentity, TenantRepository
+from llmq.webhooks import OutcomeKind, WebhookDispatcher, webhook_id
+from tests.conftest import MotoStack, create_llmq_resources
+
+EXAMPLES = int(os.environ.get("LLMQ_MODEL_EXAMPLES", "200"))
+STEPS = 10
+MAX_JOBS = 4
+# A worker invocation's budget; its lease is this plus the configured margin.
+WORKER_SECONDS = 60.0
+START_EPOCH = 1_780_000_000.0
+HOOK_URL = "https://hooks.example.com/llmq"
+PUBLIC_ADDRESS = "93.184.216.34"
+
+ENTERPRISE = TenantIdentity(tenant_id="ten_model_ent", tier="enterprise")
+FREE = TenantIdentity(tenant_id="ten_model_free", tier="free")
+TENANTS = {"enterprise": ENTERPRISE, "free": FREE}
+
+CONFIG = LlmqConfig.model_validate(
+    {
+        "provider": {
+            "base_url": "https://provider.example.com/v1",
+            "default_model": "fake-model",
+            "models": ["fake-model"],
+            "stream": False,
+        },
+        "max_attempts": 3,
+        "lease_margin_seconds": 30,
+        "cancel_check_seconds": 5,
+        "retry": {"base_seconds": 1, "max_seconds": 8},
+        "webhooks": {"schedule_seconds": [1, 2, 4], "jitter_fraction": 0},
+        # Short thresholds, so a few clock steps reach every reconciler branch.
+        "reconciler": {
+            "stale_queued_seconds": 60,
+            "expired_lease_grace_seconds": 60,
+            "stale_webhook_seconds": 120,
+            "sweep_shards": 1,
+        },
+    }
+)
+
+# How the provider answers a call. SUSPEND keeps the call open until `end_run` answers it
+# (or crashes the worker: CRASH).
+SUCCEED, TRANSIENT, PERMANENT, TIMEOUT, SUSPEND = "succeed", "transient", "permanent", "timeout", "suspend"
+CRASH = "crash"
+ANSWERS = [SUCCEED, TRANSIENT, PERMANENT, TIMEOUT]
+# A call held open is what lets other steps interleave with a run, so it comes up often.
+BEHAVIOURS = st.sampled_from([SUSPEND, SUCCEED, SUSPEND, TRANSIENT, PERMANENT, TIMEOUT])
+
+PROMPTS = ["Summarise the quarterly report", "Translate the memo into French"]
+WEBHOOKS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "terminal": {"url": HOOK_URL},
+    # Only two terminal events: a failed or expired job of this kind announces nothing.
+    "started": {"url": HOOK_URL, "events": ["job.started", "job.succeeded", "job.canceled"]},
+}
+# Mostly none: a job past its deadline only expires, and the rest of the example is lost on it.
+DEADLINES = [None, None, None, 30, 300]
+KEYS = [None, "key-a", "key-b"]
+SUBMISSIONS = st.tuples(
+    st.sampled_from(sorted(TENANTS)),
+    st.integers(0, len(PROMPTS) - 1),
+    st.sampled_from(sorted(WEBHOOKS)),
+    st.sampled_from(DEADLINES),
+    st.sampled_from(KEYS),
+)
+
+# DESIGN §2, plus the lead's documented extension: a queued job whose lane message
+# dead-lettered twice without any claim fails as `worker_crashed`.
+LEGAL_MOVES = {
+    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.EXPIRED, JobStatus.FAILED},
+    JobStatus.RUNNING: {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED},
+}
+# Where a delivery may go without a redelivery request: pending until the dispatcher settles
+# it, and a late success may still turn `failed` into `delivered`.
+DELIVERY_MOVES: dict[DeliveryStatus | None, set[DeliveryStatus | None]] = {
+    None: {DeliveryStatus.PENDING},
+    DeliveryStatus.PENDING: {DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.DISABLED},
+    DeliveryStatus.FAILED: {DeliveryStatus.DELIVERED},
+    DeliveryStatus.DELIVERED: set(),
+    DeliveryStatus.DISABLED: set(),
+}
+
+
+# ---- a clock and an event loop that only the steps move -----------------------------------
+
+
+class ModelClock:
+    """Seconds since the epoch; they pass only when a step says so."""
+
+    def __init__(self) -> None:
+        self.now = START_EPOCH
+
+    def __call__(self) -> float:
+        return self.now
+
+    @property
+    def now_ms(self) -> int:
+        return int(self.now * 1000)
+
+
+class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """`asyncio.to_thread` runs the call at once on the loop's thread: no thread races a step."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+class ModelLoop(asyncio.SelectorEventLoop):
+    """An event loop on the model clock: `asyncio.sleep` ends only once a step moved the clock."""
+
+    def __init__(self, clock: ModelClock) -> None:
+        self._model_clock = clock
+        super().__init__()
+        self.set_default_executor(InlineExecutor())
+
+    def time(self) -> float:
+        # Seconds since the example began: near the epoch's 1.78e9, a float cannot hold the
+        # loop's 1 ns resolution, and a timer due exactly now would never count as due.
+        return self._model_clock.now - START_EPOCH
+
+    def run_until_idle(self) -> None:
+        """Run whatever is ready, and what that makes ready, until only future times are left.
+
+        One loop iteration at a time, so the loop never waits in select() for a timer that
+        only the model clock can bring. asyncio has no public "nothing is ready", hence the
+        private lists.
+        """
+        for _ in range(10_000):
+            self.call_soon(self.stop)
+            self.run_forever()
+            due = any(not h.cancelled() and h.when() <= self.time() for h in self._scheduled)  # type: ignore[attr-defined]
+            if not self._ready and not due:  # type: ignore[attr-defined]
+                return
+        raise AssertionError("the event loop never went idle")
+
+
+# ---- what the test plays: the provider, the runs, the observer of writes -----------------------
+
+
+@dataclass
+class ProviderCall:
+    job_id: str
+    owner: str
+    # Read from the job at the moment of the call: had a cancel been recorded?
+    cancel_recorded: bool
+    answer: str | None = None
+    output: str | None = None
+
+
+@dataclass
+class Run:
+    """One worker invocation running one lane message."""
+
+    number: int
+    owner: str
+    body: str
+    job_id: str | None
+    behaviour: str
+    started_at: float
+    # (queue url, receipt handle) when the message came from a lane queue.
+    receipt: tuple[str, str] | None
+    task: asyncio.Task[None] | None = None
+    children: set[asyncio.Task[Any]] = field(default_factory=set)
+    gate: asyncio.Future[str] | None = None
+    claim: Claim | None = None
+    crashed: bool = False
+    # acknowledged | retry | poison | crashed, once the run is over.
+    result: str | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    @property
+    def lease_expires_ms(self) -> int | None:
+        if self.claim is None or self.claim.outcome is not ClaimOutcome.CLAIMED or self.claim.job is None:
+            return None
+        return self.claim.job.lease_expires_ms
+
+
+class ScriptedProvider:
+    """The provider interface the runner uses, answering as the step that started the run says."""
+
+    def __init__(self, observer: WriteObserver) -> None:
+        # Every write is observed, so the observer's copy is the stored job at this moment.
+        self.observer = observer
+        self.calls: list[ProviderCall] = []
+        self.starting: Run | None = None
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        run = self.starting
+        assert run is not None, "the provider was called outside a run"
+        assert request.job_id is not None
+        stored = self.observer.seen.get(request.job_id)
+        recorded = stored is None or stored.cancel_requested or stored.status is JobStatus.CANCELED
+        call = ProviderCall(job_id=request.job_id, owner=run.owner, cancel_recorded=recorded)
+        self.calls.append(call)
+        answer = run.behaviour
+        if answer == SUSPEND:
+            run.gate = asyncio.get_running_loop().create_future()
+            answer = await run.gate
+        call.answer = answer
+        if answer == TRANSIENT:
+            raise TransientProviderError("the provider answered 503", status_code=503)
+        if answer == PERMANENT:
+            raise PermanentProviderError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, "the prompt is too long", 400)
+        if answer == TIMEOUT:
+            raise ProviderTimeout("no answer in time")
+        call.output = f"answer #{len(self.calls)} for {request.job_id}"
+        return JobResult(
+            output=call.output, finish_reason="stop", usage=Usage(input_tokens=3, output_tokens=5)
+        )
+
+
+class WriteObserver:
+    """Sees the job as every applied write left it, and checks the step it took."""
+
+    def __init__(self, clock: ModelClock) -> None:
+        self.clock = clock
+        self.seen: dict[str, JobRecord] = {}
+        self.violations: list[str] = []
+        # Claims that took a running job over from another owner: its lease had lapsed.
+        self.lapses: Counter[str] = Counter()
+        # Per job, the DLQ messages handled while it was queued, each with the job's attempt
+        # count then (from the model's own steps, not from what the job stores).
+        self.dead_letters: dict[str, list[tuple[str, int]]] = {}
+        self.redelivering = False
+
+    def saw_write(self, new: JobRecord, where: str) -> None:
+        old = self.seen.get(new.id)
+        for problem in self._problems(old, new):
+            self.violations.append(f"{new.id}: {problem} ({where})")
+        self.seen[new.id] = new
+
+    def _problems(self, old: JobRecord | None, new: JobRecord) -> Iterator[str]:
+        yield from _lease_problems(new)
+        yield from self._delivery_shape(new)
+        if old is None:
+            if new.status is not JobStatus.QUEUED or new.attempts != 0:
+                yield f"created as {new.status.value} with {new.attempts} attempts"
+            return
+        yield from self._status_move(old, new)
+        if old.status.is_terminal:
+            for name in ("status", "result", "result_ref", "error", "finished_ms"):
+                if getattr(old, name) != getattr(new, name):
+                    yield f"terminal job changed its {name}: {getattr(old, name)!r} -> {getattr(new, name)!r}"
+        if new.attempts < old.attempts or new.attempts > CONFIG.max_attempts:
+            yield f"attempts went {old.attempts} -> {new.attempts} (max {CONFIG.max_attempts})"
+        if old.cancel_requested and not new.cancel_requested:
+            yield "a recorded cancel request was forgotten"
+        yield from self._delivery_move(old, new)
+
+    def _status_move(self, old: JobRecord, new: JobRecord) -> Iterator[str]:
+        if old.status is not new.status:
+            _note(f"transition {old.status.value} -> {new.status.value}")
+        if old.status is new.status:
+            if (
+                new.status is JobStatus.RUNNING
+                and old.lease_owner != new.lease_owner
+                and new.lease_owner is not None
+            ):
+                self.lapses[new.id] += 1
+                _note("a lapsed lease taken over")
+                if old.lease_expires_ms is not None and old.lease_expires_ms >= self.clock.now_ms:
+                    yield f"{new.lease_owner} took over a live lease of {old.lease_owner}"
+            return
+        if new.status not in LEGAL_MOVES.get(old.status, set()):
+            yield f"illegal transition {old.status.value} -> {new.status.value}"
+        elif old.status is JobStatus.QUEUED and new.status is JobStatus.FAILED:
+            letters = self.dead_letters.get(new.id, [])
+            # "Twice without any claim": two distinct DLQ messages at the current attempt count.
+            unclaimed = {message_id for message_id, attempts in letters if attempts == new.attempts}
+            code = new.error.code if new.error else None
+            if code is not ErrorCode.WORKER_CRASHED or len(unclaimed) < 2:
+                yield (
+                    f"queued -> failed ({code}) without two dead letters since its last claim "
+                    f"(DLQ messages and the attempt count at each: {letters}; attempts now {new.attempts})"
+                )
+
+    def _delivery_shape(self, new: JobRecord) -> Iterator[str]:
+        event = new.terminal_event
+        wanted = event is not None and new.wants(event)
+        if wanted and new.delivery_status is None:
+            yield f"{new.status.value} with a subscribed {event} but no delivery record"
+        if not wanted and new.delivery_status is not None:
+            yield f"{new.status.value} has delivery {new.delivery_status} for an event nobody subscribed"
+
+    def _delivery_move(self, old: JobRecord, new: JobRecord) -> Iterator[str]:
+        before, after = old.delivery_status, new.delivery_status
+        if before is after:
+            return
+        if self.redelivering and after is DeliveryStatus.PENDING:
+            return
+        if after not in DELIVERY_MOVES[before]:
+            yield f"delivery went {before} -> {after} without a redelivery request"
+
+
+def _note(what: str) -> None:
+    """Count what an example reached (`--hypothesis-show-statistics`); a replayed list of steps
+    runs outside hypothesis, where there is nothing to count it in."""
+    if currently_in_test_context():
+        event(what)
+
+
+def _lease_problems(job: JobRecord) -> Iterator[str]:
+    if job.status is JobStatus.RUNNING and (job.lease_owner is None or job.lease_expires_ms is None):
+        yield "running without a lease"
+    if job.status is not JobStatus.RUNNING and (
+        job.lease_owner is not None or job.lease_expires_ms is not None
+    ):
+        yield f"{job.status.value} but still leased to {job.lease_owner}"
+
+
+class _ObservedDynamoDB:
+    """The repository's DynamoDB client, telling the observer about every applied write.
+
+    Every update asks for the item as written (the repository ignores an answer it did not
+    ask for) and reads it with the repository's own `_from_item`: observing costs no extra
+    read, and moto answers slowly, so speed buys examples.
+    An armed write is applied and then sent again, as botocore retries a write whose answer
+    was lost (DESIGN §3.10): the repository sees only the second answer.
+    """
+
+    def __init__(self, inner: Any, repository: ObservedJobRepository) -> None:
+        self._inner = inner
+        self._repository = repository
+
+    def __getattr__(self, operation: str) -> Any:
+        method = getattr(self._inner, operation)
+        if operation not in ("put_item", "update_item"):
+            return method
+
+        def write(**kwargs: Any) -> Any:
+            if operation == "update_item":
+                kwargs = {"ReturnValues": "ALL_NEW", **kwargs}
+            if self._repository.answer_lost():
+                self._observed(method, kwargs)  # applied; its answer never arrives
+            return self._observed(method, kwargs)
+
+        return write
+
+    def _observed(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        response = method(**kwargs)  # a refused condition raises: nothing was written
+        written = kwargs["Item"] if "Item" in kwargs else response["Attributes"]
+        self._repository.observer.saw_write(_from_item(written), _writer())
+        return response
+
+
+def _writer() -> str:
+    """The chain of repository methods that made the write, for the failure message."""
+    names = []
+    frame = sys._getframe(2)
+    while frame is not None and len(names) < 4:
+        if frame.f_code.co_filename.endswith(os.path.join("llmq", "jobs.py")):
+            names.append(frame.f_code.co_name)
+        frame = frame.f_back  # type: ignore[assignment]
+    return " <- ".join(names) or "?"
+
+
+class ObservedJobRepository(JobRepository):
+    """The real repository; its writes are observed, its claims and delivery records counted."""
+
+    def __init__(self, table: str, clock: ModelClock, observer: WriteObserver) -> None:
+        super().__init__(table, CONFIG, clock=clock)
+        self.observer = observer
+        self.claims: dict[str, Claim] = {}
+        # Delivery attempts the repository said it recorded since the last redelivery.
+        self.recorded_deliveries: Counter[str] = Counter()
+        # Writes to let through before one whose answer is lost; None: none armed.
+        self.lose_answer_after: int | None = None
+
+    @property
+    def _ddb(self) -> Any:
+        return _ObservedDynamoDB(super()._ddb, self)
+
+    def answer_lost(self) -> bool:
+        if self.lose_answer_after is None:
+            return False
+        if self.lose_answer_after > 0:
+            self.lose_answer_after -= 1
+            return False
+        self.lose_answer_after = None
+        return True
+
+    def record_delivery(
+        self,
+        job_id: str,
+        status: DeliveryStatus,
+        status_code: int | None,
+        next_attempt_in_seconds: float | None = None,
+    ) -> bool:
+        recorded = super().record_delivery(job_id, status, status_code, next_attempt_in_seconds)
+        if recorded:
+            self.recorded_deliveries[job_id] += 1
+        return recorded
+
+    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
+        claim = super().claim(job_id, owner, lease_seconds)
+        self.claims[owner] = claim
+        return claim
+
+    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
+        self.observer.redelivering = True
+        try:
+            pending = super().mark_delivery_pending(job_id, tenant_id)
+        finally:
+            self.observer.redelivering = False
+        self.recorded_deliveries[job_id] = 0
+        return pending
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelJob:
+    id: str
+    tenant: TenantIdentity
+    lane: str
+    body: tuple[Any, ...]
+
+
+@dataclass
+class Environment:
+    """What every example shares: one moto, its tables and queues, two tenants."""
+
+    stack: MotoStack
+    secrets: dict[str, str]
+
+
+class LifecycleModel(RuleBasedStateMachine):
+    """One example: an empty table and queues, a clock at START_EPOCH, up to MAX_JOBS jobs."""
+
+    def __init__(self, env: Environment) -> None:
+        super().__init__()
+        self.env = env
+        self.stack = env.stack
+        self.sqs = aws.client("sqs")
+        _reset(self.stack)
+        self.clock = ModelClock()
+        self.loop = ModelLoop(self.clock)
+        self.observer = WriteObserver(self.clock)
+        self.jobs = ObservedJobRepository(self.stack.jobs_table, self.clock, self.observer)
+        self.queues = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url)
+        self.provider = ScriptedProvider(self.observer)
+        self.runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
+        self.intake = JobIntake(self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None)
+        self.reconciler = Reconciler(self.jobs, self.queues, CONFIG)
+        self.receiver_status = 200
+        self.posts: list[httpx.Request] = []
+        self.dispatcher = WebhookDispatcher(
+            self.jobs,
+            TenantRepository(self.stack.tenants_table),
+            CONFIG,
+            "https://api.example.com",
+            transport_factory=lambda target: httpx.MockTransport(self._receive_webhook),
+            resolver=lambda host, port: [PUBLIC_ADDRESS],
+            clock=self.clock,
+            rng=lambda: 0.5,
+        )
+        self.model_jobs: list[ModelJob] = []
+        self.keys: dict[tuple[str, str], ModelJob] = {}
+        self.runs: list[Run] = []
+        # Every DLQ record handled so far: (body, message id).
+        self.letters: list[tuple[str, str]] = []
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    @initialize(jobs=st.lists(SUBMISSIONS, min_size=1, max_size=3))
+    def first_jobs(self, jobs: list[tuple[str, int, str, int | None, str | None]]) -> None:
+        for submission in jobs:
+            self.submit(*submission)
+
+    @precondition(lambda self: len(self.model_jobs) < MAX_JOBS)
+    @rule(
+        tenant=st.sampled_from(sorted(TENANTS)),
+        prompt=st.integers(0, len(PROMPTS) - 1),
+        webhook=st.sampled_from(sorted(WEBHOOKS)),
+        deadline=st.sampled_from(DEADLINES),
+        key=st.sampled_from(KEYS),
+    )
+    def submit(self, tenant: str, prompt: int, webhook: str, deadline: int | None, key: str | None) -> None:
+        """Given an Idempotency-Key used before, a replay of the same body returns the original job
+        and enqueues nothing, and a different body is refused; otherwise a new job is queued."""
+        body = (prompt, webhook, deadline)
+        request = JobRequest.model_validate(
+            {"prompt": PROMPTS[prompt], "webhook": WEBHOOKS[webhook], "deadline_seconds": deadline}
+        )
+        earlier = self.keys.get((tenant, key)) if key else None
+        depth = self._lane_depths() if earlier else None
+        try:
+            submission = self.intake.submit(TENANTS[tenant], request, key)
+        except IdempotencyConflict:
+            assert earlier is not None and earlier.body != body, "a first use of a key was refused"
+            return
+        if earlier is not None:
+            assert earlier.body == body, "the same key with a different body was accepted"
+            assert submission.replayed and submission.job.id == earlier.id
+            assert submission.job == self.observer.seen[earlier.id], "a replay returned another state"
+            assert self._lane_depths() == depth, "a replay enqueued a message"
+            return
+        assert not submission.replayed
+        job = ModelJob(submission.job.id, TENANTS[tenant], submission.job.lane, body)
+        assert self.observer.seen[job.id].status is JobStatus.QUEUED
+        self.model_jobs.append(job)
+        if key:
+            self.keys[(tenant, key)] = job
+
+    @rule(
+        worker=st.integers(0, 2),
+        # Mostly real messages; now and then one naming no job.
+        source=st.sampled_from(["queue", "queue", "queue", "unknown"]),
+        pick=st.integers(0, 9),
+        behaviour=BEHAVIOURS,
+    )
+    def run_message(self, worker: int, source: str, pick: int, behaviour: str) -> None:
+        """A worker runs a message from a lane queue (or one naming no job). The provider answers
+        as told, or holds the call open until `end_run`."""
+        receipt = None
+        if source == "queue":
+            picked = self._pick_lane_message(pick)
+            if picked is None:
+                return
+            url, message = picked
+            body, receipt = message["Body"], (url, message["ReceiptHandle"])
+        else:
+            body = LaneMessage(job_id="job_never_submitted", lane="high").model_dump_json()
+        run = self._start(worker, body, behaviour, receipt)
+        if source == "unknown":
+            assert run.result == "poison", "a message naming no job was not refused as poison"
+
+    @rule(worker=st.integers(0, 2), pick=st.integers(0, 9), behaviour=BEHAVIOURS)
+    def run_duplicate(self, worker: int, pick: int, behaviour: str) -> None:
+        """SQS delivers at least once: a worker runs another copy of a job's lane message."""
+        job = self._job(pick)
+        self._start(worker, LaneMessage(job_id=job.id, lane=job.lane).model_dump_json(), behaviour, None)
+
+    @precondition(lambda self: any(run.in_flight for run in self.runs))
+    @rule(pick=st.integers(0, 9), how=st.sampled_from([*ANSWERS, CRASH]))
+    def end_run(self, pick: int, how: str) -> None:
+        """A call held open ends: the provider answers, or the worker's Lambda dies and writes
+        nothing more."""
+        run = self._in_flight(pick)
+        if how == CRASH:
+            self._crash(run)
+            return
+        assert run.gate is not None
+        run.gate.set_result(how)
+        self._settle_loop()
+
+    @precondition(lambda self: any(run.in_flight for run in self.runs))
+    @rule(pick=st.integers(0, 9), worker=st.integers(0, 2), behaviour=BEHAVIOURS)
+    def stall_past_lease(self, pick: int, worker: int, behaviour: str) -> None:
+        """A worker holding a call open stalls past its lease (a frozen Lambda, a slow network)
+        and SQS hands a copy of its message to another worker."""
+        run = self._in_flight(pick)
+        assert run.lease_expires_ms is not None, "a run waits on the provider without a claim"
+        self.clock.now = max(self.clock.now, run.lease_expires_ms / 1000 + 1)
+        self._settle_loop()
+        self._start(worker, run.body, behaviour, None)
+
+    @rule(seconds=st.sampled_from([5, 95, 30, 200, 1, 61]))
+    def advance_clock(self, seconds: int) -> None:
+        """Time passes: leases lapse, backoffs end, deadlines pass, running workers check for a cancel."""
+        self.clock.now += seconds
+        self._settle_loop()
+
+    @rule(pick=st.integers(0, 9))
+    def cancel(self, pick: int) -> None:
+        """The client cancels: a queued job is canceled at once, a running one is asked to stop,
+        a finished one answers 409."""
+        job = self._job(pick)
+        before = self.observer.seen[job.id]
+        try:
+            after = self.intake.cancel(job.tenant, job.id)
+        except JobNotCancelable:
+            assert before.status.is_terminal, f"a {before.status.value} job refused to cancel"
+            return
+        assert not before.status.is_terminal, f"a {before.status.value} job accepted a cancel"
+        if before.status is JobStatus.QUEUED:
+            assert after.status is JobStatus.CANCELED
+        else:
+            assert after.status is JobStatus.RUNNING and after.cancel_requested
+
+    @rule()
+    def reconcile(self) -> None:
+        """The scheduled reconciler runs."""
+        self.reconciler.run()
+
+    @rule(source=st.sampled_from(["queue", "job", "again", "garbage"]), pick=st.integers(0, 9))
+    def dead_letter(self, source: str, pick: int) -> None:
+        """A lane message exhausted its receives and the dead-letter function handles it: one
+        taken from a lane queue, a duplicate copy naming a job, a DLQ record handled again, or
+        a body that is not a lane message at all."""
+        if source == "queue":
+            picked = self._pick_lane_message(pick)
+            if picked is None:
+                return
+            url, message = picked
+            self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            body, message_id = message["Body"], message["MessageId"]
+        elif source == "job":
+            job = self._job(pick)
+            body = LaneMessage(job_id=job.id, lane=job.lane).model_dump_json()
+            message_id = f"dlq-copy-{len(self.letters) + 1}"
+        elif source == "again":
+            if not self.letters:
+                return
+            body, message_id = self.letters[pick % len(self.letters)]
+        else:
+            body, message_id = "{not a lane message", "dlq-garbage"
+        self.letters.append((body, message_id))
+        job_id = _job_id_of(body)
+        before = self.observer.seen.get(job_id or "")
+        if before is not None and before.status is JobStatus.QUEUED:
+            self.observer.dead_letters.setdefault(before.id, []).append((message_id, before.attempts))
+        names_a_job = before is not None
+        try:
+            mark_dead_letter(self.jobs, self.queues, body, message_id)
+        except PoisonMessage:
+            assert not names_a_job, "a dead letter naming a real job was called poison"
+            return
+        assert names_a_job, "a dead letter naming no job was not kept for a human"
+
+    @rule(pick=st.integers(0, 9))
+    def redeliver(self, pick: int) -> None:
+        """The client asks for the terminal event again: only a finished, subscribed job may."""
+        job = self._job(pick)
+        before = self.observer.seen[job.id]
+        try:
+            after = self.intake.redeliver(job.tenant, job.id)
+        except JobNotTerminal:
+            assert not before.status.is_terminal
+            return
+        except NoWebhook:
+            event = before.terminal_event
+            assert event is not None and not before.wants(event)
+            return
+        assert after.delivery_status is DeliveryStatus.PENDING and after.delivery_attempts == 0
+
+    @rule(
+        pick=st.integers(0, 9),
+        status=st.sampled_from([DeliveryStatus.DELIVERED, DeliveryStatus.PENDING, DeliveryStatus.FAILED]),
+    )
+    def late_delivery_outcome(self, pick: int, status: DeliveryStatus) -> None:
+        """A duplicate or late dispatcher records an outcome: only a pending delivery moves,
+        and a late success may still turn `failed` into `delivered`."""
+        job = self._job(pick)
+        before = self.observer.seen[job.id].delivery_status
+        code = 200 if status is DeliveryStatus.DELIVERED else 503
+        applied = self.jobs.record_delivery(
+            job.id, status, code, 1.0 if status is DeliveryStatus.PENDING else None
+        )
+        expected = before is DeliveryStatus.PENDING or (
+            before is DeliveryStatus.FAILED and status is DeliveryStatus.DELIVERED
+        )
+        assert applied == expected, f"record_delivery({status}) on a {before} delivery answered {applied}"
+
+    @rule(pick=st.integers(0, 9), status=st.sampled_from([200, 500, 410, 429]), attempt=st.integers(1, 4))
+    def dispatch_webhook(self, pick: int, status: int, attempt: int) -> None:
+        """The dispatcher takes a webhook message; the receiver answers `status`."""
+        messages = self._peek(self.stack.webhook_queue_url)
+        if not messages:
+            return
+        message = messages[pick % len(messages)]
+        webhook = WebhookMessage.model_validate_json(message["Body"])
+        outcome = self._dispatch(webhook, status, attempt)
+        if outcome.kind is not OutcomeKind.RETRY:
+            self.sqs.delete_message(
+                QueueUrl=self.stack.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
+            )
+
+    @rule(after=st.integers(0, 3))
+    def lose_a_write_answer(self, after: int) -> None:
+        """DynamoDB applies a coming write (the one after `after` others) but its answer is lost,
+        and botocore sends it again: the writer must carry on as if it had succeeded."""
+        self.jobs.lose_answer_after = after
+
+    # ---- what must hold after every step -----------------------------------------------------
+
+    @invariant()
+    def lifecycle_holds(self) -> None:
+        assert not self.observer.violations, "\n".join(self.observer.violations)
+        now_ms = self.clock.now_ms
+        for run in self.runs:
+            expires = run.lease_expires_ms
+            if run.in_flight and expires is not None and expires >= now_ms and run.job_id is not None:
+                holder = self.observer.seen[run.job_id]
+                assert holder.status is JobStatus.RUNNING and holder.lease_owner == run.owner, (
+                    f"{run.owner} believes it holds a live lease on {run.job_id}, "
+                    f"but the job is {holder.status.value} leased to {holder.lease_owner}"
+                )
+        for call in self.provider.calls:
+            assert not call.cancel_recorded, f"the provider was called for {call.job_id} after its cancel"
+        for job in self.model_jobs:
+            stored = self.observer.seen[job.id]
+            self._check_spend(stored)
+            recorded = self.jobs.recorded_deliveries[job.id]
+            assert stored.delivery_attempts == recorded, (
+                f"{job.id} shows {stored.delivery_attempts} delivery attempts; {recorded} were recorded"
+            )
+
+    def _check_spend(self, job: JobRecord) -> None:
+        calls = [call for call in self.provider.calls if call.job_id == job.id]
+        assert len(calls) <= job.attempts, (
+            f"{len(calls)} provider calls for {job.attempts} claims of {job.id}"
+        )
+        if job.status is not JobStatus.SUCCEEDED:
+            return
+        outputs = {call.output for call in calls if call.answer == SUCCEED}
+        assert job.result is not None and job.result.output in outputs, "succeeded with no answer to show"
+        retried = sum(1 for call in calls if call.answer == TRANSIENT)
+        lapses = self.observer.lapses[job.id]
+        assert len(calls) <= 1 + retried + lapses, (
+            f"{job.id} succeeded after {len(calls)} provider calls, "
+            f"with {retried} transient failures and {lapses} lapsed leases"
+        )
+
+    def teardown(self) -> None:
+        try:
+            if sys.exc_info()[1] is None:
+                self._everything_settles()
+        finally:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.run_until_idle()
+            self.loop.close()
+
+    def _everything_settles(self) -> None:
+        """Then, once workers, reconciler and receiver are healthy and time passes, every job
+        ends terminal and every subscribed terminal event is delivered (DESIGN §3.6)."""
+        for run in [run for run in self.runs if run.in_flight]:
+            self._crash(run)  # the Lambdas that held calls open time out
+        for _ in range(8):
+            if not self._unsettled():
+                break
+            self.clock.now += 400
+            self._settle_loop()
+            self.reconciler.run()
+            for url, message in self._lane_messages():
+                self._start(0, message["Body"], SUCCEED, (url, message["ReceiptHandle"]))
+            for message in self._peek(self.stack.webhook_queue_url):
+                webhook = WebhookMessage.model_validate_json(message["Body"])
+                outcome = self._dispatch(webhook, 200, 1)
+                if outcome.kind is not OutcomeKind.RETRY:
+                    self.sqs.delete_message(
+                        QueueUrl=self.stack.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
+                    )
+            self.lifecycle_holds()
+        assert not self._unsettled(), f"left behind after the system recovered: {self._unsettled()}"
+        assert self._stored() == self.observer.seen, "a job changed without an observed write"
+
+    def _stored(self) -> dict[str, JobRecord]:
+        ddb = aws.client("dynamodb")
+        items = ddb.scan(TableName=self.stack.jobs_table, ConsistentRead=True).get("Items", [])
+        return {record.id: record for record in map(_from_item, items)}
+
+    def _unsettled(self) -> list[str]:
+        left = []
+        for job in self.model_jobs:
+            stored = self.observer.seen[job.id]
+            if not stored.status.is_terminal:
+                left.append(f"{job.id} still {stored.status.value}")
+            elif stored.delivery_status is DeliveryStatus.PENDING:
+                left.append(f"{job.id} {stored.status.value} with its webhook still pending")
+        return left
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _job(self, pick: int) -> ModelJob:
+        return self.model_jobs[pick % len(self.model_jobs)]
+
+    def _in_flight(self, pick: int) -> Run:
+        runs = [run for run in self.runs if run.in_flight]
+        return runs[pick % len(runs)]
+
+    def _start(self, worker: int, body: str, behaviour: str, receipt: tuple[str, str] | None) -> Run:
+        number = len(self.runs) + 1
+        job_id = _job_id_of(body)
+        run = Run(number, f"worker-{worker}/run-{number}", body, job_id, behaviour, self.clock.now, receipt)
+        self.runs.append(run)
+        invocation = Invocation(
+            owner=run.owner,
+            remaining_seconds=lambda: max(0.0, run.started_at + WORKER_SECONDS - self.clock.now),
+        )
+        before = asyncio.all_tasks(self.loop)
+        self.provider.starting = run
+        run.task = self.loop.create_task(self.runner.run(body, invocation))
+        try:
+            self.loop.run_until_idle()
+        finally:
+            self.provider.starting = None
+        run.claim = self.jobs.claims.get(run.owner)
+        _note(f"claim {run.claim.outcome.value if run.claim else 'not attempted'}")
+        run.children = asyncio.all_tasks(self.loop) - before - {run.task}
+        if run.in_flight and (run.gate is None or run.gate.done()):
+            raise AssertionError(f"{run.owner} neither finished nor waits on the provider")
+        self._collect()
+        return run
+
+    def _crash(self, run: Run) -> None:
+        run.crashed = True
+        for task in {run.task, *run.children}:
+            if task is not None:
+                task.cancel()
+        self._settle_loop()
+
+    def _settle_loop(self) -> None:
+        self.loop.run_until_idle()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Runs that ended: acknowledge their message as the worker's batch response would."""
+        for run in self.runs:
+            if run.result is not None or run.task is None or not run.task.done():
+                continue
+            if run.task.cancelled():
+                assert run.crashed, f"{run.owner} was cancelled without a crash"
+                run.result = "crashed"
+                continue
+            error = run.task.exception()
+            if isinstance(error, RetryLater):
+                run.result = "retry"
+            elif isinstance(error, PoisonMessage):
+                run.result = "poison"
+                assert run.job_id not in self.observer.seen, (
+                    f"a message for the existing job {run.job_id} was called poison"
+                )
+            elif error is not None:
+                raise error
+            else:
+                run.result = "acknowledged"
+                if run.receipt is not None:
+                    self.sqs.delete_message(QueueUrl=run.receipt[0], ReceiptHandle=run.receipt[1])
+
+    def _dispatch(self, message: WebhookMessage, status: int, attempt: int) -> Any:
+        before = self.observer.seen.get(message.job_id)
+        sent = len(self.posts)
+        self.receiver_status = status
+        task = self.loop.create_task(self.dispatcher.deliver(message, attempt))
+        self.loop.run_until_idle()
+        assert task.done(), "a webhook delivery never finished"
+        outcome = task.result()
+        _note(f"webhook {outcome.kind.value}")
+        terminal = message.event is not WebhookEvent.STARTED
+        if terminal and before is not None:
+            due = before.delivery_status is DeliveryStatus.PENDING and before.terminal_event is message.event
+            assert (len(self.posts) > sent) == due, (
+                f"{message.event} for a {before.status.value} job with delivery {before.delivery_status}: "
+                f"{'sent' if len(self.posts) > sent else 'not sent'}"
+            )
+            if due:
+                expected = _recorded_delivery(status, attempt)
+                assert self.observer.seen[message.job_id].delivery_status is expected
+        return outcome
+
+    def _receive_webhook(self, request: httpx.Request) -> httpx.Response:
+        """The integrator's receiver: it checks the signature, then answers as the step says.
+
+        The reference library signs what it expects; its `verify` would also hold the timestamp
+        to the wall clock, which the model clock is not.
+        """
+        self.posts.append(request)
+        payload = json.loads(request.content)
+        tenant = next(job.tenant for job in self.model_jobs if job.id == payload["data"]["id"])
+        msg_id, timestamp = request.headers["webhook-id"], request.headers["webhook-timestamp"]
+        assert msg_id == webhook_id(payload["data"]["id"], payload["type"])
+        assert int(timestamp) == int(self.clock.now), "an attempt was not signed afresh"
+        expected = Webhook(self.env.secrets[tenant.tenant_id]).sign(
+            msg_id, datetime.fromtimestamp(int(timestamp), UTC), request.content.decode()
+        )
+        assert expected in request.headers["webhook-signature"].split(" "), "the signature does not verify"
+        headers = {"retry-after": "1"} if self.receiver_status in (429, 503) else {}
+        return httpx.Response(self.receiver_status, headers=headers)
+
+    def _peek(self, url: str) -> list[dict[str, Any]]:
+        """Up to ten messages of a queue, left visible: a step picks the one it handles."""
+        response = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
+        return list(response.get("Messages", []))
+
+    def _lane_messages(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(url, message) for url in self.stack.lane_queue_urls.values() for message in self._peek(url)]
+
+    def _pick_lane_message(self, pick: int) -> tuple[str, dict[str, Any]] | None:
+        messages = self._lane_messages()
+        return messages[pick % len(messages)] if messages else None
+
+    def _lane_depths(self) -> dict[str, int]:
+        return {lane: self.queues.lane_depth(lane) for lane in self.stack.lane_queue_urls}
+
+
+def _recorded_delivery(status: int, attempt: int) -> DeliveryStatus:
+    if 200 <= status < 300:
+        return DeliveryStatus.DELIVERED
+    if status == 410:
+        return DeliveryStatus.DISABLED
+    exhausted = attempt > len(CONFIG.webhooks.schedule_seconds)
+    return DeliveryStatus.FAILED if exhausted else DeliveryStatus.PENDING
+
+
+def _job_id_of(body: str) -> str | None:
+    try:
+        return LaneMessage.model_validate_json(body).job_id
+    except ValueError:
+        return None
+
+
+def _reset(stack: MotoStack) -> None:
+    """A fresh example: no jobs, no messages."""
+    ddb, sqs = aws.client("dynamodb"), aws.client("sqs")
+    for page in ddb.get_paginator("scan").paginate(TableName=stack.jobs_table, ProjectionExpression="pk"):
+        for item in page.get("Items", []):
+            ddb.delete_item(TableName=stack.jobs_table, Key={"pk": item["pk"]})
+    for url in [*stack.lane_queue_urls.values(), stack.webhook_queue_url]:
+        sqs.purge_queue(QueueUrl=url)
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[Environment]:
+    """One moto for the whole run; each example empties the table and the queues."""
+    from moto import mock_aws
+
+    from sandbox.moto_fidelity import make_dynamodb_writes_atomic
+
+    # Each example purges the queues; AWS allows one purge a minute, and moto enforces it.
+    monkeypatch.setenv("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")
+    # Thousands of steps: keep the warnings, drop the per-job info lines.
+    level = logger.log_level
+    logger.setLevel(logging.WARNING)
+    make_dynamodb_writes_atomic()
+    with mock_aws():
+        aws.reset_clients()
+        # Steps peek at queues without deleting; no message should reach a DLQ by being looked at.
+        stack = create_llmq_resources(["high", "low"], max_receive_count=1000)
+        tenants = TenantRepository(stack.tenants_table)
+        secrets = {}
+        for name, identity in TENANTS.items():
+            created = tenants.create(name, identity.tier, tenant_id=identity.tenant_id)
+            secrets[identity.tenant_id] = created.tenant.webhook_secrets[0]
+        yield Environment(stack, secrets)
+    aws.reset_clients()
+    logger.setLevel(level)
+
+
+@pytest.mark.timeout(120 + 2 * EXAMPLES)
+def test_every_interleaving_keeps_the_lifecycle_invariants(environment: Environment) -> None:
+    """Given jobs submitted, run, retried, canceled, taken over, dead-lettered, reconciled and
+    announced in any order, when each step lands, then DESIGN §2 and §3 hold for every job."""
+    run_state_machine_as_test(
+        lambda: LifecycleModel(environment),
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            # No explain phase: on Python 3.11 it traces every line, and a failure took minutes.
+            phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        ),
+    )
+
+
+# ---- examples the machine found, replayed as plain tests ------------------------------------------
+
+
+@contextmanager
+def replayed(environment: Environment) -> Iterator[LifecycleModel]:
+    """A model to drive by hand, step by step, as hypothesis prints a failing example."""
+    state = LifecycleModel(environment)
+    try:
+        yield state
+    finally:
+        state.teardown()
+
+
+def test_a_dead_letter_whose_answer_was_lost_counts_once(environment: Environment) -> None:
+    """Given a queued job that no worker has claimed yet,
+    when its message dead-letters and DynamoDB applies the dead-letter note but the answer is
+    lost (botocore sends the write again),
+    then the note counts once: the job is sent again and stays queued, not failed as
+    `worker_crashed` after a single dead letter (DESIGN §3.10)."""
+    with replayed(environment) as state:
+        state.first_jobs(jobs=[("enterprise", 0, "none", None, None)])
+        state.lose_a_write_answer(after=0)
+        state.dead_letter(source="queue", pick=0)
+        job = state.observer.seen[state.model_jobs[0].id]
+        assert job.status is JobStatus.QUEUED, job.error
+        assert len(state._lane_messages()) == 1, "the job's message was not sent again"
+        state.lifecycle_holds()
+
+
+@pytest.mark.parametrize("outcome", [DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.PENDING])
+def test_a_delivery_outcome_whose_answer_was_lost_is_recorded_once(
+    environment: Environment, outcome: DeliveryStatus
+) -> None:
+    """Given a canceled job whose `job.canceled` webhook is pending,
+    when the dispatcher records an attempt's outcome and DynamoDB applies the write but its
+    answer is lost (botocore sends it again),
+    then the dispatcher is told the outcome was recorded, and the delivery shows one attempt
+    (DESIGN §3.10: a write recognises its own earlier success).
+
+    Found by the machine as:
+        state.first_jobs(jobs=[('enterprise', 0, 'started', None, None)])
+        state.cancel(pick=0)
+        state.lose_a_write_answer(after=0)
+        state.late_delivery_outcome(pick=0, status=DeliveryStatus.DELIVERED)
+    """
+    with replayed(environment) as state:
+        state.first_jobs(jobs=[("enterprise", 0, "started", None, None)])
+        state.cancel(pick=0)
+        job_id = state.model_jobs[0].id
+        assert state.observer.seen[job_id].delivery_status is DeliveryStatus.PENDING
+        state.lose_a_write_answer(after=0)
+        recorded = state.jobs.record_delivery(
+            job_id, outcome, 200 if outcome is DeliveryStatus.DELIVERED else 503, 1.0
+        )
+        job = state.observer.seen[job_id]
+        assert job.delivery_status is outcome
+        assert recorded, "the write was applied, yet the dispatcher hears another delivery settled it"
+        assert job.delivery_attempts == 1, f"one attempt shows as {job.delivery_attempts}"
+
+
+def test_a_job_claimed_since_its_first_dead_letter_is_not_failed_as_never_claimed(
+    environment: Environment,
+) -> None:
+    """Given a job whose first lane message dead-lettered before any claim, and was sent again,
+    when a worker claims it and the provider answers 503 (the job goes back to queued, attempt 1),
+    and later that message dead-letters too,
+    then the job is not failed as `worker_crashed` "no worker could claim the job": a worker did,
+    and the documented rule is two dead letters *without any claim*.
+
+    Found by the machine as:
+        state.first_jobs(jobs=[('enterprise', 0, 'none', None, None)])
+        state.dead_letter(pick=0, source='queue')
+        state.run_message(behaviour='transient', pick=0, source='queue', worker=0)
+        state.dead_letter(pick=0, source='queue')
+    """
+    with replayed(environment) as state:
+        state.first_jobs(jobs=[("enterprise", 0, "none", None, None)])
+        state.dead_letter(source="queue", pick=0)
+        state.run_message(worker=0, source="queue", pick=0, behaviour=TRANSIENT)
+        job_id = state.model_jobs[0].id
+        assert state.observer.seen[job_id].status is JobStatus.QUEUED
+        assert state.observer.seen[job_id].attempts == 1
+        state.dead_letter(source="queue", pick=0)
+        job = state.observer.seen[job_id]
+        assert job.status is not JobStatus.FAILED, f"failed after a claim: {job.error}"
+        state.lifecycle_holds()
