@@ -40,6 +40,7 @@ from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
     DeliveryStatus,
+    ErrorCode,
     GenerationParams,
     Job,
     JobError,
@@ -967,11 +968,13 @@ def _deadline_error(job: JobRecord) -> JobError:
     """Say what happened: a job that never ran differs from one whose retry came too late."""
     if job.attempts == 0:
         return JobError(
-            code="deadline_exceeded", message="The job did not start before its deadline", retryable=False
+            code=ErrorCode.DEADLINE_EXCEEDED,
+            message="The job did not start before its deadline",
+            retryable=False,
         )
     last = f"; its last attempt failed: {job.error.message}" if job.error else ""
     return JobError(
-        code="deadline_exceeded",
+        code=ErrorCode.DEADLINE_EXCEEDED,
         message=f"The job ran {job.attempts} time(s) and its deadline passed before the next retry{last}",
         retryable=True,
     )
