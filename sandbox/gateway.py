@@ -50,6 +50,8 @@ _DEFAULT_STATUS = {
     "DEFAULT_5XX": 502,
     "INTEGRATION_TIMEOUT": 504,
 }
+# The methods an `ANY` method stands for; API Gateway routes no other (TRACE, CONNECT, ...).
+ANY_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
 _ERROR_TYPE = {
     "UNAUTHORIZED": "UnauthorizedException",
     "ACCESS_DENIED": "AccessDeniedException",
@@ -171,7 +173,7 @@ class ApiGateway:
 
     def _route(self, method: str, path: str) -> tuple[RouteSpec, dict[str, str]] | None:
         for route in self.api.routes:
-            if route.http_method not in ("ANY", method):
+            if route.http_method != method and not (route.http_method == "ANY" and method in ANY_METHODS):
                 continue
             parameters = route.matches(path)
             if parameters is not None:
@@ -463,7 +465,12 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(reply.body)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _serve
+    def __getattr__(self, name: str) -> Any:
+        # http.server answers a method without a `do_<METHOD>` with its own 501 HTML page;
+        # API Gateway answers every method itself, so every method is served.
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
 
 
 class GatewayServer(ThreadingHTTPServer):

@@ -11,6 +11,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from llmq import errors
 from llmq.config import ApiEnvironment, AuthorizerEnvironment, LlmqConfig
 from stacks.functions import FunctionDefaults, build_function, function_environment
 from stacks.lanes import LanesConstruct
@@ -26,10 +27,22 @@ API_TABLE_ACTIONS = (
 PROBLEM_JSON = "application/problem+json"
 
 
-def _problem_template(status: int, title: str, code: str) -> str:
-    # API Gateway answers these itself (no function runs), so shape them like the API's own errors.
+# The answers API Gateway gives itself (no function runs), each shaped like the API's own
+# errors from the same catalogue entry. DEFAULT_5XX takes one status: every 5xx API Gateway
+# makes is the failure of something behind it (the authorizer, the function, its response).
+GATEWAY_PROBLEMS: dict[apigw.ResponseType, errors.ProblemType] = {
+    apigw.ResponseType.UNAUTHORIZED: errors.problem_type(errors.Unauthenticated),
+    apigw.ResponseType.ACCESS_DENIED: errors.FORBIDDEN,
+    apigw.ResponseType.THROTTLED: errors.RATE_LIMITED,
+    apigw.ResponseType.REQUEST_TOO_LARGE: errors.problem_type(errors.PayloadTooLarge),
+    apigw.ResponseType.INTEGRATION_TIMEOUT: errors.GATEWAY_TIMEOUT,
+    apigw.ResponseType.DEFAULT_5_XX: errors.BAD_GATEWAY,
+}
+
+
+def _problem_template(entry: errors.ProblemType) -> str:
     # $context.error.messageString is already a quoted JSON string.
-    body = json.dumps({"type": "about:blank", "title": title, "status": status, "code": code})
+    body = json.dumps({"type": entry.type, "title": entry.title, "status": entry.status, "code": entry.code})
     return body[:-1] + ', "detail": $context.error.messageString}'
 
 
@@ -145,31 +158,13 @@ class ApiConstruct(Construct):
 
     def _add_problem_responses(self) -> None:
         headers = {"Content-Type": f"'{PROBLEM_JSON}'"}
-        responses = [
-            (
-                "Unauthorized",
-                apigw.ResponseType.UNAUTHORIZED,
-                401,
-                "A valid API key is required",
-                "unauthenticated",
-            ),
-            ("AccessDenied", apigw.ResponseType.ACCESS_DENIED, 403, "Access denied", "forbidden"),
-            ("Throttled", apigw.ResponseType.THROTTLED, 429, "Too many requests", "rate_limited"),
-            (
-                "TooLarge",
-                apigw.ResponseType.REQUEST_TOO_LARGE,
-                413,
-                "The request is larger than API Gateway accepts",
-                "payload_too_large",
-            ),
-        ]
-        for construct_id, response_type, status, title, code in responses:
+        for response_type, entry in GATEWAY_PROBLEMS.items():
             self.rest_api.add_gateway_response(
-                construct_id,
+                response_type.response_type,
                 type=response_type,
-                status_code=str(status),
+                status_code=str(entry.status),
                 response_headers=headers,
-                templates={"application/json": _problem_template(status, title, code)},
+                templates={"application/json": _problem_template(entry)},
             )
 
     @property

@@ -1,16 +1,16 @@
 """The public API v1: submit, get, list, cancel, redeliver, and the OpenAPI document.
 
 Routes are thin: read the tenant from the authorizer context, call one intake method,
-shape the response. Every error becomes problem+json in `problem_for` and nowhere else.
+shape the response. Every error becomes problem+json through `problem`, from the catalogue
+in `llmq.errors`, and nowhere else.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import re
 from functools import cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
@@ -22,9 +22,9 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import errors
 from llmq.config import ApiEnvironment
-from llmq.intake import JobIntake
+from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
-from llmq.models import Job, JobList, JobRequest, JobStatus, Problem
+from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, job_request_model
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import check_webhook_url
@@ -34,6 +34,15 @@ from llmq.tenants import TenantIdentity
 ENV = ApiEnvironment.load(function_name="api")
 PROBLEM_JSON = "application/problem+json"
 JOB_ID = r"^job_[a-z0-9]{1,64}$"
+# A list cursor is unpadded URL-safe base64 of the key it resumes from.
+CURSOR = r"^[A-Za-z0-9_-]{1,2048}$"
+LIMITS = ENV.config.limits
+
+# The request model carries this deployment's limits, so the document states what is enforced.
+if TYPE_CHECKING:
+    SubmitRequest = JobRequest
+else:
+    SubmitRequest = job_request_model(ENV.config)
 
 app = APIGatewayRestResolver(enable_validation=True)
 app.enable_swagger(path="/v1/docs", title="llmq", version="1.0.0")
@@ -54,52 +63,61 @@ def intake() -> JobIntake:
 
 # ---- errors: the one mapping to HTTP ----------------------------------------------------
 
-_STATUS = {
-    errors.InvalidRequest: 422,
-    errors.InvalidIdempotencyKey: 400,
-    errors.InvalidCursor: 400,
-    errors.UnsupportedMediaType: 415,
-    errors.MalformedJson: 400,
-    errors.PayloadTooLarge: 413,
-    errors.IdempotencyConflict: 422,
-    errors.JobNotFound: 404,
-    errors.JobNotCancelable: 409,
-    errors.JobNotTerminal: 409,
-    errors.NoWebhook: 409,
-    errors.Unauthenticated: 401,
-    errors.StoreUnavailable: 503,
-}
 # How long a client should wait after a 503 before it tries again.
 _RETRY_AFTER_UNAVAILABLE_SECONDS = 2
+# Checks the schema states, answered with the domain's own code rather than the generic
+# `invalid_request`, so a client meets the same code whichever layer refused it.
+_DOMAIN_ERROR_AT: dict[tuple[str, ...], type[errors.DomainError]] = {
+    ("header", "idempotency-key"): errors.InvalidIdempotencyKey,
+    ("body", "model"): errors.UnknownModel,
+    ("body", "prompt"): errors.PromptTooLarge,
+}
+
+
+def problem(entry: errors.ProblemType, detail: str | None = None) -> Problem:
+    """The problem+json body of a catalogue entry: the only way this API builds one."""
+    return Problem(type=entry.type, title=entry.title, status=entry.status, detail=detail, code=entry.code)
 
 
 def problem_for(exc: errors.DomainError) -> tuple[int, Problem]:
-    status = next((code for kind, code in _STATUS.items() if type(exc) is kind), None)
-    if status is None:
-        status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
-    return status, Problem(
-        type=f"https://llmq.dev/problems/{exc.code}",
-        title=exc.title,
-        status=status,
-        detail=exc.detail,
-        code=exc.code,
-    )
+    entry = errors.problem_type(type(exc))
+    return entry.status, problem(entry, exc.detail)
 
 
-def _problem_response(status: int, problem: Problem, headers: dict[str, str] | None = None) -> Response:
+def _problem_response(status: int, body: Problem, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(
         status_code=status,
         content_type=PROBLEM_JSON,
-        body=problem.model_dump_json(exclude_none=True),
+        body=body.model_dump_json(exclude_none=True),
         headers=headers,
     )
 
 
 @app.exception_handler(errors.DomainError)
 def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
-    status, problem = problem_for(exc)
+    status, body = problem_for(exc)
     headers = {"Retry-After": str(_RETRY_AFTER_UNAVAILABLE_SECONDS)} if status == 503 else None
-    return _problem_response(status, problem, headers)
+    return _problem_response(status, body, headers)
+
+
+def _where(loc: list[Any]) -> tuple[str, ...]:
+    parts = tuple(str(part).lower() for part in loc)
+    # A message's content is the prompt too: `messages[i].content` counts as `prompt`.
+    if parts[:2] == ("body", "messages") and parts[-1:] == ("content",):
+        return ("body", "prompt")
+    return parts[:2]
+
+
+def _domain_error_at(details: list[dict[str, Any]]) -> type[errors.DomainError] | None:
+    """The domain error that stands for these validation errors, if they all share one."""
+    kinds = {_DOMAIN_ERROR_AT.get(_where(detail["loc"])) for detail in details}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    # Only an over-long prompt is too large; a prompt of the wrong type is just invalid.
+    if kind is errors.PromptTooLarge and any(detail["type"] != "string_too_long" for detail in details):
+        return None
+    return kind
 
 
 @app.exception_handler(RequestValidationError)
@@ -110,16 +128,13 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
         for error in exc.errors()
     ]
     if any(detail["type"] == "json_invalid" for detail in details):
-        status, problem = (
-            400,
-            Problem(
-                title="The body is not valid JSON", status=400, code="malformed_json", detail="parse error"
-            ),
-        )
-    else:
-        status, problem = problem_for(errors.InvalidRequest("the request does not match the schema"))
-        problem.errors = details
-    return _problem_response(status, problem)
+        return handle_domain_error(errors.MalformedJson("parse error"))
+    kind = _domain_error_at(details)
+    if kind is not None:
+        return handle_domain_error(kind("; ".join(str(detail["msg"]) for detail in details)))
+    status, body = problem_for(errors.InvalidRequest("the request does not match the schema"))
+    body.errors = details
+    return _problem_response(status, body)
 
 
 # The methods each path serves, so a known path with another method is 405, not 404.
@@ -137,19 +152,15 @@ def handle_not_found(exc: NotFoundError) -> Response[Any]:
     path = app.current_event.path
     allowed = next((methods for pattern, methods in _METHODS if pattern.match(path)), None)
     if allowed is not None:
-        problem = Problem(
-            title="Method not allowed", status=405, code="method_not_allowed", detail=f"use {allowed}"
-        )
-        return _problem_response(405, problem, headers={"Allow": allowed})
-    return _problem_response(404, Problem(title="No such route", status=404, code="route_not_found"))
+        entry = errors.METHOD_NOT_ALLOWED
+        return _problem_response(entry.status, problem(entry, f"use {allowed}"), {"Allow": allowed})
+    return _problem_response(errors.ROUTE_NOT_FOUND.status, problem(errors.ROUTE_NOT_FOUND))
 
 
 @app.exception_handler(Exception)
 def handle_unexpected(exc: Exception) -> Response[Any]:
     logger.exception("unhandled error")
-    return _problem_response(
-        500, Problem(title="Internal error", status=500, code="internal_error", detail="see server logs")
-    )
+    return handle_domain_error(errors.DomainError("see server logs"))
 
 
 # ---- routes -----------------------------------------------------------------------------
@@ -176,9 +187,10 @@ def _responses(success: int, description: str, model: type = Job, *errors_: int)
     documented: dict[int, Any] = {
         success: {"description": description, "content": {"application/json": {"model": model}}}
     }
-    # Every operation can meet the gateway's answers (401, 403, 413, 429) and the body checks
-    # made before validation (413, 415), as well as its own errors.
-    for status in (400, 401, 403, 404, 413, 415, 422, 429, *errors_):
+    # Every operation can meet the gateway's own answers (401, 403, 413, 429, 502, 504; see
+    # GATEWAY_PROBLEMS in stacks/api.py), the body checks made before validation (413, 415),
+    # a busy store (503) and an unexpected failure (500), as well as its own errors.
+    for status in (400, 401, 403, 404, 413, 415, 422, 429, 500, 502, 503, 504, *errors_):
         documented[status] = {"description": "Problem", "content": {PROBLEM_JSON: {"model": Problem}}}
     return documented
 
@@ -187,7 +199,7 @@ def _prefer_wait(prefer: str | None) -> int:
     match = re.search(r"\bwait\s*=\s*(\d+)", prefer or "")
     if not match:
         return 0
-    return min(int(match.group(1)), ENV.config.limits.max_submit_wait_seconds)
+    return min(int(match.group(1)), LIMITS.max_submit_wait_seconds)
 
 
 @app.post(
@@ -202,9 +214,21 @@ def _prefer_wait(prefer: str | None) -> int:
     },
 )
 def handle_submit_job(
-    request: Annotated[JobRequest, Body()],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
-    prefer: Annotated[str | None, Header(alias="Prefer")] = None,
+    request: Annotated[SubmitRequest, Body()],
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(
+            alias="Prefer",
+            description=(
+                "`wait=N` (RFC 7240): wait up to N seconds for a terminal state before answering; "
+                f"N above {LIMITS.max_submit_wait_seconds} waits {LIMITS.max_submit_wait_seconds}. "
+                "Other preferences are ignored."
+            ),
+        ),
+    ] = None,
 ) -> Response[Any]:
     tenant = _tenant()
     submission = intake().submit(tenant, request, idempotency_key)
@@ -223,7 +247,9 @@ def handle_submit_job(
 @app.get("/v1/jobs/<job_id>", summary="Get a job", responses=_responses(200, "The job"))
 def handle_get_job(
     job_id: Annotated[str, Path(pattern=JOB_ID)],
-    wait: Annotated[int, Query(ge=0, le=20, description="Long-poll up to this many seconds")] = 0,
+    wait: Annotated[
+        int, Query(ge=0, le=LIMITS.max_get_wait_seconds, description="Long-poll up to this many seconds")
+    ] = 0,
 ) -> Response[Any]:
     return _job_response(intake().get(_tenant(), job_id, wait_seconds=wait), 200)
 
@@ -232,7 +258,9 @@ def handle_get_job(
 def handle_list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=2048)] = None,
+    cursor: Annotated[
+        str | None, Query(pattern=CURSOR, description="The `next_cursor` of the previous page")
+    ] = None,
 ) -> Response[Any]:
     jobs, next_cursor = intake().list(_tenant(), status, limit, cursor)
     page = JobList(data=[job.to_job() for job in jobs], next_cursor=next_cursor)
@@ -282,8 +310,8 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
     if body is None or event.get("httpMethod") != "POST":
         return None
     raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogateescape")
-    if len(raw) > ENV.config.limits.max_body_bytes:
-        return errors.PayloadTooLarge(f"the body exceeds {ENV.config.limits.max_body_bytes} bytes")
+    if len(raw) > LIMITS.max_body_bytes:
+        return errors.PayloadTooLarge(f"the body exceeds {LIMITS.max_body_bytes} bytes")
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
     media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
     if raw.strip() and media_type != "application/json" and not media_type.endswith("+json"):
@@ -299,11 +327,11 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     rejection = _reject_unacceptable_body(event)
     if rejection is not None:
-        status, problem = problem_for(rejection)
+        status, body = problem_for(rejection)
         return {
             "statusCode": status,
             "headers": {"Content-Type": PROBLEM_JSON},
-            "body": json.dumps(problem.model_dump(exclude_none=True)),
+            "body": body.model_dump_json(exclude_none=True),
             "isBase64Encoded": False,
         }
     return app.resolve(event, context)

@@ -59,6 +59,23 @@ CHECKS = [
 # Methods sent to every path to see that undeclared ones are refused. TRACE and CONNECT are
 # not API Gateway methods (an `ANY` method does not route them), so they say nothing about llmq.
 UNEXPECTED_METHODS = ["get", "put", "post", "delete", "patch", "options"]
+# Schemathesis' default rejections, and 413: a prompt over the stated maxLength is refused as
+# `prompt_too_large`, the status DESIGN §2 gives a request that is too large.
+NEGATIVE_DATA_REJECTED_WITH = [
+    "400",
+    "401",
+    "403",
+    "404",
+    "405",
+    "406",
+    "409",
+    "413",
+    "415",
+    "422",
+    "428",
+    "429",
+    "5xx",
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +91,7 @@ def _config(api_key: str) -> schemathesis.Config:
             "auth": {"openapi": {"bearer": {"bearer": api_key}}},
             "generation": generation,
             "phases": {"coverage": {"unexpected-methods": UNEXPECTED_METHODS}},
+            "checks": {"negative_data_rejection": {"expected-statuses": NEGATIVE_DATA_REJECTED_WITH}},
             "request-timeout": 40,
             "warnings": False,
         }
@@ -83,9 +101,9 @@ def _config(api_key: str) -> schemathesis.Config:
 def _submittable(case: Case, receiver_url: str) -> Case:
     """Steer a schema-valid submit past the rules the published document does not state.
 
-    JobRequest's schema does not say that `prompt` and `messages` exclude each other, nor
-    which models are allowed (the API refuses both with a declared 422). Left alone, almost
-    no positive submit would be accepted, and the accept path would go unfuzzed.
+    JobRequest's schema does not say that `prompt` and `messages` exclude each other (the
+    API refuses both with a declared 422). Left alone, almost no positive submit would be
+    accepted, and the accept path would go unfuzzed. Every other limit is in the schema.
     """
     meta = case.meta
     body = case.body
@@ -96,7 +114,6 @@ def _submittable(case: Case, receiver_url: str) -> Case:
     if body.get("prompt") is None and body.get("messages") is None:
         body.pop("messages", None)
         body["prompt"] = "fuzzed prompt"
-    body.pop("model", None)
     # A fuzzed webhook host would make the SSRF guard resolve names beyond loopback.
     webhook = body.get("webhook")
     if isinstance(webhook, dict) and "url" in webhook:
@@ -249,6 +266,19 @@ def test_a_body_sent_to_an_operation_that_takes_none_is_answered_as_documented(
     # Then whatever the API answers is declared for that operation, with its schema
     assert response.status_code < 500, response.text
     case.validate_response(response, checks=CHECKS)
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])
+def test_a_method_api_gateway_does_not_route_gets_its_json_answer(
+    sandbox: SandboxUnderTest, method: str
+) -> None:
+    # Found by schemathesis: TRACE got http.server's 501 HTML page. An `ANY` method routes only
+    # the seven methods API Gateway knows, and a request no method takes is its 403.
+    key = sandbox.tenant("enterprise")["api_key"]
+    response = httpx.request(method, f"{sandbox.api_url}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 403
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json() == {"message": "Missing Authentication Token"}
 
 
 def _gateway_problem_statuses(sandbox: SandboxUnderTest) -> set[int]:

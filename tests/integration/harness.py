@@ -16,6 +16,7 @@ import pytest
 
 from llmq import aws
 from llmq.config import LlmqConfig
+from llmq.errors import PROBLEMS
 from tests.conftest import MotoStack, load_event
 from tests.integration.aws_call_recorder import attribute_calls
 
@@ -47,6 +48,14 @@ class ApiReply:
     @property
     def code(self) -> str | None:
         return self.body.get("code") if isinstance(self.body, dict) else None
+
+
+def assert_catalogued(reply: ApiReply) -> None:
+    """Every problem the API answers is an entry of the catalogue, status, title and type alike."""
+    assert reply.code in PROBLEMS, f"{reply.code!r} is not in llmq.errors.PROBLEMS"
+    entry = PROBLEMS[reply.code]
+    assert (reply.status, reply.body["status"]) == (entry.status, entry.status)
+    assert (reply.body["type"], reply.body["title"]) == (entry.type, entry.title)
 
 
 def sqs_event(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,7 +149,10 @@ class Harness:
         headers_out = {key.lower(): value for key, value in (response.get("headers") or {}).items()}
         for key, values in (response.get("multiValueHeaders") or {}).items():
             headers_out.setdefault(key.lower(), values[0])
-        return ApiReply(status=response["statusCode"], headers=headers_out, body=parsed)
+        reply = ApiReply(status=response["statusCode"], headers=headers_out, body=parsed)
+        if headers_out.get("content-type") == "application/problem+json":
+            assert_catalogued(reply)
+        return reply
 
     def submit(self, tenant: dict[str, str] = ENTERPRISE, key: str | None = None, **body: Any) -> ApiReply:
         body.setdefault("prompt", "hello")

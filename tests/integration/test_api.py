@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -147,11 +148,20 @@ def test_an_oversized_body_is_413(harness: Harness) -> None:
     _nothing_changed(harness)
 
 
-def test_an_overlong_idempotency_key_is_rejected(harness: Harness) -> None:
-    reply = harness.submit(key="k" * 256)
-    assert reply.status in (400, 422)
+@pytest.mark.parametrize("key", ["k" * 256, ""], ids=["256-characters", "empty"])
+def test_an_invalid_idempotency_key_is_400_invalid_idempotency_key(harness: Harness, key: str) -> None:
+    # When a submit carries an Idempotency-Key outside the documented 1 to 255 characters
+    reply = harness.api(
+        "POST", "/v1/jobs", body={"prompt": "x"}, headers={"Idempotency-Key": key}, tenant=ENTERPRISE
+    )
+    # Then the domain's own code answers, whichever layer refused it, and nothing is written
+    assert (reply.status, reply.code) == (400, "invalid_idempotency_key")
     assert reply.headers["content-type"] == "application/problem+json"
     _nothing_changed(harness)
+
+
+def test_a_key_of_the_longest_documented_length_is_accepted(harness: Harness) -> None:
+    assert harness.submit(key="k" * 255).status == 202
 
 
 def test_another_tenants_job_is_404_for_get_and_cancel_and_stays_unchanged(harness: Harness) -> None:
@@ -214,6 +224,77 @@ def test_openapi_document_describes_the_job_routes(harness: Harness) -> None:
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel"} <= set(paths)
     schemas = reply.body["components"]["schemas"]
     assert {"JobRequest", "Job", "Problem"} <= set(schemas)
+
+
+def _operation(document: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    return document["paths"][path][method]
+
+
+def _parameter(operation: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in operation["parameters"] if p["name"].lower() == name.lower())["schema"]
+
+
+def _submit_schema(document: dict[str, Any]) -> dict[str, Any]:
+    body = _operation(document, "post", "/v1/jobs")["requestBody"]["content"]["application/json"]["schema"]
+    return document["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return next(arm for arm in schema.get("anyOf", [schema]) if arm.get("type") != "null")
+
+
+def test_openapi_document_states_every_limit_the_config_sets(harness: Harness) -> None:
+    # Given the config the API was started with
+    limits, provider = harness.config.limits, harness.config.provider
+    # When an integrator reads the published document
+    document = harness.api("GET", "/v1/openapi.json").body
+    request = _submit_schema(document)["properties"]
+    # Then the submit body states the allow-list, the deadline, the metadata and the prompt
+    assert sorted(_nullable(request["model"])["enum"]) == sorted(provider.models)
+    assert _nullable(request["deadline_seconds"])["maximum"] == limits.max_deadline_seconds
+    assert request["metadata"]["maxProperties"] == limits.max_metadata_keys
+    assert _nullable(request["prompt"])["maxLength"] == limits.max_prompt_chars
+    # And the headers and queries state their own bounds and syntax
+    submit = _operation(document, "post", "/v1/jobs")
+    key = _nullable(_parameter(submit, "Idempotency-Key"))
+    assert (key["minLength"], key["maxLength"]) == (1, 255)
+    prefer = next(p for p in submit["parameters"] if p["name"].lower() == "prefer")
+    assert "wait=N" in prefer["description"] and str(limits.max_submit_wait_seconds) in prefer["description"]
+    wait = _parameter(_operation(document, "get", "/v1/jobs/{job_id}"), "wait")
+    assert (wait["minimum"], wait["maximum"]) == (0, limits.max_get_wait_seconds)
+    listing = _operation(document, "get", "/v1/jobs")
+    assert (_parameter(listing, "limit")["minimum"], _parameter(listing, "limit")["maximum"]) == (1, 100)
+    cursor = _nullable(_parameter(listing, "cursor"))
+    assert cursor["pattern"] == "^[A-Za-z0-9_-]{1,2048}$"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "x", "model": "fake-large"},
+        {"prompt": "x", "deadline_seconds": 86_400},
+        {"prompt": "x", "metadata": {f"k{i}": "v" for i in range(16)}},
+        {"prompt": "x" * 5000},
+    ],
+    ids=["allowed-model", "longest-deadline", "16-metadata-keys", "longest-prompt"],
+)
+def test_a_request_at_each_stated_limit_is_accepted(harness: Harness, body: dict[str, Any]) -> None:
+    assert harness.api("POST", "/v1/jobs", body=body, tenant=ENTERPRISE).status == 202
+
+
+def test_a_deadline_beyond_the_stated_maximum_is_422(harness: Harness) -> None:
+    reply = harness.submit(deadline_seconds=harness.config.limits.max_deadline_seconds + 1)
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    _nothing_changed(harness)
+
+
+def test_a_cursor_outside_the_stated_format_is_422_and_a_well_formed_foreign_one_400(
+    harness: Harness,
+) -> None:
+    malformed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"cursor": "not a cursor!"})
+    assert (malformed.status, malformed.code) == (422, "invalid_request")
+    unknown = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"cursor": "abc"})
+    assert (unknown.status, unknown.code) == (400, "invalid_cursor")
 
 
 def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness) -> None:

@@ -1,11 +1,33 @@
-"""Domain exceptions. Each carries a stable machine code; the API maps them to HTTP in one place."""
+"""Domain exceptions and the problem catalogue: each code's HTTP status, title and type URI.
+
+Every problem+json answer, whether the api function's or API Gateway's own gateway response,
+is built from an entry of `PROBLEMS`; a new code is added here and nowhere else.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROBLEM_TYPE_BASE = "https://llmq.dev/problems/"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    """One entry of the catalogue: what a client reads in `type`, `title`, `status` and `code`."""
+
+    code: str
+    status: int
+    title: str
+
+    @property
+    def type(self) -> str:
+        return f"{PROBLEM_TYPE_BASE}{self.code}"
 
 
 class DomainError(Exception):
     code = "internal_error"
     title = "Internal error"
+    status = 500
 
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or self.title)
@@ -15,71 +37,85 @@ class DomainError(Exception):
 class InvalidRequest(DomainError):
     code = "invalid_request"
     title = "The request is invalid"
+    status = 422
 
 
 class MalformedJson(DomainError):
     code = "malformed_json"
     title = "The body is not valid JSON"
+    status = 400
 
 
 class UnknownModel(InvalidRequest):
     code = "model_not_allowed"
     title = "The model is not available"
+    status = 422
 
 
 class InvalidWebhookUrl(InvalidRequest):
     code = "invalid_webhook_url"
     title = "The webhook URL is not allowed"
+    status = 422
 
 
 class InvalidIdempotencyKey(InvalidRequest):
     code = "invalid_idempotency_key"
     title = "The Idempotency-Key header is invalid"
+    status = 400
 
 
 class UnsupportedMediaType(DomainError):
     code = "unsupported_media_type"
     title = "The body must be application/json"
+    status = 415
 
 
 class PayloadTooLarge(DomainError):
     code = "payload_too_large"
     title = "The request is too large"
+    status = 413
 
 
 class PromptTooLarge(PayloadTooLarge):
     code = "prompt_too_large"
     title = "The prompt is longer than the configured limit"
+    status = 413
 
 
 class IdempotencyConflict(DomainError):
     code = "idempotency_key_reused"
     title = "The Idempotency-Key was used with a different request"
+    status = 422
 
 
 class JobNotFound(DomainError):
     code = "job_not_found"
     title = "No such job"
+    status = 404
 
 
 class JobNotCancelable(DomainError):
     code = "job_not_cancelable"
     title = "The job has already finished"
+    status = 409
 
 
 class JobNotTerminal(DomainError):
     code = "job_not_terminal"
     title = "The job has not finished yet"
+    status = 409
 
 
 class NoWebhook(DomainError):
     code = "no_webhook"
     title = "The job has no webhook subscription for its terminal event"
+    status = 409
 
 
 class InvalidCursor(InvalidRequest):
     code = "invalid_cursor"
     title = "The cursor is invalid"
+    status = 400
 
 
 class LeaseLost(DomainError):
@@ -105,6 +141,7 @@ class StoreUnavailable(DomainError):
 
     code = "service_unavailable"
     title = "A storage service is busy; retry shortly"
+    status = 503
 
 
 class ItemTooLarge(DomainError):
@@ -124,3 +161,37 @@ class CancelRequested(DomainError):
 class Unauthenticated(DomainError):
     code = "unauthenticated"
     title = "A valid API key is required"
+    status = 401
+
+
+# Answers that no domain exception stands for: the API's routing, and API Gateway's own
+# gateway responses (the api function never runs for those).
+METHOD_NOT_ALLOWED = ProblemType("method_not_allowed", 405, "Method not allowed")
+ROUTE_NOT_FOUND = ProblemType("route_not_found", 404, "No such route")
+FORBIDDEN = ProblemType("forbidden", 403, "Access denied")
+RATE_LIMITED = ProblemType("rate_limited", 429, "Too many requests")
+BAD_GATEWAY = ProblemType("bad_gateway", 502, "The API failed to answer")
+GATEWAY_TIMEOUT = ProblemType("gateway_timeout", 504, "The API did not answer in time")
+
+
+def problem_type(kind: type[DomainError]) -> ProblemType:
+    return ProblemType(code=kind.code, status=kind.status, title=kind.title)
+
+
+def domain_error_types(kind: type[DomainError] = DomainError) -> list[type[DomainError]]:
+    """`kind` and every exception below it."""
+    return [kind, *(sub for child in kind.__subclasses__() for sub in domain_error_types(child))]
+
+
+PROBLEMS: dict[str, ProblemType] = {
+    entry.code: entry
+    for entry in [
+        *(problem_type(kind) for kind in domain_error_types()),
+        METHOD_NOT_ALLOWED,
+        ROUTE_NOT_FOUND,
+        FORBIDDEN,
+        RATE_LIMITED,
+        BAD_GATEWAY,
+        GATEWAY_TIMEOUT,
+    ]
+}

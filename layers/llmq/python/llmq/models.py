@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+if TYPE_CHECKING:
+    from llmq.config import LlmqConfig
 
 
 class JobStatus(StrEnum):
@@ -125,6 +128,51 @@ class JobRequest(_Strict):
         return sum(len(message.content) for message in self.chat_messages())
 
 
+def job_request_model(config: LlmqConfig) -> type[JobRequest]:
+    """JobRequest with the deployment's limits written into its schema, so the OpenAPI
+    document states every rule the API enforces: the model allow-list, the allowed
+    parameters, the prompt length, the metadata key count and the deadline."""
+    limits = config.limits
+    allowed_model: Any = Literal[tuple(config.provider.models)]
+    content = Annotated[str, Field(max_length=limits.max_prompt_chars)]
+    message = create_model("ChatMessage", __base__=ChatMessage, content=(content, ...))
+    # A parameter this deployment does not allow can only be null: a subclass keeps the type
+    # the domain expects while the schema says so.
+    refused: dict[str, Any] = {
+        name: (None, Field(default=None, description="Not allowed by this deployment"))
+        for name in GenerationParams.model_fields
+        if name not in config.provider.allowed_params
+    }
+    params = (
+        create_model("GenerationParams", __base__=GenerationParams, **refused)
+        if refused
+        else GenerationParams
+    )
+    return create_model(
+        "JobRequest",
+        __base__=JobRequest,
+        __doc__=(
+            f"{JobRequest.__doc__} The messages' contents together hold at most "
+            f"{limits.max_prompt_chars} characters."
+        ),
+        model=(
+            allowed_model | None,
+            Field(default=None, description=f"Defaults to {config.provider.default_model}"),
+        ),
+        messages=(list[message] | None, Field(default=None, min_length=1, max_length=1000)),
+        prompt=(
+            Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars)] | None,
+            None,
+        ),
+        params=(params, Field(default_factory=params)),
+        metadata=(
+            dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(default_factory=dict, max_length=limits.max_metadata_keys),
+        ),
+        deadline_seconds=(Annotated[int, Field(ge=1, le=limits.max_deadline_seconds)] | None, None),
+    )
+
+
 class Usage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
@@ -184,7 +232,7 @@ class JobList(BaseModel):
 class Problem(BaseModel):
     """RFC 9457 problem details, with a stable machine `code`."""
 
-    type: str = "about:blank"
+    type: str
     title: str
     status: int
     detail: str | None = None
