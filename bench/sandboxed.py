@@ -25,8 +25,9 @@ from typing import Any
 
 import httpx
 
+from llmq.models import TERMINAL_STATUSES
+
 ROOT = Path(__file__).resolve().parent.parent
-TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 SINGLE_LANE = {
     "lanes": [{"name": "all", "tiers": ["enterprise", "free"], "max_concurrency": 10}],
     "default_lane": "all",
@@ -90,7 +91,7 @@ def _wait_all_terminal(state: Any, tiers: dict[str, int], timeout: float) -> dic
     while True:
         found = {tier: _all_jobs(state, tier) for tier in tiers}
         done = all(
-            len(jobs) >= tiers[tier] and all(job["status"] in TERMINAL for job in jobs)
+            len(jobs) >= tiers[tier] and all(job["status"] in TERMINAL_STATUSES for job in jobs)
             for tier, jobs in found.items()
         )
         if done or time.monotonic() > deadline:

@@ -46,9 +46,10 @@ from typing import Any
 
 import httpx
 
+from llmq.models import TERMINAL_STATUSES
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "bench" / "soak.md"
-TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 SETTLED_DELIVERY = {"delivered", "failed", "disabled"}
 
 # The sandbox's own numbers (LLMQ_SANDBOX_CONFIG merges over them): its short retry and
@@ -331,7 +332,7 @@ def wait_until_settled(
     deadline = time.monotonic() + timeout
     while True:
         jobs = {job["id"]: job for key in keys for job in list_jobs(sandbox, key) if job["id"] in wanted}
-        open_jobs = [job for job in jobs.values() if job["status"] not in TERMINAL]
+        open_jobs = [job for job in jobs.values() if job["status"] not in TERMINAL_STATUSES]
         unsettled = [
             job
             for job in jobs.values()
@@ -419,7 +420,7 @@ def _counts(counter: Counter[Any]) -> str:
 
 def _job_rows(planned: list[PlannedJob], submitted: Submitted, observed: Observed) -> list[tuple[str, str]]:
     dealt = [job for job in planned if job.index in submitted.ids]
-    terminal = [job for job in observed.jobs.values() if job["status"] in TERMINAL]
+    terminal = [job for job in observed.jobs.values() if job["status"] in TERMINAL_STATUSES]
     states = Counter(
         job["status"] + (f" ({job['error']['code']})" if job.get("error") else "") for job in terminal
     )
@@ -492,7 +493,7 @@ def figures(
     duplicates_sent: int,
     wall_seconds: float,
 ) -> Figures:
-    terminal = sum(job["status"] in TERMINAL for job in observed.jobs.values())
+    terminal = sum(job["status"] in TERMINAL_STATUSES for job in observed.jobs.values())
     injected = {submitted.ids[job.index] for job in planned if job.duplicates and job.index in submitted.ids}
     rows = [
         *_job_rows(planned, submitted, observed),

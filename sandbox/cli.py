@@ -1,8 +1,8 @@
 """`llmq`: the sandbox, the API, tenants, dead letters and webhook checks from one command.
 
     llmq sandbox up [--detach] | down | status
-    llmq submit "prompt" [--webhook URL] [--wait N] ...     llmq status JOB [--wait]
-    llmq cancel JOB                                          llmq jobs [--status S]
+    llmq submit "prompt" [--webhook URL] [--wait N] ...     llmq get JOB [--wait]
+    llmq cancel JOB                                          llmq jobs [--status S] [--wide | --json]
     llmq tenants create --name N --tier T | rotate-secret TENANT
     llmq dlq list | redrive [--queue NAME]
     llmq webhooks verify --secret whsec_... --file saved_request.json
@@ -22,13 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from llmq.models import TERMINAL_STATUSES
 from sandbox.state import (
     SandboxState,
     TenantCredentials,
@@ -312,17 +313,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if reply.headers.get("idempotent-replayed"):
             print("Idempotent-Replayed: true (the original job; nothing was created)", file=sys.stderr)
         job = reply.body
-        if args.follow and job["status"] not in ("succeeded", "failed", "canceled", "expired"):
+        if args.follow and job["status"] not in TERMINAL_STATUSES:
             job = client.wait(job["id"], args.timeout)
     _print_json(job)
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.wait(args.job_id, args.timeout) if args.wait else client.get(args.job_id)
     _print_json(job)
     return 0
+
+
+def cmd_status_deprecated(args: argparse.Namespace) -> int:
+    print("llmq: `llmq status JOB_ID` is deprecated; use `llmq get JOB_ID`", file=sys.stderr)
+    return cmd_get(args)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -331,28 +337,40 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+# (heading, how to read it from a job); `--wide` adds the second group.
+_JOB_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("ID", lambda job: job["id"]),
+    ("STATUS", lambda job: job["status"]),
+    ("LANE", lambda job: job["lane"]),
+    ("CREATED", lambda job: job["created_at"]),
+)
+_WIDE_JOB_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("MODEL", lambda job: job["model"]),
+    ("ATTEMPTS", lambda job: str(job["attempts"])),
+    ("ERROR", lambda job: (job.get("error") or {}).get("code", "")),
+)
+
+
+def job_table(jobs: Sequence[dict[str, Any]], wide: bool = False) -> str:
+    """Plain aligned columns, as kubectl prints them: a cell is never cut short, so an id
+    can be copied into `llmq get` or `llmq cancel`, and the output reads well in awk."""
+    columns = _JOB_COLUMNS + (_WIDE_JOB_COLUMNS if wide else ())
+    rows = [[heading for heading, _ in columns]]
+    rows += [[cell(job) or "" for _, cell in columns] for job in jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join(
+        "   ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         jobs = client.all_jobs(args.status) if args.all else client.page(args.status, args.limit)["data"]
     if args.json:
         _print_json(jobs)
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("id", "status", "lane", "model", "attempts", "created_at", "error")
-    for job in jobs:
-        error = (job.get("error") or {}).get("code", "")
-        table.add_row(
-            job["id"],
-            job["status"],
-            job["lane"],
-            job["model"],
-            str(job["attempts"]),
-            job["created_at"],
-            error,
-        )
-    Console().print(table)
+    else:
+        print(job_table(jobs, wide=args.wide))
     return 0
 
 
@@ -583,6 +601,19 @@ def _aws_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stack", default="Llmq", help="the stack whose outputs name tables and queues")
 
 
+def _get_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_id")
+    parser.add_argument("--wait", action="store_true", help="long-poll until it is terminal")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    _api_options(parser)
+
+
+def _hide_command(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> None:
+    """argparse has no hidden subcommands: drop one from the help listing and the usage line."""
+    commands._choices_actions = [action for action in commands._choices_actions if action.dest != name]
+    commands.metavar = "{" + ",".join(choice for choice in commands.choices if choice != name) + "}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmq", description="llmq: sandbox, API, tenants, dead letters, webhooks"
@@ -626,12 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(submit)
     submit.set_defaults(handler=cmd_submit)
 
-    status = commands.add_parser("status", help="get a job")
-    status.add_argument("job_id")
-    status.add_argument("--wait", action="store_true", help="long-poll until it is terminal")
-    status.add_argument("--timeout", type=float, default=300.0)
-    _api_options(status)
-    status.set_defaults(handler=cmd_status)
+    get = commands.add_parser("get", help="get a job")
+    _get_options(get)
+    get.set_defaults(handler=cmd_get)
+    # The spelling before `get`, kept for one release; hidden from --help.
+    old_get = commands.add_parser("status")
+    _get_options(old_get)
+    old_get.set_defaults(handler=cmd_status_deprecated)
 
     cancel = commands.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
@@ -642,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--status")
     jobs.add_argument("--limit", type=int, default=20)
     jobs.add_argument("--all", action="store_true", help="every page")
-    jobs.add_argument("--json", action="store_true")
+    jobs.add_argument("--json", action="store_true", help="the jobs as the API returns them")
+    jobs.add_argument("--wide", action="store_true", help="also the model, attempts and error code")
     _api_options(jobs)
     jobs.set_defaults(handler=cmd_jobs)
 
@@ -691,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--memory", type=int, default=256, help="worker memory in MB (default 256)")
     cost.add_argument("--batch", type=int, default=10, help="jobs per worker batch (default 10)")
     cost.set_defaults(handler=cmd_cost)
+    _hide_command(commands, "status")
     return parser
 
 

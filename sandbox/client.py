@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
+from llmq.models import TERMINAL_STATUSES
 
 
 class ApiError(RuntimeError):
@@ -83,7 +83,7 @@ class LlmqClient:
         """Long-poll (20 s at a time) until the job is terminal or `timeout` passes."""
         deadline = time.monotonic() + timeout
         job = self.get(job_id)
-        while job["status"] not in TERMINAL and time.monotonic() < deadline:
+        while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
             job = self.get(job_id, wait=max(1, min(20, int(deadline - time.monotonic()))))
         return job
 

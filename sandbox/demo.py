@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sandbox.client import TERMINAL, LlmqClient
+from llmq.models import TERMINAL_STATUSES, ErrorCode, JobStatus
+from sandbox.client import LlmqClient
 from sandbox.state import SandboxState
 
 DRAIN_TIMEOUT_SECONDS = 90.0
@@ -35,8 +36,8 @@ class Planned:
     label: str
     tenant: str  # tier of the submitting tenant
     prompt: str
-    expect_status: str = "succeeded"
-    expect_code: str | None = None
+    expect_status: JobStatus = JobStatus.SUCCEEDED
+    expect_code: ErrorCode | None = None
     expect_attempts: int | None = None
     hook: str = "/hooks/demo"
     cancel: bool = False
@@ -85,14 +86,14 @@ class Tour:
                 "too long",
                 "free",
                 "An enormous prompt [[fail:400:context_length_exceeded]]",
-                expect_status="failed",
-                expect_code="context_length_exceeded",
+                expect_status=JobStatus.FAILED,
+                expect_code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             ),
             Planned(
                 "canceled",
                 "free",
                 "A long essay [[latency:2.5]] [[tokens:50]]",
-                expect_status="canceled",
+                expect_status=JobStatus.CANCELED,
                 cancel=True,
             ),
         ]
@@ -182,7 +183,7 @@ class Tour:
                 self._poll()
                 for lane, planned in lanes.items():
                     done = [self.jobs.get(p.job_id, {}).get("status") for p in planned]
-                    finished = [status for status in done if status in TERMINAL]
+                    finished = [status for status in done if status in TERMINAL_STATUSES]
                     summary = ", ".join(
                         f"{done.count(s)} {s}" for s in ("succeeded", "failed", "canceled") if done.count(s)
                     )
@@ -191,9 +192,9 @@ class Tour:
                     )
                 delivered = self._delivered() & set(mine)
                 progress.update(hooks, completed=len(delivered))
-                if all(self.jobs.get(job_id, {}).get("status") in TERMINAL for job_id in mine) and len(
-                    delivered
-                ) == len(mine):
+                if all(
+                    self.jobs.get(job_id, {}).get("status") in TERMINAL_STATUSES for job_id in mine
+                ) and len(delivered) == len(mine):
                     break
                 time.sleep(0.25)
 

@@ -41,13 +41,15 @@ from typing import Any, BinaryIO
 
 from sandbox.faults import FaultBook
 from sandbox.iam import UNCHECKED, AwsCredentials
+from sandbox.state import pid_alive
 from sandbox.topology import LLMQ_LAYER_DIR, ROOT, FunctionSpec
+from stacks.runtime import LAMBDA_PYTHON_VERSION
 
 INIT_TIMEOUT_SECONDS = 60.0
 # Lambda gives the Python runtime these; a handler or Powertools may read them.
 _LAMBDA_RUNTIME_VARS = {
     "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
-    "AWS_EXECUTION_ENV": "AWS_Lambda_python3.14",
+    "AWS_EXECUTION_ENV": f"AWS_Lambda_python{LAMBDA_PYTHON_VERSION}",
     "TZ": ":UTC",
     "LANG": "en_US.UTF-8",
     "PYTHONUNBUFFERED": "1",
@@ -289,16 +291,6 @@ class EnvironmentLauncher:
         self._log.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ExecutionEnvironment:
     """One child process running one function's handler, reached through its connection."""
 
@@ -403,7 +395,7 @@ class ExecutionEnvironment:
     def stop(self) -> None:
         self.request_stop()
         deadline = time.monotonic() + 1.0
-        while _pid_alive(self.pid) and time.monotonic() < deadline:
+        while pid_alive(self.pid) and time.monotonic() < deadline:
             if self._connection.process is not None and self._connection.process.poll() is not None:
                 break
             time.sleep(0.02)

@@ -92,11 +92,15 @@ def remove_state(path: Path, pid: int | None = None) -> None:
         return
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+def pid_alive(pid: int, *, or_group: bool = False) -> bool:
+    """True while `pid` exists or, with `or_group`, any process of the group it leads (a detached
+    sandbox's children outlive their leader for a moment)."""
+    for probe in (os.kill, os.killpg) if or_group else (os.kill,):
+        try:
+            probe(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True  # it exists, owned by someone else
         return True
-    return True
+    return False

@@ -12,15 +12,14 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, LlmqConfig
-from stacks.layers import ASSET_EXCLUDES, ROOT, lambda_runtime
+from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME
+from stacks.layers import ASSET_EXCLUDES, ROOT, lambda_architecture, lambda_runtime
 
 FUNCTIONS_DIR: Path = ROOT / "functions"
 # Every function's folder under functions/, and the tag that names it in the template
 # (the sandbox and the infra tests find functions by this tag, not by logical id).
 FUNCTION_NAMES = ("api", "authorizer", "worker", "dead_letter", "webhook_dispatcher", "reconciler")
 FUNCTION_TAG = "llmq:function"
-SERVICE_NAME = "llmq"
-METRICS_NAMESPACE = "llmq"
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def build_function(
         construct_id,
         description=description,
         runtime=lambda_runtime(),
-        architecture=lambda_.Architecture.ARM_64,
+        architecture=lambda_architecture(),
         handler="handler.handler",
         code=lambda_.Code.from_asset(str(FUNCTIONS_DIR / name), exclude=ASSET_EXCLUDES),
         layers=list(defaults.layers),

@@ -12,7 +12,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
-from stacks.runtime import LAMBDA_PYTHON_VERSION
+from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMQ_LAYER_DIR = ROOT / "layers" / "llmq"
@@ -27,6 +27,11 @@ ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", ".mypy_cache", ".pytest_cache"]
 def lambda_runtime() -> lambda_.Runtime:
     runtime: lambda_.Runtime = getattr(lambda_.Runtime, "PYTHON_" + LAMBDA_PYTHON_VERSION.replace(".", "_"))
     return runtime
+
+
+def lambda_architecture() -> lambda_.Architecture:
+    known = (lambda_.Architecture.ARM_64, lambda_.Architecture.X86_64)
+    return next(architecture for architecture in known if architecture.name == LAMBDA_ARCHITECTURE)
 
 
 def lock_digest() -> str:
@@ -83,7 +88,7 @@ class LayersConstruct(Construct):
             "LlmqLayer",
             code=lambda_.Code.from_asset(str(LLMQ_LAYER_DIR), exclude=ASSET_EXCLUDES),
             compatible_runtimes=[runtime],
-            compatible_architectures=[lambda_.Architecture.ARM_64],
+            compatible_architectures=[lambda_architecture()],
             description="llmq domain package (layers/llmq/python/llmq)",
         )
         deps = locate_deps_layer(use_placeholder_deps)
@@ -97,7 +102,7 @@ class LayersConstruct(Construct):
             "DepsLayer",
             code=lambda_.Code.from_asset(str(deps.path), exclude=ASSET_EXCLUDES),
             compatible_runtimes=[runtime],
-            compatible_architectures=[lambda_.Architecture.ARM_64],
+            compatible_architectures=[lambda_architecture()],
             description="llmq runtime dependencies (pyproject [project].dependencies, pinned by uv.lock)",
         )
 

@@ -14,12 +14,15 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from llmq.config import LlmqConfig
-from stacks.functions import METRICS_NAMESPACE, SERVICE_NAME
+from llmq.telemetry import (
+    JOB_OUTCOME_METRICS,
+    METRICS_NAMESPACE,
+    SERVICE_NAME,
+    WEBHOOK_OUTCOME_METRICS,
+    MetricName,
+)
 from stacks.lanes import LanesConstruct, pascal
 
-JOB_OUTCOMES = ("JobSucceeded", "JobFailed", "JobCanceled", "JobExpired")
-# As the dispatcher emits them (service dimension only).
-WEBHOOK_OUTCOMES = ("WebhookDelivered", "WebhookRetried", "WebhookFailed", "WebhookSkipped")
 ONE_MINUTE = cdk.Duration.minutes(1)
 FIVE_MINUTES = cdk.Duration.minutes(5)
 
@@ -29,12 +32,12 @@ def oldest_message_alarm_seconds(config: LlmqConfig) -> int:
     return max(config.lane_visibility_timeout_seconds, 2 * int(config.retry.max_seconds))
 
 
-def llmq_metric(name: str, statistic: str, lane: str | None = None) -> cloudwatch.Metric:
+def llmq_metric(name: MetricName, statistic: str, lane: str | None = None) -> cloudwatch.Metric:
     # Powertools adds the `service` dimension to every metric; job metrics add `lane`.
     dimensions = {"service": SERVICE_NAME} | ({"lane": lane} if lane is not None else {})
     return cloudwatch.Metric(
         namespace=METRICS_NAMESPACE,
-        metric_name=name,
+        metric_name=name.value,
         dimensions_map=dimensions,
         statistic=statistic,
         period=FIVE_MINUTES,
@@ -119,23 +122,35 @@ class MonitoringConstruct(Construct):
             cloudwatch.GraphWidget(title="Lane depth", left=depth, width=12),
             cloudwatch.GraphWidget(
                 title="Queue wait (ms, p50 / p90)",
-                left=[llmq_metric("QueueWaitMs", stat, lane) for lane in names for stat in ("p50", "p90")],
+                left=[
+                    llmq_metric(MetricName.QUEUE_WAIT_MS, stat, lane)
+                    for lane in names
+                    for stat in ("p50", "p90")
+                ],
                 width=12,
             ),
             cloudwatch.GraphWidget(
                 title="Run time (ms, p50 / p90)",
-                left=[llmq_metric("RunTimeMs", stat, lane) for lane in names for stat in ("p50", "p90")],
+                left=[
+                    llmq_metric(MetricName.RUN_TIME_MS, stat, lane)
+                    for lane in names
+                    for stat in ("p50", "p90")
+                ],
                 width=12,
             ),
             cloudwatch.GraphWidget(
                 title="Job outcomes",
-                left=[llmq_metric(outcome, "Sum", lane) for lane in names for outcome in JOB_OUTCOMES],
+                left=[
+                    llmq_metric(outcome, "Sum", lane)
+                    for lane in names
+                    for outcome in JOB_OUTCOME_METRICS.values()
+                ],
                 stacked=True,
                 width=12,
             ),
             cloudwatch.GraphWidget(
                 title="Webhook outcomes",
-                left=[llmq_metric(outcome, "Sum") for outcome in WEBHOOK_OUTCOMES],
+                left=[llmq_metric(outcome, "Sum") for outcome in WEBHOOK_OUTCOME_METRICS],
                 right=[webhook_queue.metric_approximate_number_of_messages_visible(label="webhooks waiting")],
                 width=12,
             ),

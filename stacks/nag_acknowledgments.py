@@ -88,9 +88,12 @@ def _acknowledge_api(rest_api: apigw.RestApi) -> None:
     _acknowledge(
         rest_api,
         "APIG3",
-        "No WAF web ACL by default: it costs money at rest and llmq must cost nothing idle. Stage "
-        "throttling and per-tenant quotas in the api function bound abuse; attach a web ACL to the "
-        "stage for a public production deployment.",
+        "No WAF web ACL by default: it costs money at rest and llmq must cost nothing idle. What "
+        "bounds abuse today: the stage throttle (limits.stage_rate_per_second and stage_burst, one "
+        "ceiling shared by every tenant, answered with 429), the API-key authorizer in front of "
+        "every /v1 route, and the api function's body and prompt limits (limits.max_body_bytes, "
+        "max_prompt_chars). There is no per-tenant quota, so one tenant can use the whole stage "
+        "throttle; attach a web ACL to the stage for a public production deployment.",
     )
     _acknowledge(
         rest_api,

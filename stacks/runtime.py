@@ -9,7 +9,8 @@ from __future__ import annotations
 # declares 3.14, and every runtime dependency ships cp314 aarch64 wheels). The deps layer
 # is built for this version, so change it here and nowhere else.
 LAMBDA_PYTHON_VERSION = "3.14"
-# Graviton: cheaper per GB-second than x86 for I/O-bound waiting on a provider.
+# Graviton: cheaper per GB-second than x86 for I/O-bound waiting on a provider. Every function,
+# both layers and the deps build follow it, so change it here and nowhere else.
 LAMBDA_ARCHITECTURE = "arm64"
-# The manylinux platform tag that matches the Lambda arm64 image (glibc 2.34 on AL2023).
-LAYER_PLATFORM = "aarch64-manylinux2014"
+# The manylinux platform tag that matches the Lambda image of that architecture (glibc 2.34 on AL2023).
+LAYER_PLATFORM = {"arm64": "aarch64-manylinux2014", "x86_64": "x86_64-manylinux2014"}[LAMBDA_ARCHITECTURE]

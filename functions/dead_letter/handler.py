@@ -14,11 +14,11 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq.config import DeadLetterEnvironment
+from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
 from llmq.errors import PoisonMessage
 from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.jobs import JobRepository
-from llmq.queues import MAX_VISIBILITY_SECONDS, QueueRepository
+from llmq.queues import QueueRepository
 from llmq.telemetry import log_record_failure, logger, metrics
 
 ENV = DeadLetterEnvironment.load(function_name="dead_letter")

@@ -25,7 +25,7 @@ from llmq.errors import PoisonMessage, StoreUnavailable
 from llmq.jobs import JobRepository
 from llmq.models import WebhookMessage
 from llmq.queues import QueueRepository
-from llmq.telemetry import log_record_failure, logger, metrics, tracer
+from llmq.telemetry import MetricName, log_record_failure, logger, metrics, tracer
 from llmq.tenants import TenantRepository
 from llmq.webhooks import DeliveryOutcome, OutcomeKind, WebhookDispatcher
 
@@ -34,12 +34,12 @@ ENV = DispatcherEnvironment.load(function_name="webhook_dispatcher")
 processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 _METRIC_FOR = {
-    OutcomeKind.DELIVERED: "WebhookDelivered",
-    OutcomeKind.RETRY: "WebhookRetried",
-    OutcomeKind.GAVE_UP: "WebhookFailed",
-    OutcomeKind.DISABLED: "WebhookFailed",
+    OutcomeKind.DELIVERED: MetricName.WEBHOOK_DELIVERED,
+    OutcomeKind.RETRY: MetricName.WEBHOOK_RETRIED,
+    OutcomeKind.GAVE_UP: MetricName.WEBHOOK_FAILED,
+    OutcomeKind.DISABLED: MetricName.WEBHOOK_FAILED,
     # Duplicates and stale events: acknowledged without a POST.
-    OutcomeKind.SKIPPED: "WebhookSkipped",
+    OutcomeKind.SKIPPED: MetricName.WEBHOOK_SKIPPED,
 }
 
 

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from llmq.models import TERMINAL_STATUSES
+
 ROOT = Path(__file__).resolve().parents[2]
-TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 STATE_KEYS = {"api_url", "aws_endpoint_url", "region", "provider_url", "receiver_url", "pid", "tenants"}
 # Present when the sandbox enforces IAM, as it always does under these tests.
 OPERATOR_KEYS = {"aws_access_key_id", "aws_secret_access_key"}
@@ -43,19 +44,6 @@ def run_llmq(
     return subprocess.run(
         [*llmq_command(), *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
     )
-
-
-def pid_alive_or_group(pid: int) -> bool:
-    """True while `pid`, or any process of the group it leads (a detached sandbox), exists."""
-    for probe in (os.kill, os.killpg):
-        try:
-            probe(pid, 0)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            return True
-        return True
-    return False
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
@@ -90,7 +78,7 @@ class SandboxUnderTest:
         with self.api(tier) as client:
             while True:
                 job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 20}).json()
-                if job["status"] in TERMINAL or time.monotonic() > deadline:
+                if job["status"] in TERMINAL_STATUSES or time.monotonic() > deadline:
                     return job
 
     def invocations(self, **query: str) -> list[dict[str, Any]]:

@@ -153,9 +153,12 @@ def test_a_job_crashed_on_every_attempt_fails_as_worker_crashed(
     if outcome == "timeout":
         for overran in records[:2]:
             assert overran["duration_seconds"] == pytest.approx(WORKER_TIMEOUT_SECONDS, abs=0.5)
-    # And the message came back only after its visibility timeout each time
+    # And the message came back only after its visibility timeout each time, not at once.
+    # An invocation starts after its receive by the environment's start-up, which on a loaded
+    # 2-core machine takes seconds, so the gap between starts may fall short of the full
+    # timeout; a message released early would be back within a second of the kill.
     starts = [record["started_at"] for record in records]
-    assert all(later - earlier >= visibility - 1 for earlier, later in itertools.pairwise(starts))
+    assert all(later - earlier >= visibility / 2 for earlier, later in itertools.pairwise(starts))
     # And the client heard of the failure once
     assert wait_succeeded_once(figures, job_id, "job.failed")
 

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from sandbox.state import pid_alive
 from tests.e2e.conftest import (
     OPERATOR_KEYS,
     STATE_KEYS,
     TENANT_KEYS,
     SandboxUnderTest,
-    pid_alive_or_group,
     stop_sandbox,
     wait_until,
 )
@@ -47,7 +47,7 @@ def test_up_detached_writes_the_state_file_of_the_scripting_interface(sandbox: S
     assert all(tenant["webhook_secret"].startswith("whsec_") for tenant in state["tenants"])
     assert state["aws_endpoint_url"].startswith("http://localhost:")
     # And the process it names is running and the API answers
-    assert pid_alive_or_group(state["pid"])
+    assert pid_alive(state["pid"], or_group=True)
     assert httpx.get(f"{sandbox.api_url}/v1/openapi.json").status_code == 200
 
 
@@ -177,7 +177,9 @@ def test_down_stops_the_sandbox_and_leaves_no_process_behind(sandbox: SandboxUnd
     down = stop_sandbox(sandbox)
     # Then it succeeds, the sandbox process and every process of its group are gone
     assert down.returncode == 0, down.stderr
-    assert wait_until(lambda: not pid_alive_or_group(pid), timeout=10), "a sandbox process is still running"
+    assert wait_until(lambda: not pid_alive(pid, or_group=True), timeout=10), (
+        "a sandbox process is still running"
+    )
     # And the state file is removed, and the API no longer answers
     assert not (sandbox.directory / ".llmq" / "sandbox.json").exists()
     with pytest.raises(httpx.ConnectError):

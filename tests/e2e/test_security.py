@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import TERMINAL, SandboxUnderTest, wait_until
+from llmq.models import TERMINAL_STATUSES
+from tests.e2e.conftest import SandboxUnderTest, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +128,7 @@ def test_another_tenant_cannot_cancel_a_job_and_the_job_runs_on(
 def test_another_tenant_cannot_redeliver_a_jobs_webhook(
     sandbox: SandboxUnderTest, enterprise_job: str
 ) -> None:
-    assert sandbox.wait_terminal(enterprise_job)["status"] in TERMINAL
+    assert sandbox.wait_terminal(enterprise_job)["status"] in TERMINAL_STATUSES
     with sandbox.api("free") as stranger:
         refused = stranger.post(f"/v1/jobs/{enterprise_job}/webhook/redeliver")
     with sandbox.api("enterprise") as owner:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from llmq.config import DispatcherEnvironment, LlmqConfig, WorkerEnvironment
+from llmq.errors import PROBLEMS
 from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
+from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
-from stacks.runtime import LAMBDA_PYTHON_VERSION
+from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 from tests.aws_calls import load_catalogue
 from tests.infra.iam_grants import missing_grants
 from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, synthesize
@@ -193,10 +196,12 @@ def test_every_function_runs_on_arm64_with_the_powertools_runtime(synthesized):
     assert set(functions) == set(FUNCTION_NAMES)
     for name, (_, resource) in functions.items():
         properties = resource["Properties"]
-        assert properties["Architectures"] == ["arm64"], name
+        assert properties["Architectures"] == [LAMBDA_ARCHITECTURE], name
         assert properties["Runtime"] == f"python{LAMBDA_PYTHON_VERSION}", name
         assert properties["Handler"] == "handler.handler", name
         assert len(properties["Layers"]) == 2, name
+    layers = synthesized.template.of_type("AWS::Lambda::LayerVersion").values()
+    assert [layer["Properties"]["CompatibleArchitectures"] for layer in layers] == [[LAMBDA_ARCHITECTURE]] * 2
 
 
 @pytest.mark.parametrize("name", FUNCTION_NAMES)
@@ -226,8 +231,8 @@ def test_function_environment_parses_with_the_model_its_handler_loads(synthesize
     assert loaded.config == config
     declared = {field.alias or field_name for field_name, field in model.model_fields.items()}
     assert set(environ) - BASE_VARIABLES <= declared
-    assert environ["POWERTOOLS_SERVICE_NAME"] == "llmq"
-    assert environ["POWERTOOLS_METRICS_NAMESPACE"] == "llmq"
+    assert environ["POWERTOOLS_SERVICE_NAME"] == SERVICE_NAME
+    assert environ["POWERTOOLS_METRICS_NAMESPACE"] == METRICS_NAMESPACE
 
 
 def test_worker_and_dispatcher_get_their_optional_variables(synthesized, config):
@@ -336,14 +341,39 @@ def test_api_stage_is_throttled_and_access_logged_without_bodies(synthesized):
     assert settings["DataTraceEnabled"] is False
 
 
-def test_gateway_errors_are_problem_json(synthesized):
+@pytest.mark.parametrize(
+    ("response_type", "code"),
+    [
+        ("UNAUTHORIZED", "unauthenticated"),
+        ("ACCESS_DENIED", "forbidden"),
+        ("THROTTLED", "rate_limited"),
+        ("REQUEST_TOO_LARGE", "payload_too_large"),
+        ("INTEGRATION_TIMEOUT", "gateway_timeout"),
+        ("DEFAULT_5XX", "bad_gateway"),
+    ],
+)
+def test_gateway_errors_are_problem_json_from_the_catalogue(synthesized, response_type, code):
+    # Given the answers API Gateway gives itself, before any function runs
     responses = synthesized.template.of_type("AWS::ApiGateway::GatewayResponse").values()
     by_type = {r["Properties"]["ResponseType"]: r["Properties"] for r in responses}
-    assert by_type["UNAUTHORIZED"]["StatusCode"] == "401"
-    for properties in by_type.values():
-        assert properties["ResponseParameters"]["gatewayresponse.header.Content-Type"] == (
-            "'application/problem+json'"
-        )
+    properties = by_type[response_type]
+    entry = PROBLEMS[code]
+    # Then each is problem+json with the catalogue entry's status, code, title and type
+    assert properties["StatusCode"] == str(entry.status)
+    assert properties["ResponseParameters"]["gatewayresponse.header.Content-Type"] == (
+        "'application/problem+json'"
+    )
+    # $context.error.messageString is a quoted string once API Gateway fills it in.
+    body = json.loads(
+        properties["ResponseTemplates"]["application/json"].replace("$context.error.messageString", '"m"')
+    )
+    assert body == {
+        "type": entry.type,
+        "title": entry.title,
+        "status": entry.status,
+        "code": entry.code,
+        "detail": "m",
+    }
 
 
 # ---- monitoring ----------------------------------------------------------------------
@@ -386,21 +416,27 @@ def test_function_errors_raise_an_alarm(synthesized, name):
     assert errors and errors[0]["Threshold"] == 0
 
 
-def test_dashboard_shows_depth_wait_run_time_and_outcomes(synthesized):
+def _dashboard_body(synthesized: SynthesizedApp) -> str:
     (dashboard,) = synthesized.template.of_type("AWS::CloudWatch::Dashboard").values()
-    body = json.dumps(dashboard["Properties"]["DashboardBody"])
-    for metric in (
-        "ApproximateNumberOfMessagesVisible",
-        "QueueWaitMs",
-        "RunTimeMs",
-        "JobSucceeded",
-        "JobFailed",
-        "JobCanceled",
-        "JobExpired",
-        "WebhookDelivered",
-        "WebhookFailed",
-    ):
-        assert metric in body, metric
+    return json.dumps(dashboard["Properties"]["DashboardBody"])
+
+
+def test_dashboard_shows_depth_wait_run_time_and_outcomes(synthesized):
+    body = _dashboard_body(synthesized)
+    assert "ApproximateNumberOfMessagesVisible" in body
+    for metric in MetricName:
+        assert metric.value in body, metric
+
+
+def test_dashboard_graphs_only_metrics_the_functions_emit(synthesized):
+    # Given the custom metrics the dashboard graphs (namespace llmq, written ["llmq", name, ...])
+    graphed = set(re.findall(rf'\[\\"{METRICS_NAMESPACE}\\",\\"(\w+)\\"', _dashboard_body(synthesized)))
+    alarmed = {
+        alarm["MetricName"] for alarm in _alarms(synthesized) if alarm.get("Namespace") == METRICS_NAMESPACE
+    }
+    # Then each one is a name the code emits, and every name the code emits is graphed
+    assert graphed == {metric.value for metric in MetricName}
+    assert alarmed <= graphed
 
 
 # ---- outputs and checks --------------------------------------------------------------

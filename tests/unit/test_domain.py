@@ -7,7 +7,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from llmq.config import ConfigError, LlmqConfig, RetryPolicy, WorkerEnvironment
+from llmq.config import MAX_VISIBILITY_SECONDS, ConfigError, LlmqConfig, RetryPolicy, WorkerEnvironment
 from llmq.intake import request_hash
 from llmq.jobs import new_job_id
 from llmq.lanes import lane_for_tier, retry_delay_seconds
@@ -29,7 +29,7 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
     assert all(ceiling / 2 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
     assert retry_delay_seconds(policy, 1, 7.0, rng) >= 7.0
     assert retry_delay_seconds(policy, 30, None, rng) <= 60
-    assert retry_delay_seconds(policy, 1, 1e9, rng) == 43_200
+    assert retry_delay_seconds(policy, 1, 1e9, rng) == MAX_VISIBILITY_SECONDS
 
 
 @pytest.mark.parametrize(

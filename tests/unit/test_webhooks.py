@@ -13,7 +13,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from llmq.config import LlmqConfig, WebhookPolicy
+from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig, WebhookPolicy
 from llmq.jobs import JobInput, JobRecord, JobRepository
 from llmq.models import (
     TERMINAL_EVENTS,
@@ -24,6 +24,7 @@ from llmq.models import (
     WebhookEvent,
     WebhookMessage,
 )
+from llmq.retry_after import parse_retry_after
 from llmq.ssrf import PinnedTarget
 from llmq.tenants import Tenant, TenantRepository, UnknownTenant, new_webhook_secret
 from llmq.webhooks import (
@@ -33,7 +34,6 @@ from llmq.webhooks import (
     WebhookDispatcher,
     WebhookSchedule,
     build_payload,
-    parse_retry_after,
     sign,
     webhook_id,
 )
@@ -281,10 +281,12 @@ def test_jitter_stays_within_its_fraction(draw: float) -> None:
 def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
     now = 1_790_000_000.0
     later = format_datetime(datetime.fromtimestamp(now + 90, tz=UTC), usegmt=True)
-    assert parse_retry_after("120", now) == 120
-    assert parse_retry_after(later, now) == pytest.approx(90)
-    assert parse_retry_after("soon", now) is None
-    assert parse_retry_after(None, now) is None
+    assert parse_retry_after(httpx.Headers({"Retry-After": "120"}), now) == 120
+    assert parse_retry_after(httpx.Headers({"Retry-After": later}), now) == pytest.approx(90)
+    assert parse_retry_after(httpx.Headers({"retry-after-ms": "1500", "retry-after": "9"}), now) == 1.5
+    for unreadable in ("soon", "inf", "nan", ""):
+        assert parse_retry_after(httpx.Headers({"Retry-After": unreadable}), now) is None
+    assert parse_retry_after(httpx.Headers(), now) is None
 
 
 # ---- delivery rules ---------------------------------------------------------------------
@@ -359,7 +361,7 @@ async def test_retry_after_never_shortens_the_schedule_and_is_capped() -> None:
     world.add(make_job())
     assert (await world.deliver(attempt=2)).retry_in == 300
     capped = await world.deliver(attempt=2)
-    assert capped.retry_in is not None and capped.retry_in <= 43_200
+    assert capped.retry_in is not None and capped.retry_in <= MAX_VISIBILITY_SECONDS
 
 
 async def test_a_500_does_not_honour_retry_after() -> None:

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Self
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
+# SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
+MAX_VISIBILITY_SECONDS = 43_200
 
 
 class _Frozen(BaseModel):
@@ -37,12 +39,20 @@ class RetryPolicy(_Frozen):
     """Backoff between provider attempts: exponential with full jitter, floored by Retry-After."""
 
     base_seconds: Annotated[float, Field(ge=0)] = 2.0
-    max_seconds: Annotated[float, Field(ge=0, le=43_200)] = 900.0
+    max_seconds: Annotated[float, Field(ge=0, le=MAX_VISIBILITY_SECONDS)] = 900.0
 
 
 class WebhookPolicy(_Frozen):
     # Standard Webhooks' recommended schedule, after the first attempt.
-    schedule_seconds: list[Annotated[int, Field(ge=0, le=43_200)]] = [5, 300, 1800, 7200, 18000, 36000, 36000]
+    schedule_seconds: list[Annotated[int, Field(ge=0, le=MAX_VISIBILITY_SECONDS)]] = [
+        5,
+        300,
+        1800,
+        7200,
+        18000,
+        36000,
+        36000,
+    ]
     jitter_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 15.0
     # Above this many bytes of JSON the result is left out of the body and a result_url given.

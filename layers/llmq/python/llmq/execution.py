@@ -28,7 +28,7 @@ from llmq.providers import (
     TransientProviderError,
 )
 from llmq.queues import QueueRepository
-from llmq.telemetry import emit_job_metric, logger
+from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, logger
 
 # Time kept back from the provider call so the worker can still record the outcome, through
 # a throttle or two: fifteen seconds, or a quarter of what is left for very short functions
@@ -123,7 +123,7 @@ class JobRunner:
             return
         job = loaded
         if job.attempts == 1 and job.started_ms is not None:
-            emit_job_metric("QueueWaitMs", job.started_ms - job.created_ms, job.lane)
+            emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
         try:
             await self._execute(job, invocation)
         except LeaseLost:
@@ -203,7 +203,7 @@ class JobRunner:
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return
         watcher.cancel()
-        emit_job_metric("RunTimeMs", self.jobs.now_ms() - started, job.lane)
+        emit_job_metric(MetricName.RUN_TIME_MS, self.jobs.now_ms() - started, job.lane)
         try:
             result = generation.result()
         except ProviderError as exc:
@@ -338,7 +338,7 @@ class JobRunner:
         if job is None:
             return
         if job.status.is_terminal:
-            emit_job_metric(_OUTCOME_METRICS[job.status], 1, job.lane)
+            emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
         try:
             if invocation is None:
                 await asyncio.to_thread(self.queues.announce_terminal, job)
@@ -346,14 +346,6 @@ class JobRunner:
                 await self._write_back(lambda: self.queues.announce_terminal(job), invocation)
         except StoreUnavailable:
             logger.warning("webhook enqueue failed; the reconciler will send it", extra={"job_id": job.id})
-
-
-_OUTCOME_METRICS = {
-    JobStatus.SUCCEEDED: "JobSucceeded",
-    JobStatus.FAILED: "JobFailed",
-    JobStatus.CANCELED: "JobCanceled",
-    JobStatus.EXPIRED: "JobExpired",
-}
 
 
 def lane_job_id(body: str) -> str | None:
@@ -429,6 +421,6 @@ def _dead_letter_queued(
 
 def _announced(queues: QueueRepository, job: JobRecord | None) -> JobRecord | None:
     if job is not None and job.status.is_terminal:
-        emit_job_metric(_OUTCOME_METRICS[job.status], 1, job.lane)
+        emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
         queues.announce_terminal(job)
     return job

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from llmq.config import LaneConfig, LlmqConfig, RetryPolicy
+from llmq.config import MAX_VISIBILITY_SECONDS, LaneConfig, LlmqConfig, RetryPolicy
 
 
 def lane_for_tier(config: LlmqConfig, tier: str) -> LaneConfig:
@@ -24,4 +24,4 @@ def retry_delay_seconds(
     ceiling = min(policy.max_seconds, policy.base_seconds * (2 ** max(0, attempt - 1)))
     jittered = (rng or random).uniform(ceiling / 2, ceiling)
     floor = retry_after or 0.0
-    return min(max(jittered, floor), 43_200.0)
+    return min(max(jittered, floor), float(MAX_VISIBILITY_SECONDS))

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from llmq.models import ChatMessage, ErrorCode, GenerationParams, JobResult, Usage
+from llmq.retry_after import parse_retry_after
 
 _PERMANENT_CODES = {
     "context_length_exceeded": ErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -103,34 +103,12 @@ class GenerationRequest:
     job_id: str | None = None
 
 
-def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
     """The error for a non-2xx answer."""
     status = response.status_code
     names, message = _error_fields(body)
     message = message or f"provider answered {status}"
-    return _classify(status, names, message, status, parse_retry_after(response.headers))
+    return _classify(status, names, message, status, parse_retry_after(response.headers, time.time()))
 
 
 def classify_error_event(error: object) -> ProviderError:

@@ -9,11 +9,10 @@ import math
 from typing import Any
 
 from llmq import aws
+from llmq.config import MAX_VISIBILITY_SECONDS
 from llmq.jobs import JobRecord
 from llmq.models import DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessage
 
-# SQS caps a message's visibility timeout at 12 hours.
-MAX_VISIBILITY_SECONDS = 43_200
 _DEPTH_ATTRIBUTES = (
     "ApproximateNumberOfMessages",
     "ApproximateNumberOfMessagesNotVisible",

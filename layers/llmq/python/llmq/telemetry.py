@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from enum import StrEnum
 from functools import cache
 from typing import TYPE_CHECKING
 
 from aws_lambda_powertools import Logger, Metrics, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 
-logger = Logger(service="llmq")
-metrics = Metrics(namespace="llmq", service="llmq")
+from llmq.models import JobStatus
+
+# The CDK app sets POWERTOOLS_SERVICE_NAME and POWERTOOLS_METRICS_NAMESPACE from these, and the
+# dashboard reads the metrics under them.
+SERVICE_NAME = "llmq"
+METRICS_NAMESPACE = "llmq"
+logger = Logger(service=SERVICE_NAME)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 if TYPE_CHECKING:
     from aws_lambda_powertools import Tracer
 
@@ -24,12 +31,43 @@ def tracer() -> Tracer:
     return Tracer(service="llmq")
 
 
+class MetricName(StrEnum):
+    """Every custom metric llmq emits: the functions emit these and the dashboard graphs them."""
+
+    QUEUE_WAIT_MS = "QueueWaitMs"
+    RUN_TIME_MS = "RunTimeMs"
+    JOB_SUCCEEDED = "JobSucceeded"
+    JOB_FAILED = "JobFailed"
+    JOB_CANCELED = "JobCanceled"
+    JOB_EXPIRED = "JobExpired"
+    WEBHOOK_DELIVERED = "WebhookDelivered"
+    WEBHOOK_RETRIED = "WebhookRetried"
+    WEBHOOK_FAILED = "WebhookFailed"
+    WEBHOOK_SKIPPED = "WebhookSkipped"
+
+
+# One count per terminal job, with the lane as its dimension.
+JOB_OUTCOME_METRICS: dict[JobStatus, MetricName] = {
+    JobStatus.SUCCEEDED: MetricName.JOB_SUCCEEDED,
+    JobStatus.FAILED: MetricName.JOB_FAILED,
+    JobStatus.CANCELED: MetricName.JOB_CANCELED,
+    JobStatus.EXPIRED: MetricName.JOB_EXPIRED,
+}
+# One count per delivery outcome, with the service dimension only.
+WEBHOOK_OUTCOME_METRICS = (
+    MetricName.WEBHOOK_DELIVERED,
+    MetricName.WEBHOOK_RETRIED,
+    MetricName.WEBHOOK_FAILED,
+    MetricName.WEBHOOK_SKIPPED,
+)
+
+
 def fingerprint(text: str) -> str:
     """A short, stable hash that lets operators correlate a prompt without ever seeing it."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def emit_job_metric(name: str, value: float, lane: str) -> None:
+def emit_job_metric(name: MetricName, value: float, lane: str) -> None:
     """One metric with the lane as its dimension (the dashboard graphs per lane)."""
     unit = MetricUnit.Milliseconds if name.endswith("Ms") else MetricUnit.Count
     with single_metric(name=name, unit=unit, value=value, namespace=metrics.namespace) as metric:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import hashlib
 import hmac
 import random
@@ -22,11 +21,11 @@ from enum import StrEnum
 import httpx
 from pydantic import BaseModel
 
-from llmq.config import LlmqConfig
+from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
 from llmq.errors import InvalidWebhookUrl
-from llmq.jobs import JobRecord, JobRepository
+from llmq.jobs import JobRecord, JobRepository, iso
 from llmq.models import TERMINAL_EVENTS, DeliveryStatus, Job, WebhookEvent, WebhookMessage
-from llmq.queues import MAX_VISIBILITY_SECONDS
+from llmq.retry_after import parse_retry_after
 from llmq.ssrf import PinnedTarget, PinnedTransport, Resolver, check_webhook_url, system_resolver
 from llmq.tenants import WEBHOOK_SECRET_PREFIX, TenantRepository, UnknownTenant
 
@@ -79,10 +78,6 @@ class WebhookPayload(BaseModel):
     data: Job
 
 
-def _now_iso(now: datetime) -> str:
-    return now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def build_payload(
     job: Job,
     event: WebhookEvent,
@@ -99,7 +94,7 @@ def build_payload(
         )
     # The timestamp is when the event happened, not when this attempt is sent.
     occurred = job.started_at if event is WebhookEvent.STARTED else job.finished_at
-    timestamp = occurred or _now_iso(now or datetime.now(UTC))
+    timestamp = occurred or iso(int((now or datetime.now(UTC)).timestamp() * 1000))
     return WebhookPayload(type=event, timestamp=timestamp, data=data).model_dump_json().encode()
 
 
@@ -125,22 +120,6 @@ class WebhookSchedule:
         base = self.delays_seconds[retry - 1]
         spread = base * self.jitter_fraction
         return max(0.0, base - spread + 2 * spread * self.random())
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Retry-After as seconds from `now`: delta-seconds or an HTTP-date; None if absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
 
 
 # ---- delivery ---------------------------------------------------------------------------------
@@ -283,7 +262,7 @@ class WebhookDispatcher:
                 # Streamed and never read: the receiver's body could be anything, of any size.
                 client.stream("POST", target.url, content=body, headers=headers) as response,
             ):
-                retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
+                retry_after = parse_retry_after(response.headers, self._clock())
                 return _Response(response.status_code, retry_after)
         except TimeoutError:
             return _Response(None, error=f"no answer within {timeout:g}s")

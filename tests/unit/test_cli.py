@@ -1,0 +1,110 @@
+"""The `llmq` job commands: ids that can be copied, output a script can read."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import sandbox.client
+from sandbox.cli import build_parser, main
+
+LONG_ID = "job_01JDQ8Z6W4M2X9V7K3N5P8R2T4"
+JOBS = [
+    {
+        "id": LONG_ID,
+        "status": "failed",
+        "lane": "enterprise",
+        "model": "gpt-4o-mini",
+        "attempts": 3,
+        "created_at": "2026-12-01T23:50:00.000Z",
+        "error": {"code": "provider_unavailable", "message": "..."},
+    },
+    {
+        "id": "job_01JDQ8Z6W4M2X9V7K3N5P8R2T5",
+        "status": "queued",
+        "lane": "free",
+        "model": "gpt-4o-mini",
+        "attempts": 0,
+        "created_at": "2026-12-01T23:51:00.000Z",
+        "error": None,
+    },
+]
+API = ["--api-url", "https://api.example.test", "--api-key", "llmq_test"]
+
+
+class FakeClient:
+    """Stands in for sandbox.client.LlmqClient: the API answers from JOBS."""
+
+    def __init__(self, api_url: str, api_key: str) -> None:
+        self.api_url = api_url
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def page(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        return {"data": JOBS[:limit], "next_cursor": None}
+
+    def all_jobs(self, status: str | None = None) -> list[dict[str, Any]]:
+        return JOBS
+
+    def get(self, job_id: str, wait: int = 0) -> dict[str, Any]:
+        return next(job for job in JOBS if job["id"] == job_id)
+
+
+@pytest.fixture(autouse=True)
+def _fake_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox.client, "LlmqClient", FakeClient)
+
+
+def test_jobs_prints_every_id_in_full_even_on_a_narrow_terminal(capsys, monkeypatch):
+    # Given a terminal far narrower than a job id and its row
+    monkeypatch.setenv("COLUMNS", "20")
+    # When the operator lists jobs
+    assert main(["jobs", *API]) == 0
+    out = capsys.readouterr().out
+    # Then each full id starts its row, ready to copy, with the default columns only
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "LANE", "CREATED"]
+    assert [line.split()[0] for line in lines[1:]] == [job["id"] for job in JOBS]
+    assert "…" not in out and "gpt-4o-mini" not in out
+
+
+def test_jobs_wide_adds_the_model_attempts_and_error_code(capsys):
+    assert main(["jobs", "--wide", *API]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "LANE", "CREATED", "MODEL", "ATTEMPTS", "ERROR"]
+    assert lines[1].split()[-3:] == ["gpt-4o-mini", "3", "provider_unavailable"]
+    # A job without an error leaves the cell empty rather than printing None
+    assert lines[2].split()[-2:] == ["gpt-4o-mini", "0"]
+
+
+def test_jobs_json_is_the_api_jobs_unchanged(capsys):
+    assert main(["jobs", "--json", *API]) == 0
+    assert json.loads(capsys.readouterr().out) == JOBS
+
+
+def test_get_prints_the_job_a_listed_id_names(capsys):
+    assert main(["get", LONG_ID, *API]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["id"] == LONG_ID
+    assert captured.err == ""
+
+
+def test_status_still_gets_a_job_but_says_it_is_deprecated(capsys):
+    # Given a script written against the old spelling
+    assert main(["status", LONG_ID, *API]) == 0
+    captured = capsys.readouterr()
+    # Then it still gets the job, and stderr names the new command
+    assert json.loads(captured.out)["id"] == LONG_ID
+    assert "deprecated" in captured.err and "llmq get" in captured.err
+
+
+def test_help_lists_get_and_hides_the_old_status_spelling():
+    help_text = build_parser().format_help()
+    assert "get a job" in help_text
+    assert "status" not in help_text.replace("--state-file", "")
