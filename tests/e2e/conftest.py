@@ -155,3 +155,18 @@ def sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
     for sandbox in started:
         if (sandbox.directory / ".llmq" / "sandbox.json").exists():
             stop_sandbox(sandbox)
+
+
+# `figures` and `config` follow whichever `sandbox` the requesting module defines.
+@pytest.fixture(scope="module")
+def figures(sandbox: SandboxUnderTest) -> Any:
+    from tests.e2e.figures import Figures  # figures.py imports this module
+
+    return Figures(sandbox)
+
+
+@pytest.fixture(scope="module")
+def config(sandbox: SandboxUnderTest) -> dict[str, Any]:
+    """The sandbox's effective LlmqConfig, as it reports it."""
+    found: dict[str, Any] = httpx.get(f"{sandbox.api_url}/_sandbox/config").json()
+    return found

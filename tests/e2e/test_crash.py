@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e.conftest import SandboxUnderTest, wait_until
@@ -58,17 +57,6 @@ def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
         }
     )
     return started
-
-
-@pytest.fixture(scope="module")
-def figures(sandbox: SandboxUnderTest) -> Figures:
-    return Figures(sandbox)
-
-
-@pytest.fixture(scope="module")
-def config(sandbox: SandboxUnderTest) -> dict[str, Any]:
-    found: dict[str, Any] = httpx.get(f"{sandbox.api_url}/_sandbox/config").json()
-    return found
 
 
 @dataclass(frozen=True)

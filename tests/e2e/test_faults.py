@@ -78,17 +78,6 @@ def sandbox(sandboxes: dict[str, SandboxUnderTest]) -> SandboxUnderTest:
     return sandboxes["main"]
 
 
-@pytest.fixture(scope="module")
-def figures(sandbox: SandboxUnderTest) -> Figures:
-    return Figures(sandbox)
-
-
-@pytest.fixture(scope="module")
-def config(sandbox: SandboxUnderTest) -> dict[str, Any]:
-    found: dict[str, Any] = httpx.get(f"{sandbox.api_url}/_sandbox/config").json()
-    return found
-
-
 @dataclass
 class Ledger:
     """What this module did that the last test accounts for."""

@@ -48,12 +48,6 @@ def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
     return started
 
 
-@pytest.fixture(scope="module")
-def config(sandbox: SandboxUnderTest) -> dict[str, Any]:
-    found: dict[str, Any] = httpx.get(f"{sandbox.api_url}/_sandbox/config").json()
-    return found
-
-
 def submit(sandbox: SandboxUnderTest, tier: str, body: Any, **headers: str) -> httpx.Response:
     with sandbox.api(tier) as client:
         return client.post("/v1/jobs", json=body, headers=headers)

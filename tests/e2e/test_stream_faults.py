@@ -25,17 +25,6 @@ def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
     return shared_sandbox
 
 
-@pytest.fixture(scope="module")
-def figures(sandbox: SandboxUnderTest) -> Figures:
-    return Figures(sandbox)
-
-
-@pytest.fixture(scope="module")
-def config(sandbox: SandboxUnderTest) -> dict[str, Any]:
-    found: dict[str, Any] = httpx.get(f"{sandbox.api_url}/_sandbox/config").json()
-    return found
-
-
 def provider_faults(sandbox: SandboxUnderTest, job_id: str) -> list[str | None]:
     """Per provider call for the job, in order: the fault that broke its 200 answer, or None."""
     log = httpx.get(f"{sandbox.state['provider_url']}/_calls").json()["log"]

@@ -305,11 +305,11 @@ class JobRepository:
             "sweep_pk": self._sweep_pk(record.id),
             "sweep_at": record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
         }
-        stored = self._offload_input(record.model_copy(update={"last_write": token}), extra)
+        item = self._item_for_create(record.model_copy(update={"last_write": token}), extra)
         try:
             self._ddb.put_item(
                 TableName=self.table_name,
-                Item=_to_item(stored, extra),
+                Item=item,
                 # An item past its TTL but not yet deleted by DynamoDB counts as gone.
                 ConditionExpression="attribute_not_exists(pk) OR expires_at < :now_s",
                 ExpressionAttributeValues=_values(now_s=int(self._clock())),
@@ -333,19 +333,18 @@ class JobRepository:
             raise PayloadTooLarge("this job needs the payload bucket, which is not configured")
         return self.payloads
 
-    def item_size(self, record: JobRecord, extra: dict[str, Any] | None = None) -> int:
-        """The record's size as DynamoDB counts it: names plus UTF-8 values, input and result."""
-        return item_size_bytes(_to_item(record, extra or {}))
+    def _item_fits(self, item: dict[str, Any]) -> bool:
+        """Sized as DynamoDB sizes it (names plus UTF-8 values, input and result together)."""
+        return item_size_bytes(item) + _ITEM_HEADROOM_BYTES <= self._item_budget
 
-    def _fits(self, record: JobRecord, extra: dict[str, Any] | None = None) -> bool:
-        return self.item_size(record, extra) + _ITEM_HEADROOM_BYTES <= self._item_budget
-
-    def _offload_input(self, record: JobRecord, extra: dict[str, Any]) -> JobRecord:
-        if record.input is None or self._fits(record, extra):
-            return record
+    def _item_for_create(self, record: JobRecord, extra: dict[str, Any]) -> dict[str, Any]:
+        """The item to put: the input inline when the item fits, else in S3 by reference."""
+        item = _to_item(record, extra)
+        if record.input is None or self._item_fits(item):
+            return item
         data = record.input.model_dump_json().encode()
         ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
-        return record.model_copy(update={"input": None, "input_ref": ref})
+        return _to_item(record.model_copy(update={"input": None, "input_ref": ref}), extra)
 
     def with_input(self, record: JobRecord) -> JobRecord:
         """The job with its input, read from S3 when the item holds only a reference."""
@@ -446,7 +445,7 @@ class JobRepository:
         as_stored = job.model_copy(
             update={"input": None if job.input_ref else job.input, "result": result, "last_write": owner}
         )
-        if self._fits(as_stored, {"sweep_pk": self._sweep_pk(job.id), "sweep_at": 0}):
+        if self._item_fits(_to_item(as_stored, {"sweep_pk": self._sweep_pk(job.id), "sweep_at": 0})):
             try:
                 return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result)
             except ItemTooLarge:
@@ -612,60 +611,25 @@ class JobRepository:
             raise _ConditionFailed(old) from exc
         return _from_item(response["Attributes"])
 
-    def expire(self, job: JobRecord) -> JobRecord | None:
-        """A queued job whose deadline passed before a worker started (or restarted) it."""
+    def _finish_if(self, job: JobRecord, status: JobStatus, **finish: Any) -> JobRecord | None:
+        """A terminal write that may find the job moved on: None then, not an error."""
         try:
-            return self._finish(
-                job,
-                JobStatus.EXPIRED,
-                condition="#st = :queued AND deadline_ms <= :now",
-                values={"queued": "queued"},
-                error=_deadline_error(job),
-            )
+            return self._finish(job, status, **finish)
         except _ConditionFailed:
             return None
 
-    def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
-        """Fail a running job that no live worker holds (dead letters, exhausted crash recovery)."""
-        try:
-            return self._finish(
-                job,
-                JobStatus.FAILED,
-                condition="#st = :running AND "
-                "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)",
-                values={"running": "running"},
-                error=error,
-            )
-        except _ConditionFailed:
-            return None
-
-    def cancel_unleased(self, job: JobRecord) -> JobRecord | None:
-        """A job asked to cancel that no live worker holds: record it canceled."""
-        try:
-            return self._finish(
-                job,
-                JobStatus.CANCELED,
-                condition="cancel_requested = :true AND (#st = :queued OR "
-                "(#st = :running AND (attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
-                values={"queued": "queued", "running": "running", "true": True},
-            )
-        except _ConditionFailed:
-            return None
-
-    def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
-        """A queued job whose message dead-lettered before any claim: note it, keep it queued.
-
-        Idempotent per DLQ message: the same letter handled twice (a retry of this write, a
-        redelivered DLQ record) counts once. None when the job is no longer queued.
-        """
+    def _update_if_status(
+        self, job_id: str, status: JobStatus, expression: str, values: dict[str, Any]
+    ) -> JobRecord | None:
+        """One UpdateItem that applies only while the job is in `status`; None otherwise."""
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
-                Key={"pk": {"S": job.id}},
-                UpdateExpression="ADD dead_letter_ids :ids",
-                ConditionExpression="#st = :queued",
+                Key={"pk": {"S": job_id}},
+                UpdateExpression=expression,
+                ConditionExpression="#st = :expected",
                 ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues={":ids": {"SS": [message_id]}, ":queued": {"S": "queued"}},
+                ExpressionAttributeValues={":expected": {"S": status.value}, **values},
                 ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
@@ -674,18 +638,56 @@ class JobRepository:
             raise
         return _from_item(response["Attributes"])
 
+    def expire(self, job: JobRecord) -> JobRecord | None:
+        """A queued job whose deadline passed before a worker started (or restarted) it."""
+        return self._finish_if(
+            job,
+            JobStatus.EXPIRED,
+            condition="#st = :queued AND deadline_ms <= :now",
+            values={"queued": "queued"},
+            error=_deadline_error(job),
+        )
+
+    def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        """Fail a running job that no live worker holds (dead letters, exhausted crash recovery)."""
+        return self._finish_if(
+            job,
+            JobStatus.FAILED,
+            condition="#st = :running AND "
+            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)",
+            values={"running": "running"},
+            error=error,
+        )
+
+    def cancel_unleased(self, job: JobRecord) -> JobRecord | None:
+        """A job asked to cancel that no live worker holds: record it canceled."""
+        return self._finish_if(
+            job,
+            JobStatus.CANCELED,
+            condition="cancel_requested = :true AND (#st = :queued OR "
+            "(#st = :running AND (attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
+            values={"queued": "queued", "running": "running", "true": True},
+        )
+
+    def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
+        """A queued job whose message dead-lettered before any claim: note it, keep it queued.
+
+        Idempotent per DLQ message: the same letter handled twice (a retry of this write, a
+        redelivered DLQ record) counts once. None when the job is no longer queued.
+        """
+        return self._update_if_status(
+            job.id, JobStatus.QUEUED, "ADD dead_letter_ids :ids", {":ids": {"SS": [message_id]}}
+        )
+
     def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:
         """A queued job whose every message dead-lettered: no worker can even claim it."""
-        try:
-            return self._finish(
-                job,
-                JobStatus.FAILED,
-                condition="#st = :queued AND size(dead_letter_ids) >= :limit",
-                values={"queued": "queued", "limit": len(job.dead_letter_ids)},
-                error=error,
-            )
-        except _ConditionFailed:
-            return None
+        return self._finish_if(
+            job,
+            JobStatus.FAILED,
+            condition="#st = :queued AND size(dead_letter_ids) >= :limit",
+            values={"queued": "queued", "limit": len(job.dead_letter_ids)},
+            error=error,
+        )
 
     # ---- cancel (API) -------------------------------------------------------------------
 
@@ -716,21 +718,9 @@ class JobRepository:
 
     def _request_cancel(self, job: JobRecord) -> JobRecord | None:
         # Idempotent: a retried write finds the job running with the flag already set.
-        try:
-            response = self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": job.id}},
-                UpdateExpression="SET cancel_requested = :true",
-                ConditionExpression="#st = :running",
-                ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues=_values(true=True, running="running"),
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if _condition_failed(exc):
-                return None
-            raise
-        return _from_item(response["Attributes"])
+        return self._update_if_status(
+            job.id, JobStatus.RUNNING, "SET cancel_requested = :true", {":true": {"BOOL": True}}
+        )
 
     def is_cancel_requested(self, job_id: str) -> bool:
         response = self._ddb.get_item(
