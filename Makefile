@@ -57,15 +57,16 @@ aws-calls: install ## Add the AWS calls the integration suite observes to tests/
 	LLMQ_RECORD_AWS_CALLS=1 $(PYTEST) tests/integration -q -n 2
 
 demo: install ## The scripted tour: sandbox up, mixed load, replay, cancel, verified webhooks, summary, down
-	$(PY) -m sandbox.demo
+	$(PY) -m llmq_sandbox.demo
 
 dev: install ## The sandbox in the foreground, printing curl commands to try (Ctrl-C stops it)
-	$(PY) -m sandbox sandbox up
+	$(PY) -m llmq_cli sandbox up
 
-lint: install ## ruff and mypy
+lint: install ## ruff, mypy and the import-linter architecture contracts (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy layers/llmq/python/llmq functions stacks app.py sandbox bench
+	$(VENV)/bin/mypy layers/llmq/python/llmq functions stacks app.py llmq_cli llmq_sandbox bench
+	PYTHONPATH=layers/llmq/python:. $(VENV)/bin/lint-imports --no-cache
 
 format: install ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -25,8 +25,8 @@ sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 
 from llmq import aws  # noqa: E402
 from llmq.config import LlmqConfig  # noqa: E402
-from sandbox.fake_provider import FakeProviderServer  # noqa: E402
-from sandbox.moto_fidelity import make_dynamodb_writes_atomic  # noqa: E402
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer  # noqa: E402
+from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic  # noqa: E402
 
 ENTERPRISE = {"tenant_id": "ten_bench", "tier": "enterprise"}
 

@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 
-from bench import cost  # noqa: E402
+import llmq_cli.cost as cost  # noqa: E402
 
 SECTIONS = ("idle", "calls", "cold", "flood", "throughput", "cost")
 

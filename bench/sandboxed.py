@@ -36,7 +36,7 @@ SINGLE_LANE = {
 
 @contextmanager
 def sandbox(overrides: dict[str, Any] | None = None) -> Iterator[Any]:
-    from sandbox.launcher import Sandbox
+    from llmq_sandbox.launcher import Sandbox
 
     with tempfile.TemporaryDirectory(prefix="llmq-bench-") as directory:
         running = Sandbox(Path(directory), config_overrides=overrides)

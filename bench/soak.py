@@ -6,7 +6,7 @@ The sandbox is started with `llmq sandbox up --detach` in a temporary directory,
 more tenants than it seeds (four in all, both tiers). Each job is submitted over HTTP with a
 webhook to the sandbox's receiver, and its prompt carries the fault it is dealt:
 - 5% transient provider failures: `[[fail:503x1]]`, or `[[fail:429x1]][[retry_after:1]]`;
-- 1% crashes (sandbox/faults.py): `[[crash:1]]` (the environment is killed after the first
+- 1% crashes (llmq_sandbox/doubles/faults.py): `[[crash:1]]` (the environment is killed after the first
   claim), `[[overrun:1]]` (the first invocation overruns its timeout and is killed), or
   `[[overrun]]` (every one does, so the job ends `worker_crashed`); a crash takes the other
   jobs of its batch down with it;
@@ -141,7 +141,7 @@ def _llmq(directory: Path, *args: str, env: dict[str, str] | None = None) -> str
     environment.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
     environment.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
     script = Path(sys.executable).parent / "llmq"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "sandbox"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "llmq_cli"]
     done = subprocess.run(
         [*command, *args], cwd=directory, env=environment, capture_output=True, text=True, timeout=600
     )

@@ -134,7 +134,7 @@ def moto_stack(_aws_test_credentials: None) -> Iterator[MotoStack]:
     from moto import mock_aws
 
     from llmq import aws
-    from sandbox.moto_fidelity import make_dynamodb_writes_atomic
+    from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
 
     make_dynamodb_writes_atomic()
     with mock_aws():

@@ -25,9 +25,9 @@ TENANT_KEYS = {"id", "name", "tier", "api_key", "webhook_secret"}
 
 
 def llmq_command() -> list[str]:
-    """The installed console script, as a user runs it (python -m sandbox where it is missing)."""
+    """The installed console script, as a user runs it (python -m llmq_cli where it is missing)."""
     script = Path(sys.executable).parent / "llmq"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sandbox"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "llmq_cli"]
 
 
 def run_llmq(

@@ -1,7 +1,7 @@
 """Worker crashes, injected by the runner, with the worker's timeout cut to 3 s (its lanes'
 visibility timeout is then 18 s).
 
-The crash directives of sandbox/faults.py act in the worker environment that claimed the job:
+The crash directives of llmq_sandbox/doubles/faults.py act in the worker environment that claimed the job:
 - `[[crash:1]]`: the environment is killed right after its first claim. The lease expires,
   SQS brings the message back after the visibility timeout, and the job is claimed again and
   completes: the provider was called once.

@@ -7,7 +7,7 @@ Two sandboxes, started side by side:
   10 s in the sandbox) finds a lost enqueue within one sweep;
 - `down` has its provider pointed at a closed port on 127.0.0.1.
 
-Faults come from the sandbox (sandbox/faults.py and the introspection API): the api's
+Faults come from the sandbox (llmq_sandbox/doubles/faults.py and the introspection API): the api's
 SendMessage failing after its PutItem (`POST /_sandbox/faults`), a lane's mapping paused so
 that poison and good messages form one batch (`POST /_sandbox/mappings`), provider directives
 and storms, and a receiver that fails the first N attempts until healed.

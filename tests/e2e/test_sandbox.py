@@ -12,7 +12,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from sandbox.state import pid_alive
+from llmq_cli.sandbox_state import pid_alive
 from tests.e2e.conftest import (
     OPERATOR_KEYS,
     STATE_KEYS,
@@ -57,7 +57,9 @@ def test_moto_enforces_iam_and_the_state_files_operator_may_do_anything(sandbox:
 
     # Given the sandbox's moto, and a key that no IAM user or role of it owns
     stranger = boto3.session.Session(
-        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=sandbox.state["region"]
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name=sandbox.state["region"],
     ).client("dynamodb", endpoint_url=sandbox.state["aws_endpoint_url"])
     # When that key and the operator's from the state file list the tables
     with pytest.raises(ClientError) as refused:

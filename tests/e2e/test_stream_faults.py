@@ -2,7 +2,7 @@
 reasons the client must see, and a provider that never finishes.
 
 One sandbox with its own numbers (streaming on, 2 attempts, worker timeout 10 s). The faults
-are the fake provider's directives (sandbox/fake_provider.py): `[[stream_error…]]` and
+are the fake provider's directives (llmq_sandbox/doubles/fake_provider.py): `[[stream_error…]]` and
 `[[stream_cut…]]` break the answer after half its deltas, `:x1` only on the job's first call;
 `[[finish:…]]` sets the final finish_reason; `[[hang]]` never answers.
 """

@@ -15,12 +15,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sandbox.launcher import prepare_process
+from llmq_sandbox.launcher import prepare_process
 
 prepare_process()  # node 22 from the venv for jsii, before the CDK is imported
 
 import stacks.worker  # noqa: E402
-from sandbox.cli import main  # noqa: E402
+from llmq_cli.main import main  # noqa: E402
 
 MISSING_VARIABLE = "LLMQ_JOBS_TABLE"
 MISSING_GRANT = "dynamodb:UpdateItem"  # the claim, the completion and the failure of a job

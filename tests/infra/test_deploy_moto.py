@@ -10,8 +10,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from llmq.config import LlmqConfig
+from llmq_sandbox.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
 from stacks.functions import FUNCTION_NAMES
-from stacks.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
 from tests.infra.synthesis import ENV_MODELS
 
 REGION = "us-east-1"
@@ -126,7 +126,7 @@ def test_worker_mappings_carry_each_lanes_maximum_concurrency(deployment, aws):
 
 def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(deployment, aws):
     # Given the stack deployed into moto, When the sandbox reads its topology as `sandbox up` does
-    from sandbox.topology import read_topology
+    from llmq_sandbox.topology import read_topology
 
     lambda_client = aws("lambda")
     resources = deployment.template["Resources"]

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from llmq.config import LlmqConfig
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration import aws_call_recorder
 from tests.integration.harness import Harness

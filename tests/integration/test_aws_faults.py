@@ -42,8 +42,8 @@ from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.tenants import TenantRepository
 from llmq.webhooks import webhook_id
-from sandbox.fake_provider import FakeProviderServer
-from sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION, MotoStack, create_llmq_resources
 from tests.integration.conftest import integration_config

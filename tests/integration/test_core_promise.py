@@ -29,7 +29,7 @@ from llmq.payloads import PayloadStore
 from llmq.providers import GenerationRequest, TransientProviderError
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config

@@ -19,7 +19,7 @@ from llmq import aws
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
 
 

@@ -1011,7 +1011,7 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[Environment]:
     """One moto for the whole run; each example empties the table and the queues."""
     from moto import mock_aws
 
-    from sandbox.moto_fidelity import make_dynamodb_writes_atomic
+    from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
 
     # Each example purges the queues; AWS allows one purge a minute, and moto enforces it.
     monkeypatch.setenv("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")

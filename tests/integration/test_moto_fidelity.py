@@ -1,4 +1,4 @@
-"""moto's DynamoDB, as patched by sandbox.moto_fidelity, refuses and keeps what AWS refuses and keeps.
+"""moto's DynamoDB, as patched by llmq_sandbox.moto_fidelity, refuses and keeps what AWS refuses and keeps.
 
 A test that passes against a lenient moto and fails on AWS hides a bug; a test refused by a
 stricter moto hides a working feature. These pin the item-size limit and all-or-nothing writes.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmq import aws
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, Harness

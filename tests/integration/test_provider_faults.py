@@ -15,7 +15,7 @@ from llmq.providers import (
     ProviderTimeout,
     TransientProviderError,
 )
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 
 STREAMING = [True, False]
 

@@ -15,7 +15,7 @@ from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.tenants import TenantRepository
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub, load_handler
 from tests.integration.webhook_receiver import WebhookReceiver
 

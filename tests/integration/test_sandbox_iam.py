@@ -1,4 +1,4 @@
-"""moto's IAM enforcement, as the sandbox corrects it (sandbox/iam.py), allows and refuses what AWS does.
+"""moto's IAM enforcement, as the sandbox corrects it (llmq_sandbox/iam.py), allows and refuses what AWS does.
 
 One moto server for the module, holding a table, two queues and a bucket, an operator and a
 role that trusts Lambda. The role's one policy names its resources, as the CDK app's do.
@@ -17,7 +17,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from sandbox.iam import (
+from llmq_sandbox.iam import (
     UNCHECKED,
     AwsCredentials,
     assume_roles,

@@ -14,7 +14,7 @@ from llmq.config import LlmqConfig
 from llmq.errors import LeaseLost
 from llmq.jobs import ClaimOutcome, JobRepository
 from llmq.models import JobResult
-from sandbox.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler

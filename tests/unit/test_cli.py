@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-import sandbox.client
-from sandbox.cli import build_parser, main
+import llmq_cli.client
+from llmq_cli.main import build_parser, main
 
 LONG_ID = "job_01JDQ8Z6W4M2X9V7K3N5P8R2T4"
 JOBS = [
@@ -35,7 +35,7 @@ API = ["--api-url", "https://api.example.test", "--api-key", "llmq_test"]
 
 
 class FakeClient:
-    """Stands in for sandbox.client.LlmqClient: the API answers from JOBS."""
+    """Stands in for llmq_cli.client.LlmqClient: the API answers from JOBS."""
 
     def __init__(self, api_url: str, api_key: str) -> None:
         self.api_url = api_url
@@ -58,7 +58,7 @@ class FakeClient:
 
 @pytest.fixture(autouse=True)
 def _fake_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sandbox.client, "LlmqClient", FakeClient)
+    monkeypatch.setattr(llmq_cli.client, "LlmqClient", FakeClient)
 
 
 def test_jobs_prints_every_id_in_full_even_on_a_narrow_terminal(capsys, monkeypatch):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench.cost import Workload, cost_per_million, total
-from sandbox.cli import main
+from llmq_cli.cost import Workload, cost_per_million, total
+from llmq_cli.main import main
 
 
 def test_one_invocation_per_job_pays_for_every_idle_second() -> None:

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from sandbox.signatures import verify_delivery
+from llmq_cli.signatures import verify_delivery
 
 # tenant id -> that tenant's webhook secrets, newest first.
 SecretsSource = Callable[[], dict[str, list[str]]]

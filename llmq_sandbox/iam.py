@@ -1,6 +1,6 @@
 """IAM in the sandbox's moto: each function acts with its own execution role (DESIGN §6).
 
-How the sandbox turns it on (sandbox/launcher.py):
+How the sandbox turns it on (llmq_sandbox/launcher.py):
 1. while moto authenticates nothing yet, it creates the operator: an IAM user with an inline
    `*:*` policy and an access key. The deploy, the runner's own calls (pollers, the
    receiver's secrets) and the tools and tests (through `aws_credentials` in

@@ -24,8 +24,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sandbox.lambda_service import InvocationRecord, InvocationResult, LambdaService, Outcome
-from sandbox.topology import MappingSpec, ScheduleSpec
+from llmq_sandbox.lambda_service import InvocationRecord, InvocationResult, LambdaService, Outcome
+from llmq_sandbox.topology import MappingSpec, ScheduleSpec
 
 log = logging.getLogger("llmq.sandbox")
 # Long polling keeps an idle poller cheap and lets it notice a stop within about a second.

@@ -71,7 +71,7 @@ class RunnerSettings:
     # API Gateway's integration timeout: the api function's answer must come within it.
     integration_timeout_seconds: float = 29.0
     # Each function acts with its own execution role, and moto refuses what the role does not
-    # allow (sandbox/iam.py), so a grant missing from the CDK app fails here as on AWS.
+    # allow (llmq_sandbox/iam.py), so a grant missing from the CDK app fails here as on AWS.
     enforce_iam: bool = True
 
     @classmethod

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from llmq.models import TERMINAL_STATUSES
-from sandbox.state import (
+from llmq_cli.sandbox_state import (
     SandboxState,
     TenantCredentials,
     pid_alive,
@@ -70,13 +70,30 @@ def _api_answers(state: SandboxState) -> bool:
         return False
 
 
+# What the emulator needs beyond `pip install .[cli]`, by import name.
+SANDBOX_EXTRA_MODULES = ("moto", "aws_cdk", "cdk_nag", "rich")
+
+
+def require_sandbox_extra() -> None:
+    """The emulator is an extra: say how to get it rather than fail deep inside an import."""
+    from importlib.util import find_spec
+
+    missing = [name for name in SANDBOX_EXTRA_MODULES if find_spec(name) is None]
+    if missing:
+        raise CliError(
+            f"the sandbox needs the `sandbox` extra (missing: {', '.join(missing)}); "
+            "from a checkout run `pip install -e '.[sandbox]'` or `make install`"
+        )
+
+
 def cmd_sandbox_up(args: argparse.Namespace) -> int:
+    require_sandbox_extra()
     path = state_file(args.state_file)
     running = _running_state(path)
     if running is not None and running.pid != os.getpid():
         raise CliError(f"a sandbox is already running (pid {running.pid}, {path}); `llmq sandbox down` first")
     if args.no_iam:
-        from sandbox.config import IAM_VAR
+        from llmq_sandbox.config import IAM_VAR
 
         os.environ[IAM_VAR] = "off"  # read by the sandbox, here or in the detached child
     if args.detach:
@@ -91,7 +108,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def _up_foreground(path: Path, announce: bool) -> int:
     import logging
 
-    from sandbox.launcher import Sandbox, SandboxStartError
+    from llmq_sandbox.launcher import Sandbox, SandboxStartError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     # Ctrl-C and `llmq sandbox down` (SIGTERM) both stop it cleanly; SIGINT is set explicitly
@@ -170,7 +187,7 @@ def _up_detached(path: Path, timeout: float) -> int:
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     log_path = path.parent / "sandbox.log"
-    command = [sys.executable, "-m", "sandbox", "--state-file", str(path), "sandbox", "up", "--serve"]
+    command = [sys.executable, "-m", "llmq_cli", "--state-file", str(path), "sandbox", "up", "--serve"]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -248,7 +265,7 @@ def cmd_sandbox_status(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from sandbox.client import LlmqClient
+    from llmq_cli.client import LlmqClient
 
     api_url = args.api_url or os.environ.get("LLMQ_API_URL")
     api_key = args.api_key or os.environ.get("LLMQ_API_KEY")
@@ -413,7 +430,7 @@ class AwsTarget:
         return session.client(service, endpoint_url=self.endpoint_url, config=config)  # type: ignore[call-overload]
 
     def outputs(self) -> dict[str, str]:
-        from sandbox.dead_letters import stack_outputs
+        from llmq_cli.dead_letters import stack_outputs
 
         return stack_outputs(self.client("cloudformation"), self.stack)
 
@@ -497,7 +514,7 @@ def cmd_tenants_rotate(args: argparse.Namespace) -> int:
 
 
 def _dead_letter_queues(target: AwsTarget, selected: str | None) -> list[Any]:
-    from sandbox.dead_letters import stack_dead_letter_queues
+    from llmq_cli.dead_letters import stack_dead_letter_queues
 
     queues = stack_dead_letter_queues(target.outputs())
     if selected:
@@ -508,7 +525,7 @@ def _dead_letter_queues(target: AwsTarget, selected: str | None) -> list[Any]:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    from sandbox.dead_letters import depth, peek
+    from llmq_cli.dead_letters import depth, peek
 
     target = AwsTarget(args)
     sqs = target.client("sqs")
@@ -530,7 +547,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_redrive(args: argparse.Namespace) -> int:
-    from sandbox.dead_letters import redrive
+    from llmq_cli.dead_letters import redrive
 
     target = AwsTarget(args)
     results = [
@@ -544,7 +561,7 @@ def cmd_dlq_redrive(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks_verify(args: argparse.Namespace) -> int:
-    from sandbox.signatures import verify_delivery
+    from llmq_cli.signatures import verify_delivery
 
     saved = json.loads(Path(args.file).read_text())
     headers = {str(name).lower(): str(value) for name, value in (saved.get("headers") or {}).items()}
@@ -566,13 +583,14 @@ def cmd_webhooks_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sandbox.demo import main as demo_main
+    require_sandbox_extra()
+    from llmq_sandbox.demo import main as demo_main
 
     return demo_main()
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from bench.cost import Workload, render
+    from llmq_cli.cost import Workload, render
 
     workload = Workload(
         jobs=args.jobs, latency_seconds=args.latency, worker_memory_mb=args.memory, batch_size=args.batch
@@ -729,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sandbox.client import ApiError
+    from llmq_cli.client import ApiError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """The local Lambda service: execution environments for the functions of the deployed template.
 
-Each execution environment is a child process (sandbox/lambda_runtime.py) that imports the
+Each execution environment is a child process (llmq_sandbox/lambda_runtime.py) that imports the
 function's handler once under exactly the environment the template gives the function,
 then runs invocations one at a time, as a Lambda execution environment does. Why processes
 and not threads in this process:
@@ -39,10 +39,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sandbox.faults import FaultBook
-from sandbox.iam import UNCHECKED, AwsCredentials
-from sandbox.state import pid_alive
-from sandbox.topology import LLMQ_LAYER_DIR, ROOT, FunctionSpec
+from llmq_cli.sandbox_state import pid_alive
+from llmq_sandbox.doubles.faults import FaultBook
+from llmq_sandbox.iam import UNCHECKED, AwsCredentials
+from llmq_sandbox.topology import LLMQ_LAYER_DIR, ROOT, FunctionSpec
 from stacks.runtime import LAMBDA_PYTHON_VERSION
 
 INIT_TIMEOUT_SECONDS = 60.0
@@ -183,7 +183,7 @@ class EnvironmentLauncher:
         if "PYTHONDONTWRITEBYTECODE" in os.environ:
             environment["PYTHONDONTWRITEBYTECODE"] = os.environ["PYTHONDONTWRITEBYTECODE"]
         server = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.lambda_runtime", "--fork-server"],
+            [sys.executable, "-m", "llmq_sandbox.lambda_runtime", "--fork-server"],
             cwd=ROOT,
             env=environment,
             stdin=subprocess.PIPE,
@@ -234,7 +234,14 @@ class EnvironmentLauncher:
         else:
             with log_path.open("ab") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "sandbox.lambda_runtime", "--connect", self.socket_path, token],
+                    [
+                        sys.executable,
+                        "-m",
+                        "llmq_sandbox.lambda_runtime",
+                        "--connect",
+                        self.socket_path,
+                        token,
+                    ],
                     cwd=spec.code_dir,
                     env=environment,
                     stdin=subprocess.DEVNULL,
@@ -343,7 +350,7 @@ class ExecutionEnvironment:
         timeout_seconds: float,
         armed: list[dict[str, str]] | None = None,
     ) -> tuple[Outcome, Any]:
-        """Run one invocation. `armed`: the call faults it may fire (sandbox/faults.py);
+        """Run one invocation. `armed`: the call faults it may fire (llmq_sandbox/doubles/faults.py);
         the ones that fired are left in `self.faults_fired`."""
         self.faults_fired = []
         deadline = time.time() + timeout_seconds

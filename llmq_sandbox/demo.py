@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from llmq.models import TERMINAL_STATUSES, ErrorCode, JobStatus
-from sandbox.client import LlmqClient
-from sandbox.state import SandboxState
+from llmq_cli.client import LlmqClient
+from llmq_cli.sandbox_state import SandboxState
 
 DRAIN_TIMEOUT_SECONDS = 90.0
 LOG_DIR = Path(".llmq") / "demo" / "logs"
@@ -301,7 +301,7 @@ def _seconds(value: float | None) -> str:
 
 
 def main() -> int:
-    from sandbox.launcher import Sandbox, SandboxStartError
+    from llmq_sandbox.launcher import Sandbox, SandboxStartError
 
     console = Console()
     console.rule("[bold]llmq demo[/bold]: the real CDK app, in moto, on this laptop")

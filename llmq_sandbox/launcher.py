@@ -3,8 +3,8 @@
 `Sandbox.start()`:
 1. starts a moto server on 127.0.0.1 (addressed as http://localhost:PORT: CloudFormation in
    moto resolves a path-style TemplateURL only for localhost) and the fake provider;
-2. creates an operator allowed everything (sandbox/iam.py) and deploys, as that operator,
-   the CDK app with the sandbox's LlmqConfig through CloudFormation (stacks.moto_deploy),
+2. creates an operator allowed everything (llmq_sandbox/iam.py) and deploys, as that operator,
+   the CDK app with the sandbox's LlmqConfig through CloudFormation (llmq_sandbox.moto_deploy),
    so every table, queue, mapping, variable and role is the app's own;
 3. reads the functions, mappings, schedule and API from the deployed template and moto,
    assumes each function's execution role and turns moto's IAM checks on, then cold-starts
@@ -35,12 +35,14 @@ from typing import Any
 import boto3
 
 from llmq.config import LlmqConfig
-from sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
-from sandbox.event_sources import QueuePoller, ScheduleTimer
-from sandbox.fake_provider import FakeProviderServer
-from sandbox.faults import CallFault, FaultSpecError
-from sandbox.gateway import ApiGateway, GatewayServer
-from sandbox.iam import (
+from llmq_cli.sandbox_state import OperatorCredentials, SandboxState, TenantCredentials
+from llmq_sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.faults import CallFault, FaultSpecError
+from llmq_sandbox.doubles.receiver import WebhookReceiverServer
+from llmq_sandbox.event_sources import QueuePoller, ScheduleTimer
+from llmq_sandbox.gateway import ApiGateway, GatewayServer
+from llmq_sandbox.iam import (
     UNCHECKED,
     AwsCredentials,
     assume_roles,
@@ -48,11 +50,9 @@ from sandbox.iam import (
     make_moto_authorize_like_iam,
     set_enforcement,
 )
-from sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
-from sandbox.moto_fidelity import make_dynamodb_writes_atomic
-from sandbox.receiver import WebhookReceiverServer
-from sandbox.state import OperatorCredentials, SandboxState, TenantCredentials
-from sandbox.topology import Topology, TopologyError, read_topology
+from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
+from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from llmq_sandbox.topology import Topology, TopologyError, read_topology
 
 log = logging.getLogger("llmq.sandbox")
 REGION = "us-east-1"
@@ -241,7 +241,7 @@ class Sandbox:
         )
 
     def _deploy(self, running: _Running) -> Any:
-        from stacks.moto_deploy import MotoDeployError, deploy_to_moto
+        from llmq_sandbox.moto_deploy import MotoDeployError, deploy_to_moto
 
         running.cdk_outdir = tempfile.mkdtemp(prefix="llmq-sandbox-cdk-")
         try:

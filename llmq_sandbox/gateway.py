@@ -34,9 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from sandbox.config import RunnerSettings
-from sandbox.lambda_service import InvocationRecord, InvocationResult, LambdaService, Outcome
-from sandbox.topology import ApiSpec, AuthorizerSpec, RouteSpec
+from llmq_sandbox.config import RunnerSettings
+from llmq_sandbox.lambda_service import InvocationRecord, InvocationResult, LambdaService, Outcome
+from llmq_sandbox.topology import ApiSpec, AuthorizerSpec, RouteSpec
 
 log = logging.getLogger("llmq.sandbox")
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024

@@ -26,7 +26,7 @@ every call breaks):
   announced and closes.
 
 The crash directives (`[[crash]]`, `[[crash_before_complete]]`, `[[overrun]]`) are not the
-provider's: the worker environment acts on them (sandbox/faults.py), and this server ignores them.
+provider's: the worker environment acts on them (llmq_sandbox/doubles/faults.py), and this server ignores them.
 
 Calls are counted per job (the `x-llmq-job-id` header, or the prompt's hash without it),
 and the counts, the in-flight peak and the call log are readable over HTTP and in process.

@@ -20,7 +20,7 @@ per line: it says "ready" or "init_error", then answers each invocation with its
 error. Everything the function prints goes to its log file.
 
 Before the handler is imported, the environment installs the sandbox's fault hooks
-(sandbox/faults.py): botocore event handlers that do nothing unless a job's prompt carries a
+(llmq_sandbox/doubles/faults.py): botocore event handlers that do nothing unless a job's prompt carries a
 crash directive or the invocation was handed an armed call fault.
 """
 
@@ -37,7 +37,7 @@ import time
 import traceback
 from typing import Any, BinaryIO
 
-from sandbox import faults
+from llmq_sandbox.doubles import faults
 
 # Imported once by the fork server and shared by every environment it forks. None of them
 # reads a function's variables at import time; the handlers read theirs after the fork.
@@ -202,7 +202,7 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["--connect"] and len(argv) == 3:
         run_environment(argv[1], argv[2])
     else:
-        sys.exit("usage: python -m sandbox.lambda_runtime --fork-server | --connect SOCKET TOKEN")
+        sys.exit("usage: python -m llmq_sandbox.lambda_runtime --fork-server | --connect SOCKET TOKEN")
 
 
 if __name__ == "__main__":
