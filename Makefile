@@ -20,7 +20,12 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 1
 export UV_LINK_MODE := copy
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install test test-unit test-integration test-infra test-e2e lint format synth deploy destroy \
+# The suites synthesize the CDK app once per distinct input, not once per sandbox or module
+# (stacks/synthesis.py); LLMQ_SYNTH_CACHE= turns it off.
+SYNTH_CACHE := $(CURDIR)/.llmq/synth-cache
+test test-unit test-integration test-unit-and-integration test-infra test-e2e aws-calls fuzz: export LLMQ_SYNTH_CACHE ?= $(SYNTH_CACHE)
+
+.PHONY: help install test test-unit test-integration test-unit-and-integration test-infra test-e2e lint format synth deploy destroy \
         layers demo dev bench soak fuzz clean aws-calls
 
 help: ## Show the targets
@@ -36,10 +41,14 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced ## Create the virtual environment from uv.lock
 
+# The CDK suite runs beside the moto ones (mostly a single jsii process), each printing when done;
+# then the sandboxes, which wait more than they compute, two modules at a time.
 test: install ## Run every suite (unit, integration, infra, e2e)
-	$(PYTEST) tests/unit tests/integration -q -n 2
-	$(MAKE) --no-print-directory test-infra
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-unit-and-integration test-infra
 	$(MAKE) --no-print-directory test-e2e
+
+test-unit-and-integration: install
+	$(PYTEST) tests/unit tests/integration -q -n 2
 
 test-unit: install ## Domain tests; sockets are blocked
 	$(PYTEST) tests/unit -q
@@ -51,7 +60,7 @@ test-infra: install ## The CDK app: properties, cdk-nag, cfn-lint, deploy into m
 	$(PYTEST) tests/infra -q
 
 test-e2e: install ## The sandbox end to end over real HTTP (detached sandboxes, crashes, wiring, make demo)
-	$(PYTEST) tests/e2e -q
+	$(PYTEST) tests/e2e -q -n 2 --dist loadfile
 
 aws-calls: install ## Add the AWS calls the integration suite observes to tests/aws_calls.json (test-infra checks their grants)
 	LLMQ_RECORD_AWS_CALLS=1 $(PYTEST) tests/integration -q -n 2

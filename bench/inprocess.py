@@ -26,6 +26,7 @@ sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 from llmq import aws  # noqa: E402
 from llmq.config import LlmqConfig  # noqa: E402
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer  # noqa: E402
+from llmq_sandbox.event_sources import delete_messages  # noqa: E402
 from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic  # noqa: E402
 
 ENTERPRISE = {"tenant_id": "ten_bench", "tier": "enterprise"}
@@ -142,8 +143,7 @@ def _timed_batch(harness: Any, url: str, latency: float, batch: int, run: Any) -
     started = time.perf_counter()
     run(event)
     elapsed = time.perf_counter() - started
-    for message in messages:
-        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    delete_messages(harness.sqs, url, messages)
     return elapsed
 
 
@@ -168,14 +168,15 @@ class CallCounter:
 def aws_calls() -> dict[str, Any]:
     """Calls per step for one job with a webhook, as the handlers make them."""
     from llmq.tenants import TenantRepository
+    from llmq_sandbox.doubles.receiver import WebhookReceiver
     from tests.integration.harness import LambdaContextStub, load_handler
-    from tests.integration.webhook_receiver import WebhookReceiver
 
     provider = FakeProviderServer().start()
     receiver = WebhookReceiver().start()
     try:
         with _stack(provider) as harness:
-            TenantRepository(harness.stack.tenants_table).create("Bench", "enterprise", tenant_id="ten_bench")
+            tenants = TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb"))
+            tenants.create("Bench", "enterprise", tenant_id="ten_bench")
             os.environ["LLMQ_PUBLIC_API_URL"] = "http://127.0.0.1"
             dispatcher = load_handler("webhook_dispatcher")
             lane, hooks = harness.stack.lane_queue_urls["high"], harness.stack.webhook_queue_url

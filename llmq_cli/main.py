@@ -22,8 +22,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +407,9 @@ class AwsTarget:
             if self.state is not None:
                 self.endpoint_url = self.state.aws_endpoint_url
                 self.region = self.region or self.state.region
+        # botocore reads AWS_DEFAULT_REGION and the profile, not AWS_REGION, which llmq's own
+        # clients honour first: take it here so both name the same region.
+        self.region = self.region or os.environ.get("AWS_REGION") or None
         where = f"the sandbox ({self.endpoint_url})" if self.state else (self.endpoint_url or "AWS")
         print(f"llmq: using {where}", file=sys.stderr)
 
@@ -423,55 +426,30 @@ class AwsTarget:
     def client(self, service: str, config: Any = None) -> Any:
         import boto3
 
+        from llmq import aws
+
         key_id, secret = self._sandbox_key() or (None, None)
         session = boto3.session.Session(
             region_name=self.region, aws_access_key_id=key_id, aws_secret_access_key=secret
         )
-        return session.client(service, endpoint_url=self.endpoint_url, config=config)  # type: ignore[call-overload]
+        # llmq's own timeouts and retries unless the caller asks for others.
+        return session.client(service, endpoint_url=self.endpoint_url, config=config or aws.BOTO_CONFIG)  # type: ignore[call-overload]
 
     def outputs(self) -> dict[str, str]:
         from llmq_cli.dead_letters import stack_outputs
 
         return stack_outputs(self.client("cloudformation"), self.stack)
 
-    @contextmanager
-    def for_llmq(self) -> Iterator[None]:
-        """llmq's own client factory reads the endpoint, region and credentials from os.environ."""
-        from llmq import aws
-
-        overrides = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
-        key = self._sandbox_key()
-        if key is not None:
-            overrides |= {"AWS_ACCESS_KEY_ID": key[0], "AWS_SECRET_ACCESS_KEY": key[1]}
-        saved = {name: os.environ.get(name) for name in (*overrides, "AWS_SESSION_TOKEN")}
-        for name, value in overrides.items():
-            if value is not None:
-                os.environ[name] = value
-        if key is not None:
-            # A session token of yours does not belong to the sandbox's key.
-            os.environ.pop("AWS_SESSION_TOKEN", None)
-        aws.reset_clients()
-        try:
-            yield
-        finally:
-            for name, previous in saved.items():
-                if previous is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = previous
-            aws.reset_clients()
-
 
 def _tenants_repository(target: AwsTarget, table: str | None) -> Any:
     from llmq.tenants import TenantRepository
 
-    return TenantRepository(table or target.outputs()["TenantsTableName"])
+    return TenantRepository(table or target.outputs()["TenantsTableName"], dynamodb=target.client("dynamodb"))
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     target = AwsTarget(args)
-    with target.for_llmq():
-        created = _tenants_repository(target, args.table).create(args.name, args.tier, tenant_id=args.id)
+    created = _tenants_repository(target, args.table).create(args.name, args.tier, tenant_id=args.id)
     credentials = TenantCredentials(
         id=created.tenant.id,
         name=created.tenant.name,
@@ -492,10 +470,9 @@ def cmd_tenants_rotate(args: argparse.Namespace) -> int:
 
     target = AwsTarget(args)
     try:
-        with target.for_llmq():
-            tenant = _tenants_repository(target, args.table).rotate_webhook_secret(
-                args.tenant_id, keep_previous=not args.drop_previous
-            )
+        tenant = _tenants_repository(target, args.table).rotate_webhook_secret(
+            args.tenant_id, keep_previous=not args.drop_previous
+        )
     except UnknownTenant as exc:
         raise CliError(f"no tenant {args.tenant_id}") from exc
     if target.state is not None:

@@ -30,6 +30,17 @@ from llmq_sandbox.topology import MappingSpec, ScheduleSpec
 log = logging.getLogger("llmq.sandbox")
 # Long polling keeps an idle poller cheap and lets it notice a stop within about a second.
 _WAIT_SECONDS = 1
+# The message attributes Lambda copies into an SQS record.
+_RECORD_ATTRIBUTES = (
+    "ApproximateReceiveCount",
+    "SentTimestamp",
+    "SenderId",
+    "ApproximateFirstReceiveTimestamp",
+    "AWSTraceHeader",
+    "MessageGroupId",
+    "MessageDeduplicationId",
+    "SequenceNumber",
+)
 
 
 def _attribute_value(value: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +88,57 @@ def batch_item_failures(payload: Any, message_ids: set[str]) -> set[str] | None:
             return None
         reported.add(str(identifier))
     return reported
+
+
+def sqs_record(message: dict[str, Any], queue_arn: str, region: str) -> dict[str, Any]:
+    """A received message (ReceiveMessage with AttributeNames=All) as Lambda's SQS event spells it."""
+    attributes = message.get("Attributes") or {}
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": {key: attributes[key] for key in _RECORD_ATTRIBUTES if key in attributes},
+        "messageAttributes": {
+            name: _attribute_value(value) for name, value in (message.get("MessageAttributes") or {}).items()
+        },
+        "md5OfBody": message.get("MD5OfBody", ""),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": region,
+    }
+
+
+def sqs_event(messages: list[dict[str, Any]], queue_arn: str, region: str) -> dict[str, Any]:
+    return {"Records": [sqs_record(message, queue_arn, region) for message in messages]}
+
+
+def failed_message_ids(
+    messages: list[dict[str, Any]], payload: Any, *, completed: bool, report_batch_item_failures: bool
+) -> set[str]:
+    """The messages a mapping leaves on the queue after an invocation: all of them when it did
+    not complete (an error, a timeout) or answered an invalid report, else those it reported."""
+    every = {message["MessageId"] for message in messages}
+    if not completed:
+        return every
+    if not report_batch_item_failures:
+        return set()
+    reported = batch_item_failures(payload, every)
+    if reported is None:
+        log.warning("an invalid batch response: the whole batch failed")
+        return every
+    return reported
+
+
+def delete_messages(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> None:
+    for start in range(0, len(messages), 10):
+        chunk = messages[start : start + 10]
+        sqs.delete_message_batch(
+            QueueUrl=queue_url,
+            Entries=[
+                {"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]}
+                for index, message in enumerate(chunk)
+            ],
+        )
 
 
 class QueuePoller:
@@ -162,43 +224,18 @@ class QueuePoller:
             messages += self._receive(size - len(messages), _WAIT_SECONDS)
         return messages
 
-    def _record(self, message: dict[str, Any]) -> dict[str, Any]:
-        attributes = message.get("Attributes") or {}
-        return {
-            "messageId": message["MessageId"],
-            "receiptHandle": message["ReceiptHandle"],
-            "body": message["Body"],
-            "attributes": {
-                key: attributes[key]
-                for key in (
-                    "ApproximateReceiveCount",
-                    "SentTimestamp",
-                    "SenderId",
-                    "ApproximateFirstReceiveTimestamp",
-                    "AWSTraceHeader",
-                    "MessageGroupId",
-                    "MessageDeduplicationId",
-                    "SequenceNumber",
-                )
-                if key in attributes
-            },
-            "messageAttributes": {
-                name: _attribute_value(value)
-                for name, value in (message.get("MessageAttributes") or {}).items()
-            },
-            "md5OfBody": message.get("MD5OfBody", ""),
-            "eventSource": "aws:sqs",
-            "eventSourceARN": self.mapping.queue.arn,
-            "awsRegion": self._region,
-        }
-
     def _process(self, messages: list[dict[str, Any]]) -> None:
         try:
-            event = {"Records": [self._record(message) for message in messages]}
+            event = sqs_event(messages, self.mapping.queue.arn, self._region)
             result = self._functions.invoke(self.mapping.function, event)
-            failed = self._failed_ids(messages, result)
+            failed = failed_message_ids(
+                messages,
+                result.payload,
+                completed=result.outcome is Outcome.OK,
+                report_batch_item_failures=self.mapping.report_batch_item_failures,
+            )
             settled = [message for message in messages if message["MessageId"] not in failed]
-            self._delete(settled)
+            delete_messages(self._sqs, self.mapping.queue.url, settled)
             self._functions.invocations.add(self._describe(messages, result, failed, settled))
         except Exception:
             log.exception("batch from %s could not be settled", self.mapping.queue.name)
@@ -206,31 +243,6 @@ class QueuePoller:
             self._slots.release()
             with self._batches_lock:
                 self._batches.discard(threading.current_thread())
-
-    def _failed_ids(self, messages: list[dict[str, Any]], result: InvocationResult) -> set[str]:
-        every = {message["MessageId"] for message in messages}
-        if result.outcome is not Outcome.OK:
-            return every
-        if not self.mapping.report_batch_item_failures:
-            return set()
-        reported = batch_item_failures(result.payload, every)
-        if reported is None:
-            log.warning(
-                "%s returned an invalid batch response; the whole batch failed", self.mapping.function
-            )
-            return every
-        return reported
-
-    def _delete(self, messages: list[dict[str, Any]]) -> None:
-        for start in range(0, len(messages), 10):
-            chunk = messages[start : start + 10]
-            self._sqs.delete_message_batch(
-                QueueUrl=self.mapping.queue.url,
-                Entries=[
-                    {"Id": str(index), "ReceiptHandle": message["ReceiptHandle"]}
-                    for index, message in enumerate(chunk)
-                ],
-            )
 
     def _describe(
         self,

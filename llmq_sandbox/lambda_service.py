@@ -154,6 +154,25 @@ class EnvironmentLauncher:
     libraries once and forks each environment: a cold start then costs the handler's own
     imports, as on Lambda, instead of 1.5 s of CPU, which matters when ten start at once on
     a two-core laptop. Elsewhere each environment is a fresh interpreter.
+
+    Why not the standard library's `multiprocessing` forkserver with
+    `set_forkserver_preload` (issue 11 asked; the home-made part is only `serve_forks` and
+    `_fork`, about 40 lines; the socket protocol stays either way, because the fresh-interpreter
+    path and every invocation use it):
+    - multiprocessing has one fork server per parent process, started lazily with the
+      parent's environment at first use. Ours is started per Lambda service with an
+      environment of its own (the runtime's variables and the sandbox's AWS access, not the
+      operator's shell), so two sandboxes in one process never share one, and an operator's
+      credentials never reach a preloaded library.
+    - each multiprocessing child runs `spawn.prepare` before the target: it takes the
+      parent's sys.path, changes to the parent's working directory and re-imports the
+      parent's main module (pytest's, or the CLI's, which imports llmq). An environment
+      must instead cold-start with llmq not yet imported, from the function's directory,
+      under the function's variables; undoing `prepare` in the target would be more code
+      than the fork it replaces.
+    - multiprocessing tracks its children and joins or terminates them at exit; ours are
+      killed by pid on a timeout, as Lambda kills a runtime, and reaped by the kernel
+      (SIGCHLD ignored in the server), so no bookkeeping outlives a killed environment.
     """
 
     def __init__(self, log_dir: Path, aws: AwsAccess) -> None:

@@ -26,8 +26,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from llmq_cli.sandbox_state import OperatorCredentials, SandboxState, TenantCred
 from llmq_sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.faults import CallFault, FaultSpecError
-from llmq_sandbox.doubles.receiver import WebhookReceiverServer
+from llmq_sandbox.doubles.receiver import WebhookReceiver
 from llmq_sandbox.event_sources import QueuePoller, ScheduleTimer
 from llmq_sandbox.gateway import ApiGateway, GatewayServer
 from llmq_sandbox.iam import (
@@ -53,6 +52,7 @@ from llmq_sandbox.iam import (
 from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
 from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
 from llmq_sandbox.topology import Topology, TopologyError, read_topology
+from stacks.template import StackTemplate
 
 log = logging.getLogger("llmq.sandbox")
 REGION = "us-east-1"
@@ -82,48 +82,13 @@ def prepare_process() -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
-@contextmanager
-def moto_environment(
-    endpoint_url: str, region: str, credentials: AwsCredentials = UNCHECKED
-) -> Iterator[None]:
-    """llmq's client factory reads the endpoint from os.environ; point it at moto for a moment."""
-    from llmq import aws
-
-    names = (
-        "AWS_ENDPOINT_URL",
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-    )
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.pop("AWS_SESSION_TOKEN", None)  # a caller's token would not match moto's keys
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint_url,
-        AWS_REGION=region,
-        AWS_DEFAULT_REGION=region,
-        **credentials.environment(),
-    )
-    aws.reset_clients()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        aws.reset_clients()
-
-
 @dataclass
 class _Running:
     moto: Any
     endpoint_url: str
     provider: FakeProviderServer | None = None
     functions: LambdaService | None = None
-    receiver: WebhookReceiverServer | None = None
+    receiver: WebhookReceiver | None = None
     gateway: GatewayServer | None = None
     pollers: list[QueuePoller] | None = None
     timers: list[ScheduleTimer] | None = None
@@ -196,7 +161,7 @@ class Sandbox:
         running.functions = self._start_functions(self.topology, role_credentials)
         log.info("%d functions cold-started in %.1fs", len(self.topology.functions), time.monotonic() - began)
         tenants = self._seed_tenants()
-        running.receiver = WebhookReceiverServer(self._tenant_secrets).start()
+        running.receiver = WebhookReceiver(self._tenant_secrets).start()
         gateway = ApiGateway(
             self.topology.api, running.functions, self.topology.account, self.region, self.settings
         )
@@ -208,7 +173,7 @@ class Sandbox:
             aws_endpoint_url=running.endpoint_url,
             region=self.region,
             provider_url=provider_url,
-            receiver_url=running.receiver.url,
+            receiver_url=running.receiver.base_url,
             pid=pid,
             tenants=tenants,
             aws_credentials=self._operator_credentials(),
@@ -251,6 +216,8 @@ class Sandbox:
                 self.region,
                 outdir=running.cdk_outdir,
                 session=self._session(),
+                # Its port is new each boot; the synth cache keeps a placeholder for it.
+                run_values={"fake_provider_url": running.provider.base_url} if running.provider else None,
             )
         except MotoDeployError as exc:
             raise SandboxStartError(f"the CDK app did not deploy into moto: {exc}") from exc
@@ -288,10 +255,11 @@ class Sandbox:
     def _read_topology(self, deployment: Any) -> Topology:
         lambda_client = self.client("lambda")
         account = self.client("sts").get_caller_identity()["Account"]
+        functions = StackTemplate(deployment.template).of_type("AWS::Lambda::Function")
         deployed = {
             logical_id: lambda_client.get_function_configuration(FunctionName=physical_id)
             for logical_id, physical_id in deployment.physical_ids.items()
-            if deployment.template["Resources"].get(logical_id, {}).get("Type") == "AWS::Lambda::Function"
+            if logical_id in functions
         }
         try:
             return read_topology(deployment.template, deployment.physical_ids, deployed, account, self.region)
@@ -319,20 +287,19 @@ class Sandbox:
         from llmq.tenants import TenantRepository
 
         assert self._running is not None
-        repository = TenantRepository(self.outputs["TenantsTableName"])
+        repository = TenantRepository(self.outputs["TenantsTableName"], dynamodb=self.client("dynamodb"))
         seeded = []
-        with moto_environment(self._running.endpoint_url, self.region, self._operator):
-            for tenant_id, name, tier in SEED_TENANTS:
-                created = repository.create(name, tier, tenant_id=tenant_id)
-                seeded.append(
-                    TenantCredentials(
-                        id=created.tenant.id,
-                        name=name,
-                        tier=tier,
-                        api_key=created.api_key,
-                        webhook_secret=created.tenant.webhook_secrets[0],
-                    )
+        for tenant_id, name, tier in SEED_TENANTS:
+            created = repository.create(name, tier, tenant_id=tenant_id)
+            seeded.append(
+                TenantCredentials(
+                    id=created.tenant.id,
+                    name=name,
+                    tier=tier,
+                    api_key=created.api_key,
+                    webhook_secret=created.tenant.webhook_secrets[0],
                 )
+            )
         return seeded
 
     def _tenant_secrets(self) -> dict[str, list[str]]:
@@ -394,7 +361,7 @@ class Sandbox:
         return self._running.provider if self._running else None
 
     @property
-    def receiver(self) -> WebhookReceiverServer | None:
+    def receiver(self) -> WebhookReceiver | None:
         return self._running.receiver if self._running else None
 
     def _introspect(

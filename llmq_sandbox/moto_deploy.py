@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,9 @@ from urllib.parse import urlsplit
 import boto3
 
 from llmq.config import LlmqConfig
-from stacks.app_builder import CONTEXT_SANDBOX, build_app, llmq_stack
+from stacks.context import CONTEXT_SANDBOX
+from stacks.synthesis import synthesize
+from stacks.template import StackTemplate
 
 BOOTSTRAP_QUALIFIER = "hnb659fds"
 BOOTSTRAP_VERSION_PARAMETER = f"/cdk-bootstrap/{BOOTSTRAP_QUALIFIER}/version"
@@ -90,38 +91,37 @@ def deploy_to_moto(
     context: Mapping[str, Any] | None = None,
     outdir: str | None = None,
     session: boto3.session.Session | None = None,
+    run_values: Mapping[str, str] | None = None,
 ) -> MotoDeployment:
     """Synthesize llmq in sandbox mode and create its stack on the moto server at `endpoint_url`.
 
     `session`: whose credentials deploy it, when moto checks them (the sandbox's operator).
+    `run_values`: strings of the config that are this run's only (stacks.synthesis.synthesize).
     """
     check_endpoint(endpoint_url)
-    outdir = outdir or tempfile.mkdtemp(prefix="llmq-moto-cdk-")
-    app = build_app(config, outdir=outdir, context={**(context or {}), CONTEXT_SANDBOX: True})
-    stack = llmq_stack(app)
-    assembly = app.synth()
-    artifact = assembly.get_stack_artifact(stack.artifact_id)
+    synthesized = synthesize(
+        config, {**(context or {}), CONTEXT_SANDBOX: True}, outdir, run_values=run_values
+    )
     clients = _Clients(session or moto_session(region), endpoint_url)
     account = clients.get("sts").get_caller_identity()["Account"]
-    manifest_path = Path(assembly.directory, f"{artifact.id}.assets.json")
     template_url = publish_assets(
-        clients, manifest_path, account, region, endpoint_url, artifact.template_file
+        clients, synthesized.assets_manifest, account, region, endpoint_url, synthesized.template_file
     )
-    template = json.loads(Path(assembly.directory, artifact.template_file).read_text())
-    moto_template = fill_moto_gaps(clients, template, artifact.stack_name)
+    template = synthesized.template()
+    moto_template = fill_moto_gaps(clients, template, synthesized.stack_name)
     if moto_template != template:
         template_url = _upload_template(clients, template_url, moto_template)
     _put_bootstrap_version(clients)
-    stack_id = _create_stack(clients, artifact.stack_name, template_url)
+    stack_id = _create_stack(clients, synthesized.stack_name, template_url)
     return MotoDeployment(
-        stack_name=artifact.stack_name,
+        stack_name=synthesized.stack_name,
         stack_id=stack_id,
         region=region,
         endpoint_url=endpoint_url,
-        outputs=_outputs(clients, artifact.stack_name),
-        physical_ids=_physical_ids(clients, artifact.stack_name),
+        outputs=_outputs(clients, synthesized.stack_name),
+        physical_ids=_physical_ids(clients, synthesized.stack_name),
         template=template,
-        assembly_dir=assembly.directory,
+        assembly_dir=str(synthesized.directory),
     )
 
 
@@ -179,9 +179,7 @@ def fill_moto_gaps(clients: _Clients, template: dict[str, Any], stack_name: str)
     resources = dict(template["Resources"])
     replacements: dict[str, str] = {}
     secrets = clients.get("secretsmanager")
-    for logical_id, resource in template["Resources"].items():
-        if resource["Type"] != "AWS::SecretsManager::Secret":
-            continue
+    for logical_id, resource in StackTemplate(template).of_type("AWS::SecretsManager::Secret").items():
         properties = resource.get("Properties", {})
         response = secrets.create_secret(
             Name=properties.get("Name", f"{stack_name}-{logical_id}"),

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stacks.template import FUNCTION_TAG, LANE_TAG, StackTemplate
+
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS_DIR = ROOT / "functions"
 LLMQ_LAYER_DIR = ROOT / "layers" / "llmq" / "python"
-# The tags the CDK app puts on functions and lane queues (stacks/functions.py, stacks/lanes.py).
-FUNCTION_TAG = "llmq:function"
-LANE_TAG = "llmq:lane"
 
 
 class TopologyError(RuntimeError):
@@ -174,48 +173,18 @@ class Topology:
 # ---- reading the template -------------------------------------------------------------------
 
 
-def _references(node: Any) -> Iterator[str]:
-    """Every logical id that `node` refers to through Ref or Fn::GetAtt, depth first."""
-    if isinstance(node, dict):
-        if "Ref" in node and isinstance(node["Ref"], str):
-            yield node["Ref"]
-        if "Fn::GetAtt" in node:
-            target = node["Fn::GetAtt"]
-            yield target[0] if isinstance(target, list) else str(target).split(".", 1)[0]
-        for value in node.values():
-            yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _references(item)
-
-
-def _tag(properties: dict[str, Any], key: str) -> str | None:
-    for tag in properties.get("Tags") or []:
-        if tag.get("Key") == key:
-            return str(tag.get("Value"))
-    return None
-
-
-class TemplateReader:
-    """Resolves a template's references with the physical ids moto created."""
+class TemplateReader(StackTemplate):
+    """The template, with its references resolved by the physical ids moto created."""
 
     def __init__(self, template: dict[str, Any], physical_ids: dict[str, str], account: str, region: str):
-        self.resources: dict[str, dict[str, Any]] = template["Resources"]
+        super().__init__(template)
         self.physical_ids = physical_ids
         self.account = account
         self.region = region
 
-    def of_type(self, resource_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for logical_id, resource in self.resources.items():
-            if resource["Type"] == resource_type:
-                yield logical_id, resource.get("Properties", {})
-
-    def referenced(self, node: Any, resource_type: str) -> str | None:
-        """The first logical id of `resource_type` that `node` refers to."""
-        for logical_id in _references(node):
-            if self.resources.get(logical_id, {}).get("Type") == resource_type:
-                return logical_id
-        return None
+    def properties_of_type(self, resource_type: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for logical_id, resource in self.of_type(resource_type).items():
+            yield logical_id, resource.get("Properties", {})
 
     def physical(self, logical_id: str) -> str:
         physical = self.physical_ids.get(logical_id)
@@ -228,8 +197,8 @@ class TemplateReader:
     def function_names(self) -> dict[str, str]:
         """logical id -> llmq:function tag, for every function the app tags."""
         names: dict[str, str] = {}
-        for logical_id, properties in self.of_type("AWS::Lambda::Function"):
-            name = _tag(properties, FUNCTION_TAG)
+        for logical_id, resource in self.of_type("AWS::Lambda::Function").items():
+            name = self.tag(resource, FUNCTION_TAG)
             if name is None:
                 raise TopologyError(f"function {logical_id} has no {FUNCTION_TAG} tag: which code runs it?")
             names[logical_id] = name
@@ -264,19 +233,18 @@ class TemplateReader:
     # ---- queues and mappings ----
 
     def queue(self, logical_id: str) -> QueueSpec:
-        properties = self.resources[logical_id].get("Properties", {})
         url = self.physical(logical_id)
         name = url.rstrip("/").rsplit("/", 1)[-1]
         return QueueSpec(
             logical_id=logical_id,
             url=url,
             arn=f"arn:aws:sqs:{self.region}:{self.account}:{name}",
-            lane=_tag(properties, LANE_TAG),
+            lane=self.tag(self.resources[logical_id], LANE_TAG),
         )
 
     def mappings(self, names: dict[str, str]) -> list[MappingSpec]:
         found: list[MappingSpec] = []
-        for logical_id, properties in self.of_type("AWS::Lambda::EventSourceMapping"):
+        for logical_id, properties in self.properties_of_type("AWS::Lambda::EventSourceMapping"):
             queue_id = self.referenced(properties.get("EventSourceArn"), "AWS::SQS::Queue")
             function_id = self.referenced(properties.get("FunctionName"), "AWS::Lambda::Function")
             if queue_id is None or function_id is None:
@@ -305,7 +273,7 @@ class TemplateReader:
 
     def schedules(self, names: dict[str, str]) -> list[ScheduleSpec]:
         found: list[ScheduleSpec] = []
-        for logical_id, properties in self.of_type("AWS::Events::Rule"):
+        for logical_id, properties in self.properties_of_type("AWS::Events::Rule"):
             expression = properties.get("ScheduleExpression")
             if not expression:
                 continue
@@ -329,19 +297,21 @@ class TemplateReader:
     # ---- the REST API ----
 
     def api(self, names: dict[str, str]) -> ApiSpec:
-        apis = list(self.of_type("AWS::ApiGateway::RestApi"))
+        apis = list(self.properties_of_type("AWS::ApiGateway::RestApi"))
         if len(apis) != 1:
             raise TopologyError(f"expected one REST API in the template, found {len(apis)}")
         api_id = apis[0][0]
-        stages = [properties["StageName"] for _, properties in self.of_type("AWS::ApiGateway::Stage")]
+        stages = [
+            properties["StageName"] for _, properties in self.properties_of_type("AWS::ApiGateway::Stage")
+        ]
         paths = self._resource_paths()
         authorizers = {
             logical_id: self._authorizer(logical_id, properties, names)
-            for logical_id, properties in self.of_type("AWS::ApiGateway::Authorizer")
+            for logical_id, properties in self.properties_of_type("AWS::ApiGateway::Authorizer")
         }
         routes = [
             self._route(logical_id, properties, paths, names)
-            for logical_id, properties in self.of_type("AWS::ApiGateway::Method")
+            for logical_id, properties in self.properties_of_type("AWS::ApiGateway::Method")
         ]
         responses = {
             str(properties["ResponseType"]): GatewayResponseSpec(
@@ -354,7 +324,7 @@ class TemplateReader:
                 },
                 templates=dict(properties.get("ResponseTemplates") or {}),
             )
-            for _, properties in self.of_type("AWS::ApiGateway::GatewayResponse")
+            for _, properties in self.properties_of_type("AWS::ApiGateway::GatewayResponse")
         }
         return ApiSpec(
             rest_api_id=self.physical(api_id),
@@ -366,7 +336,7 @@ class TemplateReader:
 
     def _resource_paths(self) -> dict[str, str]:
         """logical id of every AWS::ApiGateway::Resource -> its full path."""
-        resources = dict(self.of_type("AWS::ApiGateway::Resource"))
+        resources = dict(self.properties_of_type("AWS::ApiGateway::Resource"))
         paths: dict[str, str] = {}
 
         def path_of(logical_id: str, seen: frozenset[str] = frozenset()) -> str:

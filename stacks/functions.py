@@ -14,12 +14,12 @@ from constructs import Construct
 from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, LlmqConfig
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME
 from stacks.layers import ASSET_EXCLUDES, ROOT, lambda_architecture, lambda_runtime
+from stacks.template import FUNCTION_TAG
 
 FUNCTIONS_DIR: Path = ROOT / "functions"
-# Every function's folder under functions/, and the tag that names it in the template
-# (the sandbox and the infra tests find functions by this tag, not by logical id).
+# Every function's folder under functions/; FUNCTION_TAG names it in the template (the
+# sandbox and the infra tests find functions by this tag, not by logical id).
 FUNCTION_NAMES = ("api", "authorizer", "worker", "dead_letter", "webhook_dispatcher", "reconciler")
-FUNCTION_TAG = "llmq:function"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
+from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
 
 # The attribute names below are the ones llmq.jobs writes.
 PARTITION_KEY = "pk"

@@ -9,11 +9,11 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from llmq.config import LaneConfig, LlmqConfig
+from stacks.template import LANE_TAG
 
 # The longest SQS allows; a DLQ message is evidence, kept as long as possible.
 DLQ_RETENTION = cdk.Duration.days(14)
 MAX_QUEUE_RETENTION_SECONDS = 14 * 86_400
-LANE_TAG = "llmq:lane"
 
 
 def pascal(name: str) -> str:

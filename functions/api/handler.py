@@ -20,7 +20,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Pat
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import errors
+from llmq import aws, errors
 from llmq.config import ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
@@ -52,8 +52,9 @@ app.enable_swagger(path="/v1/docs", title="llmq", version="1.0.0")
 def intake() -> JobIntake:
     config = ENV.config
     return JobIntake(
-        jobs=JobRepository(ENV.jobs_table, config, payloads=payload_store(ENV.payload_bucket)),
-        queues=QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url),
+        jobs=JobRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb")),
+        payloads=payload_store(ENV.payload_bucket, s3=lambda: aws.lazy_client("s3")),
+        queues=QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")),
         config=config,
         check_webhook_url=lambda url: check_webhook_url(
             url, allow_loopback_http=config.webhooks.allow_loopback_http
@@ -174,11 +175,27 @@ def _tenant() -> TenantIdentity:
     return TenantIdentity(tenant_id=str(tenant_id), tier=str(tier))
 
 
+def _public_base() -> str:
+    """Where the client reached the API: scheme, host and the prefix before the resource path.
+
+    On the execute-api domain the prefix is the stage (`/prod`); on a custom domain it is the
+    base path mapping, possibly empty. A link without it would be a 403 on AWS.
+    """
+    event = app.current_event
+    context = event.request_context
+    proto = event.get_header_value("X-Forwarded-Proto", default_value="https") or "https"
+    requested = context.path or ""
+    prefix = requested[: -len(event.path)] if event.path and requested.endswith(event.path) else ""
+    if not requested:
+        prefix = f"/{context.stage}" if context.stage else ""
+    return f"{proto}://{context.domain_name}{prefix.rstrip('/')}"
+
+
 def _job_response(job: JobRecord, status_code: int, headers: dict[str, str] | None = None) -> Response:
     return Response(
         status_code=status_code,
         content_type="application/json",
-        body=job.to_job().model_dump_json(),
+        body=job.to_job(api_base=_public_base()).model_dump_json(),
         headers=headers,
     )
 
@@ -233,7 +250,7 @@ def handle_submit_job(
     tenant = _tenant()
     submission = intake().submit(tenant, request, idempotency_key)
     job, status = submission.job, 202
-    headers = {"Location": f"/v1/jobs/{job.id}"}
+    headers = {"Location": f"{_public_base()}/v1/jobs/{job.id}"}
     if submission.replayed:
         headers["Idempotent-Replayed"] = "true"
     wait = _prefer_wait(prefer)
@@ -263,7 +280,8 @@ def handle_list_jobs(
     ] = None,
 ) -> Response[Any]:
     jobs, next_cursor = intake().list(_tenant(), status, limit, cursor)
-    page = JobList(data=[job.to_job() for job in jobs], next_cursor=next_cursor)
+    base = _public_base()
+    page = JobList(data=[job.to_job(api_base=base) for job in jobs], next_cursor=next_cursor)
     return Response(status_code=200, content_type="application/json", body=page.model_dump_json())
 
 

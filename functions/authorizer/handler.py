@@ -16,6 +16,7 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from llmq import aws
 from llmq.config import AuthorizerEnvironment
 from llmq.telemetry import logger
 from llmq.tenants import TenantRepository
@@ -25,7 +26,7 @@ ENV = AuthorizerEnvironment.load(function_name="authorizer")
 
 @cache
 def tenants() -> TenantRepository:
-    return TenantRepository(ENV.tenants_table)
+    return TenantRepository(ENV.tenants_table, dynamodb=aws.client("dynamodb"))
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -14,12 +14,13 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from llmq import aws
 from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
-from llmq.errors import PoisonMessage
 from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
-from llmq.telemetry import log_record_failure, logger, metrics
+from llmq.sqs_edge import QueueEdge
+from llmq.telemetry import logger, metrics
 
 ENV = DeadLetterEnvironment.load(function_name="dead_letter")
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
@@ -27,25 +28,21 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 
 @cache
 def repositories() -> tuple[JobRepository, QueueRepository]:
-    return JobRepository(ENV.jobs_table, ENV.config), QueueRepository(
-        ENV.lane_queue_urls, ENV.webhook_queue_url
+    return JobRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")), QueueRepository(
+        ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")
     )
+
+
+# Kept for an operator, but not re-read every few seconds: hidden for the SQS maximum.
+EDGE = QueueEdge(
+    queues=lambda: repositories()[1], job_of=lane_job_id, poison_visibility_seconds=MAX_VISIBILITY_SECONDS
+)
 
 
 def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
-    try:
+    with EDGE.settling(record):
         job = mark_dead_letter(jobs, queues, record.body, record.message_id)
-    except Exception as exc:
-        if not isinstance(exc, PoisonMessage):
-            log_record_failure(exc, record.message_id, lane_job_id(record.body))
-            raise
-        logger.error(
-            "unprocessable dead letter kept", extra={"message_id": record.message_id, "why": str(exc)}
-        )
-        # Kept for an operator, but not re-read every few seconds: hide it for the SQS maximum.
-        queues.delay_redelivery(record.event_source_arn, record.receipt_handle, MAX_VISIBILITY_SECONDS)
-        raise
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from llmq import aws
 from llmq.config import ReconcilerEnvironment
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
@@ -19,8 +20,8 @@ ENV = ReconcilerEnvironment.load(function_name="reconciler")
 @cache
 def reconciler() -> Reconciler:
     return Reconciler(
-        JobRepository(ENV.jobs_table, ENV.config),
-        QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url),
+        JobRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")),
+        QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")),
         ENV.config,
     )
 

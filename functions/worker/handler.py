@@ -16,14 +16,15 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.parameters import get_secret
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from llmq import aws
 from llmq.config import WorkerEnvironment
-from llmq.errors import PoisonMessage, StoreUnavailable
-from llmq.execution import Invocation, JobRunner, RetryLater, lane_job_id
+from llmq.execution import Invocation, JobRunner, lane_job_id
 from llmq.jobs import JobRepository
 from llmq.payloads import payload_store
 from llmq.providers import ChatCompletionsProvider
 from llmq.queues import QueueRepository
-from llmq.telemetry import log_record_failure, logger, metrics, tracer
+from llmq.sqs_edge import QueueEdge
+from llmq.telemetry import logger, metrics, tracer
 
 ENV = WorkerEnvironment.load(function_name="worker")
 # A batch whose every record is retried is normal here (a provider storm), not a function error.
@@ -41,7 +42,7 @@ def provider_api_key() -> str | None:
 
 @cache
 def queues() -> QueueRepository:
-    return QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url)
+    return QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs"))
 
 
 @cache
@@ -53,8 +54,12 @@ def runner() -> JobRunner:
         stream=config.provider.stream,
         retry_timeouts=config.provider.retry_timeouts,
     )
-    jobs = JobRepository(ENV.jobs_table, config, payloads=payload_store(ENV.payload_bucket))
-    return JobRunner(jobs, queues(), provider, config)
+    jobs = JobRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb"))
+    payloads = payload_store(ENV.payload_bucket, s3=lambda: aws.lazy_client("s3"))
+    return JobRunner(jobs, queues(), provider, config, payloads=payloads)
+
+
+EDGE = QueueEdge(queues=queues, job_of=lane_job_id)
 
 
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
@@ -63,27 +68,8 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
         owner=f"{lambda_context.aws_request_id}/{record.message_id}/{uuid.uuid4().hex[:8]}",
         remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
     )
-    try:
+    with EDGE.settling(record):
         await runner().run(record.body, invocation)
-    except RetryLater as retry:
-        _delay(record, retry.delay_seconds)
-        raise
-    except PoisonMessage:
-        logger.error("poison message; it goes to the DLQ", extra={"message_id": record.message_id})
-        # Come back at once: the receive count, not the clock, should carry it to the DLQ.
-        _delay(record, 0)
-        raise
-    except Exception as exc:
-        log_record_failure(exc, record.message_id, lane_job_id(record.body))
-        raise
-
-
-def _delay(record: SQSRecord, seconds: float) -> None:
-    try:
-        queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)
-    except StoreUnavailable:
-        # The message still counts as failed; it just comes back after the queue's own timeout.
-        logger.warning("could not shorten the message's visibility", extra={"message_id": record.message_id})
 
 
 @metrics.log_metrics(raise_on_empty_metrics=False)

@@ -1,13 +1,18 @@
-"""The demo webhook receiver: verifies every delivery with the reference library, records it.
+"""The webhook receiver of the sandbox and the tests: verifies, records and answers deliveries.
 
-- `POST /hooks/<anything>` (or any other path): 200 when the signature verifies against one
-  of the seeded tenants' current secrets, 400 when it does not;
+- `POST /hooks/<anything>` (or any other path): with a secrets source (the sandbox's seeded
+  tenants), 200 when the signature verifies against one of their current secrets, 400 when
+  it does not; without one (the integration tests), 200;
 - `POST /hooks/fail-N`: answers 500 to the first N attempts of each webhook-id, then as above;
 - `POST /_heal {"path": "/hooks/x/fail-99"}`: that path is back up: it answers as above from
   now on, however many attempts it has failed (a receiver outage that ends);
 - `GET /_deliveries[?job_id=...&type=...]`: what arrived, oldest first, each with the saved
   request (headers and exact body) that `llmq webhooks verify --file` accepts;
 - `POST /_reset`: forget every delivery.
+
+Tests script it in-process: `script(path, 503, Answer(429, {"Retry-After": "120"}))` answers
+the next requests to `path` in that order, and `requests` holds every request but the
+controls above, whatever its method, so a test can also prove a request never came.
 """
 
 from __future__ import annotations
@@ -17,19 +22,35 @@ import re
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from llmq_cli.signatures import verify_delivery
+from llmq_cli.signatures import Verification, verify_delivery
 
 # tenant id -> that tenant's webhook secrets, newest first.
 SecretsSource = Callable[[], dict[str, list[str]]]
 _FAIL_PATH = re.compile(r"/fail-(\d+)/?$")
 _SAVED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "user-agent")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A scripted answer: the status and headers, with an empty body."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
 
 
 @dataclass
@@ -48,17 +69,22 @@ class Delivery:
     request: dict[str, Any] = field(default_factory=dict)
 
 
-class WebhookReceiverServer(ThreadingHTTPServer):
+class WebhookReceiver(ThreadingHTTPServer):
     daemon_threads = True
+    # A name only an injected resolver knows (the tests map it to 127.0.0.1): `url(path)`
+    # reaches this receiver only through the resolver under test.
+    HOSTNAME = "receiver.test"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-request is normal (a timeout, Ctrl-C), not an error.
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
 
-    def __init__(self, secrets: SecretsSource, port: int = 0) -> None:
+    def __init__(self, secrets: SecretsSource | None = None, port: int = 0) -> None:
         super().__init__(("127.0.0.1", port), _ReceiverHandler)
         self._secrets = secrets
+        self.requests: list[ReceivedRequest] = []
+        self._scripts: dict[str, deque[Answer]] = defaultdict(deque)
         self._deliveries: list[Delivery] = []
         self._attempts: Counter[str] = Counter()
         self._healed: set[str] = set()
@@ -66,25 +92,53 @@ class WebhookReceiverServer(ThreadingHTTPServer):
         self._thread: threading.Thread | None = None
 
     @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def port(self) -> int:
+        return int(self.server_address[1])
 
-    def receive(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str = "") -> str:
+        return f"http://{self.HOSTNAME}:{self.port}{path}"
+
+    # ---- scripted answers, for tests in the same process ----
+
+    def script(self, path: str, *answers: Answer | int) -> None:
+        with self._lock:
+            for answer in answers:
+                self._scripts[path].append(answer if isinstance(answer, Answer) else Answer(answer))
+
+    def requests_to(self, path: str) -> list[ReceivedRequest]:
+        with self._lock:
+            return [request for request in self.requests if request.path == path]
+
+    def record(self, request: ReceivedRequest) -> Answer | None:
+        """Keep the request; its scripted answer, if one is left."""
+        with self._lock:
+            self.requests.append(request)
+            script = self._scripts.get(request.path)
+            return script.popleft() if script else None
+
+    # ---- deliveries ----
+
+    def receive(
+        self, path: str, headers: dict[str, str], body: bytes, scripted: Answer | None = None
+    ) -> tuple[int, dict[str, Any]]:
         lowered = {name.lower(): value for name, value in headers.items()}
         webhook_id = lowered.get("webhook-id", "")
         with self._lock:
             self._attempts[webhook_id] += 1
             attempt = self._attempts[webhook_id]
-        verdict, tenant_id = None, None
-        for tenant, secrets in self._secrets().items():
-            verdict = verify_delivery(body, lowered, secrets)
-            if verdict.verified:
-                tenant_id = tenant
-                break
+        verdict, tenant_id = self._verify(body, lowered)
         verified = verdict is not None and verdict.verified
-        reason = "" if verified else (verdict.reason if verdict else "no tenant secrets to verify with")
-        status = self._status(path, attempt, verified)
+        if self._secrets is None:
+            reason = "not verified: the receiver has no secrets"
+        else:
+            reason = "" if verified else (verdict.reason if verdict else "no tenant secrets to verify with")
+        status = (
+            scripted.status if scripted else self._status(path, attempt, verified or self._secrets is None)
+        )
         payload = verdict.payload if verified and verdict is not None else _parse(body)
         data = payload.get("data") if isinstance(payload, dict) else None
         delivery = Delivery(
@@ -111,13 +165,22 @@ class WebhookReceiverServer(ThreadingHTTPServer):
         )
         return status, answer
 
-    def _status(self, path: str, attempt: int, verified: bool) -> int:
+    def _verify(self, body: bytes, headers: dict[str, str]) -> tuple[Verification | None, str | None]:
+        """The last verdict and the tenant whose secret verified the delivery, if any did."""
+        verdict: Verification | None = None
+        for tenant, secrets in (self._secrets() if self._secrets else {}).items():
+            verdict = verify_delivery(body, headers, secrets)
+            if verdict.verified:
+                return verdict, tenant
+        return verdict, None
+
+    def _status(self, path: str, attempt: int, accepted: bool) -> int:
         failing = _FAIL_PATH.search(path)
         with self._lock:
             healed = path in self._healed
         if failing and not healed and attempt <= int(failing.group(1)):
             return 500
-        return 200 if verified else 400
+        return 200 if accepted else 400
 
     def deliveries(self, job_id: str | None = None, event_type: str | None = None) -> list[Delivery]:
         with self._lock:
@@ -139,7 +202,7 @@ class WebhookReceiverServer(ThreadingHTTPServer):
             self._attempts.clear()
             self._healed.clear()
 
-    def start(self) -> WebhookReceiverServer:
+    def start(self) -> WebhookReceiver:
         self._thread = threading.Thread(target=self.serve_forever, name="webhook-receiver", daemon=True)
         self._thread.start()
         return self
@@ -157,7 +220,7 @@ def _parse(body: bytes) -> Any:
 
 
 class _ReceiverHandler(BaseHTTPRequestHandler):
-    server: WebhookReceiverServer
+    server: WebhookReceiver
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -179,7 +242,11 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
             self.server.heal(path["path"])
             self._json(200, {"ok": True, "healed": path["path"]})
             return
-        status, answer = self.server.receive(parts.path, dict(self.headers.items()), body)
+        scripted = self._record(body)
+        status, answer = self.server.receive(parts.path, dict(self.headers.items()), body, scripted)
+        if scripted is not None:
+            self._scripted(scripted)
+            return
         self._json(status, answer)
 
     def do_GET(self) -> None:
@@ -189,9 +256,24 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
             found = self.server.deliveries(query.get("job_id"), query.get("type"))
             self._json(200, {"data": [asdict(delivery) for delivery in found]})
             return
+        scripted = self._record(b"")
+        if scripted is not None:
+            self._scripted(scripted)
+            return
         self._json(
             200, {"receiver": "llmq sandbox", "post_to": "/hooks/<name>", "fail_first_n": "/hooks/fail-N"}
         )
+
+    def _record(self, body: bytes) -> Answer | None:
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        return self.server.record(ReceivedRequest(self.command, self.path, headers, body))
+
+    def _scripted(self, answer: Answer) -> None:
+        self.send_response(answer.status)
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()

@@ -131,14 +131,51 @@ def stop_sandbox(sandbox: SandboxUnderTest) -> subprocess.CompletedProcess[str]:
     return run_llmq(sandbox.directory, "sandbox", "down", timeout=60)
 
 
+class DefaultSandbox:
+    """The session's sandbox of the default config (one per xdist worker), shared by every
+    module whose tests leave it as they found it (each works on its own jobs): a boot is a
+    moto deploy and six cold starts. Started when first asked for, and again if a test
+    stopped it (test_sandbox.py's last test proves `llmq sandbox down` on it)."""
+
+    def __init__(self, directory: Callable[[], Path]) -> None:
+        self._directory = directory
+        self._current: SandboxUnderTest | None = None
+
+    def running(self) -> SandboxUnderTest:
+        if self._current is None or not _is_up(self._current):
+            self._current = start_sandbox(self._directory())
+        return self._current
+
+    def stop(self) -> None:
+        if self._current is not None and _is_up(self._current):
+            stop_sandbox(self._current)
+
+
+def _is_up(sandbox: SandboxUnderTest) -> bool:
+    return (sandbox.directory / ".llmq" / "sandbox.json").exists()
+
+
 @pytest.fixture(scope="session")
-def shared_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxUnderTest]:
-    """One default-config sandbox for the modules whose tests leave it as they found it
-    (each works on its own jobs): every boot is a CDK synth and a moto deploy."""
-    sandbox = start_sandbox(tmp_path_factory.mktemp("shared-sandbox"))
-    yield sandbox
-    if (sandbox.directory / ".llmq" / "sandbox.json").exists():
-        stop_sandbox(sandbox)
+def default_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultSandbox]:
+    shared = DefaultSandbox(lambda: tmp_path_factory.mktemp("shared-sandbox"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_sandbox(default_sandbox: DefaultSandbox) -> SandboxUnderTest:
+    return default_sandbox.running()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stops_the_sandbox: run after every other test of the session")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that stops the shared sandbox goes last, so that nothing boots it again.
+    # (`make test-e2e` runs `-n 2 --dist loadfile`: a module's tests share its worker, and each
+    # worker has its own default sandbox.)
+    items.sort(key=lambda item: item.get_closest_marker("stops_the_sandbox") is not None)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +190,7 @@ def sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 
     yield start
     for sandbox in started:
-        if (sandbox.directory / ".llmq" / "sandbox.json").exists():
+        if _is_up(sandbox):
             stop_sandbox(sandbox)
 
 

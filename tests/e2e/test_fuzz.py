@@ -35,6 +35,7 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+from stacks.template import StackTemplate
 from tests.e2e.conftest import SandboxUnderTest
 
 pytestmark = pytest.mark.e2e
@@ -283,12 +284,11 @@ def test_a_method_api_gateway_does_not_route_gets_its_json_answer(
 
 def _gateway_problem_statuses(sandbox: SandboxUnderTest) -> set[int]:
     """The statuses of the template's gateway responses that answer with problem+json."""
-    template = sandbox.aws("cloudformation").get_template(StackName="Llmq")["TemplateBody"]
+    template = StackTemplate(sandbox.aws("cloudformation").get_template(StackName="Llmq")["TemplateBody"])
     return {
         int(resource["Properties"]["StatusCode"])
-        for resource in template["Resources"].values()
-        if resource["Type"] == "AWS::ApiGateway::GatewayResponse"
-        and PROBLEM_JSON in str(resource["Properties"].get("ResponseParameters", {}))
+        for resource in template.of_type("AWS::ApiGateway::GatewayResponse").values()
+        if PROBLEM_JSON in str(resource["Properties"].get("ResponseParameters", {}))
     }
 
 

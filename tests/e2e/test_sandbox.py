@@ -1,6 +1,7 @@
-"""The sandbox end to end, over real HTTP: one detached sandbox for the whole module.
+"""The sandbox end to end, over real HTTP, on the session's detached default sandbox.
 
-The last test stops it with `llmq sandbox down` and proves nothing is left running.
+The last test stops it with `llmq sandbox down` and proves nothing is left running; it runs
+after every other test of the session (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
-    started: SandboxUnderTest = sandbox_factory()
-    return started
+def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
+    return shared_sandbox
 
 
 def submit(sandbox: SandboxUnderTest, tier: str, body: dict[str, Any], **headers: str) -> httpx.Response:
@@ -173,6 +173,7 @@ def test_an_idempotent_replay_returns_the_same_job(sandbox: SandboxUnderTest) ->
     assert again.headers["idempotent-replayed"] == "true"
 
 
+@pytest.mark.stops_the_sandbox
 def test_down_stops_the_sandbox_and_leaves_no_process_behind(sandbox: SandboxUnderTest) -> None:
     pid = sandbox.state["pid"]
     # When `llmq sandbox down` runs

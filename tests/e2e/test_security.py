@@ -23,10 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 
 from llmq.models import TERMINAL_STATUSES
+from llmq.tenants import TenantRepository
 from tests.e2e.conftest import SandboxUnderTest, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -215,24 +217,18 @@ def test_requests_without_a_valid_key_get_401_problem_json_on_every_route(
 
 
 @contextmanager
-def tenants_of(sandbox: SandboxUnderTest) -> Iterator[Any]:
-    """llmq's TenantRepository, talking to the sandbox's moto (its client factory reads os.environ)."""
-    from llmq import aws
-    from llmq.tenants import TenantRepository
-
-    table = sandbox.stack_outputs()["TenantsTableName"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ENDPOINT_URL", sandbox.state["aws_endpoint_url"])
-        patch.setenv("AWS_REGION", sandbox.state["region"])
-        operator = sandbox.state["aws_credentials"]
-        patch.setenv("AWS_ACCESS_KEY_ID", operator["aws_access_key_id"])
-        patch.setenv("AWS_SECRET_ACCESS_KEY", operator["aws_secret_access_key"])
-        patch.delenv("AWS_SESSION_TOKEN", raising=False)
-        aws.reset_clients()
-        try:
-            yield TenantRepository(table)
-        finally:
-            aws.reset_clients()
+def tenants_of(sandbox: SandboxUnderTest) -> Iterator[TenantRepository]:
+    """llmq's TenantRepository, with a client of the sandbox's moto acting as its operator."""
+    operator = sandbox.state["aws_credentials"]
+    dynamodb = boto3.session.Session(
+        region_name=sandbox.state["region"],
+        aws_access_key_id=operator["aws_access_key_id"],
+        aws_secret_access_key=operator["aws_secret_access_key"],
+    ).client("dynamodb", endpoint_url=sandbox.state["aws_endpoint_url"])
+    try:
+        yield TenantRepository(sandbox.stack_outputs()["TenantsTableName"], dynamodb=dynamodb)
+    finally:
+        dynamodb.close()
 
 
 def test_a_revoked_key_gets_401_within_the_authorizer_cache_ttl(

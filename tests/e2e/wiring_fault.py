@@ -11,13 +11,17 @@ worker's calls against its own role). The sandbox runs in the foreground, as `ma
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from llmq_sandbox.launcher import prepare_process
+from stacks.synthesis import SYNTH_CACHE_ENV
 
 prepare_process()  # node 22 from the venv for jsii, before the CDK is imported
+# The app below is changed in memory, which the cache's key cannot see: always synthesize it.
+os.environ.pop(SYNTH_CACHE_ENV, None)
 
 import stacks.worker  # noqa: E402
 from llmq_cli.main import main  # noqa: E402

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from stacks.template import PSEUDO_PARAMETERS, StackTemplate, Statement, action_matches, as_list
 from tests.aws_calls import (
     ANY_RESOURCE,
     ENV_PREFIX,
@@ -31,7 +32,6 @@ from tests.aws_calls import (
     AwsCall,
     iam_actions,
 )
-from tests.infra.stack_template import PSEUDO_PARAMETERS, StackTemplate, Statement, action_matches, as_list
 
 # Resource types whose Ref is their ARN; the Ref of any other (a table's name, a queue's URL)
 # is no ARN, so a statement naming it grants nothing.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from llmq.config import (
     ReconcilerEnvironment,
     WorkerEnvironment,
 )
-from tests.infra.stack_template import StackTemplate
+from stacks.template import StackTemplate
 
 # The environment model each function's handler loads at cold start.
 ENV_MODELS: dict[str, type[FunctionEnvironment]] = {
@@ -48,17 +47,12 @@ def synthesize(
     config: LlmqConfig, context: Mapping[str, Any] | None = None, outdir: Path | None = None
 ) -> SynthesizedApp:
     """Synthesize the app as `cdk synth` would; raises if cdk-nag reports an unacknowledged error."""
-    from stacks.app_builder import build_app, llmq_stack
+    from stacks.synthesis import synthesize as synthesize_stack
 
-    outdir = outdir or Path(tempfile.mkdtemp(prefix="llmq-infra-test-"))
-    app = build_app(config, outdir=str(outdir), context=context)
-    artifact_id = llmq_stack(app).artifact_id
-    assembly = app.synth()
-    artifact = assembly.get_stack_artifact(artifact_id)
-    template_path = Path(assembly.directory, artifact.template_file)
+    synthesized = synthesize_stack(config, context, outdir)
     return SynthesizedApp(
         config=config,
-        template=StackTemplate(json.loads(template_path.read_text())),
-        assembly_dir=Path(assembly.directory),
-        template_path=template_path,
+        template=StackTemplate(synthesized.template()),
+        assembly_dir=synthesized.directory,
+        template_path=synthesized.template_path,
     )

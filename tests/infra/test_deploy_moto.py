@@ -12,6 +12,7 @@ from moto.server import ThreadedMotoServer
 from llmq.config import LlmqConfig
 from llmq_sandbox.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
 from stacks.functions import FUNCTION_NAMES
+from stacks.template import StackTemplate
 from tests.infra.synthesis import ENV_MODELS
 
 REGION = "us-east-1"
@@ -64,9 +65,10 @@ def test_the_stack_is_created_and_its_outputs_name_what_exists(deployment, aws):
 def test_the_sandbox_template_has_no_bootstrap_rule_and_disposable_state(deployment):
     assert "Rules" not in deployment.template
     assert "BootstrapVersion" not in deployment.template.get("Parameters", {})
-    for resource in deployment.template["Resources"].values():
-        if resource["Type"] == "AWS::DynamoDB::Table":
-            assert resource["DeletionPolicy"] == "Delete"
+    tables = StackTemplate(deployment.template).of_type("AWS::DynamoDB::Table")
+    assert tables
+    for resource in tables.values():
+        assert resource["DeletionPolicy"] == "Delete"
 
 
 def test_lane_queues_exist_with_their_redrive_to_their_own_dlq(deployment, aws):
@@ -129,20 +131,20 @@ def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(d
     from llmq_sandbox.topology import read_topology
 
     lambda_client = aws("lambda")
-    resources = deployment.template["Resources"]
+    template = StackTemplate(deployment.template)
+    functions = template.of_type("AWS::Lambda::Function")
     deployed = {
         logical_id: lambda_client.get_function_configuration(FunctionName=physical_id)
         for logical_id, physical_id in deployment.physical_ids.items()
-        if resources.get(logical_id, {}).get("Type") == "AWS::Lambda::Function"
+        if logical_id in functions
     }
     account = aws("sts").get_caller_identity()["Account"]
     topology = read_topology(deployment.template, deployment.physical_ids, deployed, account, REGION)
 
     # Then every poller gets the mapping's own bound, the dispatcher's from the webhook config
     by_id = {mapping.logical_id: mapping for mapping in topology.mappings}
-    for logical_id, resource in resources.items():
-        if resource["Type"] == "AWS::Lambda::EventSourceMapping":
-            scaling = resource["Properties"]["ScalingConfig"]
-            assert by_id[logical_id].max_concurrency == scaling["MaximumConcurrency"], logical_id
+    for logical_id, resource in template.of_type("AWS::Lambda::EventSourceMapping").items():
+        scaling = resource["Properties"]["ScalingConfig"]
+        assert by_id[logical_id].max_concurrency == scaling["MaximumConcurrency"], logical_id
     (dispatcher,) = [m for m in topology.mappings if m.function == "webhook_dispatcher"]
     assert dispatcher.max_concurrency == CONFIG.webhooks.max_concurrency

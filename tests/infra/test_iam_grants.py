@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from stacks.functions import FUNCTION_TAG
+from stacks.template import FUNCTION_TAG, StackTemplate
 from tests.aws_calls import AwsCall, iam_actions
 from tests.infra.iam_grants import canonical, missing_grants
-from tests.infra.stack_template import StackTemplate
 
 JOBS_ARN = {"Fn::GetAtt": ["Jobs", "Arn"]}
 

@@ -52,7 +52,9 @@ def _llmq(venv: Path, *args: str, cwd: Path | None = None) -> subprocess.Complet
 
 def test_the_cli_extra_installs_no_emulator(cli_venv: Path) -> None:
     for heavy in ("moto", "aws_cdk", "rich"):
-        probe = subprocess.run([str(cli_venv / "bin" / "python"), "-c", f"import {heavy}"], capture_output=True)
+        probe = subprocess.run(
+            [str(cli_venv / "bin" / "python"), "-c", f"import {heavy}"], capture_output=True
+        )
         assert probe.returncode != 0, f"{heavy} is installed by the cli extra alone"
 
 
@@ -71,7 +73,11 @@ def test_webhooks_verify_works_with_only_the_cli_extra(cli_venv: Path, tmp_path:
     body = json.dumps({"type": "job.succeeded", "data": {"id": "job_1"}}, separators=(",", ":"))
     signed_at = datetime.now(UTC)
     signature = Webhook(secret).sign("msg_1", signed_at, body)
-    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(signed_at.timestamp())), "webhook-signature": signature}
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(int(signed_at.timestamp())),
+        "webhook-signature": signature,
+    }
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"headers": headers, "body": body}))
     tampered = tmp_path / "tampered.json"

@@ -10,7 +10,7 @@ import pytest
 
 from llmq.config import DispatcherEnvironment, LlmqConfig, WorkerEnvironment
 from llmq.errors import PROBLEMS
-from llmq.jobs import SWEEP_INDEX, TENANT_INDEX
+from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION

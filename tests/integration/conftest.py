@@ -9,8 +9,16 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration import aws_call_recorder
 from tests.integration.harness import Harness
+from tests.support.tables import default_app_template
 
 aws_call_recorder.install()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _app_template() -> None:
+    """Synthesize the app for the tables (tests.conftest.create_llmq_resources) before the first
+    test, so that no test's own time or deadline pays for it."""
+    default_app_template()
 
 
 @pytest.fixture(autouse=True)

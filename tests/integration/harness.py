@@ -17,7 +17,8 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import PROBLEMS
-from tests.conftest import MotoStack, load_event
+from llmq_sandbox import event_sources
+from tests.conftest import REGION, MotoStack, load_event
 from tests.integration.aws_call_recorder import attribute_calls
 
 ENTERPRISE = {"tenant_id": "ten_acme", "tier": "enterprise"}
@@ -59,23 +60,16 @@ def assert_catalogued(reply: ApiReply) -> None:
 
 
 def sqs_event(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The event an SQS event source mapping would hand a function for these received messages."""
-    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    template = load_event("sqs_lane_batch")["Records"][0]
-    records = []
-    for message in messages:
-        record = copy.deepcopy(template)
-        record.update(
-            messageId=message["MessageId"],
-            receiptHandle=message["ReceiptHandle"],
-            body=message["Body"],
-            eventSourceARN=arn,
-        )
-        record["attributes"]["ApproximateReceiveCount"] = message.get("Attributes", {}).get(
-            "ApproximateReceiveCount", "1"
-        )
-        records.append(record)
-    return {"Records": records}
+    """The event an SQS event source mapping would hand a function for these received messages:
+    the sandbox's own player builds it (llmq_sandbox.event_sources)."""
+    return event_sources.sqs_event(messages, queue_arn(sqs, queue_url), REGION)
+
+
+def queue_arn(sqs: Any, queue_url: str) -> str:
+    arn: str = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    return arn
 
 
 def load_handler(name: str) -> ModuleType:
@@ -128,6 +122,8 @@ class Harness:
         event["httpMethod"] = method
         event["path"] = path
         event["requestContext"]["httpMethod"] = method
+        # As API Gateway reports it: the path the client asked for, stage included.
+        event["requestContext"]["path"] = f"/{event['requestContext']['stage']}{path}"
         event["pathParameters"] = {"proxy": path.removeprefix("/v1/")}
         event["headers"] = {"Accept": "application/json", **(headers or {})}
         if (body is not None or raw_body is not None) and "Content-Type" not in event["headers"]:
@@ -192,15 +188,17 @@ class Harness:
     def run_worker(
         self, queue_url: str, messages: list[dict[str, Any]], timeout_seconds: float = 60
     ) -> dict[str, Any]:
-        """Invoke the worker as the event source mapping would, and delete what succeeded."""
+        """Invoke the worker as its event source mapping would (ReportBatchItemFailures), and
+        delete what it settled, with the sandbox's own player."""
         event = self.sqs_event(queue_url, messages)
         response: dict[str, Any] = self.worker().handler(
             event, LambdaContextStub(timeout_seconds=timeout_seconds)
         )
-        failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
-        for message in messages:
-            if message["MessageId"] not in failed:
-                self.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        failed = event_sources.failed_message_ids(
+            messages, response, completed=True, report_batch_item_failures=True
+        )
+        settled = [message for message in messages if message["MessageId"] not in failed]
+        event_sources.delete_messages(self.sqs, queue_url, settled)
         return response
 
     def drain(self, lane: str, visibility: int = 60) -> dict[str, Any]:

@@ -23,7 +23,11 @@ def test_submit_returns_202_stores_queued_and_enqueues_ids_only(harness: Harness
     # Then it gets 202 with a Location and the queued job
     assert reply.status == 202
     job_id = reply.body["id"]
-    assert reply.headers["location"] == f"/v1/jobs/{job_id}"
+    # (absolute, with the stage: on AWS a path without it is a 403)
+    assert (
+        reply.headers["location"]
+        == f"https://abc123.execute-api.us-east-1.amazonaws.com/prod/v1/jobs/{job_id}"
+    )
     assert reply.body["status"] == "queued"
     assert reply.body["lane"] == "high"
     assert reply.body["metadata"] == {"ref": "po-1"}

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from llmq import aws
 from llmq.tenants import TenantRepository, hash_api_key
 from tests.conftest import MotoStack, load_event
 from tests.integration.harness import LambdaContextStub, load_handler
@@ -25,13 +26,15 @@ def _event(authorization: str | None) -> dict:
 
 
 def test_a_valid_key_yields_the_tenant_and_tier_in_the_context(authorizer, moto_stack: MotoStack) -> None:
-    created = TenantRepository(moto_stack.tenants_table).create("Acme", "enterprise", tenant_id="ten_acme")
+    created = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id="ten_acme"
+    )
     policy = authorizer.handler(_event(f"Bearer {created.api_key}"), LambdaContextStub())
     assert policy["principalId"] == "ten_acme"
     assert policy["context"] == {"tenant_id": "ten_acme", "tier": "enterprise"}
     statement = policy["policyDocument"]["Statement"][0]
     assert statement["Effect"] == "Allow"
-    assert statement["Resource"][0].endswith("abc123/v1/*/*")
+    assert statement["Resource"][0].endswith("abc123/prod/*/*")
 
 
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer llmq_sk_unknown"])
@@ -41,7 +44,7 @@ def test_a_missing_malformed_or_unknown_key_is_unauthorized(authorizer, header: 
 
 
 def test_a_revoked_key_is_unauthorized(authorizer, moto_stack: MotoStack) -> None:
-    tenants = TenantRepository(moto_stack.tenants_table)
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
     created = tenants.create("Acme", "enterprise")
     tenants.revoke_key(created.api_key)
     with pytest.raises(Exception, match=r"^Unauthorized$"):
@@ -51,7 +54,9 @@ def test_a_revoked_key_is_unauthorized(authorizer, moto_stack: MotoStack) -> Non
 def test_keys_are_stored_only_as_hashes(moto_stack: MotoStack) -> None:
     from llmq import aws
 
-    created = TenantRepository(moto_stack.tenants_table).create("Acme", "free")
+    created = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "free"
+    )
     items = aws.client("dynamodb").scan(TableName=moto_stack.tenants_table)["Items"]
     dumped = str(items)
     assert created.api_key not in dumped

@@ -36,19 +36,20 @@ from moto import mock_aws
 from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
-from llmq.jobs import JobRepository, new_job_id
+from llmq.job_record import new_job_id
+from llmq.jobs import JobRepository
 from llmq.models import EVENT_FOR_STATUS, JobStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.tenants import TenantRepository
 from llmq.webhooks import webhook_id
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.receiver import WebhookReceiver
 from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION, MotoStack, create_llmq_resources
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, ApiReply, Harness, LambdaContextStub, load_handler
-from tests.integration.webhook_receiver import WebhookReceiver
 
 LANE = "high"
 # Far enough for every reconciler threshold: stale queued, lapsed lease plus grace, stale webhook.
@@ -221,7 +222,9 @@ def shared_aws() -> Iterator[SharedAws]:
         with mock_aws():
             aws.reset_clients()
             stack = create_llmq_resources([LANE, "low"])
-            tenant = TenantRepository(stack.tenants_table).create("Acme", "enterprise", tenant_id="ten_acme")
+            tenant = TenantRepository(stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+                "Acme", "enterprise", tenant_id="ten_acme"
+            )
             yield SharedAws(stack, tenant.tenant.webhook_secrets[0])
         aws.reset_clients()
 
@@ -425,8 +428,8 @@ def make_world(
         hook_path = f"/hooks/{re.sub(r'[^A-Za-z0-9]+', '-', site.id)}/{kind.value}"
         clock = LaterClock()
         reconciler = Reconciler(
-            JobRepository(stack.jobs_table, config, clock=clock),
-            QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url),
+            JobRepository(stack.jobs_table, config, dynamodb=aws.client("dynamodb"), clock=clock),
+            QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
             config,
         )
         receiver.script(hook_path, *[503] * site.receiver_failures)

@@ -23,9 +23,13 @@ from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.execution import Invocation, JobRunner, mark_dead_letter
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
-from llmq.jobs import ClaimOutcome, JobRecord, JobRepository, sweep_partitions
+from llmq.job_index import sweep_partitions
+from llmq.job_record import JobRecord
+from llmq.jobs import JobRepository
 from llmq.models import DeliveryStatus, ErrorCode, JobResult, JobStatus, Usage
+from llmq.offload import Offload
 from llmq.payloads import PayloadStore
+from llmq.policy import ClaimOutcome, deadline_error
 from llmq.providers import GenerationRequest, TransientProviderError
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
@@ -117,12 +121,13 @@ def test_a_70k_character_cjk_prompt_is_accepted_and_run_once(
 def test_60k_cjk_in_and_60k_out_succeeds_with_the_whole_result(big: Harness) -> None:
     # Given a 60k-character CJK job, claimed by a worker
     job_id = big.submit(prompt=CJK * 60_000).body["id"]
-    jobs = JobRepository(big.stack.jobs_table, big.config, payloads=PayloadStore(big.stack.payload_bucket))
+    jobs = JobRepository(big.stack.jobs_table, big.config, dynamodb=aws.client("dynamodb"))
+    offload = Offload(PayloadStore(big.stack.payload_bucket, s3=aws.client("s3")), big.config)
     claim = jobs.claim(job_id, "worker-1", lease_seconds=60)
     assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
     # When the provider answers 60k CJK characters too
     output = CJK * 60_000
-    done = jobs.complete(claim.job, "worker-1", JobResult(output=output, finish_reason="stop"))
+    done = offload.complete(jobs, claim.job, "worker-1", JobResult(output=output, finish_reason="stop"))
     # Then the job succeeded, its lease is gone, and the API returns the whole result
     assert done.status is JobStatus.SUCCEEDED
     item = _item(big, job_id)
@@ -206,11 +211,12 @@ class ScriptedProvider:
 
 def _runner(harness: Harness, provider: ScriptedProvider, **config: Any) -> JobRunner:
     merged = harness.config.model_copy(update=config)
-    jobs = JobRepository(
-        harness.stack.jobs_table, merged, payloads=PayloadStore(harness.stack.payload_bucket)
+    jobs = JobRepository(harness.stack.jobs_table, merged, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
     )
-    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
-    return JobRunner(jobs, queues, provider, merged)  # type: ignore[arg-type]
+    payloads = PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3"))
+    return JobRunner(jobs, queues, provider, merged, payloads=payloads)  # type: ignore[arg-type]
 
 
 def _run(runner: JobRunner, job_id: str, owner: str = "worker-1", seconds: float = 30.0) -> Exception | None:
@@ -326,7 +332,7 @@ def test_a_late_failure_of_a_duplicate_delivery_never_moves_delivered_back_to_pe
     # Given a job whose webhook was delivered
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
     harness.drain("high")
-    jobs = JobRepository(harness.stack.jobs_table, harness.config)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     assert jobs.record_delivery(job_id, DeliveryStatus.DELIVERED, 200)
     # When a duplicate message's POST times out, and another answers 409
     late_pending = jobs.record_delivery(job_id, DeliveryStatus.PENDING, None, 5)
@@ -436,10 +442,15 @@ def test_a_requeued_job_claimed_after_its_deadline_is_expired_with_what_happened
     provider = ScriptedProvider([TransientProviderError("down", 503)])
     assert type(_run(_runner(harness, provider), job_id)).__name__ == "RetryLater"
     # When its retry comes after the deadline
-    later = JobRepository(harness.stack.jobs_table, harness.config, clock=lambda: time.time() + 3600)
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + 3600,
+    )
     claim = later.claim(job_id, "worker-2", 60)
     assert claim.outcome is ClaimOutcome.DEADLINE_PASSED and claim.job is not None
-    expired = later.expire(claim.job)
+    expired = later.expire(claim.job, deadline_error(claim.job))
     # Then it is expired, and the error says it ran and how it last failed
     assert expired is not None and expired.error is not None
     assert expired.status is JobStatus.EXPIRED
@@ -452,8 +463,13 @@ def test_a_requeued_job_claimed_after_its_deadline_is_expired_with_what_happened
 def _reconciler(harness: Harness, offset: list[float]) -> Reconciler:
     stack = harness.stack
     return Reconciler(
-        JobRepository(stack.jobs_table, harness.config, clock=lambda: time.time() + offset[0]),
-        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url),
+        JobRepository(
+            stack.jobs_table,
+            harness.config,
+            dynamodb=aws.client("dynamodb"),
+            clock=lambda: time.time() + offset[0],
+        ),
+        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
         harness.config,
     )
 
@@ -497,8 +513,15 @@ def test_a_lost_message_among_steady_traffic_is_sent_again_at_the_next_run(harne
     offset = [3600.0]
     reconciler = _reconciler(harness, offset)
     # fresh jobs, created "now" in the reconciler's clock, are not stale
-    fresh = JobRepository(harness.stack.jobs_table, harness.config, clock=lambda: time.time() + offset[0])
-    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
+    fresh = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + offset[0],
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
     for index in range(20):
         record = JobRecord.model_validate(
             {**_record_of(harness, lost), "id": f"job_fresh{index}", "created_ms": fresh.now_ms()}
@@ -512,7 +535,9 @@ def test_a_lost_message_among_steady_traffic_is_sent_again_at_the_next_run(harne
 
 
 def _record_of(harness: Harness, job_id: str) -> dict[str, Any]:
-    record = JobRepository(harness.stack.jobs_table, harness.config).find(job_id)
+    record = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).find(
+        job_id
+    )
     assert record is not None
     return record.model_dump(exclude={"last_write"})
 
@@ -635,8 +660,10 @@ def test_an_unreadable_provider_answer_fails_the_job_instead_of_re_running_it(ha
 def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> None:
     # Given a queued job whose message dead-lettered
     job_id = harness.submit().body["id"]
-    jobs = JobRepository(harness.stack.jobs_table, harness.config)
-    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
     body = json.dumps({"job_id": job_id, "lane": "high"})
     # When the dead-letter function handles that same letter twice (its record was retried)
     mark_dead_letter(jobs, queues, body, "dlq-message-1")

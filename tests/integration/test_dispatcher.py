@@ -7,7 +7,6 @@ knows: every delivery that arrives proves the connection went to the pinned addr
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import ssl
 import threading
 import time
@@ -25,7 +24,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from llmq import aws
 from llmq.config import LlmqConfig, WebhookPolicy
-from llmq.jobs import JobInput, JobRecord, JobRepository
+from llmq.job_record import JobInput, JobRecord
+from llmq.jobs import JobRepository
 from llmq.models import (
     EVENT_FOR_STATUS,
     TERMINAL_EVENTS,
@@ -39,25 +39,16 @@ from llmq.queues import QueueRepository
 from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.tenants import TenantRepository, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
+from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.conftest import REGION, MotoStack
 from tests.integration.harness import LambdaContextStub, load_handler, sqs_event
-from tests.integration.webhook_receiver import Answer, WebhookReceiver
+from tests.support.dns import FakeDns
 
 SCHEDULE = [5, 300, 1800]
 TENANT_ID = "ten_acme"
 
 
 # ---- the world around the handler -------------------------------------------------------
-
-
-@dataclass
-class FakeDns:
-    answers: dict[str, list[str]]
-
-    def __call__(self, host: str, port: int) -> list[str]:
-        if host not in self.answers:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return list(self.answers[host])
 
 
 @dataclass
@@ -90,10 +81,10 @@ class Stage:
         self.receiver = receiver
         self.dns = dns
         self.clock = clock
-        self.jobs = JobRepository(stack.jobs_table, config)
-        self.tenants = TenantRepository(stack.tenants_table)
+        self.jobs = JobRepository(stack.jobs_table, config, dynamodb=aws.client("dynamodb"))
+        self.tenants = TenantRepository(stack.tenants_table, dynamodb=aws.client("dynamodb"))
         self.tenant = self.tenants.create("Acme", "enterprise", tenant_id=TENANT_ID).tenant
-        self.queues = QueueRepository({}, stack.webhook_queue_url)
+        self.queues = QueueRepository({}, stack.webhook_queue_url, sqs=aws.client("sqs"))
         # The test's own client: its calls are not the handler's, and are not spied on.
         self.sqs: Any = boto3.client("sqs", region_name=REGION)
         self.visibility_changes: list[int] = []
@@ -209,8 +200,8 @@ def stage(moto_stack: MotoStack, receiver: WebhookReceiver, monkeypatch: pytest.
     clock = FakeClock()
     built = Stage(moto_stack, handler, config, receiver, dns, clock)
     dispatcher = WebhookDispatcher(
-        JobRepository(handler.ENV.jobs_table, handler.ENV.config),
-        TenantRepository(handler.ENV.tenants_table),
+        JobRepository(handler.ENV.jobs_table, handler.ENV.config, dynamodb=aws.client("dynamodb")),
+        TenantRepository(handler.ENV.tenants_table, dynamodb=aws.client("dynamodb")),
         handler.ENV.config,
         handler.ENV.public_api_url,
         resolver=dns,

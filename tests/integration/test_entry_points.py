@@ -131,8 +131,8 @@ def test_the_scheduled_reconciler_requeues_lost_messages_and_expires_overdue_job
     clock.offset = harness.config.reconciler.stale_queued_seconds + 10
     env = reconciler.ENV
     later = Reconciler(
-        JobRepository(env.jobs_table, env.config, clock=clock),
-        QueueRepository(env.lane_queue_urls, env.webhook_queue_url),
+        JobRepository(env.jobs_table, env.config, dynamodb=aws.client("dynamodb"), clock=clock),
+        QueueRepository(env.lane_queue_urls, env.webhook_queue_url, sqs=aws.client("sqs")),
         env.config,
     )
     monkeypatch.setattr(reconciler, "reconciler", lambda: later)

@@ -59,11 +59,12 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
-    PoisonMessage,
 )
-from llmq.execution import Invocation, JobRunner, RetryLater, mark_dead_letter
+from llmq.execution import Invocation, JobRunner, mark_dead_letter
 from llmq.intake import JobIntake
-from llmq.jobs import Claim, ClaimOutcome, JobRecord, JobRepository, _from_item
+from llmq.job_codec import from_item as _from_item
+from llmq.job_record import JobRecord
+from llmq.jobs import JobRepository
 from llmq.models import (
     DeliveryStatus,
     ErrorCode,
@@ -75,6 +76,7 @@ from llmq.models import (
     WebhookEvent,
     WebhookMessage,
 )
+from llmq.policy import Claim, ClaimOutcome
 from llmq.providers import (
     GenerationRequest,
     PermanentProviderError,
@@ -83,6 +85,7 @@ from llmq.providers import (
 )
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
+from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.telemetry import logger
 from llmq.tenants import TenantIdentity, TenantRepository
 from llmq.webhooks import OutcomeKind, WebhookDispatcher, webhook_id
@@ -452,17 +455,14 @@ class ObservedJobRepository(JobRepository):
     """The real repository; its writes are observed, its claims and delivery records counted."""
 
     def __init__(self, table: str, clock: ModelClock, observer: WriteObserver) -> None:
-        super().__init__(table, CONFIG, clock=clock)
+        super().__init__(table, CONFIG, dynamodb=aws.client("dynamodb"), clock=clock)
+        self._ddb = _ObservedDynamoDB(self._ddb, self)
         self.observer = observer
         self.claims: dict[str, Claim] = {}
         # Delivery attempts the repository said it recorded since the last redelivery.
         self.recorded_deliveries: Counter[str] = Counter()
         # Writes to let through before one whose answer is lost; None: none armed.
         self.lose_answer_after: int | None = None
-
-    @property
-    def _ddb(self) -> Any:
-        return _ObservedDynamoDB(super()._ddb, self)
 
     def answer_lost(self) -> bool:
         if self.lose_answer_after is None:
@@ -532,7 +532,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.loop = ModelLoop(self.clock)
         self.observer = WriteObserver(self.clock)
         self.jobs = ObservedJobRepository(self.stack.jobs_table, self.clock, self.observer)
-        self.queues = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url)
+        self.queues = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=self.sqs)
         self.provider = ScriptedProvider(self.observer)
         self.runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
         self.intake = JobIntake(self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None)
@@ -541,7 +541,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.posts: list[httpx.Request] = []
         self.dispatcher = WebhookDispatcher(
             self.jobs,
-            TenantRepository(self.stack.tenants_table),
+            TenantRepository(self.stack.tenants_table, dynamodb=aws.client("dynamodb")),
             CONFIG,
             "https://api.example.com",
             transport_factory=lambda target: httpx.MockTransport(self._receive_webhook),
@@ -1023,7 +1023,7 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[Environment]:
         aws.reset_clients()
         # Steps peek at queues without deleting; no message should reach a DLQ by being looked at.
         stack = create_llmq_resources(["high", "low"], max_receive_count=1000)
-        tenants = TenantRepository(stack.tenants_table)
+        tenants = TenantRepository(stack.tenants_table, dynamodb=aws.client("dynamodb"))
         secrets = {}
         for name, identity in TENANTS.items():
             created = tenants.create(name, identity.tier, tenant_id=identity.tenant_id)

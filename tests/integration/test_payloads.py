@@ -52,7 +52,11 @@ def test_a_large_prompt_and_result_round_trip_through_s3(
     assert job["result_url"] is None
     # The list does not fetch it: it points at the job instead
     listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"][0]
-    assert listed["result"] is None and listed["result_url"] == f"/v1/jobs/{job_id}"
+    assert (
+        listed["result"] is None
+        and listed["result_url"]
+        == f"https://abc123.execute-api.us-east-1.amazonaws.com/prod/v1/jobs/{job_id}"
+    )
     assert provider.calls_for(job_id) == 1
 
 

@@ -16,8 +16,8 @@ from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub, load_handler
-from tests.integration.webhook_receiver import WebhookReceiver
 
 
 class LaterClock:
@@ -48,15 +48,17 @@ def clock() -> LaterClock:
 def reconciler(harness: Harness, clock: LaterClock) -> Reconciler:
     stack = harness.stack
     return Reconciler(
-        JobRepository(stack.jobs_table, harness.config, clock=clock),
-        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url),
+        JobRepository(stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock),
+        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
         harness.config,
     )
 
 
 @pytest.fixture
 def secret(harness: Harness) -> str:
-    created = TenantRepository(harness.stack.tenants_table).create("Acme", "enterprise", tenant_id="ten_acme")
+    created = TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id="ten_acme"
+    )
     return created.tenant.webhook_secrets[0]
 
 
@@ -192,7 +194,7 @@ def test_a_running_job_whose_worker_vanished_is_recovered(
     # Given a worker that claimed the job and died, and its message was lost too
     job_id = harness.submit().body["id"]
     _purge(harness, harness.stack.lane_queue_urls["high"])
-    crashed = JobRepository(harness.stack.jobs_table, harness.config)
+    crashed = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     assert crashed.claim(job_id, "dead-worker", lease_seconds=1).outcome.value == "claimed"
     # When the reconciler runs long after the lease lapsed
     clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1

@@ -12,8 +12,9 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import LeaseLost
-from llmq.jobs import ClaimOutcome, JobRepository
+from llmq.jobs import JobRepository
 from llmq.models import JobResult
+from llmq.policy import ClaimOutcome
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
@@ -183,7 +184,7 @@ def test_a_late_completion_after_a_lease_takeover_is_fenced(
     # Given worker A holding a one-second lease, and a clock we control
     now = [1_800_000_000.0]
     config = integration_config(provider)
-    jobs = JobRepository(moto_stack.jobs_table, config, clock=lambda: now[0])
+    jobs = JobRepository(moto_stack.jobs_table, config, dynamodb=aws.client("dynamodb"), clock=lambda: now[0])
     from llmq.intake import JobIntake
     from llmq.models import JobRequest
     from llmq.queues import QueueRepository
@@ -191,7 +192,7 @@ def test_a_late_completion_after_a_lease_takeover_is_fenced(
 
     intake = JobIntake(
         jobs,
-        QueueRepository(moto_stack.lane_queue_urls, moto_stack.webhook_queue_url),
+        QueueRepository(moto_stack.lane_queue_urls, moto_stack.webhook_queue_url, sqs=aws.client("sqs")),
         config,
         lambda _: None,
     )
@@ -205,11 +206,11 @@ def test_a_late_completion_after_a_lease_takeover_is_fenced(
     claim_b = jobs.claim(job_id, "worker-b", lease_seconds=60)
     assert claim_b.outcome is ClaimOutcome.CLAIMED and claim_b.job is not None
     assert claim_b.job.attempts == 2
-    jobs.complete(claim_b.job, "worker-b", JobResult(output="from B"))
+    jobs.complete(claim_b.job, "worker-b", result=JobResult(output="from B"))
     # Then A's late completion is rejected and B's result stands
     assert claim_a.job is not None
     with pytest.raises(LeaseLost):
-        jobs.complete(claim_a.job, "worker-a", JobResult(output="from A"))
+        jobs.complete(claim_a.job, "worker-a", result=JobResult(output="from A"))
     stored = jobs.find(job_id)
     assert stored is not None and stored.result is not None
     assert (stored.status.value, stored.result.output) == ("succeeded", "from B")
@@ -330,7 +331,7 @@ def test_a_queued_jobs_dead_letter_sends_it_again_once_then_fails_it_as_worker_c
 def test_a_dead_lettered_job_asked_to_cancel_ends_canceled_not_failed(harness: Harness) -> None:
     # Given a running job asked to cancel whose worker vanished (its lease lapsed)
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
-    jobs = JobRepository(harness.stack.jobs_table, harness.config)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     assert jobs.claim(job_id, "vanished-worker", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
     assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
     # When its message dead-letters

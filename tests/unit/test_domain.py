@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from llmq.config import MAX_VISIBILITY_SECONDS, ConfigError, LlmqConfig, RetryPolicy, WorkerEnvironment
 from llmq.intake import request_hash
-from llmq.jobs import new_job_id
+from llmq.job_record import new_job_id
 from llmq.lanes import lane_for_tier, retry_delay_seconds
 from llmq.models import JobRequest, WebhookEvent
 

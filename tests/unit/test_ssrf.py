@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import httpcore
@@ -11,21 +10,10 @@ import pytest
 
 from llmq.errors import InvalidWebhookUrl
 from llmq.ssrf import PinnedTarget, PinnedTransport, check_webhook_url
+from tests.support.dns import FakeDns
 
 PUBLIC_V4 = "93.184.215.14"
 PUBLIC_V6 = "2606:2800:21f:cb07:6820:80da:af6b:8b2c"
-
-
-class FakeDns:
-    def __init__(self, **answers: list[str]) -> None:
-        self.answers = {host.replace("_", "."): ips for host, ips in answers.items()}
-        self.asked: list[tuple[str, int]] = []
-
-    def __call__(self, host: str, port: int) -> list[str]:
-        self.asked.append((host, port))
-        if host not in self.answers:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return self.answers[host]
 
 
 def refusal(url: str, dns: FakeDns | None = None, allow_loopback_http: bool = False) -> str:

@@ -14,7 +14,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig, WebhookPolicy
-from llmq.jobs import JobInput, JobRecord, JobRepository
+from llmq.job_record import JobInput, JobRecord
 from llmq.models import (
     TERMINAL_EVENTS,
     ChatMessage,
@@ -25,8 +25,9 @@ from llmq.models import (
     WebhookMessage,
 )
 from llmq.retry_after import parse_retry_after
+from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
-from llmq.tenants import Tenant, TenantRepository, UnknownTenant, new_webhook_secret
+from llmq.tenants import new_webhook_secret
 from llmq.webhooks import (
     USER_AGENT,
     DeliveryOutcome,
@@ -37,6 +38,7 @@ from llmq.webhooks import (
     sign,
     webhook_id,
 )
+from tests.support.stores import InMemoryJobs, InMemoryTenants
 
 NOW = 1_790_000_000.0
 HOOK_URL = "https://hooks.example.com/llmq?token=abc"
@@ -47,52 +49,6 @@ SLOW = 599
 
 
 # ---- fakes ----------------------------------------------------------------------------
-
-
-class FakeJobs(JobRepository):
-    """Jobs in a dict; record_delivery behaves like the DynamoDB one (attempts incremented)."""
-
-    def __init__(self, config: LlmqConfig) -> None:
-        super().__init__("unused", config, clock=lambda: NOW)
-        self.records: dict[str, JobRecord] = {}
-        self.recorded: list[tuple[DeliveryStatus, int | None, float | None]] = []
-
-    def find(self, job_id: str) -> JobRecord | None:
-        return self.records.get(job_id)
-
-    def record_delivery(
-        self,
-        job_id: str,
-        status: DeliveryStatus,
-        status_code: int | None,
-        next_attempt_in_seconds: float | None = None,
-    ) -> bool:
-        record = self.records[job_id]
-        settled = record.delivery_status is not DeliveryStatus.PENDING
-        if settled and not (
-            status is DeliveryStatus.DELIVERED and record.delivery_status is DeliveryStatus.FAILED
-        ):
-            return False
-        self.recorded.append((status, status_code, next_attempt_in_seconds))
-        self.records[job_id] = record.model_copy(
-            update={
-                "delivery_status": status,
-                "delivery_attempts": record.delivery_attempts + 1,
-                "delivery_last_status_code": status_code,
-            }
-        )
-        return True
-
-
-class FakeTenants(TenantRepository):
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__("unused")
-        self.secrets = secrets
-
-    def get(self, tenant_id: str) -> Tenant:
-        if tenant_id != "ten_acme":
-            raise UnknownTenant(tenant_id)
-        return Tenant(id=tenant_id, name="Acme", tier="enterprise", webhook_secrets=self.secrets)
 
 
 class FakeReceiver:
@@ -155,14 +111,16 @@ class World:
                 schedule_seconds=SCHEDULE, jitter_fraction=0, timeout_seconds=timeout_seconds
             )
         )
-        self.jobs = FakeJobs(self.config)
+        self.jobs = InMemoryJobs(self.config, clock=lambda: NOW)
         self.secrets = secrets if secrets is not None else [new_webhook_secret()]
+        tenants = InMemoryTenants()
+        tenants.add("ten_acme", secrets=self.secrets)
         self.receiver = FakeReceiver(*answers)
         self.dns: dict[str, list[str]] = {"hooks.example.com": [PUBLIC_IP]}
         self.now = time.time()
         self.dispatcher = WebhookDispatcher(
             self.jobs,
-            FakeTenants(self.secrets),
+            tenants,
             self.config,
             "https://api.llmq.test",
             transport_factory=self.receiver.transport,
@@ -307,7 +265,7 @@ async def test_a_2xx_is_delivered_signed_and_recorded() -> None:
     assert request.headers["webhook-id"] == webhook_id("job_1", WebhookEvent.SUCCEEDED)
     payload = Webhook(world.secrets[0]).verify(request.content, dict(request.headers))
     assert payload["type"] == "job.succeeded"
-    assert world.jobs.recorded == [(DeliveryStatus.DELIVERED, 204, None)]
+    assert world.jobs.deliveries == [(DeliveryStatus.DELIVERED, 204, None)]
     # and the POST went to the address the guard checked
     assert world.receiver.targets[0].addresses == (PUBLIC_IP,)
 
@@ -329,7 +287,7 @@ async def test_a_redirect_is_a_failure_and_is_not_followed() -> None:
     assert outcome.kind is OutcomeKind.RETRY
     assert outcome.retry_in == 5
     assert [request.url.path for request in world.receiver.requests] == ["/llmq"]
-    assert world.jobs.recorded == [(DeliveryStatus.PENDING, 301, 5)]
+    assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 301, 5)]
 
 
 async def test_410_disables_delivery_and_a_later_message_is_not_sent() -> None:
@@ -375,7 +333,7 @@ async def test_a_connection_error_is_retried_with_no_status_code() -> None:
     world.add(make_job())
     outcome = await world.deliver(attempt=2)
     assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 300)
-    assert world.jobs.recorded == [(DeliveryStatus.PENDING, None, 300)]
+    assert world.jobs.deliveries == [(DeliveryStatus.PENDING, None, 300)]
 
 
 async def test_a_receiver_slower_than_the_timeout_is_a_failure() -> None:
@@ -383,7 +341,7 @@ async def test_a_receiver_slower_than_the_timeout_is_a_failure() -> None:
     world.add(make_job())
     outcome = await world.deliver()
     assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 5)
-    assert world.jobs.recorded == [(DeliveryStatus.PENDING, None, 5)]
+    assert world.jobs.deliveries == [(DeliveryStatus.PENDING, None, 5)]
 
 
 async def test_when_the_schedule_is_exhausted_the_delivery_fails() -> None:
@@ -391,7 +349,7 @@ async def test_when_the_schedule_is_exhausted_the_delivery_fails() -> None:
     world.add(make_job())
     outcome = await world.deliver(attempt=len(SCHEDULE) + 1)
     assert outcome.kind is OutcomeKind.GAVE_UP
-    assert world.jobs.recorded == [(DeliveryStatus.FAILED, 500, None)]
+    assert world.jobs.deliveries == [(DeliveryStatus.FAILED, 500, None)]
 
 
 async def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again() -> None:
@@ -400,7 +358,7 @@ async def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again() -> 
     outcome = await world.deliver()
     assert outcome.kind is OutcomeKind.SKIPPED
     assert world.receiver.requests == []
-    assert world.jobs.recorded == []
+    assert world.jobs.deliveries == []
 
 
 @pytest.mark.parametrize(
@@ -427,7 +385,7 @@ async def test_job_started_is_sent_but_leaves_the_terminal_delivery_record_alone
     world.add(make_job(status=JobStatus.RUNNING, events=[WebhookEvent.STARTED, *TERMINAL_EVENTS]))
     assert (await world.deliver(event=WebhookEvent.STARTED)).kind is OutcomeKind.RETRY
     assert (await world.deliver(event=WebhookEvent.STARTED, attempt=2)).kind is OutcomeKind.DELIVERED
-    assert world.jobs.recorded == []
+    assert world.jobs.deliveries == []
     [first, second] = world.receiver.requests
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert json.loads(second.content)["type"] == "job.started"
@@ -452,4 +410,27 @@ async def test_a_tenant_without_secrets_cannot_be_sent_to() -> None:
     outcome = await world.deliver()
     assert outcome.kind is OutcomeKind.GAVE_UP
     assert world.receiver.requests == []
-    assert world.jobs.recorded == [(DeliveryStatus.FAILED, None, None)]
+    assert world.jobs.deliveries == [(DeliveryStatus.FAILED, None, None)]
+
+
+# ---- a webhooks-queue message -----------------------------------------------------------
+
+
+async def test_a_delivery_to_retry_asks_for_its_message_back_after_the_schedules_delay() -> None:
+    # Given a receiver that answers 503
+    world = World(httpx.Response(503))
+    world.add(make_job())
+    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    # When the queue message is handled
+    with pytest.raises(RetryLater) as retry:
+        await world.dispatcher.handle(body, attempt=1)
+    # Then it comes back after the first delay of the schedule
+    assert retry.value.delay_seconds == SCHEDULE[0]
+    assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
+
+
+async def test_a_body_that_is_not_a_webhook_message_is_poison_and_never_sent() -> None:
+    world = World()
+    with pytest.raises(PoisonMessage):
+        await world.dispatcher.handle('{"job": 1}', attempt=1)
+    assert world.receiver.requests == []

@@ -1,7 +1,9 @@
-"""The one factory for boto3 clients.
+"""The one factory for boto3 clients, and the wrapper repositories call AWS through.
 
-Clients are created lazily, on first use, so that importing a handler costs nothing for
-clients it never uses and tests that start moto after import still get mocked clients.
+Only composition roots (the handlers' cached builders) call `client`: repositories take
+their clients in their constructors. Clients are created lazily, on first use, so that
+importing a handler costs nothing for clients it never uses and tests that start moto after
+import still get mocked clients.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _clients: dict[tuple[str, str | None, str | None], Any] = {}
 # Standard retry mode with a few attempts: throttles are retried by botocore, but a
 # handler never stalls for long on a dead endpoint. Short socket timeouts (botocore's default
 # is 60 s each) keep a worst-case write inside the worker's write-back reserve.
-_BOTO_CONFIG = Config(
+BOTO_CONFIG = Config(
     retries={"mode": "standard", "max_attempts": 3},
     max_pool_connections=32,
     connect_timeout=3,
@@ -28,7 +30,8 @@ _BOTO_CONFIG = Config(
 
 
 def client(service: str) -> Any:
-    """A cached client for `service`, honouring AWS_ENDPOINT_URL (the sandbox) and the region."""
+    """A cached client for `service`, from the Lambda's environment: AWS_ENDPOINT_URL (the
+    sandbox) and the region."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     key = (service, region, endpoint)
@@ -40,12 +43,28 @@ def client(service: str) -> Any:
                 region_name=region,
                 endpoint_url=endpoint,
                 # Presigned S3 URLs must be SigV4: SigV2 is refused in newer regions.
-                config=_BOTO_CONFIG.merge(Config(signature_version="s3v4"))
+                config=BOTO_CONFIG.merge(Config(signature_version="s3v4"))
                 if service == "s3"
-                else _BOTO_CONFIG,
+                else BOTO_CONFIG,
             )
             _clients[key] = found
         return found
+
+
+class LazyClient:
+    """`client(service)`, built on first use: a composition root can wire a repository with
+    it, and a container that never calls the service (a GET-only API, a deployment whose
+    results all fit inline) never pays the client's ~60 ms and ~5 MB."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(client(self._service), name)
+
+
+def lazy_client(service: str) -> LazyClient:
+    return LazyClient(service)
 
 
 # What botocore may still answer after its own retries that a later try can fix. Anything
@@ -103,11 +122,11 @@ class TranslatedClient:
     to interpret.
     """
 
-    def __init__(self, service: str) -> None:
-        self._service = service
+    def __init__(self, boto_client: Any) -> None:
+        self._client = boto_client
 
     def __getattr__(self, operation: str) -> Any:
-        method = getattr(client(self._service), operation)
+        method = getattr(self._client, operation)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -117,11 +136,15 @@ class TranslatedClient:
                     from llmq.errors import StoreUnavailable
 
                     raise StoreUnavailable(
-                        f"{self._service}.{operation}: {_error_code(exc)} after retries"
+                        f"{_service_name(self._client)}.{operation}: {_error_code(exc)} after retries"
                     ) from exc
                 raise
 
         return call
+
+
+def _service_name(boto_client: Any) -> str:
+    return str(boto_client.meta.service_model.service_name)
 
 
 def _error_code(exc: BaseException) -> str:

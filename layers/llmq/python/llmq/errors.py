@@ -125,13 +125,6 @@ class LeaseLost(DomainError):
     title = "The job's lease is held by another worker"
 
 
-class PoisonMessage(DomainError):
-    """A queue message that can never be processed: not JSON, or naming no job."""
-
-    code = "poison_message"
-    title = "The queue message cannot be processed"
-
-
 class StoreUnavailable(DomainError):
     """DynamoDB, SQS or S3 throttled or failed after botocore's own retries: try again later.
 

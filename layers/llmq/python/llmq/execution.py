@@ -16,18 +16,21 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, LeaseLost, PoisonMessage, StoreUnavailable
-from llmq.jobs import ClaimOutcome, JobRecord, JobRepository
+from llmq.errors import CancelRequested, LeaseLost, StoreUnavailable
+from llmq.job_record import JobRecord
 from llmq.lanes import retry_delay_seconds
 from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
+from llmq.offload import Offload
+from llmq.policy import ClaimOutcome, deadline_error
+from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
 from llmq.providers import (
-    ChatCompletionsProvider,
     GenerationRequest,
     ProviderError,
     ProviderTimeout,
     TransientProviderError,
 )
-from llmq.queues import QueueRepository
+from llmq.queues import announce_terminal
+from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, logger
 
 # Time kept back from the provider call so the worker can still record the outcome, through
@@ -49,15 +52,6 @@ _INPUT_LOAD_BUDGET_SECONDS = 30.0
 T = TypeVar("T")
 
 
-class RetryLater(Exception):
-    """The job went back to queued; its message should reappear after `delay_seconds`."""
-
-    def __init__(self, job_id: str, delay_seconds: float) -> None:
-        super().__init__(f"{job_id} retries in {delay_seconds:.1f}s")
-        self.job_id = job_id
-        self.delay_seconds = delay_seconds
-
-
 @dataclass(frozen=True)
 class Invocation:
     """Who is running the message, and how long the Lambda has left."""
@@ -69,13 +63,15 @@ class Invocation:
 class JobRunner:
     def __init__(
         self,
-        jobs: JobRepository,
-        queues: QueueRepository,
-        provider: ChatCompletionsProvider,
+        jobs: JobStore,
+        queues: QueueStore,
+        provider: GenerationProvider,
         config: LlmqConfig,
         rng: random.Random | None = None,
+        payloads: BlobStore | None = None,
     ) -> None:
         self.jobs = jobs
+        self.offload = Offload(payloads, config)
         self.queues = queues
         self.provider = provider
         self.config = config
@@ -141,7 +137,7 @@ class JobRunner:
             return job
         budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
         try:
-            return await self._write_back(lambda: self.jobs.with_input(job), invocation, budget)
+            return await self._write_back(lambda: self.offload.load_input(job), invocation, budget)
         except StoreUnavailable as exc:
             delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
             try:
@@ -155,7 +151,7 @@ class JobRunner:
         if outcome is ClaimOutcome.TERMINAL:
             await self._resend_lost_webhook(job)
         elif outcome is ClaimOutcome.DEADLINE_PASSED:
-            await self._announce(await asyncio.to_thread(self.jobs.expire, job))
+            await self._announce(await asyncio.to_thread(self.jobs.expire, job, deadline_error(job)))
         elif outcome is ClaimOutcome.CANCEL_PENDING:
             await self._announce(await asyncio.to_thread(self.jobs.cancel_unleased, job))
         elif outcome is ClaimOutcome.CRASHES_EXHAUSTED:
@@ -223,7 +219,9 @@ class JobRunner:
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
         # Paid for from here on: the result must be written, whatever AWS says for a while.
-        done = await self._write_back(lambda: self.jobs.complete(job, invocation.owner, result), invocation)
+        done = await self._write_back(
+            lambda: self.offload.complete(self.jobs, job, invocation.owner, result), invocation
+        )
         logger.info(
             "job succeeded",
             extra={
@@ -341,9 +339,9 @@ class JobRunner:
             emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
         try:
             if invocation is None:
-                await asyncio.to_thread(self.queues.announce_terminal, job)
+                await asyncio.to_thread(announce_terminal, self.queues, job)
             else:
-                await self._write_back(lambda: self.queues.announce_terminal(job), invocation)
+                await self._write_back(lambda: announce_terminal(self.queues, job), invocation)
         except StoreUnavailable:
             logger.warning("webhook enqueue failed; the reconciler will send it", extra={"job_id": job.id})
 
@@ -368,9 +366,7 @@ def _parse(body: str) -> LaneMessage:
 MAX_DEAD_LETTER_REDRIVES = 1
 
 
-def mark_dead_letter(
-    jobs: JobRepository, queues: QueueRepository, body: str, message_id: str
-) -> JobRecord | None:
+def mark_dead_letter(jobs: JobStore, queues: QueueStore, body: str, message_id: str) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;
@@ -384,7 +380,7 @@ def mark_dead_letter(
     if job is None:
         raise PoisonMessage(f"no job {message.job_id}")
     if job.status.is_terminal:
-        queues.announce_terminal(job)
+        announce_terminal(queues, job)
         return job
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
@@ -399,10 +395,10 @@ def mark_dead_letter(
 
 
 def _dead_letter_queued(
-    jobs: JobRepository, queues: QueueRepository, job: JobRecord, message_id: str
+    jobs: JobStore, queues: QueueStore, job: JobRecord, message_id: str
 ) -> JobRecord | None:
     if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
-        return _announced(queues, jobs.expire(job))
+        return _announced(queues, jobs.expire(job, deadline_error(job)))
     counted = jobs.note_dead_letter(job, message_id)
     if counted is None:
         return None  # it left queued meanwhile: whoever moved it owns it now
@@ -419,8 +415,8 @@ def _dead_letter_queued(
     return _announced(queues, jobs.fail_queued_dead_letter(counted, error))
 
 
-def _announced(queues: QueueRepository, job: JobRecord | None) -> JobRecord | None:
+def _announced(queues: QueueStore, job: JobRecord | None) -> JobRecord | None:
     if job is not None and job.status.is_terminal:
         emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
-        queues.announce_terminal(job)
+        announce_terminal(queues, job)
     return job

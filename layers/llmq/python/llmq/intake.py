@@ -12,16 +12,20 @@ from llmq.errors import (
     IdempotencyConflict,
     InvalidIdempotencyKey,
     InvalidRequest,
+    JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
     PromptTooLarge,
     StoreUnavailable,
     UnknownModel,
 )
-from llmq.jobs import JobInput, JobRecord, JobRepository, new_job_id
+from llmq.job_codec import write_token
+from llmq.job_record import JobInput, JobRecord, new_job_id
 from llmq.lanes import lane_for_tier
 from llmq.models import JobRequest, JobStatus
-from llmq.queues import QueueRepository
+from llmq.offload import Offload
+from llmq.ports import BlobStore, JobStore, QueueStore
+from llmq.queues import announce_terminal
 from llmq.telemetry import fingerprint, logger
 from llmq.tenants import TenantIdentity
 
@@ -45,13 +49,15 @@ def request_hash(request: JobRequest) -> str:
 class JobIntake:
     def __init__(
         self,
-        jobs: JobRepository,
-        queues: QueueRepository,
+        jobs: JobStore,
+        queues: QueueStore,
         config: LlmqConfig,
         check_webhook_url: UrlGuard,
         sleep: Callable[[float], None] = time.sleep,
+        payloads: BlobStore | None = None,
     ) -> None:
         self.jobs = jobs
+        self.offload = Offload(payloads, config)
         self.queues = queues
         self.config = config
         self.check_webhook_url = check_webhook_url
@@ -61,7 +67,8 @@ class JobIntake:
         """One conditional PutItem, then one SendMessage. A replay writes and sends nothing."""
         self._validate(request, idempotency_key)
         now_ms = self.jobs.now_ms()
-        record = self._new_record(tenant, request, idempotency_key, now_ms)
+        # An input too large for the item goes to S3 first; the item holds its reference.
+        record = self.offload.place_input(self._new_record(tenant, request, idempotency_key, now_ms))
         created = self.jobs.create(record)
         if created.replayed:
             if created.job.tenant_id != tenant.tenant_id or created.job.request_hash != record.request_hash:
@@ -132,7 +139,7 @@ class JobIntake:
         while not job.status.is_terminal and time.monotonic() < deadline:
             self._sleep(min(self.config.limits.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
             job = self.jobs.get(job_id, tenant.tenant_id)
-        return self.jobs.with_result(job)
+        return self.offload.load_result(job)
 
     def list(
         self, tenant: TenantIdentity, status: JobStatus | None, limit: int, cursor: str | None
@@ -140,14 +147,37 @@ class JobIntake:
         return self.jobs.list_for_tenant(tenant.tenant_id, status, limit, cursor)
 
     def cancel(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
-        job = self.jobs.cancel(job_id, tenant.tenant_id)
+        job = self._cancel(job_id, tenant.tenant_id)
         try:
-            self.queues.announce_terminal(job)
+            announce_terminal(self.queues, job)
         except StoreUnavailable:
             # The cancel is written and its delivery left pending: the reconciler sends it.
             # Answering 503 here would make the client's retry a 409 for a canceled job.
             logger.warning("cancel webhook enqueue failed", extra={"job_id": job.id})
         return job
+
+    def _cancel(self, job_id: str, tenant_id: str) -> JobRecord:
+        """Queued: canceled at once. Running: cancel_requested, the worker stops it. Else 409.
+
+        One token for the whole request: a retried cancel whose answer was lost finds the
+        job canceled by itself, not by someone else.
+        """
+        token = write_token("cancel")
+        for _ in range(3):
+            job = self.jobs.get(job_id, tenant_id)
+            if job.status is JobStatus.CANCELED and job.last_write == token:
+                return job
+            if job.status.is_terminal:
+                raise JobNotCancelable(f"job {job_id} is {job.status.value}")
+            if job.status is JobStatus.QUEUED:
+                canceled = self.jobs.cancel_queued(job, token)
+                if canceled is not None:
+                    return canceled
+                continue  # it started meanwhile: look again
+            flagged = self.jobs.request_cancel(job)
+            if flagged is not None:
+                return flagged
+        raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
 
     def redeliver(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
         """Queue the terminal event again; the dispatcher reuses the same webhook-id."""

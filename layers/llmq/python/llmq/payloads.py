@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from llmq import aws
 
 
 class PayloadStore:
-    def __init__(self, bucket: str) -> None:
+    def __init__(self, bucket: str, *, s3: Any) -> None:
         self.bucket = bucket
-
-    @property
-    def _s3(self) -> Any:
-        return aws.TranslatedClient("s3")
+        self._s3 = aws.TranslatedClient(s3)
 
     def put(self, key: str, data: bytes) -> str:
         self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
@@ -33,5 +31,7 @@ class PayloadStore:
         return url
 
 
-def payload_store(bucket: str | None) -> PayloadStore | None:
-    return PayloadStore(bucket) if bucket else None
+def payload_store(bucket: str | None, s3: Callable[[], Any]) -> PayloadStore | None:
+    """The store of a deployment with a payload bucket, else None; `s3` builds the client,
+    called only when there is a bucket, so a deployment without one never creates it."""
+    return PayloadStore(bucket, s3=s3()) if bucket else None

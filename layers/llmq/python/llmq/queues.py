@@ -6,12 +6,15 @@ Messages carry ids only (DESIGN §1); the job itself lives in DynamoDB.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmq import aws
 from llmq.config import MAX_VISIBILITY_SECONDS
-from llmq.jobs import JobRecord
+from llmq.job_record import JobRecord
 from llmq.models import DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessage
+
+if TYPE_CHECKING:
+    from llmq.ports import QueueStore
 
 _DEPTH_ATTRIBUTES = (
     "ApproximateNumberOfMessages",
@@ -20,14 +23,24 @@ _DEPTH_ATTRIBUTES = (
 )
 
 
+# SQS caps a message's visibility at 12 hours from the ReceiveMessage that returned it, not
+# from the ChangeMessageVisibility call; asking for more is refused (InvalidParameterValue).
+# The event source mapping received the batch before the function started, up to Lambda's
+# longest timeout (900 s) plus the longest batching window (300 s) ago, so that much is kept.
+MAX_REDELIVERY_DELAY_SECONDS = MAX_VISIBILITY_SECONDS - 900 - 300
+
+
+def redelivery_visibility(seconds: float) -> int:
+    """The VisibilityTimeout to ask for: whole seconds, rounded up so a fractional Retry-After
+    never comes early, and within what SQS accepts for a message received a while ago."""
+    return max(0, min(math.ceil(seconds), MAX_REDELIVERY_DELAY_SECONDS))
+
+
 class QueueRepository:
-    def __init__(self, lane_queue_urls: dict[str, str], webhook_queue_url: str) -> None:
+    def __init__(self, lane_queue_urls: dict[str, str], webhook_queue_url: str, *, sqs: Any) -> None:
         self.lane_queue_urls = lane_queue_urls
         self.webhook_queue_url = webhook_queue_url
-
-    @property
-    def _sqs(self) -> Any:
-        return aws.TranslatedClient("sqs")
+        self._sqs = aws.TranslatedClient(sqs)
 
     def enqueue_job(self, job_id: str, lane: str, delay_seconds: int = 0) -> None:
         body = LaneMessage(job_id=job_id, lane=lane).model_dump_json()
@@ -64,17 +77,15 @@ class QueueRepository:
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
         """Make a message we report as failed come back after `seconds`, not the queue default."""
         url = self.queue_url_for_arn(queue_arn) or self._url_from_arn(queue_arn)
-        # SQS takes whole seconds; rounding up keeps a fractional Retry-After from coming early.
         self._sqs.change_message_visibility(
-            QueueUrl=url,
-            ReceiptHandle=receipt_handle,
-            VisibilityTimeout=max(0, min(math.ceil(seconds), MAX_VISIBILITY_SECONDS)),
+            QueueUrl=url, ReceiptHandle=receipt_handle, VisibilityTimeout=redelivery_visibility(seconds)
         )
 
-    def announce_terminal(self, job: JobRecord) -> bool:
-        """Send the terminal event when the terminal write left the delivery pending."""
-        event = job.terminal_event
-        if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
-            return False
-        self.enqueue_webhook(job.id, event)
-        return True
+
+def announce_terminal(queues: QueueStore, job: JobRecord) -> bool:
+    """Send the terminal event when the terminal write left the delivery pending."""
+    event = job.terminal_event
+    if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
+        return False
+    queues.enqueue_webhook(job.id, event)
+    return True

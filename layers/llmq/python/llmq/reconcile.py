@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
-from llmq.jobs import JobRepository, SweepEntry
+from llmq.jobs import SweepEntry
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, JobStatus
-from llmq.queues import QueueRepository
+from llmq.policy import deadline_error
+from llmq.ports import JobStore, QueueStore
+from llmq.queues import announce_terminal
 from llmq.telemetry import logger
 
 
@@ -44,7 +46,7 @@ class ReconcileReport:
 
 
 class Reconciler:
-    def __init__(self, jobs: JobRepository, queues: QueueRepository, config: LlmqConfig) -> None:
+    def __init__(self, jobs: JobStore, queues: QueueStore, config: LlmqConfig) -> None:
         self.jobs = jobs
         self.queues = queues
         self.config = config
@@ -116,9 +118,9 @@ class Reconciler:
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         job = self.jobs.find(entry.job_id)
-        expired = self.jobs.expire(job) if job is not None else None
+        expired = self.jobs.expire(job, deadline_error(job)) if job is not None else None
         if expired is not None:
-            self.queues.announce_terminal(expired)
+            announce_terminal(self.queues, expired)
             report.expired.append(entry.job_id)
 
 

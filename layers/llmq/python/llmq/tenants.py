@@ -62,12 +62,9 @@ class UnknownTenant(LookupError):
 
 
 class TenantRepository:
-    def __init__(self, table_name: str) -> None:
+    def __init__(self, table_name: str, *, dynamodb: Any) -> None:
         self.table_name = table_name
-
-    @property
-    def _ddb(self) -> Any:
-        return aws.client("dynamodb")
+        self._ddb = aws.TranslatedClient(dynamodb)
 
     def authenticate(self, api_key: str) -> TenantIdentity | None:
         """One GetItem by hash. None for an unknown or revoked key."""

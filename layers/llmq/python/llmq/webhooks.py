@@ -19,15 +19,19 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import httpx
-from pydantic import BaseModel
+from aws_lambda_powertools.metrics import MetricUnit
+from pydantic import BaseModel, ValidationError
 
 from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
 from llmq.errors import InvalidWebhookUrl
-from llmq.jobs import JobRecord, JobRepository, iso
+from llmq.job_record import JobRecord, iso
 from llmq.models import TERMINAL_EVENTS, DeliveryStatus, Job, WebhookEvent, WebhookMessage
+from llmq.ports import JobStore, TenantStore
 from llmq.retry_after import parse_retry_after
+from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget, PinnedTransport, Resolver, check_webhook_url, system_resolver
-from llmq.tenants import WEBHOOK_SECRET_PREFIX, TenantRepository, UnknownTenant
+from llmq.telemetry import MetricName, logger, metrics
+from llmq.tenants import WEBHOOK_SECRET_PREFIX, UnknownTenant
 
 USER_AGENT = "llmq-webhooks/1"
 SIGNATURE_VERSION = "v1"
@@ -166,8 +170,8 @@ class WebhookDispatcher:
 
     def __init__(
         self,
-        jobs: JobRepository,
-        tenants: TenantRepository,
+        jobs: JobStore,
+        tenants: TenantStore,
         config: LlmqConfig,
         public_api_url: str,
         *,
@@ -189,6 +193,19 @@ class WebhookDispatcher:
         # SQS limits a message's visibility to 12 hours from its receipt, and the message was
         # received up to one function timeout ago.
         self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
+
+    async def handle(self, body: str, attempt: int) -> DeliveryOutcome:
+        """One webhooks-queue message, `attempt` being its receive count.
+
+        Raises RetryLater when the delivery should be tried again after the schedule's
+        delay, and PoisonMessage for a body that is not a webhook message.
+        """
+        message = parse_webhook_message(body)
+        outcome = await self.deliver(message, attempt=attempt)
+        _observe(message, attempt, outcome)
+        if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
+            raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
+        return outcome
 
     async def deliver(self, message: WebhookMessage, attempt: int = 1) -> DeliveryOutcome:
         """Attempt `attempt` (the queue message's receive count) of delivering `message`."""
@@ -286,6 +303,48 @@ class WebhookDispatcher:
     def _record(self, job_id: str, outcome: DeliveryOutcome) -> bool:
         status = _RECORDED_STATUS[outcome.kind]
         return self._jobs.record_delivery(job_id, status, outcome.status_code, outcome.retry_in)
+
+
+def parse_webhook_message(body: str) -> WebhookMessage:
+    try:
+        return WebhookMessage.model_validate_json(body)
+    except ValidationError as exc:
+        # Never the body: it is logged by message id, not by what it says.
+        raise PoisonMessage("the message is not a webhook message") from exc
+
+
+def webhook_job_id(body: str) -> str | None:
+    """The job a webhooks-queue message names, or None: for logs about a message that failed."""
+    try:
+        return parse_webhook_message(body).job_id
+    except PoisonMessage:
+        return None
+
+
+# How the dashboard counts each outcome.
+_OUTCOME_METRICS = {
+    OutcomeKind.DELIVERED: MetricName.WEBHOOK_DELIVERED,
+    OutcomeKind.RETRY: MetricName.WEBHOOK_RETRIED,
+    OutcomeKind.GAVE_UP: MetricName.WEBHOOK_FAILED,
+    OutcomeKind.DISABLED: MetricName.WEBHOOK_FAILED,
+    # Duplicates and stale events: acknowledged without a POST.
+    OutcomeKind.SKIPPED: MetricName.WEBHOOK_SKIPPED,
+}
+
+
+def _observe(message: WebhookMessage, attempt: int, outcome: DeliveryOutcome) -> None:
+    logger.info(
+        f"webhook {outcome.kind}",
+        extra={
+            "job_id": message.job_id,
+            "event": message.event.value,
+            "attempt": attempt,
+            "status_code": outcome.status_code,
+            "retry_in": outcome.retry_in,
+            "reason": outcome.reason,
+        },
+    )
+    metrics.add_metric(name=_OUTCOME_METRICS[outcome.kind], unit=MetricUnit.Count, value=1)
 
 
 _RECORDED_STATUS = {

@@ -1,4 +1,9 @@
-"""Read a synthesized llmq template the way the tests ask about it: by function, lane and role."""
+"""The one reader of a synthesized llmq template: by function, lane, role, table and reference.
+
+The infra tests ask it about properties and grants; the sandbox reads its topology through it
+(llmq_sandbox/topology.py, which resolves the references with moto's physical ids), and the
+integration tests create their tables from it. Kept free of CDK imports.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from stacks.functions import FUNCTION_TAG
-from stacks.lanes import LANE_TAG
+# The tags the CDK app puts on functions and on lane queues and DLQs (stacks/functions.py,
+# stacks/lanes.py).
+FUNCTION_TAG = "llmq:function"
+LANE_TAG = "llmq:lane"
 
 # What an unresolved intrinsic becomes when an environment is read outside AWS.
 PSEUDO_PARAMETERS = {
@@ -36,6 +43,21 @@ def resolve(value: Any) -> Any:
     if isinstance(value, list):
         return [resolve(item) for item in value]
     return value
+
+
+def references(node: Any) -> Iterator[str]:
+    """Every logical id that `node` refers to through Ref or Fn::GetAtt, depth first."""
+    if isinstance(node, dict):
+        if "Ref" in node and isinstance(node["Ref"], str):
+            yield node["Ref"]
+        if "Fn::GetAtt" in node:
+            target = node["Fn::GetAtt"]
+            yield target[0] if isinstance(target, list) else str(target).split(".", 1)[0]
+        for value in node.values():
+            yield from references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from references(item)
 
 
 def as_list(value: Any) -> list[Any]:
@@ -68,10 +90,22 @@ class StackTemplate:
 
     @staticmethod
     def tag(resource: dict[str, Any], key: str) -> str | None:
-        for tag in resource.get("Properties", {}).get("Tags", []):
-            if tag["Key"] == key:
-                return str(tag["Value"])
+        for tag in resource.get("Properties", {}).get("Tags") or []:
+            if tag.get("Key") == key:
+                return str(tag.get("Value"))
         return None
+
+    def referenced(self, node: Any, resource_type: str) -> str | None:
+        """The first logical id of `resource_type` that `node` refers to."""
+        for logical_id in references(node):
+            if self.resources.get(logical_id, {}).get("Type") == resource_type:
+                return logical_id
+        return None
+
+    def output_resource(self, output: str) -> tuple[str, dict[str, Any]]:
+        """(logical id, resource) that the stack output `output` names, as `{"Ref": id}`."""
+        logical_id = str(self.template["Outputs"][output]["Value"]["Ref"])
+        return logical_id, self.resources[logical_id]
 
     # ---- functions -------------------------------------------------------------------
 

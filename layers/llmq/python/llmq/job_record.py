@@ -1,0 +1,124 @@
+"""A job as stored, and its mapping to the API's Job. No AWS here: the codec stores it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, Field
+
+from llmq.models import (
+    EVENT_FOR_STATUS,
+    ChatMessage,
+    DeliveryStatus,
+    GenerationParams,
+    Job,
+    JobError,
+    JobResult,
+    JobStatus,
+    JobWebhook,
+    WebhookDelivery,
+    WebhookEvent,
+)
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id(tenant_id: str, idempotency_key: str | None, now_ms: int) -> str:
+    """Derived from (tenant, key) when a key is given, so a replay hits the same PutItem condition."""
+    if idempotency_key is not None:
+        digest = hashlib.sha256(f"{tenant_id}\x00{idempotency_key}".encode()).digest()
+        return "job_" + base64.b32encode(digest).decode().lower().rstrip("=")[:26]
+    return f"job_{now_ms:012x}{secrets.token_hex(7)}"
+
+
+class JobInput(BaseModel):
+    """What the worker sends to the provider. Stored with the job, never in a queue message."""
+
+    messages: list[ChatMessage]
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+
+class JobRecord(BaseModel):
+    """A job as stored, including what the public Job hides (tenant, lease, input)."""
+
+    id: str
+    tenant_id: str
+    status: JobStatus
+    lane: str
+    model: str
+    # None when the input lives in S3 under `input_ref` (a claim brings it back).
+    input: JobInput | None = None
+    input_ref: str | None = None
+    request_hash: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_ms: int
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    lease_owner: str | None = None
+    lease_expires_ms: int | None = None
+    # After a transient failure: no claim before this time, whichever copy of its message comes.
+    not_before_ms: int | None = None
+    deadline_ms: int | None = None
+    result: JobResult | None = None
+    # Set when the result lives in S3; the API inlines it or hands out a presigned URL.
+    result_ref: str | None = None
+    result_url: str | None = None
+    error: JobError | None = None
+    webhook_url: str | None = None
+    webhook_events: list[WebhookEvent] = Field(default_factory=list)
+    delivery_status: DeliveryStatus | None = None
+    delivery_attempts: int = 0
+    delivery_last_status_code: int | None = None
+    delivered_ms: int | None = None
+    expires_at: int
+    # The token of the last conditional write. A write retried after its response was lost
+    # finds its own token in the item and knows it was applied (DESIGN §3.10).
+    last_write: str | None = None
+    # The dead-lettered lane messages of a job no worker claimed, by message id: a set, so a
+    # retried or repeated dead letter counts once.
+    dead_letter_ids: set[str] = Field(default_factory=set)
+
+    def wants(self, event: WebhookEvent) -> bool:
+        return self.webhook_url is not None and event in self.webhook_events
+
+    @property
+    def terminal_event(self) -> WebhookEvent | None:
+        return EVENT_FOR_STATUS[self.status] if self.status.is_terminal else None
+
+    def to_job(self, api_base: str = "") -> Job:
+        webhook = None
+        if self.webhook_url is not None:
+            webhook = JobWebhook(
+                url=self.webhook_url,
+                events=self.webhook_events,
+                delivery=WebhookDelivery(
+                    status=self.delivery_status,
+                    attempts=self.delivery_attempts,
+                    last_status_code=self.delivery_last_status_code,
+                    delivered_at=iso(self.delivered_ms) if self.delivered_ms else None,
+                ),
+            )
+        return Job(
+            id=self.id,
+            status=self.status,
+            lane=self.lane,
+            model=self.model,
+            metadata=self.metadata,
+            created_at=iso(self.created_ms),
+            started_at=iso(self.started_ms) if self.started_ms else None,
+            finished_at=iso(self.finished_ms) if self.finished_ms else None,
+            attempts=self.attempts,
+            cancel_requested=self.cancel_requested,
+            result=self.result,
+            result_url=self.result_url
+            or (f"{api_base}/v1/jobs/{self.id}" if self.result is None and self.result_ref else None),
+            error=self.error,
+            webhook=webhook,
+        )

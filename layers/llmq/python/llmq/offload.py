@@ -1,0 +1,83 @@
+"""Where a job's input and result live: in its DynamoDB item while the item fits, else in S3.
+
+The decision is sized as DynamoDB sizes an item (names plus UTF-8 values, input and result
+together), with room kept for what later writes add, so no write can fail on the 400 KB limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from llmq.config import LlmqConfig
+from llmq.errors import ItemTooLarge, PayloadTooLarge
+from llmq.job_codec import record_size
+from llmq.job_record import JobInput, JobRecord
+from llmq.models import JobResult
+from llmq.ports import BlobStore, JobStore
+
+# Room kept under the item budget for the attributes a later write adds to the item (the
+# error of a retry, the delivery record, the write tokens).
+ITEM_HEADROOM_BYTES = 4096
+# What the store adds to every item beyond the record, sized generously: the index
+# attributes (`tenant_created`, `sweep_pk`, `sweep_at`, about 100 bytes) and a write token.
+BOOKKEEPING_BYTES = 256
+
+
+class Offload:
+    def __init__(self, payloads: BlobStore | None, config: LlmqConfig) -> None:
+        self.payloads = payloads
+        self.config = config
+
+    def fits(self, record: JobRecord) -> bool:
+        needed = record_size(record) + BOOKKEEPING_BYTES + ITEM_HEADROOM_BYTES
+        return needed <= self.config.limits.max_item_payload_bytes
+
+    def _store(self) -> BlobStore:
+        if self.payloads is None:
+            raise PayloadTooLarge("this job needs the payload bucket, which is not configured")
+        return self.payloads
+
+    def place_input(self, record: JobRecord) -> JobRecord:
+        """The record to create: its input inline when the item fits, else in S3 by reference."""
+        if record.input is None or self.fits(record):
+            return record
+        data = record.input.model_dump_json().encode()
+        ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
+        return record.model_copy(update={"input": None, "input_ref": ref})
+
+    def load_input(self, record: JobRecord) -> JobRecord:
+        """The job with its input, read from S3 when the item holds only a reference."""
+        if record.input is not None or record.input_ref is None:
+            return record
+        data = self._store().get(record.input_ref)
+        return record.model_copy(update={"input": JobInput.model_validate_json(data)})
+
+    def result_fits(self, job: JobRecord, result: JobResult) -> bool:
+        """Whether the completed item, input included, stays within the budget."""
+        stored = job.model_copy(update={"input": None if job.input_ref else job.input, "result": result})
+        return self.fits(stored)
+
+    def complete(self, jobs: JobStore, job: JobRecord, owner: str, result: JobResult) -> JobRecord:
+        """Record the result inline when the whole item still fits, else in S3 by reference."""
+        if self.result_fits(job, result):
+            try:
+                return jobs.complete(job, owner, result=result)
+            except ItemTooLarge:
+                pass  # measured wrong somehow: the result still has a home in S3
+        return jobs.complete(job, owner, result_ref=self.put_result(job, owner, result))
+
+    def put_result(self, job: JobRecord, owner: str, result: JobResult) -> str:
+        # Keyed by owner too, so a fenced-out worker's upload never replaces the winner's.
+        key = f"results/{job.id}/{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
+        return self._store().put(key, result.model_dump_json().encode())
+
+    def load_result(self, record: JobRecord) -> JobRecord:
+        """The result of an S3-held job: inline up to the configured size, else a presigned URL."""
+        if record.result is not None or record.result_ref is None:
+            return record
+        store = self._store()
+        if store.size(record.result_ref) > self.config.limits.max_inline_result_bytes:
+            return record.model_copy(update={"result_url": store.presigned_url(record.result_ref)})
+        return record.model_copy(
+            update={"result": JobResult.model_validate_json(store.get(record.result_ref))}
+        )

@@ -1,0 +1,74 @@
+"""Decisions about a job's life that the use cases make; the store only reports what it found.
+
+- why a claim was refused, from the item the failed condition returned;
+- what a missed deadline says to the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from llmq.job_record import JobRecord
+from llmq.models import ErrorCode, JobError, JobStatus
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"
+    NOT_FOUND = "not_found"
+    TERMINAL = "terminal"
+    LEASED_ELSEWHERE = "leased_elsewhere"
+    DEADLINE_PASSED = "deadline_passed"
+    # Queued, waiting out its retry backoff: a duplicate message must not run it early.
+    NOT_YET_DUE = "not_yet_due"
+    CANCEL_PENDING = "cancel_pending"
+    CRASHES_EXHAUSTED = "crashes_exhausted"
+
+
+def refused_claim(found: JobRecord | None, now_ms: int) -> ClaimOutcome:
+    """Why the claim's condition failed, judged from the job as the store found it."""
+    if found is None or found.expires_at * 1000 <= now_ms:
+        return ClaimOutcome.NOT_FOUND
+    if found.status.is_terminal:
+        return ClaimOutcome.TERMINAL
+    if found.status is JobStatus.QUEUED:
+        if found.cancel_requested:
+            return ClaimOutcome.CANCEL_PENDING
+        if found.deadline_ms is not None and found.deadline_ms <= now_ms:
+            return ClaimOutcome.DEADLINE_PASSED
+        return ClaimOutcome.NOT_YET_DUE
+    if found.lease_expires_ms is not None and found.lease_expires_ms >= now_ms:
+        return ClaimOutcome.LEASED_ELSEWHERE
+    if found.cancel_requested:
+        return ClaimOutcome.CANCEL_PENDING
+    return ClaimOutcome.CRASHES_EXHAUSTED
+
+
+def deadline_error(job: JobRecord) -> JobError:
+    """Say what happened: a job that never ran differs from one whose retry came too late."""
+    if job.attempts == 0:
+        return JobError(
+            code=ErrorCode.DEADLINE_EXCEEDED,
+            message="The job did not start before its deadline",
+            retryable=False,
+        )
+    last = f"; its last attempt failed: {job.error.message}" if job.error else ""
+    return JobError(
+        code=ErrorCode.DEADLINE_EXCEEDED,
+        message=f"The job ran {job.attempts} time(s) and its deadline passed before the next retry{last}",
+        retryable=True,
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim found: the store reports, `outcome` judges."""
+
+    claimed: bool
+    job: JobRecord | None
+    # When the store looked (its clock), for judging leases and deadlines.
+    at_ms: int
+
+    @property
+    def outcome(self) -> ClaimOutcome:
+        return ClaimOutcome.CLAIMED if self.claimed else refused_claim(self.job, self.at_ms)

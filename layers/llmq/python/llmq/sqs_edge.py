@@ -1,0 +1,95 @@
+"""How the queue-fed functions (worker, webhook dispatcher, dead letters) settle a message.
+
+Each handler makes its one domain call per record inside `QueueEdge.settling(record)`,
+which settles the message by what the call raised (DESIGN §3.4, §3.5):
+
+- nothing: acknowledged; the event source mapping deletes it;
+- `RetryLater`: its visibility becomes the delay and it is reported failed, so SQS
+  redelivery is the retry schedule;
+- `PoisonMessage`: logged, its visibility set to the edge's poison delay, and reported
+  failed. On a source queue the delay is 0: the receive count, not the clock, carries it to
+  the DLQ. On a DLQ it is the SQS maximum: it waits there for an operator;
+- anything else: logged by class and AWS code only (an exception's text can quote the
+  payload) and reported failed; it comes back after the queue's visibility timeout.
+
+Reporting a record failed means raising: Powertools' batch processor turns the exception
+into the record's entry of the partial batch response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from llmq.errors import StoreUnavailable
+from llmq.telemetry import log_record_failure, logger
+
+
+class RetryLater(Exception):
+    """The message should come back after `delay_seconds` (a requeued job, a delivery due later)."""
+
+    def __init__(self, subject: str, delay_seconds: float) -> None:
+        super().__init__(f"{subject} retries in {delay_seconds:.1f}s")
+        self.subject = subject
+        self.delay_seconds = delay_seconds
+
+
+class PoisonMessage(Exception):
+    """A message that can never be processed: not the message expected, or naming no job."""
+
+
+class QueueRecord(Protocol):
+    """The parts of an SQS event record the edge reads (Powertools' SQSRecord has them)."""
+
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def receipt_handle(self) -> str: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def event_source_arn(self) -> str: ...
+
+
+class Visibility(Protocol):
+    def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueEdge:
+    # Built on first need, so a handler whose messages all succeed never creates the client.
+    queues: Callable[[], Visibility]
+    # The job a body names, or None: logged with a failure, never the body itself.
+    job_of: Callable[[str], str | None]
+    poison_visibility_seconds: float = 0
+
+    @contextmanager
+    def settling(self, record: QueueRecord) -> Iterator[None]:
+        try:
+            yield
+        except RetryLater as retry:
+            self._delay(record, retry.delay_seconds)
+            raise
+        except PoisonMessage as exc:
+            logger.error(
+                "poison message",
+                extra={
+                    "message_id": record.message_id,
+                    "why": str(exc),
+                    "visibility_seconds": self.poison_visibility_seconds,
+                },
+            )
+            self._delay(record, self.poison_visibility_seconds)
+            raise
+        except Exception as exc:
+            log_record_failure(exc, record.message_id, self.job_of(record.body))
+            raise
+
+    def _delay(self, record: QueueRecord, seconds: float) -> None:
+        try:
+            self.queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)
+        except StoreUnavailable:
+            # Still reported failed: it just comes back after the queue's own visibility timeout.
+            logger.warning("could not set the message's visibility", extra={"message_id": record.message_id})

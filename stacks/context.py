@@ -1,0 +1,38 @@
+"""The CDK context a synth starts from: cdk.json's, and the keys llmq reads from it.
+
+Kept free of CDK imports so that a synth served from the cache (stacks/synthesis.py) never
+starts jsii.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
+# CDK context keys (cdk.json or `cdk -c key=value`).
+CONTEXT_CONFIG = "llmq"
+CONTEXT_ALARM_EMAIL = "alarm_email"
+CONTEXT_SANDBOX = "llmq:sandbox"
+CONTEXT_LOG_LEVEL = "llmq:log_level"
+CONTEXT_STACK_NAME = "llmq:stack_name"
+CONTEXT_REQUIRE_DEPS_LAYER = "llmq:require_deps_layer"
+
+
+def context_flag(value: Any) -> bool:
+    # `cdk -c llmq:sandbox=true` passes the string "true".
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return bool(value)
+
+
+def cdk_json_context() -> dict[str, Any]:
+    """cdk.json's context: the feature flags and defaults every synth starts from.
+
+    Read here rather than left to the CDK CLI so that `python app.py`, the tests and the
+    sandbox synthesize exactly what `cdk synth` does. Under the CLI the same values arrive
+    again through CDK_CONTEXT_JSON, together with any `-c` overrides, and win.
+    """
+    context: dict[str, Any] = json.loads(CDK_JSON.read_text()).get("context", {})
+    return context

@@ -1,0 +1,212 @@
+"""One contract, two stores: the in-memory fake the unit tests use and the DynamoDB repository.
+
+Each case runs against both, the repository under in-process moto, so a fake that drifts
+from the conditional writes it stands for fails here, not in a green unit test. It lives with
+the integration suite because its moto tables come from the synthesized app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from moto import mock_aws
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.errors import CancelRequested, LeaseLost
+from llmq.jobs import JobRepository
+from llmq.models import DeliveryStatus, ErrorCode, JobError, JobResult, JobStatus, WebhookEvent
+from llmq.policy import ClaimOutcome
+from llmq.ports import JobStore
+from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from tests.conftest import REGION, create_llmq_resources
+from tests.support.stores import Clock, InMemoryJobs, job_record
+
+LEASE_SECONDS = 60.0
+ERROR = JobError(code=ErrorCode.PROVIDER_UNAVAILABLE, message="busy", retryable=True)
+
+
+@dataclass
+class Subject:
+    jobs: JobStore
+    clock: Clock
+
+    def created(self, **changes: object) -> str:
+        record = job_record(self.jobs.now_ms(), **changes)
+        assert not self.jobs.create(record).replayed
+        return record.id
+
+    def status(self, job_id: str = "job_1") -> JobStatus:
+        found = self.jobs.find(job_id)
+        assert found is not None
+        return found.status
+
+
+@pytest.fixture(scope="module")
+def jobs_table() -> Iterator[str]:
+    """One in-process moto for the module (creating the tables costs seconds); emptied per case."""
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            env.setenv(name, "testing")
+        env.setenv("AWS_REGION", REGION)
+        env.delenv("AWS_ENDPOINT_URL", raising=False)
+        make_dynamodb_writes_atomic()
+        with mock_aws():
+            aws.reset_clients()
+            yield create_llmq_resources(["high", "low"]).jobs_table
+        aws.reset_clients()
+
+
+@pytest.fixture(params=["memory", "dynamodb"])
+def subject(request: pytest.FixtureRequest) -> Subject:
+    clock, config = Clock(), LlmqConfig()
+    if request.param == "memory":
+        return Subject(InMemoryJobs(config, clock), clock)
+    table = request.getfixturevalue("jobs_table")
+    ddb = aws.client("dynamodb")
+    for item in ddb.scan(TableName=table, ProjectionExpression="pk")["Items"]:
+        ddb.delete_item(TableName=table, Key={"pk": item["pk"]})
+    return Subject(JobRepository(table, config, dynamodb=ddb, clock=clock), clock)
+
+
+def test_a_replayed_create_returns_the_stored_job(subject: Subject) -> None:
+    subject.created()
+    replay = subject.jobs.create(job_record(subject.jobs.now_ms(), request_hash="other"))
+    assert (replay.replayed, replay.job.request_hash) == (True, "h")
+
+
+def test_a_queued_job_is_claimed_once_and_a_live_lease_refuses_the_next_claim(subject: Subject) -> None:
+    job_id = subject.created()
+    first = subject.jobs.claim(job_id, "w1", LEASE_SECONDS)
+    second = subject.jobs.claim(job_id, "w2", LEASE_SECONDS)
+    assert first.claimed and first.job is not None and first.job.attempts == 1
+    assert (second.claimed, second.outcome) == (False, ClaimOutcome.LEASED_ELSEWHERE)
+    found = subject.jobs.find(job_id)
+    assert found is not None and found.lease_owner == "w1"
+
+
+def test_a_claim_retried_by_its_owner_is_recognised(subject: Subject) -> None:
+    job_id = subject.created()
+    subject.jobs.claim(job_id, "w1", LEASE_SECONDS)
+    again = subject.jobs.claim(job_id, "w1", LEASE_SECONDS)
+    assert again.claimed and again.job is not None and again.job.attempts == 1
+
+
+def test_a_lapsed_lease_is_taken_over(subject: Subject) -> None:
+    job_id = subject.created()
+    subject.jobs.claim(job_id, "w1", LEASE_SECONDS)
+    subject.clock.advance(LEASE_SECONDS + 1)
+    taken = subject.jobs.claim(job_id, "w2", LEASE_SECONDS)
+    assert taken.claimed and taken.job is not None
+    assert (taken.job.lease_owner, taken.job.attempts) == ("w2", 2)
+
+
+def test_only_the_lease_holder_completes_and_its_retry_is_recognised(subject: Subject) -> None:
+    job_id = subject.created()
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    with pytest.raises(LeaseLost):
+        subject.jobs.complete(claimed, "w2", result=JobResult(output="theirs"))
+    done = subject.jobs.complete(claimed, "w1", result=JobResult(output="ours"))
+    again = subject.jobs.complete(claimed, "w1", result=JobResult(output="ours"))
+    assert (done.status, again.status, again.result) == (
+        JobStatus.SUCCEEDED,
+        JobStatus.SUCCEEDED,
+        JobResult(output="ours"),
+    )
+
+
+def test_a_terminal_job_never_moves(subject: Subject) -> None:
+    job_id = subject.created(deadline_ms=subject.jobs.now_ms() + 1000)
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    done = subject.jobs.fail_leased(claimed, "w1", ERROR)
+    subject.clock.advance(LEASE_SECONDS + 5)
+    assert subject.jobs.claim(job_id, "w2", LEASE_SECONDS).outcome is ClaimOutcome.TERMINAL
+    assert subject.jobs.expire(done, ERROR) is None
+    assert subject.jobs.fail_unleased(done, ERROR) is None
+    assert subject.jobs.cancel_queued(done, "cancel#1") is None
+    assert subject.jobs.request_cancel(done) is None
+    assert subject.status(job_id) is JobStatus.FAILED
+
+
+def test_cancel_of_a_queued_job_ends_canceled_and_its_retry_is_recognised(subject: Subject) -> None:
+    job_id = subject.created()
+    queued = subject.jobs.find(job_id)
+    assert queued is not None
+    canceled = subject.jobs.cancel_queued(queued, "cancel#1")
+    again = subject.jobs.cancel_queued(queued, "cancel#1")
+    assert canceled is not None and canceled.status is JobStatus.CANCELED
+    assert again is not None and again.status is JobStatus.CANCELED
+    assert subject.jobs.cancel_queued(queued, "cancel#2") is None
+
+
+def test_a_running_job_asked_to_cancel_cannot_be_requeued(subject: Subject) -> None:
+    job_id = subject.created()
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    flagged = subject.jobs.request_cancel(claimed)
+    assert flagged is not None and flagged.cancel_requested
+    assert subject.jobs.is_cancel_requested(job_id)
+    with pytest.raises(CancelRequested):
+        subject.jobs.requeue(claimed, "w1", ERROR, 5)
+    assert subject.jobs.cancel_leased(claimed, "w1").status is JobStatus.CANCELED
+
+
+def test_a_requeued_job_waits_out_its_delay_and_keeps_its_attempt(subject: Subject) -> None:
+    job_id = subject.created()
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    requeued = subject.jobs.requeue(claimed, "w1", ERROR, 30)
+    assert subject.jobs.requeue(claimed, "w1", ERROR, 30).status is JobStatus.QUEUED  # its own retry
+    early = subject.jobs.claim(job_id, "w2", LEASE_SECONDS)
+    subject.clock.advance(31)
+    late = subject.jobs.claim(job_id, "w2", LEASE_SECONDS)
+    assert (requeued.status, requeued.attempts) == (JobStatus.QUEUED, 1)
+    assert (early.outcome, late.claimed) == (ClaimOutcome.NOT_YET_DUE, True)
+    assert late.job is not None and late.job.attempts == 2
+
+
+def test_a_queued_job_expires_only_once_its_deadline_passed(subject: Subject) -> None:
+    job_id = subject.created(deadline_ms=subject.jobs.now_ms() + 10_000)
+    queued = subject.jobs.find(job_id)
+    assert queued is not None
+    assert subject.jobs.expire(queued, ERROR) is None
+    subject.clock.advance(11)
+    expired = subject.jobs.expire(queued, ERROR)
+    assert expired is not None and expired.status is JobStatus.EXPIRED
+
+
+def test_a_delivery_moves_only_while_pending_and_a_late_success_still_counts(subject: Subject) -> None:
+    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    failed = subject.jobs.fail_leased(claimed, "w1", ERROR)
+    assert failed.delivery_status is DeliveryStatus.PENDING
+    assert subject.jobs.record_delivery(job_id, DeliveryStatus.FAILED, 500)
+    assert not subject.jobs.record_delivery(job_id, DeliveryStatus.PENDING, 500, 5)
+    assert subject.jobs.record_delivery(job_id, DeliveryStatus.DELIVERED, 200)
+    found = subject.jobs.find(job_id)
+    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
+        DeliveryStatus.DELIVERED,
+        2,
+    )
+
+
+def test_the_sweep_index_holds_unfinished_jobs_until_they_finish(subject: Subject) -> None:
+    job_id = subject.created()
+    stale = LlmqConfig().reconciler.stale_queued_seconds
+    assert list(subject.jobs.sweep(subject.jobs.now_ms(), 10)) == []
+    subject.clock.advance(stale + 1)
+    due = list(subject.jobs.sweep(subject.jobs.now_ms(), 10))
+    assert [(entry.job_id, entry.status) for entry in due] == [(job_id, JobStatus.QUEUED)]
+    assert subject.jobs.count_unfinished() == {"high": 1}
+    assert subject.jobs.postpone_sweep(job_id, 60)
+    assert list(subject.jobs.sweep(subject.jobs.now_ms(), 10)) == []
+    queued = subject.jobs.find(job_id)
+    assert queued is not None
+    subject.jobs.cancel_queued(queued, "cancel#1")
+    assert not subject.jobs.postpone_sweep(job_id, 60)
+    assert subject.jobs.count_unfinished() == {}

@@ -1,0 +1,503 @@
+"""In-memory stores behind the Protocols of `llmq.ports`, for fast unit tests of the use cases.
+
+Each write applies only under the condition its DynamoDB counterpart states (`llmq.jobs`),
+and recognises its own earlier success the same way (the write token, or the lease owner):
+a claim of a running job with a live lease is refused, a terminal job never moves, a
+cancel of a queued job ends it canceled. `tests/integration/test_store_contract.py` runs the same
+assertions against these fakes and the real repositories under moto.
+
+A name in a fake's `unavailable` set makes that method raise StoreUnavailable, as a
+throttle or a 5xx that outlasted botocore's retries does.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from llmq.config import LlmqConfig
+from llmq.errors import CancelRequested, ItemTooLarge, JobNotFound, LeaseLost, StoreUnavailable
+from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
+from llmq.job_codec import to_item
+from llmq.job_record import JobInput, JobRecord
+from llmq.jobs import Created, SweepEntry
+from llmq.models import (
+    EVENT_FOR_STATUS,
+    ChatMessage,
+    DeliveryStatus,
+    JobError,
+    JobResult,
+    JobStatus,
+    WebhookEvent,
+)
+from llmq.policy import Claim
+from llmq.queues import redelivery_visibility
+from llmq.tenants import Tenant, TenantIdentity, UnknownTenant, hash_api_key, new_api_key, new_webhook_secret
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _throttleable(method: F) -> F:
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if method.__name__ in self.unavailable:
+            raise StoreUnavailable(f"{method.__name__}: ThrottlingException after retries")
+        return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+class Clock:
+    """Seconds since the epoch, moved by the test."""
+
+    def __init__(self, now: float = 1_790_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Refused(Exception):
+    """A write whose condition did not hold."""
+
+
+class InMemoryJobs:
+    """The jobs table and its sparse reconciler index (`due`: job id → sweep_at)."""
+
+    def __init__(self, config: LlmqConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self._clock = clock
+        self.records: dict[str, JobRecord] = {}
+        self.due: dict[str, int] = {}
+        self.unavailable: set[str] = set()
+        # Every delivery outcome recorded: (status, the receiver's status code, retry in).
+        self.deliveries: list[tuple[DeliveryStatus, int | None, float | None]] = []
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def add(self, record: JobRecord, due_ms: int | None = None) -> JobRecord:
+        """Put a job in any state, as a test's Given; unfinished jobs join the sweep index."""
+        self.records[record.id] = record
+        if due_ms is not None or not record.status.is_terminal:
+            self.due[record.id] = due_ms if due_ms is not None else record.created_ms
+        return record
+
+    def _put(self, record: JobRecord, **changes: Any) -> JobRecord:
+        updated = record.model_copy(update=changes)
+        self.records[record.id] = updated
+        return updated
+
+    def _in_seconds(self, seconds: float) -> int:
+        return self.now_ms() + int(seconds * 1000)
+
+    # ---- accept and read ----------------------------------------------------------------
+
+    @_throttleable
+    def create(self, record: JobRecord) -> Created:
+        if item_size_bytes(to_item(record)) > MAX_ITEM_BYTES:
+            raise ItemTooLarge("the job does not fit in one item")
+        existing = self.records.get(record.id)
+        if existing is not None and existing.expires_at >= int(self._clock()):
+            return Created(job=existing, replayed=True)
+        self.records[record.id] = record.model_copy(update={"last_write": f"create#{uuid.uuid4().hex}"})
+        self.due[record.id] = record.created_ms + self.config.reconciler.stale_queued_seconds * 1000
+        return Created(job=record, replayed=False)
+
+    @_throttleable
+    def find(self, job_id: str) -> JobRecord | None:
+        """Past its TTL counts as gone, as the repository reads it."""
+        record = self.records.get(job_id)
+        return record if record is not None and record.expires_at > int(self._clock()) else None
+
+    def get(self, job_id: str, tenant_id: str) -> JobRecord:
+        found = self.find(job_id)
+        if found is not None and found.tenant_id == tenant_id:
+            return found
+        raise JobNotFound(f"no job {job_id}")
+
+    @_throttleable
+    def list_for_tenant(
+        self, tenant_id: str, status: JobStatus | None, limit: int, cursor: str | None
+    ) -> tuple[list[JobRecord], str | None]:
+        now_s = int(self._clock())
+        mine = sorted(
+            (r for r in self.records.values() if r.tenant_id == tenant_id),
+            key=lambda r: (r.created_ms, r.id),
+            reverse=True,
+        )
+        start = next((i + 1 for i, r in enumerate(mine) if r.id == cursor), 0) if cursor else 0
+        page = mine[start : start + limit]
+        # DynamoDB answers a LastEvaluatedKey whenever the page is full, even if nothing follows.
+        more = start + limit <= len(mine)
+        # As DynamoDB filters: after the page is read, so a page may hold fewer than `limit`.
+        shown = [r for r in page if r.expires_at > now_s and (status is None or r.status is status)]
+        return shown, (page[-1].id if more and page else None)
+
+    @_throttleable
+    def is_cancel_requested(self, job_id: str) -> bool:
+        record = self.records.get(job_id)
+        return record is not None and record.cancel_requested
+
+    # ---- the lease ------------------------------------------------------------------------
+
+    def _claimable(self, found: JobRecord, now: int) -> bool:
+        if found.expires_at <= now // 1000 or found.cancel_requested:
+            return False
+        if found.status is JobStatus.QUEUED:
+            return (found.deadline_ms is None or found.deadline_ms > now) and (
+                found.not_before_ms is None or found.not_before_ms <= now
+            )
+        return (
+            found.status is JobStatus.RUNNING
+            and found.lease_expires_ms is not None
+            and found.lease_expires_ms < now
+            and found.attempts < self.config.max_attempts
+        )
+
+    @_throttleable
+    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
+        now = self.now_ms()
+        found = self.records.get(job_id)
+        if found is None or not self._claimable(found, now):
+            ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
+            return Claim(claimed=ours, job=found, at_ms=now)
+        lease_until = self._in_seconds(lease_seconds)
+        self.due[job_id] = lease_until + self.config.reconciler.expired_lease_grace_seconds * 1000
+        claimed = self._put(
+            found,
+            status=JobStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_ms=lease_until,
+            started_ms=found.started_ms if found.started_ms is not None else now,
+            attempts=found.attempts + 1,
+            dead_letter_ids=set(),
+        )
+        return Claim(claimed=True, job=claimed, at_ms=now)
+
+    def _finish(
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        allowed: Callable[[JobRecord], bool],
+        token: str | None = None,
+        **outcome: Any,
+    ) -> JobRecord:
+        """The terminal write; `outcome` holds result, result_ref or error."""
+        token = token or f"{status.value}#{uuid.uuid4().hex}"
+        old = self.records.get(job.id)
+        if old is None or not allowed(old):
+            if old is not None and old.last_write == token and old.status is status:
+                return old
+            raise _Refused(job.id)
+        changes: dict[str, Any] = {
+            "status": status,
+            "finished_ms": self.now_ms(),
+            "last_write": token,
+            "lease_owner": None,
+            "lease_expires_ms": None,
+            **{name: value for name, value in outcome.items() if value is not None},
+        }
+        if outcome.get("error") is None and status in (JobStatus.SUCCEEDED, JobStatus.CANCELED):
+            changes["error"] = None
+        if job.wants(EVENT_FOR_STATUS[status]):
+            changes["delivery_status"] = DeliveryStatus.PENDING
+            self.due[job.id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
+        else:
+            self.due.pop(job.id, None)
+        return self._put(old, **changes)
+
+    def _finish_if(
+        self, job: JobRecord, status: JobStatus, allowed: Callable[[JobRecord], bool], **outcome: Any
+    ) -> JobRecord | None:
+        try:
+            return self._finish(job, status, allowed, **outcome)
+        except _Refused:
+            return None
+
+    def _finish_leased(self, job: JobRecord, owner: str, status: JobStatus, **outcome: Any) -> JobRecord:
+        def held(old: JobRecord) -> bool:
+            return old.lease_owner == owner and old.status is JobStatus.RUNNING
+
+        try:
+            return self._finish(job, status, held, token=f"{owner}#{status.value}", **outcome)
+        except _Refused as exc:
+            raise LeaseLost(job.id) from exc
+
+    @_throttleable
+    def complete(
+        self, job: JobRecord, owner: str, *, result: JobResult | None = None, result_ref: str | None = None
+    ) -> JobRecord:
+        return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref)
+
+    @_throttleable
+    def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
+        return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
+
+    @_throttleable
+    def cancel_leased(self, job: JobRecord, owner: str) -> JobRecord:
+        return self._finish_leased(job, owner, JobStatus.CANCELED)
+
+    @_throttleable
+    def requeue(self, job: JobRecord, owner: str, error: JobError, delay_seconds: float) -> JobRecord:
+        return self._back_to_queued(job, owner, delay_seconds, error)
+
+    @_throttleable
+    def release(self, job: JobRecord, owner: str, delay_seconds: float) -> JobRecord:
+        return self._back_to_queued(job, owner, delay_seconds, None)
+
+    def _back_to_queued(
+        self, job: JobRecord, owner: str, delay_seconds: float, error: JobError | None
+    ) -> JobRecord:
+        token = f"{owner}#{'requeue' if error else 'release'}"
+        old = self.records.get(job.id)
+        if old is None or old.lease_owner != owner or old.status is not JobStatus.RUNNING:
+            if old is not None and old.last_write == token and old.status is JobStatus.QUEUED:
+                return old
+            raise LeaseLost(job.id)
+        if old.cancel_requested:
+            raise CancelRequested(job.id)
+        visible_at = self._in_seconds(delay_seconds)
+        self.due[job.id] = visible_at + self.config.reconciler.stale_queued_seconds * 1000
+        changes: dict[str, Any] = {"error": error} if error else {"attempts": old.attempts - 1}
+        return self._put(
+            old,
+            status=JobStatus.QUEUED,
+            not_before_ms=visible_at,
+            last_write=token,
+            lease_owner=None,
+            lease_expires_ms=None,
+            **changes,
+        )
+
+    # ---- jobs no live worker holds --------------------------------------------------------
+
+    def _unleased(self, old: JobRecord) -> bool:
+        return old.lease_expires_ms is None or old.lease_expires_ms < self.now_ms()
+
+    @_throttleable
+    def expire(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        def overdue(old: JobRecord) -> bool:
+            return (
+                old.status is JobStatus.QUEUED
+                and old.deadline_ms is not None
+                and old.deadline_ms <= self.now_ms()
+            )
+
+        return self._finish_if(job, JobStatus.EXPIRED, overdue, error=error)
+
+    @_throttleable
+    def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        def abandoned(old: JobRecord) -> bool:
+            return old.status is JobStatus.RUNNING and self._unleased(old)
+
+        return self._finish_if(job, JobStatus.FAILED, abandoned, error=error)
+
+    @_throttleable
+    def cancel_unleased(self, job: JobRecord) -> JobRecord | None:
+        def asked(old: JobRecord) -> bool:
+            return old.cancel_requested and (
+                old.status is JobStatus.QUEUED or (old.status is JobStatus.RUNNING and self._unleased(old))
+            )
+
+        return self._finish_if(job, JobStatus.CANCELED, asked)
+
+    @_throttleable
+    def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
+        old = self.records.get(job.id)
+        if old is None or old.status is not JobStatus.QUEUED:
+            return None
+        return self._put(old, dead_letter_ids={*old.dead_letter_ids, message_id})
+
+    @_throttleable
+    def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        def undeliverable(old: JobRecord) -> bool:
+            return old.status is JobStatus.QUEUED and len(old.dead_letter_ids) >= len(job.dead_letter_ids)
+
+        return self._finish_if(job, JobStatus.FAILED, undeliverable, error=error)
+
+    # ---- cancel (API) -----------------------------------------------------------------------
+
+    @_throttleable
+    def cancel_queued(self, job: JobRecord, token: str) -> JobRecord | None:
+        return self._finish_if(
+            job, JobStatus.CANCELED, lambda old: old.status is JobStatus.QUEUED, token=token
+        )
+
+    @_throttleable
+    def request_cancel(self, job: JobRecord) -> JobRecord | None:
+        old = self.records.get(job.id)
+        if old is None or old.status is not JobStatus.RUNNING:
+            return None
+        return self._put(old, cancel_requested=True)
+
+    # ---- webhook delivery -------------------------------------------------------------------
+
+    @_throttleable
+    def record_delivery(
+        self,
+        job_id: str,
+        status: DeliveryStatus,
+        status_code: int | None,
+        next_attempt_in_seconds: float | None = None,
+    ) -> bool:
+        old = self.records.get(job_id)
+        movable = {DeliveryStatus.PENDING}
+        if status is DeliveryStatus.DELIVERED:
+            movable.add(DeliveryStatus.FAILED)  # a late success still counts
+        if old is None or old.delivery_status not in movable:
+            return False
+        changes: dict[str, Any] = {
+            "delivery_status": status,
+            "delivery_last_status_code": status_code,
+            "delivery_attempts": old.delivery_attempts + 1,
+        }
+        self.deliveries.append((status, status_code, next_attempt_in_seconds))
+        if status is DeliveryStatus.DELIVERED:
+            changes["delivered_ms"] = self.now_ms()
+        if status is DeliveryStatus.PENDING:
+            wait = (next_attempt_in_seconds or 0) + self.config.reconciler.stale_webhook_seconds
+            self.due[job_id] = self._in_seconds(wait)
+        else:
+            self.due.pop(job_id, None)
+        self._put(old, **changes)
+        return True
+
+    @_throttleable
+    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
+        old = self.records.get(job_id)
+        if old is None or old.tenant_id != tenant_id or old.webhook_url is None:
+            raise JobNotFound(job_id)
+        self.due[job_id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
+        return self._put(old, delivery_status=DeliveryStatus.PENDING, delivery_attempts=0)
+
+    # ---- the reconciler's sparse index ------------------------------------------------------
+
+    @_throttleable
+    def sweep(self, due_before_ms: int, limit: int) -> Iterator[SweepEntry]:
+        due = sorted((at, job_id) for job_id, at in self.due.items() if at <= due_before_ms)
+        for at, job_id in due[:limit]:
+            record = self.records[job_id]
+            yield SweepEntry(
+                job_id=job_id,
+                status=record.status,
+                lane=record.lane,
+                sweep_at=at,
+                delivery_status=record.delivery_status,
+                deadline_ms=record.deadline_ms,
+            )
+
+    @_throttleable
+    def count_unfinished(self) -> Counter[str]:
+        unfinished = (self.records[job_id] for job_id in self.due)
+        return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
+
+    @_throttleable
+    def postpone_sweep(self, job_id: str, seconds: float) -> bool:
+        if job_id not in self.due:
+            return False
+        self.due[job_id] = self._in_seconds(seconds)
+        return True
+
+
+class InMemoryQueues:
+    """The lane queues (job ids, in order) and the webhooks queue."""
+
+    def __init__(self) -> None:
+        self.lanes: defaultdict[str, list[str]] = defaultdict(list)
+        self.delays: list[tuple[str, int]] = []
+        self.webhooks: list[tuple[str, WebhookEvent]] = []
+        self.visibility: list[tuple[str, float]] = []
+        self.unavailable: set[str] = set()
+
+    @_throttleable
+    def enqueue_job(self, job_id: str, lane: str, delay_seconds: int = 0) -> None:
+        self.lanes[lane].append(job_id)
+        self.delays.append((job_id, delay_seconds))
+
+    @_throttleable
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None:
+        self.webhooks.append((job_id, event))
+
+    @_throttleable
+    def lane_depth(self, lane: str) -> int:
+        return len(self.lanes[lane])
+
+    @_throttleable
+    def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
+        # What the real repository would ask SQS for, clamp included.
+        self.visibility.append((receipt_handle, redelivery_visibility(seconds)))
+
+
+class InMemoryBlobs:
+    """The payload bucket."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.unavailable: set[str] = set()
+
+    @_throttleable
+    def put(self, key: str, data: bytes) -> str:
+        self.objects[key] = data
+        return key
+
+    @_throttleable
+    def get(self, key: str) -> bytes:
+        return self.objects[key]
+
+    @_throttleable
+    def size(self, key: str) -> int:
+        return len(self.objects[key])
+
+    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str:
+        return f"https://payloads.example/{key}?expires={expires_seconds}"
+
+
+class InMemoryTenants:
+    """Tenants by id, and API keys by their hash, as the tenants table keeps them."""
+
+    def __init__(self) -> None:
+        self.tenants: dict[str, Tenant] = {}
+        self.keys: dict[str, TenantIdentity] = {}
+        self.unavailable: set[str] = set()
+
+    def add(self, tenant_id: str, tier: str = "enterprise", secrets: list[str] | None = None) -> str:
+        """A tenant with one live API key, which is returned."""
+        secrets = [new_webhook_secret()] if secrets is None else secrets
+        self.tenants[tenant_id] = Tenant(id=tenant_id, name=tenant_id, tier=tier, webhook_secrets=secrets)
+        api_key = new_api_key()
+        self.keys[hash_api_key(api_key)] = TenantIdentity(tenant_id=tenant_id, tier=tier)
+        return api_key
+
+    @_throttleable
+    def authenticate(self, api_key: str) -> TenantIdentity | None:
+        return self.keys.get(hash_api_key(api_key)) if api_key else None
+
+    @_throttleable
+    def get(self, tenant_id: str) -> Tenant:
+        if tenant_id not in self.tenants:
+            raise UnknownTenant(tenant_id)
+        return self.tenants[tenant_id]
+
+
+def job_record(now_ms: int, job_id: str = "job_1", **changes: Any) -> JobRecord:
+    """A queued job of `ten_acme` in lane `high`, created a second before `now_ms`."""
+    fields: dict[str, Any] = {
+        "id": job_id,
+        "tenant_id": "ten_acme",
+        "status": JobStatus.QUEUED,
+        "lane": "high",
+        "model": "gpt-4o-mini",
+        "input": JobInput(messages=[ChatMessage(role="user", content="hello")]),
+        "request_hash": "h",
+        "created_ms": now_ms - 1000,
+        "expires_at": now_ms // 1000 + 86_400,
+        **changes,
+    }
+    return JobRecord(**fields)

@@ -1,0 +1,180 @@
+"""JobIntake on in-memory stores: accept, replay, cancel and redeliver, as the API's client sees them."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmq.config import LlmqConfig
+from llmq.errors import (
+    IdempotencyConflict,
+    JobNotCancelable,
+    JobNotFound,
+    JobNotTerminal,
+    UnknownModel,
+)
+from llmq.intake import JobIntake
+from llmq.models import DeliveryStatus, JobRequest, JobStatus, WebhookEvent, WebhookSubscription
+from llmq.tenants import TenantIdentity
+from tests.support.stores import Clock, InMemoryBlobs, InMemoryJobs, InMemoryQueues, job_record
+
+ACME = TenantIdentity(tenant_id="ten_acme", tier="enterprise")
+HOBBY = TenantIdentity(tenant_id="ten_hobby", tier="free")
+WEBHOOK = "https://hooks.example.com/llmq"
+
+
+class World:
+    def __init__(self, **config: object) -> None:
+        self.config = LlmqConfig.model_validate(config)
+        self.jobs = InMemoryJobs(self.config, Clock())
+        self.queues = InMemoryQueues()
+        self.blobs = InMemoryBlobs()
+        self.intake = JobIntake(
+            self.jobs, self.queues, self.config, check_webhook_url=lambda url: None, payloads=self.blobs
+        )
+
+    def submit(self, tenant: TenantIdentity = ACME, key: str | None = None, **body: object) -> str:
+        request = JobRequest.model_validate({"prompt": "hello", **body})
+        return self.intake.submit(tenant, request, key).job.id
+
+
+# ---- accept -----------------------------------------------------------------------------
+
+
+def test_a_submitted_job_is_stored_queued_and_sent_to_its_tiers_lane() -> None:
+    # Given an enterprise tenant and a free one
+    world = World()
+    # When each submits a job
+    enterprise = world.submit(ACME)
+    free = world.submit(HOBBY)
+    # Then both are stored queued, each with one message in its tier's lane
+    assert world.jobs.records[enterprise].status is JobStatus.QUEUED
+    assert dict(world.queues.lanes) == {"high": [enterprise], "low": [free]}
+
+
+def test_a_replay_with_the_same_key_and_body_returns_the_first_job_and_sends_nothing() -> None:
+    # Given a job submitted with an Idempotency-Key
+    world = World()
+    first = world.submit(key="order-42")
+    # When the same request is sent again
+    replay = world.intake.submit(ACME, JobRequest(prompt="hello"), "order-42")
+    # Then it is the same job, marked replayed, and no second message was sent
+    assert (replay.job.id, replay.replayed) == (first, True)
+    assert world.queues.lanes["high"] == [first]
+    assert len(world.jobs.records) == 1
+
+
+def test_a_replay_with_a_different_body_is_a_conflict() -> None:
+    world = World()
+    world.submit(key="order-42")
+    with pytest.raises(IdempotencyConflict):
+        world.submit(key="order-42", prompt="something else")
+    assert len(world.queues.lanes["high"]) == 1
+
+
+def test_a_job_whose_message_cannot_be_sent_is_still_accepted_for_the_reconciler() -> None:
+    # Given a lane queue that is throttling
+    world = World()
+    world.queues.unavailable.add("enqueue_job")
+    # When a job is submitted
+    job_id = world.submit()
+    # Then the client still gets its job, stored queued (the reconciler sends it later)
+    assert world.jobs.records[job_id].status is JobStatus.QUEUED
+    assert world.queues.lanes["high"] == []
+
+
+def test_a_model_outside_the_allow_list_is_refused_and_nothing_is_stored() -> None:
+    world = World()
+    with pytest.raises(UnknownModel):
+        world.submit(model="gpt-2")
+    assert (world.jobs.records, dict(world.queues.lanes)) == ({}, {})
+
+
+def test_an_input_too_large_for_the_item_is_kept_in_the_payload_store() -> None:
+    # Given an item budget smaller than the prompt
+    world = World(limits={"max_item_payload_bytes": 8192})
+    # When a large prompt is submitted
+    job_id = world.submit(prompt="x" * 20_000)
+    # Then the item holds a reference and the payload store holds the input
+    stored = world.jobs.records[job_id]
+    assert stored.input is None and stored.input_ref in world.blobs.objects
+    assert b"x" * 20_000 in world.blobs.objects[stored.input_ref]
+
+
+# ---- read -------------------------------------------------------------------------------
+
+
+def test_another_tenants_job_is_not_found() -> None:
+    world = World()
+    job_id = world.submit(ACME)
+    with pytest.raises(JobNotFound):
+        world.intake.get(HOBBY, job_id)
+    assert world.intake.get(ACME, job_id).id == job_id
+
+
+# ---- cancel -----------------------------------------------------------------------------
+
+
+def test_cancelling_a_queued_job_ends_it_canceled_with_its_webhook() -> None:
+    # Given a queued job subscribed to job.canceled
+    world = World()
+    job_id = world.submit(webhook=WebhookSubscription(url=WEBHOOK, events=[WebhookEvent.CANCELED]))
+    # When the client cancels it
+    canceled = world.intake.cancel(ACME, job_id)
+    # Then it is canceled at once and the webhook is queued
+    assert canceled.status is JobStatus.CANCELED
+    assert world.jobs.records[job_id].status is JobStatus.CANCELED
+    assert world.queues.webhooks == [(job_id, WebhookEvent.CANCELED)]
+
+
+def test_cancelling_a_running_job_asks_its_worker_to_stop() -> None:
+    # Given a job a worker is running
+    world = World()
+    now = world.jobs.now_ms()
+    world.jobs.add(
+        job_record(now, status=JobStatus.RUNNING, attempts=1, lease_owner="w", lease_expires_ms=now + 60_000)
+    )
+    # When the client cancels it
+    answer = world.intake.cancel(ACME, "job_1")
+    # Then it is still running, flagged for its worker, and no webhook has gone out yet
+    assert (answer.status, answer.cancel_requested) == (JobStatus.RUNNING, True)
+    assert world.jobs.is_cancel_requested("job_1")
+    assert world.queues.webhooks == []
+
+
+def test_a_finished_job_cannot_be_canceled() -> None:
+    world = World()
+    world.jobs.add(job_record(world.jobs.now_ms(), status=JobStatus.SUCCEEDED))
+    with pytest.raises(JobNotCancelable):
+        world.intake.cancel(ACME, "job_1")
+    assert world.jobs.records["job_1"].status is JobStatus.SUCCEEDED
+
+
+# ---- redeliver --------------------------------------------------------------------------
+
+
+def test_redelivery_of_a_finished_job_queues_its_terminal_event_again() -> None:
+    # Given a succeeded job whose webhook delivery failed
+    world = World()
+    world.jobs.add(
+        job_record(
+            world.jobs.now_ms(),
+            status=JobStatus.SUCCEEDED,
+            webhook_url=WEBHOOK,
+            webhook_events=[WebhookEvent.SUCCEEDED],
+            delivery_status=DeliveryStatus.FAILED,
+            delivery_attempts=5,
+        )
+    )
+    # When the client asks for redelivery
+    job = world.intake.redeliver(ACME, "job_1")
+    # Then the delivery is pending afresh and the event is on the webhooks queue
+    assert (job.delivery_status, job.delivery_attempts) == (DeliveryStatus.PENDING, 0)
+    assert world.queues.webhooks == [("job_1", WebhookEvent.SUCCEEDED)]
+
+
+def test_redelivery_of_an_unfinished_job_is_refused() -> None:
+    world = World()
+    job_id = world.submit(webhook=WebhookSubscription(url=WEBHOOK))
+    with pytest.raises(JobNotTerminal):
+        world.intake.redeliver(ACME, job_id)
+    assert world.queues.webhooks == []

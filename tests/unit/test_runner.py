@@ -1,0 +1,344 @@
+"""JobRunner on in-memory stores: claim outcomes, retry, cancel and expiry, as a client sees them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from random import Random
+
+import pytest
+
+from llmq.config import LlmqConfig, RetryPolicy
+from llmq.execution import Invocation, JobRunner
+from llmq.job_record import JobRecord
+from llmq.models import ErrorCode, JobResult, JobStatus, LaneMessage, WebhookEvent
+from llmq.providers import GenerationRequest, PermanentProviderError, ProviderError, TransientProviderError
+from llmq.sqs_edge import PoisonMessage, RetryLater
+from tests.support.stores import Clock, InMemoryJobs, InMemoryQueues, job_record
+
+OWNER = "req-1/msg-1/aaaa"
+WEBHOOK = "https://hooks.example.com/llmq"
+
+
+class ScriptedProvider:
+    """Answers in order (a result, an error to raise, or seconds to hang), then "ok"."""
+
+    def __init__(self, *answers: JobResult | ProviderError | float) -> None:
+        self.answers: deque[JobResult | ProviderError | float] = deque(answers)
+        self.calls: list[GenerationRequest] = []
+        self.finished = 0
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.calls.append(request)
+        answer = self.answers.popleft() if self.answers else JobResult(output="ok")
+        if isinstance(answer, ProviderError):
+            raise answer
+        if isinstance(answer, float):
+            await asyncio.sleep(answer)
+            answer = JobResult(output="late")
+        self.finished += 1
+        return answer
+
+
+class World:
+    def __init__(self, *answers: JobResult | ProviderError | float, **config: object) -> None:
+        self.clock = Clock()
+        self.config = LlmqConfig.model_validate(
+            {"retry": RetryPolicy(base_seconds=2, max_seconds=60), "cancel_check_seconds": 0.02, **config}
+        )
+        self.jobs = InMemoryJobs(self.config, self.clock)
+        self.queues = InMemoryQueues()
+        self.provider = ScriptedProvider(*answers)
+        self.runner = JobRunner(self.jobs, self.queues, self.provider, self.config, rng=Random(7))
+
+    def add(self, **changes: object) -> JobRecord:
+        return self.jobs.add(job_record(self.jobs.now_ms(), **changes))
+
+    def running(self, owner: str, lease_in_ms: int, attempts: int = 1, **changes: object) -> JobRecord:
+        """A job leased to `owner`, its lease ending `lease_in_ms` from now (negative: lapsed)."""
+        lease = self.jobs.now_ms() + lease_in_ms
+        return self.add(
+            status=JobStatus.RUNNING, attempts=attempts, lease_owner=owner, lease_expires_ms=lease, **changes
+        )
+
+    def run(self, job_id: str = "job_1", owner: str = OWNER, remaining_seconds: float = 60.0) -> None:
+        body = LaneMessage(job_id=job_id, lane="high").model_dump_json()
+        invocation = Invocation(owner=owner, remaining_seconds=lambda: remaining_seconds)
+        asyncio.run(self.runner.run(body, invocation))
+
+    def job(self, job_id: str = "job_1") -> JobRecord:
+        return self.jobs.records[job_id]
+
+    def outcome(self, job_id: str = "job_1") -> tuple[JobStatus, ErrorCode | None]:
+        """What the client sees of a finished job: its status and error code."""
+        job = self.job(job_id)
+        return job.status, job.error.code if job.error else None
+
+
+# ---- claim outcomes ---------------------------------------------------------------------
+
+
+def test_a_queued_job_is_claimed_run_once_and_succeeds_with_its_webhook_queued() -> None:
+    # Given a queued job subscribed to job.succeeded
+    world = World(JobResult(output="the answer"))
+    world.add(webhook_url=WEBHOOK, webhook_events=[WebhookEvent.SUCCEEDED])
+    # When its lane message is run
+    world.run()
+    # Then the provider was called once and the job succeeded with its result
+    job = world.job()
+    assert len(world.provider.calls) == 1
+    assert (job.status, job.attempts, job.result) == (JobStatus.SUCCEEDED, 1, JobResult(output="the answer"))
+    assert job.lease_owner is None
+    # And its terminal webhook is on the webhooks queue
+    assert world.queues.webhooks == [("job_1", WebhookEvent.SUCCEEDED)]
+
+
+def test_a_duplicate_message_for_a_finished_job_never_reaches_the_provider() -> None:
+    # Given a job that has just succeeded
+    world = World()
+    world.add(status=JobStatus.SUCCEEDED, finished_ms=world.jobs.now_ms(), result=JobResult(output="done"))
+    # When a duplicate of its message arrives
+    world.run()
+    # Then nothing is called, the job is untouched and no second webhook goes out
+    assert world.provider.calls == []
+    assert world.job().result == JobResult(output="done")
+    assert world.queues.webhooks == []
+
+
+def test_a_job_leased_by_another_live_worker_is_left_to_it() -> None:
+    # Given a job another worker holds with a live lease
+    world = World()
+    world.running("other", lease_in_ms=60_000)
+    # When a copy of its message is run here
+    world.run()
+    # Then the provider is not called and the other worker keeps the job
+    assert world.provider.calls == []
+    job = world.job()
+    assert (job.status, job.lease_owner, job.attempts) == (JobStatus.RUNNING, "other", 1)
+
+
+def test_a_lapsed_lease_is_taken_over_and_the_job_finishes_here() -> None:
+    # Given a job whose worker crashed: running, lease expired, one attempt spent
+    world = World()
+    world.running("crashed", lease_in_ms=-1)
+    # When its message comes back
+    world.run()
+    # Then this worker takes it over and finishes it on the second attempt
+    assert len(world.provider.calls) == 1
+    assert (world.job().status, world.job().attempts) == (JobStatus.SUCCEEDED, 2)
+
+
+def test_our_own_claim_whose_answer_was_lost_is_recognised_and_run() -> None:
+    # Given the claim was applied for us but its answer lost (the job is leased to us)
+    world = World()
+    world.running(OWNER, lease_in_ms=60_000)
+    # When the retried claim is refused on our own lease
+    world.run()
+    # Then the runner carries on as the owner and completes the job
+    assert len(world.provider.calls) == 1
+    assert world.job().status is JobStatus.SUCCEEDED
+
+
+def test_a_cancel_requested_before_the_claim_ends_canceled_without_a_provider_call() -> None:
+    # Given a job asked to cancel whose worker vanished (lease lapsed)
+    world = World()
+    world.running(
+        "crashed",
+        lease_in_ms=-1,
+        cancel_requested=True,
+        webhook_url=WEBHOOK,
+        webhook_events=[WebhookEvent.CANCELED],
+    )
+    # When its message is run
+    world.run()
+    # Then it ends canceled, never billed, and the client hears about it
+    assert world.provider.calls == []
+    assert world.job().status is JobStatus.CANCELED
+    assert world.queues.webhooks == [("job_1", WebhookEvent.CANCELED)]
+
+
+def test_a_job_whose_workers_crashed_max_attempts_times_fails_as_worker_crashed() -> None:
+    # Given a job whose lease lapsed after its last allowed attempt
+    world = World(max_attempts=3)
+    world.running("crashed", lease_in_ms=-1, attempts=3)
+    # When its message comes back
+    world.run()
+    # Then it fails as worker_crashed without another provider call
+    assert world.provider.calls == []
+    assert world.outcome() == (JobStatus.FAILED, ErrorCode.WORKER_CRASHED)
+
+
+def test_a_queued_job_past_its_deadline_expires_without_running() -> None:
+    # Given a queued job whose deadline has passed
+    world = World()
+    world.add(deadline_ms=world.jobs.now_ms() - 1)
+    # When its message is run
+    world.run()
+    # Then it is expired with deadline_exceeded and the provider never called
+    assert world.provider.calls == []
+    assert world.outcome() == (JobStatus.EXPIRED, ErrorCode.DEADLINE_EXCEEDED)
+
+
+def test_a_copy_arriving_during_the_retry_backoff_comes_back_when_due() -> None:
+    # Given a job requeued after a failure, not due for another 30 s
+    world = World()
+    world.add(attempts=1, not_before_ms=world.jobs.now_ms() + 30_000)
+    # When a copy of its message arrives now
+    with pytest.raises(RetryLater) as retry:
+        world.run()
+    # Then it is not run, and asks to come back when the backoff ends
+    assert world.provider.calls == []
+    assert retry.value.delay_seconds == pytest.approx(30)
+    assert world.job().status is JobStatus.QUEUED
+
+
+def test_a_message_for_a_job_that_does_not_exist_is_poison() -> None:
+    world = World()
+    with pytest.raises(PoisonMessage):
+        world.run("job_missing")
+    assert world.provider.calls == []
+
+
+def test_a_body_that_is_not_a_lane_message_is_poison() -> None:
+    world = World()
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)
+    with pytest.raises(PoisonMessage):
+        asyncio.run(world.runner.run('{"hello": 1}', invocation))
+
+
+def test_a_throttled_claim_returns_the_message_after_the_lease_would_lapse() -> None:
+    # Given a jobs table that keeps throttling the claim
+    world = World()
+    world.add()
+    world.jobs.unavailable.add("claim")
+    # When the message is run with little time left
+    with pytest.raises(RetryLater) as retry:
+        world.run(remaining_seconds=2.0)
+    # Then it comes back once any lease it may have taken has lapsed (remaining + margin)
+    assert retry.value.delay_seconds >= 2.0 + world.config.lease_margin_seconds
+    assert world.provider.calls == []
+
+
+# ---- retry ------------------------------------------------------------------------------
+
+
+def test_a_retryable_provider_failure_requeues_the_job_with_a_delay_honouring_retry_after() -> None:
+    # Given a provider that answers 429 with Retry-After: 40
+    world = World(TransientProviderError("rate limited", status_code=429, retry_after=40.0))
+    world.add()
+    # When the job runs
+    with pytest.raises(RetryLater) as retry:
+        world.run()
+    # Then the message comes back no sooner than Retry-After, and the job waits queued
+    job = world.job()
+    assert retry.value.delay_seconds >= 40
+    assert (job.status, job.attempts, job.lease_owner) == (JobStatus.QUEUED, 1, None)
+    assert job.error is not None and job.error.code is ErrorCode.PROVIDER_UNAVAILABLE
+    assert job.not_before_ms is not None and job.not_before_ms >= world.jobs.now_ms() + 40_000
+
+
+def test_the_retried_job_succeeds_on_its_second_attempt() -> None:
+    # Given a job that failed once with a transient error
+    world = World(TransientProviderError("busy", status_code=503))
+    world.add()
+    with pytest.raises(RetryLater) as retry:
+        world.run()
+    # When its message comes back after the delay
+    world.clock.advance(retry.value.delay_seconds)
+    world.run(owner="req-2/msg-1/bbbb")
+    # Then it succeeds on attempt 2 after two provider calls
+    assert len(world.provider.calls) == 2
+    assert (world.job().status, world.job().attempts) == (JobStatus.SUCCEEDED, 2)
+
+
+def test_a_non_retryable_provider_failure_fails_the_job_at_once() -> None:
+    # Given a provider that refuses the prompt as too long
+    world = World(PermanentProviderError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, "too long", 400))
+    world.add()
+    # When the job runs
+    world.run()
+    # Then it fails with that code after one call, and is not retried
+    assert len(world.provider.calls) == 1
+    assert world.outcome() == (JobStatus.FAILED, ErrorCode.CONTEXT_LENGTH_EXCEEDED)
+    assert world.queues.lanes["high"] == []
+
+
+def test_a_transient_failure_on_the_last_attempt_fails_as_retries_exhausted() -> None:
+    # Given a job on its last allowed attempt
+    world = World(TransientProviderError("busy", status_code=503), max_attempts=2)
+    world.add(attempts=1)
+    # When the provider fails again
+    world.run()
+    # Then the job fails as retries_exhausted instead of being requeued
+    assert world.outcome() == (JobStatus.FAILED, ErrorCode.RETRIES_EXHAUSTED)
+
+
+def test_a_retry_that_would_start_after_the_deadline_fails_as_deadline_exceeded() -> None:
+    # Given a job whose deadline is sooner than the provider's Retry-After
+    world = World(TransientProviderError("rate limited", status_code=429, retry_after=120.0))
+    world.add(deadline_ms=world.jobs.now_ms() + 60_000)
+    # When the provider asks to come back later
+    world.run()
+    # Then the job fails with deadline_exceeded rather than waiting past its deadline
+    assert world.outcome() == (JobStatus.FAILED, ErrorCode.DEADLINE_EXCEEDED)
+
+
+# ---- cancel -----------------------------------------------------------------------------
+
+
+def test_a_cancel_while_the_provider_generates_stops_the_job() -> None:
+    # Given a provider that takes 5 s, and a client that cancels as soon as the job runs
+    world = World(5.0)
+    world.add(webhook_url=WEBHOOK, webhook_events=[WebhookEvent.CANCELED])
+
+    async def cancel_soon() -> None:
+        await asyncio.sleep(0.05)
+        world.jobs.request_cancel(world.job())
+
+    async def run_and_cancel() -> None:
+        body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+        invocation = Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)
+        await asyncio.gather(world.runner.run(body, invocation), cancel_soon())
+
+    # When the cancel arrives mid-generation
+    asyncio.run(run_and_cancel())
+    # Then the generation is abandoned and the job ends canceled, with its webhook
+    assert (len(world.provider.calls), world.provider.finished) == (1, 0)
+    assert world.job().status is JobStatus.CANCELED
+    assert world.queues.webhooks == [("job_1", WebhookEvent.CANCELED)]
+
+
+def test_a_cancel_during_a_retryable_failure_ends_canceled_and_is_never_retried() -> None:
+    # Given a running job whose client asks to cancel while the provider is failing
+    world = World()
+    world.add()
+
+    class CancelOnCall(ScriptedProvider):
+        async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+            world.jobs.request_cancel(world.job())
+            return await super().generate(request, timeout_seconds)
+
+    world.runner.provider = CancelOnCall(TransientProviderError("busy", status_code=503))
+    # When the job runs
+    world.run()
+    # Then it ends canceled, with no message left to bring it back
+    assert world.job().status is JobStatus.CANCELED
+    assert world.queues.lanes["high"] == []
+
+
+def test_a_worker_whose_lease_was_taken_over_cannot_overwrite_the_result() -> None:
+    # Given a provider so slow that another worker takes the job over meanwhile
+    world = World()
+    world.add()
+
+    class TakenOver(ScriptedProvider):
+        async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+            world.jobs.records["job_1"] = world.job().model_copy(update={"lease_owner": "usurper"})
+            return await super().generate(request, timeout_seconds)
+
+    world.runner.provider = TakenOver()
+    # When this worker's generation finishes
+    world.run()
+    # Then its result is discarded: the job still belongs to the other worker
+    job = world.job()
+    assert (job.status, job.lease_owner, job.result) == (JobStatus.RUNNING, "usurper", None)

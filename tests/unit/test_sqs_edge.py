@@ -1,0 +1,85 @@
+"""The SQS edge protocol: how a record handler's outcome settles its message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from llmq.config import MAX_VISIBILITY_SECONDS
+from llmq.queues import MAX_REDELIVERY_DELAY_SECONDS
+from llmq.sqs_edge import PoisonMessage, QueueEdge, RetryLater
+from tests.support.stores import InMemoryQueues
+
+
+@dataclass(frozen=True)
+class Record:
+    message_id: str = "msg-1"
+    receipt_handle: str = "receipt-1"
+    body: str = '{"job_id": "job_1", "lane": "high"}'
+    event_source_arn: str = "arn:aws:sqs:us-east-1:123456789012:llmq-lane-high"
+
+
+def settle(edge: QueueEdge, error: Exception | None) -> Exception | None:
+    """Run a record handler that raises `error` (or succeeds); what the batch processor sees."""
+    try:
+        with edge.settling(Record()):
+            if error is not None:
+                raise error
+    except Exception as raised:
+        return raised
+    return None
+
+
+@pytest.fixture
+def queues() -> InMemoryQueues:
+    return InMemoryQueues()
+
+
+def edge_for(queues: InMemoryQueues, poison_visibility_seconds: float = 0) -> QueueEdge:
+    return QueueEdge(
+        queues=lambda: queues,
+        job_of=lambda body: "job_1",
+        poison_visibility_seconds=poison_visibility_seconds,
+    )
+
+
+def test_a_handled_message_is_acknowledged_untouched(queues: InMemoryQueues) -> None:
+    assert settle(edge_for(queues), None) is None
+    assert queues.visibility == []
+
+
+def test_retry_later_hides_the_message_for_the_delay_and_reports_it_failed(queues: InMemoryQueues) -> None:
+    retry = RetryLater("job_1", 42.5)
+    assert settle(edge_for(queues), retry) is retry
+    # Whole seconds, rounded up: a fractional Retry-After never comes early.
+    assert queues.visibility == [("receipt-1", 43)]
+
+
+def test_poison_comes_back_at_once_so_the_receive_count_carries_it_to_the_dlq(queues: InMemoryQueues) -> None:
+    assert isinstance(settle(edge_for(queues), PoisonMessage("no job")), PoisonMessage)
+    assert queues.visibility == [("receipt-1", 0)]
+
+
+def test_poison_in_a_dlq_is_hidden_as_long_as_sqs_accepts_after_the_receive(queues: InMemoryQueues) -> None:
+    # SQS refuses a visibility past 12 h from the receive (InvalidParameterValue), so asking
+    # for the whole 43,200 s after the mapping received the batch would fail every time and
+    # the message would come back after the queue's short timeout, for days.
+    edge = edge_for(queues, poison_visibility_seconds=MAX_VISIBILITY_SECONDS)
+    assert isinstance(settle(edge, PoisonMessage("no job")), PoisonMessage)
+    assert queues.visibility == [("receipt-1", MAX_REDELIVERY_DELAY_SECONDS)]
+    assert MAX_REDELIVERY_DELAY_SECONDS <= MAX_VISIBILITY_SECONDS - 900 - 300
+
+
+def test_an_unexpected_error_is_reported_failed_and_returns_after_the_queue_timeout(
+    queues: InMemoryQueues,
+) -> None:
+    assert isinstance(settle(edge_for(queues), KeyError("boom")), KeyError)
+    assert queues.visibility == []
+
+
+def test_a_throttled_visibility_change_still_reports_the_message_failed(queues: InMemoryQueues) -> None:
+    queues.unavailable.add("delay_redelivery")
+    retry = RetryLater("job_1", 10)
+    assert settle(edge_for(queues), retry) is retry
+    assert queues.visibility == []
