@@ -145,6 +145,10 @@ class ApiGateway:
         if len(request.body) > MAX_PAYLOAD_BYTES:
             return self._gateway_response("REQUEST_TOO_LARGE", "Request Too Long", request_id)
         path = self._without_stage(request.path)
+        if path is None:
+            # The execute-api URL names the stage first; a path without it names a stage that
+            # does not exist, and API Gateway answers 403 before any route or authorizer.
+            return HttpReply(403, [("Content-Type", "application/json")], b'{"message":"Forbidden"}')
         found = self._route(request.method, path)
         if found is None:
             return self._gateway_response(
@@ -165,11 +169,12 @@ class ApiGateway:
             }
         return self._integrate(route, event, request_id)
 
-    def _without_stage(self, path: str) -> str:
+    def _without_stage(self, path: str) -> str | None:
+        """The resource path under the stage; None when the path does not start with it."""
         prefix = f"/{self.api.stage}"
         if path == prefix or path.startswith(prefix + "/"):
             return path[len(prefix) :] or "/"
-        return path
+        return None
 
     def _route(self, method: str, path: str) -> tuple[RouteSpec, dict[str, str]] | None:
         for route in self.api.routes:
@@ -239,7 +244,11 @@ class ApiGateway:
                     "userAgent": user_agent,
                     "user": None,
                 },
-                "domainName": f"{self.api.rest_api_id}.execute-api.{self._region}.amazonaws.com",
+                # The host the client reached, as on AWS (the execute-api or a custom domain):
+                # the API builds its links from it.
+                "domainName": single.get("Host")
+                or single.get("host")
+                or f"{self.api.rest_api_id}.execute-api.{self._region}.amazonaws.com",
                 "apiId": self.api.rest_api_id,
             },
             "body": body,
@@ -428,8 +437,15 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        if parts.path.startswith("/_sandbox/"):
-            self._introspect(parts.path, dict(parse_qsl(parts.query)), body)
+        # The sandbox's own endpoints answer with or without the stage in front.
+        stage_prefix = f"/{self.server.gateway.api.stage}"
+        own = (
+            parts.path.removeprefix(stage_prefix)
+            if parts.path.startswith(stage_prefix + "/_sandbox/")
+            else parts.path
+        )
+        if own.startswith("/_sandbox/"):
+            self._introspect(own, dict(parse_qsl(parts.query)), body)
             return
         request = HttpRequest(
             method=self.command,

@@ -169,7 +169,8 @@ class Sandbox:
         running.pollers = self._start_pollers(self.topology, running.functions)
         running.timers = self._start_timers(self.topology, running.functions)
         self.state = SandboxState(
-            api_url=running.gateway.url,
+            # As on AWS, the API lives under its stage: https://{id}.execute-api.../prod
+            api_url=f"{running.gateway.url}/{self.topology.api.stage}",
             aws_endpoint_url=running.endpoint_url,
             region=self.region,
             provider_url=provider_url,

@@ -358,7 +358,7 @@ def test_a_lost_enqueue_is_sent_by_the_reconciler_and_the_job_runs_once(
     # Given a submit whose SendMessage failed after its PutItem: the client still got 202
     assert figures.call_fault(background.lost_fault)["fired"] == 1
     assert first.status_code == 202
-    assert first.headers["location"] == f"/v1/jobs/{background.lost}"
+    assert first.headers["location"] == f"{sandbox.api_url}/v1/jobs/{background.lost}"
     # And its retry with the same Idempotency-Key got the same job back, created nothing
     assert (retry.status_code, retry.json()["id"]) == (202, background.lost)
     assert retry.headers["idempotent-replayed"] == "true"

@@ -84,6 +84,26 @@ def test_the_gateway_answers_like_api_gateway_before_any_function_runs(sandbox: 
     assert nowhere.json() == {"message": "Missing Authentication Token"}
 
 
+def test_the_api_lives_under_its_stage_and_links_keep_it(sandbox: SandboxUnderTest) -> None:
+    # Given the API's URL, which ends in the stage as an execute-api URL does
+    assert sandbox.api_url.endswith("/prod")
+    root = sandbox.api_url.removesuffix("/prod")
+    key = sandbox.tenant("enterprise")["api_key"]
+    # When a client leaves the stage out
+    stageless = httpx.get(f"{root}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+    # Then API Gateway's answer for an unknown stage, before any authorizer runs
+    assert stageless.status_code == 403
+    assert stageless.json() == {"message": "Forbidden"}
+    # When a job is submitted, its Location is absolute and keeps the stage, and it answers
+    accepted = submit(sandbox, "enterprise", {"prompt": "Where am I [[latency:0.1]]"})
+    assert accepted.status_code == 202
+    location = accepted.headers["location"]
+    assert location == f"{sandbox.api_url}/v1/jobs/{accepted.json()['id']}"
+    followed = httpx.get(location, headers={"Authorization": f"Bearer {key}"})
+    assert followed.status_code == 200
+    assert followed.json()["id"] == accepted.json()["id"]
+
+
 def test_happy_path_job_succeeds_and_exactly_one_verified_webhook_matches_it(
     sandbox: SandboxUnderTest,
 ) -> None:
@@ -93,7 +113,7 @@ def test_happy_path_job_succeeds_and_exactly_one_verified_webhook_matches_it(
     # When it submits a job with a webhook and long-polls it with ?wait=
     accepted = submit(sandbox, "enterprise", {"prompt": "Hello [[latency:0.3]]", "webhook": {"url": hook}})
     assert accepted.status_code == 202
-    assert accepted.headers["location"] == f"/v1/jobs/{accepted.json()['id']}"
+    assert accepted.headers["location"] == f"{sandbox.api_url}/v1/jobs/{accepted.json()['id']}"
     job = sandbox.wait_terminal(accepted.json()["id"])
     # Then it succeeded with a result
     assert job["status"] == "succeeded"

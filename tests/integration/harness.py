@@ -117,6 +117,7 @@ class Harness:
         tenant: dict[str, str] | None = None,
         query: dict[str, str] | None = None,
         raw_body: str | None = None,
+        request_context: dict[str, Any] | None = None,
     ) -> ApiReply:
         event = copy.deepcopy(load_event("api_submit"))
         event["httpMethod"] = method
@@ -136,6 +137,7 @@ class Harness:
         if tenant is not None:
             authorizer.update(tenant)
         event["requestContext"]["authorizer"] = authorizer
+        event["requestContext"].update(request_context or {})
         response = self.api_module.handler(event, LambdaContextStub(timeout_seconds=29))
         text = response.get("body") or ""
         try:

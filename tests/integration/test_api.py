@@ -338,3 +338,33 @@ def test_a_known_path_with_another_method_is_405_with_allow(harness: Harness) ->
     assert (reply.status, reply.code) == (405, "method_not_allowed")
     assert reply.headers["allow"] == "GET, POST"
     _nothing_changed(harness)
+
+
+@pytest.mark.parametrize(
+    ("domain", "requested", "base"),
+    [
+        # The execute-api domain: the stage comes first (a path without it is a 403 on AWS)
+        (
+            "abc123.execute-api.us-east-1.amazonaws.com",
+            "/prod/v1/jobs",
+            "https://abc123.execute-api.us-east-1.amazonaws.com/prod",
+        ),
+        # A custom domain with a base path mapping, and one mapped at its root
+        ("api.example.com", "/llmq/v1/jobs", "https://api.example.com/llmq"),
+        ("api.example.com", "/v1/jobs", "https://api.example.com"),
+    ],
+)
+def test_links_point_where_the_client_reached_the_api(
+    harness: Harness, domain: str, requested: str, base: str
+) -> None:
+    # When a job is submitted through that domain and path
+    reply = harness.api(
+        "POST",
+        "/v1/jobs",
+        body={"prompt": "hello"},
+        tenant=ENTERPRISE,
+        request_context={"domainName": domain, "path": requested},
+    )
+    # Then its Location is that URL, so following it reaches the job
+    assert reply.status == 202, reply.body
+    assert reply.headers["location"] == f"{base}/v1/jobs/{reply.body['id']}"
