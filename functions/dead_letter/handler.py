@@ -33,7 +33,8 @@ def repositories() -> tuple[JobRepository, QueueRepository]:
     )
 
 
-# Kept for an operator, but not re-read every few seconds: hidden for the SQS maximum.
+# Kept for an operator, but not re-read every few seconds: hidden as long as SQS allows
+# (queues.redelivery_visibility clamps it to what SQS accepts after the receive).
 EDGE = QueueEdge(
     queues=lambda: repositories()[1], job_of=lane_job_id, poison_visibility_seconds=MAX_VISIBILITY_SECONDS
 )

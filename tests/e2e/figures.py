@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmq_cli.dead_letters import depth as queue_depth
 from tests.e2e.conftest import SandboxUnderTest, start_sandbox, stop_sandbox, wait_until
 
 # Seconds of clock skew tolerated between the provider's and the SQS server's view of time
@@ -57,16 +58,9 @@ class Figures:
     # ---- queues ----
 
     def depth(self, url: str) -> int:
-        """Messages in the queue: visible, in flight and delayed."""
-        attributes = self.sqs.get_queue_attributes(
-            QueueUrl=url,
-            AttributeNames=[
-                "ApproximateNumberOfMessages",
-                "ApproximateNumberOfMessagesNotVisible",
-                "ApproximateNumberOfMessagesDelayed",
-            ],
-        )["Attributes"]
-        return sum(int(value) for value in attributes.values())
+        """Messages in the queue: visible, in flight and delayed (as `llmq dlq list` counts them)."""
+        found = queue_depth(self.sqs, url)
+        return found.visible + found.in_flight + found.delayed
 
     def working_queues(self) -> list[str]:
         return [*self.lane_queues.values(), self.webhook_queue]

@@ -6,6 +6,7 @@ import pytest
 
 from llmq.config import LlmqConfig
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.conftest import MotoStack
 from tests.integration import aws_call_recorder
 from tests.integration.harness import Harness
@@ -29,6 +30,13 @@ def _aws_calls_are_catalogued() -> Iterator[None]:
     problems = aws_call_recorder.check_catalogued(aws_call_recorder.take_observed())
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

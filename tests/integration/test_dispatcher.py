@@ -10,7 +10,6 @@ import datetime as dt
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -176,13 +175,6 @@ class Stage:
                 ReceiptHandle=message["ReceiptHandle"],
                 VisibilityTimeout=0,
             )
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    server = WebhookReceiver().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
