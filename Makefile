@@ -44,7 +44,7 @@ install: $(VENV)/.synced ## Create the virtual environment from uv.lock
 # The CDK suite runs beside the moto ones (mostly a single jsii process), each printing when done;
 # then the sandboxes, which wait more than they compute, two modules at a time.
 test: install ## Run every suite (unit, integration, infra, e2e)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-unit-and-integration test-infra
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-unit-and-integration test-infra
 	$(MAKE) --no-print-directory test-e2e
 
 test-unit-and-integration: install

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmq.config import LlmqConfig
+from llmq.config import GATEWAY_TIMEOUT_SECONDS, LlmqConfig
 
 PROVIDER_BASE_URL_VAR = "LLMQ_PROVIDER_BASE_URL"
 PROVIDER_API_KEY_VAR = "LLMQ_PROVIDER_API_KEY"
@@ -68,8 +68,8 @@ class RunnerSettings:
     default_mapping_concurrency: int = 5
     # Execution environments per function when the template reserves no concurrency.
     default_function_concurrency: int = 16
-    # API Gateway's integration timeout: the api function's answer must come within it.
-    integration_timeout_seconds: float = 29.0
+    # API Gateway's integration timeout, counted from the request's arrival.
+    integration_timeout_seconds: float = GATEWAY_TIMEOUT_SECONDS
     # Each function acts with its own execution role, and moto refuses what the role does not
     # allow (llmq_sandbox/iam.py), so a grant missing from the CDK app fails here as on AWS.
     enforce_iam: bool = True

@@ -23,6 +23,7 @@ import base64
 import fnmatch
 import json
 import logging
+import queue
 import sys
 import threading
 import time
@@ -141,6 +142,8 @@ class ApiGateway:
     # ---- the request ----
 
     def handle(self, request: HttpRequest) -> HttpReply:
+        # API Gateway's clock starts here: the authorizer and any cold start count against it.
+        arrived = time.monotonic()
         request_id = str(uuid.uuid4())
         if len(request.body) > MAX_PAYLOAD_BYTES:
             return self._gateway_response("REQUEST_TOO_LARGE", "Request Too Long", request_id)
@@ -167,7 +170,7 @@ class ApiGateway:
                 **authorized.context,
                 "integrationLatency": authorized.latency_ms,
             }
-        return self._integrate(route, event, request_id)
+        return self._integrate(route, event, request_id, arrived)
 
     def _without_stage(self, path: str) -> str | None:
         """The resource path under the stage; None when the path does not start with it."""
@@ -352,14 +355,30 @@ class ApiGateway:
 
     # ---- the integration ----
 
-    def _integrate(self, route: RouteSpec, event: dict[str, Any], request_id: str) -> HttpReply:
-        spec = self._functions.pools[route.function].spec
-        timeout = min(spec.timeout_seconds, self._settings.integration_timeout_seconds)
-        result = self._functions.invoke(route.function, event, timeout)
-        self._note(result, "api")
-        if result.outcome is Outcome.TIMEOUT:
+    def _integrate(
+        self, route: RouteSpec, event: dict[str, Any], request_id: str, arrived: float
+    ) -> HttpReply:
+        """Invoke the function and wait for it as API Gateway does.
+
+        The 29 s count from the request's arrival, cold start included. When they run out the
+        client gets 504 and the function is not stopped: it runs on to its own timeout, as a
+        Lambda invoked by API Gateway does, and may still write. A function that hits its own
+        timeout first is a Lambda error: 502.
+        """
+        done: queue.Queue[InvocationResult] = queue.Queue(maxsize=1)
+
+        def invoke() -> None:
+            result = self._functions.invoke(route.function, event)
+            self._note(result, "api")
+            done.put(result)
+
+        threading.Thread(target=invoke, name=f"integration-{request_id[:8]}", daemon=True).start()
+        left = arrived + self._settings.integration_timeout_seconds - time.monotonic()
+        try:
+            result = done.get(timeout=max(0.0, left))
+        except queue.Empty:
             return self._gateway_response("INTEGRATION_TIMEOUT", "Endpoint request timed out", request_id)
-        if result.outcome is Outcome.ERROR:
+        if result.outcome is not Outcome.OK:
             return self._gateway_response("DEFAULT_5XX", "Internal server error", request_id)
         reply = self._proxy_reply(result.payload)
         if reply is None:

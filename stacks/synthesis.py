@@ -109,7 +109,10 @@ def synthesize(
         if restored is not None:
             return restored
         synthesized = _synthesize(config, context, outdir)
-        cache.store(key, synthesized, placeholders)
+        try:
+            cache.store(key, synthesized, placeholders)
+        except OSError as exc:  # a full disk or an unwritable cache costs the next run a synth, no more
+            log.warning("synth cache not written (%s): %s", key[:12], exc)
     return synthesized
 
 
@@ -247,11 +250,18 @@ class SynthCache:
         try:
             entry = _Entry(**json.loads((entry_dir / "entry.json").read_text()))
         except (OSError, ValueError, TypeError):
-            return None
-        if _sha256(entry_dir / "assembly" / entry.template_file) != entry.template_sha256:
+            # No readable entry: a half-written one is removed, so the next store can land.
             shutil.rmtree(entry_dir, ignore_errors=True)
             return None
-        shutil.copytree(entry_dir / "assembly", outdir, dirs_exist_ok=True)
+        try:
+            intact = _sha256(entry_dir / "assembly" / entry.template_file) == entry.template_sha256
+            if intact:
+                shutil.copytree(entry_dir / "assembly", outdir, dirs_exist_ok=True)
+        except (OSError, shutil.Error):  # damaged, or pruned by another process meanwhile
+            intact = False
+        if not intact:
+            shutil.rmtree(entry_dir, ignore_errors=True)
+            return None
         run_values.rewrite(outdir, run_values.reveal)
         os.utime(entry_dir)  # recently used: kept by the pruning
         log.info("cloud assembly %s restored from %s", key[:12], self.root)

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
-from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
+from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer, Server
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws, errors
-from llmq.config import ApiEnvironment
+from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
 from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, job_request_model
@@ -212,6 +213,28 @@ def _responses(success: int, description: str, model: type = Job, *errors_: int)
     return documented
 
 
+# What an answer needs after a wait: a last read, an S3-held result of up to 4 MB, the response.
+ANSWER_RESERVE_SECONDS = 4.0
+
+
+def _wait_budget(requested: float) -> float:
+    """The longest wait that still answers before API Gateway gives up.
+
+    The gateway's 29 s run from when it received the request (`requestTimeEpoch`), so the
+    authorizer and a cold start have already spent some; the function's own remaining time
+    bounds it too. A client asking for 25 s on a cold path gets less, never a 504 for a job
+    that was accepted.
+    """
+    left = GATEWAY_TIMEOUT_SECONDS
+    received_ms = app.current_event.request_context.request_time_epoch
+    if received_ms:
+        left -= max(0.0, time.time() - received_ms / 1000)
+    context = getattr(app, "lambda_context", None)
+    if context is not None:
+        left = min(left, context.get_remaining_time_in_millis() / 1000)
+    return max(0.0, min(float(requested), left - ANSWER_RESERVE_SECONDS))
+
+
 def _prefer_wait(prefer: str | None) -> int:
     match = re.search(r"\bwait\s*=\s*(\d+)", prefer or "")
     if not match:
@@ -254,8 +277,10 @@ def handle_submit_job(
     if submission.replayed:
         headers["Idempotent-Replayed"] = "true"
     wait = _prefer_wait(prefer)
-    if wait:
-        job = intake().get(tenant, job.id, wait_seconds=wait)
+    budget = _wait_budget(wait)
+    if budget > 0:
+        job = intake().get(tenant, job.id, wait_seconds=budget)
+        # Honoured, if perhaps shorter than asked (RFC 7240 lets a server apply less).
         headers["Preference-Applied"] = f"wait={wait}"
         status = 200 if job.status.is_terminal else 202
     return _job_response(job, status, headers)
@@ -268,7 +293,7 @@ def handle_get_job(
         int, Query(ge=0, le=LIMITS.max_get_wait_seconds, description="Long-poll up to this many seconds")
     ] = 0,
 ) -> Response[Any]:
-    return _job_response(intake().get(_tenant(), job_id, wait_seconds=wait), 200)
+    return _job_response(intake().get(_tenant(), job_id, wait_seconds=_wait_budget(wait)), 200)
 
 
 @app.get("/v1/jobs", summary="List jobs, newest first", responses=_responses(200, "A page of jobs", JobList))
@@ -315,6 +340,9 @@ def handle_get_openapi() -> Response[Any]:
         description="Asynchronous jobs for long-running LLM requests",
         security_schemes={"bearer": HTTPBearer(description="Bearer <API key>")},
         security=[{"bearer": []}],
+        # Where this document was fetched, stage included: a client generated from it calls
+        # the API there, not at the host's root (a 403 on AWS).
+        servers=[Server(url=_public_base())],
     )
     return Response(status_code=200, content_type="application/json", body=document)
 

@@ -125,6 +125,8 @@ class Harness:
         event["requestContext"]["httpMethod"] = method
         # As API Gateway reports it: the path the client asked for, stage included.
         event["requestContext"]["path"] = f"/{event['requestContext']['stage']}{path}"
+        # API Gateway received it just now (the API budgets its waits from this moment).
+        event["requestContext"]["requestTimeEpoch"] = int(time.time() * 1000)
         event["pathParameters"] = {"proxy": path.removeprefix("/v1/")}
         event["headers"] = {"Accept": "application/json", **(headers or {})}
         if (body is not None or raw_body is not None) and "Content-Type" not in event["headers"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -368,3 +369,32 @@ def test_links_point_where_the_client_reached_the_api(
     # Then its Location is that URL, so following it reaches the job
     assert reply.status == 202, reply.body
     assert reply.headers["location"] == f"{base}/v1/jobs/{reply.body['id']}"
+
+
+def test_prefer_wait_is_cut_to_what_the_gateway_has_left(harness: Harness) -> None:
+    # Given a request API Gateway received 26 s ago (an authorizer and a cold start took that
+    # long): of its 29 s, less than the answer's reserve is left
+    received = int((time.time() - 26) * 1000)
+    # When the client asks to wait 25 s for a job that cannot finish that fast
+    reply = harness.api(
+        "POST",
+        "/v1/jobs",
+        body={"prompt": "slow [[latency:60]]"},
+        headers={"Prefer": "wait=25"},
+        tenant=ENTERPRISE,
+        request_context={"requestTimeEpoch": received},
+    )
+    # Then the API answers 202 without waiting (no Preference-Applied), instead of a 504 for
+    # a job that was accepted
+    assert reply.status == 202, reply.body
+    assert "preference-applied" not in reply.headers
+    # And a GET with ?wait= on the same budget answers at once too, with the job still queued
+    polled = harness.api(
+        "GET",
+        f"/v1/jobs/{reply.body['id']}",
+        query={"wait": "20"},
+        tenant=ENTERPRISE,
+        request_context={"requestTimeEpoch": received},
+    )
+    assert polled.status == 200
+    assert polled.body["status"] == "queued"

@@ -15,10 +15,13 @@ _CREATE_TABLE_PROPERTIES = ("AttributeDefinitions", "KeySchema", "GlobalSecondar
 def default_app_template() -> StackTemplate:
     """The template of the app with the default LlmqConfig, synthesized once per process (and,
     with LLMQ_SYNTH_CACHE set as the Makefile does, once per change of the app)."""
+    import tempfile
+
     from llmq.config import LlmqConfig
     from stacks.synthesis import synthesize
 
-    return StackTemplate(synthesize(LlmqConfig()).template())
+    with tempfile.TemporaryDirectory(prefix="llmq-cdk-") as outdir:
+        return StackTemplate(synthesize(LlmqConfig(), outdir=outdir).template())
 
 
 def create_table(ddb: Any, template: StackTemplate, output: str, table_name: str) -> None:

@@ -18,6 +18,9 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, 
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
 # SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
 MAX_VISIBILITY_SECONDS = 43_200
+# API Gateway's REST integration timeout: the whole invoke, authorizer and cold start
+# included, must answer within it, or the client gets 504 while the function runs on.
+GATEWAY_TIMEOUT_SECONDS = 29.0
 
 
 class _Frozen(BaseModel):
