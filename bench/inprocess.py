@@ -27,7 +27,7 @@ from llmq import aws  # noqa: E402
 from llmq.config import LlmqConfig  # noqa: E402
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer  # noqa: E402
 from llmq_sandbox.event_sources import delete_messages  # noqa: E402
-from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic  # noqa: E402
+from llmq_sandbox.moto_fidelity import make_moto_strict  # noqa: E402
 
 ENTERPRISE = {"tenant_id": "ten_bench", "tier": "enterprise"}
 
@@ -55,7 +55,7 @@ def _stack(provider: FakeProviderServer, **overrides: Any) -> Iterator[Any]:
     from tests.integration.harness import Harness
 
     _fake_credentials()
-    make_dynamodb_writes_atomic()
+    make_moto_strict()
     base: dict[str, Any] = {
         "provider": {
             "base_url": provider.base_url,

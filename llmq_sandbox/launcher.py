@@ -50,7 +50,7 @@ from llmq_sandbox.iam import (
     set_enforcement,
 )
 from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
-from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from llmq_sandbox.moto_fidelity import make_moto_strict
 from llmq_sandbox.topology import Topology, TopologyError, read_topology
 from stacks.template import StackTemplate
 
@@ -123,7 +123,7 @@ class Sandbox:
 
     def start(self, pid: int | None = None) -> SandboxState:
         prepare_process()
-        make_dynamodb_writes_atomic()
+        make_moto_strict()
         if self.settings.enforce_iam:
             make_moto_authorize_like_iam()
         try:

@@ -1,4 +1,4 @@
-"""Make moto's DynamoDB as strict, and as atomic, as the real one.
+"""Make moto's DynamoDB as strict, and as atomic, as the real one; and SQS's visibility rules.
 
 Three differences between moto (5.x) and DynamoDB would let a test pass that fails on AWS,
 or fail a test that AWS would pass:
@@ -21,6 +21,17 @@ or fail a test that AWS would pass:
   same count the domain uses to decide what goes to S3, checked on the whole new item.
   moto already counts strings and names in UTF-8 bytes, so non-ASCII text was never the gap.
 
+SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS developer guide):
+
+- **12 hours from the receive.** A message's visibility may reach at most 12 hours after the
+  ReceiveMessage that returned it; asking for more is refused with InvalidParameterValue.
+  moto counts from when the message was sent, so a message received late got too little,
+  and one received early could be asked for more than AWS gives from its receive.
+- **The latest receipt handle, of a message in flight.** moto accepts any receipt handle the
+  message ever had, and changes a message that is not in flight. AWS refuses a handle from
+  an earlier receive (ReceiptHandleIsInvalid) and a message not in flight
+  (AWS.SimpleQueueService.MessageNotInflight).
+
 transact_write_items needs no patch for atomicity: moto restores the tables it touched when
 one of its writes raises a validation error, and its writes go through the patched methods.
 """
@@ -33,6 +44,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from llmq.config import MAX_VISIBILITY_SECONDS as MAX_SQS_VISIBILITY_SECONDS
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 
 _LOCK = threading.RLock()
@@ -112,8 +124,46 @@ def _size_checked_once_at_the_end(self: Any, key: str, value: Any) -> None:
     dict.__setitem__(self, key, value)
 
 
-def make_dynamodb_writes_atomic() -> None:
-    """Idempotent: patches moto's DynamoDB backend once per process."""
+def _mark_received(mark_received: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(mark_received)
+    def received(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from moto.core.utils import unix_time_millis
+
+        self.llmq_received_ms = unix_time_millis()
+        return mark_received(self, *args, **kwargs)
+
+    return received
+
+
+def _strict_change_message_visibility(
+    self: Any, queue_name: str, receipt_handle: str, visibility_timeout: int
+) -> None:
+    from moto.core.utils import unix_time_millis
+    from moto.sqs.exceptions import InvalidParameterValue, ReceiptHandleIsInvalid, SQSException
+
+    queue = self.get_queue(queue_name)
+    for message in queue._messages:
+        if not message.had_receipt_handle(receipt_handle):
+            continue
+        if message.receipt_handle != receipt_handle:
+            raise ReceiptHandleIsInvalid()  # a handle from an earlier receive
+        if message.visible:
+            raise SQSException("AWS.SimpleQueueService.MessageNotInflight", "The message is not in flight.")
+        received = getattr(message, "llmq_received_ms", None) or unix_time_millis()
+        if unix_time_millis() + int(visibility_timeout) * 1000 - received > MAX_SQS_VISIBILITY_SECONDS * 1000:
+            raise InvalidParameterValue(
+                f"Value {visibility_timeout} for parameter VisibilityTimeout is invalid. Reason: Total "
+                f"VisibilityTimeout for the message is beyond the limit [{MAX_SQS_VISIBILITY_SECONDS} seconds]"
+            )
+        message.change_visibility(visibility_timeout)
+        if message.visible and message in queue.pending_messages:
+            queue.pending_messages.remove(message)
+        return
+    raise ReceiptHandleIsInvalid()
+
+
+def make_moto_strict() -> None:
+    """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules) once per process."""
     global _applied
     with _LOCK:
         if _applied:
@@ -128,4 +178,8 @@ def make_dynamodb_writes_atomic() -> None:
         # The lock goes outside, so a snapshot and its restore are never interleaved with a write.
         for name in _WRITES:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))
+        from moto.sqs.models import Message, SQSBackend
+
+        Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]
+        SQSBackend.change_message_visibility = _strict_change_message_visibility  # type: ignore[method-assign]
         _applied = True

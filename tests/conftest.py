@@ -110,9 +110,9 @@ def moto_stack(_aws_test_credentials: None) -> Iterator[MotoStack]:
     from moto import mock_aws
 
     from llmq import aws
-    from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+    from llmq_sandbox.moto_fidelity import make_moto_strict
 
-    make_dynamodb_writes_atomic()
+    make_moto_strict()
     with mock_aws():
         aws.reset_clients()
         yield create_llmq_resources(["high", "low"])

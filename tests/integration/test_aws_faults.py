@@ -45,7 +45,7 @@ from llmq.tenants import TenantRepository
 from llmq.webhooks import webhook_id
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
-from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from llmq_sandbox.moto_fidelity import make_moto_strict
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION, MotoStack, create_llmq_resources
 from tests.integration.conftest import integration_config
@@ -218,7 +218,7 @@ def shared_aws() -> Iterator[SharedAws]:
             env.setenv(name, value)
         env.delenv("AWS_ENDPOINT_URL", raising=False)
         env.delenv("AWS_PROFILE", raising=False)
-        make_dynamodb_writes_atomic()
+        make_moto_strict()
         with mock_aws():
             aws.reset_clients()
             stack = create_llmq_resources([LANE, "low"])

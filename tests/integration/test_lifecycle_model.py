@@ -1011,14 +1011,14 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[Environment]:
     """One moto for the whole run; each example empties the table and the queues."""
     from moto import mock_aws
 
-    from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+    from llmq_sandbox.moto_fidelity import make_moto_strict
 
     # Each example purges the queues; AWS allows one purge a minute, and moto enforces it.
     monkeypatch.setenv("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")
     # Thousands of steps: keep the warnings, drop the per-job info lines.
     level = logger.log_level
     logger.setLevel(logging.WARNING)
-    make_dynamodb_writes_atomic()
+    make_moto_strict()
     with mock_aws():
         aws.reset_clients()
         # Steps peek at queues without deleting; no message should reach a DLQ by being looked at.

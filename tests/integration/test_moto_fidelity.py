@@ -160,3 +160,64 @@ def test_a_transaction_with_one_oversized_write_changes_no_item(ddb: Any, moto_s
     # Then neither job changed
     assert refused.value.response["Error"]["Code"] in {"ValidationException", "TransactionCanceledException"}
     assert {pk: _get(ddb, table, pk) for pk in ("job_a", "job_b")} == before
+
+
+# ---- SQS: ChangeMessageVisibility ("Amazon SQS visibility timeout", SQS developer guide) ----
+
+
+def _received(sqs: Any, url: str) -> dict[str, Any]:
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    message: dict[str, Any] = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=30)[
+        "Messages"
+    ][0]
+    return message
+
+
+def _refused(call: Any) -> str:
+    with pytest.raises(ClientError) as refused:
+        call()
+    return str(refused.value.response["Error"]["Code"])
+
+
+def test_visibility_past_12_hours_from_the_receive_is_refused(moto_stack: MotoStack) -> None:
+    # Given a message just received
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    message = _received(sqs, url)
+    # When a handler asks for the whole 43,200 s a moment after the receive, Then SQS refuses
+    # (the 12 hours run from the receive), and a value within them is accepted
+    assert (
+        _refused(
+            lambda: sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=43_200 + 1
+            )
+        )
+        == "InvalidParameterValue"
+    )
+    sqs.change_message_visibility(
+        QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=42_000
+    )
+
+
+def test_a_stale_receipt_handle_and_a_message_not_in_flight_are_refused(moto_stack: MotoStack) -> None:
+    # Given a message received twice (its first visibility ended)
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    first = _received(sqs, url)
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=0)
+    # When the first receive's handle changes the visibility of a message back in the queue
+    not_in_flight = _refused(
+        lambda: sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=5
+        )
+    )
+    second = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=30)["Messages"][0]
+    stale = _refused(
+        lambda: sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=5
+        )
+    )
+    # Then SQS refuses both, and the latest handle works
+    assert not_in_flight == "AWS.SimpleQueueService.MessageNotInflight"
+    assert stale == "ReceiptHandleIsInvalid"
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=second["ReceiptHandle"], VisibilityTimeout=5)

@@ -20,7 +20,7 @@ from llmq.jobs import JobRepository
 from llmq.models import DeliveryStatus, ErrorCode, JobError, JobResult, JobStatus, WebhookEvent
 from llmq.policy import ClaimOutcome
 from llmq.ports import JobStore
-from llmq_sandbox.moto_fidelity import make_dynamodb_writes_atomic
+from llmq_sandbox.moto_fidelity import make_moto_strict
 from tests.conftest import REGION, create_llmq_resources
 from tests.support.stores import Clock, InMemoryJobs, job_record
 
@@ -52,7 +52,7 @@ def jobs_table() -> Iterator[str]:
             env.setenv(name, "testing")
         env.setenv("AWS_REGION", REGION)
         env.delenv("AWS_ENDPOINT_URL", raising=False)
-        make_dynamodb_writes_atomic()
+        make_moto_strict()
         with mock_aws():
             aws.reset_clients()
             yield create_llmq_resources(["high", "low"]).jobs_table
