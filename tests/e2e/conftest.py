@@ -172,9 +172,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A test that stops the shared sandbox goes last, so that nothing boots it again.
-    # (`make test-e2e` runs `-n 2 --dist loadfile`: a module's tests share its worker, and each
-    # worker has its own default sandbox.)
+    # A test that stops the shared sandbox goes last, so that nothing boots it again in a plain
+    # run. Under `make test-e2e` (`-n 2 --dist loadfile`) xdist keeps each file's place in
+    # the queue, so it is only last within its file: a later module on the same worker finds
+    # the sandbox stopped and boots it again (`shared_sandbox` restarts it), one boot more.
     items.sort(key=lambda item: item.get_closest_marker("stops_the_sandbox") is not None)
 
 
