@@ -1,6 +1,6 @@
 """Make moto's DynamoDB as strict, and as atomic, as the real one; and SQS's visibility rules.
 
-Three differences between moto (5.x) and DynamoDB would let a test pass that fails on AWS,
+These differences between moto (5.x) and DynamoDB would let a test pass that fails on AWS,
 or fail a test that AWS would pass:
 
 - **Concurrency.** DynamoDB evaluates a ConditionExpression and applies the write atomically.
@@ -13,6 +13,9 @@ or fail a test that AWS would pass:
   (seen: `status` and `finished_ms` written, `result` missing), and an update of an absent
   item left a key-only item behind. Here the stored item is snapshotted and restored when the
   update raises.
+- **Torn reads.** moto's get_item, query and scan return the stored Item objects, serialized
+  only after the call, while an update changes them in place; a reader could see half an
+  update. Reads take the same lock and return copies.
 - **Item size.** moto refuses items above 405,000 bytes (DynamoDB: 400 KB = 409,600), counts a
   number as the length of its text (DynamoDB: about a byte per two digits), and counts no
   overhead for lists and maps (DynamoDB: 3 bytes each, plus 1 per element), which lets a
@@ -48,7 +51,9 @@ from llmq.config import MAX_VISIBILITY_SECONDS as MAX_SQS_VISIBILITY_SECONDS
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 
 _LOCK = threading.RLock()
-_WRITES = ("put_item", "update_item", "delete_item", "transact_write_items", "get_item")
+_WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
+# Reads that hand back stored Item objects, which later writes mutate in place.
+_READS = ("get_item", "query", "scan")
 _applied = False
 
 
@@ -59,6 +64,19 @@ def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(*args, **kwargs)
 
     return locked
+
+
+def _snapshot_read(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A read under the write lock that returns copies: moto hands back the stored Item
+    objects, which its responses serialize after the call, while a concurrent update may be
+    changing them in place. DynamoDB never returns such a torn item."""
+
+    @functools.wraps(method)
+    def read(*args: Any, **kwargs: Any) -> Any:
+        with _LOCK:
+            return copy.deepcopy(method(*args, **kwargs))
+
+    return read
 
 
 def moto_item_size(item: Any) -> int:
@@ -178,6 +196,8 @@ def make_moto_strict() -> None:
         # The lock goes outside, so a snapshot and its restore are never interleaved with a write.
         for name in _WRITES:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))
+        for name in _READS:
+            setattr(DynamoDBBackend, name, _snapshot_read(getattr(DynamoDBBackend, name)))
         from moto.sqs.models import Message, SQSBackend
 
         Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]

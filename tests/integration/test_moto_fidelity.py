@@ -221,3 +221,27 @@ def test_a_stale_receipt_handle_and_a_message_not_in_flight_are_refused(moto_sta
     assert not_in_flight == "AWS.SimpleQueueService.MessageNotInflight"
     assert stale == "ReceiptHandleIsInvalid"
     sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=second["ReceiptHandle"], VisibilityTimeout=5)
+
+
+def test_reads_hand_back_copies_that_a_later_update_cannot_change(ddb: Any, moto_stack: MotoStack) -> None:
+    # moto serializes a read's Items after the call returns, while an UpdateItem changes the
+    # stored Item in place: without copies, a reader racing a writer could answer half an
+    # update, which DynamoDB (item-atomic reads) never does. A race is too rare to provoke
+    # reliably, so this pins the mechanism: what a read returns is not the stored object.
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.dynamodb.models import dynamodb_backends
+
+    table = moto_stack.jobs_table
+    ddb.put_item(TableName=table, Item={"pk": {"S": "copied"}, "a": {"N": "0"}})
+    backend = dynamodb_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
+    read = backend.get_item(table, {"pk": {"S": "copied"}})
+    scanned = backend.scan(table, {}, None, None, None, None, None, None, False, None, (None, None))[0]
+    ddb.update_item(
+        TableName=table,
+        Key={"pk": {"S": "copied"}},
+        UpdateExpression="SET a = :n",
+        ExpressionAttributeValues={":n": {"N": "1"}},
+    )
+    # Then the earlier reads still show the item as it was when they were made
+    assert read is not None and read.attrs["a"].value == "0"
+    assert [item.attrs["a"].value for item in scanned if item.hash_key.value == "copied"] == ["0"]
