@@ -331,7 +331,15 @@ class ApiGateway:
         payload = result.payload if isinstance(result.payload, dict) else {}
         if not payload.get("principalId") or not _statements(payload):
             return "failure"
-        context = {key: value for key, value in (payload.get("context") or {}).items() if value is not None}
+        context: dict[str, str] = {}
+        for key, value in (payload.get("context") or {}).items():
+            if isinstance(value, (dict, list)):
+                # Context values may be strings, numbers or booleans only; API Gateway fails
+                # the request (AuthorizerConfigurationException, 500) on an object or array.
+                return "failure"
+            if value is not None:
+                # ...and hands them to the integration as strings.
+                context[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
         expires = time.monotonic() + authorizer.ttl_seconds
         return _CachedPolicy(expires, payload, context, str(payload["principalId"]))
 
