@@ -23,6 +23,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 # The suites synthesize the CDK app once per distinct input, not once per sandbox or module
 # (stacks/synthesis.py); LLMQ_SYNTH_CACHE= turns it off.
 SYNTH_CACHE := $(CURDIR)/.llmq/synth-cache
+# Whole lines from the two suites running side by side; make 3.81 (stock macOS) lacks the option.
+OUTPUT_SYNC := $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=line)
 test test-unit test-integration test-unit-and-integration test-infra test-e2e aws-calls fuzz: export LLMQ_SYNTH_CACHE ?= $(SYNTH_CACHE)
 
 .PHONY: help install test test-unit test-integration test-unit-and-integration test-infra test-e2e lint format synth deploy destroy \
@@ -44,7 +46,7 @@ install: $(VENV)/.synced ## Create the virtual environment from uv.lock
 # The CDK suite runs beside the moto ones (mostly a single jsii process), each printing when done;
 # then the sandboxes, which wait more than they compute, two modules at a time.
 test: install ## Run every suite (unit, integration, infra, e2e)
-	$(MAKE) --no-print-directory -j2 --output-sync=line test-unit-and-integration test-infra
+	$(MAKE) --no-print-directory -j2 $(OUTPUT_SYNC) test-unit-and-integration test-infra
 	$(MAKE) --no-print-directory test-e2e
 
 test-unit-and-integration: install
