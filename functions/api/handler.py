@@ -54,7 +54,7 @@ def intake() -> JobIntake:
     config = ENV.config
     return JobIntake(
         jobs=JobRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb")),
-        payloads=payload_store(ENV.payload_bucket, s3=lambda: aws.lazy_client("s3")),
+        payloads=payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3")),
         queues=QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")),
         config=config,
         check_webhook_url=lambda url: check_webhook_url(

@@ -55,7 +55,7 @@ def runner() -> JobRunner:
         retry_timeouts=config.provider.retry_timeouts,
     )
     jobs = JobRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb"))
-    payloads = payload_store(ENV.payload_bucket, s3=lambda: aws.lazy_client("s3"))
+    payloads = payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3"))
     return JobRunner(jobs, queues(), provider, config, payloads=payloads)
 
 

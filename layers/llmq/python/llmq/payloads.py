@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from llmq import aws
@@ -31,7 +30,7 @@ class PayloadStore:
         return url
 
 
-def payload_store(bucket: str | None, s3: Callable[[], Any]) -> PayloadStore | None:
-    """The store of a deployment with a payload bucket, else None; `s3` builds the client,
-    called only when there is a bucket, so a deployment without one never creates it."""
-    return PayloadStore(bucket, s3=s3()) if bucket else None
+def payload_store(bucket: str | None, s3: Any) -> PayloadStore | None:
+    """The store of a deployment with a payload bucket, else None. Pass a lazy client
+    (`aws.lazy_client("s3")`): a deployment whose payloads all fit inline never builds it."""
+    return PayloadStore(bucket, s3=s3) if bucket else None
