@@ -15,7 +15,10 @@ webhook to the sandbox's receiver, and its prompt carries the fault it is dealt:
 - 1% non-ASCII jobs: 48k CJK, Hangul and emoji characters in, echoed back out;
 - 10% of webhooks go to `/hooks/fail-1`, which fails the first attempt of each delivery;
 - 10% of jobs get 1 to 3 copies of their lane message sent straight into the lane queue, at
-  random moments from submit to well after the job finished.
+  random moments from submit to well after the job finished;
+- and the sandbox runs with LLMQ_SANDBOX_CHAOS=on (seeded by --seed): its pollers deliver
+  some messages of every queue twice, shuffle batches, hold messages back for a later batch
+  and hand over partial batches, as a standard queue may.
 
 Once every job is terminal, every webhook settled and every queue empty (or the timeout
 passes), it prints the figures and writes them to bench/soak.md. The exit status is 1 if a
@@ -172,11 +175,13 @@ class Sandbox:
 
 
 @contextmanager
-def running_sandbox(keep: bool) -> Iterator[Sandbox]:
+def running_sandbox(keep: bool, seed: int = 7) -> Iterator[Sandbox]:
     directory = Path(tempfile.mkdtemp(prefix="llmq-soak-"))
     print(f"starting a sandbox in {directory} ...", flush=True)
     try:
         overrides = {"LLMQ_SANDBOX_CONFIG": json.dumps(SOAK_CONFIG)} if SOAK_CONFIG else {}
+        # At-least-once for real: the pollers duplicate, reorder and split batches.
+        overrides |= {"LLMQ_SANDBOX_CHAOS": "on", "LLMQ_SANDBOX_CHAOS_SEED": str(seed)}
         _llmq(directory, "sandbox", "up", "--detach", env=overrides)
         for name, tier in EXTRA_TENANTS:
             _llmq(directory, "tenants", "create", "--name", name, "--tier", tier)
@@ -535,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or max(600.0, args.jobs * 0.6)
     rng = random.Random(args.seed)
 
-    with running_sandbox(args.keep) as sandbox:
+    with running_sandbox(args.keep, args.seed) as sandbox:
         planned = plan(args.jobs, len(sandbox.state["tenants"]), rng)
         began = time.monotonic()
         injector = DuplicateInjector(sandbox)

@@ -25,6 +25,12 @@ CONFIG_OVERRIDES_VAR = "LLMQ_SANDBOX_CONFIG"
 # "off" runs the functions without IAM checks (to tell a grant problem from another while
 # debugging); the e2e suite always runs with them.
 IAM_VAR = "LLMQ_SANDBOX_IAM"
+# "on" makes the pollers deliver at least once for real: duplicates, reordering, partial
+# batches (llmq_sandbox/event_sources.py, DeliveryChaos), seeded by LLMQ_SANDBOX_CHAOS_SEED.
+CHAOS_VAR = "LLMQ_SANDBOX_CHAOS"
+CHAOS_SEED_VAR = "LLMQ_SANDBOX_CHAOS_SEED"
+# Seconds a global secondary index lags its table (llmq_sandbox/moto_fidelity.py); 0 turns it off.
+INDEX_LAG_VAR = "LLMQ_SANDBOX_INDEX_LAG"
 
 FAKE_MODELS = ["fake-model", "fake-large"]
 # Short enough that a crashed worker's message is back within a minute (its lane's
@@ -64,8 +70,12 @@ class RunnerSettings:
     # EventBridge's shortest rate is one minute; the sandbox sweeps more often so that what
     # the reconciler repairs is visible while you watch. None keeps the template's rate.
     reconciler_every_seconds: float | None = 10.0
-    # A mapping without ScalingConfig starts with this many concurrent batches on AWS.
+    # A mapping without ScalingConfig starts with this many concurrent batches on AWS...
     default_mapping_concurrency: int = 5
+    # ...adds up to this many a minute while messages wait...
+    mapping_scale_per_minute: int = 300
+    # ...and never runs more than this many at once (services-sqs-scaling.html).
+    mapping_concurrency_limit: int = 1000
     # Execution environments per function when the template reserves no concurrency.
     default_function_concurrency: int = 16
     # API Gateway's integration timeout, counted from the request's arrival.
@@ -73,6 +83,13 @@ class RunnerSettings:
     # Each function acts with its own execution role, and moto refuses what the role does not
     # allow (llmq_sandbox/iam.py), so a grant missing from the CDK app fails here as on AWS.
     enforce_iam: bool = True
+    # At-least-once delivery for real: the pollers duplicate, reorder and split batches.
+    at_least_once_chaos: bool = False
+    chaos_seed: int = 0
+    # A GSI answers from its table as it was this long ago, as DynamoDB's indexes lag their
+    # table (usually well under a second): code that reads its own write through an index
+    # meets it here.
+    index_lag_seconds: float = 1.0
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> RunnerSettings:
@@ -80,7 +97,15 @@ class RunnerSettings:
         switch = environ.get(IAM_VAR, "on").strip().lower()
         if switch not in ("on", "off"):
             raise ValueError(f"{IAM_VAR} must be on or off, not {switch!r}")
-        return cls(enforce_iam=switch == "on")
+        chaos = environ.get(CHAOS_VAR, "off").strip().lower()
+        if chaos not in ("on", "off"):
+            raise ValueError(f"{CHAOS_VAR} must be on or off, not {chaos!r}")
+        return cls(
+            enforce_iam=switch == "on",
+            at_least_once_chaos=chaos == "on",
+            chaos_seed=int(environ.get(CHAOS_SEED_VAR) or 0),
+            index_lag_seconds=float(environ.get(INDEX_LAG_VAR) or 1.0),
+        )
 
 
 def _provider(choice: ProviderChoice, fake_url: str | None) -> dict[str, Any]:

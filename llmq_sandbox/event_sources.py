@@ -3,12 +3,27 @@
 A poller per SQS mapping does what Lambda's pollers do:
 - receives up to BatchSize messages, waiting up to MaximumBatchingWindowInSeconds to fill
   a batch, and never overrides the queue's own visibility timeout;
-- runs at most MaximumConcurrency batches at once (one slot per concurrent invocation);
+- runs at most MaximumConcurrency batches at once; without it, starts with five and adds up
+  to 300 a minute while messages keep coming, up to 1,000 (RunnerSettings);
+- invokes without waiting for the function: when the function has no concurrency left
+  (its reserved concurrency, or the runner's default for one without), the invocation is
+  throttled, the batch is left as it is (neither deleted nor made visible) and comes back
+  after the queue's visibility timeout with its receive count one higher, so throttles alone
+  can carry a message to the DLQ, as on AWS; the poller then backs off a little;
 - after the invocation: with ReportBatchItemFailures it deletes every message except the
   reported failures (an invalid report fails the whole batch); a raised error or a timeout
   deletes nothing, so the messages come back after their visibility timeout;
 - the redrive to the DLQ is SQS's own: moto moves a message whose receive count reached
   maxReceiveCount on the next receive, as SQS does.
+
+With `DeliveryChaos` (RunnerSettings.at_least_once_chaos) a poller also does what Lambda and a
+standard queue may do and moto never does: it hands some received messages to the function a
+second time, in a batch of their own, at once (two invocations at the same time) or a moment
+later (after the first may have deleted them); it shuffles batches, holds some messages back
+for the next batch, and hands over partial batches. A replay is the same receive (same
+message id, receipt handle and receive count), so it adds nothing to the queue's depth or to
+the DLQ: a late replay's ChangeMessageVisibility fails as it would on AWS, and its delete
+succeeds and does nothing.
 
 A timer per EventBridge rule invokes its function with a scheduled event.
 """
@@ -18,9 +33,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +47,10 @@ from llmq_sandbox.topology import MappingSpec, ScheduleSpec
 log = logging.getLogger("llmq.sandbox")
 # Long polling keeps an idle poller cheap and lets it notice a stop within about a second.
 _WAIT_SECONDS = 1
+# After a throttled invoke the poller waits this long before its next receive, doubling up
+# to the maximum while the throttles go on.
+_THROTTLE_BACKOFF_SECONDS = 0.2
+_THROTTLE_BACKOFF_MAX_SECONDS = 2.0
 # The message attributes Lambda copies into an SQS record.
 _RECORD_ATTRIBUTES = (
     "ApproximateReceiveCount",
@@ -141,6 +162,71 @@ def delete_messages(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) ->
         )
 
 
+def _unique_ids(messages: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with distinct ids; a second one with the same id (a held-back message that
+    was received again) goes to `later`, since Lambda never puts one message twice in a batch."""
+    seen: set[str] = set()
+    unique = []
+    for message in messages:
+        if message["MessageId"] in seen:
+            later.append(message)
+        else:
+            seen.add(message["MessageId"])
+            unique.append(message)
+    return unique
+
+
+@dataclass
+class DeliveryChaos:
+    """What Lambda and a standard queue may do to a consumer, decided by a seeded generator.
+
+    An event source mapping processes each message at least once and may hand one over twice;
+    a standard queue keeps no order, and a receive may return fewer messages than are
+    available. moto and a plain poller do none of that. One generator per poller, used only
+    by the poller's receiving thread, so a seed replays the same decisions.
+    """
+
+    rng: random.Random
+    duplicate_probability: float = 0.08
+    # How long after its first delivery a message is delivered again (0: concurrently).
+    duplicate_delay_seconds: tuple[float, ...] = (0, 0, 0.5, 2)
+    partial_probability: float = 0.3
+    shuffle_probability: float = 0.5
+    hold_back_probability: float = 0.15
+
+    @classmethod
+    def seeded(cls, seed: int, name: str) -> DeliveryChaos:
+        return cls(random.Random(f"{seed}:{name}"))
+
+    def receive_size(self, size: int) -> int:
+        """How many messages to ask for: sometimes fewer than a full batch."""
+        if size > 1 and self.rng.random() < self.partial_probability:
+            return self.rng.randint(1, size - 1)
+        return size
+
+    def arrange(
+        self, messages: list[dict[str, Any]], may_hold: bool = True
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The batch to deliver now, shuffled or not, and the messages held back for the next
+        one (only when `may_hold`: the mapping has room to start it at once)."""
+        batch = list(messages)
+        if len(batch) > 1 and self.rng.random() < self.shuffle_probability:
+            self.rng.shuffle(batch)
+        held: list[dict[str, Any]] = []
+        if may_hold and len(batch) > 1 and self.rng.random() < self.hold_back_probability:
+            for _ in range(self.rng.randint(1, len(batch) - 1)):
+                held.append(batch.pop(self.rng.randrange(len(batch))))
+        return batch, held
+
+    def replays(self, messages: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+        """The messages to deliver a second time, each with its delay after the first."""
+        return [
+            (message, self.rng.choice(self.duplicate_delay_seconds))
+            for message in messages
+            if self.rng.random() < self.duplicate_probability
+        ]
+
+
 class QueuePoller:
     def __init__(
         self,
@@ -149,12 +235,32 @@ class QueuePoller:
         sqs: Any,
         region: str,
         concurrency: int,
+        *,
+        scale_per_minute: int = 0,
+        concurrency_limit: int | None = None,
+        chaos: DeliveryChaos | None = None,
     ) -> None:
+        """`concurrency`: the mapping's MaximumConcurrency, or where a mapping without one
+        starts; it then grows by `scale_per_minute` while messages keep coming, up to
+        `concurrency_limit`."""
         self.mapping = mapping
         self._functions = functions
         self._sqs = sqs
         self._region = region
-        self._slots = threading.BoundedSemaphore(concurrency)
+        self._initial_concurrency = concurrency
+        self._scale_per_minute = scale_per_minute
+        self._concurrency_limit = max(concurrency, concurrency_limit or concurrency)
+        self._chaos = chaos
+        self._held: list[dict[str, Any]] = []
+        # Messages to deliver again, each once its time (monotonic) has come.
+        self._replays: list[tuple[float, dict[str, Any]]] = []
+        self._in_flight = 0
+        self._in_flight_changed = threading.Condition()
+        # Scaling counts from when messages started to come; an empty receive resets it.
+        self._busy_since: float | None = None
+        self._backoff = 0.0
+        self._resume_at = 0.0
+        self.throttles = 0
         self._stopping = threading.Event()
         self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"poller-{mapping.queue.name}", daemon=True)
@@ -166,6 +272,8 @@ class QueuePoller:
 
     def request_stop(self) -> None:
         self._stopping.set()
+        with self._in_flight_changed:
+            self._in_flight_changed.notify_all()
 
     def pause(self) -> None:
         """Stop receiving (batches in flight finish): lets a benchmark build a backlog at once."""
@@ -179,25 +287,50 @@ class QueuePoller:
         return self._paused.is_set()
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.request_stop()
         self._thread.join(timeout=_WAIT_SECONDS + 5)
+
+    def concurrency(self) -> int:
+        """How many batches the mapping may run at once now."""
+        if self._busy_since is None or not self._scale_per_minute:
+            return self._initial_concurrency
+        grown = int((time.monotonic() - self._busy_since) / 60 * self._scale_per_minute)
+        return min(self._concurrency_limit, self._initial_concurrency + grown)
+
+    def _wait_for_room(self) -> bool:
+        """Block until the mapping may start one more batch; False to look at the flags again."""
+        backoff = self._resume_at - time.monotonic()
+        if backoff > 0:
+            self._stopping.wait(backoff)
+            return False
+        with self._in_flight_changed:
+            if self._in_flight >= self.concurrency():
+                self._in_flight_changed.wait(0.5)
+                return False
+            self._in_flight += 1
+            return True
+
+    def _batch_over(self) -> None:
+        with self._in_flight_changed:
+            self._in_flight -= 1
+            self._in_flight_changed.notify_all()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             if self._paused.wait(0) and not self._stopping.wait(0.1):
                 continue
-            if not self._slots.acquire(timeout=0.5):
+            if not self._wait_for_room():
                 continue
             try:
-                messages = self._receive_batch()
+                messages = self._next_batch()
             except Exception:
                 if not self._stopping.is_set():
                     log.exception("receive from %s failed", self.mapping.queue.name)
                     time.sleep(1)
-                self._slots.release()
+                self._batch_over()
                 continue
             if not messages:
-                self._slots.release()
+                self._batch_over()
                 continue
             batch = threading.Thread(target=self._process, args=(messages,), daemon=True)
             with self._batches_lock:
@@ -214,9 +347,8 @@ class QueuePoller:
         )
         return list(response.get("Messages") or [])
 
-    def _receive_batch(self) -> list[dict[str, Any]]:
-        size = self.mapping.batch_size
-        messages = self._receive(size, _WAIT_SECONDS)
+    def _receive_batch(self, size: int, held: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        messages = held + (self._receive(size - len(held), _WAIT_SECONDS) if len(held) < size else [])
         window_ends = time.monotonic() + self.mapping.batching_window_seconds
         while messages and len(messages) < size and time.monotonic() < window_ends:
             if self._stopping.is_set():
@@ -224,10 +356,51 @@ class QueuePoller:
             messages += self._receive(size - len(messages), _WAIT_SECONDS)
         return messages
 
+    def _next_batch(self) -> list[dict[str, Any]]:
+        replayed = self._due_replays()
+        if replayed:
+            return replayed
+        chaos = self._chaos
+        size = chaos.receive_size(self.mapping.batch_size) if chaos else self.mapping.batch_size
+        held, self._held = self._held, []
+        messages = self._receive_batch(size, held)
+        if not messages:
+            self._busy_since = None
+            return []
+        if self._busy_since is None:
+            self._busy_since = time.monotonic()
+        if chaos is None:
+            return messages
+        with self._in_flight_changed:
+            room = self._in_flight < self.concurrency()
+        repeated: list[dict[str, Any]] = []
+        batch, self._held = chaos.arrange(_unique_ids(messages, repeated), may_hold=room)
+        self._held += repeated
+        now = time.monotonic()
+        self._replays += [(now + delay, message) for message, delay in chaos.replays(batch)]
+        return batch
+
+    def _due_replays(self) -> list[dict[str, Any]]:
+        """The messages whose second delivery is due, as one batch (distinct ids, batch size)."""
+        now = time.monotonic()
+        due = [message for when, message in self._replays if when <= now]
+        batch = _unique_ids(due, [])[: self.mapping.batch_size]
+        chosen = {id(message) for message in batch}
+        self._replays = [(when, message) for when, message in self._replays if id(message) not in chosen]
+        return batch
+
     def _process(self, messages: list[dict[str, Any]]) -> None:
         try:
             event = sqs_event(messages, self.mapping.queue.arn, self._region)
-            result = self._functions.invoke(self.mapping.function, event)
+            result = self._functions.invoke(self.mapping.function, event, throttle=True)
+            if result.outcome is Outcome.THROTTLED:
+                # Nothing ran: the batch stays in flight and comes back after its visibility
+                # timeout, one receive older.
+                self._throttled()
+                every = {message["MessageId"] for message in messages}
+                self._functions.invocations.add(self._describe(messages, result, every, []))
+                return
+            self._backoff = 0.0
             failed = failed_message_ids(
                 messages,
                 result.payload,
@@ -240,9 +413,14 @@ class QueuePoller:
         except Exception:
             log.exception("batch from %s could not be settled", self.mapping.queue.name)
         finally:
-            self._slots.release()
+            self._batch_over()
             with self._batches_lock:
                 self._batches.discard(threading.current_thread())
+
+    def _throttled(self) -> None:
+        self.throttles += 1
+        self._backoff = min(_THROTTLE_BACKOFF_MAX_SECONDS, max(_THROTTLE_BACKOFF_SECONDS, self._backoff * 2))
+        self._resume_at = time.monotonic() + self._backoff
 
     def _describe(
         self,

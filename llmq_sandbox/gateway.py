@@ -1,9 +1,12 @@
 """API Gateway (REST, Lambda proxy) on 127.0.0.1, played from the template's API model.
 
-For each request it does what API Gateway does with the resources, methods, authorizer and
-gateway responses the template declares:
-- picks the resource (literal path parts before `{var}`, before `{proxy+}`); none -> 403
-  "Missing Authentication Token";
+For each request it does what API Gateway does with the resources, methods, authorizer,
+binary media types, stage throttling and gateway responses the template declares:
+- picks the resource (literal path parts before `{var}`, before `{proxy+}`), then the method
+  on that resource (its own, else its ANY); no resource, or no such method on the chosen
+  resource (a greedy parent is not asked), -> 403 "Missing Authentication Token";
+- throttles each method with a token bucket at the stage's MethodSettings rate and burst:
+  past them -> 429 (THROTTLED), before the authorizer or the function runs;
 - with a CUSTOM authorizer: a missing identity source -> 401 without invoking it; otherwise
   the REQUEST authorizer gets its event and methodArn, its policy is cached per identity
   source for the authorizer's TTL and evaluated against each
@@ -11,10 +14,14 @@ gateway responses the template declares:
 - builds the proxy event (stage, resource, path parameters, headers and multiValueHeaders,
   query strings, requestContext with requestId, identity.sourceIp and the authorizer's
   context) and writes the function's proxy response back; a malformed response or a
-  function error -> 502, an answer later than the integration timeout -> 504.
+  function error -> 502, a throttled invoke -> 500, an answer later than the integration
+  timeout -> 504;
+- a body is base64 in the event only when its Content-Type is one of the binary media types,
+  else it is UTF-8 text (bytes that are not UTF-8 become U+FFFD); a base64 response is decoded
+  only when the request's first Accept media type is one of them, else sent as the base64 text.
 Error bodies are the template's gateway responses when it has them, else API Gateway's defaults.
 
-The stage may be given in the path (`/prod/v1/jobs`) or left out (`/v1/jobs`).
+Requests are served only under the stage (`/prod/v1/jobs`), as on the execute-api URL.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ _DEFAULT_STATUS = {
     "ACCESS_DENIED": 403,
     "MISSING_AUTHENTICATION_TOKEN": 403,
     "REQUEST_TOO_LARGE": 413,
+    "THROTTLED": 429,
+    "API_CONFIGURATION_ERROR": 500,
     "AUTHORIZER_FAILURE": 500,
     "AUTHORIZER_CONFIGURATION_ERROR": 500,
     "DEFAULT_5XX": 502,
@@ -58,6 +67,7 @@ _ERROR_TYPE = {
     "ACCESS_DENIED": "AccessDeniedException",
     "MISSING_AUTHENTICATION_TOKEN": "MissingAuthenticationTokenException",
     "AUTHORIZER_FAILURE": "AuthorizerFailureException",
+    "THROTTLED": "TooManyRequestsException",
     "DEFAULT_5XX": "InternalServerErrorException",
     "INTEGRATION_TIMEOUT": "InternalServerErrorException",
 }
@@ -86,6 +96,24 @@ class _CachedPolicy:
     policy: dict[str, Any]
     context: dict[str, Any]
     principal_id: str
+
+
+@dataclass
+class _TokenBucket:
+    """API Gateway's throttle: `burst` tokens, refilled at `rate` a second; a request takes one."""
+
+    rate: float
+    burst: int
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass
@@ -138,6 +166,8 @@ class ApiGateway:
         self._settings = settings
         self._cache: dict[tuple[str, tuple[str, ...]], _CachedPolicy] = {}
         self._cache_lock = threading.Lock()
+        self._buckets: dict[tuple[str, str], _TokenBucket] = {}
+        self._buckets_lock = threading.Lock()
 
     # ---- the request ----
 
@@ -158,6 +188,9 @@ class ApiGateway:
                 "MISSING_AUTHENTICATION_TOKEN", "Missing Authentication Token", request_id
             )
         route, path_parameters = found
+        if not self._admit(route):
+            log.info("throttled %s %s: past the stage's rate and burst", request.method, route.resource_path)
+            return self._gateway_response("THROTTLED", "Too Many Requests", request_id)
         event = self._proxy_event(request, path, route, path_parameters, request_id)
         authorized = _Authorized()
         if route.authorizer is not None:
@@ -180,13 +213,48 @@ class ApiGateway:
         return None
 
     def _route(self, method: str, path: str) -> tuple[RouteSpec, dict[str, str]] | None:
+        """The resource first (routes are sorted most specific first), then its method.
+
+        A method the chosen resource does not have is not looked for on another resource that
+        also matches (a `{proxy+}` parent): API Gateway answers that request with its 403.
+        """
         for route in self.api.routes:
-            if route.http_method != method and not (route.http_method == "ANY" and method in ANY_METHODS):
-                continue
             parameters = route.matches(path)
-            if parameters is not None:
-                return route, parameters
+            if parameters is None:
+                continue
+            methods = [
+                candidate for candidate in self.api.routes if candidate.resource_path == route.resource_path
+            ]
+            exact = next((candidate for candidate in methods if candidate.http_method == method), None)
+            any_method = next((candidate for candidate in methods if candidate.http_method == "ANY"), None)
+            if exact is not None:
+                return exact, parameters
+            if any_method is not None and method in ANY_METHODS:
+                return any_method, parameters
+            return None
         return None
+
+    def _admit(self, route: RouteSpec) -> bool:
+        """Take a token from the method's bucket; False when the stage's throttle refuses it."""
+        throttle = self.api.throttle_for(route)
+        if throttle is None:
+            return True
+        now = time.monotonic()
+        with self._buckets_lock:
+            key = (route.resource_path, route.http_method)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _TokenBucket(
+                    throttle.rate_per_second, throttle.burst, float(throttle.burst), now
+                )
+            return bucket.take(now)
+
+    def _is_binary(self, media_type: str | None) -> bool:
+        """Whether a Content-Type or Accept media type is one of the API's binary media types."""
+        media = (media_type or "").split(",")[0].split(";")[0].strip().lower()
+        return bool(media) and any(
+            fnmatch.fnmatchcase(media, pattern.strip().lower()) for pattern in self.api.binary_media_types
+        )
 
     def _proxy_event(
         self,
@@ -207,7 +275,9 @@ class ApiGateway:
         query_multi: dict[str, list[str]] = {}
         for name, value in query_pairs:
             query_multi.setdefault(name, []).append(value)
-        body, encoded = self._body(request.body)
+        body, encoded = self._body(
+            request.body, self._is_binary(single.get("Content-Type") or single.get("content-type"))
+        )
         now = datetime.now(UTC)
         user_agent = single.get("User-Agent") or single.get("user-agent")
         return {
@@ -259,13 +329,14 @@ class ApiGateway:
         }
 
     @staticmethod
-    def _body(raw: bytes) -> tuple[str | None, bool]:
+    def _body(raw: bytes, binary: bool) -> tuple[str | None, bool]:
+        """A binary media type's body is base64; any other is text, whatever its bytes."""
         if not raw:
             return None, False
-        try:
-            return raw.decode("utf-8"), False
-        except UnicodeDecodeError:
+        if binary:
             return base64.b64encode(raw).decode(), True
+        # Not UTF-8: API Gateway passes the text on with U+FFFD in place of the bad bytes.
+        return raw.decode("utf-8", errors="replace"), False
 
     def _method_arn(self, event: dict[str, Any]) -> str:
         return (
@@ -324,7 +395,8 @@ class ApiGateway:
                 **{key: value for key, value in event.items() if key not in ("body", "isBase64Encoded")},
                 "requestContext": request_context,
             }
-        result = self._functions.invoke(authorizer.function, authorizer_event)
+        # Synchronous, as API Gateway invokes: with no environment free, Lambda throttles.
+        result = self._functions.invoke(authorizer.function, authorizer_event, throttle=True)
         self._note(result, "authorizer")
         if result.outcome is not Outcome.OK:
             return "Unauthorized" if result.error_message == "Unauthorized" else "failure"
@@ -376,7 +448,12 @@ class ApiGateway:
         done: queue.Queue[InvocationResult] = queue.Queue(maxsize=1)
 
         def invoke() -> None:
-            result = self._functions.invoke(route.function, event)
+            try:
+                result = self._functions.invoke(route.function, event, throttle=True)
+            except Exception as exc:  # the sandbox's own fault: a 500 now, not a 504 in 29 s
+                log.exception("invoking %s failed in the sandbox", route.function)
+                error = {"errorType": "Sandbox.InvokeError", "errorMessage": type(exc).__name__}
+                result = InvocationResult(route.function, request_id, Outcome.ERROR, error=error)
             self._note(result, "api")
             done.put(result)
 
@@ -386,17 +463,29 @@ class ApiGateway:
             result = done.get(timeout=max(0.0, left))
         except queue.Empty:
             return self._gateway_response("INTEGRATION_TIMEOUT", "Endpoint request timed out", request_id)
+        # Lambda's 429 (TooManyRequestsException) on the invoke: the client gets a 500.
+        if result.outcome is Outcome.THROTTLED:
+            return self._gateway_response("DEFAULT_5XX", "Internal server error", request_id, status=500)
         if result.outcome is not Outcome.OK:
             return self._gateway_response("DEFAULT_5XX", "Internal server error", request_id)
-        reply = self._proxy_reply(result.payload)
+        headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
+        reply = self._proxy_reply(result.payload, binary=self._is_binary(headers.get("accept")))
         if reply is None:
             log.warning("%s returned a malformed proxy response", route.function)
             return self._gateway_response("DEFAULT_5XX", "Internal server error", request_id)
+        if isinstance(reply, str):
+            log.warning("%s returned isBase64Encoded with a body that is not base64", route.function)
+            return self._gateway_response("API_CONFIGURATION_ERROR", "Internal server error", request_id)
         reply.headers.append(("x-amzn-RequestId", request_id))
         return reply
 
     @staticmethod
-    def _proxy_reply(payload: Any) -> HttpReply | None:
+    def _proxy_reply(payload: Any, binary: bool) -> HttpReply | str | None:
+        """The client's reply; None for a malformed response, a reason when base64 fails.
+
+        A base64 body is decoded only for a client whose first Accept media type is binary;
+        any other gets the base64 text itself.
+        """
         if not isinstance(payload, dict) or not isinstance(payload.get("statusCode"), int):
             return None
         headers: list[tuple[str, str]] = []
@@ -409,12 +498,19 @@ class ApiGateway:
             headers.extend((name, str(value)) for value in values or [])
         if not any(name.lower() == "content-type" for name, _ in headers):
             headers.append(("Content-Type", "application/json"))
-        body = payload.get("body") or ""
-        raw = base64.b64decode(body) if payload.get("isBase64Encoded") else str(body).encode()
+        body = str(payload.get("body") or "")
+        raw = body.encode()
+        if payload.get("isBase64Encoded") and binary:
+            try:
+                raw = base64.b64decode(body, validate=True)
+            except ValueError:
+                return "not base64"
         return HttpReply(status=payload["statusCode"], headers=headers, body=raw)
 
-    def _gateway_response(self, response_type: str, message: str | None, request_id: str) -> HttpReply:
-        status = _DEFAULT_STATUS.get(response_type, 500)
+    def _gateway_response(
+        self, response_type: str, message: str | None, request_id: str, status: int | None = None
+    ) -> HttpReply:
+        status = status or _DEFAULT_STATUS.get(response_type, 500)
         family = "DEFAULT_4XX" if status < 500 else "DEFAULT_5XX"
         spec = self.api.gateway_responses.get(response_type) or self.api.gateway_responses.get(family)
         template = '{"message":$context.error.messageString}'

@@ -21,19 +21,28 @@ corrects them:
   dynamodb:TransactWriteItems); IAM checks the actions of its entries.
 - moto reads the signature of every request from its Authorization header, so a presigned
   S3 URL (signature in the query) raised KeyError, a 500. It is authorized here as its
-  signer's request, by action; its signature and expiry are not checked.
+  signer's request, by action; its signature is not checked. Its expiry is: past
+  X-Amz-Date + X-Amz-Expires, S3 answers 403 AccessDenied "Request has expired".
+- moto never expires an assumed-role session. Here a request signed with a session's
+  credentials after their Expiration is refused as AWS refuses it: S3 with 400 ExpiredToken,
+  a presigned URL included, since a URL signed with temporary credentials stops working when
+  they expire whatever its ExpiresIn ("Download and upload objects with presigned URLs", S3
+  user guide); other services with 403 ExpiredToken(Exception). `expire_session` ends a
+  session early, for tests.
 - moto answers a denial in the XML of the query protocol whatever the service, so boto3
   saw DynamoDB's as error code "403". Services of the JSON protocols answer here as AWS's
   do: AccessDeniedException, naming the principal and the action.
-Two more, handled by the order above: moto's trust-policy check crashes on a role that
+One more, handled by the order above: moto's trust-policy check crashes on a role that
 trusts a service principal (`principal in None`, TypeError in
-moto/iam/access_control.py `_check_principal`), so roles are assumed before enforcement;
-and moto never expires an assumed-role session, so nothing needs refreshing however long
-the sandbox lives.
+moto/iam/access_control.py `_check_principal`), so roles are assumed before enforcement.
+The functions' sessions are assumed for `SESSION_SECONDS` (12 hours, the most a role session
+may last); Lambda renews a function's credentials and the sandbox does not, so the launcher
+makes them outlive the sandbox (`outlive`), and only a test ends one (`expire_session`).
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import threading
@@ -43,6 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 OPERATOR_USER = "llmq-sandbox-operator"
+# How long the functions' role sessions last: AssumeRole's maximum (DurationSeconds).
+SESSION_SECONDS = 43_200
 _ADMINISTRATOR_ACCESS = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
@@ -69,9 +80,12 @@ class AwsCredentials:
     access_key_id: str
     secret_access_key: str
     session_token: str | None = None
+    # When a session's credentials stop working (STS's Expiration, UTC); None for a user's key.
+    expiration: datetime.datetime | None = None
 
     def environment(self) -> dict[str, str]:
-        """As Lambda passes them to a function: the variables botocore reads."""
+        """As Lambda passes them to a function: the variables botocore reads. Like Lambda's,
+        they do not say when the credentials expire."""
         variables = {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key}
         if self.session_token:
             variables["AWS_SESSION_TOKEN"] = self.session_token
@@ -111,7 +125,9 @@ def create_operator(iam: Any) -> AwsCredentials:
     return AwsCredentials(key["AccessKeyId"], key["SecretAccessKey"])
 
 
-def assume_roles(sts: Any, roles: Mapping[str, tuple[str, str]]) -> dict[str, AwsCredentials]:
+def assume_roles(
+    sts: Any, roles: Mapping[str, tuple[str, str]], duration_seconds: int = SESSION_SECONDS
+) -> dict[str, AwsCredentials]:
     """{function: (role ARN, session name)} -> the credentials of a session of each role.
 
     Lambda names the session after the function. Call it before enforcement begins (see the
@@ -119,11 +135,56 @@ def assume_roles(sts: Any, roles: Mapping[str, tuple[str, str]]) -> dict[str, Aw
     """
     assumed = {}
     for function, (role_arn, session_name) in roles.items():
-        credentials = sts.assume_role(RoleArn=role_arn, RoleSessionName=session_name[:64])["Credentials"]
+        credentials = sts.assume_role(
+            RoleArn=role_arn, RoleSessionName=session_name[:64], DurationSeconds=duration_seconds
+        )["Credentials"]
         assumed[function] = AwsCredentials(
-            credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]
+            credentials["AccessKeyId"],
+            credentials["SecretAccessKey"],
+            credentials["SessionToken"],
+            expiration=credentials["Expiration"],
         )
     return assumed
+
+
+def expire_session(access_key_id: str, at: datetime.datetime | None = None) -> datetime.datetime:
+    """End an assumed-role session of this process's moto (at once, or `at`, UTC): from then
+    on moto refuses its credentials with ExpiredToken, presigned URLs they signed included.
+    Returns the new expiry. Tests use it to play credentials that expire."""
+    from moto.core.utils import utcnow
+
+    # moto keeps a session's Expiration as a naive UTC datetime.
+    when = utcnow() if at is None else at.astimezone(datetime.UTC).replace(tzinfo=None) if at.tzinfo else at
+    role = _assumed_role(access_key_id)
+    if role is None:
+        raise KeyError(f"no assumed-role session with access key {access_key_id}")
+    role.expiration = when
+    return when
+
+
+def outlive(credentials: Mapping[str, AwsCredentials], years: int = 10) -> None:
+    """Keep these sessions valid while the sandbox runs.
+
+    Lambda hands a function fresh credentials before its old ones expire; the sandbox assumes
+    each role once and does not rotate them, so without this a sandbox left up past the
+    12-hour session limit would see every call refused. Tests still end a session early
+    with `expire_session`.
+    """
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * years)
+    for session in credentials.values():
+        if session.session_token:
+            expire_session(session.access_key_id, at=later)
+
+
+def _assumed_role(access_key_id: str) -> Any:
+    from moto.sts.models import sts_backends
+
+    for partitions in list(sts_backends.values()):
+        for backend in list(partitions.values()):
+            for role in backend.assumed_roles:
+                if role.access_key_id == access_key_id:
+                    return role
+    return None
 
 
 # ---- where moto's authorization differs from IAM -------------------------------------------
@@ -139,12 +200,14 @@ def make_moto_authorize_like_iam() -> None:
         if _patched:
             return
         from moto.core.authorization import ActionAuthenticatorMixin
+        from moto.iam import access_control
         from moto.iam.access_control import IAMPolicyStatement, IAMRequest, IAMRequestBase
 
         _allow_unknown_resources(IAMPolicyStatement)
         _check_entry_actions(IAMRequestBase)
         _authorize_presigned_urls(ActionAuthenticatorMixin)
         _deny_in_the_services_protocol(IAMRequest)
+        _refuse_expired_sessions(access_control)
         _patched = True
 
 
@@ -206,6 +269,7 @@ def _authorize_presigned_urls(mixin: Any) -> None:
             authenticate_and_authorize(self, iam_request_cls, resource)
             return
         credential, token = presigned
+        _refuse_an_expired_url(getattr(self, "querystring", {}) or {})
         # moto reads the caller's key from an Authorization header: give it the query's.
         headers = {**dict(self.headers), "Authorization": f"AWS4-HMAC-SHA256 Credential={credential}, "}
         if token is not None:
@@ -222,6 +286,72 @@ def _authorize_presigned_urls(mixin: Any) -> None:
         request.check_action_permitted(resource)
 
     mixin._authenticate_and_authorize_action = authorize
+
+
+def _refuse_an_expired_url(query: Mapping[str, Iterable[str]]) -> None:
+    """S3 refuses a presigned URL past X-Amz-Date + X-Amz-Expires: 403 AccessDenied."""
+    signed = next(iter(query.get("X-Amz-Date") or []), None)
+    expires = next(iter(query.get("X-Amz-Expires") or []), None)
+    if signed is None or expires is None:
+        return
+    try:
+        start = datetime.datetime.strptime(signed, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+        end = start + datetime.timedelta(seconds=int(expires))
+    except ValueError:
+        return
+    if datetime.datetime.now(datetime.UTC) > end:
+        from moto.s3.exceptions import S3ClientError
+
+        error = S3ClientError("AccessDenied", "Request has expired")
+        error.http_status_code = 403  # type: ignore[attr-defined]
+        raise error
+
+
+_EXPIRED = "ExpiredToken"
+
+
+def _refuse_expired_sessions(access_control: Any) -> None:
+    """A session's credentials past their Expiration are refused, as AWS refuses them."""
+    create_access_key = access_control.create_access_key
+
+    def create(account_id: str, partition: str, access_key_id: str, headers: dict[str, str]) -> Any:
+        from moto.core.utils import utcnow
+
+        key = create_access_key(account_id, partition, access_key_id, headers)
+        if isinstance(key, access_control.AssumedRoleAccessKey):
+            role = _assumed_role(access_key_id)
+            if role is not None and role.expiration <= utcnow():
+                raise access_control.CreateAccessKeyFailure(reason=_EXPIRED)
+        return key
+
+    access_control.create_access_key = create
+    for request_class in (access_control.S3IAMRequest, access_control.IAMRequest):
+        _raise_expired_token(request_class)
+
+
+def _raise_expired_token(request_class: Any) -> None:
+    raise_invalid_access_key = request_class._raise_invalid_access_key
+
+    def raise_invalid(self: Any, reason: str) -> None:
+        if reason != _EXPIRED:
+            raise_invalid_access_key(self, reason)
+            return
+        if self._service == "s3":
+            from moto.s3.exceptions import S3ClientError
+
+            raise S3ClientError("ExpiredToken", "The provided token has expired.")
+        from moto.core.exceptions import JsonRESTError, _RESTError
+
+        if _speaks_json(self._service):
+            error: _RESTError = JsonRESTError(
+                "ExpiredTokenException", "The security token included in the request is expired"
+            )
+        else:
+            error = _RESTError("ExpiredToken", "The security token included in the request is expired")
+        error.code = 403
+        raise error
+
+    request_class._raise_invalid_access_key = raise_invalid
 
 
 @functools.cache

@@ -45,16 +45,30 @@ from llmq_sandbox.iam import UNCHECKED, AwsCredentials
 from llmq_sandbox.topology import LLMQ_LAYER_DIR, ROOT, FunctionSpec
 from stacks.runtime import LAMBDA_PYTHON_VERSION
 
-INIT_TIMEOUT_SECONDS = 60.0
+# Lambda's init phase (extensions, runtime, the handler's static code) may take 10 s. One that
+# takes longer is stopped and retried when the first invocation arrives, and that second init
+# counts against the invocation's timeout (lambda-runtime-environment.html, "Init phase").
+INIT_TIMEOUT_SECONDS = 10.0
+# How long a started process may take to connect back, before its init even begins.
+_CONNECT_TIMEOUT_SECONDS = 60.0
+# A synchronous invocation carries at most 6 MB each way (Lambda quotas, "Invocation
+# payload"); the figures are those of Lambda's own errors.
+MAX_REQUEST_BYTES = 6 * 1024 * 1024
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024 + 100
+# How often a running environment's memory is read.
+_MEMORY_WATCH_SECONDS = 0.15
 # Lambda gives the Python runtime these; a handler or Powertools may read them.
 _LAMBDA_RUNTIME_VARS = {
     "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+    "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
     "AWS_EXECUTION_ENV": f"AWS_Lambda_python{LAMBDA_PYTHON_VERSION}",
     "TZ": ":UTC",
     "LANG": "en_US.UTF-8",
     "PYTHONUNBUFFERED": "1",
-    # No X-Ray daemon here; SAM local does the same.
-    "POWERTOOLS_TRACE_DISABLED": "true",
+    # Every function is deployed with Tracing: Active. Lambda then sets these, the X-Ray SDK
+    # logs (instead of raising) when it finds no segment, and Powertools' Tracer is on; the
+    # daemon's address is the launcher's UDP sink (EnvironmentLauncher.xray).
+    "AWS_XRAY_CONTEXT_MISSING": "LOG_ERROR",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 
@@ -67,6 +81,7 @@ class Outcome(StrEnum):
     OK = "ok"
     ERROR = "error"  # the handler raised
     TIMEOUT = "timeout"  # killed at the function's timeout: a crashed invocation
+    THROTTLED = "throttled"  # no concurrency left: the invocation never ran
 
 
 @dataclass
@@ -114,8 +129,12 @@ class AwsAccess:
 
 
 def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
-    """The child's whole environment: the template's variables plus what Lambda adds."""
-    python_path = [str(spec.code_dir), str(LLMQ_LAYER_DIR), str(ROOT)]
+    """The child's whole environment: the template's variables plus what Lambda adds.
+
+    Its PYTHONPATH is the function's code and the llmq layer, as /var/task and /opt/python are
+    on Lambda: not the repository root (lambda_runtime.RuntimeImports keeps the venv out too).
+    """
+    python_path = [str(spec.code_dir), str(LLMQ_LAYER_DIR)]
     environment = {
         **_LAMBDA_RUNTIME_VARS,
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -135,6 +154,37 @@ def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
     # The template's variables last: they are the function's, and nothing above may mask them.
     environment.update(spec.environment)
     return environment
+
+
+class XRaySink:
+    """A UDP port where the X-Ray daemon would listen: the SDK's segments land here, counted.
+
+    Lambda runs the daemon beside every function with active tracing; here nothing forwards
+    the segments, but the X-Ray SDK sends them exactly as it would (and a test can see them).
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        host, port = self._socket.getsockname()
+        self.address = f"{host}:{port}"
+        self.segments: deque[dict[str, Any]] = deque(maxlen=1000)
+        threading.Thread(target=self._receive, name="xray-sink", daemon=True).start()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                datagram = self._socket.recv(65536)
+            except OSError:
+                return
+            # The SDK sends a JSON header line, then the segment document.
+            _, _, document = datagram.partition(b"\n")
+            with suppress(ValueError):
+                self.segments.append(json.loads(document))
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self._socket.close()
 
 
 @dataclass
@@ -188,6 +238,7 @@ class EnvironmentLauncher:
         self._closed = False
         threading.Thread(target=self._accept, name="runtime-accept", daemon=True).start()
         self._log = (log_dir / "runtime.log").open("ab")
+        self.xray = XRaySink()
         self._server: subprocess.Popen[str] | None = None
         if hasattr(os, "fork"):
             self._server = self._start_fork_server(aws)
@@ -238,6 +289,7 @@ class EnvironmentLauncher:
             waiting.put(_Connection(connection, reader, int(hello["pid"])))
 
     def launch(self, spec: FunctionSpec, environment: dict[str, str], log_path: Path) -> _Connection:
+        environment = {"AWS_XRAY_DAEMON_ADDRESS": self.xray.address, **environment}
         token = uuid.uuid4().hex
         arrived: queue.Queue[_Connection] = queue.Queue()
         with self._lock:
@@ -251,6 +303,9 @@ class EnvironmentLauncher:
                     self._waiting.pop(token, None)
                 raise
         else:
+            # A fresh interpreter finds the runtime (llmq_sandbox) beside the function's path;
+            # the runtime takes the repository root off sys.path before the handler's import.
+            fresh = {**environment, "PYTHONPATH": os.pathsep.join([environment["PYTHONPATH"], str(ROOT)])}
             with log_path.open("ab") as log:
                 process = subprocess.Popen(
                     [
@@ -262,20 +317,20 @@ class EnvironmentLauncher:
                         token,
                     ],
                     cwd=spec.code_dir,
-                    env=environment,
+                    env=fresh,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
         try:
-            connection = arrived.get(timeout=INIT_TIMEOUT_SECONDS)
+            connection = arrived.get(timeout=_CONNECT_TIMEOUT_SECONDS)
         except queue.Empty:
             with self._lock:
                 self._waiting.pop(token, None)
             if process is not None:
                 process.kill()
             raise FunctionStartError(
-                f"function {spec.name} ({spec.physical_name}) did not start within {INIT_TIMEOUT_SECONDS:.0f}s"
+                f"function {spec.name} ({spec.physical_name}) did not connect within {_CONNECT_TIMEOUT_SECONDS:.0f}s"
             ) from None
         connection.process = process
         return connection
@@ -313,54 +368,159 @@ class EnvironmentLauncher:
                 self._server.wait(timeout=5)
         with suppress(OSError):
             self._listener.close()
+        self.xray.close()
         shutil.rmtree(self._directory, ignore_errors=True)
         self._log.close()
 
 
-class ExecutionEnvironment:
-    """One child process running one function's handler, reached through its connection."""
+class _Waited(StrEnum):
+    TIMED_OUT = "timed out"
+    OUT_OF_MEMORY = "out of memory"
 
-    def __init__(self, spec: FunctionSpec, connection: _Connection) -> None:
+
+def resident_bytes(pid: int) -> int | None:
+    """The process's resident set (VmRSS), or None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def payload_bytes(payload: Any) -> int:
+    """A payload's size as JSON in UTF-8, the measure of Lambda's payload quotas."""
+    return len(json.dumps(payload, ensure_ascii=False).encode())
+
+
+def _trace_header() -> str:
+    """An X-Ray trace header as Lambda hands one to each invocation of an active function."""
+    return f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};Sampled=1"
+
+
+class ExecutionEnvironment:
+    """One child process running one function's handler, reached through its connection.
+
+    What Lambda enforces on an environment, this one does too:
+    - the init phase gets INIT_TIMEOUT_SECONDS; past that the process is stopped, and the first
+      invocation starts it again (`relaunch`) under its own timeout, as Lambda retries an init;
+    - its memory: while it initializes or runs, its resident set is read every
+      _MEMORY_WATCH_SECONDS, and past the function's memory_mb it is killed (Runtime.OutOfMemory).
+      The resident set of a forked child counts the pages it shares with the fork server (the
+      preloaded libraries), as a Lambda process counts the libraries it loaded itself; a
+      spike shorter than the interval can pass unseen, where Lambda's cgroup would not let it;
+    - the 6 MB of a synchronous invocation, each way.
+    """
+
+    def __init__(
+        self, spec: FunctionSpec, connection: _Connection, relaunch: Callable[[], _Connection] | None = None
+    ) -> None:
         self.spec = spec
-        self._connection = connection
-        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._relaunch = relaunch
         self.alive = True
         self.faults_fired: list[str] = []
-        threading.Thread(target=self._read_replies, name=f"{spec.name}-replies", daemon=True).start()
+        self._init_started = time.monotonic()
+        # The init ran out of its 10 s: the next invocation runs it again first.
+        self.init_suppressed = False
+        self._attach(connection)
+
+    def _attach(self, connection: _Connection) -> None:
+        self._connection = connection
+        self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(
+            target=self._read_replies,
+            args=(connection, self._replies),
+            name=f"{self.spec.name}-replies",
+            daemon=True,
+        ).start()
 
     @property
     def pid(self) -> int:
         return self._connection.pid
 
-    def _read_replies(self) -> None:
+    @property
+    def memory_limit_bytes(self) -> int:
+        return self.spec.memory_mb * 1024 * 1024
+
+    @staticmethod
+    def _read_replies(connection: _Connection, replies: queue.Queue[dict[str, Any] | None]) -> None:
         try:
-            for line in self._connection.reader:
+            for line in connection.reader:
                 try:
-                    self._replies.put(json.loads(line))
+                    replies.put(json.loads(line))
                 except ValueError:
                     continue
         except OSError:
             pass
-        self._replies.put(None)
+        replies.put(None)
 
-    def wait_ready(self) -> None:
-        """Block until the cold start is over; raise FunctionStartError if it failed."""
-        try:
-            message = self._replies.get(timeout=INIT_TIMEOUT_SECONDS)
-        except queue.Empty:
-            self.kill()
-            raise FunctionStartError(
-                f"function {self.spec.name} ({self.spec.physical_name}) did not start within "
-                f"{INIT_TIMEOUT_SECONDS:.0f}s"
-            ) from None
-        if message is not None and message.get("type") == "ready":
-            return
+    def _await(self, deadline: float) -> dict[str, Any] | _Waited | None:
+        """The next message, watching the process's memory until the monotonic `deadline`."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _Waited.TIMED_OUT
+            try:
+                return self._replies.get(timeout=min(_MEMORY_WATCH_SECONDS, left))
+            except queue.Empty:
+                used = resident_bytes(self.pid)
+                if used is not None and used > self.memory_limit_bytes:
+                    return _Waited.OUT_OF_MEMORY
+
+    def _out_of_memory(self, request_id: str) -> dict[str, Any]:
+        self.kill()
+        return {
+            "errorType": "Runtime.OutOfMemory",
+            "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: signal: killed",
+        }
+
+    def _start_failure(self, message: dict[str, Any] | None) -> FunctionStartError:
         self.kill()
         error = (message or {}).get("error") or {}
         why = f"{error.get('errorType', 'exited')}: {error.get('errorMessage', 'no reason given')}"
-        raise FunctionStartError(
+        return FunctionStartError(
             f"function {self.spec.name} ({self.spec.physical_name}) failed its cold start: {why}"
         )
+
+    def wait_ready(self) -> None:
+        """Block until the cold start is over; raise FunctionStartError if it failed.
+
+        An init that outlasts INIT_TIMEOUT_SECONDS is stopped and left to the first
+        invocation to retry (without a way to start again, it is a failure)."""
+        message = self._await(self._init_started + INIT_TIMEOUT_SECONDS)
+        if message is _Waited.TIMED_OUT:
+            if self._relaunch is None:
+                self.kill()
+                raise FunctionStartError(
+                    f"function {self.spec.name} ({self.spec.physical_name}) did not start within "
+                    f"{INIT_TIMEOUT_SECONDS:.0f}s"
+                )
+            self._stop_process()
+            self.init_suppressed = True
+            return
+        if message is _Waited.OUT_OF_MEMORY:
+            raise self._start_failure({"error": self._out_of_memory("init")})
+        if isinstance(message, dict) and message.get("type") == "ready":
+            return
+        raise self._start_failure(message)
+
+    def _retry_init(self, request_id: str, deadline: float) -> tuple[Outcome, Any] | None:
+        """The init again, inside the invocation and under its deadline; an outcome if it failed."""
+        assert self._relaunch is not None
+        try:
+            self._attach(self._relaunch())
+        except FunctionStartError as exc:
+            self.kill()
+            return Outcome.ERROR, {"errorType": "Runtime.InitError", "errorMessage": str(exc)}
+        self.init_suppressed = False
+        message = self._await(deadline)
+        if message is _Waited.TIMED_OUT:
+            return None  # the invocation times out: the caller says so
+        if message is _Waited.OUT_OF_MEMORY:
+            return Outcome.ERROR, self._out_of_memory(request_id)
+        if isinstance(message, dict) and message.get("type") == "ready":
+            return Outcome.OK, None
+        error = self._start_failure(message)
+        return Outcome.ERROR, {"errorType": "Runtime.InitError", "errorMessage": str(error)}
 
     def invoke(
         self,
@@ -372,11 +532,30 @@ class ExecutionEnvironment:
         """Run one invocation. `armed`: the call faults it may fire (llmq_sandbox/doubles/faults.py);
         the ones that fired are left in `self.faults_fired`."""
         self.faults_fired = []
+        if payload_bytes(event) > MAX_REQUEST_BYTES:
+            # Refused by the Invoke API before any environment sees it.
+            return Outcome.ERROR, {
+                "errorType": "RequestEntityTooLargeException",
+                "errorMessage": f"Request must be smaller than {MAX_REQUEST_BYTES} bytes for the InvokeFunction operation",
+            }
         deadline = time.time() + timeout_seconds
+        watch_until = time.monotonic() + timeout_seconds
+        timed_out = {
+            "errorType": "Sandbox.Timeout",
+            "errorMessage": f"Task timed out after {timeout_seconds:.2f} seconds",
+        }
+        if self.init_suppressed:
+            retried = self._retry_init(request_id, watch_until)
+            if retried is None:
+                self.kill()
+                return Outcome.TIMEOUT, timed_out
+            if retried[0] is not Outcome.OK:
+                return retried
         request: dict[str, Any] = {
             "request_id": request_id,
             "event": event,
             "deadline_ms": int(deadline * 1000),
+            "trace_id": _trace_header(),
         }
         if armed:
             request["faults"] = armed
@@ -385,25 +564,28 @@ class ExecutionEnvironment:
         except OSError:
             self.kill()
             return Outcome.ERROR, {"errorType": "Runtime.ExitError", "errorMessage": "the runtime exited"}
-        try:
-            reply = self._replies.get(timeout=max(0.0, deadline - time.time()))
-        except queue.Empty:
+        reply = self._await(watch_until)
+        if reply is _Waited.TIMED_OUT:
             # Lambda stops the runtime at the timeout; whatever the handler was doing is lost.
             self.kill()
-            return Outcome.TIMEOUT, {
-                "errorType": "Sandbox.Timeout",
-                "errorMessage": f"Task timed out after {timeout_seconds:.2f} seconds",
-            }
-        if reply is None:
+            return Outcome.TIMEOUT, timed_out
+        if reply is _Waited.OUT_OF_MEMORY:
+            return Outcome.ERROR, self._out_of_memory(request_id)
+        if not isinstance(reply, dict):
             self.kill()
             return Outcome.ERROR, {"errorType": "Runtime.ExitError", "errorMessage": "the runtime exited"}
         self.faults_fired = list(reply.get("faults_fired") or [])
         if reply.get("type") == "result":
+            if int(reply.get("size") or 0) > MAX_RESPONSE_BYTES:
+                return Outcome.ERROR, {
+                    "errorType": "Function.ResponseSizeTooLarge",
+                    "errorMessage": f"Response payload size exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).",
+                }
             return Outcome.OK, reply.get("payload")
         return Outcome.ERROR, reply.get("error") or {}
 
-    def kill(self) -> None:
-        self.alive = False
+    def _stop_process(self) -> None:
+        """Kill the process of this environment, keeping the environment itself (a retried init)."""
         with suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with suppress(OSError):
@@ -411,6 +593,10 @@ class ExecutionEnvironment:
         if self._connection.process is not None:
             with suppress(subprocess.TimeoutExpired):
                 self._connection.process.wait(timeout=5)
+
+    def kill(self) -> None:
+        self.alive = False
+        self._stop_process()
 
     def request_stop(self) -> None:
         """Polite first: the end of its input ends the runtime's loop."""
@@ -428,8 +614,24 @@ class ExecutionEnvironment:
         self.kill()
 
 
+class FunctionThrottled(Exception):
+    """Every unit of the function's concurrency is in use (Lambda's TooManyRequestsException)."""
+
+
+# What Lambda answers a throttled invoke (429); a poller leaves the batch on its queue.
+THROTTLED_ERROR = {"errorType": "TooManyRequestsException", "errorMessage": "Rate Exceeded."}
+
+
 class FunctionPool:
-    """The warm environments of one function, bounded by its concurrency."""
+    """The warm environments of one function, bounded by its concurrency.
+
+    The concurrency is the template's reserved concurrency, or the runner's
+    default_function_concurrency for a function without one (on AWS such functions share the
+    account's unreserved pool; here each has that many of its own). An invoke that finds every
+    unit in use either waits for one (`throttle=False`: the gateway's synchronous invokes, as
+    the sandbox always did) or is throttled at once (`throttle=True`: an event source mapping,
+    whose batch then stays on its queue, as Lambda's pollers do).
+    """
 
     def __init__(
         self,
@@ -453,10 +655,12 @@ class FunctionPool:
         self._closed = False
 
     def _new_environment(self) -> ExecutionEnvironment:
-        connection = self._launcher.launch(
-            self.spec, function_environment(self.spec, self._aws), self._log_path
-        )
-        environment = ExecutionEnvironment(self.spec, connection)
+        def launch() -> _Connection:
+            return self._launcher.launch(
+                self.spec, function_environment(self.spec, self._aws), self._log_path
+            )
+
+        environment = ExecutionEnvironment(self.spec, launch(), relaunch=launch)
         with self._lock:
             self._all.append(environment)
         try:
@@ -474,8 +678,10 @@ class FunctionPool:
             self._idle.append(environment)
 
     @contextmanager
-    def _environment(self) -> Iterator[tuple[ExecutionEnvironment, bool]]:
-        with self._slots:
+    def _environment(self, throttle: bool = False) -> Iterator[tuple[ExecutionEnvironment, bool]]:
+        if not self._slots.acquire(blocking=not throttle):
+            raise FunctionThrottled(self.spec.name)
+        try:
             with self._lock:
                 environment = self._idle.pop() if self._idle else None
             cold = environment is None
@@ -489,8 +695,13 @@ class FunctionPool:
                         self._idle.append(environment)
                     elif environment in self._all:
                         self._all.remove(environment)
+        finally:
+            self._slots.release()
 
-    def invoke(self, event: Any, timeout_seconds: float | None = None) -> InvocationResult:
+    def invoke(
+        self, event: Any, timeout_seconds: float | None = None, *, throttle: bool = False
+    ) -> InvocationResult:
+        """Run one invocation; with `throttle`, answer THROTTLED instead of waiting for a slot."""
         request_id = str(uuid.uuid4())
         started = time.time()
         if self._closed:
@@ -504,7 +715,7 @@ class FunctionPool:
         armed = self._faults.arm(self.spec.name)
         fired: list[str] = []
         try:
-            with self._environment() as (environment, cold):
+            with self._environment(throttle) as (environment, cold):
                 started = time.time()
                 outcome, payload = environment.invoke(
                     event, request_id, timeout_seconds or self.spec.timeout_seconds, armed
@@ -516,6 +727,8 @@ class FunctionPool:
                 {"errorType": "Runtime.InitError", "errorMessage": str(exc)},
                 True,
             )
+        except FunctionThrottled:
+            outcome, payload, cold = Outcome.THROTTLED, dict(THROTTLED_ERROR), False
         finally:
             self._faults.settle(armed, fired)
         if outcome is Outcome.TIMEOUT:
@@ -627,8 +840,10 @@ class LambdaService:
         if errors:
             raise FunctionStartError("; ".join(sorted(str(error) for error in errors)))
 
-    def invoke(self, function: str, event: Any, timeout_seconds: float | None = None) -> InvocationResult:
-        return self.pools[function].invoke(event, timeout_seconds)
+    def invoke(
+        self, function: str, event: Any, timeout_seconds: float | None = None, *, throttle: bool = False
+    ) -> InvocationResult:
+        return self.pools[function].invoke(event, timeout_seconds, throttle=throttle)
 
     def close(self) -> None:
         threads = [threading.Thread(target=pool.close) for pool in self.pools.values()]

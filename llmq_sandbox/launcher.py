@@ -39,7 +39,7 @@ from llmq_sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.faults import CallFault, FaultSpecError
 from llmq_sandbox.doubles.receiver import WebhookReceiver
-from llmq_sandbox.event_sources import QueuePoller, ScheduleTimer
+from llmq_sandbox.event_sources import DeliveryChaos, QueuePoller, ScheduleTimer
 from llmq_sandbox.gateway import ApiGateway, GatewayServer
 from llmq_sandbox.iam import (
     UNCHECKED,
@@ -47,10 +47,12 @@ from llmq_sandbox.iam import (
     assume_roles,
     create_operator,
     make_moto_authorize_like_iam,
+    outlive,
     set_enforcement,
 )
 from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
-from llmq_sandbox.moto_fidelity import make_moto_strict
+from llmq_sandbox.moto_fidelity import make_moto_strict, set_index_lag
+from llmq_sandbox.python_runtime import runtime_notice
 from llmq_sandbox.topology import Topology, TopologyError, read_topology
 from stacks.template import StackTemplate
 
@@ -124,6 +126,7 @@ class Sandbox:
     def start(self, pid: int | None = None) -> SandboxState:
         prepare_process()
         make_moto_strict()
+        set_index_lag(self.settings.index_lag_seconds)
         if self.settings.enforce_iam:
             make_moto_authorize_like_iam()
         try:
@@ -148,6 +151,9 @@ class Sandbox:
             running.provider = FakeProviderServer().start()
         provider_url = running.provider.base_url if running.provider else str(self.provider_choice.base_url)
         self.config = sandbox_config(provider_url, self.provider_choice, self._overrides)
+        notice = runtime_notice()
+        for line in notice.lines():
+            (log.info if notice.matches else log.warning)("%s", line)
         log.info("synthesizing the CDK app and deploying it into moto at %s", running.endpoint_url)
         began = time.monotonic()
         deployment = self._deploy(running)
@@ -191,6 +197,7 @@ class Sandbox:
             roles[name] = (spec.role_arn, spec.physical_name)
         # The Lambda service assumes them, not the operator (whom the roles do not trust).
         credentials = assume_roles(self.client("sts"), roles)
+        outlive(credentials)
         set_enforcement(self._running.endpoint_url, enforced=True)
         log.info(
             "IAM enforced: each function acts with its own role; the operator with %s",
@@ -329,11 +336,28 @@ class Sandbox:
         # also needs receive, delete and ChangeMessageVisibility in the function's role, which
         # tests/infra checks in the template.
         sqs = self.client("sqs")
+        settings = self.settings
+        if settings.at_least_once_chaos:
+            log.info(
+                "at-least-once chaos: duplicates, reordering, partial batches (seed %d)", settings.chaos_seed
+            )
         for mapping in topology.mappings:
             if not mapping.enabled:
                 continue
-            concurrency = mapping.max_concurrency or self.settings.default_mapping_concurrency
-            poller = QueuePoller(mapping, functions, sqs, self.region, concurrency)
+            # MaximumConcurrency caps a mapping; without it, it starts at five and scales up.
+            # Either way the function's own concurrency throttles it (event_sources.py).
+            poller = QueuePoller(
+                mapping,
+                functions,
+                sqs,
+                self.region,
+                mapping.max_concurrency or settings.default_mapping_concurrency,
+                scale_per_minute=0 if mapping.max_concurrency else settings.mapping_scale_per_minute,
+                concurrency_limit=mapping.max_concurrency or settings.mapping_concurrency_limit,
+                chaos=DeliveryChaos.seeded(settings.chaos_seed, mapping.queue.name)
+                if settings.at_least_once_chaos
+                else None,
+            )
             poller.start()
             pollers.append(poller)
         return pollers
@@ -485,6 +509,7 @@ class Sandbox:
                 for route in self.topology.api.routes
             ],
             "stage": self.topology.api.stage,
+            "python": runtime_notice().lines(),
         }
 
     # ---- stop ----

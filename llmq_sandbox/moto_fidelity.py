@@ -24,6 +24,17 @@ or fail a test that AWS would pass:
   same count the domain uses to decide what goes to S3, checked on the whole new item.
   moto already counts strings and names in UTF-8 bytes, so non-ASCII text was never the gap.
 
+- **Eventually consistent indexes.** A Query or Scan of a global secondary index reads an
+  asynchronously updated copy of the table ("DynamoDB read consistency",
+  https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/HowItWorks.ReadConsistency.html:
+  every GSI read is eventually consistent, none strongly; a write usually reaches the index
+  within a second). moto reads the table itself, so code that reads its own write
+  through an index passed here and failed on AWS now and then. Here an index answers from the
+  table as it was `index_lag` seconds ago (`set_index_lag`; 0, the default in-process, keeps
+  moto's behaviour): each write keeps the item's previous version, with its time, for that
+  long, and an index read runs moto's own query over the lagged view. Base-table reads stay
+  strongly consistent; ConsistentRead on a GSI is refused by moto already, as by DynamoDB.
+
 SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS developer guide):
 
 - **12 hours from the receive.** A message's visibility may reach at most 12 hours after the
@@ -43,8 +54,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from llmq.config import MAX_VISIBILITY_SECONDS as MAX_SQS_VISIBILITY_SECONDS
@@ -55,6 +69,12 @@ _WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
 # Reads that hand back stored Item objects, which later writes mutate in place.
 _READS = ("get_item", "query", "scan")
 _applied = False
+# How old a view of its table a global secondary index answers from (set_index_lag).
+_index_lag_seconds = 0.0
+# The clock of the index lag; a test may replace it to make a stale view deterministic.
+clock: Callable[[], float] = time.monotonic
+# On a moto Table: [(when, key, the item before that write, or None)], oldest first.
+_HISTORY = "llmq_index_history"
 
 
 def _serialized(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -142,6 +162,117 @@ def _size_checked_once_at_the_end(self: Any, key: str, value: Any) -> None:
     dict.__setitem__(self, key, value)
 
 
+def set_index_lag(seconds: float) -> None:
+    """From now on, a global secondary index answers from its table as of `seconds` ago."""
+    global _index_lag_seconds
+    if seconds < 0:
+        raise ValueError("the index lag cannot be negative")
+    with _LOCK:
+        _index_lag_seconds = float(seconds)
+
+
+def index_lag() -> float:
+    return _index_lag_seconds
+
+
+@contextmanager
+def lagging_indexes(seconds: float) -> Iterator[None]:
+    """The index lag set to `seconds` for the block, then back as it was (tests)."""
+    before = _index_lag_seconds
+    set_index_lag(seconds)
+    try:
+        yield
+    finally:
+        set_index_lag(before)
+
+
+def _item_key(table: Any, attrs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(hash, range) of a request's key or item, as moto stores it; None when malformed."""
+    from moto.dynamodb.models.dynamo_type import DynamoType
+
+    try:
+        hash_key = DynamoType(attrs[table.hash_key_attr])
+        range_key = DynamoType(attrs[table.range_key_attr]) if table.range_key_attr else None
+    except (KeyError, TypeError):
+        return None
+    return hash_key, range_key
+
+
+def _recorded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A backend write (of an item, or by key) that, while indexes lag, remembers the item as
+    it was before it."""
+
+    @functools.wraps(method)
+    def write(self: Any, table_name: str, attrs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if _index_lag_seconds <= 0:
+            return method(self, table_name, attrs, *args, **kwargs)
+        try:
+            table = self.get_table(table_name)
+        except Exception:
+            return method(self, table_name, attrs, *args, **kwargs)
+        key = _item_key(table, attrs)
+        before = copy.deepcopy(table.get_item(*key)) if key is not None else None
+        result = method(self, table_name, attrs, *args, **kwargs)
+        if key is not None:
+            now = clock()
+            history = [entry for entry in getattr(table, _HISTORY, []) if entry[0] > now - _index_lag_seconds]
+            history.append((now, key, before))
+            setattr(table, _HISTORY, history)
+        return result
+
+    return write
+
+
+def _lagged_items(table: Any, lag: float) -> Any:
+    """`table.items` as a reader `lag` seconds ago saw it: each key written since then shows
+    the version before its earliest write in that window."""
+    cutoff = clock() - lag
+    view: Any = {h: dict(r) for h, r in table.items.items()} if table.range_key_attr else dict(table.items)
+    seen: set[tuple[Any, Any]] = set()
+    for when, (hash_key, range_key), before in getattr(table, _HISTORY, []):
+        if when <= cutoff or (hash_key, range_key) in seen:
+            continue
+        seen.add((hash_key, range_key))
+        if range_key is None:
+            if before is None:
+                view.pop(hash_key, None)
+            else:
+                view[hash_key] = before
+        elif before is None:
+            view.get(hash_key, {}).pop(range_key, None)
+        else:
+            view.setdefault(hash_key, {})[range_key] = before
+    return view
+
+
+def _lagged_index_read(method: Callable[..., Any]) -> Callable[..., Any]:
+    """DynamoDBBackend.query / scan: with an IndexName of a global secondary index, answered
+    from the table as it was `index_lag` seconds ago."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lag = _index_lag_seconds
+        if lag <= 0:
+            return method(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        index_name = bound.arguments.get("index_name")
+        if not index_name:
+            return method(self, *args, **kwargs)
+        table = self.get_table(bound.arguments["table_name"])
+        if index_name not in {index.name for index in table.global_indexes or []}:
+            return method(self, *args, **kwargs)
+        with _LOCK:
+            current = table.items
+            table.items = _lagged_items(table, lag)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                table.items = current
+
+    return read
+
+
 def _mark_received(mark_received: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(mark_received)
     def received(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -193,6 +324,12 @@ def make_moto_strict() -> None:
         LimitedSizeDict.__setitem__ = _size_checked_once_at_the_end  # type: ignore[method-assign]
         Table.put_item = _checked_put(Table.put_item)  # type: ignore[method-assign]
         DynamoDBBackend.update_item = _all_or_nothing_update(DynamoDBBackend.update_item)  # type: ignore[method-assign]
+        # Outside the all-or-nothing update, inside the lock: only a write that held is remembered.
+        DynamoDBBackend.put_item = _recorded(DynamoDBBackend.put_item)  # type: ignore[method-assign]
+        DynamoDBBackend.update_item = _recorded(DynamoDBBackend.update_item)  # type: ignore[method-assign]
+        DynamoDBBackend.delete_item = _recorded(DynamoDBBackend.delete_item)  # type: ignore[method-assign]
+        DynamoDBBackend.query = _lagged_index_read(DynamoDBBackend.query)  # type: ignore[method-assign]
+        DynamoDBBackend.scan = _lagged_index_read(DynamoDBBackend.scan)  # type: ignore[method-assign]
         # The lock goes outside, so a snapshot and its restore are never interleaved with a write.
         for name in _WRITES:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))

@@ -8,6 +8,7 @@ an environment variable missing from the template is missing in the sandbox too.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -146,12 +147,36 @@ class GatewayResponseSpec:
 
 
 @dataclass(frozen=True)
+class ThrottleSpec:
+    """A stage's throttling target for the methods a MethodSetting names (token bucket)."""
+
+    resource_path: str  # "/*" for every resource, else the resource's path: "/v1/{proxy+}"
+    http_method: str  # "*" for every method, else "GET", ..., "ANY"
+    rate_per_second: float
+    burst: int
+
+    def covers(self, route: RouteSpec) -> bool:
+        # "*" in a setting's path is a wildcard: "/*" names every resource.
+        return fnmatch.fnmatchcase(route.resource_path, self.resource_path) and self.http_method in (
+            "*",
+            route.http_method,
+        )
+
+
+@dataclass(frozen=True)
 class ApiSpec:
     rest_api_id: str
     stage: str
     routes: list[RouteSpec]
     authorizers: dict[str, AuthorizerSpec]
     gateway_responses: dict[str, GatewayResponseSpec]
+    # The RestApi's BinaryMediaTypes ("image/png", "image/*", "*/*"); none: every body is text.
+    binary_media_types: list[str] = field(default_factory=list)
+    # The stage's MethodSettings that throttle, the most specific first; none: unthrottled.
+    throttles: list[ThrottleSpec] = field(default_factory=list)
+
+    def throttle_for(self, route: RouteSpec) -> ThrottleSpec | None:
+        return next((throttle for throttle in self.throttles if throttle.covers(route)), None)
 
 
 @dataclass(frozen=True)
@@ -300,10 +325,13 @@ class TemplateReader(StackTemplate):
         apis = list(self.properties_of_type("AWS::ApiGateway::RestApi"))
         if len(apis) != 1:
             raise TopologyError(f"expected one REST API in the template, found {len(apis)}")
-        api_id = apis[0][0]
-        stages = [
-            properties["StageName"] for _, properties in self.properties_of_type("AWS::ApiGateway::Stage")
-        ]
+        api_id, api_properties = apis[0]
+        if any(True for _ in self.properties_of_type("AWS::ApiGateway::UsagePlan")):
+            raise TopologyError("usage plans (API keys, per-client throttling) are not emulated")
+        stages = list(self.properties_of_type("AWS::ApiGateway::Stage"))
+        if len(stages) > 1:
+            raise TopologyError(f"expected at most one API stage in the template, found {len(stages)}")
+        stage = stages[0][1] if stages else {}
         paths = self._resource_paths()
         authorizers = {
             logical_id: self._authorizer(logical_id, properties, names)
@@ -328,10 +356,39 @@ class TemplateReader(StackTemplate):
         }
         return ApiSpec(
             rest_api_id=self.physical(api_id),
-            stage=stages[0] if stages else "prod",
+            stage=str(stage.get("StageName") or "prod"),
             routes=sorted(routes, key=lambda route: route.specificity, reverse=True),
             authorizers=authorizers,
             gateway_responses=responses,
+            # CloudFormation writes the slash of a media type as "~1" (image~1png).
+            binary_media_types=[
+                str(media_type).replace("~1", "/")
+                for media_type in api_properties.get("BinaryMediaTypes") or []
+            ],
+            throttles=self._throttles(stage),
+        )
+
+    @staticmethod
+    def _throttles(stage: dict[str, Any]) -> list[ThrottleSpec]:
+        """The stage's MethodSettings that set a throttle; a named method before `/*` and `*`."""
+        throttles = []
+        for setting in stage.get("MethodSettings") or []:
+            if "ThrottlingRateLimit" not in setting and "ThrottlingBurstLimit" not in setting:
+                continue
+            # "/~1v1~1{proxy+}" names the resource /v1/{proxy+}; "/*" every resource.
+            path = str(setting.get("ResourcePath") or "/*")
+            resource_path = path if path == "/*" else path.removeprefix("/").replace("~1", "/") or "/"
+            throttles.append(
+                ThrottleSpec(
+                    resource_path=resource_path,
+                    http_method=str(setting.get("HttpMethod") or "*").upper(),
+                    # An unset limit is the account's (10,000 requests per second, burst 5,000).
+                    rate_per_second=float(setting.get("ThrottlingRateLimit", 10_000)),
+                    burst=int(setting.get("ThrottlingBurstLimit", 5_000)),
+                )
+            )
+        return sorted(
+            throttles, key=lambda throttle: ("*" in throttle.resource_path, throttle.http_method == "*")
         )
 
     def _resource_paths(self) -> dict[str, str]:

@@ -106,6 +106,12 @@ class ApiConstruct(Construct):
             rest_api_name=f"{cdk.Stack.of(self).stack_name}-api",
             description="llmq: asynchronous job gateway for long-running LLM requests",
             endpoint_types=[apigw.EndpointType.REGIONAL],
+            # Every body reaches the api function as the bytes the client sent (base64 in the
+            # event). Without a binary media type API Gateway hands the function UTF-8 text
+            # with each byte that is not UTF-8 replaced by U+FFFD: a Latin-1 "café" would be
+            # accepted as "caf\ufffd", and llmq's "the body is not UTF-8" 400 could never fire.
+            # llmq never answers base64, so Accept headers change nothing on the way back.
+            binary_media_types=["*/*"],
             # Access logs need the account-level CloudWatch role for API Gateway.
             cloud_watch_role=True,
             deploy_options=apigw.StageOptions(

@@ -8,6 +8,7 @@ in `llmq.errors`, and nowhere else.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from functools import cache
@@ -192,13 +193,24 @@ def _public_base() -> str:
     return f"{proto}://{context.domain_name}{prefix.rstrip('/')}"
 
 
+# A Lambda response holds 6 MB (Lambda quotas), counted after the runtime serializes it, where
+# the body, a JSON string, is escaped once more: a quote or a backslash doubles, a control
+# character's \uXXXX gains a byte, and a runtime that escapes non-ASCII makes a UTF-8 character
+# six or twelve bytes. Room is kept for the status, the headers and the envelope.
+MAX_RESPONSE_BODY_BYTES = 6 * 1024 * 1024 - 64 * 1024
+
+
+def _serialized_bytes(body: str) -> int:
+    """The body's size inside the runtime's response, as the strictest runtime escapes it."""
+    return len(json.dumps(body, ensure_ascii=True))
+
+
 def _job_response(job: JobRecord, status_code: int, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        status_code=status_code,
-        content_type="application/json",
-        body=job.to_job(api_base=_public_base()).model_dump_json(),
-        headers=headers,
-    )
+    body = job.to_job(api_base=_public_base()).model_dump_json()
+    if job.result is not None and job.result_ref and _serialized_bytes(body) > MAX_RESPONSE_BODY_BYTES:
+        # Inline, the answer would be a 502: the S3-held result goes by presigned URL instead.
+        body = intake().offload.link_result(job).to_job(api_base=_public_base()).model_dump_json()
+    return Response(status_code=status_code, content_type="application/json", body=body, headers=headers)
 
 
 def _responses(success: int, description: str, model: type = Job, *errors_: int) -> dict[int, Any]:
@@ -296,7 +308,15 @@ def handle_get_job(
     return _job_response(intake().get(_tenant(), job_id, wait_seconds=_wait_budget(wait)), 200)
 
 
-@app.get("/v1/jobs", summary="List jobs, newest first", responses=_responses(200, "A page of jobs", JobList))
+@app.get(
+    "/v1/jobs",
+    summary="List jobs, newest first",
+    # The list reads a DynamoDB global secondary index, which follows the table asynchronously.
+    description="The list follows writes within about a second: a job just submitted may be "
+    "missing, and one that just changed may show its previous status, for that long. "
+    "GET /v1/jobs/{id} always answers the job as it is.",
+    responses=_responses(200, "A page of jobs", JobList),
+)
 def handle_list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,

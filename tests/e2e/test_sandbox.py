@@ -85,6 +85,9 @@ def test_the_gateway_answers_like_api_gateway_before_any_function_runs(sandbox: 
 
 
 def test_the_api_lives_under_its_stage_and_links_keep_it(sandbox: SandboxUnderTest) -> None:
+    """ "Invoke a REST API in API Gateway" (https://docs.aws.amazon.com/apigateway/latest/developerguide/how-to-call-api.html):
+    the invoke URL is https://{api-id}.execute-api.{region}.amazonaws.com/{stage}/; a path without
+    the stage answers 403 before any authorizer runs, so every link llmq gives must keep it."""
     # Given the API's URL, which ends in the stage as an execute-api URL does
     assert sandbox.api_url.endswith("/prod")
     root = sandbox.api_url.removesuffix("/prod")

@@ -70,6 +70,17 @@ def all_job_ids(sandbox: SandboxUnderTest, tier: str, status: str | None = None)
             params["cursor"] = cursor
 
 
+# The list reads an index that follows writes within about a second, as DynamoDB's global
+# secondary indexes do (the sandbox lags its indexes by 1 s, LLMQ_SANDBOX_INDEX_LAG): a check
+# that nothing was stored lists before and after once earlier writes have reached it.
+INDEX_SETTLE_SECONDS = 1.5
+
+
+def settled_job_ids(sandbox: SandboxUnderTest, tier: str) -> list[str]:
+    time.sleep(INDEX_SETTLE_SECONDS)
+    return all_job_ids(sandbox, tier)
+
+
 def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].split(";")[0] == PROBLEM_JSON
@@ -138,7 +149,9 @@ def test_each_tenant_lists_only_its_own_jobs(sandbox: SandboxUnderTest, enterpri
     # Given a job of each tenant
     free_job = submit(sandbox, "free", {"prompt": "Hobby project [[latency:0.1]]"}).json()["id"]
     sandbox.wait_terminal(free_job, "free")
-    # When each lists everything it can, unfiltered and by status
+    # When each lists everything it can, unfiltered and by status, once the list (an index
+    # that may lag a write by a moment, as DynamoDB's do) shows the free job's end
+    assert wait_until(lambda: free_job in all_job_ids(sandbox, "free", status="succeeded"), timeout=10)
     enterprise_ids = all_job_ids(sandbox, "enterprise")
     free_ids = all_job_ids(sandbox, "free")
     free_succeeded = all_job_ids(sandbox, "free", status="succeeded")
@@ -154,7 +167,10 @@ def test_a_cursor_of_another_tenant_does_not_open_its_list(sandbox: SandboxUnder
     for n in range(2):
         submit(sandbox, "enterprise", {"prompt": f"Cursor probe {n}"})
     with sandbox.api("enterprise") as owner:
-        cursor = owner.get("/v1/jobs", params={"limit": 1}).json()["next_cursor"]
+        # The list may lag the submits by a moment (an index, as DynamoDB's)
+        cursor = wait_until(
+            lambda: owner.get("/v1/jobs", params={"limit": 1}).json()["next_cursor"], timeout=10
+        )
     assert cursor
     # When the free tenant pages with it
     with sandbox.api("free") as stranger:
@@ -199,7 +215,7 @@ def test_requests_without_a_valid_key_get_401_problem_json_on_every_route(
     sandbox: SandboxUnderTest,
 ) -> None:
     key = sandbox.tenant("enterprise")["api_key"]
-    before = all_job_ids(sandbox, "enterprise")
+    before = settled_job_ids(sandbox, "enterprise")
     not_refused: dict[str, str] = {}
     for name, authorization in _bad_authorizations(key).items():
         headers = {} if authorization is None else {"Authorization": authorization}
@@ -213,7 +229,7 @@ def test_requests_without_a_valid_key_get_401_problem_json_on_every_route(
                 not_refused[f"{name}: {method} {path}"] = str(answer)
     assert not_refused == {}, f"not refused with 401 unauthenticated: {not_refused}"
     # And no job was created on anybody's behalf
-    assert all_job_ids(sandbox, "enterprise") == before
+    assert settled_job_ids(sandbox, "enterprise") == before
 
 
 @contextmanager
@@ -290,7 +306,6 @@ SSRF_URLS = [
 def test_a_webhook_url_aimed_inside_is_refused_at_submit_and_nothing_is_stored(
     sandbox: SandboxUnderTest, url: str
 ) -> None:
-    before = all_job_ids(sandbox, "enterprise")
     # When a job is submitted with this webhook URL (with an Idempotency-Key, so a stored
     # job would show on replay too)
     idempotency_key = f"ssrf-{uuid.uuid4().hex}"
@@ -302,12 +317,17 @@ def test_a_webhook_url_aimed_inside_is_refused_at_submit_and_nothing_is_stored(
     )
     # Then it is refused with 422 invalid_webhook_url
     assert_problem(response, 422, "invalid_webhook_url")
-    # And no job was stored: the list is unchanged, and the key is still free
-    assert all_job_ids(sandbox, "enterprise") == before
+    # And no job was stored: the key is still free
     fresh = submit(
         sandbox, "enterprise", {"prompt": "Legit [[latency:0.1]]"}, **{"Idempotency-Key": idempotency_key}
     )
     assert fresh.status_code == 202 and "idempotent-replayed" not in fresh.headers
+    # and, once the list (an index that follows writes within about a second, as DynamoDB's
+    # do) shows the later job, it shows none with the refused URL
+    assert wait_until(lambda: fresh.json()["id"] in all_job_ids(sandbox, "enterprise"), timeout=10)
+    with sandbox.api("enterprise") as client:
+        listed = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    assert not [job for job in listed if (job.get("webhook") or {}).get("url") == url]
 
 
 # ---- oversized bodies -------------------------------------------------------------------------
@@ -317,12 +337,12 @@ def test_a_body_over_the_api_limit_gets_413_and_nothing_is_stored(
     sandbox: SandboxUnderTest, config: dict[str, Any]
 ) -> None:
     limit = config["limits"]["max_body_bytes"]
-    before = all_job_ids(sandbox, "enterprise")
+    before = settled_job_ids(sandbox, "enterprise")
     body = json.dumps({"prompt": "x" * limit})
     with sandbox.api("enterprise") as client:
         response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
     assert_problem(response, 413, "payload_too_large")
-    assert all_job_ids(sandbox, "enterprise") == before
+    assert settled_job_ids(sandbox, "enterprise") == before
 
 
 def test_a_prompt_over_the_character_limit_gets_413(
@@ -330,10 +350,10 @@ def test_a_prompt_over_the_character_limit_gets_413(
 ) -> None:
     limit = config["limits"]["max_prompt_chars"]
     assert limit + 1 < config["limits"]["max_body_bytes"], "the prompt limit must be reachable"
-    before = all_job_ids(sandbox, "enterprise")
+    before = settled_job_ids(sandbox, "enterprise")
     response = submit(sandbox, "enterprise", {"messages": [{"role": "user", "content": "y" * (limit + 1)}]})
     assert_problem(response, 413, "prompt_too_large")
-    assert all_job_ids(sandbox, "enterprise") == before
+    assert settled_job_ids(sandbox, "enterprise") == before
 
 
 def test_a_body_over_api_gateways_payload_limit_gets_413_problem_json(sandbox: SandboxUnderTest) -> None:

@@ -372,6 +372,9 @@ def test_links_point_where_the_client_reached_the_api(
 
 
 def test_prefer_wait_is_cut_to_what_the_gateway_has_left(harness: Harness) -> None:
+    """ "Amazon API Gateway quotas" (https://docs.aws.amazon.com/apigateway/latest/developerguide/limits.html):
+    a REST API's integration timeout is 29 s, counted from when API Gateway received the request
+    (requestContext.requestTimeEpoch), authorizer and cold start included."""
     # Given a request API Gateway received 26 s ago (an authorizer and a cold start took that
     # long): of its 29 s, less than the answer's reserve is left
     received = int((time.time() - 26) * 1000)

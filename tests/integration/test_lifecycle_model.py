@@ -479,8 +479,17 @@ class ObservedJobRepository(JobRepository):
         status: DeliveryStatus,
         status_code: int | None,
         next_attempt_in_seconds: float | None = None,
+        previous_attempts: int | None = None,
+        next_attempt_at_ms: int | None = None,
     ) -> bool:
-        recorded = super().record_delivery(job_id, status, status_code, next_attempt_in_seconds)
+        recorded = super().record_delivery(
+            job_id,
+            status,
+            status_code,
+            next_attempt_in_seconds,
+            previous_attempts=previous_attempts,
+            next_attempt_at_ms=next_attempt_at_ms,
+        )
         if recorded:
             self.recorded_deliveries[job_id] += 1
         return recorded

@@ -6,6 +6,7 @@ stricter moto hides a working feature. These pin the item-size limit and all-or-
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +14,9 @@ from botocore.exceptions import ClientError
 
 from llmq import aws
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
+from llmq.job_index import TENANT_INDEX
 from tests.conftest import MotoStack
+from tests.support.index_lag import IndexClock, lagging_indexes_on_a_test_clock
 
 
 @pytest.fixture
@@ -37,6 +40,8 @@ def _padded_to(size: int, **attributes: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_an_update_past_400_kb_is_refused_and_changes_nothing(ddb: Any, moto_stack: MotoStack) -> None:
+    """UpdateItem, https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_UpdateItem.html:
+    an update that fails (its condition, or the item-size limit) leaves the item as it was."""
     # Given a running job
     table = moto_stack.jobs_table
     ddb.put_item(
@@ -67,6 +72,8 @@ def test_an_update_past_400_kb_is_refused_and_changes_nothing(ddb: Any, moto_sta
 
 
 def test_an_oversized_update_of_an_absent_item_creates_nothing(ddb: Any, moto_stack: MotoStack) -> None:
+    """UpdateItem, https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_UpdateItem.html:
+    an update that fails (its condition, or the item-size limit) leaves the item as it was."""
     # When an update that would create an item is refused for its size
     with pytest.raises(ClientError) as refused:
         ddb.update_item(
@@ -84,6 +91,9 @@ def test_an_oversized_update_of_an_absent_item_creates_nothing(ddb: Any, moto_st
 def test_a_cjk_item_under_the_limit_in_characters_but_over_in_utf8_bytes_is_refused(
     ddb: Any, moto_stack: MotoStack
 ) -> None:
+    """DynamoDB item sizes and formats, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/CapacityUnitCalculations.html:
+    an item is at most 400 KB, counted as names plus values (UTF-8), numbers by their digits,
+    3 bytes per list or map and 1 per element."""
     # Given an output of 140,000 CJK characters: 420,000 UTF-8 bytes
     output = "漢" * 140_000
     assert len(output) < MAX_ITEM_BYTES < len(output.encode())
@@ -98,6 +108,9 @@ def test_a_cjk_item_under_the_limit_in_characters_but_over_in_utf8_bytes_is_refu
 def test_an_item_of_exactly_400_kb_is_accepted_and_one_byte_more_is_not(
     ddb: Any, moto_stack: MotoStack
 ) -> None:
+    """DynamoDB item sizes and formats, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/CapacityUnitCalculations.html:
+    an item is at most 400 KB, counted as names plus values (UTF-8), numbers by their digits,
+    3 bytes per list or map and 1 per element."""
     # Given items sized to the byte, with emoji, a number and a map in them
     attributes: dict[str, dict[str, Any]] = {
         "pk": {"S": "job_edge"},
@@ -125,6 +138,9 @@ def test_an_item_of_exactly_400_kb_is_accepted_and_one_byte_more_is_not(
 def test_list_overhead_counts_so_a_list_heavy_item_over_the_limit_is_refused(
     ddb: Any, moto_stack: MotoStack
 ) -> None:
+    """DynamoDB item sizes and formats, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/CapacityUnitCalculations.html:
+    an item is at most 400 KB, counted as names plus values (UTF-8), numbers by their digits,
+    3 bytes per list or map and 1 per element."""
     # Given 10,000 chunks of 40 bytes: 400,000 bytes of text, but 410,003 with the list's overhead
     chunks: dict[str, Any] = {"L": [{"S": "c" * 40}] * 10_000}
     item = {"pk": {"S": "job_chunks"}, "c": chunks}
@@ -136,6 +152,8 @@ def test_list_overhead_counts_so_a_list_heavy_item_over_the_limit_is_refused(
 
 
 def test_a_transaction_with_one_oversized_write_changes_no_item(ddb: Any, moto_stack: MotoStack) -> None:
+    """TransactWriteItems, https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_TransactWriteItems.html:
+    the writes of a transaction succeed or fail together."""
     # Given two jobs
     table = moto_stack.jobs_table
     for pk in ("job_a", "job_b"):
@@ -180,6 +198,8 @@ def _refused(call: Any) -> str:
 
 
 def test_visibility_past_12_hours_from_the_receive_is_refused(moto_stack: MotoStack) -> None:
+    """Amazon SQS visibility timeout, https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-visibility-timeout.html:
+    a message's visibility ends at most 12 hours after the receive that returned it."""
     # Given a message just received
     sqs = aws.client("sqs")
     url = moto_stack.lane_queue_urls["high"]
@@ -200,6 +220,9 @@ def test_visibility_past_12_hours_from_the_receive_is_refused(moto_stack: MotoSt
 
 
 def test_a_stale_receipt_handle_and_a_message_not_in_flight_are_refused(moto_stack: MotoStack) -> None:
+    """Amazon SQS visibility timeout, https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-visibility-timeout.html,
+    and ChangeMessageVisibility (API reference): only the latest receive's handle, of a message
+    in flight, changes its visibility."""
     # Given a message received twice (its first visibility ended)
     sqs = aws.client("sqs")
     url = moto_stack.lane_queue_urls["high"]
@@ -224,6 +247,8 @@ def test_a_stale_receipt_handle_and_a_message_not_in_flight_are_refused(moto_sta
 
 
 def test_reads_hand_back_copies_that_a_later_update_cannot_change(ddb: Any, moto_stack: MotoStack) -> None:
+    """DynamoDB read consistency, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/HowItWorks.ReadConsistency.html:
+    reads return committed values of an item, never a view of a write in progress."""
     # moto serializes a read's Items after the call returns, while an UpdateItem changes the
     # stored Item in place: without copies, a reader racing a writer could answer half an
     # update, which DynamoDB (item-atomic reads) never does. A race is too rare to provoke
@@ -235,7 +260,7 @@ def test_reads_hand_back_copies_that_a_later_update_cannot_change(ddb: Any, moto
     ddb.put_item(TableName=table, Item={"pk": {"S": "copied"}, "a": {"N": "0"}})
     backend = dynamodb_backends[DEFAULT_ACCOUNT_ID]["us-east-1"]
     read = backend.get_item(table, {"pk": {"S": "copied"}})
-    scanned = backend.scan(table, {}, None, None, None, None, None, None, False, None, (None, None))[0]
+    scanned = backend.scan(table, {}, None, None, None, None, None, None, False, None, (None, None))[0]  # type: ignore[arg-type]
     ddb.update_item(
         TableName=table,
         Key={"pk": {"S": "copied"}},
@@ -245,3 +270,123 @@ def test_reads_hand_back_copies_that_a_later_update_cannot_change(ddb: Any, moto
     # Then the earlier reads still show the item as it was when they were made
     assert read is not None and read.attrs["a"].value == "0"
     assert [item.attrs["a"].value for item in scanned if item.hash_key.value == "copied"] == ["0"]
+
+
+def test_a_conditional_update_that_fails_changes_nothing(ddb: Any, moto_stack: MotoStack) -> None:
+    """UpdateItem, https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_UpdateItem.html:
+    when the ConditionExpression is false the update fails with ConditionalCheckFailedException
+    and the item is left as it was; an update of an absent item whose condition fails creates
+    nothing."""
+    # Given a job another worker holds
+    table = moto_stack.jobs_table
+    ddb.put_item(
+        TableName=table,
+        Item={"pk": {"S": "job_held"}, "status": {"S": "running"}, "lease_owner": {"S": "w1"}},
+    )
+    before = _get(ddb, table, "job_held")
+
+    # When a fenced-out worker completes it, and a claim targets a job that does not exist
+    def complete(pk: str) -> None:
+        ddb.update_item(
+            TableName=table,
+            Key={"pk": {"S": pk}},
+            UpdateExpression="SET #s = :done, #r = :result, finished_ms = :now",
+            ConditionExpression="lease_owner = :me",
+            ExpressionAttributeNames={"#s": "status", "#r": "result"},
+            ExpressionAttributeValues={
+                ":done": {"S": "succeeded"},
+                ":result": {"S": "stale output"},
+                ":now": {"N": "1700000000000"},
+                ":me": {"S": "w2"},
+            },
+        )
+
+    # Then both are refused, the held job is exactly as it was, and no item is created
+    assert _refused(lambda: complete("job_held")) == "ConditionalCheckFailedException"
+    assert _refused(lambda: complete("job_absent")) == "ConditionalCheckFailedException"
+    assert _get(ddb, table, "job_held") == before
+    assert _get(ddb, table, "job_absent") is None
+
+
+# ---- DynamoDB: global secondary indexes are eventually consistent ----
+
+
+@pytest.fixture
+def lagging(monkeypatch: pytest.MonkeyPatch) -> Iterator[IndexClock]:
+    """Indexes that lag their table by 1 s, on a clock the test moves."""
+    with lagging_indexes_on_a_test_clock(monkeypatch, 1.0) as clock:
+        yield clock
+
+
+def _listed(ddb: Any, table: str, tenant: str) -> dict[str, str]:
+    """{job id: status} as the tenant index shows them."""
+    items = ddb.query(
+        TableName=table,
+        IndexName=TENANT_INDEX,
+        KeyConditionExpression="tenant_id = :t",
+        ExpressionAttributeValues={":t": {"S": tenant}},
+    )["Items"]
+    return {item["pk"]["S"]: item["status"]["S"] for item in items}
+
+
+def test_an_index_answers_from_a_view_up_to_the_lag_old(
+    ddb: Any, moto_stack: MotoStack, lagging: IndexClock
+) -> None:
+    """DynamoDB read consistency, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/HowItWorks.ReadConsistency.html:
+    every read of a global secondary index is eventually consistent, so it may miss a write
+    just completed; a repeated read a little later shows it. Writes usually reach a GSI within
+    a second (re:Post knowledge center, "dynamodb-missing-table-items-gsi"). The table itself
+    answers a strongly consistent read at once."""
+    table = moto_stack.jobs_table
+    job = {
+        "pk": {"S": "job_lag"},
+        "tenant_id": {"S": "ten_lag"},
+        "tenant_created": {"S": "0000000000001#job_lag"},
+        "status": {"S": "queued"},
+    }
+    # When a job is written, Then the table has it at once and the index not yet
+    ddb.put_item(TableName=table, Item=job)
+    lagging.now += 0.5
+    assert _get(ddb, table, "job_lag") == job
+    assert _listed(ddb, table, "ten_lag") == {}
+    # And once the lag has passed, the index shows it
+    lagging.now += 0.6
+    assert _listed(ddb, table, "ten_lag") == {"job_lag": "queued"}
+
+    # When it is updated, Then the index shows the old status for up to the lag
+    ddb.update_item(
+        TableName=table,
+        Key={"pk": {"S": "job_lag"}},
+        UpdateExpression="SET #s = :s",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":s": {"S": "succeeded"}},
+    )
+    lagging.now += 0.5
+    assert _listed(ddb, table, "ten_lag") == {"job_lag": "queued"}
+    lagging.now += 0.6
+    assert _listed(ddb, table, "ten_lag") == {"job_lag": "succeeded"}
+
+    # When it is deleted, Then the index still lists it for up to the lag, and a Scan of the
+    # index lags the same way
+    ddb.delete_item(TableName=table, Key={"pk": {"S": "job_lag"}})
+    lagging.now += 0.5
+    assert _listed(ddb, table, "ten_lag") == {"job_lag": "succeeded"}
+    scanned = ddb.scan(TableName=table, IndexName=TENANT_INDEX)["Items"]
+    assert [item["pk"]["S"] for item in scanned] == ["job_lag"]
+    lagging.now += 0.6
+    assert _listed(ddb, table, "ten_lag") == {}
+
+
+def test_a_strongly_consistent_read_of_a_global_index_is_refused(ddb: Any, moto_stack: MotoStack) -> None:
+    """DynamoDB read consistency, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/HowItWorks.ReadConsistency.html:
+    strongly consistent reads are not supported on global secondary indexes."""
+    refused = _refused(
+        lambda: ddb.query(
+            TableName=moto_stack.jobs_table,
+            IndexName=TENANT_INDEX,
+            KeyConditionExpression="tenant_id = :t",
+            ExpressionAttributeValues={":t": {"S": "ten_x"}},
+            ConsistentRead=True,
+        )
+    )
+    assert refused == "ValidationException"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlparse
+
 import pytest
 
 from llmq import aws
+from llmq.payloads import RESULT_URL_SECONDS
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
@@ -73,3 +78,13 @@ def test_a_result_above_the_inline_limit_is_a_presigned_url(
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert job["result"] is None
     assert "X-Amz-Signature" in job["result_url"] and job_id in job["result_url"]
+    # And it says until when the URL works: a short while, and no later than the URL itself
+    query = parse_qs(urlparse(job["result_url"]).query)
+    signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    stated = datetime.fromisoformat(job["result_url_expires_at"])
+    assert stated <= signed + timedelta(seconds=int(query["X-Amz-Expires"][0]))
+    assert stated <= datetime.fromtimestamp(time.time() + RESULT_URL_SECONDS, tz=UTC)
+    # And the OpenAPI document declares it, and that the list may lag
+    document = harness.api("GET", "/v1/openapi.json").body
+    assert "result_url_expires_at" in document["components"]["schemas"]["Job"]["properties"]
+    assert "about a second" in document["paths"]["/v1/jobs"]["get"]["description"]

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 from botocore.config import Config
@@ -22,9 +21,9 @@ from llmq_sandbox.iam import (
     AwsCredentials,
     assume_roles,
     create_operator,
-    make_moto_authorize_like_iam,
     set_enforcement,
 )
+from tests.support.aws_sessions import TRUSTS_LAMBDA, client_as, iam_checking_moto_server
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -42,12 +41,6 @@ ROLE_POLICY = {
         }
     ],
 }
-TRUSTS_LAMBDA = {
-    "Version": "2012-10-17",
-    "Statement": [
-        {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
-    ],
-}
 
 
 @dataclass
@@ -57,13 +50,7 @@ class Moto:
     function: AwsCredentials
 
     def client(self, service: str, credentials: AwsCredentials, **kwargs: Any) -> Any:
-        session = boto3.session.Session(
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key,
-            aws_session_token=credentials.session_token,
-            region_name=REGION,
-        )
-        return session.client(service, endpoint_url=self.endpoint_url, **kwargs)  # type: ignore[call-overload]
+        return client_as(credentials, service, self.endpoint_url, **kwargs)
 
     def queue_url(self, name: str) -> str:
         return f"{self.endpoint_url}/{ACCOUNT}/{name}"
@@ -71,15 +58,7 @@ class Moto:
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
-    from moto.server import ThreadedMotoServer
-
-    make_moto_authorize_like_iam()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    endpoint = f"http://localhost:{port}"
-    set_enforcement(endpoint, enforced=False)
-    try:
+    with iam_checking_moto_server() as endpoint:
         unchecked = Moto(endpoint, UNCHECKED, UNCHECKED)
         operator = create_operator(unchecked.client("iam", UNCHECKED))
         _build_resources(Moto(endpoint, operator, UNCHECKED))
@@ -89,9 +68,6 @@ def moto() -> Iterator[Moto]:
         sessions = assume_roles(unchecked.client("sts", operator), {"worker": (role["Arn"], "Llmq-Worker")})
         set_enforcement(endpoint, enforced=True)
         yield Moto(endpoint, operator, sessions["worker"])
-    finally:
-        set_enforcement(endpoint, enforced=False)  # moto's settings are this process's
-        server.stop()
 
 
 def _build_resources(moto: Moto) -> None:

@@ -33,6 +33,7 @@ from llmq.models import (
     JobStatus,
     WebhookEvent,
 )
+from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
 from llmq.policy import Claim
 from llmq.queues import redelivery_visibility
 from llmq.tenants import Tenant, TenantIdentity, UnknownTenant, hash_api_key, new_api_key, new_webhook_secret
@@ -346,6 +347,8 @@ class InMemoryJobs:
         status: DeliveryStatus,
         status_code: int | None,
         next_attempt_in_seconds: float | None = None,
+        previous_attempts: int | None = None,
+        next_attempt_at_ms: int | None = None,
     ) -> bool:
         old = self.records.get(job_id)
         movable = {DeliveryStatus.PENDING}
@@ -353,10 +356,14 @@ class InMemoryJobs:
             movable.add(DeliveryStatus.FAILED)  # a late success still counts
         if old is None or old.delivery_status not in movable:
             return False
+        counted = status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)
+        if counted and previous_attempts is not None and old.delivery_attempts != previous_attempts:
+            return False
         changes: dict[str, Any] = {
             "delivery_status": status,
             "delivery_last_status_code": status_code,
             "delivery_attempts": old.delivery_attempts + 1,
+            "delivery_next_ms": None,
         }
         self.deliveries.append((status, status_code, next_attempt_in_seconds))
         if status is DeliveryStatus.DELIVERED:
@@ -364,6 +371,11 @@ class InMemoryJobs:
         if status is DeliveryStatus.PENDING:
             wait = (next_attempt_in_seconds or 0) + self.config.reconciler.stale_webhook_seconds
             self.due[job_id] = self._in_seconds(wait)
+            changes["delivery_next_ms"] = (
+                next_attempt_at_ms
+                if next_attempt_at_ms is not None
+                else self._in_seconds(next_attempt_in_seconds or 0)
+            )
         else:
             self.due.pop(job_id, None)
         self._put(old, **changes)
@@ -375,7 +387,9 @@ class InMemoryJobs:
         if old is None or old.tenant_id != tenant_id or old.webhook_url is None:
             raise JobNotFound(job_id)
         self.due[job_id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
-        return self._put(old, delivery_status=DeliveryStatus.PENDING, delivery_attempts=0)
+        return self._put(
+            old, delivery_status=DeliveryStatus.PENDING, delivery_attempts=0, delivery_next_ms=None
+        )
 
     # ---- the reconciler's sparse index ------------------------------------------------------
 
@@ -455,8 +469,8 @@ class InMemoryBlobs:
     def size(self, key: str) -> int:
         return len(self.objects[key])
 
-    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str:
-        return f"https://payloads.example/{key}?expires={expires_seconds}"
+    def presigned_url(self, key: str, expires_seconds: int = RESULT_URL_SECONDS) -> PresignedUrl:
+        return PresignedUrl(f"https://payloads.example/{key}?expires={expires_seconds}", 1_700_000_000_000)
 
 
 class InMemoryTenants:

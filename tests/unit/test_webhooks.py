@@ -423,7 +423,7 @@ async def test_a_delivery_to_retry_asks_for_its_message_back_after_the_schedules
     body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
     # When the queue message is handled
     with pytest.raises(RetryLater) as retry:
-        await world.dispatcher.handle(body, attempt=1)
+        await world.dispatcher.handle(body, receive_count=1)
     # Then it comes back after the first delay of the schedule
     assert retry.value.delay_seconds == SCHEDULE[0]
     assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
@@ -432,5 +432,52 @@ async def test_a_delivery_to_retry_asks_for_its_message_back_after_the_schedules
 async def test_a_body_that_is_not_a_webhook_message_is_poison_and_never_sent() -> None:
     world = World()
     with pytest.raises(PoisonMessage):
-        await world.dispatcher.handle('{"job": 1}', attempt=1)
+        await world.dispatcher.handle('{"job": 1}', receive_count=1)
     assert world.receiver.requests == []
+
+
+class GatedReceiver(FakeReceiver):
+    """Answers nothing until `copies` requests are in flight: every copy has read the job."""
+
+    def __init__(self, copies: int, *answers: httpx.Response | Exception) -> None:
+        super().__init__(*answers)
+        self.copies = copies
+        self.all_in = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) >= self.copies:
+            self.all_in.set()
+        await asyncio.wait_for(self.all_in.wait(), timeout=10)
+        self.requests.pop()
+        return await super().__call__(request)
+
+
+async def test_a_copy_that_loses_the_count_keeps_its_message_for_the_retry() -> None:
+    """SQS may hand one message to two invocations at once ("Amazon SQS at-least-once
+    delivery", https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/standard-queues-at-least-once-delivery.html),
+    and deleting either receipt deletes the message. The copy whose attempt was not counted
+    must therefore not be acknowledged while the delivery is pending: its acknowledgment would
+    delete the message that carries the other copy's retry."""
+    # Given a receiver that fails both copies, which both read the job before either records
+    world = World()
+    world.receiver = GatedReceiver(2, httpx.Response(503), httpx.Response(503))
+    world.dispatcher._transport_factory = world.receiver.transport
+    world.add(make_job())
+    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    # When the two copies are handled at once
+    outcomes = await asyncio.gather(
+        world.dispatcher.handle(body, receive_count=1),
+        world.dispatcher.handle(body, receive_count=1),
+        return_exceptions=True,
+    )
+    # Then one attempt is counted, and neither copy is acknowledged: both come back when the
+    # next attempt is due, so the retry survives whichever receipt the mapping deletes with
+    assert [type(outcome) for outcome in outcomes] == [RetryLater, RetryLater], outcomes
+    assert sorted(round(outcome.delay_seconds) for outcome in outcomes) == [SCHEDULE[0]] * 2  # type: ignore[union-attr]
+    assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
+    assert len(world.receiver.requests) == 2
+    # And once the receiver is back, the next copy delivers it and later copies are acknowledged
+    world.now += SCHEDULE[0]
+    assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.DELIVERED
+    assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.SKIPPED

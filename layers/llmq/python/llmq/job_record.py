@@ -70,12 +70,16 @@ class JobRecord(BaseModel):
     # Set when the result lives in S3; the API inlines it or hands out a presigned URL.
     result_ref: str | None = None
     result_url: str | None = None
+    # When a presigned result_url stops working (epoch ms); never stored, like result_url.
+    result_url_expires_ms: int | None = None
     error: JobError | None = None
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] = Field(default_factory=list)
     delivery_status: DeliveryStatus | None = None
     delivery_attempts: int = 0
     delivery_last_status_code: int | None = None
+    # When a pending delivery's next attempt is due (epoch ms): an early copy of its message waits.
+    delivery_next_ms: int | None = None
     delivered_ms: int | None = None
     expires_at: int
     # The token of the last conditional write. A write retried after its response was lost
@@ -119,6 +123,7 @@ class JobRecord(BaseModel):
             result=self.result,
             result_url=self.result_url
             or (f"{api_base}/v1/jobs/{self.id}" if self.result is None and self.result_ref else None),
+            result_url_expires_at=iso(self.result_url_expires_ms) if self.result_url_expires_ms else None,
             error=self.error,
             webhook=webhook,
         )

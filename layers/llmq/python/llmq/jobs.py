@@ -450,12 +450,18 @@ class JobRepository:
         status: DeliveryStatus,
         status_code: int | None,
         next_attempt_in_seconds: float | None = None,
+        previous_attempts: int | None = None,
+        next_attempt_at_ms: int | None = None,
     ) -> bool:
         """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index.
 
         Only a pending delivery moves; `delivered`, `failed` and `disabled` are final until
         a redelivery sets pending again (a late success may still turn `failed` into
         `delivered`). False when the write was refused: a duplicate message's late outcome.
+        With `previous_attempts`, a failed attempt (pending or failed) counts only if the job
+        still shows that many: a copy of the message that counted the same attempt first wins.
+        A pending delivery keeps when its next attempt is due, by the dispatcher's clock
+        (`next_attempt_at_ms`) or else this store's.
         """
         now = self.now_ms()
         sets = ["delivery_status = :status", "delivery_last_status_code = :code"]
@@ -470,6 +476,11 @@ class JobRepository:
         sets.append("delivery_write = :token")
         values["token"] = token
         condition = "delivery_status = :pending"
+        if previous_attempts is not None and status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED):
+            condition += " AND (delivery_attempts = :previous" + (
+                " OR attribute_not_exists(delivery_attempts))" if previous_attempts == 0 else ")"
+            )
+            values["previous"] = previous_attempts
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = now
@@ -479,7 +490,12 @@ class JobRepository:
         if status is DeliveryStatus.PENDING:
             wait_ms = int((next_attempt_in_seconds or 0) * 1000)
             due = now + wait_ms + self.config.reconciler.stale_webhook_seconds * 1000
+            # When the next attempt is due: a copy of the message that comes sooner waits.
+            sets.append("delivery_next_ms = :next")
+            values["next"] = next_attempt_at_ms if next_attempt_at_ms is not None else now + wait_ms
         sweep_sets, removes, sweep = self._sweep(job_id, due)
+        if status is not DeliveryStatus.PENDING:
+            removes = [*removes, "delivery_next_ms"]
         sets += sweep_sets
         values.update(sweep)
         expression = f"SET {', '.join(sets)} ADD delivery_attempts :one"
@@ -513,7 +529,8 @@ class JobRepository:
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
                 UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
-                + ", ".join(sweep_sets),
+                + ", ".join(sweep_sets)
+                + " REMOVE delivery_next_ms",
                 ConditionExpression="tenant_id = :tenant AND attribute_exists(webhook_url)",
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value, tenant=tenant_id, zero=0, **sweep

@@ -218,7 +218,16 @@ class Job(BaseModel):
     attempts: int = 0
     cancel_requested: bool = False
     result: JobResult | None = None
-    result_url: str | None = Field(default=None, description="Set when the result is too large to inline")
+    result_url: str | None = Field(
+        default=None,
+        description="Set when the result is too large to inline: a short-lived presigned S3 URL "
+        "in GET /v1/jobs/{id}, else (the list, webhooks) the job's own URL, to GET for a fresh one",
+    )
+    result_url_expires_at: str | None = Field(
+        default=None,
+        description="Until this time a presigned result_url works; after it, GET the job again "
+        "for a fresh URL",
+    )
     error: JobError | None = None
     webhook: JobWebhook | None = None
 

@@ -71,13 +71,26 @@ class Offload:
         key = f"results/{job.id}/{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
         return self._store().put(key, result.model_dump_json().encode())
 
+    def link_result(self, record: JobRecord) -> JobRecord:
+        """The job with its S3-held result as a presigned URL, not inline: for a response that
+        would not fit in a Lambda response with the result in it."""
+        if record.result_ref is None:
+            return record
+        url, expires_ms = self._store().presigned_url(record.result_ref)
+        return record.model_copy(
+            update={"result": None, "result_url": url, "result_url_expires_ms": expires_ms}
+        )
+
     def load_result(self, record: JobRecord) -> JobRecord:
-        """The result of an S3-held job: inline up to the configured size, else a presigned URL."""
+        """The result of an S3-held job: inline up to the configured size, else a presigned URL
+        and the time it stops working."""
         if record.result is not None or record.result_ref is None:
             return record
         store = self._store()
         if store.size(record.result_ref) > self.config.limits.max_inline_result_bytes:
-            return record.model_copy(update={"result_url": store.presigned_url(record.result_ref)})
+            # Short-lived, and stated: see llmq.payloads.RESULT_URL_SECONDS.
+            url, expires_ms = store.presigned_url(record.result_ref)
+            return record.model_copy(update={"result_url": url, "result_url_expires_ms": expires_ms})
         return record.model_copy(
             update={"result": JobResult.model_validate_json(store.get(record.result_ref))}
         )

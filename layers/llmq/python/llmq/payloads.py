@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from llmq import aws
+
+# How long a result URL works at most. A presigned URL stops working when the credentials
+# that signed it expire, whatever its ExpiresIn ("Download and upload objects with presigned
+# URLs", S3 user guide): a Lambda signs with its execution role's temporary credentials, so
+# llmq promises only a short life, bounded by those credentials' expiry when the SDK knows
+# it, and states it in the Job (`result_url_expires_at`). A client that needs the result
+# later GETs the job again for a fresh URL; webhooks point at the job, never at S3.
+RESULT_URL_SECONDS = 900
+
+
+class PresignedUrl(NamedTuple):
+    url: str
+    # Epoch milliseconds: the URL's own expiry, never later than its signer's credentials'.
+    expires_ms: int
 
 
 class PayloadStore:
     def __init__(self, bucket: str, *, s3: Any) -> None:
         self.bucket = bucket
+        self._raw = s3
         self._s3 = aws.TranslatedClient(s3)
 
     def put(self, key: str, data: bytes) -> str:
@@ -23,11 +40,34 @@ class PayloadStore:
     def size(self, key: str) -> int:
         return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
 
-    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str:
+    def presigned_url(self, key: str, expires_seconds: int = RESULT_URL_SECONDS) -> PresignedUrl:
+        """A GET URL for `key` that works for `expires_seconds`, or until the signing
+        credentials expire if that is sooner."""
+        now = time.time()
+        seconds = expires_seconds
+        credentials_expire = credentials_expiry(self._raw)
+        if credentials_expire is not None:
+            seconds = max(1, min(seconds, int(credentials_expire - now)))
         url: str = self._s3.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_seconds
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
         )
-        return url
+        # The URL's life runs from its X-Amz-Date, the signing time in whole seconds, a moment
+        # after `now`: stated from `now` rounded down, the expiry is never later than the URL's.
+        return PresignedUrl(url, (int(now) + seconds) * 1000)
+
+
+def credentials_expiry(s3: Any) -> float | None:
+    """When the client's credentials expire (epoch seconds), if botocore knows: temporary
+    credentials from STS, a container endpoint, or AWS_CREDENTIAL_EXPIRATION. None for keys
+    that never expire and for credentials whose expiry is not exposed (Lambda's variables)."""
+    signer = getattr(s3, "_request_signer", None)
+    credentials = getattr(signer, "_credentials", None)
+    if credentials is None:
+        return None
+    # Refreshing first (it is due near the expiry) makes the expiry the one the URL is signed with.
+    credentials.get_frozen_credentials()
+    expiry = getattr(credentials, "_expiry_time", None)
+    return expiry.timestamp() if isinstance(expiry, datetime) else None
 
 
 def payload_store(bucket: str | None, s3: Any) -> PayloadStore | None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from llmq.job_record import JobRecord
     from llmq.jobs import Created, SweepEntry
     from llmq.models import DeliveryStatus, JobError, JobResult, JobStatus, WebhookEvent
+    from llmq.payloads import PresignedUrl
     from llmq.policy import Claim
     from llmq.providers import GenerationRequest
     from llmq.tenants import Tenant, TenantIdentity
@@ -66,6 +67,8 @@ class JobStore(Protocol):
         status: DeliveryStatus,
         status_code: int | None,
         next_attempt_in_seconds: float | None = None,
+        previous_attempts: int | None = None,
+        next_attempt_at_ms: int | None = None,
     ) -> bool: ...
     def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord: ...
 
@@ -90,7 +93,7 @@ class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> str: ...
     def get(self, key: str) -> bytes: ...
     def size(self, key: str) -> int: ...
-    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str: ...
+    def presigned_url(self, key: str, expires_seconds: int = ...) -> PresignedUrl: ...
 
 
 class TenantStore(Protocol):

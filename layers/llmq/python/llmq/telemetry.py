@@ -16,6 +16,8 @@ from llmq.models import JobStatus
 # dashboard reads the metrics under them.
 SERVICE_NAME = "llmq"
 METRICS_NAMESPACE = "llmq"
+# What X-Ray instruments (see `tracer`): never a client used from concurrent asyncio tasks.
+TRACED_MODULES = ("botocore",)
 logger = Logger(service=SERVICE_NAME)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 if TYPE_CHECKING:
@@ -25,10 +27,18 @@ if TYPE_CHECKING:
 @cache
 def tracer() -> Tracer:
     """X-Ray tracing for the long-running functions only: importing the X-Ray SDK costs
-    about 150 ms of cold start, which the API and the authorizer should not pay."""
+    about 150 ms of cold start, which the API and the authorizer should not pay.
+
+    Only botocore is patched. The X-Ray SDK keeps the open subsegment per thread, not per
+    asyncio task, so with httpx patched two concurrent requests on the event loop (a worker
+    batch streaming from the provider, the dispatcher posting webhooks) nest into each other,
+    and the second to end raises AlreadyEndedException out of the request itself: the job's
+    record fails after its claim. AWS calls run one per thread (`asyncio.to_thread`), where
+    the per-thread context is right.
+    """
     from aws_lambda_powertools import Tracer
 
-    return Tracer(service="llmq")
+    return Tracer(service="llmq", patch_modules=TRACED_MODULES)
 
 
 class MetricName(StrEnum):

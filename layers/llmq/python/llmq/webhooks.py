@@ -3,6 +3,14 @@ the retry schedule, and one delivery attempt per webhooks-queue message.
 
 The retry itself is SQS redelivery: an attempt that should be retried returns
 `DeliveryOutcome.retry_in`, and the handler delays the message by that many seconds.
+
+Which attempt a delivery is comes from the job, not from the message's receive count: a
+throttled batch, a crash or a duplicate delivery each add a receive without an attempt, and
+would skip steps of the schedule. The job counts its terminal event's attempts
+(`delivery_attempts`, one per recorded outcome, read with the job anyway), and an attempt is
+recorded only if the count is still the one it read, so two copies of a message count one
+attempt once. `job.started` is recorded nowhere (it would overwrite the terminal event's
+record), so it still counts by receives.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import hmac
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -36,6 +44,8 @@ from llmq.tenants import WEBHOOK_SECRET_PREFIX, UnknownTenant
 USER_AGENT = "llmq-webhooks/1"
 SIGNATURE_VERSION = "v1"
 GONE = 410
+# A copy of a webhooks message this much before its attempt is due or less is let through.
+_EARLY_TOLERANCE_SECONDS = 1.0
 # Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 # Delivery states after which a terminal event is never sent again, whatever the queue holds.
@@ -145,6 +155,8 @@ class DeliveryOutcome:
     status_code: int | None = None
     retry_in: float | None = None
     reason: str = ""
+    # Which attempt this was; None for a message skipped before any attempt.
+    attempt: int | None = None
 
     @classmethod
     def skipped(cls, reason: str) -> DeliveryOutcome:
@@ -194,39 +206,79 @@ class WebhookDispatcher:
         # received up to one function timeout ago.
         self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
 
-    async def handle(self, body: str, attempt: int) -> DeliveryOutcome:
-        """One webhooks-queue message, `attempt` being its receive count.
+    async def handle(self, body: str, receive_count: int) -> DeliveryOutcome:
+        """One webhooks-queue message, received `receive_count` times.
 
         Raises RetryLater when the delivery should be tried again after the schedule's
         delay, and PoisonMessage for a body that is not a webhook message.
         """
         message = parse_webhook_message(body)
+        # A terminal event's attempt is counted on the job; job.started has only its receives.
+        attempt = receive_count if message.event not in TERMINAL_EVENTS else None
         outcome = await self.deliver(message, attempt=attempt)
-        _observe(message, attempt, outcome)
+        _observe(message, outcome)
         if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
         return outcome
 
-    async def deliver(self, message: WebhookMessage, attempt: int = 1) -> DeliveryOutcome:
-        """Attempt `attempt` (the queue message's receive count) of delivering `message`."""
+    async def deliver(self, message: WebhookMessage, attempt: int | None = None) -> DeliveryOutcome:
+        """Attempt `attempt` of delivering `message`; None: the one after those the job counted."""
         job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, message.event)
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
+        # Only a counted attempt is conditional on the count: an explicit one is taken as given.
+        previous = job.delivery_attempts if attempt is None and terminal else None
+        early = self._early_by(job) if previous is not None else 0.0
+        if early > 0:
+            # A copy of the message came before the attempt it would make is due: it waits.
+            return DeliveryOutcome(
+                OutcomeKind.RETRY,
+                retry_in=min(early, self.max_delay_seconds),
+                reason="the next attempt is not due yet",
+            )
+        attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
         secrets = await self._secrets(job.tenant_id)
         if not secrets:
             outcome = DeliveryOutcome(OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret")
         else:
             response = await self._send(job, message.event, secrets)
             outcome = self._judge(response, attempt)
+        outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
-        if terminal and not await asyncio.to_thread(self._record, job.id, outcome):
-            # Another copy of this message settled the delivery meanwhile: its outcome stands,
-            # and this one must neither move it backwards nor schedule another attempt.
-            return DeliveryOutcome.skipped("another delivery of this event settled it first")
+        if terminal and not await asyncio.to_thread(self._record, job.id, outcome, previous):
+            return await self._after_a_copy_counted(message)
         return outcome
+
+    async def _after_a_copy_counted(self, message: WebhookMessage) -> DeliveryOutcome:
+        """Another copy of this message settled or counted this attempt first: its outcome stands.
+
+        Settled, this copy is acknowledged. Still pending, this copy must keep its message until
+        the next attempt is due instead: the copies may be one SQS message received twice, and
+        acknowledging this one would delete the message that carries the other's retry, leaving
+        the delivery to the reconciler's sweep many minutes late.
+        """
+        job = await asyncio.to_thread(self._jobs.find, message.job_id)
+        reason = _why_not_deliver(job, message.event)
+        if job is None or reason:
+            return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
+        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock()
+        return DeliveryOutcome(
+            OutcomeKind.RETRY,
+            retry_in=min(max(due_in, _EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
+            reason="another copy counted this attempt; this one waits for the next",
+        )
+
+    def _early_by(self, job: JobRecord) -> float:
+        """Seconds until the job's next attempt is due (by this dispatcher's clock, which set
+        it), when a copy of its message comes more than a second before it; the original,
+        delayed by exactly that, comes about on time."""
+        if job.delivery_next_ms is None:
+            return 0.0
+        early = job.delivery_next_ms / 1000 - self._clock()
+        return early if early > _EARLY_TOLERANCE_SECONDS else 0.0
 
     async def _secrets(self, tenant_id: str) -> list[str]:
         try:
@@ -300,9 +352,17 @@ class WebhookDispatcher:
             delay = max(delay, response.retry_after)
         return DeliveryOutcome(OutcomeKind.RETRY, code, min(delay, self.max_delay_seconds), reason)
 
-    def _record(self, job_id: str, outcome: DeliveryOutcome) -> bool:
+    def _record(self, job_id: str, outcome: DeliveryOutcome, previous_attempts: int | None) -> bool:
         status = _RECORDED_STATUS[outcome.kind]
-        return self._jobs.record_delivery(job_id, status, outcome.status_code, outcome.retry_in)
+        due = None if outcome.retry_in is None else int((self._clock() + outcome.retry_in) * 1000)
+        return self._jobs.record_delivery(
+            job_id,
+            status,
+            outcome.status_code,
+            outcome.retry_in,
+            previous_attempts=previous_attempts,
+            next_attempt_at_ms=due,
+        )
 
 
 def parse_webhook_message(body: str) -> WebhookMessage:
@@ -332,13 +392,13 @@ _OUTCOME_METRICS = {
 }
 
 
-def _observe(message: WebhookMessage, attempt: int, outcome: DeliveryOutcome) -> None:
+def _observe(message: WebhookMessage, outcome: DeliveryOutcome) -> None:
     logger.info(
         f"webhook {outcome.kind}",
         extra={
             "job_id": message.job_id,
             "event": message.event.value,
-            "attempt": attempt,
+            "attempt": outcome.attempt,
             "status_code": outcome.status_code,
             "retry_in": outcome.retry_in,
             "reason": outcome.reason,

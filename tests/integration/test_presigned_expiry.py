@@ -1,0 +1,224 @@
+"""Presigned result URLs live no longer than the credentials that signed them.
+
+"Download and upload objects with presigned URLs" (S3 user guide,
+https://docs.aws.amazon.com/AmazonS3/latest/userguide/using-presigned-url.html), expiration
+section: a URL signed with temporary credentials (an IAM role's, as a Lambda function's) stops
+working when those credentials expire, even if its ExpiresIn is later. moto, as the sandbox
+corrects it (llmq_sandbox/iam.py), refuses it then, as S3 does; llmq promises only what holds:
+a short life, never past the signer's credentials, stated in `result_url_expires_at`, and a
+fresh URL on every GET of the job.
+
+One moto server for the module, enforcing IAM: an operator, a role allowed to read the
+payload bucket, and a result too large to inline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import boto3
+import httpx
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from llmq.config import LlmqConfig
+from llmq.models import JobStatus
+from llmq.offload import Offload
+from llmq.payloads import RESULT_URL_SECONDS, PayloadStore
+from llmq_sandbox.iam import (
+    UNCHECKED,
+    AwsCredentials,
+    assume_roles,
+    create_operator,
+    expire_session,
+    set_enforcement,
+)
+from tests.support.aws_sessions import TRUSTS_LAMBDA, client_as, iam_checking_moto_server
+from tests.support.stores import job_record
+
+REGION = "us-east-1"
+BUCKET = "payloads"
+RESULT_KEY = "results/job_big/owner.json"
+RESULT = {
+    "output": "word " * 400,
+    "finish_reason": "stop",
+    "usage": {"input_tokens": 1, "output_tokens": 400},
+}
+READS_PAYLOADS = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:HeadObject"],
+            "Resource": f"arn:aws:s3:::{BUCKET}/*",
+        }
+    ],
+}
+
+
+@dataclass
+class Moto:
+    endpoint_url: str
+    operator: AwsCredentials
+    role_arn: str
+
+    def session(self, duration_seconds: int) -> AwsCredentials:
+        """A new session of the role, as the Lambda service gives a new environment."""
+        set_enforcement(self.endpoint_url, enforced=False)
+        try:
+            sts = _client(self.endpoint_url, "sts", self.operator)
+            return assume_roles(sts, {"api": (self.role_arn, "Llmq-Api")}, duration_seconds)["api"]
+        finally:
+            set_enforcement(self.endpoint_url, enforced=True)
+
+
+def _client(endpoint_url: str, service: str, credentials: AwsCredentials) -> Any:
+    return client_as(credentials, service, endpoint_url, config=Config(signature_version="s3v4"))
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[Moto]:
+    with iam_checking_moto_server() as endpoint:
+        operator = create_operator(_client(endpoint, "iam", UNCHECKED))
+        s3 = _client(endpoint, "s3", operator)
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_object(Bucket=BUCKET, Key=RESULT_KEY, Body=json.dumps(RESULT).encode())
+        iam = _client(endpoint, "iam", operator)
+        role = iam.create_role(RoleName="api", AssumeRolePolicyDocument=json.dumps(TRUSTS_LAMBDA))["Role"]
+        iam.put_role_policy(RoleName="api", PolicyName="reads", PolicyDocument=json.dumps(READS_PAYLOADS))
+        set_enforcement(endpoint, enforced=True)
+        yield Moto(endpoint, operator, role["Arn"])
+
+
+def _signer_client(moto: Moto, credentials: AwsCredentials, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An S3 client as a function whose runtime says when its credentials expire
+    (AWS_CREDENTIAL_EXPIRATION, which botocore reads, as it reads a container endpoint's)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", credentials.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", credentials.secret_access_key)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", credentials.session_token or "")
+    assert credentials.expiration is not None
+    monkeypatch.setenv("AWS_CREDENTIAL_EXPIRATION", credentials.expiration.isoformat())
+    return boto3.session.Session(region_name=REGION).client(
+        "s3",
+        endpoint_url=moto.endpoint_url,
+        config=Config(signature_version="s3v4"),
+    )
+
+
+def _served(url: str) -> httpx.Response:
+    return httpx.get(url)
+
+
+def _s3_error_code(response: httpx.Response) -> str:
+    start, end = response.text.find("<Code>"), response.text.find("</Code>")
+    return response.text[start + len("<Code>") : end]
+
+
+def _url_expiry(url: str) -> datetime.datetime:
+    query = parse_qs(urlparse(url).query)
+    signed = datetime.datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+    return signed + datetime.timedelta(seconds=int(query["X-Amz-Expires"][0]))
+
+
+def test_a_presigned_url_stops_working_when_its_signers_session_expires(moto: Moto) -> None:
+    """S3 user guide, "Download and upload objects with presigned URLs",
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/using-presigned-url.html: a URL signed
+    with a role's temporary credentials expires with the role session, even if its own
+    expiration is later; S3 then answers ExpiredToken (400), as to any request signed with them."""
+    # Given a URL signed by a role session, promising an hour
+    credentials = moto.session(duration_seconds=3600)
+    s3 = _client(moto.endpoint_url, "s3", credentials)
+    url = s3.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": RESULT_KEY}, ExpiresIn=3600
+    )
+    assert _served(url).status_code == 200
+    # When the session expires
+    expire_session(credentials.access_key_id)
+    # Then the URL is refused with ExpiredToken, and so is a call signed with the same credentials
+    refused = _served(url)
+    assert (refused.status_code, _s3_error_code(refused)) == (400, "ExpiredToken")
+    with pytest.raises(ClientError) as call:
+        s3.get_object(Bucket=BUCKET, Key=RESULT_KEY)
+    assert call.value.response["Error"]["Code"] == "ExpiredToken"
+    # And a service of the JSON protocol refuses them as AWS's common errors say: 403
+    # ExpiredTokenException (https://docs.aws.amazon.com/awsconsolehelpdocs/latest/gsg/common-errors.html)
+    with pytest.raises(ClientError) as call:
+        _client(moto.endpoint_url, "dynamodb", credentials).list_tables()
+    error = call.value.response
+    assert (error["ResponseMetadata"]["HTTPStatusCode"], error["Error"]["Code"]) == (
+        403,
+        "ExpiredTokenException",
+    )
+
+
+def test_a_presigned_url_past_its_own_expiry_is_refused(moto: Moto) -> None:
+    """S3 user guide, "Download and upload objects with presigned URLs",
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/using-presigned-url.html: a URL works
+    up to its expiration date and time; after it S3 refuses it (403 AccessDenied, "Request has
+    expired")."""
+    credentials = moto.session(duration_seconds=3600)
+    s3 = _client(moto.endpoint_url, "s3", credentials)
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": RESULT_KEY}, ExpiresIn=3)
+    assert _served(url).status_code == 200
+    time.sleep(4.1)  # past X-Amz-Date (whole seconds) + 3 s
+    refused = _served(url)
+    assert (refused.status_code, _s3_error_code(refused)) == (403, "AccessDenied")
+    assert "Request has expired" in refused.text
+
+
+def test_a_result_url_promises_no_more_than_its_signers_credentials_and_a_fresh_get_gives_a_working_one(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose result is in S3 and too large to inline, read by a function whose
+    # credentials expire in 15 minutes, sooner than a URL could otherwise live
+    config = LlmqConfig.model_validate({"limits": {"max_inline_result_bytes": 1024}})
+    now_ms = int(time.time() * 1000)
+    record = job_record(now_ms, "job_big", status=JobStatus.SUCCEEDED, input=None, result_ref=RESULT_KEY)
+    first = moto.session(duration_seconds=900)
+    assert first.expiration is not None
+    offload = Offload(PayloadStore(BUCKET, s3=_signer_client(moto, first, monkeypatch)), config)
+
+    # When the API answers GET /v1/jobs/{id}
+    job = offload.load_result(record).to_job()
+
+    # Then it gives a presigned URL that works, and says until when: no later than the URL's
+    # own expiry, nor than the signer's credentials'
+    assert job.result is None and job.result_url is not None and job.result_url_expires_at is not None
+    stated = datetime.datetime.fromisoformat(job.result_url_expires_at)
+    assert stated <= _url_expiry(job.result_url)
+    assert stated <= first.expiration
+    assert _served(job.result_url).json() == RESULT
+
+    # When the signer's credentials expire, Then the old URL stops working, as on AWS
+    expire_session(first.access_key_id)
+    assert _s3_error_code(_served(job.result_url)) == "ExpiredToken"
+
+    # And a fresh GET, answered with the new credentials Lambda gives an environment, gives a
+    # URL that works
+    second = moto.session(duration_seconds=900)
+    offload = Offload(PayloadStore(BUCKET, s3=_signer_client(moto, second, monkeypatch)), config)
+    fresh = offload.load_result(record).to_job()
+    assert fresh.result_url is not None and fresh.result_url != job.result_url
+    assert _served(fresh.result_url).json() == RESULT
+
+
+def test_without_a_known_credential_expiry_the_url_lives_the_short_default(moto: Moto) -> None:
+    # Given a signer whose credentials do not say when they expire (as Lambda's variables)
+    credentials = moto.session(duration_seconds=3600)
+    store = PayloadStore(BUCKET, s3=_client(moto.endpoint_url, "s3", credentials))
+    # When it presigns, Then the URL and the stated expiry are the short default
+    before_ms = int(time.time() * 1000)
+    url, expires_ms = store.presigned_url(RESULT_KEY)
+    assert int(parse_qs(urlparse(url).query)["X-Amz-Expires"][0]) == RESULT_URL_SECONDS
+    assert (
+        before_ms - 1000 + RESULT_URL_SECONDS * 1000
+        <= expires_ms
+        <= int(time.time() * 1000) + RESULT_URL_SECONDS * 1000
+    )
