@@ -1,5 +1,5 @@
-"""Worker crashes, injected by the runner, with the worker's timeout cut to 3 s (its lanes'
-visibility timeout is then 18 s).
+"""Worker crashes, injected by the runner, with the worker's timeout cut to 5 s (its lanes'
+visibility timeout is then 30 s).
 
 The crash directives of llmq_sandbox/doubles/faults.py act in the worker environment that claimed the job:
 - `[[crash:1]]`: the environment is killed right after its first claim. The lease expires,
@@ -9,7 +9,7 @@ The crash directives of llmq_sandbox/doubles/faults.py act in the worker environ
   written. The second attempt calls the provider again: twice in all, never at the same time.
 - `[[crash]]`: killed after every claim. Once the claims are used up, the next receive fails
   the job as `worker_crashed`, and the client hears of it.
-- `[[overrun]]`: frozen after every claim, so each invocation overruns its 3 s and the runner
+- `[[overrun]]`: frozen after every claim, so each invocation overruns its 5 s and the runner
   kills it as Lambda does; the same end.
 
 A provider that never finishes (`[[hang]]`, `[[stall]]`) no longer overruns anything: the
@@ -29,9 +29,10 @@ from tests.e2e.conftest import SandboxUnderTest, wait_until
 from tests.e2e.figures import Figures, invocations_once_logged, overlapping, settle
 
 pytestmark = pytest.mark.e2e
-# Four seconds: short enough that each crash plays out in half a minute, long enough that a
-# busy two-core machine does not time out an attempt that should have finished.
-WORKER_TIMEOUT_SECONDS = 4
+# Five seconds: short enough that each crash plays out in under a minute, long enough that a
+# busy two-core machine does not time out an attempt that should have finished (with tracing
+# active as deployed, a second attempt in a fresh environment took more than 4 s under load).
+WORKER_TIMEOUT_SECONDS = 5
 # A crash takes its whole batch down, as it would on Lambda, so no two of these may share one:
 # they come in pairs, one per lane (each lane has its own poller), and a pair's messages come
 # back from their visibility timeout well after the previous pair's.
@@ -85,7 +86,7 @@ def test_a_worker_killed_after_its_claim_is_reclaimed_after_the_visibility_timeo
 ) -> None:
     job_id, tier = jobs["crash_once"].id, jobs["crash_once"].tier
     # When the worker dies right after its first claim
-    job = figures.sandbox.wait_terminal(job_id, tier, timeout=60)
+    job = figures.sandbox.wait_terminal(job_id, tier, timeout=90)
     # Then the second claim completed it, and the provider was called once
     assert (job["status"], job["attempts"]) == ("succeeded", 2)
     assert [call.status for call in figures.provider_calls(job_id)] == [200]
@@ -106,7 +107,7 @@ def test_a_worker_killed_before_writing_its_result_costs_one_more_call_never_two
 ) -> None:
     job_id, tier = jobs["crash_before_complete"].id, jobs["crash_before_complete"].tier
     # When the worker dies after the provider answered, before the result was written
-    job = figures.sandbox.wait_terminal(job_id, tier, timeout=60)
+    job = figures.sandbox.wait_terminal(job_id, tier, timeout=90)
     # Then the job succeeded on its second attempt, with a result
     assert (job["status"], job["attempts"]) == ("succeeded", 2)
     assert job["result"]["output"]
