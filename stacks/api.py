@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import aws_cdk as cdk
 from aws_cdk import aws_apigateway as apigw
@@ -13,37 +15,71 @@ from constructs import Construct
 
 from llmq import errors
 from llmq.config import ApiEnvironment, AuthorizerEnvironment, LlmqConfig
+from llmq.job_index import TENANT_INDEX
 from stacks.functions import FunctionDefaults, build_function, function_environment
-from stacks.lanes import LanesConstruct
+from stacks.jobs_table import grant_index_query, grant_item_actions
+from stacks.lanes import LanesConstruct, grant_send
 
 STAGE_NAME = "prod"
-API_TABLE_ACTIONS = (
-    "dynamodb:GetItem",
-    "dynamodb:PutItem",
-    "dynamodb:UpdateItem",
-    "dynamodb:Query",
-    "dynamodb:ConditionCheckItem",
-)
+# Item actions on the table only; its one Query is on the tenant index (GET /v1/jobs).
+API_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem")
+# llmq.tenants keys an API key's item `key#<sha256>`: the authorizer may read only those, not
+# the `tenant#<id>` items that hold webhook secrets.
+API_KEY_ITEM_PREFIX = "key#"
 PROBLEM_JSON = "application/problem+json"
 
 
 # The answers API Gateway gives itself (no function runs), each shaped like the API's own
-# errors from the same catalogue entry. DEFAULT_5XX takes one status: every 5xx API Gateway
-# makes is the failure of something behind it (the authorizer, the function, its response).
+# errors from the same catalogue entry. A 5xx API Gateway makes is the failure of something
+# behind it (the authorizer, the function, its response): 502, or 504 when it was too slow.
+# Types: https://docs.aws.amazon.com/apigateway/latest/developerguide/supported-gateway-response-types.html
 GATEWAY_PROBLEMS: dict[apigw.ResponseType, errors.ProblemType] = {
     apigw.ResponseType.UNAUTHORIZED: errors.problem_type(errors.Unauthenticated),
     apigw.ResponseType.ACCESS_DENIED: errors.FORBIDDEN,
     apigw.ResponseType.THROTTLED: errors.RATE_LIMITED,
+    apigw.ResponseType.QUOTA_EXCEEDED: errors.RATE_LIMITED,
     apigw.ResponseType.REQUEST_TOO_LARGE: errors.problem_type(errors.PayloadTooLarge),
     apigw.ResponseType.INTEGRATION_TIMEOUT: errors.GATEWAY_TIMEOUT,
+    apigw.ResponseType.INTEGRATION_FAILURE: errors.BAD_GATEWAY,
+    apigw.ResponseType.AUTHORIZER_FAILURE: errors.BAD_GATEWAY,
+    apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR: errors.BAD_GATEWAY,
     apigw.ResponseType.DEFAULT_5_XX: errors.BAD_GATEWAY,
 }
+# Every other 4xx API Gateway makes (a route or method the API does not have is its 403
+# "Missing Authentication Token") keeps API Gateway's status; the body names it by this code
+# and carries API Gateway's message as `detail`, with no `status` member, which varies.
+GATEWAY_REFUSED = errors.ProblemType("gateway_refused", 400, "API Gateway refused the request")
+# What a 429 tells the client to wait: the stage's token bucket refills every second.
+RETRY_AFTER_SECONDS = 1
+RATE_LIMITED_RESPONSES = frozenset(
+    response.response_type for response in (apigw.ResponseType.THROTTLED, apigw.ResponseType.QUOTA_EXCEEDED)
+)
 
 
-def _problem_template(entry: errors.ProblemType) -> str:
+def _problem_template(entry: errors.ProblemType, *, with_status: bool = True) -> str:
     # $context.error.messageString is already a quoted JSON string.
-    body = json.dumps({"type": entry.type, "title": entry.title, "status": entry.status, "code": entry.code})
-    return body[:-1] + ', "detail": $context.error.messageString}'
+    fields: dict[str, object] = {"type": entry.type, "title": entry.title}
+    if with_status:
+        fields["status"] = entry.status
+    fields["code"] = entry.code
+    return json.dumps(fields)[:-1] + ', "detail": $context.error.messageString}'
+
+
+@dataclass(frozen=True)
+class ApiLogging:
+    """Whether the stage logs to CloudWatch, which needs the account's API Gateway CloudWatch role.
+
+    `create_account_role` lets the stack set that role: an account-wide setting of the region
+    (AWS::ApiGateway::Account) that replaces any role another team set, so it is opt-in.
+    `enabled` alone turns logging on where the account already has the role.
+    """
+
+    enabled: bool = False
+    create_account_role: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.enabled or self.create_account_role
 
 
 class ApiConstruct(Construct):
@@ -58,6 +94,7 @@ class ApiConstruct(Construct):
         tenants_table: dynamodb.ITable,
         lanes: LanesConstruct,
         webhook_queue: sqs.IQueue,
+        logging: ApiLogging,
     ) -> None:
         super().__init__(scope, construct_id)
         self.authorizer_function = build_function(
@@ -69,7 +106,12 @@ class ApiConstruct(Construct):
             defaults=defaults,
             environment=function_environment(AuthorizerEnvironment, tenants_table=tenants_table.table_name),
         )
-        tenants_table.grant(self.authorizer_function, "dynamodb:GetItem")
+        grant_item_actions(
+            tenants_table,
+            self.authorizer_function,
+            "dynamodb:GetItem",
+            leading_key_prefix=API_KEY_ITEM_PREFIX,
+        )
 
         self.function = build_function(
             self,
@@ -86,21 +128,20 @@ class ApiConstruct(Construct):
             ),
         )
         # No DeleteItem and no Scan: jobs leave only through their TTL.
-        jobs_table.grant(self.function, *API_TABLE_ACTIONS)
+        grant_item_actions(jobs_table, self.function, *API_TABLE_ACTIONS)
+        grant_index_query(jobs_table, self.function, TENANT_INDEX)
         for queue in lanes.queues:
-            queue.grant_send_messages(self.function)
-        webhook_queue.grant_send_messages(self.function)
+            grant_send(self.function, queue)
+        grant_send(self.function, webhook_queue)
 
         self.config = config
+        self.logging = logging
         self.rest_api = self._build_rest_api(defaults)
         self._add_routes()
         self._add_problem_responses()
 
     def _build_rest_api(self, defaults: FunctionDefaults) -> apigw.RestApi:
-        access_logs = logs.LogGroup(
-            self, "AccessLogs", retention=defaults.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
-        )
-        return apigw.RestApi(
+        rest_api = apigw.RestApi(
             self,
             "RestApi",
             rest_api_name=f"{cdk.Stack.of(self).stack_name}-api",
@@ -112,32 +153,65 @@ class ApiConstruct(Construct):
             # accepted as "caf\ufffd", and llmq's "the body is not UTF-8" 400 could never fire.
             # llmq never answers base64, so Accept headers change nothing on the way back.
             binary_media_types=["*/*"],
-            # Access logs need the account-level CloudWatch role for API Gateway.
-            cloud_watch_role=True,
+            # The account-level role is the region's one setting for every API: opt-in only.
+            cloud_watch_role=self.logging.create_account_role,
             deploy_options=apigw.StageOptions(
                 stage_name=STAGE_NAME,
-                # Stage-wide ceilings that protect the account (per-tenant quotas are not built yet).
+                # Stage-wide ceilings that protect the account.
                 throttling_rate_limit=self.config.limits.stage_rate_per_second,
                 throttling_burst_limit=self.config.limits.stage_burst,
-                access_log_destination=apigw.LogGroupLogDestination(access_logs),
-                access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
-                    caller=False,
-                    http_method=True,
-                    ip=True,
-                    protocol=True,
-                    request_time=True,
-                    resource_path=True,
-                    response_length=True,
-                    status=True,
-                    user=True,
-                ),
-                # Errors only, and never request or response bodies: they hold prompts and outputs.
-                logging_level=apigw.MethodLoggingLevel.ERROR,
                 data_trace_enabled=False,
                 metrics_enabled=True,
                 tracing_enabled=True,
+                **self._log_options(defaults),
             ),
         )
+        if not self.logging.on:
+            self._acknowledge_no_logs(rest_api)
+        return rest_api
+
+    def _log_options(self, defaults: FunctionDefaults) -> dict[str, Any]:
+        """Access logs and error-level execution logs when logging is on. Either one without the
+        account's CloudWatch role fails the stage's deployment, so with logging off neither is set.
+        https://docs.aws.amazon.com/apigateway/latest/developerguide/set-up-logging.html
+        """
+        if not self.logging.on:
+            return {"logging_level": apigw.MethodLoggingLevel.OFF}
+        access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=defaults.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+        )
+        return {
+            "access_log_destination": apigw.LogGroupLogDestination(access_logs),
+            "access_log_format": apigw.AccessLogFormat.json_with_standard_fields(
+                caller=False,
+                http_method=True,
+                ip=True,
+                protocol=True,
+                request_time=True,
+                resource_path=True,
+                response_length=True,
+                status=True,
+                user=True,
+            ),
+            # Errors only, and never request or response bodies: they hold prompts and outputs.
+            "logging_level": apigw.MethodLoggingLevel.ERROR,
+        }
+
+    @staticmethod
+    def _acknowledge_no_logs(rest_api: apigw.RestApi) -> None:
+        reason = (
+            "API Gateway writes access and execution logs only through the account-level "
+            "CloudWatch role of the region, and a stage that asks for logs without one fails to "
+            "deploy. Setting that role replaces any other team's, so llmq leaves logging off "
+            "unless the operator opts in (-c llmq:apigw_logging=true where the account has the "
+            "role, -c llmq:apigw_cloudwatch_role=true to let the stack set it). Without them the "
+            "API is watched through its CloudWatch metrics, X-Ray traces and the api function's "
+            "own logs."
+        )
+        for rule in ("APIG1", "APIG6"):
+            cdk.Validations.of(rest_api).acknowledge(
+                cdk.Acknowledgment(id=f"AwsSolutions::AwsSolutions-{rule}", reason=reason)
+            )
 
     def _add_routes(self) -> None:
         authorizer = apigw.RequestAuthorizer(
@@ -165,13 +239,24 @@ class ApiConstruct(Construct):
     def _add_problem_responses(self) -> None:
         headers = {"Content-Type": f"'{PROBLEM_JSON}'"}
         for response_type, entry in GATEWAY_PROBLEMS.items():
+            extra = (
+                {"Retry-After": f"'{RETRY_AFTER_SECONDS}'"}
+                if response_type.response_type in RATE_LIMITED_RESPONSES
+                else {}
+            )
             self.rest_api.add_gateway_response(
                 response_type.response_type,
                 type=response_type,
                 status_code=str(entry.status),
-                response_headers=headers,
+                response_headers={**headers, **extra},
                 templates={"application/json": _problem_template(entry)},
             )
+        self.rest_api.add_gateway_response(
+            apigw.ResponseType.DEFAULT_4_XX.response_type,
+            type=apigw.ResponseType.DEFAULT_4_XX,
+            response_headers=headers,
+            templates={"application/json": _problem_template(GATEWAY_REFUSED, with_status=False)},
+        )
 
     @property
     def url(self) -> str:

@@ -9,11 +9,14 @@ import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
 from llmq.config import LlmqConfig
+from stacks.api import ApiLogging
 from stacks.context import (
     CONTEXT_ALARM_EMAIL,
+    CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER,
+    CONTEXT_APIGW_CLOUDWATCH_ROLE,
+    CONTEXT_APIGW_LOGGING,
     CONTEXT_CONFIG,
     CONTEXT_LOG_LEVEL,
-    CONTEXT_REQUIRE_DEPS_LAYER,
     CONTEXT_SANDBOX,
     CONTEXT_STACK_NAME,
     cdk_json_context,
@@ -30,7 +33,11 @@ def settings_from_context(app: cdk.App) -> DeploymentSettings:
         alarm_email=str(email) if email else None,
         sandbox=context_flag(node.try_get_context(CONTEXT_SANDBOX)),
         log_level=str(node.try_get_context(CONTEXT_LOG_LEVEL) or DeploymentSettings.log_level).upper(),
-        require_deps_layer=context_flag(node.try_get_context(CONTEXT_REQUIRE_DEPS_LAYER)),
+        allow_placeholder_deps_layer=context_flag(node.try_get_context(CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER)),
+        api_logging=ApiLogging(
+            enabled=context_flag(node.try_get_context(CONTEXT_APIGW_LOGGING)),
+            create_account_role=context_flag(node.try_get_context(CONTEXT_APIGW_CLOUDWATCH_ROLE)),
+        ),
     )
 
 

@@ -17,7 +17,14 @@ CONTEXT_ALARM_EMAIL = "alarm_email"
 CONTEXT_SANDBOX = "llmq:sandbox"
 CONTEXT_LOG_LEVEL = "llmq:log_level"
 CONTEXT_STACK_NAME = "llmq:stack_name"
-CONTEXT_REQUIRE_DEPS_LAYER = "llmq:require_deps_layer"
+# Tests only, never a deploy: synthesize with the placeholder dependencies layer (whose
+# functions would all fail with ImportModuleError) instead of failing without layers/deps.
+CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER = "llmq:allow_placeholder_deps_layer"
+# Opt-in: the stack sets the region's account-level API Gateway CloudWatch role (replacing
+# any other) and the stage logs to CloudWatch.
+CONTEXT_APIGW_CLOUDWATCH_ROLE = "llmq:apigw_cloudwatch_role"
+# Opt-in: the stage logs to CloudWatch through the role the account already has.
+CONTEXT_APIGW_LOGGING = "llmq:apigw_logging"
 
 
 def context_flag(value: Any) -> bool:

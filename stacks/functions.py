@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aws_cdk as cdk
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
@@ -74,9 +75,12 @@ def build_function(
     sizing: FunctionSizing,
     defaults: FunctionDefaults,
     environment: Mapping[str, str],
-    reserved_concurrency: int | None = None,
 ) -> lambda_.Function:
-    """One function whose code asset is only its own folder, functions/<name>/."""
+    """One function whose code asset is only its own folder, functions/<name>/.
+
+    Its reserved concurrency is its line of the budget, `LlmqConfig.reserved_concurrency`
+    (none when `concurrency.reserve` is off).
+    """
     if name not in FUNCTION_NAMES:
         raise ValueError(f"unknown function {name!r}; expected one of {FUNCTION_NAMES}")
     log_group = logs.LogGroup(
@@ -97,9 +101,26 @@ def build_function(
         memory_size=sizing.memory_mb,
         timeout=cdk.Duration.seconds(sizing.timeout_seconds),
         environment={**base_environment(defaults), **environment},
-        reserved_concurrent_executions=reserved_concurrency,
+        reserved_concurrent_executions=defaults.config.reserved_concurrency.get(name),
         tracing=lambda_.Tracing.ACTIVE,
         log_group=log_group,
+        role=_execution_role(scope, construct_id, log_group),
     )
     cdk.Tags.of(function).add(FUNCTION_TAG, name)
     return function
+
+
+def _execution_role(scope: Construct, construct_id: str, log_group: logs.ILogGroup) -> iam.Role:
+    """A role that writes logs to the function's own log group only. Not the managed
+    AWSLambdaBasicExecutionRole, which allows CreateLogGroup and PutLogEvents on every log
+    group of the account. The group exists before the function, so no CreateLogGroup; its
+    ARN (`...:log-group:<name>:*`) covers its streams."""
+    role = iam.Role(
+        scope, f"{construct_id}ServiceRole", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com")
+    )
+    role.add_to_policy(
+        iam.PolicyStatement(
+            actions=["logs:CreateLogStream", "logs:PutLogEvents"], resources=[log_group.log_group_arn]
+        )
+    )
+    return role

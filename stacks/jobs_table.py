@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aws_cdk as cdk
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
@@ -15,6 +16,71 @@ PARTITION_KEY = "pk"
 TTL_ATTRIBUTE = "expires_at"
 # What the reconciler reads from the sweep index, so that it needs no GetItem per job.
 SWEEP_PROJECTION = ["status", "lane", "delivery_status", "deadline_ms"]
+# What GET /v1/jobs reads from the tenant index: the attributes JobRecord.to_job shows, and the
+# ones a JobRecord needs to validate (request_hash, expires_at). Never the input (up to the
+# item's 350 KB), the lease or the write bookkeeping: a GSI copies every projected attribute
+# on every write to the item, so projecting ALL doubled the write cost of each claim,
+# heartbeat and completion of a large job. The table's own keys (pk) and the index's keys
+# (tenant_id, tenant_created) are always projected.
+# https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/GSI.html#GSI.Projections
+TENANT_PROJECTION = [
+    "status",
+    "lane",
+    "model",
+    "request_hash",
+    "metadata",
+    "created_ms",
+    "started_ms",
+    "finished_ms",
+    "attempts",
+    "cancel_requested",
+    "result",
+    "result_ref",
+    "error",
+    "webhook_url",
+    "webhook_events",
+    "delivery_status",
+    "delivery_attempts",
+    "delivery_last_status_code",
+    "delivered_ms",
+    "expires_at",
+]
+# Where llmq.offload keys a job's payloads in the bucket: the api writes inputs and reads
+# results, the worker the other way round, so each role is granted its own prefix only.
+INPUTS_PREFIX = "inputs/"
+RESULTS_PREFIX = "results/"
+
+
+def grant_item_actions(
+    table: dynamodb.ITable, grantee: iam.IGrantable, *actions: str, leading_key_prefix: str | None = None
+) -> None:
+    """Item actions on the table itself, never on its indexes (CDK's Table.grant adds index/*).
+
+    With `leading_key_prefix`, only on items whose partition key starts with it
+    (the `dynamodb:LeadingKeys` condition key).
+    """
+    conditions = (
+        {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"{leading_key_prefix}*"]}}
+        if leading_key_prefix is not None
+        else None
+    )
+    grantee.grant_principal.add_to_principal_policy(
+        iam.PolicyStatement(actions=list(actions), resources=[table.table_arn], conditions=conditions)
+    )
+
+
+def grant_index_query(table: dynamodb.ITable, grantee: iam.IGrantable, index_name: str) -> None:
+    """Query on one named index: not on the table, not on its other indexes."""
+    grantee.grant_principal.add_to_principal_policy(
+        iam.PolicyStatement(actions=["dynamodb:Query"], resources=[f"{table.table_arn}/index/{index_name}"])
+    )
+
+
+def grant_objects(bucket: s3.IBucket, grantee: iam.IGrantable, action: str, prefix: str) -> None:
+    """One object action under one key prefix of the bucket: no listing, no deletes."""
+    grantee.grant_principal.add_to_principal_policy(
+        iam.PolicyStatement(actions=[action], resources=[bucket.arn_for_objects(f"{prefix}*")])
+    )
 
 
 class JobsTableConstruct(Construct):
@@ -43,8 +109,9 @@ class JobsTableConstruct(Construct):
             index_name=TENANT_INDEX,
             partition_key=dynamodb.Attribute(name="tenant_id", type=dynamodb.AttributeType.STRING),
             sort_key=dynamodb.Attribute(name="tenant_created", type=dynamodb.AttributeType.STRING),
-            # GET /v1/jobs returns whole jobs; projecting ALL avoids a GetItem per listed job.
-            projection_type=dynamodb.ProjectionType.ALL,
+            # GET /v1/jobs shows what the Job shows, without a GetItem per listed job.
+            projection_type=dynamodb.ProjectionType.INCLUDE,
+            non_key_attributes=TENANT_PROJECTION,
         )
         # Sparse: only jobs that may need the reconciler carry sweep_pk.
         self.jobs.add_global_secondary_index(

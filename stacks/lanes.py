@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aws_cdk as cdk
+import jsii
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
@@ -14,6 +17,41 @@ from stacks.template import LANE_TAG
 # The longest SQS allows; a DLQ message is evidence, kept as long as possible.
 DLQ_RETENTION = cdk.Duration.days(14)
 MAX_QUEUE_RETENTION_SECONDS = 14 * 86_400
+# What an SQS event source mapping does with the function's role on its queue, whatever the
+# handler calls itself (Lambda developer guide, "Using Lambda with Amazon SQS": the execution
+# role needs ReceiveMessage, DeleteMessage and GetQueueAttributes).
+EVENT_SOURCE_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")
+
+
+def consume(
+    function: lambda_.Function,
+    queue: sqs.IQueue,
+    *,
+    batch_size: int,
+    max_concurrency: int,
+    max_batching_window: cdk.Duration | None = None,
+    also: tuple[str, ...] = (),
+) -> lambda_.EventSourceMapping:
+    """An SQS event source mapping, and only the grants it needs plus the handler's own `also`.
+
+    Not `SqsEventSource`: it grants GetQueueUrl and ChangeMessageVisibility to every consumer,
+    whether or not its handler calls them.
+    """
+    queue.grant(function, *EVENT_SOURCE_ACTIONS, *also)
+    return function.add_event_source_mapping(
+        f"Source{queue.node.id}",
+        event_source_arn=queue.queue_arn,
+        batch_size=batch_size,
+        max_batching_window=max_batching_window,
+        max_concurrency=max_concurrency,
+        report_batch_item_failures=True,
+    )
+
+
+def grant_send(grantee: iam.IGrantable, *queues: sqs.IQueue) -> None:
+    """SendMessage only: not the GetQueueUrl and GetQueueAttributes of `grant_send_messages`."""
+    for queue in queues:
+        queue.grant(grantee, "sqs:SendMessage")
 
 
 def pascal(name: str) -> str:
@@ -49,6 +87,22 @@ def build_queue_pair(
         dead_letter_queue=sqs.DeadLetterQueue(queue=dlq, max_receive_count=max_receive_count),
     )
     return queue, dlq
+
+
+@jsii.implements(lambda_.IDestination)
+class SendOnlyQueueDestination:
+    """An asynchronous invocation's destination queue, granted SendMessage only: what Lambda
+    does with the function's role to deliver the record. CDK's SqsDestination also grants
+    GetQueueUrl and GetQueueAttributes, which nothing calls."""
+
+    def __init__(self, queue: sqs.IQueue) -> None:
+        self.queue = queue
+
+    def bind(
+        self, _scope: Construct, fn: lambda_.IFunction, *, type: lambda_.DestinationType | None = None
+    ) -> lambda_.DestinationConfig:
+        grant_send(fn, self.queue)
+        return lambda_.DestinationConfig(destination=self.queue.queue_arn)
 
 
 @dataclass(frozen=True)

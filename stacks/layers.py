@@ -21,6 +21,12 @@ DEPS_LAYER_DIR = ROOT / "layers" / "deps"
 DEPS_BUILD_INFO = "build-info.json"
 UV_LOCK = ROOT / "uv.lock"
 
+# Why a synth without the layer fails, and what to do.
+DEPS_LAYER_HINT = (
+    "Without it every function fails with ImportModuleError. `make layers` builds it (`make synth` "
+    "and `make deploy` do first); the sandbox (-c llmq:sandbox=true) needs none."
+)
+
 ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", ".mypy_cache", ".pytest_cache"]
 
 
@@ -79,7 +85,7 @@ def _placeholder_dir() -> Path:
 
 class LayersConstruct(Construct):
     def __init__(
-        self, scope: Construct, construct_id: str, *, use_placeholder_deps: bool, require_deps: bool = False
+        self, scope: Construct, construct_id: str, *, use_placeholder_deps: bool, require_deps: bool
     ) -> None:
         super().__init__(scope, construct_id)
         runtime = lambda_runtime()
@@ -93,8 +99,9 @@ class LayersConstruct(Construct):
         )
         deps = locate_deps_layer(use_placeholder_deps)
         if deps.problem is not None and require_deps:
-            # `make deploy` asks for this: a placeholder layer would break every function.
-            cdk.Annotations.of(self).add_error(deps.problem)
+            # A placeholder or stale layer would break every function (ImportModuleError, and
+            # the API answers 502): a deploy is refused, not shipped broken.
+            cdk.Annotations.of(self).add_error(f"{deps.problem}. {DEPS_LAYER_HINT}")
         elif deps.problem is not None:
             cdk.Annotations.of(self).add_warning_v2("llmq:deps-layer", deps.problem)
         self.deps = lambda_.LayerVersion(

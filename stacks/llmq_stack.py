@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aws_cdk as cdk
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from llmq.config import ApiEnvironment, LlmqConfig
-from stacks.api import ApiConstruct
+from stacks.api import STAGE_NAME, ApiConstruct, ApiLogging
 from stacks.functions import FunctionDefaults, env_var
-from stacks.jobs_table import JobsTableConstruct
+from stacks.jobs_table import INPUTS_PREFIX, RESULTS_PREFIX, JobsTableConstruct, grant_objects
 from stacks.lanes import LanesConstruct, pascal
 from stacks.layers import LayersConstruct
 from stacks.monitoring import MonitoringConstruct
@@ -35,8 +34,11 @@ class DeploymentSettings:
     # and the dependencies layer is a placeholder (moto never runs Lambda code).
     sandbox: bool = False
     log_level: str = "INFO"
-    # `make deploy` sets it: synth fails unless layers/deps is built and current.
-    require_deps_layer: bool = False
+    # Tests only: without it a synth that is not the sandbox's fails unless layers/deps is
+    # built and current.
+    allow_placeholder_deps_layer: bool = False
+    # Off unless opted in: logging needs the account-level API Gateway CloudWatch role.
+    api_logging: ApiLogging = field(default_factory=ApiLogging)
     log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
 
 
@@ -72,7 +74,7 @@ class LlmqStack(cdk.Stack):
             self,
             "Layers",
             use_placeholder_deps=settings.sandbox,
-            require_deps=settings.require_deps_layer,
+            require_deps=not (settings.sandbox or settings.allow_placeholder_deps_layer),
         )
         defaults = FunctionDefaults(
             config=config,
@@ -103,6 +105,7 @@ class LlmqStack(cdk.Stack):
             tenants_table=tenants,
             lanes=self.lanes,
             webhook_queue=self.webhooks.queue,
+            logging=settings.api_logging,
         )
         self.webhooks.link_public_api(self.api.url)
         self._link_payloads()
@@ -124,6 +127,9 @@ class LlmqStack(cdk.Stack):
             webhook_dlq=self.webhooks.dlq,
             functions=self.functions,
             alarm_email=settings.alarm_email,
+            api_name=self.api.rest_api.rest_api_name,
+            stage_name=STAGE_NAME,
+            tables={"jobs": jobs, "tenants": tenants},
         )
         self._add_outputs()
         acknowledge_findings(self)
@@ -133,12 +139,12 @@ class LlmqStack(cdk.Stack):
         bucket = self.tables.payloads
         for function in (self.api.function, self.worker.worker):
             function.add_environment(env_var(ApiEnvironment, "payload_bucket"), bucket.bucket_name)
-            # Object reads and writes only: no listing, no deletes (the lifecycle rule expires them).
-            function.add_to_role_policy(
-                iam.PolicyStatement(
-                    actions=["s3:GetObject", "s3:PutObject"], resources=[bucket.arn_for_objects("*")]
-                )
-            )
+        # Object reads and writes only, each under its own prefix: no listing, no deletes (the
+        # lifecycle rule expires them).
+        grant_objects(bucket, self.api.function, "s3:PutObject", INPUTS_PREFIX)
+        grant_objects(bucket, self.api.function, "s3:GetObject", RESULTS_PREFIX)
+        grant_objects(bucket, self.worker.worker, "s3:GetObject", INPUTS_PREFIX)
+        grant_objects(bucket, self.worker.worker, "s3:PutObject", RESULTS_PREFIX)
 
     @property
     def functions(self) -> dict[str, lambda_.Function]:

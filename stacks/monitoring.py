@@ -1,4 +1,7 @@
-"""Alarms on every DLQ, each lane's backlog age and every function's errors; one dashboard."""
+"""Every alarm llmq raises, each on the alarm topic, and one dashboard.
+
+docs/operations.md says, per alarm, what it means and what to do; keep the two together.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import Mapping
 import aws_cdk as cdk
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
+from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
@@ -25,6 +29,26 @@ from stacks.lanes import LanesConstruct, pascal
 
 ONE_MINUTE = cdk.Duration.minutes(1)
 FIVE_MINUTES = cdk.Duration.minutes(5)
+FIFTEEN_MINUTES = cdk.Duration.minutes(15)
+ONE_HOUR = cdk.Duration.hours(1)
+
+# Failures a healthy deployment still has (a prompt over the model's context, a receiver that
+# is gone): the alarm is on more of them than that in its period.
+JOB_FAILED_ALARM_COUNT = 5  # per lane, in 15 minutes
+WEBHOOK_FAILED_ALARM_COUNT = 5  # in one hour
+# The DynamoDB operations llmq calls (tests/aws_calls.json): ThrottledRequests is reported per
+# operation, with the TableName and Operation dimensions.
+# https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/metrics-dimensions.html
+JOBS_TABLE_OPERATIONS = (
+    dynamodb.Operation.GET_ITEM,
+    dynamodb.Operation.PUT_ITEM,
+    dynamodb.Operation.UPDATE_ITEM,
+    dynamodb.Operation.QUERY,
+)
+TENANTS_TABLE_OPERATIONS = (dynamodb.Operation.GET_ITEM,)
+# "Period multiplied by EvaluationPeriods can't be more than 604,800 seconds" (PutMetricAlarm,
+# https://docs.aws.amazon.com/AmazonCloudWatch/latest/APIReference/API_PutMetricAlarm.html).
+MAX_ALARM_WINDOW_MINUTES = 7 * 24 * 60
 
 
 def oldest_message_alarm_seconds(config: LlmqConfig) -> int:
@@ -32,7 +56,32 @@ def oldest_message_alarm_seconds(config: LlmqConfig) -> int:
     return max(config.lane_visibility_timeout_seconds, 2 * int(config.retry.max_seconds))
 
 
-def llmq_metric(name: MetricName, statistic: str, lane: str | None = None) -> cloudwatch.Metric:
+def webhook_oldest_message_alarm_seconds(config: LlmqConfig) -> int:
+    """A webhook message older than this is not being delivered, whatever its receiver does.
+
+    SQS leaves a message received three times or more out of ApproximateAgeOfOldestMessage
+    (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-available-cloudwatch-metrics.html),
+    so a delivery retrying on the long schedule counts only until its third attempt: the first
+    two delays, with their jitter, and a crashed attempt's visibility timeout.
+    """
+    first_two = sum(config.webhooks.schedule_seconds[:2]) * (1 + config.webhooks.jitter_fraction)
+    return int(first_two) + config.webhook_visibility_timeout_seconds
+
+
+def reconciler_window_minutes(config: LlmqConfig) -> int:
+    """Long enough that a running reconciler is invoked at least once in it, with a tick to spare."""
+    return min(2 * config.reconciler.schedule_minutes, MAX_ALARM_WINDOW_MINUTES)
+
+
+def llmq_metric(
+    name: MetricName,
+    statistic: str,
+    lane: str | None = None,
+    period: cdk.Duration = FIVE_MINUTES,
+    labelled: bool = True,
+) -> cloudwatch.Metric:
+    """One llmq metric. Alarms take it unlabelled: CDK writes a labelled metric as a metric-math
+    query, where the alarm's console view and the template lose the plain MetricName."""
     # Powertools adds the `service` dimension to every metric; job metrics add `lane`.
     dimensions = {"service": SERVICE_NAME} | ({"lane": lane} if lane is not None else {})
     return cloudwatch.Metric(
@@ -40,8 +89,23 @@ def llmq_metric(name: MetricName, statistic: str, lane: str | None = None) -> cl
         metric_name=name.value,
         dimensions_map=dimensions,
         statistic=statistic,
+        period=period,
+        label=(f"{name} {lane}" if lane else name) if labelled else None,
+    )
+
+
+def api_server_errors(api_name: str, stage_name: str, labelled: bool = True) -> cloudwatch.Metric:
+    """API Gateway's 5XXError of the stage, by name: a reference to the Stage resource would
+    not deploy into the moto sandbox, which does not model it.
+    https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-metrics-and-dimensions.html
+    """
+    return cloudwatch.Metric(
+        namespace="AWS/ApiGateway",
+        metric_name="5XXError",
+        dimensions_map={"ApiName": api_name, "Stage": stage_name},
+        statistic="Sum",
         period=FIVE_MINUTES,
-        label=f"{name} {lane}" if lane else name,
+        label="API 5XX" if labelled else None,
     )
 
 
@@ -57,6 +121,9 @@ class MonitoringConstruct(Construct):
         webhook_dlq: sqs.IQueue,
         functions: Mapping[str, lambda_.IFunction],
         alarm_email: str | None,
+        api_name: str | None = None,
+        stage_name: str | None = None,
+        tables: Mapping[str, dynamodb.ITable] | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.topic = sns.Topic(self, "AlarmTopic", display_name="llmq alarms", enforce_ssl=True)
@@ -65,15 +132,71 @@ class MonitoringConstruct(Construct):
         self._action = cw_actions.SnsAction(self.topic)
         self.alarms: list[cloudwatch.Alarm] = []
 
-        for name, lane in lanes.lanes.items():
-            self._alarm_on_dlq(f"Lane{pascal(name)}Dlq", lane.dlq, f"lane {name}")
+        self._alarm_on_lanes(config, lanes)
+        self._alarm_on_webhooks(config, webhook_queue, webhook_dlq)
+        self._alarm_on_functions(config, functions)
+        self._alarm_on_api(api_name, stage_name)
+        for name, table in (tables or {}).items():
+            operations = JOBS_TABLE_OPERATIONS if name == "jobs" else TENANTS_TABLE_OPERATIONS
             self._alarm(
-                f"Lane{pascal(name)}OldestMessage",
+                f"{pascal(name)}TableThrottles",
+                table.metric_throttled_requests_for_operations(
+                    operations=list(operations), period=FIVE_MINUTES, label=f"{name} throttled"
+                ),
+                threshold=0,
+                description=f"llmq: DynamoDB throttled requests to the {name} table",
+            )
+        self.dashboard = self._build_dashboard(lanes, webhook_queue, functions, api_name, stage_name)
+
+    def _alarm_on_lanes(self, config: LlmqConfig, lanes: LanesConstruct) -> None:
+        for name, lane in lanes.lanes.items():
+            lane_id = f"Lane{pascal(name)}"
+            self._alarm_on_dlq(f"{lane_id}Dlq", lane.dlq, f"lane {name}")
+            # The dead-letter function drains the DLQ within seconds, so its depth rarely shows
+            # a message: its receives do. (NumberOfMessagesSent would not: a message that SQS
+            # moves to a DLQ is not "sent" to it.)
+            self._alarm(
+                f"{lane_id}DlqReceived",
+                lane.dlq.metric_number_of_messages_received(period=FIVE_MINUTES, statistic="Sum"),
+                threshold=0,
+                description=f"llmq: a lane {name} message exhausted its receives and reached the DLQ",
+            )
+            self._alarm(
+                f"{lane_id}DeadLettered",
+                llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", name, labelled=False),
+                threshold=0,
+                description=f"llmq: the dead-letter function failed lane {name} jobs as worker_crashed",
+            )
+            self._alarm(
+                f"{lane_id}OldestMessage",
                 lane.queue.metric_approximate_age_of_oldest_message(period=FIVE_MINUTES, statistic="Maximum"),
                 threshold=oldest_message_alarm_seconds(config),
                 description=f"llmq: lane {name} has a message waiting longer than expected (backlog)",
             )
-        self._alarm_on_dlq("WebhooksDlq", webhook_dlq, "webhooks")
+            self._alarm(
+                f"{lane_id}JobsFailing",
+                llmq_metric(MetricName.JOB_FAILED, "Sum", name, period=FIFTEEN_MINUTES, labelled=False),
+                threshold=JOB_FAILED_ALARM_COUNT,
+                description=f"llmq: more than {JOB_FAILED_ALARM_COUNT} lane {name} jobs failed in 15 minutes",
+            )
+
+    def _alarm_on_webhooks(self, config: LlmqConfig, queue: sqs.IQueue, dlq: sqs.IQueue) -> None:
+        # Nothing consumes the webhooks DLQ, so its depth is the alarm.
+        self._alarm_on_dlq("WebhooksDlq", dlq, "webhooks")
+        self._alarm(
+            "WebhooksOldestMessage",
+            queue.metric_approximate_age_of_oldest_message(period=FIVE_MINUTES, statistic="Maximum"),
+            threshold=webhook_oldest_message_alarm_seconds(config),
+            description="llmq: a webhook waits longer than its first retries explain (dispatcher stalled)",
+        )
+        self._alarm(
+            "WebhooksFailing",
+            llmq_metric(MetricName.WEBHOOK_FAILED, "Sum", period=ONE_HOUR, labelled=False),
+            threshold=WEBHOOK_FAILED_ALARM_COUNT,
+            description=f"llmq: more than {WEBHOOK_FAILED_ALARM_COUNT} webhooks given up in an hour",
+        )
+
+    def _alarm_on_functions(self, config: LlmqConfig, functions: Mapping[str, lambda_.IFunction]) -> None:
         for name, function in functions.items():
             self._alarm(
                 f"{pascal(name)}Errors",
@@ -81,7 +204,41 @@ class MonitoringConstruct(Construct):
                 threshold=0,
                 description=f"llmq: the {name} function raised errors",
             )
-        self.dashboard = self._build_dashboard(lanes, webhook_queue, functions)
+            self._alarm(
+                f"{pascal(name)}Throttles",
+                function.metric_throttles(period=FIVE_MINUTES, statistic="Sum"),
+                threshold=0,
+                description=f"llmq: Lambda throttled the {name} function (reserved concurrency or account quota)",
+            )
+        reconciler = functions.get("reconciler")
+        if reconciler is not None:
+            window = reconciler_window_minutes(config)
+            # No invocation at all reports no data point: missing data is the alarm here.
+            self._alarm(
+                "ReconcilerNotRunning",
+                reconciler.metric_invocations(period=cdk.Duration.minutes(window), statistic="Sum"),
+                threshold=1,
+                comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+                missing=cloudwatch.TreatMissingData.BREACHING,
+                description=f"llmq: the reconciler did not run in {window} minutes (its schedule stopped)",
+            )
+
+    def _alarm_on_api(self, api_name: str | None, stage_name: str | None) -> None:
+        # The api answers its own 500s rather than raising: its Errors alarm never sees them.
+        self._alarm(
+            "ApiUnexpectedErrors",
+            llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum", labelled=False),
+            threshold=0,
+            description="llmq: the api answered 500 (an AWS call failed unexpectedly, or a bug)",
+        )
+        if api_name is None or stage_name is None:
+            return
+        self._alarm(
+            "Api5xx",
+            api_server_errors(api_name, stage_name, labelled=False),
+            threshold=0,
+            description="llmq: API Gateway answered 5XX (502 function crash, 504 timeout, 503 busy, 500)",
+        )
 
     def _alarm_on_dlq(self, construct_id: str, dlq: sqs.IQueue, what: str) -> None:
         self._alarm(
@@ -92,23 +249,34 @@ class MonitoringConstruct(Construct):
         )
 
     def _alarm(
-        self, construct_id: str, metric: cloudwatch.IMetric, threshold: float, description: str
+        self,
+        construct_id: str,
+        metric: cloudwatch.IMetric,
+        threshold: float,
+        description: str,
+        comparison: cloudwatch.ComparisonOperator = cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
     ) -> None:
         alarm = cloudwatch.Alarm(
             self,
             construct_id,
             metric=metric,
             threshold=threshold,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            comparison_operator=comparison,
             evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            treat_missing_data=missing,
             alarm_description=description,
         )
         alarm.add_alarm_action(self._action)
         self.alarms.append(alarm)
 
     def _build_dashboard(
-        self, lanes: LanesConstruct, webhook_queue: sqs.IQueue, functions: Mapping[str, lambda_.IFunction]
+        self,
+        lanes: LanesConstruct,
+        webhook_queue: sqs.IQueue,
+        functions: Mapping[str, lambda_.IFunction],
+        api_name: str | None,
+        stage_name: str | None,
     ) -> cloudwatch.Dashboard:
         names = list(lanes.lanes)
         depth: list[cloudwatch.IMetric] = []
@@ -160,6 +328,23 @@ class MonitoringConstruct(Construct):
                 title="Function errors",
                 left=[
                     function.metric_errors(period=FIVE_MINUTES, statistic="Sum", label=name)
+                    for name, function in functions.items()
+                ],
+                width=12,
+            ),
+            cloudwatch.GraphWidget(
+                title="Handled faults (api 500s, jobs failed by the dead-letter function)",
+                left=[llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum")]
+                + [llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names],
+                right=(
+                    [api_server_errors(api_name, stage_name)] if api_name is not None and stage_name else []
+                ),
+                width=12,
+            ),
+            cloudwatch.GraphWidget(
+                title="Lambda throttles",
+                left=[
+                    function.metric_throttles(period=FIVE_MINUTES, statistic="Sum", label=name)
                     for name, function in functions.items()
                 ],
                 width=12,

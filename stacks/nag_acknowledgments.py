@@ -13,13 +13,12 @@ from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_lambda as lambda_
 from constructs import IConstruct
 
+from stacks.jobs_table import INPUTS_PREFIX, RESULTS_PREFIX
+
 if TYPE_CHECKING:
     from stacks.llmq_stack import LlmqStack
 
 PACK = "AwsSolutions"
-LAMBDA_BASIC_EXECUTION = (
-    "Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
-)
 API_GATEWAY_LOGS = (
     "Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs"
 )
@@ -31,49 +30,47 @@ def _acknowledge(scope: IConstruct, rule: str, reason: str) -> None:
 
 def acknowledge_findings(stack: LlmqStack) -> None:
     for function in stack.functions.values():
-        _acknowledge_function(function, jobs_table_arn_token=stack.tables.jobs.table_arn)
+        _acknowledge_function(function)
     _acknowledge(
         stack.provider_secret.secret,
         "SMG4",
         "The provider API key is issued by an external LLM provider; no rotation Lambda can mint a "
-        "new one. Operators rotate it with put-secret-value; the worker re-reads it every 5 minutes.",
+        "new one. Operators rotate it with put-secret-value; the worker caches it for at most "
+        "5 minutes (max_age=300) and reads it again at once when the provider refuses it.",
     )
     _acknowledge_api(stack.api.rest_api)
     bucket = cdk.Stack.of(stack).resolve(stack.tables.payloads.bucket_arn)["Fn::GetAtt"][0]
     for function in (stack.api.function, stack.worker.worker):
-        _acknowledge(
-            function,
-            f"IAM5[Resource::<{bucket}.Arn>/*]",
-            "Get and Put on the payload bucket's objects: each job's input and result has its own key "
-            "(inputs/<job>/, results/<job>/), unknown until the job exists; no list, no delete.",
-        )
+        for prefix in (INPUTS_PREFIX, RESULTS_PREFIX):
+            _acknowledge(
+                _role(function),
+                f"IAM5[Resource::<{bucket}.Arn>/{prefix}*]",
+                f"One object action on the payload bucket's {prefix} prefix: each job's objects have "
+                f"their own key ({prefix}<job>/...), unknown until the job exists. The api puts "
+                f"inputs and gets results, the worker the reverse; no list, no delete.",
+            )
     _acknowledge(
         stack.tables.payloads,
         "S1",
-        "The bucket holds only oversized job payloads, read and written by two function roles; "
-        "CloudTrail S3 data events are the audit trail where one is required, not access logs.",
+        "The bucket holds only oversized job payloads, read and written by two function roles "
+        "(api and worker); CloudTrail S3 data events are the audit trail where one is required, "
+        "not access logs.",
     )
 
 
-def _acknowledge_function(function: lambda_.Function, jobs_table_arn_token: str) -> None:
+def _role(function: lambda_.Function) -> IConstruct:
+    """The function's execution role: a sibling of the function (stacks/functions.py)."""
+    if function.role is None:
+        raise ValueError(f"{function.node.path} has no execution role")
+    return function.role
+
+
+def _acknowledge_function(function: lambda_.Function) -> None:
     _acknowledge(
-        function,
-        f"IAM4[{LAMBDA_BASIC_EXECUTION}]",
-        "AWSLambdaBasicExecutionRole grants only CreateLogGroup, CreateLogStream and PutLogEvents, "
-        "which every function needs for its own log group.",
-    )
-    _acknowledge(
-        function,
+        _role(function),
         "IAM5[Resource::*]",
-        "X-Ray PutTraceSegments and PutTelemetryRecords support no resource-level permissions "
-        "(tests/infra asserts no other action is granted on '*').",
-    )
-    resource = cdk.Stack.of(function).resolve(jobs_table_arn_token)["Fn::GetAtt"][0]
-    _acknowledge(
-        function,
-        f"IAM5[Resource::<{resource}.Arn>/index/*]",
-        "Query on the jobs table's own GSIs (by_tenant for listing, by_sweep for the reconciler); "
-        "the wildcard is limited to this table's indexes and to the explicit actions granted.",
+        "X-Ray PutTraceSegments and PutTelemetryRecords (active tracing) support no resource-level "
+        "permissions; no other action is granted on '*' (tests/infra checks it).",
     )
 
 
@@ -89,11 +86,11 @@ def _acknowledge_api(rest_api: apigw.RestApi) -> None:
         rest_api,
         "APIG3",
         "No WAF web ACL by default: it costs money at rest and llmq must cost nothing idle. What "
-        "bounds abuse today: the stage throttle (limits.stage_rate_per_second and stage_burst, one "
-        "ceiling shared by every tenant, answered with 429), the API-key authorizer in front of "
-        "every /v1 route, and the api function's body and prompt limits (limits.max_body_bytes, "
-        "max_prompt_chars). There is no per-tenant quota, so one tenant can use the whole stage "
-        "throttle; attach a web ACL to the stage for a public production deployment.",
+        "bounds abuse instead: the stage throttle (limits.stage_rate_per_second and "
+        "limits.stage_burst, one ceiling shared by every tenant, answered with 429), the API-key "
+        "authorizer on every /v1 route but GET /v1/openapi.json, and the api function's request "
+        "limits (limits.max_body_bytes, limits.max_prompt_chars). Attach a web ACL to the stage "
+        "for a public production deployment.",
     )
     _acknowledge(
         rest_api,
@@ -110,6 +107,7 @@ def _acknowledge_api(rest_api: apigw.RestApi) -> None:
     _acknowledge(
         rest_api,
         f"IAM4[{API_GATEWAY_LOGS}]",
-        "The account-level role API Gateway needs to write access logs; AWS maintains this policy "
-        "for exactly that purpose.",
+        "Only when the operator opts in to the account's API Gateway CloudWatch role "
+        "(llmq:apigw_cloudwatch_role): the one role API Gateway uses to write logs, with the "
+        "policy AWS maintains for exactly that purpose.",
     )

@@ -10,11 +10,15 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from llmq.config import LlmqConfig, ReconcilerEnvironment
+from llmq.job_index import SWEEP_INDEX
 from stacks.functions import FunctionDefaults, build_function, function_environment
-from stacks.lanes import LanesConstruct
+from stacks.jobs_table import grant_index_query, grant_item_actions
+from stacks.lanes import LanesConstruct, SendOnlyQueueDestination, grant_send
 
-# Query covers the sparse sweep index (the grant includes the table's index ARNs); never Scan.
-RECONCILER_TABLE_ACTIONS = ("dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem")
+# Item actions on the table; Query only on the sparse sweep index, never Scan.
+RECONCILER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
+# SQS's longest retention: a failed sweep's record waits for an operator this long.
+FAILURES_RETENTION = cdk.Duration.days(14)
 
 
 class ReconcilerConstruct(Construct):
@@ -43,13 +47,15 @@ class ReconcilerConstruct(Construct):
                 lane_queue_urls=lanes.queue_urls_json(),
                 webhook_queue_url=webhook_queue.queue_url,
             ),
-            # Two overlapping sweeps would only enqueue duplicates; one at a time is enough.
-            reserved_concurrency=1,
+            # Reserved concurrency 1 (LlmqConfig.reserved_concurrency): two overlapping sweeps
+            # would only enqueue duplicates.
         )
-        jobs_table.grant(self.function, *RECONCILER_TABLE_ACTIONS)
+        grant_item_actions(jobs_table, self.function, *RECONCILER_TABLE_ACTIONS)
+        grant_index_query(jobs_table, self.function, SWEEP_INDEX)
+        # A lane's depth (GetQueueAttributes) tells a lost message from one still waiting.
         for queue in lanes.queues:
-            queue.grant_send_messages(self.function)
-        webhook_queue.grant_send_messages(self.function)
+            queue.grant(self.function, "sqs:SendMessage", "sqs:GetQueueAttributes")
+        grant_send(self.function, webhook_queue)
         self.schedule = events.Rule(
             self,
             "Schedule",
@@ -57,4 +63,25 @@ class ReconcilerConstruct(Construct):
             schedule=events.Schedule.rate(cdk.Duration.minutes(config.reconciler.schedule_minutes)),
             # The next tick is the retry.
             targets=[targets.LambdaFunction(self.function, retry_attempts=0)],
+        )
+        # EventBridge invokes asynchronously, and Lambda retries a failed asynchronous invoke
+        # twice by default: no retries here either, the next tick is the retry. A failed run's
+        # event and error go to this queue, where they wait for an operator.
+        self.failures = sqs.Queue(
+            self,
+            "Failures",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=FAILURES_RETENTION,
+        )
+        cdk.Validations.of(self.failures).acknowledge(
+            cdk.Acknowledgment(
+                id="AwsSolutions::AwsSolutions-SQS3",
+                reason="This queue is itself the dead end: the on-failure destination of the "
+                "reconciler's asynchronous invocations. Nothing consumes it, so nothing could "
+                "redrive from it.",
+            )
+        )
+        self.function.configure_async_invoke(
+            retry_attempts=0, on_failure=SendOnlyQueueDestination(self.failures)
         )

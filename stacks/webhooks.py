@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from aws_cdk import aws_dynamodb as dynamodb
-from aws_cdk import aws_lambda_event_sources as event_sources
 from constructs import Construct
 
 from llmq.config import DispatcherEnvironment, LlmqConfig
 from stacks.functions import FunctionDefaults, build_function, env_var, function_environment
-from stacks.lanes import build_queue_pair
+from stacks.jobs_table import grant_item_actions
+from stacks.lanes import build_queue_pair, consume
 
 PUBLIC_API_URL_VAR = env_var(DispatcherEnvironment, "public_api_url")
+# llmq.tenants keys a tenant's item (name, tier, webhook secrets) `tenant#<id>`: the
+# dispatcher reads those, never the API-key items.
+TENANT_ITEM_PREFIX = "tenant#"
 
 
 def webhook_max_receive_count(config: LlmqConfig) -> int:
@@ -54,17 +57,18 @@ class WebhooksConstruct(Construct):
                 webhook_queue_url=self.queue.queue_url,
             ),
         )
-        jobs_table.grant(self.dispatcher, "dynamodb:GetItem", "dynamodb:UpdateItem")
-        tenants_table.grant(self.dispatcher, "dynamodb:GetItem")
-        # The event source grants receive, delete and ChangeMessageVisibility (the retry schedule).
+        grant_item_actions(jobs_table, self.dispatcher, "dynamodb:GetItem", "dynamodb:UpdateItem")
+        grant_item_actions(
+            tenants_table, self.dispatcher, "dynamodb:GetItem", leading_key_prefix=TENANT_ITEM_PREFIX
+        )
         # Bounded, so a backlog after a receiver outage cannot throttle the API and the worker.
-        self.dispatcher.add_event_source(
-            event_sources.SqsEventSource(
-                self.queue,
-                batch_size=10,
-                max_concurrency=config.webhooks.max_concurrency,
-                report_batch_item_failures=True,
-            )
+        consume(
+            self.dispatcher,
+            self.queue,
+            batch_size=10,
+            max_concurrency=config.webhooks.max_concurrency,
+            # The retry schedule: a failed delivery's message comes back when its next attempt is due.
+            also=("sqs:ChangeMessageVisibility",),
         )
 
     def link_public_api(self, url: str) -> None:

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import aws_cdk as cdk
 from aws_cdk import aws_dynamodb as dynamodb
-from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from llmq.config import DeadLetterEnvironment, LlmqConfig, WorkerEnvironment
 from stacks.functions import FunctionDefaults, build_function, function_environment
-from stacks.lanes import LanesConstruct
+from stacks.jobs_table import grant_item_actions
+from stacks.lanes import LanesConstruct, consume, grant_send
 
 # Explicit, so that the worker can neither delete jobs nor scan the table, and cannot
-# overwrite a whole job with PutItem: it only claims, completes and reads.
-WORKER_TABLE_ACTIONS = (
-    "dynamodb:GetItem",
-    "dynamodb:UpdateItem",
-    "dynamodb:Query",
-    "dynamodb:ConditionCheckItem",
-)
+# overwrite a whole job with PutItem: it only claims, completes and reads. No Query: the
+# worker reads its job by key; no lane SendMessage: a retry is the same message made visible
+# again later (ChangeMessageVisibility), never a new one. tests/infra checks these against
+# the calls the worker makes (tests/aws_calls.json), both ways.
+WORKER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
 DEAD_LETTER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
 # Lambda's lower bound for MaximumConcurrency: the DLQs see crashes only, so keep them slow.
 DEAD_LETTER_MAX_CONCURRENCY = 2
@@ -54,24 +53,27 @@ class WorkerConstruct(Construct):
                 webhook_queue_url=webhook_queue.queue_url,
                 provider_secret_id=provider_secret.secret_arn,
             ),
-            # The sum of the lanes' MaximumConcurrency: each lane keeps its own floor, and the
-            # total that can hit the provider (and the GPU budget) is bounded.
-            reserved_concurrency=config.total_lane_concurrency,
+            # Reserved concurrency: the sum of the lanes' MaximumConcurrency (build_function,
+            # LlmqConfig.reserved_concurrency), so each lane keeps its own floor and the total
+            # that can hit the provider (and the GPU budget) is bounded.
         )
-        jobs_table.grant(self.worker, *WORKER_TABLE_ACTIONS)
-        for queue in lanes.queues:
-            queue.grant_send_messages(self.worker)
-        webhook_queue.grant_send_messages(self.worker)
-        provider_secret.grant_read(self.worker)
+        grant_item_actions(jobs_table, self.worker, *WORKER_TABLE_ACTIONS)
+        grant_send(self.worker, webhook_queue)
+        # GetSecretValue only: not the DescribeSecret of `grant_read`.
+        self.worker.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["secretsmanager:GetSecretValue"], resources=[provider_secret.secret_arn]
+            )
+        )
         for lane in lanes.lanes.values():
-            self.worker.add_event_source(
-                event_sources.SqsEventSource(
-                    lane.queue,
-                    batch_size=lane.config.batch_size,
-                    max_batching_window=_batching_window(lane.config.batching_window_seconds),
-                    max_concurrency=lane.config.max_concurrency,
-                    report_batch_item_failures=True,
-                )
+            consume(
+                self.worker,
+                lane.queue,
+                batch_size=lane.config.batch_size,
+                max_batching_window=_batching_window(lane.config.batching_window_seconds),
+                max_concurrency=lane.config.max_concurrency,
+                # A failed attempt comes back after its backoff, not the queue's default.
+                also=("sqs:ChangeMessageVisibility",),
             )
 
         self.dead_letter = build_function(
@@ -88,19 +90,18 @@ class WorkerConstruct(Construct):
                 webhook_queue_url=webhook_queue.queue_url,
             ),
         )
-        jobs_table.grant(self.dead_letter, *DEAD_LETTER_TABLE_ACTIONS)
-        webhook_queue.grant_send_messages(self.dead_letter)
+        grant_item_actions(jobs_table, self.dead_letter, *DEAD_LETTER_TABLE_ACTIONS)
         # A queued job whose message dead-lettered before any claim is sent to its lane again.
-        for queue in lanes.queues:
-            queue.grant_send_messages(self.dead_letter)
+        grant_send(self.dead_letter, webhook_queue, *lanes.queues)
         for dlq in lanes.dlqs:
-            self.dead_letter.add_event_source(
-                event_sources.SqsEventSource(
-                    dlq,
-                    batch_size=10,
-                    max_concurrency=DEAD_LETTER_MAX_CONCURRENCY,
-                    report_batch_item_failures=True,
-                )
+            consume(
+                self.dead_letter,
+                dlq,
+                batch_size=10,
+                max_concurrency=DEAD_LETTER_MAX_CONCURRENCY,
+                # A DLQ is not in its environment by URL (GetQueueUrl), and a message it cannot
+                # settle yet is put back for later (ChangeMessageVisibility).
+                also=("sqs:GetQueueUrl", "sqs:ChangeMessageVisibility"),
             )
 
 

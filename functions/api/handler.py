@@ -30,7 +30,7 @@ from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, job_reques
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import check_webhook_url
-from llmq.telemetry import logger
+from llmq.telemetry import MetricName, emit_count, logger
 from llmq.tenants import TenantIdentity
 
 ENV = ApiEnvironment.load(function_name="api")
@@ -99,6 +99,10 @@ def _problem_response(status: int, body: Problem, headers: dict[str, str] | None
 @app.exception_handler(errors.DomainError)
 def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
     status, body = problem_for(exc)
+    if status == 500:
+        # Answered, not raised: Lambda counts no error for it, so without this metric no alarm
+        # would see a missing grant, a deleted table or a bug (docs/operations.md).
+        emit_count(MetricName.API_UNEXPECTED_ERROR)
     headers = {"Retry-After": str(_RETRY_AFTER_UNAVAILABLE_SECONDS)} if status == 503 else None
     return _problem_response(status, body, headers)
 

@@ -1,7 +1,9 @@
 """Lane DLQs: a job whose message exhausted its receives fails as `worker_crashed`.
 
-Its webhook still goes out. A body that names no job is logged and reported as failed, so
-it stays in the DLQ for an operator; it never crashes the batch.
+Its webhook still goes out, and each job failed here counts once as `JobDeadLettered`: the
+function drains the DLQs within seconds, so their depth never shows it. A body that names no
+job is logged and reported as failed, so it stays in the DLQ for an operator; it never
+crashes the batch.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from llmq import aws
 from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
 from llmq.execution import lane_job_id, mark_dead_letter
+from llmq.job_record import JobRecord
 from llmq.jobs import JobRepository
+from llmq.models import ErrorCode, JobStatus
 from llmq.queues import QueueRepository
 from llmq.sqs_edge import QueueEdge
-from llmq.telemetry import logger, metrics
+from llmq.telemetry import MetricName, emit_job_metric, logger, metrics
 
 ENV = DeadLetterEnvironment.load(function_name="dead_letter")
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
@@ -42,10 +46,23 @@ EDGE = QueueEdge(
 
 def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
+    started_ms = jobs.now_ms()
     with EDGE.settling(record):
         job = mark_dead_letter(jobs, queues, record.body, record.message_id)
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
+        if _failed_here(job, started_ms):
+            emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, job.lane)
+
+
+def _failed_here(job: JobRecord, started_ms: int) -> bool:
+    """This record failed the job: a copy of a message for a job failed earlier counts no more."""
+    return (
+        job.status is JobStatus.FAILED
+        and job.error is not None
+        and job.error.code is ErrorCode.WORKER_CRASHED
+        and (job.finished_ms or 0) >= started_ms
+    )
 
 
 @metrics.log_metrics(raise_on_empty_metrics=False)

@@ -21,7 +21,7 @@ from llmq.config import WorkerEnvironment
 from llmq.execution import Invocation, JobRunner, lane_job_id
 from llmq.jobs import JobRepository
 from llmq.payloads import payload_store
-from llmq.providers import ChatCompletionsProvider
+from llmq.providers import ChatCompletionsProvider, ProviderKey
 from llmq.queues import QueueRepository
 from llmq.sqs_edge import QueueEdge
 from llmq.telemetry import logger, metrics, tracer
@@ -31,13 +31,18 @@ ENV = WorkerEnvironment.load(function_name="worker")
 processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
-def provider_api_key() -> str | None:
+def read_provider_api_key(fresh: bool) -> str | None:
     if ENV.provider_api_key is not None:
         return ENV.provider_api_key
     if ENV.provider_secret_id:
         # Cached by Powertools for five minutes: one Secrets Manager call per warm container.
-        return str(get_secret(ENV.provider_secret_id, max_age=300))
+        # `fresh` (the provider refused the cached key) reads it again and refreshes the cache.
+        return str(get_secret(ENV.provider_secret_id, max_age=300, force_fetch=fresh))
     return None
+
+
+# A refused key is read fresh at most once per invocation (ProviderKey).
+PROVIDER_KEY = ProviderKey(read_provider_api_key)
 
 
 @cache
@@ -50,7 +55,7 @@ def runner() -> JobRunner:
     config = ENV.config
     provider = ChatCompletionsProvider(
         base_url=ENV.provider_base_url or str(config.provider.base_url),
-        api_key=provider_api_key,
+        api_key=PROVIDER_KEY,
         stream=config.provider.stream,
         retry_timeouts=config.provider.retry_timeouts,
     )
@@ -76,6 +81,7 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
 @logger.inject_lambda_context(log_event=False)
 @tracer().capture_lambda_handler(capture_response=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    PROVIDER_KEY.new_invocation()
     return async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

@@ -165,6 +165,9 @@ class ProviderState:
     in_flight: int = 0
     max_in_flight: int = 0
     storm: Storm = field(default_factory=Storm)
+    # When set, a call without `Authorization: Bearer <api_key>` is answered 401, as a real
+    # provider answers a wrong or rotated key.
+    api_key: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -262,6 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
         payload: dict[str, Any],
     ) -> tuple[int, str | None]:
         """The HTTP status answered, and the fault that broke a 200 answer, if any."""
+        key = self.server.state.api_key
+        if key is not None and self.headers.get("authorization") != f"Bearer {key}":
+            return self._fail(401, "invalid_api_key", None), None
         if directives.hang:
             self.server.state.stopping.wait()
             return 0, None

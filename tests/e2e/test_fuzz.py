@@ -289,17 +289,21 @@ def test_a_method_api_gateway_does_not_route_gets_its_json_answer(
     key = sandbox.tenant("enterprise")["api_key"]
     response = httpx.request(method, f"{sandbox.api_url}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 403
-    assert response.headers["content-type"].startswith("application/json")
-    assert response.json() == {"message": "Missing Authentication Token"}
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"] == "Missing Authentication Token"
 
 
 def _gateway_problem_statuses(sandbox: SandboxUnderTest) -> set[int]:
-    """The statuses of the template's gateway responses that answer with problem+json."""
+    """The statuses of the template's gateway responses that answer with problem+json.
+
+    DEFAULT_4XX sets none: it keeps API Gateway's own status (a 403 for a path the API does not
+    have), which belongs to no operation of the document."""
     template = StackTemplate(sandbox.aws("cloudformation").get_template(StackName="Llmq")["TemplateBody"])
     return {
         int(resource["Properties"]["StatusCode"])
         for resource in template.of_type("AWS::ApiGateway::GatewayResponse").values()
         if PROBLEM_JSON in str(resource["Properties"].get("ResponseParameters", {}))
+        and "StatusCode" in resource["Properties"]
     }
 
 

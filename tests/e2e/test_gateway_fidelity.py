@@ -84,5 +84,5 @@ def test_a_method_the_openapi_resource_lacks_is_api_gateways_403(
     )
     # Then API Gateway's 403, and the proxy's function is not asked (it would say 405)
     assert response.status_code == 403
-    assert response.json() == {"message": "Missing Authentication Token"}
+    assert response.json()["detail"] == "Missing Authentication Token"
     assert len(sandbox.invocations(function="api")) == before

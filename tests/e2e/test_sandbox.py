@@ -81,7 +81,9 @@ def test_the_gateway_answers_like_api_gateway_before_any_function_runs(sandbox: 
     assert missing.headers["content-type"] == "application/problem+json"
     assert missing.json()["code"] == "unauthenticated"
     assert nowhere.status_code == 403
-    assert nowhere.json() == {"message": "Missing Authentication Token"}
+    assert nowhere.headers["content-type"] == "application/problem+json"
+    assert nowhere.json()["code"] == "gateway_refused"
+    assert nowhere.json()["detail"] == "Missing Authentication Token"
 
 
 def test_the_api_lives_under_its_stage_and_links_keep_it(sandbox: SandboxUnderTest) -> None:

@@ -13,6 +13,11 @@ An Allow grants when an action pattern and a resource pattern match (IAM wildcar
 case-insensitive); a matching Deny takes it away. Conditions are not evaluated: a conditioned
 Allow counts as a grant. Every SQS event source mapping also needs receive, delete and
 queue-attribute reads on its queue, through the same role, whatever the handler calls itself.
+
+The other way round (`excess_grants`): every action a role allows, on every resource, must be
+one of those requirements or one the Lambda service itself needs for the function (writing to
+its own log group, active tracing, sending to its on-failure destination), so a grant no code
+uses fails the check too. A role may hold no managed policy, no NotAction and no NotResource.
 """
 
 from __future__ import annotations
@@ -187,3 +192,65 @@ def missing_grants(template: StackTemplate, function: str, calls: Iterable[AwsCa
     except UnresolvableResource as exc:
         return [str(exc)]
     return [str(r) for r in needed if not is_granted(template, statements, r)]
+
+
+# What the Lambda service does with a function's role, whatever its handler calls
+# (Lambda developer guide: "Lambda execution role", "Using AWS Lambda with AWS X-Ray" and
+# "Capturing records of Lambda asynchronous invocations").
+LOG_ACTIONS = ("logs:CreateLogStream", "logs:PutLogEvents")
+TRACING_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords")
+DESTINATION_ACTIONS = {"AWS::SQS::Queue": ("sqs:SendMessage",), "AWS::SNS::Topic": ("sns:Publish",)}
+
+
+def service_requirements(template: StackTemplate, function: str) -> Iterator[Requirement]:
+    """What the Lambda service needs the function's role to allow, from the function's own
+    properties: its log group, its tracing mode, its asynchronous on-failure destination."""
+    logical_id, resource = template.function(function)
+    properties = resource["Properties"]
+    log_group = properties.get("LoggingConfig", {}).get("LogGroup")
+    if log_group is not None:
+        (group_id,) = referenced_ids(template, log_group)
+        for action in LOG_ACTIONS:
+            yield Requirement(action, f"<{group_id}>", f"{function}: its own log group")
+    if properties.get("TracingConfig", {}).get("Mode") == "Active":
+        for action in TRACING_ACTIONS:
+            yield Requirement(action, ANY_RESOURCE, f"{function}: active tracing")
+    for config in template.of_type("AWS::Lambda::EventInvokeConfig").values():
+        if logical_id not in referenced_ids(template, config["Properties"].get("FunctionName")):
+            continue
+        destinations = config["Properties"].get("DestinationConfig", {})
+        for outcome in ("OnFailure", "OnSuccess"):
+            target = destinations.get(outcome, {}).get("Destination")
+            if target is None:
+                continue
+            target_id = canonical(template, target).strip("<>")
+            kind = template.resources.get(target_id, {}).get("Type", "")
+            for action in DESTINATION_ACTIONS.get(kind, ()):
+                yield Requirement(action, f"<{target_id}>", f"{function}: its {outcome} destination")
+
+
+def excess_grants(template: StackTemplate, function: str, calls: Iterable[AwsCall]) -> list[str]:
+    """Every (action, resource) the function's role allows that neither a catalogued call nor
+    the Lambda service needs: a grant no code uses. Exact: `<Jobs>/index/*` is excess when
+    only `<Jobs>/index/by_tenant` is queried, and `s3:*` when only s3:GetObject is called."""
+    try:
+        needed = {
+            (r.action.lower(), r.resource)
+            for r in [*requirements(template, function, calls), *service_requirements(template, function)]
+        }
+    except UnresolvableResource as exc:
+        return [str(exc)]
+    problems = [f"managed policy {arn}" for arn in template.managed_policies(function)]
+    for statement in template.statements(function):
+        raw = statement.raw
+        if "NotAction" in raw or "NotResource" in raw:
+            problems.append(f"a NotAction/NotResource statement: {raw}")
+            continue
+        if statement.effect != "Allow":
+            continue
+        for action in statement.actions:
+            for resource in statement.resources:
+                granted = canonical(template, resource)
+                if (action.lower(), granted) not in needed:
+                    problems.append(f"{action} on {granted}")
+    return problems

@@ -43,16 +43,47 @@ class SynthesizedApp:
         return report
 
 
+# Tests synthesize without building layers/deps: they read the template, never run the layer.
+# Never a deploy's context: its functions would all fail with ImportModuleError.
+TEST_CONTEXT = {"llmq:allow_placeholder_deps_layer": True}
+
+
 def synthesize(
     config: LlmqConfig, context: Mapping[str, Any] | None = None, outdir: Path | None = None
 ) -> SynthesizedApp:
-    """Synthesize the app as `cdk synth` would; raises if cdk-nag reports an unacknowledged error."""
+    """Synthesize the app as `cdk synth` would; raises if cdk-nag reports an unacknowledged error.
+
+    The placeholder dependencies layer is allowed unless `context` says otherwise."""
     from stacks.synthesis import synthesize as synthesize_stack
 
-    synthesized = synthesize_stack(config, context, outdir)
+    synthesized = synthesize_stack(config, {**TEST_CONTEXT, **(context or {})}, outdir)
     return SynthesizedApp(
         config=config,
         template=StackTemplate(synthesized.template()),
         assembly_dir=synthesized.directory,
         template_path=synthesized.template_path,
     )
+
+
+def function_concurrency_bounds(template: StackTemplate) -> dict[str, int | None]:
+    """Each function's most concurrent executions: its reservation, else the sum of its event
+    source mappings' MaximumConcurrency when mappings are its only invokers, else None."""
+    from stacks.functions import FUNCTION_NAMES  # imports the CDK: only when a test asks
+
+    permissions = template.of_type("AWS::Lambda::Permission").values()
+    invoked_otherwise = {json.dumps(p["Properties"]["FunctionName"]) for p in permissions}
+    mappings = list(template.of_type("AWS::Lambda::EventSourceMapping").values())
+    bounds: dict[str, int | None] = {}
+    for name in FUNCTION_NAMES:
+        function_id, function = template.function(name)
+        reserved = function["Properties"].get("ReservedConcurrentExecutions")
+        own = [m["Properties"] for m in mappings if m["Properties"]["FunctionName"] == {"Ref": function_id}]
+        by_mappings = (
+            sum(m["ScalingConfig"]["MaximumConcurrency"] for m in own)
+            if own
+            and all("MaximumConcurrency" in m.get("ScalingConfig", {}) for m in own)
+            and not any(function_id in ref for ref in invoked_otherwise)
+            else None
+        )
+        bounds[name] = reserved if reserved is not None else by_mappings
+    return bounds

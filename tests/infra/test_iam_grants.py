@@ -1,18 +1,25 @@
-"""The grant checker itself, on hand-written templates: it must refuse what IAM would refuse.
+"""The grant checker, on hand-written templates: it must refuse what IAM would refuse, and
+flag what a role allows beyond what its function calls. Then the real stack, both ways.
 
-The real stack is checked in test_stack.py (which shares the synthesized app); these make sure
-that check cannot pass by reading too generously.
+test_stack.py checks that every recorded call is granted; here, that nothing else is: each
+action a role allows on each resource is a recorded call's (tests/aws_calls.json) or one the
+Lambda service makes with the role (its log group, tracing, its on-failure destination).
 """
 
 from __future__ import annotations
 
+import fnmatch
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from llmq.config import LlmqConfig
+from stacks.functions import FUNCTION_NAMES
 from stacks.template import FUNCTION_TAG, StackTemplate
-from tests.aws_calls import AwsCall, iam_actions
-from tests.infra.iam_grants import canonical, missing_grants
+from tests.aws_calls import AwsCall, iam_actions, load_catalogue
+from tests.infra.iam_grants import canonical, excess_grants, missing_grants
+from tests.infra.synthesis import SynthesizedApp, synthesize
 
 JOBS_ARN = {"Fn::GetAtt": ["Jobs", "Arn"]}
 
@@ -143,3 +150,143 @@ def test_a_call_whose_resource_cannot_be_followed_fails(variables: dict[str, Any
         _template([_allow(["dynamodb:*"], ["*"]), CONSUME], variables), "worker", [call]
     )
     assert reason in problem
+
+
+# ---- the other way: a grant no call needs ----------------------------------------------
+
+MAPPING = _allow(
+    ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"], [{"Fn::GetAtt": ["Lane", "Arn"]}]
+)
+QUERY_TENANTS = AwsCall("worker", "dynamodb:Query", "env:LLMQ_JOBS_TABLE/index/by_tenant")
+
+
+def test_a_grant_on_every_index_is_excess_when_one_index_is_queried() -> None:
+    every_index = _allow(["dynamodb:Query"], [{"Fn::Join": ["", [JOBS_ARN, "/index/*"]]}])
+    one_index = _allow(["dynamodb:Query"], [{"Fn::Join": ["", [JOBS_ARN, "/index/by_tenant"]]}])
+    assert excess_grants(_template([every_index, MAPPING]), "worker", [QUERY_TENANTS]) == [
+        "dynamodb:Query on <Jobs>/index/*"
+    ]
+    assert excess_grants(_template([one_index, MAPPING]), "worker", [QUERY_TENANTS]) == []
+
+
+def test_an_action_no_call_makes_is_excess_even_beside_one_that_is_made() -> None:
+    get = AwsCall("worker", "dynamodb:GetItem", "env:LLMQ_JOBS_TABLE")
+    statements = [_allow(["dynamodb:GetItem", "dynamodb:ConditionCheckItem"], [JOBS_ARN]), MAPPING]
+    assert excess_grants(_template(statements), "worker", [get]) == ["dynamodb:ConditionCheckItem on <Jobs>"]
+
+
+def test_a_consumer_may_hold_what_its_event_source_mapping_needs_and_no_more() -> None:
+    assert excess_grants(_template([CONSUME]), "worker", []) == ["sqs:ChangeMessageVisibility on <Lane>"]
+    visibility = AwsCall("worker", "sqs:ChangeMessageVisibility", "event_source")
+    assert excess_grants(_template([CONSUME]), "worker", [visibility]) == []
+
+
+def test_a_managed_policy_or_a_wildcard_action_is_excess() -> None:
+    template = _template([_allow(["s3:*"], [{"Fn::Sub": "${Payloads.Arn}/*"}]), MAPPING])
+    template.resources["Role"]["Properties"]["ManagedPolicyArns"] = [
+        "arn:aws:iam::aws:policy/AdministratorAccess"
+    ]
+    read = AwsCall("worker", "s3:GetObject", "env:LLMQ_PAYLOAD_BUCKET/*")
+    excess = excess_grants(template, "worker", [read])
+    assert excess == ['managed policy "arn:aws:iam::aws:policy/AdministratorAccess"', "s3:* on <Payloads>/*"]
+
+
+def test_logs_are_the_service_s_need_only_on_the_function_s_own_log_group() -> None:
+    logs = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    own = _template([_allow(logs, [{"Fn::GetAtt": ["Logs", "Arn"]}]), MAPPING])
+    own.resources["Logs"] = {"Type": "AWS::Logs::LogGroup", "Properties": {}}
+    own.resources["Fn"]["Properties"]["LoggingConfig"] = {"LogGroup": {"Ref": "Logs"}}
+    assert excess_grants(own, "worker", []) == []
+    anywhere = _template([_allow(logs, ["*"]), MAPPING])
+    assert excess_grants(anywhere, "worker", []) == [
+        "logs:CreateLogStream on *",
+        "logs:PutLogEvents on *",
+    ]
+
+
+# ---- the real stack ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(LlmqConfig(), outdir=tmp_path_factory.mktemp("cdk-grants"))
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_a_role_allows_nothing_its_function_does_not_call(synthesized: SynthesizedApp, name: str) -> None:
+    # Given the calls the function makes (tests/aws_calls.json) and what Lambda does with its role
+    # When every action its role allows is compared with them, resource by resource
+    excess = excess_grants(synthesized.template, name, load_catalogue())
+    # Then there is nothing more: no unused action, no index or prefix wildcard, no managed policy
+    assert excess == [], f"{name}'s role allows what it never calls:\n  " + "\n  ".join(excess)
+
+
+@pytest.mark.parametrize("name", FUNCTION_NAMES)
+def test_a_function_writes_logs_only_to_its_own_log_group(synthesized: SynthesizedApp, name: str) -> None:
+    template = synthesized.template
+    _, function = template.function(name)
+    own = canonical(
+        template, {"Fn::GetAtt": [function["Properties"]["LoggingConfig"]["LogGroup"]["Ref"], "Arn"]}
+    )
+    log_statements = [s for s in template.statements(name) if any(a.startswith("logs:") for a in s.actions)]
+    assert log_statements
+    for statement in log_statements:
+        assert [canonical(template, r) for r in statement.resources] == [own], statement.raw
+    assert template.managed_policies(name) == []
+
+
+def _tenant_item_keys() -> dict[str, str]:
+    """{kind: pk} of the items llmq.tenants writes for one tenant and its API key, in moto."""
+    import boto3
+    from moto import mock_aws
+
+    from llmq.tenants import TenantRepository
+
+    with mock_aws():
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(
+            TableName="tenants",
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        TenantRepository("tenants", dynamodb=ddb).create("acme", "enterprise")
+        items = ddb.scan(TableName="tenants")["Items"]
+    return {("secrets" if "webhook_secrets" in item else "key"): item["pk"]["S"] for item in items}
+
+
+def test_the_authorizer_can_read_api_key_items_but_not_the_tenant_items_holding_webhook_secrets(
+    synthesized: SynthesizedApp,
+) -> None:
+    """dynamodb:LeadingKeys is the partition key of the items a request reads; with
+    ForAllValues:StringLike every one of them must match the pattern (DynamoDB developer guide,
+    "Using IAM policy conditions for fine-grained access control")."""
+    keys = _tenant_item_keys()
+    statements = [s for s in synthesized.template.statements("authorizer") if s.allows("dynamodb:GetItem")]
+    assert statements
+    for statement in statements:
+        (patterns,) = statement.raw["Condition"]["ForAllValues:StringLike"].values()
+        assert list(statement.raw["Condition"]["ForAllValues:StringLike"]) == ["dynamodb:LeadingKeys"]
+        assert any(fnmatch.fnmatchcase(keys["key"], p) for p in patterns), (keys, patterns)
+        assert not any(fnmatch.fnmatchcase(keys["secrets"], p) for p in patterns), (keys, patterns)
+
+
+def test_the_dispatcher_reads_tenant_items_but_no_api_key_item(synthesized: SynthesizedApp) -> None:
+    keys = _tenant_item_keys()
+    tenants = synthesized.template.output_resource("TenantsTableName")[0]
+    statements = [
+        s
+        for s in synthesized.template.statements("webhook_dispatcher")
+        if f"<{tenants}>" in [canonical(synthesized.template, r) for r in s.resources]
+    ]
+    assert statements
+    for statement in statements:
+        (patterns,) = statement.raw["Condition"]["ForAllValues:StringLike"].values()
+        assert any(fnmatch.fnmatchcase(keys["secrets"], p) for p in patterns)
+        assert not any(fnmatch.fnmatchcase(keys["key"], p) for p in patterns)
+
+
+def test_the_catalogue_is_what_make_aws_calls_writes() -> None:
+    from tests.aws_calls import CATALOGUE_PATH, render_catalogue
+
+    assert Path(CATALOGUE_PATH).read_text() == render_catalogue(load_catalogue())

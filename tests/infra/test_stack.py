@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmq.config import DispatcherEnvironment, LlmqConfig, WorkerEnvironment
+from llmq.config import GATEWAY_TIMEOUT_SECONDS, DispatcherEnvironment, LlmqConfig, WorkerEnvironment
 from llmq.errors import PROBLEMS
 from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
@@ -16,7 +16,7 @@ from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 from tests.aws_calls import load_catalogue
 from tests.infra.iam_grants import missing_grants
-from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, synthesize
+from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, function_concurrency_bounds, synthesize
 
 BASE_VARIABLES = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "LOG_LEVEL"}
 
@@ -102,6 +102,41 @@ def test_worker_reserved_concurrency_covers_every_lane_at_once(synthesized, conf
     assert worker["ReservedConcurrentExecutions"] >= sum(lane.max_concurrency for lane in config.lanes)
 
 
+def test_every_function_reserves_its_line_of_the_concurrency_budget(synthesized, config):
+    """Reserved concurrency caps a function and sets that much of the account's quota aside;
+    Lambda keeps 100 of the regional quota (1,000 by default) unreserved
+    (https://docs.aws.amazon.com/lambda/latest/dg/configuration-concurrency.html)."""
+    # Given the default config, When synthesized
+    bounds = function_concurrency_bounds(synthesized.template)
+    reserved = {
+        name: synthesized.template.function(name)[1]["Properties"].get("ReservedConcurrentExecutions")
+        for name in FUNCTION_NAMES
+    }
+
+    # Then no function can take more than its share, a flood of long-polls included
+    assert all(bound is not None and bound > 0 for bound in bounds.values()), bounds
+    # And each reservation is the config's budget, which fits the default quota beside the 100
+    assert reserved == config.reserved_concurrency
+    assert reserved["api"] >= 20 and reserved["authorizer"] >= 20
+    assert sum(config.reserved_concurrency.values()) + 100 <= 1000
+
+
+def test_the_api_function_ends_before_api_gateway_gives_up(synthesized):
+    """API Gateway waits at most 29 s for a REST integration
+    (https://docs.aws.amazon.com/apigateway/latest/developerguide/limits.html)."""
+    api = synthesized.template.function("api")[1]["Properties"]
+    assert api["Timeout"] <= GATEWAY_TIMEOUT_SECONDS
+
+
+def test_a_config_cannot_give_the_api_more_time_than_api_gateway_waits():
+    with pytest.raises(ValueError, match="integration timeout"):
+        LlmqConfig.model_validate({"api": {"timeout_seconds": 30}})
+    # A sizing that names only the memory keeps a timeout the gateway allows.
+    assert (
+        LlmqConfig.model_validate({"api": {"memory_mb": 512}}).api.timeout_seconds < GATEWAY_TIMEOUT_SECONDS
+    )
+
+
 def test_dead_letter_function_drains_every_lane_dlq_with_partial_batch_responses(synthesized):
     template = synthesized.template
     lane_dlqs = {
@@ -165,7 +200,9 @@ def test_jobs_table_is_on_demand_with_ttl_pitr_and_both_indexes(synthesized):
         {"AttributeName": "tenant_id", "KeyType": "HASH"},
         {"AttributeName": "tenant_created", "KeyType": "RANGE"},
     ]
-    assert indexes[TENANT_INDEX]["Projection"] == {"ProjectionType": "ALL"}
+    # Only what a listed Job shows (tests/infra/test_tenant_index.py): never the input.
+    assert indexes[TENANT_INDEX]["Projection"]["ProjectionType"] == "INCLUDE"
+    assert "input" not in indexes[TENANT_INDEX]["Projection"]["NonKeyAttributes"]
     assert indexes[SWEEP_INDEX]["KeySchema"] == [
         {"AttributeName": "sweep_pk", "KeyType": "HASH"},
         {"AttributeName": "sweep_at", "KeyType": "RANGE"},
@@ -251,6 +288,33 @@ def test_reconciler_runs_on_the_configured_schedule(synthesized, config):
     assert rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [reconciler_id, "Arn"]}
 
 
+def test_a_failed_reconciler_run_is_not_retried_and_lands_in_an_encrypted_queue(synthesized):
+    """EventBridge invokes the reconciler asynchronously, and Lambda retries a failed
+    asynchronous invocation twice unless told otherwise
+    (https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-error-handling.html)."""
+    template = synthesized.template
+    reconciler_id, _ = template.function("reconciler")
+    (invoke_config,) = [
+        c["Properties"]
+        for c in template.of_type("AWS::Lambda::EventInvokeConfig").values()
+        if c["Properties"]["FunctionName"] == {"Ref": reconciler_id}
+    ]
+    # Then no retry (the next tick is one), and a failed run's record waits in a queue
+    assert invoke_config["MaximumRetryAttempts"] == 0
+    destination = invoke_config["DestinationConfig"]["OnFailure"]["Destination"]
+    queue_id = destination["Fn::GetAtt"][0]
+    queue = template.resources[queue_id]
+    assert queue["Type"] == "AWS::SQS::Queue"
+    assert queue["Properties"]["SqsManagedSseEnabled"] is True
+    # And the reconciler may send there
+    sends = [
+        statement
+        for statement in template.statements("reconciler")
+        if statement.allows("sqs:SendMessage") and queue_id in json.dumps(statement.resources)
+    ]
+    assert sends
+
+
 # ---- least privilege -----------------------------------------------------------------
 
 
@@ -332,13 +396,30 @@ def test_api_routes_v1_through_a_cached_request_authorizer_on_the_authorization_
     assert len(public) == 1, "only GET /v1/openapi.json is public"
 
 
-def test_api_stage_is_throttled_and_access_logged_without_bodies(synthesized):
+def test_api_stage_is_throttled_and_never_logs_bodies(synthesized):
     (stage,) = synthesized.template.of_type("AWS::ApiGateway::Stage").values()
     properties = stage["Properties"]
-    assert properties["AccessLogSetting"]["DestinationArn"]
     (settings,) = properties["MethodSettings"]
     assert settings["ThrottlingRateLimit"] > 0 and settings["ThrottlingBurstLimit"] > 0
     assert settings["DataTraceEnabled"] is False
+
+
+def test_the_default_stack_changes_no_account_wide_setting(synthesized):
+    """The API Gateway CloudWatch role is one per account and region: AWS::ApiGateway::Account
+    replaces whatever role is set (https://docs.aws.amazon.com/apigateway/latest/developerguide/set-up-logging.html),
+    and a stage that logs without one fails to deploy, so the default stage does not log."""
+    template = synthesized.template
+    assert template.of_type("AWS::ApiGateway::Account") == {}
+    pushers = [
+        logical_id
+        for logical_id, role in template.of_type("AWS::IAM::Role").items()
+        if "apigateway.amazonaws.com" in json.dumps(role["Properties"]["AssumeRolePolicyDocument"])
+    ]
+    assert pushers == []
+    (stage,) = template.of_type("AWS::ApiGateway::Stage").values()
+    assert "AccessLogSetting" not in stage["Properties"]
+    (settings,) = stage["Properties"]["MethodSettings"]
+    assert settings.get("LoggingLevel", "OFF") == "OFF"
 
 
 @pytest.mark.parametrize(
@@ -348,7 +429,10 @@ def test_api_stage_is_throttled_and_access_logged_without_bodies(synthesized):
         ("ACCESS_DENIED", "forbidden"),
         ("THROTTLED", "rate_limited"),
         ("REQUEST_TOO_LARGE", "payload_too_large"),
+        ("QUOTA_EXCEEDED", "rate_limited"),
         ("INTEGRATION_TIMEOUT", "gateway_timeout"),
+        ("INTEGRATION_FAILURE", "bad_gateway"),
+        ("AUTHORIZER_FAILURE", "bad_gateway"),
         ("DEFAULT_5XX", "bad_gateway"),
     ],
 )
@@ -376,6 +460,32 @@ def test_gateway_errors_are_problem_json_from_the_catalogue(synthesized, respons
     }
 
 
+def test_every_gateway_answer_is_problem_json_and_a_429_says_when_to_retry(synthesized):
+    """API Gateway falls back to DEFAULT_4XX and DEFAULT_5XX for every type without its own
+    response (https://docs.aws.amazon.com/apigateway/latest/developerguide/supported-gateway-response-types.html)."""
+    responses = [
+        r["Properties"] for r in synthesized.template.of_type("AWS::ApiGateway::GatewayResponse").values()
+    ]
+    by_type = {r["ResponseType"]: r for r in responses}
+    # Then the two fallbacks exist, so no answer is API Gateway's {"message": ...}
+    assert {"DEFAULT_4XX", "DEFAULT_5XX"} <= set(by_type)
+    for properties in responses:
+        headers = properties["ResponseParameters"]
+        assert headers["gatewayresponse.header.Content-Type"] == "'application/problem+json'"
+        body = json.loads(
+            properties["ResponseTemplates"]["application/json"].replace("$context.error.messageString", '"m"')
+        )
+        assert {"type", "title", "code", "detail"} <= set(body)
+        if "StatusCode" in properties:
+            assert body["status"] == int(properties["StatusCode"])
+        else:  # the status API Gateway chose, which the body cannot know
+            assert "status" not in body
+    # And a throttled client is told to come back, not to retry at once
+    for response_type in ("THROTTLED", "QUOTA_EXCEEDED"):
+        retry_after = by_type[response_type]["ResponseParameters"]["gatewayresponse.header.Retry-After"]
+        assert int(retry_after.strip("'")) >= 1
+
+
 # ---- monitoring ----------------------------------------------------------------------
 
 
@@ -387,7 +497,7 @@ def test_every_dlq_has_an_alarm_on_its_first_message(synthesized):
     dlq_alarms = {
         alarm["Dimensions"][0]["Value"]["Fn::GetAtt"][0]: alarm
         for alarm in _alarms(synthesized)
-        if alarm["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        if alarm.get("MetricName") == "ApproximateNumberOfMessagesVisible"
     }
     for dlq_id in synthesized.template.dlq_ids():
         alarm = dlq_alarms[dlq_id]
@@ -400,7 +510,7 @@ def test_every_lane_has_an_oldest_message_age_alarm(synthesized):
     aged = {
         alarm["Dimensions"][0]["Value"]["Fn::GetAtt"][0]
         for alarm in _alarms(synthesized)
-        if alarm["MetricName"] == "ApproximateAgeOfOldestMessage"
+        if alarm.get("MetricName") == "ApproximateAgeOfOldestMessage"
     }
     assert {queue_id for queue_id, _ in synthesized.template.lane_queues().values()} <= aged
 
@@ -411,7 +521,7 @@ def test_function_errors_raise_an_alarm(synthesized, name):
     errors = [
         alarm
         for alarm in _alarms(synthesized)
-        if alarm["MetricName"] == "Errors" and alarm["Dimensions"][0]["Value"] == {"Ref": logical_id}
+        if alarm.get("MetricName") == "Errors" and alarm["Dimensions"][0]["Value"] == {"Ref": logical_id}
     ]
     assert errors and errors[0]["Threshold"] == 0
 

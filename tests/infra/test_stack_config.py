@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmq.config import (
+    ConcurrencyConfig,
     FunctionSizing,
     LaneConfig,
     LlmqConfig,
@@ -12,7 +13,7 @@ from llmq.config import (
     WebhookPolicy,
     WorkerEnvironment,
 )
-from tests.infra.synthesis import SynthesizedApp, synthesize
+from tests.infra.synthesis import SynthesizedApp, function_concurrency_bounds, synthesize
 
 THREE_LANES = LlmqConfig(
     lanes=[
@@ -95,21 +96,79 @@ def test_every_dlq_of_three_lanes_has_an_alarm(synthesized):
     alarmed = {
         alarm["Properties"]["Dimensions"][0]["Value"]["Fn::GetAtt"][0]
         for alarm in synthesized.template.of_type("AWS::CloudWatch::Alarm").values()
-        if alarm["Properties"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        if alarm["Properties"].get("MetricName") == "ApproximateNumberOfMessagesVisible"
     }
     assert synthesized.template.dlq_ids() <= alarmed
     assert len(synthesized.template.dlq_ids()) == 4  # three lanes and the webhooks queue
 
 
-def test_a_deploy_refuses_to_ship_the_placeholder_dependencies_layer(tmp_path, monkeypatch):
-    # Given no built layers/deps, When synthesized as `make deploy` does it
+def test_a_synth_without_the_dependencies_layer_fails_and_says_what_to_run(tmp_path, monkeypatch):
+    # Given no built layers/deps (a fresh checkout), When synthesized as `cdk synth` or
+    # `cdk deploy` would, without the tests' escape hatch
     from stacks import layers
 
     monkeypatch.setattr(layers, "DEPS_LAYER_DIR", tmp_path / "deps")
 
     # Then the synth fails instead of deploying functions that cannot import their dependencies
-    with pytest.raises(RuntimeError, match="layers/deps is not built"):
-        synthesize(LlmqConfig(), context={"llmq:require_deps_layer": "true"}, outdir=tmp_path / "cdk.out")
+    with pytest.raises(RuntimeError, match=r"layers/deps is not built: run `make layers`"):
+        synthesize(
+            LlmqConfig(), context={"llmq:allow_placeholder_deps_layer": False}, outdir=tmp_path / "cdk.out"
+        )
+
+
+def test_the_sandbox_synthesizes_without_the_dependencies_layer(tmp_path, monkeypatch):
+    from stacks import layers
+
+    monkeypatch.setattr(layers, "DEPS_LAYER_DIR", tmp_path / "deps")
+
+    synthesized = synthesize(
+        LlmqConfig(),
+        context={"llmq:sandbox": True, "llmq:allow_placeholder_deps_layer": False},
+        outdir=tmp_path / "cdk.out",
+    )
+
+    assert synthesized.template.of_type("AWS::Lambda::LayerVersion")
+
+
+# ---- an account with a low concurrency quota, whose operator opted into API logging ----------
+
+LOW_QUOTA = LlmqConfig(concurrency=ConcurrencyConfig(reserve=False))
+
+
+@pytest.fixture(scope="module")
+def low_quota(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(
+        LOW_QUOTA,
+        context={"llmq:apigw_cloudwatch_role": True},
+        outdir=tmp_path_factory.mktemp("cdk-low-quota"),
+    )
+
+
+def test_with_reservations_off_no_function_reserves_and_the_queue_consumers_stay_bounded(low_quota):
+    template = low_quota.template
+    # Then nothing counts against the account's unreserved minimum
+    for name in ("api", "authorizer", "worker", "dead_letter", "webhook_dispatcher", "reconciler"):
+        assert "ReservedConcurrentExecutions" not in template.function(name)[1]["Properties"], name
+    # And every queue consumer is still held to its mappings' MaximumConcurrency
+    bounds = function_concurrency_bounds(template)
+    assert bounds["worker"] == LOW_QUOTA.total_lane_concurrency
+    assert bounds["dead_letter"] is not None
+    assert bounds["webhook_dispatcher"] == LOW_QUOTA.webhooks.max_concurrency
+    # And the api and the authorizer are bounded by the stage throttle only
+    assert bounds["api"] is None and bounds["authorizer"] is None
+
+
+def test_the_api_gateway_cloudwatch_role_is_set_only_when_opted_in_and_then_the_stage_logs(low_quota):
+    template = low_quota.template
+    (account,) = template.of_type("AWS::ApiGateway::Account").values()
+    role_id = account["Properties"]["CloudWatchRoleArn"]["Fn::GetAtt"][0]
+    role = template.resources[role_id]["Properties"]
+    assert "apigateway.amazonaws.com" in str(role["AssumeRolePolicyDocument"])
+    (stage,) = template.of_type("AWS::ApiGateway::Stage").values()
+    assert stage["Properties"]["AccessLogSetting"]["DestinationArn"]
+    (settings,) = stage["Properties"]["MethodSettings"]
+    assert settings["LoggingLevel"] == "ERROR"
+    assert settings["DataTraceEnabled"] is False
 
 
 def test_a_function_environment_missing_a_required_variable_fails_the_synth() -> None:

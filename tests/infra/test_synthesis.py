@@ -14,7 +14,7 @@ import pytest
 
 from llmq.config import LlmqConfig
 from stacks import synthesis
-from stacks.context import CONTEXT_SANDBOX
+from stacks.context import CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER, CONTEXT_SANDBOX
 from stacks.synthesis import SYNTH_CACHE_ENV, RunValues, synth_key, synthesize
 
 SANDBOX = {CONTEXT_SANDBOX: True}
@@ -69,6 +69,8 @@ def test_every_input_of_the_template_changes_the_key(tmp_path: Path, monkeypatch
     assert synth_key(LlmqConfig(max_attempts=config.max_attempts + 1), SANDBOX) != key
     assert synth_key(config, {}) != key
     assert synth_key(config, {**SANDBOX, "llmq:log_level": "DEBUG"}) != key
+    # (an assembly made with the tests' placeholder layer is never served to a real synth)
+    assert synth_key(config, {CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER: True}) != synth_key(config, {})
     for tree in synthesis.SOURCE_TREES:
         source = next(path for path in sorted((tmp_path / tree).rglob("*.py")))
         original = source.read_text()

@@ -156,11 +156,19 @@ def _targets(service: str, operation: str, params: dict[str, Any]) -> Iterator[t
     elif service == "sqs" and ("QueueUrl" in params or "QueueName" in params):
         yield operation, _Target("queue", _queue_name(params.get("QueueUrl") or params["QueueName"]))
     elif service == "s3" and "Bucket" in params:
-        yield operation, _Target("bucket", params["Bucket"], "/*" if "Key" in params else "")
+        yield operation, _Target("bucket", params["Bucket"], _object_prefix(params.get("Key")))
     elif service == "secretsmanager" and "SecretId" in params:
         yield operation, _Target("secret", params["SecretId"])
     else:
         yield operation, _Target("any")
+
+
+def _object_prefix(key: str | None) -> str:
+    """`/inputs/*` for the key `inputs/job_1/x.json`: the roles are granted by key prefix."""
+    if key is None:
+        return ""
+    folder, slash, _ = key.partition("/")
+    return f"/{folder}/*" if slash else "/*"
 
 
 def _dynamodb_targets(operation: str, params: dict[str, Any]) -> Iterator[tuple[str, _Target]]:

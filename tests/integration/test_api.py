@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
+from llmq import aws
+from llmq.job_index import TENANT_INDEX
+from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.integration.harness import ENTERPRISE, FREE, Harness
 
 
@@ -209,6 +216,40 @@ def test_list_is_newest_first_scoped_to_the_tenant_and_pages(harness: Harness) -
     assert [job["id"] for job in only.body["data"]] == [ids[1]]
 
 
+def test_the_tenant_index_holds_no_input_and_the_list_shows_each_job_as_get_does(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    """The by_tenant index projects only what a listed Job shows (stacks/jobs_table.py): a
+    GSI copies every projected attribute on every write, so an input of hundreds of KB would
+    be written twice per claim and completion. The list must still show each job whole."""
+    # Given a finished job with a large input, metadata and a webhook, and a queued one
+    prompt = "x" * 4000
+    done = harness.submit(prompt=prompt, metadata={"team": "a"}, webhook={"url": "http://127.0.0.1:9/hook"})
+    assert harness.drain("high") == {"batchItemFailures": []}
+    queued = harness.submit(prompt=prompt).body["id"]
+
+    # When the tenant index is read as GET /v1/jobs reads it
+    indexed = harness.ddb.query(
+        TableName=harness.stack.jobs_table,
+        IndexName=TENANT_INDEX,
+        KeyConditionExpression="tenant_id = :t",
+        ExpressionAttributeValues={":t": {"S": ENTERPRISE["tenant_id"]}},
+    )["Items"]
+    stored = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": queued}})["Item"]
+
+    # Then the table holds the input and the index does not
+    assert prompt in stored["input"]["S"]
+    assert {item["pk"]["S"] for item in indexed} == {done.body["id"], queued}
+    assert all("input" not in item for item in indexed)
+    # And each listed job is the job GET answers
+    listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"]
+    for job in listed:
+        assert job == harness.api("GET", f"/v1/jobs/{job['id']}", tenant=ENTERPRISE).body
+    finished = next(job for job in listed if job["id"] == done.body["id"])
+    assert (finished["status"], finished["metadata"]) == ("succeeded", {"team": "a"})
+    assert finished["result"]["output"] and finished["webhook"]["url"] == "http://127.0.0.1:9/hook"
+
+
 def test_a_cursor_of_another_tenant_is_refused(harness: Harness) -> None:
     for i in range(2):
         harness.submit(prompt=f"p{i}")
@@ -401,3 +442,93 @@ def test_prefer_wait_is_cut_to_what_the_gateway_has_left(harness: Harness) -> No
     )
     assert polled.status == 200
     assert polled.body["status"] == "queued"
+
+
+# ---- a 500 the api answers itself is counted, so an alarm sees it ----------------------
+
+
+@contextmanager
+def _refused(operation: str, code: str, status: int = 400) -> Iterator[list[str]]:
+    """llmq's own boto3 client fails `operation` with `code`, as AWS answers a call the role
+    may not make (AccessDeniedException) or on a table that is gone; the request never
+    reaches moto. The same botocore hook tests/aws_faults.py arms, with a code that is not
+    transient."""
+    service, name = operation.split(".")
+    events = aws.client(service).meta.events
+    refused: list[str] = []
+
+    def refuse(**_: Any) -> None:
+        refused.append(operation)
+        error: Any = {
+            "Error": {"Code": code, "Message": f"injected: {operation}"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        }
+        raise ClientError(error, name)
+
+    events.register(f"before-call.{service}.{name}", refuse, unique_id="test-api-refused")
+    try:
+        yield refused
+    finally:
+        events.unregister(f"before-call.{service}.{name}", unique_id="test-api-refused")
+
+
+def _emitted(stdout: str, name: MetricName) -> list[dict[str, Any]]:
+    """The CloudWatch embedded-metric-format records for `name` that the function printed."""
+    records = []
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        directives = record.get("_aws", {}).get("CloudWatchMetrics", [])
+        if any(metric["Name"] == name for directive in directives for metric in directive["Metrics"]):
+            records.append(record)
+    return records
+
+
+@pytest.mark.parametrize(
+    ("operation", "method", "path"),
+    [
+        ("dynamodb.PutItem", "POST", "/v1/jobs"),
+        ("dynamodb.GetItem", "GET", "/v1/jobs/{job_id}"),
+        ("dynamodb.Query", "GET", "/v1/jobs"),
+    ],
+)
+def test_an_aws_call_failing_unexpectedly_is_a_500_problem_and_counts_for_the_alarm(
+    harness: Harness, capsys: pytest.CaptureFixture[str], operation: str, method: str, path: str
+) -> None:
+    """The api catches the exception to answer problem+json, so Lambda's Errors metric never
+    counts it; ApiUnexpectedError (namespace llmq, dimension service) is what the
+    ApiUnexpectedErrors alarm watches (stacks/monitoring.py)."""
+    # Given a job, and an AWS call the api's role is refused
+    job_id = harness.submit().body["id"]
+    capsys.readouterr()
+    with _refused(operation, "AccessDeniedException") as refused:
+        # When a client makes a request that needs it
+        body = {"prompt": "hello"} if method == "POST" else None
+        reply = harness.api(method, path.format(job_id=job_id), body=body, tenant=ENTERPRISE)
+    # Then the call was refused, and the client gets a 500 problem, not a crash
+    assert refused == [operation]
+    assert (reply.status, reply.code) == (500, "internal_error")
+    assert reply.headers["content-type"] == "application/problem+json"
+    # And the function printed exactly one ApiUnexpectedError count for CloudWatch
+    (record,) = _emitted(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR)
+    (directive,) = record["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == METRICS_NAMESPACE
+    assert directive["Dimensions"] == [["service"]]
+    assert record["service"] == SERVICE_NAME
+    assert record[MetricName.API_UNEXPECTED_ERROR] == [1.0]
+
+
+def test_a_throttle_or_a_client_error_is_not_counted_as_unexpected(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a DynamoDB throttle that outlasted botocore's retries
+    with _refused("dynamodb.PutItem", "ProvisionedThroughputExceededException") as refused:
+        busy = harness.submit()
+    # And a request the api refuses for the client's own mistake
+    missing = harness.api("GET", "/v1/jobs/job_doesnotexist", tenant=ENTERPRISE)
+    # Then they are a 503 to retry and a 404, and neither counts as an unexpected error
+    assert refused == ["dynamodb.PutItem"]
+    assert (busy.status, busy.code) == (503, "service_unavailable")
+    assert missing.status == 404
+    assert _emitted(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR) == []

@@ -148,3 +148,34 @@ def test_the_scheduled_reconciler_requeues_lost_messages_and_expires_overdue_job
     expired = harness.api("GET", f"/v1/jobs/{overdue}", tenant=ENTERPRISE).body
     assert (expired["status"], expired["error"]["code"]) == ("expired", "deadline_exceeded")
     assert provider.calls_for(overdue) == 0
+
+
+def test_the_scheduled_reconciler_sends_a_lost_webhook_again(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job that succeeded, whose webhook message was lost
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    assert harness.drain("high") == {"batchItemFailures": []}
+    webhooks = harness.stack.webhook_queue_url
+    for message in harness.receive(webhooks):
+        harness.sqs.delete_message(QueueUrl=webhooks, ReceiptHandle=message["ReceiptHandle"])
+
+    # When the schedule invokes the reconciler after the webhook threshold
+    reconciler = load_handler("reconciler")
+    clock = LaterClock()
+    clock.offset = harness.config.reconciler.stale_webhook_seconds + 10
+    env = reconciler.ENV
+    later = Reconciler(
+        JobRepository(env.jobs_table, env.config, dynamodb=aws.client("dynamodb"), clock=clock),
+        QueueRepository(env.lane_queue_urls, env.webhook_queue_url, sqs=aws.client("sqs")),
+        env.config,
+    )
+    monkeypatch.setattr(reconciler, "reconciler", lambda: later)
+    report = reconciler.handler(
+        {"source": "aws.events", "detail-type": "Scheduled Event"}, LambdaContextStub()
+    )
+
+    # Then its terminal event is on the webhooks queue again, sent by the reconciler's own role
+    assert report["webhooks"] == 1
+    (message,) = harness.receive(webhooks)
+    assert json.loads(message["Body"])["job_id"] == job_id

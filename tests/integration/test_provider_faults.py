@@ -3,10 +3,17 @@ finish reasons and timeouts as a worker meets them, with the fake's per-job call
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from aws_lambda_powertools.utilities.parameters import clear_caches
+from aws_lambda_powertools.utilities.parameters import constants as parameters_constants
 
+from llmq import aws
 from llmq.models import ChatMessage, ErrorCode, GenerationParams, JobResult
 from llmq.providers import (
     ChatCompletionsProvider,
@@ -16,6 +23,7 @@ from llmq.providers import (
     TransientProviderError,
 )
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.integration.harness import ENTERPRISE, Harness
 
 STREAMING = [True, False]
 
@@ -127,3 +135,93 @@ async def test_a_provider_nobody_listens_for_is_transient() -> None:
     with pytest.raises(TransientProviderError) as caught:
         await client.generate(_request("job_refused", "Hi"), 2)
     assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
+
+
+# ---- the provider key's lifecycle: set after deploy, rotated while workers hold it cached ----
+
+
+class SecretReads:
+    """Counts the GetSecretValue calls of the Secrets Manager client Powertools made for itself."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        client = parameters_constants.DEFAULT_PROVIDERS["secrets"].client
+        client.meta.events.register("provide-client-params.secrets-manager.GetSecretValue", self._count)
+
+    def _count(self, **_: object) -> None:
+        self.count += 1
+
+
+@pytest.fixture
+def keyed_harness(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Harness]:
+    """The worker reads its provider key from Secrets Manager (moto), as deployed; the fake
+    provider answers 401 to any other key."""
+    clear_caches()  # Powertools' cache and client are module-wide: start cold, on this moto
+    secrets = aws.client("secretsmanager")
+    arn = secrets.create_secret(Name="llmq-provider-key", SecretString="sk-first")["ARN"]
+    monkeypatch.setenv("LLMQ_PROVIDER_SECRET_ID", arn)
+    provider.state.api_key = "sk-first"
+    yield harness
+    clear_caches()
+
+
+def _provider_statuses(provider: FakeProviderServer, job_id: str) -> list[int]:
+    return [record.status for record in provider.state.log if record.job_id == job_id]
+
+
+def test_a_key_rotated_within_the_cache_is_read_again_on_the_401_and_the_job_succeeds(
+    keyed_harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a warm worker that holds the first key in its five-minute cache
+    harness = keyed_harness
+    first = harness.submit(prompt="before the rotation").body["id"]
+    assert harness.drain("high") == {"batchItemFailures": []}
+    reads = SecretReads()
+    # When the operator rotates the key, and the provider stops taking the old one
+    aws.client("secretsmanager").put_secret_value(SecretId="llmq-provider-key", SecretString="sk-second")
+    provider.state.api_key = "sk-second"
+    second = harness.submit(prompt="after the rotation").body["id"]
+    response = harness.drain("high")
+    # Then the job succeeds on its first attempt: the 401 made the worker read the key again
+    # at once, once, and call again with the new key
+    assert response == {"batchItemFailures": []}
+    job = harness.api("GET", f"/v1/jobs/{second}", tenant=ENTERPRISE).body
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    assert _provider_statuses(provider, second) == [401, 200]
+    assert reads.count == 1
+    assert _provider_statuses(provider, first) == [200]
+
+
+def test_a_wrong_key_is_read_again_once_per_invocation_and_the_jobs_retry_later(
+    keyed_harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a key the provider refuses (the operator has not set the real one yet)
+    harness = keyed_harness
+    provider.state.api_key = "sk-real"
+    ids = [harness.submit(prompt=f"job {i}").body["id"] for i in range(3)]
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url)
+    harness.run_worker(url, messages)  # cold start: the cache is filled
+    reads = SecretReads()
+    # When the next delivery of the three jobs runs in one invocation
+    harness.let_backoffs_pass()
+    for message in messages:
+        # Visible again already, if the backoff ran out while the machine was slow
+        with contextlib.suppress(harness.sqs.exceptions.MessageNotInflight):
+            harness.sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+            )
+    again: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while len(again) < len(ids) and time.monotonic() < deadline:
+        again += harness.receive(url)
+    response = harness.run_worker(url, again)
+    # Then Secrets Manager was asked once for the three refusals, each job called the provider
+    # once per delivery, and every job waits for a retry instead of failing
+    assert len(response["batchItemFailures"]) == 3
+    assert reads.count == 1
+    assert [len(_provider_statuses(provider, job_id)) for job_id in ids] == [2, 2, 2]
+    statuses = {harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] for job_id in ids}
+    assert statuses == {"queued"}

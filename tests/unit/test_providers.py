@@ -15,6 +15,7 @@ from llmq.providers import (
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
+    ProviderKey,
     ProviderTimeout,
     TransientProviderError,
 )
@@ -400,3 +401,89 @@ async def test_a_provider_key_that_cannot_be_read_is_transient_and_nothing_is_se
         await provider.generate(REQUEST, 5)
     # Then it is an ordinary retry, and nothing reached the provider (nothing was billed)
     assert sent == []
+
+
+class _KeyStore:
+    """A Secrets Manager stand-in: a cached key, and the one the store holds now."""
+
+    def __init__(self, cached: str, stored: str) -> None:
+        self.cached = cached
+        self.stored = stored
+        self.fresh_reads = 0
+
+    def read(self, fresh: bool) -> str:
+        if fresh:
+            self.fresh_reads += 1
+            self.cached = self.stored
+        return self.cached
+
+
+def _keyed(store: _KeyStore, accepted: str, status: int = 401, stream: bool = False):
+    sent: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") != f"Bearer {accepted}":
+            return httpx.Response(status, json={"error": {"message": "bad key", "code": "invalid_api_key"}})
+        return httpx.Response(200, json=_completion_body())
+
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1", ProviderKey(store.read), stream, httpx.MockTransport(handler)
+    )
+    return provider, sent
+
+
+def _completion_body() -> dict[str, Any]:
+    return {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {}}
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_key_is_read_again_at_once_and_the_call_made_with_the_new_one(status: int) -> None:
+    # Given a worker whose cached key was rotated away
+    store = _KeyStore(cached="sk-old", stored="sk-new")
+    provider, sent = _keyed(store, accepted="sk-new", status=status)
+    # When it generates
+    result = await provider.generate(REQUEST, 5)
+    # Then the refusal read the key fresh once, and the second call, with the new key, succeeded
+    assert result.output == "ok"
+    assert sent == ["Bearer sk-old", "Bearer sk-new"]
+    assert store.fresh_reads == 1
+
+
+async def test_a_wrong_key_is_read_again_once_per_invocation_only() -> None:
+    # Given a key the provider refuses, and a store that holds no other
+    store = _KeyStore(cached="sk-wrong", stored="sk-wrong")
+    provider, sent = _keyed(store, accepted="sk-real")
+    key = provider._api_key
+    # When three jobs of one invocation meet the refusal
+    for _ in range(3):
+        with pytest.raises(TransientProviderError) as caught:
+            await provider.generate(REQUEST, 5)
+        assert caught.value.status_code == 401
+    # Then the store was read fresh once, and each job called the provider once (no second try)
+    assert store.fresh_reads == 1
+    assert len(sent) == 3
+    # And the next invocation may read it fresh again
+    key.new_invocation()
+    with pytest.raises(TransientProviderError):
+        await provider.generate(REQUEST, 5)
+    assert store.fresh_reads == 2
+
+
+async def test_a_key_error_inside_a_200_answer_is_not_a_reason_to_call_again() -> None:
+    # Given a provider whose streamed answer reports an authentication error after it began
+    store = _KeyStore(cached="sk-old", stored="sk-new")
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(200, text=_sse({"error": {"type": "authentication_error", "message": "no"}}))
+
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1", ProviderKey(store.read), True, httpx.MockTransport(handler)
+    )
+    # When the worker calls it, then the error is an ordinary retry, with one call and no fresh read:
+    # the generation may have begun, and been billed
+    with pytest.raises(TransientProviderError):
+        await provider.generate(REQUEST, 5)
+    assert (len(calls), store.fresh_reads) == (1, 0)

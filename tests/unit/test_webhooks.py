@@ -481,3 +481,16 @@ async def test_a_copy_that_loses_the_count_keeps_its_message_for_the_retry() -> 
     world.now += SCHEDULE[0]
     assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.DELIVERED
     assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.SKIPPED
+
+
+@pytest.mark.parametrize(
+    "api_base", ["https://abc.execute-api.eu-west-1.amazonaws.com/prod/", "https://api.llmq.test/prod"]
+)
+def test_an_s3_held_results_url_has_one_slash_before_v1(api_base: str) -> None:
+    # Given a job whose result is in S3, and the stack's public URL, which API Gateway ends in "/"
+    job = make_job().model_copy(update={"result": None, "result_ref": "results/job_1.json"})
+    # When it is shown with that base
+    shown = job.to_job(api_base=api_base)
+    # Then its result_url is the job's URL under the stage, without "//"
+    assert shown.result_url == f"{api_base.rstrip('/')}/v1/jobs/job_1"
+    assert "//v1" not in (shown.result_url or "")

@@ -21,6 +21,9 @@ MAX_VISIBILITY_SECONDS = 43_200
 # API Gateway's REST integration timeout: the whole invoke, authorizer and cold start
 # included, must answer within it, or the client gets 504 while the function runs on.
 GATEWAY_TIMEOUT_SECONDS = 29.0
+# Lambda's lowest MaximumConcurrency for an SQS event source mapping; each lane DLQ's mapping
+# to the dead-letter function uses it.
+MIN_MAPPING_CONCURRENCY = 2
 
 
 class _Frozen(BaseModel):
@@ -135,7 +138,9 @@ class ReconcilerConfig(_Frozen):
 
 class FunctionSizing(_Frozen):
     memory_mb: Annotated[int, Field(ge=128, le=10240)] = 256
-    timeout_seconds: Annotated[int, Field(ge=1, le=900)] = 30
+    # The default is the api's: below API Gateway's 29 s, so the function never outlives the
+    # request it answers (LlmqConfig refuses an api timeout above it).
+    timeout_seconds: Annotated[int, Field(ge=1, le=900)] = 28
 
 
 def _worker_sizing() -> FunctionSizing:
@@ -144,6 +149,24 @@ def _worker_sizing() -> FunctionSizing:
 
 def _dispatcher_sizing() -> FunctionSizing:
     return FunctionSizing(memory_mb=256, timeout_seconds=60)
+
+
+class ConcurrencyConfig(_Frozen):
+    """Each function's share of the account's Lambda concurrency (README "Concurrency budget").
+
+    A reservation both guarantees a function its share and caps it there, so a flood of
+    long-polls cannot take the concurrency every other function in the account needs. Lambda
+    keeps 100 of the regional quota unreserved, so the reservations need a quota of at least
+    their sum plus 100: turn `reserve` off in an account whose quota is lower. Then no function
+    reserves any, the queue consumers stay bounded by their mappings' MaximumConcurrency, and
+    the api and the authorizer only by the stage throttle and the account's quota.
+    """
+
+    reserve: bool = True
+    # A `GET ?wait=20` holds one api environment for up to 20 s.
+    api: Annotated[int, Field(ge=1, le=1000)] = 50
+    # The authorizer's answers are cached per key (limits.authorizer_cache_seconds); it runs briefly.
+    authorizer: Annotated[int, Field(ge=1, le=1000)] = 20
 
 
 class LlmqConfig(_Frozen):
@@ -171,9 +194,11 @@ class LlmqConfig(_Frozen):
     provider: ProviderConfig = ProviderConfig()
     limits: LimitsConfig = LimitsConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
+    # The api, the authorizer, the dead-letter function and the reconciler.
     api: FunctionSizing = FunctionSizing()
     worker: FunctionSizing = Field(default_factory=_worker_sizing)
     dispatcher: FunctionSizing = Field(default_factory=_dispatcher_sizing)
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
 
     @model_validator(mode="after")
     def _check_lanes(self) -> Self:
@@ -187,6 +212,11 @@ class LlmqConfig(_Frozen):
             raise ValueError("a tier may be routed to one lane only")
         if self.max_receive_count <= self.max_attempts:
             raise ValueError("max_receive_count must be greater than max_attempts")
+        if self.api.timeout_seconds > GATEWAY_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"api.timeout_seconds must not exceed API Gateway's {GATEWAY_TIMEOUT_SECONDS:g} s "
+                "integration timeout: the client would get a 504 while the function runs on"
+            )
         return self
 
     @cached_property
@@ -196,6 +226,23 @@ class LlmqConfig(_Frozen):
     @property
     def total_lane_concurrency(self) -> int:
         return sum(lane.max_concurrency for lane in self.lanes)
+
+    @property
+    def reserved_concurrency(self) -> dict[str, int]:
+        """Each function's reserved concurrency, by its folder under functions/; empty when
+        `concurrency.reserve` is off. Its sum plus 100 is the quota an account needs."""
+        if not self.concurrency.reserve:
+            return {}
+        return {
+            "api": self.concurrency.api,
+            "authorizer": self.concurrency.authorizer,
+            # The sum of the lanes' MaximumConcurrency: every lane can run its share at once.
+            "worker": self.total_lane_concurrency,
+            "dead_letter": MIN_MAPPING_CONCURRENCY * len(self.lanes),
+            "webhook_dispatcher": self.webhooks.max_concurrency,
+            # Two overlapping sweeps would only enqueue duplicates.
+            "reconciler": 1,
+        }
 
     @property
     def lane_visibility_timeout_seconds(self) -> int:

@@ -122,7 +122,12 @@ class JobRecord(BaseModel):
             cancel_requested=self.cancel_requested,
             result=self.result,
             result_url=self.result_url
-            or (f"{api_base}/v1/jobs/{self.id}" if self.result is None and self.result_ref else None),
+            # The stack's public URL ends in a slash (API Gateway's RestApi.url): one, not two.
+            or (
+                f"{api_base.rstrip('/')}/v1/jobs/{self.id}"
+                if self.result is None and self.result_ref
+                else None
+            ),
             result_url_expires_at=iso(self.result_url_expires_ms) if self.result_url_expires_ms else None,
             error=self.error,
             webhook=webhook,

@@ -9,6 +9,9 @@ Every failure becomes one of three errors:
 An error reported inside a 200 answer (an SSE error event, or a JSON body that is only an
 `error`) is classified like the HTTP error it stands for, and an answer that stops before the
 generation finished is never a success.
+
+A 401 or 403 means the provider refused our key: the key is read again at once, bypassing its
+cache, and the call is made once more if the key changed (`ProviderKey`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ _PERMANENT_CODES = {
 # Statuses worth retrying. 401/403 are included: they mean our key is wrong or rotated,
 # which an operator fixes; the job itself is not at fault and should not fail at once.
 _TRANSIENT_STATUSES = {401, 403, 408, 409, 425, 429}
+# The statuses that say the provider refused our key.
+_KEY_REFUSED_STATUSES = {401, 403}
 # The HTTP status an in-band error's type stands for, when the error carries no status
 # (OpenAI, Anthropic, vLLM and Ollama spellings, lower-cased).
 _STATUS_OF_TYPE = {
@@ -65,6 +70,8 @@ class ProviderError(Exception):
         self.message = message[:_MAX_MESSAGE]
         # The HTTP status, or the one an in-band error event reported.
         self.status_code = status_code
+        # The provider answered 401 or 403: it refused our key before generating anything.
+        self.key_refused = False
 
 
 class TransientProviderError(ProviderError):
@@ -108,7 +115,10 @@ def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
     status = response.status_code
     names, message = _error_fields(body)
     message = message or f"provider answered {status}"
-    return _classify(status, names, message, status, parse_retry_after(response.headers, time.time()))
+    error = _classify(status, names, message, status, parse_retry_after(response.headers, time.time()))
+    # Only an HTTP answer counts: it refused the request before any generation started.
+    error.key_refused = status in _KEY_REFUSED_STATUSES
+    return error
 
 
 def classify_error_event(error: object) -> ProviderError:
@@ -157,6 +167,11 @@ def classify_exception(exc: httpx.HTTPError, retry_timeouts: bool = False) -> Pr
     if isinstance(exc, httpx.TimeoutException):
         return timed_out("the provider stopped answering", retry_timeouts)
     return TransientProviderError(f"could not reach the provider: {type(exc).__name__}")
+
+
+def _key_unreadable(exc: Exception) -> TransientProviderError:
+    # The key store (Secrets Manager) failed: nothing was sent, so nothing was billed.
+    return TransientProviderError(f"could not read the provider key: {type(exc).__name__}")
 
 
 def timed_out(message: str, retry_timeouts: bool) -> ProviderError:
@@ -228,35 +243,61 @@ class _Progress:
         return self.connecting and not self.sending
 
 
+class ProviderKey:
+    """The provider's API key from a cached store, read again at once when the provider refuses it.
+
+    `read(fresh)` returns the key: from its cache when `fresh` is False (the worker's Secrets
+    Manager read keeps it five minutes), from the store itself when True. A refused key is read
+    fresh at most once per invocation (`new_invocation()` starts one), so a key that is simply
+    wrong costs one extra Secrets Manager call per worker invocation, not one per job or retry.
+    """
+
+    def __init__(self, read: Callable[[bool], str | None]) -> None:
+        self._read = read
+        self._fresh_read_spent = False
+
+    def __call__(self) -> str | None:
+        return self._read(False)
+
+    def new_invocation(self) -> None:
+        self._fresh_read_spent = False
+
+    def replacing(self, refused: str | None) -> str | None:
+        """A key other than the `refused` one, or None when the store has none newer."""
+        current = self._read(False)
+        if current != refused:
+            # Another job of this batch already read the new key.
+            return current
+        if self._fresh_read_spent:
+            return None
+        self._fresh_read_spent = True
+        fresh = self._read(True)
+        return fresh if fresh != refused else None
+
+
 class ChatCompletionsProvider:
     """POST {base_url}/chat/completions, streaming or not."""
 
     def __init__(
         self,
         base_url: str,
-        api_key: Callable[[], str | None],
+        api_key: Callable[[], str | None] | ProviderKey,
         stream: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         retry_timeouts: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        self._api_key = api_key if isinstance(api_key, ProviderKey) else ProviderKey(lambda _fresh: api_key())
         self.stream = stream
         self._transport = transport
         # True: a timeout after sending is a TransientProviderError (retried); see ProviderConfig.
         self.retry_timeouts = retry_timeouts
 
     async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
-        headers = {"content-type": "application/json"}
-        if request.job_id:
-            headers["x-llmq-job-id"] = request.job_id
         try:
             key = self._api_key()
         except Exception as exc:
-            # The key store (Secrets Manager) failed: nothing was sent, so nothing was billed.
-            raise TransientProviderError(f"could not read the provider key: {type(exc).__name__}") from exc
-        if key:
-            headers["authorization"] = f"Bearer {key}"
+            raise _key_unreadable(exc) from exc
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
         progress = _Progress()
         try:
@@ -266,7 +307,23 @@ class ChatCompletionsProvider:
                 asyncio.timeout(timeout_seconds),
                 httpx.AsyncClient(timeout=timeout, transport=self._transport) as client,
             ):
-                return await self._call(client, self._payload(request), headers, progress)
+                try:
+                    return await self._call(
+                        client, self._payload(request), self._headers(request, key), progress
+                    )
+                except TransientProviderError as exc:
+                    if not exc.key_refused:
+                        raise
+                    # The key was refused before any generation: nothing was billed. A new key
+                    # (set by the operator, or rotated within the cache's five minutes) is
+                    # tried at once instead of after a backoff, and only once.
+                    newer = self._replacing(key)
+                    if newer is None:
+                        raise
+                    progress = _Progress()
+                    return await self._call(
+                        client, self._payload(request), self._headers(request, newer), progress
+                    )
         except TimeoutError as exc:
             if progress.nothing_sent:
                 raise TransientProviderError("could not connect to the provider in time") from exc
@@ -274,6 +331,21 @@ class ChatCompletionsProvider:
             raise timed_out(message, self.retry_timeouts) from exc
         except httpx.HTTPError as exc:
             raise classify_exception(exc, self.retry_timeouts) from exc
+
+    def _replacing(self, refused: str | None) -> str | None:
+        try:
+            return self._api_key.replacing(refused)
+        except Exception as exc:
+            raise _key_unreadable(exc) from exc
+
+    @staticmethod
+    def _headers(request: GenerationRequest, key: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if request.job_id:
+            headers["x-llmq-job-id"] = request.job_id
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return headers
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {

@@ -54,6 +54,9 @@ class MetricName(StrEnum):
     WEBHOOK_RETRIED = "WebhookRetried"
     WEBHOOK_FAILED = "WebhookFailed"
     WEBHOOK_SKIPPED = "WebhookSkipped"
+    # Faults that no Lambda error metric shows: each has an alarm (stacks/monitoring.py).
+    API_UNEXPECTED_ERROR = "ApiUnexpectedError"
+    JOB_DEAD_LETTERED = "JobDeadLettered"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -70,6 +73,10 @@ WEBHOOK_OUTCOME_METRICS = (
     MetricName.WEBHOOK_FAILED,
     MetricName.WEBHOOK_SKIPPED,
 )
+# Something went wrong that the function handled, so Lambda counts no error:
+# - ApiUnexpectedError: the api answered a 500 (service dimension only);
+# - JobDeadLettered: the dead-letter function failed a job as worker_crashed (lane dimension).
+FAULT_METRICS = (MetricName.API_UNEXPECTED_ERROR, MetricName.JOB_DEAD_LETTERED)
 
 
 def fingerprint(text: str) -> str:
@@ -82,6 +89,22 @@ def emit_job_metric(name: MetricName, value: float, lane: str) -> None:
     unit = MetricUnit.Milliseconds if name.endswith("Ms") else MetricUnit.Count
     with single_metric(name=name, unit=unit, value=value, namespace=metrics.namespace) as metric:
         metric.add_dimension(name="lane", value=lane)
+
+
+def emit_count(name: MetricName) -> None:
+    """One occurrence of `name`, with the service dimension only, written at once.
+
+    Written as it happens rather than at the end of the invocation, so a function that does
+    not flush `metrics` (the api) still reports it.
+    """
+    with single_metric(
+        name=name,
+        unit=MetricUnit.Count,
+        value=1,
+        namespace=metrics.namespace,
+        default_dimensions={"service": SERVICE_NAME},
+    ):
+        pass
 
 
 def log_record_failure(exc: BaseException, message_id: str, job_id: str | None) -> None:

@@ -1,0 +1,401 @@
+"""`llmq doctor`: will a deploy into this account and region work, and is the stack ready to run?
+
+Each check runs with the operator's own credentials (boto3's default chain) and reports one
+line, and for a problem, how to fix it. The exit code is 1 when any check fails, so `make
+deploy` stops before CloudFormation half-creates a stack it cannot finish.
+
+- credentials: whom the calls run as;
+- region: set, and one that offers every service the stack uses;
+- concurrency: the account's Lambda quota leaves room for the stack's reservations;
+- bootstrap: `cdk bootstrap` ran here, recently enough for this CDK version;
+- provider key: the stack's provider secret holds a real key, not the placeholder the first
+  deploy created (a stack not deployed yet is a note: the key is set right after).
+
+It reads the stack's reservations from a synthesized template (`cdk.out/<stack>.template.json`)
+when there is one, else from `LlmqConfig` in cdk.json. The template is parsed here rather than
+through stacks/template.py: the `[cli]` install ships llmq and llmq_cli only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+# Lambda keeps this much of a region's concurrency quota unreserved, for the functions that
+# reserve none: a reservation that would leave less is refused ("decreases account's
+# UnreservedConcurrentExecution below its minimum value of [100]"). AWS Lambda Developer Guide,
+# "Configuring reserved concurrency for a function":
+# https://docs.aws.amazon.com/lambda/latest/dg/configuration-concurrency.html, and the API
+# reference of PutFunctionConcurrency. New accounts start with a reduced concurrency quota
+# ("Lambda quotas": https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html).
+UNRESERVED_MINIMUM = 100
+# Where `cdk bootstrap` (the default qualifier) records its version, and its stack.
+BOOTSTRAP_VERSION_PARAMETER = "/cdk-bootstrap/hnb659fds/version"
+BOOTSTRAP_STACK = "CDKToolkit"
+# What CDK v2's default synthesizer asks for (the template's CheckBootstrapVersion rule) when
+# no synthesized template says otherwise.
+DEFAULT_MIN_BOOTSTRAP_VERSION = 6
+# The services the stack is made of, by botocore's name.
+SERVICES = (
+    "lambda",
+    "apigateway",
+    "dynamodb",
+    "sqs",
+    "s3",
+    "secretsmanager",
+    "events",
+    "cloudwatch",
+    "logs",
+    "sns",
+    "cloudformation",
+    "ssm",
+)
+PROVIDER_SECRET_OUTPUT = "ProviderSecretArn"
+_FAILED_STACK_STATES = ("_FAILED", "ROLLBACK_COMPLETE")
+
+
+class Verdict(Enum):
+    OK = "ok"
+    NOTE = "note"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    verdict: Verdict
+    message: str
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class Reservations:
+    """What the stack would reserve, by function, and where that was read from."""
+
+    by_function: dict[str, int]
+    source: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_function.values())
+
+
+def reservations_from_template(template: dict[str, Any], source: str) -> Reservations:
+    """Every function's ReservedConcurrentExecutions, named by its llmq:function tag."""
+    found: dict[str, int] = {}
+    for logical_id, resource in template.get("Resources", {}).items():
+        if resource.get("Type") != "AWS::Lambda::Function":
+            continue
+        properties = resource.get("Properties", {})
+        reserved = properties.get("ReservedConcurrentExecutions")
+        if reserved is None:
+            continue
+        tags = {tag.get("Key"): tag.get("Value") for tag in properties.get("Tags") or []}
+        found[str(tags.get("llmq:function") or logical_id)] = int(reserved)
+    return Reservations(found, source)
+
+
+def min_bootstrap_version(template: dict[str, Any] | None) -> int:
+    """The version the template's CheckBootstrapVersion rule asks for: one past the versions it refuses."""
+    try:
+        assertion = template["Rules"]["CheckBootstrapVersion"]["Assertions"][0]["Assert"]  # type: ignore[index]
+        refused = assertion["Fn::Not"][0]["Fn::Contains"][0]
+        return max(int(version) for version in refused) + 1
+    except (KeyError, IndexError, TypeError, ValueError):
+        return DEFAULT_MIN_BOOTSTRAP_VERSION
+
+
+def load_reservations(
+    stack: str, template_path: Path | None, cdk_json: Path
+) -> tuple[Reservations, dict[str, Any] | None]:
+    """(reservations, the synthesized template or None)."""
+    path = template_path or Path("cdk.out") / f"{stack}.template.json"
+    if path.is_file():
+        template = json.loads(path.read_text())
+        return reservations_from_template(template, f"the synthesized template {path}"), template
+    from llmq.config import LlmqConfig
+
+    context: dict[str, Any] = {}
+    source = "LlmqConfig defaults (no cdk.json here)"
+    if cdk_json.is_file():
+        context = json.loads(cdk_json.read_text()).get("context", {}).get("llmq") or {}
+        source = f"the `llmq` context in {cdk_json} (run `make synth` to count from the template)"
+    config = LlmqConfig.model_validate(context)
+    return Reservations(dict(config.reserved_concurrency), source), None
+
+
+class Doctor:
+    def __init__(
+        self,
+        client: Callable[[str], Any],
+        region: str | None,
+        available_regions: Callable[[str], list[str]],
+        stack: str,
+        reservations: Reservations,
+        min_bootstrap: int = DEFAULT_MIN_BOOTSTRAP_VERSION,
+    ) -> None:
+        self._client = client
+        self.region = region
+        self._available_regions = available_regions
+        self.stack = stack
+        self.reservations = reservations
+        self.min_bootstrap = min_bootstrap
+        self.account: str | None = None
+
+    def run(self) -> list[Finding]:
+        region = self.check_region()
+        if region.verdict is Verdict.FAIL:
+            return [region]
+        credentials = self.check_credentials()
+        if credentials.verdict is Verdict.FAIL:
+            return [region, credentials]
+        try:
+            outputs = self._stack_outputs()
+        except (ClientError, BotoCoreError) as exc:
+            stack = Finding(
+                "stack",
+                Verdict.FAIL,
+                f"could not describe stack {self.stack}: {_reason(exc)}",
+                "allow cloudformation:DescribeStacks to the deploying identity",
+            )
+            return [region, credentials, stack]
+        try:
+            bootstrap = self.check_bootstrap()
+        except (ClientError, BotoCoreError) as exc:
+            bootstrap = Finding(
+                "bootstrap", Verdict.FAIL, f"could not describe {BOOTSTRAP_STACK}: {_reason(exc)}"
+            )
+        return [
+            region,
+            credentials,
+            self.check_concurrency(outputs is not None),
+            bootstrap,
+            self.check_provider_key(outputs),
+        ]
+
+    # ---- checks -------------------------------------------------------------------------
+
+    def check_region(self) -> Finding:
+        if not self.region:
+            return Finding(
+                "region",
+                Verdict.FAIL,
+                "no region is set, so the deploy would not know where to go",
+                "set one: `export AWS_REGION=eu-west-1`, `aws configure set region eu-west-1`, or --region",
+            )
+        missing = [service for service in SERVICES if self.region not in self._available_regions(service)]
+        if missing:
+            return Finding(
+                "region",
+                Verdict.FAIL,
+                f"{self.region} does not offer {', '.join(missing)}, which the stack uses",
+                "pick a commercial region that offers them all, e.g. us-east-1 or eu-west-1",
+            )
+        return Finding("region", Verdict.OK, f"{self.region} offers every service the stack uses")
+
+    def check_credentials(self) -> Finding:
+        try:
+            identity = self._client("sts").get_caller_identity()
+        except (NoCredentialsError, ClientError, BotoCoreError) as exc:
+            return Finding(
+                "credentials",
+                Verdict.FAIL,
+                f"AWS did not accept the credentials: {_reason(exc)}",
+                "configure credentials for the target account: `aws configure`, `aws sso login`, or AWS_PROFILE",
+            )
+        self.account = str(identity["Account"])
+        return Finding("credentials", Verdict.OK, f"account {self.account} as {identity['Arn']}")
+
+    def check_concurrency(self, deployed: bool) -> Finding:
+        try:
+            limits = self._client("lambda").get_account_settings()["AccountLimit"]
+        except (ClientError, BotoCoreError) as exc:
+            return Finding(
+                "concurrency",
+                Verdict.FAIL,
+                f"could not read the Lambda account settings: {_reason(exc)}",
+                "allow lambda:GetAccountSettings to the deploying identity, or check the quota by hand",
+            )
+        quota = int(limits["ConcurrentExecutions"])
+        unreserved = int(limits["UnreservedConcurrentExecutions"])
+        need = self.reservations.total
+        # On a redeploy the stack's own reservations are already taken out of `unreserved`.
+        try:
+            held = self._held_by_stack() if deployed else 0
+        except (ClientError, BotoCoreError):
+            held = 0  # unreadable: count as if the stack held none, which can only err on the safe side
+        room = unreserved + held - UNRESERVED_MINIMUM
+        summary = (
+            f"quota {quota}, unreserved {unreserved}; the stack reserves {need} "
+            f"({_shares(self.reservations.by_function)}; from {self.reservations.source})"
+        )
+        if need <= room:
+            return Finding("concurrency", Verdict.OK, f"{summary}; {UNRESERVED_MINIMUM} stay unreserved")
+        return Finding(
+            "concurrency",
+            Verdict.FAIL,
+            f"{summary}: Lambda keeps {UNRESERVED_MINIMUM} unreserved, so only {max(room, 0)} can be "
+            f'reserved and the deploy would fail with "UnreservedConcurrentExecution below its minimum"',
+            f"ask for a quota of at least {need + UNRESERVED_MINIMUM + (quota - unreserved - held)} "
+            "(Service Quotas > AWS Lambda > Concurrent executions), or turn "
+            'the reservations off: `"llmq": {"concurrency": {"reserve": false}}` in cdk.json. Without '
+            "them the queue consumers stay bounded by their mappings' MaximumConcurrency, but the api "
+            "and the authorizer share the account's pool, and a flood of long-polls can throttle "
+            "every other function in the account",
+        )
+
+    def check_bootstrap(self) -> Finding:
+        where = f"aws://{self.account or '<account>'}/{self.region}"
+        fix = f"run `npx cdk bootstrap {where}` (once per account and region)"
+        try:
+            version = int(
+                self._client("ssm").get_parameter(Name=BOOTSTRAP_VERSION_PARAMETER)["Parameter"]["Value"]
+            )
+        except ClientError as exc:
+            if _code(exc) == "ParameterNotFound":
+                return Finding("bootstrap", Verdict.FAIL, f"{where} is not bootstrapped for the CDK", fix)
+            return Finding(
+                "bootstrap",
+                Verdict.FAIL,
+                f"could not read {BOOTSTRAP_VERSION_PARAMETER}: {_reason(exc)}",
+                fix,
+            )
+        if version < self.min_bootstrap:
+            return Finding(
+                "bootstrap",
+                Verdict.FAIL,
+                f"the CDK bootstrap is version {version}; this app needs {self.min_bootstrap} or later",
+                f"upgrade it: {fix.removeprefix('run ')}",
+            )
+        status = self._stack_status(BOOTSTRAP_STACK)
+        if status is None:
+            return Finding(
+                "bootstrap",
+                Verdict.FAIL,
+                f"{BOOTSTRAP_VERSION_PARAMETER} says version {version} but there is no {BOOTSTRAP_STACK} stack",
+                fix,
+            )
+        if status.endswith(_FAILED_STACK_STATES):
+            return Finding("bootstrap", Verdict.FAIL, f"the {BOOTSTRAP_STACK} stack is {status}", fix)
+        return Finding("bootstrap", Verdict.OK, f"version {version} ({BOOTSTRAP_STACK} {status})")
+
+    def check_provider_key(self, outputs: dict[str, str] | None) -> Finding:
+        put = 'aws secretsmanager put-secret-value --secret-id {} --secret-string "$PROVIDER_API_KEY"'
+        if outputs is None:
+            return Finding(
+                "provider key",
+                Verdict.NOTE,
+                f"stack {self.stack} is not deployed yet: its provider secret starts as a random placeholder",
+                "right after the deploy, before creating tenants: "
+                + put.format(
+                    f"$(aws cloudformation describe-stacks --stack-name {self.stack} --query "
+                    f"\"Stacks[0].Outputs[?OutputKey=='{PROVIDER_SECRET_OUTPUT}'].OutputValue\" --output text)"
+                ),
+            )
+        secret = outputs.get(PROVIDER_SECRET_OUTPUT)
+        if not secret:
+            return Finding(
+                "provider key",
+                Verdict.FAIL,
+                f"stack {self.stack} has no {PROVIDER_SECRET_OUTPUT} output",
+                "redeploy the stack",
+            )
+        try:
+            versions = self._client("secretsmanager").list_secret_version_ids(
+                SecretId=secret, IncludeDeprecated=True
+            )["Versions"]
+        except (ClientError, BotoCoreError) as exc:
+            return Finding(
+                "provider key",
+                Verdict.FAIL,
+                f"could not read the provider secret's versions: {_reason(exc)}",
+                "allow secretsmanager:ListSecretVersionIds on it to the deploying identity",
+            )
+        # CloudFormation wrote the placeholder as the secret's first version; any
+        # put-secret-value adds a second (the first stays, labelled AWSPREVIOUS).
+        if len(versions) <= 1:
+            return Finding(
+                "provider key",
+                Verdict.FAIL,
+                "the provider secret still holds the placeholder the first deploy generated: every job "
+                "would meet a 401 and fail as retries_exhausted",
+                "set the key: " + put.format(secret),
+            )
+        return Finding(
+            "provider key", Verdict.OK, f"set ({len(versions)} versions of {secret.rsplit(':', 1)[-1]})"
+        )
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _stack_outputs(self) -> dict[str, str] | None:
+        try:
+            stacks = self._client("cloudformation").describe_stacks(StackName=self.stack)["Stacks"]
+        except ClientError as exc:
+            if "does not exist" in _reason(exc):
+                return None
+            raise
+        return {output["OutputKey"]: output["OutputValue"] for output in stacks[0].get("Outputs", [])}
+
+    def _stack_status(self, name: str) -> str | None:
+        try:
+            return str(
+                self._client("cloudformation").describe_stacks(StackName=name)["Stacks"][0]["StackStatus"]
+            )
+        except ClientError as exc:
+            if "does not exist" in _reason(exc):
+                return None
+            raise
+
+    def _held_by_stack(self) -> int:
+        """What the deployed stack's functions reserve now (it is freed and taken again on update)."""
+        held = 0
+        lambda_client = self._client("lambda")
+        paginator = self._client("cloudformation").get_paginator("list_stack_resources")
+        for page in paginator.paginate(StackName=self.stack):
+            for resource in page["StackResourceSummaries"]:
+                if resource["ResourceType"] != "AWS::Lambda::Function":
+                    continue
+                with_reserved = lambda_client.get_function_concurrency(
+                    FunctionName=resource["PhysicalResourceId"]
+                )
+                held += int(with_reserved.get("ReservedConcurrentExecutions") or 0)
+        return held
+
+
+def render(findings: list[Finding], header: str) -> str:
+    lines = [header]
+    for finding in findings:
+        lines.append(f"  {finding.verdict.value:<5} {finding.check}: {finding.message}")
+        if finding.fix and finding.verdict is not Verdict.OK:
+            label = "next" if finding.verdict is Verdict.NOTE else "fix"
+            lines.append(f"        {label}: {finding.fix}")
+    failed = sum(finding.verdict is Verdict.FAIL for finding in findings)
+    lines.append(f"{failed} problem{'s' if failed != 1 else ''} found" if failed else "ready to deploy")
+    return "\n".join(lines)
+
+
+def exit_code(findings: list[Finding]) -> int:
+    return 1 if any(finding.verdict is Verdict.FAIL for finding in findings) else 0
+
+
+def _shares(by_function: dict[str, int]) -> str:
+    if not by_function:
+        return "reservations off"
+    return ", ".join(f"{name} {count}" for name, count in sorted(by_function.items()))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
+    return str(exc) or type(exc).__name__

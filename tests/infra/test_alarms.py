@@ -1,0 +1,251 @@
+"""The alarms of the default stack: each one watches the right metric and reaches the topic.
+
+An alarm that names a metric nobody publishes, or a dimension the metric is not published
+with, stays at OK forever; one without an action is heard by nobody. So each test checks the
+namespace, the metric, its dimensions and the action, not that some alarm exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmq.config import LlmqConfig
+from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
+from stacks.monitoring import (
+    JOB_FAILED_ALARM_COUNT,
+    WEBHOOK_FAILED_ALARM_COUNT,
+    webhook_oldest_message_alarm_seconds,
+)
+from tests.infra.synthesis import SynthesizedApp, synthesize
+
+FUNCTIONS = ("api", "authorizer", "worker", "dead_letter", "webhook_dispatcher", "reconciler")
+
+
+@pytest.fixture(scope="module")
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(LlmqConfig(), outdir=tmp_path_factory.mktemp("cdk-alarms"))
+
+
+@pytest.fixture(scope="module")
+def alarms(synthesized: SynthesizedApp) -> list[dict[str, Any]]:
+    return [
+        _flattened(alarm["Properties"])
+        for alarm in synthesized.template.of_type("AWS::CloudWatch::Alarm").values()
+    ]
+
+
+def _flattened(alarm: dict[str, Any]) -> dict[str, Any]:
+    """A one-metric alarm in CloudFormation's plain form, however CDK wrote it (a metric with a
+    label comes out as a one-entry `Metrics` list)."""
+    queries = alarm.get("Metrics", [])
+    if len(queries) != 1 or "MetricStat" not in queries[0]:
+        return alarm
+    stat = queries[0]["MetricStat"]
+    flat = {key: value for key, value in alarm.items() if key != "Metrics"}
+    return flat | {
+        "Namespace": stat["Metric"]["Namespace"],
+        "MetricName": stat["Metric"]["MetricName"],
+        "Dimensions": stat["Metric"].get("Dimensions", []),
+        "Statistic": stat["Stat"],
+        "Period": stat["Period"],
+    }
+
+
+@pytest.fixture(scope="module")
+def topic(synthesized: SynthesizedApp) -> dict[str, str]:
+    (topic_id,) = synthesized.template.of_type("AWS::SNS::Topic")
+    return {"Ref": topic_id}
+
+
+def _dimensions(alarm: dict[str, Any]) -> dict[str, Any]:
+    return {dimension["Name"]: dimension["Value"] for dimension in alarm.get("Dimensions", [])}
+
+
+def _find(
+    alarms: list[dict[str, Any]], namespace: str, metric: str, **dimensions: Any
+) -> list[dict[str, Any]]:
+    """The single-metric alarms on `namespace`/`metric` with exactly these dimensions."""
+    return [
+        alarm
+        for alarm in alarms
+        if alarm.get("Namespace") == namespace
+        and alarm.get("MetricName") == metric
+        and _dimensions(alarm) == dimensions
+    ]
+
+
+def _one(alarms: list[dict[str, Any]], namespace: str, metric: str, **dimensions: Any) -> dict[str, Any]:
+    found = _find(alarms, namespace, metric, **dimensions)
+    assert len(found) == 1, f"{namespace}/{metric} {dimensions}: {len(found)} alarms"
+    return found[0]
+
+
+def _fires_on_any(alarm: dict[str, Any]) -> None:
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+
+
+def _ref(synthesized: SynthesizedApp, output: str) -> str:
+    logical_id, _ = synthesized.template.output_resource(output)
+    return logical_id
+
+
+def test_every_alarm_notifies_the_alarm_topic(alarms, topic):
+    # An alarm without an action changes colour on a console nobody watches.
+    assert len(alarms) > 20
+    for alarm in alarms:
+        assert alarm["AlarmActions"] == [topic], alarm["AlarmDescription"]
+        assert alarm["AlarmDescription"].startswith("llmq: ")
+
+
+def test_an_api_500_the_function_answers_itself_raises_an_alarm(alarms):
+    # The api turns an unexpected exception into a 500 without raising: the metric it emits
+    # (functions/api/handler.py) is the only thing that can see it.
+    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.API_UNEXPECTED_ERROR.value, service=SERVICE_NAME)
+    assert alarm["Statistic"] == "Sum"
+    _fires_on_any(alarm)
+
+
+def test_api_gateway_5xx_answers_raise_an_alarm_on_the_deployed_stage(synthesized, alarms):
+    (rest_api,) = synthesized.template.of_type("AWS::ApiGateway::RestApi").values()
+    (stage,) = synthesized.template.of_type("AWS::ApiGateway::Stage").values()
+    # API Gateway publishes 5XXError per ApiName and Stage, by name
+    alarm = _one(
+        alarms,
+        "AWS/ApiGateway",
+        "5XXError",
+        ApiName=rest_api["Properties"]["Name"],
+        Stage=stage["Properties"]["StageName"],
+    )
+    assert alarm["Statistic"] == "Sum"
+    _fires_on_any(alarm)
+
+
+def test_every_lane_dlq_alarms_on_each_message_it_receives(synthesized, alarms):
+    # The dead-letter function empties the lane DLQs within seconds, so depth shows nothing;
+    # each message it receives from them is what an operator must hear about.
+    webhook_dlq = _ref(synthesized, "WebhookDlqUrl")
+    lane_dlqs = synthesized.template.dlq_ids() - {webhook_dlq}
+    assert len(lane_dlqs) == len(synthesized.config.lanes)
+    for dlq_id in lane_dlqs:
+        alarm = _one(
+            alarms, "AWS/SQS", "NumberOfMessagesReceived", QueueName={"Fn::GetAtt": [dlq_id, "QueueName"]}
+        )
+        assert alarm["Statistic"] == "Sum"
+        _fires_on_any(alarm)
+    # The webhooks DLQ has no consumer: its depth is the alarm
+    _fires_on_any(
+        _one(
+            alarms,
+            "AWS/SQS",
+            "ApproximateNumberOfMessagesVisible",
+            QueueName={"Fn::GetAtt": [webhook_dlq, "QueueName"]},
+        )
+    )
+
+
+def test_every_lane_alarms_on_jobs_the_dead_letter_function_failed(synthesized, alarms):
+    for lane in synthesized.config.lanes:
+        alarm = _one(
+            alarms,
+            METRICS_NAMESPACE,
+            MetricName.JOB_DEAD_LETTERED.value,
+            service=SERVICE_NAME,
+            lane=lane.name,
+        )
+        _fires_on_any(alarm)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_every_function_alarms_on_its_errors_and_its_throttles(synthesized, alarms, name):
+    logical_id, _ = synthesized.template.function(name)
+    for metric in ("Errors", "Throttles"):
+        alarm = _one(alarms, "AWS/Lambda", metric, FunctionName={"Ref": logical_id})
+        assert alarm["Statistic"] == "Sum"
+        _fires_on_any(alarm)
+
+
+@pytest.mark.parametrize(
+    ("output", "operations"),
+    [
+        ("JobsTableName", {"GetItem", "PutItem", "UpdateItem", "Query"}),
+        ("TenantsTableName", {"GetItem"}),
+    ],
+)
+def test_every_table_alarms_on_throttled_requests_of_each_operation_llmq_calls(
+    synthesized, alarms, output, operations
+):
+    table = {"Ref": _ref(synthesized, output)}
+    # ThrottledRequests is published per TableName and Operation: one series per operation,
+    # summed by the alarm's expression.
+    watched: set[str] = set()
+    for alarm in alarms:
+        stats = [query["MetricStat"] for query in alarm.get("Metrics", []) if "MetricStat" in query]
+        for stat in stats:
+            metric = stat["Metric"]
+            dimensions = {d["Name"]: d["Value"] for d in metric["Dimensions"]}
+            if (metric["Namespace"], metric["MetricName"]) == ("AWS/DynamoDB", "ThrottledRequests") and (
+                dimensions["TableName"] == table
+            ):
+                watched.add(dimensions["Operation"])
+                assert stat["Stat"] == "Sum"
+                _fires_on_any(alarm)
+    assert watched == operations
+
+
+def test_the_webhooks_queue_alarms_when_its_oldest_message_outlives_the_first_retries(synthesized, alarms):
+    config = synthesized.config
+    queue = _ref(synthesized, "WebhookQueueUrl")
+    alarm = _one(
+        alarms, "AWS/SQS", "ApproximateAgeOfOldestMessage", QueueName={"Fn::GetAtt": [queue, "QueueName"]}
+    )
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["Threshold"] == webhook_oldest_message_alarm_seconds(config)
+    # Longer than the first two retries of one delivery, far shorter than the whole schedule
+    assert (
+        sum(config.webhooks.schedule_seconds[:2]) < alarm["Threshold"] < sum(config.webhooks.schedule_seconds)
+    )
+
+
+def test_a_reconciler_that_stops_running_raises_an_alarm(synthesized, alarms):
+    logical_id, _ = synthesized.template.function("reconciler")
+    alarm = _one(alarms, "AWS/Lambda", "Invocations", FunctionName={"Ref": logical_id})
+    # Fewer than one run over a window longer than the schedule; a stopped schedule publishes
+    # no data point at all, so missing data must count as breaching.
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("LessThanThreshold", 1)
+    assert alarm["TreatMissingData"] == "breaching"
+    assert alarm["Statistic"] == "Sum"
+    assert alarm["Period"] * alarm["EvaluationPeriods"] > synthesized.config.reconciler.schedule_minutes * 60
+
+
+def test_job_and_webhook_failures_raise_an_alarm_above_their_usual_rate(synthesized, alarms):
+    for lane in synthesized.config.lanes:
+        jobs = _one(
+            alarms, METRICS_NAMESPACE, MetricName.JOB_FAILED.value, service=SERVICE_NAME, lane=lane.name
+        )
+        assert (jobs["Statistic"], jobs["Threshold"], jobs["Period"]) == ("Sum", JOB_FAILED_ALARM_COUNT, 900)
+        assert jobs["ComparisonOperator"] == "GreaterThanThreshold"
+    webhooks = _one(alarms, METRICS_NAMESPACE, MetricName.WEBHOOK_FAILED.value, service=SERVICE_NAME)
+    assert (webhooks["Statistic"], webhooks["Threshold"], webhooks["Period"]) == (
+        "Sum",
+        WEBHOOK_FAILED_ALARM_COUNT,
+        3600,
+    )
+
+
+def test_every_alarm_is_described_in_the_operations_guide(synthesized):
+    from pathlib import Path
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    for logical_id in synthesized.template.of_type("AWS::CloudWatch::Alarm"):
+        # Logical ids are MonitoringLane<Name>Dlq<hash>; the guide names each alarm's construct id.
+        construct_id = logical_id.removeprefix("Monitoring")[:-8]
+        generic = construct_id
+        for lane in synthesized.config.lanes:
+            generic = generic.replace(f"Lane{lane.name.capitalize()}", "Lane<Name>")
+        for name in FUNCTIONS:
+            pascal = "".join(part.capitalize() for part in name.split("_"))
+            if generic.startswith(pascal) and generic[len(pascal) :] in ("Errors", "Throttles"):
+                generic = f"<Function>{generic[len(pascal) :]}"
+        assert f"`{generic}`" in guide, f"docs/operations.md does not describe {generic}"
