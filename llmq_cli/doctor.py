@@ -34,6 +34,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 # https://docs.aws.amazon.com/lambda/latest/dg/configuration-concurrency.html, and the API
 # reference of PutFunctionConcurrency. New accounts start with a reduced concurrency quota
 # ("Lambda quotas": https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html).
+# Stack states in which nothing of it is live: a rolled-back first create, a change set under review.
+NOT_DEPLOYED_STATUSES = frozenset({"ROLLBACK_COMPLETE", "REVIEW_IN_PROGRESS", "DELETE_COMPLETE"})
 UNRESERVED_MINIMUM = 100
 # Where `cdk bootstrap` (the default qualifier) records its version, and its stack.
 BOOTSTRAP_VERSION_PARAMETER = "/cdk-bootstrap/hnb659fds/version"
@@ -235,7 +237,8 @@ class Doctor:
             f"quota {quota}, unreserved {unreserved}; the stack reserves {need} "
             f"({_shares(self.reservations.by_function)}; from {self.reservations.source})"
         )
-        if need <= room:
+        # Nothing reserved (`reserve: false`) needs no room, however small the quota.
+        if need == 0 or need <= room:
             return Finding("concurrency", Verdict.OK, f"{summary}; {UNRESERVED_MINIMUM} stay unreserved")
         return Finding(
             "concurrency",
@@ -340,6 +343,10 @@ class Doctor:
             if "does not exist" in _reason(exc):
                 return None
             raise
+        # A first create that failed and rolled back leaves the stack behind with no outputs;
+        # `cdk deploy` deletes and recreates it, so for the preflight it is not deployed.
+        if stacks[0].get("StackStatus") in NOT_DEPLOYED_STATUSES:
+            return None
         return {output["OutputKey"]: output["OutputValue"] for output in stacks[0].get("Outputs", [])}
 
     def _stack_status(self, name: str) -> str | None:

@@ -242,3 +242,38 @@ def test_the_cli_prints_the_report_and_exits_non_zero(
     assert "  FAIL  concurrency: quota 50" in out
     assert "  FAIL  bootstrap:" in out
     assert out.splitlines()[-1] == "2 problems found"
+
+
+def test_with_reservations_off_even_a_quota_below_100_passes(account: Account) -> None:
+    # Given an account whose whole quota is 10, and a template that reserves nothing
+    account.bootstrap()
+    account.quota = account.unreserved = 10
+    template = json.loads(json.dumps(account.template))
+    for resource in template["Resources"].values():
+        if resource["Type"] == "AWS::Lambda::Function":
+            resource["Properties"].pop("ReservedConcurrentExecutions", None)
+    account.template = template
+    # When the operator runs the doctor
+    findings, report, _ = account.doctor()
+    # Then the concurrency check passes: nothing needs room, however small the quota
+    assert _verdicts(findings)["concurrency"] is Verdict.OK, report
+    assert "the stack reserves 0" in report
+
+
+def test_a_first_create_that_rolled_back_counts_as_not_deployed(account: Account) -> None:
+    # Given a stack whose first create failed and rolled back: it exists, with no outputs
+    from moto.cloudformation.models import cloudformation_backends
+
+    account.bootstrap()
+    account.client("cloudformation").create_stack(
+        StackName=STACK,
+        TemplateBody=json.dumps({"Resources": {"H": {"Type": "AWS::CloudFormation::WaitConditionHandle"}}}),
+    )
+    for stack in cloudformation_backends["123456789012"][REGION].stacks.values():
+        if stack.name == STACK:
+            stack.status = "ROLLBACK_COMPLETE"
+    # When the operator runs the doctor before deploying again
+    findings, report, code = account.doctor()
+    # Then the key check is a note (cdk deploy replaces such a stack), and the deploy may go ahead
+    assert _verdicts(findings)["provider key"] is Verdict.NOTE, report
+    assert code == 0
