@@ -239,9 +239,13 @@ class _Handler(BaseHTTPRequestHandler):
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
             storm = state.storm
         status, fault = 200, None
+        # Set by _answer before it writes a broken answer: the client may hang up on reading
+        # the error, and the write then raises before _answer could return what it broke.
+        self.breaking: str | None = None
         try:
             status, fault = self._answer(job_id, attempt, directives, storm, stream, payload)
         finally:
+            fault = fault or self.breaking
             with state.lock:
                 state.in_flight -= 1
                 state.log.append(
@@ -287,6 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = directives.stream_fault
         if fault is not None and attempt > fault.times:
             fault = None
+        self.breaking = fault.kind if fault else None
         if stream:
             self._stream(words, usage, directives.latency, directives.finish_reason, fault, joiner)
         elif fault is not None and fault.kind == "stream_error":
