@@ -91,11 +91,17 @@ layers: install ## Build the Lambda dependencies layer (layers/deps) for the Lam
 synth: install node_modules/.installed layers ## Synthesize into cdk.out, offline (cdk-nag AwsSolutions runs on every synth)
 	cdk synth --no-notices -q
 
-deploy: install node_modules/.installed layers ## Preflight (llmq doctor), then deploy to the account of your AWS credentials (ALARM_EMAIL=you@example.com)
+# The provider key comes from LLMQ_PROVIDER_API_KEY only (never a command line, never echoed):
+# the doctor refuses a first deploy without it, and it is stored right after `cdk deploy`.
+deploy: install node_modules/.installed layers ## Preflight (llmq doctor), deploy to the account of your AWS credentials, store the provider key (ALARM_EMAIL=you@example.com)
 	@$(if $(ALARM_EMAIL),true,printf '\n\033[1;31m*** No ALARM_EMAIL: unless cdk.json sets alarm_email, every alarm notifies NOBODY. Use: make deploy ALARM_EMAIL=oncall@example.com (docs/operations.md) ***\033[0m\n\n' >&2)
 	cdk synth --no-notices -q -c llmq:stack_name=$(STACK) $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
 	$(PY) -m llmq_cli doctor --stack $(STACK) --template cdk.out/$(STACK).template.json
 	cdk deploy --no-notices --app cdk.out $(STACK)
+	@if [ -n "$$LLMQ_PROVIDER_API_KEY" ]; then \
+	  echo "$(PY) -m llmq_cli provider-key set --stack $(STACK)"; \
+	  $(PY) -m llmq_cli provider-key set --stack $(STACK); \
+	fi
 
 destroy: install node_modules/.installed ## Delete the stack; the two tables and the provider secret are retained
 	cdk destroy --no-notices --force

@@ -201,7 +201,7 @@ def aws_calls() -> dict[str, Any]:
         count
         for step in steps.values()
         for name, count in step.items()
-        if name in {"PutItem", "UpdateItem", "SendMessage"}
+        if name in {"PutItem", "UpdateItem", "TransactWriteItems", "SendMessage"}
     )
     return {
         "steps": steps,
@@ -214,6 +214,56 @@ def aws_calls() -> dict[str, Any]:
         "lock_pattern_without_webhook": 8,
         "lock_pattern_with_webhook": 8 + 2 + 1,
     }
+
+
+def _write_units(size_bytes: int, transactional: bool) -> int:
+    """DynamoDB's write units for one item write: 1 per KB (rounded up), doubled in a transaction.
+    https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/transaction-apis.html#transaction-capacity-handling
+    """
+    units = max(1, -(-size_bytes // 1024))
+    return 2 * units if transactional else units
+
+
+def write_units() -> dict[str, Any]:
+    """What a job's writes cost in write units with the tenant's share kept in transactions,
+    against the same writes as plain single-item writes, for a small and a large job: item
+    sizes measured on the real items in moto, as DynamoDB sizes them."""
+    from llmq.item_size import item_size_bytes
+    from llmq.shares import share_key
+
+    provider = FakeProviderServer().start()
+    rows = []
+    try:
+        with _stack(provider) as harness:
+            for name, prompt, tokens in (("small", "hello", 200), ("large", "x" * 60_000, 4000)):
+                ddb = aws.client("dynamodb")
+                table = harness.stack.jobs_table
+                job_id = harness.submit(tenant=ENTERPRISE, prompt=f"{prompt} [[tokens:{tokens}]]").body["id"]
+                accepted = item_size_bytes(ddb.get_item(TableName=table, Key={"pk": {"S": job_id}})["Item"])
+                harness.drain("high")
+                finished = item_size_bytes(ddb.get_item(TableName=table, Key={"pk": {"S": job_id}})["Item"])
+                share = item_size_bytes(
+                    ddb.get_item(TableName=table, Key=share_key(ENTERPRISE["tenant_id"]))["Item"]
+                )
+                # accept (put), claim (the accepted item grows by a lease), complete (the result)
+                sizes = (accepted, accepted + 100, finished)
+                plain = sum(_write_units(size, False) for size in sizes)
+                shared = sum(_write_units(size, True) + _write_units(share, True) for size in sizes)
+                rows.append(
+                    {
+                        "job": name,
+                        "item_bytes_accepted": accepted,
+                        "item_bytes_finished": finished,
+                        "share_item_bytes": share,
+                        "plain_write_units": plain,
+                        "transactional_write_units": shared,
+                        "claim_read_units": max(1, -(-(accepted + 100) // 4096)),
+                        "ratio": shared / plain,
+                    }
+                )
+    finally:
+        provider.stop()
+    return {"rows": rows}
 
 
 # ---- 4. cold start ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 
 import llmq_cli.cost as cost  # noqa: E402
 
-SECTIONS = ("idle", "calls", "cold", "flood", "throughput", "cost")
+SECTIONS = ("idle", "calls", "cold", "flood", "noisy", "throughput", "cost")
 
 
 def _section(name: str, results: dict[str, Any], run: Callable[[], Any]) -> None:
@@ -48,16 +48,19 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
         _section("idle", results, lambda: inprocess.idle_time(latencies))
     if "calls" in sections:
         _section("calls", results, inprocess.aws_calls)
+        _section("write_units", results, inprocess.write_units)
     if "cold" in sections:
         _section("cold", results, lambda: inprocess.cold_start(repeats=1 if quick else 3))
-    if "flood" in sections or "throughput" in sections:
+    if {"flood", "noisy", "throughput"} & set(sections):
         try:
-            from bench.sandboxed import flood, throughput
+            from bench.sandboxed import flood, noisy, throughput
         except ImportError as exc:
             results["flood"] = results["throughput"] = {"error": f"sandbox benchmarks unavailable: {exc}"}
         else:
             if "flood" in sections:
                 _section("flood", results, lambda: flood(quick=quick))
+            if "noisy" in sections:
+                _section("noisy", results, lambda: noisy(quick=quick))
             if "throughput" in sections:
                 _section("throughput", results, lambda: throughput(quick=quick))
     if "cost" in sections:
@@ -73,7 +76,9 @@ def _cost(calls: dict[str, Any] | None) -> dict[str, Any]:
             for name, count in step.items():
                 counts[name] = counts.get(name, 0) + count
         measured = cost.CallsPerJob(
-            dynamodb_writes=counts.get("PutItem", 0) + counts.get("UpdateItem", 0),
+            dynamodb_writes=counts.get("PutItem", 0)
+            + counts.get("UpdateItem", 0)
+            + counts.get("TransactWriteItems", 0),
             dynamodb_reads=counts.get("GetItem", 0) + counts.get("Query", 0),
             sqs_sends=counts.get("SendMessage", 0),
             sqs_polls=0.4,  # receive + delete, per batch of 10, for two queues
@@ -104,7 +109,9 @@ def render(results: dict[str, Any]) -> str:
     ]
     lines += _render_idle(results.get("idle"))
     lines += _render_calls(results.get("calls"))
+    lines += _render_write_units(results.get("write_units"))
     lines += _render_flood(results.get("flood"))
+    lines += _render_noisy(results.get("noisy"))
     lines += _render_cold(results.get("cold"))
     lines += _render_throughput(results.get("throughput"))
     lines += _render_cost(results.get("cost"))
@@ -156,6 +163,10 @@ def _render_calls(calls: Any) -> list[str]:
         f"{calls['lock_pattern_with_webhook']} with one: "
         f"{calls['lock_pattern_with_webhook'] / calls['total_calls']:.2f}× ours.",
         "",
+        "The claim costs a read on top of the DESIGN minimum: the tenant's slot is taken in the same "
+        "transaction as the job's claim (DESIGN §3.11), and a transaction returns no item, so one "
+        "consistent `GetItem` brings the input.",
+        "",
     ]
     return out
 
@@ -175,6 +186,55 @@ def _render_flood(flood: Any) -> list[str]:
             f"| {row['config']} | {row['p50_s']:.2f} s | {row['p95_s']:.2f} s | {row['drain_s']:.1f} s |"
         )
     out += ["", f"Enterprise p95, single lane ÷ lanes: **{flood['p95_ratio']:.1f}×**.", ""]
+    return out
+
+
+def _render_write_units(units: Any) -> list[str]:
+    out = ["### What the exact tenant shares cost in write units", ""]
+    if not units or "error" in units:
+        return out + _error(units or {"error": "skipped"})
+    out += [
+        "Accept, claim and complete each write the job and its tenant's share item in one "
+        "transaction; DynamoDB charges a transactional write twice (per KB, per item). Item sizes "
+        "measured on the real items, as DynamoDB sizes them.",
+        "",
+        "| job | job item (accepted → finished) | share item | plain writes | with shares | ratio | claim read |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in units["rows"]:
+        out.append(
+            f"| {row['job']} | {row['item_bytes_accepted']:,} → {row['item_bytes_finished']:,} B | "
+            f"{row['share_item_bytes']} B | {row['plain_write_units']} WCU | {row['transactional_write_units']} WCU | "
+            f"{row['ratio']:.1f}× | {row['claim_read_units']} RCU |"
+        )
+    return [*out, ""]
+
+
+def _render_noisy(noisy: Any) -> list[str]:
+    out = ["## 3b. A noisy neighbour in one lane (per-tenant caps, fair queues)", ""]
+    if not noisy or "error" in noisy:
+        return out + _error(noisy or {"error": "skipped"})
+    out += [
+        noisy.get("description", ""),
+        "",
+        "| config | A's cap | B wait p50 | B wait p95 | A in flight at the provider: max / mean while backlogged "
+        "| A provider calls | succeeded A / B |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in noisy["rows"]:
+        out.append(
+            f"| {row['config']} | {row['cap'] or '-'} | {row['b_p50_s']:.2f} s | {row['b_p95_s']:.2f} s | "
+            f"{row['a_max_in_flight']} / {row['a_mean_in_flight_while_backlogged']:.1f} | {row['a_provider_calls']} | "
+            f"{row['a_succeeded']} / {row['b_succeeded']} |"
+        )
+    fair = noisy["rows"][0]
+    out += [
+        "",
+        f"B's p95, baseline ÷ capped: **{noisy['b_p95_ratio']:.1f}×** (goal ≥ 10×); capped B p95 = "
+        f"{fair['b_p95_s'] / noisy['latency_s']:.1f} × L (goal ≤ 2 × L). A's calls in flight never exceeded "
+        f"its cap: {fair['a_max_in_flight']} ≤ {fair['cap']}.",
+        "",
+    ]
     return out
 
 

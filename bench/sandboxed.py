@@ -174,6 +174,117 @@ def flood(quick: bool = False) -> dict[str, Any]:
     }
 
 
+# ---- 3b. a noisy neighbour inside one lane ----------------------------------------------
+
+NOISY_LATENCY = 1.0
+# One enterprise lane: 4 invocations of 10 jobs, so a job capacity of 40 and a default cap of
+# 20 per tenant (half of it). The baseline lifts the cap far above the lane and turns the
+# sandbox's fair-queue emulation off: one tenant's burst then fills the lane in FIFO order.
+NOISY_LANES = {
+    "lanes": [
+        {"name": "high", "tiers": ["enterprise"], "max_concurrency": 4},
+        {"name": "low", "tiers": ["free"], "max_concurrency": 2},
+    ]
+}
+UNCAPPED = {"fair_share": {"tiers": {"enterprise": {"max_concurrency": 100_000, "max_active_jobs": 100_000}}}}
+
+
+def _noisy_sizes(quick: bool) -> tuple[int, int]:
+    return (200, 20) if quick else (400, 20)
+
+
+def _second_tenant(running: Any, state: Any) -> httpx.Client:
+    """Tenant B: another enterprise tenant, created as `llmq tenants create` does."""
+    from llmq.tenants import TenantRepository
+    from llmq.usage_plans import ApiGatewayUsagePlans
+
+    usage_plans = ApiGatewayUsagePlans(
+        running.client("apigateway"), json.loads(running.outputs["UsagePlanIds"])
+    )
+    created = TenantRepository(
+        running.outputs["TenantsTableName"], dynamodb=running.client("dynamodb"), usage_keys=usage_plans
+    ).create("Beta Ltd", "enterprise", tenant_id="ten_beta")
+    return httpx.Client(
+        base_url=state.api_url, headers={"Authorization": f"Bearer {created.api_key}"}, timeout=60
+    )
+
+
+def _in_flight_over_time(log: list[dict[str, Any]], jobs: set[str], step: float = 0.05) -> list[int]:
+    """The tenant's calls open at the provider, sampled every `step` seconds."""
+    spans = [(call["started_at"], call["at"]) for call in log if call["job_id"] in jobs]
+    if not spans:
+        return []
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    samples = []
+    moment = start
+    while moment <= end:
+        samples.append(sum(1 for s, e in spans if s <= moment < e))
+        moment += step
+    return samples
+
+
+def noisy_once(name: str, capped: bool, quick: bool) -> dict[str, Any]:
+    """Tenant A floods the enterprise lane, then tenant B (same tier) submits a few."""
+    a_count, b_count = _noisy_sizes(quick)
+    latency = NOISY_LATENCY
+    overrides = dict(NOISY_LANES) | ({} if capped else UNCAPPED)
+    with sandbox(overrides) as (running, state):
+        config = running.config
+        cap = config.concurrency_cap("enterprise") if capped else None
+        beta = _second_tenant(running, state)
+        for poller in running.pollers:
+            poller.pause()
+        a_ids, _ = _submit_all(state, "enterprise", [f"a {i} [[latency:{latency}]]" for i in range(a_count)])
+        b_ids = []
+        for i in range(b_count):
+            reply = beta.post("/v1/jobs", json={"prompt": f"b {i} [[latency:{latency}]]"})
+            reply.raise_for_status()
+            b_ids.append(reply.json()["id"])
+        for poller in running.pollers:
+            poller.resume()
+        a_jobs = _wait_all_terminal(state, {"enterprise": a_count}, timeout=900)["enterprise"]
+        b_jobs = [beta.get(f"/v1/jobs/{job_id}").json() for job_id in b_ids]
+        deadline = time.monotonic() + 300
+        while any(job["status"] not in TERMINAL_STATUSES for job in b_jobs) and time.monotonic() < deadline:
+            time.sleep(1)
+            b_jobs = [beta.get(f"/v1/jobs/{job_id}").json() for job_id in b_ids]
+        log = running.provider.state.snapshot()["log"] if running.provider else []
+    waits = [_seconds(job["started_at"]) - _seconds(job["created_at"]) for job in b_jobs if job["started_at"]]
+    a_in_flight = _in_flight_over_time(log, set(a_ids))
+    # While A still had queued work: from its first call until its last call started.
+    a_starts = sorted(call["started_at"] for call in log if call["job_id"] in set(a_ids))
+    busy_until = a_starts[-1] if a_starts else 0.0
+    window = a_in_flight[: max(1, int((busy_until - (a_starts[0] if a_starts else 0)) / 0.05))]
+    return {
+        "config": name,
+        "cap": cap,
+        "b_p50_s": _percentile(waits, 0.5) if waits else None,
+        "b_p95_s": _percentile(waits, 0.95) if waits else None,
+        "b_succeeded": sum(job["status"] == "succeeded" for job in b_jobs),
+        "a_succeeded": sum(job["status"] == "succeeded" for job in a_jobs),
+        "a_max_in_flight": max(a_in_flight, default=0),
+        "a_mean_in_flight_while_backlogged": statistics.mean(window) if window else 0.0,
+        "a_provider_calls": sum(1 for call in log if call["job_id"] in set(a_ids)),
+    }
+
+
+def noisy(quick: bool = False) -> dict[str, Any]:
+    a_count, b_count = _noisy_sizes(quick)
+    rows = [_in_fresh_process("noisy-fair", quick), _in_fresh_process("noisy-baseline", quick)]
+    fair, baseline = rows
+    return {
+        "description": (
+            f"Tenant A submits {a_count} jobs at once, then tenant B (same tier, same lane) submits {b_count}; "
+            f"provider latency {NOISY_LATENCY:g} s; one enterprise lane of 4 invocations x 10 jobs. "
+            "B's queue wait = started_at - created_at. Baseline: the same run with no per-tenant cap and "
+            "the sandbox's fair-queue emulation off (FIFO)."
+        ),
+        "rows": rows,
+        "b_p95_ratio": (baseline["b_p95_s"] or 0) / max(fair["b_p95_s"] or 0.001, 0.001),
+        "latency_s": NOISY_LATENCY,
+    }
+
+
 # ---- 5. throughput ---------------------------------------------------------------------
 
 
@@ -276,11 +387,19 @@ def throughput_run(quick: bool = False) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """One sandbox benchmark in this process, its result as the last line of JSON."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("section", choices=["flood-lanes", "flood-single", "throughput-run"])
+    parser.add_argument(
+        "section", choices=["flood-lanes", "flood-single", "noisy-fair", "noisy-baseline", "throughput-run"]
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.section == "throughput-run":
         result = throughput_run(args.quick)
+    elif args.section.startswith("noisy"):
+        capped = args.section == "noisy-fair"
+        if not capped:
+            os.environ["LLMQ_SANDBOX_FAIR_QUEUES"] = "off"
+        name = "per-tenant cap, fair queues" if capped else "no cap, FIFO (baseline)"
+        result = noisy_once(name, capped, args.quick)
     else:
         single = args.section == "flood-single"
         name = "single lane (baseline)" if single else "lanes (high 8, low 2)"

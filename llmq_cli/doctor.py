@@ -9,7 +9,8 @@ deploy` stops before CloudFormation half-creates a stack it cannot finish.
 - concurrency: the account's Lambda quota leaves room for the stack's reservations;
 - bootstrap: `cdk bootstrap` ran here, recently enough for this CDK version;
 - provider key: the stack's provider secret holds a real key, not the placeholder the first
-  deploy created (a stack not deployed yet is a note: the key is set right after).
+  deploy created; before the first deploy, that $LLMQ_PROVIDER_API_KEY holds the key `make
+  deploy` stores right after `cdk deploy` (`llmq provider-key set`, `set_provider_key` here).
 
 It reads the stack's reservations from a synthesized template (`cdk.out/<stack>.template.json`)
 when there is one, else from `LlmqConfig` in cdk.json. The template is parsed here rather than
@@ -19,7 +20,8 @@ through stacks/template.py: the `[cli]` install ships llmq and llmq_cli only.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -59,6 +61,10 @@ SERVICES = (
     "ssm",
 )
 PROVIDER_SECRET_OUTPUT = "ProviderSecretArn"
+# Where `llmq provider-key set` (and so `make deploy`) reads the provider key: never argv, which
+# any process on the machine can list and the shell keeps in its history. The sandbox reads the
+# same variable for its real-provider mode.
+PROVIDER_KEY_ENV = "LLMQ_PROVIDER_API_KEY"
 _FAILED_STACK_STATES = ("_FAILED", "ROLLBACK_COMPLETE")
 
 
@@ -141,8 +147,10 @@ class Doctor:
         stack: str,
         reservations: Reservations,
         min_bootstrap: int = DEFAULT_MIN_BOOTSTRAP_VERSION,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self._client = client
+        self._environ = os.environ if environ is None else environ
         self.region = region
         self._available_regions = available_regions
         self.stack = stack
@@ -289,17 +297,26 @@ class Doctor:
         return Finding("bootstrap", Verdict.OK, f"version {version} ({BOOTSTRAP_STACK} {status})")
 
     def check_provider_key(self, outputs: dict[str, str] | None) -> Finding:
-        put = 'aws secretsmanager put-secret-value --secret-id {} --secret-string "$PROVIDER_API_KEY"'
+        set_key = f"`{PROVIDER_KEY_ENV}=... llmq provider-key set --stack {self.stack}`"
         if outputs is None:
+            # The stack goes live with a random placeholder as the key: `make deploy` replaces it
+            # right after `cdk deploy`, from the environment, so only with the variable set.
+            if self._environ.get(PROVIDER_KEY_ENV, "").strip():
+                return Finding(
+                    "provider key",
+                    Verdict.OK,
+                    f"stack {self.stack} is not deployed yet; ${PROVIDER_KEY_ENV} is set, so the key "
+                    "will be set right after the deploy",
+                )
             return Finding(
                 "provider key",
-                Verdict.NOTE,
-                f"stack {self.stack} is not deployed yet: its provider secret starts as a random placeholder",
-                "right after the deploy, before creating tenants: "
-                + put.format(
-                    f"$(aws cloudformation describe-stacks --stack-name {self.stack} --query "
-                    f"\"Stacks[0].Outputs[?OutputKey=='{PROVIDER_SECRET_OUTPUT}'].OutputValue\" --output text)"
-                ),
+                Verdict.FAIL,
+                f"stack {self.stack} is not deployed yet and ${PROVIDER_KEY_ENV} is not set: the "
+                "stack would go live with a random placeholder as the provider key, and every job "
+                "would meet a 401",
+                f"export {PROVIDER_KEY_ENV} (e.g. `read -rs {PROVIDER_KEY_ENV} && export "
+                f"{PROVIDER_KEY_ENV}`) and run `make deploy` again: it sets the key right after "
+                f"`cdk deploy`. After a plain `cdk deploy`, run {set_key} yourself",
             )
         secret = outputs.get(PROVIDER_SECRET_OUTPUT)
         if not secret:
@@ -323,12 +340,21 @@ class Doctor:
         # CloudFormation wrote the placeholder as the secret's first version; any
         # put-secret-value adds a second (the first stays, labelled AWSPREVIOUS).
         if len(versions) <= 1:
+            if self._environ.get(PROVIDER_KEY_ENV, "").strip():
+                # `make deploy` stores it after `cdk deploy`: a FAIL here would stop it first.
+                return Finding(
+                    "provider key",
+                    Verdict.NOTE,
+                    "the provider secret still holds the placeholder the first deploy generated; "
+                    f"${PROVIDER_KEY_ENV} is set, so `make deploy` sets it right after the deploy",
+                    f"or set it now: `llmq provider-key set --stack {self.stack}`",
+                )
             return Finding(
                 "provider key",
                 Verdict.FAIL,
                 "the provider secret still holds the placeholder the first deploy generated: every job "
                 "would meet a 401 and fail as retries_exhausted",
-                "set the key: " + put.format(secret),
+                f"set the key: {set_key}",
             )
         return Finding(
             "provider key", Verdict.OK, f"set ({len(versions)} versions of {secret.rsplit(':', 1)[-1]})"
@@ -337,17 +363,7 @@ class Doctor:
     # ---- helpers ------------------------------------------------------------------------
 
     def _stack_outputs(self) -> dict[str, str] | None:
-        try:
-            stacks = self._client("cloudformation").describe_stacks(StackName=self.stack)["Stacks"]
-        except ClientError as exc:
-            if "does not exist" in _reason(exc):
-                return None
-            raise
-        # A first create that failed and rolled back leaves the stack behind with no outputs;
-        # `cdk deploy` deletes and recreates it, so for the preflight it is not deployed.
-        if stacks[0].get("StackStatus") in NOT_DEPLOYED_STATUSES:
-            return None
-        return {output["OutputKey"]: output["OutputValue"] for output in stacks[0].get("Outputs", [])}
+        return deployed_stack_outputs(self._client("cloudformation"), self.stack)
 
     def _stack_status(self, name: str) -> str | None:
         try:
@@ -373,6 +389,66 @@ class Doctor:
                 )
                 held += int(with_reserved.get("ReservedConcurrentExecutions") or 0)
         return held
+
+
+def deployed_stack_outputs(cloudformation: Any, stack: str) -> dict[str, str] | None:
+    """The stack's outputs, or None when nothing of it is live."""
+    try:
+        stacks = cloudformation.describe_stacks(StackName=stack)["Stacks"]
+    except ClientError as exc:
+        if "does not exist" in _reason(exc):
+            return None
+        raise
+    # A first create that failed and rolled back leaves the stack behind with no outputs;
+    # `cdk deploy` deletes and recreates it, so for the preflight it is not deployed.
+    if stacks[0].get("StackStatus") in NOT_DEPLOYED_STATUSES:
+        return None
+    return {output["OutputKey"]: output["OutputValue"] for output in stacks[0].get("Outputs", [])}
+
+
+class ProviderKeyError(Exception):
+    """Why `llmq provider-key set` stored nothing."""
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    secret_arn: str
+    version_id: str
+
+
+def set_provider_key(client: Callable[[str], Any], stack: str, environ: Mapping[str, str]) -> StoredKey:
+    """Store $LLMQ_PROVIDER_API_KEY as the current version of the stack's provider secret.
+
+    The key comes from the environment only and appears in no message. Everything that can be
+    missing is checked before the one write, so an error writes nothing.
+    """
+    key = environ.get(PROVIDER_KEY_ENV, "").strip()
+    if not key:
+        raise ProviderKeyError(
+            f"${PROVIDER_KEY_ENV} is not set (or empty): export the provider's API key in it "
+            f"(e.g. `read -rs {PROVIDER_KEY_ENV} && export {PROVIDER_KEY_ENV}`); it is never "
+            "taken from the command line"
+        )
+    try:
+        outputs = deployed_stack_outputs(client("cloudformation"), stack)
+    except (ClientError, BotoCoreError) as exc:
+        raise ProviderKeyError(f"could not describe stack {stack}: {_reason(exc)}") from exc
+    if outputs is None:
+        raise ProviderKeyError(
+            f"stack {stack} is not deployed in this account and region: deploy it first "
+            "(`make deploy` sets the key right after), or pass --stack / --region"
+        )
+    secret = outputs.get(PROVIDER_SECRET_OUTPUT)
+    if not secret:
+        raise ProviderKeyError(
+            f"stack {stack} has no {PROVIDER_SECRET_OUTPUT} output: it is not an llmq stack, or "
+            "an old one (redeploy it)"
+        )
+    try:
+        stored = client("secretsmanager").put_secret_value(SecretId=secret, SecretString=key)
+    except (ClientError, BotoCoreError) as exc:
+        raise ProviderKeyError(f"could not store the key in {secret}: {_reason(exc)}") from exc
+    return StoredKey(secret_arn=str(stored["ARN"]), version_id=str(stored["VersionId"]))
 
 
 def render(findings: list[Finding], header: str) -> str:

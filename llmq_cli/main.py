@@ -3,7 +3,9 @@
     llmq sandbox up [--detach] | down | status
     llmq submit "prompt" [--webhook URL] [--wait N] ...     llmq get JOB [--wait]
     llmq cancel JOB                                          llmq jobs [--status S] [--wide | --json]
-    llmq tenants create --name N --tier T | rotate-secret TENANT
+    llmq tenants create --name N --tier T | rotate-secret TENANT | show TENANT
+    llmq tenants set-limits TENANT [--max-concurrency N] [--max-active N] [--rate R --burst B] [--clear L]
+    llmq tenants attach-usage-keys [TENANT ...]
     llmq dlq list | redrive [--queue NAME]
     llmq webhooks verify --secret whsec_... --file saved_request.json
     llmq demo
@@ -441,15 +443,61 @@ class AwsTarget:
         return stack_outputs(self.client("cloudformation"), self.stack)
 
 
-def _tenants_repository(target: AwsTarget, table: str | None) -> Any:
+def _tenants_repository(target: AwsTarget, table: str | None, usage_keys: Any = None) -> Any:
     from llmq.tenants import TenantRepository
 
-    return TenantRepository(table or target.outputs()["TenantsTableName"], dynamodb=target.client("dynamodb"))
+    return TenantRepository(
+        table or target.outputs()["TenantsTableName"],
+        dynamodb=target.client("dynamodb"),
+        usage_keys=usage_keys,
+    )
+
+
+def _usage_plans(target: AwsTarget) -> Any:
+    """The stack's usage plans (its UsagePlanIds output); None for a stack without them."""
+    from llmq.usage_plans import ApiGatewayUsagePlans
+
+    plan_ids = target.outputs().get("UsagePlanIds")
+    if not plan_ids:
+        print(
+            f"llmq: stack {target.stack} has no UsagePlanIds output: no per-tenant rate limits",
+            file=sys.stderr,
+        )
+        return None
+    return ApiGatewayUsagePlans(target.client("apigateway"), json.loads(plan_ids))
+
+
+def _llmq_config(target: AwsTarget) -> Any:
+    """The config the stack was deployed with: the sandbox's own, else cdk.json's `llmq` context."""
+    from llmq.config import LlmqConfig
+
+    if target.state is not None:
+        with suppress(httpx.HTTPError, ValueError):
+            response = httpx.get(f"{target.state.api_url}/_sandbox/config", timeout=10)
+            if response.status_code == 200:
+                return LlmqConfig.model_validate(response.json())
+    cdk_json = Path("cdk.json")
+    context = json.loads(cdk_json.read_text()).get("context", {}) if cdk_json.is_file() else {}
+    return LlmqConfig.from_context(context.get("llmq"))
+
+
+def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
+    from llmq.shares import ShareRepository
+    from llmq_cli.tenant_limits import TenantLimits
+
+    usage_plans = _usage_plans(target)
+    return TenantLimits(
+        tenants=_tenants_repository(target, table, usage_keys=usage_plans),
+        shares=ShareRepository(target.outputs()["JobsTableName"], dynamodb=target.client("dynamodb")),
+        usage_plans=usage_plans,
+        config=_llmq_config(target),
+    )
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     target = AwsTarget(args)
-    created = _tenants_repository(target, args.table).create(args.name, args.tier, tenant_id=args.id)
+    limits = _tenant_limits(target, args.table)
+    created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
     credentials = TenantCredentials(
         id=created.tenant.id,
         name=created.tenant.name,
@@ -458,10 +506,71 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
         webhook_secret=created.tenant.webhook_secrets[0],
     )
     if target.state is not None:
-        target.state.tenants.append(credentials)
+        stored = credentials.model_copy(update={"limits": limits.effective(created.tenant.id)})
+        target.state.tenants.append(stored)
         write_state(state_file(args.state_file), target.state)
     print("The API key is shown once; llmq stores only its hash.", file=sys.stderr)
-    _print_json(credentials.model_dump())
+    _print_json(credentials.model_dump(exclude_none=True))
+    return 0
+
+
+def cmd_tenants_show(args: argparse.Namespace) -> int:
+    from llmq.tenants import UnknownTenant
+
+    target = AwsTarget(args)
+    try:
+        _print_json(_tenant_limits(target, args.table).show(args.tenant_id))
+    except UnknownTenant as exc:
+        raise CliError(f"no tenant {args.tenant_id}") from exc
+    return 0
+
+
+def cmd_tenants_attach_usage_keys(args: argparse.Namespace) -> int:
+    """For tenants created before usage plans: without a key API Gateway refuses them (403)."""
+    from llmq.tenants import UnknownTenant
+
+    target = AwsTarget(args)
+    limits = _tenant_limits(target, args.table)
+    if limits.usage_plans is None:
+        raise CliError(f"stack {target.stack} has no usage plans: deploy this version first")
+    tenant_ids = args.tenant_id or limits.tenants.tenants_without_usage_key()
+    attached = []
+    for tenant_id in tenant_ids:
+        try:
+            tenant = limits.tenants.attach_usage_key(tenant_id)
+        except UnknownTenant as exc:
+            raise CliError(f"no tenant {tenant_id}") from exc
+        attached.append({"id": tenant.id, "tier": tenant.tier, "usage_key_id": tenant.usage_key_id})
+    _print_json(attached)
+    return 0
+
+
+def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
+    from llmq.tenants import UnknownTenant
+    from llmq_cli.tenant_limits import LimitsError, flat
+
+    target = AwsTarget(args)
+    try:
+        shown = _tenant_limits(target, args.table).set_limits(
+            args.tenant_id,
+            max_concurrency=args.max_concurrency,
+            max_active_jobs=args.max_active,
+            rate=args.rate,
+            burst=args.burst,
+            clear=tuple(args.clear or ()),
+        )
+    except UnknownTenant as exc:
+        raise CliError(f"no tenant {args.tenant_id}") from exc
+    except LimitsError as exc:
+        raise CliError(str(exc)) from exc
+    if target.state is not None:
+        for entry in target.state.tenants:
+            if entry.id == args.tenant_id:
+                entry.limits = flat(shown)
+        write_state(state_file(args.state_file), target.state)
+    if args.rate is not None or "rate" in (args.clear or ()):
+        print("API Gateway applies a usage plan change within seconds.", file=sys.stderr)
+    _print_json(shown)
     return 0
 
 
@@ -589,6 +698,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(findings)
 
 
+def cmd_provider_key_set(args: argparse.Namespace) -> int:
+    import boto3
+
+    from llmq_cli.doctor import ProviderKeyError, set_provider_key
+
+    session = boto3.session.Session(region_name=args.region or os.environ.get("AWS_REGION") or None)
+    try:
+        stored = set_provider_key(lambda service: session.client(service), args.stack, os.environ)  # type: ignore[call-overload]
+    except ProviderKeyError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"provider key stored in {stored.secret_arn} (version {stored.version_id})")
+    return 0
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     from llmq_cli.cost import Workload, render
 
@@ -707,6 +830,36 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
     _aws_options(create)
     create.set_defaults(handler=cmd_tenants_create)
+    show = tenants.add_parser("show", help="a tenant's limits (and where each comes from) and its jobs")
+    show.add_argument("tenant_id")
+    show.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
+    _aws_options(show)
+    show.set_defaults(handler=cmd_tenants_show)
+    limits = tenants.add_parser(
+        "set-limits", help="override a tenant's tier limits (docs/limits.md); --clear goes back to the tier's"
+    )
+    limits.add_argument("tenant_id")
+    limits.add_argument("--max-concurrency", type=int, help="jobs running at once in its lane")
+    limits.add_argument("--max-active", type=int, help="queued plus running jobs (429 quota_exceeded above)")
+    limits.add_argument("--rate", type=float, help="requests a second (its own usage plan); needs --burst")
+    limits.add_argument("--burst", type=int, help="requests at once above the rate (the token bucket's size)")
+    limits.add_argument(
+        "--clear",
+        action="append",
+        choices=("max_concurrency", "max_active_jobs", "rate"),
+        help="drop an override (repeatable); rate moves the tenant back to its tier's usage plan",
+    )
+    limits.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
+    _aws_options(limits)
+    limits.set_defaults(handler=cmd_tenants_set_limits)
+    attach = tenants.add_parser(
+        "attach-usage-keys",
+        help="give tenants created before usage plans their API Gateway key (else API Gateway answers 403)",
+    )
+    attach.add_argument("tenant_id", nargs="*", help="tenant ids (default: every tenant without one)")
+    attach.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
+    _aws_options(attach)
+    attach.set_defaults(handler=cmd_tenants_attach_usage_keys)
     rotate = tenants.add_parser("rotate-secret", help="new webhook secret; the previous one keeps signing")
     rotate.add_argument("tenant_id")
     rotate.add_argument("--drop-previous", action="store_true", help="stop signing with the previous secret")
@@ -746,6 +899,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a synthesized template to count reservations from (default: cdk.out/<stack>.template.json)",
     )
     doctor.set_defaults(handler=cmd_doctor)
+    key = commands.add_parser("provider-key", help="the deployed stack's provider API key")
+    key_set = key.add_subparsers(dest="action", required=True).add_parser(
+        "set", help="store $LLMQ_PROVIDER_API_KEY in the stack's provider secret (never from argv)"
+    )
+    key_set.add_argument("--region", help="AWS region (default: AWS_REGION, then your profile's)")
+    key_set.add_argument("--stack", default="Llmq", help="the stack's name (default Llmq)")
+    key_set.set_defaults(handler=cmd_provider_key_set)
 
     cost = commands.add_parser("cost", help="AWS cost per million jobs, against one invocation per job")
     cost.add_argument("--jobs", type=int, default=1_000_000, help="how many jobs (default 1,000,000)")

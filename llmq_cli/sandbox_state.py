@@ -1,9 +1,12 @@
 """`.llmq/sandbox.json`: how other tools find a running sandbox (DESIGN §6, Scripting interface).
 
 Its keys are a contract: {"api_url", "aws_endpoint_url", "region", "provider_url",
-"receiver_url", "pid", "tenants": [{"id", "name", "tier", "api_key", "webhook_secret"}]},
+"receiver_url", "pid", "tenants": [{"id", "name", "tier", "api_key", "webhook_secret", "limits"}]},
 and, when the sandbox enforces IAM, "aws_credentials": {"aws_access_key_id",
 "aws_secret_access_key"} of an operator allowed everything: moto refuses any other key.
+A tenant's "limits" are its effective ones when the file was written: {"max_concurrency" (jobs
+running at once in its lane), "max_active_jobs", "rate_per_second", "burst"}; `llmq tenants
+set-limits` rewrites them, `llmq tenants show` reads them live.
 """
 
 from __future__ import annotations
@@ -17,6 +20,17 @@ DEFAULT_STATE_FILE = Path(".llmq") / "sandbox.json"
 STATE_FILE_VAR = "LLMQ_SANDBOX_STATE"
 
 
+class EffectiveLimits(BaseModel):
+    """A tenant's limits in force (docs/limits.md): its overrides, else its tier's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrency: int
+    max_active_jobs: int
+    rate_per_second: float
+    burst: int
+
+
 class TenantCredentials(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -25,6 +39,7 @@ class TenantCredentials(BaseModel):
     tier: str
     api_key: str
     webhook_secret: str
+    limits: EffectiveLimits | None = None
 
 
 class OperatorCredentials(BaseModel):

@@ -31,6 +31,9 @@ CHAOS_VAR = "LLMQ_SANDBOX_CHAOS"
 CHAOS_SEED_VAR = "LLMQ_SANDBOX_CHAOS_SEED"
 # Seconds a global secondary index lags its table (llmq_sandbox/moto_fidelity.py); 0 turns it off.
 INDEX_LAG_VAR = "LLMQ_SANDBOX_INDEX_LAG"
+# "off" makes SQS deliver oldest first, as moto does, instead of emulating fair queues
+# (llmq_sandbox/moto_fidelity.py; docs/sandbox.md, "SQS fair queues (emulated)").
+FAIR_QUEUES_VAR = "LLMQ_SANDBOX_FAIR_QUEUES"
 
 FAKE_MODELS = ["fake-model", "fake-large"]
 # Short enough that a crashed worker's message is back within a minute (its lane's
@@ -90,6 +93,9 @@ class RunnerSettings:
     # table (usually well under a second): code that reads its own write through an index
     # meets it here.
     index_lag_seconds: float = 1.0
+    # Standard queues deliver as SQS fair queues do: a noisy tenant's (MessageGroupId's)
+    # backlog does not hold back quiet tenants' messages. Emulated on moto's receive.
+    fair_queues: bool = True
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> RunnerSettings:
@@ -100,11 +106,15 @@ class RunnerSettings:
         chaos = environ.get(CHAOS_VAR, "off").strip().lower()
         if chaos not in ("on", "off"):
             raise ValueError(f"{CHAOS_VAR} must be on or off, not {chaos!r}")
+        fair = environ.get(FAIR_QUEUES_VAR, "on").strip().lower()
+        if fair not in ("on", "off"):
+            raise ValueError(f"{FAIR_QUEUES_VAR} must be on or off, not {fair!r}")
         return cls(
             enforce_iam=switch == "on",
             at_least_once_chaos=chaos == "on",
             chaos_seed=int(environ.get(CHAOS_SEED_VAR) or 0),
             index_lag_seconds=float(environ.get(INDEX_LAG_VAR) or 1.0),
+            fair_queues=fair == "on",
         )
 
 

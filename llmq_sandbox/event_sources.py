@@ -25,6 +25,13 @@ message id, receipt handle and receive count), so it adds nothing to the queue's
 the DLQ: a late replay's ChangeMessageVisibility fails as it would on AWS, and its delete
 succeeds and does nothing.
 
+Fair queues (emulation): which messages a receive returns is SQS's choice, not the poller's. A
+lane message carries its tenant as MessageGroupId, and with RunnerSettings.fair_queues (on
+unless LLMQ_SANDBOX_FAIR_QUEUES=off) moto's ReceiveMessage returns quiet tenants' messages ahead
+of a noisy tenant's backlog, as SQS fair queues do (llmq_sandbox/moto_fidelity.py, "SQS fair
+queues"). The pollers receive exactly as without it: no extra calls, no message received and
+put back, so no receive count grows on the way, and chaos, throttles and scaling are unchanged.
+
 A timer per EventBridge rule invokes its function with a scheduled event.
 """
 

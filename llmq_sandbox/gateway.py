@@ -11,6 +11,13 @@ binary media types, stage throttling and gateway responses the template declares
   the REQUEST authorizer gets its event and methodArn, its policy is cached per identity
   source for the authorizer's TTL and evaluated against each
   methodArn; "Unauthorized" -> 401, a deny -> 403, any other failure -> 500;
+- for a method that requires an API key (ApiKeyRequired): takes the key from the authorizer's
+  usageIdentifierKey (key source AUTHORIZER) or the x-api-key header (HEADER), finds it and
+  its usage plan on this stage in API Gateway (moto, read again after USAGE_PLAN_CACHE_SECONDS,
+  and at once for a key not seen yet)
+  and takes a token from that key's bucket at the plan's rate and burst: no key, a disabled
+  key or a key in no plan of the stage -> 403 (INVALID_API_KEY), past the plan's throttle ->
+  429 (THROTTLED), before the function runs;
 - builds the proxy event (stage, resource, path parameters, headers and multiValueHeaders,
   query strings, requestContext with requestId, identity.sourceIp and the authorizer's
   context) and writes the function's proxy response back; a malformed response or a
@@ -54,6 +61,7 @@ _DEFAULT_STATUS = {
     "MISSING_AUTHENTICATION_TOKEN": 403,
     "REQUEST_TOO_LARGE": 413,
     "THROTTLED": 429,
+    "INVALID_API_KEY": 403,
     "API_CONFIGURATION_ERROR": 500,
     "AUTHORIZER_FAILURE": 500,
     "AUTHORIZER_CONFIGURATION_ERROR": 500,
@@ -68,6 +76,7 @@ _ERROR_TYPE = {
     "MISSING_AUTHENTICATION_TOKEN": "MissingAuthenticationTokenException",
     "AUTHORIZER_FAILURE": "AuthorizerFailureException",
     "THROTTLED": "TooManyRequestsException",
+    "INVALID_API_KEY": "ForbiddenException",
     "DEFAULT_5XX": "InternalServerErrorException",
     "INTEGRATION_TIMEOUT": "InternalServerErrorException",
 }
@@ -96,6 +105,7 @@ class _CachedPolicy:
     policy: dict[str, Any]
     context: dict[str, Any]
     principal_id: str
+    usage_key: str | None = None
 
 
 @dataclass
@@ -120,6 +130,104 @@ class _TokenBucket:
 class _Authorized:
     context: dict[str, Any] = field(default_factory=dict)
     latency_ms: int = 0
+    usage_key: str | None = None
+
+
+# API Gateway applies a change to a usage plan or an API key within seconds, not at once; the
+# sandbox reads a key's plan again after this long.
+USAGE_PLAN_CACHE_SECONDS = 2.0
+MISS_REREAD_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class PlanThrottle:
+    """The usage plan an API key is in on the stage, and its throttle (None: unthrottled)."""
+
+    key_id: str
+    plan_id: str
+    rate_per_second: float | None
+    burst: int | None
+
+
+class UsagePlans:
+    """API keys and usage plans as API Gateway holds them (moto's API Gateway API).
+
+    `client` makes an apigateway client of the sandbox's moto, acting as its operator.
+    https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-api-usage-plans.html
+    """
+
+    def __init__(
+        self,
+        client: Callable[[], Any],
+        rest_api_id: str,
+        stage: str,
+        cache_seconds: float = USAGE_PLAN_CACHE_SECONDS,
+    ) -> None:
+        self._client_factory = client
+        self._client: Any = None
+        self.rest_api_id = rest_api_id
+        self.stage = stage
+        self.cache_seconds = cache_seconds
+        self._index: tuple[float, dict[str, PlanThrottle]] | None = None
+        self._lock = threading.Lock()
+
+    def plan_for(self, key_value: str) -> PlanThrottle | None:
+        """The key's plan on this API stage; None for an unknown or disabled key, or one in no
+        plan of the stage (API Gateway answers those 403)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = self._index is None or self._index[0] <= now
+            # A key not seen yet (a tenant just created) is looked for again at once, at most
+            # every MISS_REREAD_SECONDS, so that `llmq tenants create` then a request works.
+            missing = (
+                self._index is not None
+                and key_value not in self._index[1]
+                and now - (self._index[0] - self.cache_seconds) >= MISS_REREAD_SECONDS
+            )
+            if stale or missing:
+                self._index = (now + self.cache_seconds, self._read())
+            assert self._index is not None
+            return self._index[1].get(key_value)
+
+    def _read(self) -> dict[str, PlanThrottle]:
+        """key value -> its plan on the stage, for every enabled key in a plan of the stage
+        (a usage plan key carries the key's value): read whole, at most every cache period."""
+        if self._client is None:
+            self._client = self._client_factory()
+        client = self._client
+        enabled = {key["id"] for key in _all(client.get_api_keys) if key.get("enabled", False)}
+        index: dict[str, PlanThrottle] = {}
+        for plan in _all(client.get_usage_plans):
+            stages = plan.get("apiStages") or []
+            if not any(
+                stage.get("apiId") == self.rest_api_id and stage.get("stage") == self.stage
+                for stage in stages
+            ):
+                continue
+            throttle = plan.get("throttle") or {}
+            rate = throttle.get("rateLimit")
+            burst = throttle.get("burstLimit")
+            for key in _all(client.get_usage_plan_keys, usagePlanId=plan["id"]):
+                if key["id"] in enabled and key.get("value"):
+                    index[str(key["value"])] = PlanThrottle(
+                        key_id=key["id"],
+                        plan_id=plan["id"],
+                        rate_per_second=float(rate) if rate is not None else None,
+                        burst=int(burst) if burst is not None else None,
+                    )
+        return index
+
+
+def _all(operation: Callable[..., dict[str, Any]], **kwargs: Any) -> list[dict[str, Any]]:
+    """Every item of a paginated API Gateway list."""
+    items: list[dict[str, Any]] = []
+    position: str | None = None
+    while True:
+        page = operation(**kwargs, **({"position": position} if position else {}))
+        items.extend(page.get("items", []))
+        position = page.get("position")
+        if not position:
+            return items
 
 
 def _statements(policy: dict[str, Any]) -> list[dict[str, Any]]:
@@ -158,8 +266,10 @@ class ApiGateway:
         account: str,
         region: str,
         settings: RunnerSettings,
+        usage_plans: UsagePlans | None = None,
     ) -> None:
         self.api = api
+        self._usage_plans = usage_plans
         self._functions = functions
         self._account = account
         self._region = region
@@ -168,6 +278,8 @@ class ApiGateway:
         self._cache_lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _TokenBucket] = {}
         self._buckets_lock = threading.Lock()
+        # Per API key and usage plan: the plan's throttle applies to each key on its own.
+        self._key_buckets: dict[tuple[str, str], _TokenBucket] = {}
 
     # ---- the request ----
 
@@ -198,6 +310,10 @@ class ApiGateway:
             if isinstance(outcome, HttpReply):
                 return outcome
             authorized = outcome
+        if route.api_key_required:
+            refused = self._metered(request, route, authorized, request_id)
+            if refused is not None:
+                return refused
         if route.authorizer is not None:
             event["requestContext"]["authorizer"] = {
                 **authorized.context,
@@ -248,6 +364,47 @@ class ApiGateway:
                     throttle.rate_per_second, throttle.burst, float(throttle.burst), now
                 )
             return bucket.take(now)
+
+    def _metered(
+        self, request: HttpRequest, route: RouteSpec, authorized: _Authorized, request_id: str
+    ) -> HttpReply | None:
+        """A method that requires an API key: the key's usage plan admits the request, or not.
+
+        Without a key that is in a usage plan of the stage API Gateway answers 403 Forbidden
+        (https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-api-key-source.html);
+        past the plan's rate and burst, 429 (THROTTLED), the plan's token bucket per key
+        (https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-request-throttling.html).
+        Method-level throttles inside a plan and quotas are not played (llmq sets neither).
+        """
+        if self.api.api_key_source == "AUTHORIZER":
+            key_value = authorized.usage_key
+        else:
+            key_value = next((value for name, value in request.headers if name.lower() == "x-api-key"), None)
+        plan = self._usage_plans.plan_for(key_value) if key_value and self._usage_plans else None
+        if plan is None:
+            log.info(
+                "refused %s %s: no API key in a usage plan of the stage", request.method, route.resource_path
+            )
+            return self._gateway_response("INVALID_API_KEY", "Forbidden", request_id)
+        if plan.rate_per_second is None or plan.burst is None:
+            return None
+        now = time.monotonic()
+        with self._buckets_lock:
+            key = (plan.key_id, plan.plan_id)
+            bucket = self._key_buckets.get(key)
+            if bucket is None:
+                bucket = self._key_buckets[key] = _TokenBucket(
+                    plan.rate_per_second, plan.burst, float(plan.burst), now
+                )
+            else:  # the plan may have changed since: the bucket follows it
+                bucket.rate, bucket.burst = plan.rate_per_second, plan.burst
+            admitted = bucket.take(now)
+        if not admitted:
+            log.info(
+                "throttled %s %s: past its usage plan's rate and burst", request.method, route.resource_path
+            )
+            return self._gateway_response("THROTTLED", "Too Many Requests", request_id)
+        return None
 
     def _is_binary(self, media_type: str | None) -> bool:
         """Whether a Content-Type or Accept media type is one of the API's binary media types."""
@@ -374,7 +531,11 @@ class ApiGateway:
             detail = "with an explicit deny" if verdict is False else ""
             message = f"User is not authorized to access this resource {detail}".strip()
             return self._gateway_response("ACCESS_DENIED", message, request_id)
-        return _Authorized(context={**cached.context, "principalId": cached.principal_id}, latency_ms=latency)
+        return _Authorized(
+            context={**cached.context, "principalId": cached.principal_id},
+            latency_ms=latency,
+            usage_key=cached.usage_key,
+        )
 
     def _invoke_authorizer(
         self, authorizer: AuthorizerSpec, event: dict[str, Any], method_arn: str, identity: tuple[str, ...]
@@ -413,7 +574,14 @@ class ApiGateway:
                 # ...and hands them to the integration as strings.
                 context[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
         expires = time.monotonic() + authorizer.ttl_seconds
-        return _CachedPolicy(expires, payload, context, str(payload["principalId"]))
+        usage_key = payload.get("usageIdentifierKey")
+        return _CachedPolicy(
+            expires,
+            payload,
+            context,
+            str(payload["principalId"]),
+            usage_key=str(usage_key) if usage_key else None,
+        )
 
     def _authorizer_failure(self, why: str, request_id: str) -> HttpReply:
         if why == "Unauthorized":

@@ -29,6 +29,9 @@ corrects them:
   they expire whatever its ExpiresIn ("Download and upload objects with presigned URLs", S3
   user guide); other services with 403 ExpiredToken(Exception). `expire_session` ends a
   session early, for tests.
+- moto hashes the payload of a request without a body (a GET or DELETE of a REST API such as
+  API Gateway's GetUsagePlans) as if its body were its headers, so its signature never
+  matched (SignatureDoesNotMatch). An empty body is hashed as empty here.
 - moto answers a denial in the XML of the query protocol whatever the service, so boto3
   saw DynamoDB's as error code "403". Services of the JSON protocols answer here as AWS's
   do: AccessDeniedException, naming the principal and the action.
@@ -208,7 +211,20 @@ def make_moto_authorize_like_iam() -> None:
         _authorize_presigned_urls(ActionAuthenticatorMixin)
         _deny_in_the_services_protocol(IAMRequest)
         _refuse_expired_sessions(access_control)
+        _sign_empty_bodies_as_empty(IAMRequestBase)
         _patched = True
+
+
+def _sign_empty_bodies_as_empty(request_class: Any) -> None:
+    create_aws_request = request_class._create_aws_request
+
+    def create(self: Any) -> Any:
+        request = create_aws_request(self)
+        if not self._body and self._method in ("GET", "HEAD", "DELETE"):
+            request.data = b""
+        return request
+
+    request_class._create_aws_request = create
 
 
 def _allow_unknown_resources(statement_class: Any) -> None:

@@ -40,7 +40,7 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.faults import CallFault, FaultSpecError
 from llmq_sandbox.doubles.receiver import WebhookReceiver
 from llmq_sandbox.event_sources import DeliveryChaos, QueuePoller, ScheduleTimer
-from llmq_sandbox.gateway import ApiGateway, GatewayServer
+from llmq_sandbox.gateway import ApiGateway, GatewayServer, UsagePlans
 from llmq_sandbox.iam import (
     UNCHECKED,
     AwsCredentials,
@@ -51,7 +51,7 @@ from llmq_sandbox.iam import (
     set_enforcement,
 )
 from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
-from llmq_sandbox.moto_fidelity import make_moto_strict, set_index_lag
+from llmq_sandbox.moto_fidelity import make_moto_strict, set_fair_queues, set_index_lag
 from llmq_sandbox.python_runtime import runtime_notice
 from llmq_sandbox.topology import Topology, TopologyError, read_topology
 from stacks.template import StackTemplate
@@ -127,6 +127,8 @@ class Sandbox:
         prepare_process()
         make_moto_strict()
         set_index_lag(self.settings.index_lag_seconds)
+        # Lane messages carry their tenant as MessageGroupId: deliver them as a fair queue would.
+        set_fair_queues(self.settings.fair_queues)
         if self.settings.enforce_iam:
             make_moto_authorize_like_iam()
         try:
@@ -169,7 +171,14 @@ class Sandbox:
         tenants = self._seed_tenants()
         running.receiver = WebhookReceiver(self._tenant_secrets).start()
         gateway = ApiGateway(
-            self.topology.api, running.functions, self.topology.account, self.region, self.settings
+            self.topology.api,
+            running.functions,
+            self.topology.account,
+            self.region,
+            self.settings,
+            usage_plans=UsagePlans(
+                lambda: self.client("apigateway"), self.topology.api.rest_api_id, self.topology.api.stage
+            ),
         )
         running.gateway = GatewayServer(gateway, self._introspect).start()
         running.pollers = self._start_pollers(self.topology, running.functions)
@@ -292,10 +301,25 @@ class Sandbox:
         return functions
 
     def _seed_tenants(self) -> list[TenantCredentials]:
+        """As `llmq tenants create` does: each tenant with its key in its tier's usage plan."""
+        from llmq.shares import ShareRepository
         from llmq.tenants import TenantRepository
+        from llmq.usage_plans import ApiGatewayUsagePlans
+        from llmq_cli.tenant_limits import TenantLimits
 
-        assert self._running is not None
-        repository = TenantRepository(self.outputs["TenantsTableName"], dynamodb=self.client("dynamodb"))
+        assert self._running is not None and self.config is not None
+        usage_plans = ApiGatewayUsagePlans(
+            self.client("apigateway"), json.loads(self.outputs["UsagePlanIds"])
+        )
+        repository = TenantRepository(
+            self.outputs["TenantsTableName"], dynamodb=self.client("dynamodb"), usage_keys=usage_plans
+        )
+        limits = TenantLimits(
+            tenants=repository,
+            shares=ShareRepository(self.outputs["JobsTableName"], dynamodb=self.client("dynamodb")),
+            usage_plans=usage_plans,
+            config=self.config,
+        )
         seeded = []
         for tenant_id, name, tier in SEED_TENANTS:
             created = repository.create(name, tier, tenant_id=tenant_id)
@@ -306,6 +330,7 @@ class Sandbox:
                     tier=tier,
                     api_key=created.api_key,
                     webhook_secret=created.tenant.webhook_secrets[0],
+                    limits=limits.effective(created.tenant.id),
                 )
             )
         return seeded

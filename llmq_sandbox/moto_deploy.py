@@ -9,7 +9,12 @@ TemplateURL on the moto server. Moto quirks it works around (TOOLCHAIN.md):
 - resource types moto does not model (API Gateway Stage/Authorizer/Account, queue and topic
   policies, alarms) are skipped by moto. A Ref to a skipped resource resolves to nothing, which
   breaks an IAM policy that names it, so the one such resource llmq refers to, the provider
-  secret, is created here with boto3 first and its Refs are replaced by its ARN.
+  secret, is created here with boto3 first and its Refs are replaced by its ARN;
+- moto's CloudFormation has no AWS::ApiGateway::UsagePlan either, though its API Gateway API
+  has usage plans and keys: each plan is created here with boto3 (name, description,
+  throttle) before the stack, its Refs (the UsagePlanIds output) replaced by its id, and
+  attached to the stack's API stage once the stack exists, as the template's ApiStages say.
+  The sandbox's gateway plays them (llmq_sandbox.gateway).
 """
 
 from __future__ import annotations
@@ -113,13 +118,16 @@ def deploy_to_moto(
         template_url = _upload_template(clients, template_url, moto_template)
     _put_bootstrap_version(clients)
     stack_id = _create_stack(clients, synthesized.stack_name, template_url)
+    physical_ids = _physical_ids(clients, synthesized.stack_name)
+    plan_ids = _created_usage_plans(template, moto_template)
+    _attach_usage_plans(clients, template, plan_ids, physical_ids)
     return MotoDeployment(
         stack_name=synthesized.stack_name,
         stack_id=stack_id,
         region=region,
         endpoint_url=endpoint_url,
         outputs=_outputs(clients, synthesized.stack_name),
-        physical_ids=_physical_ids(clients, synthesized.stack_name),
+        physical_ids={**physical_ids, **plan_ids},
         template=template,
         assembly_dir=str(synthesized.directory),
     )
@@ -174,10 +182,34 @@ def publish_assets(
     return template_url
 
 
+USAGE_PLAN = "AWS::ApiGateway::UsagePlan"
+# Where fill_moto_gaps notes, in the template it returns, the usage plans it created.
+_CREATED_PLANS = "LlmqSandboxUsagePlans"
+
+
 def fill_moto_gaps(clients: _Clients, template: dict[str, Any], stack_name: str) -> dict[str, Any]:
-    """A copy of `template` in which the secrets moto cannot create from CloudFormation exist already."""
+    """A copy of `template` in which the secrets and usage plans moto cannot create from
+    CloudFormation exist already."""
     resources = dict(template["Resources"])
     replacements: dict[str, str] = {}
+    apigateway = clients.get("apigateway")
+    for logical_id, resource in StackTemplate(template).of_type(USAGE_PLAN).items():
+        properties = resource.get("Properties", {})
+        throttle = properties.get("Throttle") or {}
+        plan = apigateway.create_usage_plan(
+            name=str(properties.get("UsagePlanName") or f"{stack_name}-{logical_id}"),
+            description=str(properties.get("Description") or ""),
+            throttle={
+                key: value
+                for key, value in (
+                    ("rateLimit", throttle.get("RateLimit")),
+                    ("burstLimit", throttle.get("BurstLimit")),
+                )
+                if value is not None
+            },
+        )
+        replacements[logical_id] = plan["id"]
+        del resources[logical_id]
     secrets = clients.get("secretsmanager")
     for logical_id, resource in StackTemplate(template).of_type("AWS::SecretsManager::Secret").items():
         properties = resource.get("Properties", {})
@@ -191,7 +223,48 @@ def fill_moto_gaps(clients: _Clients, template: dict[str, Any], stack_name: str)
         del resources[logical_id]
     if not replacements:
         return template
-    return {**_replace_refs(template, replacements), "Resources": _replace_refs(resources, replacements)}
+    plans = {
+        logical_id: replacements[logical_id] for logical_id in StackTemplate(template).of_type(USAGE_PLAN)
+    }
+    metadata = {**template.get("Metadata", {}), _CREATED_PLANS: plans}
+    return {
+        **_replace_refs(template, replacements),
+        "Resources": _replace_refs(resources, replacements),
+        "Metadata": metadata,
+    }
+
+
+def _created_usage_plans(template: dict[str, Any], moto_template: dict[str, Any]) -> dict[str, str]:
+    plans: dict[str, str] = (moto_template.get("Metadata") or {}).get(_CREATED_PLANS) or {}
+    return dict(plans)
+
+
+def _attach_usage_plans(
+    clients: _Clients, template: dict[str, Any], plan_ids: Mapping[str, str], physical_ids: Mapping[str, str]
+) -> None:
+    """Each plan on the API stages its template names, now that the RestApi exists.
+
+    moto does not create the Stage either; the stage is named by its StageName.
+    """
+    reader = StackTemplate(template)
+    stages = reader.of_type("AWS::ApiGateway::Stage")
+    apigateway = clients.get("apigateway")
+    for logical_id, plan_id in plan_ids.items():
+        properties = template["Resources"][logical_id].get("Properties", {})
+        operations = []
+        for stage in properties.get("ApiStages") or []:
+            api_id = physical_ids.get(str((stage.get("ApiId") or {}).get("Ref", "")))
+            stage_ref = stage.get("Stage")
+            stage_name = (
+                stages.get(str(stage_ref.get("Ref")), {}).get("Properties", {}).get("StageName")
+                if isinstance(stage_ref, dict)
+                else stage_ref
+            )
+            if not api_id or not stage_name:
+                raise MotoDeployError(f"usage plan {logical_id}: cannot resolve its API stage {stage}")
+            operations.append({"op": "add", "path": "/apiStages", "value": f"{api_id}:{stage_name}"})
+        if operations:
+            apigateway.update_usage_plan(usagePlanId=plan_id, patchOperations=operations)
 
 
 def _replace_refs(node: Any, replacements: Mapping[str, str]) -> Any:

@@ -46,6 +46,33 @@ SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS develop
   an earlier receive (ReceiptHandleIsInvalid) and a message not in flight
   (AWS.SimpleQueueService.MessageNotInflight).
 
+SQS fair queues (emulated; off by default in-process, on in the sandbox: `set_fair_queues`):
+
+- **What AWS does.** On a standard queue a message's MessageGroupId names its tenant; a message
+  without one is a tenant of its own. SQS marks a tenant as a noisy neighbour when it holds more
+  than 10% of the queue's in-flight messages and at least 30 of them, or more than 10% of the
+  consumers' recent processing time (approximate thresholds). While one is, a ReceiveMessage
+  returns quiet tenants' messages first whenever there are any; among noisy tenants, the one
+  with the fewest messages in flight first. Nothing is dropped or throttled: with no quiet
+  message waiting, noisy tenants' messages come as usual. A tenant is quiet again once its
+  backlog is drained or after 5 minutes without a send. There is no ordering guarantee
+  ("How Amazon SQS fair queues work",
+  https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-fair-queues-detailed.html;
+  https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-fair-queues.html).
+- **What moto 5.2.5 does.** It accepts MessageGroupId on a standard queue and returns it on
+  ReceiveMessage (AttributeNames or MessageSystemAttributeNames with MessageGroupId or All), and
+  ignores it otherwise: every receive returns the oldest visible messages first, whatever their
+  group. It does not check the id either (AWS: up to 128 alphanumeric and punctuation characters).
+- **What this emulation does.** A ReceiveMessage on a standard queue whose visible messages carry
+  a MessageGroupId picks them in the order above, with the documented thresholds. In flight means
+  received, not deleted and not visible. "Recent processing time" is the tenant's in-flight
+  message-seconds, sampled at each receive and decaying with a 60 s time constant (AWS publishes
+  no window). The 5-minute rule counts from the tenant's last send. A MessageGroupId longer than
+  128 characters or with other characters is refused, as AWS refuses it.
+- **Not emulated:** the fair-queue CloudWatch metrics; detection lag and the approximation of a
+  distributed system (here the thresholds are exact and act on the next receive); FIFO queues
+  keep moto's behaviour.
+
 transact_write_items needs no patch for atomicity: moto restores the tables it touched when
 one of its writes raises a validation error, and its writes go through the patched methods.
 """
@@ -55,6 +82,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -311,8 +340,240 @@ def _strict_change_message_visibility(
     raise ReceiptHandleIsInvalid()
 
 
+# ---- SQS fair queues (emulated) -----------------------------------------------------------
+
+# The documented noisy-neighbour thresholds (sqs-fair-queues-detailed.html).
+FAIR_CONCURRENCY_SHARE = 0.10
+FAIR_MIN_IN_FLIGHT = 30
+FAIR_PROCESSING_TIME_SHARE = 0.10
+FAIR_QUIET_AFTER_SECONDS = 300.0
+# How long "recent" processing time is remembered: our choice, AWS publishes none.
+FAIR_RECENT_SECONDS = 60.0
+# AWS: up to 128 alphanumeric and punctuation characters (SendMessage, MessageGroupId).
+_GROUP_ID = re.compile(r"[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128}")
+_FAIR_LOCK = threading.Lock()
+_fair_queues = False
+# Set while this thread runs a ReceiveMessage: how many messages it asked for.
+_receiving = threading.local()
+# On a moto Queue: its _FairState.
+_FAIR_STATE = "llmq_fair_state"
+
+
+class _FairState:
+    """What a standard queue remembers about its tenants between receives."""
+
+    def __init__(self) -> None:
+        # Decayed in-flight message-seconds per message group: the recent processing time.
+        self.busy: dict[str, float] = {}
+        self.in_flight: dict[str, int] = {}
+        self.sampled_at = time.monotonic()
+        self.last_sent: dict[str, float] = {}
+
+    def sample(self, in_flight: dict[str, int], now: float) -> None:
+        """Add the in-flight message-seconds since the last sample, and forget old ones."""
+        elapsed = max(0.0, now - self.sampled_at)
+        decay = math.exp(-elapsed / FAIR_RECENT_SECONDS)
+        busy = {group: value * decay for group, value in self.busy.items()}
+        for group, count in self.in_flight.items():
+            busy[group] = busy.get(group, 0.0) + count * elapsed
+        self.busy = {group: value for group, value in busy.items() if value > 1e-6}
+        self.in_flight = dict(in_flight)
+        self.sampled_at = now
+
+
+def set_fair_queues(on: bool) -> None:
+    """From now on, standard queues deliver in fair-queue order (or, off, oldest first as moto)."""
+    global _fair_queues
+    with _FAIR_LOCK:
+        _fair_queues = bool(on)
+
+
+def fair_queues() -> bool:
+    return _fair_queues
+
+
+@contextmanager
+def fair_queue_order(on: bool) -> Iterator[None]:
+    """Fair-queue order on or off for the block, then back as it was (tests)."""
+    before = _fair_queues
+    set_fair_queues(on)
+    try:
+        yield
+    finally:
+        set_fair_queues(before)
+
+
+def _fair_state(queue: Any) -> _FairState:
+    state = getattr(queue, _FAIR_STATE, None)
+    if state is None:
+        state = _FairState()
+        setattr(queue, _FAIR_STATE, state)
+    return state
+
+
+def _tenant(message: Any) -> str:
+    # A message without a group is a tenant of its own.
+    return f"g:{message.group_id}" if message.group_id else f"m:{message.id}"
+
+
+def fair_order(queue: Any, visible: list[Any], count: int) -> list[Any]:
+    """`visible` (oldest first) with the first `count` messages as a fair queue would return
+    them: quiet tenants' oldest first, then the noisy tenant with the fewest in flight. The rest
+    keep their order; the receive picks from the front and skips what it cannot return."""
+    now = time.monotonic()
+    in_flight: dict[str, int] = {}
+    for message in queue._messages:
+        if message.group_id and message.approximate_receive_count and not message.visible:
+            in_flight[message.group_id] = in_flight.get(message.group_id, 0) + 1
+    with _FAIR_LOCK:
+        state = _fair_state(queue)
+        state.sample(in_flight, now)
+        busy = dict(state.busy)
+        last_sent = dict(state.last_sent)
+    total_busy = sum(busy.values())
+    total_in_flight = sum(in_flight.values())
+    waiting: dict[str, list[int]] = {}
+    for index, message in enumerate(visible):
+        waiting.setdefault(_tenant(message), []).append(index)
+
+    picked: list[int] = []
+    heads = {tenant: 0 for tenant in waiting}
+    picks = {tenant: 0 for tenant in waiting}
+
+    def rank(tenant: str) -> tuple[int, int, int]:
+        """(0, 0, age) for a quiet tenant, (1, in flight, age) for a noisy one: lowest first."""
+        oldest = waiting[tenant][heads[tenant]]
+        group = tenant[2:]
+        if not tenant.startswith("g:") or now - last_sent.get(group, now) > FAIR_QUIET_AFTER_SECONDS:
+            return (0, 0, oldest)
+        held = in_flight.get(group, 0) + picks[tenant]
+        total = total_in_flight + len(picked)
+        crowding = held >= FAIR_MIN_IN_FLIGHT and held > FAIR_CONCURRENCY_SHARE * total
+        busiest = total_busy > 0 and busy.get(group, 0.0) > FAIR_PROCESSING_TIME_SHARE * total_busy
+        return (1, held, oldest) if crowding or busiest else (0, 0, oldest)
+
+    while len(picked) < count and heads:
+        tenant = min(heads, key=rank)
+        picked.append(waiting[tenant][heads[tenant]])
+        picks[tenant] += 1
+        heads[tenant] += 1
+        if heads[tenant] == len(waiting[tenant]):
+            del heads[tenant]
+    chosen = set(picked)
+    return [visible[index] for index in picked] + [
+        message for index, message in enumerate(visible) if index not in chosen
+    ]
+
+
+def _fair_messages(messages: property) -> tuple[property, property]:
+    """Queue.messages (its visible messages, oldest first), in fair order inside a receive; and
+    Queue.approximate_number_of_messages, which only counts them."""
+    plain = messages.fget
+    assert plain is not None
+
+    def visible(self: Any) -> list[Any]:
+        found: list[Any] = plain(self)
+        count = getattr(_receiving, "count", None)
+        if count is None or not _fair_queues or self.fifo_queue:
+            return found
+        if not any(message.group_id for message in found):
+            return found
+        return fair_order(self, found, count)
+
+    return property(visible), property(_count_visible)
+
+
+# Speed only, same answers: moto computes every attribute of a queue for each message sent (it
+# reads ContentBasedDeduplication from them), and its three counts read the clock once per
+# message through a datetime; one clock reading per count makes a send O(backlog) cheap passes.
+def _count_visible(queue: Any) -> int:
+    from moto.core.utils import unix_time_millis
+
+    now = unix_time_millis()
+    return sum(1 for message in queue._messages if now > message.visible_at and now >= message.delayed_until)
+
+
+def _count_delayed(queue: Any) -> int:
+    from moto.core.utils import unix_time_millis
+
+    now = unix_time_millis()
+    return sum(1 for message in queue._messages if now < message.delayed_until)
+
+
+def _count_not_visible(queue: Any) -> int:
+    from moto.core.utils import unix_time_millis
+
+    now = unix_time_millis()
+    return sum(1 for message in queue._messages if now <= message.visible_at)
+
+
+def _retained(self: Any, queue_name: str, message: Any) -> bool:
+    """SQSBackend.is_message_valid_based_on_retention_period, reading the one attribute it needs.
+
+    Speed only, same answer: moto computed every attribute of the queue (each a pass over all its
+    messages) for each message a receive returns, so a receive cost O(batch x backlog): about
+    0.4 s for 10 messages from a 200-message queue, and seconds from a 2,000-message backlog.
+    """
+    from moto.core.utils import unix_time
+
+    queue = self.get_queue(queue_name)
+    return bool(int(queue.message_retention_period) + message.sent_timestamp / 1000 > unix_time())
+
+
+def _fair_receive(receive_message: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(receive_message)
+
+    @functools.wraps(receive_message)
+    def receive(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _receiving.count = int(signature.bind(self, *args, **kwargs).arguments["count"])
+        try:
+            return receive_message(self, *args, **kwargs)
+        finally:
+            _receiving.count = None
+
+    return receive
+
+
+def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any]:
+    """SendMessage (and each batch entry) refuses a MessageGroupId AWS would refuse."""
+    signature = inspect.signature(validate_message)
+
+    @functools.wraps(validate_message)
+    def validate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from moto.sqs.exceptions import InvalidParameterValue
+
+        group_id = signature.bind(self, *args, **kwargs).arguments.get("group_id")
+        if group_id is not None and not _GROUP_ID.fullmatch(group_id):
+            raise InvalidParameterValue(
+                "Value for parameter MessageGroupId is invalid. Reason: it must be 1 to 128 "
+                "alphanumeric or punctuation characters."
+            )
+        return validate_message(self, *args, **kwargs)
+
+    return validate
+
+
+def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
+    """Remembers when each message group last sent (a tenant silent for 5 minutes is quiet)."""
+    signature = inspect.signature(send_message)
+
+    @functools.wraps(send_message)
+    def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        message = send_message(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        group_id = arguments.get("group_id")
+        if group_id:
+            queue = self.get_queue(arguments["queue_name"])
+            with _FAIR_LOCK:
+                _fair_state(queue).last_sent[group_id] = time.monotonic()
+        return message
+
+    return send
+
+
 def make_moto_strict() -> None:
-    """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules) once per process."""
+    """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
+    order) once per process."""
     global _applied
     with _LOCK:
         if _applied:
@@ -339,4 +600,15 @@ def make_moto_strict() -> None:
 
         Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]
         SQSBackend.change_message_visibility = _strict_change_message_visibility  # type: ignore[method-assign]
+        from moto.sqs.models import Queue
+
+        fair, counted = _fair_messages(vars(Queue)["messages"])
+        Queue.messages = fair  # type: ignore[assignment,method-assign]
+        Queue.approximate_number_of_messages = counted  # type: ignore[assignment,method-assign]
+        Queue.approximate_number_of_messages_delayed = property(_count_delayed)  # type: ignore[assignment,method-assign]
+        Queue.approximate_number_of_messages_not_visible = property(_count_not_visible)  # type: ignore[assignment,method-assign]
+        SQSBackend.is_message_valid_based_on_retention_period = _retained  # type: ignore[method-assign]
+        SQSBackend.receive_message = _fair_receive(SQSBackend.receive_message)  # type: ignore[method-assign]
+        SQSBackend._validate_message = _checked_group_id(SQSBackend._validate_message)  # type: ignore[method-assign]
+        SQSBackend.send_message = _sent_by_group(SQSBackend.send_message)  # type: ignore[method-assign]
         _applied = True

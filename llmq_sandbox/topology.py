@@ -97,6 +97,8 @@ class RouteSpec:
     http_method: str  # "GET", ..., or "ANY"
     function: str
     authorizer: str | None  # logical id of an AWS::ApiGateway::Authorizer, None for NONE
+    # The method needs an API key of a usage plan on the stage (ApiKeyRequired).
+    api_key_required: bool = False
 
     def matches(self, path: str) -> dict[str, str] | None:
         """Path parameters when `path` fits this resource, else None."""
@@ -174,6 +176,10 @@ class ApiSpec:
     binary_media_types: list[str] = field(default_factory=list)
     # The stage's MethodSettings that throttle, the most specific first; none: unthrottled.
     throttles: list[ThrottleSpec] = field(default_factory=list)
+    # Where a method that requires an API key finds it: the x-api-key header (HEADER) or the
+    # authorizer's usageIdentifierKey (AUTHORIZER). The usage plans themselves are read from
+    # API Gateway (moto) while requests run, so an operator's change shows, as on AWS.
+    api_key_source: str = "HEADER"
 
     def throttle_for(self, route: RouteSpec) -> ThrottleSpec | None:
         return next((throttle for throttle in self.throttles if throttle.covers(route)), None)
@@ -326,8 +332,6 @@ class TemplateReader(StackTemplate):
         if len(apis) != 1:
             raise TopologyError(f"expected one REST API in the template, found {len(apis)}")
         api_id, api_properties = apis[0]
-        if any(True for _ in self.properties_of_type("AWS::ApiGateway::UsagePlan")):
-            raise TopologyError("usage plans (API keys, per-client throttling) are not emulated")
         stages = list(self.properties_of_type("AWS::ApiGateway::Stage"))
         if len(stages) > 1:
             raise TopologyError(f"expected at most one API stage in the template, found {len(stages)}")
@@ -366,6 +370,7 @@ class TemplateReader(StackTemplate):
                 for media_type in api_properties.get("BinaryMediaTypes") or []
             ],
             throttles=self._throttles(stage),
+            api_key_source=str(api_properties.get("ApiKeySourceType") or "HEADER"),
         )
 
     @staticmethod
@@ -433,6 +438,7 @@ class TemplateReader(StackTemplate):
             http_method=str(properties["HttpMethod"]).upper(),
             function=names[function_id],
             authorizer=authorizer,
+            api_key_required=bool(properties.get("ApiKeyRequired", False)),
         )
 
     def _authorizer(

@@ -16,9 +16,10 @@ from constructs import Construct
 from llmq import errors
 from llmq.config import ApiEnvironment, AuthorizerEnvironment, LlmqConfig
 from llmq.job_index import TENANT_INDEX
+from llmq.usage_plans import DEFAULT_PLAN as DEFAULT_USAGE_PLAN
 from stacks.functions import FunctionDefaults, build_function, function_environment
 from stacks.jobs_table import grant_index_query, grant_item_actions
-from stacks.lanes import LanesConstruct, grant_send
+from stacks.lanes import LanesConstruct, grant_send, pascal
 
 STAGE_NAME = "prod"
 # Item actions on the table only; its one Query is on the tenant index (GET /v1/jobs).
@@ -49,11 +50,26 @@ GATEWAY_PROBLEMS: dict[apigw.ResponseType, errors.ProblemType] = {
 # "Missing Authentication Token") keeps API Gateway's status; the body names it by this code
 # and carries API Gateway's message as `detail`, with no `status` member, which varies.
 GATEWAY_REFUSED = errors.ProblemType("gateway_refused", 400, "API Gateway refused the request")
-# What a 429 tells the client to wait: the stage's token bucket refills every second.
+# What a 429 tells the client to wait: the stage's and the usage plans' token buckets refill
+# every second.
 RETRY_AFTER_SECONDS = 1
-RATE_LIMITED_RESPONSES = frozenset(
-    response.response_type for response in (apigw.ResponseType.THROTTLED, apigw.ResponseType.QUOTA_EXCEEDED)
+# The answers after which the client should come back later rather than at once:
+# - THROTTLED and QUOTA_EXCEEDED: the stage's or the tenant's usage plan refused the request;
+# - DEFAULT_5XX: among others, a Lambda invoke that Lambda refused (its concurrency is used up),
+#   which API Gateway answers with a 5xx of this type (500; llmq's DEFAULT_5XX says 502),
+#   never with a 429
+#   (https://docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html).
+RETRY_AFTER_RESPONSES = frozenset(
+    response.response_type
+    for response in (
+        apigw.ResponseType.THROTTLED,
+        apigw.ResponseType.QUOTA_EXCEEDED,
+        apigw.ResponseType.DEFAULT_5_XX,
+    )
 )
+# tier -> usage plan id, read by `llmq tenants` and the sandbox; "*" (DEFAULT_USAGE_PLAN) for
+# the plan of tiers without one.
+USAGE_PLAN_IDS_OUTPUT = "UsagePlanIds"
 
 
 def _problem_template(entry: errors.ProblemType, *, with_status: bool = True) -> str:
@@ -139,6 +155,7 @@ class ApiConstruct(Construct):
         self.rest_api = self._build_rest_api(defaults)
         self._add_routes()
         self._add_problem_responses()
+        self.usage_plans = self._add_usage_plans()
 
     def _build_rest_api(self, defaults: FunctionDefaults) -> apigw.RestApi:
         rest_api = apigw.RestApi(
@@ -153,6 +170,10 @@ class ApiConstruct(Construct):
             # accepted as "caf\ufffd", and llmq's "the body is not UTF-8" 400 could never fire.
             # llmq never answers base64, so Accept headers change nothing on the way back.
             binary_media_types=["*/*"],
+            # Each tenant's requests are throttled by its usage plan, found through the API key
+            # the authorizer returns as usageIdentifierKey: clients never see or send one.
+            # https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-api-key-source.html
+            api_key_source_type=apigw.ApiKeySourceType.AUTHORIZER,
             # The account-level role is the region's one setting for every API: opt-in only.
             cloud_watch_role=self.logging.create_account_role,
             deploy_options=apigw.StageOptions(
@@ -228,7 +249,11 @@ class ApiConstruct(Construct):
             default_integration=integration,
             any_method=True,
             default_method_options=apigw.MethodOptions(
-                authorizer=authorizer, authorization_type=apigw.AuthorizationType.CUSTOM
+                authorizer=authorizer,
+                authorization_type=apigw.AuthorizationType.CUSTOM,
+                # Usage plans throttle only the methods that require an API key; the key comes
+                # from the authorizer (key source AUTHORIZER), never from the client.
+                api_key_required=True,
             ),
         )
         # The contract itself is public: an integrator reads it before holding a key.
@@ -241,7 +266,7 @@ class ApiConstruct(Construct):
         for response_type, entry in GATEWAY_PROBLEMS.items():
             extra = (
                 {"Retry-After": f"'{RETRY_AFTER_SECONDS}'"}
-                if response_type.response_type in RATE_LIMITED_RESPONSES
+                if response_type.response_type in RETRY_AFTER_RESPONSES
                 else {}
             )
             self.rest_api.add_gateway_response(
@@ -257,6 +282,44 @@ class ApiConstruct(Construct):
             response_headers=headers,
             templates={"application/json": _problem_template(GATEWAY_REFUSED, with_status=False)},
         )
+
+    def _add_usage_plans(self) -> dict[str, apigw.UsagePlan]:
+        """One usage plan per tier, and one for tiers the config does not list, on the stage.
+
+        Each throttles every tenant key in it on its own token bucket (rate a second, bucket
+        of `burst`); `llmq tenants create` adds a tenant's key to its tier's plan and
+        `llmq tenants set-limits --rate` moves it to a plan of its own. Changing a tier's
+        limits in LlmqConfig and deploying changes its plan for every tenant in it.
+        https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-api-usage-plans.html
+        """
+        stack = cdk.Stack.of(self)
+        tiers: dict[str, Any] = {
+            tier: self.config.tenant_limits(tier) for tier in self.config.fair_share.tiers
+        }
+        tiers[DEFAULT_USAGE_PLAN] = self.config.fair_share.default
+        plans: dict[str, apigw.UsagePlan] = {}
+        for tier, limits in tiers.items():
+            label = "Default" if tier == DEFAULT_USAGE_PLAN else pascal(tier)
+            plans[tier] = self.rest_api.add_usage_plan(
+                f"UsagePlan{label}",
+                name=f"{stack.stack_name}-{'default' if tier == DEFAULT_USAGE_PLAN else tier}",
+                description=(
+                    f"llmq: request rate of each {tier} tenant"
+                    if tier != DEFAULT_USAGE_PLAN
+                    else "llmq: request rate of each tenant of a tier without a plan of its own"
+                ),
+                throttle=apigw.ThrottleSettings(rate_limit=limits.rate_per_second, burst_limit=limits.burst),
+                api_stages=[
+                    apigw.UsagePlanPerApiStage(api=self.rest_api, stage=self.rest_api.deployment_stage)
+                ],
+            )
+        cdk.CfnOutput(
+            stack,
+            USAGE_PLAN_IDS_OUTPUT,
+            value=stack.to_json_string({tier: plan.usage_plan_id for tier, plan in plans.items()}),
+            description="llmq: the usage plan id of each tier ('*': tiers without one), for llmq tenants",
+        )
+        return plans
 
     @property
     def url(self) -> str:

@@ -33,9 +33,15 @@ FIFTEEN_MINUTES = cdk.Duration.minutes(15)
 ONE_HOUR = cdk.Duration.hours(1)
 
 # Failures a healthy deployment still has (a prompt over the model's context, a receiver that
-# is gone): the alarm is on more of them than that in its period.
-JOB_FAILED_ALARM_COUNT = 5  # per lane, in 15 minutes
-WEBHOOK_FAILED_ALARM_COUNT = 5  # in one hour
+# is gone): the failing alarms fire on a share of outcomes, failed / (succeeded + failed) in
+# their period, above the rate AND with at least the count of failures, so one failed job of one
+# at night does not page while six of six do. Metric math over the two counts
+# (https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/using-metric-math.html);
+# FILL(series, 0) stands for a count that had no data point (nothing of that outcome happened).
+JOB_FAILURE_ALARM_PERCENT = 10  # per lane, in 15 minutes
+JOB_FAILURE_ALARM_MIN_COUNT = 5
+WEBHOOK_FAILURE_ALARM_PERCENT = 10  # in one hour
+WEBHOOK_FAILURE_ALARM_MIN_COUNT = 5
 # The DynamoDB operations llmq calls (tests/aws_calls.json): ThrottledRequests is reported per
 # operation, with the TableName and Operation dimensions.
 # https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/metrics-dimensions.html
@@ -71,6 +77,13 @@ def webhook_oldest_message_alarm_seconds(config: LlmqConfig) -> int:
 def reconciler_window_minutes(config: LlmqConfig) -> int:
     """Long enough that a running reconciler is invoked at least once in it, with a tick to spare."""
     return min(2 * config.reconciler.schedule_minutes, MAX_ALARM_WINDOW_MINUTES)
+
+
+def failure_rate_expression(min_count: int) -> str:
+    """The percentage of `failed` among `succeeded` + `failed`, or 0 while fewer than
+    `min_count` failed (IF and FILL: the metric-math function table in the page above)."""
+    failed = "FILL(failed, 0)"
+    return f"IF({failed} >= {min_count}, 100 * {failed} / (FILL(succeeded, 0) + {failed}), 0)"
 
 
 def llmq_metric(
@@ -175,9 +188,28 @@ class MonitoringConstruct(Construct):
             )
             self._alarm(
                 f"{lane_id}JobsFailing",
-                llmq_metric(MetricName.JOB_FAILED, "Sum", name, period=FIFTEEN_MINUTES, labelled=False),
-                threshold=JOB_FAILED_ALARM_COUNT,
-                description=f"llmq: more than {JOB_FAILED_ALARM_COUNT} lane {name} jobs failed in 15 minutes",
+                cloudwatch.MathExpression(
+                    expression=failure_rate_expression(JOB_FAILURE_ALARM_MIN_COUNT),
+                    using_metrics={
+                        "failed": llmq_metric(MetricName.JOB_FAILED, "Sum", name, labelled=False),
+                        "succeeded": llmq_metric(MetricName.JOB_SUCCEEDED, "Sum", name, labelled=False),
+                    },
+                    period=FIFTEEN_MINUTES,
+                    label=f"% of lane {name} jobs failed",
+                ),
+                threshold=JOB_FAILURE_ALARM_PERCENT,
+                description=(
+                    f"llmq: more than {JOB_FAILURE_ALARM_PERCENT}% of lane {name} jobs failed in 15 minutes "
+                    f"(and at least {JOB_FAILURE_ALARM_MIN_COUNT})"
+                ),
+            )
+            # The api stored the job but could not send its message: the client has its 202,
+            # the job waits for the reconciler, and no error metric shows it.
+            self._alarm(
+                f"{lane_id}EnqueueFailed",
+                llmq_metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", name, labelled=False),
+                threshold=0,
+                description=f"llmq: the api could not enqueue lane {name} jobs; the reconciler will",
             )
 
     def _alarm_on_webhooks(self, config: LlmqConfig, queue: sqs.IQueue, dlq: sqs.IQueue) -> None:
@@ -191,9 +223,20 @@ class MonitoringConstruct(Construct):
         )
         self._alarm(
             "WebhooksFailing",
-            llmq_metric(MetricName.WEBHOOK_FAILED, "Sum", period=ONE_HOUR, labelled=False),
-            threshold=WEBHOOK_FAILED_ALARM_COUNT,
-            description=f"llmq: more than {WEBHOOK_FAILED_ALARM_COUNT} webhooks given up in an hour",
+            cloudwatch.MathExpression(
+                expression=failure_rate_expression(WEBHOOK_FAILURE_ALARM_MIN_COUNT),
+                using_metrics={
+                    "failed": llmq_metric(MetricName.WEBHOOK_FAILED, "Sum", labelled=False),
+                    "succeeded": llmq_metric(MetricName.WEBHOOK_DELIVERED, "Sum", labelled=False),
+                },
+                period=ONE_HOUR,
+                label="% of webhooks given up",
+            ),
+            threshold=WEBHOOK_FAILURE_ALARM_PERCENT,
+            description=(
+                f"llmq: more than {WEBHOOK_FAILURE_ALARM_PERCENT}% of webhooks given up in an hour "
+                f"(and at least {WEBHOOK_FAILURE_ALARM_MIN_COUNT})"
+            ),
         )
 
     def _alarm_on_functions(self, config: LlmqConfig, functions: Mapping[str, lambda_.IFunction]) -> None:
@@ -213,7 +256,16 @@ class MonitoringConstruct(Construct):
         reconciler = functions.get("reconciler")
         if reconciler is not None:
             window = reconciler_window_minutes(config)
-            # No invocation at all reports no data point: missing data is the alarm here.
+            # No invocation at all reports no data point: missing data is the alarm here. It
+            # fires once right after the first deploy, and no setting avoids that: a new alarm
+            # whose metric was never reported has no real data point, so CloudWatch fills the
+            # whole evaluation range with the missing-data treatment, and with `breaching` every
+            # filled point breaches, whatever the evaluation periods or datapoints to alarm
+            # ("How alarm state is evaluated when data is missing", and the note on data missing
+            # soon after an alarm is created, which only helps a metric reported before it:
+            # https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/AlarmThatSendsEmail.html).
+            # `notBreaching` or `missing` would never fire on a stopped schedule. It clears at the
+            # first evaluation after the first tick: docs/operations.md says so.
             self._alarm(
                 "ReconcilerNotRunning",
                 reconciler.metric_invocations(period=cdk.Duration.minutes(window), statistic="Sum"),
@@ -333,9 +385,10 @@ class MonitoringConstruct(Construct):
                 width=12,
             ),
             cloudwatch.GraphWidget(
-                title="Handled faults (api 500s, jobs failed by the dead-letter function)",
+                title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the reconciler)",
                 left=[llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum")]
-                + [llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names],
+                + [llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names]
+                + [llmq_metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names],
                 right=(
                     [api_server_errors(api_name, stage_name)] if api_name is not None and stage_name else []
                 ),

@@ -16,9 +16,12 @@ from stacks.lanes import LanesConstruct, consume, grant_send
 
 # Explicit, so that the worker can neither delete jobs nor scan the table, and cannot
 # overwrite a whole job with PutItem: it only claims, completes and reads. No Query: the
-# worker reads its job by key; no lane SendMessage: a retry is the same message made visible
-# again later (ChangeMessageVisibility), never a new one. tests/infra checks these against
-# the calls the worker makes (tests/aws_calls.json), both ways.
+# worker reads its job by key. A retry is the same message made visible again later
+# (ChangeMessageVisibility); the lane SendMessage is for a job whose tenant is at its cap,
+# which waits as a delayed copy of its message (`JobRunner._defer`). The claim, the retry
+# and the terminal writes are transactions with the tenant's share item, authorised per item
+# by UpdateItem. tests/infra checks these against the calls the worker makes
+# (tests/aws_calls.json), both ways.
 WORKER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
 DEAD_LETTER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
 # Lambda's lower bound for MaximumConcurrency: the DLQs see crashes only, so keep them slow.
@@ -58,7 +61,7 @@ class WorkerConstruct(Construct):
             # that can hit the provider (and the GPU budget) is bounded.
         )
         grant_item_actions(jobs_table, self.worker, *WORKER_TABLE_ACTIONS)
-        grant_send(self.worker, webhook_queue)
+        grant_send(self.worker, webhook_queue, *lanes.queues)
         # GetSecretValue only: not the DescribeSecret of `grant_read`.
         self.worker.add_to_role_policy(
             iam.PolicyStatement(

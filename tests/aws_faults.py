@@ -54,6 +54,9 @@ class FaultKind(StrEnum):
     SERVER_ERROR = "server_error"
     APPLIED_RETRIED = "applied_retried"
     APPLIED_LOST = "applied_lost"
+    # DynamoDB TransactWriteItems only: another transaction held one of its items, so it was
+    # canceled with a TransactionConflict reason (which botocore does not retry). Nothing applied.
+    TRANSACTION_CONFLICT = "transaction_conflict"
 
 
 # (error code, HTTP status) of each service's throttle, as botocore finally raises it.
@@ -252,6 +255,18 @@ class AwsFaults:
                 "ResponseMetadata": {"HTTPStatusCode": status},
             }
             raise ClientError(error, fault.name)
+        if fault.kind is FaultKind.TRANSACTION_CONFLICT:
+            items = len(_.get("params", {}).get("TransactItems", [])) or 2
+            self._record(Fired(fault, function, occurrence, "TransactionConflict"))
+            canceled: Any = {
+                "Error": {"Code": "TransactionCanceledException", "Message": f"injected: {fault.label}"},
+                "CancellationReasons": [
+                    {"Code": "TransactionConflict", "Message": "Transaction is ongoing for the item"}
+                ]
+                + [{"Code": "None"}] * (items - 1),
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+            raise ClientError(canceled, fault.name)
         context[_CONTEXT_KEY] = {
             "fault": fault,
             "function": function,

@@ -103,7 +103,8 @@ def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
         # Answered, not raised: Lambda counts no error for it, so without this metric no alarm
         # would see a missing grant, a deleted table or a bug (docs/operations.md).
         emit_count(MetricName.API_UNEXPECTED_ERROR)
-    headers = {"Retry-After": str(_RETRY_AFTER_UNAVAILABLE_SECONDS)} if status == 503 else None
+    retry_after = exc.retry_after or (_RETRY_AFTER_UNAVAILABLE_SECONDS if status == 503 else None)
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
     return _problem_response(status, body, headers)
 
 
@@ -309,7 +310,8 @@ def handle_get_job(
         int, Query(ge=0, le=LIMITS.max_get_wait_seconds, description="Long-poll up to this many seconds")
     ] = 0,
 ) -> Response[Any]:
-    return _job_response(intake().get(_tenant(), job_id, wait_seconds=_wait_budget(wait)), 200)
+    job = intake().get(_tenant(), job_id, wait_seconds=_wait_budget(wait), position=True)
+    return _job_response(job, 200)
 
 
 @app.get(

@@ -1,7 +1,11 @@
 """REQUEST authorizer: the Bearer API key becomes the tenant id and tier in the context.
 
 API Gateway answers 401 when this function raises "Unauthorized". The policy allows every
-route of the API so that a cached decision holds for all of them.
+route of the API so that a cached decision holds for all of them. It also returns the
+tenant's usage plan key as usageIdentifierKey (the API's key source is AUTHORIZER): API
+Gateway throttles the tenant on that key's usage plan, and refuses with 403 a method that
+requires a key when none is returned.
+https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-lambda-authorizer-output.html
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> 
         aws_account_id=arn.aws_account_id,
         api_id=arn.api_id,
         stage=arn.stage,
+        usage_identifier_key=identity.usage_key,
     )
     policy.allow_all_routes()
     return policy.asdict()

@@ -3,8 +3,9 @@
 Two kinds of fault, both played inside the forked execution environments (lambda_runtime.py)
 through botocore's event hooks, so neither the domain nor the handlers know about them:
 
-- **Crash directives** in a job's prompt, read from the claim's answer (the claim returns
-  the job's input) by the worker environment that claimed it:
+- **Crash directives** in a job's prompt, read from the job as claimed (the read after the
+  claim's transaction, or the answer of a claim from before tenant shares) by the worker
+  environment that claimed it:
   - `[[crash]]` kills the environment (SIGKILL, as an out-of-memory kill does) right after
     the claim, before the provider is called; `[[crash:N]]` only on attempts 1..N;
   - `[[crash_before_complete]]` / `[[crash_before_complete:N]]` kills it after the provider
@@ -133,7 +134,12 @@ class FaultBook:
 # ---- the environment's side: botocore hooks ---------------------------------------------------
 
 _CRASH_DIRECTIVE = re.compile(r"\[\[(crash|crash_before_complete|overrun)(?::(\d+))?\]\]")
-_HOOK_EVENTS = ("before-parameter-build", "after-call.dynamodb.UpdateItem")
+_HOOK_EVENTS = (
+    "before-parameter-build",
+    "after-call.dynamodb.UpdateItem",
+    "after-call.dynamodb.TransactWriteItems",
+    "after-call.dynamodb.GetItem",
+)
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,9 @@ class _Environment:
         self.fired: list[str] = []
         # job id -> (its crash plan, the attempt this environment claimed)
         self.claims: dict[str, tuple[CrashPlan, int]] = {}
+        # Jobs whose claim transaction this environment just made: the GetItem that follows
+        # brings the job as claimed, input included.
+        self.claiming: set[str] = set()
         self.lock = threading.Lock()
 
 
@@ -175,8 +184,14 @@ def install() -> None:
     """
     from botocore import handlers
 
+    hooks = {
+        "before-parameter-build": _before_parameter_build,
+        "after-call.dynamodb.UpdateItem": _after_update,
+        "after-call.dynamodb.TransactWriteItems": _after_transaction,
+        "after-call.dynamodb.GetItem": _after_get,
+    }
     for event in _HOOK_EVENTS:
-        hook = _before_parameter_build if event == "before-parameter-build" else _after_update
+        hook = hooks[event]
         if (event, hook) not in handlers.BUILTIN_HANDLERS:
             handlers.BUILTIN_HANDLERS.append((event, hook))
 
@@ -235,6 +250,12 @@ def _before_parameter_build(
     if event_name == "before-parameter-build.dynamodb.UpdateItem":
         context["sandbox_update_expression"] = params.get("UpdateExpression", "")
         _maybe_crash_before_complete(params)
+    if event_name == "before-parameter-build.dynamodb.TransactWriteItems":
+        # The job's write is the first item of llmq's transactions (the share's comes second).
+        first: dict[str, Any] = next(iter((params.get("TransactItems") or [{}])[0].values()), {})
+        context["sandbox_update_expression"] = first.get("UpdateExpression", "")
+        context["sandbox_job_id"] = str((first.get("Key") or {}).get("pk", {}).get("S", ""))
+        _maybe_crash_before_complete(first)
 
 
 def _maybe_crash_before_complete(params: dict[str, Any]) -> None:
@@ -248,11 +269,35 @@ def _maybe_crash_before_complete(params: dict[str, Any]) -> None:
         _die(f"worker killed before completing {job_id} (attempt {attempt})")
 
 
+def _after_transaction(http_response: Any, context: dict[str, Any], **_: Any) -> None:
+    """A claim transaction (the one write that adds to `attempts`) that succeeded: the job's
+    GetItem that follows decides, from the prompt, whether to crash."""
+    if getattr(http_response, "status_code", 500) >= 300:
+        return
+    if "ADD attempts" in str(context.get("sandbox_update_expression", "")):
+        with _STATE.lock:
+            _STATE.claiming.add(str(context.get("sandbox_job_id", "")))
+
+
+def _after_get(parsed: dict[str, Any], **_: Any) -> None:
+    item = parsed.get("Item") or {}
+    job_id = str(item.get("pk", {}).get("S", ""))
+    with _STATE.lock:
+        if job_id not in _STATE.claiming:
+            return
+        _STATE.claiming.discard(job_id)
+    _after_claim(item)
+
+
 def _after_update(parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
-    """After a claim (the one UpdateItem that adds to `attempts`): crash if the prompt says so."""
+    """After a claim of a job from before shares (an UpdateItem that adds to `attempts`)."""
     if "ADD attempts" not in str(context.get("sandbox_update_expression", "")):
         return
-    attributes = parsed.get("Attributes") or {}
+    _after_claim(parsed.get("Attributes") or {})
+
+
+def _after_claim(attributes: dict[str, Any]) -> None:
+    """Crash, or freeze, after a claim if the job's prompt says so for this attempt."""
     job_id = str(attributes.get("pk", {}).get("S", ""))
     attempt = int(attributes.get("attempts", {}).get("N", "0"))
     plan = CrashPlan.parse(str(attributes.get("input", {}).get("S", "")))

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STATE_KEYS = {"api_url", "aws_endpoint_url", "region", "provider_url", "receiver_url", "pid", "tenants"}
 # Present when the sandbox enforces IAM, as it always does under these tests.
 OPERATOR_KEYS = {"aws_access_key_id", "aws_secret_access_key"}
-TENANT_KEYS = {"id", "name", "tier", "api_key", "webhook_secret"}
+TENANT_KEYS = {"id", "name", "tier", "api_key", "webhook_secret", "limits"}
 
 
 def llmq_command() -> list[str]:

@@ -234,17 +234,25 @@ def test_requests_without_a_valid_key_get_401_problem_json_on_every_route(
 
 @contextmanager
 def tenants_of(sandbox: SandboxUnderTest) -> Iterator[TenantRepository]:
-    """llmq's TenantRepository, with a client of the sandbox's moto acting as its operator."""
+    """llmq's TenantRepository, with clients of the sandbox's moto acting as its operator; its
+    tenants get their usage plan key, as `llmq tenants create` gives it (else API Gateway 403s)."""
+    from llmq.usage_plans import ApiGatewayUsagePlans
+
     operator = sandbox.state["aws_credentials"]
-    dynamodb = boto3.session.Session(
+    session = boto3.session.Session(
         region_name=sandbox.state["region"],
         aws_access_key_id=operator["aws_access_key_id"],
         aws_secret_access_key=operator["aws_secret_access_key"],
-    ).client("dynamodb", endpoint_url=sandbox.state["aws_endpoint_url"])
+    )
+    dynamodb = session.client("dynamodb", endpoint_url=sandbox.state["aws_endpoint_url"])
+    apigateway = session.client("apigateway", endpoint_url=sandbox.state["aws_endpoint_url"])
+    outputs = sandbox.stack_outputs()
+    usage_plans = ApiGatewayUsagePlans(apigateway, json.loads(outputs["UsagePlanIds"]))
     try:
-        yield TenantRepository(sandbox.stack_outputs()["TenantsTableName"], dynamodb=dynamodb)
+        yield TenantRepository(outputs["TenantsTableName"], dynamodb=dynamodb, usage_keys=usage_plans)
     finally:
         dynamodb.close()
+        apigateway.close()
 
 
 def test_a_revoked_key_gets_401_within_the_authorizer_cache_ttl(

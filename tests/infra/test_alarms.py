@@ -14,8 +14,11 @@ import pytest
 from llmq.config import LlmqConfig
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from stacks.monitoring import (
-    JOB_FAILED_ALARM_COUNT,
-    WEBHOOK_FAILED_ALARM_COUNT,
+    JOB_FAILURE_ALARM_MIN_COUNT,
+    JOB_FAILURE_ALARM_PERCENT,
+    WEBHOOK_FAILURE_ALARM_MIN_COUNT,
+    WEBHOOK_FAILURE_ALARM_PERCENT,
+    failure_rate_expression,
     webhook_oldest_message_alarm_seconds,
 )
 from tests.infra.synthesis import SynthesizedApp, synthesize
@@ -219,19 +222,83 @@ def test_a_reconciler_that_stops_running_raises_an_alarm(synthesized, alarms):
     assert alarm["Period"] * alarm["EvaluationPeriods"] > synthesized.config.reconciler.schedule_minutes * 60
 
 
-def test_job_and_webhook_failures_raise_an_alarm_above_their_usual_rate(synthesized, alarms):
-    for lane in synthesized.config.lanes:
-        jobs = _one(
-            alarms, METRICS_NAMESPACE, MetricName.JOB_FAILED.value, service=SERVICE_NAME, lane=lane.name
-        )
-        assert (jobs["Statistic"], jobs["Threshold"], jobs["Period"]) == ("Sum", JOB_FAILED_ALARM_COUNT, 900)
-        assert jobs["ComparisonOperator"] == "GreaterThanThreshold"
-    webhooks = _one(alarms, METRICS_NAMESPACE, MetricName.WEBHOOK_FAILED.value, service=SERVICE_NAME)
-    assert (webhooks["Statistic"], webhooks["Threshold"], webhooks["Period"]) == (
-        "Sum",
-        WEBHOOK_FAILED_ALARM_COUNT,
-        3600,
+def _rate_alarm(
+    alarms: list[dict[str, Any]], failed: MetricName, succeeded: MetricName, **dimensions: Any
+) -> dict[str, Any]:
+    """The metric-math alarm that reads `failed` and `succeeded` with exactly these dimensions."""
+    wanted = {"failed": failed.value, "succeeded": succeeded.value}
+    found = []
+    for alarm in alarms:
+        stats = {
+            query["Id"]: query["MetricStat"] for query in alarm.get("Metrics", []) if "MetricStat" in query
+        }
+        if {key: stat["Metric"]["MetricName"] for key, stat in stats.items()} == wanted and all(
+            _dimensions(stat["Metric"]) == dimensions for stat in stats.values()
+        ):
+            found.append(alarm)
+    assert len(found) == 1, f"{wanted} {dimensions}: {len(found)} alarms"
+    return found[0]
+
+
+def _assert_failure_rate(alarm: dict[str, Any], percent: int, min_count: int, period: int) -> None:
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    (expression,) = [query for query in queries.values() if "Expression" in query]
+    # The one series the alarm compares: failed / (succeeded + failed) as a percentage, while at
+    # least `min_count` failed in the period, else 0; a count with no data point counts as 0.
+    assert expression["Expression"] == (
+        f"IF(FILL(failed, 0) >= {min_count}, "
+        "100 * FILL(failed, 0) / (FILL(succeeded, 0) + FILL(failed, 0)), 0)"
     )
+    assert expression["Expression"] == failure_rate_expression(min_count)
+    assert expression["ReturnData"] is True
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", percent)
+    assert alarm["EvaluationPeriods"] == 1
+    # An empty period (nothing failed, nothing succeeded) is not a breach
+    assert alarm["TreatMissingData"] == "notBreaching"
+    for name in ("failed", "succeeded"):
+        stat = queries[name]
+        assert stat["ReturnData"] is False
+        assert stat["MetricStat"]["Metric"]["Namespace"] == METRICS_NAMESPACE
+        assert (stat["MetricStat"]["Stat"], stat["MetricStat"]["Period"]) == ("Sum", period)
+
+
+def test_job_failures_raise_an_alarm_on_their_share_of_outcomes_with_a_minimum_count(synthesized, alarms):
+    # One failure of one at night must not page; six of six must
+    assert 1 < JOB_FAILURE_ALARM_MIN_COUNT <= 6
+    assert 0 < JOB_FAILURE_ALARM_PERCENT < 100
+    for lane in synthesized.config.lanes:
+        alarm = _rate_alarm(
+            alarms,
+            MetricName.JOB_FAILED,
+            MetricName.JOB_SUCCEEDED,
+            service=SERVICE_NAME,
+            lane=lane.name,
+        )
+        _assert_failure_rate(alarm, JOB_FAILURE_ALARM_PERCENT, JOB_FAILURE_ALARM_MIN_COUNT, period=900)
+    # No count alarm on JobFailed is left
+    assert not [alarm for alarm in alarms if alarm.get("MetricName") == MetricName.JOB_FAILED.value]
+
+
+def test_webhook_failures_raise_an_alarm_on_their_share_of_deliveries_with_a_minimum_count(alarms):
+    assert 1 < WEBHOOK_FAILURE_ALARM_MIN_COUNT <= 6
+    alarm = _rate_alarm(alarms, MetricName.WEBHOOK_FAILED, MetricName.WEBHOOK_DELIVERED, service=SERVICE_NAME)
+    _assert_failure_rate(alarm, WEBHOOK_FAILURE_ALARM_PERCENT, WEBHOOK_FAILURE_ALARM_MIN_COUNT, period=3600)
+    assert not [alarm for alarm in alarms if alarm.get("MetricName") == MetricName.WEBHOOK_FAILED.value]
+
+
+def test_every_lane_alarms_on_jobs_the_api_could_not_enqueue(synthesized, alarms):
+    # The api keeps the client's 202 and leaves the job to the reconciler: its JobEnqueueFailed
+    # count (functions' POWERTOOLS_SERVICE_NAME, and the job's lane) is the only signal.
+    for lane in synthesized.config.lanes:
+        alarm = _one(
+            alarms,
+            METRICS_NAMESPACE,
+            MetricName.JOB_ENQUEUE_FAILED.value,
+            service=SERVICE_NAME,
+            lane=lane.name,
+        )
+        assert (alarm["Statistic"], alarm["Period"]) == ("Sum", 300)
+        _fires_on_any(alarm)
 
 
 def test_every_alarm_is_described_in_the_operations_guide(synthesized):

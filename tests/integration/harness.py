@@ -17,6 +17,7 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import PROBLEMS
+from llmq.shares import SHARE_PREFIX
 from llmq_sandbox import event_sources
 from tests.conftest import REGION, MotoStack, load_event
 from tests.integration.aws_call_recorder import attribute_calls
@@ -224,4 +225,12 @@ class Harness:
                 )
 
     def item_count(self) -> int:
-        return int(self.ddb.scan(TableName=self.stack.jobs_table, Select="COUNT")["Count"])
+        """Jobs stored (the tenants' share items, `llmq.shares`, are not jobs)."""
+        return int(
+            self.ddb.scan(
+                TableName=self.stack.jobs_table,
+                Select="COUNT",
+                FilterExpression="NOT begins_with(pk, :share)",
+                ExpressionAttributeValues={":share": {"S": SHARE_PREFIX}},
+            )["Count"]
+        )

@@ -42,7 +42,8 @@ def test_submit_returns_202_stores_queued_and_enqueues_ids_only(harness: Harness
     # And exactly one message sits in the high lane, carrying ids only
     messages = harness.receive(harness.stack.lane_queue_urls["high"])
     assert len(messages) == 1
-    assert json.loads(messages[0]["Body"]) == {"job_id": job_id, "lane": "high"}
+    # (the tenant is the message group too: SQS fair queues)
+    assert json.loads(messages[0]["Body"]) == {"job_id": job_id, "lane": "high", "tenant_id": "ten_acme"}
     assert "Secret plan" not in messages[0]["Body"]
     assert harness.total_count(harness.stack.lane_queue_urls["low"]) == 0
     # And the job reads back as queued
@@ -241,10 +242,13 @@ def test_the_tenant_index_holds_no_input_and_the_list_shows_each_job_as_get_does
     assert prompt in stored["input"]["S"]
     assert {item["pk"]["S"] for item in indexed} == {done.body["id"], queued}
     assert all("input" not in item for item in indexed)
-    # And each listed job is the job GET answers
+    # And each listed job is the job GET answers (which alone places a queued job in line)
     listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"]
     for job in listed:
-        assert job == harness.api("GET", f"/v1/jobs/{job['id']}", tenant=ENTERPRISE).body
+        got = harness.api("GET", f"/v1/jobs/{job['id']}", tenant=ENTERPRISE).body
+        assert got.pop("queue_position", None) == (1 if job["status"] == "queued" else None)
+        assert job.pop("queue_position", None) is None
+        assert job == got
     finished = next(job for job in listed if job["id"] == done.body["id"])
     assert (finished["status"], finished["metadata"]) == ("succeeded", {"team": "a"})
     assert finished["result"]["output"] and finished["webhook"]["url"] == "http://127.0.0.1:9/hook"
@@ -488,7 +492,7 @@ def _emitted(stdout: str, name: MetricName) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     ("operation", "method", "path"),
     [
-        ("dynamodb.PutItem", "POST", "/v1/jobs"),
+        ("dynamodb.TransactWriteItems", "POST", "/v1/jobs"),
         ("dynamodb.GetItem", "GET", "/v1/jobs/{job_id}"),
         ("dynamodb.Query", "GET", "/v1/jobs"),
     ],
@@ -523,12 +527,49 @@ def test_a_throttle_or_a_client_error_is_not_counted_as_unexpected(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given a DynamoDB throttle that outlasted botocore's retries
-    with _refused("dynamodb.PutItem", "ProvisionedThroughputExceededException") as refused:
+    with _refused("dynamodb.TransactWriteItems", "ProvisionedThroughputExceededException") as refused:
         busy = harness.submit()
     # And a request the api refuses for the client's own mistake
     missing = harness.api("GET", "/v1/jobs/job_doesnotexist", tenant=ENTERPRISE)
     # Then they are a 503 to retry and a 404, and neither counts as an unexpected error
-    assert refused == ["dynamodb.PutItem"]
+    assert refused == ["dynamodb.TransactWriteItems"]
     assert (busy.status, busy.code) == (503, "service_unavailable")
     assert missing.status == 404
     assert _emitted(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR) == []
+
+
+def test_a_submit_whose_message_was_not_sent_is_accepted_and_counted_for_the_alarm(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job is stored before its message is sent: when SendMessage fails the client keeps
+    its 202 and the reconciler enqueues the job later. No error metric sees that, so the api
+    counts JobEnqueueFailed (namespace llmq, dimensions service and lane), which the
+    Lane<Name>EnqueueFailed alarm watches (stacks/monitoring.py)."""
+    capsys.readouterr()
+    # Given SQS refusing the api's SendMessage
+    with _refused("sqs.SendMessage", "AccessDeniedException") as refused:
+        # When a client submits a job
+        reply = harness.submit(prompt="hello")
+    # Then the job is accepted and stored as queued, with no message on its lane
+    assert refused == ["sqs.SendMessage"]
+    assert reply.status == 202
+    job = harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE).body
+    assert job["status"] == "queued"
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+    # And the function printed exactly one JobEnqueueFailed count for the job's lane
+    (record,) = _emitted(capsys.readouterr().out, MetricName.JOB_ENQUEUE_FAILED)
+    (directive,) = record["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == METRICS_NAMESPACE
+    assert sorted(directive["Dimensions"][0]) == ["lane", "service"]
+    assert (record["lane"], record["service"]) == ("high", SERVICE_NAME)
+    assert record[MetricName.JOB_ENQUEUE_FAILED] == [1.0]
+
+
+def test_a_boolean_or_a_string_where_a_number_belongs_is_422_and_writes_nothing(harness: Harness) -> None:
+    """Found by the schema fuzzer: lax validation took `"seed": true` as seed 1."""
+    for params in ({"seed": True}, {"max_tokens": "5"}, {"temperature": False}):
+        reply = harness.submit(prompt="hello", params=params)
+        assert (reply.status, reply.code) == (422, "invalid_request"), params
+    assert harness.item_count() == 0
+    # And whole numbers are still numbers
+    assert harness.submit(prompt="hello", params={"temperature": 1, "seed": 7}).status == 202

@@ -42,6 +42,7 @@ from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.conftest import REGION, MotoStack
 from tests.integration.harness import LambdaContextStub, load_handler, sqs_event
 from tests.support.dns import FakeDns
+from tests.support.stores import ROOMY
 
 SCHEDULE = [5, 300, 1800]
 TENANT_ID = "ten_acme"
@@ -123,7 +124,7 @@ class Stage:
             delivery_status=DeliveryStatus.PENDING,
             expires_at=int(time.time()) + 86_400,
         )
-        self.jobs.create(record)
+        self.jobs.create(record, ROOMY)
         self.queues.enqueue_webhook(record.id, EVENT_FOR_STATUS[status])
         return record
 

@@ -1,6 +1,6 @@
-"""`llmq doctor` against moto: a low concurrency quota, a missing bootstrap, an unset provider key,
-and an account that is ready. The reservations and the provider secret come from the real app's
-synthesized template.
+"""`llmq doctor` and `llmq provider-key set` against moto: a low concurrency quota, a missing
+bootstrap, an unset provider key, and an account that is ready. The reservations and the provider
+secret come from the real app's synthesized template.
 
 Lambda's GetAccountSettings is the one call answered by botocore's Stubber: moto 5.2 answers it
 with a 404 "Not yet implemented", so the quota cannot be set there. Every other call is moto's.
@@ -20,6 +20,7 @@ from moto import mock_aws
 from llmq_cli import main as cli
 from llmq_cli.doctor import (
     BOOTSTRAP_VERSION_PARAMETER,
+    PROVIDER_KEY_ENV,
     PROVIDER_SECRET_OUTPUT,
     Doctor,
     Finding,
@@ -108,9 +109,25 @@ class Account:
 
 
 @pytest.fixture
-def account() -> Iterator[Account]:
+def account(monkeypatch: pytest.MonkeyPatch) -> Iterator[Account]:
+    # The operator's shell may hold a key: each test says whether there is one.
+    monkeypatch.delenv(PROVIDER_KEY_ENV, raising=False)
     with mock_aws():
         yield Account()
+
+
+def _versions(account: Account, secret: str) -> list[dict[str, Any]]:
+    return list(
+        account.client("secretsmanager").list_secret_version_ids(SecretId=secret, IncludeDeprecated=True)[
+            "Versions"
+        ]
+    )
+
+
+def _set_key(account: Account, monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    """`llmq provider-key set` as the operator runs it, its AWS calls going to moto."""
+    monkeypatch.setattr(boto3.session.Session, "client", lambda _self, service, **_: account.client(service))
+    return cli.main(["provider-key", "set", *argv])
 
 
 def _verdicts(findings: list[Finding]) -> dict[str, Verdict]:
@@ -184,7 +201,9 @@ def test_an_old_bootstrap_fails(account: Account) -> None:
     assert f"this app needs {min_bootstrap_version(account.template)} or later" in report
 
 
-def test_an_unset_provider_key_fails_until_the_operator_sets_it(account: Account) -> None:
+def test_an_unset_provider_key_fails_until_the_operator_sets_it(
+    account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Given a deployed stack whose provider secret still holds the generated placeholder
     account.bootstrap()
     secret = account.deploy()
@@ -194,21 +213,97 @@ def test_an_unset_provider_key_fails_until_the_operator_sets_it(account: Account
     assert _verdicts(findings)["provider key"] is Verdict.FAIL
     assert code == 1
     assert "  FAIL  provider key: the provider secret still holds the placeholder" in report
-    assert f"put-secret-value --secret-id {secret} --secret-string" in report
-    # And once the key is set, it passes
-    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    assert "fix: set the key: `LLMQ_PROVIDER_API_KEY=... llmq provider-key set --stack Llmq`" in report
+    # When the operator runs that command with the key in the environment
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real-key")
+    assert _set_key(account, monkeypatch, "--stack", STACK) == 0
+    # Then the secret holds the key as a second version, and nothing printed the key
+    assert len(_versions(account, secret)) == 2
+    value = account.client("secretsmanager").get_secret_value(SecretId=secret)["SecretString"]
+    assert value == "sk-real-key"
+    out, err = capsys.readouterr()
+    assert f"provider key stored in {secret}" in out
+    assert "sk-real-key" not in out + err
+    # And the doctor passes, with or without the variable
+    monkeypatch.delenv(PROVIDER_KEY_ENV)
     findings, _, code = account.doctor()
     assert _verdicts(findings)["provider key"] is Verdict.OK
     assert code == 0
 
 
-def test_a_stack_not_deployed_yet_is_a_note_on_setting_the_key_after_the_deploy(account: Account) -> None:
+def test_setting_the_key_without_the_variable_is_a_clear_error_and_writes_nothing(
+    account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a deployed stack on its placeholder, and no LLMQ_PROVIDER_API_KEY (or an empty one)
+    secret = account.deploy()
+    for environment in (None, "  "):
+        if environment is not None:
+            monkeypatch.setenv(PROVIDER_KEY_ENV, environment)
+        # When the operator runs the command
+        code = _set_key(account, monkeypatch, "--stack", STACK)
+        # Then it fails naming the variable, and the secret is untouched
+        assert code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("llmq: $LLMQ_PROVIDER_API_KEY is not set (or empty)")
+        assert "never taken from the command line" in err
+        assert len(_versions(account, secret)) == 1
+
+
+def test_setting_the_key_of_a_stack_that_is_not_there_is_a_clear_error(
+    account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real-key")
+    # Given no stack of that name
+    assert _set_key(account, monkeypatch, "--stack", "Elsewhere") == 1
+    assert "llmq: stack Elsewhere is not deployed in this account and region" in capsys.readouterr().err
+    # Given a stack without the provider secret's output
+    account.client("cloudformation").create_stack(
+        StackName="NotLlmq",
+        TemplateBody=json.dumps({"Resources": {"H": {"Type": "AWS::CloudFormation::WaitConditionHandle"}}}),
+    )
+    assert _set_key(account, monkeypatch, "--stack", "NotLlmq") == 1
+    err = capsys.readouterr().err
+    assert f"llmq: stack NotLlmq has no {PROVIDER_SECRET_OUTPUT} output" in err
+    assert "sk-real-key" not in err
+    assert account.client("secretsmanager").list_secrets()["SecretList"] == []
+
+
+def test_a_stack_not_deployed_yet_fails_unless_the_key_is_in_the_environment(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a bootstrapped account where the stack was never deployed, and no key in the environment
     account.bootstrap()
     findings, report, code = account.doctor()
+    # Then the doctor refuses: the stack would go live with the placeholder
+    assert _verdicts(findings)["provider key"] is Verdict.FAIL
+    assert code == 1
+    assert (
+        "  FAIL  provider key: stack Llmq is not deployed yet and $LLMQ_PROVIDER_API_KEY is not set" in report
+    )
+    assert "fix: export LLMQ_PROVIDER_API_KEY" in report
+    assert "run `make deploy` again: it sets the key right after `cdk deploy`" in report
+    # Given the key in the environment
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real-key")
+    findings, report, code = account.doctor()
+    # Then the deploy may go ahead: make deploy sets the key right after it
+    assert _verdicts(findings)["provider key"] is Verdict.OK
+    assert code == 0
+    assert "the key will be set right after the deploy" in report
+    assert "sk-real-key" not in report
+
+
+def test_a_deployed_placeholder_with_the_key_in_the_environment_lets_make_deploy_set_it(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a deployed stack on its placeholder, and the key in the environment
+    account.bootstrap()
+    account.deploy()
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real-key")
+    findings, report, code = account.doctor()
+    # Then the doctor notes it rather than stopping `make deploy`, which sets it after the deploy
     assert _verdicts(findings)["provider key"] is Verdict.NOTE
     assert code == 0
-    assert "  note  provider key: stack Llmq is not deployed yet" in report
-    assert "right after the deploy, before creating tenants" in report
+    assert "`make deploy` sets it right after the deploy" in report
 
 
 def test_no_region_fails_before_any_call(account: Account) -> None:
@@ -241,7 +336,8 @@ def test_the_cli_prints_the_report_and_exits_non_zero(
     assert out.splitlines()[0] == "llmq doctor: stack Llmq in us-east-1"
     assert "  FAIL  concurrency: quota 50" in out
     assert "  FAIL  bootstrap:" in out
-    assert out.splitlines()[-1] == "2 problems found"
+    assert "  FAIL  provider key: stack Llmq is not deployed yet" in out
+    assert out.splitlines()[-1] == "3 problems found"
 
 
 def test_with_reservations_off_even_a_quota_below_100_passes(account: Account) -> None:
@@ -260,7 +356,9 @@ def test_with_reservations_off_even_a_quota_below_100_passes(account: Account) -
     assert "the stack reserves 0" in report
 
 
-def test_a_first_create_that_rolled_back_counts_as_not_deployed(account: Account) -> None:
+def test_a_first_create_that_rolled_back_counts_as_not_deployed(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given a stack whose first create failed and rolled back: it exists, with no outputs
     from moto.cloudformation.models import cloudformation_backends
 
@@ -272,8 +370,10 @@ def test_a_first_create_that_rolled_back_counts_as_not_deployed(account: Account
     for stack in cloudformation_backends["123456789012"][REGION].stacks.values():
         if stack.name == STACK:
             stack.status = "ROLLBACK_COMPLETE"
-    # When the operator runs the doctor before deploying again
+    # When the operator runs the doctor before deploying again, with the key in the environment
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real-key")
     findings, report, code = account.doctor()
-    # Then the key check is a note (cdk deploy replaces such a stack), and the deploy may go ahead
-    assert _verdicts(findings)["provider key"] is Verdict.NOTE, report
+    # Then it is checked as a stack to create (cdk deploy replaces it), and the deploy may go ahead
+    assert _verdicts(findings)["provider key"] is Verdict.OK, report
+    assert "is not deployed yet" in report
     assert code == 0

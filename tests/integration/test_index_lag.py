@@ -96,7 +96,7 @@ def test_a_sweep_that_still_sees_a_finished_job_running_never_runs_it_again(
     time.sleep(1.1)  # the lease is judged by the worker's real clock
     QueueRepository(
         harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=harness.sqs
-    ).enqueue_job(job_id, "high")
+    ).enqueue_job(job_id, "high", crashed.find(job_id).tenant_id)  # type: ignore[union-attr]
     assert harness.drain("high") == {"batchItemFailures": []}
     finished = _job(harness, job_id)
     assert (finished["status"], finished["attempts"]) == ("succeeded", 2)
@@ -105,10 +105,10 @@ def test_a_sweep_that_still_sees_a_finished_job_running_never_runs_it_again(
     later.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
     reconciler, _ = _reconciler(harness, later)
     report = reconciler.run()
-    # Then whatever it sends is a harmless duplicate: the worker acknowledges it, the job keeps
-    # its result and attempts, and the provider is not called again
-    assert report.recovered == [job_id]
-    assert harness.drain("high") == {"batchItemFailures": []}
+    # Then it reads the job itself before recovering it, and leaves a finished job alone:
+    # nothing is sent, the job keeps its result and attempts, the provider is not called again
+    assert report.recovered == []
+    assert harness.total_count(lane_url) == 0
     assert _job(harness, job_id) == finished
     assert provider.calls_for(job_id) == 1
     assert harness.total_count(lane_url) == 0

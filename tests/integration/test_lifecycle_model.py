@@ -85,6 +85,7 @@ from llmq.providers import (
 )
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
+from llmq.shares import ShareRepository, is_share_key
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.telemetry import logger
 from llmq.tenants import TenantIdentity, TenantRepository
@@ -358,6 +359,16 @@ class WriteObserver:
                 if old.lease_expires_ms is not None and old.lease_expires_ms >= self.clock.now_ms:
                     yield f"{new.lease_owner} took over a live lease of {old.lease_owner}"
             return
+        if (
+            old.status is JobStatus.RUNNING
+            and new.status is JobStatus.QUEUED
+            and (new.last_write or "").startswith("recover#")
+        ):
+            # The reconciler recovered a job whose worker vanished: a lapsed lease, like a takeover.
+            self.lapses[new.id] += 1
+            _note("a lapsed lease recovered")
+            if old.lease_expires_ms is not None and old.lease_expires_ms >= self.clock.now_ms:
+                yield f"recovered from a live lease of {old.lease_owner}"
         if new.status not in LEGAL_MOVES.get(old.status, set()):
             yield f"illegal transition {old.status.value} -> {new.status.value}"
         elif old.status is JobStatus.QUEUED and new.status is JobStatus.FAILED:
@@ -421,6 +432,14 @@ class _ObservedDynamoDB:
 
     def __getattr__(self, operation: str) -> Any:
         method = getattr(self._inner, operation)
+        if operation == "transact_write_items":
+
+            def transact(**kwargs: Any) -> Any:
+                if self._repository.answer_lost():
+                    self._observed_transaction(method, kwargs)  # applied; its answer never arrives
+                return self._observed_transaction(method, kwargs)
+
+            return transact
         if operation not in ("put_item", "update_item"):
             return method
 
@@ -432,6 +451,18 @@ class _ObservedDynamoDB:
             return self._observed(method, kwargs)
 
         return write
+
+    def _observed_transaction(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """A transaction returns no item: the job it wrote is read back (a test-only read)."""
+        response = method(**kwargs)  # a refused condition raises: nothing was written
+        for entry in kwargs["TransactItems"]:
+            (action,) = entry.values()
+            key = action.get("Key") or {"pk": action["Item"]["pk"]}
+            if is_share_key(key["pk"]["S"]):
+                continue
+            item = self._inner.get_item(TableName=action["TableName"], Key=key, ConsistentRead=True)["Item"]
+            self._repository.observer.saw_write(_from_item(item), _writer())
+        return response
 
     def _observed(self, method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         response = method(**kwargs)  # a refused condition raises: nothing was written
@@ -494,8 +525,10 @@ class ObservedJobRepository(JobRepository):
             self.recorded_deliveries[job_id] += 1
         return recorded
 
-    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
-        claim = super().claim(job_id, owner, lease_seconds)
+    def claim(
+        self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
+    ) -> Claim:
+        claim = super().claim(job_id, owner, lease_seconds, tenant)
         self.claims[owner] = claim
         return claim
 
@@ -792,6 +825,7 @@ class LifecycleModel(RuleBasedStateMachine):
                 )
         for call in self.provider.calls:
             assert not call.cancel_recorded, f"the provider was called for {call.job_id} after its cancel"
+        self._shares_hold()
         for job in self.model_jobs:
             stored = self.observer.seen[job.id]
             self._check_spend(stored)
@@ -853,7 +887,25 @@ class LifecycleModel(RuleBasedStateMachine):
     def _stored(self) -> dict[str, JobRecord]:
         ddb = aws.client("dynamodb")
         items = ddb.scan(TableName=self.stack.jobs_table, ConsistentRead=True).get("Items", [])
-        return {record.id: record for record in map(_from_item, items)}
+        jobs = [item for item in items if not is_share_key(item["pk"]["S"])]
+        return {record.id: record for record in map(_from_item, jobs)}
+
+    def _shares_hold(self) -> None:
+        """DESIGN §3.11: each tenant's share counts exactly its queued and running jobs, and its
+        slots are held by exactly its running jobs, whatever crashed or was sent twice."""
+        shares = ShareRepository(self.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+        for identity in {job.tenant for job in self.model_jobs}:
+            mine = [self.observer.seen[job.id] for job in self.model_jobs if job.tenant == identity]
+            state = shares.get(identity.tenant_id)
+            active = sum(1 for job in mine if not job.status.is_terminal)
+            running = {job.id for job in mine if job.status is JobStatus.RUNNING}
+            held = {job_id for jobs in state.holders.values() for job_id in jobs}
+            assert state.active == active, (
+                f"{identity.tenant_id}: share counts {state.active} active, {active} are"
+            )
+            assert held == running, (
+                f"{identity.tenant_id}: slots held by {sorted(held)}, running {sorted(running)}"
+            )
 
     def _unsettled(self) -> list[str]:
         left = []

@@ -22,7 +22,7 @@ from llmq.policy import ClaimOutcome
 from llmq.ports import JobStore
 from llmq_sandbox.moto_fidelity import make_moto_strict
 from tests.conftest import REGION, create_llmq_resources
-from tests.support.stores import Clock, InMemoryJobs, job_record
+from tests.support.stores import ROOMY, Clock, InMemoryJobs, job_record
 
 LEASE_SECONDS = 60.0
 ERROR = JobError(code=ErrorCode.PROVIDER_UNAVAILABLE, message="busy", retryable=True)
@@ -35,7 +35,7 @@ class Subject:
 
     def created(self, **changes: object) -> str:
         record = job_record(self.jobs.now_ms(), **changes)
-        assert not self.jobs.create(record).replayed
+        assert not self.jobs.create(record, ROOMY).replayed
         return record.id
 
     def status(self, job_id: str = "job_1") -> JobStatus:
@@ -73,7 +73,7 @@ def subject(request: pytest.FixtureRequest) -> Subject:
 
 def test_a_replayed_create_returns_the_stored_job(subject: Subject) -> None:
     subject.created()
-    replay = subject.jobs.create(job_record(subject.jobs.now_ms(), request_hash="other"))
+    replay = subject.jobs.create(job_record(subject.jobs.now_ms(), request_hash="other"), ROOMY)
     assert (replay.replayed, replay.job.request_hash) == (True, "h")
 
 

@@ -352,13 +352,16 @@ def test_accept_claim_and_complete_make_the_minimum_aws_calls(harness: Harness) 
     for service in ("dynamodb", "sqs"):
         aws.client(service).meta.events.register("before-call.*.*", count)
     job_id = harness.submit().body["id"]
-    assert calls == ["PutItem", "SendMessage"]
+    # The accept's put and its tenant's share count are one transaction (DESIGN §3.11)
+    assert calls == ["TransactWriteItems", "SendMessage"]
     url = harness.stack.lane_queue_urls["high"]
     event = harness.sqs_event(url, harness.receive(url))
     calls.clear()
     response = harness.worker().handler(event, LambdaContextStub())
     assert response == {"batchItemFailures": []}
-    assert calls == ["UpdateItem", "UpdateItem"]
+    # The claim takes a slot of the tenant's share in the same transaction; a transaction
+    # returns no item, so one read brings the input. The complete gives the slot back.
+    assert calls == ["TransactWriteItems", "GetItem", "TransactWriteItems"]
     assert _job(harness, job_id)["status"] == "succeeded"
 
 

@@ -19,11 +19,18 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, ItemTooLarge, JobNotFound, LeaseLost, StoreUnavailable
+from llmq.errors import (
+    CancelRequested,
+    ItemTooLarge,
+    JobNotFound,
+    LeaseLost,
+    QuotaExceeded,
+    StoreUnavailable,
+)
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
-from llmq.jobs import Created, SweepEntry
+from llmq.jobs import Admission, Created, SweepEntry
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
@@ -36,6 +43,7 @@ from llmq.models import (
 from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
 from llmq.policy import Claim
 from llmq.queues import redelivery_visibility
+from llmq.shares import ShareState
 from llmq.tenants import Tenant, TenantIdentity, UnknownTenant, hash_api_key, new_api_key, new_webhook_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,6 +57,10 @@ def _throttleable(method: F) -> F:
         return method(self, *args, **kwargs)
 
     return call  # type: ignore[return-value]
+
+
+# An accept's admission for tests that create jobs directly: caps and quota out of the way.
+ROOMY = Admission(cap=1000, max_active_jobs=1_000_000)
 
 
 class Clock:
@@ -68,6 +80,32 @@ class _Refused(Exception):
     """A write whose condition did not hold."""
 
 
+class _Share:
+    """A tenant's share item (`llmq.shares`): active jobs, slot holders per lane, caps."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.holders: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        self.caps: dict[str, int] = {}
+        self.max_concurrency: int | None = None
+        self.max_active_jobs: int | None = None
+
+    def state(self, tenant_id: str) -> ShareState:
+        return ShareState(
+            tenant_id=tenant_id,
+            active=self.active,
+            holders={lane: dict(jobs) for lane, jobs in self.holders.items()},
+            default_caps=dict(self.caps),
+            max_concurrency=self.max_concurrency,
+            max_active_jobs=self.max_active_jobs,
+        )
+
+    def leave(self, job: JobRecord, ends: bool) -> None:
+        self.holders[job.lane].pop(job.id, None)
+        if ends:
+            self.active -= 1
+
+
 class InMemoryJobs:
     """The jobs table and its sparse reconciler index (`due`: job id → sweep_at)."""
 
@@ -79,15 +117,23 @@ class InMemoryJobs:
         self.unavailable: set[str] = set()
         # Every delivery outcome recorded: (status, the receiver's status code, retry in).
         self.deliveries: list[tuple[DeliveryStatus, int | None, float | None]] = []
+        self.shares: defaultdict[str, _Share] = defaultdict(_Share)
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
     def add(self, record: JobRecord, due_ms: int | None = None) -> JobRecord:
-        """Put a job in any state, as a test's Given; unfinished jobs join the sweep index."""
+        """Put a job in any state, as a test's Given; unfinished jobs join the sweep index and
+        count in their tenant's share, as if accepted (and claimed) through the store."""
         self.records[record.id] = record
         if due_ms is not None or not record.status.is_terminal:
             self.due[record.id] = due_ms if due_ms is not None else record.created_ms
+        if not record.status.is_terminal:
+            share = self.shares[record.tenant_id]
+            share.active += 1
+            share.holders[record.lane]
+            if record.status is JobStatus.RUNNING:
+                share.holders[record.lane][record.id] = record.started_ms or record.created_ms
         return record
 
     def _put(self, record: JobRecord, **changes: Any) -> JobRecord:
@@ -100,13 +146,27 @@ class InMemoryJobs:
 
     # ---- accept and read ----------------------------------------------------------------
 
+    def _over_quota(self, tenant_id: str, admission: Admission) -> bool:
+        share = self.shares[tenant_id]
+        return share.active >= (share.max_active_jobs or admission.max_active_jobs)
+
     @_throttleable
-    def create(self, record: JobRecord) -> Created:
+    def check_quota(self, tenant_id: str, admission: Admission) -> None:
+        if self._over_quota(tenant_id, admission):
+            raise QuotaExceeded("over quota", retry_after=self.config.fair_share.quota_retry_after_seconds)
+
+    @_throttleable
+    def create(self, record: JobRecord, admission: Admission) -> Created:
         if item_size_bytes(to_item(record)) > MAX_ITEM_BYTES:
             raise ItemTooLarge("the job does not fit in one item")
         existing = self.records.get(record.id)
         if existing is not None and existing.expires_at >= int(self._clock()):
             return Created(job=existing, replayed=True)
+        self.check_quota(record.tenant_id, admission)
+        share = self.shares[record.tenant_id]
+        share.active += 1
+        share.caps[record.lane] = admission.cap
+        share.holders[record.lane]  # the map exists from the accept on, as in the table
         self.records[record.id] = record.model_copy(update={"last_write": f"create#{uuid.uuid4().hex}"})
         self.due[record.id] = record.created_ms + self.config.reconciler.stale_queued_seconds * 1000
         return Created(job=record, replayed=False)
@@ -142,6 +202,20 @@ class InMemoryJobs:
         return shown, (page[-1].id if more and page else None)
 
     @_throttleable
+    def queued_ahead(self, job: JobRecord, limit: int = 1000) -> int:
+        mine = (job.created_ms, job.id)
+        before = sorted(
+            (
+                r
+                for r in self.records.values()
+                if r.tenant_id == job.tenant_id and (r.created_ms, r.id) < mine
+            ),
+            key=lambda r: (r.created_ms, r.id),
+            reverse=True,
+        )[:limit]
+        return sum(1 for r in before if r.status is JobStatus.QUEUED and r.lane == job.lane)
+
+    @_throttleable
     def is_cancel_requested(self, job_id: str) -> bool:
         record = self.records.get(job_id)
         return record is not None and record.cancel_requested
@@ -163,12 +237,20 @@ class InMemoryJobs:
         )
 
     @_throttleable
-    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
+    def claim(
+        self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
+    ) -> Claim:
         now = self.now_ms()
         found = self.records.get(job_id)
         if found is None or not self._claimable(found, now):
             ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
             return Claim(claimed=ours, job=found, at_ms=now)
+        share = self.shares[found.tenant_id]
+        held = share.holders[found.lane]
+        cap = share.max_concurrency or share.caps.get(found.lane)
+        if job_id not in held and cap is not None and len(held) >= cap:
+            return Claim(claimed=False, job=None, at_ms=now, share=share.state(found.tenant_id))
+        held[job_id] = now
         lease_until = self._in_seconds(lease_seconds)
         self.due[job_id] = lease_until + self.config.reconciler.expired_lease_grace_seconds * 1000
         claimed = self._put(
@@ -212,6 +294,7 @@ class InMemoryJobs:
             self.due[job.id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
         else:
             self.due.pop(job.id, None)
+        self.shares[old.tenant_id].leave(old, ends=True)
         return self._put(old, **changes)
 
     def _finish_if(
@@ -266,6 +349,7 @@ class InMemoryJobs:
             raise CancelRequested(job.id)
         visible_at = self._in_seconds(delay_seconds)
         self.due[job.id] = visible_at + self.config.reconciler.stale_queued_seconds * 1000
+        self.shares[old.tenant_id].leave(old, ends=False)
         changes: dict[str, Any] = {"error": error} if error else {"attempts": old.attempts - 1}
         return self._put(
             old,
@@ -308,6 +392,22 @@ class InMemoryJobs:
             )
 
         return self._finish_if(job, JobStatus.CANCELED, asked)
+
+    @_throttleable
+    def recover(self, job: JobRecord) -> JobRecord | None:
+        old = self.records.get(job.id)
+        if old is None or old.status is not JobStatus.RUNNING or not self._unleased(old):
+            return None
+        self.due[job.id] = self._in_seconds(self.config.reconciler.stale_queued_seconds)
+        self.shares[old.tenant_id].leave(old, ends=False)
+        return self._put(
+            old,
+            status=JobStatus.QUEUED,
+            last_write=f"recover#{uuid.uuid4().hex}",
+            lease_owner=None,
+            lease_expires_ms=None,
+            not_before_ms=None,
+        )
 
     @_throttleable
     def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
@@ -394,8 +494,12 @@ class InMemoryJobs:
     # ---- the reconciler's sparse index ------------------------------------------------------
 
     @_throttleable
-    def sweep(self, due_before_ms: int, limit: int) -> Iterator[SweepEntry]:
-        due = sorted((at, job_id) for job_id, at in self.due.items() if at <= due_before_ms)
+    def sweep(self, due_before_ms: int, limit: int, status: JobStatus | None = None) -> Iterator[SweepEntry]:
+        due = sorted(
+            (at, job_id)
+            for job_id, at in self.due.items()
+            if at <= due_before_ms and (status is None or self.records[job_id].status is status)
+        )
         for at, job_id in due[:limit]:
             record = self.records[job_id]
             yield SweepEntry(
@@ -431,7 +535,9 @@ class InMemoryQueues:
         self.unavailable: set[str] = set()
 
     @_throttleable
-    def enqueue_job(self, job_id: str, lane: str, delay_seconds: int = 0) -> None:
+    def enqueue_job(
+        self, job_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, not_before_ms: int | None = None
+    ) -> None:
         self.lanes[lane].append(job_id)
         self.delays.append((job_id, delay_seconds))
 

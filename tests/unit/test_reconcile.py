@@ -148,3 +148,35 @@ def test_unknown_lane_depths_hold_back_stale_queued_jobs_but_not_the_rest() -> N
     # Then nothing is re-sent to the lane, while the webhook still goes out
     assert world.queues.lanes["high"] == []
     assert (report.waiting, report.webhooks) == (["job_1"], ["job_2"])
+
+
+def test_a_lapsed_lease_is_recovered_in_the_next_run_whatever_the_backlog_of_stale_jobs() -> None:
+    """DESIGN §3.11: a crashed worker's slot comes back within one run after its lease."""
+    # Given more stale queued jobs than a run examines, all more overdue than a lapsed lease
+    world = World()
+    config = world.config.model_copy(
+        update={"reconciler": world.config.reconciler.model_copy(update={"max_items_per_run": 5})}
+    )
+    reconciler = Reconciler(world.jobs, world.queues, config)
+    for index in range(20):
+        world.queued(f"job_q{index}", 3600)
+        world.queues.lanes["high"].append(f"job_q{index}")
+    now = world.jobs.now_ms()
+    world.jobs.add(
+        job_record(
+            now,
+            "job_crashed",
+            status=JobStatus.RUNNING,
+            attempts=1,
+            lease_owner="gone",
+            lease_expires_ms=now - 1,
+        ),
+        due_ms=now - 1,
+    )
+    # When the reconciler runs once
+    report = reconciler.run()
+    # Then the crashed job is recovered: queued again, its slot given back, a message sent
+    assert report.recovered == ["job_crashed"]
+    assert world.jobs.records["job_crashed"].status is JobStatus.QUEUED
+    assert "job_crashed" not in world.jobs.shares["ten_acme"].holders["high"]
+    assert report.examined == 5

@@ -9,6 +9,7 @@ from random import Random
 import pytest
 
 from llmq.config import LlmqConfig, RetryPolicy
+from llmq.errors import StoreContended
 from llmq.execution import Invocation, JobRunner
 from llmq.job_record import JobRecord
 from llmq.models import ErrorCode, JobResult, JobStatus, LaneMessage, WebhookEvent
@@ -61,8 +62,14 @@ class World:
             status=JobStatus.RUNNING, attempts=attempts, lease_owner=owner, lease_expires_ms=lease, **changes
         )
 
-    def run(self, job_id: str = "job_1", owner: str = OWNER, remaining_seconds: float = 60.0) -> None:
-        body = LaneMessage(job_id=job_id, lane="high").model_dump_json()
+    def run(
+        self,
+        job_id: str = "job_1",
+        owner: str = OWNER,
+        remaining_seconds: float = 60.0,
+        tenant_id: str | None = None,
+    ) -> None:
+        body = LaneMessage(job_id=job_id, lane="high", tenant_id=tenant_id).model_dump_json()
         invocation = Invocation(owner=owner, remaining_seconds=lambda: remaining_seconds)
         asyncio.run(self.runner.run(body, invocation))
 
@@ -342,3 +349,85 @@ def test_a_worker_whose_lease_was_taken_over_cannot_overwrite_the_result() -> No
     # Then its result is discarded: the job still belongs to the other worker
     job = world.job()
     assert (job.status, job.lease_owner, job.result) == (JobStatus.RUNNING, "usurper", None)
+
+
+# ---- the tenant's concurrency cap ---------------------------------------------------------------
+
+
+def test_a_job_whose_tenant_is_at_its_cap_waits_as_a_delayed_copy_unspent() -> None:
+    # Given a tenant capped at one job at a time, one running and one queued
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.running("other-worker", 60_000, id="job_0")
+    world.add(id="job_1")
+    # When a worker gets the queued job's message
+    world.run("job_1", tenant_id="ten_acme")
+    # Then the message is acknowledged and replaced by a delayed copy: no receive is spent,
+    # so waiting for a slot can never carry the job to the DLQ
+    assert world.queues.lanes["high"] == ["job_1"]
+    ((copy, delay),) = world.queues.delays
+    assert copy == "job_1" and 1 <= delay <= world.config.fair_share.max_deferral_seconds
+    # And the job was never claimed: still queued, no attempt, no provider call
+    assert (world.job("job_1").status, world.job("job_1").attempts) == (JobStatus.QUEUED, 0)
+    assert world.provider.calls == []
+
+
+def test_a_deferral_whose_send_fails_holds_the_message_back_instead() -> None:
+    # Given a tenant at its cap, and SQS refusing the delayed copy
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.running("other-worker", 60_000, id="job_0")
+    world.add(id="job_1")
+    world.queues.unavailable.add("enqueue_job")
+    # When a worker gets the message, Then it is reported failed with the deferral as its delay
+    with pytest.raises(RetryLater) as held:
+        world.run("job_1", tenant_id="ten_acme")
+    assert held.value.delay_seconds >= 1
+    assert world.job("job_1").attempts == 0
+
+
+def test_a_slot_frees_when_the_running_job_ends() -> None:
+    # Given a tenant capped at one, its slot held by a job that then succeeds
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.add(id="job_0")
+    world.add(id="job_1")
+    world.run("job_0", tenant_id="ten_acme")
+    assert world.job("job_0").status is JobStatus.SUCCEEDED
+    # When the next job's message comes, Then it runs
+    world.run("job_1", tenant_id="ten_acme")
+    assert world.job("job_1").status is JobStatus.SUCCEEDED
+    assert world.queues.delays == []
+
+
+def test_a_deferral_longer_than_sqs_allows_travels_as_copies_and_claims_only_when_due() -> None:
+    # Given a message deferred until 2,000 s from now (SQS delays a message 900 s at most)
+    world = World()
+    world.add(id="job_1")
+    due = world.jobs.now_ms() + 2_000_000
+    body = LaneMessage(job_id="job_1", lane="high", tenant_id="ten_acme", not_before_ms=due).model_dump_json()
+    # When a worker receives it
+    asyncio.run(world.runner.run(body, Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)))
+    # Then it passes it on for another 900 s without trying a claim
+    assert world.queues.delays == [("job_1", 900)]
+    assert (world.job().status, world.job().attempts) == (JobStatus.QUEUED, 0)
+    assert world.provider.calls == []
+
+
+def test_a_claim_that_keeps_meeting_other_transactions_comes_back_soon_as_a_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a claim whose transaction loses to others on the tenant's share, try after try
+    world = World()
+    world.add(id="job_1")
+
+    def contended(*_: object, **__: object) -> None:
+        raise StoreContended("dynamodb.TransactWriteItems: ['TransactionConflict'] after 5 tries")
+
+    monkeypatch.setattr(world.jobs, "claim", contended)
+    # When a worker runs its message (with little time left, so the in-process retries end)
+    world.run("job_1", tenant_id="ten_acme", remaining_seconds=5.0)
+    # Then the message is replaced by a copy due in seconds, not parked for a lease
+    ((copy, delay),) = world.queues.delays
+    assert copy == "job_1" and 1 <= delay <= 5
+    assert world.job().attempts == 0

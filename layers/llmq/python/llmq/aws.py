@@ -83,6 +83,8 @@ _TRANSIENT_CODES = frozenset(
         "ServiceUnavailable",
         "ServiceUnavailableException",
         "TransactionInProgressException",
+        # A single write that met a transaction on its item: refused, not applied.
+        "TransactionConflictException",
         "RequestTimeout",
         "RequestTimeoutException",
     }

@@ -127,8 +127,10 @@ class ReconcilerConfig(_Frozen):
     schedule_minutes: Annotated[int, Field(ge=1)] = 5
     # A queued job untouched this long may have lost its message between PutItem and SendMessage.
     stale_queued_seconds: Annotated[int, Field(ge=1)] = 300
-    # A running job whose lease expired this long ago was left behind by a crash.
-    expired_lease_grace_seconds: Annotated[int, Field(ge=0)] = 300
+    # A running job whose lease expired this long ago was left behind by a crash. The lease
+    # already outlasts the Lambda that took it, so none is needed: the next run recovers the
+    # job and gives its slot back (DESIGN §3.11: within the lease plus one reconciler period).
+    expired_lease_grace_seconds: Annotated[int, Field(ge=0)] = 0
     stale_webhook_seconds: Annotated[int, Field(ge=1)] = 900
     max_items_per_run: Annotated[int, Field(ge=1)] = 500
     # Partitions of the sparse reconciler index, so job writes never pile onto one hot key.
@@ -169,6 +171,48 @@ class ConcurrencyConfig(_Frozen):
     authorizer: Annotated[int, Field(ge=1, le=1000)] = 20
 
 
+class TenantLimits(_Frozen):
+    """What one tenant may use; a tier's defaults, which `llmq tenants set-limits` overrides.
+
+    docs/limits.md says what a client sees at each limit.
+    """
+
+    # Jobs running at once, in each lane. None: half the lane's job capacity (its
+    # max_concurrency times its batch size, since an invocation runs a whole batch at once),
+    # so one tenant can never take a whole lane.
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+    # Queued plus running jobs; a submit over it is refused with 429 quota_exceeded.
+    max_active_jobs: Annotated[int, Field(ge=1)] = 1000
+    # API Gateway usage plan throttling of the tenant's requests (all routes together).
+    rate_per_second: Annotated[float, Field(gt=0)] = 10.0
+    burst: Annotated[int, Field(ge=1)] = 20
+
+
+def _tier_limits() -> dict[str, TenantLimits]:
+    return {
+        "enterprise": TenantLimits(max_active_jobs=10_000, rate_per_second=50.0, burst=100),
+        "free": TenantLimits(max_active_jobs=100, rate_per_second=5.0, burst=10),
+    }
+
+
+class FairShareConfig(_Frozen):
+    """Per-tenant caps, quotas and rate limits (README "Limits", docs/limits.md)."""
+
+    tiers: dict[str, TenantLimits] = Field(default_factory=_tier_limits)
+    # For a tier not listed.
+    default: TenantLimits = TenantLimits()
+    # Retry-After of a 429 quota_exceeded: active jobs only drop as jobs finish.
+    quota_retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
+    # A message whose tenant is at its cap comes back after about backlog x run time / cap,
+    # divided by this: above 1, deferred messages return a little faster than slots free up,
+    # so a freed slot is taken soon, at the cost of that many refused claims per job run.
+    deferral_pressure: Annotated[float, Field(ge=1, le=10)] = 1.5
+    # The shortest and longest deferral. One longer than SQS's 900 s delay travels as a chain
+    # of delayed copies of the message, and only the last one tries a claim.
+    min_deferral_seconds: Annotated[float, Field(ge=1)] = 1.0
+    max_deferral_seconds: Annotated[float, Field(ge=1, le=MAX_VISIBILITY_SECONDS)] = 3600.0
+
+
 class LlmqConfig(_Frozen):
     """Everything an operator may tune. Read from cdk.json context key `llmq`."""
 
@@ -182,7 +226,10 @@ class LlmqConfig(_Frozen):
     default_lane: str = "low"
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     # SQS redrives to the DLQ after this many receives; it must exceed max_attempts so the
-    # DLQ only ever sees crashes and poison, never ordinary retries.
+    # DLQ only ever sees crashes and poison, never ordinary retries. A job's crashes are
+    # counted by its own attempts (a takeover of a lapsed lease is one). A message whose
+    # tenant is at its cap is replaced by a delayed copy, not received again, so waiting for
+    # a slot never counts here (`JobRunner._defer`).
     max_receive_count: Annotated[int, Field(ge=5, le=1000)] = 6
     retention_days: Annotated[int, Field(ge=1, le=365)] = 7
     # Added to the Lambda's remaining time to form the lease.
@@ -199,6 +246,7 @@ class LlmqConfig(_Frozen):
     worker: FunctionSizing = Field(default_factory=_worker_sizing)
     dispatcher: FunctionSizing = Field(default_factory=_dispatcher_sizing)
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    fair_share: FairShareConfig = FairShareConfig()
 
     @model_validator(mode="after")
     def _check_lanes(self) -> Self:
@@ -222,6 +270,24 @@ class LlmqConfig(_Frozen):
     @cached_property
     def lanes_by_name(self) -> dict[str, LaneConfig]:
         return {lane.name: lane for lane in self.lanes}
+
+    def tenant_limits(self, tier: str) -> TenantLimits:
+        """A tier's default limits (a tenant's overrides live on its share item)."""
+        return self.fair_share.tiers.get(tier, self.fair_share.default)
+
+    def concurrency_cap(self, tier: str) -> int:
+        """Jobs of one tenant of `tier` running at once in its lane, by default."""
+        limits = self.tenant_limits(tier)
+        if limits.max_concurrency is not None:
+            return limits.max_concurrency
+        lane = self.lane_for_tier(tier)
+        return max(1, lane.max_concurrency * lane.batch_size // 2)
+
+    def lane_for_tier(self, tier: str) -> LaneConfig:
+        for lane in self.lanes:
+            if tier in lane.tiers:
+                return lane
+        return self.lanes_by_name[self.default_lane]
 
     @property
     def total_lane_concurrency(self) -> int:

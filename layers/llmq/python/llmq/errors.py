@@ -28,10 +28,14 @@ class DomainError(Exception):
     code = "internal_error"
     title = "Internal error"
     status = 500
+    # Seconds a client should wait before trying again (the answer's Retry-After), if any.
+    retry_after: int | None = None
 
-    def __init__(self, detail: str | None = None) -> None:
+    def __init__(self, detail: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidRequest(DomainError):
@@ -135,6 +139,22 @@ class StoreUnavailable(DomainError):
     code = "service_unavailable"
     title = "A storage service is busy; retry shortly"
     status = 503
+
+
+class QuotaExceeded(DomainError):
+    """The tenant has its max_active_jobs queued or running: nothing was written."""
+
+    code = "quota_exceeded"
+    title = "Too many active jobs; retry when some have finished"
+    status = 429
+
+
+class StoreContended(StoreUnavailable):
+    """A DynamoDB transaction canceled by conflicts or throttles, try after try: it was not
+    applied (unlike a throttled single write, which may have been)."""
+
+    code = "storage_contended"
+    title = "Other writes to the same account data won; retry shortly"
 
 
 class ItemTooLarge(DomainError):

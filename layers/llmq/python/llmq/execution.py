@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, LeaseLost, StoreUnavailable
+from llmq.errors import CancelRequested, LeaseLost, StoreContended, StoreUnavailable
 from llmq.job_record import JobRecord
 from llmq.lanes import retry_delay_seconds
 from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
@@ -29,7 +30,8 @@ from llmq.providers import (
     ProviderTimeout,
     TransientProviderError,
 )
-from llmq.queues import announce_terminal
+from llmq.queues import MAX_SEND_DELAY_SECONDS, announce_terminal
+from llmq.shares import ShareState, deferral_seconds
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, logger
 
@@ -46,6 +48,9 @@ _WRITE_RETRY_MAX_SECONDS = 4.0
 _WRITE_RETRY_FLOOR_SECONDS = 4.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
+# A claim that kept meeting other transactions on the tenant's share comes back this soon
+# (with up to as much again of jitter).
+_CONTENDED_DELAY_SECONDS = 2.0
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
@@ -81,14 +86,32 @@ class JobRunner:
         """Process one lane message. Raises RetryLater or PoisonMessage to report it failed."""
         message = _parse(body)
         lease_seconds = invocation.remaining_seconds() + self.config.lease_margin_seconds
+        tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
+        if tenant is not None and message.not_before_ms is not None:
+            wait_ms = message.not_before_ms - self.jobs.now_ms()
+            if wait_ms > 1000:
+                # A deferral longer than SQS's 900 s delay, on its way: passed on, not claimed.
+                await self._resend(
+                    message, tenant, message.not_before_ms, wait_ms / 1000, "deferral continued"
+                )
+                return
         try:
             # Retried in process with the same owner, so a claim that was applied before its
             # answer was lost is recognised as ours instead of stalling as someone else's lease.
             claim = await self._write_back(
-                lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds),
+                lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds, tenant),
                 invocation,
                 budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
             )
+        except StoreContended as exc:
+            # Other writes of the tenant's share won, try after try; nothing was applied. The
+            # job comes back in a few seconds, as a new message: no receive is spent on it.
+            delay = _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
+            logger.warning("claim contended", extra={"job_id": message.job_id, "why": str(exc)})
+            if tenant is None:
+                raise RetryLater(message.job_id, delay) from exc
+            await self._resend(message, tenant, None, delay, "claim contended")
+            return
         except StoreUnavailable as exc:
             # Nothing was spent yet. The claim may have been applied, though, leased to us: the
             # message comes back once that lease has lapsed (with jitter, so throttled messages
@@ -97,6 +120,9 @@ class JobRunner:
             delay = lease_seconds * (1 + self._rng.random() / 10)
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
             raise RetryLater(message.job_id, delay) from exc
+        if claim.outcome is ClaimOutcome.AT_CAP and claim.share is not None:
+            await self._defer(message, (claim.share.tenant_id, message.lane or ""), claim.share, claim.at_ms)
+            return
         job = claim.job
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
@@ -125,6 +151,54 @@ class JobRunner:
         except LeaseLost:
             # Another worker took the job over after our lease lapsed; its result stands.
             logger.warning("lease lost; result discarded", extra=log)
+
+    async def _defer(
+        self, message: LaneMessage, tenant: tuple[str, str], share: ShareState, at_ms: int
+    ) -> None:
+        """The tenant runs as many jobs in the lane as its cap allows: the job waits, unspent.
+
+        A new message, delayed until a slot is likely free, replaces this one (acknowledged).
+        Re-sending rather than extending this message's visibility keeps deferrals out of its
+        receive count, so however long a capped tenant's backlog, no job reaches the DLQ by
+        waiting its turn, and maxReceiveCount keeps meaning crashes and poison. A deferral
+        longer than SQS's 900 s delay travels as a chain of delayed copies that carry when the
+        job is due (`not_before_ms`): only the last one tries a claim.
+        """
+        delay = deferral_seconds(share, tenant[1], at_ms, self.config.fair_share, self._rng)
+        due_ms = at_ms + int(delay * 1000)
+        await self._resend(
+            message, tenant, due_ms, delay, "tenant at its cap; deferred", running=share.running
+        )
+
+    async def _resend(
+        self,
+        message: LaneMessage,
+        tenant: tuple[str, str],
+        due_ms: int | None,
+        delay: float,
+        why: str,
+        **extra: object,
+    ) -> None:
+        """Acknowledge this message and send a copy delayed by `delay` (at most 900 s a hop).
+        If the send fails, this message waits instead, counting one receive."""
+        log = {"job_id": message.job_id, "delay_seconds": round(delay, 1), **extra}
+        tenant_id, lane = tenant
+        hop = math.ceil(min(delay, MAX_SEND_DELAY_SECONDS))
+        if lane:
+            try:
+                await asyncio.to_thread(
+                    self.queues.enqueue_job,
+                    message.job_id,
+                    lane,
+                    tenant_id,
+                    hop,
+                    due_ms if due_ms is not None and delay > MAX_SEND_DELAY_SECONDS else None,
+                )
+                logger.info(why, extra=log)
+                return
+            except StoreUnavailable:
+                logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
+        raise RetryLater(message.job_id, delay)
 
     async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord | None:
         """The claimed job's input from S3, through throttles for a bounded time.
@@ -403,7 +477,7 @@ def _dead_letter_queued(
     if counted is None:
         return None  # it left queued meanwhile: whoever moved it owns it now
     if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
-        queues.enqueue_job(counted.id, counted.lane)
+        queues.enqueue_job(counted.id, counted.lane, counted.tenant_id)
         logger.warning("queued job's message dead-lettered; sent again", extra={"job_id": counted.id})
         return counted
     error = JobError(

@@ -16,11 +16,13 @@ from llmq.errors import (
     JobNotTerminal,
     NoWebhook,
     PromptTooLarge,
+    QuotaExceeded,
     StoreUnavailable,
     UnknownModel,
 )
 from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord, new_job_id
+from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
 from llmq.models import JobRequest, JobStatus
 from llmq.offload import Offload
@@ -67,9 +69,16 @@ class JobIntake:
         """One conditional PutItem, then one SendMessage. A replay writes and sends nothing."""
         self._validate(request, idempotency_key)
         now_ms = self.jobs.now_ms()
+        record = self._new_record(tenant, request, idempotency_key, now_ms)
+        admission = Admission(
+            cap=self.config.concurrency_cap(tenant.tier),
+            max_active_jobs=self.config.tenant_limits(tenant.tier).max_active_jobs,
+        )
+        if not self.offload.fits(record):
+            self._check_quota(record, admission, keyed=idempotency_key is not None)
         # An input too large for the item goes to S3 first; the item holds its reference.
-        record = self.offload.place_input(self._new_record(tenant, request, idempotency_key, now_ms))
-        created = self.jobs.create(record)
+        record = self.offload.place_input(record)
+        created = self.jobs.create(record, admission)
         if created.replayed:
             if created.job.tenant_id != tenant.tenant_id or created.job.request_hash != record.request_hash:
                 raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
@@ -83,14 +92,27 @@ class JobIntake:
             },
         )
         try:
-            self.queues.enqueue_job(record.id, record.lane)
+            self.queues.enqueue_job(record.id, record.lane, record.tenant_id)
         except Exception:
             # The job is stored durably as queued; the reconciler enqueues it after
             # `stale_queued_seconds`. The client keeps its 202 and its job id.
             logger.exception(
                 "enqueue failed; the reconciler will pick the job up", extra={"job_id": record.id}
             )
+            # Counted, since no error metric sees it: the Lane<Name>EnqueueFailed alarm.
+            from llmq.telemetry import MetricName, emit_job_metric
+
+            emit_job_metric(MetricName.JOB_ENQUEUE_FAILED, 1, record.lane)
         return Submission(job=record, replayed=False)
+
+    def _check_quota(self, record: JobRecord, admission: Admission, keyed: bool) -> None:
+        """Before an input goes to S3: a submit the quota refuses must leave nothing behind.
+        A replay of an accepted key (its id is derived from the key) is never refused."""
+        try:
+            self.jobs.check_quota(record.tenant_id, admission)
+        except QuotaExceeded:
+            if not keyed or self.jobs.find(record.id) is None:
+                raise
 
     def _validate(self, request: JobRequest, idempotency_key: str | None) -> None:
         limits = self.config.limits
@@ -132,13 +154,21 @@ class JobIntake:
             expires_at=now_ms // 1000 + self.config.retention_seconds,
         )
 
-    def get(self, tenant: TenantIdentity, job_id: str, wait_seconds: float = 0) -> JobRecord:
-        """The tenant's job; with a wait, the first terminal state seen within it."""
+    def get(
+        self, tenant: TenantIdentity, job_id: str, wait_seconds: float = 0, position: bool = False
+    ) -> JobRecord:
+        """The tenant's job; with a wait, the first terminal state seen within it. With
+        `position`, a job still queued says where it stands among the tenant's queued jobs."""
         deadline = time.monotonic() + wait_seconds
         job = self.jobs.get(job_id, tenant.tenant_id)
         while not job.status.is_terminal and time.monotonic() < deadline:
             self._sleep(min(self.config.limits.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
             job = self.jobs.get(job_id, tenant.tenant_id)
+        if position and job.status is JobStatus.QUEUED:
+            try:
+                job = job.model_copy(update={"queue_position": 1 + self.jobs.queued_ahead(job)})
+            except StoreUnavailable:
+                logger.warning("queue position unavailable", extra={"job_id": job.id})
         return self.offload.load_result(job)
 
     def list(

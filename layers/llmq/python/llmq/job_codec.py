@@ -36,7 +36,9 @@ def json_text(value: Any) -> str:
 def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     # The dead-letter set only ever grows through ADD (DynamoDB has no empty sets).
     data = record.model_dump(
-        mode="json", exclude_none=True, exclude={"result_url", "result_url_expires_ms", "dead_letter_ids"}
+        mode="json",
+        exclude_none=True,
+        exclude={"result_url", "result_url_expires_ms", "queue_position", "dead_letter_ids"},
     )
     for name in _JSON_FIELDS:
         if name in data:

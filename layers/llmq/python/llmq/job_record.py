@@ -72,6 +72,9 @@ class JobRecord(BaseModel):
     result_url: str | None = None
     # When a presigned result_url stops working (epoch ms); never stored, like result_url.
     result_url_expires_ms: int | None = None
+    # A queued job's approximate place among its tenant's queued jobs in its lane (1: next);
+    # never stored, like result_url: GET /v1/jobs/{id} counts it (`JobStore.queued_ahead`).
+    queue_position: int | None = None
     error: JobError | None = None
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] = Field(default_factory=list)
@@ -85,6 +88,9 @@ class JobRecord(BaseModel):
     # The token of the last conditional write. A write retried after its response was lost
     # finds its own token in the item and knows it was applied (DESIGN §3.10).
     last_write: str | None = None
+    # Accepted under tenant shares (`llmq.shares`): its writes keep its tenant's counts. A job
+    # accepted before them is written alone, as then.
+    shared: bool = False
     # The dead-lettered lane messages of a job no worker claimed, by message id: a set, so a
     # retried or repeated dead letter counts once.
     dead_letter_ids: set[str] = Field(default_factory=set)
@@ -129,6 +135,7 @@ class JobRecord(BaseModel):
                 else None
             ),
             result_url_expires_at=iso(self.result_url_expires_ms) if self.result_url_expires_ms else None,
+            queue_position=self.queue_position if self.status is JobStatus.QUEUED else None,
             error=self.error,
             webhook=webhook,
         )

@@ -8,6 +8,7 @@ sees botocore: `ClientError` codes become domain outcomes.
 from __future__ import annotations
 
 import heapq
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,10 +17,18 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from llmq import aws
+from llmq import aws, shares
 from llmq import job_codec as codec
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, ItemTooLarge, JobNotFound, LeaseLost
+from llmq.errors import (
+    CancelRequested,
+    ItemTooLarge,
+    JobNotFound,
+    LeaseLost,
+    QuotaExceeded,
+    StoreContended,
+    StoreUnavailable,
+)
 from llmq.job_index import (
     SWEEP_INDEX,
     TENANT_INDEX,
@@ -31,8 +40,43 @@ from llmq.job_index import (
 from llmq.job_record import JobRecord
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, JobError, JobResult, JobStatus
 from llmq.policy import Claim
+from llmq.shares import ShareState
 
 Clock = Callable[[], float]
+
+# A claim under shares also requires the job to have been accepted under them, by the tenant
+# and in the lane whose slot it takes.
+_SHARED_CLAIM = "#shared = :true AND tenant_id = :tenant AND lane = :lane AND "
+# A claim takes a queued job that is due, or a running one whose lease lapsed and that has
+# attempts left; never one asked to cancel or past its retention.
+_CLAIM_CONDITION = (
+    "attribute_exists(pk) AND expires_at > :now_s AND "
+    "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND ("
+    "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now) "
+    "AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
+    "(#st = :running AND lease_expires_ms < :now AND attempts < :max))"
+)
+# GET of a queued job counts the tenant's queued jobs submitted before it among this many of
+# its jobs, newest first: a bounded read (a few dozen read units at most) however large the
+# tenant's history.
+QUEUE_POSITION_WINDOW = 1000
+# A transaction that met another on the same item (TransactionConflict: two claims of one
+# tenant at once) or a throttle is tried again this many times, after a short random pause,
+# before the caller hears StoreUnavailable.
+_TRANSACTION_TRIES = 5
+_CONFLICT_PAUSE_SECONDS = 0.05
+_RETRYABLE_REASONS = frozenset(
+    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
+)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What an accept checks and records on the tenant's share (`llmq.shares`)."""
+
+    # The tier's default cap for the job's lane, and its default quota of active jobs.
+    cap: int
+    max_active_jobs: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +101,28 @@ class _ConditionFailed(Exception):
         self.old = old
 
 
+class _Canceled(Exception):
+    """A transaction refused by a condition: which items' conditions failed, and what they held."""
+
+    def __init__(self, reasons: list[dict[str, Any]]) -> None:
+        super().__init__("transaction canceled")
+        self.reasons = reasons
+
+    def failed(self, index: int) -> bool:
+        return index < len(self.reasons) and self.reasons[index].get("Code") == "ConditionalCheckFailed"
+
+    def item(self, index: int) -> dict[str, Any] | None:
+        if index >= len(self.reasons):
+            return None
+        found: dict[str, Any] | None = self.reasons[index].get("Item")
+        return found or None
+
+    def job(self) -> JobRecord | None:
+        """The job item (always the first of our transactions) as the failed condition found it."""
+        item = self.item(0)
+        return codec.from_item(item) if item else None
+
+
 class JobRepository:
     def __init__(
         self, table_name: str, config: LlmqConfig, *, dynamodb: Any, clock: Clock = time.time
@@ -65,6 +131,7 @@ class JobRepository:
         self.config = config
         self._clock = clock
         self._ddb = aws.TranslatedClient(dynamodb)
+        self._rng = random.Random()
 
     def _sweep(self, job_id: str, due_ms: int | None) -> tuple[list[str], list[str], dict[str, Any]]:
         return sweep_clauses(job_id, due_ms, self.config.reconciler.sweep_shards)
@@ -72,13 +139,91 @@ class JobRepository:
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    def _job_update(
+        self, job_id: str, expression: str, condition: str, names: dict[str, str], values: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A conditional update of one job, as an item of a transaction."""
+        return {
+            "Update": {
+                "TableName": self.table_name,
+                "Key": {"pk": {"S": job_id}},
+                "UpdateExpression": expression,
+                "ConditionExpression": condition,
+                "ExpressionAttributeNames": names,
+                "ExpressionAttributeValues": codec.values(**values),
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
+        }
+
+    def _transact_leaving(self, job: JobRecord, update: dict[str, Any], *, ends: bool) -> None:
+        """A job update in one transaction with its tenant's share: the job gives back its
+        slot if it held one, and with `ends` is no longer active either.
+
+        A job accepted before shares existed (`shared` unset) never counted in one: it is
+        written alone, as before, and refused the same way (`_Canceled`).
+        """
+        if not job.shared:
+            try:
+                self._ddb.update_item(**update["Update"])
+            except ClientError as exc:
+                if codec.too_large(exc):
+                    raise ItemTooLarge(f"job {job.id} does not fit in one item") from exc
+                if not codec.condition_failed(exc):
+                    raise
+                item = exc.response.get("Item")
+                raise _Canceled([{"Code": "ConditionalCheckFailed", "Item": item}]) from exc
+            return
+        leave = shares.leave(self.table_name, job.tenant_id, job.lane, job.id, ends=ends)
+        self._transact([update, leave])
+
+    def _transact(self, items: list[dict[str, Any]]) -> None:
+        """One TransactWriteItems: a job write (always the first item) and its tenant's share
+        update, all or nothing.
+
+        botocore gives the call an idempotency token and reuses it on its own retries, so a
+        transaction applied but unanswered is not applied twice. Raises _Canceled when a
+        condition failed, ItemTooLarge when the job's item would pass 400 KB, and, after a few
+        tries, StoreContended for conflicts and throttles: a canceled transaction is known
+        not to have been applied.
+        """
+        for attempt in range(_TRANSACTION_TRIES):
+            try:
+                self._ddb.transact_write_items(TransactItems=items)
+                return
+            except ClientError as exc:
+                if codec.too_large(exc):
+                    raise ItemTooLarge("the job does not fit in one item") from exc
+                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                    raise
+                reasons: list[dict[str, Any]] = exc.response.get("CancellationReasons") or []  # type: ignore[assignment]
+                codes = {reason.get("Code") for reason in reasons}
+                if "ConditionalCheckFailed" in codes:
+                    raise _Canceled(reasons) from exc
+                # A reason says ValidationError on AWS (ValidationException in moto).
+                job_reason = reasons[0] if reasons else {}
+                if (
+                    str(job_reason.get("Code", "")).startswith("Validation")
+                    and "size" in str(job_reason.get("Message", "")).lower()
+                ):
+                    raise ItemTooLarge("the job does not fit in one item") from exc
+                if not codes & _RETRYABLE_REASONS:
+                    raise
+                if attempt + 1 < _TRANSACTION_TRIES:
+                    time.sleep(_CONFLICT_PAUSE_SECONDS * (1 + self._rng.random()) * (attempt + 1))
+                    continue
+                raise StoreContended(
+                    f"dynamodb.TransactWriteItems: {sorted(c for c in codes if c)} after {attempt + 1} tries"
+                ) from exc
+
     # ---- accept -------------------------------------------------------------------------
 
-    def create(self, record: JobRecord) -> Created:
-        """One conditional PutItem. A replay of the same id returns the stored job instead.
+    def create(self, record: JobRecord, admission: Admission) -> Created:
+        """One transaction: the conditional put of the job and one more active job on its
+        tenant's share. A replay of the same id returns the stored job instead, whatever the
+        quota; a new job over the quota raises QuotaExceeded and writes nothing.
 
-        The put carries a fresh token: when botocore retries a put whose first try was
-        applied but unanswered, the condition fails on our own item, and the token says so.
+        The put carries a fresh token: when a put applied but unanswered is tried again, the
+        condition fails on our own item, and the token says so.
         The record comes placed (`Offload.place_input`): an input too large is already in S3.
         """
         token = codec.write_token("create")
@@ -90,81 +235,135 @@ class JobRepository:
                 self.config.reconciler.sweep_shards,
             ),
         }
-        try:
-            self._ddb.put_item(
-                TableName=self.table_name,
-                Item=codec.to_item(record.model_copy(update={"last_write": token}), extra),
+        put = {
+            "Put": {
+                "TableName": self.table_name,
+                "Item": codec.to_item(record.model_copy(update={"last_write": token, "shared": True}), extra),
                 # An item past its TTL but not yet deleted by DynamoDB counts as gone.
-                ConditionExpression="attribute_not_exists(pk) OR expires_at < :now_s",
-                ExpressionAttributeValues=codec.values(now_s=int(self._clock())),
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-        except ClientError as exc:
-            if codec.too_large(exc):
-                raise ItemTooLarge("the job does not fit in one item") from exc
-            if not codec.condition_failed(exc):
-                raise
-            existing = codec.old_item(exc)
-            if existing is None:
-                raise
-            if existing.last_write == token:
-                return Created(job=record, replayed=False)
-            return Created(job=existing, replayed=True)
-        return Created(job=record, replayed=False)
+                "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
+                "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
+        }
+        share = shares.admit(
+            self.table_name, record.tenant_id, record.lane, admission.cap, admission.max_active_jobs
+        )
+        try:
+            self._transact([put, share])
+        except _Canceled as exc:
+            if exc.failed(0):
+                existing = exc.job()
+                if existing is None:
+                    raise StoreUnavailable("the job's put was refused without its item") from exc
+                if existing.last_write == token:
+                    return Created(job=existing, replayed=False)
+                return Created(job=existing, replayed=True)
+            raise self._over_quota(ShareState.from_item(record.tenant_id, exc.item(1)), admission) from exc
+        return Created(job=record.model_copy(update={"last_write": token, "shared": True}), replayed=False)
+
+    def check_quota(self, tenant_id: str, admission: Admission) -> None:
+        """Raise QuotaExceeded if the tenant is at its quota now: one consistent GetItem, for a
+        submit that must write elsewhere (S3) before its transaction could refuse it."""
+        response = self._ddb.get_item(
+            TableName=self.table_name, Key=shares.share_key(tenant_id), ConsistentRead=True
+        )
+        state = ShareState.from_item(tenant_id, response.get("Item"))
+        if state.active >= (state.max_active_jobs or admission.max_active_jobs):
+            raise self._over_quota(state, admission)
+
+    def _over_quota(self, state: ShareState, admission: Admission) -> QuotaExceeded:
+        limit = state.max_active_jobs or admission.max_active_jobs
+        return QuotaExceeded(
+            f"{state.active} jobs are queued or running; this tenant may have at most {limit}",
+            retry_after=self.config.fair_share.quota_retry_after_seconds,
+        )
 
     # ---- claim --------------------------------------------------------------------------
 
-    def claim(self, job_id: str, owner: str, lease_seconds: float) -> Claim:
-        """One conditional UpdateItem returning the whole job, input included when the item holds it.
+    def claim(
+        self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
+    ) -> Claim:
+        """One transaction: the job's conditional claim and a slot of its tenant's share in
+        its lane, then one consistent GetItem for the job as claimed, input included.
 
-        A refused claim reports the job as found; `Claim.outcome` says why. Our own claim,
-        applied on a try whose answer was lost, is recognised by its lease owner.
+        `tenant` is (tenant id, lane) from the message; without it (a message from before
+        shares) the job is read first to learn them. A job accepted before shares is claimed
+        alone, as then. A refused claim reports the job as found; `Claim.outcome` says why.
+        A tenant at its cap is `Claim.share`, the share as the refused condition found it.
+        Our own claim, applied on a try whose answer was lost, is recognised by its lease owner.
         """
         now = self.now_ms()
+        if tenant is None:
+            found = self.find(job_id)
+            if found is None:
+                return Claim(claimed=False, job=None, at_ms=now)
+            tenant = (found.tenant_id, found.lane)
+        tenant_id, lane = tenant
         lease_until = now + int(lease_seconds * 1000)
         sets, _, sweep = self._sweep(
             job_id, lease_until + self.config.reconciler.expired_lease_grace_seconds * 1000
         )
+        expression = (
+            "SET #st = :running, lease_owner = :owner, lease_expires_ms = :lease, "
+            f"started_ms = if_not_exists(started_ms, :now), {', '.join(sets)} "
+            "ADD attempts :one "
+            # Dead letters count only while no worker has claimed the job.
+            "REMOVE dead_letter_ids"
+        )
+        values: dict[str, Any] = {
+            "running": "running",
+            "queued": "queued",
+            "owner": owner,
+            "lease": lease_until,
+            "now": now,
+            "now_s": now // 1000,
+            "one": 1,
+            "max": self.config.max_attempts,
+            "false": False,
+            **sweep,
+        }
+        # Only a job accepted under shares, of the tenant and lane whose slot it takes
+        # (SHARED is a DynamoDB reserved word).
+        update = self._job_update(
+            job_id,
+            expression,
+            _SHARED_CLAIM + _CLAIM_CONDITION,
+            {"#st": "status", "#shared": "shared"},
+            {**values, "true": True, "tenant": tenant_id, "lane": lane},
+        )
+        try:
+            self._transact([update, shares.hold(self.table_name, tenant_id, lane, job_id, now)])
+        except _Canceled as exc:
+            if exc.failed(0):
+                found = exc.job()
+                if found is not None and not found.shared:
+                    return self._claim_unshared(job_id, expression, values, owner, now)
+                ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
+                return Claim(claimed=ours, job=found, at_ms=now)
+            return Claim(
+                claimed=False, job=None, at_ms=now, share=ShareState.from_item(tenant_id, exc.item(1))
+            )
+        claimed = self.find(job_id)
+        if claimed is None or claimed.lease_owner != owner:
+            # Taken over between the two calls: only possible once our lease lapsed.
+            return Claim(claimed=False, job=claimed, at_ms=now)
+        return Claim(claimed=True, job=claimed, at_ms=now)
+
+    def _claim_unshared(
+        self, job_id: str, expression: str, values: dict[str, Any], owner: str, now: int
+    ) -> Claim:
+        """A job accepted before shares existed: claimed alone, with no slot, as it was then."""
         try:
             response = self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": job_id}},
-                UpdateExpression=(
-                    "SET #st = :running, lease_owner = :owner, lease_expires_ms = :lease, "
-                    f"started_ms = if_not_exists(started_ms, :now), {', '.join(sets)} "
-                    "ADD attempts :one "
-                    # Dead letters count only while no worker has claimed the job.
-                    "REMOVE dead_letter_ids"
-                ),
-                ConditionExpression=(
-                    "attribute_exists(pk) AND expires_at > :now_s AND "
-                    "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND ("
-                    "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now) "
-                    "AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
-                    "(#st = :running AND lease_expires_ms < :now AND attempts < :max))"
-                ),
-                ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues=codec.values(
-                    running="running",
-                    queued="queued",
-                    owner=owner,
-                    lease=lease_until,
-                    now=now,
-                    now_s=now // 1000,
-                    one=1,
-                    max=self.config.max_attempts,
-                    false=False,
-                    **sweep,
-                ),
+                **self._job_update(job_id, expression, _CLAIM_CONDITION, {"#st": "status"}, values)["Update"],
                 ReturnValues="ALL_NEW",
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             if not codec.condition_failed(exc):
                 raise
-            found = codec.old_item(exc)
-            ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
-            return Claim(claimed=ours, job=found, at_ms=now)
+            old = codec.old_item(exc)
+            ours = old is not None and old.status is JobStatus.RUNNING and old.lease_owner == owner
+            return Claim(claimed=ours, job=old, at_ms=now)
         return Claim(claimed=True, job=codec.from_item(response["Attributes"]), at_ms=now)
 
     # ---- terminal and retry writes ------------------------------------------------------
@@ -220,28 +419,35 @@ class JobRepository:
             values["error"] = error.model_dump_json()
             expression = f"{sets}, #err = :error REMOVE lease_owner, lease_expires_ms"
             del values["refund"]
+        update = self._job_update(
+            job.id,
+            expression,
+            "lease_owner = :owner AND #st = :running AND "
+            "(attribute_not_exists(cancel_requested) OR cancel_requested = :false)",
+            names,
+            values,
+        )
         try:
-            response = self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": job.id}},
-                UpdateExpression=expression,
-                ConditionExpression="lease_owner = :owner AND #st = :running AND "
-                "(attribute_not_exists(cancel_requested) OR cancel_requested = :false)",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=codec.values(**values),
-                ReturnValues="ALL_NEW",
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-        except ClientError as exc:
-            if not codec.condition_failed(exc):
-                raise
-            old = codec.old_item(exc)
+            self._transact_leaving(job, update, ends=False)
+        except _Canceled as exc:
+            old = exc.job()
             if old is not None and old.last_write == token and old.status is JobStatus.QUEUED:
                 return old
             if old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING:
                 raise CancelRequested(job.id) from exc
             raise LeaseLost(job.id) from exc
-        return codec.from_item(response["Attributes"])
+        changes: dict[str, Any] = {
+            "status": JobStatus.QUEUED,
+            "not_before_ms": visible_at,
+            "last_write": token,
+            "lease_owner": None,
+            "lease_expires_ms": None,
+        }
+        if error is not None:
+            changes["error"] = error
+        else:
+            changes["attempts"] = job.attempts - 1
+        return job.model_copy(update=changes)
 
     def _finish_leased(
         self,
@@ -316,27 +522,33 @@ class JobRepository:
         removes += sweep_removes
         all_values.update(sweep)
         expression = f"SET {', '.join(sets)} REMOVE {', '.join(removes)}"
+        update = self._job_update(job.id, expression, condition, names, all_values)
         try:
-            response = self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": job.id}},
-                UpdateExpression=expression,
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=codec.values(**all_values),
-                ReturnValues="ALL_NEW",
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-        except ClientError as exc:
-            if codec.too_large(exc):
-                raise ItemTooLarge(f"job {job.id} does not fit in one item") from exc
-            if not codec.condition_failed(exc):
-                raise
-            old = codec.old_item(exc)
+            # The job is no longer active, and gives back its slot if it held one.
+            self._transact_leaving(job, update, ends=True)
+        except _Canceled as exc:
+            old = exc.job()
             if old is not None and old.last_write == token and old.status is status:
                 return old
             raise _ConditionFailed(old) from exc
-        return codec.from_item(response["Attributes"])
+        changes: dict[str, Any] = {
+            "status": status,
+            "finished_ms": now,
+            "last_write": token,
+            "lease_owner": None,
+            "lease_expires_ms": None,
+        }
+        if result is not None:
+            changes["result"] = result
+        if result_ref is not None:
+            changes["result_ref"] = result_ref
+        if error is not None:
+            changes["error"] = error
+        elif status is JobStatus.SUCCEEDED or status is JobStatus.CANCELED:
+            changes["error"] = None
+        if wanted:
+            changes["delivery_status"] = DeliveryStatus.PENDING
+        return job.model_copy(update=changes)
 
     def _finish_if(self, job: JobRecord, status: JobStatus, **finish: Any) -> JobRecord | None:
         """A terminal write that may find the job moved on: None then, not an error."""
@@ -394,6 +606,37 @@ class JobRepository:
             condition="cancel_requested = :true AND (#st = :queued OR "
             "(#st = :running AND (attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
             values={"queued": "queued", "running": "running", "true": True},
+        )
+
+    def recover(self, job: JobRecord) -> JobRecord | None:
+        """A running job whose worker vanished (its lease lapsed) goes back to queued and gives
+        its slot back; its attempt stays counted. None when it moved on meanwhile."""
+        now = self.now_ms()
+        token = codec.write_token("recover")
+        sets, _, sweep = self._sweep(job.id, now + self.config.reconciler.stale_queued_seconds * 1000)
+        update = self._job_update(
+            job.id,
+            f"SET #st = :queued, last_write = :token, {', '.join(sets)} "
+            "REMOVE lease_owner, lease_expires_ms, not_before_ms",
+            "#st = :running AND lease_expires_ms < :now",
+            {"#st": "status"},
+            {"queued": "queued", "running": "running", "token": token, "now": now, **sweep},
+        )
+        try:
+            self._transact_leaving(job, update, ends=False)
+        except _Canceled as exc:
+            old = exc.job()
+            if old is not None and old.last_write == token:
+                return old
+            return None
+        return job.model_copy(
+            update={
+                "status": JobStatus.QUEUED,
+                "last_write": token,
+                "lease_owner": None,
+                "lease_expires_ms": None,
+                "not_before_ms": None,
+            }
         )
 
     def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
@@ -565,6 +808,28 @@ class JobRepository:
             raise JobNotFound(f"no job {job_id}")
         return record
 
+    def queued_ahead(self, job: JobRecord, limit: int = QUEUE_POSITION_WINDOW) -> int:
+        """How many of the tenant's jobs in the job's lane, submitted before it, are still
+        queued: one page of the tenant index, newest first, back from the job, at most `limit`
+        entries read (the index's small projected entries, eventually consistent)."""
+        response = self._ddb.query(
+            TableName=self.table_name,
+            IndexName=TENANT_INDEX,
+            KeyConditionExpression="tenant_id = :tenant AND tenant_created < :mine",
+            FilterExpression="#st = :queued AND lane = :lane",
+            ExpressionAttributeNames={"#st": "status"},
+            ExpressionAttributeValues=codec.values(
+                tenant=job.tenant_id,
+                mine=tenant_sort_key(job.created_ms, job.id),
+                queued=JobStatus.QUEUED.value,
+                lane=job.lane,
+            ),
+            ScanIndexForward=False,
+            Select="COUNT",
+            Limit=limit,
+        )
+        return int(response.get("Count", 0))
+
     def list_for_tenant(
         self, tenant_id: str, status: JobStatus | None, limit: int, cursor: str | None
     ) -> tuple[list[JobRecord], str | None]:
@@ -591,14 +856,15 @@ class JobRepository:
         last = response.get("LastEvaluatedKey")
         return records, (codec.encode_cursor(last) if last else None)
 
-    def sweep(self, due_before_ms: int, limit: int) -> Iterator[SweepEntry]:
+    def sweep(self, due_before_ms: int, limit: int, status: JobStatus | None = None) -> Iterator[SweepEntry]:
         """Jobs the reconciler should look at, from the sparse index: never a scan.
 
         Each shard is read lazily, a page at a time, and the shards are merged so the most
-        overdue entries come first whatever shard they live in.
+        overdue entries come first whatever shard they live in. With `status`, only entries
+        of jobs in it (filtered after the read: the index's entries are small).
         """
         shards = [
-            self._sweep_shard(pk, due_before_ms)
+            self._sweep_shard(pk, due_before_ms, status)
             for pk in sweep_partitions(self.config.reconciler.sweep_shards)
         ]
         merged = heapq.merge(*shards, key=lambda entry: entry.sweep_at)
@@ -607,7 +873,9 @@ class JobRepository:
                 return
             yield entry
 
-    def _sweep_shard(self, partition: str, due_before_ms: int) -> Iterator[SweepEntry]:
+    def _sweep_shard(
+        self, partition: str, due_before_ms: int, status: JobStatus | None
+    ) -> Iterator[SweepEntry]:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": SWEEP_INDEX,
@@ -615,6 +883,12 @@ class JobRepository:
             "ExpressionAttributeValues": codec.values(p=partition, due=due_before_ms),
             "Limit": 100,
         }
+        if status is not None:
+            kwargs["FilterExpression"] = "#st = :status"
+            kwargs["ExpressionAttributeNames"] = {"#st": "status"}
+            kwargs["ExpressionAttributeValues"] = codec.values(
+                p=partition, due=due_before_ms, status=status.value
+            )
         while True:
             response = self._ddb.query(**kwargs)
             for item in response.get("Items", []):

@@ -8,10 +8,7 @@ from llmq.config import MAX_VISIBILITY_SECONDS, LaneConfig, LlmqConfig, RetryPol
 
 
 def lane_for_tier(config: LlmqConfig, tier: str) -> LaneConfig:
-    for lane in config.lanes:
-        if tier in lane.tiers:
-            return lane
-    return config.lanes_by_name[config.default_lane]
+    return config.lane_for_tier(tier)
 
 
 def retry_delay_seconds(

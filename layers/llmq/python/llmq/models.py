@@ -81,13 +81,15 @@ class GenerationParams(_Strict):
     """Allow-listed generation parameters, passed through to the provider."""
 
     # Bounds are written as ge/le rather than gt so the OpenAPI document states them exactly.
-    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    # Strict: a JSON boolean or string is not a number here, as the schema says (lax pydantic
+    # would take `true` as 1 and "3" as 3).
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None
     stop: list[Annotated[str, Field(max_length=256)]] | Annotated[str, Field(max_length=256)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
+    seed: Annotated[int, Field(strict=True)] | None = None
 
 
 class WebhookSubscription(_Strict):
@@ -230,6 +232,13 @@ class Job(BaseModel):
     )
     error: JobError | None = None
     webhook: JobWebhook | None = None
+    queue_position: int | None = Field(
+        default=None,
+        description="In GET /v1/jobs/{id} of a queued job: its approximate place among your queued "
+        "jobs in its lane (1: next), counted from your jobs submitted just before it (up to "
+        "1,000 of them, so a longer backlog shows at least that many) a second behind. Your "
+        "jobs start in about this order as your concurrency cap frees slots (docs/limits.md)",
+    )
 
 
 class JobList(BaseModel):
@@ -254,6 +263,10 @@ class LaneMessage(_Strict):
 
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
     lane: str | None = None
+    # The job's tenant, so a claim can take the tenant's slot without reading the job first.
+    tenant_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    # A deferral longer than SQS's 900 s delay: no claim before this time (epoch ms).
+    not_before_ms: int | None = None
 
 
 class WebhookMessage(_Strict):

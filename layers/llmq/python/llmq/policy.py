@@ -11,6 +11,7 @@ from enum import StrEnum
 
 from llmq.job_record import JobRecord
 from llmq.models import ErrorCode, JobError, JobStatus
+from llmq.shares import ShareState
 
 
 class ClaimOutcome(StrEnum):
@@ -23,6 +24,8 @@ class ClaimOutcome(StrEnum):
     NOT_YET_DUE = "not_yet_due"
     CANCEL_PENDING = "cancel_pending"
     CRASHES_EXHAUSTED = "crashes_exhausted"
+    # Claimable, but its tenant already runs as many jobs in the lane as its cap allows.
+    AT_CAP = "at_cap"
 
 
 def refused_claim(found: JobRecord | None, now_ms: int) -> ClaimOutcome:
@@ -68,7 +71,13 @@ class Claim:
     job: JobRecord | None
     # When the store looked (its clock), for judging leases and deadlines.
     at_ms: int
+    # Set when only the tenant's cap refused the claim: its share as the condition found it.
+    share: ShareState | None = None
 
     @property
     def outcome(self) -> ClaimOutcome:
-        return ClaimOutcome.CLAIMED if self.claimed else refused_claim(self.job, self.at_ms)
+        if self.claimed:
+            return ClaimOutcome.CLAIMED
+        if self.share is not None:
+            return ClaimOutcome.AT_CAP
+        return refused_claim(self.job, self.at_ms)

@@ -28,6 +28,8 @@ _DEPTH_ATTRIBUTES = (
 # The event source mapping received the batch before the function started, up to Lambda's
 # longest timeout (900 s) plus the longest batching window (300 s) ago, so that much is kept.
 MAX_REDELIVERY_DELAY_SECONDS = MAX_VISIBILITY_SECONDS - 900 - 300
+# SendMessage's DelaySeconds: 0 to 900.
+MAX_SEND_DELAY_SECONDS = 900
 
 
 def redelivery_visibility(seconds: float) -> int:
@@ -42,10 +44,21 @@ class QueueRepository:
         self.webhook_queue_url = webhook_queue_url
         self._sqs = aws.TranslatedClient(sqs)
 
-    def enqueue_job(self, job_id: str, lane: str, delay_seconds: int = 0) -> None:
-        body = LaneMessage(job_id=job_id, lane=lane).model_dump_json()
+    def enqueue_job(
+        self, job_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, not_before_ms: int | None = None
+    ) -> None:
+        """The tenant is the message group: SQS fair queues (standard queues, July 2025) then
+        keep one tenant's backlog from lengthening every other tenant's dwell time.
+        https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-fair-queues.html
+        """
+        body = LaneMessage(
+            job_id=job_id, lane=lane, tenant_id=tenant_id, not_before_ms=not_before_ms
+        ).model_dump_json(exclude_none=True)
         self._sqs.send_message(
-            QueueUrl=self.lane_queue_urls[lane], MessageBody=body, DelaySeconds=min(delay_seconds, 900)
+            QueueUrl=self.lane_queue_urls[lane],
+            MessageBody=body,
+            MessageGroupId=tenant_id,
+            DelaySeconds=min(delay_seconds, MAX_SEND_DELAY_SECONDS),
         )
 
     def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.jobs import SweepEntry
-from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, JobStatus
+from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
 from llmq.policy import deadline_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
@@ -55,8 +55,14 @@ class Reconciler:
         report = ReconcileReport()
         now = self.jobs.now_ms()
         entries: list[SweepEntry] = []
+        limit = self.config.reconciler.max_items_per_run
         try:
-            entries.extend(self.jobs.sweep(now, self.config.reconciler.max_items_per_run))
+            # Lapsed leases first, whatever the backlog of stale queued jobs: each holds a
+            # tenant's slot until it is recovered (DESIGN §3.11: within one run of the lease).
+            entries.extend(self.jobs.sweep(now, limit, JobStatus.RUNNING))
+            seen = {entry.job_id for entry in entries}
+            entries.extend(entry for entry in self.jobs.sweep(now, limit) if entry.job_id not in seen)
+            del entries[limit:]
         except StoreUnavailable:
             # A throttled shard: settle what was read; the rest stays due for the next run.
             logger.warning("sweep interrupted", extra={"read": len(entries)})
@@ -99,22 +105,45 @@ class Reconciler:
             # The most overdue jobs first take whatever messages the lane is short of.
             if deficits[entry.lane] > 0:
                 deficits[entry.lane] -= 1
-                self.queues.enqueue_job(entry.job_id, entry.lane)
-                report.requeued.append(entry.job_id)
+                job = self.jobs.find(entry.job_id)
+                if job is not None and job.status is JobStatus.QUEUED:
+                    self.queues.enqueue_job(job.id, job.lane, job.tenant_id)
+                    report.requeued.append(entry.job_id)
             else:
                 report.waiting.append(entry.job_id)
             self.jobs.postpone_sweep(entry.job_id, thresholds.stale_queued_seconds)
         elif entry.status is JobStatus.RUNNING:
-            # Its lease lapsed long ago: the worker crashed. A new message lets a worker take over.
-            self.queues.enqueue_job(entry.job_id, entry.lane)
-            self.jobs.postpone_sweep(
-                entry.job_id, thresholds.expired_lease_grace_seconds + thresholds.stale_queued_seconds
-            )
-            report.recovered.append(entry.job_id)
+            self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
             self.queues.enqueue_webhook(entry.job_id, EVENT_FOR_STATUS[entry.status])
             self.jobs.postpone_sweep(entry.job_id, thresholds.stale_webhook_seconds)
             report.webhooks.append(entry.job_id)
+
+    def _recover(self, entry: SweepEntry, now: int, report: ReconcileReport) -> None:
+        """Its lease lapsed: the worker crashed. The job goes back to queued, which gives its
+        tenant's slot back at once, and a new message lets a worker run it again; a job that
+        used up its attempts fails instead, as `worker_crashed`."""
+        job = self.jobs.find(entry.job_id)
+        if job is None or job.status is not JobStatus.RUNNING:
+            return
+        if job.lease_expires_ms is not None and job.lease_expires_ms >= now:
+            # Taken over since the index was read: a live worker holds it.
+            return
+        if job.attempts >= self.config.max_attempts:
+            error = JobError(
+                code=ErrorCode.WORKER_CRASHED,
+                message=f"the worker stopped without an answer {job.attempts} times",
+            )
+            failed = self.jobs.fail_unleased(job, error)
+            if failed is not None:
+                announce_terminal(self.queues, failed)
+                report.recovered.append(entry.job_id)
+            return
+        recovered = self.jobs.recover(job)
+        if recovered is None:
+            return
+        self.queues.enqueue_job(job.id, job.lane, job.tenant_id)
+        report.recovered.append(entry.job_id)
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         job = self.jobs.find(entry.job_id)

@@ -57,6 +57,7 @@ class MetricName(StrEnum):
     # Faults that no Lambda error metric shows: each has an alarm (stacks/monitoring.py).
     API_UNEXPECTED_ERROR = "ApiUnexpectedError"
     JOB_DEAD_LETTERED = "JobDeadLettered"
+    JOB_ENQUEUE_FAILED = "JobEnqueueFailed"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -75,8 +76,10 @@ WEBHOOK_OUTCOME_METRICS = (
 )
 # Something went wrong that the function handled, so Lambda counts no error:
 # - ApiUnexpectedError: the api answered a 500 (service dimension only);
-# - JobDeadLettered: the dead-letter function failed a job as worker_crashed (lane dimension).
-FAULT_METRICS = (MetricName.API_UNEXPECTED_ERROR, MetricName.JOB_DEAD_LETTERED)
+# - JobDeadLettered: the dead-letter function failed a job as worker_crashed (lane dimension);
+# - JobEnqueueFailed: the api stored a job but could not send its message, so the client got
+#   its 202 and the job waits for the reconciler (lane dimension).
+FAULT_METRICS = (MetricName.API_UNEXPECTED_ERROR, MetricName.JOB_DEAD_LETTERED, MetricName.JOB_ENQUEUE_FAILED)
 
 
 def fingerprint(text: str) -> str:

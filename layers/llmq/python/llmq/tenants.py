@@ -1,13 +1,21 @@
 """Tenants, their API keys (stored only as SHA-256 hashes) and their webhook secrets.
 
 The tenants table holds two kinds of item:
-- `key#<sha256 of the API key>`: the tenant id and tier, so the authorizer needs one GetItem;
-- `tenant#<id>`: the tenant's name, tier and webhook secrets (newest first during rotation).
+- `key#<sha256 of the API key>`: the tenant id, tier and usage key, so the authorizer needs
+  one GetItem;
+- `tenant#<id>`: the tenant's name, tier, webhook secrets (newest first during rotation) and
+  its API Gateway API key (`usage_key_id`, `usage_key`).
+
+The usage key is the value of the tenant's API Gateway API key (llmq.usage_plans): the
+authorizer returns it as usageIdentifierKey and API Gateway throttles the tenant on its usage
+plan. It is no secret the client holds; without one (a repository made without
+`usage_keys`, as in tests without API Gateway) the authorizer returns none.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -17,6 +25,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from llmq import aws
+from llmq.usage_plans import UsageKeys, new_usage_key_value
 
 API_KEY_PREFIX = "llmq_sk_"
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -40,6 +49,8 @@ class TenantIdentity:
 
     tenant_id: str
     tier: str
+    # The API Gateway API key value the authorizer returns as usageIdentifierKey.
+    usage_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,9 @@ class Tenant:
     tier: str
     # Newest first. Two entries while a rotation is in its grace period: both sign.
     webhook_secrets: list[str]
+    # Its API Gateway API key: id (for usage plans) and value (for the authorizer).
+    usage_key_id: str | None = None
+    usage_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,9 +76,13 @@ class UnknownTenant(LookupError):
 
 
 class TenantRepository:
-    def __init__(self, table_name: str, *, dynamodb: Any) -> None:
+    """`usage_keys`: API Gateway, to give each new tenant its usage plan key (the CLI and the
+    sandbox pass llmq.usage_plans.ApiGatewayUsagePlans); None creates tenants without one."""
+
+    def __init__(self, table_name: str, *, dynamodb: Any, usage_keys: UsageKeys | None = None) -> None:
         self.table_name = table_name
         self._ddb = aws.TranslatedClient(dynamodb)
+        self._usage_keys = usage_keys
 
     def authenticate(self, api_key: str) -> TenantIdentity | None:
         """One GetItem by hash. None for an unknown or revoked key."""
@@ -76,9 +94,13 @@ class TenantRepository:
         item = response.get("Item")
         if not item or item.get("revoked", {}).get("BOOL", False):
             return None
-        return TenantIdentity(tenant_id=item["tenant_id"]["S"], tier=item["tier"]["S"])
+        usage_key = item.get("usage_key", {}).get("S")
+        return TenantIdentity(tenant_id=item["tenant_id"]["S"], tier=item["tier"]["S"], usage_key=usage_key)
 
     def create(self, name: str, tier: str, tenant_id: str | None = None) -> NewTenant:
+        """The tenant, its API Gateway key in its tier's usage plan (with `usage_keys`), and
+        its first API key. The tenant item is written first, so an id already taken fails
+        before anything is created in API Gateway."""
         tenant = Tenant(
             id=tenant_id or "ten_" + secrets.token_hex(8),
             name=name,
@@ -96,20 +118,89 @@ class TenantRepository:
             },
             ConditionExpression="attribute_not_exists(pk)",
         )
+        if self._usage_keys is not None:
+            tenant = self._give_usage_key(tenant)
         return NewTenant(tenant=tenant, api_key=self.issue_key(tenant))
+
+    def _give_usage_key(self, tenant: Tenant) -> Tenant:
+        """A new API Gateway key in the tenant's tier's usage plan, recorded on the tenant."""
+        assert self._usage_keys is not None
+        key = self._usage_keys.create_key(tenant.id, tenant.tier, new_usage_key_value())
+        self._ddb.update_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": f"tenant#{tenant.id}"}},
+            UpdateExpression="SET usage_key_id = :id, usage_key = :value",
+            ExpressionAttributeValues={":id": {"S": key.id}, ":value": {"S": key.value}},
+        )
+        return dataclasses.replace(tenant, usage_key_id=key.id, usage_key=key.value)
 
     def issue_key(self, tenant: Tenant) -> str:
         api_key = new_api_key()
-        self._ddb.put_item(
-            TableName=self.table_name,
-            Item={
-                "pk": {"S": f"key#{hash_api_key(api_key)}"},
-                "tenant_id": {"S": tenant.id},
-                "tier": {"S": tenant.tier},
-                "revoked": {"BOOL": False},
-            },
-        )
+        item: dict[str, Any] = {
+            "pk": {"S": f"key#{hash_api_key(api_key)}"},
+            "tenant_id": {"S": tenant.id},
+            "tier": {"S": tenant.tier},
+            "revoked": {"BOOL": False},
+        }
+        if tenant.usage_key:
+            item["usage_key"] = {"S": tenant.usage_key}
+        self._ddb.put_item(TableName=self.table_name, Item=item)
         return api_key
+
+    def attach_usage_key(self, tenant_id: str) -> Tenant:
+        """Give a tenant created before usage plans its API Gateway key, in its tier's plan,
+        and put the key's value on each of its `key#` items (found with a Scan: an operator's
+        one-off, `llmq tenants attach-usage-keys`). Idempotent: a run cut short can run again.
+        Until it has run, API Gateway refuses the tenant's requests with 403."""
+        if self._usage_keys is None:
+            raise RuntimeError("attach_usage_key needs usage_keys (API Gateway)")
+        tenant = self.get(tenant_id)
+        if not tenant.usage_key_id:
+            tenant = self._give_usage_key(tenant)
+        for pk in self._key_items_without_usage_key(tenant.id):
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": pk}},
+                UpdateExpression="SET usage_key = :value",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":value": {"S": tenant.usage_key or ""}},
+            )
+        return tenant
+
+    def tenants_without_usage_key(self) -> list[str]:
+        """Ids of the tenants that have no API Gateway key yet (a Scan)."""
+        return [
+            item["pk"]["S"].removeprefix("tenant#")
+            for item in self._scan(
+                "begins_with(pk, :prefix) AND attribute_not_exists(usage_key_id)",
+                {":prefix": {"S": "tenant#"}},
+            )
+        ]
+
+    def _key_items_without_usage_key(self, tenant_id: str) -> list[str]:
+        return [
+            item["pk"]["S"]
+            for item in self._scan(
+                "begins_with(pk, :prefix) AND tenant_id = :tenant AND attribute_not_exists(usage_key)",
+                {":prefix": {"S": "key#"}, ":tenant": {"S": tenant_id}},
+            )
+        ]
+
+    def _scan(self, condition: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        start: dict[str, Any] | None = None
+        while True:
+            page = self._ddb.scan(
+                TableName=self.table_name,
+                FilterExpression=condition,
+                ExpressionAttributeValues=values,
+                ProjectionExpression="pk",
+                **({"ExclusiveStartKey": start} if start else {}),
+            )
+            items.extend(page.get("Items", []))
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return items
 
     def revoke_key(self, api_key: str) -> None:
         self._ddb.update_item(
@@ -130,6 +221,8 @@ class TenantRepository:
             name=item["name"]["S"],
             tier=item["tier"]["S"],
             webhook_secrets=[entry["S"] for entry in item["webhook_secrets"]["L"]],
+            usage_key_id=item.get("usage_key_id", {}).get("S"),
+            usage_key=item.get("usage_key", {}).get("S"),
         )
 
     def rotate_webhook_secret(self, tenant_id: str, keep_previous: bool = True) -> Tenant:
@@ -150,4 +243,4 @@ class TenantRepository:
             if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
                 raise UnknownTenant(tenant_id) from exc
             raise
-        return Tenant(id=tenant_id, name=current.name, tier=current.tier, webhook_secrets=rotated)
+        return dataclasses.replace(current, webhook_secrets=rotated)

@@ -1,0 +1,245 @@
+"""A tenant's share of the lanes: its active jobs (the quota) and its running jobs (the cap).
+
+One item per tenant in the jobs table, `share#<tenant id>`, written in the same transaction
+as every job write that changes either count. Each job write is conditional on the job's own
+state, so a transition happens once, and its share update with it: the counts stay exact
+under crashes, duplicate messages and retried writes (DESIGN §3.11).
+
+- accept: `active` + 1, refused at the tenant's max_active_jobs;
+- claim: the job joins its lane's holders, a map of job id to claim time, refused at the cap.
+  A job taken over after its worker crashed is a holder already and is never refused: the
+  crashed worker's slot passes to the job's next attempt;
+- back to queued (a retry, a release): the job leaves the holders;
+- terminal: the job leaves the holders (nothing for a queued job) and `active` - 1.
+
+The tier defaults come from LlmqConfig and each accept writes them; an operator's per-tenant
+overrides (`llmq tenants set-limits`) live on the same item and win. The item has no
+`tenant_id`, TTL or sweep attributes, so no index and no expiry ever sees it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmq.config import FairShareConfig, TenantLimits
+
+SHARE_PREFIX = "share#"
+_HOLDERS_PREFIX = "run_"
+_CAP_PREFIX = "cap_"
+# Operator overrides; tier defaults apply where they are absent.
+MAX_CONCURRENCY = "max_concurrency"
+MAX_ACTIVE_JOBS = "max_active_jobs"
+
+
+def share_key(tenant_id: str) -> dict[str, Any]:
+    return {"pk": {"S": SHARE_PREFIX + tenant_id}}
+
+
+def is_share_key(pk: str) -> bool:
+    return pk.startswith(SHARE_PREFIX)
+
+
+def _holders(lane: str) -> str:
+    return _HOLDERS_PREFIX + lane
+
+
+def admit(table: str, tenant_id: str, lane: str, cap: int, max_active_jobs: int) -> dict[str, Any]:
+    """Accept: one more active job, unless the tenant is at its quota.
+
+    Also makes sure the lane's holders map exists (a claim adds to it) and refreshes the
+    tier's default cap for the lane.
+    """
+    return {
+        "Update": {
+            "TableName": table,
+            "Key": share_key(tenant_id),
+            "UpdateExpression": "SET #h = if_not_exists(#h, :empty), #cap = :cap ADD active :one",
+            "ConditionExpression": "attribute_not_exists(active) OR active < #max OR "
+            "(attribute_not_exists(#max) AND active < :max)",
+            "ExpressionAttributeNames": {
+                "#h": _holders(lane),
+                "#cap": _CAP_PREFIX + lane,
+                "#max": MAX_ACTIVE_JOBS,
+            },
+            "ExpressionAttributeValues": {
+                ":empty": {"M": {}},
+                ":cap": {"N": str(cap)},
+                ":one": {"N": "1"},
+                ":max": {"N": str(max_active_jobs)},
+            },
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+    }
+
+
+def hold(table: str, tenant_id: str, lane: str, job_id: str, now_ms: int) -> dict[str, Any]:
+    """Claim: the job takes one of the tenant's slots in the lane, unless they are all held.
+
+    A job already holding one (a takeover of its own expired lease) keeps it.
+    """
+    return {
+        "Update": {
+            "TableName": table,
+            "Key": share_key(tenant_id),
+            "UpdateExpression": "SET #h.#job = :now",
+            "ConditionExpression": "attribute_exists(#h.#job) OR size(#h) < #max OR "
+            "(attribute_not_exists(#max) AND (attribute_not_exists(#cap) OR size(#h) < #cap))",
+            "ExpressionAttributeNames": {
+                "#h": _holders(lane),
+                "#job": job_id,
+                "#max": MAX_CONCURRENCY,
+                "#cap": _CAP_PREFIX + lane,
+            },
+            "ExpressionAttributeValues": {":now": {"N": str(now_ms)}},
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+    }
+
+
+def leave(table: str, tenant_id: str, lane: str, job_id: str, *, ends: bool) -> dict[str, Any]:
+    """The job gives its slot back (if it held one); `ends`: it is no longer active either."""
+    update: dict[str, Any] = {
+        "TableName": table,
+        "Key": share_key(tenant_id),
+        "UpdateExpression": "REMOVE #h.#job",
+        "ExpressionAttributeNames": {"#h": _holders(lane), "#job": job_id},
+    }
+    if ends:
+        update["UpdateExpression"] += " ADD active :minus"
+        update["ExpressionAttributeValues"] = {":minus": {"N": "-1"}}
+    return {"Update": update}
+
+
+@dataclass(frozen=True)
+class ShareState:
+    """A tenant's share item as read (or as a refused condition returned it)."""
+
+    tenant_id: str
+    active: int = 0
+    # Per lane: job id -> when its current attempt was claimed (epoch ms).
+    holders: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Per lane: the tier's default cap, as the last accept wrote it.
+    default_caps: dict[str, int] = field(default_factory=dict)
+    max_concurrency: int | None = None
+    max_active_jobs: int | None = None
+
+    @classmethod
+    def from_item(cls, tenant_id: str, item: dict[str, Any] | None) -> ShareState:
+        if not item:
+            return cls(tenant_id=tenant_id)
+        holders: dict[str, dict[str, int]] = {}
+        caps: dict[str, int] = {}
+        for name, value in item.items():
+            if name.startswith(_HOLDERS_PREFIX) and "M" in value:
+                holders[name[len(_HOLDERS_PREFIX) :]] = {
+                    job: int(started["N"]) for job, started in value["M"].items()
+                }
+            elif name.startswith(_CAP_PREFIX) and "N" in value:
+                caps[name[len(_CAP_PREFIX) :]] = int(value["N"])
+        return cls(
+            tenant_id=tenant_id,
+            active=int(item.get("active", {}).get("N", 0)),
+            holders=holders,
+            default_caps=caps,
+            max_concurrency=int(item[MAX_CONCURRENCY]["N"]) if MAX_CONCURRENCY in item else None,
+            max_active_jobs=int(item[MAX_ACTIVE_JOBS]["N"]) if MAX_ACTIVE_JOBS in item else None,
+        )
+
+    @property
+    def running(self) -> int:
+        return sum(len(jobs) for jobs in self.holders.values())
+
+    @property
+    def queued(self) -> int:
+        """Active jobs not holding a slot: the tenant's backlog, all lanes together."""
+        return max(0, self.active - self.running)
+
+    def cap(self, lane: str, defaults: TenantLimits | None = None, fallback: int | None = None) -> int | None:
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        if lane in self.default_caps:
+            return self.default_caps[lane]
+        if defaults is not None and defaults.max_concurrency is not None:
+            return defaults.max_concurrency
+        return fallback
+
+
+def deferral_seconds(
+    state: ShareState, lane: str, now_ms: int, policy: FairShareConfig, rng: random.Random
+) -> float:
+    """How long a message whose tenant is at its cap waits before its next claim.
+
+    The tenant's backlog drains at about cap / run time jobs a second, run time estimated as
+    twice the mean age of the attempts now holding the slots (in a steady state their ages
+    spread evenly over one run). Each deferred message comes back at a uniformly random point
+    of a window as long as that drain time divided by `deferral_pressure`: the backlog then
+    returns `deferral_pressure` times as fast as slots free up, from the first second on, so a
+    freed slot is taken soon, while each return that finds the cap still full is deferred
+    again over what is left. A larger backlog or longer runs spread further; nothing spins.
+    """
+    held = state.holders.get(lane, {})
+    cap = max(1, len(held), state.cap(lane) or 1)
+    ages = [max(0, now_ms - started) for started in held.values()]
+    run_seconds = max(policy.min_deferral_seconds, 2 * sum(ages) / len(ages) / 1000) if ages else 1.0
+    backlog = max(1, state.queued)
+    window = backlog * run_seconds / cap / policy.deferral_pressure
+    delay = window * rng.random()
+    return min(max(delay, policy.min_deferral_seconds), policy.max_deferral_seconds)
+
+
+class ShareRepository:
+    """Reads a tenant's share and sets its overrides (the operator's CLI, the API's position)."""
+
+    def __init__(self, table_name: str, *, dynamodb: Any) -> None:
+        from llmq import aws
+
+        self.table_name = table_name
+        self._ddb = aws.TranslatedClient(dynamodb)
+
+    def get(self, tenant_id: str) -> ShareState:
+        response = self._ddb.get_item(
+            TableName=self.table_name, Key=share_key(tenant_id), ConsistentRead=True
+        )
+        return ShareState.from_item(tenant_id, response.get("Item"))
+
+    def set_limits(
+        self,
+        tenant_id: str,
+        *,
+        max_concurrency: int | None = None,
+        max_active_jobs: int | None = None,
+        clear: tuple[str, ...] = (),
+    ) -> ShareState:
+        """Override the tier's defaults for one tenant; `clear` names overrides to drop.
+
+        A lower cap than the jobs now running stops new claims until enough finish; running
+        jobs are never stopped.
+        """
+        sets: list[str] = []
+        values: dict[str, Any] = {}
+        for name, value in ((MAX_CONCURRENCY, max_concurrency), (MAX_ACTIVE_JOBS, max_active_jobs)):
+            if value is not None:
+                if value < 1:
+                    raise ValueError(f"{name} must be at least 1")
+                sets.append(f"{name} = :{name}")
+                values[f":{name}"] = {"N": str(value)}
+        unknown = set(clear) - {MAX_CONCURRENCY, MAX_ACTIVE_JOBS}
+        if unknown:
+            raise ValueError(f"unknown limits: {sorted(unknown)}")
+        expression = ("SET " + ", ".join(sets) if sets else "") + (
+            " REMOVE " + ", ".join(clear) if clear else ""
+        )
+        if not expression.strip():
+            return self.get(tenant_id)
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "Key": share_key(tenant_id),
+            "UpdateExpression": expression.strip(),
+            "ReturnValues": "ALL_NEW",
+        }
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        response = self._ddb.update_item(**kwargs)
+        return ShareState.from_item(tenant_id, response.get("Attributes"))

@@ -1,0 +1,184 @@
+"""Each tenant's request rate: an API Gateway API key in a usage plan (docs/limits.md).
+
+The stack has one usage plan per tier (its `UsagePlanIds` output: tier -> plan id, "*" for
+tiers without one). A tenant gets one API key, in its tier's plan; its value is stored on
+the tenant's `key#` items, and the authorizer returns it as `usageIdentifierKey`, so API
+Gateway throttles the tenant on that plan's token bucket. Clients never see the key.
+
+`llmq tenants set-limits --rate R --burst B` gives a tenant a plan of its own,
+`llmq-tenant-<id>`, on the same API stages, and moves its key there; `--clear rate` moves it
+back and deletes that plan. An API key may be in only one usage plan per API stage, so a
+move takes the key out of one plan before adding it to the other: for that moment (one call)
+the tenant's requests are refused with 403.
+https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-api-usage-plans.html
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# The key of the plan for tiers the config does not list, in the UsagePlanIds output.
+DEFAULT_PLAN = "*"
+TENANT_PLAN_PREFIX = "llmq-tenant-"
+
+
+def tenant_plan_name(tenant_id: str) -> str:
+    return TENANT_PLAN_PREFIX + tenant_id
+
+
+def new_usage_key_value() -> str:
+    # API Gateway takes 20 to 128 characters; hex keeps it to letters and digits.
+    return secrets.token_hex(20)
+
+
+@dataclass(frozen=True)
+class UsageKey:
+    """A tenant's API Gateway API key: `id` names it in API Gateway's API, `value` is what the
+    authorizer returns as usageIdentifierKey."""
+
+    id: str
+    value: str
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A usage plan's throttle, as API Gateway applies it to each key in the plan."""
+
+    plan_id: str
+    plan_name: str
+    rate_per_second: float
+    burst: int
+    # True when it is the tenant's own plan (an operator's override), not its tier's.
+    override: bool
+
+
+class UsageKeys(Protocol):
+    """What llmq.tenants needs from API Gateway to create a tenant: its key in its tier's plan."""
+
+    def create_key(self, tenant_id: str, tier: str, value: str) -> UsageKey: ...
+
+
+class UsagePlanError(RuntimeError):
+    pass
+
+
+class ApiGatewayUsagePlans:
+    """Tenants' API keys and usage plans, through API Gateway's own API.
+
+    `plan_ids`: the stack's UsagePlanIds output, tier -> usage plan id.
+    """
+
+    def __init__(self, apigateway: Any, plan_ids: Mapping[str, str]) -> None:
+        self._apigw = apigateway
+        self.plan_ids = dict(plan_ids)
+
+    def tier_plan(self, tier: str) -> str:
+        plan = self.plan_ids.get(tier) or self.plan_ids.get(DEFAULT_PLAN)
+        if not plan:
+            raise UsagePlanError(f"the stack has no usage plan for tier {tier!r} and no default plan")
+        return plan
+
+    def create_key(self, tenant_id: str, tier: str, value: str) -> UsageKey:
+        created = self._apigw.create_api_key(
+            name=tenant_plan_name(tenant_id),
+            description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer)",
+            enabled=True,
+            value=value,
+            customerId=tenant_id,
+        )
+        key = UsageKey(id=created["id"], value=value)
+        self._apigw.create_usage_plan_key(usagePlanId=self.tier_plan(tier), keyId=key.id, keyType="API_KEY")
+        return key
+
+    # ---- an operator's override ----
+    # A tenant has at most two plans that matter: its own (found by name) and its tier's; a
+    # key's membership is checked plan by plan (GetUsagePlanKey).
+
+    def rate_limit(self, tenant_id: str, tier: str, key_id: str) -> RateLimit | None:
+        """The plan the tenant's key is in: its own if it has one, else its tier's; None if
+        the key is in neither."""
+        own = self._own_plan(tenant_id)
+        for plan in (own, None if own else self._apigw.get_usage_plan(usagePlanId=self.tier_plan(tier))):
+            if plan is None or not self._holds(plan["id"], key_id):
+                continue
+            throttle = plan.get("throttle") or {}
+            return RateLimit(
+                plan_id=plan["id"],
+                plan_name=str(plan.get("name", "")),
+                rate_per_second=float(throttle.get("rateLimit", 0)),
+                burst=int(throttle.get("burstLimit", 0)),
+                override=plan is own,
+            )
+        return None
+
+    def set_rate(self, tenant_id: str, tier: str, key_id: str, rate: float, burst: int) -> RateLimit:
+        """The tenant's own plan with this throttle, on its tier plan's stages; its key moves there."""
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be above 0 and burst at least 1")
+        name = tenant_plan_name(tenant_id)
+        own = self._own_plan(tenant_id)
+        if own is not None:
+            self._apigw.update_usage_plan(
+                usagePlanId=own["id"],
+                patchOperations=[
+                    {"op": "replace", "path": "/throttle/rateLimit", "value": _number(rate)},
+                    {"op": "replace", "path": "/throttle/burstLimit", "value": str(burst)},
+                ],
+            )
+            self._move(key_id, from_plan=self.tier_plan(tier), to_plan=own["id"])
+            return RateLimit(own["id"], name, rate, burst, override=True)
+        tier_plan = self._apigw.get_usage_plan(usagePlanId=self.tier_plan(tier))
+        stages = [
+            {"apiId": stage["apiId"], "stage": stage["stage"]} for stage in tier_plan.get("apiStages") or []
+        ]
+        created = self._apigw.create_usage_plan(
+            name=name,
+            description=f"llmq: request rate of tenant {tenant_id} (llmq tenants set-limits)",
+            apiStages=stages,
+            throttle={"rateLimit": rate, "burstLimit": burst},
+        )
+        self._move(key_id, from_plan=tier_plan["id"], to_plan=created["id"])
+        return RateLimit(created["id"], name, rate, burst, override=True)
+
+    def clear_rate(self, tenant_id: str, tier: str, key_id: str) -> None:
+        """Back to the tier's plan; the tenant's own plan is deleted."""
+        own = self._own_plan(tenant_id)
+        if own is None:
+            return
+        self._move(key_id, from_plan=own["id"], to_plan=self.tier_plan(tier))
+        self._apigw.delete_usage_plan(usagePlanId=own["id"])
+
+    def _own_plan(self, tenant_id: str) -> dict[str, Any] | None:
+        name = tenant_plan_name(tenant_id)
+        return next((plan for plan in self._pages() if plan.get("name") == name), None)
+
+    def _holds(self, plan_id: str, key_id: str) -> bool:
+        try:
+            self._apigw.get_usage_plan_key(usagePlanId=plan_id, keyId=key_id)
+        except self._apigw.exceptions.NotFoundException:
+            return False
+        return True
+
+    def _move(self, key_id: str, from_plan: str, to_plan: str) -> None:
+        # A key may be in one plan per API stage: out of the old plan before into the new.
+        if self._holds(from_plan, key_id):
+            self._apigw.delete_usage_plan_key(usagePlanId=from_plan, keyId=key_id)
+        if not self._holds(to_plan, key_id):
+            self._apigw.create_usage_plan_key(usagePlanId=to_plan, keyId=key_id, keyType="API_KEY")
+
+    def _pages(self) -> Iterator[dict[str, Any]]:
+        position: str | None = None
+        while True:
+            page = self._apigw.get_usage_plans(**({"position": position} if position else {}))
+            yield from page.get("items", [])
+            position = page.get("position")
+            if not position:
+                return
+
+
+def _number(value: float) -> str:
+    # "2", not "2.0", for a whole rate (moto reads an integer there; AWS takes either).
+    return str(int(value)) if float(value).is_integer() else str(value)

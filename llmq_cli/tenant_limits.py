@@ -1,0 +1,143 @@
+"""`llmq tenants set-limits` and `llmq tenants show`: a tenant's limits, where each comes from.
+
+- max_concurrency, max_active_jobs: the operator's overrides on the tenant's share item in the
+  jobs table (llmq.shares), else its tier's defaults in LlmqConfig;
+- rate and burst: the usage plan its API Gateway key is in (llmq.usage_plans), its own
+  `llmq-tenant-<id>` plan when overridden, else its tier's plan from the stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmq.config import LlmqConfig
+from llmq.shares import MAX_ACTIVE_JOBS, MAX_CONCURRENCY, ShareRepository, ShareState
+from llmq.tenants import Tenant, TenantRepository
+from llmq.usage_plans import ApiGatewayUsagePlans, RateLimit
+from llmq_cli.sandbox_state import EffectiveLimits
+
+RATE = "rate"
+CLEARABLE = (MAX_CONCURRENCY, MAX_ACTIVE_JOBS, RATE)
+OVERRIDE = "override"
+TIER = "tier"
+
+
+class LimitsError(RuntimeError):
+    """The operator asked for something that cannot be done; the message says why."""
+
+
+@dataclass
+class TenantLimits:
+    """What `llmq tenants` needs: the tenants table, the shares, the usage plans, the config."""
+
+    tenants: TenantRepository
+    shares: ShareRepository
+    usage_plans: ApiGatewayUsagePlans | None
+    config: LlmqConfig
+
+    def show(self, tenant_id: str) -> dict[str, Any]:
+        tenant = self.tenants.get(tenant_id)
+        share = self.shares.get(tenant_id)
+        return describe(self.config, tenant, share, self._rate(tenant))
+
+    def set_limits(
+        self,
+        tenant_id: str,
+        *,
+        max_concurrency: int | None = None,
+        max_active_jobs: int | None = None,
+        rate: float | None = None,
+        burst: int | None = None,
+        clear: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        unknown = set(clear) - set(CLEARABLE)
+        if unknown:
+            raise LimitsError(f"--clear takes {', '.join(CLEARABLE)}, not {', '.join(sorted(unknown))}")
+        if (rate is None) != (burst is None):
+            raise LimitsError("give --rate and --burst together: a usage plan throttles with both")
+        if rate is not None and RATE in clear:
+            raise LimitsError("--rate and --clear rate contradict each other")
+        for name, value in ((MAX_CONCURRENCY, max_concurrency), (MAX_ACTIVE_JOBS, max_active_jobs)):
+            if value is not None and value < 1:
+                raise LimitsError(f"{name} must be at least 1")
+            if value is not None and name in clear:
+                raise LimitsError(f"--{name.replace('_', '-')} and --clear {name} contradict each other")
+        tenant = self.tenants.get(tenant_id)
+        if rate is not None or RATE in clear:
+            plans, key_id = self._plans_of(tenant)
+            if rate is not None and burst is not None:
+                plans.set_rate(tenant.id, tenant.tier, key_id, rate, burst)
+            else:
+                plans.clear_rate(tenant.id, tenant.tier, key_id)
+        share_clear = tuple(name for name in clear if name != RATE)
+        try:
+            self.shares.set_limits(
+                tenant_id, max_concurrency=max_concurrency, max_active_jobs=max_active_jobs, clear=share_clear
+            )
+        except ValueError as exc:
+            raise LimitsError(str(exc)) from exc
+        return self.show(tenant_id)
+
+    def effective(self, tenant_id: str) -> EffectiveLimits:
+        return flat(self.show(tenant_id))
+
+    def _plans_of(self, tenant: Tenant) -> tuple[ApiGatewayUsagePlans, str]:
+        if self.usage_plans is None:
+            raise LimitsError("the stack has no usage plans (no UsagePlanIds output): deploy this version")
+        if not tenant.usage_key_id:
+            raise LimitsError(
+                f"tenant {tenant.id} has no API Gateway key (created before usage plans existed)"
+            )
+        return self.usage_plans, tenant.usage_key_id
+
+    def _rate(self, tenant: Tenant) -> RateLimit | None:
+        if self.usage_plans is None or not tenant.usage_key_id:
+            return None
+        return self.usage_plans.rate_limit(tenant.id, tenant.tier, tenant.usage_key_id)
+
+
+def describe(config: LlmqConfig, tenant: Tenant, share: ShareState, rate: RateLimit | None) -> dict[str, Any]:
+    """`llmq tenants show`: each effective limit with its source (override or tier)."""
+    defaults = config.tenant_limits(tenant.tier)
+
+    def limit(override: float | int | None, default: float | int) -> dict[str, Any]:
+        return {
+            "value": override if override is not None else default,
+            "source": OVERRIDE if override is not None else TIER,
+        }
+
+    limits: dict[str, Any] = {
+        "lane": config.lane_for_tier(tenant.tier).name,
+        MAX_CONCURRENCY: limit(share.max_concurrency, config.concurrency_cap(tenant.tier)),
+        MAX_ACTIVE_JOBS: limit(share.max_active_jobs, defaults.max_active_jobs),
+    }
+    if rate is not None:
+        source = OVERRIDE if rate.override else TIER
+        limits["rate_per_second"] = {"value": rate.rate_per_second, "source": source}
+        limits["burst"] = {"value": rate.burst, "source": source}
+        limits["usage_plan"] = {"id": rate.plan_id, "name": rate.plan_name}
+    else:
+        # No key in a plan: what the tier's plan would apply, marked as not in force.
+        limits["rate_per_second"] = {"value": defaults.rate_per_second, "source": "tier (no usage plan key)"}
+        limits["burst"] = {"value": defaults.burst, "source": "tier (no usage plan key)"}
+    return {
+        "id": tenant.id,
+        "name": tenant.name,
+        "tier": tenant.tier,
+        "limits": limits,
+        "active": share.active,
+        "running": share.running,
+        "queued": share.queued,
+    }
+
+
+def flat(shown: dict[str, Any]) -> EffectiveLimits:
+    """The limits as `.llmq/sandbox.json` lists them."""
+    limits = shown["limits"]
+    return EffectiveLimits(
+        max_concurrency=int(limits[MAX_CONCURRENCY]["value"]),
+        max_active_jobs=int(limits[MAX_ACTIVE_JOBS]["value"]),
+        rate_per_second=float(limits["rate_per_second"]["value"]),
+        burst=int(limits["burst"]["value"]),
+    )

@@ -1,0 +1,318 @@
+"""Tenants share fairly (issue 14, DESIGN §3.11): the active-jobs quota at submit and the
+per-tenant concurrency cap at claim, through the real handlers against moto and a loopback
+provider. The counts' exactness under every interleaving of crashes, duplicates and lost
+answers is the lifecycle model's (tests/integration/test_lifecycle_model.py, `_shares_hold`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.jobs import JobRepository
+from llmq.policy import ClaimOutcome
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from llmq.shares import ShareRepository
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.aws_faults import AwsFaults, FaultKind
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, FREE, Harness
+
+
+def _shares(harness: Harness) -> ShareRepository:
+    return ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+
+
+def _lane_total(harness: Harness, lane: str) -> int:
+    return harness.total_count(harness.stack.lane_queue_urls[lane])
+
+
+class _Later:
+    """Real time shifted forward: the reconciler's view of a lease that has lapsed."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+# ---- the active-jobs quota ----------------------------------------------------------------------
+
+
+def test_a_submit_over_the_quota_is_429_with_retry_after_and_writes_nothing(harness: Harness) -> None:
+    # Given a free tenant allowed two active jobs, which has two queued
+    _shares(harness).set_limits(FREE["tenant_id"], max_active_jobs=2)
+    accepted = [harness.submit(tenant=FREE, key=f"k{n}") for n in range(2)]
+    assert [reply.status for reply in accepted] == [202, 202]
+    # When it submits a third
+    refused = harness.submit(tenant=FREE, key="k2", prompt="one too many")
+    # Then it is refused with a stable code and a Retry-After, as problem+json
+    assert refused.status == 429
+    assert refused.code == "quota_exceeded"
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["retry-after"] == str(harness.config.fair_share.quota_retry_after_seconds)
+    assert "at most 2" in refused.body["detail"]
+    # And nothing was written or enqueued, and the share still counts two
+    assert harness.item_count() == 2
+    assert _lane_total(harness, "low") == 2
+    assert _shares(harness).get(FREE["tenant_id"]).active == 2
+    # And the tenant's key k2 was not used up: it is free for a later submit
+    assert harness.api("GET", "/v1/jobs", tenant=FREE).body["data"].__len__() == 2
+
+
+def test_a_replay_of_an_accepted_key_is_never_refused_by_the_quota(harness: Harness) -> None:
+    # Given a tenant at its quota of one
+    _shares(harness).set_limits(FREE["tenant_id"], max_active_jobs=1)
+    first = harness.submit(tenant=FREE, key="only")
+    # When the client retries the accepted submit
+    replay = harness.submit(tenant=FREE, key="only")
+    # Then it gets its job back, marked replayed, and nothing new exists
+    assert (first.status, replay.status) == (202, 202)
+    assert replay.body["id"] == first.body["id"]
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert harness.item_count() == 1
+    assert _shares(harness).get(FREE["tenant_id"]).active == 1
+
+
+def test_a_finished_job_makes_room_under_the_quota(harness: Harness) -> None:
+    # Given a tenant at its quota of one
+    _shares(harness).set_limits(FREE["tenant_id"], max_active_jobs=1)
+    job_id = harness.submit(tenant=FREE).body["id"]
+    assert harness.submit(tenant=FREE).status == 429
+    # When its job ends (here: canceled while queued)
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=FREE).status == 200
+    # Then the next submit is accepted, and the quota is per tenant: another tenant never noticed
+    assert harness.submit(tenant=FREE).status == 202
+    assert harness.submit(tenant=ENTERPRISE).status == 202
+    assert _shares(harness).get(FREE["tenant_id"]).active == 1
+
+
+def test_the_tier_default_quota_applies_without_an_override(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the free tier's default quota, set to two in the config
+    config = integration_config(provider, fair_share={"tiers": {"free": {"max_active_jobs": 2}}})
+    harness = Harness(moto_stack, config, monkeypatch)
+    # When a free tenant submits three jobs
+    statuses = [harness.submit(tenant=FREE).status for _ in range(3)]
+    # Then the third is refused
+    assert statuses == [202, 202, 429]
+
+
+# ---- the concurrency cap ----------------------------------------------------------------------
+
+
+def test_a_tenant_never_runs_more_than_its_cap_and_the_rest_wait_without_being_spent(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given an enterprise tenant capped at two jobs at once, with five queued slow jobs
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=2)
+    provider.reset()
+    ids = [harness.submit(prompt=f"job {n} [[latency:0.5]]").body["id"] for n in range(5)]
+    url = harness.stack.lane_queue_urls["high"]
+    # When one worker invocation receives all five
+    messages = harness.receive(url)
+    assert len(messages) == 5
+    response = harness.run_worker(url, messages)
+    # Then the provider saw at most two at once, two ran, and three wait as delayed copies
+    # of their messages (the originals acknowledged: no receive spent on waiting)
+    assert provider.state.max_in_flight == 2
+    assert response == {"batchItemFailures": []}
+    delayed = harness.sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )
+    assert delayed["Attributes"]["ApproximateNumberOfMessagesDelayed"] == "3"
+    states = {job_id: harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body for job_id in ids}
+    assert sorted(job["status"] for job in states.values()) == ["queued"] * 3 + ["succeeded"] * 2
+    # And a deferral is not an attempt: the waiting jobs have never been claimed
+    assert all(job["attempts"] == 0 for job in states.values() if job["status"] == "queued")
+    # And both slots are free again, with three jobs still active
+    share = _shares(harness).get(ENTERPRISE["tenant_id"])
+    assert (share.running, share.active) == (0, 3)
+
+
+def test_a_capped_tenant_does_not_hold_back_another_tenant_in_the_same_lane(harness: Harness) -> None:
+    # Given tenant A at its cap of one in the high lane (a job running), and one more of A's waiting
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    running = harness.submit().body["id"]
+    waiting = harness.submit().body["id"]
+    assert jobs.claim(running, "busy-worker", 60).outcome is ClaimOutcome.CLAIMED
+    # And another enterprise tenant with a job in the same lane
+    other = {"tenant_id": "ten_other", "tier": "enterprise"}
+    theirs = harness.submit(tenant=other).body["id"]
+    # When workers try both waiting jobs
+    assert jobs.claim(waiting, "w2", 60, (ENTERPRISE["tenant_id"], "high")).outcome is ClaimOutcome.AT_CAP
+    assert jobs.claim(theirs, "w3", 60, (other["tenant_id"], "high")).outcome is ClaimOutcome.CLAIMED
+
+
+def test_a_crashed_workers_slot_comes_back_when_the_reconciler_recovers_its_job(harness: Harness) -> None:
+    # Given a tenant capped at one whose only slot is held by a worker that died (lease lapsed)
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    crashed = harness.submit().body["id"]
+    waiting = harness.submit().body["id"]
+    assert jobs.claim(crashed, "dead-worker", lease_seconds=1).outcome is ClaimOutcome.CLAIMED
+    assert jobs.claim(waiting, "w2", 60).outcome is ClaimOutcome.AT_CAP
+    # When the reconciler runs once after the lease lapsed
+    later = _Later(offset=2)
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    recovering = JobRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=later
+    )
+    report = Reconciler(recovering, queues, harness.config).run()
+    # Then the crashed job is queued again with its attempt counted, and its slot is free
+    assert report.recovered == [crashed]
+    assert harness.api("GET", f"/v1/jobs/{crashed}", tenant=ENTERPRISE).body["status"] == "queued"
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).running == 0
+    # And the waiting job can now be claimed
+    assert jobs.claim(waiting, "w2", 60).outcome is ClaimOutcome.CLAIMED
+
+
+def test_a_takeover_of_its_own_lapsed_lease_is_never_refused_by_the_cap(harness: Harness) -> None:
+    # Given a tenant at its cap of one, held by a job whose worker died
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    job_id = harness.submit().body["id"]
+    assert jobs.claim(job_id, "dead-worker", lease_seconds=0.2).outcome is ClaimOutcome.CLAIMED
+    time.sleep(0.3)
+    # When the job's own message comes back and a worker claims it
+    takeover = jobs.claim(job_id, "w2", 60, (ENTERPRISE["tenant_id"], "high"))
+    # Then the slot passes to the new attempt: still one held, by this job
+    assert takeover.outcome is ClaimOutcome.CLAIMED
+    assert takeover.job is not None and takeover.job.attempts == 2
+    share = _shares(harness).get(ENTERPRISE["tenant_id"])
+    assert set(share.holders["high"]) == {job_id}
+
+
+def test_a_deferred_message_comes_back_later_the_longer_the_tenants_backlog(harness: Harness) -> None:
+    # Given a tenant capped at one with a running job, and first a short then a long backlog
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(harness.submit().body["id"], "busy", 60).outcome is ClaimOutcome.CLAIMED
+    url = harness.stack.lane_queue_urls["high"]
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    time.sleep(1.0)  # the running job has aged: the estimate of a run is about 2 s
+
+    def deferrals(count: int) -> list[int]:
+        for _ in range(count):
+            harness.submit()
+        timeouts: list[int] = []  # the delays of the deferred copies
+
+        def record(params: dict[str, Any], **_: Any) -> None:
+            timeouts.append(int(params["DelaySeconds"]))
+
+        events = aws.client("sqs").meta.events
+        events.register("provide-client-params.sqs.SendMessage", record)
+        try:
+            received = []
+            while batch := harness.receive(url):
+                received += batch
+            for start in range(0, len(received), 10):
+                harness.run_worker(url, received[start : start + 10])
+        finally:
+            events.unregister("provide-client-params.sqs.SendMessage", record)
+        return timeouts
+
+    # When workers meet the short backlog, then the long one
+    short = deferrals(2)
+    long = deferrals(40)
+    # Then every message was deferred, never claimed (the short backlog's two are still away),
+    # and the long backlog waits longer
+    # (a short deferral may end during the long round and be deferred again there)
+    assert len(short) == 2 and 40 <= len(long) <= 42
+    assert sorted(long)[len(long) // 2] > 5 * max(short)
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).running == 1
+
+
+def test_lane_messages_name_their_tenant_as_the_message_group(harness: Harness) -> None:
+    # When a tenant submits
+    harness.submit(tenant=FREE)
+    # Then the lane message carries the tenant as its fair-queue group and in its body
+    response = harness.sqs.receive_message(
+        QueueUrl=harness.stack.lane_queue_urls["low"], MessageSystemAttributeNames=["MessageGroupId"]
+    )
+    (message,) = response["Messages"]
+    assert json.loads(message["Body"])["tenant_id"] == FREE["tenant_id"]
+    assert message.get("Attributes", {}).get("MessageGroupId") == FREE["tenant_id"]
+
+
+def test_a_queued_job_says_its_place_among_the_tenants_queued_jobs(harness: Harness) -> None:
+    # Given a tenant with three queued jobs, the first of them then started, and another tenant's job
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    ids = [harness.submit(prompt=f"job {n}").body["id"] for n in range(3)]
+    harness.submit(tenant={"tenant_id": "ten_other", "tier": "enterprise"})
+    assert jobs.claim(ids[0], "w1", 60).outcome is ClaimOutcome.CLAIMED
+
+    def position(job_id: str) -> Any:
+        return harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body.get("queue_position")
+
+    # When the client polls, Then the queued ones say where they stand (1: next), counting only
+    # this tenant's queued jobs, and a running job has no position
+    assert [position(job_id) for job_id in ids] == [None, 1, 2]
+    # And the list does not pay for positions
+    listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"]
+    assert all("queue_position" not in job or job["queue_position"] is None for job in listed)
+
+
+# ---- a tenant's share item is hot: transactions on it conflict ---------------------------------
+
+
+@pytest.fixture
+def faults(harness: Harness) -> Iterator[AwsFaults]:
+    injected = AwsFaults()
+    yield injected
+    injected.disarm()
+
+
+def test_an_accept_whose_transaction_conflicts_is_tried_again_and_counted_once(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given two conflicting transactions on the tenant's share item (another submit, a claim)
+    faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.TransactWriteItems", times=2)
+    # When the client submits
+    reply = harness.submit(key="busy-tenant")
+    # Then the api tried again and accepted it: one job, one message, counted once
+    assert len(faults.fired) == 2
+    assert reply.status == 202
+    assert harness.item_count() == 1
+    assert _lane_total(harness, "high") == 1
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).active == 1
+
+
+def test_an_accept_that_keeps_conflicting_is_a_503_to_retry_and_writes_nothing(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.TransactWriteItems", times=50)
+    reply = harness.submit(key="very-busy")
+    assert reply.status == 503 and reply.code == "storage_contended"
+    assert "retry-after" in reply.headers
+    assert harness.item_count() == 0
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).active == 0
+
+
+def test_a_claim_whose_transaction_conflicts_runs_the_job_once(
+    harness: Harness, faults: AwsFaults, provider: FakeProviderServer
+) -> None:
+    # Given a queued job, and the claim's first two transactions conflicting
+    job_id = harness.submit().body["id"]
+    faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.TransactWriteItems", times=2)
+    # When the worker runs its message
+    assert harness.drain("high") == {"batchItemFailures": []}
+    # Then the job ran once and its slot is back
+    assert len(faults.fired) == 2
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "succeeded"
+    assert provider.calls_for(job_id) == 1
+    share = _shares(harness).get(ENTERPRISE["tenant_id"])
+    assert (share.running, share.active) == (0, 0)

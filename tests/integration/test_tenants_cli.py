@@ -1,0 +1,161 @@
+"""`llmq tenants create | show | set-limits` against moto, as an operator runs them.
+
+The stack is a CloudFormation stack in moto whose outputs name the tables and the usage plans
+(the real plans' names and throttles, from the synthesized template).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.usage_plans import tenant_plan_name
+from llmq_cli.main import main
+from tests.conftest import MotoStack
+from tests.integration.test_usage_plans import create_stack_usage_plans
+
+STACK = "LlmqCliTest"
+
+
+@pytest.fixture
+def stack(moto_stack: MotoStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    plan_ids = create_stack_usage_plans(aws.client("apigateway"))
+    outputs = {
+        "TenantsTableName": moto_stack.tenants_table,
+        "JobsTableName": moto_stack.jobs_table,
+        "UsagePlanIds": json.dumps(plan_ids),
+    }
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
+        "Outputs": {name: {"Value": value} for name, value in outputs.items()},
+    }
+    aws.client("cloudformation").create_stack(StackName=STACK, TemplateBody=json.dumps(template))
+    # No cdk.json here: the tier defaults are LlmqConfig's own.
+    monkeypatch.chdir(tmp_path)
+    return plan_ids
+
+
+def llmq(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    code = main(
+        [
+            "--state-file",
+            "no-sandbox.json",
+            "tenants",
+            *args,
+            "--aws",
+            "--region",
+            "us-east-1",
+            "--stack",
+            STACK,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    config = LlmqConfig()
+    tier = config.tenant_limits("free")
+    created = llmq(capsys, "create", "--name", "Hobby", "--tier", "free", "--id", "ten_hobby")
+    assert created["id"] == "ten_hobby" and created["api_key"].startswith("llmq_sk_")
+
+    # A new tenant has its tier's limits, each saying so
+    shown = llmq(capsys, "show", "ten_hobby")
+    assert shown["tier"] == "free" and shown["active"] == 0 and shown["running"] == 0
+    limits = shown["limits"]
+    assert limits["max_concurrency"] == {"value": config.concurrency_cap("free"), "source": "tier"}
+    assert limits["max_active_jobs"] == {"value": tier.max_active_jobs, "source": "tier"}
+    assert limits["rate_per_second"] == {"value": tier.rate_per_second, "source": "tier"}
+    assert limits["burst"] == {"value": tier.burst, "source": "tier"}
+    assert limits["usage_plan"]["id"] == stack["free"]
+
+    # The operator overrides all four
+    changed = llmq(
+        capsys,
+        "set-limits",
+        "ten_hobby",
+        "--max-concurrency",
+        "1",
+        "--max-active",
+        "7",
+        "--rate",
+        "2",
+        "--burst",
+        "3",
+    )
+    assert changed == llmq(capsys, "show", "ten_hobby")
+    limits = changed["limits"]
+    assert limits["max_concurrency"] == {"value": 1, "source": "override"}
+    assert limits["max_active_jobs"] == {"value": 7, "source": "override"}
+    assert limits["rate_per_second"] == {"value": 2, "source": "override"}
+    assert limits["burst"] == {"value": 3, "source": "override"}
+    assert limits["usage_plan"]["name"] == tenant_plan_name("ten_hobby")
+    # ...stored where the api and the worker read them: the tenant's share item
+    share = aws.client("dynamodb").get_item(TableName="llmq-jobs", Key={"pk": {"S": "share#ten_hobby"}})[
+        "Item"
+    ]
+    assert (share["max_concurrency"]["N"], share["max_active_jobs"]["N"]) == ("1", "7")
+
+    # Clearing two of them brings the tier's back; the other two stay
+    cleared = llmq(capsys, "set-limits", "ten_hobby", "--clear", "rate", "--clear", "max_active_jobs")
+    limits = cleared["limits"]
+    assert limits["max_concurrency"] == {"value": 1, "source": "override"}
+    assert limits["max_active_jobs"] == {"value": tier.max_active_jobs, "source": "tier"}
+    assert limits["rate_per_second"] == {"value": tier.rate_per_second, "source": "tier"}
+    assert limits["usage_plan"]["id"] == stack["free"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "2"], "--rate and --burst together"),
+        (["--rate", "2", "--burst", "2", "--clear", "rate"], "contradict"),
+        (["--max-active", "0"], "at least 1"),
+    ],
+)
+def test_set_limits_refuses_what_cannot_be_done(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    llmq(capsys, "create", "--name", "Hobby", "--tier", "free", "--id", "ten_hobby")
+    code = main(
+        ["--state-file", "x.json", "tenants", "set-limits", "ten_hobby", *args, "--aws", "--stack", STACK]
+    )
+    assert code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_show_names_an_unknown_tenant(stack: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--state-file", "x.json", "tenants", "show", "ten_nobody", "--aws", "--stack", STACK])
+    assert code == 1
+    assert "no tenant ten_nobody" in capsys.readouterr().err
+
+
+def test_a_tenant_created_before_usage_plans_gets_its_key_on_every_api_key(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
+) -> None:
+    """After upgrading, tenants without an API Gateway key would be refused with 403: the
+    operator attaches one, and the authorizer's items carry it."""
+    from llmq.tenants import TenantRepository
+
+    # Given a tenant with two API keys, created without usage plans
+    old = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    created = old.create("Legacy", "free", tenant_id="ten_legacy")
+    second = old.issue_key(created.tenant)
+    before = old.authenticate(created.api_key)
+    assert before is not None and before.usage_key is None
+    # When the operator attaches usage keys (twice: it is safe to run again)
+    attached = llmq(capsys, "attach-usage-keys")
+    assert [entry["id"] for entry in attached] == ["ten_legacy"]
+    assert llmq(capsys, "attach-usage-keys") == []
+    # Then both API keys authenticate with the tenant's usage key, which is in the free plan
+    usage_key = old.get("ten_legacy").usage_key
+    identities = [old.authenticate(key) for key in (created.api_key, second)]
+    assert usage_key and [identity and identity.usage_key for identity in identities] == [usage_key] * 2
+    in_plans = aws.client("apigateway").get_usage_plans(keyId=attached[0]["usage_key_id"])["items"]
+    assert [plan["id"] for plan in in_plans] == [stack["free"]]

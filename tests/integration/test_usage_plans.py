@@ -1,0 +1,162 @@
+"""Per-tenant request rates: API Gateway usage plans and keys, against moto's API Gateway.
+
+The plans are the stack's own (name and throttle from the synthesized template), created in
+moto as the sandbox's deploy creates them; API Gateway's throttling itself is played by the
+sandbox's gateway (tests/e2e/test_rate_limits.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.config import LlmqConfig
+from llmq.tenants import TenantRepository
+from llmq.usage_plans import DEFAULT_PLAN, ApiGatewayUsagePlans, tenant_plan_name
+from tests.conftest import MotoStack, load_event
+from tests.integration.harness import LambdaContextStub, load_handler
+from tests.support.tables import default_app_template
+
+API_ID, STAGE = "abc123", "prod"
+
+
+@dataclass
+class Plans:
+    ids: dict[str, str]  # tier -> plan id, as the stack's UsagePlanIds output
+    usage_plans: ApiGatewayUsagePlans
+
+
+def create_stack_usage_plans(apigateway: Any) -> dict[str, str]:
+    """The stack's usage plans in moto, from the template: tier -> id, as its UsagePlanIds output."""
+    template = default_app_template()
+    parts = template.template["Outputs"]["UsagePlanIds"]["Value"]["Fn::Join"][1]
+    # A JSON object built by Fn::Join: with each Ref as its logical id, tier -> plan resource.
+    logical_ids = json.loads("".join(part if isinstance(part, str) else part["Ref"] for part in parts))
+    ids: dict[str, str] = {}
+    for tier, logical_id in logical_ids.items():
+        properties = template.resources[logical_id]["Properties"]
+        plan = apigateway.create_usage_plan(
+            name=properties["UsagePlanName"],
+            apiStages=[{"apiId": API_ID, "stage": STAGE}],
+            throttle={
+                "rateLimit": properties["Throttle"]["RateLimit"],
+                "burstLimit": properties["Throttle"]["BurstLimit"],
+            },
+        )
+        ids[tier] = plan["id"]
+    return ids
+
+
+@pytest.fixture
+def plans(moto_stack: MotoStack) -> Iterator[Plans]:
+    apigateway = aws.client("apigateway")
+    ids = create_stack_usage_plans(apigateway)
+    yield Plans(ids, ApiGatewayUsagePlans(apigateway, ids))
+
+
+@pytest.fixture
+def authorizer(moto_stack: MotoStack, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LLMQ_CONFIG", "{}")
+    monkeypatch.setenv("LLMQ_TENANTS_TABLE", moto_stack.tenants_table)
+    return load_handler("authorizer")
+
+
+def _event(authorization: str) -> dict[str, Any]:
+    event = copy.deepcopy(load_event("authorizer_request"))
+    event["headers"] = {"Authorization": authorization}
+    return event
+
+
+def test_the_stack_output_names_a_plan_per_tier_and_the_default_with_the_configs_throttle(plans: Plans):
+    config = LlmqConfig()
+    assert set(plans.ids) == {*config.fair_share.tiers, DEFAULT_PLAN}
+    apigateway = aws.client("apigateway")
+    for tier, plan_id in plans.ids.items():
+        limits = config.fair_share.default if tier == DEFAULT_PLAN else config.tenant_limits(tier)
+        throttle = apigateway.get_usage_plan(usagePlanId=plan_id)["throttle"]
+        assert (throttle["rateLimit"], throttle["burstLimit"]) == (limits.rate_per_second, limits.burst)
+
+
+def test_a_new_tenants_key_is_in_its_tiers_plan_and_the_authorizer_returns_it(
+    plans: Plans, authorizer, moto_stack: MotoStack
+):
+    # Given a tenant created as `llmq tenants create` creates it
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    created = tenants.create("Acme", "enterprise", tenant_id="ten_acme")
+    apigateway = aws.client("apigateway")
+    key = apigateway.get_api_key(apiKey=created.tenant.usage_key_id, includeValue=True)
+    # Then it has an enabled API Gateway key, in its tier's plan only
+    assert key["enabled"] is True
+    assert [plan["id"] for plan in apigateway.get_usage_plans(keyId=key["id"])["items"]] == [
+        plans.ids["enterprise"]
+    ]
+    # And the authorizer, with its one GetItem, returns that key's value as usageIdentifierKey
+    policy = authorizer.handler(_event(f"Bearer {created.api_key}"), LambdaContextStub())
+    assert policy["usageIdentifierKey"] == key["value"]
+    # And a second API key of the same tenant meters on the same usage key
+    second = tenants.issue_key(tenants.get("ten_acme"))
+    policy = authorizer.handler(_event(f"Bearer {second}"), LambdaContextStub())
+    assert policy["usageIdentifierKey"] == key["value"]
+    # And the client's own key is never the usage key
+    assert key["value"] not in (created.api_key, second)
+
+
+def test_a_tier_without_a_plan_of_its_own_uses_the_default_plan(plans: Plans, moto_stack: MotoStack):
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    created = tenants.create("Startup", "startup")
+    in_plans = aws.client("apigateway").get_usage_plans(keyId=created.tenant.usage_key_id)["items"]
+    assert [plan["id"] for plan in in_plans] == [plans.ids[DEFAULT_PLAN]]
+
+
+def test_a_tenant_without_usage_plans_gets_no_usage_key(authorizer, moto_stack: MotoStack):
+    """Without API Gateway (usage_keys=None) the authorizer returns no usageIdentifierKey."""
+    created = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise"
+    )
+    policy = authorizer.handler(_event(f"Bearer {created.api_key}"), LambdaContextStub())
+    assert "usageIdentifierKey" not in policy
+
+
+def test_a_rate_override_moves_the_key_to_its_own_plan_and_clearing_moves_it_back(
+    plans: Plans, moto_stack: MotoStack
+):
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    tenant = tenants.create("Hobby", "free", tenant_id="ten_hobby").tenant
+    assert tenant.usage_key_id
+    apigateway = aws.client("apigateway")
+
+    def plans_of_key() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
+        return items
+
+    # When the operator overrides its rate
+    limit = plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
+    # Then its key is in its own plan only, with that throttle, on its tier plan's stages
+    (own,) = plans_of_key()
+    assert own["name"] == tenant_plan_name("ten_hobby") and own["id"] == limit.plan_id
+    assert own["throttle"] == {"rateLimit": 2, "burstLimit": 3}
+    assert own["apiStages"] == [{"apiId": API_ID, "stage": STAGE}]
+    # And the tier's plan no longer holds it, so the tier's other tenants keep their own buckets
+    free_keys = apigateway.get_usage_plan_keys(usagePlanId=plans.ids["free"])["items"]
+    assert tenant.usage_key_id not in [key["id"] for key in free_keys]
+    # When it is changed again, the same plan changes
+    plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 4, 8)
+    (again,) = plans_of_key()
+    assert again["id"] == own["id"] and again["throttle"] == {"rateLimit": 4, "burstLimit": 8}
+    # When it is cleared, the key is back in the tier's plan and the tenant's plan is gone
+    plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
+    assert [plan["id"] for plan in plans_of_key()] == [plans.ids["free"]]
+    names = [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
+    assert tenant_plan_name("ten_hobby") not in names

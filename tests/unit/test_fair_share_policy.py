@@ -1,0 +1,86 @@
+"""The fair-share policy: default caps, and how long a message of a capped tenant waits."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmq.config import FairShareConfig, LlmqConfig
+from llmq.shares import ShareState, deferral_seconds
+
+POLICY = FairShareConfig()
+NOW = 1_800_000_000_000
+
+
+def _state(running_ages_s: list[float], queued: int, cap: int = 4, lane: str = "high") -> ShareState:
+    holders = {f"job_{n}": NOW - int(age * 1000) for n, age in enumerate(running_ages_s)}
+    return ShareState(
+        tenant_id="ten_a",
+        active=len(holders) + queued,
+        holders={lane: holders},
+        default_caps={lane: cap},
+    )
+
+
+def test_the_default_cap_is_half_the_lanes_job_capacity() -> None:
+    config = LlmqConfig()
+    high = config.lanes_by_name["high"]
+    # An invocation runs a whole batch at once: capacity is concurrency x batch size
+    assert config.concurrency_cap("enterprise") == high.max_concurrency * high.batch_size // 2
+    low = config.lanes_by_name["low"]
+    assert config.concurrency_cap("free") == low.max_concurrency * low.batch_size // 2
+    # An unknown tier goes to the default lane, with that lane's default cap
+    assert config.concurrency_cap("mystery") == config.concurrency_cap("free")
+
+
+def test_a_tier_may_set_its_own_cap() -> None:
+    config = LlmqConfig.model_validate({"fair_share": {"tiers": {"enterprise": {"max_concurrency": 3}}}})
+    assert config.concurrency_cap("enterprise") == 3
+
+
+def test_a_longer_backlog_waits_longer() -> None:
+    rng = random.Random(1)
+    short = [deferral_seconds(_state([10, 20, 30, 40], 8), "high", NOW, POLICY, rng) for _ in range(200)]
+    long = [deferral_seconds(_state([10, 20, 30, 40], 400), "high", NOW, POLICY, rng) for _ in range(200)]
+    assert statistics.median(long) > 10 * statistics.median(short)
+
+
+def test_longer_runs_wait_longer() -> None:
+    rng = random.Random(2)
+    quick = [deferral_seconds(_state([1, 1, 1, 1], 40), "high", NOW, POLICY, rng) for _ in range(200)]
+    slow = [deferral_seconds(_state([30, 30, 30, 30], 40), "high", NOW, POLICY, rng) for _ in range(200)]
+    assert statistics.median(slow) > 10 * statistics.median(quick)
+
+
+def test_deferrals_are_jittered_not_in_lock_step() -> None:
+    rng = random.Random(3)
+    delays = {round(deferral_seconds(_state([20] * 4, 100), "high", NOW, POLICY, rng), 3) for _ in range(50)}
+    assert len(delays) > 40
+
+
+def test_retries_come_back_a_little_faster_than_slots_free() -> None:
+    """Across a backlog, deferred messages return at about `deferral_pressure` times the rate
+    the tenant's slots free up: a freed slot is taken soon, with few refused claims per run."""
+    rng = random.Random(4)
+    cap, run_s, backlog = 4, 20.0, 200
+    state = _state([run_s / 2] * cap, backlog, cap=cap)
+    delays = [deferral_seconds(state, "high", NOW, POLICY, rng) for _ in range(2000)]
+    # Spread evenly from now: the backlog comes back over a window twice the mean delay
+    assert min(delays) < 0.05 * max(delays)
+    returns_per_second = backlog / (2 * statistics.mean(delays))
+    frees_per_second = cap / run_s
+    assert 1.2 * frees_per_second < returns_per_second < 2.0 * frees_per_second
+
+
+@given(
+    ages=st.lists(st.floats(min_value=0, max_value=3600), min_size=1, max_size=50),
+    queued=st.integers(min_value=0, max_value=100_000),
+    cap=st.integers(min_value=1, max_value=500),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_a_deferral_is_always_within_its_bounds(ages: list[float], queued: int, cap: int, seed: int) -> None:
+    delay = deferral_seconds(_state(ages, queued, cap=cap), "high", NOW, POLICY, random.Random(seed))
+    assert POLICY.min_deferral_seconds <= delay <= POLICY.max_deferral_seconds
