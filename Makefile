@@ -102,6 +102,7 @@ deploy: install node_modules/.installed layers ## Preflight (llmq doctor), deplo
 	  echo "$(PY) -m llmq_cli provider-key set --stack $(STACK)"; \
 	  $(PY) -m llmq_cli provider-key set --stack $(STACK); \
 	fi
+	$(PY) -m llmq_cli tenants attach-usage-keys --aws --stack $(STACK)
 
 destroy: install node_modules/.installed ## Delete the stack; the two tables and the provider secret are retained
 	cdk destroy --no-notices --force

@@ -249,6 +249,7 @@ def noisy_once(name: str, capped: bool, quick: bool) -> dict[str, Any]:
             time.sleep(1)
             b_jobs = [beta.get(f"/v1/jobs/{job_id}").json() for job_id in b_ids]
         log = running.provider.state.snapshot()["log"] if running.provider else []
+        attempts = _claim_attempts(Path(running.log_dir) / "worker.log", set(a_ids))
     waits = [_seconds(job["started_at"]) - _seconds(job["created_at"]) for job in b_jobs if job["started_at"]]
     a_in_flight = _in_flight_over_time(log, set(a_ids))
     # While A still had queued work: from its first call until its last call started.
@@ -265,7 +266,27 @@ def noisy_once(name: str, capped: bool, quick: bool) -> dict[str, Any]:
         "a_max_in_flight": max(a_in_flight, default=0),
         "a_mean_in_flight_while_backlogged": statistics.mean(window) if window else 0.0,
         "a_provider_calls": sum(1 for call in log if call["job_id"] in set(a_ids)),
+        # Claim attempts (claimed, refused at the cap, or not claimed) per job of A that ran.
+        "a_claim_attempts_per_job": attempts / max(1, sum(job["status"] == "succeeded" for job in a_jobs)),
     }
+
+
+_CLAIM_LOG_MESSAGES = {"job claimed", "tenant at its cap; deferred", "message not claimed"}
+
+
+def _claim_attempts(worker_log: Path, jobs: set[str]) -> int:
+    """Claims the worker tried for `jobs`, from its log (one line per claim outcome)."""
+    tried = 0
+    for line in worker_log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("message") in _CLAIM_LOG_MESSAGES and record.get("job_id") in jobs:
+            tried += 1
+    return tried
 
 
 def noisy(quick: bool = False) -> dict[str, Any]:

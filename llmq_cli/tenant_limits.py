@@ -65,11 +65,16 @@ class TenantLimits:
                 raise LimitsError(f"--{name.replace('_', '-')} and --clear {name} contradict each other")
         tenant = self.tenants.get(tenant_id)
         if rate is not None or RATE in clear:
+            from llmq.usage_plans import UsagePlanError
+
             plans, key_id = self._plans_of(tenant)
-            if rate is not None and burst is not None:
-                plans.set_rate(tenant.id, tenant.tier, key_id, rate, burst)
-            else:
-                plans.clear_rate(tenant.id, tenant.tier, key_id)
+            try:
+                if rate is not None and burst is not None:
+                    plans.set_rate(tenant.id, tenant.tier, key_id, rate, burst)
+                else:
+                    plans.clear_rate(tenant.id, tenant.tier, key_id)
+            except UsagePlanError as exc:
+                raise LimitsError(str(exc)) from exc
         share_clear = tuple(name for name in clear if name != RATE)
         try:
             self.shares.set_limits(

@@ -300,9 +300,6 @@ class ApiGateway:
                 "MISSING_AUTHENTICATION_TOKEN", "Missing Authentication Token", request_id
             )
         route, path_parameters = found
-        if not self._admit(route):
-            log.info("throttled %s %s: past the stage's rate and burst", request.method, route.resource_path)
-            return self._gateway_response("THROTTLED", "Too Many Requests", request_id)
         event = self._proxy_event(request, path, route, path_parameters, request_id)
         authorized = _Authorized()
         if route.authorizer is not None:
@@ -314,6 +311,12 @@ class ApiGateway:
             refused = self._metered(request, route, authorized, request_id)
             if refused is not None:
                 return refused
+        # The client's usage plan first, then the stage's method limit: a tenant refused by its
+        # own plan never takes from the stage's bucket ("Throttle requests to your REST APIs":
+        # https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-request-throttling.html).
+        if not self._admit(route):
+            log.info("throttled %s %s: past the stage's rate and burst", request.method, route.resource_path)
+            return self._gateway_response("THROTTLED", "Too Many Requests", request_id)
         if route.authorizer is not None:
             event["requestContext"]["authorizer"] = {
                 **authorized.context,

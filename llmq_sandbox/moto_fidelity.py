@@ -185,6 +185,56 @@ def _restore(table: Any, hash_key: Any, range_key: Any, item: Any) -> None:
         table.items[hash_key][range_key] = item
 
 
+class _TablesNotCopied:
+    """Stands in for the `copy` module inside moto's DynamoDB backend during a transaction:
+    a Table is "copied" as itself (moto deep-copies every table a transaction touches, to roll
+    it back: a cost that grows with the table, seconds per transaction once the sandbox holds a
+    few hundred jobs). `_item_rollback_transaction` restores the touched items instead."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(copy, name)
+
+    @staticmethod
+    def deepcopy(value: Any, memo: Any = None) -> Any:
+        from moto.dynamodb.models.table import Table
+
+        return value if isinstance(value, Table) else copy.deepcopy(value, memo)
+
+
+def _item_rollback_transaction(transact: Callable[..., Any]) -> Callable[..., Any]:
+    """DynamoDBBackend.transact_write_items, all or nothing by its items: each item it names
+    is kept as it was and put back if the transaction fails, as DynamoDB's isolation promises."""
+    import moto.dynamodb.models as backend_module
+
+    @functools.wraps(transact)
+    def transaction(self: Any, transact_items: list[dict[str, Any]]) -> Any:
+        before: list[tuple[Any, Any, Any, Any]] = []
+        for entry in transact_items:
+            try:
+                _, operation = next(iter(entry.items()))
+                table = self.get_table(operation["TableName"])
+                key = operation.get("Key") or {
+                    name: operation["Item"][name]
+                    for name in (table.hash_key_attr, table.range_key_attr)
+                    if name is not None
+                }
+                hash_key, range_key = self.get_keys_value(table, key)
+            except Exception:
+                continue  # moto refuses such an entry before it writes anything
+            before.append((table, hash_key, range_key, copy.deepcopy(table.get_item(hash_key, range_key))))
+        backend_module.copy = _TablesNotCopied()  # type: ignore[assignment]
+        try:
+            return transact(self, transact_items)
+        except BaseException:
+            for table, hash_key, range_key, item in reversed(before):
+                _restore(table, hash_key, range_key, item)
+            raise
+        finally:
+            backend_module.copy = copy
+
+    return transaction
+
+
 def _size_checked_once_at_the_end(self: Any, key: str, value: Any) -> None:
     # moto's LimitedSizeDict checks the size on every attribute it sets, intermediate states
     # included; the whole item is checked in put_item and update_item instead.
@@ -591,6 +641,9 @@ def make_moto_strict() -> None:
         DynamoDBBackend.delete_item = _recorded(DynamoDBBackend.delete_item)  # type: ignore[method-assign]
         DynamoDBBackend.query = _lagged_index_read(DynamoDBBackend.query)  # type: ignore[method-assign]
         DynamoDBBackend.scan = _lagged_index_read(DynamoDBBackend.scan)  # type: ignore[method-assign]
+        DynamoDBBackend.transact_write_items = _item_rollback_transaction(  # type: ignore[method-assign]
+            DynamoDBBackend.transact_write_items
+        )
         # The lock goes outside, so a snapshot and its restore are never interleaved with a write.
         for name in _WRITES:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))

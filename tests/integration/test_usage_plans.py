@@ -160,3 +160,28 @@ def test_a_rate_override_moves_the_key_to_its_own_plan_and_clearing_moves_it_bac
     assert [plan["id"] for plan in plans_of_key()] == [plans.ids["free"]]
     names = [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
     assert tenant_plan_name("ten_hobby") not in names
+
+
+def test_another_stacks_plan_for_a_tenant_of_the_same_id_is_never_touched(plans: Plans, moto_stack: MotoStack):
+    """Plans are named per tenant across the account: a staging stack's `llmq-tenant-ten_hobby`
+    on another API must survive this stack's set and clear of the same tenant id."""
+    apigateway = aws.client("apigateway")
+    theirs = apigateway.create_usage_plan(
+        name=tenant_plan_name("ten_hobby"),
+        apiStages=[{"apiId": "otherapi", "stage": STAGE}],
+        throttle={"rateLimit": 200, "burstLimit": 400},
+    )
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    tenant = tenants.create("Hobby", "free", tenant_id="ten_hobby").tenant
+    # When this stack's operator overrides and then clears the tenant's rate
+    own = plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 1, 1)
+    assert own.plan_id != theirs["id"]
+    plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
+    # Then the other stack's plan is as it was, and this stack's own plan is gone
+    kept = apigateway.get_usage_plan(usagePlanId=theirs["id"])
+    assert kept["throttle"] == {"rateLimit": 200, "burstLimit": 400}
+    assert kept["apiStages"] == [{"apiId": "otherapi", "stage": STAGE}]
+    names = [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
+    assert names.count(tenant_plan_name("ten_hobby")) == 1

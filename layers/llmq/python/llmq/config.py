@@ -116,9 +116,12 @@ class LimitsConfig(_Frozen):
     # GET returns an S3-held result inline up to this size, and a presigned URL above it
     # (a Lambda response holds 6 MB).
     max_inline_result_bytes: Annotated[int, Field(ge=1024, le=5_000_000)] = 4_000_000
-    # API Gateway stage throttling: the account-wide ceiling, answered with 429.
-    stage_rate_per_second: Annotated[int, Field(ge=1)] = 50
-    stage_burst: Annotated[int, Field(ge=1)] = 100
+    # API Gateway stage throttling: the ceiling for all tenants together, answered with 429.
+    # API Gateway applies a tenant's usage plan before the stage's limit, so this must stay
+    # well above any one tier's rate, or one tenant within its plan takes every other's share
+    # (LlmqConfig refuses a tier rate at or above it).
+    stage_rate_per_second: Annotated[int, Field(ge=1)] = 200
+    stage_burst: Annotated[int, Field(ge=1)] = 400
     # A revoked key keeps working for at most this long (API Gateway's authorizer cache).
     authorizer_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
 
@@ -260,6 +263,13 @@ class LlmqConfig(_Frozen):
             raise ValueError("a tier may be routed to one lane only")
         if self.max_receive_count <= self.max_attempts:
             raise ValueError("max_receive_count must be greater than max_attempts")
+        for tier, limits in {**self.fair_share.tiers, "(default)": self.fair_share.default}.items():
+            if limits.rate_per_second >= self.limits.stage_rate_per_second:
+                raise ValueError(
+                    f"fair_share tier {tier}: rate_per_second {limits.rate_per_second:g} must stay below "
+                    f"limits.stage_rate_per_second ({self.limits.stage_rate_per_second}): one tenant "
+                    "within its plan would take the whole stage"
+                )
         if self.api.timeout_seconds > GATEWAY_TIMEOUT_SECONDS:
             raise ValueError(
                 f"api.timeout_seconds must not exceed API Gateway's {GATEWAY_TIMEOUT_SECONDS:g} s "

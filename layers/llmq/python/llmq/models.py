@@ -235,9 +235,9 @@ class Job(BaseModel):
     queue_position: int | None = Field(
         default=None,
         description="In GET /v1/jobs/{id} of a queued job: its approximate place among your queued "
-        "jobs in its lane (1: next), counted from your jobs submitted just before it (up to "
-        "1,000 of them, so a longer backlog shows at least that many) a second behind. Your "
-        "jobs start in about this order as your concurrency cap frees slots (docs/limits.md)",
+        "jobs in its lane (1: next), counted among your jobs submitted just before it (at most "
+        "1,000 of them, so in a longer backlog a lower bound), a second behind. Your jobs start "
+        "in about this order as your concurrency cap frees slots (docs/limits.md)",
     )
 
 

@@ -117,7 +117,7 @@ class ApiGatewayUsagePlans:
     def set_rate(self, tenant_id: str, tier: str, key_id: str, rate: float, burst: int) -> RateLimit:
         """The tenant's own plan with this throttle, on its tier plan's stages; its key moves there."""
         if rate <= 0 or burst < 1:
-            raise ValueError("rate must be above 0 and burst at least 1")
+            raise UsagePlanError("rate must be above 0 and burst at least 1")
         name = tenant_plan_name(tenant_id)
         own = self._own_plan(tenant_id)
         if own is not None:
@@ -144,16 +144,39 @@ class ApiGatewayUsagePlans:
         return RateLimit(created["id"], name, rate, burst, override=True)
 
     def clear_rate(self, tenant_id: str, tier: str, key_id: str) -> None:
-        """Back to the tier's plan; the tenant's own plan is deleted."""
+        """Back to the tier's plan; the tenant's own plan is deleted (API Gateway refuses to
+        delete a plan that still has API stages, so they are detached first)."""
         own = self._own_plan(tenant_id)
         if own is None:
             return
         self._move(key_id, from_plan=own["id"], to_plan=self.tier_plan(tier))
+        detach = [
+            {"op": "remove", "path": "/apiStages", "value": f"{stage['apiId']}:{stage['stage']}"}
+            for stage in own.get("apiStages") or []
+        ]
+        if detach:
+            self._apigw.update_usage_plan(usagePlanId=own["id"], patchOperations=detach)
         self._apigw.delete_usage_plan(usagePlanId=own["id"])
 
     def _own_plan(self, tenant_id: str) -> dict[str, Any] | None:
+        """The tenant's own plan on this stack's API: plans are named per tenant across the
+        account, and another stack (a staging copy) may have a tenant of the same id."""
         name = tenant_plan_name(tenant_id)
-        return next((plan for plan in self._pages() if plan.get("name") == name), None)
+        ours = self._stack_apis()
+        return next(
+            (
+                plan
+                for plan in self._pages()
+                if plan.get("name") == name
+                and {stage.get("apiId") for stage in plan.get("apiStages") or []} & ours
+            ),
+            None,
+        )
+
+    def _stack_apis(self) -> set[str]:
+        """The REST API ids this stack's tier plans are attached to."""
+        plan = self._apigw.get_usage_plan(usagePlanId=next(iter(self.plan_ids.values())))
+        return {stage["apiId"] for stage in plan.get("apiStages") or []}
 
     def _holds(self, plan_id: str, key_id: str) -> bool:
         try:
@@ -163,11 +186,22 @@ class ApiGatewayUsagePlans:
         return True
 
     def _move(self, key_id: str, from_plan: str, to_plan: str) -> None:
-        # A key may be in one plan per API stage: out of the old plan before into the new.
-        if self._holds(from_plan, key_id):
+        # A key may be in one plan per API stage: out of the old plan before into the new. If
+        # the new plan will not take it, it goes back, so the tenant is never left in none.
+        moved_out = self._holds(from_plan, key_id)
+        if moved_out:
             self._apigw.delete_usage_plan_key(usagePlanId=from_plan, keyId=key_id)
-        if not self._holds(to_plan, key_id):
+        if self._holds(to_plan, key_id):
+            return
+        try:
             self._apigw.create_usage_plan_key(usagePlanId=to_plan, keyId=key_id, keyType="API_KEY")
+        except Exception as exc:
+            if moved_out:
+                self._apigw.create_usage_plan_key(usagePlanId=from_plan, keyId=key_id, keyType="API_KEY")
+            raise UsagePlanError(
+                f"the key could not join usage plan {to_plan} ({type(exc).__name__}); it stays in "
+                f"{from_plan}: run the command again"
+            ) from exc
 
     def _pages(self) -> Iterator[dict[str, Any]]:
         position: str | None = None
