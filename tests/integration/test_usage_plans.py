@@ -162,7 +162,9 @@ def test_a_rate_override_moves_the_key_to_its_own_plan_and_clearing_moves_it_bac
     assert tenant_plan_name("ten_hobby") not in names
 
 
-def test_another_stacks_plan_for_a_tenant_of_the_same_id_is_never_touched(plans: Plans, moto_stack: MotoStack):
+def test_another_stacks_plan_for_a_tenant_of_the_same_id_is_never_touched(
+    plans: Plans, moto_stack: MotoStack
+):
     """Plans are named per tenant across the account: a staging stack's `llmq-tenant-ten_hobby`
     on another API must survive this stack's set and clear of the same tenant id."""
     apigateway = aws.client("apigateway")
