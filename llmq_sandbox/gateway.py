@@ -358,14 +358,19 @@ class ApiGateway:
         throttle = self.api.throttle_for(route)
         if throttle is None:
             return True
+        key = (route.resource_path, route.http_method)
+        return self._take(self._buckets, key, throttle.rate_per_second, throttle.burst)
+
+    def _take(self, buckets: dict[Any, _TokenBucket], key: Any, rate: float, burst: int) -> bool:
+        """A token from the bucket under `key`, made full on first use; it follows the limits
+        it is given (a usage plan may have changed since)."""
         now = time.monotonic()
         with self._buckets_lock:
-            key = (route.resource_path, route.http_method)
-            bucket = self._buckets.get(key)
+            bucket = buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[key] = _TokenBucket(
-                    throttle.rate_per_second, throttle.burst, float(throttle.burst), now
-                )
+                bucket = buckets[key] = _TokenBucket(rate, burst, float(burst), now)
+            else:
+                bucket.rate, bucket.burst = rate, burst
             return bucket.take(now)
 
     def _metered(
@@ -391,17 +396,9 @@ class ApiGateway:
             return self._gateway_response("INVALID_API_KEY", "Forbidden", request_id)
         if plan.rate_per_second is None or plan.burst is None:
             return None
-        now = time.monotonic()
-        with self._buckets_lock:
-            key = (plan.key_id, plan.plan_id)
-            bucket = self._key_buckets.get(key)
-            if bucket is None:
-                bucket = self._key_buckets[key] = _TokenBucket(
-                    plan.rate_per_second, plan.burst, float(plan.burst), now
-                )
-            else:  # the plan may have changed since: the bucket follows it
-                bucket.rate, bucket.burst = plan.rate_per_second, plan.burst
-            admitted = bucket.take(now)
+        admitted = self._take(
+            self._key_buckets, (plan.key_id, plan.plan_id), plan.rate_per_second, plan.burst
+        )
         if not admitted:
             log.info(
                 "throttled %s %s: past its usage plan's rate and burst", request.method, route.resource_path

@@ -46,6 +46,13 @@ def run_llmq(
     )
 
 
+def llmq_json(cwd: Path, *args: str) -> Any:
+    """An `llmq` command that must succeed, its JSON output parsed."""
+    done = run_llmq(cwd, *args, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
     deadline = time.monotonic() + timeout
     while True:

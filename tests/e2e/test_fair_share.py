@@ -4,7 +4,6 @@ sees it (calls in flight), with a crash on the way."""
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import SandboxUnderTest, run_llmq
+from tests.e2e.conftest import SandboxUnderTest, llmq_json
 from tests.e2e.figures import Figures
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -23,16 +22,10 @@ def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
     return shared_sandbox
 
 
-def _llmq_json(sandbox: SandboxUnderTest, *args: str) -> Any:
-    done = run_llmq(sandbox.directory, *args, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 def _tenant(sandbox: SandboxUnderTest, name: str, *limits: str) -> httpx.Client:
-    created = _llmq_json(sandbox, "tenants", "create", "--name", name, "--tier", "enterprise")
+    created = llmq_json(sandbox.directory, "tenants", "create", "--name", name, "--tier", "enterprise")
     if limits:
-        _llmq_json(sandbox, "tenants", "set-limits", created["id"], *limits)
+        llmq_json(sandbox.directory, "tenants", "set-limits", created["id"], *limits)
     return httpx.Client(
         base_url=sandbox.api_url, headers={"Authorization": f"Bearer {created['api_key']}"}, timeout=60
     )

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import SandboxUnderTest, run_llmq
+from tests.e2e.conftest import SandboxUnderTest, llmq_json
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -26,12 +26,6 @@ PROBLEM_JSON = "application/problem+json"
 @pytest.fixture(scope="module")
 def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
     return shared_sandbox
-
-
-def llmq_json(sandbox: SandboxUnderTest, *args: str) -> Any:
-    done = run_llmq(sandbox.directory, *args, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def burst(sandbox: SandboxUnderTest, api_key: str, requests: int) -> list[httpx.Response]:
@@ -59,9 +53,9 @@ def test_a_tenant_past_its_rate_gets_429_with_retry_after_and_another_tenant_doe
     sandbox: SandboxUnderTest,
 ) -> None:
     # Given two new tenants of the same tier; the operator limits one to 2 requests a second, burst 2
-    hasty = llmq_json(sandbox, "tenants", "create", "--name", "Hasty", "--tier", "free")
-    calm = llmq_json(sandbox, "tenants", "create", "--name", "Calm", "--tier", "free")
-    shown = llmq_json(sandbox, "tenants", "set-limits", hasty["id"], "--rate", "2", "--burst", "2")
+    hasty = llmq_json(sandbox.directory, "tenants", "create", "--name", "Hasty", "--tier", "free")
+    calm = llmq_json(sandbox.directory, "tenants", "create", "--name", "Calm", "--tier", "free")
+    shown = llmq_json(sandbox.directory, "tenants", "set-limits", hasty["id"], "--rate", "2", "--burst", "2")
     assert shown["limits"]["rate_per_second"] == {"value": 2, "source": "override"}
     assert sandbox_limits(sandbox, hasty["id"])["rate_per_second"] == 2
     assert sandbox_limits(sandbox, hasty["id"])["burst"] == 2
@@ -86,9 +80,9 @@ def test_a_tenant_past_its_rate_gets_429_with_retry_after_and_another_tenant_doe
 
 
 def test_clearing_the_override_brings_back_the_tiers_rate(sandbox: SandboxUnderTest) -> None:
-    tenant = llmq_json(sandbox, "tenants", "create", "--name", "Cleared", "--tier", "free")
-    llmq_json(sandbox, "tenants", "set-limits", tenant["id"], "--rate", "1", "--burst", "1")
-    shown = llmq_json(sandbox, "tenants", "set-limits", tenant["id"], "--clear", "rate")
+    tenant = llmq_json(sandbox.directory, "tenants", "create", "--name", "Cleared", "--tier", "free")
+    llmq_json(sandbox.directory, "tenants", "set-limits", tenant["id"], "--rate", "1", "--burst", "1")
+    shown = llmq_json(sandbox.directory, "tenants", "set-limits", tenant["id"], "--clear", "rate")
     tier_burst = shown["limits"]["burst"]["value"]
     assert shown["limits"]["burst"]["source"] == "tier" and tier_burst > 3
     # The gateway reads the key's plan again within seconds, as API Gateway applies changes
@@ -100,7 +94,7 @@ def test_clearing_the_override_brings_back_the_tiers_rate(sandbox: SandboxUnderT
 def test_every_tenant_in_the_state_file_lists_its_limits(sandbox: SandboxUnderTest) -> None:
     state = json.loads((sandbox.directory / ".llmq" / "sandbox.json").read_text())
     for tenant in state["tenants"]:
-        shown = llmq_json(sandbox, "tenants", "show", tenant["id"])
+        shown = llmq_json(sandbox.directory, "tenants", "show", tenant["id"])
         limits = shown["limits"]
         assert tenant["limits"] == {
             "max_concurrency": limits["max_concurrency"]["value"],

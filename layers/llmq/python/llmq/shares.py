@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmq.config import FairShareConfig, TenantLimits
+from llmq.config import FairShareConfig
 
 SHARE_PREFIX = "share#"
 _HOLDERS_PREFIX = "run_"
@@ -156,14 +156,11 @@ class ShareState:
         """Active jobs not holding a slot: the tenant's backlog, all lanes together."""
         return max(0, self.active - self.running)
 
-    def cap(self, lane: str, defaults: TenantLimits | None = None, fallback: int | None = None) -> int | None:
+    def cap(self, lane: str) -> int | None:
+        """The cap in force in `lane`: the operator's override, else the tier's default."""
         if self.max_concurrency is not None:
             return self.max_concurrency
-        if lane in self.default_caps:
-            return self.default_caps[lane]
-        if defaults is not None and defaults.max_concurrency is not None:
-            return defaults.max_concurrency
-        return fallback
+        return self.default_caps.get(lane)
 
 
 def deferral_seconds(
