@@ -204,7 +204,27 @@ UNCAPPED = {
 }
 
 
-def _noisy_sizes(quick: bool) -> tuple[int, int]:
+# A cap the sandbox can feed: at L = 1 s, 4 jobs a second, well under what it runs end to end
+# (BENCHMARKS.md §5). With the default cap of 20 the sandbox itself is the limit (the uncapped
+# baseline keeps only ~11 in flight), so that run cannot show whether the cap leaves slots idle.
+SMALL_CAP = 4
+SMALL_CAP_LIMITS = {
+    "fair_share": {
+        "tiers": {
+            "enterprise": {
+                "max_concurrency": SMALL_CAP,
+                "max_active_jobs": 10_000,
+                "rate_per_second": 50,
+                "burst": 100,
+            }
+        }
+    }
+}
+
+
+def _noisy_sizes(quick: bool, small_cap: bool = False) -> tuple[int, int]:
+    if small_cap:
+        return (60, 20) if quick else (120, 20)
     return (200, 20) if quick else (400, 20)
 
 
@@ -238,11 +258,12 @@ def _in_flight_over_time(log: list[dict[str, Any]], jobs: set[str], step: float 
     return samples
 
 
-def noisy_once(name: str, capped: bool, quick: bool) -> dict[str, Any]:
+def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) -> dict[str, Any]:
     """Tenant A floods the enterprise lane, then tenant B (same tier) submits a few."""
-    a_count, b_count = _noisy_sizes(quick)
+    a_count, b_count = _noisy_sizes(quick, small_cap)
     latency = NOISY_LATENCY
-    overrides = dict(NOISY_LANES) | ({} if capped else UNCAPPED)
+    limits = SMALL_CAP_LIMITS if small_cap else {}
+    overrides = dict(NOISY_LANES) | ({} if capped else UNCAPPED) | limits
     with sandbox(overrides) as (running, state):
         config = running.config
         cap = config.concurrency_cap("enterprise") if capped else None
@@ -306,14 +327,19 @@ def _claim_attempts(worker_log: Path, jobs: set[str]) -> int:
 
 def noisy(quick: bool = False) -> dict[str, Any]:
     a_count, b_count = _noisy_sizes(quick)
-    rows = [_in_fresh_process("noisy-fair", quick), _in_fresh_process("noisy-baseline", quick)]
-    fair, baseline = rows
+    rows = [
+        _in_fresh_process("noisy-fair", quick),
+        _in_fresh_process("noisy-baseline", quick),
+        _in_fresh_process("noisy-small-cap", quick),
+    ]
+    fair, baseline, _ = rows
     return {
         "description": (
             f"Tenant A submits {a_count} jobs at once, then tenant B (same tier, same lane) submits {b_count}; "
             f"provider latency {NOISY_LATENCY:g} s; one enterprise lane of 4 invocations x 10 jobs. "
             "B's queue wait = started_at - created_at. Baseline: the same run with no per-tenant cap and "
-            "the sandbox's fair-queue emulation off (FIFO)."
+            "the sandbox's fair-queue emulation off (FIFO). Third row: A capped at "
+            f"{SMALL_CAP}, below what the sandbox can run, with {_noisy_sizes(quick, True)[0]} jobs."
         ),
         "rows": rows,
         "b_p95_ratio": (baseline["b_p95_s"] or 0) / max(fair["b_p95_s"] or 0.001, 0.001),
@@ -424,18 +450,29 @@ def main(argv: list[str] | None = None) -> int:
     """One sandbox benchmark in this process, its result as the last line of JSON."""
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "section", choices=["flood-lanes", "flood-single", "noisy-fair", "noisy-baseline", "throughput-run"]
+        "section",
+        choices=[
+            "flood-lanes",
+            "flood-single",
+            "noisy-fair",
+            "noisy-baseline",
+            "noisy-small-cap",
+            "throughput-run",
+        ],
     )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.section == "throughput-run":
         result = throughput_run(args.quick)
     elif args.section.startswith("noisy"):
-        capped = args.section == "noisy-fair"
+        capped = args.section != "noisy-baseline"
+        small_cap = args.section == "noisy-small-cap"
         if not capped:
             os.environ["LLMQ_SANDBOX_FAIR_QUEUES"] = "off"
         name = "per-tenant cap, fair queues" if capped else "no cap, FIFO (baseline)"
-        result = noisy_once(name, capped, args.quick)
+        if small_cap:
+            name = f"cap {SMALL_CAP}, fair queues"
+        result = noisy_once(name, capped, args.quick, small_cap)
     else:
         single = args.section == "flood-single"
         name = "single lane (baseline)" if single else "lanes (high 8, low 2)"

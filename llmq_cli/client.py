@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from llmq.models import TERMINAL_STATUSES
+from llmq.retry_after import parse_retry_after
 
 
 class ApiError(RuntimeError):
@@ -80,11 +81,21 @@ class LlmqClient:
         return job
 
     def wait(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Long-poll (20 s at a time) until the job is terminal or `timeout` passes."""
+        """Long-poll (20 s at a time) until the job is terminal or `timeout` passes.
+
+        A 429 (the tenant's long-polls all taken, or its request rate: docs/limits.md) is
+        waited out for its Retry-After, then the poll goes on.
+        """
         deadline = time.monotonic() + timeout
         job = self.get(job_id)
         while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
-            job = self.get(job_id, wait=max(1, min(20, int(deadline - time.monotonic()))))
+            wait = max(1, min(20, int(deadline - time.monotonic())))
+            reply = self.request("GET", f"/v1/jobs/{job_id}", params={"wait": str(wait)})
+            if reply.status == 429:
+                pause = parse_retry_after(reply.headers, time.time()) or 1.0
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                continue
+            job = self._ok(reply)
         return job
 
     def cancel(self, job_id: str) -> dict[str, Any]:

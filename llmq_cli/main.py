@@ -482,13 +482,16 @@ def _llmq_config(target: AwsTarget) -> Any:
 
 
 def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
+    from llmq.long_polls import LongPolls
     from llmq.shares import ShareRepository
     from llmq_cli.tenant_limits import TenantLimits
 
     usage_plans = _usage_plans(target)
+    jobs_table = target.outputs()["JobsTableName"]
     return TenantLimits(
         tenants=_tenants_repository(target, table, usage_keys=usage_plans),
-        shares=ShareRepository(target.outputs()["JobsTableName"], dynamodb=target.client("dynamodb")),
+        shares=ShareRepository(jobs_table, dynamodb=target.client("dynamodb")),
+        polls=LongPolls(jobs_table, dynamodb=target.client("dynamodb")),
         usage_plans=usage_plans,
         config=_llmq_config(target),
     )
@@ -555,6 +558,7 @@ def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
             args.tenant_id,
             max_concurrency=args.max_concurrency,
             max_active_jobs=args.max_active,
+            max_long_polls=args.max_long_polls,
             rate=args.rate,
             burst=args.burst,
             clear=tuple(args.clear or ()),
@@ -841,12 +845,17 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("tenant_id")
     limits.add_argument("--max-concurrency", type=int, help="jobs running at once in its lane")
     limits.add_argument("--max-active", type=int, help="queued plus running jobs (429 quota_exceeded above)")
+    limits.add_argument(
+        "--max-long-polls",
+        type=int,
+        help="requests waiting at once (?wait, Prefer: wait); more answer at once",
+    )
     limits.add_argument("--rate", type=float, help="requests a second (its own usage plan); needs --burst")
     limits.add_argument("--burst", type=int, help="requests at once above the rate (the token bucket's size)")
     limits.add_argument(
         "--clear",
         action="append",
-        choices=("max_concurrency", "max_active_jobs", "rate"),
+        choices=("max_concurrency", "max_active_jobs", "max_long_polls", "rate"),
         help="drop an override (repeatable); rate moves the tenant back to its tier's usage plan",
     )
     limits.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")

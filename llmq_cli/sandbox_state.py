@@ -5,7 +5,7 @@ Its keys are a contract: {"api_url", "aws_endpoint_url", "region", "provider_url
 and, when the sandbox enforces IAM, "aws_credentials": {"aws_access_key_id",
 "aws_secret_access_key"} of an operator allowed everything: moto refuses any other key.
 A tenant's "limits" are its effective ones when the file was written: {"max_concurrency" (jobs
-running at once in its lane), "max_active_jobs", "rate_per_second", "burst"}; `llmq tenants
+running at once in its lane), "max_active_jobs", "max_long_polls", "rate_per_second", "burst"}; `llmq tenants
 set-limits` rewrites them, `llmq tenants show` reads them live.
 """
 
@@ -27,6 +27,8 @@ class EffectiveLimits(BaseModel):
 
     max_concurrency: int
     max_active_jobs: int
+    # Absent from a state file written before long-poll caps.
+    max_long_polls: int | None = None
     rate_per_second: float
     burst: int
 

@@ -2,6 +2,7 @@
 
 - max_concurrency, max_active_jobs: the operator's overrides on the tenant's share item in the
   jobs table (llmq.shares), else its tier's defaults in LlmqConfig;
+- max_long_polls: the override on the tenant's long-poll item (llmq.long_polls), else its tier's;
 - rate and burst: the usage plan its API Gateway key is in (llmq.usage_plans), its own
   `llmq-tenant-<id>` plan when overridden, else its tier's plan from the stack.
 """
@@ -12,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmq.config import LlmqConfig
+from llmq.long_polls import MAX_LONG_POLLS, LongPolls
 from llmq.shares import MAX_ACTIVE_JOBS, MAX_CONCURRENCY, ShareRepository, ShareState
 from llmq.tenants import Tenant, TenantRepository
 from llmq.usage_plans import ApiGatewayUsagePlans, RateLimit
 from llmq_cli.sandbox_state import EffectiveLimits
 
 RATE = "rate"
-CLEARABLE = (MAX_CONCURRENCY, MAX_ACTIVE_JOBS, RATE)
+CLEARABLE = (MAX_CONCURRENCY, MAX_ACTIVE_JOBS, MAX_LONG_POLLS, RATE)
 OVERRIDE = "override"
 TIER = "tier"
 
@@ -33,13 +35,14 @@ class TenantLimits:
 
     tenants: TenantRepository
     shares: ShareRepository
+    polls: LongPolls
     usage_plans: ApiGatewayUsagePlans | None
     config: LlmqConfig
 
     def show(self, tenant_id: str) -> dict[str, Any]:
         tenant = self.tenants.get(tenant_id)
         share = self.shares.get(tenant_id)
-        return describe(self.config, tenant, share, self._rate(tenant))
+        return describe(self.config, tenant, share, self._rate(tenant), self.polls.limit(tenant_id))
 
     def set_limits(
         self,
@@ -47,6 +50,7 @@ class TenantLimits:
         *,
         max_concurrency: int | None = None,
         max_active_jobs: int | None = None,
+        max_long_polls: int | None = None,
         rate: float | None = None,
         burst: int | None = None,
         clear: tuple[str, ...] = (),
@@ -58,7 +62,12 @@ class TenantLimits:
             raise LimitsError("give --rate and --burst together: a usage plan throttles with both")
         if rate is not None and RATE in clear:
             raise LimitsError("--rate and --clear rate contradict each other")
-        for name, value in ((MAX_CONCURRENCY, max_concurrency), (MAX_ACTIVE_JOBS, max_active_jobs)):
+        overrides = (
+            (MAX_CONCURRENCY, max_concurrency),
+            (MAX_ACTIVE_JOBS, max_active_jobs),
+            (MAX_LONG_POLLS, max_long_polls),
+        )
+        for name, value in overrides:
             if value is not None and value < 1:
                 raise LimitsError(f"{name} must be at least 1")
             if value is not None and name in clear:
@@ -75,7 +84,9 @@ class TenantLimits:
                     plans.clear_rate(tenant.id, tenant.tier, key_id)
             except UsagePlanError as exc:
                 raise LimitsError(str(exc)) from exc
-        share_clear = tuple(name for name in clear if name != RATE)
+        if max_long_polls is not None or MAX_LONG_POLLS in clear:
+            self.polls.set_limit(tenant_id, max_long_polls)
+        share_clear = tuple(name for name in clear if name not in (RATE, MAX_LONG_POLLS))
         try:
             self.shares.set_limits(
                 tenant_id, max_concurrency=max_concurrency, max_active_jobs=max_active_jobs, clear=share_clear
@@ -102,7 +113,13 @@ class TenantLimits:
         return self.usage_plans.rate_limit(tenant.id, tenant.tier, tenant.usage_key_id)
 
 
-def describe(config: LlmqConfig, tenant: Tenant, share: ShareState, rate: RateLimit | None) -> dict[str, Any]:
+def describe(
+    config: LlmqConfig,
+    tenant: Tenant,
+    share: ShareState,
+    rate: RateLimit | None,
+    max_long_polls: int | None = None,
+) -> dict[str, Any]:
     """`llmq tenants show`: each effective limit with its source (override or tier)."""
     defaults = config.tenant_limits(tenant.tier)
 
@@ -116,6 +133,7 @@ def describe(config: LlmqConfig, tenant: Tenant, share: ShareState, rate: RateLi
         "lane": config.lane_for_tier(tenant.tier).name,
         MAX_CONCURRENCY: limit(share.max_concurrency, config.concurrency_cap(tenant.tier)),
         MAX_ACTIVE_JOBS: limit(share.max_active_jobs, defaults.max_active_jobs),
+        MAX_LONG_POLLS: limit(max_long_polls, defaults.max_long_polls),
     }
     if rate is not None:
         source = OVERRIDE if rate.override else TIER
@@ -143,6 +161,7 @@ def flat(shown: dict[str, Any]) -> EffectiveLimits:
     return EffectiveLimits(
         max_concurrency=int(limits[MAX_CONCURRENCY]["value"]),
         max_active_jobs=int(limits[MAX_ACTIVE_JOBS]["value"]),
+        max_long_polls=int(limits[MAX_LONG_POLLS]["value"]),
         rate_per_second=float(limits["rate_per_second"]["value"]),
         burst=int(limits["burst"]["value"]),
     )

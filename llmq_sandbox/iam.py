@@ -12,13 +12,26 @@ How the sandbox turns it on (llmq_sandbox/launcher.py):
    from the CDK app fails here as it would on AWS.
 
 moto checks actions, and resource ARNs only for SQS, S3 and AssumeRole. It differs from IAM
-in a few places that would deny what AWS allows, or crash; `make_moto_authorize_like_iam()`
-corrects them:
-- elsewhere (DynamoDB, Secrets Manager) moto matches statements against the resource "*",
-  which no resource-scoped Allow matches. Here an Allow matches a request whose resource
-  moto does not know: the check is by action, and tests/infra checks the template's resources.
+in a few places that would deny what AWS allows, allow what AWS denies, or crash;
+`make_moto_authorize_like_iam()` corrects them:
+- elsewhere (Secrets Manager...) moto matches statements against the resource "*", which no
+  resource-scoped Allow matches. Here an Allow matches a request whose resource moto does
+  not know: the check is by action, and tests/infra checks the template's resources.
 - moto checks a batch or a transaction as an action of its own (sqs:SendMessageBatch,
   dynamodb:TransactWriteItems); IAM checks the actions of its entries.
+- moto passes no condition values to an identity policy, so `dynamodb:LeadingKeys` (the
+  authorizer may read only key# items of the tenants table, the webhook dispatcher only
+  tenant# ones) was never checked. Here a DynamoDB request is checked on its table's ARN
+  (its index's for a Query or Scan of one) with the partition key values it touches
+  (`evaluations`: Key, Item, a Query's key condition; each entry of a batch or a
+  transaction with its own table, action and key; a Scan touches none), and conditions on
+  that key are decided as IAM decides them (`condition_holds`: String(Not)Equals,
+  String(Not)Like, their ForAllValues:, ForAnyValue: and ...IfExists forms). Other condition
+  keys and operators are left to moto, which ignores every operator but StringEquals and
+  every key but sts:ExternalId (a condition on them holds). The partition key of a Query of
+  a global secondary index is taken to be the index's; the app has no such condition.
+- moto answers DENIED for a statement whose condition fails, an Allow's too. In IAM such a
+  statement does not apply: here it is neutral, so another statement may still allow.
 - moto reads the signature of every request from its Authorization header, so a presigned
   S3 URL (signature in the query) raised KeyError, a 500. It is authorized here as its
   signer's request, by action; its signature is not checked. Its expiry is: past
@@ -34,7 +47,8 @@ corrects them:
   matched (SignatureDoesNotMatch). An empty body is hashed as empty here.
 - moto answers a denial in the XML of the query protocol whatever the service, so boto3
   saw DynamoDB's as error code "403". Services of the JSON protocols answer here as AWS's
-  do: AccessDeniedException, naming the principal and the action.
+  do: AccessDeniedException, naming the principal, the action, the resource where it is
+  known (DynamoDB's) and whether an explicit Deny refused it.
 One more, handled by the order above: moto's trust-policy check crashes on a role that
 trusts a service principal (`principal in None`, TypeError in
 moto/iam/access_control.py `_check_principal`), so roles are assumed before enforcement.
@@ -45,10 +59,14 @@ makes them outlive the sandbox (`outlive`), and only a test ends one (`expire_se
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import datetime
 import functools
 import json
+import re
 import threading
+import types
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -63,12 +81,11 @@ _ADMINISTRATOR_ACCESS = {
 }
 # What moto checks a request against when it cannot tell which resource the request is for.
 _UNKNOWN_RESOURCE = "*"
-# The IAM action AWS evaluates for each entry of a batch call.
+# The IAM action AWS evaluates for each entry of a batch call (DynamoDB's: `evaluations`).
 _ENTRY_ACTIONS = {
     "sqs:SendMessageBatch": "sqs:SendMessage",
     "sqs:DeleteMessageBatch": "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibilityBatch": "sqs:ChangeMessageVisibility",
-    "dynamodb:TransactGetItems": "dynamodb:GetItem",
 }
 _TRANSACT_WRITE_ACTIONS = {
     "Put": "dynamodb:PutItem",
@@ -204,9 +221,10 @@ def make_moto_authorize_like_iam() -> None:
             return
         from moto.core.authorization import ActionAuthenticatorMixin
         from moto.iam import access_control
-        from moto.iam.access_control import IAMPolicyStatement, IAMRequest, IAMRequestBase
+        from moto.iam.access_control import IAMPolicyStatement, IAMRequest, IAMRequestBase, PermissionResult
 
         _allow_unknown_resources(IAMPolicyStatement)
+        _evaluate_conditions_as_iam(IAMPolicyStatement, PermissionResult)
         _check_entry_actions(IAMRequestBase)
         _authorize_presigned_urls(ActionAuthenticatorMixin)
         _deny_in_the_services_protocol(IAMRequest)
@@ -238,32 +256,308 @@ def _allow_unknown_resources(statement_class: Any) -> None:
     statement_class._check_element_matches = check_element_matches
 
 
-def evaluated_actions(action: str, body: bytes | str | None) -> list[str]:
-    """The IAM actions AWS evaluates for a call that moto sees as `action` ("service:Operation")."""
-    if action in _ENTRY_ACTIONS:
-        return [_ENTRY_ACTIONS[action]]
-    if action != "dynamodb:TransactWriteItems":
-        return [action]
+def evaluated_actions(action: str) -> list[str]:
+    """The IAM action AWS evaluates for a call that moto sees as `action` ("service:Operation"),
+    other than DynamoDB's (see `evaluations`)."""
+    return [_ENTRY_ACTIONS.get(action, action)]
+
+
+# ---- DynamoDB: the resource and the dynamodb:LeadingKeys of each entry of a request ----------
+
+# Condition keys the sandbox puts in a request's context: {key (lower case): values}. A key
+# absent from the mapping is absent from the request, as IAM tells the two apart.
+RequestContext = Mapping[str, tuple[str, ...]]
+_LEADING_KEYS = "dynamodb:leadingkeys"
+_NO_CONTEXT: RequestContext = types.MappingProxyType({})
+_request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
+    "llmq_iam_request_context", default=_NO_CONTEXT
+)
+# Whether the request being checked met a Deny statement that applies (for the denial's text).
+_explicit_deny: contextvars.ContextVar[bool] = contextvars.ContextVar("llmq_iam_explicit_deny", default=False)
+# DynamoDB's item operations and where each names its items' keys.
+_ITEM_KEY = {
+    "dynamodb:GetItem": "Key",
+    "dynamodb:UpdateItem": "Key",
+    "dynamodb:DeleteItem": "Key",
+    "dynamodb:PutItem": "Item",
+}
+_TRANSACT_KEY = {"Put": "Item", "Update": "Key", "Delete": "Key", "ConditionCheck": "Key", "Get": "Key"}
+_BATCH_WRITE_KEY = {"PutRequest": "Item", "DeleteRequest": "Key"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One authorization IAM makes for a request: an action, on a resource, in a context."""
+
+    action: str
+    resource: str
+    context: RequestContext = dataclasses.field(default_factory=dict)
+
+
+def evaluations(
+    action: str, body: bytes | str | None, account_id: str, region: str, resource: str = _UNKNOWN_RESOURCE
+) -> list[Evaluation]:
+    """What IAM authorizes for a call that moto sees as `action` ("service:Operation").
+
+    A DynamoDB call is authorized on its table's ARN (its index's, for a Query or Scan of an
+    index), with `dynamodb:LeadingKeys` the partition key values it touches; a batch or a
+    transaction entry by entry, each with its own table, action and key. The partition key's
+    name comes from the table's key schema in moto's backend for the caller's account and
+    region; a call whose key cannot be told (an unknown table) has no leading keys. Other calls
+    keep moto's resource.
+    """
+    if not action.startswith("dynamodb:"):
+        return [Evaluation(entry, resource) for entry in evaluated_actions(action)]
     try:
-        items = json.loads(body or b"{}").get("TransactItems") or []
-    except (ValueError, AttributeError):
-        return [action]
-    found = {
-        _TRANSACT_WRITE_ACTIONS[kind] for item in items for kind in item if kind in _TRANSACT_WRITE_ACTIONS
-    }
-    return sorted(found) or [action]
+        request = json.loads(body or b"{}")
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        return [Evaluation(action, resource)]
+    tables = _Tables(account_id, region)
+    found = _dynamodb_evaluations(action, request, tables)
+    if found is None:
+        name = request.get("TableName")
+        return [Evaluation(action, tables.arn(name) if isinstance(name, str) else resource)]
+    return found or [Evaluation(action, resource)]
+
+
+def _dynamodb_evaluations(action: str, request: dict[str, Any], tables: _Tables) -> list[Evaluation] | None:
+    """None for an operation on no items (DescribeTable, ListTables...)."""
+    if action in _ITEM_KEY:
+        return [tables.item(action, request.get("TableName"), request.get(_ITEM_KEY[action]))]
+    if action in ("dynamodb:Query", "dynamodb:Scan"):
+        name, index = request.get("TableName"), request.get("IndexName")
+        leading = (
+            _query_partition_value(request, tables.partition_key(name, index))
+            if action.endswith("Query")
+            else None
+        )
+        return [Evaluation(action, tables.arn(name, index), _leading_keys(leading))]
+    if action in ("dynamodb:TransactWriteItems", "dynamodb:TransactGetItems"):
+        entries = []
+        for item in request.get("TransactItems") or []:
+            for kind, operation in item.items():
+                if kind in _TRANSACT_KEY and isinstance(operation, dict):
+                    entry_action = "dynamodb:GetItem" if kind == "Get" else _TRANSACT_WRITE_ACTIONS[kind]
+                    entries.append(
+                        tables.item(
+                            entry_action, operation.get("TableName"), operation.get(_TRANSACT_KEY[kind])
+                        )
+                    )
+        return entries
+    if action == "dynamodb:BatchGetItem":
+        return [
+            tables.item(action, name, key)
+            for name, wanted in (request.get("RequestItems") or {}).items()
+            for key in (wanted or {}).get("Keys") or []
+        ]
+    if action == "dynamodb:BatchWriteItem":
+        return [
+            tables.item(action, name, operation.get(_BATCH_WRITE_KEY[kind]))
+            for name, writes in (request.get("RequestItems") or {}).items()
+            for write in writes or []
+            for kind, operation in write.items()
+            if kind in _BATCH_WRITE_KEY and isinstance(operation, dict)
+        ]
+    return None
+
+
+def _leading_keys(value: str | None) -> RequestContext:
+    return {} if value is None else {_LEADING_KEYS: (value,)}
+
+
+def _attribute_text(value: Any) -> str | None:
+    """An attribute value's text, as a condition compares it: {"S": "a"} -> "a"."""
+    if isinstance(value, dict):
+        for kind in ("S", "N", "B"):
+            if isinstance(value.get(kind), str):
+                return str(value[kind])
+    return None
+
+
+# `name = :value` or `:value = name` in a key condition (not <=, >=).
+_EQUALITY = re.compile(r"([#:\w.-]+)\s*(?<![<>])=\s*([#:\w.-]+)")
+
+
+def _query_partition_value(request: Mapping[str, Any], partition_key: str | None) -> str | None:
+    """The partition key value a Query reads: its key condition's equality on the partition key."""
+    if partition_key is None:
+        return None
+    names = request.get("ExpressionAttributeNames") or {}
+    values = request.get("ExpressionAttributeValues") or {}
+    for left, right in _EQUALITY.findall(request.get("KeyConditionExpression") or ""):
+        for name, placeholder in ((left, right), (right, left)):
+            if names.get(name, name) == partition_key and placeholder.startswith(":"):
+                return _attribute_text(values.get(placeholder))
+    legacy = (request.get("KeyConditions") or {}).get(partition_key) or {}
+    if legacy.get("ComparisonOperator") == "EQ" and legacy.get("AttributeValueList"):
+        return _attribute_text(legacy["AttributeValueList"][0])
+    return None
+
+
+class _Tables:
+    """The tables of moto's DynamoDB backend for one account and region."""
+
+    def __init__(self, account_id: str, region: str) -> None:
+        self.account_id, self.region = account_id, region
+
+    @staticmethod
+    def name(table: str) -> str:
+        # TableName may be the table's ARN.
+        return table.split(":table/", 1)[1].split("/", 1)[0] if ":table/" in table else table
+
+    def arn(self, table: Any, index: Any = None) -> str:
+        if not isinstance(table, str):
+            return _UNKNOWN_RESOURCE
+        from moto.utilities.utils import get_partition
+
+        arn = (
+            table
+            if table.startswith("arn:")
+            else f"arn:{get_partition(self.region)}:dynamodb:{self.region}:{self.account_id}:table/{table}"
+        )
+        return f"{arn}/index/{index}" if isinstance(index, str) else arn
+
+    def partition_key(self, table: Any, index: Any = None) -> str | None:
+        """The table's partition key attribute, or its index's (the key a Query of it fixes)."""
+        if not isinstance(table, str):
+            return None
+        from moto.dynamodb.models import dynamodb_backends
+
+        try:
+            found = dynamodb_backends[self.account_id][self.region].tables.get(self.name(table))
+        except KeyError:
+            return None
+        if found is None:
+            return None
+        if not isinstance(index, str):
+            return str(found.hash_key_attr) or None
+        for candidate in [*found.indexes, *found.global_indexes]:
+            if candidate.name == index:
+                return next(
+                    (key["AttributeName"] for key in candidate.schema if key["KeyType"] == "HASH"), None
+                )
+        return None
+
+    def item(self, action: str, table: Any, key: Any) -> Evaluation:
+        """An item operation: on its table, with its item's partition key value as the leading key."""
+        partition_key = self.partition_key(table)
+        value = _attribute_text(key.get(partition_key)) if isinstance(key, dict) and partition_key else None
+        return Evaluation(action, self.arn(table), _leading_keys(value))
+
+
+# ---- conditions, evaluated as IAM evaluates them --------------------------------------------
+
+_NEUTRAL_WHEN_ABSENT = ("StringNotEquals", "StringNotLike")
+
+
+def condition_holds(operator: str, key: str, expected: Any, context: RequestContext) -> bool | None:
+    """Whether one condition (operator, key, values) holds in the request's context; None for
+    a key the sandbox does not put in the context or an operator it does not evaluate.
+
+    As IAM's policy reference states: a key absent from the request matches no value, so the
+    condition is false, except for a negated operator (true) and ...IfExists (true)
+    (https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_elements_condition_operators.html);
+    ForAllValues holds when every value of the key matches one of the condition's, and also
+    when the key is absent or empty; ForAnyValue when at least one does
+    (https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_condition_examples-multi-valued-context-keys.html).
+    Key names are case-insensitive, values are compared case-sensitively.
+    """
+    if key.lower() != _LEADING_KEYS:
+        return None
+    qualifier, _, base = operator.rpartition(":")
+    if_exists = base.endswith("IfExists")
+    base = base.removesuffix("IfExists")
+    if qualifier not in ("", "ForAllValues", "ForAnyValue") or base not in (
+        "StringEquals",
+        "StringLike",
+        *_NEUTRAL_WHEN_ABSENT,
+    ):
+        return None
+    patterns = [str(value) for value in (expected if isinstance(expected, list) else [expected])]
+    like = base in ("StringLike", "StringNotLike")
+    negated = base in _NEUTRAL_WHEN_ABSENT
+
+    def matches(value: str) -> bool:
+        found = any(_like(pattern, value) if like else pattern == value for pattern in patterns)
+        return found != negated
+
+    values = context.get(_LEADING_KEYS) or ()
+    if qualifier == "ForAllValues":
+        return all(matches(value) for value in values)
+    if qualifier == "ForAnyValue":
+        return any(matches(value) for value in values)
+    if not values:
+        return if_exists or negated
+    # A single-valued operator: each entry of a DynamoDB request has one leading key.
+    return all(matches(value) for value in values)
+
+
+def _like(pattern: str, value: str) -> bool:
+    """StringLike: `*` any run of characters, `?` any one; nothing else is special."""
+    regex = "".join(".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern)
+    return re.fullmatch(regex, value, flags=re.DOTALL) is not None
+
+
+def _evaluate_conditions_as_iam(statement_class: Any, permission_result: Any) -> None:
+    """A statement applies only where its conditions hold: one whose condition fails is neutral,
+    an Allow as much as a Deny (moto answered DENIED for either). The conditions on
+    `dynamodb:LeadingKeys` are decided by `condition_holds`; the others as moto decides them."""
+    is_action_permitted = statement_class.is_action_permitted
+
+    def permitted(
+        self: Any,
+        action: str,
+        resource: str = "*",
+        principal: str | None = None,
+        incoming_condition_values: dict[str, str] | None = None,
+    ) -> Any:
+        conditions = self._statement.get("Condition")
+        if not isinstance(conditions, dict) or not conditions:
+            return is_action_permitted(self, action, resource, principal, incoming_condition_values)
+        context = _request_context.get()
+        left_to_moto: dict[str, dict[str, Any]] = {}
+        for operator, keys in conditions.items():
+            for key, expected in (keys or {}).items():
+                holds = condition_holds(operator, key, expected, context)
+                if holds is None:
+                    left_to_moto.setdefault(operator, {})[key] = expected
+                elif not holds:
+                    return permission_result.NEUTRAL
+        if left_to_moto and not statement_class({"Condition": left_to_moto})._check_conditions(
+            incoming_condition_values
+        ):
+            return permission_result.NEUTRAL
+        unconditioned = statement_class(
+            {name: part for name, part in self._statement.items() if name != "Condition"}
+        )
+        return is_action_permitted(unconditioned, action, resource, principal, incoming_condition_values)
+
+    def permitted_or_denied(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = permitted(self, *args, **kwargs)
+        if result == permission_result.DENIED and self._statement.get("Effect") == "Deny":
+            _explicit_deny.set(True)
+        return result
+
+    statement_class.is_action_permitted = permitted_or_denied
 
 
 def _check_entry_actions(request_class: Any) -> None:
     check_action_permitted = request_class.check_action_permitted
 
-    def check_each_action(self: Any, resource: str) -> None:
-        # The denial names the entry's action, as AWS's does.
-        for action in evaluated_actions(self._action, self._body):
-            self._action = action
-            check_action_permitted(self, resource)
+    def check_each_entry(self: Any, resource: str) -> None:
+        for entry in evaluations(self._action, self._body, self.account_id, self._region, resource):
+            # The denial names the entry's action and resource, as AWS's does.
+            self._action, self._llmq_resource = entry.action, entry.resource
+            context, denied = _request_context.set(entry.context), _explicit_deny.set(False)
+            try:
+                check_action_permitted(self, entry.resource)
+            finally:
+                _request_context.reset(context)
+                _explicit_deny.reset(denied)
 
-    request_class.check_action_permitted = check_each_action
+    request_class.check_action_permitted = check_each_entry
 
 
 def _presigned_credential(query: Mapping[str, Iterable[str]]) -> tuple[str, str | None] | None:
@@ -392,10 +686,16 @@ def _deny_in_the_services_protocol(request_class: Any) -> None:
             return
         from moto.core.exceptions import JsonRESTError
 
+        resource = getattr(self, "_llmq_resource", _UNKNOWN_RESOURCE)
+        on = "" if resource == _UNKNOWN_RESOURCE else f" on resource: {resource}"
+        why = (
+            "with an explicit deny in an identity-based policy"
+            if _explicit_deny.get()
+            else f"because no identity-based policy allows the {self._action} action"
+        )
         raise JsonRESTError(
             "AccessDeniedException",
-            f"User: {self._access_key.arn} is not authorized to perform: {self._action} "
-            f"because no identity-based policy allows the {self._action} action",
+            f"User: {self._access_key.arn} is not authorized to perform: {self._action}{on} {why}",
         )
 
     request_class._raise_access_denied = deny

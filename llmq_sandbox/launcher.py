@@ -302,6 +302,7 @@ class Sandbox:
 
     def _seed_tenants(self) -> list[TenantCredentials]:
         """As `llmq tenants create` does: each tenant with its key in its tier's usage plan."""
+        from llmq.long_polls import LongPolls
         from llmq.shares import ShareRepository
         from llmq.tenants import TenantRepository
         from llmq.usage_plans import ApiGatewayUsagePlans
@@ -317,6 +318,7 @@ class Sandbox:
         limits = TenantLimits(
             tenants=repository,
             shares=ShareRepository(self.outputs["JobsTableName"], dynamodb=self.client("dynamodb")),
+            polls=LongPolls(self.outputs["JobsTableName"], dynamodb=self.client("dynamodb")),
             usage_plans=usage_plans,
             config=self.config,
         )

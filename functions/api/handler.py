@@ -26,6 +26,7 @@ from llmq import aws, errors
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
+from llmq.long_polls import LongPolls
 from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, job_request_model
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
@@ -61,6 +62,7 @@ def intake() -> JobIntake:
         check_webhook_url=lambda url: check_webhook_url(
             url, allow_loopback_http=config.webhooks.allow_loopback_http
         ),
+        polls=LongPolls(ENV.jobs_table, dynamodb=aws.client("dynamodb")),
     )
 
 
@@ -296,9 +298,11 @@ def handle_submit_job(
     wait = _prefer_wait(prefer)
     budget = _wait_budget(wait)
     if budget > 0:
-        job = intake().get(tenant, job.id, wait_seconds=budget)
-        # Honoured, if perhaps shorter than asked (RFC 7240 lets a server apply less).
-        headers["Preference-Applied"] = f"wait={wait}"
+        polled = intake().long_poll(tenant, job.id, wait_seconds=budget)
+        job = polled.job
+        if not polled.wait_refused:
+            # Honoured, if perhaps shorter than asked (RFC 7240 lets a server apply less).
+            headers["Preference-Applied"] = f"wait={wait}"
         status = 200 if job.status.is_terminal else 202
     return _job_response(job, status, headers)
 
@@ -310,8 +314,17 @@ def handle_get_job(
         int, Query(ge=0, le=LIMITS.max_get_wait_seconds, description="Long-poll up to this many seconds")
     ] = 0,
 ) -> Response[Any]:
-    job = intake().get(_tenant(), job_id, wait_seconds=_wait_budget(wait), position=True)
-    return _job_response(job, 200)
+    tenant = _tenant()
+    polled = intake().long_poll(tenant, job_id, wait_seconds=_wait_budget(wait), position=True)
+    if polled.wait_refused:
+        # The tenant's long-polls are all taken: a 429 with Retry-After, which every client's
+        # backoff honours, rather than a 200 that a polling loop would repeat at once.
+        raise errors.TooManyLongPolls(
+            "the tenant's requests waiting at once are at their limit (docs/limits.md); "
+            "retry after Retry-After, or poll without ?wait",
+            retry_after=ENV.config.fair_share.long_poll_retry_after_seconds,
+        )
+    return _job_response(polled.job, 200)
 
 
 @app.get(

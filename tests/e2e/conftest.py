@@ -84,7 +84,12 @@ class SandboxUnderTest:
         deadline = time.monotonic() + timeout
         with self.api(tier) as client:
             while True:
-                job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", params={"wait": 20}).json()
+                reply = client.get(f"/v1/jobs/{job_id}", params={"wait": 20})
+                if reply.status_code == 429:
+                    # The tenant's long-polls are all taken, or its rate (docs/limits.md)
+                    time.sleep(float(reply.headers.get("retry-after", "1")))
+                    continue
+                job: dict[str, Any] = reply.json()
                 if job["status"] in TERMINAL_STATUSES or time.monotonic() > deadline:
                     return job
 

@@ -99,6 +99,7 @@ def test_every_tenant_in_the_state_file_lists_its_limits(sandbox: SandboxUnderTe
         assert tenant["limits"] == {
             "max_concurrency": limits["max_concurrency"]["value"],
             "max_active_jobs": limits["max_active_jobs"]["value"],
+            "max_long_polls": limits["max_long_polls"]["value"],
             "rate_per_second": limits["rate_per_second"]["value"],
             "burst": limits["burst"]["value"],
         }
@@ -118,3 +119,44 @@ def test_a_tenant_whose_key_is_in_no_usage_plan_is_refused_403(sandbox: SandboxU
     assert answer.status_code == 403, answer.text
     assert answer.headers["content-type"].startswith(PROBLEM_JSON)
     assert len(sandbox.invocations(function="api")) == before
+
+
+def test_a_tenant_past_its_long_polls_gets_429_with_retry_after_at_once(sandbox: SandboxUnderTest) -> None:
+    """llmq.long_polls: a tenant's waiting requests each hold an api environment, so only
+    `max_long_polls` of them wait at once; the others are refused at once."""
+    # Given a new tenant whose operator allows it one waiting request, and a job that stays
+    # unfinished for longer than the polls wait
+    poller = llmq_json(sandbox.directory, "tenants", "create", "--name", "Poller", "--tier", "free")
+    shown = llmq_json(sandbox.directory, "tenants", "set-limits", poller["id"], "--max-long-polls", "1")
+    assert shown["limits"]["max_long_polls"] == {"value": 1, "source": "override"}
+    headers = {"Authorization": f"Bearer {poller['api_key']}"}
+    submitted = httpx.post(
+        f"{sandbox.api_url}/v1/jobs", json={"prompt": "slow [[latency:5]]"}, headers=headers, timeout=40
+    )
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+
+    # When it long-polls the job three times at once
+    def poll(_: int) -> httpx.Response:
+        return httpx.get(
+            f"{sandbox.api_url}/v1/jobs/{job_id}", params={"wait": 4}, headers=headers, timeout=40
+        )
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        replies = list(pool.map(poll, range(3)))
+    # Then one waits and answers the job; the two refused a place get a 429
+    # problem with Retry-After
+    statuses = sorted(reply.status_code for reply in replies)
+    assert statuses == [200, 429, 429], [reply.text for reply in replies]
+    waited = next(reply for reply in replies if reply.status_code == 200)
+    assert waited.json()["id"] == job_id
+    for refused in (reply for reply in replies if reply.status_code == 429):
+        assert refused.headers["content-type"].startswith(PROBLEM_JSON)
+        assert refused.json()["code"] == "too_many_long_polls"
+        assert int(refused.headers["retry-after"]) >= 1
+    # And once the waits are over no place is held: each request gave its own back
+    polls = sandbox.aws("dynamodb").get_item(
+        TableName=sandbox.stack_outputs()["JobsTableName"], Key={"pk": {"S": f"polls#{poller['id']}"}}
+    )["Item"]
+    assert polls["waiting"]["M"] == {}
+    httpx.post(f"{sandbox.api_url}/v1/jobs/{job_id}/cancel", headers=headers, timeout=40)

@@ -17,6 +17,7 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import PROBLEMS
+from llmq.long_polls import POLLS_PREFIX
 from llmq.shares import SHARE_PREFIX
 from llmq_sandbox import event_sources
 from tests.conftest import REGION, MotoStack, load_event
@@ -225,12 +226,12 @@ class Harness:
                 )
 
     def item_count(self) -> int:
-        """Jobs stored (the tenants' share items, `llmq.shares`, are not jobs)."""
+        """Jobs stored (the tenants' share and long-poll items are not jobs)."""
         return int(
             self.ddb.scan(
                 TableName=self.stack.jobs_table,
                 Select="COUNT",
-                FilterExpression="NOT begins_with(pk, :share)",
-                ExpressionAttributeValues={":share": {"S": SHARE_PREFIX}},
+                FilterExpression="NOT begins_with(pk, :share) AND NOT begins_with(pk, :polls)",
+                ExpressionAttributeValues={":share": {"S": SHARE_PREFIX}, ":polls": {"S": POLLS_PREFIX}},
             )["Count"]
         )

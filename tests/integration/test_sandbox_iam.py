@@ -1,7 +1,9 @@
 """moto's IAM enforcement, as the sandbox corrects it (llmq_sandbox/iam.py), allows and refuses what AWS does.
 
-One moto server for the module, holding a table, two queues and a bucket, an operator and a
-role that trusts Lambda. The role's one policy names its resources, as the CDK app's do.
+One moto server for the module, holding two tables, two queues and a bucket, an operator and
+roles that trust Lambda. Each role's policies name their resources, as the CDK app's do; two
+restrict the tenants table's items by partition key (`dynamodb:LeadingKeys`), as the CDK app
+restricts the authorizer and the webhook dispatcher.
 """
 
 from __future__ import annotations
@@ -41,6 +43,51 @@ ROLE_POLICY = {
         }
     ],
 }
+TENANTS_ARN = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/tenants"
+# As stacks/jobs_table.py `grant_item_actions(..., leading_key_prefix="key#")` writes it.
+KEYS_ONLY = {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["key#*"]}}
+KEY_READER_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Action": [
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:BatchGetItem",
+                "dynamodb:Query",
+            ],
+            "Resource": TENANTS_ARN,
+            "Condition": KEYS_ONLY,
+        }
+    ],
+}
+# Two grants on the tenants table, one restricted to key# items and one not, and a Deny of
+# the secret# items: each in a policy of its own, as separate constructs would add them.
+GUARDED_POLICIES = {
+    "keys": {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "dynamodb:GetItem", "Resource": TENANTS_ARN, "Condition": KEYS_ONLY}
+        ],
+    },
+    "everything": {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "dynamodb:GetItem", "Resource": TENANTS_ARN}],
+    },
+    "no-secrets": {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Action": "dynamodb:GetItem",
+                "Resource": TENANTS_ARN,
+                "Condition": {"StringLike": {"dynamodb:LeadingKeys": ["secret#*"]}},
+            }
+        ],
+    },
+}
 
 
 @dataclass
@@ -48,6 +95,8 @@ class Moto:
     endpoint_url: str
     operator: AwsCredentials
     function: AwsCredentials
+    key_reader: AwsCredentials = UNCHECKED
+    guarded: AwsCredentials = UNCHECKED
 
     def client(self, service: str, credentials: AwsCredentials, **kwargs: Any) -> Any:
         return client_as(credentials, service, self.endpoint_url, **kwargs)
@@ -63,11 +112,19 @@ def moto() -> Iterator[Moto]:
         operator = create_operator(unchecked.client("iam", UNCHECKED))
         _build_resources(Moto(endpoint, operator, UNCHECKED))
         iam = unchecked.client("iam", operator)
-        role = iam.create_role(RoleName="worker", AssumeRolePolicyDocument=json.dumps(TRUSTS_LAMBDA))["Role"]
-        iam.put_role_policy(RoleName="worker", PolicyName="grants", PolicyDocument=json.dumps(ROLE_POLICY))
-        sessions = assume_roles(unchecked.client("sts", operator), {"worker": (role["Arn"], "Llmq-Worker")})
+        roles = {}
+        for name, policies in (
+            ("worker", {"grants": ROLE_POLICY}),
+            ("key-reader", {"grants": KEY_READER_POLICY}),
+            ("guarded", GUARDED_POLICIES),
+        ):
+            role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(TRUSTS_LAMBDA))["Role"]
+            for policy_name, policy in policies.items():
+                iam.put_role_policy(RoleName=name, PolicyName=policy_name, PolicyDocument=json.dumps(policy))
+            roles[name] = (role["Arn"], f"Llmq-{name.title()}")
+        sessions = assume_roles(unchecked.client("sts", operator), roles)
         set_enforcement(endpoint, enforced=True)
-        yield Moto(endpoint, operator, sessions["worker"])
+        yield Moto(endpoint, operator, sessions["worker"], sessions["key-reader"], sessions["guarded"])
 
 
 def _build_resources(moto: Moto) -> None:
@@ -77,6 +134,22 @@ def _build_resources(moto: Moto) -> None:
         AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
         BillingMode="PAY_PER_REQUEST",
     )
+    # The partition key is not named pk: the sandbox reads it from the table's key schema.
+    ddb = moto.client("dynamodb", moto.operator)
+    ddb.create_table(
+        TableName="tenants",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}, {"AttributeName": "part", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "id", "AttributeType": "S"},
+            {"AttributeName": "part", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    for item_id in ("key#abc", "tenant#abc", "secret#abc"):
+        ddb.put_item(
+            TableName="tenants", Item={"id": {"S": item_id}, "part": {"S": "0"}, "holder": {"S": "acme"}}
+        )
+    ddb.put_item(TableName="jobs", Item={"pk": {"S": "key#abc"}})
     sqs = moto.client("sqs", moto.operator)
     sqs.create_queue(QueueName="lane")
     sqs.create_queue(QueueName="other")
@@ -157,4 +230,91 @@ def test_an_unknown_key_is_refused_and_the_operator_may_do_anything(moto: Moto) 
     tables = moto.client("dynamodb", moto.operator).list_tables()["TableNames"]
     # Then the stranger is refused and the operator is not
     assert "InvalidClientTokenId" in error["Message"]
-    assert tables == ["jobs"]
+    assert tables == ["jobs", "tenants"]
+
+
+def _tenant_key(item_id: str) -> dict[str, Any]:
+    return {"id": {"S": item_id}, "part": {"S": "0"}}
+
+
+def _get_tenant(ddb: Any, item_id: str) -> dict[str, Any]:
+    return dict(ddb.get_item(TableName="tenants", Key=_tenant_key(item_id))["Item"])
+
+
+def test_a_leading_keys_grant_reads_its_own_items_only(moto: Moto) -> None:
+    ddb = moto.client("dynamodb", moto.key_reader)
+    # When the role, granted the key# items of the tenants table, reads one, then a tenant# item
+    item = _get_tenant(ddb, "key#abc")
+    error = _refusal(lambda: _get_tenant(ddb, "tenant#abc"))
+    # Then the first is read and the second refused, naming the action and the table, as AWS does
+    assert item["holder"] == {"S": "acme"}
+    assert error["Code"] == "AccessDeniedException"
+    assert f"dynamodb:GetItem on resource: {TENANTS_ARN} because" in error["Message"]
+
+
+def test_a_grant_on_one_table_does_not_reach_another(moto: Moto) -> None:
+    ddb = moto.client("dynamodb", moto.key_reader)
+    # When the role reads a key# item of the jobs table, which its grant does not name
+    error = _refusal(lambda: ddb.get_item(TableName="jobs", Key={"pk": {"S": "key#abc"}}))
+    # Then it is refused on that table
+    assert error["Code"] == "AccessDeniedException"
+    assert "table/jobs because" in error["Message"]
+
+
+def test_a_transaction_or_a_batch_with_one_forbidden_key_is_refused_whole(moto: Moto) -> None:
+    ddb = moto.client("dynamodb", moto.key_reader)
+    put = {"Put": {"TableName": "tenants", "Item": {**_tenant_key("key#new"), "holder": {"S": "acme"}}}}
+    update = {
+        "Update": {
+            "TableName": "tenants",
+            "Key": _tenant_key("tenant#abc"),
+            "UpdateExpression": "SET holder = :who",
+            "ExpressionAttributeValues": {":who": {"S": "mallory"}},
+        }
+    }
+    # When the role writes a transaction of a put of a key# item and an update of a tenant#
+    # item, and reads a batch of one of each
+    written = _refusal(lambda: ddb.transact_write_items(TransactItems=[put, update]))
+    keys = [_tenant_key("key#abc"), _tenant_key("tenant#abc")]
+    read = _refusal(lambda: ddb.batch_get_item(RequestItems={"tenants": {"Keys": keys}}))
+    alone = ddb.batch_get_item(RequestItems={"tenants": {"Keys": keys[:1]}})["Responses"]["tenants"]
+    # Then both are refused for the tenant# entry, nothing was written, and a batch of key# items passes
+    assert (written["Code"], "dynamodb:UpdateItem" in written["Message"]) == ("AccessDeniedException", True)
+    assert (read["Code"], "dynamodb:BatchGetItem" in read["Message"]) == ("AccessDeniedException", True)
+    operator = moto.client("dynamodb", moto.operator)
+    assert "Item" not in operator.get_item(TableName="tenants", Key=_tenant_key("key#new"))
+    assert _get_tenant(operator, "tenant#abc")["holder"] == {"S": "acme"}
+    assert [found["id"]["S"] for found in alone] == ["key#abc"]
+
+
+def test_a_query_is_checked_on_the_partition_it_reads(moto: Moto) -> None:
+    ddb = moto.client("dynamodb", moto.key_reader)
+
+    def query(item_id: str) -> list[dict[str, Any]]:
+        found = ddb.query(
+            TableName="tenants",
+            KeyConditionExpression="#id = :id AND part >= :zero",
+            ExpressionAttributeNames={"#id": "id"},
+            ExpressionAttributeValues={":id": {"S": item_id}, ":zero": {"S": "0"}},
+        )
+        return list(found["Items"])
+
+    # When the role queries a key# partition, then a tenant# one
+    items = query("key#abc")
+    error = _refusal(lambda: query("tenant#abc"))
+    # Then the first returns its items and the second is refused
+    assert [item["id"]["S"] for item in items] == ["key#abc"]
+    assert (error["Code"], "dynamodb:Query" in error["Message"]) == ("AccessDeniedException", True)
+
+
+def test_a_deny_applies_where_its_condition_holds_and_a_failed_condition_is_neutral(moto: Moto) -> None:
+    ddb = moto.client("dynamodb", moto.guarded)
+    # When the role (an Allow of key# items, an Allow of every item, a Deny of secret# items)
+    # reads a key# item, a tenant# item and a secret# item
+    key, tenant = _get_tenant(ddb, "key#abc"), _get_tenant(ddb, "tenant#abc")
+    error = _refusal(lambda: _get_tenant(ddb, "secret#abc"))
+    # Then the Deny refuses the secret# item only, and the key# grant's condition failing on the
+    # tenant# item does not refuse what the other grant allows
+    assert (key["id"]["S"], tenant["id"]["S"]) == ("key#abc", "tenant#abc")
+    assert error["Code"] == "AccessDeniedException"
+    assert "with an explicit deny in an identity-based policy" in error["Message"]

@@ -14,6 +14,7 @@ import pytest
 
 from llmq import aws
 from llmq.config import LlmqConfig
+from llmq.long_polls import LongPolls
 from llmq.usage_plans import tenant_plan_name
 from llmq_cli.main import main
 from tests.conftest import MotoStack
@@ -71,11 +72,12 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     limits = shown["limits"]
     assert limits["max_concurrency"] == {"value": config.concurrency_cap("free"), "source": "tier"}
     assert limits["max_active_jobs"] == {"value": tier.max_active_jobs, "source": "tier"}
+    assert limits["max_long_polls"] == {"value": tier.max_long_polls, "source": "tier"}
     assert limits["rate_per_second"] == {"value": tier.rate_per_second, "source": "tier"}
     assert limits["burst"] == {"value": tier.burst, "source": "tier"}
     assert limits["usage_plan"]["id"] == stack["free"]
 
-    # The operator overrides all four
+    # The operator overrides all five
     changed = llmq(
         capsys,
         "set-limits",
@@ -84,6 +86,8 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
         "1",
         "--max-active",
         "7",
+        "--max-long-polls",
+        "1",
         "--rate",
         "2",
         "--burst",
@@ -93,6 +97,7 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     limits = changed["limits"]
     assert limits["max_concurrency"] == {"value": 1, "source": "override"}
     assert limits["max_active_jobs"] == {"value": 7, "source": "override"}
+    assert limits["max_long_polls"] == {"value": 1, "source": "override"}
     assert limits["rate_per_second"] == {"value": 2, "source": "override"}
     assert limits["burst"] == {"value": 3, "source": "override"}
     assert limits["usage_plan"]["name"] == tenant_plan_name("ten_hobby")
@@ -101,12 +106,25 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
         "Item"
     ]
     assert (share["max_concurrency"]["N"], share["max_active_jobs"]["N"]) == ("1", "7")
+    # ...and the api's long-poll places (llmq.long_polls)
+    assert LongPolls("llmq-jobs", dynamodb=aws.client("dynamodb")).limit("ten_hobby") == 1
 
-    # Clearing two of them brings the tier's back; the other two stay
-    cleared = llmq(capsys, "set-limits", "ten_hobby", "--clear", "rate", "--clear", "max_active_jobs")
+    # Clearing three of them brings the tier's back; the other two stay
+    cleared = llmq(
+        capsys,
+        "set-limits",
+        "ten_hobby",
+        "--clear",
+        "rate",
+        "--clear",
+        "max_active_jobs",
+        "--clear",
+        "max_long_polls",
+    )
     limits = cleared["limits"]
     assert limits["max_concurrency"] == {"value": 1, "source": "override"}
     assert limits["max_active_jobs"] == {"value": tier.max_active_jobs, "source": "tier"}
+    assert limits["max_long_polls"] == {"value": tier.max_long_polls, "source": "tier"}
     assert limits["rate_per_second"] == {"value": tier.rate_per_second, "source": "tier"}
     assert limits["usage_plan"]["id"] == stack["free"]
 

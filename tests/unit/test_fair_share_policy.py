@@ -84,3 +84,16 @@ def test_retries_come_back_a_little_faster_than_slots_free() -> None:
 def test_a_deferral_is_always_within_its_bounds(ages: list[float], queued: int, cap: int, seed: int) -> None:
     delay = deferral_seconds(_state(ages, queued, cap=cap), "high", NOW, POLICY, random.Random(seed))
     assert POLICY.min_deferral_seconds <= delay <= POLICY.max_deferral_seconds
+
+
+def test_the_default_policy_keeps_claim_attempts_within_three_per_job_under_a_2000_job_backlog() -> None:
+    """Issue 14's target, on the discrete-event model of a lane (bench/deferral_model.py) that
+    runs the real `deferral_seconds`: deferrals that return too eagerly would spin, too lazily
+    would leave the tenant's slots idle for most of the drain."""
+    from bench.deferral_model import simulate
+
+    for seed in (1, 2):
+        run = simulate(2000, cap=20, latency=1.0, seed=seed)
+        assert run["claim_attempts_per_job"] <= 3.0, run
+        assert run["mean_in_flight_while_backlogged"] >= 0.7 * 20, run
+        assert run["makespan_s"] <= 1.5 * run["ideal_makespan_s"], run

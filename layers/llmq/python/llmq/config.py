@@ -189,12 +189,17 @@ class TenantLimits(_Frozen):
     # API Gateway usage plan throttling of the tenant's requests (all routes together).
     rate_per_second: Annotated[float, Field(gt=0)] = 10.0
     burst: Annotated[int, Field(ge=1)] = 20
+    # Requests waiting at once (`?wait`, `Prefer: wait`), each holding an api environment;
+    # one more answers at once, without waiting (llmq.long_polls).
+    max_long_polls: Annotated[int, Field(ge=1)] = 5
 
 
 def _tier_limits() -> dict[str, TenantLimits]:
     return {
-        "enterprise": TenantLimits(max_active_jobs=10_000, rate_per_second=50.0, burst=100),
-        "free": TenantLimits(max_active_jobs=100, rate_per_second=5.0, burst=10),
+        "enterprise": TenantLimits(
+            max_active_jobs=10_000, rate_per_second=50.0, burst=100, max_long_polls=20
+        ),
+        "free": TenantLimits(max_active_jobs=100, rate_per_second=5.0, burst=10, max_long_polls=2),
     }
 
 
@@ -206,6 +211,9 @@ class FairShareConfig(_Frozen):
     default: TenantLimits = TenantLimits()
     # Retry-After of a 429 quota_exceeded: active jobs only drop as jobs finish.
     quota_retry_after_seconds: Annotated[int, Field(ge=1, le=3600)] = 5
+    # Retry-After of a `GET ?wait` answered at once because the tenant's long-polls were all
+    # taken: a place frees when one of them answers, within a wait.
+    long_poll_retry_after_seconds: Annotated[int, Field(ge=1, le=60)] = 2
     # A message whose tenant is at its cap comes back after about backlog x run time / cap,
     # divided by this: above 1, deferred messages return a little faster than slots free up,
     # so a freed slot is taken soon, at the cost of that many refused claims per job run.
@@ -284,6 +292,15 @@ class LlmqConfig(_Frozen):
     def tenant_limits(self, tier: str) -> TenantLimits:
         """A tier's default limits (a tenant's overrides live on its share item)."""
         return self.fair_share.tiers.get(tier, self.fair_share.default)
+
+    def long_poll_cap(self, tier: str) -> int:
+        """Requests of one tenant of `tier` waiting at once, by default: the tier's
+        `max_long_polls`, and never more than half the api's reserved concurrency, so one
+        tenant cannot hold it all (an operator's per-tenant override is not bounded)."""
+        cap = self.tenant_limits(tier).max_long_polls
+        if self.concurrency.reserve:
+            cap = min(cap, max(1, self.concurrency.api // 2))
+        return cap
 
     def concurrency_cap(self, tier: str) -> int:
         """Jobs of one tenant of `tier` running at once in its lane, by default."""

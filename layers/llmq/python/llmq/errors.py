@@ -149,6 +149,14 @@ class QuotaExceeded(DomainError):
     status = 429
 
 
+class TooManyLongPolls(DomainError):
+    """The tenant has `max_long_polls` requests waiting already (llmq.long_polls): nothing waited."""
+
+    code = "too_many_long_polls"
+    title = "Too many of your requests are waiting at once; retry after Retry-After"
+    status = 429
+
+
 class StoreContended(StoreUnavailable):
     """A DynamoDB transaction canceled by conflicts or throttles, try after try: it was not
     applied (unlike a throttled single write, which may have been)."""

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from botocore.exceptions import ClientError
+
 from llmq.config import LlmqConfig
 from llmq.errors import (
     IdempotencyConflict,
@@ -26,7 +28,7 @@ from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
 from llmq.models import JobRequest, JobStatus
 from llmq.offload import Offload
-from llmq.ports import BlobStore, JobStore, QueueStore
+from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
 from llmq.telemetry import fingerprint, logger
 from llmq.tenants import TenantIdentity
@@ -40,6 +42,14 @@ UrlGuard = Callable[[str], object]
 class Submission:
     job: JobRecord
     replayed: bool
+
+
+@dataclass(frozen=True)
+class Polled:
+    job: JobRecord
+    # The wait asked for was not granted: the tenant's long-polls were all taken (or their
+    # store was busy), so the job is answered as it stood.
+    wait_refused: bool = False
 
 
 def request_hash(request: JobRequest) -> str:
@@ -57,8 +67,11 @@ class JobIntake:
         check_webhook_url: UrlGuard,
         sleep: Callable[[float], None] = time.sleep,
         payloads: BlobStore | None = None,
+        polls: PollPlaces | None = None,
     ) -> None:
         self.jobs = jobs
+        # None: waits are not capped per tenant (tests that do not look at it).
+        self.polls = polls
         self.offload = Offload(payloads, config)
         self.queues = queues
         self.config = config
@@ -157,19 +170,62 @@ class JobIntake:
     def get(
         self, tenant: TenantIdentity, job_id: str, wait_seconds: float = 0, position: bool = False
     ) -> JobRecord:
+        return self.long_poll(tenant, job_id, wait_seconds, position).job
+
+    def long_poll(
+        self, tenant: TenantIdentity, job_id: str, wait_seconds: float = 0, position: bool = False
+    ) -> Polled:
         """The tenant's job; with a wait, the first terminal state seen within it. With
-        `position`, a job still queued says where it stands among the tenant's queued jobs."""
+        `position`, a job still queued says where it stands among the tenant's queued jobs.
+
+        A wait holds one of the tenant's long-poll places (llmq.long_polls); with none free,
+        nothing waits and `wait_refused` says so. A job already finished needs no place.
+        """
         deadline = time.monotonic() + wait_seconds
         job = self.jobs.get(job_id, tenant.tenant_id)
-        while not job.status.is_terminal and time.monotonic() < deadline:
-            self._sleep(min(self.config.limits.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
-            job = self.jobs.get(job_id, tenant.tenant_id)
-        if position and job.status is JobStatus.QUEUED:
+        refused = False
+        if wait_seconds > 0 and not job.status.is_terminal:
+            place = self._take_place(tenant, wait_seconds)
+            refused = place is None
+            if place is not None:
+                try:
+                    while not job.status.is_terminal and time.monotonic() < deadline:
+                        self._sleep(
+                            min(self.config.limits.wait_poll_seconds, max(0.0, deadline - time.monotonic()))
+                        )
+                        job = self.jobs.get(job_id, tenant.tenant_id)
+                finally:
+                    self._give_back(tenant, place)
+        if position and not refused and job.status is JobStatus.QUEUED:
             try:
                 job = job.model_copy(update={"queue_position": 1 + self.jobs.queued_ahead(job)})
             except StoreUnavailable:
                 logger.warning("queue position unavailable", extra={"job_id": job.id})
-        return self.offload.load_result(job)
+        return Polled(self.offload.load_result(job), wait_refused=refused)
+
+    def _take_place(self, tenant: TenantIdentity, seconds: float) -> str | None:
+        if self.polls is None:
+            return ""
+        try:
+            place = self.polls.enter(tenant.tenant_id, self.config.long_poll_cap(tenant.tier), seconds)
+        except StoreUnavailable:
+            logger.warning("long-poll place unavailable: answering without a wait")
+            return None
+        if place is None:
+            logger.info(
+                "long-polls all taken: answering without a wait", extra={"tenant_id": tenant.tenant_id}
+            )
+        return place
+
+    def _give_back(self, tenant: TenantIdentity, place: str) -> None:
+        if self.polls is None or not place:
+            return
+        try:
+            self.polls.leave(tenant.tenant_id, place)
+        except (StoreUnavailable, ClientError) as exc:
+            # The place lapses by itself after its wait (llmq.long_polls); the wait is over
+            # and its answer is due, so a failure here must not turn it into an error.
+            logger.warning("long-poll place not given back", extra={"why": type(exc).__name__})
 
     def list(
         self, tenant: TenantIdentity, status: JobStatus | None, limit: int, cursor: str | None

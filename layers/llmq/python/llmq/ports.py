@@ -96,6 +96,13 @@ class QueueStore(Protocol):
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None: ...
 
 
+class PollPlaces(Protocol):
+    """Each tenant's places for waiting requests (llmq.long_polls)."""
+
+    def enter(self, tenant_id: str, cap: int, seconds: float) -> str | None: ...
+    def leave(self, tenant_id: str, place: str) -> None: ...
+
+
 class BlobStore(Protocol):
     """Where inputs and results too large for a job item live (S3)."""
 

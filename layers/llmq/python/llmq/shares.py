@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmq.config import FairShareConfig
+from llmq.long_polls import POLLS_PREFIX
 
 SHARE_PREFIX = "share#"
 _HOLDERS_PREFIX = "run_"
@@ -38,7 +39,8 @@ def share_key(tenant_id: str) -> dict[str, Any]:
 
 
 def is_share_key(pk: str) -> bool:
-    return pk.startswith(SHARE_PREFIX)
+    """A tenant's own item in the jobs table (its share, or its long-polls), not a job."""
+    return pk.startswith((SHARE_PREFIX, POLLS_PREFIX))
 
 
 def _holders(lane: str) -> str:

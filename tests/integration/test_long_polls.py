@@ -1,0 +1,169 @@
+"""Long-polls are capped per tenant (llmq.long_polls): one tenant's waiting requests cannot hold
+the api's whole reserved concurrency. A GET refused a place is a 429 with Retry-After, at once;
+a submit refused one is still accepted.
+
+The places other requests hold are taken through the same repository the api uses, as
+concurrent api environments would hold them; the request under test goes through the real
+api handler against moto.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from llmq import aws
+from llmq.long_polls import LongPolls, polls_key
+from tests.aws_faults import AwsFaults, FaultKind
+from tests.integration.harness import ENTERPRISE, FREE, Harness
+
+PAST = 120.0
+
+
+def _polls(harness: Harness, clock_offset: float = 0.0) -> LongPolls:
+    return LongPolls(
+        harness.stack.jobs_table, dynamodb=aws.client("dynamodb"), clock=lambda: time.time() + clock_offset
+    )
+
+
+def _places_held(harness: Harness, tenant: dict[str, str]) -> int:
+    item = aws.client("dynamodb").get_item(
+        TableName=harness.stack.jobs_table, Key=polls_key(tenant["tenant_id"]), ConsistentRead=True
+    )["Item"]
+    return len(item["waiting"]["M"])
+
+
+def _poll(
+    harness: Harness, job_id: str, tenant: dict[str, str], wait: int = 1
+) -> tuple[int, str, str | None]:
+    """(status, the job's status or the problem's code, Retry-After)."""
+    reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=tenant, query={"wait": str(wait)})
+    found = reply.body["status"] if reply.status == 200 else reply.code
+    return reply.status, found, reply.headers.get("retry-after")
+
+
+REFUSED = (429, "too_many_long_polls", "2")
+
+
+def test_a_tenant_at_its_long_poll_cap_gets_429_at_once_with_retry_after(harness: Harness) -> None:
+    # Given a free tenant (its tier allows 2 waiting requests) with a queued job, and two of
+    # its requests waiting elsewhere
+    config = harness.config.fair_share
+    assert config.tiers["free"].max_long_polls == 2
+    assert config.long_poll_retry_after_seconds == int(REFUSED[2])
+    job_id = harness.submit(tenant=FREE).body["id"]
+    polls = _polls(harness)
+    held = [polls.enter(FREE["tenant_id"], cap=2, seconds=20) for _ in range(2)]
+    assert None not in held
+    # When a third asks to wait, it is refused at once, as a rate limit is, with Retry-After
+    assert _poll(harness, job_id, FREE) == REFUSED
+    # And a poll without a wait still reads the job
+    assert _poll(harness, job_id, FREE, wait=0) == (200, "queued", None)
+    # And another tenant's wait is not affected
+    other = harness.submit(tenant=ENTERPRISE).body["id"]
+    assert _poll(harness, other, ENTERPRISE) == (200, "queued", None)
+    # When one of the waiting requests answers, the next wait is granted, and its place given back
+    polls.leave(FREE["tenant_id"], held[0])  # type: ignore[arg-type]
+    assert _poll(harness, job_id, FREE) == (200, "queued", None)
+    assert _places_held(harness, FREE) == 1
+
+
+def test_a_submit_that_prefers_to_wait_at_the_cap_is_accepted_without_waiting(harness: Harness) -> None:
+    polls = _polls(harness)
+    assert None not in [polls.enter(FREE["tenant_id"], cap=2, seconds=20) for _ in range(2)]
+    reply = harness.api("POST", "/v1/jobs", body={"prompt": "x"}, headers={"Prefer": "wait=3"}, tenant=FREE)
+    # Accepted (a job was written and enqueued), but the wait was not applied
+    assert (reply.status, reply.body["status"]) == (202, "queued")
+    assert "preference-applied" not in reply.headers
+    assert harness.item_count() == 1
+    assert len(harness.receive(harness.stack.lane_queue_urls["low"])) == 1
+
+
+def test_places_of_requests_that_died_are_taken_back_once_their_wait_is_over(harness: Harness) -> None:
+    # Given two places taken by requests that died two minutes ago (a timeout, a crash): their
+    # wait and its margin are over, and nothing gave them back
+    job_id = harness.submit(tenant=FREE).body["id"]
+    dead = _polls(harness, clock_offset=-PAST)
+    assert None not in [dead.enter(FREE["tenant_id"], cap=2, seconds=20) for _ in range(2)]
+    # When a request asks to wait, it is granted
+    assert _poll(harness, job_id, FREE) == (200, "queued", None)
+    # And the lapsed places are gone: nothing is held once it has answered
+    assert _places_held(harness, FREE) == 0
+
+
+def test_an_operator_override_wins_over_the_tier(harness: Harness) -> None:
+    job_id = harness.submit(tenant=ENTERPRISE).body["id"]
+    polls = _polls(harness)
+    polls.set_limit(ENTERPRISE["tenant_id"], 1)
+    assert polls.limit(ENTERPRISE["tenant_id"]) == 1
+    place = polls.enter(ENTERPRISE["tenant_id"], cap=20, seconds=20)
+    assert place is not None
+    # The tier allows 20, the override 1, and that one is taken
+    assert _poll(harness, job_id, ENTERPRISE) == REFUSED
+    polls.set_limit(ENTERPRISE["tenant_id"], None)
+    assert _poll(harness, job_id, ENTERPRISE) == (200, "queued", None)
+    with pytest.raises(ValueError, match="at least 1"):
+        polls.set_limit(ENTERPRISE["tenant_id"], 0)
+
+
+def test_a_finished_job_is_answered_without_taking_a_place(harness: Harness) -> None:
+    job_id = harness.submit(tenant=FREE).body["id"]
+    harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=FREE)
+    polls = _polls(harness)
+    assert None not in [polls.enter(FREE["tenant_id"], cap=2, seconds=20) for _ in range(2)]
+    assert _poll(harness, job_id, FREE, wait=20) == (200, "canceled", None)
+
+
+def test_no_tier_lets_one_tenant_wait_in_more_than_half_the_api_reservation() -> None:
+    from llmq.config import LlmqConfig
+
+    assert LlmqConfig().long_poll_cap("enterprise") == 20
+    small = LlmqConfig.model_validate({"concurrency": {"api": 10}})
+    assert [small.long_poll_cap(tier) for tier in ("enterprise", "free", "other")] == [5, 2, 5]
+    # Without reservations there is no share to protect, only the account's quota
+    unreserved = LlmqConfig.model_validate({"concurrency": {"reserve": False, "api": 10}})
+    assert unreserved.long_poll_cap("enterprise") == 20
+
+
+# ---- DynamoDB busy, or a place taken whose answer was lost -------------------------------------
+
+
+@pytest.fixture
+def faults(harness: Harness) -> Iterator[AwsFaults]:
+    injected = AwsFaults()
+    yield injected
+    injected.disarm()
+
+
+@pytest.mark.parametrize("kind", [FaultKind.THROTTLE, FaultKind.APPLIED_LOST])
+def test_a_place_that_cannot_be_taken_is_refused_at_once_and_leaves_nothing_held(
+    harness: Harness, faults: AwsFaults, kind: FaultKind
+) -> None:
+    job_id = harness.submit(tenant=FREE).body["id"]
+    polls = _polls(harness)
+    polls.leave(FREE["tenant_id"], polls.enter(FREE["tenant_id"], cap=2, seconds=1) or "")
+    # Given DynamoDB refuses the write that takes the place, or applies it and loses the answer
+    fault = faults.arm(kind, "dynamodb.UpdateItem")
+    # When the tenant long-polls, it is refused at once (not a 5xx) and told when to ask again
+    assert _poll(harness, job_id, FREE) == REFUSED
+    assert [entry.fault for entry in faults.fired] == [fault]
+    # And no place is left held by a request that is not waiting
+    assert _places_held(harness, FREE) == 0
+
+
+def test_a_place_taken_whose_answer_was_lost_is_recognised_as_its_own(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a free tenant (2 places) with one request waiting elsewhere
+    job_id = harness.submit(tenant=FREE).body["id"]
+    assert _polls(harness).enter(FREE["tenant_id"], cap=2, seconds=20) is not None
+    # When the write that takes the last place is applied, its answer lost, and botocore
+    # sends it again (which now finds the map full, its own place in it)
+    fault = faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem")
+    reply = _poll(harness, job_id, FREE)
+    # Then the request knows the place is its own: it waits, and gives it back
+    assert [entry.fault for entry in faults.fired] == [fault]
+    assert reply == (200, "queued", None)
+    assert _places_held(harness, FREE) == 1
