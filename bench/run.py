@@ -222,40 +222,44 @@ def _render_noisy(noisy: Any) -> list[str]:
     out += [
         noisy.get("description", ""),
         "",
-        "| config | A's cap | B wait p50 | B wait p95 | A in flight at the provider: max / mean while backlogged "
-        "| A provider calls | A claim attempts per job | succeeded A / B |",
+        "A's slots held: jobs of A between their claim (`started_at`) and their last write (`finished_at`), "
+        "which is what the cap counts; in flight at the provider: A's open provider calls. In the sandbox a "
+        "job holds its slot for its provider call plus the sandbox's own time per job (moto, the function "
+        "processes), so the two differ.",
+        "",
+        "| config | A's cap | B wait p50 | B wait p95 | A slots held, mean while backlogged "
+        "| A in flight at the provider: max / mean while backlogged | A claim attempts per job | succeeded A / B |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in noisy["rows"]:
+        slots = row.get("a_mean_slots_held_while_backlogged")
         out.append(
             f"| {row['config']} | {row['cap'] or '-'} | {row['b_p50_s']:.2f} s | {row['b_p95_s']:.2f} s | "
-            f"{row['a_max_in_flight']} / {row['a_mean_in_flight_while_backlogged']:.1f} | {row['a_provider_calls']} | "
+            f"{'-' if slots is None else f'{slots:.1f}'} | "
+            f"{row['a_max_in_flight']} / {row['a_mean_in_flight_while_backlogged']:.1f} | "
             f"{row.get('a_claim_attempts_per_job', 0):.2f} | {row['a_succeeded']} / {row['b_succeeded']} |"
         )
-    fair = noisy["rows"][0]
+    fair, baseline = noisy["rows"][0], noisy["rows"][1]
     small = noisy["rows"][2] if len(noisy["rows"]) > 2 else None
     out += [
         "",
         f"B's p95, baseline ÷ capped: **{noisy['b_p95_ratio']:.1f}×** (goal ≥ 10×); capped B p95 = "
-        f"{fair['b_p95_s'] / noisy['latency_s']:.1f} × L (goal ≤ 2 × L). A's calls in flight never exceeded "
-        f"its cap: {fair['a_max_in_flight']} ≤ {fair['cap']}. A's mean in flight while it had a backlog: "
-        f"capped {fair['a_mean_in_flight_while_backlogged']:.1f} (of a cap of {fair['cap']}) against uncapped "
-        f"{noisy['rows'][1]['a_mean_in_flight_while_backlogged']:.1f}"
-        + (
-            ": the cap cost A throughput here, as slots wait for deferred messages to come back "
-            "(goal: no slot idle while A has work, not met)."
-            if fair["a_mean_in_flight_while_backlogged"]
-            < 0.9 * noisy["rows"][1]["a_mean_in_flight_while_backlogged"]
-            else "."
-        ),
+        f"{fair['b_p95_s'] / noisy['latency_s']:.1f} × L (goal ≤ 2 × L, not met in the sandbox). A's calls in "
+        f"flight never exceeded its cap: {fair['a_max_in_flight']} ≤ {fair['cap']}.",
         "",
     ]
-    if small is not None:
+    if small is not None and small.get("a_mean_slots_held_while_backlogged") is not None:
         out += [
-            f"With a cap the sandbox can feed ({small['cap']} at L = {noisy['latency_s']:g} s), A's mean in flight "
-            f"while it had a backlog is {small['a_mean_in_flight_while_backlogged']:.1f} of {small['cap']} "
-            f"(max {small['a_max_in_flight']}), with {small['a_claim_attempts_per_job']:.2f} claim attempts per job, "
-            f"and B's p95 wait is {small['b_p95_s'] / noisy['latency_s']:.1f} × L.",
+            f"A's slots while it had a backlog: capped at {fair['cap']}, it held "
+            f"{fair['a_mean_slots_held_while_backlogged']:.1f} on average (uncapped, it held "
+            f"{baseline['a_mean_slots_held_while_backlogged']:.1f} of the lane's 40: the sandbox's pace); capped at "
+            f"{small['cap']}, {small['a_mean_slots_held_while_backlogged']:.1f}, with "
+            f"{small['a_claim_attempts_per_job']:.2f} claim attempts per job. The goal, no slot idle while A "
+            "has work, is not met in the sandbox. Its worker log shows why at cap 4: A's four claims land in one "
+            "batch, finish together about 1.2 s later, and the next claims come 0.4 to 0.7 s after that, the "
+            "sandbox's time from a message being visible to an invocation claiming it; messages that came back "
+            "while the four ran were deferred again. The model below (the same policy, 0.05 s per batch) keeps "
+            "3.6 of 4.",
             "",
         ]
     return out
@@ -269,22 +273,29 @@ def _render_deferral(deferral: Any) -> list[str]:
     out += [
         "`bench/deferral_model.py` runs llmq's own deferral policy (`llmq.shares.deferral_seconds`, default "
         f"`FairShareConfig`) in a discrete-event model of one lane ({lane['invocations']} invocations x "
-        f"{lane['batch']} jobs, {lane['overhead']:g} s per batch, no AWS), for one tenant capped at 20 with "
-        f"L = {deferral['latency_s']:g} s: the sandbox runs too few jobs a second to drain 2,000 in a benchmark's time.",
+        f"{lane['batch']} jobs, {lane['overhead']:g} s per batch, no AWS), for one tenant with "
+        f"L = {deferral['latency_s']:g} s: the sandbox runs too few jobs a second to drain 2,000 in a "
+        "benchmark's time.",
         "",
-        "| backlog | claim attempts per job run | mean in flight while backlogged (cap 20) | makespan ÷ ideal |",
-        "| --- | --- | --- | --- |",
+        "| lane invocations | backlog | cap | claim attempts per job run | mean in flight while backlogged "
+        "| makespan ÷ ideal |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in deferral["rows"]:
         out.append(
-            f"| {row['jobs']:,} | {row['claim_attempts_per_job']:.2f} | {row['mean_in_flight_while_backlogged']:.1f} | "
-            f"{row['makespan_over_ideal']:.2f} |"
+            f"| {row['invocations']} | {row['jobs']:,} | {row['cap']} | {row['claim_attempts_per_job']:.2f} | "
+            f"{row['mean_in_flight_while_backlogged']:.1f} | {row['makespan_over_ideal']:.2f} |"
         )
-    worst = max(row["claim_attempts_per_job"] for row in deferral["rows"])
+    large = [
+        row for row in deferral["rows"] if row["invocations"] == lane["invocations"] and row["jobs"] >= 2000
+    ]
+    worst = max(row["claim_attempts_per_job"] for row in large)
     out += [
         "",
-        f"Claim attempts stay at most {worst:.2f} per job run (goal ≤ 3). The cap leaves slots idle even with no "
-        "emulator in the way: a slot freed between returns of deferred messages waits for the next one.",
+        f"Under a 2,000-job backlog in the benchmark's lane, claim attempts stay at {worst:.2f} per job run "
+        "(goal ≤ 3). With invocations to spare, the policy keeps the cap full: the slots left idle in the "
+        "benchmark's lane are those whose deferred message came back while every invocation was still busy "
+        "with a batch, which an invocation holds until its longest job ends.",
         "",
     ]
     return out

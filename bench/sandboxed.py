@@ -246,7 +246,24 @@ def _second_tenant(running: Any, state: Any) -> httpx.Client:
 
 def _in_flight_over_time(log: list[dict[str, Any]], jobs: set[str], step: float = 0.05) -> list[int]:
     """The tenant's calls open at the provider, sampled every `step` seconds."""
-    spans = [(call["started_at"], call["at"]) for call in log if call["job_id"] in jobs]
+    return _open_over_time([(call["started_at"], call["at"]) for call in log if call["job_id"] in jobs], step)
+
+
+def _slots_held_while_backlogged(jobs: list[dict[str, Any]], step: float = 0.05) -> float:
+    """The tenant's mean slots held (a job holds one from its claim, `started_at`, to its last
+    write, `finished_at`: what the cap counts), from its first claim until its last job started."""
+    spans = [
+        (_seconds(job["started_at"]), _seconds(job["finished_at"])) for job in jobs if job.get("finished_at")
+    ]
+    if not spans:
+        return 0.0
+    first, last = min(start for start, _ in spans), max(start for start, _ in spans)
+    window = _open_over_time(spans, step)[: max(1, int((last - first) / step))]
+    return statistics.mean(window)
+
+
+def _open_over_time(spans: list[tuple[float, float]], step: float) -> list[int]:
+    """How many spans are open, sampled every `step` seconds from the first one's start."""
     if not spans:
         return []
     start, end = min(s for s, _ in spans), max(e for _, e in spans)
@@ -301,6 +318,7 @@ def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) ->
         "a_succeeded": sum(job["status"] == "succeeded" for job in a_jobs),
         "a_max_in_flight": max(a_in_flight, default=0),
         "a_mean_in_flight_while_backlogged": statistics.mean(window) if window else 0.0,
+        "a_mean_slots_held_while_backlogged": _slots_held_while_backlogged(a_jobs),
         "a_provider_calls": sum(1 for call in log if call["job_id"] in set(a_ids)),
         # Claim attempts (claimed, refused at the cap, or not claimed) per job of A that ran.
         "a_claim_attempts_per_job": attempts / max(1, sum(job["status"] == "succeeded" for job in a_jobs)),

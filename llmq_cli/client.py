@@ -98,6 +98,10 @@ class LlmqClient:
             job = self._ok(reply)
         return job
 
+    def webhook_log(self, job_id: str) -> dict[str, Any]:
+        log: dict[str, Any] = self._ok(self.request("GET", f"/v1/jobs/{job_id}/webhook"))
+        return log
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = self._ok(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
         return job

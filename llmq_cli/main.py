@@ -672,6 +672,26 @@ def cmd_webhooks_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_webhooks_attempts(args: argparse.Namespace) -> int:
+    """The job's delivery log (GET /v1/jobs/{id}/webhook): JSON, or one line per attempt."""
+    with _client(args) as client:
+        log = client.webhook_log(args.job_id)
+    if args.json:
+        _print_json(log)
+        return 0
+    print(f"{log['job_id']} -> {log['url']}")
+    if not log["deliveries"]:
+        print("  no terminal event yet (job.started is sent but not logged)")
+    for delivery in log["deliveries"]:
+        print(f"  {delivery['event']}: {delivery['status']}")
+        for attempt in delivery["attempts"]:
+            answer = attempt.get("status_code") or attempt.get("error_class") or "-"
+            latency = "-" if attempt.get("latency_ms") is None else f"{attempt['latency_ms']} ms"
+            head = (attempt.get("response_head") or "").replace("\n", " ")[:80]
+            print(f"    #{attempt['attempt']}  {attempt['at']}  {answer}  {latency}  {head}".rstrip())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     require_sandbox_extra()
     from llmq_sandbox.demo import main as demo_main
@@ -895,6 +915,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--secret", action="append", required=True, help="whsec_... (repeatable)")
     verify.add_argument("--file", required=True, help='JSON: {"headers": {...}, "body": "<raw body>"}')
     verify.set_defaults(handler=cmd_webhooks_verify)
+    attempts = webhooks.add_parser(
+        "attempts", help="a job's delivery log: each attempt and what the receiver said"
+    )
+    attempts.add_argument("job_id")
+    attempts.add_argument("--json", action="store_true", help="the API's JSON as is")
+    _api_options(attempts)
+    attempts.set_defaults(handler=cmd_webhooks_attempts)
 
     commands.add_parser("demo", help="the scripted tour (make demo)").set_defaults(handler=cmd_demo)
 

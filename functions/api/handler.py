@@ -27,7 +27,7 @@ from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
 from llmq.long_polls import LongPolls
-from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, job_request_model
+from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, WebhookLog, job_request_model
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import check_webhook_url
@@ -152,6 +152,7 @@ _METHODS = [
     (re.compile(r"^/v1/jobs/?$"), "GET, POST"),
     (re.compile(r"^/v1/jobs/[^/]+/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/cancel/?$"), "POST"),
+    (re.compile(r"^/v1/jobs/[^/]+/webhook/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/redeliver/?$"), "POST"),
     (re.compile(r"^/v1/openapi\.json$"), "GET"),
 ]
@@ -360,6 +361,19 @@ def handle_list_jobs(
 def handle_cancel_job(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[Any]:
     job = intake().cancel(_tenant(), job_id)
     return _job_response(job, 200 if job.status.is_terminal else 202)
+
+
+@app.get(
+    "/v1/jobs/<job_id>/webhook",
+    summary="The job's webhook and its delivery log",
+    description="The delivery status of the job's terminal event and its latest 10 attempts: when, "
+    "the receiver's status code, the latency, the error class when no answer came, and the first "
+    "256 bytes of the receiver's answer. job.started is sent but not logged.",
+    responses=_responses(200, "The delivery log", WebhookLog),
+)
+def handle_get_webhook_log(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[Any]:
+    log = intake().webhook_log(_tenant(), job_id)
+    return Response(status_code=200, content_type="application/json", body=log.model_dump_json())
 
 
 @app.post(

@@ -39,10 +39,11 @@ _SAVED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature", "conte
 
 @dataclass(frozen=True)
 class Answer:
-    """A scripted answer: the status and headers, with an empty body."""
+    """A scripted answer: the status, headers and body (empty by default)."""
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,9 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
         self.send_response(answer.status)
         for name, value in answer.headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
+        self.wfile.write(answer.body)
 
     def _json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()

@@ -19,6 +19,7 @@ from tests.e2e.conftest import (
     STATE_KEYS,
     TENANT_KEYS,
     SandboxUnderTest,
+    llmq_json,
     stop_sandbox,
     wait_until,
 )
@@ -139,6 +140,39 @@ def test_happy_path_job_succeeds_and_exactly_one_verified_webhook_matches_it(
         k: v for k, v in polled.items() if k != "webhook"
     }
     assert polled["webhook"]["delivery"]["status"] == "delivered"
+
+
+def test_the_delivery_log_shows_a_failed_attempt_and_the_one_that_delivered(
+    sandbox: SandboxUnderTest,
+) -> None:
+    # Given a receiver that answers 500 to the first attempt of each webhook, then 200
+    hook = f"{sandbox.state['receiver_url']}/hooks/logged/fail-1"
+    accepted = submit(sandbox, "enterprise", {"prompt": "Hi [[latency:0.2]]", "webhook": {"url": hook}})
+    job_id = accepted.json()["id"]
+    assert sandbox.wait_terminal(job_id)["status"] == "succeeded"
+
+    # When the integrator reads the job's delivery log once the retry went through
+    def delivered() -> dict[str, Any] | None:
+        with sandbox.api("enterprise") as client:
+            log: dict[str, Any] = client.get(f"/v1/jobs/{job_id}/webhook").json()
+        return log if log["deliveries"] and log["deliveries"][0]["status"] == "delivered" else None
+
+    log = wait_until(delivered, timeout=30)
+    assert log is not None
+    # Then it shows both attempts as the receiver answered them, its own words included
+    (delivery,) = log["deliveries"]
+    assert delivery["event"] == "job.succeeded"
+    attempts = delivery["attempts"]
+    assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 200)]
+    assert "error" in attempts[0]["response_head"] and "received" in attempts[1]["response_head"]
+    assert all(a["latency_ms"] >= 0 and a["error_class"] is None for a in attempts)
+    # And the receiver saw exactly those attempts
+    assert [d["status"] for d in sandbox.deliveries(job_id)] == [500, 200]
+    # And `llmq webhooks attempts` prints the same log
+    assert (
+        llmq_json(sandbox.directory, "webhooks", "attempts", job_id, "--tenant", "enterprise", "--json")
+        == log
+    )
 
 
 def test_enterprise_jobs_run_in_the_high_lane_and_free_jobs_in_the_low_lane(

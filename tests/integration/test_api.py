@@ -573,3 +573,39 @@ def test_a_boolean_or_a_string_where_a_number_belongs_is_422_and_writes_nothing(
     assert harness.item_count() == 0
     # And whole numbers are still numbers
     assert harness.submit(prompt="hello", params={"temperature": 1, "seed": 7}).status == 202
+
+
+# ---- the delivery log ---------------------------------------------------------------------
+
+
+def test_the_webhook_log_shows_each_attempt_of_the_terminal_event_to_its_tenant_only(
+    harness: Harness,
+) -> None:
+    from llmq.jobs import JobRepository
+    from llmq.models import DeliveryAttempt, DeliveryStatus
+
+    # Given a finished job with a webhook, whose first delivery attempt met a 503
+    job_id = harness.submit(prompt="hi", webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    attempt = DeliveryAttempt(
+        attempt=1, at="2026-12-02T10:00:00.000Z", status_code=503, latency_ms=42, response_head="busy"
+    )
+    assert jobs.record_delivery(
+        job_id, DeliveryStatus.PENDING, 503, 1.0, previous_attempts=0, attempt=attempt
+    )
+    # When its tenant reads the log
+    reply = harness.api("GET", f"/v1/jobs/{job_id}/webhook", tenant=ENTERPRISE)
+    # Then it shows the terminal event, pending, with that attempt
+    assert reply.status == 200, reply.body
+    assert reply.body["object"] == "webhook_log" and reply.body["url"] == "http://127.0.0.1:9/hook"
+    (delivery,) = reply.body["deliveries"]
+    assert (delivery["event"], delivery["status"]) == ("job.succeeded", "pending")
+    assert delivery["attempts"] == [attempt.model_dump(mode="json")]
+    # And another tenant cannot see it, and a job without a webhook has no log
+    assert harness.api("GET", f"/v1/jobs/{job_id}/webhook", tenant=FREE).code == "job_not_found"
+    plain = harness.submit().body["id"]
+    missing = harness.api("GET", f"/v1/jobs/{plain}/webhook", tenant=ENTERPRISE)
+    assert (missing.status, missing.code) == (404, "webhook_not_found")
+    # And the path takes GET only
+    assert harness.api("DELETE", f"/v1/jobs/{job_id}/webhook", tenant=ENTERPRISE).status == 405

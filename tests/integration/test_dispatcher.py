@@ -29,6 +29,7 @@ from llmq.models import (
     EVENT_FOR_STATUS,
     TERMINAL_EVENTS,
     ChatMessage,
+    DeliveryAttempt,
     DeliveryStatus,
     JobResult,
     JobStatus,
@@ -497,3 +498,164 @@ async def test_tls_verifies_the_certificate_and_sends_sni_for_the_hostname(tmp_p
                 await client.post(other, content=b"{}")
     finally:
         server.stop()
+
+
+# ---- the delivery log -------------------------------------------------------------------
+
+
+def test_each_attempt_is_logged_with_its_status_latency_and_the_head_of_the_answer(stage: Stage) -> None:
+    # Given a receiver that fails with a long error page, times out... then accepts
+    page = ("é" * 200 + "<html>" + "x" * 1000).encode()
+    stage.receiver.script("/hooks/log", Answer(500, body=page), 503, Answer(200, body=b'{"ok":true}'))
+    stage.job("/hooks/log")
+    for delay in SCHEDULE[:2]:
+        stage.dispatch()
+        stage.let_time_pass(delay)
+    assert stage.dispatch() == {"batchItemFailures": []}
+    # When the integrator reads the job's delivery log
+    job = stage.jobs.find("job_hooked")
+    assert job is not None
+    log = job.webhook_log()
+    assert log is not None
+    (deliveries,) = log.deliveries
+    # Then it shows the terminal event delivered, and each attempt in order, with what the
+    # receiver answered: its status and the first 256 bytes of its body (UTF-8, a character
+    # cut at the limit replaced)
+    assert (deliveries.event, deliveries.status) == (WebhookEvent.SUCCEEDED, DeliveryStatus.DELIVERED)
+    attempts = deliveries.attempts
+    assert [(a.attempt, a.status_code) for a in attempts] == [(1, 500), (2, 503), (3, 200)]
+    assert attempts[0].response_head is not None
+    assert attempts[0].response_head.encode("utf-8", "replace").startswith("é".encode() * 128)
+    assert len(attempts[0].response_head.encode()) <= 256
+    # and the receiver was asked for an answer it can be read from: uncompressed
+    assert {
+        request.headers.get("accept-encoding") for request in stage.receiver.requests_to("/hooks/log")
+    } == {"identity"}
+    assert attempts[1].response_head is None
+    assert attempts[2].response_head == '{"ok":true}'
+    assert all(a.latency_ms >= 0 and a.error_class is None for a in attempts)
+    assert [a.at for a in attempts] == sorted(a.at for a in attempts)
+
+
+def test_the_log_keeps_the_latest_ten_attempts_across_a_redelivery(stage: Stage) -> None:
+    # Given a delivery that failed eight times, then a redelivery that failed once and succeeded
+    stage.receiver.script("/hooks/many", *[500] * len(SCHEDULE), 410)
+    stage.job("/hooks/many")
+
+    def log_attempt(attempt: int, status: DeliveryStatus, code: int, previous: int) -> None:
+        job = stage.jobs.find("job_hooked")
+        assert job is not None
+        entry = DeliveryAttempt(
+            attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=1
+        )
+        assert stage.jobs.record_delivery(
+            "job_hooked",
+            status,
+            code,
+            1.0,
+            previous_attempts=previous,
+            attempt=entry,
+            log_seq=job.delivery_log_seq,
+        )
+
+    for n in range(1, 9):
+        log_attempt(n, DeliveryStatus.FAILED if n == 8 else DeliveryStatus.PENDING, 500, n - 1)
+    stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID)
+    log_attempt(1, DeliveryStatus.PENDING, 503, 0)
+    log_attempt(2, DeliveryStatus.DELIVERED, 200, 1)
+    job = stage.jobs.find("job_hooked")
+    assert job is not None
+    # Then the log holds the latest ten attempts in the order they were made, each round's
+    # numbers as they were: the first round's 1..8, then the redelivery's 1 and 2
+    assert [(a.attempt, a.status_code) for a in job.delivery_log] == [
+        *[(n, 500) for n in range(1, 9)],
+        (1, 503),
+        (2, 200),
+    ]
+    # And one more attempt pushes out the oldest
+    stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID)
+    log_attempt(1, DeliveryStatus.DELIVERED, 204, 0)
+    job = stage.jobs.find("job_hooked")
+    assert job is not None
+    assert [a.attempt for a in job.delivery_log] == [*range(2, 9), 1, 2, 1]
+
+
+def test_a_2xx_whose_body_stalls_is_delivered_and_its_head_left_out(stage: Stage) -> None:
+    # Given a receiver that answers 200 at once, then never sends the body it announced
+    server = _StallingReceiver()
+    stage.job("/hooks/stall")
+    _point_webhook_at(stage, f"http://{WebhookReceiver.HOSTNAME}:{server.port}/hooks/stall")
+    try:
+        response = stage.dispatch()
+    finally:
+        server.close()
+    # Then the delivery counts as delivered (its verdict is the status line's), the head empty
+    assert response == {"batchItemFailures": []}
+    job = stage.jobs.find("job_hooked")
+    assert job is not None and job.delivery_status is DeliveryStatus.DELIVERED
+    (attempt,) = job.delivery_log
+    assert (attempt.status_code, attempt.error_class, attempt.response_head) == (200, None, None)
+
+
+class _StallingReceiver:
+    """Answers every request with a 200 status line announcing a body it never sends."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen()
+        self.port = int(self._socket.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._socket.settimeout(0.2)
+        held = []
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                continue
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            held.append(connection)  # open, silent
+        for connection in held:
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+
+def _point_webhook_at(stage: Stage, url: str) -> None:
+    """The job's webhook URL as if it had been submitted so."""
+    aws.client("dynamodb").update_item(
+        TableName=stage.stack.jobs_table,
+        Key={"pk": {"S": "job_hooked"}},
+        UpdateExpression="SET webhook_url = :url",
+        ExpressionAttributeValues={":url": {"S": url}},
+    )
+
+
+def test_an_answer_that_never_comes_is_logged_with_its_error_class(stage: Stage) -> None:
+    # Given a webhook URL on a port where nothing listens
+    stage.job("/hooks/none")
+    _point_webhook_at(stage, str(httpx.URL(stage.receiver.url("/hooks/none")).copy_with(port=_closed_port())))
+    stage.dispatch()
+    job = stage.jobs.find("job_hooked")
+    assert job is not None
+    (attempt,) = job.delivery_log
+    assert (attempt.attempt, attempt.status_code, attempt.error_class) == (1, None, "ConnectError")
+    assert attempt.response_head is None
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -66,6 +66,7 @@ from llmq.job_codec import from_item as _from_item
 from llmq.job_record import JobRecord
 from llmq.jobs import JobRepository
 from llmq.models import (
+    DeliveryAttempt,
     DeliveryStatus,
     ErrorCode,
     JobRequest,
@@ -512,6 +513,8 @@ class ObservedJobRepository(JobRepository):
         next_attempt_in_seconds: float | None = None,
         previous_attempts: int | None = None,
         next_attempt_at_ms: int | None = None,
+        attempt: DeliveryAttempt | None = None,
+        log_seq: int = 0,
     ) -> bool:
         recorded = super().record_delivery(
             job_id,
@@ -520,6 +523,8 @@ class ObservedJobRepository(JobRepository):
             next_attempt_in_seconds,
             previous_attempts=previous_attempts,
             next_attempt_at_ms=next_attempt_at_ms,
+            attempt=attempt,
+            log_seq=log_seq,
         )
         if recorded:
             self.recorded_deliveries[job_id] += 1

@@ -17,7 +17,15 @@ from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost
 from llmq.jobs import JobRepository
-from llmq.models import DeliveryStatus, ErrorCode, JobError, JobResult, JobStatus, WebhookEvent
+from llmq.models import (
+    DeliveryAttempt,
+    DeliveryStatus,
+    ErrorCode,
+    JobError,
+    JobResult,
+    JobStatus,
+    WebhookEvent,
+)
 from llmq.policy import ClaimOutcome
 from llmq.ports import JobStore
 from llmq_sandbox.moto_fidelity import make_moto_strict
@@ -193,6 +201,37 @@ def test_a_delivery_moves_only_while_pending_and_a_late_success_still_counts(sub
         DeliveryStatus.DELIVERED,
         2,
     )
+
+
+def test_the_delivery_log_keeps_the_latest_ten_attempts_across_a_redelivery(subject: Subject) -> None:
+    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    subject.jobs.fail_leased(claimed, "w1", ERROR)
+
+    def log(attempt: int, status: DeliveryStatus, previous: int) -> None:
+        found = subject.jobs.find(job_id)
+        assert found is not None
+        entry = DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=500, latency_ms=3)
+        assert subject.jobs.record_delivery(
+            job_id,
+            status,
+            500,
+            1.0,
+            previous_attempts=previous,
+            attempt=entry,
+            log_seq=found.delivery_log_seq,
+        )
+
+    for n in range(1, 9):
+        log(n, DeliveryStatus.FAILED if n == 8 else DeliveryStatus.PENDING, n - 1)
+    subject.jobs.mark_delivery_pending(job_id, "ten_acme")
+    for n in range(1, 4):
+        log(n, DeliveryStatus.PENDING, n - 1)
+    found = subject.jobs.find(job_id)
+    assert found is not None
+    assert [entry.attempt for entry in found.delivery_log] == [*range(2, 9), 1, 2, 3]
+    assert found.delivery_log_seq == 11
 
 
 def test_the_sweep_index_holds_unfinished_jobs_until_they_finish(subject: Subject) -> None:

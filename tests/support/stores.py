@@ -34,6 +34,7 @@ from llmq.jobs import Admission, Created, SweepEntry
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
+    DeliveryAttempt,
     DeliveryStatus,
     JobError,
     JobResult,
@@ -117,6 +118,8 @@ class InMemoryJobs:
         self.unavailable: set[str] = set()
         # Every delivery outcome recorded: (status, the receiver's status code, retry in).
         self.deliveries: list[tuple[DeliveryStatus, int | None, float | None]] = []
+        # The delivery log's slots per job: slot -> (its sequence number, the attempt).
+        self.log_slots: dict[str, dict[int, tuple[int, DeliveryAttempt]]] = {}
         self.shares: defaultdict[str, _Share] = defaultdict(_Share)
 
     def now_ms(self) -> int:
@@ -449,6 +452,8 @@ class InMemoryJobs:
         next_attempt_in_seconds: float | None = None,
         previous_attempts: int | None = None,
         next_attempt_at_ms: int | None = None,
+        attempt: DeliveryAttempt | None = None,
+        log_seq: int = 0,
     ) -> bool:
         old = self.records.get(job_id)
         movable = {DeliveryStatus.PENDING}
@@ -466,6 +471,12 @@ class InMemoryJobs:
             "delivery_next_ms": None,
         }
         self.deliveries.append((status, status_code, next_attempt_in_seconds))
+        if attempt is not None:
+            # As the store: slot log_seq mod 10, the newest ten, oldest first.
+            slots = {**self.log_slots.get(job_id, {}), log_seq % 10: (log_seq, attempt)}
+            self.log_slots[job_id] = slots
+            changes["delivery_log"] = [entry for _, entry in sorted(slots.values(), key=lambda slot: slot[0])]
+            changes["delivery_log_seq"] = old.delivery_log_seq + 1
         if status is DeliveryStatus.DELIVERED:
             changes["delivered_ms"] = self.now_ms()
         if status is DeliveryStatus.PENDING:

@@ -110,6 +110,12 @@ class JobNotTerminal(DomainError):
     status = 409
 
 
+class WebhookNotFound(DomainError):
+    code = "webhook_not_found"
+    title = "The job has no webhook"
+    status = 404
+
+
 class NoWebhook(DomainError):
     code = "no_webhook"
     title = "The job has no webhook subscription for its terminal event"

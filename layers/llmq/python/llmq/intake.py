@@ -21,12 +21,13 @@ from llmq.errors import (
     QuotaExceeded,
     StoreUnavailable,
     UnknownModel,
+    WebhookNotFound,
 )
 from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord, new_job_id
 from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
-from llmq.models import JobRequest, JobStatus
+from llmq.models import JobRequest, JobStatus, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
@@ -264,6 +265,13 @@ class JobIntake:
             if flagged is not None:
                 return flagged
         raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
+
+    def webhook_log(self, tenant: TenantIdentity, job_id: str) -> WebhookLog:
+        """The job's webhook and its delivery log: one read, like any GET of the job."""
+        log = self.jobs.get(job_id, tenant.tenant_id).webhook_log()
+        if log is None:
+            raise WebhookNotFound(f"job {job_id} was submitted without a webhook")
+        return log
 
     def redeliver(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
         """Queue the terminal event again; the dispatcher reuses the same webhook-id."""

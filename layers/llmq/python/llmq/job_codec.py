@@ -19,6 +19,7 @@ from llmq.errors import InvalidCursor
 from llmq.item_size import item_size_bytes
 from llmq.job_index import INDEX_ATTRIBUTES
 from llmq.job_record import JobRecord
+from llmq.models import DELIVERY_LOG_ATTEMPTS
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -27,6 +28,15 @@ _deserializer = TypeDeserializer()
 _JSON_FIELDS = ("input", "result", "error")
 # Written by the repository for its own bookkeeping; not part of a JobRecord.
 _WRITE_ONLY = (*INDEX_ATTRIBUTES, "delivery_write")
+# The delivery log: one attribute per slot, the n-th attempt logged (`delivery_log_seq`, never
+# reset, across redeliveries) in slot n mod DELIVERY_LOG_ATTEMPTS, so each delivery write sets
+# one top-level attribute, the newest ten survive, and the log never outgrows its slots.
+DELIVERY_LOG_PREFIX = "delivery_log_"
+DELIVERY_LOG_SEQ = "delivery_log_seq"
+
+
+def delivery_log_slot(seq: int) -> str:
+    return f"{DELIVERY_LOG_PREFIX}{seq % DELIVERY_LOG_ATTEMPTS}"
 
 
 def json_text(value: Any) -> str:
@@ -38,7 +48,15 @@ def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str,
     data = record.model_dump(
         mode="json",
         exclude_none=True,
-        exclude={"result_url", "result_url_expires_ms", "queue_position", "dead_letter_ids"},
+        # The delivery log is written slot by slot, by the dispatcher's delivery writes only.
+        exclude={
+            "result_url",
+            "result_url_expires_ms",
+            "queue_position",
+            "dead_letter_ids",
+            "delivery_log",
+            "delivery_log_seq",
+        },
     )
     for name in _JSON_FIELDS:
         if name in data:
@@ -56,6 +74,15 @@ def from_item(item: dict[str, Any]) -> JobRecord:
             data[name] = json.loads(data[name])
     for name in _WRITE_ONLY:
         data.pop(name, None)
+    slots = [
+        data.pop(name)
+        for name in [key for key in data if key.startswith(DELIVERY_LOG_PREFIX) and key != DELIVERY_LOG_SEQ]
+    ]
+    # Oldest first, by the order they were logged in.
+    data["delivery_log"] = [
+        {key: value for key, value in entry.items() if key != "seq"}
+        for entry in sorted(slots, key=lambda entry: entry.get("seq", 0))
+    ]
     return JobRecord.model_validate(data)
 
 

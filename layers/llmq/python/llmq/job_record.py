@@ -12,7 +12,9 @@ from pydantic import BaseModel, Field
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
+    DeliveryAttempt,
     DeliveryStatus,
+    EventDeliveries,
     GenerationParams,
     Job,
     JobError,
@@ -21,6 +23,7 @@ from llmq.models import (
     JobWebhook,
     WebhookDelivery,
     WebhookEvent,
+    WebhookLog,
 )
 
 
@@ -84,6 +87,10 @@ class JobRecord(BaseModel):
     # When a pending delivery's next attempt is due (epoch ms): an early copy of its message waits.
     delivery_next_ms: int | None = None
     delivered_ms: int | None = None
+    # The latest attempts to deliver the terminal event, oldest first (`JobRepository.record_delivery`).
+    delivery_log: list[DeliveryAttempt] = Field(default_factory=list)
+    # Attempts logged so far, every round together: attempt k of the log goes in slot k mod 10.
+    delivery_log_seq: int = 0
     expires_at: int
     # The token of the last conditional write. A write retried after its response was lost
     # finds its own token in the item and knows it was applied (DESIGN §3.10).
@@ -94,6 +101,20 @@ class JobRecord(BaseModel):
     # The dead-lettered lane messages of a job no worker claimed, by message id: a set, so a
     # retried or repeated dead letter counts once.
     dead_letter_ids: set[str] = Field(default_factory=set)
+
+    def webhook_log(self) -> WebhookLog | None:
+        """The delivery log of the job's terminal event (job.started is sent, not recorded)."""
+        if self.webhook_url is None:
+            return None
+        event = self.terminal_event
+        deliveries = []
+        if event is not None and event in self.webhook_events:
+            deliveries.append(
+                EventDeliveries(event=event, status=self.delivery_status, attempts=self.delivery_log)
+            )
+        return WebhookLog(
+            job_id=self.id, url=self.webhook_url, events=self.webhook_events, deliveries=deliveries
+        )
 
     def wants(self, event: WebhookEvent) -> bool:
         return self.webhook_url is not None and event in self.webhook_events

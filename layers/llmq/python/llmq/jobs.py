@@ -38,7 +38,7 @@ from llmq.job_index import (
     tenant_sort_key,
 )
 from llmq.job_record import JobRecord
-from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, JobError, JobResult, JobStatus
+from llmq.models import EVENT_FOR_STATUS, DeliveryAttempt, DeliveryStatus, JobError, JobResult, JobStatus
 from llmq.policy import Claim
 from llmq.shares import ShareState
 
@@ -695,8 +695,15 @@ class JobRepository:
         next_attempt_in_seconds: float | None = None,
         previous_attempts: int | None = None,
         next_attempt_at_ms: int | None = None,
+        attempt: DeliveryAttempt | None = None,
+        log_seq: int = 0,
     ) -> bool:
         """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index.
+
+        `attempt` goes into the delivery log in the same write, in the slot of `log_seq` (the
+        job's `delivery_log_seq` as the dispatcher read it), and the sequence moves on: the item
+        keeps the latest ten and no more. Two copies of a message delivering at once may log
+        into one slot; the delivery's status and count stay exact.
 
         Only a pending delivery moves; `delivered`, `failed` and `disabled` are final until
         a redelivery sets pending again (a late success may still turn `failed` into
@@ -714,6 +721,11 @@ class JobRepository:
             "one": 1,
             "pending": DeliveryStatus.PENDING.value,
         }
+        adds = ["delivery_attempts :one"]
+        if attempt is not None:
+            sets.append(f"{codec.delivery_log_slot(log_seq)} = :log")
+            values["log"] = {**attempt.model_dump(mode="json", exclude_none=True), "seq": log_seq}
+            adds.append(f"{codec.DELIVERY_LOG_SEQ} :one")
         # A fresh token per attempt: a retry of this write that finds it was applied already.
         token = codec.write_token("delivery")
         sets.append("delivery_write = :token")
@@ -741,7 +753,7 @@ class JobRepository:
             removes = [*removes, "delivery_next_ms"]
         sets += sweep_sets
         values.update(sweep)
-        expression = f"SET {', '.join(sets)} ADD delivery_attempts :one"
+        expression = f"SET {', '.join(sets)} ADD {', '.join(adds)}"
         if removes:
             expression += f" REMOVE {', '.join(removes)}"
         try:

@@ -205,6 +205,45 @@ class JobWebhook(BaseModel):
     delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
 
 
+# How much of a receiver's answer the delivery log keeps.
+RESPONSE_HEAD_BYTES = 256
+# Attempts the delivery log keeps for an event: the latest ones.
+DELIVERY_LOG_ATTEMPTS = 10
+
+
+class DeliveryAttempt(BaseModel):
+    """One attempt to deliver a webhook, as the delivery log shows it."""
+
+    # The attempt's number in its round: a redelivery starts a new round at 1.
+    attempt: int
+    # When the request was sent (or, with no request, when the attempt was given up).
+    at: str
+    # The receiver's HTTP status; None when no answer came (a timeout, a refused connection).
+    status_code: int | None = None
+    # From sending the request to its status line; None when no request was sent.
+    latency_ms: int | None = None
+    # Why no usable answer came: the error's class (`ConnectError`, `Timeout`, `InvalidWebhookUrl`).
+    error_class: str | None = None
+    # The first 256 bytes of the receiver's answer, as UTF-8 (bytes that are not, replaced).
+    response_head: str | None = None
+
+
+class EventDeliveries(BaseModel):
+    event: WebhookEvent
+    status: DeliveryStatus | None = None
+    attempts: list[DeliveryAttempt] = Field(default_factory=list)
+
+
+class WebhookLog(BaseModel):
+    """`GET /v1/jobs/{id}/webhook`: what became of each delivery of the job's terminal event."""
+
+    object: Literal["webhook_log"] = "webhook_log"
+    job_id: str
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[EventDeliveries] = Field(default_factory=list)
+
+
 class Job(BaseModel):
     """The Job object of API v1."""
 

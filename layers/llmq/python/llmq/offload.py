@@ -15,9 +15,10 @@ from llmq.job_record import JobInput, JobRecord
 from llmq.models import JobResult
 from llmq.ports import BlobStore, JobStore
 
-# Room kept under the item budget for the attributes a later write adds to the item (the
-# error of a retry, the delivery record, the write tokens).
-ITEM_HEADROOM_BYTES = 4096
+# Room kept under the item budget for the attributes a later write adds to the item: the
+# error of a retry, the delivery record, the write tokens (4 KB), and the delivery log's ten
+# entries of up to about 400 bytes each (a 256-byte answer head and the rest of the attempt).
+ITEM_HEADROOM_BYTES = 4096 + 10 * 400
 # What the store adds to every item beyond the record, sized generously: the index
 # attributes (`tenant_created`, `sweep_pk`, `sweep_at`, about 100 bytes) and a write token.
 BOOKKEEPING_BYTES = 256

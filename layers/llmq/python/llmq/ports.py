@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from llmq.job_record import JobRecord
     from llmq.jobs import Admission, Created, SweepEntry
-    from llmq.models import DeliveryStatus, JobError, JobResult, JobStatus, WebhookEvent
+    from llmq.models import DeliveryAttempt, DeliveryStatus, JobError, JobResult, JobStatus, WebhookEvent
     from llmq.payloads import PresignedUrl
     from llmq.policy import Claim
     from llmq.providers import GenerationRequest
@@ -74,6 +74,8 @@ class JobStore(Protocol):
         next_attempt_in_seconds: float | None = None,
         previous_attempts: int | None = None,
         next_attempt_at_ms: int | None = None,
+        attempt: DeliveryAttempt | None = None,
+        log_seq: int = ...,
     ) -> bool: ...
     def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord: ...
 

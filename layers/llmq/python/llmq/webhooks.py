@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import random
@@ -33,7 +34,15 @@ from pydantic import BaseModel, ValidationError
 from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
 from llmq.errors import InvalidWebhookUrl
 from llmq.job_record import JobRecord, iso
-from llmq.models import TERMINAL_EVENTS, DeliveryStatus, Job, WebhookEvent, WebhookMessage
+from llmq.models import (
+    RESPONSE_HEAD_BYTES,
+    TERMINAL_EVENTS,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Job,
+    WebhookEvent,
+    WebhookMessage,
+)
 from llmq.ports import JobStore, TenantStore
 from llmq.retry_after import parse_retry_after
 from llmq.sqs_edge import PoisonMessage, RetryLater
@@ -157,6 +166,11 @@ class DeliveryOutcome:
     reason: str = ""
     # Which attempt this was; None for a message skipped before any attempt.
     attempt: int | None = None
+    # What the delivery log keeps of the attempt (`DeliveryAttempt`).
+    latency_ms: int | None = None
+    error_class: str | None = None
+    response_head: str | None = None
+    started_ms: int | None = None
 
     @classmethod
     def skipped(cls, reason: str) -> DeliveryOutcome:
@@ -165,11 +179,17 @@ class DeliveryOutcome:
 
 @dataclass(frozen=True)
 class _Response:
-    """The part of the receiver's answer that matters: never its body."""
+    """The part of the receiver's answer that matters: its status, and the head of its body
+    for the delivery log (never logged)."""
 
     status_code: int | None
     retry_after: float | None = None
     error: str = ""
+    error_class: str | None = None
+    # None when no request was sent (the URL failed its check at send time).
+    latency_ms: int | None = None
+    started_ms: int | None = None
+    head: str | None = None
 
 
 class WebhookDispatcher:
@@ -241,14 +261,16 @@ class WebhookDispatcher:
         attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
         secrets = await self._secrets(job.tenant_id)
         if not secrets:
-            outcome = DeliveryOutcome(OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret")
+            outcome = DeliveryOutcome(
+                OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret", error_class="NoWebhookSecret"
+            )
         else:
             response = await self._send(job, message.event, secrets)
             outcome = self._judge(response, attempt)
         outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
-        if terminal and not await asyncio.to_thread(self._record, job.id, outcome, previous):
+        if terminal and not await asyncio.to_thread(self._record, job, outcome, previous):
             return await self._after_a_copy_counted(message)
         return outcome
 
@@ -295,7 +317,7 @@ class WebhookDispatcher:
                 check_webhook_url, url, self._policy.allow_loopback_http, self._resolver
             )
         except InvalidWebhookUrl as exc:
-            return _Response(None, error=exc.detail)
+            return _Response(None, error=exc.detail, error_class=type(exc).__name__)
         body = build_payload(
             job.to_job(api_base=self._public_api_url),
             event,
@@ -308,6 +330,8 @@ class WebhookDispatcher:
         # Each attempt is signed afresh, so its timestamp is inside the receiver's tolerance.
         timestamp = int(self._clock())
         return {
+            # The head of the answer is logged as sent: uncompressed, so it can be read.
+            "accept-encoding": "identity",
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(secrets, msg_id, timestamp, body),
@@ -317,6 +341,15 @@ class WebhookDispatcher:
 
     async def _post(self, target: PinnedTarget, body: bytes, headers: dict[str, str]) -> _Response:
         timeout = self._policy.timeout_seconds
+        began = time.monotonic()
+        started_ms = int(self._clock() * 1000)
+        # The verdict comes from the status line alone: once it is in, a body that stalls or is
+        # cut off costs the delivery log its head, never the delivery.
+        answered: _Response | None = None
+
+        def elapsed_ms() -> int:
+            return int((time.monotonic() - began) * 1000)
+
         try:
             # httpx's timeout bounds each phase; this bounds the whole request, so a receiver
             # that drips its headers cannot hold a delivery past the timeout.
@@ -328,17 +361,50 @@ class WebhookDispatcher:
                     follow_redirects=False,
                     trust_env=False,
                 ) as client,
-                # Streamed and never read: the receiver's body could be anything, of any size.
+                # Streamed: the receiver's body could be anything, of any size, so only its
+                # first bytes are read, raw (never decompressed), for the delivery log.
                 client.stream("POST", target.url, content=body, headers=headers) as response,
             ):
                 retry_after = parse_retry_after(response.headers, self._clock())
-                return _Response(response.status_code, retry_after)
+                answered = _Response(
+                    response.status_code, retry_after, latency_ms=elapsed_ms(), started_ms=started_ms
+                )
+                budget = min(HEAD_READ_SECONDS, max(0.0, timeout - (time.monotonic() - began)))
+                with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                    async with asyncio.timeout(budget):
+                        answered = replace(answered, head=await _head(response))
+                return answered
         except TimeoutError:
-            return _Response(None, error=f"no answer within {timeout:g}s")
+            if answered is not None:
+                return answered
+            return _Response(
+                None,
+                error=f"no answer within {timeout:g}s",
+                error_class="Timeout",
+                latency_ms=elapsed_ms(),
+                started_ms=started_ms,
+            )
         except httpx.HTTPError as exc:
-            return _Response(None, error=type(exc).__name__)
+            if answered is not None:
+                return answered
+            return _Response(
+                None,
+                error=type(exc).__name__,
+                error_class=type(exc).__name__,
+                latency_ms=elapsed_ms(),
+                started_ms=started_ms,
+            )
 
     def _judge(self, response: _Response, attempt: int) -> DeliveryOutcome:
+        return replace(
+            self._verdict(response, attempt),
+            latency_ms=response.latency_ms,
+            error_class=response.error_class,
+            response_head=response.head,
+            started_ms=response.started_ms,
+        )
+
+    def _verdict(self, response: _Response, attempt: int) -> DeliveryOutcome:
         code = response.status_code
         if code is not None and 200 <= code < 300:
             return DeliveryOutcome(OutcomeKind.DELIVERED, code)
@@ -352,17 +418,50 @@ class WebhookDispatcher:
             delay = max(delay, response.retry_after)
         return DeliveryOutcome(OutcomeKind.RETRY, code, min(delay, self.max_delay_seconds), reason)
 
-    def _record(self, job_id: str, outcome: DeliveryOutcome, previous_attempts: int | None) -> bool:
+    def _record(self, job: JobRecord, outcome: DeliveryOutcome, previous_attempts: int | None) -> bool:
         status = _RECORDED_STATUS[outcome.kind]
         due = None if outcome.retry_in is None else int((self._clock() + outcome.retry_in) * 1000)
+        logged = None
+        if outcome.attempt is not None:
+            logged = DeliveryAttempt(
+                attempt=outcome.attempt,
+                at=iso(outcome.started_ms if outcome.started_ms is not None else int(self._clock() * 1000)),
+                status_code=outcome.status_code,
+                latency_ms=outcome.latency_ms,
+                error_class=outcome.error_class,
+                response_head=outcome.response_head,
+            )
         return self._jobs.record_delivery(
-            job_id,
+            job.id,
             status,
             outcome.status_code,
             outcome.retry_in,
             previous_attempts=previous_attempts,
             next_attempt_at_ms=due,
+            attempt=logged,
+            log_seq=job.delivery_log_seq,
         )
+
+
+async def _head(response: httpx.Response) -> str | None:
+    """The first RESPONSE_HEAD_BYTES of the answer's body, as UTF-8; None for an empty body."""
+    head = b""
+    if response.is_stream_consumed:  # a transport that read the body already (httpx's mock)
+        head = response.content
+    else:
+        async for chunk in response.aiter_raw():
+            head += chunk
+            if len(head) >= RESPONSE_HEAD_BYTES:
+                break
+    if not head:
+        return None
+    # Undecodable bytes become U+FFFD (3 bytes each): cut again to the limit, at a character.
+    text = head[:RESPONSE_HEAD_BYTES].decode("utf-8", errors="replace")
+    return text.encode()[:RESPONSE_HEAD_BYTES].decode("utf-8", errors="ignore")
+
+
+# How long the head of an answer may take once its status line is in.
+HEAD_READ_SECONDS = 1.0
 
 
 def parse_webhook_message(body: str) -> WebhookMessage:
