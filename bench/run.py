@@ -256,10 +256,10 @@ def _render_noisy(noisy: Any) -> list[str]:
             f"{small['cap']}, {small['a_mean_slots_held_while_backlogged']:.1f}, with "
             f"{small['a_claim_attempts_per_job']:.2f} claim attempts per job. The goal, no slot idle while A "
             "has work, is not met in the sandbox. Its worker log shows why at cap 4: A's four claims land in one "
-            "batch, finish together about 1.2 s later, and the next claims come 0.4 to 0.7 s after that, the "
-            "sandbox's time from a message being visible to an invocation claiming it; messages that came back "
-            "while the four ran were deferred again. The model below (the same policy, 0.05 s per batch) keeps "
-            "3.6 of 4.",
+            "batch and finish together about 1.3 s later (1 s of provider time, the rest the sandbox's), and the "
+            "next claims come 0.1 to 1 s after that; a deferred message that comes back while the four run is "
+            "deferred again over the whole window (up to 30 s with a backlog of 100), so few are waiting when "
+            "the slots free together. The model below (the same policy, 0.05 s per batch) keeps 3.6 of 4.",
             "",
         ]
     return out

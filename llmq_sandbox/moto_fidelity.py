@@ -45,6 +45,12 @@ SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS develop
   message ever had, and changes a message that is not in flight. AWS refuses a handle from
   an earlier receive (ReceiptHandleIsInvalid) and a message not in flight
   (AWS.SimpleQueueService.MessageNotInflight).
+- **A long poll returns a message as it becomes available.** A ReceiveMessage with
+  WaitTimeSeconds returns as soon as a message is available ("Amazon SQS short and long
+  polling"), including one whose delay or visibility timeout just ran out. moto's long poll
+  wakes on a new send only, and otherwise looks again once a second, so a delayed message (a
+  deferred job, a retry) waited up to a second more in the sandbox than on AWS. Here the wait
+  also ends when the queue's next delayed or invisible message is due.
 
 SQS fair queues (emulated; off by default in-process, on in the sandbox: `set_fair_queues`):
 
@@ -621,6 +627,23 @@ def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
     return send
 
 
+def _wakes_when_due(queue: Any, timeout: float) -> None:
+    """Queue.wait_for_messages that also wakes when the next delayed or in-flight message is due."""
+    from moto.core.utils import unix_time_millis
+
+    with queue._messages_lock:
+        now_ms = unix_time_millis()
+        due = [
+            max(message.visible_at, message.delayed_until)
+            for message in queue._messages
+            if max(message.visible_at, message.delayed_until) > now_ms
+        ]
+        if due:
+            # `visible` holds strictly after visible_at: a millisecond past it.
+            timeout = min(timeout, max(0.001, (min(due) - now_ms + 1) / 1000))
+        queue._messages_lock.wait_for(lambda: queue.messages, timeout=timeout)
+
+
 def make_moto_strict() -> None:
     """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
     order) once per process."""
@@ -662,6 +685,7 @@ def make_moto_strict() -> None:
         Queue.approximate_number_of_messages_not_visible = property(_count_not_visible)  # type: ignore[assignment,method-assign]
         SQSBackend.is_message_valid_based_on_retention_period = _retained  # type: ignore[method-assign]
         SQSBackend.receive_message = _fair_receive(SQSBackend.receive_message)  # type: ignore[method-assign]
+        Queue.wait_for_messages = _wakes_when_due  # type: ignore[method-assign,assignment]
         SQSBackend._validate_message = _checked_group_id(SQSBackend._validate_message)  # type: ignore[method-assign]
         SQSBackend.send_message = _sent_by_group(SQSBackend.send_message)  # type: ignore[method-assign]
         _applied = True

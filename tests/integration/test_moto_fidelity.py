@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from llmq import aws
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import TENANT_INDEX
-from tests.conftest import MotoStack
+from tests.conftest import REGION, MotoStack
 from tests.support.index_lag import IndexClock, lagging_indexes_on_a_test_clock
 
 
@@ -438,3 +438,37 @@ def test_a_strongly_consistent_read_of_a_global_index_is_refused(ddb: Any, moto_
         )
     )
     assert refused == "ValidationException"
+
+
+def test_a_long_poll_wakes_when_a_delayed_or_invisible_message_comes_due(moto_stack: MotoStack) -> None:
+    """ "Amazon SQS short and long polling" (SQS developer guide): a long poll returns as soon as
+    a message is available. moto's wakes on a new send only, else once a second, so a delayed
+    copy of a deferred job waited up to a second more than on AWS (llmq_sandbox.moto_fidelity)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.utils import unix_time_millis
+    from moto.sqs.models import sqs_backends
+
+    # Given a queue whose only message becomes visible again in 300 ms (its visibility timeout
+    # running out, as a deferred or retried message's does)
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    sqs.send_message(QueueUrl=url, MessageBody="{}")
+    queue = sqs_backends[DEFAULT_ACCOUNT_ID][REGION].queues[url.rsplit("/", 1)[-1]]
+    (message,) = queue._messages
+    message.visible_at = unix_time_millis() + 300
+    # When a long poll waits for messages, Then it sleeps until that message is due, not a second
+    waits: list[float | None] = []
+    condition: Any = queue._messages_lock
+    original = condition.wait_for
+
+    def recorded(predicate: Any, timeout: float | None = None) -> Any:
+        waits.append(timeout)
+        return original(predicate, timeout)
+
+    condition.wait_for = recorded
+    try:
+        queue.wait_for_messages(1)
+    finally:
+        condition.wait_for = original
+    assert len(waits) == 1 and waits[0] is not None and waits[0] <= 0.32, waits
+    assert queue.messages == [message]
