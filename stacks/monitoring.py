@@ -395,11 +395,12 @@ class MonitoringConstruct(Construct):
                 width=12,
             ),
             cloudwatch.GraphWidget(
-                title="Lambda throttles",
+                title="Lambda throttles; long-polls refused (a tenant at its max_long_polls)",
                 left=[
                     function.metric_throttles(period=FIVE_MINUTES, statistic="Sum", label=name)
                     for name, function in functions.items()
                 ],
+                right=[llmq_metric(MetricName.LONG_POLL_REFUSED, "Sum")],
                 width=12,
             ),
         ]

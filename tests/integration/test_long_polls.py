@@ -16,8 +16,10 @@ import pytest
 
 from llmq import aws
 from llmq.long_polls import LongPolls, polls_key
+from llmq.telemetry import MetricName
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.integration.harness import ENTERPRISE, FREE, Harness
+from tests.integration.test_api import _emitted
 
 PAST = 120.0
 
@@ -40,14 +42,16 @@ def _poll(
 ) -> tuple[int, str, str | None]:
     """(status, the job's status or the problem's code, Retry-After)."""
     reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=tenant, query={"wait": str(wait)})
-    found = reply.body["status"] if reply.status == 200 else reply.code
+    found = reply.body["status"] if reply.status == 200 else str(reply.code)
     return reply.status, found, reply.headers.get("retry-after")
 
 
 REFUSED = (429, "too_many_long_polls", "2")
 
 
-def test_a_tenant_at_its_long_poll_cap_gets_429_at_once_with_retry_after(harness: Harness) -> None:
+def test_a_tenant_at_its_long_poll_cap_gets_429_at_once_with_retry_after(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Given a free tenant (its tier allows 2 waiting requests) with a queued job, and two of
     # its requests waiting elsewhere
     config = harness.config.fair_share
@@ -58,7 +62,11 @@ def test_a_tenant_at_its_long_poll_cap_gets_429_at_once_with_retry_after(harness
     held = [polls.enter(FREE["tenant_id"], cap=2, seconds=20) for _ in range(2)]
     assert None not in held
     # When a third asks to wait, it is refused at once, as a rate limit is, with Retry-After
+    capsys.readouterr()
     assert _poll(harness, job_id, FREE) == REFUSED
+    # and counted for the operator's dashboard
+    (record,) = _emitted(capsys.readouterr().out, MetricName.LONG_POLL_REFUSED)
+    assert record[MetricName.LONG_POLL_REFUSED] == [1.0]
     # And a poll without a wait still reads the job
     assert _poll(harness, job_id, FREE, wait=0) == (200, "queued", None)
     # And another tenant's wait is not affected

@@ -31,7 +31,7 @@ from llmq.models import JobRequest, JobStatus, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
-from llmq.telemetry import fingerprint, logger
+from llmq.telemetry import MetricName, emit_count, fingerprint, logger
 from llmq.tenants import TenantIdentity
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -211,11 +211,13 @@ class JobIntake:
             place = self.polls.enter(tenant.tenant_id, self.config.long_poll_cap(tenant.tier), seconds)
         except StoreUnavailable:
             logger.warning("long-poll place unavailable: answering without a wait")
+            emit_count(MetricName.LONG_POLL_REFUSED)
             return None
         if place is None:
             logger.info(
                 "long-polls all taken: answering without a wait", extra={"tenant_id": tenant.tenant_id}
             )
+            emit_count(MetricName.LONG_POLL_REFUSED)
         return place
 
     def _give_back(self, tenant: TenantIdentity, place: str) -> None:

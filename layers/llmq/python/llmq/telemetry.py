@@ -58,6 +58,9 @@ class MetricName(StrEnum):
     API_UNEXPECTED_ERROR = "ApiUnexpectedError"
     JOB_DEAD_LETTERED = "JobDeadLettered"
     JOB_ENQUEUE_FAILED = "JobEnqueueFailed"
+    # A request that asked to wait was refused a long-poll place (llmq.long_polls): a tenant
+    # at its max_long_polls, or their store busy.
+    LONG_POLL_REFUSED = "LongPollRefused"
 
 
 # One count per terminal job, with the lane as its dimension.
