@@ -41,8 +41,15 @@ def _client(server: FakeProviderServer, stream: bool) -> ChatCompletionsProvider
     return ChatCompletionsProvider(server.base_url, lambda: None, stream=stream)
 
 
-def _faults(server: FakeProviderServer, job_id: str) -> list[str | None]:
-    return [record.fault for record in server.state.log if record.job_id == job_id]
+def _faults(server: FakeProviderServer, job_id: str, timeout: float = 5.0) -> list[str | None]:
+    """The fault of each call, once every call counted has been logged: the fake logs a call
+    after writing its answer, so a client may read the answer a moment before the log has it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        faults = [record.fault for record in server.state.log if record.job_id == job_id]
+        if len(faults) >= server.calls_for(job_id) or time.monotonic() > deadline:
+            return faults
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("stream", STREAMING)

@@ -83,6 +83,8 @@ WEBHOOK_OUTCOME_METRICS = (
 # - JobEnqueueFailed: the api stored a job but could not send its message, so the client got
 #   its 202 and the job waits for the reconciler (lane dimension).
 FAULT_METRICS = (MetricName.API_UNEXPECTED_ERROR, MetricName.JOB_DEAD_LETTERED, MetricName.JOB_ENQUEUE_FAILED)
+# A tenant's limit at work, not a fault: the api's waits refused a place (service dimension only).
+LIMIT_METRICS = (MetricName.LONG_POLL_REFUSED,)
 
 
 def fingerprint(text: str) -> str:
