@@ -257,7 +257,9 @@ def lane(moto_stack: MotoStack, tmp_path: Path) -> Iterator[Lane]:
 @pytest.mark.parametrize("fair", [True, False], ids=["fair", "moto-order"])
 def test_the_poller_hands_a_quiet_tenant_its_turn_within_the_first_batches(lane: Lane, fair: bool) -> None:
     """Tenant A floods a lane with 200 messages, then tenant B sends 5. With the emulation the
-    function sees all of B's within its first three batches of ten; without it (moto's order,
+    function sees all of B's within its first four batches of ten (A turns noisy once 30 of its
+    messages are in flight, three batches, so B's may come in the fourth, depending on how fast
+    the first batches finish); without it (moto's order,
     as before fair queues) after A's whole backlog. Either way every message is delivered once,
     on its first receive: the emulation receives nothing it then puts back."""
     _flood_then_quiet(lane.sqs, lane.url)
@@ -267,7 +269,7 @@ def test_the_poller_hands_a_quiet_tenant_its_turn_within_the_first_batches(lane:
     bodies = [delivery["body"] for delivery in deliveries]
     quiet = _positions(bodies, "B")
     if fair:
-        assert max(quiet) <= 30, quiet
+        assert max(quiet) <= 40, quiet
     else:
         assert min(quiet) > 150, quiet
     assert sorted(bodies) == sorted([f"A{i}" for i in range(NOISY_BACKLOG)] + [f"B{i}" for i in range(5)])
