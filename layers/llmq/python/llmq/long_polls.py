@@ -50,10 +50,6 @@ def polls_key(tenant_id: str) -> dict[str, Any]:
     return {"pk": {"S": POLLS_PREFIX + tenant_id}}
 
 
-def is_polls_key(pk: str) -> bool:
-    return pk.startswith(POLLS_PREFIX)
-
-
 class LongPolls:
     """The places of each tenant's waiting requests (`JobIntake.long_poll`)."""
 
