@@ -227,14 +227,16 @@ def _render_noisy(noisy: Any) -> list[str]:
         "job holds its slot for its provider call plus the sandbox's own time per job (moto, the function "
         "processes), so the two differ.",
         "",
-        "| config | A's cap | B wait p50 | B wait p95 | A slots held, mean while backlogged "
+        "| config | A's cap | B wait p50 | B wait p95 | B's submit p95 | B wait after its 202 p50 / p95 "
+        "| A slots held, mean while backlogged "
         "| A in flight at the provider: max / mean while backlogged | A claim attempts per job | succeeded A / B |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in noisy["rows"]:
         slots = row.get("a_mean_slots_held_while_backlogged")
         out.append(
             f"| {row['config']} | {row['cap'] or '-'} | {row['b_p50_s']:.2f} s | {row['b_p95_s']:.2f} s | "
+            f"{row['b_accept_p95_s']:.2f} s | {row['b_after_202_p50_s']:.2f} s / {row['b_after_202_p95_s']:.2f} s | "
             f"{'-' if slots is None else f'{slots:.1f}'} | "
             f"{row['a_max_in_flight']} / {row['a_mean_in_flight_while_backlogged']:.1f} | "
             f"{row.get('a_claim_attempts_per_job', 0):.2f} | {row['a_succeeded']} / {row['b_succeeded']} |"
@@ -243,8 +245,13 @@ def _render_noisy(noisy: Any) -> list[str]:
     small = noisy["rows"][2] if len(noisy["rows"]) > 2 else None
     out += [
         "",
-        f"B's p95, baseline ÷ capped: **{noisy['b_p95_ratio']:.1f}×** (goal ≥ 10×); capped B p95 = "
-        f"{fair['b_p95_s'] / noisy['latency_s']:.1f} × L (goal ≤ 2 × L, not met in the sandbox). A's calls in "
+        f"B's p95, baseline ÷ capped: **{noisy['b_p95_ratio']:.1f}×** (goal ≥ 10×: "
+        f"{'met' if noisy['b_p95_ratio'] >= 10 else 'not met'}); capped B p95 = "
+        f"{fair['b_p95_s'] / noisy['latency_s']:.2f} × L (goal ≤ 2 × L: "
+        f"{'met' if fair['b_p95_s'] <= 2 * noisy['latency_s'] else 'not met'}), of which the sandbox's submit path "
+        f"takes up to {fair['b_accept_p95_s']:.1f} s at p95: counted from its 202, B's p95 is "
+        f"{fair['b_after_202_p95_s'] / noisy['latency_s']:.1f} × L. The submit path is the sandbox's "
+        "(issue 17's submit latency under load), not the lane's. A's calls in "
         f"flight never exceeded its cap: {fair['a_max_in_flight']} ≤ {fair['cap']}.",
         "",
     ]
