@@ -381,7 +381,7 @@ def noisy(quick: bool = False) -> dict[str, Any]:
             f"lane) submits {b_count}, 8 at a time; provider latency {NOISY_LATENCY:g} s; one enterprise lane "
             "of 4 invocations x 10 jobs. B's queue wait = started_at - created_at; `created_at` is stamped "
             "as the api function starts on the request, so the wait also holds the rest of the sandbox's submit "
-            "path (its writes to moto, the reply), shown apart as \"B's submit\". Baseline: the same run with no per-tenant cap and "
+            'path (its writes to moto, the reply), shown apart as "B\'s submit". Baseline: the same run with no per-tenant cap and '
             "the sandbox's fair-queue emulation off (FIFO). Third row: A capped at "
             f"{SMALL_CAP}, below what the sandbox can run, with {_noisy_sizes(quick, True)[0]} jobs."
         ),
