@@ -151,9 +151,9 @@ def _timed_batch(harness: Any, url: str, latency: float, batch: int, run: Any) -
 
 
 class CallCounter:
-    def __init__(self) -> None:
+    def __init__(self, services: tuple[str, ...] = ("dynamodb", "sqs")) -> None:
         self.calls: Counter[str] = Counter()
-        for service in ("dynamodb", "sqs"):
+        for service in services:
             aws.client(service).meta.events.register("before-call.*.*", self._count)
 
     def _count(self, event_name: str, **_: Any) -> None:
@@ -264,6 +264,76 @@ def write_units() -> dict[str, Any]:
     finally:
         provider.stop()
     return {"rows": rows}
+
+
+# ---- 2c. batches: accept and expansion -------------------------------------------------
+
+
+def batch_intake(items: int = 2_000) -> dict[str, Any]:
+    """A batch of `items` against the same items submitted one by one, in one run: AWS calls
+    per item until every item is queued, the time that takes, and write units per item."""
+    from llmq.item_size import item_size_bytes
+    from tests.integration.harness import LambdaContextStub
+
+    provider = FakeProviderServer().start()
+    try:
+        with _stack(
+            provider, fair_share={"tiers": {"enterprise": {"max_active_jobs": 10 * items}}}
+        ) as harness:
+            counter = CallCounter(("dynamodb", "sqs", "s3"))
+            lane = harness.stack.lane_queue_urls["high"]
+            requests = [
+                {"custom_id": f"row-{i}", "body": {"prompt": f"classify ticket {i}"}} for i in range(items)
+            ]
+            started = time.perf_counter()
+            reply = harness.api("POST", "/v1/batches", body={"requests": requests}, tenant=ENTERPRISE)
+            assert reply.status == 202, reply.body
+            batch_calls = counter.take()
+            queued = 0
+            while queued < items:
+                messages = harness.receive(lane)
+                expands = [m for m in messages if '"kind":"expand"' in m["Body"]]
+                queued += len(messages) - len(expands)
+                counter.take()
+                if expands:
+                    harness.worker().handler(
+                        harness.sqs_event(lane, expands), LambdaContextStub(timeout_seconds=300)
+                    )
+                    for name, count in counter.take().items():
+                        batch_calls[name] = batch_calls.get(name, 0) + count
+                delete_messages(harness.sqs, lane, messages)
+                counter.take()
+            batch_seconds = time.perf_counter() - started
+            table = harness.stack.jobs_table
+            sample = aws.client("dynamodb").get_item(
+                TableName=table, Key={"pk": {"S": f"job_{reply.body['id'][4:]}n0"}}
+            )["Item"]
+            item_bytes = item_size_bytes(sample)
+            started = time.perf_counter()
+            for index in range(items):
+                harness.submit(tenant=ENTERPRISE, prompt=f"classify ticket {index}")
+            single_seconds = time.perf_counter() - started
+            single_calls = counter.take()
+    finally:
+        provider.stop()
+    chunk = LlmqConfig().batches.expand_chunk
+    # A single job's accept: its put and the share's update, in one transaction (twice each).
+    single_units = _write_units(item_bytes, True) + _write_units(200, True)
+    # A batch item's: its put in the chunk's transaction, and the chunk's checkpoint, shared.
+    batch_units = _write_units(item_bytes, True) + _write_units(600, True) / chunk
+    return {
+        "items": items,
+        "expand_chunk": chunk,
+        "batch_calls": batch_calls,
+        "single_calls": single_calls,
+        "batch_calls_per_item": sum(batch_calls.values()) / items,
+        "single_calls_per_item": sum(single_calls.values()) / items,
+        "batch_seconds": batch_seconds,
+        "single_seconds": single_seconds,
+        "item_bytes": item_bytes,
+        "batch_write_units_per_item": batch_units,
+        "single_write_units_per_item": single_units,
+    }
 
 
 # ---- 4. cold start ---------------------------------------------------------------------

@@ -49,6 +49,7 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
     if "calls" in sections:
         _section("calls", results, inprocess.aws_calls)
         _section("write_units", results, inprocess.write_units)
+        _section("batches", results, lambda: inprocess.batch_intake(500 if quick else 2_000))
     if "cold" in sections:
         _section("cold", results, lambda: inprocess.cold_start(repeats=1 if quick else 3))
     if "deferral" in sections:
@@ -114,6 +115,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _render_idle(results.get("idle"))
     lines += _render_calls(results.get("calls"))
     lines += _render_write_units(results.get("write_units"))
+    lines += _render_batches(results.get("batches"))
     lines += _render_flood(results.get("flood"))
     lines += _render_noisy(results.get("noisy"))
     lines += _render_deferral(results.get("deferral"))
@@ -213,6 +215,30 @@ def _render_write_units(units: Any) -> list[str]:
             f"{row['ratio']:.1f}× | {row['claim_read_units']} RCU |"
         )
     return [*out, ""]
+
+
+def _render_batches(batches: Any) -> list[str]:
+    out = ["### Batches: accept and expansion, against the same items as single jobs", ""]
+    if not batches or "error" in batches:
+        return out + _error(batches or {"error": "skipped"})
+    items = batches["items"]
+    calls = ", ".join(f"{name} {count:,}" for name, count in sorted(batches["batch_calls"].items()))
+    single = ", ".join(f"{name} {count:,}" for name, count in sorted(batches["single_calls"].items()))
+    ratio = batches["single_seconds"] / max(batches["batch_seconds"], 1e-9)
+    out += [
+        f'{items:,} small items (`{{"prompt": "classify ticket N"}}`, {batches["item_bytes"]} B as stored), '
+        f"as one `POST /v1/batches` (chunks of {batches['expand_chunk']}) and as {items:,} `POST /v1/jobs`, in one "
+        "process against moto; calls counted at the AWS clients, until every item's message is queued.",
+        "",
+        "| | AWS calls per item | calls | write units per item | time until all queued |",
+        "| --- | --- | --- | --- | --- |",
+        f"| batch | **{batches['batch_calls_per_item']:.3f}** (goal ≤ 0.3) | {calls} | "
+        f"{batches['batch_write_units_per_item']:.1f} WCU | 1 (baseline) |",
+        f"| single jobs | {batches['single_calls_per_item']:.3f} | {single} | "
+        f"{batches['single_write_units_per_item']:.1f} WCU | {ratio:.1f}× the batch's |",
+        "",
+    ]
+    return out
 
 
 def _render_noisy(noisy: Any) -> list[str]:

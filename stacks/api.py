@@ -23,7 +23,8 @@ from stacks.lanes import LanesConstruct, grant_send, pascal
 
 STAGE_NAME = "prod"
 # Item actions on the table only; its one Query is on the tenant index (GET /v1/jobs).
-API_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem")
+# BatchGetItem: a batch's count shards and a page of its items' results.
+API_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:BatchGetItem")
 # llmq.tenants keys an API key's item `key#<sha256>`: the authorizer may read only those, not
 # the `tenant#<id>` items that hold webhook secrets.
 API_KEY_ITEM_PREFIX = "key#"

@@ -49,6 +49,8 @@ TENANT_PROJECTION = [
 # results, the worker the other way round, so each role is granted its own prefix only.
 INPUTS_PREFIX = "inputs/"
 RESULTS_PREFIX = "results/"
+# Under INPUTS_PREFIX: a batch's requests as JSON Lines (llmq.batch_intake.REQUESTS_PREFIX).
+BATCH_REQUESTS_PREFIX = "inputs/batches/"
 
 
 def grant_item_actions(

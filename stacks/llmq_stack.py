@@ -13,7 +13,13 @@ from constructs import Construct
 from llmq.config import ApiEnvironment, LlmqConfig
 from stacks.api import STAGE_NAME, ApiConstruct, ApiLogging
 from stacks.functions import FunctionDefaults, env_var
-from stacks.jobs_table import INPUTS_PREFIX, RESULTS_PREFIX, JobsTableConstruct, grant_objects
+from stacks.jobs_table import (
+    BATCH_REQUESTS_PREFIX,
+    INPUTS_PREFIX,
+    RESULTS_PREFIX,
+    JobsTableConstruct,
+    grant_objects,
+)
 from stacks.lanes import LanesConstruct, pascal
 from stacks.layers import LayersConstruct
 from stacks.monitoring import MonitoringConstruct
@@ -143,6 +149,8 @@ class LlmqStack(cdk.Stack):
         # lifecycle rule expires them).
         grant_objects(bucket, self.api.function, "s3:PutObject", INPUTS_PREFIX)
         grant_objects(bucket, self.api.function, "s3:GetObject", RESULTS_PREFIX)
+        # A batch's stored requests name the items not written yet in its results.
+        grant_objects(bucket, self.api.function, "s3:GetObject", BATCH_REQUESTS_PREFIX)
         grant_objects(bucket, self.worker.worker, "s3:GetObject", INPUTS_PREFIX)
         grant_objects(bucket, self.worker.worker, "s3:PutObject", RESULTS_PREFIX)
 

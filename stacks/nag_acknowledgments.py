@@ -13,7 +13,7 @@ from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_lambda as lambda_
 from constructs import IConstruct
 
-from stacks.jobs_table import INPUTS_PREFIX, RESULTS_PREFIX
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX
 
 if TYPE_CHECKING:
     from stacks.llmq_stack import LlmqStack
@@ -49,6 +49,13 @@ def acknowledge_findings(stack: LlmqStack) -> None:
                 f"their own key ({prefix}<job>/...), unknown until the job exists. The api puts "
                 f"inputs and gets results, the worker the reverse; no list, no delete.",
             )
+    _acknowledge(
+        _role(stack.api.function),
+        f"IAM5[Resource::<{bucket}.Arn>/{BATCH_REQUESTS_PREFIX}*]",
+        f"GetObject on the payload bucket's {BATCH_REQUESTS_PREFIX} prefix: each batch's requests have "
+        f"their own key ({BATCH_REQUESTS_PREFIX}<batch>/...), unknown until the batch exists. The api "
+        "reads them back to name a running batch's items not yet written; no list, no delete.",
+    )
     _acknowledge(
         stack.tables.payloads,
         "S1",

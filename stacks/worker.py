@@ -22,7 +22,16 @@ from stacks.lanes import LanesConstruct, consume, grant_send
 # and the terminal writes are transactions with the tenant's share item, authorised per item
 # by UpdateItem. tests/infra checks these against the calls the worker makes
 # (tests/aws_calls.json), both ways.
-WORKER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
+# A batch's expansion puts its items (each conditional on being absent) in transactions, an
+# item's claim checks its batch is not canceling (ConditionCheckItem), and the end of an item
+# reads its batch's count shards (BatchGetItem).
+WORKER_TABLE_ACTIONS = (
+    "dynamodb:GetItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:PutItem",
+    "dynamodb:ConditionCheckItem",
+    "dynamodb:BatchGetItem",
+)
 DEAD_LETTER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
 # Lambda's lower bound for MaximumConcurrency: the DLQs see crashes only, so keep them slow.
 DEAD_LETTER_MAX_CONCURRENCY = 2

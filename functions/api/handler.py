@@ -23,11 +23,25 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws, errors
+from llmq.batch_intake import BatchIntake
+from llmq.batches import BatchRepository
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
 from llmq.long_polls import LongPolls
-from llmq.models import Job, JobList, JobRequest, JobStatus, Problem, WebhookLog, job_request_model
+from llmq.models import (
+    Batch,
+    BatchRequest,
+    BatchRequestCounts,
+    Job,
+    JobList,
+    JobRequest,
+    JobStatus,
+    Problem,
+    WebhookLog,
+    batch_request_model,
+    job_request_model,
+)
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import check_webhook_url
@@ -37,6 +51,9 @@ from llmq.tenants import TenantIdentity
 ENV = ApiEnvironment.load(function_name="api")
 PROBLEM_JSON = "application/problem+json"
 JOB_ID = r"^job_[a-z0-9]{1,64}$"
+BATCH_ID = r"^bat_[a-z0-9]{1,64}$"
+# A results cursor is the index of the next item.
+RESULTS_CURSOR = r"^[0-9]{1,7}$"
 # A list cursor is unpadded URL-safe base64 of the key it resumes from.
 CURSOR = r"^[A-Za-z0-9_-]{1,2048}$"
 LIMITS = ENV.config.limits
@@ -44,8 +61,10 @@ LIMITS = ENV.config.limits
 # The request model carries this deployment's limits, so the document states what is enforced.
 if TYPE_CHECKING:
     SubmitRequest = JobRequest
+    SubmitBatchRequest = BatchRequest
 else:
     SubmitRequest = job_request_model(ENV.config)
+    SubmitBatchRequest = batch_request_model(ENV.config, SubmitRequest)
 
 app = APIGatewayRestResolver(enable_validation=True)
 app.enable_swagger(path="/v1/docs", title="llmq", version="1.0.0")
@@ -63,6 +82,20 @@ def intake() -> JobIntake:
             url, allow_loopback_http=config.webhooks.allow_loopback_http
         ),
         polls=LongPolls(ENV.jobs_table, dynamodb=aws.client("dynamodb")),
+    )
+
+
+@cache
+def batch_intake() -> BatchIntake:
+    config = ENV.config
+    jobs = intake()
+    return BatchIntake(
+        jobs=jobs,
+        batches=BatchRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb")),
+        job_store=jobs.jobs,
+        queues=jobs.queues,
+        payloads=payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3")),
+        config=config,
     )
 
 
@@ -154,6 +187,10 @@ _METHODS = [
     (re.compile(r"^/v1/jobs/[^/]+/cancel/?$"), "POST"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/redeliver/?$"), "POST"),
+    (re.compile(r"^/v1/batches/?$"), "POST"),
+    (re.compile(r"^/v1/batches/[^/]+/?$"), "GET"),
+    (re.compile(r"^/v1/batches/[^/]+/results/?$"), "GET"),
+    (re.compile(r"^/v1/batches/[^/]+/cancel/?$"), "POST"),
     (re.compile(r"^/v1/openapi\.json$"), "GET"),
 ]
 
@@ -385,6 +422,99 @@ def handle_redeliver_webhook(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Re
     return _job_response(intake().redeliver(_tenant(), job_id), 202)
 
 
+def _batch_response(batch: Batch, status_code: int, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(
+        status_code=status_code,
+        content_type="application/json",
+        body=batch.model_dump_json(),
+        headers=headers,
+    )
+
+
+@app.post(
+    "/v1/batches",
+    summary="Submit a batch of jobs",
+    description="Every request is validated before anything is written: a bad one is answered as a "
+    "problem naming `requests[i]` and its field. Accepted, the batch answers 202 at once; its items "
+    "are written and queued asynchronously (status `validating`, then `in_progress`).",
+    responses=_responses(202, "Accepted", Batch, 409),
+)
+def handle_submit_batch(
+    request: Annotated[SubmitBatchRequest, Body()],
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY)
+    ] = None,
+) -> Response[Any]:
+    tenant = _tenant()
+    batch, replayed = batch_intake().submit(tenant, request, idempotency_key)
+    headers = {"Location": f"{_public_base()}/v1/batches/{batch.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    # A new batch has nothing running or ended yet: its counts need no read.
+    counts = (
+        batch_intake().batches.counts(batch)
+        if replayed
+        else BatchRequestCounts(total=batch.total, queued=batch.total)
+    )
+    return _batch_response(batch.to_batch(counts, _public_base()), 202, headers)
+
+
+@app.get(
+    "/v1/batches/<batch_id>",
+    summary="Get a batch and its counts",
+    responses=_responses(200, "The batch", Batch),
+)
+def handle_get_batch(batch_id: Annotated[str, Path(pattern=BATCH_ID)]) -> Response[Any]:
+    batch, counts = batch_intake().get(_tenant(), batch_id)
+    return _batch_response(batch.to_batch(counts, _public_base()), 200)
+
+
+@app.get(
+    "/v1/batches/<batch_id>/results",
+    summary="The items' results, as JSON Lines",
+    description="One line per item, in the batch's order: `custom_id`, `job_id`, `status`, and `result` "
+    "(or `result_url` for a large one) or `error`. Available while the batch runs. A page holds the "
+    "items from `cursor` on; the `Llmq-Next-Cursor` header names the next page, absent on the last. "
+    "`status` keeps only the items in that status.",
+    responses={
+        200: {
+            "description": "A page of results",
+            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        },
+        **{code: entry for code, entry in _responses(200, "", Batch).items() if code != 200},
+    },
+)
+def handle_batch_results(
+    batch_id: Annotated[str, Path(pattern=BATCH_ID)],
+    cursor: Annotated[
+        str, Query(pattern=RESULTS_CURSOR, description="The previous page's Llmq-Next-Cursor")
+    ] = "0",
+    status: Annotated[JobStatus | None, Query()] = None,
+) -> Response[Any]:
+    lines, following = batch_intake().results(_tenant(), batch_id, int(cursor), status, _public_base())
+    body = "".join(line.model_dump_json(exclude_none=True) + "\n" for line in lines)
+    headers = {"Llmq-Next-Cursor": str(following)} if following is not None else None
+    return Response(status_code=200, content_type="application/jsonl", body=body, headers=headers)
+
+
+@app.post(
+    "/v1/batches/<batch_id>/cancel",
+    summary="Cancel a batch",
+    description="Queued items end canceled without a provider call, running ones are stopped as a "
+    "job is, and items not yet written never are. The batch is `canceling` until every item has "
+    "ended, then `canceled`.",
+    responses={
+        **_responses(202, "Canceling", Batch, 409),
+        200: {"description": "Canceled", "content": {"application/json": {"model": Batch}}},
+    },
+)
+def handle_cancel_batch(batch_id: Annotated[str, Path(pattern=BATCH_ID)]) -> Response[Any]:
+    tenant = _tenant()
+    batch = batch_intake().cancel(tenant, batch_id)
+    counts = batch.final_counts or batch_intake().batches.counts(batch)
+    return _batch_response(batch.to_batch(counts, _public_base()), 200 if batch.status.is_terminal else 202)
+
+
 @app.get("/v1/openapi.json", summary="This document", include_in_schema=False)
 def handle_get_openapi() -> Response[Any]:
     document = app.get_openapi_json_schema(
@@ -409,8 +539,9 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
     if body is None or event.get("httpMethod") != "POST":
         return None
     raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogateescape")
-    if len(raw) > LIMITS.max_body_bytes:
-        return errors.PayloadTooLarge(f"the body exceeds {LIMITS.max_body_bytes} bytes")
+    limit = ENV.config.batches.max_body_bytes if event.get("path") == "/v1/batches" else LIMITS.max_body_bytes
+    if len(raw) > limit:
+        return errors.PayloadTooLarge(f"the body exceeds {limit} bytes")
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
     media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
     if raw.strip() and media_type != "application/json" and not media_type.endswith("+json"):

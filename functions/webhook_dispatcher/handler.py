@@ -19,6 +19,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws
+from llmq.batches import BatchRepository
 from llmq.config import DispatcherEnvironment
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
@@ -39,6 +40,7 @@ def dispatcher() -> WebhookDispatcher:
         tenants=TenantRepository(ENV.tenants_table, dynamodb=aws.client("dynamodb")),
         config=ENV.config,
         public_api_url=ENV.public_api_url,
+        batches=BatchRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")),
     )
 
 

@@ -17,6 +17,7 @@ from aws_lambda_powertools.utilities.parameters import get_secret
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws
+from llmq.batches import BatchRepository
 from llmq.config import WorkerEnvironment
 from llmq.execution import Invocation, JobRunner, lane_job_id
 from llmq.jobs import JobRepository
@@ -61,7 +62,8 @@ def runner() -> JobRunner:
     )
     jobs = JobRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb"))
     payloads = payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3"))
-    return JobRunner(jobs, queues(), provider, config, payloads=payloads)
+    batches = BatchRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb"))
+    return JobRunner(jobs, queues(), provider, config, payloads=payloads, batches=batches)
 
 
 EDGE = QueueEdge(queues=queues, job_of=lane_job_id)

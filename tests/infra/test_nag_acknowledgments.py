@@ -16,7 +16,7 @@ import pytest
 
 from llmq.config import LimitsConfig, LlmqConfig
 from stacks.functions import FUNCTION_NAMES
-from stacks.jobs_table import INPUTS_PREFIX, RESULTS_PREFIX
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX
 from stacks.template import StackTemplate
 from tests.infra.iam_grants import LOG_ACTIONS, TRACING_ACTIONS, canonical, referenced_ids
 from tests.infra.synthesis import SynthesizedApp, synthesize
@@ -65,11 +65,15 @@ def _only_tracing_on_every_resource(template: StackTemplate, finding: Finding) -
 
 
 def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) -> None:
-    match = re.fullmatch(r"AwsSolutions-IAM5\[Resource::<(\w+)\.Arn>/(\w+/)\*\]", finding["ruleName"])
+    match = re.fullmatch(r"AwsSolutions-IAM5\[Resource::<(\w+)\.Arn>/((?:\w+/)+)\*\]", finding["ruleName"])
     assert match, finding["ruleName"]
     bucket, prefix = match.groups()
     assert template.resources[bucket]["Type"] == "AWS::S3::Bucket"
-    assert prefix in (INPUTS_PREFIX, RESULTS_PREFIX) and f"{prefix}<job>" in finding["reason"]
+    owner = "<batch>" if prefix == BATCH_REQUESTS_PREFIX else "<job>"
+    assert (
+        prefix in (INPUTS_PREFIX, RESULTS_PREFIX, BATCH_REQUESTS_PREFIX)
+        and f"{prefix}{owner}" in finding["reason"]
+    )
     on_prefix = {
         (name, action) for name, action, resource in _granted(template) if resource == f"<{bucket}>/{prefix}*"
     }
@@ -77,6 +81,7 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
     expected = {
         INPUTS_PREFIX: {("api", "s3:PutObject"), ("worker", "s3:GetObject")},
         RESULTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
+        BATCH_REQUESTS_PREFIX: {("api", "s3:GetObject")},
     }[prefix]
     assert on_prefix == expected
     # no list, no delete, anywhere in the bucket

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX
 from tests.aws_calls import (
     ANY_RESOURCE,
     CATALOGUE_PATH,
@@ -164,9 +165,12 @@ def _targets(service: str, operation: str, params: dict[str, Any]) -> Iterator[t
 
 
 def _object_prefix(key: str | None) -> str:
-    """`/inputs/*` for the key `inputs/job_1/x.json`: the roles are granted by key prefix."""
+    """`/inputs/*` for the key `inputs/job_1/x.json`: the roles are granted by key prefix (a
+    batch's requests, under `inputs/batches/`, by their own)."""
     if key is None:
         return ""
+    if key.startswith(BATCH_REQUESTS_PREFIX):
+        return f"/{BATCH_REQUESTS_PREFIX}*"
     folder, slash, _ = key.partition("/")
     return f"/{folder}/*" if slash else "/*"
 

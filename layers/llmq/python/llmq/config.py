@@ -224,6 +224,34 @@ class FairShareConfig(_Frozen):
     max_deferral_seconds: Annotated[float, Field(ge=1, le=MAX_VISIBILITY_SECONDS)] = 3600.0
 
 
+# What a chunk of a batch's items may weigh: a DynamoDB transaction holds 4 MB, with room kept
+# for the items' other attributes and the checkpoint.
+MAX_TRANSACTION_BYTES = 3_500_000
+
+
+class BatchConfig(_Frozen):
+    """Batches: one request for many jobs (docs/batches.md)."""
+
+    # Items in one inline batch. Validating 100,000 small items at once takes about 270 MB, more
+    # than the api's default 256 MB: raise `api.memory_mb` with this (Anthropic's Message
+    # Batches take 100,000).
+    max_requests: Annotated[int, Field(ge=1, le=100_000)] = 20_000
+    # A POST /v1/batches body: a Lambda's request payload holds 6 MB with the event around it.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=5_500_000)] = 5_000_000
+    # One item's body as JSON: a chunk of items is written in one transaction (at most 4 MB
+    # and 100 actions), so a chunk of `expand_chunk` items stays well within it.
+    max_item_bytes: Annotated[int, Field(ge=1024, le=140_000)] = 100_000
+    # Items written per transaction (with the checkpoint); their messages go 10 per send.
+    expand_chunk: Annotated[int, Field(ge=1, le=99)] = 25
+    # The lane batch items run in when the batch names none; None: the tenant's own lane.
+    lane: str | None = None
+    # Terminal counts are spread over this many items, so a batch finishing a hundred items
+    # a second never makes one hot item (each takes a few a second).
+    count_shards: Annotated[int, Field(ge=1, le=100)] = 16
+    # Lines per page of GET /v1/batches/{id}/results.
+    results_page: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
 class LlmqConfig(_Frozen):
     """Everything an operator may tune. Read from cdk.json context key `llmq`."""
 
@@ -258,6 +286,7 @@ class LlmqConfig(_Frozen):
     dispatcher: FunctionSizing = Field(default_factory=_dispatcher_sizing)
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     fair_share: FairShareConfig = FairShareConfig()
+    batches: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _check_lanes(self) -> Self:
@@ -271,6 +300,13 @@ class LlmqConfig(_Frozen):
             raise ValueError("a tier may be routed to one lane only")
         if self.max_receive_count <= self.max_attempts:
             raise ValueError("max_receive_count must be greater than max_attempts")
+        if self.batches.lane is not None and self.batches.lane not in names:
+            raise ValueError(f"batches.lane {self.batches.lane!r} is not a lane")
+        if self.batches.expand_chunk * self.batches.max_item_bytes > MAX_TRANSACTION_BYTES:
+            raise ValueError(
+                "batches.expand_chunk x batches.max_item_bytes must stay within "
+                f"{MAX_TRANSACTION_BYTES} bytes: a chunk of items is one DynamoDB transaction (4 MB at most)"
+            )
         for tier, limits in {**self.fair_share.tiers, "(default)": self.fair_share.default}.items():
             if limits.rate_per_second >= self.limits.stage_rate_per_second:
                 raise ValueError(

@@ -122,6 +122,18 @@ class NoWebhook(DomainError):
     status = 409
 
 
+class BatchNotFound(DomainError):
+    code = "batch_not_found"
+    title = "No such batch"
+    status = 404
+
+
+class BatchNotCancelable(DomainError):
+    code = "batch_not_cancelable"
+    title = "The batch has already finished"
+    status = 409
+
+
 class InvalidCursor(InvalidRequest):
     code = "invalid_cursor"
     title = "The cursor is invalid"

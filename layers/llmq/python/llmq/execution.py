@@ -16,8 +16,11 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from llmq.batch_runs import BatchExpander, item_ended, settle
+from llmq.batches import BatchRepository
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost, StoreContended, StoreUnavailable
+from llmq.job_codec import write_token
 from llmq.job_record import JobRecord
 from llmq.lanes import retry_delay_seconds
 from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
@@ -74,8 +77,12 @@ class JobRunner:
         config: LlmqConfig,
         rng: random.Random | None = None,
         payloads: BlobStore | None = None,
+        batches: BatchRepository | None = None,
     ) -> None:
         self.jobs = jobs
+        # None: no batches here (tests of single jobs); an expand message is then poison.
+        self.batches = batches
+        self.expander = BatchExpander(batches, queues, payloads, config) if batches and payloads else None
         self.offload = Offload(payloads, config)
         self.queues = queues
         self.provider = provider
@@ -85,6 +92,9 @@ class JobRunner:
     async def run(self, body: str, invocation: Invocation) -> None:
         """Process one lane message. Raises RetryLater or PoisonMessage to report it failed."""
         message = _parse(body)
+        if message.kind == "expand":
+            await self._expand(message, invocation)
+            return
         lease_seconds = invocation.remaining_seconds() + self.config.lease_margin_seconds
         tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
         if tenant is not None and message.not_before_ms is not None:
@@ -151,6 +161,30 @@ class JobRunner:
         except LeaseLost:
             # Another worker took the job over after our lease lapsed; its result stands.
             logger.warning("lease lost; result discarded", extra=log)
+
+    async def _expand(self, message: LaneMessage, invocation: Invocation) -> None:
+        """Write a batch's items (`llmq.batch_runs`). Cut short by AWS, it goes on from its
+        checkpoint in a few seconds, as a new message: a throttled table never spends the
+        message's receives, so a large batch's expansion never reaches the DLQ by waiting."""
+        if self.expander is None:
+            raise PoisonMessage("this worker runs no batches")
+        try:
+            await asyncio.to_thread(self.expander.expand, message.job_id, invocation.remaining_seconds)
+        except StoreUnavailable as exc:
+            delay = exc.retry_after or _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
+            logger.warning("batch expansion paused", extra={"batch_id": message.job_id, "why": str(exc)})
+            if not message.lane or not message.tenant_id:
+                raise RetryLater(message.job_id, delay) from exc
+            try:
+                await asyncio.to_thread(
+                    self.queues.enqueue_expand,
+                    message.job_id,
+                    message.lane,
+                    message.tenant_id,
+                    math.ceil(delay),
+                )
+            except StoreUnavailable:
+                raise RetryLater(message.job_id, delay) from exc
 
     async def _defer(
         self, message: LaneMessage, tenant: tuple[str, str], share: ShareState, at_ms: int
@@ -228,6 +262,9 @@ class JobRunner:
             await self._announce(await asyncio.to_thread(self.jobs.expire, job, deadline_error(job)))
         elif outcome is ClaimOutcome.CANCEL_PENDING:
             await self._announce(await asyncio.to_thread(self.jobs.cancel_unleased, job))
+        elif outcome is ClaimOutcome.BATCH_CANCELED:
+            canceled = await asyncio.to_thread(self.jobs.cancel_queued, job, write_token("cancel"))
+            await self._announce(canceled)
         elif outcome is ClaimOutcome.CRASHES_EXHAUSTED:
             error = JobError(
                 code=ErrorCode.WORKER_CRASHED,
@@ -245,6 +282,9 @@ class JobRunner:
         finished = job.finished_ms or 0
         if self.jobs.now_ms() - finished >= self.config.webhooks.timeout_seconds * 4 * 1000:
             await self._announce(job)
+        else:
+            # A batch's end is looked at again at once: it writes and sends once, whoever asks.
+            await self._announce_batch(job)
 
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
@@ -418,6 +458,24 @@ class JobRunner:
                 await self._write_back(lambda: announce_terminal(self.queues, job), invocation)
         except StoreUnavailable:
             logger.warning("webhook enqueue failed; the reconciler will send it", extra={"job_id": job.id})
+        await self._announce_batch(job)
+
+    async def _announce_batch(self, job: JobRecord) -> None:
+        """A batch's item ended: its batch may end with it (`llmq.batch_runs.settle`). If AWS
+        will not answer, the item's message comes back to look again (a claim finds the job
+        terminal and lands here), so a batch's end and its webhook are never left undone."""
+        if job.batch_id is None or not job.status.is_terminal:
+            return
+        if self.batches is None:
+            await asyncio.to_thread(item_ended, None, self.queues, job)
+            return
+        try:
+            await asyncio.to_thread(settle, self.batches, self.queues, job.batch_id)
+        except StoreUnavailable as exc:
+            logger.warning(
+                "batch end check failed; the item's message comes back", extra={"batch_id": job.batch_id}
+            )
+            raise RetryLater(job.id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
 
 
 def lane_job_id(body: str) -> str | None:
@@ -441,6 +499,14 @@ MAX_DEAD_LETTER_REDRIVES = 1
 
 
 def mark_dead_letter(jobs: JobStore, queues: QueueStore, body: str, message_id: str) -> JobRecord | None:
+    """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
+    that ended here may end its batch, which a worker is asked to look at."""
+    ended = _mark_dead_letter(jobs, queues, body, message_id)
+    item_ended(None, queues, ended)
+    return ended
+
+
+def _mark_dead_letter(jobs: JobStore, queues: QueueStore, body: str, message_id: str) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
 
+from llmq.batch_runs import item_ended
 from llmq.config import LlmqConfig
 from llmq.errors import (
     IdempotencyConflict,
@@ -81,7 +82,7 @@ class JobIntake:
 
     def submit(self, tenant: TenantIdentity, request: JobRequest, idempotency_key: str | None) -> Submission:
         """One conditional PutItem, then one SendMessage. A replay writes and sends nothing."""
-        self._validate(request, idempotency_key)
+        self.validate(request, idempotency_key)
         now_ms = self.jobs.now_ms()
         record = self._new_record(tenant, request, idempotency_key, now_ms)
         admission = Admission(
@@ -128,7 +129,8 @@ class JobIntake:
             if not keyed or self.jobs.find(record.id) is None:
                 raise
 
-    def _validate(self, request: JobRequest, idempotency_key: str | None) -> None:
+    def validate(self, request: JobRequest, idempotency_key: str | None) -> None:
+        """What the schema cannot say: this deployment's models, limits and webhook rules."""
         limits = self.config.limits
         if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
             raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
@@ -197,7 +199,8 @@ class JobIntake:
                         job = self.jobs.get(job_id, tenant.tenant_id)
                 finally:
                     self._give_back(tenant, place)
-        if position and not refused and job.status is JobStatus.QUEUED:
+        # A batch's item is not in the tenant's job index: its batch's counts say where it stands.
+        if position and not refused and job.status is JobStatus.QUEUED and job.batch_id is None:
             try:
                 job = job.model_copy(update={"queue_position": 1 + self.jobs.queued_ahead(job)})
             except StoreUnavailable:
@@ -243,6 +246,8 @@ class JobIntake:
             # The cancel is written and its delivery left pending: the reconciler sends it.
             # Answering 503 here would make the client's retry a 409 for a canceled job.
             logger.warning("cancel webhook enqueue failed", extra={"job_id": job.id})
+        # A batch's item canceled alone may have been its batch's last: a worker looks.
+        item_ended(None, self.queues, job)
         return job
 
     def _cancel(self, job_id: str, tenant_id: str) -> JobRecord:

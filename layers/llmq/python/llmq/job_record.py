@@ -101,6 +101,11 @@ class JobRecord(BaseModel):
     # The dead-lettered lane messages of a job no worker claimed, by message id: a set, so a
     # retried or repeated dead letter counts once.
     dead_letter_ids: set[str] = Field(default_factory=set)
+    # An item of a batch (`llmq.batches`): its batch and the name the batch gave it. Its id is
+    # derived from the batch's and its index, and it counts in the batch's counts, not in the
+    # tenant's active jobs (the batch is admitted as a whole).
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     def webhook_log(self) -> WebhookLog | None:
         """The delivery log of the job's terminal event (job.started is sent, not recorded)."""
@@ -159,4 +164,6 @@ class JobRecord(BaseModel):
             queue_position=self.queue_position if self.status is JobStatus.QUEUED else None,
             error=self.error,
             webhook=webhook,
+            batch_id=self.batch_id,
+            custom_id=self.custom_id,
         )

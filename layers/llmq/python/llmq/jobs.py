@@ -17,7 +17,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from llmq import aws, shares
+from llmq import aws, batches, shares
 from llmq import job_codec as codec
 from llmq.config import LlmqConfig
 from llmq.errors import (
@@ -155,9 +155,12 @@ class JobRepository:
             }
         }
 
-    def _transact_leaving(self, job: JobRecord, update: dict[str, Any], *, ends: bool) -> None:
+    def _transact_leaving(
+        self, job: JobRecord, update: dict[str, Any], *, ends: bool, status: JobStatus | None = None
+    ) -> None:
         """A job update in one transaction with its tenant's share: the job gives back its
-        slot if it held one, and with `ends` is no longer active either.
+        slot if it held one, and with `ends` is no longer active either. A batch's item's end,
+        in `status`, is also counted on its batch (`llmq.batches`).
 
         A job accepted before shares existed (`shared` unset) never counted in one: it is
         written alone, as before, and refused the same way (`_Canceled`).
@@ -174,7 +177,12 @@ class JobRepository:
                 raise _Canceled([{"Code": "ConditionalCheckFailed", "Item": item}]) from exc
             return
         leave = shares.leave(self.table_name, job.tenant_id, job.lane, job.id, ends=ends)
-        self._transact([update, leave])
+        counted = (
+            batches.count_end(self.table_name, job, status, self.config.batches.count_shards)
+            if ends and status is not None
+            else None
+        )
+        self._transact([update, leave, *([counted] if counted else [])])
 
     def _transact(self, items: list[dict[str, Any]]) -> None:
         """One TransactWriteItems: a job write (always the first item) and its tenant's share
@@ -331,8 +339,13 @@ class JobRepository:
             {"#st": "status", "#shared": "shared"},
             {**values, "true": True, "tenant": tenant_id, "lane": lane},
         )
+        items = [update, shares.hold(self.table_name, tenant_id, lane, job_id, now)]
+        item_of = batches.batch_of(job_id)
+        if item_of is not None:
+            # A batch's item is claimed only while its batch is not canceling: no extra call.
+            items.append(batches.not_canceled(self.table_name, item_of[0]))
         try:
-            self._transact([update, shares.hold(self.table_name, tenant_id, lane, job_id, now)])
+            self._transact(items)
         except _Canceled as exc:
             if exc.failed(0):
                 found = exc.job()
@@ -340,6 +353,8 @@ class JobRepository:
                     return self._claim_unshared(job_id, expression, values, owner, now)
                 ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
                 return Claim(claimed=ours, job=found, at_ms=now)
+            if exc.failed(2):
+                return Claim(claimed=False, job=self.find(job_id), at_ms=now, batch_canceled=True)
             return Claim(
                 claimed=False, job=None, at_ms=now, share=ShareState.from_item(tenant_id, exc.item(1))
             )
@@ -525,7 +540,7 @@ class JobRepository:
         update = self._job_update(job.id, expression, condition, names, all_values)
         try:
             # The job is no longer active, and gives back its slot if it held one.
-            self._transact_leaving(job, update, ends=True)
+            self._transact_leaving(job, update, ends=True, status=status)
         except _Canceled as exc:
             old = exc.job()
             if old is not None and old.last_write == token and old.status is status:

@@ -278,6 +278,8 @@ class Job(BaseModel):
         "1,000 of them, so in a longer backlog a lower bound), a second behind. Your jobs start "
         "in about this order as your concurrency cap frees slots (docs/limits.md)",
     )
+    batch_id: str | None = Field(default=None, description="The batch this job is an item of")
+    custom_id: str | None = Field(default=None, description="The item's name in its batch")
 
 
 class JobList(BaseModel):
@@ -297,10 +299,132 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+class BatchStatus(StrEnum):
+    # Accepted; its items are being written (each is queued as soon as it is).
+    VALIDATING = "validating"
+    # Every item written; some not yet finished.
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    CANCELING = "canceling"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (BatchStatus.COMPLETED, BatchStatus.CANCELED, BatchStatus.EXPIRED)
+
+
+class BatchEvent(StrEnum):
+    COMPLETED = "batch.completed"
+    CANCELED = "batch.canceled"
+    EXPIRED = "batch.expired"
+
+
+BATCH_EVENT_FOR_STATUS = {
+    BatchStatus.COMPLETED: BatchEvent.COMPLETED,
+    BatchStatus.CANCELED: BatchEvent.CANCELED,
+    BatchStatus.EXPIRED: BatchEvent.EXPIRED,
+}
+# A custom_id names an item in the results: printable, no spaces, like OpenAI's and Anthropic's.
+CUSTOM_ID = r"^[A-Za-z0-9_.:@-]{1,64}$"
+
+
+class BatchWebhook(_Strict):
+    url: Annotated[str, Field(min_length=8, max_length=2048, description="https URL of the receiver")]
+    events: list[BatchEvent] | None = Field(
+        default=None, min_length=1, description="Defaults to every batch event: it ends once"
+    )
+    item_events: list[WebhookEvent] = Field(
+        default_factory=list,
+        description="Per-item job events to send to the same URL too; none unless asked",
+    )
+
+    def subscribed_events(self) -> list[BatchEvent]:
+        return list(dict.fromkeys(self.events)) if self.events else list(BatchEvent)
+
+
+class BatchItemRequest(_Strict):
+    custom_id: Annotated[str, Field(pattern=CUSTOM_ID)]
+    body: JobRequest
+
+
+class BatchRequest(_Strict):
+    """POST /v1/batches: many JobRequests at once, each named by a `custom_id` unique in the batch."""
+
+    requests: list[BatchItemRequest] = Field(min_length=1)
+    webhook: BatchWebhook | None = None
+    metadata: dict[
+        Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
+    ] = Field(default_factory=dict)
+    deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    lane: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+def batch_request_model(config: LlmqConfig, job_request: type[JobRequest]) -> type[BatchRequest]:
+    """BatchRequest whose items are `job_request` (the deployment's JobRequest) and whose size is
+    the deployment's, so the OpenAPI document states both."""
+    item = create_model("BatchItemRequest", __base__=BatchItemRequest, body=(job_request, ...))
+    return create_model(
+        "BatchRequest",
+        __base__=BatchRequest,
+        requests=(list[item], Field(min_length=1, max_length=config.batches.max_requests)),
+    )
+
+
+class BatchRequestCounts(BaseModel):
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+    expired: int = 0
+
+
+class BatchWebhookState(BaseModel):
+    url: str
+    events: list[BatchEvent]
+    item_events: list[WebhookEvent] = Field(default_factory=list)
+    delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
+
+
+class Batch(BaseModel):
+    """The Batch object of API v1."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    status: BatchStatus
+    lane: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    request_counts: BatchRequestCounts
+    created_at: str
+    finished_at: str | None = None
+    cancel_requested: bool = False
+    results_url: str = Field(
+        description="GET it for the items' results as JSON Lines, while the batch runs too"
+    )
+    webhook: BatchWebhookState | None = None
+
+
+class BatchResultLine(BaseModel):
+    """One line of GET /v1/batches/{id}/results."""
+
+    custom_id: str
+    job_id: str
+    status: JobStatus
+    result: JobResult | None = None
+    result_url: str | None = None
+    error: JobError | None = None
+
+
 class LaneMessage(_Strict):
-    """The body of a lane queue message: ids only, never the prompt."""
+    """The body of a lane queue message: ids only, never the prompt.
+
+    `kind` "expand": the message names a batch (in `job_id`) whose items the worker writes.
+    """
 
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    kind: Literal["job", "expand"] = "job"
     lane: str | None = None
     # The job's tenant, so a claim can take the tenant's slot without reading the job first.
     tenant_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
@@ -312,4 +436,5 @@ class WebhookMessage(_Strict):
     """The body of a webhooks queue message."""
 
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
-    event: WebhookEvent
+    # A batch's event names the batch in `job_id`.
+    event: WebhookEvent | BatchEvent

@@ -26,6 +26,8 @@ class ClaimOutcome(StrEnum):
     CRASHES_EXHAUSTED = "crashes_exhausted"
     # Claimable, but its tenant already runs as many jobs in the lane as its cap allows.
     AT_CAP = "at_cap"
+    # A batch's item whose batch is canceling: it ends canceled, never started.
+    BATCH_CANCELED = "batch_canceled"
 
 
 def refused_claim(found: JobRecord | None, now_ms: int) -> ClaimOutcome:
@@ -73,11 +75,17 @@ class Claim:
     at_ms: int
     # Set when only the tenant's cap refused the claim: its share as the condition found it.
     share: ShareState | None = None
+    # Set when only its batch's cancel refused the claim of a batch's item.
+    batch_canceled: bool = False
 
     @property
     def outcome(self) -> ClaimOutcome:
         if self.claimed:
             return ClaimOutcome.CLAIMED
+        if self.batch_canceled and self.job is not None:
+            # A running item past its lease is left to the reconciler, which queues it again.
+            queued = self.job.status is JobStatus.QUEUED
+            return ClaimOutcome.BATCH_CANCELED if queued else ClaimOutcome.LEASED_ELSEWHERE
         if self.share is not None:
             return ClaimOutcome.AT_CAP
         return refused_claim(self.job, self.at_ms)

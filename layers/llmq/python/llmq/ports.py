@@ -18,7 +18,15 @@ if TYPE_CHECKING:
 
     from llmq.job_record import JobRecord
     from llmq.jobs import Admission, Created, SweepEntry
-    from llmq.models import DeliveryAttempt, DeliveryStatus, JobError, JobResult, JobStatus, WebhookEvent
+    from llmq.models import (
+        BatchEvent,
+        DeliveryAttempt,
+        DeliveryStatus,
+        JobError,
+        JobResult,
+        JobStatus,
+        WebhookEvent,
+    )
     from llmq.payloads import PresignedUrl
     from llmq.policy import Claim
     from llmq.providers import GenerationRequest
@@ -93,7 +101,9 @@ class QueueStore(Protocol):
     def enqueue_job(
         self, job_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, not_before_ms: int | None = None
     ) -> None: ...
-    def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None: ...
+    def enqueue_jobs(self, job_ids: list[str], lane: str, tenant_id: str) -> None: ...
+    def enqueue_expand(self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0) -> None: ...
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent | BatchEvent) -> None: ...
     def lane_depth(self, lane: str) -> int: ...
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None: ...
 

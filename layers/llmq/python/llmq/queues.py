@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from llmq import aws
 from llmq.config import MAX_VISIBILITY_SECONDS
 from llmq.job_record import JobRecord
-from llmq.models import DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessage
+from llmq.models import BatchEvent, DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessage
 
 if TYPE_CHECKING:
     from llmq.ports import QueueStore
@@ -53,7 +53,7 @@ class QueueRepository:
         """
         body = LaneMessage(
             job_id=job_id, lane=lane, tenant_id=tenant_id, not_before_ms=not_before_ms
-        ).model_dump_json(exclude_none=True)
+        ).model_dump_json(exclude_defaults=True)
         self._sqs.send_message(
             QueueUrl=self.lane_queue_urls[lane],
             MessageBody=body,
@@ -61,7 +61,42 @@ class QueueRepository:
             DelaySeconds=min(delay_seconds, MAX_SEND_DELAY_SECONDS),
         )
 
-    def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None:
+    def enqueue_jobs(self, job_ids: list[str], lane: str, tenant_id: str) -> None:
+        """Lane messages for many jobs, ten to a SendMessageBatch; entries SQS failed are sent
+        again, and StoreUnavailable if some still fail (their jobs wait for the reconciler)."""
+        for start in range(0, len(job_ids), 10):
+            entries = [
+                {
+                    "Id": str(index),
+                    "MessageBody": LaneMessage(job_id=job_id, lane=lane, tenant_id=tenant_id).model_dump_json(
+                        exclude_defaults=True
+                    ),
+                    "MessageGroupId": tenant_id,
+                }
+                for index, job_id in enumerate(job_ids[start : start + 10])
+            ]
+            for _ in range(3):
+                response = self._sqs.send_message_batch(QueueUrl=self.lane_queue_urls[lane], Entries=entries)
+                failed = {entry["Id"] for entry in response.get("Failed") or []}
+                entries = [entry for entry in entries if entry["Id"] in failed]
+                if not entries:
+                    break
+            else:
+                from llmq.errors import StoreUnavailable
+
+                raise StoreUnavailable(f"sqs.SendMessageBatch: {len(entries)} entries failed")
+
+    def enqueue_expand(self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0) -> None:
+        """The message that has a worker write a batch's items (`llmq.batch_runs`)."""
+        body = LaneMessage(job_id=batch_id, kind="expand", lane=lane, tenant_id=tenant_id)
+        self._sqs.send_message(
+            QueueUrl=self.lane_queue_urls[lane],
+            MessageBody=body.model_dump_json(exclude_none=True),
+            MessageGroupId=tenant_id,
+            DelaySeconds=min(delay_seconds, MAX_SEND_DELAY_SECONDS),
+        )
+
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent | BatchEvent) -> None:
         body = WebhookMessage(job_id=job_id, event=event).model_dump_json()
         self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from llmq.batch_runs import item_ended
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.jobs import SweepEntry
@@ -137,6 +138,7 @@ class Reconciler:
             failed = self.jobs.fail_unleased(job, error)
             if failed is not None:
                 announce_terminal(self.queues, failed)
+                item_ended(None, self.queues, failed)
                 report.recovered.append(entry.job_id)
             return
         recovered = self.jobs.recover(job)
@@ -150,6 +152,7 @@ class Reconciler:
         expired = self.jobs.expire(job, deadline_error(job)) if job is not None else None
         if expired is not None:
             announce_terminal(self.queues, expired)
+            item_ended(None, self.queues, expired)
             report.expired.append(entry.job_id)
 
 

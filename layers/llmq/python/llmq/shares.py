@@ -39,11 +39,13 @@ def share_key(tenant_id: str) -> dict[str, Any]:
 
 
 def is_share_key(pk: str) -> bool:
-    """A tenant's own item in the jobs table (its share, or its long-polls), not a job."""
-    return pk.startswith((SHARE_PREFIX, POLLS_PREFIX))
+    """An item of the jobs table that is no job: a tenant's share or long-polls, or a batch."""
+    # "batch#": llmq.batches.BATCH_PREFIX (which imports this module).
+    return pk.startswith((SHARE_PREFIX, POLLS_PREFIX, "batch#"))
 
 
-def _holders(lane: str) -> str:
+def holders_of(lane: str) -> str:
+    """The share's attribute holding the tenant's running jobs in `lane` (job id -> claim ms)."""
     return _HOLDERS_PREFIX + lane
 
 
@@ -61,7 +63,7 @@ def admit(table: str, tenant_id: str, lane: str, cap: int, max_active_jobs: int)
             "ConditionExpression": "attribute_not_exists(active) OR active < #max OR "
             "(attribute_not_exists(#max) AND active < :max)",
             "ExpressionAttributeNames": {
-                "#h": _holders(lane),
+                "#h": holders_of(lane),
                 "#cap": _CAP_PREFIX + lane,
                 "#max": MAX_ACTIVE_JOBS,
             },
@@ -72,6 +74,54 @@ def admit(table: str, tenant_id: str, lane: str, cap: int, max_active_jobs: int)
                 ":max": {"N": str(max_active_jobs)},
             },
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+    }
+
+
+def admit_many(
+    table: str, tenant_id: str, lane: str, cap: int, count: int, state: ShareState, default_max_active: int
+) -> dict[str, Any]:
+    """A batch's accept: `count` more active jobs at once, unless that passes the tenant's quota.
+
+    DynamoDB's conditions have no arithmetic, so the quota in force is read first (`state`)
+    and the condition holds it still: the active count at most the quota less `count`, and the
+    operator's override as read. A refusal is the quota's (or a race with its override).
+    """
+    limit = state.max_active_jobs or default_max_active
+    override = "attribute_not_exists(#max)" if state.max_active_jobs is None else "#max = :limit"
+    values = {
+        ":empty": {"M": {}},
+        ":cap": {"N": str(cap)},
+        ":count": {"N": str(count)},
+        ":threshold": {"N": str(limit - count)},
+    }
+    if state.max_active_jobs is not None:
+        values[":limit"] = {"N": str(limit)}
+    return {
+        "Update": {
+            "TableName": table,
+            "Key": share_key(tenant_id),
+            "UpdateExpression": "SET #h = if_not_exists(#h, :empty), #cap = :cap ADD active :count",
+            "ConditionExpression": f"(attribute_not_exists(active) OR active <= :threshold) AND {override}",
+            "ExpressionAttributeNames": {
+                "#h": holders_of(lane),
+                "#cap": _CAP_PREFIX + lane,
+                "#max": MAX_ACTIVE_JOBS,
+            },
+            "ExpressionAttributeValues": values,
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+    }
+
+
+def release_many(table: str, tenant_id: str, count: int) -> dict[str, Any]:
+    """`count` active jobs that will never be: a canceled batch's items never written."""
+    return {
+        "Update": {
+            "TableName": table,
+            "Key": share_key(tenant_id),
+            "UpdateExpression": "ADD active :minus",
+            "ExpressionAttributeValues": {":minus": {"N": str(-count)}},
         }
     }
 
@@ -89,7 +139,7 @@ def hold(table: str, tenant_id: str, lane: str, job_id: str, now_ms: int) -> dic
             "ConditionExpression": "attribute_exists(#h.#job) OR size(#h) < #max OR "
             "(attribute_not_exists(#max) AND (attribute_not_exists(#cap) OR size(#h) < #cap))",
             "ExpressionAttributeNames": {
-                "#h": _holders(lane),
+                "#h": holders_of(lane),
                 "#job": job_id,
                 "#max": MAX_CONCURRENCY,
                 "#cap": _CAP_PREFIX + lane,
@@ -106,7 +156,7 @@ def leave(table: str, tenant_id: str, lane: str, job_id: str, *, ends: bool) -> 
         "TableName": table,
         "Key": share_key(tenant_id),
         "UpdateExpression": "REMOVE #h.#job",
-        "ExpressionAttributeNames": {"#h": _holders(lane), "#job": job_id},
+        "ExpressionAttributeNames": {"#h": holders_of(lane), "#job": job_id},
     }
     if ends:
         update["UpdateExpression"] += " ADD active :minus"

@@ -31,12 +31,16 @@ import httpx
 from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import BaseModel, ValidationError
 
+from llmq.batches import BatchRecord, BatchRepository
 from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
 from llmq.errors import InvalidWebhookUrl
 from llmq.job_record import JobRecord, iso
 from llmq.models import (
     RESPONSE_HEAD_BYTES,
     TERMINAL_EVENTS,
+    Batch,
+    BatchEvent,
+    BatchRequestCounts,
     DeliveryAttempt,
     DeliveryStatus,
     Job,
@@ -91,6 +95,14 @@ def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> st
 
 
 # ---- the payload ------------------------------------------------------------------------------
+
+
+class BatchWebhookPayload(BaseModel):
+    """The body of a batch's delivery: `{"type", "timestamp", "data": <Batch>}`."""
+
+    type: BatchEvent
+    timestamp: str
+    data: Batch
 
 
 class WebhookPayload(BaseModel):
@@ -211,9 +223,12 @@ class WebhookDispatcher:
         resolver: Resolver = system_resolver,
         clock: Clock = time.time,
         rng: Callable[[], float] = random.random,
+        batches: BatchRepository | None = None,
     ) -> None:
         self._jobs = jobs
         self._tenants = tenants
+        # None: no batch events here (tests of job webhooks).
+        self._batches = batches
         self._policy = config.webhooks
         self._public_api_url = public_api_url
         self._transport_factory = transport_factory
@@ -233,6 +248,12 @@ class WebhookDispatcher:
         delay, and PoisonMessage for a body that is not a webhook message.
         """
         message = parse_webhook_message(body)
+        if isinstance(message.event, BatchEvent):
+            outcome = await self.deliver_batch(message.job_id, message.event, receive_count)
+            _observe(message, outcome)
+            if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
+                raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
+            return outcome
         # A terminal event's attempt is counted on the job; job.started has only its receives.
         attempt = receive_count if message.event not in TERMINAL_EVENTS else None
         outcome = await self.deliver(message, attempt=attempt)
@@ -241,10 +262,47 @@ class WebhookDispatcher:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
         return outcome
 
+    async def deliver_batch(self, batch_id: str, event: BatchEvent, attempt: int) -> DeliveryOutcome:
+        """Attempt `attempt` (the message's receives) of a batch's event: `{"type", "timestamp",
+        "data": <Batch>}`, signed and retried like a job's; its outcome is kept on the batch."""
+        if self._batches is None:
+            return DeliveryOutcome.skipped("this dispatcher sends no batch events")
+        batch = await asyncio.to_thread(self._batches.find, batch_id)
+        reason = _why_not_deliver_batch(batch, event)
+        if batch is None or reason:
+            return DeliveryOutcome.skipped(reason)
+        secrets = await self._secrets(batch.tenant_id)
+        if not secrets:
+            outcome = DeliveryOutcome(
+                OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret", error_class="NoWebhookSecret"
+            )
+        else:
+            counts = batch.final_counts or BatchRequestCounts(total=batch.total)
+            payload = BatchWebhookPayload(
+                type=event,
+                timestamp=iso(batch.finished_ms or int(self._clock() * 1000)),
+                data=batch.to_batch(counts, self._public_api_url),
+            )
+            body = payload.model_dump_json().encode()
+            response = await self._send_body(
+                batch.webhook_url or "", webhook_id(batch.id, event), body, secrets
+            )
+            outcome = self._judge(response, attempt)
+        outcome = replace(outcome, attempt=attempt)
+        status = _RECORDED_STATUS[outcome.kind]
+        if not await asyncio.to_thread(
+            self._batches.record_delivery, batch.id, status, outcome.status_code, attempt
+        ):
+            return DeliveryOutcome.skipped("another delivery of this event settled it first")
+        return outcome
+
     async def deliver(self, message: WebhookMessage, attempt: int | None = None) -> DeliveryOutcome:
         """Attempt `attempt` of delivering `message`; None: the one after those the job counted."""
+        event = message.event
+        if isinstance(event, BatchEvent):
+            return await self.deliver_batch(message.job_id, event, attempt or 1)
         job = await asyncio.to_thread(self._jobs.find, message.job_id)
-        reason = _why_not_deliver(job, message.event)
+        reason = _why_not_deliver(job, event)
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
@@ -265,7 +323,7 @@ class WebhookDispatcher:
                 OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret", error_class="NoWebhookSecret"
             )
         else:
-            response = await self._send(job, message.event, secrets)
+            response = await self._send(job, event, secrets)
             outcome = self._judge(response, attempt)
         outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
@@ -283,7 +341,11 @@ class WebhookDispatcher:
         the delivery to the reconciler's sweep many minutes late.
         """
         job = await asyncio.to_thread(self._jobs.find, message.job_id)
-        reason = _why_not_deliver(job, message.event)
+        reason = (
+            _why_not_deliver(job, message.event)
+            if isinstance(message.event, WebhookEvent)
+            else "a batch event"
+        )
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
         due_in = (job.delivery_next_ms or 0) / 1000 - self._clock()
@@ -310,7 +372,15 @@ class WebhookDispatcher:
         return tenant.webhook_secrets
 
     async def _send(self, job: JobRecord, event: WebhookEvent, secrets: list[str]) -> _Response:
-        url = job.webhook_url or ""
+        body = build_payload(
+            job.to_job(api_base=self._public_api_url),
+            event,
+            self._public_api_url,
+            self._policy.inline_result_limit_bytes,
+        )
+        return await self._send_body(job.webhook_url or "", webhook_id(job.id, event), body, secrets)
+
+    async def _send_body(self, url: str, msg_id: str, body: bytes, secrets: list[str]) -> _Response:
         try:
             # Checked again at send time: the DNS answer may have changed since submit.
             target = await asyncio.to_thread(
@@ -318,13 +388,7 @@ class WebhookDispatcher:
             )
         except InvalidWebhookUrl as exc:
             return _Response(None, error=exc.detail, error_class=type(exc).__name__)
-        body = build_payload(
-            job.to_job(api_base=self._public_api_url),
-            event,
-            self._public_api_url,
-            self._policy.inline_result_limit_bytes,
-        )
-        return await self._post(target, body, self._headers(webhook_id(job.id, event), body, secrets))
+        return await self._post(target, body, self._headers(msg_id, body, secrets))
 
     def _headers(self, msg_id: str, body: bytes, secrets: list[str]) -> dict[str, str]:
         # Each attempt is signed afresh, so its timestamp is inside the receiver's tolerance.
@@ -512,6 +576,18 @@ _RECORDED_STATUS = {
     OutcomeKind.RETRY: DeliveryStatus.PENDING,
     OutcomeKind.GAVE_UP: DeliveryStatus.FAILED,
 }
+
+
+def _why_not_deliver_batch(batch: BatchRecord | None, event: BatchEvent) -> str:
+    if batch is None:
+        return "the batch no longer exists"
+    if not batch.wants(event):
+        return "the batch does not subscribe to this event"
+    if batch.terminal_event is not event:
+        return "the batch is not in this event's state"
+    if batch.delivery_status is not DeliveryStatus.PENDING:
+        return f"the delivery is already {batch.delivery_status}"
+    return ""
 
 
 def _why_not_deliver(job: JobRecord | None, event: WebhookEvent) -> str:

@@ -1,0 +1,282 @@
+"""The API side of a batch: accept, read with its counts, list its results, cancel.
+
+An accept validates every item before anything is written, reads the tenant's quota, stores
+the requests in S3 as JSON Lines, writes the batch (one transaction with the tenant's share,
+where its items become active jobs) and queues one "expand" message: four AWS calls, whatever
+the batch's size. The items are written by the worker
+(`llmq.batch_runs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from llmq.batch_runs import encode_requests, request_lines, settle
+from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id, new_batch_id, over_quota
+from llmq.config import LlmqConfig
+from llmq.errors import (
+    BatchNotCancelable,
+    DomainError,
+    IdempotencyConflict,
+    InvalidIdempotencyKey,
+    InvalidRequest,
+    InvalidWebhookUrl,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
+from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
+from llmq.job_record import JobRecord
+from llmq.lanes import lane_for_tier
+from llmq.models import (
+    BatchItemRequest,
+    BatchRequest,
+    BatchRequestCounts,
+    BatchResultLine,
+    BatchStatus,
+    DeliveryStatus,
+    JobStatus,
+)
+from llmq.ports import BlobStore, JobStore, QueueStore
+from llmq.telemetry import logger
+from llmq.tenants import TenantIdentity
+
+# Where the api stores a batch's requests (the worker may read under inputs/).
+REQUESTS_PREFIX = "inputs/batches/"
+# A results page's text: a Lambda response holds 6 MB, after the runtime escapes the body
+# once more (a quote or a non-ASCII character can take up to six bytes).
+RESULTS_PAGE_BYTES = 900_000
+# A result larger than this is linked from its line, never inlined.
+RESULT_INLINE_BYTES = 256_000
+
+
+def batch_request_hash(request: BatchRequest) -> str:
+    canonical = request.model_dump_json(exclude_none=True, exclude_defaults=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class BatchIntake:
+    def __init__(
+        self,
+        jobs: JobIntake,
+        batches: BatchRepository,
+        job_store: JobStore,
+        queues: QueueStore,
+        payloads: BlobStore | None,
+        config: LlmqConfig,
+    ) -> None:
+        self.job_intake = jobs
+        self.batches = batches
+        self.job_store = job_store
+        self.queues = queues
+        self.payloads = payloads
+        self.config = config
+
+    # ---- accept -------------------------------------------------------------------------
+
+    def submit(
+        self, tenant: TenantIdentity, request: BatchRequest, idempotency_key: str | None
+    ) -> tuple[BatchRecord, bool]:
+        """(The batch, replayed). Nothing is written unless every item is valid."""
+        lane = self._validate(tenant, request, idempotency_key)
+        if self.payloads is None:
+            raise PayloadTooLarge("batches need the payload bucket, which is not configured")
+        now_ms = self.batches.now_ms()
+        digest = batch_request_hash(request)
+        batch_id = new_batch_id(tenant.tenant_id, idempotency_key, now_ms)
+        webhook = request.webhook
+        record = BatchRecord(
+            id=batch_id,
+            tenant_id=tenant.tenant_id,
+            status=BatchStatus.VALIDATING,
+            lane=lane,
+            total=len(request.requests),
+            # Named by the body's hash: a replay with another body never overwrites these.
+            requests_ref=f"{REQUESTS_PREFIX}{batch_id}/{digest[:16]}.jsonl",
+            request_hash=digest,
+            created_ms=now_ms,
+            expires_at=now_ms // 1000 + self.config.retention_seconds,
+            metadata=request.metadata,
+            deadline_ms=now_ms + request.deadline_seconds * 1000 if request.deadline_seconds else None,
+            webhook_url=webhook.url if webhook else None,
+            webhook_events=webhook.subscribed_events() if webhook else [],
+            item_events=list(dict.fromkeys(webhook.item_events)) if webhook else [],
+        )
+        default_max_active = self.config.tenant_limits(tenant.tier).max_active_jobs
+        # Before the requests go to S3: a batch the quota refuses leaves nothing behind. A
+        # replay of an accepted key (its id is derived from the key) is never refused.
+        state = self.batches.share(tenant.tenant_id)
+        limit = state.max_active_jobs or default_max_active
+        if state.active + record.total > limit and (
+            idempotency_key is None or self.batches.find(batch_id) is None
+        ):
+            raise over_quota(state, record.total, default_max_active, self.config)
+        self.payloads.put(record.requests_ref, encode_requests(request.requests))
+        stored, replayed = self.batches.create(
+            record, self.config.concurrency_cap(tenant.tier), state, default_max_active
+        )
+        if replayed:
+            if stored.tenant_id != tenant.tenant_id or stored.request_hash != digest:
+                raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
+            if stored.status is BatchStatus.VALIDATING:
+                # Its expand message may have been lost with the first answer: a second one is
+                # harmless (the expansions race on the checkpoint).
+                self._expand(stored)
+            return stored, True
+        logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})
+        self._expand(stored)
+        return stored, False
+
+    def _expand(self, batch: BatchRecord) -> None:
+        try:
+            self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+        except StoreUnavailable:
+            # Accepted and stored: the client's retry with its Idempotency-Key sends it again.
+            logger.warning("expand enqueue failed", extra={"batch_id": batch.id})
+            raise
+
+    def _validate(self, tenant: TenantIdentity, request: BatchRequest, idempotency_key: str | None) -> str:
+        limits = self.config.limits
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+            raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        if len(request.requests) > self.config.batches.max_requests:
+            raise InvalidRequest(f"a batch holds at most {self.config.batches.max_requests} requests")
+        own = lane_for_tier(self.config, tenant.tier).name
+        lanes = {own, *([self.config.batches.lane] if self.config.batches.lane else [])}
+        lane = request.lane or self.config.batches.lane or own
+        if lane not in lanes:
+            raise InvalidRequest(f"lane {lane!r} is not one of {sorted(lanes)}")
+        if len(request.metadata) > limits.max_metadata_keys:
+            raise InvalidRequest(f"metadata holds at most {limits.max_metadata_keys} keys")
+        if request.deadline_seconds is not None and request.deadline_seconds > limits.max_deadline_seconds:
+            raise InvalidRequest(f"deadline_seconds is at most {limits.max_deadline_seconds}")
+        if request.webhook is not None:
+            try:
+                self.job_intake.check_webhook_url(request.webhook.url)
+            except InvalidWebhookUrl as exc:
+                raise InvalidWebhookUrl(f"webhook.url: {exc.detail}") from exc
+        seen: dict[str, int] = {}
+        for index, item in enumerate(request.requests):
+            self._validate_item(index, item, seen)
+        return lane
+
+    def _validate_item(self, index: int, item: BatchItemRequest, seen: dict[str, int]) -> None:
+        where = f"requests[{index}]"
+        first = seen.setdefault(item.custom_id, index)
+        if first != index:
+            raise InvalidRequest(f"{where}.custom_id {item.custom_id!r} repeats requests[{first}]")
+        body = item.body
+        if body.webhook is not None:
+            raise InvalidRequest(f"{where}.body.webhook: a batch's items take the batch's webhook")
+        if body.deadline_seconds is not None:
+            raise InvalidRequest(f"{where}.body.deadline_seconds: a batch's items take the batch's deadline")
+        size = len(item.model_dump_json(exclude_none=True).encode())
+        if size > self.config.batches.max_item_bytes:
+            raise PayloadTooLarge(
+                f"{where}: {size} bytes, over a batch item's {self.config.batches.max_item_bytes}; "
+                "submit it as a job"
+            )
+        try:
+            self.job_intake.validate(body, None)
+        except DomainError as exc:
+            raise type(exc)(f"{where}.body: {exc.detail}") from exc
+
+    # ---- read ---------------------------------------------------------------------------
+
+    def get(self, tenant: TenantIdentity, batch_id: str) -> tuple[BatchRecord, BatchRequestCounts]:
+        batch = self.batches.get(batch_id, tenant.tenant_id)
+        counts = self.batches.counts(batch)
+        unsent = (
+            batch.status.is_terminal
+            and batch.delivery_status is DeliveryStatus.PENDING
+            and not batch.webhook_sent
+        )
+        if unsent or (
+            not batch.status.is_terminal and batch.expansion_over and counts.queued + counts.running == 0
+        ):
+            # Every item ended, but the batch did not (or its webhook was not sent): the worker
+            # of the last one stopped short.
+            try:
+                ended = settle(self.batches, self.queues, batch.id)
+            except StoreUnavailable:
+                ended = None  # the reader still gets the batch; a later look ends it
+            if ended is not None:
+                return ended, ended.final_counts or counts
+        return batch, counts
+
+    def results(
+        self, tenant: TenantIdentity, batch_id: str, cursor: int, status: JobStatus | None, api_base: str
+    ) -> tuple[list[BatchResultLine], int | None]:
+        """One page of the items' results from `cursor` (an item index), and the next cursor.
+
+        A page holds up to `results_page` items and RESULTS_PAGE_BYTES of text, so it always
+        fits a Lambda response; a result too large for that comes as its job's URL."""
+        batch = self.batches.get(batch_id, tenant.tenant_id)
+        found = self.batches.items(batch, cursor, self.config.batches.results_page)
+        missing = [index for index, job in found if job is None]
+        names: dict[int, str] = {}
+        if missing and self.payloads is not None:
+            # Items not written yet: still queued, named from the stored requests.
+            lines = request_lines(self.payloads.get(batch.requests_ref))
+            names = {index: BatchItemRequest.model_validate_json(lines[index]).custom_id for index in missing}
+        page: list[BatchResultLine] = []
+        size = 0
+        following: int | None = cursor + len(found)
+        for index, job in found:
+            line = self._line(batch, index, job, names, api_base)
+            weight = len(line.model_dump_json(exclude_none=True).encode())
+            if page and size + weight > RESULTS_PAGE_BYTES:
+                following = index
+                break
+            size += weight
+            if status is None or line.status is status:
+                page.append(line)
+        return page, following if following is not None and following < batch.total else None
+
+    @staticmethod
+    def _line(
+        batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str], api_base: str
+    ) -> BatchResultLine:
+        if job is None:
+            return BatchResultLine(
+                custom_id=names.get(index, ""), job_id=item_job_id(batch.id, index), status=JobStatus.QUEUED
+            )
+        shown = job.to_job(api_base=api_base)
+        line = BatchResultLine(
+            custom_id=job.custom_id or "",
+            job_id=job.id,
+            status=job.status,
+            result=shown.result,
+            result_url=shown.result_url,
+            error=shown.error,
+        )
+        if shown.result is not None and len(shown.result.model_dump_json().encode()) > RESULT_INLINE_BYTES:
+            # Too large for a page: its job's own URL, to GET.
+            return line.model_copy(
+                update={"result": None, "result_url": f"{api_base.rstrip('/')}/v1/jobs/{job.id}"}
+            )
+        return line
+
+    # ---- cancel -------------------------------------------------------------------------
+
+    def cancel(self, tenant: TenantIdentity, batch_id: str) -> BatchRecord:
+        """Canceling: no item starts any more (a queued one ends canceled at its claim, with no
+        provider call), each running one is asked to stop as a job is, and items not written yet
+        are never written. The batch ends `canceled` once every item has ended."""
+        batch = self.batches.get(batch_id, tenant.tenant_id)
+        if batch.status.is_terminal:
+            raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
+        flagged = self.batches.request_cancel(batch)
+        if flagged is None:
+            batch = self.batches.get(batch_id, tenant.tenant_id)
+            raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
+        for job_id in self.batches.running_items(flagged):
+            job = self.job_store.find(job_id)
+            if job is not None and job.status is JobStatus.RUNNING and batch_of(job_id):
+                self.job_store.request_cancel(job)
+        if not flagged.expansion_over:
+            # The expansion stops at its next chunk; if none runs, this message ends it.
+            self.queues.enqueue_expand(flagged.id, flagged.lane, flagged.tenant_id)
+        try:
+            return settle(self.batches, self.queues, flagged.id) or flagged
+        except StoreUnavailable:
+            return flagged  # canceling, as flagged: a later look ends it

@@ -1,0 +1,249 @@
+"""A batch's life after its accept: its items written (the expansion) and its end.
+
+The expansion runs in the worker, for an "expand" message of the batch's lane:
+- it reads the batch's requests from S3 and writes its items `expand_chunk` at a time, each
+  chunk one transaction (the items' conditional puts and the checkpoint moved past them), then
+  queues them with SendMessageBatch, ten to a call;
+- a crash, a timeout or a throttle leaves the checkpoint where the last transaction put it. The
+  message comes back (SQS's own retry, or the copy this worker sends before its time runs
+  out), and the next run first queues the last chunk again, since the crash may have come
+  between its write and its sends: a duplicate message is harmless, its claim is conditional;
+- an item is never written twice (a chunk's transaction is conditional on the checkpoint) and
+  never overwrites a job (each put is conditional on the item being absent). Two runs at once
+  (a duplicate message) race on the checkpoint, and only one writes each chunk.
+
+The batch ends when every item has: the worker that writes an item's terminal state looks at
+the batch's counts (one BatchGetItem) and, when none is left, makes the batch's one terminal
+write and queues its webhook. The API's GET of the batch does the same, should that worker
+have crashed in between.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from llmq.batches import BatchRecord, BatchRepository, item_job_id
+from llmq.config import LlmqConfig
+from llmq.errors import StoreUnavailable
+from llmq.job_codec import write_token
+from llmq.job_record import JobInput, JobRecord
+from llmq.models import BatchItemRequest, DeliveryStatus, JobRequest, JobStatus
+from llmq.ports import BlobStore, QueueStore
+from llmq.telemetry import logger
+
+# An expansion hands the rest to a new message when its Lambda has less time left than this
+# many of its slowest chunks so far (and at least the floor); each run writes one chunk at least.
+_CHUNKS_OF_MARGIN = 3
+_MARGIN_FLOOR_SECONDS = 2.0
+
+
+def request_hash(request: JobRequest) -> str:
+    from llmq.intake import request_hash as job_request_hash
+
+    return job_request_hash(request)
+
+
+def item_record(
+    batch: BatchRecord, index: int, item: BatchItemRequest, config: LlmqConfig, now_ms: int
+) -> JobRecord:
+    """Item `index` of the batch as the job it becomes: queued in the batch's lane, under the
+    batch's deadline, with the batch's webhook only for the item events the batch asked for."""
+    body = item.body
+    return JobRecord(
+        id=item_job_id(batch.id, index),
+        tenant_id=batch.tenant_id,
+        status=JobStatus.QUEUED,
+        lane=batch.lane,
+        model=body.model or config.provider.default_model,
+        input=JobInput(messages=body.chat_messages(), params=body.params),
+        request_hash=request_hash(body),
+        metadata=body.metadata,
+        created_ms=now_ms,
+        deadline_ms=batch.deadline_ms,
+        webhook_url=batch.webhook_url if batch.item_events else None,
+        webhook_events=list(batch.item_events),
+        expires_at=batch.expires_at,
+        batch_id=batch.id,
+        custom_id=item.custom_id,
+        shared=True,
+        last_write=write_token("expand"),
+    )
+
+
+def parse_requests(data: bytes) -> list[BatchItemRequest]:
+    """The batch's stored requests, one JSON line each (validated when the batch was accepted)."""
+    return [BatchItemRequest.model_validate_json(line) for line in request_lines(data)]
+
+
+def request_lines(data: bytes) -> list[bytes]:
+    """The stored requests' lines, unparsed: each is parsed when its item is written, so a
+    batch of 100,000 never holds 100,000 models at once."""
+    return [line for line in data.splitlines() if line.strip()]
+
+
+def encode_requests(items: list[BatchItemRequest]) -> bytes:
+    lines = [
+        json.dumps(item.model_dump(mode="json", exclude_none=True), ensure_ascii=False) for item in items
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> BatchRecord | None:
+    """End the batch if every item has: its terminal write, then its webhook queued. The batch
+    as ended, or None when it has not (or another caller ended it first).
+
+    Whoever ends the batch sends its webhook message. Should SQS refuse it (or the sender stop
+    in between), a later caller sends it, once the sender has had WEBHOOK_SEND_GRACE_SECONDS:
+    until then a caller hears StoreUnavailable with that Retry-After, so a worker's message
+    comes back to look again rather than being acknowledged with the webhook unsent.
+    """
+    batch = batches.find(batch_id)
+    if batch is None:
+        return None
+    if batch.status.is_terminal:
+        if _webhook_unsent(batch):
+            waited = batches.now_ms() - (batch.finished_ms or 0)
+            if waited < WEBHOOK_SEND_GRACE_SECONDS * 1000:
+                raise StoreUnavailable(
+                    f"batch {batch_id}: its webhook is being sent", retry_after=WEBHOOK_SEND_GRACE_SECONDS
+                )
+            _send_webhook(batches, queues, batch)
+        return None
+    counts = batches.ended(batch)
+    if counts is None:
+        return None
+    done = batches.finish(batch, counts)
+    if done is None:
+        return None
+    logger.info("batch ended", extra={"batch_id": batch_id, "status": done.status.value})
+    if _webhook_unsent(done):
+        _send_webhook(batches, queues, done)
+    return done
+
+
+# How long the caller that ended a batch has to send its webhook message before another sends it.
+WEBHOOK_SEND_GRACE_SECONDS = 15
+
+
+def _webhook_unsent(batch: BatchRecord) -> bool:
+    return (
+        batch.terminal_event is not None
+        and batch.delivery_status is DeliveryStatus.PENDING
+        and not batch.webhook_sent
+    )
+
+
+def _send_webhook(batches: BatchRepository, queues: QueueStore, batch: BatchRecord) -> None:
+    event = batch.terminal_event
+    if event is None:
+        return
+    queues.enqueue_webhook(batch.id, event)
+    batches.mark_webhook_sent(batch.id)
+
+
+def item_ended(batches: BatchRepository | None, queues: QueueStore, job: JobRecord | None) -> None:
+    """After any terminal write: a batch's item may have been its batch's last. Without
+    `batches` (the reconciler, the dead-letter function) a worker is asked to look, by the
+    batch's expand message, which ends a batch whose items are all written and ended. A
+    failure here is logged, not raised: the batch then ends at its next item's end, or when
+    its client reads it (`BatchIntake.get`)."""
+    if job is None or job.batch_id is None or not job.status.is_terminal:
+        return
+    try:
+        if batches is None:
+            queues.enqueue_expand(job.batch_id, job.lane, job.tenant_id)
+        else:
+            settle(batches, queues, job.batch_id)
+    except StoreUnavailable:
+        logger.warning("batch end check failed", extra={"batch_id": job.batch_id})
+
+
+class BatchExpander:
+    def __init__(
+        self,
+        batches: BatchRepository,
+        queues: QueueStore,
+        payloads: BlobStore,
+        config: LlmqConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.batches = batches
+        self.queues = queues
+        self.payloads = payloads
+        self.config = config
+        self._clock = clock
+
+    def expand(self, batch_id: str, remaining_seconds: Callable[[], float]) -> None:
+        """Write the batch's items from its checkpoint on, and queue them. Raises
+        StoreUnavailable when AWS stays unavailable: the message comes back and resumes."""
+        batch = self.batches.find(batch_id)
+        if batch is None or batch.status.is_terminal:
+            return
+        if batch.expansion_over:
+            # Asked to look after an item ended elsewhere (`item_ended`), or a duplicate.
+            settle(self.batches, self.queues, batch.id)
+            return
+        if batch.cancel_requested:
+            self._stop(batch)
+            return
+        requests = request_lines(self.payloads.get(batch.requests_ref))
+        chunk = self.config.batches.expand_chunk
+        # The last chunk written may have been written but not queued.
+        if batch.expanded:
+            self._queue(batch, max(0, batch.expanded - chunk), batch.expanded)
+        start = first = batch.expanded
+        slowest = 0.0
+        while start < batch.total:
+            margin = max(_MARGIN_FLOOR_SECONDS, _CHUNKS_OF_MARGIN * slowest)
+            if start > first and remaining_seconds() < margin:
+                # The rest goes to a new message, so a large batch never spends its receives.
+                self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+                logger.info("batch expansion continues", extra={"batch_id": batch.id, "expanded": start})
+                return
+            end = min(batch.total, start + chunk)
+            began = time.monotonic()
+            now_ms = int(self._clock() * 1000)
+            items = [
+                item_record(
+                    batch, index, BatchItemRequest.model_validate_json(requests[index]), self.config, now_ms
+                )
+                for index in range(start, end)
+            ]
+            if not self.batches.write_items(batch, start, items):
+                found = self.batches.find(batch.id)
+                if found is None or found.status.is_terminal:
+                    return
+                if found.cancel_requested:
+                    self._stop(found)
+                    return
+                if found.expanded == start:
+                    # Applied on a try whose answer was lost? Then the checkpoint would have moved.
+                    raise StoreUnavailable(
+                        f"batch {batch.id}: chunk at {start} refused, checkpoint unchanged"
+                    )
+                # Written already: by another run of this expansion (a duplicate message), or
+                # by this one on a try whose answer was lost. Either way its items are queued
+                # (again: a duplicate message is harmless) before going on from there.
+                self._queue(batch, start, found.expanded)
+                batch, start = found, found.expanded
+                continue
+            self._queue(batch, start, end)
+            slowest = max(slowest, time.monotonic() - began)
+            start = end
+        logger.info("batch expanded", extra={"batch_id": batch.id, "items": batch.total})
+
+    def _queue(self, batch: BatchRecord, start: int, end: int) -> None:
+        ids = [item_job_id(batch.id, index) for index in range(start, end)]
+        self.queues.enqueue_jobs(ids, batch.lane, batch.tenant_id)
+
+    def _stop(self, batch: BatchRecord) -> None:
+        """A canceled batch writes no more items; those never written count as canceled. The
+        last chunk written is queued again first (a crash may have come between its write and
+        its sends), so its items end canceled at their claims rather than waiting."""
+        if batch.expanded:
+            self._queue(batch, max(0, batch.expanded - self.config.batches.expand_chunk), batch.expanded)
+        if batch.unexpanded_canceled == 0 and not batch.expansion_over:
+            self.batches.give_up_expansion(batch)
+        settle(self.batches, self.queues, batch.id)

@@ -1,0 +1,570 @@
+"""Batches as stored: their ids, their item, their counts and every write of theirs.
+
+A batch lives in the jobs table beside its items:
+- `batch#<id>`: the batch (who, where, how many, the expansion checkpoint, cancel, the end);
+- `batch#<id>#<k>`, k < `count_shards`: how many of its items ended in each terminal status,
+  added to in the same transaction as the item's own terminal write, so the counts are exact
+  and no item is hot (a hundred items ending a second make a few writes a second per shard);
+- its items are ordinary jobs whose ids derive from (batch, index): `item_job_id`.
+
+How many items run is read from the tenant's share (`llmq.shares`): its holders in the lane
+are job ids, and an item's id names its batch. Queued is what is left of the total.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field
+
+from llmq import aws, shares
+from llmq import job_codec as codec
+from llmq.config import LlmqConfig
+from llmq.errors import BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
+from llmq.job_record import JobRecord, iso
+from llmq.models import (
+    BATCH_EVENT_FOR_STATUS,
+    Batch,
+    BatchEvent,
+    BatchRequestCounts,
+    BatchStatus,
+    BatchWebhookState,
+    DeliveryStatus,
+    JobStatus,
+    WebhookDelivery,
+    WebhookEvent,
+)
+from llmq.shares import ShareState, holders_of, share_key
+
+BATCH_PREFIX = "batch#"
+BATCH_ID_PREFIX = "bat_"
+# An item's id: "job_" + the batch id's 26 characters + "n" + its index. Every other job id has
+# exactly 26 characters after "job_", so the two never meet.
+_CORE = 26
+_ITEM_MARK = "n"
+TERMINAL_COUNTS = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED)
+# BatchGetItem reads at most 100 keys a call.
+_BATCH_GET_KEYS = 100
+
+Clock = Callable[[], float]
+
+
+def new_batch_id(tenant_id: str, idempotency_key: str | None, now_ms: int) -> str:
+    """Derived from (tenant, key) when a key is given, so a replay meets the same put condition."""
+    if idempotency_key is not None:
+        digest = hashlib.sha256(f"{tenant_id}\x00batch\x00{idempotency_key}".encode()).digest()
+        return BATCH_ID_PREFIX + base64.b32encode(digest).decode().lower().rstrip("=")[:_CORE]
+    return f"{BATCH_ID_PREFIX}{now_ms:012x}{secrets.token_hex(7)}"
+
+
+def item_job_id(batch_id: str, index: int) -> str:
+    return f"job_{batch_id[len(BATCH_ID_PREFIX) :]}{_ITEM_MARK}{index}"
+
+
+def batch_of(job_id: str) -> tuple[str, int] | None:
+    """(batch id, index) of an item's job id; None for any other job."""
+    rest = job_id[len("job_") :]
+    digits = rest[_CORE + 1 :]
+    if not job_id.startswith("job_") or rest[_CORE : _CORE + 1] != _ITEM_MARK or not digits.isdigit():
+        return None
+    return BATCH_ID_PREFIX + rest[:_CORE], int(digits)
+
+
+def is_batch_key(pk: str) -> bool:
+    return pk.startswith(BATCH_PREFIX)
+
+
+def batch_key(batch_id: str) -> dict[str, Any]:
+    return {"pk": {"S": BATCH_PREFIX + batch_id}}
+
+
+def shard_key(batch_id: str, expires_at: int, shard: int) -> dict[str, Any]:
+    """A count shard of the batch that expires at `expires_at`: a batch created again under the
+    same id (an Idempotency-Key reused after retention) counts on shards of its own."""
+    return {"pk": {"S": f"{BATCH_PREFIX}{batch_id}#{expires_at}#{shard}"}}
+
+
+def count_end(table: str, job: JobRecord, status: JobStatus, shards: int) -> dict[str, Any] | None:
+    """A transaction item: the item `job` ended in `status`, counted on its shard. None for a
+    job that is no batch's item."""
+    found = batch_of(job.id)
+    if found is None or job.batch_id is None:
+        return None
+    batch_id, index = found
+    return {
+        "Update": {
+            "TableName": table,
+            "Key": shard_key(batch_id, job.expires_at, index % shards),
+            # The shard goes with its batch: an item's expiry is its batch's.
+            "UpdateExpression": "SET expires_at = :expires ADD #status :one",
+            "ExpressionAttributeNames": {"#status": status.value},
+            "ExpressionAttributeValues": {":one": {"N": "1"}, ":expires": {"N": str(job.expires_at)}},
+        }
+    }
+
+
+def not_canceled(table: str, batch_id: str) -> dict[str, Any]:
+    """A transaction item: the batch was not asked to cancel (an item's claim checks it)."""
+    return {
+        "ConditionCheck": {
+            "TableName": table,
+            "Key": batch_key(batch_id),
+            "ConditionExpression": "attribute_exists(pk) AND cancel_requested = :false",
+            "ExpressionAttributeValues": {":false": {"BOOL": False}},
+        }
+    }
+
+
+class BatchRecord(BaseModel):
+    """A batch as stored. Its requests live in S3 (`requests_ref`) until they are written as items."""
+
+    id: str
+    tenant_id: str
+    status: BatchStatus
+    lane: str
+    total: int
+    requests_ref: str
+    request_hash: str
+    created_ms: int
+    expires_at: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+    deadline_ms: int | None = None
+    # Items written so far: items [0, expanded) exist. The expansion's checkpoint.
+    expanded: int = 0
+    # Items never written because the batch was canceled first: counted as canceled.
+    unexpanded_canceled: int = 0
+    cancel_requested: bool = False
+    finished_ms: int | None = None
+    # The counts when the batch ended, so its webhook and later reads need no shard.
+    final_counts: BatchRequestCounts | None = None
+    webhook_url: str | None = None
+    webhook_events: list[BatchEvent] = Field(default_factory=list)
+    item_events: list[WebhookEvent] = Field(default_factory=list)
+    delivery_status: DeliveryStatus | None = None
+    # The ended batch's webhook message was sent (`batch_runs.settle` sends it until it is).
+    webhook_sent: bool = False
+    delivery_attempts: int = 0
+    delivery_last_status_code: int | None = None
+    delivered_ms: int | None = None
+
+    @property
+    def expansion_over(self) -> bool:
+        return self.expanded + self.unexpanded_canceled >= self.total
+
+    @property
+    def terminal_event(self) -> BatchEvent | None:
+        return BATCH_EVENT_FOR_STATUS.get(self.status)
+
+    def wants(self, event: BatchEvent) -> bool:
+        return self.webhook_url is not None and event in self.webhook_events
+
+    def to_batch(self, counts: BatchRequestCounts, api_base: str = "") -> Batch:
+        webhook = None
+        if self.webhook_url is not None:
+            webhook = BatchWebhookState(
+                url=self.webhook_url,
+                events=self.webhook_events,
+                item_events=self.item_events,
+                delivery=WebhookDelivery(
+                    status=self.delivery_status,
+                    attempts=self.delivery_attempts,
+                    last_status_code=self.delivery_last_status_code,
+                    delivered_at=iso(self.delivered_ms) if self.delivered_ms else None,
+                ),
+            )
+        return Batch(
+            id=self.id,
+            status=self.status,
+            lane=self.lane,
+            metadata=self.metadata,
+            request_counts=counts,
+            created_at=iso(self.created_ms),
+            finished_at=iso(self.finished_ms) if self.finished_ms else None,
+            cancel_requested=self.cancel_requested,
+            results_url=f"{api_base.rstrip('/')}/v1/batches/{self.id}/results",
+            webhook=webhook,
+        )
+
+
+_BATCH_JSON = ("final_counts",)
+
+
+def _to_item(record: BatchRecord) -> dict[str, Any]:
+    data = record.model_dump(mode="json", exclude_none=True)
+    for name in _BATCH_JSON:
+        if name in data:
+            data[name] = codec.json_text(data[name])
+    data["pk"] = BATCH_PREFIX + data.pop("id")
+    return {key: codec._serializer.serialize(value) for key, value in data.items()}
+
+
+def _from_item(item: dict[str, Any]) -> BatchRecord:
+    data = codec.plain(item)
+    data["id"] = str(data.pop("pk"))[len(BATCH_PREFIX) :]
+    for name in _BATCH_JSON:
+        if name in data:
+            data[name] = BatchRequestCounts.model_validate_json(data[name])
+    return BatchRecord.model_validate(data)
+
+
+def tally(batch: BatchRecord, shard_items: list[dict[str, Any]], running: int) -> BatchRequestCounts:
+    """The batch's counts from its shards (terminal), the share's holders (running) and the rest."""
+    ended = dict.fromkeys(TERMINAL_COUNTS, 0)
+    for item in shard_items:
+        values = codec.plain(item)
+        for status in TERMINAL_COUNTS:
+            ended[status] += int(values.get(status.value, 0))
+    ended[JobStatus.CANCELED] += batch.unexpanded_canceled
+    done = sum(ended.values())
+    running = max(0, min(running, batch.total - done))
+    return BatchRequestCounts(
+        total=batch.total,
+        queued=max(0, batch.total - done - running),
+        running=running,
+        succeeded=ended[JobStatus.SUCCEEDED],
+        failed=ended[JobStatus.FAILED],
+        canceled=ended[JobStatus.CANCELED],
+        expired=ended[JobStatus.EXPIRED],
+    )
+
+
+def final_status(batch: BatchRecord, counts: BatchRequestCounts) -> BatchStatus:
+    if batch.cancel_requested:
+        return BatchStatus.CANCELED
+    if counts.expired:
+        return BatchStatus.EXPIRED
+    return BatchStatus.COMPLETED
+
+
+class BatchRepository:
+    def __init__(
+        self, table_name: str, config: LlmqConfig, *, dynamodb: Any, clock: Clock = time.time
+    ) -> None:
+        self.table_name = table_name
+        self.config = config
+        self._ddb = aws.TranslatedClient(dynamodb)
+        self._clock = clock
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # ---- accept -------------------------------------------------------------------------
+
+    def share(self, tenant_id: str) -> ShareState:
+        response = self._ddb.get_item(
+            TableName=self.table_name, Key=share_key(tenant_id), ConsistentRead=True
+        )
+        return ShareState.from_item(tenant_id, response.get("Item"))
+
+    def create(
+        self, record: BatchRecord, cap: int, state: ShareState, default_max_active: int
+    ) -> tuple[BatchRecord, bool]:
+        """One transaction: the batch's conditional put, and its items admitted as active jobs
+        on the tenant's share (`shares.admit_many`, against the quota as `state` read it).
+        (The batch, replayed) when its id exists already, whatever the quota; QuotaExceeded
+        when the items do not fit, and nothing is written."""
+        put = {
+            "Put": {
+                "TableName": self.table_name,
+                "Item": _to_item(record),
+                "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
+                "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
+        }
+        share = shares.admit_many(
+            self.table_name, record.tenant_id, record.lane, cap, record.total, state, default_max_active
+        )
+        try:
+            self._ddb.transact_write_items(TransactItems=[put, share])
+        except ClientError as exc:
+            reasons = _reasons(exc)
+            if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
+                old = reasons[0].get("Item")
+                if not old:
+                    raise StoreUnavailable("the batch's put was refused without its item") from exc
+                existing = _from_item(old)
+                # Our own put, applied on a try whose answer was lost: same stored body, same time.
+                mine = (
+                    existing.request_hash == record.request_hash and existing.created_ms == record.created_ms
+                )
+                return existing, not mine
+            if len(reasons) > 1 and reasons[1].get("Code") == "ConditionalCheckFailed":
+                found = ShareState.from_item(record.tenant_id, reasons[1].get("Item"))
+                raise over_quota(found, record.total, default_max_active, self.config) from exc
+            _raise_retryable(exc, "the batch's put")
+            raise
+        return record, False
+
+    # ---- read ---------------------------------------------------------------------------
+
+    def find(self, batch_id: str) -> BatchRecord | None:
+        response = self._ddb.get_item(TableName=self.table_name, Key=batch_key(batch_id), ConsistentRead=True)
+        item = response.get("Item")
+        return _from_item(item) if item else None
+
+    def get(self, batch_id: str, tenant_id: str) -> BatchRecord:
+        """The tenant's batch; another tenant's is as missing as one that never was."""
+        found = self.find(batch_id)
+        if found is None or found.tenant_id != tenant_id or found.expires_at <= self._clock():
+            raise BatchNotFound(f"no batch {batch_id}")
+        return found
+
+    def counts(self, batch: BatchRecord) -> BatchRequestCounts:
+        """Two reads: the shards (one BatchGetItem) and the tenant's share for what runs."""
+        if batch.final_counts is not None:
+            return batch.final_counts
+        shards = self._get_many(self._shard_keys(batch))
+        running = len(self.running_items(batch))
+        return tally(batch, list(shards.values()), running)
+
+    def _shard_keys(self, batch: BatchRecord) -> list[dict[str, Any]]:
+        return [
+            shard_key(batch.id, batch.expires_at, shard) for shard in range(self.config.batches.count_shards)
+        ]
+
+    def running_items(self, batch: BatchRecord) -> list[str]:
+        """The batch's items holding a slot now: its holders in the tenant's share (one read)."""
+        share = self._ddb.get_item(
+            TableName=self.table_name,
+            Key=share_key(batch.tenant_id),
+            ProjectionExpression="#h",
+            ExpressionAttributeNames={"#h": holders_of(batch.lane)},
+            ConsistentRead=True,
+        ).get("Item", {})
+        holders = codec.plain(share).get(holders_of(batch.lane), {}) or {}
+        return [str(job_id) for job_id in holders if (batch_of(str(job_id)) or ("",))[0] == batch.id]
+
+    def ended(self, batch: BatchRecord) -> BatchRequestCounts | None:
+        """The counts when every item has ended (no share read: nothing runs then); else None."""
+        if not batch.expansion_over:
+            return None
+        shards = self._get_many(self._shard_keys(batch))
+        counts = tally(batch, list(shards.values()), 0)
+        if counts.queued:
+            return None
+        return counts
+
+    def items(self, batch: BatchRecord, start: int, count: int) -> list[tuple[int, JobRecord | None]]:
+        """Items [start, start + count) of the batch, each with its job (None: not written yet)."""
+        indexes = list(range(start, min(batch.total, start + count)))
+        found = self._get_many([{"pk": {"S": item_job_id(batch.id, index)}} for index in indexes])
+        jobs = {key: codec.from_item(item) for key, item in found.items()}
+        return [(index, jobs.get(item_job_id(batch.id, index))) for index in indexes]
+
+    def _get_many(self, keys: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Items by pk, consistent, through BatchGetItem's 100-key pages and unprocessed keys."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), _BATCH_GET_KEYS):
+            pending: dict[str, Any] = {
+                self.table_name: {"Keys": keys[start : start + _BATCH_GET_KEYS], "ConsistentRead": True}
+            }
+            for _ in range(8):
+                response = self._ddb.batch_get_item(RequestItems=pending)
+                for item in response.get("Responses", {}).get(self.table_name, []):
+                    found[item["pk"]["S"]] = item
+                pending = response.get("UnprocessedKeys") or {}
+                if not pending:
+                    break
+                time.sleep(0.05)
+            else:
+                raise StoreUnavailable("dynamodb.BatchGetItem: keys left unprocessed")
+        return found
+
+    # ---- expansion ----------------------------------------------------------------------
+
+    def write_items(self, batch: BatchRecord, start: int, jobs: list[JobRecord]) -> bool:
+        """One transaction: items [start, start + len(jobs)) put, each only if absent, and the
+        checkpoint moved from `start` past them; nothing if the checkpoint is elsewhere (another
+        expansion wrote them) or the batch was asked to cancel. True when this call wrote them."""
+        end = start + len(jobs)
+        puts = [
+            {
+                "Put": {
+                    "TableName": self.table_name,
+                    # Not in the reconciler's sweep index while queued: the expansion queues its
+                    # own items again after a crash, and a backlog of 100,000 items waiting for
+                    # the tenant's cap would fill every sweep. A claim indexes the item (its lease).
+                    "Item": codec.to_item(job),
+                    # An item past its TTL but not yet deleted by DynamoDB counts as gone.
+                    "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
+                    "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
+                }
+            }
+            for job in jobs
+        ]
+        status = BatchStatus.IN_PROGRESS if end >= batch.total else BatchStatus.VALIDATING
+        checkpoint = {
+            "Update": {
+                "TableName": self.table_name,
+                "Key": batch_key(batch.id),
+                "UpdateExpression": "SET expanded = :end, #st = :status",
+                "ConditionExpression": "expanded = :start AND cancel_requested = :false",
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": codec.values(
+                    end=end, start=start, status=status.value, false=False
+                ),
+            }
+        }
+        # Item claims check the batch in their transactions: one may meet this chunk's on the
+        # batch item (TransactionConflict, nothing applied). Tried again here, briefly.
+        for attempt in range(_CHUNK_TRIES):
+            try:
+                self._ddb.transact_write_items(TransactItems=[checkpoint, *puts])
+                return True
+            except ClientError as exc:
+                reasons = _reasons(exc)
+                if any(reason.get("Code") == "ConditionalCheckFailed" for reason in reasons):
+                    return False
+                if attempt + 1 == _CHUNK_TRIES:
+                    _raise_retryable(exc, "an expansion chunk")
+                    raise
+                if not {reason.get("Code") for reason in reasons} & _RETRYABLE:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return False
+
+    def give_up_expansion(self, batch: BatchRecord) -> bool:
+        """A canceled batch's items not written yet are canceled as never written, once: one
+        transaction with the tenant's share, where they stop counting as active jobs."""
+        rest = batch.total - batch.expanded
+        update = {
+            "Update": {
+                "TableName": self.table_name,
+                "Key": batch_key(batch.id),
+                "UpdateExpression": "SET unexpanded_canceled = :rest",
+                "ConditionExpression": "expanded = :expanded AND cancel_requested = :true "
+                "AND (attribute_not_exists(unexpanded_canceled) OR unexpanded_canceled = :zero)",
+                "ExpressionAttributeValues": codec.values(
+                    rest=rest, expanded=batch.expanded, true=True, zero=0
+                ),
+            }
+        }
+        try:
+            self._ddb.transact_write_items(
+                TransactItems=[update, shares.release_many(self.table_name, batch.tenant_id, rest)]
+            )
+        except ClientError as exc:
+            if any(reason.get("Code") == "ConditionalCheckFailed" for reason in _reasons(exc)):
+                return False
+            _raise_retryable(exc, "a canceled batch's unwritten items")
+            raise
+        return True
+
+    # ---- cancel and end -----------------------------------------------------------------
+
+    def request_cancel(self, batch: BatchRecord) -> BatchRecord | None:
+        """Flag the batch canceling; None when it has ended meanwhile. Idempotent."""
+        return self._update_while_open(
+            batch.id,
+            "SET cancel_requested = :true, #st = :canceling",
+            {"true": True},
+        )
+
+    def finish(self, batch: BatchRecord, counts: BatchRequestCounts) -> BatchRecord | None:
+        """The batch's one terminal write, with its final counts; its webhook set pending when
+        subscribed. None when another writer ended it first."""
+        status = final_status(batch, counts)
+        sets = ["#st = :status", "finished_ms = :now", "final_counts = :counts"]
+        values: dict[str, Any] = {
+            "status": status.value,
+            "now": self.now_ms(),
+            "counts": counts.model_dump_json(),
+        }
+        if batch.wants(BATCH_EVENT_FOR_STATUS[status]):
+            sets.append("delivery_status = :pending")
+            values["pending"] = DeliveryStatus.PENDING.value
+        return self._update_while_open(batch.id, f"SET {', '.join(sets)}", values)
+
+    def _update_while_open(
+        self, batch_id: str, expression: str, values: dict[str, Any]
+    ) -> BatchRecord | None:
+        """One UpdateItem of a batch that has not ended; the batch as written, or None."""
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch_id),
+                UpdateExpression=expression,
+                ConditionExpression="#st IN (:validating, :in_progress, :canceling)",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues=codec.values(
+                    **values,
+                    validating=BatchStatus.VALIDATING.value,
+                    in_progress=BatchStatus.IN_PROGRESS.value,
+                    canceling=BatchStatus.CANCELING.value,
+                ),
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if codec.condition_failed(exc):
+                return None
+            raise
+        return _from_item(response["Attributes"])
+
+    def mark_webhook_sent(self, batch_id: str) -> None:
+        self._ddb.update_item(
+            TableName=self.table_name,
+            Key=batch_key(batch_id),
+            UpdateExpression="SET webhook_sent = :true",
+            ExpressionAttributeValues={":true": {"BOOL": True}},
+        )
+
+    def record_delivery(
+        self, batch_id: str, status: DeliveryStatus, status_code: int | None, attempts: int
+    ) -> bool:
+        """What became of an attempt to deliver the batch's event; False when it had settled."""
+        sets = ["delivery_status = :status", "delivery_attempts = :attempts"]
+        values: dict[str, Any] = {"status": status.value, "attempts": attempts, "pending": "pending"}
+        if status_code is not None:
+            sets.append("delivery_last_status_code = :code")
+            values["code"] = status_code
+        if status is DeliveryStatus.DELIVERED:
+            sets.append("delivered_ms = :now")
+            values["now"] = self.now_ms()
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch_id),
+                UpdateExpression=f"SET {', '.join(sets)}",
+                ConditionExpression="delivery_status = :pending",
+                ExpressionAttributeValues=codec.values(**values),
+            )
+        except ClientError as exc:
+            if codec.condition_failed(exc):
+                return False
+            raise
+        return True
+
+
+def over_quota(state: ShareState, count: int, default_max_active: int, config: LlmqConfig) -> QuotaExceeded:
+    limit = state.max_active_jobs or default_max_active
+    return QuotaExceeded(
+        f"{state.active} jobs are queued or running and this batch adds {count}; this tenant may have "
+        f"at most {limit}",
+        retry_after=config.fair_share.quota_retry_after_seconds,
+    )
+
+
+def _reasons(exc: ClientError) -> list[dict[str, Any]]:
+    if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+        return []
+    return list(exc.response.get("CancellationReasons") or [])  # type: ignore[arg-type]
+
+
+_RETRYABLE = frozenset(
+    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
+)
+_CHUNK_TRIES = 4
+
+
+def _raise_retryable(exc: ClientError, what: str) -> None:
+    """A transaction canceled by a conflict or a throttle was not applied: StoreContended."""
+    codes = {reason.get("Code") for reason in _reasons(exc)}
+    if codes & _RETRYABLE:
+        raise StoreContended(f"{what}: {sorted(c for c in codes if c)}") from exc

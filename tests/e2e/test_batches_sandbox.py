@@ -1,0 +1,130 @@
+"""Batches end to end over real HTTP in the shared sandbox: a batch runs, its results and its
+one signed webhook; a replayed key; a cancel mid-batch that spares the provider."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from tests.e2e.conftest import SandboxUnderTest, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def sandbox(shared_sandbox: SandboxUnderTest) -> SandboxUnderTest:
+    return shared_sandbox
+
+
+def _requests(count: int, prompt: str) -> list[dict[str, Any]]:
+    return [{"custom_id": f"row-{index}", "body": {"prompt": f"{prompt} {index}"}} for index in range(count)]
+
+
+def _batch(client: httpx.Client, batch_id: str) -> dict[str, Any]:
+    reply = client.get(f"/v1/batches/{batch_id}")
+    assert reply.status_code == 200, reply.text
+    found: dict[str, Any] = reply.json()
+    return found
+
+
+def _wait_ended(client: httpx.Client, batch_id: str, timeout: float = 120) -> dict[str, Any]:
+    ended: dict[str, Any] = wait_until(
+        lambda: (
+            (batch := _batch(client, batch_id))["status"] in ("completed", "canceled", "expired") and batch
+        ),
+        timeout=timeout,
+        interval=0.5,
+    )
+    assert ended, f"batch {batch_id} did not end: {_batch(client, batch_id)}"
+    return ended
+
+
+def _results(client: httpx.Client, batch_id: str) -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = []
+    cursor: str | None = "0"
+    while cursor is not None:
+        reply = client.get(f"/v1/batches/{batch_id}/results", params={"cursor": cursor})
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("application/jsonl")
+        lines += [json.loads(line) for line in reply.text.splitlines() if line]
+        cursor = reply.headers.get("llmq-next-cursor")
+    return lines
+
+
+def test_a_batch_runs_its_items_once_and_sends_one_verified_webhook(sandbox: SandboxUnderTest) -> None:
+    tenant = sandbox.tenant("enterprise")
+    hook = f"{sandbox.state['receiver_url']}/hooks/batch"
+    with sandbox.api("enterprise") as client:
+        accepted = client.post(
+            "/v1/batches",
+            json={"requests": _requests(12, "Summarise [[latency:0.2]]"), "webhook": {"url": hook}},
+            headers={"Idempotency-Key": "e2e-batch-1"},
+        )
+        assert accepted.status_code == 202, accepted.text
+        batch_id = accepted.json()["id"]
+        assert accepted.headers["location"] == f"{sandbox.api_url}/v1/batches/{batch_id}"
+        # A replay of the key is the same batch
+        replay = client.post(
+            "/v1/batches",
+            json={"requests": _requests(12, "Summarise [[latency:0.2]]"), "webhook": {"url": hook}},
+            headers={"Idempotency-Key": "e2e-batch-1"},
+        )
+        assert (replay.status_code, replay.json()["id"]) == (202, batch_id)
+        ended = _wait_ended(client, batch_id)
+        assert ended["status"] == "completed"
+        assert ended["request_counts"]["succeeded"] == 12
+        lines = _results(client, batch_id)
+    # Every item once, named by its custom_id, each run once at the provider
+    assert [line["custom_id"] for line in lines] == [f"row-{index}" for index in range(12)]
+    assert {line["status"] for line in lines} == {"succeeded"}
+    assert [sandbox.provider_calls(line["job_id"]) for line in lines] == [1] * 12
+    # One batch.completed, verified with the tenant's secret
+    assert wait_until(lambda: sandbox.deliveries(batch_id), timeout=30)
+    time.sleep(2)  # room for a duplicate to show up, if there were one
+    deliveries = sandbox.deliveries(batch_id)
+    assert [(d["type"], d["verified"], d["status"]) for d in deliveries] == [("batch.completed", True, 200)]
+    request = deliveries[0]["request"]
+    payload = Webhook(tenant["webhook_secret"]).verify(request["body"], request["headers"])
+    assert payload["data"]["request_counts"]["succeeded"] == 12
+
+
+def test_a_batch_canceled_mid_run_calls_the_provider_for_no_queued_item(sandbox: SandboxUnderTest) -> None:
+    with sandbox.api("enterprise") as client:
+        accepted = client.post("/v1/batches", json={"requests": _requests(40, "Slow [[latency:1.5]]")})
+        assert accepted.status_code == 202
+        batch_id = accepted.json()["id"]
+        assert wait_until(lambda: _batch(client, batch_id)["request_counts"]["running"] > 0, timeout=60)
+        canceled = client.post(f"/v1/batches/{batch_id}/cancel")
+        assert canceled.status_code in (200, 202)
+        ended = _wait_ended(client, batch_id)
+        lines = _results(client, batch_id)
+        canceled_jobs = [
+            client.get(f"/v1/jobs/{line['job_id']}").json() for line in lines if line["status"] == "canceled"
+        ]
+    counts = ended["request_counts"]
+    assert ended["status"] == "canceled"
+    assert counts["succeeded"] + counts["canceled"] + counts["failed"] == 40
+    assert len(canceled_jobs) == counts["canceled"]
+    # The items still queued at the cancel ended canceled without ever starting, and none of
+    # them reached the provider
+    never_started = [job for job in canceled_jobs if job["attempts"] == 0]
+    assert len(never_started) >= 10
+    assert [sandbox.provider_calls(job["id"]) for job in never_started] == [0] * len(never_started)
+    assert all(job["batch_id"] == batch_id for job in canceled_jobs)
+
+
+def test_a_bad_item_is_refused_whole_over_http(sandbox: SandboxUnderTest) -> None:
+    with sandbox.api("enterprise") as client:
+        reply = client.post(
+            "/v1/batches",
+            json={"requests": [*_requests(2, "ok"), {"custom_id": "row-0", "body": {"prompt": "dup"}}]},
+        )
+    assert reply.status_code == 422
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.json()["code"] == "invalid_request"
+    assert "requests[2].custom_id" in reply.json()["detail"]

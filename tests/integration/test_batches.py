@@ -1,0 +1,536 @@
+"""Batches (issue 15) through the real handlers against moto and a loopback provider: accept,
+expansion into item jobs (crash-safe, exactly once per item), counts, results, cancel, the
+batch's one webhook, and the tenant's cap over its items."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook
+
+from llmq import aws
+from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id
+from llmq.models import BatchStatus
+from llmq.shares import ShareRepository
+from llmq.tenants import TenantRepository
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.receiver import WebhookReceiver
+from tests.aws_faults import AwsFaults, FaultKind
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, FREE, ApiReply, Harness, LambdaContextStub, load_handler
+
+HIGH = "high"
+
+
+@pytest.fixture
+def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    # Chunks of two items, so a batch of five is three transactions and a crash can fall between.
+    return Harness(moto_stack, integration_config(provider, batches={"expand_chunk": 2}), monkeypatch)
+
+
+@pytest.fixture
+def faults(harness: Harness) -> Iterator[AwsFaults]:
+    injected = AwsFaults()
+    injected.wrap_handler("worker", harness.worker())
+    injected.wrap_handler("api", harness.api_module)
+    yield injected
+    injected.disarm()
+
+
+def _requests(count: int, prefix: str = "item") -> list[dict[str, Any]]:
+    return [{"custom_id": f"{prefix}-{index}", "body": {"prompt": f"say {index}"}} for index in range(count)]
+
+
+def _submit(
+    harness: Harness, tenant: dict[str, str] = ENTERPRISE, key: str | None = None, **body: Any
+) -> ApiReply:
+    headers = {"Idempotency-Key": key} if key else {}
+    return harness.api("POST", "/v1/batches", body=body, headers=headers, tenant=tenant)
+
+
+def _get(harness: Harness, batch_id: str, tenant: dict[str, str] = ENTERPRISE) -> ApiReply:
+    return harness.api("GET", f"/v1/batches/{batch_id}", tenant=tenant)
+
+
+def _results(harness: Harness, batch_id: str, **query: str) -> tuple[list[dict[str, Any]], str | None]:
+    reply = harness.api("GET", f"/v1/batches/{batch_id}/results", tenant=ENTERPRISE, query=query or None)
+    assert reply.status == 200, reply.body
+    text = reply.body if isinstance(reply.body, str) else json.dumps(reply.body)
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return lines, reply.headers.get("llmq-next-cursor")
+
+
+def _run_lane(harness: Harness, lane: str = HIGH, seconds: float = 30) -> int:
+    """Run the lane's worker until its queue is empty (waiting out delays and visibility
+    timeouts, as the event source mapping would): the number of worker invocations."""
+    url = harness.stack.lane_queue_urls[lane]
+    invocations = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        messages = harness.receive(url, visibility=1)
+        if messages:
+            harness.run_worker(url, messages)
+            invocations += 1
+            continue
+        if _held(harness, url) == 0:
+            return invocations
+        harness.let_backoffs_pass()
+        time.sleep(0.2)
+    raise AssertionError(f"lane {lane} still holds messages after {seconds} s")
+
+
+def _held(harness: Harness, url: str) -> int:
+    """Messages waiting, in flight or delayed, read at one moment (a message coming due between
+    two reads would be counted by neither)."""
+    names = [
+        "ApproximateNumberOfMessages",
+        "ApproximateNumberOfMessagesNotVisible",
+        "ApproximateNumberOfMessagesDelayed",
+    ]
+    attributes = harness.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+    return sum(int(attributes[name]) for name in names)
+
+
+def _item_jobs(harness: Harness) -> list[dict[str, Any]]:
+    items = harness.ddb.scan(TableName=harness.stack.jobs_table)["Items"]
+    return [item for item in items if batch_of(item["pk"]["S"])]
+
+
+def _stored(harness: Harness, batch_id: str) -> BatchRecord:
+    """The batch as stored, read without the API (whose GET may end a batch itself)."""
+    found = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).find(
+        batch_id
+    )
+    assert found is not None
+    return found
+
+
+def _provider_calls(provider: FakeProviderServer) -> int:
+    return len(provider.state.snapshot()["log"])
+
+
+# ---- accept -------------------------------------------------------------------------------------
+
+
+def test_a_batch_is_accepted_at_once_and_its_items_run_as_jobs_with_results_by_custom_id(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # When a tenant submits a batch of five
+    reply = _submit(harness, requests=_requests(5), metadata={"run": "nightly"})
+    # Then it is accepted at once: nothing written as a job yet, one expand message queued
+    assert reply.status == 202, reply.body
+    batch = reply.body
+    assert batch["object"] == "batch"
+    assert batch["status"] == "validating"
+    assert batch["request_counts"] == {
+        "total": 5,
+        "queued": 5,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "canceled": 0,
+        "expired": 0,
+    }
+    assert reply.headers["location"].endswith(f"/v1/batches/{batch['id']}")
+    assert _item_jobs(harness) == []
+    # When the lane's workers run: the expansion, then the items
+    _run_lane(harness)
+    # Then each item ran once at the provider and the worker of the last one ended the batch
+    assert _provider_calls(provider) == 5
+    assert _stored(harness, batch["id"]).status is BatchStatus.COMPLETED
+    done = _get(harness, batch["id"])
+    assert done.status == 200
+    assert done.body["status"] == "completed"
+    assert done.body["request_counts"]["succeeded"] == 5
+    assert done.body["request_counts"]["queued"] == 0
+    assert done.body["finished_at"] is not None
+    # And the results name every item by its custom_id, in order, with its output
+    lines, cursor = _results(harness, batch["id"])
+    assert cursor is None
+    assert [line["custom_id"] for line in lines] == [f"item-{index}" for index in range(5)]
+    assert all(line["status"] == "succeeded" and line["result"]["output"] for line in lines)
+    assert [line["job_id"] for line in lines] == [item_job_id(batch["id"], index) for index in range(5)]
+    # And each item is an ordinary job, readable as one, with its batch and custom_id
+    job = harness.api("GET", f"/v1/jobs/{lines[2]['job_id']}", tenant=ENTERPRISE)
+    assert job.status == 200
+    assert (job.body["batch_id"], job.body["custom_id"], job.body["status"]) == (
+        batch["id"],
+        "item-2",
+        "succeeded",
+    )
+
+
+def test_a_batchs_items_are_active_jobs_until_they_end_and_the_quota_refuses_a_batch_whole(
+    harness: Harness,
+) -> None:
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    shares.set_limits(FREE["tenant_id"], max_active_jobs=5)
+    # A batch of three fits a quota of five: three active jobs
+    first = _submit(harness, tenant=FREE, requests=_requests(3))
+    assert first.status == 202
+    assert shares.get(FREE["tenant_id"]).active == 3
+    # Three more would pass it: refused whole, with Retry-After, and nothing written or queued
+    refused = _submit(harness, tenant=FREE, requests=_requests(3, prefix="more"))
+    assert (refused.status, refused.code) == (429, "quota_exceeded")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert shares.get(FREE["tenant_id"]).active == 3
+    assert harness.total_count(harness.stack.lane_queue_urls["low"]) == 1  # the first batch's expand
+    # When the first batch has run, its items are no longer active
+    _run_lane(harness, lane="low")
+    assert _stored(harness, first.body["id"]).status is BatchStatus.COMPLETED
+    share = shares.get(FREE["tenant_id"])
+    assert (share.active, share.running) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("requests", "code", "where"),
+    [
+        (
+            [*_requests(2), {"custom_id": "item-0", "body": {"prompt": "again"}}],
+            "invalid_request",
+            "requests[2].custom_id",
+        ),
+        (
+            [*_requests(2), {"custom_id": "x", "body": {"prompt": "p", "params": {"max_tokens": 0}}}],
+            "invalid_request",
+            "max_tokens",
+        ),
+        ([{"custom_id": "bad id", "body": {"prompt": "p"}}], "invalid_request", "custom_id"),
+        (
+            [{"custom_id": "w", "body": {"prompt": "p", "webhook": {"url": "https://example.com/h"}}}],
+            "invalid_request",
+            "requests[0].body.webhook",
+        ),
+        ([{"custom_id": "long", "body": {"prompt": "é" * 6000}}], "invalid_request", "prompt"),
+        ([], "invalid_request", "requests"),
+    ],
+)
+def test_a_bad_item_is_a_problem_naming_it_and_nothing_is_written_or_queued(
+    harness: Harness, requests: list[dict[str, Any]], code: str, where: str
+) -> None:
+    reply = _submit(harness, requests=requests)
+    assert (reply.status, reply.code) == (422, code)
+    assert where in json.dumps(reply.body)
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+
+
+def test_an_item_with_a_model_the_deployment_does_not_allow_is_refused_with_the_jobs_code(
+    harness: Harness,
+) -> None:
+    # Past the schema (a deployment's models are a schema enum), the same refusal as for a job
+    reply = _submit(
+        harness, requests=[*_requests(1), {"custom_id": "m", "body": {"prompt": "p", "model": "gpt-x"}}]
+    )
+    assert reply.status == 422
+    assert "requests" in json.dumps(reply.body) and "model" in json.dumps(reply.body)
+    assert harness.item_count() == 0
+
+
+def test_a_replayed_key_returns_the_same_batch_and_writes_nothing_more(harness: Harness) -> None:
+    first = _submit(harness, key="nightly-1", requests=_requests(3))
+    again = _submit(harness, key="nightly-1", requests=_requests(3))
+    assert (first.status, again.status) == (202, 202)
+    assert again.body["id"] == first.body["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    _run_lane(harness)
+    # Two expand messages (the replay's is harmless), one job per item.
+    assert sorted(item["pk"]["S"] for item in _item_jobs(harness)) == sorted(
+        item_job_id(first.body["id"], index) for index in range(3)
+    )
+    other = _submit(harness, key="nightly-1", requests=_requests(4))
+    assert other.status == 422
+    assert other.code == "idempotency_key_reused"
+
+
+def test_another_tenants_batch_is_not_found(harness: Harness) -> None:
+    reply = _submit(harness, requests=_requests(1))
+    for path in ("", "/results"):
+        foreign = harness.api("GET", f"/v1/batches/{reply.body['id']}{path}", tenant=FREE)
+        assert (foreign.status, foreign.code) == (404, "batch_not_found")
+    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=FREE)
+    assert (canceled.status, canceled.code) == (404, "batch_not_found")
+
+
+# ---- expansion under faults ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "nth"),
+    [
+        # The first chunk's transaction throttled; the second chunk's applied but unanswered.
+        (FaultKind.THROTTLE, 1),
+        (FaultKind.APPLIED_LOST, 2),
+        (FaultKind.APPLIED_RETRIED, 2),
+        (FaultKind.SERVER_ERROR, 3),
+    ],
+)
+def test_an_expansion_cut_by_an_aws_fault_resumes_and_writes_each_item_exactly_once(
+    harness: Harness, provider: FakeProviderServer, faults: AwsFaults, kind: FaultKind, nth: int
+) -> None:
+    reply = _submit(harness, requests=_requests(5))
+    faults.arm(kind, "dynamodb.TransactWriteItems", function="worker", nth=nth)
+    _run_lane(harness)
+    assert faults.fired, "the fault never fired"
+    # One job per item, every item ran once, and the batch completed with exact counts.
+    assert sorted(item["pk"]["S"] for item in _item_jobs(harness)) == sorted(
+        item_job_id(reply.body["id"], index) for index in range(5)
+    )
+    assert sorted(call["job_id"] for call in provider.state.snapshot()["log"]) == sorted(
+        item_job_id(reply.body["id"], index) for index in range(5)
+    )
+    assert _stored(harness, reply.body["id"]).status is BatchStatus.COMPLETED
+    done = _get(harness, reply.body["id"]).body
+    assert done["request_counts"]["succeeded"] == 5
+
+
+def test_an_expansion_whose_sends_fail_after_its_write_queues_that_chunk_when_it_resumes(
+    harness: Harness, provider: FakeProviderServer, faults: AwsFaults
+) -> None:
+    # The first chunk is written, then SQS refuses its messages (the worker's crash window)
+    reply = _submit(harness, requests=_requests(5))
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessageBatch", function="worker", times=3)
+    _run_lane(harness)
+    assert len(faults.fired) == 3
+    # Then the resumed expansion queued it again: every item ran exactly once
+    assert sorted(call["job_id"] for call in provider.state.snapshot()["log"]) == sorted(
+        item_job_id(reply.body["id"], index) for index in range(5)
+    )
+    assert _get(harness, reply.body["id"]).body["status"] == "completed"
+
+
+def test_two_expansions_at_once_write_each_item_once(harness: Harness, provider: FakeProviderServer) -> None:
+    # A duplicate expand message, delivered to two invocations at the same time
+    reply = _submit(harness, requests=_requests(5))
+    url = harness.stack.lane_queue_urls[HIGH]
+    [message] = harness.receive(url, visibility=0)
+    harness.sqs.send_message(QueueUrl=url, MessageBody=message["Body"])
+    both = harness.receive(url)
+    assert len(both) == 2
+    harness.run_worker(url, both)
+    _run_lane(harness)
+    assert sorted(call["job_id"] for call in provider.state.snapshot()["log"]) == sorted(
+        item_job_id(reply.body["id"], index) for index in range(5)
+    )
+
+
+# ---- cancel -------------------------------------------------------------------------------------
+
+
+def test_a_canceled_batch_runs_no_queued_item_and_ends_canceled_with_its_counts(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    reply = _submit(harness, requests=_requests(5))
+    url = harness.stack.lane_queue_urls[HIGH]
+    # The items are written and queued, none has run
+    harness.run_worker(url, harness.receive(url))
+    assert len(_item_jobs(harness)) == 5
+    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    assert canceled.status == 202
+    assert canceled.body["status"] == "canceling"
+    _run_lane(harness)
+    # No item reached the provider; every one ended canceled; the batch is canceled
+    assert _provider_calls(provider) == 0
+    assert _stored(harness, reply.body["id"]).status is BatchStatus.CANCELED
+    done = _get(harness, reply.body["id"]).body
+    assert done["status"] == "canceled"
+    assert done["request_counts"]["canceled"] == 5
+    lines, _ = _results(harness, reply.body["id"])
+    assert {line["status"] for line in lines} == {"canceled"}
+    again = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    assert (again.status, again.code) == (409, "batch_not_cancelable")
+
+
+def test_a_batch_canceled_before_its_expansion_writes_no_item(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    reply = _submit(harness, requests=_requests(5))
+    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    assert canceled.status in (200, 202)
+    _run_lane(harness)
+    assert _item_jobs(harness) == []
+    assert _provider_calls(provider) == 0
+    done = _get(harness, reply.body["id"]).body
+    assert (done["status"], done["request_counts"]["canceled"]) == ("canceled", 5)
+    # The results still name every item
+    lines, _ = _results(harness, reply.body["id"])
+    assert [line["custom_id"] for line in lines] == [f"item-{index}" for index in range(5)]
+
+
+# ---- results while it runs -----------------------------------------------------------------------
+
+
+def test_partial_results_page_with_a_cursor_and_filter_by_status(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = Harness(
+        moto_stack, integration_config(provider, batches={"expand_chunk": 2, "results_page": 2}), monkeypatch
+    )
+    reply = _submit(harness, requests=_requests(5))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    # Two items run; three are still queued
+    harness.run_worker(url, harness.receive(url, max_messages=2))
+    pages, cursor = [], "0"
+    while cursor is not None:
+        lines, cursor = _results(harness, reply.body["id"], cursor=cursor)
+        pages.append(lines)
+    assert [len(page) for page in pages] == [2, 2, 1]
+    every = [line for page in pages for line in page]
+    assert [line["custom_id"] for line in every] == [f"item-{index}" for index in range(5)]
+    assert sorted(line["status"] for line in every) == ["queued"] * 3 + ["succeeded"] * 2
+    counts = _get(harness, reply.body["id"]).body["request_counts"]
+    assert (counts["succeeded"], counts["queued"]) == (2, 3)
+
+
+# ---- the batch's webhook -------------------------------------------------------------------------
+
+
+def _dispatch_all(harness: Harness, dispatcher: Any) -> int:
+    """Run the webhook dispatcher over what its queue holds now: the messages it handled."""
+    url = harness.stack.webhook_queue_url
+    handled = 0
+    while messages := harness.receive(url, visibility=60):
+        event = harness.sqs_event(url, messages)
+        response = dispatcher.handler(event, LambdaContextStub())
+        failed = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        handled += len(messages)
+    return handled
+
+
+def test_the_batch_webhook_fires_once_signed_when_every_item_has_ended(
+    harness: Harness, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant with a webhook secret, and a receiver on loopback
+    tenant = TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+    monkeypatch.setenv("LLMQ_PUBLIC_API_URL", "https://api.llmq.test")
+    dispatcher = load_handler("webhook_dispatcher")
+    hook = f"http://127.0.0.1:{receiver.port}/batch"
+    # When a batch with a webhook runs to its end, with a per-item event asked for too
+    reply = _submit(harness, requests=_requests(3), webhook={"url": hook, "item_events": ["job.succeeded"]})
+    assert reply.status == 202, reply.body
+    _run_lane(harness)
+    _dispatch_all(harness, dispatcher)
+    # Then the batch's event came once, signed as every delivery is, with the final counts
+    received = [json.loads(request.body) for request in receiver.requests_to("/batch")]
+    batch_events = [body for body in received if body["type"].startswith("batch.")]
+    assert [body["type"] for body in batch_events] == ["batch.completed"]
+    [request] = [r for r in receiver.requests_to("/batch") if b"batch.completed" in r.body]
+    verified = Webhook(tenant.tenant.webhook_secrets[0]).verify(request.body, dict(request.headers))
+    assert verified["data"]["id"] == reply.body["id"]
+    assert verified["data"]["request_counts"]["succeeded"] == 3
+    # And each item's job.succeeded, which the batch asked for
+    assert sorted(body["data"]["custom_id"] for body in received if body["type"] == "job.succeeded") == [
+        "item-0",
+        "item-1",
+        "item-2",
+    ]
+    assert _get(harness, reply.body["id"]).body["webhook"]["delivery"]["status"] == "delivered"
+    # A duplicate of the batch's message posts nothing more
+    harness.sqs.send_message(
+        QueueUrl=harness.stack.webhook_queue_url,
+        MessageBody=json.dumps({"job_id": reply.body["id"], "event": "batch.completed"}),
+    )
+    _dispatch_all(harness, dispatcher)
+    assert sum(b"batch.completed" in r.body for r in receiver.requests_to("/batch")) == 1
+
+
+def test_a_batch_without_item_events_sends_no_job_webhooks(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    reply = _submit(harness, requests=_requests(2), webhook={"url": f"http://127.0.0.1:{receiver.port}/b"})
+    _run_lane(harness)
+    assert reply.status == 202
+    # Only the batch's own event is queued
+    messages = harness.receive(harness.stack.webhook_queue_url)
+    assert [json.loads(message["Body"])["event"] for message in messages] == ["batch.completed"]
+
+
+# ---- the tenant's cap ----------------------------------------------------------------------------
+
+
+def test_a_batchs_items_count_against_the_tenants_cap(harness: Harness, provider: FakeProviderServer) -> None:
+    ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).set_limits(
+        ENTERPRISE["tenant_id"], max_concurrency=2
+    )
+    _submit(harness, requests=_requests(5))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    # Five items in one invocation with a cap of two: two run, three are deferred
+    harness.run_worker(url, harness.receive(url))
+    assert _provider_calls(provider) == 2
+
+
+# ---- items past their deadline, items canceled alone, a lost webhook -------------------------------
+
+
+def test_items_past_the_batch_deadline_expire_at_their_claim_and_the_batch_ends_expired(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    reply = _submit(harness, requests=_requests(2), deadline_seconds=1)
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    time.sleep(1.2)
+    _run_lane(harness)
+    assert _provider_calls(provider) == 0
+    assert _stored(harness, reply.body["id"]).status is BatchStatus.EXPIRED
+    done = _get(harness, reply.body["id"]).body
+    assert (done["status"], done["request_counts"]["expired"]) == ("expired", 2)
+
+
+def test_the_last_item_canceled_through_the_jobs_api_ends_its_batch(harness: Harness) -> None:
+    reply = _submit(harness, requests=_requests(2))
+    batch_id = reply.body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    messages = harness.receive(url)
+    harness.run_worker(url, [m for m in messages if item_job_id(batch_id, 0) in m["Body"]])
+    for message in messages:
+        if item_job_id(batch_id, 1) in message["Body"]:
+            harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    # The client cancels the last queued item as a job
+    canceled = harness.api("POST", f"/v1/jobs/{item_job_id(batch_id, 1)}/cancel", tenant=ENTERPRISE)
+    assert canceled.status == 200
+    _run_lane(harness)
+    stored = _stored(harness, batch_id)
+    assert stored.status is BatchStatus.COMPLETED
+    assert stored.final_counts is not None
+    assert (stored.final_counts.succeeded, stored.final_counts.canceled) == (1, 1)
+
+
+def test_a_batch_webhook_sqs_refused_is_sent_when_the_items_message_comes_back(
+    harness: Harness, receiver: WebhookReceiver, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("llmq.batch_runs.WEBHOOK_SEND_GRACE_SECONDS", 2)
+    reply = _submit(harness, requests=_requests(2), webhook={"url": f"http://127.0.0.1:{receiver.port}/b"})
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    # The batch's webhook message is refused by SQS when the last item ends
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessage", function="worker", times=1)
+    _run_lane(harness)
+    assert len(faults.fired) == 1
+    stored = _stored(harness, reply.body["id"])
+    assert (stored.status, stored.webhook_sent) == (BatchStatus.COMPLETED, True)
+    # Exactly one webhook message, sent when the item's message came back
+    events = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert events == [{"job_id": reply.body["id"], "event": "batch.completed"}]
+
+
+def test_count_shards_expire_with_their_batch(harness: Harness) -> None:
+    reply = _submit(harness, requests=_requests(2))
+    _run_lane(harness)
+    items = harness.ddb.scan(TableName=harness.stack.jobs_table)["Items"]
+    shards = [item for item in items if item["pk"]["S"].startswith(f"batch#{reply.body['id']}#")]
+    stored = _stored(harness, reply.body["id"])
+    assert shards
+    assert {int(shard["expires_at"]["N"]) for shard in shards} == {stored.expires_at}

@@ -1,0 +1,131 @@
+"""Batches' pure parts: item ids, the count aggregation, the final status, the stored requests."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmq.batch_runs import encode_requests, item_record, parse_requests
+from llmq.batches import BatchRecord, batch_of, final_status, item_job_id, new_batch_id, tally
+from llmq.config import LlmqConfig
+from llmq.job_record import new_job_id
+from llmq.models import BatchItemRequest, BatchStatus, JobRequest, JobStatus, WebhookEvent
+
+CONFIG = LlmqConfig()
+
+
+def _batch(total: int = 10, **changes: object) -> BatchRecord:
+    record = BatchRecord(
+        id=new_batch_id("ten_a", None, 1_700_000_000_000),
+        tenant_id="ten_a",
+        status=BatchStatus.IN_PROGRESS,
+        lane="high",
+        total=total,
+        requests_ref="inputs/batches/x.jsonl",
+        request_hash="h",
+        created_ms=1,
+        expires_at=2,
+        expanded=total,
+    )
+    return record.model_copy(update=changes)
+
+
+def _shard(**counts: int) -> dict[str, dict[str, str]]:
+    return {name: {"N": str(value)} for name, value in counts.items()}
+
+
+@given(
+    tenant=st.text(min_size=1, max_size=20),
+    key=st.none() | st.text(min_size=1, max_size=40),
+    index=st.integers(min_value=0, max_value=99_999),
+)
+def test_an_items_id_names_its_batch_and_index_and_no_other_job_id_does(
+    tenant: str, key: str | None, index: int
+) -> None:
+    batch_id = new_batch_id(tenant, key, 1_700_000_000_000)
+    job_id = item_job_id(batch_id, index)
+    assert batch_of(job_id) == (batch_id, index)
+    # Still a job id as the API's path pattern takes it
+    assert job_id.startswith("job_") and job_id[4:].isalnum() and job_id == job_id.lower()
+    # A job submitted alone is never taken for an item
+    assert batch_of(new_job_id(tenant, key, 1_700_000_000_000)) is None
+
+
+def test_keyed_batch_ids_are_stable_and_differ_from_keyed_job_ids() -> None:
+    assert new_batch_id("ten_a", "k", 1) == new_batch_id("ten_a", "k", 2)
+    assert new_batch_id("ten_a", "k", 1) != new_batch_id("ten_b", "k", 1)
+    assert new_batch_id("ten_a", "k", 1)[4:] != new_job_id("ten_a", "k", 1)[4:]
+
+
+def test_counts_sum_the_shards_and_what_runs_and_the_rest_is_queued() -> None:
+    counts = tally(_batch(10), [_shard(succeeded=3, failed=1), _shard(succeeded=2, canceled=1)], running=2)
+    assert counts.model_dump() == {
+        "total": 10,
+        "queued": 1,
+        "running": 2,
+        "succeeded": 5,
+        "failed": 1,
+        "canceled": 1,
+        "expired": 0,
+    }
+
+
+def test_items_never_written_count_as_canceled_and_running_never_exceeds_what_is_left() -> None:
+    batch = _batch(10, expanded=4, unexpanded_canceled=6, cancel_requested=True)
+    counts = tally(batch, [_shard(canceled=3)], running=5)
+    assert (counts.canceled, counts.running, counts.queued) == (9, 1, 0)
+
+
+@given(
+    st.lists(st.sampled_from(["succeeded", "failed", "canceled", "expired"]), max_size=50),
+    st.integers(1, 16),
+    st.integers(0, 50),
+)
+def test_counts_add_up_to_the_total_whatever_the_shards_hold(
+    ended: list[str], shards: int, running: int
+) -> None:
+    # The ends spread over `shards` shards, as count_end spreads them by index
+    spread: list[dict[str, int]] = [{} for _ in range(shards)]
+    for index, status in enumerate(ended):
+        spread[index % shards][status] = spread[index % shards].get(status, 0) + 1
+    counts = tally(_batch(50), [_shard(**shard) for shard in spread], running=running)
+    assert (
+        counts.queued + counts.running + counts.succeeded + counts.failed + counts.canceled + counts.expired
+        == 50
+    )
+    assert (counts.succeeded, counts.expired) == (ended.count("succeeded"), ended.count("expired"))
+    assert counts.running == min(running, 50 - len(ended))
+
+
+def test_the_final_status_is_canceled_then_expired_then_completed() -> None:
+    ended = tally(_batch(2), [_shard(succeeded=1, expired=1)], running=0)
+    assert final_status(_batch(2, cancel_requested=True), ended) is BatchStatus.CANCELED
+    assert final_status(_batch(2), ended) is BatchStatus.EXPIRED
+    assert (
+        final_status(_batch(2), tally(_batch(2), [_shard(succeeded=1, failed=1)], 0)) is BatchStatus.COMPLETED
+    )
+
+
+@given(st.lists(st.text(min_size=1, max_size=50), min_size=1, max_size=5))
+def test_stored_requests_read_back_as_written_whatever_their_text(prompts: list[str]) -> None:
+    items = [
+        BatchItemRequest(custom_id=f"c{index}", body=JobRequest(prompt=prompt))
+        for index, prompt in enumerate(prompts)
+    ]
+    assert parse_requests(encode_requests(items)) == items
+
+
+def test_an_item_becomes_a_queued_job_of_the_batch_with_only_the_item_events_asked() -> None:
+    batch = _batch(3, webhook_url="https://h.example/x", item_events=[WebhookEvent.SUCCEEDED], deadline_ms=99)
+    item = BatchItemRequest(custom_id="ticket-7", body=JobRequest(prompt="hi", metadata={"a": "b"}))
+    job = item_record(batch, 2, item, CONFIG, now_ms=5)
+    assert (job.id, job.batch_id, job.custom_id) == (item_job_id(batch.id, 2), batch.id, "ticket-7")
+    assert (job.status, job.lane, job.tenant_id, job.shared) == (JobStatus.QUEUED, "high", "ten_a", True)
+    assert (job.webhook_url, job.webhook_events, job.deadline_ms) == (
+        "https://h.example/x",
+        [WebhookEvent.SUCCEEDED],
+        99,
+    )
+    assert job.metadata == {"a": "b"}
+    quiet = item_record(_batch(3, webhook_url="https://h.example/x"), 0, item, CONFIG, now_ms=5)
+    assert (quiet.webhook_url, quiet.webhook_events) == (None, [])
