@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,3 +125,30 @@ class LlmqClient:
             cursor = page.get("next_cursor")
             if not cursor:
                 return jobs
+
+    # ---- batches ----
+
+    def submit_batch(self, body: dict[str, Any], idempotency_key: str | None = None) -> Reply:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        reply = self.request("POST", "/v1/batches", json=body, headers=headers)
+        self._ok(reply)
+        return reply
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._ok(self.request("GET", f"/v1/batches/{batch_id}"))
+        return found
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._ok(self.request("POST", f"/v1/batches/{batch_id}/cancel"))
+        return found
+
+    def batch_results(self, batch_id: str, status: str | None = None) -> Iterator[str]:
+        """The results' JSON lines, page after page (`Llmq-Next-Cursor`), as the API wrote them."""
+        cursor: str | None = "0"
+        while cursor is not None:
+            params = {"cursor": cursor, **({"status": status} if status else {})}
+            response = self._http.get(f"{self.base_url}/v1/batches/{batch_id}/results", params=params)
+            if response.status_code >= 400:
+                raise ApiError(response.status_code, response.json() if response.content else None)
+            yield from (line for line in response.text.splitlines() if line)
+            cursor = response.headers.get("llmq-next-cursor")

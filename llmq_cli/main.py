@@ -393,6 +393,96 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- batches ----------------------------------------------------------------------------------
+
+_BATCH_ENDED = ("completed", "canceled", "expired")
+
+
+def read_batch_file(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file of requests, one `{"custom_id", "body"}` per line (blank lines skipped). A
+    line that is not JSON is named here; the API names what is wrong inside a valid one."""
+    requests = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+    if not requests:
+        raise CliError(f"{path}: no requests")
+    return requests
+
+
+def progress_line(batch: dict[str, Any], width: int = 30) -> str:
+    """`[#######.......] 120/200  succeeded 118  failed 2  running 10  queued 70`."""
+    counts = batch["request_counts"]
+    total = max(1, counts["total"])
+    ended = counts["succeeded"] + counts["failed"] + counts["canceled"] + counts["expired"]
+    filled = width * ended // total
+    parts = [
+        f"{name} {counts[name]}"
+        for name in ("succeeded", "failed", "canceled", "expired", "running", "queued")
+    ]
+    shown = [part for part in parts if not part.endswith(" 0") or part.startswith(("succeeded", "queued"))]
+    return f"[{'#' * filled}{'.' * (width - filled)}] {ended}/{counts['total']}  " + "  ".join(shown)
+
+
+def watch_batch(client: Any, batch_id: str, timeout: float, interval: float = 1.0) -> dict[str, Any]:
+    """Poll the batch until it ends, its progress on stderr (one line, redrawn on a terminal)."""
+    deadline = time.monotonic() + timeout
+    redraw = sys.stderr.isatty()
+    batch: dict[str, Any] = client.batch(batch_id)
+    last = ""
+    while True:
+        line = progress_line(batch)
+        if line != last:
+            print(f"\r{line}" if redraw else line, end="" if redraw else "\n", file=sys.stderr, flush=True)
+            last = line
+        if batch["status"] in _BATCH_ENDED or time.monotonic() > deadline:
+            if redraw:
+                print(file=sys.stderr)
+            return batch
+        time.sleep(interval)
+        batch = client.batch(batch_id)
+
+
+def cmd_batches_submit(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"requests": read_batch_file(Path(args.file))}
+    if args.webhook:
+        body["webhook"] = {"url": args.webhook}
+    if args.lane:
+        body["lane"] = args.lane
+    with _client(args) as client:
+        reply = client.submit_batch(body, args.idempotency_key)
+        if reply.headers.get("idempotent-replayed"):
+            print("Idempotent-Replayed: true (the original batch; nothing was created)", file=sys.stderr)
+        batch = reply.body
+        if args.wait:
+            batch = watch_batch(client, batch["id"], args.timeout)
+    _print_json(batch)
+    return 0
+
+
+def cmd_batches_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.batch(args.batch_id))
+    return 0
+
+
+def cmd_batches_results(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for line in client.batch_results(args.batch_id, args.status):
+            print(line)
+    return 0
+
+
+def cmd_batches_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.cancel_batch(args.batch_id))
+    return 0
+
+
 # ---- AWS: tenants and dead letters ----------------------------------------------------------
 
 
@@ -843,6 +933,32 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--wide", action="store_true", help="also the model, attempts and error code")
     _api_options(jobs)
     jobs.set_defaults(handler=cmd_jobs)
+
+    batches = commands.add_parser("batches", help="many jobs in one request").add_subparsers(
+        dest="action", required=True
+    )
+    batch_submit = batches.add_parser("submit", help='submit a JSONL file of {"custom_id", "body"} lines')
+    batch_submit.add_argument("file")
+    batch_submit.add_argument("--webhook", help="webhook URL for the batch's end")
+    batch_submit.add_argument("--lane")
+    batch_submit.add_argument("--idempotency-key")
+    batch_submit.add_argument("--wait", action="store_true", help="show progress until the batch ends")
+    batch_submit.add_argument("--timeout", type=float, default=3600.0)
+    _api_options(batch_submit)
+    batch_submit.set_defaults(handler=cmd_batches_submit)
+    batch_get = batches.add_parser("get", help="a batch and its counts")
+    batch_get.add_argument("batch_id")
+    _api_options(batch_get)
+    batch_get.set_defaults(handler=cmd_batches_get)
+    batch_results = batches.add_parser("results", help="its items' results as JSON Lines (while it runs too)")
+    batch_results.add_argument("batch_id")
+    batch_results.add_argument("--status", help="only the items in this status")
+    _api_options(batch_results)
+    batch_results.set_defaults(handler=cmd_batches_results)
+    batch_cancel = batches.add_parser("cancel", help="cancel a batch")
+    batch_cancel.add_argument("batch_id")
+    _api_options(batch_cancel)
+    batch_cancel.set_defaults(handler=cmd_batches_cancel)
 
     tenants = commands.add_parser("tenants", help="tenants and their secrets").add_subparsers(
         dest="action", required=True

@@ -3,7 +3,7 @@
 It starts the sandbox (the real CDK app in moto, the handlers run by the local Lambda
 service), submits a mixed load as two tenants over HTTP, shows it drain lane by lane,
 replays a submission, cancels one, watches the signed webhooks arrive, prints a summary
-per lane, and stops everything. It exits 1 if anything is not as it should be.
+per lane, runs a batch of 200 with its progress and its one webhook, and stops everything. It exits 1 if anything is not as it should be.
 """
 
 from __future__ import annotations
@@ -279,6 +279,55 @@ class Tour:
         self.console.print(table)
 
 
+BATCH_ITEMS = 200
+BATCH_TIMEOUT_SECONDS = 120.0
+
+
+def run_batch(tour: Tour) -> None:
+    """A batch of 200 items as the enterprise tenant: its progress live, then its one webhook."""
+    tour.console.rule(f"A batch: {BATCH_ITEMS} items in one request, run under the tenant's cap")
+    requests = [
+        {"custom_id": f"ticket-{index}", "body": {"prompt": f"Classify ticket {index} [[latency:0.1]]"}}
+        for index in range(BATCH_ITEMS)
+    ]
+    columns = (TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with tour.client("enterprise") as client:
+        body = {"requests": requests, "webhook": {"url": f"{tour.state.receiver_url}/hooks/batch"}}
+        batch = client.submit_batch(body).body
+        deadline = time.monotonic() + BATCH_TIMEOUT_SECONDS
+        with Progress(*columns, console=tour.console) as progress:
+            bar = progress.add_task(batch["id"], total=BATCH_ITEMS)
+            while batch["status"] not in ("completed", "canceled", "expired") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                batch = client.batch(batch["id"])
+                counts = batch["request_counts"]
+                ended = counts["succeeded"] + counts["failed"] + counts["canceled"] + counts["expired"]
+                progress.update(
+                    bar,
+                    completed=ended,
+                    description=f"{batch['status']}: {counts['running']} running, {counts['succeeded']} succeeded",
+                )
+        results = list(client.batch_results(batch["id"]))
+    counts = batch["request_counts"]
+    tour.check(batch["status"] == "completed", f"batch {batch['id']} is {batch['status']}, not completed")
+    tour.check(counts["succeeded"] == BATCH_ITEMS, f"batch: {counts['succeeded']} of {BATCH_ITEMS} succeeded")
+    tour.check(len(results) == BATCH_ITEMS, f"batch: {len(results)} result lines, not {BATCH_ITEMS}")
+    deadline = time.monotonic() + 20
+    deliveries: list[dict[str, Any]] = []
+    while not deliveries and time.monotonic() < deadline:
+        response = httpx.get(
+            f"{tour.state.receiver_url}/_deliveries", params={"job_id": batch["id"]}, timeout=10
+        )
+        deliveries = response.json()["data"]
+        time.sleep(0.25)
+    verified = [d for d in deliveries if d["verified"] and d["type"] == "batch.completed"]
+    tour.check(len(verified) == 1, f"batch: {len(verified)} verified batch.completed webhooks, not 1")
+    tour.console.print(
+        f"Batch {batch['id']}: {batch['status']}, {counts['succeeded']} succeeded; "
+        f"{len(results)} result lines (GET .../results); batch.completed webhook verified: {len(verified) == 1}"
+    )
+
+
 def _queue_wait(job: dict[str, Any]) -> float | None:
     """started_at - created_at; None for a job that never started (canceled while queued)."""
     if not job.get("started_at"):
@@ -325,6 +374,7 @@ def main() -> int:
         tour.show_webhooks()
         tour.verify_outcomes()
         tour.summary()
+        run_batch(tour)
     except SandboxStartError as exc:
         console.print(f"[red]The sandbox did not start:[/red] {exc}")
         return 1

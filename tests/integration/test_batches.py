@@ -357,9 +357,10 @@ def test_a_batch_canceled_before_its_expansion_writes_no_item(
     assert _provider_calls(provider) == 0
     done = _get(harness, reply.body["id"]).body
     assert (done["status"], done["request_counts"]["canceled"]) == ("canceled", 5)
-    # The results still name every item
+    # The results still name every item, each canceled
     lines, _ = _results(harness, reply.body["id"])
     assert [line["custom_id"] for line in lines] == [f"item-{index}" for index in range(5)]
+    assert {line["status"] for line in lines} == {"canceled"}
 
 
 # ---- results while it runs -----------------------------------------------------------------------

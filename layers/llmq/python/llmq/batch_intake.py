@@ -237,8 +237,12 @@ class BatchIntake:
         batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str], api_base: str
     ) -> BatchResultLine:
         if job is None:
+            # Not written yet: queued, or never to be if its batch was canceled first.
+            never = batch.unexpanded_canceled > 0 and index >= batch.expanded
             return BatchResultLine(
-                custom_id=names.get(index, ""), job_id=item_job_id(batch.id, index), status=JobStatus.QUEUED
+                custom_id=names.get(index, ""),
+                job_id=item_job_id(batch.id, index),
+                status=JobStatus.CANCELED if never else JobStatus.QUEUED,
             )
         shown = job.to_job(api_base=api_base)
         line = BatchResultLine(
