@@ -16,7 +16,8 @@ from stacks.jobs_table import grant_index_query, grant_item_actions
 from stacks.lanes import LanesConstruct, SendOnlyQueueDestination, grant_send
 
 # Item actions on the table; Query only on the sparse sweep index, never Scan.
-RECONCILER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
+# BatchGetItem: an open batch's count shards, to count its queued items' messages in a lane.
+RECONCILER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:BatchGetItem")
 # SQS's longest retention: a failed sweep's record waits for an operator this long.
 FAILURES_RETENTION = cdk.Duration.days(14)
 

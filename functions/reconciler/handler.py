@@ -8,6 +8,7 @@ from typing import Any
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws
+from llmq.batches import BatchRepository
 from llmq.config import ReconcilerEnvironment
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
@@ -23,6 +24,7 @@ def reconciler() -> Reconciler:
         JobRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")),
         QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")),
         ENV.config,
+        batches=BatchRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")),
     )
 
 

@@ -14,7 +14,10 @@ from standardwebhooks import Webhook
 
 from llmq import aws
 from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id
+from llmq.jobs import JobRepository
 from llmq.models import BatchStatus
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
@@ -535,3 +538,85 @@ def test_count_shards_expire_with_their_batch(harness: Harness) -> None:
     stored = _stored(harness, reply.body["id"])
     assert shards
     assert {int(shard["expires_at"]["N"]) for shard in shards} == {stored.expires_at}
+
+
+def test_a_batch_whose_expand_message_sqs_refused_is_expanded_by_the_reconciler(
+    harness: Harness, provider: FakeProviderServer, faults: AwsFaults
+) -> None:
+    # Given SQS refuses the batch's expand message at submit: the client still gets its 202
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessage", function="api", times=1)
+    reply = _submit(harness, requests=_requests(3))
+    assert len(faults.fired) == 1
+    assert reply.status == 202
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+    # When the reconciler runs past the stale threshold, it sends the expand message again
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + harness.config.reconciler.stale_queued_seconds + 60,
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    report = Reconciler(later, queues, harness.config, batches=batches).run()
+    assert report.batches == [reply.body["id"]]
+    # Then the batch runs to its end, each item once, and its items are no longer active
+    _run_lane(harness)
+    assert _stored(harness, reply.body["id"]).status is BatchStatus.COMPLETED
+    assert _provider_calls(provider) == 3
+    assert (
+        ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+        .get(ENTERPRISE["tenant_id"])
+        .active
+        == 0
+    )
+    # And an ended batch whose webhook is settled is out of the reconciler's index
+    assert Reconciler(later, queues, harness.config, batches=batches).run().batches == []
+
+
+def test_a_canceled_batchs_webhook_sqs_refused_is_sent_by_the_next_look(
+    harness: Harness, receiver: WebhookReceiver, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("llmq.batch_runs.WEBHOOK_SEND_GRACE_SECONDS", 2)
+    reply = _submit(harness, requests=_requests(3), webhook={"url": f"http://127.0.0.1:{receiver.port}/b"})
+    assert harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE).status in (
+        200,
+        202,
+    )
+    # The worker that ends the canceled batch has its webhook message refused once
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessage", function="worker", times=1)
+    _run_lane(harness)
+    assert len(faults.fired) == 1
+    stored = _stored(harness, reply.body["id"])
+    assert (stored.status, stored.webhook_sent) == (BatchStatus.CANCELED, True)
+    events = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert events == [{"job_id": reply.body["id"], "event": "batch.canceled"}]
+
+
+def test_queued_items_messages_do_not_hide_an_ordinary_jobs_lost_message(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a batch's five items queued in the lane, each with its message
+    _submit(harness, requests=_requests(5))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    # And an ordinary job accepted while SQS refused its message
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessage", function="api", times=1)
+    job = harness.submit(key="lost-message")
+    assert (job.status, len(faults.fired)) == (202, 1)
+    # When the reconciler runs past the stale threshold
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + harness.config.reconciler.stale_queued_seconds + 60,
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    report = Reconciler(later, queues, harness.config, batches=batches).run()
+    # Then the job's message is sent again: the items' messages are not taken for it
+    assert report.requeued == [job.body["id"]]

@@ -130,9 +130,9 @@ class BatchIntake:
         try:
             self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
         except StoreUnavailable:
-            # Accepted and stored: the client's retry with its Idempotency-Key sends it again.
-            logger.warning("expand enqueue failed", extra={"batch_id": batch.id})
-            raise
+            # The batch is stored and in the reconciler's sweep index: it sends the expand
+            # message after `stale_queued_seconds`. The client keeps its 202 and batch id.
+            logger.warning("expand enqueue failed; the reconciler will send it", extra={"batch_id": batch.id})
 
     def _validate(self, tenant: TenantIdentity, request: BatchRequest, idempotency_key: str | None) -> str:
         limits = self.config.limits

@@ -179,9 +179,9 @@ class BatchExpander:
         """Write the batch's items from its checkpoint on, and queue them. Raises
         StoreUnavailable when AWS stays unavailable: the message comes back and resumes."""
         batch = self.batches.find(batch_id)
-        if batch is None or batch.status.is_terminal:
+        if batch is None:
             return
-        if batch.expansion_over:
+        if batch.status.is_terminal or batch.expansion_over:
             # Asked to look after an item ended elsewhere (`item_ended`), or a duplicate.
             settle(self.batches, self.queues, batch.id)
             return

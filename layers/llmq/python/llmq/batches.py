@@ -27,6 +27,7 @@ from llmq import aws, shares
 from llmq import job_codec as codec
 from llmq.config import LlmqConfig
 from llmq.errors import BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
+from llmq.job_index import sweep_attributes
 from llmq.job_record import JobRecord, iso
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
@@ -195,8 +196,8 @@ class BatchRecord(BaseModel):
 _BATCH_JSON = ("final_counts",)
 
 
-def _to_item(record: BatchRecord) -> dict[str, Any]:
-    data = record.model_dump(mode="json", exclude_none=True)
+def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = {**record.model_dump(mode="json", exclude_none=True), **(extra or {})}
     for name in _BATCH_JSON:
         if name in data:
             data[name] = codec.json_text(data[name])
@@ -269,10 +270,17 @@ class BatchRepository:
         on the tenant's share (`shares.admit_many`, against the quota as `state` read it).
         (The batch, replayed) when its id exists already, whatever the quota; QuotaExceeded
         when the items do not fit, and nothing is written."""
+        # In the reconciler's sweep index until it has ended and its webhook is sent: should its
+        # expand message be lost (SQS refused it, a dead letter), the reconciler sends another.
+        sweep = sweep_attributes(
+            BATCH_PREFIX + record.id,
+            record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
+            self.config.reconciler.sweep_shards,
+        )
         put = {
             "Put": {
                 "TableName": self.table_name,
-                "Item": _to_item(record),
+                "Item": _to_item(record, sweep),
                 "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
                 "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
@@ -328,6 +336,40 @@ class BatchRepository:
         return [
             shard_key(batch.id, batch.expires_at, shard) for shard in range(self.config.batches.count_shards)
         ]
+
+    def open_batches(self) -> list[BatchRecord]:
+        """Every batch in the sweep index (not yet ended, or its webhook not yet sent)."""
+        from llmq.job_index import SWEEP_INDEX, sweep_partitions
+
+        found: list[BatchRecord] = []
+        for partition in sweep_partitions(self.config.reconciler.sweep_shards):
+            kwargs: dict[str, Any] = {
+                "TableName": self.table_name,
+                "IndexName": SWEEP_INDEX,
+                "KeyConditionExpression": "sweep_pk = :p",
+                "FilterExpression": "begins_with(pk, :batch)",
+                "ProjectionExpression": "pk",
+                "ExpressionAttributeValues": codec.values(p=partition, batch=BATCH_PREFIX),
+            }
+            while True:
+                response = self._ddb.query(**kwargs)
+                for item in response.get("Items", []):
+                    batch = self.find(item["pk"]["S"][len(BATCH_PREFIX) :])
+                    if batch is not None and not batch.status.is_terminal:
+                        found.append(batch)
+                if "LastEvaluatedKey" not in response:
+                    break
+                kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return found
+
+    def queued_item_messages(self, batch: BatchRecord) -> int:
+        """How many of the batch's written items wait queued, each with a message in its lane
+        and no entry in the sweep index: written, not ended, not running."""
+        counts = self.counts(batch)
+        ended = (
+            counts.succeeded + counts.failed + counts.canceled + counts.expired - batch.unexpanded_canceled
+        )
+        return max(0, batch.expanded - ended - counts.running)
 
     def running_items(self, batch: BatchRecord) -> list[str]:
         """The batch's items holding a slot now: its holders in the tenant's share (one read)."""
@@ -511,7 +553,7 @@ class BatchRepository:
         self._ddb.update_item(
             TableName=self.table_name,
             Key=batch_key(batch_id),
-            UpdateExpression="SET webhook_sent = :true",
+            UpdateExpression="SET webhook_sent = :true REMOVE sweep_pk, sweep_at",
             ExpressionAttributeValues={":true": {"BOOL": True}},
         )
 

@@ -475,7 +475,10 @@ class JobRunner:
             logger.warning(
                 "batch end check failed; the item's message comes back", extra={"batch_id": job.batch_id}
             )
-            raise RetryLater(job.id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
+            # A webhook another caller is sending says when to look again (its grace period):
+            # sooner would spend the message's receives towards the DLQ.
+            delay = exc.retry_after or _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
+            raise RetryLater(job.id, delay) from exc
 
 
 def lane_job_id(body: str) -> str | None:

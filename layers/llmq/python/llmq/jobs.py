@@ -93,6 +93,9 @@ class SweepEntry:
     sweep_at: int
     delivery_status: DeliveryStatus | None
     deadline_ms: int | None
+    # A batch (`llmq.batches`) not yet ended, or whose webhook is not yet sent: `job_id` is its
+    # item's key, and `status` stands for "queued" (the reconciler pokes it, `Reconciler._poke`).
+    batch: bool = False
 
 
 class _ConditionFailed(Exception):
@@ -920,6 +923,17 @@ class JobRepository:
             response = self._ddb.query(**kwargs)
             for item in response.get("Items", []):
                 data = codec.plain(item)
+                if batches.is_batch_key(str(data["pk"])):
+                    yield SweepEntry(
+                        job_id=data["pk"],
+                        status=JobStatus.QUEUED,
+                        lane=data["lane"],
+                        sweep_at=int(data["sweep_at"]),
+                        delivery_status=None,
+                        deadline_ms=None,
+                        batch=True,
+                    )
+                    continue
                 yield SweepEntry(
                     job_id=data["pk"],
                     status=JobStatus(data["status"]),

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmq.batch_runs import item_ended
+from llmq.batches import BATCH_PREFIX, BatchRepository
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.jobs import SweepEntry
@@ -33,6 +34,8 @@ class ReconcileReport:
     recovered: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
+    # Batches whose expand message went again (`Reconciler._poke`).
+    batches: list[str] = field(default_factory=list)
 
     def as_log(self) -> dict[str, int]:
         return {
@@ -43,14 +46,19 @@ class ReconcileReport:
             "recovered": len(self.recovered),
             "expired": len(self.expired),
             "webhooks": len(self.webhooks),
+            "batches": len(self.batches),
         }
 
 
 class Reconciler:
-    def __init__(self, jobs: JobStore, queues: QueueStore, config: LlmqConfig) -> None:
+    def __init__(
+        self, jobs: JobStore, queues: QueueStore, config: LlmqConfig, batches: BatchRepository | None = None
+    ) -> None:
         self.jobs = jobs
         self.queues = queues
         self.config = config
+        # Reads a batch the sweep found (its tenant and lane); None: batches are not poked.
+        self.batches = batches
 
     def run(self) -> ReconcileReport:
         report = ReconcileReport()
@@ -94,13 +102,21 @@ class Reconciler:
         if not lanes:
             return Counter()
         unfinished = self.jobs.count_unfinished()
+        if self.batches is not None:
+            # A batch's queued items have messages in the lane but no index entry: counted
+            # here, or their messages would pass for ordinary jobs' and hide a lost one.
+            for batch in self.batches.open_batches():
+                if batch.lane in lanes:
+                    unfinished[batch.lane] += self.batches.queued_item_messages(batch)
         return Counter(
             {lane: max(0, unfinished[lane] - self.queues.lane_depth(lane)) for lane in sorted(lanes)}
         )
 
     def _settle(self, entry: SweepEntry, now: int, deficits: Counter[str], report: ReconcileReport) -> None:
         thresholds = self.config.reconciler
-        if entry.status is JobStatus.QUEUED and entry.deadline_ms is not None and entry.deadline_ms <= now:
+        if entry.batch:
+            self._poke(entry, report)
+        elif entry.status is JobStatus.QUEUED and entry.deadline_ms is not None and entry.deadline_ms <= now:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
             # The most overdue jobs first take whatever messages the lane is short of.
@@ -119,6 +135,19 @@ class Reconciler:
             self.queues.enqueue_webhook(entry.job_id, EVENT_FOR_STATUS[entry.status])
             self.jobs.postpone_sweep(entry.job_id, thresholds.stale_webhook_seconds)
             report.webhooks.append(entry.job_id)
+
+    def _poke(self, entry: SweepEntry, report: ReconcileReport) -> None:
+        """A batch not yet ended (or its webhook not yet sent) that has not been looked at for a
+        while: its expand message goes again. It resumes a lost expansion, ends a batch whose
+        last item's worker stopped short, and sends an unsent webhook (`BatchExpander.expand`);
+        for a batch simply running, it costs one message and one look."""
+        if self.batches is None:
+            return
+        batch = self.batches.find(entry.job_id[len(BATCH_PREFIX) :])
+        if batch is not None:
+            self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+            report.batches.append(batch.id)
+        self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_queued_seconds)
 
     def _recover(self, entry: SweepEntry, now: int, report: ReconcileReport) -> None:
         """Its lease lapsed: the worker crashed. The job goes back to queued, which gives its
