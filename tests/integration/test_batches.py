@@ -113,6 +113,21 @@ def _stored(harness: Harness, batch_id: str) -> BatchRecord:
     return found
 
 
+def _reconciler_later(harness: Harness) -> Reconciler:
+    """The reconciler, run past the stale-queued threshold (its clock a while ahead)."""
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + harness.config.reconciler.stale_queued_seconds + 60,
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    return Reconciler(later, queues, harness.config, batches=batches)
+
+
 def _provider_calls(provider: FakeProviderServer) -> int:
     return len(provider.state.snapshot()["log"])
 
@@ -550,17 +565,8 @@ def test_a_batch_whose_expand_message_sqs_refused_is_expanded_by_the_reconciler(
     assert reply.status == 202
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
     # When the reconciler runs past the stale threshold, it sends the expand message again
-    later = JobRepository(
-        harness.stack.jobs_table,
-        harness.config,
-        dynamodb=aws.client("dynamodb"),
-        clock=lambda: time.time() + harness.config.reconciler.stale_queued_seconds + 60,
-    )
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
-    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    report = Reconciler(later, queues, harness.config, batches=batches).run()
+    reconciler = _reconciler_later(harness)
+    report = reconciler.run()
     assert report.batches == [reply.body["id"]]
     # Then the batch runs to its end, each item once, and its items are no longer active
     _run_lane(harness)
@@ -573,7 +579,7 @@ def test_a_batch_whose_expand_message_sqs_refused_is_expanded_by_the_reconciler(
         == 0
     )
     # And an ended batch whose webhook is settled is out of the reconciler's index
-    assert Reconciler(later, queues, harness.config, batches=batches).run().batches == []
+    assert reconciler.run().batches == []
 
 
 def test_a_canceled_batchs_webhook_sqs_refused_is_sent_by_the_next_look(
@@ -607,16 +613,7 @@ def test_queued_items_messages_do_not_hide_an_ordinary_jobs_lost_message(
     job = harness.submit(key="lost-message")
     assert (job.status, len(faults.fired)) == (202, 1)
     # When the reconciler runs past the stale threshold
-    later = JobRepository(
-        harness.stack.jobs_table,
-        harness.config,
-        dynamodb=aws.client("dynamodb"),
-        clock=lambda: time.time() + harness.config.reconciler.stale_queued_seconds + 60,
-    )
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
-    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    report = Reconciler(later, queues, harness.config, batches=batches).run()
+    reconciler = _reconciler_later(harness)
+    report = reconciler.run()
     # Then the job's message is sent again: the items' messages are not taken for it
     assert report.requeued == [job.body["id"]]
