@@ -580,6 +580,30 @@ def test_a_provider_timeout_fails_retryable_after_one_call(
     assert provider.calls_for(job_id) == 1
 
 
+def test_a_claim_with_too_little_lambda_time_left_hands_the_job_back_without_a_call(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a worker invocation that reaches the job with 1.5 s of its time left (a slow cold
+    # start), in a deployment whose worker timeout leaves room for a generation
+    job_id = harness.submit(prompt="hello [[latency:0.1]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    response = harness.run_worker(url, harness.receive(url, visibility=1), timeout_seconds=1.5)
+    # Then the provider was not called, the job is queued again with its attempt refunded, and
+    # its message comes back
+    assert provider.calls_for(job_id) == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 0)
+    assert len(response["batchItemFailures"]) == 1
+    # And the next delivery, with time to spare, runs it once
+    harness.let_backoffs_pass()
+    messages = []
+    deadline = time.monotonic() + 10
+    while not messages and time.monotonic() < deadline:
+        messages = harness.receive(url)
+    harness.run_worker(url, messages)
+    assert (_job(harness, job_id)["status"], provider.calls_for(job_id)) == ("succeeded", 1)
+
+
 # ---- the worker logs what the batch processor would swallow -------------------------------
 
 

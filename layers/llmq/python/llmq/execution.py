@@ -54,6 +54,8 @@ _CLAIM_RETRY_BUDGET_SECONDS = 5.0
 # A claim that kept meeting other transactions on the tenant's share comes back this soon
 # (with up to as much again of jitter).
 _CONTENDED_DELAY_SECONDS = 2.0
+# A provider call needs at least this much of the Lambda's time, or the job is handed back.
+_MIN_GENERATION_SECONDS = 2.0
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
@@ -234,6 +236,29 @@ class JobRunner:
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
         raise RetryLater(message.job_id, delay)
 
+    async def _too_late_to_start(self, job: JobRecord, invocation: Invocation) -> bool:
+        """A claim that came with too little of the Lambda's time left for a generation (a
+        slow cold start, a batch whose claims were slow) hands the job back, attempt refunded,
+        before the provider is called: a call cut off by the Lambda's end would be billed and
+        then fail as provider_timeout, which is not retried. Only where the function's timeout
+        leaves room for one: with a shorter timeout every call would be this short."""
+        remaining = invocation.remaining_seconds()
+        budget = remaining - min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
+        room = self.config.worker.timeout_seconds * (1 - _WRITE_BACK_SHARE)
+        if budget >= _MIN_GENERATION_SECONDS or room < 2 * _MIN_GENERATION_SECONDS:
+            return False
+        delay = _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
+        logger.warning(
+            "too little time left to call the provider; the job is handed back",
+            extra={"job_id": job.id, "remaining_seconds": round(remaining, 2)},
+        )
+        try:
+            await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
+        except CancelRequested:
+            await self._settle(self.jobs.cancel_leased, job, invocation)
+            return True
+        raise RetryLater(job.id, delay)
+
     async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord | None:
         """The claimed job's input from S3, through throttles for a bounded time.
 
@@ -287,6 +312,8 @@ class JobRunner:
             await self._announce_batch(job)
 
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
+        if await self._too_late_to_start(job, invocation):
+            return
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
             with contextlib.suppress(StoreUnavailable):
                 # job.started is a courtesy; losing it must not cost the generation.
