@@ -467,7 +467,7 @@ class BatchRepository:
                 if attempt + 1 == _CHUNK_TRIES:
                     _raise_retryable(exc, "an expansion chunk")
                     raise
-                if not {reason.get("Code") for reason in reasons} & _RETRYABLE:
+                if not {reason.get("Code") for reason in reasons} & codec.RETRYABLE_TRANSACTION_REASONS:
                     raise
                 time.sleep(0.05 * (attempt + 1))
         return False
@@ -599,14 +599,11 @@ def _reasons(exc: ClientError) -> list[dict[str, Any]]:
     return list(exc.response.get("CancellationReasons") or [])  # type: ignore[arg-type]
 
 
-_RETRYABLE = frozenset(
-    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
-)
 _CHUNK_TRIES = 4
 
 
 def _raise_retryable(exc: ClientError, what: str) -> None:
     """A transaction canceled by a conflict or a throttle was not applied: StoreContended."""
     codes = {reason.get("Code") for reason in _reasons(exc)}
-    if codes & _RETRYABLE:
+    if codes & codec.RETRYABLE_TRANSACTION_REASONS:
         raise StoreContended(f"{what}: {sorted(c for c in codes if c)}") from exc

@@ -104,6 +104,13 @@ def write_token(kind: str) -> str:
     return f"{kind}#{uuid.uuid4().hex}"
 
 
+# Why DynamoDB canceled a transaction that was not applied and may be tried again: another
+# transaction held one of its items, or a throttle.
+RETRYABLE_TRANSACTION_REASONS = frozenset(
+    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
+)
+
+
 def condition_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 

@@ -65,9 +65,6 @@ QUEUE_POSITION_WINDOW = 1000
 # before the caller hears StoreUnavailable.
 _TRANSACTION_TRIES = 5
 _CONFLICT_PAUSE_SECONDS = 0.05
-_RETRYABLE_REASONS = frozenset(
-    {"TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
-)
 
 
 @dataclass(frozen=True)
@@ -217,7 +214,7 @@ class JobRepository:
                     and "size" in str(job_reason.get("Message", "")).lower()
                 ):
                     raise ItemTooLarge("the job does not fit in one item") from exc
-                if not codes & _RETRYABLE_REASONS:
+                if not codes & codec.RETRYABLE_TRANSACTION_REASONS:
                     raise
                 if attempt + 1 < _TRANSACTION_TRIES:
                     time.sleep(_CONFLICT_PAUSE_SECONDS * (1 + self._rng.random()) * (attempt + 1))
