@@ -617,3 +617,18 @@ def test_queued_items_messages_do_not_hide_an_ordinary_jobs_lost_message(
     report = reconciler.run()
     # Then the job's message is sent again: the items' messages are not taken for it
     assert report.requeued == [job.body["id"]]
+
+
+def test_an_items_size_limit_counts_utf8_bytes_not_characters(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = Harness(moto_stack, integration_config(provider, batches={"max_item_bytes": 1024}), monkeypatch)
+    # 400 characters: under the limit in ASCII, over it as 3-byte euro signs (1,200 bytes)
+    accepted = _submit(harness, requests=[{"custom_id": "ascii", "body": {"prompt": "e" * 400}}])
+    refused = _submit(harness, requests=[*_requests(1), {"custom_id": "euro", "body": {"prompt": "€" * 400}}])
+    assert accepted.status == 202
+    assert (refused.status, refused.code) == (413, "payload_too_large")
+    assert "requests[1]" in refused.body["detail"]
+    # The refused batch wrote and queued nothing
+    assert len([item for item in _item_jobs(harness)]) == 0
+    assert _held(harness, harness.stack.lane_queue_urls[HIGH]) == 1  # the accepted batch's expand
