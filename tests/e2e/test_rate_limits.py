@@ -52,21 +52,26 @@ def sandbox_limits(sandbox: SandboxUnderTest, tenant_id: str) -> dict[str, Any]:
 def test_a_tenant_past_its_rate_gets_429_with_retry_after_and_another_tenant_does_not(
     sandbox: SandboxUnderTest,
 ) -> None:
-    # Given two new tenants of the same tier; the operator limits one to 2 requests a second, burst 2
+    # Given two new tenants of the same tier; the operator limits one to 1 request a second, burst 2
     hasty = llmq_json(sandbox.directory, "tenants", "create", "--name", "Hasty", "--tier", "free")
     calm = llmq_json(sandbox.directory, "tenants", "create", "--name", "Calm", "--tier", "free")
-    shown = llmq_json(sandbox.directory, "tenants", "set-limits", hasty["id"], "--rate", "2", "--burst", "2")
-    assert shown["limits"]["rate_per_second"] == {"value": 2, "source": "override"}
-    assert sandbox_limits(sandbox, hasty["id"])["rate_per_second"] == 2
+    shown = llmq_json(sandbox.directory, "tenants", "set-limits", hasty["id"], "--rate", "1", "--burst", "2")
+    assert shown["limits"]["rate_per_second"] == {"value": 1, "source": "override"}
+    assert sandbox_limits(sandbox, hasty["id"])["rate_per_second"] == 1
     assert sandbox_limits(sandbox, hasty["id"])["burst"] == 2
 
     # When the limited tenant sends 8 GETs at once
+    started = time.monotonic()
     answers = burst(sandbox, hasty["api_key"], 8)
+    spread = time.monotonic() - started
     statuses = sorted(answer.status_code for answer in answers)
-    # Then its bucket of 2 lets about 2 through and API Gateway refuses the rest with 429
-    assert statuses.count(200) in (2, 3), statuses
+    # Then its full bucket of 2 lets 2 through, plus what the rate refilled while the burst
+    # arrived (a loaded machine spreads "at once" over a second or more), and API Gateway
+    # refuses the rest with 429
+    served = statuses.count(200)
+    assert 2 <= served <= 2 + int(spread) + 1, (statuses, spread)
     throttled = [answer for answer in answers if answer.status_code == 429]
-    assert len(throttled) == 8 - statuses.count(200), statuses
+    assert len(throttled) == 8 - served, statuses
     for answer in throttled:
         assert answer.headers["content-type"].startswith(PROBLEM_JSON)
         assert answer.json()["code"] == "rate_limited"
