@@ -15,6 +15,7 @@ from llmq.errors import LeaseLost
 from llmq.jobs import JobRepository
 from llmq.models import JobResult
 from llmq.policy import ClaimOutcome
+from llmq.telemetry import MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
@@ -267,6 +268,58 @@ def test_a_terminal_event_with_a_webhook_is_enqueued_once(harness: Harness) -> N
     assert job["webhook"]["delivery"]["status"] == "pending"
     messages = harness.receive(harness.stack.webhook_queue_url)
     assert [json.loads(m["Body"]) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
+
+
+def test_a_late_duplicate_does_not_resend_a_webhook_the_dispatcher_is_already_retrying(
+    harness: Harness,
+) -> None:
+    # Given a job that ended a while ago, whose webhook's first attempt failed: the dispatcher's
+    # message, hidden for its backoff, carries the next attempt
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    assert len(harness.receive(harness.stack.webhook_queue_url, visibility=300)) == 1
+    long_ago = int((time.time() - 3600) * 1000)
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET finished_ms = :then, delivery_attempts = :one",
+        ExpressionAttributeValues={":then": {"N": str(long_ago)}, ":one": {"N": "1"}},
+    )
+    assert _job(harness, job_id)["webhook"]["delivery"]["status"] == "pending"
+    # When a duplicate of its lane message arrives
+    url = harness.stack.lane_queue_urls["high"]
+    harness.sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
+    assert harness.drain("high") == {"batchItemFailures": []}
+    # Then no second webhook message is sent: two would race to POST the same retry
+    assert harness.total_count(harness.stack.webhook_queue_url) == 1
+
+
+def test_a_duplicate_of_a_job_whose_webhook_message_was_lost_sends_it_again(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a job that ended a while ago and whose webhook message never reached SQS
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    for message in harness.receive(harness.stack.webhook_queue_url):
+        harness.sqs.delete_message(
+            QueueUrl=harness.stack.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
+        )
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET finished_ms = :then",
+        ExpressionAttributeValues={":then": {"N": str(int((time.time() - 3600) * 1000))}},
+    )
+    # When a duplicate of its lane message arrives
+    url = harness.stack.lane_queue_urls["high"]
+    harness.sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
+    capsys.readouterr()
+    assert harness.drain("high") == {"batchItemFailures": []}
+    # Then its terminal event is sent once more
+    messages = harness.receive(harness.stack.webhook_queue_url)
+    assert [json.loads(m["Body"]) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
+    # And the job, counted as succeeded when it ended, is not counted again
+    assert MetricName.JOB_SUCCEEDED not in capsys.readouterr().out
 
 
 def test_an_unsubscribed_event_sends_no_webhook(harness: Harness) -> None:

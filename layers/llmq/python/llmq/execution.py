@@ -302,11 +302,18 @@ class JobRunner:
         """A worker may have crashed between the terminal write and the webhook send.
 
         Only a job that finished a while ago is re-announced: a duplicate lane message that
-        arrives right after completion must not double the webhook message.
+        arrives right after completion must not double the webhook message. Nor is one whose
+        delivery the dispatcher has attempted: its message, hidden for the backoff, carries the
+        next attempt, and a second message would POST that attempt twice (a message lost after
+        an attempt is the reconciler's to resend, when its next attempt is long overdue).
+        The job's outcome was counted when it ended; a resend does not count it again.
         """
         finished = job.finished_ms or 0
-        if self.jobs.now_ms() - finished >= self.config.webhooks.timeout_seconds * 4 * 1000:
-            await self._announce(job)
+        if (
+            job.delivery_attempts == 0
+            and self.jobs.now_ms() - finished >= self.config.webhooks.timeout_seconds * 4 * 1000
+        ):
+            await self._announce(job, counted=True)
         else:
             # A batch's end is looked at again at once: it writes and sends once, whoever asks.
             await self._announce_batch(job)
@@ -471,12 +478,14 @@ class JobRunner:
                     extra={"job_id": job_id, "error_class": type(exc).__name__},
                 )
 
-    async def _announce(self, job: JobRecord | None, invocation: Invocation | None = None) -> None:
+    async def _announce(
+        self, job: JobRecord | None, invocation: Invocation | None = None, *, counted: bool = False
+    ) -> None:
         """Send the terminal event. If SQS will not take it, the reconciler sends it later:
         the terminal write left the delivery pending in the reconciler's index."""
         if job is None:
             return
-        if job.status.is_terminal:
+        if job.status.is_terminal and not counted:
             emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
         try:
             if invocation is None:
