@@ -138,6 +138,21 @@ class LlmqClient:
         found: dict[str, Any] = self._ok(self.request("GET", f"/v1/batches/{batch_id}"))
         return found
 
+    def batches(self, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
+        page: dict[str, Any] = self._ok(self.request("GET", "/v1/batches", params=params))
+        return page
+
+    def all_batches(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.batches(limit=100, cursor=cursor)
+            found.extend(page["data"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return found
+
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         found: dict[str, Any] = self._ok(self.request("POST", f"/v1/batches/{batch_id}/cancel"))
         return found

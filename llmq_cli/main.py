@@ -470,6 +470,40 @@ def cmd_batches_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch_table(batches: list[dict[str, Any]]) -> str:
+    """One line per batch: id, status, its progress, when it was created."""
+    if not batches:
+        return "no batches"
+    rows = [("ID", "STATUS", "ENDED/TOTAL", "SUCCEEDED", "FAILED", "CREATED")]
+    for batch in batches:
+        counts = batch["request_counts"]
+        ended = counts["succeeded"] + counts["failed"] + counts["canceled"] + counts["expired"]
+        rows.append(
+            (
+                batch["id"],
+                batch["status"],
+                f"{ended}/{counts['total']}",
+                str(counts["succeeded"]),
+                str(counts["failed"]),
+                batch["created_at"],
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def cmd_batches_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        found = client.all_batches() if args.all else client.batches(args.limit)["data"]
+    if args.json:
+        _print_json(found)
+    else:
+        print(batch_table(found))
+    return 0
+
+
 def cmd_batches_results(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for line in client.batch_results(args.batch_id, args.status):
@@ -950,6 +984,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch_get.add_argument("batch_id")
     _api_options(batch_get)
     batch_get.set_defaults(handler=cmd_batches_get)
+    batch_list = batches.add_parser("list", help="your batches, newest first")
+    batch_list.add_argument("--limit", type=int, default=20)
+    batch_list.add_argument("--all", action="store_true", help="every page")
+    batch_list.add_argument("--json", action="store_true", help="the batches as the API returns them")
+    _api_options(batch_list)
+    batch_list.set_defaults(handler=cmd_batches_list)
     batch_results = batches.add_parser("results", help="its items' results as JSON Lines (while it runs too)")
     batch_results.add_argument("batch_id")
     batch_results.add_argument("--status", help="only the items in this status")

@@ -31,6 +31,7 @@ from llmq.jobs import JobRecord, JobRepository
 from llmq.long_polls import LongPolls
 from llmq.models import (
     Batch,
+    BatchList,
     BatchRequest,
     BatchRequestCounts,
     Job,
@@ -187,7 +188,7 @@ _METHODS = [
     (re.compile(r"^/v1/jobs/[^/]+/cancel/?$"), "POST"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/redeliver/?$"), "POST"),
-    (re.compile(r"^/v1/batches/?$"), "POST"),
+    (re.compile(r"^/v1/batches/?$"), "GET, POST"),
     (re.compile(r"^/v1/batches/[^/]+/?$"), "GET"),
     (re.compile(r"^/v1/batches/[^/]+/results/?$"), "GET"),
     (re.compile(r"^/v1/batches/[^/]+/cancel/?$"), "POST"),
@@ -457,6 +458,24 @@ def handle_submit_batch(
         else BatchRequestCounts(total=batch.total, queued=batch.total)
     )
     return _batch_response(batch.to_batch(counts, _public_base()), 202, headers)
+
+
+@app.get(
+    "/v1/batches",
+    summary="List batches, newest first",
+    description="Each with its counts. Like the job list, it follows writes within about a second.",
+    responses=_responses(200, "A page of batches", BatchList),
+)
+def handle_list_batches(
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[
+        str | None, Query(pattern=CURSOR, description="The `next_cursor` of the previous page")
+    ] = None,
+) -> Response[Any]:
+    listed, next_cursor = batch_intake().list_page(_tenant(), limit, cursor)
+    base = _public_base()
+    page = BatchList(data=[batch.to_batch(counts, base) for batch, counts in listed], next_cursor=next_cursor)
+    return Response(status_code=200, content_type="application/json", body=page.model_dump_json())
 
 
 @app.get(

@@ -154,6 +154,12 @@ def test_the_cli_submits_a_jsonl_file_shows_progress_and_prints_the_results(
     assert results.returncode == 0, results.stderr
     lines = [json.loads(line) for line in results.stdout.splitlines()]
     assert [line["custom_id"] for line in lines] == [f"row-{index}" for index in range(5)]
+    # The list shows it, newest first, with its progress
+    listed = run_llmq(sandbox.directory, "batches", "list", "--tenant", "enterprise")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows_shown = listed.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "STATUS", "ENDED/TOTAL"]
+    assert rows_shown[0].split()[:3] == [batch["id"], "completed", "5/5"]
     # A line that is not JSON is named by the CLI, and nothing is sent
     rows.write_text('{"custom_id": "a", "body": {"prompt": "p"}}\n{not json\n', encoding="utf-8")
     refused = run_llmq(sandbox.directory, "batches", "submit", str(rows), "--tenant", "enterprise")

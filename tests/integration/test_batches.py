@@ -275,6 +275,50 @@ def test_another_tenants_batch_is_not_found(harness: Harness) -> None:
     assert (canceled.status, canceled.code) == (404, "batch_not_found")
 
 
+def test_the_batch_list_pages_newest_first_with_counts_and_shows_no_job_and_no_foreign_batch(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given three batches of the tenant (the first run to its end), a job of its own, and a
+    # batch of another tenant
+    ids = []
+    for size in (2, 3, 1):
+        ids.append(_submit(harness, requests=_requests(size)).body["id"])
+        if len(ids) == 1:
+            _run_lane(harness)
+        time.sleep(0.002)
+    job = harness.submit().body["id"]
+    harness.submit()
+    _submit(harness, tenant=FREE, requests=_requests(1))
+    # When the tenant lists its batches two to a page
+    first = harness.api("GET", "/v1/batches", tenant=ENTERPRISE, query={"limit": "2"})
+    assert first.status == 200, first.body
+    assert [batch["id"] for batch in first.body["data"]] == ids[:0:-1]
+    second = harness.api(
+        "GET", "/v1/batches", tenant=ENTERPRISE, query={"limit": "2", "cursor": first.body["next_cursor"]}
+    )
+    assert second.status == 200, second.body
+    # Then it sees its own batches only, newest first, each with its counts
+    assert [batch["id"] for batch in second.body["data"]] == ids[:1]
+    assert second.body["next_cursor"] is None
+    ended = second.body["data"][0]
+    assert (ended["status"], ended["request_counts"]["succeeded"]) == ("completed", 2)
+    assert first.body["data"][0]["request_counts"]["total"] == 1
+    # And the job list shows jobs only, never a batch
+    jobs = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "100"}).body["data"]
+    assert job in {listed["id"] for listed in jobs}
+    assert not any(listed["id"].startswith("bat_") for listed in jobs)
+    # And a cursor of one list is refused by the other, and another tenant's is refused
+    jobs_page = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "1"}).body
+    for cursor, tenant in (
+        (jobs_page["next_cursor"], ENTERPRISE),
+        (first.body["next_cursor"], FREE),
+    ):
+        refused = harness.api("GET", "/v1/batches", tenant=tenant, query={"cursor": cursor})
+        assert (refused.status, refused.code) == (400, "invalid_cursor"), refused.body
+    refused = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"cursor": first.body["next_cursor"]})
+    assert (refused.status, refused.code) == (400, "invalid_cursor"), refused.body
+
+
 # ---- expansion under faults ---------------------------------------------------------------------
 
 

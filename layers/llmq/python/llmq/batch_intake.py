@@ -203,6 +203,14 @@ class BatchIntake:
                 return ended, ended.final_counts or counts
         return batch, counts
 
+    def list_page(
+        self, tenant: TenantIdentity, limit: int, cursor: str | None
+    ) -> tuple[list[tuple[BatchRecord, BatchRequestCounts]], str | None]:
+        """A page of the tenant's batches, newest first, each with its counts (an ended batch's
+        are stored with it; an open one's take its two reads)."""
+        records, following = self.batches.list_for_tenant(tenant.tenant_id, limit, cursor)
+        return [(batch, self.batches.counts(batch)) for batch in records], following
+
     def results(
         self, tenant: TenantIdentity, batch_id: str, cursor: int, status: JobStatus | None, api_base: str
     ) -> tuple[list[BatchResultLine], int | None]:

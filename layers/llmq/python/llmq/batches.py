@@ -27,7 +27,7 @@ from llmq import aws, shares
 from llmq import job_codec as codec
 from llmq.config import LlmqConfig
 from llmq.errors import BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
-from llmq.job_index import sweep_attributes
+from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
 from llmq.job_record import JobRecord, iso
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
@@ -277,10 +277,12 @@ class BatchRepository:
             record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
             self.config.reconciler.sweep_shards,
         )
+        # In the tenant's index too, after its jobs: GET /v1/batches lists from there.
+        listed = {"tenant_created": batch_sort_key(record.created_ms, record.id)}
         put = {
             "Put": {
                 "TableName": self.table_name,
-                "Item": _to_item(record, sweep),
+                "Item": _to_item(record, {**sweep, **listed}),
                 "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
                 "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
@@ -323,6 +325,30 @@ class BatchRepository:
         if found is None or found.tenant_id != tenant_id or found.expires_at <= self._clock():
             raise BatchNotFound(f"no batch {batch_id}")
         return found
+
+    def list_for_tenant(
+        self, tenant_id: str, limit: int, cursor: str | None
+    ) -> tuple[list[BatchRecord], str | None]:
+        """The tenant's batches, newest first: a page of the tenant index's batch range, then
+        the batches themselves (one BatchGetItem: the index projects a job's attributes)."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "IndexName": TENANT_INDEX,
+            "KeyConditionExpression": "tenant_id = :tenant AND begins_with(tenant_created, :batches)",
+            "ExpressionAttributeValues": codec.values(tenant=tenant_id, batches=BATCH_SORT_PREFIX),
+            "ScanIndexForward": False,
+            "Limit": limit,
+        }
+        if cursor:
+            kwargs["ExclusiveStartKey"] = codec.decode_cursor(cursor, tenant_id, batches=True)
+        response = self._ddb.query(**kwargs)
+        keys = [{"pk": item["pk"]} for item in response.get("Items", [])]
+        found = self._get_many(keys) if keys else {}
+        now_s = self._clock()
+        records = [_from_item(found[key["pk"]["S"]]) for key in keys if key["pk"]["S"] in found]
+        records = [record for record in records if record.expires_at > now_s]
+        last = response.get("LastEvaluatedKey")
+        return records, (codec.encode_cursor(last) if last else None)
 
     def counts(self, batch: BatchRecord) -> BatchRequestCounts:
         """Two reads: the shards (one BatchGetItem) and the tenant's share for what runs."""

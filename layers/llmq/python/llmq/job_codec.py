@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from llmq.errors import InvalidCursor
 from llmq.item_size import item_size_bytes
-from llmq.job_index import INDEX_ATTRIBUTES
+from llmq.job_index import BATCH_SORT_PREFIX, INDEX_ATTRIBUTES
 from llmq.job_record import JobRecord
 from llmq.models import DELIVERY_LOG_ATTEMPTS
 
@@ -131,7 +131,9 @@ def encode_cursor(key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, tenant_id: str) -> dict[str, Any]:
+def decode_cursor(cursor: str, tenant_id: str, *, batches: bool = False) -> dict[str, Any]:
+    """The index key a list page ended at; a job list's cursor is refused by the batch list
+    and the other way round (each reads its own range of the tenant's partition)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         decoded = json.loads(base64.urlsafe_b64decode(padded.encode()))
@@ -139,6 +141,8 @@ def decode_cursor(cursor: str, tenant_id: str) -> dict[str, Any]:
             raise ValueError("unexpected cursor keys")
         if decoded["tenant_id"] != tenant_id:
             raise ValueError("cursor of another tenant")
+        if str(decoded["tenant_created"]).startswith(BATCH_SORT_PREFIX) != batches:
+            raise ValueError("cursor of the other list")
         return {name: _serializer.serialize(str(value)) for name, value in decoded.items()}
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidCursor("the cursor is not one this API returned") from exc

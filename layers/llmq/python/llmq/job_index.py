@@ -1,6 +1,7 @@
 """The job table's secondary indexes, and the one rule for the reconciler's sweep index.
 
-- `by_tenant` lists a tenant's jobs, newest first (`tenant_created`).
+- `by_tenant` lists a tenant's jobs, newest first (`tenant_created`), and after them its
+  batches (`b#` then the same key).
 - `by_sweep` is sparse: a job is in it while something may need the reconciler (queued,
   running, or a webhook delivery pending), keyed by when to look (`sweep_at`). It is sharded,
   `sweep#<n>` by a hash of the job id, so job writes spread over the index's partitions
@@ -51,3 +52,12 @@ def sweep_clauses(
 
 def tenant_sort_key(created_ms: int, job_id: str) -> str:
     return f"{created_ms:013d}#{job_id}"
+
+
+# A tenant's batches share its index partition, after every job: a job's sort key starts with a
+# digit, a batch's with this prefix, so each list's key condition reads only its own kind.
+BATCH_SORT_PREFIX = "b#"
+
+
+def batch_sort_key(created_ms: int, batch_id: str) -> str:
+    return BATCH_SORT_PREFIX + tenant_sort_key(created_ms, batch_id)

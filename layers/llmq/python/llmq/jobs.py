@@ -30,6 +30,7 @@ from llmq.errors import (
     StoreUnavailable,
 )
 from llmq.job_index import (
+    BATCH_SORT_PREFIX,
     SWEEP_INDEX,
     TENANT_INDEX,
     sweep_attributes,
@@ -864,11 +865,12 @@ class JobRepository:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": TENANT_INDEX,
-            "KeyConditionExpression": "tenant_id = :tenant",
+            # Jobs only: the tenant's batches sort after them (`job_index.BATCH_SORT_PREFIX`).
+            "KeyConditionExpression": "tenant_id = :tenant AND tenant_created < :batches",
             "ScanIndexForward": False,
             "Limit": limit,
         }
-        values: dict[str, Any] = {"tenant": tenant_id}
+        values: dict[str, Any] = {"tenant": tenant_id, "batches": BATCH_SORT_PREFIX}
         if status is not None:
             kwargs["FilterExpression"] = "#st = :status"
             kwargs["ExpressionAttributeNames"] = {"#st": "status"}

@@ -406,6 +406,12 @@ class Batch(BaseModel):
     webhook: BatchWebhookState | None = None
 
 
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Batch]
+    next_cursor: str | None = None
+
+
 class BatchResultLine(BaseModel):
     """One line of GET /v1/batches/{id}/results."""
 
