@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -137,6 +138,18 @@ class LlmqClient:
     def batch(self, batch_id: str) -> dict[str, Any]:
         found: dict[str, Any] = self._ok(self.request("GET", f"/v1/batches/{batch_id}"))
         return found
+
+    def upload(self, path: Path) -> str:
+        """POST /v1/uploads, then the file PUT to the URL it answers (S3, not the API: no API
+        key goes there). The upload's id, to name in POST /v1/batches."""
+        upload: dict[str, Any] = self._ok(self.request("POST", "/v1/uploads"))
+        # One PUT with its Content-Length: S3 takes no chunked body on a presigned PUT.
+        response = httpx.put(upload["upload_url"], content=path.read_bytes(), timeout=600)
+        if response.status_code >= 300:
+            raise ApiError(
+                response.status_code, {"detail": f"the upload's PUT answered {response.status_code}"}
+            )
+        return str(upload["id"])
 
     def batches(self, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}

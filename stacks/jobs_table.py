@@ -9,6 +9,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
+from llmq.batch_intake import REQUESTS_PREFIX
+from llmq.batch_intake import UPLOADS_PREFIX as UPLOADS_PREFIX
 from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
 
 # The attribute names below are the ones llmq.jobs writes.
@@ -49,8 +51,8 @@ TENANT_PROJECTION = [
 # results, the worker the other way round, so each role is granted its own prefix only.
 INPUTS_PREFIX = "inputs/"
 RESULTS_PREFIX = "results/"
-# Under INPUTS_PREFIX: a batch's requests as JSON Lines (llmq.batch_intake.REQUESTS_PREFIX).
-BATCH_REQUESTS_PREFIX = "inputs/batches/"
+# Under INPUTS_PREFIX: a batch's requests as JSON Lines, and the files tenants PUT for batches.
+BATCH_REQUESTS_PREFIX = REQUESTS_PREFIX
 
 
 def grant_item_actions(

@@ -17,6 +17,7 @@ from stacks.jobs_table import (
     BATCH_REQUESTS_PREFIX,
     INPUTS_PREFIX,
     RESULTS_PREFIX,
+    UPLOADS_PREFIX,
     JobsTableConstruct,
     grant_objects,
 )
@@ -151,8 +152,13 @@ class LlmqStack(cdk.Stack):
         grant_objects(bucket, self.api.function, "s3:GetObject", RESULTS_PREFIX)
         # A batch's stored requests name the items not written yet in its results.
         grant_objects(bucket, self.api.function, "s3:GetObject", BATCH_REQUESTS_PREFIX)
+        # The batch upload form: the api signs PUT URLs under inputs/ (its PutObject above) and
+        # reads an upload's size and ETag (HeadObject needs GetObject); the worker validates
+        # the file (its GetObject on inputs/) and stores it in parts for the expansion.
+        grant_objects(bucket, self.api.function, "s3:GetObject", UPLOADS_PREFIX)
         grant_objects(bucket, self.worker.worker, "s3:GetObject", INPUTS_PREFIX)
         grant_objects(bucket, self.worker.worker, "s3:PutObject", RESULTS_PREFIX)
+        grant_objects(bucket, self.worker.worker, "s3:PutObject", BATCH_REQUESTS_PREFIX)
 
     @property
     def functions(self) -> dict[str, lambda_.Function]:

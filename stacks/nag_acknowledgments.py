@@ -13,7 +13,7 @@ from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_lambda as lambda_
 from constructs import IConstruct
 
-from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX
 
 if TYPE_CHECKING:
     from stacks.llmq_stack import LlmqStack
@@ -49,12 +49,21 @@ def acknowledge_findings(stack: LlmqStack) -> None:
                 f"their own key ({prefix}<job>/...), unknown until the job exists. The api puts "
                 f"inputs and gets results, the worker the reverse; no list, no delete.",
             )
+    for function in (stack.api.function, stack.worker.worker):
+        _acknowledge(
+            _role(function),
+            f"IAM5[Resource::<{bucket}.Arn>/{BATCH_REQUESTS_PREFIX}*]",
+            f"One object action on the payload bucket's {BATCH_REQUESTS_PREFIX} prefix: each batch's "
+            f"requests have their own key ({BATCH_REQUESTS_PREFIX}<batch>/...), unknown until the batch "
+            "exists. The worker stores an uploaded file's validated parts, the api reads them back to "
+            "name a running batch's items not yet written; no list, no delete.",
+        )
     _acknowledge(
         _role(stack.api.function),
-        f"IAM5[Resource::<{bucket}.Arn>/{BATCH_REQUESTS_PREFIX}*]",
-        f"GetObject on the payload bucket's {BATCH_REQUESTS_PREFIX} prefix: each batch's requests have "
-        f"their own key ({BATCH_REQUESTS_PREFIX}<batch>/...), unknown until the batch exists. The api "
-        "reads them back to name a running batch's items not yet written; no list, no delete.",
+        f"IAM5[Resource::<{bucket}.Arn>/{UPLOADS_PREFIX}*]",
+        f"GetObject on the payload bucket's {UPLOADS_PREFIX} prefix, for HeadObject: each upload has "
+        f"its own key ({UPLOADS_PREFIX}<tenant>/<upload>), unknown until the tenant asks for it. The api "
+        "checks an uploaded file's size and version before a batch names it; no list, no delete.",
     )
     _acknowledge(
         stack.tables.payloads,

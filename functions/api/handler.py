@@ -39,6 +39,7 @@ from llmq.models import (
     JobRequest,
     JobStatus,
     Problem,
+    Upload,
     WebhookLog,
     batch_request_model,
     job_request_model,
@@ -189,6 +190,7 @@ _METHODS = [
     (re.compile(r"^/v1/jobs/[^/]+/webhook/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/redeliver/?$"), "POST"),
     (re.compile(r"^/v1/batches/?$"), "GET, POST"),
+    (re.compile(r"^/v1/uploads/?$"), "POST"),
     (re.compile(r"^/v1/batches/[^/]+/?$"), "GET"),
     (re.compile(r"^/v1/batches/[^/]+/results/?$"), "GET"),
     (re.compile(r"^/v1/batches/[^/]+/cancel/?$"), "POST"),
@@ -435,9 +437,11 @@ def _batch_response(batch: Batch, status_code: int, headers: dict[str, str] | No
 @app.post(
     "/v1/batches",
     summary="Submit a batch of jobs",
-    description="Every request is validated before anything is written: a bad one is answered as a "
-    "problem naming `requests[i]` and its field. Accepted, the batch answers 202 at once; its items "
-    "are written and queued asynchronously (status `validating`, then `in_progress`).",
+    description="Inline `requests` are validated before anything is written: a bad one is answered as "
+    "a problem naming `requests[i]` and its field. An `upload_id` (POST /v1/uploads) must name a file "
+    "already PUT; its lines are validated after the 202 (a bad one fails the batch, naming its line). "
+    "Accepted, the batch answers 202 at once; its items are written and queued asynchronously "
+    "(status `validating`, then `in_progress`).",
     responses=_responses(202, "Accepted", Batch, 409),
 )
 def handle_submit_batch(
@@ -458,6 +462,20 @@ def handle_submit_batch(
         else BatchRequestCounts(total=batch.total, queued=batch.total)
     )
     return _batch_response(batch.to_batch(counts, _public_base()), 202, headers)
+
+
+@app.post(
+    "/v1/uploads",
+    summary="Get a URL to upload a batch file to",
+    description="Answers a presigned S3 URL: PUT a JSON Lines file there (one "
+    '`{"custom_id", "body"}` per line, up to `max_bytes` and `max_requests`), then create the batch '
+    "with `upload_id`. The file is validated after the 202, before any item is written: a bad line "
+    "ends the batch `failed`, its `errors` naming the line and field.",
+    responses=_responses(201, "Where to PUT the file", Upload),
+)
+def handle_new_upload() -> Response[Any]:
+    upload = batch_intake().new_upload(_tenant())
+    return Response(status_code=201, content_type="application/json", body=upload.model_dump_json())
 
 
 @app.get(

@@ -35,7 +35,8 @@ def _batch(client: httpx.Client, batch_id: str) -> dict[str, Any]:
 def _wait_ended(client: httpx.Client, batch_id: str, timeout: float = 120) -> dict[str, Any]:
     ended: dict[str, Any] = wait_until(
         lambda: (
-            (batch := _batch(client, batch_id))["status"] in ("completed", "canceled", "expired") and batch
+            (batch := _batch(client, batch_id))["status"] in ("completed", "canceled", "expired", "failed")
+            and batch
         ),
         timeout=timeout,
         interval=0.5,
@@ -165,3 +166,34 @@ def test_the_cli_submits_a_jsonl_file_shows_progress_and_prints_the_results(
     refused = run_llmq(sandbox.directory, "batches", "submit", str(rows), "--tenant", "enterprise")
     assert refused.returncode != 0
     assert "rows.jsonl:2: not a JSON line" in refused.stderr
+
+
+def test_a_file_put_to_its_upload_url_over_http_runs_as_a_batch_and_a_bad_file_fails_naming_its_line(
+    sandbox: SandboxUnderTest,
+) -> None:
+    # Given a file PUT over HTTP to the URL POST /v1/uploads answers (the sandbox's S3)
+    lines = [json.dumps(request) for request in _requests(3, "Upload [[latency:0.1]]")]
+    with sandbox.api("enterprise") as client:
+        upload = client.post("/v1/uploads")
+        assert upload.status_code == 201, upload.text
+        put = httpx.put(upload.json()["upload_url"], content="\n".join(lines).encode(), timeout=30)
+        assert put.status_code == 200, put.text
+        # When a batch names it, it is accepted at once and validated after
+        reply = client.post("/v1/batches", json={"upload_id": upload.json()["id"]})
+        assert reply.status_code == 202, reply.text
+        assert reply.json()["status"] == "validating"
+        # Then every line runs, once
+        ended = _wait_ended(client, reply.json()["id"])
+    assert (ended["status"], ended["request_counts"]["succeeded"]) == ("completed", 3)
+    # And the CLI sends a file by the upload form too; one with a bad line fails, naming it
+    rows = sandbox.directory / "upload.jsonl"
+    rows.write_text(
+        lines[0] + "\n" + json.dumps({"custom_id": "bad", "body": {"prompt": "p", "model": "nope"}}) + "\n",
+        encoding="utf-8",
+    )
+    refused = run_llmq(
+        sandbox.directory, "batches", "submit", str(rows), "--upload", "--wait", "--tenant", "enterprise"
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert json.loads(refused.stdout)["status"] == "failed"
+    assert "upload.jsonl:2: model_not_allowed" in refused.stderr

@@ -16,7 +16,7 @@ import pytest
 
 from llmq.config import LimitsConfig, LlmqConfig
 from stacks.functions import FUNCTION_NAMES
-from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX
 from stacks.template import StackTemplate
 from tests.infra.iam_grants import LOG_ACTIONS, TRACING_ACTIONS, canonical, referenced_ids
 from tests.infra.synthesis import SynthesizedApp, synthesize
@@ -69,9 +69,9 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
     assert match, finding["ruleName"]
     bucket, prefix = match.groups()
     assert template.resources[bucket]["Type"] == "AWS::S3::Bucket"
-    owner = "<batch>" if prefix == BATCH_REQUESTS_PREFIX else "<job>"
+    owner = {BATCH_REQUESTS_PREFIX: "<batch>", UPLOADS_PREFIX: "<tenant>"}.get(prefix, "<job>")
     assert (
-        prefix in (INPUTS_PREFIX, RESULTS_PREFIX, BATCH_REQUESTS_PREFIX)
+        prefix in (INPUTS_PREFIX, RESULTS_PREFIX, BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX)
         and f"{prefix}{owner}" in finding["reason"]
     )
     on_prefix = {
@@ -81,7 +81,8 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
     expected = {
         INPUTS_PREFIX: {("api", "s3:PutObject"), ("worker", "s3:GetObject")},
         RESULTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
-        BATCH_REQUESTS_PREFIX: {("api", "s3:GetObject")},
+        BATCH_REQUESTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
+        UPLOADS_PREFIX: {("api", "s3:GetObject")},
     }[prefix]
     assert on_prefix == expected
     # no list, no delete, anywhere in the bucket

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from stacks.jobs_table import BATCH_REQUESTS_PREFIX
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX
 from tests.aws_calls import (
     ANY_RESOURCE,
     CATALOGUE_PATH,
@@ -169,8 +169,9 @@ def _object_prefix(key: str | None) -> str:
     batch's requests, under `inputs/batches/`, by their own)."""
     if key is None:
         return ""
-    if key.startswith(BATCH_REQUESTS_PREFIX):
-        return f"/{BATCH_REQUESTS_PREFIX}*"
+    for prefix in (BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX):
+        if key.startswith(prefix):
+            return f"/{prefix}*"
     folder, slash, _ = key.partition("/")
     return f"/{folder}/*" if slash else "/*"
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmq.batch_runs import encode_requests, item_record, parse_requests
+from llmq.batch_uploads import split_lines
 from llmq.batches import BatchRecord, batch_of, final_status, item_job_id, new_batch_id, tally
 from llmq.config import LlmqConfig
 from llmq.job_record import new_job_id
@@ -129,3 +130,31 @@ def test_an_item_becomes_a_queued_job_of_the_batch_with_only_the_item_events_ask
     assert job.metadata == {"a": "b"}
     quiet = item_record(_batch(3, webhook_url="https://h.example/x"), 0, item, CONFIG, now_ms=5)
     assert (quiet.webhook_url, quiet.webhook_events) == (None, [])
+
+
+# ---- an uploaded file's lines, from S3 chunks ----------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=12),
+    cuts=st.lists(st.integers(min_value=1, max_value=40), max_size=12),
+    trailing=st.booleans(),
+)
+def test_split_lines_reads_the_same_lines_however_the_stream_is_cut(
+    lines: list[bytes], cuts: list[int], trailing: bool
+) -> None:
+    data = b"\n".join(lines) + (b"\n" if trailing and lines else b"")
+    chunks, at = [], 0
+    for cut in cuts:
+        chunks.append(data[at : at + cut])
+        at += cut
+    chunks.append(data[at:])
+    limit = 20
+    read = list(split_lines(chunks, limit))
+    # Every byte is accounted for, and each line comes back whole, or as None past the limit
+    assert sum(size for _, size in read) == len(data)
+    expected = list(lines)
+    if expected and not trailing and expected[-1] == b"":
+        expected.pop()  # a final empty line without its newline is no line
+    assert [line for line, _ in read] == [line if len(line) <= limit else None for line in expected]

@@ -10,38 +10,50 @@ the batch's size. The items are written by the worker
 from __future__ import annotations
 
 import hashlib
+import secrets
 
-from llmq.batch_runs import encode_requests, request_lines, settle
+from llmq.batch_runs import StoredRequests, encode_requests, settle
 from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id, new_batch_id, over_quota
 from llmq.config import LlmqConfig
 from llmq.errors import (
     BatchNotCancelable,
-    DomainError,
     IdempotencyConflict,
     InvalidIdempotencyKey,
     InvalidRequest,
     InvalidWebhookUrl,
     PayloadTooLarge,
     StoreUnavailable,
+    UploadNotFound,
 )
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
-from llmq.job_record import JobRecord
+from llmq.job_record import JobRecord, iso
 from llmq.lanes import lane_for_tier
 from llmq.models import (
-    BatchItemRequest,
     BatchRequest,
     BatchRequestCounts,
     BatchResultLine,
     BatchStatus,
     DeliveryStatus,
     JobStatus,
+    Upload,
 )
+from llmq.payloads import ObjectStat
 from llmq.ports import BlobStore, JobStore, QueueStore
+from llmq.request_rules import check_item
 from llmq.telemetry import logger
 from llmq.tenants import TenantIdentity
 
 # Where the api stores a batch's requests (the worker may read under inputs/).
 REQUESTS_PREFIX = "inputs/batches/"
+# Where a tenant's uploads are PUT: the key names the tenant, so an upload id of another
+# tenant's finds nothing.
+UPLOADS_PREFIX = "inputs/uploads/"
+
+
+def upload_key(tenant_id: str, upload_id: str) -> str:
+    return f"{UPLOADS_PREFIX}{tenant_id}/{upload_id}.jsonl"
+
+
 # A results page's text: a Lambda response holds 6 MB, after the runtime escapes the body
 # once more (a quote or a non-ASCII character can take up to six bytes).
 RESULTS_PAGE_BYTES = 900_000
@@ -84,14 +96,21 @@ class BatchIntake:
         digest = batch_request_hash(request)
         batch_id = new_batch_id(tenant.tenant_id, idempotency_key, now_ms)
         webhook = request.webhook
+        upload = self._upload(tenant, request.upload_id) if request.upload_id else None
         record = BatchRecord(
             id=batch_id,
             tenant_id=tenant.tenant_id,
             status=BatchStatus.VALIDATING,
             lane=lane,
-            total=len(request.requests),
-            # Named by the body's hash: a replay with another body never overwrites these.
-            requests_ref=f"{REQUESTS_PREFIX}{batch_id}/{digest[:16]}.jsonl",
+            total=len(request.requests or []),
+            # Named by the body's hash: a replay with another body never overwrites these. An
+            # upload's validated requests are parts under this prefix.
+            requests_ref=f"{REQUESTS_PREFIX}{batch_id}/{digest[:16]}" + ("/" if upload else ".jsonl"),
+            upload_id=request.upload_id,
+            upload_ref=upload_key(tenant.tenant_id, request.upload_id) if request.upload_id else None,
+            upload_etag=upload.etag if upload else None,
+            validated=upload is None,
+            tier=tenant.tier,
             request_hash=digest,
             created_ms=now_ms,
             expires_at=now_ms // 1000 + self.config.retention_seconds,
@@ -110,7 +129,8 @@ class BatchIntake:
             idempotency_key is None or self.batches.find(batch_id) is None
         ):
             raise over_quota(state, record.total, default_max_active, self.config)
-        self.payloads.put(record.requests_ref, encode_requests(request.requests))
+        if request.requests is not None:
+            self.payloads.put(record.requests_ref, encode_requests(request.requests))
         stored, replayed = self.batches.create(
             record, self.config.concurrency_cap(tenant.tier), state, default_max_active
         )
@@ -126,6 +146,36 @@ class BatchIntake:
         self._expand(stored)
         return stored, False
 
+    def _upload(self, tenant: TenantIdentity, upload_id: str) -> ObjectStat:
+        """The tenant's uploaded file, as it is now (its ETag pins it: the worker validates
+        exactly this file). Another tenant's upload is as missing as one never made."""
+        assert self.payloads is not None
+        found = self.payloads.stat(upload_key(tenant.tenant_id, upload_id))
+        if found is None:
+            raise UploadNotFound(f"no upload {upload_id}, or nothing was PUT to its URL yet")
+        limit = self.config.batches.max_upload_bytes
+        if found.size > limit:
+            raise PayloadTooLarge(f"upload {upload_id} holds {found.size} bytes, over {limit}")
+        if found.size == 0:
+            raise InvalidRequest(f"upload {upload_id} is empty")
+        return found
+
+    def new_upload(self, tenant: TenantIdentity) -> Upload:
+        """Where to PUT a JSON Lines file of requests: a presigned S3 URL of the tenant's own."""
+        if self.payloads is None:
+            raise PayloadTooLarge("uploads need the payload bucket, which is not configured")
+        upload_id = f"upl_{secrets.token_hex(13)}"
+        url = self.payloads.presigned_put(
+            upload_key(tenant.tenant_id, upload_id), self.config.batches.upload_url_seconds
+        )
+        return Upload(
+            id=upload_id,
+            upload_url=url.url,
+            expires_at=iso(url.expires_ms),
+            max_bytes=self.config.batches.max_upload_bytes,
+            max_requests=self.config.batches.max_upload_requests,
+        )
+
     def _expand(self, batch: BatchRecord) -> None:
         try:
             self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
@@ -138,7 +188,7 @@ class BatchIntake:
         limits = self.config.limits
         if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
             raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        if len(request.requests) > self.config.batches.max_requests:
+        if len(request.requests or []) > self.config.batches.max_requests:
             raise InvalidRequest(f"a batch holds at most {self.config.batches.max_requests} requests")
         own = lane_for_tier(self.config, tenant.tier).name
         lanes = {own, *([self.config.batches.lane] if self.config.batches.lane else [])}
@@ -154,31 +204,10 @@ class BatchIntake:
                 self.job_intake.check_webhook_url(request.webhook.url)
             except InvalidWebhookUrl as exc:
                 raise InvalidWebhookUrl(f"webhook.url: {exc.detail}") from exc
-        seen: dict[str, int] = {}
-        for index, item in enumerate(request.requests):
-            self._validate_item(index, item, seen)
+        seen: dict[str, str] = {}
+        for index, item in enumerate(request.requests or []):
+            check_item(self.config, f"requests[{index}]", item, seen)
         return lane
-
-    def _validate_item(self, index: int, item: BatchItemRequest, seen: dict[str, int]) -> None:
-        where = f"requests[{index}]"
-        first = seen.setdefault(item.custom_id, index)
-        if first != index:
-            raise InvalidRequest(f"{where}.custom_id {item.custom_id!r} repeats requests[{first}]")
-        body = item.body
-        if body.webhook is not None:
-            raise InvalidRequest(f"{where}.body.webhook: a batch's items take the batch's webhook")
-        if body.deadline_seconds is not None:
-            raise InvalidRequest(f"{where}.body.deadline_seconds: a batch's items take the batch's deadline")
-        size = len(item.model_dump_json(exclude_none=True).encode())
-        if size > self.config.batches.max_item_bytes:
-            raise PayloadTooLarge(
-                f"{where}: {size} bytes, over a batch item's {self.config.batches.max_item_bytes}; "
-                "submit it as a job"
-            )
-        try:
-            self.job_intake.validate(body, None)
-        except DomainError as exc:
-            raise type(exc)(f"{where}.body: {exc.detail}") from exc
 
     # ---- read ---------------------------------------------------------------------------
 
@@ -224,8 +253,8 @@ class BatchIntake:
         names: dict[int, str] = {}
         if missing and self.payloads is not None:
             # Items not written yet: still queued, named from the stored requests.
-            lines = request_lines(self.payloads.get(batch.requests_ref))
-            names = {index: BatchItemRequest.model_validate_json(lines[index]).custom_id for index in missing}
+            stored = StoredRequests(self.payloads, batch)
+            names = {index: stored.item(index).custom_id for index in missing}
         page: list[BatchResultLine] = []
         size = 0
         following: int | None = cursor + len(found)

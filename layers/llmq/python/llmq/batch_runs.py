@@ -20,16 +20,25 @@ have crashed in between.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections.abc import Callable
 
-from llmq.batches import BatchRecord, BatchRepository, item_job_id
+from llmq.batch_uploads import UploadScanner
+from llmq.batches import BatchRecord, BatchRepository, item_job_id, part_key
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord
-from llmq.models import BatchItemRequest, DeliveryStatus, JobRequest, JobStatus
+from llmq.models import (
+    BatchItemRequest,
+    BatchLineError,
+    BatchRequestCounts,
+    DeliveryStatus,
+    JobRequest,
+    JobStatus,
+)
 from llmq.ports import BlobStore, QueueStore
 from llmq.telemetry import logger
 
@@ -81,6 +90,34 @@ def request_lines(data: bytes) -> list[bytes]:
     """The stored requests' lines, unparsed: each is parsed when its item is written, so a
     batch of 100,000 never holds 100,000 models at once."""
     return [line for line in data.splitlines() if line.strip()]
+
+
+class StoredRequests:
+    """A batch's stored requests by item index: an inline batch's one object, or an upload's
+    parts, one part held at a time (a 100,000-line file is never read whole)."""
+
+    def __init__(self, payloads: BlobStore, batch: BatchRecord) -> None:
+        self._payloads = payloads
+        self._batch = batch
+        self._part = -1
+        self._first = 0
+        self._lines: list[bytes] = []
+
+    def line(self, index: int) -> bytes:
+        parts = self._batch.parts
+        if parts is None:
+            if self._part != 0:
+                self._lines, self._part = request_lines(self._payloads.get(self._batch.requests_ref)), 0
+            return self._lines[index]
+        part = bisect.bisect_right(parts, index)
+        if part != self._part:
+            key = part_key(self._batch.requests_ref, part)
+            self._lines, self._part = request_lines(self._payloads.get(key)), part
+            self._first = parts[part - 1] if part else 0
+        return self._lines[index - self._first]
+
+    def item(self, index: int) -> BatchItemRequest:
+        return BatchItemRequest.model_validate_json(self.line(index))
 
 
 def encode_requests(items: list[BatchItemRequest]) -> bytes:
@@ -174,6 +211,7 @@ class BatchExpander:
         self.payloads = payloads
         self.config = config
         self._clock = clock
+        self.scanner = UploadScanner(batches, queues, payloads, config)
 
     def expand(self, batch_id: str, remaining_seconds: Callable[[], float]) -> None:
         """Write the batch's items from its checkpoint on, and queue them. Raises
@@ -188,7 +226,16 @@ class BatchExpander:
         if batch.cancel_requested:
             self._stop(batch)
             return
-        requests = request_lines(self.payloads.get(batch.requests_ref))
+        if not batch.validated:
+            # An uploaded file: validated and admitted first, or the batch fails.
+            scan = self.scanner.scan(batch, remaining_seconds)
+            if scan.errors:
+                self._fail(batch, scan.errors)
+                return
+            if scan.batch is None:
+                return  # handed on to a new message, or another run got further
+            batch = scan.batch
+        requests = StoredRequests(self.payloads, batch)
         chunk = self.config.batches.expand_chunk
         # The last chunk written may have been written but not queued.
         if batch.expanded:
@@ -206,9 +253,7 @@ class BatchExpander:
             began = time.monotonic()
             now_ms = int(self._clock() * 1000)
             items = [
-                item_record(
-                    batch, index, BatchItemRequest.model_validate_json(requests[index]), self.config, now_ms
-                )
+                item_record(batch, index, requests.item(index), self.config, now_ms)
                 for index in range(start, end)
             ]
             if not self.batches.write_items(batch, start, items):
@@ -234,6 +279,15 @@ class BatchExpander:
             start = end
         logger.info("batch expanded", extra={"batch_id": batch.id, "items": batch.total})
 
+    def _fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> None:
+        failed = self.batches.fail(batch, errors)
+        if failed is None:
+            settle(self.batches, self.queues, batch.id)  # ended meanwhile (canceled)
+            return
+        logger.info("batch upload refused", extra={"batch_id": batch.id, "errors": len(errors)})
+        if _webhook_unsent(failed):
+            _send_webhook(self.batches, self.queues, failed)
+
     def _queue(self, batch: BatchRecord, start: int, end: int) -> None:
         ids = [item_job_id(batch.id, index) for index in range(start, end)]
         self.queues.enqueue_jobs(ids, batch.lane, batch.tenant_id)
@@ -242,6 +296,14 @@ class BatchExpander:
         """A canceled batch writes no more items; those never written count as canceled. The
         last chunk written is queued again first (a crash may have come between its write and
         its sends), so its items end canceled at their claims rather than waiting."""
+        if not batch.validated:
+            # An upload canceled before its file was admitted: no item exists, none will.
+            ended = self.batches.finish(batch, BatchRequestCounts(), "validated = :false")
+            if ended is not None and _webhook_unsent(ended):
+                _send_webhook(self.batches, self.queues, ended)
+            else:
+                settle(self.batches, self.queues, batch.id)
+            return
         if batch.expanded:
             self._queue(batch, max(0, batch.expanded - self.config.batches.expand_chunk), batch.expanded)
         if batch.unexpanded_canceled == 0 and not batch.expansion_over:

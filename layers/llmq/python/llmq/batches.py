@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from llmq import aws, shares
 from llmq import job_codec as codec
@@ -33,6 +33,7 @@ from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
     Batch,
     BatchEvent,
+    BatchLineError,
     BatchRequestCounts,
     BatchStatus,
     BatchWebhookState,
@@ -153,10 +154,25 @@ class BatchRecord(BaseModel):
     delivery_attempts: int = 0
     delivery_last_status_code: int | None = None
     delivered_ms: int | None = None
+    # The upload form: the file (`upload_ref`, as it was when the batch was created: `upload_etag`)
+    # is validated by the worker first (`llmq.batch_uploads`); until then `validated` is False and
+    # `total` 0. Its requests are then stored in parts under `requests_ref`, part k holding items
+    # [parts[k-1], parts[k]) (`part_key`); an inline batch's are one object at `requests_ref`.
+    upload_id: str | None = None
+    upload_ref: str | None = None
+    # The tenant's tier when the batch was made: its items' cap and quota, admitted later.
+    tier: str | None = None
+    upload_etag: str | None = None
+    validated: bool = True
+    parts: list[int] | None = None
+    # The validation's checkpoint: the file's bytes and lines stored in `parts` so far.
+    scan_bytes: int = 0
+    scan_lines: int = 0
+    errors: list[BatchLineError] | None = None
 
     @property
     def expansion_over(self) -> bool:
-        return self.expanded + self.unexpanded_canceled >= self.total
+        return self.validated and self.expanded + self.unexpanded_canceled >= self.total
 
     @property
     def terminal_event(self) -> BatchEvent | None:
@@ -190,10 +206,20 @@ class BatchRecord(BaseModel):
             cancel_requested=self.cancel_requested,
             results_url=f"{api_base.rstrip('/')}/v1/batches/{self.id}/results",
             webhook=webhook,
+            upload_id=self.upload_id,
+            errors=self.errors,
         )
 
 
-_BATCH_JSON = ("final_counts",)
+def part_key(requests_ref: str, part: int) -> str:
+    """Part `part` of an uploaded batch's validated requests (`requests_ref` is their prefix)."""
+    return f"{requests_ref}part-{part:05d}.jsonl"
+
+
+_BATCH_JSON: dict[str, TypeAdapter[Any]] = {
+    "final_counts": TypeAdapter(BatchRequestCounts),
+    "errors": TypeAdapter(list[BatchLineError]),
+}
 
 
 def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -208,9 +234,9 @@ def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[s
 def _from_item(item: dict[str, Any]) -> BatchRecord:
     data = codec.plain(item)
     data["id"] = str(data.pop("pk"))[len(BATCH_PREFIX) :]
-    for name in _BATCH_JSON:
+    for name, adapter in _BATCH_JSON.items():
         if name in data:
-            data[name] = BatchRequestCounts.model_validate_json(data[name])
+            data[name] = adapter.validate_json(data[name])
     return BatchRecord.model_validate(data)
 
 
@@ -288,11 +314,24 @@ class BatchRepository:
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
         }
-        share = shares.admit_many(
-            self.table_name, record.tenant_id, record.lane, cap, record.total, state, default_max_active
+        # An upload's items are admitted when its file is validated (`admit_upload`).
+        share = (
+            [
+                shares.admit_many(
+                    self.table_name,
+                    record.tenant_id,
+                    record.lane,
+                    cap,
+                    record.total,
+                    state,
+                    default_max_active,
+                )
+            ]
+            if record.validated
+            else []
         )
         try:
-            self._ddb.transact_write_items(TransactItems=[put, share])
+            self._ddb.transact_write_items(TransactItems=[put, *share])
         except ClientError as exc:
             reasons = _reasons(exc)
             if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
@@ -525,6 +564,85 @@ class BatchRepository:
             raise
         return True
 
+    # ---- an upload's validation ----------------------------------------------------------
+
+    def checkpoint_scan(
+        self, batch: BatchRecord, parts: list[int], scan_bytes: int, scan_lines: int
+    ) -> BatchRecord | None:
+        """The validation stored one more part: its progress moves on, only from where `batch`
+        had it (two runs of one validation race here, and only one moves it). None otherwise."""
+        return self._update_while_open(
+            batch.id,
+            "SET parts = :parts, scan_bytes = :bytes, scan_lines = :lines",
+            {
+                "parts": parts,
+                "bytes": scan_bytes,
+                "lines": scan_lines,
+                "from": batch.scan_bytes,
+                "false": False,
+            },
+            "validated = :false AND scan_bytes = :from",
+        )
+
+    def admit_upload(
+        self, batch: BatchRecord, total: int, parts: list[int], cap: int, default_max_active: int
+    ) -> BatchRecord | None:
+        """The file is valid: one transaction sets its count and parts and admits its items as
+        the tenant's active jobs (`shares.admit_many`), as an inline batch's accept does. None
+        when another run admitted it first, or it was canceled meanwhile; QuotaExceeded when
+        its items do not fit, and nothing is written."""
+        state = self.share(batch.tenant_id)
+        if state.active + total > (state.max_active_jobs or default_max_active):
+            raise over_quota(state, total, default_max_active, self.config)
+        update = {
+            "Update": {
+                "TableName": self.table_name,
+                "Key": batch_key(batch.id),
+                "UpdateExpression": "SET #total = :total, parts = :parts, validated = :true, scan_bytes = :bytes",
+                "ConditionExpression": "#st = :validating AND validated = :false AND cancel_requested = :false",
+                "ExpressionAttributeNames": {"#st": "status", "#total": "total"},
+                "ExpressionAttributeValues": codec.values(
+                    total=total,
+                    parts=parts,
+                    true=True,
+                    false=False,
+                    bytes=batch.scan_bytes,
+                    validating=BatchStatus.VALIDATING.value,
+                ),
+            }
+        }
+        admit = shares.admit_many(
+            self.table_name, batch.tenant_id, batch.lane, cap, total, state, default_max_active
+        )
+        try:
+            self._ddb.transact_write_items(TransactItems=[update, admit])
+        except ClientError as exc:
+            reasons = _reasons(exc)
+            if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
+                return None
+            if len(reasons) > 1 and reasons[1].get("Code") == "ConditionalCheckFailed":
+                found = ShareState.from_item(batch.tenant_id, reasons[1].get("Item"))
+                raise over_quota(found, total, default_max_active, self.config) from exc
+            _raise_retryable(exc, "an upload's admission")
+            raise
+        return batch.model_copy(update={"total": total, "parts": parts, "validated": True})
+
+    def fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> BatchRecord | None:
+        """An upload refused before any item was written: the batch ends `failed` with the
+        reasons, its webhook set pending when subscribed. None when it had ended already."""
+        sets = ["#st = :status", "finished_ms = :now", "final_counts = :counts", "errors = :errors"]
+        values: dict[str, Any] = {
+            "status": BatchStatus.FAILED.value,
+            "now": self.now_ms(),
+            "counts": BatchRequestCounts().model_dump_json(),
+            "errors": _BATCH_JSON["errors"].dump_json(errors).decode(),
+            "false": False,
+        }
+        if batch.wants(BatchEvent.FAILED):
+            sets.append("delivery_status = :pending")
+            values["pending"] = DeliveryStatus.PENDING.value
+        return self._update_while_open(batch.id, f"SET {', '.join(sets)}", values, "validated = :false")
+
     # ---- cancel and end -----------------------------------------------------------------
 
     def request_cancel(self, batch: BatchRecord) -> BatchRecord | None:
@@ -535,9 +653,11 @@ class BatchRepository:
             {"true": True},
         )
 
-    def finish(self, batch: BatchRecord, counts: BatchRequestCounts) -> BatchRecord | None:
+    def finish(
+        self, batch: BatchRecord, counts: BatchRequestCounts, condition: str | None = None
+    ) -> BatchRecord | None:
         """The batch's one terminal write, with its final counts; its webhook set pending when
-        subscribed. None when another writer ended it first."""
+        subscribed. None when another writer ended it first (or `condition` failed)."""
         status = final_status(batch, counts)
         sets = ["#st = :status", "finished_ms = :now", "final_counts = :counts"]
         values: dict[str, Any] = {
@@ -548,18 +668,22 @@ class BatchRepository:
         if batch.wants(BATCH_EVENT_FOR_STATUS[status]):
             sets.append("delivery_status = :pending")
             values["pending"] = DeliveryStatus.PENDING.value
-        return self._update_while_open(batch.id, f"SET {', '.join(sets)}", values)
+        if condition and ":false" in condition:
+            values["false"] = False
+        return self._update_while_open(batch.id, f"SET {', '.join(sets)}", values, condition)
 
     def _update_while_open(
-        self, batch_id: str, expression: str, values: dict[str, Any]
+        self, batch_id: str, expression: str, values: dict[str, Any], condition: str | None = None
     ) -> BatchRecord | None:
-        """One UpdateItem of a batch that has not ended; the batch as written, or None."""
+        """One UpdateItem of a batch that has not ended (and meets `condition`); the batch as
+        written, or None."""
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
                 UpdateExpression=expression,
-                ConditionExpression="#st IN (:validating, :in_progress, :canceling)",
+                ConditionExpression="#st IN (:validating, :in_progress, :canceling)"
+                + (f" AND {condition}" if condition else ""),
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(
                     **values,

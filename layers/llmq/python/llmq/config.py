@@ -250,6 +250,18 @@ class BatchConfig(_Frozen):
     count_shards: Annotated[int, Field(ge=1, le=100)] = 16
     # Lines per page of GET /v1/batches/{id}/results.
     results_page: Annotated[int, Field(ge=1, le=1000)] = 100
+    # The upload form (POST /v1/uploads): a JSON Lines file PUT to S3, validated by the worker
+    # as it streams it (Anthropic's Message Batches: 100,000 requests, 256 MB).
+    max_upload_bytes: Annotated[int, Field(ge=1024, le=5_000_000_000)] = 256 * 1024 * 1024
+    max_upload_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
+    # How long an upload URL works (bounded by the api's credentials, as a result URL is).
+    upload_url_seconds: Annotated[int, Field(ge=60, le=43_200)] = 3600
+    # The validated requests are stored in parts of this many lines (or bytes, whichever
+    # comes first): the expansion reads one part at a time, never the whole file.
+    upload_part_requests: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    upload_part_bytes: Annotated[int, Field(ge=150_000, le=64_000_000)] = 4_000_000
+    # A refused file's first bad lines, reported in the batch's `errors`.
+    upload_errors_shown: Annotated[int, Field(ge=1, le=100)] = 10
 
 
 class LlmqConfig(_Frozen):

@@ -128,6 +128,13 @@ class BatchNotFound(DomainError):
     status = 404
 
 
+class UploadNotFound(DomainError):
+    # A field of the request names it: the request is what cannot be processed.
+    code = "upload_not_found"
+    title = "No such upload"
+    status = 422
+
+
 class BatchNotCancelable(DomainError):
     code = "batch_not_cancelable"
     title = "The batch has already finished"

@@ -18,10 +18,8 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
-    PromptTooLarge,
     QuotaExceeded,
     StoreUnavailable,
-    UnknownModel,
     WebhookNotFound,
 )
 from llmq.job_codec import write_token
@@ -32,6 +30,7 @@ from llmq.models import JobRequest, JobStatus, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
+from llmq.request_rules import check_job_request
 from llmq.telemetry import MetricName, emit_count, fingerprint, logger
 from llmq.tenants import TenantIdentity
 
@@ -134,17 +133,7 @@ class JobIntake:
         limits = self.config.limits
         if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
             raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        model = request.model or self.config.provider.default_model
-        if model not in self.config.provider.models:
-            raise UnknownModel(f"model {model!r} is not one of {self.config.provider.models}")
-        if request.prompt_chars() > limits.max_prompt_chars:
-            raise PromptTooLarge(f"the prompt exceeds {limits.max_prompt_chars} characters")
-        if len(request.metadata) > limits.max_metadata_keys:
-            raise InvalidRequest(f"metadata holds at most {limits.max_metadata_keys} keys")
-        params = request.params.model_dump(exclude_none=True)
-        refused = sorted(set(params) - set(self.config.provider.allowed_params))
-        if refused:
-            raise InvalidRequest(f"parameters not allowed: {', '.join(refused)}")
+        check_job_request(self.config, request)
         if request.deadline_seconds is not None and request.deadline_seconds > limits.max_deadline_seconds:
             raise InvalidRequest(f"deadline_seconds is at most {limits.max_deadline_seconds}")
         if request.webhook is not None:

@@ -308,25 +308,31 @@ class BatchStatus(StrEnum):
     CANCELING = "canceling"
     CANCELED = "canceled"
     EXPIRED = "expired"
+    # An uploaded file refused by its validation (its `errors` say where), or over the quota:
+    # no item was written.
+    FAILED = "failed"
 
     @property
     def is_terminal(self) -> bool:
-        return self in (BatchStatus.COMPLETED, BatchStatus.CANCELED, BatchStatus.EXPIRED)
+        return self in (BatchStatus.COMPLETED, BatchStatus.CANCELED, BatchStatus.EXPIRED, BatchStatus.FAILED)
 
 
 class BatchEvent(StrEnum):
     COMPLETED = "batch.completed"
     CANCELED = "batch.canceled"
     EXPIRED = "batch.expired"
+    FAILED = "batch.failed"
 
 
 BATCH_EVENT_FOR_STATUS = {
     BatchStatus.COMPLETED: BatchEvent.COMPLETED,
     BatchStatus.CANCELED: BatchEvent.CANCELED,
     BatchStatus.EXPIRED: BatchEvent.EXPIRED,
+    BatchStatus.FAILED: BatchEvent.FAILED,
 }
 # A custom_id names an item in the results: printable, no spaces, like OpenAI's and Anthropic's.
 CUSTOM_ID = r"^[A-Za-z0-9_.:@-]{1,64}$"
+UPLOAD_ID = r"^upl_[a-z0-9]{26}$"
 
 
 class BatchWebhook(_Strict):
@@ -349,9 +355,13 @@ class BatchItemRequest(_Strict):
 
 
 class BatchRequest(_Strict):
-    """POST /v1/batches: many JobRequests at once, each named by a `custom_id` unique in the batch."""
+    """POST /v1/batches: many JobRequests at once, each named by a `custom_id` unique in the batch:
+    inline as `requests`, or as a JSON Lines file uploaded first (`upload_id`, POST /v1/uploads)."""
 
-    requests: list[BatchItemRequest] = Field(min_length=1)
+    requests: list[BatchItemRequest] | None = Field(default=None, min_length=1)
+    upload_id: Annotated[str, Field(pattern=UPLOAD_ID)] | None = Field(
+        default=None, description="An upload (POST /v1/uploads) holding one request per line"
+    )
     webhook: BatchWebhook | None = None
     metadata: dict[
         Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
@@ -359,16 +369,29 @@ class BatchRequest(_Strict):
     deadline_seconds: Annotated[int, Field(ge=1)] | None = None
     lane: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
+    @model_validator(mode="after")
+    def _one_source(self) -> BatchRequest:
+        if (self.requests is None) == (self.upload_id is None):
+            raise ValueError("give either requests or upload_id")
+        return self
+
 
 def batch_request_model(config: LlmqConfig, job_request: type[JobRequest]) -> type[BatchRequest]:
     """BatchRequest whose items are `job_request` (the deployment's JobRequest) and whose size is
     the deployment's, so the OpenAPI document states both."""
-    item = create_model("BatchItemRequest", __base__=BatchItemRequest, body=(job_request, ...))
+    item: Any = batch_item_model(job_request)
+    items: Any = list[item] | None
     return create_model(
         "BatchRequest",
         __base__=BatchRequest,
-        requests=(list[item], Field(min_length=1, max_length=config.batches.max_requests)),
+        requests=(items, Field(default=None, min_length=1, max_length=config.batches.max_requests)),
     )
+
+
+def batch_item_model(job_request: type[JobRequest]) -> type[BatchItemRequest]:
+    """A batch item whose body is `job_request` (the deployment's JobRequest): one line of an
+    uploaded file is validated by it, as an inline item is."""
+    return create_model("BatchItemRequest", __base__=BatchItemRequest, body=(job_request, ...))
 
 
 class BatchRequestCounts(BaseModel):
@@ -388,6 +411,27 @@ class BatchWebhookState(BaseModel):
     delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
 
 
+class BatchLineError(BaseModel):
+    """Why an uploaded file was refused: its line (from 1), and what is wrong there."""
+
+    line: int
+    code: str
+    message: str
+
+
+class Upload(BaseModel):
+    """POST /v1/uploads: where to PUT a JSON Lines file of batch requests, then name it in
+    POST /v1/batches as `upload_id`."""
+
+    id: str
+    object: Literal["upload"] = "upload"
+    upload_url: str = Field(description="PUT the file's bytes here (one request), before `expires_at`")
+    method: Literal["PUT"] = "PUT"
+    expires_at: str
+    max_bytes: int
+    max_requests: int
+
+
 class Batch(BaseModel):
     """The Batch object of API v1."""
 
@@ -404,6 +448,10 @@ class Batch(BaseModel):
         description="GET it for the items' results as JSON Lines, while the batch runs too"
     )
     webhook: BatchWebhookState | None = None
+    upload_id: str | None = None
+    errors: list[BatchLineError] | None = Field(
+        default=None, description="A failed batch's reasons: the uploaded file's first bad lines"
+    )
 
 
 class BatchList(BaseModel):

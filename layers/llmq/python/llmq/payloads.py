@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from botocore.exceptions import ClientError
+
 from llmq import aws
+from llmq.errors import StoreUnavailable
 
 # How long a result URL works at most. A presigned URL stops working when the credentials
 # that signed it expire, whatever its ExpiresIn ("Download and upload objects with presigned
@@ -15,6 +19,18 @@ from llmq import aws
 # it, and states it in the Job (`result_url_expires_at`). A client that needs the result
 # later GETs the job again for a fresh URL; webhooks point at the job, never at S3.
 RESULT_URL_SECONDS = 900
+
+
+_STREAM_CHUNK = 1024 * 1024
+
+
+class ObjectStat(NamedTuple):
+    size: int
+    etag: str
+
+
+class ObjectChanged(Exception):
+    """The object read is no longer the one named (replaced or deleted since)."""
 
 
 class PresignedUrl(NamedTuple):
@@ -40,14 +56,59 @@ class PayloadStore:
     def size(self, key: str) -> int:
         return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
 
+    def stat(self, key: str) -> ObjectStat | None:
+        """The object's size and ETag; None when there is none."""
+        try:
+            found = self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return ObjectStat(int(found["ContentLength"]), str(found["ETag"]))
+
+    def stream(self, key: str, start: int, etag: str) -> Iterator[bytes]:
+        """The object's bytes from `start` on, in chunks, as long as it is still the object
+        whose ETag is `etag`: ObjectChanged when it was replaced since."""
+        try:
+            response = self._s3.get_object(
+                Bucket=self.bucket, Key=key, IfMatch=etag, **({"Range": f"bytes={start}-"} if start else {})
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                raise ObjectChanged(f"{key} was replaced or deleted") from exc
+            if code in ("InvalidRange", "416"):
+                return
+            raise
+        body = response["Body"]
+        try:
+            yield from body.iter_chunks(_STREAM_CHUNK)
+        except Exception as exc:
+            if aws.is_transient(exc):
+                raise StoreUnavailable(f"s3.GetObject {key}: the stream broke off") from exc
+            raise
+        finally:
+            body.close()
+
+    def presigned_put(self, key: str, expires_seconds: int) -> PresignedUrl:
+        """A PUT URL for `key`, working as long as `presigned_url`'s GET would."""
+        seconds = self._url_seconds(expires_seconds)
+        url: str = self._s3.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
+        )
+        return PresignedUrl(url, (int(time.time()) + seconds) * 1000)
+
+    def _url_seconds(self, expires_seconds: int) -> int:
+        credentials_expire = credentials_expiry(self._raw)
+        if credentials_expire is None:
+            return expires_seconds
+        return max(1, min(expires_seconds, int(credentials_expire - time.time())))
+
     def presigned_url(self, key: str, expires_seconds: int = RESULT_URL_SECONDS) -> PresignedUrl:
         """A GET URL for `key` that works for `expires_seconds`, or until the signing
         credentials expire if that is sooner."""
         now = time.time()
-        seconds = expires_seconds
-        credentials_expire = credentials_expiry(self._raw)
-        if credentials_expire is not None:
-            seconds = max(1, min(seconds, int(credentials_expire - now)))
+        seconds = self._url_seconds(expires_seconds)
         url: str = self._s3.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
         )

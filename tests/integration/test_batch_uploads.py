@@ -1,0 +1,270 @@
+"""The batch upload form (issue 15): POST /v1/uploads, a file PUT to S3, POST /v1/batches with its
+upload_id, and the worker's validation of the file before any item is written; against moto and
+a loopback provider, through the real handlers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+from llmq import aws
+from llmq.batch_runs import BatchExpander
+from llmq.batches import BatchRepository, batch_of, item_job_id, part_key
+from llmq.models import BatchStatus
+from llmq.payloads import PayloadStore
+from llmq.queues import QueueRepository
+from llmq.shares import ShareRepository
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, FREE, ApiReply, Harness
+from tests.integration.test_batches import _item_jobs, _results, _run_lane, _stored
+
+
+@pytest.fixture
+def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    # Parts of two lines, so a file of five is three parts and a validation can stop between.
+    batches = {
+        "expand_chunk": 2,
+        "upload_part_requests": 2,
+        "max_upload_bytes": 4096,
+        "max_item_bytes": 1024,
+        "upload_errors_shown": 3,
+    }
+    return Harness(moto_stack, integration_config(provider, batches=batches), monkeypatch)
+
+
+def _line(custom_id: str, **body: Any) -> str:
+    return json.dumps({"custom_id": custom_id, "body": {"prompt": f"say {custom_id}", **body}})
+
+
+def _upload(harness: Harness, text: str, tenant: dict[str, str] = ENTERPRISE) -> str:
+    """POST /v1/uploads, then the file PUT where it says (moto in process: as the same PUT)."""
+    reply = harness.api("POST", "/v1/uploads", tenant=tenant)
+    assert reply.status == 201, reply.body
+    upload = reply.body
+    url = urlsplit(upload["upload_url"])
+    assert "X-Amz-Signature" in parse_qs(url.query) and upload["method"] == "PUT"
+    bucket, key = _bucket_and_key(url.netloc, url.path)
+    assert key.endswith(f"/{upload['id']}.jsonl") and tenant["tenant_id"] in key
+    _s3().put_object(Bucket=bucket, Key=key, Body=text.encode())
+    return str(upload["id"])
+
+
+def _bucket_and_key(netloc: str, path: str) -> tuple[str, str]:
+    if netloc.split(".")[0] not in ("s3", "localhost", "127"):  # virtual-hosted style
+        return netloc.split(".")[0], unquote(path.lstrip("/"))
+    bucket, key = unquote(path.lstrip("/")).split("/", 1)
+    return bucket, key
+
+
+def _submit(harness: Harness, upload_id: str, tenant: dict[str, str] = ENTERPRISE, **body: Any) -> ApiReply:
+    return harness.api("POST", "/v1/batches", body={"upload_id": upload_id, **body}, tenant=tenant)
+
+
+def test_an_uploaded_file_is_validated_then_runs_each_line_once_as_an_item(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a file of five requests (a blank line and CRLF endings among them)
+    lines = [_line(f"row-{index}") for index in range(5)]
+    upload_id = _upload(harness, "\r\n".join(lines[:3]) + "\r\n\r\n" + "\n".join(lines[3:]))
+    # When a batch names it
+    reply = _submit(harness, upload_id)
+    # Then it is accepted at once, validating, before its lines are read
+    assert reply.status == 202, reply.body
+    assert (reply.body["status"], reply.body["upload_id"]) == ("validating", upload_id)
+    assert reply.body["request_counts"]["total"] == 0
+    batch_id = reply.body["id"]
+    # And once the worker has run it, every line ran once, as an item named by its custom_id
+    _run_lane(harness)
+    batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert batch["status"] == "completed", batch
+    assert (batch["request_counts"]["total"], batch["request_counts"]["succeeded"]) == (5, 5)
+    results, _ = _results(harness, batch_id)
+    assert [line["custom_id"] for line in results] == [f"row-{index}" for index in range(5)]
+    assert sorted(item["pk"]["S"] for item in _item_jobs(harness)) == sorted(
+        item_job_id(batch_id, index) for index in range(5)
+    )
+    assert sum(provider.calls_for(item_job_id(batch_id, index)) for index in range(5)) == 5
+    # And the file was stored in parts of two lines, never as one object
+    assert _stored(harness, batch_id).parts == [2, 4, 5]
+
+
+def test_bad_lines_fail_the_batch_naming_each_and_no_item_is_written(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a file with an unknown model on line 2, a repeated custom_id on line 4 and a line
+    # that is not JSON on line 5 (and a fine line between)
+    text = "\n".join(
+        [_line("a"), _line("b", model="no-such-model"), _line("c"), _line("a"), "{not json", _line("d")]
+    )
+    batch_id = _submit(harness, _upload(harness, text)).body["id"]
+    # When the worker validates it
+    _run_lane(harness)
+    # Then the batch failed, naming the first three bad lines and what is wrong on each
+    batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert batch["status"] == "failed", batch
+    errors = batch["errors"]
+    assert [(error["line"], error["code"]) for error in errors] == [
+        (2, "model_not_allowed"),
+        (4, "invalid_request"),
+        (5, "invalid_request"),
+    ]
+    assert "custom_id 'a' repeats line 1" in errors[1]["message"]
+    assert "say" not in json.dumps(errors)  # no prompt text in what is reported
+    # And no item was written, queued or run, and the tenant's quota was never charged
+    assert _item_jobs(harness) == []
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+    assert provider.calls_for(item_job_id(batch_id, 0)) == 0
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    assert shares.get(ENTERPRISE["tenant_id"]).active == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "line"),
+    [
+        ("", "invalid_request", 0),  # an empty file is refused by the api; this one holds a blank line
+        ("x" * 3000 + "\n" + _line("ok"), "payload_too_large", 1),
+    ],
+)
+def test_a_file_with_no_request_or_a_line_too_long_fails(
+    harness: Harness, text: str, code: str, line: int
+) -> None:
+    batch_id = _submit(harness, _upload(harness, text or "\n\n")).body["id"]
+    _run_lane(harness)
+    batch = _stored(harness, batch_id)
+    assert batch.status is BatchStatus.FAILED
+    assert batch.errors is not None
+    assert [(error.line, error.code) for error in batch.errors] == [(line, code)]
+
+
+def test_an_upload_missing_foreign_too_large_or_empty_is_refused_and_nothing_is_written(
+    harness: Harness,
+) -> None:
+    mine = _upload(harness, _line("a"))
+    big = _upload(harness, _line("b") + "\n" + " " * 5000)
+    empty = _upload(harness, "")
+    cases = [
+        (_submit(harness, "upl_" + "0" * 26), 422, "upload_not_found"),
+        (_submit(harness, mine, tenant=FREE), 422, "upload_not_found"),
+        (_submit(harness, big), 413, "payload_too_large"),
+        (_submit(harness, empty), 422, "invalid_request"),
+        (
+            harness.api(
+                "POST",
+                "/v1/batches",
+                body={"upload_id": mine, "requests": [json.loads(_line("c"))]},
+                tenant=ENTERPRISE,
+            ),
+            422,
+            "invalid_request",
+        ),
+        (harness.api("POST", "/v1/batches", body={}, tenant=ENTERPRISE), 422, "invalid_request"),
+    ]
+    for reply, status, code in cases:
+        assert (reply.status, reply.code) == (status, code), reply.body
+    # Nothing written, nothing queued
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_a_validation_cut_short_resumes_from_its_checkpoint_and_still_finds_a_repeat(
+    harness: Harness, moto_stack: MotoStack
+) -> None:
+    # Given a file whose fifth line repeats the first line's custom_id (parts of two lines)
+    text = "\n".join([_line("a"), _line("b"), _line("c"), _line("d"), _line("a")])
+    batch_id = _submit(harness, _upload(harness, text)).body["id"]
+    # When a first run has time for one part only (its Lambda's time running out)
+    expander = _expander(harness)
+    expander.expand(batch_id, lambda: 0.5)
+    cut = _stored(harness, batch_id)
+    assert (cut.status, cut.parts, cut.scan_lines) == (BatchStatus.VALIDATING, [2], 2)
+    # Then the run it handed on to resumes there, reads back the stored custom_ids, and the
+    # repeat on line 5 still fails the batch
+    _run_lane(harness)
+    failed = _stored(harness, batch_id)
+    assert failed.status is BatchStatus.FAILED
+    assert failed.errors is not None and [error.line for error in failed.errors] == [5]
+    assert "repeats an earlier line" in failed.errors[0].message
+    assert _item_jobs(harness) == []
+
+
+def test_a_file_replaced_after_the_batch_was_made_fails_the_batch(harness: Harness) -> None:
+    upload_id = _upload(harness, _line("a"))
+    batch_id = _submit(harness, upload_id).body["id"]
+    # The same URL PUT again, with other lines, before the worker read it
+    key = _stored(harness, batch_id).upload_ref
+    _s3().put_object(Bucket=harness.stack.payload_bucket, Key=key, Body=_line("z").encode())
+    _run_lane(harness)
+    failed = _stored(harness, batch_id)
+    assert failed.status is BatchStatus.FAILED
+    assert failed.errors is not None and failed.errors[0].code == "upload_changed"
+    assert _item_jobs(harness) == []
+
+
+def test_an_upload_over_the_tenants_quota_fails_quota_exceeded_and_charges_nothing(harness: Harness) -> None:
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    shares.set_limits(FREE["tenant_id"], max_active_jobs=2)
+    text = "\n".join(_line(f"r{index}") for index in range(3))
+    batch_id = _submit(harness, _upload(harness, text, tenant=FREE), tenant=FREE).body["id"]
+    _run_lane(harness, lane="low")
+    failed = _stored(harness, batch_id)
+    assert failed.status is BatchStatus.FAILED
+    assert failed.errors is not None and failed.errors[0].code == "quota_exceeded"
+    assert shares.get(FREE["tenant_id"]).active == 0
+    assert _item_jobs(harness) == []
+
+
+def test_a_batch_canceled_while_its_file_is_unread_ends_canceled_with_no_item(harness: Harness) -> None:
+    batch_id = _submit(harness, _upload(harness, _line("a") + "\n" + _line("b"))).body["id"]
+    canceled = harness.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=ENTERPRISE)
+    assert canceled.status == 202, canceled.body
+    _run_lane(harness)
+    batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert (batch["status"], batch["request_counts"]["total"]) == ("canceled", 0)
+    assert _item_jobs(harness) == []
+    assert not [
+        key
+        for key in _objects(harness)
+        if key.startswith(part_key(_stored(harness, batch_id).requests_ref, 0))
+    ]
+
+
+def _objects(harness: Harness) -> list[str]:
+    listed = _s3().list_objects_v2(Bucket=harness.stack.payload_bucket)
+    return [entry["Key"] for entry in listed.get("Contents", [])]
+
+
+def test_the_items_of_an_upload_are_named_in_results_before_they_are_written(harness: Harness) -> None:
+    text = "\n".join(_line(f"row-{index}") for index in range(5))
+    batch_id = _submit(harness, _upload(harness, text)).body["id"]
+    expander = _expander(harness)
+    # Validated and admitted, then the expansion cut after its first chunk
+    expander.expand(batch_id, lambda: 0.5)
+    expander.expand(batch_id, lambda: 0.5)
+    expander.expand(batch_id, lambda: 0.5)
+    batch = _stored(harness, batch_id)
+    assert batch.validated and 0 < batch.expanded < 5
+    results, _ = _results(harness, batch_id)
+    assert [line["custom_id"] for line in results] == [f"row-{index}" for index in range(5)]
+    assert {line["status"] for line in results[batch.expanded :]} == {"queued"}
+    assert all(batch_of(line["job_id"]) for line in results)
+
+
+def _expander(harness: Harness) -> BatchExpander:
+    """The worker's expansion, called directly with the time left a test chooses."""
+    return BatchExpander(
+        BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")),
+        QueueRepository(
+            harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+        ),
+        PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")),
+        harness.config,
+    )
+
+
+def _s3() -> Any:
+    return aws.client("s3")
