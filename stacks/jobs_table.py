@@ -53,6 +53,7 @@ INPUTS_PREFIX = "inputs/"
 RESULTS_PREFIX = "results/"
 # Under INPUTS_PREFIX: a batch's requests as JSON Lines, and the files tenants PUT for batches.
 BATCH_REQUESTS_PREFIX = REQUESTS_PREFIX
+UPLOAD_RETENTION_DAYS = 2
 
 
 def grant_item_actions(
@@ -104,8 +105,14 @@ class JobsTableConstruct(Construct):
             encryption=s3.BucketEncryption.S3_MANAGED,
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
             enforce_ssl=True,
-            # Payloads live as long as their job: the table's TTL plus a day of slack.
-            lifecycle_rules=[s3.LifecycleRule(expiration=cdk.Duration.days(retention_days + 1))],
+            # Payloads live as long as their job: the table's TTL plus a day of slack. An upload
+            # is read within minutes of its batch's 202 (its validated lines are then kept as
+            # the batch's parts): kept two days, so what a PUT URL can store, unused, is bounded
+            # in time (a presigned PUT cannot bound its size).
+            lifecycle_rules=[
+                s3.LifecycleRule(expiration=cdk.Duration.days(retention_days + 1)),
+                s3.LifecycleRule(prefix=UPLOADS_PREFIX, expiration=cdk.Duration.days(UPLOAD_RETENTION_DAYS)),
+            ],
             removal_policy=removal_policy,
         )
         self.jobs = self._build_table("Jobs", removal_policy, deletion_protection, ttl=TTL_ATTRIBUTE)

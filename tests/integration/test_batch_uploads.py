@@ -18,6 +18,7 @@ from llmq.payloads import PayloadStore
 from llmq.queues import QueueRepository
 from llmq.shares import ShareRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, FREE, ApiReply, Harness
@@ -30,7 +31,7 @@ def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: py
     batches = {
         "expand_chunk": 2,
         "upload_part_requests": 2,
-        "max_upload_bytes": 4096,
+        "max_upload_bytes": 16384,
         "max_item_bytes": 1024,
         "upload_errors_shown": 3,
     }
@@ -127,7 +128,7 @@ def test_bad_lines_fail_the_batch_naming_each_and_no_item_is_written(
     ("text", "code", "line"),
     [
         ("", "invalid_request", 0),  # an empty file is refused by the api; this one holds a blank line
-        ("x" * 3000 + "\n" + _line("ok"), "payload_too_large", 1),
+        ("x" * 7000 + "\n" + _line("ok"), "payload_too_large", 1),
     ],
 )
 def test_a_file_with_no_request_or_a_line_too_long_fails(
@@ -145,7 +146,7 @@ def test_an_upload_missing_foreign_too_large_or_empty_is_refused_and_nothing_is_
     harness: Harness,
 ) -> None:
     mine = _upload(harness, _line("a"))
-    big = _upload(harness, _line("b") + "\n" + " " * 5000)
+    big = _upload(harness, _line("b") + "\n" + " " * 20000)
     empty = _upload(harness, "")
     cases = [
         (_submit(harness, "upl_" + "0" * 26), 422, "upload_not_found"),
@@ -268,3 +269,88 @@ def _expander(harness: Harness) -> BatchExpander:
 
 def _s3() -> Any:
     return aws.client("s3")
+
+
+# ---- the adversarial review's cases -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind", [FaultKind.APPLIED_LOST, FaultKind.APPLIED_RETRIED, FaultKind.THROTTLE, FaultKind.SERVER_ERROR]
+)
+def test_a_checkpoint_cut_by_an_aws_fault_still_validates_and_runs_each_line_once(
+    harness: Harness, provider: FakeProviderServer, kind: FaultKind
+) -> None:
+    # Given a file of five lines, three parts, and the first checkpoint's UpdateItem failing
+    # (applied with its answer lost, among others)
+    faults = AwsFaults()
+    faults.wrap_handler("worker", harness.worker())
+    try:
+        text = "\n".join(_line(f"row-{index}") for index in range(5))
+        batch_id = _submit(harness, _upload(harness, text)).body["id"]
+        faults.arm(kind, "dynamodb.UpdateItem", function="worker")
+        _run_lane(harness)
+        assert faults.fired, "the fault never fired"
+    finally:
+        faults.disarm()
+    # Then the batch completed, each line run once
+    batch = _stored(harness, batch_id)
+    assert (batch.status, batch.total, batch.parts) == (BatchStatus.COMPLETED, 5, [2, 4, 5])
+    assert sorted(call["job_id"] for call in provider.state.snapshot()["log"]) == sorted(
+        item_job_id(batch_id, index) for index in range(5)
+    )
+
+
+def test_a_line_of_json_dumps_escapes_is_measured_by_what_it_stores(harness: Harness) -> None:
+    # Given a line as Python's json.dumps writes it (ensure_ascii): 400 Cyrillic characters,
+    # 800 bytes stored, 2,400 bytes of \uXXXX escapes in the file (item limit 1,024 bytes)
+    line = json.dumps({"custom_id": "ru", "body": {"prompt": "ж" * 400}})
+    assert len(line.encode()) > 2 * 1024 and "\\u0436" in line
+    batch_id = _submit(harness, _upload(harness, line)).body["id"]
+    _run_lane(harness)
+    # Then it runs, as the same item inline would
+    assert _stored(harness, batch_id).status is BatchStatus.COMPLETED
+
+
+def test_the_same_file_uploaded_again_under_a_new_id_replays_the_batch(harness: Harness) -> None:
+    # Given a batch made from an upload under an Idempotency-Key, whose answer the client lost
+    text = "\n".join(_line(f"row-{index}") for index in range(3))
+    headers = {"Idempotency-Key": "nightly-7"}
+    first = harness.api(
+        "POST", "/v1/batches", body={"upload_id": _upload(harness, text)}, headers=headers, tenant=ENTERPRISE
+    )
+    assert first.status == 202, first.body
+    # When it uploads the same file again (a new upload id) and retries with the same key
+    again = harness.api(
+        "POST", "/v1/batches", body={"upload_id": _upload(harness, text)}, headers=headers, tenant=ENTERPRISE
+    )
+    # Then it gets the same batch back, and one batch exists
+    assert again.status == 202, again.body
+    assert (again.body["id"], again.headers.get("idempotent-replayed")) == (first.body["id"], "true")
+    # And another file under that key is a conflict
+    other = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"upload_id": _upload(harness, _line("else"))},
+        headers=headers,
+        tenant=ENTERPRISE,
+    )
+    assert (other.status, other.code) == (422, "idempotency_key_reused")
+
+
+def test_an_ended_batch_with_no_webhook_leaves_the_reconcilers_index(harness: Harness) -> None:
+    # A batch leaves the sweep index when it ends (with a webhook, once that is sent): else the
+    # reconciler would send it an expand message every few minutes for its whole retention
+    done = _submit(harness, _upload(harness, _line("a"))).body["id"]
+    failed = _submit(harness, _upload(harness, "{not json")).body["id"]
+    _run_lane(harness)
+    for batch_id, status in ((done, BatchStatus.COMPLETED), (failed, BatchStatus.FAILED)):
+        assert _stored(harness, batch_id).status is status
+        item = _batch_item(harness, batch_id)
+        assert "sweep_pk" not in item and "sweep_at" not in item, item.keys()
+
+
+def _batch_item(harness: Harness, batch_id: str) -> dict[str, Any]:
+    item: dict[str, Any] = harness.ddb.get_item(
+        TableName=harness.stack.jobs_table, Key={"pk": {"S": f"batch#{batch_id}"}}
+    )["Item"]
+    return item

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import boto3
+from botocore.stub import Stubber
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +13,7 @@ from llmq.batches import BatchRecord, batch_of, final_status, item_job_id, new_b
 from llmq.config import LlmqConfig
 from llmq.job_record import new_job_id
 from llmq.models import BatchItemRequest, BatchStatus, JobRequest, JobStatus, WebhookEvent
+from llmq.payloads import PayloadStore
 
 CONFIG = LlmqConfig()
 
@@ -158,3 +161,14 @@ def test_split_lines_reads_the_same_lines_however_the_stream_is_cut(
     if expected and not trailing and expected[-1] == b"":
         expected.pop()  # a final empty line without its newline is no line
     assert [line for line, _ in read] == [line if len(line) <= limit else None for line in expected]
+
+
+def test_a_403_for_an_upload_is_no_such_upload() -> None:
+    # The roles cannot list the bucket, so S3 answers a missing key 403, not 404
+    s3 = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(s3) as stub:
+        stub.add_client_error("head_object", service_error_code="403", http_status_code=403)
+        stub.add_client_error("head_object", service_error_code="404", http_status_code=404)
+        store = PayloadStore("llmq-payloads", s3=s3)
+        assert store.stat("inputs/uploads/ten_a/upl_x.jsonl") is None
+        assert store.stat("inputs/uploads/ten_a/upl_y.jsonl") is None

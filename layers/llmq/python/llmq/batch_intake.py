@@ -61,7 +61,12 @@ RESULTS_PAGE_BYTES = 900_000
 RESULT_INLINE_BYTES = 256_000
 
 
-def batch_request_hash(request: BatchRequest) -> str:
+def batch_request_hash(request: BatchRequest, upload: ObjectStat | None = None) -> str:
+    """The body's hash, for Idempotency-Key replays. An upload counts by its content (ETag and
+    size), not its id: a client that lost the answer and uploads the same file again, under a
+    new upload id, replays its batch instead of meeting a conflict."""
+    if upload is not None:
+        request = request.model_copy(update={"upload_id": f"{upload.etag}:{upload.size}"})
     canonical = request.model_dump_json(exclude_none=True, exclude_defaults=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -93,10 +98,10 @@ class BatchIntake:
         if self.payloads is None:
             raise PayloadTooLarge("batches need the payload bucket, which is not configured")
         now_ms = self.batches.now_ms()
-        digest = batch_request_hash(request)
+        upload = self._upload(tenant, request.upload_id) if request.upload_id else None
+        digest = batch_request_hash(request, upload)
         batch_id = new_batch_id(tenant.tenant_id, idempotency_key, now_ms)
         webhook = request.webhook
-        upload = self._upload(tenant, request.upload_id) if request.upload_id else None
         record = BatchRecord(
             id=batch_id,
             tenant_id=tenant.tenant_id,

@@ -36,9 +36,11 @@ from llmq.telemetry import logger
 # part's seconds (and at least the floor), and the rest goes to a new message.
 _PARTS_OF_MARGIN = 3
 _MARGIN_FLOOR_SECONDS = 2.0
-# A raw line may carry whitespace the stored item does not: it is refused as too long only
-# past this multiple of `max_item_bytes` (the stored size is checked exactly after parsing).
-_RAW_LINE_SLACK = 2
+# A raw line may be longer than the item it stores: `\uXXXX` escapes (Python's json.dumps
+# writes every non-ASCII character so: six bytes for a two-byte character, twelve for a
+# four-byte one) and whitespace. It is refused unparsed only past this multiple of
+# `max_item_bytes`; the stored size is checked exactly after parsing, as an inline item's is.
+_RAW_LINE_SLACK = 6
 
 
 @dataclass(frozen=True)

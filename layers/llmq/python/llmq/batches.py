@@ -570,7 +570,10 @@ class BatchRepository:
         self, batch: BatchRecord, parts: list[int], scan_bytes: int, scan_lines: int
     ) -> BatchRecord | None:
         """The validation stored one more part: its progress moves on, only from where `batch`
-        had it (two runs of one validation race here, and only one moves it). None otherwise."""
+        had it (two runs of one validation race here, and only one moves it past). None
+        otherwise."""
+        # Also where it already stands: this very write, applied on a try whose answer was lost
+        # (or a second run that stored the same part; parts are the same bytes either way).
         return self._update_while_open(
             batch.id,
             "SET parts = :parts, scan_bytes = :bytes, scan_lines = :lines",
@@ -581,7 +584,7 @@ class BatchRepository:
                 "from": batch.scan_bytes,
                 "false": False,
             },
-            "validated = :false AND scan_bytes = :from",
+            "validated = :false AND (scan_bytes = :from OR scan_bytes = :bytes)",
         )
 
     def admit_upload(
@@ -630,18 +633,8 @@ class BatchRepository:
     def fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> BatchRecord | None:
         """An upload refused before any item was written: the batch ends `failed` with the
         reasons, its webhook set pending when subscribed. None when it had ended already."""
-        sets = ["#st = :status", "finished_ms = :now", "final_counts = :counts", "errors = :errors"]
-        values: dict[str, Any] = {
-            "status": BatchStatus.FAILED.value,
-            "now": self.now_ms(),
-            "counts": BatchRequestCounts().model_dump_json(),
-            "errors": _BATCH_JSON["errors"].dump_json(errors).decode(),
-            "false": False,
-        }
-        if batch.wants(BatchEvent.FAILED):
-            sets.append("delivery_status = :pending")
-            values["pending"] = DeliveryStatus.PENDING.value
-        return self._update_while_open(batch.id, f"SET {', '.join(sets)}", values, "validated = :false")
+        extra = {"errors": _BATCH_JSON["errors"].dump_json(errors).decode(), "false": False}
+        return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, "validated = :false")
 
     # ---- cancel and end -----------------------------------------------------------------
 
@@ -658,19 +651,35 @@ class BatchRepository:
     ) -> BatchRecord | None:
         """The batch's one terminal write, with its final counts; its webhook set pending when
         subscribed. None when another writer ended it first (or `condition` failed)."""
-        status = final_status(batch, counts)
+        extra = {"false": False} if condition and ":false" in condition else {}
+        return self._end(batch, final_status(batch, counts), counts, extra, condition)
+
+    def _end(
+        self,
+        batch: BatchRecord,
+        status: BatchStatus,
+        counts: BatchRequestCounts,
+        extra: dict[str, Any],
+        condition: str | None,
+    ) -> BatchRecord | None:
+        """The terminal write: `extra` values are SET under their own names (a `false` is a
+        condition's). A batch with no webhook due leaves the reconciler's sweep index here;
+        one with a webhook due, once it is sent (`mark_webhook_sent`)."""
         sets = ["#st = :status", "finished_ms = :now", "final_counts = :counts"]
+        sets += [f"{name} = :{name}" for name in extra if name != "false"]
         values: dict[str, Any] = {
             "status": status.value,
             "now": self.now_ms(),
             "counts": counts.model_dump_json(),
+            **extra,
         }
+        expression = ""
         if batch.wants(BATCH_EVENT_FOR_STATUS[status]):
             sets.append("delivery_status = :pending")
             values["pending"] = DeliveryStatus.PENDING.value
-        if condition and ":false" in condition:
-            values["false"] = False
-        return self._update_while_open(batch.id, f"SET {', '.join(sets)}", values, condition)
+        else:
+            expression = " REMOVE sweep_pk, sweep_at"
+        return self._update_while_open(batch.id, f"SET {', '.join(sets)}{expression}", values, condition)
 
     def _update_while_open(
         self, batch_id: str, expression: str, values: dict[str, Any], condition: str | None = None

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, IncompleteReadError, ResponseStreamingError
 
 from llmq import aws
 from llmq.errors import StoreUnavailable
@@ -22,6 +22,8 @@ RESULT_URL_SECONDS = 900
 
 
 _STREAM_CHUNK = 1024 * 1024
+# What S3 answers for a key that is not there: 404, or 403 to a role that cannot list the bucket.
+_MISSING_CODES = ("404", "NoSuchKey", "NotFound", "403", "AccessDenied", "Forbidden")
 
 
 class ObjectStat(NamedTuple):
@@ -57,11 +59,16 @@ class PayloadStore:
         return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
 
     def stat(self, key: str) -> ObjectStat | None:
-        """The object's size and ETag; None when there is none."""
+        """The object's size and ETag; None when there is none.
+
+        The roles may read objects but never list the bucket, and S3 then answers a request
+        for a missing key 403, not 404 ("HeadObject", S3 API reference: without
+        s3:ListBucket, Amazon S3 returns 403 access denied): both mean "no such object"
+        here, under a prefix the role is granted (`stacks.llmq_stack`)."""
         try:
             found = self._s3.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
                 return None
             raise
         return ObjectStat(int(found["ContentLength"]), str(found["ETag"]))
@@ -75,7 +82,7 @@ class PayloadStore:
             )
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+            if code in ("PreconditionFailed", "412", *_MISSING_CODES):
                 raise ObjectChanged(f"{key} was replaced or deleted") from exc
             if code in ("InvalidRange", "416"):
                 return
@@ -83,6 +90,8 @@ class PayloadStore:
         body = response["Body"]
         try:
             yield from body.iter_chunks(_STREAM_CHUNK)
+        except (ResponseStreamingError, IncompleteReadError) as exc:
+            raise StoreUnavailable(f"s3.GetObject {key}: the stream broke off") from exc
         except Exception as exc:
             if aws.is_transient(exc):
                 raise StoreUnavailable(f"s3.GetObject {key}: the stream broke off") from exc
