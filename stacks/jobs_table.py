@@ -109,8 +109,13 @@ class JobsTableConstruct(Construct):
             # is read within minutes of its batch's 202 (its validated lines are then kept as
             # the batch's parts): kept two days, so what a PUT URL can store, unused, is bounded
             # in time (a presigned PUT cannot bound its size).
+            # A batch's results file is a multipart upload: one a second run started and never
+            # completed (the first run's was recorded) is aborted after a day.
             lifecycle_rules=[
-                s3.LifecycleRule(expiration=cdk.Duration.days(retention_days + 1)),
+                s3.LifecycleRule(
+                    expiration=cdk.Duration.days(retention_days + 1),
+                    abort_incomplete_multipart_upload_after=cdk.Duration.days(1),
+                ),
                 s3.LifecycleRule(prefix=UPLOADS_PREFIX, expiration=cdk.Duration.days(UPLOAD_RETENTION_DAYS)),
             ],
             removal_policy=removal_policy,

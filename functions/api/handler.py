@@ -503,7 +503,8 @@ def handle_list_batches(
 )
 def handle_get_batch(batch_id: Annotated[str, Path(pattern=BATCH_ID)]) -> Response[Any]:
     batch, counts = batch_intake().get(_tenant(), batch_id)
-    return _batch_response(batch.to_batch(counts, _public_base()), 200)
+    results_file = batch_intake().results_file(batch)
+    return _batch_response(batch.to_batch(counts, _public_base(), results_file), 200)
 
 
 @app.get(

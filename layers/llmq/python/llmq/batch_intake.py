@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from llmq.batch_results import result_line
 from llmq.batch_runs import StoredRequests, encode_requests, settle
-from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id, new_batch_id, over_quota
+from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, over_quota
 from llmq.config import LlmqConfig
 from llmq.errors import (
     BatchNotCancelable,
@@ -26,7 +27,7 @@ from llmq.errors import (
     UploadNotFound,
 )
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
-from llmq.job_record import JobRecord, iso
+from llmq.job_record import iso
 from llmq.lanes import lane_for_tier
 from llmq.models import (
     BatchRequest,
@@ -37,7 +38,7 @@ from llmq.models import (
     JobStatus,
     Upload,
 )
-from llmq.payloads import ObjectStat
+from llmq.payloads import ObjectStat, PresignedUrl
 from llmq.ports import BlobStore, JobStore, QueueStore
 from llmq.request_rules import check_item
 from llmq.telemetry import logger
@@ -57,8 +58,6 @@ def upload_key(tenant_id: str, upload_id: str) -> str:
 # A results page's text: a Lambda response holds 6 MB, after the runtime escapes the body
 # once more (a quote or a non-ASCII character can take up to six bytes).
 RESULTS_PAGE_BYTES = 900_000
-# A result larger than this is linked from its line, never inlined.
-RESULT_INLINE_BYTES = 256_000
 
 
 def batch_request_hash(request: BatchRequest, upload: ObjectStat | None = None) -> str:
@@ -237,6 +236,12 @@ class BatchIntake:
                 return ended, ended.final_counts or counts
         return batch, counts
 
+    def results_file(self, batch: BatchRecord) -> PresignedUrl | None:
+        """A GET URL of the ended batch's results file, short-lived as a result URL is."""
+        if batch.results_key is None or self.payloads is None or not batch.status.is_terminal:
+            return None
+        return self.payloads.presigned_url(batch.results_key)
+
     def list_page(
         self, tenant: TenantIdentity, limit: int, cursor: str | None
     ) -> tuple[list[tuple[BatchRecord, BatchRequestCounts]], str | None]:
@@ -264,7 +269,7 @@ class BatchIntake:
         size = 0
         following: int | None = cursor + len(found)
         for index, job in found:
-            line = self._line(batch, index, job, names, api_base)
+            line = result_line(batch, index, job, names, api_base)
             weight = len(line.model_dump_json(exclude_none=True).encode())
             if page and size + weight > RESULTS_PAGE_BYTES:
                 following = index
@@ -273,34 +278,6 @@ class BatchIntake:
             if status is None or line.status is status:
                 page.append(line)
         return page, following if following is not None and following < batch.total else None
-
-    @staticmethod
-    def _line(
-        batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str], api_base: str
-    ) -> BatchResultLine:
-        if job is None:
-            # Not written yet: queued, or never to be if its batch was canceled first.
-            never = batch.unexpanded_canceled > 0 and index >= batch.expanded
-            return BatchResultLine(
-                custom_id=names.get(index, ""),
-                job_id=item_job_id(batch.id, index),
-                status=JobStatus.CANCELED if never else JobStatus.QUEUED,
-            )
-        shown = job.to_job(api_base=api_base)
-        line = BatchResultLine(
-            custom_id=job.custom_id or "",
-            job_id=job.id,
-            status=job.status,
-            result=shown.result,
-            result_url=shown.result_url,
-            error=shown.error,
-        )
-        if shown.result is not None and len(shown.result.model_dump_json().encode()) > RESULT_INLINE_BYTES:
-            # Too large for a page: its job's own URL, to GET.
-            return line.model_copy(
-                update={"result": None, "result_url": f"{api_base.rstrip('/')}/v1/jobs/{job.id}"}
-            )
-        return line
 
     # ---- cancel -------------------------------------------------------------------------
 

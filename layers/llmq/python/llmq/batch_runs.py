@@ -25,6 +25,7 @@ import json
 import time
 from collections.abc import Callable
 
+from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
 from llmq.batches import BatchRecord, BatchRepository, item_job_id, part_key
 from llmq.config import LlmqConfig
@@ -35,6 +36,7 @@ from llmq.models import (
     BatchItemRequest,
     BatchLineError,
     BatchRequestCounts,
+    BatchStatus,
     DeliveryStatus,
     JobRequest,
     JobStatus,
@@ -148,8 +150,23 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
                 )
             _send_webhook(batches, queues, batch)
         return None
+    if batch.status is BatchStatus.FINALIZING:
+        # Its results file is being written, and its writer ends it. Unless the message that
+        # asks for it was never sent (SQS refused it): sent here, once its sender had its grace
+        # (a sender SQS refused comes back after it: `_ask_for_results_file`).
+        waited = batches.now_ms() - (batch.finalizing_ms or 0)
+        if not batch.compile_queued and waited >= WEBHOOK_SEND_GRACE_SECONDS * 1000:
+            _ask_for_results_file(batches, queues, batch)
+        return None
     counts = batches.ended(batch)
     if counts is None:
+        return None
+    if batches.config.batches.results_file and batch.total > 0:
+        # The results file first (`llmq.batch_results`), by a worker, for the expand message
+        # sent here.
+        begun = batches.begin_finalizing(batch, counts)
+        if begun is not None:
+            _ask_for_results_file(batches, queues, begun)
         return None
     done = batches.finish(batch, counts)
     if done is None:
@@ -162,6 +179,16 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
 
 # How long the caller that ended a batch has to send its webhook message before another sends it.
 WEBHOOK_SEND_GRACE_SECONDS = 15
+
+
+def _ask_for_results_file(batches: BatchRepository, queues: QueueStore, batch: BatchRecord) -> None:
+    """The message that has a worker write the results file. Refused, the caller's own message
+    comes back once the grace is over, and this caller (or any) sends it then."""
+    try:
+        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+    except StoreUnavailable as exc:
+        raise StoreUnavailable(str(exc), retry_after=WEBHOOK_SEND_GRACE_SECONDS + 1) from exc
+    batches.mark_compile_queued(batch.id)
 
 
 def _webhook_unsent(batch: BatchRecord) -> bool:
@@ -212,12 +239,16 @@ class BatchExpander:
         self.config = config
         self._clock = clock
         self.scanner = UploadScanner(batches, queues, payloads, config)
+        self.compiler = ResultsCompiler(batches, queues, payloads, config)
 
     def expand(self, batch_id: str, remaining_seconds: Callable[[], float]) -> None:
         """Write the batch's items from its checkpoint on, and queue them. Raises
         StoreUnavailable when AWS stays unavailable: the message comes back and resumes."""
         batch = self.batches.find(batch_id)
         if batch is None:
+            return
+        if batch.status is BatchStatus.FINALIZING:
+            self._finalize(batch, remaining_seconds)
             return
         if batch.status.is_terminal or batch.expansion_over:
             # Asked to look after an item ended elsewhere (`item_ended`), or a duplicate.
@@ -278,6 +309,19 @@ class BatchExpander:
             slowest = max(slowest, time.monotonic() - began)
             start = end
         logger.info("batch expanded", extra={"batch_id": batch.id, "items": batch.total})
+
+    def _finalize(self, batch: BatchRecord, remaining_seconds: Callable[[], float]) -> None:
+        """Every item has ended: the results file, then the batch's terminal write and webhook."""
+        written = self.compiler.compile(batch, remaining_seconds)
+        if written is None or batch.final_counts is None:
+            return
+        ended = self.batches.finish(written, batch.final_counts, results_key=written.results_key)
+        if ended is None:
+            settle(self.batches, self.queues, batch.id)  # ended by another run: its webhook
+            return
+        logger.info("batch ended", extra={"batch_id": batch.id, "status": ended.status.value})
+        if _webhook_unsent(ended):
+            _send_webhook(self.batches, self.queues, ended)
 
     def _fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> None:
         failed = self.batches.fail(batch, errors)

@@ -42,6 +42,7 @@ from llmq.models import (
     WebhookDelivery,
     WebhookEvent,
 )
+from llmq.payloads import PresignedUrl
 from llmq.shares import ShareState, holders_of, share_key
 
 BATCH_PREFIX = "batch#"
@@ -169,6 +170,15 @@ class BatchRecord(BaseModel):
     scan_bytes: int = 0
     scan_lines: int = 0
     errors: list[BatchLineError] | None = None
+    # The results file: written once every item has ended (status finalizing), as an S3
+    # multipart upload whose progress (the next item, the parts' ETags) is checkpointed here.
+    finalizing_ms: int | None = None
+    # The message asking for the file was sent (`batch_runs.settle` sends it until it is).
+    compile_queued: bool = False
+    compile_upload_id: str | None = None
+    compile_next: int = 0
+    compile_parts: list[str] = Field(default_factory=list)
+    results_key: str | None = None
 
     @property
     def expansion_over(self) -> bool:
@@ -181,7 +191,9 @@ class BatchRecord(BaseModel):
     def wants(self, event: BatchEvent) -> bool:
         return self.webhook_url is not None and event in self.webhook_events
 
-    def to_batch(self, counts: BatchRequestCounts, api_base: str = "") -> Batch:
+    def to_batch(
+        self, counts: BatchRequestCounts, api_base: str = "", results_file: PresignedUrl | None = None
+    ) -> Batch:
         webhook = None
         if self.webhook_url is not None:
             webhook = BatchWebhookState(
@@ -207,6 +219,8 @@ class BatchRecord(BaseModel):
             results_url=f"{api_base.rstrip('/')}/v1/batches/{self.id}/results",
             webhook=webhook,
             upload_id=self.upload_id,
+            results_file_url=results_file.url if results_file else None,
+            results_file_expires_at=iso(results_file.expires_ms) if results_file else None,
             errors=self.errors,
         )
 
@@ -639,20 +653,74 @@ class BatchRepository:
     # ---- cancel and end -----------------------------------------------------------------
 
     def request_cancel(self, batch: BatchRecord) -> BatchRecord | None:
-        """Flag the batch canceling; None when it has ended meanwhile. Idempotent."""
+        """Flag the batch canceling; None when it has ended (or is finalizing) meanwhile.
+        Idempotent."""
         return self._update_while_open(
             batch.id,
             "SET cancel_requested = :true, #st = :canceling",
-            {"true": True},
+            {"true": True, "canceling": BatchStatus.CANCELING.value},
         )
 
     def finish(
-        self, batch: BatchRecord, counts: BatchRequestCounts, condition: str | None = None
+        self,
+        batch: BatchRecord,
+        counts: BatchRequestCounts,
+        condition: str | None = None,
+        results_key: str | None = None,
     ) -> BatchRecord | None:
-        """The batch's one terminal write, with its final counts; its webhook set pending when
-        subscribed. None when another writer ended it first (or `condition` failed)."""
-        extra = {"false": False} if condition and ":false" in condition else {}
+        """The batch's one terminal write, with its final counts (and its results file); its
+        webhook set pending when subscribed. None when another writer ended it first (or
+        `condition` failed)."""
+        extra: dict[str, Any] = {"false": False} if condition and ":false" in condition else {}
+        if results_key is not None:
+            extra["results_key"] = results_key
         return self._end(batch, final_status(batch, counts), counts, extra, condition)
+
+    # ---- the results file ---------------------------------------------------------------
+
+    def begin_finalizing(self, batch: BatchRecord, counts: BatchRequestCounts) -> BatchRecord | None:
+        """Every item has ended: the counts are final, and the results file is to be written
+        before the terminal status. None when another caller began (or ended) it first."""
+        return self._update_while_open(
+            batch.id,
+            "SET #st = :finalizing, final_counts = :counts, compile_next = :zero, finalizing_ms = :now",
+            {
+                "finalizing": BatchStatus.FINALIZING.value,
+                "counts": counts.model_dump_json(),
+                "zero": 0,
+                "now": self.now_ms(),
+            },
+        )
+
+    def mark_compile_queued(self, batch_id: str) -> None:
+        """The message that has a worker write the results file was sent."""
+        self._ddb.update_item(
+            TableName=self.table_name,
+            Key=batch_key(batch_id),
+            UpdateExpression="SET compile_queued = :true",
+            ExpressionAttributeValues={":true": {"BOOL": True}},
+        )
+
+    def start_compile(self, batch: BatchRecord, upload_id: str) -> BatchRecord | None:
+        """The results file's multipart upload, recorded once: None when another run's was."""
+        return self._update_while_open(
+            batch.id,
+            "SET compile_upload_id = :upload",
+            {"upload": upload_id},
+            "attribute_not_exists(compile_upload_id)",
+            finalizing=True,
+        )
+
+    def checkpoint_compile(self, batch: BatchRecord, next_index: int, etags: list[str]) -> BatchRecord | None:
+        """One more part of the results file uploaded: the compile moves on from where `batch`
+        had it, or stands where this very write (its answer lost) already put it."""
+        return self._update_while_open(
+            batch.id,
+            "SET compile_next = :next, compile_parts = :parts",
+            {"next": next_index, "parts": etags, "from": batch.compile_next},
+            "(compile_next = :from OR compile_next = :next)",
+            finalizing=True,
+        )
 
     def _end(
         self,
@@ -679,27 +747,35 @@ class BatchRepository:
             values["pending"] = DeliveryStatus.PENDING.value
         else:
             expression = " REMOVE sweep_pk, sweep_at"
-        return self._update_while_open(batch.id, f"SET {', '.join(sets)}{expression}", values, condition)
+        return self._update_while_open(
+            batch.id, f"SET {', '.join(sets)}{expression}", values, condition, finalizing=True
+        )
 
     def _update_while_open(
-        self, batch_id: str, expression: str, values: dict[str, Any], condition: str | None = None
+        self,
+        batch_id: str,
+        expression: str,
+        values: dict[str, Any],
+        condition: str | None = None,
+        *,
+        finalizing: bool = False,
     ) -> BatchRecord | None:
         """One UpdateItem of a batch that has not ended (and meets `condition`); the batch as
-        written, or None."""
+        written, or None. A finalizing batch (its items all ended, its results file being
+        written) is open only to the writes that finish it (`finalizing`)."""
+        statuses = [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.CANCELING]
+        if finalizing:
+            statuses.append(BatchStatus.FINALIZING)
+        named = {f"open{index}": status.value for index, status in enumerate(statuses)}
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
                 UpdateExpression=expression,
-                ConditionExpression="#st IN (:validating, :in_progress, :canceling)"
+                ConditionExpression=f"#st IN ({', '.join(':' + name for name in named)})"
                 + (f" AND {condition}" if condition else ""),
                 ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues=codec.values(
-                    **values,
-                    validating=BatchStatus.VALIDATING.value,
-                    in_progress=BatchStatus.IN_PROGRESS.value,
-                    canceling=BatchStatus.CANCELING.value,
-                ),
+                ExpressionAttributeValues=codec.values(**values, **named),
                 ReturnValues="ALL_NEW",
             )
         except ClientError as exc:

@@ -262,6 +262,10 @@ class BatchConfig(_Frozen):
     upload_part_bytes: Annotated[int, Field(ge=150_000, le=64_000_000)] = 4_000_000
     # A refused file's first bad lines, reported in the batch's `errors`.
     upload_errors_shown: Annotated[int, Field(ge=1, le=100)] = 10
+    # An ended batch's results in one file (`results_file_url`), written by the worker before
+    # the batch's terminal status, in S3 multipart parts of this size (S3's minimum is 5 MiB).
+    results_file: bool = True
+    results_part_bytes: Annotated[int, Field(ge=5 * 1024 * 1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
 class LlmqConfig(_Frozen):

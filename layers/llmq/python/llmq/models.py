@@ -306,6 +306,8 @@ class BatchStatus(StrEnum):
     IN_PROGRESS = "in_progress"
     COMPLETED = "completed"
     CANCELING = "canceling"
+    # Every item has ended; its results file is being written (then its terminal status).
+    FINALIZING = "finalizing"
     CANCELED = "canceled"
     EXPIRED = "expired"
     # An uploaded file refused by its validation (its `errors` say where), or over the quota:
@@ -449,6 +451,13 @@ class Batch(BaseModel):
     )
     webhook: BatchWebhookState | None = None
     upload_id: str | None = None
+    results_file_url: str | None = Field(
+        default=None,
+        description="Once the batch has ended: every item's result line in one JSON Lines file, "
+        "a presigned S3 URL that works until `results_file_expires_at` (GET the batch again "
+        "for a fresh one)",
+    )
+    results_file_expires_at: str | None = None
     errors: list[BatchLineError] | None = Field(
         default=None, description="A failed batch's reasons: the uploaded file's first bad lines"
     )

@@ -31,6 +31,10 @@ class ObjectStat(NamedTuple):
     etag: str
 
 
+class UploadDone(Exception):
+    """A multipart upload's part came after the upload was completed."""
+
+
 class ObjectChanged(Exception):
     """The object read is no longer the one named (replaced or deleted since)."""
 
@@ -98,6 +102,39 @@ class PayloadStore:
             raise
         finally:
             body.close()
+
+    # ---- a multipart upload (a batch's results file) ----
+
+    def start_multipart(self, key: str) -> str:
+        response = self._s3.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType="application/jsonl"
+        )
+        return str(response["UploadId"])
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """Part `number` (from 1); its ETag. Sending a part again replaces it. UploadDone when
+        the upload was completed meanwhile (llmq never aborts one)."""
+        try:
+            response = self._s3.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                raise UploadDone(key) from exc
+            raise
+        return str(response["ETag"])
+
+    def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
+        """The object assembled from its parts. Completed already (by another run of the same
+        upload: llmq never aborts one), S3 answers NoSuchUpload, which is success here."""
+        parts = [{"PartNumber": number, "ETag": etag} for number, etag in enumerate(etags, start=1)]
+        try:
+            self._s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
 
     def presigned_put(self, key: str, expires_seconds: int) -> PresignedUrl:
         """A PUT URL for `key`, working as long as `presigned_url`'s GET would."""

@@ -1,0 +1,141 @@
+"""A batch's results: one line per item (GET /v1/batches/{id}/results reads them page by page),
+and, once every item has ended, the whole file, written by the worker before the batch's
+terminal status (`Batch.results_file_url`).
+
+The file is an S3 multipart upload, `results_part_bytes` a part. Its progress (the next item,
+the parts' ETags) is checkpointed on the batch after each part, so a crash or a Lambda running
+out of time resumes there: a part sent again replaces itself, and two runs at once race on the
+checkpoint (only one moves it past). The batch stays `finalizing`, in the reconciler's sweep
+index, until the file is complete and the batch has ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from llmq.batches import BatchRecord, BatchRepository, item_job_id
+from llmq.config import LlmqConfig
+from llmq.job_record import JobRecord
+from llmq.models import BatchResultLine, JobStatus
+from llmq.payloads import UploadDone
+from llmq.ports import BlobStore, QueueStore
+from llmq.telemetry import logger
+
+# Where a batch's results file is written (the worker's results/ prefix; the api presigns it).
+RESULTS_FILE_PREFIX = "results/batches/"
+# A result larger than this is linked from its line, never inlined.
+RESULT_INLINE_BYTES = 256_000
+# Items read per BatchGetItem while the file is written.
+_READ_PAGE = 100
+# A part is uploaded, then the time left is looked at: less than this many of the slowest
+# part's seconds (and at least the floor), and the rest goes to a new message.
+_PARTS_OF_MARGIN = 3
+_MARGIN_FLOOR_SECONDS = 2.0
+
+
+def results_file_key(batch_id: str) -> str:
+    return f"{RESULTS_FILE_PREFIX}{batch_id}/results.jsonl"
+
+
+def result_line(
+    batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str], api_base: str
+) -> BatchResultLine:
+    """Item `index`'s line. A result too large to inline, or held in S3, is its job's URL to GET
+    (relative, `/v1/jobs/{id}`, where no API base is known: in the results file)."""
+    if job is None:
+        # Not written yet: queued, or never to be if its batch was canceled first.
+        never = batch.unexpanded_canceled > 0 and index >= batch.expanded
+        return BatchResultLine(
+            custom_id=names.get(index, ""),
+            job_id=item_job_id(batch.id, index),
+            status=JobStatus.CANCELED if never else JobStatus.QUEUED,
+        )
+    shown = job.to_job(api_base=api_base)
+    line = BatchResultLine(
+        custom_id=job.custom_id or "",
+        job_id=job.id,
+        status=job.status,
+        result=shown.result,
+        result_url=shown.result_url,
+        error=shown.error,
+    )
+    if shown.result is not None and len(shown.result.model_dump_json().encode()) > RESULT_INLINE_BYTES:
+        # Too large for a page: its job's own URL, to GET.
+        return line.model_copy(
+            update={"result": None, "result_url": f"{api_base.rstrip('/')}/v1/jobs/{job.id}"}
+        )
+    return line
+
+
+class ResultsCompiler:
+    def __init__(
+        self, batches: BatchRepository, queues: QueueStore, payloads: BlobStore, config: LlmqConfig
+    ) -> None:
+        self.batches = batches
+        self.queues = queues
+        self.payloads = payloads
+        self.config = config
+
+    def compile(self, batch: BatchRecord, remaining_seconds: Callable[[], float]) -> BatchRecord | None:
+        """Write the file from the batch's checkpoint on. The batch with its file complete, or
+        None: handed on to a new message (time ran short), or another run moved on first."""
+        key = results_file_key(batch.id)
+        if batch.compile_upload_id is None:
+            upload_id = self.payloads.start_multipart(key)
+            started = self.batches.start_compile(batch, upload_id)
+            # Another run recorded its upload first: go on with the one it recorded.
+            batch = started or self.batches.find(batch.id) or batch
+            if batch.compile_upload_id is None:
+                return None
+        try:
+            return self._write(batch, batch.compile_upload_id, remaining_seconds)
+        except UploadDone:
+            # Completed by a run that stopped before the batch's terminal write.
+            return batch.model_copy(update={"results_key": key})
+
+    def _write(
+        self, batch: BatchRecord, upload_id: str, remaining_seconds: Callable[[], float]
+    ) -> BatchRecord | None:
+        key = results_file_key(batch.id)
+        etags = list(batch.compile_parts)
+        held: list[bytes] = []
+        held_bytes = 0
+        page_start = batch.compile_next
+        slowest = 0.0
+        while page_start < batch.total:
+            for at, job in self.batches.items(batch, page_start, _READ_PAGE):
+                line = self.line_bytes(batch, at, job)
+                held.append(line)
+                held_bytes += len(line) + 1
+                following = at + 1
+                if held_bytes < self.config.batches.results_part_bytes or following >= batch.total:
+                    continue
+                # A full part (never the last: S3 lets only the last be small).
+                began = time.monotonic()
+                etags.append(
+                    self.payloads.upload_part(key, upload_id, len(etags) + 1, b"\n".join(held) + b"\n")
+                )
+                moved = self.batches.checkpoint_compile(batch, following, etags)
+                if moved is None:
+                    return None
+                batch, held, held_bytes = moved, [], 0
+                slowest = max(slowest, time.monotonic() - began)
+                if remaining_seconds() < max(_MARGIN_FLOOR_SECONDS, _PARTS_OF_MARGIN * slowest):
+                    self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+                    logger.info(
+                        "batch results file continues", extra={"batch_id": batch.id, "items": following}
+                    )
+                    return None
+            page_start += _READ_PAGE
+        if held:
+            # The last part, which S3 lets be smaller than the minimum.
+            etags.append(self.payloads.upload_part(key, upload_id, len(etags) + 1, b"\n".join(held) + b"\n"))
+        self.payloads.complete_multipart(key, upload_id, etags)
+        logger.info("batch results file written", extra={"batch_id": batch.id, "parts": len(etags)})
+        return batch.model_copy(update={"results_key": key})
+
+    @staticmethod
+    def line_bytes(batch: BatchRecord, index: int, job: JobRecord | None) -> bytes:
+        """Item `index`'s line in the file, as GET .../results answers it (without an API base)."""
+        return result_line(batch, index, job, {}, "").model_dump_json(exclude_none=True).encode()

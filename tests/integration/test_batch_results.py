@@ -1,0 +1,108 @@
+"""A batch's results file (issue 15): written by the worker once every item has ended, before
+the batch's terminal status, as an S3 multipart upload that resumes from its checkpoint; then
+GET /v1/batches/{id} answers a presigned URL to it. Against moto (which enforces S3's 5 MiB
+minimum part) and a loopback provider."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.batch_results import ResultsCompiler
+from llmq.batches import BatchRecord, item_job_id
+from llmq.job_record import JobRecord
+from llmq.models import BatchStatus
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, Harness
+from tests.integration.test_batch_uploads import _expander
+from tests.integration.test_batches import _requests, _results, _run_lane, _stored, _submit
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    return Harness(
+        moto_stack,
+        integration_config(provider, batches={"expand_chunk": 5, "results_part_bytes": 5 * MIB}),
+        monkeypatch,
+    )
+
+
+def _file_lines(batch: BatchRecord) -> list[dict[str, Any]]:
+    assert batch.results_key is not None
+    body = aws.client("s3").get_object(Bucket="llmq-payloads", Key=batch.results_key)["Body"].read()
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+def test_an_ended_batch_answers_a_url_to_one_file_of_every_items_line(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a batch of five items, one of which fails for good
+    requests = _requests(5)
+    requests[3]["body"]["prompt"] = "boom [[fail:400]]"
+    batch_id = _submit(harness, requests=requests).body["id"]
+    # When it has run
+    _run_lane(harness)
+    # Then it ended only once its file was written, and GET answers a presigned URL to it
+    batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert batch["status"] == "completed", batch
+    assert "X-Amz-Signature" in batch["results_file_url"] and batch["results_file_expires_at"]
+    # And the file holds each item's line once, in order, as the paged results show it
+    stored = _stored(harness, batch_id)
+    paged, _ = _results(harness, batch_id)
+    in_file = _file_lines(stored)
+    assert [line["custom_id"] for line in in_file] == [f"item-{index}" for index in range(5)]
+    assert [(line["job_id"], line["status"]) for line in in_file] == [
+        (line["job_id"], line["status"]) for line in paged
+    ]
+    assert in_file[3]["error"]["code"] == paged[3]["error"]["code"]
+    assert in_file[0]["result"] == paged[0]["result"]
+
+
+def test_a_file_of_many_parts_cut_short_resumes_and_holds_each_line_once(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given lines of 1 MiB each (S3's parts but the last are at least 5 MiB)
+    def padded(batch: BatchRecord, index: int, job: JobRecord | None) -> bytes:
+        return json.dumps({"job_id": item_job_id(batch.id, index), "pad": "x" * MIB}).encode()
+
+    monkeypatch.setattr(ResultsCompiler, "line_bytes", staticmethod(padded))
+    batch_id = _submit(harness, requests=_requests(12)).body["id"]
+    # Run every item, but not the file: the expand message asking for it is held back
+    url = harness.stack.lane_queue_urls["high"]
+    _run_lane(harness)
+    assert _stored(harness, batch_id).status in (BatchStatus.FINALIZING, BatchStatus.COMPLETED)
+    _reset(harness, batch_id)
+    # When a first run has time for one part only
+    _expander(harness).expand(batch_id, lambda: 0.5)
+    cut = _stored(harness, batch_id)
+    assert (cut.status, cut.compile_next, len(cut.compile_parts)) == (BatchStatus.FINALIZING, 5, 1)
+    # Then the run it handed on to writes the rest, and the batch ends
+    _run_lane(harness)
+    done = _stored(harness, batch_id)
+    assert (done.status, len(done.compile_parts)) == (BatchStatus.COMPLETED, 2)
+    in_file = _file_lines(done)
+    assert [line["job_id"] for line in in_file] == [item_job_id(batch_id, index) for index in range(12)]
+    assert url  # the lane the items ran in
+
+
+def _reset(harness: Harness, batch_id: str) -> None:
+    """Back to finalizing with no file begun (as if the first expand message were only now due)."""
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": f"batch#{batch_id}"}},
+        UpdateExpression="SET #st = :finalizing, compile_next = :zero, compile_parts = :none "
+        "REMOVE compile_upload_id, results_key, finished_ms",
+        ExpressionAttributeNames={"#st": "status"},
+        ExpressionAttributeValues={
+            ":finalizing": {"S": "finalizing"},
+            ":zero": {"N": "0"},
+            ":none": {"L": []},
+        },
+    )
