@@ -84,6 +84,12 @@ def test_a_batch_runs_its_items_once_and_sends_one_verified_webhook(sandbox: San
     assert [line["custom_id"] for line in lines] == [f"row-{index}" for index in range(12)]
     assert {line["status"] for line in lines} == {"succeeded"}
     assert [sandbox.provider_calls(line["job_id"]) for line in lines] == [1] * 12
+    # And the whole file, from the presigned URL the ended batch answers (the sandbox's S3)
+    file = httpx.get(ended["results_file_url"], timeout=30)
+    assert file.status_code == 200, file.text
+    assert [json.loads(line)["job_id"] for line in file.text.splitlines()] == [
+        line["job_id"] for line in lines
+    ]
     # One batch.completed, verified with the tenant's secret
     assert wait_until(lambda: sandbox.deliveries(batch_id), timeout=30)
     time.sleep(2)  # room for a duplicate to show up, if there were one
