@@ -52,6 +52,14 @@ SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS develop
   deferred job, a retry) waited up to a second more in the sandbox than on AWS. Here the wait
   also ends when the queue's next delayed or invisible message is due.
 
+S3 multipart uploads:
+
+- **A part for an upload that is no more.** S3 answers UploadPart for an upload that was
+  completed or aborted with NoSuchUpload ("UploadPart", S3 API reference). moto 5.x looks the
+  upload up in a dict and raises a bare KeyError, which surfaces as an internal error: the
+  code that recognises a completed upload (a batch's results file, `llmq.batch_results`)
+  could not be exercised. Here it answers NoSuchUpload.
+
 SQS fair queues (emulated; off by default in-process, on in the sandbox: `set_fair_queues`):
 
 - **What AWS does.** On a standard queue a message's MessageGroupId names its tenant; a message
@@ -644,6 +652,18 @@ def _wakes_when_due(queue: Any, timeout: float) -> None:
         queue._messages_lock.wait_for(lambda: queue.messages, timeout=timeout)
 
 
+def _upload_part_of_a_live_upload(upload_part: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(upload_part)
+    def part(self: Any, bucket_name: str, multipart_id: str, *args: Any, **kwargs: Any) -> Any:
+        from moto.s3.exceptions import NoSuchUpload
+
+        if multipart_id not in self.get_bucket(bucket_name).multiparts:
+            raise NoSuchUpload(upload_id=multipart_id)
+        return upload_part(self, bucket_name, multipart_id, *args, **kwargs)
+
+    return part
+
+
 def make_moto_strict() -> None:
     """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
     order) once per process."""
@@ -672,6 +692,9 @@ def make_moto_strict() -> None:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))
         for name in _READS:
             setattr(DynamoDBBackend, name, _snapshot_read(getattr(DynamoDBBackend, name)))
+        from moto.s3.models import S3Backend
+
+        S3Backend.upload_part = _upload_part_of_a_live_upload(S3Backend.upload_part)  # type: ignore[method-assign]
         from moto.sqs.models import Message, SQSBackend
 
         Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]

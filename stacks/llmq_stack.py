@@ -10,6 +10,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
+from llmq.batch_results import RESULTS_FILE_PREFIX
 from llmq.config import ApiEnvironment, LlmqConfig
 from stacks.api import STAGE_NAME, ApiConstruct, ApiLogging
 from stacks.functions import FunctionDefaults, env_var
@@ -159,6 +160,9 @@ class LlmqStack(cdk.Stack):
         grant_objects(bucket, self.worker.worker, "s3:GetObject", INPUTS_PREFIX)
         grant_objects(bucket, self.worker.worker, "s3:PutObject", RESULTS_PREFIX)
         grant_objects(bucket, self.worker.worker, "s3:PutObject", BATCH_REQUESTS_PREFIX)
+        # A batch's results file is a multipart upload (PutObject); the worker looks whether it
+        # was completed (HeadObject needs GetObject) when its upload is gone.
+        grant_objects(bucket, self.worker.worker, "s3:GetObject", RESULTS_FILE_PREFIX)
 
     @property
     def functions(self) -> dict[str, lambda_.Function]:

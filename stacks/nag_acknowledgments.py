@@ -13,6 +13,7 @@ from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_lambda as lambda_
 from constructs import IConstruct
 
+from llmq.batch_results import RESULTS_FILE_PREFIX
 from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX
 
 if TYPE_CHECKING:
@@ -58,6 +59,13 @@ def acknowledge_findings(stack: LlmqStack) -> None:
             "exists. The worker stores an uploaded file's validated parts, the api reads them back to "
             "name a running batch's items not yet written; no list, no delete.",
         )
+    _acknowledge(
+        _role(stack.worker.worker),
+        f"IAM5[Resource::<{bucket}.Arn>/{RESULTS_FILE_PREFIX}*]",
+        f"GetObject on the payload bucket's {RESULTS_FILE_PREFIX} prefix, for HeadObject: each batch's "
+        f"results file has its own key ({RESULTS_FILE_PREFIX}<batch>/...), unknown until the batch "
+        "exists. The worker looks whether a file whose upload is gone was completed; no list, no delete.",
+    )
     _acknowledge(
         _role(stack.api.function),
         f"IAM5[Resource::<{bucket}.Arn>/{UPLOADS_PREFIX}*]",

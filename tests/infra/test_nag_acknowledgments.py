@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from llmq.batch_results import RESULTS_FILE_PREFIX
 from llmq.config import LimitsConfig, LlmqConfig
 from stacks.functions import FUNCTION_NAMES
 from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX
@@ -69,9 +70,13 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
     assert match, finding["ruleName"]
     bucket, prefix = match.groups()
     assert template.resources[bucket]["Type"] == "AWS::S3::Bucket"
-    owner = {BATCH_REQUESTS_PREFIX: "<batch>", UPLOADS_PREFIX: "<tenant>"}.get(prefix, "<job>")
+    owner = {
+        BATCH_REQUESTS_PREFIX: "<batch>",
+        UPLOADS_PREFIX: "<tenant>",
+        RESULTS_FILE_PREFIX: "<batch>",
+    }.get(prefix, "<job>")
     assert (
-        prefix in (INPUTS_PREFIX, RESULTS_PREFIX, BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX)
+        prefix in (INPUTS_PREFIX, RESULTS_PREFIX, BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX, RESULTS_FILE_PREFIX)
         and f"{prefix}{owner}" in finding["reason"]
     )
     on_prefix = {
@@ -83,6 +88,7 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
         RESULTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
         BATCH_REQUESTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
         UPLOADS_PREFIX: {("api", "s3:GetObject")},
+        RESULTS_FILE_PREFIX: {("worker", "s3:GetObject")},
     }[prefix]
     assert on_prefix == expected
     # no list, no delete, anywhere in the bucket

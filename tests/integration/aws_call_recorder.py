@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from llmq.batch_results import RESULTS_FILE_PREFIX
 from stacks.jobs_table import BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX
 from tests.aws_calls import (
     ANY_RESOURCE,
@@ -169,7 +170,7 @@ def _object_prefix(key: str | None) -> str:
     batch's requests, under `inputs/batches/`, by their own)."""
     if key is None:
         return ""
-    for prefix in (BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX):
+    for prefix in (BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX, RESULTS_FILE_PREFIX):
         if key.startswith(prefix):
             return f"/{prefix}*"
     folder, slash, _ = key.partition("/")

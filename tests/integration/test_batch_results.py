@@ -15,6 +15,7 @@ from llmq.batch_results import ResultsCompiler
 from llmq.batches import BatchRecord, item_job_id
 from llmq.job_record import JobRecord
 from llmq.models import BatchStatus
+from llmq.queues import QueueRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
@@ -69,7 +70,7 @@ def test_a_file_of_many_parts_cut_short_resumes_and_holds_each_line_once(
     harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given lines of 1 MiB each (S3's parts but the last are at least 5 MiB)
-    def padded(batch: BatchRecord, index: int, job: JobRecord | None) -> bytes:
+    def padded(batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str]) -> bytes:
         return json.dumps({"job_id": item_job_id(batch.id, index), "pad": "x" * MIB}).encode()
 
     monkeypatch.setattr(ResultsCompiler, "line_bytes", staticmethod(padded))
@@ -92,17 +93,65 @@ def test_a_file_of_many_parts_cut_short_resumes_and_holds_each_line_once(
     assert url  # the lane the items ran in
 
 
-def _reset(harness: Harness, batch_id: str) -> None:
-    """Back to finalizing with no file begun (as if the first expand message were only now due)."""
+def _reset(harness: Harness, batch_id: str, upload_id: str | None = None) -> None:
+    """Back to finalizing, its file not begun (as if the first expand message were only now
+    due), or begun on `upload_id` with no part checkpointed."""
+    values: dict[str, Any] = {":finalizing": {"S": "finalizing"}, ":zero": {"N": "0"}, ":none": {"L": []}}
+    sets = "SET #st = :finalizing, compile_next = :zero, compile_parts = :none"
+    removed = "REMOVE results_key, finished_ms"
+    if upload_id is None:
+        removed += ", compile_upload_id"
+    else:
+        sets += ", compile_upload_id = :upload"
+        values[":upload"] = {"S": upload_id}
     harness.ddb.update_item(
         TableName=harness.stack.jobs_table,
         Key={"pk": {"S": f"batch#{batch_id}"}},
-        UpdateExpression="SET #st = :finalizing, compile_next = :zero, compile_parts = :none "
-        "REMOVE compile_upload_id, results_key, finished_ms",
+        UpdateExpression=f"{sets} {removed}",
         ExpressionAttributeNames={"#st": "status"},
-        ExpressionAttributeValues={
-            ":finalizing": {"S": "finalizing"},
-            ":zero": {"N": "0"},
-            ":none": {"L": []},
-        },
+        ExpressionAttributeValues=values,
     )
+
+
+def test_a_batch_canceled_before_its_items_were_written_names_them_in_its_file(harness: Harness) -> None:
+    # Given a batch canceled at once: none of its items is ever written
+    batch_id = _submit(harness, requests=_requests(5)).body["id"]
+    assert harness.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=ENTERPRISE).status == 202
+    _run_lane(harness)
+    batch = _stored(harness, batch_id)
+    assert batch.status is BatchStatus.CANCELED
+    # Then its file names each item by its custom_id, as the paged results do
+    paged, _ = _results(harness, batch_id)
+    in_file = _file_lines(batch)
+    assert [(line["custom_id"], line["status"]) for line in in_file] == [
+        (f"item-{index}", "canceled") for index in range(5)
+    ]
+    assert [line["custom_id"] for line in paged] == [line["custom_id"] for line in in_file]
+
+
+@pytest.mark.parametrize("upload", ["completed", "aborted"])
+def test_a_file_whose_upload_is_gone_ends_the_batch_with_a_file(harness: Harness, upload: str) -> None:
+    # Given a batch whose file was written, then (as after a crash before its terminal write)
+    # finalizing again on that same upload: completed already, or aborted by S3's lifecycle
+    # rule with no file written
+    batch_id = _submit(harness, requests=_requests(3)).body["id"]
+    _run_lane(harness)
+    done = _stored(harness, batch_id)
+    assert done.results_key is not None and done.compile_upload_id is not None
+    s3 = aws.client("s3")
+    upload_id = done.compile_upload_id
+    if upload == "aborted":
+        s3.delete_object(Bucket="llmq-payloads", Key=done.results_key)
+        upload_id = s3.create_multipart_upload(Bucket="llmq-payloads", Key=done.results_key)["UploadId"]
+        s3.abort_multipart_upload(Bucket="llmq-payloads", Key=done.results_key, UploadId=upload_id)
+    _reset(harness, batch_id, upload_id)
+    # When the worker looks again (the reconciler's poke: an expand message)
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    queues.enqueue_expand(batch_id, done.lane, done.tenant_id)
+    _run_lane(harness)
+    # Then the batch ended with its file whole: the completed one kept, the aborted one rewritten
+    ended = _stored(harness, batch_id)
+    assert ended.status is BatchStatus.COMPLETED
+    assert [line["custom_id"] for line in _file_lines(ended)] == [f"item-{index}" for index in range(3)]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from llmq.batch_requests import StoredRequests
 from llmq.batch_results import result_line
-from llmq.batch_runs import StoredRequests, encode_requests, settle
+from llmq.batch_runs import encode_requests, settle
 from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, over_quota
 from llmq.config import LlmqConfig
 from llmq.errors import (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from llmq.batch_requests import StoredRequests
 from llmq.batches import BatchRecord, BatchRepository, item_job_id
 from llmq.config import LlmqConfig
 from llmq.job_record import JobRecord
@@ -91,8 +92,14 @@ class ResultsCompiler:
         try:
             return self._write(batch, batch.compile_upload_id, remaining_seconds)
         except UploadDone:
-            # Completed by a run that stopped before the batch's terminal write.
-            return batch.model_copy(update={"results_key": key})
+            if self.payloads.stat(key) is not None:
+                # Completed by a run that stopped before the batch's terminal write.
+                return batch.model_copy(update={"results_key": key})
+            # Aborted (S3's lifecycle rule ends an upload left incomplete for a day): begun again.
+            logger.warning("batch results file begun again", extra={"batch_id": batch.id})
+            if self.batches.restart_compile(batch) is not None:
+                self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+            return None
 
     def _write(
         self, batch: BatchRecord, upload_id: str, remaining_seconds: Callable[[], float]
@@ -102,17 +109,28 @@ class ResultsCompiler:
         held: list[bytes] = []
         held_bytes = 0
         page_start = batch.compile_next
+        # The slowest part so far, its reads included: the time the next one may take.
         slowest = 0.0
+        part_began = time.monotonic()
+        requests = StoredRequests(self.payloads, batch)
         while page_start < batch.total:
-            for at, job in self.batches.items(batch, page_start, _READ_PAGE):
-                line = self.line_bytes(batch, at, job)
+            if page_start > batch.compile_next and remaining_seconds() < max(
+                _MARGIN_FLOOR_SECONDS, _PARTS_OF_MARGIN * slowest
+            ):
+                # Out of time inside a part: the next run reads it again from the checkpoint.
+                self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+                return None
+            page = self.batches.items(batch, page_start, _READ_PAGE)
+            # Items never written (their batch canceled first) are named from its requests.
+            names = {at: requests.item(at).custom_id for at, job in page if job is None}
+            for at, job in page:
+                line = self.line_bytes(batch, at, job, names)
                 held.append(line)
                 held_bytes += len(line) + 1
                 following = at + 1
                 if held_bytes < self.config.batches.results_part_bytes or following >= batch.total:
                     continue
                 # A full part (never the last: S3 lets only the last be small).
-                began = time.monotonic()
                 etags.append(
                     self.payloads.upload_part(key, upload_id, len(etags) + 1, b"\n".join(held) + b"\n")
                 )
@@ -120,7 +138,8 @@ class ResultsCompiler:
                 if moved is None:
                     return None
                 batch, held, held_bytes = moved, [], 0
-                slowest = max(slowest, time.monotonic() - began)
+                slowest = max(slowest, time.monotonic() - part_began)
+                part_began = time.monotonic()
                 if remaining_seconds() < max(_MARGIN_FLOOR_SECONDS, _PARTS_OF_MARGIN * slowest):
                     self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
                     logger.info(
@@ -136,6 +155,6 @@ class ResultsCompiler:
         return batch.model_copy(update={"results_key": key})
 
     @staticmethod
-    def line_bytes(batch: BatchRecord, index: int, job: JobRecord | None) -> bytes:
+    def line_bytes(batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str]) -> bytes:
         """Item `index`'s line in the file, as GET .../results answers it (without an API base)."""
-        return result_line(batch, index, job, {}, "").model_dump_json(exclude_none=True).encode()
+        return result_line(batch, index, job, names, "").model_dump_json(exclude_none=True).encode()

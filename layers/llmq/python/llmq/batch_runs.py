@@ -20,14 +20,14 @@ have crashed in between.
 
 from __future__ import annotations
 
-import bisect
 import json
 import time
 from collections.abc import Callable
 
+from llmq.batch_requests import StoredRequests, request_lines
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
-from llmq.batches import BatchRecord, BatchRepository, item_job_id, part_key
+from llmq.batches import BatchRecord, BatchRepository, item_job_id
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_codec import write_token
@@ -86,40 +86,6 @@ def item_record(
 def parse_requests(data: bytes) -> list[BatchItemRequest]:
     """The batch's stored requests, one JSON line each (validated when the batch was accepted)."""
     return [BatchItemRequest.model_validate_json(line) for line in request_lines(data)]
-
-
-def request_lines(data: bytes) -> list[bytes]:
-    """The stored requests' lines, unparsed: each is parsed when its item is written, so a
-    batch of 100,000 never holds 100,000 models at once."""
-    return [line for line in data.splitlines() if line.strip()]
-
-
-class StoredRequests:
-    """A batch's stored requests by item index: an inline batch's one object, or an upload's
-    parts, one part held at a time (a 100,000-line file is never read whole)."""
-
-    def __init__(self, payloads: BlobStore, batch: BatchRecord) -> None:
-        self._payloads = payloads
-        self._batch = batch
-        self._part = -1
-        self._first = 0
-        self._lines: list[bytes] = []
-
-    def line(self, index: int) -> bytes:
-        parts = self._batch.parts
-        if parts is None:
-            if self._part != 0:
-                self._lines, self._part = request_lines(self._payloads.get(self._batch.requests_ref)), 0
-            return self._lines[index]
-        part = bisect.bisect_right(parts, index)
-        if part != self._part:
-            key = part_key(self._batch.requests_ref, part)
-            self._lines, self._part = request_lines(self._payloads.get(key)), part
-            self._first = parts[part - 1] if part else 0
-        return self._lines[index - self._first]
-
-    def item(self, index: int) -> BatchItemRequest:
-        return BatchItemRequest.model_validate_json(self.line(index))
 
 
 def encode_requests(items: list[BatchItemRequest]) -> bytes:

@@ -711,6 +711,17 @@ class BatchRepository:
             finalizing=True,
         )
 
+    def restart_compile(self, batch: BatchRecord) -> BatchRecord | None:
+        """The results file's upload is gone unfinished (aborted): forget it, to begin again.
+        None when another run did so, or moved on, first."""
+        return self._update_while_open(
+            batch.id,
+            "SET compile_next = :zero, compile_parts = :none REMOVE compile_upload_id",
+            {"zero": 0, "none": [], "upload": batch.compile_upload_id},
+            "compile_upload_id = :upload",
+            finalizing=True,
+        )
+
     def checkpoint_compile(self, batch: BatchRecord, next_index: int, etags: list[str]) -> BatchRecord | None:
         """One more part of the results file uploaded: the compile moves on from where `batch`
         had it, or stands where this very write (its answer lost) already put it."""

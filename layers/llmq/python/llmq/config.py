@@ -265,7 +265,8 @@ class BatchConfig(_Frozen):
     # An ended batch's results in one file (`results_file_url`), written by the worker before
     # the batch's terminal status, in S3 multipart parts of this size (S3's minimum is 5 MiB).
     results_file: bool = True
-    results_part_bytes: Annotated[int, Field(ge=5 * 1024 * 1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
+    # At most 16 MiB: a part is held twice (its lines, then joined) in the worker's memory.
+    results_part_bytes: Annotated[int, Field(ge=5 * 1024 * 1024, le=16 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
 class LlmqConfig(_Frozen):
