@@ -101,7 +101,9 @@ class LlmqClient:
         return job
 
     def webhook_log(self, job_id: str) -> dict[str, Any]:
-        log: dict[str, Any] = self._ok(self.request("GET", f"/v1/jobs/{job_id}/webhook"))
+        """A job's delivery log, or a batch's (its id starts with `bat_`)."""
+        kind = "batches" if job_id.startswith("bat_") else "jobs"
+        log: dict[str, Any] = self._ok(self.request("GET", f"/v1/{kind}/{job_id}/webhook"))
         return log
 
     def cancel(self, job_id: str) -> dict[str, Any]:

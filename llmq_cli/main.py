@@ -809,13 +809,14 @@ def cmd_webhooks_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks_attempts(args: argparse.Namespace) -> int:
-    """The job's delivery log (GET /v1/jobs/{id}/webhook): JSON, or one line per attempt."""
+    """The job's (or batch's) delivery log (GET /v1/jobs/{id}/webhook): JSON, or one line per
+    attempt."""
     with _client(args) as client:
         log = client.webhook_log(args.job_id)
     if args.json:
         _print_json(log)
         return 0
-    print(f"{log['job_id']} -> {log['url']}")
+    print(f"{log.get('job_id') or log.get('batch_id')} -> {log['url']}")
     if not log["deliveries"]:
         print("  no terminal event yet (job.started is sent but not logged)")
     for delivery in log["deliveries"]:
@@ -1087,9 +1088,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--file", required=True, help='JSON: {"headers": {...}, "body": "<raw body>"}')
     verify.set_defaults(handler=cmd_webhooks_verify)
     attempts = webhooks.add_parser(
-        "attempts", help="a job's delivery log: each attempt and what the receiver said"
+        "attempts", help="a job's or a batch's delivery log: each attempt and what the receiver said"
     )
-    attempts.add_argument("job_id")
+    attempts.add_argument("job_id", help="a job id, or a batch id (bat_...)")
     attempts.add_argument("--json", action="store_true", help="the API's JSON as is")
     _api_options(attempts)
     attempts.set_defaults(handler=cmd_webhooks_attempts)

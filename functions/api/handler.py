@@ -34,6 +34,7 @@ from llmq.models import (
     BatchList,
     BatchRequest,
     BatchRequestCounts,
+    BatchWebhookLog,
     Job,
     JobList,
     JobRequest,
@@ -194,6 +195,8 @@ _METHODS = [
     (re.compile(r"^/v1/batches/[^/]+/?$"), "GET"),
     (re.compile(r"^/v1/batches/[^/]+/results/?$"), "GET"),
     (re.compile(r"^/v1/batches/[^/]+/cancel/?$"), "POST"),
+    (re.compile(r"^/v1/batches/[^/]+/webhook/?$"), "GET"),
+    (re.compile(r"^/v1/batches/[^/]+/webhook/redeliver/?$"), "POST"),
     (re.compile(r"^/v1/openapi\.json$"), "GET"),
 ]
 
@@ -505,6 +508,30 @@ def handle_get_batch(batch_id: Annotated[str, Path(pattern=BATCH_ID)]) -> Respon
     batch, counts = batch_intake().get(_tenant(), batch_id)
     results_file = batch_intake().results_file(batch)
     return _batch_response(batch.to_batch(counts, _public_base(), results_file), 200)
+
+
+@app.get(
+    "/v1/batches/<batch_id>/webhook",
+    summary="The batch's webhook and its delivery log",
+    description="The delivery status of the batch's event and its latest 10 attempts, as a job's "
+    "(GET /v1/jobs/{id}/webhook).",
+    responses=_responses(200, "The delivery log", BatchWebhookLog),
+)
+def handle_get_batch_webhook_log(batch_id: Annotated[str, Path(pattern=BATCH_ID)]) -> Response[Any]:
+    log = batch_intake().webhook_log(_tenant(), batch_id)
+    return Response(status_code=200, content_type="application/json", body=log.model_dump_json())
+
+
+@app.post(
+    "/v1/batches/<batch_id>/webhook/redeliver",
+    summary="Send the ended batch's webhook again",
+    description="A new round of attempts, under the same webhook-id (receivers de-duplicate by it).",
+    responses=_responses(202, "Queued for delivery", Batch, 409),
+)
+def handle_redeliver_batch_webhook(batch_id: Annotated[str, Path(pattern=BATCH_ID)]) -> Response[Any]:
+    batch = batch_intake().redeliver(_tenant(), batch_id)
+    counts = batch.final_counts or batch_intake().batches.counts(batch)
+    return _batch_response(batch.to_batch(counts, _public_base()), 202)
 
 
 @app.get(

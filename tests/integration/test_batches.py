@@ -15,7 +15,7 @@ from standardwebhooks import Webhook
 from llmq import aws
 from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id
 from llmq.jobs import JobRepository
-from llmq.models import BatchStatus
+from llmq.models import BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -676,3 +676,51 @@ def test_an_items_size_limit_counts_utf8_bytes_not_characters(
     # The refused batch wrote and queued nothing
     assert len([item for item in _item_jobs(harness)]) == 0
     assert _held(harness, harness.stack.lane_queue_urls[HIGH]) == 1  # the accepted batch's expand
+
+
+def test_a_batch_webhooks_attempts_are_logged_and_a_redelivery_sends_it_again_under_its_id(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given a tenant with a webhook secret, and a receiver that fails the first attempt
+    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+    dispatcher = load_handler("webhook_dispatcher")
+    path = "/batch-log/fail-1"
+    batch_id = _submit(
+        harness, requests=_requests(2), webhook={"url": f"http://127.0.0.1:{receiver.port}{path}"}
+    ).body["id"]
+    # A batch still running has nothing to redeliver
+    early = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
+    assert (early.status, early.code) == (409, "batch_not_ended")
+    # When it ends and its event is delivered (500, then 200 on the retry)
+    _run_lane(harness)
+    deadline = time.monotonic() + 30
+    while _stored(harness, batch_id).delivery_status is not DeliveryStatus.DELIVERED:
+        assert time.monotonic() < deadline, "the batch's webhook was never delivered"
+        _dispatch_all(harness, dispatcher)
+        time.sleep(0.3)
+    # Then its delivery log shows both attempts, as a job's does
+    log = harness.api("GET", f"/v1/batches/{batch_id}/webhook", tenant=ENTERPRISE)
+    assert log.status == 200, log.body
+    (delivery,) = log.body["deliveries"]
+    assert (delivery["event"], delivery["status"]) == ("batch.completed", "delivered")
+    assert [attempt["status_code"] for attempt in delivery["attempts"]] == [500, 200]
+    # And a redelivery sends it once more, a new round under the same webhook-id
+    again = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
+    assert again.status == 202, again.body
+    assert again.body["webhook"]["delivery"]["status"] == "pending"
+    _dispatch_all(harness, dispatcher)
+    requests = receiver.requests_to(path)
+    assert len(requests) == 3
+    assert len({request.headers["webhook-id"] for request in requests}) == 1
+    attempts = harness.api("GET", f"/v1/batches/{batch_id}/webhook", tenant=ENTERPRISE).body["deliveries"][0]
+    assert [(attempt["attempt"], attempt["status_code"]) for attempt in attempts["attempts"]] == [
+        (1, 500),
+        (2, 200),
+        (1, 200),
+    ]
+    # A batch without a webhook has no log, and another tenant's batch is not found
+    plain = _submit(harness, requests=_requests(1)).body["id"]
+    assert harness.api("GET", f"/v1/batches/{plain}/webhook", tenant=ENTERPRISE).code == "webhook_not_found"
+    assert harness.api("GET", f"/v1/batches/{batch_id}/webhook", tenant=FREE).code == "batch_not_found"

@@ -19,13 +19,16 @@ from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, o
 from llmq.config import LlmqConfig
 from llmq.errors import (
     BatchNotCancelable,
+    BatchNotEnded,
     IdempotencyConflict,
     InvalidIdempotencyKey,
     InvalidRequest,
     InvalidWebhookUrl,
+    NoWebhook,
     PayloadTooLarge,
     StoreUnavailable,
     UploadNotFound,
+    WebhookNotFound,
 )
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.job_record import iso
@@ -35,6 +38,7 @@ from llmq.models import (
     BatchRequestCounts,
     BatchResultLine,
     BatchStatus,
+    BatchWebhookLog,
     DeliveryStatus,
     JobStatus,
     Upload,
@@ -279,6 +283,27 @@ class BatchIntake:
             if status is None or line.status is status:
                 page.append(line)
         return page, following if following is not None and following < batch.total else None
+
+    # ---- the webhook --------------------------------------------------------------------
+
+    def webhook_log(self, tenant: TenantIdentity, batch_id: str) -> BatchWebhookLog:
+        log = self.batches.get(batch_id, tenant.tenant_id).webhook_log()
+        if log is None:
+            raise WebhookNotFound(f"batch {batch_id} was submitted without a webhook")
+        return log
+
+    def redeliver(self, tenant: TenantIdentity, batch_id: str) -> BatchRecord:
+        """Send the ended batch's event again; the dispatcher reuses its webhook-id."""
+        batch = self.batches.get(batch_id, tenant.tenant_id)
+        event = batch.terminal_event
+        if event is None:
+            raise BatchNotEnded(f"batch {batch_id} is {batch.status.value}")
+        if not batch.wants(event):
+            raise NoWebhook(f"batch {batch_id} has no webhook subscribed to {event.value}")
+        pending = self.batches.mark_redelivery(batch)
+        self.queues.enqueue_webhook(batch.id, event)
+        self.batches.mark_webhook_sent(batch.id)
+        return pending
 
     # ---- cancel -------------------------------------------------------------------------
 

@@ -26,17 +26,20 @@ from pydantic import BaseModel, Field, TypeAdapter
 from llmq import aws, shares
 from llmq import job_codec as codec
 from llmq.config import LlmqConfig
-from llmq.errors import BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
+from llmq.errors import BatchNotEnded, BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
 from llmq.job_record import JobRecord, iso
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
     Batch,
     BatchEvent,
+    BatchEventDeliveries,
     BatchLineError,
     BatchRequestCounts,
     BatchStatus,
+    BatchWebhookLog,
     BatchWebhookState,
+    DeliveryAttempt,
     DeliveryStatus,
     JobStatus,
     WebhookDelivery,
@@ -155,6 +158,10 @@ class BatchRecord(BaseModel):
     delivery_attempts: int = 0
     delivery_last_status_code: int | None = None
     delivered_ms: int | None = None
+    # The delivery log, as a job's (`job_codec.delivery_log_slot`): the latest ten attempts,
+    # each written in the dispatcher's delivery update, oldest first.
+    delivery_log: list[DeliveryAttempt] = Field(default_factory=list)
+    delivery_log_seq: int = 0
     # The upload form: the file (`upload_ref`, as it was when the batch was created: `upload_etag`)
     # is validated by the worker first (`llmq.batch_uploads`); until then `validated` is False and
     # `total` 0. Its requests are then stored in parts under `requests_ref`, part k holding items
@@ -190,6 +197,19 @@ class BatchRecord(BaseModel):
 
     def wants(self, event: BatchEvent) -> bool:
         return self.webhook_url is not None and event in self.webhook_events
+
+    def webhook_log(self) -> BatchWebhookLog | None:
+        if self.webhook_url is None:
+            return None
+        event = self.terminal_event
+        deliveries = []
+        if event is not None and event in self.webhook_events:
+            deliveries.append(
+                BatchEventDeliveries(event=event, status=self.delivery_status, attempts=self.delivery_log)
+            )
+        return BatchWebhookLog(
+            batch_id=self.id, url=self.webhook_url, events=self.webhook_events, deliveries=deliveries
+        )
 
     def to_batch(
         self, counts: BatchRequestCounts, api_base: str = "", results_file: PresignedUrl | None = None
@@ -237,7 +257,9 @@ _BATCH_JSON: dict[str, TypeAdapter[Any]] = {
 
 
 def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    data = {**record.model_dump(mode="json", exclude_none=True), **(extra or {})}
+    # The delivery log is written slot by slot, by the dispatcher's delivery updates only.
+    dumped = record.model_dump(mode="json", exclude_none=True, exclude={"delivery_log"})
+    data = {**dumped, **(extra or {})}
     for name in _BATCH_JSON:
         if name in data:
             data[name] = codec.json_text(data[name])
@@ -248,6 +270,7 @@ def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[s
 def _from_item(item: dict[str, Any]) -> BatchRecord:
     data = codec.plain(item)
     data["id"] = str(data.pop("pk"))[len(BATCH_PREFIX) :]
+    data["delivery_log"] = codec.pop_delivery_log(data)
     for name, adapter in _BATCH_JSON.items():
         if name in data:
             data[name] = adapter.validate_json(data[name])
@@ -795,6 +818,36 @@ class BatchRepository:
             raise
         return _from_item(response["Attributes"])
 
+    def mark_redelivery(self, batch: BatchRecord) -> BatchRecord:
+        """Redelivery: the ended batch's event goes out again, a new round of attempts under the
+        same webhook-id. Pending and unsent, and in the reconciler's sweep index until it is
+        sent (should SQS refuse the message, the reconciler's poke sends it)."""
+        sweep = sweep_attributes(
+            BATCH_PREFIX + batch.id,
+            self.now_ms() + self.config.reconciler.stale_queued_seconds * 1000,
+            self.config.reconciler.sweep_shards,
+        )
+        terminal = [status for status in BatchStatus if status.is_terminal]
+        named = {f"ended{index}": status.value for index, status in enumerate(terminal)}
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch.id),
+                UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
+                "webhook_sent = :false, sweep_pk = :sweep_pk, sweep_at = :sweep_at",
+                ConditionExpression=f"#st IN ({', '.join(':' + name for name in named)})",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues=codec.values(
+                    pending=DeliveryStatus.PENDING.value, zero=0, false=False, **sweep, **named
+                ),
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if codec.condition_failed(exc):
+                raise BatchNotEnded(f"batch {batch.id} has not ended") from exc
+            raise
+        return _from_item(response["Attributes"])
+
     def mark_webhook_sent(self, batch_id: str) -> None:
         self._ddb.update_item(
             TableName=self.table_name,
@@ -804,11 +857,22 @@ class BatchRepository:
         )
 
     def record_delivery(
-        self, batch_id: str, status: DeliveryStatus, status_code: int | None, attempts: int
+        self,
+        batch_id: str,
+        status: DeliveryStatus,
+        status_code: int | None,
+        attempts: int,
+        attempt: DeliveryAttempt | None = None,
+        log_seq: int = 0,
     ) -> bool:
-        """What became of an attempt to deliver the batch's event; False when it had settled."""
+        """What became of an attempt to deliver the batch's event, with the attempt in the
+        delivery log (the slot of `log_seq`, as a job's): one update. False when it had settled."""
         sets = ["delivery_status = :status", "delivery_attempts = :attempts"]
         values: dict[str, Any] = {"status": status.value, "attempts": attempts, "pending": "pending"}
+        if attempt is not None:
+            sets += [f"{codec.delivery_log_slot(log_seq)} = :log", f"{codec.DELIVERY_LOG_SEQ} = :next"]
+            values["log"] = {**attempt.model_dump(mode="json", exclude_none=True), "seq": log_seq}
+            values["next"] = log_seq + 1
         if status_code is not None:
             sets.append("delivery_last_status_code = :code")
             values["code"] = status_code

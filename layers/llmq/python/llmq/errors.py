@@ -135,6 +135,12 @@ class UploadNotFound(DomainError):
     status = 422
 
 
+class BatchNotEnded(DomainError):
+    code = "batch_not_ended"
+    title = "The batch has not ended yet"
+    status = 409
+
+
 class BatchNotCancelable(DomainError):
     code = "batch_not_cancelable"
     title = "The batch has already finished"

@@ -74,16 +74,20 @@ def from_item(item: dict[str, Any]) -> JobRecord:
             data[name] = json.loads(data[name])
     for name in _WRITE_ONLY:
         data.pop(name, None)
+    data["delivery_log"] = pop_delivery_log(data)
+    return JobRecord.model_validate(data)
+
+
+def pop_delivery_log(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The delivery log's slots, taken out of a plain item: oldest first, as logged."""
     slots = [
         data.pop(name)
         for name in [key for key in data if key.startswith(DELIVERY_LOG_PREFIX) and key != DELIVERY_LOG_SEQ]
     ]
-    # Oldest first, by the order they were logged in.
-    data["delivery_log"] = [
+    return [
         {key: value for key, value in entry.items() if key != "seq"}
         for entry in sorted(slots, key=lambda entry: entry.get("seq", 0))
     ]
-    return JobRecord.model_validate(data)
 
 
 def plain(item: dict[str, Any]) -> dict[str, Any]:

@@ -421,6 +421,22 @@ class BatchLineError(BaseModel):
     message: str
 
 
+class BatchEventDeliveries(BaseModel):
+    event: BatchEvent
+    status: DeliveryStatus | None = None
+    attempts: list[DeliveryAttempt] = Field(default_factory=list)
+
+
+class BatchWebhookLog(BaseModel):
+    """`GET /v1/batches/{id}/webhook`: what became of each delivery of the batch's event."""
+
+    object: Literal["webhook_log"] = "webhook_log"
+    batch_id: str
+    url: str
+    events: list[BatchEvent]
+    deliveries: list[BatchEventDeliveries] = Field(default_factory=list)
+
+
 class Upload(BaseModel):
     """POST /v1/uploads: where to PUT a JSON Lines file of batch requests, then name it in
     POST /v1/batches as `upload_id`."""

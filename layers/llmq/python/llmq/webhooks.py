@@ -291,7 +291,13 @@ class WebhookDispatcher:
         outcome = replace(outcome, attempt=attempt)
         status = _RECORDED_STATUS[outcome.kind]
         if not await asyncio.to_thread(
-            self._batches.record_delivery, batch.id, status, outcome.status_code, attempt
+            self._batches.record_delivery,
+            batch.id,
+            status,
+            outcome.status_code,
+            attempt,
+            self._logged(outcome),
+            batch.delivery_log_seq,
         ):
             return DeliveryOutcome.skipped("another delivery of this event settled it first")
         return outcome
@@ -482,19 +488,23 @@ class WebhookDispatcher:
             delay = max(delay, response.retry_after)
         return DeliveryOutcome(OutcomeKind.RETRY, code, min(delay, self.max_delay_seconds), reason)
 
+    def _logged(self, outcome: DeliveryOutcome) -> DeliveryAttempt | None:
+        """The attempt as the delivery log shows it."""
+        if outcome.attempt is None:
+            return None
+        return DeliveryAttempt(
+            attempt=outcome.attempt,
+            at=iso(outcome.started_ms if outcome.started_ms is not None else int(self._clock() * 1000)),
+            status_code=outcome.status_code,
+            latency_ms=outcome.latency_ms,
+            error_class=outcome.error_class,
+            response_head=outcome.response_head,
+        )
+
     def _record(self, job: JobRecord, outcome: DeliveryOutcome, previous_attempts: int | None) -> bool:
         status = _RECORDED_STATUS[outcome.kind]
         due = None if outcome.retry_in is None else int((self._clock() + outcome.retry_in) * 1000)
-        logged = None
-        if outcome.attempt is not None:
-            logged = DeliveryAttempt(
-                attempt=outcome.attempt,
-                at=iso(outcome.started_ms if outcome.started_ms is not None else int(self._clock() * 1000)),
-                status_code=outcome.status_code,
-                latency_ms=outcome.latency_ms,
-                error_class=outcome.error_class,
-                response_head=outcome.response_head,
-            )
+        logged = self._logged(outcome)
         return self._jobs.record_delivery(
             job.id,
             status,
