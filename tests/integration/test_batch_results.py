@@ -6,13 +6,16 @@ minimum part) and a loopback provider."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 
 from llmq import aws
 from llmq.batch_results import ResultsCompiler
-from llmq.batches import BatchRecord, item_job_id
+from llmq.batch_runs import RESULTS_ASK_GRACE_SECONDS, settle
+from llmq.batches import BatchRecord, BatchRepository, item_job_id
+from llmq.errors import StoreUnavailable
 from llmq.job_record import JobRecord
 from llmq.models import BatchStatus
 from llmq.queues import QueueRepository
@@ -155,3 +158,39 @@ def test_a_file_whose_upload_is_gone_ends_the_batch_with_a_file(harness: Harness
     ended = _stored(harness, batch_id)
     assert ended.status is BatchStatus.COMPLETED
     assert [line["custom_id"] for line in _file_lines(ended)] == [f"item-{index}" for index in range(3)]
+
+
+def test_a_finalizing_batch_whose_file_was_never_asked_for_is_asked_for_after_the_grace(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose finalizing began just now, its expand message not (yet) sent
+    batch_id = _submit(harness, requests=_requests(2)).body["id"]
+    _run_lane(harness)
+    _reset(harness, batch_id)
+    clock = {"now": time.time()}
+    batches = BatchRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=lambda: clock["now"]
+    )
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": f"batch#{batch_id}"}},
+        UpdateExpression="SET finalizing_ms = :now, compile_queued = :false",
+        ExpressionAttributeValues={":now": {"N": str(int(clock["now"] * 1000))}, ":false": {"BOOL": False}},
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    # When another item's worker looks within the grace, its message comes back after the rest of it
+    with pytest.raises(StoreUnavailable) as early:
+        settle(batches, queues, batch_id)
+    assert early.value.retry_after is not None and 1 <= early.value.retry_after <= RESULTS_ASK_GRACE_SECONDS
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+    # And after the grace, the look asks for the file itself, once
+    clock["now"] += RESULTS_ASK_GRACE_SECONDS + 1
+    assert settle(batches, queues, batch_id) is None
+    assert _stored(harness, batch_id).compile_queued
+    assert settle(batches, queues, batch_id) is None
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
+    # And the worker writes the file and ends the batch
+    _run_lane(harness)
+    assert _stored(harness, batch_id).status is BatchStatus.COMPLETED

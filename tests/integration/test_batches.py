@@ -724,3 +724,37 @@ def test_a_batch_webhooks_attempts_are_logged_and_a_redelivery_sends_it_again_un
     plain = _submit(harness, requests=_requests(1)).body["id"]
     assert harness.api("GET", f"/v1/batches/{plain}/webhook", tenant=ENTERPRISE).code == "webhook_not_found"
     assert harness.api("GET", f"/v1/batches/{batch_id}/webhook", tenant=FREE).code == "batch_not_found"
+
+
+def test_a_redelivery_during_a_retry_round_runs_its_own_round_of_attempts(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given a batch whose receiver is down, its event's first attempt failed, its message now
+    # waiting out the backoff
+    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+    dispatcher = load_handler("webhook_dispatcher")
+    path = "/batch-round/fail-99"
+    hook = {"url": f"http://127.0.0.1:{receiver.port}{path}"}
+    batch_id = _submit(harness, requests=_requests(1), webhook=hook).body["id"]
+    _run_lane(harness)
+    _dispatch_all(harness, dispatcher)
+    assert [a.status_code for a in _stored(harness, batch_id).delivery_log] == [500]
+    # When the integrator asks for a redelivery meanwhile
+    assert harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE).status == 202
+    deadline = time.monotonic() + 40
+    while _stored(harness, batch_id).delivery_status is not DeliveryStatus.FAILED:
+        assert time.monotonic() < deadline, "the redelivered round never ended"
+        _dispatch_all(harness, dispatcher)
+        time.sleep(0.3)
+    # Then the new round made every attempt of the schedule, numbered 1, 2, 3, 4, each once,
+    # however the earlier round's message and the new one interleaved
+    schedule = harness.config.webhooks.schedule_seconds
+    logged = [attempt.attempt for attempt in _stored(harness, batch_id).delivery_log]
+    assert logged == [1, *range(1, len(schedule) + 2)], logged
+    # And the two rounds' messages overlapped once at most: a copy that loses the count to the
+    # other is acknowledged, so an attempt is POSTed twice (under one webhook-id) once at most
+    posts = receiver.requests_to(path)
+    assert len(logged) <= len(posts) <= len(logged) + 1
+    assert len({post.headers["webhook-id"] for post in posts}) == 1

@@ -21,6 +21,7 @@ have crashed in between.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 
@@ -109,7 +110,8 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
         return None
     if batch.status.is_terminal:
         if _webhook_unsent(batch):
-            waited = batches.now_ms() - (batch.finished_ms or 0)
+            # From its end, or from the redelivery asked for since: its sender's grace.
+            waited = batches.now_ms() - max(batch.finished_ms or 0, batch.redelivered_ms or 0)
             if waited < WEBHOOK_SEND_GRACE_SECONDS * 1000:
                 raise StoreUnavailable(
                     f"batch {batch_id}: its webhook is being sent", retry_after=WEBHOOK_SEND_GRACE_SECONDS
@@ -118,10 +120,15 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
         return None
     if batch.status is BatchStatus.FINALIZING:
         # Its results file is being written, and its writer ends it. Unless the message that
-        # asks for it was never sent (SQS refused it): sent here, once its sender had its grace
-        # (a sender SQS refused comes back after it: `_ask_for_results_file`).
-        waited = batches.now_ms() - (batch.finalizing_ms or 0)
-        if not batch.compile_queued and waited >= WEBHOOK_SEND_GRACE_SECONDS * 1000:
+        # asks for it was never sent (SQS refused it): sent here, once its sender had its grace.
+        # Until then a caller hears StoreUnavailable with the grace left, so an item's message
+        # comes back to look again rather than being acknowledged with nothing asked for.
+        if not batch.compile_queued:
+            left = RESULTS_ASK_GRACE_SECONDS - (batches.now_ms() - (batch.finalizing_ms or 0)) / 1000
+            if left > 0:
+                raise StoreUnavailable(
+                    f"batch {batch_id}: its results file is being asked for", retry_after=math.ceil(left)
+                )
             _ask_for_results_file(batches, queues, batch)
         return None
     counts = batches.ended(batch)
@@ -145,6 +152,9 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
 
 # How long the caller that ended a batch has to send its webhook message before another sends it.
 WEBHOOK_SEND_GRACE_SECONDS = 15
+# How long the caller that began a batch's finalizing has to ask for its results file (one
+# SendMessage and one UpdateItem) before another asks.
+RESULTS_ASK_GRACE_SECONDS = 5
 
 
 def _ask_for_results_file(batches: BatchRepository, queues: QueueStore, batch: BatchRecord) -> None:
@@ -153,7 +163,7 @@ def _ask_for_results_file(batches: BatchRepository, queues: QueueStore, batch: B
     try:
         queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
     except StoreUnavailable as exc:
-        raise StoreUnavailable(str(exc), retry_after=WEBHOOK_SEND_GRACE_SECONDS + 1) from exc
+        raise StoreUnavailable(str(exc), retry_after=RESULTS_ASK_GRACE_SECONDS + 1) from exc
     batches.mark_compile_queued(batch.id)
 
 

@@ -162,6 +162,10 @@ class BatchRecord(BaseModel):
     # each written in the dispatcher's delivery update, oldest first.
     delivery_log: list[DeliveryAttempt] = Field(default_factory=list)
     delivery_log_seq: int = 0
+    # When the next attempt is due (a copy of the message that comes sooner waits for it).
+    delivery_next_ms: int | None = None
+    # When a redelivery was asked for: its message's sender has the grace from then.
+    redelivered_ms: int | None = None
     # The upload form: the file (`upload_ref`, as it was when the batch was created: `upload_etag`)
     # is validated by the worker first (`llmq.batch_uploads`); until then `validated` is False and
     # `total` 0. Its requests are then stored in parts under `requests_ref`, part k holding items
@@ -834,11 +838,17 @@ class BatchRepository:
                 TableName=self.table_name,
                 Key=batch_key(batch.id),
                 UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
-                "webhook_sent = :false, sweep_pk = :sweep_pk, sweep_at = :sweep_at",
+                "webhook_sent = :false, redelivered_ms = :now, sweep_pk = :sweep_pk, sweep_at = :sweep_at "
+                "REMOVE delivery_next_ms",
                 ConditionExpression=f"#st IN ({', '.join(':' + name for name in named)})",
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(
-                    pending=DeliveryStatus.PENDING.value, zero=0, false=False, **sweep, **named
+                    pending=DeliveryStatus.PENDING.value,
+                    zero=0,
+                    false=False,
+                    now=self.now_ms(),
+                    **sweep,
+                    **named,
                 ),
                 ReturnValues="ALL_NEW",
             )
@@ -863,28 +873,47 @@ class BatchRepository:
         status_code: int | None,
         attempts: int,
         attempt: DeliveryAttempt | None = None,
+        next_attempt_at_ms: int | None = None,
         log_seq: int = 0,
     ) -> bool:
-        """What became of an attempt to deliver the batch's event, with the attempt in the
-        delivery log (the slot of `log_seq`, as a job's): one update. False when it had settled."""
+        """What became of attempt `attempts` of the batch's event, counted only if it is the one
+        after those the batch counted (another copy of the message may have counted it first),
+        with the attempt in the delivery log (its slot: the attempt's own number in the
+        batch's log, as a job's) and when the next is due: one update. False otherwise."""
         sets = ["delivery_status = :status", "delivery_attempts = :attempts"]
-        values: dict[str, Any] = {"status": status.value, "attempts": attempts, "pending": "pending"}
+        values: dict[str, Any] = {
+            "status": status.value,
+            "attempts": attempts,
+            "pending": "pending",
+            "previous": attempts - 1,
+        }
+        removes = []
+        if next_attempt_at_ms is None:
+            removes.append("delivery_next_ms")
+        else:
+            sets.append("delivery_next_ms = :due")
+            values["due"] = next_attempt_at_ms
         if attempt is not None:
-            sets += [f"{codec.delivery_log_slot(log_seq)} = :log", f"{codec.DELIVERY_LOG_SEQ} = :next"]
+            # `log_seq` as the dispatcher read it: one writer per attempt (the condition), and
+            # the sequence only moves on (ADD).
+            sets.append(f"{codec.delivery_log_slot(log_seq)} = :log")
             values["log"] = {**attempt.model_dump(mode="json", exclude_none=True), "seq": log_seq}
-            values["next"] = log_seq + 1
         if status_code is not None:
             sets.append("delivery_last_status_code = :code")
             values["code"] = status_code
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = self.now_ms()
+        update = f"SET {', '.join(sets)}" + (f" REMOVE {', '.join(removes)}" if removes else "")
+        if attempt is not None:
+            update += f" ADD {codec.DELIVERY_LOG_SEQ} :one"
+            values["one"] = 1
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
-                UpdateExpression=f"SET {', '.join(sets)}",
-                ConditionExpression="delivery_status = :pending",
+                UpdateExpression=update,
+                ConditionExpression="delivery_status = :pending AND delivery_attempts = :previous",
                 ExpressionAttributeValues=codec.values(**values),
             )
         except ClientError as exc:

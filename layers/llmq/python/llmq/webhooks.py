@@ -249,7 +249,7 @@ class WebhookDispatcher:
         """
         message = parse_webhook_message(body)
         if isinstance(message.event, BatchEvent):
-            outcome = await self.deliver_batch(message.job_id, message.event, receive_count)
+            outcome = await self.deliver_batch(message.job_id, message.event)
             _observe(message, outcome)
             if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
                 raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -262,15 +262,26 @@ class WebhookDispatcher:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
         return outcome
 
-    async def deliver_batch(self, batch_id: str, event: BatchEvent, attempt: int) -> DeliveryOutcome:
-        """Attempt `attempt` (the message's receives) of a batch's event: `{"type", "timestamp",
-        "data": <Batch>}`, signed and retried like a job's; its outcome is kept on the batch."""
+    async def deliver_batch(self, batch_id: str, event: BatchEvent) -> DeliveryOutcome:
+        """The next attempt of a batch's event: `{"type", "timestamp", "data": <Batch>}`, signed
+        and retried like a job's, and counted as a job's is: on the batch (the attempt after
+        those it counted), recorded only if no other copy counted it first, and not made by a
+        copy that comes before it is due. So a redelivery's round is its own, whatever message
+        of an earlier round is still in flight."""
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
         batch = await asyncio.to_thread(self._batches.find, batch_id)
         reason = _why_not_deliver_batch(batch, event)
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
+        early = self._due_in(batch.delivery_next_ms)
+        if early > 0:
+            return DeliveryOutcome(
+                OutcomeKind.RETRY,
+                retry_in=min(early, self.max_delay_seconds),
+                reason="the next attempt is not due yet",
+            )
+        attempt = batch.delivery_attempts + 1
         secrets = await self._secrets(batch.tenant_id)
         if not secrets:
             outcome = DeliveryOutcome(
@@ -290,6 +301,7 @@ class WebhookDispatcher:
             outcome = self._judge(response, attempt)
         outcome = replace(outcome, attempt=attempt)
         status = _RECORDED_STATUS[outcome.kind]
+        due = None if outcome.retry_in is None else int((self._clock() + outcome.retry_in) * 1000)
         if not await asyncio.to_thread(
             self._batches.record_delivery,
             batch.id,
@@ -297,16 +309,19 @@ class WebhookDispatcher:
             outcome.status_code,
             attempt,
             self._logged(outcome),
+            due,
             batch.delivery_log_seq,
         ):
-            return DeliveryOutcome.skipped("another delivery of this event settled it first")
+            # Another copy counted this attempt (or settled the delivery): its message carries
+            # the rest of the round, this one is acknowledged.
+            return DeliveryOutcome.skipped("another copy of this delivery counted this attempt first")
         return outcome
 
     async def deliver(self, message: WebhookMessage, attempt: int | None = None) -> DeliveryOutcome:
         """Attempt `attempt` of delivering `message`; None: the one after those the job counted."""
         event = message.event
         if isinstance(event, BatchEvent):
-            return await self.deliver_batch(message.job_id, event, attempt or 1)
+            return await self.deliver_batch(message.job_id, event)
         job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
         if job is None or reason:
@@ -365,9 +380,12 @@ class WebhookDispatcher:
         """Seconds until the job's next attempt is due (by this dispatcher's clock, which set
         it), when a copy of its message comes more than a second before it; the original,
         delayed by exactly that, comes about on time."""
-        if job.delivery_next_ms is None:
+        return self._due_in(job.delivery_next_ms)
+
+    def _due_in(self, next_ms: int | None) -> float:
+        if next_ms is None:
             return 0.0
-        early = job.delivery_next_ms / 1000 - self._clock()
+        early = next_ms / 1000 - self._clock()
         return early if early > _EARLY_TOLERANCE_SECONDS else 0.0
 
     async def _secrets(self, tenant_id: str) -> list[str]:
