@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from llmq.batch_requests import StoredRequests
-from llmq.batches import BatchRecord, BatchRepository, item_job_id
+from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time
 from llmq.config import LlmqConfig
 from llmq.job_record import JobRecord
 from llmq.models import BatchResultLine, JobStatus
@@ -29,10 +29,6 @@ RESULTS_FILE_PREFIX = "results/batches/"
 RESULT_INLINE_BYTES = 256_000
 # Items read per BatchGetItem while the file is written.
 _READ_PAGE = 100
-# A part is uploaded, then the time left is looked at: less than this many of the slowest
-# part's seconds (and at least the floor), and the rest goes to a new message.
-_PARTS_OF_MARGIN = 3
-_MARGIN_FLOOR_SECONDS = 2.0
 
 
 def results_file_key(batch_id: str) -> str:
@@ -114,9 +110,7 @@ class ResultsCompiler:
         part_began = time.monotonic()
         requests = StoredRequests(self.payloads, batch)
         while page_start < batch.total:
-            if page_start > batch.compile_next and remaining_seconds() < max(
-                _MARGIN_FLOOR_SECONDS, _PARTS_OF_MARGIN * slowest
-            ):
+            if page_start > batch.compile_next and out_of_time(remaining_seconds(), slowest):
                 # Out of time inside a part: the next run reads it again from the checkpoint.
                 self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
                 return None
@@ -140,7 +134,7 @@ class ResultsCompiler:
                 batch, held, held_bytes = moved, [], 0
                 slowest = max(slowest, time.monotonic() - part_began)
                 part_began = time.monotonic()
-                if remaining_seconds() < max(_MARGIN_FLOOR_SECONDS, _PARTS_OF_MARGIN * slowest):
+                if out_of_time(remaining_seconds(), slowest):
                     self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
                     logger.info(
                         "batch results file continues", extra={"batch_id": batch.id, "items": following}

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from llmq.batch_requests import StoredRequests, request_lines
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
-from llmq.batches import BatchRecord, BatchRepository, item_job_id
+from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_codec import write_token
@@ -44,11 +44,6 @@ from llmq.models import (
 )
 from llmq.ports import BlobStore, QueueStore
 from llmq.telemetry import logger
-
-# An expansion hands the rest to a new message when its Lambda has less time left than this
-# many of its slowest chunks so far (and at least the floor); each run writes one chunk at least.
-_CHUNKS_OF_MARGIN = 3
-_MARGIN_FLOOR_SECONDS = 2.0
 
 
 def request_hash(request: JobRequest) -> str:
@@ -250,8 +245,7 @@ class BatchExpander:
         start = first = batch.expanded
         slowest = 0.0
         while start < batch.total:
-            margin = max(_MARGIN_FLOOR_SECONDS, _CHUNKS_OF_MARGIN * slowest)
-            if start > first and remaining_seconds() < margin:
+            if start > first and out_of_time(remaining_seconds(), slowest):
                 # The rest goes to a new message, so a large batch never spends its receives.
                 self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
                 logger.info("batch expansion continues", extra={"batch_id": batch.id, "expanded": start})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from llmq.batches import BatchRecord, BatchRepository, part_key
+from llmq.batches import BatchRecord, BatchRepository, out_of_time, part_key
 from llmq.config import LlmqConfig
 from llmq.errors import DomainError, QuotaExceeded
 from llmq.models import BatchItemRequest, BatchLineError
@@ -32,10 +32,6 @@ from llmq.ports import BlobStore, QueueStore
 from llmq.request_rules import check_item
 from llmq.telemetry import logger
 
-# A part is stored, then the time left is looked at: less than this many of the slowest
-# part's seconds (and at least the floor), and the rest goes to a new message.
-_PARTS_OF_MARGIN = 3
-_MARGIN_FLOOR_SECONDS = 2.0
 # A raw line may be longer than the item it stores: `\uXXXX` escapes (Python's json.dumps
 # writes every non-ASCII character so: six bytes for a two-byte character, twelve for a
 # four-byte one) and whitespace. It is refused unparsed only past this multiple of
@@ -145,7 +141,7 @@ class UploadScanner:
                     return ScanOutcome()
                 batch, held, held_bytes = moved, [], 0
                 slowest = max(slowest, time.monotonic() - began)
-                if remaining_seconds() < max(_MARGIN_FLOOR_SECONDS, _PARTS_OF_MARGIN * slowest):
+                if out_of_time(remaining_seconds(), slowest):
                     self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
                     logger.info(
                         "batch upload validation continues", extra={"batch_id": batch.id, "lines": line}

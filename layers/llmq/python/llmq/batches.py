@@ -28,7 +28,7 @@ from llmq import job_codec as codec
 from llmq.config import LlmqConfig
 from llmq.errors import BatchNotEnded, BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
-from llmq.job_record import JobRecord, iso
+from llmq.job_record import JobRecord, delivery_view, iso
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
     Batch,
@@ -42,7 +42,6 @@ from llmq.models import (
     DeliveryAttempt,
     DeliveryStatus,
     JobStatus,
-    WebhookDelivery,
     WebhookEvent,
 )
 from llmq.payloads import PresignedUrl
@@ -224,12 +223,7 @@ class BatchRecord(BaseModel):
                 url=self.webhook_url,
                 events=self.webhook_events,
                 item_events=self.item_events,
-                delivery=WebhookDelivery(
-                    status=self.delivery_status,
-                    attempts=self.delivery_attempts,
-                    last_status_code=self.delivery_last_status_code,
-                    delivered_at=iso(self.delivered_ms) if self.delivered_ms else None,
-                ),
+                delivery=delivery_view(self),
             )
         return Batch(
             id=self.id,
@@ -322,6 +316,15 @@ class BatchRepository:
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    def _sweep(self, batch_id: str, from_ms: int) -> dict[str, Any]:
+        """The attributes that put a batch in the reconciler's sweep index, due a stale-queued
+        period after `from_ms`."""
+        return sweep_attributes(
+            BATCH_PREFIX + batch_id,
+            from_ms + self.config.reconciler.stale_queued_seconds * 1000,
+            self.config.reconciler.sweep_shards,
+        )
+
     # ---- accept -------------------------------------------------------------------------
 
     def share(self, tenant_id: str) -> ShareState:
@@ -339,11 +342,7 @@ class BatchRepository:
         when the items do not fit, and nothing is written."""
         # In the reconciler's sweep index until it has ended and its webhook is sent: should its
         # expand message be lost (SQS refused it, a dead letter), the reconciler sends another.
-        sweep = sweep_attributes(
-            BATCH_PREFIX + record.id,
-            record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
-            self.config.reconciler.sweep_shards,
-        )
+        sweep = self._sweep(record.id, record.created_ms)
         # In the tenant's index too, after its jobs: GET /v1/batches lists from there.
         listed = {"tenant_created": batch_sort_key(record.created_ms, record.id)}
         put = {
@@ -804,14 +803,13 @@ class BatchRepository:
         statuses = [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.CANCELING]
         if finalizing:
             statuses.append(BatchStatus.FINALIZING)
-        named = {f"open{index}": status.value for index, status in enumerate(statuses)}
+        status_in, named = _status_in(statuses)
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
                 UpdateExpression=expression,
-                ConditionExpression=f"#st IN ({', '.join(':' + name for name in named)})"
-                + (f" AND {condition}" if condition else ""),
+                ConditionExpression=status_in + (f" AND {condition}" if condition else ""),
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(**values, **named),
                 ReturnValues="ALL_NEW",
@@ -826,13 +824,8 @@ class BatchRepository:
         """Redelivery: the ended batch's event goes out again, a new round of attempts under the
         same webhook-id. Pending and unsent, and in the reconciler's sweep index until it is
         sent (should SQS refuse the message, the reconciler's poke sends it)."""
-        sweep = sweep_attributes(
-            BATCH_PREFIX + batch.id,
-            self.now_ms() + self.config.reconciler.stale_queued_seconds * 1000,
-            self.config.reconciler.sweep_shards,
-        )
-        terminal = [status for status in BatchStatus if status.is_terminal]
-        named = {f"ended{index}": status.value for index, status in enumerate(terminal)}
+        sweep = self._sweep(batch.id, self.now_ms())
+        status_in, named = _status_in([status for status in BatchStatus if status.is_terminal])
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
@@ -840,7 +833,7 @@ class BatchRepository:
                 UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
                 "webhook_sent = :false, redelivered_ms = :now, sweep_pk = :sweep_pk, sweep_at = :sweep_at "
                 "REMOVE delivery_next_ms",
-                ConditionExpression=f"#st IN ({', '.join(':' + name for name in named)})",
+                ConditionExpression=status_in,
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value,
@@ -930,6 +923,19 @@ def over_quota(state: ShareState, count: int, default_max_active: int, config: L
         f"at most {limit}",
         retry_after=config.fair_share.quota_retry_after_seconds,
     )
+
+
+def _status_in(statuses: list[BatchStatus]) -> tuple[str, dict[str, str]]:
+    """A condition that the batch's status (`#st`) is one of `statuses`, and its values."""
+    named = {f"status{index}": status.value for index, status in enumerate(statuses)}
+    return f"#st IN ({', '.join(':' + name for name in named)})", named
+
+
+def out_of_time(remaining_seconds: float, slowest: float) -> bool:
+    """A batch's long work (its expansion, an upload's validation, its results file) hands the
+    rest to a new message when its Lambda has less time left than three of its slowest steps so
+    far, and at least two seconds: a large batch never spends its message's receives."""
+    return remaining_seconds < max(2.0, 3 * slowest)
 
 
 def _reasons(exc: ClientError) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import secrets
 from datetime import UTC, datetime
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
@@ -44,6 +45,23 @@ class JobInput(BaseModel):
 
     messages: list[ChatMessage]
     params: GenerationParams = Field(default_factory=GenerationParams)
+
+
+class _Delivered(Protocol):
+    delivery_status: DeliveryStatus | None
+    delivery_attempts: int
+    delivery_last_status_code: int | None
+    delivered_ms: int | None
+
+
+def delivery_view(record: _Delivered) -> WebhookDelivery:
+    """What the API shows of a delivery, a job's or a batch's."""
+    return WebhookDelivery(
+        status=record.delivery_status,
+        attempts=record.delivery_attempts,
+        last_status_code=record.delivery_last_status_code,
+        delivered_at=iso(record.delivered_ms) if record.delivered_ms else None,
+    )
 
 
 class JobRecord(BaseModel):
@@ -134,12 +152,7 @@ class JobRecord(BaseModel):
             webhook = JobWebhook(
                 url=self.webhook_url,
                 events=self.webhook_events,
-                delivery=WebhookDelivery(
-                    status=self.delivery_status,
-                    attempts=self.delivery_attempts,
-                    last_status_code=self.delivery_last_status_code,
-                    delivered_at=iso(self.delivered_ms) if self.delivered_ms else None,
-                ),
+                delivery=delivery_view(self),
             )
         return Job(
             id=self.id,
