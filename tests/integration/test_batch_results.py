@@ -20,6 +20,7 @@ from llmq.job_record import JobRecord
 from llmq.models import BatchStatus
 from llmq.queues import QueueRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, Harness
@@ -194,3 +195,50 @@ def test_a_finalizing_batch_whose_file_was_never_asked_for_is_asked_for_after_th
     # And the worker writes the file and ends the batch
     _run_lane(harness)
     assert _stored(harness, batch_id).status is BatchStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("kind", "operation"),
+    [
+        (FaultKind.SERVER_ERROR, "s3.UploadPart"),
+        (FaultKind.THROTTLE, "s3.CompleteMultipartUpload"),
+        (FaultKind.APPLIED_LOST, "dynamodb.UpdateItem"),
+        (FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem"),
+    ],
+)
+def test_a_file_cut_by_an_aws_fault_or_asked_for_twice_holds_each_line_once(
+    harness: Harness,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: FaultKind,
+    operation: str,
+) -> None:
+    # Given a batch of twelve 1 MiB lines (three parts), finalizing, asked for twice (a
+    # duplicate expand message), and one AWS fault on the way
+    def padded(batch: BatchRecord, index: int, job: JobRecord | None, names: dict[int, str]) -> bytes:
+        return json.dumps({"job_id": item_job_id(batch.id, index), "pad": "x" * MIB}).encode()
+
+    monkeypatch.setattr(ResultsCompiler, "line_bytes", staticmethod(padded))
+    batch_id = _submit(harness, requests=_requests(12)).body["id"]
+    _run_lane(harness)
+    _reset(harness, batch_id)
+    done = _stored(harness, batch_id)
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    faults = AwsFaults()
+    faults.wrap_handler("worker", harness.worker())
+    try:
+        faults.arm(kind, operation, function="worker")
+        for _ in range(2):
+            queues.enqueue_expand(batch_id, done.lane, done.tenant_id)
+        _run_lane(harness)
+        assert faults.fired, "the fault never fired"
+    finally:
+        faults.disarm()
+    # Then the batch ended once, its file whole: each line once, in order
+    ended = _stored(harness, batch_id)
+    assert ended.status is BatchStatus.COMPLETED
+    assert [line["job_id"] for line in _file_lines(ended)] == [
+        item_job_id(batch_id, index) for index in range(12)
+    ]

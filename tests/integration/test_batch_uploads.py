@@ -13,9 +13,10 @@ import pytest
 from llmq import aws
 from llmq.batch_runs import BatchExpander
 from llmq.batches import BatchRepository, batch_of, item_job_id, part_key
-from llmq.models import BatchStatus
+from llmq.models import BatchItemRequest, BatchStatus
 from llmq.payloads import PayloadStore
 from llmq.queues import QueueRepository
+from llmq.request_rules import item_bytes
 from llmq.shares import ShareRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
@@ -354,3 +355,26 @@ def _batch_item(harness: Harness, batch_id: str) -> dict[str, Any]:
         TableName=harness.stack.jobs_table, Key={"pk": {"S": f"batch#{batch_id}"}}
     )["Item"]
     return item
+
+
+def test_an_uploaded_items_limit_counts_utf8_bytes_exactly(harness: Harness) -> None:
+    # Given two one-line files of non-ASCII prompts: one item of exactly the item limit (1,024
+    # bytes as stored, UTF-8), one a byte over
+    def line_of(stored_bytes: int) -> str:
+        base = len(item_bytes(BatchItemRequest.model_validate({"custom_id": "x", "body": {"prompt": "a"}})))
+        room = stored_bytes - base
+        prompt = "a" + "é" * (room // 2) + "a" * (room % 2)
+        line = json.dumps({"custom_id": "x", "body": {"prompt": prompt}}, ensure_ascii=False)
+        assert len(item_bytes(BatchItemRequest.model_validate_json(line))) == stored_bytes
+        return line
+
+    fits = _submit(harness, _upload(harness, line_of(1024))).body["id"]
+    over = _submit(harness, _upload(harness, line_of(1025))).body["id"]
+    _run_lane(harness)
+    # Then the one at the limit runs, and the one over it fails naming its line
+    assert _stored(harness, fits).status is BatchStatus.COMPLETED
+    failed = _stored(harness, over)
+    assert failed.status is BatchStatus.FAILED
+    assert failed.errors is not None and [(e.line, e.code) for e in failed.errors] == [
+        (1, "payload_too_large")
+    ]
