@@ -18,6 +18,10 @@ It reports claim attempts per job run (issue 14's target: at most 3 under a 2,00
 backlog), the tenant's mean jobs in flight while it still had jobs waiting against its cap,
 and the makespan against the ideal backlog x latency / cap. The 400-job sandbox run (§3b)
 measures the same attempts figure on the real system, so the two can be compared.
+
+`batch_beside_interactive` runs the same lane with the backlog as one batch's items (issue
+15): the tenant's other jobs arrive one by one meanwhile, and their queue wait is measured
+with the batch's items held to their batch cap (`llmq.config.batch_cap`) and without it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import heapq
 import math
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmq.config import FairShareConfig
+from llmq.config import FairShareConfig, batch_cap
 from llmq.shares import ShareState, deferral_seconds
 
 LANE = "high"
@@ -50,23 +55,32 @@ def simulate(
     lane: Lane = Lane(),
     seed: int = 7,
     policy: FairShareConfig | None = None,
+    *,
+    arrivals: Sequence[float] = (),
+    items_cap: int | None = None,
 ) -> dict[str, Any]:
+    """`jobs` queued at time 0 (a batch's items when `items_cap` caps them), and one more
+    job of the same tenant submitted at each of `arrivals` (seconds)."""
     policy = policy or FairShareConfig()
     rng = random.Random(seed)
     now = 0.0
+    total = jobs + len(arrivals)
     visible: list[int] = list(range(jobs))
-    delayed: list[tuple[float, int]] = []  # (visible at, job)
+    delayed: list[tuple[float, int]] = [(at, jobs + n) for n, at in enumerate(arrivals)]  # (visible at, job)
+    heapq.heapify(delayed)
     ends: list[tuple[float, int]] = []  # (ends at, job)
     free_at = [0.0] * lane.invocations
     holders: dict[str, int] = {}
+    items_held: dict[str, int] = {}
     finished = attempts = 0
     last_start = 0.0
     in_flight: list[tuple[float, int]] = []  # (time, jobs running from then on)
+    waits: list[float] = []  # the arriving jobs' queue waits
 
     def record() -> None:
         in_flight.append((now, len(holders)))
 
-    while finished < jobs:
+    while finished < total:
         # Start batches on every free invocation while messages are visible.
         for index in range(lane.invocations):
             if free_at[index] > now or not visible:
@@ -75,8 +89,13 @@ def simulate(
             busy_until = now + lane.overhead
             for job in taken:
                 attempts += 1
-                if len(holders) < cap:
+                item = items_cap is not None and job < jobs
+                if len(holders) < cap and not (item and len(items_held) >= (items_cap or 0)):
                     holders[str(job)] = int(now * 1000)
+                    if item:
+                        items_held[str(job)] = holders[str(job)]
+                    else:
+                        waits.extend([now - arrivals[job - jobs]] if job >= jobs else [])
                     heapq.heappush(ends, (now + latency, job))
                     busy_until = max(busy_until, now + latency + lane.overhead)
                     last_start = now
@@ -84,12 +103,14 @@ def simulate(
                 else:
                     state = ShareState(
                         tenant_id=TENANT,
-                        active=jobs - finished,
+                        active=total - finished,
                         holders={LANE: dict(holders)},
                         default_caps={LANE: cap},
+                        batch_holders={LANE: dict(items_held)},
+                        default_batch_caps={LANE: items_cap or cap},
                     )
-                    delay = math.ceil(deferral_seconds(state, LANE, int(now * 1000), policy, rng))
-                    heapq.heappush(delayed, (now + delay, job))
+                    delay = deferral_seconds(state, LANE, int(now * 1000), policy, rng, batch_item=item)
+                    heapq.heappush(delayed, (now + math.ceil(delay), job))
             free_at[index] = busy_until
         # Advance to the next event: a job ends, a deferred message returns, an invocation frees.
         upcoming = [time for time in free_at if time > now]
@@ -101,6 +122,7 @@ def simulate(
         while ends and ends[0][0] <= now:
             _, job = heapq.heappop(ends)
             del holders[str(job)]
+            items_held.pop(str(job), None)
             finished += 1
             record()
         while delayed and delayed[0][0] <= now:
@@ -109,10 +131,11 @@ def simulate(
         "jobs": jobs,
         "cap": cap,
         "latency_s": latency,
-        "claim_attempts_per_job": attempts / jobs,
+        "claim_attempts_per_job": attempts / total,
         "mean_in_flight_while_backlogged": _time_weighted_mean(in_flight, last_start),
         "makespan_s": now,
         "ideal_makespan_s": jobs * latency / cap,
+        "waits": waits,
     }
 
 
@@ -158,3 +181,46 @@ def deferral_at_scale(quick: bool = False) -> dict[str, Any]:
                 }
             )
     return {"lane": Lane().__dict__, "latency_s": 1.0, "rows": rows}
+
+
+def batch_beside_interactive(quick: bool = False) -> dict[str, Any]:
+    """A 10,000-item batch (2,000 quick) of a tenant capped at 20, L = 1 s, while the same
+    tenant submits one job of its own every 2 s for the first 300 s: those jobs' queue wait,
+    with the batch held to its batch cap (the default reserve) and with no reserve."""
+    items, cap, latency = (2_000 if quick else 10_000), 20, 1.0
+    arrivals = [2.0 * n for n in range(1, 151)]
+    rows = []
+    for reserve in (0.25, 0.0):
+        items_cap = batch_cap(cap, reserve)
+        waits: list[float] = []
+        attempts: list[float] = []
+        for seed in (1,) if quick else (1, 2, 3):
+            run = simulate(
+                items,
+                cap,
+                latency,
+                UNBOUNDED,
+                seed=seed,
+                arrivals=arrivals,
+                items_cap=items_cap if reserve else None,
+            )
+            waits += run["waits"]
+            attempts.append(run["claim_attempts_per_job"])
+        ordered = sorted(waits)
+        rows.append(
+            {
+                "reserve": reserve,
+                "batch_cap": items_cap,
+                "interactive_wait_p50_s": statistics.median(ordered),
+                "interactive_wait_p95_s": ordered[int(0.95 * (len(ordered) - 1))],
+                "claim_attempts_per_job": statistics.mean(attempts),
+            }
+        )
+    return {
+        "items": items,
+        "cap": cap,
+        "latency_s": latency,
+        "interactive_every_s": 2.0,
+        "jobs": len(arrivals),
+        "rows": rows,
+    }

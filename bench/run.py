@@ -53,9 +53,13 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
     if "cold" in sections:
         _section("cold", results, lambda: inprocess.cold_start(repeats=1 if quick else 3))
     if "deferral" in sections:
-        from bench.deferral_model import deferral_at_scale
+        from bench.deferral_model import batch_beside_interactive, deferral_at_scale
 
-        _section("deferral", results, lambda: deferral_at_scale(quick=quick))
+        _section(
+            "deferral",
+            results,
+            lambda: {**deferral_at_scale(quick=quick), "batch": batch_beside_interactive(quick=quick)},
+        )
     if {"flood", "noisy", "throughput"} & set(sections):
         try:
             from bench.sandboxed import flood, noisy, throughput
@@ -329,6 +333,37 @@ def _render_deferral(deferral: Any) -> list[str]:
         "(goal ≤ 3). With invocations to spare, the policy keeps the cap full: the slots left idle in the "
         "benchmark's lane are those whose deferred message came back while every invocation was still busy "
         "with a batch, which an invocation holds until its longest job ends.",
+        "",
+    ]
+    return out + _render_batch_reserve(deferral.get("batch"))
+
+
+def _render_batch_reserve(batch: Any) -> list[str]:
+    out = ["### A tenant's own jobs while its batch runs (model)", ""]
+    if not batch:
+        return out + _error({"error": "skipped"})
+    out += [
+        f"The same model with invocations to spare: one tenant capped at {batch['cap']}, a batch of "
+        f"{batch['items']:,} items queued at once, and {batch['jobs']} jobs of the same tenant submitted alone, "
+        f"one every {batch['interactive_every_s']:g} s while the batch runs, L = {batch['latency_s']:g} s. "
+        "Their queue wait, with the batch's items held to the batch cap (`batches.interactive_reserve`, "
+        "`llmq.config.batch_cap`) and with no reserve (the baseline):",
+        "",
+        "| reserve | batch cap | the tenant's own jobs: wait p50 | wait p95 | claim attempts per job run |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in batch["rows"]:
+        out.append(
+            f"| {row['reserve']:g} | {row['batch_cap']} | {row['interactive_wait_p50_s']:.1f} s | "
+            f"{row['interactive_wait_p95_s']:.1f} s | {row['claim_attempts_per_job']:.2f} |"
+        )
+    kept, baseline = batch["rows"][0], batch["rows"][1]
+    out += [
+        "",
+        f"With the reserve, the tenant's own jobs wait {kept['interactive_wait_p95_s']:.1f} s at p95; without it "
+        f"{baseline['interactive_wait_p95_s']:.1f} s, behind the batch's backlog. The batch runs at "
+        f"{kept['batch_cap']} of {batch['cap']} slots, so it takes {batch['cap'] / kept['batch_cap']:.2f}x as "
+        "long when nothing else of the tenant's runs.",
         "",
     ]
     return out

@@ -26,6 +26,8 @@ class EffectiveLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_concurrency: int
+    # Absent from a state file written before batch caps.
+    max_batch_concurrency: int | None = None
     max_active_jobs: int
     # Absent from a state file written before long-poll caps.
     max_long_polls: int | None = None

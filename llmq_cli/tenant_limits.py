@@ -1,7 +1,8 @@
 """`llmq tenants set-limits` and `llmq tenants show`: a tenant's limits, where each comes from.
 
 - max_concurrency, max_active_jobs: the operator's overrides on the tenant's share item in the
-  jobs table (llmq.shares), else its tier's defaults in LlmqConfig;
+  jobs table (llmq.shares), else its tier's defaults in LlmqConfig; max_batch_concurrency
+  follows max_concurrency, less `batches.interactive_reserve`;
 - max_long_polls: the override on the tenant's long-poll item (llmq.long_polls), else its tier's;
 - rate and burst: the usage plan its API Gateway key is in (llmq.usage_plans), its own
   `llmq-tenant-<id>` plan when overridden, else its tier's plan from the stack.
@@ -14,7 +15,7 @@ from typing import Any
 
 from llmq.config import LlmqConfig
 from llmq.long_polls import MAX_LONG_POLLS, LongPolls
-from llmq.shares import MAX_ACTIVE_JOBS, MAX_CONCURRENCY, ShareRepository, ShareState
+from llmq.shares import MAX_ACTIVE_JOBS, MAX_BATCH_CONCURRENCY, MAX_CONCURRENCY, ShareRepository, ShareState
 from llmq.tenants import Tenant, TenantRepository
 from llmq.usage_plans import ApiGatewayUsagePlans, RateLimit
 from llmq_cli.sandbox_state import EffectiveLimits
@@ -89,7 +90,11 @@ class TenantLimits:
         share_clear = tuple(name for name in clear if name not in (RATE, MAX_LONG_POLLS))
         try:
             self.shares.set_limits(
-                tenant_id, max_concurrency=max_concurrency, max_active_jobs=max_active_jobs, clear=share_clear
+                tenant_id,
+                max_concurrency=max_concurrency,
+                max_active_jobs=max_active_jobs,
+                clear=share_clear,
+                reserve=self.config.batches.interactive_reserve,
             )
         except ValueError as exc:
             raise LimitsError(str(exc)) from exc
@@ -132,6 +137,8 @@ def describe(
     limits: dict[str, Any] = {
         "lane": config.lane_for_tier(tenant.tier).name,
         MAX_CONCURRENCY: limit(share.max_concurrency, config.concurrency_cap(tenant.tier)),
+        # Of which batch items may take (the rest is kept for the tenant's other jobs).
+        MAX_BATCH_CONCURRENCY: limit(share.max_batch_concurrency, config.concurrency_caps(tenant.tier)[1]),
         MAX_ACTIVE_JOBS: limit(share.max_active_jobs, defaults.max_active_jobs),
         MAX_LONG_POLLS: limit(max_long_polls, defaults.max_long_polls),
     }
@@ -160,6 +167,7 @@ def flat(shown: dict[str, Any]) -> EffectiveLimits:
     limits = shown["limits"]
     return EffectiveLimits(
         max_concurrency=int(limits[MAX_CONCURRENCY]["value"]),
+        max_batch_concurrency=int(limits[MAX_BATCH_CONCURRENCY]["value"]),
         max_active_jobs=int(limits[MAX_ACTIVE_JOBS]["value"]),
         max_long_polls=int(limits[MAX_LONG_POLLS]["value"]),
         rate_per_second=float(limits["rate_per_second"]["value"]),

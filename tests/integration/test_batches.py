@@ -534,6 +534,116 @@ def test_a_batchs_items_count_against_the_tenants_cap(harness: Harness, provider
     assert _provider_calls(provider) == 2
 
 
+def _capped(harness: Harness, cap: int) -> ShareRepository:
+    """The enterprise tenant capped at `cap`, with the configured reserve for its own jobs."""
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    shares.set_limits(
+        ENTERPRISE["tenant_id"], max_concurrency=cap, reserve=harness.config.batches.interactive_reserve
+    )
+    return shares
+
+
+def test_a_batch_leaves_the_reserved_part_of_the_cap_to_the_tenants_own_jobs(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a tenant capped at four, of which a quarter is kept for its jobs outside batches,
+    # and a batch of six slow items already expanded in its lane
+    _capped(harness, 4)
+    batch_id = _submit(
+        harness,
+        requests=[{"custom_id": f"c{n}", "body": {"prompt": f"item {n} [[latency:0.5]]"}} for n in range(6)],
+    ).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    # When the tenant then submits one job of its own, and one invocation gets all seven
+    job_id = harness.submit(prompt="interactive [[latency:0.5]]").body["id"]
+    messages = harness.receive(url)
+    assert len(messages) == 7
+    harness.run_worker(url, messages)
+    # Then whatever the order of the claims, the batch took three slots and the job the fourth
+    assert provider.state.max_in_flight == 4
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "succeeded"
+    counts = _get(harness, batch_id).body["request_counts"]
+    assert (counts["succeeded"], counts["queued"]) == (3, 3)
+    # And the slots are all free again: the items gave back both of theirs
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert (share.running, share.batch_holders.get(HIGH)) == (0, {})
+
+
+def test_a_batch_takes_the_whole_cap_when_no_reserve_is_configured(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the reserve turned off
+    config = integration_config(provider, batches={"interactive_reserve": 0})
+    harness = Harness(moto_stack, config, monkeypatch)
+    _capped(harness, 4)
+    _submit(
+        harness,
+        requests=[{"custom_id": f"c{n}", "body": {"prompt": f"item {n} [[latency:0.5]]"}} for n in range(6)],
+    )
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    # When one invocation gets the six items
+    harness.run_worker(url, harness.receive(url))
+    # Then four run at once: the batch has the tenant's whole cap
+    assert provider.state.max_in_flight == 4
+
+
+def test_a_crashed_batch_items_slots_come_back_when_the_reconciler_recovers_it(harness: Harness) -> None:
+    # Given a tenant capped at two (one for batch items), whose batch item's worker died
+    # holding the batch's one slot
+    shares = _capped(harness, 2)
+    batch_id = _submit(harness, requests=_requests(2)).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    tenant = (ENTERPRISE["tenant_id"], HIGH)
+    crashed, waiting = item_job_id(batch_id, 0), item_job_id(batch_id, 1)
+    assert jobs.claim(crashed, "dead-worker", 1, tenant).claimed
+    refused = jobs.claim(waiting, "w2", 60, tenant)
+    assert not refused.claimed and refused.share is not None
+    # When the reconciler recovers the item after its lease lapsed
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + 2,
+    )
+    assert Reconciler(later, queues, harness.config).run().recovered == [crashed]
+    # Then its slot and its batch slot are free, and the other item can be claimed
+    share = shares.get(ENTERPRISE["tenant_id"])
+    assert (share.running, share.batch_holders[HIGH]) == (0, {})
+    assert jobs.claim(waiting, "w2", 60, tenant).claimed
+
+
+def test_a_share_written_before_batch_slots_existed_gets_them_at_its_items_first_claim(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a batch accepted by a version without batch slots: its tenant's share has no map of them
+    batch_id = _submit(harness, requests=_requests(2)).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": f"share#{ENTERPRISE['tenant_id']}"}},
+        UpdateExpression="REMOVE runb_high, capb_high",
+    )
+    # When its items run
+    _run_lane(harness)
+    # Then both ran once, the map was added on the way, and every slot is free again
+    assert _provider_calls(provider) == 2
+    assert _get(harness, batch_id).body["request_counts"]["succeeded"] == 2
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert (share.running, share.batch_holders.get(HIGH)) == (0, {})
+
+
 # ---- items past their deadline, items canceled alone, a lost webhook -------------------------------
 
 

@@ -71,11 +71,16 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     assert shown["tier"] == "free" and shown["active"] == 0 and shown["running"] == 0
     limits = shown["limits"]
     assert limits["max_concurrency"] == {"value": config.concurrency_cap("free"), "source": "tier"}
+    assert limits["max_batch_concurrency"] == {"value": config.concurrency_caps("free")[1], "source": "tier"}
     assert limits["max_active_jobs"] == {"value": tier.max_active_jobs, "source": "tier"}
     assert limits["max_long_polls"] == {"value": tier.max_long_polls, "source": "tier"}
     assert limits["rate_per_second"] == {"value": tier.rate_per_second, "source": "tier"}
     assert limits["burst"] == {"value": tier.burst, "source": "tier"}
     assert limits["usage_plan"]["id"] == stack["free"]
+
+    # A cap of eight keeps a quarter of it for the tenant's jobs outside batches
+    eight = llmq(capsys, "set-limits", "ten_hobby", "--max-concurrency", "8")["limits"]
+    assert eight["max_batch_concurrency"] == {"value": 6, "source": "override"}
 
     # The operator overrides all five
     changed = llmq(
@@ -96,6 +101,8 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     assert changed == llmq(capsys, "show", "ten_hobby")
     limits = changed["limits"]
     assert limits["max_concurrency"] == {"value": 1, "source": "override"}
+    # (a cap of one keeps no reserve: batches would never run)
+    assert limits["max_batch_concurrency"] == {"value": 1, "source": "override"}
     assert limits["max_active_jobs"] == {"value": 7, "source": "override"}
     assert limits["max_long_polls"] == {"value": 1, "source": "override"}
     assert limits["rate_per_second"] == {"value": 2, "source": "override"}
@@ -123,10 +130,15 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     )
     limits = cleared["limits"]
     assert limits["max_concurrency"] == {"value": 1, "source": "override"}
+    assert limits["max_batch_concurrency"] == {"value": 1, "source": "override"}
     assert limits["max_active_jobs"] == {"value": tier.max_active_jobs, "source": "tier"}
     assert limits["max_long_polls"] == {"value": tier.max_long_polls, "source": "tier"}
     assert limits["rate_per_second"] == {"value": tier.rate_per_second, "source": "tier"}
     assert limits["usage_plan"]["id"] == stack["free"]
+
+    # Clearing the cap clears its batch cap with it
+    limits = llmq(capsys, "set-limits", "ten_hobby", "--clear", "max_concurrency")["limits"]
+    assert limits["max_batch_concurrency"] == {"value": config.concurrency_caps("free")[1], "source": "tier"}
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import statistics
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmq.config import FairShareConfig, LlmqConfig
+from llmq.config import FairShareConfig, LlmqConfig, batch_cap
 from llmq.shares import ShareState, deferral_seconds
 
 POLICY = FairShareConfig()
@@ -39,6 +39,50 @@ def test_the_default_cap_is_half_the_lanes_job_capacity() -> None:
 def test_a_tier_may_set_its_own_cap() -> None:
     config = LlmqConfig.model_validate({"fair_share": {"tiers": {"enterprise": {"max_concurrency": 3}}}})
     assert config.concurrency_cap("enterprise") == 3
+
+
+@given(cap=st.integers(min_value=1, max_value=10_000), reserve=st.floats(min_value=0, max_value=0.99))
+def test_a_batch_cap_keeps_a_reserve_below_the_cap_but_never_stops_batches(cap: int, reserve: float) -> None:
+    batches = batch_cap(cap, reserve)
+    assert 1 <= batches <= cap
+    # The reserve rounds up: at least the configured share of the cap is kept, when it can be
+    if reserve > 0 and cap > 1:
+        assert cap - batches >= min(cap - 1, cap * reserve)
+    if reserve == 0:
+        assert batches == cap
+
+
+def test_the_default_batch_cap_is_the_tier_cap_less_a_quarter() -> None:
+    config = LlmqConfig()
+    cap, batches = config.concurrency_caps("enterprise")
+    assert batches == cap - -(-cap // 4)
+    assert LlmqConfig.model_validate({"batches": {"interactive_reserve": 0}}).concurrency_caps(
+        "enterprise"
+    ) == (
+        cap,
+        cap,
+    )
+
+
+def test_a_batch_item_at_its_batch_cap_waits_for_a_batch_slot() -> None:
+    """Refused by the batch cap with the tenant's other slots free, an item waits for one of
+    the batch's items to end, not for any of the tenant's jobs to end."""
+    rng = random.Random(5)
+    # Three batch items hold the batch's three slots, for a minute now; one quick job of the
+    # tenant's own holds the fourth, since a second.
+    holders = {"job_b0": NOW - 60_000, "job_b1": NOW - 60_000, "job_b2": NOW - 60_000, "job_i": NOW - 1000}
+    state = ShareState(
+        tenant_id="ten_a",
+        active=4 + 30,
+        holders={"high": holders},
+        default_caps={"high": 8},
+        batch_holders={"high": {job: at for job, at in holders.items() if job != "job_i"}},
+        default_batch_caps={"high": 3},
+    )
+    as_item = [deferral_seconds(state, "high", NOW, POLICY, rng, batch_item=True) for _ in range(200)]
+    as_job = [deferral_seconds(state, "high", NOW, POLICY, rng) for _ in range(200)]
+    # The item's wait follows its three slots of a minute each, not the cap of eight
+    assert statistics.median(as_item) > 3 * statistics.median(as_job)
 
 
 def test_a_longer_backlog_waits_longer() -> None:

@@ -334,7 +334,7 @@ class BatchRepository:
         return ShareState.from_item(tenant_id, response.get("Item"))
 
     def create(
-        self, record: BatchRecord, cap: int, state: ShareState, default_max_active: int
+        self, record: BatchRecord, caps: tuple[int, int], state: ShareState, default_max_active: int
     ) -> tuple[BatchRecord, bool]:
         """One transaction: the batch's conditional put, and its items admitted as active jobs
         on the tenant's share (`shares.admit_many`, against the quota as `state` read it).
@@ -361,7 +361,7 @@ class BatchRepository:
                     self.table_name,
                     record.tenant_id,
                     record.lane,
-                    cap,
+                    caps,
                     record.total,
                     state,
                     default_max_active,
@@ -628,7 +628,7 @@ class BatchRepository:
         )
 
     def admit_upload(
-        self, batch: BatchRecord, total: int, parts: list[int], cap: int, default_max_active: int
+        self, batch: BatchRecord, total: int, parts: list[int], caps: tuple[int, int], default_max_active: int
     ) -> BatchRecord | None:
         """The file is valid: one transaction sets its count and parts and admits its items as
         the tenant's active jobs (`shares.admit_many`), as an inline batch's accept does. None
@@ -655,7 +655,7 @@ class BatchRepository:
             }
         }
         admit = shares.admit_many(
-            self.table_name, batch.tenant_id, batch.lane, cap, total, state, default_max_active
+            self.table_name, batch.tenant_id, batch.lane, caps, total, state, default_max_active
         )
         try:
             self._ddb.transact_write_items(TransactItems=[update, admit])

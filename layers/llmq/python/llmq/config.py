@@ -8,6 +8,7 @@ the same model. The sandbox reads the same model. No number lives in two places.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from functools import cached_property
@@ -229,6 +230,13 @@ class FairShareConfig(_Frozen):
 MAX_TRANSACTION_BYTES = 3_500_000
 
 
+def batch_cap(cap: int, reserve: float) -> int:
+    """A tenant's batch items running at once in a lane where its cap is `cap`: the cap less
+    the reserve for its other jobs (`reserve` of the cap, rounded up), at least one. A cap of
+    one keeps no reserve, or its batches would never run."""
+    return max(1, cap - math.ceil(cap * reserve)) if reserve > 0 else cap
+
+
 class BatchConfig(_Frozen):
     """Batches: one request for many jobs (docs/batches.md)."""
 
@@ -245,6 +253,10 @@ class BatchConfig(_Frozen):
     expand_chunk: Annotated[int, Field(ge=1, le=99)] = 25
     # The lane batch items run in when the batch names none; None: the tenant's own lane.
     lane: str | None = None
+    # The part of a tenant's cap in a lane that its batch items never take (rounded up; a cap
+    # of one keeps none): its own jobs submitted alone start at once while its batches run
+    # there. 0: batch items may take the whole cap.
+    interactive_reserve: Annotated[float, Field(ge=0, lt=1)] = 0.25
     # Terminal counts are spread over this many items, so a batch finishing a hundred items
     # a second never makes one hot item (each takes a few a second).
     count_shards: Annotated[int, Field(ge=1, le=100)] = 16
@@ -362,6 +374,11 @@ class LlmqConfig(_Frozen):
             return limits.max_concurrency
         lane = self.lane_for_tier(tier)
         return max(1, lane.max_concurrency * lane.batch_size // 2)
+
+    def concurrency_caps(self, tier: str) -> tuple[int, int]:
+        """A tenant of `tier`'s default caps in its lane: all its jobs, and its batch items."""
+        cap = self.concurrency_cap(tier)
+        return cap, batch_cap(cap, self.batches.interactive_reserve)
 
     def lane_for_tier(self, tier: str) -> LaneConfig:
         for lane in self.lanes:

@@ -17,7 +17,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from llmq.batch_runs import BatchExpander, item_ended, settle
-from llmq.batches import BatchRepository
+from llmq.batches import BatchRepository, batch_of
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost, StoreContended, StoreUnavailable
 from llmq.job_codec import write_token
@@ -200,7 +200,14 @@ class JobRunner:
         longer than SQS's 900 s delay travels as a chain of delayed copies that carry when the
         job is due (`not_before_ms`): only the last one tries a claim.
         """
-        delay = deferral_seconds(share, tenant[1], at_ms, self.config.fair_share, self._rng)
+        delay = deferral_seconds(
+            share,
+            tenant[1],
+            at_ms,
+            self.config.fair_share,
+            self._rng,
+            batch_item=batch_of(message.job_id) is not None,
+        )
         due_ms = at_ms + int(delay * 1000)
         await self._resend(
             message, tenant, due_ms, delay, "tenant at its cap; deferred", running=share.running

@@ -85,7 +85,7 @@ class JobIntake:
         now_ms = self.jobs.now_ms()
         record = self._new_record(tenant, request, idempotency_key, now_ms)
         admission = Admission(
-            cap=self.config.concurrency_cap(tenant.tier),
+            caps=self.config.concurrency_caps(tenant.tier),
             max_active_jobs=self.config.tenant_limits(tenant.tier).max_active_jobs,
         )
         if not self.offload.fits(record):

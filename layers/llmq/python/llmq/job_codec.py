@@ -119,6 +119,18 @@ def condition_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
+def missing_path(exc: ClientError) -> bool:
+    """An update refused because a map it writes inside is missing: a ValidationException
+    (moto, and AWS for a single write) or a transaction's ValidationError reason (AWS)."""
+    error = exc.response.get("Error", {})
+    reasons: list[dict[str, Any]] = exc.response.get("CancellationReasons") or []  # type: ignore[assignment]
+    found = [error] + [reason for reason in reasons if str(reason.get("Code", "")).startswith("Validation")]
+    return any(
+        str(each.get("Code", "")).startswith("Validation") and "document path" in str(each.get("Message", ""))
+        for each in found
+    )
+
+
 def too_large(exc: ClientError) -> bool:
     error = exc.response.get("Error", {})
     return error.get("Code") == "ValidationException" and "size" in str(error.get("Message", "")).lower()

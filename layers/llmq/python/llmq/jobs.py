@@ -72,8 +72,9 @@ _CONFLICT_PAUSE_SECONDS = 0.05
 class Admission:
     """What an accept checks and records on the tenant's share (`llmq.shares`)."""
 
-    # The tier's default cap for the job's lane, and its default quota of active jobs.
-    cap: int
+    # The tier's default caps in the job's lane (all jobs, batch items), and its default quota
+    # of active jobs.
+    caps: tuple[int, int]
     max_active_jobs: int
 
 
@@ -94,6 +95,10 @@ class SweepEntry:
     # A batch (`llmq.batches`) not yet ended, or whose webhook is not yet sent: `job_id` is its
     # item's key, and `status` stands for "queued" (the reconciler pokes it, `Reconciler._poke`).
     batch: bool = False
+
+
+class _NoHolders(Exception):
+    """A transaction refused because its share update writes inside a missing holders map."""
 
 
 class _ConditionFailed(Exception):
@@ -177,13 +182,31 @@ class JobRepository:
                 item = exc.response.get("Item")
                 raise _Canceled([{"Code": "ConditionalCheckFailed", "Item": item}]) from exc
             return
-        leave = shares.leave(self.table_name, job.tenant_id, job.lane, job.id, ends=ends)
+        item_of = batches.batch_of(job.id)
+        leave = shares.leave(
+            self.table_name, job.tenant_id, job.lane, job.id, ends=ends, batch_item=item_of is not None
+        )
         counted = (
             batches.count_end(self.table_name, job, status, self.config.batches.count_shards)
             if ends and status is not None
             else None
         )
-        self._transact([update, leave, *([counted] if counted else [])])
+        self._transact_sharing([update, leave, *([counted] if counted else [])], job.tenant_id, job.lane)
+
+    def _transact_sharing(self, items: list[dict[str, Any]], tenant_id: str, lane: str) -> None:
+        """`_transact`, whose share update writes inside the lane's holders maps: a share written
+        before one of them existed has it added (`shares.ensure_holders`), then the same
+        transaction is tried again."""
+        try:
+            self._transact(items)
+        except _NoHolders:
+            try:
+                self._ddb.update_item(**shares.ensure_holders(self.table_name, tenant_id, lane))
+            except ClientError as exc:
+                if not codec.condition_failed(exc):
+                    raise
+                raise StoreUnavailable(f"tenant {tenant_id} has no share") from exc
+            self._transact(items)
 
     def _transact(self, items: list[dict[str, Any]]) -> None:
         """One TransactWriteItems: a job write (always the first item) and its tenant's share
@@ -202,6 +225,8 @@ class JobRepository:
             except ClientError as exc:
                 if codec.too_large(exc):
                     raise ItemTooLarge("the job does not fit in one item") from exc
+                if codec.missing_path(exc):
+                    raise _NoHolders() from exc
                 if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                     raise
                 reasons: list[dict[str, Any]] = exc.response.get("CancellationReasons") or []  # type: ignore[assignment]
@@ -255,7 +280,7 @@ class JobRepository:
             }
         }
         share = shares.admit(
-            self.table_name, record.tenant_id, record.lane, admission.cap, admission.max_active_jobs
+            self.table_name, record.tenant_id, record.lane, *admission.caps, admission.max_active_jobs
         )
         try:
             self._transact([put, share])
@@ -340,13 +365,16 @@ class JobRepository:
             {"#st": "status", "#shared": "shared"},
             {**values, "true": True, "tenant": tenant_id, "lane": lane},
         )
-        items = [update, shares.hold(self.table_name, tenant_id, lane, job_id, now)]
         item_of = batches.batch_of(job_id)
+        items = [
+            update,
+            shares.hold(self.table_name, tenant_id, lane, job_id, now, batch_item=item_of is not None),
+        ]
         if item_of is not None:
             # A batch's item is claimed only while its batch is not canceling: no extra call.
             items.append(batches.not_canceled(self.table_name, item_of[0]))
         try:
-            self._transact(items)
+            self._transact_sharing(items, tenant_id, lane)
         except _Canceled as exc:
             if exc.failed(0):
                 found = exc.job()

@@ -9,6 +9,9 @@ under crashes, duplicate messages and retried writes (DESIGN §3.11).
 - claim: the job joins its lane's holders, a map of job id to claim time, refused at the cap.
   A job taken over after its worker crashed is a holder already and is never refused: the
   crashed worker's slot passes to the job's next attempt;
+- a batch's item also joins the lane's batch holders, refused at the batch cap: the cap less
+  a reserve (`batches.interactive_reserve`) that only the tenant's own jobs may take, so its
+  batches never leave its interactive jobs waiting behind them;
 - back to queued (a retry, a release): the job leaves the holders;
 - terminal: the job leaves the holders (nothing for a queued job) and `active` - 1.
 
@@ -23,15 +26,20 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmq.config import FairShareConfig
+from llmq.config import FairShareConfig, batch_cap
 from llmq.long_polls import POLLS_PREFIX
 
 SHARE_PREFIX = "share#"
 _HOLDERS_PREFIX = "run_"
 _CAP_PREFIX = "cap_"
+# The batch items among a lane's holders, and their cap (neither prefix starts the other two).
+_BATCH_HOLDERS_PREFIX = "runb_"
+_BATCH_CAP_PREFIX = "capb_"
 # Operator overrides; tier defaults apply where they are absent.
 MAX_CONCURRENCY = "max_concurrency"
 MAX_ACTIVE_JOBS = "max_active_jobs"
+# Set with max_concurrency, from the same reserve as the tier default's batch cap.
+MAX_BATCH_CONCURRENCY = "max_batch_concurrency"
 
 
 def share_key(tenant_id: str) -> dict[str, Any]:
@@ -49,27 +57,44 @@ def holders_of(lane: str) -> str:
     return _HOLDERS_PREFIX + lane
 
 
-def admit(table: str, tenant_id: str, lane: str, cap: int, max_active_jobs: int) -> dict[str, Any]:
-    """Accept: one more active job, unless the tenant is at its quota.
+def batch_holders_of(lane: str) -> str:
+    """The share's attribute holding the tenant's running batch items in `lane`."""
+    return _BATCH_HOLDERS_PREFIX + lane
 
-    Also makes sure the lane's holders map exists (a claim adds to it) and refreshes the
-    tier's default cap for the lane.
-    """
+
+# An accept makes sure both holders maps of its lane exist (a claim and a departure write
+# inside them; `ensure_holders` repairs a share written before the batch map existed), and
+# refreshes the tier's default caps for the lane.
+_ACCEPT_SETS = "#h = if_not_exists(#h, :empty), #bh = if_not_exists(#bh, :empty), #cap = :cap, #bcap = :bcap"
+
+
+def _accept_names(lane: str) -> dict[str, str]:
+    return {
+        "#h": holders_of(lane),
+        "#bh": batch_holders_of(lane),
+        "#cap": _CAP_PREFIX + lane,
+        "#bcap": _BATCH_CAP_PREFIX + lane,
+        "#max": MAX_ACTIVE_JOBS,
+    }
+
+
+def admit(
+    table: str, tenant_id: str, lane: str, cap: int, batch_cap: int, max_active_jobs: int
+) -> dict[str, Any]:
+    """Accept: one more active job, unless the tenant is at its quota. `cap` and `batch_cap`:
+    the tier's defaults for the lane."""
     return {
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": "SET #h = if_not_exists(#h, :empty), #cap = :cap ADD active :one",
+            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :one",
             "ConditionExpression": "attribute_not_exists(active) OR active < #max OR "
             "(attribute_not_exists(#max) AND active < :max)",
-            "ExpressionAttributeNames": {
-                "#h": holders_of(lane),
-                "#cap": _CAP_PREFIX + lane,
-                "#max": MAX_ACTIVE_JOBS,
-            },
+            "ExpressionAttributeNames": _accept_names(lane),
             "ExpressionAttributeValues": {
                 ":empty": {"M": {}},
                 ":cap": {"N": str(cap)},
+                ":bcap": {"N": str(batch_cap)},
                 ":one": {"N": "1"},
                 ":max": {"N": str(max_active_jobs)},
             },
@@ -79,7 +104,13 @@ def admit(table: str, tenant_id: str, lane: str, cap: int, max_active_jobs: int)
 
 
 def admit_many(
-    table: str, tenant_id: str, lane: str, cap: int, count: int, state: ShareState, default_max_active: int
+    table: str,
+    tenant_id: str,
+    lane: str,
+    caps: tuple[int, int],
+    count: int,
+    state: ShareState,
+    default_max_active: int,
 ) -> dict[str, Any]:
     """A batch's accept: `count` more active jobs at once, unless that passes the tenant's quota.
 
@@ -91,7 +122,8 @@ def admit_many(
     override = "attribute_not_exists(#max)" if state.max_active_jobs is None else "#max = :limit"
     values = {
         ":empty": {"M": {}},
-        ":cap": {"N": str(cap)},
+        ":cap": {"N": str(caps[0])},
+        ":bcap": {"N": str(caps[1])},
         ":count": {"N": str(count)},
         ":threshold": {"N": str(limit - count)},
     }
@@ -101,13 +133,9 @@ def admit_many(
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": "SET #h = if_not_exists(#h, :empty), #cap = :cap ADD active :count",
+            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :count",
             "ConditionExpression": f"(attribute_not_exists(active) OR active <= :threshold) AND {override}",
-            "ExpressionAttributeNames": {
-                "#h": holders_of(lane),
-                "#cap": _CAP_PREFIX + lane,
-                "#max": MAX_ACTIVE_JOBS,
-            },
+            "ExpressionAttributeNames": _accept_names(lane),
             "ExpressionAttributeValues": values,
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
@@ -126,42 +154,80 @@ def release_many(table: str, tenant_id: str, count: int) -> dict[str, Any]:
     }
 
 
-def hold(table: str, tenant_id: str, lane: str, job_id: str, now_ms: int) -> dict[str, Any]:
-    """Claim: the job takes one of the tenant's slots in the lane, unless they are all held.
+def _below(holders: str, override: str, default: str) -> str:
+    """A condition: the job holds a slot of `holders` already, or one is free below the
+    operator's override, else below the tier's default (none written: no cap). A missing map
+    passes, so that the update inside it is refused (a ValidationException, which
+    `ensure_holders` repairs) rather than the claim deferred for ever: `size` of a missing
+    attribute is no number, and every comparison with it is false."""
+    return (
+        f"(attribute_not_exists({holders}) OR attribute_exists({holders}.#job) OR size({holders}) < {override} OR "
+        f"(attribute_not_exists({override}) AND (attribute_not_exists({default}) OR size({holders}) < {default})))"
+    )
+
+
+def hold(
+    table: str, tenant_id: str, lane: str, job_id: str, now_ms: int, *, batch_item: bool = False
+) -> dict[str, Any]:
+    """Claim: the job takes one of the tenant's slots in the lane, unless they are all held;
+    a batch's item also one of its batch slots, unless they are all held.
 
     A job already holding one (a takeover of its own expired lease) keeps it.
     """
+    names = {"#h": holders_of(lane), "#job": job_id, "#max": MAX_CONCURRENCY, "#cap": _CAP_PREFIX + lane}
+    expression, condition = "SET #h.#job = :now", _below("#h", "#max", "#cap")
+    if batch_item:
+        names |= {
+            "#bh": batch_holders_of(lane),
+            "#bmax": MAX_BATCH_CONCURRENCY,
+            "#bcap": _BATCH_CAP_PREFIX + lane,
+        }
+        expression += ", #bh.#job = :now"
+        condition += " AND " + _below("#bh", "#bmax", "#bcap")
     return {
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": "SET #h.#job = :now",
-            "ConditionExpression": "attribute_exists(#h.#job) OR size(#h) < #max OR "
-            "(attribute_not_exists(#max) AND (attribute_not_exists(#cap) OR size(#h) < #cap))",
-            "ExpressionAttributeNames": {
-                "#h": holders_of(lane),
-                "#job": job_id,
-                "#max": MAX_CONCURRENCY,
-                "#cap": _CAP_PREFIX + lane,
-            },
+            "UpdateExpression": expression,
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": {":now": {"N": str(now_ms)}},
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
     }
 
 
-def leave(table: str, tenant_id: str, lane: str, job_id: str, *, ends: bool) -> dict[str, Any]:
+def leave(
+    table: str, tenant_id: str, lane: str, job_id: str, *, ends: bool, batch_item: bool = False
+) -> dict[str, Any]:
     """The job gives its slot back (if it held one); `ends`: it is no longer active either."""
     update: dict[str, Any] = {
         "TableName": table,
         "Key": share_key(tenant_id),
-        "UpdateExpression": "REMOVE #h.#job",
-        "ExpressionAttributeNames": {"#h": holders_of(lane), "#job": job_id},
+        "UpdateExpression": "REMOVE #h.#job" + (", #bh.#job" if batch_item else ""),
+        "ExpressionAttributeNames": {
+            "#h": holders_of(lane),
+            "#job": job_id,
+            **({"#bh": batch_holders_of(lane)} if batch_item else {}),
+        },
     }
     if ends:
         update["UpdateExpression"] += " ADD active :minus"
         update["ExpressionAttributeValues"] = {":minus": {"N": "-1"}}
     return {"Update": update}
+
+
+def ensure_holders(table: str, tenant_id: str, lane: str) -> dict[str, Any]:
+    """UpdateItem arguments creating the lane's holders maps where missing: a share written
+    before batch holders existed, whose batch items could not otherwise claim or leave."""
+    return {
+        "TableName": table,
+        "Key": share_key(tenant_id),
+        "UpdateExpression": "SET #h = if_not_exists(#h, :empty), #bh = if_not_exists(#bh, :empty)",
+        "ConditionExpression": "attribute_exists(pk)",
+        "ExpressionAttributeNames": {"#h": holders_of(lane), "#bh": batch_holders_of(lane)},
+        "ExpressionAttributeValues": {":empty": {"M": {}}},
+    }
 
 
 @dataclass(frozen=True)
@@ -176,27 +242,38 @@ class ShareState:
     default_caps: dict[str, int] = field(default_factory=dict)
     max_concurrency: int | None = None
     max_active_jobs: int | None = None
+    # Per lane: the batch items among the holders, and the default cap of batch items.
+    batch_holders: dict[str, dict[str, int]] = field(default_factory=dict)
+    default_batch_caps: dict[str, int] = field(default_factory=dict)
+    max_batch_concurrency: int | None = None
 
     @classmethod
     def from_item(cls, tenant_id: str, item: dict[str, Any] | None) -> ShareState:
         if not item:
             return cls(tenant_id=tenant_id)
-        holders: dict[str, dict[str, int]] = {}
-        caps: dict[str, int] = {}
+        maps: dict[str, dict[str, dict[str, int]]] = {_HOLDERS_PREFIX: {}, _BATCH_HOLDERS_PREFIX: {}}
+        caps: dict[str, dict[str, int]] = {_CAP_PREFIX: {}, _BATCH_CAP_PREFIX: {}}
         for name, value in item.items():
-            if name.startswith(_HOLDERS_PREFIX) and "M" in value:
-                holders[name[len(_HOLDERS_PREFIX) :]] = {
-                    job: int(started["N"]) for job, started in value["M"].items()
-                }
-            elif name.startswith(_CAP_PREFIX) and "N" in value:
-                caps[name[len(_CAP_PREFIX) :]] = int(value["N"])
+            prefix, _, lane = name.partition("_")
+            prefix += "_"
+            if prefix in maps and "M" in value:
+                maps[prefix][lane] = {job: int(started["N"]) for job, started in value["M"].items()}
+            elif prefix in caps and "N" in value:
+                caps[prefix][lane] = int(value["N"])
+
+        def override(name: str) -> int | None:
+            return int(item[name]["N"]) if name in item else None
+
         return cls(
             tenant_id=tenant_id,
             active=int(item.get("active", {}).get("N", 0)),
-            holders=holders,
-            default_caps=caps,
-            max_concurrency=int(item[MAX_CONCURRENCY]["N"]) if MAX_CONCURRENCY in item else None,
-            max_active_jobs=int(item[MAX_ACTIVE_JOBS]["N"]) if MAX_ACTIVE_JOBS in item else None,
+            holders=maps[_HOLDERS_PREFIX],
+            default_caps=caps[_CAP_PREFIX],
+            max_concurrency=override(MAX_CONCURRENCY),
+            max_active_jobs=override(MAX_ACTIVE_JOBS),
+            batch_holders=maps[_BATCH_HOLDERS_PREFIX],
+            default_batch_caps=caps[_BATCH_CAP_PREFIX],
+            max_batch_concurrency=override(MAX_BATCH_CONCURRENCY),
         )
 
     @property
@@ -214,9 +291,32 @@ class ShareState:
             return self.max_concurrency
         return self.default_caps.get(lane)
 
+    def batch_cap(self, lane: str) -> int | None:
+        """The cap of batch items in force in `lane`, as `hold` reads it."""
+        if self.max_batch_concurrency is not None:
+            return self.max_batch_concurrency
+        return self.default_batch_caps.get(lane)
+
+    def of_batches(self) -> ShareState:
+        """The share as a batch item's deferral sees it: its batch slots and their cap."""
+        return ShareState(
+            tenant_id=self.tenant_id,
+            active=self.active,
+            holders=self.batch_holders,
+            default_caps=self.default_batch_caps,
+            max_concurrency=self.max_batch_concurrency,
+            max_active_jobs=self.max_active_jobs,
+        )
+
 
 def deferral_seconds(
-    state: ShareState, lane: str, now_ms: int, policy: FairShareConfig, rng: random.Random
+    state: ShareState,
+    lane: str,
+    now_ms: int,
+    policy: FairShareConfig,
+    rng: random.Random,
+    *,
+    batch_item: bool = False,
 ) -> float:
     """How long a message whose tenant is at its cap waits before its next claim.
 
@@ -227,7 +327,10 @@ def deferral_seconds(
     returns `deferral_pressure` times as fast as slots free up, from the first second on, so a
     freed slot is taken soon, while each return that finds the cap still full is deferred
     again over what is left. A larger backlog or longer runs spread further; nothing spins.
+    A batch's item refused by its batch cap waits for one of its batch slots instead.
     """
+    if batch_item and len(state.batch_holders.get(lane, {})) >= (state.batch_cap(lane) or 0) > 0:
+        state = state.of_batches()
     held = state.holders.get(lane, {})
     cap = max(1, len(held), state.cap(lane) or 1)
     ages = [max(0, now_ms - started) for started in held.values()]
@@ -260,15 +363,20 @@ class ShareRepository:
         max_concurrency: int | None = None,
         max_active_jobs: int | None = None,
         clear: tuple[str, ...] = (),
+        reserve: float = 0.0,
     ) -> ShareState:
         """Override the tier's defaults for one tenant; `clear` names overrides to drop.
+        A cap comes with its batch cap, less `reserve` (`batches.interactive_reserve`).
 
         A lower cap than the jobs now running stops new claims until enough finish; running
         jobs are never stopped.
         """
         sets: list[str] = []
         values: dict[str, Any] = {}
-        for name, value in ((MAX_CONCURRENCY, max_concurrency), (MAX_ACTIVE_JOBS, max_active_jobs)):
+        limits = [(MAX_CONCURRENCY, max_concurrency), (MAX_ACTIVE_JOBS, max_active_jobs)]
+        if max_concurrency is not None and max_concurrency >= 1:
+            limits.append((MAX_BATCH_CONCURRENCY, batch_cap(max_concurrency, reserve)))
+        for name, value in limits:
             if value is not None:
                 if value < 1:
                     raise ValueError(f"{name} must be at least 1")
@@ -277,6 +385,8 @@ class ShareRepository:
         unknown = set(clear) - {MAX_CONCURRENCY, MAX_ACTIVE_JOBS}
         if unknown:
             raise ValueError(f"unknown limits: {sorted(unknown)}")
+        if MAX_CONCURRENCY in clear:
+            clear = (*clear, MAX_BATCH_CONCURRENCY)
         expression = ("SET " + ", ".join(sets) if sets else "") + (
             " REMOVE " + ", ".join(clear) if clear else ""
         )
