@@ -3,7 +3,8 @@
 Its webhook still goes out, and each job failed here counts once as `JobDeadLettered`: the
 function drains the DLQs within seconds, so their depth never shows it. A body that names no
 job is logged and reported as failed, so it stays in the DLQ for an operator; it never
-crashes the batch.
+crashes the batch. A batch's expand message is sent once more, then its batch is given up
+on (`llmq.batch_runs.dead_lettered`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws
+from llmq.batches import BatchRepository
 from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
 from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.job_record import JobRecord
@@ -37,6 +39,11 @@ def repositories() -> tuple[JobRepository, QueueRepository]:
     )
 
 
+@cache
+def batches() -> BatchRepository:
+    return BatchRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb"))
+
+
 # Kept for an operator, but not re-read every few seconds: hidden as long as SQS allows
 # (queues.redelivery_visibility clamps it to what SQS accepts after the receive).
 EDGE = QueueEdge(
@@ -48,7 +55,7 @@ def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
     started_ms = jobs.now_ms()
     with EDGE.settling(record):
-        job = mark_dead_letter(jobs, queues, record.body, record.message_id)
+        job = mark_dead_letter(jobs, queues, record.body, record.message_id, (batches(), ENV.config))
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
         if _failed_here(job, started_ms):

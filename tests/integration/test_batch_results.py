@@ -16,6 +16,7 @@ from llmq.batch_results import ResultsCompiler
 from llmq.batch_runs import RESULTS_ASK_GRACE_SECONDS, settle
 from llmq.batches import BatchRecord, BatchRepository, item_job_id
 from llmq.errors import StoreUnavailable
+from llmq.item_size import item_size_bytes
 from llmq.job_record import JobRecord
 from llmq.models import BatchStatus
 from llmq.queues import QueueRepository
@@ -242,3 +243,33 @@ def test_a_file_cut_by_an_aws_fault_or_asked_for_twice_holds_each_line_once(
     assert [line["job_id"] for line in _file_lines(ended)] == [
         item_job_id(batch_id, index) for index in range(12)
     ]
+
+
+def test_result_lines_read_the_items_results_not_their_prompts(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = {"max_prompt_chars": 100_000, "max_body_bytes": 65536, "wait_poll_seconds": 0.05}
+    harness = Harness(moto_stack, integration_config(provider, limits=limits), monkeypatch)
+    # Given a batch of five items whose prompts are 90 KB each (most of each item)
+    prompt = "p" * 90_000
+    requests = [{"custom_id": f"c{n}", "body": {"prompt": f"{n} {prompt}"}} for n in range(5)]
+    # And every item read for a result line weighed as DynamoDB returns it
+    read: list[int] = []
+    many = BatchRepository._get_many
+
+    def weighed(self: BatchRepository, keys: list[dict[str, Any]], *args: Any) -> dict[str, dict[str, Any]]:
+        found = many(self, keys, *args)
+        read.extend(item_size_bytes(item) for pk, item in found.items() if pk.startswith("job_"))
+        return found
+
+    monkeypatch.setattr(BatchRepository, "_get_many", weighed)
+    reply = _submit(harness, requests=requests)
+    assert reply.status == 202, reply.body
+    batch_id = reply.body["id"]
+    # When it runs, its results file is written, and a client pages through its results
+    _run_lane(harness)
+    lines = _file_lines(_stored(harness, batch_id))
+    paged, _ = _results(harness, batch_id)
+    # Then each line is there, and no read carried a prompt: ten item reads of a few hundred bytes
+    assert [line["status"] for line in lines] == ["succeeded"] * 5 == [line["status"] for line in paged]
+    assert len(read) == 10 and max(read) < 2_000, read

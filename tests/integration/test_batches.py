@@ -543,12 +543,20 @@ def _capped(harness: Harness, cap: int) -> ShareRepository:
     return shares
 
 
+@pytest.mark.parametrize("override", ["set_limits", "before_batch_caps"])
 def test_a_batch_leaves_the_reserved_part_of_the_cap_to_the_tenants_own_jobs(
-    harness: Harness, provider: FakeProviderServer
+    harness: Harness, provider: FakeProviderServer, override: str
 ) -> None:
     # Given a tenant capped at four, of which a quarter is kept for its jobs outside batches,
-    # and a batch of six slow items already expanded in its lane
+    # (or capped by a version without batch caps: no batch cap written with it, which the
+    # first refused item writes), and a batch of six slow items already expanded in its lane
     _capped(harness, 4)
+    if override == "before_batch_caps":
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": f"share#{ENTERPRISE['tenant_id']}"}},
+            UpdateExpression="REMOVE max_batch_concurrency",
+        )
     batch_id = _submit(
         harness,
         requests=[{"custom_id": f"c{n}", "body": {"prompt": f"item {n} [[latency:0.5]]"}} for n in range(6)],
@@ -642,6 +650,32 @@ def test_a_share_written_before_batch_slots_existed_gets_them_at_its_items_first
         ENTERPRISE["tenant_id"]
     )
     assert (share.running, share.batch_holders.get(HIGH)) == (0, {})
+
+
+def test_batch_slots_left_held_by_a_version_without_them_are_given_back_at_the_next_refusal(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a tenant capped at four (three for batch items) whose batch slots are all held by
+    # items that ended under a version that knew no batch slots (a rollback): their slots
+    # were given back, their batch slots not
+    shares = _capped(harness, 4)
+    batch_id = _submit(harness, requests=_requests(2)).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    stale = {f"#s{n}": item_job_id("bat_" + "0" * 26, n) for n in range(3)}
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": f"share#{ENTERPRISE['tenant_id']}"}},
+        UpdateExpression="SET " + ", ".join(f"runb_high.{name} = :t" for name in stale),
+        ExpressionAttributeNames=stale,
+        ExpressionAttributeValues={":t": {"N": "1"}},
+    )
+    # When the batch's items are tried
+    _run_lane(harness)
+    # Then the stale slots were given back at the first refusal, and both items ran once
+    assert _provider_calls(provider) == 2
+    assert _get(harness, batch_id).body["request_counts"]["succeeded"] == 2
+    assert shares.get(ENTERPRISE["tenant_id"]).batch_holders[HIGH] == {}
 
 
 # ---- items past their deadline, items canceled alone, a lost webhook -------------------------------

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import statistics
 
+from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llmq.config import FairShareConfig, LlmqConfig, batch_cap
+from llmq.job_codec import missing_path
 from llmq.shares import ShareState, deferral_seconds
 
 POLICY = FairShareConfig()
@@ -47,7 +49,7 @@ def test_a_batch_cap_keeps_a_reserve_below_the_cap_but_never_stops_batches(cap: 
     assert 1 <= batches <= cap
     # The reserve rounds up: at least the configured share of the cap is kept, when it can be
     if reserve > 0 and cap > 1:
-        assert cap - batches >= min(cap - 1, cap * reserve)
+        assert cap - batches >= min(cap - 1, round(cap * reserve, 9))
     if reserve == 0:
         assert batches == cap
 
@@ -62,6 +64,21 @@ def test_the_default_batch_cap_is_the_tier_cap_less_a_quarter() -> None:
         cap,
         cap,
     )
+
+
+def test_a_reserve_is_a_share_of_the_cap_without_floating_point_surprises() -> None:
+    # 100 x 0.07 is 7.000000000000001 in floating point: still 7 kept, not 8
+    assert batch_cap(100, 0.07) == 93
+    assert batch_cap(8, 0.25) == 6 and batch_cap(1, 0.25) == 1 and batch_cap(2, 0.25) == 1
+
+
+def test_batches_in_a_lane_of_their_own_take_the_whole_cap_there() -> None:
+    """No job of the tenant's runs in the batch lane (`batches.lane`) but batch items: a
+    reserve there would only leave slots idle."""
+    config = LlmqConfig.model_validate({"batches": {"lane": "low"}})
+    cap = config.concurrency_cap("enterprise")
+    assert config.concurrency_caps("enterprise", "low") == (cap, cap)
+    assert config.concurrency_caps("enterprise", "high") == (cap, batch_cap(cap, 0.25))
 
 
 def test_a_batch_item_at_its_batch_cap_waits_for_a_batch_slot() -> None:
@@ -141,3 +158,40 @@ def test_the_default_policy_keeps_claim_attempts_within_three_per_job_under_a_20
         assert run["claim_attempts_per_job"] <= 3.0, run
         assert run["mean_in_flight_while_backlogged"] >= 0.7 * 20, run
         assert run["makespan_s"] <= 1.5 * run["ideal_makespan_s"], run
+
+
+def _canceled(reasons: list[dict[str, str]]) -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": "TransactionCanceledException", "Message": "Transaction cancelled"},
+            "CancellationReasons": reasons,  # type: ignore[typeddict-unknown-key]
+        },
+        "TransactWriteItems",
+    )
+
+
+def test_a_share_update_inside_a_missing_map_is_recognised_in_the_shape_aws_reports_it() -> None:
+    """On AWS a transaction's item whose update writes inside a missing map is its
+    ValidationError reason (the wording varies); moto refuses the whole call instead."""
+    for message in (
+        "The document path provided in the update expression is invalid for update",
+        "The provided expression refers to an attribute that does not exist in the item",
+    ):
+        assert missing_path(
+            _canceled([{"Code": "None"}, {"Code": "ValidationError", "Message": message}]), at=1
+        )
+    # The job's own item too large is not the share's map
+    too_large = {"Code": "ValidationError", "Message": "Item size has exceeded the maximum allowed size"}
+    assert not missing_path(_canceled([too_large, {"Code": "None"}]), at=1)
+    # A condition that failed is not either
+    assert not missing_path(_canceled([{"Code": "None"}, {"Code": "ConditionalCheckFailed"}]), at=1)
+    moto = ClientError(
+        {
+            "Error": {
+                "Code": "ValidationException",
+                "Message": "The document path provided in the update expression is invalid for update",
+            }
+        },
+        "TransactWriteItems",
+    )
+    assert missing_path(moto, at=1)

@@ -141,7 +141,7 @@ class BatchIntake:
         if request.requests is not None:
             self.payloads.put(record.requests_ref, encode_requests(request.requests))
         stored, replayed = self.batches.create(
-            record, self.config.concurrency_caps(tenant.tier), state, default_max_active
+            record, self.config.concurrency_caps(tenant.tier, record.lane), state, default_max_active
         )
         if replayed:
             if stored.tenant_id != tenant.tenant_id or stored.request_hash != digest:

@@ -42,7 +42,9 @@ from llmq.models import (
     JobRequest,
     JobStatus,
 )
+from llmq.policy import MAX_DEAD_LETTER_REDRIVES
 from llmq.ports import BlobStore, QueueStore
+from llmq.sqs_edge import PoisonMessage
 from llmq.telemetry import logger
 
 
@@ -307,19 +309,104 @@ class BatchExpander:
         self.queues.enqueue_jobs(ids, batch.lane, batch.tenant_id)
 
     def _stop(self, batch: BatchRecord) -> None:
-        """A canceled batch writes no more items; those never written count as canceled. The
-        last chunk written is queued again first (a crash may have come between its write and
-        its sends), so its items end canceled at their claims rather than waiting."""
-        if not batch.validated:
-            # An upload canceled before its file was admitted: no item exists, none will.
-            ended = self.batches.finish(batch, BatchRequestCounts(), "validated = :false")
-            if ended is not None and _webhook_unsent(ended):
-                _send_webhook(self.batches, self.queues, ended)
-            else:
-                settle(self.batches, self.queues, batch.id)
-            return
-        if batch.expanded:
-            self._queue(batch, max(0, batch.expanded - self.config.batches.expand_chunk), batch.expanded)
-        if batch.unexpanded_canceled == 0 and not batch.expansion_over:
-            self.batches.give_up_expansion(batch)
-        settle(self.batches, self.queues, batch.id)
+        stop(self.batches, self.queues, self.config, batch)
+
+
+def stop(batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch: BatchRecord) -> None:
+    """A canceled batch writes no more items; those never written count as canceled. The last
+    chunk written is queued again first (a crash may have come between its write and its
+    sends), so its items end canceled at their claims rather than waiting."""
+    if not batch.validated:
+        # An upload canceled before its file was admitted: no item exists, none will.
+        ended = batches.finish(batch, BatchRequestCounts(), "validated = :false")
+        if ended is not None and _webhook_unsent(ended):
+            _send_webhook(batches, queues, ended)
+        else:
+            settle(batches, queues, batch.id)
+        return
+    _write_no_more(batches, queues, config, batch)
+    settle(batches, queues, batch.id)
+
+
+def _write_no_more(
+    batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch: BatchRecord
+) -> None:
+    """A canceling batch's last chunk written is queued again, and its items not written count
+    as canceled (once)."""
+    if batch.expanded:
+        start = max(0, batch.expanded - config.batches.expand_chunk)
+        queues.enqueue_jobs(
+            [item_job_id(batch.id, index) for index in range(start, batch.expanded)],
+            batch.lane,
+            batch.tenant_id,
+        )
+    if batch.unexpanded_canceled == 0 and not batch.expansion_over:
+        batches.give_up_expansion(batch)
+
+
+# Why a batch ended (or was canceled) by llmq: its expand message dead-lettered again after it
+# was sent once more. Its `errors` say so, as a refused file's do.
+BATCH_CRASHED = "batch_crashed"
+
+
+def dead_lettered(
+    batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch_id: str, message_id: str
+) -> BatchRecord | None:
+    """A batch's expand message exhausted its receives: a worker crashed on the batch, or
+    timed out without an answer, every time. As a queued job's is, it is sent once more
+    (`MAX_DEAD_LETTER_REDRIVES`); when that one dead-letters too, llmq gives up on what the
+    message was for, and the batch's `errors` say so (`batch_crashed`):
+
+    - an upload being validated fails (no item was written);
+    - a batch whose every item has ended ends without its results file (its results stay
+      readable page by page);
+    - a batch still running is canceled: items not yet written never will be, queued ones end
+      canceled at their claims, running ones finish.
+
+    After that, a dead letter ends the batch at once where it can (its results file); one of
+    a batch canceled for this whose winding down crashes a worker too takes it out of the
+    reconciler's sweep, and stays in the DLQ for an operator (PoisonMessage). A batch is never
+    retried for ever.
+    """
+    batch = batches.find(batch_id)
+    if batch is None:
+        raise PoisonMessage(f"no batch {batch_id}")
+    if batch.status.is_terminal:
+        if _webhook_unsent(batch):
+            queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)  # a worker sends it
+        return batch
+    counted = batches.note_dead_letter(batch, message_id)
+    if counted is None:
+        return batches.find(batch_id)  # ended meanwhile
+    if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
+        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+        return counted
+    crashed = [
+        BatchLineError(
+            line=0,
+            code=BATCH_CRASHED,
+            message="the batch's worker crashed (or timed out) at every try; nothing more is tried",
+        )
+    ]
+    logger.error(
+        "a batch crashed its workers at every try",
+        extra={"batch_id": batch_id, "status": counted.status.value},
+    )
+    if not counted.validated:
+        ended = batches.fail(counted, crashed)
+    elif counted.status is BatchStatus.FINALIZING and counted.final_counts is not None:
+        ended = batches.finish(counted, counted.final_counts, errors=counted.errors or crashed)
+    elif any(error.code == BATCH_CRASHED for error in counted.errors or []):
+        # Canceled for this already, and its winding down crashes a worker too.
+        batches.stop_sweeping(counted)
+        raise PoisonMessage(f"batch {batch_id} keeps crashing its workers")
+    else:
+        flagged = batches.request_cancel(counted, crashed)
+        if flagged is not None:
+            _write_no_more(batches, queues, config, flagged)
+        # A worker ends it once its items have (this function reads no counts).
+        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+        return batches.find(batch_id)
+    if ended is not None and _webhook_unsent(ended):
+        _send_webhook(batches, queues, ended)
+    return ended or batches.find(batch_id)

@@ -174,7 +174,7 @@ class UploadScanner:
                 batch,
                 count,
                 parts,
-                self.config.concurrency_caps(tier),
+                self.config.concurrency_caps(tier, batch.lane),
                 self.config.tenant_limits(tier).max_active_jobs,
             )
         except QuotaExceeded as exc:

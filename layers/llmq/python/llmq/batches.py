@@ -189,6 +189,9 @@ class BatchRecord(BaseModel):
     compile_next: int = 0
     compile_parts: list[str] = Field(default_factory=list)
     results_key: str | None = None
+    # The expand messages that exhausted their receives (DLQ message ids): the worker crashed
+    # on the batch each time (`batch_runs.dead_lettered`).
+    dead_letter_ids: set[str] = Field(default_factory=set)
 
     @property
     def expansion_over(self) -> bool:
@@ -256,13 +259,28 @@ _BATCH_JSON: dict[str, TypeAdapter[Any]] = {
 
 def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     # The delivery log is written slot by slot, by the dispatcher's delivery updates only.
-    dumped = record.model_dump(mode="json", exclude_none=True, exclude={"delivery_log"})
+    # (dead_letter_ids: a string set, added to only; DynamoDB holds no empty set.)
+    dumped = record.model_dump(mode="json", exclude_none=True, exclude={"delivery_log", "dead_letter_ids"})
     data = {**dumped, **(extra or {})}
     for name in _BATCH_JSON:
         if name in data:
             data[name] = codec.json_text(data[name])
     data["pk"] = BATCH_PREFIX + data.pop("id")
     return {key: codec._serializer.serialize(value) for key, value in data.items()}
+
+
+# What a result line reads of an item (`batch_results.result_line`, a job's required fields
+# among them): never its input, which may be nearly the whole item (a prompt of 300 KB), so a
+# page of results, or a part of the results file, reads about what it writes.
+_RESULT_ATTRIBUTES = (
+    *(name for name, field in JobRecord.model_fields.items() if field.is_required() and name != "id"),
+    *("result", "result_ref", "result_url", "error", "custom_id", "batch_id", "started_ms", "finished_ms"),
+)
+
+
+def _errors(errors: list[BatchLineError]) -> dict[str, str]:
+    """The `errors` attribute's value, as an update SETs it."""
+    return {"errors": _BATCH_JSON["errors"].dump_json(errors).decode()}
 
 
 def _from_item(item: dict[str, Any]) -> BatchRecord:
@@ -499,18 +517,32 @@ class BatchRepository:
         return counts
 
     def items(self, batch: BatchRecord, start: int, count: int) -> list[tuple[int, JobRecord | None]]:
-        """Items [start, start + count) of the batch, each with its job (None: not written yet)."""
+        """Items [start, start + count) of the batch, each with its job (None: not written yet),
+        as a result line reads it: never its input (`_RESULT_ATTRIBUTES`)."""
         indexes = list(range(start, min(batch.total, start + count)))
-        found = self._get_many([{"pk": {"S": item_job_id(batch.id, index)}} for index in indexes])
+        found = self._get_many(
+            [{"pk": {"S": item_job_id(batch.id, index)}} for index in indexes], _RESULT_ATTRIBUTES
+        )
         jobs = {key: codec.from_item(item) for key, item in found.items()}
         return [(index, jobs.get(item_job_id(batch.id, index))) for index in indexes]
 
-    def _get_many(self, keys: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Items by pk, consistent, through BatchGetItem's 100-key pages and unprocessed keys."""
+    def _get_many(
+        self, keys: list[dict[str, Any]], attributes: tuple[str, ...] = ()
+    ) -> dict[str, dict[str, Any]]:
+        """Items by pk (only `attributes` of them, if named), consistent, through BatchGetItem's
+        100-key pages and unprocessed keys."""
         found: dict[str, dict[str, Any]] = {}
+        projection: dict[str, Any] = {}
+        if attributes:
+            names = {f"#a{n}": name for n, name in enumerate(("pk", *attributes))}
+            projection = {"ProjectionExpression": ", ".join(names), "ExpressionAttributeNames": names}
         for start in range(0, len(keys), _BATCH_GET_KEYS):
             pending: dict[str, Any] = {
-                self.table_name: {"Keys": keys[start : start + _BATCH_GET_KEYS], "ConsistentRead": True}
+                self.table_name: {
+                    "Keys": keys[start : start + _BATCH_GET_KEYS],
+                    "ConsistentRead": True,
+                    **projection,
+                }
             }
             for _ in range(8):
                 response = self._ddb.batch_get_item(RequestItems=pending)
@@ -673,18 +705,35 @@ class BatchRepository:
     def fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> BatchRecord | None:
         """An upload refused before any item was written: the batch ends `failed` with the
         reasons, its webhook set pending when subscribed. None when it had ended already."""
-        extra = {"errors": _BATCH_JSON["errors"].dump_json(errors).decode(), "false": False}
+        extra = {**_errors(errors), "false": False}
         return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, "validated = :false")
+
+    def note_dead_letter(self, batch: BatchRecord, message_id: str) -> BatchRecord | None:
+        """One of the batch's expand messages dead-lettered; idempotent per DLQ message. None
+        when the batch has ended."""
+        return self._update_while_open(
+            batch.id, "ADD dead_letter_ids :ids", {"ids": {message_id}}, finalizing=True
+        )
+
+    def stop_sweeping(self, batch: BatchRecord) -> None:
+        """The reconciler stops looking at the batch: its every look crashed a worker."""
+        self._ddb.update_item(
+            TableName=self.table_name, Key=batch_key(batch.id), UpdateExpression="REMOVE sweep_pk, sweep_at"
+        )
 
     # ---- cancel and end -----------------------------------------------------------------
 
-    def request_cancel(self, batch: BatchRecord) -> BatchRecord | None:
-        """Flag the batch canceling; None when it has ended (or is finalizing) meanwhile.
-        Idempotent."""
+    def request_cancel(
+        self, batch: BatchRecord, errors: list[BatchLineError] | None = None
+    ) -> BatchRecord | None:
+        """Flag the batch canceling (with `errors`: why, when llmq cancels it); None when it
+        has ended (or is finalizing) meanwhile. Idempotent."""
+        extra = _errors(errors) if errors else {}
         return self._update_while_open(
             batch.id,
-            "SET cancel_requested = :true, #st = :canceling",
-            {"true": True, "canceling": BatchStatus.CANCELING.value},
+            "SET cancel_requested = :true, #st = :canceling"
+            + "".join(f", {name} = :{name}" for name in extra),
+            {"true": True, "canceling": BatchStatus.CANCELING.value, **extra},
         )
 
     def finish(
@@ -693,13 +742,16 @@ class BatchRepository:
         counts: BatchRequestCounts,
         condition: str | None = None,
         results_key: str | None = None,
+        errors: list[BatchLineError] | None = None,
     ) -> BatchRecord | None:
-        """The batch's one terminal write, with its final counts (and its results file); its
-        webhook set pending when subscribed. None when another writer ended it first (or
-        `condition` failed)."""
+        """The batch's one terminal write, with its final counts (and its results file, or the
+        `errors` why there is none); its webhook set pending when subscribed. None when another
+        writer ended it first (or `condition` failed)."""
         extra: dict[str, Any] = {"false": False} if condition and ":false" in condition else {}
         if results_key is not None:
             extra["results_key"] = results_key
+        if errors:
+            extra |= _errors(errors)
         return self._end(batch, final_status(batch, counts), counts, extra, condition)
 
     # ---- the results file ---------------------------------------------------------------

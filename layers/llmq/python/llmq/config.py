@@ -234,7 +234,8 @@ def batch_cap(cap: int, reserve: float) -> int:
     """A tenant's batch items running at once in a lane where its cap is `cap`: the cap less
     the reserve for its other jobs (`reserve` of the cap, rounded up), at least one. A cap of
     one keeps no reserve, or its batches would never run."""
-    return max(1, cap - math.ceil(cap * reserve)) if reserve > 0 else cap
+    # (rounded first: 100 x 0.07 is 7.000000000000001 in floating point, not over 7)
+    return max(1, cap - math.ceil(round(cap * reserve, 9))) if reserve > 0 else cap
 
 
 class BatchConfig(_Frozen):
@@ -375,9 +376,13 @@ class LlmqConfig(_Frozen):
         lane = self.lane_for_tier(tier)
         return max(1, lane.max_concurrency * lane.batch_size // 2)
 
-    def concurrency_caps(self, tier: str) -> tuple[int, int]:
-        """A tenant of `tier`'s default caps in its lane: all its jobs, and its batch items."""
+    def concurrency_caps(self, tier: str, lane: str | None = None) -> tuple[int, int]:
+        """A tenant of `tier`'s default caps in `lane` (its own by default): all its jobs, and
+        its batch items. In a lane other than its own (`batches.lane`) no job of its runs but
+        batch items, and they take the whole cap."""
         cap = self.concurrency_cap(tier)
+        if lane is not None and lane != self.lane_for_tier(tier).name:
+            return cap, cap
         return cap, batch_cap(cap, self.batches.interactive_reserve)
 
     def lane_for_tier(self, tier: str) -> LaneConfig:

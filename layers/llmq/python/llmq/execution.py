@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from llmq.batch_runs import BatchExpander, item_ended, settle
+from llmq.batch_runs import BatchExpander, dead_lettered, item_ended, settle
 from llmq.batches import BatchRepository, batch_of
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost, StoreContended, StoreUnavailable
@@ -25,7 +25,7 @@ from llmq.job_record import JobRecord
 from llmq.lanes import retry_delay_seconds
 from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
-from llmq.policy import ClaimOutcome, deadline_error
+from llmq.policy import MAX_DEAD_LETTER_REDRIVES, ClaimOutcome, deadline_error
 from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
 from llmq.providers import (
     GenerationRequest,
@@ -539,14 +539,26 @@ def _parse(body: str) -> LaneMessage:
         raise PoisonMessage("the message is not a lane message") from exc
 
 
-# A queued job's message may dead-letter before any worker claimed it (crashes between the
-# receive and the claim). It is sent again this many times before the job is given up on.
-MAX_DEAD_LETTER_REDRIVES = 1
-
-
-def mark_dead_letter(jobs: JobStore, queues: QueueStore, body: str, message_id: str) -> JobRecord | None:
+def mark_dead_letter(
+    jobs: JobStore,
+    queues: QueueStore,
+    body: str,
+    message_id: str,
+    batches: tuple[BatchRepository, LlmqConfig] | None = None,
+) -> JobRecord | None:
     """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
-    that ended here may end its batch, which a worker is asked to look at."""
+    that ended here may end its batch, which a worker is asked to look at. A batch's expand
+    message goes to `batch_runs.dead_lettered` (None: no job)."""
+    message = _parse(body)
+    if message.kind == "expand":
+        if batches is None:
+            raise PoisonMessage(f"an expand message of batch {message.job_id}, and no batches here")
+        batch = dead_lettered(batches[0], queues, batches[1], message.job_id, message_id)
+        if batch is not None:
+            logger.info(
+                "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
+            )
+        return None
     ended = _mark_dead_letter(jobs, queues, body, message_id)
     item_ended(None, queues, ended)
     return ended

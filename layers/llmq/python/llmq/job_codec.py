@@ -119,16 +119,15 @@ def condition_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
-def missing_path(exc: ClientError) -> bool:
-    """An update refused because a map it writes inside is missing: a ValidationException
-    (moto, and AWS for a single write) or a transaction's ValidationError reason (AWS)."""
+def missing_path(exc: ClientError, at: int) -> bool:
+    """A transaction refused because the update at index `at` writes inside a missing map: a
+    ValidationError reason there (AWS, whatever its wording), or a ValidationException for
+    the whole call naming a document path (moto, which validates before any condition)."""
     error = exc.response.get("Error", {})
+    if error.get("Code") == "ValidationException":
+        return "document path" in str(error.get("Message", ""))
     reasons: list[dict[str, Any]] = exc.response.get("CancellationReasons") or []  # type: ignore[assignment]
-    found = [error] + [reason for reason in reasons if str(reason.get("Code", "")).startswith("Validation")]
-    return any(
-        str(each.get("Code", "")).startswith("Validation") and "document path" in str(each.get("Message", ""))
-        for each in found
-    )
+    return len(reasons) > at and str(reasons[at].get("Code", "")).startswith("Validation")
 
 
 def too_large(exc: ClientError) -> bool:

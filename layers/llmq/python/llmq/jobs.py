@@ -97,6 +97,10 @@ class SweepEntry:
     batch: bool = False
 
 
+# Where a share update stands in a job's transaction: after the job's own write.
+_SHARE_AT = 1
+
+
 class _NoHolders(Exception):
     """A transaction refused because its share update writes inside a missing holders map."""
 
@@ -198,7 +202,7 @@ class JobRepository:
         before one of them existed has it added (`shares.ensure_holders`), then the same
         transaction is tried again."""
         try:
-            self._transact(items)
+            self._transact(items, sharing=True)
         except _NoHolders:
             try:
                 self._ddb.update_item(**shares.ensure_holders(self.table_name, tenant_id, lane))
@@ -208,7 +212,7 @@ class JobRepository:
                 raise StoreUnavailable(f"tenant {tenant_id} has no share") from exc
             self._transact(items)
 
-    def _transact(self, items: list[dict[str, Any]]) -> None:
+    def _transact(self, items: list[dict[str, Any]], *, sharing: bool = False) -> None:
         """One TransactWriteItems: a job write (always the first item) and its tenant's share
         update, all or nothing.
 
@@ -225,7 +229,7 @@ class JobRepository:
             except ClientError as exc:
                 if codec.too_large(exc):
                     raise ItemTooLarge("the job does not fit in one item") from exc
-                if codec.missing_path(exc):
+                if sharing and codec.missing_path(exc, at=_SHARE_AT):
                     raise _NoHolders() from exc
                 if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                     raise
@@ -315,6 +319,24 @@ class JobRepository:
     # ---- claim --------------------------------------------------------------------------
 
     def claim(
+        self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
+    ) -> Claim:
+        claim = self._claim(job_id, owner, lease_seconds, tenant)
+        if claim.share is not None and tenant is not None and batches.batch_of(job_id) is not None:
+            # A batch's item refused: the share's batch slots may need a repair first.
+            repair = shares.repair_batch_slots(
+                self.table_name, claim.share, tenant[1], self.config.batches.interactive_reserve
+            )
+            if repair is not None:
+                try:
+                    self._ddb.update_item(**repair)
+                except ClientError as exc:
+                    if not codec.condition_failed(exc):
+                        raise
+                return self._claim(job_id, owner, lease_seconds, tenant)
+        return claim
+
+    def _claim(
         self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
     ) -> Claim:
         """One transaction: the job's conditional claim and a slot of its tenant's share in

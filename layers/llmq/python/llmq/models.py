@@ -475,7 +475,9 @@ class Batch(BaseModel):
     )
     results_file_expires_at: str | None = None
     errors: list[BatchLineError] | None = Field(
-        default=None, description="A failed batch's reasons: the uploaded file's first bad lines"
+        default=None,
+        description="Why the batch failed (the uploaded file's first bad lines), or why llmq gave up on "
+        "it (`batch_crashed`: its worker crashed at every try)",
     )
 
 

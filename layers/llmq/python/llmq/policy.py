@@ -13,6 +13,11 @@ from llmq.job_record import JobRecord
 from llmq.models import ErrorCode, JobError, JobStatus
 from llmq.shares import ShareState
 
+# A lane message that dead-lettered before its work was done (crashes between the receive and
+# the claim, or a batch's expansion each time) is sent again this many times before its job,
+# or its batch, is given up on.
+MAX_DEAD_LETTER_REDRIVES = 1
+
 
 class ClaimOutcome(StrEnum):
     CLAIMED = "claimed"

@@ -183,7 +183,13 @@ def hold(
             "#bcap": _BATCH_CAP_PREFIX + lane,
         }
         expression += ", #bh.#job = :now"
-        condition += " AND " + _below("#bh", "#bmax", "#bcap")
+        # (an operator's cap set before batch caps existed has none: refused until
+        # `repair_batch_slots` writes it, rather than held to the tier's default)
+        condition += (
+            " AND "
+            + _below("#bh", "#bmax", "#bcap")
+            + " AND (attribute_not_exists(#max) OR attribute_exists(#bmax))"
+        )
     return {
         "Update": {
             "TableName": table,
@@ -215,6 +221,48 @@ def leave(
         update["UpdateExpression"] += " ADD active :minus"
         update["ExpressionAttributeValues"] = {":minus": {"N": "-1"}}
     return {"Update": update}
+
+
+# Stale batch slots given back by one repair, at most (an UpdateItem's expression stays small).
+_REPAIR_MAX = 50
+
+
+def repair_batch_slots(table: str, share: ShareState, lane: str, reserve: float) -> dict[str, Any] | None:
+    """UpdateItem arguments repairing what refused a batch's item, as `share` (the refused
+    condition's) shows it, or None when nothing needs it:
+
+    - batch slots of jobs that hold no slot: their end was written by a version that knew no
+      batch slots (a rollback, a deploy's mixed versions), since every claim writes both maps
+      and every end removes both at once. Given back, each only if still holding no slot;
+    - an operator's cap set before batch caps existed: its batch cap, from the same reserve.
+    """
+    held = share.holders.get(lane, {})
+    stale = [job for job in share.batch_holders.get(lane, {}) if job not in held][:_REPAIR_MAX]
+    uncapped = share.max_concurrency is not None and share.max_batch_concurrency is None
+    if not stale and not uncapped:
+        return None
+    # (DynamoDB refuses a name the expressions do not use)
+    names = {"#h": holders_of(lane), "#bh": batch_holders_of(lane)} if stale else {}
+    names |= {f"#s{n}": job for n, job in enumerate(stale)}
+    conditions = [f"attribute_not_exists(#h.#s{n})" for n in range(len(stale))]
+    expression = "REMOVE " + ", ".join(f"#bh.#s{n}" for n in range(len(stale))) if stale else ""
+    values: dict[str, Any] = {}
+    if uncapped and share.max_concurrency is not None:
+        names |= {"#max": MAX_CONCURRENCY, "#bmax": MAX_BATCH_CONCURRENCY}
+        values = {
+            ":max": {"N": str(share.max_concurrency)},
+            ":bmax": {"N": str(batch_cap(share.max_concurrency, reserve))},
+        }
+        expression = f"SET #bmax = :bmax {expression}"
+        conditions.append("#max = :max AND attribute_not_exists(#bmax)")
+    return {
+        "TableName": table,
+        "Key": share_key(share.tenant_id),
+        "UpdateExpression": expression.strip(),
+        "ConditionExpression": " AND ".join(conditions),
+        "ExpressionAttributeNames": names,
+        **({"ExpressionAttributeValues": values} if values else {}),
+    }
 
 
 def ensure_holders(table: str, tenant_id: str, lane: str) -> dict[str, Any]:

@@ -1,0 +1,241 @@
+"""A batch whose worker crashes on it every time (issue 15): its expand message dead-letters,
+is sent once more, and when that one dead-letters too, llmq gives up on what it was for and
+says so in the batch's `errors` (`batch_crashed`), instead of the reconciler sending it again
+for ever. Through the real worker, dead-letter and reconciler handlers against moto."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.batch_requests import StoredRequests
+from llmq.batch_results import ResultsCompiler
+from llmq.batch_uploads import UploadScanner
+from llmq.batches import BatchRepository
+from llmq.jobs import JobRepository
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from llmq.shares import ShareRepository
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
+from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
+from tests.integration.test_batch_uploads import _upload
+
+HIGH = "high"
+
+
+@pytest.fixture
+def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
+    # Chunks of two items: a batch of five is three transactions, and a crash can fall between.
+    return Harness(moto_stack, integration_config(provider, batches={"expand_chunk": 2}), monkeypatch)
+
+
+def _submit(harness: Harness, count: int = 5) -> str:
+    requests = [{"custom_id": f"c{n}", "body": {"prompt": f"say {n}"}} for n in range(count)]
+    reply = harness.api("POST", "/v1/batches", body={"requests": requests}, tenant=ENTERPRISE)
+    assert reply.status == 202, reply.body
+    return str(reply.body["id"])
+
+
+def _batch(harness: Harness, batch_id: str) -> dict[str, Any]:
+    reply = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE)
+    assert reply.status == 200
+    return dict(reply.body)
+
+
+def _expand_messages(harness: Harness) -> list[dict[str, Any]]:
+    url = harness.stack.lane_queue_urls[HIGH]
+    messages = harness.receive(url, visibility=0)
+    return [message for message in messages if json.loads(message["Body"]).get("kind") == "expand"]
+
+
+def _run_items(harness: Harness) -> None:
+    """Every item message in the lane, through the worker (expand messages left alone)."""
+    url = harness.stack.lane_queue_urls[HIGH]
+    for _ in range(5):
+        items = [
+            m for m in harness.receive(url, visibility=0) if json.loads(m["Body"]).get("kind") != "expand"
+        ]
+        if not items:
+            return
+        harness.run_worker(url, items)
+
+
+def _crash_then_dead_letter(harness: Harness) -> dict[str, Any]:
+    """The batch's expand messages crash the worker, and (their receives exhausted, as SQS's
+    redrive would move them) go to the lane's DLQ, where the dead-letter function handles
+    them: the function's answer."""
+    url, dlq = harness.stack.lane_queue_urls[HIGH], harness.stack.lane_dlq_urls[HIGH]
+    messages = _expand_messages(harness)
+    assert messages
+    response = harness.run_worker(url, messages)
+    failed = {failure["itemIdentifier"] for failure in response["batchItemFailures"]}
+    assert failed == {message["MessageId"] for message in messages}
+    for message in messages:
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        harness.sqs.send_message(QueueUrl=dlq, MessageBody=message["Body"])
+    letters = harness.receive(dlq)
+    answer: dict[str, Any] = load_handler("dead_letter").handler(
+        harness.sqs_event(dlq, letters), LambdaContextStub()
+    )
+    if not answer["batchItemFailures"]:
+        for letter in letters:
+            harness.sqs.delete_message(QueueUrl=dlq, ReceiptHandle=letter["ReceiptHandle"])
+    return answer
+
+
+def _crash(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, when: Any = None) -> None:
+    """`target.name` raises as an out-of-memory worker would stop, (where `when` says so)."""
+    original = getattr(target, name)
+
+    def crashing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if when is None or when(*args):
+            raise RuntimeError("the worker died here")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(target, name, crashing)
+
+
+def _crashed(batch: dict[str, Any]) -> bool:
+    return [error["code"] for error in batch.get("errors") or []] == ["batch_crashed"]
+
+
+def test_an_expansion_that_crashes_every_time_is_tried_once_more_then_canceled_with_its_reason(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of five whose expansion crashes its worker at the third item, every time
+    _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
+    batch_id = _submit(harness)
+    # When its expand message dead-letters
+    assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
+    # Then it is sent once more, and the batch still runs (an inline batch is `validating`
+    # until its expansion has begun)
+    assert _batch(harness, batch_id)["status"] in ("validating", "in_progress")
+    assert len(_expand_messages(harness)) == 1
+    # When that one dead-letters too
+    assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
+    # Then the batch is canceling with its reason; the worker's next look (the message sent
+    # for it) and the two items written end it, and no item reached the provider
+    _run_items(harness)
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, _expand_messages(harness))
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+    # (its results file names the items never written from their stored requests, which
+    # crashes too: that dead letter ends it without the file)
+    _crash_then_dead_letter(harness)
+    ended = _batch(harness, batch_id)
+    assert (ended["status"], ended["request_counts"]["canceled"], ended["request_counts"]["total"]) == (
+        "canceled",
+        5,
+        5,
+    )
+    assert _crashed(ended) and ended.get("results_file_url") is None
+    assert len(provider.state.snapshot()["log"]) == 0
+    # And the tenant's five active jobs are given back
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    assert shares.get(ENTERPRISE["tenant_id"]).active == 0
+
+
+def test_the_same_dead_letter_handled_twice_is_sent_once_more_not_given_up(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose expansion crashes, and the dead-letter function that handles its
+    # dead-lettered message twice (its own record retried)
+    _crash(monkeypatch, StoredRequests, "item")
+    batch_id = _submit(harness)
+    url, dlq = harness.stack.lane_queue_urls[HIGH], harness.stack.lane_dlq_urls[HIGH]
+    (message,) = _expand_messages(harness)
+    harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody=message["Body"])
+    letters = harness.receive(dlq, visibility=0)
+    for _ in range(2):
+        load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    # Then it counts once: the batch runs on, with its message sent again (once per handling)
+    running = _batch(harness, batch_id)
+    assert running["status"] in ("validating", "in_progress") and not _crashed(running)
+    assert len(_expand_messages(harness)) == 2
+
+
+def test_an_upload_whose_validation_crashes_every_time_fails_and_admits_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an uploaded file whose validation crashes its worker every time
+    _crash(monkeypatch, UploadScanner, "scan")
+    upload_id = _upload(harness, '{"custom_id": "a", "body": {"prompt": "x"}}\n')
+    reply = harness.api("POST", "/v1/batches", body={"upload_id": upload_id}, tenant=ENTERPRISE)
+    assert reply.status == 202, reply.body
+    batch_id = reply.body["id"]
+    # When its expand message dead-letters twice
+    _crash_then_dead_letter(harness)
+    _crash_then_dead_letter(harness)
+    # Then it failed with its reason, nothing was admitted, and nothing more is asked of a worker
+    failed = _batch(harness, batch_id)
+    assert (failed["status"], failed["request_counts"]["total"]) == ("failed", 0)
+    assert _crashed(failed)
+    assert (
+        ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+        .get(ENTERPRISE["tenant_id"])
+        .active
+        == 0
+    )
+    assert _expand_messages(harness) == []
+
+
+def test_a_results_file_that_crashes_every_time_ends_the_batch_without_it(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of two whose items ran, and whose results file crashes its worker every time
+    _crash(monkeypatch, ResultsCompiler, "compile")
+    batch_id = _submit(harness, count=2)
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, _expand_messages(harness))  # the expansion
+    _run_items(harness)
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+    # When the message asking for the file dead-letters twice
+    _crash_then_dead_letter(harness)
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+    _crash_then_dead_letter(harness)
+    # Then the batch ended with its counts, without a file; its results stay readable by page
+    ended = _batch(harness, batch_id)
+    assert (ended["status"], ended["request_counts"]["succeeded"]) == ("completed", 2)
+    assert ended.get("results_file_url") is None and _crashed(ended)
+    page = harness.api("GET", f"/v1/batches/{batch_id}/results", tenant=ENTERPRISE)
+    assert page.status == 200
+
+
+def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_sweep(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose expansion crashes, and whose every later look crashes too
+    _crash(monkeypatch, StoredRequests, "item")
+    _crash(monkeypatch, BatchRepository, "give_up_expansion")
+    batch_id = _submit(harness)
+    _crash_then_dead_letter(harness)
+    # When the second dead letter's give-up crashes the dead-letter function itself, and
+    # then its retry, and the worker's look, dead-letter again
+    answer = _crash_then_dead_letter(harness)
+    assert answer["batchItemFailures"], "the give-up crashed: the record stays for a retry"
+    stored = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    batch = stored.find(batch_id)
+    assert batch is not None and batch.cancel_requested
+    # (the reconciler's look: another expand message, which crashes a worker once more)
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    harness.sqs.purge_queue(QueueUrl=harness.stack.lane_dlq_urls[HIGH])
+    queues.enqueue_expand(batch_id, HIGH, ENTERPRISE["tenant_id"])
+    third = _crash_then_dead_letter(harness)
+    # Then the message stays in the DLQ for an operator, and the reconciler stops looking
+    assert third["batchItemFailures"]
+    hours_later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + 3600,
+    )
+    assert batch_id not in Reconciler(hours_later, queues, harness.config, batches=stored).run().batches
