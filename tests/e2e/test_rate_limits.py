@@ -103,6 +103,7 @@ def test_every_tenant_in_the_state_file_lists_its_limits(sandbox: SandboxUnderTe
         limits = shown["limits"]
         assert tenant["limits"] == {
             "max_concurrency": limits["max_concurrency"]["value"],
+            "max_batch_concurrency": limits["max_batch_concurrency"]["value"],
             "max_active_jobs": limits["max_active_jobs"]["value"],
             "max_long_polls": limits["max_long_polls"]["value"],
             "rate_per_second": limits["rate_per_second"]["value"],

@@ -16,6 +16,7 @@ from llmq.batch_requests import StoredRequests
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
 from llmq.batches import BatchRepository
+from llmq.errors import StoreContended
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
@@ -83,9 +84,9 @@ def _crash_then_dead_letter(harness: Harness) -> dict[str, Any]:
     answer: dict[str, Any] = load_handler("dead_letter").handler(
         harness.sqs_event(dlq, letters), LambdaContextStub()
     )
-    if not answer["batchItemFailures"]:
-        for letter in letters:
-            harness.sqs.delete_message(QueueUrl=dlq, ReceiptHandle=letter["ReceiptHandle"])
+    # (what it reports failed would stay in the DLQ: the answer says so; the next call starts clean)
+    for letter in letters:
+        harness.sqs.delete_message(QueueUrl=dlq, ReceiptHandle=letter["ReceiptHandle"])
     return answer
 
 
@@ -208,30 +209,103 @@ def test_a_results_file_that_crashes_every_time_ends_the_batch_without_it(
     assert page.status == 200
 
 
+def test_a_give_up_cut_short_is_finished_when_its_dead_letter_is_retried(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of five whose expansion crashes at its third item, dead-lettered once
+    _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
+    batch_id = _submit(harness)
+    _crash_then_dead_letter(harness)
+    # And a give-up whose share transaction conflicts (a claim of the tenant's at that moment)
+    conflicts = iter([StoreContended("dynamodb.TransactWriteItems: TransactionConflict")])
+    give_up = BatchRepository.give_up_expansion
+
+    def conflicting(self: BatchRepository, batch: Any) -> bool:
+        failure = next(conflicts, None)
+        if failure is not None:
+            raise failure
+        return give_up(self, batch)
+
+    monkeypatch.setattr(BatchRepository, "give_up_expansion", conflicting)
+    # When the second dead letter's handling fails there, and SQS hands its record back
+    url, dlq = harness.stack.lane_queue_urls[HIGH], harness.stack.lane_dlq_urls[HIGH]
+    messages = _expand_messages(harness)
+    harness.run_worker(url, messages)
+    for message in messages:
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        harness.sqs.send_message(QueueUrl=dlq, MessageBody=message["Body"])
+    letters = harness.receive(dlq, visibility=0)
+    dead_letter = load_handler("dead_letter").handler
+    assert dead_letter(harness.sqs_event(dlq, letters), LambdaContextStub())["batchItemFailures"]
+    assert not dead_letter(harness.sqs_event(dlq, letters), LambdaContextStub())["batchItemFailures"]
+    # Then the retry finished the give-up: the three items never written count as canceled,
+    # and the tenant's active jobs are only the two written, which end canceled
+    stored = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    batch = stored.find(batch_id)
+    assert batch is not None and batch.cancel_requested and batch.unexpanded_canceled == 3
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    assert shares.get(ENTERPRISE["tenant_id"]).active == 2
+    _run_items(harness)
+    harness.run_worker(url, _expand_messages(harness))
+    assert _batch(harness, batch_id)["status"] in ("finalizing", "canceled")
+    assert shares.get(ENTERPRISE["tenant_id"]).active == 0
+
+
+def test_the_count_starts_afresh_once_the_batch_gets_past_what_crashed(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose expansion crashed once (a dead letter), then went through on its
+    # message sent again
+    crashing = {"expansion": True, "compile": True}
+    _crash(monkeypatch, StoredRequests, "item", when=lambda index: crashing["expansion"])
+    compile_file = ResultsCompiler.compile
+
+    def compile_once_crashing(self: ResultsCompiler, *args: Any) -> Any:
+        if crashing["compile"]:
+            raise RuntimeError("the worker died here")
+        return compile_file(self, *args)
+
+    monkeypatch.setattr(ResultsCompiler, "compile", compile_once_crashing)
+    batch_id = _submit(harness, count=2)
+    _crash_then_dead_letter(harness)
+    crashing["expansion"] = False
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, _expand_messages(harness))
+    _run_items(harness)
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+    # When its results file then crashes once too
+    _crash_then_dead_letter(harness)
+    # Then that is its first dead letter, not its second: sent again, not given up on
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+    crashing["compile"] = False
+    harness.run_worker(url, _expand_messages(harness))
+    ended = _batch(harness, batch_id)
+    assert ended["status"] == "completed" and ended["results_file_url"] and not ended.get("errors")
+
+
 def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_sweep(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a batch whose expansion crashes, and whose every later look crashes too
+    # Given a batch whose expansion crashes, and whose winding down crashes too, every time
     _crash(monkeypatch, StoredRequests, "item")
     _crash(monkeypatch, BatchRepository, "give_up_expansion")
     batch_id = _submit(harness)
-    _crash_then_dead_letter(harness)
-    # When the second dead letter's give-up crashes the dead-letter function itself, and
-    # then its retry, and the worker's look, dead-letter again
-    answer = _crash_then_dead_letter(harness)
-    assert answer["batchItemFailures"], "the give-up crashed: the record stays for a retry"
-    stored = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    batch = stored.find(batch_id)
-    assert batch is not None and batch.cancel_requested
-    # (the reconciler's look: another expand message, which crashes a worker once more)
+    assert not _crash_then_dead_letter(harness)["batchItemFailures"]  # sent again
     queues = QueueRepository(
         harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
     )
-    harness.sqs.purge_queue(QueueUrl=harness.stack.lane_dlq_urls[HIGH])
-    queues.enqueue_expand(batch_id, HIGH, ENTERPRISE["tenant_id"])
-    third = _crash_then_dead_letter(harness)
-    # Then the message stays in the DLQ for an operator, and the reconciler stops looking
-    assert third["batchItemFailures"]
+    stored = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    answers = []
+    for _ in range(3):
+        # (each time, another look at it: the reconciler's, which crashes a worker once more)
+        answers.append(_crash_then_dead_letter(harness)["batchItemFailures"])
+        if not _expand_messages(harness):
+            queues.enqueue_expand(batch_id, HIGH, ENTERPRISE["tenant_id"])
+    # Then the give-up was tried at the second and third dead letters, and at the fourth the
+    # message stays in the DLQ for an operator, and the reconciler stops looking
+    assert all(answers)
+    batch = stored.find(batch_id)
+    assert batch is not None and batch.cancel_requested and len(batch.dead_letter_ids) == 4
     hours_later = JobRepository(
         harness.stack.jobs_table,
         harness.config,

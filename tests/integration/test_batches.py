@@ -357,7 +357,8 @@ def test_an_expansion_whose_sends_fail_after_its_write_queues_that_chunk_when_it
     # The first chunk is written, then SQS refuses its messages (the worker's crash window)
     reply = _submit(harness, requests=_requests(5))
     faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessageBatch", function="worker", times=3)
-    _run_lane(harness)
+    # (its retries wait out real visibility timeouts: about 17 s, longer on a loaded machine)
+    _run_lane(harness, seconds=90)
     assert len(faults.fired) == 3
     # Then the resumed expansion queued it again: every item ran exactly once
     assert sorted(call["job_id"] for call in provider.state.snapshot()["log"]) == sorted(

@@ -363,10 +363,10 @@ def dead_lettered(
     - a batch still running is canceled: items not yet written never will be, queued ones end
       canceled at their claims, running ones finish.
 
-    After that, a dead letter ends the batch at once where it can (its results file); one of
-    a batch canceled for this whose winding down crashes a worker too takes it out of the
-    reconciler's sweep, and stays in the DLQ for an operator (PoisonMessage). A batch is never
-    retried for ever.
+    The count starts afresh at each step the batch gets past (a chunk, a part of its file or
+    of its results file). Past the give-up, a dead letter repeats it (a retry of one cut short
+    finishes it); a few more, and the reconciler stops looking at the batch and the message
+    stays in the DLQ for an operator (PoisonMessage). A batch is never retried for ever.
     """
     batch = batches.find(batch_id)
     if batch is None:
@@ -378,7 +378,8 @@ def dead_lettered(
     counted = batches.note_dead_letter(batch, message_id)
     if counted is None:
         return batches.find(batch_id)  # ended meanwhile
-    if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
+    letters = len(counted.dead_letter_ids)
+    if letters <= MAX_DEAD_LETTER_REDRIVES:
         queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
         return counted
     crashed = [
@@ -396,12 +397,14 @@ def dead_lettered(
         ended = batches.fail(counted, crashed)
     elif counted.status is BatchStatus.FINALIZING and counted.final_counts is not None:
         ended = batches.finish(counted, counted.final_counts, errors=counted.errors or crashed)
-    elif any(error.code == BATCH_CRASHED for error in counted.errors or []):
-        # Canceled for this already, and its winding down crashes a worker too.
+    elif letters > MAX_DEAD_LETTER_REDRIVES + _GIVE_UP_TRIES and _given_up(counted):
+        # Canceled for this already, and its winding down crashes a worker too, again and again.
         batches.stop_sweeping(counted)
         raise PoisonMessage(f"batch {batch_id} keeps crashing its workers")
     else:
-        flagged = batches.request_cancel(counted, crashed)
+        # Every step again on a retry (each is idempotent): one cut short by a throttle or a
+        # conflict is finished here, never left half done.
+        flagged = batches.request_cancel(counted, counted.errors if _given_up(counted) else crashed)
         if flagged is not None:
             _write_no_more(batches, queues, config, flagged)
         # A worker ends it once its items have (this function reads no counts).
@@ -410,3 +413,12 @@ def dead_lettered(
     if ended is not None and _webhook_unsent(ended):
         _send_webhook(batches, queues, ended)
     return ended or batches.find(batch_id)
+
+
+# Dead letters of a batch already canceled for crashing (a stale copy, a retry of the give-up
+# cut short) that repeat the give-up before llmq stops looking at it.
+_GIVE_UP_TRIES = 2
+
+
+def _given_up(batch: BatchRecord) -> bool:
+    return any(error.code == BATCH_CRASHED for error in batch.errors or [])

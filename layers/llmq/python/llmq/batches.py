@@ -278,6 +278,12 @@ _RESULT_ATTRIBUTES = (
 )
 
 
+# A step of the batch's work done (a chunk written, a part validated or of its results file
+# uploaded, its finalizing begun): the dead letters counted so far were about a step it got
+# past, and the next is counted afresh (`batch_runs.dead_lettered`), as a job's are at its claim.
+_PROGRESSED = "REMOVE dead_letter_ids"
+
+
 def _errors(errors: list[BatchLineError]) -> dict[str, str]:
     """The `errors` attribute's value, as an update SETs it."""
     return {"errors": _BATCH_JSON["errors"].dump_json(errors).decode()}
@@ -583,7 +589,7 @@ class BatchRepository:
             "Update": {
                 "TableName": self.table_name,
                 "Key": batch_key(batch.id),
-                "UpdateExpression": "SET expanded = :end, #st = :status",
+                "UpdateExpression": f"SET expanded = :end, #st = :status {_PROGRESSED}",
                 "ConditionExpression": "expanded = :start AND cancel_requested = :false",
                 "ExpressionAttributeNames": {"#st": "status"},
                 "ExpressionAttributeValues": codec.values(
@@ -648,7 +654,7 @@ class BatchRepository:
         # (or a second run that stored the same part; parts are the same bytes either way).
         return self._update_while_open(
             batch.id,
-            "SET parts = :parts, scan_bytes = :bytes, scan_lines = :lines",
+            f"SET parts = :parts, scan_bytes = :bytes, scan_lines = :lines {_PROGRESSED}",
             {
                 "parts": parts,
                 "bytes": scan_bytes,
@@ -716,10 +722,9 @@ class BatchRepository:
         )
 
     def stop_sweeping(self, batch: BatchRecord) -> None:
-        """The reconciler stops looking at the batch: its every look crashed a worker."""
-        self._ddb.update_item(
-            TableName=self.table_name, Key=batch_key(batch.id), UpdateExpression="REMOVE sweep_pk, sweep_at"
-        )
+        """The reconciler stops looking at the batch (not yet ended): its every look crashed a
+        worker."""
+        self._update_while_open(batch.id, "REMOVE sweep_pk, sweep_at", {}, finalizing=True)
 
     # ---- cancel and end -----------------------------------------------------------------
 
@@ -761,7 +766,7 @@ class BatchRepository:
         before the terminal status. None when another caller began (or ended) it first."""
         return self._update_while_open(
             batch.id,
-            "SET #st = :finalizing, final_counts = :counts, compile_next = :zero, finalizing_ms = :now",
+            f"SET #st = :finalizing, final_counts = :counts, compile_next = :zero, finalizing_ms = :now {_PROGRESSED}",
             {
                 "finalizing": BatchStatus.FINALIZING.value,
                 "counts": counts.model_dump_json(),
@@ -805,7 +810,7 @@ class BatchRepository:
         had it, or stands where this very write (its answer lost) already put it."""
         return self._update_while_open(
             batch.id,
-            "SET compile_next = :next, compile_parts = :parts",
+            f"SET compile_next = :next, compile_parts = :parts {_PROGRESSED}",
             {"next": next_index, "parts": etags, "from": batch.compile_next},
             "(compile_next = :from OR compile_next = :next)",
             finalizing=True,
