@@ -27,9 +27,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 SYNTH_CACHE := $(CURDIR)/.llmq/synth-cache
 # Whole lines from the two suites running side by side; make 3.81 (stock macOS) lacks the option.
 OUTPUT_SYNC := $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=line)
-test test-unit test-integration test-unit-and-integration test-infra test-e2e aws-calls fuzz: export LLMQ_SYNTH_CACHE ?= $(SYNTH_CACHE)
+test test-unit test-integration test-unit-and-integration test-infra test-infra-then-warm test-e2e aws-calls fuzz: export LLMQ_SYNTH_CACHE ?= $(SYNTH_CACHE)
 
-.PHONY: help install test test-unit test-integration test-unit-and-integration test-infra test-e2e lint format synth deploy destroy \
+.PHONY: help install test test-unit test-integration test-unit-and-integration test-infra test-infra-then-warm test-e2e lint format synth deploy destroy \
         layers demo dev bench soak fuzz clean aws-calls
 
 help: ## Show the targets
@@ -45,11 +45,16 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced ## Create the virtual environment from uv.lock
 
-# The CDK suite runs beside the moto ones (mostly a single jsii process), each printing when done;
-# then the sandboxes, which wait more than they compute, two modules at a time.
+# The CDK suite runs beside the moto ones (mostly a single jsii process), each printing when done,
+# and then synthesizes the e2e suite's sandbox apps into the cache (tests/e2e/warm_synth.py) while
+# the moto suites still run; then the sandboxes, which wait more than they compute, two modules at
+# a time, each booting from the cache.
 test: install ## Run every suite (unit, integration, infra, e2e)
-	$(MAKE) --no-print-directory -j2 $(OUTPUT_SYNC) test-unit-and-integration test-infra
+	$(MAKE) --no-print-directory -j2 $(OUTPUT_SYNC) test-unit-and-integration test-infra-then-warm
 	$(MAKE) --no-print-directory test-e2e
+
+test-infra-then-warm: test-infra
+	$(PY) -m tests.e2e.warm_synth
 
 test-unit-and-integration: install
 	$(PYTEST) tests/unit tests/integration -q -n 2

@@ -47,16 +47,17 @@ PAIR_SPACING_SECONDS = 3.0
 TIERS = ("enterprise", "free")
 
 
+# The reconciler would also rescue a crashed job (a new message once its lease lapsed long
+# ago); kept out of the way here so that the redelivery shown is SQS's own.
+SANDBOX_CONFIG: dict[str, Any] = {
+    "worker": {"timeout_seconds": WORKER_TIMEOUT_SECONDS},
+    "reconciler": {"expired_lease_grace_seconds": 600},
+}
+
+
 @pytest.fixture(scope="module")
 def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
-    # The reconciler would also rescue a crashed job (a new message once its lease lapsed long
-    # ago); kept out of the way here so that the redelivery shown is SQS's own.
-    started: SandboxUnderTest = sandbox_factory(
-        {
-            "worker": {"timeout_seconds": WORKER_TIMEOUT_SECONDS},
-            "reconciler": {"expired_lease_grace_seconds": 600},
-        }
-    )
+    started: SandboxUnderTest = sandbox_factory(SANDBOX_CONFIG)
     return started
 
 

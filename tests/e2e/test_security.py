@@ -39,14 +39,15 @@ PROBLEM_JSON = "application/problem+json"
 UNKNOWN_JOB = "job_0000000000000000000000000000"
 
 
+SANDBOX_CONFIG: dict[str, Any] = {
+    "limits": {"authorizer_cache_seconds": AUTHORIZER_CACHE_SECONDS},
+    "webhooks": {"allow_loopback_http": False},
+}
+
+
 @pytest.fixture(scope="module")
 def sandbox(sandbox_factory: Any) -> SandboxUnderTest:
-    started: SandboxUnderTest = sandbox_factory(
-        {
-            "limits": {"authorizer_cache_seconds": AUTHORIZER_CACHE_SECONDS},
-            "webhooks": {"allow_loopback_http": False},
-        }
-    )
+    started: SandboxUnderTest = sandbox_factory(SANDBOX_CONFIG)
     return started
 
 

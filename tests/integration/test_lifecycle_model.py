@@ -93,7 +93,8 @@ from llmq.tenants import TenantIdentity, TenantRepository
 from llmq.webhooks import OutcomeKind, WebhookDispatcher, webhook_id
 from tests.conftest import MotoStack, create_llmq_resources
 
-EXAMPLES = int(os.environ.get("LLMQ_MODEL_EXAMPLES", "200"))
+# 120 under `make test` (about a minute); `make fuzz` runs 2,000.
+EXAMPLES = int(os.environ.get("LLMQ_MODEL_EXAMPLES", "120"))
 STEPS = 10
 MAX_JOBS = 4
 # A worker invocation's budget; its lease is this plus the configured margin.
