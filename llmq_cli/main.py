@@ -447,7 +447,7 @@ def watch_batch(client: Any, batch_id: str, timeout: float, interval: float = 1.
         batch = client.batch(batch_id)
 
 
-# Past this size a file goes by the upload form: an inline body holds 5 MB at most.
+# Past this size a file goes by the upload form: an inline body holds 4.5 MB at most.
 _INLINE_FILE_BYTES = 4_000_000
 
 
