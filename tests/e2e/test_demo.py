@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 def test_make_demo_exits_0_with_every_job_terminal_and_every_webhook_verified() -> None:
     # When a newcomer runs `make demo`
     demo = subprocess.run(
-        ["make", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=240
+        ["make", "--no-print-directory", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=480
     )
     # Then it exits 0 and says why
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
