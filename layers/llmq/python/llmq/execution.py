@@ -559,12 +559,14 @@ def mark_dead_letter(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
             )
         return None
-    ended = _mark_dead_letter(jobs, queues, body, message_id)
+    ended = _mark_dead_letter(jobs, queues, message, message_id)
     item_ended(None, queues, ended)
     return ended
 
 
-def _mark_dead_letter(jobs: JobStore, queues: QueueStore, body: str, message_id: str) -> JobRecord | None:
+def _mark_dead_letter(
+    jobs: JobStore, queues: QueueStore, message: LaneMessage, message_id: str
+) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;
@@ -573,7 +575,6 @@ def _mark_dead_letter(jobs: JobStore, queues: QueueStore, body: str, message_id:
 
     Raises PoisonMessage for a body that names no job, so it stays in the DLQ for a human.
     """
-    message = _parse(body)
     job = jobs.find(message.job_id)
     if job is None:
         raise PoisonMessage(f"no job {message.job_id}")
