@@ -28,6 +28,7 @@ from llmq.batches import BatchRepository
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
+from llmq.live_output import resume_point
 from llmq.long_polls import LongPolls
 from llmq.models import (
     Batch,
@@ -39,6 +40,7 @@ from llmq.models import (
     JobList,
     JobRequest,
     JobStatus,
+    OutputDelta,
     Problem,
     Upload,
     WebhookLog,
@@ -60,6 +62,7 @@ RESULTS_CURSOR = r"^[0-9]{1,7}$"
 # A list cursor is unpadded URL-safe base64 of the key it resumes from.
 CURSOR = r"^[A-Za-z0-9_-]{1,2048}$"
 LIMITS = ENV.config.limits
+STREAMING = ENV.config.streaming
 
 # The request model carries this deployment's limits, so the document states what is enforced.
 if TYPE_CHECKING:
@@ -351,6 +354,14 @@ def handle_submit_job(
     return _job_response(job, status, headers)
 
 
+def _long_polls_taken(instead: str) -> errors.TooManyLongPolls:
+    return errors.TooManyLongPolls(
+        "the tenant's requests waiting at once are at their limit (docs/limits.md); "
+        f"retry after Retry-After, or {instead}",
+        retry_after=ENV.config.fair_share.long_poll_retry_after_seconds,
+    )
+
+
 @app.get("/v1/jobs/<job_id>", summary="Get a job", responses=_responses(200, "The job"))
 def handle_get_job(
     job_id: Annotated[str, Path(pattern=JOB_ID)],
@@ -363,11 +374,7 @@ def handle_get_job(
     if polled.wait_refused:
         # The tenant's long-polls are all taken: a 429 with Retry-After, which every client's
         # backoff honours, rather than a 200 that a polling loop would repeat at once.
-        raise errors.TooManyLongPolls(
-            "the tenant's requests waiting at once are at their limit (docs/limits.md); "
-            "retry after Retry-After, or poll without ?wait",
-            retry_after=ENV.config.fair_share.long_poll_retry_after_seconds,
-        )
+        raise _long_polls_taken("poll without ?wait")
     return _job_response(polled.job, 200)
 
 
@@ -404,6 +411,55 @@ def handle_list_jobs(
 def handle_cancel_job(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[Any]:
     job = intake().cancel(_tenant(), job_id)
     return _job_response(job, 200 if job.status.is_terminal else 202)
+
+
+@app.get(
+    "/v1/jobs/<job_id>/events",
+    summary="Follow a job: its status and, for `stream: true`, its output as it is generated",
+    description=(
+        'Server-sent events (docs/streaming.md): `status` (`{"status"}`) when the status '
+        "changes, `output.delta` (`OutputDelta`, its id the delta's `seq`) for each piece of "
+        "output, and `done` with the terminal Job. Each response is a long poll: it answers as "
+        "soon as there is something new, or after `wait` seconds, and ends with a `retry:` hint; "
+        "reconnect with `Last-Event-ID` (EventSource does) or `?after=` to read on. It holds one "
+        "of the tenant's long-poll places while it waits (429 when none is free)."
+    ),
+    responses={
+        200: {
+            "description": "A text/event-stream of status, output.delta and done events",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **{status: body for status, body in _responses(200, "", OutputDelta).items() if status != 200},
+    },
+)
+def handle_job_events(
+    job_id: Annotated[str, Path(pattern=JOB_ID)],
+    wait: Annotated[
+        int,
+        Query(
+            ge=0, le=STREAMING.max_wait_seconds, description="Hold the response open up to this many seconds"
+        ),
+    ] = STREAMING.max_wait_seconds,
+    after: Annotated[
+        int | None, Query(ge=0, description="Read the deltas after this seq (wins over Last-Event-ID)")
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", max_length=32, description="The id of the last event read"),
+    ] = None,
+) -> Response[Any]:
+    tenant = _tenant()
+    events = intake().output_events(
+        tenant, job_id, resume_point(last_event_id, after), wait_seconds=_wait_budget(wait)
+    )
+    if events.wait_refused:
+        raise _long_polls_taken("ask with ?wait=0")
+    return Response(
+        status_code=200,
+        content_type="text/event-stream",
+        body=events.body,
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 @app.get(

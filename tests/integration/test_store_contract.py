@@ -17,6 +17,7 @@ from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost
 from llmq.jobs import JobRepository
+from llmq.live_output import OutputChunk
 from llmq.models import (
     DeliveryAttempt,
     DeliveryStatus,
@@ -249,3 +250,60 @@ def test_the_sweep_index_holds_unfinished_jobs_until_they_finish(subject: Subjec
     subject.jobs.cancel_queued(queued, "cancel#1")
     assert not subject.jobs.postpone_sweep(job_id, 60)
     assert subject.jobs.count_unfinished() == {}
+
+
+# ---- live output (llmq.live_output) ---------------------------------------------------------
+
+
+def _chunk(seq: int, delta: str, attempt: int = 1, reset: bool = False) -> OutputChunk:
+    return OutputChunk(
+        seq=seq, delta=delta, attempt=attempt, reset=reset, tokens=seq, partial=delta[:4], truncated=False
+    )
+
+
+def test_output_chunks_are_written_in_order_under_the_lease_and_read_back(subject: Subject) -> None:
+    job_id = subject.created(stream=True)
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    # Non-ASCII text, an emoji included, round-trips as written
+    subject.jobs.write_output(claimed, "w1", _chunk(1, "Grüße "))
+    subject.jobs.write_output(claimed, "w1", _chunk(2, "日本語 🎉"))
+    # A retry of a write that was applied (its answer lost) is recognised, not doubled
+    subject.jobs.write_output(claimed, "w1", _chunk(2, "日本語 🎉"))
+    deltas = subject.jobs.read_output(job_id, 1, 5)
+    assert [(delta.seq, delta.delta) for delta in deltas] == [(1, "Grüße "), (2, "日本語 🎉")]
+    head = subject.jobs.output_head(job_id)
+    assert head is not None and (head.status, head.stream_seq, head.tenant_id) == (
+        JobStatus.RUNNING,
+        2,
+        "ten_acme",
+    )
+    found = subject.jobs.find(job_id)
+    assert found is not None and (found.stream_seq, found.progress_tokens, found.output_partial) == (
+        2,
+        2,
+        "日本語 ",
+    )
+    # And reads stop at the first chunk that is not there
+    assert [delta.seq for delta in subject.jobs.read_output(job_id, 2, 9)] == [2]
+    assert subject.jobs.read_output(job_id, 3, 9) == []
+
+
+def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: Subject) -> None:
+    job_id = subject.created(stream=True)
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    subject.jobs.write_output(claimed, "w1", _chunk(1, "a"))
+    # Another worker's write is refused as a lost lease, and writes nothing
+    with pytest.raises(LeaseLost):
+        subject.jobs.write_output(claimed, "w2", _chunk(2, "theirs"))
+    # After the client asked to cancel, the holder's next write is refused as a cancel
+    assert subject.jobs.request_cancel(claimed) is not None
+    with pytest.raises(CancelRequested):
+        subject.jobs.write_output(claimed, "w1", _chunk(2, "b"))
+    assert [delta.delta for delta in subject.jobs.read_output(job_id, 1, 5)] == ["a"]
+    # And once the job has ended, no write lands
+    subject.jobs.cancel_leased(claimed, "w1")
+    with pytest.raises(LeaseLost):
+        subject.jobs.write_output(claimed, "w1", _chunk(2, "late"))
+    assert subject.jobs.read_output(job_id, 2, 5) == []

@@ -31,14 +31,17 @@ from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
 from llmq.jobs import Admission, Created, SweepEntry
+from llmq.live_output import OutputChunk, OutputHead
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
     DeliveryAttempt,
     DeliveryStatus,
     JobError,
+    JobOutputEvent,
     JobResult,
     JobStatus,
+    OutputDelta,
     WebhookEvent,
 )
 from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
@@ -121,6 +124,8 @@ class InMemoryJobs:
         # The delivery log's slots per job: slot -> (its sequence number, the attempt).
         self.log_slots: dict[str, dict[int, tuple[int, DeliveryAttempt]]] = {}
         self.shares: defaultdict[str, _Share] = defaultdict(_Share)
+        # Streaming jobs' output chunks: (job id, seq) -> the delta.
+        self.chunks: dict[tuple[str, int], OutputDelta] = {}
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -222,6 +227,47 @@ class InMemoryJobs:
     def is_cancel_requested(self, job_id: str) -> bool:
         record = self.records.get(job_id)
         return record is not None and record.cancel_requested
+
+    # ---- live output ----------------------------------------------------------------------
+
+    @_throttleable
+    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk) -> None:
+        old = self.records.get(job.id)
+        ours = old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING
+        if old is None or not ours:
+            raise LeaseLost(job.id)
+        if (old.stream_seq or 0) >= chunk.seq:
+            return
+        if old.cancel_requested:
+            raise CancelRequested(job.id)
+        if (old.stream_seq or 0) != chunk.seq - 1:
+            raise LeaseLost(job.id)
+        self.chunks[(job.id, chunk.seq)] = chunk.as_delta()
+        self._put(
+            old,
+            stream_seq=chunk.seq,
+            stream_attempt=chunk.attempt,
+            progress_tokens=chunk.tokens,
+            progress_ms=self.now_ms(),
+            output_partial=chunk.partial,
+            output_partial_truncated=chunk.truncated,
+        )
+
+    @_throttleable
+    def output_head(self, job_id: str) -> OutputHead | None:
+        record = self.find(job_id)
+        if record is None:
+            return None
+        return OutputHead(record.tenant_id, record.status, record.stream_seq or 0, record.expires_at)
+
+    @_throttleable
+    def read_output(self, job_id: str, first: int, last: int) -> list[OutputDelta]:
+        deltas = []
+        for seq in range(first, min(last, first + 99) + 1):
+            if (job_id, seq) not in self.chunks:
+                break
+            deltas.append(self.chunks[(job_id, seq)])
+        return deltas
 
     # ---- the lease ------------------------------------------------------------------------
 
@@ -542,6 +588,7 @@ class InMemoryQueues:
         self.lanes: defaultdict[str, list[str]] = defaultdict(list)
         self.delays: list[tuple[str, int]] = []
         self.webhooks: list[tuple[str, WebhookEvent]] = []
+        self.outputs: list[JobOutputEvent] = []
         self.visibility: list[tuple[str, float]] = []
         self.unavailable: set[str] = set()
 
@@ -553,8 +600,10 @@ class InMemoryQueues:
         self.delays.append((job_id, delay_seconds))
 
     @_throttleable
-    def enqueue_webhook(self, job_id: str, event: WebhookEvent) -> None:
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: JobOutputEvent | None = None) -> None:
         self.webhooks.append((job_id, event))
+        if output is not None:
+            self.outputs.append(output)
 
     @_throttleable
     def lane_depth(self, lane: str) -> int:

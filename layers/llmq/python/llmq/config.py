@@ -82,6 +82,8 @@ class ProviderConfig(_Frozen):
     # would pay for it twice. By default such a job fails as retryable `provider_timeout` and
     # the client decides; True retries it like a 503.
     retry_timeouts: bool = False
+    # Ask the provider for a streamed answer (a stream that stops is told from a finished one).
+    # A `stream: true` job always asks for one: its output is kept as it streams.
     stream: bool = True
     allowed_params: list[str] = Field(
         default_factory=lambda: [
@@ -285,6 +287,31 @@ class BatchConfig(_Frozen):
     results_part_bytes: Annotated[int, Field(ge=5 * 1024 * 1024, le=16 * 1024 * 1024)] = 8 * 1024 * 1024
 
 
+class StreamingConfig(_Frozen):
+    """Live output of `stream: true` jobs (docs/streaming.md)."""
+
+    # A running job's output is written (one transaction: a chunk item and the job's
+    # progress) at most this often; each write also tells the worker of a cancel.
+    partial_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    # How long a chunk item is kept after it is written (DynamoDB's TTL deletes it); the
+    # result stays with the job for the job's retention.
+    chunk_ttl_seconds: Annotated[int, Field(ge=60, le=30 * 86_400)] = 86_400
+    # `output_partial` on the job holds at most this many characters of the output so far
+    # (then `output_partial_truncated`): each output write rewrites the job item, so this
+    # bounds what it costs in write units.
+    partial_max_chars: Annotated[int, Field(ge=0, le=32_000)] = 4000
+    # job.output webhooks: at most one per job this often, each with the text since the last.
+    output_webhook_interval_ms: Annotated[int, Field(ge=500, le=600_000)] = 2000
+    # GET /v1/jobs/{id}/events holds its response open at most this long (`?wait`), looking
+    # at the job this often, and answers as soon as it has something new.
+    max_wait_seconds: Annotated[int, Field(ge=0, le=25)] = 25
+    poll_interval_ms: Annotated[int, Field(ge=50, le=5000)] = 250
+    # The `retry:` hint each response ends with: how soon a client reconnects.
+    retry_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
+    # Output deltas in one response at most; the client's reconnect reads on.
+    max_deltas_per_response: Annotated[int, Field(ge=1, le=100)] = 100
+
+
 class LlmqConfig(_Frozen):
     """Everything an operator may tune. Read from cdk.json context key `llmq`."""
 
@@ -320,6 +347,7 @@ class LlmqConfig(_Frozen):
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     fair_share: FairShareConfig = FairShareConfig()
     batches: BatchConfig = BatchConfig()
+    streaming: StreamingConfig = StreamingConfig()
 
     @model_validator(mode="after")
     def _check_lanes(self) -> Self:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,10 +20,11 @@ from pydantic import ValidationError
 from llmq.batch_runs import BatchExpander, dead_lettered, item_ended, settle
 from llmq.batches import BatchRepository, batch_of
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, LeaseLost, StoreContended, StoreUnavailable
+from llmq.errors import CancelRequested, ItemTooLarge, LeaseLost, StoreContended, StoreUnavailable
 from llmq.job_codec import write_token
 from llmq.job_record import JobRecord
 from llmq.lanes import retry_delay_seconds
+from llmq.live_output import OutputRecorder
 from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
 from llmq.policy import MAX_DEAD_LETTER_REDRIVES, ClaimOutcome, deadline_error
@@ -56,6 +58,9 @@ _CLAIM_RETRY_BUDGET_SECONDS = 5.0
 _CONTENDED_DELAY_SECONDS = 2.0
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
+# A finished streaming generation's last output writes: how many failures before the result
+# is written without them.
+_FINAL_OUTPUT_TRIES = 3
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
@@ -339,21 +344,29 @@ class JobRunner:
             timeout = min(self.config.provider.timeout_seconds, timeout)
         if job.input is None:  # the claim loads an S3-held input; this cannot be empty
             raise PoisonMessage(f"job {job.id} has no input")
+        recorder = self._recorder(job) if job.stream else None
         request = GenerationRequest(
-            model=job.model, messages=job.input.messages, params=job.input.params, job_id=job.id
+            model=job.model,
+            messages=job.input.messages,
+            params=job.input.params,
+            job_id=job.id,
+            on_output=recorder,
         )
         generation = asyncio.create_task(self.provider.generate(request, max(timeout, 0.1)))
-        watcher = asyncio.create_task(self._cancel_requested(job.id))
+        watchers = {asyncio.create_task(self._cancel_requested(job.id, recorder))}
+        if recorder is not None:
+            watchers.add(asyncio.create_task(self._record_output(job, invocation, recorder)))
         started = self.jobs.now_ms()
-        await asyncio.wait({generation, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if watcher.done() and watcher.result():
+        await asyncio.wait({generation, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        for watcher in watchers:
+            watcher.cancel()
+        if any(watcher.done() and not watcher.cancelled() and watcher.result() for watcher in watchers):
             generation.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await generation
             logger.info("job canceled while running", extra={"job_id": job.id})
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return
-        watcher.cancel()
         emit_job_metric(MetricName.RUN_TIME_MS, self.jobs.now_ms() - started, job.lane)
         try:
             result = generation.result()
@@ -373,6 +386,8 @@ class JobRunner:
             )
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
+        if recorder is not None:
+            await self._finish_output(job, invocation, recorder, result.output)
         # Paid for from here on: the result must be written, whatever AWS says for a while.
         done = await self._write_back(
             lambda: self.offload.complete(self.jobs, job, invocation.owner, result), invocation
@@ -468,14 +483,19 @@ class JobRunner:
                 await asyncio.sleep(pause * (0.5 + self._rng.random() / 2))
                 pause = min(pause * 2, _WRITE_RETRY_MAX_SECONDS)
 
-    async def _cancel_requested(self, job_id: str) -> bool:
-        """Re-read cancel_requested every few seconds; a quick job never pays for a read.
+    async def _cancel_requested(self, job_id: str, recorder: OutputRecorder | None = None) -> bool:
+        """Re-read cancel_requested every few seconds; a quick job never pays for a read, nor
+        does a streaming one while its output writes (which see a cancel) keep coming.
 
         A read that fails is only a missed look: the generation goes on, and the next look
         (or the terminal write) still sees the flag.
         """
+        every = self.config.cancel_check_seconds
         while True:
-            await asyncio.sleep(self.config.cancel_check_seconds)
+            await asyncio.sleep(every)
+            written = recorder.last_write_at if recorder is not None else None
+            if written is not None and time.monotonic() - written < every:
+                continue
             try:
                 if await asyncio.to_thread(self.jobs.is_cancel_requested, job_id):
                     return True
@@ -484,6 +504,88 @@ class JobRunner:
                     "cancel check failed; the generation goes on",
                     extra={"job_id": job_id, "error_class": type(exc).__name__},
                 )
+
+    # ---- live output (llmq.live_output) ------------------------------------------------------
+
+    def _recorder(self, job: JobRecord) -> OutputRecorder:
+        seq = job.stream_seq or 0
+        return OutputRecorder(
+            job_id=job.id,
+            first_seq=seq,
+            attempt=job.attempts,
+            # Another attempt's output came before: clients drop it when this one's starts.
+            reset=seq > 0 and job.stream_attempt != job.attempts,
+            config=self.config.streaming,
+        )
+
+    async def _record_output(self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder) -> bool:
+        """Write the output as it streams in, at most once per interval. True when a write
+        found the job canceled or taken over: the generation stops there."""
+        interval = self.config.streaming.partial_interval_ms / 1000
+        while True:
+            await recorder.arrived.wait()
+            recorder.arrived.clear()
+            if await self._write_output(job, invocation, recorder):
+                return True
+            await asyncio.sleep(interval)
+
+    async def _write_output(
+        self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, *, final: bool = False
+    ) -> bool:
+        """One output write, then the job.output webhook if one is due. A write AWS does not
+        take is only late: its chunk goes again, unchanged, with the next. True: stop."""
+        chunk = recorder.next_chunk()
+        if chunk is None:
+            return False
+        try:
+            await asyncio.to_thread(self.jobs.write_output, job, invocation.owner, chunk)
+        except (CancelRequested, LeaseLost) as exc:
+            logger.info("output write refused", extra={"job_id": job.id, "why": exc.code})
+            return True
+        except ItemTooLarge:
+            # The job's item cannot hold the start of the output too: polls go without it.
+            recorder.drop_partial()
+            return False
+        except StoreUnavailable as exc:
+            logger.warning(
+                "output write failed; it goes with the next", extra={"job_id": job.id, "why": str(exc)}
+            )
+            return False
+        recorder.written(chunk)
+        if job.wants(WebhookEvent.OUTPUT):
+            await self._send_output(job, recorder, final=final)
+        return False
+
+    async def _send_output(self, job: JobRecord, recorder: OutputRecorder, *, final: bool) -> None:
+        """job.output webhooks: a courtesy, like job.started; one SQS refuses goes later."""
+        while (event := recorder.webhook_due(final=final)) is not None:
+            try:
+                await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.OUTPUT, event)
+            except StoreUnavailable:
+                logger.warning("job.output webhook not sent yet", extra={"job_id": job.id})
+                return
+            recorder.webhook_sent(event)
+            if not final:
+                return
+
+    async def _finish_output(
+        self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, output: str
+    ) -> None:
+        """The rest of a finished generation's output, before its result: a client that read
+        every delta has read the whole output. A provider that does not stream gives it all
+        here. Refused or failing writes end this; the result is written regardless."""
+        if recorder.seq == (job.stream_seq or 0) and not recorder.has_output() and output:
+            recorder(output)
+        tries = 0
+        while recorder.has_output() and tries < _FINAL_OUTPUT_TRIES:
+            before = recorder.seq
+            if await self._write_output(job, invocation, recorder, final=True):
+                return
+            if recorder.seq == before:
+                tries += 1
+                await asyncio.sleep(_WRITE_RETRY_FIRST_SECONDS * tries)
+        if job.wants(WebhookEvent.OUTPUT):
+            await self._send_output(job, recorder, final=True)
 
     async def _announce(
         self, job: JobRecord | None, invocation: Invocation | None = None, *, counted: bool = False

@@ -19,7 +19,8 @@ from llmq.errors import InvalidCursor
 from llmq.item_size import item_size_bytes
 from llmq.job_index import BATCH_SORT_PREFIX, INDEX_ATTRIBUTES
 from llmq.job_record import JobRecord
-from llmq.models import DELIVERY_LOG_ATTEMPTS
+from llmq.live_output import OutputChunk, chunk_pk
+from llmq.models import DELIVERY_LOG_ATTEMPTS, OutputDelta
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
@@ -64,6 +65,30 @@ def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str,
     data["pk"] = data.pop("id")
     data.update(extra or {})
     return {key: _serializer.serialize(value) for key, value in data.items()}
+
+
+def output_chunk_item(job_id: str, chunk: OutputChunk, expires_at: int) -> dict[str, Any]:
+    """A chunk of a streaming job's output (`llmq.live_output`), deleted by TTL."""
+    data: dict[str, Any] = {
+        "pk": chunk_pk(job_id, chunk.seq),
+        "seq": chunk.seq,
+        "delta": chunk.delta,
+        "attempt": chunk.attempt,
+        "expires_at": expires_at,
+    }
+    if chunk.reset:
+        data["reset"] = True
+    return {key: _serializer.serialize(value) for key, value in data.items()}
+
+
+def output_delta(item: dict[str, Any]) -> OutputDelta:
+    data = plain(item)
+    return OutputDelta(
+        seq=int(data["seq"]),
+        delta=str(data["delta"]),
+        attempt=int(data["attempt"]),
+        reset=bool(data.get("reset", False)),
+    )
 
 
 def from_item(item: dict[str, Any]) -> JobRecord:

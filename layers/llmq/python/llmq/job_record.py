@@ -19,6 +19,7 @@ from llmq.models import (
     GenerationParams,
     Job,
     JobError,
+    JobProgress,
     JobResult,
     JobStatus,
     JobWebhook,
@@ -124,6 +125,16 @@ class JobRecord(BaseModel):
     # tenant's active jobs (the batch is admitted as a whole).
     batch_id: str | None = None
     custom_id: str | None = None
+    # `stream: true` (llmq.live_output): True, else unset, so a job without it is stored as
+    # before. Its output so far is in chunk items (1..stream_seq); the job holds its progress
+    # and the start of the current attempt's output, as of the last output write.
+    stream: bool | None = None
+    stream_seq: int | None = None
+    stream_attempt: int | None = None
+    progress_tokens: int | None = None
+    progress_ms: int | None = None
+    output_partial: str | None = None
+    output_partial_truncated: bool | None = None
 
     def webhook_log(self) -> WebhookLog | None:
         """The delivery log of the job's terminal event (job.started is sent, not recorded)."""
@@ -179,4 +190,19 @@ class JobRecord(BaseModel):
             webhook=webhook,
             batch_id=self.batch_id,
             custom_id=self.custom_id,
+            **self._live_output(),
         )
+
+    def _live_output(self) -> dict[str, object]:
+        if not self.stream:
+            return {}
+        if self.status is not JobStatus.RUNNING or self.progress_ms is None:
+            return {"stream": True}
+        return {
+            "stream": True,
+            "progress": JobProgress(
+                output_tokens=self.progress_tokens or 0, updated_at=iso(self.progress_ms)
+            ),
+            "output_partial": self.output_partial or "",
+            "output_partial_truncated": bool(self.output_partial_truncated),
+        }

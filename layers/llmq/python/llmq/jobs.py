@@ -39,7 +39,16 @@ from llmq.job_index import (
     tenant_sort_key,
 )
 from llmq.job_record import JobRecord
-from llmq.models import EVENT_FOR_STATUS, DeliveryAttempt, DeliveryStatus, JobError, JobResult, JobStatus
+from llmq.live_output import OutputChunk, OutputHead, chunk_pk
+from llmq.models import (
+    EVENT_FOR_STATUS,
+    DeliveryAttempt,
+    DeliveryStatus,
+    JobError,
+    JobResult,
+    JobStatus,
+    OutputDelta,
+)
 from llmq.policy import Claim
 from llmq.shares import ShareState
 
@@ -750,6 +759,108 @@ class JobRepository:
             ConsistentRead=True,
         )
         return bool(response.get("Item", {}).get("cancel_requested", {}).get("BOOL", False))
+
+    # ---- live output (llmq.live_output) -------------------------------------------------
+
+    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk) -> None:
+        """One transaction: chunk `chunk.seq` and the job's progress, fenced by our lease, the
+        chunk before it, and no cancel. So the write that keeps the output tells the worker of
+        a cancel (CancelRequested) or a lost lease (LeaseLost) without a read of its own; a
+        retry of a write that was applied but unanswered finds its chunk counted and returns.
+        """
+        now = self.now_ms()
+        sets = [
+            "stream_seq = :seq",
+            "stream_attempt = :attempt",
+            "progress_tokens = :tokens",
+            "progress_ms = :now",
+            "output_partial = :partial",
+            "output_partial_truncated = :truncated",
+        ]
+        update = self._job_update(
+            job.id,
+            "SET " + ", ".join(sets),
+            "lease_owner = :owner AND #st = :running AND "
+            "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND "
+            "(attribute_not_exists(stream_seq) OR stream_seq = :previous)",
+            {"#st": "status"},
+            {
+                "seq": chunk.seq,
+                "previous": chunk.seq - 1,
+                "attempt": chunk.attempt,
+                "tokens": chunk.tokens,
+                "now": now,
+                "partial": chunk.partial,
+                "truncated": chunk.truncated,
+                "owner": owner,
+                "running": "running",
+                "false": False,
+            },
+        )
+        put = {
+            "Put": {
+                "TableName": self.table_name,
+                "Item": codec.output_chunk_item(
+                    job.id, chunk, now // 1000 + self.config.streaming.chunk_ttl_seconds
+                ),
+                "ConditionExpression": "attribute_not_exists(pk)",
+            }
+        }
+        try:
+            self._transact([update, put])
+        except _Canceled as exc:
+            old = exc.job()
+            ours = old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING
+            if ours and old is not None and (old.stream_seq or 0) >= chunk.seq:
+                return
+            if ours and old is not None and old.cancel_requested:
+                raise CancelRequested(job.id) from exc
+            raise LeaseLost(job.id) from exc
+
+    def output_head(self, job_id: str) -> OutputHead | None:
+        """A poll of a job's output: a small eventually consistent read (the chunks it points
+        to are read strongly consistent)."""
+        response = self._ddb.get_item(
+            TableName=self.table_name,
+            Key={"pk": {"S": job_id}},
+            ProjectionExpression="tenant_id, #st, stream_seq, expires_at",
+            ExpressionAttributeNames={"#st": "status"},
+        )
+        item = response.get("Item")
+        if not item:
+            return None
+        data = codec.plain(item)
+        if int(data["expires_at"]) <= int(self._clock()):
+            return None
+        return OutputHead(
+            tenant_id=str(data["tenant_id"]),
+            status=JobStatus(data["status"]),
+            stream_seq=int(data.get("stream_seq") or 0),
+            expires_at=int(data["expires_at"]),
+        )
+
+    def read_output(self, job_id: str, first: int, last: int) -> list[OutputDelta]:
+        """Chunks `first`..`last` in order, up to the first one missing (expired, or not yet
+        returned by a throttled read: the client's next request reads on from there)."""
+        if last < first:
+            return []
+        keys = [{"pk": {"S": chunk_pk(job_id, seq)}} for seq in range(first, min(last, first + 99) + 1)]
+        found: dict[int, OutputDelta] = {}
+        request: dict[str, Any] = {self.table_name: {"Keys": keys, "ConsistentRead": True}}
+        for _ in range(3):
+            response = self._ddb.batch_get_item(RequestItems=request)
+            for item in response.get("Responses", {}).get(self.table_name, []):
+                delta = codec.output_delta(item)
+                found[delta.seq] = delta
+            request = response.get("UnprocessedKeys") or {}
+            if not request:
+                break
+        deltas = []
+        for seq in range(first, first + len(keys)):
+            if seq not in found:
+                break
+            deltas.append(found[seq])
+        return deltas
 
     # ---- webhook delivery ---------------------------------------------------------------
 

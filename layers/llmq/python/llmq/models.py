@@ -33,6 +33,9 @@ class WebhookEvent(StrEnum):
     FAILED = "job.failed"
     CANCELED = "job.canceled"
     EXPIRED = "job.expired"
+    # The output of a `stream: true` job as it is generated, at most one per
+    # `streaming.output_webhook_interval_ms`; opt-in only (docs/streaming.md).
+    OUTPUT = "job.output"
 
 
 TERMINAL_EVENTS = [WebhookEvent.SUCCEEDED, WebhookEvent.FAILED, WebhookEvent.CANCELED, WebhookEvent.EXPIRED]
@@ -114,6 +117,12 @@ class JobRequest(_Strict):
         Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
     ] = Field(default_factory=dict)
     deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = Field(
+        default=False,
+        description="Keep the output as it is generated: GET /v1/jobs/{id}/events streams it "
+        "(server-sent events), polls show `progress` and `output_partial`, and `job.output` "
+        "webhooks can carry it (docs/streaming.md). Off, a job costs what it always did",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> JobRequest:
@@ -244,6 +253,16 @@ class WebhookLog(BaseModel):
     deliveries: list[EventDeliveries] = Field(default_factory=list)
 
 
+class JobProgress(BaseModel):
+    """How far a running `stream: true` job's generation has come."""
+
+    output_tokens: int = Field(
+        description="Output deltas the provider has streamed so far (one token each from "
+        "OpenAI-compatible servers); the final count is the result's usage"
+    )
+    updated_at: str
+
+
 class Job(BaseModel):
     """The Job object of API v1."""
 
@@ -280,6 +299,45 @@ class Job(BaseModel):
     )
     batch_id: str | None = Field(default=None, description="The batch this job is an item of")
     custom_id: str | None = Field(default=None, description="The item's name in its batch")
+    stream: bool = Field(default=False, description="Its output is kept as it is generated")
+    progress: JobProgress | None = Field(
+        default=None, description="A running `stream: true` job's progress, as of its last output write"
+    )
+    output_partial: str | None = Field(
+        default=None,
+        description="A running `stream: true` job's output so far (of its current attempt), as of "
+        "its last output write; only its start when `output_partial_truncated`",
+    )
+    output_partial_truncated: bool | None = Field(
+        default=None,
+        description="True when `output_partial` holds only the start of the output so far: "
+        "GET /v1/jobs/{id}/events has all of it",
+    )
+
+
+class OutputDelta(BaseModel):
+    """The data of an `output.delta` event, and of a `job.output` webhook's output."""
+
+    seq: int = Field(description="This delta's place in the job's output (1, 2, ...); the event's id")
+    delta: str = Field(description="The text generated since the previous delta")
+    attempt: int = Field(description="The attempt that generated it")
+    reset: bool = Field(
+        default=False,
+        description="True on the first delta of a retried attempt: drop the text of earlier deltas, "
+        "the generation started again",
+    )
+
+
+class JobOutputEvent(BaseModel):
+    """The `data` of a `job.output` webhook: the text since the previous one."""
+
+    id: str
+    object: Literal["job.output"] = "job.output"
+    seq_from: int = Field(description="The first output delta it holds")
+    seq_to: int = Field(description="The last output delta it holds")
+    attempt: int
+    reset: bool = Field(default=False, description="It starts a retried attempt's output")
+    delta: str
 
 
 class JobList(BaseModel):
@@ -519,3 +577,5 @@ class WebhookMessage(_Strict):
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
     # A batch's event names the batch in `job_id`.
     event: WebhookEvent | BatchEvent
+    # job.output: the text it delivers (the job item holds only the start of the output).
+    output: JobOutputEvent | None = None

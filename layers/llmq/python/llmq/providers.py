@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -108,6 +108,10 @@ class GenerationRequest:
     params: GenerationParams
     # Sent as a header so a provider (or our fake) can correlate calls without the prompt.
     job_id: str | None = None
+    # Called with each piece of output text as it streams in (a `stream: true` job's
+    # `llmq.live_output.OutputRecorder`), which the provider then streams whatever
+    # `provider.stream` says; not compared, hashed or sent.
+    on_output: Callable[[str], None] | None = field(default=None, compare=False)
 
 
 def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
@@ -309,7 +313,11 @@ class ChatCompletionsProvider:
             ):
                 try:
                     return await self._call(
-                        client, self._payload(request), self._headers(request, key), progress
+                        client,
+                        self._payload(request),
+                        self._headers(request, key),
+                        progress,
+                        request.on_output,
                     )
                 except TransientProviderError as exc:
                     if not exc.key_refused:
@@ -322,7 +330,11 @@ class ChatCompletionsProvider:
                         raise
                     progress = _Progress()
                     return await self._call(
-                        client, self._payload(request), self._headers(request, newer), progress
+                        client,
+                        self._payload(request),
+                        self._headers(request, newer),
+                        progress,
+                        request.on_output,
                     )
         except TimeoutError as exc:
             if progress.nothing_sent:
@@ -353,13 +365,18 @@ class ChatCompletionsProvider:
             "messages": [message.model_dump() for message in request.messages],
             **request.params.model_dump(exclude_none=True),
         }
-        if self.stream:
+        if self.stream or request.on_output is not None:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
         return payload
 
     async def _call(
-        self, client: httpx.AsyncClient, payload: dict[str, Any], headers: dict[str, str], progress: _Progress
+        self,
+        client: httpx.AsyncClient,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        progress: _Progress,
+        on_output: Callable[[str], None] | None = None,
     ) -> JobResult:
         url = f"{self.base_url}/chat/completions"
         extensions = {"trace": progress}
@@ -369,19 +386,19 @@ class ChatCompletionsProvider:
             if response.status_code >= 300:
                 raise classify_response(response, await response.aread())
             try:
-                if self.stream:
-                    return await _read_stream(response)
+                if payload.get("stream"):
+                    return await _read_stream(response, on_output)
                 return _parse_completion(await response.aread())
             except httpx.TimeoutException:
                 raise
             except httpx.TransportError as exc:
                 # The connection broke after the answer began: the generation is incomplete.
                 raise TransientProviderError(
-                    _STREAM_CUT if self.stream else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
+                    _STREAM_CUT if payload.get("stream") else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
                 ) from exc
 
 
-async def _read_stream(response: httpx.Response) -> JobResult:
+async def _read_stream(response: httpx.Response, on_output: Callable[[str], None] | None = None) -> JobResult:
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
     parts: list[str] = []
@@ -403,6 +420,8 @@ async def _read_stream(response: httpx.Response) -> JobResult:
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 parts.append(delta["content"])
+                if on_output is not None:
+                    on_output(delta["content"])
             finish_reason = choice.get("finish_reason") or finish_reason
         if chunk.get("usage"):
             usage = _usage(chunk["usage"])

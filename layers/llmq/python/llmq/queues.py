@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from llmq import aws
 from llmq.config import MAX_VISIBILITY_SECONDS
 from llmq.job_record import JobRecord
-from llmq.models import BatchEvent, DeliveryStatus, LaneMessage, WebhookEvent, WebhookMessage
+from llmq.models import BatchEvent, DeliveryStatus, JobOutputEvent, LaneMessage, WebhookEvent, WebhookMessage
 
 if TYPE_CHECKING:
     from llmq.ports import QueueStore
@@ -96,8 +96,10 @@ class QueueRepository:
             DelaySeconds=min(delay_seconds, MAX_SEND_DELAY_SECONDS),
         )
 
-    def enqueue_webhook(self, job_id: str, event: WebhookEvent | BatchEvent) -> None:
-        body = WebhookMessage(job_id=job_id, event=event).model_dump_json()
+    def enqueue_webhook(
+        self, job_id: str, event: WebhookEvent | BatchEvent, output: JobOutputEvent | None = None
+    ) -> None:
+        body = WebhookMessage(job_id=job_id, event=event, output=output).model_dump_json(exclude_none=True)
         self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
 
     def lane_depth(self, lane: str) -> int:

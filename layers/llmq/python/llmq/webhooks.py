@@ -10,7 +10,8 @@ would skip steps of the schedule. The job counts its terminal event's attempts
 (`delivery_attempts`, one per recorded outcome, read with the job anyway), and an attempt is
 recorded only if the count is still the one it read, so two copies of a message count one
 attempt once. `job.started` is recorded nowhere (it would overwrite the terminal event's
-record), so it still counts by receives.
+record), so it still counts by receives, and so does `job.output`, whose message carries
+the text it delivers.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from llmq.models import (
     DeliveryAttempt,
     DeliveryStatus,
     Job,
+    JobOutputEvent,
     WebhookEvent,
     WebhookMessage,
 )
@@ -111,6 +113,14 @@ class WebhookPayload(BaseModel):
     type: WebhookEvent
     timestamp: str
     data: Job
+
+
+class OutputWebhookPayload(BaseModel):
+    """The body of a job.output delivery: `{"type", "timestamp", "data": <JobOutputEvent>}`."""
+
+    type: WebhookEvent
+    timestamp: str
+    data: JobOutputEvent
 
 
 def build_payload(
@@ -324,6 +334,8 @@ class WebhookDispatcher:
             return await self.deliver_batch(message.job_id, event)
         job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
+        if event is WebhookEvent.OUTPUT and message.output is None:
+            reason = "a job.output message without its output"
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
@@ -344,7 +356,10 @@ class WebhookDispatcher:
                 OutcomeKind.GAVE_UP, reason="the tenant has no webhook secret", error_class="NoWebhookSecret"
             )
         else:
-            response = await self._send(job, event, secrets)
+            if message.output is not None and event is WebhookEvent.OUTPUT:
+                response = await self._send_output(job, message.output, secrets)
+            else:
+                response = await self._send(job, event, secrets)
             outcome = self._judge(response, attempt)
         outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
@@ -403,6 +418,17 @@ class WebhookDispatcher:
             self._policy.inline_result_limit_bytes,
         )
         return await self._send_body(job.webhook_url or "", webhook_id(job.id, event), body, secrets)
+
+    async def _send_output(self, job: JobRecord, output: JobOutputEvent, secrets: list[str]) -> _Response:
+        """A job.output event: the text its message carries. Its id names the output it holds,
+        so each is de-duplicated on its own and a retry keeps its id."""
+        payload = OutputWebhookPayload(
+            type=WebhookEvent.OUTPUT, timestamp=iso(int(self._clock() * 1000)), data=output
+        )
+        msg_id = webhook_id(job.id, f"{WebhookEvent.OUTPUT}:{output.attempt}:{output.seq_to}")
+        return await self._send_body(
+            job.webhook_url or "", msg_id, payload.model_dump_json().encode(), secrets
+        )
 
     async def _send_body(self, url: str, msg_id: str, body: bytes, secrets: list[str]) -> _Response:
         try:

@@ -1,0 +1,233 @@
+"""Live output of `stream: true` jobs (docs/streaming.md).
+
+The worker keeps a running job's output as it arrives, in *chunks*: one DynamoDB item per
+write, numbered 1, 2, ... across the job's attempts (`seq`), each holding the text since the
+one before. A chunk is written at most once per `streaming.partial_interval_ms`, in one
+transaction with the job's progress (`stream_seq`, the token count, the start of the output),
+conditional on the worker's lease and on no cancel: the write that keeps the output is also
+the one that tells the worker its client canceled, at no extra read.
+
+The API reads them back as server-sent events (`GET /v1/jobs/{id}/events`). A Python Lambda
+answers with a buffered response, so each response is a long poll: it answers as soon as it
+has something new (or at the end of its wait) and ends with a `retry:` hint; the client
+reconnects with `Last-Event-ID`, the `seq` of the last delta it saw, and reads on from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from llmq.config import StreamingConfig
+from llmq.models import Job, JobOutputEvent, JobStatus, OutputDelta
+
+CHUNK_PREFIX = "out#"
+# A chunk holds at most this many characters, so that its item (4 bytes a character at most
+# in UTF-8) stays small and one chunk always fits a job.output webhook's message; a longer
+# stretch of output (a provider that does not stream answers all at once) is several chunks.
+CHUNK_MAX_CHARS = 16_000
+# A job.output webhook carries at most this much text, measured as ASCII-escaped JSON (12
+# bytes for a character outside the BMP at worst), so its SQS message stays under 256 KB;
+# the rest goes in the next one.
+WEBHOOK_MAX_BYTES = 200_000
+
+
+def chunk_pk(job_id: str, seq: int) -> str:
+    return f"{CHUNK_PREFIX}{job_id}#{seq}"
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """One output write: the chunk item and what the job's progress becomes with it."""
+
+    seq: int
+    delta: str
+    attempt: int
+    # The first chunk of an attempt after another attempt's: clients drop the earlier text.
+    reset: bool
+    # Streamed deltas of this attempt so far, and the start of its output (for polls).
+    tokens: int
+    partial: str
+    truncated: bool
+    written_ms: int = 0
+
+    def as_delta(self) -> OutputDelta:
+        return OutputDelta(seq=self.seq, delta=self.delta, attempt=self.attempt, reset=self.reset)
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """What a poll of a streaming job reads: whose it is, where it stands, how far its output is."""
+
+    tenant_id: str
+    status: JobStatus
+    stream_seq: int
+    expires_at: int
+
+
+def _escaped_bytes(text: str) -> int:
+    return len(json.dumps(text))
+
+
+class OutputRecorder:
+    """The worker's side of one attempt: the provider's deltas in, chunks out.
+
+    Called with each delta as the provider streams it (`recorder(text)`); `next_chunk()` forms
+    the next write from what arrived since the last, and a chunk whose write failed is sent
+    again unchanged (same seq, same text) until it is known written: a write applied but
+    unanswered is then recognised, never doubled.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        first_seq: int,
+        attempt: int,
+        reset: bool,
+        config: StreamingConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job_id = job_id
+        self._config = config
+        self._clock = clock
+        self._seq = first_seq
+        self._attempt = attempt
+        self._reset = reset
+        self._parts: list[str] = []
+        self._start: list[str] = []
+        self._start_chars = 0
+        self._truncated = False
+        self._tokens = 0
+        self.unwritten: OutputChunk | None = None
+        self.arrived = asyncio.Event()
+        self.last_write_at: float | None = None
+        # Written chunks no job.output webhook has carried yet.
+        self._unsent: list[OutputChunk] = []
+        self._hook_sent_at: float | None = None
+
+    def __call__(self, delta: str) -> None:
+        if not delta:
+            return
+        self._tokens += 1
+        self._parts.append(delta)
+        room = self._config.partial_max_chars - self._start_chars
+        if room > 0:
+            self._start.append(delta[:room])
+            self._start_chars += min(room, len(delta))
+        if len(delta) > room:
+            self._truncated = True
+        self.arrived.set()
+
+    @property
+    def seq(self) -> int:
+        """The last chunk known written."""
+        return self._seq
+
+    def has_output(self) -> bool:
+        return self.unwritten is not None or bool(self._parts)
+
+    def next_chunk(self) -> OutputChunk | None:
+        """The write to make now: the one that failed, or what arrived since the last."""
+        if self.unwritten is not None:
+            return self.unwritten
+        if not self._parts:
+            return None
+        text = "".join(self._parts)
+        delta, rest = text[:CHUNK_MAX_CHARS], text[CHUNK_MAX_CHARS:]
+        self._parts = [rest] if rest else []
+        self.unwritten = OutputChunk(
+            seq=self._seq + 1,
+            delta=delta,
+            attempt=self._attempt,
+            reset=self._reset,
+            tokens=self._tokens,
+            partial="".join(self._start),
+            truncated=self._truncated,
+        )
+        return self.unwritten
+
+    def drop_partial(self) -> None:
+        """The job's item has no room for the start of the output: polls show none of it."""
+        self._config = self._config.model_copy(update={"partial_max_chars": 0})
+        self._start, self._start_chars, self._truncated = [], 0, True
+        if self.unwritten is not None:
+            self.unwritten = replace(self.unwritten, partial="", truncated=True)
+
+    def written(self, chunk: OutputChunk) -> None:
+        self.unwritten = None
+        self._seq = chunk.seq
+        self._reset = False
+        self.last_write_at = self._clock()
+        self._unsent.append(chunk)
+
+    def webhook_due(self, *, final: bool = False) -> JobOutputEvent | None:
+        """The job.output event to send now, if any: at most one per interval (the rest of
+        the output at once with `final`), holding the written chunks since the previous one,
+        as many as fit one message."""
+        chunks = self._unsent
+        if not chunks:
+            return None
+        interval = self._config.output_webhook_interval_ms / 1000
+        if not final and self._hook_sent_at is not None and self._clock() - self._hook_sent_at < interval:
+            return None
+        taken, size = [chunks[0]], _escaped_bytes(chunks[0].delta)
+        for chunk in chunks[1:]:
+            size += _escaped_bytes(chunk.delta)
+            if size > WEBHOOK_MAX_BYTES or chunk.reset:
+                break
+            taken.append(chunk)
+        return JobOutputEvent(
+            id=self.job_id,
+            seq_from=taken[0].seq,
+            seq_to=taken[-1].seq,
+            attempt=taken[0].attempt,
+            reset=taken[0].reset,
+            delta="".join(chunk.delta for chunk in taken),
+        )
+
+    def webhook_sent(self, event: JobOutputEvent) -> None:
+        self._unsent = [chunk for chunk in self._unsent if chunk.seq > event.seq_to]
+        self._hook_sent_at = self._clock()
+
+
+# ---- server-sent events -------------------------------------------------------------------
+
+
+def sse_event(event: str, data: str, event_id: str | None = None) -> str:
+    """One event in the text/event-stream format (data is one line of JSON here)."""
+    lines = []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append(f"event: {event}")
+    lines.extend(f"data: {line}" for line in data.split("\n"))
+    return "\n".join(lines) + "\n\n"
+
+
+def status_event(status: JobStatus) -> str:
+    return sse_event("status", json.dumps({"status": status.value}))
+
+
+def delta_events(deltas: Iterable[OutputDelta]) -> str:
+    return "".join(sse_event("output.delta", delta.model_dump_json(), str(delta.seq)) for delta in deltas)
+
+
+def done_event(job: Job) -> str:
+    return sse_event("done", job.model_dump_json(exclude_none=True))
+
+
+def retry_hint(retry_ms: int) -> str:
+    return f"retry: {retry_ms}\n\n"
+
+
+def resume_point(last_event_id: str | None, after: int | None) -> int:
+    """The seq the client has seen: `?after=` wins over the `Last-Event-ID` header; anything
+    that is not a delta's id reads as nothing seen."""
+    if after is not None:
+        return max(0, after)
+    if last_event_id and last_event_id.strip().isdigit():
+        return int(last_event_id.strip())
+    return 0

@@ -1,0 +1,84 @@
+"""Live output through the real api and worker handlers against moto and the loopback provider:
+a `stream: true` job read as server-sent events while it runs, resumed after each response."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.integration.harness import ENTERPRISE, FREE, Harness
+
+
+def _events(body: str) -> list[tuple[str, str | None, str]]:
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(line.partition(": ")[::2] for line in block.splitlines())
+        if "event" in fields:
+            events.append((fields["event"], fields.get("id"), fields.get("data", "")))
+    return events
+
+
+def test_a_streaming_job_is_read_live_across_reconnects_and_ends_with_done(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a stream: true job whose provider streams 60 tokens over about 3 s
+    reply = harness.submit(prompt="[[latency:3]] [[tokens:60]] tell me", stream=True)
+    assert reply.status == 202 and reply.body["stream"] is True
+    job_id = reply.body["id"]
+    # When the worker runs it while a client follows its events, reconnecting as told
+    worker = threading.Thread(target=harness.drain, args=("high",))
+    worker.start()
+    last_id: str | None = None
+    deltas: list[dict[str, object]] = []
+    statuses: list[str] = []
+    done: dict[str, object] | None = None
+    responses_with_output = 0
+    for _ in range(200):
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        got = harness.api(
+            "GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, headers=headers, query={"wait": "10"}
+        )
+        assert got.status == 200
+        assert got.headers["content-type"] == "text/event-stream"
+        assert got.headers["cache-control"] == "no-cache"
+        events = _events(str(got.body))
+        responses_with_output += any(event == "output.delta" for event, _, _ in events)
+        for event, event_id, data in events:
+            if event == "output.delta":
+                deltas.append(json.loads(data))
+                last_id = event_id
+            elif event == "status":
+                statuses.append(json.loads(data)["status"])
+            elif event == "done":
+                done = json.loads(data)
+        if done is not None:
+            break
+    worker.join(timeout=60)
+    # Then it saw the job run and end, its deltas in order with their seq as ids
+    assert done is not None and done["status"] == "succeeded"
+    assert "running" in statuses
+    assert [delta["seq"] for delta in deltas] == list(range(1, len(deltas) + 1))
+    # And the deltas, joined, are the job's whole output, read over several responses
+    assert "".join(str(delta["delta"]) for delta in deltas) == done["result"]["output"]  # type: ignore[index]
+    assert responses_with_output >= 2
+    assert provider.calls_for(job_id) == 1
+
+
+def test_a_job_without_stream_gets_status_and_done_and_another_tenant_gets_404(harness: Harness) -> None:
+    job_id = harness.submit(prompt="hello").body["id"]
+    harness.drain("high")
+    got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
+    events = _events(str(got.body))
+    assert [event for event, _, _ in events] == ["status", "done"]
+    assert json.loads(events[1][2])["status"] == "succeeded"
+    foreign = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=FREE)
+    assert (foreign.status, foreign.code) == (404, "job_not_found")
+
+
+def test_a_bad_resume_point_or_wait_is_a_clear_422(harness: Harness) -> None:
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    for query in ({"after": "-1"}, {"after": "x"}, {"wait": "26"}):
+        got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query=query)
+        assert got.status == 422, query
+        assert got.headers["content-type"] == "application/problem+json"

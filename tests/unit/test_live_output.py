@@ -1,0 +1,393 @@
+"""Live output of `stream: true` jobs on in-memory stores: the worker's chunk writes, the cancel
+they carry, job.output webhooks, and the events GET /v1/jobs/{id}/events answers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from random import Random
+
+import pytest
+
+from llmq.config import LlmqConfig
+from llmq.errors import StoreUnavailable
+from llmq.execution import Invocation, JobRunner
+from llmq.intake import JobIntake
+from llmq.job_record import JobRecord
+from llmq.live_output import OutputChunk, OutputRecorder, resume_point
+from llmq.models import JobResult, JobStatus, LaneMessage, OutputDelta, WebhookEvent
+from llmq.providers import GenerationRequest, TransientProviderError
+from llmq.sqs_edge import RetryLater
+from llmq.tenants import TenantIdentity
+from tests.support.stores import Clock, InMemoryJobs, InMemoryQueues, job_record
+
+OWNER = "req-1/msg-1/aaaa"
+WEBHOOK = "https://hooks.example.com/llmq"
+INTERVAL_MS = 100
+
+
+class StreamingProvider:
+    """Streams `deltas` to the request's on_output, `pause` seconds apart, then answers them
+    joined; or, with `fail_after`, raises a transient error after that many deltas."""
+
+    def __init__(self, deltas: list[str], pause: float = 0.01, fail_after: int | None = None) -> None:
+        self.deltas = deltas
+        self.pause = pause
+        self.fail_after = fail_after
+        self.calls = 0
+        self.sent = 0
+        self.canceled = False
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.calls += 1
+        fail_after, self.fail_after = self.fail_after, None
+        try:
+            for index, delta in enumerate(self.deltas):
+                if fail_after is not None and index == fail_after:
+                    raise TransientProviderError("the stream broke")
+                await asyncio.sleep(self.pause)
+                self.sent += 1
+                if request.on_output is not None:
+                    request.on_output(delta)
+        except asyncio.CancelledError:
+            self.canceled = True
+            raise
+        return JobResult(output="".join(self.deltas))
+
+
+class CountingJobs(InMemoryJobs):
+    """The in-memory table, counting the worker's output writes and cancel reads; `lose` makes
+    the next N output writes apply but answer StoreUnavailable, as a lost response does."""
+
+    def __init__(self, config: LlmqConfig, clock: Clock) -> None:
+        super().__init__(config, clock)
+        self.output_writes: list[OutputChunk] = []
+        self.cancel_reads = 0
+        self.lose = 0
+        self.cancel_at_write: int | None = None
+
+    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk) -> None:
+        self.output_writes.append(chunk)
+        if self.cancel_at_write == len(self.output_writes):
+            self.records[job.id] = self.records[job.id].model_copy(update={"cancel_requested": True})
+        super().write_output(job, owner, chunk)
+        if self.lose:
+            self.lose -= 1
+            raise StoreUnavailable("dynamodb.TransactWriteItems: the answer was lost")
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        self.cancel_reads += 1
+        return super().is_cancel_requested(job_id)
+
+
+class World:
+    def __init__(self, provider: StreamingProvider, **config: object) -> None:
+        self.clock = Clock()
+        self.config = LlmqConfig.model_validate(
+            {
+                "cancel_check_seconds": 0.3,
+                "streaming": {"partial_interval_ms": INTERVAL_MS, "output_webhook_interval_ms": 500},
+                **config,
+            }
+        )
+        self.jobs = CountingJobs(self.config, self.clock)
+        self.queues = InMemoryQueues()
+        self.provider = provider
+        self.runner = JobRunner(self.jobs, self.queues, provider, self.config, rng=Random(7))
+
+    def add(self, **changes: object) -> JobRecord:
+        return self.jobs.add(job_record(self.jobs.now_ms(), **changes))
+
+    def run(self, owner: str = OWNER) -> None:
+        body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+        asyncio.run(self.runner.run(body, Invocation(owner=owner, remaining_seconds=lambda: 60.0)))
+
+    def job(self) -> JobRecord:
+        return self.jobs.records["job_1"]
+
+    def deltas(self) -> list[OutputDelta]:
+        return self.jobs.read_output("job_1", 1, 10_000)
+
+
+def words(count: int) -> list[str]:
+    # Non-ASCII on purpose: sizes are characters and UTF-8 bytes, never one per byte.
+    return [f"wörd{index}✓ " for index in range(count)]
+
+
+def test_a_streaming_job_keeps_its_output_in_order_at_most_once_per_interval() -> None:
+    # Given a stream: true job whose provider streams 40 deltas over about 0.4 s
+    tokens = words(40)
+    world = World(StreamingProvider(tokens, pause=0.01))
+    world.add(stream=True)
+    # When it runs
+    world.run()
+    # Then the job succeeded, and its chunks, read in order, are its whole output
+    job = world.job()
+    assert job.status is JobStatus.SUCCEEDED
+    deltas = world.deltas()
+    assert "".join(delta.delta for delta in deltas) == "".join(tokens) == job.result.output  # type: ignore[union-attr]
+    assert [delta.seq for delta in deltas] == list(range(1, len(deltas) + 1))
+    assert job.stream_seq == len(deltas)
+    # And it wrote at most once per interval while generating (plus the tail at the end),
+    # not once per token
+    assert 2 <= len(world.jobs.output_writes) < len(tokens) / 2
+    # And with output writes coming, it never read the job to look for a cancel
+    assert world.jobs.cancel_reads == 0
+
+
+def test_a_job_without_stream_writes_no_output_and_keeps_its_cost() -> None:
+    # Given a job without stream: true, from a provider that streams
+    world = World(StreamingProvider(words(10)))
+    world.add()
+    world.run()
+    # Then no output write was made and the job item has no live-output attribute
+    assert world.job().status is JobStatus.SUCCEEDED
+    assert world.jobs.output_writes == []
+    assert world.jobs.chunks == {}
+    stored = world.job().model_dump(exclude_none=True)
+    assert not {"stream", "stream_seq", "output_partial", "progress_ms"} & stored.keys()
+
+
+def test_a_cancel_is_seen_at_the_next_output_write_and_stops_the_generation() -> None:
+    # Given a streaming job of 200 deltas, 10 ms apart (2 s), and no cancel reads for 60 s
+    world = World(StreamingProvider(words(200), pause=0.01), cancel_check_seconds=60)
+    world.add(stream=True)
+    # When its client cancels after the second output write
+    world.jobs.cancel_at_write = 2
+    world.run()
+    # Then that write was refused, the generation stopped there, and the job ended canceled
+    job = world.job()
+    assert job.status is JobStatus.CANCELED
+    assert world.provider.canceled
+    assert len(world.jobs.output_writes) == 2
+    assert world.provider.sent < 100
+    # And no read was spent finding the cancel
+    assert world.jobs.cancel_reads == 0
+
+
+def test_a_write_applied_but_unanswered_is_sent_again_unchanged_and_counted_once() -> None:
+    # Given output writes whose first two answers are lost after DynamoDB applied them
+    tokens = words(30)
+    world = World(StreamingProvider(tokens, pause=0.01))
+    world.add(stream=True)
+    world.jobs.lose = 2
+    world.run()
+    # Then every chunk is in the output once, in order: nothing doubled, nothing lost
+    deltas = world.deltas()
+    assert "".join(delta.delta for delta in deltas) == "".join(tokens)
+    assert world.job().status is JobStatus.SUCCEEDED
+    # And the lost answers were followed by the same chunk again, never a new one on top
+    first, second = world.jobs.output_writes[:2]
+    assert first == second
+
+
+def test_a_retried_attempt_starts_its_output_with_a_reset() -> None:
+    # Given a streaming job whose first attempt breaks after 20 of 30 deltas
+    tokens = words(30)
+    world = World(StreamingProvider(tokens, pause=0.01, fail_after=20))
+    world.add(stream=True)
+    with pytest.raises(RetryLater):
+        world.run()
+    first_attempt = world.deltas()
+    assert first_attempt and not any(delta.reset for delta in first_attempt)
+    assert world.job().status is JobStatus.QUEUED
+    # When the retry runs (its backoff over)
+    world.clock.advance(120)
+    world.run(owner="req-2/msg-1/bbbb")
+    # Then its first delta says to drop the earlier text, and what follows is the whole output
+    deltas = world.deltas()
+    retried = deltas[len(first_attempt) :]
+    assert retried[0].reset and retried[0].attempt == 2
+    assert "".join(delta.delta for delta in retried) == "".join(tokens) == world.job().result.output  # type: ignore[union-attr]
+
+
+def test_output_webhooks_are_throttled_and_carry_each_piece_of_output_once() -> None:
+    # Given a streaming job subscribed to job.output, streaming for about 1.2 s, with output
+    # webhooks at most every 0.5 s
+    tokens = words(60)
+    world = World(StreamingProvider(tokens, pause=0.02))
+    world.add(stream=True, webhook_url=WEBHOOK, webhook_events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    world.run()
+    # Then a few job.output webhooks went out, far fewer than output writes
+    outputs = world.queues.outputs
+    assert 2 <= len(outputs) <= 5
+    assert len(outputs) < len(world.jobs.output_writes)
+    # And together, in order, they carry the whole output, their seq ranges back to back
+    assert "".join(event.delta for event in outputs) == "".join(tokens)
+    assert outputs[0].seq_from == 1
+    for before, after in itertools.pairwise(outputs):
+        assert after.seq_from == before.seq_to + 1
+    assert outputs[-1].seq_to == world.job().stream_seq
+    # And the terminal webhook went out too
+    assert ("job_1", WebhookEvent.SUCCEEDED) in world.queues.webhooks
+
+
+def test_a_running_jobs_poll_shows_its_progress_and_the_start_of_its_output() -> None:
+    # Given the start of the output limited to 12 characters
+    config = LlmqConfig.model_validate({"streaming": {"partial_max_chars": 12}})
+    recorder = OutputRecorder(job_id="job_1", first_seq=0, attempt=1, reset=False, config=config.streaming)
+    for piece in ("héllo ", "wörld ", "again"):
+        recorder(piece)
+    chunk = recorder.next_chunk()
+    assert chunk is not None
+    # Then the chunk holds the text, and the job's partial only its start, flagged
+    assert (chunk.delta, chunk.partial, chunk.truncated, chunk.tokens) == (
+        "héllo wörld again",
+        "héllo wörld ",
+        True,
+        3,
+    )
+    # And a job written with it shows progress in a poll while it runs
+    job = job_record(1_790_000_000_000, status=JobStatus.RUNNING, stream=True).model_copy(
+        update={"progress_tokens": 3, "progress_ms": 1_790_000_001_000, "output_partial": chunk.partial}
+    )
+    shown = job.to_job()
+    assert shown.progress is not None and shown.progress.output_tokens == 3
+    assert shown.output_partial == "héllo wörld "
+    # And a finished one does not
+    assert job.model_copy(update={"status": JobStatus.SUCCEEDED}).to_job().progress is None
+
+
+@pytest.mark.parametrize(
+    ("header", "after", "seen"),
+    [(None, None, 0), ("7", None, 7), ("7", 3, 3), ("status", None, 0), (" 12 ", None, 12)],
+)
+def test_the_resume_point_is_after_wins_then_last_event_id(
+    header: str | None, after: int | None, seen: int
+) -> None:
+    assert resume_point(header, after) == seen
+
+
+# ---- the events a client reads --------------------------------------------------------------
+
+
+def parse(body: str) -> list[tuple[str, str | None, str]]:
+    """(event, id, data) of each event; the retry hint aside."""
+    events = []
+    for block in body.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        if "event" in fields:
+            events.append((fields["event"], fields.get("id"), fields.get("data", "")))
+    return events
+
+
+class EventsWorld:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.config = LlmqConfig.model_validate({"streaming": {"poll_interval_ms": 50}})
+        self.jobs = InMemoryJobs(self.config, self.clock)
+        self.intake = JobIntake(self.jobs, InMemoryQueues(), self.config, lambda url: None, sleep=self._sleep)
+        self.tenant = TenantIdentity(tenant_id="t1", tier="enterprise")
+        self.on_sleep: list[object] = []
+        self.sleeps = 0
+
+    def _sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        if self.on_sleep:
+            action = self.on_sleep.pop(0)
+            action()  # type: ignore[operator]
+
+    def write(self, job_id: str, *pieces: str) -> None:
+        job = self.jobs.records[job_id]
+        recorder = OutputRecorder(
+            job_id=job_id, first_seq=job.stream_seq or 0, attempt=1, reset=False, config=self.config.streaming
+        )
+        for piece in pieces:
+            recorder(piece)
+            chunk = recorder.next_chunk()
+            assert chunk is not None
+            self.jobs.write_output(job, OWNER, chunk)
+            recorder.written(chunk)
+            job = self.jobs.records[job_id]
+
+
+def running_stream_job(world: EventsWorld) -> JobRecord:
+    return world.jobs.add(
+        job_record(
+            world.jobs.now_ms(),
+            tenant_id="t1",
+            status=JobStatus.RUNNING,
+            stream=True,
+            attempts=1,
+            lease_owner=OWNER,
+            lease_expires_ms=world.jobs.now_ms() + 60_000,
+        )
+    )
+
+
+def test_a_fresh_connection_gets_the_status_and_the_output_so_far_then_resumes_after_its_last_id() -> None:
+    world = EventsWorld()
+    running_stream_job(world)
+    world.write("job_1", "Hél", "lo")
+    # When a client connects
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5).body)
+    # Then it reads the status, then each delta with its seq as the id
+    assert [(event, event_id) for event, event_id, _ in events] == [
+        ("status", None),
+        ("output.delta", "1"),
+        ("output.delta", "2"),
+    ]
+    assert json.loads(events[1][2])["delta"] == "Hél"
+    # When more output comes while it waits after delta 2
+    world.on_sleep.append(lambda: world.write("job_1", " wörld"))
+    body = world.intake.output_events(world.tenant, "job_1", seen=2, wait_seconds=5).body
+    # Then the response holds only what is new (no repeated status) and ends with a retry hint
+    assert [(event, event_id) for event, event_id, _ in parse(body)] == [("output.delta", "3")]
+    assert body.endswith("retry: 100\n\n")
+
+
+def test_the_end_of_the_job_ends_the_stream_with_done_and_the_whole_job() -> None:
+    world = EventsWorld()
+    running_stream_job(world)
+    world.write("job_1", "a", "b")
+
+    def finish() -> None:
+        job = world.jobs.records["job_1"]
+        world.jobs.complete(job, OWNER, result=JobResult(output="ab"))
+
+    world.on_sleep.append(finish)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=2, wait_seconds=5).body)
+    assert [event for event, _, _ in events] == ["status", "done"]
+    assert json.loads(events[0][2]) == {"status": "succeeded"}
+    done = json.loads(events[1][2])
+    assert (done["status"], done["result"]["output"]) == ("succeeded", "ab")
+
+
+def test_a_job_without_stream_gets_status_and_done_only() -> None:
+    world = EventsWorld()
+    world.jobs.add(job_record(world.jobs.now_ms(), tenant_id="t1", status=JobStatus.QUEUED))
+
+    def start() -> None:
+        world.jobs.records["job_1"] = world.jobs.records["job_1"].model_copy(
+            update={"status": JobStatus.RUNNING}
+        )
+
+    world.on_sleep.append(start)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5).body)
+    assert [(event, json.loads(data)) for event, _, data in events] == [
+        ("status", {"status": "queued"}),
+        ("status", {"status": "running"}),
+    ]
+
+
+def test_nothing_new_holds_the_response_for_the_wait_then_ends_with_only_a_retry_hint() -> None:
+    world = EventsWorld()
+    running_stream_job(world)
+    world.write("job_1", "a")
+    body = world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=0.3).body
+    assert body == "retry: 100\n\n"
+    assert world.sleeps >= 1
+
+
+def test_another_tenants_job_is_not_found() -> None:
+    from llmq.errors import JobNotFound
+
+    world = EventsWorld()
+    running_stream_job(world)
+    other = TenantIdentity(tenant_id="t2", tier="enterprise")
+    with pytest.raises(JobNotFound):
+        world.intake.output_events(other, "job_1", seen=0, wait_seconds=1)
