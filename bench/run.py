@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 
 import llmq_cli.cost as cost  # noqa: E402
 
-SECTIONS = ("idle", "calls", "cold", "flood", "noisy", "deferral", "throughput", "cost")
+SECTIONS = ("idle", "calls", "cold", "flood", "noisy", "deferral", "throughput", "streaming", "cost")
 
 
 def _section(name: str, results: dict[str, Any], run: Callable[[], Any]) -> None:
@@ -60,12 +60,14 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
             results,
             lambda: {**deferral_at_scale(quick=quick), "batch": batch_beside_interactive(quick=quick)},
         )
-    if {"flood", "noisy", "throughput"} & set(sections):
+    if {"flood", "noisy", "throughput", "streaming"} & set(sections):
         try:
-            from bench.sandboxed import flood, noisy, throughput
+            from bench.sandboxed import flood, noisy, streaming, throughput
         except ImportError as exc:
             results["flood"] = results["throughput"] = {"error": f"sandbox benchmarks unavailable: {exc}"}
         else:
+            if "streaming" in sections:
+                _section("streaming", results, lambda: streaming(quick=quick))
             if "flood" in sections:
                 _section("flood", results, lambda: flood(quick=quick))
             if "noisy" in sections:
@@ -125,6 +127,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _render_deferral(results.get("deferral"))
     lines += _render_cold(results.get("cold"))
     lines += _render_throughput(results.get("throughput"))
+    lines += _render_streaming(results.get("streaming"))
     lines += _render_cost(results.get("cost"))
     return "\n".join(lines) + "\n"
 
@@ -406,6 +409,49 @@ def _render_throughput(throughput: Any) -> list[str]:
     for part, share in throughput.get("profile", {}).items():
         out.append(f"| {part} | {share:.0%} |")
     return [*out, ""]
+
+
+def _render_streaming(stream: Any) -> list[str]:
+    out = ["## 5b. Live output (`stream: true`)", ""]
+    if not stream or "error" in stream:
+        return out + _error(stream or {"error": "skipped"})
+    ratio = stream["client_ttfo_p50_s"] / stream["provider_ttft_p50_s"]
+    expected = 60 / stream["interval_s"]
+    out += [
+        f"{stream['jobs']} `stream: true` jobs at once in the sandbox, each followed by a client through "
+        f"`GET /v1/jobs/{{id}}/events` (`LlmqClient.follow`, reconnecting after each response); the fake "
+        f"provider streams {stream['provider_tokens']} tokens over {stream['provider_latency_s']:g} s. Output writes at most "
+        f"every {stream['interval_s']:g} s (`streaming.partial_interval_ms`).",
+        "",
+        "| | p50 | p95 |",
+        "| --- | --- | --- |",
+        f"| provider's time to first token (from its request) | {stream['provider_ttft_p50_s']:.2f} s | "
+        f"{stream['provider_ttft_p95_s']:.2f} s |",
+        f"| client's first `output.delta` after the provider's first token | {stream['added_p50_s']:.2f} s | "
+        f"{stream['added_p95_s']:.2f} s |",
+        f"| client's first `output.delta` (from the provider's request) | {stream['client_ttfo_p50_s']:.2f} s | "
+        f"{stream['client_ttfo_p95_s']:.2f} s |",
+        "",
+        f"Time to first output at the client is **{ratio:.1f}×** the provider's own time to first token "
+        f"(p50). What llmq adds is its first output write (at the first token), the events "
+        f"endpoint's next look at the job (every 250 ms) and the sandbox's request path.",
+        "",
+        f"Output writes: **{stream['writes_per_job_mean']:.1f} per job** ({stream['generation_s_mean']:.1f} s "
+        f"generations), **{stream['writes_per_minute']:.0f} per minute of generation** against "
+        f"{expected:.0f} for one per interval: each is one TransactWriteItems of a chunk and the job's "
+        "progress (docs/streaming.md), and the only extra writes a streaming job makes. A job without "
+        "`stream` makes none.",
+        "",
+        f"Cancel: {stream['canceled']} of {stream['cancels']} streaming jobs canceled after their first delta "
+        f"ended canceled; their provider calls ended **{stream['cancel_stop_p50_s']:.2f} s** (p50) and "
+        f"{stream['cancel_stop_p95_s']:.2f} s (p95) after the cancel request, against an interval of "
+        f"{stream['interval_s']:g} s (the target: within one interval, plus the request's own path); at most "
+        f"{stream['cancel_deltas_sent_max']} of {stream['cancel_tokens']} tokens were generated.",
+        "",
+        "`llmq cost --latency 60 --stream` and `--follow` price it per million jobs.",
+        "",
+    ]
+    return out
 
 
 def _render_cost(costs: Any) -> list[str]:

@@ -348,6 +348,127 @@ def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) ->
     }
 
 
+# Streaming jobs: the fake provider's first token comes after latency / tokens (0.5 s here),
+# and the whole generation fits the sandbox worker's provider deadline.
+STREAM_LATENCY = 5.0
+STREAM_TOKENS = 10
+# Only the output writes look for a cancel (the sandbox's own cancel_check_seconds is 0.5).
+STREAM_OVERRIDES = {"cancel_check_seconds": 60}
+STREAM_PROMPT = "bench stream {index} [[latency:{latency}]] [[tokens:{tokens}]]"
+
+
+def _stream_sizes(quick: bool) -> tuple[int, int]:
+    """(jobs followed, jobs canceled mid-stream)."""
+    return (6, 3) if quick else (16, 6)
+
+
+def _follow(state: Any, job_id: str) -> dict[str, Any]:
+    """Follow one job's events to its end, as `llmq submit --stream` does."""
+    from llmq_cli.client import LlmqClient
+
+    key = next(tenant.api_key for tenant in state.tenants if tenant.tier == "enterprise")
+    first_at: float | None = None
+    last_seq = 0
+    status = None
+    with LlmqClient(state.api_url, key) as client:
+        for event in client.follow(job_id, timeout=300):
+            data = json.loads(event.data)
+            if event.event == "output.delta":
+                first_at = first_at or time.time()
+                last_seq = data["seq"]
+            elif event.event == "done":
+                status = data["status"]
+    return {"job_id": job_id, "first_delta_at": first_at, "deltas": last_seq, "status": status}
+
+
+def _cancel_after_first_delta(state: Any, job_id: str) -> dict[str, Any]:
+    """Cancel a streaming job once its first delta is read: when its provider call ended after."""
+    from llmq_cli.client import LlmqClient
+
+    key = next(tenant.api_key for tenant in state.tenants if tenant.tier == "enterprise")
+    with LlmqClient(state.api_url, key) as client:
+        events = client.follow(job_id, timeout=300)
+        next(event for event in events if event.event == "output.delta")
+        canceled_at = time.time()
+        client.cancel(job_id)
+        status = next(json.loads(event.data)["status"] for event in events if event.event == "done")
+    return {"job_id": job_id, "canceled_at": canceled_at, "status": status}
+
+
+def _warm_api(state: Any, environments: int) -> None:
+    """Hold `environments` long-polls at once, so the api has that many warm environments: a
+    follower's first request must not wait on the sandbox's cold start of one."""
+    with _client(state, "enterprise") as client:
+        job_id = client.post("/v1/jobs", json={"prompt": "warm up [[latency:3]]"}).json()["id"]
+
+    def hold(_: int) -> None:
+        with _client(state, "enterprise") as client:
+            client.get(f"/v1/jobs/{job_id}", params={"wait": 2})
+
+    with ThreadPoolExecutor(environments) as pool:
+        list(pool.map(hold, range(environments)))
+
+
+def streaming_run(quick: bool = False) -> dict[str, Any]:
+    """Time to first output at the client against the provider's own, the output writes a
+    streaming job makes, and how soon a cancel stops its generation."""
+    followed, canceled = _stream_sizes(quick)
+    with sandbox(STREAM_OVERRIDES) as (running, state):
+        interval = running.config.streaming.partial_interval_ms / 1000
+        _warm_api(state, followed + 2)
+        prompts = [
+            STREAM_PROMPT.format(index=index, latency=STREAM_LATENCY, tokens=STREAM_TOKENS)
+            for index in range(followed)
+        ]
+        with _client(state, "enterprise") as client:
+            ids = [client.post("/v1/jobs", json={"prompt": p, "stream": True}).json()["id"] for p in prompts]
+        with ThreadPoolExecutor(len(ids)) as pool:
+            follows = list(pool.map(lambda job_id: _follow(state, job_id), ids))
+        long_prompt = STREAM_PROMPT.format(index="cancel", latency=60, tokens=600)
+        with _client(state, "enterprise") as client:
+            cancel_ids = [
+                client.post("/v1/jobs", json={"prompt": f"{i} {long_prompt}", "stream": True}).json()["id"]
+                for i in range(canceled)
+            ]
+        with ThreadPoolExecutor(len(cancel_ids)) as pool:
+            cancels = list(pool.map(lambda job_id: _cancel_after_first_delta(state, job_id), cancel_ids))
+        time.sleep(2)
+        log = running.provider.state.snapshot()["log"] if running.provider else []
+    calls = {call["job_id"]: call for call in log}
+    provider_ttft = [calls[f["job_id"]]["first_delta_at"] - calls[f["job_id"]]["started_at"] for f in follows]
+    added = [f["first_delta_at"] - calls[f["job_id"]]["first_delta_at"] for f in follows]
+    from_call = [f["first_delta_at"] - calls[f["job_id"]]["started_at"] for f in follows]
+    generation = [calls[f["job_id"]]["at"] - calls[f["job_id"]]["started_at"] for f in follows]
+    writes = [f["deltas"] for f in follows]
+    stops = [calls[c["job_id"]]["at"] - c["canceled_at"] for c in cancels]
+    return {
+        "jobs": followed,
+        "interval_s": interval,
+        "provider_latency_s": STREAM_LATENCY,
+        "provider_tokens": STREAM_TOKENS,
+        "provider_ttft_p50_s": _percentile(provider_ttft, 0.5),
+        "provider_ttft_p95_s": _percentile(provider_ttft, 0.95),
+        "added_p50_s": _percentile(added, 0.5),
+        "added_p95_s": _percentile(added, 0.95),
+        "client_ttfo_p50_s": _percentile(from_call, 0.5),
+        "client_ttfo_p95_s": _percentile(from_call, 0.95),
+        "succeeded": sum(f["status"] == "succeeded" for f in follows),
+        "writes_per_job_mean": statistics.mean(writes),
+        "writes_per_minute": statistics.mean(w / g * 60 for w, g in zip(writes, generation, strict=True)),
+        "generation_s_mean": statistics.mean(generation),
+        "canceled": sum(c["status"] == "canceled" for c in cancels),
+        "cancels": canceled,
+        "cancel_stop_p50_s": _percentile(stops, 0.5),
+        "cancel_stop_p95_s": _percentile(stops, 0.95),
+        "cancel_deltas_sent_max": max(calls[c["job_id"]]["deltas_sent"] for c in cancels),
+        "cancel_tokens": 600,
+    }
+
+
+def streaming(quick: bool = False) -> dict[str, Any]:
+    return _in_fresh_process("streaming-run", quick)
+
+
 _CLAIM_LOG_MESSAGES = {"job claimed", "tenant at its cap; deferred", "message not claimed"}
 
 
@@ -502,12 +623,15 @@ def main(argv: list[str] | None = None) -> int:
             "noisy-baseline",
             "noisy-small-cap",
             "throughput-run",
+            "streaming-run",
         ],
     )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.section == "throughput-run":
         result = throughput_run(args.quick)
+    elif args.section == "streaming-run":
+        result = streaming_run(args.quick)
     elif args.section.startswith("noisy"):
         capped = args.section != "noisy-baseline"
         small_cap = args.section == "noisy-small-cap"

@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
 from llmq.models import TERMINAL_STATUSES
 from llmq.retry_after import parse_retry_after
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json() if response.content else None
+    except ValueError:
+        return response.text
 
 
 class ApiError(RuntimeError):
@@ -51,11 +59,7 @@ class LlmqClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Reply:
         response = self._http.request(method, f"{self.base_url}{path}", **kwargs)
-        try:
-            body = response.json() if response.content else None
-        except ValueError:
-            body = response.text
-        return Reply(response.status_code, response.headers, body)
+        return Reply(response.status_code, response.headers, _json_or_text(response))
 
     def _ok(self, reply: Reply) -> Any:
         if reply.status >= 400:
@@ -99,6 +103,47 @@ class LlmqClient:
                 continue
             job = self._ok(reply)
         return job
+
+    def follow(self, job_id: str, timeout: float = 900.0, wait: int = 25) -> Iterator[ServerSentEvent]:
+        """The job's events (GET /v1/jobs/{id}/events) until `done`, as EventSource reads them:
+        each response ends with a `retry:` hint, and the next request resumes after the last
+        delta read (`Last-Event-ID`). A dropped connection or a 429 is waited out and resumed
+        the same way, so no delta is read twice or missed."""
+        deadline = time.monotonic() + timeout
+        last_id: str | None = None
+        pause = 1.0
+        while time.monotonic() < deadline:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(
+                    self._http,
+                    "GET",
+                    f"{self.base_url}/v1/jobs/{job_id}/events",
+                    params={"wait": str(wait)},
+                    headers=headers,
+                    timeout=httpx.Timeout(wait + 15.0),
+                ) as source:
+                    response = source.response
+                    if response.status_code == 429:
+                        pause = parse_retry_after(response.headers, time.time()) or 1.0
+                    elif response.status_code >= 400:
+                        response.read()
+                        self._ok(Reply(response.status_code, response.headers, _json_or_text(response)))
+                    else:
+                        for event in source.iter_sse():
+                            if event.retry is not None:
+                                pause = event.retry / 1000
+                            if not event.data:
+                                continue
+                            if event.event == "output.delta" and event.id:
+                                last_id = event.id
+                            yield event
+                            if event.event == "done":
+                                return
+            except (httpx.TransportError, SSEError):
+                # Cut mid-response: what was read counts, the rest comes after the last id.
+                pause = max(pause, 0.5)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
     def webhook_log(self, job_id: str) -> dict[str, Any]:
         """A job's delivery log, or a batch's (its id starts with `bat_`)."""

@@ -6,6 +6,7 @@ beyond the free tier; a quote for a real account should start from the AWS calcu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PRICES_AS_OF = "2025-06 (us-east-1 public list prices)"
@@ -33,6 +34,28 @@ class CallsPerJob:
 
 
 @dataclass(frozen=True)
+class Streaming:
+    """`stream: true` jobs (docs/streaming.md): an output write per interval, plus the last."""
+
+    interval_seconds: float = 1.0
+    # The job item the output write rewrites (its input inline), and a chunk's size.
+    job_item_kb: float = 2.0
+    chunk_kb: float = 1.0
+    # A client follows each job's events: about one response per output write, each holding
+    # an api environment until that write (and reading the job's head every 250 ms).
+    followed: bool = False
+    api_memory_mb: int = 256
+    poll_seconds: float = 0.25
+
+    def writes_per_job(self, latency_seconds: float) -> int:
+        return math.ceil(latency_seconds / self.interval_seconds) + 1
+
+    def write_units_per_write(self) -> float:
+        # A transaction's write costs two units per KB of each item it writes.
+        return 2 * (math.ceil(self.job_item_kb) + math.ceil(self.chunk_kb))
+
+
+@dataclass(frozen=True)
 class Workload:
     jobs: int
     latency_seconds: float
@@ -41,6 +64,7 @@ class Workload:
     # Time a worker spends around each batch besides waiting on the provider.
     overhead_seconds: float = 0.15
     calls: CallsPerJob = CallsPerJob()
+    stream: Streaming | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,37 @@ def cost_per_million(workload: Workload, jobs_per_invocation: float) -> list[Cos
             ),
         ),
         CostLine("SQS", million * (calls.sqs_sends + calls.sqs_polls) * PRICES["sqs_request"]),
+        *_streaming_lines(workload, million),
     ]
+
+
+def _streaming_lines(workload: Workload, jobs: float) -> list[CostLine]:
+    stream = workload.stream
+    if stream is None:
+        return []
+    writes = stream.writes_per_job(workload.latency_seconds)
+    lines = [
+        CostLine(
+            "DynamoDB output writes",
+            jobs * writes * stream.write_units_per_write() * PRICES["dynamodb_write_request_unit"],
+        )
+    ]
+    if stream.followed:
+        gb = stream.api_memory_mb / 1024
+        polls = workload.latency_seconds / stream.poll_seconds
+        lines.append(
+            CostLine(
+                "Following the events",
+                jobs
+                * (
+                    writes * (PRICES["api_gateway_rest_request"] + PRICES["lambda_request"])
+                    + gb * workload.latency_seconds * PRICES["lambda_gb_second_arm64"]
+                    # Half a unit per look at the head, one per delta read.
+                    + (polls * 0.5 + writes) * PRICES["dynamodb_read_request_unit"]
+                ),
+            )
+        )
+    return lines
 
 
 def total(lines: list[CostLine]) -> float:
@@ -100,4 +154,12 @@ def render(workload: Workload) -> str:
         f"{workload.latency_seconds:g} s generations, {workload.worker_memory_mb} MB arm64 worker; "
         f"prices {PRICES_AS_OF}; provider tokens not included"
     )
+    if workload.stream is not None:
+        stream = workload.stream
+        header += (
+            f"\nstream: true: {stream.writes_per_job(workload.latency_seconds)} output writes per job "
+            f"(one per {stream.interval_seconds:g} s, and the last) of "
+            f"{stream.write_units_per_write():g} write units each"
+            + ("; a client follows every job's events" if stream.followed else "")
+        )
     return "\n".join([header, *rows])

@@ -24,12 +24,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
+from httpx_sse import ServerSentEvent
 
 from llmq.models import TERMINAL_STATUSES
 from llmq_cli.sandbox_state import (
@@ -323,7 +324,26 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["metadata"] = {**body.get("metadata", {}), **metadata}
     if args.deadline:
         body["deadline_seconds"] = args.deadline
+    if getattr(args, "stream", False):
+        body["stream"] = True
     return body
+
+
+def print_stream(events: Iterable[ServerSentEvent], out: TextIO, err: TextIO) -> dict[str, Any] | None:
+    """A job's output as it is generated, to `out`; a retried attempt's restart and the end,
+    to `err`. The terminal Job, or None if the events stopped before it."""
+    for event in events:
+        data = json.loads(event.data)
+        if event.event == "output.delta":
+            if data.get("reset"):
+                print(f"\n[attempt {data['attempt']} starts again]", file=err, flush=True)
+            out.write(data["delta"])
+            out.flush()
+        elif event.event == "done":
+            out.write("\n")
+            out.flush()
+            return dict(data)
+    return None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -332,6 +352,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if reply.headers.get("idempotent-replayed"):
             print("Idempotent-Replayed: true (the original job; nothing was created)", file=sys.stderr)
         job = reply.body
+        if args.stream:
+            print(f"{job['id']} streaming:", file=sys.stderr)
+            done = print_stream(client.follow(job["id"], args.timeout), sys.stdout, sys.stderr)
+            if done is None:
+                raise CliError(f"job {job['id']} did not end within {args.timeout:g} s")
+            summary = f"{done['id']} {done['status']}"
+            if done.get("error"):
+                summary += f": {done['error']['code']}"
+            print(summary, file=sys.stderr)
+            return 0 if done["status"] == "succeeded" else 1
         if args.follow and job["status"] not in TERMINAL_STATUSES:
             job = client.wait(job["id"], args.timeout)
     _print_json(job)
@@ -874,10 +904,17 @@ def cmd_provider_key_set(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from llmq_cli.cost import Workload, render
+    from llmq_cli.cost import Streaming, Workload, render
 
+    stream = None
+    if args.stream or args.follow:
+        stream = Streaming(interval_seconds=args.interval, followed=args.follow)
     workload = Workload(
-        jobs=args.jobs, latency_seconds=args.latency, worker_memory_mb=args.memory, batch_size=args.batch
+        jobs=args.jobs,
+        latency_seconds=args.latency,
+        worker_memory_mb=args.memory,
+        batch_size=args.batch,
+        stream=stream,
     )
     print(render(workload))
     return 0
@@ -955,6 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", type=int, help="Prefer: wait=N (N <= 25)")
     submit.add_argument("--follow", action="store_true", help="poll until the job is terminal")
+    submit.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream: true, and print the output as it is generated (server-sent events, resumed "
+        "after each reconnect); the end goes to stderr, the exit status says if it succeeded",
+    )
     submit.add_argument("--timeout", type=float, default=300.0)
     _api_options(submit)
     submit.set_defaults(handler=cmd_submit)
@@ -1120,6 +1163,16 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--latency", type=float, default=60.0, help="seconds per generation (default 60)")
     cost.add_argument("--memory", type=int, default=256, help="worker memory in MB (default 256)")
     cost.add_argument("--batch", type=int, default=10, help="jobs per worker batch (default 10)")
+    cost.add_argument("--stream", action="store_true", help="stream: true jobs (their output writes)")
+    cost.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between output writes (streaming.partial_interval_ms)",
+    )
+    cost.add_argument(
+        "--follow", action="store_true", help="and a client follows each job's events (implies --stream)"
+    )
     cost.set_defaults(handler=cmd_cost)
     _hide_command(commands, "status")
     return parser

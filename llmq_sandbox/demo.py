@@ -3,11 +3,14 @@
 It starts the sandbox (the real CDK app in moto, the handlers run by the local Lambda
 service), submits a mixed load as two tenants over HTTP, shows it drain lane by lane,
 replays a submission, cancels one, watches the signed webhooks arrive, prints a summary
-per lane, runs a batch of 200 with its progress and its one webhook, and stops everything. It exits 1 if anything is not as it should be.
+per lane, prints one `stream: true` job's output as it is generated, runs a batch of 200 with
+its progress and its one webhook, and stops everything. It exits 1 if anything is not as it
+should be.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -279,6 +282,37 @@ class Tour:
         self.console.print(table)
 
 
+STREAM_PROMPT = "Explain a queue in sixty words [[latency:4]] [[tokens:60]]"
+
+
+def run_stream(tour: Tour) -> None:
+    """One stream: true job, its output printed as it is generated (GET /v1/jobs/{id}/events)."""
+    tour.console.rule("Live output: a stream: true job, read as it is generated")
+    text: list[str] = []
+    deltas = 0
+    done: dict[str, Any] | None = None
+    with tour.client("enterprise") as client:
+        job = client.submit({"prompt": STREAM_PROMPT, "stream": True}).body
+        for event in client.follow(job["id"], timeout=120):
+            data = json.loads(event.data)
+            if event.event == "output.delta":
+                if data.get("reset"):
+                    text.clear()
+                text.append(data["delta"])
+                deltas += 1
+                tour.console.print(data["delta"], end="", markup=False, highlight=False, soft_wrap=True)
+            elif event.event == "done":
+                done = data
+    tour.console.print()
+    succeeded = done is not None and done["status"] == "succeeded"
+    tour.check(succeeded, f"stream: job {job['id']} did not succeed")
+    whole = succeeded and done is not None and "".join(text) == done["result"]["output"]
+    tour.check(whole, f"stream: job {job['id']}'s deltas joined are not its result")
+    tour.console.print(
+        f"Job {job['id']}: {deltas} deltas read live; joined, they are its result: {whole}", soft_wrap=True
+    )
+
+
 BATCH_ITEMS = 200
 # The tour waits for the batch's end (its results file included) at most this long: about
 # 30 s on an idle laptop, two minutes on a loaded two-core CI machine.
@@ -376,6 +410,7 @@ def main() -> int:
         tour.show_webhooks()
         tour.verify_outcomes()
         tour.summary()
+        run_stream(tour)
         run_batch(tour)
     except SandboxStartError as exc:
         console.print(f"[red]The sandbox did not start:[/red] {exc}")

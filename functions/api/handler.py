@@ -38,6 +38,7 @@ from llmq.models import (
     BatchWebhookLog,
     Job,
     JobList,
+    JobOutputEvent,
     JobRequest,
     JobStatus,
     OutputDelta,
@@ -648,7 +649,23 @@ def handle_get_openapi() -> Response[Any]:
         # the API there, not at the host's root (a 403 on AWS).
         servers=[Server(url=_public_base())],
     )
-    return Response(status_code=200, content_type="application/json", body=document)
+    return Response(status_code=200, content_type="application/json", body=_with_event_schemas(document))
+
+
+def _with_event_schemas(document: str) -> str:
+    """The schemas of what the events stream and job.output webhooks carry, which no JSON
+    operation names: each event's data is named on the stream's response (`x-llmq-events`)."""
+    schema = json.loads(document)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (OutputDelta, JobOutputEvent):
+        components[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    events = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    events["text/event-stream"]["schema"]["x-llmq-events"] = {
+        "status": {"type": "object", "properties": {"status": {"$ref": "#/components/schemas/JobStatus"}}},
+        "output.delta": {"$ref": "#/components/schemas/OutputDelta"},
+        "done": {"$ref": "#/components/schemas/Job"},
+    }
+    return json.dumps(schema)
 
 
 # ---- entry point ------------------------------------------------------------------------

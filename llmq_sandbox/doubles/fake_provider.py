@@ -156,6 +156,10 @@ class CallRecord:
     stream: bool
     started_at: float = 0.0  # when the request arrived: with `at`, shows calls that overlap
     fault: str | None = None  # "stream_error" or "stream_cut" when a 200 answer broke part-way
+    # Streamed: the content deltas written before the answer ended (or the caller hung up),
+    # and when the first was written (its time to first token).
+    deltas_sent: int = 0
+    first_delta_at: float | None = None
 
 
 @dataclass
@@ -190,6 +194,9 @@ def _words(count: int, seed: str) -> list[str]:
 class _Handler(BaseHTTPRequestHandler):
     server: FakeProviderServer
     protocol_version = "HTTP/1.1"
+    # The current streamed answer's (CallRecord).
+    deltas_sent: int = 0
+    first_delta_at: float | None = None
 
     def log_message(self, format: str, *args: Any) -> None:  # silence the default stderr log
         return
@@ -242,6 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
         # Set by _answer before it writes a broken answer: the client may hang up on reading
         # the error, and the write then raises before _answer could return what it broke.
         self.breaking: str | None = None
+        self.deltas_sent, self.first_delta_at = 0, None
         try:
             status, fault = self._answer(job_id, attempt, directives, storm, stream, payload)
         finally:
@@ -256,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
                         stream=stream,
                         started_at=started_at,
                         fault=fault,
+                        deltas_sent=self.deltas_sent,
+                        first_delta_at=self.first_delta_at,
                     )
                 )
 
@@ -328,6 +338,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.state.stopping.wait(pause)
             text = word if index == 0 else joiner + word
             self._chunk({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+            self.deltas_sent += 1
+            if self.first_delta_at is None:
+                self.first_delta_at = time.time()
         if fault is not None and fault.kind == "stream_cut":
             # No terminating chunk: the client sees the connection drop mid-body.
             self.close_connection = True

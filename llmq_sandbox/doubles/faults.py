@@ -11,7 +11,10 @@ through botocore's event hooks, so neither the domain nor the handlers know abou
   - `[[crash_before_complete]]` / `[[crash_before_complete:N]]` kills it after the provider
     answered, just before the result is written: the generation is paid for and lost;
   - `[[overrun]]` / `[[overrun:N]]` freezes it after the claim, so the invocation overruns its
-    timeout and the runner kills it, as Lambda does.
+    timeout and the runner kills it, as Lambda does;
+  - `[[crash_mid_stream]]` / `[[crash_mid_stream:N]]` kills it right after the second output
+    write of a `stream: true` job (llmq.live_output): a reader has seen part of the output
+    when the attempt dies.
   A directive is deterministic per attempt (the claim's `attempts`), so a retried job crashes
   on the attempts it names and no others, whichever environment runs it.
 - **Call faults**, armed over HTTP (`POST {api_url}/_sandbox/faults`): the next `times` calls
@@ -133,7 +136,11 @@ class FaultBook:
 
 # ---- the environment's side: botocore hooks ---------------------------------------------------
 
-_CRASH_DIRECTIVE = re.compile(r"\[\[(crash|crash_before_complete|overrun)(?::(\d+))?\]\]")
+_CRASH_DIRECTIVE = re.compile(r"\[\[(crash|crash_before_complete|crash_mid_stream|overrun)(?::(\d+))?\]\]")
+# An output write: the transaction whose job update moves `stream_seq`.
+_OUTPUT_WRITE = "stream_seq = :seq"
+# The output writes an attempt makes before `[[crash_mid_stream]]` kills it.
+_OUTPUT_WRITES_BEFORE_CRASH = 2
 _HOOK_EVENTS = (
     "before-parameter-build",
     "after-call.dynamodb.UpdateItem",
@@ -149,11 +156,17 @@ class CrashPlan:
     after_claim: int | None = None
     before_complete: int | None = None
     overrun: int | None = None
+    mid_stream: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> CrashPlan:
         found: dict[str, int] = {}
-        names = {"crash": "after_claim", "crash_before_complete": "before_complete", "overrun": "overrun"}
+        names = {
+            "crash": "after_claim",
+            "crash_before_complete": "before_complete",
+            "overrun": "overrun",
+            "crash_mid_stream": "mid_stream",
+        }
         for name, times in _CRASH_DIRECTIVE.findall(text):
             found[names[name]] = int(times) if times else sys.maxsize
         return cls(**found)
@@ -170,6 +183,8 @@ class _Environment:
         # Jobs whose claim transaction this environment just made: the GetItem that follows
         # brings the job as claimed, input included.
         self.claiming: set[str] = set()
+        # Output writes per job claimed here (`[[crash_mid_stream]]`).
+        self.output_writes: dict[str, int] = {}
         self.lock = threading.Lock()
 
 
@@ -274,9 +289,20 @@ def _after_transaction(http_response: Any, context: dict[str, Any], **_: Any) ->
     GetItem that follows decides, from the prompt, whether to crash."""
     if getattr(http_response, "status_code", 500) >= 300:
         return
+    if _OUTPUT_WRITE in str(context.get("sandbox_update_expression", "")):
+        _after_output_write(str(context.get("sandbox_job_id", "")))
+        return
     if "ADD attempts" in str(context.get("sandbox_update_expression", "")):
         with _STATE.lock:
             _STATE.claiming.add(str(context.get("sandbox_job_id", "")))
+
+
+def _after_output_write(job_id: str) -> None:
+    with _STATE.lock:
+        plan, attempt = _STATE.claims.get(job_id, (CrashPlan(), 0))
+        writes = _STATE.output_writes[job_id] = _STATE.output_writes.get(job_id, 0) + 1
+    if plan.mid_stream is not None and attempt <= plan.mid_stream and writes >= _OUTPUT_WRITES_BEFORE_CRASH:
+        _die(f"worker killed mid-stream on {job_id} (attempt {attempt}, after {writes} output writes)")
 
 
 def _after_get(parsed: dict[str, Any], **_: Any) -> None:

@@ -19,12 +19,14 @@ provider call has a total deadline inside the invocation (tests/e2e/test_faults.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from llmq_cli.client import LlmqClient
 from tests.e2e.conftest import SandboxUnderTest, wait_until
 from tests.e2e.figures import Figures, invocations_once_logged, overlapping, settle
 
@@ -151,6 +153,41 @@ def test_a_job_crashed_on_every_attempt_fails_as_worker_crashed(
     assert all(later - earlier >= visibility / 2 for earlier, later in itertools.pairwise(starts))
     # And the client heard of the failure once
     assert wait_succeeded_once(figures, job_id, "job.failed")
+
+
+# After the pairs (on its own, so its crash takes no other job down): two output writes in,
+# the worker dies; the retry streams the output again from the start.
+MID_STREAM_PROMPT = "Stream, then crash [[crash_mid_stream:1]] [[latency:2]] [[tokens:40]]"
+
+
+@pytest.fixture(scope="module")
+def mid_stream(figures: Figures, jobs: dict[str, Submitted]) -> Submitted:
+    job_id = figures.submit("enterprise", {"prompt": MID_STREAM_PROMPT, "stream": True}).json()["id"]
+    return Submitted(job_id, "enterprise")
+
+
+def test_a_worker_killed_mid_stream_is_retried_and_its_reader_sees_the_new_attempt_start_over(
+    figures: Figures, mid_stream: Submitted
+) -> None:
+    # When the worker dies after two output writes of a stream: true job
+    job = figures.sandbox.wait_terminal(mid_stream.id, mid_stream.tier, timeout=120)
+    # Then the job succeeded on its second attempt, which called the provider again
+    assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    assert figures.sandbox.provider_calls(mid_stream.id) == 2
+    # And a reader of its events sees the first attempt's deltas, then the second attempt's,
+    # the first of which says to drop what came before
+    key = figures.sandbox.tenant(mid_stream.tier)["api_key"]
+    events = list(LlmqClient(figures.sandbox.api_url, key).follow(mid_stream.id, timeout=60))
+    deltas = [json.loads(event.data) for event in events if event.event == "output.delta"]
+    assert [delta["seq"] for delta in deltas] == list(range(1, len(deltas) + 1))
+    first = [delta for delta in deltas if delta["attempt"] == 1]
+    second = [delta for delta in deltas if delta["attempt"] == 2]
+    assert len(first) == 2 and not any(delta["reset"] for delta in first)
+    assert second and second[0]["reset"] and not any(delta["reset"] for delta in second[1:])
+    assert deltas == first + second
+    # And the second attempt's deltas alone are the result; the done event says so too
+    assert "".join(delta["delta"] for delta in second) == job["result"]["output"]
+    assert events[-1].event == "done" and json.loads(events[-1].data)["status"] == "succeeded"
 
 
 def test_nothing_stays_running_and_no_message_is_left(figures: Figures, jobs: dict[str, Submitted]) -> None:

@@ -22,3 +22,5 @@ def test_make_demo_exits_0_with_every_job_terminal_and_every_webhook_verified() 
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
     assert "Every job is terminal, every webhook verified" in demo.stdout
     assert "Summary per lane" in demo.stdout
+    # And one job's output was read live, its deltas joined equal to its result
+    assert "deltas read live; joined, they are its result: True" in demo.stdout

@@ -82,3 +82,19 @@ def test_a_bad_resume_point_or_wait_is_a_clear_422(harness: Harness) -> None:
         got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query=query)
         assert got.status == 422, query
         assert got.headers["content-type"] == "application/problem+json"
+
+
+def test_the_openapi_document_describes_the_stream_and_its_events(harness: Harness) -> None:
+    document = harness.api("GET", "/v1/openapi.json", tenant=ENTERPRISE).body
+    operation = document["paths"]["/v1/jobs/{job_id}/events"]["get"]
+    parameters = {parameter["name"].lower() for parameter in operation["parameters"]}
+    assert {"job_id", "wait", "after", "last-event-id"} <= parameters
+    stream = operation["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert stream["x-llmq-events"]["output.delta"] == {"$ref": "#/components/schemas/OutputDelta"}
+    schemas = document["components"]["schemas"]
+    assert {"seq", "delta", "attempt", "reset"} <= schemas["OutputDelta"]["properties"].keys()
+    assert {"seq_from", "seq_to", "delta"} <= schemas["JobOutputEvent"]["properties"].keys()
+    job = schemas["Job"]["properties"]
+    assert {"stream", "progress", "output_partial", "output_partial_truncated"} <= job.keys()
+    assert "stream" in schemas["JobRequest"]["properties"]
+    assert "job.output" in schemas["WebhookEvent"]["enum"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from llmq_cli.cost import Workload, cost_per_million, total
+import pytest
+
+from llmq_cli.cost import Streaming, Workload, cost_per_million, total
 from llmq_cli.main import main
 
 
@@ -20,3 +22,18 @@ def test_llmq_cost_prints_both_designs(capsys) -> None:
     assert main(["cost", "--jobs", "2000000", "--latency", "10"]) == 0
     out = capsys.readouterr().out
     assert "one invocation/job" in out and "for 2,000,000 jobs" in out
+
+
+def test_streaming_adds_one_output_write_per_interval_and_following_costs_more() -> None:
+    plain = Workload(jobs=1_000_000, latency_seconds=60)
+    streamed = Workload(jobs=1_000_000, latency_seconds=60, stream=Streaming(interval_seconds=1.0))
+    followed = Workload(
+        jobs=1_000_000, latency_seconds=60, stream=Streaming(interval_seconds=1.0, followed=True)
+    )
+    slower = Workload(jobs=1_000_000, latency_seconds=60, stream=Streaming(interval_seconds=5.0))
+    lines = {line.item: line.per_million_jobs for line in cost_per_million(streamed, 10)}
+    # 61 writes (one a second, and the last) of 2 x (2 KB job + 1 KB chunk) = 6 units each
+    assert lines["DynamoDB output writes"] == pytest.approx(61 * 6 * 0.625)
+    assert "DynamoDB output writes" not in {line.item for line in cost_per_million(plain, 10)}
+    costs = [total(cost_per_million(workload, 10)) for workload in (plain, slower, streamed, followed)]
+    assert costs == sorted(costs) and len(set(costs)) == 4
