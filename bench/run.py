@@ -105,6 +105,10 @@ def _cost(calls: dict[str, Any] | None) -> dict[str, Any]:
             "ratio": round(single / batched, 2),
             "table": cost.render(workload),
         }
+    streamed = cost.Workload(
+        jobs=1_000_000, latency_seconds=60.0, calls=measured, stream=cost.Streaming(followed=True)
+    )
+    out["60s-stream"] = {"table": cost.render(streamed)}
     out["prices_as_of"] = cost.PRICES_AS_OF
     return out
 
@@ -437,10 +441,11 @@ def _render_streaming(stream: Any) -> list[str]:
         f"endpoint's next look at the job (every 250 ms) and the sandbox's request path.",
         "",
         f"Output writes: **{stream['writes_per_job_mean']:.1f} per job** ({stream['generation_s_mean']:.1f} s "
-        f"generations), **{stream['writes_per_minute']:.0f} per minute of generation** against "
-        f"{expected:.0f} for one per interval: each is one TransactWriteItems of a chunk and the job's "
-        "progress (docs/streaming.md), and the only extra writes a streaming job makes. A job without "
-        "`stream` makes none.",
+        f"generations: one per interval and the last), **{stream['writes_per_minute']:.0f} per minute of "
+        f"generation**, against {expected:.0f} a minute for one per interval (the last write of each "
+        "job makes the difference, large for short jobs). Each is one TransactWriteItems of a chunk and "
+        "the job's progress (docs/streaming.md), and the only extra writes a streaming job makes. A "
+        "job without `stream` makes none.",
         "",
         f"Cancel: {stream['canceled']} of {stream['cancels']} streaming jobs canceled after their first delta "
         f"ended canceled; their provider calls ended **{stream['cancel_stop_p50_s']:.2f} s** (p50) and "
@@ -468,6 +473,15 @@ def _render_cost(costs: Any) -> list[str]:
             f"One invocation per job costs **{costs[key]['ratio']:.1f}×** as much for {key} generations."
         )
         out.append("")
+    if "60s-stream" in costs:
+        out += [
+            "`stream: true` jobs, each followed by a client (`llmq cost --latency 60 --follow`):",
+            "",
+            "```",
+            costs["60s-stream"]["table"],
+            "```",
+            "",
+        ]
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import threading
 from typing import Any
 
@@ -83,6 +84,50 @@ def test_a_streaming_job_is_read_live_with_httpx_sse_across_reconnects(sandbox: 
     first = running_polls[0]
     assert first["progress"]["output_tokens"] >= 1
     assert done["result"]["output"].startswith(first["output_partial"])
+
+
+def _complete_events(text: str) -> list[tuple[str, str | None, str]]:
+    """The events a reader has whole when the connection is cut after `text`: an event counts
+    only once its blank line came (as the SSE standard dispatches them)."""
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        fields = dict(line.partition(": ")[::2] for line in block.splitlines())
+        if "event" in fields:
+            events.append((fields["event"], fields.get("id"), fields.get("data", "")))
+    return events
+
+
+def test_cut_connections_at_random_points_lose_and_double_no_delta(sandbox: SandboxUnderTest) -> None:
+    # Given a streaming job of 120 tokens over about 6 s
+    job_id = _submit(sandbox, prompt="[[latency:6]] [[tokens:120]] cut me", stream=True)
+    key = sandbox.tenant("enterprise")["api_key"]
+    rng = random.Random(20261202)
+    deltas: list[dict[str, Any]] = []
+    done: dict[str, Any] | None = None
+    last_id: str | None = None
+    cuts = 0
+    with httpx.Client(base_url=sandbox.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=40) as http:
+        for _ in range(400):
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+                assert response.status_code == 200
+                body = response.read().decode()
+            # When the reader's connection breaks at a random byte of each response
+            cut = rng.randint(0, len(body)) if rng.random() < 0.7 else len(body)
+            cuts += cut < len(body)
+            for event, event_id, data in _complete_events(body[:cut]):
+                if event == "output.delta":
+                    deltas.append(json.loads(data))
+                    last_id = event_id
+                elif event == "done":
+                    done = json.loads(data)
+            if done is not None:
+                break
+    # Then, resuming from the last whole delta each time, it read every delta once, in order
+    assert done is not None and done["status"] == "succeeded"
+    assert cuts >= 3
+    assert [delta["seq"] for delta in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(delta["delta"] for delta in deltas) == done["result"]["output"]
 
 
 def test_llmq_submit_stream_prints_the_output_as_it_arrives(sandbox: SandboxUnderTest) -> None:

@@ -391,3 +391,64 @@ def test_another_tenants_job_is_not_found() -> None:
     other = TenantIdentity(tenant_id="t2", tier="enterprise")
     with pytest.raises(JobNotFound):
         world.intake.output_events(other, "job_1", seen=0, wait_seconds=1)
+
+
+# ---- the CLI's follower ---------------------------------------------------------------------
+
+
+def test_the_cli_follower_resumes_after_a_cut_connection_and_a_429_and_prints_each_delta_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    import httpx
+
+    from llmq_cli.client import LlmqClient
+    from llmq_cli.main import print_stream
+
+    def delta(seq: int, text: str, reset: bool = False, attempt: int = 1) -> str:
+        data = json.dumps({"seq": seq, "delta": text, "attempt": attempt, "reset": reset})
+        return f"id: {seq}\nevent: output.delta\ndata: {data}\n\n"
+
+    done = 'event: done\ndata: {"id": "job_1", "status": "succeeded"}\n\n'
+    seen_ids: list[str | None] = []
+    # Each request's answer by the Last-Event-ID it sent: a 429 first, then a response cut
+    # mid-event, then the rest (a retried attempt starting over), then the end.
+    answers = {
+        None: [
+            httpx.Response(429, headers={"retry-after": "0"}, json={"code": "too_many_long_polls"}),
+            httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream"},
+                content=(delta(1, "Hel") + delta(2, "lo")[:20]).encode(),
+            ),
+        ],
+        "1": [
+            httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream"},
+                content=(delta(2, "lo") + delta(3, "Hi", reset=True, attempt=2) + "retry: 0\n\n").encode(),
+            )
+        ],
+        "3": [
+            httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, content=(delta(4, "!") + done).encode()
+            )
+        ],
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        last = request.headers.get("last-event-id")
+        seen_ids.append(last)
+        return answers[last].pop(0)
+
+    monkeypatch.setattr("llmq_cli.client.time.sleep", lambda seconds: None)
+    client = LlmqClient("http://api.test", "key")
+    client._http = httpx.Client(transport=httpx.MockTransport(handler))
+    out, err = io.StringIO(), io.StringIO()
+    job = print_stream(client.follow("job_1", timeout=30), out, err)
+    # Then each delta was printed once, in order, the restart said on stderr, and the end came
+    assert job == {"id": "job_1", "status": "succeeded"}
+    assert out.getvalue() == "HelloHi!\n"
+    assert "attempt 2 starts again" in err.getvalue()
+    assert seen_ids == [None, None, "1", "3"]
