@@ -125,8 +125,8 @@ def _streaming_lines(workload: Workload, jobs: float) -> list[CostLine]:
                 * (
                     writes * (PRICES["api_gateway_rest_request"] + PRICES["lambda_request"])
                     + gb * workload.latency_seconds * PRICES["lambda_gb_second_arm64"]
-                    # Half a unit per look at the head, one per delta read.
-                    + (polls * 0.5 + writes) * PRICES["dynamodb_read_request_unit"]
+                    # A strongly consistent look at a small item per poll, one per delta read.
+                    + (polls + writes) * PRICES["dynamodb_read_request_unit"]
                 ),
             )
         )

@@ -54,8 +54,9 @@ class FaultKind(StrEnum):
     SERVER_ERROR = "server_error"
     APPLIED_RETRIED = "applied_retried"
     APPLIED_LOST = "applied_lost"
-    # DynamoDB TransactWriteItems only: another transaction held one of its items, so it was
-    # canceled with a TransactionConflict reason (which botocore does not retry). Nothing applied.
+    # DynamoDB: another transaction held the item. TransactWriteItems is canceled with a
+    # TransactionConflict reason, a single write answers TransactionConflictException (botocore
+    # retries neither). Nothing applied.
     TRANSACTION_CONFLICT = "transaction_conflict"
 
 
@@ -255,6 +256,14 @@ class AwsFaults:
                 "ResponseMetadata": {"HTTPStatusCode": status},
             }
             raise ClientError(error, fault.name)
+        if fault.kind is FaultKind.TRANSACTION_CONFLICT and fault.name != "TransactWriteItems":
+            # A single write that met a transaction in progress on its item.
+            self._record(Fired(fault, function, occurrence, "TransactionConflictException"))
+            conflict: Any = {
+                "Error": {"Code": "TransactionConflictException", "Message": f"injected: {fault.label}"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+            raise ClientError(conflict, fault.name)
         if fault.kind is FaultKind.TRANSACTION_CONFLICT:
             items = len(_.get("params", {}).get("TransactItems", [])) or 2
             self._record(Fired(fault, function, occurrence, "TransactionConflict"))

@@ -28,7 +28,7 @@ from llmq.batches import BatchRepository
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
-from llmq.live_output import resume_point
+from llmq.live_output import finished_reading, resume_point
 from llmq.long_polls import LongPolls
 from llmq.models import (
     Batch,
@@ -422,14 +422,17 @@ def handle_cancel_job(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[
         "changes, `output.delta` (`OutputDelta`, its id the delta's `seq`) for each piece of "
         "output, and `done` with the terminal Job. Each response is a long poll: it answers as "
         "soon as there is something new, or after `wait` seconds, and ends with a `retry:` hint; "
-        "reconnect with `Last-Event-ID` (EventSource does) or `?after=` to read on. It holds one "
-        "of the tenant's long-poll places while it waits (429 when none is free)."
+        "reconnect with `Last-Event-ID` (EventSource does) or `?after=` to read on (the later "
+        "of the two counts). It holds one of the tenant's long-poll places while it waits; with "
+        "none free it answers at once, its `retry:` the long-poll Retry-After. `done` has the id "
+        "`done`, and a reconnect with it is answered 204, which stops EventSource."
     ),
     responses={
         200: {
             "description": "A text/event-stream of status, output.delta and done events",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
+        204: {"description": "`Last-Event-ID: done`: the stream has ended"},
         **{status: body for status, body in _responses(200, "", OutputDelta).items() if status != 200},
     },
 )
@@ -442,7 +445,7 @@ def handle_job_events(
         ),
     ] = STREAMING.max_wait_seconds,
     after: Annotated[
-        int | None, Query(ge=0, description="Read the deltas after this seq (wins over Last-Event-ID)")
+        int | None, Query(ge=0, description="Read the deltas after this seq (or Last-Event-ID's, if later)")
     ] = None,
     last_event_id: Annotated[
         str | None,
@@ -450,16 +453,15 @@ def handle_job_events(
     ] = None,
 ) -> Response[Any]:
     tenant = _tenant()
-    events = intake().output_events(
+    if finished_reading(last_event_id):
+        # The client read `done`: 204 is how the SSE standard stops EventSource reconnecting.
+        intake().get(tenant, job_id)
+        return Response(status_code=204, body="", headers={"Cache-Control": "no-cache"})
+    body = intake().output_events(
         tenant, job_id, resume_point(last_event_id, after), wait_seconds=_wait_budget(wait)
     )
-    if events.wait_refused:
-        raise _long_polls_taken("ask with ?wait=0")
     return Response(
-        status_code=200,
-        content_type="text/event-stream",
-        body=events.body,
-        headers={"Cache-Control": "no-cache"},
+        status_code=200, content_type="text/event-stream", body=body, headers={"Cache-Control": "no-cache"}
     )
 
 

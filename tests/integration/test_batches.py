@@ -225,6 +225,11 @@ def test_a_batchs_items_are_active_jobs_until_they_end_and_the_quota_refuses_a_b
             "requests[0].body.webhook",
         ),
         ([{"custom_id": "long", "body": {"prompt": "é" * 6000}}], "invalid_request", "prompt"),
+        (
+            [*_requests(1), {"custom_id": "live", "body": {"prompt": "p", "stream": True}}],
+            "invalid_request",
+            "requests[1].body.stream",
+        ),
         ([], "invalid_request", "requests"),
     ],
 )

@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
+
+from llmq import aws
+from llmq.jobs import JobRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.aws_faults import AwsFaults, FaultKind
+from tests.conftest import MotoStack
+from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, FREE, Harness
 
 
@@ -19,9 +26,20 @@ def _events(body: str) -> list[tuple[str, str | None, str]]:
     return events
 
 
+@pytest.fixture
+def streaming(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> Harness:
+    """The harness with a provider that streams (the suite's default asks for whole answers)."""
+    config = integration_config(provider)
+    streamed = config.provider.model_copy(update={"stream": True})
+    return Harness(moto_stack, config.model_copy(update={"provider": streamed}), monkeypatch)
+
+
 def test_a_streaming_job_is_read_live_across_reconnects_and_ends_with_done(
-    harness: Harness, provider: FakeProviderServer
+    streaming: Harness, provider: FakeProviderServer
 ) -> None:
+    harness = streaming
     # Given a stream: true job whose provider streams 60 tokens over about 3 s
     reply = harness.submit(prompt="[[latency:3]] [[tokens:60]] tell me", stream=True)
     assert reply.status == 202 and reply.body["stream"] is True
@@ -70,10 +88,33 @@ def test_a_job_without_stream_gets_status_and_done_and_another_tenant_gets_404(h
     harness.drain("high")
     got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
     events = _events(str(got.body))
-    assert [event for event, _, _ in events] == ["status", "done"]
+    assert [(event, event_id) for event, event_id, _ in events] == [("status", None), ("done", "done")]
     assert json.loads(events[1][2])["status"] == "succeeded"
     foreign = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=FREE)
     assert (foreign.status, foreign.code) == (404, "job_not_found")
+    # And a reconnect after `done` is answered 204, which ends an EventSource for good
+    after = harness.api(
+        "GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, headers={"Last-Event-ID": "done"}
+    )
+    assert after.status == 204
+    foreign_after = harness.api(
+        "GET", f"/v1/jobs/{job_id}/events", tenant=FREE, headers={"Last-Event-ID": "done"}
+    )
+    assert foreign_after.status == 404
+
+
+def test_a_provider_that_does_not_stream_gives_a_streaming_job_its_output_at_the_end(
+    harness: Harness,
+) -> None:
+    # Given a deployment whose provider answers whole (provider.stream false)
+    job_id = harness.submit(prompt="[[tokens:30]] whole", stream=True).body["id"]
+    harness.drain("high")
+    got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
+    events = _events(str(got.body))
+    # Then its events hold the whole output as one delta, then the end
+    assert [event for event, _, _ in events] == ["status", "output.delta", "done"]
+    done = json.loads(events[-1][2])
+    assert json.loads(events[1][2])["delta"] == done["result"]["output"]
 
 
 def test_a_bad_resume_point_or_wait_is_a_clear_422(harness: Harness) -> None:
@@ -98,3 +139,22 @@ def test_the_openapi_document_describes_the_stream_and_its_events(harness: Harne
     assert {"stream", "progress", "output_partial", "output_partial_truncated"} <= job.keys()
     assert "stream" in schemas["JobRequest"]["properties"]
     assert "job.output" in schemas["WebhookEvent"]["enum"]
+
+
+def test_a_cancel_that_meets_an_output_write_in_progress_is_tried_again_not_answered_503(
+    harness: Harness,
+) -> None:
+    # Given a running job, and its item held by a transaction (an output write) when the
+    # cancel's UpdateItem arrives, twice
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "worker-1", 60).claimed
+    faults = AwsFaults()
+    try:
+        conflict = faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.UpdateItem", times=2)
+        reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    finally:
+        faults.disarm()
+    # Then the cancel went through on a later try: 202, and the job is flagged
+    assert len(faults.fired_for(conflict)) == 2
+    assert (reply.status, reply.body["cancel_requested"]) == (202, True)

@@ -270,7 +270,7 @@ def test_output_chunks_are_written_in_order_under_the_lease_and_read_back(subjec
     subject.jobs.write_output(claimed, "w1", _chunk(2, "日本語 🎉"))
     # A retry of a write that was applied (its answer lost) is recognised, not doubled
     subject.jobs.write_output(claimed, "w1", _chunk(2, "日本語 🎉"))
-    deltas = subject.jobs.read_output(job_id, 1, 5)
+    deltas = subject.jobs.read_output(claimed, 1, 5)
     assert [(delta.seq, delta.delta) for delta in deltas] == [(1, "Grüße "), (2, "日本語 🎉")]
     head = subject.jobs.output_head(job_id)
     assert head is not None and (head.status, head.stream_seq, head.tenant_id) == (
@@ -285,8 +285,8 @@ def test_output_chunks_are_written_in_order_under_the_lease_and_read_back(subjec
         "日本語 ",
     )
     # And reads stop at the first chunk that is not there
-    assert [delta.seq for delta in subject.jobs.read_output(job_id, 2, 9)] == [2]
-    assert subject.jobs.read_output(job_id, 3, 9) == []
+    assert [delta.seq for delta in subject.jobs.read_output(claimed, 2, 9)] == [2]
+    assert subject.jobs.read_output(claimed, 3, 9) == []
 
 
 def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: Subject) -> None:
@@ -301,9 +301,9 @@ def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: S
     assert subject.jobs.request_cancel(claimed) is not None
     with pytest.raises(CancelRequested):
         subject.jobs.write_output(claimed, "w1", _chunk(2, "b"))
-    assert [delta.delta for delta in subject.jobs.read_output(job_id, 1, 5)] == ["a"]
+    assert [delta.delta for delta in subject.jobs.read_output(claimed, 1, 5)] == ["a"]
     # And once the job has ended, no write lands
     subject.jobs.cancel_leased(claimed, "w1")
     with pytest.raises(LeaseLost):
         subject.jobs.write_output(claimed, "w1", _chunk(2, "late"))
-    assert subject.jobs.read_output(job_id, 2, 5) == []
+    assert subject.jobs.read_output(claimed, 2, 5) == []

@@ -231,14 +231,14 @@ class InMemoryJobs:
     # ---- live output ----------------------------------------------------------------------
 
     @_throttleable
-    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk) -> None:
+    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
         old = self.records.get(job.id)
         ours = old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING
         if old is None or not ours:
             raise LeaseLost(job.id)
         if (old.stream_seq or 0) >= chunk.seq:
             return
-        if old.cancel_requested:
+        if old.cancel_requested and not final:
             raise CancelRequested(job.id)
         if (old.stream_seq or 0) != chunk.seq - 1:
             raise LeaseLost(job.id)
@@ -247,6 +247,7 @@ class InMemoryJobs:
             old,
             stream_seq=chunk.seq,
             stream_attempt=chunk.attempt,
+            stream_chars=chunk.chars,
             progress_tokens=chunk.tokens,
             progress_ms=self.now_ms(),
             output_partial=chunk.partial,
@@ -261,7 +262,8 @@ class InMemoryJobs:
         return OutputHead(record.tenant_id, record.status, record.stream_seq or 0, record.expires_at)
 
     @_throttleable
-    def read_output(self, job_id: str, first: int, last: int) -> list[OutputDelta]:
+    def read_output(self, job: JobRecord, first: int, last: int) -> list[OutputDelta]:
+        job_id = job.id
         deltas = []
         for seq in range(first, min(last, first + 99) + 1):
             if (job_id, seq) not in self.chunks:
@@ -338,6 +340,10 @@ class InMemoryJobs:
         }
         if outcome.get("error") is None and status in (JobStatus.SUCCEEDED, JobStatus.CANCELED):
             changes["error"] = None
+        if old.stream:
+            changes.update(
+                output_partial=None, output_partial_truncated=None, progress_tokens=None, progress_ms=None
+            )
         if job.wants(EVENT_FOR_STATUS[status]):
             changes["delivery_status"] = DeliveryStatus.PENDING
             self.due[job.id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)

@@ -67,11 +67,11 @@ class CountingJobs(InMemoryJobs):
         self.lose = 0
         self.cancel_at_write: int | None = None
 
-    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk) -> None:
+    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
         self.output_writes.append(chunk)
         if self.cancel_at_write == len(self.output_writes):
             self.records[job.id] = self.records[job.id].model_copy(update={"cancel_requested": True})
-        super().write_output(job, owner, chunk)
+        super().write_output(job, owner, chunk, final=final)
         if self.lose:
             self.lose -= 1
             raise StoreUnavailable("dynamodb.TransactWriteItems: the answer was lost")
@@ -107,7 +107,7 @@ class World:
         return self.jobs.records["job_1"]
 
     def deltas(self) -> list[OutputDelta]:
-        return self.jobs.read_output("job_1", 1, 10_000)
+        return self.jobs.read_output(self.job(), 1, 10_000)
 
 
 def words(count: int) -> list[str]:
@@ -239,21 +239,42 @@ def test_a_running_jobs_poll_shows_its_progress_and_the_start_of_its_output() ->
         3,
     )
     # And a job written with it shows progress in a poll while it runs
-    job = job_record(1_790_000_000_000, status=JobStatus.RUNNING, stream=True).model_copy(
-        update={"progress_tokens": 3, "progress_ms": 1_790_000_001_000, "output_partial": chunk.partial}
+    job = job_record(1_790_000_000_000, status=JobStatus.RUNNING, stream=True, attempts=1).model_copy(
+        update={
+            "progress_tokens": 3,
+            "progress_ms": 1_790_000_001_000,
+            "output_partial": chunk.partial,
+            "stream_attempt": 1,
+        }
     )
     shown = job.to_job()
     assert shown.progress is not None and shown.progress.output_tokens == 3
     assert shown.output_partial == "héllo wörld "
-    # And a finished one does not
+    # And a finished one does not, nor a retry before its own first write (the last attempt's)
     assert job.model_copy(update={"status": JobStatus.SUCCEEDED}).to_job().progress is None
+    retried = job.model_copy(update={"attempts": 2}).to_job()
+    assert (retried.progress, retried.output_partial) == (None, None)
 
 
 @pytest.mark.parametrize(
     ("header", "after", "seen"),
-    [(None, None, 0), ("7", None, 7), ("7", 3, 3), ("status", None, 0), (" 12 ", None, 12)],
+    [
+        (None, None, 0),
+        ("7", None, 7),
+        (None, 5, 5),
+        # EventSource reconnects to its URL, ?after= included, with the id it read last
+        ("7", 3, 7),
+        ("2", 0, 2),
+        ("3", 9, 9),
+        ("status", None, 0),
+        ("done", None, 0),
+        (" 12 ", None, 12),
+        # Digits Python's int() refuses, or too many
+        ("²", None, 0),
+        ("1" * 19, None, 0),
+    ],
 )
-def test_the_resume_point_is_after_wins_then_last_event_id(
+def test_the_resume_point_is_the_later_of_after_and_last_event_id(
     header: str | None, after: int | None, seen: int
 ) -> None:
     assert resume_point(header, after) == seen
@@ -324,7 +345,7 @@ def test_a_fresh_connection_gets_the_status_and_the_output_so_far_then_resumes_a
     running_stream_job(world)
     world.write("job_1", "Hél", "lo")
     # When a client connects
-    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5).body)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5))
     # Then it reads the status, then each delta with its seq as the id
     assert [(event, event_id) for event, event_id, _ in events] == [
         ("status", None),
@@ -334,7 +355,7 @@ def test_a_fresh_connection_gets_the_status_and_the_output_so_far_then_resumes_a
     assert json.loads(events[1][2])["delta"] == "Hél"
     # When more output comes while it waits after delta 2
     world.on_sleep.append(lambda: world.write("job_1", " wörld"))
-    body = world.intake.output_events(world.tenant, "job_1", seen=2, wait_seconds=5).body
+    body = world.intake.output_events(world.tenant, "job_1", seen=2, wait_seconds=5)
     # Then the response holds only what is new (no repeated status) and ends with a retry hint
     assert [(event, event_id) for event, event_id, _ in parse(body)] == [("output.delta", "3")]
     assert body.endswith("retry: 100\n\n")
@@ -350,7 +371,7 @@ def test_the_end_of_the_job_ends_the_stream_with_done_and_the_whole_job() -> Non
         world.jobs.complete(job, OWNER, result=JobResult(output="ab"))
 
     world.on_sleep.append(finish)
-    events = parse(world.intake.output_events(world.tenant, "job_1", seen=2, wait_seconds=5).body)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=2, wait_seconds=5))
     assert [event for event, _, _ in events] == ["status", "done"]
     assert json.loads(events[0][2]) == {"status": "succeeded"}
     done = json.loads(events[1][2])
@@ -367,7 +388,7 @@ def test_a_job_without_stream_gets_status_and_done_only() -> None:
         )
 
     world.on_sleep.append(start)
-    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5).body)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5))
     assert [(event, json.loads(data)) for event, _, data in events] == [
         ("status", {"status": "queued"}),
         ("status", {"status": "running"}),
@@ -378,7 +399,7 @@ def test_nothing_new_holds_the_response_for_the_wait_then_ends_with_only_a_retry
     world = EventsWorld()
     running_stream_job(world)
     world.write("job_1", "a")
-    body = world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=0.3).body
+    body = world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=0.3)
     assert body == "retry: 100\n\n"
     assert world.sleeps >= 1
 
@@ -452,3 +473,119 @@ def test_the_cli_follower_resumes_after_a_cut_connection_and_a_429_and_prints_ea
     assert out.getvalue() == "HelloHi!\n"
     assert "attempt 2 starts again" in err.getvalue()
     assert seen_ids == [None, None, "1", "3"]
+
+
+# ---- nothing in the output may cost the generation or its result -----------------------------
+
+
+class FailingQueues(InMemoryQueues):
+    """A webhooks queue whose job.output sends fail with something no one expected."""
+
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None) -> None:
+        if event is WebhookEvent.OUTPUT:
+            raise RuntimeError("unexpected")
+        super().enqueue_webhook(job_id, event)
+
+
+def test_unexpected_failures_of_output_writes_and_webhooks_never_cost_the_result() -> None:
+    # Given a streaming job subscribed to job.output whose output webhooks fail oddly, and
+    # whose first output writes fail with an error no one expected
+    tokens = words(30)
+    world = World(StreamingProvider(tokens, pause=0.01))
+    world.queues = FailingQueues()
+    world.runner = JobRunner(world.jobs, world.queues, world.provider, world.config, rng=Random(7))
+    world.add(stream=True, webhook_url=WEBHOOK, webhook_events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    original = world.jobs.write_output
+    failures = iter([TypeError("odd"), TypeError("odd")])
+
+    def flaky(job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        original(job, owner, chunk, final=final)
+
+    world.jobs.write_output = flaky  # type: ignore[method-assign]
+    world.run()
+    # Then the job succeeded with its result and its terminal webhook
+    assert world.job().status is JobStatus.SUCCEEDED
+    assert world.job().result.output == "".join(tokens)  # type: ignore[union-attr]
+    assert ("job_1", WebhookEvent.SUCCEEDED) in world.queues.webhooks
+    # And the output still holds every piece once
+    assert "".join(delta.delta for delta in world.deltas()) == "".join(tokens)
+
+
+def test_an_output_write_that_finds_the_lease_taken_stops_the_generation_without_a_cancel() -> None:
+    # Given a streaming job whose lease another worker takes over after the first output write
+    world = World(StreamingProvider(words(200), pause=0.01), cancel_check_seconds=60)
+    world.add(stream=True)
+    original = world.jobs.write_output
+
+    def taken_over(job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
+        original(job, owner, chunk, final=final)
+        world.jobs.records[job.id] = world.jobs.records[job.id].model_copy(update={"lease_owner": "worker-2"})
+
+    world.jobs.write_output = taken_over  # type: ignore[method-assign]
+    world.run()
+    # Then the generation stopped, and the job is left running under its new owner: not canceled
+    job = world.job()
+    assert world.provider.canceled and world.provider.sent < 100
+    assert (job.status, job.lease_owner, job.cancel_requested) == (JobStatus.RUNNING, "worker-2", False)
+
+
+def test_a_lone_surrogate_from_the_provider_is_kept_as_a_replacement_character() -> None:
+    world = World(StreamingProvider(["caf", "\ud800", "é"], pause=0.01))
+    world.add(stream=True)
+    world.run()
+    assert world.job().status is JobStatus.SUCCEEDED
+    assert "".join(delta.delta for delta in world.deltas()) == "caf?é"
+
+
+def test_output_its_last_writes_could_not_keep_is_served_from_the_result() -> None:
+    # Given a streaming job whose last output writes, after its generation, AWS keeps refusing
+    tokens = words(30)
+    world = World(StreamingProvider(tokens, pause=0.01))
+    world.add(stream=True)
+    original = world.jobs.write_output
+
+    def refused_at_the_end(job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
+        if final:
+            raise StoreUnavailable("dynamodb.TransactWriteItems: throttled")
+        original(job, owner, chunk, final=final)
+
+    world.jobs.write_output = refused_at_the_end  # type: ignore[method-assign]
+    world.run()
+    job = world.job()
+    assert job.status is JobStatus.SUCCEEDED
+    written = "".join(delta.delta for delta in world.deltas())
+    assert len(written) < len(job.result.output)  # type: ignore[union-attr]
+    # When a client reads its events after its last chunk
+    intake = JobIntake(world.jobs, InMemoryQueues(), world.config, lambda url: None)
+    tenant = TenantIdentity(tenant_id=job.tenant_id, tier="enterprise")
+    events = parse(intake.output_events(tenant, "job_1", seen=job.stream_seq or 0))
+    # Then it gets the rest of the output as the next delta, then the end
+    assert [event for event, _, _ in events] == ["output.delta", "done"]
+    tail = json.loads(events[0][2])
+    assert tail["seq"] == (job.stream_seq or 0) + 1
+    assert written + tail["delta"] == job.result.output  # type: ignore[union-attr]
+
+
+class NoPlaces:
+    """Every long-poll place taken."""
+
+    def enter(self, tenant_id: str, cap: int, seconds: float) -> str | None:
+        return None
+
+    def leave(self, tenant_id: str, place: str) -> None:
+        raise AssertionError("no place was taken")
+
+
+def test_with_every_long_poll_place_taken_the_stream_answers_at_once_and_says_when_to_come_back() -> None:
+    world = EventsWorld()
+    world.intake.polls = NoPlaces()
+    running_stream_job(world)
+    world.write("job_1", "a")
+    body = world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5)
+    # Not a 429 (EventSource would stop for good): nothing new, and a retry after Retry-After
+    retry_ms = world.config.fair_share.long_poll_retry_after_seconds * 1000
+    assert body == f"retry: {retry_ms}\n\n"
+    assert world.sleeps == 0

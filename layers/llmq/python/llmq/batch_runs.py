@@ -78,7 +78,6 @@ def item_record(
         custom_id=item.custom_id,
         shared=True,
         last_write=write_token("expand"),
-        stream=True if body.stream else None,
     )
 
 

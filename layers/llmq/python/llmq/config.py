@@ -83,7 +83,8 @@ class ProviderConfig(_Frozen):
     # the client decides; True retries it like a 503.
     retry_timeouts: bool = False
     # Ask the provider for a streamed answer (a stream that stops is told from a finished one).
-    # A `stream: true` job always asks for one: its output is kept as it streams.
+    # Off (a provider that cannot stream), a `stream: true` job's output comes all at once,
+    # when it ends.
     stream: bool = True
     allowed_params: list[str] = Field(
         default_factory=lambda: [
@@ -300,6 +301,9 @@ class StreamingConfig(_Frozen):
     # (then `output_partial_truncated`): each output write rewrites the job item, so this
     # bounds what it costs in write units.
     partial_max_chars: Annotated[int, Field(ge=0, le=32_000)] = 4000
+    # A streaming job's input stays in its item up to this size (JSON), else it goes to S3 as
+    # a large input does: every output write rewrites the item, so its size is its cost.
+    max_inline_input_bytes: Annotated[int, Field(ge=0, le=350_000)] = 16_000
     # job.output webhooks: at most one per job this often, each with the text since the last.
     output_webhook_interval_ms: Annotated[int, Field(ge=500, le=600_000)] = 2000
     # GET /v1/jobs/{id}/events holds its response open at most this long (`?wait`), looking

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -58,13 +59,31 @@ _CLAIM_RETRY_BUDGET_SECONDS = 5.0
 _CONTENDED_DELAY_SECONDS = 2.0
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
-# A finished streaming generation's last output writes: how many failures before the result
-# is written without them.
+# A finished streaming generation's last output writes: how many failures, and how long at
+# most, before the result is written without them (the events endpoint serves the rest from it).
 _FINAL_OUTPUT_TRIES = 3
+_FINAL_OUTPUT_SECONDS = 5.0
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
 T = TypeVar("T")
+
+
+class _Stop(StrEnum):
+    """Why a running generation stops before its end."""
+
+    CANCELED = "canceled"
+    LEASE_LOST = "lease_lost"
+
+
+def _result(task: asyncio.Task[bool]) -> bool:
+    """A watcher's verdict; one that failed (or was cut short) says nothing."""
+    if not task.done() or task.cancelled():
+        return False
+    if task.exception() is not None:
+        logger.warning("cancel watcher failed", extra={"error_class": type(task.exception()).__name__})
+        return False
+    return task.result()
 
 
 @dataclass(frozen=True)
@@ -353,17 +372,25 @@ class JobRunner:
             on_output=recorder,
         )
         generation = asyncio.create_task(self.provider.generate(request, max(timeout, 0.1)))
-        watchers = {asyncio.create_task(self._cancel_requested(job.id, recorder))}
-        if recorder is not None:
-            watchers.add(asyncio.create_task(self._record_output(job, invocation, recorder)))
+        watcher = asyncio.create_task(self._cancel_requested(job.id, recorder))
+        writer = asyncio.create_task(self._record_output(job, invocation, recorder)) if recorder else None
         started = self.jobs.now_ms()
-        await asyncio.wait({generation, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-        for watcher in watchers:
-            watcher.cancel()
-        if any(watcher.done() and not watcher.cancelled() and watcher.result() for watcher in watchers):
+        await asyncio.wait(
+            {generation, watcher, *([writer] if writer else [])}, return_when=asyncio.FIRST_COMPLETED
+        )
+        watcher.cancel()
+        stop = _Stop.CANCELED if _result(watcher) else None
+        if recorder is not None and writer is not None:
+            # Let an output write (and its webhook) in flight finish, so it is counted once.
+            stop = stop or await self._close_writer(recorder, writer)
+        if stop is not None:
             generation.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await generation
+            if stop is _Stop.LEASE_LOST:
+                # Another worker owns the job now: our generation is stopped, its result theirs.
+                logger.warning("lease lost while streaming; generation stopped", extra={"job_id": job.id})
+                return
             logger.info("job canceled while running", extra={"job_id": job.id})
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return
@@ -518,51 +545,81 @@ class JobRunner:
             config=self.config.streaming,
         )
 
-    async def _record_output(self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder) -> bool:
-        """Write the output as it streams in, at most once per interval. True when a write
-        found the job canceled or taken over: the generation stops there."""
+    async def _record_output(
+        self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder
+    ) -> _Stop | None:
+        """Write the output as it streams in, at most once per interval, until the generation
+        ends (`recorder.close()`). A _Stop when a write found the job canceled or taken over:
+        the generation stops there."""
         interval = self.config.streaming.partial_interval_ms / 1000
-        while True:
+        while not recorder.closed.is_set():
             await recorder.arrived.wait()
             recorder.arrived.clear()
-            if await self._write_output(job, invocation, recorder):
-                return True
-            await asyncio.sleep(interval)
+            if recorder.closed.is_set():
+                return None
+            stop = await self._write_output(job, invocation, recorder)
+            if stop is not None:
+                return stop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recorder.closed.wait(), interval)
+        return None
+
+    async def _close_writer(
+        self, recorder: OutputRecorder, writer: asyncio.Task[_Stop | None]
+    ) -> _Stop | None:
+        """Stop the output writer, letting a write in flight end (within a bound)."""
+        recorder.close()
+        try:
+            return await asyncio.wait_for(asyncio.shield(writer), _FINAL_OUTPUT_SECONDS)
+        except TimeoutError:
+            writer.cancel()
+            return None
+        except Exception as exc:
+            # The output is a courtesy: nothing in it may cost the generation or its result.
+            logger.warning("output writer failed", extra={"error_class": type(exc).__name__})
+            return None
 
     async def _write_output(
         self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, *, final: bool = False
-    ) -> bool:
+    ) -> _Stop | None:
         """One output write, then the job.output webhook if one is due. A write AWS does not
-        take is only late: its chunk goes again, unchanged, with the next. True: stop."""
+        take is only late: its chunk goes again, unchanged, with the next. Nothing here may
+        fail the job: the output is kept on a best-effort basis, the result always."""
         chunk = recorder.next_chunk()
         if chunk is None:
-            return False
+            return None
         try:
-            await asyncio.to_thread(self.jobs.write_output, job, invocation.owner, chunk)
-        except (CancelRequested, LeaseLost) as exc:
-            logger.info("output write refused", extra={"job_id": job.id, "why": exc.code})
-            return True
+            await asyncio.to_thread(self.jobs.write_output, job, invocation.owner, chunk, final=final)
+        except CancelRequested:
+            logger.info("output write found the job canceled", extra={"job_id": job.id})
+            return _Stop.CANCELED
+        except LeaseLost:
+            return _Stop.LEASE_LOST
         except ItemTooLarge:
             # The job's item cannot hold the start of the output too: polls go without it.
             recorder.drop_partial()
-            return False
-        except StoreUnavailable as exc:
+            return None
+        except Exception as exc:
             logger.warning(
-                "output write failed; it goes with the next", extra={"job_id": job.id, "why": str(exc)}
+                "output write failed; it goes with the next",
+                extra={"job_id": job.id, "error_class": type(exc).__name__},
             )
-            return False
+            return None
         recorder.written(chunk)
         if job.wants(WebhookEvent.OUTPUT):
             await self._send_output(job, recorder, final=final)
-        return False
+        return None
 
     async def _send_output(self, job: JobRecord, recorder: OutputRecorder, *, final: bool) -> None:
         """job.output webhooks: a courtesy, like job.started; one SQS refuses goes later."""
         while (event := recorder.webhook_due(final=final)) is not None:
             try:
                 await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.OUTPUT, event)
-            except StoreUnavailable:
-                logger.warning("job.output webhook not sent yet", extra={"job_id": job.id})
+            except Exception as exc:
+                logger.warning(
+                    "job.output webhook not sent yet",
+                    extra={"job_id": job.id, "error_class": type(exc).__name__},
+                )
                 return
             recorder.webhook_sent(event)
             if not final:
@@ -571,19 +628,35 @@ class JobRunner:
     async def _finish_output(
         self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, output: str
     ) -> None:
-        """The rest of a finished generation's output, before its result: a client that read
-        every delta has read the whole output. A provider that does not stream gives it all
-        here. Refused or failing writes end this; the result is written regardless."""
+        """The rest of a finished generation's output, before its result, so a client that
+        read every delta has read the whole output; a provider that does not stream gives it
+        all here. Bounded in time, tries and the Lambda's reserve: the events endpoint serves
+        from the result whatever these writes leave out, and the result is written regardless.
+        A cancel that came meanwhile does not refuse them: the generation is paid for."""
         if recorder.seq == (job.stream_seq or 0) and not recorder.has_output() and output:
             recorder(output)
+        remaining = invocation.remaining_seconds()
+        reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
+        deadline = time.monotonic() + min(_FINAL_OUTPUT_SECONDS, max(0.0, remaining - reserve))
         tries = 0
         while recorder.has_output() and tries < _FINAL_OUTPUT_TRIES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
             before = recorder.seq
-            if await self._write_output(job, invocation, recorder, final=True):
+            try:
+                stop = await asyncio.wait_for(
+                    self._write_output(job, invocation, recorder, final=True), max(0.1, left)
+                )
+            except TimeoutError:
+                return
+            if stop is not None:
                 return
             if recorder.seq == before:
                 tries += 1
-                await asyncio.sleep(_WRITE_RETRY_FIRST_SECONDS * tries)
+                await asyncio.sleep(
+                    min(_WRITE_RETRY_FIRST_SECONDS * tries, max(0.0, deadline - time.monotonic()))
+                )
         if job.wants(WebhookEvent.OUTPUT):
             await self._send_output(job, recorder, final=True)
 

@@ -26,7 +26,7 @@ from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord, new_job_id
 from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
-from llmq.live_output import delta_events, done_event, retry_hint, status_event
+from llmq.live_output import delta_events, done_event, retry_hint, status_event, tail_delta
 from llmq.models import JobRequest, JobStatus, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
@@ -51,15 +51,6 @@ class Polled:
     job: JobRecord
     # The wait asked for was not granted: the tenant's long-polls were all taken (or their
     # store was busy), so the job is answered as it stood.
-    wait_refused: bool = False
-
-
-@dataclass(frozen=True)
-class Events:
-    """A response of GET /v1/jobs/{id}/events: its text/event-stream body."""
-
-    body: str
-    # As for Polled: no long-poll place was free, so nothing was answered.
     wait_refused: bool = False
 
 
@@ -207,71 +198,86 @@ class JobIntake:
                 logger.warning("queue position unavailable", extra={"job_id": job.id})
         return Polled(self.offload.load_result(job), wait_refused=refused)
 
-    def output_events(
-        self, tenant: TenantIdentity, job_id: str, seen: int, wait_seconds: float = 0
-    ) -> Events:
+    def output_events(self, tenant: TenantIdentity, job_id: str, seen: int, wait_seconds: float = 0) -> str:
         """GET /v1/jobs/{id}/events: a long poll answered as server-sent events.
 
         A response opens with the job's status unless it resumes after a delta (`seen`, from
         Last-Event-ID or ?after=); then come the deltas after `seen`, a `status` event when the
-        status changes, and `done` with the terminal Job once every delta is out. It answers as
-        soon as it has something new, or when `wait_seconds` ran out, and ends with a `retry:`
-        hint. While it waits it reads only the job's small head (`JobStore.output_head`) and
-        holds one of the tenant's long-poll places, as `?wait` does.
+        status changes, and, once the job has ended and every delta is out, its terminal
+        status and `done` with the terminal Job. It answers as soon as it has something new,
+        or when `wait_seconds` ran out, and ends with a `retry:` hint. While it waits it reads
+        only the job's head (`JobStore.output_head`) and holds one of the tenant's long-poll
+        places, as `?wait` does; with none free it answers at once, its retry hint the
+        long-poll Retry-After (a 429 would end an EventSource for good).
         """
         streaming = self.config.streaming
         job = self.jobs.get(job_id, tenant.tenant_id)
         opening = [] if seen > 0 else [status_event(job.status)]
-        status, last = job.status, job.stream_seq or 0
-        if status.is_terminal or wait_seconds <= 0:
-            return Events(self._events_now(job, seen, opening))
+        if job.status.is_terminal or wait_seconds <= 0:
+            return self._events_now(job, seen, opening)
         place = self._take_place(tenant, wait_seconds)
         if place is None:
-            return Events("", wait_refused=True)
+            later = self.config.fair_share.long_poll_retry_after_seconds * 1000
+            return self._events_now(job, seen, opening, retry_ms=later)
+        status, last = job.status, job.stream_seq or 0
         deadline = time.monotonic() + wait_seconds
         try:
             while True:
                 if last > seen:
                     deltas = self.jobs.read_output(
-                        job.id, seen + 1, min(last, seen + streaming.max_deltas_per_response)
+                        job, seen + 1, min(last, seen + streaming.max_deltas_per_response)
                     )
                     if deltas:
-                        return Events(
-                            "".join(opening) + delta_events(deltas) + retry_hint(streaming.retry_ms)
-                        )
+                        return "".join(opening) + delta_events(deltas) + retry_hint(streaming.retry_ms)
                 if status.is_terminal or time.monotonic() >= deadline:
                     break
                 self._sleep(min(streaming.poll_interval_ms / 1000, max(0.0, deadline - time.monotonic())))
                 head = self.jobs.output_head(job.id)
                 if head is None:
                     break
-                if head.status is not status:
+                if head.status is not status and not head.status.is_terminal:
+                    # The end is told after the last deltas, with `done`.
                     opening.append(status_event(head.status))
-                    if not head.status.is_terminal:
-                        return Events("".join(opening) + retry_hint(streaming.retry_ms))
+                    return "".join(opening) + retry_hint(streaming.retry_ms)
                 status, last = head.status, head.stream_seq
         finally:
             self._give_back(tenant, place)
         if status.is_terminal:
-            return Events(self._events_now(self.jobs.get(job_id, tenant.tenant_id), seen, opening))
-        return Events("".join(opening) + retry_hint(streaming.retry_ms))
+            return self._events_now(self.jobs.get(job_id, tenant.tenant_id), seen, opening, ended=True)
+        return "".join(opening) + retry_hint(streaming.retry_ms)
 
-    def _events_now(self, job: JobRecord, seen: int, opening: list[str]) -> str:
-        """The events a job has for the client now: its unread deltas (a page of them), and
-        when it has ended and nothing is left unread, `done` with the Job (its result too)."""
+    def _events_now(
+        self,
+        job: JobRecord,
+        seen: int,
+        opening: list[str],
+        *,
+        ended: bool = False,
+        retry_ms: int | None = None,
+    ) -> str:
+        """The events a job has for the client now: its unread deltas (a page of them); once
+        it has ended and nothing is left unread, the end of its output no chunk holds (from
+        its result), its terminal status if it ended during this response (`ended`), and
+        `done` with the Job."""
         streaming = self.config.streaming
+        hint = retry_hint(streaming.retry_ms if retry_ms is None else retry_ms)
         last = job.stream_seq or 0
         events = "".join(opening)
         if last > seen:
-            deltas = self.jobs.read_output(
-                job.id, seen + 1, min(last, seen + streaming.max_deltas_per_response)
-            )
+            deltas = self.jobs.read_output(job, seen + 1, min(last, seen + streaming.max_deltas_per_response))
             events += delta_events(deltas)
             if deltas and deltas[-1].seq < last:
-                return events + retry_hint(streaming.retry_ms)
-            # None: the rest has expired (its TTL); the done event's result holds it all.
+                return events + hint
+            # None: the rest has expired (its TTL); the result holds it all.
         if not job.status.is_terminal:
-            return events + retry_hint(streaming.retry_ms)
+            return events + hint
+        if job.stream and job.status is JobStatus.SUCCEEDED:
+            loaded = self.offload.load_result(job)
+            tail = tail_delta(job, loaded.result.output) if loaded.result is not None else None
+            if tail is not None and tail.seq > seen:
+                events += delta_events([tail])
+        if ended:
+            events += status_event(job.status)
         # A result held in S3 goes as its presigned URL: the deltas carried its text already,
         # and the event must fit in the Lambda's response.
         return events + done_event(self.offload.link_result(job).to_job())

@@ -67,10 +67,10 @@ def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str,
     return {key: _serializer.serialize(value) for key, value in data.items()}
 
 
-def output_chunk_item(job_id: str, chunk: OutputChunk, expires_at: int) -> dict[str, Any]:
+def output_chunk_item(job: JobRecord, chunk: OutputChunk, expires_at: int) -> dict[str, Any]:
     """A chunk of a streaming job's output (`llmq.live_output`), deleted by TTL."""
     data: dict[str, Any] = {
-        "pk": chunk_pk(job_id, chunk.seq),
+        "pk": chunk_pk(job, chunk.seq),
         "seq": chunk.seq,
         "delta": chunk.delta,
         "attempt": chunk.attempt,

@@ -131,6 +131,8 @@ class JobRecord(BaseModel):
     stream: bool | None = None
     stream_seq: int | None = None
     stream_attempt: int | None = None
+    # Characters of `stream_attempt`'s output its chunks hold.
+    stream_chars: int | None = None
     progress_tokens: int | None = None
     progress_ms: int | None = None
     output_partial: str | None = None
@@ -196,7 +198,13 @@ class JobRecord(BaseModel):
     def _live_output(self) -> dict[str, object]:
         if not self.stream:
             return {}
-        if self.status is not JobStatus.RUNNING or self.progress_ms is None:
+        # Shown while it runs, and only the current attempt's (a retry's claim leaves the last
+        # attempt's in the item until its own first write).
+        if (
+            self.status is not JobStatus.RUNNING
+            or self.progress_ms is None
+            or self.stream_attempt != self.attempts
+        ):
             return {"stream": True}
         return {
             "stream": True,

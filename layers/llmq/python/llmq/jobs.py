@@ -569,6 +569,10 @@ class JobRepository:
         now = self.now_ms()
         sets = ["#st = :status", "finished_ms = :now", "last_write = :token"]
         removes = ["lease_owner", "lease_expires_ms"]
+        if job.stream:
+            # What a poll shows of a running job; the result (or the error) says the rest, and
+            # every later write of the item (the delivery records) stops paying for it.
+            removes += ["output_partial", "output_partial_truncated", "progress_tokens", "progress_ms"]
         all_values: dict[str, Any] = {"status": status.value, "now": now, "token": token, **values}
         names = {"#st": "status"}
         if result is not None:
@@ -745,11 +749,22 @@ class JobRepository:
     def request_cancel(self, job: JobRecord) -> JobRecord | None:
         """A running job flagged for its worker to stop; None when it is no longer running.
 
-        Idempotent: a retried write finds the job running with the flag already set.
+        Idempotent: a retried write finds the job running with the flag already set. A
+        streaming job's output transaction holds the item for a moment every interval: a
+        write that meets it is tried again at once, a few times, rather than answered 503.
         """
-        return self._update_if_status(
-            job.id, JobStatus.RUNNING, "SET cancel_requested = :true", {":true": {"BOOL": True}}
-        )
+        for attempt in range(_TRANSACTION_TRIES):
+            try:
+                return self._update_if_status(
+                    job.id, JobStatus.RUNNING, "SET cancel_requested = :true", {":true": {"BOOL": True}}
+                )
+            except StoreUnavailable as exc:
+                cause = getattr(exc.__cause__, "response", None) or {}
+                conflict = cause.get("Error", {}).get("Code") == "TransactionConflictException"
+                if not conflict or attempt + 1 == _TRANSACTION_TRIES:
+                    raise
+                time.sleep(_CONFLICT_PAUSE_SECONDS * (1 + self._rng.random()))
+        return None
 
     def is_cancel_requested(self, job_id: str) -> bool:
         response = self._ddb.get_item(
@@ -762,46 +777,48 @@ class JobRepository:
 
     # ---- live output (llmq.live_output) -------------------------------------------------
 
-    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk) -> None:
+    def write_output(self, job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
         """One transaction: chunk `chunk.seq` and the job's progress, fenced by our lease, the
-        chunk before it, and no cancel. So the write that keeps the output tells the worker of
-        a cancel (CancelRequested) or a lost lease (LeaseLost) without a read of its own; a
-        retry of a write that was applied but unanswered finds its chunk counted and returns.
+        chunk before it, and (unless `final`: the generation is over and paid for) no cancel.
+        So the write that keeps the output tells the worker of a cancel (CancelRequested) or a
+        lost lease (LeaseLost) without a read of its own; a retry of a write that was applied
+        but unanswered finds its chunk counted and returns.
         """
         now = self.now_ms()
         sets = [
             "stream_seq = :seq",
             "stream_attempt = :attempt",
+            "stream_chars = :chars",
             "progress_tokens = :tokens",
             "progress_ms = :now",
             "output_partial = :partial",
             "output_partial_truncated = :truncated",
         ]
-        update = self._job_update(
-            job.id,
-            "SET " + ", ".join(sets),
-            "lease_owner = :owner AND #st = :running AND "
-            "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND "
-            "(attribute_not_exists(stream_seq) OR stream_seq = :previous)",
-            {"#st": "status"},
-            {
-                "seq": chunk.seq,
-                "previous": chunk.seq - 1,
-                "attempt": chunk.attempt,
-                "tokens": chunk.tokens,
-                "now": now,
-                "partial": chunk.partial,
-                "truncated": chunk.truncated,
-                "owner": owner,
-                "running": "running",
-                "false": False,
-            },
+        condition = "lease_owner = :owner AND #st = :running AND " + (
+            "(attribute_not_exists(stream_seq) OR stream_seq = :previous)"
         )
+        if not final:
+            condition += " AND (attribute_not_exists(cancel_requested) OR cancel_requested = :false)"
+        values: dict[str, Any] = {
+            "seq": chunk.seq,
+            "previous": chunk.seq - 1,
+            "attempt": chunk.attempt,
+            "chars": chunk.chars,
+            "tokens": chunk.tokens,
+            "now": now,
+            "partial": chunk.partial,
+            "truncated": chunk.truncated,
+            "owner": owner,
+            "running": "running",
+        }
+        if not final:
+            values["false"] = False
+        update = self._job_update(job.id, "SET " + ", ".join(sets), condition, {"#st": "status"}, values)
         put = {
             "Put": {
                 "TableName": self.table_name,
                 "Item": codec.output_chunk_item(
-                    job.id, chunk, now // 1000 + self.config.streaming.chunk_ttl_seconds
+                    job, chunk, now // 1000 + self.config.streaming.chunk_ttl_seconds
                 ),
                 "ConditionExpression": "attribute_not_exists(pk)",
             }
@@ -809,6 +826,10 @@ class JobRepository:
         try:
             self._transact([update, put])
         except _Canceled as exc:
+            if not exc.failed(0):
+                # Only the chunk's own condition failed: its key is taken (it names the job's
+                # creation, so no earlier job of the same id can hold it). Not ours to judge.
+                raise StoreUnavailable(f"chunk {chunk.seq} of job {job.id} exists") from exc
             old = exc.job()
             ours = old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING
             if ours and old is not None and (old.stream_seq or 0) >= chunk.seq:
@@ -818,13 +839,15 @@ class JobRepository:
             raise LeaseLost(job.id) from exc
 
     def output_head(self, job_id: str) -> OutputHead | None:
-        """A poll of a job's output: a small eventually consistent read (the chunks it points
-        to are read strongly consistent)."""
+        """A poll of a job's output: where the job stands and how far its output is. Strongly
+        consistent, so a status never steps back (a projection does not make a read cheaper:
+        it costs by the item's size, which `stream: true` keeps small)."""
         response = self._ddb.get_item(
             TableName=self.table_name,
             Key={"pk": {"S": job_id}},
             ProjectionExpression="tenant_id, #st, stream_seq, expires_at",
             ExpressionAttributeNames={"#st": "status"},
+            ConsistentRead=True,
         )
         item = response.get("Item")
         if not item:
@@ -839,12 +862,12 @@ class JobRepository:
             expires_at=int(data["expires_at"]),
         )
 
-    def read_output(self, job_id: str, first: int, last: int) -> list[OutputDelta]:
+    def read_output(self, job: JobRecord, first: int, last: int) -> list[OutputDelta]:
         """Chunks `first`..`last` in order, up to the first one missing (expired, or not yet
         returned by a throttled read: the client's next request reads on from there)."""
         if last < first:
             return []
-        keys = [{"pk": {"S": chunk_pk(job_id, seq)}} for seq in range(first, min(last, first + 99) + 1)]
+        keys = [{"pk": {"S": chunk_pk(job, seq)}} for seq in range(first, min(last, first + 99) + 1)]
         found: dict[int, OutputDelta] = {}
         request: dict[str, Any] = {self.table_name: {"Keys": keys, "ConsistentRead": True}}
         for _ in range(3):

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from llmq.config import StreamingConfig
+from llmq.job_record import JobRecord
 from llmq.models import Job, JobOutputEvent, JobStatus, OutputDelta
 
 CHUNK_PREFIX = "out#"
@@ -35,8 +37,26 @@ CHUNK_MAX_CHARS = 16_000
 WEBHOOK_MAX_BYTES = 200_000
 
 
-def chunk_pk(job_id: str, seq: int) -> str:
-    return f"{CHUNK_PREFIX}{job_id}#{seq}"
+# The id of the `done` event. A client that reconnects with it has read the whole stream and
+# is answered 204, which is how the SSE standard tells EventSource to stop reconnecting.
+DONE_ID = "done"
+_SEQ = re.compile(r"^[0-9]{1,18}$")
+
+
+def chunk_pk(job: JobRecord, seq: int) -> str:
+    """A chunk's key names the job's creation too: a job id derived from an Idempotency-Key
+    comes back after the job's retention, and must not meet its predecessor's chunks."""
+    return f"{CHUNK_PREFIX}{job.id}#{job.created_ms}#{seq}"
+
+
+def printable(text: str) -> str:
+    """The text with lone surrogates (a provider's stray `\\ud800` escape) replaced: they
+    cannot be encoded as UTF-8, so no store or queue would take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True)
@@ -48,11 +68,12 @@ class OutputChunk:
     attempt: int
     # The first chunk of an attempt after another attempt's: clients drop the earlier text.
     reset: bool
-    # Streamed deltas of this attempt so far, and the start of its output (for polls).
+    # Streamed deltas of this attempt so far, its characters written so far (this chunk's
+    # included), and the start of its output (for polls).
     tokens: int
     partial: str
     truncated: bool
-    written_ms: int = 0
+    chars: int = 0
 
     def as_delta(self) -> OutputDelta:
         return OutputDelta(seq=self.seq, delta=self.delta, attempt=self.attempt, reset=self.reset)
@@ -102,8 +123,11 @@ class OutputRecorder:
         self._start_chars = 0
         self._truncated = False
         self._tokens = 0
+        self._chars = 0
         self.unwritten: OutputChunk | None = None
         self.arrived = asyncio.Event()
+        # Set when the generation has ended: the writer stops after the write in flight.
+        self.closed = asyncio.Event()
         self.last_write_at: float | None = None
         # Written chunks no job.output webhook has carried yet.
         self._unsent: list[OutputChunk] = []
@@ -112,6 +136,7 @@ class OutputRecorder:
     def __call__(self, delta: str) -> None:
         if not delta:
             return
+        delta = printable(delta)
         self._tokens += 1
         self._parts.append(delta)
         room = self._config.partial_max_chars - self._start_chars
@@ -120,6 +145,10 @@ class OutputRecorder:
             self._start_chars += min(room, len(delta))
         if len(delta) > room:
             self._truncated = True
+        self.arrived.set()
+
+    def close(self) -> None:
+        self.closed.set()
         self.arrived.set()
 
     @property
@@ -139,6 +168,7 @@ class OutputRecorder:
         text = "".join(self._parts)
         delta, rest = text[:CHUNK_MAX_CHARS], text[CHUNK_MAX_CHARS:]
         self._parts = [rest] if rest else []
+        self._chars += len(delta)
         self.unwritten = OutputChunk(
             seq=self._seq + 1,
             delta=delta,
@@ -147,6 +177,7 @@ class OutputRecorder:
             tokens=self._tokens,
             partial="".join(self._start),
             truncated=self._truncated,
+            chars=self._chars,
         )
         return self.unwritten
 
@@ -216,7 +247,7 @@ def delta_events(deltas: Iterable[OutputDelta]) -> str:
 
 
 def done_event(job: Job) -> str:
-    return sse_event("done", job.model_dump_json(exclude_none=True))
+    return sse_event("done", job.model_dump_json(exclude_none=True), DONE_ID)
 
 
 def retry_hint(retry_ms: int) -> str:
@@ -224,10 +255,31 @@ def retry_hint(retry_ms: int) -> str:
 
 
 def resume_point(last_event_id: str | None, after: int | None) -> int:
-    """The seq the client has seen: `?after=` wins over the `Last-Event-ID` header; anything
-    that is not a delta's id reads as nothing seen."""
-    if after is not None:
-        return max(0, after)
-    if last_event_id and last_event_id.strip().isdigit():
-        return int(last_event_id.strip())
-    return 0
+    """The seq the client has read: the later of `?after=` and `Last-Event-ID` (EventSource
+    reconnects to the same URL, `?after=` included, with the id it read last). An id that is
+    not a delta's reads as nothing read."""
+    seen = max(0, after or 0)
+    text = (last_event_id or "").strip()
+    if _SEQ.match(text):
+        seen = max(seen, int(text))
+    return seen
+
+
+def finished_reading(last_event_id: str | None) -> bool:
+    """The client read `done`: nothing more will come."""
+    return (last_event_id or "").strip() == DONE_ID
+
+
+def tail_delta(job: JobRecord, output: str) -> OutputDelta | None:
+    """The end of a succeeded job's output that no chunk holds (its last writes failed, or
+    were cut short): served from its result, as the delta after the last chunk."""
+    same_attempt = job.stream_attempt == job.attempts
+    written = (job.stream_chars or 0) if same_attempt else 0
+    if written >= len(output):
+        return None
+    return OutputDelta(
+        seq=(job.stream_seq or 0) + 1,
+        delta=output[written:],
+        attempt=job.attempts,
+        reset=not same_attempt and (job.stream_seq or 0) > 0,
+    )

@@ -39,8 +39,17 @@ class Offload:
         return self.payloads
 
     def place_input(self, record: JobRecord) -> JobRecord:
-        """The record to create: its input inline when the item fits, else in S3 by reference."""
-        if record.input is None or self.fits(record):
+        """The record to create: its input inline when the item fits, else in S3 by reference.
+
+        A `stream: true` job's item is rewritten by every output write, at two write units per
+        KB of it: its input stays inline only while small (`streaming.max_inline_input_bytes`).
+        """
+        if record.input is None:
+            return record
+        small = not record.stream or (
+            len(record.input.model_dump_json().encode()) <= self.config.streaming.max_inline_input_bytes
+        )
+        if small and self.fits(record):
             return record
         data = record.input.model_dump_json().encode()
         ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)

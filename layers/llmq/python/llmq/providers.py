@@ -109,8 +109,8 @@ class GenerationRequest:
     # Sent as a header so a provider (or our fake) can correlate calls without the prompt.
     job_id: str | None = None
     # Called with each piece of output text as it streams in (a `stream: true` job's
-    # `llmq.live_output.OutputRecorder`), which the provider then streams whatever
-    # `provider.stream` says; not compared, hashed or sent.
+    # `llmq.live_output.OutputRecorder`) when the provider streams (`provider.stream`); not
+    # compared, hashed or sent.
     on_output: Callable[[str], None] | None = field(default=None, compare=False)
 
 
@@ -365,7 +365,7 @@ class ChatCompletionsProvider:
             "messages": [message.model_dump() for message in request.messages],
             **request.params.model_dump(exclude_none=True),
         }
-        if self.stream or request.on_output is not None:
+        if self.stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
         return payload
@@ -386,7 +386,7 @@ class ChatCompletionsProvider:
             if response.status_code >= 300:
                 raise classify_response(response, await response.aread())
             try:
-                if payload.get("stream"):
+                if self.stream:
                     return await _read_stream(response, on_output)
                 return _parse_completion(await response.aread())
             except httpx.TimeoutException:
@@ -394,7 +394,7 @@ class ChatCompletionsProvider:
             except httpx.TransportError as exc:
                 # The connection broke after the answer began: the generation is incomplete.
                 raise TransientProviderError(
-                    _STREAM_CUT if payload.get("stream") else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
+                    _STREAM_CUT if self.stream else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
                 ) from exc
 
 

@@ -42,6 +42,10 @@ def check_item(config: LlmqConfig, where: str, item: BatchItemRequest, seen: dic
         raise InvalidRequest(f"{where}.body.webhook: a batch's items take the batch's webhook")
     if body.deadline_seconds is not None:
         raise InvalidRequest(f"{where}.body.deadline_seconds: a batch's items take the batch's deadline")
+    if body.stream:
+        raise InvalidRequest(
+            f"{where}.body.stream: a batch's items have no live output; its results come per item"
+        )
     stored = item_bytes(item)
     if len(stored) > config.batches.max_item_bytes:
         raise PayloadTooLarge(

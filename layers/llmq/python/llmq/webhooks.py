@@ -63,6 +63,8 @@ GONE = 410
 _EARLY_TOLERANCE_SECONDS = 1.0
 # Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+# A job.output event is tried this many times at most, and retried only while its job runs.
+OUTPUT_ATTEMPTS = 3
 # Delivery states after which a terminal event is never sent again, whatever the queue holds.
 SETTLED = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED, DeliveryStatus.FAILED})
 
@@ -336,6 +338,11 @@ class WebhookDispatcher:
         reason = _why_not_deliver(job, event)
         if event is WebhookEvent.OUTPUT and message.output is None:
             reason = "a job.output message without its output"
+        elif (
+            event is WebhookEvent.OUTPUT and job is not None and job.status.is_terminal and (attempt or 1) > 1
+        ):
+            # Live output is worth little once the job has ended: its result holds all of it.
+            reason = "the job has ended; its result holds this output"
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
@@ -361,6 +368,18 @@ class WebhookDispatcher:
             else:
                 response = await self._send(job, event, secrets)
             outcome = self._judge(response, attempt)
+            if (
+                event is WebhookEvent.OUTPUT
+                and outcome.kind is OutcomeKind.RETRY
+                and attempt >= OUTPUT_ATTEMPTS
+            ):
+                # A receiver that is down must not fill the dispatcher with a job's stream of them.
+                outcome = replace(
+                    outcome,
+                    kind=OutcomeKind.GAVE_UP,
+                    retry_in=None,
+                    reason=f"job.output is tried {OUTPUT_ATTEMPTS} times at most",
+                )
         outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
