@@ -193,6 +193,13 @@ def aws_calls() -> dict[str, Any]:
             dispatcher.handler(event, LambdaContextStub())
             steps["delivery"] = counter.take()
             steps["claim + complete + webhook enqueue (worker)"] = worker_calls
+            # A second job of the same tenant, delivered by the same (now warm) environment.
+            harness.submit(tenant=ENTERPRISE, webhook={"url": f"http://127.0.0.1:{receiver.port}/hook"})
+            harness.worker().handler(harness.sqs_event(lane, harness.receive(lane)), LambdaContextStub())
+            event = harness.sqs_event(hooks, harness.receive(hooks))
+            counter.take()
+            dispatcher.handler(event, LambdaContextStub())
+            warm_delivery = counter.take()
     finally:
         receiver.stop()
         provider.stop()
@@ -205,6 +212,7 @@ def aws_calls() -> dict[str, Any]:
     )
     return {
         "steps": steps,
+        "warm_delivery": warm_delivery,
         "total_calls": ours,
         "writes_and_sends": writes,
         "design_minimum_with_webhook": 6,

@@ -176,6 +176,18 @@ def _render_calls(calls: Any) -> list[str]:
         f"{calls['design_minimum_with_webhook']} with a webhook ({calls['design_minimum_without_webhook']} without). "
         "The dispatcher's two reads (the job, for the payload; the tenant, for its secrets) come on top.",
         "",
+    ]
+    warm = calls.get("warm_delivery")
+    if warm is not None:
+        detail = ", ".join(f"{name} ×{count}" for name, count in sorted(warm.items()))
+        out += [
+            f"A second job's delivery in the same, now warm, dispatcher environment: **{sum(warm.values())} "
+            f"calls** ({detail}). The tenant's secrets are kept for `webhooks.secrets_cache_seconds` (60 s) per environment, so only the first "
+            f"delivery of a tenant per environment reads them: a job with a webhook then costs "
+            f"**{calls['total_calls'] - sum(calls['steps']['delivery'].values()) + sum(warm.values())} calls**.",
+            "",
+        ]
+    out += [
         f"A lock-based worker (acquire lock, read status, write PROCESSING, save result, write COMPLETED, release "
         f"lock) makes {calls['lock_pattern_without_webhook']} calls per job without a webhook and "
         f"{calls['lock_pattern_with_webhook']} with one: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from llmq.models import (
 from llmq.retry_after import parse_retry_after
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
-from llmq.tenants import new_webhook_secret
+from llmq.tenants import Tenant, new_webhook_secret
 from llmq.webhooks import (
     USER_AGENT,
     DeliveryOutcome,
@@ -113,7 +114,7 @@ class World:
         )
         self.jobs = InMemoryJobs(self.config, clock=lambda: NOW)
         self.secrets = secrets if secrets is not None else [new_webhook_secret()]
-        tenants = InMemoryTenants()
+        tenants = self.tenants = InMemoryTenants()
         tenants.add("ten_acme", secrets=self.secrets)
         self.receiver = FakeReceiver(*answers)
         self.dns: dict[str, list[str]] = {"hooks.example.com": [PUBLIC_IP]}
@@ -494,3 +495,80 @@ def test_an_s3_held_results_url_has_one_slash_before_v1(api_base: str) -> None:
     # Then its result_url is the job's URL under the stage, without "//"
     assert shown.result_url == f"{api_base.rstrip('/')}/v1/jobs/job_1"
     assert "//v1" not in (shown.result_url or "")
+
+
+# ---- the signing secrets, cached per environment --------------------------------------------
+
+
+class CountingTenants(InMemoryTenants):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, tenant_id: str) -> Tenant:
+        self.reads += 1
+        return super().get(tenant_id)
+
+
+def _signatures(request: httpx.Request) -> list[str]:
+    return request.headers["webhook-signature"].split(" ")
+
+
+async def test_a_rotated_secret_signs_within_the_cache_time_and_the_previous_one_meanwhile() -> None:
+    # Given a dispatcher that keeps a tenant's secrets 60 s, and three finished jobs
+    world = World()
+    tenants = CountingTenants()
+    old = world.secrets[0]
+    tenants.add("ten_acme", secrets=[old])
+    world.dispatcher._tenants = tenants
+    assert world.config.webhooks.secrets_cache_seconds == 60
+    for job_id in ("job_1", "job_2", "job_3"):
+        world.add(make_job(job_id))
+    await world.deliver("job_1")
+    # When the operator rotates the tenant's secret (the previous one kept), and a delivery
+    # comes 30 s later, then another 61 s after the first
+    new = new_webhook_secret()
+    tenants.tenants["ten_acme"] = dataclasses.replace(tenants.tenants["ten_acme"], webhook_secrets=[new, old])
+    world.now += 30
+    await world.deliver("job_2")
+    world.now += 31
+    await world.deliver("job_3")
+    first, second, third = world.receiver.requests
+    # Then the first two were signed with the previous secret alone, from one read of it
+    for request in (first, second):
+        assert len(_signatures(request)) == 1
+        Webhook(old).verify(request.content, dict(request.headers))
+    # And past the cache time the new secret signs, the previous one beside it: a receiver on
+    # either verifies
+    assert len(_signatures(third)) == 2
+    Webhook(new).verify(third.content, dict(third.headers))
+    Webhook(old).verify(third.content, dict(third.headers))
+    assert tenants.reads == 2
+
+
+async def test_concurrent_deliveries_to_one_tenant_read_its_secrets_once() -> None:
+    world = World()
+    tenants = CountingTenants()
+    tenants.add("ten_acme", secrets=world.secrets)
+    world.dispatcher._tenants = tenants
+    for index in range(5):
+        world.add(make_job(f"job_{index}"))
+    outcomes = await asyncio.gather(*(world.deliver(f"job_{index}") for index in range(5)))
+    assert {outcome.kind for outcome in outcomes} == {OutcomeKind.DELIVERED}
+    assert tenants.reads == 1
+
+
+async def test_with_no_cache_time_every_delivery_reads_the_secrets() -> None:
+    world = World()
+    world.config = world.config.model_copy(
+        update={"webhooks": world.config.webhooks.model_copy(update={"secrets_cache_seconds": 0})}
+    )
+    world.dispatcher._policy = world.config.webhooks
+    tenants = CountingTenants()
+    tenants.add("ten_acme", secrets=world.secrets)
+    world.dispatcher._tenants = tenants
+    world.add(make_job("job_1"))
+    world.add(make_job("job_2"))
+    await world.deliver("job_1")
+    await world.deliver("job_2")
+    assert tenants.reads == 2

@@ -66,6 +66,11 @@ class WebhookPolicy(_Frozen):
     inline_result_limit_bytes: Annotated[int, Field(ge=1024)] = 128 * 1024
     # Only the sandbox turns this on: http:// receivers on loopback.
     allow_loopback_http: bool = False
+    # A dispatcher environment reuses a tenant's signing secrets this long before it reads
+    # them again: a rotated secret signs within this time (the previous one signs on
+    # meanwhile, and after it until the next rotation, so receivers never fail). 0: read them
+    # for every delivery.
+    secrets_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
     # The dispatcher mapping's MaximumConcurrency (Lambda accepts 2..1000): after a receiver
     # outage the backlog drains at this pace instead of taking the account's concurrency.
     max_concurrency: Annotated[int, Field(ge=2, le=1000)] = 5

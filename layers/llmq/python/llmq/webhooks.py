@@ -249,6 +249,9 @@ class WebhookDispatcher:
         self.schedule = WebhookSchedule(
             tuple(config.webhooks.schedule_seconds), config.webhooks.jitter_fraction, rng
         )
+        # Each tenant's signing secrets, and when they were read (`_secrets`).
+        self._secret_cache: dict[str, tuple[float, list[str]]] = {}
+        self._secret_locks: dict[str, asyncio.Lock] = {}
         # SQS limits a message's visibility to 12 hours from its receipt, and the message was
         # received up to one function timeout ago.
         self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
@@ -423,11 +426,21 @@ class WebhookDispatcher:
         return early if early > _EARLY_TOLERANCE_SECONDS else 0.0
 
     async def _secrets(self, tenant_id: str) -> list[str]:
-        try:
-            tenant = await asyncio.to_thread(self._tenants.get, tenant_id)
-        except UnknownTenant:
-            return []
-        return tenant.webhook_secrets
+        """The tenant's signing secrets, newest first, read at most once per
+        `webhooks.secrets_cache_seconds` in this environment (concurrent deliveries to one
+        tenant share the read). A tenant that is gone is not remembered."""
+        ttl = self._policy.secrets_cache_seconds
+        async with self._secret_locks.setdefault(tenant_id, asyncio.Lock()):
+            cached = self._secret_cache.get(tenant_id)
+            if cached is not None and ttl > 0 and self._clock() - cached[0] < ttl:
+                return cached[1]
+            try:
+                tenant = await asyncio.to_thread(self._tenants.get, tenant_id)
+            except UnknownTenant:
+                self._secret_cache.pop(tenant_id, None)
+                return []
+            self._secret_cache[tenant_id] = (self._clock(), tenant.webhook_secrets)
+            return tenant.webhook_secrets
 
     async def _send(self, job: JobRecord, event: WebhookEvent, secrets: list[str]) -> _Response:
         body = build_payload(
