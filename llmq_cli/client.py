@@ -124,7 +124,8 @@ class LlmqClient:
                     timeout=httpx.Timeout(wait + 15.0),
                 ) as source:
                     response = source.response
-                    if response.status_code == 429:
+                    if response.status_code == 429 or response.status_code >= 500:
+                        # Throttled, or a store or the gateway busy for a moment: wait, go on.
                         pause = parse_retry_after(response.headers, time.time()) or 1.0
                     elif response.status_code >= 400:
                         response.read()

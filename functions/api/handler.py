@@ -28,7 +28,7 @@ from llmq.batches import BatchRepository
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
-from llmq.live_output import finished_reading, resume_point
+from llmq.live_output import finished_reading, resume_point, retry_hint
 from llmq.long_polls import LongPolls
 from llmq.models import (
     Batch,
@@ -457,9 +457,14 @@ def handle_job_events(
         # The client read `done`: 204 is how the SSE standard stops EventSource reconnecting.
         intake().get(tenant, job_id)
         return Response(status_code=204, body="", headers={"Cache-Control": "no-cache"})
-    body = intake().output_events(
-        tenant, job_id, resume_point(last_event_id, after), wait_seconds=_wait_budget(wait)
-    )
+    try:
+        body = intake().output_events(
+            tenant, job_id, resume_point(last_event_id, after), wait_seconds=_wait_budget(wait)
+        )
+    except errors.StoreUnavailable as exc:
+        # Any answer but 200 ends an EventSource for good: a busy store says when to come back.
+        logger.warning("events answered with a retry", extra={"why": exc.code})
+        body = retry_hint(int((exc.retry_after or _RETRY_AFTER_UNAVAILABLE_SECONDS) * 1000))
     return Response(
         status_code=200, content_type="text/event-stream", body=body, headers={"Cache-Control": "no-cache"}
     )

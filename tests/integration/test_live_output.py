@@ -112,9 +112,9 @@ def test_a_provider_that_does_not_stream_gives_a_streaming_job_its_output_at_the
     got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
     events = _events(str(got.body))
     # Then its events hold the whole output as one delta, then the end
-    assert [event for event, _, _ in events] == ["status", "output.delta", "done"]
+    assert [event for event, _, _ in events] == ["output.delta", "status", "done"]
     done = json.loads(events[-1][2])
-    assert json.loads(events[1][2])["delta"] == done["result"]["output"]
+    assert json.loads(events[0][2])["delta"] == done["result"]["output"]
 
 
 def test_a_bad_resume_point_or_wait_is_a_clear_422(harness: Harness) -> None:
@@ -158,3 +158,20 @@ def test_a_cancel_that_meets_an_output_write_in_progress_is_tried_again_not_answ
     # Then the cancel went through on a later try: 202, and the job is flagged
     assert len(faults.fired_for(conflict)) == 2
     assert (reply.status, reply.body["cancel_requested"]) == (202, True)
+
+
+def test_a_busy_store_answers_the_stream_with_a_retry_not_an_error(harness: Harness) -> None:
+    # Given a job, and the table throttling the api's reads of it
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    faults = AwsFaults()
+    try:
+        throttle = faults.arm(FaultKind.THROTTLE, "dynamodb.GetItem", times=1)
+        reply = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
+    finally:
+        faults.disarm()
+    # Then the answer is a 200 that says when to come back (any other status ends an
+    # EventSource for good), and the next request reads the stream
+    assert len(faults.fired_for(throttle)) == 1
+    assert (reply.status, reply.body) == (200, "retry: 2000\n\n")
+    again = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
+    assert _events(str(again.body))[0][0] == "status"

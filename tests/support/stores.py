@@ -126,6 +126,7 @@ class InMemoryJobs:
         self.shares: defaultdict[str, _Share] = defaultdict(_Share)
         # Streaming jobs' output chunks: (job id, seq) -> the delta.
         self.chunks: dict[tuple[str, int], OutputDelta] = {}
+        self.chunk_expiry: dict[tuple[str, int], int] = {}
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -243,6 +244,9 @@ class InMemoryJobs:
         if (old.stream_seq or 0) != chunk.seq - 1:
             raise LeaseLost(job.id)
         self.chunks[(job.id, chunk.seq)] = chunk.as_delta()
+        self.chunk_expiry[(job.id, chunk.seq)] = (
+            self.now_ms() // 1000 + self.config.streaming.chunk_ttl_seconds
+        )
         self._put(
             old,
             stream_seq=chunk.seq,
@@ -266,7 +270,7 @@ class InMemoryJobs:
         job_id = job.id
         deltas = []
         for seq in range(first, min(last, first + 99) + 1):
-            if (job_id, seq) not in self.chunks:
+            if (job_id, seq) not in self.chunks or self.chunk_expiry[(job_id, seq)] <= self.now_ms() // 1000:
                 break
             deltas.append(self.chunks[(job_id, seq)])
         return deltas

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from random import Random
 
 import pytest
@@ -297,9 +298,9 @@ def parse(body: str) -> list[tuple[str, str | None, str]]:
 
 
 class EventsWorld:
-    def __init__(self) -> None:
+    def __init__(self, **streaming: object) -> None:
         self.clock = Clock()
-        self.config = LlmqConfig.model_validate({"streaming": {"poll_interval_ms": 50}})
+        self.config = LlmqConfig.model_validate({"streaming": {"poll_interval_ms": 50, **streaming}})
         self.jobs = InMemoryJobs(self.config, self.clock)
         self.intake = JobIntake(self.jobs, InMemoryQueues(), self.config, lambda url: None, sleep=self._sleep)
         self.tenant = TenantIdentity(tenant_id="t1", tier="enterprise")
@@ -532,12 +533,17 @@ def test_an_output_write_that_finds_the_lease_taken_stops_the_generation_without
     assert (job.status, job.lease_owner, job.cancel_requested) == (JobStatus.RUNNING, "worker-2", False)
 
 
-def test_a_lone_surrogate_from_the_provider_is_kept_as_a_replacement_character() -> None:
-    world = World(StreamingProvider(["caf", "\ud800", "é"], pause=0.01))
+def test_a_lone_surrogate_is_replaced_and_a_split_pair_kept_whole_in_deltas_and_result() -> None:
+    # A provider's escapes decoded one event at a time: a pair split over two deltas, and a
+    # surrogate alone
+    world = World(StreamingProvider(["caf", "\ud800", "é a\ud83d", "\ude00b"], pause=0.01))
     world.add(stream=True)
     world.run()
-    assert world.job().status is JobStatus.SUCCEEDED
-    assert "".join(delta.delta for delta in world.deltas()) == "caf?é"
+    job = world.job()
+    assert job.status is JobStatus.SUCCEEDED
+    expected = "caf\ufffdé a😀b"
+    assert "".join(delta.delta for delta in world.deltas()) == expected
+    assert job.result is not None and job.result.output == expected
 
 
 def test_output_its_last_writes_could_not_keep_is_served_from_the_result() -> None:
@@ -563,7 +569,7 @@ def test_output_its_last_writes_could_not_keep_is_served_from_the_result() -> No
     tenant = TenantIdentity(tenant_id=job.tenant_id, tier="enterprise")
     events = parse(intake.output_events(tenant, "job_1", seen=job.stream_seq or 0))
     # Then it gets the rest of the output as the next delta, then the end
-    assert [event for event, _, _ in events] == ["output.delta", "done"]
+    assert [event for event, _, _ in events] == ["output.delta", "status", "done"]
     tail = json.loads(events[0][2])
     assert tail["seq"] == (job.stream_seq or 0) + 1
     assert written + tail["delta"] == job.result.output  # type: ignore[union-attr]
@@ -589,3 +595,91 @@ def test_with_every_long_poll_place_taken_the_stream_answers_at_once_and_says_wh
     retry_ms = world.config.fair_share.long_poll_retry_after_seconds * 1000
     assert body == f"retry: {retry_ms}\n\n"
     assert world.sleeps == 0
+
+
+def test_a_client_new_to_a_finished_job_reads_its_deltas_before_its_end() -> None:
+    world = EventsWorld()
+    running_stream_job(world)
+    world.write("job_1", "a", "b")
+    world.jobs.complete(world.jobs.records["job_1"], OWNER, result=JobResult(output="ab"))
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5))
+    # A client that stops at a terminal status has read the output by then
+    assert [event for event, _, _ in events] == ["output.delta", "output.delta", "status", "done"]
+
+
+def test_a_finished_jobs_chunk_read_left_unfinished_by_aws_does_not_end_the_stream() -> None:
+    world = EventsWorld()
+    running_stream_job(world)
+    world.write("job_1", "a", "b", "c")
+    world.jobs.complete(world.jobs.records["job_1"], OWNER, result=JobResult(output="abc"))
+    # When the read of chunks 2 and 3 comes back without them (BatchGetItem's unprocessed keys)
+    kept = {key: world.jobs.chunks.pop(key) for key in [("job_1", 2), ("job_1", 3)]}
+    body = world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5)
+    # Then the response ends with a retry hint, not done: nothing was skipped
+    assert parse(body) == [] and body.endswith("retry: 100\n\n")
+    # And the next request, once AWS answers, reads on and ends the stream
+    world.jobs.chunks.update(kept)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5))
+    assert [(event, event_id) for event, event_id, _ in events] == [
+        ("output.delta", "2"),
+        ("output.delta", "3"),
+        ("status", None),
+        ("done", "done"),
+    ]
+
+
+def test_chunks_past_their_ttl_are_gone_and_the_result_gives_the_rest() -> None:
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    running_stream_job(world)
+    world.write("job_1", "a", "b")
+    world.jobs.complete(world.jobs.records["job_1"], OWNER, result=JobResult(output="ab"))
+    # An hour and a second later, the chunks are past their TTL (DynamoDB has not deleted them)
+    world.clock.advance(3601)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5))
+    assert [event for event, _, _ in events] == ["status", "done"]
+    assert json.loads(events[-1][2])["result"]["output"] == "ab"
+
+
+def test_a_cancel_that_comes_as_the_generation_ends_leaves_its_paid_result_standing() -> None:
+    # Given a streaming job whose generation ends while its first output write is in flight,
+    # and the client's cancel lands just before that write is judged
+    tokens = words(3)
+    world = World(StreamingProvider(tokens, pause=0.0), cancel_check_seconds=60)
+    world.add(stream=True)
+    original = world.jobs.write_output
+
+    def slow_then_canceled(job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
+        if not final:
+            time.sleep(0.3)
+            world.jobs.records[job.id] = world.jobs.records[job.id].model_copy(
+                update={"cancel_requested": True}
+            )
+        original(job, owner, chunk, final=final)
+
+    world.jobs.write_output = slow_then_canceled  # type: ignore[method-assign]
+    world.run()
+    # Then the finished generation's result is kept: the job succeeded, its whole output too
+    job = world.job()
+    assert world.provider.sent == 3 and not world.provider.canceled
+    assert (job.status, job.result.output) == (JobStatus.SUCCEEDED, "".join(tokens))  # type: ignore[union-attr]
+    assert "".join(delta.delta for delta in world.deltas()) == "".join(tokens)
+
+
+def test_a_job_output_send_refused_once_goes_with_the_next_and_nothing_is_sent_twice() -> None:
+    tokens = words(60)
+    world = World(StreamingProvider(tokens, pause=0.02))
+    refusals = iter([True])
+
+    class OnceRefused(InMemoryQueues):
+        def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None) -> None:
+            if event is WebhookEvent.OUTPUT and next(refusals, False):
+                raise StoreUnavailable("sqs.SendMessage: throttled")
+            super().enqueue_webhook(job_id, event, output)  # type: ignore[arg-type]
+
+    world.queues = OnceRefused()
+    world.runner = JobRunner(world.jobs, world.queues, world.provider, world.config, rng=Random(7))
+    world.add(stream=True, webhook_url=WEBHOOK, webhook_events=[WebhookEvent.OUTPUT])
+    world.run()
+    outputs = world.queues.outputs
+    assert "".join(event.delta for event in outputs) == "".join(tokens)
+    assert [event.seq_from for event in outputs] == [1] + [event.seq_to + 1 for event in outputs[:-1]]

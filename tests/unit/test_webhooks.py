@@ -20,6 +20,7 @@ from llmq.models import (
     TERMINAL_EVENTS,
     ChatMessage,
     DeliveryStatus,
+    JobOutputEvent,
     JobResult,
     JobStatus,
     WebhookEvent,
@@ -546,16 +547,41 @@ async def test_a_rotated_secret_signs_within_the_cache_time_and_the_previous_one
     assert tenants.reads == 2
 
 
-async def test_concurrent_deliveries_to_one_tenant_read_its_secrets_once() -> None:
+def _counting_world(jobs: int) -> tuple[World, CountingTenants]:
+    """A world whose tenant store counts its reads, with `jobs` finished jobs to deliver."""
     world = World()
     tenants = CountingTenants()
     tenants.add("ten_acme", secrets=world.secrets)
     world.dispatcher._tenants = tenants
-    for index in range(5):
+    for index in range(jobs):
         world.add(make_job(f"job_{index}"))
+    return world, tenants
+
+
+async def test_concurrent_deliveries_to_one_tenant_read_its_secrets_once() -> None:
+    world, tenants = _counting_world(5)
     outcomes = await asyncio.gather(*(world.deliver(f"job_{index}") for index in range(5)))
     assert {outcome.kind for outcome in outcomes} == {OutcomeKind.DELIVERED}
     assert tenants.reads == 1
+
+
+def test_the_shared_read_works_in_each_invocation_s_own_event_loop() -> None:
+    """The batch processor runs each invocation in a new event loop; a lock kept from an
+    earlier one must not fail the deliveries of a later one."""
+    world, tenants = _counting_world(6)
+
+    async def three(start: int) -> set[OutcomeKind]:
+        outcomes = await asyncio.gather(*(world.deliver(f"job_{index}") for index in range(start, start + 3)))
+        return {outcome.kind for outcome in outcomes}
+
+    # Given one invocation whose concurrent deliveries shared a read of the secrets
+    assert asyncio.run(three(0)) == {OutcomeKind.DELIVERED}
+    # When a later invocation, past the cache time, does the same in its own loop
+    world.now += world.config.webhooks.secrets_cache_seconds + 1
+    # Then its deliveries succeed too, from one more read
+    assert asyncio.run(three(3)) == {OutcomeKind.DELIVERED}
+    assert tenants.reads == 2
+    assert len(world.receiver.requests) == 6
 
 
 async def test_with_no_cache_time_every_delivery_reads_the_secrets() -> None:
@@ -572,3 +598,26 @@ async def test_with_no_cache_time_every_delivery_reads_the_secrets() -> None:
     await world.deliver("job_1")
     await world.deliver("job_2")
     assert tenants.reads == 2
+
+
+async def test_a_job_output_event_is_tried_twice_at_most_and_not_again_once_the_job_ended() -> None:
+    output = JobOutputEvent(id="job_1", seq_from=1, seq_to=2, attempt=1, delta="hello")
+    world = World(httpx.Response(503), httpx.Response(503))
+    world.add(make_job("job_1", status=JobStatus.RUNNING, events=[WebhookEvent.OUTPUT], delivery=None))
+    message = WebhookMessage(job_id="job_1", event=WebhookEvent.OUTPUT, output=output)
+    first = await world.dispatcher.deliver(message, attempt=1)
+    second = await world.dispatcher.deliver(message, attempt=2)
+    assert (first.kind, second.kind) == (OutcomeKind.RETRY, OutcomeKind.GAVE_UP)
+    # And a retry of one whose job has ended is not sent: the result holds the output
+    world.add(make_job("job_1", status=JobStatus.SUCCEEDED, events=[WebhookEvent.OUTPUT]))
+    late = await world.dispatcher.deliver(message, attempt=2)
+    assert late.kind is OutcomeKind.SKIPPED
+    assert len(world.receiver.requests) == 2
+    payload = Webhook(world.secrets[0]).verify(
+        world.receiver.requests[0].content, dict(world.receiver.requests[0].headers)
+    )
+    assert (payload["type"], payload["data"]["delta"], payload["data"]["seq_to"]) == (
+        "job.output",
+        "hello",
+        2,
+    )

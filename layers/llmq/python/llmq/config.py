@@ -301,7 +301,7 @@ class StreamingConfig(_Frozen):
     partial_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
     # How long a chunk item is kept after it is written (DynamoDB's TTL deletes it); the
     # result stays with the job for the job's retention.
-    chunk_ttl_seconds: Annotated[int, Field(ge=60, le=30 * 86_400)] = 86_400
+    chunk_ttl_seconds: Annotated[int, Field(ge=3600, le=30 * 86_400)] = 86_400
     # `output_partial` on the job holds at most this many characters of the output so far
     # (then `output_partial_truncated`): each output write rewrites the job item, so this
     # bounds what it costs in write units.

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -25,8 +27,8 @@ from llmq.errors import CancelRequested, ItemTooLarge, LeaseLost, StoreContended
 from llmq.job_codec import write_token
 from llmq.job_record import JobRecord
 from llmq.lanes import retry_delay_seconds
-from llmq.live_output import OutputRecorder
-from llmq.models import ErrorCode, JobError, JobStatus, LaneMessage, WebhookEvent
+from llmq.live_output import OutputRecorder, printable
+from llmq.models import ErrorCode, JobError, JobResult, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
 from llmq.policy import MAX_DEAD_LETTER_REDRIVES, ClaimOutcome, deadline_error
 from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
@@ -63,6 +65,9 @@ _MIN_GENERATION_SECONDS = 2.0
 # most, before the result is written without them (the events endpoint serves the rest from it).
 _FINAL_OUTPUT_TRIES = 3
 _FINAL_OUTPUT_SECONDS = 5.0
+# Threads for a batch's output writes and job.output sends (the default executor, six
+# threads on two vCPUs, stays free for claims and results).
+_OUTPUT_THREADS = 4
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
@@ -76,14 +81,51 @@ class _Stop(StrEnum):
     LEASE_LOST = "lease_lost"
 
 
+async def _first_stop(
+    generation: asyncio.Task[JobResult],
+    watcher: asyncio.Task[bool],
+    writer: asyncio.Task[_Stop | None] | None,
+) -> _Stop | None:
+    """Wait for the generation to end, or for a reason to stop it first. A watcher or a writer
+    that failed, or ended with nothing to say, is left out and the wait goes on."""
+    pending: set[asyncio.Task[Any]] = {generation, watcher, *([writer] if writer else [])}
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done and _result(watcher):
+            return _Stop.CANCELED
+        if writer is not None and writer in done:
+            stop = _writer_stop(writer)
+            if stop is not None:
+                return stop
+        if generation in done:
+            return None
+    return None
+
+
+def _succeeded(generation: asyncio.Task[JobResult]) -> bool:
+    return generation.done() and not generation.cancelled() and generation.exception() is None
+
+
+def _task_value(task: asyncio.Task[Any], what: str, default: Any) -> Any:
+    """A helper task's value, or `default` when it is unfinished, cut short or failed: the
+    output and the watchers are courtesies, and nothing in them may cost the generation."""
+    if not task.done() or task.cancelled():
+        return default
+    if task.exception() is not None:
+        logger.warning(f"{what} failed", extra={"error_class": type(task.exception()).__name__})
+        return default
+    return task.result()
+
+
+def _writer_stop(writer: asyncio.Task[_Stop | None]) -> _Stop | None:
+    stop: _Stop | None = _task_value(writer, "output writer", None)
+    return stop
+
+
 def _result(task: asyncio.Task[bool]) -> bool:
     """A watcher's verdict; one that failed (or was cut short) says nothing."""
-    if not task.done() or task.cancelled():
-        return False
-    if task.exception() is not None:
-        logger.warning("cancel watcher failed", extra={"error_class": type(task.exception()).__name__})
-        return False
-    return task.result()
+    verdict: bool = _task_value(task, "cancel watcher", False)
+    return verdict
 
 
 @dataclass(frozen=True)
@@ -114,6 +156,10 @@ class JobRunner:
         self.provider = provider
         self.config = config
         self._rng = rng or random.Random()
+        # Threads for output writes and job.output sends (`_on_output_thread`).
+        self._output_threads = ThreadPoolExecutor(
+            max_workers=_OUTPUT_THREADS, thread_name_prefix="llmq-output"
+        )
 
     async def run(self, body: str, invocation: Invocation) -> None:
         """Process one lane message. Raises RetryLater or PoisonMessage to report it failed."""
@@ -375,14 +421,16 @@ class JobRunner:
         watcher = asyncio.create_task(self._cancel_requested(job.id, recorder))
         writer = asyncio.create_task(self._record_output(job, invocation, recorder)) if recorder else None
         started = self.jobs.now_ms()
-        await asyncio.wait(
-            {generation, watcher, *([writer] if writer else [])}, return_when=asyncio.FIRST_COMPLETED
-        )
+        stop = await _first_stop(generation, watcher, writer)
         watcher.cancel()
-        stop = _Stop.CANCELED if _result(watcher) else None
         if recorder is not None and writer is not None:
-            # Let an output write (and its webhook) in flight finish, so it is counted once.
-            stop = stop or await self._close_writer(recorder, writer)
+            # Let an output write (and its webhook) in flight finish, so it is counted once;
+            # within the time the provider call had, so the result keeps its reserve.
+            writer_stop = await self._close_writer(recorder, writer, invocation, reserve)
+            stop = stop or writer_stop
+        if stop is _Stop.CANCELED and _succeeded(generation):
+            # The generation ended as the cancel came: it is paid for, and its result stands.
+            stop = None
         if stop is not None:
             generation.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -414,7 +462,9 @@ class JobRunner:
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
         if recorder is not None:
-            await self._finish_output(job, invocation, recorder, result.output)
+            # As its deltas were kept: the tail served from the result must line up with them.
+            result = result.model_copy(update={"output": printable(result.output)})
+            await self._finish_output(job, invocation, recorder, result.output, reserve)
         # Paid for from here on: the result must be written, whatever AWS says for a while.
         done = await self._write_back(
             lambda: self.offload.complete(self.jobs, job, invocation.owner, result), invocation
@@ -565,19 +615,24 @@ class JobRunner:
         return None
 
     async def _close_writer(
-        self, recorder: OutputRecorder, writer: asyncio.Task[_Stop | None]
+        self,
+        recorder: OutputRecorder,
+        writer: asyncio.Task[_Stop | None],
+        invocation: Invocation,
+        reserve: float,
     ) -> _Stop | None:
-        """Stop the output writer, letting a write in flight end (within a bound)."""
+        """Stop the output writer, letting a write in flight end: within a bound, and never
+        into the time kept back for the result."""
         recorder.close()
+        budget = min(_FINAL_OUTPUT_SECONDS, max(0.0, invocation.remaining_seconds() - reserve))
         try:
-            return await asyncio.wait_for(asyncio.shield(writer), _FINAL_OUTPUT_SECONDS)
+            await asyncio.wait_for(asyncio.shield(writer), budget)
         except TimeoutError:
             writer.cancel()
             return None
-        except Exception as exc:
-            # The output is a courtesy: nothing in it may cost the generation or its result.
-            logger.warning("output writer failed", extra={"error_class": type(exc).__name__})
-            return None
+        except Exception:
+            pass  # reported by _writer_stop
+        return _writer_stop(writer)
 
     async def _write_output(
         self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, *, final: bool = False
@@ -589,7 +644,9 @@ class JobRunner:
         if chunk is None:
             return None
         try:
-            await asyncio.to_thread(self.jobs.write_output, job, invocation.owner, chunk, final=final)
+            await self._on_output_thread(
+                functools.partial(self.jobs.write_output, job, invocation.owner, chunk, final=final)
+            )
         except CancelRequested:
             logger.info("output write found the job canceled", extra={"job_id": job.id})
             return _Stop.CANCELED
@@ -611,22 +668,31 @@ class JobRunner:
         return None
 
     async def _send_output(self, job: JobRecord, recorder: OutputRecorder, *, final: bool) -> None:
-        """job.output webhooks: a courtesy, like job.started; one SQS refuses goes later."""
-        while (event := recorder.webhook_due(final=final)) is not None:
+        """job.output webhooks: a courtesy, like job.started; one SQS refuses goes later.
+        Each is taken from the recorder before it is sent, so a send cut short (its answer
+        never awaited) is not sent again with the next."""
+        while (event := recorder.take_webhook(final=final)) is not None:
             try:
-                await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.OUTPUT, event)
+                await self._on_output_thread(
+                    functools.partial(self.queues.enqueue_webhook, job.id, WebhookEvent.OUTPUT, event)
+                )
             except Exception as exc:
+                recorder.give_back_webhook()
                 logger.warning(
                     "job.output webhook not sent yet",
                     extra={"job_id": job.id, "error_class": type(exc).__name__},
                 )
                 return
-            recorder.webhook_sent(event)
             if not final:
                 return
 
+    async def _on_output_thread(self, call: Callable[[], object]) -> None:
+        """Output writes and their webhooks run on threads of their own: stalled by a slow
+        table, they never hold up a result write waiting for a thread."""
+        await asyncio.get_running_loop().run_in_executor(self._output_threads, call)
+
     async def _finish_output(
-        self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, output: str
+        self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, output: str, reserve: float
     ) -> None:
         """The rest of a finished generation's output, before its result, so a client that
         read every delta has read the whole output; a provider that does not stream gives it
@@ -635,9 +701,10 @@ class JobRunner:
         A cancel that came meanwhile does not refuse them: the generation is paid for."""
         if recorder.seq == (job.stream_seq or 0) and not recorder.has_output() and output:
             recorder(output)
-        remaining = invocation.remaining_seconds()
-        reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
-        deadline = time.monotonic() + min(_FINAL_OUTPUT_SECONDS, max(0.0, remaining - reserve))
+            recorder.close()  # keeps what it held back
+        deadline = time.monotonic() + min(
+            _FINAL_OUTPUT_SECONDS, max(0.0, invocation.remaining_seconds() - reserve)
+        )
         tries = 0
         while recorder.has_output() and tries < _FINAL_OUTPUT_TRIES:
             left = deadline - time.monotonic()

@@ -212,8 +212,11 @@ class JobIntake:
         """
         streaming = self.config.streaming
         job = self.jobs.get(job_id, tenant.tenant_id)
+        if job.status.is_terminal:
+            # The end is told after the last delta, whenever the client comes.
+            return self._events_now(job, seen, [], ended=True)
         opening = [] if seen > 0 else [status_event(job.status)]
-        if job.status.is_terminal or wait_seconds <= 0:
+        if wait_seconds <= 0:
             return self._events_now(job, seen, opening)
         place = self._take_place(tenant, wait_seconds)
         if place is None:
@@ -264,11 +267,16 @@ class JobIntake:
         last = job.stream_seq or 0
         events = "".join(opening)
         if last > seen:
-            deltas = self.jobs.read_output(job, seen + 1, min(last, seen + streaming.max_deltas_per_response))
+            page_end = min(last, seen + streaming.max_deltas_per_response)
+            deltas = self.jobs.read_output(job, seen + 1, page_end)
             events += delta_events(deltas)
-            if deltas and deltas[-1].seq < last:
+            read_to = deltas[-1].seq if deltas else seen
+            if read_to < page_end and not self._chunks_may_have_expired(job):
+                # A read AWS left unfinished: the client's next request reads on from here.
                 return events + hint
-            # None: the rest has expired (its TTL); the result holds it all.
+            if read_to < last and read_to == page_end:
+                return events + hint
+            # Otherwise the rest has expired (its TTL): the result holds it all.
         if not job.status.is_terminal:
             return events + hint
         if job.stream and job.status is JobStatus.SUCCEEDED:
@@ -281,6 +289,12 @@ class JobIntake:
         # A result held in S3 goes as its presigned URL: the deltas carried its text already,
         # and the event must fit in the Lambda's response.
         return events + done_event(self.offload.link_result(job).to_job())
+
+    def _chunks_may_have_expired(self, job: JobRecord) -> bool:
+        """Whether a chunk of the job may be past its TTL: the first was written no earlier
+        than the job's start."""
+        began = job.started_ms or job.created_ms
+        return self.jobs.now_ms() >= began + self.config.streaming.chunk_ttl_seconds * 1000
 
     def _take_place(self, tenant: TenantIdentity, seconds: float) -> str | None:
         if self.polls is None:

@@ -870,9 +870,12 @@ class JobRepository:
         keys = [{"pk": {"S": chunk_pk(job, seq)}} for seq in range(first, min(last, first + 99) + 1)]
         found: dict[int, OutputDelta] = {}
         request: dict[str, Any] = {self.table_name: {"Keys": keys, "ConsistentRead": True}}
+        now_s = int(self._clock())
         for _ in range(3):
             response = self._ddb.batch_get_item(RequestItems=request)
             for item in response.get("Responses", {}).get(self.table_name, []):
+                if int(item["expires_at"]["N"]) <= now_s:
+                    continue  # past its TTL, not yet deleted: gone (DESIGN §3)
                 delta = codec.output_delta(item)
                 found[delta.seq] = delta
             request = response.get("UnprocessedKeys") or {}

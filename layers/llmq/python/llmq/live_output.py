@@ -50,12 +50,13 @@ def chunk_pk(job: JobRecord, seq: int) -> str:
 
 
 def printable(text: str) -> str:
-    """The text with lone surrogates (a provider's stray `\\ud800` escape) replaced: they
-    cannot be encoded as UTF-8, so no store or queue would take them."""
+    """The text as UTF-8 can hold it: a surrogate pair (a provider's `\\ud83d\\ude00` escapes,
+    decoded apart) made one character, and a lone surrogate replaced by U+FFFD, since no
+    store or queue takes it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     return text
 
 
@@ -124,20 +125,28 @@ class OutputRecorder:
         self._truncated = False
         self._tokens = 0
         self._chars = 0
+        self._held = ""
         self.unwritten: OutputChunk | None = None
         self.arrived = asyncio.Event()
         # Set when the generation has ended: the writer stops after the write in flight.
         self.closed = asyncio.Event()
         self.last_write_at: float | None = None
-        # Written chunks no job.output webhook has carried yet.
+        # Written chunks no job.output webhook has carried yet, and those of the last one taken.
         self._unsent: list[OutputChunk] = []
+        self._taken: list[OutputChunk] = []
         self._hook_sent_at: float | None = None
 
     def __call__(self, delta: str) -> None:
         if not delta:
             return
-        delta = printable(delta)
         self._tokens += 1
+        # A surrogate pair split between two deltas is put back together before it is kept.
+        delta, self._held = self._held + delta, ""
+        if "\ud800" <= delta[-1] <= "\udbff":
+            delta, self._held = delta[:-1], delta[-1]
+        if not delta:
+            return
+        delta = printable(delta)
         self._parts.append(delta)
         room = self._config.partial_max_chars - self._start_chars
         if room > 0:
@@ -148,6 +157,10 @@ class OutputRecorder:
         self.arrived.set()
 
     def close(self) -> None:
+        """The generation has ended: what is held back is kept, and the writer stops."""
+        if self._held:
+            held, self._held = self._held, ""
+            self._parts.append(printable(held))
         self.closed.set()
         self.arrived.set()
 
@@ -195,10 +208,10 @@ class OutputRecorder:
         self.last_write_at = self._clock()
         self._unsent.append(chunk)
 
-    def webhook_due(self, *, final: bool = False) -> JobOutputEvent | None:
-        """The job.output event to send now, if any: at most one per interval (the rest of
-        the output at once with `final`), holding the written chunks since the previous one,
-        as many as fit one message."""
+    def take_webhook(self, *, final: bool = False) -> JobOutputEvent | None:
+        """The job.output event to send now, if any, taken from what is unsent: at most one
+        per interval (the rest of the output at once with `final`), holding the written chunks
+        since the previous one, as many as fit one message."""
         chunks = self._unsent
         if not chunks:
             return None
@@ -211,6 +224,9 @@ class OutputRecorder:
             if size > WEBHOOK_MAX_BYTES or chunk.reset:
                 break
             taken.append(chunk)
+        self._unsent = chunks[len(taken) :]
+        self._taken = taken
+        self._hook_sent_at = self._clock()
         return JobOutputEvent(
             id=self.job_id,
             seq_from=taken[0].seq,
@@ -220,9 +236,10 @@ class OutputRecorder:
             delta="".join(chunk.delta for chunk in taken),
         )
 
-    def webhook_sent(self, event: JobOutputEvent) -> None:
-        self._unsent = [chunk for chunk in self._unsent if chunk.seq > event.seq_to]
-        self._hook_sent_at = self._clock()
+    def give_back_webhook(self) -> None:
+        """The last event taken was not sent: its chunks go with the next."""
+        self._unsent = [*self._taken, *self._unsent]
+        self._taken = []
 
 
 # ---- server-sent events -------------------------------------------------------------------

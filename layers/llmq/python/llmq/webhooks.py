@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -63,8 +64,11 @@ GONE = 410
 _EARLY_TOLERANCE_SECONDS = 1.0
 # Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
-# A job.output event is tried this many times at most, and retried only while its job runs.
-OUTPUT_ATTEMPTS = 3
+# A job.output event is tried this many times at most, retried only while its job runs, and
+# waits this long at most for an answer: a receiver that hangs must not fill the dispatcher
+# with a long job's stream of them (the terminal events share it).
+OUTPUT_ATTEMPTS = 2
+OUTPUT_TIMEOUT_SECONDS = 5.0
 # Delivery states after which a terminal event is never sent again, whatever the queue holds.
 SETTLED = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED, DeliveryStatus.FAILED})
 
@@ -251,7 +255,10 @@ class WebhookDispatcher:
         )
         # Each tenant's signing secrets, and when they were read (`_secrets`).
         self._secret_cache: dict[str, tuple[float, list[str]]] = {}
-        self._secret_locks: dict[str, asyncio.Lock] = {}
+        # asyncio locks belong to one event loop, and each invocation runs its own loop
+        self._secret_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+            weakref.WeakKeyDictionary()
+        )
         # SQS limits a message's visibility to 12 hours from its receipt, and the message was
         # received up to one function timeout ago.
         self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
@@ -430,7 +437,8 @@ class WebhookDispatcher:
         `webhooks.secrets_cache_seconds` in this environment (concurrent deliveries to one
         tenant share the read). A tenant that is gone is not remembered."""
         ttl = self._policy.secrets_cache_seconds
-        async with self._secret_locks.setdefault(tenant_id, asyncio.Lock()):
+        locks = self._secret_locks.setdefault(asyncio.get_running_loop(), {})
+        async with locks.setdefault(tenant_id, asyncio.Lock()):
             cached = self._secret_cache.get(tenant_id)
             if cached is not None and ttl > 0 and self._clock() - cached[0] < ttl:
                 return cached[1]
@@ -458,11 +466,13 @@ class WebhookDispatcher:
             type=WebhookEvent.OUTPUT, timestamp=iso(int(self._clock() * 1000)), data=output
         )
         msg_id = webhook_id(job.id, f"{WebhookEvent.OUTPUT}:{output.attempt}:{output.seq_to}")
-        return await self._send_body(
-            job.webhook_url or "", msg_id, payload.model_dump_json().encode(), secrets
-        )
+        body = payload.model_dump_json().encode()
+        timeout = min(self._policy.timeout_seconds, OUTPUT_TIMEOUT_SECONDS)
+        return await self._send_body(job.webhook_url or "", msg_id, body, secrets, timeout=timeout)
 
-    async def _send_body(self, url: str, msg_id: str, body: bytes, secrets: list[str]) -> _Response:
+    async def _send_body(
+        self, url: str, msg_id: str, body: bytes, secrets: list[str], timeout: float | None = None
+    ) -> _Response:
         try:
             # Checked again at send time: the DNS answer may have changed since submit.
             target = await asyncio.to_thread(
@@ -470,7 +480,7 @@ class WebhookDispatcher:
             )
         except InvalidWebhookUrl as exc:
             return _Response(None, error=exc.detail, error_class=type(exc).__name__)
-        return await self._post(target, body, self._headers(msg_id, body, secrets))
+        return await self._post(target, body, self._headers(msg_id, body, secrets), timeout)
 
     def _headers(self, msg_id: str, body: bytes, secrets: list[str]) -> dict[str, str]:
         # Each attempt is signed afresh, so its timestamp is inside the receiver's tolerance.
@@ -485,8 +495,10 @@ class WebhookDispatcher:
             "user-agent": USER_AGENT,
         }
 
-    async def _post(self, target: PinnedTarget, body: bytes, headers: dict[str, str]) -> _Response:
-        timeout = self._policy.timeout_seconds
+    async def _post(
+        self, target: PinnedTarget, body: bytes, headers: dict[str, str], timeout: float | None = None
+    ) -> _Response:
+        timeout = timeout or self._policy.timeout_seconds
         began = time.monotonic()
         started_ms = int(self._clock() * 1000)
         # The verdict comes from the status line alone: once it is in, a body that stalls or is
