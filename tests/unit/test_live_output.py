@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from random import Random
+from typing import Any
 
 import pytest
 
@@ -683,3 +685,43 @@ def test_a_job_output_send_refused_once_goes_with_the_next_and_nothing_is_sent_t
     outputs = world.queues.outputs
     assert "".join(event.delta for event in outputs) == "".join(tokens)
     assert [event.seq_from for event in outputs] == [1] + [event.seq_to + 1 for event in outputs[:-1]]
+
+
+def test_final_output_writes_that_stall_leave_the_result_write_its_reserve() -> None:
+    """The writes that keep the end of the output are bounded by the Lambda's time less the
+    reserve kept for the result: a table that stalls them never pushes the paid result past
+    the invocation's deadline."""
+    # Given a streaming job in an invocation 4 s from its deadline (so 1 s is kept back for
+    # the result), and a table on which the final output writes hang
+    tokens = words(5)
+    world = World(StreamingProvider(tokens, pause=0.0), cancel_check_seconds=60)
+    world.add(stream=True)
+    release = threading.Event()
+    original_write, original_complete = world.jobs.write_output, world.jobs.complete
+    deadline = time.monotonic() + 4.0
+    left_at_result: list[float] = []
+
+    def stalled(job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
+        if final:
+            release.wait(30)
+        original_write(job, owner, chunk, final=final)
+
+    def complete(job: JobRecord, owner: str, **kwargs: Any) -> JobRecord:
+        left_at_result.append(deadline - time.monotonic())
+        return original_complete(job, owner, **kwargs)
+
+    world.jobs.write_output = stalled  # type: ignore[method-assign]
+    world.jobs.complete = complete  # type: ignore[method-assign]
+    body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+    try:
+        asyncio.run(
+            world.runner.run(body, Invocation(owner=OWNER, remaining_seconds=lambda: deadline - time.monotonic()))
+        )
+    finally:
+        release.set()
+    # Then the result was written with (about) its reserve of the invocation still left, and
+    # the job succeeded with all of its output
+    assert len(left_at_result) == 1 and left_at_result[0] > 0.5
+    job = world.job()
+    assert (job.status, job.result.output) == (JobStatus.SUCCEEDED, "".join(tokens))  # type: ignore[union-attr]
+
