@@ -715,7 +715,9 @@ def test_final_output_writes_that_stall_leave_the_result_write_its_reserve() -> 
     body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
     try:
         asyncio.run(
-            world.runner.run(body, Invocation(owner=OWNER, remaining_seconds=lambda: deadline - time.monotonic()))
+            world.runner.run(
+                body, Invocation(owner=OWNER, remaining_seconds=lambda: deadline - time.monotonic())
+            )
         )
     finally:
         release.set()
@@ -724,4 +726,3 @@ def test_final_output_writes_that_stall_leave_the_result_write_its_reserve() -> 
     assert len(left_at_result) == 1 and left_at_result[0] > 0.5
     job = world.job()
     assert (job.status, job.result.output) == (JobStatus.SUCCEEDED, "".join(tokens))  # type: ignore[union-attr]
-
