@@ -414,6 +414,20 @@ def handle_cancel_job(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[
     return _job_response(job, 200 if job.status.is_terminal else 202)
 
 
+# One server-sent event of GET /v1/jobs/{id}/events, as SSE parsers read it; its data is
+# one line of JSON, named per event in `x-llmq-events` (`_with_event_schemas`).
+_SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "output.delta", "done"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
 @app.get(
     "/v1/jobs/<job_id>/events",
     summary="Follow a job: its status and, for `stream: true`, its output as it is generated",
@@ -430,7 +444,8 @@ def handle_cancel_job(job_id: Annotated[str, Path(pattern=JOB_ID)]) -> Response[
     responses={
         200: {
             "description": "A text/event-stream of status, output.delta and done events",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # Before OpenAPI 3.2's itemSchema, a stream's schema describes each of its events.
+            "content": {"text/event-stream": {"schema": _SSE_EVENT_SCHEMA}},
         },
         204: {"description": "`Last-Event-ID: done`: the stream has ended"},
         **{status: body for status, body in _responses(200, "", OutputDelta).items() if status != 200},

@@ -18,6 +18,7 @@ from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import PROBLEMS
 from llmq.long_polls import POLLS_PREFIX
+from llmq.models import EVENT_FOR_STATUS, JobStatus
 from llmq.shares import SHARE_PREFIX
 from llmq_sandbox import event_sources
 from tests.conftest import REGION, MotoStack, load_event
@@ -59,6 +60,18 @@ def assert_catalogued(reply: ApiReply) -> None:
     entry = PROBLEMS[reply.code]
     assert (reply.status, reply.body["status"]) == (entry.status, entry.status)
     assert (reply.body["type"], reply.body["title"]) == (entry.type, entry.title)
+
+
+def webhook_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A received webhooks-queue message's body as {job_id, event}: the job a terminal event's
+    message may carry is checked to be that job, ended as the event says and without its
+    input, then left out."""
+    body: dict[str, Any] = json.loads(message["Body"])
+    carried = body.pop("job", None)
+    if carried is not None:
+        assert carried["id"] == body["job_id"] and "input" not in carried
+        assert EVENT_FOR_STATUS[JobStatus(carried["status"])] == body["event"]
+    return body
 
 
 def sqs_event(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, FREE, Harness
+from tests.integration.harness import ENTERPRISE, FREE, Harness, webhook_message
 from tests.support.stores import ROOMY
 
 BACKLOG_JOBS = int(os.environ.get("LLMQ_BACKLOG_JOBS", "200"))
@@ -392,7 +392,7 @@ def test_a_complete_applied_but_unanswered_sends_its_webhook_at_once(
     assert _kinds(faults) == ["TransactWriteItems:applied_retried"]
     assert response == {"batchItemFailures": []}
     assert _job(harness, job_id)["status"] == "succeeded"
-    webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}]
 
 

@@ -7,6 +7,7 @@ knows: every delivery that arrives proves the connection went to the pinned addr
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
 import threading
 import time
@@ -35,7 +36,7 @@ from llmq.models import (
     JobStatus,
     WebhookEvent,
 )
-from llmq.queues import QueueRepository
+from llmq.queues import QueueRepository, job_snapshot
 from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.tenants import TenantRepository, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
@@ -103,7 +104,11 @@ class Stage:
         job_id: str = "job_hooked",
         events: list[WebhookEvent] | None = None,
         status: JobStatus = JobStatus.SUCCEEDED,
+        *,
+        carry: bool = False,
     ) -> JobRecord:
+        """A finished job whose terminal event is queued; `carry`: its message carries the
+        job, as the worker's does after the terminal write."""
         url = self.receiver.url(path)
         # As at submit: the URL passes the guard before the job is stored.
         check_webhook_url(url, self.config.webhooks.allow_loopback_http, self.dns)
@@ -126,7 +131,10 @@ class Stage:
             expires_at=int(time.time()) + 86_400,
         )
         self.jobs.create(record, ROOMY)
-        self.queues.enqueue_webhook(record.id, EVENT_FOR_STATUS[status])
+        stored = self.jobs.find(record.id)
+        assert stored is not None
+        snapshot = job_snapshot(stored) if carry else None
+        self.queues.enqueue_webhook(record.id, EVENT_FOR_STATUS[status], snapshot=snapshot)
         return record
 
     def delivery(self, job_id: str = "job_hooked") -> Any:
@@ -659,3 +667,70 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# ---- the job carried in its message ---------------------------------------------------------
+
+
+def _dynamodb_calls() -> list[str]:
+    """The names of the DynamoDB calls made through the shared client from now on."""
+    calls: list[str] = []
+    aws.client("dynamodb").meta.events.register(
+        "before-call.dynamodb.*", lambda event_name, **_: calls.append(event_name.split(".")[-1])
+    )
+    return calls
+
+
+def test_a_message_that_carries_its_job_is_delivered_with_one_write_and_no_read(stage: Stage) -> None:
+    # Given two finished jobs whose messages carry them, as the worker sends them
+    stage.job("/hooks/ok", job_id="job_first", carry=True)
+    stage.dispatch()
+    stage.job("/hooks/ok", job_id="job_second", carry=True)
+    before = stage.jobs.find("job_second")
+    assert before is not None
+    calls = _dynamodb_calls()
+    # When the second is dispatched (the tenant's secrets cached by the first)
+    assert stage.dispatch() == {"batchItemFailures": []}
+    # Then it made one AWS call, the write that records the delivery
+    assert len(calls) == 1 and calls[0] in {"UpdateItem", "TransactWriteItems"}
+    assert stage.delivery("job_second").status == "delivered"
+    # And the receiver got the job as a read would have shown it, signed, without its prompt
+    post = stage.receiver.requests_to("/hooks/ok")[-1]
+    payload = Webhook(stage.tenant.webhook_secrets[0]).verify(post.body, dict(post.headers))
+    assert payload["data"] == json.loads(before.to_job(api_base="https://api.llmq.test").model_dump_json())
+    assert "a prompt" not in post.body.decode()
+
+
+def test_a_carried_job_that_moved_on_keeps_the_delivery_on_its_schedule(stage: Stage) -> None:
+    """A second message carrying the job as it ended (a send whose answer was lost and was
+    sent again) comes after the first counted an attempt: its job is stale. It may POST once
+    more under the same webhook-id, as SQS's own duplicates may, but it counts nothing and
+    waits for the next attempt like any copy."""
+    stage.receiver.script("/hooks/flaky", 500, 500, 200)
+    record = stage.job("/hooks/flaky", carry=True)
+    assert len(stage.dispatch()["batchItemFailures"]) == 1
+    assert stage.delivery().attempts == 1
+    first_copy = stage.in_flight
+    # When the duplicate, carrying the job as it ended, is received for the first time
+    stored = stage.jobs.find(record.id)
+    assert stored is not None and stored.delivery_attempts == 1
+    stage.queues.enqueue_webhook(
+        record.id,
+        WebhookEvent.SUCCEEDED,
+        snapshot=job_snapshot(stored.model_copy(update={"delivery_attempts": 0})),
+    )
+    second = stage.dispatch()
+    # Then the attempt count is unchanged, and the copy waits for the attempt that is due
+    assert len(second["batchItemFailures"]) == 1
+    assert stage.delivery().attempts == 1
+    assert stage.visibility_changes[-1] >= SCHEDULE[0] - 1
+    # And once due, the delivery goes on from attempt 2, under one webhook-id throughout
+    stage.in_flight = first_copy + stage.in_flight
+    stage.let_time_pass(SCHEDULE[0])
+    while stage.delivery().status == "pending":
+        stage.dispatch()
+        stage.let_time_pass(SCHEDULE[stage.delivery().attempts - 1])
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts) == ("delivered", 3)
+    posts = stage.receiver.requests_to("/hooks/flaky")
+    assert len({post.headers["webhook-id"] for post in posts}) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 
+import jsonschema
 import pytest
 
 from llmq import aws
@@ -132,6 +133,18 @@ def test_the_openapi_document_describes_the_stream_and_its_events(harness: Harne
     assert {"job_id", "wait", "after", "last-event-id"} <= parameters
     stream = operation["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert stream["x-llmq-events"]["output.delta"] == {"$ref": "#/components/schemas/OutputDelta"}
+    # And the stream's schema describes each event as an SSE parser reads it (before OpenAPI
+    # 3.2, a text/event-stream schema is one event's): a finished job's events match it
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    harness.drain("high")
+    got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
+    events = _events(str(got.body))
+    assert [event for event, _, _ in events][-1] == "done"
+    for event, event_id, data in events:
+        parsed = {"event": event, "data": data, **({"id": event_id} if event_id else {})}
+        jsonschema.validate(parsed, stream)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"event": "status", "data": {"status": "queued"}}, stream)
     schemas = document["components"]["schemas"]
     assert {"seq", "delta", "attempt", "reset"} <= schemas["OutputDelta"]["properties"].keys()
     assert {"seq_from", "seq_to", "delta"} <= schemas["JobOutputEvent"]["properties"].keys()

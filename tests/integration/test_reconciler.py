@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -16,7 +15,14 @@ from llmq.reconcile import Reconciler
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
-from tests.integration.harness import ENTERPRISE, FREE, Harness, LambdaContextStub, load_handler
+from tests.integration.harness import (
+    ENTERPRISE,
+    FREE,
+    Harness,
+    LambdaContextStub,
+    load_handler,
+    webhook_message,
+)
 
 
 class LaterClock:
@@ -212,7 +218,7 @@ def test_redeliver_queues_the_terminal_event_again(
     reply = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE)
     assert reply.status == 202
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
-    messages = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
+    messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
     assert messages == [{"job_id": job_id, "event": "job.succeeded"}]
     _dispatch_all(harness, monkeypatch)
     # Then it arrives a second time with the same webhook-id, freshly signed

@@ -19,7 +19,7 @@ from llmq.telemetry import MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
+from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler, webhook_message
 
 
 def _job(harness: Harness, job_id: str) -> dict[str, Any]:
@@ -267,7 +267,7 @@ def test_a_terminal_event_with_a_webhook_is_enqueued_once(harness: Harness) -> N
     job = _job(harness, job_id)
     assert job["webhook"]["delivery"]["status"] == "pending"
     messages = harness.receive(harness.stack.webhook_queue_url)
-    assert [json.loads(m["Body"]) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
+    assert [webhook_message(m) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
 
 
 def test_a_late_duplicate_does_not_resend_a_webhook_the_dispatcher_is_already_retrying(
@@ -317,7 +317,7 @@ def test_a_duplicate_of_a_job_whose_webhook_message_was_lost_sends_it_again(
     assert harness.drain("high") == {"batchItemFailures": []}
     # Then its terminal event is sent once more
     messages = harness.receive(harness.stack.webhook_queue_url)
-    assert [json.loads(m["Body"]) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
+    assert [webhook_message(m) for m in messages] == [{"job_id": job_id, "event": "job.succeeded"}]
     # And the job, counted as succeeded when it ended, is not counted again
     assert MetricName.JOB_SUCCEEDED not in capsys.readouterr().out
 
@@ -377,7 +377,7 @@ def test_a_queued_jobs_dead_letter_sends_it_again_once_then_fails_it_as_worker_c
     _dead_letter(harness, job_id)
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
-    webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert webhooks == [{"job_id": job_id, "event": "job.failed"}]
 
 
@@ -392,7 +392,7 @@ def test_a_dead_lettered_job_asked_to_cancel_ends_canceled_not_failed(harness: H
     # Then it ends canceled, and job.canceled is announced
     job = _job(harness, job_id)
     assert (job["status"], job["error"]) == ("canceled", None)
-    webhooks = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert webhooks == [{"job_id": job_id, "event": "job.canceled"}]
 
 
@@ -427,6 +427,6 @@ def test_job_started_is_sent_when_subscribed(harness: Harness) -> None:
     events = ["job.started", "job.succeeded"]
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook", "events": events}).body["id"]
     harness.drain("high")
-    messages = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert sorted(m["event"] for m in messages) == sorted(events)
     assert {m["job_id"] for m in messages} == {job_id}

@@ -599,6 +599,8 @@ class InMemoryQueues:
         self.delays: list[tuple[str, int]] = []
         self.webhooks: list[tuple[str, WebhookEvent]] = []
         self.outputs: list[JobOutputEvent] = []
+        # The job each webhook message carried (None: none), in the order of `webhooks`.
+        self.snapshots: list[dict[str, Any] | None] = []
         self.visibility: list[tuple[str, float]] = []
         self.unavailable: set[str] = set()
 
@@ -610,8 +612,15 @@ class InMemoryQueues:
         self.delays.append((job_id, delay_seconds))
 
     @_throttleable
-    def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: JobOutputEvent | None = None) -> None:
+    def enqueue_webhook(
+        self,
+        job_id: str,
+        event: WebhookEvent,
+        output: JobOutputEvent | None = None,
+        snapshot: dict[str, Any] | None = None,
+    ) -> None:
         self.webhooks.append((job_id, event))
+        self.snapshots.append(snapshot)
         if output is not None:
             self.outputs.append(output)
 

@@ -484,7 +484,7 @@ def test_the_cli_follower_resumes_after_a_cut_connection_and_a_429_and_prints_ea
 class FailingQueues(InMemoryQueues):
     """A webhooks queue whose job.output sends fail with something no one expected."""
 
-    def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None) -> None:
+    def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None, **kw: Any) -> None:
         if event is WebhookEvent.OUTPUT:
             raise RuntimeError("unexpected")
         super().enqueue_webhook(job_id, event)
@@ -673,10 +673,10 @@ def test_a_job_output_send_refused_once_goes_with_the_next_and_nothing_is_sent_t
     refusals = iter([True])
 
     class OnceRefused(InMemoryQueues):
-        def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None) -> None:
+        def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None, **kw: Any) -> None:
             if event is WebhookEvent.OUTPUT and next(refusals, False):
                 raise StoreUnavailable("sqs.SendMessage: throttled")
-            super().enqueue_webhook(job_id, event, output)  # type: ignore[arg-type]
+            super().enqueue_webhook(job_id, event, output, **kw)  # type: ignore[arg-type]
 
     world.queues = OnceRefused()
     world.runner = JobRunner(world.jobs, world.queues, world.provider, world.config, rng=Random(7))
@@ -726,3 +726,109 @@ def test_final_output_writes_that_stall_leave_the_result_write_its_reserve() -> 
     assert len(left_at_result) == 1 and left_at_result[0] > 0.5
     job = world.job()
     assert (job.status, job.result.output) == (JobStatus.SUCCEEDED, "".join(tokens))  # type: ignore[union-attr]
+
+
+def _deadline_run(world: World, seconds: float) -> list[float]:
+    """Run the job in an invocation `seconds` from its deadline; the time left at each result
+    write is returned."""
+    deadline = time.monotonic() + seconds
+    left: list[float] = []
+    original_complete = world.jobs.complete
+
+    def complete(job: JobRecord, owner: str, **kwargs: Any) -> JobRecord:
+        left.append(deadline - time.monotonic())
+        return original_complete(job, owner, **kwargs)
+
+    world.jobs.complete = complete  # type: ignore[method-assign]
+    body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+    asyncio.run(
+        world.runner.run(body, Invocation(owner=OWNER, remaining_seconds=lambda: deadline - time.monotonic()))
+    )
+    return left
+
+
+def test_a_last_job_output_send_that_hangs_leaves_the_result_write_its_reserve() -> None:
+    # Given a streaming job subscribed to job.output in an invocation 6 s from its deadline
+    # (1.5 s kept back for the result), whose last job.output send hangs
+    tokens = words(12)
+    release = threading.Event()
+
+    class SlowOutputs(InMemoryQueues):
+        def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None, **kw: Any) -> None:
+            if event is WebhookEvent.OUTPUT and world.provider.sent == len(tokens):
+                release.wait(10)
+            super().enqueue_webhook(job_id, event, output, **kw)  # type: ignore[arg-type]
+
+    world = World(StreamingProvider(tokens, pause=0.12), cancel_check_seconds=60)
+    world.queues = SlowOutputs()
+    world.runner = JobRunner(world.jobs, world.queues, world.provider, world.config, rng=Random(7))
+    world.add(stream=True, webhook_url=WEBHOOK, webhook_events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    try:
+        left = _deadline_run(world, 6.0)
+    finally:
+        release.set()
+    # Then the result was written with about its reserve left, and the job succeeded
+    assert len(left) == 1 and left[0] > 0.5
+    assert world.job().status is JobStatus.SUCCEEDED
+
+
+def test_a_cancel_the_watcher_sees_stops_the_generation_while_an_output_write_is_in_flight() -> None:
+    # Given a streaming job whose output writes take 2.5 s each (a throttled table), and a
+    # cancel that lands as the first of them starts
+    tokens = words(40)
+    world = World(StreamingProvider(tokens, pause=0.05), cancel_check_seconds=0.3)
+    world.add(stream=True)
+    original = world.jobs.write_output
+    first = threading.Event()
+
+    def slow(job: JobRecord, owner: str, chunk: OutputChunk, *, final: bool = False) -> None:
+        if not final:
+            if not first.is_set():
+                first.set()
+                world.jobs.records[job.id] = world.jobs.records[job.id].model_copy(
+                    update={"cancel_requested": True}
+                )
+            time.sleep(2.5)
+        original(job, owner, chunk, final=final)
+
+    world.jobs.write_output = slow  # type: ignore[method-assign]
+    world.run()
+    # Then the watcher's read stopped the generation before its end, and the job is canceled
+    assert world.provider.canceled and world.provider.sent < len(tokens)
+    assert world.job().status is JobStatus.CANCELED
+
+
+def test_a_job_output_send_applied_but_unanswered_is_sent_again_unchanged() -> None:
+    # Given a streaming job whose first job.output send reaches SQS but answers an error
+    tokens = words(60)
+    world = World(StreamingProvider(tokens, pause=0.02))
+    lost = iter([True])
+
+    class AppliedThenLost(InMemoryQueues):
+        def enqueue_webhook(self, job_id: str, event: WebhookEvent, output: object = None, **kw: Any) -> None:
+            super().enqueue_webhook(job_id, event, output, **kw)  # type: ignore[arg-type]
+            if event is WebhookEvent.OUTPUT and next(lost, False):
+                raise StoreUnavailable("sqs.SendMessage: the answer was lost")
+
+    world.queues = AppliedThenLost()
+    world.runner = JobRunner(world.jobs, world.queues, world.provider, world.config, rng=Random(7))
+    world.add(stream=True, webhook_url=WEBHOOK, webhook_events=[WebhookEvent.OUTPUT])
+    world.run()
+    # Then it was sent again as it was (same range, so the same webhook-id), and the events,
+    # one per range as a receiver keeps them, hold the whole output once, in order
+    first, again, *rest = world.queues.outputs
+    assert again == first
+    assert "".join(event.delta for event in [first, *rest]) == "".join(tokens)
+    assert [event.seq_from for event in rest] == [first.seq_to + 1] + [
+        event.seq_to + 1 for event in rest[:-1]
+    ]
+
+
+def test_a_lone_surrogate_in_a_result_that_did_not_stream_is_replaced_too() -> None:
+    # Given a job without stream whose provider answers a stray escape ("\ud83d" in its JSON)
+    world = World(StreamingProvider(["ok \ud83d", " and more"], pause=0.0))
+    world.add()
+    world.run()
+    # Then its result can be stored and sent: the lone half is U+FFFD, the rest as it came
+    job = world.job()
+    assert (job.status, job.result.output) == (JobStatus.SUCCEEDED, "ok \ufffd and more")  # type: ignore[union-attr]

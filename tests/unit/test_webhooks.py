@@ -26,6 +26,7 @@ from llmq.models import (
     WebhookEvent,
     WebhookMessage,
 )
+from llmq.queues import WEBHOOK_SNAPSHOT_MAX_BYTES, announce_terminal, job_snapshot
 from llmq.retry_after import parse_retry_after
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
@@ -40,7 +41,7 @@ from llmq.webhooks import (
     sign,
     webhook_id,
 )
-from tests.support.stores import InMemoryJobs, InMemoryTenants
+from tests.support.stores import InMemoryJobs, InMemoryQueues, InMemoryTenants
 
 NOW = 1_790_000_000.0
 HOOK_URL = "https://hooks.example.com/llmq?token=abc"
@@ -621,3 +622,21 @@ async def test_a_job_output_event_is_tried_twice_at_most_and_not_again_once_the_
         "hello",
         2,
     )
+
+
+# ---- the job a terminal event's message carries ---------------------------------------------
+
+
+def test_a_job_too_large_for_a_message_is_not_carried_and_is_read_instead() -> None:
+    # Given a finished job whose inline result is larger than a webhook message may carry
+    small = make_job("job_small")
+    large = make_job("job_large", output="é" * (WEBHOOK_SNAPSHOT_MAX_BYTES // 2 + 1))
+    # Then the small one travels without its input, and the large one does not travel at all
+    snapshot = job_snapshot(small)
+    assert snapshot is not None and "input" not in snapshot
+    assert JobRecord.model_validate(snapshot) == small.model_copy(update={"input": None})
+    assert job_snapshot(large) is None
+    # And the queue's message for it names the job only, which the dispatcher reads
+    queues = InMemoryQueues()
+    assert announce_terminal(queues, large)
+    assert queues.snapshots == [None]

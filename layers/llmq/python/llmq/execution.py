@@ -423,6 +423,10 @@ class JobRunner:
         started = self.jobs.now_ms()
         stop = await _first_stop(generation, watcher, writer)
         watcher.cancel()
+        if stop is _Stop.LEASE_LOST or (stop is _Stop.CANCELED and not _succeeded(generation)):
+            # At once: an output write still in flight must not keep a canceled generation
+            # running (and paid for) while it ends.
+            generation.cancel()
         if recorder is not None and writer is not None:
             # Let an output write (and its webhook) in flight finish, so it is counted once;
             # within the time the provider call had, so the result keeps its reserve.
@@ -461,9 +465,10 @@ class JobRunner:
             )
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
+        # A lone surrogate from the provider could be neither stored nor sent; and a streamed
+        # job's tail, served from the result, must line up with the deltas kept the same way.
+        result = result.model_copy(update={"output": printable(result.output)})
         if recorder is not None:
-            # As its deltas were kept: the tail served from the result must line up with them.
-            result = result.model_copy(update={"output": printable(result.output)})
             await self._finish_output(job, invocation, recorder, result.output, reserve)
         # Paid for from here on: the result must be written, whatever AWS says for a while.
         done = await self._write_back(
@@ -688,7 +693,8 @@ class JobRunner:
 
     async def _on_output_thread(self, call: Callable[[], object]) -> None:
         """Output writes and their webhooks run on threads of their own: stalled by a slow
-        table, they never hold up a result write waiting for a thread."""
+        table, they never hold up a result write waiting for a thread. A call given up on
+        before its thread took it is dropped with it, never made late."""
         await asyncio.get_running_loop().run_in_executor(self._output_threads, call)
 
     async def _finish_output(
@@ -724,8 +730,10 @@ class JobRunner:
                 await asyncio.sleep(
                     min(_WRITE_RETRY_FIRST_SECONDS * tries, max(0.0, deadline - time.monotonic()))
                 )
-        if job.wants(WebhookEvent.OUTPUT):
-            await self._send_output(job, recorder, final=True)
+        left = deadline - time.monotonic()
+        if job.wants(WebhookEvent.OUTPUT) and left > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send_output(job, recorder, final=True), left)
 
     async def _announce(
         self, job: JobRecord | None, invocation: Invocation | None = None, *, counted: bool = False

@@ -131,9 +131,11 @@ class OutputRecorder:
         # Set when the generation has ended: the writer stops after the write in flight.
         self.closed = asyncio.Event()
         self.last_write_at: float | None = None
-        # Written chunks no job.output webhook has carried yet, and those of the last one taken.
+        # Written chunks no job.output webhook has carried yet; the last event taken, and the
+        # one given back to be sent again as it was.
         self._unsent: list[OutputChunk] = []
-        self._taken: list[OutputChunk] = []
+        self._taken: JobOutputEvent | None = None
+        self._again: JobOutputEvent | None = None
         self._hook_sent_at: float | None = None
 
     def __call__(self, delta: str) -> None:
@@ -211,13 +213,18 @@ class OutputRecorder:
     def take_webhook(self, *, final: bool = False) -> JobOutputEvent | None:
         """The job.output event to send now, if any, taken from what is unsent: at most one
         per interval (the rest of the output at once with `final`), holding the written chunks
-        since the previous one, as many as fit one message."""
+        since the previous one, as many as fit one message. One given back goes first, as it
+        was: SQS may have taken it, and a receiver can only tell it again by its id."""
         chunks = self._unsent
-        if not chunks:
+        if not chunks and self._again is None:
             return None
         interval = self._config.output_webhook_interval_ms / 1000
         if not final and self._hook_sent_at is not None and self._clock() - self._hook_sent_at < interval:
             return None
+        self._hook_sent_at = self._clock()
+        if self._again is not None:
+            self._taken, self._again = self._again, None
+            return self._taken
         taken, size = [chunks[0]], _escaped_bytes(chunks[0].delta)
         for chunk in chunks[1:]:
             size += _escaped_bytes(chunk.delta)
@@ -225,9 +232,7 @@ class OutputRecorder:
                 break
             taken.append(chunk)
         self._unsent = chunks[len(taken) :]
-        self._taken = taken
-        self._hook_sent_at = self._clock()
-        return JobOutputEvent(
+        self._taken = JobOutputEvent(
             id=self.job_id,
             seq_from=taken[0].seq,
             seq_to=taken[-1].seq,
@@ -235,11 +240,12 @@ class OutputRecorder:
             reset=taken[0].reset,
             delta="".join(chunk.delta for chunk in taken),
         )
+        return self._taken
 
     def give_back_webhook(self) -> None:
-        """The last event taken was not sent: its chunks go with the next."""
-        self._unsent = [*self._taken, *self._unsent]
-        self._taken = []
+        """The last event taken may not have been sent: it is the next one taken, unchanged
+        (same range, so the same webhook-id if SQS had it after all)."""
+        self._again, self._taken = self._taken, None
 
 
 # ---- server-sent events -------------------------------------------------------------------

@@ -579,3 +579,7 @@ class WebhookMessage(_Strict):
     event: WebhookEvent | BatchEvent
     # job.output: the text it delivers (the job item holds only the start of the output).
     output: JobOutputEvent | None = None
+    # A terminal event sent right after the job's terminal write: the job as that write left
+    # it (a JobRecord without its input), so the first receive needs no read
+    # (`llmq.queues.job_snapshot`); None when it would make the message too large.
+    job: dict[str, Any] | None = None

@@ -9,7 +9,7 @@ contracts (DESIGN §3).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 # For annotations only: the ports import nothing at run time, so any module may use them.
 if TYPE_CHECKING:
@@ -112,7 +112,11 @@ class QueueStore(Protocol):
     def enqueue_jobs(self, job_ids: list[str], lane: str, tenant_id: str) -> None: ...
     def enqueue_expand(self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0) -> None: ...
     def enqueue_webhook(
-        self, job_id: str, event: WebhookEvent | BatchEvent, output: JobOutputEvent | None = None
+        self,
+        job_id: str,
+        event: WebhookEvent | BatchEvent,
+        output: JobOutputEvent | None = None,
+        snapshot: dict[str, Any] | None = None,
     ) -> None: ...
     def lane_depth(self, lane: str) -> int: ...
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None: ...

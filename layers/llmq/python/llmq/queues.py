@@ -5,6 +5,7 @@ Messages carry ids only (DESIGN §1); the job itself lives in DynamoDB.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,9 @@ _DEPTH_ATTRIBUTES = (
 MAX_REDELIVERY_DELAY_SECONDS = MAX_VISIBILITY_SECONDS - 900 - 300
 # SendMessage's DelaySeconds: 0 to 900.
 MAX_SEND_DELAY_SECONDS = 900
+# The job a terminal webhook message may carry (`job_snapshot`): well under SQS's default
+# 256 KiB message limit, the rest of the message included.
+WEBHOOK_SNAPSHOT_MAX_BYTES = 200_000
 
 
 def redelivery_visibility(seconds: float) -> int:
@@ -97,9 +101,15 @@ class QueueRepository:
         )
 
     def enqueue_webhook(
-        self, job_id: str, event: WebhookEvent | BatchEvent, output: JobOutputEvent | None = None
+        self,
+        job_id: str,
+        event: WebhookEvent | BatchEvent,
+        output: JobOutputEvent | None = None,
+        snapshot: dict[str, Any] | None = None,
     ) -> None:
-        body = WebhookMessage(job_id=job_id, event=event, output=output).model_dump_json(exclude_none=True)
+        body = WebhookMessage(job_id=job_id, event=event, output=output, job=snapshot).model_dump_json(
+            exclude_none=True
+        )
         self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
 
     def lane_depth(self, lane: str) -> int:
@@ -133,9 +143,22 @@ class QueueRepository:
 
 
 def announce_terminal(queues: QueueStore, job: JobRecord) -> bool:
-    """Send the terminal event when the terminal write left the delivery pending."""
+    """Send the terminal event when the terminal write left the delivery pending: `job` is
+    what that write left, and the message carries it, so the dispatcher's first try needs
+    no read of the job."""
     event = job.terminal_event
     if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
         return False
-    queues.enqueue_webhook(job.id, event)
+    queues.enqueue_webhook(job.id, event, snapshot=job_snapshot(job))
     return True
+
+
+def job_snapshot(job: JobRecord) -> dict[str, Any] | None:
+    """The job for a webhook message, without its input (the webhook never shows the prompt,
+    and the message must not hold it), or None when it is too large to travel: SQS takes a
+    message up to the queue's MaximumMessageSize, 256 KiB unless set (1 MiB at most), and the
+    job's item can hold a larger result inline; such a job is read from the table instead."""
+    snapshot = job.model_dump(mode="json", exclude={"input"}, exclude_none=True)
+    if len(json.dumps(snapshot, separators=(",", ":")).encode()) > WEBHOOK_SNAPSHOT_MAX_BYTES:
+        return None
+    return snapshot

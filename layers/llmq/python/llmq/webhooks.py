@@ -278,7 +278,7 @@ class WebhookDispatcher:
             return outcome
         # A terminal event's attempt is counted on the job; job.started has only its receives.
         attempt = receive_count if message.event not in TERMINAL_EVENTS else None
-        outcome = await self.deliver(message, attempt=attempt)
+        outcome = await self.deliver(message, attempt=attempt, first_receive=receive_count == 1)
         _observe(message, outcome)
         if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -339,12 +339,21 @@ class WebhookDispatcher:
             return DeliveryOutcome.skipped("another copy of this delivery counted this attempt first")
         return outcome
 
-    async def deliver(self, message: WebhookMessage, attempt: int | None = None) -> DeliveryOutcome:
-        """Attempt `attempt` of delivering `message`; None: the one after those the job counted."""
+    async def deliver(
+        self, message: WebhookMessage, attempt: int | None = None, *, first_receive: bool = False
+    ) -> DeliveryOutcome:
+        """Attempt `attempt` of delivering `message`; None: the one after those the job counted.
+
+        The first receive of a message that carries the job (sent right after its terminal
+        write) takes the job from it, with no read: the write that records the attempt is
+        conditional on the count the job had, so a job that moved on since is read then.
+        """
         event = message.event
         if isinstance(event, BatchEvent):
             return await self.deliver_batch(message.job_id, event)
-        job = await asyncio.to_thread(self._jobs.find, message.job_id)
+        job = _carried(message) if first_receive else None
+        if job is None:
+            job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
         if event is WebhookEvent.OUTPUT and message.output is None:
             reason = "a job.output message without its output"
@@ -624,6 +633,17 @@ async def _head(response: httpx.Response) -> str | None:
 
 # How long the head of an answer may take once its status line is in.
 HEAD_READ_SECONDS = 1.0
+
+
+def _carried(message: WebhookMessage) -> JobRecord | None:
+    """The job a terminal event's message carries, or None (then it is read)."""
+    if message.job is None or message.event not in TERMINAL_EVENTS:
+        return None
+    try:
+        job = JobRecord.model_validate(message.job)
+    except ValidationError:
+        return None
+    return job if job.id == message.job_id else None
 
 
 def parse_webhook_message(body: str) -> WebhookMessage:
