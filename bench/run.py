@@ -174,7 +174,9 @@ def _render_calls(calls: Any) -> list[str]:
         "",
         f"Writes and sends: {calls['writes_and_sends']} against the DESIGN §3 minimum of "
         f"{calls['design_minimum_with_webhook']} with a webhook ({calls['design_minimum_without_webhook']} without). "
-        "The dispatcher's two reads (the job, for the payload; the tenant, for its secrets) come on top.",
+        "The terminal event's message carries the job as the terminal write left it (without its input, "
+        "and only under 200 KB), so the dispatcher reads no job on a message's first receive; its one "
+        "read here is the tenant's signing secrets, which a warm environment keeps.",
         "",
     ]
     warm = calls.get("warm_delivery")
@@ -182,7 +184,7 @@ def _render_calls(calls: Any) -> list[str]:
         detail = ", ".join(f"{name} ×{count}" for name, count in sorted(warm.items()))
         out += [
             f"A second job's delivery in the same, now warm, dispatcher environment: **{sum(warm.values())} "
-            f"calls** ({detail}). The tenant's secrets are kept for `webhooks.secrets_cache_seconds` (60 s) per environment, so only the first "
+            f"call{'s' if sum(warm.values()) != 1 else ''}** ({detail}). The tenant's secrets are kept for `webhooks.secrets_cache_seconds` (60 s) per environment, so only the first "
             f"delivery of a tenant per environment reads them: a job with a webhook then costs "
             f"**{calls['total_calls'] - sum(calls['steps']['delivery'].values()) + sum(warm.values())} calls**.",
             "",
@@ -195,7 +197,10 @@ def _render_calls(calls: Any) -> list[str]:
         "",
         "The claim costs a read on top of the DESIGN minimum: the tenant's slot is taken in the same "
         "transaction as the job's claim (DESIGN §3.11), and a transaction returns no item, so one "
-        "consistent `GetItem` brings the input.",
+        "consistent `GetItem` brings the input. It stays: the other ways to skip it put the prompt in the "
+        "lane message, which DESIGN §3.12 forbids, or take the slot in a second write. So issue 17's goal "
+        "of 6 calls with a webhook (4 without) is 7 (5 without) here, every one of them a write or a send "
+        "but that read. On real AWS the counts are the same; each is one round trip.",
         "",
     ]
     return out

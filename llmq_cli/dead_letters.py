@@ -8,6 +8,7 @@ does after a move task.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,4 +142,19 @@ def peek(sqs: Any, url: str, count: int) -> list[str]:
     messages = sqs.receive_message(
         QueueUrl=url, MaxNumberOfMessages=max(1, min(10, count)), WaitTimeSeconds=0, VisibilityTimeout=0
     ).get("Messages", [])
-    return [str(message["Body"]) for message in messages]
+    return [shown_body(str(message["Body"])) for message in messages]
+
+
+def shown_body(body: str) -> str:
+    """A dead letter's body as the operator sees it: a terminal webhook message carries the
+    job, result included, which is the integrator's data, not the operator's; it is shown
+    by its id and status only."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(message, dict) or not isinstance(message.get("job"), dict):
+        return body
+    job = message["job"]
+    message["job"] = {key: job[key] for key in ("id", "status") if key in job}
+    return json.dumps(message, separators=(",", ":"))

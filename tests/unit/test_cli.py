@@ -108,3 +108,24 @@ def test_help_lists_get_and_hides_the_old_status_spelling():
     help_text = build_parser().format_help()
     assert "get a job" in help_text
     assert "status" not in help_text.replace("--state-file", "")
+
+
+def test_a_peeked_webhook_dead_letter_shows_its_job_by_id_and_status_only() -> None:
+    from llmq_cli.dead_letters import shown_body
+
+    carried = json.dumps(
+        {
+            "job_id": "job_1",
+            "event": "job.succeeded",
+            "job": {"id": "job_1", "status": "succeeded", "result": {"output": "the integrator's answer"}},
+        }
+    )
+    shown = json.loads(shown_body(carried))
+    assert shown == {
+        "job_id": "job_1",
+        "event": "job.succeeded",
+        "job": {"id": "job_1", "status": "succeeded"},
+    }
+    # A lane message, or a body that is not JSON, is shown as it is
+    assert shown_body('{"job_id": "job_2", "lane": "high"}') == '{"job_id": "job_2", "lane": "high"}'
+    assert shown_body("not json") == "not json"
