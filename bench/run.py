@@ -133,6 +133,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _render_throughput(results.get("throughput"))
     lines += _render_streaming(results.get("streaming"))
     lines += _render_cost(results.get("cost"))
+    lines += _render_scale(results)
     return "\n".join(lines) + "\n"
 
 
@@ -499,6 +500,42 @@ def _render_cost(costs: Any) -> list[str]:
             "```",
             "",
         ]
+    return out
+
+
+def _render_scale(results: dict[str, Any]) -> list[str]:
+    """Derived from this run's counts, not measured on its own: see bench/scale.py."""
+    out = ["## 7. Scale on paper", ""]
+    if not isinstance(results.get("write_units"), dict) or not isinstance(results.get("deferral"), dict):
+        return out + _error({"error": "needs §2's write units and the deferral model"})
+    from bench.scale import scale_on_paper
+
+    paper = scale_on_paper(results)
+    job = paper["per_job"]
+    out += [
+        "`bench/scale.py` takes this run's per-job counts (a small job writes "
+        f"{job['share_write_units']} units to its tenant's share item and {job['job_write_units']} to its own, "
+        f"§2) and AWS's documented limits, and gives each limit's headroom at four loads (allowed ÷ needed; "
+        "below 1 it binds). Assumed, not measured: 50 ms per warm submit in the api function, 200 ms per "
+        "warm delivery, 60 s generations, batches of 10, two lanes. docs/scale.md says what to change at each step.",
+        "",
+    ]
+    for step in paper["steps"]:
+        load = step["load"]
+        out += [
+            f"**{load['submits_per_second']:,g} submits/s, {load['in_flight']:,} generations in flight** "
+            f"(busiest tenant {load['biggest_tenant_share']:.0%} of submits; workers reach it from idle in "
+            f"about {step['ramp_seconds']:g} s as the SQS mappings scale). Least headroom beyond llmq's own settings: `{step['first_to_bind']}`.",
+            "",
+            "| limit | bounds | needed | allowed | headroom |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in step["rows"]:
+            out.append(
+                f"| `{row['limit']}` | {row['bounds']} | {row['needed']:,.0f} | {row['allowed']:,.0f} | "
+                f"{'**' if row['headroom'] < 1 else ''}{row['headroom']:.2f}×{'**' if row['headroom'] < 1 else ''} |"
+            )
+        out.append("")
     return out
 
 

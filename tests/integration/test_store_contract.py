@@ -307,3 +307,38 @@ def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: S
     with pytest.raises(LeaseLost):
         subject.jobs.write_output(claimed, "w1", _chunk(2, "late"))
     assert subject.jobs.read_output(claimed, 2, 5) == []
+
+
+def test_what_a_terminal_write_returns_is_the_job_stored_as_its_webhook_shows_it(subject: Subject) -> None:
+    """The record a terminal write returns travels in the webhook message (`job_snapshot`):
+    the webhook must show what GET /v1/jobs/{id} shows."""
+    from llmq.job_record import JobRecord
+    from llmq.models import TERMINAL_EVENTS
+    from llmq.queues import job_snapshot
+
+    hook = {"webhook_url": "https://hooks.example.com/x", "webhook_events": list(TERMINAL_EVENTS)}
+
+    def shown(record: JobRecord) -> dict[str, object]:
+        return record.to_job(api_base="https://api.llmq.test").model_dump(mode="json")
+
+    ended = []
+    # A job canceled while it ran, as the worker's watcher ends it
+    running = subject.jobs.claim(subject.created(job_id="job_canceled", **hook), "w1", LEASE_SECONDS).job
+    assert running is not None and subject.jobs.request_cancel(running) is not None
+    ended.append(subject.jobs.cancel_leased(running, "w1"))
+    # A job that succeeded, and one that failed
+    for finish in ("complete", "fail"):
+        claimed = subject.jobs.claim(subject.created(job_id=f"job_{finish}", **hook), "w1", LEASE_SECONDS).job
+        assert claimed is not None
+        if finish == "complete":
+            ended.append(subject.jobs.complete(claimed, "w1", result=JobResult(output="Grüße ✓")))
+        else:
+            error = JobError(code=ErrorCode.PROVIDER_ERROR, message="no", retryable=False)
+            ended.append(subject.jobs.fail_leased(claimed, "w1", error))
+    for record in ended:
+        stored = subject.jobs.find(record.id)
+        assert stored is not None
+        snapshot = job_snapshot(record)
+        assert snapshot is not None
+        assert shown(JobRecord.model_validate(snapshot)) == shown(stored)
+    assert [record.to_job().cancel_requested for record in ended] == [True, False, False]

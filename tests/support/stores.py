@@ -344,6 +344,8 @@ class InMemoryJobs:
         }
         if outcome.get("error") is None and status in (JobStatus.SUCCEEDED, JobStatus.CANCELED):
             changes["error"] = None
+        if status is JobStatus.CANCELED:
+            changes["cancel_requested"] = True
         if old.stream:
             changes.update(
                 output_partial=None, output_partial_truncated=None, progress_tokens=None, progress_ms=None

@@ -26,7 +26,7 @@ from llmq.models import (
     WebhookEvent,
     WebhookMessage,
 )
-from llmq.queues import WEBHOOK_SNAPSHOT_MAX_BYTES, announce_terminal, job_snapshot
+from llmq.queues import WEBHOOK_SNAPSHOT_MAX_BYTES, announce_terminal, job_snapshot, webhook_message_body
 from llmq.retry_after import parse_retry_after
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
@@ -640,3 +640,36 @@ def test_a_job_too_large_for_a_message_is_not_carried_and_is_read_instead() -> N
     queues = InMemoryQueues()
     assert announce_terminal(queues, large)
     assert queues.snapshots == [None]
+
+
+async def test_a_redriven_message_reads_its_job_rather_than_trust_the_one_it_carries() -> None:
+    # Given a job whose webhook was delivered, and its first message, carrying the job as it
+    # ended two minutes ago, back from the DLQ (a redrive starts its receive count again)
+    world = World()
+    ended = world.add(make_job())
+    message = WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED, job=job_snapshot(ended))
+    world.jobs.records[ended.id] = ended.model_copy(
+        update={"delivery_status": DeliveryStatus.DELIVERED, "delivery_attempts": 1}
+    )
+    world.now = ended.finished_ms / 1000 + 120  # type: ignore[operator]
+    # When it is received for the first time
+    outcome = await world.dispatcher.deliver(message, first_receive=True)
+    # Then the job was read, found delivered, and nothing was sent again
+    assert outcome.kind is OutcomeKind.SKIPPED
+    assert world.receiver.requests == []
+    # While the same message moments after the job ended is sent from what it carries
+    world.jobs.records[ended.id] = ended
+    world.now = ended.finished_ms / 1000 + 1  # type: ignore[operator]
+    assert (await world.dispatcher.deliver(message, first_receive=True)).kind is OutcomeKind.DELIVERED
+
+
+def test_a_webhook_message_is_ascii_so_sqs_takes_any_output() -> None:
+    # Given a job whose output holds characters SQS refuses raw, and others it takes
+    job = make_job(output="ok \ufffe\uffff Grüße 🎉")
+    body = webhook_message_body(
+        WebhookMessage(job_id=job.id, event=WebhookEvent.SUCCEEDED, job=job_snapshot(job))
+    )
+    # Then the body is ASCII, and reads back to the same output
+    assert body.isascii()
+    carried = JobRecord.model_validate(json.loads(body)["job"])
+    assert carried.result is not None and carried.result.output == "ok \ufffe\uffff Grüße 🎉"

@@ -589,6 +589,11 @@ class JobRepository:
         elif status is JobStatus.SUCCEEDED or status is JobStatus.CANCELED:
             removes.append("#err")
             names["#err"] = "error"
+        if status is JobStatus.CANCELED:
+            # Said in the write, so the job it returns (which the webhook message carries) is
+            # the job stored, whoever asked for the cancel and whenever.
+            sets.append("cancel_requested = :cancel_requested")
+            all_values["cancel_requested"] = True
         # A subscribed event keeps the job in the sweep index until its delivery settles.
         wanted = job.wants(EVENT_FOR_STATUS[status])
         if wanted:
@@ -625,6 +630,8 @@ class JobRepository:
             changes["error"] = error
         elif status is JobStatus.SUCCEEDED or status is JobStatus.CANCELED:
             changes["error"] = None
+        if status is JobStatus.CANCELED:
+            changes["cancel_requested"] = True
         if wanted:
             changes["delivery_status"] = DeliveryStatus.PENDING
         return job.model_copy(update=changes)

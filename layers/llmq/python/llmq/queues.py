@@ -107,9 +107,7 @@ class QueueRepository:
         output: JobOutputEvent | None = None,
         snapshot: dict[str, Any] | None = None,
     ) -> None:
-        body = WebhookMessage(job_id=job_id, event=event, output=output, job=snapshot).model_dump_json(
-            exclude_none=True
-        )
+        body = webhook_message_body(WebhookMessage(job_id=job_id, event=event, output=output, job=snapshot))
         self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
 
     def lane_depth(self, lane: str) -> int:
@@ -151,6 +149,13 @@ def announce_terminal(queues: QueueStore, job: JobRecord) -> bool:
         return False
     queues.enqueue_webhook(job.id, event, snapshot=job_snapshot(job))
     return True
+
+
+def webhook_message_body(message: WebhookMessage) -> str:
+    """A webhooks-queue message as SQS takes it: every non-ASCII character escaped, since SQS
+    refuses some that JSON allows raw (U+FFFE, U+FFFF) and a job's output or metadata may hold
+    them ("Amazon SQS message quotas": the allowed characters)."""
+    return json.dumps(message.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
 
 
 def job_snapshot(job: JobRecord) -> dict[str, Any] | None:

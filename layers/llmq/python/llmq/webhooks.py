@@ -351,7 +351,7 @@ class WebhookDispatcher:
         event = message.event
         if isinstance(event, BatchEvent):
             return await self.deliver_batch(message.job_id, event)
-        job = _carried(message) if first_receive else None
+        job = _carried(message, self._clock()) if first_receive else None
         if job is None:
             job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
@@ -635,15 +635,23 @@ async def _head(response: httpx.Response) -> str | None:
 HEAD_READ_SECONDS = 1.0
 
 
-def _carried(message: WebhookMessage) -> JobRecord | None:
-    """The job a terminal event's message carries, or None (then it is read)."""
+def _carried(message: WebhookMessage, now: float) -> JobRecord | None:
+    """The job a terminal event's message carries, or None (then it is read). Only from a job
+    that ended moments ago: a message redriven from the DLQ, whose receive count starts again,
+    carries a job that has moved on since (delivered, failed, expired), and must read it."""
     if message.job is None or message.event not in TERMINAL_EVENTS:
         return None
     try:
         job = JobRecord.model_validate(message.job)
     except ValidationError:
         return None
-    return job if job.id == message.job_id else None
+    fresh = job.finished_ms is not None and now * 1000 - job.finished_ms <= CARRIED_JOB_FRESH_SECONDS * 1000
+    return job if job.id == message.job_id and fresh else None
+
+
+# How long after its job ended a message's carried job is used instead of a read: the first
+# attempt is due at once, and a message older than this has been somewhere (a backlog, a DLQ).
+CARRIED_JOB_FRESH_SECONDS = 60
 
 
 def parse_webhook_message(body: str) -> WebhookMessage:
