@@ -121,7 +121,8 @@ node_modules/.installed: package.json package-lock.json | install
 clean: ## Remove build output (keeps the environments)
 	rm -rf cdk.out layers/deps .pytest_cache .mypy_cache .ruff_cache
 
-bench: install ## Benchmarks against same-run baselines; writes BENCHMARKS.md and bench/results.json
+bench: install ## Benchmarks against same-run baselines; writes BENCHMARKS.md, bench/results.json and bench/*.png
+	$(UV) sync --frozen --quiet --group bench
 	$(PY) -m bench.run
 
 fuzz: install ## Schemathesis against the sandbox's /v1/openapi.json with a large budget

@@ -32,6 +32,10 @@ SINGLE_LANE = {
     "lanes": [{"name": "all", "tiers": ["enterprise", "free"], "max_concurrency": 10}],
     "default_lane": "all",
 }
+# The flood measures the lanes alone: one tenant per tier, so the tenant limits (a free tenant's
+# 100 active jobs and 5 submits/s, a cap of half its lane) are lifted in both runs.
+_UNLIMITED = {"max_concurrency": 100_000, "max_active_jobs": 100_000, "rate_per_second": 50, "burst": 100}
+FLOOD_LIMITS = {"fair_share": {"tiers": {"enterprise": _UNLIMITED, "free": _UNLIMITED}}}
 
 
 @contextmanager
@@ -126,7 +130,7 @@ def flood_once(name: str, single_lane: bool, quick: bool) -> dict[str, Any]:
     """One flood on one sandbox. moto keeps its state per process, so each runs in its own."""
     free, enterprise = _flood_sizes(quick)
     latency = FLOOD_LATENCY
-    with sandbox(SINGLE_LANE if single_lane else None) as (running, state):
+    with sandbox((SINGLE_LANE if single_lane else {}) | FLOOD_LIMITS) as (running, state):
         # A flood is a burst that arrives faster than the lanes drain: the pollers hold off
         # while it is submitted (the gateway alone takes ~10 jobs/s here), then all start.
         for poller in running.pollers:
@@ -151,6 +155,8 @@ def flood_once(name: str, single_lane: bool, quick: bool) -> dict[str, Any]:
         "p95_s": _percentile(waits, 0.95),
         "drain_s": drain,
         "enterprise_succeeded": sum(job["status"] == "succeeded" for job in jobs["enterprise"]),
+        # Every enterprise job's wait, for the chart (bench/charts.py).
+        "waits_s": sorted(round(wait, 3) for wait in waits),
     }
 
 
@@ -166,15 +172,23 @@ def _in_fresh_process(section: str, quick: bool) -> dict[str, Any]:
 def flood(quick: bool = False) -> dict[str, Any]:
     free, enterprise = _flood_sizes(quick)
     latency = FLOOD_LATENCY
-    rows = [_in_fresh_process("flood-lanes", quick), _in_fresh_process("flood-single", quick)]
+    rows = [
+        _in_fresh_process("flood-lanes", quick),
+        _in_fresh_process("flood-single", quick),
+        _in_fresh_process("flood-single-fifo", quick),
+    ]
     return {
         "description": (
             f"{free} free-tier jobs, then {enterprise} enterprise jobs, provider latency {latency:g} s; "
             "queue wait = started_at − created_at. The pollers hold off until the whole burst is queued, so "
-            "both configurations face the same backlog. Baseline: one lane for every tier, same total concurrency (10)."
+            "every configuration faces the same backlog; one tenant per tier, its limits lifted, so the lanes "
+            "and queues alone decide. Baseline: one lane for every tier, same total concurrency (10), in FIFO "
+            "order (the sandbox's fair-queue emulation off). The middle row is that one lane with fair queues "
+            "(MessageGroupId = tenant), as deployed."
         ),
         "rows": rows,
-        "p95_ratio": rows[1]["p95_s"] / max(rows[0]["p95_s"], 0.001),
+        "p95_ratio": rows[2]["p95_s"] / max(rows[0]["p95_s"], 0.001),
+        "fair_single_p95_ratio": rows[2]["p95_s"] / max(rows[1]["p95_s"], 0.001),
     }
 
 
@@ -338,6 +352,7 @@ def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) ->
         "b_after_202_p50_s": _percentile(queued, 0.5) if queued else None,
         "b_after_202_p95_s": _percentile(queued, 0.95) if queued else None,
         "b_succeeded": sum(job["status"] == "succeeded" for job in b_jobs),
+        "b_waits_s": sorted(round(wait, 3) for wait in waits),
         "a_succeeded": sum(job["status"] == "succeeded" for job in a_jobs),
         "a_max_in_flight": max(a_in_flight, default=0),
         "a_mean_in_flight_while_backlogged": statistics.mean(window) if window else 0.0,
@@ -611,6 +626,82 @@ def throughput_run(quick: bool = False) -> dict[str, Any]:
     }
 
 
+CURVE_RATES = (5, 20, 50)
+CURVE_SECONDS = 10
+
+
+def curve_point(rate: float, seconds: float) -> dict[str, Any]:
+    """Jobs offered at `rate` a second for `seconds` (open loop: each submit starts on
+    schedule, whatever the earlier ones are doing), until every one is terminal: what the
+    sandbox achieved, and the submits' latency."""
+    count = int(rate * seconds)
+    with sandbox() as (_, state), _client(state, "enterprise") as client:
+        client.timeout = httpx.Timeout(30.0)
+        latencies: list[float] = []
+        refused = Counter[str]()
+        lock = threading.Lock()
+
+        def post(index: int) -> httpx.Response | None:
+            # Keyed, so a retry after a timeout never makes a second job.
+            try:
+                return client.post(
+                    "/v1/jobs",
+                    json={"prompt": f"curve {index}"},
+                    headers={"Idempotency-Key": f"curve-{index}"},
+                )
+            except httpx.TransportError:  # a timeout, or the sandbox's gateway resetting
+                return None
+
+        def submit(index: int) -> None:
+            began = time.perf_counter()
+            response = post(index)
+            elapsed = time.perf_counter() - began
+            # Past the tenant's request rate (enterprise: 50/s) the client obeys Retry-After;
+            # past the api function's concurrency the gateway answers 502 (a Lambda throttle),
+            # which a client retries after a second, as it does a submit that timed out or whose
+            # connection was reset.
+            while response is None or response.status_code in (429, 502, 503):
+                with lock:
+                    refused["timeout" if response is None else str(response.status_code)] += 1
+                time.sleep(float(response.headers.get("retry-after", "1")) if response is not None else 1.0)
+                response = post(index)
+            response.raise_for_status()
+            with lock:
+                latencies.append(elapsed)
+
+        began = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=128) as pool:
+            futures = []
+            for index in range(count):
+                time.sleep(max(0.0, began + index / rate - time.perf_counter()))
+                futures.append(pool.submit(submit, index))
+            for future in futures:
+                future.result()
+        offered_wall = time.perf_counter() - began
+        jobs = _wait_all_terminal(state, {"enterprise": count}, timeout=600)["enterprise"]
+        wall = max(_seconds(job["finished_at"]) for job in jobs) - min(
+            _seconds(job["created_at"]) for job in jobs
+        )
+    return {
+        "offered_per_second": rate,
+        "jobs": count,
+        "submitted_in_s": offered_wall,
+        "succeeded": sum(job["status"] == "succeeded" for job in jobs),
+        "achieved_per_second": count / wall,
+        "submit_p50_ms": statistics.median(latencies) * 1000,
+        "submit_p99_ms": _percentile(latencies, 0.99) * 1000,
+        "rate_limited": refused["429"],
+        "throttled": refused["502"] + refused["503"],
+        "transport_errors": refused["timeout"],
+    }
+
+
+def throughput_curve(quick: bool = False) -> list[dict[str, Any]]:
+    """One fresh sandbox per offered rate (moto keeps its state per process)."""
+    rates = CURVE_RATES[:2] if quick else CURVE_RATES
+    return [_in_fresh_process(f"curve-{rate}", quick) for rate in rates]
+
+
 def main(argv: list[str] | None = None) -> int:
     """One sandbox benchmark in this process, its result as the last line of JSON."""
     parser = argparse.ArgumentParser()
@@ -624,12 +715,18 @@ def main(argv: list[str] | None = None) -> int:
             "noisy-small-cap",
             "throughput-run",
             "streaming-run",
+            "flood-single-fifo",
+            *(f"curve-{rate}" for rate in CURVE_RATES),
         ],
     )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.section == "throughput-run":
         result = throughput_run(args.quick)
+    elif args.section.startswith("curve-"):
+        result = curve_point(
+            float(args.section.removeprefix("curve-")), CURVE_SECONDS / (2 if args.quick else 1)
+        )
     elif args.section == "streaming-run":
         result = streaming_run(args.quick)
     elif args.section.startswith("noisy"):
@@ -642,8 +739,11 @@ def main(argv: list[str] | None = None) -> int:
             name = f"cap {SMALL_CAP}, fair queues"
         result = noisy_once(name, capped, args.quick, small_cap)
     else:
-        single = args.section == "flood-single"
-        name = "single lane (baseline)" if single else "lanes (high 8, low 2)"
+        single = args.section.startswith("flood-single")
+        name = "single lane, fair queues" if single else "lanes (high 8, low 2)"
+        if args.section == "flood-single-fifo":
+            os.environ["LLMQ_SANDBOX_FAIR_QUEUES"] = "off"
+            name = "single lane, FIFO (baseline)"
         result = flood_once(name, single, args.quick)
     print(json.dumps(result))
     return 0
