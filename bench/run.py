@@ -177,9 +177,12 @@ def _render_calls(calls: Any) -> list[str]:
         "",
         f"Writes and sends: {calls['writes_and_sends']} against the DESIGN §3 minimum of "
         f"{calls['design_minimum_with_webhook']} with a webhook ({calls['design_minimum_without_webhook']} without). "
-        "The terminal event's message carries the job as the terminal write left it (without its input, "
-        "and only under 200 KB), so the dispatcher reads no job on a message's first receive; its one "
-        "read here is the tenant's signing secrets, which a warm environment keeps.",
+        "The dispatcher reads the job, and the tenant's signing secrets, which a warm environment keeps. "
+        "The terminal event's message also carries the job as the terminal write left it (without its input, "
+        "and only under 200 KB): with `webhooks.trust_carried_job` on, a message's first receive reads no job "
+        "and a warm delivery is 1 call (tests/integration/test_dispatcher.py counts it). It is off by default: "
+        "a duplicate of that first receive would then POST once more off the retry schedule, which the fault "
+        "suite's at-least-once sandbox showed.",
         "",
     ]
     warm = calls.get("warm_delivery")
@@ -203,7 +206,8 @@ def _render_calls(calls: Any) -> list[str]:
         "consistent `GetItem` brings the input. It stays: the other ways to skip it put the prompt in the "
         "lane message, which DESIGN §3.12 forbids, or take the slot in a second write. So issue 17's goal "
         "of 6 calls with a webhook (4 without) is 7 (5 without) here, every one of them a write or a send "
-        "but that read. On real AWS the counts are the same; each is one round trip.",
+        "but that read, with the carried job trusted (8 and 5 by default). On real AWS the counts are the same; "
+        "each is one round trip.",
         "",
     ]
     return out

@@ -191,7 +191,11 @@ class Stage:
 def stage(moto_stack: MotoStack, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch) -> Stage:
     config = LlmqConfig(
         webhooks=WebhookPolicy(
-            schedule_seconds=SCHEDULE, jitter_fraction=0, timeout_seconds=5, allow_loopback_http=True
+            schedule_seconds=SCHEDULE,
+            jitter_fraction=0,
+            timeout_seconds=5,
+            allow_loopback_http=True,
+            trust_carried_job=True,
         )
     )
     for key, value in moto_stack.environ(config.model_dump_json()).items():

@@ -111,7 +111,10 @@ class World:
     ) -> None:
         self.config = LlmqConfig(
             webhooks=WebhookPolicy(
-                schedule_seconds=SCHEDULE, jitter_fraction=0, timeout_seconds=timeout_seconds
+                schedule_seconds=SCHEDULE,
+                jitter_fraction=0,
+                timeout_seconds=timeout_seconds,
+                trust_carried_job=True,
             )
         )
         self.jobs = InMemoryJobs(self.config, clock=lambda: NOW)
@@ -673,3 +676,22 @@ def test_a_webhook_message_is_ascii_so_sqs_takes_any_output() -> None:
     assert body.isascii()
     carried = JobRecord.model_validate(json.loads(body)["job"])
     assert carried.result is not None and carried.result.output == "ok \ufffe\uffff Grüße 🎉"
+
+
+async def test_by_default_a_carried_job_is_not_trusted_and_a_duplicate_waits_its_turn() -> None:
+    # Given the default policy, a job whose first attempt failed and is due again later, and a
+    # duplicate of its first message (carrying the job as it ended) received for the first time
+    world = World()
+    world.dispatcher._policy = LlmqConfig().webhooks.model_copy(update={"schedule_seconds": SCHEDULE})
+    assert world.dispatcher._policy.trust_carried_job is False
+    ended = world.add(make_job())
+    message = WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED, job=job_snapshot(ended))
+    world.jobs.records[ended.id] = ended.model_copy(
+        update={"delivery_attempts": 1, "delivery_next_ms": int((world.now + SCHEDULE[0]) * 1000)}
+    )
+    world.now = ended.finished_ms / 1000 + 1  # type: ignore[operator]
+    # When it is handled
+    outcome = await world.dispatcher.deliver(message, first_receive=True)
+    # Then the job was read: the copy waits for the attempt that is due, and nothing was POSTed
+    assert outcome.kind is OutcomeKind.RETRY
+    assert world.receiver.requests == []

@@ -71,6 +71,11 @@ class WebhookPolicy(_Frozen):
     # meanwhile, and after it until the next rotation, so receivers never fail). 0: read them
     # for every delivery.
     secrets_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
+    # On: a terminal event's first receive is sent from the job its message carries, with no
+    # read (a warm delivery is 1 AWS call, not 2). Off by default: a duplicate of that first
+    # receive (SQS delivers at least once) then POSTs once more at once, off the retry
+    # schedule, where a read would have made it wait for the next attempt.
+    trust_carried_job: bool = False
     # The dispatcher mapping's MaximumConcurrency (Lambda accepts 2..1000): after a receiver
     # outage the backlog drains at this pace instead of taking the account's concurrency.
     max_concurrency: Annotated[int, Field(ge=2, le=1000)] = 5

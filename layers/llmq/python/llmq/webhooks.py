@@ -351,7 +351,7 @@ class WebhookDispatcher:
         event = message.event
         if isinstance(event, BatchEvent):
             return await self.deliver_batch(message.job_id, event)
-        job = _carried(message, self._clock()) if first_receive else None
+        job = _carried(message, self._clock()) if first_receive and self._policy.trust_carried_job else None
         if job is None:
             job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
