@@ -641,8 +641,12 @@ def test_a_job_too_large_for_a_message_is_not_carried_and_is_read_instead() -> N
     assert job_snapshot(large) is None
     # And the queue's message for it names the job only, which the dispatcher reads
     queues = InMemoryQueues()
-    assert announce_terminal(queues, large)
+    assert announce_terminal(queues, large, carry=True)
     assert queues.snapshots == [None]
+    # And by default (webhooks.trust_carried_job off) no message carries its job at all
+    assert LlmqConfig().webhooks.trust_carried_job is False
+    assert announce_terminal(queues, small)
+    assert queues.snapshots == [None, None]
 
 
 async def test_a_redriven_message_reads_its_job_rather_than_trust_the_one_it_carries() -> None:

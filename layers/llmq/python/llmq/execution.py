@@ -744,11 +744,12 @@ class JobRunner:
             return
         if job.status.is_terminal and not counted:
             emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
+        carry = self.config.webhooks.trust_carried_job
         try:
             if invocation is None:
-                await asyncio.to_thread(announce_terminal, self.queues, job)
+                await asyncio.to_thread(functools.partial(announce_terminal, self.queues, job, carry=carry))
             else:
-                await self._write_back(lambda: announce_terminal(self.queues, job), invocation)
+                await self._write_back(lambda: announce_terminal(self.queues, job, carry=carry), invocation)
         except StoreUnavailable:
             logger.warning("webhook enqueue failed; the reconciler will send it", extra={"job_id": job.id})
         await self._announce_batch(job)

@@ -330,7 +330,7 @@ class JobIntake:
     def cancel(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
         job = self._cancel(job_id, tenant.tenant_id)
         try:
-            announce_terminal(self.queues, job)
+            announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
         except StoreUnavailable:
             # The cancel is written and its delivery left pending: the reconciler sends it.
             # Answering 503 here would make the client's retry a 409 for a canceled job.

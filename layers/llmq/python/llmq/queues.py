@@ -140,14 +140,14 @@ class QueueRepository:
         )
 
 
-def announce_terminal(queues: QueueStore, job: JobRecord) -> bool:
-    """Send the terminal event when the terminal write left the delivery pending: `job` is
-    what that write left, and the message carries it, so the dispatcher's first try needs
-    no read of the job."""
+def announce_terminal(queues: QueueStore, job: JobRecord, *, carry: bool = False) -> bool:
+    """Send the terminal event when the terminal write left the delivery pending. With `carry`
+    (`webhooks.trust_carried_job`), `job` is what that write left and the message carries it,
+    so the dispatcher's first try needs no read of the job."""
     event = job.terminal_event
     if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
         return False
-    queues.enqueue_webhook(job.id, event, snapshot=job_snapshot(job))
+    queues.enqueue_webhook(job.id, event, snapshot=job_snapshot(job) if carry else None)
     return True
 
 

@@ -166,7 +166,7 @@ class Reconciler:
             )
             failed = self.jobs.fail_unleased(job, error)
             if failed is not None:
-                announce_terminal(self.queues, failed)
+                announce_terminal(self.queues, failed, carry=self.config.webhooks.trust_carried_job)
                 item_ended(None, self.queues, failed)
                 report.recovered.append(entry.job_id)
             return
@@ -180,7 +180,7 @@ class Reconciler:
         job = self.jobs.find(entry.job_id)
         expired = self.jobs.expire(job, deadline_error(job)) if job is not None else None
         if expired is not None:
-            announce_terminal(self.queues, expired)
+            announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
             item_ended(None, self.queues, expired)
             report.expired.append(entry.job_id)
 
