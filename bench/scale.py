@@ -145,6 +145,13 @@ def per_job_from(results: dict[str, Any]) -> PerJob:
     )
 
 
+# Rows named for what they bound, and the limit each is held to: one DynamoDB partition's writes.
+_LIMIT_OF_ROW = {
+    "share_item_partition": "dynamodb_partition_wcu",
+    "tenant_index_partition": "dynamodb_partition_wcu",
+}
+
+
 def headroom(load: Load, job: PerJob) -> list[Row]:
     """Each limit against the load, least headroom (the first to bind) first."""
     completions = load.in_flight / load.generation_seconds
@@ -222,7 +229,7 @@ def headroom(load: Load, job: PerJob) -> list[Row]:
             needed,
             allowed,
             allowed / needed if needed else math.inf,
-            LIMITS[_PARTITION if name in _PER_PARTITION else name].adjustable,
+            LIMITS[_LIMIT_OF_ROW.get(name, name)].adjustable,
             change,
         )
         for name, bounds, needed, allowed, change in rows
@@ -254,11 +261,6 @@ def headroom(load: Load, job: PerJob) -> list[Row]:
         )
     )
     return sorted(out, key=lambda row: row.headroom)
-
-
-_PARTITION = "dynamodb_partition_wcu"
-# Rows bounded by one DynamoDB partition's write throughput.
-_PER_PARTITION = frozenset({"share_item_partition", "tenant_index_partition"})
 
 
 def ramp_seconds(load: Load, job: PerJob) -> float:
