@@ -88,15 +88,23 @@ def _run_lane(harness: Harness, lane: str = HIGH, seconds: float = 30) -> int:
 
 
 def _held(harness: Harness, url: str) -> int:
-    """Messages waiting, in flight or delayed, read at one moment (a message coming due between
-    two reads would be counted by neither)."""
+    """Messages waiting, in flight or delayed. One GetQueueAttributes is not one moment: moto
+    reads each count at its own instant (as SQS's counts are approximate), so a message coming
+    due in between is counted by none of them. It cannot come due twice, so a queue is empty
+    only when two reads, one after the other, both find nothing."""
     names = [
         "ApproximateNumberOfMessages",
         "ApproximateNumberOfMessagesNotVisible",
         "ApproximateNumberOfMessagesDelayed",
     ]
-    attributes = harness.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
-    return sum(int(attributes[name]) for name in names)
+    held = 0
+    for _ in range(2):
+        attributes = harness.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+        held = sum(int(attributes[name]) for name in names)
+        if held:
+            return held
+        time.sleep(0.01)
+    return held
 
 
 def _item_jobs(harness: Harness) -> list[dict[str, Any]]:
