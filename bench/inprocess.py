@@ -8,10 +8,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -342,90 +339,3 @@ def batch_intake(items: int = 2_000) -> dict[str, Any]:
         "batch_write_units_per_item": batch_units,
         "single_write_units_per_item": single_units,
     }
-
-
-# ---- 4. cold start ---------------------------------------------------------------------
-
-_PROBE = r"""
-import json, os, sys, time
-started = time.perf_counter()
-sys.path[:0] = [{layer!r}, {root!r}]
-{body}
-elapsed = time.perf_counter() - started
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
-peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({{"seconds": elapsed, "max_rss_mb": peak_kb / 1024}}))
-"""
-
-_HANDLER_BODY = """
-import importlib
-module = importlib.import_module("functions.{name}.handler")
-for factory in {factories!r}:
-    getattr(module, factory)()
-from llmq import aws
-clients = [aws.client(service) for service in {services!r}]
-"""
-
-_BASELINE_BODY = """
-import boto3
-session = boto3.session.Session()
-clients = [session.client(service, region_name="us-east-1") for service in {services!r}]
-"""
-
-# What each function builds at its first invocation, and the AWS clients it then uses.
-COLD_START = {
-    "api": (["intake"], ["dynamodb", "sqs"]),
-    "authorizer": (["tenants"], ["dynamodb"]),
-    "worker": (["runner"], ["dynamodb", "sqs"]),
-    "dead_letter": (["repositories"], ["dynamodb", "sqs"]),
-    "webhook_dispatcher": (["dispatcher", "queues"], ["dynamodb", "sqs"]),
-    "reconciler": (["reconciler"], ["dynamodb", "sqs"]),
-}
-
-
-def _probe(body: str, env: dict[str, str]) -> dict[str, float]:
-    code = _PROBE.format(layer=str(ROOT / "layers" / "llmq" / "python"), root=str(ROOT), body=body)
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def cold_start(repeats: int = 3) -> list[dict[str, Any]]:
-    env = {
-        **os.environ,
-        "LLMQ_CONFIG": "{}",
-        "LLMQ_JOBS_TABLE": "jobs",
-        "LLMQ_TENANTS_TABLE": "tenants",
-        "LLMQ_LANE_QUEUE_URLS": json.dumps({"high": "https://sqs.us-east-1.amazonaws.com/1/high"}),
-        "LLMQ_WEBHOOK_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/hooks",
-        "LLMQ_PROVIDER_API_KEY": "sk-bench",
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "POWERTOOLS_TRACE_DISABLED": "true",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    # Warm the OS file cache once so the first probe does not pay for the disk.
-    _probe(_HANDLER_BODY.format(name="api", factories=["intake"], services=[]), env)
-    results = []
-    for name, (factories, services) in COLD_START.items():
-        ours = [
-            _probe(_HANDLER_BODY.format(name=name, factories=factories, services=services), env)
-            for _ in range(repeats)
-        ]
-        base = [_probe(_BASELINE_BODY.format(services=services), env) for _ in range(repeats)]
-        ours_s = statistics.median(run["seconds"] for run in ours)
-        base_s = statistics.median(run["seconds"] for run in base)
-        results.append(
-            {
-                "function": name,
-                "init_s": round(ours_s, 3),
-                "baseline_s": round(base_s, 3),
-                "ratio": round(ours_s / base_s, 2),
-                "max_rss_mb": round(max(run["max_rss_mb"] for run in ours), 1),
-                "baseline_rss_mb": round(max(run["max_rss_mb"] for run in base), 1),
-            }
-        )
-    return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stacks.runtime import LAMBDA_PYTHON_VERSION, LAYER_PLATFORM  # noqa: E402
+from stacks.runtime import BYTECODE_KEY, LAMBDA_PYTHON_VERSION, LAYER_PLATFORM  # noqa: E402
 
 DEPS_DIR = ROOT / "layers" / "deps"
 TARGET = DEPS_DIR / "python"
@@ -83,6 +84,46 @@ def prune() -> None:
                 shutil.rmtree(path)
 
 
+def runtime_interpreter() -> str | None:
+    """A Python of the Lambda runtime's version on this machine (`LLMQ_LAYER_PYTHON`, else
+    python<version> on PATH), to compile the layer's bytecode with; None when there is none.
+    Never downloaded: without one the layer ships sources only, and each cold start compiles
+    what it imports, since /opt is read-only (BENCHMARKS §4)."""
+    found = os.environ.get("LLMQ_LAYER_PYTHON") or shutil.which(f"python{LAMBDA_PYTHON_VERSION}")
+    if not found:
+        return None
+    version = subprocess.run(
+        [found, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return found if version == LAMBDA_PYTHON_VERSION else None
+
+
+def compile_bytecode(interpreter: str, target: Path) -> bool:
+    """Compile every module under `target` with `interpreter`, as unchecked-hash .pyc files:
+    the runtime loads them without comparing them with their sources, whose timestamps the
+    asset's zip does not keep. False when some file did not compile (it then runs from source)."""
+    done = subprocess.run(
+        [
+            interpreter,
+            "-I",
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            str(target),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
 def size_mb(path: Path) -> float:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) / 1_000_000
 
@@ -103,9 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         export_requirements(uv, requirements)
         install(uv, requirements)
     prune()
+    interpreter = runtime_interpreter()
+    if interpreter is not None:
+        complete = compile_bytecode(interpreter, TARGET)
+        info = {**info, BYTECODE_KEY: "compiled" if complete else "partial"}
     BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
+    bytecode = (
+        f"bytecode compiled by {interpreter}"
+        if interpreter
+        else f"no bytecode (no python{LAMBDA_PYTHON_VERSION} here; set LLMQ_LAYER_PYTHON to compile it)"
+    )
     print(
-        f"layers/deps built: {size_mb(TARGET):.1f} MB for Python {LAMBDA_PYTHON_VERSION} on {LAYER_PLATFORM}"
+        f"layers/deps built: {size_mb(TARGET):.1f} MB for Python {LAMBDA_PYTHON_VERSION} on {LAYER_PLATFORM}, "
+        + bytecode
     )
     return 0
 

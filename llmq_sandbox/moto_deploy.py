@@ -191,7 +191,12 @@ def fill_moto_gaps(clients: _Clients, template: dict[str, Any], stack_name: str)
     """A copy of `template` in which the secrets and usage plans moto cannot create from
     CloudFormation exist already."""
     resources = dict(template["Resources"])
-    replacements: dict[str, str] = {}
+    replacements: dict[str, Any] = {}
+    # moto's CloudFormation does not model AWS::Lambda::Alias (the api's, under SnapStart):
+    # whatever names an alias names its function instead, whose code the sandbox runs either way.
+    for logical_id, resource in StackTemplate(template).of_type("AWS::Lambda::Alias").items():
+        replacements[logical_id] = resource["Properties"]["FunctionName"]
+        del resources[logical_id]
     apigateway = clients.get("apigateway")
     for logical_id, resource in StackTemplate(template).of_type(USAGE_PLAN).items():
         properties = resource.get("Properties", {})
@@ -267,7 +272,7 @@ def _attach_usage_plans(
             apigateway.update_usage_plan(usagePlanId=plan_id, patchOperations=operations)
 
 
-def _replace_refs(node: Any, replacements: Mapping[str, str]) -> Any:
+def _replace_refs(node: Any, replacements: Mapping[str, Any]) -> Any:
     if isinstance(node, dict):
         if set(node) == {"Ref"} and node["Ref"] in replacements:
             return replacements[node["Ref"]]

@@ -420,7 +420,7 @@ class TemplateReader(StackTemplate):
         self, logical_id: str, properties: dict[str, Any], paths: dict[str, str], names: dict[str, str]
     ) -> RouteSpec:
         integration = properties.get("Integration") or {}
-        function_id = self.referenced(integration.get("Uri"), "AWS::Lambda::Function")
+        function_id = self.invoked_function(integration.get("Uri"))
         if integration.get("Type") != "AWS_PROXY" or function_id is None:
             raise TopologyError(f"API method {logical_id}: only Lambda proxy integrations run here")
         resource_id = self.referenced(properties.get("ResourceId"), "AWS::ApiGateway::Resource")

@@ -9,6 +9,7 @@ from typing import Any
 import aws_cdk as cdk
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -22,6 +23,8 @@ from stacks.jobs_table import grant_index_query, grant_item_actions
 from stacks.lanes import LanesConstruct, grant_send, pascal
 
 STAGE_NAME = "prod"
+# The api function's alias that API Gateway invokes when SnapStart is on (LlmqConfig.api.snap_start).
+LIVE_ALIAS = "live"
 # Item actions on the table only; its one Query is on the tenant index (GET /v1/jobs).
 # BatchGetItem: a batch's count shards and a page of its items' results.
 API_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:BatchGetItem")
@@ -137,6 +140,7 @@ class ApiConstruct(Construct):
             description="llmq: the public API v1 (submit, get, list, cancel, redeliver)",
             sizing=config.api,
             defaults=defaults,
+            snap_start=config.api.snap_start,
             environment=function_environment(
                 ApiEnvironment,
                 jobs_table=jobs_table.table_name,
@@ -150,6 +154,14 @@ class ApiConstruct(Construct):
         for queue in lanes.queues:
             grant_send(self.function, queue)
         grant_send(self.function, webhook_queue)
+        # What API Gateway invokes. SnapStart applies to published versions only: an
+        # unqualified ARN runs $LATEST, initialised from scratch. The alias follows each
+        # deploy's new version (`current_version` changes with the code and configuration).
+        self.invoked: lambda_.IFunction = (
+            lambda_.Alias(self, "HandlerLive", alias_name=LIVE_ALIAS, version=self.function.current_version)
+            if config.api.snap_start
+            else self.function
+        )
 
         self.config = config
         self.logging = logging
@@ -244,7 +256,7 @@ class ApiConstruct(Construct):
             # A revoked key keeps working for at most this long; one GetItem per key per TTL.
             results_cache_ttl=cdk.Duration.seconds(self.config.limits.authorizer_cache_seconds),
         )
-        integration = apigw.LambdaIntegration(self.function, allow_test_invoke=False)
+        integration = apigw.LambdaIntegration(self.invoked, allow_test_invoke=False)
         v1 = self.rest_api.root.add_resource("v1")
         v1.add_proxy(
             default_integration=integration,

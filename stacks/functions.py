@@ -75,6 +75,7 @@ def build_function(
     sizing: FunctionSizing,
     defaults: FunctionDefaults,
     environment: Mapping[str, str],
+    snap_start: bool = False,
 ) -> lambda_.Function:
     """One function whose code asset is only its own folder, functions/<name>/.
 
@@ -103,6 +104,7 @@ def build_function(
         environment={**base_environment(defaults), **environment},
         reserved_concurrent_executions=defaults.config.reserved_concurrency.get(name),
         tracing=lambda_.Tracing.ACTIVE,
+        snap_start=lambda_.SnapStartConf.ON_PUBLISHED_VERSIONS if snap_start else None,
         log_group=log_group,
         role=_execution_role(scope, construct_id, log_group),
     )

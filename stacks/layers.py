@@ -12,7 +12,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
-from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
+from stacks.runtime import BYTECODE_KEY, LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMQ_LAYER_DIR = ROOT / "layers" / "llmq"
@@ -28,6 +28,8 @@ DEPS_LAYER_HINT = (
 )
 
 ASSET_EXCLUDES = ["**/__pycache__", "**/*.pyc", ".mypy_cache", ".pytest_cache"]
+# A deps layer whose bytecode was compiled for the runtime (layers/build.py) keeps it.
+COMPILED_ASSET_EXCLUDES = [".mypy_cache", ".pytest_cache"]
 
 
 def lambda_runtime() -> lambda_.Runtime:
@@ -49,6 +51,8 @@ class DepsLayerSource:
     path: Path
     # None when the layer is real and current; otherwise why a placeholder was used.
     problem: str | None
+    # Its bytecode was compiled for the runtime, and ships with it.
+    compiled: bool = False
 
 
 def locate_deps_layer(use_placeholder: bool) -> DepsLayerSource:
@@ -68,7 +72,7 @@ def locate_deps_layer(use_placeholder: bool) -> DepsLayerSource:
         return DepsLayerSource(_placeholder_dir(), problem)
     if info.get("uv_lock_sha256") != lock_digest():
         return DepsLayerSource(DEPS_LAYER_DIR, "layers/deps is older than uv.lock: run `make layers`")
-    return DepsLayerSource(DEPS_LAYER_DIR, None)
+    return DepsLayerSource(DEPS_LAYER_DIR, None, compiled=BYTECODE_KEY in info)
 
 
 def _placeholder_dir() -> Path:
@@ -107,7 +111,9 @@ class LayersConstruct(Construct):
         self.deps = lambda_.LayerVersion(
             self,
             "DepsLayer",
-            code=lambda_.Code.from_asset(str(deps.path), exclude=ASSET_EXCLUDES),
+            code=lambda_.Code.from_asset(
+                str(deps.path), exclude=COMPILED_ASSET_EXCLUDES if deps.compiled else ASSET_EXCLUDES
+            ),
             compatible_runtimes=[runtime],
             compatible_architectures=[lambda_architecture()],
             description="llmq runtime dependencies (pyproject [project].dependencies, pinned by uv.lock)",

@@ -14,3 +14,7 @@ LAMBDA_PYTHON_VERSION = "3.14"
 LAMBDA_ARCHITECTURE = "arm64"
 # The manylinux platform tag that matches the Lambda image of that architecture (glibc 2.34 on AL2023).
 LAYER_PLATFORM = {"arm64": "aarch64-manylinux2014", "x86_64": "x86_64-manylinux2014"}[LAMBDA_ARCHITECTURE]
+# In the deps layer's build-info.json when layers/build.py compiled its bytecode with a Python
+# of the runtime's version ("compiled", or "partial" when some module did not compile): the
+# layer then ships its __pycache__ directories.
+BYTECODE_KEY = "bytecode"

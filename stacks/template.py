@@ -102,6 +102,17 @@ class StackTemplate:
                 return logical_id
         return None
 
+    def invoked_function(self, node: Any) -> str | None:
+        """The logical id of the function `node` invokes: named itself, or through one of its
+        aliases (the api's, under SnapStart)."""
+        found = self.referenced(node, "AWS::Lambda::Function")
+        alias = None if found else self.referenced(node, "AWS::Lambda::Alias")
+        if alias is not None:
+            found = self.referenced(
+                self.resources[alias]["Properties"]["FunctionName"], "AWS::Lambda::Function"
+            )
+        return found
+
     def output_resource(self, output: str) -> tuple[str, dict[str, Any]]:
         """(logical id, resource) that the stack output `output` names, as `{"Ref": id}`."""
         logical_id = str(self.template["Outputs"][output]["Value"]["Ref"])

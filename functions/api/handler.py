@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import re
 import time
 from functools import cache
@@ -30,6 +31,7 @@ from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.jobs import JobRecord, JobRepository
 from llmq.live_output import finished_reading, resume_point, retry_hint
 from llmq.long_polls import LongPolls
+from llmq.model_base import build_all
 from llmq.models import (
     Batch,
     BatchList,
@@ -688,6 +690,63 @@ def _with_event_schemas(document: str) -> str:
         "done": {"$ref": "#/components/schemas/Job"},
     }
     return json.dumps(schema)
+
+
+# ---- SnapStart (LlmqConfig.api.snap_start) ------------------------------------------------
+
+
+# Requests that build what a first request would otherwise build, and touch no AWS service:
+# the OpenAPI document (every route's models, Powertools' schema models) and a submit that
+# validation refuses (the request models' validators, the problem path).
+def _warm_event(method: str, path: str, resource: str, body: str | None = None) -> dict[str, Any]:
+    context = {"stage": "warm", "path": f"/warm{path}", "httpMethod": method, "domainName": "warm.invalid"}
+    headers = {"Content-Type": "application/json"}
+    return {
+        "httpMethod": method,
+        "path": path,
+        "resource": resource,
+        "headers": headers,
+        "multiValueHeaders": {key: [value] for key, value in headers.items()},
+        "body": body,
+        "requestContext": context,
+    }
+
+
+_WARM_EVENTS = (
+    _warm_event("GET", "/v1/openapi.json", "/v1/openapi.json"),
+    _warm_event("POST", "/v1/jobs", "/v1/{proxy+}", body="{}"),
+)
+
+
+def warm() -> None:
+    """Before Lambda takes the snapshot: the composition roots, their clients (no request is
+    made, so no credentials are read) and every lazily built model, so a restored environment
+    answers its first request as a warm one would."""
+    intake()
+    batch_intake()
+    build_all()
+    for event in _WARM_EVENTS:
+        app.resolve(event, None)  # type: ignore[arg-type]
+
+
+def refresh() -> None:
+    """After a restore. Every environment restored from one snapshot starts with the same
+    memory: `random`'s state (the jitter of retries and backoffs) would repeat across them,
+    so it is drawn afresh, and the composition roots are rebuilt around new generators. The
+    clients stay: boto3 refreshes their credentials itself, and re-opens a pooled connection
+    that the restore cut. Ids come from `secrets`, which reads the OS at each call."""
+    random.seed()
+    intake.cache_clear()
+    batch_intake.cache_clear()
+
+
+try:  # Shipped in Lambda's Python runtimes (3.12+); elsewhere nothing is ever snapshotted.
+    from snapshot_restore_py import register_after_restore, register_before_snapshot
+except ImportError:
+    pass
+else:
+    register_before_snapshot(warm)
+    register_after_restore(refresh)
 
 
 # ---- entry point ------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from moto.server import ThreadedMotoServer
 
-from llmq.config import LlmqConfig
+from llmq.config import ApiSizing, LlmqConfig
 from llmq_sandbox.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
+from llmq_sandbox.topology import Topology, read_topology
 from stacks.functions import FUNCTION_NAMES
 from stacks.template import StackTemplate
 from tests.infra.synthesis import ENV_MODELS
@@ -126,20 +127,22 @@ def test_worker_mappings_carry_each_lanes_maximum_concurrency(deployment, aws):
     assert len(mappings) == len(CONFIG.lanes)
 
 
-def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(deployment, aws):
-    # Given the stack deployed into moto, When the sandbox reads its topology as `sandbox up` does
-    from llmq_sandbox.topology import read_topology
-
-    lambda_client = aws("lambda")
-    template = StackTemplate(deployment.template)
-    functions = template.of_type("AWS::Lambda::Function")
+def _sandbox_topology(deployment: MotoDeployment, aws: Any, region: str = REGION) -> Topology:
+    """The topology `sandbox up` reads from a deployed stack."""
+    functions = StackTemplate(deployment.template).of_type("AWS::Lambda::Function")
     deployed = {
-        logical_id: lambda_client.get_function_configuration(FunctionName=physical_id)
+        logical_id: aws("lambda").get_function_configuration(FunctionName=physical_id)
         for logical_id, physical_id in deployment.physical_ids.items()
         if logical_id in functions
     }
     account = aws("sts").get_caller_identity()["Account"]
-    topology = read_topology(deployment.template, deployment.physical_ids, deployed, account, REGION)
+    return read_topology(deployment.template, deployment.physical_ids, deployed, account, region)
+
+
+def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(deployment, aws):
+    # Given the stack deployed into moto, When the sandbox reads its topology as `sandbox up` does
+    template = StackTemplate(deployment.template)
+    topology = _sandbox_topology(deployment, aws)
 
     # Then every poller gets the mapping's own bound, the dispatcher's from the webhook config
     by_id = {mapping.logical_id: mapping for mapping in topology.mappings}
@@ -148,3 +151,34 @@ def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(d
         assert by_id[logical_id].max_concurrency == scaling["MaximumConcurrency"], logical_id
     (dispatcher,) = [m for m in topology.mappings if m.function == "webhook_dispatcher"]
     assert dispatcher.max_concurrency == CONFIG.webhooks.max_concurrency
+
+
+def test_with_snap_start_on_the_api_is_invoked_through_its_alias_and_the_sandbox_still_routes_to_it(
+    tmp_path: Any,
+) -> None:
+    # Given the api under SnapStart, deployed as the sandbox deploys (in a region of its own:
+    # moto servers of one process share their backends)
+    region = "eu-west-1"
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        endpoint = f"http://localhost:{port}"
+        deployment = deploy_to_moto(
+            endpoint, LlmqConfig(api=ApiSizing(snap_start=True)), region=region, outdir=str(tmp_path)
+        )
+        session = moto_session(region)
+        # When the sandbox reads its topology
+        topology = _sandbox_topology(
+            deployment, lambda service: session.client(service, endpoint_url=endpoint), region
+        )
+    finally:
+        server.stop()
+    template = StackTemplate(deployment.template)
+    # Then every API route still runs the api function, reached through its alias
+    assert {route.function for route in topology.api.routes} == {"api"}
+    api_id, _ = template.function("api")
+    for method in template.of_type("AWS::ApiGateway::Method").values():
+        uri = method["Properties"]["Integration"]["Uri"]
+        assert template.referenced(uri, "AWS::Lambda::Alias") is not None
+        assert template.invoked_function(uri) == api_id

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from stacks import layers
-from stacks.runtime import LAMBDA_PYTHON_VERSION
+from stacks.runtime import BYTECODE_KEY, LAMBDA_PYTHON_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,3 +97,48 @@ def test_the_layer_ships_the_runtime_dependencies_only(tmp_path):
     # Then the runtime dependencies are pinned, and nothing used only to build or test is shipped
     assert {"aws-lambda-powertools", "pydantic", "httpx", "boto3"} <= names
     assert not names & {"aws-cdk-lib", "moto", "pytest", "cdk-nag", "cfn-lint", "mypy", "ruff"}
+
+
+def test_a_build_whose_bytecode_was_compiled_for_the_runtime_ships_it(deps_dir):
+    # Given a build that compiled its bytecode with the runtime's Python
+    _write_build(deps_dir, {**build.wanted_build_info(), BYTECODE_KEY: "compiled"})
+
+    source = layers.locate_deps_layer(use_placeholder=False)
+
+    assert source.path == deps_dir and source.problem is None
+    assert source.compiled
+
+
+def test_without_an_interpreter_of_the_runtime_s_version_the_build_compiles_nothing(monkeypatch):
+    monkeypatch.setenv("LLMQ_LAYER_PYTHON", sys.executable)
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    # The one named is used only when it is of the runtime's version (never this machine's by mistake)
+    assert build.runtime_interpreter() == (sys.executable if here == LAMBDA_PYTHON_VERSION else None)
+
+
+def test_compiled_bytecode_is_loaded_without_comparing_it_with_its_source(tmp_path):
+    # Given a module compiled as the layer's build compiles it
+    package = tmp_path / "python"
+    package.mkdir()
+    (package / "probe_module.py").write_text("ANSWER = 'from bytecode'\n")
+    assert build.compile_bytecode(sys.executable, package)
+    [pyc] = (package / "__pycache__").glob("probe_module.*.pyc")
+    # (PEP 552: flags 0b01, hash-based and unchecked)
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b01
+    # When its source changes, as a zip's lost timestamps would make it look
+    (package / "probe_module.py").write_text("ANSWER = 'from source'\n")
+    # Then the runtime still runs the bytecode, without compiling anything
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-B",
+            "-c",
+            "import sys; sys.path[:0] = ['.']; import probe_module; print(probe_module.ANSWER)",
+        ],
+        cwd=package,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "from bytecode"

@@ -128,6 +128,20 @@ def test_the_api_function_ends_before_api_gateway_gives_up(synthesized):
     assert api["Timeout"] <= GATEWAY_TIMEOUT_SECONDS
 
 
+def test_by_default_api_gateway_invokes_the_api_function_itself_without_snap_start(synthesized):
+    # SnapStart is opt-in (its cache and restores are billed): no version, no alias
+    api_id, api = synthesized.template.function("api")
+    assert "SnapStart" not in api["Properties"]
+    assert not synthesized.template.of_type("AWS::Lambda::Alias")
+    for method in synthesized.template.of_type("AWS::ApiGateway::Method").values():
+        assert (
+            synthesized.template.referenced(
+                method["Properties"]["Integration"]["Uri"], "AWS::Lambda::Function"
+            )
+            == api_id
+        )
+
+
 def test_a_config_cannot_give_the_api_more_time_than_api_gateway_waits():
     with pytest.raises(ValueError, match="integration timeout"):
         LlmqConfig.model_validate({"api": {"timeout_seconds": 30}})

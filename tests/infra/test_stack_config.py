@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmq.config import (
+    ApiSizing,
     ConcurrencyConfig,
     FunctionSizing,
     LaneConfig,
@@ -27,6 +28,7 @@ THREE_LANES = LlmqConfig(
     worker=FunctionSizing(memory_mb=512, timeout_seconds=120),
     reconciler=ReconcilerConfig(schedule_minutes=2),
     webhooks=WebhookPolicy(max_concurrency=12),
+    api=ApiSizing(snap_start=True),
 )
 
 
@@ -183,3 +185,30 @@ def test_a_function_environment_missing_a_required_variable_fails_the_synth() ->
         function_environment(
             WorkerEnvironment, jobs_table="t", lane_queue_urls="{}", webhook_queue_url="u", typo="x"
         )
+
+
+def test_snap_start_applies_to_the_api_alone_and_api_gateway_invokes_its_published_version(synthesized):
+    template = synthesized.template
+    api_id, api = template.function("api")
+    # SnapStart on the api only, for published versions ($LATEST is never snapshotted)
+    assert api["Properties"]["SnapStart"] == {"ApplyOn": "PublishedVersions"}
+    for name, (_, resource) in template.functions().items():
+        if name != "api":
+            assert "SnapStart" not in resource["Properties"], name
+    # One alias, on a version of the api function, and every API method invokes it
+    [(alias_id, alias)] = template.of_type("AWS::Lambda::Alias").items()
+    version_id = template.referenced(alias["Properties"]["FunctionVersion"], "AWS::Lambda::Version")
+    assert template.resources[version_id]["Properties"]["FunctionName"] == {"Ref": api_id}
+    assert alias["Properties"]["Name"] == "live"
+    for method in template.of_type("AWS::ApiGateway::Method").values():
+        assert (
+            template.referenced(method["Properties"]["Integration"]["Uri"], "AWS::Lambda::Alias") == alias_id
+        )
+    # API Gateway may invoke the alias, and nothing grants it the unqualified function
+    invokable = [
+        permission["Properties"]["FunctionName"]
+        for permission in template.of_type("AWS::Lambda::Permission").values()
+        if permission["Properties"]["Principal"] == "apigateway.amazonaws.com"
+        and template.invoked_function(permission["Properties"]["FunctionName"]) == api_id
+    ]
+    assert invokable and all(name == {"Ref": alias_id} for name in invokable)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 
 from llmq import aws, shares
 from llmq import job_codec as codec
@@ -29,6 +29,7 @@ from llmq.config import LlmqConfig
 from llmq.errors import BatchNotEnded, BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
 from llmq.job_record import JobRecord, delivery_view, iso
+from llmq.model_base import Model
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
     Batch,
@@ -126,7 +127,7 @@ def not_canceled(table: str, batch_id: str) -> dict[str, Any]:
     }
 
 
-class BatchRecord(BaseModel):
+class BatchRecord(Model):
     """A batch as stored. Its requests live in S3 (`requests_ref`) until they are written as items."""
 
     id: str

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any, Self
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AnyHttpUrl, ConfigDict, Field, ValidationError, model_validator
+
+from llmq.model_base import Model
 
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
 # SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
@@ -27,7 +29,7 @@ GATEWAY_TIMEOUT_SECONDS = 29.0
 MIN_MAPPING_CONCURRENCY = 2
 
 
-class _Frozen(BaseModel):
+class _Frozen(Model):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -160,6 +162,16 @@ class FunctionSizing(_Frozen):
     # The default is the api's: below API Gateway's 29 s, so the function never outlives the
     # request it answers (LlmqConfig refuses an api timeout above it).
     timeout_seconds: Annotated[int, Field(ge=1, le=900)] = 28
+
+
+class ApiSizing(FunctionSizing):
+    # Lambda SnapStart for the api function (Python 3.12+ runtimes, arm64 included): Lambda
+    # initialises it once per published version and resumes new environments from that
+    # snapshot, so a cold request skips the imports and the handler's warm-up
+    # (functions/api/handler.py `warm`). Off by default: a SnapStart version is billed for
+    # its cache while it is active and for each restore, and every deploy publishes a version
+    # (docs/operations.md "Cold starts").
+    snap_start: bool = False
 
 
 def _worker_sizing() -> FunctionSizing:
@@ -355,7 +367,7 @@ class LlmqConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
     # The api, the authorizer, the dead-letter function and the reconciler.
-    api: FunctionSizing = FunctionSizing()
+    api: ApiSizing = ApiSizing()
     worker: FunctionSizing = Field(default_factory=_worker_sizing)
     dispatcher: FunctionSizing = Field(default_factory=_dispatcher_sizing)
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
@@ -482,7 +494,7 @@ class ConfigError(RuntimeError):
     """Raised at cold start when a function's environment is incomplete or invalid."""
 
 
-class FunctionEnvironment(BaseModel):
+class FunctionEnvironment(Model):
     """The environment every llmq function receives from the stack.
 
     Each function declares the subclass it needs; a missing variable fails the cold start

@@ -8,8 +8,9 @@ import secrets
 from datetime import UTC, datetime
 from typing import Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from llmq.model_base import Model
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
@@ -41,7 +42,7 @@ def new_job_id(tenant_id: str, idempotency_key: str | None, now_ms: int) -> str:
     return f"job_{now_ms:012x}{secrets.token_hex(7)}"
 
 
-class JobInput(BaseModel):
+class JobInput(Model):
     """What the worker sends to the provider. Stored with the job, never in a queue message."""
 
     messages: list[ChatMessage]
@@ -65,7 +66,7 @@ def delivery_view(record: _Delivered) -> WebhookDelivery:
     )
 
 
-class JobRecord(BaseModel):
+class JobRecord(Model):
     """A job as stored, including what the public Job hides (tenant, lease, input)."""
 
     id: str

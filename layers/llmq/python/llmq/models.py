@@ -5,7 +5,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import ConfigDict, Field, create_model, model_validator
+
+from llmq.model_base import Model
 
 if TYPE_CHECKING:
     from llmq.config import LlmqConfig
@@ -71,7 +73,7 @@ class DeliveryStatus(StrEnum):
     DISABLED = "disabled"
 
 
-class _Strict(BaseModel):
+class _Strict(Model):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -184,31 +186,31 @@ def job_request_model(config: LlmqConfig) -> type[JobRequest]:
     )
 
 
-class Usage(BaseModel):
+class Usage(Model):
     input_tokens: int = 0
     output_tokens: int = 0
 
 
-class JobResult(BaseModel):
+class JobResult(Model):
     output: str
     finish_reason: str | None = None
     usage: Usage = Field(default_factory=Usage)
 
 
-class JobError(BaseModel):
+class JobError(Model):
     code: ErrorCode
     message: str
     retryable: bool = False
 
 
-class WebhookDelivery(BaseModel):
+class WebhookDelivery(Model):
     status: DeliveryStatus | None = None
     attempts: int = 0
     last_status_code: int | None = None
     delivered_at: str | None = None
 
 
-class JobWebhook(BaseModel):
+class JobWebhook(Model):
     url: str
     events: list[WebhookEvent]
     delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
@@ -220,7 +222,7 @@ RESPONSE_HEAD_BYTES = 256
 DELIVERY_LOG_ATTEMPTS = 10
 
 
-class DeliveryAttempt(BaseModel):
+class DeliveryAttempt(Model):
     """One attempt to deliver a webhook, as the delivery log shows it."""
 
     # The attempt's number in its round: a redelivery starts a new round at 1.
@@ -237,13 +239,13 @@ class DeliveryAttempt(BaseModel):
     response_head: str | None = None
 
 
-class EventDeliveries(BaseModel):
+class EventDeliveries(Model):
     event: WebhookEvent
     status: DeliveryStatus | None = None
     attempts: list[DeliveryAttempt] = Field(default_factory=list)
 
 
-class WebhookLog(BaseModel):
+class WebhookLog(Model):
     """`GET /v1/jobs/{id}/webhook`: what became of each delivery of the job's terminal event."""
 
     object: Literal["webhook_log"] = "webhook_log"
@@ -253,7 +255,7 @@ class WebhookLog(BaseModel):
     deliveries: list[EventDeliveries] = Field(default_factory=list)
 
 
-class JobProgress(BaseModel):
+class JobProgress(Model):
     """How far a running `stream: true` job's generation has come."""
 
     output_tokens: int = Field(
@@ -263,7 +265,7 @@ class JobProgress(BaseModel):
     updated_at: str
 
 
-class Job(BaseModel):
+class Job(Model):
     """The Job object of API v1."""
 
     id: str
@@ -315,7 +317,7 @@ class Job(BaseModel):
     )
 
 
-class OutputDelta(BaseModel):
+class OutputDelta(Model):
     """The data of an `output.delta` event, and of a `job.output` webhook's output."""
 
     seq: int = Field(description="This delta's place in the job's output (1, 2, ...); the event's id")
@@ -328,7 +330,7 @@ class OutputDelta(BaseModel):
     )
 
 
-class JobOutputEvent(BaseModel):
+class JobOutputEvent(Model):
     """The `data` of a `job.output` webhook: the text since the previous one."""
 
     id: str
@@ -340,13 +342,13 @@ class JobOutputEvent(BaseModel):
     delta: str
 
 
-class JobList(BaseModel):
+class JobList(Model):
     object: Literal["list"] = "list"
     data: list[Job]
     next_cursor: str | None = None
 
 
-class Problem(BaseModel):
+class Problem(Model):
     """RFC 9457 problem details, with a stable machine `code`."""
 
     type: str
@@ -454,7 +456,7 @@ def batch_item_model(job_request: type[JobRequest]) -> type[BatchItemRequest]:
     return create_model("BatchItemRequest", __base__=BatchItemRequest, body=(job_request, ...))
 
 
-class BatchRequestCounts(BaseModel):
+class BatchRequestCounts(Model):
     total: int = 0
     queued: int = 0
     running: int = 0
@@ -464,14 +466,14 @@ class BatchRequestCounts(BaseModel):
     expired: int = 0
 
 
-class BatchWebhookState(BaseModel):
+class BatchWebhookState(Model):
     url: str
     events: list[BatchEvent]
     item_events: list[WebhookEvent] = Field(default_factory=list)
     delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
 
 
-class BatchLineError(BaseModel):
+class BatchLineError(Model):
     """Why an uploaded file was refused: its line (from 1), and what is wrong there."""
 
     line: int
@@ -479,13 +481,13 @@ class BatchLineError(BaseModel):
     message: str
 
 
-class BatchEventDeliveries(BaseModel):
+class BatchEventDeliveries(Model):
     event: BatchEvent
     status: DeliveryStatus | None = None
     attempts: list[DeliveryAttempt] = Field(default_factory=list)
 
 
-class BatchWebhookLog(BaseModel):
+class BatchWebhookLog(Model):
     """`GET /v1/batches/{id}/webhook`: what became of each delivery of the batch's event."""
 
     object: Literal["webhook_log"] = "webhook_log"
@@ -495,7 +497,7 @@ class BatchWebhookLog(BaseModel):
     deliveries: list[BatchEventDeliveries] = Field(default_factory=list)
 
 
-class Upload(BaseModel):
+class Upload(Model):
     """POST /v1/uploads: where to PUT a JSON Lines file of batch requests, then name it in
     POST /v1/batches as `upload_id`."""
 
@@ -508,7 +510,7 @@ class Upload(BaseModel):
     max_requests: int
 
 
-class Batch(BaseModel):
+class Batch(Model):
     """The Batch object of API v1."""
 
     id: str
@@ -539,13 +541,13 @@ class Batch(BaseModel):
     )
 
 
-class BatchList(BaseModel):
+class BatchList(Model):
     object: Literal["list"] = "list"
     data: list[Batch]
     next_cursor: str | None = None
 
 
-class BatchResultLine(BaseModel):
+class BatchResultLine(Model):
     """One line of GET /v1/batches/{id}/results."""
 
     custom_id: str

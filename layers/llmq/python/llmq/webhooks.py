@@ -31,12 +31,13 @@ from enum import StrEnum
 
 import httpx
 from aws_lambda_powertools.metrics import MetricUnit
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from llmq.batches import BatchRecord, BatchRepository
 from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
 from llmq.errors import InvalidWebhookUrl
 from llmq.job_record import JobRecord, iso
+from llmq.model_base import Model
 from llmq.models import (
     RESPONSE_HEAD_BYTES,
     TERMINAL_EVENTS,
@@ -105,7 +106,7 @@ def sign(secrets: Sequence[str], msg_id: str, timestamp: int, body: bytes) -> st
 # ---- the payload ------------------------------------------------------------------------------
 
 
-class BatchWebhookPayload(BaseModel):
+class BatchWebhookPayload(Model):
     """The body of a batch's delivery: `{"type", "timestamp", "data": <Batch>}`."""
 
     type: BatchEvent
@@ -113,7 +114,7 @@ class BatchWebhookPayload(BaseModel):
     data: Batch
 
 
-class WebhookPayload(BaseModel):
+class WebhookPayload(Model):
     """The body of every delivery: `{"type", "timestamp", "data": <Job>}`."""
 
     type: WebhookEvent
@@ -121,7 +122,7 @@ class WebhookPayload(BaseModel):
     data: Job
 
 
-class OutputWebhookPayload(BaseModel):
+class OutputWebhookPayload(Model):
     """The body of a job.output delivery: `{"type", "timestamp", "data": <JobOutputEvent>}`."""
 
     type: WebhookEvent

@@ -1,0 +1,81 @@
+"""The api function under Lambda SnapStart (LlmqConfig.api.snap_start): its hooks, run as the
+Lambda runtime runs them, through the `snapshot_restore_py` registry the runtime ships."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import snapshot_restore_py
+
+from llmq import aws
+from llmq.models import JobStatus
+from tests.integration.harness import ENTERPRISE, Harness
+
+SERVICES = ("dynamodb", "sqs", "s3")
+
+
+def _registered(
+    registry: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]], module: Any
+) -> list[Any]:
+    """The hooks the handler module registered at import (the registry outlives each re-import)."""
+    return [entry for entry in registry if getattr(entry[0], "__module__", None) == module.__name__][-1:]
+
+
+def _run(entries: list[Any]) -> None:
+    for func, args, kwargs in entries:
+        func(*args, **kwargs)
+
+
+@pytest.fixture
+def aws_calls() -> Iterator[list[str]]:
+    calls: list[str] = []
+
+    def record(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    for service in SERVICES:
+        aws.client(service).meta.events.register("before-call", record)
+    yield calls
+    for service in SERVICES:
+        aws.client(service).meta.events.unregister("before-call", record)
+
+
+def test_the_snapshot_is_taken_warm_without_a_call_to_aws_and_a_restored_environment_serves_at_once(
+    harness: Harness, aws_calls: list[str]
+) -> None:
+    module = harness.api_module
+    [before] = _registered(snapshot_restore_py.get_before_snapshot(), module)
+    [after] = _registered(snapshot_restore_py.get_after_restore(), module)
+    # The runtime imports the handler, then runs the before-snapshot hook
+    _run([before])
+    # It built what a first request would (the request models among them) and asked AWS nothing:
+    # no credentials are read before the snapshot, none are frozen into it
+    assert aws_calls == []
+    assert module.SubmitRequest.__pydantic_complete__
+    warmed = module.intake()
+    # Restored: the composition roots are built anew (around fresh random generators)
+    _run([after])
+    assert module.intake() is not warmed
+    # And the first request is answered, and its job queued
+    reply = harness.submit(prompt="after a restore")
+    assert reply.status == 202, reply.body
+    assert reply.body["status"] == JobStatus.QUEUED
+    assert "PutItem" in aws_calls or "TransactWriteItems" in aws_calls
+    assert "SendMessage" in aws_calls
+    got = harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE)
+    assert got.status == 200
+
+
+def test_environments_restored_from_one_snapshot_draw_different_random_numbers(harness: Harness) -> None:
+    module = harness.api_module
+    [after] = _registered(snapshot_restore_py.get_after_restore(), module)
+    snapshot = random.getstate()
+    draws = []
+    for _ in range(2):
+        random.setstate(snapshot)  # each environment resumes with the snapshot's memory
+        _run([after])
+        draws.append([random.random() for _ in range(4)])
+    assert draws[0] != draws[1]
