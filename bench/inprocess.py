@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -44,8 +47,50 @@ def _fake_credentials() -> None:
 
 
 @contextmanager
-def _stack(provider: FakeProviderServer, **overrides: Any) -> Iterator[Any]:
-    """A moto stack plus the handler environment, as the integration tests build it."""
+def _moto_server(added_ms: float) -> Iterator[None]:
+    """moto in a process of its own (`python -m moto.server`), which this process's clients
+    reach over loopback HTTP, each call first waiting `added_ms` as a round trip to AWS would
+    (the wait releases the GIL, as a socket's does). moto's own work then runs on the other
+    core instead of contending with the handler's threads for this process's GIL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto.server did not start") from None
+                time.sleep(0.1)
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        aws.reset_clients()
+        if added_ms:
+            for service in ("dynamodb", "sqs", "s3"):
+                aws.client(service).meta.events.register(
+                    "before-send", lambda **_: time.sleep(added_ms / 1000)
+                )
+        yield
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+        aws.reset_clients()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@contextmanager
+def _stack(
+    provider: FakeProviderServer, *, server_ms: float | None = None, **overrides: Any
+) -> Iterator[Any]:
+    """A moto stack plus the handler environment, as the integration tests build it: moto
+    in-process, or (`server_ms` not None) a moto server with that added latency per call."""
     from moto import mock_aws
 
     from tests.conftest import create_llmq_resources
@@ -53,6 +98,26 @@ def _stack(provider: FakeProviderServer, **overrides: Any) -> Iterator[Any]:
 
     _fake_credentials()
     make_moto_strict()
+    if server_ms is not None:
+        with _moto_server(server_ms):
+            stack = create_llmq_resources(["high", "low"])
+            config = LlmqConfig.model_validate(_stack_config(provider, overrides))
+            yield Harness(stack, config, _EnvPatch())  # type: ignore[arg-type]
+        return
+    config = LlmqConfig.model_validate(_stack_config(provider, overrides))
+    with mock_aws():
+        aws.reset_clients()
+        stack = create_llmq_resources(["high", "low"])
+        yield Harness(stack, config, _EnvPatch())  # type: ignore[arg-type]
+    aws.reset_clients()
+
+
+class _EnvPatch:
+    def setenv(self, key: str, value: str) -> None:
+        os.environ[key] = value
+
+
+def _stack_config(provider: FakeProviderServer, overrides: dict[str, Any]) -> dict[str, Any]:
     base: dict[str, Any] = {
         "provider": {
             "base_url": provider.base_url,
@@ -64,57 +129,121 @@ def _stack(provider: FakeProviderServer, **overrides: Any) -> Iterator[Any]:
         "webhooks": {"allow_loopback_http": True},
     }
     base.update(overrides)
-    config = LlmqConfig.model_validate(base)
-    with mock_aws():
-        aws.reset_clients()
-        stack = create_llmq_resources(["high", "low"])
-
-        class _Patch:
-            def setenv(self, key: str, value: str) -> None:
-                os.environ[key] = value
-
-        yield Harness(stack, config, _Patch())  # type: ignore[arg-type]
-    aws.reset_clients()
+    return base
 
 
 # ---- 1. idle Lambda time per job -------------------------------------------------------
 
 
-def idle_time(latencies: tuple[float, ...] = (1.0, 5.0), batch: int = 10) -> list[dict[str, Any]]:
+# Where moto runs for each row of §1: in this process (contending with the handler's threads
+# for the GIL), or in a process of its own with a fixed latency added to each call, as a
+# round trip to AWS in the same region would add (BENCHMARKS §1 says which is which).
+IDLE_EMULATORS: dict[str, float | None] = {"in-process": None, "server": 0.0, "server +10 ms": 10.0}
+
+
+def idle_time(
+    latencies: tuple[float, ...] = (1.0, 5.0),
+    batch: int = 10,
+    emulators: tuple[str, ...] = tuple(IDLE_EMULATORS),
+) -> list[dict[str, Any]]:
     from tests.integration.harness import LambdaContextStub
 
     results = []
     provider = FakeProviderServer().start()
     try:
-        with _stack(provider) as harness:
-            url = harness.stack.lane_queue_urls["high"]
-            worker = harness.worker()
-            for latency in latencies:
-                concurrent = _timed_batch(
-                    harness,
-                    url,
-                    latency,
-                    batch,
-                    lambda event: worker.handler(event, LambdaContextStub(timeout_seconds=900)),
-                )
-                sequential = _timed_batch(
-                    harness, url, latency, batch, lambda event: _sequential(worker, event)
-                )
-                results.append(
-                    {
-                        "latency_s": latency,
-                        "batch": batch,
-                        "concurrent_wall_s": round(concurrent, 3),
-                        "sequential_wall_s": round(sequential, 3),
-                        "lambda_s_per_job_concurrent": round(concurrent / batch, 3),
-                        "lambda_s_per_job_sequential": round(sequential / batch, 3),
-                        "speedup": round(sequential / concurrent, 2),
-                        "physical_limit": batch,
-                    }
-                )
+        for emulator in emulators:
+            with _stack(provider, server_ms=IDLE_EMULATORS[emulator]) as harness:
+                url = harness.stack.lane_queue_urls["high"]
+                worker = harness.worker()
+                timer = _AwsCallTimer()
+                # Only the in-process row at every L; the others at the first, where overhead shows.
+                for latency in latencies if emulator == "in-process" else latencies[:1]:
+                    concurrent = _timed_batch(
+                        harness,
+                        url,
+                        latency,
+                        batch,
+                        lambda event, worker=worker: worker.handler(
+                            event, LambdaContextStub(timeout_seconds=900)
+                        ),
+                        timer,
+                    )
+                    in_calls, cpu, calls = timer.seconds, timer.cpu_seconds, timer.calls
+                    reads_done = timer.last_end("GetItem")
+                    sequential = _timed_batch(
+                        harness,
+                        url,
+                        latency,
+                        batch,
+                        lambda event, worker=worker: _sequential(worker, event),
+                        timer,
+                    )
+                    results.append(
+                        {
+                            "emulator": emulator,
+                            "latency_s": latency,
+                            "batch": batch,
+                            "concurrent_wall_s": round(concurrent, 3),
+                            "sequential_wall_s": round(sequential, 3),
+                            "lambda_s_per_job_concurrent": round(concurrent / batch, 3),
+                            "lambda_s_per_job_sequential": round(sequential / batch, 3),
+                            "aws_calls": calls,
+                            "aws_call_s": round(in_calls, 3),
+                            # A call's mean wall time among the batch's concurrent calls, and
+                            # alone (the sequential run): their gap is the emulator's queue.
+                            "call_ms_concurrent": round(in_calls / calls * 1000, 1),
+                            "call_ms_alone": round(timer.seconds / timer.calls * 1000, 1),
+                            # When the last job's input was read, so its generation could start.
+                            "last_generation_start_s": round(reads_done, 3),
+                            # This process's CPU during the batch: the handler, botocore, httpx,
+                            # and moto too when it runs in-process.
+                            "cpu_s": round(cpu, 3),
+                            "speedup": round(sequential / concurrent, 2),
+                            "physical_limit": batch,
+                        }
+                    )
     finally:
         provider.stop()
     return results
+
+
+class _AwsCallTimer:
+    """The worker's AWS calls during one batch: how many, and their wall time summed over
+    the threads that made them (botocore `before-call` to `after-call`)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.started = 0.0
+        self._ends: dict[str, float] = {}
+        for service in ("dynamodb", "sqs", "s3"):
+            events = aws.client(service).meta.events
+            events.register("before-call", self._before)
+            events.register("after-call", self._after)
+        self.armed = False
+
+    def reset(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+        self.started = time.perf_counter()
+        self._ends = {}
+
+    def last_end(self, operation: str) -> float:
+        """Seconds from the batch's start to the end of its last `operation` call."""
+        return self._ends.get(operation, 0.0)
+
+    def _before(self, **_: Any) -> None:
+        self._local.started = time.perf_counter()
+
+    def _after(self, model: Any, **_: Any) -> None:
+        if self.armed:
+            now = time.perf_counter()
+            with self._lock:
+                self.calls += 1
+                self.seconds += now - self._local.started
+                self._ends[model.name] = max(self._ends.get(model.name, 0.0), now - self.started)
 
 
 def _sequential(worker: Any, event: dict[str, Any]) -> None:
@@ -130,16 +259,24 @@ def _sequential(worker: Any, event: dict[str, Any]) -> None:
         asyncio.run(worker.runner().run(record["body"], invocation))
 
 
-def _timed_batch(harness: Any, url: str, latency: float, batch: int, run: Any) -> float:
+def _timed_batch(
+    harness: Any, url: str, latency: float, batch: int, run: Any, timer: _AwsCallTimer | None = None
+) -> float:
     for index in range(batch):
         harness.submit(tenant=ENTERPRISE, prompt=f"bench {index} {time.time()} [[latency:{latency}]]")
     messages: list[dict[str, Any]] = []
     while len(messages) < batch:
         messages += harness.receive(url)
     event = harness.sqs_event(url, messages)
-    started = time.perf_counter()
+    if timer is not None:
+        timer.reset()
+        timer.armed = True
+    started, cpu = time.perf_counter(), time.process_time()
     run(event)
     elapsed = time.perf_counter() - started
+    if timer is not None:
+        timer.armed = False
+        timer.cpu_seconds = time.process_time() - cpu
     delete_messages(harness.sqs, url, messages)
     return elapsed
 

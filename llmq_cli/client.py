@@ -190,9 +190,11 @@ class LlmqClient:
     def upload(self, path: Path) -> str:
         """POST /v1/uploads, then the file PUT to the URL it answers (S3, not the API: no API
         key goes there). The upload's id, to name in POST /v1/batches."""
-        upload: dict[str, Any] = self._ok(self.request("POST", "/v1/uploads"))
-        # One PUT with its Content-Length: S3 takes no chunked body on a presigned PUT.
-        response = httpx.put(upload["upload_url"], content=path.read_bytes(), timeout=600)
+        data = path.read_bytes()
+        upload: dict[str, Any] = self._ok(self.request("POST", "/v1/uploads", json={"size_bytes": len(data)}))
+        # One PUT with the Content-Length the URL was signed for: S3 takes no chunked body on
+        # a presigned PUT, and no other length.
+        response = httpx.put(upload["upload_url"], content=data, timeout=600)
         if response.status_code >= 300:
             raise ApiError(
                 response.status_code, {"detail": f"the upload's PUT answered {response.status_code}"}

@@ -71,6 +71,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 OPERATOR_USER = "llmq-sandbox-operator"
 # How long the functions' role sessions last: AssumeRole's maximum (DurationSeconds).
@@ -593,9 +594,51 @@ def _authorize_presigned_urls(mixin: Any) -> None:
             headers=headers,
             action=self._get_action(),
         )
+        _check_presigned_signature(self, request._access_key.create_credentials())
         request.check_action_permitted(resource)
 
     mixin._authenticate_and_authorize_action = authorize
+
+
+def _check_presigned_signature(response: Any, credentials: Any) -> None:
+    """S3 checks a presigned URL's signature against the request as it arrives: its method,
+    path, query and the headers it signed, with their values. A PUT of another Content-Length
+    than the URL was signed for (an upload's, `PayloadStore.presigned_put`) is refused
+    SignatureDoesNotMatch (403), as are a tampered query or a GET to a PUT's URL."""
+    from botocore.auth import S3SigV4QueryAuth
+    from botocore.awsrequest import AWSRequest
+
+    query = getattr(response, "querystring", {}) or {}
+    signature = next(iter(query.get("X-Amz-Signature") or []), None)
+    credential = next(iter(query.get("X-Amz-Credential") or []), "")
+    scope = credential.split("/")
+    if signature is None or len(scope) < 5:
+        return
+    signed = next(iter(query.get("X-Amz-SignedHeaders") or []), "host").split(";")
+    incoming = {key.lower(): value for key, value in response.headers.items()}
+    if "content-length" in signed and "content-length" not in incoming:
+        incoming["content-length"] = str(len(response.raw_body or b""))
+    url = urlsplit(response.uri)
+    unsigned_query = "&".join(
+        part for part in url.query.split("&") if part and not part.startswith("X-Amz-Signature=")
+    )
+    request = AWSRequest(
+        method=response.method,
+        url=f"{url.scheme}://{incoming.get('host', url.netloc)}{url.path}?{unsigned_query}",
+        headers={name: incoming[name] for name in signed if name != "host" and name in incoming},
+    )
+    request.context["timestamp"] = next(iter(query.get("X-Amz-Date") or []), "")
+    auth = S3SigV4QueryAuth(credentials, scope[3], scope[2])
+    canonical = auth.canonical_request(request)
+    if auth.signature(auth.string_to_sign(request, canonical), request) != signature:
+        from moto.s3.exceptions import S3ClientError
+
+        error = S3ClientError(
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided.",
+        )
+        error.http_status_code = 403  # type: ignore[attr-defined]
+        raise error
 
 
 def _refuse_an_expired_url(query: Mapping[str, Iterable[str]]) -> None:

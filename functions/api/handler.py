@@ -46,6 +46,7 @@ from llmq.models import (
     OutputDelta,
     Problem,
     Upload,
+    UploadRequest,
     WebhookLog,
     batch_request_model,
     job_request_model,
@@ -553,12 +554,13 @@ def handle_submit_batch(
     summary="Get a URL to upload a batch file to",
     description="Answers a presigned S3 URL: PUT a JSON Lines file there (one "
     '`{"custom_id", "body"}` per line, up to `max_bytes` and `max_requests`), then create the batch '
-    "with `upload_id`. The file is validated after the 202, before any item is written: a bad line "
+    "with `upload_id`. The URL is signed for a PUT of exactly `size_bytes` (its Content-Length); S3 "
+    "refuses any other. The file is validated after the 202, before any item is written: a bad line "
     "ends the batch `failed`, its `errors` naming the line and field.",
     responses=_responses(201, "Where to PUT the file", Upload),
 )
-def handle_new_upload() -> Response[Any]:
-    upload = batch_intake().new_upload(_tenant())
+def handle_new_upload(request: Annotated[UploadRequest, Body()]) -> Response[Any]:
+    upload = batch_intake().new_upload(_tenant(), request.size_bytes)
     return Response(status_code=201, content_type="application/json", body=upload.model_dump_json())
 
 

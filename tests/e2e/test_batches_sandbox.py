@@ -179,10 +179,11 @@ def test_a_file_put_to_its_upload_url_over_http_runs_as_a_batch_and_a_bad_file_f
 ) -> None:
     # Given a file PUT over HTTP to the URL POST /v1/uploads answers (the sandbox's S3)
     lines = [json.dumps(request) for request in _requests(3, "Upload [[latency:0.1]]")]
+    content = "\n".join(lines).encode()
     with sandbox.api("enterprise") as client:
-        upload = client.post("/v1/uploads")
+        upload = client.post("/v1/uploads", json={"size_bytes": len(content)})
         assert upload.status_code == 201, upload.text
-        put = httpx.put(upload.json()["upload_url"], content="\n".join(lines).encode(), timeout=30)
+        put = httpx.put(upload.json()["upload_url"], content=content, timeout=30)
         assert put.status_code == 200, put.text
         # When a batch names it, it is accepted at once and validated after
         reply = client.post("/v1/batches", json={"upload_id": upload.json()["id"]})

@@ -43,13 +43,22 @@ def _line(custom_id: str, **body: Any) -> str:
     return json.dumps({"custom_id": custom_id, "body": {"prompt": f"say {custom_id}", **body}})
 
 
-def _upload(harness: Harness, text: str, tenant: dict[str, str] = ENTERPRISE) -> str:
-    """POST /v1/uploads, then the file PUT where it says (moto in process: as the same PUT)."""
-    reply = harness.api("POST", "/v1/uploads", tenant=tenant)
+def _upload(
+    harness: Harness, text: str, tenant: dict[str, str] = ENTERPRISE, declared: int | None = None
+) -> str:
+    """POST /v1/uploads, then the file PUT where it says (moto in process: as the same PUT).
+    `declared`: the size asked for, when not the file's (a PUT S3 would refuse, made here to
+    see what llmq does should a file of another size reach the bucket anyway)."""
+    size = len(text.encode()) if declared is None else declared
+    reply = harness.api("POST", "/v1/uploads", body={"size_bytes": size}, tenant=tenant)
     assert reply.status == 201, reply.body
     upload = reply.body
     url = urlsplit(upload["upload_url"])
-    assert "X-Amz-Signature" in parse_qs(url.query) and upload["method"] == "PUT"
+    query = parse_qs(url.query)
+    assert "X-Amz-Signature" in query and upload["method"] == "PUT"
+    # Signed for exactly that Content-Length: S3 refuses a PUT of any other
+    assert "content-length" in query["X-Amz-SignedHeaders"][0].split(";")
+    assert upload["size_bytes"] == size
     bucket, key = _bucket_and_key(url.netloc, url.path)
     assert key.endswith(f"/{upload['id']}.jsonl") and tenant["tenant_id"] in key
     _s3().put_object(Bucket=bucket, Key=key, Body=text.encode())
@@ -147,8 +156,10 @@ def test_an_upload_missing_foreign_too_large_or_empty_is_refused_and_nothing_is_
     harness: Harness,
 ) -> None:
     mine = _upload(harness, _line("a"))
-    big = _upload(harness, _line("b") + "\n" + " " * 20000)
-    empty = _upload(harness, "")
+    # (files of another size than their URL was signed for: S3 refuses their PUT, and should
+    # one reach the bucket anyway, the batch is still refused)
+    big = _upload(harness, _line("b") + "\n" + " " * 20000, declared=100)
+    empty = _upload(harness, "", declared=1)
     cases = [
         (_submit(harness, "upl_" + "0" * 26), 422, "upload_not_found"),
         (_submit(harness, mine, tenant=FREE), 422, "upload_not_found"),
@@ -171,6 +182,27 @@ def test_an_upload_missing_foreign_too_large_or_empty_is_refused_and_nothing_is_
     # Nothing written, nothing queued
     assert harness.item_count() == 0
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_an_upload_url_is_refused_for_a_size_over_the_limit_or_not_a_size(harness: Harness) -> None:
+    cases = [
+        ({"size_bytes": 16385}, 413, "payload_too_large"),
+        ({"size_bytes": 0}, 422, "invalid_request"),
+        ({"size_bytes": "16"}, 422, "invalid_request"),
+        ({"size_bytes": True}, 422, "invalid_request"),
+        ({"size_bytes": 16.5}, 422, "invalid_request"),
+        ({"size_bytes": 16, "kind": "jsonl"}, 422, "invalid_request"),
+        ({}, 422, "invalid_request"),
+        (None, 422, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        reply = harness.api("POST", "/v1/uploads", body=body, tenant=ENTERPRISE)
+        assert (reply.status, reply.code) == (status, code), (body, reply.body)
+        assert "upload_url" not in (reply.body or {})
+    # At the limit, a URL
+    at_limit = harness.api("POST", "/v1/uploads", body={"size_bytes": 16384}, tenant=ENTERPRISE)
+    assert at_limit.status == 201, at_limit.body
+    assert harness.item_count() == 0
 
 
 def test_a_validation_cut_short_resumes_from_its_checkpoint_and_still_finds_a_repeat(

@@ -222,3 +222,25 @@ def test_without_a_known_credential_expiry_the_url_lives_the_short_default(moto:
         <= expires_ms
         <= int(time.time() * 1000) + RESULT_URL_SECONDS * 1000
     )
+
+
+def test_an_upload_url_takes_a_put_of_the_size_it_was_signed_for_and_nothing_else(moto: Moto) -> None:
+    """S3 checks a presigned URL's signature against the request, signed headers included
+    (SigV4 query authentication, https://docs.aws.amazon.com/AmazonS3/latest/API/sigv4-query-string-auth.html):
+    an upload URL signs its Content-Length, so the bucket never takes more than was asked for."""
+    # Given an upload URL for a file of 19 bytes
+    store = PayloadStore(BUCKET, s3=_client(moto.endpoint_url, "s3", moto.operator))
+    data = b'{"custom_id": "a"}\n'
+    key = "uploads/ten_a/upl_signed.jsonl"
+    url = store.presigned_put(key, 600, len(data)).url
+    # When a larger or a smaller file is PUT to it, Then S3 refuses it and stores nothing
+    for body in (data + b" " * 4096, data[:-1]):
+        refused = httpx.put(url, content=body)
+        assert (refused.status_code, _s3_error_code(refused)) == (403, "SignatureDoesNotMatch")
+        assert store.stat(key) is None
+    # And the URL is good for that PUT only: not a GET, not with its query changed
+    assert httpx.get(url).status_code == 403
+    assert httpx.put(url.replace("upl_signed", "upl_other"), content=data).status_code == 403
+    # While the file it was signed for is stored
+    assert httpx.put(url, content=data).status_code == 200
+    assert store.get(key) == data

@@ -169,17 +169,22 @@ class BatchIntake:
             raise InvalidRequest(f"upload {upload_id} is empty")
         return found
 
-    def new_upload(self, tenant: TenantIdentity) -> Upload:
-        """Where to PUT a JSON Lines file of requests: a presigned S3 URL of the tenant's own."""
+    def new_upload(self, tenant: TenantIdentity, size_bytes: int) -> Upload:
+        """Where to PUT a JSON Lines file of requests of `size_bytes`: a presigned S3 URL of the
+        tenant's own, signed for that Content-Length, so the bucket never takes a larger file."""
         if self.payloads is None:
             raise PayloadTooLarge("uploads need the payload bucket, which is not configured")
+        limit = self.config.batches.max_upload_bytes
+        if size_bytes > limit:
+            raise PayloadTooLarge(f"an upload holds at most {limit} bytes, not {size_bytes}")
         upload_id = f"upl_{secrets.token_hex(13)}"
         url = self.payloads.presigned_put(
-            upload_key(tenant.tenant_id, upload_id), self.config.batches.upload_url_seconds
+            upload_key(tenant.tenant_id, upload_id), self.config.batches.upload_url_seconds, size_bytes
         )
         return Upload(
             id=upload_id,
             upload_url=url.url,
+            size_bytes=size_bytes,
             expires_at=iso(url.expires_ms),
             max_bytes=self.config.batches.max_upload_bytes,
             max_requests=self.config.batches.max_upload_requests,

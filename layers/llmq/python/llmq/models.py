@@ -497,6 +497,17 @@ class BatchWebhookLog(Model):
     deliveries: list[BatchEventDeliveries] = Field(default_factory=list)
 
 
+class UploadRequest(_Strict):
+    """POST /v1/uploads: the size of the file that will be PUT."""
+
+    size_bytes: int = Field(
+        ge=1,
+        strict=True,  # a count, never "16" or true
+        description="The file's exact size in bytes: the URL answered is signed for a PUT of this "
+        "Content-Length, and S3 refuses any other",
+    )
+
+
 class Upload(Model):
     """POST /v1/uploads: where to PUT a JSON Lines file of batch requests, then name it in
     POST /v1/batches as `upload_id`."""
@@ -505,6 +516,7 @@ class Upload(Model):
     object: Literal["upload"] = "upload"
     upload_url: str = Field(description="PUT the file's bytes here (one request), before `expires_at`")
     method: Literal["PUT"] = "PUT"
+    size_bytes: int = Field(description="The Content-Length the PUT must carry")
     expires_at: str
     max_bytes: int
     max_requests: int

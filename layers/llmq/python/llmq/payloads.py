@@ -136,11 +136,15 @@ class PayloadStore:
             if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                 raise
 
-    def presigned_put(self, key: str, expires_seconds: int) -> PresignedUrl:
-        """A PUT URL for `key`, working as long as `presigned_url`'s GET would."""
+    def presigned_put(self, key: str, expires_seconds: int, content_length: int) -> PresignedUrl:
+        """A PUT URL for `key` of exactly `content_length` bytes, working as long as
+        `presigned_url`'s GET would. The length is a signed header: S3 refuses a PUT of any
+        other (SignatureDoesNotMatch), so nothing larger than was asked for reaches the bucket."""
         seconds = self._url_seconds(expires_seconds)
         url: str = self._s3.generate_presigned_url(
-            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key, "ContentLength": content_length},
+            ExpiresIn=seconds,
         )
         return PresignedUrl(url, (int(time.time()) + seconds) * 1000)
 
