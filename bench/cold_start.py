@@ -7,11 +7,12 @@ fresh `python -I -S -B` whose path holds those three only, as /opt/python and /v
 Lambda, so nothing of the dev environment (its httpx CLI extras, its compiled bytecode) counts.
 
 Two cases per function, each against a baseline process that imports the same boto3 and
-creates the same clients:
+creates the function's own clients, interleaved run by run:
 - **as shipped**: no bytecode. The deps layer is built for the Lambda runtime's Python
   (`stacks/runtime.py`), for which this machine has no interpreter to compile with, and /opt is
   read-only, so every cold start compiles what it imports;
-- **compiled**: with bytecode, what a layer compiled by the runtime's own Python would give.
+- **compiled**: the deps layer with its bytecode, as `make layers` builds it where a Python of
+  the runtime's version is at hand (the llmq layer and the function still compile theirs).
 
 And the change of issue 17 measured in the same run: the same probe with every llmq model
 built at import (`defer_build` off), as before.
@@ -91,9 +92,11 @@ else:
 init = time.perf_counter() - started
 first = None
 if "first" in flags:
-    if "warm" in flags:
+    if "warm" in flags:  # the snapshot's warm-up, then what a restore runs
         module.warm()
-    event = dict(module._WARM_EVENTS[1])
+        module.refresh()
+    # A request the warm-up did not make: a batch that validation refuses (no AWS call).
+    event = module._warm_event("POST", "/v1/batches", "/v1/{proxy+}", body="{}")
     began = time.perf_counter()
     module.app.resolve(event, None)
     first = time.perf_counter() - began
@@ -152,14 +155,14 @@ def _compile(*roots: Path) -> None:
     )
 
 
-def _probe(path: str, name: str, flags: str = "", *, importtime: bool = False) -> dict[str, Any]:
-    factories, services = FUNCTIONS.get(name, ([], ["dynamodb", "sqs"]))
-    if name == "baseline":
-        services = ["dynamodb", "sqs"]
+def _probe(
+    path: str, name: str, flags: str = "", *, services: list[str] | None = None, importtime: bool = False
+) -> dict[str, Any]:
+    factories, own = FUNCTIONS.get(name, ([], ["dynamodb", "sqs"]))
     command = [sys.executable, "-I", "-S", "-B"]
     if importtime:
         command += ["-X", "importtime"]
-    command += ["-c", _PROBE, path, name, ",".join(factories) or "-", ",".join(services), flags or "-"]
+    command += ["-c", _PROBE, path, name, ",".join(factories) or "-", ",".join(services or own), flags or "-"]
     out = subprocess.run(command, env=ENV, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     if importtime:
@@ -167,16 +170,29 @@ def _probe(path: str, name: str, flags: str = "", *, importtime: bool = False) -
     return result
 
 
-def _median(path: str, name: str, flags: str, repeats: int) -> dict[str, float]:
-    runs = [_probe(path, name, flags) for _ in range(repeats)]
+def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
+    """The function now, as before (every model built at import) and its baseline (boto3 and
+    the function's own clients), interleaved within each repeat so that the machine's drift
+    falls on all three alike. Medians, and the spread of the per-repeat ratios."""
+    services = FUNCTIONS[name][1]
+    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before": [], "baseline": []}
+    for _ in range(repeats):
+        runs["baseline"].append(_probe(path, "baseline", services=services))
+        runs["now"].append(_probe(path, name))
+        runs["before"].append(_probe(path, name, "eager"))
+    seconds = {key: statistics.median(run["seconds"] for run in values) for key, values in runs.items()}
+    ratios = [
+        now["seconds"] / base["seconds"] for now, base in zip(runs["now"], runs["baseline"], strict=True)
+    ]
     return {
-        "seconds": statistics.median(run["seconds"] for run in runs),
-        "max_rss_mb": max(run["max_rss_mb"] for run in runs),
-        **(
-            {"first_s": statistics.median(run["first_s"] for run in runs)}
-            if runs[0].get("first_s") is not None
-            else {}
-        ),
+        "function": name,
+        "init_s": round(seconds["now"], 3),
+        "before_s": round(seconds["before"], 3),
+        "baseline_s": round(seconds["baseline"], 3),
+        "ratio": round(seconds["now"] / seconds["baseline"], 2),
+        "before_ratio": round(seconds["before"] / seconds["baseline"], 2),
+        "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
+        "max_rss_mb": round(max(run["max_rss_mb"] for run in runs["now"]), 1),
     }
 
 
@@ -201,37 +217,22 @@ def cold_start(repeats: int = 5) -> dict[str, Any]:
     try:
         cases: dict[str, list[dict[str, Any]]] = {}
         for case in ("shipped", "compiled"):
+            _drop_bytecode(deps, code)
             if case == "compiled":
-                _compile(deps, code)
-            else:
-                _drop_bytecode(deps, code)
+                # What a build with the runtime's Python ships: the deps layer's bytecode only
+                # (the llmq layer's and the functions' assets exclude theirs).
+                _compile(deps)
             _probe(path, "baseline")  # the OS file cache, warmed once
-            base = _median(path, "baseline", "", repeats)
-            rows = []
-            for name in FUNCTIONS:
-                now = _median(path, name, "", repeats)
-                before = _median(path, name, "eager", repeats)
-                rows.append(
-                    {
-                        "function": name,
-                        "init_s": round(now["seconds"], 3),
-                        "before_s": round(before["seconds"], 3),
-                        "baseline_s": round(base["seconds"], 3),
-                        "ratio": round(now["seconds"] / base["seconds"], 2),
-                        "before_ratio": round(before["seconds"] / base["seconds"], 2),
-                        "max_rss_mb": round(now["max_rss_mb"], 1),
-                    }
-                )
-            cases[case] = rows
-        # Where the compiled init goes, and what SnapStart's warm-up takes off the first request.
+            cases[case] = [_compare(path, name, repeats) for name in FUNCTIONS]
+        # Where the compiled init goes, and what SnapStart's warm-up takes off a first request.
         imports = {
             name: top_import_costs(_probe(path, name, importtime=True)["importtime"]) for name in FUNCTIONS
         }
-        lazy = _median(path, "api", "first", repeats)
-        warmed = _median(path, "api", "first,warm", repeats)
+        lazy = [_probe(path, "api", "first")["first_s"] for _ in range(repeats)]
+        warmed = [_probe(path, "api", "first,warm")["first_s"] for _ in range(repeats)]
         snap_start = {
-            "first_request_s": round(lazy["first_s"], 4),
-            "first_request_warmed_s": round(warmed["first_s"], 4),
+            "first_request_s": round(statistics.median(lazy), 4),
+            "first_request_warmed_s": round(statistics.median(warmed), 4),
         }
     finally:
         shutil.rmtree(code, ignore_errors=True)

@@ -434,6 +434,11 @@ def _render_batch_reserve(batch: Any) -> list[str]:
     return out
 
 
+def _ratio_with_range(row: dict[str, Any]) -> str:
+    low, high = row.get("ratio_range") or (row["ratio"], row["ratio"])
+    return f"{row['ratio']:.2f}× ({low:.2f}–{high:.2f})"
+
+
 def _render_cold(cold: Any) -> list[str]:
     out = ["## 4. Cold start", ""]
     if not cold or "error" in cold or "cases" not in cold:
@@ -442,29 +447,29 @@ def _render_cold(cold: Any) -> list[str]:
         "Import and initialisation of each handler in a fresh `python -I -S -B` whose path holds only what "
         "Lambda gives it: the deps layer's requirements (exported from uv.lock without dev extras, installed "
         f"for this machine: Python {cold['python']}, {cold['platform']}), the `llmq` layer and the function's "
-        "own folder (`bench/cold_start.py`). Median of several runs, against a baseline process that imports "
-        "the same boto3 and creates the same clients. **before** is the same probe with every llmq model built "
-        "at import, as before issue 17; **now** builds each model at its first use (`llmq.model_base`).",
+        "own folder (`bench/cold_start.py`). Medians of several runs, each run of the function, of the same "
+        "function as before and of a baseline process (the same boto3, the function's own clients) one after "
+        "another; the range is that of the per-run ratios. **before** builds every llmq model at import, as "
+        "before issue 17; **now** builds each at its first use (`llmq.model_base`).",
         "",
         "- **as shipped**: no bytecode. The deps layer is built for the Lambda runtime's Python, which this "
         "machine cannot compile for, and /opt is read-only, so each cold start compiles what it imports.",
-        "- **compiled**: with bytecode, what a layer compiled by the runtime's own Python would give.",
+        "- **compiled**: the deps layer with its bytecode, as `make layers` builds it where a Python of the "
+        "runtime's version is at hand (`layers/README.md`); the llmq layer and the function still compile theirs.",
         "",
-        "| function | as shipped: now | ratio | before | compiled: now | ratio | before | peak RSS | of 128 MB |",
+        "| function | as shipped: now | ratio (range) | before | compiled: now | ratio (range) | before | peak RSS "
+        "| of 128 MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     compiled = {row["function"]: row for row in cold["cases"]["compiled"]}
     for row in cold["cases"]["shipped"]:
         other = compiled[row["function"]]
         out.append(
-            f"| {row['function']} | {row['init_s']:.2f} s | {row['ratio']:.2f}× | {row['before_ratio']:.2f}× | "
-            f"{other['init_s']:.2f} s | {other['ratio']:.2f}× | {other['before_ratio']:.2f}× | "
+            f"| {row['function']} | {row['init_s']:.2f} s | {_ratio_with_range(row)} | {row['before_ratio']:.2f}× | "
+            f"{other['init_s']:.2f} s | {_ratio_with_range(other)} | {other['before_ratio']:.2f}× | "
             f"{other['max_rss_mb']:.0f} MB | {other['max_rss_mb'] / 128:.0%} |"
         )
-    baselines = {case: rows[0]["baseline_s"] for case, rows in cold["cases"].items()}
     out += [
-        "",
-        f"Baselines: {baselines['shipped']:.2f} s as shipped, {baselines['compiled']:.2f} s compiled.",
         "",
         "Where the compiled init goes: self time of the modules imported, summed per package (`-X importtime`), "
         "the five largest:",
@@ -479,10 +484,11 @@ def _render_cold(cold: Any) -> list[str]:
         "",
         "With SnapStart on (`api.snap_start`), Lambda runs the imports and the api's warm-up "
         "(`functions/api/handler.py` `warm`) once per published version and resumes new environments from the "
-        "snapshot; what remains of a cold start is the restore, which only AWS can measure. In this run the "
-        f"first request a fresh api answers (a submit that validation refuses) took {snap['first_request_s'] * 1000:.1f} ms "
-        f"after a plain init and {snap['first_request_warmed_s'] * 1000:.1f} ms after the warm-up: the models "
-        "built on first use are built before the snapshot.",
+        "snapshot; what remains of a cold start is the restore, which only AWS can measure. In this run a "
+        "request the warm-up does not make (a batch that validation refuses) took "
+        f"{snap['first_request_s'] * 1000:.1f} ms as a fresh api's first, and "
+        f"{snap['first_request_warmed_s'] * 1000:.1f} ms after the warm-up and a restore's refresh: what is built "
+        "on first use is in the snapshot.",
         "",
     ]
     return out

@@ -89,16 +89,27 @@ def runtime_interpreter() -> str | None:
     python<version> on PATH), to compile the layer's bytecode with; None when there is none.
     Never downloaded: without one the layer ships sources only, and each cold start compiles
     what it imports, since /opt is read-only (BENCHMARKS §4)."""
-    found = os.environ.get("LLMQ_LAYER_PYTHON") or shutil.which(f"python{LAMBDA_PYTHON_VERSION}")
+    named = os.environ.get("LLMQ_LAYER_PYTHON")
+    found = named or shutil.which(f"python{LAMBDA_PYTHON_VERSION}")
     if not found:
         return None
-    version = subprocess.run(
-        [found, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return found if version == LAMBDA_PYTHON_VERSION else None
+    try:
+        version = subprocess.run(
+            [found, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError as exc:
+        raise SystemExit(f"LLMQ_LAYER_PYTHON={found} does not run: {exc}") from exc
+    if version == LAMBDA_PYTHON_VERSION:
+        return found
+    if named:
+        # Asked for by name: an operator expects bytecode, so a wrong Python is an error.
+        raise SystemExit(
+            f"LLMQ_LAYER_PYTHON={named} is Python {version or '(unknown)'}, not the runtime's {LAMBDA_PYTHON_VERSION}"
+        )
+    return None
 
 
 def compile_bytecode(interpreter: str, target: Path) -> bool:

@@ -700,6 +700,10 @@ def _with_event_schemas(document: str) -> str:
 # Requests that build what a first request would otherwise build, and touch no AWS service:
 # the OpenAPI document (every route's models, Powertools' schema models) and a submit that
 # validation refuses (the request models' validators, the problem path).
+# Every AWS service the api calls (DynamoDB, SQS, S3 for payloads and uploads).
+_SERVICES = ("dynamodb", "sqs", "s3")
+
+
 def _warm_event(method: str, path: str, resource: str, body: str | None = None) -> dict[str, Any]:
     context = {"stage": "warm", "path": f"/warm{path}", "httpMethod": method, "domainName": "warm.invalid"}
     headers = {"Content-Type": "application/json"}
@@ -721,11 +725,14 @@ _WARM_EVENTS = (
 
 
 def warm() -> None:
-    """Before Lambda takes the snapshot: the composition roots, their clients (no request is
-    made, so no credentials are read) and every lazily built model, so a restored environment
-    answers its first request as a warm one would."""
+    """Before Lambda takes the snapshot: the composition roots, every client they use (the
+    lazily created ones too), every lazily built model and the request paths, so a restored
+    environment answers its first request as a warm one would. No request reaches AWS; the
+    clients hold the runtime's refreshable credentials, which boto3 renews after a restore."""
     intake()
     batch_intake()
+    for service in _SERVICES:
+        aws.client(service)
     build_all()
     for event in _WARM_EVENTS:
         app.resolve(event, None)  # type: ignore[arg-type]

@@ -109,11 +109,24 @@ def test_a_build_whose_bytecode_was_compiled_for_the_runtime_ships_it(deps_dir):
     assert source.compiled
 
 
-def test_without_an_interpreter_of_the_runtime_s_version_the_build_compiles_nothing(monkeypatch):
-    monkeypatch.setenv("LLMQ_LAYER_PYTHON", sys.executable)
+def test_a_named_interpreter_of_another_version_or_none_at_all_is_a_clear_error(monkeypatch, tmp_path):
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    # The one named is used only when it is of the runtime's version (never this machine's by mistake)
-    assert build.runtime_interpreter() == (sys.executable if here == LAMBDA_PYTHON_VERSION else None)
+    monkeypatch.setenv("LLMQ_LAYER_PYTHON", sys.executable)
+    if here == LAMBDA_PYTHON_VERSION:
+        assert build.runtime_interpreter() == sys.executable
+    else:
+        # Never this machine's Python by mistake: its bytecode would be ignored on Lambda
+        with pytest.raises(SystemExit, match=f"not the runtime's {LAMBDA_PYTHON_VERSION}"):
+            build.runtime_interpreter()
+    monkeypatch.setenv("LLMQ_LAYER_PYTHON", str(tmp_path / "python-missing"))
+    with pytest.raises(SystemExit, match="does not run"):
+        build.runtime_interpreter()
+
+
+def test_without_a_named_interpreter_a_machine_without_the_runtime_s_python_compiles_nothing(monkeypatch):
+    monkeypatch.delenv("LLMQ_LAYER_PYTHON", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert build.runtime_interpreter() is None
 
 
 def test_compiled_bytecode_is_loaded_without_comparing_it_with_its_source(tmp_path):

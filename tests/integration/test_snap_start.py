@@ -4,9 +4,10 @@ Lambda runtime runs them, through the `snapshot_restore_py` registry the runtime
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+import botocore.handlers
 import pytest
 import snapshot_restore_py
 
@@ -30,17 +31,19 @@ def _run(entries: list[Any]) -> None:
 
 
 @pytest.fixture
-def aws_calls() -> Iterator[list[str]]:
+def aws_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every AWS call any client makes from now on, those created later included (a hook
+    among botocore's built-in handlers, which each new client carries)."""
     calls: list[str] = []
 
     def record(model: Any, **_: Any) -> None:
         calls.append(model.name)
 
-    for service in SERVICES:
-        aws.client(service).meta.events.register("before-call", record)
-    yield calls
-    for service in SERVICES:
-        aws.client(service).meta.events.unregister("before-call", record)
+    monkeypatch.setattr(
+        botocore.handlers, "BUILTIN_HANDLERS", [*botocore.handlers.BUILTIN_HANDLERS, ("before-call", record)]
+    )
+    aws.reset_clients()
+    return calls
 
 
 def test_the_snapshot_is_taken_warm_without_a_call_to_aws_and_a_restored_environment_serves_at_once(
@@ -51,9 +54,10 @@ def test_the_snapshot_is_taken_warm_without_a_call_to_aws_and_a_restored_environ
     [after] = _registered(snapshot_restore_py.get_after_restore(), module)
     # The runtime imports the handler, then runs the before-snapshot hook
     _run([before])
-    # It built what a first request would (the request models among them) and asked AWS nothing:
-    # no credentials are read before the snapshot, none are frozen into it
+    # It built what a first request would (every client the api uses, the request models) and
+    # asked AWS nothing
     assert aws_calls == []
+    assert {service for service, _, _ in aws._clients} >= set(SERVICES)
     assert module.SubmitRequest.__pydantic_complete__
     warmed = module.intake()
     # Restored: the composition roots are built anew (around fresh random generators)

@@ -7,9 +7,9 @@ from pydantic import BaseModel, ConfigDict
 
 class Model(BaseModel):
     """A pydantic model whose validator and serializer are built at its first use, not when its
-    module is imported (`defer_build`). Building them is most of an llmq module's import time
-    (BENCHMARKS §4), and a function uses few of the models its imports define: the authorizer
-    none, the api a handful per route. Subclasses' own `model_config` merges with this one.
+    module is imported (`defer_build`): a function does not build the models its imports
+    define and it never uses (the authorizer uses none of the job and batch models). BENCHMARKS
+    §4 measures what it saves. Subclasses' own `model_config` merges with this one.
     """
 
     model_config = ConfigDict(defer_build=True)
