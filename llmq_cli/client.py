@@ -190,8 +190,12 @@ class LlmqClient:
     def upload(self, path: Path) -> str:
         """POST /v1/uploads, then the file PUT to the URL it answers (S3, not the API: no API
         key goes there). The upload's id, to name in POST /v1/batches."""
+        size = path.stat().st_size
+        # The size first: a file over the limit is refused (413) before it is read.
+        upload: dict[str, Any] = self._ok(self.request("POST", "/v1/uploads", json={"size_bytes": size}))
         data = path.read_bytes()
-        upload: dict[str, Any] = self._ok(self.request("POST", "/v1/uploads", json={"size_bytes": len(data)}))
+        if len(data) != size:
+            raise ApiError(0, {"detail": f"{path} changed while it was being uploaded; send it again"})
         # One PUT with the Content-Length the URL was signed for: S3 takes no chunked body on
         # a presigned PUT, and no other length.
         response = httpx.put(upload["upload_url"], content=data, timeout=600)

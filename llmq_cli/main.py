@@ -491,6 +491,8 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
         body["lane"] = args.lane
     with _client(args) as client:
         if upload:
+            if path.stat().st_size == 0:
+                raise CliError(f"{path} is empty: no request to send")
             # The API validates the file's lines after its 202; a bad one fails the batch.
             body["upload_id"] = client.upload(path)
         reply = client.submit_batch(body, args.idempotency_key)

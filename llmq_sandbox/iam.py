@@ -34,8 +34,11 @@ in a few places that would deny what AWS allows, allow what AWS denies, or crash
   statement does not apply: here it is neutral, so another statement may still allow.
 - moto reads the signature of every request from its Authorization header, so a presigned
   S3 URL (signature in the query) raised KeyError, a 500. It is authorized here as its
-  signer's request, by action; its signature is not checked. Its expiry is: past
-  X-Amz-Date + X-Amz-Expires, S3 answers 403 AccessDenied "Request has expired".
+  signer's request, by action, once its signature is checked as S3 checks it
+  (`_check_presigned_signature`: method, path, query and signed headers; a missing query
+  parameter, an unsigned x-amz-* header or a chunked body refused as S3 refuses them). Its
+  expiry is checked too: past X-Amz-Date + X-Amz-Expires, S3 answers 403 AccessDenied
+  "Request has expired".
 - moto never expires an assumed-role session. Here a request signed with a session's
   credentials after their Expiration is refused as AWS refuses it: S3 with 400 ExpiredToken,
   a presigned URL included, since a URL signed with temporary credentials stops working when
@@ -600,24 +603,67 @@ def _authorize_presigned_urls(mixin: Any) -> None:
     mixin._authenticate_and_authorize_action = authorize
 
 
+# What S3 requires of a presigned URL's query (SigV4 query authentication).
+_PRESIGNED_PARAMETERS = (
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+)
+
+
+def _s3_error(code: str, message: str, status: int) -> Exception:
+    """An S3 error as moto serializes it: its status follows the code (AccessDenied and
+    SignatureDoesNotMatch 403, others 400); a 5xx needs moto's REST error, which carries its own."""
+    if status >= 500:
+        from moto.core.exceptions import _RESTError
+
+        failure = _RESTError(code, message)
+        failure.code = status
+        return failure
+    from moto.s3.exceptions import S3ClientError
+
+    error = S3ClientError(code, message)
+    error.http_status_code = status  # type: ignore[attr-defined]
+    return error
+
+
 def _check_presigned_signature(response: Any, credentials: Any) -> None:
     """S3 checks a presigned URL's signature against the request as it arrives: its method,
     path, query and the headers it signed, with their values. A PUT of another Content-Length
     than the URL was signed for (an upload's, `PayloadStore.presigned_put`) is refused
-    SignatureDoesNotMatch (403), as are a tampered query or a GET to a PUT's URL."""
+    SignatureDoesNotMatch (403), as are a tampered query or a GET to a PUT's URL; so are a
+    query missing one of its parameters (400), an x-amz-* header it did not sign (403) and a
+    chunked body (501: S3 takes a presigned PUT's length from Content-Length only)."""
     from botocore.auth import S3SigV4QueryAuth
     from botocore.awsrequest import AWSRequest
 
     query = getattr(response, "querystring", {}) or {}
-    signature = next(iter(query.get("X-Amz-Signature") or []), None)
-    credential = next(iter(query.get("X-Amz-Credential") or []), "")
-    scope = credential.split("/")
-    if signature is None or len(scope) < 5:
-        return
-    signed = next(iter(query.get("X-Amz-SignedHeaders") or []), "host").split(";")
+    values = {name: next(iter(query.get(name) or []), None) for name in _PRESIGNED_PARAMETERS}
+    scope = (values["X-Amz-Credential"] or "").split("/")
+    missing = [name for name, value in values.items() if not value]
+    if missing or len(scope) != 5:
+        raise _s3_error(
+            "AuthorizationQueryParametersError",
+            f"Query-string authentication version 4 requires the {', '.join(_PRESIGNED_PARAMETERS)} "
+            "parameters, and a credential of the form <key>/<date>/<region>/<service>/aws4_request.",
+            400,
+        )
+    signed = str(values["X-Amz-SignedHeaders"]).split(";")
     incoming = {key.lower(): value for key, value in response.headers.items()}
-    if "content-length" in signed and "content-length" not in incoming:
-        incoming["content-length"] = str(len(response.raw_body or b""))
+    if "transfer-encoding" in incoming:
+        raise _s3_error(
+            "NotImplemented", "A header you provided implies functionality that is not implemented", 501
+        )
+    unsigned = sorted(name for name in incoming if name.startswith("x-amz-") and name not in signed)
+    if unsigned:
+        raise _s3_error(
+            "AccessDenied",
+            f"There were headers present in the request which were not signed: {unsigned}",
+            403,
+        )
     url = urlsplit(response.uri)
     unsigned_query = "&".join(
         part for part in url.query.split("&") if part and not part.startswith("X-Amz-Signature=")
@@ -627,18 +673,15 @@ def _check_presigned_signature(response: Any, credentials: Any) -> None:
         url=f"{url.scheme}://{incoming.get('host', url.netloc)}{url.path}?{unsigned_query}",
         headers={name: incoming[name] for name in signed if name != "host" and name in incoming},
     )
-    request.context["timestamp"] = next(iter(query.get("X-Amz-Date") or []), "")
+    request.context["timestamp"] = values["X-Amz-Date"]
     auth = S3SigV4QueryAuth(credentials, scope[3], scope[2])
     canonical = auth.canonical_request(request)
-    if auth.signature(auth.string_to_sign(request, canonical), request) != signature:
-        from moto.s3.exceptions import S3ClientError
-
-        error = S3ClientError(
+    if auth.signature(auth.string_to_sign(request, canonical), request) != values["X-Amz-Signature"]:
+        raise _s3_error(
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match the signature you provided.",
+            403,
         )
-        error.http_status_code = 403  # type: ignore[attr-defined]
-        raise error
 
 
 def _refuse_an_expired_url(query: Mapping[str, Iterable[str]]) -> None:

@@ -108,7 +108,7 @@ class JobsTableConstruct(Construct):
             # Payloads live as long as their job: the table's TTL plus a day of slack. An upload
             # is read within minutes of its batch's 202 (its validated lines are then kept as
             # the batch's parts): kept two days, so what a PUT URL can store, unused, is bounded
-            # in time (a presigned PUT cannot bound its size).
+            # in time (and in size: the URL is signed for the Content-Length its upload asked for).
             # A batch's results file is a multipart upload: one a second run started and never
             # completed (the first run's was recorded) is aborted after a day.
             lifecycle_rules=[

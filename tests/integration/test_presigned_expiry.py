@@ -241,6 +241,19 @@ def test_an_upload_url_takes_a_put_of_the_size_it_was_signed_for_and_nothing_els
     # And the URL is good for that PUT only: not a GET, not with its query changed
     assert httpx.get(url).status_code == 403
     assert httpx.put(url.replace("upl_signed", "upl_other"), content=data).status_code == 403
+    # Nor without its signature (or any other of its query's parameters), nor with an x-amz-*
+    # header it did not sign, nor as a chunked body whose length it cannot check
+    for name in ("X-Amz-Signature", "X-Amz-Date", "X-Amz-Expires"):
+        stripped = "&".join(part for part in url.split("&") if not part.startswith(f"{name}="))
+        refused = httpx.put(stripped, content=data + b" " * 4096)
+        assert (refused.status_code, _s3_error_code(refused)) == (400, "AuthorizationQueryParametersError"), (
+            name
+        )
+    refused = httpx.put(url, content=data, headers={"x-amz-acl": "public-read"})
+    assert (refused.status_code, _s3_error_code(refused)) == (403, "AccessDenied")
+    refused = httpx.put(url, content=iter([data]))
+    assert (refused.status_code, _s3_error_code(refused)) == (501, "NotImplemented")
+    assert store.stat(key) is None
     # While the file it was signed for is stored
     assert httpx.put(url, content=data).status_code == 200
     assert store.get(key) == data

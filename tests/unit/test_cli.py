@@ -129,3 +129,11 @@ def test_a_peeked_webhook_dead_letter_shows_its_job_by_id_and_status_only() -> N
     # A lane message, or a body that is not JSON, is shown as it is
     assert shown_body('{"job_id": "job_2", "lane": "high"}') == '{"job_id": "job_2", "lane": "high"}'
     assert shown_body("not json") == "not json"
+
+
+def test_an_empty_batch_file_is_refused_before_anything_is_sent(tmp_path, capsys):
+    # (the fake API has no upload: a call to it would fail the test with AttributeError)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert main(["batches", "submit", "--upload", str(empty), *API]) != 0
+    assert "is empty" in capsys.readouterr().err
