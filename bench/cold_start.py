@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from layers.build import export_requirements, find_uv  # noqa: E402
+from layers.build import export_requirements, find_uv, install  # noqa: E402
 
 CACHE = ROOT / ".llmq" / "bench-layer"
 
@@ -125,14 +125,7 @@ def build_environment() -> tuple[Path, Path]:
         uv = find_uv()
         requirements = CACHE / "requirements.txt"
         export_requirements(uv, requirements)
-        subprocess.run(
-            [
-                uv, "pip", "install", "--quiet", "--requirement", str(requirements), "--target", str(deps),
-                "--python-platform", _host_platform(), "--python-version", version,
-                "--only-binary=:all:", "--no-compile",
-            ],
-            check=True,
-        )  # fmt: skip
+        install(uv, requirements, deps, _host_platform(), version)
         (CACHE / "stamp").write_text(stamp)
     code = Path(tempfile.mkdtemp(prefix="llmq-cold-"))
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")

@@ -66,11 +66,19 @@ def export_requirements(uv: str, destination: Path) -> None:
     )  # fmt: skip
 
 
-def install(uv: str, requirements: Path) -> None:
+def install(
+    uv: str,
+    requirements: Path,
+    target: Path = TARGET,
+    platform: str = LAYER_PLATFORM,
+    python_version: str = LAMBDA_PYTHON_VERSION,
+) -> None:
+    """Wheels only, no bytecode, into `target`: the Lambda runtime's by default (the bench
+    installs the same requirements for this machine's)."""
     subprocess.run(
         [
-            uv, "pip", "install", "--quiet", "--requirement", str(requirements), "--target", str(TARGET),
-            "--python-platform", LAYER_PLATFORM, "--python-version", LAMBDA_PYTHON_VERSION,
+            uv, "pip", "install", "--quiet", "--requirement", str(requirements), "--target", str(target),
+            "--python-platform", platform, "--python-version", python_version,
             "--only-binary=:all:", "--no-compile",
         ],
         check=True,

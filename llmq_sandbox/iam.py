@@ -615,8 +615,9 @@ _PRESIGNED_PARAMETERS = (
 
 
 def _s3_error(code: str, message: str, status: int) -> Exception:
-    """An S3 error as moto serializes it: its status follows the code (AccessDenied and
-    SignatureDoesNotMatch 403, others 400); a 5xx needs moto's REST error, which carries its own."""
+    """An S3 error with its status. moto derives an S3 error's status from its code
+    (AccessDenied and SignatureDoesNotMatch 403, others 400); a 5xx needs moto's REST error,
+    which carries its own."""
     if status >= 500:
         from moto.core.exceptions import _RESTError
 
@@ -625,9 +626,7 @@ def _s3_error(code: str, message: str, status: int) -> Exception:
         return failure
     from moto.s3.exceptions import S3ClientError
 
-    error = S3ClientError(code, message)
-    error.http_status_code = status  # type: ignore[attr-defined]
-    return error
+    return S3ClientError(code, message)
 
 
 def _check_presigned_signature(response: Any, credentials: Any) -> None:
@@ -696,11 +695,7 @@ def _refuse_an_expired_url(query: Mapping[str, Iterable[str]]) -> None:
     except ValueError:
         return
     if datetime.datetime.now(datetime.UTC) > end:
-        from moto.s3.exceptions import S3ClientError
-
-        error = S3ClientError("AccessDenied", "Request has expired")
-        error.http_status_code = 403  # type: ignore[attr-defined]
-        raise error
+        raise _s3_error("AccessDenied", "Request has expired", 403)
 
 
 _EXPIRED = "ExpiredToken"
