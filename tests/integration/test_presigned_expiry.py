@@ -257,3 +257,18 @@ def test_an_upload_url_takes_a_put_of_the_size_it_was_signed_for_and_nothing_els
     # While the file it was signed for is stored
     assert httpx.put(url, content=data).status_code == 200
     assert store.get(key) == data
+
+
+def test_a_presigned_url_for_a_key_with_non_ascii_and_reserved_characters_is_checked_and_served(
+    moto: Moto,
+) -> None:
+    # The signature check reads the path as the client percent-encoded it: a key S3 would
+    # serve must be served here too, and the same URL with another key refused.
+    store = PayloadStore(BUCKET, s3=_client(moto.endpoint_url, "s3", moto.operator))
+    key = "uploads/ten_é/a b+c~(1)=é.jsonl"
+    data = "ligne é\n".encode()
+    url = store.presigned_put(key, 600, len(data)).url
+    assert httpx.put(url, content=data).status_code == 200
+    assert store.get(key) == data
+    refused = httpx.put(url.replace("a%20b", "a%20c"), content=data)
+    assert (refused.status_code, _s3_error_code(refused)) == (403, "SignatureDoesNotMatch")
