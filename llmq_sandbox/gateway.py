@@ -170,11 +170,20 @@ class UsagePlans:
         self.cache_seconds = cache_seconds
         self._index: tuple[float, dict[str, PlanThrottle]] | None = None
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
 
     def plan_for(self, key_value: str) -> PlanThrottle | None:
         """The key's plan on this API stage; None for an unknown or disabled key, or one in no
         plan of the stage (API Gateway answers those 403)."""
         now = time.monotonic()
+        index = self._index
+        if index is not None and key_value in index[1]:
+            # A known key is answered without the lock, so no request queues behind another's
+            # read of the plans; a stale index is read again in the background, once at a
+            # time, and answers meanwhile (a change applies within the cache period and a read).
+            if index[0] <= now and self._refreshing.acquire(blocking=False):
+                threading.Thread(target=self._refresh, name="usage-plans", daemon=True).start()
+            return index[1][key_value]
         with self._lock:
             stale = self._index is None or self._index[0] <= now
             # A key not seen yet (a tenant just created) is looked for again at once, at most
@@ -188,6 +197,15 @@ class UsagePlans:
                 self._index = (now + self.cache_seconds, self._read())
             assert self._index is not None
             return self._index[1].get(key_value)
+
+    def _refresh(self) -> None:
+        try:
+            with self._lock:
+                self._index = (time.monotonic() + self.cache_seconds, self._read())
+        except Exception:  # moto stopping, or busy: the next stale request tries again
+            log.debug("reading the usage plans failed", exc_info=True)
+        finally:
+            self._refreshing.release()
 
     def _read(self) -> dict[str, PlanThrottle]:
         """key value -> its plan on the stage, for every enabled key in a plan of the stage

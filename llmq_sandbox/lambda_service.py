@@ -55,6 +55,12 @@ _CONNECT_TIMEOUT_SECONDS = 60.0
 # payload"); the figures are those of Lambda's own errors.
 MAX_REQUEST_BYTES = 6 * 1024 * 1024
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024 + 100
+# ColdStarts: the machine's CPU is full past this busy share, the sandbox's process past this
+# share of one core (the rest of its time it waits for the interpreter's lock), read over
+# windows of this length.
+_FULL_CPU = 0.9
+_FULL_SANDBOX_PROCESS = 0.7
+_CPU_WINDOW_SECONDS = 0.5
 # How often a running environment's memory is read.
 _MEMORY_WATCH_SECONDS = 0.15
 # Lambda gives the Python runtime these; a handler or Powertools may read them.
@@ -128,6 +134,14 @@ class AwsAccess:
             ) from None
 
 
+def _bytecode_settings() -> dict[str, str]:
+    """Where the sandbox's Python keeps bytecode (the Makefile sets PYTHONPYCACHEPREFIX, outside
+    the tree), or that it keeps none: an environment compiles what it imports only the first
+    time, not at every cold start."""
+    names = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
 def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
     """The child's whole environment: the template's variables plus what Lambda adds.
 
@@ -149,8 +163,7 @@ def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
         **aws.environment(),
         **aws.credentials(spec).environment(),
     }
-    if "PYTHONDONTWRITEBYTECODE" in os.environ:
-        environment["PYTHONDONTWRITEBYTECODE"] = os.environ["PYTHONDONTWRITEBYTECODE"]
+    environment.update(_bytecode_settings())
     # The template's variables last: they are the function's, and nothing above may mask them.
     environment.update(spec.environment)
     return environment
@@ -250,8 +263,7 @@ class EnvironmentLauncher:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(ROOT),
         }
-        if "PYTHONDONTWRITEBYTECODE" in os.environ:
-            environment["PYTHONDONTWRITEBYTECODE"] = os.environ["PYTHONDONTWRITEBYTECODE"]
+        environment.update(_bytecode_settings())
         server = subprocess.Popen(
             [sys.executable, "-m", "llmq_sandbox.lambda_runtime", "--fork-server"],
             cwd=ROOT,
@@ -618,8 +630,97 @@ class FunctionThrottled(Exception):
     """Every unit of the function's concurrency is in use (Lambda's TooManyRequestsException)."""
 
 
+class _Stopping(Exception):
+    """The sandbox is stopping: no invocation starts any more."""
+
+
 # What Lambda answers a throttled invoke (429); a poller leaves the batch on its queue.
 THROTTLED_ERROR = {"errorType": "TooManyRequestsException", "errorMessage": "Rate Exceeded."}
+_STOPPING_ERROR = {"errorType": "Sandbox.Stopping", "errorMessage": "the sandbox is stopping"}
+
+
+class ColdStarts:
+    """When this machine starts an environment: a few at a time, and not while its CPU is full.
+
+    On Lambda each new environment initialises on hardware of its own, so a burst of
+    concurrent requests costs each of them one cold start. Here they all share the sandbox's
+    few cores, and a new api environment costs about 0.6 s of CPU (its init, then what its
+    first request builds) against 10 ms for a request in a warm one. Started on demand as
+    Lambda does, a burst of 20 submits a second started dozens at once: each took that many
+    times as long, the warm environments and moto waited on the same cores meanwhile, slower
+    requests made the next ones find no warm environment, and the submit p99 reached 20 s. So:
+    - at most `limit` environments start at once (by default one per core);
+    - a function starts environments on demand, as on Lambda, up to `on_demand` of them
+      (4 by default); past that, only while the CPU has room (`room`: by default below 90% of
+      the machine and 70% of one core for the sandbox's own process over the last half
+      second, CpuLoad), or for an invocation that has waited `patience_seconds` while one of
+      the function's invocations has been running that long (a long-poll holding its environment, a worker waiting on a slow provider).
+      Otherwise an invocation waits for a busy environment to be released: its invocations are
+      short, and on a full CPU another environment would only share the same cores.
+
+    What stays as on Lambda: an environment runs one invocation at a time; a function never
+    has more environments than its concurrency; an invoke is throttled only when all of its
+    concurrency is in use. What differs: past `on_demand`, on a full machine, an invocation
+    may wait for an environment that was busy when it arrived, instead of cold-starting one
+    (fewer report `cold_start`).
+
+    One condition serves every pool: a finished start or a released environment wakes the
+    waiters of every function, which re-check their own pool.
+    """
+
+    def __init__(
+        self,
+        limit: int | None = None,
+        on_demand: int = 4,
+        patience_seconds: float = 5.0,
+        room: Callable[[], bool] | None = None,
+    ) -> None:
+        self.limit = max(1, limit if limit is not None else os.cpu_count() or 1)
+        self.on_demand = on_demand
+        self.patience_seconds = patience_seconds
+        self.active = 0
+        self.changed = threading.Condition()
+        self.room = room or CpuLoad().has_room
+
+
+class CpuLoad:
+    """How busy the machine's CPU and the sandbox's own process were since the last reading,
+    read at most every _CPU_WINDOW_SECONDS (the machine's from /proc/stat; where there is none,
+    it counts as idle). The sandbox's process (moto, the gateway, the pollers) runs Python
+    under one lock, so it is full at one core's worth, however many the machine has."""
+
+    def __init__(self) -> None:
+        self._last = (time.monotonic(), *self._read())
+        self._shares = (0.0, 0.0)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _read() -> tuple[int, int, float]:
+        own = sum(os.times()[:2])
+        try:
+            with open("/proc/stat", "rb") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return 0, 0, own
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+        return sum(fields), idle, own
+
+    def has_room(self) -> bool:
+        machine, sandbox = self.busy()
+        return machine < _FULL_CPU and sandbox < _FULL_SANDBOX_PROCESS
+
+    def busy(self) -> tuple[float, float]:
+        """(the machine's busy share of all its cores, this process's share of one core)."""
+        now = time.monotonic()
+        with self._lock:
+            elapsed = now - self._last[0]
+            if elapsed >= _CPU_WINDOW_SECONDS:
+                total, idle, own = self._read()
+                spent, rested = total - self._last[1], idle - self._last[2]
+                machine = 1.0 - rested / spent if spent > 0 else 0.0
+                self._shares = (machine, (own - self._last[3]) / elapsed)
+                self._last = (now, total, idle, own)
+            return self._shares
 
 
 class FunctionPool:
@@ -628,9 +729,10 @@ class FunctionPool:
     The concurrency is the template's reserved concurrency, or the runner's
     default_function_concurrency for a function without one (on AWS such functions share the
     account's unreserved pool; here each has that many of its own). An invoke that finds every
-    unit in use either waits for one (`throttle=False`: the gateway's synchronous invokes, as
-    the sandbox always did) or is throttled at once (`throttle=True`: an event source mapping,
-    whose batch then stays on its queue, as Lambda's pollers do).
+    unit in use either waits for one (`throttle=False`) or is throttled at once
+    (`throttle=True`: the gateway's synchronous invokes, whose client then gets a 5xx, and an
+    event source mapping, whose batch then stays on its queue, as Lambda's pollers do). An
+    invoke that finds no warm environment starts one, when `ColdStarts` lets it.
     """
 
     def __init__(
@@ -641,6 +743,7 @@ class FunctionPool:
         log_path: Path,
         max_environments: int,
         faults: FaultBook | None = None,
+        cold_starts: ColdStarts | None = None,
     ) -> None:
         self.spec = spec
         self._faults = faults or FaultBook()
@@ -651,7 +754,10 @@ class FunctionPool:
         self._idle: list[ExecutionEnvironment] = []
         self._all: list[ExecutionEnvironment] = []
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_environments)
+        self._starts = cold_starts or ColdStarts()
+        self._max = max_environments
+        self._busy = 0  # units of concurrency in use: invocations running or starting
+        self._running: dict[object, float] = {}  # since when each invocation has run
         self._closed = False
 
     def _new_environment(self) -> ExecutionEnvironment:
@@ -674,29 +780,73 @@ class FunctionPool:
     def warm_up(self) -> None:
         """Start one environment now: a wiring fault fails the sandbox here, not at first use."""
         environment = self._new_environment()
-        with self._lock:
+        with self._starts.changed:
             self._idle.append(environment)
+
+    def _acquire(self, throttle: bool) -> ExecutionEnvironment | None:
+        """A unit of concurrency, with a warm environment or (None) the right to start one."""
+        patient_until = time.monotonic() + self._starts.patience_seconds
+        with self._starts.changed:
+            while True:
+                if self._closed:
+                    raise _Stopping(self.spec.name)
+                if self._idle:
+                    self._busy += 1
+                    return self._idle.pop()
+                if self._busy >= self._max:
+                    if throttle:
+                        raise FunctionThrottled(self.spec.name)
+                elif self._starts.active < self._starts.limit and (
+                    self._busy < self._starts.on_demand
+                    or self._held_past(patient_until)
+                    or self._starts.room()
+                ):
+                    self._starts.active += 1
+                    self._busy += 1
+                    return None
+                # Woken by a release or a finished start; the timeout looks at the CPU again.
+                self._starts.changed.wait(timeout=_CPU_WINDOW_SECONDS)
+
+    def _held_past(self, patient_until: float) -> bool:
+        """Whether this invocation has been patient, and an environment has been held as long."""
+        now = time.monotonic()
+        patience = self._starts.patience_seconds
+        return now >= patient_until and any(now - since >= patience for since in self._running.values())
+
+    def _release(self, environment: ExecutionEnvironment | None) -> None:
+        with self._starts.changed:
+            self._busy -= 1
+            if environment is not None and environment.alive and not self._closed:
+                self._idle.append(environment)
+            elif environment is not None:
+                with self._lock:
+                    if environment in self._all:
+                        self._all.remove(environment)
+            self._starts.changed.notify_all()
+
+    def _start(self) -> ExecutionEnvironment:
+        try:
+            return self._new_environment()
+        finally:
+            with self._starts.changed:
+                self._starts.active -= 1
+                self._starts.changed.notify_all()
 
     @contextmanager
     def _environment(self, throttle: bool = False) -> Iterator[tuple[ExecutionEnvironment, bool]]:
-        if not self._slots.acquire(blocking=not throttle):
-            raise FunctionThrottled(self.spec.name)
+        environment = self._acquire(throttle)
+        cold = environment is None
+        token = object()
         try:
-            with self._lock:
-                environment = self._idle.pop() if self._idle else None
-            cold = environment is None
             if environment is None:
-                environment = self._new_environment()
-            try:
-                yield environment, cold
-            finally:
-                with self._lock:
-                    if environment.alive and not self._closed:
-                        self._idle.append(environment)
-                    elif environment in self._all:
-                        self._all.remove(environment)
+                environment = self._start()
+            with self._starts.changed:
+                self._running[token] = time.monotonic()
+            yield environment, cold
         finally:
-            self._slots.release()
+            with self._starts.changed:
+                self._running.pop(token, None)
+            self._release(environment)
 
     def invoke(
         self, event: Any, timeout_seconds: float | None = None, *, throttle: bool = False
@@ -705,13 +855,7 @@ class FunctionPool:
         request_id = str(uuid.uuid4())
         started = time.time()
         if self._closed:
-            return InvocationResult(
-                function=self.spec.name,
-                request_id=request_id,
-                outcome=Outcome.ERROR,
-                error={"errorType": "Sandbox.Stopping", "errorMessage": "the sandbox is stopping"},
-                started_at=started,
-            )
+            return self._stopping(request_id, started)
         armed = self._faults.arm(self.spec.name)
         fired: list[str] = []
         try:
@@ -729,6 +873,8 @@ class FunctionPool:
             )
         except FunctionThrottled:
             outcome, payload, cold = Outcome.THROTTLED, dict(THROTTLED_ERROR), False
+        except _Stopping:
+            outcome, payload, cold = Outcome.ERROR, dict(_STOPPING_ERROR), False
         finally:
             self._faults.settle(armed, fired)
         if outcome is Outcome.TIMEOUT:
@@ -744,12 +890,23 @@ class FunctionPool:
             cold_start=cold,
         )
 
+    def _stopping(self, request_id: str, started: float) -> InvocationResult:
+        return InvocationResult(
+            function=self.spec.name,
+            request_id=request_id,
+            outcome=Outcome.ERROR,
+            error=dict(_STOPPING_ERROR),
+            started_at=started,
+        )
+
     def close(self) -> None:
-        with self._lock:
+        with self._starts.changed:
             self._closed = True
+            self._idle.clear()
+            self._starts.changed.notify_all()
+        with self._lock:
             environments = list(self._all)
             self._all.clear()
-            self._idle.clear()
         for environment in environments:
             environment.request_stop()
         for environment in environments:
@@ -803,12 +960,14 @@ class LambdaService:
         aws: AwsAccess,
         log_dir: Path,
         default_concurrency: int,
+        cold_starts: ColdStarts | None = None,
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir = log_dir.resolve()
         self.launcher = EnvironmentLauncher(log_dir, aws)
         # Call faults armed over HTTP (POST /_sandbox/faults), handed to each invocation.
         self.faults = FaultBook()
+        self.cold_starts = cold_starts or ColdStarts()
         self.pools = {
             name: FunctionPool(
                 spec,
@@ -817,6 +976,7 @@ class LambdaService:
                 log_dir / f"{name}.log",
                 spec.reserved_concurrency or default_concurrency,
                 self.faults,
+                self.cold_starts,
             )
             for name, spec in functions.items()
         }

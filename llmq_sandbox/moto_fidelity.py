@@ -95,11 +95,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import inspect
 import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -664,6 +666,80 @@ def _upload_part_of_a_live_upload(upload_part: Callable[..., Any]) -> Callable[.
     return part
 
 
+def _listed_once(list_of_moto_modules: Callable[[], Any]) -> Callable[[], tuple[str, ...]]:
+    """moto.backends.list_of_moto_modules, read from disk once.
+
+    Speed only, same answer: moto's server lists its package directory (a stat per entry, over
+    a hundred) on every request to find its backend, under the one lock that every request
+    takes, so the sandbox's AWS calls queued behind each other's directory listings.
+    """
+    names = tuple(list_of_moto_modules())
+    return lambda: names
+
+
+def _unlocked_when_present(getitem: Callable[..., Any]) -> Callable[..., Any]:
+    """BackendDict.__getitem__ without moto's global lock for an account it already holds.
+
+    Speed only, same answer: moto takes one process-wide lock on every backend lookup (several
+    per request) to create the account's backend on first use, and under load the requests
+    queued on it. An account present was created under that lock and registered for reset,
+    and a reset empties the dict before it forgets the registration, so the lock is only
+    needed for an account not yet present.
+    """
+
+    @functools.wraps(getitem)
+    def lookup(self: Any, account_id: str) -> Any:
+        try:
+            return dict.__getitem__(self, account_id)
+        except KeyError:
+            return getitem(self, account_id)
+
+    return lookup
+
+
+# Speed only, same answers: moto parses every update and condition expression from scratch on
+# each write (an update expression twice), and llmq's expressions are long (a claim or a
+# finish sets a dozen attributes under a lease condition); under a steady 20 jobs a second
+# this parsing was most of the sandbox's CPU. What depends only on an expression's text is
+# kept per text: the update expression's syntax tree (moto's validator works on a deep copy
+# of it, and nothing else writes to it) and the condition expression's tokens (fresh nodes
+# each time, so no later step can share one). Values and names are still applied per call.
+_PARSED_KEPT = 512
+
+
+def _update_parsed_once(make: Callable[..., Any]) -> Any:
+    cached = functools.lru_cache(maxsize=_PARSED_KEPT)(make.__func__)  # type: ignore[attr-defined]
+
+    def parse(cls: Any, expression_str: str) -> Any:
+        return cached(cls, expression_str)
+
+    return classmethod(parse)
+
+
+def _condition_lexed_once(lex: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.lru_cache(maxsize=_PARSED_KEPT)
+    def tokens(parser_type: Any, expression: str) -> tuple[Any, ...]:
+        parser = object.__new__(parser_type)
+        parser.condition_expression = expression
+        return tuple(lex(parser))
+
+    @functools.wraps(lex)
+    def lexed(self: Any) -> Any:
+        parser_type: Any = type(self)
+        return deque(node._replace(children=[]) for node in tokens(parser_type, self.condition_expression))
+
+    return lexed
+
+
+def _action_counts_at_the_root(self: Any, node: Any) -> Any:
+    """ActionCountValidator.traverse: moto checks the clause counts below every node of the
+    update expression's chain, which costs the square of its length; the root's subtree holds
+    every clause, so checking it alone refuses exactly the same expressions."""
+    if isinstance(node, importlib.import_module("moto.dynamodb.parsing.ast_nodes").UpdateExpression):
+        self.verify_action_counts(node)
+    return node
+
+
 def make_moto_strict() -> None:
     """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
     order) once per process."""
@@ -711,4 +787,19 @@ def make_moto_strict() -> None:
         Queue.wait_for_messages = _wakes_when_due  # type: ignore[method-assign,assignment]
         SQSBackend._validate_message = _checked_group_id(SQSBackend._validate_message)  # type: ignore[method-assign]
         SQSBackend.send_message = _sent_by_group(SQSBackend.send_message)  # type: ignore[method-assign]
+        from moto import backends
+
+        backends.list_of_moto_modules = _listed_once(backends.list_of_moto_modules)
+        from moto.core.base_backend import BackendDict
+
+        BackendDict.__getitem__ = _unlocked_when_present(BackendDict.__getitem__)  # type: ignore[method-assign]
+        # moto's parsing modules are untyped to mypy: reached through import_module.
+        parsing = importlib.import_module("moto.dynamodb.parsing.expressions")
+        validators = importlib.import_module("moto.dynamodb.parsing.validators")
+        comparisons = importlib.import_module("moto.dynamodb.comparisons")
+        parser = parsing.UpdateExpressionParser
+        parser.make = _update_parsed_once(vars(parser)["make"])
+        lexer = comparisons.ConditionExpressionParser
+        lexer._lex_condition_expression = _condition_lexed_once(lexer._lex_condition_expression)
+        validators.ActionCountValidator.traverse = _action_counts_at_the_root
         _applied = True

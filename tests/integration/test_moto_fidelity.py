@@ -472,3 +472,65 @@ def test_a_long_poll_wakes_when_a_delayed_or_invisible_message_comes_due(moto_st
         condition.wait_for = original
     assert len(waits) == 1 and waits[0] is not None and waits[0] <= 0.32, waits
     assert queue.messages == [message]
+
+
+# ---- what the sandbox keeps per expression text answers as moto did ----
+
+
+def test_one_update_expression_text_applies_each_calls_own_values_and_conditions(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """The parsed update expression and condition tokens are kept per text; each call still
+    brings its own values, and a condition is judged with them."""
+    table = moto_stack.jobs_table
+    ddb.put_item(TableName=table, Item={"pk": {"S": "job_text"}, "owner": {"S": "a"}, "n": {"N": "0"}})
+    update = {
+        "TableName": table,
+        "Key": {"pk": {"S": "job_text"}},
+        "UpdateExpression": "SET #o = :next, n = n + :one",
+        "ConditionExpression": "#o = :expected AND attribute_exists(pk)",
+        "ExpressionAttributeNames": {"#o": "owner"},
+    }
+    # When the same texts run three times, with values that hold, hold, then fail the condition
+    for expected, following in (("a", "b"), ("b", "c")):
+        ddb.update_item(
+            **update,
+            ExpressionAttributeValues={
+                ":next": {"S": following},
+                ":one": {"N": "1"},
+                ":expected": {"S": expected},
+            },
+        )
+    with pytest.raises(ClientError) as refused:
+        ddb.update_item(
+            **update,
+            ExpressionAttributeValues={":next": {"S": "z"}, ":one": {"N": "1"}, ":expected": {"S": "a"}},
+        )
+    # Then each call applied its own values, and the stale owner was refused
+    assert refused.value.response["Error"]["Code"] == "ConditionalCheckFailedException"
+    assert _get(ddb, table, "job_text") == {"pk": {"S": "job_text"}, "owner": {"S": "c"}, "n": {"N": "2"}}
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["SET a = :v SET b = :v", "SET a = :v REMOVE c REMOVE d", "ADD n :one SET a = :v ADD m :one"],
+)
+def test_an_update_expression_with_a_clause_twice_is_refused_every_time(
+    ddb: Any, moto_stack: MotoStack, expression: str
+) -> None:
+    """ "Each of these clauses can only appear once in an update expression" (UpdateExpression,
+    https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/Expressions.UpdateExpressions.html)."""
+    table = moto_stack.jobs_table
+    ddb.put_item(TableName=table, Item={"pk": {"S": "job_twice"}, "c": {"S": "x"}, "d": {"S": "y"}})
+    values = {":v": {"S": "v"}, ":one": {"N": "1"}}
+    used = {name: value for name, value in values.items() if name in expression}
+    for _ in range(2):  # the second time from what was kept of the first
+        with pytest.raises(ClientError) as refused:
+            ddb.update_item(
+                TableName=table,
+                Key={"pk": {"S": "job_twice"}},
+                UpdateExpression=expression,
+                ExpressionAttributeValues=used,
+            )
+        assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert _get(ddb, table, "job_twice") == {"pk": {"S": "job_twice"}, "c": {"S": "x"}, "d": {"S": "y"}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from llmq.providers import (
     PermanentProviderError,
     ProviderTimeout,
     TransientProviderError,
+    verified_context,
 )
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.integration.harness import ENTERPRISE, Harness
@@ -116,6 +118,28 @@ async def test_the_finish_reason_reaches_the_result_as_the_provider_said(
     # Then it is a result with that finish_reason, after one call
     assert (len(result.output.split()), result.finish_reason) == (4, reason)
     assert provider.calls_for(request.job_id or "") == 1
+
+
+async def test_every_call_of_an_environment_shares_one_tls_context(
+    provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a fresh environment (nothing verified yet) that counts CA bundle loads
+    verified_context.cache_clear()
+    loads: list[object] = []
+    load = ssl.SSLContext.load_verify_locations
+
+    def counted(context: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loads.append(context)
+        load(context, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
+    # When it runs three jobs, each with its own client and connection
+    client = _client(provider, stream=True)
+    results = [await client.generate(_request(f"job_tls_{n}", "Hi [[tokens:2]]"), 10) for n in range(3)]
+    # Then each got its answer from one call, and the CA bundle was loaded once, not per job
+    assert [len(result.output.split()) for result in results] == [2, 2, 2]
+    assert [provider.calls_for(f"job_tls_{n}") for n in range(3)] == [1, 1, 1]
+    assert len(loads) == 1
 
 
 @pytest.mark.parametrize("stream", STREAMING)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.lambda_service import (
     MAX_RESPONSE_BYTES,
     AwsAccess,
+    ColdStarts,
     FunctionStartError,
     LambdaService,
     Outcome,
@@ -59,12 +62,16 @@ def service(tmp_path: Path) -> Iterator[Service]:
     named `fn` whose handler.py is `code`."""
     started: list[LambdaService] = []
 
-    def start(code: str, memory_mb: int = 256, timeout_seconds: float = 10) -> LambdaService:
+    def start(
+        code: str, memory_mb: int = 256, timeout_seconds: float = 10, cold_starts: ColdStarts | None = None
+    ) -> LambdaService:
         code_dir = tmp_path / f"fn{len(started)}"
         code_dir.mkdir()
         (code_dir / "handler.py").write_text(textwrap.dedent(code))
         functions = {"fn": _spec(code_dir, "fn", memory_mb, timeout_seconds)}
-        running = LambdaService(functions, AWS, tmp_path / f"logs{len(started)}", default_concurrency=2)
+        running = LambdaService(
+            functions, AWS, tmp_path / f"logs{len(started)}", default_concurrency=2, cold_starts=cold_starts
+        )
         started.append(running)
         return running
 
@@ -333,3 +340,96 @@ def test_an_inline_result_that_escapes_past_6_mb_is_linked_instead(
     # The whole response, as the runtime serializes it, fits in a Lambda response.
     assert payload_bytes(responses[-1]) <= MAX_RESPONSE_BYTES
     assert len(json.dumps(responses[-1])) <= MAX_RESPONSE_BYTES
+
+
+# ---- how environments start on a machine of a few cores (ColdStarts) ----
+
+SLEEPER = """
+import os, time
+
+def handler(event, context):
+    time.sleep(event["sleep"])
+    return {"pid": os.getpid(), "ended": time.time()}
+"""
+
+
+def _staggered(service: LambdaService, first_sleep: float, second_sleep: float) -> list[Any]:
+    """Two invocations, the second 0.2 s after the first, while the first still runs."""
+    results: list[Any] = [None, None]
+
+    def first() -> None:
+        results[0] = service.invoke("fn", {"sleep": first_sleep})
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    time.sleep(0.2)
+    results[1] = service.invoke("fn", {"sleep": second_sleep})
+    thread.join()
+    assert all(result.outcome is Outcome.OK for result in results), [r.error for r in results]
+    return results
+
+
+@pytest.mark.parametrize("room", [False, True], ids=["full-cpu", "cpu-room"])
+def test_past_its_on_demand_environments_a_function_starts_one_only_with_cpu_room(
+    service: Service, room: bool
+) -> None:
+    # Given a function with its one on-demand environment warm
+    running = service(SLEEPER, cold_starts=ColdStarts(on_demand=1, patience_seconds=30, room=lambda: room))
+    assert running.invoke("fn", {"sleep": 0}).outcome is Outcome.OK
+    # When a second invocation arrives while the first runs for a second
+    first, second = _staggered(running, first_sleep=1.0, second_sleep=0)
+    if room:
+        # Then, with room, it gets an environment of its own and ends first, as on Lambda
+        assert (second.payload["pid"] != first.payload["pid"], second.cold_start) == (True, True)
+        assert second.payload["ended"] < first.payload["ended"]
+    else:
+        # Then, on a full CPU, it runs in the first one once that is free, without a cold start
+        assert (second.payload["pid"] == first.payload["pid"], second.cold_start) == (True, False)
+        assert second.payload["ended"] >= first.payload["ended"]
+
+
+def test_an_environment_held_past_the_patience_gets_a_new_one_started_beside_it(service: Service) -> None:
+    # Given a full CPU, and a first invocation that holds its environment for 3 s (a long-poll)
+    running = service(SLEEPER, cold_starts=ColdStarts(on_demand=1, patience_seconds=0.5, room=lambda: False))
+    assert running.invoke("fn", {"sleep": 0}).outcome is Outcome.OK
+    first, second = _staggered(running, first_sleep=3.0, second_sleep=0)
+    # Then the second waited only its patience: it started an environment and ended first
+    assert second.payload["pid"] != first.payload["pid"]
+    assert second.cold_start is True
+    assert second.payload["ended"] < first.payload["ended"]
+
+
+LOGGED_INIT = """
+import os, time
+
+with open(os.environ["INITS"], "a") as log:
+    log.write(f"{time.time()} start\\n")
+time.sleep(0.5)
+with open(os.environ["INITS"], "a") as log:
+    log.write(f"{time.time()} end\\n")
+
+
+def handler(event, context):
+    return {"pid": os.getpid()}
+"""
+
+
+def test_environments_start_one_at_a_time_when_the_limit_is_one(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a function whose init takes 0.5 s, and room for one start at a time
+    inits = tmp_path / "inits.log"
+    running = service(LOGGED_INIT, cold_starts=ColdStarts(limit=1, room=lambda: True))
+    running.pools["fn"].spec.environment["INITS"] = str(inits)
+    # When three invocations arrive at once, with no environment yet
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(running.invoke("fn", {}))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then all three ran, and no two inits overlapped
+    assert [result.outcome for result in results] == [Outcome.OK] * 3
+    events = [line.split() for line in inits.read_text().splitlines()]
+    assert [kind for _, kind in events] == ["start", "end"] * (len(events) // 2)
+    assert 1 <= len(events) // 2 <= 2  # the third took an environment released before it could start one

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import httpx
@@ -279,6 +281,18 @@ class ProviderKey:
         return fresh if fresh != refused else None
 
 
+@cache
+def verified_context() -> ssl.SSLContext:
+    """The TLS context of every provider call in this environment, made once.
+
+    Each job still opens its own client and connection (closing it is how a cancelled job
+    stops being billed), but loading the CA bundle costs about 20 ms of CPU, which a new
+    client per job paid every time. As httpx's default client: verified, and SSL_CERT_FILE
+    or SSL_CERT_DIR honoured.
+    """
+    return httpx.create_ssl_context(verify=True, trust_env=True)
+
+
 class ChatCompletionsProvider:
     """POST {base_url}/chat/completions, streaming or not."""
 
@@ -309,7 +323,9 @@ class ChatCompletionsProvider:
             # forever still ends before the Lambda does.
             async with (
                 asyncio.timeout(timeout_seconds),
-                httpx.AsyncClient(timeout=timeout, transport=self._transport) as client,
+                httpx.AsyncClient(
+                    timeout=timeout, transport=self._transport, verify=verified_context()
+                ) as client,
             ):
                 try:
                     return await self._call(
