@@ -178,12 +178,21 @@ class UsagePlans:
         now = time.monotonic()
         index = self._index
         if index is not None and key_value in index[1]:
-            # A known key is answered without the lock, so no request queues behind another's
-            # read of the plans; a stale index is read again in the background, once at a
-            # time, and answers meanwhile (a change applies within the cache period and a read).
-            if index[0] <= now and self._refreshing.acquire(blocking=False):
-                threading.Thread(target=self._refresh, name="usage-plans", daemon=True).start()
-            return index[1][key_value]
+            if index[0] > now:
+                # A known key is answered without the lock: no request queues behind another's.
+                return index[1][key_value]
+            # Stale: the first request to see it reads the plans again and answers from them;
+            # those that come meanwhile answer from the index it replaces, unless that is stale
+            # by more than a cache period (a read that keeps failing), when they wait too.
+            if index[0] + self.cache_seconds > now:
+                if not self._refreshing.acquire(blocking=False):
+                    return index[1][key_value]  # another request is reading them
+                try:
+                    with self._lock:
+                        self._index = (time.monotonic() + self.cache_seconds, self._read())
+                        return self._index[1].get(key_value)
+                finally:
+                    self._refreshing.release()
         with self._lock:
             stale = self._index is None or self._index[0] <= now
             # A key not seen yet (a tenant just created) is looked for again at once, at most
@@ -197,15 +206,6 @@ class UsagePlans:
                 self._index = (now + self.cache_seconds, self._read())
             assert self._index is not None
             return self._index[1].get(key_value)
-
-    def _refresh(self) -> None:
-        try:
-            with self._lock:
-                self._index = (time.monotonic() + self.cache_seconds, self._read())
-        except Exception:  # moto stopping, or busy: the next stale request tries again
-            log.debug("reading the usage plans failed", exc_info=True)
-        finally:
-            self._refreshing.release()
 
     def _read(self) -> dict[str, PlanThrottle]:
         """key value -> its plan on the stage, for every enabled key in a plan of the stage

@@ -653,19 +653,21 @@ class ColdStarts:
     - a function starts environments on demand, as on Lambda, up to `on_demand` of them
       (4 by default); past that, only while the CPU has room (`room`: by default below 90% of
       the machine and 70% of one core for the sandbox's own process over the last half
-      second, CpuLoad), or for an invocation that has waited `patience_seconds` while one of
-      the function's invocations has been running that long (a long-poll holding its environment, a worker waiting on a slow provider).
-      Otherwise an invocation waits for a busy environment to be released: its invocations are
-      short, and on a full CPU another environment would only share the same cores.
+      second, CpuLoad), or for an invocation that has waited `patience_seconds` (5 s) for
+      one. Meanwhile it waits for a busy environment to be released: a function's
+      invocations are mostly short, and on a full CPU another environment would only share
+      the same cores. The patience bounds what a wait adds to an invocation: one that waits
+      on something else than the CPU (a long-poll, a worker on a slow provider) holds its
+      environment, and the next one starts its own after at most that long.
 
     What stays as on Lambda: an environment runs one invocation at a time; a function never
     has more environments than its concurrency; an invoke is throttled only when all of its
     concurrency is in use. What differs: past `on_demand`, on a full machine, an invocation
-    may wait for an environment that was busy when it arrived, instead of cold-starting one
-    (fewer report `cold_start`).
+    may wait up to `patience_seconds` for an environment that was busy when it arrived,
+    instead of cold-starting one (fewer report `cold_start`).
 
-    One condition serves every pool: a finished start or a released environment wakes the
-    waiters of every function, which re-check their own pool.
+    Every pool's condition shares `lock`: a released environment wakes one waiter of its own
+    function, a finished start the waiters of every function (`started`).
     """
 
     def __init__(
@@ -679,8 +681,21 @@ class ColdStarts:
         self.on_demand = on_demand
         self.patience_seconds = patience_seconds
         self.active = 0
-        self.changed = threading.Condition()
+        self.lock = threading.Lock()
+        self._waiters: list[threading.Condition] = []
         self.room = room or CpuLoad().has_room
+
+    def condition(self) -> threading.Condition:
+        """A pool's condition, on the shared lock."""
+        changed = threading.Condition(self.lock)
+        self._waiters.append(changed)
+        return changed
+
+    def started(self) -> None:
+        """A start slot is free (call with `lock` held): any function's waiter may take it."""
+        self.active -= 1
+        for changed in self._waiters:
+            changed.notify_all()
 
 
 class CpuLoad:
@@ -757,7 +772,7 @@ class FunctionPool:
         self._starts = cold_starts or ColdStarts()
         self._max = max_environments
         self._busy = 0  # units of concurrency in use: invocations running or starting
-        self._running: dict[object, float] = {}  # since when each invocation has run
+        self._changed = self._starts.condition()
         self._closed = False
 
     def _new_environment(self) -> ExecutionEnvironment:
@@ -780,13 +795,13 @@ class FunctionPool:
     def warm_up(self) -> None:
         """Start one environment now: a wiring fault fails the sandbox here, not at first use."""
         environment = self._new_environment()
-        with self._starts.changed:
+        with self._changed:
             self._idle.append(environment)
 
     def _acquire(self, throttle: bool) -> ExecutionEnvironment | None:
         """A unit of concurrency, with a warm environment or (None) the right to start one."""
         patient_until = time.monotonic() + self._starts.patience_seconds
-        with self._starts.changed:
+        with self._changed:
             while True:
                 if self._closed:
                     raise _Stopping(self.spec.name)
@@ -798,23 +813,17 @@ class FunctionPool:
                         raise FunctionThrottled(self.spec.name)
                 elif self._starts.active < self._starts.limit and (
                     self._busy < self._starts.on_demand
-                    or self._held_past(patient_until)
+                    or time.monotonic() >= patient_until
                     or self._starts.room()
                 ):
                     self._starts.active += 1
                     self._busy += 1
                     return None
                 # Woken by a release or a finished start; the timeout looks at the CPU again.
-                self._starts.changed.wait(timeout=_CPU_WINDOW_SECONDS)
-
-    def _held_past(self, patient_until: float) -> bool:
-        """Whether this invocation has been patient, and an environment has been held as long."""
-        now = time.monotonic()
-        patience = self._starts.patience_seconds
-        return now >= patient_until and any(now - since >= patience for since in self._running.values())
+                self._changed.wait(timeout=_CPU_WINDOW_SECONDS)
 
     def _release(self, environment: ExecutionEnvironment | None) -> None:
-        with self._starts.changed:
+        with self._changed:
             self._busy -= 1
             if environment is not None and environment.alive and not self._closed:
                 self._idle.append(environment)
@@ -822,30 +831,25 @@ class FunctionPool:
                 with self._lock:
                     if environment in self._all:
                         self._all.remove(environment)
-            self._starts.changed.notify_all()
+            # One unit (and maybe one environment) came free: one waiter can take it.
+            self._changed.notify()
 
     def _start(self) -> ExecutionEnvironment:
         try:
             return self._new_environment()
         finally:
-            with self._starts.changed:
-                self._starts.active -= 1
-                self._starts.changed.notify_all()
+            with self._changed:
+                self._starts.started()
 
     @contextmanager
     def _environment(self, throttle: bool = False) -> Iterator[tuple[ExecutionEnvironment, bool]]:
         environment = self._acquire(throttle)
         cold = environment is None
-        token = object()
         try:
             if environment is None:
                 environment = self._start()
-            with self._starts.changed:
-                self._running[token] = time.monotonic()
             yield environment, cold
         finally:
-            with self._starts.changed:
-                self._running.pop(token, None)
             self._release(environment)
 
     def invoke(
@@ -856,10 +860,13 @@ class FunctionPool:
         started = time.time()
         if self._closed:
             return self._stopping(request_id, started)
-        armed = self._faults.arm(self.spec.name)
+        # Armed once an environment is this invocation's: one that waits for it or is throttled
+        # holds no fault another invocation could fire meanwhile.
+        armed: list[dict[str, str]] = []
         fired: list[str] = []
         try:
             with self._environment(throttle) as (environment, cold):
+                armed = self._faults.arm(self.spec.name)
                 started = time.time()
                 outcome, payload = environment.invoke(
                     event, request_id, timeout_seconds or self.spec.timeout_seconds, armed
@@ -900,10 +907,10 @@ class FunctionPool:
         )
 
     def close(self) -> None:
-        with self._starts.changed:
+        with self._changed:
             self._closed = True
             self._idle.clear()
-            self._starts.changed.notify_all()
+            self._changed.notify_all()
         with self._lock:
             environments = list(self._all)
             self._all.clear()

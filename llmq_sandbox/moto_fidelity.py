@@ -734,7 +734,8 @@ def _condition_lexed_once(lex: Callable[..., Any]) -> Callable[..., Any]:
 def _action_counts_at_the_root(self: Any, node: Any) -> Any:
     """ActionCountValidator.traverse: moto checks the clause counts below every node of the
     update expression's chain, which costs the square of its length; the root's subtree holds
-    every clause, so checking it alone refuses exactly the same expressions."""
+    every clause, so checking it alone refuses exactly the same expressions (when several
+    clauses repeat, its message may name another of them than moto's would)."""
     if isinstance(node, importlib.import_module("moto.dynamodb.parsing.ast_nodes").UpdateExpression):
         self.verify_action_counts(node)
     return node

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,3 +161,23 @@ def test_a_throttled_lambda_invoke_tells_the_client_when_to_retry() -> None:
     reply = get(gateway(functions, stub), "one")
     assert reply.status >= 500
     assert dict(reply.headers)["Retry-After"] == "1"
+
+
+def test_a_plan_changed_after_the_cache_period_applies_from_the_next_request() -> None:
+    # Given a key whose plan was read (cached for 0.2 s)
+    members = [("k1", "usage-one", True)]
+    stub = ApiGatewayStub({"plan_free": (1.0, 2, members)})
+    api = template_api()
+    stub.api_id = api.rest_api_id
+    plans = UsagePlans(lambda: stub, api.rest_api_id, api.stage, cache_seconds=0.2)
+    first = plans.plan_for("usage-one")
+    assert first is not None and (first.rate_per_second, first.burst) == (1.0, 2)
+    # When the plan's throttle changes, and a request comes within, then after, the cache period
+    stub.plans["plan_free"] = (5.0, 10, members)
+    within = plans.plan_for("usage-one")
+    time.sleep(0.25)
+    after = plans.plan_for("usage-one")
+    # Then the one within is answered from the cache, and the next one after from a new read
+    assert within is not None and within.rate_per_second == 1.0
+    assert after is not None and (after.rate_per_second, after.burst) == (5.0, 10)
+    assert stub.reads == 2
