@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -443,18 +444,19 @@ async def test_a_body_that_is_not_a_webhook_message_is_poison_and_never_sent() -
 
 
 class GatedReceiver(FakeReceiver):
-    """Answers nothing until `copies` requests are in flight: every copy has read the job."""
+    """Answers nothing until `copies` requests are in flight: every copy has read the job.
+    The copies may come from invocations in event loops of their own (threads)."""
 
     def __init__(self, copies: int, *answers: httpx.Response | Exception) -> None:
         super().__init__(*answers)
         self.copies = copies
-        self.all_in = asyncio.Event()
+        self.all_in = threading.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if len(self.requests) >= self.copies:
             self.all_in.set()
-        await asyncio.wait_for(self.all_in.wait(), timeout=10)
+        assert await asyncio.to_thread(self.all_in.wait, 10), "the other copies never came"
         self.requests.pop()
         return await super().__call__(request)
 
@@ -471,12 +473,15 @@ async def test_a_copy_that_loses_the_count_keeps_its_message_for_the_retry() -> 
     world.dispatcher._transport_factory = world.receiver.transport
     world.add(make_job())
     body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
-    # When the two copies are handled at once
-    outcomes = await asyncio.gather(
-        world.dispatcher.handle(body, receive_count=1),
-        world.dispatcher.handle(body, receive_count=1),
-        return_exceptions=True,
-    )
+
+    # When the two copies are handled at once, by two invocations (each its own event loop)
+    async def handled() -> DeliveryOutcome | BaseException:
+        try:
+            return await world.dispatcher.handle(body, receive_count=1)
+        except RetryLater as exc:
+            return exc
+
+    outcomes = await asyncio.gather(*(asyncio.to_thread(asyncio.run, handled()) for _ in range(2)))
     # Then one attempt is counted, and neither copy is acknowledged: both come back when the
     # next attempt is due, so the retry survives whichever receipt the mapping deletes with
     assert [type(outcome) for outcome in outcomes] == [RetryLater, RetryLater], outcomes
@@ -699,3 +704,54 @@ async def test_by_default_a_carried_job_is_not_trusted_and_a_duplicate_waits_its
     # Then the job was read: the copy waits for the attempt that is due, and nothing was POSTed
     assert outcome.kind is OutcomeKind.RETRY
     assert world.receiver.requests == []
+
+
+async def test_two_copies_in_one_invocation_post_once_and_the_second_finds_it_delivered() -> None:
+    # Given a job whose terminal event is pending, and two copies of its message in one batch
+    world = World()
+    world.receiver = FakeReceiver(httpx.Response(200), httpx.Response(200))
+    world.dispatcher._transport_factory = world.receiver.transport
+    world.add(make_job())
+    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    # When the invocation handles both at once
+    outcomes = await asyncio.gather(
+        world.dispatcher.handle(body, receive_count=1), world.dispatcher.handle(body, receive_count=1)
+    )
+    # Then the receiver got one POST: the second copy waited, read the delivery, and skipped it
+    assert sorted(outcome.kind for outcome in outcomes) == [OutcomeKind.DELIVERED, OutcomeKind.SKIPPED]
+    assert len(world.receiver.requests) == 1
+    assert world.jobs.deliveries == [(DeliveryStatus.DELIVERED, 200, None)]
+
+
+async def test_a_copy_that_comes_early_comes_back_after_the_attempt_it_would_make() -> None:
+    # Given a job whose first attempt failed, due again in SCHEDULE[0] seconds
+    world = World()
+    ended = world.add(make_job())
+    world.jobs.records[ended.id] = ended.model_copy(
+        update={"delivery_attempts": 1, "delivery_next_ms": int((world.now + SCHEDULE[0]) * 1000)}
+    )
+    # When a copy of its message comes now
+    outcome = await world.dispatcher.deliver(WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED))
+    # Then it waits until two seconds after the attempt is due (the message carrying that attempt,
+    # delayed to it, goes first), and nothing was POSTed
+    assert outcome.kind is OutcomeKind.RETRY
+    assert outcome.retry_in == pytest.approx(SCHEDULE[0] + 2, abs=0.01)
+    assert world.receiver.requests == []
+
+
+async def test_a_new_copy_just_past_a_scheduled_attempt_waits_for_the_message_that_carries_it() -> None:
+    # Given a job whose second attempt was due half a second ago (its message is on its way back)
+    world = World()
+    ended = world.add(make_job())
+    world.jobs.records[ended.id] = ended.model_copy(
+        update={"delivery_attempts": 1, "delivery_next_ms": int((world.now - 0.5) * 1000)}
+    )
+    body = WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED).model_dump_json()
+    # When a new message for it (sent again for the terminal job) is received for the first time
+    with pytest.raises(RetryLater) as waited:
+        await world.dispatcher.handle(body, receive_count=1)
+    # Then it comes back after the carrier's attempt, and nothing was POSTed
+    assert waited.value.delay_seconds == pytest.approx(1.5, abs=0.01)
+    assert world.receiver.requests == []
+    # While the carrier itself, back for its second receive, delivers at once
+    assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.DELIVERED

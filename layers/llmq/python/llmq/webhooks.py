@@ -63,6 +63,10 @@ SIGNATURE_VERSION = "v1"
 GONE = 410
 # A copy of a webhooks message this much before its attempt is due or less is let through.
 _EARLY_TOLERANCE_SECONDS = 1.0
+# How long after an attempt is due a copy that came early comes back: the message carrying
+# the attempt (delayed to its due time, within the tolerance) goes first, and a copy at the
+# same moment would POST the same attempt beside it.
+_COPY_LAG_SECONDS = 2 * _EARLY_TOLERANCE_SECONDS
 # Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 # A job.output event is tried this many times at most, retried only while its job runs, and
@@ -260,6 +264,10 @@ class WebhookDispatcher:
         self._secret_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
             weakref.WeakKeyDictionary()
         )
+        # One job's terminal deliveries, one at a time per invocation (`deliver`).
+        self._delivery_locks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, asyncio.Lock]
+        ] = weakref.WeakKeyDictionary()
         # SQS limits a message's visibility to 12 hours from its receipt, and the message was
         # received up to one function timeout ago.
         self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
@@ -301,7 +309,7 @@ class WebhookDispatcher:
         if early > 0:
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early, self.max_delay_seconds),
+                retry_in=min(early + _COPY_LAG_SECONDS, self.max_delay_seconds),
                 reason="the next attempt is not due yet",
             )
         attempt = batch.delivery_attempts + 1
@@ -352,7 +360,24 @@ class WebhookDispatcher:
         event = message.event
         if isinstance(event, BatchEvent):
             return await self.deliver_batch(message.job_id, event)
-        job = _carried(message, self._clock()) if first_receive and self._policy.trust_carried_job else None
+        if event not in TERMINAL_EVENTS:
+            return await self._deliver(message, attempt, first_receive, first_receive)
+        # Copies of one job's terminal event in this invocation (one batch of records) go one
+        # at a time, and a copy that waited reads what the one before it recorded: otherwise
+        # both would POST the same attempt. Copies in other environments still can (webhooks
+        # are at least once, under one webhook-id), which the conditional record settles.
+        locks = self._delivery_locks.setdefault(asyncio.get_running_loop(), {})
+        lock = locks.setdefault(message.job_id, asyncio.Lock())
+        behind_a_copy = lock.locked()
+        async with lock:
+            return await self._deliver(message, attempt, first_receive, first_receive and not behind_a_copy)
+
+    async def _deliver(
+        self, message: WebhookMessage, attempt: int | None, first_receive: bool, carried: bool
+    ) -> DeliveryOutcome:
+        event = message.event
+        assert isinstance(event, WebhookEvent)
+        job = _carried(message, self._clock()) if carried and self._policy.trust_carried_job else None
         if job is None:
             job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
@@ -369,11 +394,23 @@ class WebhookDispatcher:
         # Only a counted attempt is conditional on the count: an explicit one is taken as given.
         previous = job.delivery_attempts if attempt is None and terminal else None
         early = self._early_by(job) if previous is not None else 0.0
+        if previous and first_receive and job.delivery_next_ms is not None:
+            # A new message while an attempt is scheduled (a copy sent again for the terminal
+            # job): the message that carries that attempt, received before, comes back for it
+            # and goes first, even within the tolerance or just past it; this one after it.
+            behind = job.delivery_next_ms / 1000 + _COPY_LAG_SECONDS - self._clock()
+            if behind > 0:
+                return DeliveryOutcome(
+                    OutcomeKind.RETRY,
+                    retry_in=min(behind, self.max_delay_seconds),
+                    reason="a copy waits for the message that carries the scheduled attempt",
+                )
         if early > 0:
-            # A copy of the message came before the attempt it would make is due: it waits.
+            # A copy of the message came before the attempt it would make is due: it waits
+            # until after the message that carries that attempt, which it then finds settled.
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early, self.max_delay_seconds),
+                retry_in=min(early + _COPY_LAG_SECONDS, self.max_delay_seconds),
                 reason="the next attempt is not due yet",
             )
         attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
