@@ -162,6 +162,37 @@ def test_the_same_dead_letter_handled_twice_is_sent_once_more_not_given_up(
     assert len(_expand_messages(harness)) == 2
 
 
+def test_two_copies_that_dead_letter_in_one_round_send_it_again_once_and_the_next_round_gives_up(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several expand messages of one batch can be in flight (a chunk's next, the reconciler's):
+    when both crash and dead-letter, that is one round, answered once. SQS keeps a message's
+    SentTimestamp when it moves it to the DLQ, which is how the second is known for a copy."""
+    # Given a batch whose expansion crashes, with a second expand message in flight
+    _crash(monkeypatch, StoredRequests, "item")
+    batch_id = _submit(harness)
+    url, dlq = harness.stack.lane_queue_urls[HIGH], harness.stack.lane_dlq_urls[HIGH]
+    (original,) = _expand_messages(harness)
+    harness.sqs.send_message(QueueUrl=url, MessageBody=original["Body"])
+    copies = _expand_messages(harness)
+    assert len(copies) == 2
+    for copy in copies:
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=copy["ReceiptHandle"])
+    time.sleep(1.1)  # both sent well before they dead-letter (beyond the clocks' margin)
+    # When both dead-letter, one after the other, with the SentTimestamp they were sent with
+    for copy in copies:
+        answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, [copy]), LambdaContextStub())
+        assert answer["batchItemFailures"] == []
+    # Then the batch runs on, with its message sent again once
+    running = _batch(harness, batch_id)
+    assert running["status"] in ("validating", "in_progress") and not _crashed(running)
+    (resent,) = _expand_messages(harness)
+    # And when the message sent again dead-letters too, llmq gives up on the batch
+    harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=resent["ReceiptHandle"])
+    load_handler("dead_letter").handler(harness.sqs_event(dlq, [resent]), LambdaContextStub())
+    assert _crashed(_batch(harness, batch_id))
+
+
 def test_an_upload_whose_validation_crashes_every_time_fails_and_admits_nothing(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

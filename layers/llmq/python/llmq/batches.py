@@ -46,6 +46,7 @@ from llmq.models import (
     WebhookEvent,
 )
 from llmq.payloads import PresignedUrl
+from llmq.policy import REDRIVE_CLOCK_MARGIN_MS
 from llmq.shares import ShareState, holders_of, share_key
 
 BATCH_PREFIX = "batch#"
@@ -193,6 +194,9 @@ class BatchRecord(Model):
     # The expand messages that exhausted their receives (DLQ message ids): the worker crashed
     # on the batch each time (`batch_runs.dead_lettered`).
     dead_letter_ids: set[str] = Field(default_factory=set)
+    # When its expand message was last sent again for a dead letter: a letter of a message
+    # sent before that is a copy from the round already answered, and does not count.
+    redriven_ms: int | None = None
 
     @property
     def expansion_over(self) -> bool:
@@ -715,11 +719,32 @@ class BatchRepository:
         extra = {**_errors(errors), "false": False}
         return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, "validated = :false")
 
-    def note_dead_letter(self, batch: BatchRecord, message_id: str) -> BatchRecord | None:
+    def note_dead_letter(
+        self, batch: BatchRecord, message_id: str, sent_ms: int | None = None
+    ) -> BatchRecord | None:
         """One of the batch's expand messages dead-lettered; idempotent per DLQ message. None
-        when the batch has ended."""
+        when the batch has ended, or when the message (`sent_ms`: its SentTimestamp, which SQS
+        keeps when it moves a message to the DLQ) was sent before the batch's message was last
+        sent again: two copies in flight that dead-letter in one round are one crash, and
+        only the first is answered (`redriven_ms`)."""
+        if sent_ms is None:
+            return self._update_while_open(
+                batch.id, "ADD dead_letter_ids :ids", {"ids": {message_id}}, finalizing=True
+            )
         return self._update_while_open(
-            batch.id, "ADD dead_letter_ids :ids", {"ids": {message_id}}, finalizing=True
+            batch.id,
+            "ADD dead_letter_ids :ids",
+            {"ids": {message_id}, "fresh_from": sent_ms + REDRIVE_CLOCK_MARGIN_MS, "letter": message_id},
+            # Counted already (this letter handled again after a cut-short redrive): still counts.
+            "(attribute_not_exists(redriven_ms) OR redriven_ms <= :fresh_from"
+            " OR contains(dead_letter_ids, :letter))",
+            finalizing=True,
+        )
+
+    def note_redrive(self, batch: BatchRecord) -> BatchRecord | None:
+        """Its expand message is about to be sent again for a dead letter (`redriven_ms`)."""
+        return self._update_while_open(
+            batch.id, "SET redriven_ms = :now", {"now": self.now_ms()}, finalizing=True
         )
 
     def stop_sweeping(self, batch: BatchRecord) -> None:

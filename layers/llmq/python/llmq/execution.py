@@ -796,15 +796,16 @@ def mark_dead_letter(
     body: str,
     message_id: str,
     batches: tuple[BatchRepository, LlmqConfig] | None = None,
+    sent_ms: int | None = None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
     that ended here may end its batch, which a worker is asked to look at. A batch's expand
-    message goes to `batch_runs.dead_lettered` (None: no job)."""
+    message goes to `batch_runs.dead_lettered` (None: no job); `sent_ms` is its SentTimestamp."""
     message = _parse(body)
     if message.kind == "expand":
         if batches is None:
             raise PoisonMessage(f"an expand message of batch {message.job_id}, and no batches here")
-        batch = dead_lettered(batches[0], queues, batches[1], message.job_id, message_id)
+        batch = dead_lettered(batches[0], queues, batches[1], message.job_id, message_id, sent_ms)
         if batch is not None:
             logger.info(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}

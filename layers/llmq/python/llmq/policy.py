@@ -17,6 +17,9 @@ from llmq.shares import ShareState
 # the claim, or a batch's expansion each time) is sent again this many times before its job,
 # or its batch, is given up on.
 MAX_DEAD_LETTER_REDRIVES = 1
+# A dead letter counts toward that only if its message was sent after the last such re-send,
+# give or take this much difference between the clocks of SQS (SentTimestamp) and Lambda.
+REDRIVE_CLOCK_MARGIN_MS = 1000
 
 
 class ClaimOutcome(StrEnum):
