@@ -189,8 +189,13 @@ class UsagePlans:
                     return index[1][key_value]  # another request is reading them
                 try:
                     with self._lock:
-                        self._index = (time.monotonic() + self.cache_seconds, self._read())
-                        return self._index[1].get(key_value)
+                        current = self._index
+                        if current is index:  # not read again while this one waited
+                            current = self._index = (time.monotonic() + self.cache_seconds, self._read())
+                        return current[1].get(key_value) if current is not None else None
+                except Exception:  # moto busy or stopping: the plan read last still stands
+                    log.debug("reading the usage plans failed", exc_info=True)
+                    return index[1][key_value]
                 finally:
                     self._refreshing.release()
         with self._lock:

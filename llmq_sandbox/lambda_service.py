@@ -653,21 +653,21 @@ class ColdStarts:
     - a function starts environments on demand, as on Lambda, up to `on_demand` of them
       (4 by default); past that, only while the CPU has room (`room`: by default below 90% of
       the machine and 70% of one core for the sandbox's own process over the last half
-      second, CpuLoad), or for an invocation that has waited `patience_seconds` (5 s) for
-      one. Meanwhile it waits for a busy environment to be released: a function's
-      invocations are mostly short, and on a full CPU another environment would only share
-      the same cores. The patience bounds what a wait adds to an invocation: one that waits
-      on something else than the CPU (a long-poll, a worker on a slow provider) holds its
-      environment, and the next one starts its own after at most that long.
+      second, CpuLoad), or for an invocation that has waited `patience_seconds` (5 s) while
+      none of the function's environments came free (they are held long: long-polls, a
+      worker on a slow provider). Meanwhile it waits, in order of arrival, for a busy
+      environment to be released: a function's invocations are mostly short, and on a full
+      CPU another environment would only share the same cores, so under a load beyond the
+      machine requests queue here, as they would behind any server at its capacity.
 
     What stays as on Lambda: an environment runs one invocation at a time; a function never
     has more environments than its concurrency; an invoke is throttled only when all of its
     concurrency is in use. What differs: past `on_demand`, on a full machine, an invocation
-    may wait up to `patience_seconds` for an environment that was busy when it arrived,
-    instead of cold-starting one (fewer report `cold_start`).
+    may wait for an environment that was busy when it arrived, instead of cold-starting one
+    (fewer report `cold_start`).
 
-    Every pool's condition shares `lock`: a released environment wakes one waiter of its own
-    function, a finished start the waiters of every function (`started`).
+    Every pool's condition shares `lock`: a released environment wakes the waiters of its own
+    function (the first in line takes it), a finished start those of every function.
     """
 
     def __init__(
@@ -772,6 +772,8 @@ class FunctionPool:
         self._starts = cold_starts or ColdStarts()
         self._max = max_environments
         self._busy = 0  # units of concurrency in use: invocations running or starting
+        self._released = 0  # units given back so far
+        self._queue: deque[object] = deque()  # invocations waiting, in order of arrival
         self._changed = self._starts.condition()
         self._closed = False
 
@@ -799,40 +801,54 @@ class FunctionPool:
             self._idle.append(environment)
 
     def _acquire(self, throttle: bool) -> ExecutionEnvironment | None:
-        """A unit of concurrency, with a warm environment or (None) the right to start one."""
+        """A unit of concurrency, with a warm environment or (None) the right to start one.
+
+        Waiters are served in order of arrival (one that came later never takes the
+        environment an earlier one waits for), so a wait is bounded by the invocations ahead.
+        """
+        ticket = object()
         patient_until = time.monotonic() + self._starts.patience_seconds
         with self._changed:
-            while True:
-                if self._closed:
-                    raise _Stopping(self.spec.name)
-                if self._idle:
-                    self._busy += 1
-                    return self._idle.pop()
-                if self._busy >= self._max:
-                    if throttle:
-                        raise FunctionThrottled(self.spec.name)
-                elif self._starts.active < self._starts.limit and (
-                    self._busy < self._starts.on_demand
-                    or time.monotonic() >= patient_until
-                    or self._starts.room()
-                ):
-                    self._starts.active += 1
-                    self._busy += 1
-                    return None
-                # Woken by a release or a finished start; the timeout looks at the CPU again.
-                self._changed.wait(timeout=_CPU_WINDOW_SECONDS)
+            released_when_came = self._released
+            self._queue.append(ticket)
+            try:
+                while True:
+                    if self._closed:
+                        raise _Stopping(self.spec.name)
+                    if self._busy >= self._max and not self._idle:
+                        if throttle:
+                            raise FunctionThrottled(self.spec.name)
+                    elif self._queue[0] is ticket:
+                        if self._idle:
+                            self._busy += 1
+                            return self._idle.pop()
+                        # Patience: nothing of this function came free while this one waited, so
+                        # what holds its environments holds them long (a long-poll).
+                        held = time.monotonic() >= patient_until and self._released == released_when_came
+                        if self._starts.active < self._starts.limit and (
+                            self._busy < self._starts.on_demand or held or self._starts.room()
+                        ):
+                            self._starts.active += 1
+                            self._busy += 1
+                            return None
+                    # Woken by a release, a finished start or the one ahead leaving; the timeout
+                    # looks at the CPU again.
+                    self._changed.wait(timeout=_CPU_WINDOW_SECONDS)
+            finally:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
 
     def _release(self, environment: ExecutionEnvironment | None) -> None:
         with self._changed:
             self._busy -= 1
+            self._released += 1
             if environment is not None and environment.alive and not self._closed:
                 self._idle.append(environment)
             elif environment is not None:
                 with self._lock:
                     if environment in self._all:
                         self._all.remove(environment)
-            # One unit (and maybe one environment) came free: one waiter can take it.
-            self._changed.notify()
+            self._changed.notify_all()
 
     def _start(self) -> ExecutionEnvironment:
         try:

@@ -482,10 +482,11 @@ async def test_a_copy_that_loses_the_count_keeps_its_message_for_the_retry() -> 
             return exc
 
     outcomes = await asyncio.gather(*(asyncio.to_thread(asyncio.run, handled()) for _ in range(2)))
-    # Then one attempt is counted, and neither copy is acknowledged: both come back when the
-    # next attempt is due, so the retry survives whichever receipt the mapping deletes with
+    # Then one attempt is counted, and neither copy is acknowledged: the one that counted it
+    # comes back when the next attempt is due, the other just after, so the retry survives
+    # whichever receipt the mapping deletes with
     assert [type(outcome) for outcome in outcomes] == [RetryLater, RetryLater], outcomes
-    assert sorted(round(outcome.delay_seconds) for outcome in outcomes) == [SCHEDULE[0]] * 2  # type: ignore[union-attr]
+    assert sorted(round(outcome.delay_seconds) for outcome in outcomes) == [SCHEDULE[0], SCHEDULE[0] + 2]  # type: ignore[union-attr]
     assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
     assert len(world.receiver.requests) == 2
     # And once the receiver is back, the next copy delivers it and later copies are acknowledged
@@ -755,3 +756,18 @@ async def test_a_new_copy_just_past_a_scheduled_attempt_waits_for_the_message_th
     assert world.receiver.requests == []
     # While the carrier itself, back for its second receive, delivers at once
     assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.DELIVERED
+
+
+async def test_an_environment_keeps_no_lock_for_a_job_once_its_deliveries_are_done() -> None:
+    # Given a dispatcher whose event loop lives as long as its environment (Powertools keeps one)
+    world = World()
+    for n in range(3):
+        world.add(make_job(job_id=f"job_{n}"))
+    bodies = [
+        WebhookMessage(job_id=f"job_{n}", event=WebhookEvent.SUCCEEDED).model_dump_json() for n in range(3)
+    ]
+    # When it delivers three jobs' events, two copies each
+    await asyncio.gather(*(world.dispatcher.handle(body, receive_count=1) for body in bodies * 2))
+    # Then every job was POSTed once, and nothing of them stays behind in the environment
+    assert len(world.receiver.requests) == 3
+    assert world.dispatcher._delivery_locks[asyncio.get_running_loop()] == {}

@@ -369,8 +369,8 @@ def dead_lettered(
       canceled at their claims, running ones finish.
 
     The count starts afresh at each step the batch gets past (a chunk, a part of its file or
-    of its results file). A letter of a message sent (`sent_ms`) before the batch's message was
-    last sent again is a copy from the round already answered (several expand messages of one
+    of its results file). A letter of a message sent (`sent_ms`) before the last letter was
+    counted is a copy from the round already answered (several expand messages of one
     batch can be in flight: a chunk's next, the reconciler's) and changes nothing. Past the give-up, a dead letter repeats it (a retry of one cut short
     finishes it); a few more, and the reconciler stops looking at the batch and the message
     stays in the DLQ for an operator (PoisonMessage). A batch is never retried for ever.
@@ -387,9 +387,6 @@ def dead_lettered(
         return batches.find(batch_id)  # ended meanwhile, or a copy from the round answered
     letters = len(counted.dead_letter_ids)
     if letters <= MAX_DEAD_LETTER_REDRIVES:
-        # Marked first: the message sent next is of the new round (a cut-short retry of this
-        # letter still counts it, and sends again).
-        batches.note_redrive(counted)
         queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
         return counted
     crashed = [

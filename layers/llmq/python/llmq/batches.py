@@ -194,9 +194,9 @@ class BatchRecord(Model):
     # The expand messages that exhausted their receives (DLQ message ids): the worker crashed
     # on the batch each time (`batch_runs.dead_lettered`).
     dead_letter_ids: set[str] = Field(default_factory=set)
-    # When its expand message was last sent again for a dead letter: a letter of a message
-    # sent before that is a copy from the round already answered, and does not count.
-    redriven_ms: int | None = None
+    # When the last of those was counted (and the message sent again, or the batch given up):
+    # a letter of a message sent before that is a copy from the round already answered.
+    last_letter_ms: int | None = None
 
     @property
     def expansion_over(self) -> bool:
@@ -286,7 +286,7 @@ _RESULT_ATTRIBUTES = (
 # A step of the batch's work done (a chunk written, a part validated or of its results file
 # uploaded, its finalizing begun): the dead letters counted so far were about a step it got
 # past, and the next is counted afresh (`batch_runs.dead_lettered`), as a job's are at its claim.
-_PROGRESSED = "REMOVE dead_letter_ids"
+_PROGRESSED = "REMOVE dead_letter_ids, last_letter_ms"
 
 
 def _errors(errors: list[BatchLineError]) -> dict[str, str]:
@@ -724,27 +724,32 @@ class BatchRepository:
     ) -> BatchRecord | None:
         """One of the batch's expand messages dead-lettered; idempotent per DLQ message. None
         when the batch has ended, or when the message (`sent_ms`: its SentTimestamp, which SQS
-        keeps when it moves a message to the DLQ) was sent before the batch's message was last
-        sent again: two copies in flight that dead-letter in one round are one crash, and
-        only the first is answered (`redriven_ms`)."""
+        keeps when it moves a message to the DLQ) was sent before the last letter was counted:
+        two copies in flight that dead-letter in one round are one crash, answered once
+        (`last_letter_ms`, written in the same update that counts, so two letters handled at
+        once cannot both count)."""
         if sent_ms is None:
             return self._update_while_open(
                 batch.id, "ADD dead_letter_ids :ids", {"ids": {message_id}}, finalizing=True
             )
+        letter = {"ids": {message_id}, "letter": message_id}
+        counted = self._update_while_open(
+            batch.id,
+            "ADD dead_letter_ids :ids SET last_letter_ms = :now",
+            {**letter, "now": self.now_ms(), "fresh_from": sent_ms + REDRIVE_CLOCK_MARGIN_MS},
+            "(attribute_not_exists(last_letter_ms) OR last_letter_ms <= :fresh_from)"
+            " AND NOT contains(dead_letter_ids, :letter)",
+            finalizing=True,
+        )
+        if counted is not None:
+            return counted
+        # This letter handled again (its re-send cut short): it still counts, the mark unmoved.
         return self._update_while_open(
             batch.id,
             "ADD dead_letter_ids :ids",
-            {"ids": {message_id}, "fresh_from": sent_ms + REDRIVE_CLOCK_MARGIN_MS, "letter": message_id},
-            # Counted already (this letter handled again after a cut-short redrive): still counts.
-            "(attribute_not_exists(redriven_ms) OR redriven_ms <= :fresh_from"
-            " OR contains(dead_letter_ids, :letter))",
+            letter,
+            "contains(dead_letter_ids, :letter)",
             finalizing=True,
-        )
-
-    def note_redrive(self, batch: BatchRecord) -> BatchRecord | None:
-        """Its expand message is about to be sent again for a dead letter (`redriven_ms`)."""
-        return self._update_while_open(
-            batch.id, "SET redriven_ms = :now", {"now": self.now_ms()}, finalizing=True
         )
 
     def stop_sweeping(self, batch: BatchRecord) -> None:

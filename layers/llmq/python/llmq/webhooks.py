@@ -264,9 +264,10 @@ class WebhookDispatcher:
         self._secret_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
             weakref.WeakKeyDictionary()
         )
-        # One job's terminal deliveries, one at a time per invocation (`deliver`).
+        # One job's terminal deliveries, one at a time in an event loop (`deliver`): each job's
+        # lock and how many deliveries hold or wait for it.
         self._delivery_locks: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, asyncio.Lock]
+            asyncio.AbstractEventLoop, dict[str, tuple[asyncio.Lock, int]]
         ] = weakref.WeakKeyDictionary()
         # SQS limits a message's visibility to 12 hours from its receipt, and the message was
         # received up to one function timeout ago.
@@ -362,15 +363,26 @@ class WebhookDispatcher:
             return await self.deliver_batch(message.job_id, event)
         if event not in TERMINAL_EVENTS:
             return await self._deliver(message, attempt, first_receive, first_receive)
-        # Copies of one job's terminal event in this invocation (one batch of records) go one
+        # Copies of one job's terminal event in this environment (one batch of records) go one
         # at a time, and a copy that waited reads what the one before it recorded: otherwise
         # both would POST the same attempt. Copies in other environments still can (webhooks
         # are at least once, under one webhook-id), which the conditional record settles.
         locks = self._delivery_locks.setdefault(asyncio.get_running_loop(), {})
-        lock = locks.setdefault(message.job_id, asyncio.Lock())
+        lock, users = locks.get(message.job_id, (asyncio.Lock(), 0))
+        # Powertools keeps one event loop per warm environment: an entry lives while it is used.
+        locks[message.job_id] = (lock, users + 1)
         behind_a_copy = lock.locked()
-        async with lock:
-            return await self._deliver(message, attempt, first_receive, first_receive and not behind_a_copy)
+        try:
+            async with lock:
+                return await self._deliver(
+                    message, attempt, first_receive, first_receive and not behind_a_copy
+                )
+        finally:
+            lock, users = locks[message.job_id]
+            if users == 1:
+                del locks[message.job_id]
+            else:
+                locks[message.job_id] = (lock, users - 1)
 
     async def _deliver(
         self, message: WebhookMessage, attempt: int | None, first_receive: bool, carried: bool
@@ -460,7 +472,8 @@ class WebhookDispatcher:
         )
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
-        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock()
+        # After the copy that counted it, whose message carries the attempt and comes back at it.
+        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + _COPY_LAG_SECONDS
         return DeliveryOutcome(
             OutcomeKind.RETRY,
             retry_in=min(max(due_in, _EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
