@@ -707,6 +707,32 @@ def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> Non
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
 
 
+def test_two_messages_of_a_queued_job_that_dead_letter_in_one_round_send_it_once_more(
+    harness: Harness,
+) -> None:
+    """The reconciler sends a queued job's message again while another may still be in flight;
+    when both dead-letter, that is one round, answered once. SQS keeps a message's
+    SentTimestamp when it moves it to the DLQ, which is how the second is known for a copy."""
+    # Given a queued job, and a second message for it (the reconciler's), both sent a while ago
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    body = json.dumps({"job_id": job_id, "lane": "high"})
+    sent_ms = jobs.now_ms() - 60_000
+    # When both dead-letter, one after the other
+    mark_dead_letter(jobs, queues, body, "dlq-message-1", sent_ms=sent_ms)
+    mark_dead_letter(jobs, queues, body, "dlq-message-2", sent_ms=sent_ms + 5)
+    # Then the job is still queued, waiting for the one message sent again for it
+    assert _job(harness, job_id)["status"] == "queued"
+    assert len(harness.receive(harness.stack.lane_queue_urls["high"], visibility=0)) == 2  # submit's + 1
+    # And when the message sent again dead-letters too, the job fails
+    mark_dead_letter(jobs, queues, body, "dlq-message-3", sent_ms=jobs.now_ms())
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
 def test_a_cancel_whose_webhook_enqueue_is_throttled_still_answers_canceled(
     harness: Harness, faults: AwsFaults
 ) -> None:

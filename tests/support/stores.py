@@ -45,7 +45,7 @@ from llmq.models import (
     WebhookEvent,
 )
 from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
-from llmq.policy import Claim
+from llmq.policy import REDRIVE_CLOCK_MARGIN_MS, Claim
 from llmq.queues import redelivery_visibility
 from llmq.shares import ShareState
 from llmq.tenants import Tenant, TenantIdentity, UnknownTenant, hash_api_key, new_api_key, new_webhook_secret
@@ -316,6 +316,7 @@ class InMemoryJobs:
             started_ms=found.started_ms if found.started_ms is not None else now,
             attempts=found.attempts + 1,
             dead_letter_ids=set(),
+            last_letter_ms=None,
         )
         return Claim(claimed=True, job=claimed, at_ms=now)
 
@@ -471,11 +472,19 @@ class InMemoryJobs:
         )
 
     @_throttleable
-    def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
+    def note_dead_letter(
+        self, job: JobRecord, message_id: str, sent_ms: int | None = None
+    ) -> JobRecord | None:
         old = self.records.get(job.id)
         if old is None or old.status is not JobStatus.QUEUED:
             return None
-        return self._put(old, dead_letter_ids={*old.dead_letter_ids, message_id})
+        if sent_ms is None or message_id in old.dead_letter_ids:
+            return self._put(old, dead_letter_ids={*old.dead_letter_ids, message_id})
+        if old.last_letter_ms is not None and old.last_letter_ms > sent_ms + REDRIVE_CLOCK_MARGIN_MS:
+            return None  # a copy from the round already answered
+        return self._put(
+            old, dead_letter_ids={*old.dead_letter_ids, message_id}, last_letter_ms=self.now_ms()
+        )
 
     @_throttleable
     def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:

@@ -811,19 +811,21 @@ def mark_dead_letter(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
             )
         return None
-    ended = _mark_dead_letter(jobs, queues, message, message_id)
+    ended = _mark_dead_letter(jobs, queues, message, message_id, sent_ms)
     item_ended(None, queues, ended)
     return ended
 
 
 def _mark_dead_letter(
-    jobs: JobStore, queues: QueueStore, message: LaneMessage, message_id: str
+    jobs: JobStore, queues: QueueStore, message: LaneMessage, message_id: str, sent_ms: int | None = None
 ) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;
     - a running job whose worker vanished fails as `worker_crashed`;
-    - a queued job that never got claimed is sent once more, then fails as `worker_crashed`.
+    - a queued job that never got claimed is sent once more, then fails as `worker_crashed`
+      (a letter of a message sent before the last one was counted changes nothing:
+      `JobStore.note_dead_letter`).
 
     Raises PoisonMessage for a body that names no job, so it stays in the DLQ for a human.
     """
@@ -836,7 +838,7 @@ def _mark_dead_letter(
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
     if job.status is JobStatus.QUEUED:
-        return _dead_letter_queued(jobs, queues, job, message_id)
+        return _dead_letter_queued(jobs, queues, job, message_id, sent_ms)
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
         message="the job's message exhausted its deliveries without an answer",
@@ -846,13 +848,15 @@ def _mark_dead_letter(
 
 
 def _dead_letter_queued(
-    jobs: JobStore, queues: QueueStore, job: JobRecord, message_id: str
+    jobs: JobStore, queues: QueueStore, job: JobRecord, message_id: str, sent_ms: int | None
 ) -> JobRecord | None:
     if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
         return _announced(queues, jobs.expire(job, deadline_error(job)))
-    counted = jobs.note_dead_letter(job, message_id)
+    counted = jobs.note_dead_letter(job, message_id, sent_ms)
     if counted is None:
-        return None  # it left queued meanwhile: whoever moved it owns it now
+        # It left queued meanwhile (whoever moved it owns it now), or the letter is a copy from
+        # the round already answered.
+        return None
     if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
         queues.enqueue_job(counted.id, counted.lane, counted.tenant_id)
         logger.warning("queued job's message dead-lettered; sent again", extra={"job_id": counted.id})

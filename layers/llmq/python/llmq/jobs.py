@@ -49,7 +49,7 @@ from llmq.models import (
     JobStatus,
     OutputDelta,
 )
-from llmq.policy import Claim
+from llmq.policy import REDRIVE_CLOCK_MARGIN_MS, Claim
 from llmq.shares import ShareState
 
 Clock = Callable[[], float]
@@ -373,7 +373,7 @@ class JobRepository:
             f"started_ms = if_not_exists(started_ms, :now), {', '.join(sets)} "
             "ADD attempts :one "
             # Dead letters count only while no worker has claimed the job.
-            "REMOVE dead_letter_ids"
+            "REMOVE dead_letter_ids, last_letter_ms"
         )
         values: dict[str, Any] = {
             "running": "running",
@@ -644,15 +644,21 @@ class JobRepository:
             return None
 
     def _update_if_status(
-        self, job_id: str, status: JobStatus, expression: str, values: dict[str, Any]
+        self,
+        job_id: str,
+        status: JobStatus,
+        expression: str,
+        values: dict[str, Any],
+        condition: str | None = None,
     ) -> JobRecord | None:
-        """One UpdateItem that applies only while the job is in `status`; None otherwise."""
+        """One UpdateItem that applies only while the job is in `status` (and `condition`
+        holds); None otherwise."""
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
                 UpdateExpression=expression,
-                ConditionExpression="#st = :expected",
+                ConditionExpression="#st = :expected" + (f" AND {condition}" if condition else ""),
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues={":expected": {"S": status.value}, **values},
                 ReturnValues="ALL_NEW",
@@ -725,14 +731,39 @@ class JobRepository:
             }
         )
 
-    def note_dead_letter(self, job: JobRecord, message_id: str) -> JobRecord | None:
+    def note_dead_letter(
+        self, job: JobRecord, message_id: str, sent_ms: int | None = None
+    ) -> JobRecord | None:
         """A queued job whose message dead-lettered before any claim: note it, keep it queued.
 
         Idempotent per DLQ message: the same letter handled twice (a retry of this write, a
-        redelivered DLQ record) counts once. None when the job is no longer queued.
+        redelivered DLQ record) counts once. None when the job is no longer queued, or when
+        the message (`sent_ms`: its SentTimestamp, which SQS keeps when it moves a message to
+        the DLQ) was sent before the last letter was counted: the reconciler may have sent
+        the job's message again while another was in flight, and two copies that dead-letter
+        in one round are one, answered once (`last_letter_ms`, in the same update).
         """
+        ids = {":ids": {"SS": [message_id]}}
+        if sent_ms is None:
+            return self._update_if_status(job.id, JobStatus.QUEUED, "ADD dead_letter_ids :ids", ids)
+        letter = {**ids, ":letter": {"S": message_id}}
+        counted = self._update_if_status(
+            job.id,
+            JobStatus.QUEUED,
+            "ADD dead_letter_ids :ids SET last_letter_ms = :now",
+            {
+                **letter,
+                ":now": {"N": str(self.now_ms())},
+                ":fresh_from": {"N": str(sent_ms + REDRIVE_CLOCK_MARGIN_MS)},
+            },
+            "(attribute_not_exists(last_letter_ms) OR last_letter_ms <= :fresh_from)"
+            " AND NOT contains(dead_letter_ids, :letter)",
+        )
+        if counted is not None:
+            return counted
+        # This letter handled again (its re-send cut short): it still counts, the mark unmoved.
         return self._update_if_status(
-            job.id, JobStatus.QUEUED, "ADD dead_letter_ids :ids", {":ids": {"SS": [message_id]}}
+            job.id, JobStatus.QUEUED, "ADD dead_letter_ids :ids", letter, "contains(dead_letter_ids, :letter)"
         )
 
     def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:
