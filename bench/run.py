@@ -503,7 +503,10 @@ def _render_throughput(throughput: Any) -> list[str]:
         f"**{throughput['jobs_per_second']:.1f} jobs/s** end to end; submit latency p50 "
         f"{throughput['submit_p50_ms']:.0f} ms, p99 {throughput['submit_p99_ms']:.0f} ms.",
         "",
-        "Where the time goes (cumulative, sampled by cProfile in the sandbox process):",
+        "Where the time goes: CPU seconds of the function processes, and of the sandbox's own process "
+        "split by sampling its threads. The benchmark's client (its submits, and the listing that waits for "
+        "every job) runs in that process too, under the same interpreter lock, and is shown apart: a "
+        "sandbox driven from another process, as `make dev` is, has that time for itself.",
         "",
         "| part | share |",
         "| --- | --- |",
@@ -599,7 +602,10 @@ def _render_curve(curve: Any) -> list[str]:
         "or 503 (the api function throttled at its concurrency, as Lambda would) is retried after a second. "
         "Submit latency is each job's first try; a try that timed out (30 s) or whose connection the sandbox's "
         "gateway reset is retried with the same Idempotency-Key. "
-        "On AWS none of this is the limit: the sandbox's pace is moto's and the function processes'.",
+        "Past what the machine can run, requests queue for an execution environment instead of each "
+        "cold-starting one (docs/sandbox.md, the Lambda service), so the sandbox answers late, not with "
+        "errors. On AWS none of this is the limit: the sandbox's pace is moto's, the function processes' "
+        "and, on a machine of two cores, its own single process's.",
         "",
         *_image("throughput_curve.png", "Sandbox throughput and submit latency against the offered rate"),
         "| offered | jobs | achieved | submit p50 | submit p99 | 429s | 502/503s | timeouts (30 s) and resets |",

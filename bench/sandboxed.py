@@ -558,6 +558,9 @@ class StackSampler:
             return "moto (AWS emulation)"
         if any("fake_provider" in name or "receiver" in name for name in files):
             return "fake provider and receiver"
+        if any(name.endswith(("bench/sandboxed.py", "concurrent/futures/thread.py")) for name in files):
+            # The benchmark's own client threads (submits, polls): in this process, not the sandbox.
+            return "benchmark client (submits and polls)"
         return "sandbox runner (gateway, pollers)"
 
     def __enter__(self) -> StackSampler:

@@ -384,7 +384,11 @@ def dead_lettered(
         return batch
     counted = batches.note_dead_letter(batch, message_id, sent_ms)
     if counted is None:
-        return batches.find(batch_id)  # ended meanwhile, or a copy from the round answered
+        logger.info(
+            "batch dead letter not counted: the batch ended, or its message was sent before the last",
+            extra={"batch_id": batch_id, "sent_ms": sent_ms},
+        )
+        return batches.find(batch_id)
     letters = len(counted.dead_letter_ids)
     if letters <= MAX_DEAD_LETTER_REDRIVES:
         queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)

@@ -856,6 +856,10 @@ def _dead_letter_queued(
     if counted is None:
         # It left queued meanwhile (whoever moved it owns it now), or the letter is a copy from
         # the round already answered.
+        logger.info(
+            "dead letter not counted: the job left queued, or its message was sent before the last",
+            extra={"job_id": job.id, "sent_ms": sent_ms},
+        )
         return None
     if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
         queues.enqueue_job(counted.id, counted.lane, counted.tenant_id)
