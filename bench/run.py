@@ -597,7 +597,8 @@ def _render_curve(curve: Any) -> list[str]:
         return out + _error(curve or {"error": "skipped"})
     out += [
         "Jobs offered at a fixed rate for a few seconds (open loop: each submit starts on schedule), one fresh "
-        "sandbox per rate, zero provider latency; achieved = jobs ÷ (last finished − first created). The "
+        "sandbox per rate, detached in a process of its own (`llmq sandbox up --detach`, as `make dev` runs "
+        "it), zero provider latency; achieved = jobs ÷ (last finished − first created). The "
         "enterprise tenant's request rate is 50/s (docs/limits.md), so its 429s are counted and obeyed; a 502 "
         "or 503 (the api function throttled at its concurrency, as Lambda would) is retried after a second. "
         "Submit latency is each job's first try; a try that timed out (30 s) or whose connection the sandbox's "

@@ -50,6 +50,27 @@ def sandbox(overrides: dict[str, Any] | None = None) -> Iterator[Any]:
             running.stop()
 
 
+@contextmanager
+def detached_sandbox() -> Iterator[Any]:
+    """A sandbox in a process of its own (`llmq sandbox up --detach`, as `make dev` runs one):
+    what drives it here, the benchmark's client, takes none of the sandbox's own CPU."""
+    from llmq_cli.sandbox_state import read_state
+
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-") as directory:
+        llmq = [sys.executable, "-m", "llmq_cli"]
+        up = subprocess.run(
+            [*llmq, "sandbox", "up", "--detach"], cwd=directory, capture_output=True, text=True, check=False
+        )
+        if up.returncode != 0:
+            raise RuntimeError(f"llmq sandbox up --detach failed: {up.stderr[-2000:]}")
+        try:
+            yield read_state(Path(directory) / ".llmq" / "sandbox.json")
+        finally:
+            subprocess.run(
+                [*llmq, "sandbox", "down"], cwd=directory, capture_output=True, timeout=60, check=False
+            )
+
+
 def _client(state: Any, tier: str) -> httpx.Client:
     key = next(tenant.api_key for tenant in state.tenants if tenant.tier == tier)
     return httpx.Client(base_url=state.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -638,7 +659,7 @@ def curve_point(rate: float, seconds: float) -> dict[str, Any]:
     schedule, whatever the earlier ones are doing), until every one is terminal: what the
     sandbox achieved, and the submits' latency."""
     count = int(rate * seconds)
-    with sandbox() as (_, state), _client(state, "enterprise") as client:
+    with detached_sandbox() as state, _client(state, "enterprise") as client:
         client.timeout = httpx.Timeout(30.0)
         latencies: list[float] = []
         refused = Counter[str]()
