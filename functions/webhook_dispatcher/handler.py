@@ -55,7 +55,9 @@ EDGE = QueueEdge(queues=queues, job_of=webhook_job_id)
 async def record_handler(record: SQSRecord) -> None:
     with EDGE.settling(record):
         await dispatcher().handle(
-            record.body, receive_count=int(record.attributes.approximate_receive_count or 1)
+            record.body,
+            receive_count=int(record.attributes.approximate_receive_count or 1),
+            message_id=record.message_id,
         )
 
 

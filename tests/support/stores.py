@@ -521,6 +521,7 @@ class InMemoryJobs:
         next_attempt_at_ms: int | None = None,
         attempt: DeliveryAttempt | None = None,
         log_seq: int = 0,
+        carrier: str | None = None,
     ) -> bool:
         old = self.records.get(job_id)
         movable = {DeliveryStatus.PENDING}
@@ -536,6 +537,7 @@ class InMemoryJobs:
             "delivery_last_status_code": status_code,
             "delivery_attempts": old.delivery_attempts + 1,
             "delivery_next_ms": None,
+            "delivery_carrier": carrier if status is DeliveryStatus.PENDING else None,
         }
         self.deliveries.append((status, status_code, next_attempt_in_seconds))
         if attempt is not None:
@@ -566,7 +568,11 @@ class InMemoryJobs:
             raise JobNotFound(job_id)
         self.due[job_id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
         return self._put(
-            old, delivery_status=DeliveryStatus.PENDING, delivery_attempts=0, delivery_next_ms=None
+            old,
+            delivery_status=DeliveryStatus.PENDING,
+            delivery_attempts=0,
+            delivery_next_ms=None,
+            delivery_carrier=None,
         )
 
     # ---- the reconciler's sparse index ------------------------------------------------------

@@ -771,3 +771,29 @@ async def test_an_environment_keeps_no_lock_for_a_job_once_its_deliveries_are_do
     # Then every job was POSTed once, and nothing of them stays behind in the environment
     assert len(world.receiver.requests) == 3
     assert world.dispatcher._delivery_locks[asyncio.get_running_loop()] == {}
+
+
+async def test_a_copy_received_before_waits_for_the_message_named_to_carry_the_attempt() -> None:
+    # Given a job whose first attempt, made by message m1, failed: m1 carries the next
+    world = World()
+    world.receiver = FakeReceiver(httpx.Response(500), httpx.Response(200))
+    world.dispatcher._transport_factory = world.receiver.transport
+    world.add(make_job())
+    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1")
+    assert world.jobs.records["job_1"].delivery_carrier == "m1"
+    # When the attempt is due and a copy, m2, comes (its first receive lost to a throttled invoke)
+    world.now += SCHEDULE[0]
+    with pytest.raises(RetryLater) as waited:
+        await world.dispatcher.handle(body, receive_count=2, message_id="m2")
+    # Then the copy waits until after the carrier, which delivers at once
+    assert waited.value.delay_seconds == pytest.approx(2, abs=0.01)
+    assert (
+        await world.dispatcher.handle(body, receive_count=2, message_id="m1")
+    ).kind is OutcomeKind.DELIVERED
+    assert len(world.receiver.requests) == 2
+    # And the copy, back after it, finds it delivered and POSTs nothing
+    world.now += 2
+    assert (await world.dispatcher.handle(body, receive_count=3, message_id="m2")).kind is OutcomeKind.SKIPPED
+    assert len(world.receiver.requests) == 2

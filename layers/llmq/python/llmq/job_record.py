@@ -106,6 +106,9 @@ class JobRecord(Model):
     delivery_last_status_code: int | None = None
     # When a pending delivery's next attempt is due (epoch ms): an early copy of its message waits.
     delivery_next_ms: int | None = None
+    # The webhooks-queue message that will carry that attempt (its SQS message id): any other
+    # copy waits until just after it (`webhooks.WebhookDispatcher`).
+    delivery_carrier: str | None = None
     delivered_ms: int | None = None
     # The latest attempts to deliver the terminal event, oldest first (`JobRepository.record_delivery`).
     delivery_log: list[DeliveryAttempt] = Field(default_factory=list)

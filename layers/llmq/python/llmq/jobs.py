@@ -938,8 +938,10 @@ class JobRepository:
         next_attempt_at_ms: int | None = None,
         attempt: DeliveryAttempt | None = None,
         log_seq: int = 0,
+        carrier: str | None = None,
     ) -> bool:
         """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index.
+        A pending one names the message that carries its next attempt (`carrier`), if known.
 
         `attempt` goes into the delivery log in the same write, in the slot of `log_seq` (the
         job's `delivery_log_seq` as the dispatcher read it), and the sequence moves on: the item
@@ -990,6 +992,11 @@ class JobRepository:
             sets.append("delivery_next_ms = :next")
             values["next"] = next_attempt_at_ms if next_attempt_at_ms is not None else now + wait_ms
         sweep_sets, removes, sweep = self._sweep(job_id, due)
+        if status is DeliveryStatus.PENDING and carrier is not None:
+            sets.append("delivery_carrier = :carrier")
+            values["carrier"] = carrier
+        else:
+            removes = [*removes, "delivery_carrier"]
         if status is not DeliveryStatus.PENDING:
             removes = [*removes, "delivery_next_ms"]
         sets += sweep_sets
@@ -1026,7 +1033,7 @@ class JobRepository:
                 Key={"pk": {"S": job_id}},
                 UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
                 + ", ".join(sweep_sets)
-                + " REMOVE delivery_next_ms",
+                + " REMOVE delivery_next_ms, delivery_carrier",
                 ConditionExpression="tenant_id = :tenant AND attribute_exists(webhook_url)",
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value, tenant=tenant_id, zero=0, **sweep

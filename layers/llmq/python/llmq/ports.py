@@ -94,6 +94,7 @@ class JobStore(Protocol):
         next_attempt_at_ms: int | None = None,
         attempt: DeliveryAttempt | None = None,
         log_seq: int = ...,
+        carrier: str | None = None,
     ) -> bool: ...
     def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord: ...
 

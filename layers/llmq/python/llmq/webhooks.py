@@ -273,8 +273,8 @@ class WebhookDispatcher:
         # received up to one function timeout ago.
         self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
 
-    async def handle(self, body: str, receive_count: int) -> DeliveryOutcome:
-        """One webhooks-queue message, received `receive_count` times.
+    async def handle(self, body: str, receive_count: int, message_id: str | None = None) -> DeliveryOutcome:
+        """One webhooks-queue message (SQS `message_id`), received `receive_count` times.
 
         Raises RetryLater when the delivery should be tried again after the schedule's
         delay, and PoisonMessage for a body that is not a webhook message.
@@ -288,7 +288,9 @@ class WebhookDispatcher:
             return outcome
         # A terminal event's attempt is counted on the job; job.started has only its receives.
         attempt = receive_count if message.event not in TERMINAL_EVENTS else None
-        outcome = await self.deliver(message, attempt=attempt, first_receive=receive_count == 1)
+        outcome = await self.deliver(
+            message, attempt=attempt, first_receive=receive_count == 1, message_id=message_id
+        )
         _observe(message, outcome)
         if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -350,7 +352,12 @@ class WebhookDispatcher:
         return outcome
 
     async def deliver(
-        self, message: WebhookMessage, attempt: int | None = None, *, first_receive: bool = False
+        self,
+        message: WebhookMessage,
+        attempt: int | None = None,
+        *,
+        first_receive: bool = False,
+        message_id: str | None = None,
     ) -> DeliveryOutcome:
         """Attempt `attempt` of delivering `message`; None: the one after those the job counted.
 
@@ -362,7 +369,7 @@ class WebhookDispatcher:
         if isinstance(event, BatchEvent):
             return await self.deliver_batch(message.job_id, event)
         if event not in TERMINAL_EVENTS:
-            return await self._deliver(message, attempt, first_receive, first_receive)
+            return await self._deliver(message, attempt, first_receive, first_receive, message_id)
         # Copies of one job's terminal event in this environment (one batch of records) go one
         # at a time, and a copy that waited reads what the one before it recorded: otherwise
         # both would POST the same attempt. Copies in other environments still can (webhooks
@@ -375,7 +382,7 @@ class WebhookDispatcher:
         try:
             async with lock:
                 return await self._deliver(
-                    message, attempt, first_receive, first_receive and not behind_a_copy
+                    message, attempt, first_receive, first_receive and not behind_a_copy, message_id
                 )
         finally:
             lock, users = locks[message.job_id]
@@ -385,7 +392,12 @@ class WebhookDispatcher:
                 locks[message.job_id] = (lock, users - 1)
 
     async def _deliver(
-        self, message: WebhookMessage, attempt: int | None, first_receive: bool, carried: bool
+        self,
+        message: WebhookMessage,
+        attempt: int | None,
+        first_receive: bool,
+        carried: bool,
+        message_id: str | None = None,
     ) -> DeliveryOutcome:
         event = message.event
         assert isinstance(event, WebhookEvent)
@@ -406,10 +418,10 @@ class WebhookDispatcher:
         # Only a counted attempt is conditional on the count: an explicit one is taken as given.
         previous = job.delivery_attempts if attempt is None and terminal else None
         early = self._early_by(job) if previous is not None else 0.0
-        if previous and first_receive and job.delivery_next_ms is not None:
-            # A new message while an attempt is scheduled (a copy sent again for the terminal
-            # job): the message that carries that attempt, received before, comes back for it
-            # and goes first, even within the tolerance or just past it; this one after it.
+        if previous and job.delivery_next_ms is not None and _not_the_carrier(job, message_id, first_receive):
+            # Another message while an attempt is scheduled (a copy sent again for the terminal
+            # job): the message that carries that attempt comes back for it and goes first,
+            # even within the tolerance or just past it; this one after it.
             behind = job.delivery_next_ms / 1000 + _COPY_LAG_SECONDS - self._clock()
             if behind > 0:
                 return DeliveryOutcome(
@@ -452,7 +464,7 @@ class WebhookDispatcher:
         outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
-        if terminal and not await asyncio.to_thread(self._record, job, outcome, previous):
+        if terminal and not await asyncio.to_thread(self._record, job, outcome, previous, message_id):
             return await self._after_a_copy_counted(message)
         return outcome
 
@@ -649,7 +661,9 @@ class WebhookDispatcher:
             response_head=outcome.response_head,
         )
 
-    def _record(self, job: JobRecord, outcome: DeliveryOutcome, previous_attempts: int | None) -> bool:
+    def _record(
+        self, job: JobRecord, outcome: DeliveryOutcome, previous_attempts: int | None, carrier: str | None
+    ) -> bool:
         status = _RECORDED_STATUS[outcome.kind]
         due = None if outcome.retry_in is None else int((self._clock() + outcome.retry_in) * 1000)
         logged = self._logged(outcome)
@@ -662,7 +676,17 @@ class WebhookDispatcher:
             next_attempt_at_ms=due,
             attempt=logged,
             log_seq=job.delivery_log_seq,
+            carrier=carrier,
         )
+
+
+def _not_the_carrier(job: JobRecord, message_id: str | None, first_receive: bool) -> bool:
+    """Whether this message is not the one that carries the job's scheduled attempt: another
+    id than the one the attempt's record named, or, where none was named (a record written
+    before carriers were, or a caller without ids), a message received for the first time."""
+    if job.delivery_carrier is not None and message_id is not None:
+        return message_id != job.delivery_carrier
+    return first_receive
 
 
 async def _head(response: httpx.Response) -> str | None:
