@@ -516,6 +516,7 @@ class ObservedJobRepository(JobRepository):
         next_attempt_at_ms: int | None = None,
         attempt: DeliveryAttempt | None = None,
         log_seq: int = 0,
+        carrier: str | None = None,
     ) -> bool:
         recorded = super().record_delivery(
             job_id,
@@ -526,6 +527,7 @@ class ObservedJobRepository(JobRepository):
             next_attempt_at_ms=next_attempt_at_ms,
             attempt=attempt,
             log_seq=log_seq,
+            carrier=carrier,
         )
         if recorded:
             self.recorded_deliveries[job_id] += 1
