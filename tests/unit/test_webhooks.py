@@ -707,13 +707,19 @@ async def test_by_default_a_carried_job_is_not_trusted_and_a_duplicate_waits_its
     assert world.receiver.requests == []
 
 
-async def test_two_copies_in_one_invocation_post_once_and_the_second_finds_it_delivered() -> None:
-    # Given a job whose terminal event is pending, and two copies of its message in one batch
+def _pending_job_answered_by(*answers: httpx.Response) -> tuple[World, str]:
+    """A world whose job_1 has its terminal delivery pending, a receiver that answers
+    `answers` in order, and the body of job_1's succeeded message."""
     world = World()
-    world.receiver = FakeReceiver(httpx.Response(200), httpx.Response(200))
+    world.receiver = FakeReceiver(*answers)
     world.dispatcher._transport_factory = world.receiver.transport
     world.add(make_job())
-    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    return world, WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+
+
+async def test_two_copies_in_one_invocation_post_once_and_the_second_finds_it_delivered() -> None:
+    # Given a job whose terminal event is pending, and two copies of its message in one batch
+    world, body = _pending_job_answered_by(httpx.Response(200), httpx.Response(200))
     # When the invocation handles both at once
     outcomes = await asyncio.gather(
         world.dispatcher.handle(body, receive_count=1), world.dispatcher.handle(body, receive_count=1)
@@ -775,11 +781,7 @@ async def test_an_environment_keeps_no_lock_for_a_job_once_its_deliveries_are_do
 
 async def test_a_copy_received_before_waits_for_the_message_named_to_carry_the_attempt() -> None:
     # Given a job whose first attempt, made by message m1, failed: m1 carries the next
-    world = World()
-    world.receiver = FakeReceiver(httpx.Response(500), httpx.Response(200))
-    world.dispatcher._transport_factory = world.receiver.transport
-    world.add(make_job())
-    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    world, body = _pending_job_answered_by(httpx.Response(500), httpx.Response(200))
     with pytest.raises(RetryLater):
         await world.dispatcher.handle(body, receive_count=1, message_id="m1")
     assert world.jobs.records["job_1"].delivery_carrier == "m1"
