@@ -55,19 +55,11 @@ def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
     started_ms = jobs.now_ms()
     with EDGE.settling(record):
-        job = mark_dead_letter(
-            jobs, queues, record.body, record.message_id, (batches(), ENV.config), _sent_ms(record)
-        )
+        job = mark_dead_letter(jobs, queues, record.body, record.message_id, (batches(), ENV.config))
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
         if _failed_here(job, started_ms):
             emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, job.lane)
-
-
-def _sent_ms(record: SQSRecord) -> int | None:
-    """When the message was first sent (SQS keeps SentTimestamp when it dead-letters it)."""
-    sent = record.attributes.sent_timestamp
-    return int(sent) if sent and sent.isdigit() else None
 
 
 def _failed_here(job: JobRecord, started_ms: int) -> bool:

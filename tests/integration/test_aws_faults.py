@@ -54,6 +54,10 @@ from tests.integration.harness import ENTERPRISE, ApiReply, Harness, LambdaConte
 LANE = "high"
 # Far enough for every reconciler threshold: stale queued, lapsed lease plus grace, stale webhook.
 RECONCILER_STEP_SECONDS = 3600
+# A webhook message sent back to wait (a retry not yet due, a copy behind the message that
+# carries it) comes back at once here, and the dispatcher's clock moves on by this much: past
+# any retry of the schedule ([1, 2, 4] s) and the lag a copy keeps behind its carrier.
+WEBHOOK_WAIT_STEP_SECONDS = 10
 MAX_ROUNDS = 12
 
 
@@ -277,6 +281,9 @@ class World:
     dispatcher: Any
     reconciler: Reconciler
     clock: LaterClock
+    # The dispatcher's: apart, so a webhook's signed timestamp stays within what a receiver
+    # accepts (5 minutes) while the reconciler's clock leaps hours.
+    webhook_clock: LaterClock
     receiver: WebhookReceiver
     secret: str
     hook_path: str
@@ -336,6 +343,8 @@ class World:
                     QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
                 )
                 self.recovery.append(f"{_queue_name(queue_url)} message redelivered")
+        if failed and queue_url == self.webhook_queue_url:
+            self.webhook_clock.offset += WEBHOOK_WAIT_STEP_SECONDS
         return True
 
     def _dispatch(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -430,11 +439,13 @@ def make_world(
         harness = Harness(stack, config, monkeypatch)
         monkeypatch.setenv("LLMQ_PUBLIC_API_URL", "http://127.0.0.1")
         dispatcher = load_handler("webhook_dispatcher")
+        clock, webhook_clock = LaterClock(), LaterClock()
+        # The dispatcher waits out retries by a clock the world moves on.
+        monkeypatch.setattr(dispatcher.dispatcher(), "_clock", webhook_clock)
         faults.wrap_handler("api", harness.api_module)
         faults.wrap_handler("worker", harness.worker())
         faults.wrap_handler("webhook_dispatcher", dispatcher)
         hook_path = f"/hooks/{re.sub(r'[^A-Za-z0-9]+', '-', site.id)}/{kind.value}"
-        clock = LaterClock()
         reconciler = Reconciler(
             JobRepository(stack.jobs_table, config, dynamodb=aws.client("dynamodb"), clock=clock),
             QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
@@ -448,6 +459,7 @@ def make_world(
             dispatcher=dispatcher,
             reconciler=reconciler,
             clock=clock,
+            webhook_clock=webhook_clock,
             receiver=receiver,
             secret=shared_aws.webhook_secret,
             hook_path=hook_path,

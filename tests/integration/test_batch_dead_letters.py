@@ -15,7 +15,7 @@ from llmq import aws
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
-from llmq.batches import BatchRepository
+from llmq.batches import BatchRepository, batch_key
 from llmq.errors import StoreContended
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
@@ -127,7 +127,12 @@ def test_an_expansion_that_crashes_every_time_is_tried_once_more_then_canceled_w
     harness.run_worker(url, _expand_messages(harness))
     assert _batch(harness, batch_id)["status"] == "finalizing"
     # (its results file names the items never written from their stored requests, which
-    # crashes too: that dead letter ends it without the file)
+    # crashes too: the two looks then in flight dead-letter as one round, its message is sent
+    # once more, and when that one dead-letters too it ends without the file)
+    _crash_then_dead_letter(harness)
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+    (again,) = _expand_messages(harness)
+    assert json.loads(again["Body"])["redrive_round"] == 3  # the third round counted (never reset)
     _crash_then_dead_letter(harness)
     ended = _batch(harness, batch_id)
     assert (ended["status"], ended["request_counts"]["canceled"], ended["request_counts"]["total"]) == (
@@ -166,8 +171,8 @@ def test_two_copies_that_dead_letter_in_one_round_send_it_again_once_and_the_nex
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Several expand messages of one batch can be in flight (a chunk's next, the reconciler's):
-    when both crash and dead-letter, that is one round, answered once. SQS keeps a message's
-    SentTimestamp when it moves it to the DLQ, which is how the second is known for a copy."""
+    when both crash and dead-letter, that is one round, answered once: each message carries
+    the round it was sent in."""
     # Given a batch whose expansion crashes, with a second expand message in flight
     _crash(monkeypatch, StoredRequests, "item")
     batch_id = _submit(harness)
@@ -178,8 +183,7 @@ def test_two_copies_that_dead_letter_in_one_round_send_it_again_once_and_the_nex
     assert len(copies) == 2
     for copy in copies:
         harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=copy["ReceiptHandle"])
-    time.sleep(1.1)  # both sent well before they dead-letter (beyond the clocks' margin)
-    # When both dead-letter, one after the other, with the SentTimestamp they were sent with
+    # When both dead-letter, one after the other
     for copy in copies:
         answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, [copy]), LambdaContextStub())
         assert answer["batchItemFailures"] == []
@@ -187,10 +191,43 @@ def test_two_copies_that_dead_letter_in_one_round_send_it_again_once_and_the_nex
     running = _batch(harness, batch_id)
     assert running["status"] in ("validating", "in_progress") and not _crashed(running)
     (resent,) = _expand_messages(harness)
+    assert json.loads(resent["Body"])["redrive_round"] == 1
     # And when the message sent again dead-letters too, llmq gives up on the batch
     harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=resent["ReceiptHandle"])
     load_handler("dead_letter").handler(harness.sqs_event(dlq, [resent]), LambdaContextStub())
     assert _crashed(_batch(harness, batch_id))
+
+
+def test_a_message_of_the_round_before_a_step_and_its_copy_count_once_after_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step the batch gets past starts the give-up count afresh, not the rounds: the
+    message sent again before it, still in flight, and a copy of it are one round."""
+    # Given a batch whose expand message dead-lettered once and was sent again
+    _crash(monkeypatch, StoredRequests, "item")
+    batch_id = _submit(harness)
+    url, dlq = harness.stack.lane_queue_urls[HIGH], harness.stack.lane_dlq_urls[HIGH]
+    assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
+    (resent,) = _expand_messages(harness)
+    # And the batch got past a step meanwhile (as a chunk written does)
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=batch_key(batch_id),
+        UpdateExpression="REMOVE dead_letter_ids",
+    )
+    # When that message and a copy of it dead-letter, one after the other
+    harness.sqs.send_message(QueueUrl=url, MessageBody=resent["Body"])
+    copies = _expand_messages(harness)
+    assert len(copies) == 2
+    for copy in copies:
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=copy["ReceiptHandle"])
+        answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, [copy]), LambdaContextStub())
+        assert answer["batchItemFailures"] == []
+    # Then the batch runs on, with its message sent again once
+    running = _batch(harness, batch_id)
+    assert running["status"] in ("validating", "in_progress") and not _crashed(running)
+    (again,) = _expand_messages(harness)
+    assert json.loads(again["Body"])["redrive_round"] == 2
 
 
 def test_an_upload_whose_validation_crashes_every_time_fails_and_admits_nothing(
@@ -331,7 +368,11 @@ def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_s
         # (each time, another look at it: the reconciler's, which crashes a worker once more)
         answers.append(_crash_then_dead_letter(harness)["batchItemFailures"])
         if not _expand_messages(harness):
-            queues.enqueue_expand(batch_id, HIGH, ENTERPRISE["tenant_id"])
+            letters = stored.find(batch_id)
+            assert letters is not None
+            queues.enqueue_expand(
+                batch_id, HIGH, ENTERPRISE["tenant_id"], redrive_round=len(letters.dead_letter_ids)
+            )
     # Then the give-up was tried at the second and third dead letters, and at the fourth the
     # message stays in the DLQ for an operator, and the reconciler stops looking
     assert all(answers)

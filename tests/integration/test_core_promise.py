@@ -38,7 +38,14 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, FREE, Harness, webhook_message
+from tests.integration.harness import (
+    ENTERPRISE,
+    FREE,
+    Harness,
+    LambdaContextStub,
+    load_handler,
+    webhook_message,
+)
 from tests.support.stores import ROOMY
 
 BACKLOG_JOBS = int(os.environ.get("LLMQ_BACKLOG_JOBS", "200"))
@@ -688,6 +695,26 @@ def test_an_unreadable_provider_answer_fails_the_job_instead_of_re_running_it(ha
     assert provider.calls == 1
 
 
+def _lane_messages(harness: Harness, job_id: str) -> list[dict[str, Any]]:
+    """The job's messages in the high lane, left visible."""
+    messages = harness.receive(harness.stack.lane_queue_urls["high"], visibility=0)
+    return [message for message in messages if json.loads(message["Body"])["job_id"] == job_id]
+
+
+def _dead_letter(harness: Harness, messages: list[dict[str, Any]], skew_ms: int = 0) -> None:
+    """These lane messages, their receives exhausted, handled by the dead-letter function as
+    SQS's redrive hands them over: moved to the DLQ with the SentTimestamp they were sent with,
+    here shifted by `skew_ms` (SQS's clock against the function's)."""
+    url, dlq = harness.stack.lane_queue_urls["high"], harness.stack.lane_dlq_urls["high"]
+    for message in messages:
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    event = harness.sqs_event(dlq, messages)
+    for record in event["Records"]:
+        record["attributes"]["SentTimestamp"] = str(int(record["attributes"]["SentTimestamp"]) + skew_ms)
+    answer = load_handler("dead_letter").handler(event, LambdaContextStub())
+    assert answer["batchItemFailures"] == []
+
+
 def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> None:
     # Given a queued job whose message dead-lettered
     job_id = harness.submit().body["id"]
@@ -695,14 +722,16 @@ def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> Non
     queues = QueueRepository(
         harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
     )
-    body = json.dumps({"job_id": job_id, "lane": "high"})
+    (submitted,) = _lane_messages(harness, job_id)
     # When the dead-letter function handles that same letter twice (its record was retried)
-    mark_dead_letter(jobs, queues, body, "dlq-message-1")
-    mark_dead_letter(jobs, queues, body, "dlq-message-1")
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
     # Then the job is still queued and waiting for its new message, not failed
     assert _job(harness, job_id)["status"] == "queued"
-    # And only a second, different dead letter gives up on it
-    mark_dead_letter(jobs, queues, body, "dlq-message-2")
+    # And only a second, different dead letter (of the message sent again) gives up on it
+    resent = [m for m in _lane_messages(harness, job_id) if m["MessageId"] != submitted["MessageId"]]
+    assert [json.loads(m["Body"]).get("redrive_round") for m in resent] == [1, 1]  # sent on each try
+    mark_dead_letter(jobs, queues, resent[0]["Body"], "dlq-message-2")
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
 
@@ -711,26 +740,68 @@ def test_two_messages_of_a_queued_job_that_dead_letter_in_one_round_send_it_once
     harness: Harness,
 ) -> None:
     """The reconciler sends a queued job's message again while another may still be in flight;
-    when both dead-letter, that is one round, answered once. SQS keeps a message's
-    SentTimestamp when it moves it to the DLQ, which is how the second is known for a copy."""
-    # Given a queued job, and a second message for it (the reconciler's), both sent a while ago
+    when both dead-letter, that is one round, answered once: each message carries the round
+    it was sent in."""
+    # Given a queued job, and a second message for it (as the reconciler sends one)
     job_id = harness.submit().body["id"]
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
-    body = json.dumps({"job_id": job_id, "lane": "high"})
-    sent_ms = jobs.now_ms() - 60_000
+    (submitted,) = _lane_messages(harness, job_id)
+    harness.sqs.send_message(QueueUrl=harness.stack.lane_queue_urls["high"], MessageBody=submitted["Body"])
+    copies = _lane_messages(harness, job_id)
+    assert len(copies) == 2
     # When both dead-letter, one after the other
-    mark_dead_letter(jobs, queues, body, "dlq-message-1", sent_ms=sent_ms)
-    mark_dead_letter(jobs, queues, body, "dlq-message-2", sent_ms=sent_ms + 5)
+    _dead_letter(harness, copies[:1])
+    _dead_letter(harness, copies[1:])
     # Then the job is still queued, waiting for the one message sent again for it
     assert _job(harness, job_id)["status"] == "queued"
-    assert len(harness.receive(harness.stack.lane_queue_urls["high"], visibility=0)) == 2  # submit's + 1
+    (resent,) = _lane_messages(harness, job_id)
     # And when the message sent again dead-letters too, the job fails
-    mark_dead_letter(jobs, queues, body, "dlq-message-3", sent_ms=jobs.now_ms())
+    _dead_letter(harness, [resent])
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
+def test_a_message_of_the_round_before_a_claim_and_its_copy_count_once_after_it(harness: Harness) -> None:
+    """A claim starts the give-up count afresh, not the rounds: the message sent again before
+    it, still in flight (a worker handed the job back) and copied by SQS, is one round."""
+    # Given a queued job whose message dead-lettered once and was sent again
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    (submitted,) = _lane_messages(harness, job_id)
+    _dead_letter(harness, [submitted])
+    (resent,) = _lane_messages(harness, job_id)
+    # And a worker claimed it through that message, then handed it back (the message lives on)
+    claim = jobs.claim(job_id, "worker-1", lease_seconds=60)
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
+    jobs.release(claim.job, "worker-1", 1)
+    # When that message and a copy of it dead-letter, one after the other
+    _dead_letter(harness, [resent])
+    harness.sqs.send_message(QueueUrl=harness.stack.lane_queue_urls["high"], MessageBody=resent["Body"])
+    copy = [m for m in _lane_messages(harness, job_id) if m["Body"] == resent["Body"]]
+    _dead_letter(harness, copy)
+    # Then the job is still queued: one round, answered by one message sent again
+    assert _job(harness, job_id)["status"] == "queued"
+    (again,) = _lane_messages(harness, job_id)
+    assert json.loads(again["Body"])["redrive_round"] == 2
+
+
+@pytest.mark.parametrize("skew_ms", [-600_000, 600_000])
+def test_a_dead_letter_counts_whatever_the_clocks_of_sqs_and_the_function_say(
+    harness: Harness, skew_ms: int
+) -> None:
+    """SQS stamps SentTimestamp by its clock; the function runs by another. Whether a letter
+    counts depends on neither: a queued job is sent once more, then fails, as without skew."""
+    # Given a queued job, and SQS's clock ten minutes off the function's
+    job_id = harness.submit().body["id"]
+    # When its message dead-letters
+    _dead_letter(harness, _lane_messages(harness, job_id), skew_ms)
+    # Then the job is sent once more
+    assert _job(harness, job_id)["status"] == "queued"
+    (resent,) = _lane_messages(harness, job_id)
+    # And when that one dead-letters too, the job fails as crashed: two rounds, not one or three
+    _dead_letter(harness, [resent], skew_ms)
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+    assert _lane_messages(harness, job_id) == []
 
 
 def test_a_cancel_whose_webhook_enqueue_is_throttled_still_answers_canceled(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 import os
@@ -318,9 +319,10 @@ class WriteObserver:
         self.violations: list[str] = []
         # Claims that took a running job over from another owner: its lease had lapsed.
         self.lapses: Counter[str] = Counter()
-        # Per job, the DLQ messages handled while it was queued, each with the job's attempt
-        # count then (from the model's own steps, not from what the job stores).
-        self.dead_letters: dict[str, list[tuple[str, int]]] = {}
+        # Per job, the DLQ messages handled while it was queued: each with the job's attempt
+        # count then (from the model's own steps, not from what the job stores), when its
+        # message was sent and when the letter was handled (`LifecycleModel.ticks`).
+        self.dead_letters: dict[str, list[Letter]] = {}
         self.redelivering = False
 
     def saw_write(self, new: JobRecord, where: str) -> None:
@@ -375,13 +377,21 @@ class WriteObserver:
             yield f"illegal transition {old.status.value} -> {new.status.value}"
         elif old.status is JobStatus.QUEUED and new.status is JobStatus.FAILED:
             letters = self.dead_letters.get(new.id, [])
-            # "Twice without any claim": two distinct DLQ messages at the current attempt count.
-            unclaimed = {message_id for message_id, attempts in letters if attempts == new.attempts}
+            # "Twice without any claim": two DLQ messages at the current attempt count, the
+            # second's message sent after the first letter was handled. Copies of messages in
+            # flight together are one round, by when the model saw them sent, not by any tag.
+            unclaimed = [letter for letter in letters if letter.attempts == new.attempts]
             code = new.error.code if new.error else None
-            if code is not ErrorCode.WORKER_CRASHED or len(unclaimed) < 2:
+            two_rounds = any(
+                later.sent > first.handled
+                for first in unclaimed
+                for later in unclaimed
+                if later.message_id != first.message_id
+            )
+            if code is not ErrorCode.WORKER_CRASHED or not two_rounds:
                 yield (
-                    f"queued -> failed ({code}) without two dead letters since its last claim "
-                    f"(DLQ messages and the attempt count at each: {letters}; attempts now {new.attempts})"
+                    f"queued -> failed ({code}) without dead letters of two rounds since its last claim "
+                    f"(its letters: {letters}; attempts now {new.attempts})"
                 )
 
     def _delivery_shape(self, new: JobRecord) -> Iterator[str]:
@@ -602,8 +612,18 @@ class LifecycleModel(RuleBasedStateMachine):
         self.model_jobs: list[ModelJob] = []
         self.keys: dict[tuple[str, str], ModelJob] = {}
         self.runs: list[Run] = []
-        # Every DLQ record handled so far: (body, message id).
-        self.letters: list[tuple[str, str]] = []
+        # Every DLQ record handled so far: (body, message id, when its message was sent).
+        self.letters: list[tuple[str, str, int]] = []
+        # The order of events a letter's round depends on: each lane message the system sends
+        # and each letter handled takes the next tick. Every lane message sent: (body, tick).
+        self.ticks = itertools.count()
+        self.sent: dict[str, tuple[str, int]] = {}
+        for event_name, hook in (
+            ("provide-client-params.sqs.SendMessage", _remember_the_body),
+            ("after-call.sqs.SendMessage", self._saw_sent),
+        ):
+            self.sqs.meta.events.unregister(event_name, unique_id=f"lifecycle-model-{event_name}")
+            self.sqs.meta.events.register(event_name, hook, unique_id=f"lifecycle-model-{event_name}")
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -728,11 +748,13 @@ class LifecycleModel(RuleBasedStateMachine):
         """The scheduled reconciler runs."""
         self.reconciler.run()
 
-    @rule(source=st.sampled_from(["queue", "job", "again", "garbage"]), pick=st.integers(0, 9))
+    @rule(source=st.sampled_from(["queue", "copy", "job", "again", "garbage"]), pick=st.integers(0, 9))
     def dead_letter(self, source: str, pick: int) -> None:
         """A lane message exhausted its receives and the dead-letter function handles it: one
-        taken from a lane queue, a duplicate copy naming a job, a DLQ record handled again, or
-        a body that is not a lane message at all."""
+        taken from a lane queue, a duplicate of any lane message ever sent (SQS delivers at
+        least once, and a copy may outlive the original), a copy naming a job as its first
+        message did, a DLQ record handled again, or a body that is not a lane message."""
+        sent = -1  # a copy of the job's first message: sent before anything the model saw
         if source == "queue":
             picked = self._pick_lane_message(pick)
             if picked is None:
@@ -740,6 +762,12 @@ class LifecycleModel(RuleBasedStateMachine):
             url, message = picked
             self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
             body, message_id = message["Body"], message["MessageId"]
+            sent = self.sent.get(message_id, ("", -1))[1]
+        elif source == "copy":
+            if not self.sent:
+                return
+            body, sent = list(self.sent.values())[pick % len(self.sent)]
+            message_id = f"dlq-copy-{len(self.letters) + 1}"
         elif source == "job":
             job = self._job(pick)
             body = LaneMessage(job_id=job.id, lane=job.lane).model_dump_json()
@@ -747,14 +775,15 @@ class LifecycleModel(RuleBasedStateMachine):
         elif source == "again":
             if not self.letters:
                 return
-            body, message_id = self.letters[pick % len(self.letters)]
+            body, message_id, sent = self.letters[pick % len(self.letters)]
         else:
             body, message_id = "{not a lane message", "dlq-garbage"
-        self.letters.append((body, message_id))
+        self.letters.append((body, message_id, sent))
         job_id = _job_id_of(body)
         before = self.observer.seen.get(job_id or "")
         if before is not None and before.status is JobStatus.QUEUED:
-            self.observer.dead_letters.setdefault(before.id, []).append((message_id, before.attempts))
+            letter = Letter(message_id, before.attempts, sent, handled=next(self.ticks))
+            self.observer.dead_letters.setdefault(before.id, []).append(letter)
         names_a_job = before is not None
         try:
             mark_dead_letter(self.jobs, self.queues, body, message_id)
@@ -1038,6 +1067,13 @@ class LifecycleModel(RuleBasedStateMachine):
         response = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
         return list(response.get("Messages", []))
 
+    def _saw_sent(self, parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        if (
+            context.get("lifecycle_model_queue") in self.stack.lane_queue_urls.values()
+            and "MessageId" in parsed
+        ):
+            self.sent[parsed["MessageId"]] = (context["lifecycle_model_body"], next(self.ticks))
+
     def _lane_messages(self) -> list[tuple[str, dict[str, Any]]]:
         return [(url, message) for url in self.stack.lane_queue_urls.values() for message in self._peek(url)]
 
@@ -1056,6 +1092,22 @@ def _recorded_delivery(status: int, attempt: int) -> DeliveryStatus:
         return DeliveryStatus.DISABLED
     exhausted = attempt > len(CONFIG.webhooks.schedule_seconds)
     return DeliveryStatus.FAILED if exhausted else DeliveryStatus.PENDING
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A DLQ record handled for a queued job (`WriteObserver.dead_letters`)."""
+
+    message_id: str
+    attempts: int
+    sent: int
+    handled: int
+
+
+def _remember_the_body(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    """What a SendMessage carries, for its answer's hook (`LifecycleModel._saw_sent`)."""
+    context["lifecycle_model_queue"] = params.get("QueueUrl")
+    context["lifecycle_model_body"] = params.get("MessageBody")
 
 
 def _job_id_of(body: str) -> str | None:

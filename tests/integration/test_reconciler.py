@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from botocore.exceptions import ClientError
 from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
+from llmq.execution import mark_dead_letter
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
@@ -90,6 +92,36 @@ def _count_writes() -> list[str]:
     for service in ("dynamodb", "sqs"):
         aws.client(service).meta.events.register("before-call.*.*", count)
     return calls
+
+
+def test_a_message_the_reconciler_sends_after_a_dead_letter_carries_its_round(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    """A queued job's message dead-lettered once, and the one sent again was lost: the
+    reconciler's replacement is of the second round, so when it dead-letters too the job
+    fails as crashed. Sent as of the first round, its letter would pass for a copy of an
+    answered round, and the job would go round the DLQ and the reconciler for ever."""
+    # Given a queued job whose message dead-lettered once, and its message sent again lost
+    job_id = harness.submit().body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    (submitted,) = harness.receive(url)
+    harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=submitted["ReceiptHandle"])
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
+    _purge(harness, url)
+    # When the reconciler finds the lane short of the job's message
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 1
+    assert reconciler.run().requeued == [job_id]
+    # Then its message is of the second round
+    (replacement,) = harness.receive(url)
+    assert json.loads(replacement["Body"])["redrive_round"] == 1
+    # And when it dead-letters too, the job fails as crashed
+    mark_dead_letter(jobs, queues, replacement["Body"], "dlq-message-2")
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
 
 
 def test_a_job_whose_enqueue_was_lost_is_enqueued_by_the_reconciler_and_completes_once(

@@ -45,7 +45,7 @@ from llmq.models import (
     WebhookEvent,
 )
 from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
-from llmq.policy import REDRIVE_CLOCK_MARGIN_MS, Claim
+from llmq.policy import Claim
 from llmq.queues import redelivery_visibility
 from llmq.shares import ShareState
 from llmq.tenants import Tenant, TenantIdentity, UnknownTenant, hash_api_key, new_api_key, new_webhook_secret
@@ -316,7 +316,6 @@ class InMemoryJobs:
             started_ms=found.started_ms if found.started_ms is not None else now,
             attempts=found.attempts + 1,
             dead_letter_ids=set(),
-            last_letter_ms=None,
         )
         return Claim(claimed=True, job=claimed, at_ms=now)
 
@@ -472,18 +471,16 @@ class InMemoryJobs:
         )
 
     @_throttleable
-    def note_dead_letter(
-        self, job: JobRecord, message_id: str, sent_ms: int | None = None
-    ) -> JobRecord | None:
+    def note_dead_letter(self, job: JobRecord, message_id: str, redrive_round: int = 0) -> JobRecord | None:
         old = self.records.get(job.id)
         if old is None or old.status is not JobStatus.QUEUED:
             return None
-        if sent_ms is None or message_id in old.dead_letter_ids:
-            return self._put(old, dead_letter_ids={*old.dead_letter_ids, message_id})
-        if old.last_letter_ms is not None and old.last_letter_ms > sent_ms + REDRIVE_CLOCK_MARGIN_MS:
-            return None  # a copy from the round already answered
+        if message_id in old.dead_letter_ids:
+            return old  # counted already: it still counts, once
+        if old.redrive_round != redrive_round:
+            return None  # a copy from a round already answered
         return self._put(
-            old, dead_letter_ids={*old.dead_letter_ids, message_id}, last_letter_ms=self.now_ms()
+            old, dead_letter_ids={*old.dead_letter_ids, message_id}, redrive_round=redrive_round + 1
         )
 
     @_throttleable
@@ -623,7 +620,14 @@ class InMemoryQueues:
 
     @_throttleable
     def enqueue_job(
-        self, job_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, not_before_ms: int | None = None
+        self,
+        job_id: str,
+        lane: str,
+        tenant_id: str,
+        delay_seconds: int = 0,
+        not_before_ms: int | None = None,
+        *,
+        redrive_round: int = 0,
     ) -> None:
         self.lanes[lane].append(job_id)
         self.delays.append((job_id, delay_seconds))

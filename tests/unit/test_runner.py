@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from random import Random
 
@@ -211,6 +212,21 @@ def test_a_body_that_is_not_a_lane_message_is_poison() -> None:
     invocation = Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)
     with pytest.raises(PoisonMessage):
         asyncio.run(world.runner.run('{"hello": 1}', invocation))
+
+
+def test_a_lane_message_with_a_field_a_later_version_added_still_runs_its_job() -> None:
+    """Versions run side by side during a deploy (and after a rollback, messages of the newer
+    one are still in flight): a field this version does not know is not poison."""
+    # Given a queued job, and its lane message as a later version would write it
+    world = World(JobResult(output="the answer"))
+    world.add()
+    body = {"job_id": "job_1", "lane": "high", "redrive_round": 1, "added_later": {"x": 1}}
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)
+    # When a worker runs it
+    asyncio.run(world.runner.run(json.dumps(body), invocation))
+    # Then the job runs once and succeeds
+    assert world.outcome() == (JobStatus.SUCCEEDED, None)
+    assert len(world.provider.calls) == 1
 
 
 def test_a_throttled_claim_returns_the_message_after_the_lease_would_lapse() -> None:

@@ -192,7 +192,9 @@ class BatchIntake:
 
     def _expand(self, batch: BatchRecord) -> None:
         try:
-            self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+            self.queues.enqueue_expand(
+                batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
+            )
         except StoreUnavailable:
             # The batch is stored and in the reconciler's sweep index: it sends the expand
             # message after `stale_queued_seconds`. The client keeps its 202 and batch id.
@@ -329,7 +331,9 @@ class BatchIntake:
                 self.job_store.request_cancel(job)
         if not flagged.expansion_over:
             # The expansion stops at its next chunk; if none runs, this message ends it.
-            self.queues.enqueue_expand(flagged.id, flagged.lane, flagged.tenant_id)
+            self.queues.enqueue_expand(
+                flagged.id, flagged.lane, flagged.tenant_id, redrive_round=flagged.redrive_round
+            )
         try:
             return settle(self.batches, self.queues, flagged.id) or flagged
         except StoreUnavailable:

@@ -158,7 +158,7 @@ def _ask_for_results_file(batches: BatchRepository, queues: QueueStore, batch: B
     """The message that has a worker write the results file. Refused, the caller's own message
     comes back once the grace is over, and this caller (or any) sends it then."""
     try:
-        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round)
     except StoreUnavailable as exc:
         raise StoreUnavailable(str(exc), retry_after=RESULTS_ASK_GRACE_SECONDS + 1) from exc
     batches.mark_compile_queued(batch.id)
@@ -249,7 +249,9 @@ class BatchExpander:
         while start < batch.total:
             if start > first and out_of_time(remaining_seconds(), slowest):
                 # The rest goes to a new message, so a large batch never spends its receives.
-                self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+                self.queues.enqueue_expand(
+                    batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
+                )
                 logger.info("batch expansion continues", extra={"batch_id": batch.id, "expanded": start})
                 return
             end = min(batch.total, start + chunk)
@@ -355,7 +357,7 @@ def dead_lettered(
     config: LlmqConfig,
     batch_id: str,
     message_id: str,
-    sent_ms: int | None = None,
+    redrive_round: int = 0,
 ) -> BatchRecord | None:
     """A batch's expand message exhausted its receives: a worker crashed on the batch, or
     timed out without an answer, every time. As a queued job's is, it is sent once more
@@ -369,9 +371,10 @@ def dead_lettered(
       canceled at their claims, running ones finish.
 
     The count starts afresh at each step the batch gets past (a chunk, a part of its file or
-    of its results file). A letter of a message sent (`sent_ms`) before the last letter was
-    counted is a copy from the round already answered (several expand messages of one
-    batch can be in flight: a chunk's next, the reconciler's) and changes nothing. Past the give-up, a dead letter repeats it (a retry of one cut short
+    of its results file). A letter of a message sent in a round already answered
+    (`redrive_round`, from its body: several expand messages of one batch can be in flight, a
+    chunk's next, the reconciler's) is a copy and changes nothing. Past the give-up, a dead
+    letter repeats it (a retry of one cut short
     finishes it); a few more, and the reconciler stops looking at the batch and the message
     stays in the DLQ for an operator (PoisonMessage). A batch is never retried for ever.
     """
@@ -380,18 +383,20 @@ def dead_lettered(
         raise PoisonMessage(f"no batch {batch_id}")
     if batch.status.is_terminal:
         if _webhook_unsent(batch):
-            queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)  # a worker sends it
+            queues.enqueue_expand(
+                batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
+            )  # a worker sends it
         return batch
-    counted = batches.note_dead_letter(batch, message_id, sent_ms)
+    counted = batches.note_dead_letter(batch, message_id, redrive_round)
     if counted is None:
         logger.info(
-            "batch dead letter not counted: the batch ended, or its message was sent before the last",
-            extra={"batch_id": batch_id, "sent_ms": sent_ms},
+            "batch dead letter not counted: the batch ended, or its round was answered already",
+            extra={"batch_id": batch_id, "redrive_round": redrive_round},
         )
         return batches.find(batch_id)
     letters = len(counted.dead_letter_ids)
     if letters <= MAX_DEAD_LETTER_REDRIVES:
-        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=counted.redrive_round)
         return counted
     crashed = [
         BatchLineError(
@@ -419,7 +424,7 @@ def dead_lettered(
         if flagged is not None:
             _write_no_more(batches, queues, config, flagged)
         # A worker ends it once its items have (this function reads no counts).
-        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=counted.redrive_round)
         return batches.find(batch_id)
     if ended is not None and _webhook_unsent(ended):
         _send_webhook(batches, queues, ended)

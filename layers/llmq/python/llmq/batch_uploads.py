@@ -142,7 +142,9 @@ class UploadScanner:
                 batch, held, held_bytes = moved, [], 0
                 slowest = max(slowest, time.monotonic() - began)
                 if out_of_time(remaining_seconds(), slowest):
-                    self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+                    self.queues.enqueue_expand(
+                        batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
+                    )
                     logger.info(
                         "batch upload validation continues", extra={"batch_id": batch.id, "lines": line}
                     )

@@ -46,7 +46,7 @@ from llmq.models import (
     WebhookEvent,
 )
 from llmq.payloads import PresignedUrl
-from llmq.policy import REDRIVE_CLOCK_MARGIN_MS
+from llmq.policy import fresh_letter_condition
 from llmq.shares import ShareState, holders_of, share_key
 
 BATCH_PREFIX = "batch#"
@@ -194,9 +194,9 @@ class BatchRecord(Model):
     # The expand messages that exhausted their receives (DLQ message ids): the worker crashed
     # on the batch each time (`batch_runs.dead_lettered`).
     dead_letter_ids: set[str] = Field(default_factory=set)
-    # When the last of those was counted (and the message sent again, or the batch given up):
-    # a letter of a message sent before that is a copy from the round already answered.
-    last_letter_ms: int | None = None
+    # The letters ever counted for it, never reset (the set above is, at each step it gets
+    # past): the round its next expand message is sent in (`LaneMessage.redrive_round`).
+    redrive_round: int = 0
 
     @property
     def expansion_over(self) -> bool:
@@ -265,7 +265,9 @@ _BATCH_JSON: dict[str, TypeAdapter[Any]] = {
 def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     # The delivery log is written slot by slot, by the dispatcher's delivery updates only.
     # (dead_letter_ids: a string set, added to only; DynamoDB holds no empty set.)
-    dumped = record.model_dump(mode="json", exclude_none=True, exclude={"delivery_log", "dead_letter_ids"})
+    dumped = record.model_dump(
+        mode="json", exclude_none=True, exclude={"delivery_log", "dead_letter_ids", "redrive_round"}
+    )
     data = {**dumped, **(extra or {})}
     for name in _BATCH_JSON:
         if name in data:
@@ -286,7 +288,7 @@ _RESULT_ATTRIBUTES = (
 # A step of the batch's work done (a chunk written, a part validated or of its results file
 # uploaded, its finalizing begun): the dead letters counted so far were about a step it got
 # past, and the next is counted afresh (`batch_runs.dead_lettered`), as a job's are at its claim.
-_PROGRESSED = "REMOVE dead_letter_ids, last_letter_ms"
+_PROGRESSED = "REMOVE dead_letter_ids"
 
 
 def _errors(errors: list[BatchLineError]) -> dict[str, str]:
@@ -720,34 +722,27 @@ class BatchRepository:
         return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, "validated = :false")
 
     def note_dead_letter(
-        self, batch: BatchRecord, message_id: str, sent_ms: int | None = None
+        self, batch: BatchRecord, message_id: str, redrive_round: int = 0
     ) -> BatchRecord | None:
         """One of the batch's expand messages dead-lettered; idempotent per DLQ message. None
-        when the batch has ended, or when the message (`sent_ms`: its SentTimestamp, which SQS
-        keeps when it moves a message to the DLQ) was sent before the last letter was counted:
-        two copies in flight that dead-letter in one round are one crash, answered once
-        (`last_letter_ms`, written in the same update that counts, so two letters handled at
-        once cannot both count)."""
-        if sent_ms is None:
-            return self._update_while_open(
-                batch.id, "ADD dead_letter_ids :ids", {"ids": {message_id}}, finalizing=True
-            )
-        letter = {"ids": {message_id}, "letter": message_id}
+        when the batch has ended, or when the message was sent in a round already answered
+        (`redrive_round`, from its body: `policy.fresh_letter_condition`): several expand
+        messages in flight that dead-letter in one round are one crash, answered once, and
+        the one conditional update that counts makes two letters handled at once count once."""
         counted = self._update_while_open(
             batch.id,
-            "ADD dead_letter_ids :ids SET last_letter_ms = :now",
-            {**letter, "now": self.now_ms(), "fresh_from": sent_ms + REDRIVE_CLOCK_MARGIN_MS},
-            "(attribute_not_exists(last_letter_ms) OR last_letter_ms <= :fresh_from)"
-            " AND NOT contains(dead_letter_ids, :letter)",
+            "ADD dead_letter_ids :ids, redrive_round :one",
+            {"ids": {message_id}, "round": redrive_round, "one": 1},
+            fresh_letter_condition(redrive_round),
             finalizing=True,
         )
         if counted is not None:
             return counted
-        # This letter handled again (its re-send cut short): it still counts, the mark unmoved.
+        # This letter handled again (its re-send cut short): it still counts, once.
         return self._update_while_open(
             batch.id,
             "ADD dead_letter_ids :ids",
-            letter,
+            {"ids": {message_id}, "letter": message_id},
             "contains(dead_letter_ids, :letter)",
             finalizing=True,
         )

@@ -249,7 +249,7 @@ class JobRunner:
                 raise RetryLater(message.job_id, delay) from exc
             try:
                 await asyncio.to_thread(
-                    self.queues.enqueue_expand,
+                    functools.partial(self.queues.enqueue_expand, redrive_round=message.redrive_round),
                     message.job_id,
                     message.lane,
                     message.tenant_id,
@@ -300,7 +300,7 @@ class JobRunner:
         if lane:
             try:
                 await asyncio.to_thread(
-                    self.queues.enqueue_job,
+                    functools.partial(self.queues.enqueue_job, redrive_round=message.redrive_round),
                     message.job_id,
                     lane,
                     tenant_id,
@@ -796,35 +796,36 @@ def mark_dead_letter(
     body: str,
     message_id: str,
     batches: tuple[BatchRepository, LlmqConfig] | None = None,
-    sent_ms: int | None = None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
     that ended here may end its batch, which a worker is asked to look at. A batch's expand
-    message goes to `batch_runs.dead_lettered` (None: no job); `sent_ms` is its SentTimestamp."""
+    message goes to `batch_runs.dead_lettered` (None: no job)."""
     message = _parse(body)
     if message.kind == "expand":
         if batches is None:
             raise PoisonMessage(f"an expand message of batch {message.job_id}, and no batches here")
-        batch = dead_lettered(batches[0], queues, batches[1], message.job_id, message_id, sent_ms)
+        batch = dead_lettered(
+            batches[0], queues, batches[1], message.job_id, message_id, message.redrive_round
+        )
         if batch is not None:
             logger.info(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
             )
         return None
-    ended = _mark_dead_letter(jobs, queues, message, message_id, sent_ms)
+    ended = _mark_dead_letter(jobs, queues, message, message_id)
     item_ended(None, queues, ended)
     return ended
 
 
 def _mark_dead_letter(
-    jobs: JobStore, queues: QueueStore, message: LaneMessage, message_id: str, sent_ms: int | None = None
+    jobs: JobStore, queues: QueueStore, message: LaneMessage, message_id: str
 ) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;
     - a running job whose worker vanished fails as `worker_crashed`;
     - a queued job that never got claimed is sent once more, then fails as `worker_crashed`
-      (a letter of a message sent before the last one was counted changes nothing:
+      (a letter of a message sent in a round already answered changes nothing:
       `JobStore.note_dead_letter`).
 
     Raises PoisonMessage for a body that names no job, so it stays in the DLQ for a human.
@@ -838,7 +839,7 @@ def _mark_dead_letter(
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
     if job.status is JobStatus.QUEUED:
-        return _dead_letter_queued(jobs, queues, job, message_id, sent_ms)
+        return _dead_letter_queued(jobs, queues, job, message_id, message.redrive_round)
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
         message="the job's message exhausted its deliveries without an answer",
@@ -848,21 +849,21 @@ def _mark_dead_letter(
 
 
 def _dead_letter_queued(
-    jobs: JobStore, queues: QueueStore, job: JobRecord, message_id: str, sent_ms: int | None
+    jobs: JobStore, queues: QueueStore, job: JobRecord, message_id: str, redrive_round: int
 ) -> JobRecord | None:
     if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
         return _announced(queues, jobs.expire(job, deadline_error(job)))
-    counted = jobs.note_dead_letter(job, message_id, sent_ms)
+    counted = jobs.note_dead_letter(job, message_id, redrive_round)
     if counted is None:
         # It left queued meanwhile (whoever moved it owns it now), or the letter is a copy from
         # the round already answered.
         logger.info(
-            "dead letter not counted: the job left queued, or its message was sent before the last",
-            extra={"job_id": job.id, "sent_ms": sent_ms},
+            "dead letter not counted: the job left queued, or its round was answered already",
+            extra={"job_id": job.id, "redrive_round": redrive_round},
         )
         return None
     if len(counted.dead_letter_ids) <= MAX_DEAD_LETTER_REDRIVES:
-        queues.enqueue_job(counted.id, counted.lane, counted.tenant_id)
+        queues.enqueue_job(counted.id, counted.lane, counted.tenant_id, redrive_round=counted.redrive_round)
         logger.warning("queued job's message dead-lettered; sent again", extra={"job_id": counted.id})
         return counted
     error = JobError(

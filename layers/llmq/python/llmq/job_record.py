@@ -124,9 +124,9 @@ class JobRecord(Model):
     # The dead-lettered lane messages of a job no worker claimed, by message id: a set, so a
     # retried or repeated dead letter counts once.
     dead_letter_ids: set[str] = Field(default_factory=set)
-    # When the last of those was counted (its message sent again, or the job failed): a letter
-    # of a message sent before that is a copy from the round already answered.
-    last_letter_ms: int | None = None
+    # The letters ever counted for it, never reset (the set above is, at each claim): the round
+    # its next lane message is sent in (`LaneMessage.redrive_round`). Written by ADD only.
+    redrive_round: int = 0
     # An item of a batch (`llmq.batches`): its batch and the name the batch gave it. Its id is
     # derived from the batch's and its index, and it counts in the batch's counts, not in the
     # tenant's active jobs (the batch is admitted as a whole).

@@ -49,7 +49,7 @@ from llmq.models import (
     JobStatus,
     OutputDelta,
 )
-from llmq.policy import REDRIVE_CLOCK_MARGIN_MS, Claim
+from llmq.policy import Claim, fresh_letter_condition
 from llmq.shares import ShareState
 
 Clock = Callable[[], float]
@@ -373,7 +373,7 @@ class JobRepository:
             f"started_ms = if_not_exists(started_ms, :now), {', '.join(sets)} "
             "ADD attempts :one "
             # Dead letters count only while no worker has claimed the job.
-            "REMOVE dead_letter_ids, last_letter_ms"
+            "REMOVE dead_letter_ids"
         )
         values: dict[str, Any] = {
             "running": "running",
@@ -731,39 +731,31 @@ class JobRepository:
             }
         )
 
-    def note_dead_letter(
-        self, job: JobRecord, message_id: str, sent_ms: int | None = None
-    ) -> JobRecord | None:
+    def note_dead_letter(self, job: JobRecord, message_id: str, redrive_round: int = 0) -> JobRecord | None:
         """A queued job whose message dead-lettered before any claim: note it, keep it queued.
 
         Idempotent per DLQ message: the same letter handled twice (a retry of this write, a
         redelivered DLQ record) counts once. None when the job is no longer queued, or when
-        the message (`sent_ms`: its SentTimestamp, which SQS keeps when it moves a message to
-        the DLQ) was sent before the last letter was counted: the reconciler may have sent
-        the job's message again while another was in flight, and two copies that dead-letter
-        in one round are one, answered once (`last_letter_ms`, in the same update).
+        the message was sent in a round already answered (`redrive_round`, from its body:
+        `policy.fresh_letter_condition`), in the one conditional update that counts.
         """
         ids = {":ids": {"SS": [message_id]}}
-        if sent_ms is None:
-            return self._update_if_status(job.id, JobStatus.QUEUED, "ADD dead_letter_ids :ids", ids)
-        letter = {**ids, ":letter": {"S": message_id}}
         counted = self._update_if_status(
             job.id,
             JobStatus.QUEUED,
-            "ADD dead_letter_ids :ids SET last_letter_ms = :now",
-            {
-                **letter,
-                ":now": {"N": str(self.now_ms())},
-                ":fresh_from": {"N": str(sent_ms + REDRIVE_CLOCK_MARGIN_MS)},
-            },
-            "(attribute_not_exists(last_letter_ms) OR last_letter_ms <= :fresh_from)"
-            " AND NOT contains(dead_letter_ids, :letter)",
+            "ADD dead_letter_ids :ids, redrive_round :one",
+            {**ids, ":round": {"N": str(redrive_round)}, ":one": {"N": "1"}},
+            fresh_letter_condition(redrive_round),
         )
         if counted is not None:
             return counted
-        # This letter handled again (its re-send cut short): it still counts, the mark unmoved.
+        # This letter handled again (its re-send cut short): it still counts, once.
         return self._update_if_status(
-            job.id, JobStatus.QUEUED, "ADD dead_letter_ids :ids", letter, "contains(dead_letter_ids, :letter)"
+            job.id,
+            JobStatus.QUEUED,
+            "ADD dead_letter_ids :ids",
+            {**ids, ":letter": {"S": message_id}},
+            "contains(dead_letter_ids, :letter)",
         )
 
     def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:

@@ -570,8 +570,11 @@ class BatchResultLine(Model):
     error: JobError | None = None
 
 
-class LaneMessage(_Strict):
+class LaneMessage(Model):
     """The body of a lane queue message: ids only, never the prompt.
+
+    A field it does not know is ignored, not poison: during a deploy two versions read the
+    lanes, and after a rollback the newer one's messages are still in flight.
 
     `kind` "expand": the message names a batch (in `job_id`) whose items the worker writes.
     """
@@ -583,6 +586,9 @@ class LaneMessage(_Strict):
     tenant_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     # A deferral longer than SQS's 900 s delay: no claim before this time (epoch ms).
     not_before_ms: int | None = None
+    # The dead letters its job (or batch) had counted when it was sent: when copies sent in
+    # one round dead-letter, one counts (`policy.fresh_letter_condition`).
+    redrive_round: Annotated[int, Field(ge=0, le=1000)] = 0
 
 
 class WebhookMessage(_Strict):

@@ -17,9 +17,26 @@ from llmq.shares import ShareState
 # the claim, or a batch's expansion each time) is sent again this many times before its job,
 # or its batch, is given up on.
 MAX_DEAD_LETTER_REDRIVES = 1
-# A dead letter counts toward that only if its message was sent after the last such re-send,
-# give or take this much difference between the clocks of SQS (SentTimestamp) and Lambda.
-REDRIVE_CLOCK_MARGIN_MS = 1000
+
+
+def fresh_letter_condition(redrive_round: int) -> str:
+    """When a dead letter counts: its message was sent in the round not yet answered.
+
+    A job (or batch) counts its letters in `redrive_round`, which nothing resets, and each of
+    its lane messages carries the value when it was sent (`LaneMessage.redrive_round`).
+    Several copies can be in flight at once (a duplicate, the reconciler's, a chunk's next):
+    when they dead-letter in one round, the first counts, which moves the round on, and the
+    others change nothing. No clock decides it (SentTimestamp against the Lambda clock drops
+    a real letter when the two drift), and no reset does either: the set of letters that
+    decides the give-up starts afresh at a claim (at a batch's step), the round does not, so
+    a message sent before the reset is still of its round. A sender holding a stale round
+    tags its message low; the message of the current round was sent by the dead-letter
+    function when it counted the last letter, so a live one is left. The count is an ADD of
+    one under this condition (`:round`), so two letters handled at once count once.
+    """
+    if redrive_round == 0:
+        return "(attribute_not_exists(redrive_round) OR redrive_round = :round)"
+    return "redrive_round = :round"
 
 
 class ClaimOutcome(StrEnum):

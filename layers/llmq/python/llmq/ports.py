@@ -79,7 +79,7 @@ class JobStore(Protocol):
     def recover(self, job: JobRecord) -> JobRecord | None: ...
     def cancel_unleased(self, job: JobRecord) -> JobRecord | None: ...
     def note_dead_letter(
-        self, job: JobRecord, message_id: str, sent_ms: int | None = None
+        self, job: JobRecord, message_id: str, redrive_round: int = 0
     ) -> JobRecord | None: ...
     def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None: ...
 
@@ -110,10 +110,19 @@ class QueueStore(Protocol):
     """The lane queues and the webhooks queue; messages carry ids only."""
 
     def enqueue_job(
-        self, job_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, not_before_ms: int | None = None
+        self,
+        job_id: str,
+        lane: str,
+        tenant_id: str,
+        delay_seconds: int = 0,
+        not_before_ms: int | None = None,
+        *,
+        redrive_round: int = 0,
     ) -> None: ...
     def enqueue_jobs(self, job_ids: list[str], lane: str, tenant_id: str) -> None: ...
-    def enqueue_expand(self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0) -> None: ...
+    def enqueue_expand(
+        self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, *, redrive_round: int = 0
+    ) -> None: ...
     def enqueue_webhook(
         self,
         job_id: str,

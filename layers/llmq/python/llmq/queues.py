@@ -49,14 +49,26 @@ class QueueRepository:
         self._sqs = aws.TranslatedClient(sqs)
 
     def enqueue_job(
-        self, job_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, not_before_ms: int | None = None
+        self,
+        job_id: str,
+        lane: str,
+        tenant_id: str,
+        delay_seconds: int = 0,
+        not_before_ms: int | None = None,
+        *,
+        redrive_round: int = 0,
     ) -> None:
         """The tenant is the message group: SQS fair queues (standard queues, July 2025) then
         keep one tenant's backlog from lengthening every other tenant's dwell time.
         https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-fair-queues.html
+        `redrive_round`: the dead letters the job had counted (`LaneMessage.redrive_round`).
         """
         body = LaneMessage(
-            job_id=job_id, lane=lane, tenant_id=tenant_id, not_before_ms=not_before_ms
+            job_id=job_id,
+            lane=lane,
+            tenant_id=tenant_id,
+            not_before_ms=not_before_ms,
+            redrive_round=redrive_round,
         ).model_dump_json(exclude_defaults=True)
         self._sqs.send_message(
             QueueUrl=self.lane_queue_urls[lane],
@@ -90,12 +102,16 @@ class QueueRepository:
 
                 raise StoreUnavailable(f"sqs.SendMessageBatch: {len(entries)} entries failed")
 
-    def enqueue_expand(self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0) -> None:
+    def enqueue_expand(
+        self, batch_id: str, lane: str, tenant_id: str, delay_seconds: int = 0, *, redrive_round: int = 0
+    ) -> None:
         """The message that has a worker write a batch's items (`llmq.batch_runs`)."""
-        body = LaneMessage(job_id=batch_id, kind="expand", lane=lane, tenant_id=tenant_id)
+        body = LaneMessage(
+            job_id=batch_id, kind="expand", lane=lane, tenant_id=tenant_id, redrive_round=redrive_round
+        )
         self._sqs.send_message(
             QueueUrl=self.lane_queue_urls[lane],
-            MessageBody=body.model_dump_json(exclude_none=True),
+            MessageBody=body.model_dump_json(exclude_defaults=True),
             MessageGroupId=tenant_id,
             DelaySeconds=min(delay_seconds, MAX_SEND_DELAY_SECONDS),
         )

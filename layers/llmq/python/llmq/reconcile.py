@@ -124,7 +124,7 @@ class Reconciler:
                 deficits[entry.lane] -= 1
                 job = self.jobs.find(entry.job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
-                    self.queues.enqueue_job(job.id, job.lane, job.tenant_id)
+                    self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
                     report.requeued.append(entry.job_id)
             else:
                 report.waiting.append(entry.job_id)
@@ -145,7 +145,9 @@ class Reconciler:
             return
         batch = self.batches.find(entry.job_id[len(BATCH_PREFIX) :])
         if batch is not None:
-            self.queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id)
+            self.queues.enqueue_expand(
+                batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
+            )
             report.batches.append(batch.id)
         self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_queued_seconds)
 
