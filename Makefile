@@ -65,7 +65,7 @@ test-infra-then-warm: test-infra
 # Three workers on two cores: a third of these tests' time is waiting (visibility timeouts,
 # leases lapsing in real time), which a third worker fills (6.2 min against about 7 alone).
 test-unit-and-integration: install
-	$(PYTEST) tests/unit tests/integration -q -n 3
+	$(PYTEST) tests/unit tests/integration -q -n 3 --durations=8
 
 test-unit: install ## Domain tests; sockets are blocked
 	$(PYTEST) tests/unit -q
@@ -77,7 +77,7 @@ test-infra: install ## The CDK app: properties, cdk-nag, cfn-lint, deploy into m
 	$(PYTEST) tests/infra -q
 
 test-e2e: install ## The sandbox end to end over real HTTP (detached sandboxes, crashes, wiring, make demo)
-	$(PYTEST) tests/e2e -q -n 2 --dist loadfile
+	$(PYTEST) tests/e2e -q -n 2 --dist loadfile --durations=8
 
 aws-calls: install ## Add the AWS calls the integration suite observes to tests/aws_calls.json (test-infra checks their grants)
 	LLMQ_RECORD_AWS_CALLS=1 $(PYTEST) tests/integration -q -n 2

@@ -371,7 +371,7 @@ def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_s
             letters = stored.find(batch_id)
             assert letters is not None
             queues.enqueue_expand(
-                batch_id, HIGH, ENTERPRISE["tenant_id"], redrive_round=len(letters.dead_letter_ids)
+                batch_id, HIGH, ENTERPRISE["tenant_id"], redrive_round=letters.redrive_round
             )
     # Then the give-up was tried at the second and third dead letters, and at the fourth the
     # message stays in the DLQ for an operator, and the reconciler stops looking

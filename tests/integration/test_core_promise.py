@@ -784,6 +784,54 @@ def test_a_message_of_the_round_before_a_claim_and_its_copy_count_once_after_it(
     assert json.loads(again["Body"])["redrive_round"] == 2
 
 
+def test_a_stale_copy_that_is_all_a_claimed_job_has_left_still_counts(harness: Harness) -> None:
+    """A claim through a stale copy deletes the message of the current round when it comes
+    ("leased elsewhere"); handed back, the job has only the stale copy, whose letter must
+    still count, or the job waits for the reconciler with no message at all."""
+    # Given a queued job with an SQS duplicate of its first message, whose first message
+    # dead-lettered and was sent again
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    url = harness.stack.lane_queue_urls["high"]
+    (submitted,) = _lane_messages(harness, job_id)
+    harness.sqs.send_message(QueueUrl=url, MessageBody=submitted["Body"])
+    _dead_letter(harness, [submitted])
+    messages = _lane_messages(harness, job_id)
+    (resent,) = [m for m in messages if json.loads(m["Body"]).get("redrive_round") == 1]
+    # And a worker claimed it through the duplicate, another deleted the message sent again
+    # (its job leased elsewhere), and the first handed the job back
+    claim = jobs.claim(job_id, "worker-1", lease_seconds=60)
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
+    harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=resent["ReceiptHandle"])
+    jobs.release(claim.job, "worker-1", 1)
+    # When the duplicate dead-letters
+    (duplicate,) = _lane_messages(harness, job_id)
+    _dead_letter(harness, [duplicate])
+    # Then the job is still queued, and has a message again
+    assert _job(harness, job_id)["status"] == "queued"
+    (again,) = _lane_messages(harness, job_id)
+    assert json.loads(again["Body"])["redrive_round"] == 2
+
+
+def test_a_job_stored_before_rounds_existed_is_of_the_first_round(harness: Harness) -> None:
+    """An item written by a version before rounds has dead letters but no round: an untagged
+    letter for it counts (it is given up on at most a round early), never dropped for ever
+    while the reconciler sends message after message."""
+    # Given a queued job as an earlier version left it: one dead letter counted, no round
+    job_id = harness.submit().body["id"]
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="ADD dead_letter_ids :ids",
+        ExpressionAttributeValues={":ids": {"SS": ["dlq-before-the-upgrade"]}},
+    )
+    # When its message, untagged, dead-letters
+    _dead_letter(harness, _lane_messages(harness, job_id))
+    # Then that is its second round, and it fails as crashed
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
 @pytest.mark.parametrize("skew_ms", [-600_000, 600_000])
 def test_a_dead_letter_counts_whatever_the_clocks_of_sqs_and_the_function_say(
     harness: Harness, skew_ms: int

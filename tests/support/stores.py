@@ -477,7 +477,7 @@ class InMemoryJobs:
             return None
         if message_id in old.dead_letter_ids:
             return old  # counted already: it still counts, once
-        if old.redrive_round != redrive_round:
+        if old.dead_letter_ids and old.redrive_round != redrive_round:
             return None  # a copy from a round already answered
         return self._put(
             old, dead_letter_ids={*old.dead_letter_ids, message_id}, redrive_round=redrive_round + 1

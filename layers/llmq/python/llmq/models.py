@@ -588,7 +588,7 @@ class LaneMessage(Model):
     not_before_ms: int | None = None
     # The dead letters its job (or batch) had counted when it was sent: when copies sent in
     # one round dead-letter, one counts (`policy.fresh_letter_condition`).
-    redrive_round: Annotated[int, Field(ge=0, le=1000)] = 0
+    redrive_round: Annotated[int, Field(ge=0)] = 0
 
 
 class WebhookMessage(_Strict):

@@ -20,23 +20,25 @@ MAX_DEAD_LETTER_REDRIVES = 1
 
 
 def fresh_letter_condition(redrive_round: int) -> str:
-    """When a dead letter counts: its message was sent in the round not yet answered.
+    """When a dead letter counts: it is the first since the last claim (for a batch, since the
+    last step it got past), or its message was sent in the round not yet answered.
 
     A job (or batch) counts its letters in `redrive_round`, which nothing resets, and each of
     its lane messages carries the value when it was sent (`LaneMessage.redrive_round`).
     Several copies can be in flight at once (a duplicate, the reconciler's, a chunk's next):
-    when they dead-letter in one round, the first counts, which moves the round on, and the
-    others change nothing. No clock decides it (SentTimestamp against the Lambda clock drops
-    a real letter when the two drift), and no reset does either: the set of letters that
-    decides the give-up starts afresh at a claim (at a batch's step), the round does not, so
-    a message sent before the reset is still of its round. A sender holding a stale round
-    tags its message low; the message of the current round was sent by the dead-letter
-    function when it counted the last letter, so a live one is left. The count is an ADD of
-    one under this condition (`:round`), so two letters handled at once count once.
+    when they dead-letter in one round, the first counts, which moves the round on and sends
+    one message of the new round, and the others change nothing. No clock decides it
+    (SentTimestamp against the Lambda clock drops a real letter when the two drift).
+
+    The first letter after a claim counts whatever its round: the set that decides the give-up
+    starts afresh there, and the message of the current round may be gone (a claim through a
+    stale copy deletes it as "leased elsewhere"), so a stale copy may be all that is left. Past
+    that first one, only a message sent after it was counted can count. The count is one
+    conditional UpdateItem (`:round`), so two letters handled at once count once. An item
+    written before rounds existed has none, and is of the first round.
     """
-    if redrive_round == 0:
-        return "(attribute_not_exists(redrive_round) OR redrive_round = :round)"
-    return "redrive_round = :round"
+    either = "attribute_not_exists(dead_letter_ids) OR redrive_round = :round"
+    return f"({either} OR attribute_not_exists(redrive_round))" if redrive_round == 0 else f"({either})"
 
 
 class ClaimOutcome(StrEnum):

@@ -175,7 +175,7 @@ class Reconciler:
         recovered = self.jobs.recover(job)
         if recovered is None:
             return
-        self.queues.enqueue_job(job.id, job.lane, job.tenant_id)
+        self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
         report.recovered.append(entry.job_id)
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
