@@ -76,8 +76,10 @@ test-integration: install ## Handlers and repositories against moto, provider ov
 test-infra: install ## The CDK app: properties, cdk-nag, cfn-lint, deploy into moto
 	$(PYTEST) tests/infra -q
 
+# Three workers on two cores, a module to a worker: the crash tests wait out visibility
+# timeouts and leases in real time, which a third worker fills (3.1 min against 4.9).
 test-e2e: install ## The sandbox end to end over real HTTP (detached sandboxes, crashes, wiring, make demo)
-	$(PYTEST) tests/e2e -q -n 2 --dist loadfile --durations=8
+	$(PYTEST) tests/e2e -q -n 3 --dist loadfile --durations=8
 
 aws-calls: install ## Add the AWS calls the integration suite observes to tests/aws_calls.json (test-infra checks their grants)
 	LLMQ_RECORD_AWS_CALLS=1 $(PYTEST) tests/integration -q -n 2

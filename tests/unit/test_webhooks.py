@@ -33,6 +33,7 @@ from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
 from llmq.tenants import Tenant, new_webhook_secret
 from llmq.webhooks import (
+    COPY_LAG_SECONDS,
     USER_AGENT,
     DeliveryOutcome,
     OutcomeKind,
@@ -486,7 +487,10 @@ async def test_a_copy_that_loses_the_count_keeps_its_message_for_the_retry() -> 
     # comes back when the next attempt is due, the other just after, so the retry survives
     # whichever receipt the mapping deletes with
     assert [type(outcome) for outcome in outcomes] == [RetryLater, RetryLater], outcomes
-    assert sorted(round(outcome.delay_seconds) for outcome in outcomes) == [SCHEDULE[0], SCHEDULE[0] + 2]  # type: ignore[union-attr]
+    assert sorted(round(outcome.delay_seconds) for outcome in outcomes) == [
+        SCHEDULE[0],
+        SCHEDULE[0] + COPY_LAG_SECONDS,
+    ]  # type: ignore[union-attr]
     assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
     assert len(world.receiver.requests) == 2
     # And once the receiver is back, the next copy delivers it and later copies are acknowledged
@@ -739,10 +743,10 @@ async def test_a_copy_that_comes_early_comes_back_after_the_attempt_it_would_mak
     )
     # When a copy of its message comes now
     outcome = await world.dispatcher.deliver(WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED))
-    # Then it waits until two seconds after the attempt is due (the message carrying that attempt,
+    # Then it waits until COPY_LAG_SECONDS after the attempt is due (the message carrying that attempt,
     # delayed to it, goes first), and nothing was POSTed
     assert outcome.kind is OutcomeKind.RETRY
-    assert outcome.retry_in == pytest.approx(SCHEDULE[0] + 2, abs=0.01)
+    assert outcome.retry_in == pytest.approx(SCHEDULE[0] + COPY_LAG_SECONDS, abs=0.01)
     assert world.receiver.requests == []
 
 
@@ -758,7 +762,7 @@ async def test_a_new_copy_just_past_a_scheduled_attempt_waits_for_the_message_th
     with pytest.raises(RetryLater) as waited:
         await world.dispatcher.handle(body, receive_count=1)
     # Then it comes back after the carrier's attempt, and nothing was POSTed
-    assert waited.value.delay_seconds == pytest.approx(1.5, abs=0.01)
+    assert waited.value.delay_seconds == pytest.approx(COPY_LAG_SECONDS - 0.5, abs=0.01)
     assert world.receiver.requests == []
     # While the carrier itself, back for its second receive, delivers at once
     assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.DELIVERED
@@ -790,12 +794,12 @@ async def test_a_copy_received_before_waits_for_the_message_named_to_carry_the_a
     with pytest.raises(RetryLater) as waited:
         await world.dispatcher.handle(body, receive_count=2, message_id="m2")
     # Then the copy waits until after the carrier, which delivers at once
-    assert waited.value.delay_seconds == pytest.approx(2, abs=0.01)
+    assert waited.value.delay_seconds == pytest.approx(COPY_LAG_SECONDS, abs=0.01)
     assert (
         await world.dispatcher.handle(body, receive_count=2, message_id="m1")
     ).kind is OutcomeKind.DELIVERED
     assert len(world.receiver.requests) == 2
     # And the copy, back after it, finds it delivered and POSTs nothing
-    world.now += 2
+    world.now += COPY_LAG_SECONDS
     assert (await world.dispatcher.handle(body, receive_count=3, message_id="m2")).kind is OutcomeKind.SKIPPED
     assert len(world.receiver.requests) == 2

@@ -65,8 +65,11 @@ GONE = 410
 _EARLY_TOLERANCE_SECONDS = 1.0
 # How long after an attempt is due a copy that came early comes back: the message carrying
 # the attempt (delayed to its due time, within the tolerance) goes first, and a copy at the
-# same moment would POST the same attempt beside it.
-_COPY_LAG_SECONDS = 2 * _EARLY_TOLERANCE_SECONDS
+# same moment would POST the same attempt beside it. The carrier may itself come late (its
+# invoke throttled, or waiting for an execution environment; the sandbox on two busy cores
+# showed over 2 s): the longer the lag, the rarer a copy that POSTs beside it. A copy only
+# ever acts on its own when the carrier is gone, which costs the attempt this much delay.
+COPY_LAG_SECONDS = 5.0
 # Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 # A job.output event is tried this many times at most, retried only while its job runs, and
@@ -312,7 +315,7 @@ class WebhookDispatcher:
         if early > 0:
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early + _COPY_LAG_SECONDS, self.max_delay_seconds),
+                retry_in=min(early + COPY_LAG_SECONDS, self.max_delay_seconds),
                 reason="the next attempt is not due yet",
             )
         attempt = batch.delivery_attempts + 1
@@ -422,7 +425,7 @@ class WebhookDispatcher:
             # Another message while an attempt is scheduled (a copy sent again for the terminal
             # job): the message that carries that attempt comes back for it and goes first,
             # even within the tolerance or just past it; this one after it.
-            behind = job.delivery_next_ms / 1000 + _COPY_LAG_SECONDS - self._clock()
+            behind = job.delivery_next_ms / 1000 + COPY_LAG_SECONDS - self._clock()
             if behind > 0:
                 return DeliveryOutcome(
                     OutcomeKind.RETRY,
@@ -434,7 +437,7 @@ class WebhookDispatcher:
             # until after the message that carries that attempt, which it then finds settled.
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early + _COPY_LAG_SECONDS, self.max_delay_seconds),
+                retry_in=min(early + COPY_LAG_SECONDS, self.max_delay_seconds),
                 reason="the next attempt is not due yet",
             )
         attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
@@ -485,7 +488,7 @@ class WebhookDispatcher:
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
         # After the copy that counted it, whose message carries the attempt and comes back at it.
-        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + _COPY_LAG_SECONDS
+        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + COPY_LAG_SECONDS
         return DeliveryOutcome(
             OutcomeKind.RETRY,
             retry_in=min(max(due_in, _EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
