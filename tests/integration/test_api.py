@@ -570,6 +570,10 @@ def test_a_boolean_or_a_string_where_a_number_belongs_is_422_and_writes_nothing(
     for params in ({"seed": True}, {"max_tokens": "5"}, {"temperature": False}):
         reply = harness.submit(prompt="hello", params=params)
         assert (reply.status, reply.code) == (422, "invalid_request"), params
+    # (and `"deadline_seconds": true` as a deadline of 1 s, `"stream": 1` as true)
+    for fields in ({"deadline_seconds": True}, {"deadline_seconds": "30"}, {"stream": 1}, {"stream": "true"}):
+        reply = harness.submit(prompt="hello", **fields)
+        assert (reply.status, reply.code) == (422, "invalid_request"), fields
     assert harness.item_count() == 0
     # And whole numbers are still numbers
     assert harness.submit(prompt="hello", params={"temperature": 1, "seed": 7}).status == 202

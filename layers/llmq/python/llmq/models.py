@@ -118,9 +118,10 @@ class JobRequest(_Strict):
     metadata: dict[
         Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
     ] = Field(default_factory=dict)
-    deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    deadline_seconds: Annotated[int, Field(ge=1, strict=True)] | None = None
     stream: bool = Field(
         default=False,
+        strict=True,
         description="Keep the output as it is generated: GET /v1/jobs/{id}/events streams it "
         "(server-sent events), polls show `progress` and `output_partial`, and `job.output` "
         "webhooks can carry it (docs/streaming.md). Off, a job costs what it always did",
@@ -182,7 +183,10 @@ def job_request_model(config: LlmqConfig) -> type[JobRequest]:
             dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]],
             Field(default_factory=dict, max_length=limits.max_metadata_keys),
         ),
-        deadline_seconds=(Annotated[int, Field(ge=1, le=limits.max_deadline_seconds)] | None, None),
+        deadline_seconds=(
+            Annotated[int, Field(ge=1, le=limits.max_deadline_seconds, strict=True)] | None,
+            None,
+        ),
     )
 
 
@@ -428,7 +432,7 @@ class BatchRequest(_Strict):
     metadata: dict[
         Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
     ] = Field(default_factory=dict)
-    deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    deadline_seconds: Annotated[int, Field(ge=1, strict=True)] | None = None
     lane: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
     @model_validator(mode="after")
