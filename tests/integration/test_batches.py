@@ -251,6 +251,19 @@ def test_a_bad_item_is_a_problem_naming_it_and_nothing_is_written_or_queued(
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
 
 
+@pytest.mark.parametrize("deadline", [True, "3600"])
+def test_a_batch_deadline_that_is_not_a_number_is_refused_and_nothing_is_written(
+    harness: Harness, deadline: object
+) -> None:
+    """Lax validation would read `true` as a deadline of one second (found for jobs by the
+    schema fuzzer)."""
+    reply = _submit(harness, requests=_requests(2), deadline_seconds=deadline)
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    assert "deadline_seconds" in json.dumps(reply.body)
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+
+
 def test_an_item_with_a_model_the_deployment_does_not_allow_is_refused_with_the_jobs_code(
     harness: Harness,
 ) -> None:
