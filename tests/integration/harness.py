@@ -204,6 +204,20 @@ class Harness:
     def sqs_event(self, queue_url: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return sqs_event(self.sqs, queue_url, messages)
 
+    def dead_letter(self, lane: str, messages: list[dict[str, Any]], skew_ms: int = 0) -> None:
+        """These lane messages, their receives exhausted, handled by the dead-letter function
+        (one invocation) as SQS's redrive hands them over: moved to the DLQ with the
+        SentTimestamp they were sent with, here shifted by `skew_ms` (SQS's clock against the
+        function's). Every record is settled."""
+        url, dlq = self.stack.lane_queue_urls[lane], self.stack.lane_dlq_urls[lane]
+        for message in messages:
+            self.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        event = self.sqs_event(dlq, messages)
+        for record in event["Records"]:
+            record["attributes"]["SentTimestamp"] = str(int(record["attributes"]["SentTimestamp"]) + skew_ms)
+        answer = load_handler("dead_letter").handler(event, LambdaContextStub())
+        assert answer["batchItemFailures"] == []
+
     def run_worker(
         self, queue_url: str, messages: list[dict[str, Any]], timeout_seconds: float = 60
     ) -> dict[str, Any]:

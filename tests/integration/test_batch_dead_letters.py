@@ -181,12 +181,9 @@ def test_two_copies_that_dead_letter_in_one_round_send_it_again_once_and_the_nex
     harness.sqs.send_message(QueueUrl=url, MessageBody=original["Body"])
     copies = _expand_messages(harness)
     assert len(copies) == 2
-    for copy in copies:
-        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=copy["ReceiptHandle"])
     # When both dead-letter, one after the other
     for copy in copies:
-        answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, [copy]), LambdaContextStub())
-        assert answer["batchItemFailures"] == []
+        harness.dead_letter(HIGH, [copy])
     # Then the batch runs on, with its message sent again once
     running = _batch(harness, batch_id)
     assert running["status"] in ("validating", "in_progress") and not _crashed(running)
@@ -206,7 +203,7 @@ def test_a_message_of_the_round_before_a_step_and_its_copy_count_once_after_it(
     # Given a batch whose expand message dead-lettered once and was sent again
     _crash(monkeypatch, StoredRequests, "item")
     batch_id = _submit(harness)
-    url, dlq = harness.stack.lane_queue_urls[HIGH], harness.stack.lane_dlq_urls[HIGH]
+    url = harness.stack.lane_queue_urls[HIGH]
     assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
     (resent,) = _expand_messages(harness)
     # And the batch got past a step meanwhile (as a chunk written does)
@@ -220,9 +217,7 @@ def test_a_message_of_the_round_before_a_step_and_its_copy_count_once_after_it(
     copies = _expand_messages(harness)
     assert len(copies) == 2
     for copy in copies:
-        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=copy["ReceiptHandle"])
-        answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, [copy]), LambdaContextStub())
-        assert answer["batchItemFailures"] == []
+        harness.dead_letter(HIGH, [copy])
     # Then the batch runs on, with its message sent again once
     running = _batch(harness, batch_id)
     assert running["status"] in ("validating", "in_progress") and not _crashed(running)

@@ -42,8 +42,6 @@ from tests.integration.harness import (
     ENTERPRISE,
     FREE,
     Harness,
-    LambdaContextStub,
-    load_handler,
     webhook_message,
 )
 from tests.support.stores import ROOMY
@@ -701,20 +699,6 @@ def _lane_messages(harness: Harness, job_id: str) -> list[dict[str, Any]]:
     return [message for message in messages if json.loads(message["Body"])["job_id"] == job_id]
 
 
-def _dead_letter(harness: Harness, messages: list[dict[str, Any]], skew_ms: int = 0) -> None:
-    """These lane messages, their receives exhausted, handled by the dead-letter function as
-    SQS's redrive hands them over: moved to the DLQ with the SentTimestamp they were sent with,
-    here shifted by `skew_ms` (SQS's clock against the function's)."""
-    url, dlq = harness.stack.lane_queue_urls["high"], harness.stack.lane_dlq_urls["high"]
-    for message in messages:
-        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-    event = harness.sqs_event(dlq, messages)
-    for record in event["Records"]:
-        record["attributes"]["SentTimestamp"] = str(int(record["attributes"]["SentTimestamp"]) + skew_ms)
-    answer = load_handler("dead_letter").handler(event, LambdaContextStub())
-    assert answer["batchItemFailures"] == []
-
-
 def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> None:
     # Given a queued job whose message dead-lettered
     job_id = harness.submit().body["id"]
@@ -749,13 +733,13 @@ def test_two_messages_of_a_queued_job_that_dead_letter_in_one_round_send_it_once
     copies = _lane_messages(harness, job_id)
     assert len(copies) == 2
     # When both dead-letter, one after the other
-    _dead_letter(harness, copies[:1])
-    _dead_letter(harness, copies[1:])
+    harness.dead_letter("high", copies[:1])
+    harness.dead_letter("high", copies[1:])
     # Then the job is still queued, waiting for the one message sent again for it
     assert _job(harness, job_id)["status"] == "queued"
     (resent,) = _lane_messages(harness, job_id)
     # And when the message sent again dead-letters too, the job fails
-    _dead_letter(harness, [resent])
+    harness.dead_letter("high", [resent])
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
 
@@ -767,17 +751,17 @@ def test_a_message_of_the_round_before_a_claim_and_its_copy_count_once_after_it(
     job_id = harness.submit().body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     (submitted,) = _lane_messages(harness, job_id)
-    _dead_letter(harness, [submitted])
+    harness.dead_letter("high", [submitted])
     (resent,) = _lane_messages(harness, job_id)
     # And a worker claimed it through that message, then handed it back (the message lives on)
     claim = jobs.claim(job_id, "worker-1", lease_seconds=60)
     assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
     jobs.release(claim.job, "worker-1", 1)
     # When that message and a copy of it dead-letter, one after the other
-    _dead_letter(harness, [resent])
+    harness.dead_letter("high", [resent])
     harness.sqs.send_message(QueueUrl=harness.stack.lane_queue_urls["high"], MessageBody=resent["Body"])
     copy = [m for m in _lane_messages(harness, job_id) if m["Body"] == resent["Body"]]
-    _dead_letter(harness, copy)
+    harness.dead_letter("high", copy)
     # Then the job is still queued: one round, answered by one message sent again
     assert _job(harness, job_id)["status"] == "queued"
     (again,) = _lane_messages(harness, job_id)
@@ -795,7 +779,7 @@ def test_a_stale_copy_that_is_all_a_claimed_job_has_left_still_counts(harness: H
     url = harness.stack.lane_queue_urls["high"]
     (submitted,) = _lane_messages(harness, job_id)
     harness.sqs.send_message(QueueUrl=url, MessageBody=submitted["Body"])
-    _dead_letter(harness, [submitted])
+    harness.dead_letter("high", [submitted])
     messages = _lane_messages(harness, job_id)
     (resent,) = [m for m in messages if json.loads(m["Body"]).get("redrive_round") == 1]
     # And a worker claimed it through the duplicate, another deleted the message sent again
@@ -806,7 +790,7 @@ def test_a_stale_copy_that_is_all_a_claimed_job_has_left_still_counts(harness: H
     jobs.release(claim.job, "worker-1", 1)
     # When the duplicate dead-letters
     (duplicate,) = _lane_messages(harness, job_id)
-    _dead_letter(harness, [duplicate])
+    harness.dead_letter("high", [duplicate])
     # Then the job is still queued, and has a message again
     assert _job(harness, job_id)["status"] == "queued"
     (again,) = _lane_messages(harness, job_id)
@@ -826,7 +810,7 @@ def test_a_job_stored_before_rounds_existed_is_of_the_first_round(harness: Harne
         ExpressionAttributeValues={":ids": {"SS": ["dlq-before-the-upgrade"]}},
     )
     # When its message, untagged, dead-letters
-    _dead_letter(harness, _lane_messages(harness, job_id))
+    harness.dead_letter("high", _lane_messages(harness, job_id))
     # Then that is its second round, and it fails as crashed
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
@@ -841,12 +825,12 @@ def test_a_dead_letter_counts_whatever_the_clocks_of_sqs_and_the_function_say(
     # Given a queued job, and SQS's clock ten minutes off the function's
     job_id = harness.submit().body["id"]
     # When its message dead-letters
-    _dead_letter(harness, _lane_messages(harness, job_id), skew_ms)
+    harness.dead_letter("high", _lane_messages(harness, job_id), skew_ms)
     # Then the job is sent once more
     assert _job(harness, job_id)["status"] == "queued"
     (resent,) = _lane_messages(harness, job_id)
     # And when that one dead-letters too, the job fails as crashed: two rounds, not one or three
-    _dead_letter(harness, [resent], skew_ms)
+    harness.dead_letter("high", [resent], skew_ms)
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
     assert _lane_messages(harness, job_id) == []

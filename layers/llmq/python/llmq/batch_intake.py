@@ -15,7 +15,7 @@ import secrets
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import result_line
 from llmq.batch_runs import encode_requests, settle
-from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, over_quota
+from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, over_quota, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import (
     BatchNotCancelable,
@@ -192,9 +192,7 @@ class BatchIntake:
 
     def _expand(self, batch: BatchRecord) -> None:
         try:
-            self.queues.enqueue_expand(
-                batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-            )
+            send_expand(self.queues, batch)
         except StoreUnavailable:
             # The batch is stored and in the reconciler's sweep index: it sends the expand
             # message after `stale_queued_seconds`. The client keeps its 202 and batch id.
@@ -331,9 +329,7 @@ class BatchIntake:
                 self.job_store.request_cancel(job)
         if not flagged.expansion_over:
             # The expansion stops at its next chunk; if none runs, this message ends it.
-            self.queues.enqueue_expand(
-                flagged.id, flagged.lane, flagged.tenant_id, redrive_round=flagged.redrive_round
-            )
+            send_expand(self.queues, flagged)
         try:
             return settle(self.batches, self.queues, flagged.id) or flagged
         except StoreUnavailable:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from llmq.batch_requests import StoredRequests
-from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time
+from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time, send_expand
 from llmq.config import LlmqConfig
 from llmq.job_record import JobRecord
 from llmq.models import BatchResultLine, JobStatus
@@ -94,9 +94,7 @@ class ResultsCompiler:
             # Aborted (S3's lifecycle rule ends an upload left incomplete for a day): begun again.
             logger.warning("batch results file begun again", extra={"batch_id": batch.id})
             if self.batches.restart_compile(batch) is not None:
-                self.queues.enqueue_expand(
-                    batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-                )
+                send_expand(self.queues, batch)
             return None
 
     def _write(
@@ -114,9 +112,7 @@ class ResultsCompiler:
         while page_start < batch.total:
             if page_start > batch.compile_next and out_of_time(remaining_seconds(), slowest):
                 # Out of time inside a part: the next run reads it again from the checkpoint.
-                self.queues.enqueue_expand(
-                    batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-                )
+                send_expand(self.queues, batch)
                 return None
             page = self.batches.items(batch, page_start, _READ_PAGE)
             # Items never written (their batch canceled first) are named from its requests.
@@ -139,9 +135,7 @@ class ResultsCompiler:
                 slowest = max(slowest, time.monotonic() - part_began)
                 part_began = time.monotonic()
                 if out_of_time(remaining_seconds(), slowest):
-                    self.queues.enqueue_expand(
-                        batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-                    )
+                    send_expand(self.queues, batch)
                     logger.info(
                         "batch results file continues", extra={"batch_id": batch.id, "items": following}
                     )

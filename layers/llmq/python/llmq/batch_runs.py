@@ -28,7 +28,7 @@ from collections.abc import Callable
 from llmq.batch_requests import StoredRequests, request_lines
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
-from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time
+from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_codec import write_token
@@ -158,7 +158,7 @@ def _ask_for_results_file(batches: BatchRepository, queues: QueueStore, batch: B
     """The message that has a worker write the results file. Refused, the caller's own message
     comes back once the grace is over, and this caller (or any) sends it then."""
     try:
-        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round)
+        send_expand(queues, batch)
     except StoreUnavailable as exc:
         raise StoreUnavailable(str(exc), retry_after=RESULTS_ASK_GRACE_SECONDS + 1) from exc
     batches.mark_compile_queued(batch.id)
@@ -249,9 +249,7 @@ class BatchExpander:
         while start < batch.total:
             if start > first and out_of_time(remaining_seconds(), slowest):
                 # The rest goes to a new message, so a large batch never spends its receives.
-                self.queues.enqueue_expand(
-                    batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-                )
+                send_expand(self.queues, batch)
                 logger.info("batch expansion continues", extra={"batch_id": batch.id, "expanded": start})
                 return
             end = min(batch.total, start + chunk)
@@ -383,9 +381,7 @@ def dead_lettered(
         raise PoisonMessage(f"no batch {batch_id}")
     if batch.status.is_terminal:
         if _webhook_unsent(batch):
-            queues.enqueue_expand(
-                batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-            )  # a worker sends it
+            send_expand(queues, batch)  # a worker sends it
         return batch
     counted = batches.note_dead_letter(batch, message_id, redrive_round)
     if counted is None:
@@ -396,7 +392,7 @@ def dead_lettered(
         return batches.find(batch_id)
     letters = len(counted.dead_letter_ids)
     if letters <= MAX_DEAD_LETTER_REDRIVES:
-        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=counted.redrive_round)
+        send_expand(queues, counted)
         return counted
     crashed = [
         BatchLineError(
@@ -424,7 +420,7 @@ def dead_lettered(
         if flagged is not None:
             _write_no_more(batches, queues, config, flagged)
         # A worker ends it once its items have (this function reads no counts).
-        queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=counted.redrive_round)
+        send_expand(queues, counted)
         return batches.find(batch_id)
     if ended is not None and _webhook_unsent(ended):
         _send_webhook(batches, queues, ended)

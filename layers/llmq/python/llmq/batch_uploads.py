@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from llmq.batches import BatchRecord, BatchRepository, out_of_time, part_key
+from llmq.batches import BatchRecord, BatchRepository, out_of_time, part_key, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import DomainError, QuotaExceeded
 from llmq.models import BatchItemRequest, BatchLineError
@@ -142,9 +142,7 @@ class UploadScanner:
                 batch, held, held_bytes = moved, [], 0
                 slowest = max(slowest, time.monotonic() - began)
                 if out_of_time(remaining_seconds(), slowest):
-                    self.queues.enqueue_expand(
-                        batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-                    )
+                    send_expand(self.queues, batch)
                     logger.info(
                         "batch upload validation continues", extra={"batch_id": batch.id, "lines": line}
                     )

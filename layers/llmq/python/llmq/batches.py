@@ -18,7 +18,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 from pydantic import Field, TypeAdapter
@@ -48,6 +48,9 @@ from llmq.models import (
 from llmq.payloads import PresignedUrl
 from llmq.policy import fresh_letter_condition
 from llmq.shares import ShareState, holders_of, share_key
+
+if TYPE_CHECKING:
+    from llmq.ports import QueueStore
 
 BATCH_PREFIX = "batch#"
 BATCH_ID_PREFIX = "bat_"
@@ -1012,6 +1015,12 @@ def _status_in(statuses: list[BatchStatus]) -> tuple[str, dict[str, str]]:
     """A condition that the batch's status (`#st`) is one of `statuses`, and its values."""
     named = {f"status{index}": status.value for index, status in enumerate(statuses)}
     return f"#st IN ({', '.join(':' + name for name in named)})", named
+
+
+def send_expand(queues: QueueStore, batch: BatchRecord) -> None:
+    """The batch's expand message, of the batch's current round (`LaneMessage.redrive_round`):
+    every sender holding the record goes through here, so none leaves the round out."""
+    queues.enqueue_expand(batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round)
 
 
 def out_of_time(remaining_seconds: float, slowest: float) -> bool:

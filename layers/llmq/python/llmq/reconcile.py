@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmq.batch_runs import item_ended
-from llmq.batches import BATCH_PREFIX, BatchRepository
+from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.jobs import SweepEntry
@@ -145,9 +145,7 @@ class Reconciler:
             return
         batch = self.batches.find(entry.job_id[len(BATCH_PREFIX) :])
         if batch is not None:
-            self.queues.enqueue_expand(
-                batch.id, batch.lane, batch.tenant_id, redrive_round=batch.redrive_round
-            )
+            send_expand(self.queues, batch)
             report.batches.append(batch.id)
         self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_queued_seconds)
 
