@@ -42,6 +42,8 @@ from tests.integration.harness import (
     ENTERPRISE,
     FREE,
     Harness,
+    LambdaContextStub,
+    load_handler,
     webhook_message,
 )
 from tests.support.stores import ROOMY
@@ -718,6 +720,37 @@ def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> Non
     mark_dead_letter(jobs, queues, resent[0]["Body"], "dlq-message-2")
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
+def test_a_dead_letter_whose_resend_is_throttled_is_retried_and_counts_once(harness: Harness) -> None:
+    """The letter is counted, then SQS throttles the message sent again: the DLQ record fails
+    and comes back, and its retry sends the message without counting a second round."""
+    # Given a queued job whose message dead-lettered, and SQS throttling the next SendMessage
+    job_id = harness.submit().body["id"]
+    url, dlq = harness.stack.lane_queue_urls["high"], harness.stack.lane_dlq_urls["high"]
+    (submitted,) = _lane_messages(harness, job_id)
+    harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=submitted["ReceiptHandle"])
+    event = harness.sqs_event(dlq, [submitted])
+
+    def throttle(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "injected"}}, "SendMessage")
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("before-call.sqs.SendMessage", throttle, unique_id="throttle-resend")
+    try:
+        first = load_handler("dead_letter").handler(event, LambdaContextStub())
+    finally:
+        sqs.meta.events.unregister("before-call.sqs.SendMessage", unique_id="throttle-resend")
+    # Then the record failed, to come back, and no message was sent
+    assert [item["itemIdentifier"] for item in first["batchItemFailures"]] == [submitted["MessageId"]]
+    assert _lane_messages(harness, job_id) == []
+    # When the same record comes back
+    again = load_handler("dead_letter").handler(event, LambdaContextStub())
+    # Then the job is sent again, of the next round, still queued: one round, not two
+    assert again["batchItemFailures"] == []
+    (resent,) = _lane_messages(harness, job_id)
+    assert json.loads(resent["Body"])["redrive_round"] == 1
+    assert _job(harness, job_id)["status"] == "queued"
 
 
 def test_two_messages_of_a_queued_job_that_dead_letter_in_one_round_send_it_once_more(
