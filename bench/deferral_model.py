@@ -11,6 +11,11 @@ deployment's `FairShareConfig`) in a discrete-event model of the lane, with no A
 - each message is a claim attempt: below the cap it runs for `latency` seconds; at the cap it
   is deferred by `deferral_seconds`, computed from the slots' holders and the backlog as the
   worker computes it from the refused condition;
+- a job that ends leaves its run time as the last run, which the policy reads as the worker
+  reads it from the share;
+- a refused message whose batch runs jobs of the tenant waits for one of them, one per job
+  (`llmq.slot_handoff`), and is visible again the moment that job ends: the handoff at its
+  best, as every such end frees a slot here and its copy takes no time to send;
 - a deferred message is visible again after its delay, rounded up to whole seconds as the
   worker rounds it for SQS's DelaySeconds.
 
@@ -58,9 +63,14 @@ def simulate(
     *,
     arrivals: Sequence[float] = (),
     items_cap: int | None = None,
+    handoff: bool = True,
+    spread: float = 0.0,
+    history: bool = False,
 ) -> dict[str, Any]:
     """`jobs` queued at time 0 (a batch's items when `items_cap` caps them), and one more
-    job of the same tenant submitted at each of `arrivals` (seconds)."""
+    job of the same tenant submitted at each of `arrivals` (seconds). Each job runs for
+    `latency`, or with `spread` a time drawn uniformly within ± that share of it. `history`:
+    the tenant ran a job before the burst, so its share holds a last run from the start."""
     policy = policy or FairShareConfig()
     rng = random.Random(seed)
     now = 0.0
@@ -76,6 +86,8 @@ def simulate(
     last_start = 0.0
     in_flight: list[tuple[float, int]] = []  # (time, jobs running from then on)
     waits: list[float] = []  # the arriving jobs' queue waits
+    # How long the last job to end ran (ms), as the share keeps it.
+    last_run = int(1000 * latency * (1 + spread * (2 * rng.random() - 1))) if history else None
 
     def record() -> None:
         in_flight.append((now, len(holders)))
@@ -87,6 +99,9 @@ def simulate(
                 continue
             taken, visible = visible[: lane.batch], visible[lane.batch :]
             busy_until = now + lane.overhead
+            # (kind -> jobs of that kind this batch claimed, refused ones waiting for them)
+            siblings: dict[bool, list[float]] = {False: [], True: []}  # their ends, in order
+            waiting = {False: 0, True: 0}
             for job in taken:
                 attempts += 1
                 item = items_cap is not None and job < jobs
@@ -96,8 +111,10 @@ def simulate(
                         items_held[str(job)] = holders[str(job)]
                     else:
                         waits.extend([now - arrivals[job - jobs]] if job >= jobs else [])
-                    heapq.heappush(ends, (now + latency, job))
-                    busy_until = max(busy_until, now + latency + lane.overhead)
+                    run = latency * (1 + spread * (2 * rng.random() - 1))
+                    heapq.heappush(ends, (now + run, job))
+                    siblings[item].append(now + run)
+                    busy_until = max(busy_until, now + run + lane.overhead)
                     last_start = now
                     record()
                 else:
@@ -108,9 +125,16 @@ def simulate(
                         default_caps={LANE: cap},
                         batch_holders={LANE: dict(items_held)},
                         default_batch_caps={LANE: items_cap or cap},
+                        last_runs={} if last_run is None else {LANE: last_run},
                     )
                     delay = deferral_seconds(state, LANE, int(now * 1000), policy, rng, batch_item=item)
-                    heapq.heappush(delayed, (now + math.ceil(delay), job))
+                    if handoff and waiting[item] < len(siblings[item]):
+                        # (`llmq.slot_handoff`: it waits for one of the batch's own jobs, and
+                        # is re-sent as that one ends)
+                        heapq.heappush(delayed, (sorted(siblings[item])[waiting[item]], job))
+                        waiting[item] += 1
+                    else:
+                        heapq.heappush(delayed, (now + math.ceil(delay), job))
             free_at[index] = busy_until
         # Advance to the next event: a job ends, a deferred message returns, an invocation frees.
         upcoming = [time for time in free_at if time > now]
@@ -121,7 +145,7 @@ def simulate(
         now = min(upcoming)
         while ends and ends[0][0] <= now:
             _, job = heapq.heappop(ends)
-            del holders[str(job)]
+            last_run = int(now * 1000) - holders.pop(str(job))
             items_held.pop(str(job), None)
             finished += 1
             record()
@@ -155,31 +179,64 @@ def _time_weighted_mean(samples: list[tuple[float, int]], until: float) -> float
 UNBOUNDED = Lane(invocations=100)
 
 
+# Run times: the sandbox benchmark's (every job 1 s), and a real generation's (60 s, each
+# anywhere within ±50% of it).
+RUN_PROFILES = ((1.0, 0.0), (60.0, 0.5))
+
+
 def deferral_at_scale(quick: bool = False) -> dict[str, Any]:
     """The policy under backlogs of 400 (the sandbox run's) and 2,000 jobs at a cap of 20, and
     the sandbox's small-cap run (120 jobs, cap 4), three seeds each, in the benchmark's lane and
-    in one with invocations to spare."""
+    in one with invocations to spare, for each run-time profile, of a new tenant; then real
+    generations of a tenant with a last run, and without the same-batch handoff
+    (`llmq.slot_handoff`)."""
     rows = []
-    for lane in (Lane(), UNBOUNDED):
-        for jobs, cap in ((120, 4), (400, 20), (2000, 20)):
-            runs = [
-                simulate(jobs, cap=cap, latency=1.0, lane=lane, seed=seed)
-                for seed in ((1,) if quick else (1, 2, 3))
-            ]
-            rows.append(
-                {
-                    "invocations": lane.invocations,
-                    "jobs": jobs,
-                    "cap": cap,
-                    "claim_attempts_per_job": statistics.mean(run["claim_attempts_per_job"] for run in runs),
-                    "mean_in_flight_while_backlogged": statistics.mean(
-                        run["mean_in_flight_while_backlogged"] for run in runs
-                    ),
-                    "makespan_over_ideal": statistics.mean(
-                        run["makespan_s"] / run["ideal_makespan_s"] for run in runs
-                    ),
-                }
+    cases = [
+        (latency, spread, lane, jobs, cap, True, False)
+        for latency, spread in RUN_PROFILES
+        for lane in (Lane(), UNBOUNDED)
+        for jobs, cap in ((120, 4), (400, 20), (2000, 20))
+    ]
+    # A tenant that ran jobs before its burst (its last run known), and the same burst of a new
+    # tenant without the same-batch handoff.
+    cases += [
+        (60.0, 0.5, lane, jobs, cap, True, True)
+        for lane in (Lane(), UNBOUNDED)
+        for jobs, cap in ((120, 4), (2000, 20))
+    ]
+    cases += [(60.0, 0.5, lane, 2000, 20, False, False) for lane in (Lane(), UNBOUNDED)]
+    for latency, spread, lane, jobs, cap, handoff, history in cases:
+        runs = [
+            simulate(
+                jobs,
+                cap=cap,
+                latency=latency,
+                lane=lane,
+                seed=seed,
+                spread=spread,
+                handoff=handoff,
+                history=history,
             )
+            for seed in ((1,) if quick else (1, 2, 3))
+        ]
+        rows.append(
+            {
+                "latency_s": latency,
+                "spread": spread,
+                "handoff": handoff,
+                "history": history,
+                "invocations": lane.invocations,
+                "jobs": jobs,
+                "cap": cap,
+                "claim_attempts_per_job": statistics.mean(run["claim_attempts_per_job"] for run in runs),
+                "mean_in_flight_while_backlogged": statistics.mean(
+                    run["mean_in_flight_while_backlogged"] for run in runs
+                ),
+                "makespan_over_ideal": statistics.mean(
+                    run["makespan_s"] / run["ideal_makespan_s"] for run in runs
+                ),
+            }
+        )
     return {"lane": Lane().__dict__, "latency_s": 1.0, "rows": rows}
 
 

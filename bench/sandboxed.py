@@ -245,7 +245,7 @@ UNCAPPED = {
 # (BENCHMARKS.md §5). With the default cap of 20 the sandbox itself is the limit (the uncapped
 # baseline keeps only ~11 in flight), so that run cannot show whether the cap leaves slots idle.
 SMALL_CAP = 4
-SMALL_CAP_LIMITS = {
+SMALL_CAP_LIMITS: dict[str, Any] = {
     "fair_share": {
         "tiers": {
             "enterprise": {
@@ -312,6 +312,23 @@ def _slots_held_while_backlogged(jobs: list[dict[str, Any]], step: float = 0.05)
     return statistics.mean(window)
 
 
+def _refill_gaps(jobs: list[dict[str, Any]]) -> list[float]:
+    """For each slot the tenant gave back while it still had jobs to start, how long until its
+    next claim (seconds): each end, in time order, paired with the first later start not yet
+    paired."""
+    starts = sorted(_seconds(job["started_at"]) for job in jobs if job.get("started_at"))
+    ends = sorted(_seconds(job["finished_at"]) for job in jobs if job.get("finished_at"))
+    gaps, next_start = [], 0
+    for end in ends:
+        while next_start < len(starts) and starts[next_start] < end:
+            next_start += 1
+        if next_start == len(starts):
+            break
+        gaps.append(starts[next_start] - end)
+        next_start += 1
+    return gaps
+
+
 def _open_over_time(spans: list[tuple[float, float]], step: float) -> list[int]:
     """How many spans are open, sampled every `step` seconds from the first one's start."""
     if not spans:
@@ -325,11 +342,15 @@ def _open_over_time(spans: list[tuple[float, float]], step: float) -> list[int]:
     return samples
 
 
-def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) -> dict[str, Any]:
+def noisy_once(
+    name: str, capped: bool, quick: bool, small_cap: bool = False, handoff: bool = True
+) -> dict[str, Any]:
     """Tenant A floods the enterprise lane, then tenant B (same tier) submits a few."""
     a_count, b_count = _noisy_sizes(quick, small_cap)
     latency = NOISY_LATENCY
-    limits = SMALL_CAP_LIMITS if small_cap else {}
+    limits: dict[str, Any] = SMALL_CAP_LIMITS if small_cap else {}
+    if not handoff:
+        limits = {"fair_share": {**limits.get("fair_share", {}), "slot_handoff": False}}
     overrides = dict(NOISY_LANES) | ({} if capped else UNCAPPED) | limits
     with sandbox(overrides) as (running, state):
         config = running.config
@@ -364,6 +385,7 @@ def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) ->
     a_starts = sorted(call["started_at"] for call in log if call["job_id"] in set(a_ids))
     busy_until = a_starts[-1] if a_starts else 0.0
     window = a_in_flight[: max(1, int((busy_until - (a_starts[0] if a_starts else 0)) / 0.05))]
+    refills = _refill_gaps(a_jobs)
     return {
         "config": name,
         "cap": cap,
@@ -378,6 +400,8 @@ def noisy_once(name: str, capped: bool, quick: bool, small_cap: bool = False) ->
         "a_max_in_flight": max(a_in_flight, default=0),
         "a_mean_in_flight_while_backlogged": statistics.mean(window) if window else 0.0,
         "a_mean_slots_held_while_backlogged": _slots_held_while_backlogged(a_jobs),
+        "a_refill_p50_s": _percentile(refills, 0.5) if refills else None,
+        "a_refill_p90_s": _percentile(refills, 0.9) if refills else None,
         "a_provider_calls": sum(1 for call in log if call["job_id"] in set(a_ids)),
         # Claim attempts (claimed, refused at the cap, or not claimed) per job of A that ran.
         "a_claim_attempts_per_job": attempts / max(1, sum(job["status"] == "succeeded" for job in a_jobs)),
@@ -505,7 +529,12 @@ def streaming(quick: bool = False) -> dict[str, Any]:
     return _in_fresh_process("streaming-run", quick)
 
 
-_CLAIM_LOG_MESSAGES = {"job claimed", "tenant at its cap; deferred", "message not claimed"}
+_CLAIM_LOG_MESSAGES = {
+    "job claimed",
+    "tenant at its cap; deferred",
+    "tenant at its cap; a slot of its own freed",
+    "message not claimed",
+}
 
 
 def _claim_attempts(worker_log: Path, jobs: set[str]) -> int:
@@ -529,8 +558,9 @@ def noisy(quick: bool = False) -> dict[str, Any]:
         _in_fresh_process("noisy-fair", quick),
         _in_fresh_process("noisy-baseline", quick),
         _in_fresh_process("noisy-small-cap", quick),
+        _in_fresh_process("noisy-small-cap-no-handoff", quick),
     ]
-    fair, baseline, _ = rows
+    fair, baseline, *_ = rows
     return {
         "description": (
             f"Tenant A submits {a_count} jobs at once (the lane's pollers pause while they go in); the "
@@ -540,7 +570,8 @@ def noisy(quick: bool = False) -> dict[str, Any]:
             "as the api function starts on the request, so the wait also holds the rest of the sandbox's submit "
             'path (its writes to moto, the reply), shown apart as "B\'s submit". Baseline: the same run with no per-tenant cap and '
             "the sandbox's fair-queue emulation off (FIFO). Third row: A capped at "
-            f"{SMALL_CAP}, below what the sandbox can run, with {_noisy_sizes(quick, True)[0]} jobs."
+            f"{SMALL_CAP}, below what the sandbox can run, with {_noisy_sizes(quick, True)[0]} jobs; fourth: "
+            "the same without the same-batch slot handoff (`fair_share.slot_handoff` off)."
         ),
         "rows": rows,
         "b_p95_ratio": (baseline["b_p95_s"] or 0) / max(fair["b_p95_s"] or 0.001, 0.001),
@@ -737,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             "noisy-fair",
             "noisy-baseline",
             "noisy-small-cap",
+            "noisy-small-cap-no-handoff",
             "throughput-run",
             "streaming-run",
             "flood-single-fifo",
@@ -755,13 +787,14 @@ def main(argv: list[str] | None = None) -> int:
         result = streaming_run(args.quick)
     elif args.section.startswith("noisy"):
         capped = args.section != "noisy-baseline"
-        small_cap = args.section == "noisy-small-cap"
+        small_cap = args.section.startswith("noisy-small-cap")
+        handoff = not args.section.endswith("no-handoff")
         if not capped:
             os.environ["LLMQ_SANDBOX_FAIR_QUEUES"] = "off"
         name = "per-tenant cap, fair queues" if capped else "no cap, FIFO (baseline)"
         if small_cap:
-            name = f"cap {SMALL_CAP}, fair queues"
-        result = noisy_once(name, capped, args.quick, small_cap)
+            name = f"cap {SMALL_CAP}, fair queues" + ("" if handoff else ", no slot handoff")
+        result = noisy_once(name, capped, args.quick, small_cap, handoff)
     else:
         single = args.section.startswith("flood-single")
         name = "single lane, fair queues" if single else "lanes (high 8, low 2)"

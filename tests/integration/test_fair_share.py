@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -42,6 +43,29 @@ class _Later:
 
     def __call__(self) -> float:
         return time.time() + self.offset
+
+
+def _capped_with_long_deferrals(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, cap: int
+) -> Harness:
+    """A harness whose enterprise tenant is capped at `cap`, with deferrals of 30 s at least:
+    a copy sent sooner than that was handed a freed slot."""
+    config = integration_config(provider, fair_share={"min_deferral_seconds": 30})
+    harness = Harness(moto_stack, config, monkeypatch)
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=cap)
+    provider.reset()
+    return harness
+
+
+@contextmanager
+def _observing(operation: str, record: Callable[..., None]) -> Iterator[None]:
+    """`record(params)` for each call of the SQS `operation` the handlers make meanwhile."""
+    events = aws.client("sqs").meta.events
+    events.register(f"provide-client-params.sqs.{operation}", record)
+    try:
+        yield
+    finally:
+        events.unregister(f"provide-client-params.sqs.{operation}", record)
 
 
 # ---- the active-jobs quota ----------------------------------------------------------------------
@@ -140,6 +164,69 @@ def test_a_tenant_never_runs_more_than_its_cap_and_the_rest_wait_without_being_s
     # And both slots are free again, with three jobs still active
     share = _shares(harness).get(ENTERPRISE["tenant_id"])
     assert (share.running, share.active) == (0, 3)
+
+
+def test_a_refused_message_is_sent_on_the_moment_its_batchs_own_job_frees_a_slot(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant capped at two, whose deferrals are long (30 s at least), and six queued jobs
+    harness = _capped_with_long_deferrals(moto_stack, provider, monkeypatch, cap=2)
+    ids = [harness.submit(prompt=f"job {n} [[latency:0.3]]").body["id"] for n in range(6)]
+    url = harness.stack.lane_queue_urls["high"]
+    sends: list[tuple[int, int]] = []  # (DelaySeconds, provider calls ended by then)
+    hidden: list[int] = []  # visibility timeouts set while the batch ran
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if params.get("QueueUrl") == url:
+            sends.append((int(params.get("DelaySeconds", 0)), len(provider.state.log)))
+
+    def record_hold(params: dict[str, Any], **_: Any) -> None:
+        hidden.append(int(params["VisibilityTimeout"]))
+
+    with _observing("SendMessage", record), _observing("ChangeMessageVisibility", record_hold):
+        # When one worker invocation (of 60 s) receives all six: two run, four are refused
+        messages = harness.receive(url, visibility=600)
+        assert len(messages) == 6
+        assert harness.run_worker(url, messages, timeout_seconds=60) == {"batchItemFailures": []}
+    # Then two of the refused waited for the batch's own two jobs and were sent on, undelayed,
+    # each once a job had ended; the other two were deferred by the policy, as before
+    assert provider.state.max_in_flight == 2
+    delays = sorted(delay for delay, _ in sends)
+    assert len(delays) == 4 and delays[:2] == [0, 0] and min(delays[2:]) >= 30
+    assert all(ended >= 1 for delay, ended in sends if delay == 0)
+    # And while they waited, each was hidden only until just after the invocation could end
+    # (its 60 s and the lease margin), not the 600 s it was received for: a crash meanwhile
+    # brings it back then (a refused record counts on the batch's claims still in flight, so
+    # one may take a place that their refusals then take back: at most the four refused)
+    assert 2 <= len(hidden) <= 4
+    assert all(60 <= timeout <= 60 + harness.config.lease_margin_seconds for timeout in hidden)
+    # And the next invocation finds those two at once and runs them, within the cap
+    again = harness.receive(url)
+    assert len(again) == 2
+    assert harness.run_worker(url, again) == {"batchItemFailures": []}
+    assert provider.state.max_in_flight == 2
+    states = [harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body for job_id in ids]
+    assert sorted(job["status"] for job in states) == ["queued"] * 2 + ["succeeded"] * 4
+    assert all(job["attempts"] == 0 for job in states if job["status"] == "queued")
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).running == 0
+
+
+def test_a_first_attempt_that_succeeds_leaves_its_run_time_for_the_lanes_deferrals(harness: Harness) -> None:
+    # Given a tenant with no run on record
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).last_runs == {}
+    # When a job that fails for good runs, nothing is kept (a failure's run says little)
+    failed = harness.submit(prompt="no [[fail:400:context_length_exceeded]]").body["id"]
+    harness.drain("high")
+    assert harness.api("GET", f"/v1/jobs/{failed}", tenant=ENTERPRISE).body["status"] == "failed"
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).last_runs == {}
+    # When a 0.3 s job succeeds at its first attempt
+    done = harness.submit(prompt="yes [[latency:0.3]]").body["id"]
+    harness.drain("high")
+    assert harness.api("GET", f"/v1/jobs/{done}", tenant=ENTERPRISE).body["status"] == "succeeded"
+    # Then the share keeps how long it held its slot, in its lane, with nothing else changed
+    share = _shares(harness).get(ENTERPRISE["tenant_id"])
+    assert set(share.last_runs) == {"high"} and share.last_runs["high"] >= 300
+    assert (share.running, share.active) == (0, 0)
 
 
 def test_a_capped_tenant_does_not_hold_back_another_tenant_in_the_same_lane(harness: Harness) -> None:
@@ -319,3 +406,65 @@ def test_a_claim_whose_transaction_conflicts_runs_the_job_once(
     assert provider.calls_for(job_id) == 1
     share = _shares(harness).get(ENTERPRISE["tenant_id"])
     assert (share.running, share.active) == (0, 0)
+
+
+def test_a_handed_on_copy_that_sqs_throttles_leaves_its_message_to_wait_its_deferral(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant capped at one, whose deferrals are 30 s at least, and two queued jobs
+    harness = _capped_with_long_deferrals(moto_stack, provider, monkeypatch, cap=1)
+    ids = [harness.submit(prompt=f"job {n} [[latency:0.2]]").body["id"] for n in range(2)]
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url, visibility=1)
+    assert len(messages) == 2
+    # When one runs and the other waits for it, and SQS throttles the copy sent as its slot frees
+    tried: list[int] = []  # DelaySeconds of each send tried
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        tried.append(int(params.get("DelaySeconds", 0)))
+
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", times=20)
+    try:
+        with _observing("SendMessage", record):
+            response = harness.run_worker(url, messages)
+    finally:
+        faults.disarm()
+    # Then the copy tried was the undelayed one, sent as the slot freed; that message is
+    # reported failed, and waits out its deferral (not back at once, to spin through its
+    # receives while SQS throttles)
+    assert faults.fired and tried and set(tried) == {0}
+    assert len(response["batchItemFailures"]) == 1
+    time.sleep(2.0)  # past the receive's own visibility timeout of 1 s
+    assert harness.receive(url) == []
+    states = sorted(
+        harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] for job_id in ids
+    )
+    assert states == ["queued", "succeeded"]
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).running == 0
+
+
+def test_a_message_naming_no_tenant_refused_at_the_cap_is_replaced_by_a_copy_that_names_it(
+    harness: Harness,
+) -> None:
+    # Given a tenant at its cap of one (a job running), and a second job whose lane message
+    # names only the job, as an older sender wrote them
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    running = harness.submit().body["id"]
+    waiting = harness.submit().body["id"]
+    assert jobs.claim(running, "busy-worker", 60).outcome is ClaimOutcome.CLAIMED
+    url = harness.stack.lane_queue_urls["high"]
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    harness.sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"job_id": waiting}))
+    # When a worker receives it
+    messages = harness.receive(url)
+    assert len(messages) == 1
+    assert harness.run_worker(url, messages) == {"batchItemFailures": []}
+    # Then it was acknowledged only because a delayed copy replaced it, naming the tenant
+    copies = harness.sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )
+    assert int(copies["Attributes"]["ApproximateNumberOfMessagesDelayed"]) == 1
+    assert harness.api("GET", f"/v1/jobs/{waiting}", tenant=ENTERPRISE).body["status"] == "queued"

@@ -17,14 +17,26 @@ POLICY = FairShareConfig()
 NOW = 1_800_000_000_000
 
 
-def _state(running_ages_s: list[float], queued: int, cap: int = 4, lane: str = "high") -> ShareState:
+def _state(
+    running_ages_s: list[float],
+    queued: int,
+    cap: int = 4,
+    lane: str = "high",
+    last_run_s: float | None = None,
+) -> ShareState:
     holders = {f"job_{n}": NOW - int(age * 1000) for n, age in enumerate(running_ages_s)}
     return ShareState(
         tenant_id="ten_a",
         active=len(holders) + queued,
         holders={lane: holders},
         default_caps={lane: cap},
+        last_runs={} if last_run_s is None else {lane: int(last_run_s * 1000)},
     )
+
+
+def _mean_delay(state: ShareState, seed: int = 5) -> float:
+    rng = random.Random(seed)
+    return statistics.mean(deferral_seconds(state, "high", NOW, POLICY, rng) for _ in range(2000))
 
 
 def test_the_default_cap_is_half_the_lanes_job_capacity() -> None:
@@ -145,6 +157,28 @@ def test_retries_come_back_a_little_faster_than_slots_free() -> None:
 def test_a_deferral_is_always_within_its_bounds(ages: list[float], queued: int, cap: int, seed: int) -> None:
     delay = deferral_seconds(_state(ages, queued, cap=cap), "high", NOW, POLICY, random.Random(seed))
     assert POLICY.min_deferral_seconds <= delay <= POLICY.max_deferral_seconds
+
+
+def test_a_tenants_last_run_sets_the_pace_where_its_holders_ages_mislead() -> None:
+    # Given four holders that started together 55 s ago, of a tenant whose jobs run a minute
+    synchronized = [55.0] * 4
+    # Then with its last run known the backlog spreads over a minute's drain per slot, not the
+    # 110 s that twice their mean age suggests
+    known = _mean_delay(_state(synchronized, 40, last_run_s=60.0))
+    guessed = _mean_delay(_state(synchronized, 40))
+    assert 0.5 < known / guessed < 0.6
+    # And right after a burst starts (the holders a second old), a known run still spreads the
+    # backlog over the drain instead of bringing it back within seconds
+    assert _mean_delay(_state([1.0] * 4, 40, last_run_s=60.0)) > 20 * _mean_delay(_state([1.0] * 4, 40))
+
+
+def test_a_holder_older_than_the_last_run_stretches_the_estimate_but_a_stuck_one_does_not() -> None:
+    baseline = _mean_delay(_state([10.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0))
+    # A last run of 10 s, but one holder has run 18 s already: runs now take at least that
+    assert 1.6 < _mean_delay(_state([18.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0)) / baseline < 2.0
+    # One that has held its slot for 600 s is stuck (its worker gone, its lease not yet
+    # recovered): it says nothing of how long runs take, and must not stall the backlog
+    assert 0.9 < _mean_delay(_state([600.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0)) / baseline < 1.1
 
 
 def test_the_default_policy_keeps_claim_attempts_within_three_per_job_under_a_2000_job_backlog() -> None:

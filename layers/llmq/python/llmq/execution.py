@@ -30,7 +30,7 @@ from llmq.lanes import retry_delay_seconds
 from llmq.live_output import OutputRecorder, printable
 from llmq.models import ErrorCode, JobError, JobResult, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
-from llmq.policy import MAX_DEAD_LETTER_REDRIVES, ClaimOutcome, deadline_error
+from llmq.policy import MAX_DEAD_LETTER_REDRIVES, Claim, ClaimOutcome, deadline_error
 from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
 from llmq.providers import (
     GenerationRequest,
@@ -40,6 +40,7 @@ from llmq.providers import (
 )
 from llmq.queues import MAX_SEND_DELAY_SECONDS, announce_terminal
 from llmq.shares import ShareState, deferral_seconds
+from llmq.slot_handoff import HandoffKey, Sibling, SlotHandoff
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, logger
 
@@ -68,6 +69,9 @@ _FINAL_OUTPUT_SECONDS = 5.0
 # Threads for a batch's output writes and job.output sends (the default executor, six
 # threads on two vCPUs, stays free for claims and results).
 _OUTPUT_THREADS = 4
+# A refused message waiting for its batch's job of the same tenant to end stops waiting this
+# long before the Lambda's end (or a quarter of what is left), to re-send itself in time.
+_HANDOFF_RESERVE_SECONDS = 10.0
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
@@ -134,6 +138,9 @@ class Invocation:
 
     owner: str
     remaining_seconds: Callable[[], float]
+    # Keeps this record's message hidden for that many seconds from now, and no longer (True
+    # when SQS did): set by the worker's handler, None where nothing receives the message.
+    hold_message: Callable[[float], bool] | None = None
 
 
 class JobRunner:
@@ -156,6 +163,8 @@ class JobRunner:
         self.provider = provider
         self.config = config
         self._rng = rng or random.Random()
+        # Refused messages waiting for a slot their batch's own jobs free.
+        self._handoff = SlotHandoff()
         # Threads for output writes and job.output sends (`_on_output_thread`).
         self._output_threads = ThreadPoolExecutor(
             max_workers=_OUTPUT_THREADS, thread_name_prefix="llmq-output"
@@ -167,7 +176,6 @@ class JobRunner:
         if message.kind == "expand":
             await self._expand(message, invocation)
             return
-        lease_seconds = invocation.remaining_seconds() + self.config.lease_margin_seconds
         tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
         if tenant is not None and message.not_before_ms is not None:
             wait_ms = message.not_before_ms - self.jobs.now_ms()
@@ -177,6 +185,23 @@ class JobRunner:
                     message, tenant, message.not_before_ms, wait_ms / 1000, "deferral continued"
                 )
                 return
+        item = batch_of(message.job_id) is not None
+        key: HandoffKey | None = (*tenant, item) if tenant is not None else None
+        with self._handoff.holding(key) as sibling:
+            refused = await self._claim_and_run(message, invocation, tenant, sibling)
+        if refused is not None and refused.share is not None:
+            if key is None:
+                # A message that names no tenant, from an older sender: the claim found it.
+                found = await asyncio.to_thread(self.jobs.find, message.job_id)
+                key = (refused.share.tenant_id, found.lane if found is not None else "", item)
+            await self._defer(message, key, refused.share, refused.at_ms, invocation)
+
+    async def _claim_and_run(
+        self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
+    ) -> Claim | None:
+        """Claim the message's job and run it; the claim, when the tenant is at its cap.
+        `sibling` is told when the job gave back a slot it held."""
+        lease_seconds = invocation.remaining_seconds() + self.config.lease_margin_seconds
         try:
             # Retried in process with the same owner, so a claim that was applied before its
             # answer was lost is recognised as ours instead of stalling as someone else's lease.
@@ -193,7 +218,7 @@ class JobRunner:
             if tenant is None:
                 raise RetryLater(message.job_id, delay) from exc
             await self._resend(message, tenant, None, delay, "claim contended")
-            return
+            return None
         except StoreUnavailable as exc:
             # Nothing was spent yet. The claim may have been applied, though, leased to us: the
             # message comes back once that lease has lapsed (with jitter, so throttled messages
@@ -203,8 +228,7 @@ class JobRunner:
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
             raise RetryLater(message.job_id, delay) from exc
         if claim.outcome is ClaimOutcome.AT_CAP and claim.share is not None:
-            await self._defer(message, (claim.share.tenant_id, message.lane or ""), claim.share, claim.at_ms)
-            return
+            return claim
         job = claim.job
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
@@ -216,15 +240,16 @@ class JobRunner:
         if claim.outcome is not ClaimOutcome.CLAIMED:
             logger.info("message not claimed", extra=log)
             await self._settle_unclaimed(claim.outcome, job)
-            return
+            return None
         logger.info("job claimed", extra={**log, "attempt": job.attempts, "lane": job.lane})
         if job.cancel_requested:
             # Only our own claim, recognised after a lost answer, can bring a cancel along.
             await self._settle(self.jobs.cancel_leased, job, invocation)
-            return
+            sibling.freed = True
+            return None
         loaded = await self._load_input(job, invocation)
         if loaded is None:
-            return
+            return None
         job = loaded
         if job.attempts == 1 and job.started_ms is not None:
             emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
@@ -233,6 +258,10 @@ class JobRunner:
         except LeaseLost:
             # Another worker took the job over after our lease lapsed; its result stands.
             logger.warning("lease lost; result discarded", extra=log)
+            return None
+        # Whatever the end (a result, a failure, a retry's backoff), the slot was given back.
+        sibling.freed = True
+        return None
 
     async def _expand(self, message: LaneMessage, invocation: Invocation) -> None:
         """Write a batch's items (`llmq.batch_runs`). Cut short by AWS, it goes on from its
@@ -259,7 +288,7 @@ class JobRunner:
                 raise RetryLater(message.job_id, delay) from exc
 
     async def _defer(
-        self, message: LaneMessage, tenant: tuple[str, str], share: ShareState, at_ms: int
+        self, message: LaneMessage, key: HandoffKey, share: ShareState, at_ms: int, invocation: Invocation
     ) -> None:
         """The tenant runs as many jobs in the lane as its cap allows: the job waits, unspent.
 
@@ -269,19 +298,53 @@ class JobRunner:
         waiting its turn, and maxReceiveCount keeps meaning crashes and poison. A deferral
         longer than SQS's 900 s delay travels as a chain of delayed copies that carry when the
         job is due (`not_before_ms`): only the last one tries a claim.
+
+        When this batch runs jobs of the same tenant in the lane, the message first waits for
+        one of them to end, and is re-sent at once if that end freed a slot
+        (`llmq.slot_handoff`): a slot never waits for a copy to come back by chance.
         """
-        delay = deferral_seconds(
-            share,
-            tenant[1],
-            at_ms,
-            self.config.fair_share,
-            self._rng,
-            batch_item=batch_of(message.job_id) is not None,
-        )
+        tenant = key[:2]
+        delay = deferral_seconds(share, key[1], at_ms, self.config.fair_share, self._rng, batch_item=key[2])
         due_ms = at_ms + int(delay * 1000)
+        running = share.running
+        freed = await self._wait_for_a_sibling(key, invocation)
+        delay = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
+        # (a copy that cannot be sent leaves this message to come back when it was due, never
+        # at once: a throttled queue must not spin it through its receives)
+        unsent = max(self.config.fair_share.min_deferral_seconds, delay)
+        if freed:
+            await self._resend(
+                message, tenant, None, 0.0, "tenant at its cap; a slot of its own freed", unsent_delay=unsent
+            )
+            return
         await self._resend(
-            message, tenant, due_ms, delay, "tenant at its cap; deferred", running=share.running
+            message,
+            tenant,
+            due_ms,
+            delay,
+            "tenant at its cap; deferred",
+            unsent_delay=unsent,
+            running=running,
         )
+
+    async def _wait_for_a_sibling(self, key: HandoffKey, invocation: Invocation) -> bool:
+        """Wait for one of this batch's jobs of the same tenant to end (`llmq.slot_handoff`);
+        True when its end freed a slot. The message waits in flight: it is first hidden only
+        until just after this invocation can end, so that a crash meanwhile brings it back
+        then (a receive spent, as for any record of a crashed batch), not after the lane's
+        visibility timeout. Where SQS refuses that, the message does not wait."""
+        remaining = invocation.remaining_seconds()
+        reserve = min(_HANDOFF_RESERVE_SECONDS, remaining * _WRITE_BACK_SHARE)
+        if not self.config.fair_share.slot_handoff or remaining <= reserve:
+            return False
+        with self._handoff.waiting(key) as waiter:
+            hold = invocation.hold_message
+            if waiter is None or (
+                hold is not None
+                and not await asyncio.to_thread(hold, remaining + self.config.lease_margin_seconds)
+            ):
+                return False
+            return await waiter.freed(invocation.remaining_seconds() - reserve)
 
     async def _resend(
         self,
@@ -290,10 +353,12 @@ class JobRunner:
         due_ms: int | None,
         delay: float,
         why: str,
+        unsent_delay: float | None = None,
         **extra: object,
     ) -> None:
         """Acknowledge this message and send a copy delayed by `delay` (at most 900 s a hop).
-        If the send fails, this message waits instead, counting one receive."""
+        If the send fails, this message waits instead (`unsent_delay`, else as long), counting
+        one receive."""
         log = {"job_id": message.job_id, "delay_seconds": round(delay, 1), **extra}
         tenant_id, lane = tenant
         hop = math.ceil(min(delay, MAX_SEND_DELAY_SECONDS))
@@ -311,7 +376,7 @@ class JobRunner:
                 return
             except StoreUnavailable:
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
-        raise RetryLater(message.job_id, delay)
+        raise RetryLater(message.job_id, delay if unsent_delay is None else unsent_delay)
 
     async def _too_late_to_start(self, job: JobRecord, invocation: Invocation) -> bool:
         """A claim that came with too little of the Lambda's time left for a generation (a
@@ -440,9 +505,10 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await generation
             if stop is _Stop.LEASE_LOST:
-                # Another worker owns the job now: our generation is stopped, its result theirs.
+                # Another worker owns the job now (and its slot): our generation is stopped,
+                # its result theirs.
                 logger.warning("lease lost while streaming; generation stopped", extra={"job_id": job.id})
-                return
+                raise LeaseLost(f"job {job.id} was taken over")
             logger.info("job canceled while running", extra={"job_id": job.id})
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return

@@ -81,6 +81,9 @@ class JobRecord(Model):
     metadata: dict[str, str] = Field(default_factory=dict)
     created_ms: int
     started_ms: int | None = None
+    # When the current (or last) attempt was claimed: its run, when it ends, is the tenant's
+    # last run (`llmq.shares`). None on items claimed before it was written.
+    claimed_ms: int | None = None
     finished_ms: int | None = None
     attempts: int = 0
     cancel_requested: bool = False

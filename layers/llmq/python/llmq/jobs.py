@@ -179,7 +179,8 @@ class JobRepository:
     ) -> None:
         """A job update in one transaction with its tenant's share: the job gives back its
         slot if it held one, and with `ends` is no longer active either. A batch's item's end,
-        in `status`, is also counted on its batch (`llmq.batches`).
+        in `status`, is also counted on its batch (`llmq.batches`). An attempt that succeeded
+        leaves its run time on the share, for the lane's deferrals.
 
         A job accepted before shares existed (`shared` unset) never counted in one: it is
         written alone, as before, and refused the same way (`_Canceled`).
@@ -196,8 +197,16 @@ class JobRepository:
                 raise _Canceled([{"Code": "ConditionalCheckFailed", "Item": item}]) from exc
             return
         item_of = batches.batch_of(job.id)
+        # (the attempt's own claim: `started_ms` is the first's, before any release or backoff)
+        ran = status is JobStatus.SUCCEEDED and job.status is JobStatus.RUNNING and job.claimed_ms is not None
         leave = shares.leave(
-            self.table_name, job.tenant_id, job.lane, job.id, ends=ends, batch_item=item_of is not None
+            self.table_name,
+            job.tenant_id,
+            job.lane,
+            job.id,
+            ends=ends,
+            batch_item=item_of is not None,
+            ran_ms=self.now_ms() - job.claimed_ms if ran and job.claimed_ms is not None else None,
         )
         counted = (
             batches.count_end(self.table_name, job, status, self.config.batches.count_shards)
@@ -370,7 +379,7 @@ class JobRepository:
         )
         expression = (
             "SET #st = :running, lease_owner = :owner, lease_expires_ms = :lease, "
-            f"started_ms = if_not_exists(started_ms, :now), {', '.join(sets)} "
+            f"started_ms = if_not_exists(started_ms, :now), claimed_ms = :now, {', '.join(sets)} "
             "ADD attempts :one "
             # Dead letters count only while no worker has claimed the job.
             "REMOVE dead_letter_ids"

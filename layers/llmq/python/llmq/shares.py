@@ -35,6 +35,9 @@ _CAP_PREFIX = "cap_"
 # The batch items among a lane's holders, and their cap (neither prefix starts the other two).
 _BATCH_HOLDERS_PREFIX = "runb_"
 _BATCH_CAP_PREFIX = "capb_"
+# Per lane, how long the attempt of the tenant's last job to succeed ran (ms): what a deferral
+# takes a run to be (none of the prefixes starts another).
+_LAST_RUN_PREFIX = "lrun_"
 # Operator overrides; tier defaults apply where they are absent.
 MAX_CONCURRENCY = "max_concurrency"
 MAX_ACTIVE_JOBS = "max_active_jobs"
@@ -204,9 +207,17 @@ def hold(
 
 
 def leave(
-    table: str, tenant_id: str, lane: str, job_id: str, *, ends: bool, batch_item: bool = False
+    table: str,
+    tenant_id: str,
+    lane: str,
+    job_id: str,
+    *,
+    ends: bool,
+    batch_item: bool = False,
+    ran_ms: int | None = None,
 ) -> dict[str, Any]:
-    """The job gives its slot back (if it held one); `ends`: it is no longer active either."""
+    """The job gives its slot back (if it held one); `ends`: it is no longer active either.
+    `ran_ms`: how long it ran, kept as the lane's last run (`deferral_seconds`)."""
     update: dict[str, Any] = {
         "TableName": table,
         "Key": share_key(tenant_id),
@@ -217,9 +228,16 @@ def leave(
             **({"#bh": batch_holders_of(lane)} if batch_item else {}),
         },
     }
+    values: dict[str, Any] = {}
+    if ran_ms is not None:
+        update["UpdateExpression"] = "SET #lrun = :ran " + update["UpdateExpression"]
+        update["ExpressionAttributeNames"]["#lrun"] = _LAST_RUN_PREFIX + lane
+        values[":ran"] = {"N": str(max(0, ran_ms))}
     if ends:
         update["UpdateExpression"] += " ADD active :minus"
-        update["ExpressionAttributeValues"] = {":minus": {"N": "-1"}}
+        values[":minus"] = {"N": "-1"}
+    if values:
+        update["ExpressionAttributeValues"] = values
     return {"Update": update}
 
 
@@ -294,13 +312,15 @@ class ShareState:
     batch_holders: dict[str, dict[str, int]] = field(default_factory=dict)
     default_batch_caps: dict[str, int] = field(default_factory=dict)
     max_batch_concurrency: int | None = None
+    # Per lane: how long the attempt of the tenant's last job to succeed ran (ms).
+    last_runs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_item(cls, tenant_id: str, item: dict[str, Any] | None) -> ShareState:
         if not item:
             return cls(tenant_id=tenant_id)
         maps: dict[str, dict[str, dict[str, int]]] = {_HOLDERS_PREFIX: {}, _BATCH_HOLDERS_PREFIX: {}}
-        caps: dict[str, dict[str, int]] = {_CAP_PREFIX: {}, _BATCH_CAP_PREFIX: {}}
+        caps: dict[str, dict[str, int]] = {_CAP_PREFIX: {}, _BATCH_CAP_PREFIX: {}, _LAST_RUN_PREFIX: {}}
         for name, value in item.items():
             prefix, _, lane = name.partition("_")
             prefix += "_"
@@ -322,6 +342,7 @@ class ShareState:
             batch_holders=maps[_BATCH_HOLDERS_PREFIX],
             default_batch_caps=caps[_BATCH_CAP_PREFIX],
             max_batch_concurrency=override(MAX_BATCH_CONCURRENCY),
+            last_runs=caps[_LAST_RUN_PREFIX],
         )
 
     @property
@@ -354,6 +375,7 @@ class ShareState:
             default_caps=self.default_batch_caps,
             max_concurrency=self.max_batch_concurrency,
             max_active_jobs=self.max_active_jobs,
+            last_runs=self.last_runs,
         )
 
 
@@ -368,13 +390,15 @@ def deferral_seconds(
 ) -> float:
     """How long a message whose tenant is at its cap waits before its next claim.
 
-    The tenant's backlog drains at about cap / run time jobs a second, run time estimated as
-    twice the mean age of the attempts now holding the slots (in a steady state their ages
-    spread evenly over one run). Each deferred message comes back at a uniformly random point
-    of a window as long as that drain time divided by `deferral_pressure`: the backlog then
-    returns `deferral_pressure` times as fast as slots free up, from the first second on, so a
-    freed slot is taken soon, while each return that finds the cap still full is deferred
-    again over what is left. A larger backlog or longer runs spread further; nothing spins.
+    The tenant's backlog drains at about cap / run time jobs a second. The run time is how long
+    the tenant's last job in the lane ran, or the age of the oldest attempt now holding a slot
+    if that is longer (up to twice the last run: an older one is stuck); for a tenant with no
+    last run yet, twice the mean age of those attempts (in a steady state their ages spread
+    evenly over one run). Each deferred message comes back at a uniformly random point of a
+    window as long as that drain time divided by `deferral_pressure`: the backlog then returns
+    `deferral_pressure` times as fast as slots free up, from the first second on, so a freed
+    slot is taken soon, while each return that finds the cap still full is deferred again over
+    what is left. A larger backlog or longer runs spread further; nothing spins.
     A batch's item refused by its batch cap waits for one of its batch slots instead.
     """
     if batch_item and len(state.batch_holders.get(lane, {})) >= (state.batch_cap(lane) or 0) > 0:
@@ -382,7 +406,15 @@ def deferral_seconds(
     held = state.holders.get(lane, {})
     cap = max(1, len(held), state.cap(lane) or 1)
     ages = [max(0, now_ms - started) for started in held.values()]
-    run_seconds = max(policy.min_deferral_seconds, 2 * sum(ages) / len(ages) / 1000) if ages else 1.0
+    if lane in state.last_runs:
+        # (the holders' mean age misleads when they started together: about to end, they
+        # look like half a run; just started, like nothing. One older than twice the last run
+        # is stuck or its worker gone, and says nothing of how long runs take)
+        last = state.last_runs[lane]
+        running = max((age for age in ages if age <= 2 * last), default=0)
+        run_seconds = max(policy.min_deferral_seconds, last / 1000, running / 1000)
+    else:
+        run_seconds = max(policy.min_deferral_seconds, 2 * sum(ages) / len(ages) / 1000) if ages else 1.0
     backlog = max(1, state.queued)
     window = backlog * run_seconds / cap / policy.deferral_pressure
     delay = window * rng.random()

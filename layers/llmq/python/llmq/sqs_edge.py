@@ -87,6 +87,16 @@ class QueueEdge:
             log_record_failure(exc, record.message_id, self.job_of(record.body))
             raise
 
+    def hold(self, record: QueueRecord, seconds: float) -> bool:
+        """Keep the record's message hidden for `seconds` from now, and no longer: what a
+        record that waits inside its invocation does, so that a crash meanwhile brings it
+        back then rather than after the queue's visibility timeout. False when SQS refused."""
+        try:
+            self.queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)
+        except StoreUnavailable:
+            return False
+        return True
+
     def _delay(self, record: QueueRecord, seconds: float) -> None:
         try:
             self.queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)

@@ -1,0 +1,147 @@
+"""A refused message waits for its batch's own job of the tenant to end (llmq.slot_handoff)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from llmq.slot_handoff import HandoffKey, SlotHandoff
+
+JOBS: HandoffKey = ("ten_a", "high", False)
+ITEMS: HandoffKey = ("ten_a", "high", True)
+
+
+async def _sibling(handoff: SlotHandoff, key: HandoffKey, ends: asyncio.Event, *, frees: bool) -> None:
+    with handoff.holding(key) as sibling:
+        await ends.wait()
+        sibling.freed = frees
+
+
+def test_a_waiter_takes_the_slot_its_sibling_frees() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        before = waiting.done()
+        ends.set()
+        await running
+        return before, await waiting
+
+    before, freed = asyncio.run(scenario())
+    assert (before, freed) == (False, True)
+
+
+def test_with_no_sibling_or_one_already_spoken_for_a_refused_message_goes_on_at_once() -> None:
+    async def scenario() -> list[bool]:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        alone = await handoff.wait(JOBS, timeout=30)
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+        await asyncio.sleep(0)
+        first = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        # a second waiter has no sibling of its own to wait for
+        second = await handoff.wait(JOBS, timeout=30)
+        ends.set()
+        await running
+        return [alone, second, await first]
+
+    assert asyncio.run(scenario()) == [False, False, True]
+
+
+def test_a_sibling_that_frees_no_slot_sends_its_waiter_on_with_its_deferral() -> None:
+    async def scenario() -> bool:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=False))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        ends.set()
+        await running
+        return await waiting
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_two_siblings_ending_hand_one_slot_each_and_the_last_waiter_without_one_goes_on() -> None:
+    async def scenario() -> list[bool]:
+        handoff = SlotHandoff()
+        ends = [asyncio.Event(), asyncio.Event()]
+        running = [
+            asyncio.create_task(_sibling(handoff, JOBS, end, frees=free))
+            for end, free in zip(ends, (True, False), strict=True)
+        ]
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(handoff.wait(JOBS, timeout=30)) for _ in range(2)]
+        await asyncio.sleep(0)
+        ends[0].set()
+        await running[0]
+        first = await waiting[0]
+        second_still_waits = not waiting[1].done()
+        ends[1].set()
+        await running[1]
+        return [first, second_still_waits, await waiting[1]]
+
+    # the first end hands its slot to the first waiter; the second (no slot freed, no sibling
+    # left) sends the other on
+    assert asyncio.run(scenario()) == [True, True, False]
+
+
+def test_a_waiter_gives_up_after_its_timeout_and_leaves_nothing_behind() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+        await asyncio.sleep(0)
+        gave_up = await handoff.wait(JOBS, timeout=0.01)
+        # the slot freed later goes to a waiter still there, if any: here none
+        ends.set()
+        await running
+        return gave_up, bool(handoff._groups)
+
+    assert asyncio.run(scenario()) == (False, False)
+
+
+def test_a_batch_item_and_a_job_wait_only_for_their_own_kind() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        item = asyncio.create_task(_sibling(handoff, ITEMS, ends, frees=True))
+        await asyncio.sleep(0)
+        # a job has no job sibling: it goes on at once
+        job_waits = await handoff.wait(JOBS, timeout=30)
+        item_waiter = asyncio.create_task(handoff.wait(ITEMS, timeout=30))
+        await asyncio.sleep(0)
+        ends.set()
+        await item
+        return job_waits, await item_waiter
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
+def test_no_key_no_sibling() -> None:
+    async def scenario() -> bool:
+        handoff = SlotHandoff()
+        with handoff.holding(None) as sibling:
+            sibling.freed = True
+        return bool(handoff._groups)
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_a_cancelled_waiter_leaves_the_freed_slot_to_the_next() -> None:
+    async def scenario() -> bool:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancelled
+        waiting = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        ends.set()
+        await running
+        return await waiting
+
+    assert asyncio.run(scenario()) is True
