@@ -34,9 +34,12 @@ def _state(
     )
 
 
-def _mean_delay(state: ShareState, seed: int = 5) -> float:
+def _mean_delay(state: ShareState, seed: int = 5, live_for_s: float | None = None) -> float:
     rng = random.Random(seed)
-    return statistics.mean(deferral_seconds(state, "high", NOW, POLICY, rng) for _ in range(2000))
+    live_for_ms = None if live_for_s is None else int(live_for_s * 1000)
+    return statistics.mean(
+        deferral_seconds(state, "high", NOW, POLICY, rng, live_for_ms=live_for_ms) for _ in range(2000)
+    )
 
 
 def test_the_default_cap_is_half_the_lanes_job_capacity() -> None:
@@ -173,12 +176,21 @@ def test_a_tenants_last_run_sets_the_pace_where_its_holders_ages_mislead() -> No
 
 
 def test_a_holder_older_than_the_last_run_stretches_the_estimate_but_a_stuck_one_does_not() -> None:
-    baseline = _mean_delay(_state([10.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0))
+    baseline = _mean_delay(_state([10.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0), live_for_s=330)
     # A last run of 10 s, but one holder has run 18 s already: runs now take at least that
-    assert 1.6 < _mean_delay(_state([18.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0)) / baseline < 2.0
-    # One that has held its slot for 600 s is stuck (its worker gone, its lease not yet
-    # recovered): it says nothing of how long runs take, and must not stall the backlog
-    assert 0.9 < _mean_delay(_state([600.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0)) / baseline < 1.1
+    longer = _mean_delay(_state([18.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0), live_for_s=330)
+    assert 1.6 < longer / baseline < 2.0
+    # One that has held its slot past any worker's time (its worker gone, its lease not yet
+    # recovered) says nothing of how long runs take, and must not stall the backlog
+    stuck = _mean_delay(_state([600.0, 1.0, 1.0, 1.0], 40, last_run_s=10.0), live_for_s=330)
+    assert 0.9 < stuck / baseline < 1.1
+    # And with no last run and every holder stuck, the backlog waits for their recovery
+    # rather than coming back every second
+    all_stuck = _mean_delay(_state([600.0] * 4, 40), live_for_s=330)
+    assert all_stuck > 0.4 * 40 * 330 / 4 / POLICY.deferral_pressure
+    # Nor does one quick success make the running minute-long attempts look stuck
+    quick = _mean_delay(_state([57.0, 30.0, 10.0, 1.0], 40, last_run_s=2.0), live_for_s=330)
+    assert quick > 0.9 * _mean_delay(_state([57.0, 30.0, 10.0, 1.0], 40, last_run_s=57.0), live_for_s=330)
 
 
 def test_the_default_policy_keeps_claim_attempts_within_three_per_job_under_a_2000_job_backlog() -> None:

@@ -13,6 +13,7 @@ ITEMS: HandoffKey = ("ten_a", "high", True)
 
 async def _sibling(handoff: SlotHandoff, key: HandoffKey, ends: asyncio.Event, *, frees: bool) -> None:
     with handoff.holding(key) as sibling:
+        sibling.answered(took_slot=True)
         await ends.wait()
         sibling.freed = frees
 
@@ -122,6 +123,7 @@ def test_no_key_no_sibling() -> None:
     async def scenario() -> bool:
         handoff = SlotHandoff()
         with handoff.holding(None) as sibling:
+            sibling.answered(took_slot=True)
             sibling.freed = True
         return bool(handoff._groups)
 
@@ -143,5 +145,119 @@ def test_a_cancelled_waiter_leaves_the_freed_slot_to_the_next() -> None:
         ends.set()
         await running
         return await waiting
+
+    assert asyncio.run(scenario()) is True
+
+
+def test_a_record_still_claiming_is_no_sibling_to_wait_for() -> None:
+    """In a batch whose every record is refused, none waits for another (nor pays to hide
+    its message while it does)."""
+
+    async def scenario() -> list[bool]:
+        handoff = SlotHandoff()
+        claims_answer = asyncio.Event()
+
+        async def refused() -> bool:
+            with handoff.holding(JOBS):
+                await claims_answer.wait()
+            return await handoff.wait(JOBS, timeout=30)
+
+        records = [asyncio.create_task(refused()) for _ in range(3)]
+        await asyncio.sleep(0)
+        claims_answer.set()
+        return list(await asyncio.gather(*records))
+
+    assert asyncio.run(scenario()) == [False, False, False]
+
+
+def test_a_sibling_that_ends_while_its_waiter_hides_its_message_still_hands_it_the_slot() -> None:
+    async def scenario() -> bool:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+        await asyncio.sleep(0)
+        async with handoff.waiting(JOBS) as waiter:
+            assert waiter is not None
+            # (the hide call runs in a thread meanwhile, and SQS refuses it)
+            ends.set()
+            await running
+            return waiter.handed_a_slot()
+
+    assert asyncio.run(scenario()) is True
+
+
+def test_a_refused_message_answered_before_its_batchs_claim_waits_for_that_claim() -> None:
+    """On AWS a batch's claims answer in any order: a refusal may come before the claim that
+    filled the cap, from the same batch."""
+
+    async def scenario() -> tuple[bool, bool]:
+        handoff = SlotHandoff()
+        claim_answers, ends = asyncio.Event(), asyncio.Event()
+
+        async def claiming() -> None:
+            with handoff.holding(JOBS) as sibling:
+                await claim_answers.wait()
+                sibling.answered(took_slot=True)
+                await ends.wait()
+                sibling.freed = True
+
+        running = asyncio.create_task(claiming())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        still_waiting = not waiting.done()
+        claim_answers.set()
+        await asyncio.sleep(0.01)  # (the watcher sees the claim, and takes its place)
+        ends.set()
+        await running
+        return still_waiting, await waiting
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_claim_that_answers_without_a_slot_sends_its_watchers_on() -> None:
+    async def scenario() -> bool:
+        handoff, answers = SlotHandoff(), asyncio.Event()
+
+        async def refused_too() -> None:
+            with handoff.holding(JOBS) as sibling:
+                await answers.wait()
+                sibling.answered(took_slot=False)
+
+        other = asyncio.create_task(refused_too())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+        await asyncio.sleep(0)
+        answers.set()
+        await other
+        return await waiting
+
+    assert asyncio.run(scenario()) is False
+
+
+def test_a_waiter_that_gives_up_its_place_lets_a_watching_message_take_it() -> None:
+    async def scenario() -> bool:
+        handoff = SlotHandoff()
+        ends, answers = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+
+        async def still_claiming() -> None:
+            with handoff.holding(JOBS) as sibling:
+                await answers.wait()
+                sibling.answered(took_slot=False)
+
+        other = asyncio.create_task(still_claiming())
+        await asyncio.sleep(0)
+        # the only place is taken, then given up (its hide refused, say)...
+        async with handoff.waiting(JOBS) as first:
+            assert first is not None
+            watching = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+            await asyncio.sleep(0.01)
+        # ...so the message watching the claim still in flight takes it, and the freed slot
+        await asyncio.sleep(0.01)
+        ends.set()
+        await running
+        answers.set()
+        await other
+        return await watching
 
     assert asyncio.run(scenario()) is True

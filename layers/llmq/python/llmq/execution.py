@@ -72,6 +72,9 @@ _OUTPUT_THREADS = 4
 # A refused message waiting for its batch's job of the same tenant to end stops waiting this
 # long before the Lambda's end (or a quarter of what is left), to re-send itself in time.
 _HANDOFF_RESERVE_SECONDS = 10.0
+# A waiting message is hidden until this long after the invocation can end, at least: the
+# event source deletes it once the invocation answers.
+_HANDOFF_HIDE_MARGIN_SECONDS = 30
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
 
@@ -192,7 +195,10 @@ class JobRunner:
         if refused is not None and refused.share is not None:
             if key is None:
                 # A message that names no tenant, from an older sender: the claim found it.
-                found = await asyncio.to_thread(self.jobs.find, message.job_id)
+                try:
+                    found = await asyncio.to_thread(self.jobs.find, message.job_id)
+                except StoreUnavailable:
+                    found = None  # (no lane: the message waits, and comes back as it is)
                 key = (refused.share.tenant_id, found.lane if found is not None else "", item)
             await self._defer(message, key, refused.share, refused.at_ms, invocation)
 
@@ -210,6 +216,9 @@ class JobRunner:
                 invocation,
                 budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
             )
+            # (a job accepted before shares holds no slot, and frees none)
+            took = claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None and claim.job.shared
+            sibling.answered(took_slot=took)
         except StoreContended as exc:
             # Other writes of the tenant's share won, try after try; nothing was applied. The
             # job comes back in a few seconds, as a new message: no receive is spent on it.
@@ -249,17 +258,21 @@ class JobRunner:
             return None
         loaded = await self._load_input(job, invocation)
         if loaded is None:
+            # (canceled while its input could not be read: the cancel gave the slot back)
+            sibling.freed = True
             return None
         job = loaded
         if job.attempts == 1 and job.started_ms is not None:
             emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
         try:
             await self._execute(job, invocation)
-        except LeaseLost:
-            # Another worker took the job over after our lease lapsed; its result stands.
-            logger.warning("lease lost; result discarded", extra=log)
+        except LeaseLost as exc:
+            # Another worker took the job over after our lease lapsed (its slot with it); its
+            # result stands.
+            logger.warning("lease lost; this attempt's result is discarded", extra={**log, "why": str(exc)})
             return None
-        # Whatever the end (a result, a failure, a retry's backoff), the slot was given back.
+        # Its last write gave the slot back: a result, a failure, a cancel. (A write that
+        # failed, or a requeue for a retry, raised instead: no waiter is woken for those.)
         sibling.freed = True
         return None
 
@@ -304,7 +317,16 @@ class JobRunner:
         (`llmq.slot_handoff`): a slot never waits for a copy to come back by chance.
         """
         tenant = key[:2]
-        delay = deferral_seconds(share, key[1], at_ms, self.config.fair_share, self._rng, batch_item=key[2])
+        live_for_ms = int(1000 * (self.config.worker.timeout_seconds + self.config.lease_margin_seconds))
+        delay = deferral_seconds(
+            share,
+            key[1],
+            at_ms,
+            self.config.fair_share,
+            self._rng,
+            batch_item=key[2],
+            live_for_ms=live_for_ms,
+        )
         due_ms = at_ms + int(delay * 1000)
         running = share.running
         freed = await self._wait_for_a_sibling(key, invocation)
@@ -337,13 +359,16 @@ class JobRunner:
         reserve = min(_HANDOFF_RESERVE_SECONDS, remaining * _WRITE_BACK_SHARE)
         if not self.config.fair_share.slot_handoff or remaining <= reserve:
             return False
-        with self._handoff.waiting(key) as waiter:
-            hold = invocation.hold_message
-            if waiter is None or (
-                hold is not None
-                and not await asyncio.to_thread(hold, remaining + self.config.lease_margin_seconds)
-            ):
+        async with self._handoff.waiting(key, remaining - reserve) as waiter:
+            # (a batch's claim it watched for may have taken a while to answer)
+            remaining = invocation.remaining_seconds()
+            if waiter is None or remaining <= reserve:
                 return False
+            hold = invocation.hold_message
+            hidden = remaining + max(self.config.lease_margin_seconds, _HANDOFF_HIDE_MARGIN_SECONDS)
+            if hold is not None and not await asyncio.to_thread(hold, hidden):
+                # (a sibling may have ended meanwhile, and handed this message its slot)
+                return waiter.handed_a_slot()
             return await waiter.freed(invocation.remaining_seconds() - reserve)
 
     async def _resend(
@@ -507,8 +532,7 @@ class JobRunner:
             if stop is _Stop.LEASE_LOST:
                 # Another worker owns the job now (and its slot): our generation is stopped,
                 # its result theirs.
-                logger.warning("lease lost while streaming; generation stopped", extra={"job_id": job.id})
-                raise LeaseLost(f"job {job.id} was taken over")
+                raise LeaseLost(f"job {job.id} was taken over while streaming; generation stopped")
             logger.info("job canceled while running", extra={"job_id": job.id})
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return

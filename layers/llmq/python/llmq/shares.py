@@ -387,34 +387,42 @@ def deferral_seconds(
     rng: random.Random,
     *,
     batch_item: bool = False,
+    live_for_ms: int | None = None,
 ) -> float:
     """How long a message whose tenant is at its cap waits before its next claim.
 
     The tenant's backlog drains at about cap / run time jobs a second. The run time is how long
     the tenant's last job in the lane ran, or the age of the oldest attempt now holding a slot
-    if that is longer (up to twice the last run: an older one is stuck); for a tenant with no
-    last run yet, twice the mean age of those attempts (in a steady state their ages spread
-    evenly over one run). Each deferred message comes back at a uniformly random point of a
-    window as long as that drain time divided by `deferral_pressure`: the backlog then returns
-    `deferral_pressure` times as fast as slots free up, from the first second on, so a freed
-    slot is taken soon, while each return that finds the cap still full is deferred again over
-    what is left. A larger backlog or longer runs spread further; nothing spins.
-    A batch's item refused by its batch cap waits for one of its batch slots instead.
+    if that is longer; for a tenant with no last run yet, twice the mean age of those attempts
+    (in a steady state their ages spread evenly over one run). An attempt older than
+    `live_for_ms` (a worker's whole time and the lease margin) has no live worker: its slot
+    waits for the reconciler, and its age says nothing of how long runs take.
+
+    Each deferred message comes back at a uniformly random point of a window as long as that
+    drain time divided by `deferral_pressure`: the backlog then returns `deferral_pressure`
+    times as fast as slots free up, from the first second on, so a freed slot is taken soon,
+    while each return that finds the cap still full is deferred again over what is left. A
+    larger backlog or longer runs spread further; nothing spins. A batch's item refused by its
+    batch cap waits for one of its batch slots instead.
     """
     if batch_item and len(state.batch_holders.get(lane, {})) >= (state.batch_cap(lane) or 0) > 0:
         state = state.of_batches()
     held = state.holders.get(lane, {})
     cap = max(1, len(held), state.cap(lane) or 1)
     ages = [max(0, now_ms - started) for started in held.values()]
+    ages = [age for age in ages if live_for_ms is None or age <= live_for_ms]
     if lane in state.last_runs:
         # (the holders' mean age misleads when they started together: about to end, they
-        # look like half a run; just started, like nothing. One older than twice the last run
-        # is stuck or its worker gone, and says nothing of how long runs take)
-        last = state.last_runs[lane]
-        running = max((age for age in ages if age <= 2 * last), default=0)
-        run_seconds = max(policy.min_deferral_seconds, last / 1000, running / 1000)
+        # look like half a run; just started, like nothing)
+        run_seconds = max(state.last_runs[lane], max(ages, default=0)) / 1000
+    elif ages:
+        run_seconds = 2 * sum(ages) / len(ages) / 1000
+    elif held and live_for_ms is not None:
+        # Every slot held by a worker long gone: none frees before the reconciler's recovery.
+        run_seconds = live_for_ms / 1000
     else:
-        run_seconds = max(policy.min_deferral_seconds, 2 * sum(ages) / len(ages) / 1000) if ages else 1.0
+        run_seconds = 1.0
+    run_seconds = max(policy.min_deferral_seconds, run_seconds)
     backlog = max(1, state.queued)
     window = backlog * run_seconds / cap / policy.deferral_pressure
     delay = window * rng.random()

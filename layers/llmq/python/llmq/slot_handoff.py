@@ -9,10 +9,12 @@ waits in the invocation (it stays in flight, as its batch does until every recor
 one of its siblings to end, and is then re-sent at once. Any worker claims it, with a whole
 invocation's time for the generation: nothing runs longer than its batch already did.
 
-At most one waits per sibling, each sibling's end wakes one (the slot it freed), and the
-waiters a sibling's end leaves without one to wait for go on with the deferral they were
-given. Jobs wait for jobs, and a batch's items for items (an item may be refused by the batch
-cap, which a job's end does not free).
+A sibling is a record of the batch whose claim took a slot. At most one message waits per
+sibling, each sibling's end wakes one (with the slot it freed, if it did), and waiters that a
+sibling's end leaves without one to wait for go on with the deferral they were given. Jobs
+wait for jobs, and a batch's items for items (an item may be refused by the batch cap, which
+a job's end does not free). A message refused before its batch's claims have answered finds
+no sibling yet; it watches those claims, and waits for the first that takes a slot.
 
 Everything here runs on one event loop (a batch's records are coroutines of one loop); the
 groups are kept per loop, so two invocations on two loops never wake each other.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 # (tenant id, lane, a batch's item?)
@@ -30,69 +32,70 @@ HandoffKey = tuple[str, str, bool]
 
 
 @dataclass
-class Sibling:
-    """A record of the batch holding (or claiming) one of the tenant's slots."""
-
-    freed: bool = False
-
-
-@dataclass
 class _Group:
+    # Records of the batch claiming or running, those whose claim has not answered yet, those
+    # holding one of the tenant's slots, and messages waiting for these.
+    members: int = 0
+    claiming: int = 0
     siblings: int = 0
     waiters: list[asyncio.Future[bool]] = field(default_factory=list)
+    # Refused messages watching for a record still claiming to become a sibling (or leave).
+    watchers: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def changed(self) -> None:
+        """A record took a slot or left: watchers look again."""
+        watchers, self.watchers = self.watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    def wake(self, *, slot: bool) -> None:
+        """The first waiter takes a freed slot; the last one, with none to wait for, goes first."""
+        if self.waiters:
+            self.waiters.pop(0 if slot else -1).set_result(slot)
+
+    def release_extra_waiters(self) -> None:
+        """Waiters beyond the siblings left have none to wait for: they go on at once."""
+        while len(self.waiters) > self.siblings:
+            self.wake(slot=False)
 
 
-class SlotHandoff:
-    def __init__(self) -> None:
-        self._groups: dict[tuple[asyncio.AbstractEventLoop, HandoffKey], _Group] = {}
+class Sibling:
+    """A record of the batch: `answered` once its claim has, `freed` once its job gave back
+    the slot the claim took."""
 
-    @contextlib.contextmanager
-    def holding(self, key: HandoffKey | None) -> Iterator[Sibling]:
-        """Around a record's claim and run. Set `freed` when its job held a slot and gave it
-        back: its end then wakes a waiter to take it."""
-        sibling = Sibling()
-        if key is None:
-            yield sibling
+    def __init__(self, group: _Group | None) -> None:
+        self._group = group
+        self._claiming = group is not None
+        self._holds = False
+        self.freed = False
+        if group is not None:
+            group.claiming += 1
+
+    def answered(self, *, took_slot: bool) -> None:
+        group = self._group
+        if group is None or not self._claiming:
             return
-        group_key = (asyncio.get_running_loop(), key)
-        group = self._groups.setdefault(group_key, _Group())
-        group.siblings += 1
-        try:
-            yield sibling
-        finally:
+        self._claiming = False
+        group.claiming -= 1
+        if took_slot:
+            self._holds = True
+            group.siblings += 1
+        group.changed()
+
+    def _leave(self) -> None:
+        group = self._group
+        if group is None:
+            return
+        if self._claiming:
+            self._claiming = False
+            group.claiming -= 1
+        if self._holds:
             group.siblings -= 1
-            if sibling.freed:
-                _wake(group, slot=True)
-            # Waiters beyond the siblings left have none to wait for: they go on at once.
-            while len(group.waiters) > group.siblings:
-                _wake(group, slot=False)
-            if not group.siblings and not group.waiters:
-                self._groups.pop(group_key, None)
-
-    @contextlib.contextmanager
-    def waiting(self, key: HandoffKey) -> Iterator[Waiter | None]:
-        """A place among `key`'s waiters, taken at once (None: every sibling has one already);
-        given up on leaving, so that a slot freed later goes to a waiter still there."""
-        loop = asyncio.get_running_loop()
-        group = self._groups.get((loop, key))
-        if group is None or len(group.waiters) >= group.siblings:
-            yield None
-            return
-        waiter = Waiter(loop.create_future())
-        group.waiters.append(waiter.future)
-        try:
-            yield waiter
-        finally:
-            with contextlib.suppress(ValueError):
-                group.waiters.remove(waiter.future)
-            if not group.siblings and not group.waiters:
-                self._groups.pop((loop, key), None)
-
-    async def wait(self, key: HandoffKey, timeout: float) -> bool:
-        """Wait for a sibling's end: True when it freed a slot (re-send at once); False at once
-        when there is no sibling left to wait for, or when none ended within `timeout` seconds."""
-        with self.waiting(key) as waiter:
-            return waiter is not None and await waiter.freed(timeout)
+            if self.freed:
+                group.wake(slot=True)
+        group.release_extra_waiters()
+        group.changed()
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,73 @@ class Waiter:
         when the last sibling ended without one for it, or none ended in time."""
         if timeout > 0 and not self.future.done():
             await asyncio.wait({self.future}, timeout=timeout)
+        return self.handed_a_slot()
+
+    def handed_a_slot(self) -> bool:
         return self.future.done() and self.future.result()
 
 
-def _wake(group: _Group, *, slot: bool) -> None:
-    """The first waiter takes a freed slot; the last one, with none to wait for, goes first."""
-    if group.waiters:
-        group.waiters.pop(0 if slot else -1).set_result(slot)
+class SlotHandoff:
+    def __init__(self) -> None:
+        self._groups: dict[tuple[asyncio.AbstractEventLoop, HandoffKey], _Group] = {}
+
+    @contextlib.contextmanager
+    def holding(self, key: HandoffKey | None) -> Iterator[Sibling]:
+        """Around a record's claim and run (`key`: its tenant, lane and kind; None for none)."""
+        if key is None:
+            yield Sibling(None)
+            return
+        group_key = (asyncio.get_running_loop(), key)
+        group = self._groups.setdefault(group_key, _Group())
+        group.members += 1
+        sibling = Sibling(group)
+        try:
+            yield sibling
+        finally:
+            group.members -= 1
+            sibling._leave()
+            self._forget_if_idle(group_key, group)
+
+    @contextlib.asynccontextmanager
+    async def waiting(self, key: HandoffKey, timeout: float = 0.0) -> AsyncIterator[Waiter | None]:
+        """A place among `key`'s waiters (None: every sibling has one already, and no record
+        of the batch is still claiming), given up on leaving, so that a slot freed later goes
+        to a waiter still there. A record whose claim has not answered yet may become a
+        sibling: its answer is awaited, `timeout` seconds at most."""
+        loop = asyncio.get_running_loop()
+        group_key = (loop, key)
+        group = self._groups.get(group_key)
+        deadline = loop.time() + timeout
+        while group is not None and len(group.waiters) >= group.siblings and group.claiming:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            watcher: asyncio.Future[None] = loop.create_future()
+            group.watchers.append(watcher)
+            await asyncio.wait({watcher}, timeout=left)
+        if group is None or len(group.waiters) >= group.siblings:
+            yield None
+            return
+        waiter = Waiter(loop.create_future())
+        group.waiters.append(waiter.future)
+        try:
+            yield waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                group.waiters.remove(waiter.future)
+            # (a place freed: a record watching may take it)
+            group.changed()
+            self._forget_if_idle(group_key, group)
+
+    async def wait(self, key: HandoffKey, timeout: float) -> bool:
+        """Wait for a sibling's end: True when it freed a slot (re-send at once); False at once
+        when there is no sibling left to wait for, or when none ended within `timeout` seconds."""
+        start = asyncio.get_running_loop().time()
+        async with self.waiting(key, timeout) as waiter:
+            left = timeout - (asyncio.get_running_loop().time() - start)
+            return waiter is not None and await waiter.freed(left)
+
+    def _forget_if_idle(self, group_key: tuple[asyncio.AbstractEventLoop, HandoffKey], group: _Group) -> None:
+        # (a record still claiming keeps the group: it may yet become a sibling)
+        if not group.members and not group.waiters and self._groups.get(group_key) is group:
+            del self._groups[group_key]

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from botocore.exceptions import ClientError
+
 from llmq.errors import StoreUnavailable
 from llmq.telemetry import log_record_failure, logger
 
@@ -94,6 +96,17 @@ class QueueEdge:
         try:
             self.queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)
         except StoreUnavailable:
+            return False
+        except ClientError as exc:
+            # A handle no longer in flight (the message received again elsewhere, or deleted):
+            # the record does not wait, and settles as it would have.
+            logger.warning(
+                "could not hold the message",
+                extra={
+                    "message_id": record.message_id,
+                    "error_code": exc.response.get("Error", {}).get("Code"),
+                },
+            )
             return False
         return True
 
