@@ -407,6 +407,34 @@ def test_a_claim_whose_transaction_conflicts_runs_the_job_once(
     assert (share.running, share.active) == (0, 0)
 
 
+def test_a_job_requeued_for_a_retry_hands_its_slot_to_the_message_waiting_in_its_batch(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant capped at one, whose deferrals are 30 s at least, and two queued jobs
+    # whose first provider call fails with a 503
+    harness = _capped_with_long_deferrals(moto_stack, provider, monkeypatch, cap=1)
+    ids = [harness.submit(prompt=f"job {n} [[fail:503x1]]").body["id"] for n in range(2)]
+    url = harness.stack.lane_queue_urls["high"]
+    delays: list[int] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        delays.append(int(params.get("DelaySeconds", 0)))
+
+    # When one invocation receives both: one runs, fails and is requeued for its retry, and
+    # the other waits for it
+    messages = harness.receive(url, visibility=600)
+    assert len(messages) == 2
+    with _observing("SendMessage", record):
+        response = harness.run_worker(url, messages, timeout_seconds=60)
+    # Then the requeue freed the slot and the waiting message was sent on at once, while the
+    # requeued one waits out its backoff
+    assert len(response["batchItemFailures"]) == 1
+    assert delays == [0]
+    statuses = [harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body for job_id in ids]
+    assert sorted((job["status"], job["attempts"]) for job in statuses) == [("queued", 0), ("queued", 1)]
+    assert _shares(harness).get(ENTERPRISE["tenant_id"]).running == 0
+
+
 def test_a_handed_on_copy_that_sqs_throttles_leaves_its_message_to_wait_its_deferral(
     moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

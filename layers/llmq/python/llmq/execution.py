@@ -256,23 +256,27 @@ class JobRunner:
             await self._settle(self.jobs.cancel_leased, job, invocation)
             sibling.freed = True
             return None
-        loaded = await self._load_input(job, invocation)
-        if loaded is None:
-            # (canceled while its input could not be read: the cancel gave the slot back)
-            sibling.freed = True
-            return None
-        job = loaded
-        if job.attempts == 1 and job.started_ms is not None:
-            emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
         try:
+            loaded = await self._load_input(job, invocation)
+            if loaded is None:
+                # (canceled while its input could not be read: the cancel gave the slot back)
+                sibling.freed = True
+                return None
+            job = loaded
+            if job.attempts == 1 and job.started_ms is not None:
+                emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
             await self._execute(job, invocation)
+        except RetryLater as exc:
+            # Handed back for a retry, or for want of time: its slot is free for a waiter.
+            sibling.freed = exc.gave_back_slot
+            raise
         except LeaseLost as exc:
             # Another worker took the job over after our lease lapsed (its slot with it); its
             # result stands.
             logger.warning("lease lost; this attempt's result is discarded", extra={**log, "why": str(exc)})
             return None
         # Its last write gave the slot back: a result, a failure, a cancel. (A write that
-        # failed, or a requeue for a retry, raised instead: no waiter is woken for those.)
+        # failed raised instead: no waiter is woken for it.)
         sibling.freed = True
         return None
 
@@ -424,7 +428,7 @@ class JobRunner:
         except CancelRequested:
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return True
-        raise RetryLater(job.id, delay)
+        raise RetryLater(job.id, delay, gave_back_slot=True)
 
     async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord | None:
         """The claimed job's input from S3, through throttles for a bounded time.
@@ -445,7 +449,7 @@ class JobRunner:
             except CancelRequested:
                 await self._settle(self.jobs.cancel_leased, job, invocation)
                 return None
-            raise RetryLater(job.id, delay) from exc
+            raise RetryLater(job.id, delay, gave_back_slot=True) from exc
 
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:
@@ -629,7 +633,7 @@ class JobRunner:
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
-        raise RetryLater(job.id, delay)
+        raise RetryLater(job.id, delay, gave_back_slot=True)
 
     async def _write_back(
         self, write: Callable[[], T], invocation: Invocation, budget_seconds: float | None = None

@@ -30,12 +30,14 @@ from llmq.telemetry import log_record_failure, logger
 
 
 class RetryLater(Exception):
-    """The message should come back after `delay_seconds` (a requeued job, a delivery due later)."""
+    """The message should come back after `delay_seconds` (a requeued job, a delivery due later).
+    `gave_back_slot`: the job was handed back to the queue first, its tenant's slot with it."""
 
-    def __init__(self, subject: str, delay_seconds: float) -> None:
+    def __init__(self, subject: str, delay_seconds: float, *, gave_back_slot: bool = False) -> None:
         super().__init__(f"{subject} retries in {delay_seconds:.1f}s")
         self.subject = subject
         self.delay_seconds = delay_seconds
+        self.gave_back_slot = gave_back_slot
 
 
 class PoisonMessage(Exception):
