@@ -33,9 +33,8 @@ HandoffKey = tuple[str, str, bool]
 
 @dataclass
 class _Group:
-    # Records of the batch claiming or running, those whose claim has not answered yet, those
-    # holding one of the tenant's slots, and messages waiting for these.
-    members: int = 0
+    # Records of the batch whose claim has not answered yet, those holding one of the
+    # tenant's slots, and messages waiting for these.
     claiming: int = 0
     siblings: int = 0
     waiters: list[asyncio.Future[bool]] = field(default_factory=list)
@@ -125,12 +124,10 @@ class SlotHandoff:
             return
         group_key = (asyncio.get_running_loop(), key)
         group = self._groups.setdefault(group_key, _Group())
-        group.members += 1
         sibling = Sibling(group)
         try:
             yield sibling
         finally:
-            group.members -= 1
             sibling._leave()
             self._forget_if_idle(group_key, group)
 
@@ -174,6 +171,7 @@ class SlotHandoff:
             return waiter is not None and await waiter.freed(left)
 
     def _forget_if_idle(self, group_key: tuple[asyncio.AbstractEventLoop, HandoffKey], group: _Group) -> None:
-        # (a record still claiming keeps the group: it may yet become a sibling)
-        if not group.members and not group.waiters and self._groups.get(group_key) is group:
+        # (a record still claiming keeps the group: it may yet become a sibling; one whose
+        # claim took no slot is nobody's concern any more)
+        if not (group.claiming or group.siblings or group.waiters) and self._groups.get(group_key) is group:
             del self._groups[group_key]
