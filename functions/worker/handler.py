@@ -13,7 +13,7 @@ from aws_lambda_powertools.utilities.batch import (
 )
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.parameters import get_secret
+from aws_lambda_powertools.utilities.parameters import SecretsProvider
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws
@@ -32,13 +32,20 @@ ENV = WorkerEnvironment.load(function_name="worker")
 processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
+@cache
+def secrets() -> SecretsProvider:
+    """Powertools' provider on llmq's own client: a provider left to make its client makes a
+    boto3 session of its own, which loads botocore's shared data again on a cold start."""
+    return SecretsProvider(boto3_client=aws.client("secretsmanager"))
+
+
 def read_provider_api_key(fresh: bool) -> str | None:
     if ENV.provider_api_key is not None:
         return ENV.provider_api_key
     if ENV.provider_secret_id:
         # Cached by Powertools for five minutes: one Secrets Manager call per warm container.
         # `fresh` (the provider refused the cached key) reads it again and refreshes the cache.
-        return str(get_secret(ENV.provider_secret_id, max_age=300, force_fetch=fresh))
+        return str(secrets().get(ENV.provider_secret_id, max_age=300, force_fetch=fresh))
     return None
 
 

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aws_lambda_powertools.utilities.parameters import clear_caches
-from aws_lambda_powertools.utilities.parameters import constants as parameters_constants
 
 from llmq import aws
 from llmq.models import ChatMessage, ErrorCode, GenerationParams, JobResult
@@ -172,11 +170,11 @@ async def test_a_provider_nobody_listens_for_is_transient() -> None:
 
 
 class SecretReads:
-    """Counts the GetSecretValue calls of the Secrets Manager client Powertools made for itself."""
+    """Counts the GetSecretValue calls of the worker's Secrets Manager client."""
 
-    def __init__(self) -> None:
+    def __init__(self, harness: Harness) -> None:
         self.count = 0
-        client = parameters_constants.DEFAULT_PROVIDERS["secrets"].client
+        client = harness.worker().secrets().client
         client.meta.events.register("provide-client-params.secrets-manager.GetSecretValue", self._count)
 
     def _count(self, **_: object) -> None:
@@ -189,13 +187,12 @@ def keyed_harness(
 ) -> Iterator[Harness]:
     """The worker reads its provider key from Secrets Manager (moto), as deployed; the fake
     provider answers 401 to any other key."""
-    clear_caches()  # Powertools' cache and client are module-wide: start cold, on this moto
+    # The worker's secrets provider and its cache live in its module, imported afresh per harness
     secrets = aws.client("secretsmanager")
     arn = secrets.create_secret(Name="llmq-provider-key", SecretString="sk-first")["ARN"]
     monkeypatch.setenv("LLMQ_PROVIDER_SECRET_ID", arn)
     provider.state.api_key = "sk-first"
     yield harness
-    clear_caches()
 
 
 def _provider_statuses(provider: FakeProviderServer, job_id: str) -> list[int]:
@@ -209,7 +206,7 @@ def test_a_key_rotated_within_the_cache_is_read_again_on_the_401_and_the_job_suc
     harness = keyed_harness
     first = harness.submit(prompt="before the rotation").body["id"]
     assert harness.drain("high") == {"batchItemFailures": []}
-    reads = SecretReads()
+    reads = SecretReads(harness)
     # When the operator rotates the key, and the provider stops taking the old one
     aws.client("secretsmanager").put_secret_value(SecretId="llmq-provider-key", SecretString="sk-second")
     provider.state.api_key = "sk-second"
@@ -235,7 +232,7 @@ def test_a_wrong_key_is_read_again_once_per_invocation_and_the_jobs_retry_later(
     url = harness.stack.lane_queue_urls["high"]
     messages = harness.receive(url)
     harness.run_worker(url, messages)  # cold start: the cache is filled
-    reads = SecretReads()
+    reads = SecretReads(harness)
     # When the next delivery of the three jobs runs in one invocation
     harness.let_backoffs_pass()
     for message in messages:

@@ -17,6 +17,10 @@ from botocore.config import Config
 
 _lock = threading.Lock()
 _clients: dict[tuple[str, str | None, str | None], Any] = {}
+# One session for every client: a session loads botocore's shared data (the endpoint rules of
+# every partition, the retry and default settings) for its first client, so a session per client
+# paid that load once per client. Sessions are not thread-safe; clients are made under _lock.
+_session: boto3.session.Session | None = None
 
 # Standard retry mode with a few attempts: throttles are retried by botocore, but a
 # handler never stalls for long on a dead endpoint. Short socket timeouts (botocore's default
@@ -35,10 +39,13 @@ def client(service: str) -> Any:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     key = (service, region, endpoint)
+    global _session
     with _lock:
         found = _clients.get(key)
         if found is None:
-            found = boto3.session.Session().client(
+            if _session is None:
+                _session = boto3.session.Session()
+            found = _session.client(
                 service,  # type: ignore[call-overload]
                 region_name=region,
                 endpoint_url=endpoint,
@@ -111,9 +118,12 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def reset_clients() -> None:
-    """Forget every cached client (tests call this when a moto mock starts or stops)."""
+    """Forget every cached client and their session (tests call this when a moto mock starts or
+    stops: a session takes botocore's handlers, moto's among them, when it is made)."""
+    global _session
     with _lock:
         _clients.clear()
+        _session = None
 
 
 class TranslatedClient:

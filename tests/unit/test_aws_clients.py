@@ -1,0 +1,52 @@
+"""The client factory: what a cold start pays for the clients a handler makes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import botocore.loaders
+import pytest
+
+from llmq import aws
+
+
+@pytest.fixture
+def data_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """How often botocore reads each of its data files (not from a loader's cache)."""
+    loads: Counter[str] = Counter()
+    original = botocore.loaders.Loader.load_data_with_path
+
+    def counted(self: Any, name: str) -> Any:
+        loads[name] += 1
+        return original(self, name)
+
+    # Below the loader's per-instance cache: only a real read counts.
+    monkeypatch.setattr(botocore.loaders.Loader, "load_data_with_path", counted)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    aws.reset_clients()
+    yield loads
+    aws.reset_clients()
+
+
+def test_the_clients_of_one_environment_read_botocores_shared_data_once(data_loads: Counter[str]) -> None:
+    # Given a cold environment, when it makes the clients a worker uses
+    for service in ("dynamodb", "sqs", "s3", "secretsmanager"):
+        aws.client(service)
+    # Then the endpoint rules of every partition (about 1 MB of JSON) were read once, not per client
+    assert data_loads["endpoints"] == 1
+    # And each service's own model once
+    assert data_loads["dynamodb/2012-08-10/service-2"] == 1
+
+
+def test_forgetting_the_clients_forgets_their_session(data_loads: Counter[str]) -> None:
+    # Given a client made before a mock started
+    first = aws.client("sqs")
+    # When the clients are reset (a test starting moto), then the next client is a new one on a
+    # new session, which takes the handlers botocore has now
+    aws.reset_clients()
+    assert aws.client("sqs") is not first
+    assert data_loads["endpoints"] == 2
