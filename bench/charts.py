@@ -82,15 +82,28 @@ def throughput_curve(curve: list[dict[str, Any]], directory: Path) -> str | None
         return None
     offered = [point["offered_per_second"] for point in curve]
     figure, (rate, latency) = plt.subplots(1, 2, figsize=(10, 4))
-    rate.plot(offered, [point["achieved_per_second"] for point in curve], marker="o", label="achieved")
+    rate.plot(
+        offered, [point["achieved_per_second"] for point in curve], marker="o", label="achieved, from cold"
+    )
+    if all("warm_achieved_per_second" in point for point in curve):
+        rate.plot(
+            offered,
+            [point["warm_achieved_per_second"] for point in curve],
+            marker="s",
+            label="achieved, warm",
+        )
     rate.plot(offered, offered, linestyle="--", color="grey", label="offered")
     rate.set_xlabel("jobs/s offered")
     rate.set_ylabel("jobs/s completed")
     rate.set_title("Sandbox throughput")
     rate.legend()
     rate.grid(True, alpha=0.3)
-    latency.plot(offered, [point["submit_p50_ms"] for point in curve], marker="o", label="submit p50")
-    latency.plot(offered, [point["submit_p99_ms"] for point in curve], marker="o", label="submit p99")
+    latency.plot(offered, [point["submit_p50_ms"] for point in curve], marker="o", label="p50, from cold")
+    latency.plot(offered, [point["submit_p99_ms"] for point in curve], marker="o", label="p99, from cold")
+    if all("warm_submit_p99_ms" in point for point in curve):
+        latency.plot(offered, [point["warm_submit_p50_ms"] for point in curve], marker="s", label="p50, warm")
+        latency.plot(offered, [point["warm_submit_p99_ms"] for point in curve], marker="s", label="p99, warm")
+        latency.axhline(100, linestyle=":", color="grey", label="goal: p99 100 ms at 20/s")
     latency.set_yscale("log")
     latency.set_xlabel("jobs/s offered")
     latency.set_ylabel("ms (log scale)")

@@ -136,7 +136,6 @@ class _Authorized:
 # API Gateway applies a change to a usage plan or an API key within seconds, not at once; the
 # sandbox reads a key's plan again after this long.
 USAGE_PLAN_CACHE_SECONDS = 2.0
-MISS_REREAD_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -200,15 +199,17 @@ class UsagePlans:
                     self._refreshing.release()
         with self._lock:
             stale = self._index is None or self._index[0] <= now
-            # A key not seen yet (a tenant just created) is looked for again at once, at most
-            # every MISS_REREAD_SECONDS, so that `llmq tenants create` then a request works.
+            # A key not seen yet (a tenant just created) is looked for again, unless the plans
+            # were read after this request came (misses that queued here share one read), so
+            # that `llmq tenants create` then a request works however soon it follows.
             missing = (
                 self._index is not None
                 and key_value not in self._index[1]
-                and now - (self._index[0] - self.cache_seconds) >= MISS_REREAD_SECONDS
+                and self._index[0] - self.cache_seconds < now
             )
             if stale or missing:
-                self._index = (now + self.cache_seconds, self._read())
+                began = time.monotonic()
+                self._index = (began + self.cache_seconds, self._read())
             assert self._index is not None
             return self._index[1].get(key_value)
 

@@ -186,18 +186,18 @@ def expire_session(access_key_id: str, at: datetime.datetime | None = None) -> d
     return when
 
 
-def outlive(credentials: Mapping[str, AwsCredentials], years: int = 10) -> None:
-    """Keep these sessions valid while the sandbox runs.
+def outlive(access_key_ids: Iterable[str], years: int = 10) -> None:
+    """Keep these assumed-role sessions valid while the sandbox runs.
 
     Lambda hands a function fresh credentials before its old ones expire; the sandbox assumes
     each role once and does not rotate them, so without this a sandbox left up past the
     12-hour session limit would see every call refused. Tests still end a session early
-    with `expire_session`.
+    with `expire_session`. Runs where moto runs (the sandbox asks its moto process:
+    `llmq_sandbox/moto_process.py`).
     """
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=365 * years)
-    for session in credentials.values():
-        if session.session_token:
-            expire_session(session.access_key_id, at=later)
+    for access_key_id in access_key_ids:
+        expire_session(access_key_id, at=later)
 
 
 def _assumed_role(access_key_id: str) -> Any:

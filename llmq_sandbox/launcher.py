@@ -1,8 +1,9 @@
 """The embedded sandbox: moto, the real CDK app deployed into it, and a local runner for it.
 
 `Sandbox.start()`:
-1. starts a moto server on 127.0.0.1 (addressed as http://localhost:PORT: CloudFormation in
-   moto resolves a path-style TemplateURL only for localhost) and the fake provider;
+1. starts a moto server on 127.0.0.1, in a process of its own with the sandbox's fidelity
+   patches (llmq_sandbox/moto_process.py; addressed as http://localhost:PORT: CloudFormation
+   in moto resolves a path-style TemplateURL only for localhost), and the fake provider;
 2. creates an operator allowed everything (llmq_sandbox/iam.py) and deploys, as that operator,
    the CDK app with the sandbox's LlmqConfig through CloudFormation (llmq_sandbox.moto_deploy),
    so every table, queue, mapping, variable and role is the app's own;
@@ -26,7 +27,6 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +46,10 @@ from llmq_sandbox.iam import (
     AwsCredentials,
     assume_roles,
     create_operator,
-    make_moto_authorize_like_iam,
-    outlive,
     set_enforcement,
 )
 from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
-from llmq_sandbox.moto_fidelity import make_moto_strict, set_fair_queues, set_index_lag
+from llmq_sandbox.moto_process import MotoProcess, MotoSettings
 from llmq_sandbox.python_runtime import runtime_notice
 from llmq_sandbox.topology import Topology, TopologyError, read_topology
 from stacks.template import StackTemplate
@@ -86,7 +84,7 @@ def prepare_process() -> None:
 
 @dataclass
 class _Running:
-    moto: Any
+    moto: MotoProcess
     endpoint_url: str
     provider: FakeProviderServer | None = None
     functions: LambdaService | None = None
@@ -125,12 +123,6 @@ class Sandbox:
 
     def start(self, pid: int | None = None) -> SandboxState:
         prepare_process()
-        make_moto_strict()
-        set_index_lag(self.settings.index_lag_seconds)
-        # Lane messages carry their tenant as MessageGroupId: deliver them as a fair queue would.
-        set_fair_queues(self.settings.fair_queues)
-        if self.settings.enforce_iam:
-            make_moto_authorize_like_iam()
         try:
             return self._start(pid or os.getpid())
         except Exception:
@@ -138,14 +130,18 @@ class Sandbox:
             raise
 
     def _start(self, pid: int) -> SandboxState:
-        from moto.server import ThreadedMotoServer
-
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        _, port = moto.get_host_and_port()
-        running = self._running = _Running(moto=moto, endpoint_url=f"http://localhost:{port}")
+        moto = MotoProcess(
+            MotoSettings(
+                index_lag_seconds=self.settings.index_lag_seconds,
+                # Lane messages carry their tenant as MessageGroupId: deliver them as a fair
+                # queue would.
+                fair_queues=self.settings.fair_queues,
+                enforce_iam=self.settings.enforce_iam,
+            )
+        )
+        running = self._running = _Running(moto=moto, endpoint_url=moto.start())
         # Unchecked until the functions' roles are assumed, whatever INITIAL_NO_AUTH_ACTION_COUNT
-        # the environment sets (moto's server shares this process's settings).
+        # the environment sets (moto's process inherits this one's).
         set_enforcement(running.endpoint_url, enforced=False)
         if self.settings.enforce_iam:
             self._operator = create_operator(self.client("iam"))
@@ -206,7 +202,9 @@ class Sandbox:
             roles[name] = (spec.role_arn, spec.physical_name)
         # The Lambda service assumes them, not the operator (whom the roles do not trust).
         credentials = assume_roles(self.client("sts"), roles)
-        outlive(credentials)
+        self._running.moto.outlive(
+            (session.access_key_id for session in credentials.values() if session.session_token), years=10
+        )
         set_enforcement(self._running.endpoint_url, enforced=True)
         log.info(
             "IAM enforced: each function acts with its own role; the operator with %s",
@@ -560,10 +558,6 @@ class Sandbox:
         for server in (running.receiver, running.provider):
             if server is not None:
                 server.stop()
-        if self.settings.enforce_iam:
-            # moto's settings are this process's: leave them as a later mock_aws expects.
-            with suppress(Exception):
-                set_enforcement(running.endpoint_url, enforced=False)
         running.moto.stop()
         if running.cdk_outdir:
             shutil.rmtree(running.cdk_outdir, ignore_errors=True)

@@ -163,13 +163,20 @@ def test_a_throttled_lambda_invoke_tells_the_client_when_to_retry() -> None:
     assert dict(reply.headers)["Retry-After"] == "1"
 
 
-def test_a_plan_changed_after_the_cache_period_applies_from_the_next_request() -> None:
-    # Given a key whose plan was read (cached for 0.2 s)
-    members = [("k1", "usage-one", True)]
+def _one_plan(
+    members: list[tuple[str, str, bool]], cache_seconds: float
+) -> tuple[ApiGatewayStub, UsagePlans]:
+    """One plan (rate 1/s, burst 2) on the template's API stage, with these keys in it."""
     stub = ApiGatewayStub({"plan_free": (1.0, 2, members)})
     api = template_api()
     stub.api_id = api.rest_api_id
-    plans = UsagePlans(lambda: stub, api.rest_api_id, api.stage, cache_seconds=0.2)
+    return stub, UsagePlans(lambda: stub, api.rest_api_id, api.stage, cache_seconds=cache_seconds)
+
+
+def test_a_plan_changed_after_the_cache_period_applies_from_the_next_request() -> None:
+    # Given a key whose plan was read (cached for 0.2 s)
+    members = [("k1", "usage-one", True)]
+    stub, plans = _one_plan(members, cache_seconds=0.2)
     first = plans.plan_for("usage-one")
     assert first is not None and (first.rate_per_second, first.burst) == (1.0, 2)
     # When the plan's throttle changes, and a request comes within, then after, the cache period
@@ -181,3 +188,18 @@ def test_a_plan_changed_after_the_cache_period_applies_from_the_next_request() -
     assert within is not None and within.rate_per_second == 1.0
     assert after is not None and (after.rate_per_second, after.burst) == (5.0, 10)
     assert stub.reads == 2
+
+
+def test_a_key_added_just_after_a_read_is_found_by_its_first_request() -> None:
+    # Given plans read a moment ago (another tenant's request)
+    members = [("k1", "usage-one", True)]
+    stub, plans = _one_plan(members, cache_seconds=60)
+    assert plans.plan_for("usage-one") is not None
+    # When a tenant is created (its key put in the plan) and its first request follows at once
+    members.append(("k2", "usage-new", True))
+    found = plans.plan_for("usage-new")
+    # Then its key is found, by reading the plans again, not answered 403 from the cache
+    assert found is not None and found.burst == 2
+    assert stub.reads == 2
+    # And a known key is still answered from the cache
+    assert plans.plan_for("usage-one") is not None and stub.reads == 2

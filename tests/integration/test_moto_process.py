@@ -1,0 +1,93 @@
+"""moto in a process of its own (llmq_sandbox/moto_process.py): it serves AWS with the sandbox's
+fidelity patches, answers the one sandbox path, and never outlives the sandbox."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from llmq_cli.sandbox_state import pid_alive
+from llmq_sandbox.moto_process import MotoProcess, MotoSettings
+
+
+@pytest.fixture
+def moto() -> Iterator[MotoProcess]:
+    process = MotoProcess(MotoSettings(index_lag_seconds=0, fair_queues=True, enforce_iam=False))
+    process.start()
+    yield process
+    process.stop()
+
+
+def _client(moto: MotoProcess, service: str) -> object:
+    return boto3.client(
+        service,
+        endpoint_url=moto.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def test_it_serves_aws_with_the_sandboxs_patches(moto: MotoProcess) -> None:
+    # Given moto in its own process, addressed by name (CloudFormation's TemplateURL needs it)
+    assert moto.endpoint_url.startswith("http://localhost:")
+    assert moto.pid != 0 and pid_alive(moto.pid)
+    sqs = _client(moto, "sqs")
+    url = sqs.create_queue(QueueName="patched")["QueueUrl"]  # type: ignore[attr-defined]
+    sqs.send_message(QueueUrl=url, MessageBody="x")  # type: ignore[attr-defined]
+    first = sqs.receive_message(QueueUrl=url, VisibilityTimeout=0)["Messages"][0]  # type: ignore[attr-defined]
+    sqs.receive_message(QueueUrl=url, VisibilityTimeout=30)  # type: ignore[attr-defined]
+    # When the receipt handle of the earlier receive is used (moto alone accepts any it gave)
+    with pytest.raises(ClientError) as refused:
+        sqs.change_message_visibility(  # type: ignore[attr-defined]
+            QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=60
+        )
+    # Then it is refused, as on AWS: the child applied the fidelity patches before serving
+    assert refused.value.response["Error"]["Code"] == "ReceiptHandleIsInvalid"
+
+
+def test_keeping_an_unknown_session_alive_is_refused(moto: MotoProcess) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        moto.outlive(["ASIANOSUCHSESSION000"], years=1)
+    assert refused.value.code == 404
+
+
+def test_it_exits_when_the_sandbox_that_started_it_dies() -> None:
+    # Given a sandbox process that started moto, then died without stopping it (a SIGKILL)
+    script = textwrap.dedent(
+        """
+        import os
+        from llmq_sandbox.moto_process import MotoProcess, MotoSettings
+        moto = MotoProcess(MotoSettings(index_lag_seconds=0, fair_queues=False, enforce_iam=False))
+        moto.start()
+        print(moto.pid, flush=True)
+        os._exit(0)
+        """
+    )
+    died = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    child = int(died.stdout.split()[0])
+    # Then moto's process goes too, within a second or two
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whoever adopted it, maybe late)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
