@@ -133,20 +133,24 @@ def _up_foreground(path: Path, announce: bool) -> int:
             print(_banner(state, path), flush=True)
         else:
             print(f"sandbox ready: {state.api_url}", flush=True)
-        _sleep_forever()
+        _serve_while_aws_runs(sandbox)
+        print("llmq: the sandbox's moto process exited; stopping the sandbox", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
-        pass
+        code = 0
     finally:
         sandbox.stop()
         remove_state(path, pid)
     if announce:
         print("sandbox stopped")
-    return 0
+    return code
 
 
-def _sleep_forever() -> None:
-    while True:
-        time.sleep(3600)
+def _serve_while_aws_runs(sandbox: Any) -> None:
+    """Until interrupted, or until moto's process is gone (its state with it: a sandbox that
+    answered on without it would fail every call behind a healthy-looking gateway)."""
+    while sandbox.aws_alive:
+        time.sleep(1.0)
 
 
 def _banner(state: SandboxState, path: Path) -> str:

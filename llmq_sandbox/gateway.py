@@ -136,6 +136,9 @@ class _Authorized:
 # API Gateway applies a change to a usage plan or an API key within seconds, not at once; the
 # sandbox reads a key's plan again after this long.
 USAGE_PLAN_CACHE_SECONDS = 2.0
+# A key in no plan even by a read made after its request is not looked for again for this long.
+MISS_CACHE_SECONDS = 1.0
+_MISSING_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ class UsagePlans:
         self.stage = stage
         self.cache_seconds = cache_seconds
         self._index: tuple[float, dict[str, PlanThrottle]] | None = None
+        self._missing: dict[str, float] = {}  # key value -> until when it is answered 403 unread
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
 
@@ -198,20 +202,30 @@ class UsagePlans:
                 finally:
                     self._refreshing.release()
         with self._lock:
-            stale = self._index is None or self._index[0] <= now
+            current = self._index
+            stale = current is None or current[0] <= now
             # A key not seen yet (a tenant just created) is looked for again, unless the plans
             # were read after this request came (misses that queued here share one read), so
-            # that `llmq tenants create` then a request works however soon it follows.
+            # that `llmq tenants create` then a request works however soon it follows. A key
+            # that a read made after its request still missed is answered 403 from memory for
+            # MISS_CACHE_SECONDS: requests with keys in no plan cost a read per key and period,
+            # not one each.
+            known_missing = self._missing.get(key_value, 0.0) > now
+            if current is not None and not stale and key_value not in current[1] and known_missing:
+                return None
             missing = (
-                self._index is not None
-                and key_value not in self._index[1]
-                and self._index[0] - self.cache_seconds < now
+                current is not None and key_value not in current[1] and current[0] - self.cache_seconds <= now
             )
             if stale or missing:
                 began = time.monotonic()
-                self._index = (began + self.cache_seconds, self._read())
-            assert self._index is not None
-            return self._index[1].get(key_value)
+                current = self._index = (began + self.cache_seconds, self._read())
+            assert current is not None
+            found = current[1].get(key_value)
+            if found is None and current[0] - self.cache_seconds >= now:
+                if len(self._missing) >= _MISSING_KEPT:
+                    self._missing.clear()
+                self._missing[key_value] = now + MISS_CACHE_SECONDS
+            return found
 
     def _read(self) -> dict[str, PlanThrottle]:
         """key value -> its plan on the stage, for every enabled key in a plan of the stage

@@ -422,6 +422,8 @@ class Sandbox:
         if path == "/_sandbox/mappings":
             return self._mappings_endpoint(method, body)
         if path == "/_sandbox/health":
+            if not self.aws_alive:
+                return 503, {"status": "moto's process exited"}
             return 200, {"status": "ok"}
         if path == "/_sandbox/invocations":
             records = self.functions.invocations.records(
@@ -536,6 +538,11 @@ class Sandbox:
             "stage": self.topology.api.stage,
             "python": runtime_notice().lines(),
         }
+
+    @property
+    def aws_alive(self) -> bool:
+        """moto's process is up (everything the sandbox holds lives there)."""
+        return self._running is not None and self._running.moto.alive
 
     # ---- stop ----
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,8 +26,11 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
+# Where the sandbox's packages live (as for the fork server: llmq_sandbox/lambda_runtime.py).
+RUNTIME_ROOT = Path(__file__).resolve().parent.parent
 # A child that cannot bind or import within this is reported, not waited for.
 _START_TIMEOUT_SECONDS = 60.0
 _OUTLIVE_PATH = "/_llmq/outlive"
@@ -65,17 +69,31 @@ class MotoProcess:
         """Start moto and return its endpoint, `http://localhost:PORT` (moto_deploy needs the name)."""
         self._process = subprocess.Popen(
             [sys.executable, "-m", "llmq_sandbox.moto_process", *self._settings.arguments()],
+            # The repository's own packages, whatever directory the sandbox was started from.
+            cwd=RUNTIME_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
         )
-        line = _read_line(self._process.stdout, _START_TIMEOUT_SECONDS)
-        if not line:
+        try:
+            line = _read_line(self._process.stdout, _START_TIMEOUT_SECONDS)
+            if not line:
+                exited = self._process.poll() is not None
+                raise RuntimeError(
+                    "moto's process exited before it served (its error is above)"
+                    if exited
+                    else f"moto's process did not serve within {_START_TIMEOUT_SECONDS:.0f}s"
+                )
+            port = int(json.loads(line)["port"])
+        except BaseException:
             self.stop()
-            raise RuntimeError("moto's process exited before it served (its error is above)")
-        port = int(json.loads(line)["port"])
+            raise
         self.endpoint_url = f"http://localhost:{port}"
         return self.endpoint_url
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def outlive(self, access_key_ids: Iterable[str], years: int) -> None:
         """Keep these role sessions valid for `years` (iam.outlive, in the child)."""
@@ -146,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iam", choices=("on", "off"), required=True)
     args = parser.parse_args(argv)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    # Ctrl-C reaches the terminal's whole process group: the sandbox stops this process itself
+    # (SIGTERM) once it has stopped what calls it, so an interrupt must not end moto first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     import logging
+    import warnings
 
     from moto.moto_server.threaded_moto_server import MotoRequestHandler
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -156,9 +178,14 @@ def main(argv: list[str] | None = None) -> None:
     from llmq_sandbox.iam import make_moto_authorize_like_iam
     from llmq_sandbox.moto_fidelity import make_moto_strict, set_fair_queues, set_index_lag
 
-    # moto's server logs every request, and a traceback for each action it does not implement.
+    # moto's server logs every request, and a traceback for each action it does not implement;
+    # its CloudFormation warns about each resource type it skips (alarms, policies, API stages),
+    # as expected here (the same as the sandbox's own process: launcher.prepare_process).
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     logging.getLogger("moto").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*not supported by moto.*")
+    warnings.filterwarnings("ignore", message="No Moto CloudFormation support.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     make_moto_strict()
     set_index_lag(args.index_lag)
     set_fair_queues(args.fair_queues == "on")
@@ -167,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     app = _with_outlive(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
     print(json.dumps({"port": server.server_address[1]}), flush=True)
+    # Nobody reads the pipe after the port: what moto prints later goes to stderr instead of
+    # filling the pipe and blocking the request that prints.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     server.serve_forever()
 
 

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmq_cli.client import LlmqClient
+from llmq_cli.sandbox_state import pid_alive
 from tests.e2e.conftest import SandboxUnderTest, wait_until
 from tests.e2e.figures import Figures, invocations_once_logged, overlapping, settle
 
@@ -216,3 +220,29 @@ def wait_succeeded_once(figures: Figures, job_id: str, event_type: str) -> bool:
         return False
     settle(1)
     return figures.successes(job_id) == {event_type: 1}
+
+
+def test_a_sandbox_whose_moto_dies_stops_instead_of_failing_every_call(sandbox: SandboxUnderTest) -> None:
+    """Last in this module: it ends the module's sandbox. moto holds every table and queue, in a
+    process of its own (llmq_sandbox/moto_process.py), which the OOM killer could take alone."""
+    leader = int(sandbox.state["pid"])
+    [moto] = [pid for pid in _children(leader) if b"llmq_sandbox.moto_process" in _cmdline(pid)]
+    # When moto's process is killed
+    os.kill(moto, signal.SIGKILL)
+    # Then the sandbox stops and removes its state, instead of answering on with a gateway
+    # whose every call fails
+    assert wait_until(lambda: not (sandbox.directory / ".llmq" / "sandbox.json").exists(), timeout=30)
+    assert wait_until(lambda: not pid_alive(leader), timeout=30)
+    log = (sandbox.directory / ".llmq" / "sandbox.log").read_text()
+    assert "moto process exited; stopping the sandbox" in log
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()

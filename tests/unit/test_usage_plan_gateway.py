@@ -203,3 +203,14 @@ def test_a_key_added_just_after_a_read_is_found_by_its_first_request() -> None:
     assert stub.reads == 2
     # And a known key is still answered from the cache
     assert plans.plan_for("usage-one") is not None and stub.reads == 2
+
+
+def test_requests_with_a_key_in_no_plan_read_the_plans_once_a_period_not_once_each() -> None:
+    # Given plans read a moment ago, and a key the authorizer accepts but no plan holds
+    stub, plans = _one_plan([("k1", "usage-one", True)], cache_seconds=60)
+    assert plans.plan_for("usage-one") is not None
+    # When that key sends ten requests at once
+    answers = [plans.plan_for("usage-nowhere") for _ in range(10)]
+    # Then each is refused (403), and the plans were read again once for all of them
+    assert answers == [None] * 10
+    assert stub.reads == 2
