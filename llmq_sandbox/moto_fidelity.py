@@ -97,11 +97,12 @@ import copy
 import functools
 import importlib
 import inspect
+import json
 import math
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -731,6 +732,48 @@ def _condition_lexed_once(lex: Callable[..., Any]) -> Callable[..., Any]:
     return lexed
 
 
+def _condition_parsed_once(parse: Callable[..., Any]) -> Callable[..., Any]:
+    """ConditionExpressionParser.parse, kept per expression, names and values.
+
+    Speed only, same answer: a write's condition is parsed again by each step that checks it
+    (a transaction's item, then the update inside it), and most of llmq's conditions repeat
+    their values exactly (a tenant's cap, a lane, a lease owner within one attempt). The tree
+    parse returns holds the values it was given and is only read after (each node's `expr`
+    reads the item and assigns nothing), so one tree can answer every call with the same
+    three inputs, with the names and values it found. A parse that raises is not kept: it
+    raises again."""
+    kept: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+    lock = threading.Lock()
+
+    @functools.wraps(parse)
+    def parsed(self: Any) -> Any:
+        key = (
+            type(self),
+            self.condition_expression,
+            json.dumps(self.expression_attribute_names, sort_keys=True, default=repr),
+            json.dumps(self.expression_attribute_values, sort_keys=True, default=repr),
+        )
+        with lock:
+            found = kept.get(key)
+            if found is not None:
+                kept.move_to_end(key)
+        if found is not None:
+            tree, names_found, values_found = found
+            # What parse also leaves on the parser: the names and values it met, which the
+            # callers check against those given (an unused one is a ValidationException).
+            self.expr_attr_names_found.extend(names_found)
+            self.expr_attr_values_found.extend(values_found)
+            return tree
+        tree = parse(self)
+        with lock:
+            kept[key] = (tree, tuple(self.expr_attr_names_found), tuple(self.expr_attr_values_found))
+            if len(kept) > _PARSED_KEPT:
+                kept.popitem(last=False)
+        return tree
+
+    return parsed
+
+
 def _action_counts_at_the_root(self: Any, node: Any) -> Any:
     """ActionCountValidator.traverse: moto checks the clause counts below every node of the
     update expression's chain, which costs the square of its length; the root's subtree holds
@@ -802,5 +845,6 @@ def make_moto_strict() -> None:
         parser.make = _update_parsed_once(vars(parser)["make"])
         lexer = comparisons.ConditionExpressionParser
         lexer._lex_condition_expression = _condition_lexed_once(lexer._lex_condition_expression)
+        lexer.parse = _condition_parsed_once(lexer.parse)
         validators.ActionCountValidator.traverse = _action_counts_at_the_root
         _applied = True

@@ -534,3 +534,41 @@ def test_an_update_expression_with_a_clause_twice_is_refused_every_time(
             )
         assert refused.value.response["Error"]["Code"] == "ValidationException"
     assert _get(ddb, table, "job_twice") == {"pk": {"S": "job_twice"}, "c": {"S": "x"}, "d": {"S": "y"}}
+
+
+def test_a_condition_kept_from_an_identical_call_is_judged_again_and_its_names_count_as_used(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """A condition's parse is kept per expression, names and values: the same call again is
+    judged against the item as it now is, and the names it uses still count as used (moto
+    refuses a name the expressions leave unused)."""
+    table = moto_stack.jobs_table
+    put = {
+        "TableName": table,
+        "Item": {"pk": {"S": "job_kept"}, "owner": {"S": "a"}},
+        "ConditionExpression": "attribute_not_exists(#k) OR #o = :mine",
+        "ExpressionAttributeNames": {"#k": "pk", "#o": "owner"},
+        "ExpressionAttributeValues": {":mine": {"S": "a"}},
+    }
+    # When the same conditional write runs twice: absent, then present and still a's
+    ddb.put_item(**put)
+    ddb.put_item(**put)
+    # Then both hold; and once the owner changes, the same call again is refused
+    ddb.update_item(
+        TableName=table,
+        Key={"pk": {"S": "job_kept"}},
+        UpdateExpression="SET #o = :b",
+        ExpressionAttributeNames={"#o": "owner"},
+        ExpressionAttributeValues={":b": {"S": "b"}},
+    )
+    with pytest.raises(ClientError) as refused:
+        ddb.put_item(**put)
+    assert refused.value.response["Error"]["Code"] == "ConditionalCheckFailedException"
+    # And a name left unused is still refused, kept parse or not
+    for _ in range(2):
+        with pytest.raises(ClientError) as unused:
+            ddb.put_item(
+                **{**put, "ExpressionAttributeNames": {**put["ExpressionAttributeNames"], "#x": "x"}}
+            )
+        assert unused.value.response["Error"]["Code"] == "ValidationException"
+    assert _get(ddb, table, "job_kept") == {"pk": {"S": "job_kept"}, "owner": {"S": "b"}}
