@@ -693,9 +693,12 @@ def _curve_verdict(curve: list[dict[str, Any]]) -> list[str]:
     # Achieved counts from the first job's creation to the last one's end, so a sandbox that
     # keeps pace with an offered rate completes a little under it.
     fifty = at.get(50)
-    kept = (
-        fifty is not None
-        and max(fifty["achieved_per_second"], fifty.get("warm_achieved_per_second", 0.0)) >= 0.95 * 50
+    kept = fifty is not None and any(
+        achieved >= 0.95 * 50 and succeeded == fifty["jobs"]
+        for achieved, succeeded in (
+            (fifty["achieved_per_second"], fifty.get("succeeded")),
+            (fifty.get("warm_achieved_per_second", 0.0), fifty.get("warm_succeeded")),
+        )
     )
     lines = [
         f"The most the sandbox completed: **{best:.1f} jobs/s** (goal: keep pace with 50 jobs/s offered, "

@@ -139,6 +139,10 @@ def _up_foreground(path: Path, announce: bool) -> int:
     except KeyboardInterrupt:
         code = 0
     finally:
+        # Stopping is under way: a second Ctrl-C or `llmq sandbox down` must not cut it short
+        # (`down` escalates to SIGKILL if it takes too long).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sandbox.stop()
         remove_state(path, pid)
     if announce:

@@ -201,30 +201,39 @@ class UsagePlans:
                     return index[1][key_value]
                 finally:
                     self._refreshing.release()
+        # A key that a read made after its request still missed is answered 403 from memory for
+        # MISS_CACHE_SECONDS, without waiting for the lock (a read may hold it): requests with
+        # keys in no plan cost a read per key and period, not one each.
+        if (
+            index is not None
+            and index[0] > now
+            and key_value not in index[1]
+            and self._missing.get(key_value, 0.0) > now
+        ):
+            return None
         with self._lock:
             current = self._index
             stale = current is None or current[0] <= now
             # A key not seen yet (a tenant just created) is looked for again, unless the plans
             # were read after this request came (misses that queued here share one read), so
-            # that `llmq tenants create` then a request works however soon it follows. A key
-            # that a read made after its request still missed is answered 403 from memory for
-            # MISS_CACHE_SECONDS: requests with keys in no plan cost a read per key and period,
-            # not one each.
-            known_missing = self._missing.get(key_value, 0.0) > now
-            if current is not None and not stale and key_value not in current[1] and known_missing:
-                return None
+            # that `llmq tenants create` then a request works however soon it follows.
             missing = (
                 current is not None and key_value not in current[1] and current[0] - self.cache_seconds <= now
             )
+            held_before = current is not None and key_value in current[1]
             if stale or missing:
                 began = time.monotonic()
                 current = self._index = (began + self.cache_seconds, self._read())
             assert current is not None
             found = current[1].get(key_value)
-            if found is None and current[0] - self.cache_seconds >= now:
+            # Not for a key the index before held: one moving between plans (`llmq tenants
+            # set-limits`) is out of both for a moment, and is looked for again next time.
+            if found is None and not held_before and current[0] - self.cache_seconds >= now:
                 if len(self._missing) >= _MISSING_KEPT:
                     self._missing.clear()
                 self._missing[key_value] = now + MISS_CACHE_SECONDS
+            elif found is not None:
+                self._missing.pop(key_value, None)
             return found
 
     def _read(self) -> dict[str, PlanThrottle]:

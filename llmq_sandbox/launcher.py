@@ -542,7 +542,8 @@ class Sandbox:
     @property
     def aws_alive(self) -> bool:
         """moto's process is up (everything the sandbox holds lives there)."""
-        return self._running is not None and self._running.moto.alive
+        running = self._running  # stop() may clear it meanwhile
+        return running is not None and running.moto.alive
 
     # ---- stop ----
 

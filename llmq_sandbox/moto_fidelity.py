@@ -733,25 +733,38 @@ def _condition_lexed_once(lex: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _condition_parsed_once(parse: Callable[..., Any]) -> Callable[..., Any]:
-    """ConditionExpressionParser.parse, kept per expression, names and values.
+    """ConditionExpressionParser.parse, kept per expression and the names and values it uses.
 
     Speed only, same answer: a write's condition is parsed again by each step that checks it
     (a transaction's item, then the update inside it), and most of llmq's conditions repeat
     their values exactly (a tenant's cap, a lane, a lease owner within one attempt). The tree
     parse returns holds the values it was given and is only read after (each node's `expr`
     reads the item and assigns nothing), so one tree can answer every call with the same
-    three inputs, with the names and values it found. A parse that raises is not kept: it
-    raises again."""
+    inputs, with the names and values it found (which the callers check against those given:
+    an unused one is a ValidationException). The key holds only the placeholders the text
+    names, so a large value beside it (a job's result) is neither kept nor serialized for it;
+    the tree is parsed from a copy of the values, so it shares no list with a stored item that
+    a later ADD or DELETE could change. A parse that raises is not kept: it raises again."""
     kept: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
     lock = threading.Lock()
 
     @functools.wraps(parse)
     def parsed(self: Any) -> Any:
+        expression = self.condition_expression
+        if not expression:
+            return parse(self)
+        placeholders = sorted(set(_PLACEHOLDER.findall(expression)))
+        names = self.expression_attribute_names or {}
+        values = self.expression_attribute_values or {}
         key = (
             type(self),
-            self.condition_expression,
-            json.dumps(self.expression_attribute_names, sort_keys=True, default=repr),
-            json.dumps(self.expression_attribute_values, sort_keys=True, default=repr),
+            expression,
+            tuple((name, names.get(name)) for name in placeholders if name.startswith("#")),
+            json.dumps(
+                {name: values.get(name) for name in placeholders if name.startswith(":")},
+                sort_keys=True,
+                default=repr,
+            ),
         )
         with lock:
             found = kept.get(key)
@@ -759,12 +772,15 @@ def _condition_parsed_once(parse: Callable[..., Any]) -> Callable[..., Any]:
                 kept.move_to_end(key)
         if found is not None:
             tree, names_found, values_found = found
-            # What parse also leaves on the parser: the names and values it met, which the
-            # callers check against those given (an unused one is a ValidationException).
             self.expr_attr_names_found.extend(names_found)
             self.expr_attr_values_found.extend(values_found)
             return tree
-        tree = parse(self)
+        given = self.expression_attribute_values
+        self.expression_attribute_values = copy.deepcopy(given)
+        try:
+            tree = parse(self)
+        finally:
+            self.expression_attribute_values = given
         with lock:
             kept[key] = (tree, tuple(self.expr_attr_names_found), tuple(self.expr_attr_values_found))
             if len(kept) > _PARSED_KEPT:
@@ -772,6 +788,10 @@ def _condition_parsed_once(parse: Callable[..., Any]) -> Callable[..., Any]:
         return tree
 
     return parsed
+
+
+# An expression attribute name or value placeholder, as a condition's text names it.
+_PLACEHOLDER = re.compile(r"[#:][A-Za-z0-9_]+")
 
 
 def _action_counts_at_the_root(self: Any, node: Any) -> Any:

@@ -229,12 +229,16 @@ def test_a_sandbox_whose_moto_dies_stops_instead_of_failing_every_call(sandbox: 
     [moto] = [pid for pid in _children(leader) if b"llmq_sandbox.moto_process" in _cmdline(pid)]
     # When moto's process is killed
     os.kill(moto, signal.SIGKILL)
-    # Then the sandbox stops and removes its state, instead of answering on with a gateway
-    # whose every call fails
-    assert wait_until(lambda: not (sandbox.directory / ".llmq" / "sandbox.json").exists(), timeout=30)
-    assert wait_until(lambda: not pid_alive(leader), timeout=30)
-    log = (sandbox.directory / ".llmq" / "sandbox.log").read_text()
-    assert "moto process exited; stopping the sandbox" in log
+    try:
+        # Then the sandbox stops and removes its state, instead of answering on with a gateway
+        # whose every call fails
+        assert wait_until(lambda: not (sandbox.directory / ".llmq" / "sandbox.json").exists(), timeout=30)
+        assert wait_until(lambda: not pid_alive(leader), timeout=30)
+        log = (sandbox.directory / ".llmq" / "sandbox.log").read_text()
+        assert "moto process exited; stopping the sandbox" in log
+    finally:
+        if pid_alive(leader, or_group=True):  # failed: leave nothing behind
+            os.killpg(leader, signal.SIGKILL)
 
 
 def _children(pid: int) -> list[int]:

@@ -572,3 +572,28 @@ def test_a_condition_kept_from_an_identical_call_is_judged_again_and_its_names_c
             )
         assert unused.value.response["Error"]["Code"] == "ValidationException"
     assert _get(ddb, table, "job_kept") == {"pk": {"S": "job_kept"}, "owner": {"S": "b"}}
+
+
+def test_a_kept_condition_shares_no_set_with_an_item_a_later_add_changes(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """The kept parse of `tags <> :t` must not hold the very list that `SET tags = :t` stored:
+    a later ADD to the item would change the condition's own value with it."""
+    table = moto_stack.jobs_table
+    set_if_other = {
+        "TableName": table,
+        "Key": {"pk": {"S": "job_tags"}},
+        "UpdateExpression": "SET tags = :t",
+        "ConditionExpression": "attribute_not_exists(tags) OR tags <> :t",
+        "ExpressionAttributeValues": {":t": {"SS": ["a"]}},
+    }
+    ddb.update_item(**set_if_other)
+    ddb.update_item(
+        TableName=table,
+        Key={"pk": {"S": "job_tags"}},
+        UpdateExpression="ADD tags :more",
+        ExpressionAttributeValues={":more": {"SS": ["b"]}},
+    )
+    # When the first call comes again: the item's {a, b} differs from {a}, so it holds
+    ddb.update_item(**set_if_other)
+    assert _get(ddb, table, "job_tags") == {"pk": {"S": "job_tags"}, "tags": {"SS": ["a"]}}

@@ -214,3 +214,17 @@ def test_requests_with_a_key_in_no_plan_read_the_plans_once_a_period_not_once_ea
     # Then each is refused (403), and the plans were read again once for all of them
     assert answers == [None] * 10
     assert stub.reads == 2
+
+
+def test_a_key_moving_between_plans_is_looked_for_again_at_once() -> None:
+    # Given a key its plan held (`llmq tenants set-limits` moves it: out of one plan, into another)
+    members = [("k1", "usage-one", True), ("k2", "usage-moving", True)]
+    _, plans = _one_plan(members, cache_seconds=0.05)
+    assert plans.plan_for("usage-moving") is not None
+    # When the plans are read again mid-move, then it is in none (403)
+    members.remove(("k2", "usage-moving", True))
+    time.sleep(0.06)
+    assert plans.plan_for("usage-moving") is None
+    # And once the move is done its next request finds it, not a remembered 403
+    members.append(("k2", "usage-moving", True))
+    assert plans.plan_for("usage-moving") is not None
