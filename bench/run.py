@@ -544,10 +544,9 @@ def _render_throughput(throughput: Any) -> list[str]:
         f"**{throughput['jobs_per_second']:.1f} jobs/s** end to end; submit latency p50 "
         f"{throughput['submit_p50_ms']:.0f} ms, p99 {throughput['submit_p99_ms']:.0f} ms.",
         "",
-        "Where the time goes: CPU seconds of moto's process, of the function processes, and of the "
-        "sandbox's own process split by sampling its threads. The benchmark's client (its submits, and the "
-        "listing that waits for every job) runs in that process too, and is shown apart: a sandbox driven "
-        "from another process, as `make dev` is, has that time for itself.",
+        "The sandbox runs in a process of its own (`llmq sandbox up --detach`, as `make dev` runs it), "
+        "driven from the benchmark's process (8 threads submitting, then a listing until every job is "
+        "terminal). Where the sandbox's time goes: CPU seconds of each of its processes over the run.",
         "",
         "| part | share |",
         "| --- | --- |",
@@ -559,10 +558,11 @@ def _render_throughput(throughput: Any) -> list[str]:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         out += [
             "",
-            f"A job costs the machine **{per_job:.0f} ms of CPU**, every process together (this run's client "
-            f"included). Its {cores} cores then bound the sandbox near {cores * 1000 / per_job:.0f} jobs/s "
-            "however the work is scheduled: issue 17's 50 jobs/s would need a job to cost under "
-            f"{cores * 1000 / 50:.0f} ms. moto's DynamoDB (its condition and update expression parsers, "
+            f"A job costs the sandbox **{per_job:.0f} ms of CPU**, its processes together (the benchmark's client "
+            f"spent another {throughput.get('client_cpu_ms_per_job', 0):.0f} ms a job). At that cost the machine's "
+            f"{cores} cores allow about {cores * 1000 / per_job:.0f} jobs/s, however the work is scheduled (a "
+            "heavier load costs a little less a job: fuller worker batches, fewer polls per job); issue 17's "
+            f"50 jobs/s needs a job to cost under {cores * 1000 / 50:.0f} ms, less what its client takes. moto's DynamoDB (its condition and update expression parsers, "
             "a copy of each item for the all-or-nothing rollback) and the function processes' botocore "
             "are most of it. On AWS none of this is the limit: each call is a service's, and each function "
             "environment has a CPU of its own.",
