@@ -3,11 +3,13 @@ fidelity patches, answers the one sandbox path, and never outlives the sandbox."
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.error
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from llmq_cli.sandbox_state import pid_alive
-from llmq_sandbox.moto_process import MotoProcess, MotoSettings
+from llmq_sandbox.moto_process import MotoProcess, MotoSettings, settle
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def test_it_exits_when_the_sandbox_that_started_it_dies() -> None:
     script = textwrap.dedent(
         """
         import os
-        from llmq_sandbox.moto_process import MotoProcess, MotoSettings
+        from llmq_sandbox.moto_process import MotoProcess, MotoSettings, settle
         moto = MotoProcess(MotoSettings(index_lag_seconds=0, fair_queues=False, enforce_iam=False))
         moto.start()
         print(moto.pid, flush=True)
@@ -91,3 +93,25 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_settling_collects_the_garbage_since_the_last_time_and_freezes_what_lives() -> None:
+    """What keeps moto's full collections short (moto_process._settle_every): the cycles that
+    died are reclaimed first, and what is alive leaves the collector's sight."""
+    dead = _Cycle()
+    dead_ref = weakref.ref(dead)
+    del dead
+    alive = _Cycle()
+    frozen_before = gc.get_freeze_count()
+    try:
+        settle()
+        assert dead_ref() is None
+        assert gc.get_freeze_count() > frozen_before
+        assert all(tracked is not alive for tracked in gc.get_objects(generation=2))
+    finally:
+        gc.unfreeze()
