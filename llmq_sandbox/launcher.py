@@ -51,6 +51,7 @@ from llmq_sandbox.iam import (
 from llmq_sandbox.lambda_service import AwsAccess, FunctionStartError, LambdaService
 from llmq_sandbox.moto_process import MotoProcess, MotoSettings
 from llmq_sandbox.python_runtime import runtime_notice
+from llmq_sandbox.settling import Settler
 from llmq_sandbox.topology import Topology, TopologyError, read_topology
 from stacks.template import StackTemplate
 
@@ -92,6 +93,7 @@ class _Running:
     gateway: GatewayServer | None = None
     pollers: list[QueuePoller] | None = None
     timers: list[ScheduleTimer] | None = None
+    settler: Settler | None = None
     cdk_outdir: str | None = None
 
 
@@ -179,6 +181,8 @@ class Sandbox:
         running.gateway = GatewayServer(gateway, self._introspect).start()
         running.pollers = self._start_pollers(self.topology, running.functions)
         running.timers = self._start_timers(self.topology, running.functions)
+        # The synthesized app and the runner live as long as the sandbox (llmq_sandbox/settling.py).
+        running.settler = Settler().start()
         self.state = SandboxState(
             # As on AWS, the API lives under its stage: https://{id}.execute-api.../prod
             api_url=f"{running.gateway.url}/{self.topology.api.stage}",
@@ -566,6 +570,8 @@ class Sandbox:
         for server in (running.receiver, running.provider):
             if server is not None:
                 server.stop()
+        if running.settler is not None:
+            running.settler.stop()
         running.moto.stop()
         if running.cdk_outdir:
             shutil.rmtree(running.cdk_outdir, ignore_errors=True)

@@ -16,7 +16,6 @@ to the child (`/_llmq/outlive`), which is not an AWS path.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -30,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from llmq_sandbox.settling import Settler
+
 # Where the sandbox's packages live (as for the fork server: llmq_sandbox/lambda_runtime.py).
 RUNTIME_ROOT = Path(__file__).resolve().parent.parent
-# How often moto's process collects what came since the last time, then freezes what lives on.
-_SETTLE_SECONDS = 5.0
 # A child that cannot bind or import within this is reported, not waited for.
 _START_TIMEOUT_SECONDS = 60.0
 _OUTLIVE_PATH = "/_llmq/outlive"
@@ -153,27 +152,6 @@ def _with_outlive(app: Callable[..., Any]) -> Callable[..., Any]:
     return serve
 
 
-def _settle_every(seconds: float) -> None:
-    """Keep the garbage collector's full collections short.
-
-    moto's modules, the deployed stack, its IAM policies and every item and message live as
-    long as the process: millions of objects, which each full collection walked, a pause of
-    200 ms in which no request was served (most of the submit p99 at a steady 20 jobs/s, and
-    longer as the sandbox fills). Here a collection every few seconds walks only what came
-    since the last one, then freezes what survived it (gc.freeze): objects still die when their
-    last reference goes, and only a cycle that was alive at a freeze and dies later is never
-    reclaimed."""
-    while True:
-        time.sleep(seconds)
-        settle()
-
-
-def settle() -> None:
-    """Collect what came since the last freeze, then freeze the survivors."""
-    gc.collect()
-    gc.freeze()
-
-
 def _watch_parent(parent: int) -> None:
     while True:
         if os.getppid() != parent:
@@ -188,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iam", choices=("on", "off"), required=True)
     args = parser.parse_args(argv)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    threading.Thread(target=_settle_every, args=(_SETTLE_SECONDS,), daemon=True).start()
+    # The emulated account lives as long as this process: keep full collections to what is new.
+    Settler().start()
     # Ctrl-C reaches the terminal's whole process group: the sandbox stops this process itself
     # (SIGTERM) once it has stopped what calls it, so an interrupt must not end moto first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -18,7 +18,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from llmq_cli.sandbox_state import pid_alive
-from llmq_sandbox.moto_process import MotoProcess, MotoSettings, settle
+from llmq_sandbox.moto_process import MotoProcess, MotoSettings
+from llmq_sandbox.settling import settle
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_it_exits_when_the_sandbox_that_started_it_dies() -> None:
     script = textwrap.dedent(
         """
         import os
-        from llmq_sandbox.moto_process import MotoProcess, MotoSettings, settle
+        from llmq_sandbox.moto_process import MotoProcess, MotoSettings
         moto = MotoProcess(MotoSettings(index_lag_seconds=0, fair_queues=False, enforce_iam=False))
         moto.start()
         print(moto.pid, flush=True)
@@ -101,7 +102,7 @@ class _Cycle:
 
 
 def test_settling_collects_the_garbage_since_the_last_time_and_freezes_what_lives() -> None:
-    """What keeps moto's full collections short (moto_process._settle_every): the cycles that
+    """What keeps moto's full collections short (llmq_sandbox/settling.py): the cycles that
     died are reclaimed first, and what is alive leaves the collector's sight."""
     dead = _Cycle()
     dead_ref = weakref.ref(dead)
