@@ -118,6 +118,7 @@ class Sandbox:
         self._running: _Running | None = None
         self._secrets_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
         self._secrets_lock = threading.Lock()
+        self._secrets_client: Any = None
         # Who the sandbox itself acts as in moto: the operator once IAM is on, anyone before.
         self._operator: AwsCredentials = UNCHECKED
 
@@ -345,7 +346,9 @@ class Sandbox:
             fetched_at, secrets = self._secrets_cache
             if time.monotonic() - fetched_at < 1.0:
                 return secrets
-            paginator = self.client("dynamodb").get_paginator("scan")
+            if self._secrets_client is None:  # one client, not a session a second
+                self._secrets_client = self.client("dynamodb")
+            paginator = self._secrets_client.get_paginator("scan")
             secrets = {}
             for page in paginator.paginate(
                 TableName=self.outputs["TenantsTableName"],

@@ -116,3 +116,19 @@ def test_settling_collects_the_garbage_since_the_last_time_and_freezes_what_live
         assert all(tracked is not alive for tracked in gc.get_objects(generation=2))
     finally:
         gc.unfreeze()
+
+
+def test_a_whole_settle_reclaims_a_cycle_that_died_after_it_was_frozen() -> None:
+    """A cycle alive at a freeze and dropped later is out of the collector's sight until the
+    next whole settle, which every Settler runs every `full_every` settles."""
+    lingering = _Cycle()
+    lingering_ref = weakref.ref(lingering)
+    try:
+        settle()
+        del lingering
+        settle()
+        assert lingering_ref() is not None  # frozen: a plain settle cannot see it
+        settle(full=True)
+        assert lingering_ref() is None
+    finally:
+        gc.unfreeze()
