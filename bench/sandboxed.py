@@ -616,9 +616,16 @@ def _cpu_seconds(pid: int) -> float:
 def _moto_pid(leader: int) -> int:
     """The sandbox's moto process: the child of its leader running llmq_sandbox.moto_process."""
     for task in Path(f"/proc/{leader}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"llmq_sandbox.moto_process" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        for child in children:
+            try:
+                if b"llmq_sandbox.moto_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except OSError:
+                continue
     raise LookupError(f"no moto process under the sandbox {leader}")
 
 

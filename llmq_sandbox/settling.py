@@ -53,4 +53,9 @@ class Settler:
             settle(full=settles % self._full_every == 0)
 
     def stop(self) -> None:
+        """Stop settling and give the collector back everything frozen: a process that goes
+        on after its sandbox (a benchmark's) collects as usual again."""
         self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        gc.unfreeze()

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from llmq_cli.sandbox_state import pid_alive
 from llmq_sandbox.moto_process import MotoProcess, MotoSettings
-from llmq_sandbox.settling import settle
+from llmq_sandbox.settling import Settler, settle
 
 
 @pytest.fixture
@@ -132,3 +132,15 @@ def test_a_whole_settle_reclaims_a_cycle_that_died_after_it_was_frozen() -> None
         assert lingering_ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_stopped_settler_gives_the_collector_back_what_it_froze() -> None:
+    # Given a settler that froze this process's objects (an in-process sandbox, a benchmark's)
+    settler = Settler(seconds=0.01).start()
+    deadline = time.monotonic() + 10
+    while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gc.get_freeze_count() > 0
+    # When it stops, then nothing stays frozen: the process collects as usual again
+    settler.stop()
+    assert gc.get_freeze_count() == 0
