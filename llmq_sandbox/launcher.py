@@ -73,13 +73,8 @@ def prepare_process() -> None:
         os.environ["PATH"] = venv_bin + os.pathsep + path
     os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "1")
     os.environ.setdefault("CDK_DISABLE_CLI_TELEMETRY", "true")
-    # moto warns about each resource type it skips (alarms, policies, API stages): expected here.
-    warnings.filterwarnings("ignore", message=".*not supported by moto.*")
-    warnings.filterwarnings("ignore", message="No Moto CloudFormation support.*")
+    # moto's own warnings and logs are quieted in its process (llmq_sandbox/moto_process.py).
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # moto's server logs every request, and a traceback for each action it does not implement.
-    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
-    logging.getLogger("moto").setLevel(logging.ERROR)
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # moto's server logs every request, and a traceback for each action it does not implement;
     # its CloudFormation warns about each resource type it skips (alarms, policies, API stages),
-    # as expected here (the same as the sandbox's own process: launcher.prepare_process).
+    # as expected here.
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     logging.getLogger("moto").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*not supported by moto.*")
