@@ -62,7 +62,7 @@ USER_AGENT = "llmq-webhooks/1"
 SIGNATURE_VERSION = "v1"
 GONE = 410
 # A copy of a webhooks message this much before its attempt is due or less is let through.
-_EARLY_TOLERANCE_SECONDS = 1.0
+EARLY_TOLERANCE_SECONDS = 1.0
 # How long after an attempt is due a copy that came early comes back: the message carrying
 # the attempt (delayed to its due time, within the tolerance) goes first, and a copy at the
 # same moment would POST the same attempt beside it. The carrier may itself come late (its
@@ -491,7 +491,7 @@ class WebhookDispatcher:
         due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + COPY_LAG_SECONDS
         return DeliveryOutcome(
             OutcomeKind.RETRY,
-            retry_in=min(max(due_in, _EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
+            retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
             reason="another copy counted this attempt; this one waits for the next",
         )
 
@@ -505,7 +505,7 @@ class WebhookDispatcher:
         if next_ms is None:
             return 0.0
         early = next_ms / 1000 - self._clock()
-        return early if early > _EARLY_TOLERANCE_SECONDS else 0.0
+        return early if early > EARLY_TOLERANCE_SECONDS else 0.0
 
     async def _secrets(self, tenant_id: str) -> list[str]:
         """The tenant's signing secrets, newest first, read at most once per
