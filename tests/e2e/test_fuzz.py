@@ -126,16 +126,18 @@ def _submittable(case: Case, receiver_url: str) -> Case:
 
 # A body past this never reaches llmq: base64-encoded in the event (a third larger), it passes
 # Lambda's 6 MB invoke limit, and API Gateway answers 502 itself, on AWS as in the sandbox
-# (docs/sandbox.md). Up to it, llmq answers (a 413 past `batches.max_body_bytes`).
+# (docs/sandbox.md). Up to it, llmq answers (a 413 past `max_body_bytes`). A submit reaches it
+# too: a prompt at its 2,000,000-character maxLength is 6 MB in a three-byte character.
 INVOKABLE_BODY_BYTES = 4_600_000
 
 
-def _invokable(case: Case) -> Case:
-    """A generated batch whose body could not be handed to the function is cut to one that
-    can: its longest strings shortened, then its requests fewer, until it fits."""
-    body = case.body
-    if not isinstance(body, dict) or len(json.dumps(body).encode()) <= INVOKABLE_BODY_BYTES:
-        return case
+def _invokable(body: Any) -> Any:
+    """A generated body that could not be handed to the function, cut to one that can: its
+    longest strings shortened, then a batch's requests fewer, until it fits. (Measured as JSON
+    with non-ASCII escaped, which is never smaller than the UTF-8 a client sends.)"""
+
+    def too_large(value: Any) -> bool:
+        return len(json.dumps(value).encode()) > INVOKABLE_BODY_BYTES
 
     def shorten(value: Any) -> Any:
         if isinstance(value, str):
@@ -146,15 +148,31 @@ def _invokable(case: Case) -> Case:
             return {key: shorten(item) for key, item in value.items()}
         return value
 
-    case.body = shorten(body)
-    requests = case.body.get("requests")
-    while (
-        isinstance(requests, list)
-        and len(requests) > 1
-        and len(json.dumps(case.body).encode()) > INVOKABLE_BODY_BYTES
-    ):
+    if not isinstance(body, dict | list | str) or not too_large(body):
+        return body
+    body = shorten(body)
+    requests = body.get("requests") if isinstance(body, dict) else None
+    while isinstance(requests, list) and len(requests) > 1 and too_large(body):
         del requests[len(requests) // 2 :]
-    return case
+    return body
+
+
+def test_a_generated_body_too_large_to_invoke_is_cut_to_one_that_fits() -> None:
+    # Given the bodies that got the gateway's 502 from a CI run: a submit whose prompt is at
+    # its maxLength in a three-byte character, and a batch of many large requests
+    prompt = {"prompt": "\u20ac" * 2_000_000, "model": "fake-model"}
+    batch = {"requests": [{"prompt": "x" * 40_000} for _ in range(200)]}
+    for body in (prompt, batch, ["\u20ac" * 2_000_000]):
+        # When the fuzz hook fits it for the invoke
+        fitted = _invokable(body)
+        # Then it fits with room for base64, and keeps its shape
+        assert len(json.dumps(fitted, ensure_ascii=False).encode()) <= INVOKABLE_BODY_BYTES
+        assert type(fitted) is type(body)
+    assert _invokable(prompt)["prompt"] == "\u20ac" * 50_000
+    assert len(_invokable(batch)["requests"]) < 200
+    # And a body that fits is left exactly as generated
+    small = {"prompt": "\u20ac" * 1000}
+    assert _invokable(small) is small
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +186,8 @@ def api_schema(sandbox: SandboxUnderTest) -> BaseSchema:
     def submittable(context: schemathesis.HookContext, case: Case) -> Case:
         operation = context.operation
         if operation is not None and (operation.method.upper(), operation.path) == ("POST", "/v1/jobs"):
-            return _submittable(case, sandbox.state["receiver_url"])
-        if operation is not None and (operation.method.upper(), operation.path) == ("POST", "/v1/batches"):
-            return _invokable(case)
+            case = _submittable(case, sandbox.state["receiver_url"])
+        case.body = _invokable(case.body)
         return case
 
     return schema
@@ -298,6 +315,30 @@ def test_a_submit_body_that_is_not_utf8_is_refused_as_documented(
     # Then it is a client error the document declares (the body is not JSON text), never a 5xx
     assert response.status_code < 500, response.text
     api_schema["/v1/jobs"]["POST"].Case(body={}).validate_response(response, checks=CHECKS)
+
+
+def test_a_submit_too_large_for_the_invoke_gets_the_gateways_502_and_writes_nothing(
+    sandbox: SandboxUnderTest, api_schema: BaseSchema
+) -> None:
+    # Found by the fuzzer (a CI run): a prompt at its maxLength, 2,000,000 three-byte characters
+    before = _enterprise_job_ids(sandbox)
+    body = json.dumps({"prompt": "\u20ac" * 2_000_000}, ensure_ascii=False).encode()
+    key = sandbox.tenant("enterprise")["api_key"]
+    response = httpx.post(
+        f"{sandbox.api_url}/v1/jobs",
+        content=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    # Then, base64-encoded past Lambda's 6 MB invoke limit, it is API Gateway's own 502 (on
+    # AWS as here: docs/sandbox.md), in the documented problem shape, and no job exists
+    assert len(body) > INVOKABLE_BODY_BYTES
+    assert response.status_code == 502, response.text
+    assert response.headers["content-type"].startswith(PROBLEM_JSON)
+    assert response.json()["code"] == "bad_gateway"
+    documented = [status_code_conformance, content_type_conformance, response_schema_conformance]
+    api_schema["/v1/jobs"]["POST"].Case(body={}).validate_response(response, checks=documented)
+    assert _enterprise_job_ids(sandbox) == before
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/webhook/redeliver"])
