@@ -488,7 +488,9 @@ def _render_cold(cold: Any) -> list[str]:
         "Import and initialisation of each handler in a fresh `python -I -S -B` whose path holds only what "
         "Lambda gives it: the deps layer's requirements (exported from uv.lock without dev extras, installed "
         f"for this machine: Python {cold['python']}, {cold['platform']}), the `llmq` layer and the function's "
-        "own folder (`bench/cold_start.py`). Medians of several runs, each run of the function, of the same "
+        "own folder (`bench/cold_start.py`), and the variables Lambda sets (`LAMBDA_TASK_ROOT` among them: "
+        "without it the X-Ray SDK, as it is imported, builds two clients for centralized sampling, about 80 ms "
+        "that no function pays on Lambda and earlier runs of this benchmark counted). Medians of several runs, each run of the function, of the same "
         "function as before and of a baseline process (the same boto3, the function's own clients) one after "
         "another; the range is that of the per-run ratios. **before** builds every llmq model at import, as "
         "before issue 17; **now** builds each at its first use (`llmq.model_base`).",
