@@ -128,7 +128,7 @@ node_modules/.installed: package.json package-lock.json | install
 	@touch $@
 
 clean: ## Remove build output (keeps the environments)
-	rm -rf cdk.out layers/deps .pytest_cache .mypy_cache .ruff_cache .llmq/pycache
+	rm -rf cdk.out layers/deps .pytest_cache .mypy_cache .ruff_cache .llmq/pycache .llmq/compiled
 
 bench: install ## Benchmarks against same-run baselines; writes BENCHMARKS.md, bench/results.json and bench/*.png
 	$(UV) sync --frozen --quiet --group bench

@@ -11,8 +11,9 @@ creates the function's own clients, interleaved run by run:
 - **as shipped**: no bytecode. The deps layer is built for the Lambda runtime's Python
   (`stacks/runtime.py`), for which this machine has no interpreter to compile with, and /opt is
   read-only, so every cold start compiles what it imports;
-- **compiled**: the deps layer with its bytecode, as `make layers` builds it where a Python of
-  the runtime's version is at hand (the llmq layer and the function still compile theirs).
+- **compiled**: every module with its bytecode, as a deployment ships it where a Python of the
+  runtime's version is at hand: the deps layer from `make layers`, the llmq layer and the
+  function's folder staged by the synth (`stacks/bytecode.py`).
 
 And the change of issue 17 measured in the same run: the same probe with every llmq model
 built at import (`defer_build` off), as before.
@@ -221,9 +222,8 @@ def cold_start(repeats: int = 5) -> dict[str, Any]:
         for case in ("shipped", "compiled"):
             _drop_bytecode(deps, code)
             if case == "compiled":
-                # What a build with the runtime's Python ships: the deps layer's bytecode only
-                # (the llmq layer's and the functions' assets exclude theirs).
-                _compile(deps)
+                # What a build with the runtime's Python ships: every module's bytecode.
+                _compile(deps, code)
             _probe(path, "baseline")  # the OS file cache, warmed once
             cases[case] = [_compare(path, name, repeats) for name in FUNCTIONS]
         # Where the compiled init goes, and what SnapStart's warm-up takes off a first request.

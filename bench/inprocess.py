@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
 
 from llmq import aws  # noqa: E402
 from llmq.config import LlmqConfig  # noqa: E402
+from llmq.read_gathering import GatheredReads  # noqa: E402
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer  # noqa: E402
 from llmq_sandbox.event_sources import delete_messages  # noqa: E402
 from llmq_sandbox.moto_fidelity import make_moto_strict  # noqa: E402
@@ -157,7 +158,15 @@ def idle_time(
                 worker = harness.worker()
                 timer = _AwsCallTimer()
                 # Only the in-process row at every L; the others at the first, where overhead shows.
-                for latency in latencies if emulator == "in-process" else latencies[:1]:
+                for latency, gathered in [
+                    (each, gathered)
+                    for each in (latencies if emulator == "in-process" else latencies[:1])
+                    # At the first L, also with each claimed job read alone: the baseline of
+                    # llmq.read_gathering, in the same run.
+                    for gathered in ((True, False) if each == latencies[0] else (True,))
+                ]:
+                    jobs = worker.runner().jobs
+                    jobs.claimed_reads = GatheredReads(jobs._read_items, gather=gathered)
                     concurrent = _timed_batch(
                         harness,
                         url,
@@ -169,7 +178,10 @@ def idle_time(
                         timer,
                     )
                     in_calls, cpu, calls = timer.seconds, timer.cpu_seconds, timer.calls
-                    reads_done = timer.last_end("GetItem")
+                    reads_done = timer.last_end("GetItem", "BatchGetItem")
+                    # (the gatherer's own count: a long generation also reads the job to look
+                    # for a cancel, which the calls' names do not tell apart)
+                    read_requests = jobs.claimed_reads.requests
                     sequential = _timed_batch(
                         harness,
                         url,
@@ -195,6 +207,8 @@ def idle_time(
                             "call_ms_alone": round(timer.seconds / timer.calls * 1000, 1),
                             # When the last job's input was read, so its generation could start.
                             "last_generation_start_s": round(reads_done, 3),
+                            "read_requests": read_requests,
+                            "reads_gathered": gathered,
                             # This process's CPU during the batch: the handler, botocore, httpx,
                             # and moto too when it runs in-process.
                             "cpu_s": round(cpu, 3),
@@ -230,9 +244,9 @@ class _AwsCallTimer:
         self.started = time.perf_counter()
         self._ends = {}
 
-    def last_end(self, operation: str) -> float:
-        """Seconds from the batch's start to the end of its last `operation` call."""
-        return self._ends.get(operation, 0.0)
+    def last_end(self, *operations: str) -> float:
+        """Seconds from the batch's start to the end of its last call of `operations`."""
+        return max((self._ends.get(operation, 0.0) for operation in operations), default=0.0)
 
     def _before(self, **_: Any) -> None:
         self._local.started = time.perf_counter()
@@ -334,6 +348,15 @@ def aws_calls() -> dict[str, Any]:
             counter.take()
             dispatcher.handler(event, LambdaContextStub())
             warm_delivery = counter.take()
+            # A full lane batch: ten jobs (no webhook) in one worker invocation.
+            for n in range(10):
+                harness.submit(tenant=ENTERPRISE, prompt=f"batch job {n}")
+            messages = harness.receive(lane)
+            while len(messages) < 10:
+                messages += harness.receive(lane)
+            counter.take()
+            harness.worker().handler(harness.sqs_event(lane, messages), LambdaContextStub())
+            batch_of_ten = counter.take()
     finally:
         receiver.stop()
         provider.stop()
@@ -347,6 +370,7 @@ def aws_calls() -> dict[str, Any]:
     return {
         "steps": steps,
         "warm_delivery": warm_delivery,
+        "worker_batch_of_ten": batch_of_ten,
         "total_calls": ours,
         "writes_and_sends": writes,
         "design_minimum_with_webhook": 6,

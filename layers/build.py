@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stacks.bytecode import compile_bytecode, runtime_interpreter  # noqa: E402
 from stacks.runtime import BYTECODE_KEY, LAMBDA_PYTHON_VERSION, LAYER_PLATFORM  # noqa: E402
 
 DEPS_DIR = ROOT / "layers" / "deps"
@@ -90,57 +90,6 @@ def prune() -> None:
         for path in sorted(TARGET.rglob(name), reverse=True):
             if path.is_dir():
                 shutil.rmtree(path)
-
-
-def runtime_interpreter() -> str | None:
-    """A Python of the Lambda runtime's version on this machine (`LLMQ_LAYER_PYTHON`, else
-    python<version> on PATH), to compile the layer's bytecode with; None when there is none.
-    Never downloaded: without one the layer ships sources only, and each cold start compiles
-    what it imports, since /opt is read-only (BENCHMARKS §4)."""
-    named = os.environ.get("LLMQ_LAYER_PYTHON")
-    found = named or shutil.which(f"python{LAMBDA_PYTHON_VERSION}")
-    if not found:
-        return None
-    try:
-        version = subprocess.run(
-            [found, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError as exc:
-        raise SystemExit(f"LLMQ_LAYER_PYTHON={found} does not run: {exc}") from exc
-    if version == LAMBDA_PYTHON_VERSION:
-        return found
-    if named:
-        # Asked for by name: an operator expects bytecode, so a wrong Python is an error.
-        raise SystemExit(
-            f"LLMQ_LAYER_PYTHON={named} is Python {version or '(unknown)'}, not the runtime's {LAMBDA_PYTHON_VERSION}"
-        )
-    return None
-
-
-def compile_bytecode(interpreter: str, target: Path) -> bool:
-    """Compile every module under `target` with `interpreter`, as unchecked-hash .pyc files:
-    the runtime loads them without comparing them with their sources, whose timestamps the
-    asset's zip does not keep. False when some file did not compile (it then runs from source)."""
-    done = subprocess.run(
-        [
-            interpreter,
-            "-I",
-            "-m",
-            "compileall",
-            "-q",
-            "-j",
-            "0",
-            "--invalidation-mode",
-            "unchecked-hash",
-            str(target),
-        ],
-        capture_output=True,
-        check=False,
-    )
-    return done.returncode == 0
 
 
 def size_mb(path: Path) -> float:

@@ -14,7 +14,7 @@ from constructs import Construct
 
 from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, LlmqConfig
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME
-from stacks.layers import ASSET_EXCLUDES, ROOT, lambda_architecture, lambda_runtime
+from stacks.layers import ROOT, code_asset, lambda_architecture, lambda_runtime
 from stacks.template import FUNCTION_TAG
 
 FUNCTIONS_DIR: Path = ROOT / "functions"
@@ -29,6 +29,8 @@ class FunctionDefaults:
     layers: Sequence[lambda_.ILayerVersion]
     log_level: str
     log_retention: logs.RetentionDays
+    # A Python of the runtime's version: each function's folder ships with its bytecode.
+    bytecode_python: str | None = None
 
 
 def base_environment(defaults: FunctionDefaults) -> dict[str, str]:
@@ -97,7 +99,7 @@ def build_function(
         runtime=lambda_runtime(),
         architecture=lambda_architecture(),
         handler="handler.handler",
-        code=lambda_.Code.from_asset(str(FUNCTIONS_DIR / name), exclude=ASSET_EXCLUDES),
+        code=code_asset(FUNCTIONS_DIR / name, defaults.bytecode_python),
         layers=list(defaults.layers),
         memory_size=sizing.memory_mb,
         timeout=cdk.Duration.seconds(sizing.timeout_seconds),

@@ -12,6 +12,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
+from stacks.bytecode import compiled_copy
 from stacks.runtime import BYTECODE_KEY, LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,15 @@ def lambda_runtime() -> lambda_.Runtime:
 def lambda_architecture() -> lambda_.Architecture:
     known = (lambda_.Architecture.ARM_64, lambda_.Architecture.X86_64)
     return next(architecture for architecture in known if architecture.name == LAMBDA_ARCHITECTURE)
+
+
+def code_asset(source: Path, bytecode_python: str | None) -> lambda_.AssetCode:
+    """`source` as a Lambda asset: with bytecode compiled by `bytecode_python` when given (and
+    every module compiled), else its sources without any bytecode of this machine's Python."""
+    shipped = compiled_copy(source, bytecode_python)
+    return lambda_.Code.from_asset(
+        str(shipped), exclude=COMPILED_ASSET_EXCLUDES if shipped != source else ASSET_EXCLUDES
+    )
 
 
 def lock_digest() -> str:
@@ -89,14 +99,22 @@ def _placeholder_dir() -> Path:
 
 class LayersConstruct(Construct):
     def __init__(
-        self, scope: Construct, construct_id: str, *, use_placeholder_deps: bool, require_deps: bool
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        use_placeholder_deps: bool,
+        require_deps: bool,
+        bytecode_python: str | None = None,
     ) -> None:
+        """`bytecode_python`: a Python of the runtime's version, to ship the llmq layer with its
+        bytecode (`stacks.bytecode`); None ships its sources only."""
         super().__init__(scope, construct_id)
         runtime = lambda_runtime()
         self.llmq = lambda_.LayerVersion(
             self,
             "LlmqLayer",
-            code=lambda_.Code.from_asset(str(LLMQ_LAYER_DIR), exclude=ASSET_EXCLUDES),
+            code=code_asset(LLMQ_LAYER_DIR, bytecode_python),
             compatible_runtimes=[runtime],
             compatible_architectures=[lambda_architecture()],
             description="llmq domain package (layers/llmq/python/llmq)",

@@ -13,6 +13,7 @@ from constructs import Construct
 from llmq.batch_results import RESULTS_FILE_PREFIX
 from llmq.config import ApiEnvironment, LlmqConfig
 from stacks.api import STAGE_NAME, ApiConstruct, ApiLogging
+from stacks.bytecode import runtime_interpreter
 from stacks.functions import FunctionDefaults, env_var
 from stacks.jobs_table import (
     BATCH_REQUESTS_PREFIX,
@@ -78,17 +79,22 @@ class LlmqStack(cdk.Stack):
         )
         self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=stateful_removal)
         self.lanes = LanesConstruct(self, "Lanes", config=config)
+        # The sandbox runs the handlers from their sources; a deployment ships bytecode when
+        # this machine has a Python of the runtime's version (stacks/bytecode.py).
+        bytecode_python = None if settings.sandbox else runtime_interpreter()
         layers = LayersConstruct(
             self,
             "Layers",
             use_placeholder_deps=settings.sandbox,
             require_deps=not (settings.sandbox or settings.allow_placeholder_deps_layer),
+            bytecode_python=bytecode_python,
         )
         defaults = FunctionDefaults(
             config=config,
             layers=layers.all,
             log_level=settings.log_level,
             log_retention=settings.log_retention,
+            bytecode_python=bytecode_python,
         )
         jobs, tenants = self.tables.jobs, self.tables.tenants
         self.webhooks = WebhooksConstruct(

@@ -642,9 +642,13 @@ def test_a_receiver_down_beyond_the_schedule_fails_the_delivery_and_a_redeliver_
     # Then the delivery is failed after every attempt, and the result is still there to poll
     assert (job["status"], job["webhook"]["delivery"]["attempts"]) == ("succeeded", attempts)
     assert job["result"]["output"]
-    assert [{d["status"] for d in attempt} for attempt in attempts_seen(figures.deliveries(job_id))] == [
-        {500}
-    ] * attempts
+    # (the receiver saw every attempt fail; it may have seen more POSTs than attempts: a copy of
+    # the message let through up to EARLY_TOLERANCE_SECONDS early can make the first retry,
+    # due a second after the first attempt, land within the grouping window of a duplicate)
+    failed = figures.deliveries(job_id)
+    assert {delivery["status"] for delivery in failed} == {500}
+    assert attempts <= len(failed) <= 2 * attempts, [delivery["received_at"] for delivery in failed]
+    assert len(attempts_seen(failed)) in (attempts - 1, attempts)
     # When the receiver is back and the client asks for a redelivery
     figures.heal(background.outage_long_path)
     asked = time.time()  # the receiver stamps deliveries with this machine's clock
@@ -658,7 +662,7 @@ def test_a_receiver_down_beyond_the_schedule_fails_the_delivery_and_a_redeliver_
     deliveries = figures.deliveries(job_id)
     before = [delivery for delivery in deliveries if delivery["received_at"] < asked]
     after = [delivery for delivery in deliveries if delivery["received_at"] >= asked]
-    assert [{d["status"] for d in attempt} for attempt in attempts_seen(before)] == [{500}] * attempts
+    assert before == failed
     assert [{d["status"] for d in attempt} for attempt in attempts_seen(after)] == [{200}]
     assert len({delivery["webhook_id"] for delivery in deliveries}) == 1
     assert figures.job(job_id)["webhook"]["delivery"]["status"] == "delivered"

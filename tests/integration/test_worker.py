@@ -15,8 +15,10 @@ from llmq.errors import LeaseLost
 from llmq.jobs import JobRepository
 from llmq.models import JobResult
 from llmq.policy import ClaimOutcome
+from llmq.read_gathering import GatheredReads
 from llmq.telemetry import MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler, webhook_message
@@ -419,6 +421,84 @@ def test_accept_claim_and_complete_make_the_minimum_aws_calls(harness: Harness) 
     # returns no item, so one read brings the input. The complete gives the slot back.
     assert calls == ["TransactWriteItems", "GetItem", "TransactWriteItems"]
     assert _job(harness, job_id)["status"] == "succeeded"
+
+
+def _batch_with_overlapping_claims(harness: Harness) -> tuple[set[str], dict[str, Any], list[str]]:
+    """Ten queued jobs as one worker event, the runner's reads gathered with a long wait (what
+    gathers is then the claims' overlap alone), and the first claim held until a second is in
+    flight: at least two always overlap, however slowly moto answers. Returns the job ids, the
+    event, and the list the dynamodb calls are then counted into."""
+    job_ids = {harness.submit(prompt=f"job {n}").body["id"] for n in range(10)}
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url)
+    while len(messages) < 10:
+        messages += harness.receive(url)
+    jobs = harness.worker().runner().jobs
+    jobs.claimed_reads = GatheredReads(jobs._read_items, max_wait_seconds=30)
+    claims = threading.Condition()
+    started: list[int] = []
+
+    def hold_the_first_claim(params: dict[str, Any], **_: Any) -> None:
+        if ":owner" not in params["TransactItems"][0]["Update"].get("ExpressionAttributeValues", {}):
+            return  # a completion, not a claim
+        with claims:
+            started.append(1)
+            claims.notify_all()
+            claims.wait_for(lambda: len(started) >= 2, timeout=2)
+
+    calls: list[str] = []
+    events = aws.client("dynamodb").meta.events
+    events.register("before-parameter-build.dynamodb.TransactWriteItems", hold_the_first_claim)
+    events.register("before-call.*.*", lambda event_name, **_: calls.append(event_name.split(".")[-1]))
+    return job_ids, harness.sqs_event(url, messages), calls
+
+
+def test_the_reads_after_a_batchs_claims_are_one_request_for_many_jobs(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given ten queued jobs delivered as one batch, whose claims overlap
+    job_ids, event, calls = _batch_with_overlapping_claims(harness)
+    # When the worker runs them
+    response = harness.worker().handler(event, LambdaContextStub())
+    made = list(calls)
+    # Then every job succeeded with one generation, each after its own claim transaction; the
+    # reads that bring their inputs were gathered: fewer requests than jobs (those of claims in
+    # flight together went as one BatchGetItem), where each job used to make a GetItem of its own
+    assert response == {"batchItemFailures": []}
+    assert {job_id: _job(harness, job_id)["status"] for job_id in job_ids} == dict.fromkeys(
+        job_ids, "succeeded"
+    )
+    assert [provider.calls_for(job_id) for job_id in job_ids] == [1] * 10
+    # (a long generation also reads its job to look for a cancel: the gatherer counts its own)
+    gathered = harness.worker().runner().jobs.claimed_reads
+    assert made.count("BatchGetItem") >= 1
+    assert gathered.reads == 10 and gathered.requests < 10, (gathered.requests, made)
+    assert made.count("TransactWriteItems") == 20
+
+
+@pytest.mark.parametrize("kind", [FaultKind.THROTTLE, FaultKind.SERVER_ERROR])
+def test_a_failed_gathered_read_reads_each_job_alone_and_never_claims_it_again(
+    harness: Harness, provider: FakeProviderServer, kind: FaultKind
+) -> None:
+    # Given a batch whose gathered read fails past botocore's retries
+    job_ids, event, calls = _batch_with_overlapping_claims(harness)
+    faults = AwsFaults()
+    faults.arm(kind, "dynamodb.BatchGetItem")
+    try:
+        # When the worker runs it
+        response = harness.worker().handler(event, LambdaContextStub())
+    finally:
+        faults.disarm()
+    made = list(calls)
+    # Then each job the failed request carried was read alone, once; no claim was made again
+    # (ten claims, ten completions), and every job ran once and succeeded
+    assert faults.fired, "the fault never took effect"
+    assert response == {"batchItemFailures": []}
+    assert made.count("TransactWriteItems") == 20, ", ".join(made)
+    assert {job_id: _job(harness, job_id)["status"] for job_id in job_ids} == dict.fromkeys(
+        job_ids, "succeeded"
+    )
+    assert [provider.calls_for(job_id) for job_id in job_ids] == [1] * 10
 
 
 def test_config_rejects_a_receive_count_not_above_max_attempts() -> None:

@@ -12,6 +12,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ from llmq.models import (
     OutputDelta,
 )
 from llmq.policy import Claim, fresh_letter_condition
+from llmq.read_gathering import GatheredReads
 from llmq.shares import ShareState
 
 Clock = Callable[[], float]
@@ -151,6 +153,8 @@ class JobRepository:
         self._clock = clock
         self._ddb = aws.TranslatedClient(dynamodb)
         self._rng = random.Random()
+        # The read after each claim, gathered with those of the batch's other claims.
+        self.claimed_reads = GatheredReads(self._read_items)
 
     def _sweep(self, job_id: str, due_ms: int | None) -> tuple[list[str], list[str], dict[str, Any]]:
         return sweep_clauses(job_id, due_ms, self.config.reconciler.sweep_shards)
@@ -215,12 +219,18 @@ class JobRepository:
         )
         self._transact_sharing([update, leave, *([counted] if counted else [])], job.tenant_id, job.lane)
 
-    def _transact_sharing(self, items: list[dict[str, Any]], tenant_id: str, lane: str) -> None:
+    def _transact_sharing(
+        self,
+        items: list[dict[str, Any]],
+        tenant_id: str,
+        lane: str,
+        calling: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> None:
         """`_transact`, whose share update writes inside the lane's holders maps: a share written
         before one of them existed has it added (`shares.ensure_holders`), then the same
         transaction is tried again."""
         try:
-            self._transact(items, sharing=True)
+            self._transact(items, sharing=True, calling=calling)
         except _NoHolders:
             try:
                 self._ddb.update_item(**shares.ensure_holders(self.table_name, tenant_id, lane))
@@ -228,9 +238,15 @@ class JobRepository:
                 if not codec.condition_failed(exc):
                     raise
                 raise StoreUnavailable(f"tenant {tenant_id} has no share") from exc
-            self._transact(items)
+            self._transact(items, calling=calling)
 
-    def _transact(self, items: list[dict[str, Any]], *, sharing: bool = False) -> None:
+    def _transact(
+        self,
+        items: list[dict[str, Any]],
+        *,
+        sharing: bool = False,
+        calling: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> None:
         """One TransactWriteItems: a job write (always the first item) and its tenant's share
         update, all or nothing.
 
@@ -238,11 +254,13 @@ class JobRepository:
         transaction applied but unanswered is not applied twice. Raises _Canceled when a
         condition failed, ItemTooLarge when the job's item would pass 400 KB, and, after a few
         tries, StoreContended for conflicts and throttles: a canceled transaction is known
-        not to have been applied.
+        not to have been applied. `calling` is entered around each call (not the pauses
+        between them).
         """
         for attempt in range(_TRANSACTION_TRIES):
             try:
-                self._ddb.transact_write_items(TransactItems=items)
+                with calling():
+                    self._ddb.transact_write_items(TransactItems=items)
                 return
             except ClientError as exc:
                 if codec.too_large(exc):
@@ -358,7 +376,8 @@ class JobRepository:
         self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
     ) -> Claim:
         """One transaction: the job's conditional claim and a slot of its tenant's share in
-        its lane, then one consistent GetItem for the job as claimed, input included.
+        its lane, then one consistent read of the job as claimed, input included (gathered with the
+        reads of the batch's other claims: `llmq.read_gathering`).
 
         `tenant` is (tenant id, lane) from the message; without it (a message from before
         shares) the job is read first to learn them. A job accepted before shares is claimed
@@ -413,8 +432,9 @@ class JobRepository:
         if item_of is not None:
             # A batch's item is claimed only while its batch is not canceling: no extra call.
             items.append(batches.not_canceled(self.table_name, item_of[0]))
+        gathered = self.claimed_reads.claim(job_id)
         try:
-            self._transact_sharing(items, tenant_id, lane)
+            self._transact_sharing(items, tenant_id, lane, calling=gathered.calling)
         except _Canceled as exc:
             if exc.failed(0):
                 found = exc.job()
@@ -427,7 +447,15 @@ class JobRepository:
             return Claim(
                 claimed=False, job=None, at_ms=now, share=ShareState.from_item(tenant_id, exc.item(1))
             )
-        claimed = self.find(job_id)
+        try:
+            item = gathered.read()
+        except StoreUnavailable:
+            # A gathered request failed: this job's own read, rather than its whole claim
+            # again (which, for every job it carried at once, would meet on the share item).
+            item = self._ddb.get_item(
+                TableName=self.table_name, Key={"pk": {"S": job_id}}, ConsistentRead=True
+            ).get("Item")
+        claimed = self._live(item)
         if claimed is None or claimed.lease_owner != owner:
             # Taken over between the two calls: only possible once our lease lapsed.
             return Claim(claimed=False, job=claimed, at_ms=now)
@@ -1054,13 +1082,38 @@ class JobRepository:
         response = self._ddb.get_item(
             TableName=self.table_name, Key={"pk": {"S": job_id}}, ConsistentRead=True
         )
-        item = response.get("Item")
+        return self._live(response.get("Item"))
+
+    def _live(self, item: dict[str, Any] | None) -> JobRecord | None:
         if not item:
             return None
         record = codec.from_item(item)
         if record.expires_at <= int(self._clock()):
             return None
         return record
+
+    def _read_items(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Consistent reads of jobs' items by id: a GetItem for one, else one BatchGetItem
+        (and again for the keys it left unprocessed)."""
+        if len(job_ids) == 1:
+            response = self._ddb.get_item(
+                TableName=self.table_name, Key={"pk": {"S": job_ids[0]}}, ConsistentRead=True
+            )
+            item = response.get("Item")
+            return {job_ids[0]: item} if item else {}
+        found: dict[str, dict[str, Any]] = {}
+        keys = [{"pk": {"S": job_id}} for job_id in job_ids]
+        pending: dict[str, Any] = {self.table_name: {"Keys": keys, "ConsistentRead": True}}
+        for tries in range(8):
+            if tries:
+                time.sleep(0.05 * tries)
+            response = self._ddb.batch_get_item(RequestItems=pending)
+            for item in response.get("Responses", {}).get(self.table_name, []):
+                found[item["pk"]["S"]] = item
+            pending = response.get("UnprocessedKeys") or {}
+            if not pending:
+                return found
+        raise StoreUnavailable("dynamodb.BatchGetItem: keys left unprocessed")
 
     def get(self, job_id: str, tenant_id: str) -> JobRecord:
         """A tenant's own job; another tenant's job is indistinguishable from a missing one."""
