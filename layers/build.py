@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     prune()
     interpreter = runtime_interpreter()
     if interpreter is not None:
-        complete = compile_bytecode(interpreter, TARGET)
+        complete = compile_bytecode(interpreter, TARGET, installed_at="/opt/python")
         info = {**info, BYTECODE_KEY: "compiled" if complete else "partial"}
     BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
     bytecode = (

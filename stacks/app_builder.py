@@ -15,6 +15,7 @@ from stacks.context import (
     CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER,
     CONTEXT_APIGW_CLOUDWATCH_ROLE,
     CONTEXT_APIGW_LOGGING,
+    CONTEXT_BYTECODE,
     CONTEXT_CONFIG,
     CONTEXT_LOG_LEVEL,
     CONTEXT_SANDBOX,
@@ -28,12 +29,14 @@ from stacks.llmq_stack import DeploymentSettings, LlmqStack
 def settings_from_context(app: cdk.App) -> DeploymentSettings:
     node = app.node
     email = node.try_get_context(CONTEXT_ALARM_EMAIL)
+    bytecode = node.try_get_context(CONTEXT_BYTECODE)
     return DeploymentSettings(
         stack_name=str(node.try_get_context(CONTEXT_STACK_NAME) or DeploymentSettings.stack_name),
         alarm_email=str(email) if email else None,
         sandbox=context_flag(node.try_get_context(CONTEXT_SANDBOX)),
         log_level=str(node.try_get_context(CONTEXT_LOG_LEVEL) or DeploymentSettings.log_level).upper(),
         allow_placeholder_deps_layer=context_flag(node.try_get_context(CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER)),
+        bytecode=True if bytecode is None else context_flag(bytecode),
         api_logging=ApiLogging(
             enabled=context_flag(node.try_get_context(CONTEXT_APIGW_LOGGING)),
             create_account_role=context_flag(node.try_get_context(CONTEXT_APIGW_CLOUDWATCH_ROLE)),

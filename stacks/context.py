@@ -20,6 +20,10 @@ CONTEXT_STACK_NAME = "llmq:stack_name"
 # Tests only, never a deploy: synthesize with the placeholder dependencies layer (whose
 # functions would all fail with ImportModuleError) instead of failing without layers/deps.
 CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER = "llmq:allow_placeholder_deps_layer"
+# On unless turned off: with a Python of the Lambda runtime's version on this machine, the
+# llmq layer and the functions ship their bytecode (stacks/bytecode.py). Tests turn it off, so
+# that what they check of the assets is the same on every machine.
+CONTEXT_BYTECODE = "llmq:bytecode"
 # Opt-in: the stack sets the region's account-level API Gateway CloudWatch role (replacing
 # any other) and the stage logs to CloudWatch.
 CONTEXT_APIGW_CLOUDWATCH_ROLE = "llmq:apigw_cloudwatch_role"

@@ -14,6 +14,7 @@ from constructs import Construct
 
 from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, LlmqConfig
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME
+from stacks.bytecode import TASK_ROOT
 from stacks.layers import ROOT, code_asset, lambda_architecture, lambda_runtime
 from stacks.template import FUNCTION_TAG
 
@@ -99,7 +100,7 @@ def build_function(
         runtime=lambda_runtime(),
         architecture=lambda_architecture(),
         handler="handler.handler",
-        code=code_asset(FUNCTIONS_DIR / name, defaults.bytecode_python),
+        code=code_asset(FUNCTIONS_DIR / name, defaults.bytecode_python, TASK_ROOT),
         layers=list(defaults.layers),
         memory_size=sizing.memory_mb,
         timeout=cdk.Duration.seconds(sizing.timeout_seconds),

@@ -12,7 +12,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
-from stacks.bytecode import compiled_copy
+from stacks.bytecode import LAYER_ROOT, compiled_copy
 from stacks.runtime import BYTECODE_KEY, LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +43,11 @@ def lambda_architecture() -> lambda_.Architecture:
     return next(architecture for architecture in known if architecture.name == LAMBDA_ARCHITECTURE)
 
 
-def code_asset(source: Path, bytecode_python: str | None) -> lambda_.AssetCode:
+def code_asset(source: Path, bytecode_python: str | None, installed_at: str) -> lambda_.AssetCode:
     """`source` as a Lambda asset: with bytecode compiled by `bytecode_python` when given (and
-    every module compiled), else its sources without any bytecode of this machine's Python."""
-    shipped = compiled_copy(source, bytecode_python)
+    every module compiled), else its sources without any bytecode of this machine's Python.
+    `installed_at`: where Lambda puts it (`stacks.bytecode.LAYER_ROOT` or `TASK_ROOT`)."""
+    shipped = compiled_copy(source, bytecode_python, installed_at)
     return lambda_.Code.from_asset(
         str(shipped), exclude=COMPILED_ASSET_EXCLUDES if shipped != source else ASSET_EXCLUDES
     )
@@ -114,7 +115,7 @@ class LayersConstruct(Construct):
         self.llmq = lambda_.LayerVersion(
             self,
             "LlmqLayer",
-            code=code_asset(LLMQ_LAYER_DIR, bytecode_python),
+            code=code_asset(LLMQ_LAYER_DIR, bytecode_python, LAYER_ROOT),
             compatible_runtimes=[runtime],
             compatible_architectures=[lambda_architecture()],
             description="llmq domain package (layers/llmq/python/llmq)",

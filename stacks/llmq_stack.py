@@ -49,6 +49,8 @@ class DeploymentSettings:
     # Off unless opted in: logging needs the account-level API Gateway CloudWatch role.
     api_logging: ApiLogging = field(default_factory=ApiLogging)
     log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
+    # Ship bytecode where a Python of the runtime's version is at hand (stacks/bytecode.py).
+    bytecode: bool = True
 
 
 class LlmqStack(cdk.Stack):
@@ -81,7 +83,7 @@ class LlmqStack(cdk.Stack):
         self.lanes = LanesConstruct(self, "Lanes", config=config)
         # The sandbox runs the handlers from their sources; a deployment ships bytecode when
         # this machine has a Python of the runtime's version (stacks/bytecode.py).
-        bytecode_python = None if settings.sandbox else runtime_interpreter()
+        bytecode_python = runtime_interpreter() if settings.bytecode and not settings.sandbox else None
         layers = LayersConstruct(
             self,
             "Layers",

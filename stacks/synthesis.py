@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llmq.config import LlmqConfig
-from stacks.context import CONTEXT_SANDBOX, cdk_json_context, context_flag
+from stacks.context import CONTEXT_BYTECODE, CONTEXT_SANDBOX, cdk_json_context, context_flag
 
 SYNTH_CACHE_ENV = "LLMQ_SYNTH_CACHE"
 log = logging.getLogger("llmq.synth")
@@ -189,6 +189,18 @@ def _key_parts(config: LlmqConfig | None, context: dict[str, Any]) -> Iterator[s
             yield f"{library}=={metadata.version(library)}"
     yield from _tree_digests()
     yield _deps_layer_fingerprint(sandbox=context_flag(context.get(CONTEXT_SANDBOX)))
+    yield _bytecode_fingerprint(context)
+
+
+def _bytecode_fingerprint(context: dict[str, Any]) -> str:
+    """The Python a synth would compile the llmq layer and the functions with, if any."""
+    off = context.get(CONTEXT_BYTECODE) is not None and not context_flag(context.get(CONTEXT_BYTECODE))
+    if off or context_flag(context.get(CONTEXT_SANDBOX)):
+        return "bytecode: none"
+    from stacks.bytecode import interpreter_identity, runtime_interpreter
+
+    interpreter = runtime_interpreter()
+    return f"bytecode: {interpreter_identity(interpreter) if interpreter else 'none'}"
 
 
 def _tree_digests() -> Iterator[str]:

@@ -45,7 +45,10 @@ class SynthesizedApp:
 
 # Tests synthesize without building layers/deps: they read the template, never run the layer.
 # Never a deploy's context: its functions would all fail with ImportModuleError.
-TEST_CONTEXT = {"llmq:allow_placeholder_deps_layer": True}
+# (and no bytecode: a machine with the runtime's Python would otherwise ship it, and the
+# assets the tests check would differ from machine to machine; tests/infra/test_bytecode.py
+# checks the bytecode itself)
+TEST_CONTEXT = {"llmq:allow_placeholder_deps_layer": True, "llmq:bytecode": False}
 
 
 def synthesize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any
 
@@ -65,13 +64,25 @@ def test_the_reads_of_a_batchs_claims_go_as_one_request() -> None:
     assert (reads.requests, reads.reads) == (1, 10)
 
 
+class NeverWaits(threading.Condition):
+    """A gatherer's condition on which any wait fails the test: what must go at once, does."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise AssertionError("the read waited")
+
+
+def _never_waiting(store: Store) -> GatheredReads:
+    reads = GatheredReads(store.fetch, max_wait_seconds=30)
+    reads._changed = NeverWaits()
+    return reads
+
+
 def test_a_read_with_no_claim_in_flight_goes_at_once_and_alone() -> None:
     store = Store({"job_a"})
-    reads = GatheredReads(store.fetch, max_wait_seconds=30)
+    reads = _never_waiting(store)
     claim = reads.claim("job_a")
     with claim.calling():
         pass
-    # (a 30 s wait would hang the test if the read waited for anything)
     assert claim.read() == {"pk": {"S": "job_a"}}
     assert store.requests == [["job_a"]]
 
@@ -79,11 +90,11 @@ def test_a_read_with_no_claim_in_flight_goes_at_once_and_alone() -> None:
 def test_a_claim_pausing_between_its_tries_holds_no_read_back() -> None:
     # Given a claim whose first call was refused (a conflict) and which now pauses to retry
     store = Store({"job_a"})
-    reads = GatheredReads(store.fetch, max_wait_seconds=30)
+    reads = _never_waiting(store)
     retrying = reads.claim("job_b")
     with pytest.raises(RuntimeError), retrying.calling():
         raise RuntimeError("TransactionConflict")
-    # When another claim answers and reads, Then it goes at once (a 30 s wait would hang here)
+    # When another claim answers and reads, Then it goes at once
     claim = reads.claim("job_a")
     with claim.calling():
         pass
@@ -91,18 +102,53 @@ def test_a_claim_pausing_between_its_tries_holds_no_read_back() -> None:
     assert store.requests == [["job_a"]]
 
 
-def test_the_last_claims_read_always_goes_with_the_others() -> None:
-    # The last claim to answer queues its read in the same step as it stops counting as in
-    # flight, so no waiting read can go without it, however the threads interleave.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for _ in range(100):
-            store = Store({f"job_{n}" for n in range(4)})
-            _batch_of_claims(GatheredReads(store.fetch, max_wait_seconds=30), sorted(store.present))
-            assert len(store.requests) == 1, store.requests
-    finally:
-        sys.setswitchinterval(interval)
+def test_the_last_claims_read_goes_with_the_others_however_late_it_asks() -> None:
+    # Given a claim whose read waits for a second claim's call in flight
+    store = Store({"job_a", "job_b"})
+    fetching = threading.Event()
+    fetch = store.fetch
+
+    def fetch_and_say(keys: list[str]) -> dict[str, dict[str, Any]]:
+        fetching.set()
+        return fetch(keys)
+
+    reads = GatheredReads(fetch_and_say, max_wait_seconds=30)
+    late = reads.claim("job_b")
+    answers: dict[str, Any] = {}
+    with late.calling():
+        first = reads.claim("job_a")
+        with first.calling():
+            pass
+        waiting = threading.Thread(target=lambda: answers.update(job_a=first.read()))
+        waiting.start()
+    # When the second's call answers, and it asks for its read only after the first's request
+    # has begun (a thread descheduled between the two)
+    assert fetching.wait(timeout=30)
+    answers["job_b"] = late.read()
+    waiting.join(timeout=30)
+    # Then its read went in that request all the same: one request for both
+    assert store.requests == [["job_a", "job_b"]]
+    assert answers == {"job_a": {"pk": {"S": "job_a"}}, "job_b": {"pk": {"S": "job_b"}}}
+
+
+def test_a_failed_requests_botocore_error_keeps_its_modeled_class() -> None:
+    import boto3
+
+    client = boto3.client(
+        "dynamodb", region_name="eu-west-1", aws_access_key_id="t", aws_secret_access_key="t"
+    )
+    missing = client.exceptions.ResourceNotFoundException(
+        {"Error": {"Code": "ResourceNotFoundException", "Message": "no table"}}, "BatchGetItem"
+    )
+
+    def fails(keys: list[str]) -> dict[str, dict[str, Any]]:
+        raise missing
+
+    answers = _batch_of_claims(GatheredReads(fails, max_wait_seconds=30), ["job_a", "job_b"])
+    for answer in answers.values():
+        assert isinstance(answer, client.exceptions.ResourceNotFoundException) and answer is not missing
+        assert answer.response["Error"]["Code"] == "ResourceNotFoundException"
+        assert answer.__cause__ is missing
 
 
 def test_a_read_waits_for_a_claim_in_flight_no_longer_than_its_limit() -> None:

@@ -168,7 +168,13 @@ def _own_copy(error: BaseException) -> BaseException:
     """An exception like `error` for one of the reads it failed: raising one object on several
     threads at once would weave their tracebacks into it."""
     try:
-        clone = copy.copy(error)
+        response, operation = getattr(error, "response", None), getattr(error, "operation_name", None)
+        if isinstance(response, dict) and isinstance(operation, str):
+            # botocore's ClientError: its modeled class (ResourceNotFoundException...) kept,
+            # which a copy would lose (its __reduce__ rebuilds the base class)
+            clone = type(error)(response, operation)
+        else:
+            clone = copy.copy(error)
     except Exception:
         return RuntimeError(f"the gathered read failed: {type(error).__name__}: {error}")
     clone.__traceback__ = None
