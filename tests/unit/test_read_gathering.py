@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llmq.errors import StoreUnavailable
-from llmq.read_gathering import MAX_KEYS, GatheredReads
+from llmq.read_gathering import MAX_KEYS, GatheredClaim, GatheredReads
 
 
 class Store:
@@ -77,13 +77,18 @@ def _never_waiting(store: Store) -> GatheredReads:
     return reads
 
 
+def _answered(reads: GatheredReads, key: str) -> GatheredClaim:
+    """A claim whose one call has answered (applied)."""
+    claim = reads.claim(key)
+    with claim.calling():
+        pass
+    return claim
+
+
 def test_a_read_with_no_claim_in_flight_goes_at_once_and_alone() -> None:
     store = Store({"job_a"})
     reads = _never_waiting(store)
-    claim = reads.claim("job_a")
-    with claim.calling():
-        pass
-    assert claim.read() == {"pk": {"S": "job_a"}}
+    assert _answered(reads, "job_a").read() == {"pk": {"S": "job_a"}}
     assert store.requests == [["job_a"]]
 
 
@@ -95,10 +100,7 @@ def test_a_claim_pausing_between_its_tries_holds_no_read_back() -> None:
     with pytest.raises(RuntimeError), retrying.calling():
         raise RuntimeError("TransactionConflict")
     # When another claim answers and reads, Then it goes at once
-    claim = reads.claim("job_a")
-    with claim.calling():
-        pass
-    assert claim.read() == {"pk": {"S": "job_a"}}
+    assert _answered(reads, "job_a").read() == {"pk": {"S": "job_a"}}
     assert store.requests == [["job_a"]]
 
 
@@ -168,10 +170,7 @@ def test_a_read_waits_for_a_claim_in_flight_no_longer_than_its_limit() -> None:
     assert stuck.wait(timeout=30)
     try:
         # When another job's claim has answered and it reads
-        claim = reads.claim("job_a")
-        with claim.calling():
-            pass
-        item = claim.read()
+        item = _answered(reads, "job_a").read()
         # Then it read alone while the other claim was still in flight
         assert item == {"pk": {"S": "job_a"}}
         assert store.requests == [["job_a"]]

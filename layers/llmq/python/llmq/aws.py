@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import boto3
@@ -124,6 +125,40 @@ def reset_clients() -> None:
     with _lock:
         _clients.clear()
         _session = None
+
+
+# BatchGetItem's limit of keys per request.
+BATCH_GET_KEYS = 100
+
+
+def get_items(
+    dynamodb: Any, table: str, keys: list[dict[str, Any]], attributes: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
+    """Items of `table` by pk (only `attributes` of them, if named), consistent, through
+    BatchGetItem's 100-key pages and the keys it leaves unprocessed; StoreUnavailable when some
+    stay unprocessed. Missing items are absent from the answer."""
+    from llmq.errors import StoreUnavailable
+
+    found: dict[str, dict[str, Any]] = {}
+    projection: dict[str, Any] = {}
+    if attributes:
+        names = {f"#a{n}": name for n, name in enumerate(("pk", *attributes))}
+        projection = {"ProjectionExpression": ", ".join(names), "ExpressionAttributeNames": names}
+    for start in range(0, len(keys), BATCH_GET_KEYS):
+        pending: dict[str, Any] = {
+            table: {"Keys": keys[start : start + BATCH_GET_KEYS], "ConsistentRead": True, **projection}
+        }
+        for _ in range(8):
+            response = dynamodb.batch_get_item(RequestItems=pending)
+            for item in response.get("Responses", {}).get(table, []):
+                found[item["pk"]["S"]] = item
+            pending = response.get("UnprocessedKeys") or {}
+            if not pending:
+                break
+            time.sleep(0.05)
+        else:
+            raise StoreUnavailable("dynamodb.BatchGetItem: keys left unprocessed")
+    return found
 
 
 class TranslatedClient:

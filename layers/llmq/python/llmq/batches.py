@@ -59,9 +59,6 @@ BATCH_ID_PREFIX = "bat_"
 _CORE = 26
 _ITEM_MARK = "n"
 TERMINAL_COUNTS = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED)
-# BatchGetItem reads at most 100 keys a call.
-_BATCH_GET_KEYS = 100
-
 Clock = Callable[[], float]
 
 
@@ -545,32 +542,8 @@ class BatchRepository:
     def _get_many(
         self, keys: list[dict[str, Any]], attributes: tuple[str, ...] = ()
     ) -> dict[str, dict[str, Any]]:
-        """Items by pk (only `attributes` of them, if named), consistent, through BatchGetItem's
-        100-key pages and unprocessed keys."""
-        found: dict[str, dict[str, Any]] = {}
-        projection: dict[str, Any] = {}
-        if attributes:
-            names = {f"#a{n}": name for n, name in enumerate(("pk", *attributes))}
-            projection = {"ProjectionExpression": ", ".join(names), "ExpressionAttributeNames": names}
-        for start in range(0, len(keys), _BATCH_GET_KEYS):
-            pending: dict[str, Any] = {
-                self.table_name: {
-                    "Keys": keys[start : start + _BATCH_GET_KEYS],
-                    "ConsistentRead": True,
-                    **projection,
-                }
-            }
-            for _ in range(8):
-                response = self._ddb.batch_get_item(RequestItems=pending)
-                for item in response.get("Responses", {}).get(self.table_name, []):
-                    found[item["pk"]["S"]] = item
-                pending = response.get("UnprocessedKeys") or {}
-                if not pending:
-                    break
-                time.sleep(0.05)
-            else:
-                raise StoreUnavailable("dynamodb.BatchGetItem: keys left unprocessed")
-        return found
+        """Items of the table by pk (only `attributes` of them, if named), consistent."""
+        return aws.get_items(self._ddb, self.table_name, keys, attributes)
 
     # ---- expansion ----------------------------------------------------------------------
 

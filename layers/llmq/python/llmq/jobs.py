@@ -452,9 +452,7 @@ class JobRepository:
         except StoreUnavailable:
             # A gathered request failed: this job's own read, rather than its whole claim
             # again (which, for every job it carried at once, would meet on the share item).
-            item = self._ddb.get_item(
-                TableName=self.table_name, Key={"pk": {"S": job_id}}, ConsistentRead=True
-            ).get("Item")
+            item = self._read_items([job_id]).get(job_id)
         claimed = self._live(item)
         if claimed is None or claimed.lease_owner != owner:
             # Taken over between the two calls: only possible once our lease lapsed.
@@ -1093,27 +1091,14 @@ class JobRepository:
         return record
 
     def _read_items(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Consistent reads of jobs' items by id: a GetItem for one, else one BatchGetItem
-        (and again for the keys it left unprocessed)."""
+        """Consistent reads of jobs' items by id: a GetItem for one, else BatchGetItem."""
         if len(job_ids) == 1:
             response = self._ddb.get_item(
                 TableName=self.table_name, Key={"pk": {"S": job_ids[0]}}, ConsistentRead=True
             )
             item = response.get("Item")
             return {job_ids[0]: item} if item else {}
-        found: dict[str, dict[str, Any]] = {}
-        keys = [{"pk": {"S": job_id}} for job_id in job_ids]
-        pending: dict[str, Any] = {self.table_name: {"Keys": keys, "ConsistentRead": True}}
-        for tries in range(8):
-            if tries:
-                time.sleep(0.05 * tries)
-            response = self._ddb.batch_get_item(RequestItems=pending)
-            for item in response.get("Responses", {}).get(self.table_name, []):
-                found[item["pk"]["S"]] = item
-            pending = response.get("UnprocessedKeys") or {}
-            if not pending:
-                return found
-        raise StoreUnavailable("dynamodb.BatchGetItem: keys left unprocessed")
+        return aws.get_items(self._ddb, self.table_name, [{"pk": {"S": job_id}} for job_id in job_ids])
 
     def get(self, job_id: str, tenant_id: str) -> JobRecord:
         """A tenant's own job; another tenant's job is indistinguishable from a missing one."""

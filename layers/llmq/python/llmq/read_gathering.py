@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from llmq.aws import BATCH_GET_KEYS
+
 # BatchGetItem's limit of keys per request.
-MAX_KEYS = 100
+MAX_KEYS = BATCH_GET_KEYS
 
 
 class _Read:
