@@ -261,3 +261,40 @@ def test_a_waiter_that_gives_up_its_place_lets_a_watching_message_take_it() -> N
         return await watching
 
     assert asyncio.run(scenario()) is True
+
+
+def test_a_record_refused_after_its_sibling_freed_a_slot_takes_that_slot_once() -> None:
+    # Given a sibling holding the tenant's slot while two records of the batch claim
+    async def scenario() -> tuple[bool, bool, bool]:
+        handoff = SlotHandoff()
+        with contextlib.ExitStack() as records:
+            late = records.enter_context(handoff.holding(JOBS))
+            later = records.enter_context(handoff.holding(JOBS))
+            # When the sibling frees its slot and ends before their refusals answer
+            with handoff.holding(JOBS) as running:
+                running.answered(took_slot=True)
+                running.freed = True
+            after = records.enter_context(handoff.holding(JOBS))
+            for record in (late, later, after):
+                record.answered(took_slot=False)
+            # Then the first refused takes that slot, once; the next finds it spent; a record
+            # begun after the slot freed never counts it
+            return late.slot_freed_meanwhile(), later.slot_freed_meanwhile(), after.slot_freed_meanwhile()
+
+    assert asyncio.run(scenario()) == (True, False, False)
+
+
+def test_a_freed_slot_a_waiter_took_is_not_taken_again() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        handoff, ends = SlotHandoff(), asyncio.Event()
+        with handoff.holding(JOBS) as claiming:
+            running = asyncio.create_task(_sibling(handoff, JOBS, ends, frees=True))
+            await asyncio.sleep(0)
+            waiting = asyncio.create_task(handoff.wait(JOBS, timeout=30))
+            await asyncio.sleep(0)
+            ends.set()
+            await running
+            claiming.answered(took_slot=False)
+            return await waiting, claiming.slot_freed_meanwhile()
+
+    assert asyncio.run(scenario()) == (True, False)

@@ -192,6 +192,7 @@ class JobRunner:
         key: HandoffKey | None = (*tenant, item) if tenant is not None else None
         with self._handoff.holding(key) as sibling:
             refused = await self._claim_and_run(message, invocation, tenant, sibling)
+            freed_meanwhile = refused is not None and sibling.slot_freed_meanwhile()
         if refused is not None and refused.share is not None:
             if key is None:
                 # A message that names no tenant, from an older sender: the claim found it.
@@ -200,7 +201,7 @@ class JobRunner:
                 except StoreUnavailable:
                     found = None  # (no lane: the message waits, and comes back as it is)
                 key = (refused.share.tenant_id, found.lane if found is not None else "", item)
-            await self._defer(message, key, refused.share, refused.at_ms, invocation)
+            await self._defer(message, key, refused.share, refused.at_ms, invocation, freed_meanwhile)
 
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
@@ -305,7 +306,13 @@ class JobRunner:
                 raise RetryLater(message.job_id, delay) from exc
 
     async def _defer(
-        self, message: LaneMessage, key: HandoffKey, share: ShareState, at_ms: int, invocation: Invocation
+        self,
+        message: LaneMessage,
+        key: HandoffKey,
+        share: ShareState,
+        at_ms: int,
+        invocation: Invocation,
+        freed_meanwhile: bool = False,
     ) -> None:
         """The tenant runs as many jobs in the lane as its cap allows: the job waits, unspent.
 
@@ -318,7 +325,9 @@ class JobRunner:
 
         When this batch runs jobs of the same tenant in the lane, the message first waits for
         one of them to end, and is re-sent at once if that end freed a slot
-        (`llmq.slot_handoff`): a slot never waits for a copy to come back by chance.
+        (`llmq.slot_handoff`): a slot never waits for a copy to come back by chance. So is a
+        message whose claim answered only after such a job had ended and freed a slot no other
+        message took (`freed_meanwhile`).
         """
         tenant = key[:2]
         live_for_ms = int(1000 * (self.config.worker.timeout_seconds + self.config.lease_margin_seconds))
@@ -333,7 +342,7 @@ class JobRunner:
         )
         due_ms = at_ms + int(delay * 1000)
         running = share.running
-        freed = await self._wait_for_a_sibling(key, invocation)
+        freed = freed_meanwhile or await self._wait_for_a_sibling(key, invocation)
         delay = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
         # (a copy that cannot be sent leaves this message to come back when it was due, never
         # at once: a throttled queue must not spin it through its receives)

@@ -40,6 +40,10 @@ class _Group:
     waiters: list[asyncio.Future[bool]] = field(default_factory=list)
     # Refused messages watching for a record still claiming to become a sibling (or leave).
     watchers: list[asyncio.Future[None]] = field(default_factory=list)
+    # Slots siblings freed, and those of them no waiter took (a record refused after the
+    # sibling ended, its claim having answered late, may take one: `Sibling.slot_freed_meanwhile`).
+    frees: int = 0
+    unspent: int = 0
 
     def changed(self) -> None:
         """A record took a slot or left: watchers look again."""
@@ -49,9 +53,12 @@ class _Group:
                 watcher.set_result(None)
 
     def wake(self, *, slot: bool) -> None:
-        """The first waiter takes a freed slot; the last one, with none to wait for, goes first."""
+        """The first waiter takes a freed slot; the last one, with none to wait for, goes first.
+        A freed slot no waiter takes is kept for a record still claiming."""
         if self.waiters:
             self.waiters.pop(0 if slot else -1).set_result(slot)
+        elif slot:
+            self.unspent += 1
 
     def release_extra_waiters(self) -> None:
         """Waiters beyond the siblings left have none to wait for: they go on at once."""
@@ -68,8 +75,19 @@ class Sibling:
         self._claiming = group is not None
         self._holds = False
         self.freed = False
+        self._frees_at_start = group.frees if group is not None else 0
         if group is not None:
             group.claiming += 1
+
+    def slot_freed_meanwhile(self) -> bool:
+        """True, once, when a sibling freed a slot that no waiter took since this record began
+        its claim: refused, it would otherwise find that sibling gone and wait out a deferral
+        while the slot stays free (its claim answered after the sibling's whole run)."""
+        group = self._group
+        if group is None or group.frees <= self._frees_at_start or group.unspent <= 0:
+            return False
+        group.unspent -= 1
+        return True
 
     def answered(self, *, took_slot: bool) -> None:
         group = self._group
@@ -92,6 +110,7 @@ class Sibling:
         if self._holds:
             group.siblings -= 1
             if self.freed:
+                group.frees += 1
                 group.wake(slot=True)
         group.release_extra_waiters()
         group.changed()
