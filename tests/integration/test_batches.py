@@ -897,6 +897,74 @@ def test_a_batch_webhooks_attempts_are_logged_and_a_redelivery_sends_it_again_un
     assert harness.api("GET", f"/v1/batches/{batch_id}/webhook", tenant=FREE).code == "batch_not_found"
 
 
+def _ended_batch_with_a_webhook(harness: Harness, receiver: WebhookReceiver, path: str) -> tuple[Any, str]:
+    """(the dispatcher, a batch of one item, run to its end) for a tenant with a webhook secret,
+    whose event goes to `path` on the receiver."""
+    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+    dispatcher = load_handler("webhook_dispatcher")
+    batch_id = _submit(
+        harness, requests=_requests(1), webhook={"url": f"http://127.0.0.1:{receiver.port}{path}"}
+    ).body["id"]
+    _run_lane(harness)
+    return dispatcher, batch_id
+
+
+def test_a_batch_webhooks_attempt_whose_record_was_applied_unanswered_is_still_retried_on_schedule(
+    harness: Harness, receiver: WebhookReceiver, faults: AwsFaults
+) -> None:
+    # Given a batch whose receiver fails the first attempt, and the write that records that
+    # attempt applied by DynamoDB with its answer lost, which botocore sends again
+    kind = FaultKind.APPLIED_RETRIED
+    path = f"/batch-unanswered-{kind.value}/fail-1"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    faults.wrap_handler("webhook_dispatcher", dispatcher)
+    faults.arm(kind, "dynamodb.UpdateItem", function="webhook_dispatcher")
+    # When the dispatcher runs (the schedule's first retry is due 1 s after the first attempt)
+    deadline = time.monotonic() + 20
+    while _stored(harness, batch_id).delivery_status is not DeliveryStatus.DELIVERED:
+        assert time.monotonic() < deadline, "the retry due after 1 s never came"
+        _dispatch_all(harness, dispatcher)
+        time.sleep(0.3)
+    # Then the fault fired on the attempt's record, and the event came twice, 500 then 200,
+    # counted once each (a write that recognised its own earlier success counts nothing twice)
+    assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.UpdateItem"]
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500, 200]
+    assert _stored(harness, batch_id).delivery_attempts == 2
+
+
+def test_a_copy_of_a_batch_webhook_message_that_lost_the_count_keeps_the_message_for_the_retry(
+    harness: Harness, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose receiver fails the first attempt
+    path = "/batch-copies/fail-1"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    # And another copy of its message (the same SQS message received twice) that counts the
+    # same attempt just before this one records it
+    batches = dispatcher.dispatcher()._batches
+    record = batches.record_delivery
+
+    def another_copy_first(*args: Any) -> bool:
+        assert record(*args), "the other copy's count"
+        return record(*args)
+
+    monkeypatch.setattr(batches, "record_delivery", another_copy_first)
+    url = harness.stack.webhook_queue_url
+    [message] = harness.receive(url, visibility=60)
+    response = dispatcher.handler(harness.sqs_event(url, [message]), LambdaContextStub())
+    # Then this copy, refused, is not acknowledged: the message may be the one that carries
+    # the retry, and stays queued until it is due
+    assert [item["itemIdentifier"] for item in response["batchItemFailures"]] == [message["MessageId"]]
+    monkeypatch.setattr(batches, "record_delivery", record)
+    deadline = time.monotonic() + 20
+    while _stored(harness, batch_id).delivery_status is not DeliveryStatus.DELIVERED:
+        assert time.monotonic() < deadline, "the retry never came"
+        _dispatch_all(harness, dispatcher)
+        time.sleep(0.3)
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500, 200]
+
+
 def test_a_redelivery_during_a_retry_round_runs_its_own_round_of_attempts(
     harness: Harness, receiver: WebhookReceiver
 ) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -12,6 +16,8 @@ from llmq.intake import request_hash
 from llmq.job_record import new_job_id
 from llmq.lanes import lane_for_tier, retry_delay_seconds
 from llmq.models import JobRequest, WebhookEvent
+
+LAYER = str(Path(sys.modules["llmq"].__file__ or "").parents[1])
 
 
 def test_tiers_route_to_their_lane_and_unknown_tiers_to_the_default() -> None:
@@ -45,11 +51,47 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {"default_lane": "nope"},
         {"max_attempts": 5, "max_receive_count": 5},
         {"provider": {"default_model": "x", "models": ["y"]}},
+        {"provider": {"base_url": "api.openai.com/v1"}},
+        {"provider": {"base_url": "ftp://files.example.com/v1"}},
+        {"provider": {"base_url": "https://"}},
+        {"provider": {"base_url": "http://127.0.0.1:99999/v1"}},
+        {"provider": {"base_url": "http://[::1/v1"}},
+        {"provider": {"base_url": "https://api.example.com/v1 "}},
+        {"provider": {"base_url": "https://api.example.com/\nv1"}},
+        {"provider": {"base_url": "https://api.example.com/" + "a" * 2100}},
     ],
 )
 def test_invalid_configs_are_refused(bad: dict) -> None:
     with pytest.raises(ValidationError):
         LlmqConfig.model_validate(bad)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.openai.com/v1",
+        "http://127.0.0.1:8080/v1/",
+        "http://[::1]:9000/v1",
+        "https://llm.example.com",
+    ],
+)
+def test_a_provider_base_url_is_kept_as_written(url: str) -> None:
+    config = LlmqConfig.model_validate({"provider": {"base_url": url}})
+    assert config.provider.base_url == url
+    assert LlmqConfig.model_validate_json(config.model_dump_json()).provider.base_url == url
+
+
+def test_the_config_module_does_not_import_pydantics_url_types() -> None:
+    """Their module imports importlib.metadata: a cold-start cost for every function (BENCHMARKS §4)."""
+    probe = "import sys, llmq.config, llmq.models; print('pydantic.networks' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": LAYER},
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_a_function_missing_an_env_var_fails_with_its_name() -> None:

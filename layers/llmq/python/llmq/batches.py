@@ -300,6 +300,7 @@ def _from_item(item: dict[str, Any]) -> BatchRecord:
     data = codec.plain(item)
     data["id"] = str(data.pop("pk"))[len(BATCH_PREFIX) :]
     data["delivery_log"] = codec.pop_delivery_log(data)
+    data.pop("delivery_write", None)
     for name, adapter in _BATCH_JSON.items():
         if name in data:
             data[name] = adapter.validate_json(data[name])
@@ -956,6 +957,11 @@ class BatchRepository:
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = self.now_ms()
+        # A fresh token per attempt: a retry of this write (its answer lost) that finds it was
+        # applied already is told from another copy's, which counted the attempt first.
+        token = codec.write_token("delivery")
+        sets.append("delivery_write = :token")
+        values["token"] = token
         update = f"SET {', '.join(sets)}" + (f" REMOVE {', '.join(removes)}" if removes else "")
         if attempt is not None:
             update += f" ADD {codec.DELIVERY_LOG_SEQ} :one"
@@ -967,10 +973,12 @@ class BatchRepository:
                 UpdateExpression=update,
                 ConditionExpression="delivery_status = :pending AND delivery_attempts = :previous",
                 ExpressionAttributeValues=codec.values(**values),
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             if codec.condition_failed(exc):
-                return False
+                old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
+                return bool(old.get("delivery_write", {}).get("S") == token)
             raise
         return True
 

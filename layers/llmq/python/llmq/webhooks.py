@@ -349,10 +349,23 @@ class WebhookDispatcher:
             due,
             batch.delivery_log_seq,
         ):
-            # Another copy counted this attempt (or settled the delivery): its message carries
-            # the rest of the round, this one is acknowledged.
-            return DeliveryOutcome.skipped("another copy of this delivery counted this attempt first")
+            return await self._after_a_batch_copy_counted(batch_id)
         return outcome
+
+    async def _after_a_batch_copy_counted(self, batch_id: str) -> DeliveryOutcome:
+        """Another copy counted this attempt of the batch's event, or settled the delivery: as
+        for a job's (`_after_a_copy_counted`), a settled one is acknowledged, and a pending one
+        keeps this message until the next attempt is due: the copies may be one SQS message
+        received twice, whose deletion would drop the other's retry."""
+        batch = await asyncio.to_thread(self._batches.find, batch_id) if self._batches else None
+        if batch is None or batch.delivery_status is not DeliveryStatus.PENDING:
+            return DeliveryOutcome.skipped("another copy of this delivery settled it first")
+        due_in = (batch.delivery_next_ms or 0) / 1000 - self._clock() + COPY_LAG_SECONDS
+        return DeliveryOutcome(
+            OutcomeKind.RETRY,
+            retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
+            reason="another copy counted this attempt; this one waits for the next",
+        )
 
     async def deliver(
         self,
