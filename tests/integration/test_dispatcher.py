@@ -6,6 +6,7 @@ knows: every delivery that arrives proves the connection went to the pinned addr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import ssl
@@ -38,7 +39,7 @@ from llmq.models import (
 )
 from llmq.queues import QueueRepository, job_snapshot
 from llmq.ssrf import PinnedTransport, check_webhook_url
-from llmq.tenants import TenantRepository, new_webhook_secret
+from llmq.tenants import TenantRepository, UnknownTenant, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
 from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.conftest import REGION, MotoStack
@@ -275,6 +276,35 @@ def test_during_rotation_each_secret_verifies_the_same_delivery(stage: Stage) ->
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     for secret in rotated.webhook_secrets:
         Webhook(secret).verify(request.body, request.headers)
+
+
+def test_two_rotations_at_once_both_keep_signing_and_an_unknown_tenant_is_refused(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given operator A who has read the tenant's secrets, and operator B who rotates meanwhile
+    tenants = stage.tenants
+    read_by_a = tenants.get(TENANT_ID)
+    rotated_by_b = tenants.rotate_webhook_secret(TENANT_ID)
+    reads = iter([read_by_a])
+    real_get = tenants.get
+    monkeypatch.setattr(tenants, "get", lambda tenant_id: next(reads, None) or real_get(tenant_id))
+    # When A's rotation writes what it read
+    rotated_by_a = tenants.rotate_webhook_secret(TENANT_ID)
+    # Then it rotated on top of B's: A's secret signs first, and B's, which B handed out, still signs
+    stored = real_get(TENANT_ID).webhook_secrets
+    assert (
+        stored
+        == rotated_by_a.webhook_secrets
+        == [rotated_by_a.webhook_secrets[0], rotated_by_b.webhook_secrets[0]]
+    )
+    stage.job("/hooks/acme")
+    stage.dispatch()
+    [request] = stage.receiver.requests_to("/hooks/acme")
+    Webhook(rotated_by_b.webhook_secrets[0]).verify(request.body, request.headers)
+    # And a tenant that does not exist is refused, not created
+    monkeypatch.setattr(tenants, "get", lambda tenant_id: dataclasses.replace(read_by_a, id="ten_gone"))
+    with pytest.raises(UnknownTenant):
+        tenants.rotate_webhook_secret("ten_gone")
 
 
 # ---- retries ----------------------------------------------------------------------------

@@ -71,6 +71,10 @@ class NewTenant:
     api_key: str
 
 
+# Rotations of one tenant at once, each retried on top of the others
+_ROTATION_TRIES = 5
+
+
 class UnknownTenant(LookupError):
     pass
 
@@ -226,21 +230,35 @@ class TenantRepository:
         )
 
     def rotate_webhook_secret(self, tenant_id: str, keep_previous: bool = True) -> Tenant:
-        """A new secret signs first; the previous one keeps signing until the next rotation."""
-        current = self.get(tenant_id)
-        rotated = (
-            [new_webhook_secret(), *current.webhook_secrets[:1]] if keep_previous else [new_webhook_secret()]
-        )
-        try:
-            self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": f"tenant#{tenant_id}"}},
-                UpdateExpression="SET webhook_secrets = :secrets",
-                ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeValues={":secrets": {"L": [{"S": s} for s in rotated]}},
+        """A new secret signs first; the previous one keeps signing until the next rotation.
+
+        The write holds only if the secrets are still those it read: of two rotations at once,
+        the later one rotates again on top of the other's, so the secret the other handed out
+        keeps signing (as the previous one), never silently dropped."""
+        for _ in range(_ROTATION_TRIES):
+            current = self.get(tenant_id)
+            rotated = (
+                [new_webhook_secret(), *current.webhook_secrets[:1]]
+                if keep_previous
+                else [new_webhook_secret()]
             )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                raise UnknownTenant(tenant_id) from exc
-            raise
-        return dataclasses.replace(current, webhook_secrets=rotated)
+            try:
+                self._ddb.update_item(
+                    TableName=self.table_name,
+                    Key={"pk": {"S": f"tenant#{tenant_id}"}},
+                    UpdateExpression="SET webhook_secrets = :secrets",
+                    ConditionExpression="attribute_exists(pk) AND webhook_secrets = :read",
+                    ExpressionAttributeValues={
+                        ":secrets": {"L": [{"S": s} for s in rotated]},
+                        ":read": {"L": [{"S": s} for s in current.webhook_secrets]},
+                    },
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                    raise
+                if not exc.response.get("Item"):
+                    raise UnknownTenant(tenant_id) from exc
+                continue  # another rotation came first: rotate on top of it
+            return dataclasses.replace(current, webhook_secrets=rotated)
+        raise RuntimeError(f"tenant {tenant_id}: its webhook secrets kept changing; rotate again")
