@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from llmq.config import LlmqConfig
@@ -12,7 +14,7 @@ from llmq.errors import (
     JobNotTerminal,
     UnknownModel,
 )
-from llmq.intake import JobIntake
+from llmq.intake import JobIntake, request_hash
 from llmq.models import DeliveryStatus, JobRequest, JobStatus, WebhookEvent, WebhookSubscription
 from llmq.tenants import TenantIdentity
 from tests.support.stores import Clock, InMemoryBlobs, InMemoryJobs, InMemoryQueues, job_record
@@ -69,6 +71,80 @@ def test_a_replay_with_a_different_body_is_a_conflict() -> None:
     with pytest.raises(IdempotencyConflict):
         world.submit(key="order-42", prompt="something else")
     assert len(world.queues.lanes["high"]) == 1
+
+
+HOOK = {"url": WEBHOOK}
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({"metadata": {"a": "1", "b": "2"}}, {"metadata": {"b": "2", "a": "1"}}),
+        (
+            {"params": {"temperature": 0.2, "max_tokens": 5}},
+            {"params": {"max_tokens": 5, "temperature": 0.2}},
+        ),
+        ({"prompt": "hello"}, {"prompt": None, "messages": [{"role": "user", "content": "hello"}]}),
+        (
+            {"webhook": {**HOOK, "events": ["job.succeeded", "job.failed"]}},
+            {"webhook": {**HOOK, "events": ["job.failed", "job.succeeded", "job.failed"]}},
+        ),
+        (
+            {"webhook": HOOK},
+            {"webhook": {**HOOK, "events": ["job.expired", "job.succeeded", "job.failed", "job.canceled"]}},
+        ),
+    ],
+    ids=["metadata-keys", "params-keys", "prompt-shorthand", "events-order", "default-events"],
+)
+def test_a_replay_of_the_same_request_written_differently_returns_the_first_job(
+    first: dict[str, object], again: dict[str, object]
+) -> None:
+    # Given a job submitted with an Idempotency-Key
+    world = World()
+    job_id = world.submit(key="order-7", **first)
+    # When the same request comes again under the key, its JSON written another way
+    replay = world.intake.submit(ACME, JobRequest.model_validate({"prompt": "hello", **again}), "order-7")
+    # Then it is a replay of the first job, and nothing more was written or sent
+    assert (replay.job.id, replay.replayed) == (job_id, True)
+    assert (len(world.jobs.records), world.queues.lanes["high"]) == (1, [job_id])
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"metadata": {"a": "1", "b": "3"}},
+        {"prompt": None, "messages": [{"role": "system", "content": "hello"}]},
+        {
+            "prompt": None,
+            "messages": [{"role": "user", "content": "hello"}, {"role": "user", "content": "hi"}],
+        },
+        {"webhook": {**HOOK, "events": ["job.succeeded"]}},
+        {"metadata": {"a": "1", "b": "2"}, "webhook": HOOK},
+    ],
+)
+def test_a_replay_that_asks_for_something_else_is_still_a_conflict(other: dict[str, object]) -> None:
+    world = World()
+    world.submit(key="order-7", metadata={"a": "1", "b": "2"})
+    with pytest.raises(IdempotencyConflict):
+        world.intake.submit(ACME, JobRequest.model_validate({"prompt": "hello", **other}), "order-7")
+    assert len(world.jobs.records) == 1
+
+
+def test_a_job_accepted_before_the_canonical_hash_is_still_replayed_by_the_same_body() -> None:
+    # Given a job stored with the hash of its body as it was written, before the canonical form
+    world = World()
+    body = {"prompt": "hello", "metadata": {"b": "2", "a": "1"}}
+    job_id = world.submit(key="order-8", **body)
+    request = JobRequest.model_validate(body)
+    written = hashlib.sha256(
+        request.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+    ).hexdigest()
+    world.jobs.records[job_id] = world.jobs.records[job_id].model_copy(update={"request_hash": written})
+    assert written != request_hash(request)
+    # When the client replays that same body after the upgrade
+    replay = world.intake.submit(ACME, request, "order-8")
+    # Then it is a replay, not a conflict
+    assert (replay.job.id, replay.replayed) == (job_id, True)
 
 
 def test_a_job_whose_message_cannot_be_sent_is_still_accepted_for_the_reconciler() -> None:

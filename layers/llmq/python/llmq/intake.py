@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +56,30 @@ class Polled:
 
 
 def request_hash(request: JobRequest) -> str:
-    """What "the same body" means for an idempotent replay: the validated request, canonical."""
-    canonical = request.model_dump_json(exclude_none=True, exclude_defaults=True)
+    """What "the same body" means for an idempotent replay: the validated request, canonical.
+
+    Bodies that mean the same request are the same body: an object's keys in any order
+    (`metadata`, `params`), `prompt` or the one user message it stands for, and the webhook's
+    events in any order or repeated, or left out for the default ones. A client whose JSON
+    library writes keys in another order replays its job instead of meeting a conflict."""
+    data = request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    if data.pop("prompt", None) is not None:
+        data["messages"] = [
+            message.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+            for message in request.chat_messages()
+        ]
+    if request.webhook is not None:
+        data["webhook"]["events"] = sorted(event.value for event in request.webhook.subscribed_events())
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _hash_before_canonical_form(request: JobRequest) -> str:
+    """The hash jobs accepted before `request_hash`'s canonical form were stored with: a replay
+    of one of those, the same bytes as then, still matches it after an upgrade."""
+    return hashlib.sha256(
+        request.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+    ).hexdigest()
 
 
 class JobIntake:
@@ -95,7 +117,11 @@ class JobIntake:
         record = self.offload.place_input(record)
         created = self.jobs.create(record, admission)
         if created.replayed:
-            if created.job.tenant_id != tenant.tenant_id or created.job.request_hash != record.request_hash:
+            same_body = created.job.request_hash in (
+                record.request_hash,
+                _hash_before_canonical_form(request),
+            )
+            if created.job.tenant_id != tenant.tenant_id or not same_body:
                 raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
             return Submission(job=created.job, replayed=True)
         logger.info(
