@@ -42,6 +42,7 @@ from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.tenants import TenantRepository, UnknownTenant, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
 from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION, MotoStack
 from tests.integration.harness import LambdaContextStub, load_handler, sqs_event
 from tests.support.dns import FakeDns
@@ -305,6 +306,23 @@ def test_two_rotations_at_once_both_keep_signing_and_an_unknown_tenant_is_refuse
     monkeypatch.setattr(tenants, "get", lambda tenant_id: dataclasses.replace(read_by_a, id="ten_gone"))
     with pytest.raises(UnknownTenant):
         tenants.rotate_webhook_secret("ten_gone")
+
+
+def test_a_rotation_whose_write_was_applied_unanswered_rotates_once(stage: Stage) -> None:
+    # Given a tenant's secret, which receivers verify with
+    previous = stage.tenants.get(TENANT_ID).webhook_secrets[0]
+    faults = AwsFaults()
+    faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem")
+    # When a rotation's write is applied by DynamoDB, its answer lost, and sent again by botocore
+    try:
+        rotated = stage.tenants.rotate_webhook_secret(TENANT_ID)
+    finally:
+        faults.disarm()
+    # Then the rotation happened once: the new secret the operator was told signs first, and the
+    # previous one, still in the receivers' hands, keeps signing
+    assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.UpdateItem"]
+    assert stage.tenants.get(TENANT_ID).webhook_secrets == rotated.webhook_secrets
+    assert rotated.webhook_secrets[1] == previous
 
 
 # ---- retries ----------------------------------------------------------------------------

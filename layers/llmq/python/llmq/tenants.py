@@ -234,14 +234,12 @@ class TenantRepository:
 
         The write holds only if the secrets are still those it read: of two rotations at once,
         the later one rotates again on top of the other's, so the secret the other handed out
-        keeps signing (as the previous one), never silently dropped."""
+        keeps signing (as the previous one), never silently dropped. A retry of a write that was
+        applied (its answer lost) finds its own fresh secret stored, and stops there."""
+        current = self.get(tenant_id)
+        read = current.webhook_secrets
         for _ in range(_ROTATION_TRIES):
-            current = self.get(tenant_id)
-            rotated = (
-                [new_webhook_secret(), *current.webhook_secrets[:1]]
-                if keep_previous
-                else [new_webhook_secret()]
-            )
+            rotated = [new_webhook_secret(), *read[:1]] if keep_previous else [new_webhook_secret()]
             try:
                 self._ddb.update_item(
                     TableName=self.table_name,
@@ -250,15 +248,22 @@ class TenantRepository:
                     ConditionExpression="attribute_exists(pk) AND webhook_secrets = :read",
                     ExpressionAttributeValues={
                         ":secrets": {"L": [{"S": s} for s in rotated]},
-                        ":read": {"L": [{"S": s} for s in current.webhook_secrets]},
+                        ":read": {"L": [{"S": s} for s in read]},
                     },
                     ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 )
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                     raise
-                if not exc.response.get("Item"):
+                item: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
+                if not item:
                     raise UnknownTenant(tenant_id) from exc
-                continue  # another rotation came first: rotate on top of it
-            return dataclasses.replace(current, webhook_secrets=rotated)
-        raise RuntimeError(f"tenant {tenant_id}: its webhook secrets kept changing; rotate again")
+                stored = [entry["S"] for entry in item.get("webhook_secrets", {}).get("L", [])]
+                if stored == rotated:
+                    break  # this write, applied, then retried by the SDK
+                read = stored  # another rotation came first: rotate on top of what it stored
+                continue
+            break
+        else:
+            raise RuntimeError(f"tenant {tenant_id}: its webhook secrets kept changing; rotate again")
+        return dataclasses.replace(current, webhook_secrets=rotated)
