@@ -12,8 +12,11 @@ from standardwebhooks.webhooks import Webhook
 from llmq import aws
 from llmq.execution import mark_dead_letter
 from llmq.jobs import JobRepository
+from llmq.models import ErrorCode, JobStatus
+from llmq.policy import ClaimOutcome
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
+from llmq.shares import ShareRepository, ShareState
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
@@ -237,6 +240,73 @@ def test_a_running_job_whose_worker_vanished_is_recovered(
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert (job["status"], job["attempts"]) == ("succeeded", 2)
     assert provider.calls_for(job_id) == 1
+
+
+def _tenant_share(harness: Harness) -> ShareState:
+    return ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+
+
+def _terminal_events(harness: Harness) -> list[dict[str, Any]]:
+    return [webhook_message(message) for message in harness.receive(harness.stack.webhook_queue_url)]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["within-the-margin", "past-the-retention"])
+def test_a_crashed_job_at_the_end_of_its_retention_ends_expired_and_gives_its_slot_back(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    provider: FakeProviderServer,
+    receiver: WebhookReceiver,
+    late: bool,
+) -> None:
+    # Given a tenant capped at one job, whose slot a job (with a webhook) of a worker that died holds
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).set_limits(
+        tenant[0], max_concurrency=1
+    )
+    job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    # When the reconciler comes to it only as its retention runs out, or after it (the item
+    # not yet deleted by DynamoDB's TTL, which would leave the slot and the quota counted)
+    margin = harness.config.reconciler.retention_margin_seconds
+    clock.offset = harness.config.retention_seconds + (60 if late else -margin // 2)
+    report = reconciler.run()
+    # Then the job ended expired, not run again, and gave back its slot and its quota
+    assert (report.expired, report.recovered) == ([job_id], [])
+    stored = jobs.find(job_id, past_retention=True)
+    assert stored is not None and stored.status is JobStatus.EXPIRED
+    assert stored.error is not None and stored.error.code is ErrorCode.DEADLINE_EXCEEDED
+    share = _tenant_share(harness)
+    assert (share.running, share.active) == (0, 0)
+    assert {"job_id": job_id, "event": "job.expired"} in _terminal_events(harness)
+    # And the tenant's next job takes the slot
+    other = harness.submit().body["id"]
+    assert jobs.claim(other, "worker", 60, tenant).outcome is ClaimOutcome.CLAIMED
+    assert provider.calls_for(job_id) == 0
+
+
+def test_a_queued_job_ends_expired_only_as_its_retention_runs_out_and_frees_its_quota(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, receiver: WebhookReceiver
+) -> None:
+    # Given a queued job (with a webhook) that waits, counted active on its tenant's share
+    job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
+    assert _tenant_share(harness).active == 1
+    # When the reconciler looks at it while it is merely stale, it is only looked at later
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    assert reconciler.run().expired == []
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
+    # When it looks as the retention runs out
+    clock.offset = harness.config.retention_seconds - harness.config.reconciler.retention_margin_seconds // 2
+    assert reconciler.run().expired == [job_id]
+    # Then it ended expired, its quota given back, and its terminal event went out
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+    assert _tenant_share(harness).active == 0
+    assert {"job_id": job_id, "event": "job.expired"} in _terminal_events(harness)
 
 
 def test_redeliver_queues_the_terminal_event_again(

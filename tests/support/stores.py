@@ -30,7 +30,7 @@ from llmq.errors import (
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
-from llmq.jobs import Admission, Created, SweepEntry
+from llmq.jobs import Admission, Created, RetentionDue, SweepEntry
 from llmq.live_output import OutputChunk, OutputHead
 from llmq.models import (
     EVENT_FOR_STATUS,
@@ -181,10 +181,12 @@ class InMemoryJobs:
         return Created(job=record, replayed=False)
 
     @_throttleable
-    def find(self, job_id: str) -> JobRecord | None:
-        """Past its TTL counts as gone, as the repository reads it."""
+    def find(self, job_id: str, *, past_retention: bool = False) -> JobRecord | None:
+        """Past its TTL counts as gone, as the repository reads it (unless `past_retention`)."""
         record = self.records.get(job_id)
-        return record if record is not None and record.expires_at > int(self._clock()) else None
+        if record is None or past_retention:
+            return record
+        return record if record.expires_at > int(self._clock()) else None
 
     def get(self, job_id: str, tenant_id: str) -> JobRecord:
         found = self.find(job_id)
@@ -446,6 +448,18 @@ class InMemoryJobs:
         return self._finish_if(job, JobStatus.FAILED, abandoned, error=error)
 
     @_throttleable
+    def expire_at_retention(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        soon_s = self.now_ms() // 1000 + self.config.reconciler.retention_margin_seconds
+
+        def retiring(old: JobRecord) -> bool:
+            unfinished = old.status is JobStatus.QUEUED or (
+                old.status is JobStatus.RUNNING and self._unleased(old)
+            )
+            return unfinished and old.expires_at <= soon_s
+
+        return self._finish_if(job, JobStatus.EXPIRED, retiring, error=error)
+
+    @_throttleable
     def cancel_unleased(self, job: JobRecord) -> JobRecord | None:
         def asked(old: JobRecord) -> bool:
             return old.cancel_requested and (
@@ -598,9 +612,12 @@ class InMemoryJobs:
         return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
 
     @_throttleable
-    def postpone_sweep(self, job_id: str, seconds: float) -> bool:
+    def postpone_sweep(self, job_id: str, seconds: float, *, retention_margin_s: int | None = None) -> bool:
         if job_id not in self.due:
             return False
+        record = self.records[job_id]
+        if retention_margin_s is not None and record.expires_at <= self.now_ms() // 1000 + retention_margin_s:
+            raise RetentionDue(record)
         self.due[job_id] = self._in_seconds(seconds)
         return True
 

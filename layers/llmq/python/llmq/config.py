@@ -170,6 +170,11 @@ class ReconcilerConfig(_Frozen):
     expired_lease_grace_seconds: Annotated[int, Field(ge=0)] = 0
     stale_webhook_seconds: Annotated[int, Field(ge=1)] = 900
     max_items_per_run: Annotated[int, Field(ge=1)] = 500
+    # A job still queued, or running with no live worker, this close to the end of its
+    # retention ends expired (its tenant's slot and quota given back) before DynamoDB's TTL
+    # deletes it, which would leave them counted for good. It must exceed the time between two
+    # looks at a queued job (`stale_queued_seconds` and the schedule).
+    retention_margin_seconds: Annotated[int, Field(ge=600)] = 3600
     # Partitions of the sparse reconciler index, so job writes never pile onto one hot key.
     # Raise it freely; lowering it strands the entries of the dropped shards.
     sweep_shards: Annotated[int, Field(ge=1, le=256)] = 16
@@ -425,6 +430,11 @@ class LlmqConfig(_Frozen):
                     f"limits.stage_rate_per_second ({self.limits.stage_rate_per_second}): one tenant "
                     "within its plan would take the whole stage"
                 )
+        if self.reconciler.retention_margin_seconds * 2 > self.retention_seconds:
+            raise ValueError(
+                "reconciler.retention_margin_seconds must be at most half the retention "
+                f"({self.retention_seconds} s): jobs would be expired long before their retention"
+            )
         if self.api.timeout_seconds > GATEWAY_TIMEOUT_SECONDS:
             raise ValueError(
                 f"api.timeout_seconds must not exceed API Gateway's {GATEWAY_TIMEOUT_SECONDS:g} s "

@@ -108,6 +108,16 @@ class SweepEntry:
     batch: bool = False
 
 
+class RetentionDue(Exception):
+    """The job is still unfinished this close to the end of its retention: the reconciler ends
+    it (`JobRepository.expire_at_retention`) instead of leaving it for another look. `job`: as
+    stored."""
+
+    def __init__(self, job: JobRecord) -> None:
+        super().__init__(f"job {job.id} reaches the end of its retention")
+        self.job = job
+
+
 # Where a share update stands in a job's transaction: after the job's own write.
 _SHARE_AT = 1
 
@@ -735,6 +745,21 @@ class JobRepository:
             values={"queued": "queued", "running": "running", "true": True},
         )
 
+    def expire_at_retention(self, job: JobRecord, error: JobError) -> JobRecord | None:
+        """A job still queued, or running with no live worker, within the reconciler's margin of
+        the end of its retention (or past it, not yet deleted): it ends expired, and gives back
+        its tenant's slot and quota in the same transaction, before DynamoDB's TTL deletes the
+        item and leaves them counted for good."""
+        margin = self.config.reconciler.retention_margin_seconds
+        return self._finish_if(
+            job,
+            JobStatus.EXPIRED,
+            condition="expires_at <= :soon_s AND (#st = :queued OR (#st = :running AND "
+            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
+            values={"queued": "queued", "running": "running", "soon_s": self.now_ms() // 1000 + margin},
+            error=error,
+        )
+
     def recover(self, job: JobRecord) -> JobRecord | None:
         """A running job whose worker vanished (its lease lapsed) goes back to queued and gives
         its slot back; its attempt stays counted. None when it moved on meanwhile."""
@@ -1075,12 +1100,16 @@ class JobRepository:
 
     # ---- reads --------------------------------------------------------------------------
 
-    def find(self, job_id: str) -> JobRecord | None:
-        """Any tenant's job, for workers. Expired-but-not-deleted items count as gone."""
+    def find(self, job_id: str, *, past_retention: bool = False) -> JobRecord | None:
+        """Any tenant's job, for workers. Expired-but-not-deleted items count as gone, unless
+        `past_retention` (the reconciler, which ends such a job to give its slot back)."""
         response = self._ddb.get_item(
             TableName=self.table_name, Key={"pk": {"S": job_id}}, ConsistentRead=True
         )
-        return self._live(response.get("Item"))
+        item = response.get("Item")
+        if past_retention:
+            return codec.from_item(item) if item else None
+        return self._live(item)
 
     def _live(self, item: dict[str, Any] | None) -> JobRecord | None:
         if not item:
@@ -1244,23 +1273,34 @@ class JobRepository:
                 kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return counts
 
-    def postpone_sweep(self, job_id: str, seconds: float) -> bool:
+    def postpone_sweep(self, job_id: str, seconds: float, *, retention_margin_s: int | None = None) -> bool:
         """After the reconciler re-enqueued something, leave the job alone for a while.
 
-        False when the job left the index meanwhile (it finished): nothing to postpone.
+        False when the job left the index meanwhile (it finished): nothing to postpone. With
+        `retention_margin_s`, a job whose retention ends within that margin is not postponed:
+        `RetentionDue` brings it as stored, read by the refused write itself (no read of its own).
         """
-        sweep_sets, _, sweep = self._sweep(job_id, self.now_ms() + int(seconds * 1000))
+        now = self.now_ms()
+        sweep_sets, _, sweep = self._sweep(job_id, now + int(seconds * 1000))
+        # A job that left the index meanwhile stays out of it.
+        condition = "attribute_exists(sweep_pk)"
+        if retention_margin_s is not None:
+            condition += " AND expires_at > :soon_s"
+            sweep["soon_s"] = now // 1000 + retention_margin_s
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
                 UpdateExpression="SET " + ", ".join(sweep_sets),
-                # A job that left the index meanwhile stays out of it.
-                ConditionExpression="attribute_exists(sweep_pk)",
+                ConditionExpression=condition,
                 ExpressionAttributeValues=codec.values(**sweep),
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             if codec.condition_failed(exc):
+                old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
+                if retention_margin_s is not None and "sweep_pk" in old:
+                    raise RetentionDue(codec.from_item(old)) from exc
                 return False
             raise
         return True

@@ -92,6 +92,16 @@ def deadline_error(job: JobRecord) -> JobError:
     )
 
 
+def retention_error(job: JobRecord) -> JobError:
+    """A job still unfinished as its retention runs out: ended expired, as a deadline would."""
+    ran = f" after {job.attempts} attempt(s)" if job.attempts else ""
+    return JobError(
+        code=ErrorCode.DEADLINE_EXCEEDED,
+        message=f"The job did not finish{ran} within its retention, and is kept no longer",
+        retryable=job.attempts > 0,
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a claim found: the store reports, `outcome` judges."""

@@ -15,9 +15,10 @@ from llmq.batch_runs import item_ended
 from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
-from llmq.jobs import SweepEntry
+from llmq.job_record import JobRecord
+from llmq.jobs import RetentionDue, SweepEntry
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
-from llmq.policy import deadline_error
+from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
 from llmq.telemetry import logger
@@ -119,6 +120,15 @@ class Reconciler:
         elif entry.status is JobStatus.QUEUED and entry.deadline_ms is not None and entry.deadline_ms <= now:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
+            try:
+                self.jobs.postpone_sweep(
+                    entry.job_id,
+                    thresholds.stale_queued_seconds,
+                    retention_margin_s=thresholds.retention_margin_seconds,
+                )
+            except RetentionDue as due:
+                self._retire(due.job, report)
+                return
             # The most overdue jobs first take whatever messages the lane is short of.
             if deficits[entry.lane] > 0:
                 deficits[entry.lane] -= 1
@@ -128,7 +138,6 @@ class Reconciler:
                     report.requeued.append(entry.job_id)
             else:
                 report.waiting.append(entry.job_id)
-            self.jobs.postpone_sweep(entry.job_id, thresholds.stale_queued_seconds)
         elif entry.status is JobStatus.RUNNING:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
@@ -153,11 +162,15 @@ class Reconciler:
         """Its lease lapsed: the worker crashed. The job goes back to queued, which gives its
         tenant's slot back at once, and a new message lets a worker run it again; a job that
         used up its attempts fails instead, as `worker_crashed`."""
-        job = self.jobs.find(entry.job_id)
+        job = self.jobs.find(entry.job_id, past_retention=True)
         if job is None or job.status is not JobStatus.RUNNING:
             return
         if job.lease_expires_ms is not None and job.lease_expires_ms >= now:
             # Taken over since the index was read: a live worker holds it.
+            return
+        if job.expires_at - self.config.reconciler.retention_margin_seconds <= now // 1000:
+            # Too close to its retention to run again (or past it): ended, its slot given back.
+            self._retire(job, report)
             return
         if job.attempts >= self.config.max_attempts:
             error = JobError(
@@ -183,6 +196,17 @@ class Reconciler:
             announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
             item_ended(None, self.queues, expired)
             report.expired.append(entry.job_id)
+
+    def _retire(self, job: JobRecord, report: ReconcileReport) -> None:
+        """A job still unfinished at the end of its retention ends expired, through the terminal
+        write that gives back its tenant's slot and quota: left to DynamoDB's TTL, its item
+        would go and they would stay counted for good."""
+        expired = self.jobs.expire_at_retention(job, retention_error(job))
+        if expired is not None:
+            logger.warning("job expired at the end of its retention", extra={"job_id": job.id})
+            announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
+            item_ended(None, self.queues, expired)
+            report.expired.append(job.id)
 
 
 def _is_stale_queued(entry: SweepEntry, now: int) -> bool:
