@@ -12,6 +12,7 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotFound,
     JobNotTerminal,
+    QuotaExceeded,
     UnknownModel,
 )
 from llmq.intake import JobIntake, request_hash
@@ -174,6 +175,33 @@ def test_an_input_too_large_for_the_item_is_kept_in_the_payload_store() -> None:
     stored = world.jobs.records[job_id]
     assert stored.input is None and stored.input_ref in world.blobs.objects
     assert b"x" * 20_000 in world.blobs.objects[stored.input_ref]
+
+
+@pytest.mark.parametrize(
+    ("config", "body"),
+    [
+        ({"limits": {"max_item_payload_bytes": 16_384}}, {"prompt": "x" * 20_000}),
+        ({}, {"prompt": "y" * 17_000, "stream": True}),
+    ],
+    ids=["too-large-for-the-item", "a-streams-input-over-its-inline-limit"],
+)
+def test_a_submit_refused_before_its_input_goes_to_s3_leaves_nothing_there(
+    config: dict[str, object], body: dict[str, object]
+) -> None:
+    # Given a free tenant at its active-jobs quota, and inputs that go to the payload store
+    world = World(fair_share={"tiers": {"free": {"max_active_jobs": 1}}}, **config)
+    world.submit(HOBBY)
+    # When it submits such a job, and a key taken by one is reused with another body
+    with pytest.raises(QuotaExceeded):
+        world.submit(HOBBY, **body)
+    assert world.blobs.objects == {}
+    first = world.submit(ACME, key="order-9", **body)
+    with pytest.raises(IdempotencyConflict):
+        world.submit(ACME, key="order-9", **{**body, "prompt": "z" * 20_000})
+    # Then neither refusal wrote an input, and a replay of the same body writes none either
+    replay = world.intake.submit(ACME, JobRequest.model_validate(body), "order-9")
+    assert (replay.job.id, replay.replayed) == (first, True)
+    assert list(world.blobs.objects) == [world.jobs.records[first].input_ref]
 
 
 # ---- read -------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
-    QuotaExceeded,
     StoreUnavailable,
     WebhookNotFound,
 )
@@ -111,19 +110,18 @@ class JobIntake:
             caps=self.config.concurrency_caps(tenant.tier),
             max_active_jobs=self.config.tenant_limits(tenant.tier).max_active_jobs,
         )
-        if not self.offload.fits(record):
-            self._check_quota(record, admission, keyed=idempotency_key is not None)
+        if self.offload.goes_to_store(record):
+            # Before the input goes to S3: a submit refused (its key taken by another body, or
+            # by the quota) must leave nothing behind, and a replay writes nothing either.
+            existing = self.jobs.find(record.id) if idempotency_key is not None else None
+            if existing is not None:
+                return self._replay(existing, record, request, tenant)
+            self.jobs.check_quota(record.tenant_id, admission)
         # An input too large for the item goes to S3 first; the item holds its reference.
         record = self.offload.place_input(record)
         created = self.jobs.create(record, admission)
         if created.replayed:
-            same_body = created.job.request_hash in (
-                record.request_hash,
-                _hash_before_canonical_form(request),
-            )
-            if created.job.tenant_id != tenant.tenant_id or not same_body:
-                raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
-            return Submission(job=created.job, replayed=True)
+            return self._replay(created.job, record, request, tenant)
         logger.info(
             "job accepted",
             extra={
@@ -146,14 +144,14 @@ class JobIntake:
             emit_job_metric(MetricName.JOB_ENQUEUE_FAILED, 1, record.lane)
         return Submission(job=record, replayed=False)
 
-    def _check_quota(self, record: JobRecord, admission: Admission, keyed: bool) -> None:
-        """Before an input goes to S3: a submit the quota refuses must leave nothing behind.
-        A replay of an accepted key (its id is derived from the key) is never refused."""
-        try:
-            self.jobs.check_quota(record.tenant_id, admission)
-        except QuotaExceeded:
-            if not keyed or self.jobs.find(record.id) is None:
-                raise
+    @staticmethod
+    def _replay(job: JobRecord, record: JobRecord, request: JobRequest, tenant: TenantIdentity) -> Submission:
+        """The job an accepted Idempotency-Key names (its id is derived from the key), if the
+        body is the same request; never refused by a quota."""
+        same_body = job.request_hash in (record.request_hash, _hash_before_canonical_form(request))
+        if job.tenant_id != tenant.tenant_id or not same_body:
+            raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
+        return Submission(job=job, replayed=True)
 
     def validate(self, request: JobRequest, idempotency_key: str | None) -> None:
         """What the schema cannot say: this deployment's models, limits and webhook rules."""

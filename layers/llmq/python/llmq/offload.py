@@ -38,18 +38,23 @@ class Offload:
             raise PayloadTooLarge("this job needs the payload bucket, which is not configured")
         return self.payloads
 
+    def goes_to_store(self, record: JobRecord) -> bool:
+        """Whether `place_input` puts the record's input in S3: too large for the item, or a
+        `stream: true` job's input over `streaming.max_inline_input_bytes`."""
+        if record.input is None:
+            return False
+        small = not record.stream or (
+            len(record.input.model_dump_json().encode()) <= self.config.streaming.max_inline_input_bytes
+        )
+        return not (small and self.fits(record))
+
     def place_input(self, record: JobRecord) -> JobRecord:
         """The record to create: its input inline when the item fits, else in S3 by reference.
 
         A `stream: true` job's item is rewritten by every output write, at two write units per
         KB of it: its input stays inline only while small (`streaming.max_inline_input_bytes`).
         """
-        if record.input is None:
-            return record
-        small = not record.stream or (
-            len(record.input.model_dump_json().encode()) <= self.config.streaming.max_inline_input_bytes
-        )
-        if small and self.fits(record):
+        if record.input is None or not self.goes_to_store(record):
             return record
         data = record.input.model_dump_json().encode()
         ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
