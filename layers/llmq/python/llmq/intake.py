@@ -55,12 +55,21 @@ class Polled:
 
 
 def request_hash(request: JobRequest) -> str:
-    """What "the same body" means for an idempotent replay: the validated request, canonical.
+    """The body as it was written, validated: what every version compares on a replay. Kept in
+    `request_hash`, so a version rolled back to still recognises a replay of the same bytes."""
+    return hashlib.sha256(
+        request.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
+    ).hexdigest()
+
+
+def request_digest(request: JobRequest) -> str:
+    """What "the same body" means for an idempotent replay: the request in a canonical form.
 
     Bodies that mean the same request are the same body: an object's keys in any order
     (`metadata`, `params`), `prompt` or the one user message it stands for, and the webhook's
     events in any order or repeated, or left out for the default ones. A client whose JSON
-    library writes keys in another order replays its job instead of meeting a conflict."""
+    library writes keys in another order replays its job instead of meeting a conflict. Kept
+    beside `request_hash` (`JobRecord.request_digest`); jobs stored before it have none."""
     data = request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     if data.pop("prompt", None) is not None:
         data["messages"] = [
@@ -71,14 +80,6 @@ def request_hash(request: JobRequest) -> str:
         data["webhook"]["events"] = sorted(event.value for event in request.webhook.subscribed_events())
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _hash_before_canonical_form(request: JobRequest) -> str:
-    """The hash jobs accepted before `request_hash`'s canonical form were stored with: a replay
-    of one of those, the same bytes as then, still matches it after an upgrade."""
-    return hashlib.sha256(
-        request.model_dump_json(exclude_none=True, exclude_defaults=True).encode()
-    ).hexdigest()
 
 
 class JobIntake:
@@ -148,7 +149,9 @@ class JobIntake:
     def _replay(job: JobRecord, record: JobRecord, request: JobRequest, tenant: TenantIdentity) -> Submission:
         """The job an accepted Idempotency-Key names (its id is derived from the key), if the
         body is the same request; never refused by a quota."""
-        same_body = job.request_hash in (record.request_hash, _hash_before_canonical_form(request))
+        same_body = job.request_hash == record.request_hash or (
+            job.request_digest is not None and job.request_digest == record.request_digest
+        )
         if job.tenant_id != tenant.tenant_id or not same_body:
             raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
         return Submission(job=job, replayed=True)
@@ -176,6 +179,7 @@ class JobIntake:
             model=request.model or self.config.provider.default_model,
             input=JobInput(messages=request.chat_messages(), params=request.params),
             request_hash=request_hash(request),
+            request_digest=request_digest(request),
             metadata=request.metadata,
             created_ms=now_ms,
             deadline_ms=now_ms + request.deadline_seconds * 1000 if request.deadline_seconds else None,

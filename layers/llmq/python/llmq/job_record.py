@@ -77,7 +77,10 @@ class JobRecord(Model):
     # None when the input lives in S3 under `input_ref` (a claim brings it back).
     input: JobInput | None = None
     input_ref: str | None = None
+    # The body as written (`intake.request_hash`), and in its canonical form
+    # (`intake.request_digest`; None on jobs stored before it): a replay matches either.
     request_hash: str
+    request_digest: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     created_ms: int
     started_ms: int | None = None
