@@ -282,11 +282,34 @@ def test_a_crashed_job_at_the_end_of_its_retention_ends_expired_and_gives_its_sl
     assert stored.error is not None and stored.error.code is ErrorCode.DEADLINE_EXCEEDED
     share = _tenant_share(harness)
     assert (share.running, share.active) == (0, 0)
+    # And its job.expired event went out, the item kept for as long as the event's retries take
     assert {"job_id": job_id, "event": "job.expired"} in _terminal_events(harness)
+    assert stored.expires_at >= clock() + sum(harness.config.webhooks.schedule_seconds)
     # And the tenant's next job takes the slot
     other = harness.submit().body["id"]
     assert jobs.claim(other, "worker", 60, tenant).outcome is ClaimOutcome.CLAIMED
     assert provider.calls_for(job_id) == 0
+
+
+def test_a_crashed_job_asked_to_cancel_ends_canceled_at_the_end_of_its_retention(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, receiver: WebhookReceiver
+) -> None:
+    # Given a job whose worker died after its client asked to cancel it
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+    # When the reconciler comes to it only as its retention runs out
+    clock.offset = harness.config.retention_seconds - harness.config.reconciler.retention_margin_seconds // 2
+    report = reconciler.run()
+    # Then it ends as its client asked, canceled, and gives back its slot and quota
+    assert (report.canceled, report.expired) == ([job_id], [])
+    assert jobs.find(job_id, past_retention=True).status is JobStatus.CANCELED  # type: ignore[union-attr]
+    share = _tenant_share(harness)
+    assert (share.running, share.active) == (0, 0)
+    assert {"job_id": job_id, "event": "job.canceled"} in _terminal_events(harness)
 
 
 def test_a_queued_job_ends_expired_only_as_its_retention_runs_out_and_frees_its_quota(

@@ -52,6 +52,13 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {"max_attempts": 5, "max_receive_count": 5},
         {"provider": {"default_model": "x", "models": ["y"]}},
         {"retention_days": 1, "reconciler": {"retention_margin_seconds": 43_201}},
+        {
+            "reconciler": {
+                "retention_margin_seconds": 1000,
+                "stale_queued_seconds": 300,
+                "schedule_minutes": 5,
+            }
+        },
         {"provider": {"base_url": "api.openai.com/v1"}},
         {"provider": {"base_url": "ftp://files.example.com/v1"}},
         {"provider": {"base_url": "https://"}},

@@ -430,6 +430,12 @@ class LlmqConfig(_Frozen):
                     f"limits.stage_rate_per_second ({self.limits.stage_rate_per_second}): one tenant "
                     "within its plan would take the whole stage"
                 )
+        between_looks = self.reconciler.stale_queued_seconds + self.reconciler.schedule_minutes * 60
+        if self.reconciler.retention_margin_seconds < 2 * between_looks:
+            raise ValueError(
+                "reconciler.retention_margin_seconds must be at least twice stale_queued_seconds plus "
+                f"the schedule ({2 * between_looks} s): a queued job must be looked at within it"
+            )
         if self.reconciler.retention_margin_seconds * 2 > self.retention_seconds:
             raise ValueError(
                 "reconciler.retention_margin_seconds must be at most half the retention "

@@ -605,14 +605,19 @@ class JobRepository:
         result: JobResult | None = None,
         error: JobError | None = None,
         result_ref: str | None = None,
+        keep_until_s: int | None = None,
     ) -> JobRecord:
         """The one terminal write. It sets the delivery to pending when the event is subscribed.
+        `keep_until_s`: the item's retention moves out to then (a job ended at its retention).
 
         A retry of a write that was applied finds its own token and returns the job as written.
         """
         token = token or codec.write_token(status.value)
         now = self.now_ms()
         sets = ["#st = :status", "finished_ms = :now", "last_write = :token"]
+        if keep_until_s is not None:
+            sets.append("expires_at = :keep_until")
+            values = {**values, "keep_until": keep_until_s}
         removes = ["lease_owner", "lease_expires_ms"]
         if job.stream:
             # What a poll shows of a running job; the result (or the error) says the rest, and
@@ -667,6 +672,8 @@ class JobRepository:
             "lease_owner": None,
             "lease_expires_ms": None,
         }
+        if keep_until_s is not None:
+            changes["expires_at"] = keep_until_s
         if result is not None:
             changes["result"] = result
         if result_ref is not None:
@@ -749,15 +756,24 @@ class JobRepository:
         """A job still queued, or running with no live worker, within the reconciler's margin of
         the end of its retention (or past it, not yet deleted): it ends expired, and gives back
         its tenant's slot and quota in the same transaction, before DynamoDB's TTL deletes the
-        item and leaves them counted for good."""
-        margin = self.config.reconciler.retention_margin_seconds
+        item and leaves them counted for good. The item is then kept for as long as its
+        webhook's retries take (the schedule and one sweep of the reconciler more), so the
+        `job.expired` event and a poll can still find it."""
+        now_s = self.now_ms() // 1000
+        policy = self.config.webhooks
+        keep = sum(policy.schedule_seconds) + self.config.reconciler.stale_webhook_seconds * 2
         return self._finish_if(
             job,
             JobStatus.EXPIRED,
             condition="expires_at <= :soon_s AND (#st = :queued OR (#st = :running AND "
             "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
-            values={"queued": "queued", "running": "running", "soon_s": self.now_ms() // 1000 + margin},
+            values={
+                "queued": "queued",
+                "running": "running",
+                "soon_s": now_s + self.config.reconciler.retention_margin_seconds,
+            },
             error=error,
+            keep_until_s=max(job.expires_at, now_s + keep),
         )
 
     def recover(self, job: JobRecord) -> JobRecord | None:

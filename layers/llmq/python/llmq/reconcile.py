@@ -34,6 +34,8 @@ class ReconcileReport:
     skipped: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    # Jobs asked to cancel that reached the end of their retention first (`Reconciler._retire`).
+    canceled: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
     # Batches whose expand message went again (`Reconciler._poke`).
     batches: list[str] = field(default_factory=list)
@@ -46,6 +48,7 @@ class ReconcileReport:
             "skipped": len(self.skipped),
             "recovered": len(self.recovered),
             "expired": len(self.expired),
+            "canceled": len(self.canceled),
             "webhooks": len(self.webhooks),
             "batches": len(self.batches),
         }
@@ -120,15 +123,6 @@ class Reconciler:
         elif entry.status is JobStatus.QUEUED and entry.deadline_ms is not None and entry.deadline_ms <= now:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
-            try:
-                self.jobs.postpone_sweep(
-                    entry.job_id,
-                    thresholds.stale_queued_seconds,
-                    retention_margin_s=thresholds.retention_margin_seconds,
-                )
-            except RetentionDue as due:
-                self._retire(due.job, report)
-                return
             # The most overdue jobs first take whatever messages the lane is short of.
             if deficits[entry.lane] > 0:
                 deficits[entry.lane] -= 1
@@ -138,6 +132,15 @@ class Reconciler:
                     report.requeued.append(entry.job_id)
             else:
                 report.waiting.append(entry.job_id)
+            try:
+                self.jobs.postpone_sweep(
+                    entry.job_id,
+                    thresholds.stale_queued_seconds,
+                    retention_margin_s=thresholds.retention_margin_seconds,
+                )
+            except RetentionDue as due:
+                # (a message just sent for it finds it ended, and is dropped)
+                self._retire(due.job, report)
         elif entry.status is JobStatus.RUNNING:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
@@ -201,6 +204,14 @@ class Reconciler:
         """A job still unfinished at the end of its retention ends expired, through the terminal
         write that gives back its tenant's slot and quota: left to DynamoDB's TTL, its item
         would go and they would stay counted for good."""
+        if job.cancel_requested:
+            # Asked to cancel before its retention ran out: it ends as asked.
+            canceled = self.jobs.cancel_unleased(job)
+            if canceled is not None:
+                announce_terminal(self.queues, canceled, carry=self.config.webhooks.trust_carried_job)
+                item_ended(None, self.queues, canceled)
+                report.canceled.append(job.id)
+            return
         expired = self.jobs.expire_at_retention(job, retention_error(job))
         if expired is not None:
             logger.warning("job expired at the end of its retention", extra={"job_id": job.id})
