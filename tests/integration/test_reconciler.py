@@ -13,7 +13,7 @@ from llmq import aws
 from llmq.execution import mark_dead_letter
 from llmq.jobs import JobRepository
 from llmq.models import ErrorCode, JobStatus
-from llmq.policy import ClaimOutcome
+from llmq.policy import ClaimOutcome, retention_error
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository, ShareState
@@ -289,6 +289,28 @@ def test_a_crashed_job_at_the_end_of_its_retention_ends_expired_and_gives_its_sl
     other = harness.submit().body["id"]
     assert jobs.claim(other, "worker", 60, tenant).outcome is ClaimOutcome.CLAIMED
     assert provider.calls_for(job_id) == 0
+
+
+def test_a_job_a_worker_ends_near_its_retention_is_kept_for_its_webhooks_retries(
+    harness: Harness, clock: LaterClock, receiver: WebhookReceiver
+) -> None:
+    # Given a job a worker claimed a minute before its retention ends, by the store's clock
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
+    clock.offset = harness.config.retention_seconds - 60
+    jobs = JobRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
+    )
+    claimed = jobs.claim(job_id, "worker", 600, tenant)
+    assert claimed.outcome is ClaimOutcome.CLAIMED and claimed.job is not None
+    # When its generation ends after the retention
+    clock.offset += 120
+    done = jobs.fail_leased(claimed.job, "worker", retention_error(claimed.job))
+    # Then the item outlives its terminal event's retries: the dispatcher and a poll find it
+    assert done.expires_at >= clock() + sum(harness.config.webhooks.schedule_seconds)
+    stored = jobs.find(job_id)
+    assert stored is not None and stored.status is JobStatus.FAILED
+    assert _tenant_share(harness).active == 0
 
 
 def test_a_crashed_job_asked_to_cancel_ends_canceled_at_the_end_of_its_retention(

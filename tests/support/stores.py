@@ -352,6 +352,10 @@ class InMemoryJobs:
             changes.update(
                 output_partial=None, output_partial_truncated=None, progress_tokens=None, progress_ms=None
             )
+        outlive = self.now_ms() // 1000 + sum(self.config.webhooks.schedule_seconds)
+        outlive += 2 * self.config.reconciler.stale_webhook_seconds
+        if old.expires_at < outlive:  # (kept for its terminal event's retries, as the repository)
+            changes["expires_at"] = outlive
         if job.wants(EVENT_FOR_STATUS[status]):
             changes["delivery_status"] = DeliveryStatus.PENDING
             self.due[job.id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)

@@ -605,16 +605,18 @@ class JobRepository:
         result: JobResult | None = None,
         error: JobError | None = None,
         result_ref: str | None = None,
-        keep_until_s: int | None = None,
     ) -> JobRecord:
         """The one terminal write. It sets the delivery to pending when the event is subscribed.
-        `keep_until_s`: the item's retention moves out to then (a job ended at its retention).
 
         A retry of a write that was applied finds its own token and returns the job as written.
         """
         token = token or codec.write_token(status.value)
         now = self.now_ms()
         sets = ["#st = :status", "finished_ms = :now", "last_write = :token"]
+        # Ended near the end of its retention (or past it): the item, which the dispatcher and
+        # a poll read, outlives its terminal event's retries, or the event would find no job.
+        outlive = now // 1000 + self._terminal_event_seconds()
+        keep_until_s = outlive if job.expires_at < outlive else None
         if keep_until_s is not None:
             sets.append("expires_at = :keep_until")
             values = {**values, "keep_until": keep_until_s}
@@ -752,16 +754,17 @@ class JobRepository:
             values={"queued": "queued", "running": "running", "true": True},
         )
 
+    def _terminal_event_seconds(self) -> int:
+        """How long a terminal event's delivery may take: its retry schedule, and two sweeps of
+        the reconciler (which re-sends a delivery left pending)."""
+        return sum(self.config.webhooks.schedule_seconds) + 2 * self.config.reconciler.stale_webhook_seconds
+
     def expire_at_retention(self, job: JobRecord, error: JobError) -> JobRecord | None:
         """A job still queued, or running with no live worker, within the reconciler's margin of
         the end of its retention (or past it, not yet deleted): it ends expired, and gives back
         its tenant's slot and quota in the same transaction, before DynamoDB's TTL deletes the
         item and leaves them counted for good. The item is then kept for as long as its
-        webhook's retries take (the schedule and one sweep of the reconciler more), so the
-        `job.expired` event and a poll can still find it."""
-        now_s = self.now_ms() // 1000
-        policy = self.config.webhooks
-        keep = sum(policy.schedule_seconds) + self.config.reconciler.stale_webhook_seconds * 2
+        webhook's retries take (`_finish`), so the `job.expired` event and a poll find it."""
         return self._finish_if(
             job,
             JobStatus.EXPIRED,
@@ -770,10 +773,9 @@ class JobRepository:
             values={
                 "queued": "queued",
                 "running": "running",
-                "soon_s": now_s + self.config.reconciler.retention_margin_seconds,
+                "soon_s": self.now_ms() // 1000 + self.config.reconciler.retention_margin_seconds,
             },
             error=error,
-            keep_until_s=max(job.expires_at, now_s + keep),
         )
 
     def recover(self, job: JobRecord) -> JobRecord | None:
