@@ -205,6 +205,46 @@ def test_a_retried_attempt_starts_its_output_with_a_reset() -> None:
     assert "".join(delta.delta for delta in retried) == "".join(tokens) == world.job().result.output  # type: ignore[union-attr]
 
 
+class _BreaksThenAnswersNothing:
+    """Call 1 streams ten deltas and breaks; call 2 answers with no output at all."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.calls += 1
+        if self.calls == 1:
+            for delta in words(10):
+                await asyncio.sleep(0.01)
+                request.on_output(delta)
+            raise TransientProviderError("the stream broke")
+        return JobResult(output="", finish_reason="content_filter")
+
+
+def test_a_retry_that_produces_nothing_still_resets_the_earlier_attempts_text() -> None:
+    # Given a streaming job whose first attempt streamed some text and broke
+    provider = _BreaksThenAnswersNothing()
+    world = World(provider)  # type: ignore[arg-type]
+    world.add(stream=True)
+    with pytest.raises(RetryLater):
+        world.run()
+    assert world.deltas()
+    # When its retry succeeds with an empty output
+    world.clock.advance(120)
+    world.run(owner="req-2/msg-1/bbbb")
+    assert world.job().status is JobStatus.SUCCEEDED and world.job().result.output == ""  # type: ignore[union-attr]
+    # Then a client reading the events gets a reset after the first attempt's text: the deltas
+    # since the last reset join to the job's output, empty, never the earlier attempt's text
+    intake = JobIntake(world.jobs, InMemoryQueues(), world.config, lambda url: None, sleep=lambda s: None)
+    tenant = TenantIdentity(tenant_id=world.job().tenant_id, tier="enterprise")
+    events = parse(intake.output_events(tenant, world.job().id, seen=0, wait_seconds=0))
+    deltas = [json.loads(data) for event, _, data in events if event == "output.delta"]
+    last_reset = max(index for index, delta in enumerate(deltas) if delta["reset"])
+    assert deltas[last_reset]["attempt"] == 2
+    assert "".join(delta["delta"] for delta in deltas[last_reset:]) == ""
+    assert provider.calls == 2
+
+
 def test_output_webhooks_are_throttled_and_carry_each_piece_of_output_once() -> None:
     # Given a streaming job subscribed to job.output, streaming for about 1.2 s, with output
     # webhooks at most every 0.5 s

@@ -298,11 +298,14 @@ def tail_delta(job: JobRecord, output: str) -> OutputDelta | None:
     were cut short): served from its result, as the delta after the last chunk."""
     same_attempt = job.stream_attempt == job.attempts
     written = (job.stream_chars or 0) if same_attempt else 0
-    if written >= len(output):
+    # The chunks hold an earlier attempt's text: even an empty output (a retry that produced
+    # nothing, say `content_filter`) comes as a reset, or the joined deltas would be that text.
+    earlier = not same_attempt and (job.stream_seq or 0) > 0
+    if written >= len(output) and not earlier:
         return None
     return OutputDelta(
         seq=(job.stream_seq or 0) + 1,
         delta=output[written:],
         attempt=job.attempts,
-        reset=not same_attempt and (job.stream_seq or 0) > 0,
+        reset=earlier,
     )
