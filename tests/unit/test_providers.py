@@ -247,15 +247,45 @@ async def test_error_events_are_classified_like_the_http_error_they_stand_for(
         ({"message": "too long", "code": "context_length_exceeded"}, PermanentProviderError),
     ],
 )
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream-asked-json-answered"])
 async def test_a_200_body_that_is_only_an_error_is_classified_like_the_http_error(
-    error: dict[str, Any], expected: type[Exception]
+    error: dict[str, Any], expected: type[Exception], stream: bool
 ) -> None:
-    # Given a non-streaming 200 whose body is an error instead of a completion
-    provider = _provider(lambda request: httpx.Response(200, json={"error": error}))
+    # Given a 200 whose body is an error instead of a completion (also when a stream was asked
+    # for and the server answered one JSON body)
+    provider = _provider(lambda request: httpx.Response(200, json={"error": error}), stream=stream)
     # When the job calls it, then it is retried or failed like the error it reports
     with pytest.raises(expected) as caught:
         await provider.generate(REQUEST, 5)
     assert caught.value.message == error["message"]
+
+
+async def test_a_whole_json_completion_answered_to_a_stream_request_is_kept_not_paid_for_again() -> None:
+    # Given a server that ignores `stream: true` and answers with the whole completion at once
+    body = {
+        "choices": [{"message": {"content": "the whole answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    }
+    calls: list[httpx.Request] = []
+    provider = _provider(lambda request: calls.append(request) or httpx.Response(200, json=body), stream=True)
+    # When the job calls it, then the answer is its result, from one call
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason, result.usage.output_tokens) == (
+        "the whole answer",
+        "stop",
+        4,
+    )
+    assert len(calls) == 1
+
+
+async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer_not_a_retry() -> None:
+    # Given a stream whose connection resets after the generation's finish_reason (the usage
+    # chunk and [DONE] lost)
+    head = _sse(_delta("the whole"), _delta(" answer", "stop")).encode()
+    provider = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
+    # When the job calls it, then the paid, finished answer is its result
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("the whole answer", "stop")
 
 
 # ---- streams that stop early ------------------------------------------------------------------

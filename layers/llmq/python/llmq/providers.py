@@ -417,30 +417,41 @@ class ChatCompletionsProvider:
 async def _read_stream(response: httpx.Response, on_output: Callable[[str], None] | None = None) -> JobResult:
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
+    if response.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        # A server that answers a streamed request with one JSON body: an error, classified as
+        # its code says, or the whole completion, paid for and kept (the worker writes it all
+        # as the job's output at the end, as for a provider that does not stream).
+        return _parse_completion(await response.aread())
     parts: list[str] = []
     finish_reason: str | None = None
     done = False
     usage = Usage()
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            done = True
-            break
-        chunk = _json_or_error(data.encode())
-        error = _in_band_error(chunk)
-        if error is not None:
-            raise error
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                parts.append(delta["content"])
-                if on_output is not None:
-                    on_output(delta["content"])
-            finish_reason = choice.get("finish_reason") or finish_reason
-        if chunk.get("usage"):
-            usage = _usage(chunk["usage"])
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = _json_or_error(data.encode())
+            error = _in_band_error(chunk)
+            if error is not None:
+                raise error
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if delta.get("content"):
+                    parts.append(delta["content"])
+                    if on_output is not None:
+                        on_output(delta["content"])
+                finish_reason = choice.get("finish_reason") or finish_reason
+            if chunk.get("usage"):
+                usage = _usage(chunk["usage"])
+    except httpx.TransportError:
+        # Cut or stalled after the generation said it finished (only the usage chunk or [DONE]
+        # lost): the output is whole and paid for; a retry would pay for it again.
+        if finish_reason is None:
+            raise
     # Either sign of a finished generation will do: some servers omit [DONE], and some send
     # no finish_reason. With neither, the stream stopped mid-generation.
     if finish_reason is None and not done:
