@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
+from collections.abc import Callable
 from random import Random
 
 import pytest
 
 from llmq.config import LlmqConfig, RetryPolicy
-from llmq.errors import StoreContended
+from llmq.errors import StoreContended, StoreUnavailable
 from llmq.execution import Invocation, JobRunner
-from llmq.job_record import JobRecord
-from llmq.models import ErrorCode, JobResult, JobStatus, LaneMessage, WebhookEvent
+from llmq.job_record import JobInput, JobRecord
+from llmq.models import ChatMessage, ErrorCode, JobResult, JobStatus, LaneMessage, WebhookEvent
 from llmq.providers import GenerationRequest, PermanentProviderError, ProviderError, TransientProviderError
 from llmq.sqs_edge import PoisonMessage, RetryLater
-from tests.support.stores import Clock, InMemoryJobs, InMemoryQueues, job_record
+from tests.support.stores import Clock, InMemoryBlobs, InMemoryJobs, InMemoryQueues, job_record
 
 OWNER = "req-1/msg-1/aaaa"
 WEBHOOK = "https://hooks.example.com/llmq"
@@ -447,3 +448,55 @@ def test_a_claim_that_keeps_meeting_other_transactions_comes_back_soon_as_a_copy
     ((copy, delay),) = world.queues.delays
     assert copy == "job_1" and 1 <= delay <= 5
     assert world.job().attempts == 0
+
+
+# ---- an input held in S3 ------------------------------------------------------------------
+
+
+class _ThrottledOnce(InMemoryBlobs):
+    """The first read of an input is throttled (S3 SlowDown); `meanwhile` runs as it is."""
+
+    def __init__(self, meanwhile: Callable[[], object]) -> None:
+        super().__init__()
+        self.meanwhile = meanwhile
+        self.reads = 0
+
+    def get(self, key: str) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            self.meanwhile()
+            raise StoreUnavailable("s3.GetObject: SlowDown")
+        return super().get(key)
+
+
+class _Counting:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.calls += 1
+        return JobResult(output="a paid answer")
+
+
+@pytest.mark.parametrize("cancel", [True, False], ids=["canceled-meanwhile", "not-canceled"])
+def test_a_cancel_that_comes_while_an_s3_input_is_retried_ends_the_job_before_any_provider_call(
+    cancel: bool,
+) -> None:
+    # Given a claimed job whose input is in S3, and whose first read is throttled, while its
+    # client cancels it (or not)
+    config = LlmqConfig()
+    jobs = InMemoryJobs(config, Clock())
+    blobs = _ThrottledOnce(lambda: cancel and jobs.request_cancel(jobs.records["job_1"]))
+    blobs.objects["inputs/job_1/x.json"] = (
+        JobInput(messages=[ChatMessage(role="user", content="hi")]).model_dump_json().encode()
+    )
+    jobs.add(job_record(jobs.now_ms(), input=None, input_ref="inputs/job_1/x.json"))
+    provider = _Counting()
+    runner = JobRunner(jobs, InMemoryQueues(), provider, config, rng=Random(1), payloads=blobs)
+    # When the worker runs it, the read retried
+    body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+    asyncio.run(runner.run(body, Invocation(owner="o1", remaining_seconds=lambda: 60.0)))
+    # Then a canceled job ends canceled with no provider call; otherwise it runs once
+    assert blobs.reads == 2
+    expected = (JobStatus.CANCELED, 0) if cancel else (JobStatus.SUCCEEDED, 1)
+    assert (jobs.records["job_1"].status, provider.calls) == expected

@@ -449,8 +449,21 @@ class JobRunner:
         if job.input is not None or job.input_ref is None:
             return job
         budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
+        tries = 0
+
+        def load() -> JobRecord:
+            nonlocal tries
+            tries += 1
+            return self.offload.load_input(job)
+
         try:
-            return await self._write_back(lambda: self.offload.load_input(job), invocation, budget)
+            loaded = await self._write_back(load, invocation, budget)
+            if tries > 1 and await asyncio.to_thread(self.jobs.is_cancel_requested, job.id):
+                # A cancel that came while the input took retries to read: the provider is
+                # never called for it (a read quick to answer leaves no such window).
+                await self._settle(self.jobs.cancel_leased, job, invocation)
+                return None
+            return loaded
         except StoreUnavailable as exc:
             delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
             try:
