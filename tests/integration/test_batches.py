@@ -393,6 +393,23 @@ def test_an_expansion_whose_sends_fail_after_its_write_queues_that_chunk_when_it
     assert _get(harness, reply.body["id"]).body["status"] == "completed"
 
 
+def test_an_expansion_whose_last_chunks_sends_fail_queues_that_chunk_when_its_next_message_comes(
+    harness: Harness, provider: FakeProviderServer, faults: AwsFaults
+) -> None:
+    # Given a batch of five in chunks of two, whose last chunk's SendMessageBatch fails after
+    # the chunk was written (the expansion then over, by its checkpoint)
+    batch_id = _submit(harness, requests=_requests(5)).body["id"]
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessageBatch", function="worker", nth=3)
+    # When the lane runs, the expansion going on from a new message as it does after a fault
+    _run_lane(harness, seconds=60)
+    # Then that chunk's item was queued after all, and the batch ended with every item run once
+    assert [fired.fault.operation for fired in faults.fired] == ["sqs.SendMessageBatch"]
+    stored = _stored(harness, batch_id)
+    assert (stored.status, stored.queued_to) == (BatchStatus.COMPLETED, 5)
+    assert sorted(item["status"]["S"] for item in _item_jobs(harness)) == ["succeeded"] * 5
+    assert _provider_calls(provider) == 5
+
+
 def test_two_expansions_at_once_write_each_item_once(harness: Harness, provider: FakeProviderServer) -> None:
     # A duplicate expand message, delivered to two invocations at the same time
     reply = _submit(harness, requests=_requests(5))

@@ -224,7 +224,16 @@ class BatchExpander:
             self._finalize(batch, remaining_seconds)
             return
         if batch.status.is_terminal or batch.expansion_over:
-            # Asked to look after an item ended elsewhere (`item_ended`), or a duplicate.
+            # Asked to look after an item ended elsewhere (`item_ended`), or a duplicate; or
+            # the expansion's own next message after the last chunk's sends failed (or its
+            # worker stopped after the write): those items have no message yet.
+            if (
+                not batch.status.is_terminal
+                and batch.queued_to is not None
+                and batch.queued_to < batch.expanded
+            ):
+                self._queue(batch, batch.queued_to, batch.expanded)
+                self.batches.mark_queued(batch.id, batch.expanded)
             settle(self.batches, self.queues, batch.id)
             return
         if batch.cancel_requested:
@@ -280,6 +289,7 @@ class BatchExpander:
             self._queue(batch, start, end)
             slowest = max(slowest, time.monotonic() - began)
             start = end
+        self.batches.mark_queued(batch.id, batch.total)
         logger.info("batch expanded", extra={"batch_id": batch.id, "items": batch.total})
 
     def _finalize(self, batch: BatchRecord, remaining_seconds: Callable[[], float]) -> None:

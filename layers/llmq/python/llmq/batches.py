@@ -197,6 +197,10 @@ class BatchRecord(Model):
     # The letters ever counted for it, never reset (the set above is, at each step it gets
     # past): the round its next expand message is sent in (`LaneMessage.redrive_round`).
     redrive_round: int = 0
+    # The items before it have had their lane messages sent: after the last chunk's write, its
+    # sends may have failed or the worker stopped between (`BatchExpander.expand` sends them
+    # again). None on batches an earlier version expanded.
+    queued_to: int | None = None
 
     @property
     def expansion_over(self) -> bool:
@@ -573,7 +577,8 @@ class BatchRepository:
             "Update": {
                 "TableName": self.table_name,
                 "Key": batch_key(batch.id),
-                "UpdateExpression": f"SET expanded = :end, #st = :status {_PROGRESSED}",
+                # Every chunk before this one was queued first (`BatchExpander.expand`).
+                "UpdateExpression": f"SET expanded = :end, queued_to = :start, #st = :status {_PROGRESSED}",
                 "ConditionExpression": "expanded = :start AND cancel_requested = :false",
                 "ExpressionAttributeNames": {"#st": "status"},
                 "ExpressionAttributeValues": codec.values(
@@ -598,6 +603,20 @@ class BatchRepository:
                     raise
                 time.sleep(0.05 * (attempt + 1))
         return False
+
+    def mark_queued(self, batch_id: str, upto: int) -> None:
+        """Every item before `upto` has had its lane message sent (`queued_to` only moves on)."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch_id),
+                UpdateExpression="SET queued_to = :upto",
+                ConditionExpression="attribute_exists(pk) AND (attribute_not_exists(queued_to) OR queued_to < :upto)",
+                ExpressionAttributeValues=codec.values(upto=upto),
+            )
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
 
     def give_up_expansion(self, batch: BatchRecord) -> bool:
         """A canceled batch's items not written yet are canceled as never written, once: one
