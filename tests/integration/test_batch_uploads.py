@@ -79,9 +79,10 @@ def _submit(harness: Harness, upload_id: str, tenant: dict[str, str] = ENTERPRIS
 def test_an_uploaded_file_is_validated_then_runs_each_line_once_as_an_item(
     harness: Harness, provider: FakeProviderServer
 ) -> None:
-    # Given a file of five requests (a blank line and CRLF endings among them)
+    # Given a file of five requests (a blank line, CRLF endings and, as Windows tools save
+    # UTF-8, a byte-order mark among them)
     lines = [_line(f"row-{index}") for index in range(5)]
-    upload_id = _upload(harness, "\r\n".join(lines[:3]) + "\r\n\r\n" + "\n".join(lines[3:]))
+    upload_id = _upload(harness, "\ufeff" + "\r\n".join(lines[:3]) + "\r\n\r\n" + "\n".join(lines[3:]))
     # When a batch names it
     reply = _submit(harness, upload_id)
     # Then it is accepted at once, validating, before its lines are read

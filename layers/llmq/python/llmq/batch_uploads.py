@@ -47,6 +47,9 @@ class ScanOutcome:
     errors: list[BatchLineError] = field(default_factory=list)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def split_lines(chunks: Iterable[bytes], limit: int) -> Iterator[tuple[bytes | None, int]]:
     """(line, bytes consumed with its newline) for each line of a byte stream; the line is
     None when it runs past `limit` bytes, and is then skipped without being held in memory."""
@@ -112,6 +115,8 @@ class UploadScanner:
             for raw, size in split_lines(chunks, settings.max_item_bytes * _RAW_LINE_SLACK):
                 line += 1
                 consumed += size
+                if line == 1 and raw is not None and raw.startswith(_UTF8_BOM):
+                    raw = raw[len(_UTF8_BOM) :]  # (as Windows tools save UTF-8: not JSON, not data)
                 if consumed > settings.max_upload_bytes:
                     refuse("payload_too_large", f"the file runs past {settings.max_upload_bytes} bytes")
                     break
