@@ -13,6 +13,7 @@ throttle or a 5xx that outlasted botocore's retries does.
 from __future__ import annotations
 
 import functools
+import math
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -352,8 +353,11 @@ class InMemoryJobs:
             changes.update(
                 output_partial=None, output_partial_truncated=None, progress_tokens=None, progress_ms=None
             )
-        outlive = self.now_ms() // 1000 + sum(self.config.webhooks.schedule_seconds)
-        outlive += 2 * self.config.reconciler.stale_webhook_seconds
+        webhooks = self.config.webhooks
+        outlive = self.now_ms() // 1000 + math.ceil(
+            sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction)
+        )
+        outlive += 3 * self.config.reconciler.stale_webhook_seconds
         if old.expires_at < outlive:  # (kept for its terminal event's retries, as the repository)
             changes["expires_at"] = outlive
         if job.wants(EVENT_FOR_STATUS[status]):

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmq import providers
 from llmq.models import ChatMessage, ErrorCode, GenerationParams
 from llmq.providers import (
     ChatCompletionsProvider,
@@ -276,6 +277,27 @@ async def test_a_whole_json_completion_answered_to_a_stream_request_is_kept_not_
         4,
     )
     assert len(calls) == 1
+
+
+class _FinishedThenSilent(httpx.AsyncByteStream):
+    """The whole answer with its finish_reason, then keep-alive comments only, for ever."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield _sse(_delta("the whole"), _delta(" answer", "stop")).encode()
+        while True:
+            await asyncio.sleep(0.02)
+            yield b": keep-alive\n\n"
+
+
+async def test_a_stream_that_stalls_after_its_finish_reason_is_a_whole_answer_not_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a stream that goes silent (keep-alives only) after its finish_reason
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 0.2)
+    provider = _provider(lambda request: httpx.Response(200, stream=_FinishedThenSilent()), stream=True)
+    # When the job calls it with time to spare, then the finished answer is its result
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("the whole answer", "stop")
 
 
 async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer_not_a_retry() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from collections.abc import Callable
 from random import Random
 
 import pytest
 
+from llmq import execution
 from llmq.config import LlmqConfig, RetryPolicy
 from llmq.errors import StoreContended, StoreUnavailable
 from llmq.execution import Invocation, JobRunner
@@ -453,19 +455,23 @@ def test_a_claim_that_keeps_meeting_other_transactions_comes_back_soon_as_a_copy
 # ---- an input held in S3 ------------------------------------------------------------------
 
 
-class _ThrottledOnce(InMemoryBlobs):
-    """The first read of an input is throttled (S3 SlowDown); `meanwhile` runs as it is."""
+class _SlowOnce(InMemoryBlobs):
+    """The first read of an input is slow: throttled (S3 SlowDown, retried by the worker) or
+    answered late (retried inside the SDK); `meanwhile` runs as it is."""
 
-    def __init__(self, meanwhile: Callable[[], object]) -> None:
+    def __init__(self, meanwhile: Callable[[], object], throttled: bool) -> None:
         super().__init__()
         self.meanwhile = meanwhile
+        self.throttled = throttled
         self.reads = 0
 
     def get(self, key: str) -> bytes:
         self.reads += 1
         if self.reads == 1:
             self.meanwhile()
-            raise StoreUnavailable("s3.GetObject: SlowDown")
+            time.sleep(0.05)
+            if self.throttled:
+                raise StoreUnavailable("s3.GetObject: SlowDown")
         return super().get(key)
 
 
@@ -478,25 +484,34 @@ class _Counting:
         return JobResult(output="a paid answer")
 
 
-@pytest.mark.parametrize("cancel", [True, False], ids=["canceled-meanwhile", "not-canceled"])
-def test_a_cancel_that_comes_while_an_s3_input_is_retried_ends_the_job_before_any_provider_call(
-    cancel: bool,
+@pytest.mark.parametrize("throttled", [True, False], ids=["throttled", "slow"])
+@pytest.mark.parametrize(
+    ("cancel", "flag_unreadable"),
+    [(True, False), (False, False), (False, True)],
+    ids=["canceled-meanwhile", "not-canceled", "flag-unreadable"],
+)
+def test_a_cancel_that_comes_while_an_s3_input_is_slow_to_read_ends_the_job_before_any_provider_call(
+    cancel: bool, flag_unreadable: bool, throttled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a claimed job whose input is in S3, and whose first read is throttled, while its
-    # client cancels it (or not)
+    # Given a claimed job whose input is in S3 and slow to read, while its client cancels it
+    # (or not; or the cancel flag cannot be read then)
+    monkeypatch.setattr(execution, "_SLOW_INPUT_SECONDS", 0.01)
     config = LlmqConfig()
     jobs = InMemoryJobs(config, Clock())
-    blobs = _ThrottledOnce(lambda: cancel and jobs.request_cancel(jobs.records["job_1"]))
+    blobs = _SlowOnce(lambda: cancel and jobs.request_cancel(jobs.records["job_1"]), throttled)
     blobs.objects["inputs/job_1/x.json"] = (
         JobInput(messages=[ChatMessage(role="user", content="hi")]).model_dump_json().encode()
     )
     jobs.add(job_record(jobs.now_ms(), input=None, input_ref="inputs/job_1/x.json"))
+    if flag_unreadable:
+        jobs.unavailable.add("is_cancel_requested")
     provider = _Counting()
     runner = JobRunner(jobs, InMemoryQueues(), provider, config, rng=Random(1), payloads=blobs)
-    # When the worker runs it, the read retried
+    # When the worker runs it
     body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
     asyncio.run(runner.run(body, Invocation(owner="o1", remaining_seconds=lambda: 60.0)))
-    # Then a canceled job ends canceled with no provider call; otherwise it runs once
-    assert blobs.reads == 2
+    # Then a canceled job ends canceled with no provider call; otherwise it runs once (a flag
+    # that could not be read is a missed look, not a reason to hand the job back)
+    assert blobs.reads == (2 if throttled else 1)
     expected = (JobStatus.CANCELED, 0) if cancel else (JobStatus.SUCCEEDED, 1)
     assert (jobs.records["job_1"].status, provider.calls) == expected

@@ -232,7 +232,10 @@ class BatchExpander:
                 and batch.queued_to is not None
                 and batch.queued_to < batch.expanded
             ):
-                self._queue(batch, batch.queued_to, batch.expanded)
+                # (only the last chunk can lack them: every run, this version's and earlier
+                # ones, queues a chunk before it writes the next; earlier ones leave queued_to)
+                last_chunk = batch.expanded - self.config.batches.expand_chunk
+                self._queue(batch, max(batch.queued_to, last_chunk), batch.expanded)
                 self.batches.mark_queued(batch.id, batch.expanded)
             settle(self.batches, self.queues, batch.id)
             return

@@ -77,6 +77,9 @@ _HANDOFF_RESERVE_SECONDS = 10.0
 _HANDOFF_HIDE_MARGIN_SECONDS = 30
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
+# An input read that took this long (S3 throttled or slow, retried here or by the SDK) is
+# followed by a look at the cancel flag before the provider is called.
+_SLOW_INPUT_SECONDS = 1.0
 
 T = TypeVar("T")
 
@@ -449,21 +452,9 @@ class JobRunner:
         if job.input is not None or job.input_ref is None:
             return job
         budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
-        tries = 0
-
-        def load() -> JobRecord:
-            nonlocal tries
-            tries += 1
-            return self.offload.load_input(job)
-
+        began = time.monotonic()
         try:
-            loaded = await self._write_back(load, invocation, budget)
-            if tries > 1 and await asyncio.to_thread(self.jobs.is_cancel_requested, job.id):
-                # A cancel that came while the input took retries to read: the provider is
-                # never called for it (a read quick to answer leaves no such window).
-                await self._settle(self.jobs.cancel_leased, job, invocation)
-                return None
-            return loaded
+            loaded = await self._write_back(lambda: self.offload.load_input(job), invocation, budget)
         except StoreUnavailable as exc:
             delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
             try:
@@ -472,6 +463,21 @@ class JobRunner:
                 await self._settle(self.jobs.cancel_leased, job, invocation)
                 return None
             raise RetryLater(job.id, delay, gave_back_slot=True) from exc
+        if time.monotonic() - began >= _SLOW_INPUT_SECONDS and await self._cancel_came(job.id):
+            # A cancel that came while the input was slow to read (S3 throttled or slow, retried
+            # here or by the SDK): the provider is never called for it.
+            await self._settle(self.jobs.cancel_leased, job, invocation)
+            return None
+        return loaded
+
+    async def _cancel_came(self, job_id: str) -> bool:
+        """One look at the cancel flag; a read that fails is only a missed look (the watcher
+        and the terminal write still see the flag)."""
+        try:
+            return await asyncio.to_thread(self.jobs.is_cancel_requested, job_id)
+        except Exception as exc:
+            logger.warning("cancel check failed", extra={"job_id": job_id, "error_class": type(exc).__name__})
+            return False
 
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:

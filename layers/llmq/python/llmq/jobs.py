@@ -8,6 +8,7 @@ sees botocore: `ClientError` codes become domain outcomes.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections import Counter
@@ -755,9 +756,12 @@ class JobRepository:
         )
 
     def _terminal_event_seconds(self) -> int:
-        """How long a terminal event's delivery may take: its retry schedule, and two sweeps of
-        the reconciler (which re-sends a delivery left pending)."""
-        return sum(self.config.webhooks.schedule_seconds) + 2 * self.config.reconciler.stale_webhook_seconds
+        """How long a terminal event's delivery may take: its retry schedule at its most
+        jittered, and three sweeps of the reconciler (a first send SQS refused, re-sent by the
+        next sweep, and a delivery left pending)."""
+        webhooks = self.config.webhooks
+        schedule = math.ceil(sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction))
+        return schedule + 3 * self.config.reconciler.stale_webhook_seconds
 
     def expire_at_retention(self, job: JobRecord, error: JobError) -> JobRecord | None:
         """A job still queued, or running with no live worker, within the reconciler's margin of

@@ -414,10 +414,15 @@ class ChatCompletionsProvider:
                 ) from exc
 
 
+# How long a stream may stay silent after its finish_reason before the answer is taken as whole.
+_AFTER_FINISH_SECONDS = 2.0
+
+
 async def _read_stream(response: httpx.Response, on_output: Callable[[str], None] | None = None) -> JobResult:
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
-    if response.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
@@ -426,8 +431,21 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
     finish_reason: str | None = None
     done = False
     usage = Usage()
+    lines = response.aiter_lines().__aiter__()
+    finished_at: float | None = None
     try:
-        async for line in response.aiter_lines():
+        while True:
+            if finish_reason is not None and finished_at is None:
+                finished_at = time.monotonic()
+            # After the finish_reason only the usage chunk and [DONE] are left: a server that
+            # then stalls, keep-alives or not, does not turn a whole answer into a timeout.
+            grace = None if finished_at is None else _AFTER_FINISH_SECONDS - (time.monotonic() - finished_at)
+            try:
+                line = await asyncio.wait_for(lines.__anext__(), grace if grace is None else max(0.0, grace))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                break
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
