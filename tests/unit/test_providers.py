@@ -300,6 +300,28 @@ async def test_a_stream_that_stalls_after_its_finish_reason_is_a_whole_answer_no
     assert (result.output, result.finish_reason) == ("the whole answer", "stop")
 
 
+async def test_an_sse_error_event_is_never_part_of_an_answer_even_without_an_error_key() -> None:
+    # Given a stream that sends half an answer, then an SSE `error` event whose data has no
+    # `error` key, then [DONE]
+    body = _sse(_delta("half an")) + 'event: error\ndata: {"message": "engine crashed", "code": 500}\n\n'
+    provider = _streaming(body + "data: [DONE]\n\n")
+    # When the job calls it, then it is retried like the 500 it reports: half an answer is no success
+    with pytest.raises(TransientProviderError, match="engine crashed"):
+        await provider.generate(REQUEST, 5)
+    # (an event of another type, or data after the error event's blank line, is the answer's)
+    other = _streaming("event: message\n" + _sse(_delta("hello", "stop")))
+    assert (await other.generate(REQUEST, 5)).output == "hello"
+
+
+@pytest.mark.parametrize("finish_reason", ["abort", "error"])
+async def test_a_stream_the_server_gave_up_on_is_retried_not_a_success(finish_reason: str) -> None:
+    # Given a stream whose server stopped the generation itself (vLLM's abort)
+    provider = _streaming(_sse(_delta("half an"), _delta("", finish_reason), "[DONE]"))
+    # When the job calls it, then it is retried
+    with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
+        await provider.generate(REQUEST, 5)
+
+
 async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer_not_a_retry() -> None:
     # Given a stream whose connection resets after the generation's finish_reason (the usage
     # chunk and [DONE] lost)

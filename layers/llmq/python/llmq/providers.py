@@ -414,6 +414,8 @@ class ChatCompletionsProvider:
                 ) from exc
 
 
+# finish_reasons that say the server stopped the generation itself, not that it finished.
+_GAVE_UP = frozenset({"abort", "error"})
 # How long a stream may stay silent after its finish_reason before the answer is taken as whole.
 _AFTER_FINISH_SECONDS = 2.0
 
@@ -433,6 +435,7 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
     usage = Usage()
     lines = response.aiter_lines().__aiter__()
     finished_at: float | None = None
+    event = ""
     try:
         while True:
             if finish_reason is not None and finished_at is None:
@@ -446,6 +449,12 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
                 break
             except TimeoutError:
                 break
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                continue
+            if not line:
+                event = ""  # (an SSE event ends at a blank line; the next names its own type)
+                continue
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -454,6 +463,9 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
                 break
             chunk = _json_or_error(data.encode())
             error = _in_band_error(chunk)
+            if error is None and event == "error":
+                # An SSE `error` event, whatever its data holds: never part of an answer.
+                error = classify_error_event(chunk.get("error") or chunk)
             if error is not None:
                 raise error
             for choice in chunk.get("choices") or []:
@@ -471,8 +483,9 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
         if finish_reason is None:
             raise
     # Either sign of a finished generation will do: some servers omit [DONE], and some send
-    # no finish_reason. With neither, the stream stopped mid-generation.
-    if finish_reason is None and not done:
+    # no finish_reason. With neither, the stream stopped mid-generation; so it did when the
+    # server says it gave up on the request (vLLM's `abort`, or `error`).
+    if (finish_reason is None and not done) or finish_reason in _GAVE_UP:
         raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
     return JobResult(output="".join(parts), finish_reason=finish_reason, usage=usage)
 
