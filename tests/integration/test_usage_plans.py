@@ -18,7 +18,7 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.tenants import TenantRepository
-from llmq.usage_plans import DEFAULT_PLAN, ApiGatewayUsagePlans, tenant_plan_name
+from llmq.usage_plans import DEFAULT_PLAN, ApiGatewayUsagePlans, UsagePlanError, tenant_plan_name
 from tests.conftest import MotoStack, load_event
 from tests.integration.harness import LambdaContextStub, load_handler
 from tests.support.tables import default_app_template
@@ -155,6 +155,11 @@ def test_a_rate_override_moves_the_key_to_its_own_plan_and_clearing_moves_it_bac
     plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 4, 8)
     (again,) = plans_of_key()
     assert again["id"] == own["id"] and again["throttle"] == {"rateLimit": 4, "burstLimit": 8}
+    # A rate that is not a positive number, or a burst under 1, is refused and changes nothing
+    for rate, burst in ((float("nan"), 5), (float("inf"), 5), (0.0, 5), (-1.0, 5), (2.0, 0)):
+        with pytest.raises(UsagePlanError):
+            plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, rate, burst)
+    assert [plan["throttle"] for plan in plans_of_key()] == [{"rateLimit": 4, "burstLimit": 8}]
     # When it is cleared, the key is back in the tier's plan and the tenant's plan is gone
     plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
     assert [plan["id"] for plan in plans_of_key()] == [plans.ids["free"]]

@@ -15,6 +15,7 @@ https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-api-usa
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -116,8 +117,8 @@ class ApiGatewayUsagePlans:
 
     def set_rate(self, tenant_id: str, tier: str, key_id: str, rate: float, burst: int) -> RateLimit:
         """The tenant's own plan with this throttle, on its tier plan's stages; its key moves there."""
-        if rate <= 0 or burst < 1:
-            raise UsagePlanError("rate must be above 0 and burst at least 1")
+        if not math.isfinite(rate) or rate <= 0 or burst < 1:
+            raise UsagePlanError("rate must be a number above 0 and burst at least 1")
         name = tenant_plan_name(tenant_id)
         own = self._own_plan(tenant_id)
         if own is not None:
