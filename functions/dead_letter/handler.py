@@ -23,7 +23,6 @@ from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
 from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.job_record import JobRecord
 from llmq.jobs import JobRepository
-from llmq.models import ErrorCode, JobStatus
 from llmq.queues import QueueRepository
 from llmq.sqs_edge import QueueEdge
 from llmq.telemetry import MetricName, emit_job_metric, logger, metrics
@@ -53,23 +52,18 @@ EDGE = QueueEdge(
 
 def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
-    started_ms = jobs.now_ms()
     with EDGE.settling(record):
-        job = mark_dead_letter(jobs, queues, record.body, record.message_id, (batches(), ENV.config))
+        job = mark_dead_letter(
+            jobs, queues, record.body, record.message_id, (batches(), ENV.config), crashed=_count_failed
+        )
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})
-        if _failed_here(job, started_ms):
-            emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, job.lane)
 
 
-def _failed_here(job: JobRecord, started_ms: int) -> bool:
-    """This record failed the job: a copy of a message for a job failed earlier counts no more."""
-    return (
-        job.status is JobStatus.FAILED
-        and job.error is not None
-        and job.error.code is ErrorCode.WORKER_CRASHED
-        and (job.finished_ms or 0) >= started_ms
-    )
+def _count_failed(job: JobRecord) -> None:
+    """Each job this function's own write failed counts once: a copy of its message handled
+    at the same time, or later, finds it failed already and counts nothing."""
+    emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, job.lane)
 
 
 @metrics.log_metrics(raise_on_empty_metrics=False)

@@ -76,3 +76,23 @@ def test_a_queued_job_sent_again_is_not_counted_as_failed(
     # Then the job is still queued, and nothing counts it as dead-lettered
     assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
     assert _dead_lettered(capsys.readouterr().out) == []
+
+
+def test_two_copies_of_a_message_handled_at_once_count_the_job_once(
+    harness: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a running job whose worker vanished, and copy B of its message, whose invocation
+    # started just before copy A, handled by another invocation, failed the job
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "vanished-worker", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
+    b_started_ms = jobs.now_ms()
+    capsys.readouterr()
+    _dead_letter(harness, job_id)
+    # When copy B goes on, as of when it started, and finds the job failed
+    monkeypatch.setattr(JobRepository, "now_ms", lambda self: b_started_ms)
+    _dead_letter(harness, job_id)
+    # Then the job failed once, and was counted once
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+    assert len(_dead_lettered(capsys.readouterr().out)) == 1

@@ -918,10 +918,12 @@ def mark_dead_letter(
     body: str,
     message_id: str,
     batches: tuple[BatchRepository, LlmqConfig] | None = None,
+    crashed: Callable[[JobRecord], None] | None = None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
     that ended here may end its batch, which a worker is asked to look at. A batch's expand
-    message goes to `batch_runs.dead_lettered` (None: no job)."""
+    message goes to `batch_runs.dead_lettered` (None: no job). `crashed` is told of the job
+    this call's own write failed as `worker_crashed` (two copies at once: one of them)."""
     message = _parse(body)
     if message.kind == "expand":
         if batches is None:
@@ -934,13 +936,17 @@ def mark_dead_letter(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
             )
         return None
-    ended = _mark_dead_letter(jobs, queues, message, message_id)
+    ended = _mark_dead_letter(jobs, queues, message, message_id, crashed or (lambda job: None))
     item_ended(None, queues, ended)
     return ended
 
 
 def _mark_dead_letter(
-    jobs: JobStore, queues: QueueStore, message: LaneMessage, message_id: str
+    jobs: JobStore,
+    queues: QueueStore,
+    message: LaneMessage,
+    message_id: str,
+    crashed: Callable[[JobRecord], None],
 ) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
@@ -961,17 +967,29 @@ def _mark_dead_letter(
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
     if job.status is JobStatus.QUEUED:
-        return _dead_letter_queued(jobs, queues, job, message_id, message.redrive_round)
+        return _dead_letter_queued(jobs, queues, job, message_id, message.redrive_round, crashed)
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
         message="the job's message exhausted its deliveries without an answer",
         retryable=False,
     )
-    return _announced(queues, jobs.fail_unleased(job, error))
+    return _told(crashed, _announced(queues, jobs.fail_unleased(job, error)))
+
+
+def _told(crashed: Callable[[JobRecord], None], failed: JobRecord | None) -> JobRecord | None:
+    """`failed`, which this call's write failed (None: it did not), told to `crashed`."""
+    if failed is not None:
+        crashed(failed)
+    return failed
 
 
 def _dead_letter_queued(
-    jobs: JobStore, queues: QueueStore, job: JobRecord, message_id: str, redrive_round: int
+    jobs: JobStore,
+    queues: QueueStore,
+    job: JobRecord,
+    message_id: str,
+    redrive_round: int,
+    crashed: Callable[[JobRecord], None],
 ) -> JobRecord | None:
     if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
         return _announced(queues, jobs.expire(job, deadline_error(job)))
@@ -994,7 +1012,7 @@ def _dead_letter_queued(
         f"{len(counted.dead_letter_ids)} times",
         retryable=True,
     )
-    return _announced(queues, jobs.fail_queued_dead_letter(counted, error))
+    return _told(crashed, _announced(queues, jobs.fail_queued_dead_letter(counted, error)))
 
 
 def _announced(queues: QueueStore, job: JobRecord | None) -> JobRecord | None:
