@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from llmq import aws
+from llmq.errors import StoreUnavailable
 from llmq.jobs import JobRepository
 from llmq.policy import ClaimOutcome
+from llmq.queues import QueueRepository
 from llmq.telemetry import METRICS_NAMESPACE, MetricName
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
 
@@ -93,6 +95,39 @@ def test_two_copies_of_a_message_handled_at_once_count_the_job_once(
     monkeypatch.setattr(JobRepository, "now_ms", lambda self: b_started_ms)
     _dead_letter(harness, job_id)
     # Then the job failed once, and was counted once
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+    assert len(_dead_lettered(capsys.readouterr().out)) == 1
+
+
+def test_a_job_failed_here_whose_webhook_send_fails_is_still_counted_once(
+    harness: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a running job with a webhook whose worker vanished, and a webhooks queue that
+    # refuses the first send
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hooks"}).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "vanished-worker", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
+    refusals = iter([StoreUnavailable("sqs.SendMessage: ThrottlingException")])
+    send = QueueRepository.enqueue_webhook
+
+    def refused_once(self: QueueRepository, *args: Any, **kwargs: Any) -> None:
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        send(self, *args, **kwargs)
+
+    monkeypatch.setattr(QueueRepository, "enqueue_webhook", refused_once)
+    capsys.readouterr()
+    # When its message dead-letters, the record failing on the send and handled again
+    dlq = harness.stack.lane_dlq_urls["high"]
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
+    handler = load_handler("dead_letter").handler
+    for expected_failures in (1, 0):
+        messages = harness.receive(dlq, visibility=0)
+        response = handler(harness.sqs_event(dlq, messages), LambdaContextStub())
+        assert len(response["batchItemFailures"]) == expected_failures
+    # Then the job failed once, and its JobDeadLettered was counted once, by the write that failed it
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
     assert len(_dead_lettered(capsys.readouterr().out)) == 1

@@ -314,11 +314,24 @@ async def test_an_sse_error_event_is_never_part_of_an_answer_even_without_an_err
 
 
 @pytest.mark.parametrize("finish_reason", ["abort", "error"])
-async def test_a_stream_the_server_gave_up_on_is_retried_not_a_success(finish_reason: str) -> None:
-    # Given a stream whose server stopped the generation itself (vLLM's abort)
-    provider = _streaming(_sse(_delta("half an"), _delta("", finish_reason), "[DONE]"))
+@pytest.mark.parametrize("shape", ["stream", "answer", "stream-asked-json-answered"])
+async def test_a_generation_the_server_gave_up_on_is_retried_not_a_success(
+    finish_reason: str, shape: str
+) -> None:
+    # Given a server that stopped the generation itself (vLLM's and SGLang's abort), streamed or not
+    if shape == "stream":
+        provider = _streaming(_sse(_delta("half an"), _delta("", finish_reason), "[DONE]"))
+    else:
+        body = {"choices": [{"message": {"content": "half an"}, "finish_reason": finish_reason}]}
+        provider = _provider(lambda request: httpx.Response(200, json=body), stream=shape != "answer")
     # When the job calls it, then it is retried
-    with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
+    with pytest.raises(TransientProviderError, match="cut off|ended before"):
+        await provider.generate(REQUEST, 5)
+
+
+async def test_an_sse_error_event_in_plain_text_keeps_its_message() -> None:
+    provider = _streaming("event: error\ndata: the engine ran out of memory\n\n")
+    with pytest.raises(TransientProviderError, match="ran out of memory"):
         await provider.generate(REQUEST, 5)
 
 

@@ -973,7 +973,8 @@ def _mark_dead_letter(
         message="the job's message exhausted its deliveries without an answer",
         retryable=False,
     )
-    return _told(crashed, _announced(queues, jobs.fail_unleased(job, error)))
+    # (told before the announcement, whose send may fail: the count is the write's)
+    return _announced(queues, _told(crashed, jobs.fail_unleased(job, error)))
 
 
 def _told(crashed: Callable[[JobRecord], None], failed: JobRecord | None) -> JobRecord | None:
@@ -1012,7 +1013,7 @@ def _dead_letter_queued(
         f"{len(counted.dead_letter_ids)} times",
         retryable=True,
     )
-    return _told(crashed, _announced(queues, jobs.fail_queued_dead_letter(counted, error)))
+    return _announced(queues, _told(crashed, jobs.fail_queued_dead_letter(counted, error)))
 
 
 def _announced(queues: QueueStore, job: JobRecord | None) -> JobRecord | None:

@@ -461,6 +461,9 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
             if data == "[DONE]":
                 done = True
                 break
+            if event == "error" and not data.startswith("{"):
+                # An error event whose data is plain text: classified by what it says.
+                raise classify_error_event({"message": data})
             chunk = _json_or_error(data.encode())
             error = _in_band_error(chunk)
             if error is None and event == "error":
@@ -518,6 +521,9 @@ def _parse_completion(body: bytes) -> JobResult:
     if not choices:
         raise TransientProviderError("the provider answered without choices", code=ErrorCode.PROVIDER_ERROR)
     first = choices[0]
+    if first.get("finish_reason") in _GAVE_UP:
+        # The server stopped the generation itself (SGLang's and vLLM's abort): not an answer.
+        raise TransientProviderError(_ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR)
     message = first.get("message") or {}
     return JobResult(
         output=str(message.get("content") or ""),
