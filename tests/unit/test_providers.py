@@ -325,7 +325,7 @@ async def test_a_generation_the_server_gave_up_on_is_retried_not_a_success(
         body = {"choices": [{"message": {"content": "half an"}, "finish_reason": finish_reason}]}
         provider = _provider(lambda request: httpx.Response(200, json=body), stream=shape != "answer")
     # When the job calls it, then it is retried
-    with pytest.raises(TransientProviderError, match="cut off|ended before"):
+    with pytest.raises(TransientProviderError, match=r"cut off|ended before"):
         await provider.generate(REQUEST, 5)
 
 
