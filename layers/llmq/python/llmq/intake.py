@@ -118,8 +118,8 @@ class JobIntake:
             if existing is not None:
                 return self._replay(existing, record, request, tenant)
             self.jobs.check_quota(record.tenant_id, admission)
-        # An input too large for the item goes to S3 first; the item holds its reference.
-        record = self.offload.place_input(record)
+            # The input goes to S3 first; the item holds its reference.
+            record = self.offload.store_input(record)
         created = self.jobs.create(record, admission)
         if created.replayed:
             return self._replay(created.job, record, request, tenant)

@@ -309,7 +309,7 @@ class JobRepository:
 
         The put carries a fresh token: when a put applied but unanswered is tried again, the
         condition fails on our own item, and the token says so.
-        The record comes placed (`Offload.place_input`): an input too large is already in S3.
+        The record comes placed (`Offload.store_input`): an input too large is already in S3.
         """
         token = codec.write_token("create")
         extra = {

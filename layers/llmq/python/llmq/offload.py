@@ -39,8 +39,10 @@ class Offload:
         return self.payloads
 
     def goes_to_store(self, record: JobRecord) -> bool:
-        """Whether `place_input` puts the record's input in S3: too large for the item, or a
-        `stream: true` job's input over `streaming.max_inline_input_bytes`."""
+        """Whether the record's input goes to S3 (`store_input`) rather than into its item: too
+        large for the item, or a `stream: true` job's input over
+        `streaming.max_inline_input_bytes` (its item is rewritten by every output write, at two
+        write units per KB of it)."""
         if record.input is None:
             return False
         small = not record.stream or (
@@ -48,13 +50,9 @@ class Offload:
         )
         return not (small and self.fits(record))
 
-    def place_input(self, record: JobRecord) -> JobRecord:
-        """The record to create: its input inline when the item fits, else in S3 by reference.
-
-        A `stream: true` job's item is rewritten by every output write, at two write units per
-        KB of it: its input stays inline only while small (`streaming.max_inline_input_bytes`).
-        """
-        if record.input is None or not self.goes_to_store(record):
+    def store_input(self, record: JobRecord) -> JobRecord:
+        """The record to create with its input in S3, by reference (`goes_to_store` said so)."""
+        if record.input is None:
             return record
         data = record.input.model_dump_json().encode()
         ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
