@@ -574,3 +574,111 @@ async def test_a_key_error_inside_a_200_answer_is_not_a_reason_to_call_again() -
     with pytest.raises(TransientProviderError):
         await provider.generate(REQUEST, 5)
     assert (len(calls), store.fresh_reads) == (1, 0)
+
+
+class _SlowBody(httpx.AsyncByteStream):
+    """An error answer whose body starts, then never finishes."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"error": {"code": "rate_'
+        while True:
+            await asyncio.sleep(0.05)
+            yield b" "
+
+
+@pytest.mark.parametrize("body", ["slow", "cut"])
+async def test_a_429_whose_body_is_slow_or_cut_is_still_a_429_not_a_timeout(
+    body: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that refuses with 429 and Retry-After, then trickles or drops the body
+    monkeypatch.setattr(providers, "_ERROR_BODY_SECONDS", 0.2)
+    stream = _SlowBody() if body == "slow" else _Broken(b'{"error": {"code": "rate_')
+    provider = _provider(lambda request: httpx.Response(429, headers={"retry-after": "3"}, stream=stream))
+    # When the job calls it with time to spare, then it is retried after the Retry-After: the
+    # status refused the request, so nothing was generated or billed
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert (caught.value.status_code, caught.value.retry_after) == (429, 3.0)
+
+
+async def test_an_error_answered_as_a_stream_keeps_its_code() -> None:
+    # Given a 400 whose body is an SSE event carrying the error (a streamed request refused)
+    body = _sse({"error": {"code": "context_length_exceeded", "message": "too long"}})
+    provider = _provider(
+        lambda request: httpx.Response(400, text=body, headers={"content-type": "text/event-stream"}),
+        stream=True,
+    )
+    with pytest.raises(PermanentProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("error_type", "expected", "code"),
+    [
+        ("validation", PermanentProviderError, ErrorCode.INVALID_REQUEST),
+        ("overloaded", TransientProviderError, ErrorCode.PROVIDER_UNAVAILABLE),
+        ("generation", TransientProviderError, ErrorCode.PROVIDER_ERROR),
+    ],
+)
+@pytest.mark.parametrize("shape", ["stream", "answer"])
+async def test_a_tgi_error_is_classified_by_its_error_type(
+    error_type: str, expected: type[Exception], code: ErrorCode, shape: str
+) -> None:
+    # Given Hugging Face TGI's error shape: the message as `error`, its kind as `error_type`
+    error = {"error": "Input validation error: `inputs` must have less tokens", "error_type": error_type}
+    if shape == "stream":
+        provider = _streaming(_sse(error, "[DONE]"))
+    else:
+        provider = _provider(lambda request: httpx.Response(200, json=error))
+    with pytest.raises(expected, match="Input validation error") as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.code is code
+
+
+@pytest.mark.parametrize(
+    ("usage", "counts"),
+    [
+        ({"prompt_tokens": "12", "completion_tokens": "n/a"}, (12, 0)),
+        ({"prompt_tokens": 3.0, "completion_tokens": None, "output_tokens": 4}, (3, 4)),
+        ({"prompt_tokens": -1, "completion_tokens": True}, (0, 0)),
+        ("unknown", (0, 0)),
+        ([1, 2], (0, 0)),
+    ],
+)
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "answer"])
+async def test_usage_in_a_shape_we_do_not_know_never_fails_a_paid_answer(
+    usage: object, counts: tuple[int, int], stream: bool
+) -> None:
+    # Given a whole answer whose usage is spelled oddly
+    if stream:
+        provider = _streaming(_sse(_delta("the answer", "stop"), {"choices": [], "usage": usage}, "[DONE]"))
+    else:
+        body = {"choices": [{"message": {"content": "the answer"}, "finish_reason": "stop"}], "usage": usage}
+        provider = _provider(lambda request: httpx.Response(200, json=body))
+    # When the job calls it, then the answer is its result, with the counts it could read
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("the answer", "stop")
+    assert (result.usage.input_tokens, result.usage.output_tokens) == counts
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "answer"])
+async def test_content_as_a_list_of_parts_keeps_only_its_text(stream: bool) -> None:
+    # Given a reasoning model that answers with content parts (Mistral's shape), and a choice
+    # that is not an object at all
+    parts = [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+        {"type": "text", "text": "42"},
+    ]
+    if stream:
+        chunks = [
+            {"choices": ["junk", {"delta": {"content": parts[:1]}}]},
+            {"choices": [{"delta": {"content": parts[1:]}, "finish_reason": "stop"}]},
+            "[DONE]",
+        ]
+        provider = _streaming(_sse(*chunks))
+    else:
+        body = {"choices": [{"message": {"content": parts}, "finish_reason": "stop"}]}
+        provider = _provider(lambda request: httpx.Response(200, json=body))
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("42", "stop")

@@ -59,8 +59,17 @@ _STATUS_OF_TYPE = {
     "api_error": 500,
     "overloaded_error": 503,
     "service_unavailable": 503,
+    # Hugging Face TGI's `error_type`, beside an `error` that is only its message.
+    "validation": 400,
+    "template_error": 400,
+    "tool_error": 400,
+    "overloaded": 503,
 }
 _MAX_MESSAGE = 300
+# An error answer's body is read for its code and message only: this much of it, for at most
+# this long. The status alone already says whether the request was refused.
+_MAX_ERROR_BODY = 64 * 1024
+_ERROR_BODY_SECONDS = 5.0
 _STREAM_CUT = "the provider's stream ended before the generation finished"
 _ANSWER_CUT = "the provider's answer was cut off before it was complete"
 
@@ -188,15 +197,41 @@ def timed_out(message: str, retry_timeouts: bool) -> ProviderError:
 
 
 def _error_fields(body: bytes) -> tuple[list[str], str | None]:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return [], None
-    error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict):
+    error = _error_object(_json_object(body) or _first_sse_object(body))
+    if error is None:
         return [], None
     message = error.get("message")
     return _names(error), (str(message) if message else None)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _first_sse_object(body: bytes) -> dict[str, Any] | None:
+    """The first JSON object in an SSE body's `data:` lines (an error answered as a stream)."""
+    for line in body.decode("utf-8", "replace").splitlines():
+        if line.startswith("data:"):
+            data = _json_object(line[5:].strip().encode())
+            if data is not None:
+                return data
+    return None
+
+
+def _error_object(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The error a body reports: `{"error": {…}}`, or TGI's `{"error": "…", "error_type": "…"}`."""
+    if data is None:
+        return None
+    error = data.get("error")
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str) and error:
+        return {"message": error, "type": data.get("error_type")}
+    return None
 
 
 def _names(error: dict[str, Any]) -> list[str]:
@@ -222,7 +257,7 @@ def _status_hint(error: dict[str, Any]) -> int | None:
 def _in_band_error(data: dict[str, Any]) -> ProviderError | None:
     """The error a 200 answer reports in its body: `{"error": …}`, or vLLM's `"object": "error"`."""
     if data.get("error"):
-        return classify_error_event(data["error"])
+        return classify_error_event(_error_object(data) or data["error"])
     if data.get("object") == "error":
         return classify_error_event(data)
     return None
@@ -400,7 +435,7 @@ class ChatCompletionsProvider:
             "POST", url, json=payload, headers=headers, extensions=extensions
         ) as response:
             if response.status_code >= 300:
-                raise classify_response(response, await response.aread())
+                raise classify_response(response, await _error_body(response))
             try:
                 if self.stream:
                     return await _read_stream(response, on_output)
@@ -412,6 +447,27 @@ class ChatCompletionsProvider:
                 raise TransientProviderError(
                     _STREAM_CUT if self.stream else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
                 ) from exc
+
+
+async def _error_body(response: httpx.Response) -> bytes:
+    """The start of an error answer's body; empty when it is slow or cut.
+
+    The status already refused the request: a 429 whose body trickles is still a 429 (retried
+    after its Retry-After), never a timeout that may have been billed.
+    """
+    body = bytearray()
+
+    async def read() -> None:
+        async for piece in response.aiter_bytes():
+            body.extend(piece)
+            if len(body) >= _MAX_ERROR_BODY:
+                return
+
+    try:
+        await asyncio.wait_for(read(), _ERROR_BODY_SECONDS)
+    except (TimeoutError, httpx.TransportError):
+        return b""
+    return bytes(body[:_MAX_ERROR_BODY])
 
 
 # finish_reasons that say the server stopped the generation itself, not that it finished.
@@ -471,13 +527,14 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
                 error = classify_error_event(chunk.get("error") or chunk)
             if error is not None:
                 raise error
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    parts.append(delta["content"])
+            for choice in _dicts(chunk.get("choices")):
+                delta = choice.get("delta")
+                text = _text(delta.get("content")) if isinstance(delta, dict) else ""
+                if text:
+                    parts.append(text)
                     if on_output is not None:
-                        on_output(delta["content"])
-                finish_reason = choice.get("finish_reason") or finish_reason
+                        on_output(text)
+                finish_reason = _reason(choice) or finish_reason
             if chunk.get("usage"):
                 usage = _usage(chunk["usage"])
     except httpx.TransportError:
@@ -505,11 +562,51 @@ def _json_or_error(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _usage(raw: dict[str, Any]) -> Usage:
+def _usage(raw: object) -> Usage:
+    """The token counts as reported; a count in a shape we do not know is 0, never a failure.
+
+    Usage only informs: an answer that is whole and paid for must not fail over how a server
+    spells its counts.
+    """
+    if not isinstance(raw, dict):
+        return Usage()
     return Usage(
-        input_tokens=int(raw.get("prompt_tokens") or raw.get("input_tokens") or 0),
-        output_tokens=int(raw.get("completion_tokens") or raw.get("output_tokens") or 0),
+        input_tokens=_count(raw.get("prompt_tokens")) or _count(raw.get("input_tokens")),
+        output_tokens=_count(raw.get("completion_tokens")) or _count(raw.get("output_tokens")),
     )
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, str):
+        value = value.strip()
+        return int(value) if value.isdigit() and len(value) <= 18 else 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer() and 0 <= value < 1e18:
+        return int(value)
+    return 0
+
+
+def _text(content: object) -> str:
+    """A message's text: a string, or the text parts of a list of content parts (Mistral's
+    reasoning models answer with a list; only its `text` parts are the answer)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict)
+            and isinstance(part.get("text"), str)
+            and part.get("type", "text") in ("text", "output_text")
+        )
+    return ""
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def _parse_completion(body: bytes) -> JobResult:
@@ -517,16 +614,21 @@ def _parse_completion(body: bytes) -> JobResult:
     error = _in_band_error(data)
     if error is not None:
         raise error
-    choices = data.get("choices") or []
+    choices = _dicts(data.get("choices"))
     if not choices:
         raise TransientProviderError("the provider answered without choices", code=ErrorCode.PROVIDER_ERROR)
     first = choices[0]
-    if first.get("finish_reason") in _GAVE_UP:
+    if _reason(first) in _GAVE_UP:
         # The server stopped the generation itself (SGLang's and vLLM's abort): not an answer.
         raise TransientProviderError(_ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR)
-    message = first.get("message") or {}
+    message = first.get("message")
     return JobResult(
-        output=str(message.get("content") or ""),
-        finish_reason=first.get("finish_reason"),
-        usage=_usage(data.get("usage") or {}),
+        output=_text(message.get("content")) if isinstance(message, dict) else "",
+        finish_reason=_reason(first),
+        usage=_usage(data.get("usage")),
     )
+
+
+def _reason(choice: dict[str, Any]) -> str | None:
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) and reason else None
