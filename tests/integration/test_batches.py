@@ -13,7 +13,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from llmq import aws
-from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id
+from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id
 from llmq.jobs import JobRepository
 from llmq.models import BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
@@ -1014,3 +1014,51 @@ def test_a_redelivery_during_a_retry_round_runs_its_own_round_of_attempts(
     posts = receiver.requests_to(path)
     assert len(logged) <= len(posts) <= len(logged) + 1
     assert len({post.headers["webhook-id"] for post in posts}) == 1
+
+
+def _retention_ends_at(harness: Harness, batch_id: str, expires_at: int) -> None:
+    """The batch and its items as they are when their retention ends at `expires_at`: time
+    passed, by their one clock (the items' counts are kept on shards named by it)."""
+    ddb = aws.client("dynamodb")
+    keys = [batch_key(batch_id)] + [
+        {"pk": item["pk"]} for item in _item_jobs(harness) if batch_of(item["pk"]["S"])[0] == batch_id
+    ]
+    for key in keys:
+        ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key=key,
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues={":at": {"N": str(expires_at)}},
+            ConditionExpression="attribute_exists(pk)",
+        )
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["within-the-margin", "past-the-retention"])
+def test_items_still_queued_as_the_retention_runs_out_end_expired_at_their_claim_and_free_the_quota(
+    harness: Harness, provider: FakeProviderServer, late: bool
+) -> None:
+    # Given a batch of three whose items are queued (they have no sweep entry: nothing but
+    # their own messages looks at them), counted active on the tenant's share
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    reply = _submit(harness, requests=_requests(3))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    assert shares.get(ENTERPRISE["tenant_id"]).active == 3
+    # When their messages come only as their retention runs out (or after it, the items not
+    # yet deleted by DynamoDB's TTL)
+    margin = harness.config.reconciler.retention_margin_seconds
+    now_s = int(time.time())
+    _retention_ends_at(harness, reply.body["id"], now_s - 60 if late else now_s + margin // 2)
+    _run_lane(harness)
+    # Then none ran: each ended expired, its quota given back, and the batch ended expired
+    assert _provider_calls(provider) == 0
+    items = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    ended = [items.find(item_job_id(reply.body["id"], index), past_retention=True) for index in range(3)]
+    assert [(job.status.value, job.error.code.value) for job in ended if job and job.error] == [
+        ("expired", "deadline_exceeded")
+    ] * 3
+    share = shares.get(ENTERPRISE["tenant_id"])
+    assert (share.active, share.running) == (0, 0)
+    batch = _stored(harness, reply.body["id"])
+    assert batch.status is BatchStatus.EXPIRED
+    assert batch.final_counts is not None and batch.final_counts.expired == 3

@@ -294,22 +294,46 @@ def test_a_crashed_job_at_the_end_of_its_retention_ends_expired_and_gives_its_sl
 def test_a_job_a_worker_ends_near_its_retention_is_kept_for_its_webhooks_retries(
     harness: Harness, clock: LaterClock, receiver: WebhookReceiver
 ) -> None:
-    # Given a job a worker claimed a minute before its retention ends, by the store's clock
+    # Given a job a worker claimed a minute before the retention margin, by the store's clock
+    # (a claim within the margin is refused: `test_a_claim_within_the_retention_margin_...`)
     tenant = (ENTERPRISE["tenant_id"], "high")
     job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
-    clock.offset = harness.config.retention_seconds - 60
+    margin = harness.config.reconciler.retention_margin_seconds
+    clock.offset = harness.config.retention_seconds - margin - 60
     jobs = JobRepository(
         harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
     )
     claimed = jobs.claim(job_id, "worker", 600, tenant)
     assert claimed.outcome is ClaimOutcome.CLAIMED and claimed.job is not None
     # When its generation ends after the retention
-    clock.offset += 120
+    clock.offset += margin + 120
     done = jobs.fail_leased(claimed.job, "worker", retention_error(claimed.job))
     # Then the item outlives its terminal event's retries: the dispatcher and a poll find it
     assert done.expires_at >= clock() + sum(harness.config.webhooks.schedule_seconds)
     stored = jobs.find(job_id)
     assert stored is not None and stored.status is JobStatus.FAILED
+    assert _tenant_share(harness).active == 0
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["within-the-margin", "past-the-retention"])
+def test_a_claim_within_the_retention_margin_is_refused_and_says_the_retention_is_due(
+    harness: Harness, clock: LaterClock, late: bool
+) -> None:
+    # Given a queued job whose message comes only as its retention runs out (or after it)
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    job_id = harness.submit().body["id"]
+    margin = harness.config.reconciler.retention_margin_seconds
+    clock.offset = harness.config.retention_seconds + (60 if late else -margin // 2)
+    jobs = JobRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
+    )
+    # When a worker claims it, then it is refused, not started: its retention is due
+    claim = jobs.claim(job_id, "worker", 600, tenant)
+    assert claim.outcome is ClaimOutcome.RETENTION_DUE and claim.job is not None
+    assert _tenant_share(harness).running == 0
+    # And the worker's write ends it expired, its quota given back
+    expired = jobs.expire_at_retention(claim.job, retention_error(claim.job))
+    assert expired is not None and expired.status is JobStatus.EXPIRED
     assert _tenant_share(harness).active == 0
 
 

@@ -281,7 +281,8 @@ class InMemoryJobs:
     # ---- the lease ------------------------------------------------------------------------
 
     def _claimable(self, found: JobRecord, now: int) -> bool:
-        if found.expires_at <= now // 1000 or found.cancel_requested:
+        retire_s = now // 1000 + self.config.reconciler.retention_margin_seconds
+        if found.expires_at <= retire_s or found.cancel_requested:
             return False
         if found.status is JobStatus.QUEUED:
             return (found.deadline_ms is None or found.deadline_ms > now) and (
@@ -302,7 +303,8 @@ class InMemoryJobs:
         found = self.records.get(job_id)
         if found is None or not self._claimable(found, now):
             ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
-            return Claim(claimed=ours, job=found, at_ms=now)
+            margin = self.config.reconciler.retention_margin_seconds
+            return Claim(claimed=ours, job=found, at_ms=now, retention_margin_s=margin)
         share = self.shares[found.tenant_id]
         held = share.holders[found.lane]
         cap = share.max_concurrency or share.caps.get(found.lane)

@@ -30,7 +30,7 @@ from llmq.lanes import retry_delay_seconds
 from llmq.live_output import OutputRecorder, printable
 from llmq.models import ErrorCode, JobError, JobResult, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
-from llmq.policy import MAX_DEAD_LETTER_REDRIVES, Claim, ClaimOutcome, deadline_error
+from llmq.policy import MAX_DEAD_LETTER_REDRIVES, Claim, ClaimOutcome, deadline_error, retention_error
 from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
 from llmq.providers import (
     GenerationRequest,
@@ -486,6 +486,11 @@ class JobRunner:
             await self._announce(await asyncio.to_thread(self.jobs.expire, job, deadline_error(job)))
         elif outcome is ClaimOutcome.CANCEL_PENDING:
             await self._announce(await asyncio.to_thread(self.jobs.cancel_unleased, job))
+        elif outcome is ClaimOutcome.RETENTION_DUE:
+            # Too near the end of its retention to run: ended here, as the reconciler would.
+            await self._announce(
+                await asyncio.to_thread(self.jobs.expire_at_retention, job, retention_error(job))
+            )
         elif outcome is ClaimOutcome.BATCH_CANCELED:
             canceled = await asyncio.to_thread(self.jobs.cancel_queued, job, write_token("cancel"))
             await self._announce(canceled)

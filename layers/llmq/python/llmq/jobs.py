@@ -61,9 +61,10 @@ Clock = Callable[[], float]
 # and in the lane whose slot it takes.
 _SHARED_CLAIM = "#shared = :true AND tenant_id = :tenant AND lane = :lane AND "
 # A claim takes a queued job that is due, or a running one whose lease lapsed and that has
-# attempts left; never one asked to cancel or past its retention.
+# attempts left; never one asked to cancel or within the reconciler's margin of the end of
+# its retention (`:retire_s`), which ends it instead (`ClaimOutcome.RETENTION_DUE`).
 _CLAIM_CONDITION = (
-    "attribute_exists(pk) AND expires_at > :now_s AND "
+    "attribute_exists(pk) AND expires_at > :retire_s AND "
     "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND ("
     "(#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :now) "
     "AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
@@ -420,7 +421,7 @@ class JobRepository:
             "owner": owner,
             "lease": lease_until,
             "now": now,
-            "now_s": now // 1000,
+            "retire_s": now // 1000 + self.config.reconciler.retention_margin_seconds,
             "one": 1,
             "max": self.config.max_attempts,
             "false": False,
@@ -452,7 +453,12 @@ class JobRepository:
                 if found is not None and not found.shared:
                     return self._claim_unshared(job_id, expression, values, owner, now)
                 ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
-                return Claim(claimed=ours, job=found, at_ms=now)
+                return Claim(
+                    claimed=ours,
+                    job=found,
+                    at_ms=now,
+                    retention_margin_s=self.config.reconciler.retention_margin_seconds,
+                )
             if exc.failed(2):
                 return Claim(claimed=False, job=self.find(job_id), at_ms=now, batch_canceled=True)
             return Claim(
@@ -484,7 +490,12 @@ class JobRepository:
                 raise
             old = codec.old_item(exc)
             ours = old is not None and old.status is JobStatus.RUNNING and old.lease_owner == owner
-            return Claim(claimed=ours, job=old, at_ms=now)
+            return Claim(
+                claimed=ours,
+                job=old,
+                at_ms=now,
+                retention_margin_s=self.config.reconciler.retention_margin_seconds,
+            )
         return Claim(claimed=True, job=codec.from_item(response["Attributes"]), at_ms=now)
 
     # ---- terminal and retry writes ------------------------------------------------------

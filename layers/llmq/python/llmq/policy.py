@@ -55,25 +55,30 @@ class ClaimOutcome(StrEnum):
     AT_CAP = "at_cap"
     # A batch's item whose batch is canceling: it ends canceled, never started.
     BATCH_CANCELED = "batch_canceled"
+    # Unfinished within the reconciler's margin of the end of its retention, or past it with
+    # its item not yet deleted: it ends expired now, giving back its tenant's slot and quota,
+    # never started again (a batch's queued items have no sweep entry: this is their look).
+    RETENTION_DUE = "retention_due"
 
 
-def refused_claim(found: JobRecord | None, now_ms: int) -> ClaimOutcome:
+def refused_claim(found: JobRecord | None, now_ms: int, retention_margin_s: int = 0) -> ClaimOutcome:
     """Why the claim's condition failed, judged from the job as the store found it."""
-    if found is None or found.expires_at * 1000 <= now_ms:
+    if found is None:
         return ClaimOutcome.NOT_FOUND
     if found.status.is_terminal:
-        return ClaimOutcome.TERMINAL
+        return ClaimOutcome.NOT_FOUND if found.expires_at * 1000 <= now_ms else ClaimOutcome.TERMINAL
+    retention_due = found.expires_at - retention_margin_s <= now_ms // 1000
     if found.status is JobStatus.QUEUED:
         if found.cancel_requested:
             return ClaimOutcome.CANCEL_PENDING
         if found.deadline_ms is not None and found.deadline_ms <= now_ms:
             return ClaimOutcome.DEADLINE_PASSED
-        return ClaimOutcome.NOT_YET_DUE
+        return ClaimOutcome.RETENTION_DUE if retention_due else ClaimOutcome.NOT_YET_DUE
     if found.lease_expires_ms is not None and found.lease_expires_ms >= now_ms:
         return ClaimOutcome.LEASED_ELSEWHERE
     if found.cancel_requested:
         return ClaimOutcome.CANCEL_PENDING
-    return ClaimOutcome.CRASHES_EXHAUSTED
+    return ClaimOutcome.RETENTION_DUE if retention_due else ClaimOutcome.CRASHES_EXHAUSTED
 
 
 def deadline_error(job: JobRecord) -> JobError:
@@ -114,6 +119,8 @@ class Claim:
     share: ShareState | None = None
     # Set when only its batch's cancel refused the claim of a batch's item.
     batch_canceled: bool = False
+    # The claim refuses a job this close to the end of its retention (`reconciler.retention_margin_seconds`).
+    retention_margin_s: int = 0
 
     @property
     def outcome(self) -> ClaimOutcome:
@@ -125,4 +132,4 @@ class Claim:
             return ClaimOutcome.BATCH_CANCELED if queued else ClaimOutcome.LEASED_ELSEWHERE
         if self.share is not None:
             return ClaimOutcome.AT_CAP
-        return refused_claim(self.job, self.at_ms)
+        return refused_claim(self.job, self.at_ms, self.retention_margin_s)
