@@ -4,6 +4,7 @@
     llmq submit "prompt" [--webhook URL] [--wait N] ...     llmq get JOB [--wait]
     llmq cancel JOB                                          llmq jobs [--status S] [--wide | --json]
     llmq tenants create --name N --tier T | rotate-secret TENANT | show TENANT
+    llmq tenants issue-key TENANT | keys TENANT | revoke-key TENANT KEY_ID
     llmq tenants set-limits TENANT [--max-concurrency N] [--max-active N] [--rate R --burst B] [--clear L]
     llmq tenants attach-usage-keys [TENANT ...]
     llmq dlq list | redrive [--queue NAME]
@@ -18,6 +19,7 @@ moto when one is running, else your AWS credentials (or --endpoint-url).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -779,6 +781,53 @@ def cmd_tenants_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_issue_key(args: argparse.Namespace) -> int:
+    """Another API key for the tenant (a rotation's first step; revoke the old one after)."""
+    from llmq.tenants import UnknownTenant, key_id_of
+
+    target = AwsTarget(args)
+    tenants = _tenants_repository(target, args.table)
+    try:
+        api_key = tenants.issue_key(tenants.get(args.tenant_id))
+    except UnknownTenant as exc:
+        raise CliError(f"no tenant {args.tenant_id}") from exc
+    if target.state is not None:
+        # The sandbox's commands use the newest key.
+        for entry in target.state.tenants:
+            if entry.id == args.tenant_id:
+                entry.api_key = api_key
+        write_state(state_file(args.state_file), target.state)
+    print("The API key is shown once; llmq stores only its hash. Its other keys still work.", file=sys.stderr)
+    _print_json({"id": args.tenant_id, "key_id": key_id_of(api_key), "api_key": api_key})
+    return 0
+
+
+def cmd_tenants_keys(args: argparse.Namespace) -> int:
+    from llmq.tenants import UnknownTenant
+
+    target = AwsTarget(args)
+    try:
+        keys = _tenants_repository(target, args.table).list_keys(args.tenant_id)
+    except UnknownTenant as exc:
+        raise CliError(f"no tenant {args.tenant_id}") from exc
+    _print_json([dataclasses.asdict(key) for key in keys])
+    return 0
+
+
+def cmd_tenants_revoke_key(args: argparse.Namespace) -> int:
+    from llmq.tenants import UnknownKey
+
+    target = AwsTarget(args)
+    try:
+        revoked = _tenants_repository(target, args.table).revoke_key_id(args.tenant_id, args.key_id)
+    except UnknownKey as exc:
+        raise CliError(str(exc)) from exc
+    ttl = _llmq_config(target).limits.authorizer_cache_seconds
+    print(f"Revoked: API Gateway refuses it within {ttl} s (its authorizer cache).", file=sys.stderr)
+    _print_json(dataclasses.asdict(revoked))
+    return 0
+
+
 def _dead_letter_queues(target: AwsTarget, selected: str | None) -> list[Any]:
     from llmq_cli.dead_letters import stack_dead_letter_queues
 
@@ -1120,6 +1169,25 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--table")
     _aws_options(rotate)
     rotate.set_defaults(handler=cmd_tenants_rotate)
+
+    issue = tenants.add_parser("issue-key", help="another API key for the tenant, shown once")
+    issue.add_argument("tenant_id")
+    issue.add_argument("--table")
+    _aws_options(issue)
+    issue.set_defaults(handler=cmd_tenants_issue_key)
+
+    keys = tenants.add_parser("keys", help="the tenant's API keys by key id, revoked or not (never the keys)")
+    keys.add_argument("tenant_id")
+    keys.add_argument("--table")
+    _aws_options(keys)
+    keys.set_defaults(handler=cmd_tenants_keys)
+
+    revoke = tenants.add_parser("revoke-key", help="revoke one of the tenant's API keys by its key id")
+    revoke.add_argument("tenant_id")
+    revoke.add_argument("key_id", help="as `llmq tenants keys` lists it: key_ and 16 hex digits")
+    revoke.add_argument("--table")
+    _aws_options(revoke)
+    revoke.set_defaults(handler=cmd_tenants_revoke_key)
 
     dlq = commands.add_parser("dlq", help="dead-letter queues").add_subparsers(dest="action", required=True)
     listing = dlq.add_parser("list", help="depth of every DLQ")

@@ -189,3 +189,73 @@ def test_a_tenant_created_before_usage_plans_gets_its_key_on_every_api_key(
     assert usage_key and [identity and identity.usage_key for identity in identities] == [usage_key] * 2
     in_plans = aws.client("apigateway").get_usage_plans(keyId=attached[0]["usage_key_id"])["items"]
     assert [plan["id"] for plan in in_plans] == [stack["free"]]
+
+
+def _fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code = main(
+        ["--state-file", "x.json", "tenants", *args, "--aws", "--region", "us-east-1", "--stack", STACK]
+    )
+    assert code == 1
+    return capsys.readouterr().err
+
+
+def test_a_leaked_key_is_revoked_by_its_key_id_without_its_plaintext(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
+) -> None:
+    from llmq.tenants import TenantRepository, key_id_of
+
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    # Given a tenant with its first key, and another tenant
+    created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    other = llmq(capsys, "create", "--name", "Other", "--tier", "free", "--id", "ten_other")
+    # When the operator issues a second key (a rotation's first step)
+    issued = llmq(capsys, "issue-key", "ten_acme")
+    assert issued["key_id"] == key_id_of(issued["api_key"]) and issued["api_key"] != created["api_key"]
+    # Then both keys work, and the list names them by id, never by their value
+    listed = llmq(capsys, "keys", "ten_acme")
+    assert {key["key_id"] for key in listed} == {key_id_of(created["api_key"]), issued["key_id"]}
+    assert not any(key["revoked"] for key in listed)
+    assert created["api_key"] not in json.dumps(listed) and issued["api_key"] not in json.dumps(listed)
+    assert all(tenants.authenticate(key) for key in (created["api_key"], issued["api_key"]))
+    # When the first key leaks and is revoked by its id (the operator never had it)
+    leaked = key_id_of(created["api_key"])
+    revoked = llmq(capsys, "revoke-key", "ten_acme", leaked)
+    assert (revoked["key_id"], revoked["revoked"]) == (leaked, True)
+    # Then it no longer authenticates; the second key and the other tenant's still do
+    assert tenants.authenticate(created["api_key"]) is None
+    assert tenants.authenticate(issued["api_key"]) is not None
+    assert tenants.authenticate(other["api_key"]) is not None
+    assert {(key["key_id"], key["revoked"]) for key in llmq(capsys, "keys", "ten_acme")} == {
+        (leaked, True),
+        (issued["key_id"], False),
+    }
+    # And revoking it again is harmless
+    assert llmq(capsys, "revoke-key", "ten_acme", leaked)["revoked"] is True
+
+
+@pytest.mark.parametrize("which", ["another-tenants", "unknown", "not-an-id", "a-prefix"])
+def test_revoke_key_refuses_an_id_that_is_not_the_tenants_and_changes_nothing(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack, which: str
+) -> None:
+    from llmq.tenants import TenantRepository, key_id_of
+
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    mine = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    theirs = llmq(capsys, "create", "--name", "Other", "--tier", "free", "--id", "ten_other")
+    key_id = {
+        "another-tenants": key_id_of(theirs["api_key"]),
+        "unknown": "key_" + "0" * 16,
+        "not-an-id": "llmq_sk_whatever",
+        "a-prefix": key_id_of(mine["api_key"])[:8],
+    }[which]
+    err = _fails(capsys, "revoke-key", "ten_acme", key_id)
+    assert key_id in err
+    assert tenants.authenticate(mine["api_key"]) is not None
+    assert tenants.authenticate(theirs["api_key"]) is not None
+
+
+def test_keys_and_issue_key_name_an_unknown_tenant(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "no tenant ten_nobody" in _fails(capsys, "keys", "ten_nobody")
+    assert "no tenant ten_nobody" in _fails(capsys, "issue-key", "ten_nobody")

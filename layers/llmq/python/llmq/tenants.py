@@ -6,6 +6,9 @@ The tenants table holds two kinds of item:
 - `tenant#<id>`: the tenant's name, tier, webhook secrets (newest first during rotation) and
   its API Gateway API key (`usage_key_id`, `usage_key`).
 
+An API key is named by its key id, `key_` and the first 16 hex digits of its hash: what an
+operator lists and revokes it by (`list_keys`, `revoke_key_id`), and no help in guessing it.
+
 The usage key is the value of the tenant's API Gateway API key (llmq.usage_plans): the
 authorizer returns it as usageIdentifierKey and API Gateway throttles the tenant on its usage
 plan. It is no secret the client holds; without one (a repository made without
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,6 +37,16 @@ WEBHOOK_SECRET_PREFIX = "whsec_"
 
 def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def key_id_of(api_key: str) -> str:
+    """The key's public name: it says which key without saying the key."""
+    return _KEY_ID_PREFIX + hash_api_key(api_key)[:_KEY_ID_DIGITS]
+
+
+_KEY_ID_PREFIX = "key_"
+_KEY_ID_DIGITS = 16
+_KEY_ID = re.compile(rf"{_KEY_ID_PREFIX}[0-9a-f]{{{_KEY_ID_DIGITS}}}")
 
 
 def new_api_key() -> str:
@@ -66,6 +80,16 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class ApiKeyInfo:
+    """One of a tenant's API keys, as an operator sees it: never the key itself."""
+
+    key_id: str
+    revoked: bool
+    # Seconds since the epoch; None for a key issued before it was recorded.
+    created_at: int | None = None
+
+
+@dataclass(frozen=True)
 class NewTenant:
     tenant: Tenant
     api_key: str
@@ -77,6 +101,10 @@ _ROTATION_TRIES = 5
 
 class UnknownTenant(LookupError):
     pass
+
+
+class UnknownKey(LookupError):
+    """No key of the tenant has that id (or the id is not one)."""
 
 
 class TenantRepository:
@@ -145,6 +173,7 @@ class TenantRepository:
             "tenant_id": {"S": tenant.id},
             "tier": {"S": tenant.tier},
             "revoked": {"BOOL": False},
+            "created_at": {"N": str(int(time.time()))},
         }
         if tenant.usage_key:
             item["usage_key"] = {"S": tenant.usage_key}
@@ -190,21 +219,74 @@ class TenantRepository:
             )
         ]
 
-    def _scan(self, condition: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    def _scan(
+        self, condition: str, values: dict[str, Any], projection: tuple[str, ...] = ("pk",)
+    ) -> list[dict[str, Any]]:
+        """The items `condition` keeps, with the `projection` attributes: a consistent Scan, so
+        a key issued a moment ago is found."""
         items: list[dict[str, Any]] = []
         start: dict[str, Any] | None = None
+        names = {f"#p{index}": name for index, name in enumerate(projection)}
         while True:
             page = self._ddb.scan(
                 TableName=self.table_name,
                 FilterExpression=condition,
                 ExpressionAttributeValues=values,
-                ProjectionExpression="pk",
+                ProjectionExpression=", ".join(names),
+                ExpressionAttributeNames=names,
+                ConsistentRead=True,
                 **({"ExclusiveStartKey": start} if start else {}),
             )
             items.extend(page.get("Items", []))
             start = page.get("LastEvaluatedKey")
             if not start:
                 return items
+
+    def list_keys(self, tenant_id: str) -> list[ApiKeyInfo]:
+        """The tenant's API keys, oldest first (a Scan: an operator's look, not a request's)."""
+        self.get(tenant_id)
+        found = self._scan(
+            "begins_with(pk, :prefix) AND tenant_id = :tenant",
+            {":prefix": {"S": "key#"}, ":tenant": {"S": tenant_id}},
+            projection=("pk", "revoked", "created_at"),
+        )
+        keys = [
+            ApiKeyInfo(
+                key_id=_KEY_ID_PREFIX + item["pk"]["S"].removeprefix("key#")[:_KEY_ID_DIGITS],
+                revoked=item.get("revoked", {}).get("BOOL", False),
+                created_at=int(item["created_at"]["N"]) if "created_at" in item else None,
+            )
+            for item in found
+        ]
+        return sorted(keys, key=lambda key: (key.created_at or 0, key.key_id))
+
+    def revoke_key_id(self, tenant_id: str, key_id: str) -> ApiKeyInfo:
+        """Revoke the tenant's key named `key_id` (`key_id_of`), without its plaintext: what an
+        operator does when a customer's key leaks. Idempotent. Another tenant's key is as
+        unknown as one that never was, and is left as it is."""
+        if not _KEY_ID.fullmatch(key_id):
+            raise UnknownKey(f"{key_id!r} is not a key id (key_ and {_KEY_ID_DIGITS} hex digits)")
+        matches = self._scan(
+            "begins_with(pk, :prefix) AND tenant_id = :tenant",
+            {":prefix": {"S": "key#" + key_id.removeprefix(_KEY_ID_PREFIX)}, ":tenant": {"S": tenant_id}},
+            projection=("pk", "created_at"),
+        )
+        if len(matches) != 1:
+            raise UnknownKey(f"tenant {tenant_id} has no key {key_id}")
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": matches[0]["pk"]},
+                UpdateExpression="SET revoked = :true",
+                ConditionExpression="attribute_exists(pk) AND tenant_id = :tenant",
+                ExpressionAttributeValues={":true": {"BOOL": True}, ":tenant": {"S": tenant_id}},
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise UnknownKey(f"tenant {tenant_id} has no key {key_id}") from exc
+            raise
+        created = matches[0].get("created_at")
+        return ApiKeyInfo(key_id=key_id, revoked=True, created_at=int(created["N"]) if created else None)
 
     def revoke_key(self, api_key: str) -> None:
         self._ddb.update_item(
