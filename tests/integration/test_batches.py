@@ -1062,3 +1062,54 @@ def test_items_still_queued_as_the_retention_runs_out_end_expired_at_their_claim
     batch = _stored(harness, reply.body["id"])
     assert batch.status is BatchStatus.EXPIRED
     assert batch.final_counts is not None and batch.final_counts.expired == 3
+
+
+def test_a_stale_message_past_the_retention_leaves_the_key_free_for_a_new_job(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a job submitted under an Idempotency-Key, still queued when its retention ended
+    # (its item not yet deleted by DynamoDB's TTL), its message arriving only now
+    first = harness.submit(key="weekly-report", prompt="last week")
+    assert first.status == 202
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": first.body["id"]}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) - 60)}},
+    )
+    _run_lane(harness)
+    assert _provider_calls(provider) == 0
+    # When the client uses the key again, as its retention allows
+    again = harness.submit(key="weekly-report", prompt="this week")
+    # Then it is a new job, which runs: the old one's end did not bring its item back to life
+    assert again.status == 202 and "idempotent-replayed" not in again.headers
+    _run_lane(harness)
+    assert _provider_calls(provider) == 1
+    job = harness.api("GET", f"/v1/jobs/{again.body['id']}", tenant=ENTERPRISE).body
+    assert job["status"] == "succeeded"
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert (share.active, share.running) == (0, 0)
+
+
+def test_an_item_of_a_canceling_batch_near_its_retention_ends_canceled_as_its_batch_asked(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a batch's queued items within the margin of their retention, and the batch canceled
+    reply = _submit(harness, requests=_requests(2))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    margin = harness.config.reconciler.retention_margin_seconds
+    _retention_ends_at(harness, reply.body["id"], int(time.time()) + margin // 2)
+    assert harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE).status == 202
+    # When their messages come
+    _run_lane(harness)
+    # Then they end canceled, as the batch asked, not expired
+    assert _provider_calls(provider) == 0
+    batch = _stored(harness, reply.body["id"])
+    assert batch.status is BatchStatus.CANCELED
+    assert batch.final_counts is not None and (batch.final_counts.canceled, batch.final_counts.expired) == (
+        2,
+        0,
+    )

@@ -360,7 +360,8 @@ class InMemoryJobs:
             sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction)
         )
         outlive += 3 * self.config.reconciler.stale_webhook_seconds
-        if old.expires_at < outlive:  # (kept for its terminal event's retries, as the repository)
+        # (kept for its terminal event's retries, as the repository; not once past its retention)
+        if self.now_ms() // 1000 < old.expires_at < outlive:
             changes["expires_at"] = outlive
         if job.wants(EVENT_FOR_STATUS[status]):
             changes["delivery_status"] = DeliveryStatus.PENDING

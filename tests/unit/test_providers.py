@@ -682,3 +682,44 @@ async def test_content_as_a_list_of_parts_keeps_only_its_text(stream: bool) -> N
         provider = _provider(lambda request: httpx.Response(200, json=body))
     result = await provider.generate(REQUEST, 5)
     assert (result.output, result.finish_reason) == ("42", "stop")
+
+
+async def test_a_429_whose_body_outlasts_the_calls_time_is_still_a_429() -> None:
+    # Given a 429 whose body stalls, with less time left for the call than the body may take
+    provider = _provider(
+        lambda request: httpx.Response(429, headers={"retry-after": "3"}, stream=_SlowBody())
+    )
+    # When the call's time runs out while reading it, then it is the 429 it was, not a timeout
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 0.3)
+    assert (caught.value.status_code, caught.value.retry_after) == (429, 3.0)
+
+
+async def test_a_cancel_that_lands_as_a_refused_keys_answer_ends_sends_no_second_call() -> None:
+    # Given a provider that refuses the key, and a new key in the store
+    calls: list[str | None] = []
+    generation: dict[str, asyncio.Task[Any]] = {}
+
+    class RefusedThenCanceled(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'{"error": {"message": "bad key"}}'
+            # the job's cancel lands just as the refusal's body has been read
+            generation["task"].cancel()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("authorization"))
+        if len(calls) == 1:
+            return httpx.Response(401, stream=RefusedThenCanceled())
+        return httpx.Response(200, json=_completion_body())
+
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1",
+        ProviderKey(lambda fresh: "new" if fresh else "old"),
+        False,
+        httpx.MockTransport(answer),
+    )
+    generation["task"] = asyncio.ensure_future(provider.generate(REQUEST, 30))
+    # When it runs, then it ends canceled, and the new key is never sent: nothing is paid for
+    with pytest.raises(asyncio.CancelledError):
+        await generation["task"]
+    assert calls == ["Bearer old"]

@@ -452,6 +452,10 @@ class JobRepository:
                 found = exc.job()
                 if found is not None and not found.shared:
                     return self._claim_unshared(job_id, expression, values, owner, now)
+                if exc.failed(2) and found is not None and found.status is JobStatus.QUEUED:
+                    # Its batch is canceling too (and it is, say, near its retention): it
+                    # ends canceled, as its batch asked.
+                    return Claim(claimed=False, job=found, at_ms=now, batch_canceled=True)
                 ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
                 return Claim(
                     claimed=ours,
@@ -625,10 +629,12 @@ class JobRepository:
         token = token or codec.write_token(status.value)
         now = self.now_ms()
         sets = ["#st = :status", "finished_ms = :now", "last_write = :token"]
-        # Ended near the end of its retention (or past it): the item, which the dispatcher and
-        # a poll read, outlives its terminal event's retries, or the event would find no job.
+        # Ended near the end of its retention: the item, which the dispatcher and a poll read,
+        # outlives its terminal event's retries, or the event would find no job. Not one past
+        # it (a stale message's look): its id may be taken again (an Idempotency-Key reused),
+        # and a new job or batch item under it must not find the old one in its way.
         outlive = now // 1000 + self._terminal_event_seconds()
-        keep_until_s = outlive if job.expires_at < outlive else None
+        keep_until_s = outlive if now // 1000 < job.expires_at < outlive else None
         if keep_until_s is not None:
             sets.append("expires_at = :keep_until")
             values = {**values, "keep_until": keep_until_s}

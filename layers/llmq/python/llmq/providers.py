@@ -272,6 +272,9 @@ class _Progress:
     def __init__(self) -> None:
         self.connecting = False
         self.sending = False
+        # The provider refused the request by its status: what it means before its body is
+        # read, should the call's time run out while reading it.
+        self.refused: ProviderError | None = None
 
     async def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event.endswith(("connect_tcp.started", "start_tls.started")):
@@ -379,6 +382,10 @@ class ChatCompletionsProvider:
                     newer = self._replacing(key)
                     if newer is None:
                         raise
+                    # A cancel asked for meanwhile (the job's, or its deadline's) lands here, at
+                    # a point that yields, before the second call is sent: a cancel is only
+                    # delivered where the task yields, and sending may not.
+                    await asyncio.sleep(0)
                     progress = _Progress()
                     return await self._call(
                         client,
@@ -388,6 +395,9 @@ class ChatCompletionsProvider:
                         request.on_output,
                     )
         except TimeoutError as exc:
+            if progress.refused is not None:
+                # Refused by its status before any generation; only the body was slow.
+                raise progress.refused from exc
             if progress.nothing_sent:
                 raise TransientProviderError("could not connect to the provider in time") from exc
             message = f"the provider did not finish within {timeout_seconds:.1f}s"
@@ -435,6 +445,7 @@ class ChatCompletionsProvider:
             "POST", url, json=payload, headers=headers, extensions=extensions
         ) as response:
             if response.status_code >= 300:
+                progress.refused = classify_response(response, b"")
                 raise classify_response(response, await _error_body(response))
             try:
                 if self.stream:
@@ -464,7 +475,10 @@ async def _error_body(response: httpx.Response) -> bytes:
                 return
 
     try:
-        await asyncio.wait_for(read(), _ERROR_BODY_SECONDS)
+        # (`asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` can swallow a cancel
+        # that lands as the read ends, and a canceled job would go on to its next call)
+        async with asyncio.timeout(_ERROR_BODY_SECONDS):
+            await read()
     except (TimeoutError, httpx.TransportError):
         return b""
     return bytes(body[:_MAX_ERROR_BODY])
@@ -500,7 +514,8 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
             # then stalls, keep-alives or not, does not turn a whole answer into a timeout.
             grace = None if finished_at is None else _AFTER_FINISH_SECONDS - (time.monotonic() - finished_at)
             try:
-                line = await asyncio.wait_for(lines.__anext__(), grace if grace is None else max(0.0, grace))
+                async with asyncio.timeout(grace if grace is None else max(0.0, grace)):
+                    line = await lines.__anext__()
             except StopAsyncIteration:
                 break
             except TimeoutError:
