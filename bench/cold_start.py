@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from layers.build import export_requirements, find_uv, install  # noqa: E402
+from stacks.functions import LIBRARY_ENVIRONMENT  # noqa: E402
 
 CACHE = ROOT / ".llmq" / "bench-layer"
 
@@ -66,6 +67,8 @@ ENV = {
     # as they do on Lambda (stacks/functions.py: active tracing).
     "POWERTOOLS_TRACE_DISABLED": "true",
     "PATH": "/usr/bin:/bin",
+    # What the stack sets in every function for its libraries.
+    **LIBRARY_ENVIRONMENT,
 }
 
 # sys.argv: path entries, function (or "baseline"), factories, services, "eager" to build

@@ -34,12 +34,19 @@ class FunctionDefaults:
     bytecode_python: str | None = None
 
 
+# Read by libraries as they import, the same in every function: pydantic otherwise looks for
+# plugins in every installed distribution's entry points as the first model is built, part of
+# each cold start (BENCHMARKS.md §4); llmq uses none.
+LIBRARY_ENVIRONMENT = {"PYDANTIC_DISABLE_PLUGINS": "__all__"}
+
+
 def base_environment(defaults: FunctionDefaults) -> dict[str, str]:
     return {
         CONFIG_ENV_VAR: defaults.config.to_env(),
         "POWERTOOLS_SERVICE_NAME": SERVICE_NAME,
         "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
         "LOG_LEVEL": defaults.log_level,
+        **LIBRARY_ENVIRONMENT,
     }
 
 

@@ -18,7 +18,12 @@ from tests.aws_calls import load_catalogue
 from tests.infra.iam_grants import missing_grants
 from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, function_concurrency_bounds, synthesize
 
-BASE_VARIABLES = {"POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE", "LOG_LEVEL"}
+BASE_VARIABLES = {
+    "POWERTOOLS_SERVICE_NAME",
+    "POWERTOOLS_METRICS_NAMESPACE",
+    "LOG_LEVEL",
+    "PYDANTIC_DISABLE_PLUGINS",
+}
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +289,8 @@ def test_function_environment_parses_with_the_model_its_handler_loads(synthesize
     assert set(environ) - BASE_VARIABLES <= declared
     assert environ["POWERTOOLS_SERVICE_NAME"] == SERVICE_NAME
     assert environ["POWERTOOLS_METRICS_NAMESPACE"] == METRICS_NAMESPACE
+    # (no cold start pays for pydantic's scan of every distribution for plugins)
+    assert environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"
 
 
 def test_worker_and_dispatcher_get_their_optional_variables(synthesized, config):
