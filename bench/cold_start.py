@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from layers.build import export_requirements, find_uv, install  # noqa: E402
-from stacks.functions import LIBRARY_ENVIRONMENT  # noqa: E402
+from stacks.runtime import LIBRARY_ENVIRONMENT  # noqa: E402
 
 CACHE = ROOT / ".llmq" / "bench-layer"
 

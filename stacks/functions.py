@@ -16,6 +16,7 @@ from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, Llm
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME
 from stacks.bytecode import TASK_ROOT
 from stacks.layers import ROOT, code_asset, lambda_architecture, lambda_runtime
+from stacks.runtime import LIBRARY_ENVIRONMENT
 from stacks.template import FUNCTION_TAG
 
 FUNCTIONS_DIR: Path = ROOT / "functions"
@@ -32,12 +33,6 @@ class FunctionDefaults:
     log_retention: logs.RetentionDays
     # A Python of the runtime's version: each function's folder ships with its bytecode.
     bytecode_python: str | None = None
-
-
-# Read by libraries as they import, the same in every function: pydantic otherwise looks for
-# plugins in every installed distribution's entry points as the first model is built, part of
-# each cold start (BENCHMARKS.md §4); llmq uses none.
-LIBRARY_ENVIRONMENT = {"PYDANTIC_DISABLE_PLUGINS": "__all__"}
 
 
 def base_environment(defaults: FunctionDefaults) -> dict[str, str]:

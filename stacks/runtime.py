@@ -18,3 +18,7 @@ LAYER_PLATFORM = {"arm64": "aarch64-manylinux2014", "x86_64": "x86_64-manylinux2
 # of the runtime's version ("compiled", or "partial" when some module did not compile): the
 # layer then ships its __pycache__ directories.
 BYTECODE_KEY = "bytecode"
+# Read by libraries as they import, the same in every function (`stacks/functions.py` sets
+# it): pydantic otherwise looks for plugins in every installed distribution's entry points as
+# the first model is built, part of each cold start (BENCHMARKS.md §4); llmq uses none.
+LIBRARY_ENVIRONMENT = {"PYDANTIC_DISABLE_PLUGINS": "__all__"}
