@@ -306,10 +306,17 @@ def _wait_budget(requested: float) -> float:
 
 
 def _prefer_wait(prefer: str | None) -> int:
+    # (a run of digits longer than any wait reads as the longest wait: `int()` refuses over
+    # 4,300 digits, and the job is accepted before the preference is read)
     match = re.search(r"\bwait\s*=\s*(\d+)", prefer or "")
     if not match:
         return 0
-    return min(int(match.group(1)), LIMITS.max_submit_wait_seconds)
+    digits = match.group(1).lstrip("0") or "0"
+    return (
+        LIMITS.max_submit_wait_seconds
+        if len(digits) > 9
+        else min(int(digits), LIMITS.max_submit_wait_seconds)
+    )
 
 
 @app.post(
@@ -349,7 +356,15 @@ def handle_submit_job(
     wait = _prefer_wait(prefer)
     budget = _wait_budget(wait)
     if budget > 0:
-        polled = intake().long_poll(tenant, job.id, wait_seconds=budget)
+        try:
+            polled = intake().long_poll(tenant, job.id, wait_seconds=budget)
+        except Exception as exc:
+            # The job is accepted and queued: a failed wait must not answer an error that a
+            # client retries into a second, paid job. It gets the 202, without the preference.
+            logger.warning(
+                "submit's wait failed", extra={"job_id": job.id, "error_class": type(exc).__name__}
+            )
+            return _job_response(job, status, headers)
         job = polled.job
         if not polled.wait_refused:
             # Honoured, if perhaps shorter than asked (RFC 7240 lets a server apply less).

@@ -15,6 +15,7 @@ from llmq import aws
 from llmq.job_index import TENANT_INDEX
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
+from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.integration.harness import ENTERPRISE, FREE, Harness
 
 
@@ -347,6 +348,50 @@ def test_a_cursor_outside_the_stated_format_is_422_and_a_well_formed_foreign_one
     assert (unknown.status, unknown.code) == (400, "invalid_cursor")
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        {"pk": "job_x", "tenant_created": "c"},  # past the job list's range: AWS refuses it (500 before)
+        {"pk": "", "tenant_created": "a"},
+        {"pk": "job_x", "tenant_created": 7},
+        {"pk": "job_x", "tenant_created": "a" * 1025},
+    ],
+    ids=["outside-the-range", "empty-key", "not-a-string", "too-long"],
+)
+def test_a_forged_cursor_of_the_tenants_own_is_400_never_a_query_aws_refuses(
+    harness: Harness, key: dict[str, Any]
+) -> None:
+    import base64
+
+    raw = json.dumps({"tenant_id": ENTERPRISE["tenant_id"], **key}).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    reply = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"cursor": cursor})
+    assert (reply.status, reply.code) == (400, "invalid_cursor")
+
+
+def test_a_redelivery_late_in_the_retention_keeps_the_job_for_its_retries(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given a canceled job with a webhook whose retention ends in a minute
+    job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 200
+    ddb = aws.client("dynamodb")
+    ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) + 60)}},
+    )
+    # When the client asks for its webhook again
+    assert harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE).status == 202
+    # Then the job outlives the new round's retries: each attempt, and a poll, still find it
+    item = ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
+    retries = (
+        sum(harness.config.webhooks.schedule_seconds) + 3 * harness.config.reconciler.stale_webhook_seconds
+    )
+    assert int(item["expires_at"]["N"]) >= time.time() + retries
+
+
 def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness) -> None:
     reply = harness.api(
         "POST", "/v1/jobs", body={"prompt": "x"}, headers={"Prefer": "wait=1"}, tenant=ENTERPRISE
@@ -354,6 +399,41 @@ def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness)
     assert reply.status == 202
     assert reply.headers["preference-applied"] == "wait=1"
     assert reply.body["status"] == "queued"
+
+
+@pytest.mark.parametrize("trouble", ["wait of 4,301 digits", "throttled read while waiting"])
+def test_a_submit_whose_wait_fails_is_still_its_one_accepted_job(harness: Harness, trouble: str) -> None:
+    """The job is written and queued before the wait: any failure of the wait must answer the
+    202, or a client retries the error into a second, paid job."""
+    headers = {"Prefer": "wait=" + "9" * 4301 if trouble.startswith("wait") else "wait=2"}
+
+    def throttle(**_: Any) -> None:
+        raise ClientError(
+            {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "injected"}}, "GetItem"
+        )
+
+    ddb = aws.client("dynamodb")
+    if trouble.startswith("throttled"):
+        ddb.meta.events.register("before-call.dynamodb.GetItem", throttle, unique_id="throttle-wait")
+    try:
+        # (received 26 s ago: no time is left to wait, so the long wait is read, not waited out)
+        received = int((time.time() - 26) * 1000) if trouble.startswith("wait") else None
+        reply = harness.api(
+            "POST",
+            "/v1/jobs",
+            body={"prompt": "x"},
+            headers=headers,
+            tenant=ENTERPRISE,
+            request_context={"requestTimeEpoch": received} if received else None,
+        )
+    finally:
+        ddb.meta.events.unregister("before-call.dynamodb.GetItem", unique_id="throttle-wait")
+    assert reply.status == 202, reply.body
+    assert reply.body["status"] == "queued"
+    assert "preference-applied" not in reply.headers
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
+    listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"]
+    assert [job["id"] for job in listed] == [reply.body["id"]]
 
 
 def test_get_with_wait_returns_at_once_for_a_terminal_job(harness: Harness) -> None:

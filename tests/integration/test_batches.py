@@ -20,6 +20,7 @@ from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
 from llmq.tenants import TenantRepository
+from llmq.webhooks import copy_lag_seconds
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
@@ -32,8 +33,11 @@ HIGH = "high"
 
 @pytest.fixture
 def harness(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch) -> Harness:
-    # Chunks of two items, so a batch of five is three transactions and a crash can fall between.
-    return Harness(moto_stack, integration_config(provider, batches={"expand_chunk": 2}), monkeypatch)
+    # Chunks of two items, so a batch of five is three transactions and a crash can fall between;
+    # webhook POSTs of at most 5 s, so a copy of a message waits 10 s for its carrier's.
+    webhooks = {"allow_loopback_http": True, "schedule_seconds": [1, 2, 4], "timeout_seconds": 5}
+    config = integration_config(provider, batches={"expand_chunk": 2}, webhooks=webhooks)
+    return Harness(moto_stack, config, monkeypatch)
 
 
 @pytest.fixture
@@ -939,7 +943,8 @@ def test_a_batch_webhooks_attempt_whose_record_was_applied_unanswered_is_still_r
     faults.wrap_handler("webhook_dispatcher", dispatcher)
     faults.arm(kind, "dynamodb.UpdateItem", function="webhook_dispatcher")
     # When the dispatcher runs (the schedule's first retry is due 1 s after the first attempt)
-    deadline = time.monotonic() + 20
+    # (it comes back when the next attempt is due, and the copy lag after it)
+    deadline = time.monotonic() + harness.config.webhooks.schedule_seconds[0] + copy_lag_seconds(5) + 10
     while _stored(harness, batch_id).delivery_status is not DeliveryStatus.DELIVERED:
         assert time.monotonic() < deadline, "the retry due after 1 s never came"
         _dispatch_all(harness, dispatcher)

@@ -414,6 +414,24 @@ def test_retry_after_on_429_sets_the_message_visibility(stage: Stage) -> None:
     assert stage.receivable() == 0
 
 
+@pytest.mark.parametrize("status", [200, 429])
+def test_a_retry_after_no_date_can_hold_is_ignored_not_a_crash(stage: Stage, status: int) -> None:
+    # Given a receiver whose answer carries a Retry-After date past year 9999
+    stage.receiver.script(
+        "/hooks/odd", Answer(status, {"Retry-After": "Wed, 21 Oct 99999999999 07:28:00 GMT"})
+    )
+    stage.job("/hooks/odd")
+    # When the event is delivered, then the answer is recorded as it was: delivered, or failed
+    # and retried on the schedule alone
+    stage.dispatch()
+    assert stage.delivery().attempts == 1
+    assert stage.delivery().last_status_code == status
+    expected = "delivered" if status == 200 else "pending"
+    assert stage.delivery().status == expected
+    if status == 429:
+        assert stage.visibility_changes == [SCHEDULE[0]]
+
+
 # ---- SSRF at send time, duplicates, poison ----------------------------------------------
 
 

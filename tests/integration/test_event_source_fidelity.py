@@ -24,7 +24,7 @@ import boto3
 import pytest
 
 from llmq.models import WebhookEvent
-from llmq.webhooks import COPY_LAG_SECONDS
+from llmq.webhooks import copy_lag_seconds
 from llmq_sandbox.event_sources import DeliveryChaos, QueuePoller
 from llmq_sandbox.lambda_service import AwsAccess, LambdaService
 from llmq_sandbox.topology import FunctionSpec, MappingSpec, QueueSpec
@@ -315,13 +315,19 @@ def test_a_duplicated_webhook_message_counts_its_attempt_once(stage: Stage) -> N
     first = stage.dispatch()
     # Then one attempt is counted, and both copies come back: one when the next is due, one after
     assert len(first["batchItemFailures"]) == 2
-    assert sorted(stage.visibility_changes) == [SCHEDULE[0], SCHEDULE[0] + COPY_LAG_SECONDS]
+    assert sorted(stage.visibility_changes) == [
+        SCHEDULE[0],
+        SCHEDULE[0] + copy_lag_seconds(stage.config.webhooks.timeout_seconds),
+    ]
     assert stage.delivery().attempts == 1
     assert len(stage.receiver.requests_to("/hooks/flaky")) == 1
     stage.let_time_pass(SCHEDULE[0])
     stage.dispatch()
     assert stage.delivery().attempts == 2
-    assert sorted(stage.visibility_changes[2:]) == [SCHEDULE[1], SCHEDULE[1] + COPY_LAG_SECONDS]
+    assert sorted(stage.visibility_changes[2:]) == [
+        SCHEDULE[1],
+        SCHEDULE[1] + copy_lag_seconds(stage.config.webhooks.timeout_seconds),
+    ]
     delivery = stage.delivery()
     # When the receiver is back, the delivery is settled and both copies are acknowledged
     while delivery.status == "pending":
@@ -348,9 +354,13 @@ def test_a_copy_that_comes_before_the_next_attempt_is_due_waits_for_it(stage: St
     # When another copy of the message comes at once
     stage.queues.enqueue_webhook(record.id, WebhookEvent.SUCCEEDED)
     early = stage.dispatch()
-    # Then it is not sent, counts no attempt, and comes back COPY_LAG_SECONDS after the retry is due
+    # Then it is not sent, counts no attempt, and comes back the copy lag after the retry is due
     assert len(early["batchItemFailures"]) == 1
     assert len(stage.receiver.requests_to("/hooks/flaky")) == 1
     assert stage.delivery().attempts == 1
     assert stage.visibility_changes[0] == SCHEDULE[0]
-    assert SCHEDULE[0] + COPY_LAG_SECONDS - 1 <= stage.visibility_changes[1] <= SCHEDULE[0] + COPY_LAG_SECONDS
+    assert (
+        SCHEDULE[0] + copy_lag_seconds(stage.config.webhooks.timeout_seconds) - 1
+        <= stage.visibility_changes[1]
+        <= SCHEDULE[0] + copy_lag_seconds(stage.config.webhooks.timeout_seconds)
+    )

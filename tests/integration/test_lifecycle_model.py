@@ -550,10 +550,12 @@ class ObservedJobRepository(JobRepository):
         self.claims[owner] = claim
         return claim
 
-    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
+    def mark_delivery_pending(
+        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+    ) -> JobRecord:
         self.observer.redelivering = True
         try:
-            pending = super().mark_delivery_pending(job_id, tenant_id)
+            pending = super().mark_delivery_pending(job_id, tenant_id, expires_at=expires_at)
         finally:
             self.observer.redelivering = False
         self.recorded_deliveries[job_id] = 0

@@ -584,17 +584,30 @@ class InMemoryJobs:
         return True
 
     @_throttleable
-    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
+    def mark_delivery_pending(
+        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+    ) -> JobRecord:
         old = self.records.get(job_id)
         if old is None or old.tenant_id != tenant_id or old.webhook_url is None:
             raise JobNotFound(job_id)
         self.due[job_id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
+        webhooks = self.config.webhooks
+        outlive = self.now_ms() // 1000 + math.ceil(
+            sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction)
+        )
+        outlive += 3 * self.config.reconciler.stale_webhook_seconds
+        kept = (
+            {"expires_at": outlive}
+            if expires_at is not None and self.now_ms() // 1000 < expires_at < outlive
+            else {}
+        )
         return self._put(
             old,
             delivery_status=DeliveryStatus.PENDING,
             delivery_attempts=0,
             delivery_next_ms=None,
             delivery_carrier=None,
+            **kept,
         )
 
     # ---- the reconciler's sparse index ------------------------------------------------------

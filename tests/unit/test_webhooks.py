@@ -33,7 +33,6 @@ from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
 from llmq.tenants import Tenant, new_webhook_secret
 from llmq.webhooks import (
-    COPY_LAG_SECONDS,
     USER_AGENT,
     DeliveryOutcome,
     OutcomeKind,
@@ -250,7 +249,14 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
     assert parse_retry_after(httpx.Headers({"Retry-After": "120"}), now) == 120
     assert parse_retry_after(httpx.Headers({"Retry-After": later}), now) == pytest.approx(90)
     assert parse_retry_after(httpx.Headers({"retry-after-ms": "1500", "retry-after": "9"}), now) == 1.5
-    for unreadable in ("soon", "inf", "nan", ""):
+    for unreadable in (
+        "soon",
+        "inf",
+        "nan",
+        "",
+        "Wed, 21 Oct 99999999999 07:28:00 GMT",
+        "Wed, 21 Oct 2026 07:28:00 -99999999999999999999",
+    ):
         assert parse_retry_after(httpx.Headers({"Retry-After": unreadable}), now) is None
     assert parse_retry_after(httpx.Headers(), now) is None
 
@@ -489,7 +495,7 @@ async def test_a_copy_that_loses_the_count_keeps_its_message_for_the_retry() -> 
     assert [type(outcome) for outcome in outcomes] == [RetryLater, RetryLater], outcomes
     assert sorted(round(outcome.delay_seconds) for outcome in outcomes) == [
         SCHEDULE[0],
-        SCHEDULE[0] + COPY_LAG_SECONDS,
+        SCHEDULE[0] + world.dispatcher.copy_lag_seconds,
     ]  # type: ignore[union-attr]
     assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
     assert len(world.receiver.requests) == 2
@@ -743,10 +749,28 @@ async def test_a_copy_that_comes_early_comes_back_after_the_attempt_it_would_mak
     )
     # When a copy of its message comes now
     outcome = await world.dispatcher.deliver(WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED))
-    # Then it waits until COPY_LAG_SECONDS after the attempt is due (the message carrying that attempt,
+    # Then it waits until the copy lag after the attempt is due (the message carrying that attempt,
     # delayed to it, goes first), and nothing was POSTed
     assert outcome.kind is OutcomeKind.RETRY
-    assert outcome.retry_in == pytest.approx(SCHEDULE[0] + COPY_LAG_SECONDS, abs=0.01)
+    assert outcome.retry_in == pytest.approx(SCHEDULE[0] + world.dispatcher.copy_lag_seconds, abs=0.01)
+    assert world.receiver.requests == []
+
+
+async def test_a_copy_never_posts_beside_a_carrier_whose_receiver_is_still_answering() -> None:
+    # Given a job whose second attempt came due almost a whole POST timeout ago: its carrier's
+    # POST to a slow receiver may still be waiting for the answer, the attempt not yet recorded
+    world = World()
+    timeout = world.config.webhooks.timeout_seconds
+    ended = world.add(make_job())
+    world.jobs.records[ended.id] = ended.model_copy(
+        update={"delivery_attempts": 1, "delivery_next_ms": int((world.now - timeout + 0.5) * 1000)}
+    )
+    body = WebhookMessage(job_id=ended.id, event=WebhookEvent.SUCCEEDED).model_dump_json()
+    # When another message for it is received for the first time
+    with pytest.raises(RetryLater) as waited:
+        await world.dispatcher.handle(body, receive_count=1)
+    # Then it waits for the carrier's POST to have ended, and POSTs nothing beside it
+    assert waited.value.delay_seconds >= 0.5
     assert world.receiver.requests == []
 
 
@@ -762,7 +786,7 @@ async def test_a_new_copy_just_past_a_scheduled_attempt_waits_for_the_message_th
     with pytest.raises(RetryLater) as waited:
         await world.dispatcher.handle(body, receive_count=1)
     # Then it comes back after the carrier's attempt, and nothing was POSTed
-    assert waited.value.delay_seconds == pytest.approx(COPY_LAG_SECONDS - 0.5, abs=0.01)
+    assert waited.value.delay_seconds == pytest.approx(world.dispatcher.copy_lag_seconds - 0.5, abs=0.01)
     assert world.receiver.requests == []
     # While the carrier itself, back for its second receive, delivers at once
     assert (await world.dispatcher.handle(body, receive_count=2)).kind is OutcomeKind.DELIVERED
@@ -794,12 +818,12 @@ async def test_a_copy_received_before_waits_for_the_message_named_to_carry_the_a
     with pytest.raises(RetryLater) as waited:
         await world.dispatcher.handle(body, receive_count=2, message_id="m2")
     # Then the copy waits until after the carrier, which delivers at once
-    assert waited.value.delay_seconds == pytest.approx(COPY_LAG_SECONDS, abs=0.01)
+    assert waited.value.delay_seconds == pytest.approx(world.dispatcher.copy_lag_seconds, abs=0.01)
     assert (
         await world.dispatcher.handle(body, receive_count=2, message_id="m1")
     ).kind is OutcomeKind.DELIVERED
     assert len(world.receiver.requests) == 2
     # And the copy, back after it, finds it delivered and POSTs nothing
-    world.now += COPY_LAG_SECONDS
+    world.now += world.dispatcher.copy_lag_seconds
     assert (await world.dispatcher.handle(body, receive_count=3, message_id="m2")).kind is OutcomeKind.SKIPPED
     assert len(world.receiver.requests) == 2

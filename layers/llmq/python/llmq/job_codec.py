@@ -167,6 +167,11 @@ def old_item(exc: ClientError) -> JobRecord | None:
     return from_item(item) if item else None
 
 
+# DynamoDB's key size limits: 2,048 bytes for a partition key value, 1,024 for a sort key's.
+_MAX_PARTITION_KEY_BYTES = 2048
+_MAX_SORT_KEY_BYTES = 1024
+
+
 def encode_cursor(key: dict[str, Any]) -> str:
     raw = json.dumps(plain(key), default=str, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -182,7 +187,14 @@ def decode_cursor(cursor: str, tenant_id: str, *, batches: bool = False) -> dict
             raise ValueError("unexpected cursor keys")
         if decoded["tenant_id"] != tenant_id:
             raise ValueError("cursor of another tenant")
-        if str(decoded["tenant_created"]).startswith(BATCH_SORT_PREFIX) != batches:
+        sort, pk = decoded["tenant_created"], decoded["pk"]
+        if not isinstance(sort, str) or not isinstance(pk, str) or not sort or not pk:
+            raise ValueError("cursor keys are not strings")
+        if len(sort.encode()) > _MAX_SORT_KEY_BYTES or len(pk.encode()) > _MAX_PARTITION_KEY_BYTES:
+            raise ValueError("cursor keys too long")
+        # Within the list's own range of the partition, which DynamoDB requires of a start key
+        # (a job list reads `tenant_created < "b#"`; a batch list those that begin with it).
+        if sort.startswith(BATCH_SORT_PREFIX) != batches or (not batches and sort >= BATCH_SORT_PREFIX):
             raise ValueError("cursor of the other list")
         return {name: _serializer.serialize(str(value)) for name, value in decoded.items()}
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:

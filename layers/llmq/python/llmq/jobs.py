@@ -1113,18 +1113,24 @@ class JobRepository:
             return bool(old.get("delivery_write", {}).get("S") == token)
         return True
 
-    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord:
-        """Redelivery: the terminal event goes out again, so the delivery is pending once more."""
-        sweep_sets, _, sweep = self._sweep(
-            job_id, self.now_ms() + self.config.reconciler.stale_webhook_seconds * 1000
-        )
+    def mark_delivery_pending(
+        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+    ) -> JobRecord:
+        """Redelivery: the terminal event goes out again, so the delivery is pending once more.
+        A job whose retention (`expires_at`, as read) ends before the new round's retries is
+        kept for them, as a terminal write keeps it (`_finish`)."""
+        now = self.now_ms()
+        sweep_sets, _, sweep = self._sweep(job_id, now + self.config.reconciler.stale_webhook_seconds * 1000)
+        sets = ["delivery_status = :pending", "delivery_attempts = :zero", *sweep_sets]
+        outlive = now // 1000 + self._terminal_event_seconds()
+        if expires_at is not None and now // 1000 < expires_at < outlive:
+            sets.append("expires_at = :keep_until")
+            sweep = {**sweep, "keep_until": outlive}
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
-                UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
-                + ", ".join(sweep_sets)
-                + " REMOVE delivery_next_ms, delivery_carrier",
+                UpdateExpression=f"SET {', '.join(sets)} REMOVE delivery_next_ms, delivery_carrier",
                 ConditionExpression="tenant_id = :tenant AND attribute_exists(webhook_url)",
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value, tenant=tenant_id, zero=0, **sweep

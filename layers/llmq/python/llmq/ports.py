@@ -97,7 +97,9 @@ class JobStore(Protocol):
         log_seq: int = ...,
         carrier: str | None = None,
     ) -> bool: ...
-    def mark_delivery_pending(self, job_id: str, tenant_id: str) -> JobRecord: ...
+    def mark_delivery_pending(
+        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+    ) -> JobRecord: ...
 
     # ---- the reconciler's sparse index ----------------------------------------------------
     def sweep(

@@ -22,11 +22,12 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
         return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - now)
+    # (a date past year 9999, or an offset of twenty digits, overflows: unreadable, like "soon")
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
 
 
 def _seconds(value: str | None) -> float | None:

@@ -70,6 +70,15 @@ EARLY_TOLERANCE_SECONDS = 1.0
 # showed over 2 s): the longer the lag, the rarer a copy that POSTs beside it. A copy only
 # ever acts on its own when the carrier is gone, which costs the attempt this much delay.
 COPY_LAG_SECONDS = 5.0
+
+
+def copy_lag_seconds(timeout_seconds: float) -> float:
+    """How long after an attempt is due a copy of its message comes back: the carrier's
+    lateness (COPY_LAG_SECONDS) and the whole of its POST (`webhooks.timeout_seconds`), so a
+    copy never POSTs the attempt beside a carrier whose receiver is slow to answer."""
+    return COPY_LAG_SECONDS + timeout_seconds
+
+
 # Statuses whose Retry-After we honour; for any other failure the schedule alone decides.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 # A job.output event is tried this many times at most, retried only while its job runs, and
@@ -254,6 +263,7 @@ class WebhookDispatcher:
         # None: no batch events here (tests of job webhooks).
         self._batches = batches
         self._policy = config.webhooks
+        self.copy_lag_seconds = copy_lag_seconds(config.webhooks.timeout_seconds)
         self._public_api_url = public_api_url
         self._transport_factory = transport_factory
         self._resolver = resolver
@@ -315,7 +325,7 @@ class WebhookDispatcher:
         if early > 0:
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early + COPY_LAG_SECONDS, self.max_delay_seconds),
+                retry_in=min(early + self.copy_lag_seconds, self.max_delay_seconds),
                 reason="the next attempt is not due yet",
             )
         attempt = batch.delivery_attempts + 1
@@ -360,7 +370,7 @@ class WebhookDispatcher:
         batch = await asyncio.to_thread(self._batches.find, batch_id) if self._batches else None
         if batch is None or batch.delivery_status is not DeliveryStatus.PENDING:
             return DeliveryOutcome.skipped("another copy of this delivery settled it first")
-        due_in = (batch.delivery_next_ms or 0) / 1000 - self._clock() + COPY_LAG_SECONDS
+        due_in = (batch.delivery_next_ms or 0) / 1000 - self._clock() + self.copy_lag_seconds
         return DeliveryOutcome(
             OutcomeKind.RETRY,
             retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
@@ -438,7 +448,7 @@ class WebhookDispatcher:
             # Another message while an attempt is scheduled (a copy sent again for the terminal
             # job): the message that carries that attempt comes back for it and goes first,
             # even within the tolerance or just past it; this one after it.
-            behind = job.delivery_next_ms / 1000 + COPY_LAG_SECONDS - self._clock()
+            behind = job.delivery_next_ms / 1000 + self.copy_lag_seconds - self._clock()
             if behind > 0:
                 return DeliveryOutcome(
                     OutcomeKind.RETRY,
@@ -450,7 +460,7 @@ class WebhookDispatcher:
             # until after the message that carries that attempt, which it then finds settled.
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early + COPY_LAG_SECONDS, self.max_delay_seconds),
+                retry_in=min(early + self.copy_lag_seconds, self.max_delay_seconds),
                 reason="the next attempt is not due yet",
             )
         attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
@@ -501,7 +511,7 @@ class WebhookDispatcher:
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
         # After the copy that counted it, whose message carries the attempt and comes back at it.
-        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + COPY_LAG_SECONDS
+        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + self.copy_lag_seconds
         return DeliveryOutcome(
             OutcomeKind.RETRY,
             retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
