@@ -987,6 +987,31 @@ def test_a_copy_of_a_batch_webhook_message_that_lost_the_count_keeps_the_message
     assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500, 200]
 
 
+def test_a_late_success_of_a_batch_webhook_counts_after_another_copy_counted_the_attempt_failed(
+    harness: Harness, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose event's receiver answers 200
+    path = "/batch-copies/ok"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    # And another copy of its message whose POST of the same attempt timed out, and which
+    # counted that attempt failed just before this copy's 200 is recorded
+    batches = dispatcher.dispatcher()._batches
+    record = batches.record_delivery
+
+    def another_copy_failed_first(batch_id: str, status: Any, code: Any, attempts: int, *rest: Any) -> bool:
+        due = int((time.time() + 60) * 1000)
+        assert record(batch_id, DeliveryStatus.PENDING, None, attempts, None, due), "the other copy's count"
+        return record(batch_id, status, code, attempts, *rest)
+
+    monkeypatch.setattr(batches, "record_delivery", another_copy_failed_first)
+    _dispatch_all(harness, dispatcher)
+    monkeypatch.setattr(batches, "record_delivery", record)
+    # Then the receiver's 200 counts: the event is delivered, not POSTed again at the next attempt
+    stored = _stored(harness, batch_id)
+    assert (stored.delivery_status, stored.delivery_attempts) == (DeliveryStatus.DELIVERED, 1)
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [200]
+
+
 def test_a_redelivery_during_a_retry_round_runs_its_own_round_of_attempts(
     harness: Harness, receiver: WebhookReceiver
 ) -> None:

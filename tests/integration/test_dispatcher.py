@@ -385,6 +385,22 @@ def test_when_the_schedule_is_exhausted_the_delivery_fails_and_the_job_stays(sta
     assert job is not None and job.status is JobStatus.SUCCEEDED
 
 
+def test_410_to_a_jobs_started_event_stops_its_later_events_too(stage: Stage) -> None:
+    # Given a job subscribed to job.started and job.succeeded, whose receiver answers 410 Gone
+    stage.receiver.script("/hooks/gone-early", 410)
+    stage.job("/hooks/gone-early", events=[WebhookEvent.STARTED, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    # When its job.started event is answered 410
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.STARTED)
+    assert stage.dispatch() == {"batchItemFailures": []}
+    # Then its terminal event is not POSTed, and its delivery says delivery was disabled
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    assert stage.dispatch() == {"batchItemFailures": []}
+    assert len(stage.receiver.requests_to("/hooks/gone-early")) == 1
+    assert stage.delivery().status == "disabled"
+    assert stage.queued() == 0
+
+
 def test_410_disables_delivery_after_one_attempt(stage: Stage) -> None:
     stage.receiver.script("/hooks/gone", 410)
     stage.job("/hooks/gone")

@@ -584,6 +584,11 @@ class InMemoryJobs:
         return True
 
     @_throttleable
+    def mark_webhook_gone(self, job_id: str) -> None:
+        old = self.records.get(job_id)
+        if old is not None:
+            self._put(old, webhook_gone=True)
+
     def mark_delivery_pending(
         self, job_id: str, tenant_id: str, *, expires_at: int | None = None
     ) -> JobRecord:

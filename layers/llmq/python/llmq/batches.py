@@ -985,12 +985,19 @@ class BatchRepository:
         if attempt is not None:
             update += f" ADD {codec.DELIVERY_LOG_SEQ} :one"
             values["one"] = 1
+        condition = "delivery_status = :pending AND delivery_attempts = :previous"
+        if status is DeliveryStatus.DELIVERED:
+            # A success counts even after another copy counted the same attempt failed (or
+            # gave up on it), as a job's does; never over a later attempt's count.
+            condition = "delivery_status IN (:pending, :failed) AND delivery_attempts <= :attempts"
+            values["failed"] = DeliveryStatus.FAILED.value
+            del values["previous"]  # (DynamoDB refuses a value no expression names)
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
                 UpdateExpression=update,
-                ConditionExpression="delivery_status = :pending AND delivery_attempts = :previous",
+                ConditionExpression=condition,
                 ExpressionAttributeValues=codec.values(**values),
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )

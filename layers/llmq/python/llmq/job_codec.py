@@ -51,6 +51,8 @@ def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str,
         exclude_none=True,
         # The delivery log is written slot by slot, by the dispatcher's delivery writes only.
         exclude={
+            # (set only by `JobRepository.mark_webhook_gone`; a job is written without it)
+            "webhook_gone",
             "result_url",
             "result_url_expires_ms",
             "queue_position",

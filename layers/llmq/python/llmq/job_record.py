@@ -108,6 +108,9 @@ class JobRecord(Model):
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] = Field(default_factory=list)
     delivery_status: DeliveryStatus | None = None
+    # The receiver answered 410 Gone to one of the job's earlier events (job.started, job.output):
+    # nothing more is POSTed for the job, its terminal delivery is recorded disabled.
+    webhook_gone: bool = False
     delivery_attempts: int = 0
     delivery_last_status_code: int | None = None
     # When a pending delivery's next attempt is due (epoch ms): an early copy of its message waits.

@@ -1113,6 +1113,21 @@ class JobRepository:
             return bool(old.get("delivery_write", {}).get("S") == token)
         return True
 
+    def mark_webhook_gone(self, job_id: str) -> None:
+        """The receiver answered 410 Gone to an event of the job that is not recorded (job.started,
+        job.output): its later events, the terminal one included, are not POSTed."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression="SET webhook_gone = :true",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":true": {"BOOL": True}},
+            )
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
+
     def mark_delivery_pending(
         self, job_id: str, tenant_id: str, *, expires_at: int | None = None
     ) -> JobRecord:

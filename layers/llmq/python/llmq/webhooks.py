@@ -464,6 +464,15 @@ class WebhookDispatcher:
                 reason="the next attempt is not due yet",
             )
         attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
+        if job.webhook_gone:
+            # 410 Gone to an earlier event: nothing more is POSTed, and the terminal delivery says so.
+            if not terminal:
+                return DeliveryOutcome.skipped("the receiver answered 410 Gone to an earlier event")
+            outcome = DeliveryOutcome(
+                OutcomeKind.DISABLED, reason="the receiver answered 410 Gone to an earlier event"
+            )
+            recorded = await asyncio.to_thread(self._record, job, outcome, previous, message_id)
+            return outcome if recorded else await self._after_a_copy_counted(message)
         secrets = await self._secrets(job.tenant_id)
         if not secrets:
             outcome = DeliveryOutcome(
@@ -492,6 +501,9 @@ class WebhookDispatcher:
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
         if terminal and not await asyncio.to_thread(self._record, job, outcome, previous, message_id):
             return await self._after_a_copy_counted(message)
+        if not terminal and outcome.kind is OutcomeKind.DISABLED:
+            # Said on the job, so its later events (the terminal one too) are not POSTed.
+            await asyncio.to_thread(self._jobs.mark_webhook_gone, job.id)
         return outcome
 
     async def _after_a_copy_counted(self, message: WebhookMessage) -> DeliveryOutcome:
