@@ -416,7 +416,11 @@ def handle_list_jobs(
     jobs, next_cursor = intake().list(_tenant(), status, limit, cursor)
     base = _public_base()
     page = JobList(data=[job.to_job(api_base=base) for job in jobs], next_cursor=next_cursor)
-    return Response(status_code=200, content_type="application/json", body=page.model_dump_json())
+    # The tenant index holds no live output (`stacks/jobs_table.py`): its items would all say
+    # `stream: false` and show no progress, so the list leaves those out; a GET shows them.
+    live = {"stream", "progress", "output_partial", "output_partial_truncated"}
+    body = page.model_dump_json(exclude={"data": {"__all__": live}})
+    return Response(status_code=200, content_type="application/json", body=body)
 
 
 @app.post(

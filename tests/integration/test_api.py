@@ -249,6 +249,9 @@ def test_the_tenant_index_holds_no_input_and_the_list_shows_each_job_as_get_does
         got = harness.api("GET", f"/v1/jobs/{job['id']}", tenant=ENTERPRISE).body
         assert got.pop("queue_position", None) == (1 if job["status"] == "queued" else None)
         assert job.pop("queue_position", None) is None
+        # (less the live output, which the index does not hold: `test_the_list_never_says_...`)
+        for live in ("stream", "progress", "output_partial", "output_partial_truncated"):
+            got.pop(live, None)
         assert job == got
     finished = next(job for job in listed if job["id"] == done.body["id"])
     assert (finished["status"], finished["metadata"]) == ("succeeded", {"team": "a"})
@@ -367,6 +370,19 @@ def test_a_forged_cursor_of_the_tenants_own_is_400_never_a_query_aws_refuses(
     cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
     reply = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"cursor": cursor})
     assert (reply.status, reply.code) == (400, "invalid_cursor")
+
+
+def test_the_list_never_says_a_stream_true_job_is_not_streaming(harness: Harness) -> None:
+    # Given a job submitted with stream: true
+    job_id = harness.submit(stream=True).body["id"]
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["stream"] is True
+    # When the tenant lists its jobs (read from the tenant index, which holds no live output)
+    [listed] = [
+        job for job in harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"] if job["id"] == job_id
+    ]
+    # Then the list says nothing of it rather than something false: a GET of the job does
+    assert "stream" not in listed and "progress" not in listed and "output_partial" not in listed
+    assert listed["status"] == "queued"
 
 
 def test_a_redelivery_late_in_the_retention_keeps_the_job_for_its_retries(
