@@ -72,7 +72,8 @@ ENV = {
 }
 
 # sys.argv: path entries, function (or "baseline"), factories, services, "eager" to build
-# every model at import (before the change), "first" to time one request the api answers
+# every model at import (before the change), "plugins" to let pydantic look for plugins (the
+# variable the stack sets left out), "first" to time one request the api answers
 # without AWS (a submit that validation refuses), "warm" to run the SnapStart warm-up first.
 _PROBE = r"""
 import json, sys, time
@@ -169,7 +170,10 @@ def _probe(
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "256",
         "AWS_EXECUTION_ENV": f"AWS_Lambda_python{sys.version_info.major}.{sys.version_info.minor}",
     }
-    out = subprocess.run(command, env=ENV | lambda_env, capture_output=True, text=True, check=True)
+    env = ENV | lambda_env
+    if "plugins" in flags:  # (as before issue 17: pydantic looks for plugins)
+        env = {name: value for name, value in env.items() if name not in LIBRARY_ENVIRONMENT}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     if importtime:
         result["importtime"] = out.stderr
@@ -185,7 +189,7 @@ def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
     for _ in range(repeats):
         runs["baseline"].append(_probe(path, "baseline", services=services))
         runs["now"].append(_probe(path, name))
-        runs["before"].append(_probe(path, name, "eager"))
+        runs["before"].append(_probe(path, name, "eager,plugins"))
     seconds = {key: statistics.median(run["seconds"] for run in values) for key, values in runs.items()}
     ratios = [
         now["seconds"] / base["seconds"] for now, base in zip(runs["now"], runs["baseline"], strict=True)

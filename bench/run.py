@@ -522,8 +522,10 @@ def _render_cold(cold: Any) -> list[str]:
         "without it the X-Ray SDK, as it is imported, builds two clients for centralized sampling, about 80 ms "
         "that no function pays on Lambda and earlier runs of this benchmark counted). Medians of several runs, each run of the function, of the same "
         "function as before and of a baseline process (the same boto3, the function's own clients) one after "
-        "another; the range is that of the per-run ratios. **before** builds every llmq model at import, as "
-        "before issue 17; **now** builds each at its first use (`llmq.model_base`).",
+        "another; the range is that of the per-run ratios. **before** builds every llmq model at import and "
+        "lets pydantic look for plugins in every installed distribution, as before issue 17; **now** builds "
+        "each model at its first use (`llmq.model_base`) and turns the plugin search off "
+        "(`PYDANTIC_DISABLE_PLUGINS`, `stacks/runtime.py`; llmq uses no plugin).",
         "",
         "- **as shipped**: no bytecode. The deps layer is built for the Lambda runtime's Python, which this "
         "machine cannot compile for, and /opt is read-only, so each cold start compiles what it imports.",
