@@ -385,27 +385,38 @@ def test_the_list_never_says_a_stream_true_job_is_not_streaming(harness: Harness
     assert listed["status"] == "queued"
 
 
-def test_a_redelivery_late_in_the_retention_keeps_the_job_for_its_retries(
-    harness: Harness, receiver: WebhookReceiver
+@pytest.mark.parametrize("kept_before", [False, True], ids=["first-round", "kept-for-a-round-already"])
+def test_a_redelivery_late_in_the_retention_keeps_the_job_for_its_retries_once(
+    harness: Harness, receiver: WebhookReceiver, kept_before: bool
 ) -> None:
-    # Given a canceled job with a webhook whose retention ends in a minute
+    # Given a canceled job with a webhook whose retention ends in a minute; or one kept past
+    # its retention for an earlier round already (created longer ago than the retention)
     job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
     assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 200
     ddb = aws.client("dynamodb")
+    now = int(time.time())
+    created_ms = (now - harness.config.retention_seconds - 86_400) * 1000 if kept_before else None
     ddb.update_item(
         TableName=harness.stack.jobs_table,
         Key={"pk": {"S": job_id}},
-        UpdateExpression="SET expires_at = :at",
-        ExpressionAttributeValues={":at": {"N": str(int(time.time()) + 60)}},
+        UpdateExpression="SET expires_at = :at" + (", created_ms = :created" if created_ms else ""),
+        ExpressionAttributeValues={
+            ":at": {"N": str(now + 60)},
+            **({":created": {"N": str(created_ms)}} if created_ms else {}),
+        },
     )
     # When the client asks for its webhook again
     assert harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE).status == 202
-    # Then the job outlives the new round's retries: each attempt, and a poll, still find it
+    # Then the job outlives the new round's retries (each attempt, and a poll, still find it);
+    # but a job is never kept past its retention for more than one round, however often asked
     item = ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
     retries = (
         sum(harness.config.webhooks.schedule_seconds) + 3 * harness.config.reconciler.stale_webhook_seconds
     )
-    assert int(item["expires_at"]["N"]) >= time.time() + retries
+    if kept_before:
+        assert int(item["expires_at"]["N"]) == now + 60
+    else:
+        assert int(item["expires_at"]["N"]) >= time.time() + retries
 
 
 def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness) -> None:

@@ -385,20 +385,35 @@ def test_when_the_schedule_is_exhausted_the_delivery_fails_and_the_job_stays(sta
     assert job is not None and job.status is JobStatus.SUCCEEDED
 
 
-def test_410_to_a_jobs_started_event_stops_its_later_events_too(stage: Stage) -> None:
+@pytest.mark.parametrize("carry", [False, True], ids=["read", "carried"])
+def test_410_to_a_jobs_started_event_stops_its_later_events_until_a_redelivery(
+    stage: Stage, carry: bool
+) -> None:
     # Given a job subscribed to job.started and job.succeeded, whose receiver answers 410 Gone
     stage.receiver.script("/hooks/gone-early", 410)
     stage.job("/hooks/gone-early", events=[WebhookEvent.STARTED, WebhookEvent.SUCCEEDED])
     stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    as_claimed = stage.jobs.find("job_hooked")
+    assert as_claimed is not None
     # When its job.started event is answered 410
     stage.queues.enqueue_webhook("job_hooked", WebhookEvent.STARTED)
     assert stage.dispatch() == {"batchItemFailures": []}
-    # Then its terminal event is not POSTed, and its delivery says delivery was disabled
-    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    # Then its terminal event is not POSTed, even from a message carrying the job as the worker
+    # read it before the 410, and its delivery says delivery was disabled
+    snapshot = job_snapshot(as_claimed) if carry else None
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, snapshot=snapshot)
     assert stage.dispatch() == {"batchItemFailures": []}
     assert len(stage.receiver.requests_to("/hooks/gone-early")) == 1
     assert stage.delivery().status == "disabled"
     assert stage.queued() == 0
+    # And once the integrator fixed the endpoint, a redelivery sends it
+    stored = stage.jobs.find("job_hooked")
+    assert stored is not None
+    stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID, read=stored)
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    stage.dispatch()
+    assert [request.path for request in stage.receiver.requests] == ["/hooks/gone-early"] * 2
+    assert stage.delivery().status == "delivered"
 
 
 def test_410_disables_delivery_after_one_attempt(stage: Stage) -> None:

@@ -551,11 +551,11 @@ class ObservedJobRepository(JobRepository):
         return claim
 
     def mark_delivery_pending(
-        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+        self, job_id: str, tenant_id: str, *, read: JobRecord | None = None
     ) -> JobRecord:
         self.observer.redelivering = True
         try:
-            pending = super().mark_delivery_pending(job_id, tenant_id, expires_at=expires_at)
+            pending = super().mark_delivery_pending(job_id, tenant_id, read=read)
         finally:
             self.observer.redelivering = False
         self.recorded_deliveries[job_id] = 0

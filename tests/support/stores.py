@@ -583,35 +583,37 @@ class InMemoryJobs:
         self._put(old, **changes)
         return True
 
-    @_throttleable
     def mark_webhook_gone(self, job_id: str) -> None:
         old = self.records.get(job_id)
         if old is not None:
             self._put(old, webhook_gone=True)
 
+    @_throttleable
     def mark_delivery_pending(
-        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+        self, job_id: str, tenant_id: str, *, read: JobRecord | None = None
     ) -> JobRecord:
         old = self.records.get(job_id)
         if old is None or old.tenant_id != tenant_id or old.webhook_url is None:
             raise JobNotFound(job_id)
+        if read is not None and old.created_ms != read.created_ms:
+            raise JobNotFound(job_id)
         self.due[job_id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
         webhooks = self.config.webhooks
-        outlive = self.now_ms() // 1000 + math.ceil(
-            sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction)
-        )
-        outlive += 3 * self.config.reconciler.stale_webhook_seconds
-        kept = (
-            {"expires_at": outlive}
-            if expires_at is not None and self.now_ms() // 1000 < expires_at < outlive
-            else {}
-        )
+        round_s = math.ceil(sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction))
+        round_s += 3 * self.config.reconciler.stale_webhook_seconds
+        now_s = self.now_ms() // 1000
+        kept: dict[str, int] = {}
+        if read is not None:
+            outlive = min(now_s, read.created_ms // 1000 + self.config.retention_seconds) + round_s
+            if now_s < read.expires_at < outlive:
+                kept["expires_at"] = outlive
         return self._put(
             old,
             delivery_status=DeliveryStatus.PENDING,
             delivery_attempts=0,
             delivery_next_ms=None,
             delivery_carrier=None,
+            webhook_gone=False,
             **kept,
         )
 

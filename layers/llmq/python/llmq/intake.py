@@ -405,7 +405,7 @@ class JobIntake:
             raise JobNotTerminal(f"job {job_id} is {job.status.value}")
         if not job.wants(event):
             raise NoWebhook(f"job {job_id} has no webhook subscribed to {event.value}")
-        pending = self.jobs.mark_delivery_pending(job_id, tenant.tenant_id, expires_at=job.expires_at)
+        pending = self.jobs.mark_delivery_pending(job_id, tenant.tenant_id, read=job)
         self.queues.enqueue_webhook(job_id, event)
         return pending
 

@@ -1129,24 +1129,34 @@ class JobRepository:
                 raise
 
     def mark_delivery_pending(
-        self, job_id: str, tenant_id: str, *, expires_at: int | None = None
+        self, job_id: str, tenant_id: str, *, read: JobRecord | None = None
     ) -> JobRecord:
-        """Redelivery: the terminal event goes out again, so the delivery is pending once more.
-        A job whose retention (`expires_at`, as read) ends before the new round's retries is
-        kept for them, as a terminal write keeps it (`_finish`)."""
+        """Redelivery: the terminal event goes out again, so the delivery is pending once more,
+        and a 410 Gone to an earlier event no longer holds it back.
+
+        With the job as `read`, the write applies to that job only (not one submitted since
+        under a reused Idempotency-Key), and a job whose retention ends before the new round's
+        retries is kept for them, as a terminal write keeps it (`_finish`): never past its
+        retention plus one round, however often it is redelivered."""
         now = self.now_ms()
         sweep_sets, _, sweep = self._sweep(job_id, now + self.config.reconciler.stale_webhook_seconds * 1000)
         sets = ["delivery_status = :pending", "delivery_attempts = :zero", *sweep_sets]
-        outlive = now // 1000 + self._terminal_event_seconds()
-        if expires_at is not None and now // 1000 < expires_at < outlive:
-            sets.append("expires_at = :keep_until")
-            sweep = {**sweep, "keep_until": outlive}
+        condition = "tenant_id = :tenant AND attribute_exists(webhook_url)"
+        if read is not None:
+            condition += " AND created_ms = :read_created"
+            sweep = {**sweep, "read_created": read.created_ms}
+            round_s = self._terminal_event_seconds()
+            outlive = min(now // 1000, read.created_ms // 1000 + self.config.retention_seconds) + round_s
+            if now // 1000 < read.expires_at < outlive:
+                sets.append("expires_at = :keep_until")
+                sweep["keep_until"] = outlive
+        update = f"SET {', '.join(sets)} REMOVE delivery_next_ms, delivery_carrier, webhook_gone"
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
-                UpdateExpression=f"SET {', '.join(sets)} REMOVE delivery_next_ms, delivery_carrier",
-                ConditionExpression="tenant_id = :tenant AND attribute_exists(webhook_url)",
+                UpdateExpression=update,
+                ConditionExpression=condition,
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value, tenant=tenant_id, zero=0, **sweep
                 ),

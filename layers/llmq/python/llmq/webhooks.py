@@ -759,7 +759,10 @@ def _carried(message: WebhookMessage, now: float) -> JobRecord | None:
     except ValidationError:
         return None
     fresh = job.finished_ms is not None and now * 1000 - job.finished_ms <= CARRIED_JOB_FRESH_SECONDS * 1000
-    return job if job.id == message.job_id and fresh else None
+    # A job that subscribed to events before its end may have had one answered 410 Gone, which
+    # only the stored job says (`webhook_gone`, set after the worker read the job it carries).
+    earlier = any(event not in TERMINAL_EVENTS for event in job.webhook_events)
+    return job if job.id == message.job_id and fresh and not earlier else None
 
 
 # How long after its job ended a message's carried job is used instead of a read: the first
