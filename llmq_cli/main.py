@@ -824,6 +824,17 @@ def cmd_tenants_revoke_key(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     ttl = _llmq_config(target).limits.authorizer_cache_seconds
     print(f"Revoked: API Gateway refuses it within {ttl} s (its authorizer cache).", file=sys.stderr)
+    if target.state is not None:
+        from llmq.tenants import key_id_of
+
+        if any(
+            entry.id == args.tenant_id and key_id_of(entry.api_key) == args.key_id
+            for entry in target.state.tenants
+        ):
+            print(
+                f"The sandbox's commands used this key: `llmq tenants issue-key {args.tenant_id}` gives them another.",
+                file=sys.stderr,
+            )
     _print_json(dataclasses.asdict(revoked))
     return 0
 
