@@ -463,6 +463,29 @@ def test_a_retry_after_no_date_can_hold_is_ignored_not_a_crash(stage: Stage, sta
         assert stage.visibility_changes == [SCHEDULE[0]]
 
 
+def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that_attempt(
+    stage: Stage,
+) -> None:
+    # Given a job whose retention ends in a minute, and a receiver that asks to be tried in 2 h
+    stage.receiver.script("/hooks/later", Answer(429, {"Retry-After": "7200"}))
+    stage.job("/hooks/later")
+    aws.client("dynamodb").update_item(
+        TableName=stage.stack.jobs_table,
+        Key={"pk": {"S": "job_hooked"}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) + 60)}},
+    )
+    # When the first attempt is answered so
+    stage.dispatch()
+    # Then the job is kept until that attempt (and a poll) can still find it
+    assert stage.visibility_changes and stage.visibility_changes[0] >= 7200
+    item = aws.client("dynamodb").get_item(TableName=stage.stack.jobs_table, Key={"pk": {"S": "job_hooked"}})[
+        "Item"
+    ]
+    assert int(item["expires_at"]["N"]) >= time.time() + 7200
+    assert stage.delivery().status == "pending"
+
+
 # ---- SSRF at send time, duplicates, poison ----------------------------------------------
 
 

@@ -527,6 +527,7 @@ class ObservedJobRepository(JobRepository):
         attempt: DeliveryAttempt | None = None,
         log_seq: int = 0,
         carrier: str | None = None,
+        expires_at: int | None = None,
     ) -> bool:
         recorded = super().record_delivery(
             job_id,
@@ -538,6 +539,7 @@ class ObservedJobRepository(JobRepository):
             attempt=attempt,
             log_seq=log_seq,
             carrier=carrier,
+            expires_at=expires_at,
         )
         if recorded:
             self.recorded_deliveries[job_id] += 1

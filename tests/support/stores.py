@@ -544,6 +544,7 @@ class InMemoryJobs:
         attempt: DeliveryAttempt | None = None,
         log_seq: int = 0,
         carrier: str | None = None,
+        expires_at: int | None = None,
     ) -> bool:
         old = self.records.get(job_id)
         movable = {DeliveryStatus.PENDING}
@@ -578,6 +579,11 @@ class InMemoryJobs:
                 if next_attempt_at_ms is not None
                 else self._in_seconds(next_attempt_in_seconds or 0)
             )
+            keep_until_s = (
+                changes["delivery_next_ms"] // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
+            )
+            if expires_at is not None and self.now_ms() // 1000 < expires_at < keep_until_s:
+                changes["expires_at"] = keep_until_s
         else:
             self.due.pop(job_id, None)
         self._put(old, **changes)

@@ -1030,8 +1030,12 @@ class JobRepository:
         attempt: DeliveryAttempt | None = None,
         log_seq: int = 0,
         carrier: str | None = None,
+        expires_at: int | None = None,
     ) -> bool:
         """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index.
+        With the job's `expires_at` as read, a next attempt due after it (a receiver's long
+        Retry-After near the end of the retention) keeps the job until then, or that attempt
+        would find no job.
         A pending one names the message that carries its next attempt (`carrier`), if known.
 
         `attempt` goes into the delivery log in the same write, in the slot of `log_seq` (the
@@ -1082,6 +1086,10 @@ class JobRepository:
             # When the next attempt is due: a copy of the message that comes sooner waits.
             sets.append("delivery_next_ms = :next")
             values["next"] = next_attempt_at_ms if next_attempt_at_ms is not None else now + wait_ms
+            keep_until_s = values["next"] // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
+            if expires_at is not None and now // 1000 < expires_at < keep_until_s:
+                sets.append("expires_at = :keep_until")
+                values["keep_until"] = keep_until_s
         sweep_sets, removes, sweep = self._sweep(job_id, due)
         if status is DeliveryStatus.PENDING and carrier is not None:
             sets.append("delivery_carrier = :carrier")

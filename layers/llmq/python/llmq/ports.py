@@ -96,6 +96,7 @@ class JobStore(Protocol):
         attempt: DeliveryAttempt | None = None,
         log_seq: int = ...,
         carrier: str | None = None,
+        expires_at: int | None = None,
     ) -> bool: ...
     def mark_webhook_gone(self, job_id: str) -> None: ...
     def mark_delivery_pending(

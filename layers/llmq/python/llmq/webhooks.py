@@ -715,6 +715,7 @@ class WebhookDispatcher:
             attempt=logged,
             log_seq=job.delivery_log_seq,
             carrier=carrier,
+            expires_at=job.expires_at,
         )
 
 
