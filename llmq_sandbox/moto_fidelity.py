@@ -35,6 +35,9 @@ or fail a test that AWS would pass:
   long, and an index read runs moto's own query over the lagged view. Base-table reads stay
   strongly consistent; ConsistentRead on a GSI is refused by moto already, as by DynamoDB.
 
+- **A start key outside the query.** DynamoDB refuses a Query whose ExclusiveStartKey the key
+  condition excludes (a ValidationException); moto starts from it anyway.
+
 SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS developer guide):
 
 - **12 hours from the receive.** A message's visibility may reach at most 12 hours after the
@@ -367,6 +370,43 @@ def _lagged_index_read(method: Callable[..., Any]) -> Callable[..., Any]:
                 table.items = current
 
     return read
+
+
+def _start_key_within_the_query(query: Callable[..., Any]) -> Callable[..., Any]:
+    """DynamoDBBackend.query: an ExclusiveStartKey whose sort key the query's key condition
+    excludes is refused, as DynamoDB refuses it ("The provided starting key is outside query
+    boundaries based on provided conditions", a ValidationException). moto starts from it
+    anyway, so a cursor a client forged answered a page here and a 500 on AWS."""
+    signature = inspect.signature(query)
+    dynamo_type = importlib.import_module("moto.dynamodb.models.dynamo_type").DynamoType
+    refused = importlib.import_module("moto.dynamodb.exceptions").MockValidationException
+
+    @functools.wraps(query)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        start = bound.arguments.get("exclusive_start_key")
+        comparison = bound.arguments.get("range_comparison")
+        if start and comparison:
+            table = self.get_table(bound.arguments["table_name"])
+            name = _sort_key_name(table, bound.arguments.get("index_name"))
+            if name in start:
+                bounds = [dynamo_type(value) for value in bound.arguments.get("range_value_dicts") or []]
+                if not dynamo_type(start[name]).compare(comparison, bounds):
+                    raise refused(
+                        "The provided starting key is outside query boundaries based on provided conditions"
+                    )
+        return query(self, *args, **kwargs)
+
+    return checked
+
+
+def _sort_key_name(table: Any, index_name: str | None) -> str | None:
+    if not index_name:
+        return table.range_key_attr
+    for index in table.all_indexes():
+        if index.name == index_name:
+            return next((key["AttributeName"] for key in index.schema if key["KeyType"] == "RANGE"), None)
+    return None
 
 
 def _mark_received(mark_received: Callable[..., Any]) -> Callable[..., Any]:
@@ -823,6 +863,7 @@ def make_moto_strict() -> None:
         DynamoDBBackend.update_item = _recorded(DynamoDBBackend.update_item)  # type: ignore[method-assign]
         DynamoDBBackend.delete_item = _recorded(DynamoDBBackend.delete_item)  # type: ignore[method-assign]
         DynamoDBBackend.query = _lagged_index_read(DynamoDBBackend.query)  # type: ignore[method-assign]
+        DynamoDBBackend.query = _start_key_within_the_query(DynamoDBBackend.query)  # type: ignore[method-assign]
         DynamoDBBackend.scan = _lagged_index_read(DynamoDBBackend.scan)  # type: ignore[method-assign]
         DynamoDBBackend.transact_write_items = _item_rollback_transaction(  # type: ignore[method-assign]
             DynamoDBBackend.transact_write_items

@@ -597,3 +597,39 @@ def test_a_kept_condition_shares_no_set_with_an_item_a_later_add_changes(
     # When the first call comes again: the item's {a, b} differs from {a}, so it holds
     ddb.update_item(**set_if_other)
     assert _get(ddb, table, "job_tags") == {"pk": {"S": "job_tags"}, "tags": {"SS": ["a"]}}
+
+
+@pytest.mark.parametrize(
+    ("condition", "start", "refused"),
+    [
+        ("tenant_created < :end", "c", True),  # past the range's end
+        ("tenant_created < :end", "a#1", False),
+        ("begins_with(tenant_created, :end)", "a#1", True),
+        ("begins_with(tenant_created, :end)", "b#1", False),
+    ],
+)
+def test_a_start_key_outside_the_querys_key_condition_is_refused_as_dynamodb_does(
+    ddb: Any, moto_stack: MotoStack, condition: str, start: str, refused: bool
+) -> None:
+    # Given a query of the tenant index that starts from a key the caller made up
+    def query() -> Any:
+        return ddb.query(
+            TableName=moto_stack.jobs_table,
+            IndexName=TENANT_INDEX,
+            KeyConditionExpression=f"tenant_id = :tenant AND {condition}",
+            ExpressionAttributeValues={":tenant": {"S": "ten_x"}, ":end": {"S": "b#"}},
+            ExclusiveStartKey={
+                "pk": {"S": "job_x"},
+                "tenant_id": {"S": "ten_x"},
+                "tenant_created": {"S": start},
+            },
+        )
+
+    # Then a start key the condition excludes is refused with DynamoDB's error; one within it reads on
+    if refused:
+        with pytest.raises(ClientError) as caught:
+            query()
+        assert caught.value.response["Error"]["Code"] == "ValidationException"
+        assert "outside query boundaries" in caught.value.response["Error"]["Message"]
+    else:
+        assert query()["Items"] == []
