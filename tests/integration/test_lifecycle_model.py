@@ -1038,6 +1038,11 @@ class LifecycleModel(RuleBasedStateMachine):
         terminal = message.event is not WebhookEvent.STARTED
         if terminal and before is not None:
             due = before.delivery_status is DeliveryStatus.PENDING and before.terminal_event is message.event
+            if due and before.webhook_gone:
+                # 410 Gone to its job.started: nothing more is POSTed, the delivery is disabled.
+                assert len(self.posts) == sent, f"{message.event} POSTed after the receiver answered 410"
+                assert self.observer.seen[message.job_id].delivery_status is DeliveryStatus.DISABLED
+                return outcome
             assert (len(self.posts) > sent) == due, (
                 f"{message.event} for a {before.status.value} job with delivery {before.delivery_status}: "
                 f"{'sent' if len(self.posts) > sent else 'not sent'}"
@@ -1202,6 +1207,33 @@ def test_a_dead_letter_whose_answer_was_lost_counts_once(environment: Environmen
         assert job.status is JobStatus.QUEUED, job.error
         assert len(state._lane_messages()) == 1, "the job's message was not sent again"
         state.lifecycle_holds()
+
+
+def test_a_410_to_job_started_disables_the_terminal_event_and_everything_still_settles(
+    environment: Environment,
+) -> None:
+    """Given a job subscribed to job.started, whose worker is suspended mid-run,
+    when its job.started webhook is answered 410 Gone,
+    then its terminal event is never POSTed and its delivery ends disabled, and the rest of the
+    system settles as ever (README: 410 stops delivery for that job).
+
+    Found by the machine as:
+        state.first_jobs(jobs=[('enterprise', 0, 'started', None, None),
+         ('enterprise', 0, 'none', None, None)])
+        state.run_message(behaviour='suspend', pick=0, source='queue', worker=0)
+        state.dispatch_webhook(attempt=1, pick=0, status=410)
+    """
+    with replayed(environment) as state:
+        state.first_jobs(
+            jobs=[("enterprise", 0, "started", None, None), ("enterprise", 0, "none", None, None)]
+        )
+        state.run_message(behaviour="suspend", pick=0, source="queue", worker=0)
+        state.dispatch_webhook(attempt=1, pick=0, status=410)
+        state.lifecycle_holds()
+        job_id = state.model_jobs[0].id
+        assert state.observer.seen[job_id].webhook_gone
+    # (teardown settles everything: the terminal event is then recorded disabled, never POSTed)
+    assert state.observer.seen[job_id].delivery_status is DeliveryStatus.DISABLED
 
 
 @pytest.mark.parametrize("outcome", [DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.PENDING])
