@@ -220,8 +220,41 @@ def handle_not_found(exc: NotFoundError) -> Response[Any]:
 
 @app.exception_handler(Exception)
 def handle_unexpected(exc: Exception) -> Response[Any]:
+    if isinstance(exc, RecursionError) and _nests_deeper_than(app.current_event.body or "", _MAX_JSON_DEPTH):
+        # A body nested too deeply for the JSON parser (a valid document of a few KB can be):
+        # the client's, as malformed JSON is.
+        return handle_domain_error(
+            errors.MalformedJson(f"the body nests deeper than {_MAX_JSON_DEPTH} levels")
+        )
     logger.exception("unhandled error")
     return handle_domain_error(errors.DomainError("see server logs"))
+
+
+# No request llmq takes nests anywhere near this deep; Python's parser gives up at about 1,000.
+_MAX_JSON_DEPTH = 100
+
+
+def _nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON text opens more than `limit` arrays or objects inside one another,
+    strings skipped (read only when parsing it has failed)."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 # ---- routes -----------------------------------------------------------------------------

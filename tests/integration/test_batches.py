@@ -1092,6 +1092,11 @@ def test_items_still_queued_as_the_retention_runs_out_end_expired_at_their_claim
     batch = _stored(harness, reply.body["id"])
     assert batch.status is BatchStatus.EXPIRED
     assert batch.final_counts is not None and batch.final_counts.expired == 3
+    if not late:
+        # And the batch, ended within the margin, is kept for its webhook's retries as its items
+        # are: its GET still answers while they may run
+        assert batch.expires_at >= time.time() + harness.config.terminal_event_seconds - 60
+        assert _get(harness, reply.body["id"]).status == 200
 
 
 def test_a_stale_message_past_the_retention_leaves_the_key_free_for_a_new_job(

@@ -13,7 +13,6 @@ throttle or a 5xx that outlasted botocore's retries does.
 from __future__ import annotations
 
 import functools
-import math
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -355,11 +354,7 @@ class InMemoryJobs:
             changes.update(
                 output_partial=None, output_partial_truncated=None, progress_tokens=None, progress_ms=None
             )
-        webhooks = self.config.webhooks
-        outlive = self.now_ms() // 1000 + math.ceil(
-            sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction)
-        )
-        outlive += 3 * self.config.reconciler.stale_webhook_seconds
+        outlive = self.now_ms() // 1000 + self.config.terminal_event_seconds
         # (kept for its terminal event's retries, as the repository; not once past its retention)
         if self.now_ms() // 1000 < old.expires_at < outlive:
             changes["expires_at"] = outlive
@@ -604,9 +599,7 @@ class InMemoryJobs:
         if read is not None and old.created_ms != read.created_ms:
             raise JobNotFound(job_id)
         self.due[job_id] = self._in_seconds(self.config.reconciler.stale_webhook_seconds)
-        webhooks = self.config.webhooks
-        round_s = math.ceil(sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction))
-        round_s += 3 * self.config.reconciler.stale_webhook_seconds
+        round_s = self.config.terminal_event_seconds
         now_s = self.now_ms() // 1000
         kept: dict[str, int] = {}
         if read is not None:

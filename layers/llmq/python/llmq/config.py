@@ -522,6 +522,15 @@ class LlmqConfig(_Frozen):
     def retention_seconds(self) -> int:
         return self.retention_days * 86_400
 
+    @property
+    def terminal_event_seconds(self) -> int:
+        """How long a terminal event's delivery may take: its retry schedule at its most
+        jittered, and three sweeps of the reconciler (a first send SQS refused, re-sent by the
+        next sweep, and a delivery left pending). A job or batch that ends nearer its retention
+        than this is kept until then."""
+        schedule = math.ceil(sum(self.webhooks.schedule_seconds) * (1 + self.webhooks.jitter_fraction))
+        return schedule + 3 * self.reconciler.stale_webhook_seconds
+
     def to_env(self) -> str:
         return self.model_dump_json(exclude_defaults=True)
 

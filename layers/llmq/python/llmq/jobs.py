@@ -8,7 +8,6 @@ sees botocore: `ClientError` codes become domain outcomes.
 from __future__ import annotations
 
 import heapq
-import math
 import random
 import time
 from collections import Counter
@@ -633,7 +632,7 @@ class JobRepository:
         # outlives its terminal event's retries, or the event would find no job. Not one past
         # it (a stale message's look): its id may be taken again (an Idempotency-Key reused),
         # and a new job or batch item under it must not find the old one in its way.
-        outlive = now // 1000 + self._terminal_event_seconds()
+        outlive = now // 1000 + self.config.terminal_event_seconds
         keep_until_s = outlive if now // 1000 < job.expires_at < outlive else None
         if keep_until_s is not None:
             sets.append("expires_at = :keep_until")
@@ -771,14 +770,6 @@ class JobRepository:
             "(#st = :running AND (attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
             values={"queued": "queued", "running": "running", "true": True},
         )
-
-    def _terminal_event_seconds(self) -> int:
-        """How long a terminal event's delivery may take: its retry schedule at its most
-        jittered, and three sweeps of the reconciler (a first send SQS refused, re-sent by the
-        next sweep, and a delivery left pending)."""
-        webhooks = self.config.webhooks
-        schedule = math.ceil(sum(webhooks.schedule_seconds) * (1 + webhooks.jitter_fraction))
-        return schedule + 3 * self.config.reconciler.stale_webhook_seconds
 
     def expire_at_retention(self, job: JobRecord, error: JobError) -> JobRecord | None:
         """A job still queued, or running with no live worker, within the reconciler's margin of
@@ -1153,7 +1144,7 @@ class JobRepository:
         if read is not None:
             condition += " AND created_ms = :read_created"
             sweep = {**sweep, "read_created": read.created_ms}
-            round_s = self._terminal_event_seconds()
+            round_s = self.config.terminal_event_seconds
             outlive = min(now // 1000, read.created_ms // 1000 + self.config.retention_seconds) + round_s
             if now // 1000 < read.expires_at < outlive:
                 sets.append("expires_at = :keep_until")
