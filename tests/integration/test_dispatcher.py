@@ -486,6 +486,40 @@ def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that
     assert stage.delivery().status == "pending"
 
 
+def test_keeping_a_job_for_a_late_attempt_never_shortens_what_a_redelivery_kept(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose retention ends in a minute, a receiver that asks for 2 h, and a
+    # redelivery that keeps the job for 10 days just after the dispatcher read it
+    stage.receiver.script("/hooks/later-again", Answer(429, {"Retry-After": "7200"}))
+    stage.job("/hooks/later-again")
+    ddb = aws.client("dynamodb")
+    ddb.update_item(
+        TableName=stage.stack.jobs_table,
+        Key={"pk": {"S": "job_hooked"}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) + 60)}},
+    )
+    kept_by_redelivery = int(time.time()) + 10 * 86_400
+    record = JobRepository.record_delivery
+
+    def redelivered_meanwhile(self: Any, *args: Any, **kwargs: Any) -> bool:
+        ddb.update_item(
+            TableName=stage.stack.jobs_table,
+            Key={"pk": {"S": "job_hooked"}},
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues={":at": {"N": str(kept_by_redelivery)}},
+        )
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobRepository, "record_delivery", redelivered_meanwhile)
+    # When the attempt is answered so and recorded
+    stage.dispatch()
+    # Then the job is kept as long as the redelivery asked, not cut back to the late attempt's
+    item = ddb.get_item(TableName=stage.stack.jobs_table, Key={"pk": {"S": "job_hooked"}})["Item"]
+    assert int(item["expires_at"]["N"]) == kept_by_redelivery
+
+
 # ---- SSRF at send time, duplicates, poison ----------------------------------------------
 
 

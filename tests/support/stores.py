@@ -577,7 +577,9 @@ class InMemoryJobs:
             keep_until_s = (
                 changes["delivery_next_ms"] // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
             )
-            if expires_at is not None and self.now_ms() // 1000 < expires_at < keep_until_s:
+            kept = expires_at is not None and self.now_ms() // 1000 < expires_at < keep_until_s
+            # (as the repository: never for a batch's item, never shorter than stored)
+            if kept and old.batch_id is None and old.expires_at < keep_until_s:
                 changes["expires_at"] = keep_until_s
         else:
             self.due.pop(job_id, None)

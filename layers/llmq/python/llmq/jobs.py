@@ -1043,6 +1043,7 @@ class JobRepository:
         (`next_attempt_at_ms`) or else this store's.
         """
         now = self.now_ms()
+        keep_for: int | None = None
         sets = ["delivery_status = :status", "delivery_last_status_code = :code"]
         values: dict[str, Any] = {
             "status": status.value,
@@ -1078,9 +1079,12 @@ class JobRepository:
             sets.append("delivery_next_ms = :next")
             values["next"] = next_attempt_at_ms if next_attempt_at_ms is not None else now + wait_ms
             keep_until_s = values["next"] // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
-            if expires_at is not None and now // 1000 < expires_at < keep_until_s:
-                sets.append("expires_at = :keep_until")
-                values["keep_until"] = keep_until_s
+            if (
+                expires_at is not None
+                and now // 1000 < expires_at < keep_until_s
+                and not batches.batch_of(job_id)
+            ):
+                keep_for = keep_until_s
         sweep_sets, removes, sweep = self._sweep(job_id, due)
         if status is DeliveryStatus.PENDING and carrier is not None:
             sets.append("delivery_carrier = :carrier")
@@ -1110,7 +1114,24 @@ class JobRepository:
                 raise
             old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
             return bool(old.get("delivery_write", {}).get("S") == token)
+        if keep_for is not None:
+            self._keep_until(job_id, keep_for)
         return True
+
+    def _keep_until(self, job_id: str, until_s: int) -> None:
+        """The job is kept until `until_s` at least (its retention only ever moves out: a write
+        of its own, never shortening what a redelivery just kept)."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression="SET expires_at = :until",
+                ConditionExpression="attribute_exists(pk) AND expires_at < :until",
+                ExpressionAttributeValues={":until": {"N": str(until_s)}},
+            )
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
 
     def mark_webhook_gone(self, job_id: str) -> None:
         """The receiver answered 410 Gone to an event of the job that is not recorded (job.started,
