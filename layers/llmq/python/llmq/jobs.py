@@ -1121,28 +1121,22 @@ class JobRepository:
     def _keep_until(self, job_id: str, until_s: int) -> None:
         """The job is kept until `until_s` at least (its retention only ever moves out: a write
         of its own, never shortening what a redelivery just kept)."""
-        try:
-            self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": job_id}},
-                UpdateExpression="SET expires_at = :until",
-                ConditionExpression="attribute_exists(pk) AND expires_at < :until",
-                ExpressionAttributeValues={":until": {"N": str(until_s)}},
-            )
-        except ClientError as exc:
-            if not codec.condition_failed(exc):
-                raise
+        self._set_if(job_id, "expires_at = :until", "expires_at < :until", {":until": {"N": str(until_s)}})
 
     def mark_webhook_gone(self, job_id: str) -> None:
         """The receiver answered 410 Gone to an event of the job that is not recorded (job.started,
         job.output): its later events, the terminal one included, are not POSTed."""
+        self._set_if(job_id, "webhook_gone = :true", None, {":true": {"BOOL": True}})
+
+    def _set_if(self, job_id: str, sets: str, condition: str | None, values: dict[str, Any]) -> None:
+        """One UpdateItem of an existing job (and `condition`); none when it does not hold."""
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
-                UpdateExpression="SET webhook_gone = :true",
-                ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeValues={":true": {"BOOL": True}},
+                UpdateExpression=f"SET {sets}",
+                ConditionExpression="attribute_exists(pk)" + (f" AND {condition}" if condition else ""),
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if not codec.condition_failed(exc):

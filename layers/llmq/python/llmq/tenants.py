@@ -41,7 +41,11 @@ def hash_api_key(api_key: str) -> str:
 
 def key_id_of(api_key: str) -> str:
     """The key's public name: it says which key without saying the key."""
-    return _KEY_ID_PREFIX + hash_api_key(api_key)[:_KEY_ID_DIGITS]
+    return _key_id_of_hash(hash_api_key(api_key))
+
+
+def _key_id_of_hash(key_hash: str) -> str:
+    return _KEY_ID_PREFIX + key_hash[:_KEY_ID_DIGITS]
 
 
 _KEY_ID_PREFIX = "key_"
@@ -252,7 +256,7 @@ class TenantRepository:
         )
         keys = [
             ApiKeyInfo(
-                key_id=_KEY_ID_PREFIX + item["pk"]["S"].removeprefix("key#")[:_KEY_ID_DIGITS],
+                key_id=_key_id_of_hash(item["pk"]["S"].removeprefix("key#")),
                 revoked=item.get("revoked", {}).get("BOOL", False),
                 created_at=int(item["created_at"]["N"]) if "created_at" in item else None,
             )
