@@ -15,8 +15,10 @@ creates the function's own clients, interleaved run by run:
   runtime's version is at hand: the deps layer from `make layers`, the llmq layer and the
   function's folder staged by the synth (`stacks/bytecode.py`).
 
-And the change of issue 17 measured in the same run: the same probe with every llmq model
-built at import (`defer_build` off), as before.
+And the changes of issue 17 measured in the same run: the same probe with every llmq model
+built at import (`defer_build` off), pydantic's plugin search on and the garbage collector on
+through the imports, as before. A second baseline pauses its collector as the handlers do
+(`llmq.startup`), so that what the pause takes off boto3's own imports can be told apart.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ ENV = {
 
 # sys.argv: path entries, function (or "baseline"), factories, services, "eager" to build
 # every model at import (before the change), "plugins" to let pydantic look for plugins (the
-# variable the stack sets left out), "first" to time one request the api answers
+# variable the stack sets left out), "collector" to keep the collector on through the imports
+# (the handlers' pause undone), "paused" for a baseline paused as the handlers are, "first" to time one request the api answers
 # without AWS (a submit that validation refuses), "warm" to run the SnapStart warm-up first.
 _PROBE = r"""
 import json, sys, time
@@ -83,10 +86,19 @@ name, factories, services, flags = sys.argv[2], sys.argv[3], sys.argv[4], sys.ar
 if "eager" in flags:
     from llmq.model_base import Model
     Model.model_config["defer_build"] = False
+if "collector" in flags:  # the collector left on through the imports
+    import gc
+    gc.disable = gc.freeze = lambda: None
 if name == "baseline":
+    if "paused" in flags:  # the baseline with the same pause as the handlers (llmq.startup)
+        import gc
+        gc.disable()
     import boto3
     session = boto3.session.Session()
     clients = [session.client(s, region_name="us-east-1") for s in services.split(",")]
+    if "paused" in flags:
+        gc.freeze()
+        gc.enable()
 else:
     import importlib
     module = importlib.import_module(f"functions.{name}.handler")
@@ -181,15 +193,17 @@ def _probe(
 
 
 def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
-    """The function now, as before (every model built at import) and its baseline (boto3 and
-    the function's own clients), interleaved within each repeat so that the machine's drift
-    falls on all three alike. Medians, and the spread of the per-repeat ratios."""
+    """The function now, as before (every model built at import, the collector on through the
+    imports) and its baseline (boto3 and the function's own clients), plain and with the
+    handlers' collector pause, interleaved within each repeat so that the machine's drift falls
+    on all four alike. Medians, and the spread of the per-repeat ratios."""
     services = FUNCTIONS[name][1]
-    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before": [], "baseline": []}
+    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before": [], "baseline": [], "paused": []}
     for _ in range(repeats):
         runs["baseline"].append(_probe(path, "baseline", services=services))
         runs["now"].append(_probe(path, name))
-        runs["before"].append(_probe(path, name, "eager,plugins"))
+        runs["before"].append(_probe(path, name, "eager,plugins,collector"))
+        runs["paused"].append(_probe(path, "baseline", "paused", services=services))
     seconds = {key: statistics.median(run["seconds"] for run in values) for key, values in runs.items()}
     ratios = [
         now["seconds"] / base["seconds"] for now, base in zip(runs["now"], runs["baseline"], strict=True)
@@ -201,6 +215,8 @@ def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
         "baseline_s": round(seconds["baseline"], 3),
         "ratio": round(seconds["now"] / seconds["baseline"], 2),
         "before_ratio": round(seconds["before"] / seconds["baseline"], 2),
+        # against a baseline that pauses its collector as the handlers do: llmq's own share
+        "paused_ratio": round(seconds["now"] / seconds["paused"], 2),
         "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
         "max_rss_mb": round(max(run["max_rss_mb"] for run in runs["now"]), 1),
     }

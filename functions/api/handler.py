@@ -7,6 +7,10 @@ in `llmq.errors`, and nowhere else.
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # for the imports below (llmq.startup)
+
 import base64
 import json
 import random
@@ -23,7 +27,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Pat
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import aws, errors
+from llmq import aws, errors, startup
 from llmq.batch_intake import BatchIntake
 from llmq.batches import BatchRepository
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
@@ -845,3 +849,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             "isBase64Encoded": False,
         }
     return app.resolve(event, context)
+
+
+startup.imports_done()

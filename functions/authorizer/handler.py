@@ -10,6 +10,10 @@ https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-lambda-
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # for the imports below (llmq.startup)
+
 from functools import cache
 from typing import Any
 
@@ -20,7 +24,7 @@ from aws_lambda_powertools.utilities.data_classes.api_gateway_authorizer_event i
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import aws
+from llmq import aws, startup
 from llmq.config import AuthorizerEnvironment
 from llmq.telemetry import logger
 from llmq.tenants import TenantRepository
@@ -62,3 +66,6 @@ def handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> 
     )
     policy.allow_all_routes()
     return policy.asdict()
+
+
+startup.imports_done()

@@ -9,6 +9,10 @@ on (`llmq.batch_runs.dead_lettered`).
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # for the imports below (llmq.startup)
+
 from functools import cache
 from typing import Any
 
@@ -17,7 +21,7 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import aws
+from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
 from llmq.execution import lane_job_id, mark_dead_letter
@@ -72,3 +76,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
+
+
+startup.imports_done()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # for the imports below (llmq.startup)
+
 from functools import cache
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import aws
+from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import ReconcilerEnvironment
 from llmq.jobs import JobRepository
@@ -32,3 +36,6 @@ def reconciler() -> Reconciler:
 @logger.inject_lambda_context(log_event=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
     return reconciler().run().as_log()
+
+
+startup.imports_done()

@@ -6,6 +6,10 @@ retry delay, so SQS redelivery is the retry schedule. Poison goes to the webhook
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # for the imports below (llmq.startup)
+
 from functools import cache
 from typing import Any
 
@@ -18,7 +22,7 @@ from aws_lambda_powertools.utilities.batch.types import PartialItemFailureRespon
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import aws
+from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import DispatcherEnvironment
 from llmq.jobs import JobRepository
@@ -68,3 +72,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     return async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
+
+
+startup.imports_done()

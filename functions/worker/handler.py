@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # for the imports below (llmq.startup)
+
 import uuid
 from functools import cache
 from typing import Any
@@ -16,7 +20,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.parameters import SecretsProvider
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from llmq import aws
+from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import WorkerEnvironment
 from llmq.execution import Invocation, JobRunner, lane_job_id
@@ -95,3 +99,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     return async_process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
+
+
+startup.imports_done()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import json
 import sys
@@ -94,7 +95,14 @@ def load_handler(name: str) -> ModuleType:
     """
     module_name = f"functions.{name}.handler"
     sys.modules.pop(module_name, None)
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        # A test process is no Lambda environment: it imports handlers test after test, and
+        # the freeze that ends each import (llmq.startup) would keep every test's state for
+        # good; an import that raised would leave the collector off.
+        gc.unfreeze()
+        gc.enable()
     attribute_calls(name, module)
     return module
 
