@@ -17,7 +17,11 @@ deployment's `FairShareConfig`) in a discrete-event model of the lane, with no A
   (`llmq.slot_handoff`), and is visible again the moment that job ends: the handoff at its
   best, as every such end frees a slot here and its copy takes no time to send;
 - a deferred message is visible again after its delay, rounded up to whole seconds as the
-  worker rounds it for SQS's DelaySeconds.
+  worker rounds it for SQS's DelaySeconds;
+- a batch's first claim of the tenant (its scout, `llmq.slot_handoff`), refused at the cap,
+  speaks for the batch's other messages: they are deferred without a claim attempt of their
+  own, unless they were spoken for last time (then they claim). A batch here is claimed in an
+  instant, so they would all have been refused alike.
 
 It reports claim attempts per job run (issue 14's target: at most 3 under a 2,000-job
 backlog), the tenant's mean jobs in flight while it still had jobs waiting against its cap,
@@ -66,6 +70,7 @@ def simulate(
     handoff: bool = True,
     spread: float = 0.0,
     history: bool = False,
+    scout: bool = True,
 ) -> dict[str, Any]:
     """`jobs` queued at time 0 (a batch's items when `items_cap` caps them), and one more
     job of the same tenant submitted at each of `arrivals` (seconds). Each job runs for
@@ -83,6 +88,7 @@ def simulate(
     holders: dict[str, int] = {}
     items_held: dict[str, int] = {}
     finished = attempts = 0
+    spoken: set[int] = set()  # jobs whose copy was spoken for
     last_start = 0.0
     in_flight: list[tuple[float, int]] = []  # (time, jobs running from then on)
     waits: list[float] = []  # the arriving jobs' queue waits
@@ -102,10 +108,24 @@ def simulate(
             # (kind -> jobs of that kind this batch claimed, refused ones waiting for them)
             siblings: dict[bool, list[float]] = {False: [], True: []}  # their ends, in order
             waiting = {False: 0, True: 0}
+            # (kind -> whether the batch's first claim of it took a slot: refused, it speaks
+            # for the batch's other messages of its kind, which claim nothing, `llmq.slot_handoff`)
+            first: dict[bool, bool] = {}
             for job in taken:
-                attempts += 1
                 item = items_cap is not None and job < jobs
-                if len(holders) < cap and not (item and len(items_held) >= (items_cap or 0)):
+                # (a copy spoken for last time claims for itself: `LaneMessage.spoken_for`)
+                spoken_for = scout and first.get(item) is False and job not in spoken
+                if spoken_for:
+                    spoken.add(job)
+                else:
+                    spoken.discard(job)
+                attempts += 0 if spoken_for else 1
+                if (
+                    not spoken_for
+                    and len(holders) < cap
+                    and not (item and len(items_held) >= (items_cap or 0))
+                ):
+                    first.setdefault(item, True)
                     holders[str(job)] = int(now * 1000)
                     if item:
                         items_held[str(job)] = holders[str(job)]
@@ -118,6 +138,7 @@ def simulate(
                     last_start = now
                     record()
                 else:
+                    first.setdefault(item, False)
                     state = ShareState(
                         tenant_id=TENANT,
                         active=total - finished,
@@ -205,7 +226,14 @@ def deferral_at_scale(quick: bool = False) -> dict[str, Any]:
         for jobs, cap in ((120, 4), (2000, 20))
     ]
     cases += [(60.0, 0.5, lane, 2000, 20, False, False) for lane in (Lane(), UNBOUNDED)]
-    for latency, spread, lane, jobs, cap, handoff, history in cases:
+    rows_scouted = [(*case, True) for case in cases]
+    # And the same bursts with every message of a batch claiming for itself, as before the scout.
+    rows_scouted += [
+        (60.0, 0.5, lane, 2000, 20, True, history, False)
+        for lane in (Lane(), UNBOUNDED)
+        for history in (False, True)
+    ]
+    for latency, spread, lane, jobs, cap, handoff, history, scouted in rows_scouted:
         runs = [
             simulate(
                 jobs,
@@ -216,6 +244,7 @@ def deferral_at_scale(quick: bool = False) -> dict[str, Any]:
                 spread=spread,
                 handoff=handoff,
                 history=history,
+                scout=scouted,
             )
             for seed in ((1,) if quick else (1, 2, 3))
         ]
@@ -224,6 +253,7 @@ def deferral_at_scale(quick: bool = False) -> dict[str, Any]:
                 "latency_s": latency,
                 "spread": spread,
                 "handoff": handoff,
+                "scout": scouted,
                 "history": history,
                 "invocations": lane.invocations,
                 "jobs": jobs,

@@ -166,6 +166,48 @@ def test_a_tenant_never_runs_more_than_its_cap_and_the_rest_wait_without_being_s
     assert (share.running, share.active) == (0, 3)
 
 
+def test_a_batch_of_a_tenant_at_its_cap_is_refused_by_one_claim_and_waits_unspent(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a tenant capped at one, whose only slot another worker holds, and six queued jobs
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    provider.reset()
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    holder = harness.submit(prompt="the running one").body["id"]
+    assert jobs.claim(holder, "other-worker", 600).outcome is ClaimOutcome.CLAIMED
+    ids = [harness.submit(prompt=f"job {n}").body["id"] for n in range(6)]
+    url = harness.stack.lane_queue_urls["high"]
+    messages = [m for m in harness.receive(url) if json.loads(m["Body"])["job_id"] in ids]
+    assert len(messages) == 6
+    transactions: list[str] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        transactions.append(json.dumps(params, default=str))
+
+    events = aws.client("dynamodb").meta.events
+    events.register("provide-client-params.dynamodb.TransactWriteItems", record)
+    try:
+        # When one worker invocation receives the six
+        assert harness.run_worker(url, messages) == {"batchItemFailures": []}
+    finally:
+        events.unregister("provide-client-params.dynamodb.TransactWriteItems", record)
+    # Then one claim was tried, and refused at the cap: it spoke for the other five
+    assert len(transactions) == 1
+    # And all six wait as delayed copies, never claimed, with nothing sent to the provider
+    waiting = harness.sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"]
+    )["Attributes"]
+    assert (
+        int(waiting["ApproximateNumberOfMessages"]) + int(waiting["ApproximateNumberOfMessagesDelayed"]) == 6
+    )
+    states = [harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body for job_id in ids]
+    assert {(job["status"], job["attempts"]) for job in states} == {("queued", 0)}
+    assert provider.state.log == []
+    # And the share still counts the one running and all seven active
+    share = _shares(harness).get(ENTERPRISE["tenant_id"])
+    assert (share.running, share.active) == (1, 7)
+
+
 def test_a_refused_message_is_sent_on_the_moment_its_batchs_own_job_frees_a_slot(
     moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -660,6 +660,8 @@ class InMemoryQueues:
     def __init__(self) -> None:
         self.lanes: defaultdict[str, list[str]] = defaultdict(list)
         self.delays: list[tuple[str, int]] = []
+        # Copies sent as deferred without a claim of their own (`LaneMessage.spoken_for`).
+        self.spoken_for: list[str] = []
         self.webhooks: list[tuple[str, WebhookEvent]] = []
         self.outputs: list[JobOutputEvent] = []
         # The job each webhook message carried (None: none), in the order of `webhooks`.
@@ -677,9 +679,12 @@ class InMemoryQueues:
         not_before_ms: int | None = None,
         *,
         redrive_round: int = 0,
+        spoken_for: bool = False,
     ) -> None:
         self.lanes[lane].append(job_id)
         self.delays.append((job_id, delay_seconds))
+        if spoken_for:
+            self.spoken_for.append(job_id)
 
     @_throttleable
     def enqueue_webhook(

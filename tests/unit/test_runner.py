@@ -405,6 +405,128 @@ def test_a_deferral_whose_send_fails_holds_the_message_back_instead() -> None:
     assert world.job("job_1").attempts == 0
 
 
+def _run_batch(
+    world: World, jobs: list[str | LaneMessage], remaining_seconds: float = 60.0
+) -> list[BaseException | None]:
+    """One invocation's batch: its records (job ids of ten_acme, or messages) run at once on one
+    loop, as the worker runs them."""
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: remaining_seconds)
+    messages = [
+        job if isinstance(job, LaneMessage) else LaneMessage(job_id=job, lane="high", tenant_id="ten_acme")
+        for job in jobs
+    ]
+
+    async def batch() -> list[BaseException | None]:
+        runs = (world.runner.run(message.model_dump_json(), invocation) for message in messages)
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    return asyncio.run(batch())
+
+
+def _counting_claims(world: World) -> list[str]:
+    claims: list[str] = []
+    claim = world.jobs.claim
+
+    def counted(job_id: str, *args: object, **kwargs: object) -> object:
+        claims.append(job_id)
+        return claim(job_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    world.jobs.claim = counted  # type: ignore[method-assign]
+    return claims
+
+
+def test_a_batch_of_a_tenant_at_its_cap_spends_one_refused_claim_not_one_each() -> None:
+    # Given a tenant capped at one job, which runs one, and five more of its jobs queued
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.running("other-worker", 60_000, id="job_0")
+    ids = [f"job_{n}" for n in range(1, 6)]
+    for job_id in ids:
+        world.add(id=job_id)
+    claims = _counting_claims(world)
+    # When one invocation receives all five
+    assert _run_batch(world, list(ids)) == [None] * 5
+    # Then the batch's first claim was refused at the cap, and spoke for the other four: one
+    # refused write, not five
+    assert claims == ["job_1"]
+    # And the copies of those four say so: their next receive claims for itself
+    assert sorted(world.queues.spoken_for) == ids[1:]
+    # And all five wait as delayed copies, unspent: queued, no attempt, no provider call
+    assert sorted(job_id for job_id, _ in world.queues.delays) == ids
+    assert all(1 <= delay <= world.config.fair_share.max_deferral_seconds for _, delay in world.queues.delays)
+    assert {(world.job(job_id).status, world.job(job_id).attempts) for job_id in ids} == {
+        (JobStatus.QUEUED, 0)
+    }
+    assert world.provider.calls == []
+
+
+def test_a_batch_whose_first_claim_takes_a_slot_claims_the_rest_at_once_within_the_cap() -> None:
+    # Given a tenant capped at two, with nothing running, and five queued jobs
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 2
+    ids = [f"job_{n}" for n in range(1, 6)]
+    for job_id in ids:
+        world.add(id=job_id)
+    claims = _counting_claims(world)
+    # When one invocation receives all five
+    assert _run_batch(world, list(ids)) == [None] * 5
+    # Then each claimed for itself (the first took a slot, so it spoke for no one): two ran,
+    # and three were refused by the cap and wait as delayed copies
+    assert sorted(claims) == ids
+    assert world.queues.spoken_for == []
+    statuses = sorted(world.job(job_id).status.value for job_id in ids)
+    assert statuses == ["queued"] * 3 + ["succeeded"] * 2
+    assert len(world.provider.calls) == 2
+    assert len(world.queues.delays) == 3
+
+
+def test_a_first_claim_that_aws_refuses_speaks_for_no_one() -> None:
+    # Given a tenant with room for one more job, and the table throttling the batch's first
+    # claim (and only it)
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.add(id="job_1")
+    world.add(id="job_2")
+    claims: list[str] = []
+    claim = world.jobs.claim
+
+    def throttled_once(job_id: str, *args: object, **kwargs: object) -> object:
+        claims.append(job_id)
+        if len(claims) == 1:
+            raise StoreUnavailable("ProvisionedThroughputExceededException")
+        return claim(job_id, *args, **kwargs)  # type: ignore[arg-type]
+
+    world.jobs.claim = throttled_once  # type: ignore[method-assign]
+    # When one invocation receives both, with too little time to retry the throttled claim
+    outcomes = _run_batch(world, ["job_1", "job_2"], remaining_seconds=3.0)
+    # Then the throttled message comes back later, and the other claimed for itself and ran
+    assert claims == ["job_1", "job_2"]
+    assert isinstance(outcomes[0], RetryLater) and outcomes[1] is None
+    assert world.job("job_2").status is JobStatus.SUCCEEDED
+    assert len(world.provider.calls) == 1
+
+
+def test_a_message_spoken_for_last_time_claims_for_itself_and_takes_over_a_lapsed_lease() -> None:
+    # Given a tenant capped at one, whose slot is held by a job whose worker died (its lease
+    # lapsed), and a queued job of the same tenant
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.running("crashed-worker", -1_000, id="job_0")
+    world.add(id="job_1")
+    claims = _counting_claims(world)
+    # When a batch holds the queued job's message first, then the crashed job's, which was
+    # spoken for by a refusal last time
+    crashed = LaneMessage(job_id="job_0", lane="high", tenant_id="ten_acme", spoken_for=True)
+    assert _run_batch(world, ["job_1", crashed]) == [None, None]
+    # Then the crashed job's message claimed for itself, took its own lapsed lease over and ran
+    assert sorted(claims) == ["job_0", "job_1"]
+    assert world.job("job_0").status is JobStatus.SUCCEEDED
+    assert world.job("job_0").attempts == 2
+    # And the queued one, refused while the slot was held, waits as a copy of its own claim's
+    assert world.job("job_1").status is JobStatus.QUEUED
+    assert world.queues.spoken_for == []
+
+
 def test_a_slot_frees_when_the_running_job_ends() -> None:
     # Given a tenant capped at one, its slot held by a job that then succeeds
     world = World()
@@ -419,16 +541,24 @@ def test_a_slot_frees_when_the_running_job_ends() -> None:
     assert world.queues.delays == []
 
 
-def test_a_deferral_longer_than_sqs_allows_travels_as_copies_and_claims_only_when_due() -> None:
-    # Given a message deferred until 2,000 s from now (SQS delays a message 900 s at most)
+@pytest.mark.parametrize("spoken_for", [False, True])
+def test_a_deferral_longer_than_sqs_allows_travels_as_copies_and_claims_only_when_due(
+    spoken_for: bool,
+) -> None:
+    # Given a message deferred until 2,000 s from now (SQS delays a message 900 s at most),
+    # on its own claim's refusal or on its batch's first claim's
     world = World()
     world.add(id="job_1")
     due = world.jobs.now_ms() + 2_000_000
-    body = LaneMessage(job_id="job_1", lane="high", tenant_id="ten_acme", not_before_ms=due).model_dump_json()
+    message = LaneMessage(
+        job_id="job_1", lane="high", tenant_id="ten_acme", not_before_ms=due, spoken_for=spoken_for
+    )
     # When a worker receives it
-    asyncio.run(world.runner.run(body, Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)))
-    # Then it passes it on for another 900 s without trying a claim
+    assert _run_batch(world, [message]) == [None]
+    # Then it passes it on for another 900 s without trying a claim, still saying whether it
+    # was spoken for (so that its next claim is its own)
     assert world.queues.delays == [("job_1", 900)]
+    assert world.queues.spoken_for == (["job_1"] if spoken_for else [])
     assert (world.job().status, world.job().attempts) == (JobStatus.QUEUED, 0)
     assert world.provider.calls == []
 

@@ -57,6 +57,8 @@ _WRITE_RETRY_MAX_SECONDS = 4.0
 _WRITE_RETRY_FLOOR_SECONDS = 4.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
+# Beyond the scout's retry budget, how long its batch's other claims of the tenant wait for it.
+_SCOUT_PATIENCE_SECONDS = 5.0
 # A claim that kept meeting other transactions on the tenant's share comes back this soon
 # (with up to as much again of jitter).
 _CONTENDED_DELAY_SECONDS = 2.0
@@ -188,13 +190,31 @@ class JobRunner:
             if wait_ms > 1000:
                 # A deferral longer than SQS's 900 s delay, on its way: passed on, not claimed.
                 await self._resend(
-                    message, tenant, message.not_before_ms, wait_ms / 1000, "deferral continued"
+                    message,
+                    tenant,
+                    message.not_before_ms,
+                    wait_ms / 1000,
+                    "deferral continued",
+                    spoken_for=message.spoken_for,
                 )
                 return
         item = batch_of(message.job_id) is not None
         key: HandoffKey | None = (*tenant, item) if tenant is not None else None
         with self._handoff.holding(key) as sibling:
-            refused = await self._claim_and_run(message, invocation, tenant, sibling)
+            # (the batch's first claim of the tenant, refused at its cap, speaks for this one)
+            patience = min(
+                _CLAIM_RETRY_BUDGET_SECONDS + _SCOUT_PATIENCE_SECONDS,
+                invocation.remaining_seconds() * _WRITE_BACK_SHARE,
+            )
+            refused = await sibling.scout_refusal(patience, may_be_spoken_for=not message.spoken_for)
+            spoken_for = refused is not None
+            if refused is None:
+                refused = await self._claim_and_run(message, invocation, tenant, sibling)
+            else:
+                sibling.answered(took_slot=False)
+                logger.info(
+                    "tenant at its cap, as its batch's first claim found", extra={"job_id": message.job_id}
+                )
             freed_meanwhile = refused is not None and sibling.slot_freed_meanwhile()
         if refused is not None and refused.share is not None:
             if key is None:
@@ -204,7 +224,9 @@ class JobRunner:
                 except StoreUnavailable:
                     found = None  # (no lane: the message waits, and comes back as it is)
                 key = (refused.share.tenant_id, found.lane if found is not None else "", item)
-            await self._defer(message, key, refused.share, refused.at_ms, invocation, freed_meanwhile)
+            await self._defer(
+                message, key, refused.share, refused.at_ms, invocation, freed_meanwhile, spoken_for=spoken_for
+            )
 
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
@@ -222,10 +244,13 @@ class JobRunner:
             )
             # (a job accepted before shares holds no slot, and frees none)
             took = claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None and claim.job.shared
-            sibling.answered(took_slot=took)
+            at_cap = claim.outcome is ClaimOutcome.AT_CAP and claim.share is not None
+            sibling.answered(took_slot=took, refused=claim if at_cap else None)
         except StoreContended as exc:
             # Other writes of the tenant's share won, try after try; nothing was applied. The
             # job comes back in a few seconds, as a new message: no receive is spent on it.
+            # (a scout speaks for no one: the batch's others claim now, not after the send)
+            sibling.answered(took_slot=False)
             delay = _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
             logger.warning("claim contended", extra={"job_id": message.job_id, "why": str(exc)})
             if tenant is None:
@@ -237,6 +262,7 @@ class JobRunner:
             # message comes back once that lease has lapsed (with jitter, so throttled messages
             # do not return in lock-step), when any worker can take the job over. That also
             # keeps a throttled table from burning the receives of a job that never ran.
+            sibling.answered(took_slot=False)
             delay = lease_seconds * (1 + self._rng.random() / 10)
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
             raise RetryLater(message.job_id, delay) from exc
@@ -316,6 +342,8 @@ class JobRunner:
         at_ms: int,
         invocation: Invocation,
         freed_meanwhile: bool = False,
+        *,
+        spoken_for: bool = False,
     ) -> None:
         """The tenant runs as many jobs in the lane as its cap allows: the job waits, unspent.
 
@@ -330,7 +358,8 @@ class JobRunner:
         one of them to end, and is re-sent at once if that end freed a slot
         (`llmq.slot_handoff`): a slot never waits for a copy to come back by chance. So is a
         message whose claim answered only after such a job had ended and freed a slot no other
-        message took (`freed_meanwhile`).
+        message took (`freed_meanwhile`). A copy of a message `spoken_for` by its batch's first
+        claim says so (`LaneMessage.spoken_for`).
         """
         tenant = key[:2]
         live_for_ms = int(1000 * (self.config.worker.timeout_seconds + self.config.lease_margin_seconds))
@@ -352,7 +381,13 @@ class JobRunner:
         unsent = max(self.config.fair_share.min_deferral_seconds, delay)
         if freed:
             await self._resend(
-                message, tenant, None, 0.0, "tenant at its cap; a slot of its own freed", unsent_delay=unsent
+                message,
+                tenant,
+                None,
+                0.0,
+                "tenant at its cap; a slot of its own freed",
+                unsent_delay=unsent,
+                spoken_for=spoken_for,
             )
             return
         await self._resend(
@@ -362,6 +397,7 @@ class JobRunner:
             delay,
             "tenant at its cap; deferred",
             unsent_delay=unsent,
+            spoken_for=spoken_for,
             running=running,
         )
 
@@ -395,18 +431,22 @@ class JobRunner:
         delay: float,
         why: str,
         unsent_delay: float | None = None,
+        *,
+        spoken_for: bool = False,
         **extra: object,
     ) -> None:
         """Acknowledge this message and send a copy delayed by `delay` (at most 900 s a hop).
         If the send fails, this message waits instead (`unsent_delay`, else as long), counting
-        one receive."""
+        one receive. `spoken_for`: the copy was deferred without a claim of its own."""
         log = {"job_id": message.job_id, "delay_seconds": round(delay, 1), **extra}
         tenant_id, lane = tenant
         hop = math.ceil(min(delay, MAX_SEND_DELAY_SECONDS))
         if lane:
             try:
                 await asyncio.to_thread(
-                    functools.partial(self.queues.enqueue_job, redrive_round=message.redrive_round),
+                    functools.partial(
+                        self.queues.enqueue_job, redrive_round=message.redrive_round, spoken_for=spoken_for
+                    ),
                     message.job_id,
                     lane,
                     tenant_id,

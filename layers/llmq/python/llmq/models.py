@@ -593,6 +593,10 @@ class LaneMessage(Model):
     # The dead letters its job (or batch) had counted when it was sent: when copies sent in
     # one round dead-letter, one counts (`policy.fresh_letter_condition`).
     redrive_round: Annotated[int, Field(ge=0)] = 0
+    # A copy deferred on its batch's first claim's refusal at the cap, without a claim of its
+    # own (`llmq.slot_handoff`): its next receive claims for itself, so that no job goes
+    # unlooked-at (a deadline, a cancel, its retention) for two deferrals in a row.
+    spoken_for: bool = False
 
 
 class WebhookMessage(_Strict):

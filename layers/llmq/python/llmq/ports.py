@@ -125,6 +125,7 @@ class QueueStore(Protocol):
         not_before_ms: int | None = None,
         *,
         redrive_round: int = 0,
+        spoken_for: bool = False,
     ) -> None: ...
     def enqueue_jobs(self, job_ids: list[str], lane: str, tenant_id: str) -> None: ...
     def enqueue_expand(

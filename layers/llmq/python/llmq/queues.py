@@ -57,11 +57,13 @@ class QueueRepository:
         not_before_ms: int | None = None,
         *,
         redrive_round: int = 0,
+        spoken_for: bool = False,
     ) -> None:
         """The tenant is the message group: SQS fair queues (standard queues, July 2025) then
         keep one tenant's backlog from lengthening every other tenant's dwell time.
         https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-fair-queues.html
-        `redrive_round`: the dead letters the job had counted (`LaneMessage.redrive_round`).
+        `redrive_round`: the dead letters the job had counted (`LaneMessage.redrive_round`);
+        `spoken_for`: a copy deferred without a claim of its own (`LaneMessage.spoken_for`).
         """
         body = LaneMessage(
             job_id=job_id,
@@ -69,6 +71,7 @@ class QueueRepository:
             tenant_id=tenant_id,
             not_before_ms=not_before_ms,
             redrive_round=redrive_round,
+            spoken_for=spoken_for,
         ).model_dump_json(exclude_defaults=True)
         self._sqs.send_message(
             QueueUrl=self.lane_queue_urls[lane],

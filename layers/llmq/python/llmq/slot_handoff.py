@@ -16,6 +16,18 @@ wait for jobs, and a batch's items for items (an item may be refused by the batc
 a job's end does not free). A message refused before its batch's claims have answered finds
 no sibling yet; it watches those claims, and waits for the first that takes a slot.
 
+A tenant at its cap refuses every claim of the batch alike, and a refused claim is a write
+DynamoDB charges for. So the batch's records of one key do not all claim at once: the first
+one (the scout) claims, and the others wait for its answer. Refused at the cap, it speaks for
+them: each is deferred from the share that refusal found, with no claim of its own, so a
+flood's batch of ten costs one refused write instead of ten. Claimed, or answered any other
+way, the others claim as before, all at once.
+
+A claim looks at its own job, too: a deadline passed, a cancel, a retention due, a lapsed
+lease to take over, a message with no job left. A record spoken for misses that look, so its
+copy says so (`LaneMessage.spoken_for`), and its next receive claims for itself: every job is
+looked at by a claim of its own at least every other receive.
+
 Everything here runs on one event loop (a batch's records are coroutines of one loop); the
 groups are kept per loop, so two invocations on two loops never wake each other.
 """
@@ -26,6 +38,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llmq.policy import Claim
 
 # (tenant id, lane, a batch's item?)
 HandoffKey = tuple[str, str, bool]
@@ -44,6 +60,9 @@ class _Group:
     # sibling ended, its claim having answered late, may take one: `Sibling.slot_freed_meanwhile`).
     frees: int = 0
     unspent: int = 0
+    # The answer of the batch's first claim of the key: its refusal at the cap, or None (it
+    # took a slot, or answered otherwise); unset until then (`Sibling.scout_refusal`).
+    scout: asyncio.Future[Claim | None] | None = None
 
     def changed(self) -> None:
         """A record took a slot or left: watchers look again."""
@@ -76,8 +95,31 @@ class Sibling:
         self._holds = False
         self.freed = False
         self._frees_at_start = group.frees if group is not None else 0
+        self._scouting = False
         if group is not None:
             group.claiming += 1
+
+    async def scout_refusal(self, timeout: float, *, may_be_spoken_for: bool = True) -> Claim | None:
+        """Before this record claims: the refusal at the cap of the batch's first claim of
+        the key, which speaks for this record too (defer it from that share, unclaimed); None
+        to claim. The first record of the key is the scout: None at once. The others wait for
+        its answer, `timeout` seconds at most (then they claim), unless they may not be spoken
+        for (a message spoken for last time: it claims at once). A slot a sibling freed since
+        this record began voids the refusal."""
+        group = self._group
+        if group is None or not self._claiming:
+            return None
+        if group.scout is None:
+            group.scout = asyncio.get_running_loop().create_future()
+            self._scouting = True
+            return None
+        if not may_be_spoken_for:
+            return None
+        if not group.scout.done() and timeout > 0:
+            await asyncio.wait({group.scout}, timeout=timeout)
+        if not group.scout.done() or group.frees > self._frees_at_start:
+            return None
+        return group.scout.result()
 
     def slot_freed_meanwhile(self) -> bool:
         """True, once, when a sibling freed a slot that no waiter took since this record began
@@ -89,21 +131,31 @@ class Sibling:
         group.unspent -= 1
         return True
 
-    def answered(self, *, took_slot: bool) -> None:
+    def answered(self, *, took_slot: bool, refused: Claim | None = None) -> None:
+        """Its claim answered (`refused`: at the cap, with the share it found), or it was
+        spoken for by the scout's refusal."""
         group = self._group
         if group is None or not self._claiming:
             return
         self._claiming = False
         group.claiming -= 1
+        self._scouted(refused)
         if took_slot:
             self._holds = True
             group.siblings += 1
         group.changed()
 
+    def _scouted(self, refused: Claim | None) -> None:
+        group = self._group
+        if self._scouting and group is not None and group.scout is not None and not group.scout.done():
+            group.scout.set_result(refused)
+
     def _leave(self) -> None:
         group = self._group
         if group is None:
             return
+        # (a scout whose claim raised speaks for no one: the others claim)
+        self._scouted(None)
         if self._claiming:
             self._claiming = False
             group.claiming -= 1
