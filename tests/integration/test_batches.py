@@ -677,6 +677,32 @@ def test_a_crashed_batch_items_slots_come_back_when_the_reconciler_recovers_it(h
     assert jobs.claim(waiting, "w2", 60, tenant).claimed
 
 
+def test_a_recovered_batch_item_is_counted_once_against_its_lanes_messages(harness: Harness) -> None:
+    # Given a 4-item batch, expanded, whose item 0 a worker took (its message with it) and died
+    batch_id = _submit(harness, requests=_requests(4)).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    crashed = item_job_id(batch_id, 0)
+    for message in harness.receive(url):
+        if json.loads(message["Body"])["job_id"] == crashed:
+            harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(crashed, "dead-worker", 1, (ENTERPRISE["tenant_id"], HIGH)).claimed
+    # And the reconciler put it back in the queue, with a message of its own
+    assert _reconciler_later(harness).run().recovered == [crashed]
+    # When a job of the tenant waits too, and the reconciler looks at the lane's messages
+    # (the batch's own expand message, which that run also sent, already done with)
+    for message in harness.receive(url):
+        if json.loads(message["Body"]).get("kind") == "expand":
+            harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    waiting = harness.submit(prompt="waiting its turn").body["id"]
+    assert harness.total_count(url) == 5  # the four items' and the job's
+    report = _reconciler_later(harness).run()
+    # Then every unfinished job has its message: none is sent again
+    assert (report.waiting, report.requeued) == ([waiting], [])
+    assert harness.total_count(url) == 5
+
+
 def test_a_share_written_before_batch_slots_existed_gets_them_at_its_items_first_claim(
     harness: Harness, provider: FakeProviderServer
 ) -> None:

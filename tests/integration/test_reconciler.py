@@ -411,3 +411,126 @@ def test_redeliver_is_409_before_the_end_and_404_for_another_tenant(harness: Har
     foreign = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=FREE)
     assert (foreign.status, foreign.code) == (404, "job_not_found")
     assert harness.total_count(harness.stack.webhook_queue_url) == 0
+
+
+# ---- what the reconciler finds with no live worker honours a cancel ------------------------------
+
+
+@pytest.mark.parametrize("attempts_left", [True, False], ids=["attempts-left", "last-attempt"])
+def test_a_crashed_job_asked_to_cancel_ends_canceled_not_run_again_nor_failed(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    provider: FakeProviderServer,
+    receiver: WebhookReceiver,
+    attempts_left: bool,
+) -> None:
+    # Given a job whose client asked to cancel it while it ran, and whose worker then died
+    # (with attempts left, or on its last one)
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    job_id = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hooks"}).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    crashes = 1 if attempts_left else harness.config.max_attempts
+    for n in range(crashes):
+        lease = 600 if n == crashes - 1 else 0.001
+        if n:
+            import time
+
+            time.sleep(0.01)
+        assert jobs.claim(job_id, f"dead-{n}", lease, tenant).outcome is ClaimOutcome.CLAIMED
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+    # When the reconciler runs after its lease lapsed
+    clock.offset = 600 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    report = reconciler.run()
+    # Then it ends as its client asked: canceled, announced as such, its slot and quota back,
+    # never sent to the provider again
+    assert (report.canceled, report.recovered) == ([job_id], [])
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert job["status"] == "canceled"
+    assert {"job_id": job_id, "event": "job.canceled"} in _terminal_events(harness)
+    share = _tenant_share(harness)
+    assert (share.running, share.active) == (0, 0)
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+    assert provider.calls_for(job_id) == 0
+
+
+def test_a_queued_job_asked_to_cancel_whose_deadline_passed_ends_canceled_not_expired(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, receiver: WebhookReceiver
+) -> None:
+    # Given a job with a deadline, asked to cancel while it ran, put back in the queue after
+    # its worker died (the cancel still to be honoured by its next claim)
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    hooks = {"url": f"http://127.0.0.1:{receiver.port}/hooks"}
+    job_id = harness.submit(deadline_seconds=60, webhook=hooks).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(job_id, "dead-worker", 0.001, tenant)
+    assert claimed.outcome is ClaimOutcome.CLAIMED and claimed.job is not None
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+    import time
+
+    time.sleep(0.01)
+    found = jobs.find(job_id)
+    assert found is not None and jobs.recover(found) is not None
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    # When the reconciler comes to it after its deadline
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 61
+    report = reconciler.run()
+    # Then it ends canceled, as asked, not expired
+    assert (report.canceled, report.expired) == ([job_id], [])
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "canceled"
+    assert {"job_id": job_id, "event": "job.canceled"} in _terminal_events(harness)
+
+
+# ---- the sweep's bookkeeping never delays a crash's recovery -------------------------------------
+
+
+def test_a_job_claimed_while_the_reconciler_ran_keeps_its_leases_sweep_time(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a stale queued job, claimed by a worker with a short lease between the sweep's read
+    # and the reconciler's postponing of it; that worker then dies
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    postpone = reconciler.jobs.postpone_sweep
+
+    def claimed_meanwhile(*args: Any, **kwargs: Any) -> bool:
+        assert jobs.claim(job_id, "worker-late", 20, tenant).outcome is ClaimOutcome.CLAIMED
+        return postpone(*args, **kwargs)
+
+    reconciler.jobs.postpone_sweep = claimed_meanwhile  # type: ignore[method-assign]
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 1
+    assert reconciler.run().waiting == [job_id]
+    reconciler.jobs.postpone_sweep = postpone  # type: ignore[method-assign]
+    # When the reconciler runs once the lease (20 s) and its grace have passed
+    clock.offset += 20 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    report = reconciler.run()
+    # Then the crashed attempt is recovered then, its slot given back: not a period later
+    assert report.recovered == [job_id]
+    assert _tenant_share(harness).running == 0
+
+
+def test_a_job_the_reconciler_cannot_settle_does_not_stop_the_run(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given two crashed jobs, one of them of a lane this deployment no longer has
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    crashed, orphan = harness.submit().body["id"], harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    for job_id in (orphan, crashed):
+        assert jobs.claim(job_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": orphan}},
+        UpdateExpression="SET lane = :retired",
+        ExpressionAttributeValues={":retired": {"S": "retired"}},
+    )
+    # When the reconciler runs after the leases lapsed
+    clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    report = reconciler.run()
+    # Then the other crashed job is recovered all the same, and the orphan is left, logged
+    assert (report.recovered, report.skipped) == ([crashed], [orphan])
+    assert harness.api("GET", f"/v1/jobs/{crashed}", tenant=ENTERPRISE).body["status"] == "queued"

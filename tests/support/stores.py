@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from llmq.batches import batch_of
 from llmq.config import LlmqConfig
 from llmq.errors import (
     CancelRequested,
@@ -640,14 +641,23 @@ class InMemoryJobs:
 
     @_throttleable
     def count_unfinished(self) -> Counter[str]:
-        unfinished = (self.records[job_id] for job_id in self.due)
+        unfinished = (self.records[job_id] for job_id in self.due if batch_of(job_id) is None)
         return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
 
     @_throttleable
-    def postpone_sweep(self, job_id: str, seconds: float, *, retention_margin_s: int | None = None) -> bool:
+    def postpone_sweep(
+        self,
+        job_id: str,
+        seconds: float,
+        *,
+        retention_margin_s: int | None = None,
+        status: JobStatus | None = None,
+    ) -> bool:
         if job_id not in self.due:
             return False
         record = self.records[job_id]
+        if status is not None and record.status is not status:
+            return False
         if retention_margin_s is not None and record.expires_at <= self.now_ms() // 1000 + retention_margin_s:
             raise RetentionDue(record)
         self.due[job_id] = self._in_seconds(seconds)

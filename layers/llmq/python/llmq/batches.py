@@ -503,14 +503,15 @@ class BatchRepository:
                 kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return found
 
-    def queued_item_messages(self, batch: BatchRecord) -> int:
-        """How many of the batch's written items wait queued, each with a message in its lane
-        and no entry in the sweep index: written, not ended, not running."""
+    def unfinished_items(self, batch: BatchRecord) -> int:
+        """How many of the batch's written items are not ended, each with a message in its lane
+        (queued, or in flight while one runs). The sweep index's count leaves items out
+        (`JobRepository.count_unfinished`): a requeued or recovered item is in both."""
         counts = self.counts(batch)
         ended = (
             counts.succeeded + counts.failed + counts.canceled + counts.expired - batch.unexpanded_canceled
         )
-        return max(0, batch.expanded - ended - counts.running)
+        return max(0, batch.expanded - ended)
 
     def running_items(self, batch: BatchRecord) -> list[str]:
         """The batch's items holding a slot now: its holders in the tenant's share (one read)."""

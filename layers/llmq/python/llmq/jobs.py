@@ -1332,7 +1332,8 @@ class JobRepository:
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
     def count_unfinished(self) -> Counter[str]:
-        """Queued and running jobs per lane, read from the sparse index's small entries.
+        """Queued and running jobs per lane, read from the sparse index's small entries; not a
+        batch's items, which their batch counts (`BatchRepository.unfinished_items`).
 
         The reconciler compares this with each lane queue's depth to tell a backlog (every
         job still has its message) from a lost message.
@@ -1344,30 +1345,45 @@ class JobRepository:
                 "IndexName": SWEEP_INDEX,
                 "KeyConditionExpression": "sweep_pk = :p",
                 "FilterExpression": "#st IN (:queued, :running)",
-                "ProjectionExpression": "lane",
+                "ProjectionExpression": "pk, lane",
                 "ExpressionAttributeNames": {"#st": "status"},
                 "ExpressionAttributeValues": codec.values(p=partition, queued="queued", running="running"),
             }
             while True:
                 response = self._ddb.query(**kwargs)
                 for item in response.get("Items", []):
-                    counts[item["lane"]["S"]] += 1
+                    if batches.batch_of(item["pk"]["S"]) is None:
+                        counts[item["lane"]["S"]] += 1
                 if "LastEvaluatedKey" not in response:
                     break
                 kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return counts
 
-    def postpone_sweep(self, job_id: str, seconds: float, *, retention_margin_s: int | None = None) -> bool:
+    def postpone_sweep(
+        self,
+        job_id: str,
+        seconds: float,
+        *,
+        retention_margin_s: int | None = None,
+        status: JobStatus | None = None,
+    ) -> bool:
         """After the reconciler re-enqueued something, leave the job alone for a while.
 
-        False when the job left the index meanwhile (it finished): nothing to postpone. With
-        `retention_margin_s`, a job whose retention ends within that margin is not postponed:
-        `RetentionDue` brings it as stored, read by the refused write itself (no read of its own).
+        False when the job left the index meanwhile (it finished), or is no longer in `status`
+        (a job claimed since the sweep read it keeps its lease's entry): nothing to postpone.
+        With `retention_margin_s`, a job whose retention ends within that margin is not
+        postponed: `RetentionDue` brings it as stored, read by the refused write itself (no
+        read of its own).
         """
         now = self.now_ms()
         sweep_sets, _, sweep = self._sweep(job_id, now + int(seconds * 1000))
         # A job that left the index meanwhile stays out of it.
         condition = "attribute_exists(sweep_pk)"
+        names: dict[str, str] = {}
+        if status is not None:
+            condition += " AND #st = :status"
+            sweep["status"] = status.value
+            names["#st"] = "status"
         if retention_margin_s is not None:
             condition += " AND expires_at > :soon_s"
             sweep["soon_s"] = now // 1000 + retention_margin_s
@@ -1378,12 +1394,14 @@ class JobRepository:
                 UpdateExpression="SET " + ", ".join(sweep_sets),
                 ConditionExpression=condition,
                 ExpressionAttributeValues=codec.values(**sweep),
+                **({"ExpressionAttributeNames": names} if names else {}),
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             if codec.condition_failed(exc):
                 old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
-                if retention_margin_s is not None and "sweep_pk" in old:
+                moved = status is not None and old.get("status", {}).get("S") != status.value
+                if retention_margin_s is not None and "sweep_pk" in old and not moved:
                     raise RetentionDue(codec.from_item(old)) from exc
                 return False
             raise

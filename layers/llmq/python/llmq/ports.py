@@ -109,7 +109,12 @@ class JobStore(Protocol):
     ) -> Iterator[SweepEntry]: ...
     def count_unfinished(self) -> Counter[str]: ...
     def postpone_sweep(
-        self, job_id: str, seconds: float, *, retention_margin_s: int | None = None
+        self,
+        job_id: str,
+        seconds: float,
+        *,
+        retention_margin_s: int | None = None,
+        status: JobStatus | None = None,
     ) -> bool: ...
 
 

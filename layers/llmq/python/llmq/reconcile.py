@@ -34,7 +34,8 @@ class ReconcileReport:
     skipped: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
-    # Jobs asked to cancel that reached the end of their retention first (`Reconciler._retire`).
+    # Jobs asked to cancel that the reconciler found with no live worker: a crashed attempt's,
+    # one past its deadline, or one at the end of its retention (`Reconciler._cancel`).
     canceled: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
     # Batches whose expand message went again (`Reconciler._poke`).
@@ -92,6 +93,12 @@ class Reconciler:
             except StoreUnavailable:
                 # One throttled entry must not stop the run: it stays due for the next one.
                 report.skipped.append(entry.job_id)
+            except Exception:
+                # Nor one that cannot be settled at all (a lane no longer configured, an item
+                # grown too large): the others are recovered, expired and announced, and it
+                # is logged as an error (the function's error alarm) and looked at next run.
+                logger.exception("entry not settled", extra={"job_id": entry.job_id})
+                report.skipped.append(entry.job_id)
         logger.info("reconciled", extra=report.as_log())
         return report
 
@@ -105,16 +112,24 @@ class Reconciler:
         lanes = {entry.lane for entry in entries if _is_stale_queued(entry, now)}
         if not lanes:
             return Counter()
+        # (ordinary jobs: a batch's items are counted from their batch, each once)
         unfinished = self.jobs.count_unfinished()
         if self.batches is not None:
-            # A batch's queued items have messages in the lane but no index entry: counted
-            # here, or their messages would pass for ordinary jobs' and hide a lost one.
+            # A batch's unfinished items have messages in the lane: counted here, or their
+            # messages would pass for ordinary jobs' and hide a lost one.
             for batch in self.batches.open_batches():
                 if batch.lane in lanes:
-                    unfinished[batch.lane] += self.batches.queued_item_messages(batch)
-        return Counter(
-            {lane: max(0, unfinished[lane] - self.queues.lane_depth(lane)) for lane in sorted(lanes)}
-        )
+                    unfinished[batch.lane] += self.batches.unfinished_items(batch)
+        deficits: Counter[str] = Counter()
+        for lane in sorted(lanes):
+            try:
+                depth = self.queues.lane_depth(lane)
+            except KeyError:
+                # A job of a lane no longer deployed: nothing can be sent to it
+                logger.error("stale jobs of a lane with no queue", extra={"lane": lane})
+                continue
+            deficits[lane] = max(0, unfinished[lane] - depth)
+        return deficits
 
     def _settle(self, entry: SweepEntry, now: int, deficits: Counter[str], report: ReconcileReport) -> None:
         thresholds = self.config.reconciler
@@ -133,10 +148,12 @@ class Reconciler:
             else:
                 report.waiting.append(entry.job_id)
             try:
+                # (only while it is queued: one claimed meanwhile keeps its lease's entry)
                 self.jobs.postpone_sweep(
                     entry.job_id,
                     thresholds.stale_queued_seconds,
                     retention_margin_s=thresholds.retention_margin_seconds,
+                    status=JobStatus.QUEUED,
                 )
             except RetentionDue as due:
                 # (a message just sent for it finds it ended, and is dropped)
@@ -175,6 +192,10 @@ class Reconciler:
             # Too close to its retention to run again (or past it): ended, its slot given back.
             self._retire(job, report)
             return
+        if job.cancel_requested:
+            # Asked to cancel while it ran: it ends as asked, not run again nor failed.
+            self._cancel(job, report)
+            return
         if job.attempts >= self.config.max_attempts:
             error = JobError(
                 code=ErrorCode.WORKER_CRASHED,
@@ -194,6 +215,10 @@ class Reconciler:
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         job = self.jobs.find(entry.job_id)
+        if job is not None and job.cancel_requested:
+            # Asked to cancel before its deadline passed: it ends as asked.
+            self._cancel(job, report)
+            return
         expired = self.jobs.expire(job, deadline_error(job)) if job is not None else None
         if expired is not None:
             announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
@@ -206,11 +231,7 @@ class Reconciler:
         would go and they would stay counted for good."""
         if job.cancel_requested:
             # Asked to cancel before its retention ran out: it ends as asked.
-            canceled = self.jobs.cancel_unleased(job)
-            if canceled is not None:
-                announce_terminal(self.queues, canceled, carry=self.config.webhooks.trust_carried_job)
-                item_ended(None, self.queues, canceled)
-                report.canceled.append(job.id)
+            self._cancel(job, report)
             return
         expired = self.jobs.expire_at_retention(job, retention_error(job))
         if expired is not None:
@@ -218,6 +239,15 @@ class Reconciler:
             announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
             item_ended(None, self.queues, expired)
             report.expired.append(job.id)
+
+    def _cancel(self, job: JobRecord, report: ReconcileReport) -> None:
+        """A job asked to cancel that no live worker holds ends canceled, as the worker's claim
+        and the dead-letter function would end it."""
+        canceled = self.jobs.cancel_unleased(job)
+        if canceled is not None:
+            announce_terminal(self.queues, canceled, carry=self.config.webhooks.trust_carried_job)
+            item_ended(None, self.queues, canceled)
+            report.canceled.append(job.id)
 
 
 def _is_stale_queued(entry: SweepEntry, now: int) -> bool:
