@@ -527,6 +527,42 @@ def test_a_message_spoken_for_last_time_claims_for_itself_and_takes_over_a_lapse
     assert world.queues.spoken_for == []
 
 
+def test_a_message_spoken_for_whose_copy_sqs_refuses_claims_for_itself_at_once() -> None:
+    # Given a tenant at its cap of one, two of its jobs queued, and SQS refusing every copy
+    world = World()
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    world.running("other-worker", 60_000, id="job_0")
+    world.add(id="job_1")
+    world.add(id="job_2")
+    world.queues.unavailable.add("enqueue_job")
+    claims = _counting_claims(world)
+    # When one invocation receives both
+    outcomes = _run_batch(world, ["job_1", "job_2"])
+    # Then the second, spoken for by the first's refusal but with no copy to say so, claimed
+    # for itself rather than come back as it was: each job had a look of its own
+    assert claims == ["job_1", "job_2"]
+    assert all(isinstance(outcome, RetryLater) for outcome in outcomes)
+    assert {world.job(job_id).attempts for job_id in ("job_1", "job_2")} == {0}
+
+
+def test_a_message_spoken_for_whose_own_claim_met_contention_is_still_spoken_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a message spoken for last time, whose own claim loses to other transactions
+    world = World()
+    world.add(id="job_1")
+
+    def contended(*_: object, **__: object) -> None:
+        raise StoreContended("TransactionConflict")
+
+    monkeypatch.setattr(world.jobs, "claim", contended)
+    message = LaneMessage(job_id="job_1", lane="high", tenant_id="ten_acme", spoken_for=True)
+    # When a worker receives it
+    assert _run_batch(world, [message]) == [None]
+    # Then its copy still says it has had no look of its own
+    assert world.queues.spoken_for == ["job_1"]
+
+
 def test_a_slot_frees_when_the_running_job_ends() -> None:
     # Given a tenant capped at one, its slot held by a job that then succeeds
     world = World()

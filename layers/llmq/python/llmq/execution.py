@@ -224,9 +224,22 @@ class JobRunner:
                 except StoreUnavailable:
                     found = None  # (no lane: the message waits, and comes back as it is)
                 key = (refused.share.tenant_id, found.lane if found is not None else "", item)
-            await self._defer(
-                message, key, refused.share, refused.at_ms, invocation, freed_meanwhile, spoken_for=spoken_for
-            )
+            try:
+                await self._defer(
+                    message,
+                    key,
+                    refused.share,
+                    refused.at_ms,
+                    invocation,
+                    freed_meanwhile,
+                    spoken_for=spoken_for,
+                )
+            except RetryLater:
+                if not spoken_for:
+                    raise
+                # Its copy could not be sent, and this message, which says nothing of being
+                # spoken for, would come back as it is: it claims for itself now instead.
+                await self.run(message.model_copy(update={"spoken_for": True}).model_dump_json(), invocation)
 
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
@@ -255,7 +268,8 @@ class JobRunner:
             logger.warning("claim contended", extra={"job_id": message.job_id, "why": str(exc)})
             if tenant is None:
                 raise RetryLater(message.job_id, delay) from exc
-            await self._resend(message, tenant, None, delay, "claim contended")
+            # (nothing looked at the job: a copy spoken for still says so)
+            await self._resend(message, tenant, None, delay, "claim contended", spoken_for=message.spoken_for)
             return None
         except StoreUnavailable as exc:
             # Nothing was spent yet. The claim may have been applied, though, leased to us: the
@@ -385,7 +399,8 @@ class JobRunner:
                 tenant,
                 None,
                 0.0,
-                "tenant at its cap; a slot of its own freed",
+                "tenant at its cap; a slot of its own freed"
+                + ("; no claim of its own" if spoken_for else ""),
                 unsent_delay=unsent,
                 spoken_for=spoken_for,
             )
@@ -395,7 +410,10 @@ class JobRunner:
             tenant,
             due_ms,
             delay,
-            "tenant at its cap; deferred",
+            # (no claim of its own: told apart from the deferrals that made one)
+            "tenant at its cap; deferred as its batch's first claim found"
+            if spoken_for
+            else "tenant at its cap; deferred",
             unsent_delay=unsent,
             spoken_for=spoken_for,
             running=running,
