@@ -11,6 +11,7 @@ from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
 from llmq.execution import mark_dead_letter
+from llmq.job_index import sweep_partitions
 from llmq.jobs import JobRepository
 from llmq.models import ErrorCode, JobStatus
 from llmq.policy import ClaimOutcome, retention_error
@@ -534,3 +535,49 @@ def test_a_job_the_reconciler_cannot_settle_does_not_stop_the_run(
     # Then the other crashed job is recovered all the same, and the orphan is left, logged
     assert (report.recovered, report.skipped) == ([crashed], [orphan])
     assert harness.api("GET", f"/v1/jobs/{crashed}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+def test_the_lapsed_leases_behind_a_long_backlog_of_stale_queued_jobs_are_read_in_one_request(
+    harness: Harness,
+) -> None:
+    # Given one sweep partition holding 250 stale queued jobs, due first, and a lapsed lease
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    partition = sweep_partitions(harness.config.reconciler.sweep_shards)[1]
+    now = jobs.now_ms()
+    entries = [("queued", f"job_stale{n:04d}", now - 600_000 + n) for n in range(250)]
+    entries.append(("running", "job_crashed", now - 1_000))
+    client = aws.client("dynamodb")
+    for start in range(0, len(entries), 25):
+        client.batch_write_item(
+            RequestItems={
+                harness.stack.jobs_table: [
+                    {
+                        "PutRequest": {
+                            "Item": {
+                                "pk": {"S": job_id},
+                                "status": {"S": status},
+                                "lane": {"S": "high"},
+                                "sweep_pk": {"S": partition},
+                                "sweep_at": {"N": str(due)},
+                            }
+                        }
+                    }
+                    for status, job_id, due in entries[start : start + 25]
+                ]
+            }
+        )
+    queries: list[str] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if params.get("IndexName") and params["ExpressionAttributeValues"][":p"]["S"] == partition:
+            queries.append(partition)
+
+    client.meta.events.register("provide-client-params.dynamodb.Query", record)
+    try:
+        # When the reconciler's first pass looks for lapsed leases
+        found = list(jobs.sweep(now, harness.config.reconciler.max_items_per_run, JobStatus.RUNNING))
+    finally:
+        client.meta.events.unregister("provide-client-params.dynamodb.Query", record)
+    # Then it finds the crashed job, reading that partition's 251 due entries in one request
+    assert [entry.job_id for entry in found] == ["job_crashed"]
+    assert len(queries) == 1

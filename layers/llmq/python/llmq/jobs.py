@@ -78,6 +78,9 @@ QUEUE_POSITION_WINDOW = 1000
 # before the caller hears StoreUnavailable.
 _TRANSACTION_TRIES = 5
 _CONFLICT_PAUSE_SECONDS = 0.05
+# Index entries read per sweep request (`JobRepository._sweep_shard`).
+_SWEEP_PAGE = 100
+_SWEEP_PAGE_FILTERED = 1000
 
 
 @dataclass(frozen=True)
@@ -1294,7 +1297,12 @@ class JobRepository:
             "IndexName": SWEEP_INDEX,
             "KeyConditionExpression": "sweep_pk = :p AND sweep_at <= :due",
             "ExpressionAttributeValues": codec.values(p=partition, due=due_before_ms),
-            "Limit": 100,
+            # The pass for one status filters after the read, so a page may hold none of them:
+            # behind a long backlog of stale queued jobs, the lapsed leases are a few among
+            # thousands. Its pages are ten times longer (index entries are small: 1,000 of them
+            # about 100 KB, one request's worth), for the same read units in a tenth of the
+            # requests; the merged pass reads only as far as the run's limit.
+            "Limit": _SWEEP_PAGE if status is None else _SWEEP_PAGE_FILTERED,
         }
         if status is not None:
             kwargs["FilterExpression"] = "#st = :status"
