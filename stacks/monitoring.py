@@ -255,6 +255,14 @@ class MonitoringConstruct(Construct):
             )
         reconciler = functions.get("reconciler")
         if reconciler is not None:
+            # What a run could not settle it logs and skips, going on with the rest: no Lambda
+            # error shows it (`llmq.reconcile`).
+            self._alarm(
+                "ReconcilerEntryFailed",
+                llmq_metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum", labelled=False),
+                threshold=0,
+                description="llmq: the reconciler could not settle a swept job or the lanes' depths",
+            )
             window = reconciler_window_minutes(config)
             # No invocation at all reports no data point: missing data is the alarm here. It
             # fires once right after the first deploy, and no setting avoids that: a new alarm
@@ -385,8 +393,12 @@ class MonitoringConstruct(Construct):
                 width=12,
             ),
             cloudwatch.GraphWidget(
-                title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the reconciler)",
-                left=[llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum")]
+                title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the "
+                "reconciler, what the reconciler could not settle)",
+                left=[
+                    llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum"),
+                    llmq_metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum"),
+                ]
                 + [llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names]
                 + [llmq_metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names],
                 right=(

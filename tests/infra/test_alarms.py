@@ -301,6 +301,13 @@ def test_every_lane_alarms_on_jobs_the_api_could_not_enqueue(synthesized, alarms
         _fires_on_any(alarm)
 
 
+def test_what_the_reconciler_could_not_settle_raises_an_alarm(alarms):
+    # A run logs and skips what it cannot settle, and goes on: its Errors alarm never sees it.
+    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.RECONCILE_ENTRY_FAILED.value, service=SERVICE_NAME)
+    assert (alarm["Statistic"], alarm["Period"]) == ("Sum", 300)
+    _fires_on_any(alarm)
+
+
 def test_every_alarm_is_described_in_the_operations_guide(synthesized):
     from pathlib import Path
 

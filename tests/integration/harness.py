@@ -270,3 +270,16 @@ class Harness:
                 ExpressionAttributeValues={":share": {"S": SHARE_PREFIX}, ":polls": {"S": POLLS_PREFIX}},
             )["Count"]
         )
+
+
+def emitted_metrics(stdout: str, name: str) -> list[dict[str, Any]]:
+    """The CloudWatch embedded-metric-format records for `name` that a function printed."""
+    records = []
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        directives = record.get("_aws", {}).get("CloudWatchMetrics", [])
+        if any(metric["Name"] == name for directive in directives for metric in directive["Metrics"]):
+            records.append(record)
+    return records

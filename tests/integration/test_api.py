@@ -16,7 +16,7 @@ from llmq.job_index import TENANT_INDEX
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
-from tests.integration.harness import ENTERPRISE, FREE, Harness
+from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics
 
 
 def _nothing_changed(harness: Harness) -> None:
@@ -599,19 +599,6 @@ def _refused(operation: str, code: str, status: int = 400) -> Iterator[list[str]
         events.unregister(f"before-call.{service}.{name}", unique_id="test-api-refused")
 
 
-def _emitted(stdout: str, name: MetricName) -> list[dict[str, Any]]:
-    """The CloudWatch embedded-metric-format records for `name` that the function printed."""
-    records = []
-    for line in stdout.splitlines():
-        if not line.startswith("{"):
-            continue
-        record = json.loads(line)
-        directives = record.get("_aws", {}).get("CloudWatchMetrics", [])
-        if any(metric["Name"] == name for directive in directives for metric in directive["Metrics"]):
-            records.append(record)
-    return records
-
-
 @pytest.mark.parametrize(
     ("operation", "method", "path"),
     [
@@ -638,7 +625,7 @@ def test_an_aws_call_failing_unexpectedly_is_a_500_problem_and_counts_for_the_al
     assert (reply.status, reply.code) == (500, "internal_error")
     assert reply.headers["content-type"] == "application/problem+json"
     # And the function printed exactly one ApiUnexpectedError count for CloudWatch
-    (record,) = _emitted(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR)
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR)
     (directive,) = record["_aws"]["CloudWatchMetrics"]
     assert directive["Namespace"] == METRICS_NAMESPACE
     assert directive["Dimensions"] == [["service"]]
@@ -658,7 +645,7 @@ def test_a_throttle_or_a_client_error_is_not_counted_as_unexpected(
     assert refused == ["dynamodb.TransactWriteItems"]
     assert (busy.status, busy.code) == (503, "service_unavailable")
     assert missing.status == 404
-    assert _emitted(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR) == []
+    assert emitted_metrics(capsys.readouterr().out, MetricName.API_UNEXPECTED_ERROR) == []
 
 
 def test_a_submit_whose_message_was_not_sent_is_accepted_and_counted_for_the_alarm(
@@ -680,7 +667,7 @@ def test_a_submit_whose_message_was_not_sent_is_accepted_and_counted_for_the_ala
     assert job["status"] == "queued"
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
     # And the function printed exactly one JobEnqueueFailed count for the job's lane
-    (record,) = _emitted(capsys.readouterr().out, MetricName.JOB_ENQUEUE_FAILED)
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.JOB_ENQUEUE_FAILED)
     (directive,) = record["_aws"]["CloudWatchMetrics"]
     assert directive["Namespace"] == METRICS_NAMESPACE
     assert sorted(directive["Dimensions"][0]) == ["lane", "service"]

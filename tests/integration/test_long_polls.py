@@ -18,8 +18,7 @@ from llmq import aws
 from llmq.long_polls import LongPolls, polls_key
 from llmq.telemetry import MetricName
 from tests.aws_faults import AwsFaults, FaultKind
-from tests.integration.harness import ENTERPRISE, FREE, Harness
-from tests.integration.test_api import _emitted
+from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics
 
 PAST = 120.0
 
@@ -65,7 +64,7 @@ def test_a_tenant_at_its_long_poll_cap_gets_429_at_once_with_retry_after(
     capsys.readouterr()
     assert _poll(harness, job_id, FREE) == REFUSED
     # and counted for the operator's dashboard
-    (record,) = _emitted(capsys.readouterr().out, MetricName.LONG_POLL_REFUSED)
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.LONG_POLL_REFUSED)
     assert record[MetricName.LONG_POLL_REFUSED] == [1.0]
     # And a poll without a wait still reads the job
     assert _poll(harness, job_id, FREE, wait=0) == (200, "queued", None)

@@ -18,6 +18,7 @@ from llmq.policy import ClaimOutcome, retention_error
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository, ShareState
+from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
@@ -26,6 +27,7 @@ from tests.integration.harness import (
     FREE,
     Harness,
     LambdaContextStub,
+    emitted_metrics,
     load_handler,
     webhook_message,
 )
@@ -513,8 +515,12 @@ def test_a_job_claimed_while_the_reconciler_ran_keeps_its_leases_sweep_time(
     assert _tenant_share(harness).running == 0
 
 
-def test_a_job_the_reconciler_cannot_settle_does_not_stop_the_run(
-    harness: Harness, reconciler: Reconciler, clock: LaterClock
+def test_a_job_the_reconciler_cannot_settle_does_not_stop_the_run_and_is_counted_as_a_fault(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given two crashed jobs, one of them of a lane this deployment no longer has
     tenant = (ENTERPRISE["tenant_id"], "high")
@@ -531,10 +537,19 @@ def test_a_job_the_reconciler_cannot_settle_does_not_stop_the_run(
     )
     # When the reconciler runs after the leases lapsed
     clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    capsys.readouterr()
     report = reconciler.run()
-    # Then the other crashed job is recovered all the same, and the orphan is left, logged
+    # Then the other crashed job is recovered all the same, and the orphan is left
     assert (report.recovered, report.skipped) == ([crashed], [orphan])
     assert harness.api("GET", f"/v1/jobs/{crashed}", tenant=ENTERPRISE).body["status"] == "queued"
+    # And counted as a handled fault, which has an alarm (the run itself raised nothing), with
+    # the error's class in the log and never its text
+    out = capsys.readouterr().out
+    (record,) = emitted_metrics(out, MetricName.RECONCILE_ENTRY_FAILED)
+    assert record[MetricName.RECONCILE_ENTRY_FAILED] == [1.0]
+    (logged,) = [record for record in caplog.records if record.getMessage().startswith("not settled")]
+    assert (logged.what, logged.error_class) == (orphan, "KeyError")  # type: ignore[attr-defined]
+    assert not [name for name, value in vars(logged).items() if "retired" in str(value)]
 
 
 def test_the_lapsed_leases_behind_a_long_backlog_of_stale_queued_jobs_are_read_in_one_request(

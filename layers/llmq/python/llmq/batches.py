@@ -507,7 +507,8 @@ class BatchRepository:
         """How many of the batch's written items are not ended, each with a message in its lane
         (queued, or in flight while one runs). The sweep index's count leaves items out
         (`JobRepository.count_unfinished`): a requeued or recovered item is in both."""
-        counts = self.counts(batch)
+        # (the shards alone: what runs makes no difference here, so the share is not read)
+        counts = batch.final_counts or tally(batch, list(self._get_many(self._shard_keys(batch)).values()), 0)
         ended = (
             counts.succeeded + counts.failed + counts.canceled + counts.expired - batch.unexpanded_canceled
         )

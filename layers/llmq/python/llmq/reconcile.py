@@ -21,7 +21,7 @@ from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, J
 from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
-from llmq.telemetry import logger
+from llmq.telemetry import MetricName, emit_count, error_fields, logger
 
 
 @dataclass
@@ -86,6 +86,10 @@ class Reconciler:
             # Unknown this run: send nothing new for stale queued jobs; the rest goes on.
             logger.warning("lane depths unavailable; stale queued jobs wait for the next run")
             deficits = Counter()
+        except Exception as exc:
+            # (an open batch this version cannot read, a queue it may not look at: the same)
+            _not_settled(exc, "lane depths")
+            deficits = Counter()
         for entry in entries:
             report.examined += 1
             try:
@@ -93,11 +97,11 @@ class Reconciler:
             except StoreUnavailable:
                 # One throttled entry must not stop the run: it stays due for the next one.
                 report.skipped.append(entry.job_id)
-            except Exception:
+            except Exception as exc:
                 # Nor one that cannot be settled at all (a lane no longer configured, an item
                 # grown too large): the others are recovered, expired and announced, and it
-                # is logged as an error (the function's error alarm) and looked at next run.
-                logger.exception("entry not settled", extra={"job_id": entry.job_id})
+                # is counted as a fault (its alarm) and looked at again next run.
+                _not_settled(exc, entry.job_id)
                 report.skipped.append(entry.job_id)
         logger.info("reconciled", extra=report.as_log())
         return report
@@ -124,9 +128,9 @@ class Reconciler:
         for lane in sorted(lanes):
             try:
                 depth = self.queues.lane_depth(lane)
-            except KeyError:
-                # A job of a lane no longer deployed: nothing can be sent to it
-                logger.error("stale jobs of a lane with no queue", extra={"lane": lane})
+            except KeyError as exc:
+                # Jobs of a lane no longer deployed: nothing can be sent to them.
+                _not_settled(exc, f"lane {lane}")
                 continue
             deficits[lane] = max(0, unfinished[lane] - depth)
         return deficits
@@ -248,6 +252,14 @@ class Reconciler:
             announce_terminal(self.queues, canceled, carry=self.config.webhooks.trust_carried_job)
             item_ended(None, self.queues, canceled)
             report.canceled.append(job.id)
+
+
+def _not_settled(exc: Exception, what: str) -> None:
+    """Something swept that could not be settled: logged by its class and AWS error code only
+    (an exception's text can quote a prompt) and counted as a handled fault, which has an
+    alarm: the run goes on, so no Lambda error shows it."""
+    logger.error("not settled; the reconciler goes on", extra={"what": what, **error_fields(exc)})
+    emit_count(MetricName.RECONCILE_ENTRY_FAILED)
 
 
 def _is_stale_queued(entry: SweepEntry, now: int) -> bool:

@@ -60,6 +60,7 @@ class MetricName(StrEnum):
     API_UNEXPECTED_ERROR = "ApiUnexpectedError"
     JOB_DEAD_LETTERED = "JobDeadLettered"
     JOB_ENQUEUE_FAILED = "JobEnqueueFailed"
+    RECONCILE_ENTRY_FAILED = "ReconcileEntryFailed"
     # A request that asked to wait was refused a long-poll place (llmq.long_polls): a tenant
     # at its max_long_polls, or their store busy.
     LONG_POLL_REFUSED = "LongPollRefused"
@@ -83,8 +84,15 @@ WEBHOOK_OUTCOME_METRICS = (
 # - ApiUnexpectedError: the api answered a 500 (service dimension only);
 # - JobDeadLettered: the dead-letter function failed a job as worker_crashed (lane dimension);
 # - JobEnqueueFailed: the api stored a job but could not send its message, so the client got
-#   its 202 and the job waits for the reconciler (lane dimension).
-FAULT_METRICS = (MetricName.API_UNEXPECTED_ERROR, MetricName.JOB_DEAD_LETTERED, MetricName.JOB_ENQUEUE_FAILED)
+#   its 202 and the job waits for the reconciler (lane dimension);
+# - ReconcileEntryFailed: the reconciler could not settle something it swept (an entry, the
+#   lanes' depths), and went on with the rest (service dimension only).
+FAULT_METRICS = (
+    MetricName.API_UNEXPECTED_ERROR,
+    MetricName.JOB_DEAD_LETTERED,
+    MetricName.JOB_ENQUEUE_FAILED,
+    MetricName.RECONCILE_ENTRY_FAILED,
+)
 # A tenant's limit at work, not a fault: the api's waits refused a place (service dimension only).
 LIMIT_METRICS = (MetricName.LONG_POLL_REFUSED,)
 
@@ -117,19 +125,20 @@ def emit_count(name: MetricName) -> None:
         pass
 
 
+def error_fields(exc: BaseException) -> dict[str, str | None]:
+    """What a log may say of an unexpected exception: its class and AWS error code, never its
+    text, which can quote a payload."""
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return {"error_class": type(exc).__name__, "error_code": code}
+
+
 def log_record_failure(exc: BaseException, message_id: str, job_id: str | None) -> None:
     """An unexpected exception in a record handler, which the batch processor would swallow.
 
     The class and the AWS error code only: an exception's text can quote the payload.
     """
-    response = getattr(exc, "response", None)
-    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
     logger.error(
         "record failed unexpectedly; it will be retried",
-        extra={
-            "message_id": message_id,
-            "job_id": job_id,
-            "error_class": type(exc).__name__,
-            "error_code": code,
-        },
+        extra={"message_id": message_id, "job_id": job_id, **error_fields(exc)},
     )
