@@ -11,7 +11,7 @@ from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
 from llmq.execution import mark_dead_letter
-from llmq.job_index import sweep_partitions
+from llmq.job_index import sweep_partition, sweep_partitions
 from llmq.jobs import JobRepository
 from llmq.models import ErrorCode, JobStatus
 from llmq.policy import ClaimOutcome, retention_error
@@ -22,6 +22,7 @@ from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.integration.harness import (
     ENTERPRISE,
     FREE,
@@ -596,3 +597,28 @@ def test_the_lapsed_leases_behind_a_long_backlog_of_stale_queued_jobs_are_read_i
     # Then it finds the crashed job, reading that partition's 251 due entries in one request
     assert [entry.job_id for entry in found] == ["job_crashed"]
     assert len(queries) == 1
+
+
+def test_a_shard_of_the_sweep_throttled_past_its_retries_does_not_hide_the_others(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a crashed job, and the sweep's first query (of its first shard, which holds no new
+    # job) throttled past botocore's retries (three tries)
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    crashed = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(crashed, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    partitions = sweep_partitions(harness.config.reconciler.sweep_shards)
+    assert sweep_partition(crashed, harness.config.reconciler.sweep_shards) != partitions[0]
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "dynamodb.Query", times=3)
+    clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    try:
+        # When the reconciler runs after the lease lapsed
+        report = reconciler.run()
+    finally:
+        faults.disarm()
+    # Then the crashed job is recovered all the same
+    assert len(faults.fired) == 3
+    assert report.recovered == [crashed]

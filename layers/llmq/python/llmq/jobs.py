@@ -53,6 +53,7 @@ from llmq.models import (
 from llmq.policy import Claim, fresh_letter_condition
 from llmq.read_gathering import GatheredReads
 from llmq.shares import ShareState
+from llmq.telemetry import logger
 
 Clock = Callable[[], float]
 
@@ -1311,7 +1312,14 @@ class JobRepository:
                 p=partition, due=due_before_ms, status=status.value
             )
         while True:
-            response = self._ddb.query(**kwargs)
+            try:
+                response = self._ddb.query(**kwargs)
+            except StoreUnavailable:
+                # One shard throttled past its retries: its entries stay due for the next run,
+                # and the other shards' still merge (the merge reads every shard's first page
+                # before it yields one entry: one failure would stop them all).
+                logger.warning("sweep shard unreadable this run", extra={"partition": partition})
+                return
             for item in response.get("Items", []):
                 data = codec.plain(item)
                 if batches.is_batch_key(str(data["pk"])):
