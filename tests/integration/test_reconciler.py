@@ -599,16 +599,21 @@ def test_the_lapsed_leases_behind_a_long_backlog_of_stale_queued_jobs_are_read_i
     assert len(queries) == 1
 
 
+def _crashed_job(harness: Harness) -> str:
+    """A job whose worker claimed it (a lease of 1 s) and died, its message gone with it."""
+    crashed: str = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(crashed, "dead-worker", 1, (ENTERPRISE["tenant_id"], "high")).claimed
+    return crashed
+
+
 def test_a_shard_of_the_sweep_throttled_past_its_retries_does_not_hide_the_others(
     harness: Harness, reconciler: Reconciler, clock: LaterClock
 ) -> None:
     # Given a crashed job, and the sweep's first query (of its first shard, which holds no new
     # job) throttled past botocore's retries (three tries)
-    tenant = (ENTERPRISE["tenant_id"], "high")
-    crashed = harness.submit().body["id"]
-    _purge(harness, harness.stack.lane_queue_urls["high"])
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    assert jobs.claim(crashed, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    crashed = _crashed_job(harness)
     partitions = sweep_partitions(harness.config.reconciler.sweep_shards)
     assert sweep_partition(crashed, harness.config.reconciler.sweep_shards) != partitions[0]
     faults = AwsFaults()
@@ -622,3 +627,30 @@ def test_a_shard_of_the_sweep_throttled_past_its_retries_does_not_hide_the_other
     # Then the crashed job is recovered all the same
     assert len(faults.fired) == 3
     assert report.recovered == [crashed]
+
+
+def test_an_index_entry_this_version_cannot_read_is_skipped_and_counted_not_a_stop(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a crashed job, and a due index entry in a status a newer version wrote (read by
+    # this one after a rollback)
+    crashed = _crashed_job(harness)
+    aws.client("dynamodb").put_item(
+        TableName=harness.stack.jobs_table,
+        Item={
+            "pk": {"S": "job_from_the_future"},
+            "status": {"S": "paused"},
+            "lane": {"S": "high"},
+            "sweep_pk": {"S": sweep_partition("job_from_the_future", harness.config.reconciler.sweep_shards)},
+            "sweep_at": {"N": "1"},
+        },
+    )
+    # When the reconciler runs after the lease lapsed
+    clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    capsys.readouterr()
+    report = reconciler.run()
+    # Then the crashed job is recovered all the same, and the unreadable entry is a fault
+    assert report.recovered == [crashed]
+    assert "job_from_the_future" not in report.skipped + report.waiting
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.RECONCILE_ENTRY_FAILED)
+    assert record[MetricName.RECONCILE_ENTRY_FAILED] == [1.0]
