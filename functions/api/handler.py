@@ -58,7 +58,7 @@ from llmq.models import (
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import check_webhook_url
-from llmq.telemetry import MetricName, emit_count, logger
+from llmq.telemetry import MetricName, emit_count, error_fields, logger
 from llmq.tenants import TenantIdentity
 
 ENV = ApiEnvironment.load(function_name="api")
@@ -398,9 +398,7 @@ def handle_submit_job(
         except Exception as exc:
             # The job is accepted and queued: a failed wait must not answer an error that a
             # client retries into a second, paid job. It gets the 202, without the preference.
-            logger.warning(
-                "submit's wait failed", extra={"job_id": job.id, "error_class": type(exc).__name__}
-            )
+            logger.warning("submit's wait failed", extra={"job_id": job.id, **error_fields(exc)})
             return _job_response(job, status, headers)
         job = polled.job
         if not polled.wait_refused:

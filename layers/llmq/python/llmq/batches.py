@@ -473,6 +473,10 @@ class BatchRepository:
         running = len(self.running_items(batch))
         return tally(batch, list(shards.values()), running)
 
+    def _ended_counts(self, batch: BatchRecord) -> BatchRequestCounts:
+        """The counts from the shards alone (one BatchGetItem): nothing counted as running."""
+        return tally(batch, list(self._get_many(self._shard_keys(batch)).values()), 0)
+
     def _shard_keys(self, batch: BatchRecord) -> list[dict[str, Any]]:
         return [
             shard_key(batch.id, batch.expires_at, shard) for shard in range(self.config.batches.count_shards)
@@ -508,7 +512,7 @@ class BatchRepository:
         (queued, or in flight while one runs). The sweep index's count leaves items out
         (`JobRepository.count_unfinished`): a requeued or recovered item is in both."""
         # (the shards alone: what runs makes no difference here, so the share is not read)
-        counts = batch.final_counts or tally(batch, list(self._get_many(self._shard_keys(batch)).values()), 0)
+        counts = batch.final_counts or self._ended_counts(batch)
         ended = (
             counts.succeeded + counts.failed + counts.canceled + counts.expired - batch.unexpanded_canceled
         )
@@ -530,8 +534,7 @@ class BatchRepository:
         """The counts when every item has ended (no share read: nothing runs then); else None."""
         if not batch.expansion_over:
             return None
-        shards = self._get_many(self._shard_keys(batch))
-        counts = tally(batch, list(shards.values()), 0)
+        counts = self._ended_counts(batch)
         if counts.queued:
             return None
         return counts

@@ -53,7 +53,7 @@ from llmq.models import (
 from llmq.policy import Claim, fresh_letter_condition
 from llmq.read_gathering import GatheredReads
 from llmq.shares import ShareState
-from llmq.telemetry import MetricName, emit_count, error_fields, logger
+from llmq.telemetry import logger, reconcile_fault
 
 Clock = Callable[[], float]
 
@@ -1327,10 +1327,7 @@ class JobRepository:
                 except (KeyError, TypeError, ValueError) as exc:
                     # An entry this version cannot read (a status a newer version wrote, before
                     # a rollback): left to a version that can, and counted as a fault (its alarm).
-                    logger.error(
-                        "sweep entry unreadable", extra={"what": str(data.get("pk")), **error_fields(exc)}
-                    )
-                    emit_count(MetricName.RECONCILE_ENTRY_FAILED)
+                    reconcile_fault(exc, str(data.get("pk")), "sweep entry unreadable")
                     continue
                 yield entry
             if "LastEvaluatedKey" not in response:

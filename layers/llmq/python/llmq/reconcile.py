@@ -21,7 +21,7 @@ from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, J
 from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
-from llmq.telemetry import MetricName, emit_count, error_fields, logger
+from llmq.telemetry import logger, reconcile_fault
 
 
 @dataclass
@@ -255,11 +255,7 @@ class Reconciler:
 
 
 def _not_settled(exc: Exception, what: str) -> None:
-    """Something swept that could not be settled: logged by its class and AWS error code only
-    (an exception's text can quote a prompt) and counted as a handled fault, which has an
-    alarm: the run goes on, so no Lambda error shows it."""
-    logger.error("not settled; the reconciler goes on", extra={"what": what, **error_fields(exc)})
-    emit_count(MetricName.RECONCILE_ENTRY_FAILED)
+    reconcile_fault(exc, what, "not settled; the reconciler goes on")
 
 
 def _is_stale_queued(entry: SweepEntry, now: int) -> bool:

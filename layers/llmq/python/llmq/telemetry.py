@@ -133,6 +133,14 @@ def error_fields(exc: BaseException) -> dict[str, str | None]:
     return {"error_class": type(exc).__name__, "error_code": code}
 
 
+def reconcile_fault(exc: BaseException, what: str, message: str) -> None:
+    """Something the reconciler swept that it could not settle or read: logged by the error's
+    class and AWS code only, and counted as ReconcileEntryFailed, which has an alarm (the run
+    goes on, so no Lambda error shows it)."""
+    logger.error(message, extra={"what": what, **error_fields(exc)})
+    emit_count(MetricName.RECONCILE_ENTRY_FAILED)
+
+
 def log_record_failure(exc: BaseException, message_id: str, job_id: str | None) -> None:
     """An unexpected exception in a record handler, which the batch processor would swallow.
 
