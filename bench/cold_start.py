@@ -73,10 +73,13 @@ ENV = {
     **LIBRARY_ENVIRONMENT,
 }
 
-# sys.argv: path entries, function (or "baseline"), factories, services, "eager" to build
+# sys.argv: path entries, function (or "baseline", or "libraries": the modules listed in place
+# of the factories, imported with the collector paused, then boto3's clients), factories, services, "eager" to build
 # every model at import (before the change), "plugins" to let pydantic look for plugins (the
 # variable the stack sets left out), "collector" to keep the collector on through the imports
-# (the handlers' pause undone), "paused" for a baseline paused as the handlers are, "first" to time one request the api answers
+# (the handlers' pause undone), "docs" to register the api's docs route at import as before,
+# "paused" for a baseline paused as the handlers are, "modules" to list what was imported (on
+# stderr), "first" to time one request the api answers
 # without AWS (a submit that validation refuses), "warm" to run the SnapStart warm-up first.
 _PROBE = r"""
 import json, sys, time
@@ -89,14 +92,21 @@ if "eager" in flags:
 if "collector" in flags:  # the collector left on through the imports
     import gc
     gc.disable = gc.freeze = lambda: None
-if name == "baseline":
-    if "paused" in flags:  # the baseline with the same pause as the handlers (llmq.startup)
+if name in ("baseline", "libraries"):
+    if "paused" in flags or name == "libraries":  # the same pause as the handlers (llmq.startup)
         import gc
         gc.disable()
+    if name == "libraries":  # every library module a function imports, without llmq's code
+        import importlib
+        for library in factories.split(","):
+            try:
+                importlib.import_module(library)
+            except Exception:  # a module a library imports only to find it missing, or on Windows
+                pass
     import boto3
     session = boto3.session.Session()
     clients = [session.client(s, region_name="us-east-1") for s in services.split(",")]
-    if "paused" in flags:
+    if "paused" in flags or name == "libraries":
         gc.freeze()
         gc.enable()
 else:
@@ -104,6 +114,8 @@ else:
     module = importlib.import_module(f"functions.{name}.handler")
     for factory in factories.split(","):
         getattr(module, factory)()
+    if "docs" in flags and hasattr(module, "enable_docs"):  # the api's docs route, as registered before
+        module.enable_docs()
     from llmq import aws
     clients = [aws.client(s) for s in services.split(",")]
 init = time.perf_counter() - started
@@ -117,6 +129,8 @@ if "first" in flags:
     began = time.perf_counter()
     module.app.resolve(event, None)
     first = time.perf_counter() - began
+if "modules" in flags:
+    print(json.dumps(list(sys.modules)), file=sys.stderr)
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": init, "first_s": first, "max_rss_mb": peak_kb / 1024}))
 """
@@ -166,9 +180,17 @@ def _compile(*roots: Path) -> None:
 
 
 def _probe(
-    path: str, name: str, flags: str = "", *, services: list[str] | None = None, importtime: bool = False
+    path: str,
+    name: str,
+    flags: str = "",
+    *,
+    services: list[str] | None = None,
+    importtime: bool = False,
+    modules: list[str] | None = None,
 ) -> dict[str, Any]:
     factories, own = FUNCTIONS.get(name, ([], ["dynamodb", "sqs"]))
+    if modules is not None:
+        factories = modules
     command = [sys.executable, "-I", "-S", "-B"]
     if importtime:
         command += ["-X", "importtime"]
@@ -189,7 +211,16 @@ def _probe(
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     if importtime:
         result["importtime"] = out.stderr
+    if "modules" in flags:
+        result["modules"] = json.loads(out.stderr.strip().splitlines()[-1])
     return result
+
+
+def library_modules(path: str, name: str) -> list[str]:
+    """What the function's cold start imports that is not llmq's (its layer or its folder), in
+    the order it was imported: the libraries it stands on, which a lighter llmq cannot shed."""
+    imported = _probe(path, name, "modules")["modules"]
+    return [module for module in imported if module.split(".")[0] not in ("llmq", "functions", "__main__")]
 
 
 def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
@@ -198,12 +229,20 @@ def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
     handlers' collector pause, interleaved within each repeat so that the machine's drift falls
     on all four alike. Medians, and the spread of the per-repeat ratios."""
     services = FUNCTIONS[name][1]
-    runs: dict[str, list[dict[str, Any]]] = {"now": [], "before": [], "baseline": [], "paused": []}
+    libraries = library_modules(path, name)
+    runs: dict[str, list[dict[str, Any]]] = {
+        "now": [],
+        "before": [],
+        "baseline": [],
+        "paused": [],
+        "libraries": [],
+    }
     for _ in range(repeats):
         runs["baseline"].append(_probe(path, "baseline", services=services))
         runs["now"].append(_probe(path, name))
-        runs["before"].append(_probe(path, name, "eager,plugins,collector"))
+        runs["before"].append(_probe(path, name, "eager,plugins,collector,docs"))
         runs["paused"].append(_probe(path, "baseline", "paused", services=services))
+        runs["libraries"].append(_probe(path, "libraries", services=services, modules=libraries))
     seconds = {key: statistics.median(run["seconds"] for run in values) for key, values in runs.items()}
     ratios = [
         now["seconds"] / base["seconds"] for now, base in zip(runs["now"], runs["baseline"], strict=True)
@@ -217,6 +256,9 @@ def _compare(path: str, name: str, repeats: int) -> dict[str, Any]:
         "before_ratio": round(seconds["before"] / seconds["baseline"], 2),
         # against a baseline that pauses its collector as the handlers do: llmq's own share
         "paused_ratio": round(seconds["now"] / seconds["paused"], 2),
+        # the libraries alone (llmq's code left out), paused as the handlers are: a floor
+        "libraries_ratio": round(seconds["libraries"] / seconds["baseline"], 2),
+        "llmq_share": round((seconds["now"] - seconds["libraries"]) / seconds["baseline"], 2),
         "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
         "max_rss_mb": round(max(run["max_rss_mb"] for run in runs["now"]), 1),
     }

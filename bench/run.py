@@ -563,10 +563,21 @@ def _render_cold(cold: Any) -> list[str]:
             f"{other['max_rss_mb']:.0f} MB | {other['max_rss_mb'] / 128:.0%} |"
         )
     paused = ", ".join(f"{row['function']} {row['paused_ratio']:.2f}×" for row in cold["cases"]["compiled"])
+    floors = ", ".join(
+        f"{row['function']} {row['libraries_ratio']:.2f}× (llmq +{row['llmq_share']:.2f})"
+        for row in cold["cases"]["compiled"]
+    )
     out += [
         "",
         "The pause also takes the collections off boto3's own imports, which the baseline pays. Against a "
         f"baseline paused the same way, the compiled ratios are {paused}: what llmq itself adds.",
+        "",
+        "The floor: a process that imports every library module the function imports (Powertools, pydantic, "
+        "httpx, the X-Ray SDK and what they import), in the same order and with the same pause, and creates "
+        "the function's clients, but runs none of llmq's code. Compiled, against the plain baseline: "
+        f"{floors}, where the figure in brackets is what llmq's own modules, models and composition add on "
+        "top, in units of the baseline. A function whose floor is near 1.5× can meet that goal only by "
+        "shedding a library the issue asks to keep.",
         "",
         "Where the compiled init goes: self time of the modules imported, summed per package (`-X importtime`), "
         "the five largest:",

@@ -280,6 +280,19 @@ def test_openapi_document_describes_the_job_routes(harness: Harness) -> None:
     assert {"JobRequest", "Job", "Problem"} <= set(schemas)
 
 
+def test_the_swagger_ui_is_served_at_its_first_request(harness: Harness) -> None:
+    page = harness.api("GET", "/v1/docs", tenant=ENTERPRISE)
+    assert (page.status, page.headers["content-type"]) == (200, "text/html")
+    assert "SwaggerUIBundle" in page.body
+    spec = harness.api("GET", "/v1/docs", tenant=ENTERPRISE, query={"format": "json"})
+    assert spec.status == 200
+    assert "/v1/jobs/{job_id}" in spec.body["paths"]
+    # The docs route is registered late, and still kept out of the document it shows.
+    assert "/v1/docs" not in spec.body["paths"]
+    document = harness.api("GET", "/v1/openapi.json", tenant=ENTERPRISE).body
+    assert "/v1/docs" not in document["paths"]
+
+
 def _operation(document: dict[str, Any], method: str, path: str) -> dict[str, Any]:
     return document["paths"][path][method]
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,11 +37,12 @@ print(json.dumps({
     "during_imports": len(collections),
     "enabled": gc.isenabled(),
     "frozen": gc.get_freeze_count(),
+    "modules": sorted(sys.modules),
 }))
 """
 
 
-def _cold_import(function: str, *flags: str) -> dict[str, int]:
+def _cold_import(function: str, *flags: str) -> dict[str, Any]:
     path = [str(ROOT / "layers" / "llmq" / "python"), str(ROOT)]
     command = [sys.executable, "-I", *flags, "-c", f"import sys; sys.path[:0] = {path!r}\n{_PROBE}", function]
     out = subprocess.run(command, env=ENV, capture_output=True, text=True, check=True, cwd=ROOT)
@@ -55,3 +57,11 @@ def test_a_cold_start_collects_nothing_while_importing_and_leaves_the_collector_
     # A warm environment still collects its cycles, and skips what the imports built.
     assert seen["enabled"] == 1
     assert seen["frozen"] > 10_000
+
+
+def test_the_api_leaves_the_openapi_document_models_to_the_routes_that_serve_them() -> None:
+    # Powertools' OpenAPI document models were a third of the api's imports; only the docs and
+    # the document need them (functions/api/handler.py `enable_docs`), and they import them.
+    modules = _cold_import("api")["modules"]
+    assert "functions.api.handler" in modules
+    assert "aws_lambda_powertools.event_handler.openapi.models" not in modules
