@@ -232,7 +232,10 @@ def handle_not_found(exc: NotFoundError) -> Response[Any]:
 
 @app.exception_handler(Exception)
 def handle_unexpected(exc: Exception) -> Response[Any]:
-    if isinstance(exc, RecursionError) and _nests_deeper_than(app.current_event.body or "", _MAX_JSON_DEPTH):
+    # The body as the parser read it: API Gateway passes a binary media type's body in base64.
+    if isinstance(exc, RecursionError) and _nests_deeper_than(
+        app.current_event.decoded_body or "", _MAX_JSON_DEPTH
+    ):
         # A body nested too deeply for the JSON parser (a valid document of a few KB can be):
         # the client's, as malformed JSON is.
         return handle_domain_error(

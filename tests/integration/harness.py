@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import gc
 import importlib
@@ -141,6 +142,7 @@ class Harness:
         query: dict[str, str] | None = None,
         raw_body: str | None = None,
         request_context: dict[str, Any] | None = None,
+        base64_body: bool = False,
     ) -> ApiReply:
         event = copy.deepcopy(load_event("api_submit"))
         event["httpMethod"] = method
@@ -158,6 +160,10 @@ class Harness:
         event["queryStringParameters"] = query
         event["multiValueQueryStringParameters"] = {k: [v] for k, v in query.items()} if query else None
         event["body"] = raw_body if raw_body is not None else (json.dumps(body) if body is not None else None)
+        if base64_body and event["body"] is not None:
+            # As API Gateway passes a body of a binary media type (the API's binaryMediaTypes).
+            event["body"] = base64.b64encode(event["body"].encode("utf-8")).decode("ascii")
+            event["isBase64Encoded"] = True
         authorizer = {"principalId": "x", "integrationLatency": 1}
         if tenant is not None:
             authorizer.update(tenant)

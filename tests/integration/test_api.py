@@ -434,15 +434,18 @@ def test_a_redelivery_late_in_the_retention_keeps_the_job_for_its_retries_once(
         assert int(item["expires_at"]["N"]) >= asked + retries
 
 
+@pytest.mark.parametrize("base64_body", [False, True], ids=["text", "base64"])
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
-def test_a_body_nested_too_deeply_to_parse_is_a_400_and_writes_nothing(harness: Harness, path: str) -> None:
+def test_a_body_nested_too_deeply_to_parse_is_a_400_and_writes_nothing(
+    harness: Harness, path: str, base64_body: bool
+) -> None:
     # Given a valid JSON body of about 2.4 KB whose metadata nests 1,200 levels deep
     nested = "[" * 1200 + "]" * 1200
     raw = '{"prompt": "x", "metadata": {"deep": ' + nested + "}}"
     if path == "/v1/batches":
         raw = '{"requests": [{"custom_id": "a", "body": ' + raw + "}]}"
     # When it is submitted, then it is refused as malformed JSON, not a 500
-    reply = harness.api("POST", path, raw_body=raw, tenant=ENTERPRISE)
+    reply = harness.api("POST", path, raw_body=raw, tenant=ENTERPRISE, base64_body=base64_body)
     assert (reply.status, reply.code) == (400, "malformed_json")
     assert harness.api("GET", "/v1/jobs", tenant=ENTERPRISE).body["data"] == []
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
