@@ -18,6 +18,9 @@ domain nor the handlers know about it:
 - `applied_lost`: the call reaches moto and is applied, and the caller gets a
   `ConnectionClosedError` anyway, as when every one of botocore's tries lost its answer.
   Raised from `after-call`.
+- `body_cut`: a call with a streamed body (S3's GetObject) is answered 200, and the body's
+  connection breaks off while it is read: botocore's `ResponseStreamingError`, which it does
+  not retry (the body is read after the call returned).
 
 A fault targets an operation ("dynamodb.UpdateItem"), optionally within one function: the
 handler (or block) runs inside `invocation(function)` or a handler wrapped by
@@ -44,7 +47,7 @@ from enum import StrEnum
 from types import ModuleType
 from typing import Any
 
-from botocore.exceptions import ClientError, ConnectionClosedError
+from botocore.exceptions import ClientError, ConnectionClosedError, ResponseStreamingError
 
 from llmq import aws
 
@@ -58,6 +61,7 @@ class FaultKind(StrEnum):
     # TransactionConflict reason, a single write answers TransactionConflictException (botocore
     # retries neither). Nothing applied.
     TRANSACTION_CONFLICT = "transaction_conflict"
+    BODY_CUT = "body_cut"
 
 
 # (error code, HTTP status) of each service's throttle, as botocore finally raises it.
@@ -308,6 +312,9 @@ class AwsFaults:
                 self._record(Fired(fault, chosen["function"], chosen["occurrence"], answer))
             return
         self._record(Fired(fault, chosen["function"], chosen["occurrence"], answer))
+        if fault.kind is FaultKind.BODY_CUT:
+            parsed["Body"] = _CutBody(parsed["Body"])
+            return
         raise ConnectionClosedError(endpoint_url=f"https://{fault.service}.injected.test/")
 
     def _record(self, entry: Fired) -> None:
@@ -317,3 +324,23 @@ class AwsFaults:
 
 def _unique_id(hook: str, operation: str) -> str:
     return f"llmq-aws-faults-{hook}-{operation}"
+
+
+class _CutBody:
+    """A streamed body whose connection breaks off before its first byte is read."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def _cut(self) -> ResponseStreamingError:
+        return ResponseStreamingError(error="Connection broken: IncompleteRead(0 bytes read) (injected)")
+
+    def read(self, *_: Any) -> bytes:
+        raise self._cut()
+
+    def iter_chunks(self, *_: Any) -> Iterator[bytes]:
+        raise self._cut()
+        yield b""  # (a generator, as botocore's is)
+
+    def close(self) -> None:
+        self._real.close()

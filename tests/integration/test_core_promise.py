@@ -907,6 +907,25 @@ def test_an_input_s3_will_not_give_back_is_handed_back_with_its_attempt_refunded
     assert (job["status"], job["attempts"], job["error"]) == ("queued", 0, None)
 
 
+def test_an_input_whose_body_breaks_off_while_read_is_handed_back_with_its_attempt_refunded(
+    s3_held: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose input lives in S3, and S3 answering its reads whose bodies break off
+    # (botocore never retries a body read: it comes after the call)
+    harness = s3_held
+    job_id = harness.submit(prompt="x" * 8000).body["id"]
+    faults.arm("body_cut", "s3.GetObject", times=1000)
+    provider = ScriptedProvider([OK])
+    # When a worker (with 8 s left) claims it
+    outcome = _run(_runner(harness, provider), job_id, seconds=8)
+    # Then it is S3 unavailable, as a refused read is: queued again, its attempt refunded
+    assert faults.fired and {fired.answer for fired in faults.fired} == {"200"}
+    assert type(outcome).__name__ == "RetryLater"
+    assert provider.calls == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"], job["error"]) == ("queued", 0, None)
+
+
 def test_a_cancel_while_the_input_cannot_be_read_ends_canceled(s3_held: Harness, faults: AwsFaults) -> None:
     # Given an S3-held input that cannot be read, and the client canceling meanwhile
     harness = s3_held

@@ -8,6 +8,7 @@ from typing import Any
 
 import botocore.loaders
 import pytest
+from botocore import exceptions as botocore_errors
 
 from llmq import aws
 
@@ -50,3 +51,24 @@ def test_forgetting_the_clients_forgets_their_session(data_loads: Counter[str]) 
     aws.reset_clients()
     assert aws.client("sqs") is not first
     assert data_loads["endpoints"] == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (botocore_errors.ReadTimeoutError(endpoint_url="https://x"), True),
+        (botocore_errors.ConnectionClosedError(endpoint_url="https://x"), True),
+        (botocore_errors.EndpointConnectionError(endpoint_url="https://x"), True),
+        # A TLS failure and a proxy that refused are lost connections too, and a body cut off
+        # while it is read, which botocore never retries.
+        (botocore_errors.SSLError(endpoint_url="https://x", error="handshake"), True),
+        (botocore_errors.ProxyConnectionError(proxy_url="http://proxy", error="refused"), True),
+        (botocore_errors.ResponseStreamingError(error="IncompleteRead"), True),
+        (botocore_errors.IncompleteReadError(actual_bytes=1, expected_bytes=2), True),
+        # The request's own fault: sending it again changes nothing.
+        (botocore_errors.ParamValidationError(report="bad"), False),
+        (botocore_errors.NoCredentialsError(), False),
+    ],
+)
+def test_a_lost_connection_is_transient_and_a_bad_request_is_not(error: Exception, transient: bool) -> None:
+    assert aws.is_transient(error) is transient

@@ -154,6 +154,34 @@ async def test_a_truncated_json_answer_is_a_transient_provider_error() -> None:
     assert caught.value.code is ErrorCode.PROVIDER_ERROR
 
 
+# Valid JSON of about 10 KB that Python's parser cannot read: it nests 5,000 objects deep.
+_TOO_DEEP = '{"x":' * 5000 + "1" + "}" * 5000
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream chunk"])
+async def test_an_answer_nested_too_deeply_to_parse_is_a_transient_provider_error(stream: bool) -> None:
+    # Given a 200 whose JSON (the whole answer, or one chunk of a stream) nests 5,000 levels
+    if stream:
+        body = _sse(_delta("hi"), '{"choices": [], "extra": ' + _TOO_DEEP + "}", "[DONE]")
+    else:
+        body = (
+            '{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "extra": '
+            + _TOO_DEEP
+            + "}"
+        )
+    provider = _provider(lambda request: httpx.Response(200, text=body), stream=stream)
+    # When the job calls it, then it is the malformed answer it is, not the parser's RecursionError
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.code is ErrorCode.PROVIDER_ERROR
+
+
+async def test_an_error_body_nested_too_deeply_is_classified_by_its_status() -> None:
+    provider = _provider(lambda request: httpx.Response(400, text='{"error": ' + _TOO_DEEP + "}"))
+    with pytest.raises(PermanentProviderError):
+        await provider.generate(REQUEST, 5)
+
+
 async def test_a_stream_is_assembled_with_usage() -> None:
     chunks = [
         {"choices": [{"delta": {"content": "hel"}}]},

@@ -100,22 +100,19 @@ _TRANSIENT_CODES = frozenset(
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A throttle, a 5xx or a lost connection: the call may succeed if tried again later."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-    )
+    """A throttle, a 5xx or a lost connection: the call may succeed if tried again later.
+
+    Lost connections are every error botocore raises for the connection rather than for the
+    request: a timeout, a reset, a TLS failure, a proxy that refused, a response body cut off
+    while it was read (which botocore never retries: the body is read after the call)."""
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         return error.get("Code") in _TRANSIENT_CODES or status >= 500
-    return isinstance(
-        exc, (ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError)
-    )
+    return isinstance(exc, (HTTPClientError, BotocoreConnectionError, IncompleteReadError))
 
 
 def reset_clients() -> None:

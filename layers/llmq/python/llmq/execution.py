@@ -637,7 +637,7 @@ class JobRunner:
         except ProviderError as exc:
             await self._after_provider_error(job, invocation, exc)
             return
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             # An answer we could not read (a shape no provider was expected to send): the call
             # may have been billed, so it is not re-run; the client decides.
             logger.error(

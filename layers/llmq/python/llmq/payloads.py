@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from botocore.exceptions import ClientError, IncompleteReadError, ResponseStreamingError
+from botocore.exceptions import ClientError
 
 from llmq import aws
 from llmq.errors import StoreUnavailable
@@ -45,6 +46,19 @@ class PresignedUrl(NamedTuple):
     expires_ms: int
 
 
+@contextmanager
+def _broken_off(key: str) -> Iterator[None]:
+    """An object's body is read after GetObject answered, outside botocore's retries and the
+    TranslatedClient: a body cut off on the way (a reset, a read timeout, fewer bytes than its
+    length) is S3 unavailable for now, as a failed call would be."""
+    try:
+        yield
+    except Exception as exc:
+        if aws.is_transient(exc):
+            raise StoreUnavailable(f"s3.GetObject {key}: the body broke off") from exc
+        raise
+
+
 class PayloadStore:
     def __init__(self, bucket: str, *, s3: Any) -> None:
         self.bucket = bucket
@@ -56,8 +70,13 @@ class PayloadStore:
         return key
 
     def get(self, key: str) -> bytes:
-        body: bytes = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        return body
+        body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+        with _broken_off(key):
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+        return data
 
     def size(self, key: str) -> int:
         return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
@@ -92,16 +111,11 @@ class PayloadStore:
                 return
             raise
         body = response["Body"]
-        try:
-            yield from body.iter_chunks(_STREAM_CHUNK)
-        except (ResponseStreamingError, IncompleteReadError) as exc:
-            raise StoreUnavailable(f"s3.GetObject {key}: the stream broke off") from exc
-        except Exception as exc:
-            if aws.is_transient(exc):
-                raise StoreUnavailable(f"s3.GetObject {key}: the stream broke off") from exc
-            raise
-        finally:
-            body.close()
+        with _broken_off(key):
+            try:
+                yield from body.iter_chunks(_STREAM_CHUNK)
+            finally:
+                body.close()
 
     # ---- a multipart upload (a batch's results file) ----
 

@@ -204,10 +204,15 @@ def _error_fields(body: bytes) -> tuple[list[str], str | None]:
     return _names(error), (str(message) if message else None)
 
 
+# What reading a provider's JSON can raise: not JSON, not UTF-8, or nested deeper than Python's
+# parser goes (a valid answer of a few KB can be: RecursionError, a RuntimeError).
+_UNREADABLE_JSON = (ValueError, UnicodeDecodeError, RecursionError)
+
+
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except _UNREADABLE_JSON:
         return None
     return data if isinstance(data, dict) else None
 
@@ -568,7 +573,7 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
 def _json_or_error(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except _UNREADABLE_JSON as exc:
         raise TransientProviderError(
             "the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR
         ) from exc
