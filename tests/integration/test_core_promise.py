@@ -228,9 +228,20 @@ def _runner(harness: Harness, provider: ScriptedProvider, **config: Any) -> JobR
     return JobRunner(jobs, queues, provider, merged, payloads=payloads)  # type: ignore[arg-type]
 
 
-def _run(runner: JobRunner, job_id: str, owner: str = "worker-1", seconds: float = 30.0) -> Exception | None:
+def _run(
+    runner: JobRunner,
+    job_id: str,
+    owner: str = "worker-1",
+    seconds: float = 30.0,
+    lag: list[float] | None = None,
+) -> Exception | None:
+    """Run the job's lane message in an invocation with `seconds` left; `lag` holds seconds the
+    invocation's clock has lost besides (AWS's slow answers, played without waiting for them)."""
     started = time.monotonic()
-    invocation = Invocation(owner=owner, remaining_seconds=lambda: seconds - (time.monotonic() - started))
+    lost = lag if lag is not None else [0.0]
+    invocation = Invocation(
+        owner=owner, remaining_seconds=lambda: seconds - (time.monotonic() - started) - lost[0]
+    )
     try:
         body = {"job_id": job_id, "lane": "high", "tenant_id": ENTERPRISE["tenant_id"]}
         asyncio.run(runner.run(json.dumps(body), invocation))
@@ -946,6 +957,112 @@ def test_a_cancel_while_the_input_cannot_be_read_ends_canceled(s3_held: Harness,
     # Then the job is canceled now (not left leased to a worker that moved on), never run
     assert _job(harness, job_id)["status"] == "canceled"
     assert provider.calls == 0
+
+
+def _slow_calls(operation: str, seconds: float, times: int) -> list[float]:
+    """The first `times` calls of `operation` (on llmq's client) take `seconds` more of the
+    invocation's time, as botocore's own tries and backoff do before a fault surfaces."""
+    lag = [0.0]
+    left = [times]
+
+    def slow(**_: Any) -> None:
+        if left[0]:
+            left[0] -= 1
+            lag[0] += seconds
+
+    service, name = operation.split(".")
+    # registered before the faults are armed, so it runs before their hook
+    aws.client(service).meta.events.register(f"before-call.{service}.{name}", slow)
+    return lag
+
+
+def test_a_claim_applied_whose_answer_was_lost_after_seconds_is_still_recognised_as_ours(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a claim applied whose answer botocore lost only after 1.5 s of its own tries
+    job_id = harness.submit().body["id"]
+    lag = _slow_calls("dynamodb.TransactWriteItems", 1.5, times=1)
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    provider = ScriptedProvider([OK])
+    # When the worker runs it
+    outcome = _run(_runner(harness, provider), job_id, lag=lag)
+    # Then its next try finds the claim its own, and the job runs now, on its first attempt
+    # (not left leased to this worker until the lease lapses, then taken over on a second)
+    assert [f.fault.kind.value for f in faults.fired] == ["applied_lost"]
+    assert outcome is None
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+
+
+def test_a_claim_whose_read_after_it_is_throttled_for_seconds_runs_the_job(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a claim that applied and was answered, and the read of the claimed job throttled
+    # twice, each after 0.6 s of botocore's tries
+    job_id = harness.submit().body["id"]
+    lag = _slow_calls("dynamodb.GetItem", 0.6, times=2)
+    faults.arm("throttle", "dynamodb.GetItem", times=2)
+    provider = ScriptedProvider([OK])
+    outcome = _run(_runner(harness, provider), job_id, lag=lag)
+    # Then the claim is tried again, finds itself, and the job runs on its first attempt
+    assert len(faults.fired) == 2
+    assert outcome is None
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+
+
+def test_a_claim_contended_after_a_try_that_may_have_applied_keeps_its_message(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a claim applied with its answer lost, whose retries then meet other transactions
+    # on the tenant's share every time
+    job_id = harness.submit().body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = harness.total_count(lane)
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    faults.arm("transaction_conflict", "dynamodb.TransactWriteItems", nth=2, times=10_000)
+    provider = ScriptedProvider([OK])
+    outcome = _run(_runner(harness, provider), job_id, seconds=20)
+    faults.disarm()
+    # Then the worker cannot say the claim was not applied: the message itself comes back once
+    # the lease it may hold has lapsed, instead of a copy that finds the job leased and is
+    # dropped, leaving it running with nothing to run it
+    assert {f.fault.kind.value for f in faults.fired} == {"applied_lost", "transaction_conflict"}
+    assert type(outcome).__name__ == "RetryLater"
+    assert outcome.delay_seconds >= 20  # type: ignore[union-attr]
+    assert harness.total_count(lane) == messages
+    assert provider.calls == 0
+
+
+def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> None:
+    # Given a job whose worker crashed holding its slot, and whose deadline then passed
+    job_id = harness.submit(deadline_seconds=60).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(
+        job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
+    )
+    assert claimed.outcome is ClaimOutcome.CLAIMED
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET deadline_ms = :past",
+        ExpressionAttributeValues={":past": {"N": str(int(time.time() * 1000) - 1)}},
+    )
+    time.sleep(0.3)
+    # When its message comes back to a worker
+    provider = ScriptedProvider([OK])
+    assert _run(_runner(harness, provider), job_id) is None
+    # Then it ends expired, as a retry that would cross the deadline does: no second paid call,
+    # and its slot given back
+    assert provider.calls == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert job_id not in share.holders.get("high", {})
 
 
 def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness, faults: AwsFaults) -> None:

@@ -737,14 +737,30 @@ class JobRunner:
         """
         pause = _WRITE_RETRY_FIRST_SECONDS
         started = invocation.remaining_seconds()
+        tries = 0
+        # A failed try that may have been applied, its answer lost (any but a canceled
+        # transaction, which is known not to have been).
+        unanswered: StoreUnavailable | None = None
         while True:
             try:
                 return await asyncio.to_thread(write)
             except StoreUnavailable as exc:
+                tries += 1
+                if not isinstance(exc, StoreContended):
+                    unanswered = exc
                 left = invocation.remaining_seconds()
-                if budget_seconds is not None:
+                # The floor keeps the last try inside the Lambda's time (or the budget). A budget
+                # bounds the retries after the first only: the first try may have been applied,
+                # its answer lost (botocore's own tries take seconds to say so), and only a try
+                # after it recognises that write as ours, where giving up would leave it
+                # holding a lease.
+                if budget_seconds is not None and tries > 1:
                     left = min(left, budget_seconds - (started - left))
                 if left < pause + _WRITE_RETRY_FLOOR_SECONDS:
+                    if isinstance(exc, StoreContended) and unanswered is not None:
+                        # Contended after a try that may have been applied: no proof that
+                        # nothing was. Unavailable, as that try was.
+                        raise unanswered from exc
                     raise
                 logger.warning("write-back throttled; retrying", extra={"why": str(exc)})
                 await asyncio.sleep(pause * (0.5 + self._rng.random() / 2))
