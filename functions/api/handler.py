@@ -241,12 +241,25 @@ def handle_unexpected(exc: Exception) -> Response[Any]:
         return handle_domain_error(
             errors.MalformedJson(f"the body nests deeper than {_MAX_JSON_DEPTH} levels")
         )
+    if isinstance(exc, ValueError) and _unreadable_json(app.current_event.decoded_body or ""):
+        # Valid JSON Python's parser still refuses with a plain ValueError, which validation
+        # never sees: an integer of more than 4,300 digits (sys.get_int_max_str_digits).
+        return handle_domain_error(errors.MalformedJson("the body holds a number too long to read"))
     logger.exception("unhandled error")
     return handle_domain_error(errors.DomainError("see server logs"))
 
 
 # No request llmq takes nests anywhere near this deep; Python's parser gives up at about 1,000.
 _MAX_JSON_DEPTH = 100
+
+
+def _unreadable_json(text: str) -> bool:
+    """Whether parsing the body fails (read only when handling a request has already failed)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return True
+    return False
 
 
 def _nests_deeper_than(text: str, limit: int) -> bool:
@@ -837,7 +850,9 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
     if body is None or event.get("httpMethod") != "POST":
         return None
     raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogateescape")
-    limit = ENV.config.batches.max_body_bytes if event.get("path") == "/v1/batches" else LIMITS.max_body_bytes
+    # (Powertools routes /v1/batches/ as /v1/batches)
+    batch = str(event.get("path") or "").rstrip("/") == "/v1/batches"
+    limit = ENV.config.batches.max_body_bytes if batch else LIMITS.max_body_bytes
     if len(raw) > limit:
         return errors.PayloadTooLarge(f"the body exceeds {limit} bytes")
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}

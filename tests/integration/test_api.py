@@ -451,6 +451,30 @@ def test_a_body_nested_too_deeply_to_parse_is_a_400_and_writes_nothing(
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
+def test_a_number_too_long_to_read_is_a_400_and_writes_nothing(harness: Harness, path: str) -> None:
+    # Given valid JSON whose integer has 5,000 digits: Python's parser refuses it with a plain
+    # ValueError (its limit is 4,300), which validation never sees
+    raw = '{"prompt": "x", "params": {"max_tokens": 1' + "0" * 5000 + "}}"
+    if path == "/v1/batches":
+        raw = '{"requests": [{"custom_id": "a", "body": ' + raw + "}]}"
+    reply = harness.api("POST", path, raw_body=raw, tenant=ENTERPRISE)
+    # Then it is malformed JSON, the client's, not a 500
+    assert (reply.status, reply.code) == (400, "malformed_json")
+    _nothing_changed(harness)
+
+
+def test_a_batch_posted_with_a_trailing_slash_has_the_batch_body_limit(harness: Harness) -> None:
+    # Given a batch body larger than a job's body limit and well within a batch's
+    requests = [{"custom_id": f"c{index}", "body": {"prompt": "x" * 900}} for index in range(100)]
+    raw = json.dumps({"requests": requests})
+    assert harness.config.limits.max_body_bytes < len(raw) < harness.config.batches.max_body_bytes
+    # When it is posted to /v1/batches/, which routes as /v1/batches
+    reply = harness.api("POST", "/v1/batches/", raw_body=raw, tenant=ENTERPRISE)
+    # Then it is the batch it is, not a 413 by a job's limit
+    assert reply.status == 202, reply.body
+
+
 def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness) -> None:
     reply = harness.api(
         "POST", "/v1/jobs", body={"prompt": "x"}, headers={"Prefer": "wait=1"}, tenant=ENTERPRISE
@@ -739,3 +763,16 @@ def test_the_webhook_log_shows_each_attempt_of_the_terminal_event_to_its_tenant_
     assert (missing.status, missing.code) == (404, "webhook_not_found")
     # And the path takes GET only
     assert harness.api("DELETE", f"/v1/jobs/{job_id}/webhook", tenant=ENTERPRISE).status == 405
+
+
+def test_a_cancel_whose_webhook_message_sqs_refuses_still_answers_canceled(harness: Harness) -> None:
+    # Given a queued job with a webhook, and SQS refusing SendMessage with an error no retry fixes
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    with _refused("sqs.SendMessage", "AccessDenied", status=403) as refused:
+        # When the client cancels it
+        reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then it is told canceled, as the cancel is written (an error would make its retry a
+    # 409 for a canceled job), and the delivery waits pending for the reconciler
+    assert refused == ["sqs.SendMessage"]
+    assert (reply.status, reply.body["status"]) == (200, "canceled")
+    assert reply.body["webhook"]["delivery"]["status"] == "pending"

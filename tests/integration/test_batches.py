@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from standardwebhooks import Webhook
 
 from llmq import aws
@@ -19,6 +20,7 @@ from llmq.models import BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
+from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
 from llmq.webhooks import copy_lag_seconds
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
@@ -26,7 +28,15 @@ from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, FREE, ApiReply, Harness, LambdaContextStub, load_handler
+from tests.integration.harness import (
+    ENTERPRISE,
+    FREE,
+    ApiReply,
+    Harness,
+    LambdaContextStub,
+    emitted_metrics,
+    load_handler,
+)
 
 HIGH = "high"
 
@@ -1174,3 +1184,82 @@ def test_an_item_of_a_canceling_batch_near_its_retention_ends_canceled_as_its_ba
         2,
         0,
     )
+
+
+def _objects(harness: Harness) -> list[str]:
+    listed = aws.client("s3").list_objects_v2(Bucket=harness.stack.payload_bucket)
+    return sorted(entry["Key"] for entry in listed.get("Contents", []))
+
+
+def test_a_replay_with_another_body_is_refused_before_anything_is_written(harness: Harness) -> None:
+    # Given a batch accepted under a key
+    assert _submit(harness, key="nightly-2", requests=_requests(2)).status == 202
+    objects = _objects(harness)
+    # When the key comes again with another body
+    other = _submit(harness, key="nightly-2", requests=_requests(3))
+    # Then it is refused, and nothing was written for it (no requests file in S3 either)
+    assert (other.status, other.code) == (422, "idempotency_key_reused")
+    assert _objects(harness) == objects
+
+
+def test_a_batch_whose_expand_message_sqs_refuses_is_still_accepted_once(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given SQS refusing the api's SendMessage with an error no retry fixes (a role changed)
+    events = aws.client("sqs").meta.events
+    refused: list[str] = []
+
+    def refuse(**_: Any) -> None:
+        refused.append("sqs.SendMessage")
+        error: Any = {
+            "Error": {"Code": "AccessDenied", "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": 403},
+        }
+        raise ClientError(error, "SendMessage")
+
+    events.register("before-call.sqs.SendMessage", refuse, unique_id="test-batches-refused")
+    try:
+        capsys.readouterr()
+        reply = _submit(harness, requests=_requests(2))
+    finally:
+        events.unregister("before-call.sqs.SendMessage", unique_id="test-batches-refused")
+    # Then the batch is accepted (a 500 would have the client's retry store and pay for a second
+    # one), stored once, and the failed send is counted for the enqueue alarm; the reconciler
+    # sends its expand message later
+    assert refused == ["sqs.SendMessage"]
+    assert reply.status == 202
+    listed = harness.api("GET", "/v1/batches", tenant=ENTERPRISE).body["data"]
+    assert [batch["id"] for batch in listed] == [reply.body["id"]]
+    assert len(emitted_metrics(capsys.readouterr().out, MetricName.JOB_ENQUEUE_FAILED)) == 1
+
+
+def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batchs_items(
+    harness: Harness,
+) -> None:
+    # Given a batch run to its end under a key, whose retention then ended (its items not yet
+    # deleted by DynamoDB's TTL)
+    first = _submit(harness, key="weekly", requests=_requests(2, prefix="old"))
+    _run_lane(harness)
+    past = {":at": {"N": str(int(time.time()) - 60)}}
+    ddb = aws.client("dynamodb")
+    for key in [batch_key(first.body["id"])] + [
+        {"pk": {"S": item_job_id(first.body["id"], i)}} for i in range(2)
+    ]:
+        ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key=key,
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues=past,
+        )
+    # When the key is used again, as its retention allows, and the results read before any
+    # worker has expanded the new batch
+    again = _submit(harness, key="weekly", requests=_requests(2, prefix="new"))
+    assert again.status == 202 and "idempotent-replayed" not in again.headers
+    assert again.body["id"] == first.body["id"]
+    lines, _ = _results(harness, again.body["id"])
+    # Then none of the earlier run's items is shown as this batch's
+    assert all(not line.get("custom_id", "").startswith("old") for line in lines)
+    # And once it runs, its own are
+    _run_lane(harness)
+    lines, _ = _results(harness, again.body["id"])
+    assert sorted(line["custom_id"] for line in lines) == ["new-0", "new-1"]

@@ -1054,11 +1054,11 @@ def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> N
     # When its message comes back to a worker
     provider = ScriptedProvider([OK])
     assert _run(_runner(harness, provider), job_id) is None
-    # Then it ends expired, as a retry that would cross the deadline does: no second paid call,
-    # and its slot given back
+    # Then it fails as a retry that would cross the deadline does (it ran once): no second paid
+    # call, and its slot given back
     assert provider.calls == 0
     job = _job(harness, job_id)
-    assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+    assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "deadline_exceeded", 1)
     share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
         ENTERPRISE["tenant_id"]
     )

@@ -46,7 +46,7 @@ from llmq.models import (
 from llmq.payloads import ObjectStat, PresignedUrl
 from llmq.ports import BlobStore, JobStore, QueueStore
 from llmq.request_rules import check_item
-from llmq.telemetry import logger
+from llmq.telemetry import MetricName, emit_job_metric, error_fields, logger
 from llmq.tenants import TenantIdentity
 
 # Where the api stores a batch's requests (the worker may read under inputs/).
@@ -129,28 +129,26 @@ class BatchIntake:
             webhook_events=webhook.subscribed_events() if webhook else [],
             item_events=list(dict.fromkeys(webhook.item_events)) if webhook else [],
         )
+        # Before anything goes to S3, a replay (its id is derived from the key) is answered from
+        # the stored batch, and one with another body refused, leaving nothing behind; the
+        # quota never refuses a replay of an accepted key.
+        if idempotency_key is not None:
+            found = self.batches.find(batch_id)
+            # (past its retention, not yet deleted: the key is free again, as `create` sees it)
+            if found is not None and found.expires_at >= now_ms // 1000:
+                return self._replayed(found, tenant, digest), True
         default_max_active = self.config.tenant_limits(tenant.tier).max_active_jobs
-        # Before the requests go to S3: a batch the quota refuses leaves nothing behind. A
-        # replay of an accepted key (its id is derived from the key) is never refused.
         state = self.batches.share(tenant.tenant_id)
         limit = state.max_active_jobs or default_max_active
-        if state.active + record.total > limit and (
-            idempotency_key is None or self.batches.find(batch_id) is None
-        ):
+        if state.active + record.total > limit:
             raise over_quota(state, record.total, default_max_active, self.config)
         if request.requests is not None:
             self.payloads.put(record.requests_ref, encode_requests(request.requests))
         stored, replayed = self.batches.create(
             record, self.config.concurrency_caps(tenant.tier, record.lane), state, default_max_active
         )
-        if replayed:
-            if stored.tenant_id != tenant.tenant_id or stored.request_hash != digest:
-                raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
-            if stored.status is BatchStatus.VALIDATING:
-                # Its expand message may have been lost with the first answer: a second one is
-                # harmless (the expansions race on the checkpoint).
-                self._expand(stored)
-            return stored, True
+        if replayed:  # (a first submit of the same key, concurrent with this one)
+            return self._replayed(stored, tenant, digest), True
         logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})
         self._expand(stored)
         return stored, False
@@ -190,13 +188,27 @@ class BatchIntake:
             max_requests=self.config.batches.max_upload_requests,
         )
 
+    def _replayed(self, stored: BatchRecord, tenant: TenantIdentity, digest: str) -> BatchRecord:
+        if stored.tenant_id != tenant.tenant_id or stored.request_hash != digest:
+            raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
+        if stored.status is BatchStatus.VALIDATING:
+            # Its expand message may have been lost with the first answer: a second one is
+            # harmless (the expansions race on the checkpoint).
+            self._expand(stored)
+        return stored
+
     def _expand(self, batch: BatchRecord) -> None:
         try:
             send_expand(self.queues, batch)
-        except StoreUnavailable:
+        except Exception as exc:
             # The batch is stored and in the reconciler's sweep index: it sends the expand
-            # message after `stale_queued_seconds`. The client keeps its 202 and batch id.
-            logger.warning("expand enqueue failed; the reconciler will send it", extra={"batch_id": batch.id})
+            # message after `stale_queued_seconds`. The client keeps its 202 and batch id: a
+            # 500 would have its retry (without a key) store and pay for the batch again.
+            logger.warning(
+                "expand enqueue failed; the reconciler will send it",
+                extra={"batch_id": batch.id, **error_fields(exc)},
+            )
+            emit_job_metric(MetricName.JOB_ENQUEUE_FAILED, 1, batch.lane)
 
     def _validate(self, tenant: TenantIdentity, request: BatchRequest, idempotency_key: str | None) -> str:
         limits = self.config.limits

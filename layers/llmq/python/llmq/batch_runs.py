@@ -45,7 +45,7 @@ from llmq.models import (
 from llmq.policy import MAX_DEAD_LETTER_REDRIVES
 from llmq.ports import BlobStore, QueueStore
 from llmq.sqs_edge import PoisonMessage
-from llmq.telemetry import logger
+from llmq.telemetry import error_fields, logger
 
 
 def request_hash(request: JobRequest) -> str:
@@ -193,8 +193,8 @@ def item_ended(batches: BatchRepository | None, queues: QueueStore, job: JobReco
             queues.enqueue_expand(job.batch_id, job.lane, job.tenant_id)
         else:
             settle(batches, queues, job.batch_id)
-    except StoreUnavailable:
-        logger.warning("batch end check failed", extra={"batch_id": job.batch_id})
+    except Exception as exc:
+        logger.warning("batch end check failed", extra={"batch_id": job.batch_id, **error_fields(exc)})
 
 
 class BatchExpander:

@@ -547,7 +547,13 @@ class BatchRepository:
             [{"pk": {"S": item_job_id(batch.id, index)}} for index in indexes], _RESULT_ATTRIBUTES
         )
         jobs = {key: codec.from_item(item) for key, item in found.items()}
-        return [(index, jobs.get(item_job_id(batch.id, index))) for index in indexes]
+        # An item older than its batch is an earlier batch's under the same id (an
+        # Idempotency-Key reused after its retention, the item not yet deleted by DynamoDB's
+        # TTL): this batch has not written its own yet.
+        return [
+            (index, job if job is not None and job.created_ms >= batch.created_ms else None)
+            for index, job in ((index, jobs.get(item_job_id(batch.id, index))) for index in indexes)
+        ]
 
     def _get_many(
         self, keys: list[dict[str, Any]], attributes: tuple[str, ...] = ()

@@ -540,6 +540,10 @@ class JobRunner:
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:
             await self._resend_lost_webhook(job)
+        elif outcome is ClaimOutcome.DEADLINE_PASSED and job.status is JobStatus.RUNNING:
+            # Its worker crashed, and the deadline passed before a restart: it ran, so it fails
+            # (`deadline_exceeded`, saying so) as a retry that would cross the deadline does.
+            await self._announce(await asyncio.to_thread(self.jobs.fail_unleased, job, deadline_error(job)))
         elif outcome is ClaimOutcome.DEADLINE_PASSED:
             await self._announce(await asyncio.to_thread(self.jobs.expire, job, deadline_error(job)))
         elif outcome is ClaimOutcome.CANCEL_PENDING:

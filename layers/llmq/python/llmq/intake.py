@@ -32,7 +32,7 @@ from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
 from llmq.request_rules import check_job_request
-from llmq.telemetry import MetricName, emit_count, fingerprint, logger
+from llmq.telemetry import MetricName, emit_count, error_fields, fingerprint, logger
 from llmq.tenants import TenantIdentity
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -359,10 +359,10 @@ class JobIntake:
         job = self._cancel(job_id, tenant.tenant_id)
         try:
             announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
-        except StoreUnavailable:
+        except Exception as exc:
             # The cancel is written and its delivery left pending: the reconciler sends it.
-            # Answering 503 here would make the client's retry a 409 for a canceled job.
-            logger.warning("cancel webhook enqueue failed", extra={"job_id": job.id})
+            # Answering an error here would make the client's retry a 409 for a canceled job.
+            logger.warning("cancel webhook enqueue failed", extra={"job_id": job.id, **error_fields(exc)})
         # A batch's item canceled alone may have been its batch's last: a worker looks.
         item_ended(None, self.queues, job)
         return job

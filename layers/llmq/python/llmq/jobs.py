@@ -61,8 +61,8 @@ Clock = Callable[[], float]
 # and in the lane whose slot it takes.
 _SHARED_CLAIM = "#shared = :true AND tenant_id = :tenant AND lane = :lane AND "
 # A claim takes a queued job that is due, or a running one whose lease lapsed and that has
-# attempts left; never one past its deadline (a restart is a start: it ends expired, as a retry
-# that would cross the deadline does), asked to cancel or within the reconciler's margin of the
+# attempts left; never one past its deadline (a restart is a start: it fails as a retry that
+# would cross the deadline does, `deadline_exceeded`), asked to cancel or within the reconciler's margin of the
 # end of its retention (`:retire_s`), which ends it instead (`ClaimOutcome.RETENTION_DUE`).
 _CLAIM_CONDITION = (
     "attribute_exists(pk) AND expires_at > :retire_s AND "
@@ -746,14 +746,12 @@ class JobRepository:
         return codec.from_item(response["Attributes"])
 
     def expire(self, job: JobRecord, error: JobError) -> JobRecord | None:
-        """A job whose deadline passed before a worker started (or restarted) it: queued, or
-        running with no live worker (its lease lapsed: a crash), which gives back its slot."""
+        """A queued job whose deadline passed before a worker started (or restarted) it."""
         return self._finish_if(
             job,
             JobStatus.EXPIRED,
-            condition="deadline_ms <= :now AND (#st = :queued OR (#st = :running AND "
-            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
-            values={"queued": "queued", "running": "running"},
+            condition="#st = :queued AND deadline_ms <= :now",
+            values={"queued": "queued"},
             error=error,
         )
 
