@@ -1240,7 +1240,9 @@ def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batc
     # deleted by DynamoDB's TTL)
     first = _submit(harness, key="weekly", requests=_requests(2, prefix="old"))
     _run_lane(harness)
-    past = {":at": {"N": str(int(time.time()) - 60)}}
+    # (made a whole retention ago, as such a batch was)
+    now = time.time()
+    created = int((now - harness.config.retention_seconds - 60) * 1000)
     ddb = aws.client("dynamodb")
     for key in [batch_key(first.body["id"])] + [
         {"pk": {"S": item_job_id(first.body["id"], i)}} for i in range(2)
@@ -1248,8 +1250,8 @@ def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batc
         ddb.update_item(
             TableName=harness.stack.jobs_table,
             Key=key,
-            UpdateExpression="SET expires_at = :at",
-            ExpressionAttributeValues=past,
+            UpdateExpression="SET expires_at = :at, created_ms = :created",
+            ExpressionAttributeValues={":at": {"N": str(int(now) - 60)}, ":created": {"N": str(created)}},
         )
     # When the key is used again, as its retention allows, and the results read before any
     # worker has expanded the new batch

@@ -549,9 +549,12 @@ class BatchRepository:
         jobs = {key: codec.from_item(item) for key, item in found.items()}
         # An item older than its batch is an earlier batch's under the same id (an
         # Idempotency-Key reused after its retention, the item not yet deleted by DynamoDB's
-        # TTL): this batch has not written its own yet.
+        # TTL): this batch has not written its own yet. Such an item is a whole retention
+        # older; half of one is margin enough that the clocks of the api (the batch's) and
+        # the worker (its items') never hide a batch's own item.
+        oldest_ms = batch.created_ms - self.config.retention_seconds * 500
         return [
-            (index, job if job is not None and job.created_ms >= batch.created_ms else None)
+            (index, job if job is not None and job.created_ms >= oldest_ms else None)
             for index, job in ((index, jobs.get(item_job_id(batch.id, index))) for index in indexes)
         ]
 
