@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -776,3 +777,33 @@ def test_a_cancel_whose_webhook_message_sqs_refuses_still_answers_canceled(harne
     assert refused == ["sqs.SendMessage"]
     assert (reply.status, reply.body["status"]) == (200, "canceled")
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
+
+
+def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the system resolver failing for now (EAI_AGAIN: timed out, or unreachable)
+    looked_up: list[str] = []
+
+    def failing(host: str, *_: Any, **__: Any) -> Any:
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    # When a job and a batch name a webhook on a public host
+    job = harness.submit(webhook={"url": "https://hooks.example.com/llmq"})
+    batch = harness.api(
+        "POST",
+        "/v1/batches",
+        body={
+            "requests": [{"custom_id": "a", "body": {"prompt": "x"}}],
+            "webhook": {"url": "https://hooks.example.com/b"},
+        },
+        tenant=ENTERPRISE,
+    )
+    # Then each is a 503 to retry, with Retry-After, not a 422 calling the URL bad; nothing written
+    assert looked_up == ["hooks.example.com", "hooks.example.com"]
+    for reply in (job, batch):
+        assert (reply.status, reply.code) == (503, "webhook_host_unavailable")
+        assert int(reply.headers["retry-after"]) > 0
+    _nothing_changed(harness)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import httpcore
 import httpx
 import pytest
 
-from llmq.errors import InvalidWebhookUrl
+from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
 from llmq.ssrf import PinnedTarget, PinnedTransport, check_webhook_url
 from tests.support.dns import FakeDns
 
@@ -64,6 +65,17 @@ def test_one_private_answer_among_public_ones_is_enough_to_refuse() -> None:
 
 def test_a_host_that_does_not_resolve_is_refused() -> None:
     assert "does not resolve" in refusal("https://nowhere.example.com/")
+
+
+@pytest.mark.parametrize("errno", [socket.EAI_AGAIN, socket.EAI_FAIL], ids=["EAI_AGAIN", "EAI_FAIL"])
+def test_a_lookup_that_failed_is_not_a_bad_url_but_a_retry(errno: int) -> None:
+    # Given a resolver that timed out, or a DNS server that failed (SERVFAIL)
+    def failing(host: str, port: int) -> list[str]:
+        raise socket.gaierror(errno, "Temporary failure in name resolution")
+
+    # Then the URL is not refused as bad (a 422 a client would not retry), but unavailable
+    with pytest.raises(WebhookHostUnavailable):
+        check_webhook_url("https://hooks.example.com/", allow_loopback_http=False, resolver=failing)
 
 
 @pytest.mark.parametrize(

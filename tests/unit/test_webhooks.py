@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -416,6 +417,26 @@ async def test_a_host_that_now_resolves_to_a_private_address_is_not_contacted() 
     assert world.receiver.requests == []
     assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 5)
     assert "private" in outcome.reason
+
+
+class _ResolverDown(dict[str, list[str]]):
+    """A DNS that fails for now (EAI_AGAIN) whatever is asked."""
+
+    def __getitem__(self, host: str) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+
+async def test_a_host_the_resolver_cannot_look_up_now_is_an_attempt_to_retry() -> None:
+    # Given a delivery while the resolver fails for now
+    world = World()
+    world.add(make_job())
+    world.dns = _ResolverDown()
+    # When it is attempted
+    outcome = await world.deliver()
+    # Then nothing is sent, and it is retried on the schedule, like any failed attempt
+    assert world.receiver.requests == []
+    assert (outcome.kind, outcome.status_code, outcome.retry_in) == (OutcomeKind.RETRY, None, 5)
+    assert "failed for now" in outcome.reason
 
 
 async def test_a_tenant_without_secrets_cannot_be_sent_to() -> None:

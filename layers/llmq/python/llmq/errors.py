@@ -62,6 +62,15 @@ class InvalidWebhookUrl(InvalidRequest):
     status = 422
 
 
+class WebhookHostUnavailable(DomainError):
+    """The webhook URL's host could not be looked up for now (the resolver failed, rather than
+    said it does not exist): the URL is not known to be bad, so nothing is refused for good."""
+
+    code = "webhook_host_unavailable"
+    title = "The webhook host could not be looked up just now; retry shortly"
+    status = 503
+
+
 class InvalidIdempotencyKey(InvalidRequest):
     code = "invalid_idempotency_key"
     title = "The Idempotency-Key header is invalid"

@@ -20,7 +20,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from llmq.errors import InvalidWebhookUrl
+from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -43,6 +43,9 @@ _BLOCKED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = t
         "fec0::/10",  # deprecated site-local
     )
 )
+# What getaddrinfo says when the lookup failed rather than found no such host: a temporary
+# failure (the resolver timed out or was unreachable), or a server failure (SERVFAIL).
+_RESOLVER_FAILED = frozenset({socket.EAI_AGAIN, socket.EAI_FAIL})
 # Well-known NAT64 prefix: the last 32 bits are an IPv4 address that must itself be public.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -118,6 +121,10 @@ def _addresses(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
         return [literal]
     try:
         answers = list(resolver(host, port))
+    except socket.gaierror as exc:
+        if exc.errno in _RESOLVER_FAILED:
+            raise WebhookHostUnavailable(f"looking up the webhook host {host} failed for now") from exc
+        raise InvalidWebhookUrl(f"the webhook host {host} does not resolve") from exc
     except (OSError, UnicodeError, ValueError) as exc:
         raise InvalidWebhookUrl(f"the webhook host {host} does not resolve") from exc
     addresses = [_ip(answer) for answer in answers]

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from llmq.batches import BatchRecord, BatchRepository
 from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
-from llmq.errors import InvalidWebhookUrl
+from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
 from llmq.job_record import JobRecord, iso
 from llmq.model_base import Model
 from llmq.models import (
@@ -588,7 +588,7 @@ class WebhookDispatcher:
             target = await asyncio.to_thread(
                 check_webhook_url, url, self._policy.allow_loopback_http, self._resolver
             )
-        except InvalidWebhookUrl as exc:
+        except (InvalidWebhookUrl, WebhookHostUnavailable) as exc:
             return _Response(None, error=exc.detail, error_class=type(exc).__name__)
         return await self._post(target, body, self._headers(msg_id, body, secrets), timeout)
 
