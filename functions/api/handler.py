@@ -241,7 +241,12 @@ def handle_unexpected(exc: Exception) -> Response[Any]:
         return handle_domain_error(
             errors.MalformedJson(f"the body nests deeper than {_MAX_JSON_DEPTH} levels")
         )
-    if isinstance(exc, ValueError) and _unreadable_json(app.current_event.decoded_body or ""):
+    event = app.current_event
+    if (
+        isinstance(exc, ValueError)
+        and event.http_method == "POST"
+        and _unreadable_json(event.decoded_body or "")
+    ):
         # Valid JSON Python's parser still refuses with a plain ValueError, which validation
         # never sees: an integer of more than 4,300 digits (sys.get_int_max_str_digits).
         return handle_domain_error(errors.MalformedJson("the body holds a number too long to read"))
@@ -254,10 +259,16 @@ _MAX_JSON_DEPTH = 100
 
 
 def _unreadable_json(text: str) -> bool:
-    """Whether parsing the body fails (read only when handling a request has already failed)."""
+    """Whether the body is JSON that Python's parser refuses with a plain ValueError (read only
+    when handling a request has already failed). Not JSON at all, validation said so already;
+    no body, the failure was not the body's."""
+    if not text.strip():
+        return False
     try:
         json.loads(text)
-    except (ValueError, RecursionError):
+    except json.JSONDecodeError:
+        return False
+    except ValueError:
         return True
     return False
 
@@ -877,7 +888,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             "body": body.model_dump_json(exclude_none=True),
             "isBase64Encoded": False,
         }
-    if event.get("path") == DOCS_PATH:
+    if str(event.get("path") or "").rstrip("/") == DOCS_PATH:  # (Powertools serves /v1/docs/ too)
         enable_docs()
     return app.resolve(event, context)
 

@@ -281,8 +281,9 @@ def test_openapi_document_describes_the_job_routes(harness: Harness) -> None:
     assert {"JobRequest", "Job", "Problem"} <= set(schemas)
 
 
-def test_the_swagger_ui_is_served_at_its_first_request(harness: Harness) -> None:
-    page = harness.api("GET", "/v1/docs", tenant=ENTERPRISE)
+@pytest.mark.parametrize("path", ["/v1/docs", "/v1/docs/"])
+def test_the_swagger_ui_is_served_at_its_first_request(harness: Harness, path: str) -> None:
+    page = harness.api("GET", path, tenant=ENTERPRISE)
     assert (page.status, page.headers["content-type"]) == (200, "text/html")
     assert "SwaggerUIBundle" in page.body
     spec = harness.api("GET", "/v1/docs", tenant=ENTERPRISE, query={"format": "json"})
@@ -807,3 +808,19 @@ def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
         assert (reply.status, reply.code) == (503, "webhook_host_unavailable")
         assert int(reply.headers["retry-after"]) > 0
     _nothing_changed(harness)
+
+
+def test_a_server_fault_on_a_request_without_a_body_is_a_500_not_the_clients(harness: Harness) -> None:
+    # Given a job whose stored record this api cannot read (a status a newer version wrote)
+    job_id = harness.submit().body["id"]
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET #st = :bad",
+        ExpressionAttributeNames={"#st": "status"},
+        ExpressionAttributeValues={":bad": {"S": "bogus"}},
+    )
+    # When a client reads or cancels it, Then it is the server's 500, not malformed JSON
+    for method, path in (("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel")):
+        reply = harness.api(method, path, tenant=ENTERPRISE)
+        assert (reply.status, reply.code) == (500, "internal_error"), (method, reply.body)

@@ -1013,7 +1013,7 @@ def test_a_claim_whose_read_after_it_is_throttled_for_seconds_runs_the_job(
     assert (job["status"], job["attempts"]) == ("succeeded", 1)
 
 
-def test_a_claim_contended_after_a_try_that_may_have_applied_keeps_its_message(
+def test_a_claim_contended_after_a_try_that_applied_is_recognised_by_a_look_and_runs(
     harness: Harness, faults: AwsFaults
 ) -> None:
     # Given a claim applied with its answer lost, whose retries then meet other transactions
@@ -1023,17 +1023,65 @@ def test_a_claim_contended_after_a_try_that_may_have_applied_keeps_its_message(
     messages = harness.total_count(lane)
     faults.arm("applied_lost", "dynamodb.TransactWriteItems")
     faults.arm("transaction_conflict", "dynamodb.TransactWriteItems", nth=2, times=10_000)
+    # (the conflicts end once the worker looks at the job, so that its result write goes in)
+    aws.client("dynamodb").meta.events.register("before-call.dynamodb.GetItem", lambda **_: faults.disarm())
     provider = ScriptedProvider([OK])
     outcome = _run(_runner(harness, provider), job_id, seconds=20)
-    faults.disarm()
-    # Then the worker cannot say the claim was not applied: the message itself comes back once
-    # the lease it may hold has lapsed, instead of a copy that finds the job leased and is
-    # dropped, leaving it running with nothing to run it
+    # Then the refusals prove nothing about the first try: a look at the job finds it leased to
+    # this worker, which runs it now, on its first attempt (not a copy that finds the job leased
+    # and is dropped, leaving it running with nothing to run it)
     assert {f.fault.kind.value for f in faults.fired} == {"applied_lost", "transaction_conflict"}
-    assert type(outcome).__name__ == "RetryLater"
-    assert outcome.delay_seconds >= 20  # type: ignore[union-attr]
+    assert outcome is None
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
     assert harness.total_count(lane) == messages
+
+
+def test_a_claim_throttled_then_contended_comes_back_in_seconds_not_a_lease(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a claim throttled (nothing applied), whose retries then meet other transactions
+    job_id = harness.submit().body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = harness.total_count(lane)
+    faults.arm("throttle", "dynamodb.TransactWriteItems")
+    faults.arm("transaction_conflict", "dynamodb.TransactWriteItems", nth=2, times=10_000)
+    provider = ScriptedProvider([OK])
+    outcome = _run(_runner(harness, provider), job_id, seconds=300)
+    faults.disarm()
+    # Then a look finds the job still queued: it comes back as a copy in a few seconds, not
+    # after a lease it never took (five minutes here)
+    assert {f.fault.kind.value for f in faults.fired} == {"throttle", "transaction_conflict"}
+    assert outcome is None
+    assert _with_delayed(harness, lane) == messages + 1
     assert provider.calls == 0
+    assert _job(harness, job_id)["status"] == "queued"
+
+
+def _with_delayed(harness: Harness, url: str) -> int:
+    """Messages on the queue, delayed ones too (a contended claim's copy waits a few seconds)."""
+    delayed = harness.sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )
+    return harness.total_count(url) + int(delayed["Attributes"]["ApproximateNumberOfMessagesDelayed"])
+
+
+def test_a_slow_input_read_is_not_retried_past_its_budget(s3_held: Harness, faults: AwsFaults) -> None:
+    # Given an S3-held input whose read is throttled after 20 s of botocore's own tries, in an
+    # invocation with 30 s left (the read's budget is a quarter of that)
+    harness = s3_held
+    job_id = harness.submit(prompt="x" * 8000).body["id"]
+    lag = _slow_calls("s3.GetObject", 20.0, times=2)
+    faults.arm("throttle", "s3.GetObject", times=2)
+    provider = ScriptedProvider([OK])
+    outcome = _run(_runner(harness, provider), job_id, seconds=30, lag=lag)
+    # Then it is not read again (a retry could outlast the Lambda): the job is handed back,
+    # its attempt refunded
+    assert len(faults.fired) == 1
+    assert type(outcome).__name__ == "RetryLater"
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 0)
 
 
 def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> None:
@@ -1063,6 +1111,33 @@ def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> N
         ENTERPRISE["tenant_id"]
     )
     assert job_id not in share.holders.get("high", {})
+
+
+def test_the_reconciler_fails_a_crashed_job_past_its_deadline_as_a_worker_would(harness: Harness) -> None:
+    # Given a job whose worker crashed holding it, and whose deadline then passed
+    job_id = harness.submit(deadline_seconds=60).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(
+        job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
+    )
+    assert claimed.outcome is ClaimOutcome.CLAIMED
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET deadline_ms = :past",
+        ExpressionAttributeValues={":past": {"N": str(int(time.time() * 1000) - 1)}},
+    )
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = harness.total_count(lane)
+    # When the reconciler finds its lease lapsed (a grace later)
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    report = _reconciler(harness, [grace + 1.0]).run()
+    # Then it fails deadline_exceeded, as a worker's claim of it does, instead of queuing it
+    # again (a message and a claim) only to end it expired
+    assert job_id in report.recovered
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "deadline_exceeded")
+    assert harness.total_count(lane) == messages
 
 
 def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness, faults: AwsFaults) -> None:

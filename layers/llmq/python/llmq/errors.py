@@ -203,6 +203,9 @@ class StoreContended(StoreUnavailable):
 
     code = "storage_contended"
     title = "Other writes to the same account data won; retry shortly"
+    # Set by a caller that retried: an earlier try of the same write failed in a way that may
+    # have applied it (its answer lost), so this refusal proves nothing about that try.
+    after_unanswered: bool = False
 
 
 class ItemTooLarge(DomainError):

@@ -241,6 +241,36 @@ class JobRunner:
                 # spoken for, would come back as it is: it claims for itself now instead.
                 await self.run(message.model_copy(update={"spoken_for": True}).model_dump_json(), invocation)
 
+    async def _claim(
+        self,
+        message: LaneMessage,
+        invocation: Invocation,
+        lease_seconds: float,
+        tenant: tuple[str, str] | None,
+    ) -> Claim:
+        try:
+            return await self._write_back(
+                lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds, tenant),
+                invocation,
+                budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
+                recognises=True,
+            )
+        except StoreContended as exc:
+            if not exc.after_unanswered:
+                raise
+            # Contended after a try that may have been applied: one look at the job says
+            # whether that try leased it to us (then it is ours to run). A look that fails is
+            # StoreUnavailable: the message waits out the lease it may hold.
+            found = await asyncio.to_thread(self.jobs.find, message.job_id)
+            if (
+                found is not None
+                and found.status is JobStatus.RUNNING
+                and found.lease_owner == invocation.owner
+            ):
+                logger.info("claim recognised as ours after contention", extra={"job_id": message.job_id})
+                return Claim(claimed=True, job=found, at_ms=self.jobs.now_ms())
+            raise
+
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
     ) -> Claim | None:
@@ -250,11 +280,7 @@ class JobRunner:
         try:
             # Retried in process with the same owner, so a claim that was applied before its
             # answer was lost is recognised as ours instead of stalling as someone else's lease.
-            claim = await self._write_back(
-                lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds, tenant),
-                invocation,
-                budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
-            )
+            claim = await self._claim(message, invocation, lease_seconds, tenant)
             # (a job accepted before shares holds no slot, and frees none)
             took = claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None and claim.job.shared
             at_cap = claim.outcome is ClaimOutcome.AT_CAP and claim.share is not None
@@ -731,40 +757,41 @@ class JobRunner:
         raise RetryLater(job.id, delay, gave_back_slot=True)
 
     async def _write_back(
-        self, write: Callable[[], T], invocation: Invocation, budget_seconds: float | None = None
+        self,
+        write: Callable[[], T],
+        invocation: Invocation,
+        budget_seconds: float | None = None,
+        *,
+        recognises: bool = False,
     ) -> T:
         """Run a write, retrying throttles and 5xx with backoff while the Lambda has time
         (or for `budget_seconds`).
 
         Each repository write recognises its own earlier success, so a retry of a write that
-        was applied but unanswered returns the job as written instead of failing.
+        was applied but unanswered returns the job as written instead of failing. With
+        `recognises` (the claim), the budget bounds the retries after the first only: the
+        first try may have been applied, its answer lost (botocore's own tries take seconds to
+        say so), and only a try after it recognises that write as ours, where giving up would
+        leave it holding a lease. A StoreContended after such a try says so (`after_unanswered`).
         """
         pause = _WRITE_RETRY_FIRST_SECONDS
         started = invocation.remaining_seconds()
         tries = 0
-        # A failed try that may have been applied, its answer lost (any but a canceled
-        # transaction, which is known not to have been).
-        unanswered: StoreUnavailable | None = None
+        unanswered = False
         while True:
             try:
                 return await asyncio.to_thread(write)
             except StoreUnavailable as exc:
                 tries += 1
-                if not isinstance(exc, StoreContended):
-                    unanswered = exc
+                contended = isinstance(exc, StoreContended)
+                if contended and unanswered:
+                    exc.after_unanswered = True
+                unanswered = unanswered or not contended
                 left = invocation.remaining_seconds()
-                # The floor keeps the last try inside the Lambda's time (or the budget). A budget
-                # bounds the retries after the first only: the first try may have been applied,
-                # its answer lost (botocore's own tries take seconds to say so), and only a try
-                # after it recognises that write as ours, where giving up would leave it
-                # holding a lease.
-                if budget_seconds is not None and tries > 1:
+                # The floor keeps the last try inside the Lambda's time (or the budget).
+                if budget_seconds is not None and not (recognises and tries == 1):
                     left = min(left, budget_seconds - (started - left))
                 if left < pause + _WRITE_RETRY_FLOOR_SECONDS:
-                    if isinstance(exc, StoreContended) and unanswered is not None:
-                        # Contended after a try that may have been applied: no proof that
-                        # nothing was. Unavailable, as that try was.
-                        raise unanswered from exc
                     raise
                 logger.warning("write-back throttled; retrying", extra={"why": str(exc)})
                 await asyncio.sleep(pause * (0.5 + self._rng.random() / 2))

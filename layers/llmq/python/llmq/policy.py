@@ -78,10 +78,13 @@ def refused_claim(found: JobRecord | None, now_ms: int, retention_margin_s: int 
         return ClaimOutcome.LEASED_ELSEWHERE
     if found.cancel_requested:
         return ClaimOutcome.CANCEL_PENDING
+    if retention_due:
+        return ClaimOutcome.RETENTION_DUE
     if found.deadline_ms is not None and found.deadline_ms <= now_ms:
-        # Its worker crashed, and the deadline passed before another could restart it.
+        # Its worker crashed, and the deadline passed before another could restart it (in the
+        # reconciler's order: `Reconciler._recover`).
         return ClaimOutcome.DEADLINE_PASSED
-    return ClaimOutcome.RETENTION_DUE if retention_due else ClaimOutcome.CRASHES_EXHAUSTED
+    return ClaimOutcome.CRASHES_EXHAUSTED
 
 
 def deadline_error(job: JobRecord) -> JobError:

@@ -185,7 +185,8 @@ class Reconciler:
     def _recover(self, entry: SweepEntry, now: int, report: ReconcileReport) -> None:
         """Its lease lapsed: the worker crashed. The job goes back to queued, which gives its
         tenant's slot back at once, and a new message lets a worker run it again; a job that
-        used up its attempts fails instead, as `worker_crashed`."""
+        used up its attempts fails instead, as `worker_crashed`, and one past its deadline as
+        `deadline_exceeded`."""
         job = self.jobs.find(entry.job_id, past_retention=True)
         if job is None or job.status is not JobStatus.RUNNING:
             return
@@ -200,11 +201,17 @@ class Reconciler:
             # Asked to cancel while it ran: it ends as asked, not run again nor failed.
             self._cancel(job, report)
             return
-        if job.attempts >= self.config.max_attempts:
+        error = None
+        if job.deadline_ms is not None and job.deadline_ms <= now:
+            # It ran, and its deadline passed before a restart: it fails as a retry that would
+            # cross the deadline does (as a worker's claim of it would: `refused_claim`).
+            error = deadline_error(job)
+        elif job.attempts >= self.config.max_attempts:
             error = JobError(
                 code=ErrorCode.WORKER_CRASHED,
                 message=f"the worker stopped without an answer {job.attempts} times",
             )
+        if error is not None:
             failed = self.jobs.fail_unleased(job, error)
             if failed is not None:
                 announce_terminal(self.queues, failed, carry=self.config.webhooks.trust_carried_job)
