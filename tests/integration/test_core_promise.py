@@ -1084,9 +1084,9 @@ def test_a_slow_input_read_is_not_retried_past_its_budget(s3_held: Harness, faul
     assert (job["status"], job["attempts"]) == ("queued", 0)
 
 
-def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> None:
-    # Given a job whose worker crashed holding its slot, and whose deadline then passed
-    job_id = harness.submit(deadline_seconds=60).body["id"]
+def _crashed_past_deadline(harness: Harness) -> str:
+    """A job whose worker crashed holding it (a lease of 0.2 s), and whose deadline then passed."""
+    job_id: str = harness.submit(deadline_seconds=60).body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     claimed = jobs.claim(
         job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
@@ -1098,6 +1098,12 @@ def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> N
         UpdateExpression="SET deadline_ms = :past",
         ExpressionAttributeValues={":past": {"N": str(int(time.time() * 1000) - 1)}},
     )
+    return job_id
+
+
+def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> None:
+    # Given a job whose worker crashed holding its slot, and whose deadline then passed
+    job_id = _crashed_past_deadline(harness)
     time.sleep(0.3)
     # When its message comes back to a worker
     provider = ScriptedProvider([OK])
@@ -1115,18 +1121,7 @@ def test_a_crashed_job_past_its_deadline_is_not_restarted(harness: Harness) -> N
 
 def test_the_reconciler_fails_a_crashed_job_past_its_deadline_as_a_worker_would(harness: Harness) -> None:
     # Given a job whose worker crashed holding it, and whose deadline then passed
-    job_id = harness.submit(deadline_seconds=60).body["id"]
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    claimed = jobs.claim(
-        job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
-    )
-    assert claimed.outcome is ClaimOutcome.CLAIMED
-    harness.ddb.update_item(
-        TableName=harness.stack.jobs_table,
-        Key={"pk": {"S": job_id}},
-        UpdateExpression="SET deadline_ms = :past",
-        ExpressionAttributeValues={":past": {"N": str(int(time.time() * 1000) - 1)}},
-    )
+    job_id = _crashed_past_deadline(harness)
     lane = harness.stack.lane_queue_urls["high"]
     messages = harness.total_count(lane)
     # When the reconciler finds its lease lapsed (a grace later)

@@ -783,10 +783,10 @@ class JobRunner:
                 return await asyncio.to_thread(write)
             except StoreUnavailable as exc:
                 tries += 1
-                contended = isinstance(exc, StoreContended)
-                if contended and unanswered:
-                    exc.after_unanswered = True
-                unanswered = unanswered or not contended
+                if isinstance(exc, StoreContended):
+                    exc.after_unanswered = exc.after_unanswered or unanswered
+                else:
+                    unanswered = True
                 left = invocation.remaining_seconds()
                 # The floor keeps the last try inside the Lambda's time (or the budget).
                 if budget_seconds is not None and not (recognises and tries == 1):
