@@ -12,6 +12,7 @@ from constructs import Construct
 from llmq.batch_intake import REQUESTS_PREFIX
 from llmq.batch_intake import UPLOADS_PREFIX as UPLOADS_PREFIX
 from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
+from llmq.offload import PARKED_PREFIX as PARKED_PREFIX
 
 # The attribute names below are the ones llmq.jobs writes.
 PARTITION_KEY = "pk"

@@ -18,6 +18,7 @@ from stacks.functions import FunctionDefaults, env_var
 from stacks.jobs_table import (
     BATCH_REQUESTS_PREFIX,
     INPUTS_PREFIX,
+    PARKED_PREFIX,
     RESULTS_PREFIX,
     UPLOADS_PREFIX,
     JobsTableConstruct,
@@ -171,6 +172,9 @@ class LlmqStack(cdk.Stack):
         # A batch's results file is a multipart upload (PutObject); the worker looks whether it
         # was completed (HeadObject needs GetObject) when its upload is gone.
         grant_objects(bucket, self.worker.worker, "s3:GetObject", RESULTS_FILE_PREFIX)
+        # A paid result whose write to its job failed waits under results/parked/ (its PutObject
+        # is under results/ above) for the job's next attempt, which reads it (llmq.offload).
+        grant_objects(bucket, self.worker.worker, "s3:GetObject", PARKED_PREFIX)
 
     @property
     def functions(self) -> dict[str, lambda_.Function]:

@@ -14,7 +14,13 @@ from aws_cdk import aws_lambda as lambda_
 from constructs import IConstruct
 
 from llmq.batch_results import RESULTS_FILE_PREFIX
-from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX
+from stacks.jobs_table import (
+    BATCH_REQUESTS_PREFIX,
+    INPUTS_PREFIX,
+    PARKED_PREFIX,
+    RESULTS_PREFIX,
+    UPLOADS_PREFIX,
+)
 
 if TYPE_CHECKING:
     from stacks.llmq_stack import LlmqStack
@@ -65,6 +71,13 @@ def acknowledge_findings(stack: LlmqStack) -> None:
         f"GetObject on the payload bucket's {RESULTS_FILE_PREFIX} prefix, for HeadObject: each batch's "
         f"results file has its own key ({RESULTS_FILE_PREFIX}<batch>/...), unknown until the batch "
         "exists. The worker looks whether a file whose upload is gone was completed; no list, no delete.",
+    )
+    _acknowledge(
+        _role(stack.worker.worker),
+        f"IAM5[Resource::<{bucket}.Arn>/{PARKED_PREFIX}*]",
+        f"GetObject on the payload bucket's {PARKED_PREFIX} prefix: a paid result whose write to its job "
+        f"failed waits at {PARKED_PREFIX}<job>/..., unknown until the job exists, for the job's next "
+        "attempt to record; no list, no delete.",
     )
     _acknowledge(
         _role(stack.api.function),

@@ -17,7 +17,13 @@ import pytest
 from llmq.batch_results import RESULTS_FILE_PREFIX
 from llmq.config import LimitsConfig, LlmqConfig
 from stacks.functions import FUNCTION_NAMES
-from stacks.jobs_table import BATCH_REQUESTS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, UPLOADS_PREFIX
+from stacks.jobs_table import (
+    BATCH_REQUESTS_PREFIX,
+    INPUTS_PREFIX,
+    PARKED_PREFIX,
+    RESULTS_PREFIX,
+    UPLOADS_PREFIX,
+)
 from stacks.template import StackTemplate
 from tests.infra.iam_grants import LOG_ACTIONS, TRACING_ACTIONS, canonical, referenced_ids
 from tests.infra.synthesis import SynthesizedApp, synthesize
@@ -76,7 +82,15 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
         RESULTS_FILE_PREFIX: "<batch>",
     }.get(prefix, "<job>")
     assert (
-        prefix in (INPUTS_PREFIX, RESULTS_PREFIX, BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX, RESULTS_FILE_PREFIX)
+        prefix
+        in (
+            INPUTS_PREFIX,
+            RESULTS_PREFIX,
+            BATCH_REQUESTS_PREFIX,
+            UPLOADS_PREFIX,
+            RESULTS_FILE_PREFIX,
+            PARKED_PREFIX,
+        )
         and f"{prefix}{owner}" in finding["reason"]
     )
     on_prefix = {
@@ -89,6 +103,7 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
         BATCH_REQUESTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
         UPLOADS_PREFIX: {("api", "s3:GetObject")},
         RESULTS_FILE_PREFIX: {("worker", "s3:GetObject")},
+        PARKED_PREFIX: {("worker", "s3:GetObject")},
     }[prefix]
     assert on_prefix == expected
     # no list, no delete, anywhere in the bucket

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from llmq.batch_results import RESULTS_FILE_PREFIX
-from stacks.jobs_table import BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX
+from stacks.jobs_table import BATCH_REQUESTS_PREFIX, PARKED_PREFIX, UPLOADS_PREFIX
 from tests.aws_calls import (
     ANY_RESOURCE,
     CATALOGUE_PATH,
@@ -167,10 +167,11 @@ def _targets(service: str, operation: str, params: dict[str, Any]) -> Iterator[t
 
 def _object_prefix(key: str | None) -> str:
     """`/inputs/*` for the key `inputs/job_1/x.json`: the roles are granted by key prefix (a
-    batch's requests, under `inputs/batches/`, by their own)."""
+    batch's requests, under `inputs/batches/`, and parked results, under `results/parked/`, by
+    their own)."""
     if key is None:
         return ""
-    for prefix in (BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX, RESULTS_FILE_PREFIX):
+    for prefix in (BATCH_REQUESTS_PREFIX, UPLOADS_PREFIX, RESULTS_FILE_PREFIX, PARKED_PREFIX):
         if key.startswith(prefix):
             return f"/{prefix}*"
     folder, slash, _ = key.partition("/")

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from llmq import aws
 from llmq.config import LlmqConfig
+from llmq.errors import StoreUnavailable
 from llmq.execution import Invocation, JobRunner, mark_dead_letter
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import sweep_partitions
@@ -1133,6 +1134,46 @@ def test_the_reconciler_fails_a_crashed_job_past_its_deadline_as_a_worker_would(
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "deadline_exceeded")
     assert harness.total_count(lane) == messages
+
+
+def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_next_attempt(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose generation is paid for, and DynamoDB refusing its result write for
+    # longer than the worker can wait (every try after the claim)
+    job_id = harness.submit().body["id"]
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=1000)
+    provider = ScriptedProvider([OK, JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
+    outcome = _run(_runner(harness, provider), job_id, seconds=8)
+    faults.disarm()
+    assert isinstance(outcome, StoreUnavailable)
+    assert provider.calls == 1
+    # When its lease lapses and the job's message comes back to another worker
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET lease_expires_ms = :lapsed",
+        ExpressionAttributeValues={":lapsed": {"N": str(int(time.time() * 1000) - 1)}},
+    )
+    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    # Then the parked result is recorded: the generation is not paid for a second time
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["result"]["output"], job["attempts"]) == ("succeeded", "fine", 2)
+
+
+def test_a_parked_result_belongs_to_its_own_job_only(s3_held: Harness) -> None:
+    # Given a result parked for a job under an Idempotency-Key whose retention has ended
+    harness = s3_held
+    offload = Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    old = jobs.find(harness.submit(key="nightly").body["id"])
+    assert old is not None
+    offload.park_result(old, OK)
+    # When a new job takes the same id (the key used again), Then it finds nothing parked
+    reused = old.model_copy(update={"created_ms": old.created_ms + 8 * 86_400_000})
+    assert offload.parked_result(reused) is None
+    assert offload.parked_result(old) == OK
 
 
 def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness, faults: AwsFaults) -> None:

@@ -42,7 +42,7 @@ from llmq.queues import MAX_SEND_DELAY_SECONDS, announce_terminal
 from llmq.shares import ShareState, deferral_seconds
 from llmq.slot_handoff import HandoffKey, Sibling, SlotHandoff
 from llmq.sqs_edge import PoisonMessage, RetryLater
-from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, logger
+from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, error_fields, logger
 
 # Time kept back from the provider call so the worker can still record the outcome, through
 # a throttle or two: fifteen seconds, or a quarter of what is left for very short functions
@@ -624,6 +624,14 @@ class JobRunner:
             timeout = min(self.config.provider.timeout_seconds, timeout)
         if job.input is None:  # the claim loads an S3-held input; this cannot be empty
             raise PoisonMessage(f"job {job.id} has no input")
+        parked = await self._parked_result(job) if job.attempts > 1 else None
+        if parked is not None:
+            # An earlier attempt was paid for and could not record it: recorded now, unpaid.
+            logger.info(
+                "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
+            )
+            await self._complete(job, invocation, parked)
+            return
         recorder = self._recorder(job) if job.stream else None
         request = GenerationRequest(
             model=job.model,
@@ -685,10 +693,27 @@ class JobRunner:
         result = result.model_copy(update={"output": printable(result.output)})
         if recorder is not None:
             await self._finish_output(job, invocation, recorder, result.output, reserve)
-        # Paid for from here on: the result must be written, whatever AWS says for a while.
-        done = await self._write_back(
-            lambda: self.offload.complete(self.jobs, job, invocation.owner, result), invocation
-        )
+        await self._complete(job, invocation, result)
+
+    async def _complete(self, job: JobRecord, invocation: Invocation, result: JobResult) -> None:
+        """Record a paid result, whatever AWS says for a while. A write that still fails
+        parks the result in S3 first (`Offload.park_result`): the job is retried once its
+        lease lapses, and that attempt records it instead of paying again."""
+        try:
+            done = await self._write_back(
+                lambda: self.offload.complete(self.jobs, job, invocation.owner, result), invocation
+            )
+        except StoreUnavailable:
+            if self.offload.payloads is not None:
+                try:
+                    await asyncio.to_thread(self.offload.park_result, job, result)
+                    logger.warning("result write failed; the result is parked", extra={"job_id": job.id})
+                except Exception as exc:
+                    logger.error(
+                        "result write failed, and parking it too",
+                        extra={"job_id": job.id, **error_fields(exc)},
+                    )
+            raise
         logger.info(
             "job succeeded",
             extra={
@@ -698,6 +723,17 @@ class JobRunner:
             },
         )
         await self._announce(done, invocation)
+
+    async def _parked_result(self, job: JobRecord) -> JobResult | None:
+        """What an earlier attempt parked; None when nothing (or S3 cannot say: the generation
+        then runs, as it would have without parking)."""
+        if self.offload.payloads is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.offload.parked_result, job)
+        except Exception as exc:
+            logger.warning("parked result not read", extra={"job_id": job.id, **error_fields(exc)})
+            return None
 
     async def _after_provider_error(self, job: JobRecord, invocation: Invocation, exc: ProviderError) -> None:
         if isinstance(exc, TransientProviderError):

@@ -22,6 +22,9 @@ ITEM_HEADROOM_BYTES = 4096 + 10 * 400
 # What the store adds to every item beyond the record, sized generously: the index
 # attributes (`tenant_created`, `sweep_pk`, `sweep_at`, about 100 bytes) and a write token.
 BOOKKEEPING_BYTES = 256
+# Where a paid result waits whose write to its job failed (`Offload.park_result`): the worker
+# puts and gets objects here (stacks/llmq_stack.py), and nothing else does.
+PARKED_PREFIX = "results/parked/"
 
 
 class Offload:
@@ -84,6 +87,19 @@ class Offload:
         key = f"results/{job.id}/{hashlib.sha256(owner.encode()).hexdigest()[:16]}.json"
         return self._store().put(key, result.model_dump_json().encode())
 
+    def park_result(self, job: JobRecord, result: JobResult) -> None:
+        """A paid result whose write to the job failed for longer than the worker could wait (a
+        DynamoDB outage): kept in S3, so the job's next attempt records it instead of paying
+        for the generation again (`parked_result`)."""
+        self._store().put(_parked_key(job), result.model_dump_json().encode())
+
+    def parked_result(self, job: JobRecord) -> JobResult | None:
+        """The result an earlier attempt of this job parked, if any."""
+        store = self._store()
+        if store.stat(_parked_key(job)) is None:
+            return None
+        return JobResult.model_validate_json(store.get(_parked_key(job)))
+
     def link_result(self, record: JobRecord) -> JobRecord:
         """The job with its S3-held result as a presigned URL, not inline: for a response that
         would not fit in a Lambda response with the result in it."""
@@ -107,3 +123,9 @@ class Offload:
         return record.model_copy(
             update={"result": JobResult.model_validate_json(store.get(record.result_ref))}
         )
+
+
+def _parked_key(job: JobRecord) -> str:
+    # The job's creation time too: a job id derived from an Idempotency-Key is used again
+    # after its retention, and that new job must never find the old one's result.
+    return f"{PARKED_PREFIX}{job.id}/{job.created_ms}.json"
