@@ -1162,6 +1162,29 @@ def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_
     assert (job["status"], job["result"]["output"], job["attempts"]) == ("succeeded", "fine", 2)
 
 
+def test_parking_a_result_waits_no_longer_than_the_lambda_has_left(
+    harness: Harness, faults: AwsFaults, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a result write DynamoDB refuses for good, and S3 hanging on the park as well
+    job_id = harness.submit().body["id"]
+    lag = [0.0]
+    writes = [0]
+
+    def slow_refusals(**_: Any) -> None:
+        writes[0] += 1
+        if writes[0] > 1:  # (the claim went in; the result write's refusal took most of the time left)
+            lag[0] = 7.5
+
+    aws.client("dynamodb").meta.events.register("before-call.dynamodb.TransactWriteItems", slow_refusals)
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=1000)
+    aws.client("s3").meta.events.register("before-call.s3.PutObject", lambda **_: time.sleep(1.0))
+    outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=8, lag=lag)
+    # Then the worker gives up on the park within what was left, and answers for its batch
+    assert isinstance(outcome, StoreUnavailable)
+    gave_up = [r for r in caplog.records if r.getMessage() == "result write failed, and parking it too"]
+    assert [getattr(r, "error_class", None) for r in gave_up] == ["TimeoutError"]
+
+
 def test_a_parked_result_belongs_to_its_own_job_only(s3_held: Harness) -> None:
     # Given a result parked for a job under an Idempotency-Key whose retention has ended
     harness = s3_held

@@ -705,8 +705,12 @@ class JobRunner:
             )
         except StoreUnavailable:
             if self.offload.payloads is not None:
+                # Within what is left of the Lambda (a second before its end): S3 failing with
+                # DynamoDB must not time the invocation out, which would send every message of
+                # its batch back instead of this one.
+                budget = max(0.1, invocation.remaining_seconds() - 1.0)
                 try:
-                    await asyncio.to_thread(self.offload.park_result, job, result)
+                    await asyncio.wait_for(asyncio.to_thread(self.offload.park_result, job, result), budget)
                     logger.warning("result write failed; the result is parked", extra={"job_id": job.id})
                 except Exception as exc:
                     logger.error(
