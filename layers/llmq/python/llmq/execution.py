@@ -611,6 +611,15 @@ class JobRunner:
             await self._announce_batch(job)
 
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
+        # (before the time check: recording a parked result needs no provider time)
+        parked = await self._parked_result(job) if job.attempts > 1 else None
+        if parked is not None:
+            # An earlier attempt was paid for and could not record it: recorded now, unpaid.
+            logger.info(
+                "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
+            )
+            await self._complete(job, invocation, parked)
+            return
         if await self._too_late_to_start(job, invocation):
             return
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
@@ -624,14 +633,6 @@ class JobRunner:
             timeout = min(self.config.provider.timeout_seconds, timeout)
         if job.input is None:  # the claim loads an S3-held input; this cannot be empty
             raise PoisonMessage(f"job {job.id} has no input")
-        parked = await self._parked_result(job) if job.attempts > 1 else None
-        if parked is not None:
-            # An earlier attempt was paid for and could not record it: recorded now, unpaid.
-            logger.info(
-                "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
-            )
-            await self._complete(job, invocation, parked)
-            return
         recorder = self._recorder(job) if job.stream else None
         request = GenerationRequest(
             model=job.model,
