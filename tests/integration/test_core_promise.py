@@ -661,10 +661,7 @@ def test_a_claim_applied_then_lost_is_recognised_in_process_and_runs_now(
     outcome = _run(_runner(harness, provider), job_id)
     # Then its retry with the same owner finds its own lease: the job runs now, once
     assert _kinds(faults) == ["TransactWriteItems:applied_lost"]
-    assert outcome is None
-    job = _job(harness, job_id)
-    assert (job["status"], job["attempts"]) == ("succeeded", 1)
-    assert provider.calls == 1
+    _ran_once_on_its_first_attempt(harness, job_id, outcome, provider)
 
 
 def test_a_claim_recognised_as_ours_that_carries_a_cancel_never_calls_the_provider(
@@ -960,6 +957,17 @@ def test_a_cancel_while_the_input_cannot_be_read_ends_canceled(s3_held: Harness,
     assert provider.calls == 0
 
 
+def _ran_once_on_its_first_attempt(
+    harness: Harness, job_id: str, outcome: Exception | None, provider: ScriptedProvider
+) -> None:
+    """The message was handled (no retry asked), the provider called once, and the job
+    succeeded on attempt 1: a claim recognised as ours, not a lease left to lapse."""
+    assert outcome is None
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+
+
 def _slow_calls(operation: str, seconds: float, times: int) -> list[float]:
     """The first `times` calls of `operation` (on llmq's client) take `seconds` more of the
     invocation's time, as botocore's own tries and backoff do before a fault surfaces."""
@@ -990,10 +998,7 @@ def test_a_claim_applied_whose_answer_was_lost_after_seconds_is_still_recognised
     # Then its next try finds the claim its own, and the job runs now, on its first attempt
     # (not left leased to this worker until the lease lapses, then taken over on a second)
     assert [f.fault.kind.value for f in faults.fired] == ["applied_lost"]
-    assert outcome is None
-    assert provider.calls == 1
-    job = _job(harness, job_id)
-    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    _ran_once_on_its_first_attempt(harness, job_id, outcome, provider)
 
 
 def test_a_claim_whose_read_after_it_is_throttled_for_seconds_runs_the_job(
@@ -1008,10 +1013,7 @@ def test_a_claim_whose_read_after_it_is_throttled_for_seconds_runs_the_job(
     outcome = _run(_runner(harness, provider), job_id, lag=lag)
     # Then the claim is tried again, finds itself, and the job runs on its first attempt
     assert len(faults.fired) == 2
-    assert outcome is None
-    assert provider.calls == 1
-    job = _job(harness, job_id)
-    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    _ran_once_on_its_first_attempt(harness, job_id, outcome, provider)
 
 
 def test_a_claim_contended_after_a_try_that_applied_is_recognised_by_a_look_and_runs(
@@ -1032,10 +1034,7 @@ def test_a_claim_contended_after_a_try_that_applied_is_recognised_by_a_look_and_
     # this worker, which runs it now, on its first attempt (not a copy that finds the job leased
     # and is dropped, leaving it running with nothing to run it)
     assert {f.fault.kind.value for f in faults.fired} == {"applied_lost", "transaction_conflict"}
-    assert outcome is None
-    assert provider.calls == 1
-    job = _job(harness, job_id)
-    assert (job["status"], job["attempts"]) == ("succeeded", 1)
+    _ran_once_on_its_first_attempt(harness, job_id, outcome, provider)
     assert harness.total_count(lane) == messages
 
 
