@@ -125,7 +125,6 @@ class LlmqStack(cdk.Stack):
             logging=settings.api_logging,
         )
         self.webhooks.link_public_api(self.api.url)
-        self._link_payloads()
         self.reconciler = ReconcilerConstruct(
             self,
             "Reconciler",
@@ -135,6 +134,7 @@ class LlmqStack(cdk.Stack):
             lanes=self.lanes,
             webhook_queue=self.webhooks.queue,
         )
+        self._link_payloads()
         self.monitoring = MonitoringConstruct(
             self,
             "Monitoring",
@@ -152,7 +152,8 @@ class LlmqStack(cdk.Stack):
         acknowledge_findings(self)
 
     def _link_payloads(self) -> None:
-        """The api stores large inputs and reads results; the worker reads inputs, stores results."""
+        """The api stores large inputs and reads results; the worker reads inputs, stores results;
+        what ends a job without a worker reads a result one parked."""
         bucket = self.tables.payloads
         for function in (self.api.function, self.worker.worker):
             function.add_environment(env_var(ApiEnvironment, "payload_bucket"), bucket.bucket_name)
@@ -175,6 +176,11 @@ class LlmqStack(cdk.Stack):
         # A paid result whose write to its job failed waits under results/parked/ (its PutObject
         # is under results/ above) for the job's next attempt, which reads it (llmq.offload).
         grant_objects(bucket, self.worker.worker, "s3:GetObject", PARKED_PREFIX)
+        # The reconciler and the dead-letter function end jobs no worker will run again; one
+        # whose result an earlier attempt parked is recorded with it instead (llmq.offload).
+        for function in (self.reconciler.function, self.worker.dead_letter):
+            function.add_environment(env_var(ApiEnvironment, "payload_bucket"), bucket.bucket_name)
+            grant_objects(bucket, function, "s3:GetObject", PARKED_PREFIX)
 
     @property
     def functions(self) -> dict[str, lambda_.Function]:

@@ -72,13 +72,15 @@ def acknowledge_findings(stack: LlmqStack) -> None:
         f"results file has its own key ({RESULTS_FILE_PREFIX}<batch>/...), unknown until the batch "
         "exists. The worker looks whether a file whose upload is gone was completed; no list, no delete.",
     )
-    _acknowledge(
-        _role(stack.worker.worker),
-        f"IAM5[Resource::<{bucket}.Arn>/{PARKED_PREFIX}*]",
-        f"GetObject on the payload bucket's {PARKED_PREFIX} prefix: a paid result whose write to its job "
-        f"failed waits at {PARKED_PREFIX}<job>/..., unknown until the job exists, for the job's next "
-        "attempt to record; no list, no delete.",
-    )
+    for function in (stack.worker.worker, stack.reconciler.function, stack.worker.dead_letter):
+        _acknowledge(
+            _role(function),
+            f"IAM5[Resource::<{bucket}.Arn>/{PARKED_PREFIX}*]",
+            f"GetObject on the payload bucket's {PARKED_PREFIX} prefix: a paid result whose write to its "
+            f"job failed waits at {PARKED_PREFIX}<job>/..., unknown until the job exists, for the job's "
+            "next attempt to record, or whatever ends the job without another run (the reconciler, "
+            "the dead-letter function); no list, no delete.",
+        )
     _acknowledge(
         _role(stack.api.function),
         f"IAM5[Resource::<{bucket}.Arn>/{UPLOADS_PREFIX}*]",
@@ -90,8 +92,8 @@ def acknowledge_findings(stack: LlmqStack) -> None:
         stack.tables.payloads,
         "S1",
         "The bucket holds only oversized job payloads, read and written by two function roles "
-        "(api and worker); CloudTrail S3 data events are the audit trail where one is required, "
-        "not access logs.",
+        "(api and worker), and parked results read by two more (reconciler and dead_letter); "
+        "CloudTrail S3 data events are the audit trail where one is required, not access logs.",
     )
 
 

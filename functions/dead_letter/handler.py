@@ -1,4 +1,5 @@
-"""Lane DLQs: a job whose message exhausted its receives fails as `worker_crashed`.
+"""Lane DLQs: a job whose message exhausted its receives fails as `worker_crashed` (unless an
+earlier attempt parked a paid result, which it ends with: `llmq.offload`).
 
 Its webhook still goes out, and each job failed here counts once as `JobDeadLettered`: the
 function drains the DLQs within seconds, so their depth never shows it. A body that names no
@@ -27,6 +28,8 @@ from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
 from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.job_record import JobRecord
 from llmq.jobs import JobRepository
+from llmq.offload import Offload
+from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.sqs_edge import QueueEdge
 from llmq.telemetry import MetricName, emit_job_metric, logger, metrics
@@ -40,6 +43,11 @@ def repositories() -> tuple[JobRepository, QueueRepository]:
     return JobRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")), QueueRepository(
         ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")
     )
+
+
+@cache
+def offload() -> Offload:
+    return Offload(payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3")), ENV.config)
 
 
 @cache
@@ -58,7 +66,13 @@ def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
     with EDGE.settling(record):
         job = mark_dead_letter(
-            jobs, queues, record.body, record.message_id, (batches(), ENV.config), crashed=_count_failed
+            jobs,
+            queues,
+            record.body,
+            record.message_id,
+            (batches(), ENV.config),
+            crashed=_count_failed,
+            offload=offload(),
         )
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})

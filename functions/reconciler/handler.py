@@ -15,6 +15,8 @@ from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import ReconcilerEnvironment
 from llmq.jobs import JobRepository
+from llmq.offload import Offload
+from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.telemetry import logger, metrics
@@ -29,6 +31,7 @@ def reconciler() -> Reconciler:
         QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")),
         ENV.config,
         batches=BatchRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")),
+        offload=Offload(payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3")), ENV.config),
     )
 
 

@@ -103,7 +103,11 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
         BATCH_REQUESTS_PREFIX: {("api", "s3:GetObject"), ("worker", "s3:PutObject")},
         UPLOADS_PREFIX: {("api", "s3:GetObject")},
         RESULTS_FILE_PREFIX: {("worker", "s3:GetObject")},
-        PARKED_PREFIX: {("worker", "s3:GetObject")},
+        PARKED_PREFIX: {
+            ("worker", "s3:GetObject"),
+            ("reconciler", "s3:GetObject"),
+            ("dead_letter", "s3:GetObject"),
+        },
     }[prefix]
     assert on_prefix == expected
     # no list, no delete, anywhere in the bucket
@@ -113,8 +117,13 @@ def _one_action_per_payload_prefix(template: StackTemplate, finding: Finding) ->
 
 def _payload_bucket_used_by_two_roles(template: StackTemplate, finding: Finding) -> None:
     (bucket,) = template.of_type("AWS::S3::Bucket")
-    users = {name for name, _, resource in _granted(template) if resource.startswith(f"<{bucket}>")}
-    assert users == {"api", "worker"} and "two function roles (api and worker)" in finding["reason"]
+    granted = [
+        (name, resource) for name, _, resource in _granted(template) if resource.startswith(f"<{bucket}>")
+    ]
+    assert {name for name, _ in granted} == {"api", "worker", "reconciler", "dead_letter"}
+    readers = {name for name, resource in granted if resource != f"<{bucket}>/{PARKED_PREFIX}*"}
+    assert readers == {"api", "worker"} and "two function roles (api and worker)" in finding["reason"]
+    assert "parked results read by two more (reconciler and dead_letter)" in finding["reason"]
 
 
 def _secret_cached_five_minutes(template: StackTemplate, finding: Finding) -> None:

@@ -619,7 +619,7 @@ def test_api_throttling_and_the_authorizer_cache_come_from_the_config(synthesize
 
 
 @pytest.mark.parametrize("name", ["api", "worker"])
-def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_touch(synthesized, name):
+def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_write(synthesized, name):
     (bucket,) = synthesized.template.of_type("AWS::S3::Bucket").values()
     assert bucket["Properties"]["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     assert bucket["Properties"]["PublicAccessBlockConfiguration"]["BlockPublicAcls"] is True
@@ -628,7 +628,19 @@ def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_touch
     assert [s for s in statements if s.allows("s3:PutObject")]
     assert not [s.raw for s in statements if s.allows("s3:DeleteObject") or s.allows("s3:ListBucket")]
     others = ["authorizer", "reconciler", "dead_letter", "webhook_dispatcher"]
-    assert not [o for o in others for s in synthesized.template.statements(o) if s.allows("s3:GetObject")]
+    assert not [o for o in others for s in synthesized.template.statements(o) if s.allows("s3:PutObject")]
+
+
+@pytest.mark.parametrize("name", ["reconciler", "dead_letter"])
+def test_what_ends_a_job_without_a_worker_reads_parked_results_and_nothing_else_in_the_bucket(
+    synthesized, name
+):
+    # A job's parked result (llmq.offload) is recorded by whatever ends the job
+    assert synthesized.template.environment(name)["LLMQ_PAYLOAD_BUCKET"]
+    s3 = [s.raw for s in synthesized.template.statements(name) if any("s3:" in a for a in s.actions)]
+    assert [statement["Action"] for statement in s3] == ["s3:GetObject"]
+    (resource,) = [statement["Resource"] for statement in s3]
+    assert resource["Fn::Join"][1][-1] == "/results/parked/*"
 
 
 # ---- every AWS call a function makes is granted to its role ---------------------------

@@ -1209,3 +1209,173 @@ def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness,
     lease = 20 + harness.config.lease_margin_seconds
     assert type(outcome).__name__ == "RetryLater"
     assert lease - 6 <= outcome.delay_seconds <= lease * 1.1  # type: ignore[union-attr]
+
+
+# ---- a parked result ends the job, whatever ends it ---------------------------------------
+
+PAID = JobResult(output="paid once", finish_reason="stop", usage=Usage(output_tokens=2))
+HOOK = {"url": "http://127.0.0.1:9/hook"}
+
+
+def _parked(harness: Harness, result: JobResult = PAID, **changes: Any) -> str:
+    """A job whose attempt paid for `result`, parked it (its write refused), and then crashed:
+    its lease of 0.2 s lapsed. `changes` are set on its item afterwards (attributes: values)."""
+    job_id: str = harness.submit(webhook=HOOK).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(
+        job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
+    )
+    assert claimed.outcome is ClaimOutcome.CLAIMED and claimed.job is not None
+    payloads = PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3"))
+    Offload(payloads, harness.config).park_result(claimed.job, result)
+    for name, value in changes.items():
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": job_id}},
+            UpdateExpression="SET #n = :v",
+            ExpressionAttributeNames={"#n": name},
+            ExpressionAttributeValues={":v": value},
+        )
+    time.sleep(0.3)
+    return job_id
+
+
+def _slot_given_back(harness: Harness, job_id: str) -> bool:
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    return job_id not in share.holders.get("high", {})
+
+
+def _succeeded_with_the_parked_result(harness: Harness, job_id: str) -> None:
+    job = _job(harness, job_id)
+    assert (job["status"], job["result"]["output"], job.get("error")) == ("succeeded", "paid once", None)
+    assert _slot_given_back(harness, job_id)
+    webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}]
+
+
+def _past_ms() -> dict[str, str]:
+    return {"N": str(int(time.time() * 1000) - 1)}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"attempts": {"N": "3"}}, id="attempts used up"),
+        pytest.param({"deadline_ms": _past_ms()}, id="deadline passed"),
+        pytest.param({"cancel_requested": {"BOOL": True}}, id="cancel asked"),
+    ],
+)
+def test_a_claim_that_would_end_a_crashed_job_records_its_parked_result_instead(
+    harness: Harness, changes: dict[str, Any]
+) -> None:
+    # Given a job whose paid result was parked, then its worker crashed, and what would end it
+    # without another run: its last attempt used, its deadline passed, or a cancel asked
+    job_id = _parked(harness, **changes)
+    harness.receive(harness.stack.webhook_queue_url, visibility=0)  # (none yet)
+    # When its message comes back to a worker
+    provider = ScriptedProvider([OK])
+    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    # Then the job succeeds with what was paid for, unpaid again, its slot given back and
+    # its webhook sent: not failed worker_crashed, deadline_exceeded, or canceled
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_never_run_job_ending_at_its_claim_looks_for_nothing_parked(harness: Harness) -> None:
+    # Given a queued job that never ran, whose deadline passed
+    job_id = harness.submit(deadline_seconds=60).body["id"]
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET deadline_ms = :past",
+        ExpressionAttributeValues={":past": _past_ms()},
+    )
+    heads: list[str] = []
+    aws.client("s3").meta.events.register(
+        "before-parameter-build.s3.HeadObject", lambda params, **_: heads.append(params["Key"])
+    )
+    # When a copy of its message reaches a worker
+    assert _run(_runner(harness, ScriptedProvider([OK])), job_id) is None
+    # Then it ends expired, and no S3 request was spent looking for a result it cannot have
+    assert _job(harness, job_id)["status"] == "expired"
+    assert heads == []
+
+
+def test_a_parked_result_is_not_lost_while_s3_cannot_say(harness: Harness, faults: AwsFaults) -> None:
+    # Given a job with a parked result and no attempt left, and S3 failing the look for it
+    job_id = _parked(harness, attempts={"N": "3"})
+    faults.arm("server_error", "s3.HeadObject", times=10)
+    # When its message comes back to a worker
+    outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, owner="worker-2")
+    # Then the message comes back in seconds, the job not failed meanwhile
+    assert type(outcome).__name__ == "RetryLater"
+    assert outcome.delay_seconds <= 5  # type: ignore[union-attr]
+    assert _job(harness, job_id)["status"] == "running"
+    # And once S3 answers, the result is recorded
+    faults.disarm()
+    assert _run(_runner(harness, ScriptedProvider([OK])), job_id, owner="worker-3") is None
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def _scheduled_reconciler(harness: Harness, monkeypatch: pytest.MonkeyPatch, offset: float) -> Any:
+    """The reconciler's handler, its clock `offset` seconds ahead, its role's clients."""
+    module = load_handler("reconciler")
+    env = module.ENV
+    later = Reconciler(
+        JobRepository(
+            env.jobs_table, env.config, dynamodb=aws.client("dynamodb"), clock=lambda: time.time() + offset
+        ),
+        QueueRepository(env.lane_queue_urls, env.webhook_queue_url, sqs=aws.client("sqs")),
+        env.config,
+        offload=Offload(PayloadStore(env.payload_bucket, s3=aws.client("s3")), env.config),
+    )
+    monkeypatch.setattr(module, "reconciler", lambda: later)
+    return module
+
+
+@pytest.mark.parametrize("attempts", [1, 3], ids=["attempts left", "attempts used up"])
+def test_the_reconciler_records_a_crashed_jobs_parked_result_instead_of_running_or_failing_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, attempts: int
+) -> None:
+    # Given a job whose paid result was parked before its worker crashed
+    job_id = _parked(harness, attempts={"N": str(attempts)})
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = harness.total_count(lane)
+    # When the scheduled reconciler finds its lease lapsed
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    module = _scheduled_reconciler(harness, monkeypatch, grace + 1.0)
+    report = module.handler({"source": "aws.events"}, LambdaContextStub())
+    # Then the job succeeds with it: not sent to run (and be paid for) again, nor failed
+    assert report["recovered"] == 1
+    assert harness.total_count(lane) == messages
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_parked_result_too_large_for_the_item_is_served_from_where_it_was_parked(
+    s3_held: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose parked result does not fit in its item (items hold 4 KB here)
+    harness = s3_held
+    large = PAID.model_copy(update={"output": "paid once " + "x" * 6000})
+    job_id = _parked(harness, result=large)
+    # When the reconciler records it
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    # Then a poll serves the whole result, read where it was parked
+    job = _job(harness, job_id)
+    assert (job["status"], job["result"]["output"]) == ("succeeded", large.output)
+    assert _item(harness, job_id)["result_ref"]["S"].startswith("results/parked/")
+
+
+def test_a_dead_letter_of_a_job_with_a_parked_result_records_it_instead_of_failing_it(
+    harness: Harness,
+) -> None:
+    # Given a job whose paid result was parked, whose message then exhausted its receives
+    job_id = _parked(harness)
+    letters = _lane_messages(harness, job_id)
+    # When the dead-letter function handles the letter
+    harness.dead_letter("high", letters)
+    # Then the job succeeds with what was paid for, not worker_crashed
+    _succeeded_with_the_parked_result(harness, job_id)

@@ -476,6 +476,15 @@ class InMemoryJobs:
         return self._finish_if(job, JobStatus.CANCELED, asked)
 
     @_throttleable
+    def complete_unleased(
+        self, job: JobRecord, *, result: JobResult | None = None, result_ref: str | None = None
+    ) -> JobRecord | None:
+        def unheld(old: JobRecord) -> bool:
+            return old.status is JobStatus.QUEUED or (old.status is JobStatus.RUNNING and self._unleased(old))
+
+        return self._finish_if(job, JobStatus.SUCCEEDED, unheld, result=result, result_ref=result_ref)
+
+    @_throttleable
     def recover(self, job: JobRecord) -> JobRecord | None:
         old = self.records.get(job.id)
         if old is None or old.status is not JobStatus.RUNNING or not self._unleased(old):

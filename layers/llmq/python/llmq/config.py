@@ -604,6 +604,7 @@ class WorkerEnvironment(FunctionEnvironment):
 
 
 class DeadLetterEnvironment(FunctionEnvironment):
+    payload_bucket: str | None = Field(default=None, alias="LLMQ_PAYLOAD_BUCKET")
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
     lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
@@ -618,6 +619,7 @@ class DispatcherEnvironment(FunctionEnvironment):
 
 
 class ReconcilerEnvironment(FunctionEnvironment):
+    payload_bucket: str | None = Field(default=None, alias="LLMQ_PAYLOAD_BUCKET")
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
     lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)

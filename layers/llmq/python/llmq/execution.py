@@ -74,6 +74,16 @@ _OUTPUT_THREADS = 4
 # A refused message waiting for its batch's job of the same tenant to end stops waiting this
 # long before the Lambda's end (or a quarter of what is left), to re-send itself in time.
 _HANDOFF_RESERVE_SECONDS = 10.0
+# What a refused claim finds that ends the job without another run (`_settle_unclaimed`).
+_ENDS_UNRUN = frozenset(
+    {
+        ClaimOutcome.DEADLINE_PASSED,
+        ClaimOutcome.CANCEL_PENDING,
+        ClaimOutcome.RETENTION_DUE,
+        ClaimOutcome.BATCH_CANCELED,
+        ClaimOutcome.CRASHES_EXHAUSTED,
+    }
+)
 # A waiting message is hidden until this long after the invocation can end, at least: the
 # event source deletes it once the invocation answers.
 _HANDOFF_HIDE_MARGIN_SECONDS = 30
@@ -566,6 +576,9 @@ class JobRunner:
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:
             await self._resend_lost_webhook(job)
+        elif outcome in _ENDS_UNRUN and await self._record_parked(job):
+            # It ends without another run: a result an earlier attempt paid for comes first.
+            return
         elif outcome is ClaimOutcome.DEADLINE_PASSED and job.status is JobStatus.RUNNING:
             # Its worker crashed, and the deadline passed before a restart: it ran, so it fails
             # (`deadline_exceeded`, saying so) as a retry that would cross the deadline does.
@@ -589,6 +602,18 @@ class JobRunner:
             )
             await self._announce(await asyncio.to_thread(self.jobs.fail_unleased, job, error))
         # LEASED_ELSEWHERE: a live worker owns the job; this copy is a duplicate.
+
+    async def _record_parked(self, job: JobRecord) -> bool:
+        """True when the job ended with a result an earlier attempt parked
+        (`Offload.record_parked`). S3 failing for now brings the message back in seconds."""
+        try:
+            recorded = await asyncio.to_thread(self.offload.record_parked, self.jobs, job)
+        except StoreUnavailable as exc:
+            raise RetryLater(job.id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
+        if recorded is None:
+            return False
+        await self._announce(recorded)
+        return True
 
     async def _resend_lost_webhook(self, job: JobRecord) -> None:
         """A worker may have crashed between the terminal write and the webhook send.
@@ -1070,11 +1095,13 @@ def mark_dead_letter(
     message_id: str,
     batches: tuple[BatchRepository, LlmqConfig] | None = None,
     crashed: Callable[[JobRecord], None] | None = None,
+    offload: Offload | None = None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
     that ended here may end its batch, which a worker is asked to look at. A batch's expand
     message goes to `batch_runs.dead_lettered` (None: no job). `crashed` is told of the job
-    this call's own write failed as `worker_crashed` (two copies at once: one of them)."""
+    this call's own write failed as `worker_crashed` (two copies at once: one of them).
+    `offload` finds a result an earlier attempt parked, which ends the job instead."""
     message = _parse(body)
     if message.kind == "expand":
         if batches is None:
@@ -1087,7 +1114,7 @@ def mark_dead_letter(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
             )
         return None
-    ended = _mark_dead_letter(jobs, queues, message, message_id, crashed or (lambda job: None))
+    ended = _mark_dead_letter(jobs, queues, message, message_id, crashed or (lambda job: None), offload)
     item_ended(None, queues, ended)
     return ended
 
@@ -1098,9 +1125,12 @@ def _mark_dead_letter(
     message: LaneMessage,
     message_id: str,
     crashed: Callable[[JobRecord], None],
+    offload: Offload | None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
+    - a job whose earlier attempt paid for a result and parked it ends with it
+      (`Offload.record_parked`), whatever else below would end it;
     - a job asked to cancel ends `canceled`; one past its deadline `expired`;
     - a running job whose worker vanished fails as `worker_crashed`;
     - a queued job that never got claimed is sent once more, then fails as `worker_crashed`
@@ -1115,6 +1145,9 @@ def _mark_dead_letter(
     if job.status.is_terminal:
         announce_terminal(queues, job)
         return job
+    recorded = offload.record_parked(jobs, job) if offload is not None else None
+    if recorded is not None:
+        return _announced(queues, recorded)
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
     if job.status is JobStatus.QUEUED:

@@ -195,12 +195,19 @@ class JobRepository:
         }
 
     def _transact_leaving(
-        self, job: JobRecord, update: dict[str, Any], *, ends: bool, status: JobStatus | None = None
+        self,
+        job: JobRecord,
+        update: dict[str, Any],
+        *,
+        ends: bool,
+        status: JobStatus | None = None,
+        timed: bool = True,
     ) -> None:
         """A job update in one transaction with its tenant's share: the job gives back its
         slot if it held one, and with `ends` is no longer active either. A batch's item's end,
         in `status`, is also counted on its batch (`llmq.batches`). An attempt that succeeded
-        leaves its run time on the share, for the lane's deferrals.
+        leaves its run time on the share, for the lane's deferrals (not one recorded unleased,
+        `timed` False: its claim's age says nothing of how long a run takes).
 
         A job accepted before shares existed (`shared` unset) never counted in one: it is
         written alone, as before, and refused the same way (`_Canceled`).
@@ -218,7 +225,12 @@ class JobRepository:
             return
         item_of = batches.batch_of(job.id)
         # (the attempt's own claim: `started_ms` is the first's, before any release or backoff)
-        ran = status is JobStatus.SUCCEEDED and job.status is JobStatus.RUNNING and job.claimed_ms is not None
+        ran = (
+            timed
+            and status is JobStatus.SUCCEEDED
+            and job.status is JobStatus.RUNNING
+            and job.claimed_ms is not None
+        )
         leave = shares.leave(
             self.table_name,
             job.tenant_id,
@@ -625,6 +637,7 @@ class JobRepository:
         result: JobResult | None = None,
         error: JobError | None = None,
         result_ref: str | None = None,
+        timed: bool = True,
     ) -> JobRecord:
         """The one terminal write. It sets the delivery to pending when the event is subscribed.
 
@@ -683,7 +696,7 @@ class JobRepository:
         update = self._job_update(job.id, expression, condition, names, all_values)
         try:
             # The job is no longer active, and gives back its slot if it held one.
-            self._transact_leaving(job, update, ends=True, status=status)
+            self._transact_leaving(job, update, ends=True, status=status, timed=timed)
         except _Canceled as exc:
             old = exc.job()
             if old is not None and old.last_write == token and old.status is status:
@@ -764,6 +777,23 @@ class JobRepository:
             "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)",
             values={"running": "running"},
             error=error,
+        )
+
+    def complete_unleased(
+        self, job: JobRecord, *, result: JobResult | None = None, result_ref: str | None = None
+    ) -> JobRecord | None:
+        """A job no live worker holds (queued again, or running with its lease lapsed) that an
+        earlier attempt paid for and could not record (`Offload.record_parked`): it succeeds
+        with that result, and gives back its tenant's slot if it held one."""
+        return self._finish_if(
+            job,
+            JobStatus.SUCCEEDED,
+            condition="(#st = :queued OR (#st = :running AND "
+            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
+            values={"queued": "queued", "running": "running"},
+            result=result,
+            result_ref=result_ref,
+            timed=False,
         )
 
     def cancel_unleased(self, job: JobRecord) -> JobRecord | None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 
 from llmq.config import LlmqConfig
-from llmq.errors import ItemTooLarge, PayloadTooLarge
+from llmq.errors import ItemTooLarge, PayloadTooLarge, StoreUnavailable
 from llmq.job_codec import record_size
 from llmq.job_record import JobInput, JobRecord
 from llmq.models import JobResult
 from llmq.ports import BlobStore, JobStore
+from llmq.telemetry import error_fields, logger
 
 # Room kept under the item budget for the attributes a later write adds to the item: the
 # error of a retry, the delivery record, the write tokens (4 KB), and the delivery log's ten
@@ -99,6 +100,35 @@ class Offload:
         if store.stat(_parked_key(job)) is None:
             return None
         return JobResult.model_validate_json(store.get(_parked_key(job)))
+
+    def record_parked(self, jobs: JobStore, job: JobRecord) -> JobRecord | None:
+        """A job no live worker holds, about to end without another run (its attempts used up,
+        its deadline passed, a cancel asked, its retention or its batch's cancel due): the
+        result an earlier attempt paid for and parked is recorded instead, and the job
+        succeeds, since what was paid for is there to deliver (as a generation that ended as
+        the cancel came stands). One HeadObject, only for a job that ran.
+
+        None when nothing is parked, the job never ran, or it moved on meanwhile (another
+        writer ended it, a worker took it over): the caller ends it as it would have. A
+        parked object that cannot be read for good (a role without the grant) counts as
+        nothing parked; S3 failing for now raises StoreUnavailable, so the caller looks
+        again later rather than end a job whose result may be waiting."""
+        if self.payloads is None or job.attempts < 1 or job.status.is_terminal:
+            return None
+        try:
+            result = self.parked_result(job)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            logger.warning("parked result not read", extra={"job_id": job.id, **error_fields(exc)})
+            return None
+        if result is None:
+            return None
+        logger.info("a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts})
+        if self.result_fits(job, result):
+            return jobs.complete_unleased(job, result=result)
+        # (the parked object serves as the result's own: the api reads under results/)
+        return jobs.complete_unleased(job, result_ref=_parked_key(job))
 
     def link_result(self, record: JobRecord) -> JobRecord:
         """The job with its S3-held result as a presigned URL, not inline: for a response that

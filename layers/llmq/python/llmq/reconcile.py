@@ -18,6 +18,7 @@ from llmq.errors import StoreUnavailable
 from llmq.job_record import JobRecord
 from llmq.jobs import RetentionDue, SweepEntry
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
+from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
@@ -57,13 +58,20 @@ class ReconcileReport:
 
 class Reconciler:
     def __init__(
-        self, jobs: JobStore, queues: QueueStore, config: LlmqConfig, batches: BatchRepository | None = None
+        self,
+        jobs: JobStore,
+        queues: QueueStore,
+        config: LlmqConfig,
+        batches: BatchRepository | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.jobs = jobs
         self.queues = queues
         self.config = config
         # Reads a batch the sweep found (its tenant and lane); None: batches are not poked.
         self.batches = batches
+        # Finds a result an earlier attempt parked (`Offload.record_parked`); None: not looked for.
+        self.offload = offload
 
     def run(self) -> ReconcileReport:
         report = ReconcileReport()
@@ -161,7 +169,8 @@ class Reconciler:
                 )
             except RetentionDue as due:
                 # (a message just sent for it finds it ended, and is dropped)
-                self._retire(due.job, report)
+                if not self._record_parked(due.job, report):
+                    self._retire(due.job, report)
         elif entry.status is JobStatus.RUNNING:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
@@ -192,6 +201,9 @@ class Reconciler:
             return
         if job.lease_expires_ms is not None and job.lease_expires_ms >= now:
             # Taken over since the index was read: a live worker holds it.
+            return
+        if self._record_parked(job, report):
+            # Its last attempt was paid for, and parked its result: recorded, not run again.
             return
         if job.expires_at - self.config.reconciler.retention_margin_seconds <= now // 1000:
             # Too close to its retention to run again (or past it): ended, its slot given back.
@@ -226,6 +238,10 @@ class Reconciler:
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         job = self.jobs.find(entry.job_id)
+        if job is not None and self._record_parked(job, report):
+            # Queued again after an attempt that paid and parked its result (its lease
+            # recovered): the deadline came, and the result was already there.
+            return
         if job is not None and job.cancel_requested:
             # Asked to cancel before its deadline passed: it ends as asked.
             self._cancel(job, report)
@@ -235,6 +251,19 @@ class Reconciler:
             announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
             item_ended(None, self.queues, expired)
             report.expired.append(entry.job_id)
+
+    def _record_parked(self, job: JobRecord, report: ReconcileReport) -> bool:
+        """True when the job ended with a result an earlier attempt parked, instead of ending
+        without it or running again (`Offload.record_parked`)."""
+        if self.offload is None:
+            return False
+        recorded = self.offload.record_parked(self.jobs, job)
+        if recorded is None:
+            return False
+        announce_terminal(self.queues, recorded, carry=self.config.webhooks.trust_carried_job)
+        item_ended(None, self.queues, recorded)
+        report.recovered.append(job.id)
+        return True
 
     def _retire(self, job: JobRecord, report: ReconcileReport) -> None:
         """A job still unfinished at the end of its retention ends expired, through the terminal
