@@ -12,6 +12,7 @@ from random import Random
 import pytest
 
 from llmq import execution
+from llmq.batches import item_job_id
 from llmq.config import LlmqConfig, RetryPolicy
 from llmq.errors import StoreContended, StoreUnavailable
 from llmq.execution import Invocation, JobRunner
@@ -527,22 +528,166 @@ def test_a_message_spoken_for_last_time_claims_for_itself_and_takes_over_a_lapse
     assert world.queues.spoken_for == []
 
 
-def test_a_message_spoken_for_whose_copy_sqs_refuses_claims_for_itself_at_once() -> None:
-    # Given a tenant at its cap of one, two of its jobs queued, and SQS refusing every copy
-    world = World()
+def _spoken_for_with_no_copy(world: World) -> list[str]:
+    """A tenant at its cap of one, jobs 1 and 2 queued, and SQS refusing every copy: job 2's
+    message is spoken for by job 1's refusal, with no copy to say so. The claims made."""
     world.jobs.shares["ten_acme"].max_concurrency = 1
     world.running("other-worker", 60_000, id="job_0")
     world.add(id="job_1")
     world.add(id="job_2")
     world.queues.unavailable.add("enqueue_job")
-    claims = _counting_claims(world)
+    return _counting_claims(world)
+
+
+def test_a_message_spoken_for_whose_copy_sqs_refuses_comes_back_as_it_was_unclaimed() -> None:
+    # Given a message spoken for whose copy SQS refuses
+    world = World()
+    claims = _spoken_for_with_no_copy(world)
     # When one invocation receives both
     outcomes = _run_batch(world, ["job_1", "job_2"])
-    # Then the second, spoken for by the first's refusal but with no copy to say so, claimed
-    # for itself rather than come back as it was: each job had a look of its own
-    assert claims == ["job_1", "job_2"]
+    # Then both come back later, and only the scout spent a claim: nothing ran
+    assert claims == ["job_1"]
     assert all(isinstance(outcome, RetryLater) for outcome in outcomes)
-    assert {world.job(job_id).attempts for job_id in ("job_1", "job_2")} == {0}
+    assert {world.job(job_id).status for job_id in ("job_1", "job_2")} == {JobStatus.QUEUED}
+    assert world.provider.calls == []
+
+
+def test_a_message_spoken_for_whose_copy_sqs_refuses_is_looked_at_and_its_cancel_honoured() -> None:
+    # Given a message spoken for whose copy SQS refuses, and its job asked to cancel (the look
+    # a claim of its own makes: it came back as it was, and could be spoken for again)
+    world = World()
+    claims = _spoken_for_with_no_copy(world)
+    world.jobs.records["job_2"] = world.job("job_2").model_copy(update={"cancel_requested": True})
+    # When one invocation receives both
+    outcomes = _run_batch(world, ["job_1", "job_2"])
+    # Then the canceled job ends canceled now, its message done, with no claim of its own
+    assert claims == ["job_1"]
+    assert isinstance(outcomes[0], RetryLater) and outcomes[1] is None
+    assert world.job("job_2").status is JobStatus.CANCELED
+
+
+class _LongInvocation:
+    """A Lambda of 900 s, whose clock a provider call moves on."""
+
+    def __init__(self) -> None:
+        self.left = 900.0
+
+    def remaining(self) -> float:
+        return self.left
+
+
+def test_a_message_spoken_for_handed_a_slot_late_in_the_invocation_never_runs_with_what_is_left() -> None:
+    # Given a tenant capped at two whose slots are held by two crashed jobs, whose messages
+    # (spoken for last time) claim for themselves and run for most of the invocation, and two
+    # queued jobs: job 1 the scout, refused, speaks for job 2; each waits for a crashed job's end
+    lam = _LongInvocation()
+    timeouts: dict[str, float] = {}
+
+    class Provider:
+        async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+            timeouts[request.job_id] = timeout_seconds
+            if request.job_id in ("job_3", "job_4"):
+                await asyncio.sleep(0.2)
+                lam.left = 40.0  # (they ran about 860 s)
+            return JobResult(output="whole", finish_reason="stop")
+
+    world = World()
+    world.runner = JobRunner(world.jobs, world.queues, Provider(), world.config, rng=Random(7))  # type: ignore[arg-type]
+    world.jobs.shares["ten_acme"].max_concurrency = 2
+    for crashed in ("job_3", "job_4"):
+        world.running("crashed-worker", -1_000, id=crashed, shared=True)
+    world.add(id="job_1", shared=True)
+    world.add(id="job_2", shared=True)
+    world.queues.unavailable.add("enqueue_job")  # (no copy can be sent)
+    invocation = Invocation(owner=OWNER, remaining_seconds=lam.remaining, hold_message=lambda seconds: True)
+    messages = [
+        LaneMessage(job_id="job_1", lane="high", tenant_id="ten_acme"),
+        LaneMessage(job_id="job_2", lane="high", tenant_id="ten_acme"),
+        *(
+            LaneMessage(job_id=job, lane="high", tenant_id="ten_acme", spoken_for=True)
+            for job in ("job_3", "job_4")
+        ),
+    ]
+
+    async def batch() -> list[BaseException | None]:
+        runs = (world.runner.run(message.model_dump_json(), invocation) for message in messages)
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    # When the crashed jobs' runs end, handing the waiting messages their slots, and no copy
+    # can be sent
+    outcomes = asyncio.run(batch())
+    # Then job 2 (spoken for) is not claimed to run with the 40 s left, as job 1 is not: a call
+    # cut off is billed, and fails provider_timeout for good; both wait, queued, for a whole
+    # invocation
+    assert {world.job(job).status for job in ("job_3", "job_4")} == {JobStatus.SUCCEEDED}
+    assert sorted(timeouts) == ["job_3", "job_4"]
+    assert {world.job(job).status for job in ("job_1", "job_2")} == {JobStatus.QUEUED}
+    assert [type(outcome).__name__ for outcome in outcomes[:2]] == ["RetryLater", "RetryLater"]
+
+
+def _recorded_copies(world: World) -> list[tuple[LaneMessage, float]]:
+    """Each copy of a lane message the runner sends, as the message a worker receives, with its
+    delay."""
+    sent: list[tuple[LaneMessage, float]] = []
+    enqueue = world.queues.enqueue_job
+
+    def record(
+        job_id: str,
+        lane: str,
+        tenant_id: str,
+        delay_seconds: int = 0,
+        not_before_ms: int | None = None,
+        *,
+        redrive_round: int = 0,
+        spoken_for: bool = False,
+    ) -> None:
+        copy = LaneMessage(
+            job_id=job_id, lane=lane, tenant_id=tenant_id, not_before_ms=not_before_ms, spoken_for=spoken_for
+        )
+        sent.append((copy, delay_seconds))
+        enqueue(
+            job_id,
+            lane,
+            tenant_id,
+            delay_seconds,
+            not_before_ms,
+            redrive_round=redrive_round,
+            spoken_for=spoken_for,
+        )
+
+    world.queues.enqueue_job = record  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_batch_item_spoken_for_by_its_batch_still_ends_at_its_retention_not_after_it() -> None:
+    # Given a batch's queued item (no reconciler sweep looks at it: its claims do) of a tenant
+    # whose one slot is held for days, its retention ending just past the margin, and another
+    # item of the batch received with each of its copies, whose refusal speaks for it
+    world = World()
+    sent = _recorded_copies(world)
+    world.jobs.shares["ten_acme"].max_concurrency = 1
+    batch_id = "bat_" + "0" * 12 + "a" * 14
+    running, scout, item = (item_job_id(batch_id, n) for n in range(3))
+    world.running("busy-worker", 30 * 86_400_000, id=running)
+    world.add(id=scout)
+    expires_at = world.jobs.now_ms() // 1000 + world.config.reconciler.retention_margin_seconds + 60
+    world.add(id=item, expires_at=expires_at)
+    world.jobs.shares["ten_acme"].active = 10_000  # (a long backlog: deferrals as long as allowed)
+    message = LaneMessage(job_id=item, lane="high", tenant_id="ten_acme")
+    # When its copies come back, one after another, until it ends
+    for round_ in range(40):
+        scouting = [LaneMessage(job_id=scout, lane="high", tenant_id="ten_acme")] if round_ else []
+        before = len(sent)
+        _run_batch(world, [*scouting, message])
+        if world.job(item).status is not JobStatus.QUEUED:
+            break
+        ((message, delay),) = [(copy, delay) for copy, delay in sent[before:] if copy.job_id == item]
+        world.clock.advance(delay)
+    # Then a look of its own ended it expired, its quota given back, before its retention ran
+    # out (and DynamoDB's TTL could delete it, its quota then counted for good)
+    assert world.job(item).status is JobStatus.EXPIRED
+    assert world.jobs.now_ms() // 1000 < expires_at
+    assert any(copy.spoken_for for copy, _ in sent if copy.job_id == item)
 
 
 def test_a_message_spoken_for_whose_own_claim_met_contention_is_still_spoken_for(

@@ -173,8 +173,10 @@ class ReconcilerConfig(_Frozen):
     # A job still queued, or running with no live worker, this close to the end of its
     # retention ends expired (its tenant's slot and quota given back) before DynamoDB's TTL
     # deletes it, which would leave them counted for good. It must exceed the time between two
-    # looks at a queued job (`stale_queued_seconds` and the schedule).
-    retention_margin_seconds: Annotated[int, Field(ge=600)] = 3600
+    # looks at a queued job: the reconciler's (`stale_queued_seconds` and the schedule), and for
+    # a batch's queued item, which the reconciler does not sweep, its claims' (at most two
+    # deferrals: a copy spoken for by its batch's first claim makes none of its own).
+    retention_margin_seconds: Annotated[int, Field(ge=600)] = 10_800
     # Partitions of the sparse reconciler index, so job writes never pile onto one hot key.
     # Raise it freely; lowering it strands the entries of the dropped shards.
     sweep_shards: Annotated[int, Field(ge=1, le=256)] = 16
@@ -435,6 +437,14 @@ class LlmqConfig(_Frozen):
             raise ValueError(
                 "reconciler.retention_margin_seconds must be at least twice stale_queued_seconds plus "
                 f"the schedule ({2 * between_looks} s): a queued job must be looked at within it"
+            )
+        between_claims = 2 * self.fair_share.max_deferral_seconds + between_looks
+        if self.reconciler.retention_margin_seconds < between_claims:
+            raise ValueError(
+                "reconciler.retention_margin_seconds must be at least twice "
+                "fair_share.max_deferral_seconds plus stale_queued_seconds and the schedule "
+                f"({between_claims:g} s): a batch's queued item, deferred at its tenant's cap, is looked "
+                "at only by its own claims, at most two deferrals apart"
             )
         if self.reconciler.retention_margin_seconds * 2 > self.retention_seconds:
             raise ValueError(

@@ -30,7 +30,14 @@ from llmq.lanes import retry_delay_seconds
 from llmq.live_output import OutputRecorder, printable
 from llmq.models import ErrorCode, JobError, JobResult, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
-from llmq.policy import MAX_DEAD_LETTER_REDRIVES, Claim, ClaimOutcome, deadline_error, retention_error
+from llmq.policy import (
+    MAX_DEAD_LETTER_REDRIVES,
+    Claim,
+    ClaimOutcome,
+    deadline_error,
+    refused_claim,
+    retention_error,
+)
 from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
 from llmq.providers import (
     GenerationRequest,
@@ -83,6 +90,10 @@ _ENDS_UNRUN = frozenset(
         ClaimOutcome.BATCH_CANCELED,
         ClaimOutcome.CRASHES_EXHAUSTED,
     }
+)
+# What a look at a queued job finds that ends it (`_look_without_claiming`).
+_ENDS_QUEUED = frozenset(
+    {ClaimOutcome.DEADLINE_PASSED, ClaimOutcome.CANCEL_PENDING, ClaimOutcome.RETENTION_DUE}
 )
 # A waiting message is hidden until this long after the invocation can end, at least: the
 # event source deletes it once the invocation answers.
@@ -245,11 +256,32 @@ class JobRunner:
                     spoken_for=spoken_for,
                 )
             except RetryLater:
-                if not spoken_for:
-                    raise
                 # Its copy could not be sent, and this message, which says nothing of being
-                # spoken for, would come back as it is: it claims for itself now instead.
-                await self.run(message.model_copy(update={"spoken_for": True}).model_dump_json(), invocation)
+                # spoken for, would come back as it is (and could be spoken for again): its job
+                # is looked at now instead, as its own claim would have.
+                if not spoken_for or not await self._look_without_claiming(message):
+                    raise
+
+    async def _look_without_claiming(self, message: LaneMessage) -> bool:
+        """What a claim of its own would have looked at, for a message spoken for whose copy
+        SQS refused: a queued job asked to cancel, past its deadline or at its retention ends
+        here (True: the message is done). Nothing is claimed to run: this late in the
+        invocation a generation would have less than a whole invocation's time, and a call cut
+        off is billed and not retried; the message comes back for that."""
+        try:
+            found = await asyncio.to_thread(
+                functools.partial(self.jobs.find, message.job_id, past_retention=True)
+            )
+        except StoreUnavailable:
+            return False
+        if found is None or found.status is not JobStatus.QUEUED:
+            return False
+        outcome = refused_claim(found, self.jobs.now_ms(), self.config.reconciler.retention_margin_seconds)
+        if outcome not in _ENDS_QUEUED:
+            return False
+        logger.info("spoken-for message looked at", extra={"job_id": found.id, "claim": outcome.value})
+        await self._settle_unclaimed(outcome, found)
+        return True
 
     async def _claim(
         self,

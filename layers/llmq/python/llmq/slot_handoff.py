@@ -27,9 +27,11 @@ A claim looks at its own job, too: a deadline passed, a cancel, a retention due,
 lease to take over, a message with no job left. A record spoken for misses that look, so its
 copy says so (`LaneMessage.spoken_for`), and its next receive claims for itself: every job is
 looked at by a claim of its own at least every other receive (one whose copy SQS refused
-claims for itself at once). What such a look finds can therefore wait one deferral: a
-canceling batch's item, a lapsed lease to take over (the reconciler's recovery bounds that
-one), a finished job's stray message.
+is looked at at once, without a claim: `JobRunner._look_without_claiming`). What such a look
+finds can therefore wait one deferral: a canceling batch's item, a lapsed lease to take over
+(the reconciler's recovery bounds that one), a finished job's stray message. A batch's
+queued item, which the reconciler does not sweep, thus meets its retention within two
+deferrals (`reconciler.retention_margin_seconds` exceeds that: the config checks it).
 
 Everything here runs on one event loop (a batch's records are coroutines of one loop); the
 groups are kept per loop, so two invocations on two loops never wake each other.
