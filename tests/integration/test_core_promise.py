@@ -1217,10 +1217,10 @@ PAID = JobResult(output="paid once", finish_reason="stop", usage=Usage(output_to
 HOOK = {"url": "http://127.0.0.1:9/hook"}
 
 
-def _parked(harness: Harness, result: JobResult = PAID, **changes: Any) -> str:
+def _parked(harness: Harness, result: JobResult = PAID, key: str | None = None, **changes: Any) -> str:
     """A job whose attempt paid for `result`, parked it (its write refused), and then crashed:
     its lease of 0.2 s lapsed. `changes` are set on its item afterwards (attributes: values)."""
-    job_id: str = harness.submit(webhook=HOOK).body["id"]
+    job_id: str = harness.submit(webhook=HOOK, key=key).body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     claimed = jobs.claim(
         job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
@@ -1379,3 +1379,103 @@ def test_a_dead_letter_of_a_job_with_a_parked_result_records_it_instead_of_faili
     harness.dead_letter("high", letters)
     # Then the job succeeds with what was paid for, not worker_crashed
     _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_parked_result_never_ends_a_new_job_that_took_its_id(harness: Harness) -> None:
+    # Given a job (under an Idempotency-Key) that paid, parked its result and crashed, and whose
+    # retention then ended, its item not yet deleted
+    job_id = _parked(harness, key="nightly", expires_at={"N": str(int(time.time()) - 5)})
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    stale = jobs.find(job_id, past_retention=True)
+    assert stale is not None
+
+    # When, while its parked result is looked for, the client uses the key again for a new
+    # request, which takes the id
+    reused: list[str] = []
+
+    def client_reuses_key(**_: Any) -> None:
+        aws.client("s3").meta.events.unregister("before-call.s3.HeadObject", client_reuses_key)
+        again = harness.submit(key="nightly", webhook=HOOK, prompt="a new question")
+        reused.append(f"{again.body['id']} {again.body['status']}")
+
+    aws.client("s3").meta.events.register("before-call.s3.HeadObject", client_reuses_key)
+    offload = Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config)
+    assert offload.record_parked(jobs, stale, ends=True) is None
+    assert reused == [f"{job_id} queued"]
+    # Then the new job waits to run its own request: it never gets the old one's answer
+    job = _job(harness, job_id)
+    assert (job["status"], job.get("result")) == ("queued", None)
+
+
+def test_a_parked_result_is_recorded_before_an_input_s3_will_not_give_back_now(
+    s3_held: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose input lives in S3, whose first attempt paid, parked its result and
+    # crashed, and S3 refusing to give back inputs for a while
+    harness = s3_held
+    job_id = harness.submit(prompt="x" * 8000).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(
+        job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
+    )
+    assert claimed.job is not None
+    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
+        claimed.job, PAID
+    )
+    time.sleep(0.3)
+
+    def inputs_throttled(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"].startswith("inputs/"):
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "injected"}}, "GetObject")
+
+    aws.client("s3").meta.events.register("before-parameter-build.s3.GetObject", inputs_throttled)
+    # When the job's next attempt claims it
+    provider = ScriptedProvider([OK])
+    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    # Then the parked result is recorded, unpaid again, without waiting for the input
+    assert provider.calls == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["result"]["output"]) == ("succeeded", "paid once")
+
+
+def _crashed(harness: Harness, attempts: int) -> str:
+    """A job whose worker crashed holding it (a lease of 0.2 s, lapsed), nothing parked."""
+    job_id: str = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "w", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")).job
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET attempts = :n",
+        ExpressionAttributeValues={":n": {"N": str(attempts)}},
+    )
+    time.sleep(0.3)
+    return job_id
+
+
+@pytest.mark.parametrize(
+    ("attempts", "lapsed_for", "status"),
+    [
+        pytest.param(1, 1.0, "queued", id="attempts left: queued again, its next claim looks"),
+        pytest.param(3, 1.0, "running", id="ending, lapsed just now: looked for again next run"),
+        pytest.param(3, 400.0, "failed", id="ending, lapsed long ago: ended without the look"),
+    ],
+)
+def test_s3_failing_never_holds_a_crashed_jobs_slot_for_good(
+    harness: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    faults: AwsFaults,
+    attempts: int,
+    lapsed_for: float,
+    status: str,
+) -> None:
+    # Given a crashed job holding its tenant's slot, and S3 failing every look for a parked result
+    job_id = _crashed(harness, attempts)
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    # When the scheduled reconciler finds its lease lapsed, `lapsed_for` seconds ago
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + lapsed_for).handler({}, LambdaContextStub())
+    # Then a job that runs again is queued again at once, its slot given back (its next claim
+    # looks for a parked result); one that would end waits for S3, but only for a while
+    assert _item(harness, job_id)["status"]["S"] == status
+    assert _slot_given_back(harness, job_id) is (status != "running")

@@ -480,7 +480,9 @@ class InMemoryJobs:
         self, job: JobRecord, *, result: JobResult | None = None, result_ref: str | None = None
     ) -> JobRecord | None:
         def unheld(old: JobRecord) -> bool:
-            return old.status is JobStatus.QUEUED or (old.status is JobStatus.RUNNING and self._unleased(old))
+            return (
+                old.status is JobStatus.RUNNING and self._unleased(old) and old.created_ms == job.created_ms
+            )
 
         return self._finish_if(job, JobStatus.SUCCEEDED, unheld, result=result, result_ref=result_ref)
 

@@ -369,6 +369,17 @@ class JobRunner:
             sibling.freed = True
             return None
         try:
+            # (before the input, which a parked result does not need, and the time check:
+            # recording it needs no provider time)
+            parked = await self._parked_result(job) if job.attempts > 1 else None
+            if parked is not None:
+                # An earlier attempt was paid for and could not record it: recorded now, unpaid.
+                logger.info(
+                    "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
+                )
+                await self._complete(job, invocation, parked)
+                sibling.freed = True
+                return None
             loaded = await self._load_input(job, invocation)
             if loaded is None:
                 # (canceled while its input could not be read: the cancel gave the slot back)
@@ -639,7 +650,7 @@ class JobRunner:
         """True when the job ended with a result an earlier attempt parked
         (`Offload.record_parked`). S3 failing for now brings the message back in seconds."""
         try:
-            recorded = await asyncio.to_thread(self.offload.record_parked, self.jobs, job)
+            recorded = await asyncio.to_thread(self.offload.record_parked, self.jobs, job, ends=True)
         except StoreUnavailable as exc:
             raise RetryLater(job.id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
         if recorded is None:
@@ -668,15 +679,6 @@ class JobRunner:
             await self._announce_batch(job)
 
     async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
-        # (before the time check: recording a parked result needs no provider time)
-        parked = await self._parked_result(job) if job.attempts > 1 else None
-        if parked is not None:
-            # An earlier attempt was paid for and could not record it: recorded now, unpaid.
-            logger.info(
-                "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
-            )
-            await self._complete(job, invocation, parked)
-            return
         if await self._too_late_to_start(job, invocation):
             return
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
@@ -1177,7 +1179,7 @@ def _mark_dead_letter(
     if job.status.is_terminal:
         announce_terminal(queues, job)
         return job
-    recorded = offload.record_parked(jobs, job) if offload is not None else None
+    recorded = offload.record_parked(jobs, job, ends=True) if offload is not None else None
     if recorded is not None:
         return _announced(queues, recorded)
     if job.cancel_requested:

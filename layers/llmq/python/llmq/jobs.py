@@ -782,15 +782,16 @@ class JobRepository:
     def complete_unleased(
         self, job: JobRecord, *, result: JobResult | None = None, result_ref: str | None = None
     ) -> JobRecord | None:
-        """A job no live worker holds (queued again, or running with its lease lapsed) that an
-        earlier attempt paid for and could not record (`Offload.record_parked`): it succeeds
-        with that result, and gives back its tenant's slot if it held one."""
+        """A running job no live worker holds (its lease lapsed) whose earlier attempt paid
+        for a result and could not record it (`Offload.record_parked`): it succeeds with that
+        result, and gives back its tenant's slot. The job read, not a new one under its id (an
+        Idempotency-Key used again after its retention)."""
         return self._finish_if(
             job,
             JobStatus.SUCCEEDED,
-            condition="(#st = :queued OR (#st = :running AND "
-            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
-            values={"queued": "queued", "running": "running"},
+            condition="#st = :running AND created_ms = :created AND "
+            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)",
+            values={"running": "running", "created": job.created_ms},
             result=result,
             result_ref=result_ref,
             timed=False,

@@ -12,7 +12,7 @@ from llmq.config import LlmqConfig
 from llmq.errors import ItemTooLarge, PayloadTooLarge, StoreUnavailable
 from llmq.job_codec import record_size
 from llmq.job_record import JobInput, JobRecord
-from llmq.models import JobResult
+from llmq.models import JobResult, JobStatus
 from llmq.ports import BlobStore, JobStore
 from llmq.telemetry import error_fields, logger
 
@@ -101,24 +101,31 @@ class Offload:
             return None
         return JobResult.model_validate_json(store.get(_parked_key(job)))
 
-    def record_parked(self, jobs: JobStore, job: JobRecord) -> JobRecord | None:
-        """A job no live worker holds, about to end without another run (its attempts used up,
-        its deadline passed, a cancel asked, its retention or its batch's cancel due): the
-        result an earlier attempt paid for and parked is recorded instead, and the job
-        succeeds, since what was paid for is there to deliver (as a generation that ended as
-        the cancel came stands). One HeadObject, only for a job that ran.
+    def record_parked(self, jobs: JobStore, job: JobRecord, *, ends: bool) -> JobRecord | None:
+        """A running job no live worker holds, about to be ended without another run (`ends`:
+        its attempts used up, its deadline passed, a cancel asked, its retention due) or queued
+        to run again: the result an earlier attempt paid for and parked is recorded instead,
+        and the job succeeds, since what was paid for is there to deliver (as a generation
+        that ended as the cancel came stands). One HeadObject, only for a job that ran.
 
-        None when nothing is parked, the job never ran, or it moved on meanwhile (another
-        writer ended it, a worker took it over): the caller ends it as it would have. A
-        parked object that cannot be read for good (a role without the grant) counts as
-        nothing parked; S3 failing for now raises StoreUnavailable, so the caller looks
-        again later rather than end a job whose result may be waiting."""
-        if self.payloads is None or job.attempts < 1 or job.status.is_terminal:
+        None when nothing is parked, the job is not running (a queued job's next claim looks),
+        or it moved on meanwhile (another writer ended it, a worker took it over, its id was
+        taken again by a new job): the caller goes on as it would have. A parked object that
+        cannot be read for good (a role without the grant) counts as nothing parked. S3
+        failing for now raises StoreUnavailable for a job about to end, so the caller looks
+        again later rather than end it without its result; but not for ever, which would hold
+        its tenant's slot (DESIGN §3.11): once its lease lapsed `reconciler.stale_queued_seconds`
+        ago, or when the caller queues it again anyway (its next claim looks), it counts as
+        nothing parked."""
+        if self.payloads is None or job.status is not JobStatus.RUNNING or job.attempts < 1:
             return None
         try:
             result = self.parked_result(job)
         except StoreUnavailable:
-            raise
+            if ends and not self._waited_long(jobs, job):
+                raise
+            logger.warning("parked result not looked for: S3 unavailable", extra={"job_id": job.id})
+            return None
         except Exception as exc:
             logger.warning("parked result not read", extra={"job_id": job.id, **error_fields(exc)})
             return None
@@ -126,9 +133,16 @@ class Offload:
             return None
         logger.info("a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts})
         if self.result_fits(job, result):
-            return jobs.complete_unleased(job, result=result)
+            try:
+                return jobs.complete_unleased(job, result=result)
+            except ItemTooLarge:
+                pass  # measured wrong somehow: it is served from where it was parked
         # (the parked object serves as the result's own: the api reads under results/)
         return jobs.complete_unleased(job, result_ref=_parked_key(job))
+
+    def _waited_long(self, jobs: JobStore, job: JobRecord) -> bool:
+        lapsed = job.lease_expires_ms or 0
+        return jobs.now_ms() - lapsed > self.config.reconciler.stale_queued_seconds * 1000
 
     def link_result(self, record: JobRecord) -> JobRecord:
         """The job with its S3-held result as a presigned URL, not inline: for a response that

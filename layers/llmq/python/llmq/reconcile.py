@@ -169,8 +169,7 @@ class Reconciler:
                 )
             except RetentionDue as due:
                 # (a message just sent for it finds it ended, and is dropped)
-                if not self._record_parked(due.job, report):
-                    self._retire(due.job, report)
+                self._retire(due.job, report)
         elif entry.status is JobStatus.RUNNING:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
@@ -202,10 +201,13 @@ class Reconciler:
         if job.lease_expires_ms is not None and job.lease_expires_ms >= now:
             # Taken over since the index was read: a live worker holds it.
             return
-        if self._record_parked(job, report):
+        retiring = job.expires_at - self.config.reconciler.retention_margin_seconds <= now // 1000
+        past_deadline = job.deadline_ms is not None and job.deadline_ms <= now
+        ends = retiring or job.cancel_requested or past_deadline or job.attempts >= self.config.max_attempts
+        if self._record_parked(job, report, ends=ends):
             # Its last attempt was paid for, and parked its result: recorded, not run again.
             return
-        if job.expires_at - self.config.reconciler.retention_margin_seconds <= now // 1000:
+        if retiring:
             # Too close to its retention to run again (or past it): ended, its slot given back.
             self._retire(job, report)
             return
@@ -214,7 +216,7 @@ class Reconciler:
             self._cancel(job, report)
             return
         error = None
-        if job.deadline_ms is not None and job.deadline_ms <= now:
+        if past_deadline:
             # It ran, and its deadline passed before a restart: it fails as a retry that would
             # cross the deadline does (as a worker's claim of it would: `refused_claim`).
             error = deadline_error(job)
@@ -238,10 +240,6 @@ class Reconciler:
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         job = self.jobs.find(entry.job_id)
-        if job is not None and self._record_parked(job, report):
-            # Queued again after an attempt that paid and parked its result (its lease
-            # recovered): the deadline came, and the result was already there.
-            return
         if job is not None and job.cancel_requested:
             # Asked to cancel before its deadline passed: it ends as asked.
             self._cancel(job, report)
@@ -252,12 +250,12 @@ class Reconciler:
             item_ended(None, self.queues, expired)
             report.expired.append(entry.job_id)
 
-    def _record_parked(self, job: JobRecord, report: ReconcileReport) -> bool:
+    def _record_parked(self, job: JobRecord, report: ReconcileReport, *, ends: bool) -> bool:
         """True when the job ended with a result an earlier attempt parked, instead of ending
-        without it or running again (`Offload.record_parked`)."""
+        without it (`ends`) or running again (`Offload.record_parked`)."""
         if self.offload is None:
             return False
-        recorded = self.offload.record_parked(self.jobs, job)
+        recorded = self.offload.record_parked(self.jobs, job, ends=ends)
         if recorded is None:
             return False
         announce_terminal(self.queues, recorded, carry=self.config.webhooks.trust_carried_job)
