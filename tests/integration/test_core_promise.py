@@ -1479,3 +1479,19 @@ def test_s3_failing_never_holds_a_crashed_jobs_slot_for_good(
     # looks for a parked result); one that would end waits for S3, but only for a while
     assert _item(harness, job_id)["status"]["S"] == status
     assert _slot_given_back(harness, job_id) is (status != "running")
+
+
+def test_a_parked_result_recorded_by_a_claim_leaves_no_run_time_for_the_tenants_deferrals(
+    harness: Harness,
+) -> None:
+    # Given a crashed job with a parked result, and attempts left
+    job_id = _parked(harness)
+    # When its next attempt claims it and records the parked result, in milliseconds
+    assert _run(_runner(harness, ScriptedProvider([OK])), job_id, owner="worker-2") is None
+    assert _job(harness, job_id)["status"] == "succeeded"
+    # Then the tenant's share keeps no run time from it: the deferrals of its capped backlog
+    # would otherwise take a generation for a few milliseconds long, and spin
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert share.last_runs == {}

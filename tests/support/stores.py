@@ -386,8 +386,15 @@ class InMemoryJobs:
 
     @_throttleable
     def complete(
-        self, job: JobRecord, owner: str, *, result: JobResult | None = None, result_ref: str | None = None
+        self,
+        job: JobRecord,
+        owner: str,
+        *,
+        result: JobResult | None = None,
+        result_ref: str | None = None,
+        timed: bool = True,
     ) -> JobRecord:
+        # (run times are not kept here: `timed` changes nothing)
         return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref)
 
     @_throttleable

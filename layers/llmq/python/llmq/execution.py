@@ -377,7 +377,7 @@ class JobRunner:
                 logger.info(
                     "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
                 )
-                await self._complete(job, invocation, parked)
+                await self._complete(job, invocation, parked, ran=False)
                 sibling.freed = True
                 return None
             loaded = await self._load_input(job, invocation)
@@ -755,13 +755,16 @@ class JobRunner:
             await self._finish_output(job, invocation, recorder, result.output, reserve)
         await self._complete(job, invocation, result)
 
-    async def _complete(self, job: JobRecord, invocation: Invocation, result: JobResult) -> None:
+    async def _complete(
+        self, job: JobRecord, invocation: Invocation, result: JobResult, *, ran: bool = True
+    ) -> None:
         """Record a paid result, whatever AWS says for a while. A write that still fails
         parks the result in S3 first (`Offload.park_result`): the job is retried once its
-        lease lapses, and that attempt records it instead of paying again."""
+        lease lapses, and that attempt records it instead of paying again (`ran` False: so
+        this attempt's short time is no run time for its tenant's deferrals)."""
         try:
             done = await self._write_back(
-                lambda: self.offload.complete(self.jobs, job, invocation.owner, result), invocation
+                lambda: self.offload.complete(self.jobs, job, invocation.owner, result, timed=ran), invocation
             )
         except StoreUnavailable:
             if self.offload.payloads is not None:

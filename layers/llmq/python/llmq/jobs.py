@@ -521,10 +521,20 @@ class JobRepository:
     # ---- terminal and retry writes ------------------------------------------------------
 
     def complete(
-        self, job: JobRecord, owner: str, *, result: JobResult | None = None, result_ref: str | None = None
+        self,
+        job: JobRecord,
+        owner: str,
+        *,
+        result: JobResult | None = None,
+        result_ref: str | None = None,
+        timed: bool = True,
     ) -> JobRecord:
-        """Fenced: only the worker holding the lease may record the result, inline or by reference."""
-        return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref)
+        """Fenced: only the worker holding the lease may record the result, inline or by reference.
+        `timed` False: this attempt did not run the generation (a parked result), so its time is
+        no run time for the tenant's deferrals."""
+        return self._finish_leased(
+            job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref, timed=timed
+        )
 
     def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
         return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
@@ -610,6 +620,7 @@ class JobRepository:
         result: JobResult | None = None,
         error: JobError | None = None,
         result_ref: str | None = None,
+        timed: bool = True,
     ) -> JobRecord:
         try:
             return self._finish(
@@ -622,6 +633,7 @@ class JobRepository:
                 result=result,
                 error=error,
                 result_ref=result_ref,
+                timed=timed,
             )
         except _ConditionFailed as exc:
             raise LeaseLost(job.id) from exc

@@ -74,14 +74,17 @@ class Offload:
         stored = job.model_copy(update={"input": None if job.input_ref else job.input, "result": result})
         return self.fits(stored)
 
-    def complete(self, jobs: JobStore, job: JobRecord, owner: str, result: JobResult) -> JobRecord:
-        """Record the result inline when the whole item still fits, else in S3 by reference."""
+    def complete(
+        self, jobs: JobStore, job: JobRecord, owner: str, result: JobResult, *, timed: bool = True
+    ) -> JobRecord:
+        """Record the result inline when the whole item still fits, else in S3 by reference
+        (`timed`: as `JobStore.complete`)."""
         if self.result_fits(job, result):
             try:
-                return jobs.complete(job, owner, result=result)
+                return jobs.complete(job, owner, result=result, timed=timed)
             except ItemTooLarge:
                 pass  # measured wrong somehow: the result still has a home in S3
-        return jobs.complete(job, owner, result_ref=self.put_result(job, owner, result))
+        return jobs.complete(job, owner, result_ref=self.put_result(job, owner, result), timed=timed)
 
     def put_result(self, job: JobRecord, owner: str, result: JobResult) -> str:
         # Keyed by owner too, so a fenced-out worker's upload never replaces the winner's.

@@ -61,7 +61,13 @@ class JobStore(Protocol):
         self, job_id: str, owner: str, lease_seconds: float, tenant: tuple[str, str] | None = None
     ) -> Claim: ...
     def complete(
-        self, job: JobRecord, owner: str, *, result: JobResult | None = None, result_ref: str | None = None
+        self,
+        job: JobRecord,
+        owner: str,
+        *,
+        result: JobResult | None = None,
+        result_ref: str | None = None,
+        timed: bool = ...,
     ) -> JobRecord: ...
     def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord: ...
     def cancel_leased(self, job: JobRecord, owner: str) -> JobRecord: ...
