@@ -771,10 +771,12 @@ def cmd_tenants_rotate(args: argparse.Namespace) -> int:
             if entry.id == tenant.id:
                 entry.webhook_secret = tenant.webhook_secrets[0]
         write_state(state_file(args.state_file), target.state)
+    # (a dispatcher environment keeps a tenant's secrets that long)
+    within = "within webhooks.secrets_cache_seconds (60 s by default)"
     note = (
-        "both sign until the next rotation"
+        f"both sign until the next rotation; the new one signs {within}"
         if len(tenant.webhook_secrets) > 1
-        else "the old one no longer signs"
+        else f"the new one signs alone {within} (until then the old one still signs, alone)"
     )
     print(f"New secret first; {note}.", file=sys.stderr)
     _print_json({"id": tenant.id, "webhook_secrets": tenant.webhook_secrets})
@@ -1176,7 +1178,11 @@ def build_parser() -> argparse.ArgumentParser:
     attach.set_defaults(handler=cmd_tenants_attach_usage_keys)
     rotate = tenants.add_parser("rotate-secret", help="new webhook secret; the previous one keeps signing")
     rotate.add_argument("tenant_id")
-    rotate.add_argument("--drop-previous", action="store_true", help="stop signing with the previous secret")
+    rotate.add_argument(
+        "--drop-previous",
+        action="store_true",
+        help="stop signing with the previous secret (within webhooks.secrets_cache_seconds)",
+    )
     rotate.add_argument("--table")
     _aws_options(rotate)
     rotate.set_defaults(handler=cmd_tenants_rotate)

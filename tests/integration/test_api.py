@@ -109,6 +109,7 @@ def test_the_same_key_for_another_tenant_is_independent(harness: Harness) -> Non
             422,
             "invalid_webhook_url",
         ),
+        ({"prompt": "x", "webhook": {"url": "https://93.184.216.34:65536/hook"}}, 422, "invalid_webhook_url"),
         ({"prompt": "x", "surprise": True}, 422, "invalid_request"),
         ({"prompt": "x", "deadline_seconds": 0}, 422, "invalid_request"),
         (
@@ -126,6 +127,7 @@ def test_the_same_key_for_another_tenant_is_independent(harness: Harness) -> Non
         "17-metadata-keys",
         "private-webhook",
         "metadata-endpoint-webhook",
+        "webhook-port-out-of-range",
         "unknown-field",
         "zero-deadline",
         "unknown-event",

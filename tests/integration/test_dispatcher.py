@@ -445,6 +445,20 @@ def test_retry_after_on_429_sets_the_message_visibility(stage: Stage) -> None:
     assert stage.receivable() == 0
 
 
+def test_a_day_long_retry_after_brings_the_message_back_when_its_attempt_is_due(stage: Stage) -> None:
+    # Given a receiver that asks for a day's pause, longer than SQS can hide a message
+    stage.receiver.script("/hooks/tomorrow", Answer(429, {"Retry-After": "86400"}))
+    stage.job("/hooks/tomorrow")
+    # When the attempt is made
+    stage.dispatch()
+    # Then the next attempt is due when its message comes back, not later: a message that came
+    # back early would spend a receive only to wait (two a retry, towards the DLQ)
+    [visibility] = stage.visibility_changes
+    job = stage.jobs.find("job_hooked")
+    assert job is not None and job.delivery_next_ms is not None
+    assert abs(job.delivery_next_ms / 1000 - stage.clock.now - visibility) <= 1
+
+
 @pytest.mark.parametrize("status", [200, 429])
 def test_a_retry_after_no_date_can_hold_is_ignored_not_a_crash(stage: Stage, status: int) -> None:
     # Given a receiver whose answer carries a Retry-After date past year 9999
@@ -535,6 +549,38 @@ def test_a_host_rebound_to_a_private_address_after_submit_is_not_contacted(stage
     assert stage.visibility_changes == [SCHEDULE[0]]
     delivery = stage.delivery()
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("pending", 1, None)
+
+
+def _set_status(stage: Stage, status: JobStatus) -> None:
+    aws.client("dynamodb").update_item(
+        TableName=stage.stack.jobs_table,
+        Key={"pk": {"S": "job_hooked"}},
+        UpdateExpression="SET #st = :status",
+        ExpressionAttributeNames={"#st": "status"},
+        ExpressionAttributeValues={":status": {"S": status.value}},
+    )
+
+
+def test_a_job_started_retry_is_not_posted_once_the_job_has_ended(stage: Stage) -> None:
+    # Given a job's job.started refused by the receiver (503), while the job runs
+    stage.receiver.script("/hooks/order", 503, 200, 200)
+    stage.job("/hooks/order", events=[WebhookEvent.STARTED, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    _set_status(stage, JobStatus.RUNNING)
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.STARTED)
+    assert len(stage.dispatch()["batchItemFailures"]) == 1
+    started = stage.in_flight
+    # When the job ends and its job.succeeded is delivered, and then job.started's retry is due
+    _set_status(stage, JobStatus.SUCCEEDED)
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    stage.dispatch()
+    assert stage.delivery().status == "delivered"
+    stage.in_flight = started
+    stage.let_time_pass(SCHEDULE[0])
+    assert stage.dispatch()["batchItemFailures"] == []
+    # Then the receiver never hears job.started after job.succeeded
+    types = [json.loads(request.body)["type"] for request in stage.receiver.requests]
+    assert types == ["job.started", "job.succeeded"]
 
 
 def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again(stage: Stage) -> None:
@@ -817,6 +863,31 @@ def test_an_answer_that_never_comes_is_logged_with_its_error_class(stage: Stage)
     (attempt,) = job.delivery_log
     assert (attempt.attempt, attempt.status_code, attempt.error_class) == (1, None, "ConnectError")
     assert attempt.response_head is None
+
+
+def test_a_connection_that_fails_in_an_unforeseen_way_is_a_failed_attempt_not_a_crash(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a send whose transport fails with what no HTTP client error covers (a socket
+    # refusing the address, raised as an ExceptionGroup)
+    stage.job("/hooks/odd")
+
+    class Refusing(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            raise ExceptionGroup("connect", [OverflowError("port must be 0-65535.")])
+
+    dispatcher = stage.handler.dispatcher()
+    monkeypatch.setattr(dispatcher, "_transport_factory", lambda target: Refusing())
+    # When the dispatcher sends it
+    response = stage.dispatch()
+    # Then it is a failed attempt, recorded and retried on the schedule
+    assert len(response["batchItemFailures"]) == 1
+    assert stage.visibility_changes == [SCHEDULE[0]]
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts) == ("pending", 1)
+    job = stage.jobs.find("job_hooked")
+    assert job is not None
+    assert [attempt.error_class for attempt in job.delivery_log] == ["ExceptionGroup"]
 
 
 def _closed_port() -> int:

@@ -54,6 +54,8 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {"retention_days": 1, "reconciler": {"retention_margin_seconds": 43_201}},
         # a batch's queued item is looked at only by its claims, at most two deferrals apart
         {"reconciler": {"retention_margin_seconds": 3600}, "fair_share": {"max_deferral_seconds": 3600}},
+        # a receiver that hangs would time the dispatcher out, recording nothing
+        {"webhooks": {"timeout_seconds": 60}},
         {
             "reconciler": {
                 "retention_margin_seconds": 1000,

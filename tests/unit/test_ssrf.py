@@ -52,6 +52,18 @@ def test_non_public_destinations_are_refused(url: str, why: str) -> None:
     assert why in refusal(url)
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "-1", "99999999"])
+def test_a_port_outside_tcps_range_is_refused_not_left_to_fail_at_every_send(port: str) -> None:
+    # (an IP literal is never resolved: nothing else would look at the port before a connect)
+    assert "port" in refusal(f"https://{PUBLIC_V4}:{port}/hook")
+    assert "port" in refusal(f"https://hooks.example.com:{port}/hook", FakeDns(hooks_example_com=[PUBLIC_V4]))
+
+
+@pytest.mark.parametrize("port", [1, 443, 8443, 65535])
+def test_a_port_within_tcps_range_is_kept(port: int) -> None:
+    assert check_webhook_url(f"https://{PUBLIC_V4}:{port}/hook", False, FakeDns()).port == port
+
+
 def test_a_hostname_that_resolves_to_a_private_address_is_refused() -> None:
     detail = refusal("https://internal.example.com/hook", FakeDns(internal_example_com=["10.0.0.5"]))
     assert "internal.example.com" in detail

@@ -281,6 +281,10 @@ class FairShareConfig(_Frozen):
     slot_handoff: bool = True
 
 
+# What a webhook delivery needs besides its POST: the answer's head (a second at most), the
+# host's lookup and the attempt's record.
+WEBHOOK_OVERHEAD_SECONDS = 4
+
 # What a chunk of a batch's items may weigh: a DynamoDB transaction holds 4 MB, with room kept
 # for the items' other attributes and the checkpoint.
 MAX_TRANSACTION_BYTES = 3_500_000
@@ -455,6 +459,15 @@ class LlmqConfig(_Frozen):
             raise ValueError(
                 f"api.timeout_seconds must not exceed API Gateway's {GATEWAY_TIMEOUT_SECONDS:g} s "
                 "integration timeout: the client would get a 504 while the function runs on"
+            )
+        # A POST, its answer's head (a second), the host's lookup and the record of the attempt
+        # all fit in the dispatcher's time: a receiver that hangs then costs a failed attempt,
+        # not the invocation (whose every message would come back unrecorded, towards the DLQ).
+        needed = self.webhooks.timeout_seconds + WEBHOOK_OVERHEAD_SECONDS
+        if needed > self.dispatcher.timeout_seconds:
+            raise ValueError(
+                f"webhooks.timeout_seconds must leave {WEBHOOK_OVERHEAD_SECONDS:g} s of "
+                f"dispatcher.timeout_seconds ({self.dispatcher.timeout_seconds} s) for the rest of a delivery"
             )
         return self
 

@@ -86,6 +86,10 @@ def check_webhook_url(
     host = parsed.raw_host.decode("ascii")
     if not host:
         raise InvalidWebhookUrl("the webhook URL has no host")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        # (httpx parses any integer; an IP literal skips the resolver, and a socket refuses it
+        # only at connect time, after the job was accepted)
+        raise InvalidWebhookUrl("the webhook URL's port must be between 1 and 65535")
     port = parsed.port or _DEFAULT_PORTS[scheme]
     addresses = _addresses(host, port, resolver)
     for address in addresses:

@@ -34,7 +34,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import ValidationError
 
 from llmq.batches import BatchRecord, BatchRepository
-from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig
+from llmq.config import LlmqConfig
 from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
 from llmq.job_record import JobRecord, iso
 from llmq.model_base import Model
@@ -52,10 +52,11 @@ from llmq.models import (
     WebhookMessage,
 )
 from llmq.ports import JobStore, TenantStore
+from llmq.queues import MAX_REDELIVERY_DELAY_SECONDS
 from llmq.retry_after import parse_retry_after
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget, PinnedTransport, Resolver, check_webhook_url, system_resolver
-from llmq.telemetry import MetricName, logger, metrics
+from llmq.telemetry import MetricName, error_fields, logger, metrics
 from llmq.tenants import WEBHOOK_SECRET_PREFIX, UnknownTenant
 
 USER_AGENT = "llmq-webhooks/1"
@@ -282,9 +283,11 @@ class WebhookDispatcher:
         self._delivery_locks: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[str, tuple[asyncio.Lock, int]]
         ] = weakref.WeakKeyDictionary()
-        # SQS limits a message's visibility to 12 hours from its receipt, and the message was
-        # received up to one function timeout ago.
-        self.max_delay_seconds = float(MAX_VISIBILITY_SECONDS - config.dispatcher.timeout_seconds)
+        # SQS limits a message's visibility to 12 hours from its receipt: the longest the
+        # message can be hidden for (`queues.redelivery_visibility` asks no more), so the next
+        # attempt is never recorded due later than its message comes back (which would spend a
+        # receive only to wait, and two a retry could carry it to the DLQ).
+        self.max_delay_seconds = float(MAX_REDELIVERY_DELAY_SECONDS)
 
     async def handle(self, body: str, receive_count: int, message_id: str | None = None) -> DeliveryOutcome:
         """One webhooks-queue message (SQS `message_id`), received `receive_count` times.
@@ -438,6 +441,10 @@ class WebhookDispatcher:
         ):
             # Live output is worth little once the job has ended: its result holds all of it.
             reason = "the job has ended; its result holds this output"
+        elif event is WebhookEvent.STARTED and job is not None and job.status.is_terminal:
+            # Said after the job ended (a retry, a slow first send), it would read as the job
+            # running again to a receiver that already has its terminal event.
+            reason = "the job has ended; its terminal event supersedes job.started"
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
@@ -652,9 +659,14 @@ class WebhookDispatcher:
                 latency_ms=elapsed_ms(),
                 started_ms=started_ms,
             )
-        except httpx.HTTPError as exc:
+        except Exception as exc:
+            # httpx's errors, and whatever else the connection raised (a socket refusing an
+            # address, an ExceptionGroup from the transport): a failed attempt on the schedule,
+            # never a crash that records nothing and sends the message round until the DLQ.
             if answered is not None:
                 return answered
+            if not isinstance(exc, httpx.HTTPError):
+                logger.warning("webhook POST failed unexpectedly", extra=error_fields(exc))
             return _Response(
                 None,
                 error=type(exc).__name__,
