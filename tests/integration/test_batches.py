@@ -36,6 +36,7 @@ from tests.integration.harness import (
     LambdaContextStub,
     emitted_metrics,
     load_handler,
+    webhook_message,
 )
 
 HIGH = "high"
@@ -1265,3 +1266,99 @@ def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batc
     _run_lane(harness)
     lines, _ = _results(harness, again.body["id"])
     assert sorted(line["custom_id"] for line in lines) == ["new-0", "new-1"]
+
+
+def _reconciler_ahead(harness: Harness, seconds: float) -> Reconciler:
+    """The reconciler with its clock `seconds` ahead, its batches' too."""
+
+    def clock() -> float:
+        return time.time() + seconds
+
+    jobs = JobRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    batches = BatchRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
+    )
+    return Reconciler(jobs, queues, harness.config, batches=batches)
+
+
+@pytest.mark.parametrize("kind", ["job", "batch"])
+def test_a_pending_webhook_whose_message_was_lost_after_an_attempt_is_sent_again_by_the_reconciler(
+    harness: Harness, receiver: WebhookReceiver, kind: str
+) -> None:
+    # Given a job or a batch whose first webhook attempt failed (500), its next one scheduled
+    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+    dispatcher = load_handler("webhook_dispatcher")
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/lost-{kind}/fail-9"}
+    reply = (
+        _submit(harness, requests=_requests(1), webhook=hook)
+        if kind == "batch"
+        else harness.submit(webhook=hook)
+    )
+    assert reply.status == 202, reply.body
+    _run_lane(harness)
+    url = harness.stack.webhook_queue_url
+    (message,) = harness.receive(url, visibility=60)
+    response = dispatcher.handler(harness.sqs_event(url, [message]), LambdaContextStub())
+    assert len(response["batchItemFailures"]) == 1
+    assert [d.status for d in receiver.deliveries() if d.path.startswith(f"/lost-{kind}")] == [500]
+    # When that message is lost from then on (the webhooks DLQ took it after its receives)
+    harness.sqs.purge_queue(QueueUrl=url)
+    # Then the reconciler, once that attempt is long overdue, sends the event again
+    ahead = harness.config.reconciler.stale_webhook_seconds + 120
+    report = _reconciler_ahead(harness, ahead).run()
+    assert report.webhooks == [reply.body["id"]]
+    (again,) = harness.receive(url)
+    assert webhook_message(again)["job_id"] == reply.body["id"]
+
+
+class _AppliedRetried:
+    """The first UpdateItem whose request holds `marker` is applied, its answer lost, and
+    botocore sends it again (AwsFaults' applied_retried, chosen by what the request says)."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.fired = 0
+        aws.client("dynamodb").meta.events.register(
+            "needs-retry.dynamodb.UpdateItem", self._retry, unique_id="applied-retried-by-content"
+        )
+
+    def _retry(self, attempts: int, request_dict: dict[str, Any], response: Any, **_: Any) -> int | None:
+        body = request_dict.get("body") or b""
+        body = body.encode() if isinstance(body, str) else body
+        if not self.fired and attempts == 1 and response is not None and self.marker in body:
+            self.fired += 1
+            return 0
+        return None
+
+    def disarm(self) -> None:
+        aws.client("dynamodb").meta.events.unregister(
+            "needs-retry.dynamodb.UpdateItem", unique_id="applied-retried-by-content"
+        )
+
+
+def test_a_batch_whose_finalizing_write_was_applied_unanswered_still_gets_its_results_file(
+    harness: Harness,
+) -> None:
+    # Given a batch of one item, expanded
+    batch_id = _submit(harness, requests=_requests(1)).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))
+    # When its item ends, and the write that begins its finalizing is applied, its answer lost
+    # (botocore's retry then finds the batch finalizing already)
+    fault = _AppliedRetried(b":finalizing")
+    try:
+        _run_lane(harness, seconds=20)
+    finally:
+        fault.disarm()
+    assert fault.fired == 1
+    # Then the batch still ends with its results file within seconds, not at the reconciler's
+    # next look minutes later
+    stored = _stored(harness, batch_id)
+    assert (stored.status, stored.compile_queued) == (BatchStatus.COMPLETED, True)

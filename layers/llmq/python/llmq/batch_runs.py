@@ -137,6 +137,16 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
         begun = batches.begin_finalizing(batch, counts)
         if begun is not None:
             _ask_for_results_file(batches, queues, begun)
+            return None
+        # Another caller began it, or this one did and its answer was lost (botocore's retry
+        # then found it finalizing): whoever began it may not ask for the results file, so
+        # this caller looks again once the asker's grace is over, as any caller would.
+        found = batches.find(batch_id)
+        if found is not None and found.status is BatchStatus.FINALIZING and not found.compile_queued:
+            raise StoreUnavailable(
+                f"batch {batch_id}: its results file is being asked for",
+                retry_after=RESULTS_ASK_GRACE_SECONDS + 1,
+            )
         return None
     done = batches.finish(batch, counts)
     if done is None:

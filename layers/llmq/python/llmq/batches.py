@@ -999,6 +999,16 @@ class BatchRepository:
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = self.now_ms()
+        # While an attempt is due, the batch is in the reconciler's sweep index, a while after
+        # it is due: should its message be lost (the webhooks DLQ), the reconciler sends the
+        # event again (`Reconciler._poke`), as it does for a job's. Settled, it leaves.
+        if status is DeliveryStatus.PENDING:
+            due = (next_attempt_at_ms or self.now_ms()) + self.config.reconciler.stale_webhook_seconds * 1000
+            sweep = sweep_attributes(BATCH_PREFIX + batch_id, due, self.config.reconciler.sweep_shards)
+            sets += ["sweep_pk = :sweep_pk", "sweep_at = :sweep_at"]
+            values.update(sweep)
+        else:
+            removes += ["sweep_pk", "sweep_at"]
         # A fresh token per attempt: a retry of this write (its answer lost) that finds it was
         # applied already is told from another copy's, which counted the attempt first.
         token = codec.write_token("delivery")

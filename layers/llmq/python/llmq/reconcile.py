@@ -181,10 +181,19 @@ class Reconciler:
         """A batch not yet ended (or its webhook not yet sent) that has not been looked at for a
         while: its expand message goes again. It resumes a lost expansion, ends a batch whose
         last item's worker stopped short, and sends an unsent webhook (`BatchExpander.expand`);
-        for a batch simply running, it costs one message and one look."""
+        for a batch simply running, it costs one message and one look. An ended batch whose
+        sent webhook is still pending well after its next attempt was due lost that message
+        (the webhooks DLQ): the event goes again, as a job's does."""
         if self.batches is None:
             return
         batch = self.batches.find(entry.job_id[len(BATCH_PREFIX) :])
+        event = batch.terminal_event if batch is not None else None
+        if batch is not None and event is not None and batch.webhook_sent:
+            if batch.delivery_status is DeliveryStatus.PENDING:
+                self.queues.enqueue_webhook(batch.id, event)
+                report.webhooks.append(batch.id)
+            self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_webhook_seconds)
+            return
         if batch is not None:
             send_expand(self.queues, batch)
             report.batches.append(batch.id)
