@@ -1362,3 +1362,64 @@ def test_a_batch_whose_finalizing_write_was_applied_unanswered_still_gets_its_re
     # next look minutes later
     stored = _stored(harness, batch_id)
     assert (stored.status, stored.compile_queued) == (BatchStatus.COMPLETED, True)
+
+
+def _acme(harness: Harness) -> None:
+    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+
+
+@pytest.mark.parametrize("kind", ["job", "batch"])
+def test_a_webhook_message_lost_before_its_first_attempt_is_sent_again_by_the_reconciler(
+    harness: Harness, receiver: WebhookReceiver, kind: str
+) -> None:
+    # Given a job or a batch that ended with a webhook, whose message is lost before any
+    # attempt (the dispatcher crashed on every receive, and the webhooks DLQ took it)
+    _acme(harness)
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/first-{kind}"}
+    reply = (
+        _submit(harness, requests=_requests(1), webhook=hook)
+        if kind == "batch"
+        else harness.submit(webhook=hook)
+    )
+    _run_lane(harness)
+    harness.sqs.purge_queue(QueueUrl=harness.stack.webhook_queue_url)
+    # When the reconciler runs, once that message is long overdue
+    report = _reconciler_ahead(harness, harness.config.reconciler.stale_webhook_seconds + 120).run()
+    # Then the event is sent again
+    assert report.webhooks == [reply.body["id"]]
+
+
+def test_a_retry_recorded_before_the_sender_marks_the_webhook_sent_keeps_the_batch_in_the_index(
+    harness: Harness, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose webhook sender's write saying so is slow (throttled, retried), while
+    # the dispatcher already made the first attempt, which failed, and scheduled the next
+    _acme(harness)
+    dispatcher = load_handler("webhook_dispatcher")
+    url = harness.stack.webhook_queue_url
+    slow: list[tuple[BatchRepository, str]] = []
+    mark = BatchRepository.mark_webhook_sent
+    monkeypatch.setattr(
+        BatchRepository, "mark_webhook_sent", lambda self, batch_id: slow.append((self, batch_id))
+    )
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/race/fail-9"}
+    batch_id = _submit(harness, requests=_requests(1), webhook=hook).body["id"]
+    _run_lane(harness)
+    (message,) = harness.receive(url, visibility=60)
+    assert (
+        len(dispatcher.handler(harness.sqs_event(url, [message]), LambdaContextStub())["batchItemFailures"])
+        == 1
+    )
+    # When the sender's write lands after it, and the retry's message is then lost
+    for repository, sent in slow:
+        mark(repository, sent)
+    assert (_stored(harness, batch_id).delivery_attempts, _stored(harness, batch_id).webhook_sent) == (
+        1,
+        True,
+    )
+    harness.sqs.purge_queue(QueueUrl=url)
+    # Then the reconciler still sends the event again, once the retry is long overdue
+    report = _reconciler_ahead(harness, harness.config.reconciler.stale_webhook_seconds + 120).run()
+    assert report.webhooks == [batch_id]

@@ -551,6 +551,23 @@ def test_a_host_rebound_to_a_private_address_after_submit_is_not_contacted(stage
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("pending", 1, None)
 
 
+def test_a_first_job_started_is_posted_even_once_the_job_has_ended(stage: Stage) -> None:
+    # Given jobs that ended before the dispatcher read them: one subscribed to job.started
+    # alone, one to job.started and its terminal event
+    stage.job("/hooks/started-only", job_id="job_started_only", events=[WebhookEvent.STARTED])
+    stage.job("/hooks/short", job_id="job_short", events=[WebhookEvent.STARTED, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    for job_id in ("job_started_only", "job_short"):
+        stage.queues.enqueue_webhook(job_id, WebhookEvent.STARTED)
+    # When the dispatcher sends their job.started
+    stage.dispatch()
+    # Then each is posted: a receiver would otherwise never hear of a start it asked for
+    assert sorted(request.path for request in stage.receiver.requests) == [
+        "/hooks/short",
+        "/hooks/started-only",
+    ]
+
+
 def _set_status(stage: Stage, status: JobStatus) -> None:
     aws.client("dynamodb").update_item(
         TableName=stage.stack.jobs_table,

@@ -954,12 +954,32 @@ class BatchRepository:
         return _from_item(response["Attributes"])
 
     def mark_webhook_sent(self, batch_id: str) -> None:
-        self._ddb.update_item(
-            TableName=self.table_name,
-            Key=batch_key(batch_id),
-            UpdateExpression="SET webhook_sent = :true REMOVE sweep_pk, sweep_at",
-            ExpressionAttributeValues={":true": {"BOOL": True}},
-        )
+        """The ended batch's webhook message went. Its first attempt not yet recorded, the batch
+        stays in the reconciler's index a `stale_webhook_seconds` from now: should the message
+        be lost before any attempt (the webhooks DLQ), the reconciler sends it again
+        (`Reconciler._poke`), as a job's. An attempt recorded first (this write was slow) keeps
+        the index entry it set (`record_delivery`), and a settled delivery stays out."""
+        due = self.now_ms() + self.config.reconciler.stale_webhook_seconds * 1000
+        sweep = sweep_attributes(BATCH_PREFIX + batch_id, due, self.config.reconciler.sweep_shards)
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch_id),
+                UpdateExpression="SET webhook_sent = :true, sweep_pk = :sweep_pk, sweep_at = :sweep_at",
+                ConditionExpression="delivery_status = :pending AND attribute_not_exists(delivery_next_ms)",
+                ExpressionAttributeValues=codec.values(
+                    true=True, pending=DeliveryStatus.PENDING.value, **sweep
+                ),
+            )
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch_id),
+                UpdateExpression="SET webhook_sent = :true",
+                ExpressionAttributeValues={":true": {"BOOL": True}},
+            )
 
     def record_delivery(
         self,

@@ -192,7 +192,11 @@ class Reconciler:
             if batch.delivery_status is DeliveryStatus.PENDING:
                 self.queues.enqueue_webhook(batch.id, event)
                 report.webhooks.append(batch.id)
-            self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_webhook_seconds)
+            # (never sooner than its next attempt's due time allows: its own message carries it)
+            wait_s = self.config.reconciler.stale_webhook_seconds
+            if batch.delivery_next_ms is not None:
+                wait_s += max(0, batch.delivery_next_ms - self.jobs.now_ms()) // 1000
+            self.jobs.postpone_sweep(entry.job_id, wait_s)
             return
         if batch is not None:
             send_expand(self.queues, batch)

@@ -441,10 +441,18 @@ class WebhookDispatcher:
         ):
             # Live output is worth little once the job has ended: its result holds all of it.
             reason = "the job has ended; its result holds this output"
-        elif event is WebhookEvent.STARTED and job is not None and job.status.is_terminal:
-            # Said after the job ended (a retry, a slow first send), it would read as the job
-            # running again to a receiver that already has its terminal event.
-            reason = "the job has ended; its terminal event supersedes job.started"
+        elif (
+            event is WebhookEvent.STARTED
+            and job is not None
+            and job.terminal_event is not None
+            and job.wants(job.terminal_event)
+            and (attempt or 1) > 1
+        ):
+            # A retry once the job has ended would read as the job running again to a receiver
+            # that has its terminal event, or soon will. (A first send still goes: a job that
+            # subscribes to job.started alone, or ended before its dispatcher looked, would
+            # otherwise never hear of its start.)
+            reason = "the job has ended; its terminal event supersedes a retry of job.started"
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
