@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 from llmq import aws
+from llmq.batch_intake import upload_key
 from llmq.batch_runs import BatchExpander
 from llmq.batches import BatchRepository, batch_of, item_job_id, part_key
 from llmq.models import BatchItemRequest, BatchStatus
@@ -411,3 +412,32 @@ def test_an_uploaded_items_limit_counts_utf8_bytes_exactly(harness: Harness) -> 
     assert failed.errors is not None and [(e.line, e.code) for e in failed.errors] == [
         (1, "payload_too_large")
     ]
+
+
+def test_a_replay_of_an_upload_batch_whose_upload_is_gone_answers_the_batch_it_made(harness: Harness) -> None:
+    # Given a batch made from an upload under an Idempotency-Key, and then the upload removed by
+    # S3's lifecycle (two days), while the batch is kept (seven)
+    upload_id = _upload(harness, "\n".join(_line(f"row-{index}") for index in range(3)))
+    headers = {"Idempotency-Key": "nightly-9"}
+    body = {"upload_id": upload_id, "metadata": {"run": "a"}}
+    first = harness.api("POST", "/v1/batches", body=body, headers=headers, tenant=ENTERPRISE)
+    assert first.status == 202, first.body
+    aws.client("s3").delete_object(
+        Bucket=harness.stack.payload_bucket, Key=upload_key(ENTERPRISE["tenant_id"], upload_id)
+    )
+    # When the client replays it (its answer lost), Then it gets that batch, not a 422
+    again = harness.api("POST", "/v1/batches", body=body, headers=headers, tenant=ENTERPRISE)
+    assert (again.status, again.body["id"], again.headers.get("idempotent-replayed")) == (
+        202,
+        first.body["id"],
+        "true",
+    )
+    # And the same key with another body is still refused, and a new key still needs its upload
+    other = harness.api(
+        "POST", "/v1/batches", body={**body, "metadata": {"run": "b"}}, headers=headers, tenant=ENTERPRISE
+    )
+    assert (other.status, other.body["code"]) == (422, "idempotency_key_reused")
+    fresh = harness.api(
+        "POST", "/v1/batches", body=body, headers={"Idempotency-Key": "nightly-10"}, tenant=ENTERPRISE
+    )
+    assert (fresh.status, fresh.body["code"]) == (422, "upload_not_found")

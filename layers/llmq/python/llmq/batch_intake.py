@@ -102,9 +102,15 @@ class BatchIntake:
         if self.payloads is None:
             raise PayloadTooLarge("batches need the payload bucket, which is not configured")
         now_ms = self.batches.now_ms()
-        upload = self._upload(tenant, request.upload_id) if request.upload_id else None
-        digest = batch_request_hash(request, upload)
         batch_id = new_batch_id(tenant.tenant_id, idempotency_key, now_ms)
+        # Before anything goes to S3, a replay (its id is derived from the key) is answered from
+        # the stored batch, and one with another body refused, leaving nothing behind; the
+        # quota never refuses a replay of an accepted key.
+        stored = self.batches.find(batch_id) if idempotency_key is not None else None
+        if stored is not None and stored.expires_at < now_ms // 1000:
+            stored = None  # (past its retention, not yet deleted: the key is free again, as `create` sees it)
+        upload = self._upload(tenant, request.upload_id, stored) if request.upload_id else None
+        digest = batch_request_hash(request, upload)
         webhook = request.webhook
         record = BatchRecord(
             id=batch_id,
@@ -118,6 +124,7 @@ class BatchIntake:
             upload_id=request.upload_id,
             upload_ref=upload_key(tenant.tenant_id, request.upload_id) if request.upload_id else None,
             upload_etag=upload.etag if upload else None,
+            upload_size=upload.size if upload else None,
             validated=upload is None,
             tier=tenant.tier,
             request_hash=digest,
@@ -129,14 +136,8 @@ class BatchIntake:
             webhook_events=webhook.subscribed_events() if webhook else [],
             item_events=list(dict.fromkeys(webhook.item_events)) if webhook else [],
         )
-        # Before anything goes to S3, a replay (its id is derived from the key) is answered from
-        # the stored batch, and one with another body refused, leaving nothing behind; the
-        # quota never refuses a replay of an accepted key.
-        if idempotency_key is not None:
-            found = self.batches.find(batch_id)
-            # (past its retention, not yet deleted: the key is free again, as `create` sees it)
-            if found is not None and found.expires_at >= now_ms // 1000:
-                return self._replayed(found, tenant, digest), True
+        if stored is not None:
+            return self._replayed(stored, tenant, digest), True
         default_max_active = self.config.tenant_limits(tenant.tier).max_active_jobs
         state = self.batches.share(tenant.tenant_id)
         limit = state.max_active_jobs or default_max_active
@@ -153,12 +154,23 @@ class BatchIntake:
         self._expand(stored)
         return stored, False
 
-    def _upload(self, tenant: TenantIdentity, upload_id: str) -> ObjectStat:
+    def _upload(
+        self, tenant: TenantIdentity, upload_id: str, stored: BatchRecord | None = None
+    ) -> ObjectStat:
         """The tenant's uploaded file, as it is now (its ETag pins it: the worker validates
-        exactly this file). Another tenant's upload is as missing as one never made."""
+        exactly this file). Another tenant's upload is as missing as one never made. One gone
+        that the batch `stored` under the request's key was made from (the upload's lifecycle
+        is shorter than the batch's retention) is that batch's file, for its replay."""
         assert self.payloads is not None
         found = self.payloads.stat(upload_key(tenant.tenant_id, upload_id))
         if found is None:
+            if (
+                stored is not None
+                and stored.upload_id == upload_id
+                and stored.upload_etag is not None
+                and stored.upload_size is not None
+            ):
+                return ObjectStat(stored.upload_size, stored.upload_etag)
             raise UploadNotFound(f"no upload {upload_id}, or nothing was PUT to its URL yet")
         limit = self.config.batches.max_upload_bytes
         if found.size > limit:

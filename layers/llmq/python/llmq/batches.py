@@ -176,6 +176,9 @@ class BatchRecord(Model):
     # The tenant's tier when the batch was made: its items' cap and quota, admitted later.
     tier: str | None = None
     upload_etag: str | None = None
+    # (and its size: with the ETag, what a replay's body hash counts of the file, which a replay
+    # after the upload's own lifecycle removed it is answered from)
+    upload_size: int | None = None
     validated: bool = True
     parts: list[int] | None = None
     # The validation's checkpoint: the file's bytes and lines stored in `parts` so far.
