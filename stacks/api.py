@@ -46,7 +46,8 @@ GATEWAY_PROBLEMS: dict[apigw.ResponseType, errors.ProblemType] = {
     apigw.ResponseType.REQUEST_TOO_LARGE: errors.problem_type(errors.PayloadTooLarge),
     apigw.ResponseType.INTEGRATION_TIMEOUT: errors.GATEWAY_TIMEOUT,
     apigw.ResponseType.INTEGRATION_FAILURE: errors.BAD_GATEWAY,
-    apigw.ResponseType.AUTHORIZER_FAILURE: errors.BAD_GATEWAY,
+    # (the authorizer failed or was throttled: the store behind it busy, its concurrency used up)
+    apigw.ResponseType.AUTHORIZER_FAILURE: errors.problem_type(errors.StoreUnavailable),
     apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR: errors.BAD_GATEWAY,
     apigw.ResponseType.DEFAULT_5_XX: errors.BAD_GATEWAY,
 }
@@ -62,13 +63,17 @@ RETRY_AFTER_SECONDS = 1
 # - DEFAULT_5XX: among others, a Lambda invoke that Lambda refused (its concurrency is used up),
 #   which API Gateway answers with a 5xx of this type (500; llmq's DEFAULT_5XX says 502),
 #   never with a 429
-#   (https://docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html).
+#   (https://docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html);
+# - AUTHORIZER_FAILURE and AUTHORIZER_CONFIGURATION_ERROR: the authorizer failed (its table
+#   throttled past its retries) or could not be invoked (throttled at its concurrency).
 RETRY_AFTER_RESPONSES = frozenset(
     response.response_type
     for response in (
         apigw.ResponseType.THROTTLED,
         apigw.ResponseType.QUOTA_EXCEEDED,
         apigw.ResponseType.DEFAULT_5_XX,
+        apigw.ResponseType.AUTHORIZER_FAILURE,
+        apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR,
     )
 )
 # tier -> usage plan id, read by `llmq tenants` and the sandbox; "*" (DEFAULT_USAGE_PLAN) for

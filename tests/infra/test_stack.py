@@ -453,7 +453,8 @@ def test_the_default_stack_changes_no_account_wide_setting(synthesized):
         ("QUOTA_EXCEEDED", "rate_limited"),
         ("INTEGRATION_TIMEOUT", "gateway_timeout"),
         ("INTEGRATION_FAILURE", "bad_gateway"),
-        ("AUTHORIZER_FAILURE", "bad_gateway"),
+        ("AUTHORIZER_FAILURE", "service_unavailable"),
+        ("AUTHORIZER_CONFIGURATION_ERROR", "bad_gateway"),
         ("DEFAULT_5XX", "bad_gateway"),
     ],
 )

@@ -96,10 +96,14 @@ def test_a_usage_plan_refusal_is_a_429_problem_with_retry_after(synthesized, res
     assert body["code"] == code == PROBLEMS[code].code and body["status"] == 429
 
 
-def test_a_5xx_from_api_gateway_says_when_to_retry(synthesized):
+@pytest.mark.parametrize(
+    "response_type", ["DEFAULT_5XX", "AUTHORIZER_FAILURE", "AUTHORIZER_CONFIGURATION_ERROR"]
+)
+def test_a_5xx_from_api_gateway_says_when_to_retry(synthesized, response_type):
     """A Lambda invoke that Lambda throttles reaches the client as API Gateway's own 5xx
     (https://docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html): the
-    DEFAULT_5XX answer tells the client to come back, as a 429 does."""
+    DEFAULT_5XX answer tells the client to come back, as a 429 does; so do the answers for an
+    authorizer that failed (its table throttled) or could not be invoked."""
     responses = synthesized.template.of_type("AWS::ApiGateway::GatewayResponse").values()
-    (properties,) = [r["Properties"] for r in responses if r["Properties"]["ResponseType"] == "DEFAULT_5XX"]
+    (properties,) = [r["Properties"] for r in responses if r["Properties"]["ResponseType"] == response_type]
     assert properties["ResponseParameters"]["gatewayresponse.header.Retry-After"] == "'1'"

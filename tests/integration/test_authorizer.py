@@ -37,7 +37,18 @@ def test_a_valid_key_yields_the_tenant_and_tier_in_the_context(authorizer, moto_
     assert statement["Resource"][0].endswith("abc123/prod/*/*")
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer llmq_sk_unknown"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Basic abc",
+        "Bearer llmq_sk_unknown",
+        "Bearer llmq_sk_\udc80abc",
+        "Bearer llmq_sk_ключ",
+    ],
+)
 def test_a_missing_malformed_or_unknown_key_is_unauthorized(authorizer, header: str | None) -> None:
     with pytest.raises(Exception, match=r"^Unauthorized$"):
         authorizer.handler(_event(header), LambdaContextStub())

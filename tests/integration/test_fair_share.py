@@ -537,3 +537,66 @@ def test_a_message_naming_no_tenant_refused_at_the_cap_is_replaced_by_a_copy_tha
     )
     assert int(copies["Attributes"]["ApproximateNumberOfMessagesDelayed"]) == 1
     assert harness.api("GET", f"/v1/jobs/{waiting}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+# ---- a retry overlapping its first submit is a replay, never a quota refusal ---------------
+
+
+def _quota(harness: Harness, limit: int) -> None:
+    _shares(harness).set_limits(FREE["tenant_id"], max_active_jobs=limit)
+
+
+def _first_submit_lands_after_the_retrys_look(store: Any, submit: Callable[[], Any]) -> dict[str, Any]:
+    """The retry's look for its key finds nothing, and the first submit (its connection to the
+    client dropped) commits just after it: `store.find` answers, then runs `submit` once."""
+    first: dict[str, Any] = {}
+    find = store.find
+
+    def find_then_the_first_commits(*args: Any, **kwargs: Any) -> Any:
+        found = find(*args, **kwargs)
+        if not first:
+            store.find = find
+            first["reply"] = submit()
+        return found
+
+    store.find = find_then_the_first_commits
+    return first
+
+
+def test_a_batch_retry_overlapping_its_first_submit_is_its_replay_not_a_429(harness: Harness) -> None:
+    # Given a tenant with room for 5 active jobs, and a batch of 3 under a key
+    from tests.integration.test_batches import _requests, _submit
+
+    _quota(harness, 5)
+
+    def submit() -> Any:
+        return _submit(harness, tenant=FREE, key="k1", requests=_requests(3))
+
+    # When the client's retry looks for the key just before its first submit commits
+    first = _first_submit_lands_after_the_retrys_look(harness.api_module.batch_intake().batches, submit)
+    retry = submit()
+    # Then the retry answers the batch the first one made, as a replay: the quota (which the
+    # first one's 3 now fill) never refuses it, and no third item is counted
+    assert first["reply"].status == 202
+    assert (retry.status, retry.body["id"]) == (202, first["reply"].body["id"])
+    assert _shares(harness).get(FREE["tenant_id"]).active == 3
+
+
+def test_an_s3_held_job_retry_overlapping_its_first_submit_is_its_replay_not_a_429(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant with room for one active job, and a job whose input goes to S3 (a stream's
+    # input over streaming.max_inline_input_bytes), under a key
+    limits = {"max_prompt_chars": 100_000, "wait_poll_seconds": 0.05}
+    harness = Harness(moto_stack, integration_config(provider, limits=limits), monkeypatch)
+    _quota(harness, 1)
+
+    def submit() -> Any:
+        return harness.submit(tenant=FREE, key="k2", prompt="x" * 20_000, stream=True)
+
+    # When the client's retry looks for the key just before its first submit commits
+    first = _first_submit_lands_after_the_retrys_look(harness.api_module.intake().jobs, submit)
+    retry = submit()
+    # Then the retry answers the job the first one made, as a replay
+    assert first["reply"].status == 202
+    assert (retry.status, retry.body["id"]) == (202, first["reply"].body["id"])

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from llmq_sandbox.config import RunnerSettings
 from llmq_sandbox.gateway import ApiGateway, HttpRequest, UsagePlans
 from llmq_sandbox.lambda_service import InvocationResult, Outcome
@@ -161,6 +163,35 @@ def test_a_throttled_lambda_invoke_tells_the_client_when_to_retry() -> None:
     reply = get(gateway(functions, stub), "one")
     assert reply.status >= 500
     assert dict(reply.headers)["Retry-After"] == "1"
+
+
+@dataclass
+class FailingAuthorizer(Functions):
+    """The authorizer fails (its table throttled past its retries), or Lambda refuses it."""
+
+    authorizer_outcome: Outcome = Outcome.ERROR
+
+    def invoke(
+        self, name: str, event: Any, timeout_seconds: float | None = None, *, throttle: bool = False
+    ) -> InvocationResult:
+        if name != "authorizer":
+            return super().invoke(name, event, timeout_seconds, throttle=throttle)
+        error = {"errorType": "StoreUnavailable", "errorMessage": "dynamodb.GetItem: throttled"}
+        return InvocationResult(function=name, request_id="a", outcome=self.authorizer_outcome, error=error)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.ERROR, Outcome.THROTTLED])
+def test_an_authorizer_that_fails_for_now_is_a_503_that_says_when_to_retry_not_a_401(
+    outcome: Outcome,
+) -> None:
+    # Given a valid key, and the authorizer failing for now, When a request comes
+    stub = ApiGatewayStub({"plan": (10, 10, [("k1", "usage-one", True)])})
+    functions = FailingAuthorizer(usage_keys={"one": "usage-one"}, authorizer_outcome=outcome)
+    reply = get(gateway(functions, stub), "one")
+    # Then the client is told to come back shortly, as the template says, and the API never ran
+    assert (reply.status, dict(reply.headers).get("Retry-After")) == (503, "1")
+    assert json.loads(reply.body)["code"] == "service_unavailable"
+    assert functions.api_calls == 0
 
 
 def _one_plan(

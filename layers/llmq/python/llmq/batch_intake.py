@@ -142,6 +142,11 @@ class BatchIntake:
         state = self.batches.share(tenant.tenant_id)
         limit = state.max_active_jobs or default_max_active
         if state.active + record.total > limit:
+            # (a first submit of the same key may have gone in since the look above: the retry
+            # of a client whose connection dropped is its replay, never refused by the quota)
+            stored = self.batches.find(batch_id) if idempotency_key is not None else None
+            if stored is not None:
+                return self._replayed(stored, tenant, digest), True
             raise over_quota(state, record.total, default_max_active, self.config)
         if request.requests is not None:
             self.payloads.put(record.requests_ref, encode_requests(request.requests))

@@ -19,6 +19,7 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
+    QuotaExceeded,
     StoreUnavailable,
     WebhookNotFound,
 )
@@ -117,7 +118,15 @@ class JobIntake:
             existing = self.jobs.find(record.id) if idempotency_key is not None else None
             if existing is not None:
                 return self._replay(existing, record, request, tenant)
-            self.jobs.check_quota(record.tenant_id, admission)
+            try:
+                self.jobs.check_quota(record.tenant_id, admission)
+            except QuotaExceeded:
+                # (a first submit of the same key may have gone in since the look above: the
+                # retry of a client whose connection dropped is its replay, never refused)
+                existing = self.jobs.find(record.id) if idempotency_key is not None else None
+                if existing is None:
+                    raise
+                return self._replay(existing, record, request, tenant)
             # The input goes to S3 first; the item holds its reference.
             record = self.offload.store_input(record)
         created = self.jobs.create(record, admission)

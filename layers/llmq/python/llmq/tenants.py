@@ -122,7 +122,8 @@ class TenantRepository:
 
     def authenticate(self, api_key: str) -> TenantIdentity | None:
         """One GetItem by hash. None for an unknown or revoked key."""
-        if not api_key:
+        if not api_key or not api_key.isascii():
+            # (no key llmq makes has anything else; a lone surrogate could not even be hashed)
             return None
         response = self._ddb.get_item(
             TableName=self.table_name, Key={"pk": {"S": f"key#{hash_api_key(api_key)}"}}
