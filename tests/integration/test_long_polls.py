@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,39 @@ def test_a_place_taken_whose_answer_was_lost_is_recognised_as_its_own(
     assert [entry.fault for entry in faults.fired] == [fault]
     assert reply == (200, "queued", None)
     assert _places_held(harness, FREE) == 1
+
+
+def _slow_first_place(seconds: float) -> None:
+    """The first write to a tenant's long-poll places takes `seconds` (DynamoDB slow)."""
+    slowed: list[bool] = []
+
+    def slow(params: dict[str, Any], **_: Any) -> None:
+        body = params.get("body") or b""
+        text = body.decode() if isinstance(body, bytes) else str(body)
+        if "polls#" in text and not slowed:
+            slowed.append(True)
+            time.sleep(seconds)
+
+    aws.client("dynamodb").meta.events.register("before-call.dynamodb.UpdateItem", slow)
+
+
+@pytest.mark.parametrize(("path", "wait"), [("", "20"), ("/events", "25")])
+def test_a_wait_whose_place_is_slow_to_take_still_answers_within_api_gateways_timeout(
+    harness: Harness, path: str, wait: str
+) -> None:
+    # Given a running job's long poll or events stream, reaching the function 19 s after API
+    # Gateway received it (a cold start, a queue for an environment), and DynamoDB slow (5 s)
+    # to take its long-poll place
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    _slow_first_place(5.0)
+    received = time.time() - 19.0
+    reply = harness.api(
+        "GET",
+        f"/v1/jobs/{job_id}{path}",
+        tenant=ENTERPRISE,
+        query={"wait": wait},
+        request_context={"requestTimeEpoch": int(received * 1000)},
+    )
+    # Then it answers before API Gateway's 29 s: the place's time came out of its wait
+    assert reply.status == 200
+    assert time.time() - received < 29.0

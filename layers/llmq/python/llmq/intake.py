@@ -248,6 +248,10 @@ class JobIntake:
         long-poll Retry-After (a 429 would end an EventSource for good).
         """
         streaming = self.config.streaming
+        # From the request's start, as `long_poll`'s: the reads and the place taken before the
+        # wait come out of the budget the handler gave it, so a slow store never makes the
+        # answer outlive API Gateway's timeout.
+        deadline = time.monotonic() + wait_seconds
         job = self.jobs.get(job_id, tenant.tenant_id)
         if job.status.is_terminal:
             # The end is told after the last delta, whenever the client comes.
@@ -260,7 +264,6 @@ class JobIntake:
             later = self.config.fair_share.long_poll_retry_after_seconds * 1000
             return self._events_now(job, seen, opening, retry_ms=later)
         status, last = job.status, job.stream_seq or 0
-        deadline = time.monotonic() + wait_seconds
         try:
             while True:
                 if last > seen:
