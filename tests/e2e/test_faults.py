@@ -274,12 +274,12 @@ def test_duplicate_lane_messages_run_each_job_once_and_deliver_each_webhook_once
         assert job["webhook"]["delivery"]["status"] == "delivered"
     # And the retried delivery carried the same webhook-id on both attempts
     # (an attempt whose webhooks message the at-least-once sandbox handed over twice at once
-    # POSTs twice, under that one webhook-id: `attempts_seen`)
+    # POSTs twice, under that one webhook-id: `attempts_seen`; when it does so for the first
+    # attempt, the receiver's second POST of it is the one it accepts, and no retry is needed)
     retried = figures.deliveries(ids[1], "job.succeeded")
-    assert [{delivery["status"] for delivery in attempt} for attempt in attempts_seen(retried)] == [
-        {500},
-        {200},
-    ]
+    statuses = [{delivery["status"] for delivery in attempt} for attempt in attempts_seen(retried)]
+    assert statuses in ([{500}, {200}], [{500, 200}]), statuses
+    assert retried[0]["status"] == 500
     assert len({delivery["webhook_id"] for delivery in retried}) == 1
 
 
