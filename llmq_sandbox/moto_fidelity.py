@@ -642,22 +642,74 @@ def _fair_receive(receive_message: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any]:
-    """SendMessage (and each batch entry) refuses a MessageGroupId AWS would refuse."""
+    """SendMessage (and each batch entry) refuses a MessageGroupId AWS would refuse, and a body
+    AWS would: characters outside SQS's allowed set (InvalidMessageContents), or over 256 KiB
+    counted in UTF-8 bytes (moto counts characters)."""
     signature = inspect.signature(validate_message)
 
     @functools.wraps(validate_message)
     def validate(self: Any, *args: Any, **kwargs: Any) -> Any:
         from moto.sqs.exceptions import InvalidParameterValue
 
-        group_id = signature.bind(self, *args, **kwargs).arguments.get("group_id")
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        group_id = arguments.get("group_id")
         if group_id is not None and not _GROUP_ID.fullmatch(group_id):
             raise InvalidParameterValue(
                 "Value for parameter MessageGroupId is invalid. Reason: it must be 1 to 128 "
                 "alphanumeric or punctuation characters."
             )
+        body = arguments.get("message_body")
+        if isinstance(body, str):
+            if _SQS_REFUSED_CHARACTERS.search(body):
+                raise InvalidParameterValue(
+                    "Invalid binary character in the message body (InvalidMessageContents): "
+                    "SQS allows #x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF"
+                )
+            if len(body.encode("utf-8", "surrogatepass")) > SQS_MAX_MESSAGE_BYTES:
+                raise InvalidParameterValue(
+                    f"One or more parameters are invalid. Reason: Message must be shorter than "
+                    f"{SQS_MAX_MESSAGE_BYTES} bytes."
+                )
         return validate_message(self, *args, **kwargs)
 
     return validate
+
+
+# What SQS refuses in a body (its allowed set, inverted); and its size limit, in UTF-8 bytes.
+_SQS_REFUSED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+SQS_MAX_MESSAGE_BYTES = 262_144
+
+
+# A placeholder of ExpressionAttributeValues in an expression.
+_VALUE_PLACEHOLDER = re.compile(r":[A-Za-z0-9_]+")
+_EXPRESSIONS = ("ConditionExpression", "UpdateExpression", "KeyConditionExpression", "FilterExpression")
+
+
+def _values_all_used(action: Callable[..., Any]) -> Callable[..., Any]:
+    """A DynamoDB request (each of a transaction's entries) whose ExpressionAttributeValues
+    holds a value no expression uses is refused, as DynamoDB refuses it ("Value provided in
+    ExpressionAttributeValues unused in expressions"); moto checks this for UpdateItem only."""
+
+    @functools.wraps(action)
+    def checked(self: Any) -> Any:
+        from moto.dynamodb.exceptions import MockValidationException
+
+        body = self.body if isinstance(self.body, dict) else {}
+        requests = [next(iter(entry.values())) for entry in body.get("TransactItems") or []] or [body]
+        for request in requests:
+            used = {
+                found
+                for name in _EXPRESSIONS
+                for found in _VALUE_PLACEHOLDER.findall(request.get(name) or "")
+            }
+            unused = sorted(set(request.get("ExpressionAttributeValues") or {}) - used)
+            if unused:
+                raise MockValidationException(
+                    f"Value provided in ExpressionAttributeValues unused in expressions: keys: {{{', '.join(unused)}}}"
+                )
+        return action(self)
+
+    return checked
 
 
 def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
@@ -873,6 +925,10 @@ def make_moto_strict() -> None:
             setattr(DynamoDBBackend, name, _serialized(getattr(DynamoDBBackend, name)))
         for name in _READS:
             setattr(DynamoDBBackend, name, _snapshot_read(getattr(DynamoDBBackend, name)))
+        from moto.dynamodb.responses import DynamoHandler
+
+        for name in ("put_item", "delete_item", "query", "scan", "transact_write_items"):
+            setattr(DynamoHandler, name, _values_all_used(getattr(DynamoHandler, name)))
         from moto.s3.models import S3Backend
 
         S3Backend.upload_part = _upload_part_of_a_live_upload(S3Backend.upload_part)  # type: ignore[method-assign]

@@ -633,3 +633,71 @@ def test_a_start_key_outside_the_querys_key_condition_is_refused_as_dynamodb_doe
         assert "outside query boundaries" in caught.value.response["Error"]["Message"]
     else:
         assert query()["Items"] == []
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["put", "delete", "query", "scan", "transaction"],
+)
+def test_a_value_no_expression_uses_is_refused_as_dynamodb_refuses_it(
+    ddb: Any, moto_stack: MotoStack, call: str
+) -> None:
+    """DynamoDB refuses a request whose ExpressionAttributeValues holds a value its expressions
+    do not use ("Value provided in ExpressionAttributeValues unused in expressions"); moto
+    checks it for UpdateItem only, so llmq code sending one on any other call would pass
+    every local test and fail on AWS."""
+    table = moto_stack.jobs_table
+    unused = {":unused": {"N": "1"}}
+    calls = {
+        "put": lambda: ddb.put_item(
+            TableName=table,
+            Item={"pk": {"S": "unused-put"}},
+            ConditionExpression="attribute_not_exists(pk)",
+            ExpressionAttributeValues=unused,
+        ),
+        "delete": lambda: ddb.delete_item(
+            TableName=table,
+            Key={"pk": {"S": "unused-delete"}},
+            ConditionExpression="attribute_not_exists(pk)",
+            ExpressionAttributeValues=unused,
+        ),
+        "query": lambda: ddb.query(
+            TableName=table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": "x"}, **unused},
+        ),
+        "scan": lambda: ddb.scan(
+            TableName=table, FilterExpression="attribute_exists(pk)", ExpressionAttributeValues=unused
+        ),
+        "transaction": lambda: ddb.transact_write_items(
+            TransactItems=[
+                {
+                    "Update": {
+                        "TableName": table,
+                        "Key": {"pk": {"S": "unused-transaction"}},
+                        "UpdateExpression": "SET n = :n",
+                        "ExpressionAttributeValues": {":n": {"N": "1"}, **unused},
+                    }
+                }
+            ]
+        ),
+    }
+    assert _refused(calls[call]) == "ValidationException"
+    # (and the same call with every value used goes through)
+    ddb.put_item(
+        TableName=table,
+        Item={"pk": {"S": "used-put"}},
+        ConditionExpression="attribute_not_exists(pk) OR n = :one",
+        ExpressionAttributeValues={":one": {"N": "1"}},
+    )
+
+
+@pytest.mark.parametrize("body", ["a\x01b", "a\ufffeb", "é" * 131_073])
+def test_a_body_sqs_refuses_is_refused(moto_stack: MotoStack, body: str) -> None:
+    """SendMessage (API reference): a body may hold only #x9, #xA, #xD, #x20-#xD7FF,
+    #xE000-#xFFFD and #x10000-#x10FFFF, and at most 256 KiB counted in bytes (moto counts
+    characters: 131,073 'é' are 262,146 bytes)."""
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody=body)) == "InvalidParameterValue"
+    sqs.send_message(QueueUrl=url, MessageBody="é" * 131_072)
