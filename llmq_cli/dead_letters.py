@@ -117,19 +117,19 @@ def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None
             WaitTimeSeconds=0,
             VisibilityTimeout=60,
             MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["MessageGroupId"],
         ).get("Messages", [])
         if not messages:
             return moved
         for message in messages:
-            sqs.send_message(
-                QueueUrl=queue.source_url,
-                MessageBody=message["Body"],
-                **(
-                    {"MessageAttributes": message["MessageAttributes"]}
-                    if message.get("MessageAttributes")
-                    else {}
-                ),
-            )
+            extra: dict[str, Any] = {}
+            if message.get("MessageAttributes"):
+                extra["MessageAttributes"] = message["MessageAttributes"]
+            # (a lane message's tenant, so fair queues still count it as that tenant's)
+            group = message.get("Attributes", {}).get("MessageGroupId")
+            if group:
+                extra["MessageGroupId"] = group
+            sqs.send_message(QueueUrl=queue.source_url, MessageBody=message["Body"], **extra)
             # Deleted only once the copy is safely in the source queue: a crash here duplicates,
             # which the claim's idempotency absorbs, and never loses a message.
             sqs.delete_message(QueueUrl=queue.dlq_url, ReceiptHandle=message["ReceiptHandle"])

@@ -701,3 +701,20 @@ def test_a_body_sqs_refuses_is_refused(moto_stack: MotoStack, body: str) -> None
     url = moto_stack.lane_queue_urls["high"]
     assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody=body)) == "InvalidParameterValue"
     sqs.send_message(QueueUrl=url, MessageBody="é" * 131_072)
+
+
+def test_a_dead_letter_moved_back_by_hand_keeps_its_tenant_for_fair_queues(moto_stack: MotoStack) -> None:
+    """`llmq dlq redrive --max N` receives and sends each letter itself (StartMessageMoveTask
+    moves them all): the copy keeps the letter's MessageGroupId, so fair queues still count it
+    as its tenant's, not as a tenant of its own."""
+    from llmq_cli.dead_letters import DeadLetterQueue, redrive
+
+    sqs = aws.client("sqs")
+    source, dlq = moto_stack.lane_queue_urls["high"], moto_stack.lane_dlq_urls["high"]
+    sqs.send_message(QueueUrl=dlq, MessageBody='{"job_id": "job_x"}', MessageGroupId="ten_acme")
+    result = redrive(lambda service, config: sqs, DeadLetterQueue("high", dlq, source), max_messages=1)
+    assert (result.method, result.moved) == ("receive-and-send", 1)
+    (moved,) = sqs.receive_message(QueueUrl=source, MessageSystemAttributeNames=["MessageGroupId"])[
+        "Messages"
+    ]
+    assert moved["Attributes"]["MessageGroupId"] == "ten_acme"
