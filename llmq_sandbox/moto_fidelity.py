@@ -643,8 +643,8 @@ def _fair_receive(receive_message: Callable[..., Any]) -> Callable[..., Any]:
 
 def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any]:
     """SendMessage (and each batch entry) refuses a MessageGroupId AWS would refuse, and a body
-    AWS would: characters outside SQS's allowed set (InvalidMessageContents), or over 256 KiB
-    counted in UTF-8 bytes (moto counts characters)."""
+    AWS would: characters outside SQS's allowed set (InvalidMessageContents), or over the
+    queue's MaximumMessageSize counted in UTF-8 bytes (moto counts characters)."""
     signature = inspect.signature(validate_message)
 
     @functools.wraps(validate_message)
@@ -665,17 +665,19 @@ def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any
                     "Invalid binary character in the message body (InvalidMessageContents): "
                     "SQS allows #x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF"
                 )
-            if len(body.encode("utf-8", "surrogatepass")) > SQS_MAX_MESSAGE_BYTES:
+            queue = arguments.get("queue")
+            limit = int(getattr(queue, "maximum_message_size", None) or SQS_MAX_MESSAGE_BYTES)
+            if len(body.encode("utf-8", "surrogatepass")) > limit:
                 raise InvalidParameterValue(
-                    f"One or more parameters are invalid. Reason: Message must be shorter than "
-                    f"{SQS_MAX_MESSAGE_BYTES} bytes."
+                    f"One or more parameters are invalid. Reason: Message must be shorter than {limit} bytes."
                 )
         return validate_message(self, *args, **kwargs)
 
     return validate
 
 
-# What SQS refuses in a body (its allowed set, inverted); and its size limit, in UTF-8 bytes.
+# What SQS refuses in a body (its allowed set, inverted); and the size limit, in UTF-8 bytes, of
+# a queue that sets no MaximumMessageSize (moto's default).
 _SQS_REFUSED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 SQS_MAX_MESSAGE_BYTES = 262_144
 

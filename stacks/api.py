@@ -48,7 +48,8 @@ GATEWAY_PROBLEMS: dict[apigw.ResponseType, errors.ProblemType] = {
     apigw.ResponseType.INTEGRATION_FAILURE: errors.BAD_GATEWAY,
     # (the authorizer failed or was throttled: the store behind it busy, its concurrency used up)
     apigw.ResponseType.AUTHORIZER_FAILURE: errors.problem_type(errors.StoreUnavailable),
-    apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR: errors.BAD_GATEWAY,
+    # (an authorizer that raised anything but "Unauthorized": on AWS, its table throttled)
+    apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR: errors.problem_type(errors.StoreUnavailable),
     apigw.ResponseType.DEFAULT_5_XX: errors.BAD_GATEWAY,
 }
 # Every other 4xx API Gateway makes (a route or method the API does not have is its 403

@@ -454,7 +454,7 @@ def test_the_default_stack_changes_no_account_wide_setting(synthesized):
         ("INTEGRATION_TIMEOUT", "gateway_timeout"),
         ("INTEGRATION_FAILURE", "bad_gateway"),
         ("AUTHORIZER_FAILURE", "service_unavailable"),
-        ("AUTHORIZER_CONFIGURATION_ERROR", "bad_gateway"),
+        ("AUTHORIZER_CONFIGURATION_ERROR", "service_unavailable"),
         ("DEFAULT_5XX", "bad_gateway"),
     ],
 )

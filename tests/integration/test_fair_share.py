@@ -600,3 +600,23 @@ def test_an_s3_held_job_retry_overlapping_its_first_submit_is_its_replay_not_a_4
     # Then the retry answers the job the first one made, as a replay
     assert first["reply"].status == 202
     assert (retry.status, retry.body["id"]) == (202, first["reply"].body["id"])
+
+
+def test_a_batch_key_past_its_retention_over_the_quota_is_a_429_not_a_replay(harness: Harness) -> None:
+    # Given a tenant's batch under a key, past its retention (its item not yet deleted), and the
+    # tenant's quota then full
+    from llmq.batches import batch_key
+    from tests.integration.test_batches import _requests, _submit
+
+    _quota(harness, 4)
+    first = _submit(harness, tenant=FREE, key="old", requests=_requests(3))
+    assert first.status == 202
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=batch_key(first.body["id"]),
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) - 60)}},
+    )
+    # When the key is used again, Then the quota refuses it: the old batch is gone, not replayed
+    again = _submit(harness, tenant=FREE, key="old", requests=_requests(3))
+    assert (again.status, again.body["code"]) == (429, "quota_exceeded")

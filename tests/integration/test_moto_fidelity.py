@@ -692,15 +692,22 @@ def test_a_value_no_expression_uses_is_refused_as_dynamodb_refuses_it(
     )
 
 
-@pytest.mark.parametrize("body", ["a\x01b", "a\ufffeb", "é" * 131_073])
+@pytest.mark.parametrize("body", ["a\x01b", "a\ufffeb", "over the queue's size in bytes"])
 def test_a_body_sqs_refuses_is_refused(moto_stack: MotoStack, body: str) -> None:
     """SendMessage (API reference): a body may hold only #x9, #xA, #xD, #x20-#xD7FF,
-    #xE000-#xFFFD and #x10000-#x10FFFF, and at most 256 KiB counted in bytes (moto counts
-    characters: 131,073 'é' are 262,146 bytes)."""
+    #xE000-#xFFFD and #x10000-#x10FFFF, and at most the queue's MaximumMessageSize counted in
+    bytes (moto counts characters: each 'é' is two bytes)."""
     sqs = aws.client("sqs")
     url = moto_stack.lane_queue_urls["high"]
+    limit = int(
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["MaximumMessageSize"])["Attributes"][
+            "MaximumMessageSize"
+        ]
+    )
+    if body == "over the queue's size in bytes":
+        body = "é" * (limit // 2 + 1)
     assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody=body)) == "InvalidParameterValue"
-    sqs.send_message(QueueUrl=url, MessageBody="é" * 131_072)
+    sqs.send_message(QueueUrl=url, MessageBody="é" * (limit // 2))
 
 
 def test_a_dead_letter_moved_back_by_hand_keeps_its_tenant_for_fair_queues(moto_stack: MotoStack) -> None:

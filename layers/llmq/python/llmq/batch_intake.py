@@ -145,7 +145,7 @@ class BatchIntake:
             # (a first submit of the same key may have gone in since the look above: the retry
             # of a client whose connection dropped is its replay, never refused by the quota)
             stored = self.batches.find(batch_id) if idempotency_key is not None else None
-            if stored is not None:
+            if stored is not None and stored.expires_at >= now_ms // 1000:
                 return self._replayed(stored, tenant, digest), True
             raise over_quota(state, record.total, default_max_active, self.config)
         if request.requests is not None:
