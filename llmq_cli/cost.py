@@ -127,6 +127,9 @@ def _streaming_lines(workload: Workload, jobs: float) -> list[CostLine]:
                     + gb * workload.latency_seconds * PRICES["lambda_gb_second_arm64"]
                     # A strongly consistent look at a small item per poll, one per delta read.
                     + (polls + writes) * PRICES["dynamodb_read_request_unit"]
+                    # Each response takes one of the tenant's long-poll places and gives it back
+                    # (llmq.long_polls): two writes of a small item.
+                    + writes * 2 * PRICES["dynamodb_write_request_unit"]
                 ),
             )
         )

@@ -37,3 +37,21 @@ def test_streaming_adds_one_output_write_per_interval_and_following_costs_more()
     assert "DynamoDB output writes" not in {line.item for line in cost_per_million(plain, 10)}
     costs = [total(cost_per_million(workload, 10)) for workload in (plain, slower, streamed, followed)]
     assert costs == sorted(costs) and len(set(costs)) == 4
+
+
+def test_following_a_job_pays_for_each_responses_long_poll_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a 60 s job followed as events: 61 responses (one per output write)
+    from llmq_cli import cost
+
+    followed = Workload(
+        jobs=1_000_000, latency_seconds=60, stream=Streaming(interval_seconds=1.0, followed=True)
+    )
+
+    def following() -> float:
+        lines = {line.item: line.per_million_jobs for line in cost_per_million(followed, 10)}
+        return lines["Following the events"]
+
+    priced = following()
+    monkeypatch.setitem(cost.PRICES, "dynamodb_write_request_unit", 0.0)
+    # Then each response's place, taken and given back (two small writes), is in the price
+    assert priced - following() == pytest.approx(61 * 2 * 0.625)
