@@ -1217,17 +1217,14 @@ PAID = JobResult(output="paid once", finish_reason="stop", usage=Usage(output_to
 HOOK = {"url": "http://127.0.0.1:9/hook"}
 
 
-def _parked(harness: Harness, result: JobResult = PAID, key: str | None = None, **changes: Any) -> str:
-    """A job whose attempt paid for `result`, parked it (its write refused), and then crashed:
-    its lease of 0.2 s lapsed. `changes` are set on its item afterwards (attributes: values)."""
-    job_id: str = harness.submit(webhook=HOOK, key=key).body["id"]
+def _crashed(harness: Harness, job_id: str, **changes: Any) -> JobRecord:
+    """The job, claimed by a worker that then crashed: its lease of 0.2 s lapsed. `changes` are
+    set on its item (attributes: values). The job as the claim took it."""
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     claimed = jobs.claim(
         job_id, "crashed-worker", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")
     )
     assert claimed.outcome is ClaimOutcome.CLAIMED and claimed.job is not None
-    payloads = PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3"))
-    Offload(payloads, harness.config).park_result(claimed.job, result)
     for name, value in changes.items():
         harness.ddb.update_item(
             TableName=harness.stack.jobs_table,
@@ -1237,6 +1234,17 @@ def _parked(harness: Harness, result: JobResult = PAID, key: str | None = None, 
             ExpressionAttributeValues={":v": value},
         )
     time.sleep(0.3)
+    return claimed.job
+
+
+def _parked(harness: Harness, result: JobResult = PAID, key: str | None = None, **changes: Any) -> str:
+    """A job whose attempt paid for `result`, parked it (its write refused), and then crashed
+    (`_crashed`, with `changes`)."""
+    job_id: str = harness.submit(webhook=HOOK, key=key).body["id"]
+    job = _crashed(harness, job_id, **changes)
+    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
+        job, result
+    )
     return job_id
 
 
@@ -1438,21 +1446,6 @@ def test_a_parked_result_is_recorded_before_an_input_s3_will_not_give_back_now(
     assert (job["status"], job["result"]["output"]) == ("succeeded", "paid once")
 
 
-def _crashed(harness: Harness, attempts: int) -> str:
-    """A job whose worker crashed holding it (a lease of 0.2 s, lapsed), nothing parked."""
-    job_id: str = harness.submit().body["id"]
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    assert jobs.claim(job_id, "w", lease_seconds=0.2, tenant=(ENTERPRISE["tenant_id"], "high")).job
-    harness.ddb.update_item(
-        TableName=harness.stack.jobs_table,
-        Key={"pk": {"S": job_id}},
-        UpdateExpression="SET attempts = :n",
-        ExpressionAttributeValues={":n": {"N": str(attempts)}},
-    )
-    time.sleep(0.3)
-    return job_id
-
-
 @pytest.mark.parametrize(
     ("attempts", "lapsed_for", "status"),
     [
@@ -1470,7 +1463,8 @@ def test_s3_failing_never_holds_a_crashed_jobs_slot_for_good(
     status: str,
 ) -> None:
     # Given a crashed job holding its tenant's slot, and S3 failing every look for a parked result
-    job_id = _crashed(harness, attempts)
+    job_id = harness.submit().body["id"]
+    _crashed(harness, job_id, attempts={"N": str(attempts)})
     faults.arm("server_error", "s3.HeadObject", times=1000)
     # When the scheduled reconciler finds its lease lapsed, `lapsed_for` seconds ago
     grace = harness.config.reconciler.expired_lease_grace_seconds

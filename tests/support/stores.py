@@ -42,6 +42,7 @@ from llmq.models import (
     JobOutputEvent,
     JobResult,
     JobStatus,
+    LaneMessage,
     OutputDelta,
     WebhookEvent,
 )
@@ -690,6 +691,8 @@ class InMemoryQueues:
         self.delays: list[tuple[str, int]] = []
         # Copies sent as deferred without a claim of their own (`LaneMessage.spoken_for`).
         self.spoken_for: list[str] = []
+        # Each lane message sent, as a worker would receive it, with its delay.
+        self.sent: list[tuple[LaneMessage, int]] = []
         self.webhooks: list[tuple[str, WebhookEvent]] = []
         self.outputs: list[JobOutputEvent] = []
         # The job each webhook message carried (None: none), in the order of `webhooks`.
@@ -711,6 +714,10 @@ class InMemoryQueues:
     ) -> None:
         self.lanes[lane].append(job_id)
         self.delays.append((job_id, delay_seconds))
+        message = LaneMessage(
+            job_id=job_id, lane=lane, tenant_id=tenant_id, not_before_ms=not_before_ms, spoken_for=spoken_for
+        )
+        self.sent.append((message, delay_seconds))
         if spoken_for:
             self.spoken_for.append(job_id)
 

@@ -625,46 +625,12 @@ def test_a_message_spoken_for_handed_a_slot_late_in_the_invocation_never_runs_wi
     assert [type(outcome).__name__ for outcome in outcomes[:2]] == ["RetryLater", "RetryLater"]
 
 
-def _recorded_copies(world: World) -> list[tuple[LaneMessage, float]]:
-    """Each copy of a lane message the runner sends, as the message a worker receives, with its
-    delay."""
-    sent: list[tuple[LaneMessage, float]] = []
-    enqueue = world.queues.enqueue_job
-
-    def record(
-        job_id: str,
-        lane: str,
-        tenant_id: str,
-        delay_seconds: int = 0,
-        not_before_ms: int | None = None,
-        *,
-        redrive_round: int = 0,
-        spoken_for: bool = False,
-    ) -> None:
-        copy = LaneMessage(
-            job_id=job_id, lane=lane, tenant_id=tenant_id, not_before_ms=not_before_ms, spoken_for=spoken_for
-        )
-        sent.append((copy, delay_seconds))
-        enqueue(
-            job_id,
-            lane,
-            tenant_id,
-            delay_seconds,
-            not_before_ms,
-            redrive_round=redrive_round,
-            spoken_for=spoken_for,
-        )
-
-    world.queues.enqueue_job = record  # type: ignore[method-assign]
-    return sent
-
-
 def test_a_batch_item_spoken_for_by_its_batch_still_ends_at_its_retention_not_after_it() -> None:
     # Given a batch's queued item (no reconciler sweep looks at it: its claims do) of a tenant
     # whose one slot is held for days, its retention ending just past the margin, and another
     # item of the batch received with each of its copies, whose refusal speaks for it
     world = World()
-    sent = _recorded_copies(world)
+    sent = world.queues.sent
     world.jobs.shares["ten_acme"].max_concurrency = 1
     batch_id = "bat_" + "0" * 12 + "a" * 14
     running, scout, item = (item_job_id(batch_id, n) for n in range(3))
