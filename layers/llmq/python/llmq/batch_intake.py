@@ -106,9 +106,7 @@ class BatchIntake:
         # Before anything goes to S3, a replay (its id is derived from the key) is answered from
         # the stored batch, and one with another body refused, leaving nothing behind; the
         # quota never refuses a replay of an accepted key.
-        stored = self.batches.find(batch_id) if idempotency_key is not None else None
-        if stored is not None and stored.expires_at < now_ms // 1000:
-            stored = None  # (past its retention, not yet deleted: the key is free again, as `create` sees it)
+        stored = self._under_key(batch_id, idempotency_key, now_ms)
         upload = self._upload(tenant, request.upload_id, stored) if request.upload_id else None
         digest = batch_request_hash(request, upload)
         webhook = request.webhook
@@ -144,8 +142,8 @@ class BatchIntake:
         if state.active + record.total > limit:
             # (a first submit of the same key may have gone in since the look above: the retry
             # of a client whose connection dropped is its replay, never refused by the quota)
-            stored = self.batches.find(batch_id) if idempotency_key is not None else None
-            if stored is not None and stored.expires_at >= now_ms // 1000:
+            stored = self._under_key(batch_id, idempotency_key, now_ms)
+            if stored is not None:
                 return self._replayed(stored, tenant, digest), True
             raise over_quota(state, record.total, default_max_active, self.config)
         if request.requests is not None:
@@ -158,6 +156,12 @@ class BatchIntake:
         logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})
         self._expand(stored)
         return stored, False
+
+    def _under_key(self, batch_id: str, idempotency_key: str | None, now_ms: int) -> BatchRecord | None:
+        """The batch an Idempotency-Key made, if any. One past its retention, not yet deleted,
+        counts as none: the key is free again, as `create` sees it."""
+        stored = self.batches.find(batch_id) if idempotency_key is not None else None
+        return stored if stored is not None and stored.expires_at >= now_ms // 1000 else None
 
     def _upload(
         self, tenant: TenantIdentity, upload_id: str, stored: BatchRecord | None = None
