@@ -3,9 +3,11 @@ finish reasons and timeouts as a worker meets them, with the fake's per-job call
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +20,7 @@ from llmq.providers import (
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
+    ProviderError,
     ProviderTimeout,
     TransientProviderError,
     verified_context,
@@ -164,6 +167,50 @@ async def test_a_provider_nobody_listens_for_is_transient() -> None:
     with pytest.raises(TransientProviderError) as caught:
         await client.generate(_request("job_refused", "Hi"), 2)
     assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
+
+
+async def _dropping_server(answered: asyncio.Event) -> tuple[asyncio.Server, str]:
+    """A provider on 127.0.0.1 that reads the whole request, then resets the connection
+    without a word (a load balancer's idle timeout under a non-streamed generation)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        answered.set()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize("retry_timeouts", [False, True])
+async def test_a_connection_dropped_after_the_whole_request_went_out_is_a_provider_timeout(
+    retry_timeouts: bool,
+) -> None:
+    # Given a provider that took the whole request and then dropped the connection unanswered
+    received = asyncio.Event()
+    server, url = await _dropping_server(received)
+    async with server:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", False, retry_timeouts=retry_timeouts)
+        # When the job calls it
+        with pytest.raises(ProviderError) as caught:
+            await provider.generate(_request("job_dropped", "Hi"), 5)
+    assert received.is_set()
+    # Then it is treated as a timeout: the provider may be generating (and billing) it still,
+    # so it is retried only when the operator chose to retry timeouts
+    if retry_timeouts:
+        assert isinstance(caught.value, TransientProviderError)
+    else:
+        assert isinstance(caught.value, ProviderTimeout)
+        assert "billing" in caught.value.message
 
 
 # ---- the provider key's lifecycle: set after deploy, rotated while workers hold it cached ----

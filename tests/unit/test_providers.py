@@ -108,6 +108,10 @@ async def test_a_completion_is_parsed_and_the_request_carries_params_and_key() -
         (500, {}, {}, None),
         (408, {}, {}, None),
         (401, {"error": {"code": "invalid_api_key"}}, {}, None),
+        # the provider account out of credit, and a base URL that moved: an operator's to fix,
+        # not the client's request (failing them would fail the whole backlog as invalid)
+        (402, {"error": {"message": "Insufficient Balance"}}, {}, None),
+        (307, {}, {"location": "https://provider.test/v1/chat/completions"}, None),
     ],
 )
 async def test_retryable_statuses_are_transient_with_retry_after(status, body, headers, retry_after) -> None:
@@ -670,6 +674,7 @@ async def test_a_tgi_error_is_classified_by_its_error_type(
         ({"prompt_tokens": "12", "completion_tokens": "n/a"}, (12, 0)),
         ({"prompt_tokens": 3.0, "completion_tokens": None, "output_tokens": 4}, (3, 4)),
         ({"prompt_tokens": -1, "completion_tokens": True}, (0, 0)),
+        ({"prompt_tokens": "²", "completion_tokens": "7"}, (0, 7)),  # a digit int() cannot read
         ("unknown", (0, 0)),
         ([1, 2], (0, 0)),
     ],
@@ -751,3 +756,133 @@ async def test_a_cancel_that_lands_as_a_refused_keys_answer_ends_sends_no_second
     with pytest.raises(asyncio.CancelledError):
         await generation["task"]
     assert calls == ["Bearer old"]
+
+
+# ---- streams whose finish_reason is not the end ----------------------------------------------
+
+
+class _Spaced(httpx.AsyncByteStream):
+    """SSE events sent `gap` seconds apart, then [DONE]."""
+
+    def __init__(self, events: list[dict[str, Any]], gap: float) -> None:
+        self.events = events
+        self.gap = gap
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for event in self.events:
+            yield _sse(event).encode()
+            await asyncio.sleep(self.gap)
+        yield b"data: [DONE]\n\n"
+
+
+async def test_a_gateway_that_marks_every_chunk_finished_gets_its_whole_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a gateway (new-api, LiteLLM in front of Gemini) that puts finish_reason "stop" on
+    # every chunk, and streams for longer than the silence allowed after a finish
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 0.15)
+    monkeypatch.setattr(providers, "_AFTER_FINISH_WITH_TEXT_SECONDS", 0.15)
+    words = [f"w{n} " for n in range(8)]
+    stream = _Spaced([_delta(word, "stop") for word in words], gap=0.05)
+    provider = _provider(lambda request: httpx.Response(200, stream=stream), stream=True)
+    # When the job calls it, then the answer is all of it, not what came in the first moments
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("".join(words), "stop")
+
+
+async def test_a_cut_after_text_that_followed_a_finish_reason_is_retried_not_a_success() -> None:
+    # Given such a gateway whose connection drops mid-answer
+    head = _sse(_delta("w0 ", "stop"), _delta("w1 ", "stop")).encode()
+    provider = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
+    # When the job calls it, then it is retried: its finish_reasons said nothing
+    with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
+        await provider.generate(REQUEST, 5)
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        'data: {"usage": {"prompt_tokens": 3,\n\n',  # a usage chunk cut short
+        'event: error\ndata: {"error": {"message": "late", "code": 500}}\n\n',
+    ],
+    ids=["malformed usage", "error event"],
+)
+async def test_a_whole_answer_followed_by_a_bad_trailer_is_kept_not_paid_for_again(trailer: str) -> None:
+    # Given the whole answer and its finish_reason, then an unreadable chunk or an error event
+    provider = _streaming(_sse(_delta("the whole"), _delta(" answer", "stop")) + trailer)
+    # When the job calls it, then the paid answer is its result
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("the whole answer", "stop")
+    # (the same trailer before any finish_reason is still an error)
+    with pytest.raises(TransientProviderError):
+        await _streaming(_sse(_delta("half an")) + trailer).generate(REQUEST, 5)
+
+
+async def test_a_whole_answer_whose_done_is_late_is_kept_when_the_calls_time_runs_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a finished answer whose [DONE] never comes, with less of the call's time left than
+    # the silence allowed after a finish
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 30.0)
+    provider = _provider(lambda request: httpx.Response(200, stream=_FinishedThenSilent()), stream=True)
+    # When the call's time runs out, then the answer is kept, not a timeout
+    result = await provider.generate(REQUEST, 0.6)
+    assert (result.output, result.finish_reason) == ("the whole answer", "stop")
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ("\ufeff" + _sse(_delta("Hello"), _delta(" world", "stop"), "[DONE]"), {}),
+        (
+            'data: {"choices": [{"delta":\ndata: {"content": "Hello world"}, "finish_reason": "stop"}]}\n\n'
+            "data: [DONE]\n\n",
+            {},
+        ),
+        (json.dumps({"choices": [{"message": {"content": "Hello world"}, "finish_reason": "stop"}]}), None),
+    ],
+    ids=["byte order mark", "data over two lines", "json without a content type"],
+)
+async def test_a_stream_in_a_shape_sse_allows_is_read_whole(
+    body: str, headers: dict[str, str] | None
+) -> None:
+    # Given a stream with a byte order mark, an event whose data spans lines, or a JSON answer
+    # under no content type
+    response = (
+        (lambda request: httpx.Response(200, content=body.encode()))
+        if headers is None
+        else (lambda request: httpx.Response(200, text=body))
+    )
+    # When the job calls it, then the answer is all of it
+    result = await _provider(response, stream=True).generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Hello world", "stop")
+
+
+async def test_an_error_event_whose_status_is_a_digit_int_cannot_read_is_still_an_error() -> None:
+    # Given an error event whose code is a digit Python's int() refuses ("⁵⁰³".isdigit() holds)
+    provider = _streaming('data: {"error": {"code": "\u2075\u2070\u00b3", "message": "busy"}}\n\n')
+    # When the job calls it, then it is the transient error the event is, not a crash
+    with pytest.raises(TransientProviderError, match="busy"):
+        await provider.generate(REQUEST, 5)
+
+
+async def test_the_provider_key_is_read_off_the_event_loop() -> None:
+    # Given a key store whose read blocks (Secrets Manager, cold or refreshing)
+    import threading
+
+    readers: list[int] = []
+
+    def key() -> str:
+        readers.append(threading.get_ident())
+        return "sk-test"
+
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1",
+        key,
+        False,
+        httpx.MockTransport(lambda request: httpx.Response(200, json=_completion_body())),
+    )
+    # When a generation starts, then the key is read in another thread: the batch's other
+    # generations and cancel watchers go on meanwhile
+    await provider.generate(REQUEST, 5)
+    assert readers and threading.get_ident() not in readers

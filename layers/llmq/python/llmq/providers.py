@@ -39,8 +39,10 @@ _PERMANENT_CODES = {
     "model_not_found": ErrorCode.MODEL_NOT_FOUND,
 }
 # Statuses worth retrying. 401/403 are included: they mean our key is wrong or rotated,
-# which an operator fixes; the job itself is not at fault and should not fail at once.
-_TRANSIENT_STATUSES = {401, 403, 408, 409, 425, 429}
+# which an operator fixes; the job itself is not at fault and should not fail at once. So does
+# 402 (the provider account is out of credit: DeepSeek, OpenRouter), and so does a redirect
+# (a base URL that moved): failing them would fail the whole backlog as the client's fault.
+_TRANSIENT_STATUSES = {401, 402, 403, 408, 409, 425, 429}
 # The statuses that say the provider refused our key.
 _KEY_REFUSED_STATUSES = {401, 403}
 # The HTTP status an in-band error's type stands for, when the error carries no status
@@ -163,7 +165,7 @@ def classify_error_event(error: object) -> ProviderError:
 def _classify(
     status: int, names: list[str], message: str, status_code: int | None, retry_after: float | None
 ) -> ProviderError:
-    if status in _TRANSIENT_STATUSES or status >= 500:
+    if status in _TRANSIENT_STATUSES or status >= 500 or status < 400:
         return TransientProviderError(message, status_code, retry_after)
     permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
     if permanent is not None:
@@ -173,7 +175,10 @@ def _classify(
     return PermanentProviderError(ErrorCode.INVALID_REQUEST, message, status_code)
 
 
-def classify_exception(exc: httpx.HTTPError, retry_timeouts: bool = False) -> ProviderError:
+def classify_exception(
+    exc: httpx.HTTPError, retry_timeouts: bool = False, unanswered: bool = False
+) -> ProviderError:
+    """`unanswered`: the whole request went out on a new connection, and no answer came back."""
     # Nothing was sent yet: a retry costs nothing at the provider.
     if isinstance(exc, httpx.ConnectTimeout):
         return TransientProviderError("could not connect to the provider in time")
@@ -181,6 +186,13 @@ def classify_exception(exc: httpx.HTTPError, retry_timeouts: bool = False) -> Pr
         return TransientProviderError("no connection to the provider was free in time")
     if isinstance(exc, httpx.TimeoutException):
         return timed_out("the provider stopped answering", retry_timeouts)
+    if unanswered and isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError)):
+        # The connection dropped while the provider had the whole request (a load balancer's
+        # idle timeout under a non-streamed generation): it may be generating, and billing, it
+        # still, exactly as after a timeout.
+        return timed_out(
+            f"the provider's connection closed before it answered ({type(exc).__name__})", retry_timeouts
+        )
     return TransientProviderError(f"could not reach the provider: {type(exc).__name__}")
 
 
@@ -252,7 +264,7 @@ def _names(error: dict[str, Any]) -> list[str]:
 def _status_hint(error: dict[str, Any]) -> int | None:
     for key in ("status", "status_code", "code"):
         value = error.get(key)
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
             return value
@@ -277,6 +289,10 @@ class _Progress:
     def __init__(self) -> None:
         self.connecting = False
         self.sending = False
+        # The request's body went out on a connection opened for it, and no answer's headers
+        # have come back: only a trace says so (a MockTransport's never does).
+        self.sent_on_new_connection = False
+        self.answered = False
         # The provider refused the request by its status: what it means before its body is
         # read, should the call's time run out while reading it.
         self.refused: ProviderError | None = None
@@ -286,10 +302,19 @@ class _Progress:
             self.connecting = True
         elif ".send_request_headers." in event:
             self.sending = True
+        elif event.endswith(".send_request_body.complete"):
+            # (a reused connection the peer had closed fails before anything reached it)
+            self.sent_on_new_connection = self.connecting
+        elif event.endswith(".receive_response_headers.complete"):
+            self.answered = True
 
     @property
     def nothing_sent(self) -> bool:
         return self.connecting and not self.sending
+
+    @property
+    def unanswered(self) -> bool:
+        return self.sent_on_new_connection and not self.answered
 
 
 class ProviderKey:
@@ -355,11 +380,14 @@ class ChatCompletionsProvider:
         self.retry_timeouts = retry_timeouts
 
     async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        # The key store's read (Secrets Manager, when the cache is cold or refreshing) blocks:
+        # in a thread, the batch's other generations and cancel watchers go on meanwhile.
         try:
-            key = self._api_key()
+            key = await asyncio.to_thread(self._api_key)
         except Exception as exc:
             raise _key_unreadable(exc) from exc
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
+        deadline = time.monotonic() + timeout_seconds
         progress = _Progress()
         try:
             # httpx bounds each read; this bounds the whole call, so a stream that trickles
@@ -377,6 +405,7 @@ class ChatCompletionsProvider:
                         self._headers(request, key),
                         progress,
                         request.on_output,
+                        deadline,
                     )
                 except TransientProviderError as exc:
                     if not exc.key_refused:
@@ -384,7 +413,7 @@ class ChatCompletionsProvider:
                     # The key was refused before any generation: nothing was billed. A new key
                     # (set by the operator, or rotated within the cache's five minutes) is
                     # tried at once instead of after a backoff, and only once.
-                    newer = self._replacing(key)
+                    newer = await self._replacing(key)
                     if newer is None:
                         raise
                     # A cancel asked for meanwhile (the job's, or its deadline's) lands here, at
@@ -398,6 +427,7 @@ class ChatCompletionsProvider:
                         self._headers(request, newer),
                         progress,
                         request.on_output,
+                        deadline,
                     )
         except TimeoutError as exc:
             if progress.refused is not None:
@@ -408,11 +438,11 @@ class ChatCompletionsProvider:
             message = f"the provider did not finish within {timeout_seconds:.1f}s"
             raise timed_out(message, self.retry_timeouts) from exc
         except httpx.HTTPError as exc:
-            raise classify_exception(exc, self.retry_timeouts) from exc
+            raise classify_exception(exc, self.retry_timeouts, progress.unanswered) from exc
 
-    def _replacing(self, refused: str | None) -> str | None:
+    async def _replacing(self, refused: str | None) -> str | None:
         try:
-            return self._api_key.replacing(refused)
+            return await asyncio.to_thread(self._api_key.replacing, refused)
         except Exception as exc:
             raise _key_unreadable(exc) from exc
 
@@ -443,6 +473,7 @@ class ChatCompletionsProvider:
         headers: dict[str, str],
         progress: _Progress,
         on_output: Callable[[str], None] | None = None,
+        deadline: float | None = None,
     ) -> JobResult:
         url = f"{self.base_url}/chat/completions"
         extensions = {"trace": progress}
@@ -454,7 +485,7 @@ class ChatCompletionsProvider:
                 raise classify_response(response, await _error_body(response))
             try:
                 if self.stream:
-                    return await _read_stream(response, on_output)
+                    return await _read_stream(response, on_output, deadline)
                 return _parse_completion(await response.aread())
             except httpx.TimeoutException:
                 raise
@@ -491,11 +522,135 @@ async def _error_body(response: httpx.Response) -> bytes:
 
 # finish_reasons that say the server stopped the generation itself, not that it finished.
 _GAVE_UP = frozenset({"abort", "error"})
-# How long a stream may stay silent after its finish_reason before the answer is taken as whole.
+# How long a stream may stay silent after its finish_reason before the answer is taken as whole:
+# after a finish_reason that came alone, and after one that came with text. A gateway that
+# marks every chunk (new-api or LiteLLM in front of Gemini) sends the second mid-answer too, so
+# that silence is waited out longer; once text follows a finish_reason, the server's
+# finish_reasons say nothing, and only [DONE] or the stream's clean end finish the answer.
 _AFTER_FINISH_SECONDS = 2.0
+_AFTER_FINISH_WITH_TEXT_SECONDS = 10.0
+# What a whole answer keeps of the call's time when its silence is cut short by the deadline.
+_DEADLINE_MARGIN_SECONDS = 0.25
 
 
-async def _read_stream(response: httpx.Response, on_output: Callable[[str], None] | None = None) -> JobResult:
+class _Stream:
+    """A streamed answer as it arrives, line by line (server-sent events)."""
+
+    def __init__(self, on_output: Callable[[str], None] | None) -> None:
+        self.on_output = on_output
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.finish_came_with_text = False
+        # Text came after a finish_reason: the server marks chunks before the end.
+        self.marks_every_chunk = False
+        self.done = False
+        self.usage = Usage()
+        self.event = ""
+        # The data lines of an event not yet whole (SSE lets one event's data span lines).
+        self.pending: list[str] = []
+        self.last_data_at = time.monotonic()
+        self.started = False
+
+    @property
+    def whole(self) -> bool:
+        """The generation said it finished, and nothing since has said otherwise."""
+        return (
+            self.finish_reason is not None
+            and self.finish_reason not in _GAVE_UP
+            and not self.marks_every_chunk
+        )
+
+    def silence_allowed(self, deadline: float | None) -> float | None:
+        """How much longer to wait for the next line; None: as long as the call's time lasts."""
+        if self.finish_reason is None or self.marks_every_chunk:
+            return None
+        limit = _AFTER_FINISH_WITH_TEXT_SECONDS if self.finish_came_with_text else _AFTER_FINISH_SECONDS
+        now = time.monotonic()
+        allowed = limit - (now - self.last_data_at)
+        if deadline is not None:
+            # A whole answer whose [DONE] is late is kept, not lost to the call's deadline.
+            allowed = min(allowed, deadline - now - _DEADLINE_MARGIN_SECONDS)
+        return max(0.0, allowed)
+
+    def json_instead(self, line: str, media_type: str) -> bool:
+        """An answer sent as one JSON body under no stream's content type."""
+        return not self.started and media_type != "text/event-stream" and line.lstrip().startswith("{")
+
+    def feed(self, line: str) -> None:
+        if not self.started:
+            line = line.removeprefix("\ufeff")  # (a byte order mark, which SSE ignores)
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+            return
+        if not line:
+            if self.pending:
+                raise _malformed()
+            self.event = ""  # (an SSE event ends at a blank line; the next names its own type)
+            return
+        if not line.startswith("data:"):
+            return
+        self.started = True
+        self.last_data_at = time.monotonic()
+        data = line[5:].strip()
+        if not self.pending and data == "[DONE]":
+            self.done = True
+            return
+        if not self.pending and self.event == "error" and not data.startswith("{"):
+            # An error event whose data is plain text: classified by what it says.
+            raise classify_error_event({"message": data})
+        self.pending.append(data)
+        try:
+            chunk = json.loads("\n".join(self.pending))
+        except _UNREADABLE_JSON:
+            return  # (the rest of the event's data may follow on its next lines)
+        self.pending.clear()
+        if not isinstance(chunk, dict):
+            raise _malformed()
+        self._chunk(chunk)
+
+    def _chunk(self, chunk: dict[str, Any]) -> None:
+        error = _in_band_error(chunk)
+        if error is None and self.event == "error":
+            # An SSE `error` event, whatever its data holds: never part of an answer.
+            error = classify_error_event(chunk.get("error") or chunk)
+        if error is not None:
+            raise error
+        had_finished = self.finish_reason is not None
+        with_text = False
+        for choice in _dicts(chunk.get("choices")):
+            delta = choice.get("delta")
+            text = _text(delta.get("content")) if isinstance(delta, dict) else ""
+            if text:
+                with_text = True
+                self.parts.append(text)
+                if self.on_output is not None:
+                    self.on_output(text)
+            reason = _reason(choice)
+            if reason is not None:
+                self.finish_reason = reason
+                self.finish_came_with_text = bool(text)
+        if with_text and had_finished:
+            self.marks_every_chunk = True
+        if chunk.get("usage"):
+            self.usage = _usage(chunk["usage"])
+
+    def result(self) -> JobResult:
+        # Either sign of a finished generation will do: some servers omit [DONE], and some send
+        # no finish_reason. With neither, the stream stopped mid-generation; so it did when the
+        # server says it gave up on the request (vLLM's `abort`, or `error`).
+        if self.pending and not self.whole:
+            raise _malformed()
+        if (self.finish_reason is None and not self.done) or self.finish_reason in _GAVE_UP:
+            raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
+        return JobResult(output="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage)
+
+
+async def _read_stream(
+    response: httpx.Response,
+    on_output: Callable[[str], None] | None = None,
+    deadline: float | None = None,
+) -> JobResult:
+    """`deadline`: when the call's time ends (`time.monotonic()`)."""
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
     media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -504,81 +659,46 @@ async def _read_stream(response: httpx.Response, on_output: Callable[[str], None
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
         return _parse_completion(await response.aread())
-    parts: list[str] = []
-    finish_reason: str | None = None
-    done = False
-    usage = Usage()
+    stream = _Stream(on_output)
     lines = response.aiter_lines().__aiter__()
-    finished_at: float | None = None
-    event = ""
     try:
-        while True:
-            if finish_reason is not None and finished_at is None:
-                finished_at = time.monotonic()
-            # After the finish_reason only the usage chunk and [DONE] are left: a server that
+        while not stream.done:
+            # After a finish_reason only the usage chunk and [DONE] are left: a server that
             # then stalls, keep-alives or not, does not turn a whole answer into a timeout.
-            grace = None if finished_at is None else _AFTER_FINISH_SECONDS - (time.monotonic() - finished_at)
             try:
-                async with asyncio.timeout(grace if grace is None else max(0.0, grace)):
+                async with asyncio.timeout(stream.silence_allowed(deadline)):
                     line = await lines.__anext__()
-            except StopAsyncIteration:
+            except (StopAsyncIteration, TimeoutError):
                 break
-            except TimeoutError:
+            if stream.json_instead(line, media_type):
+                return _parse_completion("\n".join([line] + [rest async for rest in lines]).encode())
+            try:
+                stream.feed(line)
+            except ProviderError:
+                if not stream.whole:
+                    raise
+                # A whole answer, then an unreadable line or an error (a cut usage chunk):
+                # the answer is paid for; a retry would pay for it again.
                 break
-            if line.startswith("event:"):
-                event = line[6:].strip()
-                continue
-            if not line:
-                event = ""  # (an SSE event ends at a blank line; the next names its own type)
-                continue
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                break
-            if event == "error" and not data.startswith("{"):
-                # An error event whose data is plain text: classified by what it says.
-                raise classify_error_event({"message": data})
-            chunk = _json_or_error(data.encode())
-            error = _in_band_error(chunk)
-            if error is None and event == "error":
-                # An SSE `error` event, whatever its data holds: never part of an answer.
-                error = classify_error_event(chunk.get("error") or chunk)
-            if error is not None:
-                raise error
-            for choice in _dicts(chunk.get("choices")):
-                delta = choice.get("delta")
-                text = _text(delta.get("content")) if isinstance(delta, dict) else ""
-                if text:
-                    parts.append(text)
-                    if on_output is not None:
-                        on_output(text)
-                finish_reason = _reason(choice) or finish_reason
-            if chunk.get("usage"):
-                usage = _usage(chunk["usage"])
     except httpx.TransportError:
         # Cut or stalled after the generation said it finished (only the usage chunk or [DONE]
         # lost): the output is whole and paid for; a retry would pay for it again.
-        if finish_reason is None:
+        if not stream.whole:
             raise
-    # Either sign of a finished generation will do: some servers omit [DONE], and some send
-    # no finish_reason. With neither, the stream stopped mid-generation; so it did when the
-    # server says it gave up on the request (vLLM's `abort`, or `error`).
-    if (finish_reason is None and not done) or finish_reason in _GAVE_UP:
-        raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
-    return JobResult(output="".join(parts), finish_reason=finish_reason, usage=usage)
+    return stream.result()
+
+
+def _malformed() -> TransientProviderError:
+    return TransientProviderError("the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR)
 
 
 def _json_or_error(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except _UNREADABLE_JSON as exc:
-        raise TransientProviderError(
-            "the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR
-        ) from exc
+        raise _malformed() from exc
     if not isinstance(data, dict):
-        raise TransientProviderError("the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR)
+        raise _malformed()
     return data
 
 
@@ -601,7 +721,8 @@ def _count(value: object) -> int:
         return 0
     if isinstance(value, str):
         value = value.strip()
-        return int(value) if value.isdigit() and len(value) <= 18 else 0
+        # (ASCII only: "²".isdigit() holds, and int("²") raises)
+        return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else 0
     if isinstance(value, int):
         return max(value, 0)
     if isinstance(value, float) and value.is_integer() and 0 <= value < 1e18:
