@@ -120,8 +120,9 @@ deploy: install node_modules/.installed layers ## Preflight (llmq doctor), deplo
 	fi
 	$(PY) -m llmq_cli tenants attach-usage-keys --aws --stack $(STACK)
 
-destroy: install node_modules/.installed ## Delete the stack; the two tables and the provider secret are retained
-	cdk destroy --no-notices --force
+# The stack named like deploy's (STACK=...), and only it; cdk asks before deleting it.
+destroy: install node_modules/.installed layers ## Delete the stack (STACK=...); the two tables, the payloads bucket and the provider secret are retained
+	cdk destroy --no-notices -c llmq:stack_name=$(STACK) $(STACK)
 
 node_modules/.installed: package.json package-lock.json | install
 	npm ci --no-audit --no-fund --loglevel=error

@@ -10,7 +10,10 @@ deploy` stops before CloudFormation half-creates a stack it cannot finish.
 - bootstrap: `cdk bootstrap` ran here, recently enough for this CDK version;
 - provider key: the stack's provider secret holds a real key, not the placeholder the first
   deploy created; before the first deploy, that $LLMQ_PROVIDER_API_KEY holds the key `make
-  deploy` stores right after `cdk deploy` (`llmq provider-key set`, `set_provider_key` here).
+  deploy` stores right after `cdk deploy` (`llmq provider-key set`, `set_provider_key` here);
+- alarm email: the template subscribes every address the deployed alarm topic has, so a deploy
+  without ALARM_EMAIL does not unsubscribe the on-call address (CloudFormation would delete
+  the subscription a template no longer has).
 
 It reads the stack's reservations from a synthesized template (`cdk.out/<stack>.template.json`)
 when there is one, else from `LlmqConfig` in cdk.json. The template is parsed here rather than
@@ -61,6 +64,7 @@ SERVICES = (
     "ssm",
 )
 PROVIDER_SECRET_OUTPUT = "ProviderSecretArn"
+ALARM_TOPIC_OUTPUT = "AlarmTopicArn"
 # Where `llmq provider-key set` (and so `make deploy`) reads the provider key: never argv, which
 # any process on the machine can list and the shell keeps in its history. The sandbox reads the
 # same variable for its real-provider mode.
@@ -119,6 +123,19 @@ def min_bootstrap_version(template: dict[str, Any] | None) -> int:
         return DEFAULT_MIN_BOOTSTRAP_VERSION
 
 
+def alarm_emails_in_template(template: dict[str, Any] | None) -> frozenset[str] | None:
+    """The addresses the template subscribes to its alarm topic; None without a template."""
+    if template is None:
+        return None
+    return frozenset(
+        str(resource["Properties"]["Endpoint"]).lower()
+        for resource in template.get("Resources", {}).values()
+        if resource.get("Type") == "AWS::SNS::Subscription"
+        and resource.get("Properties", {}).get("Protocol") == "email"
+        and isinstance(resource["Properties"].get("Endpoint"), str)
+    )
+
+
 def load_reservations(
     stack: str, template_path: Path | None, cdk_json: Path
 ) -> tuple[Reservations, dict[str, Any] | None]:
@@ -148,6 +165,7 @@ class Doctor:
         reservations: Reservations,
         min_bootstrap: int = DEFAULT_MIN_BOOTSTRAP_VERSION,
         environ: Mapping[str, str] | None = None,
+        alarm_emails: frozenset[str] | None = None,
     ) -> None:
         self._client = client
         self._environ = os.environ if environ is None else environ
@@ -156,6 +174,8 @@ class Doctor:
         self.stack = stack
         self.reservations = reservations
         self.min_bootstrap = min_bootstrap
+        # What the template about to be deployed subscribes (None: no template to compare).
+        self.alarm_emails = alarm_emails
         self.account: str | None = None
 
     def run(self) -> list[Finding]:
@@ -187,6 +207,7 @@ class Doctor:
             self.check_concurrency(outputs is not None),
             bootstrap,
             self.check_provider_key(outputs),
+            self.check_alarm_email(outputs),
         ]
 
     # ---- checks -------------------------------------------------------------------------
@@ -359,6 +380,45 @@ class Doctor:
         return Finding(
             "provider key", Verdict.OK, f"set ({len(versions)} versions of {secret.rsplit(':', 1)[-1]})"
         )
+
+    def check_alarm_email(self, outputs: dict[str, str] | None) -> Finding:
+        topic = (outputs or {}).get(ALARM_TOPIC_OUTPUT)
+        if self.alarm_emails is None or not topic:
+            return Finding("alarm email", Verdict.OK, "nothing deployed to compare (or no template)")
+        try:
+            subscribed = {
+                str(subscription["Endpoint"]).lower()
+                for page in self._client("sns")
+                .get_paginator("list_subscriptions_by_topic")
+                .paginate(TopicArn=topic)
+                for subscription in page["Subscriptions"]
+                if subscription.get("Protocol") == "email"
+            }
+        except (ClientError, BotoCoreError) as exc:
+            return Finding(
+                "alarm email",
+                Verdict.FAIL,
+                f"could not list the alarm topic's subscriptions: {_reason(exc)}",
+                "allow sns:ListSubscriptionsByTopic on it to the deploying identity",
+            )
+        dropped = sorted(subscribed - self.alarm_emails)
+        if dropped:
+            return Finding(
+                "alarm email",
+                Verdict.FAIL,
+                f"this deploy would unsubscribe {', '.join(dropped)} from the alarms (the template "
+                "subscribes no such address): every alarm would then notify nobody",
+                f"deploy with the address: `make deploy ALARM_EMAIL={dropped[0]}`, or set "
+                "`alarm_email` in cdk.json once",
+            )
+        if not self.alarm_emails:
+            return Finding(
+                "alarm email",
+                Verdict.NOTE,
+                "nobody is subscribed to the alarms",
+                "`make deploy ALARM_EMAIL=oncall@example.com` (docs/operations.md)",
+            )
+        return Finding("alarm email", Verdict.OK, ", ".join(sorted(self.alarm_emails)))
 
     # ---- helpers ------------------------------------------------------------------------
 

@@ -941,7 +941,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import boto3
 
-    from llmq_cli.doctor import Doctor, exit_code, load_reservations, min_bootstrap_version, render
+    from llmq_cli.doctor import (
+        Doctor,
+        alarm_emails_in_template,
+        exit_code,
+        load_reservations,
+        min_bootstrap_version,
+        render,
+    )
 
     # The operator's own chain (profile, SSO, role); AWS_REGION first, as llmq's clients read it.
     session = boto3.session.Session(region_name=args.region or os.environ.get("AWS_REGION") or None)
@@ -955,6 +962,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         stack=args.stack,
         reservations=reservations,
         min_bootstrap=min_bootstrap_version(template),
+        alarm_emails=alarm_emails_in_template(template),
     )
     findings = doctor.run()
     print(render(findings, f"llmq doctor: stack {args.stack} in {session.region_name or '(no region)'}"))

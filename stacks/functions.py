@@ -92,6 +92,9 @@ def build_function(
     log_group = logs.LogGroup(
         scope,
         f"{construct_id}Logs",
+        # Named, so that an operator (docs/operations.md) finds a function's log without looking
+        # up a generated name: unique in the region, as the stack's name is.
+        log_group_name=function_log_group_name(cdk.Stack.of(scope).stack_name, name),
         retention=defaults.log_retention,
         removal_policy=cdk.RemovalPolicy.DESTROY,
     )
@@ -115,6 +118,11 @@ def build_function(
     )
     cdk.Tags.of(function).add(FUNCTION_TAG, name)
     return function
+
+
+def function_log_group_name(stack_name: str, function: str) -> str:
+    """Where `function` (its folder's name under functions/) of the stack logs."""
+    return f"/llmq/{stack_name}/{function}"
 
 
 def _execution_role(scope: Construct, construct_id: str, log_group: logs.ILogGroup) -> iam.Role:

@@ -96,6 +96,7 @@ class JobsTableConstruct(Construct):
         construct_id: str,
         *,
         removal_policy: cdk.RemovalPolicy,
+        payloads_removal_policy: cdk.RemovalPolicy,
         deletion_protection: bool,
         retention_days: int,
     ) -> None:
@@ -119,7 +120,7 @@ class JobsTableConstruct(Construct):
                 ),
                 s3.LifecycleRule(prefix=UPLOADS_PREFIX, expiration=cdk.Duration.days(UPLOAD_RETENTION_DAYS)),
             ],
-            removal_policy=removal_policy,
+            removal_policy=payloads_removal_policy,
         )
         self.jobs = self._build_table("Jobs", removal_policy, deletion_protection, ttl=TTL_ATTRIBUTE)
         self.jobs.add_global_secondary_index(

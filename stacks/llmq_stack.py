@@ -72,15 +72,23 @@ class LlmqStack(cdk.Stack):
             description="llmq: asynchronous job gateway for long-running LLM requests",
             **kwargs,
         )
-        stateful_removal = cdk.RemovalPolicy.DESTROY if settings.sandbox else cdk.RemovalPolicy.RETAIN
+        # The stateful resources outlive the stack. The bucket and the secret are removed when
+        # the create that made them rolls back (RetainExceptOnCreate), so a failed first deploy
+        # leaves nothing behind; the tables are kept even then, because their deletion
+        # protection would make CloudFormation's delete, and so the rollback, fail.
+        kept = cdk.RemovalPolicy.DESTROY if settings.sandbox else cdk.RemovalPolicy.RETAIN
+        kept_once_created = (
+            cdk.RemovalPolicy.DESTROY if settings.sandbox else cdk.RemovalPolicy.RETAIN_ON_UPDATE_OR_DELETE
+        )
         self.tables = JobsTableConstruct(
             self,
             "Tables",
-            removal_policy=stateful_removal,
+            removal_policy=kept,
+            payloads_removal_policy=kept_once_created,
             deletion_protection=not settings.sandbox,
             retention_days=config.retention_days,
         )
-        self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=stateful_removal)
+        self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=kept_once_created)
         self.lanes = LanesConstruct(self, "Lanes", config=config)
         # The sandbox runs the handlers from their sources; a deployment ships bytecode when
         # this machine has a Python of the runtime's version (stacks/bytecode.py).

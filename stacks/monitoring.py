@@ -11,6 +11,7 @@ import aws_cdk as cdk
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
@@ -45,16 +46,35 @@ WEBHOOK_FAILURE_ALARM_MIN_COUNT = 5
 # The DynamoDB operations llmq calls (tests/aws_calls.json): ThrottledRequests is reported per
 # operation, with the TableName and Operation dimensions.
 # https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/metrics-dimensions.html
-JOBS_TABLE_OPERATIONS = (
-    dynamodb.Operation.GET_ITEM,
-    dynamodb.Operation.PUT_ITEM,
-    dynamodb.Operation.UPDATE_ITEM,
-    dynamodb.Operation.QUERY,
-)
-TENANTS_TABLE_OPERATIONS = (dynamodb.Operation.GET_ITEM,)
+# (Accept, claim and complete are transactions: their throttles are TransactWriteItems'.)
+JOBS_TABLE_OPERATIONS = ("GetItem", "BatchGetItem", "UpdateItem", "Query", "TransactWriteItems")
+TENANTS_TABLE_OPERATIONS = ("GetItem",)
 # "Period multiplied by EvaluationPeriods can't be more than 604,800 seconds" (PutMetricAlarm,
 # https://docs.aws.amazon.com/AmazonCloudWatch/latest/APIReference/API_PutMetricAlarm.html).
 MAX_ALARM_WINDOW_MINUTES = 7 * 24 * 60
+
+
+def _throttled_requests(
+    table: dynamodb.ITable, operations: tuple[str, ...], label: str
+) -> cloudwatch.MathExpression:
+    """The table's throttled requests of every operation, summed. Each term is FILLed: an
+    operation with no data point in a period (none throttled, or none called) would otherwise
+    leave the sum with no value there, and the alarm could never fire."""
+    terms = {
+        f"t{index}": table.metric(
+            "ThrottledRequests",
+            dimensions_map={"TableName": table.table_name, "Operation": operation},
+            period=FIVE_MINUTES,
+            statistic="Sum",
+        )
+        for index, operation in enumerate(operations)
+    }
+    return cloudwatch.MathExpression(
+        expression=" + ".join(f"FILL({name}, 0)" for name in terms),
+        using_metrics=terms,
+        period=FIVE_MINUTES,
+        label=label,
+    )
 
 
 def oldest_message_alarm_seconds(config: LlmqConfig) -> int:
@@ -140,6 +160,24 @@ class MonitoringConstruct(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.topic = sns.Topic(self, "AlarmTopic", display_name="llmq alarms", enforce_ssl=True)
+        # The topic's policy (enforce_ssl writes one) replaces SNS's default policy, and an alarm
+        # publishes as CloudWatch: without this grant every alarm action fails "not authorized
+        # to perform SNS:Publish" and nobody hears of anything.
+        stack = cdk.Stack.of(self)
+        self.topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="AllowThisAccountsAlarmsToPublish",
+                actions=["sns:Publish"],
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                resources=[self.topic.topic_arn],
+                conditions={
+                    "StringEquals": {"aws:SourceAccount": stack.account},
+                    "ArnLike": {
+                        "aws:SourceArn": f"arn:{stack.partition}:cloudwatch:{stack.region}:{stack.account}:alarm:*"
+                    },
+                },
+            )
+        )
         if alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(alarm_email))
         self._action = cw_actions.SnsAction(self.topic)
@@ -153,9 +191,7 @@ class MonitoringConstruct(Construct):
             operations = JOBS_TABLE_OPERATIONS if name == "jobs" else TENANTS_TABLE_OPERATIONS
             self._alarm(
                 f"{pascal(name)}TableThrottles",
-                table.metric_throttled_requests_for_operations(
-                    operations=list(operations), period=FIVE_MINUTES, label=f"{name} throttled"
-                ),
+                _throttled_requests(table, operations, label=f"{name} throttled"),
                 threshold=0,
                 description=f"llmq: DynamoDB throttled requests to the {name} table",
             )
@@ -419,7 +455,8 @@ class MonitoringConstruct(Construct):
         dashboard = cloudwatch.Dashboard(
             self,
             "Dashboard",
-            dashboard_name=f"{cdk.Stack.of(self).stack_name}-llmq",
+            # (dashboard names are global to the account, not per region)
+            dashboard_name=f"{cdk.Stack.of(self).stack_name}-{cdk.Stack.of(self).region}-llmq",
             default_interval=cdk.Duration.hours(3),
         )
         for row_start in range(0, len(widgets), 2):

@@ -7,6 +7,7 @@ namespace, the metric, its dimensions and the action, not that some alarm exists
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from stacks.monitoring import (
     failure_rate_expression,
     webhook_oldest_message_alarm_seconds,
 )
+from tests.aws_calls import CATALOGUE_PATH
 from tests.infra.synthesis import SynthesizedApp, synthesize
 
 FUNCTIONS = ("api", "authorizer", "worker", "dead_letter", "webhook_dispatcher", "reconciler")
@@ -169,23 +171,35 @@ def test_every_function_alarms_on_its_errors_and_its_throttles(synthesized, alar
         _fires_on_any(alarm)
 
 
+def _dynamodb_operations_on(variable: str) -> set[str]:
+    """The DynamoDB operations llmq's functions call on the table named by `variable`, from the
+    catalogue the integration suite keeps (tests/aws_calls.json)."""
+    catalogue = json.loads(CATALOGUE_PATH.read_text())
+    return {
+        call.split(":")[1].split("/")[0]
+        for function, calls in catalogue.items()
+        if not function.startswith("_")
+        for call, resources in calls.items()
+        if call.startswith("dynamodb:")
+        and any(resource.split("/")[0] == f"env:{variable}" for resource in resources)
+    }
+
+
 @pytest.mark.parametrize(
-    ("output", "operations"),
-    [
-        ("JobsTableName", {"GetItem", "PutItem", "UpdateItem", "Query"}),
-        ("TenantsTableName", {"GetItem"}),
-    ],
+    ("output", "variable"),
+    [("JobsTableName", "LLMQ_JOBS_TABLE"), ("TenantsTableName", "LLMQ_TENANTS_TABLE")],
 )
 def test_every_table_alarms_on_throttled_requests_of_each_operation_llmq_calls(
-    synthesized, alarms, output, operations
+    synthesized, alarms, output, variable
 ):
     table = {"Ref": _ref(synthesized, output)}
     # ThrottledRequests is published per TableName and Operation: one series per operation,
     # summed by the alarm's expression.
     watched: set[str] = set()
     for alarm in alarms:
-        stats = [query["MetricStat"] for query in alarm.get("Metrics", []) if "MetricStat" in query]
-        for stat in stats:
+        queries = alarm.get("Metrics", [])
+        stats = {query["Id"]: query["MetricStat"] for query in queries if "MetricStat" in query}
+        for query_id, stat in stats.items():
             metric = stat["Metric"]
             dimensions = {d["Name"]: d["Value"] for d in metric["Dimensions"]}
             if (metric["Namespace"], metric["MetricName"]) == ("AWS/DynamoDB", "ThrottledRequests") and (
@@ -194,7 +208,35 @@ def test_every_table_alarms_on_throttled_requests_of_each_operation_llmq_calls(
                 watched.add(dimensions["Operation"])
                 assert stat["Stat"] == "Sum"
                 _fires_on_any(alarm)
-    assert watched == operations
+                # A series with no data point in a period (no throttle of that operation) would
+                # leave an unfilled sum without a value, and the alarm could never fire.
+                (expression,) = [query["Expression"] for query in queries if "Expression" in query]
+                assert f"FILL({query_id}, 0)" in expression
+    assert watched == _dynamodb_operations_on(variable)
+
+
+def test_cloudwatch_may_publish_this_accounts_alarms_to_the_alarm_topic(synthesized, topic):
+    # The topic's policy replaces SNS's default one: an alarm's action publishes as CloudWatch,
+    # which needs an Allow of its own, or every notification fails unheard.
+    (policy,) = synthesized.template.of_type("AWS::SNS::TopicPolicy").values()
+    assert topic in policy["Properties"]["Topics"]
+    allowed = [
+        statement
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        if statement["Effect"] == "Allow"
+        and statement.get("Principal") == {"Service": "cloudwatch.amazonaws.com"}
+        and "sns:Publish" in json.dumps(statement["Action"])
+    ]
+    assert len(allowed) == 1
+    # (only this account's alarms)
+    assert allowed[0]["Condition"]["StringEquals"]["aws:SourceAccount"] == {"Ref": "AWS::AccountId"}
+    assert "alarm:*" in json.dumps(allowed[0]["Condition"]["ArnLike"]["aws:SourceArn"])
+
+
+def test_the_dashboard_name_is_unique_per_region(synthesized):
+    # Dashboard names are global to an account: a second region's stack must not collide.
+    (dashboard,) = synthesized.template.of_type("AWS::CloudWatch::Dashboard").values()
+    assert "AWS::Region" in json.dumps(dashboard["Properties"]["DashboardName"])
 
 
 def test_the_webhooks_queue_alarms_when_its_oldest_message_outlives_the_first_retries(synthesized, alarms):

@@ -240,8 +240,11 @@ def test_tables_and_secret_survive_a_stack_deletion(synthesized):
         assert table["DeletionPolicy"] == "Retain", logical_id
         assert table["Properties"]["DeletionProtectionEnabled"] is True
         assert table["Properties"]["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
-    for logical_id, secret in template.of_type("AWS::SecretsManager::Secret").items():
-        assert secret["DeletionPolicy"] == "Retain", logical_id
+    # The bucket and the secret too, except when the create that made them rolls back: a
+    # failed first deploy leaves no stray secret or bucket in the account on each attempt.
+    for kind in ("AWS::SecretsManager::Secret", "AWS::S3::Bucket"):
+        for logical_id, resource in template.of_type(kind).items():
+            assert resource["DeletionPolicy"] == "RetainExceptOnCreate", logical_id
 
 
 # ---- functions -----------------------------------------------------------------------
@@ -258,6 +261,15 @@ def test_every_function_runs_on_arm64_with_the_powertools_runtime(synthesized):
         assert len(properties["Layers"]) == 2, name
     layers = synthesized.template.of_type("AWS::Lambda::LayerVersion").values()
     assert [layer["Properties"]["CompatibleArchitectures"] for layer in layers] == [[LAMBDA_ARCHITECTURE]] * 2
+
+
+def test_every_function_logs_to_a_group_an_operator_can_name(synthesized):
+    # docs/operations.md tells an operator to `aws logs tail /llmq/<stack>/<function>`: a
+    # generated name would leave every command of the runbook pointing at nothing.
+    groups = synthesized.template.of_type("AWS::Logs::LogGroup")
+    for name, (_, resource) in synthesized.template.functions().items():
+        group_id = resource["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
+        assert groups[group_id]["Properties"]["LogGroupName"] == f"/llmq/Llmq/{name}", name
 
 
 @pytest.mark.parametrize("name", FUNCTION_NAMES)

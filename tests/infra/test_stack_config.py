@@ -92,6 +92,10 @@ def test_alarm_email_context_subscribes_to_the_alarm_topic(synthesized):
     (subscription,) = synthesized.template.of_type("AWS::SNS::Subscription").values()
     assert subscription["Properties"]["Protocol"] == "email"
     assert subscription["Properties"]["Endpoint"] == "oncall@example.com"
+    # (what `llmq doctor` reads to tell whether a deploy keeps the deployed subscription)
+    from llmq_cli.doctor import alarm_emails_in_template
+
+    assert alarm_emails_in_template(synthesized.template.template) == {"oncall@example.com"}
 
 
 def test_every_dlq_of_three_lanes_has_an_alarm(synthesized):

@@ -19,12 +19,14 @@ from moto import mock_aws
 
 from llmq_cli import main as cli
 from llmq_cli.doctor import (
+    ALARM_TOPIC_OUTPUT,
     BOOTSTRAP_VERSION_PARAMETER,
     PROVIDER_KEY_ENV,
     PROVIDER_SECRET_OUTPUT,
     Doctor,
     Finding,
     Verdict,
+    alarm_emails_in_template,
     exit_code,
     min_bootstrap_version,
     render,
@@ -73,7 +75,7 @@ class Account:
         }
         self.client("cloudformation").create_stack(StackName="CDKToolkit", TemplateBody=json.dumps(template))
 
-    def deploy(self) -> str:
+    def deploy(self, outputs: dict[str, str] | None = None) -> str:
         """The stack and its provider secret, holding the placeholder the app's template generates,
         with the output that names it. Returns its ARN.
 
@@ -90,12 +92,17 @@ class Account:
         arn = str(secrets.create_secret(Name="LlmqProviderApiKey", SecretString=placeholder)["ARN"])
         template = {
             "Resources": {"Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"}},
-            "Outputs": {PROVIDER_SECRET_OUTPUT: {"Value": arn}},
+            "Outputs": {
+                PROVIDER_SECRET_OUTPUT: {"Value": arn},
+                **{key: {"Value": value} for key, value in (outputs or {}).items()},
+            },
         }
         self.client("cloudformation").create_stack(StackName=STACK, TemplateBody=json.dumps(template))
         return arn
 
-    def doctor(self, region: str | None = REGION) -> tuple[list[Finding], str, int]:
+    def doctor(
+        self, region: str | None = REGION, template: dict[str, Any] | None = None
+    ) -> tuple[list[Finding], str, int]:
         doctor = Doctor(
             client=self.client,
             region=region,
@@ -103,6 +110,7 @@ class Account:
             stack=STACK,
             reservations=reservations_from_template(self.template, "the test's template"),
             min_bootstrap=min_bootstrap_version(self.template),
+            alarm_emails=alarm_emails_in_template(template),
         )
         findings = doctor.run()
         return findings, render(findings, "llmq doctor"), exit_code(findings)
@@ -376,4 +384,51 @@ def test_a_first_create_that_rolled_back_counts_as_not_deployed(
     # Then it is checked as a stack to create (cdk deploy replaces it), and the deploy may go ahead
     assert _verdicts(findings)["provider key"] is Verdict.OK, report
     assert "is not deployed yet" in report
+    assert code == 0
+
+
+def _subscribing(*addresses: str) -> dict[str, Any]:
+    """A template that subscribes `addresses` to its alarm topic, as `-c alarm_email=` makes it."""
+    return {
+        "Resources": {
+            f"Subscription{index}": {
+                "Type": "AWS::SNS::Subscription",
+                "Properties": {"Protocol": "email", "Endpoint": address, "TopicArn": {"Ref": "AlarmTopic"}},
+            }
+            for index, address in enumerate(addresses)
+        }
+    }
+
+
+def test_a_deploy_that_would_unsubscribe_the_on_call_address_fails_naming_it(account: Account) -> None:
+    # Given a deployed stack whose alarm topic e-mails the on-call address, its key set
+    account.bootstrap()
+    sns = account.client("sns")
+    topic = sns.create_topic(Name="llmq-alarms")["TopicArn"]
+    sns.subscribe(TopicArn=topic, Protocol="email", Endpoint="OnCall@example.com")
+    secret = account.deploy(outputs={ALARM_TOPIC_OUTPUT: topic})
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    # When the operator deploys again without ALARM_EMAIL (a template with no subscription)
+    findings, report, code = account.doctor(template=_subscribing())
+    # Then the preflight stops the deploy, naming the address and how to keep it
+    assert _verdicts(findings)["alarm email"] is Verdict.FAIL, report
+    assert "would unsubscribe oncall@example.com" in report
+    assert "ALARM_EMAIL=oncall@example.com" in report
+    assert code == 1
+    # And with the address passed again (any case), the deploy may go ahead
+    findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
+    assert _verdicts(findings)["alarm email"] is Verdict.OK, report
+    assert code == 0
+
+
+def test_a_stack_nobody_is_subscribed_to_deploys_with_a_note(account: Account) -> None:
+    # Given a deployed stack whose alarm topic has no subscription, and a template with none
+    account.bootstrap()
+    topic = account.client("sns").create_topic(Name="llmq-alarms")["TopicArn"]
+    secret = account.deploy(outputs={ALARM_TOPIC_OUTPUT: topic})
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    # When the operator runs the doctor, then it goes ahead, saying that nobody hears the alarms
+    findings, report, code = account.doctor(template=_subscribing())
+    assert _verdicts(findings)["alarm email"] is Verdict.NOTE, report
+    assert "nobody is subscribed to the alarms" in report
     assert code == 0
