@@ -10,6 +10,7 @@ from botocore.exceptions import ClientError
 from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
+from llmq.errors import StoreUnavailable
 from llmq.execution import mark_dead_letter
 from llmq.job_index import sweep_partition, sweep_partitions
 from llmq.jobs import JobRepository
@@ -223,6 +224,58 @@ def test_a_queued_job_past_its_deadline_is_expired_by_the_reconciler(
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
     assert provider.calls_for(job_id) == 0
+
+
+def test_a_queued_job_past_its_deadline_found_only_after_its_retention_still_ends(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    provider: FakeProviderServer,
+    receiver: WebhookReceiver,
+) -> None:
+    # Given a queued job with a deadline whose message was lost, which the reconciler first
+    # reaches after the job's retention ended (an outage; TTL has not deleted it yet)
+    hooks = {"url": f"http://127.0.0.1:{receiver.port}/hooks"}
+    job_id = harness.submit(deadline_seconds=60, webhook=hooks).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    clock.offset = harness.config.retention_seconds + 60
+    # When it runs, then the job ends expired and its tenant's quota comes back: once TTL
+    # deleted the item, nothing could give it back
+    assert reconciler.run().expired == [job_id]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    stored = jobs.find(job_id, past_retention=True)
+    assert stored is not None and stored.status is JobStatus.EXPIRED
+    assert _tenant_share(harness).active == 0
+    assert {"job_id": job_id, "event": "job.expired"} in _terminal_events(harness)
+    assert provider.calls_for(job_id) == 0
+
+
+def test_a_lapsed_lease_is_recovered_before_the_lane_counts_are_read(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a crashed worker's job and a stale queued job whose message was lost
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    crashed_id = harness.submit().body["id"]
+    stale_id = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    crashed = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert crashed.claim(crashed_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    # And the counts of the lane's unfinished jobs (a read of the whole sweep index) fail
+    recovered_first: list[bool] = []
+
+    def counted() -> Any:
+        recovered_first.append(_tenant_share(harness).running == 0)
+        raise StoreUnavailable("throttled", retry_after=1)
+
+    reconciler.jobs.count_unfinished = counted  # type: ignore[method-assign]
+    # When the reconciler runs
+    report = reconciler.run()
+    # Then the lapsed lease was recovered (its slot back) before the counts were asked for,
+    # and the stale queued job waits for the next run
+    assert report.recovered == [crashed_id]
+    assert recovered_first == [True]
+    assert stale_id in report.waiting
 
 
 def test_a_running_job_whose_worker_vanished_is_recovered(

@@ -251,6 +251,40 @@ def test_a_running_job_asked_to_cancel_ends_canceled(harness: Harness, provider:
     assert provider.calls_for(job_id) == 1
 
 
+def test_a_retry_that_would_come_after_the_jobs_retention_ends_it_now_with_its_webhook(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a job near the end of its retention (it waited days behind its tenant's cap: its
+    # expiry stands a little beyond the reconciler's margin), whose provider answers 429 with
+    # a Retry-After of four hours
+    from llmq.shares import ShareRepository
+
+    job_id = harness.submit(
+        prompt="[[fail:429x1]] [[retry_after:14400]]", webhook={"url": "http://127.0.0.1:9/hook"}
+    ).body["id"]
+    margin = harness.config.reconciler.retention_margin_seconds
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET expires_at = :soon",
+        ExpressionAttributeValues={":soon": {"N": str(int(time.time()) + margin + 120)}},
+    )
+    # When the worker runs it
+    assert harness.drain("high") == {"batchItemFailures": []}
+    # Then it ends now, failed as a retry past its end would (it could not be looked at again
+    # before its item is deleted), its quota back and its webhook on the way
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "deadline_exceeded")
+    assert "retention" in job["error"]["message"]
+    assert provider.calls_for(job_id) == 1
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert (share.active, share.running) == (0, 0)
+    events = [webhook_message(message) for message in harness.receive(harness.stack.webhook_queue_url)]
+    assert {"job_id": job_id, "event": "job.failed"} in events
+
+
 def test_a_deadline_passed_before_the_claim_expires_the_job(
     harness: Harness, provider: FakeProviderServer
 ) -> None:

@@ -847,6 +847,20 @@ class JobRunner:
             logger.info("retry would cross the deadline", extra=extra)
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
+        retire_ms = (job.expires_at - self.config.reconciler.retention_margin_seconds) * 1000
+        if self.jobs.now_ms() + delay * 1000 >= retire_ms:
+            # A retry due within the end of its retention (a Retry-After of hours, a job that
+            # waited days behind its tenant's cap) would find it too late to run, or deleted:
+            # it ends now, with its webhook, and its tenant's quota back.
+            error = JobError(
+                code=ErrorCode.DEADLINE_EXCEEDED,
+                message=f"attempt {job.attempts} failed ({exc.message}) and a retry would start "
+                "after the job's retention ends",
+                retryable=True,
+            )
+            logger.info("retry would cross the retention", extra=extra)
+            await self._settle(self.jobs.fail_leased, job, invocation, error)
+            return
         error = JobError(code=exc.code, message=exc.message, retryable=True)
         owner = invocation.owner
         try:

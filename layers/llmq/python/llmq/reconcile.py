@@ -9,6 +9,7 @@ job is stale, and re-sending them all would multiply the lane's messages run aft
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmq.batch_runs import item_ended
@@ -88,16 +89,9 @@ class Reconciler:
         except StoreUnavailable:
             # A throttled shard: settle what was read; the rest stays due for the next run.
             logger.warning("sweep interrupted", extra={"read": len(entries)})
-        try:
-            deficits = self._message_deficits(entries, now)
-        except StoreUnavailable:
-            # Unknown this run: send nothing new for stale queued jobs; the rest goes on.
-            logger.warning("lane depths unavailable; stale queued jobs wait for the next run")
-            deficits = Counter()
-        except Exception as exc:
-            # (an open batch this version cannot read, a queue it may not look at: the same)
-            _not_settled(exc, "lane depths")
-            deficits = Counter()
+        # Read only when the first stale queued job is reached: the lane counts read the whole
+        # sweep index, and the lapsed leases (first in `entries`) must not wait behind them.
+        deficits = _Deficits(lambda: self._deficits_or_none(entries, now))
         for entry in entries:
             report.examined += 1
             try:
@@ -113,6 +107,17 @@ class Reconciler:
                 report.skipped.append(entry.job_id)
         logger.info("reconciled", extra=report.as_log())
         return report
+
+    def _deficits_or_none(self, entries: list[SweepEntry], now: int) -> Counter[str]:
+        try:
+            return self._message_deficits(entries, now)
+        except StoreUnavailable:
+            # Unknown this run: send nothing new for stale queued jobs; the rest goes on.
+            logger.warning("lane depths unavailable; stale queued jobs wait for the next run")
+        except Exception as exc:
+            # (an open batch this version cannot read, a queue it may not look at: the same)
+            _not_settled(exc, "lane depths")
+        return Counter()
 
     def _message_deficits(self, entries: list[SweepEntry], now: int) -> Counter[str]:
         """Per lane, how many unfinished jobs have no message in the lane's queue.
@@ -143,7 +148,7 @@ class Reconciler:
             deficits[lane] = max(0, unfinished[lane] - depth)
         return deficits
 
-    def _settle(self, entry: SweepEntry, now: int, deficits: Counter[str], report: ReconcileReport) -> None:
+    def _settle(self, entry: SweepEntry, now: int, deficits: _Deficits, report: ReconcileReport) -> None:
         thresholds = self.config.reconciler
         if entry.batch:
             self._poke(entry, report)
@@ -151,8 +156,7 @@ class Reconciler:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
             # The most overdue jobs first take whatever messages the lane is short of.
-            if deficits[entry.lane] > 0:
-                deficits[entry.lane] -= 1
+            if deficits.take(entry.lane):
                 job = self.jobs.find(entry.job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
                     self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
@@ -252,7 +256,8 @@ class Reconciler:
         report.recovered.append(entry.job_id)
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
-        job = self.jobs.find(entry.job_id)
+        # (one found only after its retention still ends, and frees its tenant's quota)
+        job = self.jobs.find(entry.job_id, past_retention=True)
         if job is not None and job.cancel_requested:
             # Asked to cancel before its deadline passed: it ends as asked.
             self._cancel(job, report)
@@ -306,4 +311,25 @@ def _not_settled(exc: Exception, what: str) -> None:
 
 
 def _is_stale_queued(entry: SweepEntry, now: int) -> bool:
-    return entry.status is JobStatus.QUEUED and (entry.deadline_ms is None or entry.deadline_ms > now)
+    return (
+        not entry.batch
+        and entry.status is JobStatus.QUEUED
+        and (entry.deadline_ms is None or entry.deadline_ms > now)
+    )
+
+
+class _Deficits:
+    """Per lane, how many stale queued jobs may be sent a message this run; counted at the
+    first ask (`Reconciler._message_deficits`)."""
+
+    def __init__(self, count: Callable[[], Counter[str]]) -> None:
+        self._count = count
+        self._left: Counter[str] | None = None
+
+    def take(self, lane: str) -> bool:
+        if self._left is None:
+            self._left = self._count()
+        if self._left[lane] <= 0:
+            return False
+        self._left[lane] -= 1
+        return True
