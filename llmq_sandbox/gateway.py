@@ -479,11 +479,11 @@ class ApiGateway:
         query_multi: dict[str, list[str]] = {}
         for name, value in query_pairs:
             query_multi.setdefault(name, []).append(value)
-        body, encoded = self._body(
-            request.body, self._is_binary(single.get("Content-Type") or single.get("content-type"))
-        )
+        # (header names are case-insensitive: `CONTENT-TYPE` is the Content-Type)
+        named = {name.lower(): value for name, value in single.items()}
+        body, encoded = self._body(request.body, self._is_binary(named.get("content-type")))
         now = datetime.now(UTC)
-        user_agent = single.get("User-Agent") or single.get("user-agent")
+        user_agent = named.get("user-agent")
         return {
             "resource": route.resource_path,
             "path": path,
@@ -523,8 +523,7 @@ class ApiGateway:
                 },
                 # The host the client reached, as on AWS (the execute-api or a custom domain):
                 # the API builds its links from it.
-                "domainName": single.get("Host")
-                or single.get("host")
+                "domainName": named.get("host")
                 or f"{self.api.rest_api_id}.execute-api.{self._region}.amazonaws.com",
                 "apiId": self.api.rest_api_id,
             },

@@ -31,6 +31,7 @@ from llmq.batch_intake import BatchIntake
 from llmq.batches import BatchRepository
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
+from llmq.job_codec import cursor_after
 from llmq.jobs import JobRecord, JobRepository
 from llmq.live_output import finished_reading, resume_point, retry_hint
 from llmq.long_polls import LongPolls
@@ -167,6 +168,9 @@ def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
 
 def _where(loc: list[Any]) -> tuple[str, ...]:
     parts = tuple(str(part).lower() for part in loc)
+    # A batch item's body is a job's: its errors get the codes the same error has for a job.
+    if len(parts) > 4 and parts[:2] == ("body", "requests") and parts[3] == "body":
+        parts = ("body", *parts[4:])
     # A message's content is the prompt too: `messages[i].content` counts as `prompt`.
     if parts[:2] == ("body", "messages") and parts[-1:] == ("content",):
         return ("body", "prompt")
@@ -196,10 +200,34 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
         return handle_domain_error(errors.MalformedJson("parse error"))
     kind = _domain_error_at(details)
     if kind is not None:
-        return handle_domain_error(kind("; ".join(str(detail["msg"]) for detail in details)))
-    status, body = problem_for(errors.InvalidRequest("the request does not match the schema"))
-    body.errors = details
+        messages = dict.fromkeys(_located(detail) for detail in details[:_MAX_ERRORS_SHOWN])
+        return handle_domain_error(kind("; ".join(messages)))
+    # A small body can hold many thousands of errors (each unknown field is one): the answer
+    # names the first few, so it stays small whatever the body held.
+    shown = [
+        detail
+        | {"loc": [part if isinstance(part, int) else str(part)[:_MAX_LOC_CHARS] for part in detail["loc"]]}
+        for detail in details[:_MAX_ERRORS_SHOWN]
+    ]
+    more = f" ({len(details)} errors; the first {len(shown)} are listed)" if len(details) > len(shown) else ""
+    status, body = problem_for(errors.InvalidRequest(f"the request does not match the schema{more}"))
+    body.errors = shown
     return _problem_response(status, body)
+
+
+_MAX_ERRORS_SHOWN = 20
+
+
+def _located(detail: dict[str, Any]) -> str:
+    """A domain error's message; a batch item's names the item (`requests[3]: ...`)."""
+    loc = detail["loc"]
+    if len(loc) > 2 and tuple(loc[:2]) == ("body", "requests") and isinstance(loc[2], int):
+        return f"requests[{loc[2]}]: {detail['msg']}"
+    return str(detail["msg"])
+
+
+# (a field's name is the client's: an unknown one may be long)
+_MAX_LOC_CHARS = 64
 
 
 # The methods each path serves, so a known path with another method is 405, not 404.
@@ -485,12 +513,20 @@ def handle_list_jobs(
 ) -> Response[Any]:
     jobs, next_cursor = intake().list(_tenant(), status, limit, cursor)
     base = _public_base()
-    page = JobList(data=[job.to_job(api_base=base) for job in jobs], next_cursor=next_cursor)
     # The tenant index holds no live output (`stacks/jobs_table.py`): its items would all say
     # `stream: false` and show no progress, so the list leaves those out; a GET shows them.
     live = {"stream", "progress", "output_partial", "output_partial_truncated"}
-    body = page.model_dump_json(exclude={"data": {"__all__": live}})
-    return Response(status_code=200, content_type="application/json", body=body)
+    shown = [job.to_job(api_base=base) for job in jobs]
+    while True:
+        page = JobList(data=shown, next_cursor=next_cursor)
+        body = page.model_dump_json(exclude={"data": {"__all__": live}})
+        # A page DynamoDB sized by its bytes can hold more than Lambda may answer, once its
+        # results and metadata are escaped (a control character takes 6 bytes, then 7): the
+        # page ends early, its cursor at its last job, as a shorter `limit` would.
+        if len(shown) <= 1 or _serialized_bytes(body) <= MAX_RESPONSE_BODY_BYTES:
+            return Response(status_code=200, content_type="application/json", body=body)
+        shown = shown[: len(shown) // 2]
+        next_cursor = cursor_after(jobs[len(shown) - 1])
 
 
 @app.post(
@@ -870,6 +906,13 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
     media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
     if raw.strip() and media_type != "application/json" and not media_type.endswith("+json"):
         return errors.UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not application/json")
+    encoding = (headers.get("content-encoding") or "identity").strip().lower()
+    if raw.strip() and encoding != "identity":
+        # (the API compresses nothing: a gzip body would otherwise be read as broken JSON, and
+        # a plain one that claims gzip as if it were not)
+        return errors.UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not supported: send the body as is"
+        )
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:

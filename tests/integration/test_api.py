@@ -455,6 +455,81 @@ def test_a_body_nested_too_deeply_to_parse_is_a_400_and_writes_nothing(
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt": "x", "params": {"stop": [' + ",".join(["0"] * 20_000) + "]}}",
+        '{"prompt": "x", ' + ",".join(f'"k{i}": 0' for i in range(5_000)) + "}",
+        '{"prompt": "x", "webhook": {"url": "https://example.com/h", "events": ['
+        + ",".join(['"job.nope"'] * 5_000)
+        + "]}}",
+        '{"prompt": "x", "' + "k" * 30_000 + '": 0}',
+    ],
+    ids=["stop-list", "unknown-fields", "event-list", "one-long-unknown-field"],
+)
+def test_a_small_body_with_thousands_of_errors_gets_a_small_problem_and_writes_nothing(
+    harness: Harness, raw: str
+) -> None:
+    # Given a body within the size limit whose errors multiply (one per element or field)
+    reply = harness.api("POST", "/v1/jobs", raw_body=raw, tenant=ENTERPRISE)
+    # Then it is the ordinary 422, naming only the first errors, however many there are: an
+    # answer of millions of errors would be over Lambda's 6 MB (a 502) or its memory
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    assert 1 <= len(reply.body["errors"]) <= 20
+    assert len(json.dumps(reply.body)) < 8_000
+    _nothing_changed(harness)
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
+def test_a_forged_cursor_nested_too_deeply_to_parse_is_a_400_not_a_500(harness: Harness, path: str) -> None:
+    # Given a cursor of the API's format that decodes to JSON nested 1,200 levels deep
+    import base64
+
+    cursor = base64.urlsafe_b64encode(("[" * 1200).encode()).decode().rstrip("=")
+    # When a list is asked for with it, then it is the client's bad cursor, not a server fault
+    reply = harness.api("GET", path, tenant=ENTERPRISE, query={"cursor": cursor})
+    assert (reply.status, reply.code) == (400, "invalid_cursor")
+
+
+def test_a_compressed_body_is_415_and_writes_nothing(harness: Harness) -> None:
+    # Given a body sent with a Content-Encoding the API does not take (it compresses nothing)
+    reply = harness.api(
+        "POST",
+        "/v1/jobs",
+        body={"prompt": "hi"},
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        tenant=ENTERPRISE,
+    )
+    # Then it is refused as such, not read as if it were plain
+    assert (reply.status, reply.code) == (415, "unsupported_media_type")
+    _nothing_changed(harness)
+
+
+def test_a_list_page_too_large_for_lambdas_answer_ends_early_and_pages_on(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given ten jobs, and a response limit that holds about three of them (Lambda's is 6 MB:
+    # a page of a hundred jobs whose metadata is control characters, escaped, can pass it)
+    ids = [harness.submit(metadata={"note": "\x01" * 200}).body["id"] for _ in range(10)]
+    one_job = len(json.dumps(harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "1"}).body))
+    monkeypatch.setattr(harness.api_module, "MAX_RESPONSE_BODY_BYTES", 3 * one_job)
+    # When the tenant lists them a page of ten at a time
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        query = {"limit": "10", **({"cursor": cursor} if cursor else {})}
+        reply = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query=query)
+        assert reply.status == 200
+        # Then each page is within the limit, and ends early with a cursor where it must
+        assert len(json.dumps(reply.body)) <= 3 * one_job
+        seen += [job["id"] for job in reply.body["data"]]
+        cursor = reply.body["next_cursor"]
+        if cursor is None:
+            break
+    # And every job is listed once, newest first
+    assert seen == list(reversed(ids))
+
+
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
 def test_a_number_too_long_to_read_is_a_400_and_writes_nothing(harness: Harness, path: str) -> None:
     # Given valid JSON whose integer has 5,000 digits: Python's parser refuses it with a plain

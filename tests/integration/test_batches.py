@@ -247,7 +247,6 @@ def test_a_batchs_items_are_active_jobs_until_they_end_and_the_quota_refuses_a_b
             "invalid_request",
             "requests[0].body.webhook",
         ),
-        ([{"custom_id": "long", "body": {"prompt": "é" * 6000}}], "invalid_request", "prompt"),
         (
             [*_requests(1), {"custom_id": "live", "body": {"prompt": "p", "stream": True}}],
             "invalid_request",
@@ -282,13 +281,83 @@ def test_a_batch_deadline_that_is_not_a_number_is_refused_and_nothing_is_written
 def test_an_item_with_a_model_the_deployment_does_not_allow_is_refused_with_the_jobs_code(
     harness: Harness,
 ) -> None:
-    # Past the schema (a deployment's models are a schema enum), the same refusal as for a job
+    # Past the schema (a deployment's models are a schema enum), the same refusal as for a job:
+    # its code, and the item named
     reply = _submit(
         harness, requests=[*_requests(1), {"custom_id": "m", "body": {"prompt": "p", "model": "gpt-x"}}]
     )
-    assert reply.status == 422
-    assert "requests" in json.dumps(reply.body) and "model" in json.dumps(reply.body)
+    assert (reply.status, reply.code) == (422, "model_not_allowed")
+    assert "requests[1]" in reply.body["detail"]
     assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt": "x" * 5_001}, {"messages": [{"role": "user", "content": "x" * 5_001}]}],
+    ids=["prompt", "message"],
+)
+def test_an_item_whose_prompt_is_over_the_limit_is_refused_with_the_jobs_code(
+    harness: Harness, body: dict[str, Any]
+) -> None:
+    reply = _submit(harness, requests=[*_requests(1), {"custom_id": "big", "body": body}])
+    assert (reply.status, reply.code) == (413, "prompt_too_large")
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+
+
+def test_a_replay_whose_json_is_written_differently_is_the_same_batch(harness: Harness) -> None:
+    # Given a batch submitted under a key
+    webhook = {
+        "url": "https://93.184.216.34/hooks",
+        "events": ["batch.completed"],
+        "item_events": ["job.failed", "job.succeeded"],
+    }
+    first = harness.api(
+        "POST",
+        "/v1/batches",
+        raw_body=json.dumps(
+            {
+                "requests": [
+                    {"custom_id": "a", "body": {"prompt": "x", "metadata": {"run": "n", "team": "t"}}}
+                ],
+                "metadata": {"run": "n", "team": "t"},
+                "webhook": webhook,
+            }
+        ),
+        headers={"Idempotency-Key": "nightly-1"},
+        tenant=ENTERPRISE,
+    )
+    assert first.status == 202
+    # When the client's retry writes the same request otherwise: keys in another order, the
+    # prompt as its one message, the item events in another order and repeated
+    again = harness.api(
+        "POST",
+        "/v1/batches",
+        raw_body=json.dumps(
+            {
+                "webhook": {**webhook, "item_events": ["job.succeeded", "job.failed", "job.failed"]},
+                "metadata": {"team": "t", "run": "n"},
+                "requests": [
+                    {
+                        "body": {
+                            "metadata": {"team": "t", "run": "n"},
+                            "messages": [{"role": "user", "content": "x"}],
+                        },
+                        "custom_id": "a",
+                    }
+                ],
+            }
+        ),
+        headers={"Idempotency-Key": "nightly-1"},
+        tenant=ENTERPRISE,
+    )
+    # Then it is the same batch, replayed, as for a job
+    assert (again.status, again.body["id"], again.headers.get("idempotent-replayed")) == (
+        202,
+        first.body["id"],
+        "true",
+    )
 
 
 def test_a_replayed_key_returns_the_same_batch_and_writes_nothing_more(harness: Harness) -> None:
@@ -1423,3 +1492,32 @@ def test_a_retry_recorded_before_the_sender_marks_the_webhook_sent_keeps_the_bat
     # Then the reconciler still sends the event again, once the retry is long overdue
     report = _reconciler_ahead(harness, harness.config.reconciler.stale_webhook_seconds + 120).run()
     assert report.webhooks == [batch_id]
+
+
+def test_a_batch_stored_before_hashes_were_canonical_is_still_replayed(harness: Harness) -> None:
+    # Given a batch stored by the version before (its request hash not canonical: the store
+    # keeps batches 7 days, across an upgrade)
+    from llmq.batch_intake import _hash_before_canonical
+    from llmq.batches import batch_key
+    from llmq.models import BatchRequest
+
+    body = {"requests": _requests(2), "metadata": {"run": "n"}}
+    first = _submit(harness, key="nightly-1", **body)
+    assert first.status == 202
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=batch_key(first.body["id"]),
+        UpdateExpression="SET request_hash = :old",
+        ExpressionAttributeValues={
+            ":old": {"S": _hash_before_canonical(BatchRequest.model_validate(body), None)}
+        },
+    )
+    # When the client replays it after the upgrade, then it is the same batch
+    again = _submit(harness, key="nightly-1", **body)
+    assert (again.status, again.body["id"], again.headers.get("idempotent-replayed")) == (
+        202,
+        first.body["id"],
+        "true",
+    )
+    # And another body under the key is still refused
+    assert _submit(harness, key="nightly-1", requests=_requests(3)).code == "idempotency_key_reused"

@@ -245,6 +245,17 @@ def test_a_body_of_a_binary_media_type_reaches_the_function_in_base64(body: byte
     assert base64.b64decode(event["body"]) == body
 
 
+@pytest.mark.parametrize("name", ["Content-Type", "CONTENT-TYPE", "content-type"])
+def test_the_content_type_is_read_whatever_the_case_of_its_name(name: str) -> None:
+    # Given an API whose binary media types include image/* (header names are case-insensitive)
+    functions = EchoFunctions()
+    gateway = _plain(_api(binary_media_types=["image/*"]), functions)
+    # When an image is posted with its Content-Type's name in any case
+    assert _send(gateway, "POST", "/v1/jobs", PNG, {name: "image/png"}).status == 200
+    # Then it is the binary media type it names: the function gets it base64-encoded
+    assert functions.seen[0]["isBase64Encoded"] is True
+
+
 @pytest.mark.parametrize("binary_media_types", [[], ["image/*"]], ids=["none", "image/*"])
 def test_a_body_of_any_other_type_is_text_even_when_it_is_not_utf8(binary_media_types: list[str]) -> None:
     """Content type conversions in API Gateway (https://docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-payload-encodings-workflow.html):

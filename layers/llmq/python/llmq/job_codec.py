@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from llmq.errors import InvalidCursor
 from llmq.item_size import item_size_bytes
-from llmq.job_index import BATCH_SORT_PREFIX, INDEX_ATTRIBUTES
+from llmq.job_index import BATCH_SORT_PREFIX, INDEX_ATTRIBUTES, tenant_sort_key
 from llmq.job_record import JobRecord
 from llmq.live_output import OutputChunk, chunk_pk
 from llmq.models import DELIVERY_LOG_ATTEMPTS, OutputDelta
@@ -179,6 +179,17 @@ def encode_cursor(key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def cursor_after(job: JobRecord) -> str:
+    """The cursor of a job list page that ends at `job` (as its LastEvaluatedKey would)."""
+    return encode_cursor(
+        {
+            "pk": {"S": job.id},
+            "tenant_id": {"S": job.tenant_id},
+            "tenant_created": {"S": tenant_sort_key(job.created_ms, job.id)},
+        }
+    )
+
+
 def decode_cursor(cursor: str, tenant_id: str, *, batches: bool = False) -> dict[str, Any]:
     """The index key a list page ended at; a job list's cursor is refused by the batch list
     and the other way round (each reads its own range of the tenant's partition)."""
@@ -199,5 +210,6 @@ def decode_cursor(cursor: str, tenant_id: str, *, batches: bool = False) -> dict
         if sort.startswith(BATCH_SORT_PREFIX) != batches or (not batches and sort >= BATCH_SORT_PREFIX):
             raise ValueError("cursor of the other list")
         return {name: _serializer.serialize(str(value)) for name, value in decoded.items()}
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
+        # (RecursionError: a forged cursor nested deeper than the JSON parser goes)
         raise InvalidCursor("the cursor is not one this API returned") from exc

@@ -73,6 +73,12 @@ class DeliveryStatus(StrEnum):
     DISABLED = "disabled"
 
 
+# At most this many stop sequences (OpenAI takes 4; some servers more), and event names in a
+# subscription (each event at most once is all a subscription can mean).
+MAX_STOP_SEQUENCES = 16
+MAX_EVENT_NAMES = 16
+
+
 class _Strict(Model):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,7 +97,13 @@ class GenerationParams(_Strict):
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None
-    stop: list[Annotated[str, Field(max_length=256)]] | Annotated[str, Field(max_length=256)] | None = None
+    # (bounded, as every list a request holds: each wrong element of an unbounded list is an
+    # error of its own, and a small body could make the api build millions)
+    stop: (
+        Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=MAX_STOP_SEQUENCES)]
+        | Annotated[str, Field(max_length=256)]
+        | None
+    ) = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
     seed: Annotated[int, Field(strict=True)] | None = None
@@ -100,7 +112,7 @@ class GenerationParams(_Strict):
 class WebhookSubscription(_Strict):
     url: Annotated[str, Field(min_length=8, max_length=2048, description="https URL of the receiver")]
     events: list[WebhookEvent] | None = Field(
-        default=None, min_length=1, description="Defaults to every terminal event"
+        default=None, min_length=1, max_length=MAX_EVENT_NAMES, description="Defaults to every terminal event"
     )
 
     def subscribed_events(self) -> list[WebhookEvent]:
@@ -404,10 +416,14 @@ UPLOAD_ID = r"^upl_[a-z0-9]{26}$"
 class BatchWebhook(_Strict):
     url: Annotated[str, Field(min_length=8, max_length=2048, description="https URL of the receiver")]
     events: list[BatchEvent] | None = Field(
-        default=None, min_length=1, description="Defaults to every batch event: it ends once"
+        default=None,
+        min_length=1,
+        max_length=MAX_EVENT_NAMES,
+        description="Defaults to every batch event: it ends once",
     )
     item_events: list[WebhookEvent] = Field(
         default_factory=list,
+        max_length=MAX_EVENT_NAMES,
         description="Per-item job events to send to the same URL too; none unless asked",
     )
 

@@ -9,7 +9,6 @@ job is stale, and re-sending them all would multiply the lane's messages run aft
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmq.batch_runs import item_ended
@@ -89,9 +88,20 @@ class Reconciler:
         except StoreUnavailable:
             # A throttled shard: settle what was read; the rest stays due for the next run.
             logger.warning("sweep interrupted", extra={"read": len(entries)})
-        # Read only when the first stale queued job is reached: the lane counts read the whole
-        # sweep index, and the lapsed leases (first in `entries`) must not wait behind them.
-        deficits = _Deficits(lambda: self._deficits_or_none(entries, now))
+        # The lapsed leases are settled before the lane counts are read (a read of the whole
+        # sweep index): a run that runs out of time there has given their slots back already.
+        # The counts are read before anything else is settled (a batch's poke may send it a
+        # message, which would pass for a lost job's).
+        lapsed = [entry for entry in entries if entry.status is JobStatus.RUNNING and not entry.batch]
+        rest = [entry for entry in entries if not (entry.status is JobStatus.RUNNING and not entry.batch)]
+        self._settle_each(lapsed, now, Counter(), report)
+        self._settle_each(rest, now, self._deficits_or_none(rest, now), report)
+        logger.info("reconciled", extra=report.as_log())
+        return report
+
+    def _settle_each(
+        self, entries: list[SweepEntry], now: int, deficits: Counter[str], report: ReconcileReport
+    ) -> None:
         for entry in entries:
             report.examined += 1
             try:
@@ -105,8 +115,6 @@ class Reconciler:
                 # is counted as a fault (its alarm) and looked at again next run.
                 _not_settled(exc, entry.job_id)
                 report.skipped.append(entry.job_id)
-        logger.info("reconciled", extra=report.as_log())
-        return report
 
     def _deficits_or_none(self, entries: list[SweepEntry], now: int) -> Counter[str]:
         try:
@@ -148,7 +156,7 @@ class Reconciler:
             deficits[lane] = max(0, unfinished[lane] - depth)
         return deficits
 
-    def _settle(self, entry: SweepEntry, now: int, deficits: _Deficits, report: ReconcileReport) -> None:
+    def _settle(self, entry: SweepEntry, now: int, deficits: Counter[str], report: ReconcileReport) -> None:
         thresholds = self.config.reconciler
         if entry.batch:
             self._poke(entry, report)
@@ -156,7 +164,8 @@ class Reconciler:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
             # The most overdue jobs first take whatever messages the lane is short of.
-            if deficits.take(entry.lane):
+            if deficits[entry.lane] > 0:
+                deficits[entry.lane] -= 1
                 job = self.jobs.find(entry.job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
                     self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
@@ -316,20 +325,3 @@ def _is_stale_queued(entry: SweepEntry, now: int) -> bool:
         and entry.status is JobStatus.QUEUED
         and (entry.deadline_ms is None or entry.deadline_ms > now)
     )
-
-
-class _Deficits:
-    """Per lane, how many stale queued jobs may be sent a message this run; counted at the
-    first ask (`Reconciler._message_deficits`)."""
-
-    def __init__(self, count: Callable[[], Counter[str]]) -> None:
-        self._count = count
-        self._left: Counter[str] | None = None
-
-    def take(self, lane: str) -> bool:
-        if self._left is None:
-            self._left = self._count()
-        if self._left[lane] <= 0:
-            return False
-        self._left[lane] -= 1
-        return True
