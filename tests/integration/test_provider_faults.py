@@ -21,6 +21,7 @@ from llmq.providers import (
     GenerationRequest,
     PermanentProviderError,
     ProviderError,
+    ProviderKey,
     ProviderTimeout,
     TransientProviderError,
     verified_context,
@@ -169,11 +170,15 @@ async def test_a_provider_nobody_listens_for_is_transient() -> None:
     assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE
 
 
-async def _dropping_server(answered: asyncio.Event) -> tuple[asyncio.Server, str]:
-    """A provider on 127.0.0.1 that reads the whole request, then resets the connection
-    without a word (a load balancer's idle timeout under a non-streamed generation)."""
+async def _dropping_server(
+    received: list[int], *, refuse_first: bool = False, read: bool = True, wait: float = 1.2
+) -> tuple[asyncio.Server, str]:
+    """A provider on 127.0.0.1 that reads the whole request (or nothing: `read` False), waits,
+    then resets the connection without a word (a load balancer's idle timeout under a
+    non-streamed generation). With `refuse_first`, it answers the connection's first request
+    401 and keeps the connection for the next."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def request(reader: asyncio.StreamReader) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(
             int(line.split(b":")[1])
@@ -181,7 +186,18 @@ async def _dropping_server(answered: asyncio.Event) -> tuple[asyncio.Server, str
             if line.lower().startswith(b"content-length")
         )
         await reader.readexactly(length)
-        answered.set()
+        received.append(1)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if refuse_first:
+            await request(reader)
+            body = b'{"error": {"message": "bad key"}}'
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n")
+            writer.write(b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        if read:
+            await request(reader)
+        await asyncio.sleep(wait)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
@@ -192,18 +208,22 @@ async def _dropping_server(answered: asyncio.Event) -> tuple[asyncio.Server, str
 
 
 @pytest.mark.parametrize("retry_timeouts", [False, True])
-async def test_a_connection_dropped_after_the_whole_request_went_out_is_a_provider_timeout(
-    retry_timeouts: bool,
+@pytest.mark.parametrize("refuse_first", [False, True], ids=["first-call", "after-a-refused-key"])
+async def test_a_connection_dropped_a_while_after_the_whole_request_went_out_is_a_provider_timeout(
+    retry_timeouts: bool, refuse_first: bool
 ) -> None:
-    # Given a provider that took the whole request and then dropped the connection unanswered
-    received = asyncio.Event()
-    server, url = await _dropping_server(received)
+    # Given a provider that took the whole request, and a second later dropped the connection
+    # unanswered (also the call made again with a new key, on the connection kept after a 401)
+    received: list[int] = []
+    server, url = await _dropping_server(received, refuse_first=refuse_first)
+    keys = iter(["old", "new"])
+    key = ProviderKey(lambda fresh: next(keys) if fresh or refuse_first else "old")
     async with server:
-        provider = ChatCompletionsProvider(url, lambda: "sk-test", False, retry_timeouts=retry_timeouts)
+        provider = ChatCompletionsProvider(url, key, False, retry_timeouts=retry_timeouts)
         # When the job calls it
         with pytest.raises(ProviderError) as caught:
             await provider.generate(_request("job_dropped", "Hi"), 5)
-    assert received.is_set()
+    assert len(received) == (2 if refuse_first else 1)
     # Then it is treated as a timeout: the provider may be generating (and billing) it still,
     # so it is retried only when the operator chose to retry timeouts
     if retry_timeouts:
@@ -211,6 +231,18 @@ async def test_a_connection_dropped_after_the_whole_request_went_out_is_a_provid
     else:
         assert isinstance(caught.value, ProviderTimeout)
         assert "billing" in caught.value.message
+
+
+async def test_a_connection_reset_at_once_by_a_server_that_never_read_the_request_is_retried() -> None:
+    # Given a provider restarting: it takes the connection and resets it unread, at once
+    received: list[int] = []
+    server, url = await _dropping_server(received, read=False, wait=0.05)
+    async with server:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", False)
+        # When the job calls it, then it is an ordinary retry: nothing was generated
+        with pytest.raises(TransientProviderError):
+            await provider.generate(_request("job_reset", "Hi"), 5)
+    assert received == []
 
 
 # ---- the provider key's lifecycle: set after deploy, rotated while workers hold it cached ----

@@ -367,10 +367,21 @@ async def test_an_sse_error_event_in_plain_text_keeps_its_message() -> None:
         await provider.generate(REQUEST, 5)
 
 
-async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer_not_a_retry() -> None:
-    # Given a stream whose connection resets after the generation's finish_reason (the usage
-    # chunk and [DONE] lost)
-    head = _sse(_delta("the whole"), _delta(" answer", "stop")).encode()
+@pytest.mark.parametrize(
+    "events",
+    [
+        # OpenAI's shape: the finish_reason in a chunk of its own (the usage chunk and [DONE] lost)
+        (_delta("the whole"), _delta(" answer"), _delta("", "stop")),
+        # vLLM's: the last text carries the finish_reason, then the usage chunk ([DONE] lost)
+        (_delta("the whole"), _delta(" answer", "stop"), {"choices": [], "usage": {"completion_tokens": 2}}),
+    ],
+    ids=["finish alone", "finish with the last text, then usage"],
+)
+async def test_a_stream_cut_after_its_finish_reason_is_a_whole_answer_not_a_retry(
+    events: tuple[dict[str, Any], ...],
+) -> None:
+    # Given a stream whose connection resets after the generation said it finished
+    head = _sse(*events).encode()
     provider = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
     # When the job calls it, then the paid, finished answer is its result
     result = await provider.generate(REQUEST, 5)
@@ -790,6 +801,86 @@ async def test_a_gateway_that_marks_every_chunk_finished_gets_its_whole_answer(
     assert (result.output, result.finish_reason) == ("".join(words), "stop")
 
 
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]},
+        {"choices": [{"delta": {"reasoning_content": "hmm"}, "finish_reason": "stop"}]},
+    ],
+    ids=["role chunk", "reasoning chunk"],
+)
+async def test_a_finish_reason_before_any_text_does_not_end_the_answer_early(
+    monkeypatch: pytest.MonkeyPatch, first: dict[str, Any]
+) -> None:
+    # Given such a gateway whose first chunk, with no text, says "stop", and whose first text
+    # comes later than the silence allowed after a finish that came alone
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 0.1)
+    stream = _Spaced([first, _delta("Hello", "stop"), _delta(" world", "stop")], gap=0.3)
+    provider = _provider(lambda request: httpx.Response(200, stream=stream), stream=True)
+    # When the job calls it, then the answer is all of it
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Hello world", "stop")
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85"], ids=["LS", "PS", "NEL"])
+async def test_a_line_separator_left_raw_inside_a_chunks_json_is_not_a_line_end(char: str) -> None:
+    # Given a server that leaves U+2028, U+2029 or NEL unescaped inside a JSON string (vLLM's
+    # pydantic serialisation does), in a stream split between those bytes
+    raw = json.dumps(_delta(f"one{char}two", "stop"), ensure_ascii=False)
+    body = f"data: {raw}\n\ndata: [DONE]\n\n"
+    provider = _streaming(body)
+    # When the job calls it, then the answer holds the character; SSE ends lines at CR and LF only
+    result = await provider.generate(REQUEST, 5)
+    assert result.output == f"one{char}two"
+
+
+async def test_a_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
+    # Given a server that streams SSE under Content-Type: application/json
+    body = _sse(_delta("Hello"), _delta(" world"), _delta("", "stop"), "[DONE]")
+    provider = _provider(
+        lambda request: httpx.Response(200, text=body, headers={"content-type": "application/json"}),
+        stream=True,
+    )
+    # When the job calls it, then the answer is all of it, not a malformed one paid for again
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Hello world", "stop")
+
+
+async def test_key_refusals_of_a_batch_at_once_all_use_the_new_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a key rotated in the store while the cache still holds the old one, and a fresh
+    # read that takes a while (Secrets Manager)
+    import threading
+    import time as clock
+
+    store = {"secret": "new", "cached": "old"}
+    fresh_reads = []
+    lock = threading.Lock()
+
+    def read(fresh: bool) -> str:
+        if fresh:
+            with lock:
+                fresh_reads.append(1)
+            clock.sleep(0.2)
+            store["cached"] = store["secret"]
+        return store["cached"]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.headers["authorization"] != "Bearer new":
+            return httpx.Response(401, json={"error": {"message": "bad key"}})
+        return httpx.Response(200, json=_completion_body())
+
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1", ProviderKey(read), False, httpx.MockTransport(answer)
+    )
+    # When ten jobs meet the 401 together
+    outcomes = await asyncio.gather(
+        *(provider.generate(REQUEST, 5) for _ in range(10)), return_exceptions=True
+    )
+    # Then each is answered with the new key at once, from one fresh read
+    assert [type(outcome).__name__ for outcome in outcomes] == ["JobResult"] * 10
+    assert len(fresh_reads) == 1
+
+
 async def test_a_cut_after_text_that_followed_a_finish_reason_is_retried_not_a_success() -> None:
     # Given such a gateway whose connection drops mid-answer
     head = _sse(_delta("w0 ", "stop"), _delta("w1 ", "stop")).encode()
@@ -809,13 +900,16 @@ async def test_a_cut_after_text_that_followed_a_finish_reason_is_retried_not_a_s
 )
 async def test_a_whole_answer_followed_by_a_bad_trailer_is_kept_not_paid_for_again(trailer: str) -> None:
     # Given the whole answer and its finish_reason, then an unreadable chunk or an error event
-    provider = _streaming(_sse(_delta("the whole"), _delta(" answer", "stop")) + trailer)
+    provider = _streaming(_sse(_delta("the whole"), _delta(" answer"), _delta("", "stop")) + trailer)
     # When the job calls it, then the paid answer is its result
     result = await provider.generate(REQUEST, 5)
     assert (result.output, result.finish_reason) == ("the whole answer", "stop")
-    # (the same trailer before any finish_reason is still an error)
+    # (the same trailer before any finish_reason is still an error, and so it is after a
+    # finish_reason that came with text: a gateway that marks every chunk sends that one first)
     with pytest.raises(TransientProviderError):
         await _streaming(_sse(_delta("half an")) + trailer).generate(REQUEST, 5)
+    with pytest.raises(TransientProviderError):
+        await _streaming(_sse(_delta("Hello", "stop")) + trailer).generate(REQUEST, 5)
 
 
 async def test_a_whole_answer_whose_done_is_late_is_kept_when_the_calls_time_runs_out(
@@ -886,3 +980,34 @@ async def test_the_provider_key_is_read_off_the_event_loop() -> None:
     # generations and cancel watchers go on meanwhile
     await provider.generate(REQUEST, 5)
     assert readers and threading.get_ident() not in readers
+
+
+async def test_a_proxys_tunnel_answer_is_not_taken_for_the_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given the trace of an HTTPS call through a CONNECT proxy (httpcore passes the request's
+    # trace to the tunnel's CONNECT too): the proxy's 200, then our request sent, unanswered
+    progress = providers._Progress()
+    connect = httpx.Request("CONNECT", "http://proxy.test:3128")
+    post = httpx.Request("POST", "https://provider.test/v1/chat/completions")
+    for event, request in [
+        ("connection.connect_tcp.started", None),
+        ("http11.send_request_headers.started", connect),
+        ("http11.send_request_body.complete", connect),
+        ("http11.receive_response_headers.complete", connect),
+        ("connection.start_tls.started", None),
+        ("http11.send_request_headers.started", post),
+        ("http11.send_request_body.complete", post),
+    ]:
+        info = {} if request is None else {"request": _CoreRequest(request.method.encode())}
+        await progress(event, info)
+    # When the connection then drops a while after our request went out
+    now = providers.time.monotonic()
+    monkeypatch.setattr(providers.time, "monotonic", lambda: now + providers._UNANSWERED_AFTER_SECONDS)
+    # Then the provider had our request and did not answer: a drop may leave it generating
+    assert progress.unanswered
+
+
+class _CoreRequest:
+    """What httpcore puts in a trace event's info: its request, with the method as bytes."""
+
+    def __init__(self, method: bytes) -> None:
+        self.method = method

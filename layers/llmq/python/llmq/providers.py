@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -73,6 +75,9 @@ _MAX_MESSAGE = 300
 _MAX_ERROR_BODY = 64 * 1024
 _ERROR_BODY_SECONDS = 5.0
 _STREAM_CUT = "the provider's stream ended before the generation finished"
+# A connection that drops this long after the whole request went out, unanswered, may have left
+# the provider generating it (`_Progress.unanswered`).
+_UNANSWERED_AFTER_SECONDS = 1.0
 _ANSWER_CUT = "the provider's answer was cut off before it was complete"
 
 
@@ -178,7 +183,7 @@ def _classify(
 def classify_exception(
     exc: httpx.HTTPError, retry_timeouts: bool = False, unanswered: bool = False
 ) -> ProviderError:
-    """`unanswered`: the whole request went out on a new connection, and no answer came back."""
+    """`unanswered`: the whole request went out a while ago, and no answer came back."""
     # Nothing was sent yet: a retry costs nothing at the provider.
     if isinstance(exc, httpx.ConnectTimeout):
         return TransientProviderError("could not connect to the provider in time")
@@ -289,9 +294,9 @@ class _Progress:
     def __init__(self) -> None:
         self.connecting = False
         self.sending = False
-        # The request's body went out on a connection opened for it, and no answer's headers
-        # have come back: only a trace says so (a MockTransport's never does).
-        self.sent_on_new_connection = False
+        # When the request's body went out (only a trace says so: a MockTransport's never
+        # does), and whether an answer's headers came back since.
+        self.sent_at: float | None = None
         self.answered = False
         # The provider refused the request by its status: what it means before its body is
         # read, should the call's time run out while reading it.
@@ -300,11 +305,15 @@ class _Progress:
     async def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event.endswith(("connect_tcp.started", "start_tls.started")):
             self.connecting = True
-        elif ".send_request_headers." in event:
+            return
+        request = info.get("request")
+        if request is not None and getattr(request, "method", None) == b"CONNECT":
+            return  # (a proxy's tunnel, not our request: its 200 answers nothing of ours)
+        if ".send_request_headers." in event:
             self.sending = True
         elif event.endswith(".send_request_body.complete"):
-            # (a reused connection the peer had closed fails before anything reached it)
-            self.sent_on_new_connection = self.connecting
+            self.sent_at = time.monotonic()
+            self.answered = False
         elif event.endswith(".receive_response_headers.complete"):
             self.answered = True
 
@@ -314,7 +323,14 @@ class _Progress:
 
     @property
     def unanswered(self) -> bool:
-        return self.sent_on_new_connection and not self.answered
+        """The provider had the whole request for a while and did not answer: a drop now may
+        leave it generating. (One that comes at once is a server that never read it: one
+        restarting, or a port that speaks TLS.)"""
+        return (
+            self.sent_at is not None
+            and not self.answered
+            and time.monotonic() - self.sent_at >= _UNANSWERED_AFTER_SECONDS
+        )
 
 
 class ProviderKey:
@@ -329,6 +345,9 @@ class ProviderKey:
     def __init__(self, read: Callable[[bool], str | None]) -> None:
         self._read = read
         self._fresh_read_spent = False
+        # The jobs of a batch refused together ask at once, each from a thread: the first reads
+        # fresh, and the others wait for it and find the new key in the cache it refreshed.
+        self._replacing = threading.Lock()
 
     def __call__(self) -> str | None:
         return self._read(False)
@@ -338,15 +357,16 @@ class ProviderKey:
 
     def replacing(self, refused: str | None) -> str | None:
         """A key other than the `refused` one, or None when the store has none newer."""
-        current = self._read(False)
-        if current != refused:
-            # Another job of this batch already read the new key.
-            return current
-        if self._fresh_read_spent:
-            return None
-        self._fresh_read_spent = True
-        fresh = self._read(True)
-        return fresh if fresh != refused else None
+        with self._replacing:
+            current = self._read(False)
+            if current != refused:
+                # Another job of this batch already read the new key.
+                return current
+            if self._fresh_read_spent:
+                return None
+            self._fresh_read_spent = True
+            fresh = self._read(True)
+            return fresh if fresh != refused else None
 
 
 @cache
@@ -523,12 +543,18 @@ async def _error_body(response: httpx.Response) -> bytes:
 # finish_reasons that say the server stopped the generation itself, not that it finished.
 _GAVE_UP = frozenset({"abort", "error"})
 # How long a stream may stay silent after its finish_reason before the answer is taken as whole:
-# after a finish_reason that came alone, and after one that came with text. A gateway that
-# marks every chunk (new-api or LiteLLM in front of Gemini) sends the second mid-answer too, so
-# that silence is waited out longer; once text follows a finish_reason, the server's
+# after a finish_reason that came alone (in a chunk of its own, after the answer's text), and
+# after any other. A gateway that marks every chunk (new-api or LiteLLM in front of Gemini)
+# sends the second kind mid-answer too, so that silence is waited out longer, and a cut or an
+# error after it is not an answer; once text follows a finish_reason, the server's
 # finish_reasons say nothing, and only [DONE] or the stream's clean end finish the answer.
 _AFTER_FINISH_SECONDS = 2.0
 _AFTER_FINISH_WITH_TEXT_SECONDS = 10.0
+# What may share a chunk with a finish_reason that came alone: nothing but an empty text.
+_NOT_MORE = frozenset({"content", "role"})
+# SSE's line ends; not str.splitlines()'s, which also splits at U+2028, U+0085 and others that a
+# server may leave raw inside a JSON string.
+_LINE_END = re.compile(r"\r\n|\r|\n")
 # What a whole answer keeps of the call's time when its silence is cut short by the deadline.
 _DEADLINE_MARGIN_SECONDS = 0.25
 
@@ -540,7 +566,8 @@ class _Stream:
         self.on_output = on_output
         self.parts: list[str] = []
         self.finish_reason: str | None = None
-        self.finish_came_with_text = False
+        # The finish_reason came alone: after the answer's text, in a chunk with nothing else.
+        self.finish_alone = False
         # Text came after a finish_reason: the server marks chunks before the end.
         self.marks_every_chunk = False
         self.done = False
@@ -553,9 +580,11 @@ class _Stream:
 
     @property
     def whole(self) -> bool:
-        """The generation said it finished, and nothing since has said otherwise."""
+        """The generation said it finished, alone, and nothing since has said otherwise: what
+        follows (the usage chunk, [DONE]) may be lost or garbled without losing the answer."""
         return (
-            self.finish_reason is not None
+            self.finish_alone
+            and self.finish_reason is not None
             and self.finish_reason not in _GAVE_UP
             and not self.marks_every_chunk
         )
@@ -564,7 +593,7 @@ class _Stream:
         """How much longer to wait for the next line; None: as long as the call's time lasts."""
         if self.finish_reason is None or self.marks_every_chunk:
             return None
-        limit = _AFTER_FINISH_WITH_TEXT_SECONDS if self.finish_came_with_text else _AFTER_FINISH_SECONDS
+        limit = _AFTER_FINISH_SECONDS if self.finish_alone else _AFTER_FINISH_WITH_TEXT_SECONDS
         now = time.monotonic()
         allowed = limit - (now - self.last_data_at)
         if deadline is not None:
@@ -574,7 +603,11 @@ class _Stream:
 
     def json_instead(self, line: str, media_type: str) -> bool:
         """An answer sent as one JSON body under no stream's content type."""
-        return not self.started and media_type != "text/event-stream" and line.lstrip().startswith("{")
+        return (
+            not self.started
+            and media_type != "text/event-stream"
+            and line.lstrip("\ufeff \t").startswith("{")
+        )
 
     def feed(self, line: str) -> None:
         if not self.started:
@@ -628,11 +661,18 @@ class _Stream:
             reason = _reason(choice)
             if reason is not None:
                 self.finish_reason = reason
-                self.finish_came_with_text = bool(text)
+                more = isinstance(delta, dict) and any(
+                    value for key, value in delta.items() if key not in _NOT_MORE
+                )
+                self.finish_alone = not text and not more and bool(self.parts)
         if with_text and had_finished:
             self.marks_every_chunk = True
         if chunk.get("usage"):
             self.usage = _usage(chunk["usage"])
+            if self.finish_reason is not None and not with_text and self.parts:
+                # The usage chunk a stream ends with (vLLM's final text carries its
+                # finish_reason): the finish stands alone now.
+                self.finish_alone = True
 
     def result(self) -> JobResult:
         # Either sign of a finished generation will do: some servers omit [DONE], and some send
@@ -658,9 +698,18 @@ async def _read_stream(
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
-        return _parse_completion(await response.aread())
+        body = await response.aread()
+        if not body.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"data:"):
+            return _parse_completion(body)
+        # (a stream, however it is labelled)
+        labelled = _Stream(on_output)
+        for line in _LINE_END.split(body.decode("utf-8", "replace")):
+            labelled.feed(line)
+            if labelled.done:
+                break
+        return labelled.result()
     stream = _Stream(on_output)
-    lines = response.aiter_lines().__aiter__()
+    lines = _lines(response).__aiter__()
     try:
         while not stream.done:
             # After a finish_reason only the usage chunk and [DONE] are left: a server that
@@ -686,6 +735,21 @@ async def _read_stream(
         if not stream.whole:
             raise
     return stream.result()
+
+
+async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The body's lines, split where SSE ends a line (CR LF, CR or LF) and nowhere else."""
+    pending = ""
+    async for text in response.aiter_text():
+        pending += text
+        # (a CR at the end may be the first half of a CR LF)
+        held = pending.endswith("\r")
+        lines = _LINE_END.split(pending[:-1] if held else pending)
+        pending = lines.pop() + ("\r" if held else "")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 def _malformed() -> TransientProviderError:
