@@ -11,9 +11,9 @@ deploy` stops before CloudFormation half-creates a stack it cannot finish.
 - provider key: the stack's provider secret holds a real key, not the placeholder the first
   deploy created; before the first deploy, that $LLMQ_PROVIDER_API_KEY holds the key `make
   deploy` stores right after `cdk deploy` (`llmq provider-key set`, `set_provider_key` here);
-- alarm email: the template subscribes every address the deployed alarm topic has, so a deploy
-  without ALARM_EMAIL does not unsubscribe the on-call address (CloudFormation would delete
-  the subscription a template no longer has).
+- alarm email: the template subscribes every address the deployed stack subscribes, so a
+  deploy without ALARM_EMAIL does not unsubscribe the on-call address (CloudFormation would
+  delete the subscription a template no longer has).
 
 It reads the stack's reservations from a synthesized template (`cdk.out/<stack>.template.json`)
 when there is one, else from `LlmqConfig` in cdk.json. The template is parsed here rather than
@@ -64,7 +64,6 @@ SERVICES = (
     "ssm",
 )
 PROVIDER_SECRET_OUTPUT = "ProviderSecretArn"
-ALARM_TOPIC_OUTPUT = "AlarmTopicArn"
 # Where `llmq provider-key set` (and so `make deploy`) reads the provider key: never argv, which
 # any process on the machine can list and the shell keeps in its history. The sandbox reads the
 # same variable for its real-provider mode.
@@ -128,7 +127,7 @@ def alarm_emails_in_template(template: dict[str, Any] | None) -> frozenset[str] 
     if template is None:
         return None
     return frozenset(
-        str(resource["Properties"]["Endpoint"]).lower()
+        str(resource["Properties"]["Endpoint"])
         for resource in template.get("Resources", {}).values()
         if resource.get("Type") == "AWS::SNS::Subscription"
         and resource.get("Properties", {}).get("Protocol") == "email"
@@ -382,32 +381,28 @@ class Doctor:
         )
 
     def check_alarm_email(self, outputs: dict[str, str] | None) -> Finding:
-        topic = (outputs or {}).get(ALARM_TOPIC_OUTPUT)
-        if self.alarm_emails is None or not topic:
+        if self.alarm_emails is None or outputs is None:
             return Finding("alarm email", Verdict.OK, "nothing deployed to compare (or no template)")
         try:
-            subscribed = {
-                str(subscription["Endpoint"]).lower()
-                for page in self._client("sns")
-                .get_paginator("list_subscriptions_by_topic")
-                .paginate(TopicArn=topic)
-                for subscription in page["Subscriptions"]
-                if subscription.get("Protocol") == "email"
-            }
-        except (ClientError, BotoCoreError) as exc:
+            body = self._client("cloudformation").get_template(StackName=self.stack)["TemplateBody"]
+            deployed = alarm_emails_in_template(body if isinstance(body, dict) else json.loads(body))
+        except (ClientError, BotoCoreError, ValueError) as exc:
             return Finding(
                 "alarm email",
                 Verdict.FAIL,
-                f"could not list the alarm topic's subscriptions: {_reason(exc)}",
-                "allow sns:ListSubscriptionsByTopic on it to the deploying identity",
+                f"could not read the deployed template: {_reason(exc)}",
+                "allow cloudformation:GetTemplate on the stack to the deploying identity",
             )
-        dropped = sorted(subscribed - self.alarm_emails)
+        # Only the stack's own subscriptions: one added by hand (`aws sns subscribe`) is no
+        # resource of the stack, and no deploy removes it. Compared as written: the address is
+        # the subscription's logical id, so another spelling is another subscription.
+        dropped = sorted((deployed or frozenset()) - self.alarm_emails)
         if dropped:
             return Finding(
                 "alarm email",
                 Verdict.FAIL,
                 f"this deploy would unsubscribe {', '.join(dropped)} from the alarms (the template "
-                "subscribes no such address): every alarm would then notify nobody",
+                "subscribes no such address): every alarm would then notify nobody it notifies now",
                 f"deploy with the address: `make deploy ALARM_EMAIL={dropped[0]}`, or set "
                 "`alarm_email` in cdk.json once",
             )
@@ -415,7 +410,7 @@ class Doctor:
             return Finding(
                 "alarm email",
                 Verdict.NOTE,
-                "nobody is subscribed to the alarms",
+                "the stack subscribes nobody to the alarms",
                 "`make deploy ALARM_EMAIL=oncall@example.com` (docs/operations.md)",
             )
         return Finding("alarm email", Verdict.OK, ", ".join(sorted(self.alarm_emails)))

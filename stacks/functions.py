@@ -98,6 +98,11 @@ def build_function(
         retention=defaults.log_retention,
         removal_policy=cdk.RemovalPolicy.DESTROY,
     )
+    # Deleted with the stack, but kept when an update replaces it (a change of its name, as
+    # from the generated names before): its logs then age out by their retention, not at once.
+    cfn_log_group = log_group.node.default_child
+    assert isinstance(cfn_log_group, cdk.CfnResource)
+    cfn_log_group.cfn_options.update_replace_policy = cdk.CfnDeletionPolicy.RETAIN
     function = lambda_.Function(
         scope,
         construct_id,

@@ -29,7 +29,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from llmq import aws, errors, startup
 from llmq.batch_intake import BatchIntake
 from llmq.batches import BatchRepository
-from llmq.config import GATEWAY_TIMEOUT_SECONDS, ApiEnvironment
+from llmq.config import GATEWAY_TIMEOUT_SECONDS, MAX_OBJECT_MEMBERS, ApiEnvironment
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.job_codec import cursor_after
 from llmq.jobs import JobRecord, JobRepository
@@ -914,10 +914,27 @@ def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | Non
             f"Content-Encoding {encoding} is not supported: send the body as is"
         )
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return errors.MalformedJson("the body is not UTF-8 text")
+    # Before validation (`MAX_OBJECT_MEMBERS`).
+    try:
+        json.loads(text, object_pairs_hook=_within_members)
+    except _TooManyMembers as exc:
+        return errors.InvalidRequest(str(exc))
+    except (ValueError, RecursionError):
+        return None  # (not JSON the parser reads: validation says how)
     return None
+
+
+class _TooManyMembers(ValueError):
+    pass
+
+
+def _within_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len(pairs) > MAX_OBJECT_MEMBERS:
+        raise _TooManyMembers(f"an object of the body has {len(pairs)} members; at most {MAX_OBJECT_MEMBERS}")
+    return dict(pairs)
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, log_event=False)

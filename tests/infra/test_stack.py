@@ -263,6 +263,54 @@ def test_every_function_runs_on_arm64_with_the_powertools_runtime(synthesized):
     assert [layer["Properties"]["CompatibleArchitectures"] for layer in layers] == [[LAMBDA_ARCHITECTURE]] * 2
 
 
+def _longest(value: object) -> int:
+    """A variable's value at its longest once deployed: a resource's name, URL or ARN counted
+    at the config's bound for one (`llmq.config._RESOURCE_VALUE_BYTES`)."""
+    from llmq.config import _RESOURCE_VALUE_BYTES
+
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict) and "Fn::Join" in value:
+        separator, parts = value["Fn::Join"]
+        return len(separator) * max(0, len(parts) - 1) + sum(_longest(part) for part in parts)
+    return _RESOURCE_VALUE_BYTES
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {},
+        {
+            "lanes": [
+                {"name": "high", "tiers": ["enterprise"], "max_concurrency": 8},
+                {"name": "standard", "tiers": ["pro", "team"], "max_concurrency": 4},
+                {"name": "low", "tiers": ["free"], "max_concurrency": 2},
+            ],
+            "provider": {
+                "default_model": "vendor/model-00",
+                "models": [f"vendor/model-{index:02d}" for index in range(60)],
+            },
+        },
+    ],
+    ids=["defaults", "three lanes, sixty models"],
+)
+def test_every_functions_environment_fits_the_size_the_config_allows_for(tmp_path_factory, context):
+    # Lambda refuses a function whose variables pass 4 KB (the sandbox's moto does not): the
+    # config refuses one whose estimate does, and the estimate holds on the real template
+    config = LlmqConfig.model_validate(context)
+    app = synthesize(config, outdir=tmp_path_factory.mktemp("cdk-env"))
+    for name, (_, resource) in app.template.functions().items():
+        variables = resource["Properties"]["Environment"]["Variables"]
+        size = sum(len(key) + _longest(value) for key, value in variables.items())
+        assert size <= config.function_environment_bytes <= 4096, name
+
+
+def test_a_config_too_large_for_lambdas_environment_is_refused_at_synth():
+    models = [f"openrouter-vendor-{index:03d}/model-name-instruct-v{index}" for index in range(90)]
+    with pytest.raises(ValueError, match="Lambda refuses more than 4096"):
+        LlmqConfig.model_validate({"provider": {"default_model": models[0], "models": models}})
+
+
 def test_every_function_logs_to_a_group_an_operator_can_name(synthesized):
     # docs/operations.md tells an operator to `aws logs tail /llmq/<stack>/<function>`: a
     # generated name would leave every command of the runbook pointing at nothing.
@@ -270,6 +318,11 @@ def test_every_function_logs_to_a_group_an_operator_can_name(synthesized):
     for name, (_, resource) in synthesized.template.functions().items():
         group_id = resource["Properties"]["LoggingConfig"]["LogGroup"]["Ref"]
         assert groups[group_id]["Properties"]["LogGroupName"] == f"/llmq/Llmq/{name}", name
+        # (an update that renames it keeps the old group's logs, to age out by their retention)
+        assert (groups[group_id]["DeletionPolicy"], groups[group_id]["UpdateReplacePolicy"]) == (
+            "Delete",
+            "Retain",
+        )
 
 
 @pytest.mark.parametrize("name", FUNCTION_NAMES)

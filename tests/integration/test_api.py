@@ -459,7 +459,7 @@ def test_a_body_nested_too_deeply_to_parse_is_a_400_and_writes_nothing(
     "raw",
     [
         '{"prompt": "x", "params": {"stop": [' + ",".join(["0"] * 20_000) + "]}}",
-        '{"prompt": "x", ' + ",".join(f'"k{i}": 0' for i in range(5_000)) + "}",
+        '{"prompt": "x", ' + ",".join(f'"k{i}": 0' for i in range(900)) + "}",
         '{"prompt": "x", "webhook": {"url": "https://example.com/h", "events": ['
         + ",".join(['"job.nope"'] * 5_000)
         + "]}}",
@@ -477,6 +477,51 @@ def test_a_small_body_with_thousands_of_errors_gets_a_small_problem_and_writes_n
     assert (reply.status, reply.code) == (422, "invalid_request")
     assert 1 <= len(reply.body["errors"]) <= 20
     assert len(json.dumps(reply.body)) < 8_000
+    _nothing_changed(harness)
+
+
+def test_more_stop_sequences_than_a_request_may_give_are_refused_but_a_stored_job_with_them_still_runs(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given the bound on a request's stop sequences
+    too_many = [f"s{index}" for index in range(17)]
+    refused = harness.api(
+        "POST", "/v1/jobs", body={"prompt": "x", "params": {"stop": too_many}}, tenant=ENTERPRISE
+    )
+    assert (refused.status, refused.code) == (422, "invalid_request")
+    _nothing_changed(harness)
+    # And a job a version before the bound accepted with 17 of them, still queued at the upgrade
+    job_id = harness.submit().body["id"]
+    item = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
+    stored = json.loads(item["input"]["S"])
+    stored["params"]["stop"] = too_many
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET #input = :input",
+        ExpressionAttributeNames={"#input": "input"},
+        ExpressionAttributeValues={":input": {"S": json.dumps(stored)}},
+    )
+    # When the client reads it and a worker runs it, then both work as before the upgrade
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).status == 200
+    assert harness.drain("high") == {"batchItemFailures": []}
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "succeeded"
+    assert provider.calls_for(job_id) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
+def test_an_object_of_more_members_than_any_request_has_is_refused_before_validation(
+    harness: Harness, path: str
+) -> None:
+    # Given a body with an object of 1,001 members (no object of a request has that many)
+    members = ", ".join(f'"m{index}": "v"' for index in range(1001))
+    raw = '{"prompt": "x", "metadata": {' + members + "}}"
+    if path == "/v1/batches":
+        raw = '{"requests": [{"custom_id": "a", "body": ' + raw + "}]}"
+    # When it is submitted, then it is refused as such, and nothing is written
+    reply = harness.api("POST", path, raw_body=raw, tenant=ENTERPRISE)
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    assert "1001 members" in reply.body["detail"]
     _nothing_changed(harness)
 
 

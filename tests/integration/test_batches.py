@@ -1494,23 +1494,24 @@ def test_a_retry_recorded_before_the_sender_marks_the_webhook_sent_keeps_the_bat
     assert report.webhooks == [batch_id]
 
 
-def test_a_batch_stored_before_hashes_were_canonical_is_still_replayed(harness: Harness) -> None:
-    # Given a batch stored by the version before (its request hash not canonical: the store
-    # keeps batches 7 days, across an upgrade)
-    from llmq.batch_intake import _hash_before_canonical
+def test_a_batch_stored_before_digests_is_still_replayed_and_keeps_the_hash_a_rollback_reads(
+    harness: Harness,
+) -> None:
+    # Given a batch, whose item keeps the body's hash as written (what a version rolled back to
+    # compares) beside its canonical digest
+    from llmq.batch_intake import batch_request_hash
     from llmq.batches import batch_key
     from llmq.models import BatchRequest
 
     body = {"requests": _requests(2), "metadata": {"run": "n"}}
     first = _submit(harness, key="nightly-1", **body)
     assert first.status == 202
+    key = batch_key(first.body["id"])
+    item = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key=key)["Item"]
+    assert item["request_hash"]["S"] == batch_request_hash(BatchRequest.model_validate(body))
+    # And as a version before digests stored it: without one
     harness.ddb.update_item(
-        TableName=harness.stack.jobs_table,
-        Key=batch_key(first.body["id"]),
-        UpdateExpression="SET request_hash = :old",
-        ExpressionAttributeValues={
-            ":old": {"S": _hash_before_canonical(BatchRequest.model_validate(body), None)}
-        },
+        TableName=harness.stack.jobs_table, Key=key, UpdateExpression="REMOVE request_digest"
     )
     # When the client replays it after the upgrade, then it is the same batch
     again = _submit(harness, key="nightly-1", **body)
@@ -1521,3 +1522,20 @@ def test_a_batch_stored_before_hashes_were_canonical_is_still_replayed(harness: 
     )
     # And another body under the key is still refused
     assert _submit(harness, key="nightly-1", requests=_requests(3)).code == "idempotency_key_reused"
+
+
+def test_a_batch_of_many_bad_items_is_refused_at_its_first_without_an_error_for_each(
+    harness: Harness,
+) -> None:
+    # Given a batch of 200 items, each with ten fields no item has
+    bad = [
+        {"custom_id": f"i{index}", "body": {"prompt": "p", **{f"x{field}": 0 for field in range(10)}}}
+        for index in range(200)
+    ]
+    reply = _submit(harness, requests=bad)
+    # Then it is refused naming the first bad item only: validation stops there, rather than
+    # building 2,000 errors (a body of a few MB could hold hundreds of thousands)
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    assert {tuple(error["loc"][:3]) for error in reply.body["errors"]} == {("body", "requests", 0)}
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0

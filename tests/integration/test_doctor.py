@@ -19,7 +19,6 @@ from moto import mock_aws
 
 from llmq_cli import main as cli
 from llmq_cli.doctor import (
-    ALARM_TOPIC_OUTPUT,
     BOOTSTRAP_VERSION_PARAMETER,
     PROVIDER_KEY_ENV,
     PROVIDER_SECRET_OUTPUT,
@@ -75,7 +74,7 @@ class Account:
         }
         self.client("cloudformation").create_stack(StackName="CDKToolkit", TemplateBody=json.dumps(template))
 
-    def deploy(self, outputs: dict[str, str] | None = None) -> str:
+    def deploy(self, resources: dict[str, Any] | None = None) -> str:
         """The stack and its provider secret, holding the placeholder the app's template generates,
         with the output that names it. Returns its ARN.
 
@@ -91,11 +90,11 @@ class Account:
         )["RandomPassword"]
         arn = str(secrets.create_secret(Name="LlmqProviderApiKey", SecretString=placeholder)["ARN"])
         template = {
-            "Resources": {"Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"}},
-            "Outputs": {
-                PROVIDER_SECRET_OUTPUT: {"Value": arn},
-                **{key: {"Value": value} for key, value in (outputs or {}).items()},
+            "Resources": {
+                "Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"},
+                **(resources or {}),
             },
+            "Outputs": {PROVIDER_SECRET_OUTPUT: {"Value": arn}},
         }
         self.client("cloudformation").create_stack(StackName=STACK, TemplateBody=json.dumps(template))
         return arn
@@ -393,7 +392,11 @@ def _subscribing(*addresses: str) -> dict[str, Any]:
         "Resources": {
             f"Subscription{index}": {
                 "Type": "AWS::SNS::Subscription",
-                "Properties": {"Protocol": "email", "Endpoint": address, "TopicArn": {"Ref": "AlarmTopic"}},
+                "Properties": {
+                    "Protocol": "email",
+                    "Endpoint": address,
+                    "TopicArn": "arn:aws:sns:us-east-1:123456789012:llmq-alarms",
+                },
             }
             for index, address in enumerate(addresses)
         }
@@ -401,34 +404,49 @@ def _subscribing(*addresses: str) -> dict[str, Any]:
 
 
 def test_a_deploy_that_would_unsubscribe_the_on_call_address_fails_naming_it(account: Account) -> None:
-    # Given a deployed stack whose alarm topic e-mails the on-call address, its key set
+    # Given a deployed stack that e-mails its alarms to the on-call address, its key set
+    # (moto's CloudFormation keeps the template, though it makes no subscription of it)
+    account.bootstrap()
+    secret = account.deploy(resources=_subscribing("OnCall@example.com")["Resources"])
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    # When the operator deploys again without ALARM_EMAIL (a template with no subscription),
+    # or with the address spelt otherwise (another logical id: another subscription)
+    for template in (_subscribing(), _subscribing("oncall@example.com")):
+        findings, report, code = account.doctor(template=template)
+        # Then the preflight stops the deploy, naming the address as deployed, and how to keep it
+        assert _verdicts(findings)["alarm email"] is Verdict.FAIL, report
+        assert "would unsubscribe OnCall@example.com" in report
+        assert "ALARM_EMAIL=OnCall@example.com" in report
+        assert code == 1
+    # And with the address passed again, the deploy may go ahead
+    findings, report, code = account.doctor(template=_subscribing("OnCall@example.com"))
+    assert _verdicts(findings)["alarm email"] is Verdict.OK, report
+    assert code == 0
+
+
+def test_an_address_subscribed_by_hand_never_stops_a_deploy(account: Account) -> None:
+    # Given a deployed stack that subscribes the on-call address, and a second address an
+    # operator subscribed by hand (`aws sns subscribe`, as docs/operations.md shows)
     account.bootstrap()
     sns = account.client("sns")
     topic = sns.create_topic(Name="llmq-alarms")["TopicArn"]
-    sns.subscribe(TopicArn=topic, Protocol="email", Endpoint="OnCall@example.com")
-    secret = account.deploy(outputs={ALARM_TOPIC_OUTPUT: topic})
+    sns.subscribe(TopicArn=topic, Protocol="email", Endpoint="you@example.com")
+    secret = account.deploy(resources=_subscribing("oncall@example.com")["Resources"])
     account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
-    # When the operator deploys again without ALARM_EMAIL (a template with no subscription)
-    findings, report, code = account.doctor(template=_subscribing())
-    # Then the preflight stops the deploy, naming the address and how to keep it
-    assert _verdicts(findings)["alarm email"] is Verdict.FAIL, report
-    assert "would unsubscribe oncall@example.com" in report
-    assert "ALARM_EMAIL=oncall@example.com" in report
-    assert code == 1
-    # And with the address passed again (any case), the deploy may go ahead
+    # When the operator deploys with the stack's address, then nothing stops it: no deploy
+    # removes a subscription the stack did not make
     findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
     assert _verdicts(findings)["alarm email"] is Verdict.OK, report
     assert code == 0
 
 
 def test_a_stack_nobody_is_subscribed_to_deploys_with_a_note(account: Account) -> None:
-    # Given a deployed stack whose alarm topic has no subscription, and a template with none
+    # Given a deployed stack that subscribes nobody, and a template with nobody
     account.bootstrap()
-    topic = account.client("sns").create_topic(Name="llmq-alarms")["TopicArn"]
-    secret = account.deploy(outputs={ALARM_TOPIC_OUTPUT: topic})
+    secret = account.deploy()
     account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
     # When the operator runs the doctor, then it goes ahead, saying that nobody hears the alarms
     findings, report, code = account.doctor(template=_subscribing())
     assert _verdicts(findings)["alarm email"] is Verdict.NOTE, report
-    assert "nobody is subscribed to the alarms" in report
+    assert "subscribes nobody to the alarms" in report
     assert code == 0

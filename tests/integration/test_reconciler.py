@@ -278,6 +278,29 @@ def test_a_lapsed_lease_is_recovered_before_the_lane_counts_are_read(
     assert stale_id in report.waiting
 
 
+def test_a_recovered_leases_new_message_does_not_hide_a_lost_one(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a worker that took two jobs' messages and crashed on one (its message still in
+    # flight), and the other job's message lost
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    url = harness.stack.lane_queue_urls["high"]
+    crashed_id = harness.submit().body["id"]
+    lost_id = harness.submit().body["id"]
+    for message in harness.receive(url, visibility=1800):
+        if lost_id in message["Body"]:
+            harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(crashed_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    # When the reconciler recovers the lease (sending the crashed job a message) and then
+    # counts the lane's messages
+    report = reconciler.run()
+    # Then the lost job is sent its message too: the one the recovery sent is not taken for it
+    assert report.recovered == [crashed_id]
+    assert report.requeued == [lost_id]
+
+
 def test_a_running_job_whose_worker_vanished_is_recovered(
     harness: Harness, reconciler: Reconciler, clock: LaterClock, provider: FakeProviderServer
 ) -> None:

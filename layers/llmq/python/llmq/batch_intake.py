@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
 
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import result_line
@@ -68,11 +67,20 @@ RESULTS_PAGE_BYTES = 900_000
 
 
 def batch_request_hash(request: BatchRequest, upload: ObjectStat | None = None) -> str:
-    """The body's hash, for Idempotency-Key replays, of the request in a canonical form, as a
-    job's (`llmq.intake.request_digest`): an object's keys in any order, an item's `prompt` or
-    the one message it stands for, event names in any order or repeated. An upload counts by
-    its content (ETag and size), not its id: a client that lost the answer and uploads the
-    same file again, under a new upload id, replays its batch instead of meeting a conflict."""
+    """The body's hash as it is written: what versions before `batch_request_digest` compare,
+    kept so that a version rolled back to still recognises a replay. An upload counts by its
+    content (ETag and size), not its id: a client that lost the answer and uploads the same
+    file again, under a new upload id, replays its batch instead of meeting a conflict."""
+    if upload is not None:
+        request = request.model_copy(update={"upload_id": f"{upload.etag}:{upload.size}"})
+    canonical = request.model_dump_json(exclude_none=True, exclude_defaults=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def batch_request_digest(request: BatchRequest, upload: ObjectStat | None = None) -> str:
+    """What "the same body" means for a replay, as for a job (`llmq.intake.request_digest`):
+    an object's keys in any order, an item's `prompt` or the one message it stands for, event
+    names in any order or repeated; an upload by its content."""
     data = request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     if upload is not None:
         data["upload_id"] = f"{upload.etag}:{upload.size}"
@@ -82,29 +90,15 @@ def batch_request_hash(request: BatchRequest, upload: ObjectStat | None = None) 
         data["webhook"]["events"] = sorted(event.value for event in request.webhook.subscribed_events())
         data["webhook"]["item_events"] = sorted({event.value for event in request.webhook.item_events})
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return "c1:" + hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _hash_before_canonical(request: BatchRequest, upload: ObjectStat | None) -> str:
-    """The hash batches stored before `batch_request_hash` was canonical carry (kept 7 days)."""
-    if upload is not None:
-        request = request.model_copy(update={"upload_id": f"{upload.etag}:{upload.size}"})
-    canonical = request.model_dump_json(exclude_none=True, exclude_defaults=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class _Digests:
-    """A request's hash, and (computed only when asked) the one it had before hashes were
-    canonical, which a batch stored then carries."""
-
-    def __init__(self, digest: str, before_canonical: Callable[[], str]) -> None:
-        self.digest = digest
-        self._before_canonical = before_canonical
-
-    def match(self, stored: str) -> bool:
-        if stored == self.digest:
-            return True
-        return not stored.startswith("c1:") and stored == self._before_canonical()
+def _same_body(stored: BatchRecord, record: BatchRecord) -> bool:
+    """Whether `record` (this request's) has the body `stored` was created with: by its digest,
+    or, for a batch stored before digests, by its hash."""
+    if stored.request_digest is not None:
+        return stored.request_digest == record.request_digest
+    return stored.request_hash == record.request_hash
 
 
 class BatchIntake:
@@ -141,7 +135,6 @@ class BatchIntake:
         stored = self._under_key(batch_id, idempotency_key, now_ms)
         upload = self._upload(tenant, request.upload_id, stored) if request.upload_id else None
         digest = batch_request_hash(request, upload)
-        digests = _Digests(digest, lambda: _hash_before_canonical(request, upload))
         webhook = request.webhook
         record = BatchRecord(
             id=batch_id,
@@ -151,8 +144,7 @@ class BatchIntake:
             total=len(request.requests or []),
             # Named by the body's hash: a replay with another body never overwrites these. An
             # upload's validated requests are parts under this prefix.
-            requests_ref=f"{REQUESTS_PREFIX}{batch_id}/{digest.removeprefix('c1:')[:16]}"
-            + ("/" if upload else ".jsonl"),
+            requests_ref=f"{REQUESTS_PREFIX}{batch_id}/{digest[:16]}" + ("/" if upload else ".jsonl"),
             upload_id=request.upload_id,
             upload_ref=upload_key(tenant.tenant_id, request.upload_id) if request.upload_id else None,
             upload_etag=upload.etag if upload else None,
@@ -160,6 +152,7 @@ class BatchIntake:
             validated=upload is None,
             tier=tenant.tier,
             request_hash=digest,
+            request_digest=batch_request_digest(request, upload),
             created_ms=now_ms,
             expires_at=now_ms // 1000 + self.config.retention_seconds,
             metadata=request.metadata,
@@ -169,7 +162,7 @@ class BatchIntake:
             item_events=list(dict.fromkeys(webhook.item_events)) if webhook else [],
         )
         if stored is not None:
-            return self._replayed(stored, tenant, digests), True
+            return self._replayed(stored, tenant, record), True
         default_max_active = self.config.tenant_limits(tenant.tier).max_active_jobs
         state = self.batches.share(tenant.tenant_id)
         limit = state.max_active_jobs or default_max_active
@@ -178,7 +171,7 @@ class BatchIntake:
             # of a client whose connection dropped is its replay, never refused by the quota)
             stored = self._under_key(batch_id, idempotency_key, now_ms)
             if stored is not None:
-                return self._replayed(stored, tenant, digests), True
+                return self._replayed(stored, tenant, record), True
             raise over_quota(state, record.total, default_max_active, self.config)
         if request.requests is not None:
             self.payloads.put(record.requests_ref, encode_requests(request.requests))
@@ -186,7 +179,7 @@ class BatchIntake:
             record, self.config.concurrency_caps(tenant.tier, record.lane), state, default_max_active
         )
         if replayed:  # (a first submit of the same key, concurrent with this one)
-            return self._replayed(stored, tenant, digests), True
+            return self._replayed(stored, tenant, record), True
         logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})
         self._expand(stored)
         return stored, False
@@ -243,8 +236,8 @@ class BatchIntake:
             max_requests=self.config.batches.max_upload_requests,
         )
 
-    def _replayed(self, stored: BatchRecord, tenant: TenantIdentity, digests: _Digests) -> BatchRecord:
-        if stored.tenant_id != tenant.tenant_id or not digests.match(stored.request_hash):
+    def _replayed(self, stored: BatchRecord, tenant: TenantIdentity, record: BatchRecord) -> BatchRecord:
+        if stored.tenant_id != tenant.tenant_id or not _same_body(stored, record):
             raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
         if stored.status is BatchStatus.VALIDATING:
             # Its expand message may have been lost with the first answer: a second one is

@@ -140,6 +140,9 @@ class BatchRecord(Model):
     request_hash: str
     created_ms: int
     expires_at: int
+    # The body's canonical digest (`llmq.batch_intake.batch_request_digest`), which a replay is
+    # compared by; None on a batch stored before it (compared by `request_hash` then).
+    request_digest: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     deadline_ms: int | None = None
     # Items written so far: items [0, expanded) exist. The expansion's checkpoint.

@@ -135,10 +135,27 @@ class ProviderConfig(_Frozen):
         return self
 
 
+# "Total size of environment variables set: 4 KB", names and values (Lambda quotas:
+# https://docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html). Beside LLMQ_CONFIG,
+# a function holds up to this many resource names, URLs and ARNs other than the lanes' (a table,
+# the webhook queue, the bucket, the secret...), each at most this long, and the stack's other
+# variables and names (Powertools', the tables' and queues' variable names): measured on the
+# synthesized template by tests/infra/test_stack.py.
+LAMBDA_ENVIRONMENT_BYTES = 4096
+_RESOURCE_VALUE_BYTES = 128
+_OTHER_RESOURCE_VALUES = 5
+_STACK_VARIABLES_BYTES = 512
+
+# No object of a request llmq takes has more members than this: the api refuses one that does
+# before validation, which builds an error for each unknown member (a body of a few MB can hold
+# hundreds of thousands, more than the function's memory and time allow).
+MAX_OBJECT_MEMBERS = 1000
+
+
 class LimitsConfig(_Frozen):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
-    max_metadata_keys: Annotated[int, Field(ge=0)] = 16
+    max_metadata_keys: Annotated[int, Field(ge=0, le=MAX_OBJECT_MEMBERS)] = 16
     max_submit_wait_seconds: Annotated[int, Field(ge=0, le=25)] = 25
     max_get_wait_seconds: Annotated[int, Field(ge=0, le=20)] = 20
     max_deadline_seconds: Annotated[int, Field(ge=1)] = 86_400
@@ -469,7 +486,27 @@ class LlmqConfig(_Frozen):
                 f"webhooks.timeout_seconds must leave {WEBHOOK_OVERHEAD_SECONDS:g} s of "
                 f"dispatcher.timeout_seconds ({self.dispatcher.timeout_seconds} s) for the rest of a delivery"
             )
+        if self.function_environment_bytes > LAMBDA_ENVIRONMENT_BYTES:
+            raise ValueError(
+                f"this config makes a function's environment about {self.function_environment_bytes} bytes "
+                f"(its LLMQ_CONFIG, the part that differs from the defaults, is {len(self.to_env().encode())}); "
+                f"Lambda refuses more than {LAMBDA_ENVIRONMENT_BYTES} and the deploy would fail: "
+                "leave out what repeats a default, or shorten the lists (models, tiers, lanes)"
+            )
         return self
+
+    @property
+    def function_environment_bytes(self) -> int:
+        """The most any function's environment holds with this config, as Lambda counts it (its
+        names and values), the stack's resource names and URLs at their longest."""
+        lane_urls = sum(len(lane.name) + 8 + _RESOURCE_VALUE_BYTES for lane in self.lanes)
+        return (
+            len("LLMQ_CONFIG")
+            + len(self.to_env().encode())
+            + lane_urls
+            + _OTHER_RESOURCE_VALUES * _RESOURCE_VALUE_BYTES
+            + _STACK_VARIABLES_BYTES
+        )
 
     @cached_property
     def lanes_by_name(self) -> dict[str, LaneConfig]:

@@ -97,16 +97,22 @@ class GenerationParams(_Strict):
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None
-    # (bounded, as every list a request holds: each wrong element of an unbounded list is an
-    # error of its own, and a small body could make the api build millions)
+    stop: list[Annotated[str, Field(max_length=256)]] | Annotated[str, Field(max_length=256)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
+    seed: Annotated[int, Field(strict=True)] | None = None
+
+
+class RequestParams(GenerationParams):
+    """The parameters as a request may give them. Bounded, as every list a request holds: each
+    wrong element of an unbounded list is an error of its own, and a small body could make the
+    api build millions. (A job stored before the bound keeps its parameters: `GenerationParams`.)"""
+
     stop: (
         Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=MAX_STOP_SEQUENCES)]
         | Annotated[str, Field(max_length=256)]
         | None
     ) = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
-    seed: Annotated[int, Field(strict=True)] | None = None
 
 
 class WebhookSubscription(_Strict):
@@ -123,9 +129,9 @@ class JobRequest(_Strict):
     """POST /v1/jobs. Give `messages`, or `prompt` as shorthand for one user message."""
 
     model: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1000)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1000, fail_fast=True)
     prompt: Annotated[str, Field(min_length=1, max_length=2_000_000)] | None = None
-    params: GenerationParams = Field(default_factory=GenerationParams)
+    params: RequestParams = Field(default_factory=RequestParams)
     webhook: WebhookSubscription | None = None
     metadata: dict[
         Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=512)]
@@ -169,11 +175,7 @@ def job_request_model(config: LlmqConfig) -> type[JobRequest]:
         for name in GenerationParams.model_fields
         if name not in config.provider.allowed_params
     }
-    params = (
-        create_model("GenerationParams", __base__=GenerationParams, **refused)
-        if refused
-        else GenerationParams
-    )
+    params = create_model("GenerationParams", __base__=RequestParams, **refused) if refused else RequestParams
     return create_model(
         "JobRequest",
         __base__=JobRequest,
@@ -185,7 +187,7 @@ def job_request_model(config: LlmqConfig) -> type[JobRequest]:
             allowed_model | None,
             Field(default=None, description=f"Defaults to {config.provider.default_model}"),
         ),
-        messages=(list[message] | None, Field(default=None, min_length=1, max_length=1000)),
+        messages=(list[message] | None, Field(default=None, min_length=1, max_length=1000, fail_fast=True)),
         prompt=(
             Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars)] | None,
             None,
@@ -440,7 +442,7 @@ class BatchRequest(_Strict):
     """POST /v1/batches: many JobRequests at once, each named by a `custom_id` unique in the batch:
     inline as `requests`, or as a JSON Lines file uploaded first (`upload_id`, POST /v1/uploads)."""
 
-    requests: list[BatchItemRequest] | None = Field(default=None, min_length=1)
+    requests: list[BatchItemRequest] | None = Field(default=None, min_length=1, fail_fast=True)
     upload_id: Annotated[str, Field(pattern=UPLOAD_ID)] | None = Field(
         default=None, description="An upload (POST /v1/uploads) holding one request per line"
     )
@@ -466,7 +468,12 @@ def batch_request_model(config: LlmqConfig, job_request: type[JobRequest]) -> ty
     return create_model(
         "BatchRequest",
         __base__=BatchRequest,
-        requests=(items, Field(default=None, min_length=1, max_length=config.batches.max_requests)),
+        # (fail_fast: the first bad item is named, and validation stops there: a body of
+        # thousands of bad items would otherwise build an error for each)
+        requests=(
+            items,
+            Field(default=None, min_length=1, max_length=config.batches.max_requests, fail_fast=True),
+        ),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from llmq.batch_runs import item_ended
 from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
@@ -66,7 +67,9 @@ class Reconciler:
         offload: Offload | None = None,
     ) -> None:
         self.jobs = jobs
-        self.queues = queues
+        # (counting what each run sends into the lanes: see `_message_deficits`)
+        self._sends = _CountedSends(queues)
+        self.queues: QueueStore = cast(QueueStore, self._sends)
         self.config = config
         # Reads a batch the sweep found (its tenant and lane); None: batches are not poked.
         self.batches = batches
@@ -75,6 +78,7 @@ class Reconciler:
 
     def run(self) -> ReconcileReport:
         report = ReconcileReport()
+        self._sends.sent.clear()
         now = self.jobs.now_ms()
         entries: list[SweepEntry] = []
         limit = self.config.reconciler.max_items_per_run
@@ -90,8 +94,6 @@ class Reconciler:
             logger.warning("sweep interrupted", extra={"read": len(entries)})
         # The lapsed leases are settled before the lane counts are read (a read of the whole
         # sweep index): a run that runs out of time there has given their slots back already.
-        # The counts are read before anything else is settled (a batch's poke may send it a
-        # message, which would pass for a lost job's).
         lapsed = [entry for entry in entries if entry.status is JobStatus.RUNNING and not entry.batch]
         rest = [entry for entry in entries if not (entry.status is JobStatus.RUNNING and not entry.batch)]
         self._settle_each(lapsed, now, Counter(), report)
@@ -153,7 +155,9 @@ class Reconciler:
                 # Jobs of a lane no longer deployed: nothing can be sent to them.
                 _not_settled(exc, f"lane {lane}")
                 continue
-            deficits[lane] = max(0, unfinished[lane] - depth)
+            # What this run sent into the lane already (a recovered lease's message, a batch's
+            # poke) is in its depth, and stands in for no lost message.
+            deficits[lane] = max(0, unfinished[lane] - (depth - self._sends.sent[lane]))
         return deficits
 
     def _settle(self, entry: SweepEntry, now: int, deficits: Counter[str], report: ReconcileReport) -> None:
@@ -317,6 +321,25 @@ class Reconciler:
 
 def _not_settled(exc: Exception, what: str) -> None:
     reconcile_fault(exc, what, "not settled; the reconciler goes on")
+
+
+class _CountedSends:
+    """The reconciler's queues, counting the messages sent into each lane."""
+
+    def __init__(self, queues: QueueStore) -> None:
+        self._queues = queues
+        self.sent: Counter[str] = Counter()
+
+    def enqueue_job(self, job_id: str, lane: str, tenant_id: str, *args: Any, **kwargs: Any) -> None:
+        self._queues.enqueue_job(job_id, lane, tenant_id, *args, **kwargs)
+        self.sent[lane] += 1
+
+    def enqueue_expand(self, batch_id: str, lane: str, tenant_id: str, *args: Any, **kwargs: Any) -> None:
+        self._queues.enqueue_expand(batch_id, lane, tenant_id, *args, **kwargs)
+        self.sent[lane] += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queues, name)
 
 
 def _is_stale_queued(entry: SweepEntry, now: int) -> bool:
