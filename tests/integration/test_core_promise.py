@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,7 +32,7 @@ from llmq.models import DeliveryStatus, ErrorCode, JobResult, JobStatus, Usage
 from llmq.offload import Offload
 from llmq.payloads import PayloadStore
 from llmq.policy import ClaimOutcome, deadline_error
-from llmq.providers import GenerationRequest, TransientProviderError
+from llmq.providers import GenerationRequest, ProviderTimeout, TransientProviderError
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -1162,6 +1163,112 @@ def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_
     assert (job["status"], job["result"]["output"], job["attempts"]) == ("succeeded", "fine", 2)
 
 
+@pytest.mark.parametrize("next_look", ["claim", "reconciler"])
+def test_a_provider_timeout_whose_failure_write_fails_for_good_is_never_sent_again(
+    harness: Harness, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch, next_look: str
+) -> None:
+    # Given a job whose provider call timed out (it may still be generating, and billing),
+    # and DynamoDB refusing the failure's write for longer than the worker can wait
+    job_id = harness.submit(webhook=HOOK).body["id"]
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=1000)
+    timeout = ProviderTimeout("the provider did not finish within 60.0s; it may still be generating")
+    provider = ScriptedProvider([timeout, OK])
+    outcome = _run(_runner(harness, provider), job_id, seconds=8)
+    faults.disarm()
+    assert isinstance(outcome, StoreUnavailable)
+    assert provider.calls == 1
+    # When its lease lapses, and its message comes back to another worker, or the reconciler
+    # comes to it
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET lease_expires_ms = :lapsed",
+        ExpressionAttributeValues={":lapsed": {"N": str(int(time.time() * 1000) - 1)}},
+    )
+    if next_look == "claim":
+        assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    else:
+        # (the sweep finds it a grace after the lease it took: 8 s and the margin)
+        later = 8 + harness.config.lease_margin_seconds + harness.config.reconciler.expired_lease_grace_seconds
+        module = _scheduled_reconciler(harness, monkeypatch, later + 1.0)
+        assert module.handler({"source": "aws.events"}, LambdaContextStub())["recovered"] == 1
+    # Then the job fails as that attempt did, and the request is never sent again
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "provider_timeout")
+
+
+def test_a_claim_that_cannot_look_for_a_parked_result_hands_the_job_back_unrun(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose attempt paid for its result, parked it and crashed
+    job_id = _parked(harness)
+    # When its next claim cannot ask S3 whether anything is parked (throttled throughout)
+    faults.arm("throttle", "s3.HeadObject", times=1000)
+    provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
+    outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=10)
+    faults.disarm()
+    # Then the job is handed back for its message's return, not run: no second payment, its
+    # attempt refunded and its slot free
+    assert type(outcome).__name__ == "RetryLater"
+    assert provider.calls == 0
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 1)
+    assert _slot_given_back(harness, job_id)
+    # And once S3 answers, its next claim records what was paid for
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="REMOVE not_before_ms",
+    )
+    assert _run(_runner(harness, provider), job_id, owner="worker-3") is None
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_result_write_that_never_answers_is_cut_short_in_time_to_park_the_result(harness: Harness) -> None:
+    # Given a paid result whose write DynamoDB takes and never answers: each of botocore's own
+    # tries waits out its read timeout, together far longer than the Lambda has left
+    from botocore.exceptions import ReadTimeoutError
+
+    job_id = harness.submit().body["id"]
+    writes = [0]
+    answered = threading.Event()
+    seconds = 8.0
+    began = time.monotonic()
+    left_when_parked: list[float] = []
+
+    def never_answers(**_: Any) -> None:
+        writes[0] += 1
+        if writes[0] > 1:  # (the claim went in)
+            answered.wait(30)
+            raise ReadTimeoutError(endpoint_url="https://dynamodb")
+
+    def parking(**_: Any) -> None:
+        left_when_parked.append(seconds - (time.monotonic() - began))
+        answered.set()  # (the hung write gives up at once now: the test need not wait for it)
+
+    aws.client("dynamodb").meta.events.register("before-send.dynamodb.TransactWriteItems", never_answers)
+    aws.client("s3").meta.events.register("before-call.s3.PutObject", parking)
+    try:
+        outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=seconds)
+    finally:
+        aws.client("dynamodb").meta.events.unregister(
+            "before-send.dynamodb.TransactWriteItems", never_answers
+        )
+        aws.client("s3").meta.events.unregister("before-call.s3.PutObject", parking)
+    # Then the worker stops waiting for it while the Lambda has time left to park the result,
+    # and parks it: the next attempt records it instead of paying again
+    assert isinstance(outcome, StoreUnavailable)
+    assert len(left_when_parked) == 1 and left_when_parked[0] > 1.0
+    stored = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).find(
+        job_id
+    )
+    assert stored is not None
+    payloads = PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3"))
+    assert Offload(payloads, harness.config).parked_result(stored) == OK
+
+
 def test_parking_a_result_waits_no_longer_than_the_lambda_has_left(
     harness: Harness, faults: AwsFaults, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1181,7 +1288,7 @@ def test_parking_a_result_waits_no_longer_than_the_lambda_has_left(
     outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=8, lag=lag)
     # Then the worker gives up on the park within what was left, and answers for its batch
     assert isinstance(outcome, StoreUnavailable)
-    gave_up = [r for r in caplog.records if r.getMessage() == "result write failed, and parking it too"]
+    gave_up = [r for r in caplog.records if r.getMessage() == "outcome write failed, and parking it too"]
     assert [getattr(r, "error_class", None) for r in gave_up] == ["TimeoutError"]
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -62,6 +62,9 @@ _WRITE_RETRY_FIRST_SECONDS = 0.2
 _WRITE_RETRY_MAX_SECONDS = 4.0
 # One botocore call can itself take a few seconds (its own retries and backoff).
 _WRITE_RETRY_FLOOR_SECONDS = 4.0
+# What a write-back try leaves of the Lambda's time, however long its call takes: enough to
+# park a paid result (a PUT given the rest but a second).
+_AFTER_LAST_TRY_SECONDS = 3.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
 # Beyond the scout's retry budget, how long its batch's other claims of the tenant wait for it.
@@ -100,6 +103,15 @@ _ENDS_QUEUED = frozenset(
 _HANDOFF_HIDE_MARGIN_SECONDS = 30
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
+
+
+class _HandedBack(Enum):
+    """The claimed job was handed back (or ended by a cancel) while S3 could not say."""
+
+    JOB = "handed back"
+
+
+_HANDED_BACK = _HandedBack.JOB
 # An input read that took this long (S3 throttled or slow, retried here or by the SDK) is
 # followed by a look at the cancel flag before the provider is called.
 _SLOW_INPUT_SECONDS = 1.0
@@ -371,8 +383,21 @@ class JobRunner:
         try:
             # (before the input, which a parked result does not need, and the time check:
             # recording it needs no provider time)
-            parked = await self._parked_result(job) if job.attempts > 1 else None
-            if parked is not None:
+            parked = await self._parked_result(job, invocation) if job.attempts > 1 else None
+            if parked is _HANDED_BACK:
+                # (S3 could not say, and a cancel that came meanwhile ended the job)
+                sibling.freed = True
+                return None
+            if isinstance(parked, JobError):
+                # An earlier attempt's failure that may have been billed could not be written:
+                # written now, and the request never sent again.
+                logger.info(
+                    "a parked failure ends the job", extra={"job_id": job.id, "attempt": job.attempts}
+                )
+                await self._settle(self.jobs.fail_leased, job, invocation, parked)
+                sibling.freed = True
+                return None
+            if isinstance(parked, JobResult):
                 # An earlier attempt was paid for and could not record it: recorded now, unpaid.
                 logger.info(
                     "a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts}
@@ -593,19 +618,26 @@ class JobRunner:
         try:
             loaded = await self._write_back(lambda: self.offload.load_input(job), invocation, budget)
         except StoreUnavailable as exc:
-            delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
-            try:
-                await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
-            except CancelRequested:
-                await self._settle(self.jobs.cancel_leased, job, invocation)
-                return None
-            raise RetryLater(job.id, delay, gave_back_slot=True) from exc
+            await self._hand_back(job, invocation, exc)
+            return None
         if time.monotonic() - began >= _SLOW_INPUT_SECONDS and await self._cancel_came(job.id):
             # A cancel that came while the input was slow to read (S3 throttled or slow, retried
             # here or by the SDK): the provider is never called for it.
             await self._settle(self.jobs.cancel_leased, job, invocation)
             return None
         return loaded
+
+    async def _hand_back(self, job: JobRecord, invocation: Invocation, why: StoreUnavailable) -> None:
+        """S3 stays unavailable before the provider was called: the lease is handed back,
+        attempt refunded, so the next delivery of the message can claim the job (RetryLater);
+        returns only when a cancel that arrived meanwhile ended it here."""
+        delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
+        try:
+            await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
+        except CancelRequested:
+            await self._settle(self.jobs.cancel_leased, job, invocation)
+            return
+        raise RetryLater(job.id, delay, gave_back_slot=True) from why
 
     async def _cancel_came(self, job_id: str) -> bool:
         """One look at the cancel flag; a read that fails is only a missed look (the watcher
@@ -762,25 +794,12 @@ class JobRunner:
         parks the result in S3 first (`Offload.park_result`): the job is retried once its
         lease lapses, and that attempt records it instead of paying again (`ran` False: so
         this attempt's short time is no run time for its tenant's deferrals)."""
-        try:
-            done = await self._write_back(
-                lambda: self.offload.complete(self.jobs, job, invocation.owner, result, timed=ran), invocation
-            )
-        except StoreUnavailable:
-            if self.offload.payloads is not None:
-                # Within what is left of the Lambda (a second before its end): S3 failing with
-                # DynamoDB must not time the invocation out, which would send every message of
-                # its batch back instead of this one.
-                budget = max(0.1, invocation.remaining_seconds() - 1.0)
-                try:
-                    await asyncio.wait_for(asyncio.to_thread(self.offload.park_result, job, result), budget)
-                    logger.warning("result write failed; the result is parked", extra={"job_id": job.id})
-                except Exception as exc:
-                    logger.error(
-                        "result write failed, and parking it too",
-                        extra={"job_id": job.id, **error_fields(exc)},
-                    )
-            raise
+        done = await self._written_or_parked(
+            lambda: self.offload.complete(self.jobs, job, invocation.owner, result, timed=ran),
+            lambda: self.offload.park_result(job, result),
+            job,
+            invocation,
+        )
         logger.info(
             "job succeeded",
             extra={
@@ -791,16 +810,48 @@ class JobRunner:
         )
         await self._announce(done, invocation)
 
-    async def _parked_result(self, job: JobRecord) -> JobResult | None:
-        """What an earlier attempt parked; None when nothing (or S3 cannot say: the generation
-        then runs, as it would have without parking)."""
+    async def _parked_result(
+        self, job: JobRecord, invocation: Invocation
+    ) -> JobResult | JobError | _HandedBack | None:
+        """What an earlier attempt parked; None when nothing (or what is there cannot be read
+        for good). While S3 cannot say, through throttles for a bounded time, the job is handed
+        back (`_hand_back`) rather than run: running it could pay for its generation again."""
         if self.offload.payloads is None:
             return None
+        budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
         try:
-            return await asyncio.to_thread(self.offload.parked_result, job)
+            return await self._write_back(lambda: self.offload.parked_result(job), invocation, budget)
+        except StoreUnavailable as exc:
+            logger.warning("parked result not looked for: S3 unavailable", extra={"job_id": job.id})
+            await self._hand_back(job, invocation, exc)
+            return _HANDED_BACK
         except Exception as exc:
             logger.warning("parked result not read", extra={"job_id": job.id, **error_fields(exc)})
             return None
+
+    async def _written_or_parked(
+        self, write: Callable[[], T], park: Callable[[], None], job: JobRecord, invocation: Invocation
+    ) -> T:
+        """`write`, whatever AWS says for a while; a write that still fails `park`s what it
+        wrote in S3 (`Offload.park_result`, `park_failure`) and raises: the job's next look
+        records that instead of running the job again."""
+        try:
+            return await self._write_back(write, invocation)
+        except StoreUnavailable:
+            if self.offload.payloads is not None:
+                # Within what is left of the Lambda (a second before its end): S3 failing with
+                # DynamoDB must not time the invocation out, which would send every message of
+                # its batch back instead of this one.
+                budget = max(0.1, invocation.remaining_seconds() - 1.0)
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(park), budget)
+                    logger.warning("outcome write failed; the outcome is parked", extra={"job_id": job.id})
+                except Exception as exc:
+                    logger.error(
+                        "outcome write failed, and parking it too",
+                        extra={"job_id": job.id, **error_fields(exc)},
+                    )
+            raise
 
     async def _after_provider_error(self, job: JobRecord, invocation: Invocation, exc: ProviderError) -> None:
         if isinstance(exc, TransientProviderError):
@@ -810,6 +861,16 @@ class JobRunner:
         # still be generating, and billing; the client decides.
         error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
         logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
+        if isinstance(exc, ProviderTimeout):
+            # Its write must not be lost to a DynamoDB outage: the job would be run again.
+            done = await self._written_or_parked(
+                lambda: self.jobs.fail_leased(job, invocation.owner, error),
+                lambda: self.offload.park_failure(job, error),
+                job,
+                invocation,
+            )
+            await self._announce(done, invocation)
+            return
         await self._settle(self.jobs.fail_leased, job, invocation, error)
 
     async def _settle(
@@ -897,7 +958,17 @@ class JobRunner:
         unanswered = False
         while True:
             try:
-                return await asyncio.to_thread(write)
+                # One try never outlasts the Lambda (botocore's own tries of a call that does
+                # not answer take up to 40 s): what is left after it parks a paid result.
+                async with asyncio.timeout(
+                    max(0.5, invocation.remaining_seconds() - _AFTER_LAST_TRY_SECONDS)
+                ):
+                    return await asyncio.to_thread(write)
+            except TimeoutError as timed_out:
+                # (no time for another: the caller parks what it was writing, if it can)
+                raise StoreUnavailable(
+                    "the write did not answer in the time the Lambda has left"
+                ) from timed_out
             except StoreUnavailable as exc:
                 tries += 1
                 if isinstance(exc, StoreContended):

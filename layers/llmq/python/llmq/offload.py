@@ -7,12 +7,13 @@ together), with room kept for what later writes add, so no write can fail on the
 from __future__ import annotations
 
 import hashlib
+import json
 
 from llmq.config import LlmqConfig
 from llmq.errors import ItemTooLarge, PayloadTooLarge, StoreUnavailable
 from llmq.job_codec import record_size
 from llmq.job_record import JobInput, JobRecord
-from llmq.models import JobResult, JobStatus
+from llmq.models import JobError, JobResult, JobStatus
 from llmq.ports import BlobStore, JobStore
 from llmq.telemetry import error_fields, logger
 
@@ -26,6 +27,8 @@ BOOKKEEPING_BYTES = 256
 # Where a paid result waits whose write to its job failed (`Offload.park_result`): the worker
 # puts and gets objects here (stacks/llmq_stack.py), and nothing else does.
 PARKED_PREFIX = "results/parked/"
+# The member of a parked object that holds a billed failure rather than a result.
+_FAILED = "failed"
 
 
 class Offload:
@@ -97,19 +100,31 @@ class Offload:
         for the generation again (`parked_result`)."""
         self._store().put(_parked_key(job), result.model_dump_json().encode())
 
-    def parked_result(self, job: JobRecord) -> JobResult | None:
-        """The result an earlier attempt of this job parked, if any."""
+    def park_failure(self, job: JobRecord, error: JobError) -> None:
+        """A failure that may have been billed (a provider timeout: the provider may still be
+        generating) whose write failed as a result's can: kept the same way, so that no later
+        attempt sends the request again; the job fails with it instead."""
+        self._store().put(_parked_key(job), json.dumps({_FAILED: error.model_dump(mode="json")}).encode())
+
+    def parked_result(self, job: JobRecord) -> JobResult | JobError | None:
+        """What an earlier attempt of this job parked, if anything: its paid result, or its
+        billed failure."""
         store = self._store()
         if store.stat(_parked_key(job)) is None:
             return None
-        return JobResult.model_validate_json(store.get(_parked_key(job)))
+        data = store.get(_parked_key(job))
+        parked = json.loads(data)
+        if isinstance(parked, dict) and _FAILED in parked:
+            return JobError.model_validate(parked[_FAILED])
+        return JobResult.model_validate_json(data)
 
     def record_parked(self, jobs: JobStore, job: JobRecord, *, ends: bool) -> JobRecord | None:
         """A running job no live worker holds, about to be ended without another run (`ends`:
         its attempts used up, its deadline passed, a cancel asked, its retention due) or queued
         to run again: the result an earlier attempt paid for and parked is recorded instead,
         and the job succeeds, since what was paid for is there to deliver (as a generation
-        that ended as the cancel came stands). One HeadObject, only for a job that ran.
+        that ended as the cancel came stands); or the failure it parked (`park_failure`), and
+        the job fails with it, never sent again. One HeadObject, only for a job that ran.
 
         None when nothing is parked, the job is not running (a queued job's next claim looks),
         or it moved on meanwhile (another writer ended it, a worker took it over, its id was
@@ -134,6 +149,9 @@ class Offload:
             return None
         if result is None:
             return None
+        if isinstance(result, JobError):
+            logger.info("a parked failure ends the job", extra={"job_id": job.id, "attempt": job.attempts})
+            return jobs.fail_unleased(job, result)
         logger.info("a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts})
         if self.result_fits(job, result):
             try:
