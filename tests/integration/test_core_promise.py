@@ -1189,7 +1189,9 @@ def test_a_provider_timeout_whose_failure_write_fails_for_good_is_never_sent_aga
         assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
     else:
         # (the sweep finds it a grace after the lease it took: 8 s and the margin)
-        later = 8 + harness.config.lease_margin_seconds + harness.config.reconciler.expired_lease_grace_seconds
+        later = (
+            8 + harness.config.lease_margin_seconds + harness.config.reconciler.expired_lease_grace_seconds
+        )
         module = _scheduled_reconciler(harness, monkeypatch, later + 1.0)
         assert module.handler({"source": "aws.events"}, LambdaContextStub())["recovered"] == 1
     # Then the job fails as that attempt did, and the request is never sent again
