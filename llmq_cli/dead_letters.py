@@ -23,6 +23,7 @@ _UNSUPPORTED_CODES = {
     "AWS.SimpleQueueService.UnsupportedOperation",
 }
 _NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
+_LONG_POLL_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,9 @@ def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None
         messages = sqs.receive_message(
             QueueUrl=queue.dlq_url,
             MaxNumberOfMessages=count,
-            WaitTimeSeconds=0,
+            # A long poll asks every SQS server: a short one samples some, and may answer
+            # nothing while messages wait, which would end the redrive early.
+            WaitTimeSeconds=_LONG_POLL_SECONDS,
             VisibilityTimeout=60,
             MessageAttributeNames=["All"],
             MessageSystemAttributeNames=["MessageGroupId"],
@@ -140,7 +143,10 @@ def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None
 def peek(sqs: Any, url: str, count: int) -> list[str]:
     """Bodies of up to `count` visible dead letters; they become visible again at once."""
     messages = sqs.receive_message(
-        QueueUrl=url, MaxNumberOfMessages=max(1, min(10, count)), WaitTimeSeconds=0, VisibilityTimeout=0
+        QueueUrl=url,
+        MaxNumberOfMessages=max(1, min(10, count)),
+        WaitTimeSeconds=_LONG_POLL_SECONDS,
+        VisibilityTimeout=0,
     ).get("Messages", [])
     return [shown_body(str(message["Body"])) for message in messages]
 
@@ -153,8 +159,17 @@ def shown_body(body: str) -> str:
         message = json.loads(body)
     except ValueError:
         return body
-    if not isinstance(message, dict) or not isinstance(message.get("job"), dict):
+    if not isinstance(message, dict):
         return body
-    job = message["job"]
-    message["job"] = {key: job[key] for key in ("id", "status") if key in job}
+    job, output = message.get("job"), message.get("output")
+    if not isinstance(job, dict) and not isinstance(output, dict):
+        return body
+    if isinstance(job, dict):
+        message["job"] = {key: job[key] for key in ("id", "status") if key in job}
+    if isinstance(output, dict):
+        # (a `job.output` event's delta is generated text: the integrator's, shown by its place)
+        message["output"] = {key: output[key] for key in _OUTPUT_SHOWN if key in output}
     return json.dumps(message, separators=(",", ":"))
+
+
+_OUTPUT_SHOWN = ("id", "seq_from", "seq_to", "attempt")

@@ -676,9 +676,16 @@ def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
+    from llmq.tenants import TenantExists
+
     target = AwsTarget(args)
     limits = _tenant_limits(target, args.table)
-    created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
+    try:
+        created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
+    except TenantExists as exc:
+        raise CliError(
+            f"{exc}: `llmq tenants show {args.id}`; `llmq tenants issue-key {args.id}` gives it an API key"
+        ) from exc
     credentials = TenantCredentials(
         id=created.tenant.id,
         name=created.tenant.name,
@@ -1282,6 +1289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from llmq.errors import StoreUnavailable
     from llmq_cli.client import ApiError
 
     args = build_parser().parse_args(argv)
@@ -1292,6 +1302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except httpx.HTTPError as exc:
         print(f"llmq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        # (an operator's wrong region or stack, expired credentials, a missing permission: said
+        # in a line, not a traceback)
+        error = exc.response.get("Error", {})
+        print(
+            f"llmq: AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}",
+            file=sys.stderr,
+        )
+        return 1
+    except (BotoCoreError, StoreUnavailable) as exc:
+        print(
+            f"llmq: {type(exc).__name__}: {exc}; nothing after it was done, and it may be run again",
+            file=sys.stderr,
+        )
         return 1
     return code
 

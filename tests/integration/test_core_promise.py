@@ -1164,15 +1164,31 @@ def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_
 
 
 @pytest.mark.parametrize("next_look", ["claim", "reconciler"])
-def test_a_provider_timeout_whose_failure_write_fails_for_good_is_never_sent_again(
-    harness: Harness, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch, next_look: str
+@pytest.mark.parametrize(
+    ("billed", "code"),
+    [
+        (
+            ProviderTimeout("the provider did not finish within 60.0s; it may still be generating"),
+            "provider_timeout",
+        ),
+        (TypeError("sequence item 0: expected str instance, list found"), "provider_error"),
+    ],
+    ids=["timeout", "answer unreadable"],
+)
+def test_a_billed_failure_whose_write_fails_for_good_is_never_sent_again(
+    harness: Harness,
+    faults: AwsFaults,
+    monkeypatch: pytest.MonkeyPatch,
+    next_look: str,
+    billed: Exception,
+    code: str,
 ) -> None:
-    # Given a job whose provider call timed out (it may still be generating, and billing),
-    # and DynamoDB refusing the failure's write for longer than the worker can wait
+    # Given a job whose provider call timed out (it may still be generating, and billing), or
+    # answered what could not be read (billed), and DynamoDB refusing the failure's write for
+    # longer than the worker can wait
     job_id = harness.submit(webhook=HOOK).body["id"]
     faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=1000)
-    timeout = ProviderTimeout("the provider did not finish within 60.0s; it may still be generating")
-    provider = ScriptedProvider([timeout, OK])
+    provider = ScriptedProvider([billed, OK])
     outcome = _run(_runner(harness, provider), job_id, seconds=8)
     faults.disarm()
     assert isinstance(outcome, StoreUnavailable)
@@ -1197,33 +1213,21 @@ def test_a_provider_timeout_whose_failure_write_fails_for_good_is_never_sent_aga
     # Then the job fails as that attempt did, and the request is never sent again
     assert provider.calls == 1
     job = _job(harness, job_id)
-    assert (job["status"], job["error"]["code"]) == ("failed", "provider_timeout")
+    assert (job["status"], job["error"]["code"]) == ("failed", code)
 
 
-def test_a_claim_that_cannot_look_for_a_parked_result_hands_the_job_back_unrun(
+def test_a_claim_whose_look_for_a_parked_result_is_throttled_looks_again_before_running(
     harness: Harness, faults: AwsFaults
 ) -> None:
     # Given a job whose attempt paid for its result, parked it and crashed
     job_id = _parked(harness)
-    # When its next claim cannot ask S3 whether anything is parked (throttled throughout)
-    faults.arm("throttle", "s3.HeadObject", times=1000)
+    # When its next claim's look is throttled past botocore's own tries, twice
+    faults.arm("throttle", "s3.HeadObject", times=2)
     provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
-    outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=10)
+    outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=30)
     faults.disarm()
-    # Then the job is handed back for its message's return, not run: no second payment, its
-    # attempt refunded and its slot free
-    assert type(outcome).__name__ == "RetryLater"
-    assert provider.calls == 0
-    job = _job(harness, job_id)
-    assert (job["status"], job["attempts"]) == ("queued", 1)
-    assert _slot_given_back(harness, job_id)
-    # And once S3 answers, its next claim records what was paid for
-    harness.ddb.update_item(
-        TableName=harness.stack.jobs_table,
-        Key={"pk": {"S": job_id}},
-        UpdateExpression="REMOVE not_before_ms",
-    )
-    assert _run(_runner(harness, provider), job_id, owner="worker-3") is None
+    # Then it looks again, finds what was paid for and records it: the provider is not called
+    assert outcome is None
     assert provider.calls == 0
     _succeeded_with_the_parked_result(harness, job_id)
 

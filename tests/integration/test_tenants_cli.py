@@ -15,6 +15,7 @@ import pytest
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.long_polls import LongPolls
+from llmq.tenants import TenantRepository
 from llmq.usage_plans import tenant_plan_name
 from llmq_cli.main import main
 from tests.conftest import MotoStack
@@ -259,3 +260,40 @@ def test_keys_and_issue_key_name_an_unknown_tenant(
 ) -> None:
     assert "no tenant ten_nobody" in _fails(capsys, "keys", "ten_nobody")
     assert "no tenant ten_nobody" in _fails(capsys, "issue-key", "ten_nobody")
+
+
+def test_create_recognises_its_own_put_answered_late_and_refuses_an_id_taken(
+    stack: dict[str, str], moto_stack: MotoStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a tenant put that DynamoDB applies, but whose answer is lost: botocore sends it again
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    faults = AwsFaults()
+    faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.PutItem", times=1)
+    try:
+        created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    finally:
+        faults.disarm()
+    # Then the create is the one it made: the tenant, its API key and its usage-plan key
+    assert created["id"] == "ten_acme" and created["api_key"]
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    made = tenants.get("ten_acme")
+    assert made.usage_key_id is not None
+    assert tenants.authenticate(created["api_key"]) is not None
+    # And run again under the same id, it says the id is taken, in a line, and changes nothing
+    err = _fails(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    assert "a tenant ten_acme exists already" in err and "Traceback" not in err
+    assert tenants.get("ten_acme") == made
+
+
+def test_a_stack_not_in_the_region_is_an_aws_error_in_a_line(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given no such stack in the region the operator named
+    code = main(
+        ["--state-file", "x.json", "dlq", "list", "--aws", "--region", "us-east-1", "--stack", "NoSuchStack"]
+    )
+    # Then the command fails with AWS's answer, not a traceback
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "AWS refused DescribeStacks" in err and "does not exist" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import boto3
+import pytest
 from botocore.stub import Stubber
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -172,3 +173,21 @@ def test_a_403_for_an_upload_is_no_such_upload() -> None:
         store = PayloadStore("llmq-payloads", s3=s3)
         assert store.stat("inputs/uploads/ten_a/upl_x.jsonl") is None
         assert store.stat("inputs/uploads/ten_a/upl_y.jsonl") is None
+
+
+def test_an_item_stored_under_a_looser_bound_is_still_read() -> None:
+    # Given an inline batch stored by a version that took any number of stop sequences
+    import json
+
+    from llmq.batch_requests import StoredRequests
+    from llmq.models import BatchItemRequest
+    from tests.support.stores import InMemoryBlobs
+
+    stops = [f"s{index}" for index in range(17)]
+    line = json.dumps({"custom_id": "a", "body": {"prompt": "p", "params": {"stop": stops}}}).encode()
+    blobs = InMemoryBlobs()
+    blobs.put("inputs/batches/x.jsonl", line + b"\n")
+    # When its expansion reads the item, then it is read as stored (a request today may not)
+    assert StoredRequests(blobs, _batch(total=1)).item(0).body.params.stop == stops
+    with pytest.raises(ValueError, match="at most 16"):
+        BatchItemRequest.model_validate_json(line)

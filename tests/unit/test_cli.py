@@ -129,6 +129,25 @@ def test_a_peeked_webhook_dead_letter_shows_its_job_by_id_and_status_only() -> N
     # A lane message, or a body that is not JSON, is shown as it is
     assert shown_body('{"job_id": "job_2", "lane": "high"}') == '{"job_id": "job_2", "lane": "high"}'
     assert shown_body("not json") == "not json"
+    # And a `job.output` event's generated text is shown by its place in the output only
+    output = json.dumps(
+        {
+            "job_id": "job_3",
+            "event": "job.output",
+            "output": {
+                "id": "job_3",
+                "seq_from": 0,
+                "seq_to": 3,
+                "attempt": 1,
+                "delta": "PATIENT NOTES: ...",
+            },
+        }
+    )
+    assert json.loads(shown_body(output)) == {
+        "job_id": "job_3",
+        "event": "job.output",
+        "output": {"id": "job_3", "seq_from": 0, "seq_to": 3, "attempt": 1},
+    }
 
 
 def test_an_empty_batch_file_is_refused_before_anything_is_sent(tmp_path, capsys):

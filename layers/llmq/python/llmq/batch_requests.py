@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 
 from llmq.batches import BatchRecord, part_key
-from llmq.models import BatchItemRequest
+from llmq.models import BatchItemRequest, StoredBatchItem
 from llmq.ports import BlobStore
 
 
@@ -41,4 +41,4 @@ class StoredRequests:
         return self._lines[index - self._first]
 
     def item(self, index: int) -> BatchItemRequest:
-        return BatchItemRequest.model_validate_json(self.line(index))
+        return StoredBatchItem.model_validate_json(self.line(index))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -103,15 +103,6 @@ _ENDS_QUEUED = frozenset(
 _HANDOFF_HIDE_MARGIN_SECONDS = 30
 # Reading an S3-held input before the call: how long to retry before handing the lease back.
 _INPUT_LOAD_BUDGET_SECONDS = 30.0
-
-
-class _HandedBack(Enum):
-    """The claimed job was handed back (or ended by a cancel) while S3 could not say."""
-
-    JOB = "handed back"
-
-
-_HANDED_BACK = _HandedBack.JOB
 # An input read that took this long (S3 throttled or slow, retried here or by the SDK) is
 # followed by a look at the cancel flag before the provider is called.
 _SLOW_INPUT_SECONDS = 1.0
@@ -384,10 +375,6 @@ class JobRunner:
             # (before the input, which a parked result does not need, and the time check:
             # recording it needs no provider time)
             parked = await self._parked_result(job, invocation) if job.attempts > 1 else None
-            if parked is _HANDED_BACK:
-                # (S3 could not say, and a cancel that came meanwhile ended the job)
-                sibling.freed = True
-                return None
             if isinstance(parked, JobError):
                 # An earlier attempt's failure that may have been billed could not be written:
                 # written now, and the request never sent again.
@@ -778,7 +765,7 @@ class JobRunner:
                 message="the provider's answer could not be read",
                 retryable=True,
             )
-            await self._settle(self.jobs.fail_leased, job, invocation, error)
+            await self._fail_billed(job, invocation, error)
             return
         # A lone surrogate from the provider could be neither stored nor sent; and a streamed
         # job's tail, served from the result, must line up with the deltas kept the same way.
@@ -810,21 +797,22 @@ class JobRunner:
         )
         await self._announce(done, invocation)
 
-    async def _parked_result(
-        self, job: JobRecord, invocation: Invocation
-    ) -> JobResult | JobError | _HandedBack | None:
+    async def _parked_result(self, job: JobRecord, invocation: Invocation) -> JobResult | JobError | None:
         """What an earlier attempt parked; None when nothing (or what is there cannot be read
-        for good). While S3 cannot say, through throttles for a bounded time, the job is handed
-        back (`_hand_back`) rather than run: running it could pay for its generation again."""
+        for good, or S3 cannot say through throttles for a bounded time: the job then runs)."""
         if self.offload.payloads is None:
             return None
         budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
         try:
             return await self._write_back(lambda: self.offload.parked_result(job), invocation, budget)
-        except StoreUnavailable as exc:
-            logger.warning("parked result not looked for: S3 unavailable", extra={"job_id": job.id})
-            await self._hand_back(job, invocation, exc)
-            return _HANDED_BACK
+        except StoreUnavailable:
+            # Handing the job back instead would leave it queued, where nothing that ends it
+            # (a dead letter, its deadline, a cancel) looks for what was parked, and would fail
+            # every retried job through an S3 outage: so it runs, as it would without parking.
+            logger.warning(
+                "parked result not looked for: S3 unavailable; the job runs", extra={"job_id": job.id}
+            )
+            return None
         except Exception as exc:
             logger.warning("parked result not read", extra={"job_id": job.id, **error_fields(exc)})
             return None
@@ -862,16 +850,20 @@ class JobRunner:
         error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
         logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
         if isinstance(exc, ProviderTimeout):
-            # Its write must not be lost to a DynamoDB outage: the job would be run again.
-            done = await self._written_or_parked(
-                lambda: self.jobs.fail_leased(job, invocation.owner, error),
-                lambda: self.offload.park_failure(job, error),
-                job,
-                invocation,
-            )
-            await self._announce(done, invocation)
+            await self._fail_billed(job, invocation, error)
             return
         await self._settle(self.jobs.fail_leased, job, invocation, error)
+
+    async def _fail_billed(self, job: JobRecord, invocation: Invocation, error: JobError) -> None:
+        """A failure after a call that may have been billed (a timeout, an answer that could not
+        be read): its write must not be lost to a DynamoDB outage, or the job would run again."""
+        done = await self._written_or_parked(
+            lambda: self.jobs.fail_leased(job, invocation.owner, error),
+            lambda: self.offload.park_failure(job, error),
+            job,
+            invocation,
+        )
+        await self._announce(done, invocation)
 
     async def _settle(
         self,

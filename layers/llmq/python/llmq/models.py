@@ -438,6 +438,17 @@ class BatchItemRequest(_Strict):
     body: JobRequest
 
 
+class _StoredJobRequest(JobRequest):
+    params: GenerationParams = Field(default_factory=GenerationParams)  # type: ignore[assignment]  # (wider on purpose: as stored)
+
+
+class StoredBatchItem(BatchItemRequest):
+    """A batch's item as it was stored: read with the bounds it was accepted under (a version
+    before `RequestParams` took any number of stop sequences)."""
+
+    body: _StoredJobRequest
+
+
 class BatchRequest(_Strict):
     """POST /v1/batches: many JobRequests at once, each named by a `custom_id` unique in the batch:
     inline as `requests`, or as a JSON Lines file uploaded first (`upload_id`, POST /v1/uploads)."""

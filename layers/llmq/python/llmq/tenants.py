@@ -103,6 +103,10 @@ class NewTenant:
 _ROTATION_TRIES = 5
 
 
+class TenantExists(ValueError):
+    """`create` with an id another tenant has."""
+
+
 class UnknownTenant(LookupError):
     pass
 
@@ -144,17 +148,29 @@ class TenantRepository:
             tier=tier,
             webhook_secrets=[new_webhook_secret()],
         )
-        self._ddb.put_item(
-            TableName=self.table_name,
-            Item={
-                "pk": {"S": f"tenant#{tenant.id}"},
-                "name": {"S": name},
-                "tier": {"S": tier},
-                "webhook_secrets": {"L": [{"S": s} for s in tenant.webhook_secrets]},
-                "created_at": {"N": str(int(time.time()))},
-            },
-            ConditionExpression="attribute_not_exists(pk)",
-        )
+        # A token of this call: a put applied whose answer was lost, and sent again by botocore,
+        # finds its own item, which is this create's, not another's.
+        token = secrets.token_hex(8)
+        try:
+            self._ddb.put_item(
+                TableName=self.table_name,
+                Item={
+                    "pk": {"S": f"tenant#{tenant.id}"},
+                    "name": {"S": name},
+                    "tier": {"S": tier},
+                    "webhook_secrets": {"L": [{"S": s} for s in tenant.webhook_secrets]},
+                    "created_at": {"N": str(int(time.time()))},
+                    "created_by": {"S": token},
+                },
+                ConditionExpression="attribute_not_exists(pk)",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
+            old = exc.response.get("Item") or {}
+            if old.get("created_by", {}).get("S") != token:
+                raise TenantExists(f"a tenant {tenant.id} exists already") from exc
         if self._usage_keys is not None:
             tenant = self._give_usage_key(tenant)
         return NewTenant(tenant=tenant, api_key=self.issue_key(tenant))
