@@ -297,3 +297,39 @@ def test_a_stack_not_in_the_region_is_an_aws_error_in_a_line(
     err = capsys.readouterr().err
     assert code == 1
     assert "AWS refused DescribeStacks" in err and "does not exist" in err
+
+
+def test_attach_usage_keys_cut_short_after_the_key_is_made_makes_no_second_key_when_run_again(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
+) -> None:
+    # Given a tenant created without usage plans, and a run of attach-usage-keys that made the
+    # tenant's API Gateway key and then failed to put it in the plan (a throttle, a Ctrl-C)
+    from botocore.exceptions import ClientError
+
+    from llmq.usage_plans import ApiGatewayUsagePlans
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Legacy", "free", tenant_id="ten_old"
+    )
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "apigateway.CreateUsagePlanKey", times=5)
+    cut_short = TenantRepository(
+        moto_stack.tenants_table,
+        dynamodb=aws.client("dynamodb"),
+        usage_keys=ApiGatewayUsagePlans(aws.client("apigateway"), stack),
+    )
+    with pytest.raises(ClientError):
+        cut_short.attach_usage_key("ten_old")
+    faults.disarm()
+    # When the operator runs it again
+    attached = llmq(capsys, "attach-usage-keys")
+    # Then the tenant has one key, the one made first, now in its tier's plan
+    keys = [
+        key
+        for key in aws.client("apigateway").get_api_keys(customerId="ten_old")["items"]
+        if key.get("customerId") == "ten_old"
+    ]
+    assert [key["id"] for key in keys] == [attached[0]["usage_key_id"]]
+    in_plans = aws.client("apigateway").get_usage_plans(keyId=keys[0]["id"])["items"]
+    assert [plan["id"] for plan in in_plans] == [stack["free"]]

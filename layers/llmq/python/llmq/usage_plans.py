@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from botocore.exceptions import ClientError
+
 # The key of the plan for tiers the config does not list, in the UsagePlanIds output.
 DEFAULT_PLAN = "*"
 TENANT_PLAN_PREFIX = "llmq-tenant-"
@@ -83,16 +85,35 @@ class ApiGatewayUsagePlans:
         return plan
 
     def create_key(self, tenant_id: str, tier: str, value: str) -> UsageKey:
-        created = self._apigw.create_api_key(
-            name=tenant_plan_name(tenant_id),
-            description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer)",
-            enabled=True,
-            value=value,
-            customerId=tenant_id,
-        )
-        key = UsageKey(id=created["id"], value=value)
-        self._apigw.create_usage_plan_key(usagePlanId=self.tier_plan(tier), keyId=key.id, keyType="API_KEY")
+        """The tenant's key in its tier's plan. A run cut short between the key and its plan
+        left a key nothing records: it is found (by its name and customer id) and used, not
+        made a second time."""
+        key = self._unrecorded_key(tenant_id)
+        if key is None:
+            created = self._apigw.create_api_key(
+                name=tenant_plan_name(tenant_id),
+                description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer)",
+                enabled=True,
+                value=value,
+                customerId=tenant_id,
+            )
+            key = UsageKey(id=created["id"], value=value)
+        try:
+            self._apigw.create_usage_plan_key(
+                usagePlanId=self.tier_plan(tier), keyId=key.id, keyType="API_KEY"
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConflictException":
+                raise  # (ConflictException: the key is in the plan already)
         return key
+
+    def _unrecorded_key(self, tenant_id: str) -> UsageKey | None:
+        name = tenant_plan_name(tenant_id)
+        found = self._apigw.get_api_keys(nameQuery=name, customerId=tenant_id, includeValues=True)
+        for item in found.get("items", []):
+            if item.get("name") == name and item.get("customerId") == tenant_id and item.get("enabled"):
+                return UsageKey(id=item["id"], value=item["value"])
+        return None
 
     # ---- an operator's override ----
     # A tenant has at most two plans that matter: its own (found by name) and its tier's; a
