@@ -33,11 +33,13 @@ from llmq.models import (
     ChatMessage,
     DeliveryAttempt,
     DeliveryStatus,
+    JobOutputEvent,
     JobResult,
     JobStatus,
     WebhookEvent,
+    WebhookMessage,
 )
-from llmq.queues import QueueRepository, job_snapshot
+from llmq.queues import QueueRepository, job_snapshot, webhook_message_body
 from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.tenants import TenantRepository, UnknownTenant, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
@@ -598,6 +600,31 @@ def test_a_job_started_retry_is_not_posted_once_the_job_has_ended(stage: Stage) 
     # Then the receiver never hears job.started after job.succeeded
     types = [json.loads(request.body)["type"] for request in stage.receiver.requests]
     assert types == ["job.started", "job.succeeded"]
+
+
+@pytest.mark.parametrize("event", [WebhookEvent.STARTED, WebhookEvent.OUTPUT])
+def test_a_running_event_sent_again_after_the_terminal_one_was_delivered_is_not_posted(
+    stage: Stage, event: WebhookEvent
+) -> None:
+    # Given a job whose job.succeeded its receiver has (delivered)
+    stage.job("/hooks/order", events=[WebhookEvent.STARTED, WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    stage.dispatch()
+    assert stage.delivery().status == "delivered"
+    # When a job.started or job.output message comes as a first receive (an operator's redrive
+    # from the webhooks DLQ starts its receive count anew)
+    output = JobOutputEvent(id="job_hooked", seq_from=0, seq_to=1, attempt=1, delta="hi")
+    stage.sqs.send_message(
+        QueueUrl=stage.stack.webhook_queue_url,
+        MessageBody=webhook_message_body(
+            WebhookMessage(
+                job_id="job_hooked", event=event, output=output if event is WebhookEvent.OUTPUT else None
+            )
+        ),
+    )
+    assert stage.dispatch()["batchItemFailures"] == []
+    # Then the receiver never hears of the job running after it heard it ended
+    types = [json.loads(request.body)["type"] for request in stage.receiver.requests]
+    assert types == ["job.succeeded"]
 
 
 def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again(stage: Stage) -> None:

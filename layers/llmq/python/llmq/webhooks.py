@@ -434,10 +434,22 @@ class WebhookDispatcher:
         if job is None:
             job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = _why_not_deliver(job, event)
+        # The receiver has the job's terminal event already: anything of the job running would
+        # read as the job running again (a message redriven from the DLQ starts its count anew,
+        # so its attempt says nothing).
+        told_it_ended = (
+            job is not None
+            and job.terminal_event is not None
+            and job.wants(job.terminal_event)
+            and job.delivery_status is DeliveryStatus.DELIVERED
+        )
         if event is WebhookEvent.OUTPUT and message.output is None:
             reason = "a job.output message without its output"
         elif (
-            event is WebhookEvent.OUTPUT and job is not None and job.status.is_terminal and (attempt or 1) > 1
+            event is WebhookEvent.OUTPUT
+            and job is not None
+            and job.status.is_terminal
+            and ((attempt or 1) > 1 or told_it_ended)
         ):
             # Live output is worth little once the job has ended: its result holds all of it.
             reason = "the job has ended; its result holds this output"
@@ -446,13 +458,13 @@ class WebhookDispatcher:
             and job is not None
             and job.terminal_event is not None
             and job.wants(job.terminal_event)
-            and (attempt or 1) > 1
+            and ((attempt or 1) > 1 or told_it_ended)
         ):
             # A retry once the job has ended would read as the job running again to a receiver
-            # that has its terminal event, or soon will. (A first send still goes: a job that
-            # subscribes to job.started alone, or ended before its dispatcher looked, would
-            # otherwise never hear of its start.)
-            reason = "the job has ended; its terminal event supersedes a retry of job.started"
+            # that has its terminal event, or soon will. (A first send still goes, unless that
+            # event was delivered: a job that subscribes to job.started alone, or ended before
+            # its dispatcher looked, would otherwise never hear of its start.)
+            reason = "the job has ended; its terminal event supersedes job.started"
         if job is None or reason:
             return DeliveryOutcome.skipped(reason)
         terminal = message.event in TERMINAL_EVENTS
