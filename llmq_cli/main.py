@@ -683,6 +683,13 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     try:
         created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
     except TenantExists as exc:
+        existing = limits.tenants.get(args.id)
+        if limits.usage_plans is not None and not existing.usage_key_id:
+            # (a create cut short before its usage-plan key: API Gateway would refuse any key)
+            raise CliError(
+                f"{exc}, without its usage-plan key: `llmq tenants attach-usage-keys {args.id}`, "
+                f"then `llmq tenants issue-key {args.id}` gives it an API key"
+            ) from exc
         raise CliError(
             f"{exc}: `llmq tenants show {args.id}`; `llmq tenants issue-key {args.id}` gives it an API key"
         ) from exc

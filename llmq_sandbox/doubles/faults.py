@@ -10,8 +10,8 @@ through botocore's event hooks, so neither the domain nor the handlers know abou
     the claim, before the provider is called; `[[crash:N]]` only on attempts 1..N;
   - `[[crash_before_complete]]` / `[[crash_before_complete:N]]` kills it after the provider
     answered, just before the result is written: the generation is paid for and lost;
-  - `[[overrun]]` / `[[overrun:N]]` freezes it after the claim, so the invocation overruns its
-    timeout and the runner kills it, as Lambda does;
+  - `[[overrun]]` / `[[overrun:N]]` freezes it (SIGSTOP) after the claim, so the invocation
+    overruns its timeout and the runner kills it, as Lambda does;
   - `[[crash_mid_stream]]` / `[[crash_mid_stream:N]]` kills it right after the second output
     write of a `stream: true` job (llmq.live_output): a reader has seen part of the output
     when the attempt dies.
@@ -335,4 +335,6 @@ def _after_claim(attributes: dict[str, Any]) -> None:
         _die(f"worker killed after claiming {job_id} (attempt {attempt})")
     if plan.overrun is not None and attempt <= plan.overrun:
         _say(f"worker frozen after claiming {job_id} (attempt {attempt}) until its timeout")
-        threading.Event().wait()
+        # The whole environment stops, as a hung runtime does: freezing only this thread (the
+        # AWS call's) would be a call that never answers, which the worker stops waiting for.
+        os.kill(os.getpid(), signal.SIGSTOP)

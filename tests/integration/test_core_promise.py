@@ -1232,6 +1232,33 @@ def test_a_claim_whose_look_for_a_parked_result_is_throttled_looks_again_before_
     _succeeded_with_the_parked_result(harness, job_id)
 
 
+def test_a_cancel_that_comes_while_the_look_for_a_parked_result_is_slow_is_never_sent(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a crashed job (nothing parked) whose next claim's look at S3 is throttled, and a
+    # client that cancels meanwhile
+    job_id = harness.submit(webhook=HOOK).body["id"]
+    _crashed(harness, job_id)
+    canceled: list[int] = []
+
+    def client_cancels(**_: Any) -> None:
+        if not canceled:
+            canceled.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    aws.client("s3").meta.events.register("before-call.s3.HeadObject", client_cancels)
+    faults.arm("throttle", "s3.HeadObject", times=1000)
+    provider = ScriptedProvider([OK])
+    try:
+        outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=20)
+    finally:
+        aws.client("s3").meta.events.unregister("before-call.s3.HeadObject", client_cancels)
+        faults.disarm()
+    # Then the job ends canceled, as its 202 said, and the provider is never called
+    assert canceled == [202]
+    assert outcome is None and provider.calls == 0
+    assert _job(harness, job_id)["status"] == "canceled"
+
+
 def test_a_result_write_that_never_answers_is_cut_short_in_time_to_park_the_result(harness: Harness) -> None:
     # Given a paid result whose write DynamoDB takes and never answers: each of botocore's own
     # tries waits out its read timeout, together far longer than the Lambda has left

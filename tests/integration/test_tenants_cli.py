@@ -268,21 +268,22 @@ def test_create_recognises_its_own_put_answered_late_and_refuses_an_id_taken(
     # Given a tenant put that DynamoDB applies, but whose answer is lost: botocore sends it again
     from tests.aws_faults import AwsFaults, FaultKind
 
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
     faults = AwsFaults()
     faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.PutItem", times=1)
     try:
-        created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+        created = tenants.create("Acme", "free", tenant_id="ten_acme")
     finally:
         faults.disarm()
-    # Then the create is the one it made: the tenant, its API key and its usage-plan key
-    assert created["id"] == "ten_acme" and created["api_key"]
-    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.PutItem"]
+    # Then the create is the one it made: the tenant, and its first API key
+    assert tenants.authenticate(created.api_key) is not None
     made = tenants.get("ten_acme")
-    assert made.usage_key_id is not None
-    assert tenants.authenticate(created["api_key"]) is not None
-    # And run again under the same id, it says the id is taken, in a line, and changes nothing
+    # And run again under the same id, it says the id is taken, in a line, and changes nothing;
+    # a tenant whose create stopped before its usage-plan key is told how to give it one
     err = _fails(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
-    assert "a tenant ten_acme exists already" in err and "Traceback" not in err
+    assert "a tenant ten_acme exists already, without its usage-plan key" in err
+    assert "attach-usage-keys ten_acme" in err and "Traceback" not in err
     assert tenants.get("ten_acme") == made
 
 

@@ -192,3 +192,16 @@ def test_another_stacks_plan_for_a_tenant_of_the_same_id_is_never_touched(
     assert kept["apiStages"] == [{"apiId": "otherapi", "stage": STAGE}]
     names = [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
     assert names.count(tenant_plan_name("ten_hobby")) == 1
+
+
+def test_a_key_left_unrecorded_is_found_again_but_never_another_stacks(plans: Plans) -> None:
+    # Given a second stack in the account (a staging copy) with a tenant of the same id
+    apigateway = aws.client("apigateway")
+    staging = ApiGatewayUsagePlans(apigateway, create_stack_usage_plans(apigateway))
+    prod_key = plans.usage_plans.create_key("ten_acme", "free", "p" * 40)
+    # When each stack makes the tenant's key
+    staging_key = staging.create_key("ten_acme", "free", "s" * 40)
+    # Then each has its own: a key of another stack is never taken for this one's
+    assert staging_key.id != prod_key.id and staging_key.value == "s" * 40
+    # And a key a cut-short run made for this stack is found and used, not made again
+    assert plans.usage_plans.create_key("ten_acme", "free", "x" * 40) == prod_key

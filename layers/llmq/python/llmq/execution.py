@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -374,7 +374,14 @@ class JobRunner:
         try:
             # (before the input, which a parked result does not need, and the time check:
             # recording it needs no provider time)
+            looked_at = time.monotonic()
             parked = await self._parked_result(job, invocation) if job.attempts > 1 else None
+            slow = parked is False or time.monotonic() - looked_at >= _SLOW_INPUT_SECONDS
+            if slow and not isinstance(parked, JobResult | JobError) and await self._cancel_came(job.id):
+                # A cancel that came while the look was slow or S3 could not say: never sent.
+                await self._settle(self.jobs.cancel_leased, job, invocation)
+                sibling.freed = True
+                return None
             if isinstance(parked, JobError):
                 # An earlier attempt's failure that may have been billed could not be written:
                 # written now, and the request never sent again.
@@ -797,9 +804,12 @@ class JobRunner:
         )
         await self._announce(done, invocation)
 
-    async def _parked_result(self, job: JobRecord, invocation: Invocation) -> JobResult | JobError | None:
+    async def _parked_result(
+        self, job: JobRecord, invocation: Invocation
+    ) -> JobResult | JobError | Literal[False] | None:
         """What an earlier attempt parked; None when nothing (or what is there cannot be read
-        for good, or S3 cannot say through throttles for a bounded time: the job then runs)."""
+        for good); False when S3 could not say through throttles for a bounded time (the job
+        then runs)."""
         if self.offload.payloads is None:
             return None
         budget = min(_INPUT_LOAD_BUDGET_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
@@ -812,7 +822,7 @@ class JobRunner:
             logger.warning(
                 "parked result not looked for: S3 unavailable; the job runs", extra={"job_id": job.id}
             )
-            return None
+            return False
         except Exception as exc:
             logger.warning("parked result not read", extra={"job_id": job.id, **error_fields(exc)})
             return None

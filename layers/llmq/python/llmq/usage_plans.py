@@ -68,6 +68,10 @@ class UsagePlanError(RuntimeError):
     pass
 
 
+# How a key's description names the plan it was made for (`ApiGatewayUsagePlans.create_key`).
+_MADE_FOR = "; made for usage plan "
+
+
 class ApiGatewayUsagePlans:
     """Tenants' API keys and usage plans, through API Gateway's own API.
 
@@ -88,30 +92,36 @@ class ApiGatewayUsagePlans:
         """The tenant's key in its tier's plan. A run cut short between the key and its plan
         left a key nothing records: it is found (by its name and customer id) and used, not
         made a second time."""
-        key = self._unrecorded_key(tenant_id)
+        plan = self.tier_plan(tier)
+        key = self._unrecorded_key(tenant_id, plan)
         if key is None:
             created = self._apigw.create_api_key(
                 name=tenant_plan_name(tenant_id),
-                description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer)",
+                description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer){_MADE_FOR}{plan}",
                 enabled=True,
                 value=value,
                 customerId=tenant_id,
             )
             key = UsageKey(id=created["id"], value=value)
         try:
-            self._apigw.create_usage_plan_key(
-                usagePlanId=self.tier_plan(tier), keyId=key.id, keyType="API_KEY"
-            )
+            self._apigw.create_usage_plan_key(usagePlanId=plan, keyId=key.id, keyType="API_KEY")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "ConflictException":
                 raise  # (ConflictException: the key is in the plan already)
         return key
 
-    def _unrecorded_key(self, tenant_id: str) -> UsageKey | None:
+    def _unrecorded_key(self, tenant_id: str, plan: str) -> UsageKey | None:
+        """A key made for this tenant for `plan` (this stack's: another stack in the account
+        may have a tenant of the same id), enabled."""
         name = tenant_plan_name(tenant_id)
-        found = self._apigw.get_api_keys(nameQuery=name, customerId=tenant_id, includeValues=True)
+        found = self._apigw.get_api_keys(nameQuery=name, customerId=tenant_id, includeValues=True, limit=500)
         for item in found.get("items", []):
-            if item.get("name") == name and item.get("customerId") == tenant_id and item.get("enabled"):
+            if (
+                item.get("name") == name
+                and item.get("customerId") == tenant_id
+                and item.get("enabled")
+                and str(item.get("description", "")).endswith(f"{_MADE_FOR}{plan}")
+            ):
                 return UsageKey(id=item["id"], value=item["value"])
         return None
 
