@@ -168,7 +168,7 @@ class TenantRepository:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                 raise
-            old = exc.response.get("Item") or {}
+            old: dict[str, Any] = dict(exc.response.get("Item") or {})  # type: ignore[call-overload]
             if old.get("created_by", {}).get("S") != token:
                 raise TenantExists(f"a tenant {tenant.id} exists already") from exc
         if self._usage_keys is not None:
