@@ -1136,6 +1136,16 @@ def test_the_reconciler_fails_a_crashed_job_past_its_deadline_as_a_worker_would(
     assert harness.total_count(lane) == messages
 
 
+def _lapse_lease(harness: Harness, job_id: str) -> None:
+    """The job's lease lapsed a moment ago, as a worker that gave up on its write leaves it."""
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET lease_expires_ms = :lapsed",
+        ExpressionAttributeValues={":lapsed": {"N": str(int(time.time() * 1000) - 1)}},
+    )
+
+
 def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_next_attempt(
     harness: Harness, faults: AwsFaults
 ) -> None:
@@ -1149,12 +1159,7 @@ def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_
     assert isinstance(outcome, StoreUnavailable)
     assert provider.calls == 1
     # When its lease lapses and the job's message comes back to another worker
-    harness.ddb.update_item(
-        TableName=harness.stack.jobs_table,
-        Key={"pk": {"S": job_id}},
-        UpdateExpression="SET lease_expires_ms = :lapsed",
-        ExpressionAttributeValues={":lapsed": {"N": str(int(time.time() * 1000) - 1)}},
-    )
+    _lapse_lease(harness, job_id)
     # (with too little of its Lambda left to call the provider: recording needs none)
     assert _run(_runner(harness, provider), job_id, owner="worker-2", seconds=2.4) is None
     # Then the parked result is recorded: the generation is not paid for a second time
@@ -1195,12 +1200,7 @@ def test_a_billed_failure_whose_write_fails_for_good_is_never_sent_again(
     assert provider.calls == 1
     # When its lease lapses, and its message comes back to another worker, or the reconciler
     # comes to it
-    harness.ddb.update_item(
-        TableName=harness.stack.jobs_table,
-        Key={"pk": {"S": job_id}},
-        UpdateExpression="SET lease_expires_ms = :lapsed",
-        ExpressionAttributeValues={":lapsed": {"N": str(int(time.time() * 1000) - 1)}},
-    )
+    _lapse_lease(harness, job_id)
     if next_look == "claim":
         assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
     else:

@@ -900,28 +900,15 @@ class JobRunner:
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
         delay = retry_delay_seconds(self.config.retry, job.attempts, exc.retry_after, self._rng)
-        if job.deadline_ms is not None and self.jobs.now_ms() + delay * 1000 >= job.deadline_ms:
+        crossed = self._end_a_retry_would_cross(job, delay)
+        if crossed is not None:
+            end, ends = crossed
             error = JobError(
                 code=ErrorCode.DEADLINE_EXCEEDED,
-                message=f"attempt {job.attempts} failed ({exc.message}) and a retry would start "
-                "after the job's deadline",
+                message=f"attempt {job.attempts} failed ({exc.message}) and a retry would start after the job's {ends}",
                 retryable=True,
             )
-            logger.info("retry would cross the deadline", extra=extra)
-            await self._settle(self.jobs.fail_leased, job, invocation, error)
-            return
-        retire_ms = (job.expires_at - self.config.reconciler.retention_margin_seconds) * 1000
-        if self.jobs.now_ms() + delay * 1000 >= retire_ms:
-            # A retry due within the end of its retention (a Retry-After of hours, a job that
-            # waited days behind its tenant's cap) would find it too late to run, or deleted:
-            # it ends now, with its webhook, and its tenant's quota back.
-            error = JobError(
-                code=ErrorCode.DEADLINE_EXCEEDED,
-                message=f"attempt {job.attempts} failed ({exc.message}) and a retry would start "
-                "after the job's retention ends",
-                retryable=True,
-            )
-            logger.info("retry would cross the retention", extra=extra)
+            logger.info(f"retry would cross the {end}", extra=extra)
             await self._settle(self.jobs.fail_leased, job, invocation, error)
             return
         error = JobError(code=exc.code, message=exc.message, retryable=True)
@@ -935,6 +922,17 @@ class JobRunner:
             return
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
         raise RetryLater(job.id, delay, gave_back_slot=True)
+
+    def _end_a_retry_would_cross(self, job: JobRecord, delay: float) -> tuple[str, str] | None:
+        """The end of the job a retry `delay` from now would start after, if any: its deadline,
+        or its retention (within `reconciler.retention_margin_seconds` of it, after a Retry-After
+        of hours, a retry would find it too late to run, or deleted)."""
+        retry_at = self.jobs.now_ms() + delay * 1000
+        if job.deadline_ms is not None and retry_at >= job.deadline_ms:
+            return "deadline", "deadline"
+        if retry_at >= (job.expires_at - self.config.reconciler.retention_margin_seconds) * 1000:
+            return "retention", "retention ends"
+        return None
 
     async def _write_back(
         self,
