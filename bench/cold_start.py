@@ -60,6 +60,7 @@ ENV = {
     "LLMQ_TENANTS_TABLE": "tenants",
     "LLMQ_LANE_QUEUE_URLS": json.dumps({"high": "https://sqs.us-east-1.amazonaws.com/1/high"}),
     "LLMQ_WEBHOOK_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/hooks",
+    "LLMQ_POISON_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/1/poison",
     "LLMQ_PROVIDER_API_KEY": "sk-bench",
     "AWS_ACCESS_KEY_ID": "bench",
     "AWS_SECRET_ACCESS_KEY": "bench",

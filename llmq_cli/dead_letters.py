@@ -1,5 +1,9 @@
 """`llmq dlq list|redrive`: the stack's dead-letter queues, found from its outputs.
 
+The poison queue is listed with them: lane dead letters no function can settle, which the
+dead-letter function set aside. Nothing can process them, so they are never redriven; an
+operator reads them (`--peek`) and purges the queue.
+
 Redrive uses SQS's StartMessageMoveTask where the service has it (AWS), and falls back to
 receive, send to the source queue, delete (moto has no message move tasks). The fallback
 keeps each message's body and attributes; the receive count starts again at zero, as it
@@ -22,15 +26,16 @@ _UNSUPPORTED_CODES = {
     "NotImplemented",
     "AWS.SimpleQueueService.UnsupportedOperation",
 }
+POISON = "poison"
 _NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
 _LONG_POLL_SECONDS = 1
 
 
 @dataclass(frozen=True)
 class DeadLetterQueue:
-    name: str  # the lane, or "webhooks"
+    name: str  # the lane, "webhooks" or "poison"
     dlq_url: str
-    source_url: str
+    source_url: str | None  # None: the poison queue, which redrives nowhere
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ def stack_dead_letter_queues(outputs: dict[str, str]) -> list[DeadLetterQueue]:
                 queues.append(DeadLetterQueue(lane.lower(), url, source))
     if outputs.get("WebhookDlqUrl") and outputs.get("WebhookQueueUrl"):
         queues.append(DeadLetterQueue("webhooks", outputs["WebhookDlqUrl"], outputs["WebhookQueueUrl"]))
+    if outputs.get("PoisonQueueUrl"):
+        queues.append(DeadLetterQueue(POISON, outputs["PoisonQueueUrl"], None))
     return queues
 
 
@@ -95,6 +102,8 @@ def _unsupported(exc: ClientError) -> bool:
 
 def redrive(session_client: Any, queue: DeadLetterQueue, max_messages: int | None = None) -> RedriveResult:
     """Move `queue`'s dead letters back to its source queue. `session_client(service, config)`."""
+    if queue.source_url is None:
+        raise ValueError(f"{queue.name}: nothing can process these messages, so they are never redriven")
     sqs = session_client("sqs", None)
     if max_messages is None:
         try:
@@ -109,6 +118,7 @@ def redrive(session_client: Any, queue: DeadLetterQueue, max_messages: int | Non
 
 
 def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None) -> int:
+    assert queue.source_url is not None
     moved = 0
     while max_messages is None or moved < max_messages:
         count = 10 if max_messages is None else max(1, min(10, max_messages - moved))

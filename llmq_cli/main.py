@@ -889,11 +889,19 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_redrive(args: argparse.Namespace) -> int:
-    from llmq_cli.dead_letters import redrive
+    from llmq_cli.dead_letters import POISON, redrive
 
+    if args.queue == POISON:
+        raise CliError(
+            "the poison queue holds lane dead letters no function can settle, so they are "
+            "not redriven. Read them with `llmq dlq list --queue poison --peek 10`, then purge the "
+            "queue (`aws sqs purge-queue --queue-url <its dlq_url>`)"
+        )
     target = AwsTarget(args)
     results = [
-        redrive(target.client, queue, args.max).__dict__ for queue in _dead_letter_queues(target, args.queue)
+        redrive(target.client, queue, args.max).__dict__
+        for queue in _dead_letter_queues(target, args.queue)
+        if queue.source_url is not None
     ]
     _print_json(results)
     return 0
@@ -1230,7 +1238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="dead-letter queues").add_subparsers(dest="action", required=True)
     listing = dlq.add_parser("list", help="depth of every DLQ")
-    listing.add_argument("--queue", help="a lane name or webhooks")
+    listing.add_argument("--queue", help="a lane name, webhooks or poison")
     listing.add_argument("--peek", type=int, default=0, help="show up to N message bodies")
     _aws_options(listing)
     listing.set_defaults(handler=cmd_dlq_list)

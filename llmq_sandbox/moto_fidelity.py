@@ -54,6 +54,9 @@ SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS develop
   wakes on a new send only, and otherwise looks again once a second, so a delayed message (a
   deferred job, a retry) waited up to a second more in the sandbox than on AWS. Here the wait
   also ends when the queue's next delayed or invisible message is due.
+- **Message attributes count toward the size limit.** SendMessage refuses a message whose
+  body and attributes (each one's name, data type and value) together pass the queue's
+  MaximumMessageSize; moto counts the body alone.
 
 S3 multipart uploads:
 
@@ -715,13 +718,26 @@ def _values_all_used(action: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
-    """Remembers when each message group last sent (a tenant silent for 5 minutes is quiet)."""
+    """Remembers when each message group last sent (a tenant silent for 5 minutes is quiet),
+    and refuses a message whose body and attributes together pass the queue's size limit, as
+    SQS counts them (each attribute's name, type and value); moto counts the body alone."""
     signature = inspect.signature(send_message)
 
     @functools.wraps(send_message)
     def send(self: Any, *args: Any, **kwargs: Any) -> Any:
-        message = send_message(self, *args, **kwargs)
         arguments = signature.bind(self, *args, **kwargs).arguments
+        attributes = arguments.get("message_attributes") or {}
+        body = arguments.get("message_body")
+        if attributes and isinstance(body, str):
+            from moto.sqs.exceptions import InvalidParameterValue
+
+            queue = self.get_queue(arguments["queue_name"])
+            limit = int(getattr(queue, "maximum_message_size", None) or SQS_MAX_MESSAGE_BYTES)
+            if len(body.encode("utf-8", "surrogatepass")) + _attributes_bytes(attributes) > limit:
+                raise InvalidParameterValue(
+                    f"One or more parameters are invalid. Reason: Message must be shorter than {limit} bytes."
+                )
+        message = send_message(self, *args, **kwargs)
         group_id = arguments.get("group_id")
         if group_id:
             queue = self.get_queue(arguments["queue_name"])
@@ -730,6 +746,16 @@ def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
         return message
 
     return send
+
+
+def _attributes_bytes(attributes: dict[str, Any]) -> int:
+    """Message attributes' share of a message's size: each one's name, data type and value."""
+    size = 0
+    for name, attribute in attributes.items():
+        value = attribute.get("StringValue", attribute.get("BinaryValue", b""))
+        encoded = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
+        size += len(name.encode()) + len(str(attribute.get("DataType", "")).encode()) + len(encoded)
+    return size
 
 
 def _wakes_when_due(queue: Any, timeout: float) -> None:

@@ -132,6 +132,25 @@ class LanesConstruct(Construct):
             cdk.Tags.of(queue).add(LANE_TAG, lane.name)
             cdk.Tags.of(dlq).add(LANE_TAG, lane.name)
             self.lanes[lane.name] = Lane(config=lane, queue=queue, dlq=dlq)
+        # Lane dead letters no function can settle (naming no job, or a batch that keeps crashing
+        # its workers after llmq gave up on it): the dead-letter function sets them aside here,
+        # where an operator sees them (`llmq dlq list --queue poison --peek N`) and nothing
+        # takes them again, rather than hiding them in their DLQ for 12 hours at a time.
+        self.poison = sqs.Queue(
+            self,
+            "Poison",
+            retention_period=DLQ_RETENTION,
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+        )
+        cdk.Validations.of(self.poison).acknowledge(
+            cdk.Acknowledgment(
+                id="AwsSolutions::AwsSolutions-SQS3",
+                reason="This queue is itself the dead end: lane dead letters that no function can "
+                "settle wait here for an operator. Nothing consumes it, so nothing could redrive "
+                "from it.",
+            )
+        )
 
     @property
     def queues(self) -> list[sqs.Queue]:

@@ -212,6 +212,7 @@ class LlmqStack(cdk.Stack):
             "LaneQueueUrls": self.lanes.queue_urls_json(),
             "WebhookQueueUrl": self.webhooks.queue.queue_url,
             "WebhookDlqUrl": self.webhooks.dlq.queue_url,
+            "PoisonQueueUrl": self.lanes.poison.queue_url,
             "ProviderSecretArn": self.provider_secret.secret.secret_arn,
             "AlarmTopicArn": self.monitoring.topic.topic_arn,
             "FunctionNames": self.to_json_string(

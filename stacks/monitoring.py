@@ -198,6 +198,16 @@ class MonitoringConstruct(Construct):
         self.dashboard = self._build_dashboard(lanes, webhook_queue, functions, api_name, stage_name)
 
     def _alarm_on_lanes(self, config: LlmqConfig, lanes: LanesConstruct) -> None:
+        # Visible until an operator looks (nothing consumes it): the alarm stays raised, and
+        # notifies once, while any poison waits.
+        self._alarm(
+            "PoisonMessages",
+            lanes.poison.metric_approximate_number_of_messages_visible(
+                period=FIVE_MINUTES, statistic="Maximum"
+            ),
+            threshold=0,
+            description="llmq: a lane dead letter no function can settle was set aside in the poison queue",
+        )
         for name, lane in lanes.lanes.items():
             lane_id = f"Lane{pascal(name)}"
             self._alarm_on_dlq(f"{lane_id}Dlq", lane.dlq, f"lane {name}")
@@ -277,9 +287,22 @@ class MonitoringConstruct(Construct):
 
     def _alarm_on_functions(self, config: LlmqConfig, functions: Mapping[str, lambda_.IFunction]) -> None:
         for name, function in functions.items():
+            errors: cloudwatch.IMetric = function.metric_errors(period=FIVE_MINUTES, statistic="Sum")
+            if name == "authorizer":
+                # A refused key is an error to Lambda (the authorizer raises "Unauthorized" for
+                # API Gateway's 401): one wrong key would page. The refusals are subtracted.
+                errors = cloudwatch.MathExpression(
+                    expression="FILL(errors, 0) - FILL(refused, 0)",
+                    using_metrics={
+                        "errors": errors,
+                        "refused": llmq_metric(MetricName.AUTHENTICATION_REFUSED, "Sum", labelled=False),
+                    },
+                    period=FIVE_MINUTES,
+                    label="authorizer errors other than refused keys",
+                )
             self._alarm(
                 f"{pascal(name)}Errors",
-                function.metric_errors(period=FIVE_MINUTES, statistic="Sum"),
+                errors,
                 threshold=0,
                 description=f"llmq: the {name} function raised errors",
             )
@@ -443,12 +466,15 @@ class MonitoringConstruct(Construct):
                 width=12,
             ),
             cloudwatch.GraphWidget(
-                title="Lambda throttles; long-polls refused (a tenant at its max_long_polls)",
+                title="Lambda throttles; refusals: long-polls (a tenant at its max_long_polls), API keys (401)",
                 left=[
                     function.metric_throttles(period=FIVE_MINUTES, statistic="Sum", label=name)
                     for name, function in functions.items()
                 ],
-                right=[llmq_metric(MetricName.LONG_POLL_REFUSED, "Sum")],
+                right=[
+                    llmq_metric(MetricName.LONG_POLL_REFUSED, "Sum"),
+                    llmq_metric(MetricName.AUTHENTICATION_REFUSED, "Sum"),
+                ],
                 width=12,
             ),
         ]

@@ -100,11 +100,13 @@ class WorkerConstruct(Construct):
                 jobs_table=jobs_table.table_name,
                 lane_queue_urls=lanes.queue_urls_json(),
                 webhook_queue_url=webhook_queue.queue_url,
+                poison_queue_url=lanes.poison.queue_url,
             ),
         )
         grant_item_actions(jobs_table, self.dead_letter, *DEAD_LETTER_TABLE_ACTIONS)
-        # A queued job whose message dead-lettered before any claim is sent to its lane again.
-        grant_send(self.dead_letter, webhook_queue, *lanes.queues)
+        # A queued job whose message dead-lettered before any claim is sent to its lane again;
+        # a dead letter that names no job is set aside in the poison queue.
+        grant_send(self.dead_letter, webhook_queue, lanes.poison, *lanes.queues)
         for dlq in lanes.dlqs:
             consume(
                 self.dead_letter,

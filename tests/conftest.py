@@ -52,6 +52,7 @@ class MotoStack:
     lane_dlq_urls: dict[str, str]
     webhook_queue_url: str
     webhook_dlq_url: str
+    poison_queue_url: str
     payload_bucket: str = "llmq-payloads"
 
     def environ(self, config_json: str) -> dict[str, str]:
@@ -62,6 +63,7 @@ class MotoStack:
             "LLMQ_LANE_QUEUE_URLS": json.dumps(self.lane_queue_urls),
             "LLMQ_WEBHOOK_QUEUE_URL": self.webhook_queue_url,
             "LLMQ_PAYLOAD_BUCKET": self.payload_bucket,
+            "LLMQ_POISON_QUEUE_URL": self.poison_queue_url,
         }
 
 
@@ -101,6 +103,7 @@ def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoS
         lane_dlq_urls=lane_dlqs,
         webhook_queue_url=webhook_url,
         webhook_dlq_url=webhook_dlq,
+        poison_queue_url=sqs.create_queue(QueueName="llmq-poison")["QueueUrl"],
     )
 
 

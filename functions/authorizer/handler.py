@@ -1,6 +1,7 @@
 """REQUEST authorizer: the Bearer API key becomes the tenant id and tier in the context.
 
-API Gateway answers 401 when this function raises "Unauthorized". The policy allows every
+API Gateway answers 401 when this function raises "Unauthorized" (counted as
+`AuthenticationRefused`, so that the error alarm sees only real failures). The policy allows every
 route of the API so that a cached decision holds for all of them. It also returns the
 tenant's usage plan key as usageIdentifierKey (the API's key source is AUTHORIZER): API
 Gateway throttles the tenant on that key's usage plan, and refuses with 403 a method that
@@ -26,7 +27,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws, startup
 from llmq.config import AuthorizerEnvironment
-from llmq.telemetry import logger
+from llmq.telemetry import MetricName, emit_count, logger
 from llmq.tenants import TenantRepository
 
 ENV = AuthorizerEnvironment.load(function_name="authorizer")
@@ -52,6 +53,8 @@ def handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> 
     identity = tenants().authenticate(token) if token else None
     if identity is None:
         logger.info("authentication refused", extra={"has_token": token is not None})
+        # Lambda counts the refusal as an error; the error alarm subtracts this count.
+        emit_count(MetricName.AUTHENTICATION_REFUSED)
         # The exact message API Gateway maps to 401.
         raise Exception("Unauthorized")
     arn = event.parsed_arn

@@ -3,8 +3,8 @@ earlier attempt parked a paid result, which it ends with: `llmq.offload`).
 
 Its webhook still goes out, and each job failed here counts once as `JobDeadLettered`: the
 function drains the DLQs within seconds, so their depth never shows it. A body that names no
-job is logged and reported as failed, so it stays in the DLQ for an operator; it never
-crashes the batch. A batch's expand message is sent once more, then its batch is given up
+job, or anything else no function can settle, is poison: it is set aside in the poison queue
+for an operator (and never crashes the batch). A batch's expand message is sent once more, then its batch is given up
 on (`llmq.batch_runs.dead_lettered`).
 """
 
@@ -24,7 +24,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from llmq import aws, startup
 from llmq.batches import BatchRepository
-from llmq.config import MAX_VISIBILITY_SECONDS, DeadLetterEnvironment
+from llmq.config import DeadLetterEnvironment
 from llmq.execution import lane_job_id, mark_dead_letter
 from llmq.job_record import JobRecord
 from llmq.jobs import JobRepository
@@ -41,7 +41,10 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 @cache
 def repositories() -> tuple[JobRepository, QueueRepository]:
     return JobRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb")), QueueRepository(
-        ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")
+        ENV.lane_queue_urls,
+        ENV.webhook_queue_url,
+        sqs=aws.lazy_client("sqs"),
+        poison_queue_url=ENV.poison_queue_url,
     )
 
 
@@ -55,15 +58,21 @@ def batches() -> BatchRepository:
     return BatchRepository(ENV.jobs_table, ENV.config, dynamodb=aws.client("dynamodb"))
 
 
-# Kept for an operator, but not re-read every few seconds: hidden as long as SQS allows
-# (queues.redelivery_visibility clamps it to what SQS accepts after the receive).
+# A dead letter no function can settle (naming no job, say) is set aside in the poison queue,
+# where an operator sees it and nothing takes it again; one that could not be set aside is
+# tried again this much later.
+POISON_RETRY_SECONDS = 300
 EDGE = QueueEdge(
-    queues=lambda: repositories()[1], job_of=lane_job_id, poison_visibility_seconds=MAX_VISIBILITY_SECONDS
+    queues=lambda: repositories()[1],
+    job_of=lane_job_id,
+    poison_visibility_seconds=POISON_RETRY_SECONDS,
+    set_aside=lambda: repositories()[1].set_aside_poison,
 )
 
 
 def record_handler(record: SQSRecord) -> None:
     jobs, queues = repositories()
+    job = None  # (poison set aside is settled with no job)
     with EDGE.settling(record):
         job = mark_dead_letter(
             jobs,

@@ -25,6 +25,7 @@ it lasts, waits for the provider calls of everything else to be over.
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ import httpx
 import pytest
 
 from llmq.webhooks import EARLY_TOLERANCE_SECONDS
-from tests.e2e.conftest import SandboxUnderTest, stop_sandbox, wait_until
+from tests.e2e.conftest import SandboxUnderTest, run_llmq, stop_sandbox, wait_until
 from tests.e2e.figures import (
     CLOCK_SLACK,
     Figures,
@@ -378,17 +379,11 @@ def test_poison_goes_to_the_dlq_and_its_batchmates_succeed(
         assert record["outcome"] == "ok"
         assert set(record["failed_message_ids"]) == set(poison) & set(record["message_ids"])
         assert set(record["deleted_message_ids"]) == set(record["message_ids"]) - set(poison)
-    # And the dead-letter function looked at each, did not crash, and kept it in the DLQ
-    assert wait_until(
-        lambda: (
-            {
-                message_id
-                for record in sandbox.invocations(function="dead_letter")
-                for message_id in record["failed_message_ids"]
-            }
-            >= set(poison)
-        ),
-        timeout=30,
+    # And the dead-letter function looked at each, did not crash, and set it aside: the lane's
+    # DLQ is empty, and the poison queue holds both, visible to an operator
+    poison_queue = sandbox.stack_outputs()["PoisonQueueUrl"]
+    assert wait_until(lambda: figures.depth(poison_queue) == len(poison), timeout=30), figures.depth(
+        poison_queue
     )
     dead_letter = [
         record
@@ -396,8 +391,20 @@ def test_poison_goes_to_the_dlq_and_its_batchmates_succeed(
         if set(record["message_ids"]) & set(poison)
     ]
     assert {record["outcome"] for record in dead_letter} == {"ok"}
+    assert not {message_id for record in dead_letter for message_id in record["failed_message_ids"]} & set(
+        poison
+    )
+    assert wait_until(lambda: figures.depth(dlq) == 0, timeout=10), figures.depth(dlq)
+    # And the operator's CLI lists them, with their bodies, and will not redrive them
+    listed = run_llmq(sandbox.directory, "dlq", "list", "--queue", "poison", "--peek", "5")
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert (entry["visible"], entry["redrives_to"]) == (len(poison), None)
+    assert sorted(entry["peek"]) == sorted([NOT_JSON, lane_message(UNKNOWN_JOB, "high")])
+    refused = run_llmq(sandbox.directory, "dlq", "redrive", "--queue", "poison")
+    assert refused.returncode == 1 and "not redriven" in refused.stderr, refused
     settle(2)
-    assert figures.depth(dlq) == len(poison)
+    assert figures.depth(poison_queue) == len(poison)
     # And the unknown job was not created by any of this
     with sandbox.api("enterprise") as client:
         assert client.get(f"/v1/jobs/{UNKNOWN_JOB}").status_code == 404
@@ -682,7 +689,7 @@ def _queued(figures: Figures, tier: str) -> list[dict[str, Any]]:
     return jobs
 
 
-def test_nothing_is_left_running_or_queued_and_the_dlqs_hold_only_the_poison(
+def test_nothing_is_left_running_or_queued_and_only_the_poison_is_kept(
     figures: Figures, ledger: Ledger
 ) -> None:
     # Then no job is left running or queued, for either tenant
@@ -693,6 +700,7 @@ def test_nothing_is_left_running_or_queued_and_the_dlqs_hold_only_the_poison(
     # And the lane and webhook queues are empty, and so is the webhook DLQ
     depths = figures.wait_drained([*figures.working_queues(), figures.webhook_dlq])
     assert set(depths.values()) == {0}, depths
-    # And the lane DLQs hold exactly the poison messages
-    assert figures.depth(figures.lane_dlqs["high"]) == len(ledger.poison_message_ids)
+    # And the lane DLQs are empty: the poison messages wait in the poison queue
+    assert figures.depth(figures.lane_dlqs["high"]) == 0
     assert figures.depth(figures.lane_dlqs["low"]) == 0
+    assert figures.depth(figures.sandbox.stack_outputs()["PoisonQueueUrl"]) == len(ledger.poison_message_ids)

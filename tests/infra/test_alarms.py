@@ -150,6 +150,20 @@ def test_every_lane_dlq_alarms_on_each_message_it_receives(synthesized, alarms):
     )
 
 
+def test_poison_set_aside_raises_an_alarm_while_it_waits(synthesized, alarms):
+    # Nothing consumes the poison queue: a message in it is visible until an operator purges it
+    poison = _ref(synthesized, "PoisonQueueUrl")
+    assert poison not in synthesized.template.dlq_ids()
+    alarm = _one(
+        alarms,
+        "AWS/SQS",
+        "ApproximateNumberOfMessagesVisible",
+        QueueName={"Fn::GetAtt": [poison, "QueueName"]},
+    )
+    assert alarm["Statistic"] == "Maximum"
+    _fires_on_any(alarm)
+
+
 def test_every_lane_alarms_on_jobs_the_dead_letter_function_failed(synthesized, alarms):
     for lane in synthesized.config.lanes:
         alarm = _one(
@@ -165,10 +179,37 @@ def test_every_lane_alarms_on_jobs_the_dead_letter_function_failed(synthesized, 
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_every_function_alarms_on_its_errors_and_its_throttles(synthesized, alarms, name):
     logical_id, _ = synthesized.template.function(name)
-    for metric in ("Errors", "Throttles"):
+    metrics = ("Throttles",) if name == "authorizer" else ("Errors", "Throttles")
+    for metric in metrics:
         alarm = _one(alarms, "AWS/Lambda", metric, FunctionName={"Ref": logical_id})
         assert alarm["Statistic"] == "Sum"
         _fires_on_any(alarm)
+
+
+def test_the_authorizer_alarms_on_its_errors_but_not_on_refused_keys(synthesized, alarms):
+    # A refused key is a Lambda error (the authorizer raises "Unauthorized" for the 401), so a
+    # plain Errors alarm would page for every wrong key; the alarm subtracts the refusals.
+    logical_id, _ = synthesized.template.function("authorizer")
+    (alarm,) = [
+        alarm
+        for alarm in alarms
+        if any(
+            query.get("MetricStat", {}).get("Metric", {}).get("MetricName") == "Errors"
+            and query["MetricStat"]["Metric"].get("Dimensions")
+            == [{"Name": "FunctionName", "Value": {"Ref": logical_id}}]
+            for query in alarm.get("Metrics", [])
+        )
+    ]
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    (expression,) = [query for query in alarm["Metrics"] if "Expression" in query]
+    assert expression["Expression"] == "FILL(errors, 0) - FILL(refused, 0)"
+    refused = queries["refused"]["MetricStat"]
+    assert refused["Metric"]["Namespace"] == METRICS_NAMESPACE
+    assert refused["Metric"]["MetricName"] == MetricName.AUTHENTICATION_REFUSED.value
+    assert {d["Name"]: d["Value"] for d in refused["Metric"]["Dimensions"]} == {"service": SERVICE_NAME}
+    assert refused["Stat"] == queries["errors"]["MetricStat"]["Stat"] == "Sum"
+    assert refused["Period"] == queries["errors"]["MetricStat"]["Period"]
+    _fires_on_any(alarm)
 
 
 def _dynamodb_operations_on(variable: str) -> set[str]:

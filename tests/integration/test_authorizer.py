@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
 from llmq import aws
+from llmq.errors import StoreUnavailable
+from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from llmq.tenants import TenantRepository, hash_api_key
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack, load_event
 from tests.integration.harness import LambdaContextStub, load_handler
 
@@ -52,6 +56,68 @@ def test_a_valid_key_yields_the_tenant_and_tier_in_the_context(authorizer, moto_
 def test_a_missing_malformed_or_unknown_key_is_unauthorized(authorizer, header: str | None) -> None:
     with pytest.raises(Exception, match=r"^Unauthorized$"):
         authorizer.handler(_event(header), LambdaContextStub())
+
+
+def _refusals_counted(stdout: str) -> int:
+    """AuthenticationRefused counts in the EMF lines printed (what CloudWatch would record)."""
+    count = 0
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        for directive in record.get("_aws", {}).get("CloudWatchMetrics", []):
+            if any(metric["Name"] == MetricName.AUTHENTICATION_REFUSED for metric in directive["Metrics"]):
+                assert directive["Namespace"] == METRICS_NAMESPACE
+                assert record["service"] == SERVICE_NAME
+                value = record[MetricName.AUTHENTICATION_REFUSED]
+                count += int(sum(value) if isinstance(value, list) else value)
+    return count
+
+
+def test_each_refused_key_is_counted_so_the_error_alarm_can_leave_it_out(
+    authorizer, moto_stack: MotoStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    created = tenants.create("Acme", "enterprise")
+    capsys.readouterr()
+    # Given two refused requests and an accepted one
+    for header in ("Bearer llmq_sk_wrong", None):
+        with pytest.raises(Exception, match=r"^Unauthorized$"):
+            authorizer.handler(_event(header), LambdaContextStub())
+    authorizer.handler(_event(f"Bearer {created.api_key}"), LambdaContextStub())
+    # Then two refusals were counted
+    assert _refusals_counted(capsys.readouterr().out) == 2
+    # And a failure that is not a refusal (the tenants table throttled) is not counted: the
+    # alarm sees it
+    faults = AwsFaults()
+    try:
+        faults.arm(FaultKind.THROTTLE, "dynamodb.GetItem", times=10)
+        with pytest.raises(StoreUnavailable):
+            authorizer.handler(_event("Bearer llmq_sk_other"), LambdaContextStub())
+        assert faults.fired
+    finally:
+        faults.disarm()
+    assert _refusals_counted(capsys.readouterr().out) == 0
+
+
+def test_the_key_is_read_strongly_consistent(authorizer, moto_stack: MotoStack) -> None:
+    # (moto is always consistent; DynamoDB's default read may miss a key issued a moment ago
+    # and refuse the client's first request, or still see one just revoked)
+    created = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise"
+    )
+    asked: list[dict] = []
+
+    def record(params: dict, **_: object) -> None:
+        asked.append(dict(params))
+
+    events = aws.client("dynamodb").meta.events
+    events.register("provide-client-params.dynamodb.GetItem", record)
+    try:
+        authorizer.handler(_event(f"Bearer {created.api_key}"), LambdaContextStub())
+    finally:
+        events.unregister("provide-client-params.dynamodb.GetItem", record)
+    assert [params.get("ConsistentRead") for params in asked] == [True]
 
 
 def test_a_revoked_key_is_unauthorized(authorizer, moto_stack: MotoStack) -> None:

@@ -308,10 +308,12 @@ def test_a_give_up_cut_short_is_finished_when_its_dead_letter_is_retried(
     assert batch is not None and batch.cancel_requested and batch.unexpanded_canceled == 3
     shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
     assert shares.get(ENTERPRISE["tenant_id"]).active == 2
+    assert shares.get(ENTERPRISE["tenant_id"]).batch_active == 2
     _run_items(harness)
     harness.run_worker(url, _expand_messages(harness))
     assert _batch(harness, batch_id)["status"] in ("finalizing", "canceled")
     assert shares.get(ENTERPRISE["tenant_id"]).active == 0
+    assert shares.get(ENTERPRISE["tenant_id"]).batch_active == 0
 
 
 def test_the_count_starts_afresh_once_the_batch_gets_past_what_crashed(
@@ -369,8 +371,13 @@ def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_s
                 batch_id, HIGH, ENTERPRISE["tenant_id"], redrive_round=letters.redrive_round
             )
     # Then the give-up was tried at the second and third dead letters, and at the fourth the
-    # message stays in the DLQ for an operator, and the reconciler stops looking
-    assert all(answers)
+    # message is set aside in the poison queue for an operator, and the reconciler stops looking
+    assert answers[0] and answers[1] and not answers[2]
+    (shelved,) = harness.sqs.receive_message(
+        QueueUrl=harness.stack.poison_queue_url, MessageAttributeNames=["All"]
+    )["Messages"]
+    assert json.loads(shelved["Body"])["job_id"] == batch_id
+    assert "keeps crashing" in shelved["MessageAttributes"]["llmq-why"]["StringValue"]
     batch = stored.find(batch_id)
     assert batch is not None and batch.cancel_requested and len(batch.dead_letter_ids) == 4
     hours_later = JobRepository(

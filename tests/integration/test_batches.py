@@ -16,7 +16,7 @@ from standardwebhooks import Webhook
 from llmq import aws
 from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id
 from llmq.jobs import JobRepository
-from llmq.models import BatchStatus, DeliveryStatus
+from llmq.models import BatchEvent, BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -24,7 +24,7 @@ from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
 from llmq.webhooks import copy_lag_seconds
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
-from llmq_sandbox.doubles.receiver import WebhookReceiver
+from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
@@ -215,6 +215,8 @@ def test_a_batchs_items_are_active_jobs_until_they_end_and_the_quota_refuses_a_b
     first = _submit(harness, tenant=FREE, requests=_requests(3))
     assert first.status == 202
     assert shares.get(FREE["tenant_id"]).active == 3
+    # (all three a batch's, which a refused job of the tenant's own does not wait behind)
+    assert shares.get(FREE["tenant_id"]).batch_active == 3
     # Three more would pass it: refused whole, with Retry-After, and nothing written or queued
     refused = _submit(harness, tenant=FREE, requests=_requests(3, prefix="more"))
     assert (refused.status, refused.code) == (429, "quota_exceeded")
@@ -225,7 +227,7 @@ def test_a_batchs_items_are_active_jobs_until_they_end_and_the_quota_refuses_a_b
     _run_lane(harness, lane="low")
     assert _stored(harness, first.body["id"]).status is BatchStatus.COMPLETED
     share = shares.get(FREE["tenant_id"])
-    assert (share.active, share.running) == (0, 0)
+    assert (share.active, share.batch_active, share.running) == (0, 0, 0)
 
 
 @pytest.mark.parametrize(
@@ -1060,6 +1062,66 @@ def test_a_batch_webhooks_attempt_whose_record_was_applied_unanswered_is_still_r
     assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.UpdateItem"]
     assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500, 200]
     assert _stored(harness, batch_id).delivery_attempts == 2
+
+
+def _batch_expires_in(harness: Harness, batch_id: str, seconds: int) -> None:
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key=batch_key(batch_id),
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) + seconds)}},
+    )
+
+
+def test_two_copies_of_a_batch_event_in_one_invocation_post_once(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given an ended batch whose event's message was sent twice (the reconciler's copy beside
+    # the original), both received in one batch of records
+    path = "/batch-two-copies"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    ).enqueue_webhook(batch_id, BatchEvent.COMPLETED)
+    url = harness.stack.webhook_queue_url
+    messages = harness.receive(url, visibility=60)
+    assert len(messages) == 2
+    # When the dispatcher takes them together
+    response = dispatcher.handler(harness.sqs_event(url, messages), LambdaContextStub())
+    # Then the receiver got the event once, and both messages are settled
+    assert response["batchItemFailures"] == []
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [200]
+    assert _stored(harness, batch_id).delivery_attempts == 1
+
+
+def test_a_batch_past_its_retention_sends_no_webhook(harness: Harness, receiver: WebhookReceiver) -> None:
+    # Given an ended batch whose retention ran out before its event went (DynamoDB's TTL has
+    # not deleted it yet: GET answers 404 already)
+    path = "/batch-expired"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    _batch_expires_in(harness, batch_id, -10)
+    assert harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).status == 404
+    # When the dispatcher takes its message
+    _dispatch_all(harness, dispatcher)
+    # Then nothing is posted of a batch the API says does not exist
+    assert [delivery for delivery in receiver.deliveries() if delivery.path == path] == []
+
+
+def test_a_long_retry_after_near_the_end_of_a_batchs_retention_keeps_the_batch_for_that_attempt(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given an ended batch whose retention ends in a minute, and a receiver that asks for 2 h
+    path = "/batch-later"
+    receiver.script(path, Answer(429, {"Retry-After": "7200"}))
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    _batch_expires_in(harness, batch_id, 60)
+    # When the first attempt is answered so
+    _dispatch_all(harness, dispatcher)
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [429]
+    # Then the batch is kept until that attempt can still find it
+    batch = _stored(harness, batch_id)
+    assert batch.delivery_status is DeliveryStatus.PENDING
+    assert batch.expires_at >= time.time() + 7200
 
 
 def test_a_copy_of_a_batch_webhook_message_that_lost_the_count_keeps_the_message_for_the_retry(

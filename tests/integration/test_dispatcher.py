@@ -479,10 +479,8 @@ def test_a_retry_after_no_date_can_hold_is_ignored_not_a_crash(stage: Stage, sta
         assert stage.visibility_changes == [SCHEDULE[0]]
 
 
-def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that_attempt(
-    stage: Stage,
-) -> None:
-    # Given a job whose retention ends in a minute, and a receiver that asks to be tried in 2 h
+def _job_asked_for_later_near_its_end(stage: Stage) -> None:
+    """A job whose retention ends in a minute, and a receiver that asks to be tried in 2 h."""
     stage.receiver.script("/hooks/later", Answer(429, {"Retry-After": "7200"}))
     stage.job("/hooks/later")
     aws.client("dynamodb").update_item(
@@ -491,6 +489,13 @@ def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that
         UpdateExpression="SET expires_at = :at",
         ExpressionAttributeValues={":at": {"N": str(int(time.time()) + 60)}},
     )
+
+
+def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that_attempt(
+    stage: Stage,
+) -> None:
+    # Given a job whose retention ends in a minute, and a receiver that asks to be tried in 2 h
+    _job_asked_for_later_near_its_end(stage)
     # When the first attempt is answered so
     stage.dispatch()
     # Then the job is kept until that attempt (and a poll) can still find it
@@ -500,6 +505,32 @@ def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that
     ]
     assert int(item["expires_at"]["N"]) >= time.time() + 7200
     assert stage.delivery().status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("kind", "nth"),
+    [(FaultKind.APPLIED_LOST, 1), (FaultKind.THROTTLE, 2)],
+    ids=["first-write-applied-answer-lost", "second-write-throttled"],
+)
+def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_whichever_write_fails(
+    stage: Stage, kind: FaultKind, nth: int
+) -> None:
+    # Given a job whose retention ends in a minute, and a receiver that asks to be tried in 2 h
+    _job_asked_for_later_near_its_end(stage)
+    # When the attempt is answered so, and one of the dispatcher's two writes (keeping the job,
+    # recording the attempt) fails: its answer lost, or throttled past botocore's retries
+    faults = AwsFaults()
+    try:
+        faults.arm(kind, "dynamodb.UpdateItem", nth=nth)
+        stage.dispatch()
+        assert faults.fired, "the fault never fired"
+    finally:
+        faults.disarm()
+    # Then the job is kept until the attempt the receiver asked for, whatever comes back for it
+    item = aws.client("dynamodb").get_item(TableName=stage.stack.jobs_table, Key={"pk": {"S": "job_hooked"}})[
+        "Item"
+    ]
+    assert int(item["expires_at"]["N"]) >= time.time() + 7200
 
 
 def test_keeping_a_job_for_a_late_attempt_never_shortens_what_a_redelivery_kept(

@@ -620,3 +620,34 @@ def test_a_batch_key_past_its_retention_over_the_quota_is_a_429_not_a_replay(har
     # When the key is used again, Then the quota refuses it: the old batch is gone, not replayed
     again = _submit(harness, tenant=FREE, key="old", requests=_requests(3))
     assert (again.status, again.body["code"]) == (429, "quota_exceeded")
+
+
+def test_an_operators_cap_is_whole_for_batches_in_a_lane_of_their_own(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the lane of batches (`batches.lane`) none of the tenant's own jobs runs, so no slot is
+    kept for them there: under an operator's cap as under the tier's, its items take it all."""
+    from llmq.batches import item_job_id
+
+    harness = Harness(moto_stack, integration_config(provider, batches={"lane": "low"}), monkeypatch)
+    # Given an operator's cap of 4 (a batch cap of 3 elsewhere), and a batch of six expanded
+    # into the batch lane
+    _shares(harness).set_limits(
+        ENTERPRISE["tenant_id"], max_concurrency=4, reserve=harness.config.batches.interactive_reserve
+    )
+    batch = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
+        tenant=ENTERPRISE,
+    )
+    assert batch.status == 202
+    url = harness.stack.lane_queue_urls["low"]
+    harness.run_worker(
+        url, [m for m in harness.receive(url) if json.loads(m["Body"]).get("kind") == "expand"]
+    )
+    # When workers claim its items
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(5)]
+    # Then four run at once, the whole cap, and the fifth waits
+    assert outcomes == [ClaimOutcome.CLAIMED] * 4 + [ClaimOutcome.AT_CAP]

@@ -710,6 +710,27 @@ def test_a_body_sqs_refuses_is_refused(moto_stack: MotoStack, body: str) -> None
     sqs.send_message(QueueUrl=url, MessageBody="é" * (limit // 2))
 
 
+def test_message_attributes_count_toward_the_size_limit(moto_stack: MotoStack) -> None:
+    """SendMessage: a message's attributes (each one's name, data type and value) count toward
+    the queue's MaximumMessageSize with its body (moto counts the body alone)."""
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    limit = int(
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["MaximumMessageSize"])["Attributes"][
+            "MaximumMessageSize"
+        ]
+    )
+    note = {"why": {"DataType": "String", "StringValue": "né"}}  # 3 + 6 + 3 bytes
+    assert (
+        _refused(
+            lambda: sqs.send_message(QueueUrl=url, MessageBody="x" * (limit - 11), MessageAttributes=note)
+        )
+        == "InvalidParameterValue"
+    )
+    sqs.send_message(QueueUrl=url, MessageBody="x" * (limit - 12), MessageAttributes=note)
+    sqs.send_message(QueueUrl=url, MessageBody="x" * limit)
+
+
 def test_a_dead_letter_moved_back_by_hand_keeps_its_tenant_for_fair_queues(moto_stack: MotoStack) -> None:
     """`llmq dlq redrive --max N` receives and sends each letter itself (StartMessageMoveTask
     moves them all): the copy keeps the letter's MessageGroupId, so fair queues still count it

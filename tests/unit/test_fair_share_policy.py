@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 
+import pytest
 from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
@@ -106,6 +107,7 @@ def test_a_batch_item_at_its_batch_cap_waits_for_a_batch_slot() -> None:
     state = ShareState(
         tenant_id="ten_a",
         active=4 + 30,
+        batch_active=3 + 30,  # (the thirty queued are the batch's items)
         holders={"high": holders},
         default_caps={"high": 8},
         batch_holders={"high": {job: at for job, at in holders.items() if job != "job_i"}},
@@ -115,6 +117,37 @@ def test_a_batch_item_at_its_batch_cap_waits_for_a_batch_slot() -> None:
     as_job = [deferral_seconds(state, "high", NOW, POLICY, rng) for _ in range(200)]
     # The item's wait follows its three slots of a minute each, not the cap of eight
     assert statistics.median(as_item) > 3 * statistics.median(as_job)
+
+
+def test_a_tenants_own_job_does_not_wait_behind_its_batchs_backlog() -> None:
+    """A batch's items can never take the slots kept for the tenant's own jobs: a refused job
+    of the tenant's own waits for those slots to free, however many items are queued."""
+    rng = random.Random(5)
+    # Three batch items hold the batch's three slots of four for two minutes now; one job of
+    # the tenant's own holds the fourth, since ten seconds; one more of its own waits.
+    holders = {
+        "job_b0": NOW - 120_000,
+        "job_b1": NOW - 120_000,
+        "job_b2": NOW - 120_000,
+        "job_i": NOW - 10_000,
+    }
+    batch_holders = {job: at for job, at in holders.items() if job != "job_i"}
+
+    def waits(queued_items: int) -> float:
+        state = ShareState(
+            tenant_id="ten_a",
+            active=4 + 1 + queued_items,
+            batch_active=3 + queued_items,
+            holders={"high": holders},
+            default_caps={"high": 4},
+            batch_holders={"high": batch_holders},
+            default_batch_caps={"high": 3},
+        )
+        return statistics.median(deferral_seconds(state, "high", NOW, POLICY, rng) for _ in range(400))
+
+    # Then 400 queued items change nothing: the wait is about one run of a slot it can take
+    assert waits(400) == pytest.approx(waits(0), rel=0.25)
+    assert waits(400) < 120
 
 
 def test_a_longer_backlog_waits_longer() -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from llmq.config import MAX_VISIBILITY_SECONDS
+from llmq.errors import StoreUnavailable
 from llmq.queues import MAX_REDELIVERY_DELAY_SECONDS
 from llmq.sqs_edge import PoisonMessage, QueueEdge, RetryLater
 from tests.support.stores import InMemoryQueues
@@ -69,6 +70,53 @@ def test_poison_in_a_dlq_is_hidden_as_long_as_sqs_accepts_after_the_receive(queu
     assert isinstance(settle(edge, PoisonMessage("no job")), PoisonMessage)
     assert queues.visibility == [("receipt-1", MAX_REDELIVERY_DELAY_SECONDS)]
     assert MAX_REDELIVERY_DELAY_SECONDS <= MAX_VISIBILITY_SECONDS - 900 - 300
+
+
+class PoisonShelf:
+    """A poison queue: what was set aside, or refusal with `error`."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.set_aside: list[dict[str, str]] = []
+
+    def __call__(self, body: str, *, source_arn: str, message_id: str, why: str) -> None:
+        if self.error is not None:
+            raise self.error
+        self.set_aside.append({"body": body, "source_arn": source_arn, "message_id": message_id, "why": why})
+
+
+def test_poison_set_aside_is_acknowledged_and_never_comes_back(queues: InMemoryQueues) -> None:
+    shelf = PoisonShelf()
+    edge = QueueEdge(
+        queues=lambda: queues,
+        job_of=lambda body: None,
+        poison_visibility_seconds=300,
+        set_aside=lambda: shelf,
+    )
+    # Acknowledged (nothing raised, so the mapping deletes it), its visibility untouched
+    assert settle(edge, PoisonMessage("no job")) is None
+    assert queues.visibility == []
+    assert shelf.set_aside == [
+        {
+            "body": Record().body,
+            "source_arn": Record().event_source_arn,
+            "message_id": "msg-1",
+            "why": "no job",
+        }
+    ]
+
+
+def test_poison_that_cannot_be_set_aside_comes_back_after_the_poison_delay(queues: InMemoryQueues) -> None:
+    shelf = PoisonShelf(StoreUnavailable("sqs.SendMessage: ThrottlingException after retries"))
+    edge = QueueEdge(
+        queues=lambda: queues,
+        job_of=lambda body: None,
+        poison_visibility_seconds=300,
+        set_aside=lambda: shelf,
+    )
+    assert isinstance(settle(edge, PoisonMessage("no job")), PoisonMessage)
+    assert queues.visibility == [("receipt-1", 300)]
+    assert shelf.set_aside == []
 
 
 def test_an_unexpected_error_is_reported_failed_and_returns_after_the_queue_timeout(

@@ -848,3 +848,29 @@ async def test_a_copy_received_before_waits_for_the_message_named_to_carry_the_a
     world.now += world.dispatcher.copy_lag_seconds
     assert (await world.dispatcher.handle(body, receive_count=3, message_id="m2")).kind is OutcomeKind.SKIPPED
     assert len(world.receiver.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("event", "counted"),
+    [
+        (WebhookEvent.OUTPUT, False),
+        (WebhookEvent.STARTED, False),
+        (WebhookEvent.SUCCEEDED, True),
+    ],
+)
+def test_only_results_count_toward_webhook_outcomes(event: WebhookEvent, counted: bool) -> None:
+    """WebhooksFailing pages when integrators lose results; job.started and job.output are
+    given up briefly and without harm, so a streaming tenant's slow receiver must not count."""
+    from llmq.telemetry import metrics
+    from llmq.webhooks import DeliveryOutcome, OutcomeKind, _observe
+
+    output = JobOutputEvent(id="job_1", seq_from=0, seq_to=1, attempt=1, delta="hi")
+    message = WebhookMessage(
+        job_id="job_1", event=event, output=output if event is WebhookEvent.OUTPUT else None
+    )
+    metrics.clear_metrics()
+    try:
+        _observe(message, DeliveryOutcome(OutcomeKind.GAVE_UP, status_code=503, attempt=2))
+        assert ("WebhookFailed" in metrics.metric_set) is counted
+    finally:
+        metrics.clear_metrics()

@@ -50,13 +50,22 @@ def client(service: str) -> Any:
                 service,  # type: ignore[call-overload]
                 region_name=region,
                 endpoint_url=endpoint,
-                # Presigned S3 URLs must be SigV4: SigV2 is refused in newer regions.
-                config=BOTO_CONFIG.merge(Config(signature_version="s3v4"))
-                if service == "s3"
-                else BOTO_CONFIG,
+                config=BOTO_CONFIG.merge(_s3_config(endpoint)) if service == "s3" else BOTO_CONFIG,
             )
             _clients[key] = found
         return found
+
+
+def _s3_config(endpoint: str | None) -> Config:
+    """Presigned S3 URLs must be SigV4 (SigV2 is refused in newer regions), and name the
+    bucket's region: botocore otherwise signs for the global endpoint (bucket.s3.amazonaws.com),
+    which S3 answers with a 307 redirect for a day after a bucket is created outside
+    us-east-1, and with IllegalLocationConstraintException in regions launched since 2019. An
+    endpoint of our own (the sandbox's) keeps botocore's addressing: a bucket name cannot go in
+    front of an IP address."""
+    if endpoint:
+        return Config(signature_version="s3v4")
+    return Config(signature_version="s3v4", s3={"addressing_style": "virtual"})
 
 
 class LazyClient:

@@ -996,11 +996,20 @@ class BatchRepository:
         attempt: DeliveryAttempt | None = None,
         next_attempt_at_ms: int | None = None,
         log_seq: int = 0,
+        expires_at: int | None = None,
     ) -> bool:
         """What became of attempt `attempts` of the batch's event, counted only if it is the one
         after those the batch counted (another copy of the message may have counted it first),
         with the attempt in the delivery log (its slot: the attempt's own number in the
-        batch's log, as a job's) and when the next is due: one update. False otherwise."""
+        batch's log, as a job's) and when the next is due: one update. False otherwise.
+
+        With the batch's `expires_at` as read, a next attempt due after it (a receiver's long
+        Retry-After near the end of the retention) keeps the batch until then, first, as a
+        job's delivery does (`JobRepository.record_delivery`): the attempt would find no batch."""
+        if status is DeliveryStatus.PENDING and next_attempt_at_ms is not None and expires_at is not None:
+            keep_until_s = next_attempt_at_ms // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
+            if self.now_ms() // 1000 < expires_at < keep_until_s:
+                self._keep_until(batch_id, keep_until_s)
         sets = ["delivery_status = :status", "delivery_attempts = :attempts"]
         values: dict[str, Any] = {
             "status": status.value,
@@ -1066,6 +1075,21 @@ class BatchRepository:
                 return bool(old.get("delivery_write", {}).get("S") == token)
             raise
         return True
+
+    def _keep_until(self, batch_id: str, until_s: int) -> None:
+        """The batch is kept until `until_s` at least (its retention only ever moves out). Its
+        count shards are read no more once it has ended (`final_counts`)."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key=batch_key(batch_id),
+                UpdateExpression="SET expires_at = :until",
+                ConditionExpression="attribute_exists(pk) AND expires_at < :until",
+                ExpressionAttributeValues={":until": {"N": str(until_s)}},
+            )
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
 
 
 def over_quota(state: ShareState, count: int, default_max_active: int, config: LlmqConfig) -> QuotaExceeded:

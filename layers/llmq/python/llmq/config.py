@@ -668,6 +668,8 @@ class DeadLetterEnvironment(FunctionEnvironment):
     jobs_table: str = Field(alias="LLMQ_JOBS_TABLE", min_length=1)
     lane_queue_urls: dict[str, str] = Field(alias="LLMQ_LANE_QUEUE_URLS")
     webhook_queue_url: str = Field(alias="LLMQ_WEBHOOK_QUEUE_URL", min_length=1)
+    # Where a dead letter that names no job is set aside (`QueueRepository.set_aside_poison`).
+    poison_queue_url: str = Field(alias="LLMQ_POISON_QUEUE_URL", min_length=1)
 
 
 class DispatcherEnvironment(FunctionEnvironment):

@@ -455,7 +455,15 @@ class JobRepository:
         item_of = batches.batch_of(job_id)
         items = [
             update,
-            shares.hold(self.table_name, tenant_id, lane, job_id, now, batch_item=item_of is not None),
+            shares.hold(
+                self.table_name,
+                tenant_id,
+                lane,
+                job_id,
+                now,
+                batch_item=item_of is not None,
+                batch_lane=lane == self.config.batches.lane,
+            ),
         ]
         if item_of is not None:
             # A batch's item is claimed only while its batch is not canceling: no extra call.
@@ -1146,6 +1154,12 @@ class JobRepository:
         expression = f"SET {', '.join(sets)} ADD {', '.join(adds)}"
         if removes:
             expression += f" REMOVE {', '.join(removes)}"
+        if keep_for is not None:
+            # First: once the attempt is recorded its message hides until the attempt is due,
+            # so a keep that failed after it (throttled, or the record's answer lost) would
+            # never be written again, and the attempt would find no job. A keep whose record
+            # then fails only keeps the job a while longer.
+            self._keep_until(job_id, keep_for)
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
@@ -1162,8 +1176,6 @@ class JobRepository:
                 raise
             old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
             return bool(old.get("delivery_write", {}).get("S") == token)
-        if keep_for is not None:
-            self._keep_until(job_id, keep_for)
         return True
 
     def _keep_until(self, job_id: str, until_s: int) -> None:

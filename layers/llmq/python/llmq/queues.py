@@ -9,6 +9,8 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import ClientError
+
 from llmq import aws
 from llmq.config import MAX_VISIBILITY_SECONDS
 from llmq.job_record import JobRecord
@@ -42,10 +44,25 @@ def redelivery_visibility(seconds: float) -> int:
     return max(0, min(math.ceil(seconds), MAX_REDELIVERY_DELAY_SECONDS))
 
 
+# What SQS answers a message whose body and attributes together pass the queue's
+# MaximumMessageSize (the query and JSON protocols' codes).
+_TOO_LONG_CODES = {"InvalidParameterValue", "MessageTooLong", "AWS.SimpleQueueService.MessageTooLong"}
+# A poison reason kept on its message (a message attribute's value may be 256 KiB; this is a note).
+_POISON_REASON_CHARS = 256
+
+
 class QueueRepository:
-    def __init__(self, lane_queue_urls: dict[str, str], webhook_queue_url: str, *, sqs: Any) -> None:
+    def __init__(
+        self,
+        lane_queue_urls: dict[str, str],
+        webhook_queue_url: str,
+        *,
+        sqs: Any,
+        poison_queue_url: str | None = None,
+    ) -> None:
         self.lane_queue_urls = lane_queue_urls
         self.webhook_queue_url = webhook_queue_url
+        self.poison_queue_url = poison_queue_url
         self._sqs = aws.TranslatedClient(sqs)
 
     def enqueue_job(
@@ -150,6 +167,29 @@ class QueueRepository:
         *_, account, name = queue_arn.split(":")
         response = self._sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)
         return str(response["QueueUrl"])
+
+    def set_aside_poison(self, body: str, *, source_arn: str, message_id: str, why: str) -> None:
+        """A copy of a dead letter no function can settle, in the poison queue, where it waits
+        visibly for an operator (`llmq dlq list --queue poison --peek N`) and alarms once
+        (`PoisonMessages`), instead of coming back to the dead-letter function. Where it came
+        from, its message id there and why it is poison travel as message attributes, or, when
+        they would take the copy past the queue's size limit, in the function's log alone."""
+        if self.poison_queue_url is None:
+            raise LookupError("no poison queue in this environment")
+        notes = {
+            "llmq-source": source_arn,
+            "llmq-message-id": message_id,
+            "llmq-why": why[:_POISON_REASON_CHARS] or "-",
+        }
+        attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notes.items()}
+        try:
+            self._sqs.send_message(
+                QueueUrl=self.poison_queue_url, MessageBody=body, MessageAttributes=attributes
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in _TOO_LONG_CODES:
+                raise
+            self._sqs.send_message(QueueUrl=self.poison_queue_url, MessageBody=body)
 
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
         """Make a message we report as failed come back after `seconds`, not the queue default."""

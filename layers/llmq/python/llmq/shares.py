@@ -15,6 +15,12 @@ under crashes, duplicate messages and retried writes (DESIGN §3.11).
 - back to queued (a retry, a release): the job leaves the holders;
 - terminal: the job leaves the holders (nothing for a queued job) and `active` - 1.
 
+`batch_active` counts the batches' items among the active jobs (written with `active` by a
+batch's accept, its release and each item's end), so that a refused interactive job's deferral
+reckons with the interactive backlog alone, not with a batch's thousands of items that can
+never take its reserved slots (`deferral_seconds`). A share written before it existed reads
+it as 0 until its items end, which only lengthens deferrals as before.
+
 The tier defaults come from LlmqConfig and each accept writes them; an operator's per-tenant
 overrides (`llmq tenants set-limits`) live on the same item and win. The item has no
 `tenant_id`, TTL or sweep attributes, so no index and no expiry ever sees it.
@@ -30,6 +36,7 @@ from llmq.config import FairShareConfig, batch_cap
 from llmq.long_polls import POLLS_PREFIX
 
 SHARE_PREFIX = "share#"
+BATCH_ACTIVE = "batch_active"
 _HOLDERS_PREFIX = "run_"
 _CAP_PREFIX = "cap_"
 # The batch items among a lane's holders, and their cap (neither prefix starts the other two).
@@ -136,7 +143,7 @@ def admit_many(
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :count",
+            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :count, {BATCH_ACTIVE} :count",
             "ConditionExpression": f"(attribute_not_exists(active) OR active <= :threshold) AND {override}",
             "ExpressionAttributeNames": _accept_names(lane),
             "ExpressionAttributeValues": values,
@@ -151,7 +158,7 @@ def release_many(table: str, tenant_id: str, count: int) -> dict[str, Any]:
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": "ADD active :minus",
+            "UpdateExpression": f"ADD active :minus, {BATCH_ACTIVE} :minus",
             "ExpressionAttributeValues": {":minus": {"N": str(-count)}},
         }
     }
@@ -170,16 +177,29 @@ def _below(holders: str, override: str, default: str) -> str:
 
 
 def hold(
-    table: str, tenant_id: str, lane: str, job_id: str, now_ms: int, *, batch_item: bool = False
+    table: str,
+    tenant_id: str,
+    lane: str,
+    job_id: str,
+    now_ms: int,
+    *,
+    batch_item: bool = False,
+    batch_lane: bool = False,
 ) -> dict[str, Any]:
     """Claim: the job takes one of the tenant's slots in the lane, unless they are all held;
-    a batch's item also one of its batch slots, unless they are all held.
+    a batch's item also one of its batch slots, unless they are all held. In the lane of
+    batches only (`batch_lane`, `batches.lane`), no slot is kept for the tenant's own jobs,
+    which never run there: an item takes any of the tenant's slots, under an operator's cap
+    as under the tier's.
 
     A job already holding one (a takeover of its own expired lease) keeps it.
     """
     names = {"#h": holders_of(lane), "#job": job_id, "#max": MAX_CONCURRENCY, "#cap": _CAP_PREFIX + lane}
     expression, condition = "SET #h.#job = :now", _below("#h", "#max", "#cap")
-    if batch_item:
+    if batch_item and batch_lane:
+        names["#bh"] = batch_holders_of(lane)
+        expression += ", #bh.#job = :now"
+    elif batch_item:
         names |= {
             "#bh": batch_holders_of(lane),
             "#bmax": MAX_BATCH_CONCURRENCY,
@@ -234,7 +254,9 @@ def leave(
         update["ExpressionAttributeNames"]["#lrun"] = _LAST_RUN_PREFIX + lane
         values[":ran"] = {"N": str(max(0, ran_ms))}
     if ends:
-        update["UpdateExpression"] += " ADD active :minus"
+        update["UpdateExpression"] += " ADD active :minus" + (
+            f", {BATCH_ACTIVE} :minus" if batch_item else ""
+        )
         values[":minus"] = {"N": "-1"}
     if values:
         update["ExpressionAttributeValues"] = values
@@ -302,6 +324,8 @@ class ShareState:
 
     tenant_id: str
     active: int = 0
+    # Of `active`, the batches' items (none below 0: a share older than the count).
+    batch_active: int = 0
     # Per lane: job id -> when its current attempt was claimed (epoch ms).
     holders: dict[str, dict[str, int]] = field(default_factory=dict)
     # Per lane: the tier's default cap, as the last accept wrote it.
@@ -335,6 +359,7 @@ class ShareState:
         return cls(
             tenant_id=tenant_id,
             active=int(item.get("active", {}).get("N", 0)),
+            batch_active=max(0, int(item.get(BATCH_ACTIVE, {}).get("N", 0))),
             holders=maps[_HOLDERS_PREFIX],
             default_caps=caps[_CAP_PREFIX],
             max_concurrency=override(MAX_CONCURRENCY),
@@ -354,6 +379,20 @@ class ShareState:
         """Active jobs not holding a slot: the tenant's backlog, all lanes together."""
         return max(0, self.active - self.running)
 
+    @property
+    def batch_running(self) -> int:
+        return sum(len(jobs) for jobs in self.batch_holders.values())
+
+    @property
+    def batch_queued(self) -> int:
+        """The batches' items not holding a slot, all lanes together."""
+        return max(0, min(self.batch_active, self.active) - self.batch_running)
+
+    @property
+    def interactive_queued(self) -> int:
+        """The tenant's own jobs (not a batch's items) not holding a slot."""
+        return max(0, self.queued - self.batch_queued)
+
     def cap(self, lane: str) -> int | None:
         """The cap in force in `lane`: the operator's override, else the tier's default."""
         if self.max_concurrency is not None:
@@ -370,7 +409,7 @@ class ShareState:
         """The share as a batch item's deferral sees it: its batch slots and their cap."""
         return ShareState(
             tenant_id=self.tenant_id,
-            active=self.active,
+            active=self.batch_active if self.batch_active else self.active,
             holders=self.batch_holders,
             default_caps=self.default_batch_caps,
             max_concurrency=self.max_batch_concurrency,
@@ -403,12 +442,19 @@ def deferral_seconds(
     times as fast as slots free up, from the first second on, so a freed slot is taken soon,
     while each return that finds the cap still full is deferred again over what is left. A
     larger backlog or longer runs spread further; nothing spins. A batch's item refused by its
-    batch cap waits for one of its batch slots instead.
+    batch cap waits for one of its batch slots instead. The tenant's own job counts only the
+    tenant's own jobs as its backlog, and only the slots they hold as draining it: a batch's
+    items can never take the slots kept for them (`batches.interactive_reserve`), however many
+    wait.
     """
+    interactive = not batch_item
     if batch_item and len(state.batch_holders.get(lane, {})) >= (state.batch_cap(lane) or 0) > 0:
         state = state.of_batches()
     held = state.holders.get(lane, {})
     cap = max(1, len(held), state.cap(lane) or 1)
+    if interactive:
+        # (the slots a batch's items hold free for them, not for this job)
+        cap = max(1, cap - len(state.batch_holders.get(lane, {})))
     ages = [max(0, now_ms - started) for started in held.values()]
     ages = [age for age in ages if live_for_ms is None or age <= live_for_ms]
     if lane in state.last_runs:
@@ -423,7 +469,7 @@ def deferral_seconds(
     else:
         run_seconds = 1.0
     run_seconds = max(policy.min_deferral_seconds, run_seconds)
-    backlog = max(1, state.queued)
+    backlog = max(1, state.interactive_queued if interactive else state.queued)
     window = backlog * run_seconds / cap / policy.deferral_pressure
     delay = window * rng.random()
     return min(max(delay, policy.min_deferral_seconds), policy.max_deferral_seconds)

@@ -8,7 +8,9 @@ which settles the message by what the call raised (DESIGN §3.4, §3.5):
   redelivery is the retry schedule;
 - `PoisonMessage`: logged, its visibility set to the edge's poison delay, and reported
   failed. On a source queue the delay is 0: the receive count, not the clock, carries it to
-  the DLQ. On a DLQ it is the SQS maximum: it waits there for an operator;
+  the DLQ. On a lane DLQ the edge sets a copy aside in the poison queue and acknowledges it,
+  so it waits there, visible, for an operator, and nothing takes it again; if the copy
+  cannot be sent, it comes back after the poison delay to be set aside then;
 - anything else: logged by class and AWS code only (an exception's text can quote the
   payload) and reported failed; it comes back after the queue's visibility timeout.
 
@@ -61,6 +63,10 @@ class Visibility(Protocol):
     def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None: ...
 
 
+class SetAside(Protocol):
+    def __call__(self, body: str, *, source_arn: str, message_id: str, why: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class QueueEdge:
     # Built on first need, so a handler whose messages all succeed never creates the client.
@@ -68,6 +74,8 @@ class QueueEdge:
     # The job a body names, or None: logged with a failure, never the body itself.
     job_of: Callable[[str], str | None]
     poison_visibility_seconds: float = 0
+    # Where poison goes instead of coming back (`QueueRepository.set_aside_poison`), if anywhere.
+    set_aside: Callable[[], SetAside] | None = None
 
     @contextmanager
     def settling(self, record: QueueRecord) -> Iterator[None]:
@@ -77,6 +85,8 @@ class QueueEdge:
             self._delay(record, retry.delay_seconds)
             raise
         except PoisonMessage as exc:
+            if self._set_aside(record, str(exc)):
+                return
             logger.error(
                 "poison message",
                 extra={
@@ -110,6 +120,20 @@ class QueueEdge:
                 },
             )
             return False
+        return True
+
+    def _set_aside(self, record: QueueRecord, why: str) -> bool:
+        """True once a copy is in the poison queue: the record is then acknowledged (deleted)."""
+        if self.set_aside is None:
+            return False
+        try:
+            self.set_aside()(
+                record.body, source_arn=record.event_source_arn, message_id=record.message_id, why=why
+            )
+        except Exception as exc:
+            log_record_failure(exc, record.message_id, None)
+            return False
+        logger.error("poison message set aside", extra={"message_id": record.message_id, "why": why})
         return True
 
     def _delay(self, record: QueueRecord, seconds: float) -> None:

@@ -64,6 +64,9 @@ class MetricName(StrEnum):
     # A request that asked to wait was refused a long-poll place (llmq.long_polls): a tenant
     # at its max_long_polls, or their store busy.
     LONG_POLL_REFUSED = "LongPollRefused"
+    # The authorizer refused a request's API key (401). Lambda counts each refusal as an error
+    # (the refusal is an exception), so the authorizer's error alarm subtracts these.
+    AUTHENTICATION_REFUSED = "AuthenticationRefused"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -93,8 +96,9 @@ FAULT_METRICS = (
     MetricName.JOB_ENQUEUE_FAILED,
     MetricName.RECONCILE_ENTRY_FAILED,
 )
-# A tenant's limit at work, not a fault: the api's waits refused a place (service dimension only).
-LIMIT_METRICS = (MetricName.LONG_POLL_REFUSED,)
+# Refusals, not faults (service dimension only): the api's waits refused a place (a tenant's
+# limit at work), the authorizer refused a key.
+LIMIT_METRICS = (MetricName.LONG_POLL_REFUSED, MetricName.AUTHENTICATION_REFUSED)
 
 
 def fingerprint(text: str) -> str:

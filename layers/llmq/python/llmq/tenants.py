@@ -125,12 +125,19 @@ class TenantRepository:
         self._usage_keys = usage_keys
 
     def authenticate(self, api_key: str) -> TenantIdentity | None:
-        """One GetItem by hash. None for an unknown or revoked key."""
+        """One GetItem by hash. None for an unknown or revoked key.
+
+        A strongly consistent read: an eventually consistent one can miss a key issued a moment
+        ago (a client's first request after `tenants create` refused 401) or still see one just
+        revoked; API Gateway caches the answer for the authorizer's TTL either way, so it is one
+        read per key per TTL, at twice a weak read's units."""
         if not api_key or not api_key.isascii():
             # (no key llmq makes has anything else; a lone surrogate could not even be hashed)
             return None
         response = self._ddb.get_item(
-            TableName=self.table_name, Key={"pk": {"S": f"key#{hash_api_key(api_key)}"}}
+            TableName=self.table_name,
+            Key={"pk": {"S": f"key#{hash_api_key(api_key)}"}},
+            ConsistentRead=True,
         )
         item = response.get("Item")
         if not item or item.get("revoked", {}).get("BOOL", False):

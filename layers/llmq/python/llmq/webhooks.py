@@ -24,7 +24,7 @@ import hmac
 import random
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -320,8 +320,13 @@ class WebhookDispatcher:
         of an earlier round is still in flight."""
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
+        async with self._one_at_a_time(batch_id):
+            return await self._deliver_batch(batch_id, event)
+
+    async def _deliver_batch(self, batch_id: str, event: BatchEvent) -> DeliveryOutcome:
+        assert self._batches is not None
         batch = await asyncio.to_thread(self._batches.find, batch_id)
-        reason = _why_not_deliver_batch(batch, event)
+        reason = _why_not_deliver_batch(batch, event, self._clock())
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
         early = self._due_in(batch.delivery_next_ms)
@@ -361,6 +366,7 @@ class WebhookDispatcher:
             self._logged(outcome),
             due,
             batch.delivery_log_seq,
+            batch.expires_at,
         ):
             return await self._after_a_batch_copy_counted(batch_id)
         return outcome
@@ -399,26 +405,32 @@ class WebhookDispatcher:
             return await self.deliver_batch(message.job_id, event)
         if event not in TERMINAL_EVENTS:
             return await self._deliver(message, attempt, first_receive, first_receive, message_id)
-        # Copies of one job's terminal event in this environment (one batch of records) go one
-        # at a time, and a copy that waited reads what the one before it recorded: otherwise
-        # both would POST the same attempt. Copies in other environments still can (webhooks
-        # are at least once, under one webhook-id), which the conditional record settles.
+        async with self._one_at_a_time(message.job_id) as behind_a_copy:
+            return await self._deliver(
+                message, attempt, first_receive, first_receive and not behind_a_copy, message_id
+            )
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, subject: str) -> AsyncIterator[bool]:
+        """Copies of one job's terminal event, or of one batch's event, in this environment (one
+        batch of records) go one at a time, and a copy that waited reads what the one before it
+        recorded: otherwise both would POST the same attempt. Copies in other environments
+        still can (webhooks are at least once, under one webhook-id), which the conditional
+        record settles. Yields whether this copy came behind another."""
         locks = self._delivery_locks.setdefault(asyncio.get_running_loop(), {})
-        lock, users = locks.get(message.job_id, (asyncio.Lock(), 0))
+        lock, users = locks.get(subject, (asyncio.Lock(), 0))
         # Powertools keeps one event loop per warm environment: an entry lives while it is used.
-        locks[message.job_id] = (lock, users + 1)
+        locks[subject] = (lock, users + 1)
         behind_a_copy = lock.locked()
         try:
             async with lock:
-                return await self._deliver(
-                    message, attempt, first_receive, first_receive and not behind_a_copy, message_id
-                )
+                yield behind_a_copy
         finally:
-            lock, users = locks[message.job_id]
+            lock, users = locks[subject]
             if users == 1:
-                del locks[message.job_id]
+                del locks[subject]
             else:
-                locks[message.job_id] = (lock, users - 1)
+                locks[subject] = (lock, users - 1)
 
     async def _deliver(
         self,
@@ -842,9 +854,15 @@ def _observe(message: WebhookMessage, outcome: DeliveryOutcome) -> None:
             "reason": outcome.reason,
         },
     )
+    if message.event in _COURTESY_EVENTS:
+        # job.started and job.output are tried briefly and given up without harm (the terminal
+        # event carries the result): counted, a streaming tenant's slow receiver would page the
+        # operator through WebhooksFailing, which means integrators losing results.
+        return
     metrics.add_metric(name=_OUTCOME_METRICS[outcome.kind], unit=MetricUnit.Count, value=1)
 
 
+_COURTESY_EVENTS = frozenset({WebhookEvent.STARTED, WebhookEvent.OUTPUT})
 _RECORDED_STATUS = {
     OutcomeKind.DELIVERED: DeliveryStatus.DELIVERED,
     OutcomeKind.DISABLED: DeliveryStatus.DISABLED,
@@ -853,8 +871,9 @@ _RECORDED_STATUS = {
 }
 
 
-def _why_not_deliver_batch(batch: BatchRecord | None, event: BatchEvent) -> str:
-    if batch is None:
+def _why_not_deliver_batch(batch: BatchRecord | None, event: BatchEvent, now_s: float) -> str:
+    if batch is None or batch.expires_at <= now_s:
+        # (past its retention it is gone, as GET answers, whenever DynamoDB's TTL deletes it)
         return "the batch no longer exists"
     if not batch.wants(event):
         return "the batch does not subscribe to this event"
