@@ -232,5 +232,7 @@ class LlmqClient:
             response = self._http.get(f"{self.base_url}/v1/batches/{batch_id}/results", params=params)
             if response.status_code >= 400:
                 raise ApiError(response.status_code, response.json() if response.content else None)
-            yield from (line for line in response.text.splitlines() if line)
+            # JSON Lines end at "\n" only: a result may hold U+2028, U+2029 or U+0085 raw,
+            # which str.splitlines() would also split on.
+            yield from (line.removesuffix("\r") for line in response.text.split("\n") if line.strip())
             cursor = response.headers.get("llmq-next-cursor")

@@ -442,7 +442,10 @@ def read_batch_file(path: Path) -> list[dict[str, Any]]:
     """A JSONL file of requests, one `{"custom_id", "body"}` per line (blank lines skipped). A
     line that is not JSON is named here; the API names what is wrong inside a valid one."""
     requests = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # As the API reads an upload: a BOM is ignored, and lines end at "\n" (or "\r\n") only,
+    # so a prompt holding U+2028, U+2029 or U+0085 raw (`ensure_ascii=False`) stays whole.
+    text = path.read_text(encoding="utf-8-sig")
+    for number, line in enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1):
         if not line.strip():
             continue
         try:

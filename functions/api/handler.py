@@ -596,9 +596,10 @@ def handle_job_events(
     ] = None,
 ) -> Response[Any]:
     tenant = _tenant()
-    if finished_reading(last_event_id):
+    if finished_reading(last_event_id) and intake().get(tenant, job_id).status.is_terminal:
         # The client read `done`: 204 is how the SSE standard stops EventSource reconnecting.
-        intake().get(tenant, job_id)
+        # (Only for a job that has ended: an id carried over from another job's stream must
+        # not stop this one's for good. Otherwise the stream starts from its beginning.)
         return Response(status_code=204, body="", headers={"Cache-Control": "no-cache"})
     try:
         body = intake().output_events(

@@ -223,6 +223,11 @@ def test_a_batchs_items_are_active_jobs_until_they_end_and_the_quota_refuses_a_b
     assert int(refused.headers["retry-after"]) >= 1
     assert shares.get(FREE["tenant_id"]).active == 3
     assert harness.total_count(harness.stack.lane_queue_urls["low"]) == 1  # the first batch's expand
+    # A batch larger than the whole quota could never be admitted: a 422, not a 429 to retry
+    whole = _submit(harness, tenant=FREE, requests=_requests(6, prefix="whole"))
+    assert (whole.status, whole.code) == (422, "batch_exceeds_quota")
+    assert "retry-after" not in whole.headers
+    assert shares.get(FREE["tenant_id"]).active == 3
     # When the first batch has run, its items are no longer active
     _run_lane(harness, lane="low")
     assert _stored(harness, first.body["id"]).status is BatchStatus.COMPLETED
@@ -536,6 +541,28 @@ def test_a_canceled_batch_runs_no_queued_item_and_ends_canceled_with_its_counts(
     assert {line["status"] for line in lines} == {"canceled"}
     again = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
     assert (again.status, again.code) == (409, "batch_not_cancelable")
+
+
+def test_a_cancel_or_a_submit_that_meets_a_claim_on_the_same_item_is_tried_again_not_answered_503(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a busy tenant: every claim of an item checks its batch in a transaction, and every
+    # claim and end of the tenant's jobs writes its share item, so a write may meet one
+    # (TransactionConflict, which botocore does not retry)
+    faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.TransactWriteItems", function="api")
+    # When a batch's put meets one, it is tried again
+    reply = _submit(harness, requests=_requests(3))
+    assert reply.status == 202, reply.body
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))
+    # And so is a cancel that meets one on the batch
+    faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.UpdateItem", function="api")
+    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    assert (canceled.status, canceled.body["status"]) == (202, "canceling")
+    assert [fired.fault.operation for fired in faults.fired] == [
+        "dynamodb.TransactWriteItems",
+        "dynamodb.UpdateItem",
+    ]
 
 
 def test_a_batch_canceled_before_its_expansion_writes_no_item(

@@ -102,6 +102,18 @@ def test_a_job_without_stream_gets_status_and_done_and_another_tenant_gets_404(h
         "GET", f"/v1/jobs/{job_id}/events", tenant=FREE, headers={"Last-Event-ID": "done"}
     )
     assert foreign_after.status == 404
+    # And a `done` carried over from another job's stream does not end one still queued: its
+    # stream starts from the beginning
+    queued = harness.submit(prompt="still queued").body["id"]
+    carried = harness.api(
+        "GET",
+        f"/v1/jobs/{queued}/events",
+        tenant=ENTERPRISE,
+        headers={"Last-Event-ID": "done"},
+        query={"wait": "0"},
+    )
+    assert carried.status == 200
+    assert [event for event, _, _ in _events(str(carried.body))][:1] == ["status"]
 
 
 def test_a_provider_that_does_not_stream_gives_a_streaming_job_its_output_at_the_end(

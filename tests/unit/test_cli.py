@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import llmq_cli.client
+from llmq_cli.client import LlmqClient as RealClient
 from llmq_cli.main import build_parser, main
 
 LONG_ID = "job_01JDQ8Z6W4M2X9V7K3N5P8R2T4"
@@ -156,3 +158,36 @@ def test_an_empty_batch_file_is_refused_before_anything_is_sent(tmp_path, capsys
     empty.write_bytes(b"")
     assert main(["batches", "submit", "--upload", str(empty), *API]) != 0
     assert "is empty" in capsys.readouterr().err
+
+
+def test_a_batch_file_is_read_as_the_api_reads_an_upload(tmp_path: Path) -> None:
+    """A BOM is ignored and lines end at "\\n" only: a prompt written raw with U+2028, U+2029 or
+    U+0085 (json.dumps(..., ensure_ascii=False)) stays one line, as the API's upload reader keeps it."""
+    from llmq_cli.main import read_batch_file
+
+    rows = [
+        {"custom_id": f"r{n}", "body": {"prompt": f"one{mark}two"}}
+        for n, mark in enumerate("\u2028\u2029\u0085")
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "\ufeff" + "\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\r\n", encoding="utf-8"
+    )
+    assert read_batch_file(path) == rows
+
+
+def test_batch_results_lines_are_split_at_newlines_only() -> None:
+    """A results page is JSON Lines; an output may hold U+2028 raw, which is not a line end."""
+    import httpx
+
+    lines = [
+        json.dumps({"custom_id": "a", "result": {"output": "one\u2028two\u0085three"}}, ensure_ascii=False),
+        '{"custom_id":"b"}',
+    ]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="\n".join(lines) + "\n")
+
+    client = RealClient("http://127.0.0.1:9", "llmq_sk_test")  # (the fixture patches the module's)
+    client._http = httpx.Client(transport=httpx.MockTransport(answer))
+    assert list(client.batch_results("bat_1")) == lines

@@ -19,6 +19,7 @@ from llmq.batch_runs import encode_requests, settle
 from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, over_quota, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import (
+    BatchExceedsQuota,
     BatchNotCancelable,
     BatchNotEnded,
     IdempotencyConflict,
@@ -172,6 +173,11 @@ class BatchIntake:
             stored = self._under_key(batch_id, idempotency_key, now_ms)
             if stored is not None:
                 return self._replayed(stored, tenant, record), True
+            if record.total > limit:
+                raise BatchExceedsQuota(
+                    f"this batch has {record.total} requests and this tenant may have at most {limit} "
+                    "jobs queued or running: split it into batches of at most that many"
+                )
             raise over_quota(state, record.total, default_max_active, self.config)
         if request.requests is not None:
             self.payloads.put(record.requests_ref, encode_requests(request.requests))

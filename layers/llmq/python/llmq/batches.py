@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -413,7 +414,9 @@ class BatchRepository:
             else []
         )
         try:
-            self._ddb.transact_write_items(TransactItems=[put, *share])
+            # (the share item is in every claim and end of the tenant's jobs: a busy tenant's
+            # put may meet one of them, and is tried again, as a job's is)
+            _transact_through_conflicts(self._ddb, [put, *share])
         except ClientError as exc:
             reasons = _reasons(exc)
             if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
@@ -912,21 +915,34 @@ class BatchRepository:
         if finalizing:
             statuses.append(BatchStatus.FINALIZING)
         status_in, named = _status_in(statuses)
-        try:
-            response = self._ddb.update_item(
-                TableName=self.table_name,
-                Key=batch_key(batch_id),
-                UpdateExpression=expression,
-                ConditionExpression=status_in + (f" AND {condition}" if condition else ""),
-                ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues=codec.values(**values, **named),
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if codec.condition_failed(exc):
-                return None
-            raise
-        return _from_item(response["Attributes"])
+        for attempt in range(_CHUNK_TRIES):
+            try:
+                response = self._ddb.update_item(
+                    TableName=self.table_name,
+                    Key=batch_key(batch_id),
+                    UpdateExpression=expression,
+                    ConditionExpression=status_in + (f" AND {condition}" if condition else ""),
+                    ExpressionAttributeNames={"#st": "status"},
+                    ExpressionAttributeValues=codec.values(**values, **named),
+                    ReturnValues="ALL_NEW",
+                )
+                return _from_item(response["Attributes"])
+            except ClientError as exc:
+                if codec.condition_failed(exc):
+                    return None
+                raise
+            except StoreUnavailable as exc:
+                # Every claim of an item checks the batch in its transaction (`not_canceled`):
+                # a write that meets one (TransactionConflictException, which botocore does not
+                # retry) is tried again after a pause, rather than answered 503.
+                cause = getattr(exc.__cause__, "response", None) or {}
+                if (
+                    cause.get("Error", {}).get("Code") != "TransactionConflictException"
+                    or attempt + 1 == _CHUNK_TRIES
+                ):
+                    raise
+                _conflict_pause(attempt)
+        return None
 
     def mark_redelivery(self, batch: BatchRecord) -> BatchRecord:
         """Redelivery: the ended batch's event goes out again, a new round of attempts under the
@@ -1127,6 +1143,27 @@ def _reasons(exc: ClientError) -> list[dict[str, Any]]:
 
 
 _CHUNK_TRIES = 4
+
+
+def _conflict_pause(attempt: int) -> None:
+    time.sleep(_CONFLICT_PAUSE_SECONDS * (1 + random.random()) * (attempt + 1))
+
+
+def _transact_through_conflicts(ddb: Any, items: list[dict[str, Any]]) -> None:
+    """One TransactWriteItems, tried again a few times when canceled only by a conflict or a
+    throttle (nothing was applied); the last refusal is raised as DynamoDB gave it."""
+    for attempt in range(_CHUNK_TRIES):
+        try:
+            ddb.transact_write_items(TransactItems=items)
+            return
+        except ClientError as exc:
+            codes = {reason.get("Code") for reason in _reasons(exc)} - {None, "None"}
+            if not codes or not codes <= codec.RETRYABLE_TRANSACTION_REASONS or attempt + 1 == _CHUNK_TRIES:
+                raise
+            _conflict_pause(attempt)
+
+
+_CONFLICT_PAUSE_SECONDS = 0.05
 
 
 def _raise_retryable(exc: ClientError, what: str) -> None:

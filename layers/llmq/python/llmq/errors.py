@@ -189,6 +189,15 @@ class QuotaExceeded(DomainError):
     status = 429
 
 
+class BatchExceedsQuota(DomainError):
+    """A batch with more requests than the tenant may have active at all: no wait would let it
+    in, so it is not a 429 (whose Retry-After a client would obey for ever). Nothing was written."""
+
+    code = "batch_exceeds_quota"
+    title = "The batch has more requests than your max_active_jobs; split it"
+    status = 422
+
+
 class TooManyLongPolls(DomainError):
     """The tenant has `max_long_polls` requests waiting already (llmq.long_polls): nothing waited."""
 
