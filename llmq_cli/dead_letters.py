@@ -150,15 +150,27 @@ def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None
     return moved
 
 
-def peek(sqs: Any, url: str, count: int) -> list[str]:
-    """Bodies of up to `count` visible dead letters; they become visible again at once."""
+def peek(sqs: Any, url: str, count: int) -> list[str | dict[str, str]]:
+    """Bodies of up to `count` visible dead letters; they become visible again at once. A
+    message set aside in the poison queue comes with its notes (`llmq-source`,
+    `llmq-message-id`, `llmq-why`): `{"body": ..., "llmq-...": ...}`."""
     messages = sqs.receive_message(
         QueueUrl=url,
         MaxNumberOfMessages=max(1, min(10, count)),
         WaitTimeSeconds=_LONG_POLL_SECONDS,
         VisibilityTimeout=0,
+        MessageAttributeNames=["All"],
     ).get("Messages", [])
-    return [shown_body(str(message["Body"])) for message in messages]
+    shown: list[str | dict[str, str]] = []
+    for message in messages:
+        body = shown_body(str(message["Body"]))
+        notes = {
+            name: str(value.get("StringValue", ""))
+            for name, value in (message.get("MessageAttributes") or {}).items()
+            if name.startswith("llmq-")
+        }
+        shown.append({"body": body, **notes} if notes else body)
+    return shown
 
 
 def shown_body(body: str) -> str:

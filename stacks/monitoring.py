@@ -290,16 +290,11 @@ class MonitoringConstruct(Construct):
             errors: cloudwatch.IMetric = function.metric_errors(period=FIVE_MINUTES, statistic="Sum")
             if name == "authorizer":
                 # A refused key is an error to Lambda (the authorizer raises "Unauthorized" for
-                # API Gateway's 401): one wrong key would page. The refusals are subtracted.
-                errors = cloudwatch.MathExpression(
-                    expression="FILL(errors, 0) - FILL(refused, 0)",
-                    using_metrics={
-                        "errors": errors,
-                        "refused": llmq_metric(MetricName.AUTHENTICATION_REFUSED, "Sum", labelled=False),
-                    },
-                    period=FIVE_MINUTES,
-                    label="authorizer errors other than refused keys",
-                )
+                # API Gateway's 401): one wrong key would page. Its own count of the other
+                # failures is the alarm (subtracting the refusals from Errors would page on a
+                # refusal whose two data points fall in different periods); a timeout or a crash
+                # is an API Gateway 5XX (Api5xx).
+                errors = llmq_metric(MetricName.AUTHORIZER_FAILED, "Sum", labelled=False)
             self._alarm(
                 f"{pascal(name)}Errors",
                 errors,
@@ -453,10 +448,11 @@ class MonitoringConstruct(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the "
-                "reconciler, what the reconciler could not settle)",
+                "reconciler, what the reconciler could not settle, authorizer failures)",
                 left=[
                     llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum"),
                     llmq_metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum"),
+                    llmq_metric(MetricName.AUTHORIZER_FAILED, "Sum"),
                 ]
                 + [llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names]
                 + [llmq_metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names],

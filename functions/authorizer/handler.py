@@ -1,7 +1,8 @@
 """REQUEST authorizer: the Bearer API key becomes the tenant id and tier in the context.
 
 API Gateway answers 401 when this function raises "Unauthorized" (counted as
-`AuthenticationRefused`, so that the error alarm sees only real failures). The policy allows every
+`AuthenticationRefused`); any other failure counts as `AuthorizerFailed`, which the error
+alarm watches, since Lambda counts every refusal as an error too. The policy allows every
 route of the API so that a cached decision holds for all of them. It also returns the
 tenant's usage plan key as usageIdentifierKey (the API's key source is AUTHORIZER): API
 Gateway throttles the tenant on that key's usage plan, and refuses with 403 a method that
@@ -50,10 +51,15 @@ def bearer_token(authorization: str | None) -> str | None:
 def handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> dict[str, Any]:
     headers = {key.lower(): value for key, value in (event.headers or {}).items()}
     token = bearer_token(headers.get("authorization"))
-    identity = tenants().authenticate(token) if token else None
+    try:
+        identity = tenants().authenticate(token) if token else None
+    except Exception:
+        # Not a refusal: the error alarm's count (a refused key is an error to Lambda too).
+        emit_count(MetricName.AUTHORIZER_FAILED)
+        raise
     if identity is None:
         logger.info("authentication refused", extra={"has_token": token is not None})
-        # Lambda counts the refusal as an error; the error alarm subtracts this count.
+        # (Lambda counts the refusal as an error: the error alarm is on AuthorizerFailed instead.)
         emit_count(MetricName.AUTHENTICATION_REFUSED)
         # The exact message API Gateway maps to 401.
         raise Exception("Unauthorized")

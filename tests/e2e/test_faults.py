@@ -411,7 +411,10 @@ def test_poison_goes_to_the_dlq_and_its_batchmates_succeed(
     assert listed.returncode == 0, listed.stderr
     (entry,) = json.loads(listed.stdout)
     assert (entry["visible"], entry["redrives_to"]) == (len(poison), None)
-    assert sorted(entry["peek"]) == sorted([NOT_JSON, lane_message(UNKNOWN_JOB, "high")])
+    assert sorted(item["body"] for item in entry["peek"]) == sorted(
+        [NOT_JSON, lane_message(UNKNOWN_JOB, "high")]
+    )
+    assert all(item["llmq-why"] and item["llmq-message-id"] in poison for item in entry["peek"])
     refused = run_llmq(sandbox.directory, "dlq", "redrive", "--queue", "poison")
     assert refused.returncode == 1 and "not redriven" in refused.stderr, refused
     settle(2)

@@ -58,23 +58,23 @@ def test_a_missing_malformed_or_unknown_key_is_unauthorized(authorizer, header: 
         authorizer.handler(_event(header), LambdaContextStub())
 
 
-def _refusals_counted(stdout: str) -> int:
-    """AuthenticationRefused counts in the EMF lines printed (what CloudWatch would record)."""
+def _counted(stdout: str, name: MetricName = MetricName.AUTHENTICATION_REFUSED) -> int:
+    """`name`'s counts in the EMF lines printed (what CloudWatch would record)."""
     count = 0
     for line in stdout.splitlines():
         if not line.startswith("{"):
             continue
         record = json.loads(line)
         for directive in record.get("_aws", {}).get("CloudWatchMetrics", []):
-            if any(metric["Name"] == MetricName.AUTHENTICATION_REFUSED for metric in directive["Metrics"]):
+            if any(metric["Name"] == name for metric in directive["Metrics"]):
                 assert directive["Namespace"] == METRICS_NAMESPACE
                 assert record["service"] == SERVICE_NAME
-                value = record[MetricName.AUTHENTICATION_REFUSED]
+                value = record[name]
                 count += int(sum(value) if isinstance(value, list) else value)
     return count
 
 
-def test_each_refused_key_is_counted_so_the_error_alarm_can_leave_it_out(
+def test_refused_keys_and_failures_are_counted_apart_for_the_error_alarm(
     authorizer, moto_stack: MotoStack, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
@@ -85,10 +85,11 @@ def test_each_refused_key_is_counted_so_the_error_alarm_can_leave_it_out(
         with pytest.raises(Exception, match=r"^Unauthorized$"):
             authorizer.handler(_event(header), LambdaContextStub())
     authorizer.handler(_event(f"Bearer {created.api_key}"), LambdaContextStub())
-    # Then two refusals were counted
-    assert _refusals_counted(capsys.readouterr().out) == 2
-    # And a failure that is not a refusal (the tenants table throttled) is not counted: the
-    # alarm sees it
+    # Then two refusals were counted, and no failure
+    printed = capsys.readouterr().out
+    assert (_counted(printed), _counted(printed, MetricName.AUTHORIZER_FAILED)) == (2, 0)
+    # And a failure that is not a refusal (the tenants table throttled) counts as a failure,
+    # which the alarm watches, not as a refusal
     faults = AwsFaults()
     try:
         faults.arm(FaultKind.THROTTLE, "dynamodb.GetItem", times=10)
@@ -97,7 +98,8 @@ def test_each_refused_key_is_counted_so_the_error_alarm_can_leave_it_out(
         assert faults.fired
     finally:
         faults.disarm()
-    assert _refusals_counted(capsys.readouterr().out) == 0
+    printed = capsys.readouterr().out
+    assert (_counted(printed), _counted(printed, MetricName.AUTHORIZER_FAILED)) == (0, 1)
 
 
 def test_the_key_is_read_strongly_consistent(authorizer, moto_stack: MotoStack) -> None:

@@ -651,3 +651,35 @@ def test_an_operators_cap_is_whole_for_batches_in_a_lane_of_their_own(
     outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(5)]
     # Then four run at once, the whole cap, and the fifth waits
     assert outcomes == [ClaimOutcome.CLAIMED] * 4 + [ClaimOutcome.AT_CAP]
+
+
+def test_batches_in_the_tenants_own_lane_keep_its_reserve_when_that_lane_is_the_batch_lane(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane of batches is some tier's own lane too: there a tenant's own jobs still run,
+    and its batch items stay below the batch cap, leaving them the reserve."""
+    from llmq.batches import item_job_id
+
+    harness = Harness(moto_stack, integration_config(provider, batches={"lane": "low"}), monkeypatch)
+    # Given a free-tier tenant (whose own lane is the batch lane) capped at 4 by an operator
+    _shares(harness).set_limits(
+        FREE["tenant_id"], max_concurrency=4, reserve=harness.config.batches.interactive_reserve
+    )
+    batch = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
+        tenant=FREE,
+    )
+    assert batch.status == 202
+    url = harness.stack.lane_queue_urls["low"]
+    harness.run_worker(
+        url, [m for m in harness.receive(url) if json.loads(m["Body"]).get("kind") == "expand"]
+    )
+    # When workers claim its items, and then a job of its own
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(4)]
+    own = harness.submit(tenant=FREE, key="own-job").body["id"]
+    # Then three items run (the batch cap), and the tenant's own job takes the slot kept for it
+    assert outcomes == [ClaimOutcome.CLAIMED] * 3 + [ClaimOutcome.AT_CAP]
+    assert jobs.claim(own, "w-own", 3600).outcome is ClaimOutcome.CLAIMED

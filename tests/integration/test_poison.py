@@ -103,3 +103,19 @@ def test_poison_that_cannot_be_set_aside_stays_in_its_dlq_and_is_set_aside_later
     answer = dead_letter.handler(harness.sqs_event(dlq, letters), LambdaContextStub())
     assert answer["batchItemFailures"] == []
     assert [message["Body"] for message in _poison(harness)] == [NOT_JSON]
+
+
+def test_the_operators_peek_shows_each_poison_messages_notes(harness: Harness) -> None:
+    from llmq_cli.dead_letters import peek
+
+    letters = _letters(harness, [NOT_JSON])
+    dlq = harness.stack.lane_dlq_urls["high"]
+    assert load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub()) == {
+        "batchItemFailures": []
+    }
+    (shown,) = peek(harness.sqs, harness.stack.poison_queue_url, 5)
+    assert isinstance(shown, dict)
+    assert (shown["body"], shown["llmq-message-id"]) == (NOT_JSON, letters[0]["MessageId"])
+    assert shown["llmq-why"] == "the message is not a lane message"
+    # (peeking leaves it there, visible)
+    assert harness.visible_count(harness.stack.poison_queue_url) == 1

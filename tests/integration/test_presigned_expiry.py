@@ -113,7 +113,8 @@ def _signer_client(moto: Moto, credentials: AwsCredentials, monkeypatch: pytest.
 
 
 def _served(url: str) -> httpx.Response:
-    return httpx.get(url)
+    # (httpx's default 5 s is too short for a moto server on a busy 2-core machine)
+    return httpx.get(url, timeout=30)
 
 
 def _s3_error_code(response: httpx.Response) -> str:
@@ -239,7 +240,7 @@ def test_an_upload_url_takes_a_put_of_the_size_it_was_signed_for_and_nothing_els
         assert (refused.status_code, _s3_error_code(refused)) == (403, "SignatureDoesNotMatch")
         assert store.stat(key) is None
     # And the URL is good for that PUT only: not a GET, not with its query changed
-    assert httpx.get(url).status_code == 403
+    assert _served(url).status_code == 403
     assert httpx.put(url.replace("upl_signed", "upl_other"), content=data).status_code == 403
     # Nor without its signature (or any other of its query's parameters), nor with an x-amz-*
     # header it did not sign, nor as a chunked body whose length it cannot check

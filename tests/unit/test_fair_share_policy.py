@@ -150,6 +150,30 @@ def test_a_tenants_own_job_does_not_wait_behind_its_batchs_backlog() -> None:
     assert waits(400) < 120
 
 
+def test_a_batch_items_deferral_does_not_read_the_batch_count_which_may_under_count() -> None:
+    """`batch_active` under-counts for good on a share that had items in flight when it was
+    introduced: a batch item's deferral must not shrink with it (every item would claim again
+    every few seconds)."""
+    holders = {f"job_b{n}": NOW - 60_000 for n in range(3)}
+
+    def waits(batch_active: int) -> float:
+        rng = random.Random(5)
+        state = ShareState(
+            tenant_id="ten_a",
+            active=3 + 25,
+            batch_active=batch_active,
+            holders={"high": holders},
+            default_caps={"high": 4},
+            batch_holders={"high": holders},
+            default_batch_caps={"high": 3},
+        )
+        return statistics.median(
+            deferral_seconds(state, "high", NOW, POLICY, rng, batch_item=True) for _ in range(400)
+        )
+
+    assert waits(5) == waits(28)
+
+
 def test_a_longer_backlog_waits_longer() -> None:
     rng = random.Random(1)
     short = [deferral_seconds(_state([10, 20, 30, 40], 8), "high", NOW, POLICY, rng) for _ in range(200)]

@@ -408,6 +408,7 @@ class BatchRepository:
                     record.total,
                     state,
                     default_max_active,
+                    whole_lane=self._not_its_own_lane(record),
                 )
             ]
             if record.validated
@@ -435,6 +436,10 @@ class BatchRepository:
             _raise_retryable(exc, "the batch's put")
             raise
         return record, False
+
+    def _not_its_own_lane(self, batch: BatchRecord) -> bool:
+        """The batch runs in a lane of batches (`batches.lane`) that is not its tenant's own."""
+        return batch.tier is not None and batch.lane != self.config.lane_for_tier(batch.tier).name
 
     # ---- read ---------------------------------------------------------------------------
 
@@ -719,7 +724,14 @@ class BatchRepository:
             }
         }
         admit = shares.admit_many(
-            self.table_name, batch.tenant_id, batch.lane, caps, total, state, default_max_active
+            self.table_name,
+            batch.tenant_id,
+            batch.lane,
+            caps,
+            total,
+            state,
+            default_max_active,
+            whole_lane=self._not_its_own_lane(batch),
         )
         try:
             self._ddb.transact_write_items(TransactItems=[update, admit])

@@ -455,15 +455,7 @@ class JobRepository:
         item_of = batches.batch_of(job_id)
         items = [
             update,
-            shares.hold(
-                self.table_name,
-                tenant_id,
-                lane,
-                job_id,
-                now,
-                batch_item=item_of is not None,
-                batch_lane=lane == self.config.batches.lane,
-            ),
+            shares.hold(self.table_name, tenant_id, lane, job_id, now, batch_item=item_of is not None),
         ]
         if item_of is not None:
             # A batch's item is claimed only while its batch is not canceling: no extra call.

@@ -18,8 +18,10 @@ under crashes, duplicate messages and retried writes (DESIGN §3.11).
 `batch_active` counts the batches' items among the active jobs (written with `active` by a
 batch's accept, its release and each item's end), so that a refused interactive job's deferral
 reckons with the interactive backlog alone, not with a batch's thousands of items that can
-never take its reserved slots (`deferral_seconds`). A share written before it existed reads
-it as 0 until its items end, which only lengthens deferrals as before.
+never take its reserved slots (`deferral_seconds`). On a share that had items in flight when
+it was introduced, their ends take it below the true count (for good: ADD has no floor); it is
+read at 0 or more and at most `active`, so an under-count only lengthens the tenant's own jobs'
+deferrals, as before it existed, and batch items' deferrals never read it.
 
 The tier defaults come from LlmqConfig and each accept writes them; an operator's per-tenant
 overrides (`llmq tenants set-limits`) live on the same item and win. The item has no
@@ -36,6 +38,8 @@ from llmq.config import FairShareConfig, batch_cap
 from llmq.long_polls import POLLS_PREFIX
 
 SHARE_PREFIX = "share#"
+# A lane where the tenant's batch items take its whole cap (not its own lane: `hold`).
+_WHOLE_PREFIX = "wholeb_"
 BATCH_ACTIVE = "batch_active"
 _HOLDERS_PREFIX = "run_"
 _CAP_PREFIX = "cap_"
@@ -121,12 +125,16 @@ def admit_many(
     count: int,
     state: ShareState,
     default_max_active: int,
+    *,
+    whole_lane: bool = False,
 ) -> dict[str, Any]:
     """A batch's accept: `count` more active jobs at once, unless that passes the tenant's quota.
 
     DynamoDB's conditions have no arithmetic, so the quota in force is read first (`state`)
     and the condition holds it still: the active count at most the quota less `count`, and the
     operator's override as read. A refusal is the quota's (or a race with its override).
+    `whole_lane`: `lane` is not the tenant's own (`batches.lane`), so its items there take the
+    whole cap (`hold`).
     """
     limit = state.max_active_jobs or default_max_active
     override = "attribute_not_exists(#max)" if state.max_active_jobs is None else "#max = :limit"
@@ -139,13 +147,19 @@ def admit_many(
     }
     if state.max_active_jobs is not None:
         values[":limit"] = {"N": str(limit)}
+    names = _accept_names(lane)
+    sets = _ACCEPT_SETS
+    if whole_lane:
+        names["#whole"] = _WHOLE_PREFIX + lane
+        sets += ", #whole = :true"
+        values[":true"] = {"BOOL": True}
     return {
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :count, {BATCH_ACTIVE} :count",
+            "UpdateExpression": f"SET {sets} ADD active :count, {BATCH_ACTIVE} :count",
             "ConditionExpression": f"(attribute_not_exists(active) OR active <= :threshold) AND {override}",
-            "ExpressionAttributeNames": _accept_names(lane),
+            "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
@@ -177,41 +191,32 @@ def _below(holders: str, override: str, default: str) -> str:
 
 
 def hold(
-    table: str,
-    tenant_id: str,
-    lane: str,
-    job_id: str,
-    now_ms: int,
-    *,
-    batch_item: bool = False,
-    batch_lane: bool = False,
+    table: str, tenant_id: str, lane: str, job_id: str, now_ms: int, *, batch_item: bool = False
 ) -> dict[str, Any]:
     """Claim: the job takes one of the tenant's slots in the lane, unless they are all held;
-    a batch's item also one of its batch slots, unless they are all held. In the lane of
-    batches only (`batch_lane`, `batches.lane`), no slot is kept for the tenant's own jobs,
-    which never run there: an item takes any of the tenant's slots, under an operator's cap
-    as under the tier's.
+    a batch's item also one of its batch slots, unless they are all held. In a lane that is
+    not the tenant's own (`batches.lane`), where none of its own jobs runs, a batch's accept
+    marked the lane whole (`admit_many`): no slot is kept there for the tenant's own jobs, and
+    an item takes any of its slots, under an operator's cap as under the tier's.
 
     A job already holding one (a takeover of its own expired lease) keeps it.
     """
     names = {"#h": holders_of(lane), "#job": job_id, "#max": MAX_CONCURRENCY, "#cap": _CAP_PREFIX + lane}
     expression, condition = "SET #h.#job = :now", _below("#h", "#max", "#cap")
-    if batch_item and batch_lane:
-        names["#bh"] = batch_holders_of(lane)
-        expression += ", #bh.#job = :now"
-    elif batch_item:
+    if batch_item:
         names |= {
             "#bh": batch_holders_of(lane),
             "#bmax": MAX_BATCH_CONCURRENCY,
             "#bcap": _BATCH_CAP_PREFIX + lane,
+            "#whole": _WHOLE_PREFIX + lane,
         }
         expression += ", #bh.#job = :now"
         # (an operator's cap set before batch caps existed has none: refused until
         # `repair_batch_slots` writes it, rather than held to the tier's default)
         condition += (
-            " AND "
+            " AND (attribute_exists(#whole) OR ("
             + _below("#bh", "#bmax", "#bcap")
-            + " AND (attribute_not_exists(#max) OR attribute_exists(#bmax))"
+            + " AND (attribute_not_exists(#max) OR attribute_exists(#bmax))))"
         )
     return {
         "Update": {
@@ -409,7 +414,9 @@ class ShareState:
         """The share as a batch item's deferral sees it: its batch slots and their cap."""
         return ShareState(
             tenant_id=self.tenant_id,
-            active=self.batch_active if self.batch_active else self.active,
+            # (all the tenant's active jobs: an over-estimate of the batches' backlog, which only
+            # lengthens their deferrals; `batch_active` may under-count on a share older than it)
+            active=self.active,
             holders=self.batch_holders,
             default_caps=self.default_batch_caps,
             max_concurrency=self.max_batch_concurrency,

@@ -64,9 +64,12 @@ class MetricName(StrEnum):
     # A request that asked to wait was refused a long-poll place (llmq.long_polls): a tenant
     # at its max_long_polls, or their store busy.
     LONG_POLL_REFUSED = "LongPollRefused"
-    # The authorizer refused a request's API key (401). Lambda counts each refusal as an error
-    # (the refusal is an exception), so the authorizer's error alarm subtracts these.
+    # The authorizer refused a request's API key (401): Lambda counts each refusal as an error
+    # (the refusal is an exception), so the authorizer's error alarm is on AuthorizerFailed.
     AUTHENTICATION_REFUSED = "AuthenticationRefused"
+    # The authorizer failed for any other reason (its store unavailable, a bug): the 500 API
+    # Gateway answers then. (A timeout or a crash shows as API Gateway's 5XX.)
+    AUTHORIZER_FAILED = "AuthorizerFailed"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -95,6 +98,7 @@ FAULT_METRICS = (
     MetricName.JOB_DEAD_LETTERED,
     MetricName.JOB_ENQUEUE_FAILED,
     MetricName.RECONCILE_ENTRY_FAILED,
+    MetricName.AUTHORIZER_FAILED,
 )
 # Refusals, not faults (service dimension only): the api's waits refused a place (a tenant's
 # limit at work), the authorizer refused a key.
