@@ -68,7 +68,12 @@ PROVIDER_SECRET_OUTPUT = "ProviderSecretArn"
 # any process on the machine can list and the shell keeps in its history. The sandbox reads the
 # same variable for its real-provider mode.
 PROVIDER_KEY_ENV = "LLMQ_PROVIDER_API_KEY"
-_FAILED_STACK_STATES = ("_FAILED", "ROLLBACK_COMPLETE")
+
+
+def _broken(status: str) -> bool:
+    """A stack CloudFormation will not update: a failed operation, or a first create that rolled
+    back. (UPDATE_ROLLBACK_COMPLETE is a stack back at its last good version, and works.)"""
+    return status.endswith("_FAILED") or status == "ROLLBACK_COMPLETE"
 
 
 class Verdict(Enum):
@@ -200,9 +205,14 @@ class Doctor:
             bootstrap = Finding(
                 "bootstrap", Verdict.FAIL, f"could not describe {BOOTSTRAP_STACK}: {_reason(exc)}"
             )
+        try:
+            state = self.check_stack_state()
+        except (ClientError, BotoCoreError) as exc:
+            state = Finding("stack", Verdict.FAIL, f"could not describe stack {self.stack}: {_reason(exc)}")
         return [
             region,
             credentials,
+            state,
             self.check_concurrency(outputs is not None),
             bootstrap,
             self.check_provider_key(outputs),
@@ -312,9 +322,40 @@ class Doctor:
                 f"{BOOTSTRAP_VERSION_PARAMETER} says version {version} but there is no {BOOTSTRAP_STACK} stack",
                 fix,
             )
-        if status.endswith(_FAILED_STACK_STATES):
+        if _broken(status):
             return Finding("bootstrap", Verdict.FAIL, f"the {BOOTSTRAP_STACK} stack is {status}", fix)
         return Finding("bootstrap", Verdict.OK, f"version {version} ({BOOTSTRAP_STACK} {status})")
+
+    def check_stack_state(self) -> Finding:
+        """The deployed stack, if any, in a state CloudFormation will update (a first create
+        that rolled back is replaced by `cdk deploy`, and counts as not deployed)."""
+        status = self._stack_status(self.stack)
+        if status is None or status == "ROLLBACK_COMPLETE":
+            return Finding("stack", Verdict.OK, f"{self.stack} is not deployed yet")
+        if status.endswith("_IN_PROGRESS"):
+            return Finding(
+                "stack",
+                Verdict.FAIL,
+                f"{self.stack} is {status}: CloudFormation is changing it now",
+                "wait until it ends (`aws cloudformation describe-stacks --stack-name "
+                f"{self.stack}`), then deploy",
+            )
+        if status == "UPDATE_ROLLBACK_FAILED":
+            return Finding(
+                "stack",
+                Verdict.FAIL,
+                f"{self.stack} is {status}: CloudFormation refuses every update until its rollback ends",
+                f"`aws cloudformation continue-update-rollback --stack-name {self.stack}` (see its events "
+                "for the resource that failed), then deploy",
+            )
+        if _broken(status):
+            return Finding(
+                "stack",
+                Verdict.FAIL,
+                f"{self.stack} is {status}: CloudFormation will not update it",
+                "see the stack's events for the resource that failed",
+            )
+        return Finding("stack", Verdict.OK, f"{self.stack} is {status}")
 
     def check_provider_key(self, outputs: dict[str, str] | None) -> Finding:
         set_key = f"`{PROVIDER_KEY_ENV}=... llmq provider-key set --stack {self.stack}`"

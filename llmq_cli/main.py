@@ -679,12 +679,23 @@ def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
-    from llmq.tenants import TenantExists
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from llmq.errors import StoreUnavailable
+    from llmq.tenants import TenantExists, new_tenant_id
 
     target = AwsTarget(args)
     limits = _tenant_limits(target, args.table)
+    # Chosen here, so that a create cut short part-way can name the tenant it left behind.
+    args.id = args.id or new_tenant_id()
     try:
         created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
+    except (ClientError, BotoCoreError, StoreUnavailable) as exc:
+        reason = aws_error_line(exc)
+        raise CliError(
+            f"creating tenant {args.id} stopped: {reason}. Run `llmq tenants create {args.name!r} "
+            f"--tier {args.tier} --id {args.id}` again to finish it"
+        ) from exc
     except TenantExists as exc:
         existing = limits.tenants.get(args.id)
         if limits.usage_plans is not None and not existing.usage_key_id:
@@ -1287,10 +1298,18 @@ def build_parser() -> argparse.ArgumentParser:
     key_set.set_defaults(handler=cmd_provider_key_set)
 
     cost = commands.add_parser("cost", help="AWS cost per million jobs, against one invocation per job")
-    cost.add_argument("--jobs", type=int, default=1_000_000, help="how many jobs (default 1,000,000)")
-    cost.add_argument("--latency", type=float, default=60.0, help="seconds per generation (default 60)")
-    cost.add_argument("--memory", type=int, default=256, help="worker memory in MB (default 256)")
-    cost.add_argument("--batch", type=int, default=10, help="jobs per worker batch (default 10)")
+    cost.add_argument(
+        "--jobs", type=_at_least(0, int), default=1_000_000, help="how many jobs (default 1,000,000)"
+    )
+    cost.add_argument(
+        "--latency", type=_more_than(0.0), default=60.0, help="seconds per generation (default 60)"
+    )
+    cost.add_argument(
+        "--memory", type=_at_least(128, int), default=256, help="worker memory in MB (default 256)"
+    )
+    cost.add_argument(
+        "--batch", type=_at_least(1, int), default=10, help="jobs per worker batch (default 10)"
+    )
     cost.add_argument("--stream", action="store_true", help="stream: true jobs (their output writes)")
     cost.add_argument(
         "--interval",
@@ -1324,19 +1343,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientError as exc:
         # (an operator's wrong region or stack, expired credentials, a missing permission: said
         # in a line, not a traceback)
-        error = exc.response.get("Error", {})
-        print(
-            f"llmq: AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}",
-            file=sys.stderr,
-        )
+        print(f"llmq: {aws_error_line(exc)}", file=sys.stderr)
         return 1
     except (BotoCoreError, StoreUnavailable) as exc:
         print(
-            f"llmq: {type(exc).__name__}: {exc}; nothing after it was done, and it may be run again",
+            f"llmq: {aws_error_line(exc)}; nothing after it was done, and it may be run again",
             file=sys.stderr,
         )
         return 1
     return code
+
+
+def _at_least(low: int, kind: Callable[[str], int]) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+def _more_than(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value > low:  # (NaN too)
+            raise argparse.ArgumentTypeError(f"must be more than {low:g}")
+        return value
+
+    return parse
+
+
+def aws_error_line(exc: Exception) -> str:
+    """An AWS failure in one line: the call and the service's code and message, or the error."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

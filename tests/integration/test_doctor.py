@@ -450,3 +450,42 @@ def test_a_stack_nobody_is_subscribed_to_deploys_with_a_note(account: Account) -
     assert _verdicts(findings)["alarm email"] is Verdict.NOTE, report
     assert "subscribes nobody to the alarms" in report
     assert code == 0
+
+
+def _stack_is(name: str, status: str) -> None:
+    from moto.cloudformation.models import cloudformation_backends
+
+    for stack in cloudformation_backends["123456789012"][REGION].stacks.values():
+        if stack.name == name:
+            stack.status = status
+
+
+def test_a_bootstrap_whose_upgrade_rolled_back_still_works_and_passes(account: Account) -> None:
+    # Given a CDKToolkit whose upgrade failed and rolled back to its working version
+    account.bootstrap()
+    _stack_is("CDKToolkit", "UPDATE_ROLLBACK_COMPLETE")
+    secret = account.deploy()
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    # Then the doctor lets the deploy go ahead
+    findings, report, code = account.doctor()
+    assert _verdicts(findings)["bootstrap"] is Verdict.OK, report
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "fix"),
+    [("UPDATE_ROLLBACK_FAILED", "continue-update-rollback"), ("UPDATE_IN_PROGRESS", "wait until it ends")],
+)
+def test_a_stack_cloudformation_will_not_update_fails_before_the_deploy(
+    account: Account, status: str, fix: str
+) -> None:
+    # Given a deployed stack stuck in a state CloudFormation refuses to update
+    account.bootstrap()
+    secret = account.deploy()
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    _stack_is(STACK, status)
+    # Then the doctor says so, with what to do, instead of "ready to deploy"
+    findings, report, code = account.doctor()
+    assert _verdicts(findings)["stack"] is Verdict.FAIL, report
+    assert status in report and fix in report
+    assert code != 0

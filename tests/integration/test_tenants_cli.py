@@ -14,6 +14,7 @@ import pytest
 
 from llmq import aws
 from llmq.config import LlmqConfig
+from llmq.errors import StoreUnavailable
 from llmq.long_polls import LongPolls
 from llmq.tenants import TenantRepository
 from llmq.usage_plans import tenant_plan_name
@@ -334,3 +335,66 @@ def test_attach_usage_keys_cut_short_after_the_key_is_made_makes_no_second_key_w
     assert [key["id"] for key in keys] == [attached[0]["usage_key_id"]]
     in_plans = aws.client("apigateway").get_usage_plans(keyId=keys[0]["id"])["items"]
     assert [plan["id"] for plan in in_plans] == [stack["free"]]
+
+
+def test_attach_usage_keys_cut_short_after_the_tenant_got_its_key_finishes_when_run_again(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
+) -> None:
+    # Given a tenant with two API keys, created without usage plans, and a run of
+    # attach-usage-keys that recorded the tenant's usage key and then stopped before its API
+    # keys carried it (a throttle, a Ctrl-C): API Gateway refuses those keys with 403
+    from llmq.usage_plans import ApiGatewayUsagePlans
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    old = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    created = old.create("Legacy", "free", tenant_id="ten_half")
+    second = old.issue_key(created.tenant)
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "dynamodb.UpdateItem", nth=2, times=10)
+    cut_short = TenantRepository(
+        moto_stack.tenants_table,
+        dynamodb=aws.client("dynamodb"),
+        usage_keys=ApiGatewayUsagePlans(aws.client("apigateway"), stack),
+    )
+    with pytest.raises(StoreUnavailable):
+        cut_short.attach_usage_key("ten_half")
+    assert faults.fired
+    faults.disarm()
+    assert old.get("ten_half").usage_key_id
+    # When the operator runs it again with no argument (as make deploy does)
+    attached = llmq(capsys, "attach-usage-keys")
+    # Then the tenant is finished: both its API keys carry its usage key
+    assert [entry["id"] for entry in attached] == ["ten_half"]
+    usage_key = old.get("ten_half").usage_key
+    identities = [old.authenticate(key) for key in (created.api_key, second)]
+    assert usage_key and [identity and identity.usage_key for identity in identities] == [usage_key] * 2
+    assert llmq(capsys, "attach-usage-keys") == []
+
+
+def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
+    stack: dict[str, str],
+    moto_stack: MotoStack,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import llmq_cli.main as cli_main
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    # (the CLI's own clients, through llmq's, which the faults reach)
+    monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
+    # Given API Gateway refusing the tenant's usage-plan key, after its item is written
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "apigateway.CreateApiKey", times=10)
+    try:
+        err = _fails(capsys, "create", "--name", "Acme", "--tier", "free")
+    finally:
+        faults.disarm()
+    assert faults.fired
+    # Then the error names the tenant it left behind, and the command that finishes it
+    (tenant_id,) = [word for word in err.replace("`", " ").split() if word.startswith("ten_")][:1]
+    assert f"--id {tenant_id}" in err and "Traceback" not in err
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    assert tenants.get(tenant_id).usage_key_id is None
+    # And that command then says how to give it its usage-plan key
+    again = _fails(capsys, "create", "--name", "Acme", "--tier", "free", "--id", tenant_id)
+    assert f"attach-usage-keys {tenant_id}" in again

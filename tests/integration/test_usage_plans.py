@@ -205,3 +205,30 @@ def test_a_key_left_unrecorded_is_found_again_but_never_another_stacks(plans: Pl
     assert staging_key.id != prod_key.id and staging_key.value == "s" * 40
     # And a key a cut-short run made for this stack is found and used, not made again
     assert plans.usage_plans.create_key("ten_acme", "free", "x" * 40) == prod_key
+
+
+def test_a_move_whose_way_back_fails_too_says_the_tenant_is_in_no_plan_and_a_rerun_repairs_it(
+    plans: Plans, moto_stack: MotoStack
+) -> None:
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    tenant = tenants.create("Hobby", "free", tenant_id="ten_nowhere").tenant
+    assert tenant.usage_key_id
+    # Given API Gateway refusing both the move into the tenant's own plan and the way back
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "apigateway.CreateUsagePlanKey", times=2)
+    with pytest.raises(UsagePlanError) as refused:
+        plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
+    assert len(faults.fired) == 2
+    faults.disarm()
+    # Then the operator is told the tenant is locked out, and what to do
+    assert "NO usage plan" in str(refused.value) and "403" in str(refused.value)
+    apigateway = aws.client("apigateway")
+    assert apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"] == []
+    # And running it again puts the key in its own plan
+    plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
+    (own,) = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
+    assert own["name"] == tenant_plan_name("ten_nowhere")

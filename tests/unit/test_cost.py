@@ -55,3 +55,14 @@ def test_following_a_job_pays_for_each_responses_long_poll_place(monkeypatch: py
     monkeypatch.setitem(cost.PRICES, "dynamodb_write_request_unit", 0.0)
     # Then each response's place, taken and given back (two small writes), is in the price
     assert priced - following() == pytest.approx(61 * 2 * 0.625)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--batch", "0"], ["--latency", "-5"], ["--latency", "nan"], ["--jobs", "-1"]]
+)
+def test_llmq_cost_refuses_a_workload_that_cannot_be(argv: list[str], capsys) -> None:
+    # (a batch of 0 divided by zero; a negative latency printed a negative cost)
+    with pytest.raises(SystemExit) as refused:
+        main(["cost", *argv])
+    assert refused.value.code == 2
+    assert "must be" in capsys.readouterr().err

@@ -115,6 +115,10 @@ class UnknownKey(LookupError):
     """No key of the tenant has that id (or the id is not one)."""
 
 
+def new_tenant_id() -> str:
+    return "ten_" + secrets.token_hex(8)
+
+
 class TenantRepository:
     """`usage_keys`: API Gateway, to give each new tenant its usage plan key (the CLI and the
     sandbox pass llmq.usage_plans.ApiGatewayUsagePlans); None creates tenants without one."""
@@ -150,7 +154,7 @@ class TenantRepository:
         its first API key. The tenant item is written first, so an id already taken fails
         before anything is created in API Gateway."""
         tenant = Tenant(
-            id=tenant_id or "ten_" + secrets.token_hex(8),
+            id=tenant_id or new_tenant_id(),
             name=name,
             tier=tier,
             webhook_secrets=[new_webhook_secret()],
@@ -229,14 +233,26 @@ class TenantRepository:
         return tenant
 
     def tenants_without_usage_key(self) -> list[str]:
-        """Ids of the tenants that have no API Gateway key yet (a Scan)."""
-        return [
+        """Ids of the tenants that have no API Gateway key yet, or an API key whose item does
+        not carry it (a run of `attach_usage_key` cut short after the tenant got its key, whose
+        API keys API Gateway still refuses with 403): two Scans."""
+        bare = [
             item["pk"]["S"].removeprefix("tenant#")
             for item in self._scan(
                 "begins_with(pk, :prefix) AND attribute_not_exists(usage_key_id)",
                 {":prefix": {"S": "tenant#"}},
             )
         ]
+        unfinished = {
+            item["tenant_id"]["S"]
+            for item in self._scan(
+                "begins_with(pk, :prefix) AND attribute_not_exists(usage_key)",
+                {":prefix": {"S": "key#"}},
+                projection=("pk", "tenant_id"),
+            )
+            if "tenant_id" in item
+        }
+        return bare + sorted(unfinished - set(bare))
 
     def _key_items_without_usage_key(self, tenant_id: str) -> list[str]:
         return [

@@ -229,7 +229,14 @@ class ApiGatewayUsagePlans:
             self._apigw.create_usage_plan_key(usagePlanId=to_plan, keyId=key_id, keyType="API_KEY")
         except Exception as exc:
             if moved_out:
-                self._apigw.create_usage_plan_key(usagePlanId=from_plan, keyId=key_id, keyType="API_KEY")
+                try:
+                    self._apigw.create_usage_plan_key(usagePlanId=from_plan, keyId=key_id, keyType="API_KEY")
+                except Exception as back:
+                    raise UsagePlanError(
+                        f"the key could not join usage plan {to_plan} ({type(exc).__name__}) nor go back "
+                        f"to {from_plan} ({type(back).__name__}): it is in NO usage plan, so API Gateway "
+                        "refuses every request of the tenant with 403. Run the command again now"
+                    ) from back
             raise UsagePlanError(
                 f"the key could not join usage plan {to_plan} ({type(exc).__name__}); it stays in "
                 f"{from_plan}: run the command again"
