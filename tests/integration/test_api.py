@@ -52,6 +52,36 @@ def test_submit_returns_202_stores_queued_and_enqueues_ids_only(harness: Harness
     assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
 
 
+def test_a_retry_of_an_accepted_submit_is_its_replay_even_if_a_check_now_refuses_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit accepted but answered 5xx (its answer lost) is retried; by then the webhook host
+    may have stopped resolving (or the operator changed a limit). The job exists and will run:
+    the retry must get it, not a 422 that reads as "refused" and invites a second, paid job."""
+    resolves = {"now": True}
+
+    def resolver(host: str, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if resolves["now"]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    body = {"prompt": "hello", "webhook": {"url": "https://hooks.example.com/llmq"}}
+    first = harness.submit(key="order-9", **body)
+    assert first.status == 202, first.body
+    # When the webhook host stops resolving, and the client retries
+    resolves["now"] = False
+    retry = harness.submit(key="order-9", **body)
+    # Then the retry is the replay of the accepted job
+    assert retry.status == 202, retry.body
+    assert retry.body["id"] == first.body["id"]
+    assert retry.headers.get("idempotent-replayed") == "true"
+    # And a new submit to that host is refused as before, writing nothing
+    refused = harness.submit(key="order-10", **body)
+    assert (refused.status, refused.code) == (422, "invalid_webhook_url")
+    assert harness.item_count() == 1
+
+
 def test_free_tier_goes_to_the_low_lane(harness: Harness) -> None:
     reply = harness.submit(tenant=FREE)
     assert reply.body["lane"] == "low"

@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError
 from llmq.batch_runs import item_ended
 from llmq.config import LlmqConfig
 from llmq.errors import (
+    DomainError,
     IdempotencyConflict,
     InvalidIdempotencyKey,
     InvalidRequest,
@@ -105,8 +106,25 @@ class JobIntake:
 
     def submit(self, tenant: TenantIdentity, request: JobRequest, idempotency_key: str | None) -> Submission:
         """One conditional PutItem, then one SendMessage. A replay writes and sends nothing."""
-        self.validate(request, idempotency_key)
         now_ms = self.jobs.now_ms()
+        try:
+            self.validate(request, idempotency_key)
+        except InvalidIdempotencyKey:
+            raise
+        except DomainError:
+            # A retry of an accepted submit (its answer lost) is its replay, even if a check
+            # that can change between the two tries now refuses it (the webhook host's DNS, a
+            # limit or model the operator changed): the job exists and runs either way.
+            existing = (
+                self.jobs.find(new_job_id(tenant.tenant_id, idempotency_key, now_ms))
+                if idempotency_key
+                else None
+            )
+            if existing is None:
+                raise
+            return self._replay(
+                existing, self._new_record(tenant, request, idempotency_key, now_ms), request, tenant
+            )
         record = self._new_record(tenant, request, idempotency_key, now_ms)
         admission = Admission(
             caps=self.config.concurrency_caps(tenant.tier),
