@@ -11,7 +11,9 @@ Directives (DESIGN §6):
 - `[[echo]]` answers with the last message's text, directives removed (exact bytes, any
   script: the way to try a large or non-ASCII result);
 - `[[finish:length]]` (or any reason: `content_filter`, …) ends the answer with that
-  `finish_reason` instead of `stop`.
+  `finish_reason` instead of `stop`;
+- `[[trailer_late:1.5]]` (streaming) holds the connection 1.5 s after the finish_reason chunk,
+  before the usage chunk and `[DONE]`, as a gateway that is slow to close may.
 
 Broken answers, which start with 200 and fail part-way (each takes an optional `:xN` at the
 end, or `xN` glued to the status, to break only the first N calls for the job; without it
@@ -104,6 +106,7 @@ class Directives:
     echo: bool = False
     finish_reason: str = "stop"
     stream_fault: StreamFault | None = None
+    trailer_late: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Directives:
@@ -125,6 +128,8 @@ class Directives:
                 found._parse_fail(arg)
             elif name == "finish":
                 found.finish_reason = arg
+            elif name == "trailer_late":
+                found.trailer_late = float(arg)
             elif name in ("stream_error", "stream_cut"):
                 found.stream_fault = StreamFault.parse(name, arg)
         return found
@@ -303,7 +308,15 @@ class _Handler(BaseHTTPRequestHandler):
             fault = None
         self.breaking = fault.kind if fault else None
         if stream:
-            self._stream(words, usage, directives.latency, directives.finish_reason, fault, joiner)
+            self._stream(
+                words,
+                usage,
+                directives.latency,
+                directives.finish_reason,
+                fault,
+                joiner,
+                directives.trailer_late,
+            )
         elif fault is not None and fault.kind == "stream_error":
             self._json(200, fault.error())
         else:
@@ -325,6 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
         finish_reason: str,
         fault: StreamFault | None,
         joiner: str = " ",
+        trailer_late: float = 0.0,
     ) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -349,6 +363,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(fault.error())
         else:
             self._chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+            if trailer_late:
+                self.server.state.stopping.wait(trailer_late)
             self._chunk({"choices": [], "usage": usage})
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -200,3 +201,27 @@ def test_a_busy_store_answers_the_stream_with_a_retry_not_an_error(harness: Harn
     assert (reply.status, reply.body) == (200, "retry: 2000\n\n")
     again = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
     assert _events(str(again.body))[0][0] == "status"
+
+
+def test_a_cancel_while_only_a_whole_answers_trailer_is_awaited_keeps_the_paid_answer(
+    streaming: Harness, provider: FakeProviderServer
+) -> None:
+    harness = streaming
+    # Given a streamed answer that is whole (its finish_reason came alone), whose server holds
+    # the connection 1.5 s before the usage chunk and [DONE]
+    job_id = harness.submit(prompt="[[tokens:3]] [[trailer_late:1.5]] hi").body["id"]
+    worker = threading.Thread(target=harness.drain, args=("high",))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while provider.calls_for(job_id) == 0:
+        assert time.monotonic() < deadline, "the provider was never called"
+        time.sleep(0.02)
+    # When a cancel comes while the trailer is awaited
+    time.sleep(0.4)
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+    worker.join(timeout=30)
+    # Then the answer the provider billed stands: the job succeeded with it, after one call
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["cancel_requested"]) == ("succeeded", True), job
+    assert job["result"]["output"]
+    assert provider.calls_for(job_id) == 1

@@ -872,3 +872,43 @@ def test_a_lone_surrogate_in_a_result_that_did_not_stream_is_replaced_too() -> N
     # Then its result can be stored and sent: the lone half is U+FFFD, the rest as it came
     job = world.job()
     assert (job.status, job.result.output) == (JobStatus.SUCCEEDED, "ok \ufffd and more")  # type: ignore[union-attr]
+
+
+def test_the_cancel_watcher_looks_one_period_after_the_last_look_or_write_never_two(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An output write sees a cancel, so the watcher skips its read right after one; but it must
+    look again one period after that write, not a whole period later: a write just after the
+    watcher's wake once put its next read two periods away (a canceled generation billed on)."""
+    import asyncio as real_asyncio
+    import types
+
+    from llmq import execution
+
+    now = {"t": 0.0}
+    writes = {1.05: True}  # an output write lands 50 ms after the watcher's first read
+    recorder = types.SimpleNamespace(last_write_at=None)
+    reads: list[float] = []
+    original_sleep = real_asyncio.sleep
+
+    async def fake_sleep(seconds: float) -> None:
+        target = now["t"] + seconds
+        for at in sorted(writes):
+            if now["t"] < at <= target:
+                recorder.last_write_at = at
+        now["t"] = target
+        await original_sleep(0)
+
+    def is_cancel_requested(job_id: str) -> bool:
+        reads.append(round(now["t"], 3))
+        return len(reads) == 2
+
+    monkeypatch.setattr(execution.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(execution.time, "monotonic", lambda: now["t"])
+    runner = types.SimpleNamespace(
+        config=types.SimpleNamespace(cancel_check_seconds=1.0),
+        jobs=types.SimpleNamespace(is_cancel_requested=is_cancel_requested),
+    )
+    assert real_asyncio.run(execution.JobRunner._cancel_requested(runner, "job_1", recorder)) is True
+    # A read at 1 s; the write at 1.05 s saw the flag then; the next read one period after it
+    assert reads == [1.0, 2.05]

@@ -40,6 +40,8 @@ from llmq.policy import (
 )
 from llmq.ports import BlobStore, GenerationProvider, JobStore, QueueStore
 from llmq.providers import (
+    TRAILER_WAIT_SECONDS,
+    Answer,
     GenerationRequest,
     ProviderError,
     ProviderTimeout,
@@ -719,12 +721,14 @@ class JobRunner:
         if job.input is None:  # the claim loads an S3-held input; this cannot be empty
             raise PoisonMessage(f"job {job.id} has no input")
         recorder = self._recorder(job) if job.stream else None
+        answer = Answer()
         request = GenerationRequest(
             model=job.model,
             messages=job.input.messages,
             params=job.input.params,
             job_id=job.id,
             on_output=recorder,
+            answer=answer,
         )
         generation = asyncio.create_task(self.provider.generate(request, max(timeout, 0.1)))
         watcher = asyncio.create_task(self._cancel_requested(job.id, recorder))
@@ -732,6 +736,9 @@ class JobRunner:
         started = self.jobs.now_ms()
         stop = await _first_stop(generation, watcher, writer)
         watcher.cancel()
+        if stop is _Stop.CANCELED and answer.whole and not generation.done():
+            # The answer is whole, paid for: only its trailer is awaited, briefly. It stands.
+            await asyncio.wait({generation}, timeout=TRAILER_WAIT_SECONDS)
         if stop is _Stop.LEASE_LOST or (stop is _Stop.CANCELED and not _succeeded(generation)):
             # At once: an output write still in flight must not keep a canceled generation
             # running (and paid for) while it ends.
@@ -993,11 +1000,18 @@ class JobRunner:
         (or the terminal write) still sees the flag.
         """
         every = self.config.cancel_check_seconds
+        looked = time.monotonic()
         while True:
-            await asyncio.sleep(every)
+            # The next look is one period after the last that saw the flag: this watcher's own
+            # read, or an output write (which sees a cancel too), whichever came later, so a
+            # cancel is never noticed more than one period late, however the writes fall.
             written = recorder.last_write_at if recorder is not None else None
-            if written is not None and time.monotonic() - written < every:
+            seen = max(looked, written) if written is not None else looked
+            await asyncio.sleep(max(0.0, seen + every - time.monotonic()))
+            written = recorder.last_write_at if recorder is not None else None
+            if written is not None and written > seen:
                 continue
+            looked = time.monotonic()
             try:
                 if await asyncio.to_thread(self.jobs.is_cancel_requested, job_id):
                     return True

@@ -130,6 +130,18 @@ class GenerationRequest:
     # `llmq.live_output.OutputRecorder`) when the provider streams (`provider.stream`); not
     # compared, hashed or sent.
     on_output: Callable[[str], None] | None = field(default=None, compare=False)
+    # Set by the provider as the stream goes (`Answer.whole`), for the worker to read; not
+    # compared, hashed or sent.
+    answer: Answer | None = field(default=None, compare=False)
+
+
+@dataclass
+class Answer:
+    """What a streamed generation has said so far. `whole`: it finished, alone, and only its
+    trailer (the usage chunk, [DONE]) is awaited, at most `TRAILER_WAIT_SECONDS` more: a cancel
+    that comes now would throw away an answer already paid for."""
+
+    whole: bool = False
 
 
 def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
@@ -426,6 +438,7 @@ class ChatCompletionsProvider:
                         progress,
                         request.on_output,
                         deadline,
+                        request.answer,
                     )
                 except TransientProviderError as exc:
                     if not exc.key_refused:
@@ -448,6 +461,7 @@ class ChatCompletionsProvider:
                         progress,
                         request.on_output,
                         deadline,
+                        request.answer,
                     )
         except TimeoutError as exc:
             if progress.refused is not None:
@@ -494,6 +508,7 @@ class ChatCompletionsProvider:
         progress: _Progress,
         on_output: Callable[[str], None] | None = None,
         deadline: float | None = None,
+        answer: Answer | None = None,
     ) -> JobResult:
         url = f"{self.base_url}/chat/completions"
         extensions = {"trace": progress}
@@ -505,7 +520,7 @@ class ChatCompletionsProvider:
                 raise classify_response(response, await _error_body(response))
             try:
                 if self.stream:
-                    return await _read_stream(response, on_output, deadline)
+                    return await _read_stream(response, on_output, deadline, answer)
                 return _parse_completion(await response.aread())
             except httpx.TimeoutException:
                 raise
@@ -549,6 +564,9 @@ _GAVE_UP = frozenset({"abort", "error"})
 # error after it is not an answer; once text follows a finish_reason, the server's
 # finish_reasons say nothing, and only [DONE] or the stream's clean end finish the answer.
 _AFTER_FINISH_SECONDS = 2.0
+# How long a whole answer's trailer may still take: what a cancel then waits before it stops
+# the call (`Answer`).
+TRAILER_WAIT_SECONDS = _AFTER_FINISH_SECONDS + 0.5
 _AFTER_FINISH_WITH_TEXT_SECONDS = 10.0
 # What may share a chunk with a finish_reason that came alone: nothing but an empty text.
 _NOT_MORE = frozenset({"content", "role"})
@@ -689,8 +707,10 @@ async def _read_stream(
     response: httpx.Response,
     on_output: Callable[[str], None] | None = None,
     deadline: float | None = None,
+    answer: Answer | None = None,
 ) -> JobResult:
-    """`deadline`: when the call's time ends (`time.monotonic()`)."""
+    """`deadline`: when the call's time ends (`time.monotonic()`); `answer` is kept up to
+    date with whether the answer is whole yet."""
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
     media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -729,6 +749,8 @@ async def _read_stream(
                 # A whole answer, then an unreadable line or an error (a cut usage chunk):
                 # the answer is paid for; a retry would pay for it again.
                 break
+            if answer is not None:
+                answer.whole = stream.whole
     except httpx.TransportError:
         # Cut or stalled after the generation said it finished (only the usage chunk or [DONE]
         # lost): the output is whole and paid for; a retry would pay for it again.
