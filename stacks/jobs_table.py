@@ -98,7 +98,7 @@ class JobsTableConstruct(Construct):
         removal_policy: cdk.RemovalPolicy,
         payloads_removal_policy: cdk.RemovalPolicy,
         deletion_protection: bool,
-        retention_days: int,
+        payload_days: int,
     ) -> None:
         super().__init__(scope, construct_id)
         self.payloads = s3.Bucket(
@@ -107,7 +107,8 @@ class JobsTableConstruct(Construct):
             encryption=s3.BucketEncryption.S3_MANAGED,
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
             enforce_ssl=True,
-            # Payloads live as long as their job: the table's TTL plus a day of slack. An upload
+            # Payloads live as long as their job (`payload_days`: the table's TTL, the longest a
+            # late webhook delivery keeps the item past it, and a day of slack). An upload
             # is read within minutes of its batch's 202 (its validated lines are then kept as
             # the batch's parts): kept two days, so what a PUT URL can store, unused, is bounded
             # in time (and in size: the URL is signed for the Content-Length its upload asked for).
@@ -115,7 +116,7 @@ class JobsTableConstruct(Construct):
             # completed (the first run's was recorded) is aborted after a day.
             lifecycle_rules=[
                 s3.LifecycleRule(
-                    expiration=cdk.Duration.days(retention_days + 1),
+                    expiration=cdk.Duration.days(payload_days),
                     abort_incomplete_multipart_upload_after=cdk.Duration.days(1),
                 ),
                 s3.LifecycleRule(prefix=UPLOADS_PREFIX, expiration=cdk.Duration.days(UPLOAD_RETENTION_DAYS)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,9 @@ class LlmqStack(cdk.Stack):
             removal_policy=kept,
             payloads_removal_policy=kept_once_created,
             deletion_protection=not settings.sandbox,
-            retention_days=config.retention_days,
+            # A job's payloads outlive its item: the retention, and the longest a terminal event's
+            # delivery may keep the item past it (a redelivery near the end), and a day.
+            payload_days=config.retention_days + math.ceil(config.terminal_event_seconds / 86_400) + 1,
         )
         self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=kept_once_created)
         self.lanes = LanesConstruct(self, "Lanes", config=config)

@@ -697,6 +697,18 @@ def test_large_payloads_go_to_an_encrypted_bucket_that_only_api_and_worker_write
     assert not [o for o in others for s in synthesized.template.statements(o) if s.allows("s3:PutObject")]
 
 
+def test_payloads_outlive_the_longest_a_late_webhook_keeps_their_job(synthesized, config):
+    """A redelivery near the end of the retention keeps the job's item for its terminal event's
+    whole schedule past it; its S3-held input and result must still be there, or GET answers 500
+    for a job the API lists as succeeded (S3 also rounds an expiry up to the next midnight UTC:
+    the rule's last day is slack enough)."""
+    (bucket,) = synthesized.template.of_type("AWS::S3::Bucket").values()
+    rules = bucket["Properties"]["LifecycleConfiguration"]["Rules"]
+    (general,) = [rule for rule in rules if "Prefix" not in rule and "Filter" not in rule]
+    item_life = config.retention_seconds + config.terminal_event_seconds
+    assert general["ExpirationInDays"] * 86_400 >= item_life + 86_400
+
+
 @pytest.mark.parametrize("name", ["reconciler", "dead_letter"])
 def test_what_ends_a_job_without_a_worker_reads_parked_results_and_nothing_else_in_the_bucket(
     synthesized, name
