@@ -330,7 +330,9 @@ class Doctor:
         """The deployed stack, if any, in a state CloudFormation will update (a first create
         that rolled back is replaced by `cdk deploy`, and counts as not deployed)."""
         status = self._stack_status(self.stack)
-        if status is None or status == "ROLLBACK_COMPLETE":
+        # (REVIEW_IN_PROGRESS: a change set made and never run, by `cdk deploy --no-execute` or a
+        # deploy cut short; it never ends by itself, and `cdk deploy` creates the stack from it)
+        if status is None or status in ("ROLLBACK_COMPLETE", "REVIEW_IN_PROGRESS"):
             return Finding("stack", Verdict.OK, f"{self.stack} is not deployed yet")
         if status.endswith("_IN_PROGRESS"):
             return Finding(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -1313,7 +1314,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--stream", action="store_true", help="stream: true jobs (their output writes)")
     cost.add_argument(
         "--interval",
-        type=float,
+        type=_more_than(0.0),
         default=1.0,
         help="seconds between output writes (streaming.partial_interval_ms)",
     )
@@ -1367,8 +1368,8 @@ def _at_least(low: int, kind: Callable[[str], int]) -> Callable[[str], int]:
 def _more_than(low: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = float(text)
-        if not value > low:  # (NaN too)
-            raise argparse.ArgumentTypeError(f"must be more than {low:g}")
+        if not (value > low and math.isfinite(value)):  # (NaN and infinity too)
+            raise argparse.ArgumentTypeError(f"must be a number more than {low:g}")
         return value
 
     return parse

@@ -13,7 +13,9 @@ Directives (DESIGN §6):
 - `[[finish:length]]` (or any reason: `content_filter`, …) ends the answer with that
   `finish_reason` instead of `stop`;
 - `[[trailer_late:1.5]]` (streaming) holds the connection 1.5 s after the finish_reason chunk,
-  before the usage chunk and `[DONE]`, as a gateway that is slow to close may.
+  before the usage chunk and `[DONE]`, as a gateway that is slow to close may;
+- `[[finish_mid:0.4]]` (streaming) sends a chunk with only a `finish_reason` after the first
+  delta, pauses 0.4 s, and goes on with the answer, as a gateway that marks chunks early may.
 
 Broken answers, which start with 200 and fail part-way (each takes an optional `:xN` at the
 end, or `xN` glued to the status, to break only the first N calls for the job; without it
@@ -107,6 +109,7 @@ class Directives:
     finish_reason: str = "stop"
     stream_fault: StreamFault | None = None
     trailer_late: float = 0.0
+    finish_mid: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> Directives:
@@ -130,6 +133,8 @@ class Directives:
                 found.finish_reason = arg
             elif name == "trailer_late":
                 found.trailer_late = float(arg)
+            elif name == "finish_mid":
+                found.finish_mid = float(arg)
             elif name in ("stream_error", "stream_cut"):
                 found.stream_fault = StreamFault.parse(name, arg)
         return found
@@ -316,6 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
                 fault,
                 joiner,
                 directives.trailer_late,
+                directives.finish_mid,
             )
         elif fault is not None and fault.kind == "stream_error":
             self._json(200, fault.error())
@@ -339,6 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault: StreamFault | None,
         joiner: str = " ",
         trailer_late: float = 0.0,
+        finish_mid: float | None = None,
     ) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -352,6 +359,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.state.stopping.wait(pause)
             text = word if index == 0 else joiner + word
             self._chunk({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+            if index == 0 and finish_mid is not None:
+                self._chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+                self.server.state.stopping.wait(finish_mid)
             self.deltas_sent += 1
             if self.first_delta_at is None:
                 self.first_delta_at = time.time()

@@ -489,3 +489,22 @@ def test_a_stack_cloudformation_will_not_update_fails_before_the_deploy(
     assert _verdicts(findings)["stack"] is Verdict.FAIL, report
     assert status in report and fix in report
     assert code != 0
+
+
+def test_a_change_set_never_run_counts_as_not_deployed(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a first deploy cut short after its change set was made (`cdk deploy --no-execute`):
+    # the stack sits in REVIEW_IN_PROGRESS, which never ends by itself
+    account.bootstrap()
+    account.client("cloudformation").create_change_set(
+        StackName=STACK,
+        ChangeSetName="cdk-deploy-change-set",
+        ChangeSetType="CREATE",
+        TemplateBody=json.dumps({"Resources": {"H": {"Type": "AWS::CloudFormation::WaitConditionHandle"}}}),
+    )
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real-key")
+    # Then the doctor lets `cdk deploy` create it from there
+    findings, report, code = account.doctor()
+    assert _verdicts(findings)["stack"] is Verdict.OK, report
+    assert code == 0, report

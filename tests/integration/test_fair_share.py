@@ -683,3 +683,48 @@ def test_batches_in_the_tenants_own_lane_keep_its_reserve_when_that_lane_is_the_
     # Then three items run (the batch cap), and the tenant's own job takes the slot kept for it
     assert outcomes == [ClaimOutcome.CLAIMED] * 3 + [ClaimOutcome.AT_CAP]
     assert jobs.claim(own, "w-own", 3600).outcome is ClaimOutcome.CLAIMED
+
+
+def test_a_lane_that_becomes_the_tenants_own_stops_being_whole_for_its_batches(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch in a lane not the tenant's own marks it whole; if the operator's config later
+    makes it the tenant's own, the tenant's own jobs there keep their reserve again."""
+    from llmq.batches import item_job_id
+
+    # Given a free tenant's batch in the high lane, not its own: the lane marked whole
+    before = Harness(moto_stack, integration_config(provider, batches={"lane": "high"}), monkeypatch)
+    first = before.api(
+        "POST", "/v1/batches", body={"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]}, tenant=FREE
+    )
+    assert first.status == 202
+    share = aws.client("dynamodb").get_item(
+        TableName=moto_stack.jobs_table, Key={"pk": {"S": f"share#{FREE['tenant_id']}"}}
+    )["Item"]
+    assert "wholeb_high" in share
+    # When the config puts the free tier in the high lane, and the tenant submits there
+    lanes = [
+        {"name": "high", "tiers": ["enterprise", "free"], "max_concurrency": 8},
+        {"name": "low", "tiers": ["batch-only"], "max_concurrency": 2},
+    ]
+    after = Harness(
+        moto_stack, integration_config(provider, lanes=lanes, batches={"lane": "high"}), monkeypatch
+    )
+    _shares(after).set_limits(
+        FREE["tenant_id"], max_concurrency=4, reserve=after.config.batches.interactive_reserve
+    )
+    own = after.submit(tenant=FREE, key="own-job").body
+    assert own["lane"] == "high"
+    batch = after.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
+        tenant=FREE,
+    )
+    url = after.stack.lane_queue_urls["high"]
+    after.run_worker(url, [m for m in after.receive(url) if json.loads(m["Body"]).get("kind") == "expand"])
+    jobs = JobRepository(after.stack.jobs_table, after.config, dynamodb=aws.client("dynamodb"))
+    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(4)]
+    # Then its items stay below the batch cap there, and its own job runs
+    assert outcomes == [ClaimOutcome.CLAIMED] * 3 + [ClaimOutcome.AT_CAP]
+    assert jobs.claim(own["id"], "w-own", 3600).outcome is ClaimOutcome.CLAIMED

@@ -225,3 +225,25 @@ def test_a_cancel_while_only_a_whole_answers_trailer_is_awaited_keeps_the_paid_a
     assert (job["status"], job["cancel_requested"]) == ("succeeded", True), job
     assert job["result"]["output"]
     assert provider.calls_for(job_id) == 1
+
+
+def test_a_cancel_while_an_early_finish_reason_looks_whole_still_stops_the_generation(
+    streaming: Harness, provider: FakeProviderServer
+) -> None:
+    harness = streaming
+    # Given a gateway that sends a finish_reason alone after the first delta, pauses, and goes on
+    # with the answer (2 s more)
+    job_id = harness.submit(prompt="[[tokens:20]] [[latency:2]] [[finish_mid:0.6]] hi").body["id"]
+    worker = threading.Thread(target=harness.drain, args=("high",))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while provider.calls_for(job_id) == 0:
+        assert time.monotonic() < deadline, "the provider was never called"
+        time.sleep(0.02)
+    # When a cancel comes while that early finish_reason is the latest word
+    time.sleep(0.2)
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
+    worker.join(timeout=30)
+    # Then the cancel stops the generation once more text shows the answer was not whole
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert job["status"] == "canceled", job

@@ -58,7 +58,16 @@ def test_following_a_job_pays_for_each_responses_long_poll_place(monkeypatch: py
 
 
 @pytest.mark.parametrize(
-    "argv", [["--batch", "0"], ["--latency", "-5"], ["--latency", "nan"], ["--jobs", "-1"]]
+    "argv",
+    [
+        ["--batch", "0"],
+        ["--latency", "-5"],
+        ["--latency", "nan"],
+        ["--latency", "inf"],
+        ["--jobs", "-1"],
+        ["--stream", "--interval", "0"],
+        ["--stream", "--interval", "-1"],
+    ],
 )
 def test_llmq_cost_refuses_a_workload_that_cannot_be(argv: list[str], capsys) -> None:
     # (a batch of 0 divided by zero; a negative latency printed a negative cost)

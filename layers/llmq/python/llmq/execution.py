@@ -177,6 +177,10 @@ class Invocation:
     hold_message: Callable[[float], bool] | None = None
 
 
+# How often a cancel that waits out a whole answer's trailer looks whether it is still whole.
+_TRAILER_LOOK_SECONDS = 0.05
+
+
 class JobRunner:
     def __init__(
         self,
@@ -737,8 +741,12 @@ class JobRunner:
         stop = await _first_stop(generation, watcher, writer)
         watcher.cancel()
         if stop is _Stop.CANCELED and answer.whole and not generation.done():
-            # The answer is whole, paid for: only its trailer is awaited, briefly. It stands.
-            await asyncio.wait({generation}, timeout=TRAILER_WAIT_SECONDS)
+            # The answer is whole, paid for: only its trailer is awaited, briefly. It stands;
+            # unless more text comes after all (a gateway that marks chunks before the end),
+            # and then the cancel stops it at once.
+            waited_until = time.monotonic() + TRAILER_WAIT_SECONDS
+            while answer.whole and not generation.done() and time.monotonic() < waited_until:
+                await asyncio.wait({generation}, timeout=_TRAILER_LOOK_SECONDS)
         if stop is _Stop.LEASE_LOST or (stop is _Stop.CANCELED and not _succeeded(generation)):
             # At once: an output write still in flight must not keep a canceled generation
             # running (and paid for) while it ends.

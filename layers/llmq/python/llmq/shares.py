@@ -96,15 +96,17 @@ def admit(
     table: str, tenant_id: str, lane: str, cap: int, batch_cap: int, max_active_jobs: int
 ) -> dict[str, Any]:
     """Accept: one more active job, unless the tenant is at its quota. `cap` and `batch_cap`:
-    the tier's defaults for the lane."""
+    the tier's defaults for the lane. A job of the tenant's own runs in its own lane, so the lane
+    is no longer one its batch items may take whole (`admit_many`), whatever a config before
+    said: the mark goes."""
     return {
         "Update": {
             "TableName": table,
             "Key": share_key(tenant_id),
-            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :one",
+            "UpdateExpression": f"SET {_ACCEPT_SETS} ADD active :one REMOVE #whole",
             "ConditionExpression": "attribute_not_exists(active) OR active < #max OR "
             "(attribute_not_exists(#max) AND active < :max)",
-            "ExpressionAttributeNames": _accept_names(lane),
+            "ExpressionAttributeNames": {**_accept_names(lane), "#whole": _WHOLE_PREFIX + lane},
             "ExpressionAttributeValues": {
                 ":empty": {"M": {}},
                 ":cap": {"N": str(cap)},
