@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 from standardwebhooks import Webhook
 
 from llmq import aws
-from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id
+from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id, send_expand
 from llmq.jobs import JobRepository
 from llmq.models import BatchEvent, BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
@@ -1628,3 +1628,68 @@ def test_a_batch_of_many_bad_items_is_refused_at_its_first_without_an_error_for_
     assert {tuple(error["loc"][:3]) for error in reply.body["errors"]} == {("body", "requests", 0)}
     assert harness.item_count() == 0
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+
+
+def test_expansions_that_meet_at_the_checkpoint_go_on_as_one(harness: Harness) -> None:
+    """Looks at a batch still expanding (the reconciler's poke, an item's end, a duplicate
+    message) are expansion runs too; when two meet at the checkpoint, the one refused there stops
+    (the other goes on), or every later item would be sent once per run, for the rest of the
+    batch."""
+    import threading
+
+    from llmq.batch_runs import BatchExpander
+    from llmq.payloads import PayloadStore
+
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    expander = BatchExpander(
+        BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")),
+        queues,
+        PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")),
+        harness.config,
+    )
+    total = 80
+    batch_id = _submit(harness, requests=_requests(total)).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    sent: list[str] = []
+
+    def drain_items() -> list[dict[str, Any]]:
+        """The lane's expand messages; the item messages are counted and dropped."""
+        expands = []
+        while messages := harness.receive(url, visibility=60):
+            for message in messages:
+                body = json.loads(message["Body"])
+                if body.get("kind") == "expand":
+                    expands.append(message)
+                else:
+                    sent.append(body["job_id"])
+                harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        return expands
+
+    # Given an expansion that wrote a few chunks and handed the rest on, and three looks at it
+    drain_items()
+    calls = iter(range(1_000_000))
+    expander.expand(batch_id, lambda: 100.0 if next(calls) < 3 else 0.0)
+    for _ in range(3):
+        send_expand(queues, _stored(harness, batch_id))
+    # When every expand message runs at once, each in an invocation of its own, round after round
+    for _ in range(20):
+        expands = drain_items()
+        if not expands:
+            break
+        runs = [threading.Thread(target=expander.expand, args=(batch_id, lambda: 100.0)) for _ in expands]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    drain_items()
+    # Then every item was written, and sent about once: a run refused at the checkpoint sends
+    # again only the chunk it met, and each run's start its last chunk (2 items each)
+    assert _stored(harness, batch_id).expanded == total
+    assert set(sent) == {item_job_id(batch_id, index) for index in range(total)}
+    from collections import Counter
+
+    assert len(sent) <= total + 2 * 2 * 8, str(
+        sorted(Counter(int(j.rsplit("n", 1)[1]) for j in sent).items())
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 
@@ -263,6 +264,9 @@ class BatchExpander:
             batch = scan.batch
         requests = StoredRequests(self.payloads, batch)
         chunk = self.config.batches.expand_chunk
+        # This run's name on the chunks it writes: refused by the checkpoint, it tells its own
+        # write (whose answer was lost) from another run's, which goes on without it.
+        writer = secrets.token_hex(6)
         # The last chunk written may have been written but not queued.
         if batch.expanded:
             self._queue(batch, max(0, batch.expanded - chunk), batch.expanded)
@@ -281,7 +285,7 @@ class BatchExpander:
                 item_record(batch, index, requests.item(index), self.config, now_ms)
                 for index in range(start, end)
             ]
-            if not self.batches.write_items(batch, start, items):
+            if not self.batches.write_items(batch, start, items, writer):
                 found = self.batches.find(batch.id)
                 if found is None or found.status.is_terminal:
                     return
@@ -293,9 +297,20 @@ class BatchExpander:
                     raise StoreUnavailable(
                         f"batch {batch.id}: chunk at {start} refused, checkpoint unchanged"
                     )
-                # Written already: by another run of this expansion (a duplicate message), or
-                # by this one on a try whose answer was lost. Either way its items are queued
-                # (again: a duplicate message is harmless) before going on from there.
+                if found.expand_writer is not None and found.expand_writer != writer:
+                    # Written by another run of this expansion (a duplicate message, a look the
+                    # reconciler or an item's end asked for), which queues each chunk before it
+                    # writes the next and goes on with the rest: this run stops, or two runs
+                    # would each send every later item again. Only that run's last chunk may
+                    # still lack its messages (were it to stop now): queued here too.
+                    self._queue(found, max(start, found.queued_to or start), found.expanded)
+                    logger.info(
+                        "batch expansion goes on in another run",
+                        extra={"batch_id": batch.id, "expanded": found.expanded},
+                    )
+                    return
+                # Written by this run, on a try whose answer was lost: queued now (again, if a
+                # try did: a duplicate message is harmless), and on from there.
                 self._queue(batch, start, found.expanded)
                 batch, start = found, found.expanded
                 continue

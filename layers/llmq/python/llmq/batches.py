@@ -208,6 +208,9 @@ class BatchRecord(Model):
     # sends may have failed or the worker stopped between (`BatchExpander.expand` sends them
     # again). None on batches an earlier version expanded.
     queued_to: int | None = None
+    # The run of the expansion that wrote the last chunk (`write_items`): a run refused by the
+    # checkpoint tells its own write, whose answer was lost, from another run's.
+    expand_writer: str | None = None
 
     @property
     def expansion_over(self) -> bool:
@@ -580,10 +583,13 @@ class BatchRepository:
 
     # ---- expansion ----------------------------------------------------------------------
 
-    def write_items(self, batch: BatchRecord, start: int, jobs: list[JobRecord]) -> bool:
+    def write_items(
+        self, batch: BatchRecord, start: int, jobs: list[JobRecord], writer: str | None = None
+    ) -> bool:
         """One transaction: items [start, start + len(jobs)) put, each only if absent, and the
-        checkpoint moved from `start` past them; nothing if the checkpoint is elsewhere (another
-        expansion wrote them) or the batch was asked to cancel. True when this call wrote them."""
+        checkpoint moved from `start` past them, naming the run that wrote them (`writer`);
+        nothing if the checkpoint is elsewhere (another expansion wrote them) or the batch was
+        asked to cancel. True when this call wrote them."""
         end = start + len(jobs)
         puts = [
             {
@@ -606,11 +612,12 @@ class BatchRepository:
                 "TableName": self.table_name,
                 "Key": batch_key(batch.id),
                 # Every chunk before this one was queued first (`BatchExpander.expand`).
-                "UpdateExpression": f"SET expanded = :end, queued_to = :start, #st = :status {_PROGRESSED}",
+                "UpdateExpression": "SET expanded = :end, queued_to = :start, #st = :status, "
+                f"expand_writer = :writer {_PROGRESSED}",
                 "ConditionExpression": "expanded = :start AND cancel_requested = :false",
                 "ExpressionAttributeNames": {"#st": "status"},
                 "ExpressionAttributeValues": codec.values(
-                    end=end, start=start, status=status.value, false=False
+                    end=end, start=start, status=status.value, false=False, writer=writer or "-"
                 ),
             }
         }
