@@ -1011,3 +1011,32 @@ class _CoreRequest:
 
     def __init__(self, method: bytes) -> None:
         self.method = method
+
+
+def _lone_surrogate_body(body: dict[str, Any]) -> bytes:
+    # (json.dumps writes the lone half as the escape \ud83d, as a JavaScript proxy that cut an
+    # emoji in two would)
+    return json.dumps(body).encode()
+
+
+def test_a_providers_message_with_half_an_emoji_is_kept_as_utf8_can_hold_it() -> None:
+    """Stored on the job, a lone surrogate made every later read of it (GET, the list, the
+    webhook) fail to serialize: a 500 for the job's whole retention."""
+    body = {"error": {"message": "prompt too long: \ud83d", "code": "context_length_exceeded"}}
+    provider = _provider(lambda request: httpx.Response(400, content=_lone_surrogate_body(body)))
+    with pytest.raises(PermanentProviderError) as refused:
+        asyncio.run(provider.generate(REQUEST, 5))
+    assert refused.value.message == "prompt too long: \ufffd"
+    refused.value.message.encode("utf-8")
+
+
+def test_a_finish_reason_with_half_an_emoji_is_kept_as_utf8_can_hold_it() -> None:
+    whole = {"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop\udc00"}]}
+    provider = _provider(lambda request: httpx.Response(200, content=_lone_surrogate_body(whole)))
+    result = asyncio.run(provider.generate(REQUEST, 5))
+    assert result.finish_reason == "stop\ufffd"
+    streamed = _provider(
+        lambda request: httpx.Response(200, text=_sse(_delta("hi"), _delta("", "len\ud83d"), "[DONE]")),
+        stream=True,
+    )
+    assert asyncio.run(streamed.generate(REQUEST, 5)).finish_reason == "len\ufffd"

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from llmq.live_output import printable
 from llmq.models import ChatMessage, ErrorCode, GenerationParams, JobResult, Usage
 from llmq.retry_after import parse_retry_after
 
@@ -85,7 +86,9 @@ class ProviderError(Exception):
     def __init__(self, code: ErrorCode, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message[:_MAX_MESSAGE]
+        # Kept on the job: as UTF-8 can hold it (a provider's message may carry half an emoji,
+        # a proxy having cut it, which no store, queue or JSON answer takes).
+        self.message = printable(message[:_MAX_MESSAGE])
         # The HTTP status, or the one an in-band error event reported.
         self.status_code = status_code
         # The provider answered 401 or 403: it refused our key before generating anything.
@@ -858,4 +861,4 @@ def _parse_completion(body: bytes) -> JobResult:
 
 def _reason(choice: dict[str, Any]) -> str | None:
     reason = choice.get("finish_reason")
-    return reason if isinstance(reason, str) and reason else None
+    return printable(reason) if isinstance(reason, str) and reason else None
