@@ -683,7 +683,7 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from llmq.errors import StoreUnavailable
-    from llmq.tenants import TenantExists, new_tenant_id
+    from llmq.tenants import InvalidTenantId, TenantExists, new_tenant_id
 
     target = AwsTarget(args)
     limits = _tenant_limits(target, args.table)
@@ -691,6 +691,8 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     args.id = args.id or new_tenant_id()
     try:
         created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
+    except InvalidTenantId as exc:
+        raise CliError(str(exc)) from exc
     except (ClientError, BotoCoreError, StoreUnavailable) as exc:
         reason = aws_error_line(exc)
         raise CliError(
@@ -1182,7 +1184,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = tenants.add_parser("create", help="create a tenant and its first API key")
     create.add_argument("--name", required=True)
     create.add_argument("--tier", required=True, help="e.g. enterprise or free: it picks the lane")
-    create.add_argument("--id", help="tenant id (default: generated)")
+    create.add_argument("--id", help="tenant id: 1 to 64 of A-Z a-z 0-9 _ . : - (default: generated)")
     create.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
     _aws_options(create)
     create.set_defaults(handler=cmd_tenants_create)

@@ -398,3 +398,16 @@ def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
     # And that command then says how to give it its usage-plan key
     again = _fails(capsys, "create", "--name", "Acme", "--tier", "free", "--id", tenant_id)
     assert f"attach-usage-keys {tenant_id}" in again
+
+
+@pytest.mark.parametrize("tenant_id", ["acme corp", "müller-gmbh", "t" * 65])
+def test_a_tenant_id_sqs_would_refuse_as_a_message_group_is_refused_and_nothing_is_made(
+    stack: dict[str, str], moto_stack: MotoStack, capsys: pytest.CaptureFixture[str], tenant_id: str
+) -> None:
+    # (every lane message of the tenant's jobs names it as its MessageGroupId: SQS refused the
+    # send, and every job of the tenant was accepted and never ran)
+    err = _fails(capsys, "create", "--name", "Acme", "--tier", "free", "--id", tenant_id)
+    assert "a tenant id is 1 to 64 of" in err and "Traceback" not in err
+    items = aws.client("dynamodb").scan(TableName=moto_stack.tenants_table)["Items"]
+    assert items == []
+    assert aws.client("apigateway").get_api_keys()["items"] == []

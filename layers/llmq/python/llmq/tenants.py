@@ -107,6 +107,16 @@ class TenantExists(ValueError):
     """`create` with an id another tenant has."""
 
 
+class InvalidTenantId(ValueError):
+    """`create` with an id that cannot name a tenant everywhere it goes."""
+
+
+# A tenant id is every lane message's MessageGroupId (SQS: 1 to 128 alphanumeric or punctuation
+# characters, so no space and nothing outside ASCII), part of S3 keys and DynamoDB keys: an id
+# SQS refused would have every job of the tenant accepted and never run.
+TENANT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
 class UnknownTenant(LookupError):
     pass
 
@@ -153,6 +163,11 @@ class TenantRepository:
         """The tenant, its API Gateway key in its tier's usage plan (with `usage_keys`), and
         its first API key. The tenant item is written first, so an id already taken fails
         before anything is created in API Gateway."""
+        if tenant_id is not None and not TENANT_ID.fullmatch(tenant_id):
+            raise InvalidTenantId(
+                f"a tenant id is 1 to 64 of A-Z, a-z, 0-9 and _ . : - (it names every message of the "
+                f"tenant's jobs in SQS): {tenant_id!r} is not"
+            )
         tenant = Tenant(
             id=tenant_id or new_tenant_id(),
             name=name,
