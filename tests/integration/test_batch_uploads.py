@@ -441,3 +441,26 @@ def test_a_replay_of_an_upload_batch_whose_upload_is_gone_answers_the_batch_it_m
         "POST", "/v1/batches", body=body, headers={"Idempotency-Key": "nightly-10"}, tenant=ENTERPRISE
     )
     assert (fresh.status, fresh.body["code"]) == (422, "upload_not_found")
+
+
+def test_lines_whose_field_names_are_long_fail_the_batch_with_errors_that_fit(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a file whose ten bad lines each carry an unknown field named by 45,000 characters
+    # (a prompt written as a JSON key): each error names the field, and the ten once made the
+    # batch's failure too large to write (400 KB), so the batch crashed its workers instead
+    from llmq.models import MAX_LINE_ERROR_CHARS
+
+    harness = Harness(moto_stack, integration_config(provider), monkeypatch)
+    lines = [
+        json.dumps({"custom_id": f"r{n}", "body": {"prompt": "hi", f"{n}" + "k" * 45_000: 1}})
+        for n in range(10)
+    ]
+    batch_id = _submit(harness, _upload(harness, "\n".join(lines))).body["id"]
+    # When the worker validates it
+    _run_lane(harness)
+    # Then the batch failed, naming each line, each error brief
+    batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert batch["status"] == "failed", batch
+    assert [error["line"] for error in batch["errors"]] == list(range(1, 11))
+    assert all(len(error["message"]) <= MAX_LINE_ERROR_CHARS for error in batch["errors"])

@@ -152,8 +152,14 @@ _STACK_VARIABLES_BYTES = 512
 MAX_OBJECT_MEMBERS = 1000
 
 
+# A request body Lambda can be handed: its 6 MB request payload holds the event around the
+# body, and the body travels base64-encoded (the API's binary media type), a third larger.
+# Past about 4.7 MB API Gateway answers 502 without calling llmq; up to this, llmq answers 413.
+MAX_REQUEST_BODY_BYTES = 4_500_000
+
+
 class LimitsConfig(_Frozen):
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_REQUEST_BODY_BYTES)] = 1024 * 1024
     max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
     max_metadata_keys: Annotated[int, Field(ge=0, le=MAX_OBJECT_MEMBERS)] = 16
     max_submit_wait_seconds: Annotated[int, Field(ge=0, le=25)] = 25
@@ -322,11 +328,8 @@ class BatchConfig(_Frozen):
     # than the api's default 256 MB: raise `api.memory_mb` with this (Anthropic's Message
     # Batches take 100,000).
     max_requests: Annotated[int, Field(ge=1, le=100_000)] = 20_000
-    # A POST /v1/batches body: a Lambda's request payload holds 6 MB (6,291,456 bytes) with the
-    # event around it, and the body travels base64-encoded (the API's binary media type), a
-    # third larger: 4.5 MB is 6 MB in the event. Past about 4.7 MB API Gateway answers 502
-    # without calling llmq (docs/sandbox.md); up to the limit, llmq answers 413 itself.
-    max_body_bytes: Annotated[int, Field(ge=1024, le=4_500_000)] = 4_500_000
+    # A POST /v1/batches body (MAX_REQUEST_BODY_BYTES, docs/sandbox.md).
+    max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_REQUEST_BODY_BYTES)] = MAX_REQUEST_BODY_BYTES
     # One item's body as JSON: a chunk of items is written in one transaction (at most 4 MB
     # and 100 actions), so a chunk of `expand_chunk` items stays well within it.
     max_item_bytes: Annotated[int, Field(ge=1024, le=140_000)] = 100_000

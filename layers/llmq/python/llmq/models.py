@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, create_model, model_validator
 
 from llmq.model_base import Model
 
@@ -511,12 +511,22 @@ class BatchWebhookState(Model):
     delivery: WebhookDelivery = Field(default_factory=WebhookDelivery)
 
 
+# A line's error says where and what, briefly: a field name can be a whole prompt (a JSON key),
+# and ten such errors once made a batch item too large to write (400 KB), and the batch list's
+# page too large for Lambda's answer.
+MAX_LINE_ERROR_CHARS = 500
+
+
+def _brief(message: str) -> str:
+    return message if len(message) <= MAX_LINE_ERROR_CHARS else message[: MAX_LINE_ERROR_CHARS - 1] + "\u2026"
+
+
 class BatchLineError(Model):
     """Why an uploaded file was refused: its line (from 1), and what is wrong there."""
 
     line: int
     code: str
-    message: str
+    message: Annotated[str, AfterValidator(_brief)]
 
 
 class BatchEventDeliveries(Model):
