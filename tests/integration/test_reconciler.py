@@ -147,9 +147,7 @@ def test_a_job_whose_enqueue_was_lost_is_enqueued_by_the_reconciler_and_complete
     assert reply.status == 202
     job_id = reply.body["id"]
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
-    # When the reconciler runs after the staleness threshold
-    assert reconciler.run().requeued == []
-    clock.offset = harness.config.reconciler.stale_queued_seconds + 1
+    # When the reconciler runs next: the job, known to have lost its message, is first in line
     report = reconciler.run()
     assert report.requeued == [job_id]
     # Then the job runs once and succeeds
@@ -158,6 +156,29 @@ def test_a_job_whose_enqueue_was_lost_is_enqueued_by_the_reconciler_and_complete
     assert provider.calls_for(job_id) == 1
     # And a later run finds nothing to do
     assert reconciler.run().examined == 0
+
+
+def test_a_lost_enqueue_behind_a_backlog_gets_the_missing_message_not_the_backlogs_oldest(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a backlog older than the staleness threshold (three jobs, each with its message)
+    backlog = [harness.submit(prompt=f"waiting {n}").body["id"] for n in range(3)]
+    # And a job whose message was lost (SendMessage failed after the PutItem)
+    faults = AwsFaults()
+    try:
+        faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", times=1)
+        lost = harness.submit(prompt="lost in transit").body["id"]
+        assert faults.fired
+    finally:
+        faults.disarm()
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 3
+    # When the reconciler runs, the backlog now stale
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 60
+    report = reconciler.run()
+    # Then the lane's one missing message goes to the job that lost it, not to the oldest job
+    assert report.requeued == [lost]
+    sent = [json.loads(m["Body"])["job_id"] for m in harness.receive(harness.stack.lane_queue_urls["high"])]
+    assert sorted(sent) == sorted([*backlog, lost])
 
 
 def test_a_lost_enqueue_replayed_with_its_key_never_creates_a_second_job(harness: Harness) -> None:

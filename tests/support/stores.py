@@ -664,6 +664,11 @@ class InMemoryJobs:
         return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
 
     @_throttleable
+    def sweep_first(self, job_id: str) -> None:
+        if job_id in self.due and self.records[job_id].status is JobStatus.QUEUED:
+            self.due[job_id] = 1
+
+    @_throttleable
     def postpone_sweep(
         self,
         job_id: str,

@@ -170,6 +170,12 @@ class JobIntake:
             from llmq.telemetry import MetricName, emit_job_metric
 
             emit_job_metric(MetricName.JOB_ENQUEUE_FAILED, 1, record.lane)
+            try:
+                # Its message is known lost: first in line for the next sweep, not behind the
+                # lane's backlog (whose messages are only late).
+                self.jobs.sweep_first(record.id)
+            except Exception:
+                logger.warning("could not put the job first for the reconciler", extra={"job_id": record.id})
         return Submission(job=record, replayed=False)
 
     @staticmethod

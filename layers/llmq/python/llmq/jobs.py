@@ -114,6 +114,10 @@ class SweepEntry:
     batch: bool = False
 
 
+# A sweep entry due before any other (`JobRepository.sweep_first`).
+SWEEP_FIRST_MS = 1
+
+
 class RetentionDue(Exception):
     """The job is still unfinished this close to the end of its retention: the reconciler ends
     it (`JobRepository.expire_at_retention`) instead of leaving it for another look. `job`: as
@@ -1409,6 +1413,24 @@ class JobRepository:
                     break
                 kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return counts
+
+    def sweep_first(self, job_id: str) -> None:
+        """A queued job whose message is known lost (its send failed after the job was stored):
+        its sweep entry goes to the front, so the reconciler's next run gives it the message the
+        lane is short of, rather than to the oldest of a backlog, whose messages are only late.
+        Nothing when the job is no longer queued (claimed after all: a duplicate got through)."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression="SET sweep_at = :first",
+                ConditionExpression="attribute_exists(sweep_pk) AND #st = :queued",
+                ExpressionAttributeNames={"#st": "status"},
+                ExpressionAttributeValues=codec.values(first=SWEEP_FIRST_MS, queued=JobStatus.QUEUED.value),
+            )
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
 
     def postpone_sweep(
         self,

@@ -265,7 +265,12 @@ class Reconciler:
         recovered = self.jobs.recover(job)
         if recovered is None:
             return
-        self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
+        try:
+            self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
+        except Exception:
+            # Queued again with no message: first in line for the next run's missing messages.
+            self.jobs.sweep_first(job.id)
+            raise
         report.recovered.append(entry.job_id)
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
