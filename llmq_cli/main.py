@@ -1184,7 +1184,10 @@ def build_parser() -> argparse.ArgumentParser:
     create = tenants.add_parser("create", help="create a tenant and its first API key")
     create.add_argument("--name", required=True)
     create.add_argument("--tier", required=True, help="e.g. enterprise or free: it picks the lane")
-    create.add_argument("--id", help="tenant id: 1 to 64 of A-Z a-z 0-9 _ . : - (default: generated)")
+    create.add_argument(
+        "--id",
+        help="tenant id: 1 to 64 of A-Z a-z 0-9 _ . : -, the first a letter or digit (default: generated)",
+    )
     create.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
     _aws_options(create)
     create.set_defaults(handler=cmd_tenants_create)

@@ -728,3 +728,59 @@ def test_a_lane_that_becomes_the_tenants_own_stops_being_whole_for_its_batches(
     # Then its items stay below the batch cap there, and its own job runs
     assert outcomes == [ClaimOutcome.CLAIMED] * 3 + [ClaimOutcome.AT_CAP]
     assert jobs.claim(own["id"], "w-own", 3600).outcome is ClaimOutcome.CLAIMED
+
+
+def test_a_message_waiting_for_its_batchs_sibling_goes_back_when_its_deferral_is_due(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused message waits in flight for a sibling of its batch to end (the slot handoff),
+    but never past its own deferral: a slot may free in another invocation, which the sibling
+    does not see, and the job would stay queued while its tenant runs below its cap."""
+    import threading
+
+    from llmq.models import ErrorCode, JobError
+
+    harness = Harness(moto_stack, integration_config(provider), monkeypatch)
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=2)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    url = harness.stack.lane_queue_urls["high"]
+    # Given another worker's job holding one of the tenant's two slots
+    other = harness.submit(prompt="x").body["id"]
+    claim = jobs.claim(other, "other-worker", 600)
+    assert claim.outcome is ClaimOutcome.CLAIMED
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    # And a slow job and another received in one batch: the second is refused at the cap
+    harness.submit(prompt="slow [[latency:8]]")
+    refused = harness.submit(prompt="r").body["id"]
+    messages = harness.receive(url, visibility=600)
+    assert len(messages) == 2
+    began = time.monotonic()
+    copies: list[float] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if params.get("QueueUrl") == url and json.loads(params["MessageBody"])["job_id"] == refused:
+            copies.append(time.monotonic() - began + int(params.get("DelaySeconds", 0)))
+
+    freed: list[float] = []
+
+    def free_the_other_slot() -> None:
+        jobs.fail_leased(
+            claim.job, "other-worker", JobError(code=ErrorCode.PROVIDER_ERROR, message="x", retryable=False)
+        )
+        freed.append(time.monotonic() - began)
+
+    # When the other worker's slot frees a second in, while the slow sibling still runs
+    timer = threading.Timer(1.0, free_the_other_slot)
+    events = aws.client("sqs").meta.events
+    events.register("provide-client-params.sqs.SendMessage", record)
+    timer.start()
+    try:
+        harness.run_worker(url, messages, timeout_seconds=60)
+    finally:
+        events.unregister("provide-client-params.sqs.SendMessage", record)
+        timer.join()
+    # Then the refused job's copy came back about when its deferral was due (it was short:
+    # one job waiting), not when its sibling ended 8 s later
+    (due,) = copies
+    assert due <= freed[0] + 2.5, (copies, freed)

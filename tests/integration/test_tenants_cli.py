@@ -400,7 +400,7 @@ def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
     assert f"attach-usage-keys {tenant_id}" in again
 
 
-@pytest.mark.parametrize("tenant_id", ["acme corp", "müller-gmbh", "t" * 65])
+@pytest.mark.parametrize("tenant_id", ["acme corp", "müller-gmbh", "t" * 65, "..", "."])
 def test_a_tenant_id_sqs_would_refuse_as_a_message_group_is_refused_and_nothing_is_made(
     stack: dict[str, str], moto_stack: MotoStack, capsys: pytest.CaptureFixture[str], tenant_id: str
 ) -> None:

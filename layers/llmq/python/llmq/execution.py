@@ -492,7 +492,7 @@ class JobRunner:
         )
         due_ms = at_ms + int(delay * 1000)
         running = share.running
-        freed = freed_meanwhile or await self._wait_for_a_sibling(key, invocation)
+        freed = freed_meanwhile or await self._wait_for_a_sibling(key, invocation, due_ms)
         delay = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
         # (a copy that cannot be sent leaves this message to come back when it was due, never
         # at once: a throttled queue must not spin it through its receives)
@@ -523,12 +523,14 @@ class JobRunner:
             running=running,
         )
 
-    async def _wait_for_a_sibling(self, key: HandoffKey, invocation: Invocation) -> bool:
+    async def _wait_for_a_sibling(self, key: HandoffKey, invocation: Invocation, due_ms: int) -> bool:
         """Wait for one of this batch's jobs of the same tenant to end (`llmq.slot_handoff`);
         True when its end freed a slot. The message waits in flight: it is first hidden only
         until just after this invocation can end, so that a crash meanwhile brings it back
         then (a receive spent, as for any record of a crashed batch), not after the lane's
-        visibility timeout. Where SQS refuses that, the message does not wait."""
+        visibility timeout. Where SQS refuses that, the message does not wait. Never past
+        `due_ms`, when its deferral would have brought it back anyway: a slot may free in
+        another invocation, which this message's sibling does not see."""
         remaining = invocation.remaining_seconds()
         reserve = min(_HANDOFF_RESERVE_SECONDS, remaining * _WRITE_BACK_SHARE)
         if not self.config.fair_share.slot_handoff or remaining <= reserve:
@@ -543,7 +545,8 @@ class JobRunner:
             if hold is not None and not await asyncio.to_thread(hold, hidden):
                 # (a sibling may have ended meanwhile, and handed this message its slot)
                 return waiter.handed_a_slot()
-            return await waiter.freed(invocation.remaining_seconds() - reserve)
+            due_in = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
+            return await waiter.freed(min(invocation.remaining_seconds() - reserve, due_in))
 
     async def _resend(
         self,

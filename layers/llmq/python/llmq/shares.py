@@ -464,17 +464,21 @@ def deferral_seconds(
     if interactive:
         # (the slots a batch's items hold free for them, not for this job)
         cap = max(1, cap - len(state.batch_holders.get(lane, {})))
-    ages = [max(0, now_ms - started) for started in held.values()]
-    ages = [age for age in ages if live_for_ms is None or age <= live_for_ms]
-    if lane in state.last_runs:
+    every_age = [max(0, now_ms - started) for started in held.values()]
+    ages = [age for age in every_age if live_for_ms is None or age <= live_for_ms]
+    # A slot held by a worker long gone frees only when the reconciler recovers it: it drains
+    # none of the backlog until then.
+    cap = max(1, cap - (len(every_age) - len(ages)))
+    if held and not ages and live_for_ms is not None:
+        # Every slot held by a worker long gone: none frees before the reconciler's recovery,
+        # however long the tenant's last run took (or the backlog would spin until then).
+        run_seconds = live_for_ms / 1000
+    elif lane in state.last_runs:
         # (the holders' mean age misleads when they started together: about to end, they
         # look like half a run; just started, like nothing)
         run_seconds = max(state.last_runs[lane], max(ages, default=0)) / 1000
     elif ages:
         run_seconds = 2 * sum(ages) / len(ages) / 1000
-    elif held and live_for_ms is not None:
-        # Every slot held by a worker long gone: none frees before the reconciler's recovery.
-        run_seconds = live_for_ms / 1000
     else:
         run_seconds = 1.0
     run_seconds = max(policy.min_deferral_seconds, run_seconds)

@@ -114,7 +114,9 @@ class InvalidTenantId(ValueError):
 # A tenant id is every lane message's MessageGroupId (SQS: 1 to 128 alphanumeric or punctuation
 # characters, so no space and nothing outside ASCII), part of S3 keys and DynamoDB keys: an id
 # SQS refused would have every job of the tenant accepted and never run.
-TENANT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# (Its first character a letter or digit: an id of dots would be a dot segment of an upload's
+# S3 key, which HTTP clients resolve before sending a presigned URL, so its signature fails.)
+TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 class UnknownTenant(LookupError):
@@ -165,8 +167,8 @@ class TenantRepository:
         before anything is created in API Gateway."""
         if tenant_id is not None and not TENANT_ID.fullmatch(tenant_id):
             raise InvalidTenantId(
-                f"a tenant id is 1 to 64 of A-Z, a-z, 0-9 and _ . : - (it names every message of the "
-                f"tenant's jobs in SQS): {tenant_id!r} is not"
+                f"a tenant id is 1 to 64 of A-Z, a-z, 0-9 and _ . : -, starting with a letter or digit "
+                f"(it names every message of the tenant's jobs in SQS, and its S3 keys): {tenant_id!r} is not"
             )
         tenant = Tenant(
             id=tenant_id or new_tenant_id(),
