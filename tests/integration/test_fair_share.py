@@ -784,3 +784,34 @@ def test_a_message_waiting_for_its_batchs_sibling_goes_back_when_its_deferral_is
     # one job waiting), not when its sibling ended 8 s later
     (due,) = copies
     assert due <= freed[0] + 2.5, (copies, freed)
+
+
+def test_a_message_whose_siblings_hold_every_slot_waits_for_one_of_them(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the tenant's slots are all held by the refused message's own batch, only one of
+    those ending can free a slot: the message waits for it however short its deferral (going
+    back at once, it would only be refused again, and again)."""
+    harness = Harness(moto_stack, integration_config(provider), monkeypatch)
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=2)
+    url = harness.stack.lane_queue_urls["high"]
+    # Given three slow jobs of a tenant capped at two, received in one batch
+    ids = [harness.submit(prompt=f"slow {n} [[latency:3]]").body["id"] for n in range(3)]
+    messages = harness.receive(url, visibility=600)
+    assert len(messages) == 3
+    began = time.monotonic()
+    copies: list[float] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if params.get("QueueUrl") == url and json.loads(params["MessageBody"])["job_id"] in ids:
+            copies.append(time.monotonic() - began + int(params.get("DelaySeconds", 0)))
+
+    events = aws.client("sqs").meta.events
+    events.register("provide-client-params.sqs.SendMessage", record)
+    try:
+        harness.run_worker(url, messages, timeout_seconds=60)
+    finally:
+        events.unregister("provide-client-params.sqs.SendMessage", record)
+    # Then the refused job's one copy came back as a sibling ended and freed its slot, not before
+    (due,) = copies
+    assert due >= 2.5, copies

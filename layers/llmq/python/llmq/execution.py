@@ -492,7 +492,13 @@ class JobRunner:
         )
         due_ms = at_ms + int(delay * 1000)
         running = share.running
-        freed = freed_meanwhile or await self._wait_for_a_sibling(key, invocation, due_ms)
+        # Slots held outside this batch (by other invocations) may free first, which its
+        # siblings do not see: then the wait for a sibling ends when the deferral is due.
+        held = share.batch_holders if key[2] else share.holders
+        outside = len(held.get(key[1], {})) > self._handoff.siblings(key)
+        freed = freed_meanwhile or await self._wait_for_a_sibling(
+            key, invocation, due_ms if outside else None
+        )
         delay = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
         # (a copy that cannot be sent leaves this message to come back when it was due, never
         # at once: a throttled queue must not spin it through its receives)
@@ -523,14 +529,15 @@ class JobRunner:
             running=running,
         )
 
-    async def _wait_for_a_sibling(self, key: HandoffKey, invocation: Invocation, due_ms: int) -> bool:
+    async def _wait_for_a_sibling(self, key: HandoffKey, invocation: Invocation, due_ms: int | None) -> bool:
         """Wait for one of this batch's jobs of the same tenant to end (`llmq.slot_handoff`);
         True when its end freed a slot. The message waits in flight: it is first hidden only
         until just after this invocation can end, so that a crash meanwhile brings it back
         then (a receive spent, as for any record of a crashed batch), not after the lane's
-        visibility timeout. Where SQS refuses that, the message does not wait. Never past
-        `due_ms`, when its deferral would have brought it back anyway: a slot may free in
-        another invocation, which this message's sibling does not see."""
+        visibility timeout. Where SQS refuses that, the message does not wait. Not past
+        `due_ms`, if given (a slot held in another invocation may free first, which this
+        message's siblings do not see); when the siblings hold every slot, only their ends can
+        free one, and the message waits for one however long they run."""
         remaining = invocation.remaining_seconds()
         reserve = min(_HANDOFF_RESERVE_SECONDS, remaining * _WRITE_BACK_SHARE)
         if not self.config.fair_share.slot_handoff or remaining <= reserve:
@@ -545,8 +552,10 @@ class JobRunner:
             if hold is not None and not await asyncio.to_thread(hold, hidden):
                 # (a sibling may have ended meanwhile, and handed this message its slot)
                 return waiter.handed_a_slot()
-            due_in = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
-            return await waiter.freed(min(invocation.remaining_seconds() - reserve, due_in))
+            wait = invocation.remaining_seconds() - reserve
+            if due_ms is not None:
+                wait = min(wait, max(0.0, (due_ms - self.jobs.now_ms()) / 1000))
+            return await waiter.freed(wait)
 
     async def _resend(
         self,

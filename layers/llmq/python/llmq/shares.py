@@ -464,14 +464,12 @@ def deferral_seconds(
     if interactive:
         # (the slots a batch's items hold free for them, not for this job)
         cap = max(1, cap - len(state.batch_holders.get(lane, {})))
-    every_age = [max(0, now_ms - started) for started in held.values()]
-    ages = [age for age in every_age if live_for_ms is None or age <= live_for_ms]
-    # A slot held by a worker long gone frees only when the reconciler recovers it: it drains
-    # none of the backlog until then.
-    cap = max(1, cap - (len(every_age) - len(ages)))
+    ages = [max(0, now_ms - started) for started in held.values()]
+    ages = [age for age in ages if live_for_ms is None or age <= live_for_ms]
     if held and not ages and live_for_ms is not None:
-        # Every slot held by a worker long gone: none frees before the reconciler's recovery,
-        # however long the tenant's last run took (or the backlog would spin until then).
+        # Every slot held by a worker long gone: none frees before the reconciler's recovery
+        # (then all together), however long the tenant's last run took, or the backlog would
+        # spin against a full cap until then.
         run_seconds = live_for_ms / 1000
     elif lane in state.last_runs:
         # (the holders' mean age misleads when they started together: about to end, they

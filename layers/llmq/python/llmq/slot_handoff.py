@@ -207,6 +207,11 @@ class SlotHandoff:
             sibling._leave()
             self._forget_if_idle(group_key, group)
 
+    def siblings(self, key: HandoffKey) -> int:
+        """This batch's records of `key` holding one of its tenant's slots now."""
+        group = self._groups.get((asyncio.get_running_loop(), key))
+        return group.siblings if group is not None else 0
+
     @contextlib.asynccontextmanager
     async def waiting(self, key: HandoffKey, timeout: float = 0.0) -> AsyncIterator[Waiter | None]:
         """A place among `key`'s waiters (None: every sibling has one already, and no record
