@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from random import Random
+from typing import Any
 
 import pytest
 
@@ -792,3 +793,52 @@ def test_a_cancel_that_comes_while_an_s3_input_is_slow_to_read_ends_the_job_befo
     assert blobs.reads == (2 if throttled else 1)
     expected = (JobStatus.CANCELED, 0) if cancel else (JobStatus.SUCCEEDED, 1)
     assert (jobs.records["job_1"].status, provider.calls) == expected
+
+
+@pytest.mark.parametrize(("items_held", "bounded"), [(2, True), (3, False)])
+def test_a_batch_items_wait_for_its_sibling_is_bounded_when_a_slot_may_free_outside(
+    monkeypatch: pytest.MonkeyPatch, items_held: int, bounded: bool
+) -> None:
+    """An item refused at its tenant's whole cap (its batch slots not full) may take a slot the
+    tenant's own jobs free in another invocation, unseen by its siblings: its wait for them ends
+    when its deferral is due. Refused by its batch slots, all held by its siblings, only their
+    ends can free one: it waits for them."""
+    from llmq.shares import ShareState
+
+    world = World()
+    now = world.jobs.now_ms()
+    items = {f"item_{n}": now - 1000 for n in range(items_held)}
+    own = {f"own_{n}": now - 1000 for n in range(4 - items_held)}
+    share = ShareState(
+        tenant_id="ten_a",
+        active=12,
+        holders={"high": {**items, **own}},
+        batch_holders={"high": items},
+        max_concurrency=4,
+        max_batch_concurrency=3,
+        last_runs={"high": 10_000},
+    )
+    seen: list[bool] = []
+
+    async def recorded(key: Any, invocation: object, due_ms: int, held: int) -> bool:
+        seen.append(held > world.runner._handoff.siblings(key))
+        return False
+
+    monkeypatch.setattr(world.runner, "_wait_for_a_sibling", recorded)
+    key = ("ten_a", "high", True)
+    message = LaneMessage(job_id="job_1", lane="high", tenant_id="ten_a")
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: 60.0)
+
+    async def defer() -> None:
+        with world.runner._handoff.holding(key) as first, world.runner._handoff.holding(key) as second:
+            first.answered(took_slot=True)
+            second.answered(took_slot=True)
+            if items_held == 3:
+                with world.runner._handoff.holding(key) as third:
+                    third.answered(took_slot=True)
+                    await world.runner._defer(message, key, share, now, invocation)
+            else:
+                await world.runner._defer(message, key, share, now, invocation)
+
+    asyncio.run(defer())
+    assert seen == [bounded]

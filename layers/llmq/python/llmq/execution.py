@@ -489,15 +489,19 @@ class JobRunner:
             self._rng,
             batch_item=key[2],
             live_for_ms=live_for_ms,
+            recovered_within_s=60 * self.config.reconciler.schedule_minutes
+            + self.config.reconciler.expired_lease_grace_seconds,
         )
         due_ms = at_ms + int(delay * 1000)
         running = share.running
         # Slots held outside this batch (by other invocations) may free first, which its
         # siblings do not see: then the wait for a sibling ends when the deferral is due.
-        held = share.batch_holders if key[2] else share.holders
-        outside = len(held.get(key[1], {})) > self._handoff.siblings(key)
+        # (a batch's item is held to its batch slots only when those refused it, as its
+        # deferral reckons: `deferral_seconds`)
+        batch_full = len(share.batch_holders.get(key[1], {})) >= (share.batch_cap(key[1]) or 0) > 0
+        held = share.batch_holders if key[2] and batch_full else share.holders
         freed = freed_meanwhile or await self._wait_for_a_sibling(
-            key, invocation, due_ms if outside else None
+            key, invocation, due_ms, len(held.get(key[1], {}))
         )
         delay = max(0.0, (due_ms - self.jobs.now_ms()) / 1000)
         # (a copy that cannot be sent leaves this message to come back when it was due, never
@@ -529,15 +533,18 @@ class JobRunner:
             running=running,
         )
 
-    async def _wait_for_a_sibling(self, key: HandoffKey, invocation: Invocation, due_ms: int | None) -> bool:
+    async def _wait_for_a_sibling(
+        self, key: HandoffKey, invocation: Invocation, due_ms: int, held: int
+    ) -> bool:
         """Wait for one of this batch's jobs of the same tenant to end (`llmq.slot_handoff`);
         True when its end freed a slot. The message waits in flight: it is first hidden only
         until just after this invocation can end, so that a crash meanwhile brings it back
         then (a receive spent, as for any record of a crashed batch), not after the lane's
-        visibility timeout. Where SQS refuses that, the message does not wait. Not past
-        `due_ms`, if given (a slot held in another invocation may free first, which this
-        message's siblings do not see); when the siblings hold every slot, only their ends can
-        free one, and the message waits for one however long they run."""
+        visibility timeout. Where SQS refuses that, the message does not wait. When the
+        refusing share `held` more slots than this batch's records hold (or may: a claim not yet
+        answered), one held in another invocation may free first, which the siblings do not
+        see: the wait then ends when the deferral is due (`due_ms`). When the siblings hold
+        every slot, only their ends can free one, and the message waits however long they run."""
         remaining = invocation.remaining_seconds()
         reserve = min(_HANDOFF_RESERVE_SECONDS, remaining * _WRITE_BACK_SHARE)
         if not self.config.fair_share.slot_handoff or remaining <= reserve:
@@ -553,7 +560,7 @@ class JobRunner:
                 # (a sibling may have ended meanwhile, and handed this message its slot)
                 return waiter.handed_a_slot()
             wait = invocation.remaining_seconds() - reserve
-            if due_ms is not None:
+            if held > self._handoff.siblings(key):
                 wait = min(wait, max(0.0, (due_ms - self.jobs.now_ms()) / 1000))
             return await waiter.freed(wait)
 

@@ -436,6 +436,7 @@ def deferral_seconds(
     *,
     batch_item: bool = False,
     live_for_ms: int | None = None,
+    recovered_within_s: float | None = None,
 ) -> float:
     """How long a message whose tenant is at its cap waits before its next claim.
 
@@ -466,12 +467,14 @@ def deferral_seconds(
         cap = max(1, cap - len(state.batch_holders.get(lane, {})))
     ages = [max(0, now_ms - started) for started in held.values()]
     ages = [age for age in ages if live_for_ms is None or age <= live_for_ms]
+    recovery = 0.0
     if held and not ages and live_for_ms is not None:
-        # Every slot held by a worker long gone: none frees before the reconciler's recovery
-        # (then all together), however long the tenant's last run took, or the backlog would
-        # spin against a full cap until then.
-        run_seconds = live_for_ms / 1000
-    elif lane in state.last_runs:
+        # Every slot held by a worker long gone (its lease lapsed): none frees before the
+        # reconciler recovers them, all together, within one of its periods
+        # (`recovered_within_s`); the backlog comes back over that time, and then drains as
+        # usual, rather than spinning against a full cap until then.
+        recovery = recovered_within_s if recovered_within_s is not None else live_for_ms / 1000
+    if lane in state.last_runs:
         # (the holders' mean age misleads when they started together: about to end, they
         # look like half a run; just started, like nothing)
         run_seconds = max(state.last_runs[lane], max(ages, default=0)) / 1000
@@ -482,7 +485,7 @@ def deferral_seconds(
     run_seconds = max(policy.min_deferral_seconds, run_seconds)
     backlog = max(1, state.interactive_queued if interactive else state.queued)
     window = backlog * run_seconds / cap / policy.deferral_pressure
-    delay = window * rng.random()
+    delay = window * rng.random() + (recovery * rng.random() if recovery else 0.0)
     return min(max(delay, policy.min_deferral_seconds), policy.max_deferral_seconds)
 
 

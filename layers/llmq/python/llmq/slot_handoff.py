@@ -208,9 +208,10 @@ class SlotHandoff:
             self._forget_if_idle(group_key, group)
 
     def siblings(self, key: HandoffKey) -> int:
-        """This batch's records of `key` holding one of its tenant's slots now."""
+        """This batch's records of `key` holding one of its tenant's slots now, or that may be:
+        those whose claim has not answered yet count too (one applied may not have said so)."""
         group = self._groups.get((asyncio.get_running_loop(), key))
-        return group.siblings if group is not None else 0
+        return group.siblings + group.claiming if group is not None else 0
 
     @contextlib.asynccontextmanager
     async def waiting(self, key: HandoffKey, timeout: float = 0.0) -> AsyncIterator[Waiter | None]:
