@@ -56,12 +56,20 @@ class RedriveResult:
 def stack_dead_letter_queues(outputs: dict[str, str]) -> list[DeadLetterQueue]:
     """Pairs every DLQ output (LaneDlqUrl<Lane>, WebhookDlqUrl) with its source queue output."""
     queues = []
+    # The lanes' own names (`short-batch`), from the lane-to-URL map: the outputs' keys hold
+    # them PascalCased (`ShortBatch`).
+    try:
+        names = {
+            str(url): str(name) for name, url in json.loads(outputs.get("LaneQueueUrls") or "{}").items()
+        }
+    except (ValueError, AttributeError):
+        names = {}
     for key, url in sorted(outputs.items()):
         if key.startswith("LaneDlqUrl"):
             lane = key.removeprefix("LaneDlqUrl")
             source = outputs.get(f"LaneQueueUrl{lane}")
             if source:
-                queues.append(DeadLetterQueue(lane.lower(), url, source))
+                queues.append(DeadLetterQueue(names.get(source, lane.lower()), url, source))
     if outputs.get("WebhookDlqUrl") and outputs.get("WebhookQueueUrl"):
         queues.append(DeadLetterQueue("webhooks", outputs["WebhookDlqUrl"], outputs["WebhookQueueUrl"]))
     if outputs.get("PoisonQueueUrl"):

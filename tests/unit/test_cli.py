@@ -191,3 +191,27 @@ def test_batch_results_lines_are_split_at_newlines_only() -> None:
     client = RealClient("http://127.0.0.1:9", "llmq_sk_test")  # (the fixture patches the module's)
     client._http = httpx.Client(transport=httpx.MockTransport(answer))
     assert list(client.batch_results("bat_1")) == lines
+
+
+def test_dead_letter_queues_are_named_as_their_lanes_are() -> None:
+    """A lane's name may hold a hyphen (`short-batch`), which the stack's output keys drop
+    (`LaneDlqUrlShortBatch`): `llmq dlq --queue short-batch` must find it."""
+    from llmq_cli.dead_letters import stack_dead_letter_queues
+
+    outputs = {
+        "LaneQueueUrls": json.dumps({"high": "https://q/high", "short-batch": "https://q/short"}),
+        "LaneQueueUrlHigh": "https://q/high",
+        "LaneDlqUrlHigh": "https://q/high-dlq",
+        "LaneQueueUrlShortBatch": "https://q/short",
+        "LaneDlqUrlShortBatch": "https://q/short-dlq",
+        "WebhookQueueUrl": "https://q/hooks",
+        "WebhookDlqUrl": "https://q/hooks-dlq",
+        "PoisonQueueUrl": "https://q/poison",
+    }
+    named = {queue.name: (queue.dlq_url, queue.source_url) for queue in stack_dead_letter_queues(outputs)}
+    assert named == {
+        "high": ("https://q/high-dlq", "https://q/high"),
+        "short-batch": ("https://q/short-dlq", "https://q/short"),
+        "webhooks": ("https://q/hooks-dlq", "https://q/hooks"),
+        "poison": ("https://q/poison", None),
+    }
