@@ -622,33 +622,41 @@ def test_a_batch_key_past_its_retention_over_the_quota_is_a_429_not_a_replay(har
     assert (again.status, again.body["code"]) == (429, "quota_exceeded")
 
 
+def _claims_of_a_new_batch(
+    harness: Harness, tenant: dict[str, str], lane: str, claims: int
+) -> tuple[list[ClaimOutcome], JobRepository]:
+    """A batch of six of `tenant`'s, expanded into `lane`, then its first `claims` items claimed
+    by workers: their outcomes, and the jobs those workers claim with."""
+    from llmq.batches import item_job_id
+
+    batch = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
+        tenant=tenant,
+    )
+    assert batch.status == 202
+    url = harness.stack.lane_queue_urls[lane]
+    harness.run_worker(
+        url, [m for m in harness.receive(url) if json.loads(m["Body"]).get("kind") == "expand"]
+    )
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(claims)]
+    return outcomes, jobs
+
+
 def test_an_operators_cap_is_whole_for_batches_in_a_lane_of_their_own(
     moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In the lane of batches (`batches.lane`) none of the tenant's own jobs runs, so no slot is
     kept for them there: under an operator's cap as under the tier's, its items take it all."""
-    from llmq.batches import item_job_id
-
     harness = Harness(moto_stack, integration_config(provider, batches={"lane": "low"}), monkeypatch)
     # Given an operator's cap of 4 (a batch cap of 3 elsewhere), and a batch of six expanded
-    # into the batch lane
+    # into the batch lane, when workers claim its items
     _shares(harness).set_limits(
         ENTERPRISE["tenant_id"], max_concurrency=4, reserve=harness.config.batches.interactive_reserve
     )
-    batch = harness.api(
-        "POST",
-        "/v1/batches",
-        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
-        tenant=ENTERPRISE,
-    )
-    assert batch.status == 202
-    url = harness.stack.lane_queue_urls["low"]
-    harness.run_worker(
-        url, [m for m in harness.receive(url) if json.loads(m["Body"]).get("kind") == "expand"]
-    )
-    # When workers claim its items
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(5)]
+    outcomes, _ = _claims_of_a_new_batch(harness, ENTERPRISE, "low", 5)
     # Then four run at once, the whole cap, and the fifth waits
     assert outcomes == [ClaimOutcome.CLAIMED] * 4 + [ClaimOutcome.AT_CAP]
 
@@ -658,27 +666,13 @@ def test_batches_in_the_tenants_own_lane_keep_its_reserve_when_that_lane_is_the_
 ) -> None:
     """The lane of batches is some tier's own lane too: there a tenant's own jobs still run,
     and its batch items stay below the batch cap, leaving them the reserve."""
-    from llmq.batches import item_job_id
-
     harness = Harness(moto_stack, integration_config(provider, batches={"lane": "low"}), monkeypatch)
     # Given a free-tier tenant (whose own lane is the batch lane) capped at 4 by an operator
     _shares(harness).set_limits(
         FREE["tenant_id"], max_concurrency=4, reserve=harness.config.batches.interactive_reserve
     )
-    batch = harness.api(
-        "POST",
-        "/v1/batches",
-        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
-        tenant=FREE,
-    )
-    assert batch.status == 202
-    url = harness.stack.lane_queue_urls["low"]
-    harness.run_worker(
-        url, [m for m in harness.receive(url) if json.loads(m["Body"]).get("kind") == "expand"]
-    )
-    # When workers claim its items, and then a job of its own
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(4)]
+    # When workers claim its batch's items, and then a job of its own
+    outcomes, jobs = _claims_of_a_new_batch(harness, FREE, "low", 4)
     own = harness.submit(tenant=FREE, key="own-job").body["id"]
     # Then three items run (the batch cap), and the tenant's own job takes the slot kept for it
     assert outcomes == [ClaimOutcome.CLAIMED] * 3 + [ClaimOutcome.AT_CAP]
@@ -690,8 +684,6 @@ def test_a_lane_that_becomes_the_tenants_own_stops_being_whole_for_its_batches(
 ) -> None:
     """A batch in a lane not the tenant's own marks it whole; if the operator's config later
     makes it the tenant's own, the tenant's own jobs there keep their reserve again."""
-    from llmq.batches import item_job_id
-
     # Given a free tenant's batch in the high lane, not its own: the lane marked whole
     before = Harness(moto_stack, integration_config(provider, batches={"lane": "high"}), monkeypatch)
     first = before.api(
@@ -715,16 +707,7 @@ def test_a_lane_that_becomes_the_tenants_own_stops_being_whole_for_its_batches(
     )
     own = after.submit(tenant=FREE, key="own-job").body
     assert own["lane"] == "high"
-    batch = after.api(
-        "POST",
-        "/v1/batches",
-        body={"requests": [{"custom_id": f"item-{n}", "body": {"prompt": f"item {n}"}} for n in range(6)]},
-        tenant=FREE,
-    )
-    url = after.stack.lane_queue_urls["high"]
-    after.run_worker(url, [m for m in after.receive(url) if json.loads(m["Body"]).get("kind") == "expand"])
-    jobs = JobRepository(after.stack.jobs_table, after.config, dynamodb=aws.client("dynamodb"))
-    outcomes = [jobs.claim(item_job_id(batch.body["id"], n), f"w{n}", 3600).outcome for n in range(4)]
+    outcomes, jobs = _claims_of_a_new_batch(after, FREE, "high", 4)
     # Then its items stay below the batch cap there, and its own job runs
     assert outcomes == [ClaimOutcome.CLAIMED] * 3 + [ClaimOutcome.AT_CAP]
     assert jobs.claim(own["id"], "w-own", 3600).outcome is ClaimOutcome.CLAIMED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import jsonschema
 import pytest
@@ -203,47 +204,46 @@ def test_a_busy_store_answers_the_stream_with_a_retry_not_an_error(harness: Harn
     assert _events(str(again.body))[0][0] == "status"
 
 
-def test_a_cancel_while_only_a_whole_answers_trailer_is_awaited_keeps_the_paid_answer(
-    streaming: Harness, provider: FakeProviderServer
-) -> None:
-    harness = streaming
-    # Given a streamed answer that is whole (its finish_reason came alone), whose server holds
-    # the connection 1.5 s before the usage chunk and [DONE]
-    job_id = harness.submit(prompt="[[tokens:3]] [[trailer_late:1.5]] hi").body["id"]
+def _canceled_into_its_call(
+    harness: Harness, provider: FakeProviderServer, prompt: str, after_seconds: float
+) -> dict[str, Any]:
+    """A job of `prompt` run by a worker, canceled `after_seconds` into its provider call: the
+    job as it ended."""
+    job_id = harness.submit(prompt=prompt).body["id"]
     worker = threading.Thread(target=harness.drain, args=("high",))
     worker.start()
     deadline = time.monotonic() + 10
     while provider.calls_for(job_id) == 0:
         assert time.monotonic() < deadline, "the provider was never called"
         time.sleep(0.02)
-    # When a cancel comes while the trailer is awaited
-    time.sleep(0.4)
+    time.sleep(after_seconds)
     assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
     worker.join(timeout=30)
+    job: dict[str, Any] = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    return job
+
+
+def test_a_cancel_while_only_a_whole_answers_trailer_is_awaited_keeps_the_paid_answer(
+    streaming: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a streamed answer that is whole (its finish_reason came alone), whose server holds
+    # the connection 1.5 s before the usage chunk and [DONE], when a cancel comes while the
+    # trailer is awaited
+    job = _canceled_into_its_call(streaming, provider, "[[tokens:3]] [[trailer_late:1.5]] hi", 0.4)
     # Then the answer the provider billed stands: the job succeeded with it, after one call
-    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert (job["status"], job["cancel_requested"]) == ("succeeded", True), job
     assert job["result"]["output"]
-    assert provider.calls_for(job_id) == 1
+    assert provider.calls_for(job["id"]) == 1
 
 
 def test_a_cancel_while_an_early_finish_reason_looks_whole_still_stops_the_generation(
     streaming: Harness, provider: FakeProviderServer
 ) -> None:
-    harness = streaming
     # Given a gateway that sends a finish_reason alone after the first delta, pauses, and goes on
-    # with the answer (2 s more)
-    job_id = harness.submit(prompt="[[tokens:20]] [[latency:2]] [[finish_mid:0.6]] hi").body["id"]
-    worker = threading.Thread(target=harness.drain, args=("high",))
-    worker.start()
-    deadline = time.monotonic() + 10
-    while provider.calls_for(job_id) == 0:
-        assert time.monotonic() < deadline, "the provider was never called"
-        time.sleep(0.02)
-    # When a cancel comes while that early finish_reason is the latest word
-    time.sleep(0.2)
-    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
-    worker.join(timeout=30)
+    # with the answer (2 s more), when a cancel comes while that early finish_reason is the
+    # latest word
+    job = _canceled_into_its_call(
+        streaming, provider, "[[tokens:20]] [[latency:2]] [[finish_mid:0.6]] hi", 0.2
+    )
     # Then the cancel stops the generation once more text shows the answer was not whole
-    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert job["status"] == "canceled", job

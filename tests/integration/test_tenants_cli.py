@@ -301,6 +301,17 @@ def test_a_stack_not_in_the_region_is_an_aws_error_in_a_line(
     assert "AWS refused DescribeStacks" in err and "does not exist" in err
 
 
+def _with_usage_plans(moto_stack: MotoStack, stack: dict[str, str]) -> TenantRepository:
+    """The tenants as the CLI's commands hold them: with the stack's usage plans."""
+    from llmq.usage_plans import ApiGatewayUsagePlans
+
+    return TenantRepository(
+        moto_stack.tenants_table,
+        dynamodb=aws.client("dynamodb"),
+        usage_keys=ApiGatewayUsagePlans(aws.client("apigateway"), stack),
+    )
+
+
 def test_attach_usage_keys_cut_short_after_the_key_is_made_makes_no_second_key_when_run_again(
     stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
 ) -> None:
@@ -308,7 +319,6 @@ def test_attach_usage_keys_cut_short_after_the_key_is_made_makes_no_second_key_w
     # tenant's API Gateway key and then failed to put it in the plan (a throttle, a Ctrl-C)
     from botocore.exceptions import ClientError
 
-    from llmq.usage_plans import ApiGatewayUsagePlans
     from tests.aws_faults import AwsFaults, FaultKind
 
     TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
@@ -316,11 +326,7 @@ def test_attach_usage_keys_cut_short_after_the_key_is_made_makes_no_second_key_w
     )
     faults = AwsFaults()
     faults.arm(FaultKind.THROTTLE, "apigateway.CreateUsagePlanKey", times=5)
-    cut_short = TenantRepository(
-        moto_stack.tenants_table,
-        dynamodb=aws.client("dynamodb"),
-        usage_keys=ApiGatewayUsagePlans(aws.client("apigateway"), stack),
-    )
+    cut_short = _with_usage_plans(moto_stack, stack)
     with pytest.raises(ClientError):
         cut_short.attach_usage_key("ten_old")
     faults.disarm()
@@ -343,7 +349,6 @@ def test_attach_usage_keys_cut_short_after_the_tenant_got_its_key_finishes_when_
     # Given a tenant with two API keys, created without usage plans, and a run of
     # attach-usage-keys that recorded the tenant's usage key and then stopped before its API
     # keys carried it (a throttle, a Ctrl-C): API Gateway refuses those keys with 403
-    from llmq.usage_plans import ApiGatewayUsagePlans
     from tests.aws_faults import AwsFaults, FaultKind
 
     old = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
@@ -351,11 +356,7 @@ def test_attach_usage_keys_cut_short_after_the_tenant_got_its_key_finishes_when_
     second = old.issue_key(created.tenant)
     faults = AwsFaults()
     faults.arm(FaultKind.THROTTLE, "dynamodb.UpdateItem", nth=2, times=10)
-    cut_short = TenantRepository(
-        moto_stack.tenants_table,
-        dynamodb=aws.client("dynamodb"),
-        usage_keys=ApiGatewayUsagePlans(aws.client("apigateway"), stack),
-    )
+    cut_short = _with_usage_plans(moto_stack, stack)
     with pytest.raises(StoreUnavailable):
         cut_short.attach_usage_key("ten_half")
     assert faults.fired

@@ -623,21 +623,14 @@ class BatchRepository:
         }
         # Item claims check the batch in their transactions: one may meet this chunk's on the
         # batch item (TransactionConflict, nothing applied). Tried again here, briefly.
-        for attempt in range(_CHUNK_TRIES):
-            try:
-                self._ddb.transact_write_items(TransactItems=[checkpoint, *puts])
-                return True
-            except ClientError as exc:
-                reasons = _reasons(exc)
-                if any(reason.get("Code") == "ConditionalCheckFailed" for reason in reasons):
-                    return False
-                if attempt + 1 == _CHUNK_TRIES:
-                    _raise_retryable(exc, "an expansion chunk")
-                    raise
-                if not {reason.get("Code") for reason in reasons} & codec.RETRYABLE_TRANSACTION_REASONS:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        return False
+        try:
+            _transact_through_conflicts(self._ddb, [checkpoint, *puts])
+        except ClientError as exc:
+            if any(reason.get("Code") == "ConditionalCheckFailed" for reason in _reasons(exc)):
+                return False
+            _raise_retryable(exc, "an expansion chunk")
+            raise
+        return True
 
     def mark_queued(self, batch_id: str, upto: int) -> None:
         """Every item before `upto` has had its lane message sent (`queued_to` only moves on)."""
