@@ -15,7 +15,9 @@ deployment's `FairShareConfig`) in a discrete-event model of the lane, with no A
   reads it from the share;
 - a refused message whose batch runs jobs of the tenant waits for one of them, one per job
   (`llmq.slot_handoff`), and is visible again the moment that job ends: the handoff at its
-  best, as every such end frees a slot here and its copy takes no time to send;
+  best, as every such end frees a slot here and its copy takes no time to send. When the
+  tenant holds more slots than those jobs (others run in other invocations), the wait ends
+  when its deferral is due, if that comes first, as the worker bounds it;
 - a deferred message is visible again after its delay, rounded up to whole seconds as the
   worker rounds it for SQS's DelaySeconds;
 - a batch's first claim of the tenant (its scout, `llmq.slot_handoff`), refused at the cap,
@@ -151,8 +153,14 @@ def simulate(
                     delay = deferral_seconds(state, LANE, int(now * 1000), policy, rng, batch_item=item)
                     if handoff and waiting[item] < len(siblings[item]):
                         # (`llmq.slot_handoff`: it waits for one of the batch's own jobs, and
-                        # is re-sent as that one ends)
-                        heapq.heappush(delayed, (sorted(siblings[item])[waiting[item]], job))
+                        # is re-sent as that one ends; no longer than its deferral when slots
+                        # are held outside the batch, which may free first)
+                        sibling_ends = sorted(siblings[item])[waiting[item]]
+                        batch_full = item and len(items_held) >= (items_cap or 0) > 0
+                        held = len(items_held if batch_full else holders)
+                        if held > len(siblings[item]):
+                            sibling_ends = min(sibling_ends, now + delay)
+                        heapq.heappush(delayed, (sibling_ends, job))
                         waiting[item] += 1
                     else:
                         heapq.heappush(delayed, (now + math.ceil(delay), job))
