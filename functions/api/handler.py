@@ -29,7 +29,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from llmq import aws, errors, startup
 from llmq.batch_intake import BatchIntake
 from llmq.batches import BatchRepository
-from llmq.config import GATEWAY_TIMEOUT_SECONDS, MAX_OBJECT_MEMBERS, ApiEnvironment
+from llmq.config import (
+    GATEWAY_TIMEOUT_SECONDS,
+    MAX_OBJECT_MEMBERS,
+    MAX_RESPONSE_BODY_BYTES,
+    ApiEnvironment,
+    response_body_bytes,
+)
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
 from llmq.job_codec import cursor_after
 from llmq.jobs import JobRecord, JobRepository
@@ -351,21 +357,9 @@ def _public_base() -> str:
     return f"{proto}://{context.domain_name}{prefix.rstrip('/')}"
 
 
-# A Lambda response holds 6 MB (Lambda quotas), counted after the runtime serializes it, where
-# the body, a JSON string, is escaped once more: a quote or a backslash doubles, a control
-# character's \uXXXX gains a byte, and a runtime that escapes non-ASCII makes a UTF-8 character
-# six or twelve bytes. Room is kept for the status, the headers and the envelope.
-MAX_RESPONSE_BODY_BYTES = 6 * 1024 * 1024 - 64 * 1024
-
-
-def _serialized_bytes(body: str) -> int:
-    """The body's size inside the runtime's response, as the strictest runtime escapes it."""
-    return len(json.dumps(body, ensure_ascii=True))
-
-
 def _job_response(job: JobRecord, status_code: int, headers: dict[str, str] | None = None) -> Response:
     body = job.to_job(api_base=_public_base()).model_dump_json()
-    if job.result is not None and job.result_ref and _serialized_bytes(body) > MAX_RESPONSE_BODY_BYTES:
+    if job.result is not None and job.result_ref and response_body_bytes(body) > MAX_RESPONSE_BODY_BYTES:
         # Inline, the answer would be a 502: the S3-held result goes by presigned URL instead.
         body = intake().offload.link_result(job).to_job(api_base=_public_base()).model_dump_json()
     return Response(status_code=status_code, content_type="application/json", body=body, headers=headers)
@@ -523,7 +517,7 @@ def handle_list_jobs(
         # A page DynamoDB sized by its bytes can hold more than Lambda may answer, once its
         # results and metadata are escaped (a control character takes 6 bytes, then 7): the
         # page ends early, its cursor at its last job, as a shorter `limit` would.
-        if len(shown) <= 1 or _serialized_bytes(body) <= MAX_RESPONSE_BODY_BYTES:
+        if len(shown) <= 1 or response_body_bytes(body) <= MAX_RESPONSE_BODY_BYTES:
             return Response(status_code=200, content_type="application/json", body=body)
         shown = shown[: len(shown) // 2]
         next_cursor = cursor_after(jobs[len(shown) - 1])

@@ -13,6 +13,7 @@ import pytest
 
 from llmq import aws
 from llmq.jobs import JobRepository
+from llmq.live_output import CHUNK_MAX_CHARS, OutputChunk
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
@@ -247,3 +248,84 @@ def test_a_cancel_while_an_early_finish_reason_looks_whole_still_stops_the_gener
     )
     # Then the cancel stops the generation once more text shows the answer was not whole
     assert job["status"] == "canceled", job
+
+
+def test_a_long_non_ascii_output_is_read_in_pages_that_fit_a_lambda_response(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = integration_config(provider)
+    limits = config.limits.model_copy(update={"max_prompt_chars": 50_000, "max_body_bytes": 1_000_000})
+    harness = Harness(moto_stack, config.model_copy(update={"limits": limits}), monkeypatch)
+    # Given a stream: true job whose provider answered whole (so no chunk holds its output: it
+    # is served from the result), 40,000 emoji: twelve bytes each once the runtime escapes them
+    text = "\U0001f600" * 40_000
+    job_id = harness.submit(prompt=f"[[echo]]{text}", stream=True).body["id"]
+    harness.drain("high")
+    # And a Lambda response limit of 600 KB, which `done` (its result inline, 480 KB escaped)
+    # leaves little of (Lambda's is 6 MB: 100 chunks of emoji pass it)
+    limit = 600_000
+    monkeypatch.setattr("llmq.live_output.MAX_RESPONSE_BODY_BYTES", limit)
+    # When a client reads its events, reconnecting with the id it read last
+    last_id: str | None = None
+    deltas: list[dict[str, Any]] = []
+    done: dict[str, Any] | None = None
+    for _ in range(30):
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        got = harness.api(
+            "GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, headers=headers, query={"wait": "0"}
+        )
+        assert got.status == 200
+        # Then each response fits the limit, as the runtime serializes it
+        assert len(json.dumps(str(got.body), ensure_ascii=True)) <= limit
+        for event, event_id, data in _events(str(got.body)):
+            if event == "output.delta":
+                deltas.append(json.loads(data))
+                last_id = event_id
+            elif event == "done":
+                done = json.loads(data)
+        if done is not None:
+            break
+    # And the deltas, in order over several responses, are the whole output, then `done`
+    assert done is not None and done["status"] == "succeeded"
+    assert [delta["seq"] for delta in deltas] == list(range(1, len(deltas) + 1))
+    assert len(deltas) >= 3
+    assert "".join(delta["delta"] for delta in deltas) == text == done["result"]["output"]
+
+
+def test_a_page_of_non_ascii_chunks_of_a_running_job_fits_a_lambda_response(harness: Harness) -> None:
+    # Given a running stream: true job whose output so far is 40 full chunks of emoji (a
+    # provider that answers in bursts, or writes that fell behind, make full chunks)
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claim = jobs.claim(job_id, "worker-1", 600)
+    assert claim.claimed and claim.job is not None
+    text = "\U0001f600" * CHUNK_MAX_CHARS
+    for seq in range(1, 41):
+        chunk = OutputChunk(
+            seq=seq,
+            delta=text,
+            attempt=1,
+            reset=False,
+            tokens=seq,
+            partial="",
+            truncated=True,
+            chars=seq * CHUNK_MAX_CHARS,
+        )
+        jobs.write_output(claim.job, "worker-1", chunk)
+    # When a client follows its events from the start (a long poll, which answers at once)
+    seen: list[int] = []
+    for _ in range(10):
+        headers = {"Last-Event-ID": str(seen[-1])} if seen else {}
+        got = harness.api(
+            "GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, headers=headers, query={"wait": "1"}
+        )
+        assert got.status == 200
+        # Then each response fits Lambda's 6 MB as the runtime serializes it (7.7 MB in one)
+        assert len(json.dumps(str(got.body), ensure_ascii=True)) <= 6 * 1024 * 1024
+        seen += [
+            int(str(event_id)) for event, event_id, _ in _events(str(got.body)) if event == "output.delta"
+        ]
+        if seen and seen[-1] == 40:
+            break
+    # And it read every chunk once, in order, over more than one response
+    assert seen == list(range(1, 41))

@@ -157,6 +157,17 @@ MAX_OBJECT_MEMBERS = 1000
 # Past about 4.7 MB API Gateway answers 502 without calling llmq; up to this, llmq answers 413.
 MAX_REQUEST_BODY_BYTES = 4_500_000
 
+# A Lambda response holds 6 MB (Lambda quotas), counted after the runtime serializes it, where
+# the body, a JSON string, is escaped once more: a quote or a backslash doubles, a control
+# character's \uXXXX gains a byte, and a runtime that escapes non-ASCII makes a UTF-8 character
+# six or twelve bytes. Room is kept for the status, the headers and the envelope.
+MAX_RESPONSE_BODY_BYTES = 6 * 1024 * 1024 - 64 * 1024
+
+
+def response_body_bytes(body: str) -> int:
+    """`body`'s size inside a Lambda's response, as the strictest runtime escapes it."""
+    return len(json.dumps(body, ensure_ascii=True))
+
 
 class LimitsConfig(_Frozen):
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_REQUEST_BODY_BYTES)] = 1024 * 1024

@@ -28,8 +28,8 @@ from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord, new_job_id
 from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
-from llmq.live_output import delta_events, done_event, retry_hint, status_event, tail_delta
-from llmq.models import JobRequest, JobStatus, WebhookLog
+from llmq.live_output import done_event, paged_events, retry_hint, status_event, tail_deltas
+from llmq.models import JobRequest, JobStatus, OutputDelta, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
@@ -295,7 +295,8 @@ class JobIntake:
                         job, seen + 1, min(last, seen + streaming.max_deltas_per_response)
                     )
                     if deltas:
-                        return "".join(opening) + delta_events(deltas) + retry_hint(streaming.retry_ms)
+                        hint = retry_hint(streaming.retry_ms)
+                        return paged_events("".join(opening), deltas, hint, hint)
                 if status.is_terminal or time.monotonic() >= deadline:
                     break
                 self._sleep(min(streaming.poll_interval_ms / 1000, max(0.0, deadline - time.monotonic())))
@@ -329,30 +330,31 @@ class JobIntake:
         streaming = self.config.streaming
         hint = retry_hint(streaming.retry_ms if retry_ms is None else retry_ms)
         last = job.stream_seq or 0
-        events = "".join(opening)
+        opened = "".join(opening)
+        deltas: list[OutputDelta] = []
         if last > seen:
             page_end = min(last, seen + streaming.max_deltas_per_response)
             deltas = self.jobs.read_output(job, seen + 1, page_end)
-            events += delta_events(deltas)
             read_to = deltas[-1].seq if deltas else seen
             if read_to < page_end and not self._chunks_may_have_expired(job):
                 # A read AWS left unfinished: the client's next request reads on from here.
-                return events + hint
+                return paged_events(opened, deltas, hint, hint)
             if read_to < last and read_to == page_end:
-                return events + hint
+                return paged_events(opened, deltas, hint, hint)
             # Otherwise the rest has expired (its TTL): the result holds it all.
         if not job.status.is_terminal:
-            return events + hint
+            return paged_events(opened, deltas, hint, hint)
         if job.stream and job.status is JobStatus.SUCCEEDED:
             loaded = self.offload.load_result(job)
-            tail = tail_delta(job, loaded.result.output) if loaded.result is not None else None
-            if tail is not None and tail.seq > seen:
-                events += delta_events([tail])
-        if ended:
-            events += status_event(job.status)
+            tail = tail_deltas(job, loaded.result.output) if loaded.result is not None else []
+            deltas += [delta for delta in tail if delta.seq > seen]
+            if len(deltas) > streaming.max_deltas_per_response:
+                return paged_events(opened, deltas[: streaming.max_deltas_per_response], hint, hint)
         # A result held in S3 goes as its presigned URL: the deltas carried its text already,
-        # and the event must fit in the Lambda's response.
-        return events + done_event(self.offload.link_result(job).to_job())
+        # and the event must fit in the Lambda's response. A page too large for it ends early,
+        # before the end, which the client's next request reads.
+        end = (status_event(job.status) if ended else "") + done_event(self.offload.link_result(job).to_job())
+        return paged_events(opened, deltas, end, hint)
 
     def _chunks_may_have_expired(self, job: JobRecord) -> bool:
         """Whether a chunk of the job may be past its TTL: the first was written no earlier

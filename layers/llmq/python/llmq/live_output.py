@@ -19,10 +19,10 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from llmq.config import StreamingConfig
+from llmq.config import MAX_RESPONSE_BODY_BYTES, StreamingConfig, response_body_bytes
 from llmq.job_record import JobRecord
 from llmq.models import Job, JobOutputEvent, JobStatus, OutputDelta
 
@@ -293,19 +293,39 @@ def finished_reading(last_event_id: str | None) -> bool:
     return (last_event_id or "").strip() == DONE_ID
 
 
-def tail_delta(job: JobRecord, output: str) -> OutputDelta | None:
+def tail_deltas(job: JobRecord, output: str) -> list[OutputDelta]:
     """The end of a succeeded job's output that no chunk holds (its last writes failed, or
-    were cut short): served from its result, as the delta after the last chunk."""
+    were cut short): served from its result, as the deltas after the last chunk, each at most
+    a chunk's length (`CHUNK_MAX_CHARS`), so that a page of them fits a response as chunks do."""
     same_attempt = job.stream_attempt == job.attempts
     written = (job.stream_chars or 0) if same_attempt else 0
     # The chunks hold an earlier attempt's text: even an empty output (a retry that produced
     # nothing, say `content_filter`) comes as a reset, or the joined deltas would be that text.
     earlier = not same_attempt and (job.stream_seq or 0) > 0
     if written >= len(output) and not earlier:
-        return None
-    return OutputDelta(
-        seq=(job.stream_seq or 0) + 1,
-        delta=output[written:],
-        attempt=job.attempts,
-        reset=earlier,
-    )
+        return []
+    rest = output[written:]
+    pieces = [rest[start : start + CHUNK_MAX_CHARS] for start in range(0, len(rest), CHUNK_MAX_CHARS)]
+    return [
+        OutputDelta(
+            seq=(job.stream_seq or 0) + 1 + n, delta=piece, attempt=job.attempts, reset=earlier and n == 0
+        )
+        for n, piece in enumerate(pieces or [""])
+    ]
+
+
+def paged_events(opening: str, deltas: Sequence[OutputDelta], end: str, hint: str) -> str:
+    """`opening`, the deltas and `end`, when they fit a Lambda's response
+    (`MAX_RESPONSE_BODY_BYTES`, as the runtime escapes it: a delta of emoji takes twelve bytes
+    a character); else `opening`, as many deltas as fit (at least one) and `hint`: the client
+    reads on after the last, as after any page."""
+    room = MAX_RESPONSE_BODY_BYTES - response_body_bytes(opening + end)
+    shown: list[str] = []
+    for delta in deltas:
+        event = delta_events([delta])
+        size = response_body_bytes(event) - 2  # (the quotes around a JSON string)
+        if size > room:
+            return opening + "".join(shown or [event]) + hint
+        shown.append(event)
+        room -= size
+    return opening + "".join(shown) + end
