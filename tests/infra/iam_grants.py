@@ -185,10 +185,16 @@ def _resource_in(template: StackTemplate, raw: dict[str, Any], resource: str) ->
 
 
 def missing_grants(template: StackTemplate, function: str, calls: Iterable[AwsCall]) -> list[str]:
-    """Each requirement the function's role does not grant, or a resource that cannot be followed."""
+    """Each requirement the function's role does not grant, or a resource that cannot be
+    followed: its calls', and the Lambda service's (without `xray:PutTraceSegments` Lambda
+    refuses a function with active tracing; without `logs:PutLogEvents` it runs unlogged)."""
     statements = template.statements(function)
     try:
-        needed = list(dict.fromkeys(requirements(template, function, calls)))
+        needed = list(
+            dict.fromkeys(
+                [*requirements(template, function, calls), *service_requirements(template, function)]
+            )
+        )
     except UnresolvableResource as exc:
         return [str(exc)]
     return [str(r) for r in needed if not is_granted(template, statements, r)]

@@ -8,6 +8,7 @@ Lambda service makes with the role (its log group, tracing, its on-failure desti
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,44 @@ def test_a_function_writes_logs_only_to_its_own_log_group(synthesized: Synthesiz
     for statement in log_statements:
         assert [canonical(template, r) for r in statement.resources] == [own], statement.raw
     assert template.managed_policies(name) == []
+
+
+def _without(template: StackTemplate, function: str, actions: set[str]) -> StackTemplate:
+    """The template with `actions` taken out of `function`'s role (a statement left with no
+    action is dropped)."""
+    raw = copy.deepcopy(template.template)
+    changed = StackTemplate(raw)
+    role_id = changed.role_of(function)
+    for policy in changed.of_type("AWS::IAM::Policy").values():
+        if {"Ref": role_id} not in policy["Properties"].get("Roles", []):
+            continue
+        document = policy["Properties"]["PolicyDocument"]
+        kept_statements = []
+        for statement in document["Statement"]:
+            listed = statement["Action"]
+            kept = [a for a in ([listed] if isinstance(listed, str) else listed) if a not in actions]
+            if kept:
+                kept_statements.append({**statement, "Action": kept})
+        document["Statement"] = kept_statements
+    return changed
+
+
+@pytest.mark.parametrize(
+    "actions",
+    [{"xray:PutTraceSegments", "xray:PutTelemetryRecords"}, {"logs:PutLogEvents"}],
+    ids=["tracing", "logs"],
+)
+def test_a_role_without_what_the_lambda_service_needs_is_missing_grants(
+    synthesized: SynthesizedApp, actions: set[str]
+) -> None:
+    # Given the worker's role without what Lambda itself does with it (Lambda refuses a function
+    # with active tracing whose role cannot PutTraceSegments; without PutLogEvents it runs unlogged)
+    broken = _without(synthesized.template, "worker", actions)
+    assert not [s for s in broken.statements("worker") for a in actions if s.allows(a)]
+    # Then the grant check says what is missing, though no handler calls it
+    missing = missing_grants(broken, "worker", load_catalogue())
+    assert sorted(line.split()[0] for line in missing) == sorted(actions), missing
+    assert missing_grants(synthesized.template, "worker", load_catalogue()) == []
 
 
 def _tenant_item_keys() -> dict[str, str]:

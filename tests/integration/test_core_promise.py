@@ -32,7 +32,7 @@ from llmq.models import DeliveryStatus, ErrorCode, JobResult, JobStatus, Usage
 from llmq.offload import Offload
 from llmq.payloads import PayloadStore
 from llmq.policy import ClaimOutcome, deadline_error
-from llmq.providers import GenerationRequest, ProviderTimeout, TransientProviderError
+from llmq.providers import GenerationRequest, PermanentProviderError, ProviderTimeout, TransientProviderError
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -624,6 +624,45 @@ def test_a_claim_with_too_little_lambda_time_left_hands_the_job_back_without_a_c
     assert (_job(harness, job_id)["status"], provider.calls_for(job_id)) == ("succeeded", 1)
 
 
+class _Timed(ScriptedProvider):
+    """A scripted provider that keeps the time each call was given."""
+
+    def __init__(self) -> None:
+        super().__init__([OK])
+        self.given: list[float] = []
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.given.append(timeout_seconds)
+        return await super().generate(request, timeout_seconds)
+
+
+def test_a_slow_job_started_send_never_leaves_the_provider_a_call_too_short_to_finish(
+    harness: Harness,
+) -> None:
+    # Given a job subscribed to job.started, claimed with 12 s of its Lambda left, whose
+    # job.started send SQS answers late (botocore's tries took 9.6 s of the invocation)
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.started", "job.succeeded", "job.failed"]}
+    job_id = harness.submit(webhook=hook).body["id"]
+    lag = [0.0]
+
+    def slow_send(**_: Any) -> None:
+        lag[0] += 9.6
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("before-call.sqs.SendMessage", slow_send)
+    provider = _Timed()
+    try:
+        outcome = _run(_runner(harness, provider), job_id, seconds=12.0, lag=lag)
+    finally:
+        sqs.meta.events.unregister("before-call.sqs.SendMessage", slow_send)
+    # Then the provider is not called with too little time to finish (billed, then failed as
+    # provider_timeout): the job is handed back, its attempt refunded, to run in full later
+    assert provider.given == []
+    assert type(outcome).__name__ == "RetryLater"
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 0)
+
+
 # ---- the worker logs what the batch processor would swallow -------------------------------
 
 
@@ -1177,8 +1216,13 @@ def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_
             "provider_timeout",
         ),
         (TypeError("sequence item 0: expected str instance, list found"), "provider_error"),
+        # (an in-band error after tokens were streamed, and billed: the provider refused to go on)
+        (
+            PermanentProviderError(ErrorCode.CONTENT_FILTERED, "content_policy_violation after 20 tokens"),
+            "content_filtered",
+        ),
     ],
-    ids=["timeout", "answer unreadable"],
+    ids=["timeout", "answer unreadable", "refused mid-stream"],
 )
 def test_a_billed_failure_whose_write_fails_for_good_is_never_sent_again(
     harness: Harness,
@@ -1214,6 +1258,34 @@ def test_a_billed_failure_whose_write_fails_for_good_is_never_sent_again(
     assert provider.calls == 1
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", code)
+
+
+def test_a_claim_recognised_as_ours_that_carries_a_cancel_records_a_parked_result_first(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose attempt paid for its result, parked it and crashed, and whose next
+    # claim is applied but unanswered, the client's cancel landing before the claim's retry
+    job_id = _parked(harness)
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    canceled: list[int] = []
+
+    def client_cancels(**_: Any) -> None:
+        if _kinds(faults) == ["TransactWriteItems:applied_lost"] and not canceled:
+            canceled.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    ddb = aws.client("dynamodb")
+    ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", client_cancels)
+    provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
+    try:
+        # When the worker retries its claim and recognises its own lease, cancel and all
+        outcome = _run(_runner(harness, provider), job_id, owner="worker-2")
+    finally:
+        ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", client_cancels)
+    # Then what was paid for comes first, as wherever a job ends unrun: recorded, not thrown
+    # away for the cancel, and the provider is not called
+    assert canceled == [202] and outcome is None
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
 
 
 def test_a_claim_whose_look_for_a_parked_result_is_throttled_looks_again_before_running(

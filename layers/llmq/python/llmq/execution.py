@@ -76,6 +76,8 @@ _SCOUT_PATIENCE_SECONDS = 5.0
 _CONTENDED_DELAY_SECONDS = 2.0
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
+# How long the courtesy job.started send may hold a generation back.
+_STARTED_SEND_SECONDS = 1.0
 # A finished streaming generation's last output writes: how many failures, and how long at
 # most, before the result is written without them (the events endpoint serves the rest from it).
 _FINAL_OUTPUT_TRIES = 3
@@ -372,19 +374,19 @@ class JobRunner:
             await self._settle_unclaimed(claim.outcome, job)
             return None
         logger.info("job claimed", extra={**log, "attempt": job.attempts, "lane": job.lane})
-        if job.cancel_requested:
-            # Only our own claim, recognised after a lost answer, can bring a cancel along.
-            await self._settle(self.jobs.cancel_leased, job, invocation)
-            sibling.freed = True
-            return None
         try:
             # (before the input, which a parked result does not need, and the time check:
-            # recording it needs no provider time)
+            # recording it needs no provider time; and before a cancel, as wherever a job ends
+            # unrun: what an earlier attempt paid for comes first)
             looked_at = time.monotonic()
             parked = await self._parked_result(job, invocation) if job.attempts > 1 else None
             slow = parked is False or time.monotonic() - looked_at >= _SLOW_INPUT_SECONDS
-            if slow and not isinstance(parked, JobResult | JobError) and await self._cancel_came(job.id):
-                # A cancel that came while the look was slow or S3 could not say: never sent.
+            if not isinstance(parked, JobResult | JobError) and (
+                # (only our own claim, recognised after a lost answer, brings a cancel along)
+                job.cancel_requested or (slow and await self._cancel_came(job.id))
+            ):
+                # A cancel that came before the claim, or while the look was slow or S3 could
+                # not say: never sent.
                 await self._settle(self.jobs.cancel_leased, job, invocation)
                 sibling.freed = True
                 return None
@@ -733,9 +735,18 @@ class JobRunner:
         if await self._too_late_to_start(job, invocation):
             return
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
-            with contextlib.suppress(StoreUnavailable):
-                # job.started is a courtesy; losing it must not cost the generation.
-                await asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
+            # job.started is a courtesy; losing it must not cost the generation, nor may a slow
+            # send (botocore's tries) leave the provider too little time: the time is looked
+            # at again after it.
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED),
+                    _STARTED_SEND_SECONDS,
+                )
+            except (StoreUnavailable, TimeoutError):
+                logger.warning("job.started not sent; the generation goes on", extra={"job_id": job.id})
+            if await self._too_late_to_start(job, invocation):
+                return
         remaining = invocation.remaining_seconds()
         reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
         timeout = remaining - reserve
@@ -890,17 +901,16 @@ class JobRunner:
             await self._after_transient(job, invocation, exc)
             return
         # Permanent errors fail at once. A timeout is not retried either: the provider may
-        # still be generating, and billing; the client decides.
+        # still be generating, and billing; the client decides. Either may come after tokens
+        # were generated (an in-band error mid-stream), so the failure is kept as a billed one.
         error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
         logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
-        if isinstance(exc, ProviderTimeout):
-            await self._fail_billed(job, invocation, error)
-            return
-        await self._settle(self.jobs.fail_leased, job, invocation, error)
+        await self._fail_billed(job, invocation, error)
 
     async def _fail_billed(self, job: JobRecord, invocation: Invocation, error: JobError) -> None:
         """A failure after a call that may have been billed (a timeout, an answer that could not
-        be read): its write must not be lost to a DynamoDB outage, or the job would run again."""
+        be read, an error after tokens, an attempt's last): its write must not be lost to a
+        DynamoDB outage, or the job would run again, or end with another error than its own."""
         done = await self._written_or_parked(
             lambda: self.jobs.fail_leased(job, invocation.owner, error),
             lambda: self.offload.park_failure(job, error),
@@ -931,7 +941,7 @@ class JobRunner:
                 retryable=False,
             )
             logger.info("retries exhausted", extra=extra)
-            await self._settle(self.jobs.fail_leased, job, invocation, error)
+            await self._fail_billed(job, invocation, error)
             return
         delay = retry_delay_seconds(self.config.retry, job.attempts, exc.retry_after, self._rng)
         crossed = self._end_a_retry_would_cross(job, delay)
@@ -943,7 +953,7 @@ class JobRunner:
                 retryable=True,
             )
             logger.info(f"retry would cross the {end}", extra=extra)
-            await self._settle(self.jobs.fail_leased, job, invocation, error)
+            await self._fail_billed(job, invocation, error)
             return
         error = JobError(code=exc.code, message=exc.message, retryable=True)
         owner = invocation.owner
