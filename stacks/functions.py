@@ -13,7 +13,7 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from llmq.config import CONFIG_ENV_VAR, FunctionEnvironment, FunctionSizing, LlmqConfig
-from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME
+from llmq.telemetry import METRICS_NAMESPACE
 from stacks.bytecode import TASK_ROOT
 from stacks.layers import ROOT, code_asset, lambda_architecture, lambda_runtime
 from stacks.runtime import LIBRARY_ENVIRONMENT
@@ -28,6 +28,8 @@ FUNCTION_NAMES = ("api", "authorizer", "worker", "dead_letter", "webhook_dispatc
 @dataclass(frozen=True)
 class FunctionDefaults:
     config: LlmqConfig
+    # The `service` of the functions' logs and metrics (`llmq.telemetry.stack_service_name`).
+    service: str
     layers: Sequence[lambda_.ILayerVersion]
     log_level: str
     log_retention: logs.RetentionDays
@@ -38,7 +40,7 @@ class FunctionDefaults:
 def base_environment(defaults: FunctionDefaults) -> dict[str, str]:
     return {
         CONFIG_ENV_VAR: defaults.config.to_env(),
-        "POWERTOOLS_SERVICE_NAME": SERVICE_NAME,
+        "POWERTOOLS_SERVICE_NAME": defaults.service,
         "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
         "LOG_LEVEL": defaults.log_level,
         **LIBRARY_ENVIRONMENT,

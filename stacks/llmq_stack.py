@@ -13,6 +13,7 @@ from constructs import Construct
 
 from llmq.batch_results import RESULTS_FILE_PREFIX
 from llmq.config import ApiEnvironment, LlmqConfig
+from llmq.telemetry import stack_service_name
 from stacks.api import STAGE_NAME, ApiConstruct, ApiLogging
 from stacks.bytecode import runtime_interpreter
 from stacks.functions import FunctionDefaults, env_var
@@ -105,6 +106,7 @@ class LlmqStack(cdk.Stack):
         )
         defaults = FunctionDefaults(
             config=config,
+            service=stack_service_name(self.stack_name),
             layers=layers.all,
             log_level=settings.log_level,
             log_retention=settings.log_retention,

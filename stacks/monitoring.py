@@ -5,6 +5,7 @@ docs/operations.md says, per alarm, what it means and what to do; keep the two t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import aws_cdk as cdk
@@ -22,9 +23,9 @@ from llmq.config import LlmqConfig
 from llmq.telemetry import (
     JOB_OUTCOME_METRICS,
     METRICS_NAMESPACE,
-    SERVICE_NAME,
     WEBHOOK_OUTCOME_METRICS,
     MetricName,
+    stack_service_name,
 )
 from stacks.lanes import LanesConstruct, pascal
 
@@ -112,11 +113,14 @@ def llmq_metric(
     lane: str | None = None,
     period: cdk.Duration = FIVE_MINUTES,
     labelled: bool = True,
+    *,
+    service: str,
 ) -> cloudwatch.Metric:
-    """One llmq metric. Alarms take it unlabelled: CDK writes a labelled metric as a metric-math
-    query, where the alarm's console view and the template lose the plain MetricName."""
+    """One llmq metric of the stack whose `service` it is (`stack_service_name`). Alarms take it
+    unlabelled: CDK writes a labelled metric as a metric-math query, where the alarm's console
+    view and the template lose the plain MetricName."""
     # Powertools adds the `service` dimension to every metric; job metrics add `lane`.
-    dimensions = {"service": SERVICE_NAME} | ({"lane": lane} if lane is not None else {})
+    dimensions = {"service": service} | ({"lane": lane} if lane is not None else {})
     return cloudwatch.Metric(
         namespace=METRICS_NAMESPACE,
         metric_name=name.value,
@@ -159,6 +163,10 @@ class MonitoringConstruct(Construct):
         tables: Mapping[str, dynamodb.ITable] | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
+        # (this stack's metrics only: another llmq stack in the account emits the same names)
+        self._metric = functools.partial(
+            llmq_metric, service=stack_service_name(cdk.Stack.of(self).stack_name)
+        )
         self.topic = sns.Topic(self, "AlarmTopic", display_name="llmq alarms", enforce_ssl=True)
         # The topic's policy (enforce_ssl writes one) replaces SNS's default policy, and an alarm
         # publishes as CloudWatch: without this grant every alarm action fails "not authorized
@@ -222,7 +230,7 @@ class MonitoringConstruct(Construct):
             )
             self._alarm(
                 f"{lane_id}DeadLettered",
-                llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", name, labelled=False),
+                self._metric(MetricName.JOB_DEAD_LETTERED, "Sum", name, labelled=False),
                 threshold=0,
                 description=f"llmq: the dead-letter function failed lane {name} jobs as worker_crashed",
             )
@@ -237,8 +245,8 @@ class MonitoringConstruct(Construct):
                 cloudwatch.MathExpression(
                     expression=failure_rate_expression(JOB_FAILURE_ALARM_MIN_COUNT),
                     using_metrics={
-                        "failed": llmq_metric(MetricName.JOB_FAILED, "Sum", name, labelled=False),
-                        "succeeded": llmq_metric(MetricName.JOB_SUCCEEDED, "Sum", name, labelled=False),
+                        "failed": self._metric(MetricName.JOB_FAILED, "Sum", name, labelled=False),
+                        "succeeded": self._metric(MetricName.JOB_SUCCEEDED, "Sum", name, labelled=False),
                     },
                     period=FIFTEEN_MINUTES,
                     label=f"% of lane {name} jobs failed",
@@ -253,7 +261,7 @@ class MonitoringConstruct(Construct):
             # the job waits for the reconciler, and no error metric shows it.
             self._alarm(
                 f"{lane_id}EnqueueFailed",
-                llmq_metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", name, labelled=False),
+                self._metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", name, labelled=False),
                 threshold=0,
                 description=f"llmq: the api could not enqueue lane {name} jobs; the reconciler will",
             )
@@ -272,8 +280,8 @@ class MonitoringConstruct(Construct):
             cloudwatch.MathExpression(
                 expression=failure_rate_expression(WEBHOOK_FAILURE_ALARM_MIN_COUNT),
                 using_metrics={
-                    "failed": llmq_metric(MetricName.WEBHOOK_FAILED, "Sum", labelled=False),
-                    "succeeded": llmq_metric(MetricName.WEBHOOK_DELIVERED, "Sum", labelled=False),
+                    "failed": self._metric(MetricName.WEBHOOK_FAILED, "Sum", labelled=False),
+                    "succeeded": self._metric(MetricName.WEBHOOK_DELIVERED, "Sum", labelled=False),
                 },
                 period=ONE_HOUR,
                 label="% of webhooks given up",
@@ -294,7 +302,7 @@ class MonitoringConstruct(Construct):
                 # failures is the alarm (subtracting the refusals from Errors would page on a
                 # refusal whose two data points fall in different periods); a timeout or a crash
                 # is an API Gateway 5XX (Api5xx).
-                errors = llmq_metric(MetricName.AUTHORIZER_FAILED, "Sum", labelled=False)
+                errors = self._metric(MetricName.AUTHORIZER_FAILED, "Sum", labelled=False)
             self._alarm(
                 f"{pascal(name)}Errors",
                 errors,
@@ -313,7 +321,7 @@ class MonitoringConstruct(Construct):
             # error shows it (`llmq.reconcile`).
             self._alarm(
                 "ReconcilerEntryFailed",
-                llmq_metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum", labelled=False),
+                self._metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum", labelled=False),
                 threshold=0,
                 description="llmq: the reconciler could not settle a swept job or the lanes' depths",
             )
@@ -341,7 +349,7 @@ class MonitoringConstruct(Construct):
         # The api answers its own 500s rather than raising: its Errors alarm never sees them.
         self._alarm(
             "ApiUnexpectedErrors",
-            llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum", labelled=False),
+            self._metric(MetricName.API_UNEXPECTED_ERROR, "Sum", labelled=False),
             threshold=0,
             description="llmq: the api answered 500 (an AWS call failed unexpectedly, or a bug)",
         )
@@ -405,7 +413,7 @@ class MonitoringConstruct(Construct):
             cloudwatch.GraphWidget(
                 title="Queue wait (ms, p50 / p90)",
                 left=[
-                    llmq_metric(MetricName.QUEUE_WAIT_MS, stat, lane)
+                    self._metric(MetricName.QUEUE_WAIT_MS, stat, lane)
                     for lane in names
                     for stat in ("p50", "p90")
                 ],
@@ -414,7 +422,7 @@ class MonitoringConstruct(Construct):
             cloudwatch.GraphWidget(
                 title="Run time (ms, p50 / p90)",
                 left=[
-                    llmq_metric(MetricName.RUN_TIME_MS, stat, lane)
+                    self._metric(MetricName.RUN_TIME_MS, stat, lane)
                     for lane in names
                     for stat in ("p50", "p90")
                 ],
@@ -423,7 +431,7 @@ class MonitoringConstruct(Construct):
             cloudwatch.GraphWidget(
                 title="Job outcomes",
                 left=[
-                    llmq_metric(outcome, "Sum", lane)
+                    self._metric(outcome, "Sum", lane)
                     for lane in names
                     for outcome in JOB_OUTCOME_METRICS.values()
                 ],
@@ -432,7 +440,7 @@ class MonitoringConstruct(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Webhook outcomes",
-                left=[llmq_metric(outcome, "Sum") for outcome in WEBHOOK_OUTCOME_METRICS],
+                left=[self._metric(outcome, "Sum") for outcome in WEBHOOK_OUTCOME_METRICS],
                 right=[webhook_queue.metric_approximate_number_of_messages_visible(label="webhooks waiting")],
                 width=12,
             ),
@@ -450,12 +458,12 @@ class MonitoringConstruct(Construct):
                 title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the "
                 "reconciler, what the reconciler could not settle, authorizer failures)",
                 left=[
-                    llmq_metric(MetricName.API_UNEXPECTED_ERROR, "Sum"),
-                    llmq_metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum"),
-                    llmq_metric(MetricName.AUTHORIZER_FAILED, "Sum"),
+                    self._metric(MetricName.API_UNEXPECTED_ERROR, "Sum"),
+                    self._metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum"),
+                    self._metric(MetricName.AUTHORIZER_FAILED, "Sum"),
                 ]
-                + [llmq_metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names]
-                + [llmq_metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names],
+                + [self._metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names]
+                + [self._metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names],
                 right=(
                     [api_server_errors(api_name, stage_name)] if api_name is not None and stage_name else []
                 ),
@@ -468,8 +476,8 @@ class MonitoringConstruct(Construct):
                     for name, function in functions.items()
                 ],
                 right=[
-                    llmq_metric(MetricName.LONG_POLL_REFUSED, "Sum"),
-                    llmq_metric(MetricName.AUTHENTICATION_REFUSED, "Sum"),
+                    self._metric(MetricName.LONG_POLL_REFUSED, "Sum"),
+                    self._metric(MetricName.AUTHENTICATION_REFUSED, "Sum"),
                 ],
                 width=12,
             ),

@@ -37,6 +37,14 @@ class SynthesizedApp:
     template: StackTemplate
     assembly_dir: Path
     template_path: Path
+    stack_name: str
+
+    @property
+    def service(self) -> str:
+        """The `service` dimension of the stack's metrics (`llmq.telemetry.stack_service_name`)."""
+        from llmq.telemetry import stack_service_name
+
+        return stack_service_name(self.stack_name)
 
     def validation_report(self) -> dict[str, Any]:
         report: dict[str, Any] = json.loads((self.assembly_dir / "validation-report.json").read_text())
@@ -65,6 +73,7 @@ def synthesize(
         template=StackTemplate(synthesized.template()),
         assembly_dir=synthesized.directory,
         template_path=synthesized.template_path,
+        stack_name=synthesized.stack_name,
     )
 
 

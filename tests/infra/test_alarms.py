@@ -8,12 +8,15 @@ namespace, the metric, its dimensions and the action, not that some alarm exists
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from llmq.config import LlmqConfig
-from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
+from llmq.telemetry import METRICS_NAMESPACE, MetricName
 from stacks.monitoring import (
     JOB_FAILURE_ALARM_MIN_COUNT,
     JOB_FAILURE_ALARM_PERCENT,
@@ -104,10 +107,12 @@ def test_every_alarm_notifies_the_alarm_topic(alarms, topic):
         assert alarm["AlarmDescription"].startswith("llmq: ")
 
 
-def test_an_api_500_the_function_answers_itself_raises_an_alarm(alarms):
+def test_an_api_500_the_function_answers_itself_raises_an_alarm(synthesized, alarms):
     # The api turns an unexpected exception into a 500 without raising: the metric it emits
     # (functions/api/handler.py) is the only thing that can see it.
-    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.API_UNEXPECTED_ERROR.value, service=SERVICE_NAME)
+    alarm = _one(
+        alarms, METRICS_NAMESPACE, MetricName.API_UNEXPECTED_ERROR.value, service=synthesized.service
+    )
     assert alarm["Statistic"] == "Sum"
     _fires_on_any(alarm)
 
@@ -170,7 +175,7 @@ def test_every_lane_alarms_on_jobs_the_dead_letter_function_failed(synthesized, 
             alarms,
             METRICS_NAMESPACE,
             MetricName.JOB_DEAD_LETTERED.value,
-            service=SERVICE_NAME,
+            service=synthesized.service,
             lane=lane.name,
         )
         _fires_on_any(alarm)
@@ -192,7 +197,7 @@ def test_the_authorizer_alarms_on_its_failures_but_not_on_refused_keys(synthesiz
     # count of its other failures (a timeout or a crash is an API Gateway 5XX, alarmed apart).
     logical_id, _ = synthesized.template.function("authorizer")
     assert not _find(alarms, "AWS/Lambda", "Errors", FunctionName={"Ref": logical_id})
-    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.AUTHORIZER_FAILED.value, service=SERVICE_NAME)
+    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.AUTHORIZER_FAILED.value, service=synthesized.service)
     assert alarm["Statistic"] == "Sum"
     _fires_on_any(alarm)
 
@@ -339,7 +344,7 @@ def test_job_failures_raise_an_alarm_on_their_share_of_outcomes_with_a_minimum_c
             alarms,
             MetricName.JOB_FAILED,
             MetricName.JOB_SUCCEEDED,
-            service=SERVICE_NAME,
+            service=synthesized.service,
             lane=lane.name,
         )
         _assert_failure_rate(alarm, JOB_FAILURE_ALARM_PERCENT, JOB_FAILURE_ALARM_MIN_COUNT, period=900)
@@ -347,9 +352,13 @@ def test_job_failures_raise_an_alarm_on_their_share_of_outcomes_with_a_minimum_c
     assert not [alarm for alarm in alarms if alarm.get("MetricName") == MetricName.JOB_FAILED.value]
 
 
-def test_webhook_failures_raise_an_alarm_on_their_share_of_deliveries_with_a_minimum_count(alarms):
+def test_webhook_failures_raise_an_alarm_on_their_share_of_deliveries_with_a_minimum_count(
+    synthesized, alarms
+):
     assert 1 < WEBHOOK_FAILURE_ALARM_MIN_COUNT <= 6
-    alarm = _rate_alarm(alarms, MetricName.WEBHOOK_FAILED, MetricName.WEBHOOK_DELIVERED, service=SERVICE_NAME)
+    alarm = _rate_alarm(
+        alarms, MetricName.WEBHOOK_FAILED, MetricName.WEBHOOK_DELIVERED, service=synthesized.service
+    )
     _assert_failure_rate(alarm, WEBHOOK_FAILURE_ALARM_PERCENT, WEBHOOK_FAILURE_ALARM_MIN_COUNT, period=3600)
     assert not [alarm for alarm in alarms if alarm.get("MetricName") == MetricName.WEBHOOK_FAILED.value]
 
@@ -362,16 +371,18 @@ def test_every_lane_alarms_on_jobs_the_api_could_not_enqueue(synthesized, alarms
             alarms,
             METRICS_NAMESPACE,
             MetricName.JOB_ENQUEUE_FAILED.value,
-            service=SERVICE_NAME,
+            service=synthesized.service,
             lane=lane.name,
         )
         assert (alarm["Statistic"], alarm["Period"]) == ("Sum", 300)
         _fires_on_any(alarm)
 
 
-def test_what_the_reconciler_could_not_settle_raises_an_alarm(alarms):
+def test_what_the_reconciler_could_not_settle_raises_an_alarm(synthesized, alarms):
     # A run logs and skips what it cannot settle, and goes on: its Errors alarm never sees it.
-    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.RECONCILE_ENTRY_FAILED.value, service=SERVICE_NAME)
+    alarm = _one(
+        alarms, METRICS_NAMESPACE, MetricName.RECONCILE_ENTRY_FAILED.value, service=synthesized.service
+    )
     assert (alarm["Statistic"], alarm["Period"]) == ("Sum", 300)
     _fires_on_any(alarm)
 
@@ -391,3 +402,68 @@ def test_every_alarm_is_described_in_the_operations_guide(synthesized):
             if generic.startswith(pascal) and generic[len(pascal) :] in ("Errors", "Throttles"):
                 generic = f"<Function>{generic[len(pascal) :]}"
         assert f"`{generic}`" in guide, f"docs/operations.md does not describe {generic}"
+
+
+# ---- two stacks in one account and region ---------------------------------------------
+
+
+def _llmq_metrics_read(app: SynthesizedApp) -> dict[str, set[str]]:
+    """Alarm logical id -> each llmq-namespace metric it reads, as (name, dimensions) text."""
+    found: dict[str, set[str]] = {}
+    for logical_id, alarm in app.template.of_type("AWS::CloudWatch::Alarm").items():
+        properties = alarm["Properties"]
+        metrics = [properties] + [
+            q["MetricStat"]["Metric"] for q in properties.get("Metrics", []) if "MetricStat" in q
+        ]
+        for metric in metrics:
+            if metric.get("Namespace") == METRICS_NAMESPACE:
+                dimensions = sorted((d["Name"], d["Value"]) for d in metric.get("Dimensions", []))
+                found.setdefault(logical_id, set()).add(json.dumps([metric["MetricName"], dimensions]))
+    return found
+
+
+def _emitted(app: SynthesizedApp, function: str) -> set[str]:
+    """The metrics `function` of `app` emits (EMF, as its handler's import of llmq.telemetry
+    sees its environment): a dead letter of the high lane, and an api 500."""
+    environ = app.template.environment(function)
+    script = (
+        "from llmq.telemetry import MetricName, emit_count, emit_job_metric\n"
+        "emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, 'high')\n"
+        "emit_count(MetricName.API_UNEXPECTED_ERROR)\n"
+    )
+    env = {**os.environ, **{k: v for k, v in environ.items() if k.startswith("POWERTOOLS_")}}
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    emitted = set()
+    for line in out.splitlines():
+        record = json.loads(line)
+        for directive in record["_aws"]["CloudWatchMetrics"]:
+            assert directive["Namespace"] == METRICS_NAMESPACE
+            for metric in directive["Metrics"]:
+                dimensions = sorted((name, record[name]) for name in directive["Dimensions"][0])
+                emitted.add(json.dumps([metric["Name"], dimensions]))
+    return emitted
+
+
+def test_two_stacks_in_one_account_never_alarm_on_each_others_metrics(
+    synthesized: SynthesizedApp, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Given a second llmq stack in the same account and region (staging beside the default)
+    staging = synthesize(
+        LlmqConfig(), {"llmq:stack_name": "LlmqStaging"}, tmp_path_factory.mktemp("cdk-staging")
+    )
+    ours, theirs = _llmq_metrics_read(synthesized), _llmq_metrics_read(staging)
+    # Then no alarm of one reads a metric an alarm of the other reads
+    assert set().union(*ours.values()).isdisjoint(set().union(*theirs.values()))
+    # And what one stack's functions emit reaches its own alarms only: a dead letter in staging
+    # pages staging's on-call, not the default stack's
+    for app, own, other in ((staging, theirs, ours), (synthesized, ours, theirs)):
+        emitted = _emitted(app, "dead_letter") | _emitted(app, "api")
+        assert len(emitted) == 2
+        assert emitted <= set().union(*own.values())
+        assert emitted.isdisjoint(set().union(*other.values()))

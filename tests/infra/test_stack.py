@@ -11,7 +11,7 @@ import pytest
 from llmq.config import GATEWAY_TIMEOUT_SECONDS, DispatcherEnvironment, LlmqConfig, WorkerEnvironment
 from llmq.errors import PROBLEMS
 from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
-from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
+from llmq.telemetry import METRICS_NAMESPACE, MetricName
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 from tests.aws_calls import load_catalogue
@@ -352,7 +352,7 @@ def test_function_environment_parses_with_the_model_its_handler_loads(synthesize
     assert loaded.config == config
     declared = {field.alias or field_name for field_name, field in model.model_fields.items()}
     assert set(environ) - BASE_VARIABLES <= declared
-    assert environ["POWERTOOLS_SERVICE_NAME"] == SERVICE_NAME
+    assert environ["POWERTOOLS_SERVICE_NAME"] == synthesized.service
     assert environ["POWERTOOLS_METRICS_NAMESPACE"] == METRICS_NAMESPACE
     # (no cold start pays for pydantic's scan of every distribution for plugins)
     assert environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"

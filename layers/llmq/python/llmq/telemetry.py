@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from enum import StrEnum
 from functools import cache
 from typing import TYPE_CHECKING
@@ -12,10 +13,12 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from llmq.models import JobStatus
 
-# The CDK app sets POWERTOOLS_SERVICE_NAME and POWERTOOLS_METRICS_NAMESPACE from these, and the
-# dashboard reads the metrics under them.
-SERVICE_NAME = "llmq"
+# The CDK app sets POWERTOOLS_METRICS_NAMESPACE from this, and POWERTOOLS_SERVICE_NAME to the
+# stack's name (`stack_service_name`); its dashboard and alarms read the metrics under both.
 METRICS_NAMESPACE = "llmq"
+# Outside a deployed function (tests, the CLI): the service as no stack names it.
+DEFAULT_SERVICE_NAME = "llmq"
+SERVICE_NAME = os.environ.get("POWERTOOLS_SERVICE_NAME") or DEFAULT_SERVICE_NAME
 # What X-Ray instruments (see `tracer`): never a client used from concurrent asyncio tasks.
 TRACED_MODULES = ("botocore",)
 logger = Logger(service=SERVICE_NAME)
@@ -40,7 +43,14 @@ def tracer() -> Tracer:
     """
     from aws_lambda_powertools import Tracer
 
-    return Tracer(service="llmq", patch_modules=TRACED_MODULES)
+    return Tracer(service=SERVICE_NAME, patch_modules=TRACED_MODULES)
+
+
+def stack_service_name(stack_name: str) -> str:
+    """The `service` of a stack's logs, metrics and traces, the dimension its alarms and dashboard
+    read: its own name, so two stacks in one account and region (dev and staging) never count
+    each other's jobs, nor page for each other's faults."""
+    return stack_name
 
 
 class MetricName(StrEnum):
