@@ -87,21 +87,37 @@ class LlmqClient:
         return job
 
     def wait(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Long-poll (20 s at a time) until the job is terminal or `timeout` passes.
+        """Long-poll (20 s at a time) until the job is terminal or `timeout` passes: the job
+        as last read.
 
-        A 429 (the tenant's long-polls all taken, or its request rate: docs/limits.md) is
-        waited out for its Retry-After, then the poll goes on.
+        A 429 (the tenant's long-polls all taken, or its request rate: docs/limits.md), a 5xx
+        (the gateway, or the api busy for a moment) or a dropped connection is waited out for
+        its Retry-After (a second without one), then the poll goes on; a GET reads nothing, so
+        trying again is always safe. Only a refusal (another 4xx) ends the wait, or a poll
+        that never answered by the deadline.
         """
         deadline = time.monotonic() + timeout
-        job = self.get(job_id)
-        while job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline:
-            wait = max(1, min(20, int(deadline - time.monotonic())))
-            reply = self.request("GET", f"/v1/jobs/{job_id}", params={"wait": str(wait)})
-            if reply.status == 429:
+        job: dict[str, Any] | None = None
+        failed: Exception | None = None
+        while job is None or (job["status"] not in TERMINAL_STATUSES and time.monotonic() < deadline):
+            wait = max(1, min(20, int(deadline - time.monotonic()))) if job is not None else 0
+            params = {"wait": str(wait)} if wait else None
+            pause = 1.0
+            try:
+                reply = self.request("GET", f"/v1/jobs/{job_id}", params=params)
+            except httpx.TransportError as exc:
+                failed = exc
+            else:
+                if reply.status != 429 and reply.status < 500:
+                    job = self._ok(reply)
+                    continue
+                failed = ApiError(reply.status, reply.body)
                 pause = parse_retry_after(reply.headers, time.time()) or 1.0
-                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                continue
-            job = self._ok(reply)
+            if time.monotonic() >= deadline:
+                if job is not None:
+                    return job
+                raise failed
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         return job
 
     def follow(self, job_id: str, timeout: float = 900.0, wait: int = 25) -> Iterator[ServerSentEvent]:

@@ -374,6 +374,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(summary, file=sys.stderr)
             return 0 if done["status"] == "succeeded" else 1
         if args.follow and job["status"] not in TERMINAL_STATUSES:
+            # (the id first: a wait cut short must not leave the job unnamed, and a re-run of
+            # the command, without a key, would pay for a second one)
+            print(f"{job['id']} {job['status']}; following", file=sys.stderr)
             job = client.wait(job["id"], args.timeout)
     _print_json(job)
     return 0

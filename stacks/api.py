@@ -61,10 +61,11 @@ GATEWAY_REFUSED = errors.ProblemType("gateway_refused", 400, "API Gateway refuse
 RETRY_AFTER_SECONDS = 1
 # The answers after which the client should come back later rather than at once:
 # - THROTTLED and QUOTA_EXCEEDED: the stage's or the tenant's usage plan refused the request;
-# - DEFAULT_5XX: among others, a Lambda invoke that Lambda refused (its concurrency is used up),
-#   which API Gateway answers with a 5xx of this type (500; llmq's DEFAULT_5XX says 502),
-#   never with a 429
-#   (https://docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html);
+# - DEFAULT_5XX and INTEGRATION_FAILURE: among others, a Lambda invoke that Lambda refused (its
+#   concurrency is used up), which API Gateway answers with a 5xx, never with a 429
+#   (https://docs.aws.amazon.com/lambda/latest/dg/services-apigateway-errors.html): reported
+#   as either type (an API that customises INTEGRATION_FAILURE, as llmq does, gets that one),
+#   so both say when to come back;
 # - AUTHORIZER_FAILURE and AUTHORIZER_CONFIGURATION_ERROR: the authorizer failed (its table
 #   throttled past its retries) or could not be invoked (throttled at its concurrency).
 RETRY_AFTER_RESPONSES = frozenset(
@@ -73,6 +74,7 @@ RETRY_AFTER_RESPONSES = frozenset(
         apigw.ResponseType.THROTTLED,
         apigw.ResponseType.QUOTA_EXCEEDED,
         apigw.ResponseType.DEFAULT_5_XX,
+        apigw.ResponseType.INTEGRATION_FAILURE,
         apigw.ResponseType.AUTHORIZER_FAILURE,
         apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR,
     )

@@ -567,8 +567,17 @@ def test_every_gateway_answer_is_problem_json_and_a_429_says_when_to_retry(synth
             assert body["status"] == int(properties["StatusCode"])
         else:  # the status API Gateway chose, which the body cannot know
             assert "status" not in body
-    # And a throttled client is told to come back, not to retry at once
-    for response_type in ("THROTTLED", "QUOTA_EXCEEDED"):
+    # And a throttled client is told to come back, not to retry at once; so is one whose
+    # request met an api Lambda would not run (its concurrency used up: a 5xx of either type,
+    # DEFAULT_5XX or INTEGRATION_FAILURE, whichever API Gateway picks), or a failed authorizer
+    for response_type in (
+        "THROTTLED",
+        "QUOTA_EXCEEDED",
+        "DEFAULT_5XX",
+        "INTEGRATION_FAILURE",
+        "AUTHORIZER_FAILURE",
+        "AUTHORIZER_CONFIGURATION_ERROR",
+    ):
         retry_after = by_type[response_type]["ResponseParameters"]["gatewayresponse.header.Retry-After"]
         assert int(retry_after.strip("'")) >= 1
 

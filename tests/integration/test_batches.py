@@ -5,6 +5,7 @@ batch's one webhook, and the tenant's cap over its items."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -381,6 +382,38 @@ def test_a_replayed_key_returns_the_same_batch_and_writes_nothing_more(harness: 
     other = _submit(harness, key="nightly-1", requests=_requests(4))
     assert other.status == 422
     assert other.code == "idempotency_key_reused"
+
+
+def test_a_retry_of_an_accepted_batch_is_its_replay_even_if_a_check_now_refuses_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch accepted under a key, with a webhook whose host resolves now
+    resolves = [True]
+
+    def resolver(host: str, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if resolves[0]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    webhook = {"url": "https://hooks.example.com/llmq"}
+    first = _submit(harness, key="nightly-7", requests=_requests(3), webhook=webhook)
+    assert first.status == 202, first.body
+    # When its answer was lost and, by the client's retry, the webhook host stopped resolving
+    resolves[0] = False
+    retry = _submit(harness, key="nightly-7", requests=_requests(3), webhook=webhook)
+    # Then the retry is the batch's replay, not a 422 inviting a second, paid batch
+    assert (retry.status, retry.body["id"]) == (202, first.body["id"])
+    assert retry.headers["idempotent-replayed"] == "true"
+    # And the same key with another body is still refused as such, with nothing written
+    other = _submit(harness, key="nightly-7", requests=_requests(4), webhook=webhook)
+    assert (other.status, other.code) == (422, "idempotency_key_reused")
+    # And a first submit the check refuses is refused as before
+    fresh = _submit(harness, key="nightly-8", requests=_requests(3), webhook=webhook)
+    assert (fresh.status, fresh.code) == (422, "invalid_webhook_url")
+    assert [batch["id"] for batch in harness.api("GET", "/v1/batches", tenant=ENTERPRISE).body["data"]] == [
+        first.body["id"]
+    ]
 
 
 def test_another_tenants_batch_is_not_found(harness: Harness) -> None:

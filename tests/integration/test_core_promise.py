@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -663,6 +664,49 @@ def test_a_slow_job_started_send_never_leaves_the_provider_a_call_too_short_to_f
     assert (job["status"], job["attempts"]) == ("queued", 0)
 
 
+def test_job_started_sends_that_hang_never_hold_the_threads_the_results_are_written_on(
+    harness: Harness,
+) -> None:
+    # Given a batch of six jobs subscribed to job.started (the default executor's six threads
+    # on a two-vCPU Lambda), claimed with 12 s of the Lambda left, and SQS not answering their
+    # job.started sends for 14 s (botocore's tries: up to 3 x (3 s + 10 s))
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.started", "job.succeeded", "job.failed"]}
+    job_ids = [harness.submit(webhook=hook).body["id"] for _ in range(6)]
+    provider = ScriptedProvider(
+        [JobResult(output=f"paid {n}", finish_reason="stop", usage=Usage(output_tokens=1)) for n in range(6)]
+    )
+    runner = _runner(harness, provider)
+
+    def hang_started_send(params: dict[str, Any], **_: Any) -> None:
+        if "job.started" in str(params.get("MessageBody", "")):
+            time.sleep(14.0)
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("before-parameter-build.sqs.SendMessage", hang_started_send)
+    started = time.monotonic()
+
+    async def one(job_id: str) -> None:
+        invocation = Invocation(
+            owner=f"worker-{job_id}", remaining_seconds=lambda: 12.0 - (time.monotonic() - started)
+        )
+        body = {"job_id": job_id, "lane": "high", "tenant_id": ENTERPRISE["tenant_id"]}
+        await runner.run(json.dumps(body), invocation)
+
+    async def batch() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=6))
+        await asyncio.gather(*(one(job_id) for job_id in job_ids))
+
+    try:
+        # When the worker runs them, giving up on each send after a second
+        asyncio.run(batch())
+    finally:
+        sqs.meta.events.unregister("before-parameter-build.sqs.SendMessage", hang_started_send)
+    # Then every paid result is written (the sends still hanging hold no thread a write needs):
+    # none is left for a next attempt to pay for again
+    assert provider.calls == 6
+    assert [_job(harness, job_id)["status"] for job_id in job_ids] == ["succeeded"] * 6
+
+
 # ---- the worker logs what the batch processor would swallow -------------------------------
 
 
@@ -1260,13 +1304,17 @@ def test_a_billed_failure_whose_write_fails_for_good_is_never_sent_again(
     assert (job["status"], job["error"]["code"]) == ("failed", code)
 
 
+@pytest.mark.parametrize("s3", ["answers", "cannot say"])
 def test_a_claim_recognised_as_ours_that_carries_a_cancel_records_a_parked_result_first(
-    harness: Harness, faults: AwsFaults
+    harness: Harness, faults: AwsFaults, s3: str
 ) -> None:
     # Given a job whose attempt paid for its result, parked it and crashed, and whose next
     # claim is applied but unanswered, the client's cancel landing before the claim's retry
+    # (and S3 throttling every look for the look's whole budget, or not)
     job_id = _parked(harness)
     faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    if s3 == "cannot say":
+        faults.arm("throttle", "s3.HeadObject", times=10_000)
     canceled: list[int] = []
 
     def client_cancels(**_: Any) -> None:
@@ -1278,12 +1326,20 @@ def test_a_claim_recognised_as_ours_that_carries_a_cancel_records_a_parked_resul
     provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
     try:
         # When the worker retries its claim and recognises its own lease, cancel and all
-        outcome = _run(_runner(harness, provider), job_id, owner="worker-2")
+        outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=10)
     finally:
         ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", client_cancels)
+        faults.disarm()
+    assert canceled == [202]
+    if s3 == "cannot say":
+        # (nothing written: the job ends once its lease lapses, looking again for what was paid)
+        assert type(outcome).__name__ == "RetryLater"
+        assert _job(harness, job_id)["status"] == "running"
+        _lapse_lease(harness, job_id)
+        outcome = _run(_runner(harness, provider), job_id, owner="worker-3")
     # Then what was paid for comes first, as wherever a job ends unrun: recorded, not thrown
     # away for the cancel, and the provider is not called
-    assert canceled == [202] and outcome is None
+    assert outcome is None
     assert provider.calls == 0
     _succeeded_with_the_parked_result(harness, job_id)
 
@@ -1325,9 +1381,14 @@ def test_a_cancel_that_comes_while_the_look_for_a_parked_result_is_slow_is_never
     finally:
         aws.client("s3").meta.events.unregister("before-call.s3.HeadObject", client_cancels)
         faults.disarm()
-    # Then the job ends canceled, as its 202 said, and the provider is never called
+    # Then the provider is never called; S3 could not say whether anything was paid for, so
+    # the job is left to end when its lease lapses (looking once more)
     assert canceled == [202]
-    assert outcome is None and provider.calls == 0
+    assert type(outcome).__name__ == "RetryLater" and provider.calls == 0
+    _lapse_lease(harness, job_id)
+    assert _run(_runner(harness, provider), job_id, owner="worker-3") is None
+    # And it ends canceled, as its 202 said
+    assert provider.calls == 0
     assert _job(harness, job_id)["status"] == "canceled"
 
 

@@ -215,3 +215,84 @@ def test_dead_letter_queues_are_named_as_their_lanes_are() -> None:
         "webhooks": ("https://q/hooks-dlq", "https://q/hooks"),
         "poison": ("https://q/poison", None),
     }
+
+
+def _answering(answers: list[Any], seen: list[str]) -> RealClient:
+    """A real client whose HTTP answers are `answers` in turn (an exception is raised instead)."""
+    import httpx
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        next_answer = answers.pop(0)
+        if isinstance(next_answer, Exception):
+            raise next_answer
+        return next_answer
+
+    client = RealClient("http://127.0.0.1:9", "llmq_sk_test")  # (the fixture patches the module's)
+    client._http = httpx.Client(transport=httpx.MockTransport(answer))
+    return client
+
+
+def _problem(status: int, code: str) -> Any:
+    import httpx
+
+    return httpx.Response(status, headers={"Retry-After": "2"}, json={"status": status, "code": code})
+
+
+def test_wait_rides_out_throttles_busy_gateways_and_dropped_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import httpx
+
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    queued, done = {"id": "job_1", "status": "queued"}, {"id": "job_1", "status": "succeeded"}
+    # Given a job whose first read is throttled (429), and whose long polls meet a busy gateway
+    # (502, 503, 500) and a dropped connection before it ends
+    answers = [
+        _problem(429, "rate_limited"),
+        httpx.Response(200, json=queued),
+        _problem(502, "bad_gateway"),
+        _problem(503, "service_unavailable"),
+        httpx.ConnectError("connection reset"),
+        _problem(500, "internal_error"),
+        httpx.Response(200, json=done),
+    ]
+    seen: list[str] = []
+    # When `llmq get --wait` (or `submit --follow`) waits for it
+    job = _answering(answers, seen).wait("job_1", timeout=120)
+    # Then it waits each out, for its Retry-After (a second without one), and gets the end
+    assert job == done
+    assert slept == [2.0, 2.0, 2.0, 1.0, 2.0]
+    assert len(seen) == 7 and "wait=" not in seen[0] and "wait=" in seen[-1]
+
+
+def test_wait_ends_on_a_refusal_and_says_so() -> None:
+    from llmq_cli.client import ApiError
+
+    seen: list[str] = []
+    client = _answering([_problem(404, "job_not_found")], seen)
+    with pytest.raises(ApiError, match="404 job_not_found"):
+        client.wait("job_404", timeout=120)
+    assert len(seen) == 1
+
+
+def test_submit_follow_names_the_job_before_it_waits(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    from llmq_cli.client import ApiError
+
+    class Throttled(FakeClient):
+        def submit(self, body: dict[str, Any], idempotency_key: str | None, wait: int | None) -> Any:
+            import httpx
+
+            from llmq_cli.client import Reply
+
+            return Reply(202, httpx.Headers(), {"id": LONG_ID, "status": "queued"})
+
+        def wait(self, job_id: str, timeout: float) -> dict[str, Any]:
+            raise ApiError(403, {"code": "forbidden"})
+
+    monkeypatch.setattr(llmq_cli.client, "LlmqClient", Throttled)
+    # When a submit is accepted and the wait after it fails
+    assert main(["submit", *API, "hello", "--follow"]) == 1
+    # Then the accepted job was named first: re-running the command would pay for another
+    assert f"{LONG_ID} queued; following" in capsys.readouterr().err

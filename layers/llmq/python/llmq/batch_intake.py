@@ -22,6 +22,7 @@ from llmq.errors import (
     BatchExceedsQuota,
     BatchNotCancelable,
     BatchNotEnded,
+    DomainError,
     IdempotencyConflict,
     InvalidIdempotencyKey,
     InvalidRequest,
@@ -94,12 +95,12 @@ def batch_request_digest(request: BatchRequest, upload: ObjectStat | None = None
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _same_body(stored: BatchRecord, record: BatchRecord) -> bool:
-    """Whether `record` (this request's) has the body `stored` was created with: by its digest,
-    or, for a batch stored before digests, by its hash."""
+def _same_body(stored: BatchRecord, digest: str, request_hash: str) -> bool:
+    """Whether a request of this `digest` and hash has the body `stored` was created with: by
+    its digest, or, for a batch stored before digests, by its hash."""
     if stored.request_digest is not None:
-        return stored.request_digest == record.request_digest
-    return stored.request_hash == record.request_hash
+        return stored.request_digest == digest
+    return stored.request_hash == request_hash
 
 
 class BatchIntake:
@@ -125,16 +126,30 @@ class BatchIntake:
         self, tenant: TenantIdentity, request: BatchRequest, idempotency_key: str | None
     ) -> tuple[BatchRecord, bool]:
         """(The batch, replayed). Nothing is written unless every item is valid."""
-        lane = self._validate(tenant, request, idempotency_key)
-        if self.payloads is None:
-            raise PayloadTooLarge("batches need the payload bucket, which is not configured")
         now_ms = self.batches.now_ms()
         batch_id = new_batch_id(tenant.tenant_id, idempotency_key, now_ms)
-        # Before anything goes to S3, a replay (its id is derived from the key) is answered from
-        # the stored batch, and one with another body refused, leaving nothing behind; the
-        # quota never refuses a replay of an accepted key.
-        stored = self._under_key(batch_id, idempotency_key, now_ms)
-        upload = self._upload(tenant, request.upload_id, stored) if request.upload_id else None
+        try:
+            lane = self._validate(tenant, request, idempotency_key)
+            if self.payloads is None:
+                raise PayloadTooLarge("batches need the payload bucket, which is not configured")
+            # Before anything goes to S3, a replay (its id is derived from the key) is answered
+            # from the stored batch, and one with another body refused, leaving nothing behind;
+            # the quota never refuses a replay of an accepted key.
+            stored = self._under_key(batch_id, idempotency_key, now_ms)
+            upload = self._upload(tenant, request.upload_id, stored) if request.upload_id else None
+        except InvalidIdempotencyKey:
+            raise
+        except DomainError:
+            # A retry of an accepted batch (its answer lost) is its replay, even if a check that
+            # can change between the two tries now refuses it (the webhook host's DNS, a limit,
+            # a model or a lane the operator changed): the batch exists and runs either way.
+            stored = self._under_key(batch_id, idempotency_key, now_ms) if self.payloads is not None else None
+            if stored is None:
+                raise
+            upload = self._upload_as_stored(tenant, request, stored)
+            return self._replayed(
+                stored, tenant, batch_request_digest(request, upload), batch_request_hash(request, upload)
+            ), True
         digest = batch_request_hash(request, upload)
         webhook = request.webhook
         record = BatchRecord(
@@ -163,7 +178,7 @@ class BatchIntake:
             item_events=list(dict.fromkeys(webhook.item_events)) if webhook else [],
         )
         if stored is not None:
-            return self._replayed(stored, tenant, record), True
+            return self._replayed(stored, tenant, record.request_digest, digest), True
         default_max_active = self.config.tenant_limits(tenant.tier).max_active_jobs
         state = self.batches.share(tenant.tenant_id)
         limit = state.max_active_jobs or default_max_active
@@ -172,7 +187,7 @@ class BatchIntake:
             # of a client whose connection dropped is its replay, never refused by the quota)
             stored = self._under_key(batch_id, idempotency_key, now_ms)
             if stored is not None:
-                return self._replayed(stored, tenant, record), True
+                return self._replayed(stored, tenant, record.request_digest, digest), True
             if record.total > limit:
                 raise BatchExceedsQuota(
                     f"this batch has {record.total} requests and this tenant may have at most {limit} "
@@ -185,7 +200,7 @@ class BatchIntake:
             record, self.config.concurrency_caps(tenant.tier, record.lane), state, default_max_active
         )
         if replayed:  # (a first submit of the same key, concurrent with this one)
-            return self._replayed(stored, tenant, record), True
+            return self._replayed(stored, tenant, record.request_digest, digest), True
         logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})
         self._expand(stored)
         return stored, False
@@ -242,8 +257,22 @@ class BatchIntake:
             max_requests=self.config.batches.max_upload_requests,
         )
 
-    def _replayed(self, stored: BatchRecord, tenant: TenantIdentity, record: BatchRecord) -> BatchRecord:
-        if stored.tenant_id != tenant.tenant_id or not _same_body(stored, record):
+    def _upload_as_stored(
+        self, tenant: TenantIdentity, request: BatchRequest, stored: BatchRecord
+    ) -> ObjectStat | None:
+        """The request's upload as it is now, whatever the limits say of it now (a replay's
+        body is compared, not checked again); else the one `stored` was made from."""
+        if not request.upload_id or self.payloads is None:
+            return None
+        found = self.payloads.stat(upload_key(tenant.tenant_id, request.upload_id))
+        if found is None and stored.upload_id == request.upload_id and stored.upload_etag is not None:
+            return ObjectStat(stored.upload_size or 0, stored.upload_etag)
+        return found
+
+    def _replayed(
+        self, stored: BatchRecord, tenant: TenantIdentity, digest: str | None, request_hash: str
+    ) -> BatchRecord:
+        if stored.tenant_id != tenant.tenant_id or not _same_body(stored, digest or "", request_hash):
             raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
         if stored.status is BatchStatus.VALIDATING:
             # Its expand message may have been lost with the first answer: a second one is

@@ -387,6 +387,16 @@ class JobRunner:
             ):
                 # A cancel that came before the claim, or while the look was slow or S3 could
                 # not say: never sent.
+                if parked is False:
+                    # S3 could not say whether an earlier attempt parked what it paid for: the
+                    # job is left to end once the lease lapses, as one asked to cancel that no
+                    # worker holds ends, which looks again for a while (`Offload.record_parked`).
+                    lapses_in = ((job.lease_expires_ms or 0) - self.jobs.now_ms()) / 1000
+                    logger.warning(
+                        "cancel asked while S3 cannot say what was paid for; ended after the lease",
+                        extra={"job_id": job.id},
+                    )
+                    raise RetryLater(job.id, max(1.0, lapses_in + 1.0))
                 await self._settle(self.jobs.cancel_leased, job, invocation)
                 sibling.freed = True
                 return None
@@ -737,10 +747,13 @@ class JobRunner:
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
             # job.started is a courtesy; losing it must not cost the generation, nor may a slow
             # send (botocore's tries) leave the provider too little time: the time is looked
-            # at again after it.
+            # at again after it. A send given up on goes on in a thread of the output's own, so
+            # that it never holds one the result's write (or its parking) will wait for.
             try:
                 await asyncio.wait_for(
-                    asyncio.to_thread(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED),
+                    self._on_output_thread(
+                        functools.partial(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
+                    ),
                     _STARTED_SEND_SECONDS,
                 )
             except (StoreUnavailable, TimeoutError):
