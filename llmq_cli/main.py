@@ -1053,13 +1053,26 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="the tenant's API key for --api-url")
 
 
+def _default_stack() -> str:
+    """The stack `make deploy` deploys: ./cdk.json's `llmq:stack_name` (as the Makefile reads
+    it), else Llmq. A stack of another name in the same account is never the default."""
+    with suppress(OSError, ValueError, AttributeError):
+        name = json.loads(Path("cdk.json").read_text()).get("context", {}).get("llmq:stack_name")
+        if isinstance(name, str) and name:
+            return name
+    return "Llmq"
+
+
+STACK_HELP = "the stack's name (default: cdk.json's llmq:stack_name, else Llmq)"
+
+
 def _aws_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint-url", help="an AWS-compatible endpoint (default: the sandbox's, if running)"
     )
     parser.add_argument("--aws", action="store_true", help="use your AWS credentials even if a sandbox runs")
     parser.add_argument("--region", help="AWS region")
-    parser.add_argument("--stack", default="Llmq", help="the stack whose outputs name tables and queues")
+    parser.add_argument("--stack", default=_default_stack(), help=STACK_HELP)
 
 
 def _get_options(parser: argparse.ArgumentParser) -> None:
@@ -1292,7 +1305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="before a deploy: quota, CDK bootstrap, provider key and region (exit 1 on a problem)"
     )
     doctor.add_argument("--region", help="AWS region (default: AWS_REGION, then your profile's)")
-    doctor.add_argument("--stack", default="Llmq", help="the stack's name (default Llmq)")
+    doctor.add_argument("--stack", default=_default_stack(), help=STACK_HELP)
     doctor.add_argument(
         "--template",
         help="a synthesized template to count reservations from (default: cdk.out/<stack>.template.json)",
@@ -1303,7 +1316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set", help="store $LLMQ_PROVIDER_API_KEY in the stack's provider secret (never from argv)"
     )
     key_set.add_argument("--region", help="AWS region (default: AWS_REGION, then your profile's)")
-    key_set.add_argument("--stack", default="Llmq", help="the stack's name (default Llmq)")
+    key_set.add_argument("--stack", default=_default_stack(), help=STACK_HELP)
     key_set.set_defaults(handler=cmd_provider_key_set)
 
     cost = commands.add_parser("cost", help="AWS cost per million jobs, against one invocation per job")

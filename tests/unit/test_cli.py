@@ -296,3 +296,17 @@ def test_submit_follow_names_the_job_before_it_waits(capsys: pytest.CaptureFixtu
     assert main(["submit", *API, "hello", "--follow"]) == 1
     # Then the accepted job was named first: re-running the command would pay for another
     assert f"{LONG_ID} queued; following" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["tenants", "show", "ten_1"], ["doctor"], ["provider-key", "set"]])
+def test_the_default_stack_is_the_one_make_deploy_deploys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # Given a checkout whose cdk.json names its stack (as `make deploy` reads it)
+    (tmp_path / "cdk.json").write_text(json.dumps({"context": {"llmq:stack_name": "LlmqDev"}}))
+    monkeypatch.chdir(tmp_path)
+    # Then a command without --stack targets that stack, never another called Llmq
+    assert build_parser().parse_args(command).stack == "LlmqDev"
+    # And without a name there, the default is Llmq
+    (tmp_path / "cdk.json").write_text(json.dumps({"context": {}}))
+    assert build_parser().parse_args(command).stack == "Llmq"
