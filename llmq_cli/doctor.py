@@ -127,6 +127,16 @@ def min_bootstrap_version(template: dict[str, Any] | None) -> int:
         return DEFAULT_MIN_BOOTSTRAP_VERSION
 
 
+def bootstrap_version_parameter(template: dict[str, Any] | None) -> str:
+    """Where the template reads the bootstrap's version (its BootstrapVersion parameter: a
+    qualifier other than the default one names another), else the default qualifier's."""
+    try:
+        name = template["Parameters"]["BootstrapVersion"]["Default"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return BOOTSTRAP_VERSION_PARAMETER
+    return name if isinstance(name, str) and name.startswith("/") else BOOTSTRAP_VERSION_PARAMETER
+
+
 def alarm_emails_in_template(template: dict[str, Any] | None) -> frozenset[str] | None:
     """The addresses the template subscribes to its alarm topic; None without a template."""
     if template is None:
@@ -170,6 +180,7 @@ class Doctor:
         min_bootstrap: int = DEFAULT_MIN_BOOTSTRAP_VERSION,
         environ: Mapping[str, str] | None = None,
         alarm_emails: frozenset[str] | None = None,
+        bootstrap_parameter: str = BOOTSTRAP_VERSION_PARAMETER,
     ) -> None:
         self._client = client
         self._environ = os.environ if environ is None else environ
@@ -178,6 +189,8 @@ class Doctor:
         self.stack = stack
         self.reservations = reservations
         self.min_bootstrap = min_bootstrap
+        # The SSM parameter the template's CheckBootstrapVersion rule reads (its qualifier's).
+        self.bootstrap_parameter = bootstrap_parameter
         # What the template about to be deployed subscribes (None: no template to compare).
         self.alarm_emails = alarm_emails
         self.account: str | None = None
@@ -296,7 +309,7 @@ class Doctor:
         fix = f"run `npx cdk bootstrap {where}` (once per account and region)"
         try:
             version = int(
-                self._client("ssm").get_parameter(Name=BOOTSTRAP_VERSION_PARAMETER)["Parameter"]["Value"]
+                self._client("ssm").get_parameter(Name=self.bootstrap_parameter)["Parameter"]["Value"]
             )
         except ClientError as exc:
             if _code(exc) == "ParameterNotFound":
@@ -304,7 +317,7 @@ class Doctor:
             return Finding(
                 "bootstrap",
                 Verdict.FAIL,
-                f"could not read {BOOTSTRAP_VERSION_PARAMETER}: {_reason(exc)}",
+                f"could not read {self.bootstrap_parameter}: {_reason(exc)}",
                 fix,
             )
         if version < self.min_bootstrap:
@@ -314,14 +327,13 @@ class Doctor:
                 f"the CDK bootstrap is version {version}; this app needs {self.min_bootstrap} or later",
                 f"upgrade it: {fix.removeprefix('run ')}",
             )
-        status = self._stack_status(BOOTSTRAP_STACK)
+        # (the default toolkit stack is looked at only for the default qualifier: another
+        # qualifier's bootstrap has a stack of its own name, and CDKToolkit may be another team's)
+        default = self.bootstrap_parameter == BOOTSTRAP_VERSION_PARAMETER
+        status = self._stack_status(BOOTSTRAP_STACK) if default else None
         if status is None:
-            return Finding(
-                "bootstrap",
-                Verdict.FAIL,
-                f"{BOOTSTRAP_VERSION_PARAMETER} says version {version} but there is no {BOOTSTRAP_STACK} stack",
-                fix,
-            )
+            # (or bootstrapped under another toolkit stack name: the version is what the deploy checks)
+            return Finding("bootstrap", Verdict.OK, f"version {version} ({self.bootstrap_parameter})")
         if _broken(status):
             return Finding("bootstrap", Verdict.FAIL, f"the {BOOTSTRAP_STACK} stack is {status}", fix)
         return Finding("bootstrap", Verdict.OK, f"version {version} ({BOOTSTRAP_STACK} {status})")

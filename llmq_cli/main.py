@@ -986,6 +986,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from llmq_cli.doctor import (
         Doctor,
         alarm_emails_in_template,
+        bootstrap_version_parameter,
         exit_code,
         load_reservations,
         min_bootstrap_version,
@@ -1005,6 +1006,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         reservations=reservations,
         min_bootstrap=min_bootstrap_version(template),
         alarm_emails=alarm_emails_in_template(template),
+        bootstrap_parameter=bootstrap_version_parameter(template),
     )
     findings = doctor.run()
     print(render(findings, f"llmq doctor: stack {args.stack} in {session.region_name or '(no region)'}"))

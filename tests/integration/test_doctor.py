@@ -8,6 +8,7 @@ with a 404 "Not yet implemented", so the quota cannot be set there. Every other 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from llmq_cli.doctor import (
     Finding,
     Verdict,
     alarm_emails_in_template,
+    bootstrap_version_parameter,
     exit_code,
     min_bootstrap_version,
     render,
@@ -58,21 +60,20 @@ class Account:
             stubber.activate()
         return client
 
-    def bootstrap(self, version: int = 28) -> None:
-        """What `cdk bootstrap` leaves: the CDKToolkit stack, which writes its version parameter."""
+    def bootstrap(
+        self, version: int = 28, parameter: str = BOOTSTRAP_VERSION_PARAMETER, stack: str = "CDKToolkit"
+    ) -> None:
+        """What `cdk bootstrap` leaves: the CDKToolkit stack (or `--toolkit-stack-name`'s), which
+        writes its version parameter (under its `--qualifier`)."""
         template = {
             "Resources": {
                 "CdkBootstrapVersion": {
                     "Type": "AWS::SSM::Parameter",
-                    "Properties": {
-                        "Name": BOOTSTRAP_VERSION_PARAMETER,
-                        "Type": "String",
-                        "Value": str(version),
-                    },
+                    "Properties": {"Name": parameter, "Type": "String", "Value": str(version)},
                 }
             }
         }
-        self.client("cloudformation").create_stack(StackName="CDKToolkit", TemplateBody=json.dumps(template))
+        self.client("cloudformation").create_stack(StackName=stack, TemplateBody=json.dumps(template))
 
     def deploy(self, resources: dict[str, Any] | None = None) -> str:
         """The stack and its provider secret, holding the placeholder the app's template generates,
@@ -110,6 +111,7 @@ class Account:
             reservations=reservations_from_template(self.template, "the test's template"),
             min_bootstrap=min_bootstrap_version(self.template),
             alarm_emails=alarm_emails_in_template(template),
+            bootstrap_parameter=bootstrap_version_parameter(self.template),
         )
         findings = doctor.run()
         return findings, render(findings, "llmq doctor"), exit_code(findings)
@@ -197,6 +199,26 @@ def test_a_missing_bootstrap_fails_with_the_command_that_fixes_it(account: Accou
     assert code == 1
     assert "  FAIL  bootstrap: aws://123456789012/us-east-1 is not bootstrapped for the CDK" in report
     assert "        fix: run `npx cdk bootstrap aws://123456789012/us-east-1`" in report
+
+
+def test_a_bootstrap_of_another_qualifier_or_toolkit_name_is_the_one_checked(account: Account) -> None:
+    # Given an app whose cdk.json sets another bootstrap qualifier (its template reads that
+    # qualifier's version parameter), and an account bootstrapped with that qualifier under
+    # another toolkit stack name, beside an old default bootstrap of another team
+    parameter = "/cdk-bootstrap/team42/version"
+    account.template = copy.deepcopy(account.template)
+    account.template["Parameters"]["BootstrapVersion"]["Default"] = parameter
+    account.bootstrap(version=min_bootstrap_version(account.template) - 1)
+    account.bootstrap(parameter=parameter, stack="Team42Toolkit")
+    # Then the doctor checks the version the deploy will check, and passes
+    findings, report, _ = account.doctor()
+    assert _verdicts(findings)["bootstrap"] is Verdict.OK, report
+    assert parameter in report
+    # And with only the default qualifier's bootstrap there, it says the app's is missing
+    account.template["Parameters"]["BootstrapVersion"]["Default"] = "/cdk-bootstrap/other/version"
+    findings, report, _ = account.doctor()
+    assert _verdicts(findings)["bootstrap"] is Verdict.FAIL
+    assert "is not bootstrapped for the CDK" in report
 
 
 def test_an_old_bootstrap_fails(account: Account) -> None:
