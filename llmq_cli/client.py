@@ -109,7 +109,12 @@ class LlmqClient:
                 failed = exc
             else:
                 if reply.status != 429 and reply.status < 500:
-                    job = self._ok(reply)
+                    read = self._ok(reply)
+                    if not isinstance(read, dict) or "status" not in read:
+                        # (a 204, an empty or a redirect's body: not a job, and no second try
+                        # would make it one)
+                        raise ApiError(reply.status, {"detail": f"the answer is not a job: {read!r:.200}"})
+                    job = read
                     continue
                 failed = ApiError(reply.status, reply.body)
                 pause = parse_retry_after(reply.headers, time.time()) or 1.0

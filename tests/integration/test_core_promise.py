@@ -1344,6 +1344,46 @@ def test_a_claim_recognised_as_ours_that_carries_a_cancel_records_a_parked_resul
     _succeeded_with_the_parked_result(harness, job_id)
 
 
+def test_a_cancel_while_the_input_cannot_be_read_never_throws_away_a_parked_paid_result(
+    s3_held: Harness, faults: AwsFaults
+) -> None:
+    harness = s3_held
+    # Given a job with an S3-held input whose attempt paid for its result, parked it, crashed
+    job_id = harness.submit(prompt="x" * 8000, webhook=HOOK).body["id"]
+    job = _crashed(harness, job_id)
+    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
+        job, PAID
+    )
+    canceled: list[int] = []
+
+    def client_cancels(**_: Any) -> None:
+        if not canceled:
+            canceled.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    # And S3 failing (the look for what was parked, then the input's read), the client
+    # canceling while the worker reads the input (after the claim's own cancel check)
+    s3 = aws.client("s3")
+    s3.meta.events.register("before-call.s3.GetObject", client_cancels)
+    faults.arm("throttle", "s3.HeadObject", times=10_000)
+    faults.arm("throttle", "s3.GetObject", times=10_000)
+    provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
+    try:
+        outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=16)
+    finally:
+        s3.meta.events.unregister("before-call.s3.GetObject", client_cancels)
+        faults.disarm()
+    # Then nothing is written while S3 cannot say what was paid for: the job ends once the
+    # lease lapses, looking again
+    assert canceled == [202] and provider.calls == 0
+    assert type(outcome).__name__ == "RetryLater"
+    assert _job(harness, job_id)["status"] == "running"
+    _lapse_lease(harness, job_id)
+    assert _run(_runner(harness, provider), job_id, owner="worker-3") is None
+    # And, S3 back, what was paid for is recorded: not thrown away for the cancel
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
 def test_a_claim_whose_look_for_a_parked_result_is_throttled_looks_again_before_running(
     harness: Harness, faults: AwsFaults
 ) -> None:

@@ -310,3 +310,23 @@ def test_the_default_stack_is_the_one_make_deploy_deploys(
     # And without a name there, the default is Llmq
     (tmp_path / "cdk.json").write_text(json.dumps({"context": {}}))
     assert build_parser().parse_args(command).stack == "Llmq"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(204, None), (200, None), (302, None), (200, "null")],
+    ids=["204", "empty 200", "302 without a body", "JSON null"],
+)
+def test_wait_ends_at_once_on_an_answer_that_is_not_a_job(status: int, body: str | None) -> None:
+    import httpx
+
+    from llmq_cli.client import ApiError
+
+    seen: list[str] = []
+    headers = {"Content-Type": "application/json"} if body else {}
+    answers = [httpx.Response(status, headers=headers, content=(body or "").encode())] * 3
+    client = _answering(list(answers), seen)
+    # (not a job, and no second try makes it one: said at once, never polled for ever)
+    with pytest.raises(ApiError, match="not a job"):
+        client.wait("job_1", timeout=60)
+    assert len(seen) == 1

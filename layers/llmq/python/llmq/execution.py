@@ -387,17 +387,7 @@ class JobRunner:
             ):
                 # A cancel that came before the claim, or while the look was slow or S3 could
                 # not say: never sent.
-                if parked is False:
-                    # S3 could not say whether an earlier attempt parked what it paid for: the
-                    # job is left to end once the lease lapses, as one asked to cancel that no
-                    # worker holds ends, which looks again for a while (`Offload.record_parked`).
-                    lapses_in = ((job.lease_expires_ms or 0) - self.jobs.now_ms()) / 1000
-                    logger.warning(
-                        "cancel asked while S3 cannot say what was paid for; ended after the lease",
-                        extra={"job_id": job.id},
-                    )
-                    raise RetryLater(job.id, max(1.0, lapses_in + 1.0))
-                await self._settle(self.jobs.cancel_leased, job, invocation)
+                await self._cancel_held(job, invocation, paid_unknown=parked is False)
                 sibling.freed = True
                 return None
             if isinstance(parked, JobError):
@@ -417,7 +407,7 @@ class JobRunner:
                 await self._complete(job, invocation, parked, ran=False)
                 sibling.freed = True
                 return None
-            loaded = await self._load_input(job, invocation)
+            loaded = await self._load_input(job, invocation, paid_unknown=parked is False)
             if loaded is None:
                 # (canceled while its input could not be read: the cancel gave the slot back)
                 sibling.freed = True
@@ -425,7 +415,7 @@ class JobRunner:
             job = loaded
             if job.attempts == 1 and job.started_ms is not None:
                 emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
-            await self._execute(job, invocation)
+            await self._execute(job, invocation, paid_unknown=parked is False)
         except RetryLater as exc:
             # Handed back for a retry, or for want of time: its slot is free for a waiter.
             sibling.freed = exc.gave_back_slot
@@ -612,7 +602,21 @@ class JobRunner:
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
         raise RetryLater(message.job_id, delay if unsent_delay is None else unsent_delay)
 
-    async def _too_late_to_start(self, job: JobRecord, invocation: Invocation) -> bool:
+    async def _cancel_held(self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool) -> None:
+        """Cancel a job this worker holds before the provider was called. When S3 could not say
+        whether an earlier attempt parked what it paid for (`paid_unknown`), nothing is written:
+        the job ends once the lease lapses, as one asked to cancel that no worker holds ends,
+        which looks again for a while (`Offload.record_parked`): a paid result comes first."""
+        if paid_unknown:
+            lapses_in = ((job.lease_expires_ms or 0) - self.jobs.now_ms()) / 1000
+            logger.warning(
+                "cancel asked while S3 cannot say what was paid for; ended after the lease",
+                extra={"job_id": job.id},
+            )
+            raise RetryLater(job.id, max(1.0, lapses_in + 1.0))
+        await self._settle(self.jobs.cancel_leased, job, invocation)
+
+    async def _too_late_to_start(self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool) -> bool:
         """A claim that came with too little of the Lambda's time left for a generation (a
         slow cold start, a batch whose claims were slow) hands the job back, attempt refunded,
         before the provider is called: a call cut off by the Lambda's end would be billed and
@@ -631,16 +635,18 @@ class JobRunner:
         try:
             await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
         except CancelRequested:
-            await self._settle(self.jobs.cancel_leased, job, invocation)
+            await self._cancel_held(job, invocation, paid_unknown=paid_unknown)
             return True
         raise RetryLater(job.id, delay, gave_back_slot=True)
 
-    async def _load_input(self, job: JobRecord, invocation: Invocation) -> JobRecord | None:
+    async def _load_input(
+        self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool
+    ) -> JobRecord | None:
         """The claimed job's input from S3, through throttles for a bounded time.
 
         If S3 stays unavailable the lease is handed back, attempt refunded (the provider was
         never called), so the next delivery of the message can claim the job; a cancel that
-        arrived meanwhile ends it. None when the job was settled here.
+        arrived meanwhile ends it (`_cancel_held`). None when the job was settled here.
         """
         if job.input is not None or job.input_ref is None:
             return job
@@ -649,16 +655,18 @@ class JobRunner:
         try:
             loaded = await self._write_back(lambda: self.offload.load_input(job), invocation, budget)
         except StoreUnavailable as exc:
-            await self._hand_back(job, invocation, exc)
+            await self._hand_back(job, invocation, exc, paid_unknown=paid_unknown)
             return None
         if time.monotonic() - began >= _SLOW_INPUT_SECONDS and await self._cancel_came(job.id):
             # A cancel that came while the input was slow to read (S3 throttled or slow, retried
             # here or by the SDK): the provider is never called for it.
-            await self._settle(self.jobs.cancel_leased, job, invocation)
+            await self._cancel_held(job, invocation, paid_unknown=paid_unknown)
             return None
         return loaded
 
-    async def _hand_back(self, job: JobRecord, invocation: Invocation, why: StoreUnavailable) -> None:
+    async def _hand_back(
+        self, job: JobRecord, invocation: Invocation, why: StoreUnavailable, *, paid_unknown: bool
+    ) -> None:
         """S3 stays unavailable before the provider was called: the lease is handed back,
         attempt refunded, so the next delivery of the message can claim the job (RetryLater);
         returns only when a cancel that arrived meanwhile ended it here."""
@@ -666,7 +674,7 @@ class JobRunner:
         try:
             await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
         except CancelRequested:
-            await self._settle(self.jobs.cancel_leased, job, invocation)
+            await self._cancel_held(job, invocation, paid_unknown=paid_unknown)
             return
         raise RetryLater(job.id, delay, gave_back_slot=True) from why
 
@@ -741,8 +749,8 @@ class JobRunner:
             # A batch's end is looked at again at once: it writes and sends once, whoever asks.
             await self._announce_batch(job)
 
-    async def _execute(self, job: JobRecord, invocation: Invocation) -> None:
-        if await self._too_late_to_start(job, invocation):
+    async def _execute(self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool = False) -> None:
+        if await self._too_late_to_start(job, invocation, paid_unknown=paid_unknown):
             return
         if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
             # job.started is a courtesy; losing it must not cost the generation, nor may a slow
@@ -758,7 +766,7 @@ class JobRunner:
                 )
             except (StoreUnavailable, TimeoutError):
                 logger.warning("job.started not sent; the generation goes on", extra={"job_id": job.id})
-            if await self._too_late_to_start(job, invocation):
+            if await self._too_late_to_start(job, invocation, paid_unknown=paid_unknown):
                 return
         remaining = invocation.remaining_seconds()
         reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
