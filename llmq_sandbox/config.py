@@ -59,9 +59,12 @@ class ProviderChoice:
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> ProviderChoice:
         environ = os.environ if environ is None else environ
+        base_url = environ.get(PROVIDER_BASE_URL_VAR) or None
         return cls(
-            base_url=environ.get(PROVIDER_BASE_URL_VAR) or None,
-            api_key=environ.get(PROVIDER_API_KEY_VAR) or None,
+            base_url=base_url,
+            # Only for a real provider: the shell of an operator who just deployed holds the real
+            # key in the same variable, which the fake provider must never be sent.
+            api_key=(environ.get(PROVIDER_API_KEY_VAR) or None) if base_url else None,
             model=environ.get(PROVIDER_MODEL_VAR) or None,
         )
 

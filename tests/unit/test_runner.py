@@ -842,3 +842,53 @@ def test_a_batch_items_wait_for_its_sibling_is_bounded_when_a_slot_may_free_outs
 
     asyncio.run(defer())
     assert seen == [bounded]
+
+
+# ---- what a tenant reads of an error about the operator's provider account ---------------
+
+OPERATOR_KEY = "sk-proj-OPERATORSECRETKEY0000000000000000000000Zq9X"
+# What OpenAI answers to a wrong or revoked key (it masks the middle, not the ends), and to an
+# organization over its rate limit (its usage across every tenant).
+PROVIDER_ACCOUNT_ERRORS = {
+    401: {
+        "message": "Incorrect API key provided: sk-proj-****************************************Zq9X. "
+        "You can find your API key at https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    },
+    429: {
+        "message": "Rate limit reached for gpt-4o in organization org-OPERATORORG123 on tokens per min "
+        "(TPM): Limit 30000, Used 29850, Requested 1200.",
+        "type": "tokens",
+        "code": "rate_limit_exceeded",
+    },
+}
+
+
+@pytest.mark.parametrize("status", [401, 429])
+def test_an_error_about_the_operators_provider_account_is_told_in_llmqs_words(status: int) -> None:
+    import httpx
+
+    from llmq.providers import ChatCompletionsProvider
+
+    # Given a provider that refuses llmq's key (401), or rate-limits its organization (429)
+    body = json.dumps({"error": PROVIDER_ACCOUNT_ERRORS[status]}).encode()
+    world = World(max_attempts=2)
+    world.runner.provider = ChatCompletionsProvider(
+        "http://provider.test/v1",
+        lambda: OPERATOR_KEY,
+        False,
+        httpx.MockTransport(lambda request: httpx.Response(status, content=body)),
+    )
+    world.add(attempts=1)
+    # When the job's attempts run out on it
+    world.run()
+    job = world.job()
+    # Then the tenant reads what happened and the provider's code, never the provider's text
+    # (the key's last characters, the operator's organization, the account's usage)
+    assert job.status is JobStatus.FAILED and job.error is not None
+    shown = job.error.message
+    for secret in ("Zq9X", "org-OPERATORORG123", "Used 29850"):
+        assert secret not in shown, shown
+    assert PROVIDER_ACCOUNT_ERRORS[status]["code"] in shown
+    assert ("credentials" if status == 401 else "rate-limiting") in shown

@@ -182,10 +182,33 @@ def classify_error_event(error: object) -> ProviderError:
     return TransientProviderError(message, code=ErrorCode.PROVIDER_ERROR)
 
 
+# What a tenant reads of an error about llmq's own provider account rather than its request: in
+# llmq's words. The provider's own text can quote the operator's key (OpenAI's 401 shows its
+# last characters), name its organization and the account's usage across every tenant (a 429),
+# or an upstream host of a proxy. Its code names stay (`invalid_api_key`, `insufficient_quota`).
+_ACCOUNT_ERRORS = {
+    401: "the provider refused llmq's credentials",
+    403: "the provider refused llmq's credentials",
+    402: "the provider account is out of credit",
+    429: "the provider is rate-limiting llmq",
+}
+_CODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def _account_message(status: int, names: list[str]) -> str:
+    """llmq's own words for an error about its provider account, with the provider's code
+    names; never the provider's message."""
+    codes = [name for name in names if _CODE_NAME.fullmatch(name)]
+    return f"{_ACCOUNT_ERRORS[status]} (HTTP {status})" + (f": {', '.join(codes)}" if codes else "")
+
+
 def _classify(
     status: int, names: list[str], message: str, status_code: int | None, retry_after: float | None
 ) -> ProviderError:
     if status in _TRANSIENT_STATUSES or status >= 500 or status < 400:
+        if status in _ACCOUNT_ERRORS:
+            # (about llmq's account with the provider, not the tenant's request)
+            message = _account_message(status, names)
         return TransientProviderError(message, status_code, retry_after)
     permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
     if permanent is not None:
