@@ -599,6 +599,8 @@ class LifecycleModel(RuleBasedStateMachine):
         self.queues = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=self.sqs)
         self.provider = ScriptedProvider(self.observer)
         self.runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
+        # (its own threads too, for output writes and job.started sends: inline, as to_thread's)
+        self.runner._output_threads = InlineExecutor()
         self.intake = JobIntake(self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None)
         self.reconciler = Reconciler(self.jobs, self.queues, CONFIG)
         self.receiver_status = 200
