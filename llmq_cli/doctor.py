@@ -306,7 +306,15 @@ class Doctor:
 
     def check_bootstrap(self) -> Finding:
         where = f"aws://{self.account or '<account>'}/{self.region}"
-        fix = f"run `npx cdk bootstrap {where}` (once per account and region)"
+        # (`/cdk-bootstrap/<qualifier>/version`: another qualifier is bootstrapped by name)
+        parts = self.bootstrap_parameter.split("/")
+        qualifier = parts[2] if len(parts) == 4 and parts[1] == "cdk-bootstrap" else None
+        named = (
+            f" --qualifier {qualifier}"
+            if qualifier and self.bootstrap_parameter != BOOTSTRAP_VERSION_PARAMETER
+            else ""
+        )
+        fix = f"run `npx cdk bootstrap {where}{named}` (once per account and region)"
         try:
             version = int(
                 self._client("ssm").get_parameter(Name=self.bootstrap_parameter)["Parameter"]["Value"]

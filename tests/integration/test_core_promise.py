@@ -1384,6 +1384,42 @@ def test_a_cancel_while_the_input_cannot_be_read_never_throws_away_a_parked_paid
     _succeeded_with_the_parked_result(harness, job_id)
 
 
+def test_a_cancel_met_after_a_slow_input_read_looks_again_for_what_was_paid_for(
+    s3_held: Harness, faults: AwsFaults
+) -> None:
+    harness = s3_held
+    # Given a job with an S3-held input whose attempt paid for its result, parked it, crashed
+    job_id = harness.submit(prompt="x" * 8000, webhook=HOOK).body["id"]
+    job = _crashed(harness, job_id)
+    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
+        job, PAID
+    )
+    canceled: list[int] = []
+
+    def s3_back_slowly_and_a_cancel(**_: Any) -> None:
+        # (S3 answers again, slowly, as the input is read; the client cancels meanwhile)
+        if not canceled:
+            faults.disarm()
+            time.sleep(1.1)
+            canceled.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    # And S3 failing the look for what was parked
+    s3 = aws.client("s3")
+    s3.meta.events.register("before-call.s3.GetObject", s3_back_slowly_and_a_cancel)
+    faults.arm("throttle", "s3.HeadObject", times=10_000)
+    provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
+    try:
+        outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=16)
+    finally:
+        s3.meta.events.unregister("before-call.s3.GetObject", s3_back_slowly_and_a_cancel)
+        faults.disarm()
+    # Then, S3 answering again, the cancel looks once more and finds what was paid for: the job
+    # succeeds with it now, not after its lease, and the provider is not called
+    assert canceled == [202] and outcome is None
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
 def test_a_claim_whose_look_for_a_parked_result_is_throttled_looks_again_before_running(
     harness: Harness, faults: AwsFaults
 ) -> None:

@@ -214,11 +214,13 @@ def test_a_bootstrap_of_another_qualifier_or_toolkit_name_is_the_one_checked(acc
     findings, report, _ = account.doctor()
     assert _verdicts(findings)["bootstrap"] is Verdict.OK, report
     assert parameter in report
-    # And with only the default qualifier's bootstrap there, it says the app's is missing
+    # And with only the default qualifier's bootstrap there, it says the app's is missing, and
+    # the fix bootstraps that qualifier (a plain `cdk bootstrap` writes the default one's only)
     account.template["Parameters"]["BootstrapVersion"]["Default"] = "/cdk-bootstrap/other/version"
     findings, report, _ = account.doctor()
     assert _verdicts(findings)["bootstrap"] is Verdict.FAIL
     assert "is not bootstrapped for the CDK" in report
+    assert "npx cdk bootstrap aws://123456789012/us-east-1 --qualifier other`" in report
 
 
 def test_an_old_bootstrap_fails(account: Account) -> None:

@@ -1040,3 +1040,53 @@ def test_a_finish_reason_with_half_an_emoji_is_kept_as_utf8_can_hold_it() -> Non
         stream=True,
     )
     assert asyncio.run(streamed.generate(REQUEST, 5)).finish_reason == "len\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "told"),
+    [
+        (
+            401,
+            {"code": "invalid_api_key", "message": "Incorrect API key provided: sk-proj-****Zq9X."},
+            "credentials",
+        ),
+        (
+            403,
+            {"code": 403, "message": "Your chosen model requires moderation and your input was flagged"},
+            "refused the request for llmq's account",
+        ),
+        (
+            429,
+            {
+                "code": "insufficient_quota",
+                "type": "insufficient_quota",
+                "message": "You exceeded your quota",
+            },
+            "out of credit",
+        ),
+        (
+            429,
+            {"code": "rate_limit_exceeded", "message": "Rate limit reached in organization org-OPERATOR123"},
+            "rate-limiting",
+        ),
+    ],
+    ids=["401 key", "403 not only a key", "429 out of credit", "429 rate"],
+)
+def test_an_account_error_is_told_in_llmqs_words_and_the_operator_logs_what_the_provider_said(
+    status: int, error: dict[str, Any], told: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llmq.providers import classify_response
+
+    body = json.dumps({"error": error}).encode()
+    with caplog.at_level("WARNING"):
+        classified = classify_response(httpx.Response(status, content=body), body)
+    # The tenant reads what kind of refusal it was, and the provider's code once, never its text
+    assert told in classified.message
+    assert error["message"] not in classified.message
+    if isinstance(error["code"], str):
+        assert classified.message.count(error["code"]) == 1
+    # And the operator's log keeps what the provider said, a key-like token cut out
+    logged = [record for record in caplog.records if getattr(record, "provider_message", None)]
+    assert len(logged) == 1
+    assert "Zq9X" not in logged[0].provider_message and "OPERATOR123" not in logged[0].provider_message
+    assert logged[0].provider_message.split(" ")[0] == error["message"].split(" ")[0]

@@ -602,11 +602,23 @@ class JobRunner:
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
         raise RetryLater(message.job_id, delay if unsent_delay is None else unsent_delay)
 
-    async def _cancel_held(self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool) -> None:
+    async def _cancel_held(
+        self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool, look_again: bool = False
+    ) -> None:
         """Cancel a job this worker holds before the provider was called. When S3 could not say
         whether an earlier attempt parked what it paid for (`paid_unknown`), nothing is written:
         the job ends once the lease lapses, as one asked to cancel that no worker holds ends,
-        which looks again for a while (`Offload.record_parked`): a paid result comes first."""
+        which looks again for a while (`Offload.record_parked`): a paid result comes first.
+        `look_again`: S3 has answered since (the input's read), so it is asked once more first."""
+        if paid_unknown and look_again:
+            parked = await self._parked_result(job, invocation)
+            if isinstance(parked, JobResult):
+                await self._complete(job, invocation, parked, ran=False)
+                return
+            if isinstance(parked, JobError):
+                await self._settle(self.jobs.fail_leased, job, invocation, parked)
+                return
+            paid_unknown = parked is False
         if paid_unknown:
             lapses_in = ((job.lease_expires_ms or 0) - self.jobs.now_ms()) / 1000
             logger.warning(
@@ -660,7 +672,7 @@ class JobRunner:
         if time.monotonic() - began >= _SLOW_INPUT_SECONDS and await self._cancel_came(job.id):
             # A cancel that came while the input was slow to read (S3 throttled or slow, retried
             # here or by the SDK): the provider is never called for it.
-            await self._cancel_held(job, invocation, paid_unknown=paid_unknown)
+            await self._cancel_held(job, invocation, paid_unknown=paid_unknown, look_again=True)
             return None
         return loaded
 

@@ -32,6 +32,7 @@ import httpx
 from llmq.live_output import printable
 from llmq.models import ChatMessage, ErrorCode, GenerationParams, JobResult, Usage
 from llmq.retry_after import parse_retry_after
+from llmq.telemetry import logger
 
 _PERMANENT_CODES = {
     "context_length_exceeded": ErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -188,18 +189,32 @@ def classify_error_event(error: object) -> ProviderError:
 # or an upstream host of a proxy. Its code names stay (`invalid_api_key`, `insufficient_quota`).
 _ACCOUNT_ERRORS = {
     401: "the provider refused llmq's credentials",
-    403: "the provider refused llmq's credentials",
+    403: "the provider refused the request for llmq's account",
     402: "the provider account is out of credit",
-    429: "the provider is rate-limiting llmq",
+    429: "the provider is rate-limiting llmq's account",
 }
+# Codes that say more than the status (OpenAI answers an account out of credit with a 429).
+_OUT_OF_CREDIT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 _CODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+# What the operator's log keeps of the provider's own text: a key-like token is cut out.
+_KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|key|org|proj)[-_][A-Za-z0-9_*.-]{4,}|[A-Za-z0-9_-]{24,}")
 
 
-def _account_message(status: int, names: list[str]) -> str:
+def _account_message(status: int, names: list[str], provider_said: str) -> str:
     """llmq's own words for an error about its provider account, with the provider's code
-    names; never the provider's message."""
-    codes = [name for name in names if _CODE_NAME.fullmatch(name)]
-    return f"{_ACCOUNT_ERRORS[status]} (HTTP {status})" + (f": {', '.join(codes)}" if codes else "")
+    names; never the provider's message, which goes to the operator's log only (key-like
+    tokens cut out)."""
+    codes = list(dict.fromkeys(name for name in names if _CODE_NAME.fullmatch(name)))
+    said = _ACCOUNT_ERRORS[402] if _OUT_OF_CREDIT_CODES & set(codes) else _ACCOUNT_ERRORS[status]
+    logger.warning(
+        "the provider refused llmq's account",
+        extra={
+            "status_code": status,
+            "provider_codes": codes,
+            "provider_message": _KEY_LIKE.sub("[…]", provider_said)[:_MAX_MESSAGE],
+        },
+    )
+    return f"{said} (HTTP {status})" + (f": {', '.join(codes)}" if codes else "")
 
 
 def _classify(
@@ -208,7 +223,7 @@ def _classify(
     if status in _TRANSIENT_STATUSES or status >= 500 or status < 400:
         if status in _ACCOUNT_ERRORS:
             # (about llmq's account with the provider, not the tenant's request)
-            message = _account_message(status, names)
+            message = _account_message(status, names, message)
         return TransientProviderError(message, status_code, retry_after)
     permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
     if permanent is not None:
