@@ -332,3 +332,48 @@ def test_a_wrong_key_is_read_again_once_per_invocation_and_the_jobs_retry_later(
     assert [len(_provider_statuses(provider, job_id)) for job_id in ids] == [2, 2, 2]
     statuses = {harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] for job_id in ids}
     assert statuses == {"queued"}
+
+
+def test_a_refused_key_is_retried_over_minutes_and_a_backlog_that_runs_out_may_be_sent_again(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a provider that refuses llmq's key (an operator rotated it badly)
+    job_id = harness.submit(prompt="[[fail:401x99]]").body["id"]
+    hidden: list[int] = []
+    sqs = aws.client("sqs")
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if int(params["VisibilityTimeout"]) > 0:  # (not the test's own skips of the backoff)
+            hidden.append(int(params["VisibilityTimeout"]))
+
+    sqs.meta.events.register("provide-client-params.sqs.ChangeMessageVisibility", record)
+    url = harness.stack.lane_queue_urls["high"]
+    try:
+        # When the worker runs the job through its attempts (the backoffs skipped)
+        for _ in range(harness.config.max_attempts):
+            messages = harness.receive(url)
+            response = harness.run_worker(url, messages)
+            harness.let_backoffs_pass()
+            for message in messages:
+                if message["MessageId"] in {item["itemIdentifier"] for item in response["batchItemFailures"]}:
+                    with contextlib.suppress(harness.sqs.exceptions.MessageNotInflight):
+                        harness.sqs.change_message_visibility(
+                            QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                        )
+    finally:
+        sqs.meta.events.unregister("provide-client-params.sqs.ChangeMessageVisibility", record)
+    # Then each retry waited minutes, doubling, not seconds: the operator paged has time to
+    # fix the key before the backlog's attempts run out
+    floor = harness.config.retry.account_error_seconds
+    assert [seconds >= floor * 2**n for n, seconds in enumerate(hidden)] == [True] * (
+        harness.config.max_attempts - 1
+    )
+    # And a job whose attempts ran out says so in llmq's words, and that it may be sent again
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"], job["error"]["retryable"]) == (
+        "failed",
+        "retries_exhausted",
+        True,
+    )
+    assert "refused llmq's credentials" in job["error"]["message"]
+    assert provider.calls_for(job_id) == harness.config.max_attempts

@@ -50,6 +50,10 @@ class RetryPolicy(_Frozen):
 
     base_seconds: Annotated[float, Field(ge=0)] = 2.0
     max_seconds: Annotated[float, Field(ge=0, le=MAX_VISIBILITY_SECONDS)] = 900.0
+    # After a refusal of llmq's own provider account (a refused key, no credit: HTTP 401, 402,
+    # 403), the next attempt waits at least this long, doubling with each attempt: an operator
+    # paged has minutes to fix the key before the backlog's attempts run out, not seconds.
+    account_error_seconds: Annotated[float, Field(ge=0, le=MAX_VISIBILITY_SECONDS)] = 120.0
 
 
 class WebhookPolicy(_Frozen):

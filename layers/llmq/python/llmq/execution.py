@@ -971,12 +971,19 @@ class JobRunner:
             error = JobError(
                 code=ErrorCode.RETRIES_EXHAUSTED,
                 message=f"gave up after {job.attempts} attempts; last error: {exc.message}",
-                retryable=False,
+                # (a refusal of llmq's own provider account is the operator's to fix: the same
+                # request may be sent again once it is)
+                retryable=exc.about_account,
             )
             logger.info("retries exhausted", extra=extra)
             await self._fail_billed(job, invocation, error)
             return
-        delay = retry_delay_seconds(self.config.retry, job.attempts, exc.retry_after, self._rng)
+        wait = exc.retry_after
+        if exc.about_account:
+            # (an operator's to fix: minutes, doubling, rather than seconds between attempts)
+            floor = self.config.retry.account_error_seconds * 2 ** max(0, job.attempts - 1)
+            wait = max(wait or 0.0, floor)
+        delay = retry_delay_seconds(self.config.retry, job.attempts, wait, self._rng)
         crossed = self._end_a_retry_would_cross(job, delay)
         if crossed is not None:
             end, ends = crossed

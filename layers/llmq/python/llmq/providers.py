@@ -94,6 +94,9 @@ class ProviderError(Exception):
         self.status_code = status_code
         # The provider answered 401 or 403: it refused our key before generating anything.
         self.key_refused = False
+        # It refused llmq's own account (a key, a 402 or a quota out of credit): an operator's
+        # to fix, not the job's fault; retried slowly (`RetryPolicy.account_error_seconds`).
+        self.about_account = False
 
 
 class TransientProviderError(ProviderError):
@@ -151,12 +154,53 @@ class Answer:
 def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
     """The error for a non-2xx answer."""
     status = response.status_code
+    found = _error_object(_body_object(body))
     names, message = _error_fields(body)
     message = message or f"provider answered {status}"
-    error = _classify(status, names, message, status, parse_retry_after(response.headers, time.time()))
+    if status == 403 and found is not None and _flagged(found):
+        # A moderated model's refusal of the prompt (OpenRouter answers it 403, with the
+        # reasons): the request's own fault, never retried, and not a refused key.
+        return PermanentProviderError(ErrorCode.CONTENT_FILTERED, message, status)
+    wait = parse_retry_after(response.headers, time.time())
+    if wait is None and status == 429:
+        wait = _stated_wait(response.headers, found)
+    error = _classify(status, names, message, status, wait)
     # Only an HTTP answer counts: it refused the request before any generation started.
     error.key_refused = status in _KEY_REFUSED_STATUSES
     return error
+
+
+def _flagged(error: dict[str, Any]) -> bool:
+    metadata = error.get("metadata")
+    return isinstance(metadata, dict) and bool(metadata.get("reasons") or metadata.get("flagged_input"))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float | None:
+    """A Go-style duration (`6m0s`, `1.5s`, `20ms`) or a protobuf one (`37s`), in seconds."""
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(number + unit for number, unit in parts) != text.strip():
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def _stated_wait(headers: httpx.Headers, error: dict[str, Any] | None) -> float | None:
+    """The wait a 429 states other than by Retry-After: OpenAI's `x-ratelimit-reset-*` of a
+    limit with nothing remaining, or a Google RetryInfo's `retryDelay` in the body."""
+    waits = []
+    for kind in ("requests", "tokens"):
+        reset = _duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+        if reset is not None and headers.get(f"x-ratelimit-remaining-{kind}", "0").strip() == "0":
+            waits.append(reset)
+    for detail in _dicts((error or {}).get("details")):
+        if str(detail.get("@type", "")).endswith("RetryInfo") and isinstance(detail.get("retryDelay"), str):
+            delay = _duration(detail["retryDelay"])
+            if delay is not None:
+                waits.append(delay)
+    return max(waits) if waits else None
 
 
 def classify_error_event(error: object) -> ProviderError:
@@ -223,7 +267,9 @@ def _classify(
     if status in _TRANSIENT_STATUSES or status >= 500 or status < 400:
         if status in _ACCOUNT_ERRORS:
             # (about llmq's account with the provider, not the tenant's request)
-            message = _account_message(status, names, message)
+            error = TransientProviderError(_account_message(status, names, message), status_code, retry_after)
+            error.about_account = status != 429 or bool(_OUT_OF_CREDIT_CODES & set(names))
+            return error
         return TransientProviderError(message, status_code, retry_after)
     permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
     if permanent is not None:
@@ -267,7 +313,7 @@ def timed_out(message: str, retry_timeouts: bool) -> ProviderError:
 
 
 def _error_fields(body: bytes) -> tuple[list[str], str | None]:
-    error = _error_object(_json_object(body) or _first_sse_object(body))
+    error = _error_object(_body_object(body))
     if error is None:
         return [], None
     message = error.get("message")
@@ -287,6 +333,18 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _body_object(body: bytes) -> dict[str, Any] | None:
+    """An error answer's JSON object: the body's, the first of a list (Gemini's
+    OpenAI-compatible endpoint answers `[{"error": …}]`), or the first an SSE body holds."""
+    try:
+        data = json.loads(body)
+    except _UNREADABLE_JSON:
+        data = None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        return data[0]
+    return data if isinstance(data, dict) else _first_sse_object(body)
+
+
 def _first_sse_object(body: bytes) -> dict[str, Any] | None:
     """The first JSON object in an SSE body's `data:` lines (an error answered as a stream)."""
     for line in body.decode("utf-8", "replace").splitlines():
@@ -298,7 +356,8 @@ def _first_sse_object(body: bytes) -> dict[str, Any] | None:
 
 
 def _error_object(data: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The error a body reports: `{"error": {…}}`, or TGI's `{"error": "…", "error_type": "…"}`."""
+    """The error a body reports: `{"error": {…}}`, TGI's `{"error": "…", "error_type": "…"}`,
+    or vLLM's own fields at the top level (`"object": "error"`)."""
     if data is None:
         return None
     error = data.get("error")
@@ -306,6 +365,8 @@ def _error_object(data: dict[str, Any] | None) -> dict[str, Any] | None:
         return error
     if isinstance(error, str) and error:
         return {"message": error, "type": data.get("error_type")}
+    if data.get("object") == "error":
+        return data
     return None
 
 
@@ -453,14 +514,18 @@ class ChatCompletionsProvider:
         self.retry_timeouts = retry_timeouts
 
     async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        # The call's time counts from here: the key's read too, or a slow key store would let
+        # the call outlast what the worker gave it (its write-back reserve, the Lambda's end).
+        deadline = time.monotonic() + timeout_seconds
         # The key store's read (Secrets Manager, when the cache is cold or refreshing) blocks:
         # in a thread, the batch's other generations and cancel watchers go on meanwhile.
         try:
-            key = await asyncio.to_thread(self._api_key)
+            async with asyncio.timeout(timeout_seconds):
+                key = await asyncio.to_thread(self._api_key)
         except Exception as exc:
             raise _key_unreadable(exc) from exc
+        timeout_seconds = max(0.1, deadline - time.monotonic())
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
-        deadline = time.monotonic() + timeout_seconds
         progress = _Progress()
         try:
             # httpx bounds each read; this bounds the whole call, so a stream that trickles
@@ -526,8 +591,10 @@ class ChatCompletionsProvider:
         headers = {"content-type": "application/json"}
         if request.job_id:
             headers["x-llmq-job-id"] = request.job_id
-        if key:
-            headers["authorization"] = f"Bearer {key}"
+        # (a key stored with a trailing newline or space, from a file or the console, would be
+        # an illegal header: every call refused before it is sent, as if the provider were down)
+        if key and key.strip():
+            headers["authorization"] = f"Bearer {key.strip()}"
         return headers
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
@@ -684,6 +751,10 @@ class _Stream:
         self.started = True
         self.last_data_at = time.monotonic()
         data = line[5:].strip()
+        if not self.pending and not data:
+            # An empty `data:` (a gateway's heartbeat): an event with no data, which SSE never
+            # dispatches, not a malformed answer to abandon (and pay for again).
+            return
         if not self.pending and data == "[DONE]":
             self.done = True
             return

@@ -1,0 +1,230 @@
+"""What real OpenAI-compatible servers send (gateways' heartbeats, vLLM's and Gemini's error
+shapes, rate-limit headers, moderation refusals), byte for byte over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from llmq.models import ChatMessage, GenerationParams
+from llmq.providers import ChatCompletionsProvider, GenerationRequest, ProviderError, TransientProviderError
+
+REQUEST = GenerationRequest(
+    model="m",
+    messages=[ChatMessage(role="user", content="hi")],
+    params=GenerationParams(max_tokens=5),
+    job_id="job_wire",
+)
+
+
+@asynccontextmanager
+async def _server(script: list[bytes | float | str], seen: list[bytes] | None = None) -> AsyncIterator[str]:
+    """A loopback HTTP/1.1 server: reads one request, then writes `script` (bytes are sent,
+    floats are pauses, "HANG" waits forever), then closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                more = await reader.read(65536)
+                if not more:
+                    return
+                data += more
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            while len(body) < length:
+                body += await reader.read(65536)
+            if seen is not None:
+                seen.append(head)
+            for item in script:
+                if item == "HANG":
+                    await asyncio.sleep(3600)
+                elif isinstance(item, float):
+                    await asyncio.sleep(item)
+                elif isinstance(item, bytes):
+                    writer.write(item)
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.close()
+
+
+def _chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _sse_head() -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _event(chunk: dict | str) -> bytes:
+    return b"data: " + (chunk if isinstance(chunk, str) else json.dumps(chunk)).encode() + b"\n\n"
+
+
+def _delta(text: str, finish_reason: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish_reason}]}
+
+
+def _error_answer(status: int, body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        status,
+        len(body),
+        extra,
+        body,
+    )
+
+
+async def test_an_empty_data_keep_alive_mid_stream_is_ignored_as_sse_says_not_a_malformed_answer() -> None:
+    # A gateway's heartbeat while the model is slow: `data:` with nothing, then the blank line.
+    # WHATWG SSE: an event whose data buffer is empty is not dispatched. Taken for a malformed
+    # answer, the paid generation would be abandoned and paid for again, on every attempt.
+    body = (
+        _event(_delta("Hel"))
+        + b"data:\n\n"
+        + _event(_delta("lo"))
+        + _event(_delta("", "stop"))
+        + _event("[DONE]")
+    )
+    async with _server([_sse_head(), _chunked(body), _chunked(b"")]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        result = await provider.generate(REQUEST, 5)
+    assert result.output == "Hello"
+
+
+async def test_the_key_read_counts_against_the_calls_time() -> None:
+    # The key store's read (Secrets Manager: botocore's 3 tries of 3 s + 10 s) counts against
+    # the call's time, or a call could outlast the worker's write-back reserve and the Lambda.
+    def slow_key() -> str:
+        time.sleep(1.5)
+        return "sk-test"
+
+    async with _server([_sse_head(), "HANG"]) as url:
+        provider = ChatCompletionsProvider(url, slow_key, stream=True)
+        started = time.monotonic()
+        with pytest.raises(ProviderError):
+            await provider.generate(REQUEST, 1.0)
+        elapsed = time.monotonic() - started
+    assert elapsed < 1.4, f"a 1.0 s call took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # vLLM's ErrorResponse (before 0.10): the error's fields at the top level.
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 4096 tokens. However, you requested 9000 tokens.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+        # Gemini's OpenAI-compatible endpoint answers its errors as a JSON list.
+        [
+            {
+                "error": {
+                    "code": 400,
+                    "message": "This model's maximum context length is 4096 tokens.",
+                    "status": "INVALID_ARGUMENT",
+                }
+            }
+        ],
+    ],
+    ids=["vllm-top-level", "gemini-list"],
+)
+async def test_an_http_errors_message_is_kept_in_the_shapes_real_servers_send(body: object) -> None:
+    # The job fails at once, saying why: a prompt over the context, not just "provider answered 400".
+    async with _server([_error_answer(400, json.dumps(body).encode())]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(ProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    assert "maximum context length" in raised.value.message, raised.value.message
+
+
+@pytest.mark.parametrize(
+    "extra, body",
+    [
+        # OpenAI: no Retry-After on many 429s, only its rate-limit reset headers (Go durations).
+        (
+            b"x-ratelimit-reset-requests: 6m0s\r\nx-ratelimit-remaining-requests: 0\r\n",
+            {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
+        ),
+        # Gemini: the wait is in the body's RetryInfo.
+        (
+            b"",
+            [
+                {
+                    "error": {
+                        "code": 429,
+                        "message": "Resource exhausted",
+                        "status": "RESOURCE_EXHAUSTED",
+                        "details": [
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}
+                        ],
+                    }
+                }
+            ],
+        ),
+    ],
+    ids=["openai-reset-header", "gemini-retry-info"],
+)
+async def test_a_429s_stated_wait_is_honoured_when_it_is_not_a_retry_after(
+    extra: bytes, body: object
+) -> None:
+    # Without it the job's attempts (backoff 1-2 s, then 2-4 s) would all be spent within a
+    # per-minute limit, and the job would fail retries_exhausted though waiting would do.
+    async with _server([_error_answer(429, json.dumps(body).encode(), extra)]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(TransientProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    assert raised.value.retry_after is not None and raised.value.retry_after >= 30
+
+
+async def test_a_provider_key_with_a_trailing_newline_is_sent_without_it() -> None:
+    # A secret stored from a file or the console often ends with a newline, which as a header
+    # is refused before anything is sent: every job would fail as if the provider were down.
+    seen: list[bytes] = []
+    body = _event(_delta("ok", "stop")) + _event("[DONE]")
+    async with _server([_sse_head(), _chunked(body), _chunked(b"")], seen) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test\n", stream=True)
+        result = await provider.generate(REQUEST, 5)
+    assert result.output == "ok"
+    assert b"authorization: Bearer sk-test\r\n" in seen[0] + b"\r\n"
+
+
+async def test_a_403_that_refuses_the_prompt_for_moderation_fails_it_as_content_filtered() -> None:
+    # OpenRouter's moderated models answer a flagged prompt with 403 (its metadata gives the
+    # reasons). DESIGN §3.4: a content-policy refusal fails at once and is never retried; it
+    # is not a refused key.
+    body = {
+        "error": {
+            "code": 403,
+            "message": 'openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for "harassment".',
+            "metadata": {"reasons": ["harassment"], "provider_name": "OpenAI", "model_slug": "openai/gpt-4o"},
+        }
+    }
+    async with _server([_error_answer(403, json.dumps(body).encode())]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(ProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    assert type(raised.value).__name__ == "PermanentProviderError", type(raised.value).__name__
+    assert raised.value.code.value == "content_filtered"
