@@ -1344,16 +1344,42 @@ def test_a_claim_recognised_as_ours_that_carries_a_cancel_records_a_parked_resul
     _succeeded_with_the_parked_result(harness, job_id)
 
 
+def _parked_with_its_input_in_s3(harness: Harness) -> str:
+    """A job whose input is held in S3 and whose attempt paid for its result, parked it and
+    then crashed."""
+    job_id: str = harness.submit(prompt="x" * 8000, webhook=HOOK).body["id"]
+    job = _crashed(harness, job_id)
+    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
+        job, PAID
+    )
+    return job_id
+
+
+def _run_reading_the_input(
+    harness: Harness,
+    faults: AwsFaults,
+    provider: ScriptedProvider,
+    job_id: str,
+    as_it_is_read: Callable[..., None],
+) -> Exception | None:
+    """The job's next attempt (worker-2, 16 s of its Lambda), `as_it_is_read` called as its
+    input is read from S3; the faults disarmed after."""
+    s3 = aws.client("s3")
+    # (first: before the faults armed on the same call refuse it)
+    s3.meta.events.register_first("before-call.s3.GetObject", as_it_is_read)
+    try:
+        return _run(_runner(harness, provider), job_id, owner="worker-2", seconds=16)
+    finally:
+        s3.meta.events.unregister("before-call.s3.GetObject", as_it_is_read)
+        faults.disarm()
+
+
 def test_a_cancel_while_the_input_cannot_be_read_never_throws_away_a_parked_paid_result(
     s3_held: Harness, faults: AwsFaults
 ) -> None:
     harness = s3_held
     # Given a job with an S3-held input whose attempt paid for its result, parked it, crashed
-    job_id = harness.submit(prompt="x" * 8000, webhook=HOOK).body["id"]
-    job = _crashed(harness, job_id)
-    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
-        job, PAID
-    )
+    job_id = _parked_with_its_input_in_s3(harness)
     canceled: list[int] = []
 
     def client_cancels(**_: Any) -> None:
@@ -1362,16 +1388,10 @@ def test_a_cancel_while_the_input_cannot_be_read_never_throws_away_a_parked_paid
 
     # And S3 failing (the look for what was parked, then the input's read), the client
     # canceling while the worker reads the input (after the claim's own cancel check)
-    s3 = aws.client("s3")
-    s3.meta.events.register("before-call.s3.GetObject", client_cancels)
     faults.arm("throttle", "s3.HeadObject", times=10_000)
     faults.arm("throttle", "s3.GetObject", times=10_000)
     provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
-    try:
-        outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=16)
-    finally:
-        s3.meta.events.unregister("before-call.s3.GetObject", client_cancels)
-        faults.disarm()
+    outcome = _run_reading_the_input(harness, faults, provider, job_id, client_cancels)
     # Then nothing is written while S3 cannot say what was paid for: the job ends once the
     # lease lapses, looking again
     assert canceled == [202] and provider.calls == 0
@@ -1389,11 +1409,7 @@ def test_a_cancel_met_after_a_slow_input_read_looks_again_for_what_was_paid_for(
 ) -> None:
     harness = s3_held
     # Given a job with an S3-held input whose attempt paid for its result, parked it, crashed
-    job_id = harness.submit(prompt="x" * 8000, webhook=HOOK).body["id"]
-    job = _crashed(harness, job_id)
-    Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config).park_result(
-        job, PAID
-    )
+    job_id = _parked_with_its_input_in_s3(harness)
     canceled: list[int] = []
 
     def s3_back_slowly_and_a_cancel(**_: Any) -> None:
@@ -1404,15 +1420,9 @@ def test_a_cancel_met_after_a_slow_input_read_looks_again_for_what_was_paid_for(
             canceled.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
 
     # And S3 failing the look for what was parked
-    s3 = aws.client("s3")
-    s3.meta.events.register("before-call.s3.GetObject", s3_back_slowly_and_a_cancel)
     faults.arm("throttle", "s3.HeadObject", times=10_000)
     provider = ScriptedProvider([JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
-    try:
-        outcome = _run(_runner(harness, provider), job_id, owner="worker-2", seconds=16)
-    finally:
-        s3.meta.events.unregister("before-call.s3.GetObject", s3_back_slowly_and_a_cancel)
-        faults.disarm()
+    outcome = _run_reading_the_input(harness, faults, provider, job_id, s3_back_slowly_and_a_cancel)
     # Then, S3 answering again, the cancel looks once more and finds what was paid for: the job
     # succeeds with it now, not after its lease, and the provider is not called
     assert canceled == [202] and outcome is None
