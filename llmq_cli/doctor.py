@@ -306,14 +306,14 @@ class Doctor:
 
     def check_bootstrap(self) -> Finding:
         where = f"aws://{self.account or '<account>'}/{self.region}"
-        # (`/cdk-bootstrap/<qualifier>/version`: another qualifier is bootstrapped by name)
+        # (`/cdk-bootstrap/<qualifier>/version`: another qualifier is bootstrapped by name, into
+        # a toolkit stack of its own: `cdk bootstrap --qualifier` alone would re-qualify
+        # CDKToolkit, which may be another team's, and break every app bootstrapped by it)
         parts = self.bootstrap_parameter.split("/")
         qualifier = parts[2] if len(parts) == 4 and parts[1] == "cdk-bootstrap" else None
-        named = (
-            f" --qualifier {qualifier}"
-            if qualifier and self.bootstrap_parameter != BOOTSTRAP_VERSION_PARAMETER
-            else ""
-        )
+        named = ""
+        if qualifier and self.bootstrap_parameter != BOOTSTRAP_VERSION_PARAMETER:
+            named = f" --qualifier {qualifier} --toolkit-stack-name {self._toolkit_stack(qualifier)}"
         fix = f"run `npx cdk bootstrap {where}{named}` (once per account and region)"
         try:
             version = int(
@@ -345,6 +345,17 @@ class Doctor:
         if _broken(status):
             return Finding("bootstrap", Verdict.FAIL, f"the {BOOTSTRAP_STACK} stack is {status}", fix)
         return Finding("bootstrap", Verdict.OK, f"version {version} ({BOOTSTRAP_STACK} {status})")
+
+    def _toolkit_stack(self, qualifier: str) -> str:
+        """The toolkit stack that holds the qualifier's version parameter, if CloudFormation can
+        say (an upgrade goes there); else a new one named for the qualifier."""
+        try:
+            found = self._client("cloudformation").describe_stack_resources(
+                PhysicalResourceId=self.bootstrap_parameter
+            )["StackResources"]
+        except (ClientError, BotoCoreError):
+            found = []
+        return str(found[0]["StackName"]) if found else f"CDKToolkit-{qualifier}"
 
     def check_stack_state(self) -> Finding:
         """The deployed stack, if any, in a state CloudFormation will update (a first create

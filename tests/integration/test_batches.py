@@ -517,6 +517,33 @@ def test_an_expansion_whose_sends_fail_after_its_write_queues_that_chunk_when_it
     assert _get(harness, reply.body["id"]).body["status"] == "completed"
 
 
+def test_a_chunk_whose_sends_failed_is_queued_whole_after_a_deploy_lowered_the_chunk(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of eight in chunks of four, whose first chunk was written and whose sends
+    # then failed (the worker's crash window between a chunk's write and its messages)
+    before = Harness(moto_stack, integration_config(provider, batches={"expand_chunk": 4}), monkeypatch)
+    batch_id = _submit(before, requests=_requests(8)).body["id"]
+    faults = AwsFaults()
+    faults.wrap_handler("worker", before.worker())
+    faults.arm(FaultKind.SERVER_ERROR, "sqs.SendMessageBatch", function="worker", times=1)
+    url = before.stack.lane_queue_urls[HIGH]
+    try:
+        before.run_worker(url, before.receive(url, visibility=1))
+    finally:
+        faults.disarm()
+    assert len(faults.fired) == 1
+    # When a deploy lowers expand_chunk to two before the expand message comes back
+    after = Harness(moto_stack, integration_config(provider, batches={"expand_chunk": 2}), monkeypatch)
+    _run_lane(after, seconds=90)
+    # Then the resumed expansion queued the whole chunk its checkpoint says was not: every item
+    # ran exactly once, and the batch ended
+    assert sorted(call["job_id"] for call in provider.state.snapshot()["log"]) == sorted(
+        item_job_id(batch_id, index) for index in range(8)
+    )
+    assert _get(after, batch_id).body["status"] == "completed"
+
+
 def test_an_expansion_whose_last_chunks_sends_fail_queues_that_chunk_when_its_next_message_comes(
     harness: Harness, provider: FakeProviderServer, faults: AwsFaults
 ) -> None:

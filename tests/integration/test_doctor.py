@@ -220,7 +220,12 @@ def test_a_bootstrap_of_another_qualifier_or_toolkit_name_is_the_one_checked(acc
     findings, report, _ = account.doctor()
     assert _verdicts(findings)["bootstrap"] is Verdict.FAIL
     assert "is not bootstrapped for the CDK" in report
-    assert "npx cdk bootstrap aws://123456789012/us-east-1 --qualifier other`" in report
+    # into a toolkit stack of its own, never CDKToolkit (another team's, re-qualified, would
+    # break every app bootstrapped by it)
+    assert (
+        "npx cdk bootstrap aws://123456789012/us-east-1 --qualifier other --toolkit-stack-name CDKToolkit-other`"
+        in report
+    )
 
 
 def test_an_old_bootstrap_fails(account: Account) -> None:

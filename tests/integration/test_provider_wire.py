@@ -12,7 +12,13 @@ from contextlib import asynccontextmanager
 import pytest
 
 from llmq.models import ChatMessage, GenerationParams
-from llmq.providers import ChatCompletionsProvider, GenerationRequest, ProviderError, TransientProviderError
+from llmq.providers import (
+    ChatCompletionsProvider,
+    GenerationRequest,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
 
 REQUEST = GenerationRequest(
     model="m",
@@ -228,3 +234,84 @@ async def test_a_403_that_refuses_the_prompt_for_moderation_fails_it_as_content_
             await provider.generate(REQUEST, 5)
     assert type(raised.value).__name__ == "PermanentProviderError", type(raised.value).__name__
     assert raised.value.code.value == "content_filtered"
+
+
+def _whole_then(keep_alive: bytes, count: int) -> list[bytes | float | str]:
+    """The answer's text, then its finish_reason alone (a whole answer), then the upstream stalls
+    (no usage chunk, no [DONE]) while the gateway keeps the connection alive."""
+    script: list[bytes | float | str] = [
+        _sse_head(),
+        _chunked(_event(_delta("Hello")) + _event(_delta("", "stop"))),
+    ]
+    for _ in range(count):
+        script += [0.5, _chunked(keep_alive)]
+    return [*script, "HANG"]
+
+
+@pytest.mark.parametrize("keep_alive", [b": keep-alive\n\n", b"data:\n\n"], ids=["comment", "empty data"])
+async def test_a_whole_answer_is_not_held_open_by_keep_alives(keep_alive: bytes) -> None:
+    # Given a whole answer whose trailer never comes, while the gateway sends keep-alives
+    async with _server(_whole_then(keep_alive, 40)) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        started = time.monotonic()
+        result = await provider.generate(REQUEST, 8.0)
+        elapsed = time.monotonic() - started
+    # Then the paid answer is returned after the trailer's short wait, not at the deadline (a
+    # cancel meanwhile would have thrown it away), an empty `data:` no more a sign of life
+    # than a comment
+    assert result.output == "Hello"
+    assert elapsed < 4.0, f"held {elapsed:.1f} s"
+
+
+async def test_a_key_read_that_took_the_calls_time_sends_nothing() -> None:
+    # Given a key store slow enough to take most of the call's time (Secrets Manager retried)
+    def slow_key() -> str:
+        time.sleep(0.7)
+        return "sk-test"
+
+    seen: list[bytes] = []
+    body = _event(_delta("ok", "stop")) + _event("[DONE]")
+    async with _server([_sse_head(), _chunked(body), _chunked(b"")], seen) as url:
+        provider = ChatCompletionsProvider(url, slow_key, stream=True)
+        with pytest.raises(TransientProviderError) as raised:
+            await provider.generate(REQUEST, 1.0)
+    # Then nothing is sent into the sliver left (it would be cut off, billed, and fail as a
+    # provider_timeout, not retried): a transient failure, which costs nothing
+    assert seen == []
+    assert "was not sent" in raised.value.message
+
+
+async def test_a_403_model_not_found_fails_at_once_as_the_requests_own() -> None:
+    # OpenAI answers a model the project may not use with 403 `model_not_found`
+    body = {
+        "error": {
+            "message": "Project `proj_9KoeXdtHe0YQJbsF2FQAKmzl` does not have access to model `gpt-4o-mini`",
+            "type": "invalid_request_error",
+            "code": "model_not_found",
+        }
+    }
+    async with _server([_error_answer(403, json.dumps(body).encode())]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(PermanentProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    assert raised.value.code.value == "model_not_found"
+
+
+@pytest.mark.parametrize(("status", "level"), [(401, "WARNING"), (429, "INFO")])
+async def test_an_account_error_is_logged_once_a_rate_limit_as_a_note(
+    status: int, level: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = "invalid_api_key" if status == 401 else "rate_limit_exceeded"
+    body = {"error": {"message": "said by the provider", "code": code}}
+    with caplog.at_level("INFO"):
+        async with _server([_error_answer(status, json.dumps(body).encode(), b"retry-after: 3\r\n")]) as url:
+            provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+            with pytest.raises(TransientProviderError):
+                # (a 401 is read again once with the same key: no second call)
+                await provider.generate(REQUEST, 5)
+    # Then the operator's log has what the provider said, once per answer: a warning for a
+    # refused account, a note for an ordinary rate limit (a storm of them pages nobody)
+    said = [record for record in caplog.records if getattr(record, "provider_message", None)]
+    assert [(record.levelname, record.__dict__["provider_message"]) for record in said] == [
+        (level, "said by the provider")
+    ]

@@ -1078,7 +1078,7 @@ def test_an_account_error_is_told_in_llmqs_words_and_the_operator_logs_what_the_
     from llmq.providers import classify_response
 
     body = json.dumps({"error": error}).encode()
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         classified = classify_response(httpx.Response(status, content=body), body)
     # The tenant reads what kind of refusal it was, and the provider's code once, never its text
     assert told in classified.message
@@ -1088,5 +1088,6 @@ def test_an_account_error_is_told_in_llmqs_words_and_the_operator_logs_what_the_
     # And the operator's log keeps what the provider said, a key-like token cut out
     logged = [record for record in caplog.records if getattr(record, "provider_message", None)]
     assert len(logged) == 1
-    assert "Zq9X" not in logged[0].provider_message and "OPERATOR123" not in logged[0].provider_message
-    assert logged[0].provider_message.split(" ")[0] == error["message"].split(" ")[0]
+    said = str(logged[0].__dict__["provider_message"])
+    assert "Zq9X" not in said and "OPERATOR123" not in said
+    assert said.split(" ")[0] == error["message"].split(" ")[0]

@@ -30,7 +30,7 @@ from llmq.batch_requests import StoredRequests, request_lines
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
 from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time, send_expand
-from llmq.config import LlmqConfig
+from llmq.config import MAX_EXPAND_CHUNK, LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord
@@ -245,8 +245,7 @@ class BatchExpander:
             ):
                 # (only the last chunk can lack them: every run, this version's and earlier
                 # ones, queues a chunk before it writes the next; earlier ones leave queued_to)
-                last_chunk = batch.expanded - self.config.batches.expand_chunk
-                self._queue(batch, max(batch.queued_to, last_chunk), batch.expanded)
+                self._queue(batch, unqueued_from(batch), batch.expanded)
                 self.batches.mark_queued(batch.id, batch.expanded)
             settle(self.batches, self.queues, batch.id)
             return
@@ -269,7 +268,7 @@ class BatchExpander:
         writer = secrets.token_hex(6)
         # The last chunk written may have been written but not queued.
         if batch.expanded:
-            self._queue(batch, max(0, batch.expanded - chunk), batch.expanded)
+            self._queue(batch, unqueued_from(batch), batch.expanded)
         start = first = batch.expanded
         slowest = 0.0
         while start < batch.total:
@@ -366,13 +365,22 @@ def stop(batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch
     settle(batches, queues, batch.id)
 
 
+def unqueued_from(batch: BatchRecord) -> int:
+    """Where the items that may lack their lane messages begin: the last chunk written, by the
+    checkpoint of what was queued (`queued_to`), never by the chunk size configured now (a
+    deploy that lowered `batches.expand_chunk` meanwhile would leave items without a message,
+    queued for good). Without a `queued_to` (a batch of an earlier version), as many as any
+    chunk could have held, sent again (a duplicate message is harmless)."""
+    return max(0, batch.queued_to or 0, batch.expanded - MAX_EXPAND_CHUNK)
+
+
 def _write_no_more(
     batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch: BatchRecord
 ) -> None:
     """A canceling batch's last chunk written is queued again, and its items not written count
     as canceled (once)."""
     if batch.expanded:
-        start = max(0, batch.expanded - config.batches.expand_chunk)
+        start = unqueued_from(batch)
         queues.enqueue_jobs(
             [item_job_id(batch.id, index) for index in range(start, batch.expanded)],
             batch.lane,

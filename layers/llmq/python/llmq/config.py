@@ -160,6 +160,10 @@ MAX_OBJECT_MEMBERS = 1000
 # body, and the body travels base64-encoded (the API's binary media type), a third larger.
 # Past about 4.7 MB API Gateway answers 502 without calling llmq; up to this, llmq answers 413.
 MAX_REQUEST_BODY_BYTES = 4_500_000
+# The most items a batch's expansion writes in one transaction (at most 100 actions: the items
+# and the batch's checkpoint). Whatever `batches.expand_chunk` a deployment had, no more than
+# this many items at the checkpoint's end can lack their lane messages.
+MAX_EXPAND_CHUNK = 99
 
 # A Lambda response holds 6 MB (Lambda quotas), counted after the runtime serializes it, where
 # the body, a JSON string, is escaped once more: a quote or a backslash doubles, a control
@@ -349,7 +353,7 @@ class BatchConfig(_Frozen):
     # and 100 actions), so a chunk of `expand_chunk` items stays well within it.
     max_item_bytes: Annotated[int, Field(ge=1024, le=140_000)] = 100_000
     # Items written per transaction (with the checkpoint); their messages go 10 per send.
-    expand_chunk: Annotated[int, Field(ge=1, le=99)] = 25
+    expand_chunk: Annotated[int, Field(ge=1, le=MAX_EXPAND_CHUNK)] = 25
     # The lane batch items run in when the batch names none; None: the tenant's own lane.
     lane: str | None = None
     # The part of a tenant's cap in a lane that its batch items never take (rounded up; a cap
@@ -357,7 +361,9 @@ class BatchConfig(_Frozen):
     # there. 0: batch items may take the whole cap.
     interactive_reserve: Annotated[float, Field(ge=0, lt=1)] = 0.25
     # Terminal counts are spread over this many items, so a batch finishing a hundred items
-    # a second never makes one hot item (each takes a few a second).
+    # a second never makes one hot item (each takes a few a second). Raise it at will; never
+    # lower it while a batch runs: the ends counted on the shards no longer read would be
+    # lost to its counts, and it would never end.
     count_shards: Annotated[int, Field(ge=1, le=100)] = 16
     # Lines per page of GET /v1/batches/{id}/results.
     results_page: Annotated[int, Field(ge=1, le=1000)] = 100

@@ -151,8 +151,9 @@ class Answer:
     whole: bool = False
 
 
-def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
-    """The error for a non-2xx answer."""
+def classify_response(response: httpx.Response, body: bytes, *, log: bool = True) -> ProviderError:
+    """The error for a non-2xx answer; `log`: an account error's text goes to the operator's
+    log (once per answer: not for a look at its status alone)."""
     status = response.status_code
     found = _error_object(_body_object(body))
     names, message = _error_fields(body)
@@ -164,7 +165,7 @@ def classify_response(response: httpx.Response, body: bytes) -> ProviderError:
     wait = parse_retry_after(response.headers, time.time())
     if wait is None and status == 429:
         wait = _stated_wait(response.headers, found)
-    error = _classify(status, names, message, status, wait)
+    error = _classify(status, names, message, status, wait, log=log)
     # Only an HTTP answer counts: it refused the request before any generation started.
     error.key_refused = status in _KEY_REFUSED_STATUSES
     return error
@@ -241,37 +242,59 @@ _ACCOUNT_ERRORS = {
 _OUT_OF_CREDIT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 _CODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # What the operator's log keeps of the provider's own text: a key-like token is cut out.
-_KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|key|org|proj)[-_][A-Za-z0-9_*.-]{4,}|[A-Za-z0-9_-]{24,}")
+_KEY_LIKE = re.compile(
+    r"\b(?:(?:sk|pk|rk|gsk|key|org|proj)[-_]|ABSK)[A-Za-z0-9_*.+/=-]{4,}|[A-Za-z0-9_+/=-]{32,}"
+)
 
 
-def _account_message(status: int, names: list[str], provider_said: str) -> str:
-    """llmq's own words for an error about its provider account, with the provider's code
+def _account_error(
+    status: int,
+    names: list[str],
+    provider_said: str,
+    status_code: int | None,
+    retry_after: float | None,
+    log: bool,
+) -> TransientProviderError:
+    """An error about llmq's provider account, in llmq's own words with the provider's code
     names; never the provider's message, which goes to the operator's log only (key-like
-    tokens cut out)."""
+    tokens cut out): a warning when the account is refused, a note for a rate limit."""
     codes = list(dict.fromkeys(name for name in names if _CODE_NAME.fullmatch(name)))
-    said = _ACCOUNT_ERRORS[402] if _OUT_OF_CREDIT_CODES & set(codes) else _ACCOUNT_ERRORS[status]
-    logger.warning(
-        "the provider refused llmq's account",
-        extra={
-            "status_code": status,
-            "provider_codes": codes,
-            "provider_message": _KEY_LIKE.sub("[…]", provider_said)[:_MAX_MESSAGE],
-        },
+    out_of_credit = bool(_OUT_OF_CREDIT_CODES & set(codes))
+    said = _ACCOUNT_ERRORS[402] if out_of_credit else _ACCOUNT_ERRORS[status]
+    error = TransientProviderError(
+        f"{said} (HTTP {status})" + (f": {', '.join(codes)}" if codes else ""), status_code, retry_after
     )
-    return f"{said} (HTTP {status})" + (f": {', '.join(codes)}" if codes else "")
+    error.about_account = status != 429 or out_of_credit
+    if log:
+        (logger.warning if error.about_account else logger.info)(
+            said,
+            extra={
+                "status_code": status,
+                "provider_codes": codes,
+                "provider_message": _KEY_LIKE.sub("[…]", provider_said)[:_MAX_MESSAGE],
+            },
+        )
+    return error
 
 
 def _classify(
-    status: int, names: list[str], message: str, status_code: int | None, retry_after: float | None
+    status: int,
+    names: list[str],
+    message: str,
+    status_code: int | None,
+    retry_after: float | None,
+    *,
+    log: bool = True,
 ) -> ProviderError:
+    permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
+    if status == 403 and permanent is not None:
+        # (a refusal of the request itself, for all its status: OpenAI's 403 model_not_found)
+        return PermanentProviderError(permanent, message, status_code)
     if status in _TRANSIENT_STATUSES or status >= 500 or status < 400:
         if status in _ACCOUNT_ERRORS:
             # (about llmq's account with the provider, not the tenant's request)
-            error = TransientProviderError(_account_message(status, names, message), status_code, retry_after)
-            error.about_account = status != 429 or bool(_OUT_OF_CREDIT_CODES & set(names))
-            return error
+            return _account_error(status, names, message, status_code, retry_after, log)
         return TransientProviderError(message, status_code, retry_after)
-    permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
     if permanent is not None:
         return PermanentProviderError(permanent, message, status_code)
     if status == 404:
@@ -524,7 +547,15 @@ class ChatCompletionsProvider:
                 key = await asyncio.to_thread(self._api_key)
         except Exception as exc:
             raise _key_unreadable(exc) from exc
-        timeout_seconds = max(0.1, deadline - time.monotonic())
+        left = deadline - time.monotonic()
+        if left < timeout_seconds / 2:
+            # A generation sent with a sliver of its time would be cut off, billed and failed
+            # as provider_timeout: not sent, it costs nothing and is retried.
+            raise TransientProviderError(
+                f"reading the provider key took {timeout_seconds - left:.1f} s of the call's "
+                f"{timeout_seconds:.1f} s; the request was not sent"
+            )
+        timeout_seconds = left
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
         progress = _Progress()
         try:
@@ -624,7 +655,7 @@ class ChatCompletionsProvider:
             "POST", url, json=payload, headers=headers, extensions=extensions
         ) as response:
             if response.status_code >= 300:
-                progress.refused = classify_response(response, b"")
+                progress.refused = classify_response(response, b"", log=False)
                 raise classify_response(response, await _error_body(response))
             try:
                 if self.stream:
@@ -748,13 +779,14 @@ class _Stream:
             return
         if not line.startswith("data:"):
             return
-        self.started = True
-        self.last_data_at = time.monotonic()
         data = line[5:].strip()
         if not self.pending and not data:
             # An empty `data:` (a gateway's heartbeat): an event with no data, which SSE never
-            # dispatches, not a malformed answer to abandon (and pay for again).
+            # dispatches, not a malformed answer to abandon (and pay for again); nor, like a
+            # comment, a sign of life that would hold a whole answer open past its trailer.
             return
+        self.started = True
+        self.last_data_at = time.monotonic()
         if not self.pending and data == "[DONE]":
             self.done = True
             return
