@@ -311,9 +311,9 @@ class Doctor:
         # CDKToolkit, which may be another team's, and break every app bootstrapped by it)
         parts = self.bootstrap_parameter.split("/")
         qualifier = parts[2] if len(parts) == 4 and parts[1] == "cdk-bootstrap" else None
-        named = ""
-        if qualifier and self.bootstrap_parameter != BOOTSTRAP_VERSION_PARAMETER:
-            named = f" --qualifier {qualifier} --toolkit-stack-name {self._toolkit_stack(qualifier)}"
+        own = qualifier is not None and self.bootstrap_parameter != BOOTSTRAP_VERSION_PARAMETER
+        # (a new bootstrap of the qualifier goes into a stack named for it)
+        named = f" --qualifier {qualifier} --toolkit-stack-name CDKToolkit-{qualifier}" if own else ""
         fix = f"run `npx cdk bootstrap {where}{named}` (once per account and region)"
         try:
             version = int(
@@ -329,11 +329,22 @@ class Doctor:
                 fix,
             )
         if version < self.min_bootstrap:
+            if own:
+                # (an upgrade goes into the stack that holds the qualifier's bootstrap)
+                holder = self._toolkit_stack()
+                upgrade = (
+                    f"`npx cdk bootstrap {where} --qualifier {qualifier} --toolkit-stack-name {holder}`"
+                    if holder
+                    else f"`npx cdk bootstrap {where} --qualifier {qualifier} --toolkit-stack-name <the stack "
+                    f"that holds {self.bootstrap_parameter}>`"
+                )
+            else:
+                upgrade = fix.removeprefix("run ")
             return Finding(
                 "bootstrap",
                 Verdict.FAIL,
                 f"the CDK bootstrap is version {version}; this app needs {self.min_bootstrap} or later",
-                f"upgrade it: {fix.removeprefix('run ')}",
+                f"upgrade it: {upgrade}",
             )
         # (the default toolkit stack is looked at only for the default qualifier: another
         # qualifier's bootstrap has a stack of its own name, and CDKToolkit may be another team's)
@@ -346,16 +357,19 @@ class Doctor:
             return Finding("bootstrap", Verdict.FAIL, f"the {BOOTSTRAP_STACK} stack is {status}", fix)
         return Finding("bootstrap", Verdict.OK, f"version {version} ({BOOTSTRAP_STACK} {status})")
 
-    def _toolkit_stack(self, qualifier: str) -> str:
-        """The toolkit stack that holds the qualifier's version parameter, if CloudFormation can
-        say (an upgrade goes there); else a new one named for the qualifier."""
+    def _toolkit_stack(self) -> str | None:
+        """The live toolkit stack that holds the qualifier's version parameter, if CloudFormation
+        can say (a deleted stack's resources are listed for a while: never those)."""
         try:
             found = self._client("cloudformation").describe_stack_resources(
                 PhysicalResourceId=self.bootstrap_parameter
             )["StackResources"]
         except (ClientError, BotoCoreError):
-            found = []
-        return str(found[0]["StackName"]) if found else f"CDKToolkit-{qualifier}"
+            return None
+        live = [
+            resource for resource in found if not str(resource.get("ResourceStatus", "")).startswith("DELETE")
+        ]
+        return str(live[0]["StackName"]) if live else None
 
     def check_stack_state(self) -> Finding:
         """The deployed stack, if any, in a state CloudFormation will update (a first create

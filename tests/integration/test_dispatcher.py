@@ -1038,3 +1038,28 @@ def test_a_carried_job_that_moved_on_keeps_the_delivery_on_its_schedule(stage: S
     assert (delivery.status, delivery.attempts) == ("delivered", 3)
     posts = stage.receiver.requests_to("/hooks/flaky")
     assert len({post.headers["webhook-id"] for post in posts}) == 1
+
+
+def test_a_slow_dns_answer_at_send_counts_in_the_deliverys_time(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmq.config import WEBHOOK_OVERHEAD_SECONDS
+
+    # Given a receiver whose name server, by the time of the delivery, answers slower than the
+    # webhook timeout plus the overhead the config budgets a delivery (it answered at submit)
+    answers = type(stage.dns).__call__
+
+    def slow(self: FakeDns, host: str, port: int) -> list[str]:
+        time.sleep(WEBHOOK_OVERHEAD_SECONDS + stage.config.webhooks.timeout_seconds + 1)
+        return answers(self, host, port)
+
+    stage.job("/hooks/slow-dns")
+    monkeypatch.setattr(type(stage.dns), "__call__", slow)
+    # When the dispatcher delivers its webhook
+    began = time.monotonic()
+    stage.dispatch()
+    took = time.monotonic() - began
+    # Then the lookup counts in the attempt's time, as the POST does: the invocation ends within
+    # what the config budgets (the dispatcher's timeout is checked against it), never held by
+    # the name server, nor by its thread at the invocation's end
+    assert took <= stage.config.webhooks.timeout_seconds + WEBHOOK_OVERHEAD_SECONDS, f"{took:.1f} s"

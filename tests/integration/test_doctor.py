@@ -228,6 +228,27 @@ def test_a_bootstrap_of_another_qualifier_or_toolkit_name_is_the_one_checked(acc
     )
 
 
+def test_the_upgrade_of_another_qualifiers_bootstrap_never_names_cdktoolkit(account: Account) -> None:
+    # Given team42's bootstrap, too old for this app, under a toolkit stack of its own, beside
+    # another team's CDKToolkit
+    parameter = "/cdk-bootstrap/team42/version"
+    account.template = copy.deepcopy(account.template)
+    account.template["Parameters"]["BootstrapVersion"]["Default"] = parameter
+    account.bootstrap()
+    account.bootstrap(
+        version=min_bootstrap_version(account.template) - 1, parameter=parameter, stack="Team42Toolkit"
+    )
+    findings, report, _ = account.doctor()
+    # Then the upgrade it prints goes to the stack that holds team42's bootstrap (moto cannot
+    # name it: said so), never into CDKToolkit, which the qualifier would re-qualify
+    assert _verdicts(findings)["bootstrap"] is Verdict.FAIL
+    fix = next(line for line in report.splitlines() if "npx cdk bootstrap" in line)
+    assert (
+        "--qualifier team42 --toolkit-stack-name <the stack that holds /cdk-bootstrap/team42/version>" in fix
+    )
+    assert "--toolkit-stack-name CDKToolkit" not in fix
+
+
 def test_an_old_bootstrap_fails(account: Account) -> None:
     # Given a bootstrap older than the template's CheckBootstrapVersion rule accepts
     account.bootstrap(version=min_bootstrap_version(account.template) - 1)

@@ -17,6 +17,7 @@ from llmq.providers import (
     GenerationRequest,
     PermanentProviderError,
     ProviderError,
+    ProviderKey,
     TransientProviderError,
 )
 
@@ -29,9 +30,15 @@ REQUEST = GenerationRequest(
 
 
 @asynccontextmanager
-async def _server(script: list[bytes | float | str], seen: list[bytes] | None = None) -> AsyncIterator[str]:
-    """A loopback HTTP/1.1 server: reads one request, then writes `script` (bytes are sent,
-    floats are pauses, "HANG" waits forever), then closes."""
+async def _server(
+    script: list[bytes | float | str],
+    seen: list[bytes] | None = None,
+    later: list[bytes | float | str] | None = None,
+) -> AsyncIterator[str]:
+    """A loopback HTTP/1.1 server: reads a request, then writes `script` (bytes are sent,
+    floats are pauses, "HANG" waits forever), then closes; `later`, to the requests after the
+    first."""
+    requests = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = b""
@@ -54,7 +61,9 @@ async def _server(script: list[bytes | float | str], seen: list[bytes] | None = 
                 body += await reader.read(65536)
             if seen is not None:
                 seen.append(head)
-            for item in script:
+            nonlocal requests
+            requests += 1
+            for item in script if requests == 1 or later is None else later:
                 if item == "HANG":
                     await asyncio.sleep(3600)
                 elif isinstance(item, float):
@@ -315,3 +324,43 @@ async def test_an_account_error_is_logged_once_a_rate_limit_as_a_note(
     assert [(record.levelname, record.__dict__["provider_message"]) for record in said] == [
         (level, "said by the provider")
     ]
+
+
+async def test_a_fresh_key_read_after_a_401_that_took_the_calls_time_sends_nothing_more() -> None:
+    # Given a rotated key: the cached one is refused (401), and the fresh read from the key
+    # store is slow (Secrets Manager retried), taking most of the call's time
+    def read(fresh: bool) -> str:
+        if fresh:
+            time.sleep(0.7)
+            return "sk-new"
+        return "sk-old"
+
+    refused = json.dumps(
+        {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}
+    ).encode()
+    seen: list[bytes] = []
+    answer: list[bytes | float | str] = [_sse_head(), _chunked(_event(_delta("Hel"))), "HANG"]
+    async with _server([_error_answer(401, refused)], seen, later=answer) as url:
+        provider = ChatCompletionsProvider(url, ProviderKey(read), stream=True)
+        with pytest.raises(TransientProviderError) as raised:
+            await provider.generate(REQUEST, 1.0)
+    # Then, as for the first read, nothing is sent into the sliver left (it would be cut off,
+    # billed, and fail as provider_timeout): the refusal stands, retried as an account error
+    assert len(seen) == 1
+    assert raised.value.about_account
+
+
+async def test_a_403_the_request_is_refused_with_is_told_without_the_providers_text() -> None:
+    # OpenAI's 403 model_not_found names the operator's project in its text
+    body = {
+        "error": {
+            "message": "Project `proj_9KoeXdtHe0YQJbsF2FQAKmzl` does not have access to model `gpt-4o-mini`",
+            "code": "model_not_found",
+        }
+    }
+    async with _server([_error_answer(403, json.dumps(body).encode())]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(PermanentProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    assert raised.value.code.value == "model_not_found"
+    assert "proj_" not in raised.value.message and "model_not_found" in raised.value.message

@@ -238,11 +238,9 @@ class BatchExpander:
             # Asked to look after an item ended elsewhere (`item_ended`), or a duplicate; or
             # the expansion's own next message after the last chunk's sends failed (or its
             # worker stopped after the write): those items have no message yet.
-            if (
-                not batch.status.is_terminal
-                and batch.queued_to is not None
-                and batch.queued_to < batch.expanded
-            ):
+            # (a batch of a version before queued_to: its last chunk, as many as any chunk
+            # could hold, is sent again once, and marked queued)
+            if not batch.status.is_terminal and (batch.queued_to is None or batch.queued_to < batch.expanded):
                 # (only the last chunk can lack them: every run, this version's and earlier
                 # ones, queues a chunk before it writes the next; earlier ones leave queued_to)
                 self._queue(batch, unqueued_from(batch), batch.expanded)

@@ -258,15 +258,30 @@ def _account_error(
     """An error about llmq's provider account, in llmq's own words with the provider's code
     names; never the provider's message, which goes to the operator's log only (key-like
     tokens cut out): a warning when the account is refused, a note for a rate limit."""
-    codes = list(dict.fromkeys(name for name in names if _CODE_NAME.fullmatch(name)))
+    codes = _codes(names)
     out_of_credit = bool(_OUT_OF_CREDIT_CODES & set(codes))
     said = _ACCOUNT_ERRORS[402] if out_of_credit else _ACCOUNT_ERRORS[status]
     error = TransientProviderError(
         f"{said} (HTTP {status})" + (f": {', '.join(codes)}" if codes else ""), status_code, retry_after
     )
     error.about_account = status != 429 or out_of_credit
+    _tell_operator(
+        logger.warning if error.about_account else logger.info, said, status, codes, provider_said, log
+    )
+    return error
+
+
+def _codes(names: list[str]) -> list[str]:
+    """The provider's code names a tenant may read: identifiers, each once."""
+    return list(dict.fromkeys(name for name in names if _CODE_NAME.fullmatch(name)))
+
+
+def _tell_operator(
+    log_at: Callable[..., None], said: str, status: int, codes: list[str], provider_said: str, log: bool
+) -> None:
+    """What the provider said, for the operator's log only (key-like tokens cut out)."""
     if log:
-        (logger.warning if error.about_account else logger.info)(
+        log_at(
             said,
             extra={
                 "status_code": status,
@@ -274,7 +289,6 @@ def _account_error(
                 "provider_message": _KEY_LIKE.sub("[…]", provider_said)[:_MAX_MESSAGE],
             },
         )
-    return error
 
 
 def _classify(
@@ -288,8 +302,22 @@ def _classify(
 ) -> ProviderError:
     permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
     if status == 403 and permanent is not None:
-        # (a refusal of the request itself, for all its status: OpenAI's 403 model_not_found)
-        return PermanentProviderError(permanent, message, status_code)
+        # (a refusal of the request itself, for all its status: OpenAI's 403 model_not_found;
+        # its text names the operator's project, so it is told in llmq's words too)
+        codes = _codes(names)
+        _tell_operator(
+            logger.warning,
+            "the provider refused this request for llmq's account",
+            status,
+            codes,
+            message,
+            log,
+        )
+        return PermanentProviderError(
+            permanent,
+            f"the provider refused this request for llmq's account (HTTP {status}): {', '.join(codes)}",
+            status_code,
+        )
     if status in _TRANSIENT_STATUSES or status >= 500 or status < 400:
         if status in _ACCOUNT_ERRORS:
             # (about llmq's account with the provider, not the tenant's request)
@@ -547,8 +575,9 @@ class ChatCompletionsProvider:
                 key = await asyncio.to_thread(self._api_key)
         except Exception as exc:
             raise _key_unreadable(exc) from exc
+        given = timeout_seconds
         left = deadline - time.monotonic()
-        if left < timeout_seconds / 2:
+        if left < given / 2:
             # A generation sent with a sliver of its time would be cut off, billed and failed
             # as provider_timeout: not sent, it costs nothing and is retried.
             raise TransientProviderError(
@@ -584,7 +613,9 @@ class ChatCompletionsProvider:
                     # (set by the operator, or rotated within the cache's five minutes) is
                     # tried at once instead of after a backoff, and only once.
                     newer = await self._replacing(key)
-                    if newer is None:
+                    if newer is None or deadline - time.monotonic() < given / 2:
+                        # (no other key; or the refusal and the fresh read took half the call's
+                        # time: a request sent into the rest would be cut off and billed)
                         raise
                     # A cancel asked for meanwhile (the job's, or its deadline's) lands here, at
                     # a point that yields, before the second call is sent: a cancel is only

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import random
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -58,6 +60,11 @@ from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget, PinnedTransport, Resolver, check_webhook_url, system_resolver
 from llmq.telemetry import MetricName, error_fields, logger, metrics
 from llmq.tenants import WEBHOOK_SECRET_PREFIX, UnknownTenant
+
+# The send-time DNS lookups run on threads of their own: a receiver's name server that answers
+# slowly holds one of these, never one of the default pool's, which the dispatcher's AWS calls
+# use, nor the invocation's end (`asyncio.run` waits for the default pool's threads, not these).
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llmq-dns")
 
 USER_AGENT = "llmq-webhooks/1"
 SIGNATURE_VERSION = "v1"
@@ -622,14 +629,29 @@ class WebhookDispatcher:
     async def _send_body(
         self, url: str, msg_id: str, body: bytes, secrets: list[str], timeout: float | None = None
     ) -> _Response:
+        timeout = timeout or self._policy.timeout_seconds
+        began = time.monotonic()
         try:
-            # Checked again at send time: the DNS answer may have changed since submit.
-            target = await asyncio.to_thread(
-                check_webhook_url, url, self._policy.allow_loopback_http, self._resolver
-            )
+            # Checked again at send time: the DNS answer may have changed since submit. Within
+            # the attempt's time, as the POST is: a receiver's name server that answers slowly
+            # must not hold a delivery past what the dispatcher budgets for it.
+            async with asyncio.timeout(timeout):
+                target = await asyncio.get_running_loop().run_in_executor(
+                    _LOOKUPS,
+                    functools.partial(
+                        check_webhook_url, url, self._policy.allow_loopback_http, self._resolver
+                    ),
+                )
         except (InvalidWebhookUrl, WebhookHostUnavailable) as exc:
             return _Response(None, error=exc.detail, error_class=type(exc).__name__)
-        return await self._post(target, body, self._headers(msg_id, body, secrets), timeout)
+        except TimeoutError:
+            return _Response(
+                None,
+                error=f"the receiver's host name did not resolve within {timeout:g}s",
+                error_class="Timeout",
+            )
+        left = max(1.0, timeout - (time.monotonic() - began))
+        return await self._post(target, body, self._headers(msg_id, body, secrets), left)
 
     def _headers(self, msg_id: str, body: bytes, secrets: list[str]) -> dict[str, str]:
         # Each attempt is signed afresh, so its timestamp is inside the receiver's tolerance.
