@@ -326,7 +326,9 @@ class Doctor:
                 "bootstrap",
                 Verdict.FAIL,
                 f"could not read {self.bootstrap_parameter}: {_reason(exc)}",
-                fix,
+                # (the bootstrap may well be there: a new one beside it would collide)
+                f"allow ssm:GetParameter on {self.bootstrap_parameter} to the deploying identity, then run "
+                "`llmq doctor` again",
             )
         if version < self.min_bootstrap:
             if own:

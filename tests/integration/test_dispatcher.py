@@ -1063,3 +1063,40 @@ def test_a_slow_dns_answer_at_send_counts_in_the_deliverys_time(
     # what the config budgets (the dispatcher's timeout is checked against it), never held by
     # the name server, nor by its thread at the invocation's end
     assert took <= stage.config.webhooks.timeout_seconds + WEBHOOK_OVERHEAD_SECONDS, f"{took:.1f} s"
+
+
+def test_a_slow_name_server_of_one_receiver_never_fails_anothers_delivery(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given four webhooks of a receiver whose name server has begun to hang (it answered at
+    # submit), delivered by one invocation
+    slow_host, hang = "slow.test", 12.0
+    stage.dns.answers[slow_host] = ["127.0.0.1"]
+    answers = type(stage.dns).__call__
+    looked_up: list[str] = []
+
+    def slow(self: FakeDns, host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        if host == slow_host:
+            time.sleep(hang)
+        return answers(self, host, port)
+
+    healthy_host = stage.receiver.HOSTNAME
+    monkeypatch.setattr(stage.receiver, "HOSTNAME", slow_host)
+    for n in range(4):
+        stage.job(f"/hooks/bad{n}", job_id=f"job_bad{n}")
+    monkeypatch.setattr(stage.receiver, "HOSTNAME", healthy_host)
+    monkeypatch.setattr(type(stage.dns), "__call__", slow)
+    began = time.monotonic()
+    stage.dispatch()
+    # When the next (warm) invocation delivers another receiver's webhook, the lookups of the
+    # first still hanging
+    stage.job("/hooks/healthy", job_id="job_healthy")
+    stage.dispatch()
+    try:
+        # Then that receiver's host is looked up at once and the webhook delivered: no lookup of
+        # another tenant's holds what its delivery needs
+        assert len(stage.receiver.requests_to("/hooks/healthy")) == 1
+        assert stage.delivery("job_healthy").status == "delivered"
+    finally:
+        time.sleep(max(0.0, hang - (time.monotonic() - began) + 0.5))  # (the hung lookups end)

@@ -203,6 +203,11 @@ class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
         return future
 
 
+async def _inline(call: Callable[[], Any]) -> Any:
+    """A call the code under test would run in a thread of its own, run at once on the loop."""
+    return call()
+
+
 class ModelLoop(asyncio.SelectorEventLoop):
     """An event loop on the model clock: `asyncio.sleep` ends only once a step moved the clock."""
 
@@ -615,6 +620,8 @@ class LifecycleModel(RuleBasedStateMachine):
             clock=self.clock,
             rng=lambda: 0.5,
         )
+        # (its send-time lookups inline too)
+        self.dispatcher._look_up = _inline
         self.model_jobs: list[ModelJob] = []
         self.keys: dict[tuple[str, str], ModelJob] = {}
         self.runs: list[Run] = []

@@ -1091,3 +1091,15 @@ def test_an_account_error_is_told_in_llmqs_words_and_the_operator_logs_what_the_
     said = str(logged[0].__dict__["provider_message"])
     assert "Zq9X" not in said and "OPERATOR123" not in said
     assert said.split(" ")[0] == error["message"].split(" ")[0]
+
+
+def test_a_403_content_refusal_keeps_the_providers_reason() -> None:
+    from llmq.providers import classify_response
+
+    body = json.dumps(
+        {"error": {"message": "Your prompt was flagged for violence.", "code": "content_policy_violation"}}
+    ).encode()
+    error = classify_response(httpx.Response(403, content=body), body, log=False)
+    # The tenant's own prompt was refused: its reason, not a refusal of llmq's account
+    assert isinstance(error, PermanentProviderError) and error.code is ErrorCode.CONTENT_FILTERED
+    assert error.message == "Your prompt was flagged for violence."

@@ -301,6 +301,9 @@ def _classify(
     log: bool = True,
 ) -> ProviderError:
     permanent = next((_PERMANENT_CODES[name] for name in names if name in _PERMANENT_CODES), None)
+    if status == 403 and permanent is ErrorCode.CONTENT_FILTERED:
+        # (a refusal of the prompt, for all its status: its text is about the tenant's request)
+        return PermanentProviderError(permanent, message, status_code)
     if status == 403 and permanent is not None:
         # (a refusal of the request itself, for all its status: OpenAI's 403 model_not_found;
         # its text names the operator's project, so it is told in llmq's words too)
@@ -613,10 +616,16 @@ class ChatCompletionsProvider:
                     # (set by the operator, or rotated within the cache's five minutes) is
                     # tried at once instead of after a backoff, and only once.
                     newer = await self._replacing(key)
-                    if newer is None or deadline - time.monotonic() < given / 2:
-                        # (no other key; or the refusal and the fresh read took half the call's
-                        # time: a request sent into the rest would be cut off and billed)
+                    if newer is None:
                         raise
+                    if deadline - time.monotonic() < given / 2:
+                        # The refusal and the fresh read took half the call's time: a request
+                        # sent into the rest would be cut off and billed. The new key is kept
+                        # for the next attempt, which this is no refusal of.
+                        raise TransientProviderError(
+                            "the provider refused the old key, and reading the new one took half "
+                            "the call's time; the request was not sent again"
+                        ) from None
                     # A cancel asked for meanwhile (the job's, or its deadline's) lands here, at
                     # a point that yields, before the second call is sent: a cancel is only
                     # delivered where the task yields, and sending may not.

@@ -23,10 +23,10 @@ import functools
 import hashlib
 import hmac
 import random
+import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -61,10 +61,38 @@ from llmq.ssrf import PinnedTarget, PinnedTransport, Resolver, check_webhook_url
 from llmq.telemetry import MetricName, error_fields, logger, metrics
 from llmq.tenants import WEBHOOK_SECRET_PREFIX, UnknownTenant
 
-# The send-time DNS lookups run on threads of their own: a receiver's name server that answers
-# slowly holds one of these, never one of the default pool's, which the dispatcher's AWS calls
-# use, nor the invocation's end (`asyncio.run` waits for the default pool's threads, not these).
-_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llmq-dns")
+
+def _in_a_thread_of_its_own(call: Callable[[], PinnedTarget]) -> asyncio.Future[PinnedTarget]:
+    """`call` in a daemon thread of its own, started at once: a send-time DNS lookup that a
+    receiver's name server holds keeps only its own thread, never one a lookup of another
+    tenant waits for (a shared pool would fail their attempts unsent), nor one of the default
+    pool's, which the dispatcher's AWS calls use, nor the invocation's end (`asyncio.run` waits
+    for the default pool's threads). One given up on (its attempt timed out) ends on its own
+    (the resolver's timeouts), its answer dropped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[PinnedTarget] = loop.create_future()
+
+    def settle(result: PinnedTarget | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        elif result is not None:
+            future.set_result(result)
+
+    def run() -> None:
+        result: PinnedTarget | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task, whatever it is
+            error = exc
+        with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile: nobody waits)
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="llmq-dns", daemon=True).start()
+    return future
+
 
 USER_AGENT = "llmq-webhooks/1"
 SIGNATURE_VERSION = "v1"
@@ -275,6 +303,11 @@ class WebhookDispatcher:
         self._public_api_url = public_api_url
         self._transport_factory = transport_factory
         self._resolver = resolver
+        # How a send-time lookup runs: in a thread of its own (a test that runs every call
+        # inline replaces it)
+        self._look_up: Callable[[Callable[[], PinnedTarget]], Awaitable[PinnedTarget]] = (
+            _in_a_thread_of_its_own
+        )
         self._clock = clock
         self.schedule = WebhookSchedule(
             tuple(config.webhooks.schedule_seconds), config.webhooks.jitter_fraction, rng
@@ -636,11 +669,10 @@ class WebhookDispatcher:
             # the attempt's time, as the POST is: a receiver's name server that answers slowly
             # must not hold a delivery past what the dispatcher budgets for it.
             async with asyncio.timeout(timeout):
-                target = await asyncio.get_running_loop().run_in_executor(
-                    _LOOKUPS,
+                target = await self._look_up(
                     functools.partial(
                         check_webhook_url, url, self._policy.allow_loopback_http, self._resolver
-                    ),
+                    )
                 )
         except (InvalidWebhookUrl, WebhookHostUnavailable) as exc:
             return _Response(None, error=exc.detail, error_class=type(exc).__name__)
