@@ -378,7 +378,15 @@ def _render_noisy(noisy: Any) -> list[str]:
     out += [
         "",
         f"B's p95, baseline ÷ capped: **{noisy['b_p95_ratio']:.1f}×** (goal ≥ 10×: "
-        f"{'met' if noisy['b_p95_ratio'] >= 10 else 'not met'}); capped B p95 = "
+        f"{'met' if noisy['b_p95_ratio'] >= 10 else 'not met'}"
+        + (
+            f"; the median of {len(noisy['b_p95_ratios'])} pairs of runs taken in turn, whose ratios were "
+            + ", ".join(f"{ratio:.1f}×" for ratio in noisy["b_p95_ratios"])
+            + ": the table shows the median pair"
+            if len(noisy.get("b_p95_ratios", [])) > 1
+            else ""
+        )
+        + "); capped B p95 = "
         f"{fair['b_p95_s'] / noisy['latency_s']:.2f} × L (goal ≤ 2 × L: "
         f"{'met' if fair['b_p95_s'] <= 2 * noisy['latency_s'] else 'not met'}), of which the sandbox's submit path "
         f"takes up to {fair['b_accept_p95_s']:.1f} s at p95: counted from its 202, B's p95 is "

@@ -554,15 +554,26 @@ def _claim_attempts(worker_log: Path, jobs: set[str]) -> int:
     return tried
 
 
+# The capped run and its baseline are repeated, in turn: on a shared machine one pair's ratio
+# can be half or twice another's an hour later; the table shows the pair of the median ratio.
+NOISY_REPEATS = 3
+
+
 def noisy(quick: bool = False) -> dict[str, Any]:
     a_count, b_count = _noisy_sizes(quick)
+    pairs = [
+        (_in_fresh_process("noisy-fair", quick), _in_fresh_process("noisy-baseline", quick))
+        for _ in range(1 if quick else NOISY_REPEATS)
+    ]
+    ratios = [(baseline["b_p95_s"] or 0) / max(fair["b_p95_s"] or 0.001, 0.001) for fair, baseline in pairs]
+    median = sorted(range(len(pairs)), key=lambda index: ratios[index])[len(pairs) // 2]
+    fair, baseline = pairs[median]
     rows = [
-        _in_fresh_process("noisy-fair", quick),
-        _in_fresh_process("noisy-baseline", quick),
+        fair,
+        baseline,
         _in_fresh_process("noisy-small-cap", quick),
         _in_fresh_process("noisy-small-cap-no-handoff", quick),
     ]
-    fair, baseline, *_ = rows
     return {
         "description": (
             f"Tenant A submits {a_count} jobs at once (the lane's pollers pause while they go in); the "
@@ -576,7 +587,9 @@ def noisy(quick: bool = False) -> dict[str, Any]:
             "the same without the same-batch slot handoff (`fair_share.slot_handoff` off)."
         ),
         "rows": rows,
-        "b_p95_ratio": (baseline["b_p95_s"] or 0) / max(fair["b_p95_s"] or 0.001, 0.001),
+        "b_p95_ratio": ratios[median],
+        # Each pair's ratio, in the order they ran.
+        "b_p95_ratios": ratios,
         "latency_s": NOISY_LATENCY,
     }
 
