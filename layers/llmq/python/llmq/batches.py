@@ -623,14 +623,9 @@ class BatchRepository:
         }
         # Item claims check the batch in their transactions: one may meet this chunk's on the
         # batch item (TransactionConflict, nothing applied). Tried again here, briefly.
-        try:
-            _transact_through_conflicts(self._ddb, [checkpoint, *puts])
-        except ClientError as exc:
-            if any(reason.get("Code") == "ConditionalCheckFailed" for reason in _reasons(exc)):
-                return False
-            _raise_retryable(exc, "an expansion chunk")
-            raise
-        return True
+        return _applied(
+            lambda: _transact_through_conflicts(self._ddb, [checkpoint, *puts]), "an expansion chunk"
+        )
 
     def mark_queued(self, batch_id: str, upto: int) -> None:
         """Every item before `upto` has had its lane message sent (`queued_to` only moves on)."""
@@ -662,16 +657,10 @@ class BatchRepository:
                 ),
             }
         }
-        try:
-            self._ddb.transact_write_items(
-                TransactItems=[update, shares.release_many(self.table_name, batch.tenant_id, rest)]
-            )
-        except ClientError as exc:
-            if any(reason.get("Code") == "ConditionalCheckFailed" for reason in _reasons(exc)):
-                return False
-            _raise_retryable(exc, "a canceled batch's unwritten items")
-            raise
-        return True
+        items = [update, shares.release_many(self.table_name, batch.tenant_id, rest)]
+        return _applied(
+            lambda: self._ddb.transact_write_items(TransactItems=items), "a canceled batch's unwritten items"
+        )
 
     # ---- an upload's validation ----------------------------------------------------------
 
@@ -1176,6 +1165,19 @@ def _transact_through_conflicts(ddb: Any, items: list[dict[str, Any]]) -> None:
 
 
 _CONFLICT_PAUSE_SECONDS = 0.05
+
+
+def _applied(transact: Callable[[], object], what: str) -> bool:
+    """True when the transaction was applied; False when a condition refused it. A conflict or
+    a throttle is StoreContended (`_raise_retryable`); anything else as DynamoDB raised it."""
+    try:
+        transact()
+    except ClientError as exc:
+        if any(reason.get("Code") == "ConditionalCheckFailed" for reason in _reasons(exc)):
+            return False
+        _raise_retryable(exc, what)
+        raise
+    return True
 
 
 def _raise_retryable(exc: ClientError, what: str) -> None:

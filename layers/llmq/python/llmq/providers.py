@@ -156,7 +156,7 @@ def classify_response(response: httpx.Response, body: bytes, *, log: bool = True
     log (once per answer: not for a look at its status alone)."""
     status = response.status_code
     found = _error_object(_body_object(body))
-    names, message = _error_fields(body)
+    names, message = _error_fields(found)
     message = message or f"provider answered {status}"
     if status == 403 and found is not None and _flagged(found):
         # A moderated model's refusal of the prompt (OpenRouter answers it 403, with the
@@ -366,8 +366,8 @@ def timed_out(message: str, retry_timeouts: bool) -> ProviderError:
     return ProviderTimeout(f"{message}; it may still be generating, and billing, this request")
 
 
-def _error_fields(body: bytes) -> tuple[list[str], str | None]:
-    error = _error_object(_body_object(body))
+def _error_fields(error: dict[str, Any] | None) -> tuple[list[str], str | None]:
+    """An error object's code names and message."""
     if error is None:
         return [], None
     message = error.get("message")
