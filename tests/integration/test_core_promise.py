@@ -1748,6 +1748,91 @@ def test_a_dead_letter_of_a_job_with_a_parked_result_records_it_instead_of_faili
     _succeeded_with_the_parked_result(harness, job_id)
 
 
+def _requeued_with_a_parked_result(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults, **changes: Any
+) -> str:
+    """A job whose attempt paid, parked its result and crashed, and which the reconciler then
+    queued again because S3 could not say, at its look, what was parked."""
+    job_id = _parked(harness, **changes)
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    faults.disarm()
+    assert _job(harness, job_id)["status"] == "queued"
+    harness.receive(harness.stack.webhook_queue_url, visibility=0)  # (none)
+    return job_id
+
+
+def test_a_cancel_of_a_job_queued_again_with_a_parked_result_ends_it_with_that_result(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job queued again while its paid result waits in S3, unseen
+    job_id = _requeued_with_a_parked_result(harness, monkeypatch, faults)
+    # When the client cancels it
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then the cancel finds it finished with what was paid for, as for any job that finished
+    # first: not canceled with the paid result thrown away
+    assert (reply.status, reply.body["code"]) == (409, "job_not_cancelable")
+    _succeeded_with_the_parked_result(harness, job_id)
+    # And its message, when it comes, runs nothing
+    provider = ScriptedProvider([OK])
+    _run(_runner(harness, provider), job_id, owner="worker-2")
+    assert provider.calls == 0
+
+
+def test_a_cancel_of_a_job_queued_again_while_s3_cannot_say_is_asked_and_the_claim_looks_first(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job queued again while its paid result waits in S3, unseen, and S3 still failing
+    job_id = _requeued_with_a_parked_result(harness, monkeypatch, faults)
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    # When the client cancels it
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then the cancel is asked, not done: the job stays queued, flagged, and nothing is sent
+    assert (reply.status, reply.body["status"], reply.body["cancel_requested"]) == (202, "queued", True)
+    assert harness.receive(harness.stack.webhook_queue_url, visibility=0) == []
+    # And its message, reaching a worker once S3 answers, ends it with what was paid for
+    faults.disarm()
+    provider = ScriptedProvider([OK])
+    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_cancel_of_a_job_queued_again_with_nothing_parked_cancels_it_at_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job whose worker crashed before it paid for anything, queued again
+    job_id = harness.submit(webhook=HOOK).body["id"]
+    _crashed(harness, job_id)
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    assert _job(harness, job_id)["status"] == "queued"
+    # When the client cancels it
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then it is canceled at once, as any queued job is
+    assert (reply.status, reply.body["status"]) == (200, "canceled")
+
+
+def test_the_reconciler_ends_a_job_queued_again_past_its_deadline_with_its_parked_result(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job queued again while its paid result waits in S3, unseen, whose deadline then
+    # passes before a worker claims it
+    job_id = _requeued_with_a_parked_result(harness, monkeypatch, faults)
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET deadline_ms = :past",
+        ExpressionAttributeValues={":past": _past_ms()},
+    )
+    # When the reconciler's next run sweeps it
+    stale = harness.config.reconciler.stale_queued_seconds
+    _scheduled_reconciler(harness, monkeypatch, stale + 1.0).handler({}, LambdaContextStub())
+    # Then it succeeds with what was paid for: not expired
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
 def test_a_parked_result_never_ends_a_new_job_that_took_its_id(harness: Harness) -> None:
     # Given a job (under an Idempotency-Key) that paid, parked its result and crashed, and whose
     # retention then ended, its item not yet deleted

@@ -484,15 +484,21 @@ class InMemoryJobs:
         return self._finish_if(job, JobStatus.CANCELED, asked)
 
     @_throttleable
-    def complete_unleased(
-        self, job: JobRecord, *, result: JobResult | None = None, result_ref: str | None = None
+    def end_with_parked(
+        self,
+        job: JobRecord,
+        *,
+        result: JobResult | None = None,
+        result_ref: str | None = None,
+        error: JobError | None = None,
     ) -> JobRecord | None:
         def unheld(old: JobRecord) -> bool:
-            return (
-                old.status is JobStatus.RUNNING and self._unleased(old) and old.created_ms == job.created_ms
+            return old.created_ms == job.created_ms and (
+                old.status is JobStatus.QUEUED or (old.status is JobStatus.RUNNING and self._unleased(old))
             )
 
-        return self._finish_if(job, JobStatus.SUCCEEDED, unheld, result=result, result_ref=result_ref)
+        status = JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED
+        return self._finish_if(job, status, unheld, result=result, result_ref=result_ref, error=error)
 
     @_throttleable
     def recover(self, job: JobRecord) -> JobRecord | None:
@@ -539,9 +545,9 @@ class InMemoryJobs:
         )
 
     @_throttleable
-    def request_cancel(self, job: JobRecord) -> JobRecord | None:
+    def request_cancel(self, job: JobRecord, status: JobStatus = JobStatus.RUNNING) -> JobRecord | None:
         old = self.records.get(job.id)
-        if old is None or old.status is not JobStatus.RUNNING:
+        if old is None or old.status is not status:
             return None
         return self._put(old, cancel_requested=True)
 

@@ -418,6 +418,11 @@ class JobIntake:
                 return job
             if job.status.is_terminal:
                 raise JobNotCancelable(f"job {job_id} is {job.status.value}")
+            if job.status is JobStatus.QUEUED and job.attempts:
+                ended = self._cancel_requeued(job, token)
+                if ended is not None:
+                    return ended
+                continue  # it ended with what an earlier attempt paid for, or moved on: look again
             if job.status is JobStatus.QUEUED:
                 canceled = self.jobs.cancel_queued(job, token)
                 if canceled is not None:
@@ -427,6 +432,27 @@ class JobIntake:
             if flagged is not None:
                 return flagged
         raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
+
+    def _cancel_requeued(self, job: JobRecord, token: str) -> JobRecord | None:
+        """A queued job that ran before (queued again after a failed attempt, a hand-back or a
+        crash) may have a paid result an earlier attempt parked, which a look S3 could not
+        answer left there (`Offload.record_parked`): it ends with that result instead, which
+        the cancel then finds (409, as for any job that finished first). Nothing parked: it
+        is canceled at once, as any queued job is. S3 unable to say now: the cancel is asked,
+        not done, and whatever ends the job unrun (its next claim, the reconciler) looks
+        again first. None when the job moved on meanwhile."""
+        try:
+            recorded = self.offload.record_parked(self.jobs, job, ends=True)
+        except StoreUnavailable:
+            logger.warning(
+                "parked result not looked for: S3 unavailable; cancel asked", extra={"job_id": job.id}
+            )
+            return self.jobs.request_cancel(job, JobStatus.QUEUED)
+        if recorded is not None:
+            announce_terminal(self.queues, recorded, carry=self.config.webhooks.trust_carried_job)
+            item_ended(None, self.queues, recorded)
+            return None
+        return self.jobs.cancel_queued(job, token)
 
     def webhook_log(self, tenant: TenantIdentity, job_id: str) -> WebhookLog:
         """The job's webhook and its delivery log: one read, like any GET of the job."""

@@ -795,21 +795,28 @@ class JobRepository:
             error=error,
         )
 
-    def complete_unleased(
-        self, job: JobRecord, *, result: JobResult | None = None, result_ref: str | None = None
+    def end_with_parked(
+        self,
+        job: JobRecord,
+        *,
+        result: JobResult | None = None,
+        result_ref: str | None = None,
+        error: JobError | None = None,
     ) -> JobRecord | None:
-        """A running job no live worker holds (its lease lapsed) whose earlier attempt paid
-        for a result and could not record it (`Offload.record_parked`): it succeeds with that
-        result, and gives back its tenant's slot. The job read, not a new one under its id (an
-        Idempotency-Key used again after its retention)."""
+        """A job that ran before, no live worker holds (queued again, or running with its
+        lease lapsed), whose earlier attempt paid and parked what it paid for
+        (`Offload.record_parked`): it succeeds with that result, or fails with that billed
+        `error`, and gives back its tenant's slot if it held one. The job read, not a new one
+        under its id (an Idempotency-Key used again after its retention)."""
         return self._finish_if(
             job,
-            JobStatus.SUCCEEDED,
-            condition="#st = :running AND created_ms = :created AND "
-            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)",
-            values={"running": "running", "created": job.created_ms},
+            JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED,
+            condition="created_ms = :created AND (#st = :queued OR (#st = :running AND "
+            "(attribute_not_exists(lease_expires_ms) OR lease_expires_ms < :now)))",
+            values={"queued": "queued", "running": "running", "created": job.created_ms},
             result=result,
             result_ref=result_ref,
+            error=error,
             timed=False,
         )
 
@@ -918,8 +925,10 @@ class JobRepository:
             job, JobStatus.CANCELED, condition="#st = :queued", values={"queued": "queued"}, token=token
         )
 
-    def request_cancel(self, job: JobRecord) -> JobRecord | None:
+    def request_cancel(self, job: JobRecord, status: JobStatus = JobStatus.RUNNING) -> JobRecord | None:
         """A running job flagged for its worker to stop; None when it is no longer running.
+        (`status` queued: a queued job flagged for what ends it unrun, its next claim or the
+        reconciler, when the API cannot end it at once: `JobIntake._cancel`.)
 
         Idempotent: a retried write finds the job running with the flag already set. A
         streaming job's output transaction holds the item for a moment every interval: a
@@ -928,7 +937,7 @@ class JobRepository:
         for attempt in range(_TRANSACTION_TRIES):
             try:
                 return self._update_if_status(
-                    job.id, JobStatus.RUNNING, "SET cancel_requested = :true", {":true": {"BOOL": True}}
+                    job.id, status, "SET cancel_requested = :true", {":true": {"BOOL": True}}
                 )
             except StoreUnavailable as exc:
                 cause = getattr(exc.__cause__, "response", None) or {}

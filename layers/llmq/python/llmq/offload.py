@@ -119,23 +119,27 @@ class Offload:
         return JobResult.model_validate_json(data)
 
     def record_parked(self, jobs: JobStore, job: JobRecord, *, ends: bool) -> JobRecord | None:
-        """A running job no live worker holds, about to be ended without another run (`ends`:
-        its attempts used up, its deadline passed, a cancel asked, its retention due) or queued
-        to run again: the result an earlier attempt paid for and parked is recorded instead,
-        and the job succeeds, since what was paid for is there to deliver (as a generation
-        that ended as the cancel came stands); or the failure it parked (`park_failure`), and
-        the job fails with it, never sent again. One HeadObject, only for a job that ran.
+        """A job no live worker holds, about to be ended without another run (`ends`: its
+        attempts used up, its deadline passed, a cancel asked, its retention due), or running
+        with its lease lapsed and about to be queued to run again: the result an earlier
+        attempt paid for and parked is recorded instead, and the job succeeds, since what was
+        paid for is there to deliver (as a generation that ended as the cancel came stands);
+        or the failure it parked (`park_failure`), and the job fails with it, never sent
+        again. One HeadObject, only for a job that ran.
 
-        None when nothing is parked, the job is not running (a queued job's next claim looks),
-        or it moved on meanwhile (another writer ended it, a worker took it over, its id was
-        taken again by a new job): the caller goes on as it would have. A parked object that
-        cannot be read for good (a role without the grant) counts as nothing parked. S3
-        failing for now raises StoreUnavailable for a job about to end, so the caller looks
-        again later rather than end it without its result; but not for ever, which would hold
-        its tenant's slot (DESIGN §3.11): once its lease lapsed `reconciler.stale_queued_seconds`
-        ago, or when the caller queues it again anyway (its next claim looks), it counts as
-        nothing parked."""
-        if self.payloads is None or job.status is not JobStatus.RUNNING or job.attempts < 1:
+        A queued job that ran before is looked at only when it ends (`ends`): it was queued
+        again after a look that S3 could not answer (a hand-back, a recovery), and its next
+        claim looks otherwise.
+
+        None when nothing is parked, the job never ran, or it moved on meanwhile (another
+        writer ended it, a worker took it over, its id was taken again by a new job): the
+        caller goes on as it would have. A parked object that cannot be read for good (a role
+        without the grant) counts as nothing parked. S3 failing for now raises
+        StoreUnavailable for a job about to end, so the caller looks again later rather than
+        end it without its result; but not for ever (`_waited_long`)."""
+        if self.payloads is None or job.attempts < 1:
+            return None
+        if job.status is not JobStatus.RUNNING and not (job.status is JobStatus.QUEUED and ends):
             return None
         try:
             result = self.parked_result(job)
@@ -151,17 +155,24 @@ class Offload:
             return None
         if isinstance(result, JobError):
             logger.info("a parked failure ends the job", extra={"job_id": job.id, "attempt": job.attempts})
-            return jobs.fail_unleased(job, result)
+            return jobs.end_with_parked(job, error=result)
         logger.info("a parked result completes the job", extra={"job_id": job.id, "attempt": job.attempts})
         if self.result_fits(job, result):
             try:
-                return jobs.complete_unleased(job, result=result)
+                return jobs.end_with_parked(job, result=result)
             except ItemTooLarge:
                 pass  # measured wrong somehow: it is served from where it was parked
         # (the parked object serves as the result's own: the api reads under results/)
-        return jobs.complete_unleased(job, result_ref=_parked_key(job))
+        return jobs.end_with_parked(job, result_ref=_parked_key(job))
 
     def _waited_long(self, jobs: JobStore, job: JobRecord) -> bool:
+        """How long a job about to end waits for S3 to say what was parked. A running one holds
+        its tenant's slot (DESIGN §3.11): until its lease lapsed `reconciler.stale_queued_seconds`
+        ago. A queued one holds none, and waits until its retention is nearly over, so that it
+        still ends (and gives back its quota) before DynamoDB's TTL deletes it."""
+        if job.status is JobStatus.QUEUED:
+            margin = self.config.reconciler.retention_margin_seconds // 2
+            return job.expires_at - jobs.now_ms() // 1000 <= margin
         lapsed = job.lease_expires_ms or 0
         return jobs.now_ms() - lapsed > self.config.reconciler.stale_queued_seconds * 1000
 

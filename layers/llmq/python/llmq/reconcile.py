@@ -186,7 +186,8 @@ class Reconciler:
                 )
             except RetentionDue as due:
                 # (a message just sent for it finds it ended, and is dropped)
-                self._retire(due.job, report)
+                if not self._record_parked(due.job, report, ends=True):
+                    self._retire(due.job, report)
         elif entry.status is JobStatus.RUNNING:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
@@ -276,6 +277,9 @@ class Reconciler:
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         # (one found only after its retention still ends, and frees its tenant's quota)
         job = self.jobs.find(entry.job_id, past_retention=True)
+        if job is not None and self._record_parked(job, report, ends=True):
+            # Queued again after a look S3 could not answer: what an attempt paid for comes first.
+            return
         if job is not None and job.cancel_requested:
             # Asked to cancel before its deadline passed: it ends as asked.
             self._cancel(job, report)
