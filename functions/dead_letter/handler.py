@@ -82,6 +82,7 @@ def record_handler(record: SQSRecord) -> None:
             (batches(), ENV.config),
             crashed=_count_failed,
             offload=offload(),
+            config=ENV.config,
         )
     if job is not None:
         logger.info("dead letter settled", extra={"job_id": job.id, "status": job.status.value})

@@ -14,7 +14,7 @@ from llmq.errors import StoreUnavailable
 from llmq.execution import mark_dead_letter
 from llmq.job_index import sweep_partition, sweep_partitions
 from llmq.jobs import JobRepository
-from llmq.models import ErrorCode, JobStatus
+from llmq.models import DeliveryStatus, ErrorCode, JobStatus
 from llmq.policy import ClaimOutcome, retention_error
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
@@ -751,3 +751,69 @@ def test_an_index_entry_this_version_cannot_read_is_skipped_and_counted_not_a_st
     assert "job_from_the_future" not in report.skipped + report.waiting
     (record,) = emitted_metrics(capsys.readouterr().out, MetricName.RECONCILE_ENTRY_FAILED)
     assert record[MetricName.RECONCILE_ENTRY_FAILED] == [1.0]
+
+
+def test_a_resent_webhook_whose_delivery_was_attempted_meanwhile_waits_for_that_attempts_next(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a job that succeeded, whose webhook message was lost
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    _purge(harness, harness.stack.webhook_queue_url)
+    later = JobRepository(
+        harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
+    )
+
+    def attempted_meanwhile(**_: Any) -> None:
+        # A copy of the message the dispatcher got after all: its attempt failed, and its next
+        # one is due in two hours (a receiver's Retry-After), as the reconciler resends.
+        later.record_delivery(
+            job_id, DeliveryStatus.PENDING, 503, next_attempt_in_seconds=7200, previous_attempts=0
+        )
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register_first("before-call.sqs.SendMessage", attempted_meanwhile)
+    clock.offset = harness.config.reconciler.stale_webhook_seconds + 1
+    assert reconciler.run().webhooks == [job_id]
+    sqs.meta.events.unregister("before-call.sqs.SendMessage", attempted_meanwhile)
+    # When the reconciler runs again after its webhook threshold, the next attempt not yet due
+    clock.offset += harness.config.reconciler.stale_webhook_seconds + 1
+    # Then it sends no third copy: one would POST the next attempt twice
+    assert reconciler.run().webhooks == []
+    # And once that attempt is long overdue, it does
+    clock.offset += 7200
+    assert reconciler.run().webhooks == [job_id]
+
+
+@pytest.mark.parametrize(
+    ("attempted", "resent"), [(True, 0), (False, 1)], ids=["attempted", "never attempted"]
+)
+def test_a_dead_letter_of_an_ended_job_sends_its_event_again_only_if_it_may_be_lost(
+    harness: Harness, attempted: bool, resent: int
+) -> None:
+    # Given a job that succeeded a while ago, whose webhook delivery was attempted (its
+    # message hidden for a two-hour backoff) or never was (its message lost)
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    _purge(harness, harness.stack.webhook_queue_url)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    if attempted:
+        jobs.record_delivery(
+            job_id, DeliveryStatus.PENDING, 503, next_attempt_in_seconds=7200, previous_attempts=0
+        )
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET finished_ms = finished_ms - :hour",
+        ExpressionAttributeValues={":hour": {"N": "3600000"}},
+    )
+    # When a stale copy of its lane message exhausts its receives
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    queues.enqueue_job(job_id, "high", ENTERPRISE["tenant_id"])
+    harness.dead_letter("high", harness.receive(harness.stack.lane_queue_urls["high"]))
+    # Then the event is sent again only when it may have been lost: a second message beside
+    # the attempted delivery's would POST its next attempt twice
+    webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}] * resent

@@ -682,11 +682,14 @@ class InMemoryJobs:
         *,
         retention_margin_s: int | None = None,
         status: JobStatus | None = None,
+        seen_at: int | None = None,
     ) -> bool:
         if job_id not in self.due:
             return False
         record = self.records[job_id]
         if status is not None and record.status is not status:
+            return False
+        if seen_at is not None and self.due[job_id] != seen_at:
             return False
         if retention_margin_s is not None and record.expires_at <= self.now_ms() // 1000 + retention_margin_s:
             raise RetentionDue(record)

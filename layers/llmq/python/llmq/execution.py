@@ -751,11 +751,7 @@ class JobRunner:
         an attempt is the reconciler's to resend, when its next attempt is long overdue).
         The job's outcome was counted when it ended; a resend does not count it again.
         """
-        finished = job.finished_ms or 0
-        if (
-            job.delivery_attempts == 0
-            and self.jobs.now_ms() - finished >= self.config.webhooks.timeout_seconds * 4 * 1000
-        ):
+        if webhook_maybe_lost(job, self.jobs.now_ms(), self.config):
             await self._announce(job, counted=True)
         else:
             # A batch's end is looked at again at once: it writes and sends once, whoever asks.
@@ -1309,6 +1305,7 @@ def mark_dead_letter(
     batches: tuple[BatchRepository, LlmqConfig] | None = None,
     crashed: Callable[[JobRecord], None] | None = None,
     offload: Offload | None = None,
+    config: LlmqConfig | None = None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives (see `_mark_dead_letter`); a batch's item
     that ended here may end its batch, which a worker is asked to look at. A batch's expand
@@ -1327,7 +1324,9 @@ def mark_dead_letter(
                 "batch dead letter settled", extra={"batch_id": batch.id, "status": batch.status.value}
             )
         return None
-    ended = _mark_dead_letter(jobs, queues, message, message_id, crashed or (lambda job: None), offload)
+    ended = _mark_dead_letter(
+        jobs, queues, message, message_id, crashed or (lambda job: None), offload, config
+    )
     item_ended(None, queues, ended)
     return ended
 
@@ -1339,8 +1338,12 @@ def _mark_dead_letter(
     message_id: str,
     crashed: Callable[[JobRecord], None],
     offload: Offload | None,
+    config: LlmqConfig | None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives.
+
+    - a job that ended already: its event is sent again only if it may have been lost
+      (`webhook_maybe_lost`);
 
     - a job whose earlier attempt paid for a result and parked it ends with it
       (`Offload.record_parked`), whatever else below would end it;
@@ -1356,7 +1359,8 @@ def _mark_dead_letter(
     if job is None:
         raise PoisonMessage(f"no job {message.job_id}")
     if job.status.is_terminal:
-        announce_terminal(queues, job)
+        if webhook_maybe_lost(job, jobs.now_ms(), config):
+            announce_terminal(queues, job)
         return job
     recorded = offload.record_parked(jobs, job, ends=True) if offload is not None else None
     if recorded is not None:
@@ -1411,6 +1415,21 @@ def _dead_letter_queued(
         retryable=True,
     )
     return _announced(queues, _told(crashed, jobs.fail_queued_dead_letter(counted, error)))
+
+
+def webhook_maybe_lost(job: JobRecord, now_ms: int, config: LlmqConfig | None) -> bool:
+    """Whether a terminal job's event may have been lost, and is sent again when a stale lane
+    message of it turns up (`JobRunner._resend_lost_webhook`, `mark_dead_letter`): only when no
+    delivery was attempted (an attempted one's message, hidden for its backoff, carries the
+    next attempt, which a second message would POST twice; the reconciler resends one lost
+    after an attempt once that attempt is long overdue), and, with `config`, only for a job
+    that ended a while ago (a copy of the lane message right after the end must not double
+    the event's message)."""
+    if job.delivery_attempts:
+        return False
+    if config is None:
+        return True
+    return now_ms - (job.finished_ms or 0) >= config.webhooks.timeout_seconds * 4 * 1000
 
 
 def _announced(queues: QueueStore, job: JobRecord | None) -> JobRecord | None:

@@ -1448,11 +1448,14 @@ class JobRepository:
         *,
         retention_margin_s: int | None = None,
         status: JobStatus | None = None,
+        seen_at: int | None = None,
     ) -> bool:
         """After the reconciler re-enqueued something, leave the job alone for a while.
 
         False when the job left the index meanwhile (it finished), or is no longer in `status`
-        (a job claimed since the sweep read it keeps its lease's entry): nothing to postpone.
+        (a job claimed since the sweep read it keeps its lease's entry), or its entry is no
+        longer due at `seen_at`, where the sweep read it (a delivery attempt made meanwhile
+        moved it past its own next attempt): nothing to postpone.
         With `retention_margin_s`, a job whose retention ends within that margin is not
         postponed: `RetentionDue` brings it as stored, read by the refused write itself (no
         read of its own).
@@ -1466,6 +1469,9 @@ class JobRepository:
             condition += " AND #st = :status"
             sweep["status"] = status.value
             names["#st"] = "status"
+        if seen_at is not None:
+            condition += " AND sweep_at = :seen_at"
+            sweep["seen_at"] = seen_at
         if retention_margin_s is not None:
             condition += " AND expires_at > :soon_s"
             sweep["soon_s"] = now // 1000 + retention_margin_s

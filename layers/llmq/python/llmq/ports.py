@@ -130,6 +130,7 @@ class JobStore(Protocol):
         *,
         retention_margin_s: int | None = None,
         status: JobStatus | None = None,
+        seen_at: int | None = None,
     ) -> bool: ...
 
 

@@ -192,7 +192,9 @@ class Reconciler:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
             self.queues.enqueue_webhook(entry.job_id, EVENT_FOR_STATUS[entry.status])
-            self.jobs.postpone_sweep(entry.job_id, thresholds.stale_webhook_seconds)
+            # (unless the dispatcher attempted it meanwhile: its write put the entry after that
+            # attempt's next one, which the message sent here then waits for)
+            self.jobs.postpone_sweep(entry.job_id, thresholds.stale_webhook_seconds, seen_at=entry.sweep_at)
             report.webhooks.append(entry.job_id)
 
     def _poke(self, entry: SweepEntry, report: ReconcileReport) -> None:
