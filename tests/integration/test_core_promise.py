@@ -256,18 +256,31 @@ def _run(
 OK = JobResult(output="fine", finish_reason="stop", usage=Usage(output_tokens=1))
 
 
-def test_a_cancel_during_a_429_ends_canceled_and_the_provider_is_not_called_again(harness: Harness) -> None:
-    # Given a running job whose provider call fails with 429 after the client canceled it
-    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+@pytest.mark.parametrize(
+    ("config", "submit"),
+    [
+        pytest.param({}, {}, id="attempts left"),
+        pytest.param({"max_attempts": 1}, {}, id="the last attempt"),
+        pytest.param({}, {"deadline_seconds": 2}, id="a retry would cross the deadline"),
+    ],
+)
+def test_a_cancel_during_a_429_ends_canceled_and_the_provider_is_not_called_again(
+    harness: Harness, config: dict[str, Any], submit: dict[str, Any]
+) -> None:
+    # Given a running job whose provider call fails with 429 after the client canceled it:
+    # with attempts left, or none (its last attempt, or a retry that would start too late)
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}, **submit).body["id"]
 
     def client_cancels() -> None:
         assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 202
 
-    provider = ScriptedProvider([TransientProviderError("busy", 429), OK], before=client_cancels)
-    runner = _runner(harness, provider, cancel_check_seconds=60.0)
+    provider = ScriptedProvider(
+        [TransientProviderError("busy", 429, retry_after=5.0), OK], before=client_cancels
+    )
+    runner = _runner(harness, provider, cancel_check_seconds=60.0, **config)
     # When the worker handles the 429 (the cancel watcher never looked)
     outcome = _run(runner, job_id)
-    # Then the job is canceled at once, never requeued, and announced
+    # Then the job is canceled at once, never requeued nor failed, and announced
     assert outcome is None
     assert _job(harness, job_id)["status"] == "canceled"
     # And a duplicate message never reaches the provider again
@@ -276,6 +289,31 @@ def test_a_cancel_during_a_429_ends_canceled_and_the_provider_is_not_called_agai
     assert provider.calls == 1
     events = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
     assert events == ["job.canceled"]
+
+
+def test_a_cancel_accepted_while_job_started_is_sent_is_never_sent_to_the_provider(harness: Harness) -> None:
+    # Given a job subscribed to job.started, its worker sending that event
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.started", "job.succeeded", "job.canceled"]}
+    job_id = harness.submit(webhook=hook).body["id"]
+    replies: list[int] = []
+
+    def cancel_as_it_is_sent(params: dict[str, Any], **_: Any) -> None:
+        if "job.started" in str(params.get("MessageBody", "")) and not replies:
+            # When the client, seeing the job running, cancels it now
+            replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("before-parameter-build.sqs.SendMessage", cancel_as_it_is_sent)
+    provider = ScriptedProvider([OK])
+    try:
+        outcome = _run(_runner(harness, provider), job_id)
+    finally:
+        sqs.meta.events.unregister("before-parameter-build.sqs.SendMessage", cancel_as_it_is_sent)
+    # Then the provider is never called, and the job ends canceled
+    assert (outcome, replies, provider.calls) == (None, [202], 0)
+    assert _job(harness, job_id)["status"] == "canceled"
+    events = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert events == ["job.started", "job.canceled"]
 
 
 def test_a_queued_job_with_a_recorded_cancel_is_canceled_at_its_claim_without_a_provider_call(

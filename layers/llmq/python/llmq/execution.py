@@ -774,6 +774,11 @@ class JobRunner:
                 )
             except (StoreUnavailable, TimeoutError):
                 logger.warning("job.started not sent; the generation goes on", extra={"job_id": job.id})
+            if await self._cancel_came(job.id):
+                # The client saw the job running (or its job.started) and canceled while the
+                # send went: the provider is never called for it.
+                await self._cancel_held(job, invocation, paid_unknown=paid_unknown)
+                return
             if await self._too_late_to_start(job, invocation, paid_unknown=paid_unknown):
                 return
         remaining = invocation.remaining_seconds()
@@ -964,6 +969,8 @@ class JobRunner:
     ) -> None:
         extra = {"job_id": job.id, "attempt": job.attempts, "status_code": exc.status_code}
         if job.attempts >= self.config.max_attempts:
+            if await self._canceled_instead(job, invocation, extra):
+                return
             error = JobError(
                 code=ErrorCode.RETRIES_EXHAUSTED,
                 message=f"gave up after {job.attempts} attempts; last error: {exc.message}",
@@ -982,6 +989,8 @@ class JobRunner:
         delay = retry_delay_seconds(self.config.retry, job.attempts, wait, self._rng)
         crossed = self._end_a_retry_would_cross(job, delay)
         if crossed is not None:
+            if await self._canceled_instead(job, invocation, extra):
+                return
             end, ends = crossed
             error = JobError(
                 code=ErrorCode.DEADLINE_EXCEEDED,
@@ -1002,6 +1011,16 @@ class JobRunner:
             return
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
         raise RetryLater(job.id, delay, gave_back_slot=True)
+
+    async def _canceled_instead(self, job: JobRecord, invocation: Invocation, extra: dict[str, Any]) -> bool:
+        """A transient failure that would end the job failed (its attempts used up, a retry
+        too late): a cancel the client asked meanwhile, which the watcher had not seen yet,
+        ends it canceled instead, as the requeue's write would have found it."""
+        if not await self._cancel_came(job.id):
+            return False
+        logger.info("cancel requested; not failed", extra=extra)
+        await self._settle(self.jobs.cancel_leased, job, invocation)
+        return True
 
     def _end_a_retry_would_cross(self, job: JobRecord, delay: float) -> tuple[str, str] | None:
         """The end of the job a retry `delay` from now would start after, if any: its deadline,
