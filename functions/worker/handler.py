@@ -23,7 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import WorkerEnvironment
-from llmq.execution import Invocation, JobRunner, lane_job_id
+from llmq.execution import Invocation, JobRunner, enough_threads, lane_job_id
 from llmq.jobs import JobRepository
 from llmq.payloads import payload_store
 from llmq.providers import ChatCompletionsProvider, ProviderKey
@@ -81,6 +81,7 @@ EDGE = QueueEdge(queues=queues, job_of=lane_job_id)
 
 
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
+    enough_threads()
     invocation = Invocation(
         # Unique per handling, even for two copies of one message in a batch.
         owner=f"{lambda_context.aws_request_id}/{record.message_id}/{uuid.uuid4().hex[:8]}",

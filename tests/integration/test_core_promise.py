@@ -1021,6 +1021,54 @@ def s3_held(moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: py
     return Harness(moto_stack, integration_config(provider, limits=limits), monkeypatch)
 
 
+@pytest.fixture
+def streams_held(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> Harness:
+    """Streaming jobs' inputs live in S3, others' in their items."""
+    config = integration_config(provider, streaming={"max_inline_input_bytes": 0})
+    return Harness(moto_stack, config, monkeypatch)
+
+
+def test_a_cancel_is_seen_while_the_invocations_other_jobs_wait_on_a_slow_s3(streams_held: Harness) -> None:
+    # Given one invocation running a long job (its input in its item) and nine jobs whose
+    # inputs live in S3, every read of which S3 answers only after 6 s (slow, not failing):
+    # more reads than asyncio's default pool has threads on two vCPUs
+    harness = streams_held
+    long_job = harness.submit(prompt="long [[latency:20]]").body["id"]
+    for n in range(9):
+        assert harness.submit(prompt=f"other {n}", stream=True).status == 202
+    main = threading.current_thread()
+    order: list[str] = []
+
+    def slow_s3(**_: Any) -> None:
+        if threading.current_thread() is not main:
+            time.sleep(6.0)
+            order.append("an input read")
+
+    s3 = aws.client("s3")
+    s3.meta.events.register("before-call.s3.GetObject", slow_s3)
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url)
+    assert len(messages) == 10
+    worker = threading.Thread(target=harness.run_worker, args=(url, messages))
+    worker.start()
+    try:
+        while _job(harness, long_job)["status"] != "running":
+            time.sleep(0.05)
+        # When the client cancels the long job (its watcher looks every 0.2 s)
+        assert harness.api("POST", f"/v1/jobs/{long_job}/cancel", tenant=ENTERPRISE).status == 202
+        while _job(harness, long_job)["status"] == "running" and not order:
+            time.sleep(0.05)
+        order.append(_job(harness, long_job)["status"])
+    finally:
+        worker.join(timeout=60)
+        s3.meta.events.unregister("before-call.s3.GetObject", slow_s3)
+    # Then it ends canceled before any of those reads came back: neither its watcher's read
+    # nor its cancel's write waited for their threads while its generation went on, billed
+    assert order[0] == "canceled"
+
+
 def test_an_input_s3_will_not_give_back_is_handed_back_with_its_attempt_refunded(
     s3_held: Harness, faults: AwsFaults
 ) -> None:

@@ -606,6 +606,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
         # (its own threads too, for output writes and job.started sends: inline, as to_thread's)
         self.runner._output_threads = InlineExecutor()
+        self.runner._cancel_threads = InlineExecutor()
         self.intake = JobIntake(self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None)
         self.reconciler = Reconciler(self.jobs, self.queues, CONFIG)
         self.receiver_status = 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time as _time
 from typing import Any
 
 import pytest
@@ -817,3 +818,72 @@ def test_a_dead_letter_of_an_ended_job_sends_its_event_again_only_if_it_may_be_l
     # the attempted delivery's would POST its next attempt twice
     webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}] * resent
+
+
+def test_a_cancel_accepted_as_the_reconciler_fails_a_crashed_job_ends_it_canceled(harness: Harness) -> None:
+    # Given a job whose workers crashed on each of its 3 attempts (its last lease lapsed)
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    for n in range(harness.config.max_attempts):
+        assert jobs.claim(job_id, f"vanished-{n}", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
+    harness.receive(harness.stack.lane_queue_urls["high"])
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: _time.time() + harness.config.reconciler.expired_lease_grace_seconds + 60,
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    replies: list[int] = []
+
+    def cancel_now(**_: Any) -> None:
+        if not replies:
+            # When the client cancels it just after the reconciler read it
+            replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    ddb = aws.client("dynamodb")
+    ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", cancel_now)
+    try:
+        report = Reconciler(later, queues, harness.config).run()
+    finally:
+        ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", cancel_now)
+    assert replies == [202]
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    events = [webhook_message(m)["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    # Then the cancel, accepted, is honoured: no call was in flight
+    assert (job["status"], job["cancel_requested"], events) == ("canceled", True, ["job.canceled"])
+    assert (report.recovered, report.canceled) == ([], [job_id])
+
+
+def test_a_cancel_accepted_as_the_dead_letter_function_fails_a_crashed_job_ends_it_canceled(
+    harness: Harness,
+) -> None:
+    # Given a running job whose worker vanished (its lease lapsed), its message dead-lettered
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "vanished-worker", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
+    harness.receive(harness.stack.lane_queue_urls["high"])
+    dlq = harness.stack.lane_dlq_urls["high"]
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
+    messages = harness.receive(dlq)
+    replies: list[int] = []
+
+    def cancel_now(**_: Any) -> None:
+        if not replies:
+            # When the client cancels it just after the dead-letter function read it
+            replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    handler = load_handler("dead_letter")
+    ddb = aws.client("dynamodb")
+    ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", cancel_now)
+    try:
+        handler.handler(harness.sqs_event(dlq, messages), LambdaContextStub())
+    finally:
+        ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", cancel_now)
+    assert replies == [202]
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    events = [webhook_message(m)["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    # Then it ends canceled, as a dead-lettered job asked to cancel does
+    assert (job["status"], job["cancel_requested"], events) == ("canceled", True, ["job.canceled"])

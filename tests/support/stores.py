@@ -455,12 +455,20 @@ class InMemoryJobs:
 
         return self._finish_if(job, JobStatus.EXPIRED, overdue, error=error)
 
+    def _or_canceled(
+        self, job: JobRecord, status: JobStatus, allowed: Callable[[JobRecord], bool], **outcome: Any
+    ) -> JobRecord | None:
+        old = self.records.get(job.id)
+        if old is not None and old.cancel_requested and not old.status.is_terminal:
+            return self.cancel_unleased(job)
+        return self._finish_if(job, status, allowed, **outcome)
+
     @_throttleable
     def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
         def abandoned(old: JobRecord) -> bool:
             return old.status is JobStatus.RUNNING and self._unleased(old)
 
-        return self._finish_if(job, JobStatus.FAILED, abandoned, error=error)
+        return self._or_canceled(job, JobStatus.FAILED, abandoned, error=error)
 
     @_throttleable
     def expire_at_retention(self, job: JobRecord, error: JobError) -> JobRecord | None:
@@ -472,7 +480,7 @@ class InMemoryJobs:
             )
             return unfinished and old.expires_at <= soon_s
 
-        return self._finish_if(job, JobStatus.EXPIRED, retiring, error=error)
+        return self._or_canceled(job, JobStatus.EXPIRED, retiring, error=error)
 
     @_throttleable
     def cancel_unleased(self, job: JobRecord) -> JobRecord | None:

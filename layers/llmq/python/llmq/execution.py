@@ -12,6 +12,7 @@ import functools
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,27 @@ _FINAL_OUTPUT_SECONDS = 5.0
 # Threads for a batch's output writes and job.output sends (the default executor, six
 # threads on two vCPUs, stays free for claims and results).
 _OUTPUT_THREADS = 4
+# Threads for the cancel flag's reads: a look every `cancel_check_seconds` per running job.
+_CANCEL_THREADS = 2
+# Threads for the blocking AWS calls of one invocation's jobs (`enough_threads`).
+_INVOCATION_THREADS = 32
+_WIDENED: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def enough_threads() -> None:
+    """Give the running event loop's default pool a thread for each blocking call a batch of
+    jobs may make at once (a claim or result write, an input read, a parked-result look for
+    each of ten jobs). asyncio's own default is min(32, CPUs + 4): six on two vCPUs, which
+    a batch's slow S3 reads fill while its other jobs' claims, results and cancels wait for
+    them, their generations going on, billed. Idle threads cost nothing; they start as used."""
+    loop = asyncio.get_running_loop()
+    if loop not in _WIDENED:
+        loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=_INVOCATION_THREADS, thread_name_prefix="llmq-worker")
+        )
+        _WIDENED.add(loop)
+
+
 # A refused message waiting for its batch's job of the same tenant to end stops waiting this
 # long before the Lambda's end (or a quarter of what is left), to re-send itself in time.
 _HANDOFF_RESERVE_SECONDS = 10.0
@@ -208,6 +230,10 @@ class JobRunner:
         # Threads for output writes and job.output sends (`_on_output_thread`).
         self._output_threads = ThreadPoolExecutor(
             max_workers=_OUTPUT_THREADS, thread_name_prefix="llmq-output"
+        )
+        # Threads for the cancel flag's reads (`_read_cancel`).
+        self._cancel_threads = ThreadPoolExecutor(
+            max_workers=_CANCEL_THREADS, thread_name_prefix="llmq-cancel"
         )
 
     async def run(self, body: str, invocation: Invocation) -> None:
@@ -694,7 +720,7 @@ class JobRunner:
         """One look at the cancel flag; a read that fails is only a missed look (the watcher
         and the terminal write still see the flag)."""
         try:
-            return await asyncio.to_thread(self.jobs.is_cancel_requested, job_id)
+            return await self._read_cancel(job_id)
         except Exception as exc:
             logger.warning("cancel check failed", extra={"job_id": job_id, "error_class": type(exc).__name__})
             return False
@@ -1105,7 +1131,7 @@ class JobRunner:
                 continue
             looked = time.monotonic()
             try:
-                if await asyncio.to_thread(self.jobs.is_cancel_requested, job_id):
+                if await self._read_cancel(job_id):
                     return True
             except Exception as exc:
                 logger.warning(
@@ -1216,6 +1242,13 @@ class JobRunner:
                 return
             if not final:
                 return
+
+    async def _read_cancel(self, job_id: str) -> bool:
+        """The job's cancel flag, read on threads of its own: behind the invocation's other
+        jobs' slow S3 or table calls in the default pool, a cancel would wait for them while
+        the generation goes on, billed."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cancel_threads, self.jobs.is_cancel_requested, job_id)
 
     async def _on_output_thread(self, call: Callable[[], object]) -> None:
         """Output writes and their webhooks run on threads of their own: stalled by a slow
@@ -1398,8 +1431,9 @@ def _mark_dead_letter(
 
 
 def _told(crashed: Callable[[JobRecord], None], failed: JobRecord | None) -> JobRecord | None:
-    """`failed`, which this call's write failed (None: it did not), told to `crashed`."""
-    if failed is not None:
+    """`failed`, which this call's write failed (None: it did not, or a cancel asked meanwhile
+    ended it canceled instead), told to `crashed`."""
+    if failed is not None and failed.status is JobStatus.FAILED:
         crashed(failed)
     return failed
 

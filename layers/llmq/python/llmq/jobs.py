@@ -64,9 +64,10 @@ _SHARED_CLAIM = "#shared = :true AND tenant_id = :tenant AND lane = :lane AND "
 # attempts left; never one past its deadline (a restart is a start: it fails as a retry that
 # would cross the deadline does, `deadline_exceeded`), asked to cancel or within the reconciler's margin of the
 # end of its retention (`:retire_s`), which ends it instead (`ClaimOutcome.RETENTION_DUE`).
+_NOT_CANCELED = "(attribute_not_exists(cancel_requested) OR cancel_requested = :false)"
 _CLAIM_CONDITION = (
     "attribute_exists(pk) AND expires_at > :retire_s AND "
-    "(attribute_not_exists(cancel_requested) OR cancel_requested = :false) AND "
+    f"{_NOT_CANCELED} AND "
     "(attribute_not_exists(deadline_ms) OR deadline_ms > :now) AND ("
     "(#st = :queued AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
     "(#st = :running AND lease_expires_ms < :now AND attempts < :max))"
@@ -784,9 +785,23 @@ class JobRepository:
             error=error,
         )
 
+    def _or_canceled(self, job: JobRecord, status: JobStatus, **finish: Any) -> JobRecord | None:
+        """A terminal write of a job no live worker holds, unless a cancel was asked since `job`
+        was read (the client's cancel landed between that read and this write, with no provider
+        call in flight): it then ends canceled, as asked, not failed or expired over the
+        cancel. None when the job moved on otherwise."""
+        finish["condition"] += f" AND {_NOT_CANCELED}"
+        finish["values"] = {**finish["values"], "false": False}
+        try:
+            return self._finish(job, status, **finish)
+        except _ConditionFailed as exc:
+            if exc.old is not None and exc.old.cancel_requested and not exc.old.status.is_terminal:
+                return self.cancel_unleased(job)
+            return None
+
     def fail_unleased(self, job: JobRecord, error: JobError) -> JobRecord | None:
         """Fail a running job that no live worker holds (dead letters, exhausted crash recovery)."""
-        return self._finish_if(
+        return self._or_canceled(
             job,
             JobStatus.FAILED,
             condition="#st = :running AND "
@@ -836,7 +851,7 @@ class JobRepository:
         its tenant's slot and quota in the same transaction, before DynamoDB's TTL deletes the
         item and leaves them counted for good. The item is then kept for as long as its
         webhook's retries take (`_finish`), so the `job.expired` event and a poll find it."""
-        return self._finish_if(
+        return self._or_canceled(
             job,
             JobStatus.EXPIRED,
             condition="expires_at <= :soon_s AND (#st = :queued OR (#st = :running AND "

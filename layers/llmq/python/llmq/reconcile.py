@@ -263,7 +263,9 @@ class Reconciler:
             if failed is not None:
                 announce_terminal(self.queues, failed, carry=self.config.webhooks.trust_carried_job)
                 item_ended(None, self.queues, failed)
-                report.recovered.append(entry.job_id)
+                # (canceled instead: a cancel asked since the job was read)
+                ended = report.canceled if failed.status is JobStatus.CANCELED else report.recovered
+                ended.append(entry.job_id)
             return
         recovered = self.jobs.recover(job)
         if recovered is None:
