@@ -16,6 +16,7 @@ import json
 import random
 import re
 import time
+import traceback
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,6 +26,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValida
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import ValidationError
 
 from llmq import aws, errors, startup
 from llmq.batch_intake import BatchIntake
@@ -284,7 +286,19 @@ def handle_unexpected(exc: Exception) -> Response[Any]:
         # Valid JSON Python's parser still refuses with a plain ValueError, which validation
         # never sees: an integer of more than 4,300 digits (sys.get_int_max_str_digits).
         return handle_domain_error(errors.MalformedJson("the body holds a number too long to read"))
-    logger.exception("unhandled error")
+    if isinstance(exc, ValidationError):
+        # Its text quotes the values it refused, which may be a prompt's (never in logs): the
+        # fields and the code's path only.
+        logger.error(
+            "unhandled error",
+            extra={
+                "error_class": type(exc).__name__,
+                "errors": exc.errors(include_url=False, include_input=False, include_context=False),
+                "traceback": "".join(traceback.format_tb(exc.__traceback__)),
+            },
+        )
+    else:
+        logger.exception("unhandled error")
     return handle_domain_error(errors.DomainError("see server logs"))
 
 

@@ -976,3 +976,58 @@ def test_a_server_fault_on_a_request_without_a_body_is_a_500_not_the_clients(har
     for method, path in (("GET", f"/v1/jobs/{job_id}"), ("POST", f"/v1/jobs/{job_id}/cancel")):
         reply = harness.api(method, path, tenant=ENTERPRISE)
         assert (reply.status, reply.code) == (500, "internal_error"), (method, reply.body)
+
+
+def test_an_unexpected_validation_error_is_a_500_whose_log_quotes_none_of_the_request(
+    harness: Harness,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a model check that fails where no client error was expected, quoting the prompt
+    from llmq.models import ChatMessage
+
+    def refuse(self: Any, tenant: Any, request: Any, key: Any) -> Any:
+        return ChatMessage.model_validate({"role": "narrator", "content": request.prompt})
+
+    monkeypatch.setattr(type(harness.api_module.intake()), "submit", refuse)
+    capsys.readouterr()
+    # When a client submits a job
+    reply = harness.submit(prompt="SECRET-PLAN: merge with Initech")
+    # Then it gets a 500 problem, and the log names the failure without the prompt
+    assert (reply.status, reply.code) == (500, "internal_error")
+    logged = [str(vars(record)) for record in caplog.records] + [capsys.readouterr().out]
+    assert any("'error_class': 'ValidationError'" in entry for entry in logged)
+    assert not [entry for entry in logged if "SECRET-PLAN" in entry]
+
+
+def test_metadata_that_leaves_no_room_in_the_item_is_refused_413_and_nothing_is_written(
+    moto_stack: Any, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.conftest import integration_config
+
+    # Given a deployment that allows 200 metadata keys
+    config = integration_config(provider, limits={"max_metadata_keys": 200, "wait_poll_seconds": 0.05})
+    harness = Harness(moto_stack, config, monkeypatch)
+    # When a client sends 200 keys of 512 emoji each (2 KB each as DynamoDB counts them)
+    metadata = {f"k{i:03d}".ljust(64, "x"): "\U0001f600" * 512 for i in range(200)}
+    body = json.dumps({"prompt": "hello", "metadata": metadata}, ensure_ascii=False)
+    reply = harness.api("POST", "/v1/jobs", raw_body=body, tenant=ENTERPRISE)
+    # Then it is refused as too large, a client error, and nothing is written or sent
+    assert (reply.status, reply.code) == (413, "payload_too_large")
+    assert "metadata" in reply.body["detail"]
+    assert harness.item_count() == 0
+    assert aws.client("s3").list_objects_v2(Bucket=harness.stack.payload_bucket).get("KeyCount", 0) == 0
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
+
+
+def test_a_job_output_subscription_without_streaming_is_refused(harness: Harness) -> None:
+    # When a client subscribes to job.output for a job that does not stream
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.output", "job.succeeded"]}
+    reply = harness.submit(webhook=hook)
+    # Then it is told at once, and nothing is written
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    assert "stream" in reply.body["detail"]
+    assert harness.item_count() == 0
+    # And with stream: true it is accepted
+    assert harness.submit(webhook=hook, stream=True).status == 202

@@ -73,6 +73,8 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {"provider": {"base_url": "https://api.example.com/" + "a" * 2100}},
         # (a job body past what Lambda takes base64-encoded: API Gateway's 502, never llmq's 413)
         {"limits": {"max_body_bytes": 8_000_000}},
+        # (past what a message's content may hold: prompts within it would fail at the worker)
+        {"limits": {"max_prompt_chars": 4_000_000}},
     ],
 )
 def test_invalid_configs_are_refused(bad: dict) -> None:

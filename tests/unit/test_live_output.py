@@ -905,9 +905,13 @@ def test_the_cancel_watcher_looks_one_period_after_the_last_look_or_write_never_
 
     monkeypatch.setattr(execution.asyncio, "sleep", fake_sleep)
     monkeypatch.setattr(execution.time, "monotonic", lambda: now["t"])
+    async def read_cancel(job_id: str) -> bool:
+        return is_cancel_requested(job_id)
+
     runner = types.SimpleNamespace(
         config=types.SimpleNamespace(cancel_check_seconds=1.0),
         jobs=types.SimpleNamespace(is_cancel_requested=is_cancel_requested),
+        _read_cancel=read_cancel,
     )
     assert real_asyncio.run(execution.JobRunner._cancel_requested(runner, "job_1", recorder)) is True
     # A read at 1 s; the write at 1.05 s saw the flag then; the next read one period after it

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
 from llmq.model_base import Model
+from llmq.models import MAX_CONTENT_CHARS
 
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
 # SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
@@ -179,7 +180,7 @@ def response_body_bytes(body: str) -> int:
 
 class LimitsConfig(_Frozen):
     max_body_bytes: Annotated[int, Field(ge=1024, le=MAX_REQUEST_BODY_BYTES)] = 1024 * 1024
-    max_prompt_chars: Annotated[int, Field(ge=1)] = 200_000
+    max_prompt_chars: Annotated[int, Field(ge=1, le=MAX_CONTENT_CHARS)] = 200_000
     max_metadata_keys: Annotated[int, Field(ge=0, le=MAX_OBJECT_MEMBERS)] = 16
     max_submit_wait_seconds: Annotated[int, Field(ge=0, le=25)] = 25
     max_get_wait_seconds: Annotated[int, Field(ge=0, le=20)] = 20

@@ -20,6 +20,7 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
+    PayloadTooLarge,
     QuotaExceeded,
     StoreUnavailable,
     WebhookNotFound,
@@ -29,7 +30,7 @@ from llmq.job_record import JobInput, JobRecord, new_job_id
 from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
 from llmq.live_output import done_event, paged_events, retry_hint, status_event, tail_deltas
-from llmq.models import JobRequest, JobStatus, OutputDelta, WebhookLog
+from llmq.models import JobRequest, JobStatus, OutputDelta, WebhookEvent, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
@@ -132,10 +133,17 @@ class JobIntake:
         )
         if self.offload.goes_to_store(record):
             # Before the input goes to S3: a submit refused (its key taken by another body, or
-            # by the quota) must leave nothing behind, and a replay writes nothing either.
+            # by the quota) writes nothing there, and a replay writes nothing either. (One that
+            # loses a race after this look, or meets a fault, leaves its input object for the
+            # bucket's lifecycle rule to delete.)
             existing = self.jobs.find(record.id) if idempotency_key is not None else None
             if existing is not None:
                 return self._replay(existing, record, request, tenant)
+            if not self.offload.fits_by_reference(record):
+                raise PayloadTooLarge(
+                    "the job's metadata and webhook leave no room in its record, even with the "
+                    "prompt stored apart: send fewer or shorter metadata values"
+                )
             try:
                 self.jobs.check_quota(record.tenant_id, admission)
             except QuotaExceeded:
@@ -198,6 +206,9 @@ class JobIntake:
         if request.deadline_seconds is not None and request.deadline_seconds > limits.max_deadline_seconds:
             raise InvalidRequest(f"deadline_seconds is at most {limits.max_deadline_seconds}")
         if request.webhook is not None:
+            if WebhookEvent.OUTPUT in request.webhook.subscribed_events() and not request.stream:
+                # (subscribed to nothing a job that does not stream ever sends, said at once)
+                raise InvalidRequest("webhook.events: job.output is sent only for a job with stream: true")
             self.check_webhook_url(request.webhook.url)
 
     def _new_record(

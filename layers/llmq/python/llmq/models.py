@@ -9,6 +9,10 @@ from pydantic import AfterValidator, ConfigDict, Field, create_model, model_vali
 
 from llmq.model_base import Model
 
+# The most characters a prompt or a message's content may have in any deployment: what
+# `limits.max_prompt_chars` may be set to (llmq.config).
+MAX_CONTENT_CHARS = 2_000_000
+
 if TYPE_CHECKING:
     from llmq.config import LlmqConfig
 
@@ -85,7 +89,7 @@ class _Strict(Model):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Annotated[str, Field(max_length=2_000_000)]
+    content: Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
 
 
 class GenerationParams(_Strict):
@@ -130,7 +134,7 @@ class JobRequest(_Strict):
 
     model: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1000, fail_fast=True)
-    prompt: Annotated[str, Field(min_length=1, max_length=2_000_000)] | None = None
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_CONTENT_CHARS)] | None = None
     params: RequestParams = Field(default_factory=RequestParams)
     webhook: WebhookSubscription | None = None
     metadata: dict[

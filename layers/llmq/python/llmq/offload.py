@@ -11,6 +11,7 @@ import json
 
 from llmq.config import LlmqConfig
 from llmq.errors import ItemTooLarge, PayloadTooLarge, StoreUnavailable
+from llmq.item_size import MAX_ITEM_BYTES
 from llmq.job_codec import record_size
 from llmq.job_record import JobInput, JobRecord
 from llmq.models import JobError, JobResult, JobStatus
@@ -62,8 +63,16 @@ class Offload:
         if record.input is None:
             return record
         data = record.input.model_dump_json().encode()
-        ref = self._store().put(f"inputs/{record.id}/{record.request_hash[:16]}.json", data)
+        ref = self._store().put(_input_key(record), data)
         return record.model_copy(update={"input": None, "input_ref": ref})
+
+    def fits_by_reference(self, record: JobRecord) -> bool:
+        """Whether the record fits DynamoDB's item with its input in S3: what stays in the item
+        (its metadata, its webhook) must fit too, with room for the writes that follow. (Not
+        the budget `fits` holds a prompt to, which a result counts in too: nothing that stays
+        can move.)"""
+        by_reference = record.model_copy(update={"input": None, "input_ref": _input_key(record)})
+        return record_size(by_reference) + BOOKKEEPING_BYTES + ITEM_HEADROOM_BYTES <= MAX_ITEM_BYTES
 
     def load_input(self, record: JobRecord) -> JobRecord:
         """The job with its input, read from S3 when the item holds only a reference."""
@@ -199,6 +208,10 @@ class Offload:
         return record.model_copy(
             update={"result": JobResult.model_validate_json(store.get(record.result_ref))}
         )
+
+
+def _input_key(record: JobRecord) -> str:
+    return f"inputs/{record.id}/{record.request_hash[:16]}.json"
 
 
 def _parked_key(job: JobRecord) -> str:
