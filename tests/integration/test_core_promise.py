@@ -2019,3 +2019,46 @@ def test_a_parked_result_recorded_by_a_claim_leaves_no_run_time_for_the_tenants_
         ENTERPRISE["tenant_id"]
     )
     assert share.last_runs == {}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"cancel_requested": {"BOOL": True}}, id="cancel asked"),
+        pytest.param({"deadline_ms": {"N": str(int(time.time() * 1000) + 500)}}, id="deadline passed"),
+    ],
+)
+def test_a_crashed_job_that_would_end_gives_its_slot_back_while_s3_cannot_say_what_it_parked(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults, changes: dict[str, Any]
+) -> None:
+    # Given a job that paid, parked its result and crashed, and would now end (a cancel asked,
+    # its deadline passed), with S3 failing every look for what it parked
+    job_id = _parked(harness, **changes)
+    assert not _slot_given_back(harness, job_id)
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    # When the reconciler's next run finds its lease lapsed
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    # Then its slot comes back within that run, the job queued again, neither ended nor lost
+    assert _slot_given_back(harness, job_id)
+    assert _job(harness, job_id)["status"] == "queued"
+    # And once S3 answers, its message ends it with what was paid for, never paid again
+    faults.disarm()
+    provider = ScriptedProvider([OK])
+    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_crashed_job_out_of_attempts_waits_for_s3_rather_than_run_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job that paid, parked its result and crashed on its last attempt, S3 failing
+    job_id = _parked(harness, attempts={"N": str(harness.config.max_attempts)})
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    # When the reconciler's next run finds its lease lapsed
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    report = _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    # Then it is left running for a later look (queued, it would be claimed a fourth time)
+    assert report["skipped"] == 1
+    assert _job(harness, job_id)["status"] == "running"

@@ -237,8 +237,17 @@ class Reconciler:
         retiring = job.expires_at - self.config.reconciler.retention_margin_seconds <= now // 1000
         past_deadline = job.deadline_ms is not None and job.deadline_ms <= now
         ends = retiring or job.cancel_requested or past_deadline or job.attempts >= self.config.max_attempts
-        if self._record_parked(job, report, ends=ends):
-            # Its last attempt was paid for, and parked its result: recorded, not run again.
+        try:
+            if self._record_parked(job, report, ends=ends):
+                # Its last attempt was paid for, and parked its result: recorded, not run again.
+                return
+        except StoreUnavailable:
+            if job.attempts >= self.config.max_attempts:
+                raise  # it must not run again: it waits for S3, holding its slot (`Offload._waited_long`)
+            # S3 cannot say what an earlier attempt parked, and the job would end: it goes back
+            # to queued, its slot given back now (DESIGN §3.11), where its cancel, deadline or
+            # retention ends it at its next look, which looks for that first.
+            self._requeue(job, entry, report)
             return
         if retiring:
             # Too close to its retention to run again (or past it): ended, its slot given back.
@@ -267,6 +276,10 @@ class Reconciler:
                 ended = report.canceled if failed.status is JobStatus.CANCELED else report.recovered
                 ended.append(entry.job_id)
             return
+        self._requeue(job, entry, report)
+
+    def _requeue(self, job: JobRecord, entry: SweepEntry, report: ReconcileReport) -> None:
+        """The job, its lease lapsed, back to queued with its slot given back, and a message."""
         recovered = self.jobs.recover(job)
         if recovered is None:
             return
