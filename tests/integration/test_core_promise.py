@@ -2062,3 +2062,58 @@ def test_a_crashed_job_out_of_attempts_waits_for_s3_rather_than_run_again(
     # Then it is left running for a later look (queued, it would be claimed a fourth time)
     assert report["skipped"] == 1
     assert _job(harness, job_id)["status"] == "running"
+
+
+def test_a_cancel_that_finds_a_parked_result_answers_409_even_when_sqs_throttles_its_event(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job queued again while its paid result waits in S3, unseen
+    job_id = _requeued_with_a_parked_result(harness, monkeypatch, faults)
+    # When the client cancels it while SQS throttles the event's send
+    faults.arm("throttle", "sqs.SendMessage", times=50)
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    # Then it answers as for any job that finished first, not a 503 to retry: the job has its
+    # result, and its event is left pending for the reconciler
+    assert (reply.status, reply.body["code"]) == (409, "job_not_cancelable")
+    job = _job(harness, job_id)
+    assert (job["status"], job["webhook"]["delivery"]["status"]) == ("succeeded", "pending")
+
+
+def test_a_job_the_reconciler_retires_as_a_cancel_lands_ends_canceled_and_is_reported_so(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a queued job whose retention is about to end
+    job_id = harness.submit(webhook=HOOK).body["id"]
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET expires_at = :soon",
+        ExpressionAttributeValues={":soon": {"N": str(int(time.time()) + 60)}},
+    )
+    landed: list[str] = []
+
+    def cancel_lands_first(params: dict[str, Any], **_: Any) -> None:
+        if not landed and "expires_at <= :soon_s" in str(params):
+            # When the client's cancel lands between the reconciler's read and its expiry
+            landed.append(job_id)
+            harness.ddb.update_item(
+                TableName=harness.stack.jobs_table,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression="SET cancel_requested = :t",
+                ExpressionAttributeValues={":t": {"BOOL": True}},
+            )
+
+    ddb = aws.client("dynamodb")
+    ddb.meta.events.register("before-parameter-build.dynamodb.TransactWriteItems", cancel_lands_first)
+    try:
+        stale = harness.config.reconciler.stale_queued_seconds
+        report = _scheduled_reconciler(harness, monkeypatch, stale + 1.0).handler({}, LambdaContextStub())
+    finally:
+        ddb.meta.events.unregister("before-parameter-build.dynamodb.TransactWriteItems", cancel_lands_first)
+    # Then it ends canceled, as asked, and the run reports it so
+    assert landed == [job_id]
+    assert _job(harness, job_id)["status"] == "canceled"
+    assert (report["canceled"], report["expired"]) == (1, 0)
+    webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert webhooks == [{"job_id": job_id, "event": "job.canceled"}]

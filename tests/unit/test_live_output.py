@@ -905,6 +905,7 @@ def test_the_cancel_watcher_looks_one_period_after_the_last_look_or_write_never_
 
     monkeypatch.setattr(execution.asyncio, "sleep", fake_sleep)
     monkeypatch.setattr(execution.time, "monotonic", lambda: now["t"])
+
     async def read_cancel(job_id: str) -> bool:
         return is_cancel_requested(job_id)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import math
 import random
@@ -1247,14 +1248,14 @@ class JobRunner:
         """The job's cancel flag, read on threads of its own: behind the invocation's other
         jobs' slow S3 or table calls in the default pool, a cancel would wait for them while
         the generation goes on, billed."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._cancel_threads, self.jobs.is_cancel_requested, job_id)
+        read = functools.partial(self.jobs.is_cancel_requested, job_id)
+        return await _in_pool(self._cancel_threads, read)
 
     async def _on_output_thread(self, call: Callable[[], object]) -> None:
         """Output writes and their webhooks run on threads of their own: stalled by a slow
         table, they never hold up a result write waiting for a thread. A call given up on
         before its thread took it is dropped with it, never made late."""
-        await asyncio.get_running_loop().run_in_executor(self._output_threads, call)
+        await _in_pool(self._output_threads, call)
 
     async def _finish_output(
         self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, output: str, reserve: float
@@ -1468,6 +1469,13 @@ def _dead_letter_queued(
         retryable=True,
     )
     return _announced(queues, _told(crashed, jobs.fail_queued_dead_letter(counted, error)))
+
+
+async def _in_pool(pool: ThreadPoolExecutor, call: Callable[[], T]) -> T:
+    """`call` on one of `pool`'s threads, in this task's context, as `asyncio.to_thread` runs
+    calls in the default pool's (the invocation's logging, tracing and telemetry keys)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(pool, context.run, call)
 
 
 def webhook_maybe_lost(job: JobRecord, now_ms: int, config: LlmqConfig | None) -> bool:

@@ -406,15 +406,19 @@ class JobIntake:
 
     def cancel(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
         job = self._cancel(job_id, tenant.tenant_id)
+        self._announce_ended(job)
+        return job
+
+    def _announce_ended(self, job: JobRecord) -> None:
+        """The event of a job this request ended. If SQS will not take it, its delivery stays
+        pending and the reconciler sends it: answering an error here would make the client's
+        retry a 409 for a job that ended."""
         try:
             announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
         except Exception as exc:
-            # The cancel is written and its delivery left pending: the reconciler sends it.
-            # Answering an error here would make the client's retry a 409 for a canceled job.
             logger.warning("cancel webhook enqueue failed", extra={"job_id": job.id, **error_fields(exc)})
-        # A batch's item canceled alone may have been its batch's last: a worker looks.
+        # A batch's item ended alone may have been its batch's last: a worker looks.
         item_ended(None, self.queues, job)
-        return job
 
     def _cancel(self, job_id: str, tenant_id: str) -> JobRecord:
         """Queued: canceled at once. Running: cancel_requested, the worker stops it. Else 409.
@@ -460,8 +464,7 @@ class JobIntake:
             )
             return self.jobs.request_cancel(job, JobStatus.QUEUED)
         if recorded is not None:
-            announce_terminal(self.queues, recorded, carry=self.config.webhooks.trust_carried_job)
-            item_ended(None, self.queues, recorded)
+            self._announce_ended(recorded)
             return None
         return self.jobs.cancel_queued(job, token)
 

@@ -330,10 +330,12 @@ class Reconciler:
             return
         expired = self.jobs.expire_at_retention(job, retention_error(job))
         if expired is not None:
-            logger.warning("job expired at the end of its retention", extra={"job_id": job.id})
+            canceled = expired.status is JobStatus.CANCELED  # (a cancel asked since the read)
+            if not canceled:
+                logger.warning("job expired at the end of its retention", extra={"job_id": job.id})
             announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
             item_ended(None, self.queues, expired)
-            report.expired.append(job.id)
+            (report.canceled if canceled else report.expired).append(job.id)
 
     def _cancel(self, job: JobRecord, report: ReconcileReport) -> None:
         """A job asked to cancel that no live worker holds ends canceled, as the worker's claim
