@@ -846,6 +846,24 @@ async def test_a_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
     assert (result.output, result.finish_reason) == ("Hello world", "stop")
 
 
+@pytest.mark.parametrize("content_type", ["text/event-stream", "application/json"])
+async def test_a_whole_answer_then_an_error_is_kept_however_the_stream_is_labelled(content_type: str) -> None:
+    # Given a stream whose answer is whole (its finish_reason came) before an error took the
+    # usage chunk's place, served under either label
+    body = _sse(
+        _delta("the whole answer"),
+        _delta("", "stop"),
+        {"error": {"message": "usage accounting failed", "code": 500}},
+        "[DONE]",
+    )
+    provider = _provider(
+        lambda request: httpx.Response(200, text=body, headers={"content-type": content_type}), stream=True
+    )
+    # When the job calls it, then the answer is kept: a retry would pay for it again
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("the whole answer", "stop")
+
+
 async def test_key_refusals_of_a_batch_at_once_all_use_the_new_key(monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a key rotated in the store while the cache still holds the old one, and a fresh
     # read that takes a while (Secrets Manager)

@@ -908,9 +908,16 @@ async def _read_stream(
         # (a stream, however it is labelled)
         labelled = _Stream(on_output)
         for line in _LINE_END.split(body.decode("utf-8", "replace")):
-            labelled.feed(line)
+            try:
+                labelled.feed(line)
+            except ProviderError:
+                if not labelled.whole:
+                    raise
+                break  # (a whole answer, then an error: paid for, as below)
             if labelled.done:
                 break
+        if answer is not None:
+            answer.whole = labelled.whole
         return labelled.result()
     stream = _Stream(on_output)
     lines = _lines(response).__aiter__()
