@@ -1753,3 +1753,42 @@ def test_expansions_that_meet_at_the_checkpoint_go_on_as_one(harness: Harness) -
     assert len(sent) <= total + 2 * 2 * 8, str(
         sorted(Counter(int(j.rsplit("n", 1)[1]) for j in sent).items())
     )
+
+
+def test_a_resent_batch_webhook_whose_delivery_was_attempted_meanwhile_waits_for_that_attempts_next(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given a batch that ended with a webhook, whose message was lost before any attempt
+    _acme(harness)
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/h142-batch"}
+    batch_id = _submit(harness, requests=_requests(1), webhook=hook).body["id"]
+    _run_lane(harness)
+    url = harness.stack.webhook_queue_url
+    harness.sqs.purge_queue(QueueUrl=url)
+    stale = harness.config.reconciler.stale_webhook_seconds
+    first = stale + 1
+    ahead = BatchRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + first,
+    )
+
+    def attempted_meanwhile(**_: Any) -> None:
+        # A late copy of the message reached the dispatcher after all: its attempt failed and
+        # the receiver asked for two hours (Retry-After), just as the reconciler resends.
+        assert ahead.record_delivery(
+            batch_id, DeliveryStatus.PENDING, 503, 1, None, int((time.time() + first + 7200) * 1000), 0, None
+        )
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register_first("before-call.sqs.SendMessage", attempted_meanwhile)
+    assert _reconciler_ahead(harness, first).run().webhooks == [batch_id]
+    sqs.meta.events.unregister("before-call.sqs.SendMessage", attempted_meanwhile)
+    stored = _stored(harness, batch_id)
+    assert stored.delivery_next_ms is not None
+    # When the reconciler runs again after its webhook threshold, the next attempt not yet due
+    second = first + stale + 1
+    assert stored.delivery_next_ms > (time.time() + second) * 1000, "the next attempt is not due yet"
+    # Then it sends no third copy (as for a job: test_reconciler's hunt-136 test)
+    assert _reconciler_ahead(harness, second).run().webhooks == []

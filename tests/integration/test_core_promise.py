@@ -2117,3 +2117,23 @@ def test_a_job_the_reconciler_retires_as_a_cancel_lands_ends_canceled_and_is_rep
     assert (report["canceled"], report["expired"]) == (1, 0)
     webhooks = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert webhooks == [{"job_id": job_id, "event": "job.canceled"}]
+
+
+def test_a_crashed_job_near_its_retention_keeps_its_parked_result_through_a_short_s3_outage(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job that paid, parked its result and crashed, within the last half of the
+    # reconciler's margin before its retention ends, attempts left
+    margin = harness.config.reconciler.retention_margin_seconds
+    job_id = _parked(harness, expires_at={"N": str(int(time.time()) + margin // 2 - 600)})
+    # When S3 fails for a few seconds: the reconciler's run and the message's next look
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    provider = ScriptedProvider([OK])
+    _run(_runner(harness, provider), job_id, owner="worker-2")
+    faults.disarm()
+    _run(_runner(harness, provider), job_id, owner="worker-3")
+    # Then what was paid for is recorded, not thrown away as the job expires
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)

@@ -6,6 +6,7 @@ knows: every delivery that arrives proves the connection went to the pinned addr
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -1100,3 +1101,36 @@ def test_a_slow_name_server_of_one_receiver_never_fails_anothers_delivery(
         assert stage.delivery("job_healthy").status == "delivered"
     finally:
         time.sleep(max(0.0, hang - (time.monotonic() - began) + 0.5))  # (the hung lookups end)
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_a_jobs_last_output_and_its_end_in_one_batch_reach_the_receiver_in_that_order(
+    stage: Stage, carry: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a streaming job that just succeeded: its worker sent its last job.output, then its
+    # job.succeeded, which the dispatcher receives in one batch (in no order: standard queue),
+    # the output's POST slower to leave than the end's
+    send = WebhookDispatcher._send_body
+
+    async def output_slower(
+        self: WebhookDispatcher, url: str, msg_id: str, body: bytes, *rest: Any, **named: Any
+    ) -> Any:
+        if b'"job.output"' in body:
+            await asyncio.sleep(0.3)
+        return await send(self, url, msg_id, body, *rest, **named)
+
+    monkeypatch.setattr(WebhookDispatcher, "_send_body", output_slower)
+    record = stage.job("/hooks/order", events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    output = JobOutputEvent(id=record.id, seq_from=1, seq_to=3, attempt=1, delta="the answer")
+    stage.queues.enqueue_webhook(record.id, WebhookEvent.OUTPUT, output)
+    stored = stage.jobs.find(record.id)
+    assert stored is not None
+    stage.queues.enqueue_webhook(
+        record.id, WebhookEvent.SUCCEEDED, snapshot=job_snapshot(stored) if carry else None
+    )
+    # When the dispatcher handles the batch
+    stage.dispatch()
+    # Then the receiver hears the output before the end (docs/streaming.md)
+    types = [json.loads(request.body)["type"] for request in stage.receiver.requests]
+    assert types == ["job.output", "job.succeeded"]

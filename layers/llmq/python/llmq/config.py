@@ -76,8 +76,9 @@ class WebhookPolicy(_Frozen):
     allow_loopback_http: bool = False
     # A dispatcher environment reuses a tenant's signing secrets this long before it reads
     # them again: a rotated secret signs within this time (the previous one signs on
-    # meanwhile, and after it until the next rotation, so receivers never fail). 0: read them
-    # for every delivery.
+    # meanwhile, and after it until the next rotation, so receivers that keep the last two
+    # never fail, for rotations at least this far apart: README). 0: read them for every
+    # delivery.
     secrets_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 60.0
     # On: a terminal event's first receive is sent from the job its message carries, with no
     # read (a warm delivery is 1 AWS call, not 2). Off by default: a duplicate of that first

@@ -216,7 +216,8 @@ class Reconciler:
             wait_s = self.config.reconciler.stale_webhook_seconds
             if batch.delivery_next_ms is not None:
                 wait_s += max(0, batch.delivery_next_ms - self.jobs.now_ms()) // 1000
-            self.jobs.postpone_sweep(entry.job_id, wait_s)
+            # (unless an attempt made since the read moved the entry past its own next one)
+            self.jobs.postpone_sweep(entry.job_id, wait_s, seen_at=entry.sweep_at)
             return
         if batch is not None:
             send_expand(self.queues, batch)
@@ -242,11 +243,14 @@ class Reconciler:
                 # Its last attempt was paid for, and parked its result: recorded, not run again.
                 return
         except StoreUnavailable:
-            if job.attempts >= self.config.max_attempts:
-                raise  # it must not run again: it waits for S3, holding its slot (`Offload._waited_long`)
+            if job.attempts >= self.config.max_attempts or retiring:
+                # It waits for S3, holding its slot (`Offload._waited_long`): out of attempts,
+                # queued it would run again; retiring, it would end at its next look without
+                # waiting for S3 at all.
+                raise
             # S3 cannot say what an earlier attempt parked, and the job would end: it goes back
-            # to queued, its slot given back now (DESIGN §3.11), where its cancel, deadline or
-            # retention ends it at its next look, which looks for that first.
+            # to queued, its slot given back now (DESIGN §3.11), where its cancel or deadline
+            # ends it at its next look, which looks for that first.
             self._requeue(job, entry, report)
             return
         if retiring:

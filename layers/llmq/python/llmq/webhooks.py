@@ -26,7 +26,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -323,6 +323,11 @@ class WebhookDispatcher:
         self._delivery_locks: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[str, tuple[asyncio.Lock, int]]
         ] = weakref.WeakKeyDictionary()
+        # One job's job.started and job.output deliveries in flight in an event loop, and when
+        # the last ended: its terminal delivery waits for them (`_after_the_job_events`).
+        self._in_flight: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, tuple[int, asyncio.Event]]
+        ] = weakref.WeakKeyDictionary()
         # SQS limits a message's visibility to 12 hours from its receipt: the longest the
         # message can be hidden for (`queues.redelivery_visibility` asks no more), so the next
         # attempt is never recorded due later than its message comes back (which would spend a
@@ -444,11 +449,40 @@ class WebhookDispatcher:
         if isinstance(event, BatchEvent):
             return await self.deliver_batch(message.job_id, event)
         if event not in TERMINAL_EVENTS:
-            return await self._deliver(message, attempt, first_receive, first_receive, message_id)
+            with self._job_event_in_flight(message.job_id):
+                return await self._deliver(message, attempt, first_receive, first_receive, message_id)
+        await self._after_the_job_events(message.job_id)
         async with self._one_at_a_time(message.job_id) as behind_a_copy:
             return await self._deliver(
                 message, attempt, first_receive, first_receive and not behind_a_copy, message_id
             )
+
+    @contextlib.contextmanager
+    def _job_event_in_flight(self, job_id: str) -> Iterator[None]:
+        """A job.started or job.output delivery of `job_id` in flight in this event loop."""
+        flights = self._in_flight.setdefault(asyncio.get_running_loop(), {})
+        count, landed = flights.get(job_id, (0, asyncio.Event()))
+        flights[job_id] = (count + 1, landed)
+        try:
+            yield
+        finally:
+            count, landed = flights[job_id]
+            if count == 1:
+                del flights[job_id]
+                landed.set()
+            else:
+                flights[job_id] = (count - 1, landed)
+
+    async def _after_the_job_events(self, job_id: str) -> None:
+        """A job's terminal event goes after its job.started and job.output messages that came
+        in the same batch of records (the last output is sent before the end: docs/streaming.md),
+        which the processor runs at once and SQS gives in no order: it lets the batch's other
+        records start first, then waits for the job's to land. (A later one, in another batch,
+        finds the terminal event delivered and is not sent.)"""
+        await asyncio.sleep(0)
+        flight = self._in_flight.get(asyncio.get_running_loop(), {}).get(job_id)
+        if flight is not None:
+            await flight[1].wait()
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, subject: str) -> AsyncIterator[bool]:
