@@ -2137,3 +2137,25 @@ def test_a_crashed_job_near_its_retention_keeps_its_parked_result_through_a_shor
     # Then what was paid for is recorded, not thrown away as the job expires
     assert provider.calls == 0
     _succeeded_with_the_parked_result(harness, job_id)
+
+
+def test_a_crashed_job_early_in_its_retention_margin_keeps_its_parked_result_through_an_s3_outage(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, faults: AwsFaults
+) -> None:
+    # Given a job that paid, parked its result and crashed, early in the reconciler's margin
+    # before its retention ends, attempts left
+    margin = harness.config.reconciler.retention_margin_seconds
+    job_id = _parked(harness, expires_at={"N": str(int(time.time()) + margin - 600)})
+    # When S3 fails through two reconciler runs, past stale_queued_seconds after the lapse
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    grace = harness.config.reconciler.expired_lease_grace_seconds
+    stale = harness.config.reconciler.stale_queued_seconds
+    _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
+    _scheduled_reconciler(harness, monkeypatch, grace + stale + 60.0).handler({}, LambdaContextStub())
+    provider = ScriptedProvider([OK])
+    _run(_runner(harness, provider), job_id, owner="worker-2")
+    faults.disarm()
+    _run(_runner(harness, provider), job_id, owner="worker-3")
+    # Then what was paid for is recorded once S3 answers: not thrown away as the job expires
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)

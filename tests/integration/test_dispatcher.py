@@ -1115,7 +1115,7 @@ def test_a_jobs_last_output_and_its_end_in_one_batch_reach_the_receiver_in_that_
     async def output_slower(
         self: WebhookDispatcher, url: str, msg_id: str, body: bytes, *rest: Any, **named: Any
     ) -> Any:
-        if b'"job.output"' in body:
+        if b'"type":"job.output"' in body:
             await asyncio.sleep(0.3)
         return await send(self, url, msg_id, body, *rest, **named)
 
@@ -1134,3 +1134,41 @@ def test_a_jobs_last_output_and_its_end_in_one_batch_reach_the_receiver_in_that_
     # Then the receiver hears the output before the end (docs/streaming.md)
     types = [json.loads(request.body)["type"] for request in stage.receiver.requests]
     assert types == ["job.output", "job.succeeded"]
+
+
+def test_a_jobs_end_is_not_held_back_by_its_output_to_a_receiver_that_hangs(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a streaming job's last job.output and its job.succeeded in one batch, the output's
+    # POST hanging (a receiver that is down for it)
+    send = WebhookDispatcher._send_body
+    released = threading.Event()
+
+    async def output_hangs(
+        self: WebhookDispatcher, url: str, msg_id: str, body: bytes, *rest: Any, **named: Any
+    ) -> Any:
+        if b'"type":"job.output"' in body:
+            while not released.is_set():
+                await asyncio.sleep(0.05)
+        return await send(self, url, msg_id, body, *rest, **named)
+
+    monkeypatch.setattr(WebhookDispatcher, "_send_body", output_hangs)
+    record = stage.job("/hooks/hang", events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    output = JobOutputEvent(id=record.id, seq_from=1, seq_to=3, attempt=1, delta="the answer")
+    stage.queues.enqueue_webhook(record.id, WebhookEvent.OUTPUT, output)
+    stage.queues.enqueue_webhook(record.id, WebhookEvent.SUCCEEDED)
+    # When the dispatcher handles the batch
+    dispatching = threading.Thread(target=stage.dispatch)
+    dispatching.start()
+    try:
+        for _ in range(200):
+            if stage.receiver.requests_to("/hooks/hang"):
+                break
+            time.sleep(0.05)
+        # Then the end is delivered while the output still hangs: it is not held back
+        types = [json.loads(request.body)["type"] for request in stage.receiver.requests_to("/hooks/hang")]
+        assert types == ["job.succeeded"]
+    finally:
+        released.set()
+        dispatching.join(timeout=30)

@@ -326,8 +326,10 @@ class FairShareConfig(_Frozen):
 
 
 # What a webhook delivery needs besides its POST: the answer's head (a second at most), the
-# host's lookup and the attempt's record.
-WEBHOOK_OVERHEAD_SECONDS = 4
+# host's lookup, the attempt's record, and for a terminal event the wait for its job's live
+# output in the same batch to go first (`WEBHOOK_OUTPUT_FIRST_SECONDS`).
+WEBHOOK_OUTPUT_FIRST_SECONDS = 1.0
+WEBHOOK_OVERHEAD_SECONDS = 5
 
 # What a chunk of a batch's items may weigh: a DynamoDB transaction holds 4 MB, with room kept
 # for the items' other attributes and the checkpoint.
@@ -503,8 +505,8 @@ class LlmqConfig(_Frozen):
                 f"api.timeout_seconds must not exceed API Gateway's {GATEWAY_TIMEOUT_SECONDS:g} s "
                 "integration timeout: the client would get a 504 while the function runs on"
             )
-        # A POST, its answer's head (a second), the host's lookup and the record of the attempt
-        # all fit in the dispatcher's time: a receiver that hangs then costs a failed attempt,
+        # A POST, its answer's head (a second), the host's lookup, the record of the attempt
+        # and a terminal event's wait for its job's output all fit in the dispatcher's time: a receiver that hangs then costs a failed attempt,
         # not the invocation (whose every message would come back unrecorded, towards the DLQ).
         needed = self.webhooks.timeout_seconds + WEBHOOK_OVERHEAD_SECONDS
         if needed > self.dispatcher.timeout_seconds:

@@ -180,10 +180,15 @@ class Offload:
         ago. A queued one holds none, and waits until its retention is nearly over, so that it
         still ends (and gives back its quota) before DynamoDB's TTL deletes it."""
         if job.status is JobStatus.QUEUED:
-            margin = self.config.reconciler.retention_margin_seconds // 2
-            return job.expires_at - jobs.now_ms() // 1000 <= margin
+            return not self.waits_when_queued(jobs, job)
         lapsed = job.lease_expires_ms or 0
         return jobs.now_ms() - lapsed > self.config.reconciler.stale_queued_seconds * 1000
+
+    def waits_when_queued(self, jobs: JobStore, job: JobRecord) -> bool:
+        """Whether the job, queued and about to end, still waits for S3 to say what was parked:
+        until half the reconciler's margin of its retention is left (`_waited_long`)."""
+        margin = self.config.reconciler.retention_margin_seconds // 2
+        return job.expires_at - jobs.now_ms() // 1000 > margin
 
     def link_result(self, record: JobRecord) -> JobRecord:
         """The job with its S3-held result as a presigned URL, not inline: for a response that

@@ -243,10 +243,11 @@ class Reconciler:
                 # Its last attempt was paid for, and parked its result: recorded, not run again.
                 return
         except StoreUnavailable:
-            if job.attempts >= self.config.max_attempts or retiring:
+            assert self.offload is not None  # (it raised)
+            if job.attempts >= self.config.max_attempts or not self.offload.waits_when_queued(self.jobs, job):
                 # It waits for S3, holding its slot (`Offload._waited_long`): out of attempts,
-                # queued it would run again; retiring, it would end at its next look without
-                # waiting for S3 at all.
+                # queued it would run again; too near its retention's end, queued it would end
+                # at its next look without waiting for S3 at all.
                 raise
             # S3 cannot say what an earlier attempt parked, and the job would end: it goes back
             # to queued, its slot given back now (DESIGN §3.11), where its cancel or deadline

@@ -36,7 +36,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import ValidationError
 
 from llmq.batches import BatchRecord, BatchRepository
-from llmq.config import LlmqConfig
+from llmq.config import WEBHOOK_OUTPUT_FIRST_SECONDS, LlmqConfig
 from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
 from llmq.job_record import JobRecord, iso
 from llmq.model_base import Model
@@ -498,12 +498,15 @@ class WebhookDispatcher:
         """A job's terminal event goes after its job.started and job.output messages that came
         in the same batch of records (the last output is sent before the end: docs/streaming.md),
         which the processor runs at once and SQS gives in no order: it lets the batch's other
-        records start first, then waits for the job's to land. (A later one, in another batch,
-        finds the terminal event delivered and is not sent.)"""
+        records start first, then waits for the job's to land, for a second at most (a receiver
+        that is down for them does not hold back the end, nor the dispatcher's time). (One in
+        another batch finds the terminal event delivered and is not sent, or, sent at the same
+        moment elsewhere, may arrive after it.)"""
         await asyncio.sleep(0)
         flight = self._in_flight.get(asyncio.get_running_loop(), {}).get(job_id)
         if flight is not None:
-            await flight[1].wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flight[1].wait(), WEBHOOK_OUTPUT_FIRST_SECONDS)
 
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, subject: str) -> AsyncIterator[bool]:
