@@ -4,10 +4,8 @@ batch's one webhook, and the tenant's cap over its items."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +23,7 @@ from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
 from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
-from llmq.webhooks import WebhookDispatcher, copy_lag_seconds
+from llmq.webhooks import copy_lag_seconds
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
@@ -1794,44 +1792,3 @@ def test_a_resent_batch_webhook_whose_delivery_was_attempted_meanwhile_waits_for
     assert stored.delivery_next_ms > (time.time() + second) * 1000, "the next attempt is not due yet"
     # Then it sends no third copy (as for a job: test_reconciler's hunt-136 test)
     assert _reconciler_ahead(harness, second).run().webhooks == []
-
-
-def test_a_batch_redelivered_while_its_retry_is_pending_posts_each_attempt_once(
-    harness: Harness, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a batch whose receiver is down (every POST answers 500, each taking half a second)
-    path = "/h142-red/fail-99"
-    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
-    send = WebhookDispatcher._send_body
-
-    async def slow_receiver(self: Any, *args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.5)
-        return await send(self, *args, **kwargs)
-
-    monkeypatch.setattr(WebhookDispatcher, "_send_body", slow_receiver)
-    url = harness.stack.webhook_queue_url
-    # Round 1, attempt 1 fails: its message (O) comes back for attempt 2 in 1 s
-    assert _dispatch_all(harness, dispatcher) == 1
-    # When the client asks for a redelivery meanwhile, and the new message (N) makes round 2's
-    # attempt 1 at once (500 again: attempt 2 due in 1 s)
-    again = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
-    assert again.status == 202, again.body
-    assert _dispatch_all(harness, dispatcher) == 1
-    assert _stored(harness, batch_id).delivery_attempts == 1
-    # and both messages come back due, each taken by an invocation of its own
-    time.sleep(2.5)
-    first = harness.receive(url, max_messages=1)
-    second = harness.receive(url, max_messages=1)
-    assert len(first) == len(second) == 1
-
-    def invoke(messages: list[dict[str, Any]]) -> None:
-        dispatcher.handler(harness.sqs_event(url, messages), LambdaContextStub())
-
-    threads = [threading.Thread(target=invoke, args=(m,)) for m in (first, second)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    # Then round 2's attempt 2 is POSTed once (as for a job: the old round's message is no carrier)
-    statuses = [d.status for d in receiver.deliveries() if d.path == path]
-    assert len(statuses) == 1 + _stored(harness, batch_id).delivery_attempts

@@ -342,7 +342,7 @@ class WebhookDispatcher:
         """
         message = parse_webhook_message(body)
         if isinstance(message.event, BatchEvent):
-            outcome = await self.deliver_batch(message.job_id, message.event, message_id=message_id)
+            outcome = await self.deliver_batch(message.job_id, message.event)
             _observe(message, outcome)
             if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
                 raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -357,9 +357,7 @@ class WebhookDispatcher:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
         return outcome
 
-    async def deliver_batch(
-        self, batch_id: str, event: BatchEvent, *, message_id: str | None = None
-    ) -> DeliveryOutcome:
+    async def deliver_batch(self, batch_id: str, event: BatchEvent) -> DeliveryOutcome:
         """The next attempt of a batch's event: `{"type", "timestamp", "data": <Batch>}`, signed
         and retried like a job's, and counted as a job's is: on the batch (the attempt after
         those it counted), recorded only if no other copy counted it first, and not made by a
@@ -368,32 +366,14 @@ class WebhookDispatcher:
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
         async with self._one_at_a_time(batch_id):
-            return await self._deliver_batch(batch_id, event, message_id)
+            return await self._deliver_batch(batch_id, event)
 
-    async def _deliver_batch(
-        self, batch_id: str, event: BatchEvent, message_id: str | None
-    ) -> DeliveryOutcome:
+    async def _deliver_batch(self, batch_id: str, event: BatchEvent) -> DeliveryOutcome:
         assert self._batches is not None
         batch = await asyncio.to_thread(self._batches.find, batch_id)
         reason = _why_not_deliver_batch(batch, event, self._clock())
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
-        if (
-            batch.delivery_attempts
-            and batch.delivery_next_ms is not None
-            and batch.delivery_carrier is not None
-            and message_id is not None
-            and message_id != batch.delivery_carrier
-        ):
-            # Another message while an attempt is scheduled (an earlier round's, after a
-            # redelivery, or a copy the reconciler sent): the carrier goes first, as for a job.
-            behind = batch.delivery_next_ms / 1000 + self.copy_lag_seconds - self._clock()
-            if behind > 0:
-                return DeliveryOutcome(
-                    OutcomeKind.RETRY,
-                    retry_in=min(behind, self.max_delay_seconds),
-                    reason="a copy waits for the message that carries the scheduled attempt",
-                )
         early = self._due_in(batch.delivery_next_ms)
         if early > 0:
             return DeliveryOutcome(
@@ -432,7 +412,6 @@ class WebhookDispatcher:
             due,
             batch.delivery_log_seq,
             batch.expires_at,
-            message_id,
         ):
             return await self._after_a_batch_copy_counted(batch_id)
         return outcome
@@ -468,7 +447,7 @@ class WebhookDispatcher:
         """
         event = message.event
         if isinstance(event, BatchEvent):
-            return await self.deliver_batch(message.job_id, event, message_id=message_id)
+            return await self.deliver_batch(message.job_id, event)
         if event not in TERMINAL_EVENTS:
             with self._job_event_in_flight(message.job_id):
                 return await self._deliver(message, attempt, first_receive, first_receive, message_id)
