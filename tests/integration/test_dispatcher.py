@@ -13,6 +13,7 @@ import json
 import ssl
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1110,20 +1111,8 @@ def test_a_jobs_last_output_and_its_end_in_one_batch_reach_the_receiver_in_that_
     # Given a streaming job that just succeeded: its worker sent its last job.output, then its
     # job.succeeded, which the dispatcher receives in one batch (in no order: standard queue),
     # the output's POST slower to leave than the end's
-    send = WebhookDispatcher._send_body
-
-    async def output_slower(
-        self: WebhookDispatcher, url: str, msg_id: str, body: bytes, *rest: Any, **named: Any
-    ) -> Any:
-        if b'"type":"job.output"' in body:
-            await asyncio.sleep(0.3)
-        return await send(self, url, msg_id, body, *rest, **named)
-
-    monkeypatch.setattr(WebhookDispatcher, "_send_body", output_slower)
-    record = stage.job("/hooks/order", events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
-    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
-    output = JobOutputEvent(id=record.id, seq_from=1, seq_to=3, attempt=1, delta="the answer")
-    stage.queues.enqueue_webhook(record.id, WebhookEvent.OUTPUT, output)
+    _output_posts_wait(monkeypatch, lambda: asyncio.sleep(0.3))
+    record = _streaming_job_with_only_its_output_queued(stage, "/hooks/order")
     stored = stage.jobs.find(record.id)
     assert stored is not None
     stage.queues.enqueue_webhook(
@@ -1141,22 +1130,14 @@ def test_a_jobs_end_is_not_held_back_by_its_output_to_a_receiver_that_hangs(
 ) -> None:
     # Given a streaming job's last job.output and its job.succeeded in one batch, the output's
     # POST hanging (a receiver that is down for it)
-    send = WebhookDispatcher._send_body
     released = threading.Event()
 
-    async def output_hangs(
-        self: WebhookDispatcher, url: str, msg_id: str, body: bytes, *rest: Any, **named: Any
-    ) -> Any:
-        if b'"type":"job.output"' in body:
-            while not released.is_set():
-                await asyncio.sleep(0.05)
-        return await send(self, url, msg_id, body, *rest, **named)
+    async def until_released() -> None:
+        while not released.is_set():
+            await asyncio.sleep(0.05)
 
-    monkeypatch.setattr(WebhookDispatcher, "_send_body", output_hangs)
-    record = stage.job("/hooks/hang", events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
-    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
-    output = JobOutputEvent(id=record.id, seq_from=1, seq_to=3, attempt=1, delta="the answer")
-    stage.queues.enqueue_webhook(record.id, WebhookEvent.OUTPUT, output)
+    _output_posts_wait(monkeypatch, until_released)
+    record = _streaming_job_with_only_its_output_queued(stage, "/hooks/hang")
     stage.queues.enqueue_webhook(record.id, WebhookEvent.SUCCEEDED)
     # When the dispatcher handles the batch
     dispatching = threading.Thread(target=stage.dispatch)
@@ -1172,3 +1153,27 @@ def test_a_jobs_end_is_not_held_back_by_its_output_to_a_receiver_that_hangs(
     finally:
         released.set()
         dispatching.join(timeout=30)
+
+
+def _output_posts_wait(monkeypatch: pytest.MonkeyPatch, wait: Callable[[], Awaitable[None]]) -> None:
+    """Every job.output POST waits for `wait` before it leaves; other events go at once."""
+    send = WebhookDispatcher._send_body
+
+    async def output_waits(
+        self: WebhookDispatcher, url: str, msg_id: str, body: bytes, *rest: Any, **named: Any
+    ) -> Any:
+        if b'"type":"job.output"' in body:
+            await wait()
+        return await send(self, url, msg_id, body, *rest, **named)
+
+    monkeypatch.setattr(WebhookDispatcher, "_send_body", output_waits)
+
+
+def _streaming_job_with_only_its_output_queued(stage: Stage, path: str) -> JobRecord:
+    """A streaming job that succeeded, subscribed to job.output and job.succeeded, with its last
+    job.output the only message in the webhooks queue."""
+    record = stage.job(path, events=[WebhookEvent.OUTPUT, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    output = JobOutputEvent(id=record.id, seq_from=1, seq_to=3, attempt=1, delta="the answer")
+    stage.queues.enqueue_webhook(record.id, WebhookEvent.OUTPUT, output)
+    return record

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time as _time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -758,19 +760,14 @@ def test_a_resent_webhook_whose_delivery_was_attempted_meanwhile_waits_for_that_
     harness: Harness, reconciler: Reconciler, clock: LaterClock
 ) -> None:
     # Given a job that succeeded, whose webhook message was lost
-    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
-    harness.drain("high")
-    _purge(harness, harness.stack.webhook_queue_url)
+    job_id = _succeeded_with_its_webhook_message_lost(harness)
     later = JobRepository(
         harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock
     )
 
     def attempted_meanwhile(**_: Any) -> None:
-        # A copy of the message the dispatcher got after all: its attempt failed, and its next
-        # one is due in two hours (a receiver's Retry-After), as the reconciler resends.
-        later.record_delivery(
-            job_id, DeliveryStatus.PENDING, 503, next_attempt_in_seconds=7200, previous_attempts=0
-        )
+        # A copy of the message the dispatcher got after all, as the reconciler resends
+        _attempt_failed_for_two_hours(later, job_id)
 
     sqs = aws.client("sqs")
     sqs.meta.events.register_first("before-call.sqs.SendMessage", attempted_meanwhile)
@@ -794,14 +791,10 @@ def test_a_dead_letter_of_an_ended_job_sends_its_event_again_only_if_it_may_be_l
 ) -> None:
     # Given a job that succeeded a while ago, whose webhook delivery was attempted (its
     # message hidden for a two-hour backoff) or never was (its message lost)
-    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
-    harness.drain("high")
-    _purge(harness, harness.stack.webhook_queue_url)
-    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    job_id = _succeeded_with_its_webhook_message_lost(harness)
     if attempted:
-        jobs.record_delivery(
-            job_id, DeliveryStatus.PENDING, 503, next_attempt_in_seconds=7200, previous_attempts=0
-        )
+        jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+        _attempt_failed_for_two_hours(jobs, job_id)
     harness.ddb.update_item(
         TableName=harness.stack.jobs_table,
         Key={"pk": {"S": job_id}},
@@ -836,24 +829,12 @@ def test_a_cancel_accepted_as_the_reconciler_fails_a_crashed_job_ends_it_cancele
     queues = QueueRepository(
         harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
     )
-    replies: list[int] = []
-
-    def cancel_now(**_: Any) -> None:
-        if not replies:
-            # When the client cancels it just after the reconciler read it
-            replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
-
-    ddb = aws.client("dynamodb")
-    ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", cancel_now)
-    try:
+    # When the client cancels it just after the reconciler read it
+    with _cancel_before_the_next_transaction(harness, job_id) as replies:
         report = Reconciler(later, queues, harness.config).run()
-    finally:
-        ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", cancel_now)
     assert replies == [202]
-    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
-    events = [webhook_message(m)["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
     # Then the cancel, accepted, is honoured: no call was in flight
-    assert (job["status"], job["cancel_requested"], events) == ("canceled", True, ["job.canceled"])
+    _ended_canceled_as_asked(harness, job_id)
     assert (report.recovered, report.canceled) == ([], [job_id])
 
 
@@ -868,22 +849,49 @@ def test_a_cancel_accepted_as_the_dead_letter_function_fails_a_crashed_job_ends_
     dlq = harness.stack.lane_dlq_urls["high"]
     harness.sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"job_id": job_id, "lane": "high"}))
     messages = harness.receive(dlq)
+    handler = load_handler("dead_letter")
+    # When the client cancels it just after the dead-letter function read it
+    with _cancel_before_the_next_transaction(harness, job_id) as replies:
+        handler.handler(harness.sqs_event(dlq, messages), LambdaContextStub())
+    assert replies == [202]
+    # Then it ends canceled, as a dead-lettered job asked to cancel does
+    _ended_canceled_as_asked(harness, job_id)
+
+
+@contextmanager
+def _cancel_before_the_next_transaction(harness: Harness, job_id: str) -> Iterator[list[int]]:
+    """The client's cancel of `job_id`, made as the first DynamoDB transaction inside the block
+    is about to be sent: the statuses it was answered (one)."""
     replies: list[int] = []
 
     def cancel_now(**_: Any) -> None:
         if not replies:
-            # When the client cancels it just after the dead-letter function read it
             replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
 
-    handler = load_handler("dead_letter")
     ddb = aws.client("dynamodb")
     ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", cancel_now)
     try:
-        handler.handler(harness.sqs_event(dlq, messages), LambdaContextStub())
+        yield replies
     finally:
         ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", cancel_now)
-    assert replies == [202]
+
+
+def _ended_canceled_as_asked(harness: Harness, job_id: str) -> None:
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     events = [webhook_message(m)["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
-    # Then it ends canceled, as a dead-lettered job asked to cancel does
     assert (job["status"], job["cancel_requested"], events) == ("canceled", True, ["job.canceled"])
+
+
+def _succeeded_with_its_webhook_message_lost(harness: Harness) -> str:
+    job_id: str = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    harness.drain("high")
+    _purge(harness, harness.stack.webhook_queue_url)
+    return job_id
+
+
+def _attempt_failed_for_two_hours(jobs: JobRepository, job_id: str) -> None:
+    """A delivery attempt of the job's event that failed, its next due in two hours (a
+    receiver's Retry-After)."""
+    jobs.record_delivery(
+        job_id, DeliveryStatus.PENDING, 503, next_attempt_in_seconds=7200, previous_attempts=0
+    )
