@@ -895,3 +895,40 @@ def _attempt_failed_for_two_hours(jobs: JobRepository, job_id: str) -> None:
     jobs.record_delivery(
         job_id, DeliveryStatus.PENDING, 503, next_attempt_in_seconds=7200, previous_attempts=0
     )
+
+
+# ---- a queued job's deadline --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("waiting", ["deferred-at-its-cap", "behind-the-lane"])
+def test_a_queued_job_ends_expired_at_its_deadline_however_long_its_message_is_away(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    provider: FakeProviderServer,
+    waiting: str,
+) -> None:
+    # Given a job with a 60 s deadline whose message is away for longer than that: deferred at
+    # its tenant's cap (a copy that comes back when the backlog's drain says), or still behind
+    # the lane's backlog (its message not yet received)
+    url = harness.stack.lane_queue_urls["high"]
+    job_id = harness.submit(deadline_seconds=60).body["id"]
+    if waiting == "deferred-at-its-cap":
+        ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).set_limits(
+            ENTERPRISE["tenant_id"], max_concurrency=1
+        )
+        jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+        busy = harness.submit().body["id"]
+        assert jobs.claim(busy, "busy", 600).outcome is ClaimOutcome.CLAIMED
+        messages = harness.receive(url)
+        harness.run_worker(url, [m for m in messages if job_id in m["Body"]])
+        assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
+    # When the reconciler runs just after the deadline, well before the job would be stale
+    clock.offset = 61
+    assert clock.offset < harness.config.reconciler.stale_queued_seconds
+    report = reconciler.run()
+    # Then the job ended expired then, with its event, and never reached the provider
+    assert report.expired == [job_id]
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+    assert provider.calls_for(job_id) == 0

@@ -252,6 +252,27 @@ def test_the_sweep_index_holds_unfinished_jobs_until_they_finish(subject: Subjec
     assert subject.jobs.count_unfinished() == {}
 
 
+@pytest.mark.parametrize("queued_by", ["accept", "requeue", "recover", "postpone"])
+def test_a_queued_job_is_due_for_the_sweep_by_its_deadline(subject: Subject, queued_by: str) -> None:
+    # A job with a deadline 200 s away (sooner than it would be stale: 300 s), queued by each
+    # write that queues it, or left queued by the reconciler's postpone
+    deadline_ms = subject.jobs.now_ms() + 200_000
+    job_id = subject.created(deadline_ms=deadline_ms)
+    if queued_by in ("requeue", "recover"):
+        claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+        assert claimed is not None
+        if queued_by == "requeue":
+            assert subject.jobs.requeue(claimed, "w1", ERROR, 30).status is JobStatus.QUEUED
+        else:
+            subject.clock.advance(LEASE_SECONDS + 1)
+            assert subject.jobs.recover(claimed) is not None
+    if queued_by == "postpone":
+        assert subject.jobs.postpone_sweep(job_id, 600, status=JobStatus.QUEUED, not_after_ms=deadline_ms)
+    # The sweep finds it at its deadline, not a moment before
+    assert list(subject.jobs.sweep(deadline_ms - 1, 10)) == []
+    assert [entry.job_id for entry in subject.jobs.sweep(deadline_ms, 10)] == [job_id]
+
+
 # ---- live output (llmq.live_output) ---------------------------------------------------------
 
 

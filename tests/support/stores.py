@@ -152,6 +152,10 @@ class InMemoryJobs:
         self.records[record.id] = updated
         return updated
 
+    def _queued_due(self, from_ms: int, deadline_ms: int | None) -> int:
+        due = from_ms + self.config.reconciler.stale_queued_seconds * 1000
+        return due if deadline_ms is None else min(due, deadline_ms)
+
     def _in_seconds(self, seconds: float) -> int:
         return self.now_ms() + int(seconds * 1000)
 
@@ -179,7 +183,7 @@ class InMemoryJobs:
         share.caps[record.lane] = admission.caps[0]  # (no batch runs on this store)
         share.holders[record.lane]  # the map exists from the accept on, as in the table
         self.records[record.id] = record.model_copy(update={"last_write": f"create#{uuid.uuid4().hex}"})
-        self.due[record.id] = record.created_ms + self.config.reconciler.stale_queued_seconds * 1000
+        self.due[record.id] = self._queued_due(record.created_ms, record.deadline_ms)
         return Created(job=record, replayed=False)
 
     @_throttleable
@@ -426,7 +430,7 @@ class InMemoryJobs:
         if old.cancel_requested:
             raise CancelRequested(job.id)
         visible_at = self._in_seconds(delay_seconds)
-        self.due[job.id] = visible_at + self.config.reconciler.stale_queued_seconds * 1000
+        self.due[job.id] = self._queued_due(visible_at, job.deadline_ms)
         self.shares[old.tenant_id].leave(old, ends=False)
         changes: dict[str, Any] = {"error": error} if error else {"attempts": old.attempts - 1}
         return self._put(
@@ -513,7 +517,7 @@ class InMemoryJobs:
         old = self.records.get(job.id)
         if old is None or old.status is not JobStatus.RUNNING or not self._unleased(old):
             return None
-        self.due[job.id] = self._in_seconds(self.config.reconciler.stale_queued_seconds)
+        self.due[job.id] = self._queued_due(self.now_ms(), job.deadline_ms)
         self.shares[old.tenant_id].leave(old, ends=False)
         return self._put(
             old,
@@ -691,6 +695,7 @@ class InMemoryJobs:
         retention_margin_s: int | None = None,
         status: JobStatus | None = None,
         seen_at: int | None = None,
+        not_after_ms: int | None = None,
     ) -> bool:
         if job_id not in self.due:
             return False
@@ -701,7 +706,8 @@ class InMemoryJobs:
             return False
         if retention_margin_s is not None and record.expires_at <= self.now_ms() // 1000 + retention_margin_s:
             raise RetentionDue(record)
-        self.due[job_id] = self._in_seconds(seconds)
+        due = self._in_seconds(seconds)
+        self.due[job_id] = due if not_after_ms is None else min(due, not_after_ms)
         return True
 
 

@@ -180,6 +180,15 @@ class JobRepository:
     def _sweep(self, job_id: str, due_ms: int | None) -> tuple[list[str], list[str], dict[str, Any]]:
         return sweep_clauses(job_id, due_ms, self.config.reconciler.sweep_shards)
 
+    def _queued_due(self, from_ms: int, deadline_ms: int | None) -> int:
+        """When the reconciler next looks at a queued job: once it has been stale for
+        `reconciler.stale_queued_seconds` from `from_ms`, or at its deadline if that comes
+        first. A job waiting behind its lane's backlog or its tenant's cap (whose deferred
+        message may come back an hour later) then ends `expired` within a reconciler period of
+        its deadline, with its webhook, not whenever its message is next received."""
+        due = from_ms + self.config.reconciler.stale_queued_seconds * 1000
+        return due if deadline_ms is None else min(due, deadline_ms)
+
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
@@ -338,7 +347,7 @@ class JobRepository:
             "tenant_created": tenant_sort_key(record.created_ms, record.id),
             **sweep_attributes(
                 record.id,
-                record.created_ms + self.config.reconciler.stale_queued_seconds * 1000,
+                self._queued_due(record.created_ms, record.deadline_ms),
                 self.config.reconciler.sweep_shards,
             ),
         }
@@ -565,9 +574,7 @@ class JobRepository:
         now = self.now_ms()
         visible_at = now + int(delay_seconds * 1000)
         token = f"{owner}#{'requeue' if error else 'release'}"
-        sweep_sets, _, sweep = self._sweep(
-            job.id, visible_at + self.config.reconciler.stale_queued_seconds * 1000
-        )
+        sweep_sets, _, sweep = self._sweep(job.id, self._queued_due(visible_at, job.deadline_ms))
         sets = f"SET #st = :queued, {', '.join(sweep_sets)}, not_before_ms = :not_before, last_write = :token"
         values: dict[str, Any] = {
             "queued": "queued",
@@ -869,7 +876,7 @@ class JobRepository:
         its slot back; its attempt stays counted. None when it moved on meanwhile."""
         now = self.now_ms()
         token = codec.write_token("recover")
-        sets, _, sweep = self._sweep(job.id, now + self.config.reconciler.stale_queued_seconds * 1000)
+        sets, _, sweep = self._sweep(job.id, self._queued_due(now, job.deadline_ms))
         update = self._job_update(
             job.id,
             f"SET #st = :queued, last_write = :token, {', '.join(sets)} "
@@ -1464,8 +1471,10 @@ class JobRepository:
         retention_margin_s: int | None = None,
         status: JobStatus | None = None,
         seen_at: int | None = None,
+        not_after_ms: int | None = None,
     ) -> bool:
-        """After the reconciler re-enqueued something, leave the job alone for a while.
+        """After the reconciler re-enqueued something, leave the job alone for a while, but
+        not past `not_after_ms` (a queued job's deadline: `_queued_due`).
 
         False when the job left the index meanwhile (it finished), or is no longer in `status`
         (a job claimed since the sweep read it keeps its lease's entry), or its entry is no
@@ -1476,7 +1485,8 @@ class JobRepository:
         read of its own).
         """
         now = self.now_ms()
-        sweep_sets, _, sweep = self._sweep(job_id, now + int(seconds * 1000))
+        due = now + int(seconds * 1000)
+        sweep_sets, _, sweep = self._sweep(job_id, due if not_after_ms is None else min(due, not_after_ms))
         # A job that left the index meanwhile stays out of it.
         condition = "attribute_exists(sweep_pk)"
         names: dict[str, str] = {}

@@ -131,6 +131,7 @@ class JobStore(Protocol):
         retention_margin_s: int | None = None,
         status: JobStatus | None = None,
         seen_at: int | None = None,
+        not_after_ms: int | None = None,
     ) -> bool: ...
 
 

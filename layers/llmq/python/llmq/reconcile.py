@@ -183,6 +183,7 @@ class Reconciler:
                     thresholds.stale_queued_seconds,
                     retention_margin_s=thresholds.retention_margin_seconds,
                     status=JobStatus.QUEUED,
+                    not_after_ms=entry.deadline_ms,
                 )
             except RetentionDue as due:
                 # (a message just sent for it finds it ended, and is dropped)
