@@ -87,6 +87,7 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
         owner=f"{lambda_context.aws_request_id}/{record.message_id}/{uuid.uuid4().hex[:8]}",
         remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
         hold_message=lambda seconds: EDGE.hold(record, seconds),
+        receive_count=int(record.attributes.approximate_receive_count or 1),
     )
     with EDGE.settling(record):
         await runner().run(record.body, invocation)

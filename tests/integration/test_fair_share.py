@@ -798,3 +798,44 @@ def test_a_message_whose_siblings_hold_every_slot_waits_for_one_of_them(
     # Then the refused job's one copy came back as a sibling ended and freed its slot, not before
     (due,) = copies
     assert due >= 2.5, copies
+
+
+def test_a_job_that_only_waits_at_its_cap_outlasts_an_sqs_send_outage_before_the_dlq(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a tenant capped at one, whose slot another worker holds with a short last run (so
+    # its deferrals are a second or two), and one queued job waiting its turn
+    _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    url = harness.stack.lane_queue_urls["high"]
+    holder = harness.submit(prompt="the running one").body["id"]
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    assert jobs.claim(holder, "other-worker", 3600).outcome is ClaimOutcome.CLAIMED
+    waiting = harness.submit(prompt="waits its turn").body["id"]
+    # When SQS refuses every copy its deferrals send, through each of the lane's receives
+    faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", function="worker", times=1000)
+    faults.wrap_handler("worker", harness.worker())
+    hidden_for: list[int] = []  # how long each receive's message went away
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        hidden_for.append(int(params["VisibilityTimeout"]))
+
+    receives = harness.config.max_receive_count
+    for _ in range(receives):
+        (message,) = harness.receive(url)
+        with _observing("ChangeMessageVisibility", record):
+            response = harness.run_worker(url, [message])
+        assert len(response["batchItemFailures"]) == 1
+        # (the test's own look, sooner than the message would come back)
+        harness.sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+    # Then each receive sent it away for twice as long as the one before, from 15 s: the
+    # lane's receives outlast a quarter of an hour of refused sends before the DLQ, where the
+    # deferrals' own second or two spun it there in seconds; the job is still queued, unspent
+    assert len(hidden_for) == receives
+    assert all(hidden_for[n] >= 15 * 2**n for n in range(receives)), hidden_for
+    assert sum(hidden_for) >= 15 * 60
+    job = harness.api("GET", f"/v1/jobs/{waiting}", tenant=ENTERPRISE).body
+    assert (job["status"], job["attempts"]) == ("queued", 0)

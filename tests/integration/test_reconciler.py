@@ -932,3 +932,31 @@ def test_a_queued_job_ends_expired_at_its_deadline_however_long_its_message_is_a
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
     assert provider.calls_for(job_id) == 0
+
+
+def test_a_job_whose_message_is_known_lost_gets_one_though_the_lanes_depth_hides_the_loss(
+    harness: Harness, reconciler: Reconciler
+) -> None:
+    # Given a job whose lane message SQS refused at accept (known lost: first for the sweep),
+    # and another job of the lane with a second message on its way (a deferred record's
+    # original, acknowledged only with its whole batch; a copy sent twice), so that the lane's
+    # depth equals its unfinished jobs
+    url = harness.stack.lane_queue_urls["high"]
+    other = harness.submit().body["id"]
+    faults = AwsFaults()
+    fault = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", times=1)
+    try:
+        lost = harness.submit().body["id"]
+    finally:
+        faults.disarm()
+    assert faults.fired_for(fault)
+    QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    ).enqueue_job(other, "high", ENTERPRISE["tenant_id"])
+    assert harness.total_count(url) == 2
+    # When the reconciler runs
+    report = reconciler.run()
+    # Then the lost job got its message; the other, not yet stale, was left alone
+    assert report.requeued == [lost]
+    bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
+    assert sorted(bodies) == sorted([other, other, lost])

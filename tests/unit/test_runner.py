@@ -470,6 +470,27 @@ def test_a_batch_whose_first_claim_takes_a_slot_claims_the_rest_at_once_within_t
     for job_id in ids:
         world.add(id=job_id)
     claims = _counting_claims(world)
+    # (the two generations last until every claim has answered: a job that ended first would
+    # free its slot for a later claim, on a loaded machine)
+    answered: list[str] = []
+    counted = world.jobs.claim
+
+    def answering(job_id: str, *args: object, **kwargs: object) -> object:
+        claim = counted(job_id, *args, **kwargs)  # type: ignore[arg-type]
+        answered.append(job_id)
+        return claim
+
+    world.jobs.claim = answering  # type: ignore[method-assign]
+
+    class AfterEveryClaim(ScriptedProvider):
+        async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+            for _ in range(2000):
+                if len(answered) == len(ids):
+                    break
+                await asyncio.sleep(0.005)
+            return await super().generate(request, timeout_seconds)
+
+    world.provider = world.runner.provider = AfterEveryClaim()
     # When one invocation receives all five
     assert _run_batch(world, list(ids)) == [None] * 5
     # Then each claimed for itself (the first took a slot, so it spoke for no one): two ran,

@@ -76,6 +76,8 @@ _SCOUT_PATIENCE_SECONDS = 5.0
 # A claim that kept meeting other transactions on the tenant's share comes back this soon
 # (with up to as much again of jitter).
 _CONTENDED_DELAY_SECONDS = 2.0
+# A message whose copy SQS refused stays away at least this long, doubling with its receives.
+_UNSENT_FIRST_WAIT_SECONDS = 15.0
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
 # How long the courtesy job.started send may hold a generation back.
@@ -200,6 +202,8 @@ class Invocation:
     # Keeps this record's message hidden for that many seconds from now, and no longer (True
     # when SQS did): set by the worker's handler, None where nothing receives the message.
     hold_message: Callable[[float], bool] | None = None
+    # How many times SQS has delivered this message (ApproximateReceiveCount), this one included.
+    receive_count: int = 1
 
 
 # How often a cancel that waits out a whole answer's trailer looks whether it is still whole.
@@ -254,6 +258,7 @@ class JobRunner:
                     message.not_before_ms,
                     wait_ms / 1000,
                     "deferral continued",
+                    invocation=invocation,
                     spoken_for=message.spoken_for,
                 )
                 return
@@ -375,7 +380,15 @@ class JobRunner:
             if tenant is None:
                 raise RetryLater(message.job_id, delay) from exc
             # (nothing looked at the job: a copy spoken for still says so)
-            await self._resend(message, tenant, None, delay, "claim contended", spoken_for=message.spoken_for)
+            await self._resend(
+                message,
+                tenant,
+                None,
+                delay,
+                "claim contended",
+                invocation=invocation,
+                spoken_for=message.spoken_for,
+            )
             return None
         except StoreUnavailable as exc:
             # Nothing was spent yet. The claim may have been applied, though, leased to us: the
@@ -545,6 +558,7 @@ class JobRunner:
                 "tenant at its cap; a slot of its own freed"
                 + ("; no claim of its own" if spoken_for else ""),
                 unsent_delay=unsent,
+                invocation=invocation,
                 spoken_for=spoken_for,
             )
             return
@@ -558,6 +572,7 @@ class JobRunner:
             if spoken_for
             else "tenant at its cap; deferred",
             unsent_delay=unsent,
+            invocation=invocation,
             spoken_for=spoken_for,
             running=running,
         )
@@ -602,12 +617,15 @@ class JobRunner:
         why: str,
         unsent_delay: float | None = None,
         *,
+        invocation: Invocation,
         spoken_for: bool = False,
         **extra: object,
     ) -> None:
         """Acknowledge this message and send a copy delayed by `delay` (at most 900 s a hop).
         If the send fails, this message waits instead (`unsent_delay`, else as long), counting
-        one receive. `spoken_for`: the copy was deferred without a claim of its own."""
+        one receive, and never less than `_unsent_wait` of the receives it has spent: a job
+        that only waits its turn must not reach the DLQ, and fail as crashed, in a brown-out
+        of SQS sends. `spoken_for`: the copy was deferred without a claim of its own."""
         log = {"job_id": message.job_id, "delay_seconds": round(delay, 1), **extra}
         tenant_id, lane = tenant
         hop = math.ceil(min(delay, MAX_SEND_DELAY_SECONDS))
@@ -627,7 +645,17 @@ class JobRunner:
                 return
             except StoreUnavailable:
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
-        raise RetryLater(message.job_id, delay if unsent_delay is None else unsent_delay)
+        wait = delay if unsent_delay is None else unsent_delay
+        raise RetryLater(message.job_id, max(wait, self._unsent_wait(invocation.receive_count)))
+
+    def _unsent_wait(self, receive_count: int) -> float:
+        """How long a message whose copy SQS refused stays away at least, by the receives it has
+        spent: doubling from `_UNSENT_FIRST_WAIT_SECONDS`, so that the lane's maxReceiveCount
+        receives outlast an SQS outage of (2^maxReceiveCount - 1) times that (about 16 min at
+        the default 6, then as long again in the dead-letter function's one more round) rather
+        than a few seconds of deferrals' returns."""
+        doubled = _UNSENT_FIRST_WAIT_SECONDS * 2 ** min(max(0, receive_count - 1), 16)
+        return float(min(doubled, self.config.fair_share.max_deferral_seconds))
 
     async def _cancel_held(
         self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool, look_again: bool = False

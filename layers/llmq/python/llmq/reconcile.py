@@ -17,7 +17,7 @@ from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_record import JobRecord
-from llmq.jobs import RetentionDue, SweepEntry
+from llmq.jobs import SWEEP_FIRST_MS, RetentionDue, SweepEntry
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
 from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
@@ -167,9 +167,13 @@ class Reconciler:
         elif entry.status is JobStatus.QUEUED and entry.deadline_ms is not None and entry.deadline_ms <= now:
             self._expire(entry, report)
         elif entry.status is JobStatus.QUEUED:
-            # The most overdue jobs first take whatever messages the lane is short of.
-            if deficits[entry.lane] > 0:
-                deficits[entry.lane] -= 1
+            # The most overdue jobs first take whatever messages the lane is short of; a job whose
+            # message is known lost (`sweep_first`) takes one whatever the lane's depth says: a
+            # depth that also counts messages on their way out (a deferred record's original,
+            # acknowledged only with its whole batch) can hide the loss run after run.
+            known_lost = entry.sweep_at == SWEEP_FIRST_MS
+            if deficits[entry.lane] > 0 or known_lost:
+                deficits[entry.lane] = max(0, deficits[entry.lane] - 1)
                 job = self.jobs.find(entry.job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
                     self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
