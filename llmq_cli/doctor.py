@@ -96,6 +96,9 @@ class Reservations:
 
     by_function: dict[str, int]
     source: str
+    # What the queue consumers' event source mappings can run at once, together
+    # (MaximumConcurrency); None when no template says.
+    mapped: int | None = None
 
     @property
     def total(self) -> int:
@@ -114,7 +117,12 @@ def reservations_from_template(template: dict[str, Any], source: str) -> Reserva
             continue
         tags = {tag.get("Key"): tag.get("Value") for tag in properties.get("Tags") or []}
         found[str(tags.get("llmq:function") or logical_id)] = int(reserved)
-    return Reservations(found, source)
+    mapped = sum(
+        int(resource.get("Properties", {}).get("ScalingConfig", {}).get("MaximumConcurrency") or 0)
+        for resource in template.get("Resources", {}).values()
+        if resource.get("Type") == "AWS::Lambda::EventSourceMapping"
+    )
+    return Reservations(found, source, mapped)
 
 
 def min_bootstrap_version(template: dict[str, Any] | None) -> int:
@@ -288,8 +296,9 @@ class Doctor:
             f"quota {quota}, unreserved {unreserved}; the stack reserves {need} "
             f"({_shares(self.reservations.by_function)}; from {self.reservations.source})"
         )
-        # Nothing reserved (`reserve: false`) needs no room, however small the quota.
-        if need == 0 or need <= room:
+        if need == 0:
+            return self._unreserved_pool(summary, unreserved + held)
+        if need <= room:
             return Finding("concurrency", Verdict.OK, f"{summary}; {UNRESERVED_MINIMUM} stay unreserved")
         return Finding(
             "concurrency",
@@ -302,6 +311,25 @@ class Doctor:
             "them the queue consumers stay bounded by their mappings' MaximumConcurrency, but the api "
             "and the authorizer share the account's pool, and a flood of long-polls can throttle "
             "every other function in the account",
+        )
+
+    def _unreserved_pool(self, summary: str, pool: int) -> Finding:
+        """Nothing reserved (`reserve: false`) deploys however small the quota, but every
+        function then shares the account's pool: queue consumers that can take all of it
+        under a backlog leave the api and the authorizer throttled, and a lane message Lambda
+        throttles comes back after the queue's visibility timeout with a receive spent."""
+        mapped = self.reservations.mapped
+        if mapped is None or mapped < pool:
+            return Finding("concurrency", Verdict.OK, f"{summary}; all {pool} stay shared")
+        return Finding(
+            "concurrency",
+            Verdict.NOTE,
+            f"{summary}; the queue consumers' mappings can run {mapped} at once, and the "
+            f"account's pool is {pool}: under a backlog they take all of it, the api and the "
+            "authorizer are throttled (the gateway answers 5xx), and lane messages Lambda "
+            "throttles come back a visibility timeout later with a receive spent, toward the DLQ",
+            f"ask for a quota of at least {mapped + UNRESERVED_MINIMUM} (Service Quotas > AWS Lambda > "
+            "Concurrent executions), or lower the lanes' and webhooks' `max_concurrency` in cdk.json",
         )
 
     def check_bootstrap(self) -> Finding:

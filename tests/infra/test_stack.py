@@ -15,6 +15,7 @@ from llmq.telemetry import METRICS_NAMESPACE, MetricName
 from stacks.functions import FUNCTION_NAMES, FUNCTIONS_DIR
 from stacks.runtime import LAMBDA_ARCHITECTURE, LAMBDA_PYTHON_VERSION
 from tests.aws_calls import load_catalogue
+from tests.infra.api_permissions import unpermitted_routes
 from tests.infra.iam_grants import missing_grants
 from tests.infra.synthesis import ENV_MODELS, SynthesizedApp, function_concurrency_bounds, synthesize
 
@@ -145,6 +146,12 @@ def test_by_default_api_gateway_invokes_the_api_function_itself_without_snap_sta
             )
             == api_id
         )
+
+
+def test_every_route_the_gateway_invokes_is_allowed_by_a_permission_of_its_target(synthesized):
+    # (moto does not evaluate Lambda permissions: AWS would answer such a route 500)
+    assert unpermitted_routes(synthesized.template) == []
+    assert synthesized.template.of_type("AWS::ApiGateway::Method")
 
 
 def test_a_config_cannot_give_the_api_more_time_than_api_gateway_waits():

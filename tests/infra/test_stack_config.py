@@ -14,6 +14,7 @@ from llmq.config import (
     WebhookPolicy,
     WorkerEnvironment,
 )
+from tests.infra.api_permissions import unpermitted_routes
 from tests.infra.synthesis import SynthesizedApp, function_concurrency_bounds, synthesize
 
 THREE_LANES = LlmqConfig(
@@ -189,6 +190,12 @@ def test_a_function_environment_missing_a_required_variable_fails_the_synth() ->
         function_environment(
             WorkerEnvironment, jobs_table="t", lane_queue_urls="{}", webhook_queue_url="u", typo="x"
         )
+
+
+def test_every_route_the_gateway_invokes_is_allowed_by_a_permission_of_its_target(synthesized):
+    # (moto does not evaluate Lambda permissions: AWS would answer such a route 500)
+    assert unpermitted_routes(synthesized.template) == []
+    assert synthesized.template.of_type("AWS::ApiGateway::Method")
 
 
 def test_snap_start_applies_to_the_api_alone_and_api_gateway_invokes_its_published_version(synthesized):

@@ -397,7 +397,7 @@ def test_the_cli_prints_the_report_and_exits_non_zero(
     assert out.splitlines()[-1] == "3 problems found"
 
 
-def test_with_reservations_off_even_a_quota_below_100_passes(account: Account) -> None:
+def test_with_reservations_off_a_quota_below_the_mappings_deploys_with_a_note(account: Account) -> None:
     # Given an account whose whole quota is 10, and a template that reserves nothing
     account.bootstrap()
     account.quota = account.unreserved = 10
@@ -408,9 +408,33 @@ def test_with_reservations_off_even_a_quota_below_100_passes(account: Account) -
     account.template = template
     # When the operator runs the doctor
     findings, report, _ = account.doctor()
-    # Then the concurrency check passes: nothing needs room, however small the quota
-    assert _verdicts(findings)["concurrency"] is Verdict.OK, report
+    # Then the deploy is not held back (nothing needs room, however small the quota), but the
+    # doctor says that the queue consumers alone can take the whole pool under a backlog
+    mapped = sum(
+        resource["Properties"]["ScalingConfig"]["MaximumConcurrency"]
+        for resource in template["Resources"].values()
+        if resource["Type"] == "AWS::Lambda::EventSourceMapping"
+    )
+    assert mapped >= 10
+    assert _verdicts(findings)["concurrency"] is Verdict.NOTE, report
     assert "the stack reserves 0" in report
+    assert f"can run {mapped} at once, and the account's pool is 10" in report
+    assert "100 stay" not in report
+
+
+def test_with_reservations_off_a_pool_larger_than_the_mappings_passes(account: Account) -> None:
+    # Given an account whose pool is larger than the queue consumers' mappings together
+    account.bootstrap()
+    account.quota = account.unreserved = 1000
+    template = json.loads(json.dumps(account.template))
+    for resource in template["Resources"].values():
+        if resource["Type"] == "AWS::Lambda::Function":
+            resource["Properties"].pop("ReservedConcurrentExecutions", None)
+    account.template = template
+    # When the operator runs the doctor, then the concurrency check passes
+    findings, report, _ = account.doctor()
+    assert _verdicts(findings)["concurrency"] is Verdict.OK, report
+    assert "all 1000 stay shared" in report
 
 
 def test_a_first_create_that_rolled_back_counts_as_not_deployed(
