@@ -397,15 +397,21 @@ def test_the_cli_prints_the_report_and_exits_non_zero(
     assert out.splitlines()[-1] == "3 problems found"
 
 
-def test_with_reservations_off_a_quota_below_the_mappings_deploys_with_a_note(account: Account) -> None:
-    # Given an account whose whole quota is 10, and a template that reserves nothing
+def _reserving_nothing(account: Account, quota: int) -> dict[str, Any]:
+    """The account's whole quota is `quota`, and its template reserves nothing."""
     account.bootstrap()
-    account.quota = account.unreserved = 10
+    account.quota = account.unreserved = quota
     template = json.loads(json.dumps(account.template))
     for resource in template["Resources"].values():
         if resource["Type"] == "AWS::Lambda::Function":
             resource["Properties"].pop("ReservedConcurrentExecutions", None)
     account.template = template
+    return template
+
+
+def test_with_reservations_off_a_quota_below_the_mappings_deploys_with_a_note(account: Account) -> None:
+    # Given an account whose whole quota is 10, and a template that reserves nothing
+    template = _reserving_nothing(account, 10)
     # When the operator runs the doctor
     findings, report, _ = account.doctor()
     # Then the deploy is not held back (nothing needs room, however small the quota), but the
@@ -424,13 +430,7 @@ def test_with_reservations_off_a_quota_below_the_mappings_deploys_with_a_note(ac
 
 def test_with_reservations_off_a_pool_larger_than_the_mappings_passes(account: Account) -> None:
     # Given an account whose pool is larger than the queue consumers' mappings together
-    account.bootstrap()
-    account.quota = account.unreserved = 1000
-    template = json.loads(json.dumps(account.template))
-    for resource in template["Resources"].values():
-        if resource["Type"] == "AWS::Lambda::Function":
-            resource["Properties"].pop("ReservedConcurrentExecutions", None)
-    account.template = template
+    _reserving_nothing(account, 1000)
     # When the operator runs the doctor, then the concurrency check passes
     findings, report, _ = account.doctor()
     assert _verdicts(findings)["concurrency"] is Verdict.OK, report
