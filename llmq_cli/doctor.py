@@ -174,7 +174,7 @@ def load_reservations(
         context = json.loads(cdk_json.read_text()).get("context", {}).get("llmq") or {}
         source = f"the `llmq` context in {cdk_json} (run `make synth` to count from the template)"
     config = LlmqConfig.model_validate(context)
-    return Reservations(dict(config.reserved_concurrency), source), None
+    return Reservations(dict(config.reserved_concurrency), source, config.mapped_concurrency), None
 
 
 class Doctor:

@@ -9,7 +9,7 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from llmq.config import DeadLetterEnvironment, LlmqConfig, WorkerEnvironment
+from llmq.config import DEAD_LETTER_MAX_CONCURRENCY, DeadLetterEnvironment, LlmqConfig, WorkerEnvironment
 from stacks.functions import FunctionDefaults, build_function, function_environment
 from stacks.jobs_table import grant_item_actions
 from stacks.lanes import LanesConstruct, consume, grant_send
@@ -33,8 +33,6 @@ WORKER_TABLE_ACTIONS = (
     "dynamodb:BatchGetItem",
 )
 DEAD_LETTER_TABLE_ACTIONS = ("dynamodb:GetItem", "dynamodb:UpdateItem")
-# Lambda's lower bound for MaximumConcurrency: the DLQs see crashes only, so keep them slow.
-DEAD_LETTER_MAX_CONCURRENCY = 2
 
 
 class WorkerConstruct(Construct):

@@ -14,6 +14,7 @@ from llmq.config import (
     WebhookPolicy,
     WorkerEnvironment,
 )
+from llmq_cli.doctor import reservations_from_template
 from tests.infra.api_permissions import unpermitted_routes
 from tests.infra.synthesis import SynthesizedApp, function_concurrency_bounds, synthesize
 
@@ -190,6 +191,12 @@ def test_a_function_environment_missing_a_required_variable_fails_the_synth() ->
         function_environment(
             WorkerEnvironment, jobs_table="t", lane_queue_urls="{}", webhook_queue_url="u", typo="x"
         )
+
+
+def test_the_configs_mapped_concurrency_is_what_the_templates_mappings_can_run(synthesized):
+    # (the doctor reads the config's figure when there is no template yet)
+    mapped = reservations_from_template(synthesized.template.template, "test").mapped
+    assert mapped == synthesized.config.mapped_concurrency == 20 + 3 + 6 + 3 * 2 + 12
 
 
 def test_every_route_the_gateway_invokes_is_allowed_by_a_permission_of_its_target(synthesized):

@@ -10,6 +10,8 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -289,3 +291,34 @@ def emitted_metrics(stdout: str, name: str) -> list[dict[str, Any]]:
         if any(metric["Name"] == name for directive in directives for metric in directive["Metrics"]):
             records.append(record)
     return records
+
+
+@contextmanager
+def observing_sqs(operation: str, record: Callable[..., None]) -> Iterator[None]:
+    """`record(params)` for each call of the SQS `operation` the handlers make meanwhile."""
+    events = aws.client("sqs").meta.events
+    events.register(f"provide-client-params.sqs.{operation}", record)
+    try:
+        yield
+    finally:
+        events.unregister(f"provide-client-params.sqs.{operation}", record)
+
+
+def hidden_for_each_receive(harness: Harness, url: str, receives: int) -> list[int]:
+    """Run the worker on the lane's one message `receives` times, as SQS would bring it back,
+    and say for how long each run sent it away (its ChangeMessageVisibility); the test itself
+    makes it visible again at once after each."""
+    hidden_for: list[int] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        hidden_for.append(int(params["VisibilityTimeout"]))
+
+    for _ in range(receives):
+        (message,) = harness.receive(url)
+        with observing_sqs("ChangeMessageVisibility", record):
+            response = harness.run_worker(url, [message])
+        assert len(response["batchItemFailures"]) == 1
+        harness.sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+    return hidden_for

@@ -36,6 +36,7 @@ from tests.integration.harness import (
     Harness,
     LambdaContextStub,
     emitted_metrics,
+    hidden_for_each_receive,
     load_handler,
     webhook_message,
 )
@@ -1792,3 +1793,27 @@ def test_a_resent_batch_webhook_whose_delivery_was_attempted_meanwhile_waits_for
     assert stored.delivery_next_ms > (time.time() + second) * 1000, "the next attempt is not due yet"
     # Then it sends no third copy (as for a job: test_reconciler's hunt-136 test)
     assert _reconciler_ahead(harness, second).run().webhooks == []
+
+
+def test_a_batch_expansion_outlasts_an_sqs_send_outage_before_the_dlq(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a batch of five (chunks of two) whose expand message a worker receives
+    reply = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": f"i{n}", "body": {"prompt": f"say {n}"}} for n in range(5)]},
+        tenant=ENTERPRISE,
+    )
+    assert reply.status == 202, reply.body
+    url = harness.stack.lane_queue_urls[HIGH]
+    # When SQS refuses every send of the worker, through each of the lane's receives
+    faults.arm(FaultKind.THROTTLE, "sqs.SendMessageBatch", function="worker", times=1000)
+    faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", function="worker", times=1000)
+    receives = harness.config.max_receive_count
+    hidden_for = hidden_for_each_receive(harness, url, receives)
+    # Then the expand message's receives outlast a quarter of an hour of refused sends before
+    # the DLQ (whose second round would give the whole batch up), as a deferred job's do
+    assert faults.fired
+    assert len(hidden_for) == receives, hidden_for
+    assert sum(hidden_for) >= 15 * 60, hidden_for

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -18,6 +19,7 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
+from llmq.config import LlmqConfig
 from llmq_cli import main as cli
 from llmq_cli.doctor import (
     BOOTSTRAP_VERSION_PARAMETER,
@@ -29,6 +31,7 @@ from llmq_cli.doctor import (
     alarm_emails_in_template,
     bootstrap_version_parameter,
     exit_code,
+    load_reservations,
     min_bootstrap_version,
     render,
     reservations_from_template,
@@ -435,6 +438,31 @@ def test_with_reservations_off_a_pool_larger_than_the_mappings_passes(account: A
     findings, report, _ = account.doctor()
     assert _verdicts(findings)["concurrency"] is Verdict.OK, report
     assert "all 1000 stay shared" in report
+
+
+def test_before_a_synth_reservations_off_in_an_account_of_10_gets_the_note_from_the_config(
+    account: Account, tmp_path: Path
+) -> None:
+    # Given an account whose whole quota is 10, a cdk.json that turns the reservations off,
+    # and no synthesized template yet (the doctor run on its own, before `make synth`)
+    account.bootstrap()
+    account.quota = account.unreserved = 10
+    cdk_json = tmp_path / "cdk.json"
+    cdk_json.write_text(json.dumps({"context": {"llmq": {"concurrency": {"reserve": False}}}}))
+    reservations, template = load_reservations(STACK, tmp_path / "missing.template.json", cdk_json)
+    assert template is None
+    # When the doctor checks the concurrency
+    doctor = Doctor(
+        client=account.client,
+        region=REGION,
+        available_regions=lambda service: [REGION],
+        stack=STACK,
+        reservations=reservations,
+    )
+    finding = doctor.check_concurrency(deployed=False)
+    # Then it says, as from a template, what the config's mappings can take of the pool
+    assert finding.verdict is Verdict.NOTE, finding.message
+    assert f"can run {LlmqConfig().mapped_concurrency} at once" in finding.message
 
 
 def test_a_first_create_that_rolled_back_counts_as_not_deployed(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, FREE, Harness
+from tests.integration.harness import ENTERPRISE, FREE, Harness, hidden_for_each_receive, observing_sqs
 
 
 def _shares(harness: Harness) -> ShareRepository:
@@ -55,17 +54,6 @@ def _capped_with_long_deferrals(
     _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=cap)
     provider.reset()
     return harness
-
-
-@contextmanager
-def _observing(operation: str, record: Callable[..., None]) -> Iterator[None]:
-    """`record(params)` for each call of the SQS `operation` the handlers make meanwhile."""
-    events = aws.client("sqs").meta.events
-    events.register(f"provide-client-params.sqs.{operation}", record)
-    try:
-        yield
-    finally:
-        events.unregister(f"provide-client-params.sqs.{operation}", record)
 
 
 # ---- the active-jobs quota ----------------------------------------------------------------------
@@ -225,7 +213,7 @@ def test_a_refused_message_is_sent_on_the_moment_its_batchs_own_job_frees_a_slot
     def record_hold(params: dict[str, Any], **_: Any) -> None:
         hidden.append(int(params["VisibilityTimeout"]))
 
-    with _observing("SendMessage", record), _observing("ChangeMessageVisibility", record_hold):
+    with observing_sqs("SendMessage", record), observing_sqs("ChangeMessageVisibility", record_hold):
         # When one worker invocation (of 60 s) receives all six: two run, four are refused
         messages = harness.receive(url, visibility=600)
         assert len(messages) == 6
@@ -466,7 +454,7 @@ def test_a_job_requeued_for_a_retry_hands_its_slot_to_the_message_waiting_in_its
     # the other waits for it
     messages = harness.receive(url, visibility=600)
     assert len(messages) == 2
-    with _observing("SendMessage", record):
+    with observing_sqs("SendMessage", record):
         response = harness.run_worker(url, messages, timeout_seconds=60)
     # Then the requeue freed the slot and the waiting message was sent on at once, while the
     # requeued one waits out its backoff
@@ -495,7 +483,7 @@ def test_a_handed_on_copy_that_sqs_throttles_leaves_its_message_to_wait_its_defe
     faults = AwsFaults()
     faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", times=20)
     try:
-        with _observing("SendMessage", record):
+        with observing_sqs("SendMessage", record):
             response = harness.run_worker(url, messages)
     finally:
         faults.disarm()
@@ -816,21 +804,8 @@ def test_a_job_that_only_waits_at_its_cap_outlasts_an_sqs_send_outage_before_the
     # When SQS refuses every copy its deferrals send, through each of the lane's receives
     faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", function="worker", times=1000)
     faults.wrap_handler("worker", harness.worker())
-    hidden_for: list[int] = []  # how long each receive's message went away
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        hidden_for.append(int(params["VisibilityTimeout"]))
-
     receives = harness.config.max_receive_count
-    for _ in range(receives):
-        (message,) = harness.receive(url)
-        with _observing("ChangeMessageVisibility", record):
-            response = harness.run_worker(url, [message])
-        assert len(response["batchItemFailures"]) == 1
-        # (the test's own look, sooner than the message would come back)
-        harness.sqs.change_message_visibility(
-            QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
-        )
+    hidden_for = hidden_for_each_receive(harness, url, receives)
     # Then each receive sent it away for twice as long as the one before, from 15 s: the
     # lane's receives outlast a quarter of an hour of refused sends before the DLQ, where the
     # deferrals' own second or two spun it there in seconds; the job is still queued, unspent

@@ -934,6 +934,18 @@ def test_a_queued_job_ends_expired_at_its_deadline_however_long_its_message_is_a
     assert provider.calls_for(job_id) == 0
 
 
+def _submitted_with_its_message_lost(harness: Harness) -> str:
+    """A job whose lane message SQS refused at accept: known lost, first for the sweep."""
+    faults = AwsFaults()
+    fault = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", times=1)
+    try:
+        job_id: str = harness.submit().body["id"]
+    finally:
+        faults.disarm()
+    assert faults.fired_for(fault)
+    return job_id
+
+
 def test_a_job_whose_message_is_known_lost_gets_one_though_the_lanes_depth_hides_the_loss(
     harness: Harness, reconciler: Reconciler
 ) -> None:
@@ -943,13 +955,7 @@ def test_a_job_whose_message_is_known_lost_gets_one_though_the_lanes_depth_hides
     # depth equals its unfinished jobs
     url = harness.stack.lane_queue_urls["high"]
     other = harness.submit().body["id"]
-    faults = AwsFaults()
-    fault = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", times=1)
-    try:
-        lost = harness.submit().body["id"]
-    finally:
-        faults.disarm()
-    assert faults.fired_for(fault)
+    lost = _submitted_with_its_message_lost(harness)
     QueueRepository(
         harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
     ).enqueue_job(other, "high", ENTERPRISE["tenant_id"])
@@ -960,3 +966,26 @@ def test_a_job_whose_message_is_known_lost_gets_one_though_the_lanes_depth_hides
     assert report.requeued == [lost]
     bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
     assert sorted(bodies) == sorted([other, other, lost])
+
+
+def test_a_known_lost_job_of_a_lane_no_longer_deployed_still_ends_at_its_retention(harness: Harness) -> None:
+    # Given a job whose lane message SQS refused at accept (known lost: first for the sweep)
+    lost = _submitted_with_its_message_lost(harness)
+    # And a deploy that since removed its lane, and a reconciler that first comes to it within
+    # its retention margin
+    offset = harness.config.retention_seconds - harness.config.reconciler.retention_margin_seconds // 2
+    jobs = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: _time.time() + offset,
+    )
+    lanes = {lane: url for lane, url in harness.stack.lane_queue_urls.items() if lane != "high"}
+    queues = QueueRepository(lanes, harness.stack.webhook_queue_url, sqs=aws.client("sqs"))
+    # When the reconciler runs
+    report = Reconciler(jobs, queues, harness.config).run()
+    # Then the job ended expired at its retention (its quota given back), as its lane's other
+    # jobs do, rather than failing its send in every run until TTL deletes it still counted
+    stored = jobs.find(lost, past_retention=True)
+    assert stored is not None and stored.status is JobStatus.EXPIRED, report
+    assert _tenant_share(harness).active == 0

@@ -29,6 +29,8 @@ GATEWAY_TIMEOUT_SECONDS = 29.0
 # Lambda's lowest MaximumConcurrency for an SQS event source mapping; each lane DLQ's mapping
 # to the dead-letter function uses it.
 MIN_MAPPING_CONCURRENCY = 2
+# The DLQs see crashes and poison only: their mappings run as few as Lambda allows.
+DEAD_LETTER_MAX_CONCURRENCY = MIN_MAPPING_CONCURRENCY
 
 
 class _Frozen(Model):
@@ -581,6 +583,18 @@ class LlmqConfig(_Frozen):
         return sum(lane.max_concurrency for lane in self.lanes)
 
     @property
+    def mapped_concurrency(self) -> int:
+        """What the queue consumers' event source mappings can run at once, together: each
+        lane's, the dead-letter function's on each lane's DLQ, and the dispatcher's
+        MaximumConcurrency. With nothing reserved, a backlog can take that much of the
+        account's pool."""
+        return (
+            self.total_lane_concurrency
+            + DEAD_LETTER_MAX_CONCURRENCY * len(self.lanes)
+            + self.webhooks.max_concurrency
+        )
+
+    @property
     def reserved_concurrency(self) -> dict[str, int]:
         """Each function's reserved concurrency, by its folder under functions/; empty when
         `concurrency.reserve` is off. Its sum plus 100 is the quota an account needs."""
@@ -591,7 +605,7 @@ class LlmqConfig(_Frozen):
             "authorizer": self.concurrency.authorizer,
             # The sum of the lanes' MaximumConcurrency: every lane can run its share at once.
             "worker": self.total_lane_concurrency,
-            "dead_letter": MIN_MAPPING_CONCURRENCY * len(self.lanes),
+            "dead_letter": DEAD_LETTER_MAX_CONCURRENCY * len(self.lanes),
             "webhook_dispatcher": self.webhooks.max_concurrency,
             # Two overlapping sweeps would only enqueue duplicates.
             "reconciler": 1,

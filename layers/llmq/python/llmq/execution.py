@@ -481,8 +481,11 @@ class JobRunner:
         except StoreUnavailable as exc:
             delay = exc.retry_after or _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
             logger.warning("batch expansion paused", extra={"batch_id": message.job_id, "why": str(exc)})
+            # (where this message itself comes back, a receive is spent: never a spin through
+            # the lane's receives while AWS refuses, `_unsent_wait`)
+            spent = max(delay, self._unsent_wait(invocation.receive_count))
             if not message.lane or not message.tenant_id:
-                raise RetryLater(message.job_id, delay) from exc
+                raise RetryLater(message.job_id, spent) from exc
             try:
                 await asyncio.to_thread(
                     functools.partial(self.queues.enqueue_expand, redrive_round=message.redrive_round),
@@ -492,7 +495,7 @@ class JobRunner:
                     math.ceil(delay),
                 )
             except StoreUnavailable:
-                raise RetryLater(message.job_id, delay) from exc
+                raise RetryLater(message.job_id, spent) from exc
 
     async def _defer(
         self,

@@ -176,8 +176,16 @@ class Reconciler:
                 deficits[entry.lane] = max(0, deficits[entry.lane] - 1)
                 job = self.jobs.find(entry.job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
-                    self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
-                    report.requeued.append(entry.job_id)
+                    try:
+                        self.queues.enqueue_job(
+                            job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round
+                        )
+                        report.requeued.append(entry.job_id)
+                    except KeyError as exc:
+                        # A lane no longer deployed (only a known loss is sent without its
+                        # depth): it waits, as its lane's other jobs do, for its retention.
+                        _not_settled(exc, f"lane {job.lane}")
+                        report.waiting.append(entry.job_id)
             else:
                 report.waiting.append(entry.job_id)
             try:
