@@ -56,8 +56,8 @@ def queues() -> QueueRepository:
 EDGE = QueueEdge(queues=queues, job_of=webhook_job_id)
 
 
-async def record_handler(record: SQSRecord) -> None:
-    with EDGE.settling(record):
+async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
+    async with EDGE.settling_async(record, lambda: lambda_context.get_remaining_time_in_millis() / 1000):
         await dispatcher().handle(
             record.body,
             receive_count=int(record.attributes.approximate_receive_count or 1),

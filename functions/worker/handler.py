@@ -89,7 +89,7 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
         hold_message=lambda seconds: EDGE.hold(record, seconds),
         receive_count=int(record.attributes.approximate_receive_count or 1),
     )
-    with EDGE.settling(record):
+    async with EDGE.settling_async(record, invocation.remaining_seconds):
         await runner().run(record.body, invocation)
 
 

@@ -552,3 +552,41 @@ def test_job_started_is_sent_when_subscribed(harness: Harness) -> None:
     messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert sorted(m["event"] for m in messages) == sorted(events)
     assert {m["job_id"] for m in messages} == {job_id}
+
+
+def test_a_slow_visibility_change_of_one_record_never_costs_its_siblings_paid_answer(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a batch of two jobs in a worker invocation with 12 s to live: B answers after 5 s
+    # (its call given about 9 s, the rest kept for its write), and A gets a 503 after 4 s, so
+    # its message is handed back with a ChangeMessageVisibility that SQS answers only after
+    # 9 s (one stalled connection; botocore reads for 10 s, and tries three times)
+    job_a = harness.submit(prompt="a [[latency:4]] [[fail:503x1]]").body["id"]
+    job_b = harness.submit(prompt="b [[latency:5]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    messages: list[dict[str, Any]] = []
+    while len(messages) < 2:
+        messages += harness.receive(url)
+    stalls = [1]
+
+    def stalled(**_: Any) -> None:
+        if stalls[0]:
+            stalls[0] -= 1
+            time.sleep(9.0)
+
+    events = aws.client("sqs").meta.events
+    events.register("before-call.sqs.ChangeMessageVisibility", stalled, unique_id="stalled-visibility")
+    try:
+        # When the worker runs the batch
+        response = harness.run_worker(url, messages, timeout_seconds=12)
+    finally:
+        events.unregister("before-call.sqs.ChangeMessageVisibility", unique_id="stalled-visibility")
+    # Then B's paid answer was read and recorded while SQS kept A's record waiting (on the
+    # loop's own thread, it stopped B's read until B's provider deadline had passed: failed
+    # as provider_timeout, or, with the Lambda killed first, paid again by the next attempt)
+    assert stalls == [0]
+    assert _job(harness, job_b)["status"] == "succeeded"
+    assert provider.calls_for(job_b) == 1
+    assert [failure["itemIdentifier"] for failure in response["batchItemFailures"]] == [
+        m["MessageId"] for m in messages if job_a in m["Body"]
+    ]

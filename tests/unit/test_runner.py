@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -913,3 +914,87 @@ def test_an_error_about_the_operators_provider_account_is_told_in_llmqs_words(st
         assert secret not in shown, shown
     assert PROVIDER_ACCOUNT_ERRORS[status]["code"] in shown
     assert ("credentials" if status == 401 else "rate-limiting") in shown
+
+
+class _RecordingTimeouts(ScriptedProvider):
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: list[float] = []
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
+        self.given.append(timeout_seconds)
+        return await super().generate(request, timeout_seconds)
+
+
+@pytest.mark.parametrize("left", [20.0, 16.0])
+def test_a_generation_started_late_keeps_the_whole_write_back_reserve(left: float) -> None:
+    # Given an invocation of 300 s (15 s kept back for the write-back) whose claim of a job
+    # answered late, `left` seconds before its end (slow AWS calls before it)
+    world = World()
+    world.provider = world.runner.provider = _RecordingTimeouts()
+    world.add()
+    lost = [0.0]
+    claim = world.jobs.claim
+
+    def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        lost[0] = 300.0 - left
+        return claim(*args, **kwargs)
+
+    world.jobs.claim = slow_claim  # type: ignore[method-assign]
+    body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: 300.0 - lost[0])
+    # When it runs the job
+    try:
+        asyncio.run(world.runner.run(body, invocation))
+        handed_back = False
+    except RetryLater:
+        handed_back = True
+    # Then the provider is given what is left less the whole 15 s, never more (a quarter of
+    # what was left kept 5 s or 4 s: too little for a throttled write and a parked result);
+    # with too little for a generation, the job is handed back, its attempt refunded
+    if left - 15 >= 2:
+        assert not handed_back
+        assert world.provider.given and world.provider.given[0] <= left - 15
+        assert world.job().status is JobStatus.SUCCEEDED
+    else:
+        assert handed_back and world.provider.given == []
+        assert (world.job().status, world.job().attempts) == (JobStatus.QUEUED, 0)
+
+
+def test_a_slow_last_look_for_a_cancel_never_takes_the_time_a_billed_failure_needs() -> None:
+    # Given a job on its last attempt whose provider call fails for now (billed), in an
+    # invocation 18 s from its end (the 15 s reserve and 3 s), and a cancel-flag read that
+    # stalls longer than that once the call is over
+    world = World(TransientProviderError("busy", status_code=503), max_attempts=1)
+    world.add()
+    release = threading.Event()
+    look = world.jobs.is_cancel_requested
+
+    def stalled(job_id: str) -> bool:
+        if world.provider.calls:  # (the look after the failure)
+            release.wait(20)
+        return look(job_id)
+
+    world.jobs.is_cancel_requested = stalled  # type: ignore[method-assign]
+    deadline = time.monotonic() + 18.0
+    left_at_failure: list[float] = []
+    fail = world.jobs.fail_leased
+
+    def failed(*args: Any, **kwargs: Any) -> JobRecord:
+        left_at_failure.append(deadline - time.monotonic())
+        return fail(*args, **kwargs)
+
+    world.jobs.fail_leased = failed  # type: ignore[method-assign]
+    body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: deadline - time.monotonic())
+    # When it runs
+    try:
+        asyncio.run(world.runner.run(body, invocation))
+    finally:
+        release.set()
+    # Then its failure was recorded before the invocation's end, without waiting for the look
+    # (which took the invocation's last seconds: on Lambda the write never came, and the job
+    # was left running, to be run again after its lease)
+    assert world.outcome() == (JobStatus.FAILED, ErrorCode.RETRIES_EXHAUSTED)
+    assert len(left_at_failure) == 1 and left_at_failure[0] > 0
+    assert len(world.provider.calls) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -131,3 +133,61 @@ def test_a_throttled_visibility_change_still_reports_the_message_failed(queues: 
     retry = RetryLater("job_1", 10)
     assert settle(edge_for(queues), retry) is retry
     assert queues.visibility == []
+
+
+class _SlowVisibility:
+    """SQS that answers a visibility change only once `released` is set (or after 5 s)."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.answered_after_release: list[bool] = []
+
+    def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
+        self.answered_after_release.append(self.released.wait(5.0))
+
+
+def test_a_slow_visibility_change_of_one_record_never_stops_its_batchs_other_records() -> None:
+    # Given a batch of two records on one loop: one is handed back (RetryLater), and SQS is
+    # slow to answer its visibility change; the other still has work to do on the loop
+    sqs = _SlowVisibility()
+    edge = QueueEdge(queues=lambda: sqs, job_of=lambda body: "job_1")
+
+    async def handed_back() -> None:
+        async with edge.settling_async(Record(), lambda: 60.0):
+            raise RetryLater("job_1", 30)
+
+    async def still_working() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)  # (its answer read, its result write, ...)
+        sqs.released.set()
+
+    async def batch() -> list[BaseException | None]:
+        return await asyncio.gather(handed_back(), still_working(), return_exceptions=True)
+
+    # When the batch runs
+    outcomes = asyncio.run(batch())
+    # Then the other record went on while SQS took its time (SQS answered once it was done,
+    # not after giving up on it), and the handed-back record is reported failed
+    assert sqs.answered_after_release == [True]
+    assert isinstance(outcomes[0], RetryLater) and outcomes[1] is None
+
+
+def test_a_visibility_change_slower_than_the_invocation_is_given_up_and_the_record_reported_failed() -> None:
+    # Given a record handed back with less than the invocation's last second left, and SQS slow
+    sqs = _SlowVisibility()
+    edge = QueueEdge(queues=lambda: sqs, job_of=lambda body: "job_1")
+
+    answered_when_settled: list[list[bool]] = []
+
+    async def handed_back() -> None:
+        try:
+            async with edge.settling_async(Record(), lambda: 0.5):
+                raise RetryLater("job_1", 30)
+        finally:
+            answered_when_settled.append(list(sqs.answered_after_release))
+            sqs.released.set()
+
+    # When it settles, then it is reported failed while SQS has still not answered
+    with pytest.raises(RetryLater):
+        asyncio.run(handed_back())
+    assert answered_when_settled == [[]]

@@ -56,8 +56,9 @@ from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, error_fields, logger
 
 # Time kept back from the provider call so the worker can still record the outcome, through
-# a throttle or two: fifteen seconds, or a quarter of what is left for very short functions
-# (the sandbox).
+# a throttle or two: fifteen seconds, or a quarter of the invocation's whole time for very
+# short functions (the sandbox). Of the whole time, not of what is left: a generation that
+# starts late keeps as long to record what it paid for (`JobRunner._write_back_reserve`).
 _WRITE_BACK_SECONDS = 15.0
 _WRITE_BACK_SHARE = 0.25
 # Retrying a write-back after AWS throttled or failed it: first pause, growth cap, and the
@@ -78,6 +79,8 @@ _SCOUT_PATIENCE_SECONDS = 5.0
 _CONTENDED_DELAY_SECONDS = 2.0
 # A message whose copy SQS refused stays away at least this long, doubling with its receives.
 _UNSENT_FIRST_WAIT_SECONDS = 15.0
+# The most a last look for a cancel waits before a billed failure is recorded.
+_CANCEL_LOOK_SECONDS = 1.0
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
 # How long the courtesy job.started send may hold a generation back.
@@ -204,6 +207,14 @@ class Invocation:
     hold_message: Callable[[float], bool] | None = None
     # How many times SQS has delivered this message (ApproximateReceiveCount), this one included.
     receive_count: int = 1
+    # The invocation's whole time, as it started (the function's timeout, less its init): what
+    # a late generation's write-back reserve is reckoned from. None: what is left as this is
+    # made, which the worker does as its batch's records start, together.
+    whole_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.whole_seconds is None:
+            object.__setattr__(self, "whole_seconds", self.remaining_seconds())
 
 
 # How often a cancel that waits out a whole answer's trailer looks whether it is still whole.
@@ -686,6 +697,12 @@ class JobRunner:
             raise RetryLater(job.id, max(1.0, lapses_in + 1.0))
         await self._settle(self.jobs.cancel_leased, job, invocation)
 
+    @staticmethod
+    def _write_back_reserve(invocation: Invocation) -> float:
+        """What a generation leaves of the Lambda's time to record its outcome: fifteen
+        seconds, or a quarter of a very short invocation's whole time."""
+        return min(_WRITE_BACK_SECONDS, (invocation.whole_seconds or 0.0) * _WRITE_BACK_SHARE)
+
     async def _too_late_to_start(self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool) -> bool:
         """A claim that came with too little of the Lambda's time left for a generation (a
         slow cold start, a batch whose claims were slow) hands the job back, attempt refunded,
@@ -693,7 +710,7 @@ class JobRunner:
         then fail as provider_timeout, which is not retried. Only where the function's timeout
         leaves room for one: with a shorter timeout every call would be this short."""
         remaining = invocation.remaining_seconds()
-        budget = remaining - min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
+        budget = remaining - self._write_back_reserve(invocation)
         room = self.config.worker.timeout_seconds * (1 - _WRITE_BACK_SHARE)
         if budget >= _MIN_GENERATION_SECONDS or room < 2 * _MIN_GENERATION_SECONDS:
             return False
@@ -840,7 +857,10 @@ class JobRunner:
             if await self._too_late_to_start(job, invocation, paid_unknown=paid_unknown):
                 return
         remaining = invocation.remaining_seconds()
-        reserve = min(_WRITE_BACK_SECONDS, remaining * _WRITE_BACK_SHARE)
+        # (a function too short to hand a late job back keeps a quarter of what is left)
+        reserve = self._write_back_reserve(invocation)
+        if remaining - reserve < _MIN_GENERATION_SECONDS:
+            reserve = min(reserve, remaining * _WRITE_BACK_SHARE)
         timeout = remaining - reserve
         if self.config.provider.timeout_seconds is not None:
             timeout = min(self.config.provider.timeout_seconds, timeout)
@@ -1073,8 +1093,18 @@ class JobRunner:
     async def _canceled_instead(self, job: JobRecord, invocation: Invocation, extra: dict[str, Any]) -> bool:
         """A transient failure that would end the job failed (its attempts used up, a retry
         too late): a cancel the client asked meanwhile, which the watcher had not seen yet,
-        ends it canceled instead, as the requeue's write would have found it."""
-        if not await self._cancel_came(job.id):
+        ends it canceled instead, as the requeue's write would have found it. The look waits
+        no longer than the time left beyond the write-back's reserve, a second at most: a slow
+        read must not take the time the billed failure needs to be recorded."""
+        patience = min(
+            _CANCEL_LOOK_SECONDS, invocation.remaining_seconds() - self._write_back_reserve(invocation)
+        )
+        try:
+            canceled = await asyncio.wait_for(self._cancel_came(job.id), max(0.0, patience))
+        except TimeoutError:
+            logger.warning("cancel check too slow; not looked at", extra=extra)
+            canceled = False
+        if not canceled:
             return False
         logger.info("cancel requested; not failed", extra=extra)
         await self._settle(self.jobs.cancel_leased, job, invocation)

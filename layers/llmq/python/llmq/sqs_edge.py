@@ -20,8 +20,9 @@ into the record's entry of the partial batch response.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,6 +68,10 @@ class SetAside(Protocol):
     def __call__(self, body: str, *, source_arn: str, message_id: str, why: str) -> None: ...
 
 
+# What `settling_async` leaves of the invocation for the batch's response.
+_LAST_SECOND = 1.0
+
+
 @dataclass(frozen=True)
 class QueueEdge:
     # Built on first need, so a handler whose messages all succeed never creates the client.
@@ -81,25 +86,63 @@ class QueueEdge:
     def settling(self, record: QueueRecord) -> Iterator[None]:
         try:
             yield
-        except RetryLater as retry:
-            self._delay(record, retry.delay_seconds)
-            raise
-        except PoisonMessage as exc:
-            if self._set_aside(record, str(exc)):
+        except (RetryLater, PoisonMessage) as exc:
+            if self._settle_failed(record, exc):
                 return
-            logger.error(
-                "poison message",
-                extra={
-                    "message_id": record.message_id,
-                    "why": str(exc),
-                    "visibility_seconds": self.poison_visibility_seconds,
-                },
-            )
-            self._delay(record, self.poison_visibility_seconds)
             raise
         except Exception as exc:
             log_record_failure(exc, record.message_id, self.job_of(record.body))
             raise
+
+    @asynccontextmanager
+    async def settling_async(
+        self, record: QueueRecord, remaining_seconds: Callable[[], float] | None = None
+    ) -> AsyncIterator[None]:
+        """`settling` for a record that runs as a coroutine among its batch's others: what SQS
+        is told runs on a thread, so that a slow answer (a stalled connection takes botocore
+        seconds, tries after tries) never stops the other records' coroutines, whose paid
+        answers and result writes wait on the same loop. With `remaining_seconds` (the
+        Lambda's), it is waited for no longer than the invocation lasts: a record not settled
+        in time is reported failed and comes back after its queue's visibility timeout."""
+        try:
+            yield
+        except (RetryLater, PoisonMessage) as exc:
+            settle = asyncio.to_thread(self._settle_failed, record, exc)
+            if remaining_seconds is None:
+                set_aside = await settle
+            else:
+                try:
+                    set_aside = await asyncio.wait_for(settle, max(0.0, remaining_seconds() - _LAST_SECOND))
+                except TimeoutError:
+                    logger.warning(
+                        "settling the message ran out of time", extra={"message_id": record.message_id}
+                    )
+                    set_aside = False
+            if set_aside:
+                return
+            raise
+        except Exception as exc:
+            log_record_failure(exc, record.message_id, self.job_of(record.body))
+            raise
+
+    def _settle_failed(self, record: QueueRecord, exc: RetryLater | PoisonMessage) -> bool:
+        """Tell SQS when a record that raised comes back; True when it was poison set aside
+        (the record is then acknowledged)."""
+        if isinstance(exc, RetryLater):
+            self._delay(record, exc.delay_seconds)
+            return False
+        if self._set_aside(record, str(exc)):
+            return True
+        logger.error(
+            "poison message",
+            extra={
+                "message_id": record.message_id,
+                "why": str(exc),
+                "visibility_seconds": self.poison_visibility_seconds,
+            },
+        )
+        self._delay(record, self.poison_visibility_seconds)
+        return False
 
     def hold(self, record: QueueRecord, seconds: float) -> bool:
         """Keep the record's message hidden for `seconds` from now, and no longer: what a
