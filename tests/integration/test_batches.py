@@ -73,6 +73,14 @@ def _submit(
     return harness.api("POST", "/v1/batches", body=body, headers=headers, tenant=tenant)
 
 
+def _expanded(harness: Harness, count: int, **submit: Any) -> tuple[str, str]:
+    """A batch of `count` items, submitted and expanded by a worker: (its id, its lane's URL)."""
+    batch_id: str = _submit(harness, requests=_requests(count), **submit).body["id"]
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    return batch_id, url
+
+
 def _get(harness: Harness, batch_id: str, tenant: dict[str, str] = ENTERPRISE) -> ApiReply:
     return harness.api("GET", f"/v1/batches/{batch_id}", tenant=tenant)
 
@@ -877,9 +885,7 @@ def test_a_share_written_before_batch_slots_existed_gets_them_at_its_items_first
     harness: Harness, provider: FakeProviderServer
 ) -> None:
     # Given a batch accepted by a version without batch slots: its tenant's share has no map of them
-    batch_id = _submit(harness, requests=_requests(2)).body["id"]
-    url = harness.stack.lane_queue_urls[HIGH]
-    harness.run_worker(url, harness.receive(url))  # the expansion
+    batch_id, _ = _expanded(harness, 2)
     harness.ddb.update_item(
         TableName=harness.stack.jobs_table,
         Key={"pk": {"S": f"share#{ENTERPRISE['tenant_id']}"}},
@@ -1562,21 +1568,27 @@ class _AppliedRetried:
         )
 
 
-def test_a_batch_whose_finalizing_write_was_applied_unanswered_still_gets_its_results_file(
-    harness: Harness,
-) -> None:
-    # Given a batch of one item, expanded
-    batch_id = _submit(harness, requests=_requests(1)).body["id"]
-    url = harness.stack.lane_queue_urls[HIGH]
-    harness.run_worker(url, harness.receive(url))
-    # When its item ends, and the write that begins its finalizing is applied, its answer lost
-    # (botocore's retry then finds the batch finalizing already)
-    fault = _AppliedRetried(b":finalizing")
+def _one_item_whose_write_is_applied_unanswered(
+    harness: Harness, marker: bytes, seconds: float, **submit: Any
+) -> str:
+    """A batch of one item, expanded, whose lane then runs for up to `seconds` while the first
+    UpdateItem whose request holds `marker` is applied and its answer lost; its id."""
+    batch_id, _ = _expanded(harness, 1, **submit)
+    fault = _AppliedRetried(marker)
     try:
-        _run_lane(harness, seconds=20)
+        _run_lane(harness, seconds=seconds)
     finally:
         fault.disarm()
     assert fault.fired == 1
+    return batch_id
+
+
+def test_a_batch_whose_finalizing_write_was_applied_unanswered_still_gets_its_results_file(
+    harness: Harness,
+) -> None:
+    # Given a batch of one item, expanded; when its item ends, and the write that begins its
+    # finalizing is applied, its answer lost (botocore's retry then finds it finalizing already)
+    batch_id = _one_item_whose_write_is_applied_unanswered(harness, b":finalizing", seconds=20)
     # Then the batch still ends with its results file within seconds, not at the reconciler's
     # next look minutes later
     stored = _stored(harness, batch_id)
@@ -1817,3 +1829,55 @@ def test_a_batch_expansion_outlasts_an_sqs_send_outage_before_the_dlq(
     assert faults.fired
     assert len(hidden_for) == receives, hidden_for
     assert sum(hidden_for) >= 15 * 60, hidden_for
+
+
+def test_a_running_item_is_asked_to_stop_even_when_the_cancel_request_was_cut_after_its_flag(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a batch of two items, expanded, whose item 0 a worker is running (a long generation)
+    batch_id, _ = _expanded(harness, 2)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    running = item_job_id(batch_id, 0)
+    assert jobs.claim(running, "worker-a", 900, (ENTERPRISE["tenant_id"], HIGH)).claimed
+    # When the client's cancel is cut right after the batch's flag was written (the api's read
+    # of the tenant's running items fails; a Lambda timeout there is the same)
+    fault = faults.arm(FaultKind.SERVER_ERROR, "dynamodb.GetItem", function="api", nth=2)
+    reply = harness.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert faults.fired_for(fault) and reply.status >= 500, reply.body
+    # (the client looks: the batch says it is canceling, so it has no reason to ask again)
+    seen = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert (seen["status"], seen["cancel_requested"]) == ("canceling", True)
+    assert not jobs.is_cancel_requested(running)
+    # And the reconciler comes to the batch
+    _reconciler_later(harness).run()
+    # Then the running item is asked to stop, as the cancel promised: its worker's cancel
+    # watcher reads the job's flag
+    assert jobs.is_cancel_requested(running)
+
+
+def test_a_batch_without_a_results_file_whose_end_was_applied_unanswered_still_sends_its_webhook(
+    moto_stack: MotoStack,
+    provider: FakeProviderServer,
+    receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a deployment without results files, and a batch of one item with a webhook, expanded
+    webhooks = {"allow_loopback_http": True, "schedule_seconds": [1, 2, 4], "timeout_seconds": 5}
+    config = integration_config(
+        provider, batches={"expand_chunk": 2, "results_file": False}, webhooks=webhooks
+    )
+    harness = Harness(moto_stack, config, monkeypatch)
+    monkeypatch.setattr("llmq.batch_runs.WEBHOOK_SEND_GRACE_SECONDS", 2)
+    hooks = {"url": f"http://127.0.0.1:{receiver.port}/b"}
+    # When its item ends and the batch's terminal write is applied, its answer lost (botocore's
+    # retry finds the batch ended already)
+    batch_id = _one_item_whose_write_is_applied_unanswered(harness, b"finished_ms = :now", 30, webhook=hooks)
+    url = harness.stack.lane_queue_urls[HIGH]
+    stored = _stored(harness, batch_id)
+    assert stored.status is BatchStatus.COMPLETED
+    # Then its webhook message is sent by the item's message, back after the sender's grace,
+    # not left for the reconciler's look minutes later
+    assert _held(harness, url) == 0
+    events = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert (stored.webhook_sent, events) == (True, [{"job_id": batch_id, "event": "batch.completed"}])

@@ -15,8 +15,8 @@ import secrets
 
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import result_line
-from llmq.batch_runs import encode_requests, settle
-from llmq.batches import BatchRecord, BatchRepository, batch_of, new_batch_id, over_quota, send_expand
+from llmq.batch_runs import ask_running_items_to_stop, encode_requests, settle
+from llmq.batches import BatchRecord, BatchRepository, new_batch_id, over_quota, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import (
     BatchExceedsQuota,
@@ -418,10 +418,7 @@ class BatchIntake:
         if flagged is None:
             batch = self.batches.get(batch_id, tenant.tenant_id)
             raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
-        for job_id in self.batches.running_items(flagged):
-            job = self.job_store.find(job_id)
-            if job is not None and job.status is JobStatus.RUNNING and batch_of(job_id):
-                self.job_store.request_cancel(job)
+        ask_running_items_to_stop(self.batches, self.job_store, flagged)
         if not flagged.expansion_over:
             # The expansion stops at its next chunk; if none runs, this message ends it.
             send_expand(self.queues, flagged)

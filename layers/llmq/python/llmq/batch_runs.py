@@ -29,7 +29,7 @@ from collections.abc import Callable
 from llmq.batch_requests import StoredRequests, request_lines
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
-from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time, send_expand
+from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id, out_of_time, send_expand
 from llmq.config import MAX_EXPAND_CHUNK, LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_codec import write_token
@@ -44,7 +44,7 @@ from llmq.models import (
     JobStatus,
 )
 from llmq.policy import MAX_DEAD_LETTER_REDRIVES
-from llmq.ports import BlobStore, QueueStore
+from llmq.ports import BlobStore, JobStore, QueueStore
 from llmq.sqs_edge import PoisonMessage
 from llmq.telemetry import error_fields, logger
 
@@ -151,6 +151,14 @@ def settle(batches: BatchRepository, queues: QueueStore, batch_id: str) -> Batch
         return None
     done = batches.finish(batch, counts)
     if done is None:
+        # Another caller ended it, or this one did and its answer was lost (botocore's retry
+        # then found it ended): whoever ended it may not send its webhook, so this caller looks
+        # again once the sender's grace is over, as any caller would.
+        found = batches.find(batch_id)
+        if found is not None and found.status.is_terminal and _webhook_unsent(found):
+            raise StoreUnavailable(
+                f"batch {batch_id}: its webhook is being sent", retry_after=WEBHOOK_SEND_GRACE_SECONDS + 1
+            )
         return None
     logger.info("batch ended", extra={"batch_id": batch_id, "status": done.status.value})
     if _webhook_unsent(done):
@@ -345,6 +353,17 @@ class BatchExpander:
 
     def _stop(self, batch: BatchRecord) -> None:
         stop(self.batches, self.queues, self.config, batch)
+
+
+def ask_running_items_to_stop(batches: BatchRepository, jobs: JobStore, batch: BatchRecord) -> None:
+    """A canceling batch's items that hold a slot now are flagged, each as a job is, for its
+    worker to stop (idempotent: a flag already set is set again). The cancel request does it;
+    so does the reconciler's look at a canceling batch, should the request have been cut short
+    after its flag (the items would otherwise run on, billed)."""
+    for job_id in batches.running_items(batch):
+        job = jobs.find(job_id)
+        if job is not None and job.status is JobStatus.RUNNING and batch_of(job_id):
+            jobs.request_cancel(job)
 
 
 def stop(batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch: BatchRecord) -> None:

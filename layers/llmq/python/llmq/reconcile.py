@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from llmq.batch_runs import item_ended
+from llmq.batch_runs import ask_running_items_to_stop, item_ended
 from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
@@ -233,6 +233,9 @@ class Reconciler:
             self.jobs.postpone_sweep(entry.job_id, wait_s, seen_at=entry.sweep_at)
             return
         if batch is not None:
+            if batch.cancel_requested:
+                # (the cancel request may have been cut short after its flag)
+                ask_running_items_to_stop(self.batches, self.jobs, batch)
             send_expand(self.queues, batch)
             report.batches.append(batch.id)
         self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_queued_seconds)
