@@ -15,7 +15,7 @@ from llmq import aws
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import ResultsCompiler
 from llmq.batch_uploads import UploadScanner
-from llmq.batches import BatchRepository, batch_key
+from llmq.batches import BatchRepository, batch_key, item_job_id
 from llmq.errors import StoreContended
 from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
@@ -26,6 +26,7 @@ from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
 from tests.integration.test_batch_uploads import _upload
+from tests.integration.test_batches import _reconciler_later
 
 HIGH = "high"
 
@@ -387,3 +388,28 @@ def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_s
         clock=lambda: time.time() + 3600,
     )
     assert batch_id not in Reconciler(hours_later, queues, harness.config, batches=stored).run().batches
+
+
+def test_a_batch_given_up_for_crashing_lets_its_running_items_finish_at_the_reconcilers_look(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of five whose expansion crashes its worker at the third item, every time,
+    # and whose item 0 (written before the crash) a worker is running: a long, paid generation
+    _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
+    batch_id = _submit(harness)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
+    running = item_job_id(batch_id, 0)
+    assert jobs.claim(running, "worker-a", 900, (ENTERPRISE["tenant_id"], HIGH)).claimed
+    # When the message sent once more dead-letters too: llmq gives up on the batch, which
+    # docs/batches.md says cancels it with "running ones finish"
+    assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
+    gave_up = _batch(harness, batch_id)
+    assert _crashed(gave_up) and gave_up["status"] == "canceling"
+    assert not jobs.is_cancel_requested(running)
+    # And the reconciler looks at the batch (it is overdue in the sweep index)
+    report = _reconciler_later(harness).run()
+    assert batch_id in report.batches
+    # Then the running item is left to finish, as documented (not flagged: its worker's
+    # watcher would stop the paid generation and end it canceled, its answer thrown away)
+    assert not jobs.is_cancel_requested(running)

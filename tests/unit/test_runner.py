@@ -998,3 +998,42 @@ def test_a_slow_last_look_for_a_cancel_never_takes_the_time_a_billed_failure_nee
     assert world.outcome() == (JobStatus.FAILED, ErrorCode.RETRIES_EXHAUSTED)
     assert len(left_at_failure) == 1 and left_at_failure[0] > 0
     assert len(world.provider.calls) == 1
+
+
+class _TimesOutThenCanceled(ScriptedProvider):
+    """A call that runs until the timeout it was given (the invocation's clock moves on to
+    the write-back reserve), during which the client cancels, after the watcher's last look;
+    with `provider.retry_timeouts` the timeout is a transient error."""
+
+    def __init__(self, world: World, left: list[float]) -> None:
+        super().__init__()
+        self.world = world
+        self.left = left
+        self.given: list[float] = []
+
+    async def generate(self, request: GenerationRequest, timeout_seconds: float) -> Any:
+        self.calls.append(request)
+        self.given.append(timeout_seconds)
+        # the client cancels near the end of the call (the watcher looks every 5 s)
+        self.world.jobs.request_cancel(self.world.job())
+        # the call's time is used up: what is left is the reserve the runner kept
+        self.left[0] -= timeout_seconds
+        raise TransientProviderError("the provider stopped answering (timed out)")
+
+
+def test_a_cancel_before_a_retried_timeout_on_the_last_attempt_ends_canceled_not_failed() -> None:
+    # Given a job on its last attempt, in a 300 s invocation, whose provider call (timeouts
+    # retried, so transient) runs to its deadline; the client cancels during the call,
+    # after the watcher's last look
+    world = World(max_attempts=1, cancel_check_seconds=5.0)
+    left = [300.0]
+    world.provider = world.runner.provider = _TimesOutThenCanceled(world, left)
+    world.add()
+    body = LaneMessage(job_id="job_1", lane="high").model_dump_json()
+    invocation = Invocation(owner=OWNER, remaining_seconds=lambda: left[0])
+    # When it runs
+    asyncio.run(world.runner.run(body, invocation))
+    # Then the cancel, asked before the job ended, is what it ends with: the last look is made,
+    # though the call took all the time beyond the write-back's reserve
+    assert world.job().cancel_requested
+    assert world.outcome() == (JobStatus.CANCELED, None)

@@ -356,13 +356,20 @@ class BatchExpander:
 
 
 def ask_running_items_to_stop(batches: BatchRepository, jobs: JobStore, batch: BatchRecord) -> None:
-    """A canceling batch's items that hold a slot now are flagged, each as a job is, for its
-    worker to stop (idempotent: a flag already set is set again). The cancel request does it;
-    so does the reconciler's look at a canceling batch, should the request have been cut short
-    after its flag (the items would otherwise run on, billed)."""
+    """A batch the client canceled: its items that hold a slot now are flagged, each as a job
+    is, for its worker to stop. The cancel request does it; so does the reconciler's look at a
+    canceling batch, should the request have been cut short after its flag (the items would
+    otherwise run on, billed). Not a batch given up for crashing: its running items finish."""
+    if _given_up(batch):
+        return
     for job_id in batches.running_items(batch):
         job = jobs.find(job_id)
-        if job is not None and job.status is JobStatus.RUNNING and batch_of(job_id):
+        if (
+            job is not None
+            and job.status is JobStatus.RUNNING
+            and not job.cancel_requested
+            and batch_of(job_id)
+        ):
             jobs.request_cancel(job)
 
 

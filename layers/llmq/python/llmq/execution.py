@@ -81,6 +81,7 @@ _CONTENDED_DELAY_SECONDS = 2.0
 _UNSENT_FIRST_WAIT_SECONDS = 15.0
 # The most a last look for a cancel waits before a billed failure is recorded.
 _CANCEL_LOOK_SECONDS = 1.0
+_CANCEL_LOOK_SHARE = 0.1
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
 # How long the courtesy job.started send may hold a generation back.
@@ -1093,11 +1094,15 @@ class JobRunner:
     async def _canceled_instead(self, job: JobRecord, invocation: Invocation, extra: dict[str, Any]) -> bool:
         """A transient failure that would end the job failed (its attempts used up, a retry
         too late): a cancel the client asked meanwhile, which the watcher had not seen yet,
-        ends it canceled instead, as the requeue's write would have found it. The look waits
-        no longer than the time left beyond the write-back's reserve, a second at most: a slow
-        read must not take the time the billed failure needs to be recorded."""
+        ends it canceled instead, as the requeue's write would have found it. The look waits a
+        second at most, and no longer than the time left beyond the write-back's reserve, or a
+        tenth of what is left where the call took it all: a slow read must not take the time
+        the billed failure needs to be recorded."""
+        # (out of the reserve when the failure came at the call's very end: the look is owed)
+        remaining = invocation.remaining_seconds()
         patience = min(
-            _CANCEL_LOOK_SECONDS, invocation.remaining_seconds() - self._write_back_reserve(invocation)
+            _CANCEL_LOOK_SECONDS,
+            max(remaining - self._write_back_reserve(invocation), remaining * _CANCEL_LOOK_SHARE),
         )
         try:
             canceled = await asyncio.wait_for(self._cancel_came(job.id), max(0.0, patience))

@@ -233,12 +233,18 @@ class Reconciler:
             self.jobs.postpone_sweep(entry.job_id, wait_s, seen_at=entry.sweep_at)
             return
         if batch is not None:
-            if batch.cancel_requested:
-                # (the cancel request may have been cut short after its flag)
-                ask_running_items_to_stop(self.batches, self.jobs, batch)
             send_expand(self.queues, batch)
             report.batches.append(batch.id)
         self.jobs.postpone_sweep(entry.job_id, self.config.reconciler.stale_queued_seconds)
+        if batch is not None and batch.cancel_requested:
+            # (the cancel request may have been cut short after its flag; a failure here is
+            # only a look missed, made again at the batch's next look)
+            try:
+                ask_running_items_to_stop(self.batches, self.jobs, batch)
+            except StoreUnavailable:
+                logger.warning(
+                    "canceling batch's running items not asked this run", extra={"batch_id": batch.id}
+                )
 
     def _recover(self, entry: SweepEntry, now: int, report: ReconcileReport) -> None:
         """Its lease lapsed: the worker crashed. The job goes back to queued, which gives its
