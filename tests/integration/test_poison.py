@@ -119,3 +119,79 @@ def test_the_operators_peek_shows_each_poison_messages_notes(harness: Harness) -
     assert shown["llmq-why"] == "the message is not a lane message"
     # (peeking leaves it there, visible)
     assert harness.visible_count(harness.stack.poison_queue_url) == 1
+
+
+def _share_key(harness: Harness) -> str:
+    """The key of a tenant's share item (any accepted job makes one): a table key no job has."""
+    harness.submit()
+    return next(
+        item["pk"]["S"]
+        for item in harness.ddb.scan(TableName=harness.stack.jobs_table)["Items"]
+        if item["pk"]["S"].startswith("share#")
+    )
+
+
+def _emptied(harness: Harness, queue_url: str) -> None:
+    for message in harness.receive(queue_url):
+        harness.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def test_a_dead_letter_naming_an_item_that_is_no_job_is_set_aside(harness: Harness) -> None:
+    # Given a dead letter whose job id is a tenant's share item's key (sent by hand, mis-wired)
+    body = json.dumps({"job_id": _share_key(harness)})
+    letters = _letters(harness, [body])
+    dlq = harness.stack.lane_dlq_urls["high"]
+    # When the dead-letter function takes it
+    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    # Then it is poison, set aside: not failed back into the DLQ to come back for 14 days
+    assert answer["batchItemFailures"] == []
+    assert [message["Body"] for message in _poison(harness)] == [body]
+
+
+def test_a_lane_message_naming_an_item_that_is_no_job_is_poison_in_the_worker(harness: Harness) -> None:
+    # Given a lane message naming a tenant's share item, and nothing else in the lane
+    body = json.dumps({"job_id": _share_key(harness)})
+    lane = harness.stack.lane_queue_urls["high"]
+    _emptied(harness, lane)
+    harness.sqs.send_message(QueueUrl=lane, MessageBody=body, MessageGroupId="x")
+    # When a worker takes it
+    answer = harness.run_worker(lane, harness.receive(lane))
+    # Then it is poison: reported failed and visible at once, its receives carrying it to the
+    # DLQ (not hidden for the lane's visibility timeout at each, as a transient failure is)
+    assert len(answer["batchItemFailures"]) == 1
+    assert harness.visible_count(lane) == 1
+
+
+def test_a_lane_message_due_further_ahead_than_any_deferral_is_not_passed_on_for_ever(
+    harness: Harness,
+) -> None:
+    # Given a tenant with a share, and a lane message of it naming no job, "due" in 300,000
+    # years (sent by hand, or corrupted)
+    _share_key(harness)
+    lane = harness.stack.lane_queue_urls["high"]
+    _emptied(harness, lane)
+    body = json.loads(UNKNOWN_JOB) | {"tenant_id": ENTERPRISE["tenant_id"], "not_before_ms": 10**16}
+    harness.sqs.send_message(QueueUrl=lane, MessageBody=json.dumps(body), MessageGroupId="x")
+    (message,) = harness.receive(lane)
+    # When a worker takes it
+    answer = harness.run_worker(lane, [message])
+    # Then it was claimed (no job: poison), not passed on as a fresh copy every 15 minutes,
+    # whose receive count would start again at each hop and never reach the DLQ
+    assert answer["batchItemFailures"] == [{"itemIdentifier": message["MessageId"]}]
+    assert [m["MessageId"] for m in harness.receive(lane)] == [message["MessageId"]]
+
+
+def test_a_dead_letter_with_a_redrive_round_no_table_can_hold_is_set_aside(harness: Harness) -> None:
+    # Given a dead letter of a queued job whose redrive_round is out of any round llmq sends
+    # (DynamoDB refuses numbers of 1e126 or more: its update would fail for good)
+    job_id = harness.submit().body["id"]
+    (message,) = harness.receive(harness.stack.lane_queue_urls["high"])
+    body = json.dumps(json.loads(message["Body"]) | {"redrive_round": 10**130 + 7})
+    letters = _letters(harness, [body])
+    dlq = harness.stack.lane_dlq_urls["high"]
+    # When the dead-letter function takes it
+    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    # Then it is poison, set aside; the job itself is untouched
+    assert answer["batchItemFailures"] == []
+    assert [m["Body"] for m in _poison(harness)] == [body]
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"

@@ -262,7 +262,14 @@ class JobRunner:
         tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
         if tenant is not None and message.not_before_ms is not None:
             wait_ms = message.not_before_ms - self.jobs.now_ms()
-            if wait_ms > 1000:
+            if wait_ms > 1000 * (self.config.fair_share.max_deferral_seconds + MAX_SEND_DELAY_SECONDS):
+                # Longer than any deferral llmq sends: not one of its own (a message sent by
+                # hand, or corrupted). Passed on, it would hop for ever, never dead-lettered;
+                # its claim looks instead (a job not yet due waits as the claim says).
+                logger.warning(
+                    "lane message due too far ahead; claimed now", extra={"job_id": message.job_id}
+                )
+            elif wait_ms > 1000:
                 # A deferral longer than SQS's 900 s delay, on its way: passed on, not claimed.
                 await self._resend(
                     message,

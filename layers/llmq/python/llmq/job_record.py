@@ -34,6 +34,12 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def is_job_id(job_id: str) -> bool:
+    """An id llmq gives a job (`new_job_id`, or a batch's item): never another item's key of
+    the table (a tenant's share, a batch), which a message sent by hand could name."""
+    return job_id.startswith("job_") and "#" not in job_id
+
+
 def new_job_id(tenant_id: str, idempotency_key: str | None, now_ms: int) -> str:
     """Derived from (tenant, key) when a key is given, so a replay hits the same PutItem condition."""
     if idempotency_key is not None:

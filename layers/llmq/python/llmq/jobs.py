@@ -39,7 +39,7 @@ from llmq.job_index import (
     sweep_partitions,
     tenant_sort_key,
 )
-from llmq.job_record import JobRecord
+from llmq.job_record import JobRecord, is_job_id
 from llmq.live_output import OutputChunk, OutputHead, chunk_pk
 from llmq.models import (
     EVENT_FOR_STATUS,
@@ -1273,7 +1273,10 @@ class JobRepository:
 
     def find(self, job_id: str, *, past_retention: bool = False) -> JobRecord | None:
         """Any tenant's job, for workers. Expired-but-not-deleted items count as gone, unless
-        `past_retention` (the reconciler, which ends such a job to give its slot back)."""
+        `past_retention` (the reconciler, which ends such a job to give its slot back). An id
+        that is no job's (a message sent by hand naming another item) finds none."""
+        if not is_job_id(job_id):
+            return None
         response = self._ddb.get_item(
             TableName=self.table_name, Key={"pk": {"S": job_id}}, ConsistentRead=True
         )

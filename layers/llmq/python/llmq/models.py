@@ -12,6 +12,8 @@ from llmq.model_base import Model
 # The most characters a prompt or a message's content may have in any deployment: what
 # `limits.max_prompt_chars` may be set to (llmq.config).
 MAX_CONTENT_CHARS = 2_000_000
+# The most dead-letter rounds a lane message can name (llmq sends a handful at most).
+MAX_REDRIVE_ROUND = 1_000_000
 
 if TYPE_CHECKING:
     from llmq.config import LlmqConfig
@@ -640,7 +642,8 @@ class LaneMessage(Model):
     not_before_ms: int | None = None
     # The dead letters its job (or batch) had counted when it was sent: when copies sent in
     # one round dead-letter, one counts (`policy.fresh_letter_condition`).
-    redrive_round: Annotated[int, Field(ge=0)] = 0
+    # (bounded: a number DynamoDB cannot store would fail its dead letter for good)
+    redrive_round: Annotated[int, Field(ge=0, le=MAX_REDRIVE_ROUND)] = 0
     # A copy deferred on its batch's first claim's refusal at the cap, without a claim of its
     # own (`llmq.slot_handoff`): its next receive claims for itself, so that no job goes
     # unlooked-at (a deadline, a cancel, its retention) for two deferrals in a row.
