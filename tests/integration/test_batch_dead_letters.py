@@ -390,22 +390,32 @@ def test_a_batch_that_keeps_crashing_after_llmq_gave_up_leaves_the_reconcilers_s
     assert batch_id not in Reconciler(hours_later, queues, harness.config, batches=stored).run().batches
 
 
-def test_a_batch_given_up_for_crashing_lets_its_running_items_finish_at_the_reconcilers_look(
+def _given_up_with_an_item_running(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Given a batch of five whose expansion crashes its worker at the third item, every time,
-    # and whose item 0 (written before the crash) a worker is running: a long, paid generation
+) -> tuple[str, str, JobRepository]:
+    """A batch of five whose expansion crashes its worker at the third item, every time, and
+    whose item 0 a worker runs, given up for crashing (canceling, batch_crashed): (its id, the
+    running item's, the jobs)."""
     _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
     batch_id = _submit(harness)
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
     assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
     running = item_job_id(batch_id, 0)
     assert jobs.claim(running, "worker-a", 900, (ENTERPRISE["tenant_id"], HIGH)).claimed
-    # When the message sent once more dead-letters too: llmq gives up on the batch, which
-    # docs/batches.md says cancels it with "running ones finish"
     assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
     gave_up = _batch(harness, batch_id)
     assert _crashed(gave_up) and gave_up["status"] == "canceling"
+    return batch_id, running, jobs
+
+
+def test_a_batch_given_up_for_crashing_lets_its_running_items_finish_at_the_reconcilers_look(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of five whose expansion crashes its worker at the third item, every time,
+    # and whose item 0 (written before the crash) a worker is running: a long, paid generation
+    # When the message sent once more dead-letters too: llmq gives up on the batch, which
+    # docs/batches.md says cancels it with "running ones finish"
+    batch_id, running, jobs = _given_up_with_an_item_running(harness, monkeypatch)
     assert not jobs.is_cancel_requested(running)
     # And the reconciler looks at the batch (it is overdue in the sweep index)
     report = _reconciler_later(harness).run()
@@ -413,3 +423,87 @@ def test_a_batch_given_up_for_crashing_lets_its_running_items_finish_at_the_reco
     # Then the running item is left to finish, as documented (not flagged: its worker's
     # watcher would stop the paid generation and end it canceled, its answer thrown away)
     assert not jobs.is_cancel_requested(running)
+
+
+def test_a_client_cancel_of_a_batch_given_up_for_crashing_stops_its_running_items(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch llmq gave up on for crashing (canceling, batch_crashed), whose item 0 a
+    # worker is running: left to finish, as documented
+    batch_id, running, jobs = _given_up_with_an_item_running(harness, monkeypatch)
+    # When the client then cancels the batch itself (accepted: it is not ended)
+    canceled = harness.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=ENTERPRISE)
+    assert canceled.status == 202, canceled.body
+    # Then its running item is asked to stop, as the cancel endpoint promises (each running
+    # one is asked to stop as a job is): the client no longer wants to pay for it
+    assert jobs.is_cancel_requested(running), "client's cancel ignored: the running item generates on, billed"
+    # (nor does the reconciler's look at the canceling batch make up for it)
+
+
+def test_a_client_cancel_cut_short_then_a_give_up_still_has_the_reconciler_stop_running_items(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose expansion crashes its worker at the third item, and whose item 0 a
+    # worker is running
+    _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
+    batch_id = _submit(harness)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
+    running = item_job_id(batch_id, 0)
+    assert jobs.claim(running, "worker-a", 900, (ENTERPRISE["tenant_id"], HIGH)).claimed
+    # And the client cancels it, the request cut short right after the batch's flag (hunt
+    # 151: the reconciler's look is what then stops the running items)
+    batch = batches.find(batch_id)
+    assert batch is not None and batches.request_cancel(batch, by_client=True) is not None
+    assert not jobs.is_cancel_requested(running)
+    # (and the batch's winding down crashes a worker too, as its expansion did)
+    _crash(monkeypatch, BatchRepository, "give_up_expansion")
+    # When the expand message (sent once more) dead-letters too: llmq gives up, writing
+    # batch_crashed into the client-canceled batch's errors
+    # (its give-up's own winding down crashes as well: the letter stays, the errors are written)
+    _crash_then_dead_letter(harness)
+    assert _crashed(_batch(harness, batch_id))
+    # And the reconciler looks at the canceling batch
+    report = _reconciler_later(harness).run()
+    assert batch_id in report.batches
+    # Then the item the client asked to stop is asked to stop
+    assert jobs.is_cancel_requested(running), "client's cancel lost: the give-up's errors hide it"
+
+
+def test_one_unreadable_running_item_does_not_keep_the_reconciler_from_stopping_the_others(
+    harness: Harness,
+) -> None:
+    # Given a batch of five, expanded, two of whose items workers are running
+    batch_id = _submit(harness)
+    url = harness.stack.lane_queue_urls[HIGH]
+    for _ in range(5):
+        messages = _expand_messages(harness)
+        if not messages:
+            break
+        harness.run_worker(url, messages)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    items = [item_job_id(batch_id, index) for index in (0, 1)]
+    for item in items:
+        assert jobs.claim(item, f"worker-{item}", 900, (ENTERPRISE["tenant_id"], HIGH)).claimed
+    # And the client's cancel cut short after the batch's flag
+    batch = batches.find(batch_id)
+    assert batch is not None and batches.request_cancel(batch, by_client=True) is not None
+    # When the reconciler looks at it, and the first running item it reads cannot be read (a
+    # KeyError, as a record this version does not know would raise)
+    original = JobRepository.find
+    failed: list[str] = []
+
+    def find(self: JobRepository, job_id: str, **kwargs: object) -> object:
+        if job_id in items and not failed:
+            failed.append(job_id)
+            raise KeyError("an attribute this version does not know")
+        return original(self, job_id, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(JobRepository, "find", find)
+        _reconciler_later(harness).run()
+    # Then the other running item is asked to stop all the same
+    (other,) = [item for item in items if item not in failed]
+    assert jobs.is_cancel_requested(other), "one unreadable item kept the others running, billed"

@@ -414,7 +414,7 @@ class BatchIntake:
         batch = self.batches.get(batch_id, tenant.tenant_id)
         if batch.status.is_terminal:
             raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
-        flagged = self.batches.request_cancel(batch)
+        flagged = self.batches.request_cancel(batch, by_client=True)
         if flagged is None:
             batch = self.batches.get(batch_id, tenant.tenant_id)
             raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")

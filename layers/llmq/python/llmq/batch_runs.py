@@ -359,18 +359,28 @@ def ask_running_items_to_stop(batches: BatchRepository, jobs: JobStore, batch: B
     """A batch the client canceled: its items that hold a slot now are flagged, each as a job
     is, for its worker to stop. The cancel request does it; so does the reconciler's look at a
     canceling batch, should the request have been cut short after its flag (the items would
-    otherwise run on, billed). Not a batch given up for crashing: its running items finish."""
-    if _given_up(batch):
+    otherwise run on, billed). Not a batch only llmq gave up on for crashing: its running items
+    finish. An item that cannot be looked at does not keep the others from being asked; what
+    AWS refused is raised once the others were."""
+    if _given_up(batch) and not batch.client_canceled:
         return
+    refused: StoreUnavailable | None = None
     for job_id in batches.running_items(batch):
-        job = jobs.find(job_id)
-        if (
-            job is not None
-            and job.status is JobStatus.RUNNING
-            and not job.cancel_requested
-            and batch_of(job_id)
-        ):
-            jobs.request_cancel(job)
+        try:
+            job = jobs.find(job_id)
+            if (
+                job is not None
+                and job.status is JobStatus.RUNNING
+                and not job.cancel_requested
+                and batch_of(job_id)
+            ):
+                jobs.request_cancel(job)
+        except StoreUnavailable as exc:
+            refused = exc
+        except Exception as exc:
+            logger.warning("running item not asked to stop", extra={"job_id": job_id, **error_fields(exc)})
+    if refused is not None:
+        raise refused
 
 
 def stop(batches: BatchRepository, queues: QueueStore, config: LlmqConfig, batch: BatchRecord) -> None:

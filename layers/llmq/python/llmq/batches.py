@@ -151,6 +151,9 @@ class BatchRecord(Model):
     # Items never written because the batch was canceled first: counted as canceled.
     unexpanded_canceled: int = 0
     cancel_requested: bool = False
+    # The client asked for the cancel (not only llmq, giving up on a batch that crashes its
+    # expansion, whose running items finish: `batch_runs.ask_running_items_to_stop`).
+    client_canceled: bool = False
     finished_ms: int | None = None
     # The counts when the batch ended, so its webhook and later reads need no shard.
     final_counts: BatchRequestCounts | None = None
@@ -775,14 +778,15 @@ class BatchRepository:
     # ---- cancel and end -----------------------------------------------------------------
 
     def request_cancel(
-        self, batch: BatchRecord, errors: list[BatchLineError] | None = None
+        self, batch: BatchRecord, errors: list[BatchLineError] | None = None, *, by_client: bool = False
     ) -> BatchRecord | None:
-        """Flag the batch canceling (with `errors`: why, when llmq cancels it); None when it
-        has ended (or is finalizing) meanwhile. Idempotent."""
+        """Flag the batch canceling (with `errors`: why, when llmq cancels it; `by_client`: the
+        client asked); None when it has ended (or is finalizing) meanwhile. Idempotent."""
         extra = _errors(errors) if errors else {}
         return self._update_while_open(
             batch.id,
             "SET cancel_requested = :true, #st = :canceling"
+            + (", client_canceled = :true" if by_client else "")
             + "".join(f", {name} = :{name}" for name in extra),
             {"true": True, "canceling": BatchStatus.CANCELING.value, **extra},
         )
