@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
 
@@ -148,9 +150,15 @@ def test_a_dead_letter_naming_an_item_that_is_no_job_is_set_aside(harness: Harne
     assert [message["Body"] for message in _poison(harness)] == [body]
 
 
-def test_a_lane_message_naming_an_item_that_is_no_job_is_poison_in_the_worker(harness: Harness) -> None:
-    # Given a lane message naming a tenant's share item, and nothing else in the lane
-    body = json.dumps({"job_id": _share_key(harness)})
+@pytest.mark.parametrize("with_tenant", [False, True], ids=["bare", "with-its-tenant-and-lane"])
+def test_a_lane_message_naming_an_item_that_is_no_job_is_poison_in_the_worker(
+    harness: Harness, with_tenant: bool
+) -> None:
+    # Given a lane message naming a tenant's share item (with the tenant and lane every
+    # message llmq sends carries, or without), and nothing else in the lane
+    key = _share_key(harness)
+    named = {"tenant_id": ENTERPRISE["tenant_id"], "lane": "high"} if with_tenant else {}
+    body = json.dumps({"job_id": key, **named})
     lane = harness.stack.lane_queue_urls["high"]
     _emptied(harness, lane)
     harness.sqs.send_message(QueueUrl=lane, MessageBody=body, MessageGroupId="x")

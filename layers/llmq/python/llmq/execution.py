@@ -27,7 +27,7 @@ from llmq.batches import BatchRepository, batch_of
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, ItemTooLarge, LeaseLost, StoreContended, StoreUnavailable
 from llmq.job_codec import write_token
-from llmq.job_record import JobRecord
+from llmq.job_record import JobRecord, is_job_id
 from llmq.lanes import retry_delay_seconds
 from llmq.live_output import OutputRecorder, printable
 from llmq.models import ErrorCode, JobError, JobResult, JobStatus, LaneMessage, WebhookEvent
@@ -259,6 +259,9 @@ class JobRunner:
         if message.kind == "expand":
             await self._expand(message, invocation)
             return
+        if not is_job_id(message.job_id):
+            # (a message sent by hand naming another item of the table: a share, a batch)
+            raise PoisonMessage(f"lane message names no job: {message.job_id[:64]!r}")
         tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
         if tenant is not None and message.not_before_ms is not None:
             wait_ms = message.not_before_ms - self.jobs.now_ms()
