@@ -1708,6 +1708,25 @@ def _succeeded_with_the_parked_result(harness: Harness, job_id: str) -> None:
     assert webhooks == [{"job_id": job_id, "event": "job.succeeded"}]
 
 
+def _next_look_records_the_parked_result(harness: Harness, job_id: str) -> None:
+    """The job's message, reaching a worker, ends it with what was paid for: never paid again."""
+    provider = ScriptedProvider([OK])
+    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    assert provider.calls == 0
+    _succeeded_with_the_parked_result(harness, job_id)
+
+
+def _looked_at_before_and_after_s3_answers(
+    harness: Harness, faults: AwsFaults, job_id: str
+) -> ScriptedProvider:
+    """The job's message reaches a worker while S3 still fails, and again once it answers."""
+    provider = ScriptedProvider([OK])
+    _run(_runner(harness, provider), job_id, owner="worker-2")
+    faults.disarm()
+    _run(_runner(harness, provider), job_id, owner="worker-3")
+    return provider
+
+
 def _past_ms() -> dict[str, str]:
     return {"N": str(int(time.time() * 1000) - 1)}
 
@@ -1879,10 +1898,7 @@ def test_a_cancel_of_a_job_queued_again_while_s3_cannot_say_is_asked_and_the_cla
     assert harness.receive(harness.stack.webhook_queue_url, visibility=0) == []
     # And its message, reaching a worker once S3 answers, ends it with what was paid for
     faults.disarm()
-    provider = ScriptedProvider([OK])
-    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
-    assert provider.calls == 0
-    _succeeded_with_the_parked_result(harness, job_id)
+    _next_look_records_the_parked_result(harness, job_id)
 
 
 def test_a_cancel_of_a_job_queued_again_with_nothing_parked_cancels_it_at_once(
@@ -2044,10 +2060,7 @@ def test_a_crashed_job_that_would_end_gives_its_slot_back_while_s3_cannot_say_wh
     assert _job(harness, job_id)["status"] == "queued"
     # And once S3 answers, its message ends it with what was paid for, never paid again
     faults.disarm()
-    provider = ScriptedProvider([OK])
-    assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
-    assert provider.calls == 0
-    _succeeded_with_the_parked_result(harness, job_id)
+    _next_look_records_the_parked_result(harness, job_id)
 
 
 def test_a_crashed_job_out_of_attempts_waits_for_s3_rather_than_run_again(
@@ -2130,10 +2143,7 @@ def test_a_crashed_job_near_its_retention_keeps_its_parked_result_through_a_shor
     faults.arm("server_error", "s3.HeadObject", times=1000)
     grace = harness.config.reconciler.expired_lease_grace_seconds
     _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
-    provider = ScriptedProvider([OK])
-    _run(_runner(harness, provider), job_id, owner="worker-2")
-    faults.disarm()
-    _run(_runner(harness, provider), job_id, owner="worker-3")
+    provider = _looked_at_before_and_after_s3_answers(harness, faults, job_id)
     # Then what was paid for is recorded, not thrown away as the job expires
     assert provider.calls == 0
     _succeeded_with_the_parked_result(harness, job_id)
@@ -2152,10 +2162,7 @@ def test_a_crashed_job_early_in_its_retention_margin_keeps_its_parked_result_thr
     stale = harness.config.reconciler.stale_queued_seconds
     _scheduled_reconciler(harness, monkeypatch, grace + 1.0).handler({}, LambdaContextStub())
     _scheduled_reconciler(harness, monkeypatch, grace + stale + 60.0).handler({}, LambdaContextStub())
-    provider = ScriptedProvider([OK])
-    _run(_runner(harness, provider), job_id, owner="worker-2")
-    faults.disarm()
-    _run(_runner(harness, provider), job_id, owner="worker-3")
+    provider = _looked_at_before_and_after_s3_answers(harness, faults, job_id)
     # Then what was paid for is recorded once S3 answers: not thrown away as the job expires
     assert provider.calls == 0
     _succeeded_with_the_parked_result(harness, job_id)
