@@ -34,6 +34,7 @@ from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.ssrf import PinnedTarget
 from llmq.tenants import Tenant, new_webhook_secret
 from llmq.webhooks import (
+    EARLY_TOLERANCE_SECONDS,
     USER_AGENT,
     DeliveryOutcome,
     OutcomeKind,
@@ -848,6 +849,28 @@ async def test_a_copy_received_before_waits_for_the_message_named_to_carry_the_a
     world.now += world.dispatcher.copy_lag_seconds
     assert (await world.dispatcher.handle(body, receive_count=3, message_id="m2")).kind is OutcomeKind.SKIPPED
     assert len(world.receiver.requests) == 2
+
+
+async def test_the_carriers_message_received_twice_makes_its_next_attempt_once_when_it_is_due() -> None:
+    # Given a job whose first attempt, made by message m1, failed: m1 carries the next
+    world, body = _pending_job_answered_by(httpx.Response(500), httpx.Response(500), httpx.Response(200))
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1")
+    # When SQS handed that receive over twice, and the second copy is handled once the first
+    # recorded its attempt, within the early tolerance of the next one
+    world.now += SCHEDULE[0] - EARLY_TOLERANCE_SECONDS / 2
+    with pytest.raises(RetryLater) as waited:
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1")
+    # Then it POSTs nothing and counts nothing: the message comes back when the attempt is due
+    assert len(world.receiver.requests) == 1
+    assert world.jobs.records["job_1"].delivery_attempts == 1
+    assert waited.value.delay_seconds == pytest.approx(EARLY_TOLERANCE_SECONDS / 2, abs=0.01)
+    # And back then, it makes the second attempt
+    world.now += waited.value.delay_seconds
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=2, message_id="m1")
+    assert len(world.receiver.requests) == 2
+    assert world.jobs.records["job_1"].delivery_attempts == 2
 
 
 @pytest.mark.parametrize(

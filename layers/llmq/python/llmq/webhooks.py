@@ -99,6 +99,10 @@ SIGNATURE_VERSION = "v1"
 GONE = 410
 # A copy of a webhooks message this much before its attempt is due or less is let through.
 EARLY_TOLERANCE_SECONDS = 1.0
+# How early the message that carries an attempt may make it: its visibility is set in whole
+# seconds, rounded up, after the attempt is recorded, so it comes back no earlier than due by
+# the recording clock; this is for another environment's clock.
+CARRIER_SKEW_SECONDS = 0.25
 # How long after an attempt is due a copy that came early comes back: the message carrying
 # the attempt (delayed to its due time, within the tolerance) goes first, and a copy at the
 # same moment would POST the same attempt beside it. The carrier may itself come late (its
@@ -571,6 +575,22 @@ class WebhookDispatcher:
                     retry_in=min(behind, self.max_delay_seconds),
                     reason="a copy waits for the message that carries the scheduled attempt",
                 )
+        carrier_early = (
+            self._due_in(job.delivery_next_ms, CARRIER_SKEW_SECONDS)
+            if previous and message_id is not None and message_id == job.delivery_carrier
+            else 0.0
+        )
+        if carrier_early > 0:
+            # The carrier's own message, received again before its attempt is due: SQS handed
+            # one receive over twice (or both copies came at once), and the other copy recorded
+            # the attempt moments ago. Its message comes back when its attempt is due (either
+            # receipt's visibility change sets it), and makes it then: the early tolerance is
+            # for a carrier back from its delay, never for a second POST beside the first.
+            return DeliveryOutcome(
+                OutcomeKind.RETRY,
+                retry_in=min(carrier_early, self.max_delay_seconds),
+                reason="this message's attempt is not due yet (it was received twice)",
+            )
         if early > 0:
             # A copy of the message came before the attempt it would make is due: it waits
             # until after the message that carries that attempt, which it then finds settled.
@@ -652,11 +672,11 @@ class WebhookDispatcher:
         delayed by exactly that, comes about on time."""
         return self._due_in(job.delivery_next_ms)
 
-    def _due_in(self, next_ms: int | None) -> float:
+    def _due_in(self, next_ms: int | None, tolerance: float = EARLY_TOLERANCE_SECONDS) -> float:
         if next_ms is None:
             return 0.0
         early = next_ms / 1000 - self._clock()
-        return early if early > EARLY_TOLERANCE_SECONDS else 0.0
+        return early if early > tolerance else 0.0
 
     async def _secrets(self, tenant_id: str) -> list[str]:
         """The tenant's signing secrets, newest first, read at most once per
