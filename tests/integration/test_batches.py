@@ -4,6 +4,7 @@ batch's one webhook, and the tenant's cap over its items."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -21,9 +22,10 @@ from llmq.models import BatchEvent, BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
+from llmq.sqs_edge import RetryLater
 from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
-from llmq.webhooks import copy_lag_seconds
+from llmq.webhooks import EARLY_TOLERANCE_SECONDS, copy_lag_seconds
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
@@ -1247,6 +1249,41 @@ def test_a_copy_of_a_batch_webhook_message_that_lost_the_count_keeps_the_message
         _dispatch_all(harness, dispatcher)
         time.sleep(0.3)
     assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500, 200]
+
+
+def test_a_batch_webhook_message_received_twice_makes_its_next_attempt_once_when_it_is_due(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given a batch whose receiver fails twice, and the dispatcher's clock in the test's hands
+    path = "/batch-twice/fail-2"
+    handler, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    dispatcher = handler.dispatcher()
+    now = [time.time()]
+    dispatcher._clock = lambda: now[0]
+    [message] = harness.receive(harness.stack.webhook_queue_url, visibility=60)
+    body, message_id = message["Body"], message["MessageId"]
+    # And its first attempt, failed, made by one receipt of its message
+    with pytest.raises(RetryLater):
+        asyncio.run(dispatcher.handle(body, receive_count=1, message_id=message_id))
+    due_s = (_stored(harness, batch_id).delivery_next_ms or 0) / 1000
+    # When SQS handed that receive over twice, and the second copy is handled once the first
+    # recorded its attempt, within the early tolerance of the next one
+    now[0] = due_s - EARLY_TOLERANCE_SECONDS / 2
+    with pytest.raises(RetryLater) as waited:
+        asyncio.run(dispatcher.handle(body, receive_count=1, message_id=message_id))
+    # Then it POSTs nothing and counts nothing: the message comes back when the attempt is due
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500]
+    assert _stored(harness, batch_id).delivery_attempts == 1
+    assert waited.value.delay_seconds == pytest.approx(EARLY_TOLERANCE_SECONDS / 2, abs=0.01)
+    # And back then it makes the second attempt, while another message (the event sent again)
+    # waits for the one that carries the attempt
+    now[0] = due_s
+    with pytest.raises(RetryLater):
+        asyncio.run(dispatcher.handle(body, receive_count=1, message_id="another-message"))
+    with pytest.raises(RetryLater):
+        asyncio.run(dispatcher.handle(body, receive_count=2, message_id=message_id))
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [500, 500]
+    assert _stored(harness, batch_id).delivery_attempts == 2
 
 
 def test_a_late_success_of_a_batch_webhook_counts_after_another_copy_counted_the_attempt_failed(

@@ -172,6 +172,9 @@ class BatchRecord(Model):
     delivery_log_seq: int = 0
     # When the next attempt is due (a copy of the message that comes sooner waits for it).
     delivery_next_ms: int | None = None
+    # The SQS message id of the copy that recorded the pending attempt, whose message carries
+    # the next (as a job's `delivery_carrier`).
+    delivery_carrier: str | None = None
     # When a redelivery was asked for: its message's sender has the grace from then.
     redelivered_ms: int | None = None
     # The upload form: the file (`upload_ref`, as it was when the batch was created: `upload_etag`)
@@ -961,7 +964,7 @@ class BatchRepository:
                 Key=batch_key(batch.id),
                 UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
                 "webhook_sent = :false, redelivered_ms = :now, sweep_pk = :sweep_pk, sweep_at = :sweep_at "
-                "REMOVE delivery_next_ms",
+                "REMOVE delivery_next_ms, delivery_carrier",
                 ConditionExpression=status_in,
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(
@@ -1018,6 +1021,7 @@ class BatchRepository:
         next_attempt_at_ms: int | None = None,
         log_seq: int = 0,
         expires_at: int | None = None,
+        carrier: str | None = None,
     ) -> bool:
         """What became of attempt `attempts` of the batch's event, counted only if it is the one
         after those the batch counted (another copy of the message may have counted it first),
@@ -1039,6 +1043,11 @@ class BatchRepository:
             "previous": attempts - 1,
         }
         removes = []
+        if status is DeliveryStatus.PENDING and carrier is not None:
+            sets.append("delivery_carrier = :carrier")
+            values["carrier"] = carrier
+        else:
+            removes.append("delivery_carrier")
         if next_attempt_at_ms is None:
             removes.append("delivery_next_ms")
         else:

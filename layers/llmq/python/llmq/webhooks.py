@@ -346,7 +346,7 @@ class WebhookDispatcher:
         """
         message = parse_webhook_message(body)
         if isinstance(message.event, BatchEvent):
-            outcome = await self.deliver_batch(message.job_id, message.event)
+            outcome = await self.deliver_batch(message.job_id, message.event, message_id=message_id)
             _observe(message, outcome)
             if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
                 raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -361,7 +361,9 @@ class WebhookDispatcher:
             raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
         return outcome
 
-    async def deliver_batch(self, batch_id: str, event: BatchEvent) -> DeliveryOutcome:
+    async def deliver_batch(
+        self, batch_id: str, event: BatchEvent, message_id: str | None = None
+    ) -> DeliveryOutcome:
         """The next attempt of a batch's event: `{"type", "timestamp", "data": <Batch>}`, signed
         and retried like a job's, and counted as a job's is: on the batch (the attempt after
         those it counted), recorded only if no other copy counted it first, and not made by a
@@ -370,14 +372,19 @@ class WebhookDispatcher:
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
         async with self._one_at_a_time(batch_id):
-            return await self._deliver_batch(batch_id, event)
+            return await self._deliver_batch(batch_id, event, message_id)
 
-    async def _deliver_batch(self, batch_id: str, event: BatchEvent) -> DeliveryOutcome:
+    async def _deliver_batch(
+        self, batch_id: str, event: BatchEvent, message_id: str | None
+    ) -> DeliveryOutcome:
         assert self._batches is not None
         batch = await asyncio.to_thread(self._batches.find, batch_id)
         reason = _why_not_deliver_batch(batch, event, self._clock())
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
+        waits = self._waits_for_the_carrier(batch.delivery_next_ms, batch.delivery_carrier, message_id)
+        if waits is not None:
+            return waits
         early = self._due_in(batch.delivery_next_ms)
         if early > 0:
             return DeliveryOutcome(
@@ -416,6 +423,7 @@ class WebhookDispatcher:
             due,
             batch.delivery_log_seq,
             batch.expires_at,
+            message_id,
         ):
             return await self._after_a_batch_copy_counted(batch_id)
         return outcome
@@ -564,33 +572,12 @@ class WebhookDispatcher:
         # Only a counted attempt is conditional on the count: an explicit one is taken as given.
         previous = job.delivery_attempts if attempt is None and terminal else None
         early = self._early_by(job) if previous is not None else 0.0
-        if previous and job.delivery_next_ms is not None and _not_the_carrier(job, message_id, first_receive):
-            # Another message while an attempt is scheduled (a copy sent again for the terminal
-            # job): the message that carries that attempt comes back for it and goes first,
-            # even within the tolerance or just past it; this one after it.
-            behind = job.delivery_next_ms / 1000 + self.copy_lag_seconds - self._clock()
-            if behind > 0:
-                return DeliveryOutcome(
-                    OutcomeKind.RETRY,
-                    retry_in=min(behind, self.max_delay_seconds),
-                    reason="a copy waits for the message that carries the scheduled attempt",
-                )
-        carrier_early = (
-            self._due_in(job.delivery_next_ms, CARRIER_SKEW_SECONDS)
-            if previous and message_id is not None and message_id == job.delivery_carrier
-            else 0.0
-        )
-        if carrier_early > 0:
-            # The carrier's own message, received again before its attempt is due: SQS handed
-            # one receive over twice (or both copies came at once), and the other copy recorded
-            # the attempt moments ago. Its message comes back when its attempt is due (either
-            # receipt's visibility change sets it), and makes it then: the early tolerance is
-            # for a carrier back from its delay, never for a second POST beside the first.
-            return DeliveryOutcome(
-                OutcomeKind.RETRY,
-                retry_in=min(carrier_early, self.max_delay_seconds),
-                reason="this message's attempt is not due yet (it was received twice)",
+        if previous:
+            waits = self._waits_for_the_carrier(
+                job.delivery_next_ms, job.delivery_carrier, message_id, first_receive=first_receive
             )
+            if waits is not None:
+                return waits
         if early > 0:
             # A copy of the message came before the attempt it would make is due: it waits
             # until after the message that carries that attempt, which it then finds settled.
@@ -664,6 +651,47 @@ class WebhookDispatcher:
             OutcomeKind.RETRY,
             retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
             reason="another copy counted this attempt; this one waits for the next",
+        )
+
+    def _waits_for_the_carrier(
+        self,
+        next_ms: int | None,
+        carrier: str | None,
+        message_id: str | None,
+        *,
+        first_receive: bool = False,
+    ) -> DeliveryOutcome | None:
+        """How a message waits while an attempt is scheduled (`next_ms`) and another message
+        carries it; None: it may go on.
+
+        The carrier's own message, received again before its attempt is due (SQS handed one
+        receive over twice, or both copies came at once, and the other recorded the attempt
+        moments ago), comes back when the attempt is due: it is the same SQS message, whose
+        visibility either receipt sets, so no copy lag; the early tolerance is for a carrier
+        back from its delay, never for a second POST beside the first. Another message (a
+        copy sent again for the ended job or batch) goes after the carrier, even within the
+        tolerance or just past it.
+        """
+        if next_ms is None:
+            return None
+        if carrier is not None and message_id is not None and message_id == carrier:
+            early = self._due_in(next_ms, CARRIER_SKEW_SECONDS)
+            if early <= 0:
+                return None
+            return DeliveryOutcome(
+                OutcomeKind.RETRY,
+                retry_in=min(early, self.max_delay_seconds),
+                reason="this message's attempt is not due yet (it was received twice)",
+            )
+        if not _not_the_carrier(carrier, message_id, first_receive):
+            return None
+        behind = next_ms / 1000 + self.copy_lag_seconds - self._clock()
+        if behind <= 0:
+            return None
+        return DeliveryOutcome(
+            OutcomeKind.RETRY,
+            retry_in=min(behind, self.max_delay_seconds),
+            reason="a copy waits for the message that carries the scheduled attempt",
         )
 
     def _early_by(self, job: JobRecord) -> float:
@@ -874,12 +902,12 @@ class WebhookDispatcher:
         )
 
 
-def _not_the_carrier(job: JobRecord, message_id: str | None, first_receive: bool) -> bool:
-    """Whether this message is not the one that carries the job's scheduled attempt: another
-    id than the one the attempt's record named, or, where none was named (a record written
+def _not_the_carrier(carrier: str | None, message_id: str | None, first_receive: bool) -> bool:
+    """Whether this message is not the one that carries the scheduled attempt: another id
+    than the `carrier` the attempt's record named, or, where none was named (a record written
     before carriers were, or a caller without ids), a message received for the first time."""
-    if job.delivery_carrier is not None and message_id is not None:
-        return message_id != job.delivery_carrier
+    if carrier is not None and message_id is not None:
+        return message_id != carrier
     return first_receive
 
 
