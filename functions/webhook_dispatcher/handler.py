@@ -62,6 +62,7 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
             record.body,
             receive_count=int(record.attributes.approximate_receive_count or 1),
             message_id=record.message_id,
+            receipt=record.receipt_handle,
         )
 
 

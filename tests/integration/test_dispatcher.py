@@ -1177,3 +1177,43 @@ def _streaming_job_with_only_its_output_queued(stage: Stage, path: str) -> JobRe
     output = JobOutputEvent(id=record.id, seq_from=1, seq_to=3, attempt=1, delta="the answer")
     stage.queues.enqueue_webhook(record.id, WebhookEvent.OUTPUT, output)
     return record
+
+
+def test_one_receive_of_the_carrier_in_two_environments_brings_the_message_back_when_due(
+    stage: Stage,
+) -> None:
+    # Given a job whose first attempt failed: its message carries attempt 2, due in 5 s
+    path = "/hooks/review159-down"
+    stage.receiver.script(path, *[500] * 5)
+    stage.job(path)
+    stage.dispatch()
+    stage.let_time_pass(SCHEDULE[0])
+    # When the message's next receive is handed to two environments at once (two invocations,
+    # one receipt handle), both reading the job before either records (the accepted duplicate)
+    messages = stage.sqs.receive_message(
+        QueueUrl=stage.stack.webhook_queue_url, VisibilityTimeout=60, AttributeNames=["All"]
+    )["Messages"]
+    event = sqs_event(stage.sqs, stage.stack.webhook_queue_url, messages)
+    dispatcher = stage.handler.dispatcher()
+    post, both_read = dispatcher._post, threading.Barrier(2, timeout=10)
+
+    async def post_once_both_have_read(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.to_thread(both_read.wait)
+        return await post(*args, **kwargs)
+
+    dispatcher._post = post_once_both_have_read
+    responses: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: responses.append(stage.handler.handler(event, LambdaContextStub())))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(responses) == 2
+    assert stage.delivery().attempts == 2
+    # Then the one message is hidden until attempt 3 is due (300 s), not the copy lag past it:
+    # SQS keeps the visibility the last ChangeMessageVisibility set
+    assert stage.visibility_changes[0] == SCHEDULE[0]
+    assert stage.visibility_changes[-1] == SCHEDULE[1], stage.visibility_changes

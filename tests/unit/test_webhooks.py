@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import socket
 import threading
 import time
@@ -897,3 +898,119 @@ def test_only_results_count_toward_webhook_outcomes(event: WebhookEvent, counted
         assert ("WebhookFailed" in metrics.metric_set) is counted
     finally:
         metrics.clear_metrics()
+
+
+class _BothCopiesAtOnce(FakeReceiver):
+    """Answers 500 to every POST, each only once two POSTs are in: both copies read the job
+    before either records its attempt (two environments handed the same receive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.both_in = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) >= 3:  # the first attempt's POST, then the two copies'
+            self.both_in.set()
+        if len(self.requests) >= 2:
+            await asyncio.wait_for(self.both_in.wait(), 5)
+        return httpx.Response(500)
+
+
+def _second_environment(world: World) -> WebhookDispatcher:
+    return WebhookDispatcher(
+        world.jobs,
+        world.tenants,
+        world.config,
+        "https://api.llmq.test",
+        transport_factory=world.receiver.transport,
+        resolver=lambda host, port: world.dns[host],
+        clock=lambda: world.now,
+    )
+
+
+async def test_one_receive_of_the_carrier_handed_to_two_environments_keeps_the_next_attempt_on_schedule() -> (
+    None
+):
+    # Given a job whose first attempt, made by message m1, failed: m1 carries the next (due in 5 s)
+    world, body = _pending_job_answered_by()
+    world.receiver = _BothCopiesAtOnce()
+    world.dispatcher._transport_factory = world.receiver.transport
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="r1")
+    # When m1 comes back when due, and SQS/Lambda hands that ONE receive (one receipt handle) to
+    # two environments at once: both read the job before either records (the accepted duplicate
+    # POST of attempt 2)
+    world.now += SCHEDULE[0]
+    other = _second_environment(world)
+    results = await asyncio.gather(
+        world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="r2"),
+        other.handle(body, receive_count=2, message_id="m1", receipt="r2"),
+        return_exceptions=True,
+    )
+    delays = sorted(result.delay_seconds for result in results if isinstance(result, RetryLater))
+    assert len(world.receiver.requests) == 3
+    assert world.jobs.records["job_1"].delivery_attempts == 2
+    # Then the message (one SQS message: the LAST ChangeMessageVisibility on it wins, and the
+    # copy that lost the count sets it after the winner's) comes back when attempt 3 is due
+    assert delays[-1] <= SCHEDULE[1] + 1, (
+        f"visibility asked by the two receipts: {delays}; the loser's pushes attempt 3 "
+        f"{delays[-1] - SCHEDULE[1]:.0f} s past its schedule"
+    )
+
+
+class _Hangs(FakeReceiver):
+    """500 to the first POST; every later POST hangs until released (a receiver slow to answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) > 1:
+            await self.release.wait()
+        return httpx.Response(500)
+
+
+async def test_a_second_stored_copy_of_the_carrier_never_posts_beside_it_to_a_slow_receiver() -> None:
+    # Given a job whose first attempt, made by copy A of message m1, failed (attempt 2 due in 5 s)
+    world, body = _pending_job_answered_by()
+    world.receiver = _Hangs()
+    world.dispatcher._transport_factory = world.receiver.transport
+    other = _second_environment(world)
+    start = world.now
+    with pytest.raises(RetryLater) as a_waits:
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="a1")
+    # And a second stored copy B of m1 (SQS keeps copies on several servers; one that missed the
+    # receive is delivered again with the same MessageId and its own visibility), received
+    # 0.5 s later in another environment
+    world.now = start + 0.5
+    with pytest.raises(RetryLater) as b_waits:
+        await other.handle(body, receive_count=1, message_id="m1", receipt="b1")
+    # (SQS hides a message for whole seconds, rounded up: queues.redelivery_visibility)
+    a_back = start + math.ceil(a_waits.value.delay_seconds)
+    b_back = start + 0.5 + math.ceil(b_waits.value.delay_seconds)
+    # When A comes back for attempt 2 and its POST waits on a receiver slow to answer (< 15 s),
+    # and B comes back when it asked to, meanwhile
+    world.now = a_back
+    a_task = asyncio.create_task(
+        world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="a2")
+    )
+    await asyncio.sleep(0.05)
+    timeout = world.config.webhooks.timeout_seconds
+    if b_back >= a_back + timeout:  # A's POST has timed out and been recorded by then
+        world.receiver.release.set()
+        await asyncio.gather(a_task, return_exceptions=True)
+    world.now = b_back
+    b_task = asyncio.create_task(other.handle(body, receive_count=2, message_id="m1", receipt="b2"))
+    await asyncio.sleep(0.05)
+    world.receiver.release.set()
+    await asyncio.gather(a_task, b_task, return_exceptions=True)
+    posts_of_attempt_2 = len(world.receiver.requests) - 1
+    # Then attempt 2 was POSTed once: B, not the carrier's receive, came back the copy lag after
+    # it (a copy never POSTs the attempt beside a carrier whose receiver is slow to answer)
+    assert posts_of_attempt_2 == 1, (
+        f"B waited {b_waits.value.delay_seconds:.2f} s and came back {b_back - a_back:.2f} s after A; "
+        f"{posts_of_attempt_2} POSTs of attempt 2"
+    )

@@ -338,15 +338,19 @@ class WebhookDispatcher:
         # receive only to wait, and two a retry could carry it to the DLQ).
         self.max_delay_seconds = float(MAX_REDELIVERY_DELAY_SECONDS)
 
-    async def handle(self, body: str, receive_count: int, message_id: str | None = None) -> DeliveryOutcome:
-        """One webhooks-queue message (SQS `message_id`), received `receive_count` times.
+    async def handle(
+        self, body: str, receive_count: int, message_id: str | None = None, receipt: str | None = None
+    ) -> DeliveryOutcome:
+        """One webhooks-queue message (SQS `message_id`), received `receive_count` times, this
+        time with the receipt handle `receipt`.
 
         Raises RetryLater when the delivery should be tried again after the schedule's
         delay, and PoisonMessage for a body that is not a webhook message.
         """
         message = parse_webhook_message(body)
+        receive = receive_id(message_id, receipt)
         if isinstance(message.event, BatchEvent):
-            outcome = await self.deliver_batch(message.job_id, message.event, message_id=message_id)
+            outcome = await self.deliver_batch(message.job_id, message.event, receive=receive)
             _observe(message, outcome)
             if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
                 raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -354,7 +358,7 @@ class WebhookDispatcher:
         # A terminal event's attempt is counted on the job; job.started has only its receives.
         attempt = receive_count if message.event not in TERMINAL_EVENTS else None
         outcome = await self.deliver(
-            message, attempt=attempt, first_receive=receive_count == 1, message_id=message_id
+            message, attempt=attempt, first_receive=receive_count == 1, receive=receive
         )
         _observe(message, outcome)
         if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
@@ -362,7 +366,7 @@ class WebhookDispatcher:
         return outcome
 
     async def deliver_batch(
-        self, batch_id: str, event: BatchEvent, message_id: str | None = None
+        self, batch_id: str, event: BatchEvent, receive: str | None = None
     ) -> DeliveryOutcome:
         """The next attempt of a batch's event: `{"type", "timestamp", "data": <Batch>}`, signed
         and retried like a job's, and counted as a job's is: on the batch (the attempt after
@@ -372,17 +376,15 @@ class WebhookDispatcher:
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
         async with self._one_at_a_time(batch_id):
-            return await self._deliver_batch(batch_id, event, message_id)
+            return await self._deliver_batch(batch_id, event, receive)
 
-    async def _deliver_batch(
-        self, batch_id: str, event: BatchEvent, message_id: str | None
-    ) -> DeliveryOutcome:
+    async def _deliver_batch(self, batch_id: str, event: BatchEvent, receive: str | None) -> DeliveryOutcome:
         assert self._batches is not None
         batch = await asyncio.to_thread(self._batches.find, batch_id)
         reason = _why_not_deliver_batch(batch, event, self._clock())
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
-        waits = self._waits_for_the_carrier(batch.delivery_next_ms, batch.delivery_carrier, message_id)
+        waits = self._waits_for_the_carrier(batch.delivery_next_ms, batch.delivery_carrier, receive)
         if waits is not None:
             return waits
         early = self._due_in(batch.delivery_next_ms)
@@ -423,12 +425,12 @@ class WebhookDispatcher:
             due,
             batch.delivery_log_seq,
             batch.expires_at,
-            message_id,
+            receive,
         ):
-            return await self._after_a_batch_copy_counted(batch_id)
+            return await self._after_a_batch_copy_counted(batch_id, receive)
         return outcome
 
-    async def _after_a_batch_copy_counted(self, batch_id: str) -> DeliveryOutcome:
+    async def _after_a_batch_copy_counted(self, batch_id: str, receive: str | None) -> DeliveryOutcome:
         """Another copy counted this attempt of the batch's event, or settled the delivery: as
         for a job's (`_after_a_copy_counted`), a settled one is acknowledged, and a pending one
         keeps this message until the next attempt is due: the copies may be one SQS message
@@ -436,10 +438,23 @@ class WebhookDispatcher:
         batch = await asyncio.to_thread(self._batches.find, batch_id) if self._batches else None
         if batch is None or batch.delivery_status is not DeliveryStatus.PENDING:
             return DeliveryOutcome.skipped("another copy of this delivery settled it first")
-        due_in = (batch.delivery_next_ms or 0) / 1000 - self._clock() + self.copy_lag_seconds
+        return self._after_the_counting_copy(batch.delivery_next_ms, batch.delivery_carrier, receive)
+
+    def _after_the_counting_copy(
+        self, next_ms: int | None, carrier: str | None, receive: str | None
+    ) -> DeliveryOutcome:
+        """When a copy whose attempt another counted comes back: the copy lag after the next
+        attempt is due, behind the message that carries it; or, when the copy that counted it
+        was this very receive handed over twice (the carrier is this receive), when it is due:
+        one SQS message, whose visibility this copy's change sets last."""
+        due_in = (next_ms or 0) / 1000 - self._clock()
+        if receive is not None and receive == carrier:
+            wait = max(due_in, CARRIER_SKEW_SECONDS)
+        else:
+            wait = max(due_in + self.copy_lag_seconds, EARLY_TOLERANCE_SECONDS)
         return DeliveryOutcome(
             OutcomeKind.RETRY,
-            retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
+            retry_in=min(wait, self.max_delay_seconds),
             reason="another copy counted this attempt; this one waits for the next",
         )
 
@@ -449,7 +464,7 @@ class WebhookDispatcher:
         attempt: int | None = None,
         *,
         first_receive: bool = False,
-        message_id: str | None = None,
+        receive: str | None = None,
     ) -> DeliveryOutcome:
         """Attempt `attempt` of delivering `message`; None: the one after those the job counted.
 
@@ -462,11 +477,11 @@ class WebhookDispatcher:
             return await self.deliver_batch(message.job_id, event)
         if event not in TERMINAL_EVENTS:
             with self._job_event_in_flight(message.job_id):
-                return await self._deliver(message, attempt, first_receive, first_receive, message_id)
+                return await self._deliver(message, attempt, first_receive, first_receive, receive)
         await self._after_the_job_events(message.job_id)
         async with self._one_at_a_time(message.job_id) as behind_a_copy:
             return await self._deliver(
-                message, attempt, first_receive, first_receive and not behind_a_copy, message_id
+                message, attempt, first_receive, first_receive and not behind_a_copy, receive
             )
 
     @contextlib.contextmanager
@@ -527,7 +542,7 @@ class WebhookDispatcher:
         attempt: int | None,
         first_receive: bool,
         carried: bool,
-        message_id: str | None = None,
+        receive: str | None = None,
     ) -> DeliveryOutcome:
         event = message.event
         assert isinstance(event, WebhookEvent)
@@ -574,7 +589,7 @@ class WebhookDispatcher:
         early = self._early_by(job) if previous is not None else 0.0
         if previous:
             waits = self._waits_for_the_carrier(
-                job.delivery_next_ms, job.delivery_carrier, message_id, first_receive=first_receive
+                job.delivery_next_ms, job.delivery_carrier, receive, first_receive=first_receive
             )
             if waits is not None:
                 return waits
@@ -594,8 +609,8 @@ class WebhookDispatcher:
             outcome = DeliveryOutcome(
                 OutcomeKind.DISABLED, reason="the receiver answered 410 Gone to an earlier event"
             )
-            recorded = await asyncio.to_thread(self._record, job, outcome, previous, message_id)
-            return outcome if recorded else await self._after_a_copy_counted(message)
+            recorded = await asyncio.to_thread(self._record, job, outcome, previous, receive)
+            return outcome if recorded else await self._after_a_copy_counted(message, receive)
         secrets = await self._secrets(job.tenant_id)
         if not secrets:
             outcome = DeliveryOutcome(
@@ -622,14 +637,14 @@ class WebhookDispatcher:
         outcome = replace(outcome, attempt=attempt)
         # The delivery record on the job describes its terminal event; job.started is sent but
         # not recorded, or it would overwrite what the API shows for the terminal delivery.
-        if terminal and not await asyncio.to_thread(self._record, job, outcome, previous, message_id):
-            return await self._after_a_copy_counted(message)
+        if terminal and not await asyncio.to_thread(self._record, job, outcome, previous, receive):
+            return await self._after_a_copy_counted(message, receive)
         if not terminal and outcome.kind is OutcomeKind.DISABLED:
             # Said on the job, so its later events (the terminal one too) are not POSTed.
             await asyncio.to_thread(self._jobs.mark_webhook_gone, job.id)
         return outcome
 
-    async def _after_a_copy_counted(self, message: WebhookMessage) -> DeliveryOutcome:
+    async def _after_a_copy_counted(self, message: WebhookMessage, receive: str | None) -> DeliveryOutcome:
         """Another copy of this message settled or counted this attempt first: its outcome stands.
 
         Settled, this copy is acknowledged. Still pending, this copy must keep its message until
@@ -646,44 +661,43 @@ class WebhookDispatcher:
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
         # After the copy that counted it, whose message carries the attempt and comes back at it.
-        due_in = (job.delivery_next_ms or 0) / 1000 - self._clock() + self.copy_lag_seconds
-        return DeliveryOutcome(
-            OutcomeKind.RETRY,
-            retry_in=min(max(due_in, EARLY_TOLERANCE_SECONDS), self.max_delay_seconds),
-            reason="another copy counted this attempt; this one waits for the next",
-        )
+        return self._after_the_counting_copy(job.delivery_next_ms, job.delivery_carrier, receive)
 
     def _waits_for_the_carrier(
         self,
         next_ms: int | None,
         carrier: str | None,
-        message_id: str | None,
+        receive: str | None,
         *,
         first_receive: bool = False,
     ) -> DeliveryOutcome | None:
-        """How a message waits while an attempt is scheduled (`next_ms`) and another message
-        carries it; None: it may go on.
+        """How a message waits while an attempt is scheduled (`next_ms`) and a receive of a
+        message carries it (`carrier`, a `receive_id`); None: it may go on.
 
-        The carrier's own message, received again before its attempt is due (SQS handed one
-        receive over twice, or both copies came at once, and the other recorded the attempt
-        moments ago), comes back when the attempt is due: it is the same SQS message, whose
-        visibility either receipt sets, so no copy lag; the early tolerance is for a carrier
-        back from its delay, never for a second POST beside the first. Another message (a
-        copy sent again for the ended job or batch) goes after the carrier, even within the
-        tolerance or just past it.
+        - The carrier's own receive, handed over twice (or both copies came at once, and the
+          other recorded the attempt moments ago), comes back when the attempt is due: one SQS
+          message, whose visibility either copy sets, so no copy lag; the early tolerance is
+          for a carrier back from its delay, never for a second POST beside the first.
+        - The carrier's message back from its delay (a new receipt) goes on once it is due.
+        - Any other message (a copy SQS stored apart, with the carrier's id and a visibility of
+          its own; a copy sent again for the ended job or batch) goes after the carrier, even
+          within the tolerance or just past it.
         """
         if next_ms is None:
             return None
-        if carrier is not None and message_id is not None and message_id == carrier:
-            early = self._due_in(next_ms, CARRIER_SKEW_SECONDS)
-            if early <= 0:
+        early = self._due_in(next_ms, CARRIER_SKEW_SECONDS)
+        if carrier is not None and receive is not None:
+            if receive == carrier and early > 0:
+                return DeliveryOutcome(
+                    OutcomeKind.RETRY,
+                    retry_in=min(early, self.max_delay_seconds),
+                    reason="this message's attempt is not due yet (it was received twice)",
+                )
+            if _message_of(receive) == _message_of(carrier) and early <= 0:
                 return None
-            return DeliveryOutcome(
-                OutcomeKind.RETRY,
-                retry_in=min(early, self.max_delay_seconds),
-                reason="this message's attempt is not due yet (it was received twice)",
-            )
-        if not _not_the_carrier(carrier, message_id, first_receive):
+        elif not first_receive:
+            # (no carrier named: a record written before carriers were, or a caller without
+            # ids; a message received before is taken for the carrier)
             return None
         behind = next_ms / 1000 + self.copy_lag_seconds - self._clock()
         if behind <= 0:
@@ -902,13 +916,21 @@ class WebhookDispatcher:
         )
 
 
-def _not_the_carrier(carrier: str | None, message_id: str | None, first_receive: bool) -> bool:
-    """Whether this message is not the one that carries the scheduled attempt: another id
-    than the `carrier` the attempt's record named, or, where none was named (a record written
-    before carriers were, or a caller without ids), a message received for the first time."""
-    if carrier is not None and message_id is not None:
-        return message_id != carrier
-    return first_receive
+def receive_id(message_id: str | None, receipt: str | None) -> str | None:
+    """One receive of an SQS message: its id, and a digest of the receipt handle SQS gave it
+    (a new one each receive; one receive handed over twice keeps it). Without a receipt, the
+    id alone."""
+    if message_id is None or receipt is None:
+        return message_id
+    return f"{message_id}{_RECEIPT_MARK}{hashlib.sha256(receipt.encode()).hexdigest()[:16]}"
+
+
+# (SQS message ids are UUIDs: never this character)
+_RECEIPT_MARK = "#"
+
+
+def _message_of(receive: str) -> str:
+    return receive.split(_RECEIPT_MARK, 1)[0]
 
 
 async def _head(response: httpx.Response) -> str | None:
