@@ -70,6 +70,7 @@ def runner() -> JobRunner:
         api_key=PROVIDER_KEY,
         stream=config.provider.stream,
         retry_timeouts=config.provider.retry_timeouts,
+        done_ends_answer=config.provider.done_ends_answer,
     )
     jobs = JobRepository(ENV.jobs_table, config, dynamodb=aws.client("dynamodb"))
     payloads = payload_store(ENV.payload_bucket, s3=aws.lazy_client("s3"))

@@ -16,6 +16,7 @@ from llmq.providers import (
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
+    ProviderError,
     ProviderKey,
     ProviderTimeout,
     TransientProviderError,
@@ -128,7 +129,7 @@ async def test_retryable_statuses_are_transient_with_retry_after(status, body, h
         (400, "context_length_exceeded", ErrorCode.CONTEXT_LENGTH_EXCEEDED),
         (400, "content_filter", ErrorCode.CONTENT_FILTERED),
         (404, "model_not_found", ErrorCode.MODEL_NOT_FOUND),
-        (404, None, ErrorCode.MODEL_NOT_FOUND),
+        (404, "not_found_error", ErrorCode.MODEL_NOT_FOUND),
         (400, "something_else", ErrorCode.INVALID_REQUEST),
         (422, None, ErrorCode.INVALID_REQUEST),
     ],
@@ -416,20 +417,148 @@ async def test_an_answer_whose_connection_drops_mid_body_is_transient() -> None:
         await provider.generate(REQUEST, 5)
 
 
+async def test_a_stream_with_its_finish_reason_and_no_done_succeeds() -> None:
+    # Given a stream that ends with its finish_reason, and no [DONE] (some servers never send it)
+    result = await _streaming(_sse(_delta("hello", "stop"))).generate(REQUEST, 5)
+    # Then the job has its output, and the finish_reason as given
+    assert (result.output, result.finish_reason) == ("hello", "stop")
+
+
+async def test_done_after_text_with_no_finish_reason_is_a_cut_stream_not_a_success() -> None:
+    # Given a gateway whose upstream broke after two pieces of text: it logs the error and sends
+    # [DONE] all the same (one-api's stream relay does), with no finish_reason anywhere
+    provider = _streaming(_sse(_delta("Once upon a"), _delta(" time there"), "[DONE]"))
+    # When the job calls it, then it is retried: half an answer is never a success
+    with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
+        await provider.generate(REQUEST, 5)
+
+
+async def test_a_server_known_to_send_no_finish_reason_may_end_its_answer_with_done() -> None:
+    # Given a provider configured as a server that never sends a finish_reason
+    body = _sse(_delta("hello"), "[DONE]")
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1",
+        lambda: "sk-test",
+        True,
+        httpx.MockTransport(lambda request: httpx.Response(200, text=body)),
+        done_ends_answer=True,
+    )
+    # When the job calls it, then [DONE] finishes the answer
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("hello", None)
+
+
 @pytest.mark.parametrize(
-    ("events", "finish_reason"),
+    ("line", "expected", "code"),
     [
-        ((_delta("hello", "stop"),), "stop"),  # some servers never send [DONE]
-        ((_delta("hello"), "[DONE]"), None),  # and some never send a finish_reason
+        # llama.cpp's server (2025 builds) writes an error met while streaming on an `error:`
+        # line, then [DONE]
+        (
+            'error: {"code":500,"message":"Input prompt is too big compared to KV size.","type":"server_error"}',
+            TransientProviderError,
+            ErrorCode.PROVIDER_UNAVAILABLE,
+        ),
+        (
+            'error: {"code":400,"message":"the request exceeds the available context size",'
+            '"type":"exceed_context_size_error","n_prompt_tokens":9000,"n_ctx":4096}',
+            PermanentProviderError,
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+        ),
+        ("error: the model crashed", TransientProviderError, ErrorCode.PROVIDER_ERROR),
     ],
 )
-async def test_a_stream_with_either_sign_of_completion_succeeds(
-    events: tuple[dict[str, Any] | str, ...], finish_reason: str | None
+async def test_an_error_line_in_a_stream_is_an_error_not_an_answer(
+    line: str, expected: type[ProviderError], code: ErrorCode
 ) -> None:
-    # Given a stream that ends with a finish_reason or [DONE], but not both
-    result = await _streaming(_sse(*events)).generate(REQUEST, 5)
-    # Then the job has its output, and the finish_reason as given
-    assert (result.output, result.finish_reason) == ("hello", finish_reason)
+    # Given a stream that sends some text, then an error on an `error:` line, then [DONE]
+    body = _sse(_delta("Once upon a")) + line + "\n\n" + _sse("[DONE]")
+    # When the job calls it, then it fails as the error says, never with the text so far
+    with pytest.raises(expected) as caught:
+        await _streaming(body).generate(REQUEST, 5)
+    assert caught.value.code is code
+
+
+async def test_a_whole_completion_under_the_event_stream_type_is_kept_not_paid_for_again() -> None:
+    # Given a server that answers `stream: true` with the whole completion as one JSON body,
+    # labelled text/event-stream
+    body = {
+        "choices": [{"index": 0, "message": {"content": "Paid answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+    calls: list[httpx.Request] = []
+    provider = _provider(
+        lambda request: (
+            calls.append(request)
+            or httpx.Response(
+                200, content=json.dumps(body).encode(), headers={"content-type": "text/event-stream"}
+            )
+        ),
+        stream=True,
+    )
+    # When the job calls it, then the answer is its result, from one call
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason, len(calls)) == ("Paid answer", "stop", 1)
+
+
+async def test_a_stream_whose_chunks_carry_their_text_as_a_message_keeps_it() -> None:
+    # Given a server that streams each piece as a `message`, as a completion holds it
+    chunks = [
+        {
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": None}
+            ]
+        },
+        {"choices": [{"index": 0, "message": {"content": " world"}, "finish_reason": "stop"}]},
+    ]
+    # When the job calls it, then the answer is the text, not an empty success
+    result = await _streaming(_sse(*chunks, "[DONE]")).generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Hello world", "stop")
+
+
+async def test_an_event_stream_is_utf8_whatever_charset_its_content_type_names() -> None:
+    # Given a UTF-8 stream labelled with another charset (SSE is UTF-8 by definition)
+    text = "\u4e2d\u6587 caf\u00e9 \U0001f600"
+    raw = json.dumps(_delta(text), ensure_ascii=False)
+    body = f"data: {raw}\n\n{_sse(_delta('', 'stop'), '[DONE]')}".encode()
+    provider = _provider(
+        lambda request: httpx.Response(
+            200, content=body, headers={"content-type": "text/event-stream; charset=iso-8859-1"}
+        ),
+        stream=True,
+    )
+    # When the job calls it, then the text is as the provider wrote it
+    assert (await provider.generate(REQUEST, 5)).output == text
+
+
+class _Pieces(httpx.AsyncByteStream):
+    """A 200 body sent in the given pieces."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+
+async def test_a_line_split_anywhere_is_read_whole_and_one_past_the_limit_is_malformed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a stream sent a few bytes at a time: inside lines, between a CR and its LF, and
+    # inside a character
+    body = (
+        _sse(_delta("gr\u00fc\u00df "), _delta("\U0001f600", "stop"), "[DONE]").replace("\n", "\r\n").encode()
+    )
+    pieces = [body[i : i + 3] for i in range(0, len(body), 3)]
+    provider = _provider(lambda request: httpx.Response(200, stream=_Pieces(*pieces)), stream=True)
+    # When the job calls it, then the answer is whole
+    assert (await provider.generate(REQUEST, 5)).output == "gr\u00fc\u00df \U0001f600"
+    # While a line longer than the reader keeps is a malformed answer, not memory without end
+    monkeypatch.setattr(providers, "_MAX_LINE_CHARS", 1000)
+    huge = [b"data: {" + b"x" * 100] + [b"y" * 100] * 20
+    provider = _provider(lambda request: httpx.Response(200, stream=_Pieces(*huge)), stream=True)
+    with pytest.raises(TransientProviderError, match="malformed"):
+        await provider.generate(REQUEST, 5)
 
 
 # ---- finish_reason ----------------------------------------------------------------------------
@@ -1121,3 +1250,77 @@ def test_a_403_content_refusal_keeps_the_providers_reason() -> None:
     # The tenant's own prompt was refused: its reason, not a refusal of llmq's account
     assert isinstance(error, PermanentProviderError) and error.code is ErrorCode.CONTENT_FILTERED
     assert error.message == "Your prompt was flagged for violence."
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><body>404 Not Found</body></html>"),
+        ("application/json", b'{"detail": "Not Found"}'),
+    ],
+)
+async def test_a_404_with_no_error_of_the_apis_own_is_the_operators_fault_not_the_clients_model(
+    content_type: str, body: bytes
+) -> None:
+    # Given a base URL that names no chat-completions endpoint: a load balancer's page, or a
+    # web framework's own not-found answer
+    provider = _provider(
+        lambda request: httpx.Response(404, content=body, headers={"content-type": content_type})
+    )
+    # When the job calls it, then it is retried slowly, as a refused key is, and never failed
+    # as the client's unknown model
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert (caught.value.about_account, caught.value.status_code) == (True, 404)
+
+
+@pytest.mark.parametrize("status", [424, 499])
+async def test_a_model_failing_behind_the_provider_is_retried_not_the_clients_invalid_request(
+    status: int,
+) -> None:
+    # Given a provider whose model failed behind it (424: Bedrock, SageMaker, Hugging Face), or a
+    # gateway whose upstream call was cancelled (499)
+    body = {"error": {"message": "The model failed while processing the request"}}
+    provider = _provider(lambda request: httpx.Response(status, json=body))
+    # When the job calls it, then it is retried
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.status_code == status
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected", "retry_after"),
+    [
+        (400, {}, PermanentProviderError, None),
+        (429, {"retry-after": "120"}, TransientProviderError, 120.0),
+    ],
+)
+async def test_an_error_answer_whose_body_cannot_be_decoded_keeps_its_status_and_retry_after(
+    status: int, headers: dict[str, str], expected: type[ProviderError], retry_after: float | None
+) -> None:
+    # Given an error answer that says it is gzip, and is not
+    provider = _provider(
+        lambda request: httpx.Response(
+            status, stream=_Pieces(b"not gzip at all"), headers={"content-encoding": "gzip", **headers}
+        )
+    )
+    # When the job calls it, then it is judged by its status: a 400 is not retried, and a 429
+    # waits as it asked
+    with pytest.raises(expected) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.status_code == status
+    assert getattr(caught.value, "retry_after", None) == retry_after
+
+
+async def test_a_stream_whose_body_cannot_be_decoded_is_a_cut_not_a_crash() -> None:
+    # Given a stream that says it is gzip, and is not
+    provider = _provider(
+        lambda request: httpx.Response(
+            200, stream=_Pieces(b"not gzip at all"), headers={"content-encoding": "gzip"}
+        ),
+        stream=True,
+    )
+    # When the job calls it, then it is retried as a cut answer
+    with pytest.raises(TransientProviderError) as caught:
+        await provider.generate(REQUEST, 5)
+    assert caught.value.code is ErrorCode.PROVIDER_ERROR

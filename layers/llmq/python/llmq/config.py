@@ -124,6 +124,11 @@ class ProviderConfig(_Frozen):
     # Off (a provider that cannot stream), a `stream: true` job's output comes all at once,
     # when it ends.
     stream: bool = True
+    # A streamed answer is finished when the generation says so, by its finish_reason; `[DONE]`
+    # alone is a cut stream, retried (a gateway whose upstream broke, and llama.cpp's server
+    # after an error, end with it all the same). True, for a server known to send no
+    # finish_reason: `[DONE]` finishes the answer.
+    done_ends_answer: bool = False
     allowed_params: list[str] = Field(
         default_factory=lambda: [
             "max_tokens",

@@ -17,6 +17,7 @@ cache, and the call is made once more if the key changed (`ProviderKey`).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import re
 import ssl
@@ -41,12 +42,17 @@ _PERMANENT_CODES = {
     "content_filtered": ErrorCode.CONTENT_FILTERED,
     "content_policy_violation": ErrorCode.CONTENT_FILTERED,
     "model_not_found": ErrorCode.MODEL_NOT_FOUND,
+    # llama.cpp's server, inside its 200 stream
+    "exceed_context_size_error": ErrorCode.CONTEXT_LENGTH_EXCEEDED,
 }
 # Statuses worth retrying. 401/403 are included: they mean our key is wrong or rotated,
 # which an operator fixes; the job itself is not at fault and should not fail at once. So does
 # 402 (the provider account is out of credit: DeepSeek, OpenRouter), and so does a redirect
 # (a base URL that moved): failing them would fail the whole backlog as the client's fault.
-_TRANSIENT_STATUSES = {401, 402, 403, 408, 409, 425, 429}
+# 424 is a provider's model failing behind it (Bedrock's ModelErrorException, SageMaker's and
+# Hugging Face endpoints' model errors), 499 a gateway whose upstream call was cancelled: the
+# provider's fault, not the request's.
+_TRANSIENT_STATUSES = {401, 402, 403, 408, 409, 424, 425, 429, 499}
 # The statuses that say the provider refused our key.
 _KEY_REFUSED_STATUSES = {401, 403}
 # The HTTP status an in-band error's type stands for, when the error carries no status
@@ -165,6 +171,11 @@ def classify_response(response: httpx.Response, body: bytes, *, log: bool = True
     wait = parse_retry_after(response.headers, time.time())
     if wait is None and status == 429:
         wait = _stated_wait(response.headers, found)
+    if status == 404 and found is None:
+        # No error of the API's own (an HTML page, a web framework's `{"detail": "Not Found"}`):
+        # the base URL names no chat-completions endpoint, which the operator fixes; failing it
+        # as the client's unknown model would fail the whole backlog.
+        return _missing_endpoint(status, log)
     error = _classify(status, names, message, status, wait, log=log)
     # Only an HTTP answer counts: it refused the request before any generation started.
     error.key_refused = status in _KEY_REFUSED_STATUSES
@@ -268,6 +279,14 @@ def _account_error(
     _tell_operator(
         logger.warning if error.about_account else logger.info, said, status, codes, provider_said, log
     )
+    return error
+
+
+def _missing_endpoint(status: int, log: bool) -> TransientProviderError:
+    said = "the provider has no chat-completions endpoint at provider.base_url"
+    error = TransientProviderError(f"{said} (HTTP {status})", status)
+    error.about_account = True
+    _tell_operator(logger.warning, said, status, [], "", log)
     return error
 
 
@@ -559,6 +578,7 @@ class ChatCompletionsProvider:
         stream: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         retry_timeouts: bool = False,
+        done_ends_answer: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key if isinstance(api_key, ProviderKey) else ProviderKey(lambda _fresh: api_key())
@@ -566,6 +586,8 @@ class ChatCompletionsProvider:
         self._transport = transport
         # True: a timeout after sending is a TransientProviderError (retried); see ProviderConfig.
         self.retry_timeouts = retry_timeouts
+        # True: [DONE] alone finishes a stream (a server known to send no finish_reason).
+        self.done_ends_answer = done_ends_answer
 
     async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
         # The call's time counts from here: the key's read too, or a slow key store would let
@@ -699,11 +721,11 @@ class ChatCompletionsProvider:
                 raise classify_response(response, await _error_body(response))
             try:
                 if self.stream:
-                    return await _read_stream(response, on_output, deadline, answer)
+                    return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
                 return _parse_completion(await response.aread())
             except httpx.TimeoutException:
                 raise
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 # The connection broke after the answer began: the generation is incomplete.
                 raise TransientProviderError(
                     _STREAM_CUT if self.stream else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
@@ -729,7 +751,7 @@ async def _error_body(response: httpx.Response) -> bytes:
         # that lands as the read ends, and a canceled job would go on to its next call)
         async with asyncio.timeout(_ERROR_BODY_SECONDS):
             await read()
-    except (TimeoutError, httpx.TransportError):
+    except (TimeoutError, httpx.TransportError, httpx.DecodingError):
         return b""
     return bytes(body[:_MAX_ERROR_BODY])
 
@@ -754,13 +776,17 @@ _NOT_MORE = frozenset({"content", "role"})
 _LINE_END = re.compile(r"\r\n|\r|\n")
 # What a whole answer keeps of the call's time when its silence is cut short by the deadline.
 _DEADLINE_MARGIN_SECONDS = 0.25
+# The longest line of a stream read: a chat chunk is a few hundred bytes, a whole completion
+# sent as one line a few MB.
+_MAX_LINE_CHARS = 32 * 1024 * 1024
 
 
 class _Stream:
     """A streamed answer as it arrives, line by line (server-sent events)."""
 
-    def __init__(self, on_output: Callable[[str], None] | None) -> None:
+    def __init__(self, on_output: Callable[[str], None] | None, done_ends_answer: bool = False) -> None:
         self.on_output = on_output
+        self.done_ends_answer = done_ends_answer
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         # The finish_reason came alone: after the answer's text, in a chunk with nothing else.
@@ -798,13 +824,10 @@ class _Stream:
             allowed = min(allowed, deadline - now - _DEADLINE_MARGIN_SECONDS)
         return max(0.0, allowed)
 
-    def json_instead(self, line: str, media_type: str) -> bool:
-        """An answer sent as one JSON body under no stream's content type."""
-        return (
-            not self.started
-            and media_type != "text/event-stream"
-            and line.lstrip("\ufeff \t").startswith("{")
-        )
+    def json_instead(self, line: str) -> bool:
+        """An answer sent as one JSON body, however it is labelled: no SSE line starts with `{`
+        (a server that answers `text/event-stream` with the whole completion, or an error)."""
+        return not self.started and line.lstrip("\ufeff \t").startswith("{")
 
     def feed(self, line: str) -> None:
         if not self.started:
@@ -817,6 +840,10 @@ class _Stream:
                 raise _malformed()
             self.event = ""  # (an SSE event ends at a blank line; the next names its own type)
             return
+        if line.startswith("error:"):
+            # A field SSE itself ignores, which llama.cpp's server writes an error in (then
+            # [DONE]): never part of an answer.
+            raise classify_error_event(_error_line(line[6:].strip()))
         if not line.startswith("data:"):
             return
         data = line[5:].strip()
@@ -854,6 +881,9 @@ class _Stream:
         with_text = False
         for choice in _dicts(chunk.get("choices")):
             delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                # (a server that streams each piece as a `message`, as a completion holds it)
+                delta = choice.get("message")
             text = _text(delta.get("content")) if isinstance(delta, dict) else ""
             if text:
                 with_text = True
@@ -877,12 +907,15 @@ class _Stream:
                 self.finish_alone = True
 
     def result(self) -> JobResult:
-        # Either sign of a finished generation will do: some servers omit [DONE], and some send
-        # no finish_reason. With neither, the stream stopped mid-generation; so it did when the
-        # server says it gave up on the request (vLLM's `abort`, or `error`).
+        # The generation's own finish_reason says it finished; [DONE] alone does not (a gateway
+        # whose upstream broke, and llama.cpp after an error, end with it all the same), unless
+        # the server is known to send none (`provider.done_ends_answer`). Some servers omit
+        # [DONE]. The stream also stopped mid-generation when the server says it gave up on
+        # the request (vLLM's `abort`, or `error`).
         if self.pending and not self.whole:
             raise _malformed()
-        if (self.finish_reason is None and not self.done) or self.finish_reason in _GAVE_UP:
+        finished = self.finish_reason is not None or (self.done and self.done_ends_answer)
+        if not finished or self.finish_reason in _GAVE_UP:
             raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
         return JobResult(output="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage)
 
@@ -892,6 +925,7 @@ async def _read_stream(
     on_output: Callable[[str], None] | None = None,
     deadline: float | None = None,
     answer: Answer | None = None,
+    done_ends_answer: bool = False,
 ) -> JobResult:
     """`deadline`: when the call's time ends (`time.monotonic()`); `answer` is kept up to
     date with whether the answer is whole yet."""
@@ -906,7 +940,7 @@ async def _read_stream(
         if not body.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"data:"):
             return _parse_completion(body)
         # (a stream, however it is labelled)
-        labelled = _Stream(on_output)
+        labelled = _Stream(on_output, done_ends_answer)
         for line in _LINE_END.split(body.decode("utf-8", "replace")):
             try:
                 labelled.feed(line)
@@ -919,7 +953,7 @@ async def _read_stream(
         if answer is not None:
             answer.whole = labelled.whole
         return labelled.result()
-    stream = _Stream(on_output)
+    stream = _Stream(on_output, done_ends_answer)
     lines = _lines(response).__aiter__()
     try:
         while not stream.done:
@@ -930,7 +964,7 @@ async def _read_stream(
                     line = await lines.__anext__()
             except (StopAsyncIteration, TimeoutError):
                 break
-            if stream.json_instead(line, media_type):
+            if stream.json_instead(line):
                 return _parse_completion("\n".join([line] + [rest async for rest in lines]).encode())
             try:
                 stream.feed(line)
@@ -942,27 +976,52 @@ async def _read_stream(
                 break
             if answer is not None:
                 answer.whole = stream.whole
-    except httpx.TransportError:
-        # Cut or stalled after the generation said it finished (only the usage chunk or [DONE]
-        # lost): the output is whole and paid for; a retry would pay for it again.
+    except (httpx.TransportError, httpx.DecodingError):
+        # Cut, stalled or garbled after the generation said it finished (only the usage chunk
+        # or [DONE] lost): the output is whole and paid for; a retry would pay for it again.
         if not stream.whole:
             raise
     return stream.result()
 
 
 async def _lines(response: httpx.Response) -> AsyncIterator[str]:
-    """The body's lines, split where SSE ends a line (CR LF, CR or LF) and nowhere else."""
-    pending = ""
-    async for text in response.aiter_text():
-        pending += text
-        # (a CR at the end may be the first half of a CR LF)
-        held = pending.endswith("\r")
-        lines = _LINE_END.split(pending[:-1] if held else pending)
-        pending = lines.pop() + ("\r" if held else "")
-        for line in lines:
-            yield line
-    if pending:
-        yield pending.removesuffix("\r")
+    """The body's lines, split where SSE ends a line (CR LF, CR or LF) and nowhere else, and
+    decoded as UTF-8 whatever charset the content type names (SSE is UTF-8 by definition). Only
+    the text that arrived is searched, so a huge line sent in small pieces costs linear time; a
+    line longer than `_MAX_LINE_CHARS` is a malformed answer."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # The unfinished line's pieces, and whether a CR ended the last piece (the first half of a
+    # CR LF, or a line end of its own).
+    line: list[str] = []
+    length = 0
+    held = False
+    async for piece in response.aiter_bytes():
+        text = decoder.decode(piece)
+        if not text:
+            continue
+        if held:
+            text = "\r" + text
+        held = text.endswith("\r")
+        parts = _LINE_END.split(text[:-1] if held else text)
+        for part in parts[:-1]:
+            line.append(part)
+            yield "".join(line)
+            line, length = [], 0
+        line.append(parts[-1])
+        length += len(parts[-1])
+        if length > _MAX_LINE_CHARS:
+            raise _malformed()
+    rest = "".join(line) + decoder.decode(b"", final=True)
+    if rest or held:
+        yield rest
+
+
+def _error_line(data: str) -> object:
+    """What an `error:` line says: its JSON object's error, or its text."""
+    found = _json_object(data.encode())
+    if found is None:
+        return {"message": data or "the provider reported an error in its answer"}
+    return _error_object(found) or found
 
 
 def _malformed() -> TransientProviderError:
