@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmq import providers
 from llmq.models import ChatMessage, ErrorCode, GenerationParams
@@ -433,6 +437,17 @@ async def test_done_after_text_with_no_finish_reason_is_a_cut_stream_not_a_succe
         await provider.generate(REQUEST, 5)
 
 
+async def test_done_from_a_server_that_never_names_a_finish_reason_ends_its_answer() -> None:
+    # Given a gateway that never sends the finish_reason key (one-api's own Gemini adaptor):
+    # text chunks, then [DONE]
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": text}}]} for text in ("The capital", " is Paris.")
+    ]
+    # When the job calls it, then the whole, paid answer is its result
+    result = await _streaming(_sse(*chunks, "[DONE]")).generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("The capital is Paris.", None)
+
+
 async def test_a_server_known_to_send_no_finish_reason_may_end_its_answer_with_done() -> None:
     # Given a provider configured as a server that never sends a finish_reason
     body = _sse(_delta("hello"), "[DONE]")
@@ -513,6 +528,34 @@ async def test_a_stream_whose_chunks_carry_their_text_as_a_message_keeps_it() ->
     # When the job calls it, then the answer is the text, not an empty success
     result = await _streaming(_sse(*chunks, "[DONE]")).generate(REQUEST, 5)
     assert (result.output, result.finish_reason) == ("Hello world", "stop")
+
+
+# MiniMax ends a stream with a chunk whose choice holds the whole answer again as a `message`,
+# beside its finish_reason and usage, after every delta.
+_SNAPSHOT_LAST = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello"}}]},
+    {"choices": [{"index": 0, "delta": {"content": " world"}}]},
+    {
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello world"}}
+        ],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 2},
+    },
+]
+
+
+async def test_a_whole_message_after_the_deltas_is_not_the_answer_a_second_time() -> None:
+    # Given a stream of deltas that ends with the whole answer as a message
+    pieces: list[str] = []
+    request = dataclasses.replace(REQUEST, on_output=pieces.append)
+    # When the job calls it, then its output, and what was read live, is the answer once
+    result = await _streaming(_sse(*_SNAPSHOT_LAST, "[DONE]")).generate(request, 5)
+    assert (result.output, "".join(pieces), result.usage.output_tokens) == ("Hello world", "Hello world", 2)
+    # And that last chunk leaves the answer whole: a drop before [DONE] keeps it, paid for once
+    head = _sse(*_SNAPSHOT_LAST).encode()
+    provider = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
+    assert (await provider.generate(REQUEST, 5)).output == "Hello world"
 
 
 async def test_an_event_stream_is_utf8_whatever_charset_its_content_type_names() -> None:
@@ -1324,3 +1367,59 @@ async def test_a_stream_whose_body_cannot_be_decoded_is_a_cut_not_a_crash() -> N
     with pytest.raises(TransientProviderError) as caught:
         await provider.generate(REQUEST, 5)
     assert caught.value.code is ErrorCode.PROVIDER_ERROR
+
+
+# ---- the stream's lines -----------------------------------------------------------------------
+
+_ATOMS = [
+    b"a",
+    b"data: x",
+    b"\r",
+    b"\n",
+    b"\r\n",
+    "\u00e9".encode(),
+    "\U0001f600".encode(),
+    b"\xff",
+    b"\xef\xbb\xbf",
+    b"",
+]
+
+
+async def _lines_of(pieces: list[bytes]) -> list[str]:
+    response = httpx.Response(200, stream=_Pieces(*pieces), headers={"content-type": "text/event-stream"})
+    return [line async for line in providers._lines(response)]
+
+
+def _whole_body_lines(body: bytes) -> list[str]:
+    """The body's lines, read at once: split where SSE ends a line, the last line end closing no
+    line after it."""
+    text = body.decode("utf-8", "replace")
+    lines = providers._LINE_END.split(text) if text else []
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_ATOMS), max_size=14), st.lists(st.integers(0, 60), max_size=8))
+def test_a_stream_split_anywhere_reads_as_the_whole_body_does(atoms: list[bytes], cuts: list[int]) -> None:
+    # Given a body of line ends, text, characters and bytes that are not UTF-8, sent in pieces
+    # cut at any places (between a CR and its LF, inside a character)
+    body = b"".join(atoms)
+    points = sorted({min(cut, len(body)) for cut in cuts})
+    pieces = [body[start:end] for start, end in itertools.pairwise([0, *points, len(body)])]
+    # When its lines are read, then they are the lines of the whole body
+    assert asyncio.run(_lines_of(pieces)) == _whole_body_lines(body)
+
+
+def test_a_line_ended_by_a_cr_stays_ended_when_half_a_character_follows() -> None:
+    # Given lines that end in CR, and a body whose last byte is half a character
+    lines = asyncio.run(_lines_of([b'data: {"a":1}\r', b"\xe4"]))
+    # Then the CR ended its line, and the half character is a line of its own
+    assert lines == ['data: {"a":1}', "\ufffd"]
+
+
+def test_many_short_lines_never_trip_the_line_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(providers, "_MAX_LINE_CHARS", 50)
+    body = b"".join(b"data: %d\r\n\r\n" % n for n in range(2000))
+    assert len(asyncio.run(_lines_of([body[i : i + 7] for i in range(0, len(body), 7)]))) == 4000

@@ -124,10 +124,10 @@ class ProviderConfig(_Frozen):
     # Off (a provider that cannot stream), a `stream: true` job's output comes all at once,
     # when it ends.
     stream: bool = True
-    # A streamed answer is finished when the generation says so, by its finish_reason; `[DONE]`
-    # alone is a cut stream, retried (a gateway whose upstream broke, and llama.cpp's server
-    # after an error, end with it all the same). True, for a server known to send no
-    # finish_reason: `[DONE]` finishes the answer.
+    # A streamed answer is finished when the generation says so, by its finish_reason, or by
+    # `[DONE]` from a server that never names one; `[DONE]` after chunks whose finish_reason is
+    # null is a cut stream, retried (a gateway whose upstream broke ends with it all the same).
+    # True, for a server known to send null finish_reasons to the end: `[DONE]` finishes it.
     done_ends_answer: bool = False
     allowed_params: list[str] = Field(
         default_factory=lambda: [

@@ -173,8 +173,10 @@ def classify_response(response: httpx.Response, body: bytes, *, log: bool = True
         wait = _stated_wait(response.headers, found)
     if status == 404 and found is None:
         # No error of the API's own (an HTML page, a web framework's `{"detail": "Not Found"}`):
-        # the base URL names no chat-completions endpoint, which the operator fixes; failing it
-        # as the client's unknown model would fail the whole backlog.
+        # most likely a base URL that names no chat-completions endpoint, or a model the
+        # provider does not serve to llmq's account; either way the operator's to fix (the
+        # models are theirs to allow), and failing it as the client's unknown model would
+        # fail the whole backlog.
         return _missing_endpoint(status, log)
     error = _classify(status, names, message, status, wait, log=log)
     # Only an HTTP answer counts: it refused the request before any generation started.
@@ -283,7 +285,10 @@ def _account_error(
 
 
 def _missing_endpoint(status: int, log: bool) -> TransientProviderError:
-    said = "the provider has no chat-completions endpoint at provider.base_url"
+    said = (
+        "the provider answered 404 with no error of its own: check provider.base_url, "
+        "and that the provider serves the model to llmq's account"
+    )
     error = TransientProviderError(f"{said} (HTTP {status})", status)
     error.about_account = True
     _tell_operator(logger.warning, said, status, [], "", log)
@@ -440,6 +445,9 @@ def _error_object(data: dict[str, Any] | None) -> dict[str, Any] | None:
         return {"message": error, "type": data.get("error_type")}
     if data.get("object") == "error":
         return data
+    if isinstance(data.get("error_code"), str) and data["error_code"]:
+        # (Databricks: `{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": …}`)
+        return {"code": data["error_code"], "message": data.get("message")}
     return None
 
 
@@ -794,6 +802,13 @@ class _Stream:
         # Text came after a finish_reason: the server marks chunks before the end.
         self.marks_every_chunk = False
         self.done = False
+        # A chunk's choice named a finish_reason, even null: a server that sends the key and
+        # then [DONE] with none set was cut (one-api relaying a broken upstream); one that never
+        # sends the key (one-api's own Gemini adaptor) finishes with [DONE].
+        self.reason_keyed = False
+        # A chunk carried its text as a `delta`: a `message` after that is the whole answer
+        # again (MiniMax ends its stream so), never more of it.
+        self.deltas = False
         self.usage = Usage()
         self.event = ""
         # The data lines of an event not yet whole (SSE lets one event's data span lines).
@@ -880,8 +895,11 @@ class _Stream:
         had_finished = self.finish_reason is not None
         with_text = False
         for choice in _dicts(chunk.get("choices")):
+            self.reason_keyed = self.reason_keyed or "finish_reason" in choice
             delta = choice.get("delta")
-            if not isinstance(delta, dict):
+            if isinstance(delta, dict):
+                self.deltas = True
+            elif not self.deltas:
                 # (a server that streams each piece as a `message`, as a completion holds it)
                 delta = choice.get("message")
             text = _text(delta.get("content")) if isinstance(delta, dict) else ""
@@ -907,14 +925,16 @@ class _Stream:
                 self.finish_alone = True
 
     def result(self) -> JobResult:
-        # The generation's own finish_reason says it finished; [DONE] alone does not (a gateway
-        # whose upstream broke, and llama.cpp after an error, end with it all the same), unless
-        # the server is known to send none (`provider.done_ends_answer`). Some servers omit
-        # [DONE]. The stream also stopped mid-generation when the server says it gave up on
-        # the request (vLLM's `abort`, or `error`).
+        # The generation's own finish_reason says it finished; [DONE] does too from a server
+        # that never names one, but not after chunks that named it null (a gateway whose
+        # upstream broke ends with [DONE] all the same), unless the server is known to end so
+        # (`provider.done_ends_answer`). Some servers omit [DONE]. The stream also stopped
+        # mid-generation when the server says it gave up on the request (vLLM's `abort`, or
+        # `error`).
         if self.pending and not self.whole:
             raise _malformed()
-        finished = self.finish_reason is not None or (self.done and self.done_ends_answer)
+        done_ends = self.done_ends_answer or not self.reason_keyed
+        finished = self.finish_reason is not None or (self.done and done_ends)
         if not finished or self.finish_reason in _GAVE_UP:
             raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
         return JobResult(output="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage)
@@ -1011,8 +1031,13 @@ async def _lines(response: httpx.Response) -> AsyncIterator[str]:
         length += len(parts[-1])
         if length > _MAX_LINE_CHARS:
             raise _malformed()
-    rest = "".join(line) + decoder.decode(b"", final=True)
-    if rest or held:
+    tail = decoder.decode(b"", final=True)
+    if held:
+        # (the CR ended its line; what the decoder held back is a line of its own)
+        yield "".join(line)
+        line = []
+    rest = "".join(line) + tail
+    if rest:
         yield rest
 
 
