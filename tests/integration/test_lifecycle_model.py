@@ -546,7 +546,11 @@ class ObservedJobRepository(JobRepository):
             carrier=carrier,
             expires_at=expires_at,
         )
-        if recorded:
+        if recorded and status is DeliveryStatus.DELIVERED and attempt is not None:
+            # A success counts its own attempt once: its twin may have counted it failed, and a
+            # later attempt's count stands.
+            self.recorded_deliveries[job_id] = max(self.recorded_deliveries[job_id], attempt.attempt)
+        elif recorded:
             self.recorded_deliveries[job_id] += 1
         return recorded
 

@@ -204,6 +204,40 @@ def test_a_delivery_moves_only_while_pending_and_a_late_success_still_counts(sub
     )
 
 
+@pytest.mark.parametrize(("counted_meanwhile", "expected"), [(3, 3), (4, 4)])
+def test_a_success_counts_its_own_attempt_once_and_never_below_a_later_one(
+    subject: Subject, counted_meanwhile: int, expected: int
+) -> None:
+    # Given a job whose delivery counted two failed attempts
+    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    subject.jobs.fail_leased(claimed, "w1", ERROR)
+
+    def entry(attempt: int, code: int) -> DeliveryAttempt:
+        return DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3)
+
+    for n in range(1, counted_meanwhile + 1):
+        assert subject.jobs.record_delivery(
+            job_id,
+            DeliveryStatus.PENDING,
+            500,
+            1.0,
+            previous_attempts=n - 1,
+            attempt=entry(n, 500),
+            log_seq=n - 1,
+        )
+    # When attempt 3's other POST (its message handed over twice) was answered 200, and its
+    # twin counted attempt 3 failed first (and maybe a later copy counted attempt 4 too)
+    assert subject.jobs.record_delivery(
+        job_id, DeliveryStatus.DELIVERED, 200, previous_attempts=2, attempt=entry(3, 200), log_seq=2
+    )
+    # Then the delivery is delivered, and counts what the receiver saw as rounds
+    found = subject.jobs.find(job_id)
+    assert found is not None
+    assert (found.delivery_status, found.delivery_attempts) == (DeliveryStatus.DELIVERED, expected)
+
+
 def test_the_delivery_log_keeps_the_latest_ten_attempts_across_a_redelivery(subject: Subject) -> None:
     job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
     claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job

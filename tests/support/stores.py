@@ -588,10 +588,14 @@ class InMemoryJobs:
         counted = status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)
         if counted and previous_attempts is not None and old.delivery_attempts != previous_attempts:
             return False
+        # (as the repository: a success counts its own attempt once, never below a later one's)
+        counts_as = attempt.attempt if status is DeliveryStatus.DELIVERED and attempt is not None else None
         changes: dict[str, Any] = {
             "delivery_status": status,
             "delivery_last_status_code": status_code,
-            "delivery_attempts": old.delivery_attempts + 1,
+            "delivery_attempts": old.delivery_attempts + 1
+            if counts_as is None
+            else max(old.delivery_attempts, counts_as),
             "delivery_next_ms": None,
             "delivery_carrier": carrier if status is DeliveryStatus.PENDING else None,
         }

@@ -42,6 +42,7 @@ from llmq.webhooks import (
     WebhookDispatcher,
     WebhookSchedule,
     build_payload,
+    receive_id,
     sign,
     webhook_id,
 )
@@ -1013,4 +1014,66 @@ async def test_a_second_stored_copy_of_the_carrier_never_posts_beside_it_to_a_sl
     assert posts_of_attempt_2 == 1, (
         f"B waited {b_waits.value.delay_seconds:.2f} s and came back {b_back - a_back:.2f} s after A; "
         f"{posts_of_attempt_2} POSTs of attempt 2"
+    )
+
+
+async def test_a_copy_stored_apart_first_received_once_its_attempt_is_due_waits_behind_the_carrier() -> None:
+    # Given a job whose first attempt, made by copy A of message m1 (receipt a1), failed:
+    # attempt 2 is due in 5 s, carried by m1
+    world, body = _pending_job_answered_by()
+    world.receiver = _Hangs()
+    world.dispatcher._transport_factory = world.receiver.transport
+    other = _second_environment(world)
+    start = world.now
+    with pytest.raises(RetryLater) as a_waits:
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="a1")
+    # When A comes back when due and POSTs attempt 2 to a receiver slow to answer
+    world.now = start + math.ceil(a_waits.value.delay_seconds)
+    a_task = asyncio.create_task(
+        world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="a2")
+    )
+    await asyncio.sleep(0.05)
+    # And a second stored copy B of m1 (same MessageId, its own receipt, its FIRST receive)
+    # reaches another environment half a second later
+    world.now += 0.5
+    b_task = asyncio.create_task(other.handle(body, receive_count=1, message_id="m1", receipt="b1"))
+    await asyncio.sleep(0.05)
+    world.receiver.release.set()
+    results = await asyncio.gather(a_task, b_task, return_exceptions=True)
+    posts_of_attempt_2 = len(world.receiver.requests) - 1
+    # Then B (a first receive: never the carrier back from its delay) waits behind the carrier
+    assert posts_of_attempt_2 == 1, f"{posts_of_attempt_2} POSTs of attempt 2; outcomes {results}"
+
+
+async def test_a_late_replay_of_the_carriers_receive_never_makes_an_attempt_nor_delays_the_next() -> None:
+    # Given a job whose first attempt, made by m1's receive r1, failed (attempt 2 due in 5 s)
+    world, body = _pending_job_answered_by()
+    world.receiver = _Hangs()
+    world.dispatcher._transport_factory = world.receiver.transport
+    other = _second_environment(world)
+    start = world.now
+    with pytest.raises(RetryLater) as r1_waits:
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="r1")
+    # When m1 comes back when due (receipt r2) and POSTs attempt 2 to a slow receiver
+    world.now = start + math.ceil(r1_waits.value.delay_seconds)
+    r2_task = asyncio.create_task(
+        world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="r2")
+    )
+    await asyncio.sleep(0.05)
+    # And a late replay of the receive r1 (Lambda or the sandbox handing it over again; its
+    # receipt is stale now) reaches another environment meanwhile
+    world.now += 0.5
+    with pytest.raises(RetryLater):
+        await other.handle(body, receive_count=1, message_id="m1", receipt="r1")
+    world.receiver.release.set()
+    with pytest.raises(RetryLater) as r2_waits:
+        await r2_task
+    # Then the replay POSTed nothing: attempt 2 went once, and was counted by the live receive
+    assert len(world.receiver.requests) == 2
+    job = world.jobs.records["job_1"]
+    assert (job.delivery_attempts, job.delivery_carrier) == (2, receive_id("m1", "r2"))
+    # And that receive (the only one whose ChangeMessageVisibility SQS accepts) brings m1 back
+    # when attempt 3 is due
+    assert world.now + r2_waits.value.delay_seconds == pytest.approx(
+        (job.delivery_next_ms or 0) / 1000, abs=0.01
     )

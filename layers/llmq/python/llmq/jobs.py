@@ -1149,11 +1149,17 @@ class JobRepository:
                 " OR attribute_not_exists(delivery_attempts))" if previous_attempts == 0 else ")"
             )
             values["previous"] = previous_attempts
+        # A success counts its own attempt once: the copy that POSTed it beside this one (one
+        # receive handed over twice, the receiver failing the other POST) may have counted it.
+        counts_as = attempt.attempt if status is DeliveryStatus.DELIVERED and attempt is not None else None
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = now
             condition = "delivery_status IN (:pending, :failed)"
             values["failed"] = DeliveryStatus.FAILED.value
+        if counts_as is not None:
+            adds.remove("delivery_attempts :one")
+            values["attempts"] = counts_as
         due = None
         if status is DeliveryStatus.PENDING:
             wait_ms = int((next_attempt_in_seconds or 0) * 1000)
@@ -1178,23 +1184,34 @@ class JobRepository:
             removes = [*removes, "delivery_next_ms"]
         sets += sweep_sets
         values.update(sweep)
-        expression = f"SET {', '.join(sets)} ADD {', '.join(adds)}"
-        if removes:
-            expression += f" REMOVE {', '.join(removes)}"
+
+        def expression(count: bool) -> str:
+            counted = ["delivery_attempts = :attempts"] if count else []
+            update = f"SET {', '.join(sets + counted)}" + (f" ADD {', '.join(adds)}" if adds else "")
+            return update + (f" REMOVE {', '.join(removes)}" if removes else "")
+
         if keep_for is not None:
             # First: once the attempt is recorded its message hides until the attempt is due,
             # so a keep that failed after it (throttled, or the record's answer lost) would
             # never be written again, and the attempt would find no job. A keep whose record
             # then fails only keeps the job a while longer.
             self._keep_until(job_id, keep_for)
+        # The token check also keeps a retried pending write from counting twice.
+        condition = (
+            f"attribute_exists(pk) AND {condition} AND "
+            "(attribute_not_exists(delivery_write) OR delivery_write <> :token)"
+        )
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
-                UpdateExpression=expression,
-                # The token check also keeps a retried pending write from counting twice.
-                ConditionExpression=f"attribute_exists(pk) AND {condition} AND "
-                "(attribute_not_exists(delivery_write) OR delivery_write <> :token)",
+                UpdateExpression=expression(counts_as is not None),
+                ConditionExpression=condition
+                + (
+                    " AND (attribute_not_exists(delivery_attempts) OR delivery_attempts <= :attempts)"
+                    if counts_as is not None
+                    else ""
+                ),
                 ExpressionAttributeValues=codec.values(**values),
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
@@ -1202,7 +1219,29 @@ class JobRepository:
             if not codec.condition_failed(exc):
                 raise
             old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
-            return bool(old.get("delivery_write", {}).get("S") == token)
+            if old.get("delivery_write", {}).get("S") == token:
+                return True
+            later = int(old.get("delivery_attempts", {}).get("N", "0")) > (counts_as or 0)
+            movable = old.get("delivery_status", {}).get("S") in (values["pending"], values.get("failed"))
+            if counts_as is None or not (later and movable):
+                return False
+            # A late success, after another copy counted a later attempt: it still stands,
+            # and the count stays the later one's.
+            del values["attempts"]
+            try:
+                self._ddb.update_item(
+                    TableName=self.table_name,
+                    Key={"pk": {"S": job_id}},
+                    UpdateExpression=expression(False),
+                    ConditionExpression=condition,
+                    ExpressionAttributeValues=codec.values(**values),
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                )
+            except ClientError as again:
+                if not codec.condition_failed(again):
+                    raise
+                old = again.response.get("Item") or {}  # type: ignore[assignment]
+                return bool(old.get("delivery_write", {}).get("S") == token)
         return True
 
     def _keep_until(self, job_id: str, until_s: int) -> None:

@@ -350,7 +350,9 @@ class WebhookDispatcher:
         message = parse_webhook_message(body)
         receive = receive_id(message_id, receipt)
         if isinstance(message.event, BatchEvent):
-            outcome = await self.deliver_batch(message.job_id, message.event, receive=receive)
+            outcome = await self.deliver_batch(
+                message.job_id, message.event, receive=receive, first_receive=receive_count == 1
+            )
             _observe(message, outcome)
             if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
                 raise RetryLater(f"{message.job_id} {message.event}", outcome.retry_in)
@@ -366,7 +368,7 @@ class WebhookDispatcher:
         return outcome
 
     async def deliver_batch(
-        self, batch_id: str, event: BatchEvent, receive: str | None = None
+        self, batch_id: str, event: BatchEvent, receive: str | None = None, *, first_receive: bool = False
     ) -> DeliveryOutcome:
         """The next attempt of a batch's event: `{"type", "timestamp", "data": <Batch>}`, signed
         and retried like a job's, and counted as a job's is: on the batch (the attempt after
@@ -376,15 +378,19 @@ class WebhookDispatcher:
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
         async with self._one_at_a_time(batch_id):
-            return await self._deliver_batch(batch_id, event, receive)
+            return await self._deliver_batch(batch_id, event, receive, first_receive)
 
-    async def _deliver_batch(self, batch_id: str, event: BatchEvent, receive: str | None) -> DeliveryOutcome:
+    async def _deliver_batch(
+        self, batch_id: str, event: BatchEvent, receive: str | None, first_receive: bool
+    ) -> DeliveryOutcome:
         assert self._batches is not None
         batch = await asyncio.to_thread(self._batches.find, batch_id)
         reason = _why_not_deliver_batch(batch, event, self._clock())
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
-        waits = self._waits_for_the_carrier(batch.delivery_next_ms, batch.delivery_carrier, receive)
+        waits = self._waits_for_the_carrier(
+            batch.delivery_next_ms, batch.delivery_carrier, receive, first_receive=first_receive
+        )
         if waits is not None:
             return waits
         early = self._due_in(batch.delivery_next_ms)
@@ -474,7 +480,7 @@ class WebhookDispatcher:
         """
         event = message.event
         if isinstance(event, BatchEvent):
-            return await self.deliver_batch(message.job_id, event)
+            return await self.deliver_batch(message.job_id, event, receive, first_receive=first_receive)
         if event not in TERMINAL_EVENTS:
             with self._job_event_in_flight(message.job_id):
                 return await self._deliver(message, attempt, first_receive, first_receive, receive)
@@ -678,7 +684,8 @@ class WebhookDispatcher:
           other recorded the attempt moments ago), comes back when the attempt is due: one SQS
           message, whose visibility either copy sets, so no copy lag; the early tolerance is
           for a carrier back from its delay, never for a second POST beside the first.
-        - The carrier's message back from its delay (a new receipt) goes on once it is due.
+        - The carrier's message back from its delay (a new receipt, received before) goes on
+          once it is due.
         - Any other message (a copy SQS stored apart, with the carrier's id and a visibility of
           its own; a copy sent again for the ended job or batch) goes after the carrier, even
           within the tolerance or just past it.
@@ -687,13 +694,23 @@ class WebhookDispatcher:
             return None
         early = self._due_in(next_ms, CARRIER_SKEW_SECONDS)
         if carrier is not None and receive is not None:
-            if receive == carrier and early > 0:
+            with_receipt = _RECEIPT_MARK in receive
+            if receive == carrier and (early > 0 or with_receipt):
+                # (a receive never comes back by itself: this one is a copy of the receive
+                # that made the attempt, handed over again, and never makes the next one; its
+                # receipt still valid, the message comes back when the attempt is due)
                 return DeliveryOutcome(
                     OutcomeKind.RETRY,
-                    retry_in=min(early, self.max_delay_seconds),
+                    retry_in=min(max(early, CARRIER_SKEW_SECONDS), self.max_delay_seconds),
                     reason="this message's attempt is not due yet (it was received twice)",
                 )
-            if _message_of(receive) == _message_of(carrier) and early <= 0:
+            if (
+                _message_of(receive) == _message_of(carrier)
+                and early <= 0
+                and not (first_receive and with_receipt)
+            ):
+                # (the carrier back from its delay: received before; a first receive with the
+                # carrier's id is a copy SQS stored apart)
                 return None
         elif not first_receive:
             # (no carrier named: a record written before carriers were, or a caller without
