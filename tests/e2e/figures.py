@@ -36,6 +36,8 @@ class ProviderCall:
     started_at: float
     ended_at: float
     status: int
+    # Streamed: the content deltas the provider wrote before the answer ended or was hung up on.
+    deltas_sent: int = 0
 
 
 class Figures:
@@ -93,7 +95,13 @@ class Figures:
         """Every call for the job, in the order they arrived."""
         log = httpx.get(f"{self.sandbox.state['provider_url']}/_calls").json()["log"]
         calls = [
-            ProviderCall(entry["job_id"], entry["started_at"], entry["at"], entry["status"])
+            ProviderCall(
+                entry["job_id"],
+                entry["started_at"],
+                entry["at"],
+                entry["status"],
+                entry.get("deltas_sent", 0),
+            )
             for entry in log
             if entry["job_id"] == job_id
         ]

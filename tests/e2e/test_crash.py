@@ -147,8 +147,9 @@ def test_a_job_crashed_on_every_attempt_fails_as_worker_crashed(
     assert all(not record["deleted_message_ids"] for record in records[:2])
     assert records[2]["deleted_message_ids"]
     if outcome == "timeout":
+        # (killed at its timeout: not before it, and long before its message came back)
         for overran in records[:2]:
-            assert overran["duration_seconds"] == pytest.approx(WORKER_TIMEOUT_SECONDS, abs=0.5)
+            assert WORKER_TIMEOUT_SECONDS - 0.5 <= overran["duration_seconds"] < visibility
     # And the message came back only after its visibility timeout each time, not at once.
     # An invocation starts after its receive by the environment's start-up, which on a loaded
     # 2-core machine takes seconds, so the gap between starts may fall short of the full

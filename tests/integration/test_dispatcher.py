@@ -1052,7 +1052,7 @@ def test_a_slow_dns_answer_at_send_counts_in_the_deliverys_time(
     answers = type(stage.dns).__call__
 
     def slow(self: FakeDns, host: str, port: int) -> list[str]:
-        time.sleep(WEBHOOK_OVERHEAD_SECONDS + stage.config.webhooks.timeout_seconds + 1)
+        time.sleep(WEBHOOK_OVERHEAD_SECONDS + stage.config.webhooks.timeout_seconds + 10)
         return answers(self, host, port)
 
     stage.job("/hooks/slow-dns")
