@@ -134,6 +134,7 @@ async def test_retryable_statuses_are_transient_with_retry_after(status, body, h
         (400, "content_filter", ErrorCode.CONTENT_FILTERED),
         (404, "model_not_found", ErrorCode.MODEL_NOT_FOUND),
         (404, "not_found_error", ErrorCode.MODEL_NOT_FOUND),
+        (404, "RESOURCE_DOES_NOT_EXIST", ErrorCode.MODEL_NOT_FOUND),
         (400, "something_else", ErrorCode.INVALID_REQUEST),
         (422, None, ErrorCode.INVALID_REQUEST),
     ],
@@ -428,29 +429,33 @@ async def test_a_stream_with_its_finish_reason_and_no_done_succeeds() -> None:
     assert (result.output, result.finish_reason) == ("hello", "stop")
 
 
-async def test_done_after_text_with_no_finish_reason_is_a_cut_stream_not_a_success() -> None:
+def _keyless(text: str) -> dict[str, Any]:
+    """A chunk of a gateway whose choices never carry the finish_reason key (one-api's own
+    adaptors: Gemini, Baidu, Qwen, Ollama)."""
+    return {"choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+@pytest.mark.parametrize("chunk", [_delta, _keyless], ids=["null finish_reason", "no finish_reason key"])
+async def test_done_after_text_with_no_finish_reason_is_a_cut_stream_not_a_success(
+    chunk: Callable[[str], dict[str, Any]], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # Given a gateway whose upstream broke after two pieces of text: it logs the error and sends
-    # [DONE] all the same (one-api's stream relay does), with no finish_reason anywhere
-    provider = _streaming(_sse(_delta("Once upon a"), _delta(" time there"), "[DONE]"))
+    # [DONE] all the same (one-api's relay and its own adaptors do), with no finish_reason
+    monkeypatch.setattr(providers, "_told_done_without_finish_reason", False)
+    provider = _streaming(_sse(chunk("Once upon a"), chunk(" time there"), "[DONE]"))
     # When the job calls it, then it is retried: half an answer is never a success
     with pytest.raises(TransientProviderError, match="stream ended before the generation finished"):
         await provider.generate(REQUEST, 5)
+    # And the operator's log names the setting for a server that never names a finish_reason
+    assert "provider.done_ends_answer" in caplog.text
 
 
-async def test_done_from_a_server_that_never_names_a_finish_reason_ends_its_answer() -> None:
-    # Given a gateway that never sends the finish_reason key (one-api's own Gemini adaptor):
-    # text chunks, then [DONE]
-    chunks = [
-        {"choices": [{"index": 0, "delta": {"content": text}}]} for text in ("The capital", " is Paris.")
-    ]
-    # When the job calls it, then the whole, paid answer is its result
-    result = await _streaming(_sse(*chunks, "[DONE]")).generate(REQUEST, 5)
-    assert (result.output, result.finish_reason) == ("The capital is Paris.", None)
-
-
-async def test_a_server_known_to_send_no_finish_reason_may_end_its_answer_with_done() -> None:
-    # Given a provider configured as a server that never sends a finish_reason
-    body = _sse(_delta("hello"), "[DONE]")
+@pytest.mark.parametrize("chunk", [_delta, _keyless], ids=["null finish_reason", "no finish_reason key"])
+async def test_a_server_declared_to_name_no_finish_reason_ends_its_answer_with_done(
+    chunk: Callable[[str], dict[str, Any]],
+) -> None:
+    # Given a provider the operator declared as a server that never names a finish_reason
+    body = _sse(chunk("The capital"), chunk(" is Paris."), "[DONE]")
     provider = ChatCompletionsProvider(
         "http://provider.test/v1",
         lambda: "sk-test",
@@ -458,9 +463,21 @@ async def test_a_server_known_to_send_no_finish_reason_may_end_its_answer_with_d
         httpx.MockTransport(lambda request: httpx.Response(200, text=body)),
         done_ends_answer=True,
     )
-    # When the job calls it, then [DONE] finishes the answer
+    # When the job calls it, then [DONE] finishes the answer: the whole, paid answer is kept
     result = await provider.generate(REQUEST, 5)
-    assert (result.output, result.finish_reason) == ("hello", None)
+    assert (result.output, result.finish_reason) == ("The capital is Paris.", None)
+
+
+async def test_a_finish_reason_spelled_finishreason_finishes_the_answer() -> None:
+    # Given a server that names the finish as `finishReason` (Google's OpenAI endpoint in beta)
+    last = {
+        "choices": [
+            {"index": 0, "delta": {"content": " Paris."}, "finish_reason": None, "finishReason": "stop"}
+        ]
+    }
+    # When the job calls it, then the answer is whole
+    result = await _streaming(_sse(_delta("The capital is"), last, "[DONE]")).generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("The capital is Paris.", "stop")
 
 
 @pytest.mark.parametrize(
@@ -1300,6 +1317,9 @@ def test_a_403_content_refusal_keeps_the_providers_reason() -> None:
     [
         ("text/html", b"<html><body>404 Not Found</body></html>"),
         ("application/json", b'{"detail": "Not Found"}'),
+        # (Databricks' REST front, for a path it has no API at)
+        ("application/json", b'{"error_code": "ENDPOINT_NOT_FOUND", "message": "No API found for POST /v1"}'),
+        ("application/json", b'{"error": "Bad Target: /v1/chat/completions"}'),
     ],
 )
 async def test_a_404_with_no_error_of_the_apis_own_is_the_operators_fault_not_the_clients_model(

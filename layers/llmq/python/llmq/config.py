@@ -124,10 +124,12 @@ class ProviderConfig(_Frozen):
     # Off (a provider that cannot stream), a `stream: true` job's output comes all at once,
     # when it ends.
     stream: bool = True
-    # A streamed answer is finished when the generation says so, by its finish_reason, or by
-    # `[DONE]` from a server that never names one; `[DONE]` after chunks whose finish_reason is
-    # null is a cut stream, retried (a gateway whose upstream broke ends with it all the same).
-    # True, for a server known to send null finish_reasons to the end: `[DONE]` finishes it.
+    # A streamed answer is finished when the generation says so, by its finish_reason; `[DONE]`
+    # alone is a cut stream, retried: a gateway whose upstream broke ends with it all the same,
+    # and the bytes cannot tell that from a server that never names a finish_reason. True, for
+    # such a server (one-api's Gemini channel, some local servers): `[DONE]` finishes the
+    # answer, and a cut behind it passes for one. Without it, each of its answers is paid for
+    # `max_attempts` times and fails; the worker logs a warning naming this setting.
     done_ends_answer: bool = False
     allowed_params: list[str] = Field(
         default_factory=lambda: [

@@ -45,6 +45,11 @@ _PERMANENT_CODES = {
     # llama.cpp's server, inside its 200 stream
     "exceed_context_size_error": ErrorCode.CONTEXT_LENGTH_EXCEEDED,
 }
+# The codes by which a 404 says the model is unknown (OpenAI's, vLLM's and Anthropic's error
+# types, Databricks' error_code, lower-cased): any other 404 is the operator's to fix.
+_MODEL_MISSING_CODES = frozenset(
+    {"model_not_found", "notfounderror", "not_found_error", "resource_does_not_exist"}
+)
 # Statuses worth retrying. 401/403 are included: they mean our key is wrong or rotated,
 # which an operator fixes; the job itself is not at fault and should not fail at once. So does
 # 402 (the provider account is out of credit: DeepSeek, OpenRouter), and so does a redirect
@@ -171,12 +176,12 @@ def classify_response(response: httpx.Response, body: bytes, *, log: bool = True
     wait = parse_retry_after(response.headers, time.time())
     if wait is None and status == 429:
         wait = _stated_wait(response.headers, found)
-    if status == 404 and found is None:
-        # No error of the API's own (an HTML page, a web framework's `{"detail": "Not Found"}`):
-        # most likely a base URL that names no chat-completions endpoint, or a model the
-        # provider does not serve to llmq's account; either way the operator's to fix (the
-        # models are theirs to allow), and failing it as the client's unknown model would
-        # fail the whole backlog.
+    if status == 404 and not _MODEL_MISSING_CODES & set(names):
+        # No unknown model named (an HTML page, a web framework's `{"detail": "Not Found"}`, a
+        # gateway's `endpoint_not_found`, a bare error string): most likely a base URL that
+        # names no chat-completions endpoint, or a model the provider does not serve to llmq's
+        # account; either way the operator's to fix (the models are theirs to allow), and
+        # failing it as the client's unknown model would fail the whole backlog.
         return _missing_endpoint(status, log)
     error = _classify(status, names, message, status, wait, log=log)
     # Only an HTTP answer counts: it refused the request before any generation started.
@@ -802,10 +807,6 @@ class _Stream:
         # Text came after a finish_reason: the server marks chunks before the end.
         self.marks_every_chunk = False
         self.done = False
-        # A chunk's choice named a finish_reason, even null: a server that sends the key and
-        # then [DONE] with none set was cut (one-api relaying a broken upstream); one that never
-        # sends the key (one-api's own Gemini adaptor) finishes with [DONE].
-        self.reason_keyed = False
         # A chunk carried its text as a `delta`: a `message` after that is the whole answer
         # again (MiniMax ends its stream so), never more of it.
         self.deltas = False
@@ -895,7 +896,6 @@ class _Stream:
         had_finished = self.finish_reason is not None
         with_text = False
         for choice in _dicts(chunk.get("choices")):
-            self.reason_keyed = self.reason_keyed or "finish_reason" in choice
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 self.deltas = True
@@ -925,16 +925,17 @@ class _Stream:
                 self.finish_alone = True
 
     def result(self) -> JobResult:
-        # The generation's own finish_reason says it finished; [DONE] does too from a server
-        # that never names one, but not after chunks that named it null (a gateway whose
-        # upstream broke ends with [DONE] all the same), unless the server is known to end so
-        # (`provider.done_ends_answer`). Some servers omit [DONE]. The stream also stopped
-        # mid-generation when the server says it gave up on the request (vLLM's `abort`, or
-        # `error`).
+        # The generation's own finish_reason says it finished; [DONE] alone does not: a gateway
+        # whose upstream broke ends with it all the same (one-api's adaptors, whether or not
+        # their chunks name a null finish_reason), and the bytes cannot tell that from a server
+        # that never names one, which the operator declares (`provider.done_ends_answer`).
+        # Some servers omit [DONE]. The stream also stopped mid-generation when the server
+        # says it gave up on the request (vLLM's `abort`, or `error`).
         if self.pending and not self.whole:
             raise _malformed()
-        done_ends = self.done_ends_answer or not self.reason_keyed
-        finished = self.finish_reason is not None or (self.done and done_ends)
+        finished = self.finish_reason is not None or (self.done and self.done_ends_answer)
+        if not finished and self.done and self.parts:
+            _done_without_finish_reason()
         if not finished or self.finish_reason in _GAVE_UP:
             raise TransientProviderError(_STREAM_CUT, code=ErrorCode.PROVIDER_ERROR)
         return JobResult(output="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage)
@@ -1041,6 +1042,22 @@ async def _lines(response: httpx.Response) -> AsyncIterator[str]:
         yield rest
 
 
+_told_done_without_finish_reason = False
+
+
+def _done_without_finish_reason() -> None:
+    """Tell the operator, once per environment, that text ended by [DONE] with no finish_reason
+    is taken for a cut (and retried, paying again): a server that never names one needs
+    `provider.done_ends_answer`."""
+    global _told_done_without_finish_reason
+    if not _told_done_without_finish_reason:
+        _told_done_without_finish_reason = True
+        logger.warning(
+            "the provider ended a stream with [DONE] and no finish_reason: taken for a cut and "
+            "retried; if this provider never names a finish_reason, set provider.done_ends_answer"
+        )
+
+
 def _error_line(data: str) -> object:
     """What an `error:` line says: its JSON object's error, or its text."""
     found = _json_object(data.encode())
@@ -1132,5 +1149,6 @@ def _parse_completion(body: bytes) -> JobResult:
 
 
 def _reason(choice: dict[str, Any]) -> str | None:
-    reason = choice.get("finish_reason")
+    # (`finishReason`: Google's OpenAI-compatible endpoint, in its beta, named it so)
+    reason = choice.get("finish_reason") or choice.get("finishReason")
     return printable(reason) if isinstance(reason, str) and reason else None
