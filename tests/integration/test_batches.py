@@ -1918,3 +1918,36 @@ def test_a_batch_without_a_results_file_whose_end_was_applied_unanswered_still_s
     assert _held(harness, url) == 0
     events = [json.loads(m["Body"]) for m in harness.receive(harness.stack.webhook_queue_url)]
     assert (stored.webhook_sent, events) == (True, [{"job_id": batch_id, "event": "batch.completed"}])
+
+
+def test_a_late_batch_success_after_a_later_attempt_was_counted_still_settles_the_delivery(
+    harness: Harness, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch whose event's receiver answers 200
+    path = "/r164-batch-late/ok"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    # And this copy's POST of attempt 1 slow to be answered: meanwhile its twin (the same receive
+    # handed over twice) counted attempt 1 failed (a 500), and the carrier, back 5 s later,
+    # counted attempt 2 failed too, before this copy's 200 is recorded
+    batches = dispatcher.dispatcher()._batches
+    record = batches.record_delivery
+
+    def twin_and_carrier_first(batch_id: str, status: Any, code: Any, attempts: int, *rest: Any) -> bool:
+        due = int((time.time() + 300) * 1000)
+        assert record(batch_id, DeliveryStatus.PENDING, 500, attempts, None, due), "the twin's attempt 1"
+        assert record(batch_id, DeliveryStatus.PENDING, 500, attempts + 1, None, due), (
+            "the carrier's attempt 2"
+        )
+        return record(batch_id, status, code, attempts, *rest)
+
+    monkeypatch.setattr(batches, "record_delivery", twin_and_carrier_first)
+    _dispatch_all(harness, dispatcher)
+    monkeypatch.setattr(batches, "record_delivery", record)
+    # Then, as for a job, the receiver's 200 settles the delivery: it is not POSTed again at
+    # attempt 3, nor failed at the end
+    stored = _stored(harness, batch_id)
+    assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [200]
+    assert stored.delivery_status is DeliveryStatus.DELIVERED, (
+        f"the batch's delivery is {stored.delivery_status} with {stored.delivery_attempts} attempts "
+        "after the receiver answered 200"
+    )

@@ -93,6 +93,7 @@ from llmq.telemetry import logger
 from llmq.tenants import TenantIdentity, TenantRepository
 from llmq.webhooks import OutcomeKind, WebhookDispatcher, webhook_id
 from tests.conftest import MotoStack, create_llmq_resources
+from tests.support.stores import counted_after
 
 # 120 under `make test` (about a minute); `make fuzz` runs 2,000.
 EXAMPLES = int(os.environ.get("LLMQ_MODEL_EXAMPLES", "120"))
@@ -546,12 +547,11 @@ class ObservedJobRepository(JobRepository):
             carrier=carrier,
             expires_at=expires_at,
         )
-        if recorded and status is DeliveryStatus.DELIVERED and attempt is not None:
-            # A success counts its own attempt once: its twin may have counted it failed, and a
-            # later attempt's count stands.
-            self.recorded_deliveries[job_id] = max(self.recorded_deliveries[job_id], attempt.attempt)
-        elif recorded:
-            self.recorded_deliveries[job_id] += 1
+        if recorded:
+            # (as the in-memory store counts: a final answer counts its own attempt once)
+            self.recorded_deliveries[job_id] = counted_after(
+                self.recorded_deliveries[job_id], status, attempt
+            )
         return recorded
 
     def claim(

@@ -238,6 +238,51 @@ def test_a_success_counts_its_own_attempt_once_and_never_below_a_later_one(
     assert (found.delivery_status, found.delivery_attempts) == (DeliveryStatus.DELIVERED, expected)
 
 
+def test_a_410_counts_its_own_attempt_once_and_a_late_success_counts_once_in_a_new_round(
+    subject: Subject,
+) -> None:
+    # Given a job whose delivery counted attempts 1 and 2, and its twin's 500 for attempt 3
+    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    subject.jobs.fail_leased(claimed, "w1", ERROR)
+
+    def entry(attempt: int, code: int) -> DeliveryAttempt:
+        return DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3)
+
+    def record(status: DeliveryStatus, code: int, attempt: int) -> bool:
+        return subject.jobs.record_delivery(
+            job_id,
+            status,
+            code,
+            1.0,
+            previous_attempts=attempt - 1,
+            attempt=entry(attempt, code),
+            log_seq=attempt - 1,
+        )
+
+    for n in (1, 2, 3):
+        assert record(DeliveryStatus.PENDING, 500, n)
+    # When attempt 3's other POST is answered 410 Gone
+    assert record(DeliveryStatus.DISABLED, 410, 3)
+    # Then the delivery is disabled after three attempts, as the receiver saw them
+    found = subject.jobs.find(job_id)
+    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
+        DeliveryStatus.DISABLED,
+        3,
+    )
+    # And in a redelivery's round, after its attempt 1, a late 200 to the old round's attempt 4
+    # counts as one more attempt of the new round, not as the old round's number
+    subject.jobs.mark_delivery_pending(job_id, "ten_acme")
+    assert record(DeliveryStatus.PENDING, 500, 1)
+    assert record(DeliveryStatus.DELIVERED, 200, 4)
+    found = subject.jobs.find(job_id)
+    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
+        DeliveryStatus.DELIVERED,
+        2,
+    )
+
+
 def test_the_delivery_log_keeps_the_latest_ten_attempts_across_a_redelivery(subject: Subject) -> None:
     job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
     claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job

@@ -112,6 +112,20 @@ class _Share:
             self.active -= 1
 
 
+def counted_after(stored: int, status: DeliveryStatus, attempt: DeliveryAttempt | None) -> int:
+    """The delivery's count after a recorded outcome, as the repository counts it: a final
+    answer (a success, a 410) counts its own attempt once (the count is its number, unless a
+    later attempt was counted, or a redelivery's round began since: then one more), and a 410
+    with no attempt made counts none; any other outcome counts one."""
+    if status not in (DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED):
+        return stored + 1
+    if attempt is None:
+        return stored if status is DeliveryStatus.DISABLED else stored + 1
+    if attempt.attempt - 1 <= stored <= attempt.attempt:
+        return attempt.attempt
+    return stored if stored > attempt.attempt else stored + 1
+
+
 class InMemoryJobs:
     """The jobs table and its sparse reconciler index (`due`: job id → sweep_at)."""
 
@@ -588,14 +602,10 @@ class InMemoryJobs:
         counted = status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)
         if counted and previous_attempts is not None and old.delivery_attempts != previous_attempts:
             return False
-        # (as the repository: a success counts its own attempt once, never below a later one's)
-        counts_as = attempt.attempt if status is DeliveryStatus.DELIVERED and attempt is not None else None
         changes: dict[str, Any] = {
             "delivery_status": status,
             "delivery_last_status_code": status_code,
-            "delivery_attempts": old.delivery_attempts + 1
-            if counts_as is None
-            else max(old.delivery_attempts, counts_as),
+            "delivery_attempts": counted_after(old.delivery_attempts, status, attempt),
             "delivery_next_ms": None,
             "delivery_carrier": carrier if status is DeliveryStatus.PENDING else None,
         }

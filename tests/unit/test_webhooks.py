@@ -12,6 +12,7 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -1076,4 +1077,187 @@ async def test_a_late_replay_of_the_carriers_receive_never_makes_an_attempt_nor_
     # when attempt 3 is due
     assert world.now + r2_waits.value.delay_seconds == pytest.approx(
         (job.delivery_next_ms or 0) / 1000, abs=0.01
+    )
+
+
+class _TwinsThen(FakeReceiver):
+    """500 to the first POST (attempt 1). Then the two copies of one receive POST attempt 2,
+    both in before either is answered: the first gets 500 at once, the second `second` a
+    moment later (after the first recorded)."""
+
+    def __init__(self, second: httpx.Response) -> None:
+        super().__init__()
+        self.second = second
+        self.both_in = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        n = len(self.requests)
+        if n == 1:
+            return httpx.Response(500)
+        if n >= 3:
+            self.both_in.set()
+        await asyncio.wait_for(self.both_in.wait(), 5)
+        if n == 2:
+            return httpx.Response(500)
+        await asyncio.sleep(0.2)
+        return self.second
+
+
+async def _twins_answered(second: httpx.Response) -> tuple[World, list[Any]]:
+    world, body = _pending_job_answered_by()
+    world.receiver = _TwinsThen(second)
+    world.dispatcher._transport_factory = world.receiver.transport
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="r1")
+    world.now += SCHEDULE[0]
+    other = _second_environment(world)
+    results = await asyncio.gather(
+        world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="r2"),
+        other.handle(body, receive_count=2, message_id="m1", receipt="r2"),
+        return_exceptions=True,
+    )
+    return world, results
+
+
+async def test_a_410_beside_its_twins_500_counts_the_attempt_once() -> None:
+    # Given attempt 1 failed, and the one receive that carries attempt 2 handed to two
+    # environments (the accepted duplicate POST of attempt 2): one answered 500 (recorded
+    # first, count 2), the other 410 Gone a moment later
+    world, _ = await _twins_answered(httpx.Response(410))
+    job = world.jobs.records["job_1"]
+    assert len(world.receiver.requests) == 3  # attempt 1, and attempt 2 twice
+    assert job.delivery_status is DeliveryStatus.DISABLED
+    # Then the receiver saw two attempts (1 and 2): the count says so, as it does for a 200
+    assert job.delivery_attempts == 2, f"delivery.attempts = {job.delivery_attempts} after attempts 1 and 2"
+
+
+async def test_a_200_beside_its_twins_500_counts_the_attempt_once() -> None:
+    # Given the same twins, the second answered 200: the count is the receiver's too
+    world, _ = await _twins_answered(httpx.Response(200))
+    job = world.jobs.records["job_1"]
+    assert job.delivery_status is DeliveryStatus.DELIVERED
+    assert job.delivery_attempts == 2
+
+
+class _RetryAfterThenHangs(FakeReceiver):
+    """503 with a long Retry-After to the first POST; every later POST hangs until released."""
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__()
+        self.retry_after = retry_after
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) > 1:
+            await self.release.wait()
+        return httpx.Response(503, headers={"retry-after": self.retry_after})
+
+
+async def test_a_stored_copy_never_posts_beside_the_carrier_after_a_long_retry_after() -> None:
+    # Given a job whose first attempt, made by copy A of m1 (receipt a1), was answered 503 with
+    # Retry-After: 86400 (a receiver down for a day of maintenance): attempt 2 is due after the
+    # longest visibility the dispatcher asks for (42000 s), carried by m1
+    world, body = _pending_job_answered_by()
+    world.receiver = _RetryAfterThenHangs("86400")
+    world.dispatcher._transport_factory = world.receiver.transport
+    other = _second_environment(world)
+    start = world.now
+    with pytest.raises(RetryLater) as a_waits:
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="a1")
+    # And a second stored copy B of m1 (same MessageId, its own receipt and visibility), first
+    # received a second later in another environment: it waits behind the carrier
+    world.now = start + 1
+    with pytest.raises(RetryLater) as b_waits:
+        await other.handle(body, receive_count=1, message_id="m1", receipt="b1")
+    a_back = start + math.ceil(a_waits.value.delay_seconds)
+    b_back = start + 1 + math.ceil(b_waits.value.delay_seconds)
+    # When A comes back for attempt 2 and POSTs it to a receiver slow to answer (< 15 s), and B
+    # comes back when it asked to
+    world.now = a_back
+    a_task = asyncio.create_task(
+        world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="a2")
+    )
+    await asyncio.sleep(0.05)
+    world.now = b_back
+    b_task = asyncio.create_task(other.handle(body, receive_count=2, message_id="m1", receipt="b2"))
+    await asyncio.sleep(0.05)
+    world.receiver.release.set()
+    await asyncio.gather(a_task, b_task, return_exceptions=True)
+    # Then attempt 2 was POSTed once (B came back the copy lag after the carrier)
+    posts_of_attempt_2 = len(world.receiver.requests) - 1
+    assert posts_of_attempt_2 == 1, (
+        f"A asked {a_waits.value.delay_seconds:.0f} s, B {b_waits.value.delay_seconds:.0f} s (its wait cut "
+        f"to the 12-hour cap); B came back {b_back - a_back:.0f} s after A and, a non-first receive of "
+        f"the carrier's id at/after due, took itself for the carrier: {posts_of_attempt_2} POSTs of attempt 2"
+    )
+
+
+class _FirstHangsThen200(FakeReceiver):
+    """The first POST hangs until released, then 200; every later POST is answered 500."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) == 1:
+            await self.release.wait()
+            return httpx.Response(200)
+        return httpx.Response(500)
+
+
+async def test_a_redelivery_mid_round_counts_its_own_round_not_the_old_rounds_late_success() -> None:
+    # Given a job whose delivery counted 4 failed attempts; its carrier m1 is back for attempt 5
+    # and POSTs it to a receiver slow to answer
+    world, body = _pending_job_answered_by()
+    world.receiver = _FirstHangsThen200()
+    world.dispatcher._transport_factory = world.receiver.transport
+    job = world.jobs.records["job_1"]
+    world.jobs.records["job_1"] = job.model_copy(
+        update={
+            "delivery_attempts": 4,
+            "delivery_next_ms": int(world.now * 1000),
+            "delivery_carrier": receive_id("m1", "r4"),
+        }
+    )
+    old = asyncio.create_task(world.dispatcher.handle(body, receive_count=5, message_id="m1", receipt="r5"))
+    await asyncio.sleep(0.05)
+    # When the integrator asks for a redelivery meanwhile (POST /v1/jobs/{id}/webhook/redeliver:
+    # a new round, delivery.attempts 0), whose message m2 makes the new round's attempt 1 (500)
+    world.jobs.mark_delivery_pending("job_1", "ten_acme")
+    other = _second_environment(world)
+    with pytest.raises(RetryLater):
+        await other.handle(body, receive_count=1, message_id="m2", receipt="q1")
+    assert world.jobs.records["job_1"].delivery_attempts == 1
+    # And the old round's attempt 5 is then answered 200
+    world.receiver.release.set()
+    await asyncio.gather(old, return_exceptions=True)
+    job = world.jobs.records["job_1"]
+    assert job.delivery_status is DeliveryStatus.DELIVERED
+    # Then the round's count is what the receiver saw in it (its attempt 1, and the 200), not
+    # the old round's number
+    assert job.delivery_attempts <= 2, (
+        f"delivery.attempts = {job.delivery_attempts} for a redelivered round of 2 POSTs; "
+        f"log: {[(a.attempt, a.status_code) for a in job.delivery_log]}"
+    )
+
+
+async def test_the_carrier_back_a_little_early_by_another_clock_waits_only_until_due() -> None:
+    # Given a job whose first attempt, made by m1's receive r1, failed: attempt 2 due in 5 s
+    world, body = _pending_job_answered_by(httpx.Response(500))
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="r1")
+    due_s = (world.jobs.records["job_1"].delivery_next_ms or 0) / 1000
+    # When m1 comes back (receipt r2) to an environment whose clock reads half a second behind
+    # the recording one (CARRIER_SKEW_SECONDS is 0.25 s)
+    world.now = due_s - 0.5
+    with pytest.raises(RetryLater) as waited:
+        await world.dispatcher.handle(body, receive_count=2, message_id="m1", receipt="r2")
+    # Then it waits until its attempt is due, not the copy lag behind itself
+    assert waited.value.delay_seconds <= 1.0, (
+        f"the carrier waited {waited.value.delay_seconds:.1f} s for an attempt due in 0.5 s "
+        f"(copy lag {world.dispatcher.copy_lag_seconds:.0f} s)"
     )

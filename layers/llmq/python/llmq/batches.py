@@ -1035,7 +1035,7 @@ class BatchRepository:
             keep_until_s = next_attempt_at_ms // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
             if self.now_ms() // 1000 < expires_at < keep_until_s:
                 self._keep_until(batch_id, keep_until_s)
-        sets = ["delivery_status = :status", "delivery_attempts = :attempts"]
+        sets = ["delivery_status = :status"]
         values: dict[str, Any] = {
             "status": status.value,
             "attempts": attempts,
@@ -1079,32 +1079,63 @@ class BatchRepository:
         token = codec.write_token("delivery")
         sets.append("delivery_write = :token")
         values["token"] = token
-        update = f"SET {', '.join(sets)}" + (f" REMOVE {', '.join(removes)}" if removes else "")
-        if attempt is not None:
-            update += f" ADD {codec.DELIVERY_LOG_SEQ} :one"
-            values["one"] = 1
+
+        def update(count: str) -> str:
+            written = f"SET {', '.join([*sets, f'delivery_attempts = {count}'])}"
+            written += f" REMOVE {', '.join(removes)}" if removes else ""
+            return written + (f" ADD {codec.DELIVERY_LOG_SEQ} :one" if attempt is not None else "")
+
+        values["one"] = 1
         condition = "delivery_status = :pending AND delivery_attempts = :previous"
-        if status is DeliveryStatus.DELIVERED:
-            # A success counts even after another copy counted the same attempt failed (or
-            # gave up on it), as a job's does; never over a later attempt's count.
-            condition = "delivery_status IN (:pending, :failed) AND delivery_attempts <= :attempts"
+        final = status in (DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED)
+        if final:
+            # A final answer (a success, a 410) counts its own attempt once, even after another
+            # copy counted the same attempt failed (or gave up on it), as a job's does; and a
+            # success after the delivery failed still counts.
+            movable = ":pending, :failed" if status is DeliveryStatus.DELIVERED else ":pending"
             values["failed"] = DeliveryStatus.FAILED.value
-            del values["previous"]  # (DynamoDB refuses a value no expression names)
+            condition = (
+                f"delivery_status IN ({movable}) AND delivery_attempts BETWEEN :previous AND :attempts"
+            )
+        old = self._record_delivery_write(batch_id, update(":attempts"), condition, values, token)
+        if old is None or not final:
+            return old is None
+        stored = int(old.get("delivery_attempts", {}).get("N", "0"))
+        moves = old.get("delivery_status", {}).get("S") in (
+            (values["pending"], values["failed"])
+            if status is DeliveryStatus.DELIVERED
+            else (values["pending"],)
+        )
+        if not moves or attempts - 1 <= stored <= attempts:
+            return False
+        # Another copy counted a later attempt since (the count stays its), or a redelivery
+        # started a new round since this attempt was read (it counts as one of that round's):
+        # the answer stands either way, while the count is still what was read.
+        values["stored"] = stored
+        values["next_count"] = stored if stored > attempts else stored + 1
+        condition = f"delivery_status IN ({movable}) AND delivery_attempts = :stored"
+        return self._record_delivery_write(batch_id, update(":next_count"), condition, values, token) is None
+
+    def _record_delivery_write(
+        self, batch_id: str, update: str, condition: str, values: dict[str, Any], token: str
+    ) -> dict[str, Any] | None:
+        """One delivery record's UpdateItem: None when it was applied (or was this one's own
+        write, applied with its answer lost), else the item as its condition found it."""
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
                 UpdateExpression=update,
                 ConditionExpression=condition,
-                ExpressionAttributeValues=codec.values(**values),
+                ExpressionAttributeValues=codec.values(**codec.named_values(values, update, condition)),
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
-            if codec.condition_failed(exc):
-                old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
-                return bool(old.get("delivery_write", {}).get("S") == token)
-            raise
-        return True
+            if not codec.condition_failed(exc):
+                raise
+            old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
+            return None if old.get("delivery_write", {}).get("S") == token else old
+        return None
 
     def _keep_until(self, batch_id: str, until_s: int) -> None:
         """The batch is kept until `until_s` at least (its retention only ever moves out). Its

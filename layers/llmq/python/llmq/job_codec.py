@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from typing import Any
 
@@ -125,6 +126,13 @@ def plain(item: dict[str, Any]) -> dict[str, Any]:
 def record_size(record: JobRecord) -> int:
     """The record's size as DynamoDB counts it (names plus UTF-8 values), index attributes aside."""
     return item_size_bytes(to_item(record))
+
+
+def named_values(values: dict[str, Any], *expressions: str) -> dict[str, Any]:
+    """The `values` the expressions name, as `values` makes them (DynamoDB refuses a value
+    none of them names)."""
+    names = set(re.findall(r":(\w+)", " ".join(expressions)))
+    return {name: value for name, value in values.items() if name in names}
 
 
 def values(**named: Any) -> dict[str, Any]:

@@ -1149,17 +1149,21 @@ class JobRepository:
                 " OR attribute_not_exists(delivery_attempts))" if previous_attempts == 0 else ")"
             )
             values["previous"] = previous_attempts
-        # A success counts its own attempt once: the copy that POSTed it beside this one (one
-        # receive handed over twice, the receiver failing the other POST) may have counted it.
-        counts_as = attempt.attempt if status is DeliveryStatus.DELIVERED and attempt is not None else None
+        # A final answer (a success, a 410) counts its own attempt once: the copy that POSTed it
+        # beside this one (one receive handed over twice, the receiver failing the other POST)
+        # may have counted it. One with no attempt (410 to an earlier event) counts none.
+        final = status in (DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED)
+        counts_as = attempt.attempt if final and attempt is not None else None
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = now
             condition = "delivery_status IN (:pending, :failed)"
             values["failed"] = DeliveryStatus.FAILED.value
-        if counts_as is not None:
+        if counts_as is not None or (status is DeliveryStatus.DISABLED and attempt is None):
             adds.remove("delivery_attempts :one")
+        if counts_as is not None:
             values["attempts"] = counts_as
+            values["before"] = counts_as - 1
         due = None
         if status is DeliveryStatus.PENDING:
             wait_ms = int((next_attempt_in_seconds or 0) * 1000)
@@ -1185,9 +1189,8 @@ class JobRepository:
         sets += sweep_sets
         values.update(sweep)
 
-        def expression(count: bool) -> str:
-            counted = ["delivery_attempts = :attempts"] if count else []
-            update = f"SET {', '.join(sets + counted)}" + (f" ADD {', '.join(adds)}" if adds else "")
+        def expression(sets: list[str], adds: list[str]) -> str:
+            update = f"SET {', '.join(sets)}" + (f" ADD {', '.join(adds)}" if adds else "")
             return update + (f" REMOVE {', '.join(removes)}" if removes else "")
 
         if keep_for is not None:
@@ -1201,47 +1204,66 @@ class JobRepository:
             f"attribute_exists(pk) AND {condition} AND "
             "(attribute_not_exists(delivery_write) OR delivery_write <> :token)"
         )
+        if counts_as is None:
+            return self._record_delivery_write(job_id, expression(sets, adds), condition, values, token)
+        # Its own attempt, or the one before it: the count is this attempt's number.
+        counted = (
+            condition
+            + " AND (delivery_attempts BETWEEN :before AND :attempts"
+            + (" OR attribute_not_exists(delivery_attempts))" if counts_as == 1 else ")")
+        )
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
-                UpdateExpression=expression(counts_as is not None),
-                ConditionExpression=condition
-                + (
-                    " AND (attribute_not_exists(delivery_attempts) OR delivery_attempts <= :attempts)"
-                    if counts_as is not None
-                    else ""
-                ),
-                ExpressionAttributeValues=codec.values(**values),
+                UpdateExpression=(update := expression([*sets, "delivery_attempts = :attempts"], adds)),
+                ConditionExpression=counted,
+                ExpressionAttributeValues=codec.values(**codec.named_values(values, update, counted)),
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+            return True
+        except ClientError as exc:
+            if not codec.condition_failed(exc):
+                raise
+            old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
+        if old.get("delivery_write", {}).get("S") == token:
+            return True
+        movable = {values["pending"], values.get("failed", values["pending"])}
+        if old.get("delivery_status", {}).get("S") not in movable:
+            return False
+        stored = int(old.get("delivery_attempts", {}).get("N", "0"))
+        del values["attempts"], values["before"]
+        values["stored"] = stored
+        # Another copy counted a later attempt since (the count stays its), or a redelivery
+        # started a new round since this attempt was read (it counts as one of that round's):
+        # the answer stands either way, while the count is still what was read.
+        return self._record_delivery_write(
+            job_id,
+            expression(sets, adds if stored > counts_as else [*adds, "delivery_attempts :one"]),
+            condition + " AND delivery_attempts = :stored",
+            values,
+            token,
+        )
+
+    def _record_delivery_write(
+        self, job_id: str, update: str, condition: str, values: dict[str, Any], token: str
+    ) -> bool:
+        """One delivery record's UpdateItem: False when its condition refused it, unless the
+        write it refused was this one's own, applied with its answer lost."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": job_id}},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeValues=codec.values(**codec.named_values(values, update, condition)),
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except ClientError as exc:
             if not codec.condition_failed(exc):
                 raise
             old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
-            if old.get("delivery_write", {}).get("S") == token:
-                return True
-            later = int(old.get("delivery_attempts", {}).get("N", "0")) > (counts_as or 0)
-            movable = old.get("delivery_status", {}).get("S") in (values["pending"], values.get("failed"))
-            if counts_as is None or not (later and movable):
-                return False
-            # A late success, after another copy counted a later attempt: it still stands,
-            # and the count stays the later one's.
-            del values["attempts"]
-            try:
-                self._ddb.update_item(
-                    TableName=self.table_name,
-                    Key={"pk": {"S": job_id}},
-                    UpdateExpression=expression(False),
-                    ConditionExpression=condition,
-                    ExpressionAttributeValues=codec.values(**values),
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
-            except ClientError as again:
-                if not codec.condition_failed(again):
-                    raise
-                old = again.response.get("Item") or {}  # type: ignore[assignment]
-                return bool(old.get("delivery_write", {}).get("S") == token)
+            return bool(old.get("delivery_write", {}).get("S") == token)
         return True
 
     def _keep_until(self, job_id: str, until_s: int) -> None:

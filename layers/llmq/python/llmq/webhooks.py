@@ -397,7 +397,7 @@ class WebhookDispatcher:
         if early > 0:
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early + self.copy_lag_seconds, self.max_delay_seconds),
+                retry_in=self._behind(early),
                 reason="the next attempt is not due yet",
             )
         attempt = batch.delivery_attempts + 1
@@ -455,14 +455,24 @@ class WebhookDispatcher:
         one SQS message, whose visibility this copy's change sets last."""
         due_in = (next_ms or 0) / 1000 - self._clock()
         if receive is not None and receive == carrier:
-            wait = max(due_in, CARRIER_SKEW_SECONDS)
+            wait = min(max(due_in, CARRIER_SKEW_SECONDS), self.max_delay_seconds)
         else:
-            wait = max(due_in + self.copy_lag_seconds, EARLY_TOLERANCE_SECONDS)
+            wait = max(self._behind(due_in), EARLY_TOLERANCE_SECONDS)
         return DeliveryOutcome(
             OutcomeKind.RETRY,
-            retry_in=min(wait, self.max_delay_seconds),
+            retry_in=wait,
             reason="another copy counted this attempt; this one waits for the next",
         )
+
+    def _behind(self, due_in: float) -> float:
+        """How long a copy waits to come back after the carrier of an attempt due in `due_in`
+        seconds: the copy lag after it is due; or, when SQS cannot hide the copy that long (a
+        Retry-After of many hours), long before it is due, to wait behind it again then (a copy
+        brought back by the cap would come beside the carrier and take itself for it)."""
+        wait = due_in + self.copy_lag_seconds
+        if wait <= self.max_delay_seconds:
+            return wait
+        return max(due_in - self.copy_lag_seconds, EARLY_TOLERANCE_SECONDS)
 
     async def deliver(
         self,
@@ -604,7 +614,7 @@ class WebhookDispatcher:
             # until after the message that carries that attempt, which it then finds settled.
             return DeliveryOutcome(
                 OutcomeKind.RETRY,
-                retry_in=min(early + self.copy_lag_seconds, self.max_delay_seconds),
+                retry_in=self._behind(early),
                 reason="the next attempt is not due yet",
             )
         attempt = attempt or (job.delivery_attempts + 1 if terminal else 1)
@@ -704,24 +714,27 @@ class WebhookDispatcher:
                     retry_in=min(max(early, CARRIER_SKEW_SECONDS), self.max_delay_seconds),
                     reason="this message's attempt is not due yet (it was received twice)",
                 )
-            if (
-                _message_of(receive) == _message_of(carrier)
-                and early <= 0
-                and not (first_receive and with_receipt)
-            ):
-                # (the carrier back from its delay: received before; a first receive with the
-                # carrier's id is a copy SQS stored apart)
-                return None
+            if _message_of(receive) == _message_of(carrier) and not (first_receive and with_receipt):
+                # The carrier back from its delay (received before; a first receive with the
+                # carrier's id is a copy SQS stored apart): it goes on once the attempt is due,
+                # and waits until then when another environment's clock brings it back a
+                # little early (never the copy lag: it is the carrier).
+                if early <= 0:
+                    return None
+                if early <= EARLY_TOLERANCE_SECONDS:
+                    return DeliveryOutcome(
+                        OutcomeKind.RETRY, retry_in=early, reason="the next attempt is not due yet"
+                    )
         elif not first_receive:
             # (no carrier named: a record written before carriers were, or a caller without
             # ids; a message received before is taken for the carrier)
             return None
-        behind = next_ms / 1000 + self.copy_lag_seconds - self._clock()
-        if behind <= 0:
+        due_in = next_ms / 1000 - self._clock()
+        if due_in + self.copy_lag_seconds <= 0:
             return None
         return DeliveryOutcome(
             OutcomeKind.RETRY,
-            retry_in=min(behind, self.max_delay_seconds),
+            retry_in=self._behind(due_in),
             reason="a copy waits for the message that carries the scheduled attempt",
         )
 
