@@ -53,7 +53,7 @@ from llmq.queues import MAX_SEND_DELAY_SECONDS, announce_terminal
 from llmq.shares import ShareState, deferral_seconds
 from llmq.slot_handoff import HandoffKey, Sibling, SlotHandoff
 from llmq.sqs_edge import PoisonMessage, RetryLater
-from llmq.telemetry import JOB_OUTCOME_METRICS, MetricName, emit_job_metric, error_fields, logger
+from llmq.telemetry import MetricName, count_outcome, emit_job_metric, error_fields, logger
 
 # Time kept back from the provider call so the worker can still record the outcome, through
 # a throttle or two: fifteen seconds, or a quarter of the invocation's whole time for very
@@ -1378,8 +1378,8 @@ class JobRunner:
         the terminal write left the delivery pending in the reconciler's index."""
         if job is None:
             return
-        if job.status.is_terminal and not counted:
-            emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
+        if not counted:
+            count_outcome(job.status, job.lane)
         carry = self.config.webhooks.trust_carried_job
         try:
             if invocation is None:
@@ -1571,6 +1571,6 @@ def webhook_maybe_lost(job: JobRecord, now_ms: int, config: LlmqConfig | None) -
 
 def _announced(queues: QueueStore, job: JobRecord | None) -> JobRecord | None:
     if job is not None and job.status.is_terminal:
-        emit_job_metric(JOB_OUTCOME_METRICS[job.status], 1, job.lane)
+        count_outcome(job.status, job.lane)
         announce_terminal(queues, job)
     return job

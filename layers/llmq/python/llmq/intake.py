@@ -35,7 +35,7 @@ from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
 from llmq.request_rules import check_job_request
-from llmq.telemetry import MetricName, emit_count, error_fields, fingerprint, logger
+from llmq.telemetry import MetricName, count_outcome, emit_count, error_fields, fingerprint, logger
 from llmq.tenants import TenantIdentity
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -413,6 +413,7 @@ class JobIntake:
         """The event of a job this request ended. If SQS will not take it, its delivery stays
         pending and the reconciler sends it: answering an error here would make the client's
         retry a 409 for a job that ended."""
+        count_outcome(job.status, job.lane)
         try:
             announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
         except Exception as exc:

@@ -23,7 +23,7 @@ from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
-from llmq.telemetry import logger, reconcile_fault
+from llmq.telemetry import count_outcome, logger, reconcile_fault
 
 
 @dataclass
@@ -297,8 +297,7 @@ class Reconciler:
         if error is not None:
             failed = self.jobs.fail_unleased(job, error)
             if failed is not None:
-                announce_terminal(self.queues, failed, carry=self.config.webhooks.trust_carried_job)
-                item_ended(None, self.queues, failed)
+                self._ended(failed)
                 # (canceled instead: a cancel asked since the job was read)
                 ended = report.canceled if failed.status is JobStatus.CANCELED else report.recovered
                 ended.append(entry.job_id)
@@ -306,17 +305,32 @@ class Reconciler:
         self._requeue(job, entry, report)
 
     def _requeue(self, job: JobRecord, entry: SweepEntry, report: ReconcileReport) -> None:
-        """The job, its lease lapsed, back to queued with its slot given back, and a message."""
+        """The job, its lease lapsed, back to queued with its slot given back, and a message.
+
+        The message goes first: a recovery applied with its answer lost, or a run cut between
+        the two, must not leave the job queued with no message of its own, which only a lane
+        that shows a deficit would make up for. (A message that finds the job still running,
+        its recovery refused or not yet made, takes the lapsed lease over as any claim does.)"""
+        try:
+            self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
+        except Exception as exc:
+            unsent: Exception | None = exc
+        else:
+            unsent = None
         recovered = self.jobs.recover(job)
         if recovered is None:
             return
-        try:
-            self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
-        except Exception:
+        if unsent is not None:
             # Queued again with no message: first in line for the next run's missing messages.
             self.jobs.sweep_first(job.id)
-            raise
+            raise unsent
         report.recovered.append(entry.job_id)
+
+    def _ended(self, job: JobRecord) -> None:
+        """A job this run ended: counted, its terminal event sent, its batch told."""
+        count_outcome(job.status, job.lane)
+        announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
+        item_ended(None, self.queues, job)
 
     def _expire(self, entry: SweepEntry, report: ReconcileReport) -> None:
         # (one found only after its retention still ends, and frees its tenant's quota)
@@ -330,8 +344,7 @@ class Reconciler:
             return
         expired = self.jobs.expire(job, deadline_error(job)) if job is not None else None
         if expired is not None:
-            announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
-            item_ended(None, self.queues, expired)
+            self._ended(expired)
             report.expired.append(entry.job_id)
 
     def _record_parked(self, job: JobRecord, report: ReconcileReport, *, ends: bool) -> bool:
@@ -342,8 +355,7 @@ class Reconciler:
         recorded = self.offload.record_parked(self.jobs, job, ends=ends)
         if recorded is None:
             return False
-        announce_terminal(self.queues, recorded, carry=self.config.webhooks.trust_carried_job)
-        item_ended(None, self.queues, recorded)
+        self._ended(recorded)
         report.recovered.append(job.id)
         return True
 
@@ -360,8 +372,7 @@ class Reconciler:
             canceled = expired.status is JobStatus.CANCELED  # (a cancel asked since the read)
             if not canceled:
                 logger.warning("job expired at the end of its retention", extra={"job_id": job.id})
-            announce_terminal(self.queues, expired, carry=self.config.webhooks.trust_carried_job)
-            item_ended(None, self.queues, expired)
+            self._ended(expired)
             (report.canceled if canceled else report.expired).append(job.id)
 
     def _cancel(self, job: JobRecord, report: ReconcileReport) -> None:
@@ -369,8 +380,7 @@ class Reconciler:
         and the dead-letter function would end it."""
         canceled = self.jobs.cancel_unleased(job)
         if canceled is not None:
-            announce_terminal(self.queues, canceled, carry=self.config.webhooks.trust_carried_job)
-            item_ended(None, self.queues, canceled)
+            self._ended(canceled)
             report.canceled.append(job.id)
 
 

@@ -127,6 +127,14 @@ def emit_job_metric(name: MetricName, value: float, lane: str) -> None:
         metric.add_dimension(name="lane", value=lane)
 
 
+def count_outcome(status: JobStatus, lane: str) -> None:
+    """One terminal job in `lane`, counted by whatever write ended it (a worker, the
+    reconciler, the dead-letter function, a client's cancel); nothing for one not terminal."""
+    name = JOB_OUTCOME_METRICS.get(status)
+    if name is not None:
+        emit_job_metric(name, 1, lane)
+
+
 def emit_count(name: MetricName) -> None:
     """One occurrence of `name`, with the service dimension only, written at once.
 

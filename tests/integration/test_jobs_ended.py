@@ -1,0 +1,150 @@
+"""Every job ended is counted once among the job outcomes, whoever ends it (the reconciler, a
+client's cancel, a dead letter whose write's answer was lost), and a recovered job always has a
+message to run again by, however the recovery was cut short."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from llmq import aws
+from llmq.jobs import JobRepository
+from llmq.offload import Offload
+from llmq.payloads import PayloadStore
+from llmq.policy import ClaimOutcome
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
+from llmq.telemetry import MetricName
+from tests.aws_faults import AwsFaults, FaultKind
+from tests.integration.harness import ENTERPRISE, Harness, emitted_metrics
+
+TENANT = (ENTERPRISE["tenant_id"], "high")
+
+
+def _reconciler(harness: Harness, offset: list[float]) -> Reconciler:
+    stack = harness.stack
+    return Reconciler(
+        JobRepository(
+            stack.jobs_table,
+            harness.config,
+            dynamodb=aws.client("dynamodb"),
+            clock=lambda: time.time() + offset[0],
+        ),
+        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
+        harness.config,
+        offload=Offload(PayloadStore(stack.payload_bucket, s3=aws.client("s3")), harness.config),
+    )
+
+
+def _purge(harness: Harness) -> None:
+    url = harness.stack.lane_queue_urls["high"]
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _crashed(harness: Harness, job_id: str, attempts: int | None = None) -> None:
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "crashed-worker", 0.2, TENANT).outcome is ClaimOutcome.CLAIMED
+    if attempts is not None:
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": job_id}},
+            UpdateExpression="SET attempts = :n",
+            ExpressionAttributeValues={":n": {"N": str(attempts)}},
+        )
+    time.sleep(0.3)
+
+
+def _status(harness: Harness, job_id: str) -> dict[str, Any]:
+    return dict(harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body)
+
+
+# ---- outcomes the reconciler and the api write ---------------------------------------------
+
+
+def test_a_crashed_job_the_reconciler_fails_counts_as_failed(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a job whose worker crashed on its last attempt (its message gone)
+    job_id = harness.submit().body["id"]
+    _purge(harness)
+    _crashed(harness, job_id, attempts=harness.config.max_attempts)
+    capsys.readouterr()
+    # When the reconciler finds its lease lapsed and fails it
+    report = _reconciler(harness, [1.0]).run()
+    assert report.recovered == [job_id]
+    assert (_status(harness, job_id)["status"], _status(harness, job_id)["error"]["code"]) == (
+        "failed",
+        "worker_crashed",
+    )
+    # Then it is one JobFailed of its lane, as when a worker's claim or the dead-letter
+    # function fails the same job (the JobsFailing alarm and the "Job outcomes" graph)
+    assert len(emitted_metrics(capsys.readouterr().out, MetricName.JOB_FAILED)) == 1
+
+
+def test_a_queued_job_the_reconciler_expires_at_its_deadline_counts_as_expired(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a queued job with a 5 s deadline, behind a backlog
+    job_id = harness.submit(deadline_seconds=5).body["id"]
+    capsys.readouterr()
+    # When the reconciler's run after the deadline ends it expired
+    assert _reconciler(harness, [6.0]).run().expired == [job_id]
+    # Then it is one JobExpired (a worker's claim that expires it counts one)
+    assert len(emitted_metrics(capsys.readouterr().out, MetricName.JOB_EXPIRED)) == 1
+
+
+def test_a_queued_job_the_client_cancels_counts_as_canceled(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job_id = harness.submit().body["id"]
+    capsys.readouterr()
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 200
+    assert _status(harness, job_id)["status"] == "canceled"
+    assert len(emitted_metrics(capsys.readouterr().out, MetricName.JOB_CANCELED)) == 1
+
+
+# ---- a recovery whose answer was lost ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["recover-answer-lost", "send-throttled"])
+def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Harness, fault: str) -> None:
+    # Given a crashed job whose own message is gone (acknowledged as leased elsewhere when it
+    # came back just before the lease lapsed), and another job of the lane with a second copy
+    # of its message on its way, so that the lane's depth equals its unfinished jobs
+    url = harness.stack.lane_queue_urls["high"]
+    crashed = harness.submit().body["id"]
+    other = harness.submit().body["id"]
+    _purge(harness)
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    queues.enqueue_job(other, "high", TENANT[0])
+    queues.enqueue_job(other, "high", TENANT[0])
+    _crashed(harness, crashed)
+    offset = [1.0]
+    reconciler = _reconciler(harness, offset)
+    # When the reconciler's recovery of the lapsed lease is cut short: its transaction applied
+    # and its answer lost (or, for comparison, the new message's send refused by SQS)
+    faults = AwsFaults()
+    if fault == "recover-answer-lost":
+        armed = faults.arm(FaultKind.APPLIED_LOST, "dynamodb.TransactWriteItems")
+    else:
+        armed = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage")
+    try:
+        reconciler.run()
+    finally:
+        faults.disarm()
+    assert faults.fired_for(armed)
+    assert _status(harness, crashed)["status"] == "queued"  # its slot is back, either way
+    # And the reconciler runs on, an hour of runs
+    for _ in range(12):
+        offset[0] += harness.config.reconciler.stale_queued_seconds + 1
+        reconciler.run()
+    # Then the crashed job has a message to be run again by (sent before the recovery, or, the
+    # send refused, first in line for the next run's; never left to a deficit the depth hides)
+    bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
+    assert crashed in bodies, bodies
