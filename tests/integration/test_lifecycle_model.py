@@ -169,7 +169,7 @@ LEGAL_MOVES = {
 DELIVERY_MOVES: dict[DeliveryStatus | None, set[DeliveryStatus | None]] = {
     None: {DeliveryStatus.PENDING},
     DeliveryStatus.PENDING: {DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.DISABLED},
-    DeliveryStatus.FAILED: {DeliveryStatus.DELIVERED},
+    DeliveryStatus.FAILED: {DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED},
     DeliveryStatus.DELIVERED: set(),
     DeliveryStatus.DISABLED: set(),
 }

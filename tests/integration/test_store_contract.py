@@ -271,6 +271,15 @@ def test_a_410_counts_its_own_attempt_once_and_a_late_success_counts_once_in_a_n
         DeliveryStatus.DISABLED,
         3,
     )
+    # And a 410 to the last attempt, beside its twin's give-up, still turns it disabled
+    subject.jobs.mark_delivery_pending(job_id, "ten_acme")
+    assert record(DeliveryStatus.FAILED, 500, 1)
+    assert record(DeliveryStatus.DISABLED, 410, 1)
+    found = subject.jobs.find(job_id)
+    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
+        DeliveryStatus.DISABLED,
+        1,
+    )
     # And in a redelivery's round, after its attempt 1, a late 200 to the old round's attempt 4
     # counts as one more attempt of the new round, not as the old round's number
     subject.jobs.mark_delivery_pending(job_id, "ten_acme")

@@ -595,8 +595,8 @@ class InMemoryJobs:
     ) -> bool:
         old = self.records.get(job_id)
         movable = {DeliveryStatus.PENDING}
-        if status is DeliveryStatus.DELIVERED:
-            movable.add(DeliveryStatus.FAILED)  # a late success still counts
+        if status is DeliveryStatus.DELIVERED or (status is DeliveryStatus.DISABLED and attempt is not None):
+            movable.add(DeliveryStatus.FAILED)  # a late answer to an attempt still counts
         if old is None or old.delivery_status not in movable:
             return False
         counted = status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED)

@@ -1261,3 +1261,59 @@ async def test_the_carrier_back_a_little_early_by_another_clock_waits_only_until
         f"the carrier waited {waited.value.delay_seconds:.1f} s for an attempt due in 0.5 s "
         f"(copy lag {world.dispatcher.copy_lag_seconds:.0f} s)"
     )
+
+
+class _TwinsAtLast(FakeReceiver):
+    """The two copies of one receive POST the last attempt: the first gets 500 at once, the
+    second `second` a moment later (after the first recorded)."""
+
+    def __init__(self, second: httpx.Response) -> None:
+        super().__init__()
+        self.second = second
+        self.both_in = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        n = len(self.requests)
+        if n >= 2:
+            self.both_in.set()
+        await asyncio.wait_for(self.both_in.wait(), 5)
+        if n == 1:
+            return httpx.Response(500)
+        await asyncio.sleep(0.2)
+        return self.second
+
+
+@pytest.mark.parametrize("second", [200, 410])
+async def test_a_final_answer_beside_its_twins_500_to_the_last_attempt_settles_the_delivery(
+    second: int,
+) -> None:
+    # Given a job whose delivery counted attempts 1..3 (SCHEDULE has 3 retries: attempt 4 is
+    # the last), its carrier m1 due now; that one receive is handed to two environments
+    world, body = _pending_job_answered_by()
+    world.receiver = _TwinsAtLast(httpx.Response(second))
+    world.dispatcher._transport_factory = world.receiver.transport
+    last = len(SCHEDULE)
+    job = world.jobs.records["job_1"]
+    world.jobs.records["job_1"] = job.model_copy(
+        update={
+            "delivery_attempts": last,
+            "delivery_next_ms": int(world.now * 1000),
+            "delivery_carrier": receive_id("m1", "r3"),
+        }
+    )
+    other = _second_environment(world)
+    await asyncio.gather(
+        world.dispatcher.handle(body, receive_count=4, message_id="m1", receipt="r4"),
+        other.handle(body, receive_count=4, message_id="m1", receipt="r4"),
+        return_exceptions=True,
+    )
+    assert len(world.receiver.requests) == 2
+    job = world.jobs.records["job_1"]
+    # Then the receiver's final answer settles the delivery, as a 200 does after its twin's
+    # give-up (a 410 is as final as a 200: "stop sending")
+    expected = DeliveryStatus.DELIVERED if second == 200 else DeliveryStatus.DISABLED
+    assert (job.delivery_status, job.delivery_attempts) == (expected, last + 1), (
+        f"the receiver answered {second} to attempt {last + 1}; the delivery shows "
+        f"{job.delivery_status.value} after {job.delivery_attempts}"
+    )

@@ -1090,22 +1090,17 @@ class BatchRepository:
         final = status in (DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED)
         if final:
             # A final answer (a success, a 410) counts its own attempt once, even after another
-            # copy counted the same attempt failed (or gave up on it), as a job's does; and a
-            # success after the delivery failed still counts.
-            movable = ":pending, :failed" if status is DeliveryStatus.DELIVERED else ":pending"
+            # copy counted the same attempt failed (or gave up on it), as a job's does; and it
+            # still counts after the delivery failed.
             values["failed"] = DeliveryStatus.FAILED.value
             condition = (
-                f"delivery_status IN ({movable}) AND delivery_attempts BETWEEN :previous AND :attempts"
+                "delivery_status IN (:pending, :failed) AND delivery_attempts BETWEEN :previous AND :attempts"
             )
         old = self._record_delivery_write(batch_id, update(":attempts"), condition, values, token)
         if old is None or not final:
             return old is None
         stored = int(old.get("delivery_attempts", {}).get("N", "0"))
-        moves = old.get("delivery_status", {}).get("S") in (
-            (values["pending"], values["failed"])
-            if status is DeliveryStatus.DELIVERED
-            else (values["pending"],)
-        )
+        moves = old.get("delivery_status", {}).get("S") in (values["pending"], values["failed"])
         if not moves or attempts - 1 <= stored <= attempts:
             return False
         # Another copy counted a later attempt since (the count stays its), or a redelivery
@@ -1113,7 +1108,7 @@ class BatchRepository:
         # the answer stands either way, while the count is still what was read.
         values["stored"] = stored
         values["next_count"] = stored if stored > attempts else stored + 1
-        condition = f"delivery_status IN ({movable}) AND delivery_attempts = :stored"
+        condition = "delivery_status IN (:pending, :failed) AND delivery_attempts = :stored"
         return self._record_delivery_write(batch_id, update(":next_count"), condition, values, token) is None
 
     def _record_delivery_write(

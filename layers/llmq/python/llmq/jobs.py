@@ -1157,6 +1157,9 @@ class JobRepository:
         if status is DeliveryStatus.DELIVERED:
             sets.append("delivered_ms = :now")
             values["now"] = now
+        if status is DeliveryStatus.DELIVERED or counts_as is not None:
+            # (a late answer to an attempt still counts after the delivery failed: a success,
+            # or a 410 to the last attempt beside its twin's 500)
             condition = "delivery_status IN (:pending, :failed)"
             values["failed"] = DeliveryStatus.FAILED.value
         if counts_as is not None or (status is DeliveryStatus.DISABLED and attempt is None):
