@@ -144,7 +144,7 @@ def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Ha
     for _ in range(12):
         offset[0] += harness.config.reconciler.stale_queued_seconds + 1
         reconciler.run()
-    # Then the crashed job has a message to be run again by (sent before the recovery, or, the
-    # send refused, first in line for the next run's; never left to a deficit the depth hides)
+    # Then the crashed job has a message to be run again by (first in line for the next run's
+    # missing messages, either way; never left to a deficit the lane's depth hides)
     bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
     assert crashed in bodies, bodies

@@ -8,6 +8,7 @@ job is stale, and re-sending them all would multiply the lane's messages run aft
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -307,23 +308,25 @@ class Reconciler:
     def _requeue(self, job: JobRecord, entry: SweepEntry, report: ReconcileReport) -> None:
         """The job, its lease lapsed, back to queued with its slot given back, and a message.
 
-        The message goes first: a recovery applied with its answer lost, or a run cut between
-        the two, must not leave the job queued with no message of its own, which only a lane
-        that shows a deficit would make up for. (A message that finds the job still running,
-        its recovery refused or not yet made, takes the lapsed lease over as any claim does.)"""
+        Whatever keeps the message from going (SQS refusing it, or the recovery raising after
+        it may have been applied, its answer lost) leaves the job first in line for the next
+        run's missing messages (`sweep_first`, nothing unless the job is queued), rather than
+        to a deficit the lane's depth may hide. (The message goes after the recovery: one that
+        found the item of a canceling batch still running would be acknowledged unclaimed.)"""
         try:
-            self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
-        except Exception as exc:
-            unsent: Exception | None = exc
-        else:
-            unsent = None
-        recovered = self.jobs.recover(job)
+            recovered = self.jobs.recover(job)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.jobs.sweep_first(job.id)
+            raise
         if recovered is None:
             return
-        if unsent is not None:
+        try:
+            self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
+        except Exception:
             # Queued again with no message: first in line for the next run's missing messages.
             self.jobs.sweep_first(job.id)
-            raise unsent
+            raise
         report.recovered.append(entry.job_id)
 
     def _ended(self, job: JobRecord) -> None:
