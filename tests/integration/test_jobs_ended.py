@@ -148,3 +148,47 @@ def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Ha
     # missing messages, either way; never left to a deficit the lane's depth hides)
     bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
     assert crashed in bodies, bodies
+
+
+class _LambdaTimedOut(BaseException):
+    """The reconciler's invocation killed at its timeout (nothing in the process runs on)."""
+
+
+def test_a_recovered_job_whose_reconciler_run_was_cut_before_the_send_still_gets_a_message(
+    harness: Harness,
+) -> None:
+    # Given the same crashed job and a lane whose depth equals its unfinished jobs
+    url = harness.stack.lane_queue_urls["high"]
+    crashed = harness.submit().body["id"]
+    other = harness.submit().body["id"]
+    _purge(harness)
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    queues.enqueue_job(other, "high", TENANT[0])
+    queues.enqueue_job(other, "high", TENANT[0])
+    _crashed(harness, crashed)
+    offset = [1.0]
+    reconciler = _reconciler(harness, offset)
+    # When the reconciler's invocation times out right after the recovery's transaction, before
+    # the message is sent
+    lanes = reconciler._sends._queues  # type: ignore[attr-defined]
+    real_enqueue = lanes.enqueue_job
+
+    def killed(job_id: str, *args: object, **kwargs: object) -> None:
+        if job_id == crashed:
+            lanes.enqueue_job = real_enqueue
+            raise _LambdaTimedOut()
+        real_enqueue(job_id, *args, **kwargs)
+
+    lanes.enqueue_job = killed
+    with pytest.raises(_LambdaTimedOut):
+        reconciler.run()
+    assert _status(harness, crashed)["status"] == "queued"
+    # And the reconciler runs on, an hour of runs
+    for _ in range(12):
+        offset[0] += harness.config.reconciler.stale_queued_seconds + 1
+        reconciler.run()
+    # Then the crashed job has a message to run again by (its entry was first in line)
+    bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
+    assert crashed in bodies, (crashed, bodies)

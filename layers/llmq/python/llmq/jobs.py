@@ -873,10 +873,14 @@ class JobRepository:
 
     def recover(self, job: JobRecord) -> JobRecord | None:
         """A running job whose worker vanished (its lease lapsed) goes back to queued and gives
-        its slot back; its attempt stays counted. None when it moved on meanwhile."""
+        its slot back; its attempt stays counted. None when it moved on meanwhile.
+
+        Its sweep entry goes first in line (`sweep_first`) in the same write: it has no message
+        until the caller sends one, and then postpones the entry (`postpone_sweep`), so no
+        fault or cut in between leaves it queued with no message for the lane's deficit to hide."""
         now = self.now_ms()
         token = codec.write_token("recover")
-        sets, _, sweep = self._sweep(job.id, self._queued_due(now, job.deadline_ms))
+        sets, _, sweep = self._sweep(job.id, SWEEP_FIRST_MS)
         update = self._job_update(
             job.id,
             f"SET #st = :queued, last_write = :token, {', '.join(sets)} "

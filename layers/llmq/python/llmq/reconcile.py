@@ -8,7 +8,6 @@ job is stale, and re-sending them all would multiply the lane's messages run aft
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -24,7 +23,7 @@ from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
-from llmq.telemetry import count_outcome, logger, reconcile_fault
+from llmq.telemetry import count_outcome, error_fields, logger, reconcile_fault
 
 
 @dataclass
@@ -308,26 +307,30 @@ class Reconciler:
     def _requeue(self, job: JobRecord, entry: SweepEntry, report: ReconcileReport) -> None:
         """The job, its lease lapsed, back to queued with its slot given back, and a message.
 
-        Whatever keeps the message from going (SQS refusing it, or the recovery raising after
-        it may have been applied, its answer lost) leaves the job first in line for the next
-        run's missing messages (`sweep_first`, nothing unless the job is queued), rather than
-        to a deficit the lane's depth may hide. (The message goes after the recovery: one that
-        found the item of a canceling batch still running would be acknowledged unclaimed.)"""
-        try:
-            recovered = self.jobs.recover(job)
-        except Exception:
-            with contextlib.suppress(Exception):
-                self.jobs.sweep_first(job.id)
-            raise
+        The recovery leaves its sweep entry first in line, so that whatever keeps the message
+        from going (SQS refusing it, the recovery's answer lost, the run cut in between) leaves
+        it to the next run's missing messages rather than to a deficit the lane's depth may
+        hide; once the message went, the entry waits as any queued job's does. (The message
+        goes after the recovery: one that found the item of a canceling batch still running
+        would be acknowledged unclaimed.)"""
+        recovered = self.jobs.recover(job)
         if recovered is None:
             return
-        try:
-            self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
-        except Exception:
-            # Queued again with no message: first in line for the next run's missing messages.
-            self.jobs.sweep_first(job.id)
-            raise
+        self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=recovered.redrive_round)
         report.recovered.append(entry.job_id)
+        try:
+            self.jobs.postpone_sweep(
+                job.id,
+                self.config.reconciler.stale_queued_seconds,
+                status=JobStatus.QUEUED,
+                seen_at=SWEEP_FIRST_MS,
+                not_after_ms=job.deadline_ms,
+            )
+        except Exception as exc:
+            # (left first in line: the next run sends it one more message, which a claim absorbs)
+            logger.warning(
+                "recovered job's sweep entry not postponed", extra={"job_id": job.id, **error_fields(exc)}
+            )
 
     def _ended(self, job: JobRecord) -> None:
         """A job this run ended: counted, its terminal event sent, its batch told."""
