@@ -16,7 +16,7 @@ from moto import mock_aws
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost
-from llmq.jobs import SWEEP_FIRST_MS, JobRepository
+from llmq.jobs import SWEEP_RECOVERED_MS, JobRepository
 from llmq.live_output import OutputChunk
 from llmq.models import (
     DeliveryAttempt,
@@ -354,10 +354,10 @@ def test_a_queued_job_is_due_for_the_sweep_by_its_deadline(subject: Subject, que
         else:
             subject.clock.advance(LEASE_SECONDS + 1)
             assert subject.jobs.recover(claimed) is not None
-            # (first in line until the reconciler sent its message, then postponed as it does)
-            assert [entry.job_id for entry in subject.jobs.sweep(SWEEP_FIRST_MS, 10)] == [job_id]
+            # (at the front until the reconciler sent its message, then postponed as it does)
+            assert [entry.job_id for entry in subject.jobs.sweep(SWEEP_RECOVERED_MS, 10)] == [job_id]
             assert subject.jobs.postpone_sweep(
-                job_id, 300, status=JobStatus.QUEUED, seen_at=SWEEP_FIRST_MS, not_after_ms=deadline_ms
+                job_id, 300, status=JobStatus.QUEUED, seen_at=SWEEP_RECOVERED_MS, not_after_ms=deadline_ms
             )
     if queued_by == "postpone":
         assert subject.jobs.postpone_sweep(job_id, 600, status=JobStatus.QUEUED, not_after_ms=deadline_ms)

@@ -31,7 +31,7 @@ from llmq.errors import (
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
-from llmq.jobs import SWEEP_FIRST_MS, Admission, Created, RetentionDue, SweepEntry
+from llmq.jobs import SWEEP_RECOVERED_MS, Admission, Created, RetentionDue, SweepEntry
 from llmq.live_output import OutputChunk, OutputHead
 from llmq.models import (
     EVENT_FOR_STATUS,
@@ -531,7 +531,7 @@ class InMemoryJobs:
         old = self.records.get(job.id)
         if old is None or old.status is not JobStatus.RUNNING or not self._unleased(old):
             return None
-        self.due[job.id] = SWEEP_FIRST_MS  # (first in line until its message is sent, as the repository)
+        self.due[job.id] = SWEEP_RECOVERED_MS  # (to the front until its message is sent, as the repository)
         self.shares[old.tenant_id].leave(old, ends=False)
         return self._put(
             old,

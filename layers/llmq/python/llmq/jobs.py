@@ -115,8 +115,12 @@ class SweepEntry:
     batch: bool = False
 
 
-# A sweep entry due before any other (`JobRepository.sweep_first`).
+# A sweep entry due before any other (`JobRepository.sweep_first`): a queued job whose message
+# is known lost.
 SWEEP_FIRST_MS = 1
+# A recovered job's entry until the reconciler has sent its message and postponed it
+# (`JobRepository.recover`): due as soon, but its message may have gone.
+SWEEP_RECOVERED_MS = 2
 
 
 class RetentionDue(Exception):
@@ -875,12 +879,13 @@ class JobRepository:
         """A running job whose worker vanished (its lease lapsed) goes back to queued and gives
         its slot back; its attempt stays counted. None when it moved on meanwhile.
 
-        Its sweep entry goes first in line (`sweep_first`) in the same write: it has no message
-        until the caller sends one, and then postpones the entry (`postpone_sweep`), so no
-        fault or cut in between leaves it queued with no message for the lane's deficit to hide."""
+        Its sweep entry goes to the front (`SWEEP_RECOVERED_MS`) in the same write: it has no
+        message until the caller sends one, and then postpones the entry (`postpone_sweep`), so
+        no fault or cut in between leaves it queued with no message for the lane's deficit to
+        hide."""
         now = self.now_ms()
         token = codec.write_token("recover")
-        sets, _, sweep = self._sweep(job.id, SWEEP_FIRST_MS)
+        sets, _, sweep = self._sweep(job.id, SWEEP_RECOVERED_MS)
         update = self._job_update(
             job.id,
             f"SET #st = :queued, last_write = :token, {', '.join(sets)} "

@@ -17,7 +17,7 @@ from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_record import JobRecord
-from llmq.jobs import SWEEP_FIRST_MS, RetentionDue, SweepEntry
+from llmq.jobs import SWEEP_FIRST_MS, SWEEP_RECOVERED_MS, RetentionDue, SweepEntry
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
 from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
@@ -171,9 +171,14 @@ class Reconciler:
             # message is known lost (`sweep_first`) takes one whatever the lane's depth says: a
             # depth that also counts messages on their way out (a deferred record's original,
             # acknowledged only with its whole batch) can hide the loss run after run.
+            # A recovered job whose message may have gone (its postpone not written) takes one
+            # too, but not one of the lane's missing messages: those are another job's, if its
+            # message went.
             known_lost = entry.sweep_at == SWEEP_FIRST_MS
-            if deficits[entry.lane] > 0 or known_lost:
-                deficits[entry.lane] = max(0, deficits[entry.lane] - 1)
+            recovered = entry.sweep_at == SWEEP_RECOVERED_MS
+            if deficits[entry.lane] > 0 or known_lost or recovered:
+                if not recovered:
+                    deficits[entry.lane] = max(0, deficits[entry.lane] - 1)
                 job = self.jobs.find(entry.job_id)
                 if job is not None and job.status is JobStatus.QUEUED:
                     try:
@@ -323,7 +328,7 @@ class Reconciler:
                 job.id,
                 self.config.reconciler.stale_queued_seconds,
                 status=JobStatus.QUEUED,
-                seen_at=SWEEP_FIRST_MS,
+                seen_at=SWEEP_RECOVERED_MS,
                 not_after_ms=job.deadline_ms,
             )
         except Exception as exc:
