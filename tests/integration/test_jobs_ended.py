@@ -110,12 +110,10 @@ def test_a_queued_job_the_client_cancels_counts_as_canceled(
 # ---- a recovery whose answer was lost ------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["recover-answer-lost", "send-throttled"])
-def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Harness, fault: str) -> None:
-    # Given a crashed job whose own message is gone (acknowledged as leased elsewhere when it
-    # came back just before the lease lapsed), and another job of the lane with a second copy
-    # of its message on its way, so that the lane's depth equals its unfinished jobs
-    url = harness.stack.lane_queue_urls["high"]
+def _crashed_behind_a_matched_lane(harness: Harness) -> str:
+    """A crashed job whose own message is gone (acknowledged as leased elsewhere when it came back
+    just before the lease lapsed), and another job of the lane with a second copy of its message
+    on its way, so that the lane's depth equals its unfinished jobs: the crashed job's id."""
     crashed = harness.submit().body["id"]
     other = harness.submit().body["id"]
     _purge(harness)
@@ -125,6 +123,20 @@ def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Ha
     queues.enqueue_job(other, "high", TENANT[0])
     queues.enqueue_job(other, "high", TENANT[0])
     _crashed(harness, crashed)
+    return crashed
+
+
+def _an_hour_of_runs(harness: Harness, reconciler: Reconciler, offset: list[float]) -> None:
+    for _ in range(12):
+        offset[0] += harness.config.reconciler.stale_queued_seconds + 1
+        reconciler.run()
+
+
+@pytest.mark.parametrize("fault", ["recover-answer-lost", "send-throttled"])
+def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Harness, fault: str) -> None:
+    # Given a crashed job whose own message is gone, in a lane whose depth equals its unfinished jobs
+    url = harness.stack.lane_queue_urls["high"]
+    crashed = _crashed_behind_a_matched_lane(harness)
     offset = [1.0]
     reconciler = _reconciler(harness, offset)
     # When the reconciler's recovery of the lapsed lease is cut short: its transaction applied
@@ -141,9 +153,7 @@ def test_a_recovered_job_gets_a_message_whatever_the_lane_depth_says(harness: Ha
     assert faults.fired_for(armed)
     assert _status(harness, crashed)["status"] == "queued"  # its slot is back, either way
     # And the reconciler runs on, an hour of runs
-    for _ in range(12):
-        offset[0] += harness.config.reconciler.stale_queued_seconds + 1
-        reconciler.run()
+    _an_hour_of_runs(harness, reconciler, offset)
     # Then the crashed job has a message to be run again by (first in line for the next run's
     # missing messages, either way; never left to a deficit the lane's depth hides)
     bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
@@ -159,15 +169,7 @@ def test_a_recovered_job_whose_reconciler_run_was_cut_before_the_send_still_gets
 ) -> None:
     # Given the same crashed job and a lane whose depth equals its unfinished jobs
     url = harness.stack.lane_queue_urls["high"]
-    crashed = harness.submit().body["id"]
-    other = harness.submit().body["id"]
-    _purge(harness)
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
-    queues.enqueue_job(other, "high", TENANT[0])
-    queues.enqueue_job(other, "high", TENANT[0])
-    _crashed(harness, crashed)
+    crashed = _crashed_behind_a_matched_lane(harness)
     offset = [1.0]
     reconciler = _reconciler(harness, offset)
     # When the reconciler's invocation times out right after the recovery's transaction, before
@@ -186,9 +188,7 @@ def test_a_recovered_job_whose_reconciler_run_was_cut_before_the_send_still_gets
         reconciler.run()
     assert _status(harness, crashed)["status"] == "queued"
     # And the reconciler runs on, an hour of runs
-    for _ in range(12):
-        offset[0] += harness.config.reconciler.stale_queued_seconds + 1
-        reconciler.run()
+    _an_hour_of_runs(harness, reconciler, offset)
     # Then the crashed job has a message to run again by (its entry was first in line)
     bodies = [json.loads(message["Body"])["job_id"] for message in harness.receive(url)]
     assert crashed in bodies, (crashed, bodies)

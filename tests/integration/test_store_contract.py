@@ -204,92 +204,66 @@ def test_a_delivery_moves_only_while_pending_and_a_late_success_still_counts(sub
     )
 
 
+def _failed_with_a_pending_webhook(subject: Subject) -> str:
+    """A job that failed with its job.failed webhook pending, no attempt counted yet."""
+    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    subject.jobs.fail_leased(claimed, "w1", ERROR)
+    return job_id
+
+
+def _record_attempt(subject: Subject, job_id: str, status: DeliveryStatus, code: int, attempt: int) -> bool:
+    """The dispatcher's record of attempt `attempt`, answered `code`, read after the one before."""
+    entry = DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3)
+    return subject.jobs.record_delivery(
+        job_id, status, code, 1.0, previous_attempts=attempt - 1, attempt=entry, log_seq=attempt - 1
+    )
+
+
+def _delivery(subject: Subject, job_id: str) -> tuple[DeliveryStatus | None, int]:
+    found = subject.jobs.find(job_id)
+    assert found is not None
+    return found.delivery_status, found.delivery_attempts
+
+
 @pytest.mark.parametrize(("counted_meanwhile", "expected"), [(3, 3), (4, 4)])
 def test_a_success_counts_its_own_attempt_once_and_never_below_a_later_one(
     subject: Subject, counted_meanwhile: int, expected: int
 ) -> None:
     # Given a job whose delivery counted two failed attempts
-    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
-    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
-    assert claimed is not None
-    subject.jobs.fail_leased(claimed, "w1", ERROR)
-
-    def entry(attempt: int, code: int) -> DeliveryAttempt:
-        return DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3)
-
+    job_id = _failed_with_a_pending_webhook(subject)
     for n in range(1, counted_meanwhile + 1):
-        assert subject.jobs.record_delivery(
-            job_id,
-            DeliveryStatus.PENDING,
-            500,
-            1.0,
-            previous_attempts=n - 1,
-            attempt=entry(n, 500),
-            log_seq=n - 1,
-        )
+        assert _record_attempt(subject, job_id, DeliveryStatus.PENDING, 500, n)
     # When attempt 3's other POST (its message handed over twice) was answered 200, and its
     # twin counted attempt 3 failed first (and maybe a later copy counted attempt 4 too)
-    assert subject.jobs.record_delivery(
-        job_id, DeliveryStatus.DELIVERED, 200, previous_attempts=2, attempt=entry(3, 200), log_seq=2
-    )
+    assert _record_attempt(subject, job_id, DeliveryStatus.DELIVERED, 200, 3)
     # Then the delivery is delivered, and counts what the receiver saw as rounds
-    found = subject.jobs.find(job_id)
-    assert found is not None
-    assert (found.delivery_status, found.delivery_attempts) == (DeliveryStatus.DELIVERED, expected)
+    assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, expected)
 
 
 def test_a_410_counts_its_own_attempt_once_and_a_late_success_counts_once_in_a_new_round(
     subject: Subject,
 ) -> None:
     # Given a job whose delivery counted attempts 1 and 2, and its twin's 500 for attempt 3
-    job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
-    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
-    assert claimed is not None
-    subject.jobs.fail_leased(claimed, "w1", ERROR)
-
-    def entry(attempt: int, code: int) -> DeliveryAttempt:
-        return DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3)
-
-    def record(status: DeliveryStatus, code: int, attempt: int) -> bool:
-        return subject.jobs.record_delivery(
-            job_id,
-            status,
-            code,
-            1.0,
-            previous_attempts=attempt - 1,
-            attempt=entry(attempt, code),
-            log_seq=attempt - 1,
-        )
-
+    job_id = _failed_with_a_pending_webhook(subject)
     for n in (1, 2, 3):
-        assert record(DeliveryStatus.PENDING, 500, n)
+        assert _record_attempt(subject, job_id, DeliveryStatus.PENDING, 500, n)
     # When attempt 3's other POST is answered 410 Gone
-    assert record(DeliveryStatus.DISABLED, 410, 3)
+    assert _record_attempt(subject, job_id, DeliveryStatus.DISABLED, 410, 3)
     # Then the delivery is disabled after three attempts, as the receiver saw them
-    found = subject.jobs.find(job_id)
-    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
-        DeliveryStatus.DISABLED,
-        3,
-    )
+    assert _delivery(subject, job_id) == (DeliveryStatus.DISABLED, 3)
     # And a 410 to the last attempt, beside its twin's give-up, still turns it disabled
     subject.jobs.mark_delivery_pending(job_id, "ten_acme")
-    assert record(DeliveryStatus.FAILED, 500, 1)
-    assert record(DeliveryStatus.DISABLED, 410, 1)
-    found = subject.jobs.find(job_id)
-    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
-        DeliveryStatus.DISABLED,
-        1,
-    )
+    assert _record_attempt(subject, job_id, DeliveryStatus.FAILED, 500, 1)
+    assert _record_attempt(subject, job_id, DeliveryStatus.DISABLED, 410, 1)
+    assert _delivery(subject, job_id) == (DeliveryStatus.DISABLED, 1)
     # And in a redelivery's round, after its attempt 1, a late 200 to the old round's attempt 4
     # counts as one more attempt of the new round, not as the old round's number
     subject.jobs.mark_delivery_pending(job_id, "ten_acme")
-    assert record(DeliveryStatus.PENDING, 500, 1)
-    assert record(DeliveryStatus.DELIVERED, 200, 4)
-    found = subject.jobs.find(job_id)
-    assert found is not None and (found.delivery_status, found.delivery_attempts) == (
-        DeliveryStatus.DELIVERED,
-        2,
-    )
+    assert _record_attempt(subject, job_id, DeliveryStatus.PENDING, 500, 1)
+    assert _record_attempt(subject, job_id, DeliveryStatus.DELIVERED, 200, 4)
+    assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, 2)
 
 
 def test_the_delivery_log_keeps_the_latest_ten_attempts_across_a_redelivery(subject: Subject) -> None:
