@@ -17,6 +17,12 @@ in a few places that would deny what AWS allows, allow what AWS denies, or crash
 - elsewhere (Secrets Manager...) moto matches statements against the resource "*", which no
   resource-scoped Allow matches. Here an Allow matches a request whose resource moto does
   not know: the check is by action, and tests/infra checks the template's resources.
+- moto reads each Action and Resource pattern as a regular expression with `*` made `.*`,
+  case-sensitively, and ignores NotResource: a `.` in a bucket or table name matched any
+  character, an Allow with NotResource allowed the very resources it names, while `?` and
+  an action in another case refused what IAM allows. Here `*` is any run of characters, `?`
+  any one, everything else itself, action names match in any case, and a NotResource
+  statement applies to every resource but those it names.
 - moto checks a batch or a transaction as an action of its own (sqs:SendMessageBatch,
   dynamodb:TransactWriteItems); IAM checks the actions of its entries.
 - moto passes no condition values to an identity policy, so `dynamodb:LeadingKeys` (the
@@ -227,7 +233,7 @@ def make_moto_authorize_like_iam() -> None:
         from moto.iam import access_control
         from moto.iam.access_control import IAMPolicyStatement, IAMRequest, IAMRequestBase, PermissionResult
 
-        _allow_unknown_resources(IAMPolicyStatement)
+        _match_elements_as_iam(IAMPolicyStatement, PermissionResult)
         _evaluate_conditions_as_iam(IAMPolicyStatement, PermissionResult)
         _check_entry_actions(IAMRequestBase)
         _authorize_presigned_urls(ActionAuthenticatorMixin)
@@ -249,15 +255,37 @@ def _sign_empty_bodies_as_empty(request_class: Any) -> None:
     request_class._create_aws_request = create
 
 
-def _allow_unknown_resources(statement_class: Any) -> None:
-    matches = statement_class._check_element_matches
+def _match_elements_as_iam(statement_class: Any, permission_result: Any) -> None:
+    """Actions and resources matched as IAM matches them (moto reads each pattern as a regular
+    expression with `*` made `.*`, case-sensitively, and ignores NotResource), and an Allow
+    matched to a resource moto does not know (the module's docstring)."""
 
-    def check_element_matches(self: Any, element: str, value: str) -> bool:
-        if element == "Resource" and value == _UNKNOWN_RESOURCE and self._statement.get("Effect") == "Allow":
-            return True
-        return bool(matches(self, element, value))
+    def element_matches(self: Any, element: str, value: str) -> bool:
+        if value == _UNKNOWN_RESOURCE and element in ("Resource", "NotResource"):
+            return element == "Resource" and self._statement.get("Effect") == "Allow"
+        patterns = self._statement[element]
+        patterns = patterns if isinstance(patterns, list) else [patterns]
+        if element in ("Action", "NotAction"):
+            # Action names are case-insensitive ("sqs:sendmessage" is sqs:SendMessage).
+            return any(_like(str(pattern).lower(), value.lower()) for pattern in patterns)
+        return any(_like(str(pattern), value) for pattern in patterns)
 
-    statement_class._check_element_matches = check_element_matches
+    statement_class._check_element_matches = element_matches
+    is_action_permitted = statement_class.is_action_permitted
+
+    def permitted(self: Any, action: str, resource: str = "*", *args: Any, **kwargs: Any) -> Any:
+        if "NotResource" not in self._statement:
+            return is_action_permitted(self, action, resource, *args, **kwargs)
+        # NotResource: the statement applies to every resource but those it names (moto, with
+        # no Resource, applied it to all of them, the named ones too).
+        if self._check_element_matches("NotResource", resource):
+            return permission_result.NEUTRAL
+        rest = {name: part for name, part in self._statement.items() if name != "NotResource"}
+        return is_action_permitted(
+            statement_class({**rest, "Resource": "*"}), action, resource, *args, **kwargs
+        )
+
+    statement_class.is_action_permitted = permitted
 
 
 def evaluated_actions(action: str) -> list[str]:

@@ -88,6 +88,20 @@ GUARDED_POLICIES = {
         ],
     },
 }
+# Patterns as IAM reads them: `?` one character, `.` a dot, actions in any case; and a
+# NotResource grant, which covers every object but those it names.
+PATTERNED_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Effect": "Allow", "Action": "sqs:sendmessage", "Resource": f"arn:aws:sqs:{REGION}:{ACCOUNT}:lan?"},
+        {
+            "Effect": "Allow",
+            "Action": "dynamodb:GetItem",
+            "Resource": f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/job.",
+        },
+        {"Effect": "Allow", "Action": "s3:GetObject", "NotResource": "arn:aws:s3:::payloads/results/*"},
+    ],
+}
 
 
 @dataclass
@@ -97,6 +111,7 @@ class Moto:
     function: AwsCredentials
     key_reader: AwsCredentials = UNCHECKED
     guarded: AwsCredentials = UNCHECKED
+    patterned: AwsCredentials = UNCHECKED
 
     def client(self, service: str, credentials: AwsCredentials, **kwargs: Any) -> Any:
         return client_as(credentials, service, self.endpoint_url, **kwargs)
@@ -117,6 +132,7 @@ def moto() -> Iterator[Moto]:
             ("worker", {"grants": ROLE_POLICY}),
             ("key-reader", {"grants": KEY_READER_POLICY}),
             ("guarded", GUARDED_POLICIES),
+            ("patterned", {"grants": PATTERNED_POLICY}),
         ):
             role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(TRUSTS_LAMBDA))["Role"]
             for policy_name, policy in policies.items():
@@ -124,7 +140,14 @@ def moto() -> Iterator[Moto]:
             roles[name] = (role["Arn"], f"Llmq-{name.title()}")
         sessions = assume_roles(unchecked.client("sts", operator), roles)
         set_enforcement(endpoint, enforced=True)
-        yield Moto(endpoint, operator, sessions["worker"], sessions["key-reader"], sessions["guarded"])
+        yield Moto(
+            endpoint,
+            operator,
+            sessions["worker"],
+            sessions["key-reader"],
+            sessions["guarded"],
+            sessions["patterned"],
+        )
 
 
 def _build_resources(moto: Moto) -> None:
@@ -156,6 +179,7 @@ def _build_resources(moto: Moto) -> None:
     s3 = moto.client("s3", moto.operator)
     s3.create_bucket(Bucket="payloads")
     s3.put_object(Bucket="payloads", Key="results/job.json", Body=b'{"output": "hi"}')
+    s3.put_object(Bucket="payloads", Key="inputs/job.json", Body=b'{"prompt": "hi"}')
 
 
 def _update(item: str) -> dict[str, Any]:
@@ -318,3 +342,26 @@ def test_a_deny_applies_where_its_condition_holds_and_a_failed_condition_is_neut
     assert (key["id"]["S"], tenant["id"]["S"]) == ("key#abc", "tenant#abc")
     assert error["Code"] == "AccessDeniedException"
     assert "with an explicit deny in an identity-based policy" in error["Message"]
+
+
+def test_action_and_resource_patterns_match_as_iam_matches_them(moto: Moto) -> None:
+    sqs, ddb = moto.client("sqs", moto.patterned), moto.client("dynamodb", moto.patterned)
+    # When the role (sqs:sendmessage on lan?, dynamodb:GetItem on table/job.) sends to "lane"
+    # and to "other", and reads the table "jobs"
+    sqs.send_message(QueueUrl=moto.queue_url("lane"), MessageBody="one")
+    other = _refusal(lambda: sqs.send_message(QueueUrl=moto.queue_url("other"), MessageBody="two"))
+    jobs = _refusal(lambda: ddb.get_item(TableName="jobs", Key={"pk": {"S": "key#abc"}}))
+    # Then the action matches whatever its case and `?` any one character; but a `.` is a dot,
+    # so the grant on "job." does not reach "jobs"
+    assert "sqs:SendMessage" in other["Message"]
+    assert (jobs["Code"], "dynamodb:GetItem" in jobs["Message"]) == ("AccessDeniedException", True)
+
+
+def test_a_not_resource_grant_allows_all_but_what_it_names(moto: Moto) -> None:
+    s3 = moto.client("s3", moto.patterned)
+    # When the role (s3:GetObject on everything but payloads/results/*) reads an input and a result
+    body = s3.get_object(Bucket="payloads", Key="inputs/job.json")["Body"].read()
+    error = _refusal(lambda: s3.get_object(Bucket="payloads", Key="results/job.json"))
+    # Then the input is read and the result refused
+    assert body == b'{"prompt": "hi"}'
+    assert error["Code"] == "AccessDenied"
