@@ -291,6 +291,73 @@ def test_a_cancel_during_a_429_ends_canceled_and_the_provider_is_not_called_agai
     assert events == ["job.canceled"]
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(PermanentProviderError(ErrorCode.CONTENT_FILTERED, "refused"), id="a permanent error"),
+        pytest.param(ProviderTimeout("slow"), id="a timeout"),
+    ],
+)
+def test_a_cancel_taken_during_the_call_ends_canceled_when_the_call_then_fails_for_good(
+    harness: Harness, answer: Exception
+) -> None:
+    # Given a running job the client cancels (202) while its provider call is in flight
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    replies: list[int] = []
+
+    def client_cancels() -> None:
+        replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    provider = ScriptedProvider([answer], before=client_cancels)
+    runner = _runner(harness, provider, cancel_check_seconds=60.0)
+    # When the call then fails for good (the cancel watcher never looked)
+    assert _run(runner, job_id) is None
+    # Then the job ends canceled, as the client was told, not failed over its cancel
+    assert replies == [202]
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]) == ("canceled", None)
+    events = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert events == ["job.canceled"]
+
+
+def test_a_cancel_whose_flag_was_obeyed_before_its_write_was_retried_answers_canceled_not_409(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a running job, and a cancel whose flag write is applied with its answer lost; before
+    # botocore tries it again, the worker sees the flag and ends the job canceled
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "worker-1", 900, (ENTERPRISE["tenant_id"], "high")).claimed
+    harness.receive(harness.stack.webhook_queue_url)
+    sends = [0]
+
+    def worker_obeys_before_the_retry(**_: Any) -> None:
+        sends[0] += 1
+        if sends[0] == 2:
+            found = jobs.find(job_id)
+            assert found is not None and found.cancel_requested
+            ended = jobs.cancel_leased(found, "worker-1")
+            harness.sqs.send_message(
+                QueueUrl=harness.stack.webhook_queue_url,
+                MessageBody=json.dumps({"job_id": job_id, "event": ended.terminal_event.value}),
+            )
+
+    faults.arm("applied_retried", "dynamodb.UpdateItem")
+    events = aws.client("dynamodb").meta.events
+    events.register("before-send.dynamodb.UpdateItem", worker_obeys_before_the_retry)
+    try:
+        # When the client cancels
+        reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    finally:
+        events.unregister("before-send.dynamodb.UpdateItem", worker_obeys_before_the_retry)
+    assert _kinds(faults) == ["UpdateItem:applied_retried"] and sends[0] == 2
+    # Then it is told the job is canceled, as it asked, not that it could not be canceled
+    assert (reply.status, reply.body["status"]) == (200, "canceled")
+    # And the worker's event is the only one: the cancel that did not end it sends none
+    sent = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert sent == ["job.canceled"]
+
+
 def test_a_cancel_accepted_while_job_started_is_sent_is_never_sent_to_the_provider(harness: Harness) -> None:
     # Given a job subscribed to job.started, its worker sending that event
     hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.started", "job.succeeded", "job.canceled"]}

@@ -14,6 +14,11 @@ import pytest
 from llmq import aws
 from llmq.jobs import JobRepository
 from llmq.live_output import CHUNK_MAX_CHARS, OutputChunk
+from llmq.models import JobResult, Usage
+from llmq.offload import Offload
+from llmq.payloads import PayloadStore
+from llmq.queues import QueueRepository
+from llmq.reconcile import Reconciler
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
@@ -329,3 +334,50 @@ def test_a_page_of_non_ascii_chunks_of_a_running_job_fits_a_lambda_response(harn
             break
     # And it read every chunk once, in order, over more than one response
     assert seen == list(range(1, 41))
+
+
+def test_a_parked_result_recorded_over_another_attempts_chunks_is_read_whole(harness: Harness) -> None:
+    # Given a stream: true job whose attempt 1 was paid for and parked (its result write failed
+    # for good), and whose attempt 2, unable to see the parked result, streamed another
+    # generation's start and then crashed
+    job_id = harness.submit(prompt="tell me", stream=True).body["id"]
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    offload = Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config)
+    first = jobs.claim(job_id, "worker-1", -1, tenant=tenant)
+    assert first.claimed and first.job is not None
+    paid = JobResult(output="Paris is the capital of France.", finish_reason="stop", usage=Usage())
+    offload.park_result(first.job, paid)
+    second = jobs.claim(job_id, "worker-2", -1, tenant=tenant)
+    assert second.claimed and second.job is not None and second.job.attempts == 2
+    other = "Lyon is a big city "
+    chunk = OutputChunk(
+        seq=1, delta=other, attempt=2, reset=False, tokens=4, partial=other, truncated=False, chars=len(other)
+    )
+    jobs.write_output(second.job.model_copy(update={"lease_owner": "worker-2"}), "worker-2", chunk)
+    # When the reconciler finds the lapsed lease and records the parked result
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + harness.config.reconciler.expired_lease_grace_seconds + 60,
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    Reconciler(later, queues, harness.config, offload=offload).run()
+    # Then the job succeeded with what was paid for, and a client that reads its events (each
+    # reset starting the text again) reads that output, not the other generation's start
+    deltas, done = [], None
+    for event, _, data in _events(
+        str(harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE).body)
+    ):
+        if event == "output.delta":
+            deltas.append(json.loads(data))
+        elif event == "done":
+            done = json.loads(data)
+    text = ""
+    for delta in deltas:
+        text = ("" if delta["reset"] else text) + delta["delta"]
+    assert done is not None and (done["status"], done["result"]["output"]) == ("succeeded", paid.output)
+    assert text == paid.output

@@ -858,6 +858,41 @@ def test_a_cancel_accepted_as_the_dead_letter_function_fails_a_crashed_job_ends_
     _ended_canceled_as_asked(harness, job_id)
 
 
+def test_a_cancel_only_flagged_as_the_reconciler_expires_a_job_queued_again_ends_it_canceled(
+    harness: Harness,
+) -> None:
+    # Given a job with a deadline that ran once (its worker died, the job queued again), found
+    # by the reconciler past its deadline
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}, deadline_seconds=60).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "vanished-worker", lease_seconds=-1).outcome is ClaimOutcome.CLAIMED
+    found = jobs.find(job_id)
+    assert found is not None and jobs.recover(found) is not None
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    later = JobRepository(
+        harness.stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: _time.time() + 120,
+    )
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    # When the client cancels it just after the reconciler read it, while S3 cannot say whether
+    # its attempt parked a result: the cancel is then asked (202), not done
+    faults = AwsFaults()
+    faults.arm("throttle", "s3.HeadObject", times=50)
+    try:
+        with _cancel_before_the_next_transaction(harness, job_id) as replies:
+            report = Reconciler(later, queues, harness.config).run()
+    finally:
+        faults.disarm()
+    assert replies == [202] and faults.fired
+    # Then the expiry does not write over the cancel the client was told was taken
+    _ended_canceled_as_asked(harness, job_id)
+    assert (report.canceled, report.expired) == ([job_id], [])
+
+
 @contextmanager
 def _cancel_before_the_next_transaction(harness: Harness, job_id: str) -> Iterator[list[int]]:
     """The client's cancel of `job_id`, made as the first DynamoDB transaction inside the block

@@ -413,8 +413,13 @@ class InMemoryJobs:
         result_ref: str | None = None,
         timed: bool = True,
     ) -> JobRecord:
-        # (run times are not kept here: `timed` changes nothing)
-        return self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref)
+        # (run times are not kept here)
+        done = self._finish_leased(job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref)
+        return done if timed else self._not_the_chunks(done)
+
+    def _not_the_chunks(self, ended: JobRecord) -> JobRecord:
+        """A parked result recorded: the chunks are no prefix of it (as the repository's `_finish`)."""
+        return self._put(ended, stream_attempt=None) if ended.stream else ended
 
     @_throttleable
     def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
@@ -471,7 +476,7 @@ class InMemoryJobs:
                 and old.deadline_ms <= self.now_ms()
             )
 
-        return self._finish_if(job, JobStatus.EXPIRED, overdue, error=error)
+        return self._or_canceled(job, JobStatus.EXPIRED, overdue, error=error)
 
     def _or_canceled(
         self, job: JobRecord, status: JobStatus, allowed: Callable[[JobRecord], bool], **outcome: Any
@@ -524,7 +529,8 @@ class InMemoryJobs:
             )
 
         status = JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED
-        return self._finish_if(job, status, unheld, result=result, result_ref=result_ref, error=error)
+        ended = self._finish_if(job, status, unheld, result=result, result_ref=result_ref, error=error)
+        return None if ended is None else self._not_the_chunks(ended)
 
     @_throttleable
     def recover(self, job: JobRecord) -> JobRecord | None:
@@ -560,7 +566,7 @@ class InMemoryJobs:
         def undeliverable(old: JobRecord) -> bool:
             return old.status is JobStatus.QUEUED and len(old.dead_letter_ids) >= len(job.dead_letter_ids)
 
-        return self._finish_if(job, JobStatus.FAILED, undeliverable, error=error)
+        return self._or_canceled(job, JobStatus.FAILED, undeliverable, error=error)
 
     # ---- cancel (API) -----------------------------------------------------------------------
 

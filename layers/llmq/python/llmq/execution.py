@@ -1026,8 +1026,11 @@ class JobRunner:
         # Permanent errors fail at once. A timeout is not retried either: the provider may
         # still be generating, and billing; the client decides. Either may come after tokens
         # were generated (an in-band error mid-stream), so the failure is kept as a billed one.
+        extra = {"job_id": job.id, "attempt": job.attempts, "code": exc.code.value}
+        if await self._canceled_instead(job, invocation, extra):
+            return
         error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
-        logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
+        logger.info("job failed", extra=extra)
         await self._fail_billed(job, invocation, error)
 
     async def _fail_billed(self, job: JobRecord, invocation: Invocation, error: JobError) -> None:
@@ -1102,9 +1105,10 @@ class JobRunner:
         raise RetryLater(job.id, delay, gave_back_slot=True)
 
     async def _canceled_instead(self, job: JobRecord, invocation: Invocation, extra: dict[str, Any]) -> bool:
-        """A transient failure that would end the job failed (its attempts used up, a retry
-        too late): a cancel the client asked meanwhile, which the watcher had not seen yet,
-        ends it canceled instead, as the requeue's write would have found it. The look waits a
+        """A provider error that would end the job failed (a permanent one, a timeout, or a
+        transient one with its attempts used up or a retry too late): a cancel the client asked
+        meanwhile, which the watcher had not seen yet, ends it canceled instead, as the
+        requeue's write would have found it, and as the client was told (202). The look waits a
         second at most, and no longer than the time left beyond the write-back's reserve, or a
         tenth of what is left where the call took it all: a slow read must not take the time
         the billed failure needs to be recorded."""

@@ -405,8 +405,9 @@ class JobIntake:
         return self.jobs.list_for_tenant(tenant.tenant_id, status, limit, cursor)
 
     def cancel(self, tenant: TenantIdentity, job_id: str) -> JobRecord:
-        job = self._cancel(job_id, tenant.tenant_id)
-        self._announce_ended(job)
+        job, ended_here = self._cancel(job_id, tenant.tenant_id)
+        if ended_here:
+            self._announce_ended(job)
         return job
 
     def _announce_ended(self, job: JobRecord) -> None:
@@ -421,32 +422,42 @@ class JobIntake:
         # A batch's item ended alone may have been its batch's last: a worker looks.
         item_ended(None, self.queues, job)
 
-    def _cancel(self, job_id: str, tenant_id: str) -> JobRecord:
-        """Queued: canceled at once. Running: cancel_requested, the worker stops it. Else 409.
+    def _cancel(self, job_id: str, tenant_id: str) -> tuple[JobRecord, bool]:
+        """Queued: canceled at once. Running: cancel_requested, the worker stops it. Ended
+        before the request: 409. With whether this request's own write ended the job (its
+        event is then this request's to send).
 
         One token for the whole request: a retried cancel whose answer was lost finds the
-        job canceled by itself, not by someone else.
+        job canceled by itself, not by someone else. A job found canceled once this request
+        has tried its write is answered as canceled, not 409: the flag's write may have been
+        applied with its answer lost, and the worker that saw it ended the job before the
+        retry, whose condition (still running) then failed; or another cancel came first.
+        Either way the job is canceled, as asked, and what ended it sent its event.
         """
         token = write_token("cancel")
+        tried = False
         for _ in range(3):
             job = self.jobs.get(job_id, tenant_id)
             if job.status is JobStatus.CANCELED and job.last_write == token:
-                return job
+                return job, True
+            if job.status is JobStatus.CANCELED and tried:
+                return job, False
             if job.status.is_terminal:
                 raise JobNotCancelable(f"job {job_id} is {job.status.value}")
+            tried = True
             if job.status is JobStatus.QUEUED and job.attempts:
                 ended = self._cancel_requeued(job, token)
                 if ended is not None:
-                    return ended
+                    return ended, ended.status.is_terminal
                 continue  # it ended with what an earlier attempt paid for, or moved on: look again
             if job.status is JobStatus.QUEUED:
                 canceled = self.jobs.cancel_queued(job, token)
                 if canceled is not None:
-                    return canceled
+                    return canceled, True
                 continue  # it started meanwhile: look again
             flagged = self.jobs.request_cancel(job)
             if flagged is not None:
-                return flagged
+                return flagged, False
         raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
 
     def _cancel_requeued(self, job: JobRecord, token: str) -> JobRecord | None:

@@ -668,6 +668,7 @@ class JobRepository:
         timed: bool = True,
     ) -> JobRecord:
         """The one terminal write. It sets the delivery to pending when the event is subscribed.
+        `timed` False: no run of this write's attempt produced what it records (a parked result).
 
         A retry of a write that was applied finds its own token and returns the job as written.
         """
@@ -688,6 +689,11 @@ class JobRepository:
             # What a poll shows of a running job; the result (or the error) says the rest, and
             # every later write of the item (the delivery records) stops paying for it.
             removes += ["output_partial", "output_partial_truncated", "progress_tokens", "progress_ms"]
+            if not timed:
+                # What an earlier attempt paid for and parked: the chunks, which may hold another
+                # attempt's text, are no prefix of it, so a reader is served it whole, as a reset
+                # (`live_output.tail_deltas`).
+                removes.append("stream_attempt")
         all_values: dict[str, Any] = {"status": status.value, "now": now, "token": token, **values}
         names = {"#st": "status"}
         if result is not None:
@@ -739,6 +745,8 @@ class JobRepository:
         }
         if keep_until_s is not None:
             changes["expires_at"] = keep_until_s
+        if job.stream and not timed:
+            changes["stream_attempt"] = None
         if result is not None:
             changes["result"] = result
         if result_ref is not None:
@@ -787,8 +795,9 @@ class JobRepository:
         return codec.from_item(response["Attributes"])
 
     def expire(self, job: JobRecord, error: JobError) -> JobRecord | None:
-        """A queued job whose deadline passed before a worker started (or restarted) it."""
-        return self._finish_if(
+        """A queued job whose deadline passed before a worker started (or restarted) it; one
+        asked to cancel since `job` was read ends canceled instead (`_or_canceled`)."""
+        return self._or_canceled(
             job,
             JobStatus.EXPIRED,
             condition="#st = :queued AND deadline_ms <= :now",
@@ -939,8 +948,9 @@ class JobRepository:
         )
 
     def fail_queued_dead_letter(self, job: JobRecord, error: JobError) -> JobRecord | None:
-        """A queued job whose every message dead-lettered: no worker can even claim it."""
-        return self._finish_if(
+        """A queued job whose every message dead-lettered: no worker can even claim it; one
+        asked to cancel since `job` was read ends canceled instead (`_or_canceled`)."""
+        return self._or_canceled(
             job,
             JobStatus.FAILED,
             condition="#st = :queued AND size(dead_letter_ids) >= :limit",

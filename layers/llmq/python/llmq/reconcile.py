@@ -353,10 +353,11 @@ class Reconciler:
             # Asked to cancel before its deadline passed: it ends as asked.
             self._cancel(job, report)
             return
-        expired = self.jobs.expire(job, deadline_error(job)) if job is not None else None
-        if expired is not None:
-            self._ended(expired)
-            report.expired.append(entry.job_id)
+        ended = self.jobs.expire(job, deadline_error(job)) if job is not None else None
+        if ended is not None:
+            # (canceled instead when a cancel came since the read)
+            self._ended(ended)
+            (report.canceled if ended.status is JobStatus.CANCELED else report.expired).append(entry.job_id)
 
     def _record_parked(self, job: JobRecord, report: ReconcileReport, *, ends: bool) -> bool:
         """True when the job ended with a result an earlier attempt parked, instead of ending
