@@ -41,6 +41,7 @@ from llmq.jobs import JobRepository
 from llmq.models import EVENT_FOR_STATUS, JobStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
+from llmq.shares import ShareRepository
 from llmq.tenants import TenantRepository
 from llmq.webhooks import webhook_id
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
@@ -661,9 +662,15 @@ def test_a_job_survives_an_aws_fault_at_every_call_site(site: Site, kind: FaultK
         assert (payload["type"], payload["data"]["id"]) == (event.value, job_id)
     assert delivery.get("status") == "delivered"
 
-    # And nothing is left behind in any queue
+    # And nothing is left behind in any queue, nor in the tenant's share: its one job ended,
+    # so it holds no slot and no active job (a fault that gave either back twice or never
+    # would show here)
     assert world.harness.total_count(world.lane_url) == 0
     assert world.harness.total_count(world.webhook_queue_url) == 0
+    share = ShareRepository(world.harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert (share.running, share.active) == (0, 0), share
 
     # And a job waited for its lease to lapse only when the worker could not know it held it
     if "lease lapsed" in world.recovery:

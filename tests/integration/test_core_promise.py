@@ -296,22 +296,35 @@ def test_a_cancel_during_a_429_ends_canceled_and_the_provider_is_not_called_agai
     [
         pytest.param(PermanentProviderError(ErrorCode.CONTENT_FILTERED, "refused"), id="a permanent error"),
         pytest.param(ProviderTimeout("slow"), id="a timeout"),
+        pytest.param(TransientProviderError("busy", 429), id="a 429 on the last attempt"),
     ],
 )
-def test_a_cancel_taken_during_the_call_ends_canceled_when_the_call_then_fails_for_good(
-    harness: Harness, answer: Exception
+@pytest.mark.parametrize("cancel_at", ["during the call", "as the failure is written"])
+def test_a_cancel_taken_before_the_failure_is_written_ends_canceled_when_the_call_fails_for_good(
+    harness: Harness, answer: Exception, cancel_at: str
 ) -> None:
-    # Given a running job the client cancels (202) while its provider call is in flight
+    # Given a running job on its last attempt that the client cancels (202) while its provider
+    # call is in flight, or as the worker writes the failure the call ended with
     job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
     replies: list[int] = []
 
-    def client_cancels() -> None:
-        replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+    def client_cancels(**_: Any) -> None:
+        if not replies:
+            replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
 
-    provider = ScriptedProvider([answer], before=client_cancels)
-    runner = _runner(harness, provider, cancel_check_seconds=60.0)
+    ddb = aws.client("dynamodb").meta.events
+    if cancel_at == "during the call":
+        provider = ScriptedProvider([answer], before=client_cancels)
+    else:
+        provider = ScriptedProvider(
+            [answer], before=lambda: ddb.register("before-send.dynamodb.TransactWriteItems", client_cancels)
+        )
+    runner = _runner(harness, provider, cancel_check_seconds=60.0, max_attempts=1)
     # When the call then fails for good (the cancel watcher never looked)
-    assert _run(runner, job_id) is None
+    try:
+        assert _run(runner, job_id) is None
+    finally:
+        ddb.unregister("before-send.dynamodb.TransactWriteItems", client_cancels)
     # Then the job ends canceled, as the client was told, not failed over its cancel
     assert replies == [202]
     job = _job(harness, job_id)

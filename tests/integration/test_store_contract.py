@@ -164,6 +164,23 @@ def test_a_running_job_asked_to_cancel_cannot_be_requeued(subject: Subject) -> N
     assert subject.jobs.cancel_leased(claimed, "w1").status is JobStatus.CANCELED
 
 
+def test_a_running_job_asked_to_cancel_is_failed_only_when_the_failure_may_override_it(
+    subject: Subject,
+) -> None:
+    job_id = subject.created()
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None and subject.jobs.request_cancel(claimed) is not None
+    # A failure the call ended with is refused over the cancel, the lease still ours...
+    with pytest.raises(CancelRequested):
+        subject.jobs.fail_leased(claimed, "w1", ERROR, unless_canceled=True)
+    assert subject.status(job_id) is JobStatus.RUNNING
+    # ...and another worker's is refused as a lost lease, whatever the flag
+    with pytest.raises(LeaseLost):
+        subject.jobs.fail_leased(claimed, "w2", ERROR, unless_canceled=True)
+    # while a parked failure, which comes first, is written over it
+    assert subject.jobs.fail_leased(claimed, "w1", ERROR).status is JobStatus.FAILED
+
+
 def test_a_requeued_job_waits_out_its_delay_and_keeps_its_attempt(subject: Subject) -> None:
     job_id = subject.created()
     claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job

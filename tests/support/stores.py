@@ -422,7 +422,13 @@ class InMemoryJobs:
         return self._put(ended, stream_attempt=None) if ended.stream else ended
 
     @_throttleable
-    def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
+    def fail_leased(
+        self, job: JobRecord, owner: str, error: JobError, *, unless_canceled: bool = False
+    ) -> JobRecord:
+        old = self.records.get(job.id)
+        held = old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING
+        if unless_canceled and held and old is not None and old.cancel_requested:
+            raise CancelRequested(job.id)
         return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
 
     @_throttleable

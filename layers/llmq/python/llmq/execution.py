@@ -79,9 +79,6 @@ _SCOUT_PATIENCE_SECONDS = 5.0
 _CONTENDED_DELAY_SECONDS = 2.0
 # A message whose copy SQS refused stays away at least this long, doubling with its receives.
 _UNSENT_FIRST_WAIT_SECONDS = 15.0
-# The most a last look for a cancel waits before a billed failure is recorded.
-_CANCEL_LOOK_SECONDS = 1.0
-_CANCEL_LOOK_SHARE = 0.1
 # A provider call needs at least this much of the Lambda's time, or the job is handed back.
 _MIN_GENERATION_SECONDS = 2.0
 # How long the courtesy job.started send may hold a generation back.
@@ -1026,23 +1023,30 @@ class JobRunner:
         # Permanent errors fail at once. A timeout is not retried either: the provider may
         # still be generating, and billing; the client decides. Either may come after tokens
         # were generated (an in-band error mid-stream), so the failure is kept as a billed one.
-        extra = {"job_id": job.id, "attempt": job.attempts, "code": exc.code.value}
-        if await self._canceled_instead(job, invocation, extra):
-            return
         error = JobError(code=exc.code, message=exc.message, retryable=isinstance(exc, ProviderTimeout))
-        logger.info("job failed", extra=extra)
+        logger.info("job failed", extra={"job_id": job.id, "code": exc.code.value})
         await self._fail_billed(job, invocation, error)
 
     async def _fail_billed(self, job: JobRecord, invocation: Invocation, error: JobError) -> None:
         """A failure after a call that may have been billed (a timeout, an answer that could not
         be read, an error after tokens, an attempt's last): its write must not be lost to a
-        DynamoDB outage, or the job would run again, or end with another error than its own."""
-        done = await self._written_or_parked(
-            lambda: self.jobs.fail_leased(job, invocation.owner, error),
-            lambda: self.offload.park_failure(job, error),
-            job,
-            invocation,
-        )
+        DynamoDB outage, or the job would run again, or end with another error than its own.
+
+        A cancel the client asked meanwhile (answered 202), which the watcher had not seen,
+        ends the job canceled instead, as the requeue's write would have found it: the write
+        is refused while the flag is set (`unless_canceled`), so a cancel that comes between
+        any look and the write, or while the write is retried, is never written over."""
+        try:
+            done = await self._written_or_parked(
+                lambda: self.jobs.fail_leased(job, invocation.owner, error, unless_canceled=True),
+                lambda: self.offload.park_failure(job, error),
+                job,
+                invocation,
+            )
+        except CancelRequested:
+            logger.info("cancel requested; not failed", extra={"job_id": job.id, "attempt": job.attempts})
+            await self._settle(self.jobs.cancel_leased, job, invocation)
+            return
         await self._announce(done, invocation)
 
     async def _settle(
@@ -1061,8 +1065,6 @@ class JobRunner:
     ) -> None:
         extra = {"job_id": job.id, "attempt": job.attempts, "status_code": exc.status_code}
         if job.attempts >= self.config.max_attempts:
-            if await self._canceled_instead(job, invocation, extra):
-                return
             error = JobError(
                 code=ErrorCode.RETRIES_EXHAUSTED,
                 message=f"gave up after {job.attempts} attempts; last error: {exc.message}",
@@ -1081,8 +1083,6 @@ class JobRunner:
         delay = retry_delay_seconds(self.config.retry, job.attempts, wait, self._rng)
         crossed = self._end_a_retry_would_cross(job, delay)
         if crossed is not None:
-            if await self._canceled_instead(job, invocation, extra):
-                return
             end, ends = crossed
             error = JobError(
                 code=ErrorCode.DEADLINE_EXCEEDED,
@@ -1103,31 +1103,6 @@ class JobRunner:
             return
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
         raise RetryLater(job.id, delay, gave_back_slot=True)
-
-    async def _canceled_instead(self, job: JobRecord, invocation: Invocation, extra: dict[str, Any]) -> bool:
-        """A provider error that would end the job failed (a permanent one, a timeout, or a
-        transient one with its attempts used up or a retry too late): a cancel the client asked
-        meanwhile, which the watcher had not seen yet, ends it canceled instead, as the
-        requeue's write would have found it, and as the client was told (202). The look waits a
-        second at most, and no longer than the time left beyond the write-back's reserve, or a
-        tenth of what is left where the call took it all: a slow read must not take the time
-        the billed failure needs to be recorded."""
-        # (out of the reserve when the failure came at the call's very end: the look is owed)
-        remaining = invocation.remaining_seconds()
-        patience = min(
-            _CANCEL_LOOK_SECONDS,
-            max(remaining - self._write_back_reserve(invocation), remaining * _CANCEL_LOOK_SHARE),
-        )
-        try:
-            canceled = await asyncio.wait_for(self._cancel_came(job.id), max(0.0, patience))
-        except TimeoutError:
-            logger.warning("cancel check too slow; not looked at", extra=extra)
-            canceled = False
-        if not canceled:
-            return False
-        logger.info("cancel requested; not failed", extra=extra)
-        await self._settle(self.jobs.cancel_leased, job, invocation)
-        return True
 
     def _end_a_retry_would_cross(self, job: JobRecord, delay: float) -> tuple[str, str] | None:
         """The end of the job a retry `delay` from now would start after, if any: its deadline,

@@ -554,8 +554,14 @@ class JobRepository:
             job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref, timed=timed
         )
 
-    def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
-        return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
+    def fail_leased(
+        self, job: JobRecord, owner: str, error: JobError, *, unless_canceled: bool = False
+    ) -> JobRecord:
+        """Fenced as `complete`. `unless_canceled`: refused while the client has asked to
+        cancel, with CancelRequested (the lease still ours): a failure the call ended with
+        must not be written over a cancel the client was answered 202 before it, even one
+        that came while this write was retried through a throttle."""
+        return self._finish_leased(job, owner, JobStatus.FAILED, error=error, unless_canceled=unless_canceled)
 
     def cancel_leased(self, job: JobRecord, owner: str) -> JobRecord:
         return self._finish_leased(job, owner, JobStatus.CANCELED)
@@ -637,13 +643,19 @@ class JobRepository:
         error: JobError | None = None,
         result_ref: str | None = None,
         timed: bool = True,
+        unless_canceled: bool = False,
     ) -> JobRecord:
+        condition = "lease_owner = :owner AND #st = :running"
+        values: dict[str, Any] = {"owner": owner, "running": "running"}
+        if unless_canceled:
+            condition += f" AND {_NOT_CANCELED}"
+            values["false"] = False
         try:
             return self._finish(
                 job,
                 status,
-                condition="lease_owner = :owner AND #st = :running",
-                values={"owner": owner, "running": "running"},
+                condition=condition,
+                values=values,
                 # The lease owner is unique to this invocation and message, so it names the write.
                 token=f"{owner}#{status.value}",
                 result=result,
@@ -652,6 +664,14 @@ class JobRepository:
                 timed=timed,
             )
         except _ConditionFailed as exc:
+            old = exc.old
+            if (
+                unless_canceled
+                and old is not None
+                and old.lease_owner == owner
+                and old.status is JobStatus.RUNNING
+            ):
+                raise CancelRequested(job.id) from exc
             raise LeaseLost(job.id) from exc
 
     def _finish(
