@@ -206,6 +206,9 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
     ]
     if any(detail["type"] == "json_invalid" for detail in details):
         return handle_domain_error(errors.MalformedJson("parse error"))
+    replayed = _replay_despite_the_schema()
+    if replayed is not None:
+        return replayed
     kind = _domain_error_at(details)
     if kind is not None:
         messages = dict.fromkeys(_located(detail) for detail in details[:_MAX_ERRORS_SHOWN])
@@ -224,6 +227,33 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
 
 
 _MAX_ERRORS_SHOWN = 20
+
+
+def _replay_despite_the_schema() -> Response[Any] | None:
+    """A retry of an accepted submit (its answer lost) is its replay even when this deployment's
+    schema now refuses the body: a model taken off the list, a limit lowered, between the two
+    tries. The job or batch exists and runs either way; a refusal would read as "not accepted"
+    and invite a second, paid one. The body must still be a request (the models without the
+    deployment's limits), which the intake answers as the replay, or refuses as another body
+    under the key. None when it is no such retry: the refusal stands."""
+    event = app.current_event
+    key = event.get_header_value("Idempotency-Key")
+    if event.http_method != "POST" or not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        return None
+    path = event.path.rstrip("/")
+    try:
+        tenant = _tenant()
+        if path == "/v1/jobs" and intake().accepted_under(tenant, key):
+            job = JobRequest.model_validate_json(event.decoded_body or "")
+            return handle_submit_job(job, key, event.get_header_value("Prefer"))
+        if path == "/v1/batches" and batch_intake().accepted_under(tenant, key):
+            batch = BatchRequest.model_validate_json(event.decoded_body or "")
+            return handle_submit_batch(batch, key)
+    except ValidationError:
+        return None
+    except errors.DomainError as exc:
+        return handle_domain_error(exc)
+    return None
 
 
 def _located(detail: dict[str, Any]) -> str:

@@ -1031,3 +1031,92 @@ def test_a_job_output_subscription_without_streaming_is_refused(harness: Harness
     assert harness.item_count() == 0
     # And with stream: true it is accepted
     assert harness.submit(webhook=hook, stream=True).status == 202
+
+
+# ---- a retry of an accepted submit is its replay, whatever changed since -------------------------
+
+
+def _redeployed(
+    moto_stack: Any, server: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> Harness:
+    """The api as the operator's next deploy configures it, over the same table and queues."""
+    from tests.integration.conftest import integration_config
+
+    return Harness(moto_stack, integration_config(server, **overrides), monkeypatch)
+
+
+@pytest.mark.parametrize("change", ["the model taken off the list", "the prompt limit lowered"])
+def test_a_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepted_job(
+    harness: Harness,
+    moto_stack: Any,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    # Given a job accepted under a key (its answer lost), then a deploy that would refuse it
+    body = {"prompt": "x" * 3000, "model": "fake-large"}
+    first = harness.submit(key="order-77", **body)
+    assert first.status == 202, first.body
+    if change == "the model taken off the list":
+        models = {
+            "default_model": "fake-model",
+            "models": ["fake-model"],
+            "timeout_seconds": 30,
+            "stream": False,
+        }
+        api = _redeployed(
+            moto_stack, provider, monkeypatch, provider={"base_url": provider.base_url, **models}
+        )
+    else:
+        limits = {"max_prompt_chars": 1000, "max_body_bytes": 65536, "wait_poll_seconds": 0.05}
+        api = _redeployed(moto_stack, provider, monkeypatch, limits=limits)
+    # When the client retries with the same key and body, and with another body
+    retry = api.submit(key="order-77", **body)
+    other = api.submit(key="order-77", **{**body, "prompt": "y" * 3000})
+    # Then the retry is the job's replay, not a refusal that invites a second, paid job; the
+    # other body is refused as one, and nothing more is written or sent
+    assert (retry.status, retry.body["id"], retry.headers["idempotent-replayed"]) == (
+        202,
+        first.body["id"],
+        "true",
+    )
+    assert (other.status, other.code) == (422, "idempotency_key_reused")
+    assert harness.item_count() == 1
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
+    # And a new key with the refused body is refused as before
+    fresh = api.submit(key="order-78", **body)
+    assert fresh.status in (413, 422) and fresh.code != "idempotency_key_reused"
+
+
+def test_a_batch_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepted_batch(
+    harness: Harness, moto_stack: Any, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"requests": [{"custom_id": "a", "body": {"prompt": "hi", "model": "fake-large"}}]}
+    first = harness.api(
+        "POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-77"}, tenant=ENTERPRISE
+    )
+    assert first.status == 202, first.body
+    models = {"default_model": "fake-model", "models": ["fake-model"], "timeout_seconds": 30, "stream": False}
+    api = _redeployed(moto_stack, provider, monkeypatch, provider={"base_url": provider.base_url, **models})
+    retry = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-77"}, tenant=ENTERPRISE)
+    assert (retry.status, retry.body["id"]) == (202, first.body["id"]), retry.body
+
+
+def test_a_replay_that_names_the_default_model_is_the_same_request(harness: Harness) -> None:
+    first = harness.submit(key="k-model", prompt="same")
+    assert first.status == 202 and first.body["model"] == "fake-model"
+    # When the client's retry names the model the first left to the default
+    again = harness.submit(key="k-model", prompt="same", model="fake-model")
+    # Then it is the same request: the replay, not a conflict
+    assert (again.status, again.body["id"]) == (202, first.body["id"]), again.body
+
+
+def test_a_seed_no_provider_takes_is_refused_at_submit_and_nothing_is_written(harness: Harness) -> None:
+    reply = harness.api(
+        "POST",
+        "/v1/jobs",
+        raw_body='{"prompt": "x", "params": {"seed": 1' + "0" * 60 + "}}",
+        tenant=ENTERPRISE,
+    )
+    assert (reply.status, reply.code) == (422, "invalid_request"), reply.body
+    _nothing_changed(harness)

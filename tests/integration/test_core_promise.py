@@ -333,6 +333,45 @@ def test_a_cancel_taken_before_the_failure_is_written_ends_canceled_when_the_cal
     assert events == ["job.canceled"]
 
 
+@pytest.mark.parametrize("next_look", ["claim", "reconciler"])
+def test_a_cancel_taken_before_a_failure_that_had_to_be_parked_ends_canceled_at_the_next_look(
+    harness: Harness, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch, next_look: str
+) -> None:
+    # Given a running job the client cancels (202) while its provider call is in flight, the
+    # call then timing out, and DynamoDB's transactions throttled for longer than the worker
+    # can wait, so the failure is parked in S3
+    job_id = harness.submit(webhook=HOOK).body["id"]
+    replies: list[int] = []
+
+    def client_cancels() -> None:
+        replies.append(harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status)
+
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=1000)
+    provider = ScriptedProvider([ProviderTimeout("slow"), OK], before=client_cancels)
+    outcome = _run(_runner(harness, provider, cancel_check_seconds=60.0), job_id, seconds=8)
+    faults.disarm()
+    assert (replies, type(outcome).__name__) == ([202], "StoreUnavailable")
+    # When its lease lapses and the next look comes (a claim of its message, or the reconciler)
+    _lapse_lease(harness, job_id)
+    provider.before = None
+    if next_look == "claim":
+        assert _run(_runner(harness, provider), job_id, owner="worker-2") is None
+    else:
+        later = (
+            8 + harness.config.lease_margin_seconds + harness.config.reconciler.expired_lease_grace_seconds
+        )
+        _scheduled_reconciler(harness, monkeypatch, later + 1.0).handler(
+            {"source": "aws.events"}, LambdaContextStub()
+        )
+    # Then the parked failure, which holds nothing paid for to deliver, yields to the cancel:
+    # the job ends canceled, as the client was told, and the provider was called once
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]) == ("canceled", None)
+    events = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert events == ["job.canceled"]
+
+
 def test_a_cancel_whose_flag_was_obeyed_before_its_write_was_retried_answers_canceled_not_409(
     harness: Harness, faults: AwsFaults
 ) -> None:
@@ -546,6 +585,24 @@ def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(
     # Then it is told the job is canceled
     assert _kinds(faults) == ["TransactWriteItems:applied_retried"]
     assert (reply.status, reply.body["status"]) == (200, "canceled")
+
+
+def test_a_submit_applied_but_unanswered_has_its_message_when_the_retry_replays_it(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a submit whose write is applied with its answer lost (the client gets a 503)
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    first = harness.submit(key="k-lost", prompt="one")
+    faults.disarm()
+    assert _kinds(faults) == ["TransactWriteItems:applied_lost"]
+    assert (first.status, first.code) == (503, "service_unavailable")
+    # When the client retries, as the 503 asks
+    retry = harness.submit(key="k-lost", prompt="one")
+    # Then the retry is the replay, and the job has its message: it runs now, not after the
+    # reconciler's stale threshold
+    assert (retry.status, retry.headers["idempotent-replayed"]) == (202, "true")
+    messages = harness.receive(harness.stack.lane_queue_urls["high"])
+    assert [json.loads(m["Body"])["job_id"] for m in messages] == [retry.body["id"]]
 
 
 def test_a_requeue_applied_but_unanswered_keeps_the_retry(harness: Harness, faults: AwsFaults) -> None:

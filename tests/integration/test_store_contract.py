@@ -164,21 +164,22 @@ def test_a_running_job_asked_to_cancel_cannot_be_requeued(subject: Subject) -> N
     assert subject.jobs.cancel_leased(claimed, "w1").status is JobStatus.CANCELED
 
 
-def test_a_running_job_asked_to_cancel_is_failed_only_when_the_failure_may_override_it(
-    subject: Subject,
-) -> None:
+def test_a_running_job_asked_to_cancel_cannot_be_failed_over_its_cancel(subject: Subject) -> None:
     job_id = subject.created()
     claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
     assert claimed is not None and subject.jobs.request_cancel(claimed) is not None
-    # A failure the call ended with is refused over the cancel, the lease still ours...
+    # A failure is refused over the cancel, the lease still ours; another worker's is refused
+    # as a lost lease, whatever the flag
     with pytest.raises(CancelRequested):
-        subject.jobs.fail_leased(claimed, "w1", ERROR, unless_canceled=True)
-    assert subject.status(job_id) is JobStatus.RUNNING
-    # ...and another worker's is refused as a lost lease, whatever the flag
+        subject.jobs.fail_leased(claimed, "w1", ERROR)
     with pytest.raises(LeaseLost):
-        subject.jobs.fail_leased(claimed, "w2", ERROR, unless_canceled=True)
-    # while a parked failure, which comes first, is written over it
-    assert subject.jobs.fail_leased(claimed, "w1", ERROR).status is JobStatus.FAILED
+        subject.jobs.fail_leased(claimed, "w2", ERROR)
+    assert subject.status(job_id) is JobStatus.RUNNING
+    # And a failure an earlier attempt parked, recorded once the lease lapsed, ends it canceled
+    subject.clock.advance(LEASE_SECONDS + 1)
+    ended = subject.jobs.end_with_parked(claimed, error=ERROR)
+    assert ended is not None and ended.status is JobStatus.CANCELED
+    assert subject.status(job_id) is JobStatus.CANCELED
 
 
 def test_a_requeued_job_waits_out_its_delay_and_keeps_its_attempt(subject: Subject) -> None:

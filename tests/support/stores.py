@@ -422,12 +422,10 @@ class InMemoryJobs:
         return self._put(ended, stream_attempt=None) if ended.stream else ended
 
     @_throttleable
-    def fail_leased(
-        self, job: JobRecord, owner: str, error: JobError, *, unless_canceled: bool = False
-    ) -> JobRecord:
+    def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
         old = self.records.get(job.id)
         held = old is not None and old.lease_owner == owner and old.status is JobStatus.RUNNING
-        if unless_canceled and held and old is not None and old.cancel_requested:
+        if held and old is not None and old.cancel_requested:
             raise CancelRequested(job.id)
         return self._finish_leased(job, owner, JobStatus.FAILED, error=error)
 
@@ -534,8 +532,10 @@ class InMemoryJobs:
                 old.status is JobStatus.QUEUED or (old.status is JobStatus.RUNNING and self._unleased(old))
             )
 
-        status = JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED
-        ended = self._finish_if(job, status, unheld, result=result, result_ref=result_ref, error=error)
+        if error is not None:
+            ended = self._or_canceled(job, JobStatus.FAILED, unheld, error=error)
+        else:
+            ended = self._finish_if(job, JobStatus.SUCCEEDED, unheld, result=result, result_ref=result_ref)
         return None if ended is None else self._not_the_chunks(ended)
 
     @_throttleable

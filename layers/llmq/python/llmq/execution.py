@@ -455,7 +455,7 @@ class JobRunner:
                 logger.info(
                     "a parked failure ends the job", extra={"job_id": job.id, "attempt": job.attempts}
                 )
-                await self._settle(self.jobs.fail_leased, job, invocation, parked)
+                await self._fail_billed(job, invocation, parked)
                 sibling.freed = True
                 return None
             if isinstance(parked, JobResult):
@@ -693,7 +693,7 @@ class JobRunner:
                 await self._complete(job, invocation, parked, ran=False)
                 return
             if isinstance(parked, JobError):
-                await self._settle(self.jobs.fail_leased, job, invocation, parked)
+                await self._fail_billed(job, invocation, parked)
                 return
             paid_unknown = parked is False
         if paid_unknown:
@@ -1034,11 +1034,11 @@ class JobRunner:
 
         A cancel the client asked meanwhile (answered 202), which the watcher had not seen,
         ends the job canceled instead, as the requeue's write would have found it: the write
-        is refused while the flag is set (`unless_canceled`), so a cancel that comes between
+        is refused while the flag is set (`fail_leased`), so a cancel that comes between
         any look and the write, or while the write is retried, is never written over."""
         try:
             done = await self._written_or_parked(
-                lambda: self.jobs.fail_leased(job, invocation.owner, error, unless_canceled=True),
+                lambda: self.jobs.fail_leased(job, invocation.owner, error),
                 lambda: self.offload.park_failure(job, error),
                 job,
                 invocation,

@@ -554,14 +554,12 @@ class JobRepository:
             job, owner, JobStatus.SUCCEEDED, result=result, result_ref=result_ref, timed=timed
         )
 
-    def fail_leased(
-        self, job: JobRecord, owner: str, error: JobError, *, unless_canceled: bool = False
-    ) -> JobRecord:
-        """Fenced as `complete`. `unless_canceled`: refused while the client has asked to
-        cancel, with CancelRequested (the lease still ours): a failure the call ended with
-        must not be written over a cancel the client was answered 202 before it, even one
-        that came while this write was retried through a throttle."""
-        return self._finish_leased(job, owner, JobStatus.FAILED, error=error, unless_canceled=unless_canceled)
+    def fail_leased(self, job: JobRecord, owner: str, error: JobError) -> JobRecord:
+        """Fenced as `complete`, and refused while the client has asked to cancel, with
+        CancelRequested (the lease still ours): a failure (the call's, or one an earlier
+        attempt parked) is never written over a cancel the client was answered 202 before it
+        was recorded, even one that came while this write was retried through a throttle."""
+        return self._finish_leased(job, owner, JobStatus.FAILED, error=error, unless_canceled=True)
 
     def cancel_leased(self, job: JobRecord, owner: str) -> JobRecord:
         return self._finish_leased(job, owner, JobStatus.CANCELED)
@@ -862,8 +860,11 @@ class JobRepository:
         lease lapsed), whose earlier attempt paid and parked what it paid for
         (`Offload.record_parked`): it succeeds with that result, or fails with that billed
         `error`, and gives back its tenant's slot if it held one. The job read, not a new one
-        under its id (an Idempotency-Key used again after its retention)."""
-        return self._finish_if(
+        under its id (an Idempotency-Key used again after its retention). A failure carries
+        nothing paid for to deliver: asked to cancel meanwhile, the job ends canceled instead
+        (`_or_canceled`), as `fail_leased` would leave it."""
+        end = self._finish_if if error is None else self._or_canceled
+        return end(
             job,
             JobStatus.FAILED if error is not None else JobStatus.SUCCEEDED,
             condition="created_ms = :created AND (#st = :queued OR (#st = :running AND "

@@ -119,6 +119,9 @@ class RequestParams(GenerationParams):
         | Annotated[str, Field(max_length=256)]
         | None
     ) = None
+    # A signed 64-bit integer, as providers take it: a larger one would be accepted here and
+    # refused by the provider, failing the job later instead of answering 422 now.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1, strict=True)] | None = None
 
 
 class WebhookSubscription(_Strict):
