@@ -17,6 +17,7 @@ import random
 import re
 import time
 import traceback
+from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -235,7 +236,8 @@ def _replay_despite_the_schema() -> Response[Any] | None:
     tries. The job or batch exists and runs either way; a refusal would read as "not accepted"
     and invite a second, paid one. The body must still be a request (the models without the
     deployment's limits), which the intake answers as the replay, or refuses as another body
-    under the key. None when it is no such retry: the refusal stands."""
+    under the key. None when it is no such retry, or when the look fails: the refusal stands
+    (a request that can never be taken is not answered 503)."""
     event = app.current_event
     key = event.get_header_value("Idempotency-Key")
     if event.http_method != "POST" or not key or len(key) > MAX_IDEMPOTENCY_KEY:
@@ -245,15 +247,25 @@ def _replay_despite_the_schema() -> Response[Any] | None:
         tenant = _tenant()
         if path == "/v1/jobs" and intake().accepted_under(tenant, key):
             job = JobRequest.model_validate_json(event.decoded_body or "")
-            return handle_submit_job(job, key, event.get_header_value("Prefer"))
+            return _answered(lambda: handle_submit_job(job, key, event.get_header_value("Prefer")))
         if path == "/v1/batches" and batch_intake().accepted_under(tenant, key):
             batch = BatchRequest.model_validate_json(event.decoded_body or "")
-            return handle_submit_batch(batch, key)
-    except ValidationError:
-        return None
+            return _answered(lambda: handle_submit_batch(batch, key))
+    except Exception as exc:
+        # (a body the base models refuse too, no tenant, the look throttled or denied)
+        logger.info("no replay looked for under a refused body", extra=error_fields(exc))
+    return None
+
+
+def _answered(submit: Callable[[], Response[Any]]) -> Response[Any]:
+    """The replay's answer: a domain error as any route's, anything else as an unexpected
+    error's (an exception handler's own exception would fail the invocation, a 502)."""
+    try:
+        return submit()
     except errors.DomainError as exc:
         return handle_domain_error(exc)
-    return None
+    except Exception as exc:
+        return handle_unexpected(exc)
 
 
 def _located(detail: dict[str, Any]) -> str:

@@ -1102,13 +1102,23 @@ def test_a_batch_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepte
     assert (retry.status, retry.body["id"]) == (202, first.body["id"]), retry.body
 
 
-def test_a_replay_that_names_the_default_model_is_the_same_request(harness: Harness) -> None:
-    first = harness.submit(key="k-model", prompt="same")
-    assert first.status == 202 and first.body["model"] == "fake-model"
-    # When the client's retry names the model the first left to the default
-    again = harness.submit(key="k-model", prompt="same", model="fake-model")
-    # Then it is the same request: the replay, not a conflict
-    assert (again.status, again.body["id"]) == (202, first.body["id"]), again.body
+def test_a_refused_body_under_a_key_is_refused_as_before_when_the_look_for_its_job_fails(
+    harness: Harness,
+) -> None:
+    # Given a body no deployment takes (an unknown field), under an Idempotency-Key, while
+    # DynamoDB refuses the look for a job under that key
+    from tests.aws_faults import AwsFaults
+
+    faults = AwsFaults()
+    faults.arm("throttle", "dynamodb.GetItem", times=50)
+    try:
+        reply = harness.submit(key="k-bad", prompt="x", priority="high")
+    finally:
+        faults.disarm()
+    # Then it is refused as it always was (422), not answered 503 to be retried in vain
+    assert faults.fired
+    assert (reply.status, reply.code) == (422, "invalid_request"), reply.body
+    _nothing_changed(harness)
 
 
 def test_a_seed_no_provider_takes_is_refused_at_submit_and_nothing_is_written(harness: Harness) -> None:

@@ -587,22 +587,35 @@ def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(
     assert (reply.status, reply.body["status"]) == (200, "canceled")
 
 
-def test_a_submit_applied_but_unanswered_has_its_message_when_the_retry_replays_it(
+def test_a_submit_applied_but_unanswered_is_read_back_and_accepted_with_its_message(
     harness: Harness, faults: AwsFaults
 ) -> None:
-    # Given a submit whose write is applied with its answer lost (the client gets a 503)
+    # Given a submit whose write is applied with its answer lost
     faults.arm("applied_lost", "dynamodb.TransactWriteItems")
     first = harness.submit(key="k-lost", prompt="one")
     faults.disarm()
     assert _kinds(faults) == ["TransactWriteItems:applied_lost"]
-    assert (first.status, first.code) == (503, "service_unavailable")
-    # When the client retries, as the 503 asks
+    # Then the accept reads its own write back: a 202, and the job has its message at once
+    # (a 503 would leave it stored with none, and the client's replay sends none)
+    assert (first.status, first.body["status"]) == (202, "queued"), first.body
     retry = harness.submit(key="k-lost", prompt="one")
-    # Then the retry is the replay, and the job has its message: it runs now, not after the
-    # reconciler's stale threshold
     assert (retry.status, retry.headers["idempotent-replayed"]) == (202, "true")
     messages = harness.receive(harness.stack.lane_queue_urls["high"])
-    assert [json.loads(m["Body"])["job_id"] for m in messages] == [retry.body["id"]]
+    assert [json.loads(m["Body"])["job_id"] for m in messages] == [first.body["id"]]
+
+
+def test_a_submit_whose_write_was_throttled_stores_nothing_and_sends_nothing(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a submit whose write DynamoDB throttles, try after try (never applied)
+    faults.arm("throttle", "dynamodb.TransactWriteItems", times=50)
+    first = harness.submit(key="k-throttled", prompt="one")
+    faults.disarm()
+    # Then it is a 503 to retry, and nothing is stored or sent: no message for a job that
+    # does not exist, which a worker could only set aside as poison
+    assert (first.status, first.code) == (503, "service_unavailable")
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
 
 
 def test_a_requeue_applied_but_unanswered_keeps_the_retry(harness: Harness, faults: AwsFaults) -> None:

@@ -79,20 +79,15 @@ def batch_request_hash(request: BatchRequest, upload: ObjectStat | None = None) 
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def batch_request_digest(
-    request: BatchRequest, upload: ObjectStat | None = None, default_model: str | None = None
-) -> str:
+def batch_request_digest(request: BatchRequest, upload: ObjectStat | None = None) -> str:
     """What "the same body" means for a replay, as for a job (`llmq.intake.request_digest`):
-    an object's keys in any order, an item's `prompt` or the one message it stands for, its
-    model named or left out for the `default_model`, event names in any order or repeated;
-    an upload by its content."""
+    an object's keys in any order, an item's `prompt` or the one message it stands for, event
+    names in any order or repeated; an upload by its content."""
     data = request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     if upload is not None:
         data["upload_id"] = f"{upload.etag}:{upload.size}"
     if request.requests is not None:
-        data["requests"] = [
-            [item.custom_id, request_digest(item.body, default_model)] for item in request.requests
-        ]
+        data["requests"] = [[item.custom_id, request_digest(item.body)] for item in request.requests]
     if request.webhook is not None:
         data["webhook"]["events"] = sorted(event.value for event in request.webhook.subscribed_events())
         data["webhook"]["item_events"] = sorted({event.value for event in request.webhook.item_events})
@@ -153,7 +148,7 @@ class BatchIntake:
                 raise
             upload = self._upload_as_stored(tenant, request, stored)
             return self._replayed(
-                stored, tenant, self._digest(request, upload), batch_request_hash(request, upload)
+                stored, tenant, batch_request_digest(request, upload), batch_request_hash(request, upload)
             ), True
         digest = batch_request_hash(request, upload)
         webhook = request.webhook
@@ -173,7 +168,7 @@ class BatchIntake:
             validated=upload is None,
             tier=tenant.tier,
             request_hash=digest,
-            request_digest=self._digest(request, upload),
+            request_digest=batch_request_digest(request, upload),
             created_ms=now_ms,
             expires_at=now_ms // 1000 + self.config.retention_seconds,
             metadata=request.metadata,
@@ -209,9 +204,6 @@ class BatchIntake:
         logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})
         self._expand(stored)
         return stored, False
-
-    def _digest(self, request: BatchRequest, upload: ObjectStat | None) -> str:
-        return batch_request_digest(request, upload, self.config.provider.default_model)
 
     def accepted_under(self, tenant: TenantIdentity, idempotency_key: str) -> bool:
         """Whether the tenant's Idempotency-Key already made a batch (one GetItem): a submit the

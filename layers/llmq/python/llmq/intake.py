@@ -65,19 +65,15 @@ def request_hash(request: JobRequest) -> str:
     ).hexdigest()
 
 
-def request_digest(request: JobRequest, default_model: str | None = None) -> str:
+def request_digest(request: JobRequest) -> str:
     """What "the same body" means for an idempotent replay: the request in a canonical form.
 
     Bodies that mean the same request are the same body: an object's keys in any order
-    (`metadata`, `params`), `prompt` or the one user message it stands for, the webhook's
-    events in any order or repeated, or left out for the default ones, and the deployment's
-    `default_model` named or left out. A client whose JSON library writes keys in another
-    order, or whose SDK fills in a default on its retry, replays its job instead of meeting a
-    conflict. Kept beside `request_hash` (`JobRecord.request_digest`); jobs stored before it
-    have none."""
+    (`metadata`, `params`), `prompt` or the one user message it stands for, and the webhook's
+    events in any order or repeated, or left out for the default ones. A client whose JSON
+    library writes keys in another order replays its job instead of meeting a conflict. Kept
+    beside `request_hash` (`JobRecord.request_digest`); jobs stored before it have none."""
     data = request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-    if default_model is not None and data.get("model") == default_model:
-        del data["model"]
     if data.pop("prompt", None) is not None:
         data["messages"] = [
             message.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
@@ -159,11 +155,7 @@ class JobIntake:
                 return self._replay(existing, record, request, tenant)
             # The input goes to S3 first; the item holds its reference.
             record = self.offload.store_input(record)
-        try:
-            created = self.jobs.create(record, admission)
-        except StoreUnavailable:
-            self._send_ahead(record)
-            raise
+        created = self.jobs.create(record, admission)
         if created.replayed:
             return self._replay(created.job, record, request, tenant)
         logger.info(
@@ -193,18 +185,6 @@ class JobIntake:
             except Exception:
                 logger.warning("could not put the job first for the reconciler", extra={"job_id": record.id})
         return Submission(job=record, replayed=False)
-
-    def _send_ahead(self, record: JobRecord) -> None:
-        """The accept's write failed, perhaps applied with its answer lost: its job may then be
-        stored with no message, and the client's retry, its replay, sends none. The message goes
-        before the 503, so such a job runs at once rather than after the reconciler's stale
-        threshold; for a job that was never stored, a worker finds none and drops it."""
-        try:
-            self.queues.enqueue_job(record.id, record.lane, record.tenant_id)
-        except Exception as exc:
-            logger.warning(
-                "message not sent ahead of a failed accept", extra={"job_id": record.id, **error_fields(exc)}
-            )
 
     @staticmethod
     def _replay(job: JobRecord, record: JobRecord, request: JobRequest, tenant: TenantIdentity) -> Submission:
@@ -248,7 +228,7 @@ class JobIntake:
             model=request.model or self.config.provider.default_model,
             input=JobInput(messages=request.chat_messages(), params=request.params),
             request_hash=request_hash(request),
-            request_digest=request_digest(request, self.config.provider.default_model),
+            request_digest=request_digest(request),
             metadata=request.metadata,
             created_ms=now_ms,
             deadline_ms=now_ms + request.deadline_seconds * 1000 if request.deadline_seconds else None,

@@ -53,7 +53,7 @@ from llmq.models import (
 from llmq.policy import Claim, fresh_letter_condition
 from llmq.read_gathering import GatheredReads
 from llmq.shares import ShareState
-from llmq.telemetry import logger, reconcile_fault
+from llmq.telemetry import error_fields, logger, reconcile_fault
 
 Clock = Callable[[], float]
 
@@ -379,7 +379,30 @@ class JobRepository:
                     return Created(job=existing, replayed=False)
                 return Created(job=existing, replayed=True)
             raise self._over_quota(ShareState.from_item(record.tenant_id, exc.item(1)), admission) from exc
+        except StoreContended:
+            raise  # (canceled, try after try: known not to have been applied)
+        except StoreUnavailable:
+            # Perhaps applied with its answer lost (a timeout, a cut connection, a 500 after
+            # DynamoDB took it): one consistent read says, by the put's token. Stored, the job
+            # is accepted and gets its message now; a replay would find it and send none, and
+            # it would wait for the reconciler's stale threshold. A read that fails as well
+            # leaves the 503 (the reconciler then sends a stored job's message).
+            stored = self._stored_by(record.id, token)
+            if stored is None:
+                raise
+            return Created(job=stored, replayed=False)
         return Created(job=record.model_copy(update={"last_write": token, "shared": True}), replayed=False)
+
+    def _stored_by(self, job_id: str, token: str) -> JobRecord | None:
+        """The job, if a write carrying `token` stored it; None if not, or if the read fails."""
+        try:
+            found = self.find(job_id)
+        except Exception as exc:
+            logger.warning(
+                "an accept's outcome could not be read", extra={"job_id": job_id, **error_fields(exc)}
+            )
+            return None
+        return found if found is not None and found.last_write == token else None
 
     def check_quota(self, tenant_id: str, admission: Admission) -> None:
         """Raise QuotaExceeded if the tenant is at its quota now: one consistent GetItem, for a
