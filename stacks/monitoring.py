@@ -89,10 +89,21 @@ def webhook_oldest_message_alarm_seconds(config: LlmqConfig) -> int:
     SQS leaves a message received three times or more out of ApproximateAgeOfOldestMessage
     (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/sqs-available-cloudwatch-metrics.html),
     so a delivery retrying on the long schedule counts only until its third attempt: the first
-    two delays, with their jitter, and a crashed attempt's visibility timeout.
+    two delays, with their jitter, and a crashed attempt's visibility timeout. (A receiver's
+    Retry-After can hide a message longer before its third receive: the alarm counts the age
+    only while messages wait visible, `WEBHOOK_STALL_EXPRESSION`.)
     """
     first_two = sum(config.webhooks.schedule_seconds[:2]) * (1 + config.webhooks.jitter_fraction)
     return int(first_two) + config.webhook_visibility_timeout_seconds
+
+
+# The oldest webhook message's age, counted only while messages wait visible the whole period.
+# The age counts hidden messages too: one a receiver's Retry-After (up to about 12 hours) hides
+# after its first or second receive ages past the threshold with nothing wrong, while a stalled
+# dispatcher (its mapping disabled, every invocation failing) leaves the queue's messages
+# visible, unread (ApproximateNumberOfMessagesVisible, "Available CloudWatch metrics for Amazon
+# SQS": the messages available for retrieval).
+WEBHOOK_STALL_EXPRESSION = "IF(FILL(visible, 0) > 0, age, 0)"
 
 
 def reconciler_window_minutes(config: LlmqConfig) -> int:
@@ -271,7 +282,19 @@ class MonitoringConstruct(Construct):
         self._alarm_on_dlq("WebhooksDlq", dlq, "webhooks")
         self._alarm(
             "WebhooksOldestMessage",
-            queue.metric_approximate_age_of_oldest_message(period=FIVE_MINUTES, statistic="Maximum"),
+            cloudwatch.MathExpression(
+                expression=WEBHOOK_STALL_EXPRESSION,
+                using_metrics={
+                    "age": queue.metric_approximate_age_of_oldest_message(
+                        period=FIVE_MINUTES, statistic="Maximum"
+                    ),
+                    "visible": queue.metric_approximate_number_of_messages_visible(
+                        period=FIVE_MINUTES, statistic="Minimum"
+                    ),
+                },
+                period=FIVE_MINUTES,
+                label="age of the oldest webhook message, while messages wait unread",
+            ),
             threshold=webhook_oldest_message_alarm_seconds(config),
             description="llmq: a webhook waits longer than its first retries explain (dispatcher stalled)",
         )

@@ -22,6 +22,7 @@ from stacks.monitoring import (
     JOB_FAILURE_ALARM_PERCENT,
     WEBHOOK_FAILURE_ALARM_MIN_COUNT,
     WEBHOOK_FAILURE_ALARM_PERCENT,
+    WEBHOOK_STALL_EXPRESSION,
     failure_rate_expression,
     webhook_oldest_message_alarm_seconds,
 )
@@ -270,12 +271,32 @@ def test_the_dashboard_name_is_unique_per_region(synthesized):
     assert "AWS::Region" in json.dumps(dashboard["Properties"]["DashboardName"])
 
 
-def test_the_webhooks_queue_alarms_when_its_oldest_message_outlives_the_first_retries(synthesized, alarms):
+def test_the_webhooks_queue_alarms_when_its_oldest_message_outlives_the_first_retries_unread(
+    synthesized, alarms
+):
     config = synthesized.config
-    queue = _ref(synthesized, "WebhookQueueUrl")
-    alarm = _one(
-        alarms, "AWS/SQS", "ApproximateAgeOfOldestMessage", QueueName={"Fn::GetAtt": [queue, "QueueName"]}
-    )
+    queue = {"Fn::GetAtt": [_ref(synthesized, "WebhookQueueUrl"), "QueueName"]}
+    found = [
+        alarm
+        for alarm in alarms
+        if {
+            query["Id"]: query["MetricStat"]["Metric"]["MetricName"]
+            for query in alarm.get("Metrics", [])
+            if "MetricStat" in query
+        }
+        == {"age": "ApproximateAgeOfOldestMessage", "visible": "ApproximateNumberOfMessagesVisible"}
+    ]
+    assert len(found) == 1
+    (alarm,) = found
+    queries = {query["Id"]: query for query in alarm["Metrics"]}
+    for name, statistic in (("age", "Maximum"), ("visible", "Minimum")):
+        stat = queries[name]["MetricStat"]
+        assert (stat["Stat"], _dimensions(stat["Metric"])) == (statistic, {"QueueName": queue})
+        assert queries[name]["ReturnData"] is False
+    # The age compared only while messages wait visible for the whole period: a stalled
+    # dispatcher leaves them unread, while a receiver's long Retry-After only hides its own
+    (expression,) = [query for query in alarm["Metrics"] if "Expression" in query]
+    assert expression["Expression"] == "IF(FILL(visible, 0) > 0, age, 0)" == WEBHOOK_STALL_EXPRESSION
     assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
     assert alarm["Threshold"] == webhook_oldest_message_alarm_seconds(config)
     # Longer than the first two retries of one delivery, far shorter than the whole schedule
