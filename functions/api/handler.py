@@ -236,25 +236,37 @@ def _replay_despite_the_schema() -> Response[Any] | None:
     tries. The job or batch exists and runs either way; a refusal would read as "not accepted"
     and invite a second, paid one. The body must still be a request (the models without the
     deployment's limits), which the intake answers as the replay, or refuses as another body
-    under the key. None when it is no such retry, or when the look fails: the refusal stands
-    (a request that can never be taken is not answered 503)."""
+    under the key. None when it is no such retry: the refusal stands, for a body no deployment
+    takes with no read at all."""
     event = app.current_event
     key = event.get_header_value("Idempotency-Key")
     if event.http_method != "POST" or not key or len(key) > MAX_IDEMPOTENCY_KEY:
         return None
     path = event.path.rstrip("/")
+    prefer = event.get_header_value("Prefer")
     try:
         tenant = _tenant()
-        if path == "/v1/jobs" and intake().accepted_under(tenant, key):
+        if path == "/v1/jobs":
             job = JobRequest.model_validate_json(event.decoded_body or "")
-            return _answered(lambda: handle_submit_job(job, key, event.get_header_value("Prefer")))
-        if path == "/v1/batches" and batch_intake().accepted_under(tenant, key):
+            accepted, submit = intake().accepted_under, lambda: handle_submit_job(job, key, prefer)
+        elif path == "/v1/batches":
             batch = BatchRequest.model_validate_json(event.decoded_body or "")
-            return _answered(lambda: handle_submit_batch(batch, key))
+            accepted, submit = batch_intake().accepted_under, lambda: handle_submit_batch(batch, key)
+        else:
+            return None
+    except Exception:
+        return None  # (a body no deployment takes, or no tenant)
+    try:
+        if not accepted(tenant, key):
+            return None
+    except errors.StoreUnavailable as exc:
+        # A body a deployment takes, perhaps this key's accepted job's: not known until
+        # DynamoDB answers, so a 503 to retry rather than a refusal that may be false.
+        return handle_domain_error(exc)
     except Exception as exc:
-        # (a body the base models refuse too, no tenant, the look throttled or denied)
-        logger.info("no replay looked for under a refused body", extra=error_fields(exc))
-    return None
+        logger.warning("no replay looked for under a refused body", extra=error_fields(exc))
+        return None
+    return _answered(submit)
 
 
 def _answered(submit: Callable[[], Response[Any]]) -> Response[Any]:

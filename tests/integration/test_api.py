@@ -1102,11 +1102,11 @@ def test_a_batch_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepte
     assert (retry.status, retry.body["id"]) == (202, first.body["id"]), retry.body
 
 
-def test_a_refused_body_under_a_key_is_refused_as_before_when_the_look_for_its_job_fails(
+def test_a_body_no_deployment_takes_under_a_key_is_refused_with_no_look_for_its_job(
     harness: Harness,
 ) -> None:
     # Given a body no deployment takes (an unknown field), under an Idempotency-Key, while
-    # DynamoDB refuses the look for a job under that key
+    # DynamoDB would refuse any read
     from tests.aws_faults import AwsFaults
 
     faults = AwsFaults()
@@ -1115,8 +1115,9 @@ def test_a_refused_body_under_a_key_is_refused_as_before_when_the_look_for_its_j
         reply = harness.submit(key="k-bad", prompt="x", priority="high")
     finally:
         faults.disarm()
-    # Then it is refused as it always was (422), not answered 503 to be retried in vain
-    assert faults.fired
+    # Then it is refused as it always was (422), with no read for a job under its key: not
+    # answered 503, to be retried in vain
+    assert not faults.fired
     assert (reply.status, reply.code) == (422, "invalid_request"), reply.body
     _nothing_changed(harness)
 
@@ -1130,3 +1131,26 @@ def test_a_seed_no_provider_takes_is_refused_at_submit_and_nothing_is_written(ha
     )
     assert (reply.status, reply.code) == (422, "invalid_request"), reply.body
     _nothing_changed(harness)
+
+
+def test_a_retry_the_next_deploy_would_refuse_is_answered_503_not_refused_while_its_look_is_throttled(
+    harness: Harness, moto_stack: Any, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job accepted under a key, then a deploy that takes its model off the list
+    from tests.aws_faults import AwsFaults
+
+    first = harness.submit(key="order-79", model="fake-large")
+    assert first.status == 202, first.body
+    models = {"default_model": "fake-model", "models": ["fake-model"], "timeout_seconds": 30, "stream": False}
+    api = _redeployed(moto_stack, provider, monkeypatch, provider={"base_url": provider.base_url, **models})
+    # When the client retries while DynamoDB throttles the look for its job
+    faults = AwsFaults()
+    faults.arm("throttle", "dynamodb.GetItem", times=50)
+    try:
+        retry = api.submit(key="order-79", model="fake-large")
+    finally:
+        faults.disarm()
+    # Then it is told to retry (503), not that its accepted job was refused
+    assert faults.fired
+    assert (retry.status, retry.code) == (503, "service_unavailable"), retry.body
+    assert api.submit(key="order-79", model="fake-large").body["id"] == first.body["id"]

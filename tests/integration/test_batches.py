@@ -480,6 +480,22 @@ def test_the_batch_list_pages_newest_first_with_counts_and_shows_no_job_and_no_f
     assert (refused.status, refused.code) == (400, "invalid_cursor"), refused.body
 
 
+def test_a_batch_accept_applied_with_its_answer_lost_is_read_back_and_accepted(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a batch submitted without an Idempotency-Key, its accept applied with its answer lost
+    faults.arm(FaultKind.APPLIED_LOST, "dynamodb.TransactWriteItems", function="api")
+    reply = _submit(harness, requests=_requests(2))
+    faults.disarm()
+    assert faults.fired
+    # Then the accept reads its own put back: a 202 with its expand message, so a client
+    # never retries into a second batch it pays for twice
+    assert reply.status == 202, reply.body
+    listed = harness.api("GET", "/v1/batches", tenant=ENTERPRISE).body["data"]
+    assert [batch["id"] for batch in listed] == [reply.body["id"]]
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 1
+
+
 # ---- expansion under faults ---------------------------------------------------------------------
 
 

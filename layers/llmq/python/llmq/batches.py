@@ -49,6 +49,7 @@ from llmq.models import (
 from llmq.payloads import PresignedUrl
 from llmq.policy import fresh_letter_condition
 from llmq.shares import ShareState, holders_of, share_key
+from llmq.telemetry import error_fields, logger
 
 if TYPE_CHECKING:
     from llmq.ports import QueueStore
@@ -444,7 +445,35 @@ class BatchRepository:
                 raise over_quota(found, record.total, default_max_active, self.config) from exc
             _raise_retryable(exc, "the batch's put")
             raise
+        except StoreContended:
+            raise  # (canceled, try after try: known not to have been applied)
+        except StoreUnavailable:
+            # Perhaps applied with its answer lost: one consistent read says, as a job's accept
+            # does (`JobRepository.create`). Stored, the batch is accepted (a 503 would have a
+            # client without an Idempotency-Key pay for it twice); a read that fails as well
+            # leaves the 503.
+            stored = self._stored_as(record)
+            if stored is None:
+                raise
+            return stored, False
         return record, False
+
+    def _stored_as(self, record: BatchRecord) -> BatchRecord | None:
+        """The batch, if this put stored it (the same body at the same time, as the put's own
+        refusal tells its own apart); None if not, or if the read fails."""
+        try:
+            found = self.find(record.id)
+        except Exception as exc:
+            logger.warning(
+                "a batch accept's outcome could not be read",
+                extra={"batch_id": record.id, **error_fields(exc)},
+            )
+            return None
+        mine = found is not None and (found.request_hash, found.created_ms) == (
+            record.request_hash,
+            record.created_ms,
+        )
+        return found if mine else None
 
     def _not_its_own_lane(self, batch: BatchRecord) -> bool:
         """The batch runs in a lane of batches (`batches.lane`) that is not its tenant's own."""
