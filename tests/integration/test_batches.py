@@ -496,6 +496,33 @@ def test_a_batch_accept_applied_with_its_answer_lost_is_read_back_and_accepted(
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 1
 
 
+def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_batch(
+    harness: Harness,
+) -> None:
+    # Given a batch with per-item webhooks that ran to its end, whose retention ends in a minute
+    reply = _submit(
+        harness,
+        requests=_requests(1),
+        webhook={"url": "http://127.0.0.1:9/b", "item_events": ["job.succeeded"]},
+    )
+    _run_lane(harness)
+    item = item_job_id(reply.body["id"], 0)
+    ends = int(time.time()) + 60
+    for pk in (item, reply.body["id"]):
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": pk}},
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues={":at": {"N": str(ends)}},
+        )
+    # When the client asks for the item's webhook again
+    assert harness.api("POST", f"/v1/jobs/{item}/webhook/redeliver", tenant=ENTERPRISE).status == 202
+    # Then the item is not kept past its batch: a new batch under the batch's reused key would
+    # meet it as it writes its items, and never expand
+    stored = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item}})["Item"]
+    assert int(stored["expires_at"]["N"]) == ends
+
+
 # ---- expansion under faults ---------------------------------------------------------------------
 
 

@@ -670,7 +670,7 @@ class InMemoryJobs:
         kept: dict[str, int] = {}
         if read is not None:
             outlive = min(now_s, read.created_ms // 1000 + self.config.retention_seconds) + round_s
-            if now_s < read.expires_at < outlive:
+            if now_s < read.expires_at < outlive and not batch_of(job_id):
                 kept["expires_at"] = outlive
         return self._put(
             old,

@@ -1365,7 +1365,9 @@ class JobRepository:
         With the job as `read`, the write applies to that job only (not one submitted since
         under a reused Idempotency-Key), and a job whose retention ends before the new round's
         retries is kept for them, as a terminal write keeps it (`_finish`): never past its
-        retention plus one round, however often it is redelivered."""
+        retention plus one round, however often it is redelivered. Not a batch's item, as
+        `record_delivery` keeps none: kept past its batch, a new batch under the batch's reused
+        Idempotency-Key would meet it as it writes its items, and never expand."""
         now = self.now_ms()
         sweep_sets, _, sweep = self._sweep(job_id, now + self.config.reconciler.stale_webhook_seconds * 1000)
         sets = ["delivery_status = :pending", "delivery_attempts = :zero", *sweep_sets]
@@ -1375,7 +1377,7 @@ class JobRepository:
             sweep = {**sweep, "read_created": read.created_ms}
             round_s = self.config.terminal_event_seconds
             outlive = min(now // 1000, read.created_ms // 1000 + self.config.retention_seconds) + round_s
-            if now // 1000 < read.expires_at < outlive:
+            if now // 1000 < read.expires_at < outlive and not batches.batch_of(job_id):
                 sets.append("expires_at = :keep_until")
                 sweep["keep_until"] = outlive
         update = f"SET {', '.join(sets)} REMOVE delivery_next_ms, delivery_carrier, webhook_gone"
