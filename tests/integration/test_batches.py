@@ -523,6 +523,29 @@ def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_b
     assert int(stored["expires_at"]["N"]) == ends
 
 
+def test_an_item_ended_late_in_its_retention_is_never_kept_past_it(harness: Harness) -> None:
+    # Given an expanded batch whose retention ends in a minute, an item still queued
+    batch_id, _ = _expanded(
+        harness, 2, webhook={"url": "http://127.0.0.1:9/b", "item_events": ["job.canceled"]}
+    )
+    item = item_job_id(batch_id, 0)
+    ends = int(time.time()) + 60
+    for pk in (item, batch_id):
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": pk}},
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues={":at": {"N": str(ends)}},
+        )
+    # When the item ends (canceled through the jobs API)
+    assert harness.api("POST", f"/v1/jobs/{item}/cancel", tenant=ENTERPRISE).status == 200
+    # Then its terminal write does not keep it for its event's retries, as a lone job's does:
+    # its batch, which may end after its own retention and is then not kept, must never be
+    # outlived by an item a new batch under its reused key would meet
+    stored = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item}})["Item"]
+    assert (stored["status"]["S"], int(stored["expires_at"]["N"])) == ("canceled", ends)
+
+
 # ---- expansion under faults ---------------------------------------------------------------------
 
 
