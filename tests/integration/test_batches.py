@@ -496,6 +496,19 @@ def test_a_batch_accept_applied_with_its_answer_lost_is_read_back_and_accepted(
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 1
 
 
+def _retention_ends_in_a_minute(harness: Harness, *pks: str) -> int:
+    """The items' retention (`expires_at`) made to end a minute from now: that time."""
+    ends = int(time.time()) + 60
+    for pk in pks:
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": pk}},
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues={":at": {"N": str(ends)}},
+        )
+    return ends
+
+
 def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_batch(
     harness: Harness,
 ) -> None:
@@ -507,14 +520,7 @@ def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_b
     )
     _run_lane(harness)
     item = item_job_id(reply.body["id"], 0)
-    ends = int(time.time()) + 60
-    for pk in (item, reply.body["id"]):
-        harness.ddb.update_item(
-            TableName=harness.stack.jobs_table,
-            Key={"pk": {"S": pk}},
-            UpdateExpression="SET expires_at = :at",
-            ExpressionAttributeValues={":at": {"N": str(ends)}},
-        )
+    ends = _retention_ends_in_a_minute(harness, item, reply.body["id"])
     # When the client asks for the item's webhook again
     assert harness.api("POST", f"/v1/jobs/{item}/webhook/redeliver", tenant=ENTERPRISE).status == 202
     # Then the item is not kept past its batch: a new batch under the batch's reused key would
@@ -529,14 +535,7 @@ def test_an_item_ended_late_in_its_retention_is_never_kept_past_it(harness: Harn
         harness, 2, webhook={"url": "http://127.0.0.1:9/b", "item_events": ["job.canceled"]}
     )
     item = item_job_id(batch_id, 0)
-    ends = int(time.time()) + 60
-    for pk in (item, batch_id):
-        harness.ddb.update_item(
-            TableName=harness.stack.jobs_table,
-            Key={"pk": {"S": pk}},
-            UpdateExpression="SET expires_at = :at",
-            ExpressionAttributeValues={":at": {"N": str(ends)}},
-        )
+    ends = _retention_ends_in_a_minute(harness, item, batch_id)
     # When the item ends (canceled through the jobs API)
     assert harness.api("POST", f"/v1/jobs/{item}/cancel", tenant=ENTERPRISE).status == 200
     # Then its terminal write does not keep it for its event's retries, as a lone job's does:
