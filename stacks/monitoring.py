@@ -91,19 +91,21 @@ def webhook_oldest_message_alarm_seconds(config: LlmqConfig) -> int:
     so a delivery retrying on the long schedule counts only until its third attempt: the first
     two delays, with their jitter, and a crashed attempt's visibility timeout. (A receiver's
     Retry-After can hide a message longer before its third receive: the alarm counts the age
-    only while messages wait visible, `WEBHOOK_STALL_EXPRESSION`.)
+    only while messages wait visible or records fail, `WEBHOOK_STALL_EXPRESSION`.)
     """
     first_two = sum(config.webhooks.schedule_seconds[:2]) * (1 + config.webhooks.jitter_fraction)
     return int(first_two) + config.webhook_visibility_timeout_seconds
 
 
-# The oldest webhook message's age, counted only while messages wait visible the whole period.
-# The age counts hidden messages too: one a receiver's Retry-After (up to about 12 hours) hides
-# after its first or second receive ages past the threshold with nothing wrong, while a stalled
-# dispatcher (its mapping disabled, every invocation failing) leaves the queue's messages
-# visible, unread (ApproximateNumberOfMessagesVisible, "Available CloudWatch metrics for Amazon
-# SQS": the messages available for retrieval).
-WEBHOOK_STALL_EXPRESSION = "IF(FILL(visible, 0) > 0, age, 0)"
+# The oldest webhook message's age, counted only while messages wait visible the whole period
+# or records fail. The age counts hidden messages too: one a receiver's Retry-After (up to
+# about 12 hours) hides after its first or second receive ages past the threshold with nothing
+# wrong. A stalled dispatcher leaves the queue's messages visible, unread (its mapping
+# disabled: ApproximateNumberOfMessagesVisible, "Available CloudWatch metrics for Amazon SQS",
+# the messages available for retrieval); one that runs but fails every record (a bug, a grant
+# missing) keeps them in flight, and counts each failure (RecordFailed), which no Lambda error
+# shows: the batch's invocation succeeds with every record reported failed.
+WEBHOOK_STALL_EXPRESSION = "IF(FILL(visible, 0) > 0 OR FILL(failed, 0) > 0, age, 0)"
 
 
 def reconciler_window_minutes(config: LlmqConfig) -> int:
@@ -126,12 +128,17 @@ def llmq_metric(
     labelled: bool = True,
     *,
     service: str,
+    queue: str | None = None,
 ) -> cloudwatch.Metric:
     """One llmq metric of the stack whose `service` it is (`stack_service_name`). Alarms take it
     unlabelled: CDK writes a labelled metric as a metric-math query, where the alarm's console
     view and the template lose the plain MetricName."""
     # Powertools adds the `service` dimension to every metric; job metrics add `lane`.
-    dimensions = {"service": service} | ({"lane": lane} if lane is not None else {})
+    dimensions = (
+        {"service": service}
+        | ({"lane": lane} if lane is not None else {})
+        | ({"queue": queue} if queue is not None else {})
+    )
     return cloudwatch.Metric(
         namespace=METRICS_NAMESPACE,
         metric_name=name.value,
@@ -291,9 +298,12 @@ class MonitoringConstruct(Construct):
                     "visible": queue.metric_approximate_number_of_messages_visible(
                         period=FIVE_MINUTES, statistic="Minimum"
                     ),
+                    "failed": self._metric(
+                        MetricName.RECORD_FAILED, "Sum", labelled=False, queue=queue.queue_name
+                    ),
                 },
                 period=FIVE_MINUTES,
-                label="age of the oldest webhook message, while messages wait unread",
+                label="age of the oldest webhook message, while messages wait unread or fail",
             ),
             threshold=webhook_oldest_message_alarm_seconds(config),
             description="llmq: a webhook waits longer than its first retries explain (dispatcher stalled)",
@@ -415,6 +425,12 @@ class MonitoringConstruct(Construct):
         alarm.add_alarm_action(self._action)
         self.alarms.append(alarm)
 
+    def _records_failed(self, queue: sqs.IQueue, label: str) -> cloudwatch.IMetric:
+        """RecordFailed of the records `queue` fed a function (`llmq.telemetry.log_record_failure`)."""
+        return self._metric(MetricName.RECORD_FAILED, "Sum", labelled=False, queue=queue.queue_name).with_(
+            label=f"{MetricName.RECORD_FAILED} {label}"
+        )
+
     def _build_dashboard(
         self,
         lanes: LanesConstruct,
@@ -479,14 +495,22 @@ class MonitoringConstruct(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the "
-                "reconciler, what the reconciler could not settle, authorizer failures)",
+                "reconciler, what the reconciler could not settle, authorizer failures, queue records failed "
+                "unexpectedly)",
                 left=[
                     self._metric(MetricName.API_UNEXPECTED_ERROR, "Sum"),
                     self._metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum"),
                     self._metric(MetricName.AUTHORIZER_FAILED, "Sum"),
                 ]
                 + [self._metric(MetricName.JOB_DEAD_LETTERED, "Sum", lane) for lane in names]
-                + [self._metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names],
+                + [self._metric(MetricName.JOB_ENQUEUE_FAILED, "Sum", lane) for lane in names]
+                + [
+                    self._records_failed(queue, label)
+                    for label, queue in [
+                        ("webhooks", webhook_queue),
+                        *((name, lane.queue) for name, lane in lanes.lanes.items()),
+                    ]
+                ],
                 right=(
                     [api_server_errors(api_name, stage_name)] if api_name is not None and stage_name else []
                 ),

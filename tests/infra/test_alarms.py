@@ -284,7 +284,11 @@ def test_the_webhooks_queue_alarms_when_its_oldest_message_outlives_the_first_re
             for query in alarm.get("Metrics", [])
             if "MetricStat" in query
         }
-        == {"age": "ApproximateAgeOfOldestMessage", "visible": "ApproximateNumberOfMessagesVisible"}
+        == {
+            "age": "ApproximateAgeOfOldestMessage",
+            "visible": "ApproximateNumberOfMessagesVisible",
+            "failed": MetricName.RECORD_FAILED.value,
+        }
     ]
     assert len(found) == 1
     (alarm,) = found
@@ -293,10 +297,16 @@ def test_the_webhooks_queue_alarms_when_its_oldest_message_outlives_the_first_re
         stat = queries[name]["MetricStat"]
         assert (stat["Stat"], _dimensions(stat["Metric"])) == (statistic, {"QueueName": queue})
         assert queries[name]["ReturnData"] is False
-    # The age compared only while messages wait visible for the whole period: a stalled
-    # dispatcher leaves them unread, while a receiver's long Retry-After only hides its own
+    # (the dispatcher's records failing unexpectedly, counted for this stack and this queue)
+    failed = queries["failed"]["MetricStat"]
+    assert (failed["Stat"], failed["Metric"]["Namespace"]) == ("Sum", METRICS_NAMESPACE)
+    assert _dimensions(failed["Metric"])["queue"] == queue
+    # The age compared only while messages wait visible for the whole period, or records fail:
+    # a stalled dispatcher leaves them unread or fails them, while a receiver's long Retry-After
+    # only hides its own
     (expression,) = [query for query in alarm["Metrics"] if "Expression" in query]
-    assert expression["Expression"] == "IF(FILL(visible, 0) > 0, age, 0)" == WEBHOOK_STALL_EXPRESSION
+    assert expression["Expression"] == WEBHOOK_STALL_EXPRESSION
+    assert expression["Expression"] == "IF(FILL(visible, 0) > 0 OR FILL(failed, 0) > 0, age, 0)"
     assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
     assert alarm["Threshold"] == webhook_oldest_message_alarm_seconds(config)
     # Longer than the first two retries of one delivery, far shorter than the whole schedule

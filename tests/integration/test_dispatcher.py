@@ -43,12 +43,13 @@ from llmq.models import (
 )
 from llmq.queues import QueueRepository, job_snapshot, webhook_message_body
 from llmq.ssrf import PinnedTransport, check_webhook_url
+from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository, UnknownTenant, new_webhook_secret
 from llmq.webhooks import WebhookDispatcher, webhook_id
 from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION, MotoStack
-from tests.integration.harness import LambdaContextStub, load_handler, sqs_event
+from tests.integration.harness import LambdaContextStub, emitted_metrics, load_handler, sqs_event
 from tests.support.dns import FakeDns
 from tests.support.stores import ROOMY
 
@@ -1217,3 +1218,27 @@ def test_one_receive_of_the_carrier_in_two_environments_brings_the_message_back_
     # SQS keeps the visibility the last ChangeMessageVisibility set
     assert stage.visibility_changes[0] == SCHEDULE[0]
     assert stage.visibility_changes[-1] == SCHEDULE[1], stage.visibility_changes
+
+
+def test_a_record_that_fails_unexpectedly_is_counted_for_its_queue(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a dispatcher that fails every record (a bug, a grant missing): its invocation still
+    # succeeds, each record reported failed, so no Lambda error shows it
+    stage.job("/hooks")
+
+    class Broken:
+        async def handle(self, *_: Any, **__: Any) -> None:
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(stage.handler, "dispatcher", Broken)
+    capsys.readouterr()
+    response = stage.dispatch()
+    # Then the record comes back, and one RecordFailed is counted with the webhooks queue's
+    # name, which the WebhooksOldestMessage alarm reads beside the queue's age
+    assert len(response["batchItemFailures"]) == 1
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.RECORD_FAILED)
+    (directive,) = record["_aws"]["CloudWatchMetrics"]
+    assert "queue" in directive["Dimensions"][0]
+    assert record["queue"] == stage.stack.webhook_queue_url.rsplit("/", 1)[-1]
+    assert record[MetricName.RECORD_FAILED] == [1.0]

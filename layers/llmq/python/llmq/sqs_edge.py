@@ -91,7 +91,7 @@ class QueueEdge:
                 return
             raise
         except Exception as exc:
-            log_record_failure(exc, record.message_id, self.job_of(record.body))
+            log_record_failure(exc, record.message_id, self.job_of(record.body), record.event_source_arn)
             raise
 
     @asynccontextmanager
@@ -122,7 +122,7 @@ class QueueEdge:
                 return
             raise
         except Exception as exc:
-            log_record_failure(exc, record.message_id, self.job_of(record.body))
+            log_record_failure(exc, record.message_id, self.job_of(record.body), record.event_source_arn)
             raise
 
     def _settle_failed(self, record: QueueRecord, exc: RetryLater | PoisonMessage) -> bool:

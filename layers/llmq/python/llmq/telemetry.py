@@ -80,6 +80,10 @@ class MetricName(StrEnum):
     # The authorizer failed for any other reason (its store unavailable, a bug): the 500 API
     # Gateway answers then. (A timeout or a crash shows as API Gateway's 5XX.)
     AUTHORIZER_FAILED = "AuthorizerFailed"
+    # A queue record failed unexpectedly (not a retry the code asked for, not poison), with the
+    # queue's name as its dimension: every invocation can succeed while each of its records
+    # fails, which no Lambda error shows; WebhooksOldestMessage counts the webhooks queue's.
+    RECORD_FAILED = "RecordFailed"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -102,13 +106,15 @@ WEBHOOK_OUTCOME_METRICS = (
 # - JobEnqueueFailed: the api stored a job but could not send its message, so the client got
 #   its 202 and the job waits for the reconciler (lane dimension);
 # - ReconcileEntryFailed: the reconciler could not settle something it swept (an entry, the
-#   lanes' depths), and went on with the rest (service dimension only).
+#   lanes' depths), and went on with the rest (service dimension only);
+# - RecordFailed: a queue record failed unexpectedly (queue dimension: the queue's name).
 FAULT_METRICS = (
     MetricName.API_UNEXPECTED_ERROR,
     MetricName.JOB_DEAD_LETTERED,
     MetricName.JOB_ENQUEUE_FAILED,
     MetricName.RECONCILE_ENTRY_FAILED,
     MetricName.AUTHORIZER_FAILED,
+    MetricName.RECORD_FAILED,
 )
 # Refusals, not faults (service dimension only): the api's waits refused a place (a tenant's
 # limit at work), the authorizer refused a key.
@@ -167,8 +173,11 @@ def reconcile_fault(exc: BaseException, what: str, message: str) -> None:
     emit_count(MetricName.RECONCILE_ENTRY_FAILED)
 
 
-def log_record_failure(exc: BaseException, message_id: str, job_id: str | None) -> None:
-    """An unexpected exception in a record handler, which the batch processor would swallow.
+def log_record_failure(
+    exc: BaseException, message_id: str, job_id: str | None, queue_arn: str | None = None
+) -> None:
+    """An unexpected exception in a record handler, which the batch processor would swallow:
+    logged, and counted as RecordFailed for the queue the record came from (`queue_arn`).
 
     The class and the AWS error code only: an exception's text can quote the payload.
     """
@@ -176,3 +185,8 @@ def log_record_failure(exc: BaseException, message_id: str, job_id: str | None) 
         "record failed unexpectedly; it will be retried",
         extra={"message_id": message_id, "job_id": job_id, **error_fields(exc)},
     )
+    if queue_arn:
+        with single_metric(
+            name=MetricName.RECORD_FAILED, unit=MetricUnit.Count, value=1, namespace=metrics.namespace
+        ) as metric:
+            metric.add_dimension(name="queue", value=queue_arn.rsplit(":", 1)[-1])
