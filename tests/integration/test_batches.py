@@ -18,7 +18,7 @@ from standardwebhooks import Webhook
 from llmq import aws
 from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id, send_expand
 from llmq.jobs import JobRepository
-from llmq.models import BatchEvent, BatchStatus, DeliveryStatus
+from llmq.models import BatchEvent, BatchRequestCounts, BatchStatus, DeliveryStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -496,19 +496,6 @@ def test_a_batch_accept_applied_with_its_answer_lost_is_read_back_and_accepted(
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 1
 
 
-def _retention_ends_in_a_minute(harness: Harness, *pks: str) -> int:
-    """The items' retention (`expires_at`) made to end a minute from now: that time."""
-    ends = int(time.time()) + 60
-    for pk in pks:
-        harness.ddb.update_item(
-            TableName=harness.stack.jobs_table,
-            Key={"pk": {"S": pk}},
-            UpdateExpression="SET expires_at = :at",
-            ExpressionAttributeValues={":at": {"N": str(ends)}},
-        )
-    return ends
-
-
 def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_batch(
     harness: Harness,
 ) -> None:
@@ -520,7 +507,8 @@ def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_b
     )
     _run_lane(harness)
     item = item_job_id(reply.body["id"], 0)
-    ends = _retention_ends_in_a_minute(harness, item, reply.body["id"])
+    ends = int(time.time()) + 60
+    _retention_ends_at(harness, reply.body["id"], ends)
     # When the client asks for the item's webhook again
     assert harness.api("POST", f"/v1/jobs/{item}/webhook/redeliver", tenant=ENTERPRISE).status == 202
     # Then the item is not kept past its batch: a new batch under the batch's reused key would
@@ -529,20 +517,21 @@ def test_a_redelivery_of_an_item_late_in_its_retention_never_keeps_it_past_its_b
     assert int(stored["expires_at"]["N"]) == ends
 
 
-def test_an_item_ended_late_in_its_retention_is_never_kept_past_it(harness: Harness) -> None:
-    # Given an expanded batch whose retention ends in a minute, an item still queued
-    batch_id, _ = _expanded(
-        harness, 2, webhook={"url": "http://127.0.0.1:9/b", "item_events": ["job.canceled"]}
-    )
-    item = item_job_id(batch_id, 0)
-    ends = _retention_ends_in_a_minute(harness, item, batch_id)
-    # When the item ends (canceled through the jobs API)
-    assert harness.api("POST", f"/v1/jobs/{item}/cancel", tenant=ENTERPRISE).status == 200
-    # Then its terminal write does not keep it for its event's retries, as a lone job's does:
-    # its batch, which may end after its own retention and is then not kept, must never be
-    # outlived by an item a new batch under its reused key would meet
-    stored = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item}})["Item"]
-    assert (stored["status"]["S"], int(stored["expires_at"]["N"])) == ("canceled", ends)
+def test_a_batch_that_ends_after_its_retention_is_kept_as_its_items_are(harness: Harness) -> None:
+    # Given an expanded batch whose retention ended a moment ago (its results came late), its
+    # items ended
+    batch_id, _ = _expanded(harness, 1)
+    ended = int(time.time()) - 1
+    _retention_ends_at(harness, batch_id, ended)
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    batch = batches.find(batch_id)
+    assert batch is not None
+    # When it ends
+    done = batches.finish(batch, BatchRequestCounts(total=1, canceled=1))
+    # Then it is kept for its event's retries, as an item ending then is: it outlives every item
+    # its end kept, which a new batch under its reused key would otherwise meet as it writes its
+    # items, and never expand
+    assert done is not None and done.expires_at >= ended + harness.config.terminal_event_seconds
 
 
 # ---- expansion under faults ---------------------------------------------------------------------

@@ -1242,3 +1242,22 @@ def test_a_record_that_fails_unexpectedly_is_counted_for_its_queue(
     assert "queue" in directive["Dimensions"][0]
     assert record["queue"] == stage.stack.webhook_queue_url.rsplit("/", 1)[-1]
     assert record[MetricName.RECORD_FAILED] == [1.0]
+
+
+def test_a_record_failed_by_aws_unavailable_for_now_is_not_counted_as_a_fault(
+    stage: Stage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given DynamoDB throttling the dispatcher's read of the job past botocore's tries
+    stage.job("/hooks")
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "dynamodb.GetItem", times=50)
+    capsys.readouterr()
+    try:
+        response = stage.dispatch()
+    finally:
+        faults.disarm()
+    # Then the record comes back to be tried again, but no RecordFailed is counted: a throttle
+    # is no fault of the code's, and counted it could page WebhooksOldestMessage beside one
+    # receiver's long Retry-After
+    assert faults.fired and len(response["batchItemFailures"]) == 1
+    assert emitted_metrics(capsys.readouterr().out, MetricName.RECORD_FAILED) == []

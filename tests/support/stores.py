@@ -375,9 +375,8 @@ class InMemoryJobs:
                 output_partial=None, output_partial_truncated=None, progress_tokens=None, progress_ms=None
             )
         outlive = self.now_ms() // 1000 + self.config.terminal_event_seconds
-        # (kept for its terminal event's retries, as the repository; not once past its retention,
-        # nor a batch's item)
-        if self.now_ms() // 1000 < old.expires_at < outlive and not batch_of(job.id):
+        # (kept for its terminal event's retries, as the repository; not once past its retention)
+        if self.now_ms() // 1000 < old.expires_at < outlive:
             changes["expires_at"] = outlive
         if job.wants(EVENT_FOR_STATUS[status]):
             changes["delivery_status"] = DeliveryStatus.PENDING

@@ -917,13 +917,16 @@ class BatchRepository:
             "counts": counts.model_dump_json(),
             **extra,
         }
-        # Ended near the end of its retention (its items expired at their claims, say): the
-        # batch, which its webhook, GET and results read, is kept for its event's retries, as
-        # its items are (`JobRepository._finish`). Its count shards, named by the old
-        # `expires_at`, are read no more: the counts are final from here on.
+        # Ended near the end of its retention (its items expired at their claims, say), or
+        # after it (its results file, or its last item's message, came late): the batch, which
+        # its webhook, GET and results read, is kept for its event's retries, as its items are
+        # (`JobRepository._finish`), and so outlives every item it kept: a new batch under its
+        # reused Idempotency-Key would otherwise meet a kept item as it writes its items, and
+        # never expand. Its count shards, named by the old `expires_at`, are read no more: the
+        # counts are final from here on.
         now_s = self.now_ms() // 1000
         outlive = now_s + self.config.terminal_event_seconds
-        if now_s < batch.expires_at < outlive:
+        if batch.expires_at < outlive:
             sets.append("expires_at = :keep_until")
             values["keep_until"] = outlive
         expression = ""

@@ -719,14 +719,9 @@ class JobRepository:
         # Ended near the end of its retention: the item, which the dispatcher and a poll read,
         # outlives its terminal event's retries, or the event would find no job. Not one past
         # it (a stale message's look): its id may be taken again (an Idempotency-Key reused),
-        # and a new job or batch item under it must not find the old one in its way. Not a
-        # batch's item either: its batch, which may end after its own retention and is then
-        # not kept, must never be outlived by an item that a new batch under the batch's reused
-        # key would meet as it writes its items (its event gives up once the item is gone).
+        # and a new job or batch item under it must not find the old one in its way.
         outlive = now // 1000 + self.config.terminal_event_seconds
-        keep_until_s = (
-            outlive if now // 1000 < job.expires_at < outlive and not batches.batch_of(job.id) else None
-        )
+        keep_until_s = outlive if now // 1000 < job.expires_at < outlive else None
         if keep_until_s is not None:
             sets.append("expires_at = :keep_until")
             values = {**values, "keep_until": keep_until_s}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aws_lambda_powertools import Logger, Metrics, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 
+from llmq.errors import StoreUnavailable
 from llmq.models import JobStatus
 
 # The CDK app sets POWERTOOLS_METRICS_NAMESPACE from this, and POWERTOOLS_SERVICE_NAME to the
@@ -177,7 +178,8 @@ def log_record_failure(
     exc: BaseException, message_id: str, job_id: str | None, queue_arn: str | None = None
 ) -> None:
     """An unexpected exception in a record handler, which the batch processor would swallow:
-    logged, and counted as RecordFailed for the queue the record came from (`queue_arn`).
+    logged, and counted as RecordFailed for the queue the record came from (`queue_arn`),
+    unless it is AWS unavailable for now (StoreUnavailable).
 
     The class and the AWS error code only: an exception's text can quote the payload.
     """
@@ -185,7 +187,10 @@ def log_record_failure(
         "record failed unexpectedly; it will be retried",
         extra={"message_id": message_id, "job_id": job_id, **error_fields(exc)},
     )
-    if queue_arn:
+    if queue_arn and not isinstance(exc, StoreUnavailable):
+        # (AWS throttling or failing for a while is no fault of the code's: other alarms show
+        # it, and counted here, with one receiver's Retry-After holding a message back, it
+        # would page WebhooksOldestMessage)
         with single_metric(
             name=MetricName.RECORD_FAILED, unit=MetricUnit.Count, value=1, namespace=metrics.namespace
         ) as metric:
