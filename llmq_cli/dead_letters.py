@@ -13,6 +13,7 @@ does after a move task.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,20 +143,43 @@ def _receive_and_send(sqs: Any, queue: DeadLetterQueue, max_messages: int | None
         ).get("Messages", [])
         if not messages:
             return moved
-        for message in messages:
-            extra: dict[str, Any] = {}
-            if message.get("MessageAttributes"):
-                extra["MessageAttributes"] = message["MessageAttributes"]
-            # (a lane message's tenant, so fair queues still count it as that tenant's)
-            group = message.get("Attributes", {}).get("MessageGroupId")
-            if group:
-                extra["MessageGroupId"] = group
-            sqs.send_message(QueueUrl=queue.source_url, MessageBody=message["Body"], **extra)
-            # Deleted only once the copy is safely in the source queue: a crash here duplicates,
-            # which the claim's idempotency absorbs, and never loses a message.
-            sqs.delete_message(QueueUrl=queue.dlq_url, ReceiptHandle=message["ReceiptHandle"])
+        for index, message in enumerate(messages):
+            try:
+                _move(sqs, queue, message)
+            except BaseException:
+                # Cut short (SQS refusing, Ctrl-C): the letters received and not moved are made
+                # visible again, so a run again finds them, rather than hiding them for a minute
+                # behind a "moved: 0" (one whose copy went may move twice, which the claim's
+                # idempotency absorbs).
+                _release(sqs, queue.dlq_url, messages[index:])
+                print(f"llmq: {queue.name}: {moved} moved before the redrive was cut short", file=sys.stderr)
+                raise
             moved += 1
     return moved
+
+
+def _move(sqs: Any, queue: DeadLetterQueue, message: dict[str, Any]) -> None:
+    extra: dict[str, Any] = {}
+    if message.get("MessageAttributes"):
+        extra["MessageAttributes"] = message["MessageAttributes"]
+    # (a lane message's tenant, so fair queues still count it as that tenant's)
+    group = message.get("Attributes", {}).get("MessageGroupId")
+    if group:
+        extra["MessageGroupId"] = group
+    sqs.send_message(QueueUrl=queue.source_url, MessageBody=message["Body"], **extra)
+    # Deleted only once the copy is safely in the source queue: a crash here duplicates,
+    # which the claim's idempotency absorbs, and never loses a message.
+    sqs.delete_message(QueueUrl=queue.dlq_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _release(sqs: Any, url: str, messages: list[dict[str, Any]]) -> None:
+    for message in messages:
+        try:
+            sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+            )
+        except Exception:
+            return  # (SQS refusing this too: they come back on their own within the minute)
 
 
 def peek(sqs: Any, url: str, count: int) -> list[str | dict[str, str]]:

@@ -1277,12 +1277,12 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = commands.add_parser("dlq", help="dead-letter queues").add_subparsers(dest="action", required=True)
     listing = dlq.add_parser("list", help="depth of every DLQ")
     listing.add_argument("--queue", help="a lane name, webhooks or poison")
-    listing.add_argument("--peek", type=int, default=0, help="show up to N message bodies")
+    listing.add_argument("--peek", type=_at_least(0, int), default=0, help="show up to N message bodies")
     _aws_options(listing)
     listing.set_defaults(handler=cmd_dlq_list)
     again = dlq.add_parser("redrive", help="move dead letters back to their source queue")
     again.add_argument("--queue", help="a lane name or webhooks (default: all)")
-    again.add_argument("--max", type=int, help="at most N messages (uses receive-and-send)")
+    again.add_argument("--max", type=_at_least(1, int), help="at most N messages (uses receive-and-send)")
     _aws_options(again)
     again.set_defaults(handler=cmd_dlq_redrive)
 
@@ -1371,7 +1371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (BotoCoreError, StoreUnavailable) as exc:
         print(
-            f"llmq: {aws_error_line(exc)}; nothing after it was done, and it may be run again",
+            f"llmq: {aws_error_line(exc)}; that call may or may not have been applied, and nothing "
+            "after it was done: look (tenants show, tenants keys, dlq list) before running it again",
             file=sys.stderr,
         )
         return 1

@@ -26,6 +26,11 @@ OVERRIDE = "override"
 TIER = "tier"
 
 
+# The most any override may be: far above what a lane or a tenant runs, and a number the caps'
+# arithmetic (a float times the batch reserve) still takes.
+MAX_OVERRIDE = 1_000_000
+
+
 class LimitsError(RuntimeError):
     """The operator asked for something that cannot be done; the message says why."""
 
@@ -69,8 +74,8 @@ class TenantLimits:
             (MAX_LONG_POLLS, max_long_polls),
         )
         for name, value in overrides:
-            if value is not None and value < 1:
-                raise LimitsError(f"{name} must be at least 1")
+            if value is not None and not 1 <= value <= MAX_OVERRIDE:
+                raise LimitsError(f"{name} must be from 1 to {MAX_OVERRIDE:,}")
             if value is not None and name in clear:
                 raise LimitsError(f"--{name.replace('_', '-')} and --clear {name} contradict each other")
         tenant = self.tenants.get(tenant_id)

@@ -203,3 +203,38 @@ def test_a_dead_letter_with_a_redrive_round_no_table_can_hold_is_set_aside(harne
     assert answer["batchItemFailures"] == []
     assert [m["Body"] for m in _poison(harness)] == [body]
     assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+def test_a_redrive_cut_short_leaves_the_letters_it_did_not_move_for_a_run_again(harness: Harness) -> None:
+    from botocore.exceptions import ClientError
+
+    from llmq import aws
+    from llmq_cli.dead_letters import DeadLetterQueue, redrive
+
+    # Given five letters in a lane's DLQ, and SQS refusing the redrive's second send
+    sqs = aws.client("sqs")
+    source, dlq = harness.stack.lane_queue_urls["high"], harness.stack.lane_dlq_urls["high"]
+    for n in range(5):
+        sqs.send_message(QueueUrl=dlq, MessageBody=json.dumps({"job_id": f"job_{n}"}))
+    sends = [0]
+
+    class RefusingTheSecondSend:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sqs, name)
+
+        def send_message(self, **kwargs: Any) -> Any:
+            sends[0] += 1
+            if sends[0] == 2:
+                raise ClientError(
+                    {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "SendMessage"
+                )
+            return sqs.send_message(**kwargs)
+
+    queue = DeadLetterQueue("high", dlq, source)
+    with pytest.raises(ClientError):
+        redrive(lambda service, config: RefusingTheSecondSend(), queue, max_messages=10)
+    # When the operator runs it again at once
+    again = redrive(lambda service, config: sqs, queue, max_messages=10)
+    # Then it moves the four left: none stays hidden behind a "moved: 0"
+    assert again.moved == 4
+    assert harness.total_count(dlq) == 0 and harness.total_count(source) == 5

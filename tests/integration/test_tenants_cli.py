@@ -148,7 +148,8 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     [
         (["--rate", "2"], "--rate and --burst together"),
         (["--rate", "2", "--burst", "2", "--clear", "rate"], "contradict"),
-        (["--max-active", "0"], "at least 1"),
+        (["--max-active", "0"], "from 1 to 1,000,000"),
+        (["--max-concurrency", "1" + "0" * 400], "from 1 to 1,000,000"),
     ],
 )
 def test_set_limits_refuses_what_cannot_be_done(
@@ -412,3 +413,38 @@ def test_a_tenant_id_sqs_would_refuse_as_a_message_group_is_refused_and_nothing_
     items = aws.client("dynamodb").scan(TableName=moto_stack.tenants_table)["Items"]
     assert items == []
     assert aws.client("apigateway").get_api_keys()["items"] == []
+
+
+@pytest.mark.parametrize("command", ["rotate-secret", "issue-key"])
+def test_a_secret_or_key_write_applied_with_its_answer_lost_hands_out_what_it_stored(
+    stack: dict[str, str],
+    moto_stack: MotoStack,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    import llmq_cli.main as cli_main
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    # Given a tenant, and the command's one write applied by DynamoDB with its answer lost
+    monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
+    llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    faults = AwsFaults()
+    faults.arm(
+        FaultKind.APPLIED_LOST, "dynamodb.UpdateItem" if command == "rotate-secret" else "dynamodb.PutItem"
+    )
+    try:
+        # When the operator rotates the webhook secret (dropping the previous), or issues a key
+        args = ["ten_acme", "--drop-previous"] if command == "rotate-secret" else ["ten_acme"]
+        answer = llmq(capsys, command, *args)
+    finally:
+        faults.disarm()
+    assert faults.fired
+    # Then the write is read back and what it stored is handed out: never a secret that signs
+    # unseen, or a live key nobody was shown
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    if command == "rotate-secret":
+        assert tenants.get("ten_acme").webhook_secrets == answer["webhook_secrets"]
+    else:
+        live = [key for key in llmq(capsys, "keys", "ten_acme") if not key["revoked"]]
+        assert len(live) == 2 and tenants.authenticate(answer["api_key"]) is not None

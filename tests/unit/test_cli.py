@@ -330,3 +330,21 @@ def test_wait_ends_at_once_on_an_answer_that_is_not_a_job(status: int, body: str
     with pytest.raises(ApiError, match="not a job"):
         client.wait("job_1", timeout=60)
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "redrive", "--queue", "high", "--max", "0"],
+        ["dlq", "redrive", "--max", "-1"],
+        ["dlq", "list", "--peek", "-1"],
+    ],
+)
+def test_a_dlq_count_that_moves_or_shows_nothing_is_refused_not_reported_as_done(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (a redrive of at most 0 messages moved nothing and reported success)
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(args)
+    assert refused.value.code == 2
+    assert "must be at least" in capsys.readouterr().err

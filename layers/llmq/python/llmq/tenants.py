@@ -29,6 +29,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from llmq import aws
+from llmq.errors import StoreUnavailable
 from llmq.usage_plans import UsageKeys, new_usage_key_value
 
 API_KEY_PREFIX = "llmq_sk_"
@@ -226,8 +227,26 @@ class TenantRepository:
         }
         if tenant.usage_key:
             item["usage_key"] = {"S": tenant.usage_key}
-        self._ddb.put_item(TableName=self.table_name, Item=item)
+        try:
+            self._ddb.put_item(TableName=self.table_name, Item=item)
+        except StoreUnavailable:
+            # Perhaps applied with its answer lost: a live key nobody was shown. Read back, it
+            # is this key (its hash is of a fresh random key), and it is handed out.
+            if self._stored(item["pk"]["S"]) is None:
+                raise
         return api_key
+
+    def _stored(self, pk: str) -> dict[str, Any] | None:
+        """The item under `pk`, read consistently after a write whose outcome is unknown; None
+        when it is not there, or when the read fails too."""
+        try:
+            response = self._ddb.get_item(
+                TableName=self.table_name, Key={"pk": {"S": pk}}, ConsistentRead=True
+            )
+        except Exception:
+            return None
+        item: dict[str, Any] | None = response.get("Item")
+        return item
 
     def attach_usage_key(self, tenant_id: str) -> Tenant:
         """Give a tenant created before usage plans its API Gateway key, in its tier's plan,
@@ -384,17 +403,7 @@ class TenantRepository:
         for _ in range(_ROTATION_TRIES):
             rotated = [new_webhook_secret(), *read[:1]] if keep_previous else [new_webhook_secret()]
             try:
-                self._ddb.update_item(
-                    TableName=self.table_name,
-                    Key={"pk": {"S": f"tenant#{tenant_id}"}},
-                    UpdateExpression="SET webhook_secrets = :secrets",
-                    ConditionExpression="attribute_exists(pk) AND webhook_secrets = :read",
-                    ExpressionAttributeValues={
-                        ":secrets": {"L": [{"S": s} for s in rotated]},
-                        ":read": {"L": [{"S": s} for s in read]},
-                    },
-                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                )
+                self._write_secrets(tenant_id, rotated, read)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                     raise
@@ -410,3 +419,26 @@ class TenantRepository:
         else:
             raise RuntimeError(f"tenant {tenant_id}: its webhook secrets kept changing; rotate again")
         return dataclasses.replace(current, webhook_secrets=rotated)
+
+    def _write_secrets(self, tenant_id: str, rotated: list[str], read: list[str]) -> None:
+        """The rotation's one conditional write. One whose outcome is unknown (applied, its
+        answer lost) is read back: applied, it stands, and its new secret is handed out (else
+        it would sign unseen, and a rotation run again would push the integrator's own secret
+        out); not applied, or the read failing too, the error stands."""
+        pk = f"tenant#{tenant_id}"
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key={"pk": {"S": pk}},
+                UpdateExpression="SET webhook_secrets = :secrets",
+                ConditionExpression="attribute_exists(pk) AND webhook_secrets = :read",
+                ExpressionAttributeValues={
+                    ":secrets": {"L": [{"S": s} for s in rotated]},
+                    ":read": {"L": [{"S": s} for s in read]},
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except StoreUnavailable:
+            stored = self._stored(pk) or {}
+            if [entry["S"] for entry in stored.get("webhook_secrets", {}).get("L", [])] != rotated:
+                raise
