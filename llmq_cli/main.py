@@ -1372,7 +1372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BotoCoreError, StoreUnavailable) as exc:
         print(
             f"llmq: {aws_error_line(exc)}; that call may or may not have been applied, and nothing "
-            "after it was done: look (tenants show, tenants keys, dlq list) before running it again",
+            "after it was done: look before running it again",
             file=sys.stderr,
         )
         return 1

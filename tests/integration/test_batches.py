@@ -534,6 +534,25 @@ def test_a_batch_that_ends_after_its_retention_is_kept_as_its_items_are(harness:
     assert done is not None and done.expires_at >= ended + harness.config.terminal_event_seconds
 
 
+def test_an_old_batchs_late_end_never_lands_on_a_new_batch_under_its_reused_key(harness: Harness) -> None:
+    # Given a batch read by a finisher, whose retention then passes while it is open, and a new
+    # batch the client submits under the same Idempotency-Key (the key is free again)
+    old_id, _ = _expanded(harness, 1, key="weekly")
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    old = batches.find(old_id)
+    assert old is not None
+    _retention_ends_at(harness, old_id, int(time.time()) - 1)
+    new = _submit(harness, key="weekly", requests=_requests(3))
+    assert (new.status, new.body["id"]) == (202, old_id) and "idempotent-replayed" not in new.headers
+    # When the old batch's finisher writes its end
+    ended = batches.finish(old, BatchRequestCounts(total=1, succeeded=1))
+    # Then it finds no batch of its own, and the new one keeps its status, total and retention
+    assert ended is None
+    stored = batches.find(old_id)
+    assert stored is not None and (stored.status, stored.total) == (BatchStatus.VALIDATING, 3)
+    assert stored.expires_at > int(time.time()) + harness.config.terminal_event_seconds
+
+
 # ---- expansion under faults ---------------------------------------------------------------------
 
 

@@ -935,8 +935,16 @@ class BatchRepository:
             values["pending"] = DeliveryStatus.PENDING.value
         else:
             expression = " REMOVE sweep_pk, sweep_at"
+        # Only the batch read: a new one under its id (its Idempotency-Key reused once its
+        # retention passed) must never take an old batch's late end, counts and keep.
+        values["read_created"] = batch.created_ms
+        same = "created_ms = :read_created"
         return self._update_while_open(
-            batch.id, f"SET {', '.join(sets)}{expression}", values, condition, finalizing=True
+            batch.id,
+            f"SET {', '.join(sets)}{expression}",
+            values,
+            f"{condition} AND {same}" if condition else same,
+            finalizing=True,
         )
 
     def _update_while_open(
