@@ -322,3 +322,26 @@ def hidden_for_each_receive(harness: Harness, url: str, receives: int) -> list[i
             QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
         )
     return hidden_for
+
+
+def reconciler_ahead(harness: Harness, offset: list[float], *, offload: bool = False) -> Any:
+    """A Reconciler on the harness's stack whose clock runs `offset[0]` seconds ahead (read at
+    each look, so a test may move it); `offload`: it looks for parked results in S3."""
+    from llmq.jobs import JobRepository
+    from llmq.offload import Offload
+    from llmq.payloads import PayloadStore
+    from llmq.queues import QueueRepository
+    from llmq.reconcile import Reconciler
+
+    stack = harness.stack
+    jobs = JobRepository(
+        stack.jobs_table,
+        harness.config,
+        dynamodb=aws.client("dynamodb"),
+        clock=lambda: time.time() + offset[0],
+    )
+    queues = QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs"))
+    payloads = (
+        Offload(PayloadStore(stack.payload_bucket, s3=aws.client("s3")), harness.config) if offload else None
+    )
+    return Reconciler(jobs, queues, harness.config, offload=payloads)

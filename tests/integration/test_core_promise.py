@@ -47,6 +47,7 @@ from tests.integration.harness import (
     Harness,
     LambdaContextStub,
     load_handler,
+    reconciler_ahead,
     webhook_message,
 )
 from tests.support.stores import ROOMY
@@ -673,17 +674,7 @@ def test_a_requeued_job_claimed_after_its_deadline_is_expired_with_what_happened
 
 
 def _reconciler(harness: Harness, offset: list[float]) -> Reconciler:
-    stack = harness.stack
-    return Reconciler(
-        JobRepository(
-            stack.jobs_table,
-            harness.config,
-            dynamodb=aws.client("dynamodb"),
-            clock=lambda: time.time() + offset[0],
-        ),
-        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
-        harness.config,
-    )
+    return reconciler_ahead(harness, offset)  # type: ignore[no-any-return]
 
 
 def _count_sends(harness: Harness) -> list[str]:

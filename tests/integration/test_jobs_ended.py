@@ -12,31 +12,18 @@ import pytest
 
 from llmq import aws
 from llmq.jobs import JobRepository
-from llmq.offload import Offload
-from llmq.payloads import PayloadStore
 from llmq.policy import ClaimOutcome
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.telemetry import MetricName
 from tests.aws_faults import AwsFaults, FaultKind
-from tests.integration.harness import ENTERPRISE, Harness, emitted_metrics
+from tests.integration.harness import ENTERPRISE, Harness, emitted_metrics, reconciler_ahead
 
 TENANT = (ENTERPRISE["tenant_id"], "high")
 
 
 def _reconciler(harness: Harness, offset: list[float]) -> Reconciler:
-    stack = harness.stack
-    return Reconciler(
-        JobRepository(
-            stack.jobs_table,
-            harness.config,
-            dynamodb=aws.client("dynamodb"),
-            clock=lambda: time.time() + offset[0],
-        ),
-        QueueRepository(stack.lane_queue_urls, stack.webhook_queue_url, sqs=aws.client("sqs")),
-        harness.config,
-        offload=Offload(PayloadStore(stack.payload_bucket, s3=aws.client("s3")), harness.config),
-    )
+    return reconciler_ahead(harness, offset, offload=True)  # type: ignore[no-any-return]
 
 
 def _purge(harness: Harness) -> None:

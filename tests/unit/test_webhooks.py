@@ -1090,25 +1090,26 @@ async def test_a_late_replay_of_the_carriers_receive_never_makes_an_attempt_nor_
     )
 
 
-class _TwinsThen(FakeReceiver):
-    """500 to the first POST (attempt 1). Then the two copies of one receive POST attempt 2,
-    both in before either is answered: the first gets 500 at once, the second `second` a
-    moment later (after the first recorded)."""
+class _Twins(FakeReceiver):
+    """500 to the first `alone` POSTs (earlier attempts). Then the two copies of one receive
+    POST the next attempt, both in before either is answered: the first gets 500 at once, the
+    second `second` a moment later (after the first recorded)."""
 
-    def __init__(self, second: httpx.Response) -> None:
+    def __init__(self, second: httpx.Response, alone: int = 0) -> None:
         super().__init__()
         self.second = second
+        self.alone = alone
         self.both_in = asyncio.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         n = len(self.requests)
-        if n == 1:
+        if n <= self.alone:
             return httpx.Response(500)
-        if n >= 3:
+        if n >= self.alone + 2:
             self.both_in.set()
         await asyncio.wait_for(self.both_in.wait(), 5)
-        if n == 2:
+        if n == self.alone + 1:
             return httpx.Response(500)
         await asyncio.sleep(0.2)
         return self.second
@@ -1116,7 +1117,7 @@ class _TwinsThen(FakeReceiver):
 
 async def _twins_answered(second: httpx.Response) -> tuple[World, list[Any]]:
     world, body = _pending_job_answered_by()
-    world.receiver = _TwinsThen(second)
+    world.receiver = _Twins(second, alone=1)
     world.dispatcher._transport_factory = world.receiver.transport
     with pytest.raises(RetryLater):
         await world.dispatcher.handle(body, receive_count=1, message_id="m1", receipt="r1")
@@ -1264,27 +1265,6 @@ async def test_the_carrier_back_a_little_early_by_another_clock_waits_only_until
     )
 
 
-class _TwinsAtLast(FakeReceiver):
-    """The two copies of one receive POST the last attempt: the first gets 500 at once, the
-    second `second` a moment later (after the first recorded)."""
-
-    def __init__(self, second: httpx.Response) -> None:
-        super().__init__()
-        self.second = second
-        self.both_in = asyncio.Event()
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        n = len(self.requests)
-        if n >= 2:
-            self.both_in.set()
-        await asyncio.wait_for(self.both_in.wait(), 5)
-        if n == 1:
-            return httpx.Response(500)
-        await asyncio.sleep(0.2)
-        return self.second
-
-
 @pytest.mark.parametrize("second", [200, 410])
 async def test_a_final_answer_beside_its_twins_500_to_the_last_attempt_settles_the_delivery(
     second: int,
@@ -1292,7 +1272,7 @@ async def test_a_final_answer_beside_its_twins_500_to_the_last_attempt_settles_t
     # Given a job whose delivery counted attempts 1..3 (SCHEDULE has 3 retries: attempt 4 is
     # the last), its carrier m1 due now; that one receive is handed to two environments
     world, body = _pending_job_answered_by()
-    world.receiver = _TwinsAtLast(httpx.Response(second))
+    world.receiver = _Twins(httpx.Response(second))
     world.dispatcher._transport_factory = world.receiver.transport
     last = len(SCHEDULE)
     job = world.jobs.records["job_1"]
