@@ -64,6 +64,8 @@ SERVICES = (
     "ssm",
 )
 PROVIDER_SECRET_OUTPUT = "ProviderSecretArn"
+# The stack's output naming its alarm topic (stacks/llmq_stack.py).
+ALARM_TOPIC_OUTPUT = "AlarmTopicArn"
 # Where `llmq provider-key set` (and so `make deploy`) reads the provider key: never argv, which
 # any process on the machine can list and the shell keeps in its history. The sandbox reads the
 # same variable for its real-provider mode.
@@ -158,6 +160,26 @@ def alarm_emails_in_template(template: dict[str, Any] | None) -> frozenset[str] 
     )
 
 
+def stage_logs_through_account_role(template: dict[str, Any] | None) -> bool:
+    """Whether the template's API stage logs to CloudWatch (access logs, or execution logs at a
+    level) through the region's API Gateway CloudWatch role, which it does not set itself."""
+    if template is None:
+        return False
+    resources = template.get("Resources", {}).values()
+    if any(resource.get("Type") == "AWS::ApiGateway::Account" for resource in resources):
+        return False
+    for resource in resources:
+        if resource.get("Type") != "AWS::ApiGateway::Stage":
+            continue
+        properties = resource.get("Properties", {})
+        if properties.get("AccessLogSetting"):
+            return True
+        for setting in properties.get("MethodSettings") or []:
+            if str(setting.get("LoggingLevel", "OFF")).upper() != "OFF" or setting.get("DataTraceEnabled"):
+                return True
+    return False
+
+
 def load_reservations(
     stack: str, template_path: Path | None, cdk_json: Path
 ) -> tuple[Reservations, dict[str, Any] | None]:
@@ -177,6 +199,14 @@ def load_reservations(
     return Reservations(dict(config.reserved_concurrency), source, config.mapped_concurrency), None
 
 
+_NOBODY_HEARS = Finding(
+    "alarm email",
+    Verdict.NOTE,
+    "the template subscribes nobody to the alarms: every alarm notifies nobody",
+    "`make deploy ALARM_EMAIL=oncall@example.com` (docs/operations.md)",
+)
+
+
 class Doctor:
     def __init__(
         self,
@@ -189,6 +219,7 @@ class Doctor:
         environ: Mapping[str, str] | None = None,
         alarm_emails: frozenset[str] | None = None,
         bootstrap_parameter: str = BOOTSTRAP_VERSION_PARAMETER,
+        stage_logs_through_account_role: bool = False,
     ) -> None:
         self._client = client
         self._environ = os.environ if environ is None else environ
@@ -201,6 +232,8 @@ class Doctor:
         self.bootstrap_parameter = bootstrap_parameter
         # What the template about to be deployed subscribes (None: no template to compare).
         self.alarm_emails = alarm_emails
+        # The template's stage logs to CloudWatch, and it does not set the region's role itself.
+        self.stage_logs_through_account_role = stage_logs_through_account_role
         self.account: str | None = None
 
     def run(self) -> list[Finding]:
@@ -238,6 +271,7 @@ class Doctor:
             bootstrap,
             self.check_provider_key(outputs),
             self.check_alarm_email(outputs),
+            *[finding for finding in [self.check_api_logging()] if finding is not None],
         ]
 
     # ---- checks -------------------------------------------------------------------------
@@ -499,8 +533,17 @@ class Doctor:
         )
 
     def check_alarm_email(self, outputs: dict[str, str] | None) -> Finding:
-        if self.alarm_emails is None or outputs is None:
-            return Finding("alarm email", Verdict.OK, "nothing deployed to compare (or no template)")
+        if self.alarm_emails is None:
+            return Finding("alarm email", Verdict.OK, "no template to read")
+        if outputs is None:
+            if not self.alarm_emails:
+                return _NOBODY_HEARS
+            return Finding(
+                "alarm email",
+                Verdict.OK,
+                f"{', '.join(sorted(self.alarm_emails))} (confirm the mail SNS sends within 48 hours, "
+                "or SNS deletes the subscription)",
+            )
         try:
             body = self._client("cloudformation").get_template(StackName=self.stack)["TemplateBody"]
             deployed = alarm_emails_in_template(body if isinstance(body, dict) else json.loads(body))
@@ -525,13 +568,80 @@ class Doctor:
                 "`alarm_email` in cdk.json once",
             )
         if not self.alarm_emails:
+            return _NOBODY_HEARS
+        held = self._subscriptions_held(
+            outputs.get(ALARM_TOPIC_OUTPUT), self.alarm_emails & (deployed or set())
+        )
+        return held or Finding("alarm email", Verdict.OK, ", ".join(sorted(self.alarm_emails)))
+
+    def _subscriptions_held(self, topic: str | None, addresses: frozenset[str]) -> Finding | None:
+        """What SNS holds of the deployed subscriptions this deploy keeps. The stack lists a
+        subscription as its resource whatever SNS did with it: SNS deletes an e-mail
+        subscription not confirmed within 48 hours, and a mail scanner that follows the
+        unsubscribe link ends one. A deploy of the same address never makes it again."""
+        if topic is None or not addresses:
+            return None
+        try:
+            found: dict[str, str] = {}
+            paginator = self._client("sns").get_paginator("list_subscriptions_by_topic")
+            for page in paginator.paginate(TopicArn=topic):
+                for subscription in page.get("Subscriptions", []):
+                    if subscription.get("Protocol") == "email":
+                        found[str(subscription.get("Endpoint"))] = str(subscription.get("SubscriptionArn"))
+        except (ClientError, BotoCoreError) as exc:
             return Finding(
                 "alarm email",
                 Verdict.NOTE,
-                "the stack subscribes nobody to the alarms",
-                "`make deploy ALARM_EMAIL=oncall@example.com` (docs/operations.md)",
+                f"could not list the alarm topic's subscriptions: {_reason(exc)}",
+                "allow sns:ListSubscriptionsByTopic on the alarm topic to see whether anyone hears the alarms",
             )
-        return Finding("alarm email", Verdict.OK, ", ".join(sorted(self.alarm_emails)))
+        gone = sorted(address for address in addresses if address not in found)
+        if gone:
+            return Finding(
+                "alarm email",
+                Verdict.FAIL,
+                f"SNS holds no subscription of {', '.join(gone)} to the alarm topic, which the stack "
+                "still lists (a confirmation mail not clicked within 48 hours, or an unsubscribe): "
+                "no deploy makes it again, and the alarms reach nobody there",
+                f"`aws sns subscribe --topic-arn {topic} --protocol email --notification-endpoint "
+                f"{gone[0]}` and confirm the mail (docs/operations.md, First deploy)",
+            )
+        pending = sorted(address for address in addresses if found[address] == "PendingConfirmation")
+        if pending:
+            return Finding(
+                "alarm email",
+                Verdict.NOTE,
+                f"{', '.join(pending)} has not confirmed its subscription: no alarm reaches it, and SNS "
+                "deletes the subscription 48 hours after its mail was sent",
+                'click the link in "AWS Notification - Subscription Confirmation"',
+            )
+        return None
+
+    def check_api_logging(self) -> Finding | None:
+        """A stage that logs to CloudWatch needs the region's API Gateway CloudWatch role: without
+        it the stage's create fails and the first deploy rolls back."""
+        if not self.stage_logs_through_account_role:
+            return None
+        try:
+            role = self._client("apigateway").get_account().get("cloudwatchRoleArn")
+        except (ClientError, BotoCoreError) as exc:
+            return Finding(
+                "api logging",
+                Verdict.NOTE,
+                f"could not read API Gateway's account settings: {_reason(exc)}",
+                "allow apigateway:GET on /account, or check `aws apigateway get-account` names a cloudwatchRoleArn",
+            )
+        if not role:
+            return Finding(
+                "api logging",
+                Verdict.FAIL,
+                "the stage logs to CloudWatch (llmq:apigw_logging), and API Gateway in this region has "
+                "no CloudWatch role: the stage's create would fail (\"CloudWatch Logs role ARN must be "
+                'set in account settings to enable logging") and the deploy roll back',
+                "set the region's role once (`aws apigateway update-account`), or deploy with "
+                "`-c llmq:apigw_cloudwatch_role=true` (it replaces any role the region has: README)",
+            )
+        return Finding("api logging", Verdict.OK, f"API Gateway's CloudWatch role: {role}")
 
     # ---- helpers ------------------------------------------------------------------------
 

@@ -991,6 +991,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         load_reservations,
         min_bootstrap_version,
         render,
+        stage_logs_through_account_role,
     )
 
     # The operator's own chain (profile, SSO, role); AWS_REGION first, as llmq's clients read it.
@@ -1007,6 +1008,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         min_bootstrap=min_bootstrap_version(template),
         alarm_emails=alarm_emails_in_template(template),
         bootstrap_parameter=bootstrap_version_parameter(template),
+        stage_logs_through_account_role=stage_logs_through_account_role(template),
     )
     findings = doctor.run()
     print(render(findings, f"llmq doctor: stack {args.stack} in {session.region_name or '(no region)'}"))

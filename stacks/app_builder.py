@@ -20,6 +20,7 @@ from stacks.context import (
     CONTEXT_LOG_LEVEL,
     CONTEXT_SANDBOX,
     CONTEXT_STACK_NAME,
+    alarm_emails,
     cdk_json_context,
     context_flag,
 )
@@ -32,7 +33,7 @@ def settings_from_context(app: cdk.App) -> DeploymentSettings:
     bytecode = node.try_get_context(CONTEXT_BYTECODE)
     return DeploymentSettings(
         stack_name=str(node.try_get_context(CONTEXT_STACK_NAME) or DeploymentSettings.stack_name),
-        alarm_email=str(email) if email else None,
+        alarm_emails=alarm_emails(email),
         sandbox=context_flag(node.try_get_context(CONTEXT_SANDBOX)),
         log_level=str(node.try_get_context(CONTEXT_LOG_LEVEL) or DeploymentSettings.log_level).upper(),
         allow_placeholder_deps_layer=context_flag(node.try_get_context(CONTEXT_ALLOW_PLACEHOLDER_DEPS_LAYER)),

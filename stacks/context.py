@@ -7,6 +7,7 @@ starts jsii.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,32 @@ CONTEXT_BYTECODE = "llmq:bytecode"
 CONTEXT_APIGW_CLOUDWATCH_ROLE = "llmq:apigw_cloudwatch_role"
 # Opt-in: the stage logs to CloudWatch through the role the account already has.
 CONTEXT_APIGW_LOGGING = "llmq:apigw_logging"
+
+
+# One address as SNS's e-mail Subscribe takes it: nothing it would refuse ("Invalid parameter:
+# Email address") reaches a template, where it would roll the whole deploy back.
+_ONE_ADDRESS = re.compile(r"[^@\s,;<>\"']+@[^@\s,;<>\"']+\.[^@\s,;<>\"'.]+")
+
+
+def alarm_emails(value: Any) -> tuple[str, ...]:
+    """The alarm topic's e-mail subscribers, from `-c alarm_email=...` or cdk.json: one address,
+    several separated by commas or spaces, or (cdk.json) a list. Raises ValueError naming what
+    is not one address."""
+    if value is None or value == "":
+        return ()
+    pieces = value if isinstance(value, list) else re.split(r"[,;\s]+", str(value))
+    found: list[str] = []
+    for piece in (str(p).strip() for p in pieces):
+        if not piece:
+            continue
+        if not _ONE_ADDRESS.fullmatch(piece):
+            raise ValueError(
+                f"alarm_email: {piece!r} is not one e-mail address (separate several with commas: "
+                "ALARM_EMAIL=oncall@example.com,backup@example.com)"
+            )
+        if piece not in found:
+            found.append(piece)
+    return tuple(found)
 
 
 def context_flag(value: Any) -> bool:

@@ -41,7 +41,8 @@ class DeploymentSettings:
     """What differs between deployments of the same LlmqConfig (all from CDK context)."""
 
     stack_name: str = "Llmq"
-    alarm_email: str | None = None
+    # Each is subscribed to the alarm topic by e-mail (and must confirm it within 48 hours).
+    alarm_emails: tuple[str, ...] = ()
     # The sandbox deploys into moto: no bootstrap-version rule, stateful resources are disposable,
     # and the dependencies layer is a placeholder (moto never runs Lambda code).
     sandbox: bool = False
@@ -156,7 +157,7 @@ class LlmqStack(cdk.Stack):
             webhook_queue=self.webhooks.queue,
             webhook_dlq=self.webhooks.dlq,
             functions=self.functions,
-            alarm_email=settings.alarm_email,
+            alarm_emails=settings.alarm_emails,
             api_name=self.api.rest_api.rest_api_name,
             stage_name=STAGE_NAME,
             tables={"jobs": jobs, "tenants": tenants},

@@ -175,7 +175,7 @@ class MonitoringConstruct(Construct):
         webhook_queue: sqs.IQueue,
         webhook_dlq: sqs.IQueue,
         functions: Mapping[str, lambda_.IFunction],
-        alarm_email: str | None,
+        alarm_emails: tuple[str, ...] = (),
         api_name: str | None = None,
         stage_name: str | None = None,
         tables: Mapping[str, dynamodb.ITable] | None = None,
@@ -204,8 +204,8 @@ class MonitoringConstruct(Construct):
                 },
             )
         )
-        if alarm_email:
-            self.topic.add_subscription(subscriptions.EmailSubscription(alarm_email))
+        for address in alarm_emails:
+            self.topic.add_subscription(subscriptions.EmailSubscription(address))
         self._action = cw_actions.SnsAction(self.topic)
         self.alarms: list[cloudwatch.Alarm] = []
 

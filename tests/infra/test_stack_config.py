@@ -230,3 +230,68 @@ def test_snap_start_applies_to_the_api_alone_and_api_gateway_invokes_its_publish
         and template.invoked_function(permission["Properties"]["FunctionName"]) == api_id
     ]
     assert invokable and all(name == {"Ref": alias_id} for name in invokable)
+
+
+# ---- an operator who opted into API logging where the account has the role, two on-call addresses
+
+
+@pytest.fixture(scope="module")
+def logging_to_two(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(
+        LlmqConfig(),
+        context={"llmq:apigw_logging": True, "alarm_email": "oncall@example.com, backup@example.com"},
+        outdir=tmp_path_factory.mktemp("cdk-logging"),
+    )
+
+
+def test_each_alarm_address_gets_a_subscription_of_its_own(logging_to_two):
+    from llmq_cli.doctor import alarm_emails_in_template
+
+    endpoints = sorted(
+        s["Properties"]["Endpoint"]
+        for s in logging_to_two.template.of_type("AWS::SNS::Subscription").values()
+    )
+    assert endpoints == ["backup@example.com", "oncall@example.com"]
+    assert alarm_emails_in_template(logging_to_two.template.template) == set(endpoints)
+
+
+def test_the_doctor_asks_api_gateway_for_its_role_only_where_the_stage_logs_through_it(
+    logging_to_two, low_quota, synthesized
+):
+    from llmq_cli.doctor import stage_logs_through_account_role
+
+    # The stage logs, through the region's role (`llmq doctor` checks the region has one)
+    assert stage_logs_through_account_role(logging_to_two.template.template)
+    assert not logging_to_two.template.of_type("AWS::ApiGateway::Account")
+    # The stack sets the role itself, or the stage does not log
+    assert not stage_logs_through_account_role(low_quota.template.template)
+    assert not stage_logs_through_account_role(synthesized.template.template)
+
+
+@pytest.mark.parametrize(
+    ("given", "subscribed"),
+    [
+        ("oncall@example.com", ("oncall@example.com",)),
+        ("oncall@example.com,backup@example.com", ("oncall@example.com", "backup@example.com")),
+        (
+            " oncall@example.com ;  backup@example.com oncall@example.com",
+            ("oncall@example.com", "backup@example.com"),
+        ),
+        (["oncall@example.com", "backup@example.com"], ("oncall@example.com", "backup@example.com")),
+        ("", ()),
+        (None, ()),
+    ],
+)
+def test_alarm_email_takes_one_address_or_several(given, subscribed):
+    from stacks.context import alarm_emails
+
+    assert alarm_emails(given) == subscribed
+
+
+@pytest.mark.parametrize("given", ["oncall", "oncall@example", "on@call@example.com", "<oncall@example.com>"])
+def test_an_alarm_email_sns_would_refuse_fails_the_synth_naming_it(given):
+    # SNS refuses it ("Invalid parameter: Email address"), and the deploy would roll back there
+    from stacks.context import alarm_emails
+
+    with pytest.raises(ValueError, match="is not one e-mail address"):
+        alarm_emails(given)

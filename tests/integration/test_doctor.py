@@ -22,6 +22,7 @@ from moto import mock_aws
 from llmq.config import LlmqConfig
 from llmq_cli import main as cli
 from llmq_cli.doctor import (
+    ALARM_TOPIC_OUTPUT,
     BOOTSTRAP_VERSION_PARAMETER,
     PROVIDER_KEY_ENV,
     PROVIDER_SECRET_OUTPUT,
@@ -35,6 +36,7 @@ from llmq_cli.doctor import (
     min_bootstrap_version,
     render,
     reservations_from_template,
+    stage_logs_through_account_role,
 )
 from tests.conftest import REGION
 from tests.support.tables import default_app_template
@@ -78,7 +80,7 @@ class Account:
         }
         self.client("cloudformation").create_stack(StackName=stack, TemplateBody=json.dumps(template))
 
-    def deploy(self, resources: dict[str, Any] | None = None) -> str:
+    def deploy(self, resources: dict[str, Any] | None = None, alarm_topic: str | None = None) -> str:
         """The stack and its provider secret, holding the placeholder the app's template generates,
         with the output that names it. Returns its ARN.
 
@@ -98,7 +100,10 @@ class Account:
                 "Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"},
                 **(resources or {}),
             },
-            "Outputs": {PROVIDER_SECRET_OUTPUT: {"Value": arn}},
+            "Outputs": {
+                PROVIDER_SECRET_OUTPUT: {"Value": arn},
+                **({ALARM_TOPIC_OUTPUT: {"Value": alarm_topic}} if alarm_topic else {}),
+            },
         }
         self.client("cloudformation").create_stack(StackName=STACK, TemplateBody=json.dumps(template))
         return arn
@@ -106,6 +111,7 @@ class Account:
     def doctor(
         self, region: str | None = REGION, template: dict[str, Any] | None = None
     ) -> tuple[list[Finding], str, int]:
+        template_resources = (template or {}).get("Resources", {})
         doctor = Doctor(
             client=self.client,
             region=region,
@@ -115,6 +121,9 @@ class Account:
             min_bootstrap=min_bootstrap_version(self.template),
             alarm_emails=alarm_emails_in_template(template),
             bootstrap_parameter=bootstrap_version_parameter(self.template),
+            stage_logs_through_account_role=stage_logs_through_account_role(
+                {"Resources": template_resources}
+            ),
         )
         findings = doctor.run()
         return findings, render(findings, "llmq doctor"), exit_code(findings)
@@ -610,3 +619,134 @@ def test_a_change_set_never_run_counts_as_not_deployed(
     findings, report, code = account.doctor()
     assert _verdicts(findings)["stack"] is Verdict.OK, report
     assert code == 0, report
+
+
+def _deployed_with_topic(account: Account, *addresses: str) -> str:
+    """A deployed stack, its key set, whose template subscribes `addresses` to its alarm topic,
+    with the topic's output. moto's CloudFormation makes no subscription of the template's:
+    SNS holds none until the test makes one. Returns the topic's ARN."""
+    account.bootstrap()
+    topic = str(account.client("sns").create_topic(Name="Llmq-MonitoringAlarmTopic")["TopicArn"])
+    secret = account.deploy(resources=_subscribing(*addresses)["Resources"], alarm_topic=topic)
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    return topic
+
+
+def test_an_address_sns_no_longer_holds_fails_with_the_command_that_subscribes_it(account: Account) -> None:
+    # Given a deployed stack whose template subscribes the on-call address, and SNS holds no
+    # subscription of it (the confirmation mail was not clicked within 48 hours, so SNS deleted
+    # it; the stack still lists it, so a deploy of the same address never makes it again)
+    topic = _deployed_with_topic(account, "oncall@example.com")
+    # When the operator runs the preflight of the next deploy, with the same address
+    findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
+    # Then it stops the deploy: the alarms reach nobody, and it says how to subscribe again
+    assert _verdicts(findings)["alarm email"] is Verdict.FAIL, report
+    assert "SNS holds no subscription of oncall@example.com" in report
+    assert (
+        f"aws sns subscribe --topic-arn {topic} --protocol email --notification-endpoint oncall@example.com"
+        in report
+    )
+    assert code == 1
+    # And once the address is subscribed again (moto confirms at once), the deploy may go ahead
+    account.client("sns").subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.com")
+    findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
+    assert _verdicts(findings)["alarm email"] is Verdict.OK, report
+    assert code == 0
+
+
+def test_an_address_yet_to_confirm_deploys_with_a_note_of_the_48_hours(account: Account) -> None:
+    # Given a deployed stack whose on-call address has not clicked its confirmation mail: SNS
+    # lists it as "PendingConfirmation" (moto confirms every subscription at once; the answer
+    # is rewritten to what SNS says of an unconfirmed one)
+    topic = _deployed_with_topic(account, "oncall@example.com")
+    account.client("sns").subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.com")
+    sns = account.client("sns")
+
+    def unconfirmed(parsed: dict[str, Any], **_: Any) -> None:
+        for subscription in parsed.get("Subscriptions", []):
+            subscription["SubscriptionArn"] = "PendingConfirmation"
+
+    sns.meta.events.register("after-call.sns.ListSubscriptionsByTopic", unconfirmed)
+    account.client = lambda service: sns if service == "sns" else Account.client(account, service)  # type: ignore[method-assign]
+    # When the operator runs the preflight
+    findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
+    # Then the deploy may go ahead, and the report says the alarms reach nobody until it is confirmed
+    assert _verdicts(findings)["alarm email"] is Verdict.NOTE, report
+    assert "oncall@example.com has not confirmed its subscription" in report
+    assert "48 hours" in report
+    assert code == 0
+
+
+def test_a_first_deploy_that_subscribes_nobody_gets_the_note(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a fresh account, the key in the environment, and a template without ALARM_EMAIL
+    account.bootstrap()
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real")
+    # When the operator runs the preflight of the first deploy
+    findings, report, code = account.doctor(template=_subscribing())
+    # Then it says, as of any deploy of such a template, that nobody hears the alarms
+    assert _verdicts(findings)["alarm email"] is Verdict.NOTE, report
+    assert "subscribes nobody to the alarms" in report
+    assert code == 0
+    # And a first deploy with an address is told to confirm its mail
+    findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
+    assert _verdicts(findings)["alarm email"] is Verdict.OK, report
+    assert "within 48 hours" in report
+
+
+def _logging_stage() -> dict[str, Any]:
+    """A stage that logs as `-c llmq:apigw_logging=true` synthesizes it (tests/infra checks the
+    synthesized one): access logs and ERROR execution logs, through the region's role."""
+    return {
+        "Stage": {
+            "Type": "AWS::ApiGateway::Stage",
+            "Properties": {
+                "AccessLogSetting": {"DestinationArn": "arn:aws:logs:us-east-1:123456789012:log-group:x"},
+                "MethodSettings": [{"HttpMethod": "*", "ResourcePath": "/*", "LoggingLevel": "ERROR"}],
+            },
+        }
+    }
+
+
+def test_a_stage_that_logs_fails_the_preflight_where_api_gateway_has_no_cloudwatch_role(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a fresh account whose API Gateway names no CloudWatch role (the stage's create would
+    # fail "CloudWatch Logs role ARN must be set in account settings to enable logging", and the
+    # first create roll back), the key in the environment, and a template whose stage logs
+    account.bootstrap()
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-real")
+    template = {"Resources": {**_subscribing("oncall@example.com")["Resources"], **_logging_stage()}}
+    # When the operator runs the preflight
+    findings, report, code = account.doctor(template=template)
+    # Then it stops the deploy, naming both ways to give the region its role
+    assert _verdicts(findings)["api logging"] is Verdict.FAIL, report
+    assert "aws apigateway update-account" in report
+    assert "-c llmq:apigw_cloudwatch_role=true" in report
+    assert code == 1
+    # And once the region has its role, the deploy may go ahead
+    role = "arn:aws:iam::123456789012:role/apigateway-cloudwatch"
+    account.client("apigateway").update_account(
+        patchOperations=[{"op": "replace", "path": "/cloudwatchRoleArn", "value": role}]
+    )
+    findings, report, code = account.doctor(template=template)
+    assert _verdicts(findings)["api logging"] is Verdict.OK, report
+    assert code == 0
+
+
+def test_a_stage_that_sets_the_role_itself_or_does_not_log_asks_nothing_of_api_gateway(
+    account: Account,
+) -> None:
+    # Given a region with no API Gateway CloudWatch role
+    account.bootstrap()
+    secret = account.deploy()
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    sets_it = {**_logging_stage(), "Account": {"Type": "AWS::ApiGateway::Account", "Properties": {}}}
+    quiet = {"Stage": {"Type": "AWS::ApiGateway::Stage", "Properties": {}}}
+    for resources in (sets_it, quiet):
+        # When the template's stage logs through a role it sets itself, or does not log
+        findings, report, code = account.doctor(template={"Resources": resources})
+        # Then nothing is checked of API Gateway's settings, and nothing stops the deploy
+        assert "api logging" not in _verdicts(findings), report
+        assert code == 0
