@@ -13,7 +13,11 @@ provider and the webhook receiver, so every interleaving is deterministic and re
 Every write DynamoDB applies is checked as it lands (DESIGN §2 transitions, §3 invariants),
 and after every step the jobs are checked against the model: leases, provider calls, webhook
 deliveries. A step may arm a lost answer: DynamoDB applies a write, its answer is lost, and
-botocore sends it again (§3.10). When an example ends without a failure, time passes and
+botocore sends it again (§3.10); or an AWS fault for the coming DynamoDB or SQS calls, as
+botocore raises it once its own tries are spent: a throttle (nothing applied), or a 500 for a
+call applied on a try whose answer was lost. A run that meets one may wait out a backoff, so
+a run in flight is not always at the provider; each run is an invocation of its own, with a
+runner of its own. When an example ends without a failure, time passes and
 healthy workers, reconciler and receiver run until nothing is left: no job hangs, no
 subscribed terminal event stays undelivered, and the table holds what the model saw written.
 
@@ -31,8 +35,9 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from random import Random
@@ -40,6 +45,7 @@ from typing import Any
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -60,6 +66,7 @@ from llmq.errors import (
     JobNotCancelable,
     JobNotTerminal,
     NoWebhook,
+    StoreUnavailable,
 )
 from llmq.execution import Invocation, JobRunner, mark_dead_letter
 from llmq.intake import JobIntake
@@ -136,6 +143,10 @@ CONFIG = LlmqConfig.model_validate(
 # (or crashes the worker: CRASH).
 SUCCEED, TRANSIENT, PERMANENT, TIMEOUT, SUSPEND = "succeed", "transient", "permanent", "timeout", "suspend"
 CRASH = "crash"
+# AWS faults a step may arm for coming DynamoDB calls, as botocore raises them once its own
+# tries are spent: a throttle (nothing applied), or a 500 for a call DynamoDB applied on a try
+# whose answer was lost (nothing is known to the caller: §3.10's applied-but-unanswered).
+THROTTLED, UNANSWERED = "throttled", "unanswered"
 ANSWERS = [SUCCEED, TRANSIENT, PERMANENT, TIMEOUT]
 # A call held open is what lets other steps interleave with a run, so it comes up often.
 BEHAVIOURS = st.sampled_from([SUSPEND, SUCCEED, SUSPEND, TRANSIENT, PERMANENT, TIMEOUT])
@@ -268,6 +279,8 @@ class Run:
     gate: asyncio.Future[str] | None = None
     claim: Claim | None = None
     crashed: bool = False
+    # An armed AWS fault fired while the run started.
+    met_a_fault: bool = False
     # acknowledged | retry | poison | crashed, once the run is over.
     result: str | None = None
 
@@ -276,10 +289,18 @@ class Run:
         return self.task is not None and not self.task.done()
 
     @property
+    def waits_on_provider(self) -> bool:
+        return self.in_flight and self.gate is not None and not self.gate.done()
+
+    @property
     def lease_expires_ms(self) -> int | None:
         if self.claim is None or self.claim.outcome is not ClaimOutcome.CLAIMED or self.claim.job is None:
             return None
         return self.claim.job.lease_expires_ms
+
+
+# The run whose task (or a task it started) is running: the provider answers as its step said.
+_RUNNING: ContextVar[Run | None] = ContextVar("lifecycle_model_run", default=None)
 
 
 class ScriptedProvider:
@@ -289,10 +310,9 @@ class ScriptedProvider:
         # Every write is observed, so the observer's copy is the stored job at this moment.
         self.observer = observer
         self.calls: list[ProviderCall] = []
-        self.starting: Run | None = None
 
     async def generate(self, request: GenerationRequest, timeout_seconds: float) -> JobResult:
-        run = self.starting
+        run = _RUNNING.get()
         assert run is not None, "the provider was called outside a run"
         assert request.job_id is not None
         stored = self.observer.seen.get(request.job_id)
@@ -349,7 +369,14 @@ class WriteObserver:
             for name in ("status", "result", "result_ref", "error", "finished_ms"):
                 if getattr(old, name) != getattr(new, name):
                     yield f"terminal job changed its {name}: {getattr(old, name)!r} -> {getattr(new, name)!r}"
-        if new.attempts < old.attempts or new.attempts > CONFIG.max_attempts:
+        # (a claim handed back before the provider was called refunds its attempt)
+        refunded = (
+            old.status is JobStatus.RUNNING
+            and new.status is JobStatus.QUEUED
+            and (new.last_write or "").endswith("#release")
+            and new.attempts == old.attempts - 1
+        )
+        if (new.attempts < old.attempts and not refunded) or new.attempts > CONFIG.max_attempts:
             yield f"attempts went {old.attempts} -> {new.attempts} (max {CONFIG.max_attempts})"
         if old.cancel_requested and not new.cancel_requested:
             yield "a recorded cancel request was forgotten"
@@ -453,17 +480,42 @@ class _ObservedDynamoDB:
         if operation == "transact_write_items":
 
             def transact(**kwargs: Any) -> Any:
+                fault = self._repository.next_fault(operation)
+                if fault == THROTTLED:
+                    raise _throttled_transaction(len(kwargs["TransactItems"]))
+                if fault == UNANSWERED:
+                    self._observed_transaction(method, kwargs)  # applied
+                    raise _server_error(operation)  # and every try's answer lost
                 if self._repository.answer_lost():
                     self._observed_transaction(method, kwargs)  # applied; its answer never arrives
                 return self._observed_transaction(method, kwargs)
 
             return transact
         if operation not in ("put_item", "update_item"):
-            return method
+            if not callable(method) or operation.startswith(("get_paginator", "can_", "meta")):
+                return method
+
+            def call(**kwargs: Any) -> Any:
+                fault = self._repository.next_fault(operation)
+                if fault == THROTTLED:
+                    raise _throttled(operation)
+                if fault == UNANSWERED:
+                    if operation == "delete_item":
+                        method(**kwargs)  # applied
+                    raise _server_error(operation)
+                return method(**kwargs)
+
+            return call
 
         def write(**kwargs: Any) -> Any:
             if operation == "update_item":
                 kwargs = {"ReturnValues": "ALL_NEW", **kwargs}
+            fault = self._repository.next_fault(operation)
+            if fault == THROTTLED:
+                raise _throttled(operation)
+            if fault == UNANSWERED:
+                self._observed(method, kwargs)  # applied
+                raise _server_error(operation)  # and every try's answer lost
             if self._repository.answer_lost():
                 self._observed(method, kwargs)  # applied; its answer never arrives
             return self._observed(method, kwargs)
@@ -489,6 +541,59 @@ class _ObservedDynamoDB:
         return response
 
 
+class _FaultySqs:
+    """The system's SQS client, meeting the faults armed for the coming calls as DynamoDB's
+    do: a throttle sends nothing; an unanswered call is sent, and the caller told it failed."""
+
+    def __init__(self, inner: Any, repository: ObservedJobRepository) -> None:
+        self._inner = inner
+        self._repository = repository
+
+    def __getattr__(self, operation: str) -> Any:
+        method = getattr(self._inner, operation)
+        if not callable(method) or operation.startswith(("get_paginator", "can_")):
+            return method
+
+        def call(**kwargs: Any) -> Any:
+            fault = self._repository.next_fault(f"sqs.{operation}")
+            if fault == THROTTLED:
+                raise _aws_error("RequestThrottled", 400, operation)
+            if fault == UNANSWERED:
+                method(**kwargs)  # sent
+                raise _server_error(operation)
+            return method(**kwargs)
+
+        return call
+
+
+def _aws_error(code: str, status: int, operation: str, **extra: Any) -> ClientError:
+    """An error as botocore raises it once its own tries of the call are spent."""
+    response: Any = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError({**response, **extra}, _operation_name(operation))
+
+
+def _throttled(operation: str) -> ClientError:
+    """A throttle: nothing applied."""
+    return _aws_error("ProvisionedThroughputExceededException", 400, operation)
+
+
+def _throttled_transaction(entries: int) -> ClientError:
+    """A transaction DynamoDB canceled for a throttle on its items: nothing applied."""
+    reasons = [{"Code": "ThrottlingError"}] * entries
+    return _aws_error(
+        "TransactionCanceledException", 400, "transact_write_items", CancellationReasons=reasons
+    )
+
+
+def _server_error(operation: str) -> ClientError:
+    """A 500 after botocore's tries: the first of which the service may have applied."""
+    return _aws_error("InternalServerError", 500, operation)
+
+
+def _operation_name(operation: str) -> str:
+    return "".join(part.title() for part in operation.split("_"))
+
+
 def _writer() -> str:
     """The chain of repository methods that made the write, for the failure message."""
     names = []
@@ -505,13 +610,30 @@ class ObservedJobRepository(JobRepository):
 
     def __init__(self, table: str, clock: ModelClock, observer: WriteObserver) -> None:
         super().__init__(table, CONFIG, dynamodb=aws.client("dynamodb"), clock=clock)
-        self._ddb = _ObservedDynamoDB(self._ddb, self)
+        # (under the translation to StoreUnavailable, where botocore's own errors surface)
+        self._ddb = aws.TranslatedClient(_ObservedDynamoDB(self._ddb._client, self))
         self.observer = observer
         self.claims: dict[str, Claim] = {}
         # Delivery attempts the repository said it recorded since the last redelivery.
         self.recorded_deliveries: Counter[str] = Counter()
         # Writes to let through before one whose answer is lost; None: none armed.
         self.lose_answer_after: int | None = None
+        # An AWS fault armed for coming DynamoDB calls: (calls to let through, kind, times).
+        self.fault: tuple[int, str, int] | None = None
+        self.faults_fired = 0
+
+    def next_fault(self, operation: str) -> str | None:
+        """The fault the coming call meets, if one is armed and due."""
+        if self.fault is None:
+            return None
+        after, kind, times = self.fault
+        if after > 0:
+            self.fault = (after - 1, kind, times)
+            return None
+        self.fault = (0, kind, times - 1) if times > 1 else None
+        self.faults_fired += 1
+        _note(f"aws fault {kind} at {operation}")
+        return kind
 
     def answer_lost(self) -> bool:
         if self.lose_answer_after is None:
@@ -535,18 +657,26 @@ class ObservedJobRepository(JobRepository):
         carrier: str | None = None,
         expires_at: int | None = None,
     ) -> bool:
-        recorded = super().record_delivery(
-            job_id,
-            status,
-            status_code,
-            next_attempt_in_seconds,
-            previous_attempts=previous_attempts,
-            next_attempt_at_ms=next_attempt_at_ms,
-            attempt=attempt,
-            log_seq=log_seq,
-            carrier=carrier,
-            expires_at=expires_at,
-        )
+        before = self.observer.seen.get(job_id)
+        try:
+            recorded = super().record_delivery(
+                job_id,
+                status,
+                status_code,
+                next_attempt_in_seconds,
+                previous_attempts=previous_attempts,
+                next_attempt_at_ms=next_attempt_at_ms,
+                attempt=attempt,
+                log_seq=log_seq,
+                carrier=carrier,
+                expires_at=expires_at,
+            )
+        except StoreUnavailable:
+            if self.observer.seen.get(job_id) is not before:  # applied, its answer lost
+                self.recorded_deliveries[job_id] = counted_after(
+                    self.recorded_deliveries[job_id], status, attempt
+                )
+            raise
         if recorded:
             # (as the in-memory store counts: a final answer counts its own attempt once)
             self.recorded_deliveries[job_id] = counted_after(
@@ -565,8 +695,13 @@ class ObservedJobRepository(JobRepository):
         self, job_id: str, tenant_id: str, *, read: JobRecord | None = None
     ) -> JobRecord:
         self.observer.redelivering = True
+        before = self.observer.seen.get(job_id)
         try:
             pending = super().mark_delivery_pending(job_id, tenant_id, read=read)
+        except StoreUnavailable:
+            if self.observer.seen.get(job_id) is not before:  # applied, its answer lost
+                self.recorded_deliveries[job_id] = 0
+            raise
         finally:
             self.observer.redelivering = False
         self.recorded_deliveries[job_id] = 0
@@ -605,12 +740,12 @@ class LifecycleModel(RuleBasedStateMachine):
         self.loop = ModelLoop(self.clock)
         self.observer = WriteObserver(self.clock)
         self.jobs = ObservedJobRepository(self.stack.jobs_table, self.clock, self.observer)
-        self.queues = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=self.sqs)
+        # The system's sends meet the armed faults too; the model's own looks at the queues do not.
+        self.queues = QueueRepository(
+            self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=_FaultySqs(self.sqs, self.jobs)
+        )
+        self.looks = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=self.sqs)
         self.provider = ScriptedProvider(self.observer)
-        self.runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
-        # (its own threads too, for output writes and job.started sends: inline, as to_thread's)
-        self.runner._output_threads = InlineExecutor()
-        self.runner._cancel_threads = InlineExecutor()
         self.intake = JobIntake(self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None)
         self.reconciler = Reconciler(self.jobs, self.queues, CONFIG)
         self.receiver_status = 200
@@ -667,10 +802,21 @@ class LifecycleModel(RuleBasedStateMachine):
         )
         earlier = self.keys.get((tenant, key)) if key else None
         depth = self._lane_depths() if earlier else None
+        known = set(self.observer.seen)
         try:
             submission = self.intake.submit(TENANTS[tenant], request, key)
         except IdempotencyConflict:
             assert earlier is not None and earlier.body != body, "a first use of a key was refused"
+            return
+        except StoreUnavailable:
+            # The client was told 503. A job the write made anyway is the system's to end; its
+            # key replays it.
+            _note("a submit answered 503")
+            for job_id in set(self.observer.seen) - known:
+                job = ModelJob(job_id, TENANTS[tenant], self.observer.seen[job_id].lane, body)
+                self.model_jobs.append(job)
+                if key:
+                    self.keys[(tenant, key)] = job
             return
         if earlier is not None:
             assert earlier.body == body, "the same key with a different body was accepted"
@@ -705,7 +851,7 @@ class LifecycleModel(RuleBasedStateMachine):
         else:
             body = LaneMessage(job_id="job_never_submitted", lane="high").model_dump_json()
         run = self._start(worker, body, behaviour, receipt)
-        if source == "unknown":
+        if source == "unknown" and not run.met_a_fault:
             assert run.result == "poison", "a message naming no job was not refused as poison"
 
     @rule(worker=st.integers(0, 2), pick=st.integers(0, 9), behaviour=BEHAVIOURS)
@@ -714,7 +860,7 @@ class LifecycleModel(RuleBasedStateMachine):
         job = self._job(pick)
         self._start(worker, LaneMessage(job_id=job.id, lane=job.lane).model_dump_json(), behaviour, None)
 
-    @precondition(lambda self: any(run.in_flight for run in self.runs))
+    @precondition(lambda self: any(run.waits_on_provider for run in self.runs))
     @rule(pick=st.integers(0, 9), how=st.sampled_from([*ANSWERS, CRASH]))
     def end_run(self, pick: int, how: str) -> None:
         """A call held open ends: the provider answers, or the worker's Lambda dies and writes
@@ -727,7 +873,7 @@ class LifecycleModel(RuleBasedStateMachine):
         run.gate.set_result(how)
         self._settle_loop()
 
-    @precondition(lambda self: any(run.in_flight for run in self.runs))
+    @precondition(lambda self: any(run.waits_on_provider for run in self.runs))
     @rule(pick=st.integers(0, 9), worker=st.integers(0, 2), behaviour=BEHAVIOURS)
     def stall_past_lease(self, pick: int, worker: int, behaviour: str) -> None:
         """A worker holding a call open stalls past its lease (a frozen Lambda, a slow network)
@@ -752,6 +898,9 @@ class LifecycleModel(RuleBasedStateMachine):
         before = self.observer.seen[job.id]
         try:
             after = self.intake.cancel(job.tenant, job.id)
+        except StoreUnavailable:
+            _note("a cancel answered 503")
+            return
         except JobNotCancelable:
             assert before.status.is_terminal, f"a {before.status.value} job refused to cancel"
             return
@@ -763,8 +912,11 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @rule()
     def reconcile(self) -> None:
-        """The scheduled reconciler runs."""
-        self.reconciler.run()
+        """The scheduled reconciler runs (and may stop on an AWS fault, to run again later)."""
+        try:
+            self.reconciler.run()
+        except StoreUnavailable:
+            _note("a reconciler run cut short")
 
     @rule(source=st.sampled_from(["queue", "copy", "job", "again", "garbage"]), pick=st.integers(0, 9))
     def dead_letter(self, source: str, pick: int) -> None:
@@ -805,6 +957,9 @@ class LifecycleModel(RuleBasedStateMachine):
         names_a_job = before is not None
         try:
             mark_dead_letter(self.jobs, self.queues, body, message_id)
+        except (StoreUnavailable, RetryLater):
+            _note("a dead letter left for another try")
+            return  # (the record stays in the DLQ: `again` handles it later)
         except PoisonMessage:
             assert not names_a_job, "a dead letter naming a real job was called poison"
             return
@@ -817,6 +972,8 @@ class LifecycleModel(RuleBasedStateMachine):
         before = self.observer.seen[job.id]
         try:
             after = self.intake.redeliver(job.tenant, job.id)
+        except StoreUnavailable:
+            return
         except JobNotTerminal:
             assert not before.status.is_terminal
             return
@@ -836,9 +993,12 @@ class LifecycleModel(RuleBasedStateMachine):
         job = self._job(pick)
         before = self.observer.seen[job.id].delivery_status
         code = 200 if status is DeliveryStatus.DELIVERED else 503
-        applied = self.jobs.record_delivery(
-            job.id, status, code, 1.0 if status is DeliveryStatus.PENDING else None
-        )
+        try:
+            applied = self.jobs.record_delivery(
+                job.id, status, code, 1.0 if status is DeliveryStatus.PENDING else None
+            )
+        except StoreUnavailable:
+            return
         expected = before is DeliveryStatus.PENDING or (
             before is DeliveryStatus.FAILED and status is DeliveryStatus.DELIVERED
         )
@@ -853,7 +1013,7 @@ class LifecycleModel(RuleBasedStateMachine):
         message = messages[pick % len(messages)]
         webhook = WebhookMessage.model_validate_json(message["Body"])
         outcome = self._dispatch(webhook, status, attempt)
-        if outcome.kind is not OutcomeKind.RETRY:
+        if outcome is not None and outcome.kind is not OutcomeKind.RETRY:
             self.sqs.delete_message(
                 QueueUrl=self.stack.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
             )
@@ -864,6 +1024,13 @@ class LifecycleModel(RuleBasedStateMachine):
         and botocore sends it again: the writer must carry on as if it had succeeded."""
         self.jobs.lose_answer_after = after
 
+    @rule(after=st.integers(0, 4), kind=st.sampled_from([THROTTLED, UNANSWERED]), times=st.integers(1, 3))
+    def aws_fault(self, after: int, kind: str, times: int) -> None:
+        """DynamoDB or SQS throttles `times` coming calls (the ones after `after` others), or
+        applies each and loses every try's answer: botocore gives up and the caller gets the
+        error (DESIGN §3.10). Whatever meets it must leave a state the system recovers from."""
+        self.jobs.fault = (after, kind, times)
+
     # ---- what must hold after every step -----------------------------------------------------
 
     @invariant()
@@ -872,7 +1039,8 @@ class LifecycleModel(RuleBasedStateMachine):
         now_ms = self.clock.now_ms
         for run in self.runs:
             expires = run.lease_expires_ms
-            if run.in_flight and expires is not None and expires >= now_ms and run.job_id is not None:
+            # (a run waiting out a faulted write's backoff acts on no lease until that write lands)
+            if run.waits_on_provider and expires is not None and expires >= now_ms and run.job_id is not None:
                 holder = self.observer.seen[run.job_id]
                 assert holder.status is JobStatus.RUNNING and holder.lease_owner == run.owner, (
                     f"{run.owner} believes it holds a live lease on {run.job_id}, "
@@ -918,6 +1086,8 @@ class LifecycleModel(RuleBasedStateMachine):
     def _everything_settles(self) -> None:
         """Then, once workers, reconciler and receiver are healthy and time passes, every job
         ends terminal and every subscribed terminal event is delivered (DESIGN §3.6)."""
+        self.jobs.fault = None
+        self.jobs.lose_answer_after = None
         for run in [run for run in self.runs if run.in_flight]:
             self._crash(run)  # the Lambdas that held calls open time out
         for _ in range(8):
@@ -931,7 +1101,7 @@ class LifecycleModel(RuleBasedStateMachine):
             for message in self._peek(self.stack.webhook_queue_url):
                 webhook = WebhookMessage.model_validate_json(message["Body"])
                 outcome = self._dispatch(webhook, 200, 1)
-                if outcome.kind is not OutcomeKind.RETRY:
+                if outcome is not None and outcome.kind is not OutcomeKind.RETRY:
                     self.sqs.delete_message(
                         QueueUrl=self.stack.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
                     )
@@ -978,7 +1148,7 @@ class LifecycleModel(RuleBasedStateMachine):
         return self.model_jobs[pick % len(self.model_jobs)]
 
     def _in_flight(self, pick: int) -> Run:
-        runs = [run for run in self.runs if run.in_flight]
+        runs = [run for run in self.runs if run.waits_on_provider]
         return runs[pick % len(runs)]
 
     def _start(self, worker: int, body: str, behaviour: str, receipt: tuple[str, str] | None) -> Run:
@@ -991,19 +1161,29 @@ class LifecycleModel(RuleBasedStateMachine):
             remaining_seconds=lambda: max(0.0, run.started_at + WORKER_SECONDS - self.clock.now),
         )
         before = asyncio.all_tasks(self.loop)
-        self.provider.starting = run
-        run.task = self.loop.create_task(self.runner.run(body, invocation))
-        try:
-            self.loop.run_until_idle()
-        finally:
-            self.provider.starting = None
+        faults = self.jobs.faults_fired
+        # Each run is a worker invocation of its own: a runner of its own (a run that waits out
+        # a throttle is no sibling of the next run's message).
+        runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
+        # (its own threads too, for output writes and job.started sends: inline, as to_thread's)
+        runner._output_threads = InlineExecutor()
+        runner._cancel_threads = InlineExecutor()
+        run.task = self.loop.create_task(self._as_run(run, runner.run(body, invocation)))
+        self.loop.run_until_idle()
         run.claim = self.jobs.claims.get(run.owner)
         _note(f"claim {run.claim.outcome.value if run.claim else 'not attempted'}")
         run.children = asyncio.all_tasks(self.loop) - before - {run.task}
-        if run.in_flight and (run.gate is None or run.gate.done()):
+        run.met_a_fault = self.jobs.faults_fired != faults
+        if run.in_flight and not run.waits_on_provider and not run.met_a_fault:
             raise AssertionError(f"{run.owner} neither finished nor waits on the provider")
         self._collect()
         return run
+
+    @staticmethod
+    async def _as_run(run: Run, work: Coroutine[Any, Any, None]) -> None:
+        """The run's work, with the run named for the provider (its tasks inherit the name)."""
+        _RUNNING.set(run)
+        await work
 
     def _crash(self, run: Run) -> None:
         run.crashed = True
@@ -1028,6 +1208,8 @@ class LifecycleModel(RuleBasedStateMachine):
             error = run.task.exception()
             if isinstance(error, RetryLater):
                 run.result = "retry"
+            elif isinstance(error, StoreUnavailable):
+                run.result = "retry"  # a record that failed: SQS shows it again
             elif isinstance(error, PoisonMessage):
                 run.result = "poison"
                 assert run.job_id not in self.observer.seen, (
@@ -1040,16 +1222,22 @@ class LifecycleModel(RuleBasedStateMachine):
                 if run.receipt is not None:
                     self.sqs.delete_message(QueueUrl=run.receipt[0], ReceiptHandle=run.receipt[1])
 
-    def _dispatch(self, message: WebhookMessage, status: int, attempt: int) -> Any:
+    def _dispatch(self, message: WebhookMessage, status: int, attempt: int) -> Any | None:
         before = self.observer.seen.get(message.job_id)
         sent = len(self.posts)
+        faults = self.jobs.faults_fired
         self.receiver_status = status
         task = self.loop.create_task(self.dispatcher.deliver(message, attempt))
         self.loop.run_until_idle()
         assert task.done(), "a webhook delivery never finished"
+        if isinstance(task.exception(), StoreUnavailable):
+            _note("a webhook delivery failed its record")
+            return None  # (a record that failed: SQS shows the message again)
         outcome = task.result()
         _note(f"webhook {outcome.kind.value}")
         terminal = message.event is not WebhookEvent.STARTED
+        if self.jobs.faults_fired != faults:
+            return outcome  # (what a faulted read or write decided is checked by the invariants)
         if terminal and before is not None:
             due = before.delivery_status is DeliveryStatus.PENDING and before.terminal_event is message.event
             if due and before.webhook_gone:
@@ -1105,7 +1293,7 @@ class LifecycleModel(RuleBasedStateMachine):
         return messages[pick % len(messages)] if messages else None
 
     def _lane_depths(self) -> dict[str, int]:
-        return {lane: self.queues.lane_depth(lane) for lane in self.stack.lane_queue_urls}
+        return {lane: self.looks.lane_depth(lane) for lane in self.stack.lane_queue_urls}
 
 
 def _recorded_delivery(status: int, attempt: int) -> DeliveryStatus:
@@ -1307,3 +1495,23 @@ def test_a_job_claimed_since_its_first_dead_letter_is_not_failed_as_never_claime
         job = state.observer.seen[job_id]
         assert job.status is not JobStatus.FAILED, f"failed after a claim: {job.error}"
         state.lifecycle_holds()
+
+
+@pytest.mark.parametrize("kind", [THROTTLED, UNANSWERED])
+def test_a_claim_that_meets_an_aws_fault_runs_the_job_once(environment: Environment, kind: str) -> None:
+    """Given a queued job,
+    when DynamoDB throttles the worker's claim, or applies it and loses every try's answer
+    (botocore gives up: DESIGN §3.10), and time passes,
+    then the worker retries the claim, recognises its own if it was applied, calls the provider
+    once, and the job succeeds with its tenant's slot given back."""
+    with replayed(environment) as state:
+        state.first_jobs(jobs=[("enterprise", 0, "none", None, None)])
+        state.aws_fault(after=0, kind=kind, times=1)
+        state.run_message(behaviour="succeed", pick=0, source="queue", worker=0)
+        assert state.jobs.faults_fired == 1, "the fault never fired"
+        state.advance_clock(seconds=1)
+        state.lifecycle_holds()
+        job = state.observer.seen[state.model_jobs[0].id]
+        assert job.status is JobStatus.SUCCEEDED, job.status
+        assert job.attempts == 1
+        assert [call.answer for call in state.provider.calls] == [SUCCEED]
