@@ -321,10 +321,12 @@ class Doctor:
         unreserved = int(limits["UnreservedConcurrentExecutions"])
         need = self.reservations.total
         # On a redeploy the stack's own reservations are already taken out of `unreserved`.
+        unread = None
         try:
             held = self._held_by_stack() if deployed else 0
-        except (ClientError, BotoCoreError):
+        except (ClientError, BotoCoreError) as exc:
             held = 0  # unreadable: count as if the stack held none, which can only err on the safe side
+            unread = _reason(exc)
         room = unreserved + held - UNRESERVED_MINIMUM
         summary = (
             f"quota {quota}, unreserved {unreserved}; the stack reserves {need} "
@@ -334,6 +336,18 @@ class Doctor:
             return self._unreserved_pool(summary, unreserved + held)
         if need <= room:
             return Finding("concurrency", Verdict.OK, f"{summary}; {UNRESERVED_MINIMUM} stay unreserved")
+        if unread is not None:
+            # The deployed stack's own reservations come back to the pool as it is updated: not
+            # counted, a redeploy that fits can look like one that does not.
+            return Finding(
+                "concurrency",
+                Verdict.FAIL,
+                f"{summary}: what the deployed stack reserves now could not be read ({unread}), and "
+                f"without it only {max(room, 0)} can be reserved",
+                "allow lambda:GetFunctionConcurrency and cloudformation:ListStackResources to the "
+                "deploying identity, and run the doctor again: the stack's own reservations count "
+                "towards what a redeploy may reserve",
+            )
         return Finding(
             "concurrency",
             Verdict.FAIL,

@@ -16,6 +16,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto import mock_aws
 
@@ -750,3 +751,34 @@ def test_a_stage_that_sets_the_role_itself_or_does_not_log_asks_nothing_of_api_g
         # Then nothing is checked of API Gateway's settings, and nothing stops the deploy
         assert "api logging" not in _verdicts(findings), report
         assert code == 0
+
+
+def test_a_redeploy_whose_own_reservations_cannot_be_read_names_the_permission(account: Account) -> None:
+    # Given a deployed stack whose reservations already came out of the account's pool (a quota
+    # that fits exactly once they are counted back), and an identity refused
+    # cloudformation:ListStackResources (so what the stack holds cannot be read)
+    account.bootstrap()
+    secret = account.deploy()
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    account.quota = _reserved_total(account) + 100
+    account.unreserved = 100
+    cloudformation = account.client("cloudformation")
+
+    def refused(**_: Any) -> None:
+        raise ClientError(
+            {"Error": {"Code": "AccessDenied", "Message": "not authorized to perform ListStackResources"}},
+            "ListStackResources",
+        )
+
+    cloudformation.meta.events.register("before-call.cloudformation.ListStackResources", refused)
+    account.client = lambda service: (  # type: ignore[method-assign]
+        cloudformation if service == "cloudformation" else Account.client(account, service)
+    )
+    # When the operator runs the preflight of the redeploy
+    findings, report, code = account.doctor()
+    # Then it fails, but says why it cannot tell, and which permissions it needs: not a quota to ask for
+    assert _verdicts(findings)["concurrency"] is Verdict.FAIL, report
+    assert "what the deployed stack reserves now could not be read" in report
+    assert "lambda:GetFunctionConcurrency and cloudformation:ListStackResources" in report
+    assert "ask for a quota" not in report
+    assert code == 1
