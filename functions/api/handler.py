@@ -58,6 +58,8 @@ from llmq.models import (
     JobStatus,
     OutputDelta,
     Problem,
+    StoredBatchRequest,
+    StoredJobRequest,
     Upload,
     UploadRequest,
     WebhookLog,
@@ -235,7 +237,8 @@ def _replay_despite_the_schema() -> Response[Any] | None:
     schema now refuses the body: a model taken off the list, a limit lowered, between the two
     tries. The job or batch exists and runs either way; a refusal would read as "not accepted"
     and invite a second, paid one. The body must still be a request (the models without the
-    deployment's limits), which the intake answers as the replay, or refuses as another body
+    deployment's limits, and with the bounds of any release: an earlier one may have accepted
+    it), which the intake answers as the replay, or refuses as another body
     under the key. None when it is no such retry: the refusal stands, for a body no deployment
     takes with no read at all."""
     event = app.current_event
@@ -247,10 +250,10 @@ def _replay_despite_the_schema() -> Response[Any] | None:
     try:
         tenant = _tenant()
         if path == "/v1/jobs":
-            job = JobRequest.model_validate_json(event.decoded_body or "")
+            job = StoredJobRequest.model_validate_json(event.decoded_body or "")
             accepted, submit = intake().accepted_under, lambda: handle_submit_job(job, key, prefer)
         elif path == "/v1/batches":
-            batch = BatchRequest.model_validate_json(event.decoded_body or "")
+            batch = StoredBatchRequest.model_validate_json(event.decoded_body or "")
             accepted, submit = batch_intake().accepted_under, lambda: handle_submit_batch(batch, key)
         else:
             return None

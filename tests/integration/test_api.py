@@ -1102,6 +1102,50 @@ def test_a_batch_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepte
     assert (retry.status, retry.body["id"]) == (202, first.body["id"]), retry.body
 
 
+def test_a_retry_of_a_job_an_earlier_release_accepted_past_todays_bounds_is_its_replay(
+    harness: Harness,
+) -> None:
+    # Given a job an earlier release accepted under a key with a seed past int64 (it left the
+    # seed unbounded), its answer lost: stored with its input and hashes as that release did
+    from llmq.intake import request_digest, request_hash
+    from llmq.models import StoredJobRequest
+
+    body = {"prompt": "x", "params": {"seed": 2**64}}
+    first = harness.submit(key="order-9", prompt="x", params={"seed": 1})
+    assert first.status == 202, first.body
+    as_accepted = StoredJobRequest.model_validate(body)
+    key = {"pk": {"S": first.body["id"]}}
+    item = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key=key)["Item"]
+    stored = json.loads(item["input"]["S"])
+    stored["params"]["seed"] = 2**64
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=key,
+        UpdateExpression="SET #input = :input, request_hash = :h, request_digest = :d",
+        ExpressionAttributeNames={"#input": "input"},
+        ExpressionAttributeValues={
+            ":input": {"S": json.dumps(stored)},
+            ":h": {"S": request_hash(as_accepted)},
+            ":d": {"S": request_digest(as_accepted)},
+        },
+    )
+
+    def submit(key: str) -> Any:
+        raw = json.dumps(body)
+        return harness.api(
+            "POST", "/v1/jobs", raw_body=raw, headers={"Idempotency-Key": key}, tenant=ENTERPRISE
+        )
+
+    # When, after the deploy that bounded the seed, the client retries the same body and key
+    retry = submit("order-9")
+    # Then it is the job's replay, not a 422 telling the client its job was never accepted
+    assert (retry.status, retry.body.get("id")) == (202, first.body["id"]), (retry.status, retry.body)
+    assert harness.item_count() == 1
+    # And the same body under a new key is refused, as today's bounds say
+    fresh = submit("order-10")
+    assert (fresh.status, fresh.code) == (422, "invalid_request"), fresh.body
+
+
 def test_a_body_no_deployment_takes_under_a_key_is_refused_with_no_look_for_its_job(
     harness: Harness,
 ) -> None:

@@ -1569,6 +1569,24 @@ def test_a_batch_whose_expand_message_sqs_refuses_is_still_accepted_once(
     assert len(emitted_metrics(capsys.readouterr().out, MetricName.JOB_ENQUEUE_FAILED)) == 1
 
 
+def _made_a_retention_ago(harness: Harness, batch_id: str, items: int, kept_item: int | None = None) -> None:
+    """The batch and its items as a batch made a whole retention ago is: its retention ended
+    (they are not yet deleted by DynamoDB's TTL), except `kept_item`'s, still kept for a day."""
+    now = time.time()
+    created = int((now - harness.config.retention_seconds - 60) * 1000)
+    for index, key in [(None, batch_key(batch_id))] + [
+        (i, {"pk": {"S": item_job_id(batch_id, i)}}) for i in range(items)
+    ]:
+        kept = index is not None and index == kept_item
+        expires_at = int(now) + harness.config.terminal_event_seconds if kept else int(now) - 60
+        aws.client("dynamodb").update_item(
+            TableName=harness.stack.jobs_table,
+            Key=key,
+            UpdateExpression="SET expires_at = :at, created_ms = :created",
+            ExpressionAttributeValues={":at": {"N": str(expires_at)}, ":created": {"N": str(created)}},
+        )
+
+
 def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batchs_items(
     harness: Harness,
 ) -> None:
@@ -1576,19 +1594,7 @@ def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batc
     # deleted by DynamoDB's TTL)
     first = _submit(harness, key="weekly", requests=_requests(2, prefix="old"))
     _run_lane(harness)
-    # (made a whole retention ago, as such a batch was)
-    now = time.time()
-    created = int((now - harness.config.retention_seconds - 60) * 1000)
-    ddb = aws.client("dynamodb")
-    for key in [batch_key(first.body["id"])] + [
-        {"pk": {"S": item_job_id(first.body["id"], i)}} for i in range(2)
-    ]:
-        ddb.update_item(
-            TableName=harness.stack.jobs_table,
-            Key=key,
-            UpdateExpression="SET expires_at = :at, created_ms = :created",
-            ExpressionAttributeValues={":at": {"N": str(int(now) - 60)}, ":created": {"N": str(created)}},
-        )
+    _made_a_retention_ago(harness, first.body["id"], items=2)
     # When the key is used again, as its retention allows, and the results read before any
     # worker has expanded the new batch
     again = _submit(harness, key="weekly", requests=_requests(2, prefix="new"))
@@ -1601,6 +1607,29 @@ def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batc
     _run_lane(harness)
     lines, _ = _results(harness, again.body["id"])
     assert sorted(line["custom_id"] for line in lines) == ["new-0", "new-1"]
+
+
+def test_an_earlier_batchs_item_kept_past_its_batch_never_blocks_a_new_batch_under_the_reused_key(
+    harness: Harness,
+) -> None:
+    # Given a batch run to its end under a key a whole retention ago, whose retention ended,
+    # while one of its items is still kept (an earlier release kept an item past its batch for
+    # its webhook's retries, or for a redelivery asked in the batch's last day)
+    first = _submit(harness, key="weekly", requests=_requests(2, prefix="old"))
+    _run_lane(harness)
+    _made_a_retention_ago(harness, first.body["id"], items=2, kept_item=0)
+    # When the key is used again, as its retention allows, and the new batch runs
+    again = _submit(harness, key="weekly", requests=_requests(3, prefix="new"))
+    assert again.status == 202 and "idempotent-replayed" not in again.headers
+    _run_lane(harness)
+    # Then it expands over the kept item and runs every one of its own
+    stored = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).find(
+        again.body["id"]
+    )
+    assert stored is not None and stored.status is BatchStatus.COMPLETED, stored
+    lines, _ = _results(harness, again.body["id"])
+    assert sorted(line["custom_id"] for line in lines) == ["new-0", "new-1", "new-2"]
+    assert all(line["status"] == "succeeded" for line in lines), lines
 
 
 def _reconciler_ahead(harness: Harness, seconds: float) -> Reconciler:

@@ -599,16 +599,20 @@ class BatchRepository:
             [{"pk": {"S": item_job_id(batch.id, index)}} for index in indexes], _RESULT_ATTRIBUTES
         )
         jobs = {key: codec.from_item(item) for key, item in found.items()}
-        # An item older than its batch is an earlier batch's under the same id (an
-        # Idempotency-Key reused after its retention, the item not yet deleted by DynamoDB's
-        # TTL): this batch has not written its own yet. Such an item is a whole retention
-        # older; half of one is margin enough that the clocks of the api (the batch's) and
-        # the worker (its items') never hide a batch's own item.
-        oldest_ms = batch.created_ms - self.config.retention_seconds * 500
+        oldest_ms = self._own_items_since_ms(batch)
         return [
             (index, job if job is not None and job.created_ms >= oldest_ms else None)
             for index, job in ((index, jobs.get(item_job_id(batch.id, index))) for index in indexes)
         ]
+
+    def _own_items_since_ms(self, batch: BatchRecord) -> int:
+        """An item created before this is an earlier batch's under the same id (an
+        Idempotency-Key reused after its retention, the item not yet deleted by DynamoDB's TTL,
+        or kept past its batch for its webhook's retries): this batch has not written its own
+        yet. Such an item is a whole retention older; half of one is margin enough that the
+        clocks of the api (the batch's) and the worker (its items') never mistake a batch's
+        own item for an earlier one's."""
+        return batch.created_ms - self.config.retention_seconds * 500
 
     def _get_many(
         self, keys: list[dict[str, Any]], attributes: tuple[str, ...] = ()
@@ -634,9 +638,14 @@ class BatchRepository:
                     # own items again after a crash, and a backlog of 100,000 items waiting for
                     # the tenant's cap would fill every sweep. A claim indexes the item (its lease).
                     "Item": codec.to_item(job),
-                    # An item past its TTL but not yet deleted by DynamoDB counts as gone.
-                    "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
-                    "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
+                    # An item past its TTL but not yet deleted by DynamoDB counts as gone, and so
+                    # does an earlier batch's under the same id, however long it is kept (an
+                    # earlier release kept items past their batch for their webhooks' retries).
+                    "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s "
+                    "OR created_ms < :earlier",
+                    "ExpressionAttributeValues": codec.values(
+                        now_s=int(self._clock()), earlier=self._own_items_since_ms(batch)
+                    ),
                 }
             }
             for job in jobs

@@ -447,7 +447,10 @@ class BatchItemRequest(_Strict):
     body: JobRequest
 
 
-class _StoredJobRequest(JobRequest):
+class StoredJobRequest(JobRequest):
+    """A job request with the bounds any release accepted it under (a version before
+    `RequestParams` bounded the stop sequences or the seed): what was stored, read back."""
+
     params: GenerationParams = Field(default_factory=GenerationParams)  # type: ignore[assignment]  # (wider on purpose: as stored)
 
 
@@ -455,7 +458,7 @@ class StoredBatchItem(BatchItemRequest):
     """A batch's item as it was stored: read with the bounds it was accepted under (a version
     before `RequestParams` took any number of stop sequences)."""
 
-    body: _StoredJobRequest
+    body: StoredJobRequest
 
 
 class BatchRequest(_Strict):
@@ -478,6 +481,12 @@ class BatchRequest(_Strict):
         if (self.requests is None) == (self.upload_id is None):
             raise ValueError("give either requests or upload_id")
         return self
+
+
+class StoredBatchRequest(BatchRequest):
+    """A batch request with the bounds any release accepted it under (`StoredBatchItem`)."""
+
+    requests: list[StoredBatchItem] | None = Field(default=None, min_length=1, fail_fast=True)  # type: ignore[assignment]  # (wider on purpose)
 
 
 def batch_request_model(config: LlmqConfig, job_request: type[JobRequest]) -> type[BatchRequest]:
