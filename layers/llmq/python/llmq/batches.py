@@ -33,6 +33,7 @@ from llmq.job_record import JobRecord, delivery_view, iso
 from llmq.model_base import Model
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
+    TERMINAL_STATUSES,
     Batch,
     BatchEvent,
     BatchEventDeliveries,
@@ -639,12 +640,16 @@ class BatchRepository:
                     # the tenant's cap would fill every sweep. A claim indexes the item (its lease).
                     "Item": codec.to_item(job),
                     # An item past its TTL but not yet deleted by DynamoDB counts as gone, and so
-                    # does an earlier batch's under the same id, however long it is kept (an
-                    # earlier release kept items past their batch for their webhooks' retries).
+                    # does an earlier batch's under the same id, ended, however long it is kept
+                    # (an earlier release kept items past their batch for their webhooks'
+                    # retries). One not ended holds its tenant's slot under this id: it stays.
                     "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s "
-                    "OR created_ms < :earlier",
+                    "OR (created_ms < :earlier AND #st IN (:succeeded, :failed, :canceled, :expired))",
+                    "ExpressionAttributeNames": {"#st": "status"},
                     "ExpressionAttributeValues": codec.values(
-                        now_s=int(self._clock()), earlier=self._own_items_since_ms(batch)
+                        now_s=int(self._clock()),
+                        earlier=self._own_items_since_ms(batch),
+                        **{status.value: status.value for status in TERMINAL_STATUSES},
                     ),
                 }
             }
