@@ -23,6 +23,7 @@ from stacks.context import (
     alarm_emails,
     cdk_json_context,
     context_flag,
+    refuse_sandbox_only,
 )
 from stacks.llmq_stack import DeploymentSettings, LlmqStack
 
@@ -58,6 +59,7 @@ def build_app(
     if config is None:
         config = LlmqConfig.from_context(app.node.try_get_context(CONTEXT_CONFIG))
     settings = settings_from_context(app)
+    refuse_sandbox_only(config, settings.sandbox)
     LlmqStack(
         app,
         settings.stack_name,

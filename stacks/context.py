@@ -58,6 +58,18 @@ def alarm_emails(value: Any) -> tuple[str, ...]:
     return tuple(found)
 
 
+def refuse_sandbox_only(config: Any, sandbox: bool) -> None:
+    """A setting only the sandbox may have, in a deploy: ValueError naming it.
+    `webhooks.allow_loopback_http` lets a webhook go to http://127.0.0.1: deployed, a tenant's
+    receiver could be the Lambda's own loopback services (its Runtime API), answered into the
+    tenant's delivery log."""
+    if config.webhooks.allow_loopback_http and not sandbox:
+        raise ValueError(
+            "webhooks.allow_loopback_http is for the sandbox only (llmq:sandbox): a deployed "
+            "stack would send tenants' webhooks to the Lambda's own loopback services"
+        )
+
+
 def context_flag(value: Any) -> bool:
     # `cdk -c llmq:sandbox=true` passes the string "true".
     if isinstance(value, str):

@@ -68,7 +68,7 @@ from llmq.models import (
 )
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
-from llmq.ssrf import check_webhook_url
+from llmq.ssrf import SUBMIT_LOOKUP_SECONDS, bounded, check_webhook_url, system_resolver
 from llmq.telemetry import MetricName, emit_count, error_fields, logger
 from llmq.tenants import TenantIdentity
 
@@ -113,7 +113,9 @@ def intake() -> JobIntake:
         queues=QueueRepository(ENV.lane_queue_urls, ENV.webhook_queue_url, sqs=aws.lazy_client("sqs")),
         config=config,
         check_webhook_url=lambda url: check_webhook_url(
-            url, allow_loopback_http=config.webhooks.allow_loopback_http
+            url,
+            allow_loopback_http=config.webhooks.allow_loopback_http,
+            resolver=bounded(system_resolver, SUBMIT_LOOKUP_SECONDS),
         ),
         polls=LongPolls(ENV.jobs_table, dynamodb=aws.client("dynamodb")),
     )

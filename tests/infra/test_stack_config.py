@@ -295,3 +295,14 @@ def test_an_alarm_email_sns_would_refuse_fails_the_synth_naming_it(given):
 
     with pytest.raises(ValueError, match="is not one e-mail address"):
         alarm_emails(given)
+
+
+def test_a_deploy_that_lets_webhooks_reach_loopback_is_refused_and_the_sandbox_may():
+    from llmq.config import WebhookPolicy
+    from stacks.context import refuse_sandbox_only
+
+    loopback = LlmqConfig(webhooks=WebhookPolicy(allow_loopback_http=True))
+    with pytest.raises(ValueError, match="allow_loopback_http is for the sandbox only"):
+        refuse_sandbox_only(loopback, sandbox=False)
+    refuse_sandbox_only(loopback, sandbox=True)
+    refuse_sandbox_only(LlmqConfig(), sandbox=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from llmq.job_index import TENANT_INDEX
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
-from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics
+from tests.integration.harness import ENTERPRISE, FREE, ApiReply, Harness, emitted_metrics
 
 
 def _nothing_changed(harness: Harness) -> None:
@@ -932,6 +933,16 @@ def test_a_cancel_whose_webhook_message_sqs_refuses_still_answers_canceled(harne
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
 
 
+def _job_and_batch_hooked_at(harness: Harness, host: str) -> tuple[ApiReply, ApiReply]:
+    """A job's submit and a batch's, each naming a webhook on `host`."""
+    job = harness.submit(webhook={"url": f"https://{host}/llmq"})
+    body = {
+        "requests": [{"custom_id": "a", "body": {"prompt": "x"}}],
+        "webhook": {"url": f"https://{host}/b"},
+    }
+    return job, harness.api("POST", "/v1/batches", body=body, tenant=ENTERPRISE)
+
+
 def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -944,20 +955,37 @@ def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
 
     monkeypatch.setattr(socket, "getaddrinfo", failing)
     # When a job and a batch name a webhook on a public host
-    job = harness.submit(webhook={"url": "https://hooks.example.com/llmq"})
-    batch = harness.api(
-        "POST",
-        "/v1/batches",
-        body={
-            "requests": [{"custom_id": "a", "body": {"prompt": "x"}}],
-            "webhook": {"url": "https://hooks.example.com/b"},
-        },
-        tenant=ENTERPRISE,
-    )
+    job, batch = _job_and_batch_hooked_at(harness, "hooks.example.com")
     # Then each is a 503 to retry, with Retry-After, not a 422 calling the URL bad; nothing written
     assert looked_up == ["hooks.example.com", "hooks.example.com"]
     for reply in (job, batch):
         assert (reply.status, reply.code) == (503, "webhook_host_unavailable")
+        assert int(reply.headers["retry-after"]) > 0
+    _nothing_changed(harness)
+
+
+def test_a_webhook_host_whose_name_server_does_not_answer_in_time_is_a_503_and_writes_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a webhook host whose name server (the tenant's to choose) answers only after the
+    # submit's lookup gave up: a public address, late (the bound is shortened for the test)
+    answered = threading.Event()
+
+    def late(host: str, *_: Any, **__: Any) -> Any:
+        answered.wait(5)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", late)
+    monkeypatch.setattr(harness.api_module, "SUBMIT_LOOKUP_SECONDS", 0.2)
+    try:
+        # When a job and a batch name a webhook on that host
+        job, batch = _job_and_batch_hooked_at(harness, "slow-dns.example.com")
+    finally:
+        answered.set()
+    # Then each is a 503 to retry (the request does not hold an api environment for as long as
+    # the name server likes), and nothing is written
+    for reply in (job, batch):
+        assert (reply.status, reply.code) == (503, "webhook_host_unavailable"), reply.body
         assert int(reply.headers["retry-after"]) > 0
     _nothing_changed(harness)
 

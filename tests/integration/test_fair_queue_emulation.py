@@ -297,3 +297,59 @@ def test_the_sandbox_switch_comes_from_the_environment() -> None:
     assert RunnerSettings.from_environment({"LLMQ_SANDBOX_FAIR_QUEUES": "off"}).fair_queues is False
     with pytest.raises(ValueError):
         RunnerSettings.from_environment({"LLMQ_SANDBOX_FAIR_QUEUES": "maybe"})
+
+
+# ---- webhook messages are grouped by tenant too ------------------------------------------------
+
+
+def test_every_webhook_message_carries_its_tenant_as_its_group(harness: Any, receiver: Any) -> None:
+    """One webhooks queue and one dispatcher serve every tenant, each delivery as long as its
+    receiver takes (up to webhooks.timeout_seconds): a tenant whose receiver hangs, or whose
+    events are many, must not lengthen every other tenant's wait. Each webhook message carries
+    its tenant as MessageGroupId, so SQS fair queues apply to it as to the lanes: job.started,
+    the terminal event, and a redelivery's."""
+    from tests.integration.harness import ENTERPRISE, FREE
+
+    events = ["job.started", "job.succeeded"]
+    jobs = {
+        tenant["tenant_id"]: harness.submit(
+            tenant=tenant,
+            prompt="hi",
+            webhook={"url": f"http://127.0.0.1:{receiver.port}/h", "events": events},
+        ).body["id"]
+        for tenant in (ENTERPRISE, FREE)
+    }
+    for lane in ("high", "low"):
+        harness.drain(lane)
+    groups = _webhook_groups(harness)
+    assert sorted(groups) == sorted((job_id, tenant) for tenant, job_id in jobs.items() for _ in events), (
+        groups
+    )
+    # And a redelivery's message, once the first were handled
+    harness.sqs.purge_queue(QueueUrl=harness.stack.webhook_queue_url)
+    job_id = jobs[FREE["tenant_id"]]
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET delivery_status = :delivered",
+        ExpressionAttributeValues={":delivered": {"S": "delivered"}},
+    )
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=FREE)
+    assert reply.status == 202, reply.body
+    assert _webhook_groups(harness) == [(job_id, FREE["tenant_id"])]
+
+
+def _webhook_groups(harness: Any) -> list[tuple[str, str | None]]:
+    """(job id, MessageGroupId) of every message in the webhooks queue."""
+    found = []
+    for _ in range(5):
+        messages = harness.sqs.receive_message(
+            QueueUrl=harness.stack.webhook_queue_url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=60,
+            MessageSystemAttributeNames=["MessageGroupId"],
+        ).get("Messages", [])
+        found += [
+            (json.loads(m["Body"])["job_id"], m.get("Attributes", {}).get("MessageGroupId")) for m in messages
+        ]
+    return found

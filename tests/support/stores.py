@@ -782,6 +782,8 @@ class InMemoryQueues:
         event: WebhookEvent,
         output: JobOutputEvent | None = None,
         snapshot: dict[str, Any] | None = None,
+        *,
+        tenant_id: str | None = None,
     ) -> None:
         self.webhooks.append((job_id, event))
         self.snapshots.append(snapshot)

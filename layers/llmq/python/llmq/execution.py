@@ -851,7 +851,9 @@ class JobRunner:
             try:
                 await asyncio.wait_for(
                     self._on_output_thread(
-                        functools.partial(self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED)
+                        functools.partial(
+                            self.queues.enqueue_webhook, job.id, WebhookEvent.STARTED, tenant_id=job.tenant_id
+                        )
                     ),
                     _STARTED_SEND_SECONDS,
                 )
@@ -1287,7 +1289,13 @@ class JobRunner:
         while (event := recorder.take_webhook(final=final)) is not None:
             try:
                 await self._on_output_thread(
-                    functools.partial(self.queues.enqueue_webhook, job.id, WebhookEvent.OUTPUT, event)
+                    functools.partial(
+                        self.queues.enqueue_webhook,
+                        job.id,
+                        WebhookEvent.OUTPUT,
+                        event,
+                        tenant_id=job.tenant_id,
+                    )
                 )
             except Exception as exc:
                 recorder.give_back_webhook()

@@ -501,7 +501,7 @@ class JobIntake:
         if not job.wants(event):
             raise NoWebhook(f"job {job_id} has no webhook subscribed to {event.value}")
         pending = self.jobs.mark_delivery_pending(job_id, tenant.tenant_id, read=job)
-        self.queues.enqueue_webhook(job_id, event)
+        self.queues.enqueue_webhook(job_id, event, tenant_id=tenant.tenant_id)
         return pending
 
 

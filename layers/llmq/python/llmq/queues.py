@@ -142,9 +142,16 @@ class QueueRepository:
         event: WebhookEvent | BatchEvent,
         output: JobOutputEvent | None = None,
         snapshot: dict[str, Any] | None = None,
+        *,
+        tenant_id: str | None = None,
     ) -> None:
+        """A webhook message. One queue and one dispatcher serve every tenant: the message
+        carries its tenant as MessageGroupId, so SQS fair queues keep a tenant whose receiver
+        is slow (or whose events are many) from lengthening every other tenant's wait, as the
+        lanes do (`enqueue_job`). A resend that does not know the tenant sends none."""
         body = webhook_message_body(WebhookMessage(job_id=job_id, event=event, output=output, job=snapshot))
-        self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body)
+        group = {"MessageGroupId": tenant_id} if tenant_id else {}
+        self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body, **group)
 
     def lane_depth(self, lane: str) -> int:
         """Messages in the lane's queue: waiting, in flight and delayed (approximate)."""
@@ -206,7 +213,9 @@ def announce_terminal(queues: QueueStore, job: JobRecord, *, carry: bool = False
     event = job.terminal_event
     if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
         return False
-    queues.enqueue_webhook(job.id, event, snapshot=job_snapshot(job) if carry else None)
+    queues.enqueue_webhook(
+        job.id, event, snapshot=job_snapshot(job) if carry else None, tenant_id=job.tenant_id
+    )
     return True
 
 

@@ -228,7 +228,7 @@ class Reconciler:
         event = batch.terminal_event if batch is not None else None
         if batch is not None and event is not None and batch.webhook_sent:
             if batch.delivery_status is DeliveryStatus.PENDING:
-                self.queues.enqueue_webhook(batch.id, event)
+                self.queues.enqueue_webhook(batch.id, event, tenant_id=batch.tenant_id)
                 report.webhooks.append(batch.id)
             # (never sooner than its next attempt's due time allows: its own message carries it)
             wait_s = self.config.reconciler.stale_webhook_seconds

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -54,6 +55,39 @@ def system_resolver(host: str, port: int) -> list[str]:
     """Every A/AAAA answer for `host`, in the order the system resolver gives them."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+# How long a submit waits for its webhook host's addresses. The host's name server is the
+# tenant's to choose: unbounded (the system resolver retries for tens of seconds), a lookup
+# held an api environment for as long, out of every tenant's concurrency, past the long-poll
+# places that bound waiting requests.
+SUBMIT_LOOKUP_SECONDS = 2.0
+
+
+def bounded(resolver: Resolver, seconds: float) -> Resolver:
+    """`resolver`, each lookup in a daemon thread of its own, given up after `seconds` as a
+    lookup that failed for now (503 webhook_host_unavailable: the client retries). A lookup
+    given up on ends on its own, its answer dropped; it holds only its thread."""
+
+    def look_up(host: str, port: int) -> list[str]:
+        answer: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                answer.append(list(resolver(host, port)))
+            except BaseException as exc:  # handed to the waiting request, whatever it is
+                answer.append(exc)
+            done.set()
+
+        threading.Thread(target=run, name="llmq-submit-dns", daemon=True).start()
+        if not done.wait(seconds):
+            raise socket.gaierror(socket.EAI_AGAIN, f"no answer within {seconds:g}s")
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return list(answer[0])
+
+    return look_up
 
 
 @dataclass(frozen=True)
