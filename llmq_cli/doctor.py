@@ -596,12 +596,15 @@ class Doctor:
         if topic is None or not addresses:
             return None
         try:
-            found: dict[str, str] = {}
+            # Every entry of each address: a subscription is listed by its ARN once confirmed,
+            # as "PendingConfirmation" before, and as "Deleted" for days after an unsubscribe.
+            found: dict[str, set[str]] = {}
             paginator = self._client("sns").get_paginator("list_subscriptions_by_topic")
             for page in paginator.paginate(TopicArn=topic):
                 for subscription in page.get("Subscriptions", []):
                     if subscription.get("Protocol") == "email":
-                        found[str(subscription.get("Endpoint"))] = str(subscription.get("SubscriptionArn"))
+                        arn = str(subscription.get("SubscriptionArn"))
+                        found.setdefault(str(subscription.get("Endpoint")), set()).add(arn)
         except (ClientError, BotoCoreError) as exc:
             return Finding(
                 "alarm email",
@@ -609,7 +612,11 @@ class Doctor:
                 f"could not list the alarm topic's subscriptions: {_reason(exc)}",
                 "allow sns:ListSubscriptionsByTopic on the alarm topic to see whether anyone hears the alarms",
             )
-        gone = sorted(address for address in addresses if address not in found)
+        held = {address for address, arns in found.items() if any(arn.startswith("arn:") for arn in arns)}
+        pending = sorted(
+            address for address in addresses - held if "PendingConfirmation" in found.get(address, ())
+        )
+        gone = sorted(addresses - held - set(pending))
         if gone:
             return Finding(
                 "alarm email",
@@ -618,9 +625,9 @@ class Doctor:
                 "still lists (a confirmation mail not clicked within 48 hours, or an unsubscribe): "
                 "no deploy makes it again, and the alarms reach nobody there",
                 f"`aws sns subscribe --topic-arn {topic} --protocol email --notification-endpoint "
-                f"{gone[0]}` and confirm the mail (docs/operations.md, First deploy)",
+                f"{gone[0]}` and confirm the mail (docs/operations.md, First deploy; SNS may refuse "
+                "it for a few days after an unsubscribe)",
             )
-        pending = sorted(address for address in addresses if found[address] == "PendingConfirmation")
         if pending:
             return Finding(
                 "alarm email",

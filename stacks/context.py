@@ -32,9 +32,10 @@ CONTEXT_APIGW_CLOUDWATCH_ROLE = "llmq:apigw_cloudwatch_role"
 CONTEXT_APIGW_LOGGING = "llmq:apigw_logging"
 
 
-# One address as SNS's e-mail Subscribe takes it: nothing it would refuse ("Invalid parameter:
-# Email address") reaches a template, where it would roll the whole deploy back.
-_ONE_ADDRESS = re.compile(r"[^@\s,;<>\"']+@[^@\s,;<>\"']+\.[^@\s,;<>\"'.]+")
+# One address, by its shape: one @, nothing that separates addresses, and a dotted domain with
+# no empty label. Several glued together (SNS refuses them: "Invalid parameter: Email address")
+# never reach a template, where they would roll the whole deploy back.
+_ONE_ADDRESS = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"'.]+(?:\.[^@\s,;<>\"'.]+)+")
 
 
 def alarm_emails(value: Any) -> tuple[str, ...]:

@@ -278,6 +278,7 @@ def test_the_doctor_asks_api_gateway_for_its_role_only_where_the_stage_logs_thro
             ("oncall@example.com", "backup@example.com"),
         ),
         (["oncall@example.com", "backup@example.com"], ("oncall@example.com", "backup@example.com")),
+        ("o'brien+alarms@mail.example.co.uk", ("o'brien+alarms@mail.example.co.uk",)),
         ("", ()),
         (None, ()),
     ],
@@ -288,7 +289,17 @@ def test_alarm_email_takes_one_address_or_several(given, subscribed):
     assert alarm_emails(given) == subscribed
 
 
-@pytest.mark.parametrize("given", ["oncall", "oncall@example", "on@call@example.com", "<oncall@example.com>"])
+@pytest.mark.parametrize(
+    "given",
+    [
+        "oncall",
+        "oncall@example",
+        "on@call@example.com",
+        "<oncall@example.com>",
+        "a@example..com",
+        "a@.example.com",
+    ],
+)
 def test_an_alarm_email_sns_would_refuse_fails_the_synth_naming_it(given):
     # SNS refuses it ("Invalid parameter: Email address"), and the deploy would roll back there
     from stacks.context import alarm_emails

@@ -655,20 +655,25 @@ def test_an_address_sns_no_longer_holds_fails_with_the_command_that_subscribes_i
     assert code == 0
 
 
-def test_an_address_yet_to_confirm_deploys_with_a_note_of_the_48_hours(account: Account) -> None:
-    # Given a deployed stack whose on-call address has not clicked its confirmation mail: SNS
-    # lists it as "PendingConfirmation" (moto confirms every subscription at once; the answer
-    # is rewritten to what SNS says of an unconfirmed one)
-    topic = _deployed_with_topic(account, "oncall@example.com")
-    account.client("sns").subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.com")
+def _listed_as(account: Account, state: str) -> None:
+    """SNS's listing of the alarm topic's subscriptions rewritten to `state` ("PendingConfirmation"
+    before a confirmation, "Deleted" for days after an unsubscribe): moto confirms every
+    subscription at once and deletes an unsubscribed one outright."""
     sns = account.client("sns")
 
-    def unconfirmed(parsed: dict[str, Any], **_: Any) -> None:
+    def rewritten(parsed: dict[str, Any], **_: Any) -> None:
         for subscription in parsed.get("Subscriptions", []):
-            subscription["SubscriptionArn"] = "PendingConfirmation"
+            subscription["SubscriptionArn"] = state
 
-    sns.meta.events.register("after-call.sns.ListSubscriptionsByTopic", unconfirmed)
+    sns.meta.events.register("after-call.sns.ListSubscriptionsByTopic", rewritten)
     account.client = lambda service: sns if service == "sns" else Account.client(account, service)  # type: ignore[method-assign]
+
+
+def test_an_address_yet_to_confirm_deploys_with_a_note_of_the_48_hours(account: Account) -> None:
+    # Given a deployed stack whose on-call address has not clicked its confirmation mail
+    topic = _deployed_with_topic(account, "oncall@example.com")
+    account.client("sns").subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.com")
+    _listed_as(account, "PendingConfirmation")
     # When the operator runs the preflight
     findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
     # Then the deploy may go ahead, and the report says the alarms reach nobody until it is confirmed
@@ -676,6 +681,19 @@ def test_an_address_yet_to_confirm_deploys_with_a_note_of_the_48_hours(account: 
     assert "oncall@example.com has not confirmed its subscription" in report
     assert "48 hours" in report
     assert code == 0
+
+
+def test_an_address_that_unsubscribed_fails_as_one_sns_no_longer_holds(account: Account) -> None:
+    # Given a deployed stack whose on-call address unsubscribed (a mail scanner followed the link
+    # in an alarm mail): SNS lists the subscription as "Deleted" for days
+    topic = _deployed_with_topic(account, "oncall@example.com")
+    account.client("sns").subscribe(TopicArn=topic, Protocol="email", Endpoint="oncall@example.com")
+    _listed_as(account, "Deleted")
+    # When the operator runs the preflight, then it stops the deploy: the alarms reach nobody there
+    findings, report, code = account.doctor(template=_subscribing("oncall@example.com"))
+    assert _verdicts(findings)["alarm email"] is Verdict.FAIL, report
+    assert "SNS holds no subscription of oncall@example.com" in report
+    assert code == 1
 
 
 def test_a_first_deploy_that_subscribes_nobody_gets_the_note(
