@@ -13,9 +13,11 @@ provider and the webhook receiver, so every interleaving is deterministic and re
 Every write DynamoDB applies is checked as it lands (DESIGN §2 transitions, §3 invariants),
 and after every step the jobs are checked against the model: leases, provider calls, webhook
 deliveries. A step may arm a lost answer: DynamoDB applies a write, its answer is lost, and
-botocore sends it again (§3.10); or an AWS fault for the coming DynamoDB or SQS calls, as
-botocore raises it once its own tries are spent: a throttle (nothing applied), or a 500 for a
-call applied on a try whose answer was lost. A run that meets one may wait out a backoff, so
+botocore sends it again (§3.10); or an AWS fault for the coming DynamoDB, SQS or S3 calls, as
+the caller finally sees it: a throttle (nothing applied; a transaction canceled as throttled, or
+refused as a call), a 500 for a call applied on a try whose answer was lost, or a transaction
+applied on such a try and canceled as throttled on the next. Payloads live on moto's S3, so a
+result whose write failed for its whole budget is parked there. A run that meets one may wait out a backoff, so
 a run in flight is not always at the provider; each run is an invocation of its own, with a
 runner of its own. When an example ends without a failure, time passes and
 healthy workers, reconciler and receiver run until nothing is left: no job hangs, no
@@ -60,6 +62,7 @@ from hypothesis.stateful import (
 from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
+from llmq import jobs as jobs_module
 from llmq.config import LlmqConfig
 from llmq.errors import (
     IdempotencyConflict,
@@ -85,6 +88,8 @@ from llmq.models import (
     WebhookEvent,
     WebhookMessage,
 )
+from llmq.offload import Offload
+from llmq.payloads import PayloadStore
 from llmq.policy import Claim, ClaimOutcome
 from llmq.providers import (
     GenerationRequest,
@@ -147,6 +152,11 @@ CRASH = "crash"
 # tries are spent: a throttle (nothing applied), or a 500 for a call DynamoDB applied on a try
 # whose answer was lost (nothing is known to the caller: §3.10's applied-but-unanswered).
 THROTTLED, UNANSWERED = "throttled", "unanswered"
+# Two more ways a transaction meets a throttle: refused as a whole call (ProvisionedThroughput-
+# ExceededException, as a single write is), or applied on a try whose answer was lost and then
+# canceled as throttled on botocore's next try (the caller sees only the cancellation).
+THROTTLED_CALL, APPLIED_THEN_THROTTLED = "throttled_call", "applied_then_throttled"
+FAULTS = [THROTTLED, UNANSWERED, THROTTLED_CALL, APPLIED_THEN_THROTTLED]
 ANSWERS = [SUCCEED, TRANSIENT, PERMANENT, TIMEOUT]
 # A call held open is what lets other steps interleave with a run, so it comes up often.
 BEHAVIOURS = st.sampled_from([SUSPEND, SUCCEED, SUSPEND, TRANSIENT, PERMANENT, TIMEOUT])
@@ -483,9 +493,14 @@ class _ObservedDynamoDB:
                 fault = self._repository.next_fault(operation)
                 if fault == THROTTLED:
                     raise _throttled_transaction(len(kwargs["TransactItems"]))
+                if fault == THROTTLED_CALL:
+                    raise _throttled(operation)
                 if fault == UNANSWERED:
                     self._observed_transaction(method, kwargs)  # applied
                     raise _server_error(operation)  # and every try's answer lost
+                if fault == APPLIED_THEN_THROTTLED:
+                    self._observed_transaction(method, kwargs)  # applied, its answer lost
+                    raise _throttled_transaction(len(kwargs["TransactItems"]))
                 if self._repository.answer_lost():
                     self._observed_transaction(method, kwargs)  # applied; its answer never arrives
                 return self._observed_transaction(method, kwargs)
@@ -497,9 +512,9 @@ class _ObservedDynamoDB:
 
             def call(**kwargs: Any) -> Any:
                 fault = self._repository.next_fault(operation)
-                if fault == THROTTLED:
+                if fault in (THROTTLED, THROTTLED_CALL):
                     raise _throttled(operation)
-                if fault == UNANSWERED:
+                if fault in (UNANSWERED, APPLIED_THEN_THROTTLED):
                     if operation == "delete_item":
                         method(**kwargs)  # applied
                     raise _server_error(operation)
@@ -511,11 +526,14 @@ class _ObservedDynamoDB:
             if operation == "update_item":
                 kwargs = {"ReturnValues": "ALL_NEW", **kwargs}
             fault = self._repository.next_fault(operation)
-            if fault == THROTTLED:
+            if fault in (THROTTLED, THROTTLED_CALL):
                 raise _throttled(operation)
             if fault == UNANSWERED:
                 self._observed(method, kwargs)  # applied
                 raise _server_error(operation)  # and every try's answer lost
+            if fault == APPLIED_THEN_THROTTLED:
+                self._observed(method, kwargs)  # applied, its answer lost
+                raise _throttled(operation)  # and botocore's next try throttled
             if self._repository.answer_lost():
                 self._observed(method, kwargs)  # applied; its answer never arrives
             return self._observed(method, kwargs)
@@ -556,10 +574,36 @@ class _FaultySqs:
 
         def call(**kwargs: Any) -> Any:
             fault = self._repository.next_fault(f"sqs.{operation}")
-            if fault == THROTTLED:
+            if fault in (THROTTLED, THROTTLED_CALL):
                 raise _aws_error("RequestThrottled", 400, operation)
-            if fault == UNANSWERED:
+            if fault in (UNANSWERED, APPLIED_THEN_THROTTLED):
                 method(**kwargs)  # sent
+                raise _server_error(operation)
+            return method(**kwargs)
+
+        return call
+
+
+class _FaultyS3:
+    """The system's S3 client (payloads: large inputs, parked results), meeting the armed
+    faults as SQS's does: SlowDown sends nothing; an unanswered put or delete is applied."""
+
+    def __init__(self, inner: Any, repository: ObservedJobRepository) -> None:
+        self._inner = inner
+        self._repository = repository
+
+    def __getattr__(self, operation: str) -> Any:
+        method = getattr(self._inner, operation)
+        if not callable(method) or operation.startswith(("get_paginator", "can_", "generate_presigned")):
+            return method
+
+        def call(**kwargs: Any) -> Any:
+            fault = self._repository.next_fault(f"s3.{operation}")
+            if fault in (THROTTLED, THROTTLED_CALL):
+                raise _aws_error("SlowDown", 503, operation)
+            if fault in (UNANSWERED, APPLIED_THEN_THROTTLED):
+                if operation in ("put_object", "delete_object"):
+                    method(**kwargs)  # applied
                 raise _server_error(operation)
             return method(**kwargs)
 
@@ -621,6 +665,8 @@ class ObservedJobRepository(JobRepository):
         # An AWS fault armed for coming DynamoDB calls: (calls to let through, kind, times).
         self.fault: tuple[int, str, int] | None = None
         self.faults_fired = 0
+        # Faults met, by the number of the run that met them (0: any other step's calls).
+        self.fired_in: Counter[int] = Counter()
 
     def next_fault(self, operation: str) -> str | None:
         """The fault the coming call meets, if one is armed and due."""
@@ -632,6 +678,9 @@ class ObservedJobRepository(JobRepository):
             return None
         self.fault = (0, kind, times - 1) if times > 1 else None
         self.faults_fired += 1
+        # (which run met it: a run's tasks inherit its name; None for every other step's calls)
+        running = _RUNNING.get()
+        self.fired_in[running.number if running is not None else 0] += 1
         _note(f"aws fault {kind} at {operation}")
         return kind
 
@@ -746,8 +795,14 @@ class LifecycleModel(RuleBasedStateMachine):
         )
         self.looks = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=self.sqs)
         self.provider = ScriptedProvider(self.observer)
-        self.intake = JobIntake(self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None)
-        self.reconciler = Reconciler(self.jobs, self.queues, CONFIG)
+        # Payloads on moto's S3 (inputs too large for an item, results parked when their write
+        # failed for its whole budget), meeting the armed faults too.
+        self.payloads = PayloadStore(self.stack.payload_bucket, s3=_FaultyS3(aws.client("s3"), self.jobs))
+        self.offload = Offload(self.payloads, CONFIG)
+        self.intake = JobIntake(
+            self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None, payloads=self.payloads
+        )
+        self.reconciler = Reconciler(self.jobs, self.queues, CONFIG, offload=self.offload)
         self.receiver_status = 200
         self.posts: list[httpx.Request] = []
         self.dispatcher = WebhookDispatcher(
@@ -956,7 +1011,7 @@ class LifecycleModel(RuleBasedStateMachine):
             self.observer.dead_letters.setdefault(before.id, []).append(letter)
         names_a_job = before is not None
         try:
-            mark_dead_letter(self.jobs, self.queues, body, message_id)
+            mark_dead_letter(self.jobs, self.queues, body, message_id, offload=self.offload, config=CONFIG)
         except (StoreUnavailable, RetryLater):
             _note("a dead letter left for another try")
             return  # (the record stays in the DLQ: `again` handles it later)
@@ -1024,11 +1079,13 @@ class LifecycleModel(RuleBasedStateMachine):
         and botocore sends it again: the writer must carry on as if it had succeeded."""
         self.jobs.lose_answer_after = after
 
-    @rule(after=st.integers(0, 4), kind=st.sampled_from([THROTTLED, UNANSWERED]), times=st.integers(1, 3))
+    # Up to a dozen calls: enough to outlast a transaction's own tries (`jobs._transact`) and
+    # reach the worker's write-back budget, its parking in S3 and the reconciler's recovery.
+    @rule(after=st.integers(0, 6), kind=st.sampled_from(FAULTS), times=st.integers(1, 12))
     def aws_fault(self, after: int, kind: str, times: int) -> None:
-        """DynamoDB or SQS throttles `times` coming calls (the ones after `after` others), or
-        applies each and loses every try's answer: botocore gives up and the caller gets the
-        error (DESIGN §3.10). Whatever meets it must leave a state the system recovers from."""
+        """DynamoDB, SQS or S3 throttles `times` coming calls (the ones after `after` others),
+        or applies each and loses every try's answer: botocore gives up and the caller gets
+        the error (DESIGN §3.10). Whatever meets it must leave a state the system recovers from."""
         self.jobs.fault = (after, kind, times)
 
     # ---- what must hold after every step -----------------------------------------------------
@@ -1039,8 +1096,17 @@ class LifecycleModel(RuleBasedStateMachine):
         now_ms = self.clock.now_ms
         for run in self.runs:
             expires = run.lease_expires_ms
-            # (a run waiting out a faulted write's backoff acts on no lease until that write lands)
-            if run.waits_on_provider and expires is not None and expires >= now_ms and run.job_id is not None:
+            # (a run whose own write is the job's last, applied but unanswered, acts on no lease
+            # while it waits to write it again)
+            stored = self.observer.seen.get(run.job_id or "")
+            own_last = stored is not None and (stored.last_write or "").startswith(f"{run.owner}#")
+            if (
+                run.in_flight
+                and not own_last
+                and expires is not None
+                and expires >= now_ms
+                and run.job_id is not None
+            ):
                 holder = self.observer.seen[run.job_id]
                 assert holder.status is JobStatus.RUNNING and holder.lease_owner == run.owner, (
                     f"{run.owner} believes it holds a live lease on {run.job_id}, "
@@ -1161,10 +1227,12 @@ class LifecycleModel(RuleBasedStateMachine):
             remaining_seconds=lambda: max(0.0, run.started_at + WORKER_SECONDS - self.clock.now),
         )
         before = asyncio.all_tasks(self.loop)
-        faults = self.jobs.faults_fired
+        faults = self.jobs.fired_in[run.number]
         # Each run is a worker invocation of its own: a runner of its own (a run that waits out
         # a throttle is no sibling of the next run's message).
-        runner = JobRunner(self.jobs, self.queues, self.provider, CONFIG, rng=Random(7))  # type: ignore[arg-type]
+        runner = JobRunner(  # type: ignore[arg-type]
+            self.jobs, self.queues, self.provider, CONFIG, rng=Random(7), payloads=self.payloads
+        )
         # (its own threads too, for output writes and job.started sends: inline, as to_thread's)
         runner._output_threads = InlineExecutor()
         runner._cancel_threads = InlineExecutor()
@@ -1173,7 +1241,7 @@ class LifecycleModel(RuleBasedStateMachine):
         run.claim = self.jobs.claims.get(run.owner)
         _note(f"claim {run.claim.outcome.value if run.claim else 'not attempted'}")
         run.children = asyncio.all_tasks(self.loop) - before - {run.task}
-        run.met_a_fault = self.jobs.faults_fired != faults
+        run.met_a_fault = self.jobs.fired_in[run.number] != faults
         if run.in_flight and not run.waits_on_provider and not run.met_a_fault:
             raise AssertionError(f"{run.owner} neither finished nor waits on the provider")
         self._collect()
@@ -1225,7 +1293,7 @@ class LifecycleModel(RuleBasedStateMachine):
     def _dispatch(self, message: WebhookMessage, status: int, attempt: int) -> Any | None:
         before = self.observer.seen.get(message.job_id)
         sent = len(self.posts)
-        faults = self.jobs.faults_fired
+        faults = self.jobs.fired_in[0]
         self.receiver_status = status
         task = self.loop.create_task(self.dispatcher.deliver(message, attempt))
         self.loop.run_until_idle()
@@ -1236,7 +1304,7 @@ class LifecycleModel(RuleBasedStateMachine):
         outcome = task.result()
         _note(f"webhook {outcome.kind.value}")
         terminal = message.event is not WebhookEvent.STARTED
-        if self.jobs.faults_fired != faults:
+        if self.jobs.fired_in[0] != faults:
             return outcome  # (what a faulted read or write decided is checked by the invariants)
         if terminal and before is not None:
             due = before.delivery_status is DeliveryStatus.PENDING and before.terminal_event is message.event
@@ -1336,6 +1404,10 @@ def _reset(stack: MotoStack) -> None:
             ddb.delete_item(TableName=stack.jobs_table, Key={"pk": item["pk"]})
     for url in [*stack.lane_queue_urls.values(), stack.webhook_queue_url]:
         sqs.purge_queue(QueueUrl=url)
+    s3 = aws.client("s3")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.payload_bucket):
+        for found in page.get("Contents", []):
+            s3.delete_object(Bucket=stack.payload_bucket, Key=found["Key"])
 
 
 @pytest.fixture
@@ -1347,6 +1419,9 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[Environment]:
 
     # Each example purges the queues; AWS allows one purge a minute, and moto enforces it.
     monkeypatch.setenv("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")
+    # A transaction's own tries pause in real time (the model's clock does not reach them):
+    # none here, or a dozen throttled calls would cost the examples seconds.
+    monkeypatch.setattr(jobs_module, "_CONFLICT_PAUSE_SECONDS", 0.0)
     # Thousands of steps: keep the warnings, drop the per-job info lines.
     level = logger.log_level
     logger.setLevel(logging.WARNING)
@@ -1502,8 +1577,9 @@ def test_a_claim_that_meets_an_aws_fault_runs_the_job_once(environment: Environm
     """Given a queued job,
     when DynamoDB throttles the worker's claim, or applies it and loses every try's answer
     (botocore gives up: DESIGN §3.10), and time passes,
-    then the worker retries the claim, recognises its own if it was applied, calls the provider
-    once, and the job succeeds with its tenant's slot given back."""
+    then the claim is tried again (by the transaction's own tries, or the worker's), is
+    recognised as the worker's own if it was applied, the provider is called once, and the job
+    succeeds with its tenant's slot given back."""
     with replayed(environment) as state:
         state.first_jobs(jobs=[("enterprise", 0, "none", None, None)])
         state.aws_fault(after=0, kind=kind, times=1)
