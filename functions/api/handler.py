@@ -65,6 +65,7 @@ from llmq.models import (
     WebhookLog,
     batch_request_model,
     job_request_model,
+    stored_batch_request_model,
 )
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
@@ -234,6 +235,11 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
 _MAX_ERRORS_SHOWN = 20
 
 
+@cache
+def _stored_batch_request() -> type[StoredBatchRequest]:
+    return stored_batch_request_model(ENV.config)
+
+
 def _replay_despite_the_schema() -> Response[Any] | None:
     """A retry of an accepted submit (its answer lost) is its replay even when this deployment's
     schema now refuses the body: a model taken off the list, a limit lowered, between the two
@@ -255,7 +261,7 @@ def _replay_despite_the_schema() -> Response[Any] | None:
             job = StoredJobRequest.model_validate_json(event.decoded_body or "")
             accepted, submit = intake().accepted_under, lambda: handle_submit_job(job, key, prefer)
         elif path == "/v1/batches":
-            batch = StoredBatchRequest.model_validate_json(event.decoded_body or "")
+            batch = _stored_batch_request().model_validate_json(event.decoded_body or "")
             accepted, submit = batch_intake().accepted_under, lambda: handle_submit_batch(batch, key)
         else:
             return None

@@ -18,7 +18,7 @@ from standardwebhooks import Webhook
 from llmq import aws
 from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id, send_expand
 from llmq.jobs import JobRepository
-from llmq.models import BatchEvent, BatchRequestCounts, BatchStatus, DeliveryStatus
+from llmq.models import BatchEvent, BatchRequestCounts, BatchStatus, DeliveryStatus, JobStatus
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -1630,6 +1630,29 @@ def test_an_earlier_batchs_item_kept_past_its_batch_never_blocks_a_new_batch_und
     lines, _ = _results(harness, again.body["id"])
     assert sorted(line["custom_id"] for line in lines) == ["new-0", "new-1", "new-2"]
     assert all(line["status"] == "succeeded" for line in lines), lines
+
+
+def test_an_earlier_batchs_item_still_running_is_never_replaced_by_a_new_batch_under_its_key(
+    harness: Harness,
+) -> None:
+    # Given a batch under a key whose one item a worker is running (a live lease, its tenant's
+    # slot held under the item's id), and whose retention has ended
+    first = _submit(harness, key="weekly", requests=[{"custom_id": "a", "body": {"prompt": "old"}}])
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    harness.sqs.purge_queue(QueueUrl=url)
+    item_id = item_job_id(first.body["id"], 0)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(item_id, "old-worker", lease_seconds=600, tenant=(ENTERPRISE["tenant_id"], HIGH))
+    assert claimed.job is not None and claimed.job.status is JobStatus.RUNNING, claimed
+    _made_a_retention_ago(harness, first.body["id"], items=1)
+    # When the key is used again and the new batch's expansion runs
+    again = _submit(harness, key="weekly", requests=[{"custom_id": "a", "body": {"prompt": "new"}}])
+    assert again.status == 202, again.body
+    harness.run_worker(url, harness.receive(url))
+    # Then the running item stays its worker's: its result, and its slot, are under this id
+    item = jobs.find(item_id, past_retention=True)
+    assert item is not None and (item.status, item.lease_owner) == (JobStatus.RUNNING, "old-worker")
 
 
 def _reconciler_ahead(harness: Harness, seconds: float) -> Reconciler:

@@ -191,3 +191,35 @@ def test_an_item_stored_under_a_looser_bound_is_still_read() -> None:
     assert StoredRequests(blobs, _batch(total=1)).item(0).body.params.stop == stops
     with pytest.raises(ValueError, match="at most 16"):
         BatchItemRequest.model_validate_json(line)
+
+
+def test_a_refused_bodys_replay_look_builds_one_error_not_one_per_element() -> None:
+    """The replay look reads a body the deployment refused with the bounds any release accepted
+    (`StoredJobRequest`, `stored_batch_request_model`), where `stop` is unbounded. A list of
+    half a million wrong elements (a 1 MiB body) must be one error, not one each: that many
+    errors took about 300 MB, more than the api function has."""
+    from pydantic import ValidationError
+
+    from llmq.config import LlmqConfig
+    from llmq.models import StoredJobRequest, stored_batch_request_model
+
+    stops = "[" + ",".join(["1"] * 500_000) + "]"
+    job = '{"prompt": "x", "params": {"stop": ' + stops + "}}"
+    with pytest.raises(ValidationError) as refused:
+        StoredJobRequest.model_validate_json(job)
+    assert refused.value.error_count() <= 3
+    batch_model = stored_batch_request_model(LlmqConfig())
+    batch = '{"requests": [{"custom_id": "a", "body": ' + job + "}]}"
+    with pytest.raises(ValidationError) as refused:
+        batch_model.model_validate_json(batch)
+    assert refused.value.error_count() <= 3
+    # And more items than the deployment takes are refused by their count, as its own schema does
+    many = '{"requests": [' + ",".join(['{"custom_id": "a", "body": {"prompt": "x"}}'] * 20_001) + "]}"
+    with pytest.raises(ValidationError) as refused:
+        batch_model.model_validate_json(many)
+    assert [error["type"] for error in refused.value.errors()] == ["too_long"]
+    # While a stored body's many stop sequences are still read as they were accepted
+    assert (
+        len(StoredJobRequest.model_validate_json(job.replace('"1"', '"s"').replace("1", '"s"')).params.stop)
+        == 500_000
+    )

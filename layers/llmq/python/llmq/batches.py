@@ -642,13 +642,15 @@ class BatchRepository:
                     # An item past its TTL but not yet deleted by DynamoDB counts as gone, and so
                     # does an earlier batch's under the same id, ended, however long it is kept
                     # (an earlier release kept items past their batch for their webhooks'
-                    # retries). One not ended holds its tenant's slot under this id: it stays.
-                    "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s "
-                    "OR (created_ms < :earlier AND #st IN (:succeeded, :failed, :canceled, :expired))",
+                    # retries). Never one running: its worker holds a lease and its tenant's
+                    # slot under this id, and the chunk waits for it to end or be recovered.
+                    "ConditionExpression": "attribute_not_exists(pk) OR (#st <> :running AND (expires_at < :now_s "
+                    "OR (created_ms < :earlier AND #st IN (:succeeded, :failed, :canceled, :expired))))",
                     "ExpressionAttributeNames": {"#st": "status"},
                     "ExpressionAttributeValues": codec.values(
                         now_s=int(self._clock()),
                         earlier=self._own_items_since_ms(batch),
+                        running=JobStatus.RUNNING.value,
                         **{status.value: status.value for status in TERMINAL_STATUSES},
                     ),
                 }

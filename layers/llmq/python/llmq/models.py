@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, ConfigDict, Field, create_model, model_validator
 
@@ -103,7 +103,13 @@ class GenerationParams(_Strict):
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1, strict=True)] | None = None
-    stop: list[Annotated[str, Field(max_length=256)]] | Annotated[str, Field(max_length=256)] | None = None
+    # (fail_fast: unbounded here, as stored, so a list of many wrong elements is one error, not
+    # one each: `StoredJobRequest` reads a refused body's replay with these)
+    stop: (
+        Annotated[list[Annotated[str, Field(max_length=256)]], Field(fail_fast=True)]
+        | Annotated[str, Field(max_length=256)]
+        | None
+    ) = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2, strict=True)] | None = None
     seed: Annotated[int, Field(strict=True)] | None = None
@@ -484,21 +490,35 @@ class BatchRequest(_Strict):
 
 
 class StoredBatchRequest(BatchRequest):
-    """A batch request with the bounds any release accepted it under (`StoredBatchItem`)."""
+    """A batch request with the bounds any release accepted its items under (`StoredBatchItem`);
+    `stored_batch_request_model` gives it the deployment's size."""
 
     requests: list[StoredBatchItem] | None = Field(default=None, min_length=1, fail_fast=True)  # type: ignore[assignment]  # (wider on purpose)
+
+
+def stored_batch_request_model(config: LlmqConfig) -> type[StoredBatchRequest]:
+    """StoredBatchRequest held to the deployment's number of items: validating one item takes
+    memory, and `api.memory_mb` is sized for `batches.max_requests` of them."""
+    return _sized(StoredBatchRequest, StoredBatchItem, config)
 
 
 def batch_request_model(config: LlmqConfig, job_request: type[JobRequest]) -> type[BatchRequest]:
     """BatchRequest whose items are `job_request` (the deployment's JobRequest) and whose size is
     the deployment's, so the OpenAPI document states both."""
-    item: Any = batch_item_model(job_request)
+    return _sized(BatchRequest, batch_item_model(job_request), config)
+
+
+B = TypeVar("B", bound=BatchRequest)
+
+
+def _sized(base: type[B], item: Any, config: LlmqConfig) -> type[B]:
+    """`base` whose `requests` are `item`s, as many as the deployment takes. (fail_fast: the
+    first bad item is named, and validation stops there: a body of thousands of bad items
+    would otherwise build an error for each)"""
     items: Any = list[item] | None
     return create_model(
-        "BatchRequest",
-        __base__=BatchRequest,
-        # (fail_fast: the first bad item is named, and validation stops there: a body of
-        # thousands of bad items would otherwise build an error for each)
+        base.__name__,
+        __base__=base,
         requests=(
             items,
             Field(default=None, min_length=1, max_length=config.batches.max_requests, fail_fast=True),
