@@ -44,6 +44,11 @@ JOB_FAILURE_ALARM_PERCENT = 10  # per lane, in 15 minutes
 JOB_FAILURE_ALARM_MIN_COUNT = 5
 WEBHOOK_FAILURE_ALARM_PERCENT = 10  # in one hour
 WEBHOOK_FAILURE_ALARM_MIN_COUNT = 5
+# Webhook attempts that failed in 15 minutes while none was delivered: every receiver failing at
+# once is the dispatcher's fault (a signature nobody verifies, a CA bundle, its DNS), which the
+# share of given-up deliveries shows only after the whole retry schedule (about a day).
+WEBHOOK_NONE_DELIVERED_MIN_ATTEMPTS = 10
+WEBHOOK_NONE_DELIVERED_EXPRESSION = f"IF(FILL(delivered, 0) == 0 AND FILL(retried, 0) + FILL(failed, 0) >= {WEBHOOK_NONE_DELIVERED_MIN_ATTEMPTS}, 1, 0)"
 # The DynamoDB operations llmq calls (tests/aws_calls.json): ThrottledRequests is reported per
 # operation, with the TableName and Operation dimensions.
 # https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/metrics-dimensions.html
@@ -213,6 +218,7 @@ class MonitoringConstruct(Construct):
         self._alarm_on_webhooks(config, webhook_queue, webhook_dlq)
         self._alarm_on_functions(config, functions)
         self._alarm_on_api(api_name, stage_name)
+        self._alarm_on_provider()
         for name, table in (tables or {}).items():
             operations = JOBS_TABLE_OPERATIONS if name == "jobs" else TENANTS_TABLE_OPERATIONS
             self._alarm(
@@ -275,6 +281,16 @@ class MonitoringConstruct(Construct):
                     f"(and at least {JOB_FAILURE_ALARM_MIN_COUNT})"
                 ),
             )
+            # A worker that fails every record (a grant missing, a bug) succeeds as an
+            # invocation: no Lambda error shows it, and each message comes back only after the
+            # lane's visibility timeout (six times the worker's), so its age pages half an hour
+            # late at best.
+            self._alarm(
+                f"{lane_id}RecordsFailing",
+                self._records_failed(lane.queue, f"lane {name}"),
+                threshold=0,
+                description=f"llmq: lane {name} records failed unexpectedly in the worker (a grant, a bug)",
+            )
             # The api stored the job but could not send its message: the client has its 202,
             # the job waits for the reconciler, and no error metric shows it.
             self._alarm(
@@ -307,6 +323,30 @@ class MonitoringConstruct(Construct):
             ),
             threshold=webhook_oldest_message_alarm_seconds(config),
             description="llmq: a webhook waits longer than its first retries explain (dispatcher stalled)",
+        )
+        self._alarm(
+            "WebhooksNoneDelivered",
+            cloudwatch.MathExpression(
+                expression=WEBHOOK_NONE_DELIVERED_EXPRESSION,
+                using_metrics={
+                    "delivered": self._metric(
+                        MetricName.WEBHOOK_DELIVERED, "Sum", labelled=False, period=FIFTEEN_MINUTES
+                    ),
+                    "retried": self._metric(
+                        MetricName.WEBHOOK_RETRIED, "Sum", labelled=False, period=FIFTEEN_MINUTES
+                    ),
+                    "failed": self._metric(
+                        MetricName.WEBHOOK_FAILED, "Sum", labelled=False, period=FIFTEEN_MINUTES
+                    ),
+                },
+                period=FIFTEEN_MINUTES,
+                label="no webhook delivered while attempts failed",
+            ),
+            threshold=0,
+            description=(
+                f"llmq: no webhook was delivered in 15 minutes while at least "
+                f"{WEBHOOK_NONE_DELIVERED_MIN_ATTEMPTS} attempts failed (every receiver failing: the dispatcher)"
+            ),
         )
         self._alarm(
             "WebhooksFailing",
@@ -377,6 +417,16 @@ class MonitoringConstruct(Construct):
                 missing=cloudwatch.TreatMissingData.BREACHING,
                 description=f"llmq: the reconciler did not run in {window} minutes (its schedule stopped)",
             )
+
+    def _alarm_on_provider(self) -> None:
+        # Its jobs are retried minutes apart (`retry.account_error_seconds`) and fail only once
+        # their attempts have run out: the first refusal is the page, while there is time.
+        self._alarm(
+            "ProviderAccountRefused",
+            self._metric(MetricName.PROVIDER_ACCOUNT_REFUSED, "Sum", labelled=False),
+            threshold=0,
+            description="llmq: the provider refused llmq's own key or account (401, 403, 402, out of credit)",
+        )
 
     def _alarm_on_api(self, api_name: str | None, stage_name: str | None) -> None:
         # The api answers its own 500s rather than raising: its Errors alarm never sees them.

@@ -22,6 +22,7 @@ from stacks.monitoring import (
     JOB_FAILURE_ALARM_PERCENT,
     WEBHOOK_FAILURE_ALARM_MIN_COUNT,
     WEBHOOK_FAILURE_ALARM_PERCENT,
+    WEBHOOK_NONE_DELIVERED_EXPRESSION,
     WEBHOOK_STALL_EXPRESSION,
     failure_rate_expression,
     webhook_oldest_message_alarm_seconds,
@@ -498,3 +499,50 @@ def test_two_stacks_in_one_account_never_alarm_on_each_others_metrics(
         assert len(emitted) == 2
         assert emitted <= set().union(*own.values())
         assert emitted.isdisjoint(set().union(*other.values()))
+
+
+def test_every_lane_alarms_on_records_its_worker_fails(synthesized, alarms):
+    # A worker that fails every record succeeds as an invocation (no Lambda error), and each
+    # message comes back only after the lane's visibility timeout: its own count is the alarm
+    for _, (queue_id, _) in synthesized.template.lane_queues().items():
+        alarm = _one(
+            alarms,
+            METRICS_NAMESPACE,
+            MetricName.RECORD_FAILED.value,
+            service=synthesized.service,
+            queue={"Fn::GetAtt": [queue_id, "QueueName"]},
+        )
+        assert alarm["Statistic"] == "Sum"
+        _fires_on_any(alarm)
+
+
+def test_the_providers_refusal_of_llmqs_own_account_pages_at_the_first(synthesized, alarms):
+    alarm = _one(
+        alarms, METRICS_NAMESPACE, MetricName.PROVIDER_ACCOUNT_REFUSED.value, service=synthesized.service
+    )
+    assert alarm["Statistic"] == "Sum"
+    _fires_on_any(alarm)
+
+
+def test_webhooks_that_no_receiver_gets_page_within_fifteen_minutes(synthesized, alarms):
+    (alarm,) = [
+        alarm
+        for alarm in alarms
+        if any(
+            query.get("Expression") == WEBHOOK_NONE_DELIVERED_EXPRESSION for query in alarm.get("Metrics", [])
+        )
+    ]
+    queries = {query["Id"]: query for query in alarm["Metrics"] if "MetricStat" in query}
+    assert {name: query["MetricStat"]["Metric"]["MetricName"] for name, query in queries.items()} == {
+        "delivered": MetricName.WEBHOOK_DELIVERED.value,
+        "retried": MetricName.WEBHOOK_RETRIED.value,
+        "failed": MetricName.WEBHOOK_FAILED.value,
+    }
+    for query in queries.values():
+        stat = query["MetricStat"]
+        assert (stat["Stat"], stat["Period"], stat["Metric"]["Namespace"]) == ("Sum", 900, METRICS_NAMESPACE)
+        assert _dimensions(stat["Metric"]) == {"service": synthesized.service}
+    # Attempts that failed (retried or given up) with none delivered: not one integrator's
+    # failing receiver among others that answer
+    assert WEBHOOK_NONE_DELIVERED_EXPRESSION.startswith("IF(FILL(delivered, 0) == 0 AND")
+    _fires_on_any(alarm)

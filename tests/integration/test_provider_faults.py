@@ -377,3 +377,22 @@ def test_a_refused_key_is_retried_over_minutes_and_a_backlog_that_runs_out_may_b
     )
     assert "refused llmq's credentials" in job["error"]["message"]
     assert provider.calls_for(job_id) == harness.config.max_attempts
+
+
+def test_each_refusal_of_llmqs_own_key_is_counted_at_once_for_its_alarm(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a provider that refuses llmq's key (401), and a job that succeeds beside it
+    from llmq.telemetry import MetricName
+    from tests.integration.harness import emitted_metrics
+
+    harness.submit(prompt="[[fail:401x99]]")
+    harness.submit(prompt="fine")
+    capsys.readouterr()
+    # When the worker runs them once
+    harness.drain("high")
+    # Then the refusal is counted on its first attempt, long before the job's attempts run out
+    # (ProviderAccountRefused pages on the first), and the success counts nothing of the kind
+    (refused,) = emitted_metrics(capsys.readouterr().out, MetricName.PROVIDER_ACCOUNT_REFUSED)
+    assert refused[MetricName.PROVIDER_ACCOUNT_REFUSED] == [1.0]
+    assert refused["service"]

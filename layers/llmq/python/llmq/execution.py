@@ -53,7 +53,7 @@ from llmq.queues import MAX_SEND_DELAY_SECONDS, announce_terminal
 from llmq.shares import ShareState, deferral_seconds
 from llmq.slot_handoff import HandoffKey, Sibling, SlotHandoff
 from llmq.sqs_edge import PoisonMessage, RetryLater
-from llmq.telemetry import MetricName, count_outcome, emit_job_metric, error_fields, logger
+from llmq.telemetry import MetricName, count_outcome, emit_count, emit_job_metric, error_fields, logger
 
 # Time kept back from the provider call so the worker can still record the outcome, through
 # a throttle or two: fifteen seconds, or a quarter of the invocation's whole time for very
@@ -1066,6 +1066,10 @@ class JobRunner:
         self, job: JobRecord, invocation: Invocation, exc: TransientProviderError
     ) -> None:
         extra = {"job_id": job.id, "attempt": job.attempts, "status_code": exc.status_code}
+        if exc.about_account:
+            # (each refusal, at once: the retries are minutes apart, and the jobs fail only
+            # once their attempts have run out)
+            emit_count(MetricName.PROVIDER_ACCOUNT_REFUSED)
         if job.attempts >= self.config.max_attempts:
             error = JobError(
                 code=ErrorCode.RETRIES_EXHAUSTED,

@@ -85,6 +85,9 @@ class MetricName(StrEnum):
     # queue's name as its dimension: every invocation can succeed while each of its records
     # fails, which no Lambda error shows; WebhooksOldestMessage counts the webhooks queue's.
     RECORD_FAILED = "RecordFailed"
+    # The provider refused llmq's own account (401, 403, 402 or a quota out of credit): every
+    # job fails with it, after retries minutes apart, until an operator fixes the key.
+    PROVIDER_ACCOUNT_REFUSED = "ProviderAccountRefused"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -108,7 +111,8 @@ WEBHOOK_OUTCOME_METRICS = (
 #   its 202 and the job waits for the reconciler (lane dimension);
 # - ReconcileEntryFailed: the reconciler could not settle something it swept (an entry, the
 #   lanes' depths), and went on with the rest (service dimension only);
-# - RecordFailed: a queue record failed unexpectedly (queue dimension: the queue's name).
+# - RecordFailed: a queue record failed unexpectedly (queue dimension: the queue's name);
+# - ProviderAccountRefused: the provider refused llmq's own key or account (service only).
 FAULT_METRICS = (
     MetricName.API_UNEXPECTED_ERROR,
     MetricName.JOB_DEAD_LETTERED,
@@ -116,6 +120,7 @@ FAULT_METRICS = (
     MetricName.RECONCILE_ENTRY_FAILED,
     MetricName.AUTHORIZER_FAILED,
     MetricName.RECORD_FAILED,
+    MetricName.PROVIDER_ACCOUNT_REFUSED,
 )
 # Refusals, not faults (service dimension only): the api's waits refused a place (a tenant's
 # limit at work), the authorizer refused a key.
