@@ -47,7 +47,9 @@ WEBHOOK_FAILURE_ALARM_MIN_COUNT = 5
 # Webhook attempts that failed in 15 minutes while none was delivered: every receiver failing at
 # once is the dispatcher's fault (a signature nobody verifies, a CA bundle, its DNS), which the
 # share of given-up deliveries shows only after the whole retry schedule (about a day).
-WEBHOOK_NONE_DELIVERED_MIN_ATTEMPTS = 10
+# (a terminal event makes three failed attempts in 15 minutes on the default schedule: 30 is
+# about ten events of one integrator whose endpoint is down, alone at a quiet hour)
+WEBHOOK_NONE_DELIVERED_MIN_ATTEMPTS = 30
 WEBHOOK_NONE_DELIVERED_EXPRESSION = f"IF(FILL(delivered, 0) == 0 AND FILL(retried, 0) + FILL(failed, 0) >= {WEBHOOK_NONE_DELIVERED_MIN_ATTEMPTS}, 1, 0)"
 # The DynamoDB operations llmq calls (tests/aws_calls.json): ThrottledRequests is reported per
 # operation, with the TableName and Operation dimensions.
@@ -425,7 +427,10 @@ class MonitoringConstruct(Construct):
             "ProviderAccountRefused",
             self._metric(MetricName.PROVIDER_ACCOUNT_REFUSED, "Sum", labelled=False),
             threshold=0,
-            description="llmq: the provider refused llmq's own key or account (401, 403, 402, out of credit)",
+            description=(
+                "llmq: the provider refused llmq's own key or account (401, 403, 402, out of credit), "
+                "or answered 404 for its endpoint (provider.base_url)"
+            ),
         )
 
     def _alarm_on_api(self, api_name: str | None, stage_name: str | None) -> None:

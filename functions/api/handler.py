@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
@@ -255,21 +255,52 @@ def _replay_despite_the_schema() -> Response[Any] | None:
         return None
     path = event.path.rstrip("/")
     prefer = event.get_header_value("Prefer")
+    body = event.decoded_body or ""
+    looked = False
     try:
         tenant = _tenant()
         if path == "/v1/jobs":
-            job = StoredJobRequest.model_validate_json(event.decoded_body or "")
+            job = StoredJobRequest.model_validate_json(body)
             accepted, submit = intake().accepted_under, lambda: handle_submit_job(job, key, prefer)
         elif path == "/v1/batches":
-            batch = _stored_batch_request().model_validate_json(event.decoded_body or "")
-            accepted, submit = batch_intake().accepted_under, lambda: handle_submit_batch(batch, key)
+            accepted = batch_intake().accepted_under
+            try:
+                batch = _stored_batch_request().model_validate_json(body)
+            except ValidationError as exc:
+                if not _too_many_items_only(exc):
+                    return None
+                # More items than this deployment takes, which an earlier one may have taken
+                # (`batches.max_requests` lowered): only a key that made a batch is worth
+                # reading them all (each item takes memory), so the look comes first.
+                found = _accepted_or_answer(accepted, tenant, key)
+                if found is not True:
+                    return found
+                looked = True
+                batch = StoredBatchRequest.model_validate_json(body)
+            submit = lambda: handle_submit_batch(batch, key)  # noqa: E731
         else:
             return None
     except Exception:
         return None  # (a body no deployment takes, or no tenant)
+    if not looked:
+        found = _accepted_or_answer(accepted, tenant, key)
+        if found is not True:
+            return found
+    return _answered(submit)
+
+
+def _too_many_items_only(exc: ValidationError) -> bool:
+    """A batch refused for its number of items alone."""
+    return all(error["type"] == "too_long" and tuple(error["loc"]) == ("requests",) for error in exc.errors())
+
+
+def _accepted_or_answer(
+    accepted: Callable[[TenantIdentity, str], bool], tenant: TenantIdentity, key: str
+) -> Literal[True] | Response[Any] | None:
+    """True when `key` made a job or batch; else None (the refusal stands), or the 503 of a
+    look DynamoDB did not answer."""
     try:
-        if not accepted(tenant, key):
-            return None
+        return True if accepted(tenant, key) else None
     except errors.StoreUnavailable as exc:
         # A body a deployment takes, perhaps this key's accepted job's: not known until
         # DynamoDB answers, so a 503 to retry rather than a refusal that may be false.
@@ -277,7 +308,6 @@ def _replay_despite_the_schema() -> Response[Any] | None:
     except Exception as exc:
         logger.warning("no replay looked for under a refused body", extra=error_fields(exc))
         return None
-    return _answered(submit)
 
 
 def _answered(submit: Callable[[], Response[Any]]) -> Response[Any]:

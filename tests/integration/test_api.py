@@ -1130,6 +1130,26 @@ def test_a_batch_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepte
     assert (retry.status, retry.body["id"]) == (202, first.body["id"]), retry.body
 
 
+def test_a_batch_retry_after_max_requests_was_lowered_is_the_replay_of_its_accepted_batch(
+    harness: Harness, moto_stack: Any, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch of three accepted under a key (its answer lost), then a deploy that takes
+    # at most two items a batch
+    body = {"requests": [{"custom_id": f"i{n}", "body": {"prompt": "hi"}} for n in range(3)]}
+    first = harness.api(
+        "POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-3"}, tenant=ENTERPRISE
+    )
+    assert first.status == 202, first.body
+    api = _redeployed(moto_stack, provider, monkeypatch, batches={"max_requests": 2})
+    # When the client retries with the same key and body
+    retry = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-3"}, tenant=ENTERPRISE)
+    # Then it is the batch's replay, not a 422 inviting a second, paid batch
+    assert (retry.status, retry.body.get("id")) == (202, first.body["id"]), retry.body
+    # And the same body under a key that made nothing is refused for its size, as before
+    fresh = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-4"}, tenant=ENTERPRISE)
+    assert fresh.status == 422 and fresh.code != "idempotency_key_reused", fresh.body
+
+
 def test_a_retry_of_a_job_an_earlier_release_accepted_past_todays_bounds_is_its_replay(
     harness: Harness,
 ) -> None:

@@ -396,3 +396,33 @@ def test_each_refusal_of_llmqs_own_key_is_counted_at_once_for_its_alarm(
     (refused,) = emitted_metrics(capsys.readouterr().out, MetricName.PROVIDER_ACCOUNT_REFUSED)
     assert refused[MetricName.PROVIDER_ACCOUNT_REFUSED] == [1.0]
     assert refused["service"]
+
+
+def test_a_worker_refused_its_visibility_grant_counts_each_record_it_fails(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a worker whose role lost sqs:ChangeMessageVisibility (a change to its grants):
+    # every record it asks to come back later fails with AccessDenied
+    from botocore.exceptions import ClientError
+
+    from llmq.telemetry import MetricName
+    from tests.integration.harness import emitted_metrics
+
+    def denied(**_: Any) -> None:
+        error: Any = {"Error": {"Code": "AccessDenied", "Message": "not authorized"}}
+        raise ClientError(error, "ChangeMessageVisibility")
+
+    harness.submit(prompt="[[fail:503x1]]")
+    capsys.readouterr()
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("before-call.sqs.ChangeMessageVisibility", denied, unique_id="test-denied")
+    try:
+        # When the worker runs it (the provider answers 503 once: the record asks to retry later)
+        response = harness.drain("high")
+    finally:
+        sqs.meta.events.unregister("before-call.sqs.ChangeMessageVisibility", unique_id="test-denied")
+    # Then the record failed, and it is counted for Lane<Name>RecordsFailing (it now comes back
+    # only after the lane's visibility timeout, which nothing else would show for half an hour)
+    assert len(response["batchItemFailures"]) == 1
+    (counted,) = emitted_metrics(capsys.readouterr().out, MetricName.RECORD_FAILED)
+    assert counted["queue"] == harness.stack.lane_queue_urls["high"].rsplit("/", 1)[-1]

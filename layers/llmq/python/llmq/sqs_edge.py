@@ -70,6 +70,15 @@ class SetAside(Protocol):
 
 # What `settling_async` leaves of the invocation for the batch's response.
 _LAST_SECOND = 1.0
+# What ChangeMessageVisibility answers for a receipt handle no longer in flight.
+_HANDLE_GONE = frozenset(
+    {
+        "ReceiptHandleIsInvalid",
+        "MessageNotInflight",
+        "AWS.SimpleQueueService.MessageNotInflight",
+        "InvalidParameterValue",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -185,3 +194,13 @@ class QueueEdge:
         except StoreUnavailable:
             # Still reported failed: it just comes back after the queue's own visibility timeout.
             logger.warning("could not set the message's visibility", extra={"message_id": record.message_id})
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _HANDLE_GONE:
+                # (a copy received again elsewhere, or deleted: nothing to delay)
+                logger.warning("message no longer in flight", extra={"message_id": record.message_id})
+                return
+            # A grant missing (AccessDenied), or a bug: every record that asks for a delay
+            # comes back only after the queue's visibility timeout. Counted (RecordFailed), as
+            # any unexpected failure of a record is, for its alarm.
+            log_record_failure(exc, record.message_id, self.job_of(record.body), record.event_source_arn)
+            raise
