@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from llmq import aws, errors, startup
 from llmq.batch_intake import BatchIntake
-from llmq.batches import BatchRepository
+from llmq.batches import BatchRecord, BatchRepository
 from llmq.config import (
     GATEWAY_TIMEOUT_SECONDS,
     MAX_OBJECT_MEMBERS,
@@ -237,7 +237,7 @@ _MAX_ERRORS_SHOWN = 20
 
 @cache
 def _stored_batch_request() -> type[StoredBatchRequest]:
-    return stored_batch_request_model(ENV.config)
+    return stored_batch_request_model(ENV.config.batches.max_requests)
 
 
 def _replay_despite_the_schema() -> Response[Any] | None:
@@ -270,23 +270,34 @@ def _replay_despite_the_schema() -> Response[Any] | None:
                 if not _too_many_items_only(exc):
                     return None
                 # More items than this deployment takes, which an earlier one may have taken
-                # (`batches.max_requests` lowered): only a key that made a batch is worth
-                # reading them all (each item takes memory), so the look comes first.
-                found = _accepted_or_answer(accepted, tenant, key)
-                if found is not True:
-                    return found
+                # (`batches.max_requests` lowered): only the batch the key made says how many,
+                # and a body of more than that is no replay of it, so none of its items is
+                # read beyond that count (each item takes memory).
+                stored = _looked_up(lambda: batch_intake().batch_under(tenant, key))
+                if not isinstance(stored, BatchRecord):
+                    return stored if isinstance(stored, Response) else None
                 looked = True
-                batch = StoredBatchRequest.model_validate_json(body)
+                try:
+                    batch = stored_batch_request_model(stored.total).model_validate_json(body)
+                except ValidationError:
+                    return handle_domain_error(
+                        errors.IdempotencyConflict(
+                            "this Idempotency-Key was already used with a different body"
+                        )
+                    )
             submit = lambda: handle_submit_batch(batch, key)  # noqa: E731
         else:
             return None
     except Exception:
         return None  # (a body no deployment takes, or no tenant)
     if not looked:
-        found = _accepted_or_answer(accepted, tenant, key)
+        found = _looked_up(lambda: accepted(tenant, key))
         if found is not True:
-            return found
+            return found if isinstance(found, Response) else None
     return _answered(submit)
+
+
+T = TypeVar("T")
 
 
 def _too_many_items_only(exc: ValidationError) -> bool:
@@ -294,13 +305,11 @@ def _too_many_items_only(exc: ValidationError) -> bool:
     return all(error["type"] == "too_long" and tuple(error["loc"]) == ("requests",) for error in exc.errors())
 
 
-def _accepted_or_answer(
-    accepted: Callable[[TenantIdentity, str], bool], tenant: TenantIdentity, key: str
-) -> Literal[True] | Response[Any] | None:
-    """True when `key` made a job or batch; else None (the refusal stands), or the 503 of a
-    look DynamoDB did not answer."""
+def _looked_up(look: Callable[[], T]) -> T | Response[Any] | None:
+    """What `look` found (the job or batch under a key); None when nothing (the refusal stands),
+    or the 503 of a look DynamoDB did not answer."""
     try:
-        return True if accepted(tenant, key) else None
+        return look() or None
     except errors.StoreUnavailable as exc:
         # A body a deployment takes, perhaps this key's accepted job's: not known until
         # DynamoDB answers, so a 503 to retry rather than a refusal that may be false.

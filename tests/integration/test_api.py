@@ -1148,6 +1148,11 @@ def test_a_batch_retry_after_max_requests_was_lowered_is_the_replay_of_its_accep
     # And the same body under a key that made nothing is refused for its size, as before
     fresh = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-4"}, tenant=ENTERPRISE)
     assert fresh.status == 422 and fresh.code != "idempotency_key_reused", fresh.body
+    # And a body of more items than the key's batch holds is no replay of it: refused as another
+    # body under the key, its items beyond that count never read
+    more = {"requests": [{"custom_id": f"i{n}", "body": {"prompt": "hi"}} for n in range(5)]}
+    other = api.api("POST", "/v1/batches", body=more, headers={"Idempotency-Key": "b-3"}, tenant=ENTERPRISE)
+    assert (other.status, other.code) == (422, "idempotency_key_reused"), other.body
 
 
 def test_a_retry_of_a_job_an_earlier_release_accepted_past_todays_bounds_is_its_replay(

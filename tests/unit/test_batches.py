@@ -208,7 +208,7 @@ def test_a_refused_bodys_replay_look_builds_one_error_not_one_per_element() -> N
     with pytest.raises(ValidationError) as refused:
         StoredJobRequest.model_validate_json(job)
     assert refused.value.error_count() <= 3
-    batch_model = stored_batch_request_model(LlmqConfig())
+    batch_model = stored_batch_request_model(LlmqConfig().batches.max_requests)
     batch = '{"requests": [{"custom_id": "a", "body": ' + job + "}]}"
     with pytest.raises(ValidationError) as refused:
         batch_model.model_validate_json(batch)

@@ -208,10 +208,13 @@ class BatchIntake:
     def accepted_under(self, tenant: TenantIdentity, idempotency_key: str) -> bool:
         """Whether the tenant's Idempotency-Key already made a batch (one GetItem): a submit the
         deployment's schema now refuses is then its replay (`submit`)."""
+        return self.batch_under(tenant, idempotency_key) is not None
+
+    def batch_under(self, tenant: TenantIdentity, idempotency_key: str) -> BatchRecord | None:
+        """The batch the tenant's Idempotency-Key made, if any (one GetItem)."""
         now_ms = self.batches.now_ms()
-        return (
-            self._under_key(new_batch_id(tenant.tenant_id, idempotency_key, now_ms), idempotency_key, now_ms)
-            is not None
+        return self._under_key(
+            new_batch_id(tenant.tenant_id, idempotency_key, now_ms), idempotency_key, now_ms
         )
 
     def _under_key(self, batch_id: str, idempotency_key: str | None, now_ms: int) -> BatchRecord | None:

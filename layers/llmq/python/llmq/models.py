@@ -496,23 +496,23 @@ class StoredBatchRequest(BatchRequest):
     requests: list[StoredBatchItem] | None = Field(default=None, min_length=1, fail_fast=True)  # type: ignore[assignment]  # (wider on purpose)
 
 
-def stored_batch_request_model(config: LlmqConfig) -> type[StoredBatchRequest]:
-    """StoredBatchRequest held to the deployment's number of items: validating one item takes
-    memory, and `api.memory_mb` is sized for `batches.max_requests` of them."""
-    return _sized(StoredBatchRequest, StoredBatchItem, config)
+def stored_batch_request_model(max_requests: int) -> type[StoredBatchRequest]:
+    """StoredBatchRequest held to `max_requests` items: validating one item takes memory, and
+    `api.memory_mb` is sized for `batches.max_requests` of them (or a stored batch's total)."""
+    return _sized(StoredBatchRequest, StoredBatchItem, max_requests)
 
 
 def batch_request_model(config: LlmqConfig, job_request: type[JobRequest]) -> type[BatchRequest]:
     """BatchRequest whose items are `job_request` (the deployment's JobRequest) and whose size is
     the deployment's, so the OpenAPI document states both."""
-    return _sized(BatchRequest, batch_item_model(job_request), config)
+    return _sized(BatchRequest, batch_item_model(job_request), config.batches.max_requests)
 
 
 B = TypeVar("B", bound=BatchRequest)
 
 
-def _sized(base: type[B], item: Any, config: LlmqConfig) -> type[B]:
-    """`base` whose `requests` are `item`s, as many as the deployment takes. (fail_fast: the
+def _sized(base: type[B], item: Any, max_requests: int) -> type[B]:
+    """`base` whose `requests` are at most `max_requests` `item`s. (fail_fast: the
     first bad item is named, and validation stops there: a body of thousands of bad items
     would otherwise build an error for each)"""
     items: Any = list[item] | None
@@ -521,7 +521,7 @@ def _sized(base: type[B], item: Any, config: LlmqConfig) -> type[B]:
         __base__=base,
         requests=(
             items,
-            Field(default=None, min_length=1, max_length=config.batches.max_requests, fail_fast=True),
+            Field(default=None, min_length=1, max_length=max_requests, fail_fast=True),
         ),
     )
 
