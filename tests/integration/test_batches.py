@@ -1649,10 +1649,23 @@ def test_an_earlier_batchs_item_still_running_is_never_replaced_by_a_new_batch_u
     # When the key is used again and the new batch's expansion runs
     again = _submit(harness, key="weekly", requests=[{"custom_id": "a", "body": {"prompt": "new"}}])
     assert again.status == 202, again.body
-    harness.run_worker(url, harness.receive(url))
+    delays: list[int] = []
+
+    def sent(params: dict[str, Any], **_: Any) -> None:
+        delays.append(int(params.get("DelaySeconds", 0)))
+
+    sqs = aws.client("sqs")
+    sqs.meta.events.register("provide-client-params.sqs.SendMessage", sent, unique_id="test-expand-delay")
+    try:
+        harness.run_worker(url, harness.receive(url))
+    finally:
+        sqs.meta.events.unregister("provide-client-params.sqs.SendMessage", unique_id="test-expand-delay")
     # Then the running item stays its worker's: its result, and its slot, are under this id
     item = jobs.find(item_id, past_retention=True)
     assert item is not None and (item.status, item.lease_owner) == (JobStatus.RUNNING, "old-worker")
+    # And the expansion looks again in a minute, not every few seconds (each look reads the
+    # batch and its requests and refuses a whole transaction)
+    assert delays and min(delays) >= 60, delays
 
 
 def _reconciler_ahead(harness: Harness, seconds: float) -> Reconciler:

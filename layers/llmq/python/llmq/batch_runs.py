@@ -299,8 +299,13 @@ class BatchExpander:
                     return
                 if found.expanded == start:
                     # Applied on a try whose answer was lost? Then the checkpoint would have moved.
+                    # Refused, then, by an item in the way: an earlier batch's under the same id
+                    # (a reused key), still running. It ends with its lease, or is recovered:
+                    # minutes, not the few seconds of a throttle (each look reads the batch and
+                    # its requests and refuses a whole transaction).
                     raise StoreUnavailable(
-                        f"batch {batch.id}: chunk at {start} refused, checkpoint unchanged"
+                        f"batch {batch.id}: chunk at {start} refused, checkpoint unchanged",
+                        retry_after=_BLOCKED_CHUNK_SECONDS,
                     )
                 if found.expand_writer is not None and found.expand_writer != writer:
                     # Written by another run of this expansion (a duplicate message, a look the
@@ -510,6 +515,8 @@ def dead_lettered(
 # Dead letters of a batch already canceled for crashing (a stale copy, a retry of the give-up
 # cut short) that repeat the give-up before llmq stops looking at it.
 _GIVE_UP_TRIES = 2
+# How long an expansion whose chunk an item in the way refused waits before it looks again.
+_BLOCKED_CHUNK_SECONDS = 60
 
 
 def _given_up(batch: BatchRecord) -> bool:
