@@ -305,7 +305,7 @@ class BatchExpander:
                     # its requests and refuses a whole transaction).
                     raise StoreUnavailable(
                         f"batch {batch.id}: chunk at {start} refused, checkpoint unchanged",
-                        retry_after=_BLOCKED_CHUNK_SECONDS,
+                        retry_after=_blocked_chunk_wait(found, now_ms),
                     )
                 if found.expand_writer is not None and found.expand_writer != writer:
                     # Written by another run of this expansion (a duplicate message, a look the
@@ -517,6 +517,14 @@ def dead_lettered(
 _GIVE_UP_TRIES = 2
 # How long an expansion whose chunk an item in the way refused waits before it looks again.
 _BLOCKED_CHUNK_SECONDS = 60
+
+
+def _blocked_chunk_wait(batch: BatchRecord, now_ms: int) -> int:
+    """A minute, or less when the batch's deadline comes sooner (at least the few seconds a
+    throttled expansion waits): its items run if the way clears before it."""
+    if batch.deadline_ms is None:
+        return _BLOCKED_CHUNK_SECONDS
+    return max(2, min(_BLOCKED_CHUNK_SECONDS, (batch.deadline_ms - now_ms) // 2000))
 
 
 def _given_up(batch: BatchRecord) -> bool:
