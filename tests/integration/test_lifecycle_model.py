@@ -559,38 +559,23 @@ class _ObservedDynamoDB:
         return response
 
 
-class _FaultySqs:
-    """The system's SQS client, meeting the faults armed for the coming calls as DynamoDB's
-    do: a throttle sends nothing; an unanswered call is sent, and the caller told it failed."""
+class _FaultyClient:
+    """The system's SQS or S3 client, meeting the faults armed for the coming calls as
+    DynamoDB's do: a throttle (the service's own code) applies nothing; an unanswered call is
+    applied (each of `applies`, or every call when None), and the caller told it failed."""
 
-    def __init__(self, inner: Any, repository: ObservedJobRepository) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        repository: ObservedJobRepository,
+        throttle: tuple[str, int],
+        applies: frozenset[str] | None = None,
+    ) -> None:
         self._inner = inner
         self._repository = repository
-
-    def __getattr__(self, operation: str) -> Any:
-        method = getattr(self._inner, operation)
-        if not callable(method) or operation.startswith(("get_paginator", "can_")):
-            return method
-
-        def call(**kwargs: Any) -> Any:
-            fault = self._repository.next_fault(f"sqs.{operation}")
-            if fault in (THROTTLED, THROTTLED_CALL):
-                raise _aws_error("RequestThrottled", 400, operation)
-            if fault in (UNANSWERED, APPLIED_THEN_THROTTLED):
-                method(**kwargs)  # sent
-                raise _server_error(operation)
-            return method(**kwargs)
-
-        return call
-
-
-class _FaultyS3:
-    """The system's S3 client (payloads: large inputs, parked results), meeting the armed
-    faults as SQS's does: SlowDown sends nothing; an unanswered put or delete is applied."""
-
-    def __init__(self, inner: Any, repository: ObservedJobRepository) -> None:
-        self._inner = inner
-        self._repository = repository
+        self._service = inner.meta.service_model.service_name
+        self._throttle = throttle
+        self._applies = applies
 
     def __getattr__(self, operation: str) -> Any:
         method = getattr(self._inner, operation)
@@ -598,11 +583,11 @@ class _FaultyS3:
             return method
 
         def call(**kwargs: Any) -> Any:
-            fault = self._repository.next_fault(f"s3.{operation}")
+            fault = self._repository.next_fault(f"{self._service}.{operation}")
             if fault in (THROTTLED, THROTTLED_CALL):
-                raise _aws_error("SlowDown", 503, operation)
+                raise _aws_error(*self._throttle, operation)
             if fault in (UNANSWERED, APPLIED_THEN_THROTTLED):
-                if operation in ("put_object", "delete_object"):
+                if self._applies is None or operation in self._applies:
                     method(**kwargs)  # applied
                 raise _server_error(operation)
             return method(**kwargs)
@@ -791,13 +776,20 @@ class LifecycleModel(RuleBasedStateMachine):
         self.jobs = ObservedJobRepository(self.stack.jobs_table, self.clock, self.observer)
         # The system's sends meet the armed faults too; the model's own looks at the queues do not.
         self.queues = QueueRepository(
-            self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=_FaultySqs(self.sqs, self.jobs)
+            self.stack.lane_queue_urls,
+            self.stack.webhook_queue_url,
+            sqs=_FaultyClient(self.sqs, self.jobs, ("RequestThrottled", 400)),
         )
         self.looks = QueueRepository(self.stack.lane_queue_urls, self.stack.webhook_queue_url, sqs=self.sqs)
         self.provider = ScriptedProvider(self.observer)
         # Payloads on moto's S3 (inputs too large for an item, results parked when their write
         # failed for its whole budget), meeting the armed faults too.
-        self.payloads = PayloadStore(self.stack.payload_bucket, s3=_FaultyS3(aws.client("s3"), self.jobs))
+        self.payloads = PayloadStore(
+            self.stack.payload_bucket,
+            s3=_FaultyClient(
+                aws.client("s3"), self.jobs, ("SlowDown", 503), frozenset({"put_object", "delete_object"})
+            ),
+        )
         self.offload = Offload(self.payloads, CONFIG)
         self.intake = JobIntake(
             self.jobs, self.queues, CONFIG, check_webhook_url=lambda url: None, payloads=self.payloads
