@@ -63,7 +63,7 @@ def queue_wait(flood: dict[str, Any], directory: Path) -> str | None:
 
 
 def noisy_neighbour(noisy: dict[str, Any], directory: Path) -> str | None:
-    rows = [row for row in noisy.get("rows", []) if row.get("b_waits_s")]
+    rows = [row for row in noisy.get("rows", []) if row.get("b_waits_s") and not row.get("slots_baseline")]
     if len(rows) < 2:
         return None
     latency = noisy.get("latency_s")

@@ -62,7 +62,7 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
         )
     if {"flood", "noisy", "throughput", "streaming"} & set(sections):
         try:
-            from bench.sandboxed import flood, noisy, streaming, throughput, throughput_curve
+            from bench.sandboxed import curve_on_demand, flood, noisy, streaming, throughput, throughput_curve
         except ImportError as exc:
             results["flood"] = results["throughput"] = {"error": f"sandbox benchmarks unavailable: {exc}"}
         else:
@@ -75,6 +75,7 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
             if "throughput" in sections:
                 _section("throughput", results, lambda: throughput(quick=quick))
                 _section("curve", results, lambda: throughput_curve(quick=quick))
+                _section("curve_on_demand", results, lambda: curve_on_demand(quick=quick))
     if "cost" in sections:
         _section("cost", results, lambda: _cost(results.get("calls")))
     return results
@@ -132,7 +133,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _render_deferral(results.get("deferral"))
     lines += _render_cold(results.get("cold"))
     lines += _render_throughput(results.get("throughput"))
-    lines += _render_curve(results.get("curve"))
+    lines += _render_curve(results.get("curve"), results.get("curve_on_demand"))
     lines += _render_streaming(results.get("streaming"))
     lines += _render_cost(results.get("cost"))
     lines += _render_scale(results)
@@ -375,6 +376,7 @@ def _render_noisy(noisy: Any) -> list[str]:
         )
     fair, baseline = noisy["rows"][0], noisy["rows"][1]
     small = noisy["rows"][2] if len(noisy["rows"]) > 2 else None
+    lanes_of_cap = {row["config"]: row for row in noisy["rows"] if row.get("slots_baseline")}
     out += [
         "",
         f"B's p95, baseline ÷ capped: **{noisy['b_p95_ratio']:.1f}×** (goal ≥ 10×: "
@@ -411,7 +413,9 @@ def _render_noisy(noisy: Any) -> list[str]:
             f"{baseline['a_mean_slots_held_while_backlogged']:.1f} of the lane's 40: the sandbox's pace); capped at "
             f"{small['cap']}, {held:.1f}, with {small['a_claim_attempts_per_job']:.2f} claim attempts per job"
             f"{without}. The goal, no slot idle while A has work, is "
-            f"{'met' if held >= 0.95 * small['cap'] else 'not met'} in the sandbox. What leaves slots idle, as a "
+            f"{'met' if held >= 0.95 * small['cap'] else 'not met'} in the sandbox as it stands."
+            + _slots_against_lane_of_cap(lanes_of_cap, fair, small)
+            + " What leaves slots idle, as a "
             "worker log of the small-cap run shows: A's claims land in one batch and finish together (1 s of "
             "provider time and the sandbox's own); when that batch held fewer refused messages of A than jobs "
             "that ended, the other slots wait for a deferred copy to come back; a handed-on copy is claimed some "
@@ -421,6 +425,31 @@ def _render_noisy(noisy: Any) -> list[str]:
             "",
         ]
     return out
+
+
+def _slots_against_lane_of_cap(lanes_of_cap: dict[str, dict[str, Any]], *capped: dict[str, Any]) -> str:
+    """A's slots held under each cap against the same lane shrunk to the cap's size, uncapped."""
+    parts = []
+    for row in capped:
+        base = next(
+            (b for b in lanes_of_cap.values() if f"a lane of {row['cap']} slots" in b["config"]), None
+        )
+        if base is None or not base.get("a_mean_slots_held_while_backlogged"):
+            continue
+        ratio = row["a_mean_slots_held_while_backlogged"] / base["a_mean_slots_held_while_backlogged"]
+        parts.append(
+            f"capped at {row['cap']}, {row['a_mean_slots_held_while_backlogged']:.1f} against "
+            f"{base['a_mean_slots_held_while_backlogged']:.1f} in a lane of {row['cap']} slots with no cap "
+            f"(**{ratio:.2f}**)"
+        )
+    if not parts:
+        return ""
+    return (
+        " Against the same lane shrunk to the cap's size, uncapped (the last rows: a lane's slot idles "
+        "between a job's end and the next claim in its place there too, the sandbox's own time), A held "
+        + "; ".join(parts)
+        + ": a ratio of 1 means the cap leaves no slot idle beyond what the lane itself does."
+    )
 
 
 def _render_deferral(deferral: Any) -> list[str]:
@@ -721,7 +750,7 @@ def _image(name: str, alt: str) -> list[str]:
     return [f"![{alt}](bench/{name})", ""] if (ROOT / "bench" / name).exists() else []
 
 
-def _render_curve(curve: Any) -> list[str]:
+def _render_curve(curve: Any, on_demand: Any = None) -> list[str]:
     out = ["### The throughput curve", ""]
     if not isinstance(curve, list):
         return out + _error(curve or {"error": "skipped"})
@@ -729,8 +758,11 @@ def _render_curve(curve: Any) -> list[str]:
         "Jobs offered at a fixed rate for a few seconds (open loop: each submit starts on schedule), one fresh "
         "sandbox per rate, detached in a process of its own (`llmq sandbox up --detach`, as `make dev` runs "
         "it), zero provider latency; achieved = jobs ÷ (last finished − first created). Each rate runs twice "
-        "in its sandbox: **from cold**, the sandbox just started (each function has one environment, whose "
-        "first request still builds its clients and models; the others start under the load), and **warm**, "
+        "in its sandbox: **from cold**, the sandbox just started (the api and its authorizer with the two "
+        "provisioned environments each that the sandbox's config gives them, initialised and warmed before "
+        "any request as Lambda initialises provisioned ones, `api.provisioned_environments`; every other "
+        "function with one environment, whose first request builds its clients; the rest start under the "
+        "load), and **warm**, "
         "the same load again once the first has finished, as a sandbox in use answers. The "
         "enterprise tenant's request rate is 50/s (docs/limits.md), so its 429s are counted and obeyed; a 502 "
         "or 503 (the api function throttled at its concurrency, as Lambda would) is retried after a second. "
@@ -757,6 +789,23 @@ def _render_curve(curve: Any) -> list[str]:
             f"{point.get('throttled', 0)} | {point.get('transport_errors', 0)} |"
         )
     out += ["", *_curve_verdict(curve)]
+    if isinstance(on_demand, dict) and "submit_p99_ms" in on_demand:
+        cold = {point["offered_per_second"]: point for point in curve}.get(on_demand["offered_per_second"])
+        ratio = (
+            f": the provisioned environments cut it {on_demand['submit_p99_ms'] / cold['submit_p99_ms']:.1f}×"
+            if cold
+            else ""
+        )
+        out += [
+            "",
+            f"The baseline, in the same run: {on_demand['offered_per_second']:g} jobs/s offered from cold to a "
+            "sandbox whose api and authorizer have no provisioned environment (one of each started with it, "
+            "whose first request builds its clients and models; the others start under the load): submit "
+            f"p50 {on_demand['submit_p50_ms']:.0f} ms, p99 {on_demand['submit_p99_ms']:.0f} ms{ratio}. On AWS "
+            "a provisioned environment is billed by the hour; a request that finds every one busy meets an "
+            "environment started on demand, whose init runs on hardware of its own, not on the cores "
+            "the warm ones share here.",
+        ]
     return [*out, ""]
 
 
@@ -783,8 +832,16 @@ def _curve_verdict(curve: list[dict[str, Any]]) -> list[str]:
     twenty = at.get(20)
     if twenty is not None and "warm_submit_p99_ms" in twenty:
         warm, cold = twenty["warm_submit_p99_ms"], twenty["submit_p99_ms"]
+        runs = twenty.get("cold_p99_runs_ms") or []
+        spread = (
+            f", the median of {len(runs)} fresh sandboxes, whose cold p99s were "
+            + ", ".join(f"{run:.0f}" for run in runs)
+            + " ms"
+            if len(runs) > 1
+            else ""
+        )
         lines[0] += (
-            f" At 20 jobs/s the submit p99 is {warm:.0f} ms warm and {cold:.0f} ms from cold "
+            f" At 20 jobs/s the submit p99 is {warm:.0f} ms warm and {cold:.0f} ms from cold{spread} "
             f"(goal ≤ 100 ms: {'met' if warm <= 100 else 'not met'} warm, {'met' if cold <= 100 else 'not met'} from cold)."
         )
     return lines

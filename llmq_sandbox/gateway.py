@@ -175,6 +175,13 @@ class UsagePlans:
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
 
+    def read_now(self) -> None:
+        """Read the plans (and make the client) as the sandbox starts, so that its first
+        requests wait for neither. After the cache period the first request to find the read
+        stale reads them again, as before: what keeps a change to a plan or key seen in time."""
+        with self._lock:
+            self._index = (time.monotonic() + self.cache_seconds, self._read())
+
     def plan_for(self, key_value: str) -> PlanThrottle | None:
         """The key's plan on this API stage; None for an unknown or disabled key, or one in no
         plan of the stage (API Gateway answers those 403)."""

@@ -142,8 +142,9 @@ def _bytecode_settings() -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
-    """The child's whole environment: the template's variables plus what Lambda adds.
+def function_environment(spec: FunctionSpec, aws: AwsAccess, *, provisioned: bool = False) -> dict[str, str]:
+    """The child's whole environment: the template's variables plus what Lambda adds
+    (AWS_LAMBDA_INITIALIZATION_TYPE tells a provisioned environment from one started on demand).
 
     Its PYTHONPATH is the function's code and the llmq layer, as /var/task and /opt/python are
     on Lambda: not the repository root (lambda_runtime.RuntimeImports keeps the venv out too).
@@ -160,6 +161,7 @@ def function_environment(spec: FunctionSpec, aws: AwsAccess) -> dict[str, str]:
         "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.physical_name}",
         "AWS_LAMBDA_LOG_STREAM_NAME": f"sandbox/{uuid.uuid4().hex[:12]}",
         "LLMQ_SANDBOX_FUNCTION_ARN": spec.arn,
+        "AWS_LAMBDA_INITIALIZATION_TYPE": "provisioned-concurrency" if provisioned else "on-demand",
         **aws.environment(),
         **aws.credentials(spec).environment(),
     }
@@ -776,11 +778,14 @@ class FunctionPool:
         self._queue: deque[object] = deque()  # invocations waiting, in order of arrival
         self._changed = self._starts.condition()
         self._closed = False
+        # The provisioned environments: one that dies is replaced in the background, as
+        # Lambda keeps the provisioned number initialised.
+        self._provisioned: set[ExecutionEnvironment] = set()
 
-    def _new_environment(self) -> ExecutionEnvironment:
+    def _new_environment(self, *, provisioned: bool = False) -> ExecutionEnvironment:
         def launch() -> _Connection:
             return self._launcher.launch(
-                self.spec, function_environment(self.spec, self._aws), self._log_path
+                self.spec, function_environment(self.spec, self._aws, provisioned=provisioned), self._log_path
             )
 
         environment = ExecutionEnvironment(self.spec, launch(), relaunch=launch)
@@ -795,10 +800,30 @@ class FunctionPool:
         return environment
 
     def warm_up(self) -> None:
-        """Start one environment now: a wiring fault fails the sandbox here, not at first use."""
-        environment = self._new_environment()
-        with self._changed:
-            self._idle.append(environment)
+        """Start the function's provisioned environments now, or one started as on demand
+        when it has none: a wiring fault fails the sandbox here, not at first use. As on
+        Lambda, a provisioned environment runs its init (and llmq's warm-up in it) before any
+        request, and is kept; those past them start on demand."""
+        provisioned = min(self.spec.provisioned_environments, self._max)
+        for _ in range(max(1, provisioned)):
+            environment = self._new_environment(provisioned=provisioned > 0)
+            with self._changed:
+                if provisioned:
+                    self._provisioned.add(environment)
+                self._idle.append(environment)
+
+    def _replace_provisioned(self) -> None:
+        """In the background, a provisioned environment in place of one that died; it holds a
+        unit of the function's concurrency while it starts (taken by the caller, with the lock)."""
+        environment = None
+        try:
+            environment = self._new_environment(provisioned=True)
+            with self._changed:
+                self._provisioned.add(environment)
+        except FunctionStartError as exc:
+            self._log.write(f"[sandbox] a provisioned environment did not start again: {exc}\n".encode())
+        finally:
+            self._release(environment)
 
     def _acquire(self, throttle: bool) -> ExecutionEnvironment | None:
         """A unit of concurrency, with a warm environment or (None) the right to start one.
@@ -848,6 +873,13 @@ class FunctionPool:
                 with self._lock:
                     if environment in self._all:
                         self._all.remove(environment)
+                if environment in self._provisioned:
+                    self._provisioned.discard(environment)
+                    if not self._closed:
+                        self._busy += 1
+                        threading.Thread(
+                            target=self._replace_provisioned, name=f"provision-{self.spec.name}", daemon=True
+                        ).start()
             self._changed.notify_all()
 
     def _start(self) -> ExecutionEnvironment:
@@ -1006,7 +1038,8 @@ class LambdaService:
         self.invocations = InvocationLog()
 
     def warm_up(self) -> None:
-        """One cold start per function, in parallel; the first failure is raised with its name."""
+        """Each function's provisioned environments, or one started as on demand, the functions
+        in parallel; the first failure is raised with its name."""
         errors: list[FunctionStartError] = []
 
         def start(pool: FunctionPool) -> None:

@@ -164,15 +164,18 @@ class Sandbox:
         log.info("%d functions cold-started in %.1fs", len(self.topology.functions), time.monotonic() - began)
         tenants = self._seed_tenants()
         running.receiver = WebhookReceiver(self._tenant_secrets).start()
+        usage_plans = UsagePlans(
+            lambda: self.client("apigateway"), self.topology.api.rest_api_id, self.topology.api.stage
+        )
+        # With the seeded tenants' keys in their plans.
+        usage_plans.read_now()
         gateway = ApiGateway(
             self.topology.api,
             running.functions,
             self.topology.account,
             self.region,
             self.settings,
-            usage_plans=UsagePlans(
-                lambda: self.client("apigateway"), self.topology.api.rest_api_id, self.topology.api.stage
-            ),
+            usage_plans=usage_plans,
         )
         running.gateway = GatewayServer(gateway, self._introspect).start()
         running.pollers = self._start_pollers(self.topology, running.functions)
@@ -504,6 +507,7 @@ class Sandbox:
                     "code": str(spec.code_dir),
                     "timeout_seconds": spec.timeout_seconds,
                     "reserved_concurrency": spec.reserved_concurrency,
+                    "provisioned_environments": spec.provisioned_environments,
                     "environment": sorted(spec.environment),
                 }
                 for name, spec in self.topology.functions.items()

@@ -40,6 +40,8 @@ class FunctionSpec:
     environment: dict[str, str] = field(repr=False)
     runtime: str = "python3"
     role_arn: str = ""  # its execution role, whose session the function's environments get
+    # Provisioned concurrency on its aliases: environments initialised before any request.
+    provisioned_environments: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,16 @@ class TemplateReader(StackTemplate):
                 f"function {name} ({logical_id}): no {module}.py in {code_dir} for {handler!r}"
             )
         reserved = properties.get("ReservedConcurrentExecutions")
+        provisioned = sum(
+            int(
+                (alias["Properties"].get("ProvisionedConcurrencyConfig") or {}).get(
+                    "ProvisionedConcurrentExecutions"
+                )
+                or 0
+            )
+            for alias in self.of_type("AWS::Lambda::Alias").values()
+            if self.invoked_function(alias["Properties"]["FunctionName"]) == logical_id
+        )
         return FunctionSpec(
             name=name,
             logical_id=logical_id,
@@ -259,6 +271,7 @@ class TemplateReader(StackTemplate):
             environment=dict((deployed.get("Environment") or {}).get("Variables") or {}),
             runtime=str(properties.get("Runtime") or "python3"),
             role_arn=str(deployed.get("Role") or ""),
+            provisioned_environments=provisioned,
         )
 
     # ---- queues and mappings ----
@@ -444,7 +457,7 @@ class TemplateReader(StackTemplate):
     def _authorizer(
         self, logical_id: str, properties: dict[str, Any], names: dict[str, str]
     ) -> AuthorizerSpec:
-        function_id = self.referenced(properties.get("AuthorizerUri"), "AWS::Lambda::Function")
+        function_id = self.invoked_function(properties.get("AuthorizerUri"))
         if function_id is None:
             raise TopologyError(f"authorizer {logical_id} names no function")
         sources = [

@@ -23,7 +23,8 @@ from stacks.jobs_table import grant_index_query, grant_item_actions
 from stacks.lanes import LanesConstruct, grant_send, pascal
 
 STAGE_NAME = "prod"
-# The api function's alias that API Gateway invokes when SnapStart is on (LlmqConfig.api.snap_start).
+# The alias API Gateway invokes under SnapStart (the api's) or provisioned concurrency (the
+# api's and the authorizer's): LlmqConfig.api.snap_start, api.provisioned_environments.
 LIVE_ALIAS = "live"
 # Item actions on the table only; its one Query is on the tenant index (GET /v1/jobs).
 # BatchGetItem: a batch's count shards and a page of its items' results.
@@ -165,10 +166,18 @@ class ApiConstruct(Construct):
         # What API Gateway invokes. SnapStart applies to published versions only: an
         # unqualified ARN runs $LATEST, initialised from scratch. The alias follows each
         # deploy's new version (`current_version` changes with the code and configuration).
+        # Provisioned concurrency (`api.provisioned_environments`) is configured on an alias
+        # too, for the api and its authorizer alike: both are on every request's path.
+        provisioned = config.api.provisioned_environments
         self.invoked: lambda_.IFunction = (
-            lambda_.Alias(self, "HandlerLive", alias_name=LIVE_ALIAS, version=self.function.current_version)
-            if config.api.snap_start
+            self._live("HandlerLive", self.function, provisioned)
+            if config.api.snap_start or provisioned
             else self.function
+        )
+        self.authorizer_invoked: lambda_.IFunction = (
+            self._live("AuthorizerLive", self.authorizer_function, provisioned)
+            if provisioned
+            else self.authorizer_function
         )
 
         self.config = config
@@ -177,6 +186,15 @@ class ApiConstruct(Construct):
         self._add_routes()
         self._add_problem_responses()
         self.usage_plans = self._add_usage_plans()
+
+    def _live(self, construct_id: str, function: lambda_.Function, provisioned: int) -> lambda_.Alias:
+        return lambda_.Alias(
+            self,
+            construct_id,
+            alias_name=LIVE_ALIAS,
+            version=function.current_version,
+            provisioned_concurrent_executions=provisioned or None,
+        )
 
     def _build_rest_api(self, defaults: FunctionDefaults) -> apigw.RestApi:
         rest_api = apigw.RestApi(
@@ -259,7 +277,7 @@ class ApiConstruct(Construct):
         authorizer = apigw.RequestAuthorizer(
             self,
             "RequestAuthorizer",
-            handler=self.authorizer_function,
+            handler=self.authorizer_invoked,
             identity_sources=[apigw.IdentitySource.header("Authorization")],
             # A revoked key keeps working for at most this long; one GetItem per key per TTL.
             results_cache_ttl=cdk.Duration.seconds(self.config.limits.authorizer_cache_seconds),

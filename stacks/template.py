@@ -104,7 +104,7 @@ class StackTemplate:
 
     def invoked_function(self, node: Any) -> str | None:
         """The logical id of the function `node` invokes: named itself, or through one of its
-        aliases (the api's, under SnapStart)."""
+        aliases (the api's under SnapStart, the front door's when provisioned)."""
         found = self.referenced(node, "AWS::Lambda::Function")
         alias = None if found else self.referenced(node, "AWS::Lambda::Alias")
         if alias is not None:

@@ -967,8 +967,9 @@ _WARM_EVENTS = (
 
 
 def warm() -> None:
-    """Before Lambda takes the snapshot: the composition roots, every client they use (the
-    lazily created ones too), every lazily built model and the request paths, so a restored
+    """Before Lambda takes the snapshot, and as a provisioned environment initialises
+    (`llmq.startup`): the composition roots, every client they use (the lazily created ones
+    too), every lazily built model and the request paths, so a restored or provisioned
     environment answers its first request as a warm one would. No request reaches AWS; the
     clients hold the runtime's refreshable credentials, which boto3 renews after a restore."""
     intake()
@@ -1066,4 +1067,4 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)
 
 
-startup.imports_done()
+startup.imports_done(warm)

@@ -39,6 +39,12 @@ def tenants() -> TenantRepository:
     return TenantRepository(ENV.tenants_table, dynamodb=aws.client("dynamodb"))
 
 
+def warm() -> None:
+    """What a first request builds, built ahead of it in a provisioned environment
+    (`llmq.startup`): the tenants' repository and its client. No request reaches AWS."""
+    tenants()
+
+
 def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -77,4 +83,4 @@ def handler(event: APIGatewayAuthorizerRequestEvent, context: LambdaContext) -> 
     return policy.asdict()
 
 
-startup.imports_done()
+startup.imports_done(warm)

@@ -153,20 +153,22 @@ def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(d
     assert dispatcher.max_concurrency == CONFIG.webhooks.max_concurrency
 
 
-def test_with_snap_start_on_the_api_is_invoked_through_its_alias_and_the_sandbox_still_routes_to_it(
-    tmp_path: Any,
+@pytest.mark.parametrize(
+    ("api", "region"),
+    [(ApiSizing(snap_start=True), "eu-west-1"), (ApiSizing(provisioned_environments=2), "eu-west-2")],
+    ids=["snap-start", "provisioned"],
+)
+def test_with_snap_start_or_provisioned_environments_the_api_is_invoked_through_its_alias_and_the_sandbox_still_routes_to_it(
+    tmp_path: Any, api: ApiSizing, region: str
 ) -> None:
-    # Given the api under SnapStart, deployed as the sandbox deploys (in a region of its own:
-    # moto servers of one process share their backends)
-    region = "eu-west-1"
+    # Given the api under SnapStart, or the front door provisioned, deployed as the sandbox
+    # deploys (in a region of its own: moto servers of one process share their backends)
     server = ThreadedMotoServer(port=0, verbose=False)
     server.start()
     try:
         _, port = server.get_host_and_port()
         endpoint = f"http://localhost:{port}"
-        deployment = deploy_to_moto(
-            endpoint, LlmqConfig(api=ApiSizing(snap_start=True)), region=region, outdir=str(tmp_path)
-        )
+        deployment = deploy_to_moto(endpoint, LlmqConfig(api=api), region=region, outdir=str(tmp_path))
         session = moto_session(region)
         # When the sandbox reads its topology
         topology = _sandbox_topology(
@@ -182,3 +184,9 @@ def test_with_snap_start_on_the_api_is_invoked_through_its_alias_and_the_sandbox
         uri = method["Properties"]["Integration"]["Uri"]
         assert template.referenced(uri, "AWS::Lambda::Alias") is not None
         assert template.invoked_function(uri) == api_id
+    # And the authorizer runs its function (through its alias when provisioned), with the
+    # template's provisioned environments, which the sandbox starts with it
+    assert {authorizer.function for authorizer in topology.api.authorizers.values()} == {"authorizer"}
+    provisioned = {name: spec.provisioned_environments for name, spec in topology.functions.items()}
+    expected = api.provisioned_environments
+    assert provisioned == {name: expected if name in ("api", "authorizer") else 0 for name in provisioned}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from pydantic import ValidationError
 
 from llmq.config import (
     ApiSizing,
@@ -230,6 +233,75 @@ def test_snap_start_applies_to_the_api_alone_and_api_gateway_invokes_its_publish
         and template.invoked_function(permission["Properties"]["FunctionName"]) == api_id
     ]
     assert invokable and all(name == {"Ref": alias_id} for name in invokable)
+
+
+# ---- an operator who provisions the front door's environments
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> SynthesizedApp:
+    return synthesize(
+        LlmqConfig(api=ApiSizing(provisioned_environments=3)),
+        outdir=tmp_path_factory.mktemp("cdk-provisioned"),
+    )
+
+
+def test_provisioned_environments_sit_on_an_alias_of_the_api_and_of_its_authorizer_which_api_gateway_invokes(
+    provisioned,
+):
+    template = provisioned.template
+    aliases = {
+        template.invoked_function(alias["Properties"]["FunctionName"]): (alias_id, alias)
+        for alias_id, alias in template.of_type("AWS::Lambda::Alias").items()
+    }
+    api_id, api = template.function("api")
+    authorizer_id, _ = template.function("authorizer")
+    assert set(aliases) == {api_id, authorizer_id}
+    for _, alias in aliases.values():
+        assert alias["Properties"]["ProvisionedConcurrencyConfig"] == {"ProvisionedConcurrentExecutions": 3}
+        assert alias["Properties"]["Name"] == "live"
+    # No SnapStart: Lambda refuses it with provisioned concurrency
+    assert "SnapStart" not in api["Properties"]
+    # Every method invokes the api's alias, and the authorizer is its alias too
+    api_alias, authorizer_alias = aliases[api_id][0], aliases[authorizer_id][0]
+    for method in template.of_type("AWS::ApiGateway::Method").values():
+        assert (
+            template.referenced(method["Properties"]["Integration"]["Uri"], "AWS::Lambda::Alias") == api_alias
+        )
+    [authorizer] = template.of_type("AWS::ApiGateway::Authorizer").values()
+    assert (
+        template.referenced(authorizer["Properties"]["AuthorizerUri"], "AWS::Lambda::Alias")
+        == authorizer_alias
+    )
+    # API Gateway may invoke both aliases, and neither unqualified function
+    invokable = {
+        json.dumps(permission["Properties"]["FunctionName"])
+        for permission in template.of_type("AWS::Lambda::Permission").values()
+        if permission["Properties"]["Principal"] == "apigateway.amazonaws.com"
+    }
+    assert invokable == {json.dumps({"Ref": api_alias}), json.dumps({"Ref": authorizer_alias})}
+    assert unpermitted_routes(template) == []
+
+
+@pytest.mark.parametrize(
+    ("api", "concurrency", "refused"),
+    [
+        ({"provisioned_environments": 2, "snap_start": True}, {}, "exclude each other"),
+        ({"provisioned_environments": 30}, {"authorizer": 20}, "authorizer's reserved concurrency"),
+        ({"provisioned_environments": 60}, {"api": 50, "authorizer": 100}, "api's reserved concurrency"),
+    ],
+)
+def test_the_config_refuses_provisioned_environments_lambda_would_refuse(api, concurrency, refused):
+    with pytest.raises(ValidationError, match=refused):
+        LlmqConfig.model_validate({"api": api, "concurrency": concurrency})
+
+
+def test_provisioned_environments_are_refused_without_reservations_to_hold_them():
+    # Unreserved, they would come out of the account's shared pool, which Lambda keeps at 100
+    # or more: a deploy that nothing could check first
+    with pytest.raises(ValidationError, match=r"needs concurrency\.reserve"):
+        LlmqConfig.model_validate({"api": {"provisioned_environments": 2}, "concurrency": {"reserve": False}})
+    assert LlmqConfig.model_validate({"concurrency": {"reserve": False}}).api.provisioned_environments == 0
 
 
 # ---- an operator who opted into API logging where the account has the role, two on-call addresses

@@ -41,7 +41,9 @@ AWS = AwsAccess(endpoint_url="http://127.0.0.1:9", region="us-east-1")
 Service = Callable[..., LambdaService]
 
 
-def _spec(code_dir: Path, name: str, memory_mb: int, timeout_seconds: float) -> FunctionSpec:
+def _spec(
+    code_dir: Path, name: str, memory_mb: int, timeout_seconds: float, provisioned: int = 0
+) -> FunctionSpec:
     return FunctionSpec(
         name=name,
         logical_id=name,
@@ -53,6 +55,7 @@ def _spec(code_dir: Path, name: str, memory_mb: int, timeout_seconds: float) -> 
         memory_mb=memory_mb,
         reserved_concurrency=None,
         environment={},
+        provisioned_environments=provisioned,
     )
 
 
@@ -63,12 +66,16 @@ def service(tmp_path: Path) -> Iterator[Service]:
     started: list[LambdaService] = []
 
     def start(
-        code: str, memory_mb: int = 256, timeout_seconds: float = 10, cold_starts: ColdStarts | None = None
+        code: str,
+        memory_mb: int = 256,
+        timeout_seconds: float = 10,
+        cold_starts: ColdStarts | None = None,
+        provisioned: int = 0,
     ) -> LambdaService:
         code_dir = tmp_path / f"fn{len(started)}"
         code_dir.mkdir()
         (code_dir / "handler.py").write_text(textwrap.dedent(code))
-        functions = {"fn": _spec(code_dir, "fn", memory_mb, timeout_seconds)}
+        functions = {"fn": _spec(code_dir, "fn", memory_mb, timeout_seconds, provisioned)}
         running = LambdaService(
             functions, AWS, tmp_path / f"logs{len(started)}", default_concurrency=2, cold_starts=cold_starts
         )
@@ -440,3 +447,82 @@ def test_environments_start_one_at_a_time_when_the_limit_is_one(
     events = [line.split() for line in inits.read_text().splitlines()]
     assert [kind for _, kind in events] == ["start", "end"] * (len(events) // 2)
     assert 1 <= len(events) // 2 <= 2  # the third took an environment released before it could start one
+
+
+INITIALIZED_AS = """
+import os, time
+
+INITIALIZATION = os.environ["AWS_LAMBDA_INITIALIZATION_TYPE"]
+
+
+def handler(event, context):
+    time.sleep(event["sleep"])
+    return {"pid": os.getpid(), "initialization": INITIALIZATION}
+"""
+
+
+def test_provisioned_environments_are_initialised_before_any_request_and_those_past_them_on_demand(
+    service: Service,
+) -> None:
+    # Given a function of two environments at most, one of them provisioned, started with the
+    # sandbox
+    running = service(INITIALIZED_AS, provisioned=1, cold_starts=ColdStarts(room=lambda: True))
+    running.warm_up()
+    assert len(running.pools["fn"]._all) == 1
+    # When two invocations overlap, none having come before
+    results: list[Any] = [None] * 2
+
+    def invoke(index: int) -> None:
+        results[index] = running.invoke("fn", {"sleep": 1.0})
+
+    threads = [threading.Thread(target=invoke, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    assert all(result.outcome is Outcome.OK for result in results), [r.error for r in results]
+    # Then one met the provisioned environment, initialised as Lambda says it initialises one,
+    # with no cold start; the other started one on demand
+    met = sorted((result.payload["initialization"], result.cold_start) for result in results)
+    assert met == [("on-demand", True), ("provisioned-concurrency", False)]
+    assert results[0].payload["pid"] != results[1].payload["pid"]
+
+
+CRASHES_ON_ASK = """
+import os
+
+INITIALIZATION = os.environ["AWS_LAMBDA_INITIALIZATION_TYPE"]
+
+
+def handler(event, context):
+    if event.get("crash"):
+        os._exit(3)
+    return {"pid": os.getpid(), "initialization": INITIALIZATION}
+"""
+
+
+def test_a_provisioned_environment_that_dies_is_initialised_again_in_the_background(service: Service) -> None:
+    # Given a function with one provisioned environment, which an invocation crashes
+    running = service(CRASHES_ON_ASK, provisioned=1)
+    running.warm_up()
+    first = running.invoke("fn", {})
+    assert running.invoke("fn", {"crash": True}).outcome is not Outcome.OK
+    # When Lambda has initialised another in its place
+    pool = running.pools["fn"]
+    deadline = time.monotonic() + 30
+    while not pool._idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Then the next request meets a provisioned environment, new and already initialised
+    after = running.invoke("fn", {})
+    assert (after.payload["initialization"], after.cold_start) == ("provisioned-concurrency", False)
+    assert after.payload["pid"] != first.payload["pid"]
+
+
+def test_a_function_without_provisioned_environments_starts_one_on_demand_with_the_sandbox(
+    service: Service,
+) -> None:
+    running = service(INITIALIZED_AS)
+    running.warm_up()
+    result = running.invoke("fn", {"sleep": 0})
+    assert (result.payload["initialization"], result.cold_start) == ("on-demand", False)

@@ -83,3 +83,31 @@ def test_environments_restored_from_one_snapshot_draw_different_random_numbers(h
         _run([after])
         draws.append([random.random() for _ in range(4)])
     assert draws[0] != draws[1]
+
+
+# ---- provisioned concurrency (LlmqConfig.api.provisioned_environments) --------------------
+
+
+@pytest.mark.parametrize("initialization", ["provisioned-concurrency", "on-demand"])
+def test_a_provisioned_environment_warms_up_in_its_init_and_one_started_on_demand_does_not(
+    harness: Harness, aws_calls: list[str], monkeypatch: pytest.MonkeyPatch, initialization: str
+) -> None:
+    from tests.integration.harness import load_handler
+
+    monkeypatch.setenv("AWS_LAMBDA_INITIALIZATION_TYPE", initialization)
+    aws.reset_clients()
+    # Lambda initialises the environment: the handler's import, as the runtime runs it
+    api = load_handler("api")
+    authorizer = load_handler("authorizer")
+    provisioned = initialization == "provisioned-concurrency"
+    # A provisioned one built what its first request would (the api's clients and models, the
+    # authorizer's repository and its client), and asked AWS nothing; one on demand built none
+    assert aws_calls == []
+    assert ({service for service, _, _ in aws._clients} >= set(SERVICES)) is provisioned
+    assert (api.intake.cache_info().currsize == 1) is provisioned
+    assert (authorizer.tenants.cache_info().currsize == 1) is provisioned
+    # Either way the first request is answered, and its job queued
+    harness.api_module = api
+    reply = harness.submit(prompt="first request")
+    assert reply.status == 202, reply.body
+    assert "SendMessage" in aws_calls

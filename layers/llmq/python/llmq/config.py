@@ -250,6 +250,14 @@ class ApiSizing(FunctionSizing):
     # its cache while it is active and for each restore, and every deploy publishes a version
     # (docs/operations.md "Cold starts").
     snap_start: bool = False
+    # Lambda provisioned concurrency for the front door (the api and its authorizer): this many
+    # environments of each are initialised ahead of any request, and the api's also run its
+    # warm-up then (Lambda tells them apart by AWS_LAMBDA_INITIALIZATION_TYPE), so the first
+    # requests after a deploy or a quiet hour meet no cold start. Off by default: Lambda bills
+    # them for as long as they are configured, used or not. Not with `snap_start` (Lambda
+    # does not combine the two), and within each function's reserved concurrency (so only
+    # with `concurrency.reserve`).
+    provisioned_environments: Annotated[int, Field(ge=0, le=1000)] = 0
 
 
 def _worker_sizing() -> FunctionSizing:
@@ -509,6 +517,27 @@ class LlmqConfig(_Frozen):
                 "reconciler.retention_margin_seconds must be at most half the retention "
                 f"({self.retention_seconds} s): jobs would be expired long before their retention"
             )
+        if self.api.provisioned_environments and self.api.snap_start:
+            raise ValueError(
+                "api.provisioned_environments and api.snap_start exclude each other: "
+                "Lambda does not combine provisioned concurrency with SnapStart"
+            )
+        if self.api.provisioned_environments and not self.concurrency.reserve:
+            # Unreserved, they would come out of the account's shared pool, which Lambda keeps
+            # at 100 or more, and which nothing here can check before CloudFormation refuses.
+            raise ValueError(
+                "api.provisioned_environments needs concurrency.reserve: provisioned environments "
+                "are held within the api's and the authorizer's reservations, which the doctor checks "
+                "against the account's quota"
+            )
+        for function in ("api", "authorizer"):
+            reserved = self.reserved_concurrency.get(function)
+            if reserved is not None and self.api.provisioned_environments > reserved:
+                raise ValueError(
+                    f"api.provisioned_environments ({self.api.provisioned_environments}) exceeds the "
+                    f"{function}'s reserved concurrency (concurrency.{function}: {reserved}); "
+                    "Lambda refuses more provisioned concurrency than a function reserves"
+                )
         if self.api.timeout_seconds > GATEWAY_TIMEOUT_SECONDS:
             raise ValueError(
                 f"api.timeout_seconds must not exceed API Gateway's {GATEWAY_TIMEOUT_SECONDS:g} s "
