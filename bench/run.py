@@ -365,11 +365,15 @@ def _render_noisy(noisy: Any) -> list[str]:
         "| A in flight at the provider: max / mean while backlogged | A claim attempts per job | succeeded A / B |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f} s"
+
     for row in noisy["rows"]:
         slots = row.get("a_mean_slots_held_while_backlogged")
         out.append(
-            f"| {row['config']} | {row['cap'] or '-'} | {row['b_p50_s']:.2f} s | {row['b_p95_s']:.2f} s | "
-            f"{row['b_accept_p95_s']:.2f} s | {row['b_after_202_p50_s']:.2f} s / {row['b_after_202_p95_s']:.2f} s | "
+            f"| {row['config']} | {row['cap'] or '-'} | {seconds(row['b_p50_s'])} | {seconds(row['b_p95_s'])} | "
+            f"{seconds(row['b_accept_p95_s'])} | {seconds(row['b_after_202_p50_s'])} / {seconds(row['b_after_202_p95_s'])} | "
             f"{'-' if slots is None else f'{slots:.1f}'} | {_refill(row)} | "
             f"{row['a_max_in_flight']} / {row['a_mean_in_flight_while_backlogged']:.1f} | "
             f"{row.get('a_claim_attempts_per_job', 0):.2f} | {row['a_succeeded']} / {row['b_succeeded']} |"
@@ -445,10 +449,15 @@ def _slots_against_lane_of_cap(lanes_of_cap: dict[str, dict[str, Any]], *capped:
     if not parts:
         return ""
     return (
-        " Against the same lane shrunk to the cap's size, uncapped (the last rows: a lane's slot idles "
-        "between a job's end and the next claim in its place there too, the sandbox's own time), A held "
+        " Against a lane of the cap's size in this sandbox, uncapped and with A alone (the last rows: a "
+        "slot there too idles between a job's end and the next claim in its place, the sandbox's own time), "
+        "A held "
         + "; ".join(parts)
-        + ": a ratio of 1 means the cap leaves no slot idle beyond what the lane itself does."
+        + ". A ratio near 1 says the cap leaves about as many slots idle as a dedicated lane of its size "
+        "does here, not that none idles: the two refill a slot by different paths (a handed-on or "
+        "deferred copy, against the next batch of the same invocation), each run is one sample, and at the "
+        "cap of 20 both runs are bound by the machine's CPU. The model below, without the sandbox's "
+        "overhead, is the policy's own figure."
     )
 
 

@@ -371,6 +371,9 @@ def noisy_once(
     """Tenant A floods the enterprise lane, then tenant B (same tier) submits a few.
     `lane_of_cap`: uncapped, in a lane of the cap's size (the baseline of A's slots held)."""
     a_count, b_count = _noisy_sizes(quick, small_cap)
+    if lane_of_cap:
+        # A alone: B's jobs would take slots of A's lane here, and never in the capped runs.
+        b_count = 0
     latency = NOISY_LATENCY
     limits: dict[str, Any] = SMALL_CAP_LIMITS if small_cap and capped else {}
     if not handoff:
@@ -613,8 +616,8 @@ def noisy(quick: bool = False) -> dict[str, Any]:
             "the sandbox's fair-queue emulation off (FIFO). Third row: A capped at "
             f"{SMALL_CAP}, below what the sandbox can run, with {_noisy_sizes(quick, True)[0]} jobs; fourth: "
             "the same without the same-batch slot handoff (`fair_share.slot_handoff` off). The last two rows "
-            "are the baselines of A's slots held: no cap, in the lane shrunk to the cap's size (2 invocations "
-            f"x 10 jobs for the cap of 20, 2 x {SMALL_CAP // 2} for the cap of {SMALL_CAP}), so that the slots "
+            "are the baselines of A's slots held: no cap and no tenant B, in the lane shrunk to the cap's size "
+            f"(2 invocations x 10 jobs for the cap of 20, 2 x {SMALL_CAP // 2} for the cap of {SMALL_CAP}), so that the slots "
             "the lane itself leaves idle (the sandbox's own time between a job's end and the next claim in its "
             "place) are told apart from those the cap leaves idle."
         ),
