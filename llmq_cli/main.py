@@ -340,18 +340,32 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def print_stream(events: Iterable[ServerSentEvent], out: TextIO, err: TextIO) -> dict[str, Any] | None:
-    """A job's output as it is generated, to `out`; a retried attempt's restart and the end,
-    to `err`. The terminal Job, or None if the events stopped before it."""
+def print_stream(
+    events: Iterable[ServerSentEvent], out: TextIO, err: TextIO, live: bool | None = None
+) -> dict[str, Any] | None:
+    """A job's output to `out`; a retried attempt's restart and the end, to `err`. The
+    terminal Job, or None if the events stopped before it.
+
+    `live` (by default, when `out` is a terminal): each delta as it comes, so a person watches
+    the generation; a retried attempt's text then follows the abandoned one's, which the
+    restart's line on `err` tells apart. Otherwise (a file, a pipe) the output once it has
+    ended, with what a retried attempt abandoned dropped (`"reset": true`, docs/streaming.md),
+    so that what is written is the job's output, as `done` carries it."""
+    live = out.isatty() if live is None else live
+    text: list[str] = []
     for event in events:
         data = json.loads(event.data)
         if event.event == "output.delta":
             if data.get("reset"):
                 print(f"\n[attempt {data['attempt']} starts again]", file=err, flush=True)
-            out.write(data["delta"])
-            out.flush()
+                text.clear()
+            if live:
+                out.write(data["delta"])
+                out.flush()
+            else:
+                text.append(data["delta"])
         elif event.event == "done":
-            out.write("\n")
+            out.write("".join(text) + "\n")
             out.flush()
             return dict(data)
     return None

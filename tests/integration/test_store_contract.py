@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from moto import mock_aws
@@ -393,6 +394,71 @@ def test_output_chunks_are_written_in_order_under_the_lease_and_read_back(subjec
     # And reads stop at the first chunk that is not there
     assert [delta.seq for delta in subject.jobs.read_output(claimed, 2, 9)] == [2]
     assert subject.jobs.read_output(claimed, 3, 9) == []
+
+
+def test_output_past_its_ttl_is_skipped_and_the_oldest_chunk_left_read_first(subject: Subject) -> None:
+    # Given a first attempt's chunks, then a takeover a chunk's TTL later whose chunks follow
+    job_id = subject.created(stream=True, expires_at=subject.jobs.now_ms() // 1000 + 7 * 86_400)
+    first = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert first is not None
+    subject.jobs.write_output(first, "w1", _chunk(1, "a"))
+    subject.jobs.write_output(first, "w1", _chunk(2, "b"))
+    subject.clock.advance(LlmqConfig().streaming.chunk_ttl_seconds + 1)
+    taken = subject.jobs.claim(job_id, "w2", LEASE_SECONDS).job
+    assert taken is not None and taken.attempts == 2
+    subject.jobs.write_output(taken, "w2", _chunk(3, "A", attempt=2, reset=True))
+    subject.jobs.write_output(taken, "w2", _chunk(4, "B", attempt=2))
+    # Then a read from the start skips the expired chunks and reads the fresh ones, in order
+    assert [(delta.seq, delta.delta, delta.reset) for delta in subject.jobs.read_output(taken, 1, 9)] == [
+        (3, "A", True),
+        (4, "B", False),
+    ]
+    assert [delta.seq for delta in subject.jobs.read_output(taken, 4, 9)] == [4]
+    assert subject.jobs.read_output(taken, 5, 9) == []
+
+
+class _LeavesUnread:
+    """DynamoDB's client, whose BatchGetItem leaves the chunks named in `unread` unprocessed
+    (as a throttled read leaves keys), however often it is asked."""
+
+    def __init__(self, client: Any, unread: set[str]) -> None:
+        self._client, self.unread = client, unread
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
+        response = dict(self._client.batch_get_item(RequestItems=RequestItems))
+        left: dict[str, Any] = {}
+        for table, answered in response.get("Responses", {}).items():
+            response["Responses"][table] = [item for item in answered if item["pk"]["S"] not in self.unread]
+            keys = [key for key in RequestItems[table]["Keys"] if key["pk"]["S"] in self.unread]
+            if keys:
+                left[table] = {**RequestItems[table], "Keys": keys}
+        response["UnprocessedKeys"] = left
+        return response
+
+
+def test_a_chunk_a_throttled_read_left_unread_is_never_skipped_as_expired(jobs_table: str) -> None:
+    # Given three fresh chunks, read by a client whose BatchGetItem leaves some unprocessed
+    from llmq.live_output import chunk_pk
+
+    clock = Clock()
+    client = _LeavesUnread(aws.client("dynamodb"), set())
+    jobs = JobRepository(jobs_table, LlmqConfig(), dynamodb=client, clock=clock)
+    subject = Subject(jobs, clock)
+    claimed = jobs.claim(subject.created(stream=True), "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    for seq, text in ((1, "a"), (2, "b"), (3, "c")):
+        jobs.write_output(claimed, "w1", _chunk(seq, text))
+    # When the first one stays unread, nothing is read (the client's next request reads on)
+    client.unread = {chunk_pk(claimed, 1)}
+    assert jobs.read_output(claimed, 1, 3) == []
+    # When the second does, the run ends before it
+    client.unread = {chunk_pk(claimed, 2)}
+    assert [delta.seq for delta in jobs.read_output(claimed, 1, 3)] == [1]
+    client.unread = set()
+    assert [delta.seq for delta in jobs.read_output(claimed, 1, 3)] == [1, 2, 3]
 
 
 def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: Subject) -> None:

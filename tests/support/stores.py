@@ -32,7 +32,7 @@ from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
 from llmq.jobs import SWEEP_RECOVERED_MS, Admission, Created, RetentionDue, SweepEntry
-from llmq.live_output import OutputChunk, OutputHead
+from llmq.live_output import OUTPUT_PAGE, OutputChunk, OutputHead
 from llmq.models import (
     EVENT_FOR_STATUS,
     ChatMessage,
@@ -289,13 +289,20 @@ class InMemoryJobs:
 
     @_throttleable
     def read_output(self, job: JobRecord, first: int, last: int) -> list[OutputDelta]:
+        """As DynamoDB's: the chunks gone (expired) at the front are skipped, a page at a time."""
         job_id = job.id
-        deltas = []
-        for seq in range(first, min(last, first + 99) + 1):
-            if (job_id, seq) not in self.chunks or self.chunk_expiry[(job_id, seq)] <= self.now_ms() // 1000:
-                break
-            deltas.append(self.chunks[(job_id, seq)])
-        return deltas
+        start = first
+        while start <= last:
+            deltas = []
+            for seq in range(start, min(last, start + OUTPUT_PAGE - 1) + 1):
+                if (job_id, seq) in self.chunks and self.chunk_expiry[(job_id, seq)] > self.now_ms() // 1000:
+                    deltas.append(self.chunks[(job_id, seq)])
+                elif deltas:
+                    break
+            if deltas:
+                return deltas
+            start += OUTPUT_PAGE
+        return []
 
     # ---- the lease ------------------------------------------------------------------------
 

@@ -355,10 +355,15 @@ class EventsWorld:
             action = self.on_sleep.pop(0)
             action()  # type: ignore[operator]
 
-    def write(self, job_id: str, *pieces: str) -> None:
+    def write(self, job_id: str, *pieces: str, attempt: int = 1) -> None:
+        """`pieces` as `attempt`'s chunks (a reset first when it is a retry)."""
         job = self.jobs.records[job_id]
         recorder = OutputRecorder(
-            job_id=job_id, first_seq=job.stream_seq or 0, attempt=1, reset=False, config=self.config.streaming
+            job_id=job_id,
+            first_seq=job.stream_seq or 0,
+            attempt=attempt,
+            reset=attempt > 1,
+            config=self.config.streaming,
         )
         for piece in pieces:
             recorder(piece)
@@ -460,8 +465,9 @@ def test_another_tenants_job_is_not_found() -> None:
 # ---- the CLI's follower ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("live", [True, False], ids=["terminal", "file"])
 def test_the_cli_follower_resumes_after_a_cut_connection_and_a_429_and_prints_each_delta_once(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, live: bool
 ) -> None:
     import io
 
@@ -510,12 +516,14 @@ def test_the_cli_follower_resumes_after_a_cut_connection_and_a_429_and_prints_ea
     client = LlmqClient("http://api.test", "key")
     client._http = httpx.Client(transport=httpx.MockTransport(handler))
     out, err = io.StringIO(), io.StringIO()
-    job = print_stream(client.follow("job_1", timeout=30), out, err)
-    # Then each delta was printed once, in order, the restart said on stderr, and the end came
+    job = print_stream(client.follow("job_1", timeout=30), out, err, live=live)
+    # Then each delta was read once, in order, the restart said on stderr, and the end came
     assert job == {"id": "job_1", "status": "succeeded"}
-    assert out.getvalue() == "HelloHi!\n"
-    assert "attempt 2 starts again" in err.getvalue()
     assert seen_ids == [None, None, "1", "3"]
+    assert "attempt 2 starts again" in err.getvalue()
+    # To a terminal, each delta as it came; to a file or a pipe, the job's output alone (the
+    # abandoned attempt's text dropped)
+    assert out.getvalue() == ("HelloHi!\n" if live else "Hi!\n")
 
 
 # ---- nothing in the output may cost the generation or its result -----------------------------
@@ -678,8 +686,73 @@ def test_chunks_past_their_ttl_are_gone_and_the_result_gives_the_rest() -> None:
     # An hour and a second later, the chunks are past their TTL (DynamoDB has not deleted them)
     world.clock.advance(3601)
     events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=5))
-    assert [event for event, _, _ in events] == ["status", "done"]
+    # Then the result gives the whole output, as a reset after the last chunk: a client that
+    # reads every delta still reads all of the output
+    assert [(event, event_id) for event, event_id, _ in events] == [
+        ("output.delta", "3"),
+        ("status", None),
+        ("done", "done"),
+    ]
+    assert json.loads(events[0][2]) == {"seq": 3, "delta": "ab", "attempt": 1, "reset": True}
     assert json.loads(events[-1][2])["result"]["output"] == "ab"
+
+
+def _retried_long_after(world: EventsWorld, first: list[str], second: list[str]) -> None:
+    """A stream job's first attempt wrote `first`, and its retry, run a chunk's TTL later (a
+    provider's Retry-After, backoffs, its turn at the tenant's cap), is writing `second`."""
+    running_stream_job(world)
+    world.write("job_1", *first)
+    world.clock.advance(world.config.streaming.chunk_ttl_seconds + 1)
+    world.jobs.records["job_1"] = world.jobs.records["job_1"].model_copy(update={"attempts": 2})
+    world.write("job_1", *second, attempt=2)
+
+
+def _joined(events: list[tuple[str, str | None, str]]) -> str:
+    text = ""
+    for event, _, data in events:
+        if event == "output.delta":
+            delta = json.loads(data)
+            text = ("" if delta["reset"] else text) + delta["delta"]
+    return text
+
+
+def test_a_retry_run_long_after_the_first_attempt_streams_to_a_new_follower() -> None:
+    # Given a retry writing its output while the first attempt's chunks are past their TTL
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    _retried_long_after(world, ["Once ", "upon"], ["Once upon a time", " there was"])
+    # When a client starts following
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=1))
+    # Then it reads the running attempt's chunks, the oldest left first, at once
+    deltas = [
+        (event_id, json.loads(data)["reset"]) for event, event_id, data in events if event == "output.delta"
+    ]
+    assert deltas == [("3", True), ("4", False)]
+    assert _joined(events) == "Once upon a time there was"
+    assert world.sleeps == 0
+
+
+def test_a_follower_skips_more_than_a_page_of_expired_chunks_without_polling_them() -> None:
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    _retried_long_after(world, [f"w{i} " for i in range(150)], ["x", "y"])
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=1))
+    assert [event_id for event, event_id, _ in events if event == "output.delta"] == ["151", "152"]
+    assert world.sleeps == 0
+
+
+def test_a_finished_retry_whose_first_attempt_expired_gives_a_new_follower_the_whole_output() -> None:
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    _retried_long_after(world, ["Once ", "upon"], ["Once upon a time", " there was"])
+    world.jobs.complete(
+        world.jobs.records["job_1"], OWNER, result=JobResult(output="Once upon a time there was")
+    )
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=1))
+    # The whole output, from the result, as a reset after the last chunk; then the end
+    assert [(event, event_id) for event, event_id, _ in events] == [
+        ("output.delta", "5"),
+        ("status", None),
+        ("done", "done"),
+    ]
+    assert _joined(events) == "Once upon a time there was"
 
 
 def test_a_cancel_that_comes_as_the_generation_ends_leaves_its_paid_result_standing() -> None:

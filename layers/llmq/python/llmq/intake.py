@@ -307,9 +307,7 @@ class JobIntake:
         try:
             while True:
                 if last > seen:
-                    deltas = self.jobs.read_output(
-                        job, seen + 1, min(last, seen + streaming.max_deltas_per_response)
-                    )
+                    deltas = self.jobs.read_output(job, seen + 1, last)[: streaming.max_deltas_per_response]
                     if deltas:
                         hint = retry_hint(streaming.retry_ms)
                         return paged_events("".join(opening), deltas, hint, hint)
@@ -348,21 +346,23 @@ class JobIntake:
         last = job.stream_seq or 0
         opened = "".join(opening)
         deltas: list[OutputDelta] = []
+        whole = False
         if last > seen:
-            page_end = min(last, seen + streaming.max_deltas_per_response)
-            deltas = self.jobs.read_output(job, seen + 1, page_end)
-            read_to = deltas[-1].seq if deltas else seen
-            if read_to < page_end and not self._chunks_may_have_expired(job):
-                # A read AWS left unfinished: the client's next request reads on from here.
+            # (past chunks gone at the front: `read_output` starts at the oldest one left)
+            deltas = self.jobs.read_output(job, seen + 1, last)[: streaming.max_deltas_per_response]
+            gone = deltas[0].seq > seen + 1 if deltas else self._chunks_may_have_expired(job)
+            if job.status.is_terminal and gone:
+                # Some of the output the client has not read is past its TTL: the result holds
+                # it all, served whole as a reset (the chunks left may hold only its end).
+                deltas, whole = [], True
+            elif not job.status.is_terminal or (deltas[-1].seq if deltas else seen) < last:
+                # More to read, or a read AWS left unfinished: the next request reads on.
                 return paged_events(opened, deltas, hint, hint)
-            if read_to < last and read_to == page_end:
-                return paged_events(opened, deltas, hint, hint)
-            # Otherwise the rest has expired (its TTL): the result holds it all.
         if not job.status.is_terminal:
             return paged_events(opened, deltas, hint, hint)
         if job.stream and job.status is JobStatus.SUCCEEDED:
             loaded = self.offload.load_result(job)
-            tail = tail_deltas(job, loaded.result.output) if loaded.result is not None else []
+            tail = tail_deltas(job, loaded.result.output, whole=whole) if loaded.result is not None else []
             deltas += [delta for delta in tail if delta.seq > seen]
             if len(deltas) > streaming.max_deltas_per_response:
                 return paged_events(opened, deltas[: streaming.max_deltas_per_response], hint, hint)

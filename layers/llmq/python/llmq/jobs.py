@@ -40,7 +40,7 @@ from llmq.job_index import (
     tenant_sort_key,
 )
 from llmq.job_record import JobRecord, is_job_id
-from llmq.live_output import OutputChunk, OutputHead, chunk_pk
+from llmq.live_output import OUTPUT_PAGE, OutputChunk, OutputHead, chunk_pk
 from llmq.models import (
     EVENT_FOR_STATUS,
     DeliveryAttempt,
@@ -1129,11 +1129,32 @@ class JobRepository:
         )
 
     def read_output(self, job: JobRecord, first: int, last: int) -> list[OutputDelta]:
-        """Chunks `first`..`last` in order, up to the first one missing (expired, or not yet
-        returned by a throttled read: the client's next request reads on from there)."""
-        if last < first:
-            return []
-        keys = [{"pk": {"S": chunk_pk(job, seq)}} for seq in range(first, min(last, first + 99) + 1)]
+        """Chunks from `first` to `last`, in order, a page (`OUTPUT_PAGE`) at most.
+
+        Chunks expire (their TTL) in the order they were written, so those gone come first:
+        an earlier attempt's, retried later than a chunk's TTL. They are skipped, a page at a
+        time if need be, and what is read starts at the oldest chunk left: the running
+        attempt's text stays readable however long ago the earlier one ran. The run ends at
+        the first chunk a throttled read did not return (the client's next request reads on
+        from there)."""
+        start = first
+        while start <= last:
+            seqs = range(start, min(last, start + OUTPUT_PAGE - 1) + 1)
+            found, unread = self._read_chunks(job, seqs)
+            deltas: list[OutputDelta] = []
+            for seq in seqs:
+                if seq in found:
+                    deltas.append(found[seq])
+                elif seq in unread or deltas:
+                    break
+            if deltas or unread:
+                return deltas
+            start = seqs[-1] + 1
+        return []
+
+    def _read_chunks(self, job: JobRecord, seqs: range) -> tuple[dict[int, OutputDelta], set[int]]:
+        """The chunks `seqs` still there, by seq, and the seqs a throttled read left unread."""
+        keys = [{"pk": {"S": chunk_pk(job, seq)}} for seq in seqs]
         found: dict[int, OutputDelta] = {}
         request: dict[str, Any] = {self.table_name: {"Keys": keys, "ConsistentRead": True}}
         now_s = int(self._clock())
@@ -1147,12 +1168,8 @@ class JobRepository:
             request = response.get("UnprocessedKeys") or {}
             if not request:
                 break
-        deltas = []
-        for seq in range(first, first + len(keys)):
-            if seq not in found:
-                break
-            deltas.append(found[seq])
-        return deltas
+        pending = {key["pk"]["S"] for key in (request.get(self.table_name) or {}).get("Keys", [])}
+        return found, {seq for seq in seqs if chunk_pk(job, seq) in pending}
 
     # ---- webhook delivery ---------------------------------------------------------------
 

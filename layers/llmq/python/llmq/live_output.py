@@ -35,6 +35,8 @@ CHUNK_MAX_CHARS = 16_000
 # bytes for a character outside the BMP at worst), so its SQS message stays under 256 KB;
 # the rest goes in the next one.
 WEBHOOK_MAX_BYTES = 200_000
+# Chunks read at once: a BatchGetItem's most keys.
+OUTPUT_PAGE = 100
 
 
 # The id of the `done` event. A client that reconnects with it has read the whole stream and
@@ -293,11 +295,13 @@ def finished_reading(last_event_id: str | None) -> bool:
     return (last_event_id or "").strip() == DONE_ID
 
 
-def tail_deltas(job: JobRecord, output: str) -> list[OutputDelta]:
+def tail_deltas(job: JobRecord, output: str, *, whole: bool = False) -> list[OutputDelta]:
     """The end of a succeeded job's output that no chunk holds (its last writes failed, or
     were cut short): served from its result, as the deltas after the last chunk, each at most
-    a chunk's length (`CHUNK_MAX_CHARS`), so that a page of them fits a response as chunks do."""
-    same_attempt = job.stream_attempt == job.attempts
+    a chunk's length (`CHUNK_MAX_CHARS`), so that a page of them fits a response as chunks do.
+    `whole`: the chunks the client needs are past their TTL, so the whole output comes, as a
+    reset of whatever the client holds."""
+    same_attempt = job.stream_attempt == job.attempts and not whole
     written = (job.stream_chars or 0) if same_attempt else 0
     # The chunks hold an earlier attempt's text: even an empty output (a retry that produced
     # nothing, say `content_filter`) comes as a reset, or the joined deltas would be that text.
