@@ -350,24 +350,38 @@ def print_stream(
     the generation; a retried attempt's text then follows the abandoned one's, which the
     restart's line on `err` tells apart. Otherwise (a file, a pipe) the output once it has
     ended, with what a retried attempt abandoned dropped (`"reset": true`, docs/streaming.md),
-    so that what is written is the job's output, as `done` carries it."""
+    so that what is written is the job's output: the result `done` carries, else the joined
+    deltas. Events that stop before `done` (a timeout, an interrupt) leave what was read so far."""
     live = out.isatty() if live is None else live
     text: list[str] = []
-    for event in events:
-        data = json.loads(event.data)
-        if event.event == "output.delta":
-            if data.get("reset"):
-                print(f"\n[attempt {data['attempt']} starts again]", file=err, flush=True)
-                text.clear()
-            if live:
-                out.write(data["delta"])
+    try:
+        for event in events:
+            data = json.loads(event.data)
+            if event.event == "output.delta":
+                if data.get("reset"):
+                    print(f"\n[attempt {data['attempt']} starts again]", file=err, flush=True)
+                    text.clear()
+                if live:
+                    out.write(data["delta"])
+                    out.flush()
+                else:
+                    text.append(data["delta"])
+            elif event.event == "done":
+                result = data.get("result") or {}
+                output = result.get("output")
+                if not live:
+                    out.write(output if isinstance(output, str) else "".join(text))
+                out.write("\n")
                 out.flush()
-            else:
-                text.append(data["delta"])
-        elif event.event == "done":
-            out.write("".join(text) + "\n")
+                return dict(data)
+    except BaseException:
+        if not live:
+            out.write("".join(text))
             out.flush()
-            return dict(data)
+        raise
+    if not live:
+        out.write("".join(text))
+        out.flush()
     return None
 
 

@@ -16,9 +16,10 @@ from moto import mock_aws
 
 from llmq import aws
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, LeaseLost
+from llmq.errors import CancelRequested, LeaseLost, StoreUnavailable
+from llmq.job_record import JobRecord
 from llmq.jobs import SWEEP_RECOVERED_MS, JobRepository
-from llmq.live_output import OutputChunk
+from llmq.live_output import OutputChunk, chunk_pk
 from llmq.models import (
     DeliveryAttempt,
     DeliveryStatus,
@@ -26,6 +27,7 @@ from llmq.models import (
     JobError,
     JobResult,
     JobStatus,
+    OutputDelta,
     WebhookEvent,
 )
 from llmq.policy import ClaimOutcome
@@ -418,47 +420,67 @@ def test_output_past_its_ttl_is_skipped_and_the_oldest_chunk_left_read_first(sub
 
 
 class _LeavesUnread:
-    """DynamoDB's client, whose BatchGetItem leaves the chunks named in `unread` unprocessed
-    (as a throttled read leaves keys), however often it is asked."""
+    """A store whose reads of the chunks `unread` (by seq) are throttled, however often asked:
+    the repository's BatchGetItem leaves them in UnprocessedKeys; the fake, its `unread_chunks`."""
 
-    def __init__(self, client: Any, unread: set[str]) -> None:
-        self._client, self.unread = client, unread
+    def __init__(self, subject: Subject) -> None:
+        self.jobs = subject.jobs
+        self.unread: set[int] = set()
+        self._job: JobRecord | None = None
+        self._client: Any = None
+        if isinstance(subject.jobs, JobRepository):
+            self._client, subject.jobs._ddb = subject.jobs._ddb, self
+
+    def read_output(self, job: JobRecord, first: int, last: int, **limit: int) -> list[OutputDelta]:
+        self._job = job
+        if self._client is None:
+            self.jobs.unread_chunks = {(job.id, seq) for seq in self.unread}  # type: ignore[attr-defined]
+        return list(self.jobs.read_output(job, first, last, **limit))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
     def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
+        assert self._job is not None
+        unread = {chunk_pk(self._job, seq) for seq in self.unread}
         response = dict(self._client.batch_get_item(RequestItems=RequestItems))
         left: dict[str, Any] = {}
         for table, answered in response.get("Responses", {}).items():
-            response["Responses"][table] = [item for item in answered if item["pk"]["S"] not in self.unread]
-            keys = [key for key in RequestItems[table]["Keys"] if key["pk"]["S"] in self.unread]
+            response["Responses"][table] = [item for item in answered if item["pk"]["S"] not in unread]
+            keys = [key for key in RequestItems[table]["Keys"] if key["pk"]["S"] in unread]
             if keys:
                 left[table] = {**RequestItems[table], "Keys": keys}
         response["UnprocessedKeys"] = left
         return response
 
 
-def test_a_chunk_a_throttled_read_left_unread_is_never_skipped_as_expired(jobs_table: str) -> None:
-    # Given three fresh chunks, read by a client whose BatchGetItem leaves some unprocessed
-    from llmq.live_output import chunk_pk
-
-    clock = Clock()
-    client = _LeavesUnread(aws.client("dynamodb"), set())
-    jobs = JobRepository(jobs_table, LlmqConfig(), dynamodb=client, clock=clock)
-    subject = Subject(jobs, clock)
-    claimed = jobs.claim(subject.created(stream=True), "w1", LEASE_SECONDS).job
-    assert claimed is not None
-    for seq, text in ((1, "a"), (2, "b"), (3, "c")):
-        jobs.write_output(claimed, "w1", _chunk(seq, text))
-    # When the first one stays unread, nothing is read (the client's next request reads on)
-    client.unread = {chunk_pk(claimed, 1)}
-    assert jobs.read_output(claimed, 1, 3) == []
-    # When the second does, the run ends before it
-    client.unread = {chunk_pk(claimed, 2)}
-    assert [delta.seq for delta in jobs.read_output(claimed, 1, 3)] == [1]
-    client.unread = set()
-    assert [delta.seq for delta in jobs.read_output(claimed, 1, 3)] == [1, 2, 3]
+def test_a_chunk_a_throttled_read_left_unread_is_never_skipped_as_expired(subject: Subject) -> None:
+    # Given a first attempt's 150 chunks past their TTL, and a takeover's three fresh ones
+    job_id = subject.created(stream=True, expires_at=subject.jobs.now_ms() // 1000 + 7 * 86_400)
+    first = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert first is not None
+    for seq in range(1, 151):
+        subject.jobs.write_output(first, "w1", _chunk(seq, "old"))
+    subject.clock.advance(LlmqConfig().streaming.chunk_ttl_seconds + 1)
+    taken = subject.jobs.claim(job_id, "w2", LEASE_SECONDS).job
+    assert taken is not None
+    for seq, text in ((151, "a"), (152, "b"), (153, "c")):
+        subject.jobs.write_output(taken, "w2", _chunk(seq, text, attempt=2, reset=seq == 151))
+    jobs = _LeavesUnread(subject)
+    # When nothing is left unread, a read from the start skips two pages of expired chunks
+    assert [delta.seq for delta in jobs.read_output(taken, 1, 153)] == [151, 152, 153]
+    # When the first fresh chunk is left unread (past the expired ones), nothing is skipped
+    # past it: the read says AWS is busy
+    jobs.unread = {151}
+    with pytest.raises(StoreUnavailable):
+        jobs.read_output(taken, 1, 153)
+    # When a later one is, the run ends before it
+    jobs.unread = {152}
+    assert [delta.seq for delta in jobs.read_output(taken, 1, 153)] == [151]
+    # And a page limit bounds what one read returns (and reads)
+    jobs.unread = set()
+    assert [delta.seq for delta in jobs.read_output(taken, 150, 153, limit=2)] == [151]
+    assert [delta.seq for delta in jobs.read_output(taken, 152, 153, limit=2)] == [152, 153]
 
 
 def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: Subject) -> None:

@@ -143,6 +143,8 @@ class InMemoryJobs:
         # Streaming jobs' output chunks: (job id, seq) -> the delta.
         self.chunks: dict[tuple[str, int], OutputDelta] = {}
         self.chunk_expiry: dict[tuple[str, int], int] = {}
+        # Chunks a throttled BatchGetItem leaves unprocessed (UnprocessedKeys), however often asked.
+        self.unread_chunks: set[tuple[str, int]] = set()
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -288,20 +290,28 @@ class InMemoryJobs:
         return OutputHead(record.tenant_id, record.status, record.stream_seq or 0, record.expires_at)
 
     @_throttleable
-    def read_output(self, job: JobRecord, first: int, last: int) -> list[OutputDelta]:
-        """As DynamoDB's: the chunks gone (expired) at the front are skipped, a page at a time."""
+    def read_output(
+        self, job: JobRecord, first: int, last: int, *, limit: int = OUTPUT_PAGE
+    ) -> list[OutputDelta]:
+        """As DynamoDB's: the chunks gone (expired) at the front are skipped, a page at a time;
+        a chunk in `unread_chunks` is one a throttled read did not return."""
         job_id = job.id
+        size = max(1, min(limit, OUTPUT_PAGE))
         start = first
         while start <= last:
-            deltas = []
-            for seq in range(start, min(last, start + OUTPUT_PAGE - 1) + 1):
+            deltas: list[OutputDelta] = []
+            for seq in range(start, min(last, start + size - 1) + 1):
+                if (job_id, seq) in self.unread_chunks:
+                    if deltas:
+                        return deltas
+                    raise StoreUnavailable("DynamoDB left the job's output unread (throttled)")
                 if (job_id, seq) in self.chunks and self.chunk_expiry[(job_id, seq)] > self.now_ms() // 1000:
                     deltas.append(self.chunks[(job_id, seq)])
                 elif deltas:
                     break
             if deltas:
                 return deltas
-            start += OUTPUT_PAGE
+            start += size
         return []
 
     # ---- the lease ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from llmq.errors import StoreUnavailable
 from llmq.execution import Invocation, JobRunner
 from llmq.intake import JobIntake
 from llmq.job_record import JobRecord
-from llmq.live_output import OutputChunk, OutputRecorder, resume_point
+from llmq.live_output import CHUNK_MAX_CHARS, OutputChunk, OutputRecorder, resume_point
 from llmq.models import JobResult, JobStatus, LaneMessage, OutputDelta, WebhookEvent
 from llmq.providers import GenerationRequest, TransientProviderError
 from llmq.sqs_edge import RetryLater
@@ -662,13 +662,17 @@ def test_a_finished_jobs_chunk_read_left_unfinished_by_aws_does_not_end_the_stre
     running_stream_job(world)
     world.write("job_1", "a", "b", "c")
     world.jobs.complete(world.jobs.records["job_1"], OWNER, result=JobResult(output="abc"))
-    # When the read of chunks 2 and 3 comes back without them (BatchGetItem's unprocessed keys)
-    kept = {key: world.jobs.chunks.pop(key) for key in [("job_1", 2), ("job_1", 3)]}
-    body = world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5)
-    # Then the response ends with a retry hint, not done: nothing was skipped
-    assert parse(body) == [] and body.endswith("retry: 100\n\n")
+    # When the read of chunk 2 comes back without it (BatchGetItem's unprocessed keys)
+    world.jobs.unread_chunks = {("job_1", 2)}
+    with pytest.raises(StoreUnavailable):
+        world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5)
+    # (which the api function answers with a retry hint: nothing was skipped, nothing ended)
+    # And when only chunk 3 is left unread, chunk 2 comes, and the stream does not end
+    world.jobs.unread_chunks = {("job_1", 3)}
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5))
+    assert [(event, event_id) for event, event_id, _ in events] == [("output.delta", "2")]
     # And the next request, once AWS answers, reads on and ends the stream
-    world.jobs.chunks.update(kept)
+    world.jobs.unread_chunks = set()
     events = parse(world.intake.output_events(world.tenant, "job_1", seen=1, wait_seconds=5))
     assert [(event, event_id) for event, event_id, _ in events] == [
         ("output.delta", "2"),
@@ -753,6 +757,107 @@ def test_a_finished_retry_whose_first_attempt_expired_gives_a_new_follower_the_w
         ("done", "done"),
     ]
     assert _joined(events) == "Once upon a time there was"
+
+
+def _follow(world: EventsWorld, seen: int = 0) -> tuple[str, list[int], dict[str, object]]:
+    """An SSE client: it reconnects after the last delta's id until `done`; the text joined by
+    the reset rule, the ids it read, and the Job `done` carried."""
+    text, ids = "", []
+    for _ in range(50):
+        events = parse(world.intake.output_events(world.tenant, "job_1", seen=seen, wait_seconds=0))
+        for event, event_id, data in events:
+            if event == "output.delta":
+                assert event_id is not None and int(event_id) > seen
+                seen = int(event_id)
+                ids.append(seen)
+                delta = json.loads(data)
+                text = ("" if delta["reset"] else text) + delta["delta"]
+            elif event == "done":
+                return text, ids, json.loads(data)
+    raise AssertionError("the stream never ended")
+
+
+def test_a_whole_output_served_over_several_responses_reads_on_in_its_own_numbering() -> None:
+    # Given a finished job whose chunks are all past their TTL, and one delta a response: its
+    # whole output (two pieces) takes two responses, the second resumed after the first's id
+    world = EventsWorld(chunk_ttl_seconds=3600, max_deltas_per_response=1)
+    running_stream_job(world)
+    output = "x" * CHUNK_MAX_CHARS + "TAIL"
+    world.write("job_1", *[output[start : start + 4000] for start in range(0, len(output), 4000)])
+    world.jobs.complete(world.jobs.records["job_1"], OWNER, result=JobResult(output=output))
+    world.clock.advance(3601)
+    # Then the client joins the whole output, not its first piece and then the (empty) tail
+    text, ids, done = _follow(world)
+    assert text == output and done["status"] == "succeeded"
+    assert ids == [6, 7]
+
+
+def test_a_wait_reads_expired_chunks_once_not_at_every_poll() -> None:
+    # Given a job waiting for its retry a chunk's TTL after its first attempt wrote 900 chunks
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    running_stream_job(world)
+    world.write("job_1", *[f"w{i} " for i in range(900)])
+    world.clock.advance(3601)
+    world.jobs.records["job_1"] = world.jobs.records["job_1"].model_copy(
+        update={"status": JobStatus.QUEUED, "lease_owner": None}
+    )
+    reads: list[int] = []
+    real = world.jobs.read_output
+
+    def counted(job: JobRecord, first: int, last: int, **limit: int) -> list[OutputDelta]:
+        reads.append(first)
+        return real(job, first, last, **limit)
+
+    world.jobs.read_output = counted  # type: ignore[method-assign]
+    # When a new follower waits through several polls
+    body = world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=0.2)
+    # Then it got nothing of the expired attempt, and read its chunks once
+    assert [event for event, _, _ in parse(body)] == ["status"]
+    assert reads == [1] and world.sleeps >= 5
+
+
+def test_a_new_follower_of_a_job_awaiting_its_retry_gets_no_fragment_of_the_abandoned_attempt() -> None:
+    # Given a first attempt's 150 chunks, written a second apart, the job then sent back to
+    # wait a day (a 429's Retry-After), half of them now past their TTL
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    running_stream_job(world)
+    for index in range(150):
+        world.write("job_1", f"word{index} ")
+        world.clock.advance(1)
+    world.jobs.records["job_1"] = world.jobs.records["job_1"].model_copy(
+        update={"status": JobStatus.QUEUED, "lease_owner": None}
+    )
+    world.clock.advance(3600 - 75)
+    # Then a new follower is not served the rest of it as if it were the output's beginning
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=0))
+    assert [event for event, _, _ in events] == ["status"]
+    # And when the retry writes, its output comes from its first delta
+    world.jobs.records["job_1"] = world.jobs.records["job_1"].model_copy(
+        update={"status": JobStatus.RUNNING, "lease_owner": OWNER, "attempts": 2}
+    )
+    world.write("job_1", "Once", " upon", attempt=2)
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=0))
+    assert [event_id for event, event_id, _ in events if event == "output.delta"] == ["151", "152"]
+    assert _joined(events) == "Once upon"
+
+
+def test_the_cli_writing_to_a_file_keeps_what_it_read_when_the_stream_stops_before_done() -> None:
+    import io
+
+    from httpx_sse import ServerSentEvent
+
+    from llmq_cli.main import print_stream
+
+    def delta(seq: int, text: str) -> ServerSentEvent:
+        return ServerSentEvent(
+            event="output.delta",
+            id=str(seq),
+            data=json.dumps({"seq": seq, "delta": text, "attempt": 1, "reset": False}),
+        )
+
+    out, err = io.StringIO(), io.StringIO()
+    assert print_stream(iter([delta(1, "Once upon"), delta(2, " a time")]), out, err, live=False) is None
+    assert out.getvalue() == "Once upon a time"
 
 
 def test_a_cancel_that_comes_as_the_generation_ends_leaves_its_paid_result_standing() -> None:

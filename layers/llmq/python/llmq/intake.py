@@ -29,7 +29,7 @@ from llmq.job_codec import write_token
 from llmq.job_record import JobInput, JobRecord, new_job_id
 from llmq.jobs import Admission
 from llmq.lanes import lane_for_tier
-from llmq.live_output import done_event, paged_events, retry_hint, status_event, tail_deltas
+from llmq.live_output import done_event, paged_events, result_deltas, retry_hint, status_event
 from llmq.models import JobRequest, JobStatus, OutputDelta, WebhookEvent, WebhookLog
 from llmq.offload import Offload
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
@@ -304,13 +304,17 @@ class JobIntake:
             later = self.config.fair_share.long_poll_retry_after_seconds * 1000
             return self._events_now(job, seen, opening, retry_ms=later)
         status, last = job.status, job.stream_seq or 0
+        # Through here nothing can be served (gone past its TTL, or an abandoned attempt's rest):
+        # gone stays gone, so a wait reads only what is written after it.
+        read_from = seen
         try:
             while True:
-                if last > seen:
-                    deltas = self.jobs.read_output(job, seen + 1, last)[: streaming.max_deltas_per_response]
+                if last > read_from:
+                    deltas = self._unread_deltas(job, read_from, last)
                     if deltas:
                         hint = retry_hint(streaming.retry_ms)
                         return paged_events("".join(opening), deltas, hint, hint)
+                    read_from = last
                 if status.is_terminal or time.monotonic() >= deadline:
                     break
                 self._sleep(min(streaming.poll_interval_ms / 1000, max(0.0, deadline - time.monotonic())))
@@ -347,23 +351,23 @@ class JobIntake:
         opened = "".join(opening)
         deltas: list[OutputDelta] = []
         whole = False
+        if not job.status.is_terminal:
+            return paged_events(
+                opened, self._unread_deltas(job, seen, last) if last > seen else [], hint, hint
+            )
         if last > seen:
-            # (past chunks gone at the front: `read_output` starts at the oldest one left)
-            deltas = self.jobs.read_output(job, seen + 1, last)[: streaming.max_deltas_per_response]
-            gone = deltas[0].seq > seen + 1 if deltas else self._chunks_may_have_expired(job)
-            if job.status.is_terminal and gone:
-                # Some of the output the client has not read is past its TTL: the result holds
-                # it all, served whole as a reset (the chunks left may hold only its end).
+            deltas = self.jobs.read_output(job, seen + 1, last, limit=streaming.max_deltas_per_response)
+            if not deltas or deltas[0].seq > seen + 1:
+                # Output the client has not read is past its TTL: the result holds it all,
+                # served whole as a reset (the chunks left may hold only its end).
                 deltas, whole = [], True
-            elif not job.status.is_terminal or (deltas[-1].seq if deltas else seen) < last:
+            elif deltas[-1].seq < last:
                 # More to read, or a read AWS left unfinished: the next request reads on.
                 return paged_events(opened, deltas, hint, hint)
-        if not job.status.is_terminal:
-            return paged_events(opened, deltas, hint, hint)
         if job.stream and job.status is JobStatus.SUCCEEDED:
             loaded = self.offload.load_result(job)
-            tail = tail_deltas(job, loaded.result.output, whole=whole) if loaded.result is not None else []
-            deltas += [delta for delta in tail if delta.seq > seen]
+            if loaded.result is not None:
+                deltas += result_deltas(job, loaded.result.output, seen, whole=whole)
             if len(deltas) > streaming.max_deltas_per_response:
                 return paged_events(opened, deltas[: streaming.max_deltas_per_response], hint, hint)
         # A result held in S3 goes as its presigned URL: the deltas carried its text already,
@@ -372,11 +376,25 @@ class JobIntake:
         end = (status_event(job.status) if ended else "") + done_event(self.offload.link_result(job).to_job())
         return paged_events(opened, deltas, end, hint)
 
-    def _chunks_may_have_expired(self, job: JobRecord) -> bool:
-        """Whether a chunk of the job may be past its TTL: the first was written no earlier
-        than the job's start."""
-        began = job.started_ms or job.created_ms
-        return self.jobs.now_ms() >= began + self.config.streaming.chunk_ttl_seconds * 1000
+    def _unread_deltas(self, job: JobRecord, seen: int, last: int) -> list[OutputDelta]:
+        """A running job's deltas after `seen`, a page at most. Chunks past their TTL are
+        skipped (`JobStore.read_output`). When some were, and the first left is not an
+        attempt's first (`reset`), it is the rest of an attempt whose beginning is gone, an
+        earlier attempt's (an attempt outlives no chunk: the TTL is longer than a worker's
+        timeout), which its retry's reset drops anyway: it is not served, or a client would
+        take it for the beginning of the output. A throttled read that read nothing raises
+        StoreUnavailable (the client comes back)."""
+        limit = self.config.streaming.max_deltas_per_response
+        first = seen + 1
+        while first <= last:
+            deltas = self.jobs.read_output(job, first, last, limit=limit)
+            if not deltas or deltas[0].seq == seen + 1:
+                return deltas
+            start = next((index for index, delta in enumerate(deltas) if delta.reset), None)
+            if start is not None:
+                return deltas[start:]
+            first = deltas[-1].seq + 1
+        return []
 
     def _take_place(self, tenant: TenantIdentity, seconds: float) -> str | None:
         if self.polls is None:

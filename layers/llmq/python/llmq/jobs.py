@@ -1128,18 +1128,20 @@ class JobRepository:
             expires_at=int(data["expires_at"]),
         )
 
-    def read_output(self, job: JobRecord, first: int, last: int) -> list[OutputDelta]:
-        """Chunks from `first` to `last`, in order, a page (`OUTPUT_PAGE`) at most.
+    def read_output(
+        self, job: JobRecord, first: int, last: int, *, limit: int = OUTPUT_PAGE
+    ) -> list[OutputDelta]:
+        """Chunks from `first` to `last`, in order, `limit` at most (a BatchGetItem's keys).
 
         Chunks expire (their TTL) in the order they were written, so those gone come first:
         an earlier attempt's, retried later than a chunk's TTL. They are skipped, a page at a
-        time if need be, and what is read starts at the oldest chunk left: the running
-        attempt's text stays readable however long ago the earlier one ran. The run ends at
-        the first chunk a throttled read did not return (the client's next request reads on
-        from there)."""
+        time if need be, and what is read starts at the oldest chunk left; none left is [].
+        The run ends at the first chunk a throttled read did not return (the client's next
+        request reads on from there); when that is the first, StoreUnavailable."""
+        size = max(1, min(limit, OUTPUT_PAGE))
         start = first
         while start <= last:
-            seqs = range(start, min(last, start + OUTPUT_PAGE - 1) + 1)
+            seqs = range(start, min(last, start + size - 1) + 1)
             found, unread = self._read_chunks(job, seqs)
             deltas: list[OutputDelta] = []
             for seq in seqs:
@@ -1147,8 +1149,10 @@ class JobRepository:
                     deltas.append(found[seq])
                 elif seq in unread or deltas:
                     break
-            if deltas or unread:
+            if deltas:
                 return deltas
+            if unread:
+                raise StoreUnavailable("DynamoDB left the job's output unread (throttled)")
             start = seqs[-1] + 1
         return []
 

@@ -295,26 +295,43 @@ def finished_reading(last_event_id: str | None) -> bool:
     return (last_event_id or "").strip() == DONE_ID
 
 
-def tail_deltas(job: JobRecord, output: str, *, whole: bool = False) -> list[OutputDelta]:
+def _pieces(text: str) -> list[str]:
+    return [text[start : start + CHUNK_MAX_CHARS] for start in range(0, len(text), CHUNK_MAX_CHARS)] or [""]
+
+
+def tail_deltas(job: JobRecord, output: str) -> list[OutputDelta]:
     """The end of a succeeded job's output that no chunk holds (its last writes failed, or
     were cut short): served from its result, as the deltas after the last chunk, each at most
-    a chunk's length (`CHUNK_MAX_CHARS`), so that a page of them fits a response as chunks do.
-    `whole`: the chunks the client needs are past their TTL, so the whole output comes, as a
-    reset of whatever the client holds."""
-    same_attempt = job.stream_attempt == job.attempts and not whole
+    a chunk's length (`CHUNK_MAX_CHARS`), so that a page of them fits a response as chunks do."""
+    same_attempt = job.stream_attempt == job.attempts
     written = (job.stream_chars or 0) if same_attempt else 0
     # The chunks hold an earlier attempt's text: even an empty output (a retry that produced
     # nothing, say `content_filter`) comes as a reset, or the joined deltas would be that text.
     earlier = not same_attempt and (job.stream_seq or 0) > 0
     if written >= len(output) and not earlier:
         return []
-    rest = output[written:]
-    pieces = [rest[start : start + CHUNK_MAX_CHARS] for start in range(0, len(rest), CHUNK_MAX_CHARS)]
     return [
         OutputDelta(
             seq=(job.stream_seq or 0) + 1 + n, delta=piece, attempt=job.attempts, reset=earlier and n == 0
         )
-        for n, piece in enumerate(pieces or [""])
+        for n, piece in enumerate(_pieces(output[written:]))
+    ]
+
+
+def result_deltas(job: JobRecord, output: str, seen: int, *, whole: bool) -> list[OutputDelta]:
+    """What a succeeded job's result gives a client that has read up to `seen`, after the last
+    chunk: the end no chunk holds (`tail_deltas`), or, when chunks it had not read are past
+    their TTL (`whole`), the whole output as a reset. The whole output is numbered after the
+    tail's pieces, a range of its own, so that a client resuming within either (a page too
+    large for one response) reads on in the same one."""
+    tail = tail_deltas(job, output)
+    whole_from = (job.stream_seq or 0) + 1 + len(tail)
+    if not whole and seen < whole_from:
+        return [delta for delta in tail if delta.seq > seen]
+    return [
+        OutputDelta(seq=whole_from + n, delta=piece, attempt=job.attempts, reset=n == 0)
+        for n, piece in enumerate(_pieces(output))
+        if whole_from + n > seen
     ]
 
 
