@@ -8,7 +8,7 @@ the integration suite because its moto tables come from the synthesized app.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -403,13 +403,16 @@ def test_output_past_its_ttl_is_skipped_and_the_oldest_chunk_left_read_first(sub
     job_id = subject.created(stream=True, expires_at=subject.jobs.now_ms() // 1000 + 7 * 86_400)
     first = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
     assert first is not None
-    subject.jobs.write_output(first, "w1", _chunk(1, "a"))
+    subject.jobs.write_output(first, "w1", replace(_chunk(1, "a"), opens=True))
     subject.jobs.write_output(first, "w1", _chunk(2, "b"))
+    # (the job keeps its current attempt's first chunk)
+    assert subject.jobs.find(job_id).stream_from == 1  # type: ignore[union-attr]
     subject.clock.advance(LlmqConfig().streaming.chunk_ttl_seconds + 1)
     taken = subject.jobs.claim(job_id, "w2", LEASE_SECONDS).job
     assert taken is not None and taken.attempts == 2
-    subject.jobs.write_output(taken, "w2", _chunk(3, "A", attempt=2, reset=True))
+    subject.jobs.write_output(taken, "w2", replace(_chunk(3, "A", attempt=2, reset=True), opens=True))
     subject.jobs.write_output(taken, "w2", _chunk(4, "B", attempt=2))
+    assert subject.jobs.find(job_id).stream_from == 3  # type: ignore[union-attr]
     # Then a read from the start skips the expired chunks and reads the fresh ones, in order
     assert [(delta.seq, delta.delta, delta.reset) for delta in subject.jobs.read_output(taken, 1, 9)] == [
         (3, "A", True),
@@ -481,6 +484,41 @@ def test_a_chunk_a_throttled_read_left_unread_is_never_skipped_as_expired(subjec
     jobs.unread = set()
     assert [delta.seq for delta in jobs.read_output(taken, 150, 153, limit=2)] == [151]
     assert [delta.seq for delta in jobs.read_output(taken, 152, 153, limit=2)] == [152, 153]
+
+
+def test_a_follower_of_a_job_awaiting_its_retry_past_the_ttl_reads_a_page_at_most_a_response(
+    subject: Subject,
+) -> None:
+    # Given a first attempt's 300 chunks, the job sent back to wait past their TTL
+    from llmq.intake import JobIntake
+    from llmq.models import JobError
+    from llmq.tenants import TenantIdentity
+    from tests.support.stores import InMemoryQueues
+
+    job_id = subject.created(stream=True, expires_at=subject.jobs.now_ms() // 1000 + 7 * 86_400)
+    claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job
+    assert claimed is not None
+    for seq in range(1, 301):
+        subject.jobs.write_output(claimed, "w1", replace(_chunk(seq, "x"), opens=seq == 1))
+    error = JobError(code="provider_unavailable", message="busy", retryable=True)
+    subject.jobs.requeue(claimed, "w1", error, 86_400)
+    subject.clock.advance(LlmqConfig().streaming.chunk_ttl_seconds + 1)
+    asked: list[int] = []
+    real = subject.jobs.read_output
+
+    def counted(job: JobRecord, first: int, last: int, **limit: int) -> list[OutputDelta]:
+        asked.append(min(last, first + limit.get("limit", 100) - 1) - first + 1)
+        return real(job, first, last, **limit)
+
+    subject.jobs.read_output = counted  # type: ignore[method-assign]
+    intake = JobIntake(subject.jobs, InMemoryQueues(), LlmqConfig(), lambda url: None, sleep=lambda s: None)
+    tenant = TenantIdentity(tenant_id="ten_acme", tier="enterprise")
+    # When a new follower asks three times, served nothing of the abandoned attempt
+    for _ in range(3):
+        body = intake.output_events(tenant, job_id, seen=0, wait_seconds=0)
+        assert "output.delta" not in body and "event: status" in body
+    # Then each response read one page at most, not every expired chunk
+    assert len(asked) == 3 and max(asked) <= 100
 
 
 def test_an_output_write_tells_its_worker_of_a_cancel_or_a_lost_lease(subject: Subject) -> None:

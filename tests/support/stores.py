@@ -276,6 +276,7 @@ class InMemoryJobs:
             stream_seq=chunk.seq,
             stream_attempt=chunk.attempt,
             stream_chars=chunk.chars,
+            stream_from=chunk.seq if chunk.opens else old.stream_from,
             progress_tokens=chunk.tokens,
             progress_ms=self.now_ms(),
             output_partial=chunk.partial,
@@ -300,7 +301,8 @@ class InMemoryJobs:
         start = first
         while start <= last:
             deltas: list[OutputDelta] = []
-            for seq in range(start, min(last, start + size - 1) + 1):
+            page = range(start, min(last, start + size - 1) + 1)
+            for seq in page:
                 if (job_id, seq) in self.unread_chunks:
                     if deltas:
                         return deltas
@@ -310,8 +312,8 @@ class InMemoryJobs:
                 elif deltas:
                     break
             if deltas:
-                return deltas
-            start += size
+                return deltas[: max(1, limit)]
+            start, size = page[-1] + 1, OUTPUT_PAGE
         return []
 
     # ---- the lease ------------------------------------------------------------------------

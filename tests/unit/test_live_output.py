@@ -355,8 +355,9 @@ class EventsWorld:
             action = self.on_sleep.pop(0)
             action()  # type: ignore[operator]
 
-    def write(self, job_id: str, *pieces: str, attempt: int = 1) -> None:
-        """`pieces` as `attempt`'s chunks (a reset first when it is a retry)."""
+    def write(self, job_id: str, *pieces: str, attempt: int = 1, every: float = 0.0) -> None:
+        """`pieces` as `attempt`'s chunks (a reset first when it is a retry), `every` seconds
+        apart."""
         job = self.jobs.records[job_id]
         recorder = OutputRecorder(
             job_id=job_id,
@@ -372,6 +373,7 @@ class EventsWorld:
             self.jobs.write_output(job, OWNER, chunk)
             recorder.written(chunk)
             job = self.jobs.records[job_id]
+            self.clock.advance(every)
 
 
 def running_stream_job(world: EventsWorld) -> JobRecord:
@@ -821,9 +823,7 @@ def test_a_new_follower_of_a_job_awaiting_its_retry_gets_no_fragment_of_the_aban
     # wait a day (a 429's Retry-After), half of them now past their TTL
     world = EventsWorld(chunk_ttl_seconds=3600)
     running_stream_job(world)
-    for index in range(150):
-        world.write("job_1", f"word{index} ")
-        world.clock.advance(1)
+    world.write("job_1", *[f"word{index} " for index in range(150)], every=1)
     world.jobs.records["job_1"] = world.jobs.records["job_1"].model_copy(
         update={"status": JobStatus.QUEUED, "lease_owner": None}
     )
@@ -839,6 +839,28 @@ def test_a_new_follower_of_a_job_awaiting_its_retry_gets_no_fragment_of_the_aban
     events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=0))
     assert [event_id for event, event_id, _ in events if event == "output.delta"] == ["151", "152"]
     assert _joined(events) == "Once upon"
+
+
+def test_the_cli_writing_to_a_file_keeps_what_it_read_when_interrupted() -> None:
+    import io
+    from collections.abc import Iterator
+
+    from httpx_sse import ServerSentEvent
+
+    from llmq_cli.main import print_stream
+
+    def events() -> Iterator[ServerSentEvent]:
+        yield ServerSentEvent(
+            event="output.delta",
+            id="1",
+            data=json.dumps({"seq": 1, "delta": "Once", "attempt": 1, "reset": False}),
+        )
+        raise KeyboardInterrupt
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        print_stream(events(), out, err, live=False)
+    assert out.getvalue() == "Once"
 
 
 def test_the_cli_writing_to_a_file_keeps_what_it_read_when_the_stream_stops_before_done() -> None:
@@ -858,6 +880,39 @@ def test_the_cli_writing_to_a_file_keeps_what_it_read_when_the_stream_stops_befo
     out, err = io.StringIO(), io.StringIO()
     assert print_stream(iter([delta(1, "Once upon"), delta(2, " a time")]), out, err, live=False) is None
     assert out.getvalue() == "Once upon a time"
+
+
+def test_a_tail_of_several_pieces_read_over_several_responses_is_not_taken_for_the_whole() -> None:
+    # Given a finished job whose last writes failed: the rest of its output, two pieces, only
+    # in its result; and three deltas a response
+    world = EventsWorld(max_deltas_per_response=3)
+    running_stream_job(world)
+    world.write("job_1", "ab", "cd")
+    output = "abcd" + "y" * CHUNK_MAX_CHARS + "END"
+    world.jobs.complete(world.jobs.records["job_1"], OWNER, result=JobResult(output=output))
+    # Then a client reads the chunks and the tail in its own numbering, across responses
+    text, ids, done = _follow(world)
+    assert ids == [1, 2, 3, 4] and text == output and done["status"] == "succeeded"
+
+
+def test_a_follower_behind_a_retry_whose_first_attempt_expired_reads_no_expired_chunk() -> None:
+    # Given a first attempt's 150 chunks past their TTL, and its retry's first two chunks
+    world = EventsWorld(chunk_ttl_seconds=3600)
+    _retried_long_after(world, [f"w{i} " for i in range(150)], ["Once", " upon"])
+    asked: list[range] = []
+    real = world.jobs.read_output
+
+    def counted(job: JobRecord, first: int, last: int, **limit: int) -> list[OutputDelta]:
+        asked.append(range(first, last + 1))
+        return real(job, first, last, **limit)
+
+    world.jobs.read_output = counted  # type: ignore[method-assign]
+    # When a new follower comes
+    events = parse(world.intake.output_events(world.tenant, "job_1", seen=0, wait_seconds=0))
+    # Then it reads the retry's output from its first chunk, having asked for one expired key
+    assert [event_id for event, event_id, _ in events if event == "output.delta"] == ["151", "152"]
+    assert _joined(events) == "Once upon"
+    assert [(r.start, r.stop - 1) for r in asked] == [(1, 1), (151, 152)]
 
 
 def test_a_cancel_that_comes_as_the_generation_ends_leaves_its_paid_result_standing() -> None:

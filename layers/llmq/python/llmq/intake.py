@@ -356,7 +356,9 @@ class JobIntake:
                 opened, self._unread_deltas(job, seen, last) if last > seen else [], hint, hint
             )
         if last > seen:
-            deltas = self.jobs.read_output(job, seen + 1, last, limit=streaming.max_deltas_per_response)
+            # (one page: whether the client's next chunk is there is all that decides)
+            page_end = min(last, seen + streaming.max_deltas_per_response)
+            deltas = self.jobs.read_output(job, seen + 1, page_end, limit=streaming.max_deltas_per_response)
             if not deltas or deltas[0].seq > seen + 1:
                 # Output the client has not read is past its TTL: the result holds it all,
                 # served whole as a reset (the chunks left may hold only its end).
@@ -377,24 +379,42 @@ class JobIntake:
         return paged_events(opened, deltas, end, hint)
 
     def _unread_deltas(self, job: JobRecord, seen: int, last: int) -> list[OutputDelta]:
-        """A running job's deltas after `seen`, a page at most. Chunks past their TTL are
-        skipped (`JobStore.read_output`). When some were, and the first left is not an
-        attempt's first (`reset`), it is the rest of an attempt whose beginning is gone, an
-        earlier attempt's (an attempt outlives no chunk: the TTL is longer than a worker's
-        timeout), which its retry's reset drops anyway: it is not served, or a client would
-        take it for the beginning of the output. A throttled read that read nothing raises
-        StoreUnavailable (the client comes back)."""
+        """A running job's deltas after `seen`, a page at most.
+
+        Chunks past their TTL are not served, nor the rest of an attempt whose first chunks
+        are: an attempt ends long before its first chunk expires (the TTL is longer than a
+        worker's timeout), so that attempt was abandoned, its retry's reset drops its text
+        anyway, and served alone its rest would read as the beginning of the output. So a
+        client whose next chunk is gone reads on at the latest attempt's first chunk
+        (`JobRecord.stream_from`), when that is still there and unread, without reading the
+        gone ones in between. A throttled read that read nothing raises StoreUnavailable."""
         limit = self.config.streaming.max_deltas_per_response
-        first = seen + 1
-        while first <= last:
-            deltas = self.jobs.read_output(job, first, last, limit=limit)
-            if not deltas or deltas[0].seq == seen + 1:
-                return deltas
-            start = next((index for index, delta in enumerate(deltas) if delta.reset), None)
-            if start is not None:
-                return deltas[start:]
-            first = deltas[-1].seq + 1
-        return []
+        start = job.stream_from
+        # Behind the latest attempt: one key says whether the client's next chunk is there.
+        if (
+            start is not None
+            and seen + 1 < start
+            and not self.jobs.read_output(job, seen + 1, seen + 1, limit=1)
+        ):
+            opening = self.jobs.read_output(job, start, last, limit=limit)
+            return opening if opening and opening[0].seq == start else []
+        deltas = self.jobs.read_output(job, seen + 1, min(last, seen + limit), limit=limit)
+        if not deltas or deltas[0].seq == seen + 1:
+            return deltas
+        if start is not None:
+            # Inside the latest attempt, whose next chunk is gone: it was abandoned.
+            return []
+        # (a job whose chunks were written before `stream_from` was kept: the rest of the page
+        # from the first attempt's first chunk left, and on, page by page)
+        while True:
+            first_kept = next((index for index, delta in enumerate(deltas) if delta.reset), None)
+            if first_kept is not None:
+                return deltas[first_kept:]
+            if deltas[-1].seq >= last:
+                return []
+            deltas = self.jobs.read_output(job, deltas[-1].seq + 1, last, limit=limit)
+            if not deltas:
+                return []
 
     def _take_place(self, tenant: TenantIdentity, seconds: float) -> str | None:
         if self.polls is None:

@@ -153,8 +153,11 @@ class JobRecord(Model):
     stream: bool | None = None
     stream_seq: int | None = None
     stream_attempt: int | None = None
-    # Characters of `stream_attempt`'s output its chunks hold.
+    # Characters of `stream_attempt`'s output its chunks hold, and the seq of its first chunk:
+    # a follower whose next chunk is past its TTL reads on from there, without reading the
+    # gone ones (an attempt ends long before its first chunk expires).
     stream_chars: int | None = None
+    stream_from: int | None = None
     progress_tokens: int | None = None
     progress_ms: int | None = None
     output_partial: str | None = None

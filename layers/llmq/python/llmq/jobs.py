@@ -1079,6 +1079,8 @@ class JobRepository:
         }
         if not final:
             values["false"] = False
+        if chunk.opens:
+            sets.append("stream_from = :seq")
         update = self._job_update(job.id, "SET " + ", ".join(sets), condition, {"#st": "status"}, values)
         put = {
             "Put": {
@@ -1138,10 +1140,12 @@ class JobRepository:
         time if need be, and what is read starts at the oldest chunk left; none left is [].
         The run ends at the first chunk a throttled read did not return (the client's next
         request reads on from there); when that is the first, StoreUnavailable."""
+        # (the first page as large as what may be returned; the ones skipped past, whole pages)
         size = max(1, min(limit, OUTPUT_PAGE))
         start = first
         while start <= last:
             seqs = range(start, min(last, start + size - 1) + 1)
+            size = OUTPUT_PAGE
             found, unread = self._read_chunks(job, seqs)
             deltas: list[OutputDelta] = []
             for seq in seqs:
@@ -1150,7 +1154,7 @@ class JobRepository:
                 elif seq in unread or deltas:
                     break
             if deltas:
-                return deltas
+                return deltas[: max(1, limit)]
             if unread:
                 raise StoreUnavailable("DynamoDB left the job's output unread (throttled)")
             start = seqs[-1] + 1

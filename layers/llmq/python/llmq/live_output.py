@@ -77,6 +77,8 @@ class OutputChunk:
     partial: str
     truncated: bool
     chars: int = 0
+    # The first chunk its attempt writes (the job keeps its seq: `JobRecord.stream_from`).
+    opens: bool = False
 
     def as_delta(self) -> OutputDelta:
         return OutputDelta(seq=self.seq, delta=self.delta, attempt=self.attempt, reset=self.reset)
@@ -121,6 +123,7 @@ class OutputRecorder:
         self._seq = first_seq
         self._attempt = attempt
         self._reset = reset
+        self._opens = True
         self._parts: list[str] = []
         self._start: list[str] = []
         self._start_chars = 0
@@ -195,6 +198,7 @@ class OutputRecorder:
             partial="".join(self._start),
             truncated=self._truncated,
             chars=self._chars,
+            opens=self._opens,
         )
         return self.unwritten
 
@@ -209,6 +213,7 @@ class OutputRecorder:
         self.unwritten = None
         self._seq = chunk.seq
         self._reset = False
+        self._opens = False
         self.last_write_at = self._clock()
         self._unsent.append(chunk)
 
