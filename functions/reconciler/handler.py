@@ -38,7 +38,7 @@ def reconciler() -> Reconciler:
 @metrics.log_metrics(raise_on_empty_metrics=False)
 @logger.inject_lambda_context(log_event=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, int]:
-    return reconciler().run().as_log()
+    return reconciler().run(remaining_seconds=lambda: context.get_remaining_time_in_millis() / 1000).as_log()
 
 
 startup.imports_done()

@@ -1024,3 +1024,50 @@ def test_a_known_lost_job_of_a_lane_no_longer_deployed_still_ends_at_its_retenti
     stored = jobs.find(lost, past_retention=True)
     assert stored is not None and stored.status is JobStatus.EXPIRED, report
     assert _tenant_share(harness).active == 0
+
+
+class _RunningOut:
+    """An invocation's time left: plenty for the first `looks` looks, then almost none."""
+
+    def __init__(self, looks: int) -> None:
+        self.looks = looks
+
+    def __call__(self) -> float:
+        self.looks -= 1
+        return 60.0 if self.looks >= 0 else 1.0
+
+
+def test_a_run_whose_time_runs_out_leaves_the_rest_due_for_the_next_and_raises_nothing(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, provider: FakeProviderServer
+) -> None:
+    # Given five queued jobs past their deadline, their messages lost
+    job_ids = {harness.submit(deadline_seconds=5).body["id"] for _ in range(5)}
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    # When a run's invocation has time for two of them (one look before the queued jobs, one
+    # before each)
+    first = reconciler.run(remaining_seconds=_RunningOut(looks=3))
+    # Then it settled two, left three due, and ended normally
+    assert (first.examined, len(first.expired), first.left) == (2, 2, 3)
+    assert first.as_log()["left"] == 3
+    # And the next run, with time enough, settles the rest: every job ends expired, once
+    second = reconciler.run(remaining_seconds=lambda: 60.0)
+    assert (second.examined, second.left) == (3, 0)
+    assert set(first.expired) | set(second.expired) == job_ids
+    assert not set(first.expired) & set(second.expired)
+    for job_id in job_ids:
+        job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+        assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+        assert provider.calls_for(job_id) == 0
+
+
+def test_a_run_started_with_too_little_time_settles_nothing_and_leaves_every_entry_due(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    job_id = harness.submit(deadline_seconds=5).body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    report = reconciler.run(remaining_seconds=lambda: 1.0)
+    assert (report.examined, report.left) == (0, 1)
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
+    assert reconciler.run().expired == [job_id]

@@ -9,6 +9,7 @@ job is stale, and re-sending them all would multiply the lane's messages run aft
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -24,6 +25,10 @@ from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
 from llmq.telemetry import count_outcome, error_fields, logger, reconcile_fault
+
+# A run stops settling entries with this much of its invocation left: one settle's few calls,
+# botocore's retries of a throttled one included, and the report, fit in it.
+_TIME_RESERVE_SECONDS = 5.0
 
 
 @dataclass
@@ -42,6 +47,9 @@ class ReconcileReport:
     webhooks: list[str] = field(default_factory=list)
     # Batches whose expand message went again (`Reconciler._poke`).
     batches: list[str] = field(default_factory=list)
+    # Swept entries the run left for the next one, its time running out (still due: the next
+    # run's sweep finds them, the most overdue first).
+    left: int = 0
 
     def as_log(self) -> dict[str, int]:
         return {
@@ -54,6 +62,7 @@ class ReconcileReport:
             "canceled": len(self.canceled),
             "webhooks": len(self.webhooks),
             "batches": len(self.batches),
+            "left": self.left,
         }
 
 
@@ -75,8 +84,14 @@ class Reconciler:
         self.batches = batches
         # Finds a result an earlier attempt parked (`Offload.record_parked`); None: not looked for.
         self.offload = offload
+        self._remaining: Callable[[], float] | None = None
 
-    def run(self) -> ReconcileReport:
+    def run(self, remaining_seconds: Callable[[], float] | None = None) -> ReconcileReport:
+        """One sweep. `remaining_seconds` (the invocation's time left): the run settles entries
+        while more than `_TIME_RESERVE_SECONDS` is left, and leaves the rest due for the next
+        run, so a run with a large or throttled backlog ends within its timeout, reports what
+        it did, and raises no Lambda error (its alarm) for work that was only late."""
+        self._remaining = remaining_seconds
         report = ReconcileReport()
         self._sends.sent.clear()
         now = self.jobs.now_ms()
@@ -97,14 +112,26 @@ class Reconciler:
         lapsed = [entry for entry in entries if entry.status is JobStatus.RUNNING and not entry.batch]
         rest = [entry for entry in entries if not (entry.status is JobStatus.RUNNING and not entry.batch)]
         self._settle_each(lapsed, now, Counter(), report)
-        self._settle_each(rest, now, self._deficits_or_none(rest, now), report)
-        logger.info("reconciled", extra=report.as_log())
+        if self._short_of_time():
+            report.left += len(rest)
+        else:
+            self._settle_each(rest, now, self._deficits_or_none(rest, now), report)
+        if report.left:
+            logger.warning("the run's time ran out; the rest is left for the next run", extra=report.as_log())
+        else:
+            logger.info("reconciled", extra=report.as_log())
         return report
+
+    def _short_of_time(self) -> bool:
+        return self._remaining is not None and self._remaining() < _TIME_RESERVE_SECONDS
 
     def _settle_each(
         self, entries: list[SweepEntry], now: int, deficits: Counter[str], report: ReconcileReport
     ) -> None:
-        for entry in entries:
+        for index, entry in enumerate(entries):
+            if self._short_of_time():
+                report.left += len(entries) - index
+                return
             report.examined += 1
             try:
                 self._settle(entry, now, deficits, report)
