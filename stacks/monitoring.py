@@ -400,6 +400,22 @@ class MonitoringConstruct(Construct):
                 threshold=0,
                 description="llmq: the reconciler could not settle a swept job or the lanes' depths",
             )
+            # A run with more to settle than its time stops and leaves the rest to the next:
+            # a burst. Runs doing so three periods running (each holds a run at least) are a
+            # backlog the reconciler does not keep up with (lapsed leases' slots come back
+            # late: DESIGN §3.11).
+            self._alarm(
+                "ReconcilerFallingBehind",
+                self._metric(
+                    MetricName.RECONCILE_LEFT,
+                    "Sum",
+                    labelled=False,
+                    period=cdk.Duration.minutes(max(5, config.reconciler.schedule_minutes)),
+                ),
+                threshold=0,
+                description="llmq: the reconciler's runs left swept entries for the next, three periods running",
+                evaluation_periods=3,
+            )
             window = reconciler_window_minutes(config)
             # No invocation at all reports no data point: missing data is the alarm here. It
             # fires once right after the first deploy, and no setting avoids that: a new alarm
@@ -466,6 +482,7 @@ class MonitoringConstruct(Construct):
         description: str,
         comparison: cloudwatch.ComparisonOperator = cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
         missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
+        evaluation_periods: int = 1,
     ) -> None:
         alarm = cloudwatch.Alarm(
             self,
@@ -473,7 +490,7 @@ class MonitoringConstruct(Construct):
             metric=metric,
             threshold=threshold,
             comparison_operator=comparison,
-            evaluation_periods=1,
+            evaluation_periods=evaluation_periods,
             treat_missing_data=missing,
             alarm_description=description,
         )

@@ -419,6 +419,14 @@ def test_what_the_reconciler_could_not_settle_raises_an_alarm(synthesized, alarm
     _fires_on_any(alarm)
 
 
+def test_a_reconciler_that_keeps_leaving_entries_for_the_next_run_raises_an_alarm(synthesized, alarms):
+    # One run that stops short is a burst; three periods running, a backlog it does not keep up with
+    alarm = _one(alarms, METRICS_NAMESPACE, MetricName.RECONCILE_LEFT.value, service=synthesized.service)
+    assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Sum", 300, 3)
+    assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
 def test_every_alarm_is_described_in_the_operations_guide(synthesized):
     from pathlib import Path
 

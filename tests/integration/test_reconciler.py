@@ -1027,32 +1027,41 @@ def test_a_known_lost_job_of_a_lane_no_longer_deployed_still_ends_at_its_retenti
 
 
 class _RunningOut:
-    """An invocation's time left: plenty for the first `looks` looks, then almost none."""
+    """An invocation's time left: plenty for the first `looks` looks, then almost none. A run
+    looks once as it starts (its reserve), once before the lanes' depths, and once before each
+    entry but its first."""
 
-    def __init__(self, looks: int) -> None:
-        self.looks = looks
+    def __init__(self, looks: int, then: float = 1.0, first: float = 60.0) -> None:
+        self.looks, self.then, self.first = looks, then, first
 
     def __call__(self) -> float:
         self.looks -= 1
-        return 60.0 if self.looks >= 0 else 1.0
+        return self.first if self.looks >= 0 else self.then
 
 
 def test_a_run_whose_time_runs_out_leaves_the_rest_due_for_the_next_and_raises_nothing(
-    harness: Harness, reconciler: Reconciler, clock: LaterClock, provider: FakeProviderServer
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    provider: FakeProviderServer,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given five queued jobs past their deadline, their messages lost
     job_ids = {harness.submit(deadline_seconds=5).body["id"] for _ in range(5)}
     _purge(harness, harness.stack.lane_queue_urls["high"])
     clock.offset = harness.config.reconciler.stale_queued_seconds + 10
-    # When a run's invocation has time for two of them (one look before the queued jobs, one
-    # before each)
+    # When a run's invocation has time for two of them
+    capsys.readouterr()
     first = reconciler.run(remaining_seconds=_RunningOut(looks=3))
-    # Then it settled two, left three due, and ended normally
+    # Then it settled two, left three due, ended normally, and counted what it left (an alarm
+    # watches that count)
     assert (first.examined, len(first.expired), first.left) == (2, 2, 3)
-    assert first.as_log()["left"] == 3
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.RECONCILE_LEFT)
+    assert record[MetricName.RECONCILE_LEFT] == [3.0]
     # And the next run, with time enough, settles the rest: every job ends expired, once
     second = reconciler.run(remaining_seconds=lambda: 60.0)
     assert (second.examined, second.left) == (3, 0)
+    assert not emitted_metrics(capsys.readouterr().out, MetricName.RECONCILE_LEFT)
     assert set(first.expired) | set(second.expired) == job_ids
     assert not set(first.expired) & set(second.expired)
     for job_id in job_ids:
@@ -1061,13 +1070,25 @@ def test_a_run_whose_time_runs_out_leaves_the_rest_due_for_the_next_and_raises_n
         assert provider.calls_for(job_id) == 0
 
 
-def test_a_run_started_with_too_little_time_settles_nothing_and_leaves_every_entry_due(
+def test_a_run_with_almost_no_time_still_settles_one_entry_the_lapsed_leases_first(
     harness: Harness, reconciler: Reconciler, clock: LaterClock
 ) -> None:
-    job_id = harness.submit(deadline_seconds=5).body["id"]
+    # Given two crashed jobs (their leases lapsed) and two queued jobs past their deadline
+    tenant = (ENTERPRISE["tenant_id"], "high")
+    crashed = [harness.submit().body["id"] for _ in range(2)]
+    late = [harness.submit(deadline_seconds=5).body["id"] for _ in range(2)]
     _purge(harness, harness.stack.lane_queue_urls["high"])
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    for job_id in crashed:
+        assert jobs.claim(job_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
     clock.offset = harness.config.reconciler.stale_queued_seconds + 10
-    report = reconciler.run(remaining_seconds=lambda: 1.0)
-    assert (report.examined, report.left) == (0, 1)
-    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
-    assert reconciler.run().expired == [job_id]
+    # When a run's reads take almost all of its invocation (10 s as it starts, then 1 s)
+    report = reconciler.run(remaining_seconds=_RunningOut(looks=1, then=1.0, first=10.0))
+    # Then it still settled one entry, a lapsed lease, and left the other three for the next
+    assert (report.examined, len(report.recovered), report.left) == (1, 1, 3)
+    assert set(report.recovered) <= set(crashed)
+    # (nor did it read the lanes' depths, a read of the whole index)
+    # And the next run, with time, settles the rest
+    second = reconciler.run()
+    assert set(second.recovered) | set(report.recovered) == set(crashed)
+    assert set(second.expired) == set(late)

@@ -24,11 +24,14 @@ from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
 from llmq.ports import JobStore, QueueStore
 from llmq.queues import announce_terminal
-from llmq.telemetry import count_outcome, error_fields, logger, reconcile_fault
+from llmq.telemetry import MetricName, count_outcome, emit_count, error_fields, logger, reconcile_fault
 
-# A run stops settling entries with this much of its invocation left: one settle's few calls,
-# botocore's retries of a throttled one included, and the report, fit in it.
+# A run stops settling entries with this much of its invocation left (at most this share of
+# what it had at its start): room for the settle in progress's calls, usually, and the report.
+# botocore's retries of a throttled call (three tries, backoff, a read timeout of 10 s) can
+# take longer: then the run is cut off mid-entry as before, which every entry survives.
 _TIME_RESERVE_SECONDS = 5.0
+_TIME_RESERVE_SHARE = 0.2
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Reconciler:
         # Finds a result an earlier attempt parked (`Offload.record_parked`); None: not looked for.
         self.offload = offload
         self._remaining: Callable[[], float] | None = None
+        self._reserve = 0.0
 
     def run(self, remaining_seconds: Callable[[], float] | None = None) -> ReconcileReport:
         """One sweep. `remaining_seconds` (the invocation's time left): the run settles entries
@@ -92,6 +96,11 @@ class Reconciler:
         run, so a run with a large or throttled backlog ends within its timeout, reports what
         it did, and raises no Lambda error (its alarm) for work that was only late."""
         self._remaining = remaining_seconds
+        self._reserve = (
+            min(_TIME_RESERVE_SECONDS, _TIME_RESERVE_SHARE * remaining_seconds())
+            if remaining_seconds is not None
+            else 0.0
+        )
         report = ReconcileReport()
         self._sends.sent.clear()
         now = self.jobs.now_ms()
@@ -112,24 +121,27 @@ class Reconciler:
         lapsed = [entry for entry in entries if entry.status is JobStatus.RUNNING and not entry.batch]
         rest = [entry for entry in entries if not (entry.status is JobStatus.RUNNING and not entry.batch)]
         self._settle_each(lapsed, now, Counter(), report)
-        if self._short_of_time():
-            report.left += len(rest)
-        else:
-            self._settle_each(rest, now, self._deficits_or_none(rest, now), report)
+        # (with its time short, the lanes' depths, a read of the whole sweep index, are not
+        # read: stale queued jobs wait a run, as when the depths are unavailable)
+        deficits = Counter[str]() if self._short_of_time() else self._deficits_or_none(rest, now)
+        self._settle_each(rest, now, deficits, report)
         if report.left:
+            emit_count(MetricName.RECONCILE_LEFT, report.left)
             logger.warning("the run's time ran out; the rest is left for the next run", extra=report.as_log())
         else:
             logger.info("reconciled", extra=report.as_log())
         return report
 
     def _short_of_time(self) -> bool:
-        return self._remaining is not None and self._remaining() < _TIME_RESERVE_SECONDS
+        return self._remaining is not None and self._remaining() < self._reserve
 
     def _settle_each(
         self, entries: list[SweepEntry], now: int, deficits: Counter[str], report: ReconcileReport
     ) -> None:
         for index, entry in enumerate(entries):
-            if self._short_of_time():
+            # (every run settles one entry at least, however long its reads took: a run that
+            # could never settle any would stop the recoveries for good, and quietly)
+            if report.examined and self._short_of_time():
                 report.left += len(entries) - index
                 return
             report.examined += 1

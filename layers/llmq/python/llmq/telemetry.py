@@ -72,6 +72,9 @@ class MetricName(StrEnum):
     JOB_DEAD_LETTERED = "JobDeadLettered"
     JOB_ENQUEUE_FAILED = "JobEnqueueFailed"
     RECONCILE_ENTRY_FAILED = "ReconcileEntryFailed"
+    # Swept entries a reconciler run left for the next one, its time running out: its alarm
+    # fires when every run for a quarter of an hour fell behind.
+    RECONCILE_LEFT = "ReconcileLeft"
     # A request that asked to wait was refused a long-poll place (llmq.long_polls): a tenant
     # at its max_long_polls, or their store busy.
     LONG_POLL_REFUSED = "LongPollRefused"
@@ -147,8 +150,9 @@ def count_outcome(status: JobStatus, lane: str) -> None:
         emit_job_metric(name, 1, lane)
 
 
-def emit_count(name: MetricName) -> None:
-    """One occurrence of `name`, with the service dimension only, written at once.
+def emit_count(name: MetricName, value: int = 1) -> None:
+    """`value` occurrences of `name` (one by default), with the service dimension only,
+    written at once.
 
     Written as it happens rather than at the end of the invocation, so a function that does
     not flush `metrics` (the api) still reports it.
@@ -156,7 +160,7 @@ def emit_count(name: MetricName) -> None:
     with single_metric(
         name=name,
         unit=MetricUnit.Count,
-        value=1,
+        value=value,
         namespace=metrics.namespace,
         default_dimensions={"service": SERVICE_NAME},
     ):
