@@ -567,11 +567,12 @@ class MonitoringConstruct(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Handled faults (api 500s, jobs failed by the dead-letter function, enqueues left to the "
-                "reconciler, what the reconciler could not settle, authorizer failures, queue records failed "
-                "unexpectedly, the provider refusing llmq's account)",
+                "reconciler, what the reconciler could not settle or left for its next run, authorizer "
+                "failures, queue records failed unexpectedly, the provider refusing llmq's account)",
                 left=[
                     self._metric(MetricName.API_UNEXPECTED_ERROR, "Sum"),
                     self._metric(MetricName.RECONCILE_ENTRY_FAILED, "Sum"),
+                    self._metric(MetricName.RECONCILE_LEFT, "Sum"),
                     self._metric(MetricName.AUTHORIZER_FAILED, "Sum"),
                     self._metric(MetricName.PROVIDER_ACCOUNT_REFUSED, "Sum"),
                 ]

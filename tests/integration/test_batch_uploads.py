@@ -464,3 +464,28 @@ def test_lines_whose_field_names_are_long_fail_the_batch_with_errors_that_fit(
     assert batch["status"] == "failed", batch
     assert [error["line"] for error in batch["errors"]] == list(range(1, 11))
     assert all(len(error["message"]) <= MAX_LINE_ERROR_CHARS for error in batch["errors"])
+
+
+def test_a_batch_canceled_while_its_file_is_validated_ends_canceled_not_failed(harness: Harness) -> None:
+    # Given a file of two parts whose second holds a line that is not JSON
+    text = "\n".join([_line("a"), _line("b"), _line("c"), "{not json"])
+    batch_id = _submit(harness, _upload(harness, text)).body["id"]
+    # And the client's cancel landing as the validation has stored its first part
+    canceled: list[ApiReply] = []
+
+    def cancel_once(**_: Any) -> None:
+        if not canceled:
+            canceled.append(harness.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=ENTERPRISE))
+
+    s3 = aws.client("s3")
+    s3.meta.events.register("after-call.s3.PutObject", cancel_once, unique_id="cancel-mid-scan")
+    try:
+        _run_lane(harness)
+    finally:
+        s3.meta.events.unregister("after-call.s3.PutObject", unique_id="cancel-mid-scan")
+    # Then the cancel was accepted, and the batch ends as the client asked: canceled, not
+    # failed for a line it no longer wanted read, with no item written
+    assert [reply.status for reply in canceled] == [202]
+    batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert batch["status"] == "canceled", batch
+    assert _item_jobs(harness) == []

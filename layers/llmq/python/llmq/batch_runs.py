@@ -491,7 +491,7 @@ def dead_lettered(
         extra={"batch_id": batch_id, "status": counted.status.value},
     )
     if not counted.validated:
-        ended = batches.fail(counted, crashed)
+        ended = batches.fail(counted, crashed, even_if_canceled=True)
     elif counted.status is BatchStatus.FINALIZING and counted.final_counts is not None:
         ended = batches.finish(counted, counted.final_counts, errors=counted.errors or crashed)
     elif letters > MAX_DEAD_LETTER_REDRIVES + _GIVE_UP_TRIES and _given_up(counted):

@@ -786,11 +786,17 @@ class BatchRepository:
             raise
         return batch.model_copy(update={"total": total, "parts": parts, "validated": True})
 
-    def fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> BatchRecord | None:
+    def fail(
+        self, batch: BatchRecord, errors: list[BatchLineError], *, even_if_canceled: bool = False
+    ) -> BatchRecord | None:
         """An upload refused before any item was written: the batch ends `failed` with the
-        reasons, its webhook set pending when subscribed. None when it had ended already."""
+        reasons, its webhook set pending when subscribed. None when it had ended already, or
+        its client asked to cancel it meanwhile: it ends `canceled` then, as asked
+        (`batch_runs.settle`), not failed for a line the client no longer wanted read.
+        `even_if_canceled`: its validation crashed every worker, which a cancel would too."""
         extra = {**_errors(errors), "false": False}
-        return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, "validated = :false")
+        condition = "validated = :false" + ("" if even_if_canceled else " AND cancel_requested = :false")
+        return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, condition)
 
     def note_dead_letter(
         self, batch: BatchRecord, message_id: str, redrive_round: int = 0
