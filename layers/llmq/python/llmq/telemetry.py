@@ -115,12 +115,14 @@ WEBHOOK_OUTCOME_METRICS = (
 # - ReconcileEntryFailed: the reconciler could not settle something it swept (an entry, the
 #   lanes' depths), and went on with the rest (service dimension only);
 # - RecordFailed: a queue record failed unexpectedly (queue dimension: the queue's name);
-# - ProviderAccountRefused: the provider refused llmq's own key or account (service only).
+# - ProviderAccountRefused: the provider refused llmq's own key or account (service only);
+# - ReconcileLeft: swept entries a reconciler run left for the next, out of time (service only).
 FAULT_METRICS = (
     MetricName.API_UNEXPECTED_ERROR,
     MetricName.JOB_DEAD_LETTERED,
     MetricName.JOB_ENQUEUE_FAILED,
     MetricName.RECONCILE_ENTRY_FAILED,
+    MetricName.RECONCILE_LEFT,
     MetricName.AUTHORIZER_FAILED,
     MetricName.RECORD_FAILED,
     MetricName.PROVIDER_ACCOUNT_REFUSED,
