@@ -346,7 +346,11 @@ class BatchExpander:
     def _fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> None:
         failed = self.batches.fail(batch, errors)
         if failed is None:
-            settle(self.batches, self.queues, batch.id)  # ended meanwhile (canceled)
+            current = self.batches.find(batch.id)
+            if current is not None and current.cancel_requested and not current.status.is_terminal:
+                self._stop(current)  # canceled meanwhile: it ends as asked, now
+            else:
+                settle(self.batches, self.queues, batch.id)  # ended meanwhile
             return
         logger.info("batch upload refused", extra={"batch_id": batch.id, "errors": len(errors)})
         if _webhook_unsent(failed):
@@ -491,7 +495,7 @@ def dead_lettered(
         extra={"batch_id": batch_id, "status": counted.status.value},
     )
     if not counted.validated:
-        ended = batches.fail(counted, crashed, even_if_canceled=True)
+        ended = batches.fail(counted, crashed)
     elif counted.status is BatchStatus.FINALIZING and counted.final_counts is not None:
         ended = batches.finish(counted, counted.final_counts, errors=counted.errors or crashed)
     elif letters > MAX_DEAD_LETTER_REDRIVES + _GIVE_UP_TRIES and _given_up(counted):

@@ -786,16 +786,14 @@ class BatchRepository:
             raise
         return batch.model_copy(update={"total": total, "parts": parts, "validated": True})
 
-    def fail(
-        self, batch: BatchRecord, errors: list[BatchLineError], *, even_if_canceled: bool = False
-    ) -> BatchRecord | None:
+    def fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> BatchRecord | None:
         """An upload refused before any item was written: the batch ends `failed` with the
         reasons, its webhook set pending when subscribed. None when it had ended already, or
-        its client asked to cancel it meanwhile: it ends `canceled` then, as asked
-        (`batch_runs.settle`), not failed for a line the client no longer wanted read.
-        `even_if_canceled`: its validation crashed every worker, which a cancel would too."""
+        its client asked to cancel it meanwhile: then it ends `canceled`, as asked, not failed
+        for a line the client no longer wanted read (`batch_runs.stop`, which a cancel's own
+        message runs without reading the file)."""
         extra = {**_errors(errors), "false": False}
-        condition = "validated = :false" + ("" if even_if_canceled else " AND cancel_requested = :false")
+        condition = "validated = :false AND cancel_requested = :false"
         return self._end(batch, BatchStatus.FAILED, BatchRequestCounts(), extra, condition)
 
     def note_dead_letter(
