@@ -226,6 +226,16 @@ class LlmqClient:
             )
         return str(upload["id"])
 
+    def result_output(self, url: str) -> str | None:
+        """The output of a result held in S3, from its presigned `result_url` (S3, not the API:
+        no API key goes there); None when it cannot be read (expired, S3 unreachable)."""
+        try:
+            response = httpx.get(url, timeout=600)
+            output = response.json().get("output") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return output if isinstance(output, str) else None
+
     def batches(self, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         params = {"limit": str(limit), **({"cursor": cursor} if cursor else {})}
         page: dict[str, Any] = self._ok(self.request("GET", "/v1/batches", params=params))

@@ -341,7 +341,11 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_stream(
-    events: Iterable[ServerSentEvent], out: TextIO, err: TextIO, live: bool | None = None
+    events: Iterable[ServerSentEvent],
+    out: TextIO,
+    err: TextIO,
+    live: bool | None = None,
+    fetch: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any] | None:
     """A job's output to `out`; a retried attempt's restart and the end, to `err`. The
     terminal Job, or None if the events stopped before it.
@@ -350,17 +354,26 @@ def print_stream(
     the generation; a retried attempt's text then follows the abandoned one's, which the
     restart's line on `err` tells apart. Otherwise (a file, a pipe) the output once it has
     ended, with what a retried attempt abandoned dropped (`"reset": true`, docs/streaming.md),
-    so that what is written is the job's output: the result `done` carries, else the joined
-    deltas. Events that stop before `done` (a timeout, an interrupt) leave what was read so far."""
+    so that what is written is the job's output: the result `done` carries (or, held in S3,
+    what `fetch` reads from its `result_url`), else the joined deltas. Events that stop before
+    `done` (a timeout, an interrupt) leave what was read so far."""
     live = out.isatty() if live is None else live
     text: list[str] = []
+    attempt = None
     try:
         for event in events:
             data = json.loads(event.data)
             if event.event == "output.delta":
+                if data.get("reset") and attempt is not None:
+                    again = (
+                        f"attempt {data['attempt']} starts again"
+                        if data["attempt"] != attempt
+                        else "the output starts again from its beginning"
+                    )
+                    print(f"\n[{again}]", file=err, flush=True)
                 if data.get("reset"):
-                    print(f"\n[attempt {data['attempt']} starts again]", file=err, flush=True)
                     text.clear()
+                attempt = data.get("attempt")
                 if live:
                     out.write(data["delta"])
                     out.flush()
@@ -369,6 +382,8 @@ def print_stream(
             elif event.event == "done":
                 result = data.get("result") or {}
                 output = result.get("output")
+                if not live and not isinstance(output, str) and data.get("result_url") and fetch:
+                    output = fetch(str(data["result_url"]))
                 if not live:
                     out.write(output if isinstance(output, str) else "".join(text))
                 out.write("\n")
@@ -393,7 +408,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job = reply.body
         if args.stream:
             print(f"{job['id']} streaming:", file=sys.stderr)
-            done = print_stream(client.follow(job["id"], args.timeout), sys.stdout, sys.stderr)
+            done = print_stream(
+                client.follow(job["id"], args.timeout), sys.stdout, sys.stderr, fetch=client.result_output
+            )
             if done is None:
                 raise CliError(f"job {job['id']} did not end within {args.timeout:g} s")
             summary = f"{done['id']} {done['status']}"

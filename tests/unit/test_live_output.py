@@ -841,6 +841,71 @@ def test_a_new_follower_of_a_job_awaiting_its_retry_gets_no_fragment_of_the_aban
     assert _joined(events) == "Once upon"
 
 
+def test_the_cli_writing_to_a_file_takes_a_large_result_from_its_url_not_the_joined_deltas() -> None:
+    import io
+
+    from httpx_sse import ServerSentEvent
+
+    from llmq_cli.main import print_stream
+
+    # Given a stream whose deltas are an abandoned draft (the rest expired), and a `done` whose
+    # result is too large to inline: a link to it in S3
+    events = [
+        ServerSentEvent(
+            event="output.delta",
+            id="1",
+            data=json.dumps({"seq": 1, "delta": "abandoned ", "attempt": 1, "reset": False}),
+        ),
+        ServerSentEvent(
+            event="done",
+            id="done",
+            data=json.dumps({"id": "job_1", "status": "succeeded", "result_url": "https://s3.test/r"}),
+        ),
+    ]
+    fetched: list[str] = []
+
+    def fetch(url: str) -> str:
+        fetched.append(url)
+        return "the whole output"
+
+    out, err = io.StringIO(), io.StringIO()
+    assert print_stream(iter(events), out, err, live=False, fetch=fetch) is not None
+    # Then the file holds the result, read from its link
+    assert (out.getvalue(), fetched) == ("the whole output\n", ["https://s3.test/r"])
+    # And when the link cannot be read, what the deltas gave
+    out = io.StringIO()
+    print_stream(iter(events), out, err, live=False, fetch=lambda url: None)
+    assert out.getvalue() == "abandoned \n"
+
+
+def test_the_cli_says_what_restarted_only_after_it_printed_something() -> None:
+    import io
+
+    from httpx_sse import ServerSentEvent
+
+    from llmq_cli.main import print_stream
+
+    def delta(seq: int, text: str, attempt: int, reset: bool) -> ServerSentEvent:
+        data = json.dumps({"seq": seq, "delta": text, "attempt": attempt, "reset": reset})
+        return ServerSentEvent(event="output.delta", id=str(seq), data=data)
+
+    done = ServerSentEvent(event="done", id="done", data=json.dumps({"id": "job_1", "status": "succeeded"}))
+    out, err = io.StringIO(), io.StringIO()
+    # A stream that opens with the whole output served from the result (a reset), then a retry
+    print_stream(
+        iter([delta(3, "ab", 1, True), delta(4, "X", 2, True), delta(5, "Y", 2, True), done]),
+        out,
+        err,
+        live=True,
+    )
+    assert out.getvalue() == "abXY\n"
+    assert err.getvalue().splitlines()[1:] == [
+        "[attempt 2 starts again]",
+        "",
+        "[the output starts again from its beginning]",
+    ]
+
+
 def test_the_cli_writing_to_a_file_keeps_what_it_read_when_interrupted() -> None:
     import io
     from collections.abc import Iterator
