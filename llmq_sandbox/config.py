@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmq.config import GATEWAY_TIMEOUT_SECONDS, LlmqConfig
+from llmq.config import GATEWAY_TIMEOUT_SECONDS, ConcurrencyConfig, LlmqConfig
 
 PROVIDER_BASE_URL_VAR = "LLMQ_PROVIDER_BASE_URL"
 PROVIDER_API_KEY_VAR = "LLMQ_PROVIDER_API_KEY"
@@ -181,9 +181,6 @@ def sandbox_config(
             "expired_lease_grace_seconds": 5,
             "stale_webhook_seconds": 30,
         },
-        # The front door starts warm, as a deployment that provisions it does: the first
-        # requests after `llmq sandbox up` meet no cold start (BENCHMARKS.md §5).
-        "api": {"provisioned_environments": SANDBOX_PROVISIONED_ENVIRONMENTS},
         "worker": {"memory_mb": 256, "timeout_seconds": worker_timeout},
         "dispatcher": {"memory_mb": 256, "timeout_seconds": 10},
     }
@@ -192,11 +189,13 @@ def sandbox_config(
     if raw:
         extra = _merge(json.loads(raw), extra)
     merged = _merge(base, extra)
-    # The sandbox's own provisioned environments give way to what an override asks for:
-    # SnapStart (which Lambda does not combine with them), or reservations below them.
-    api = merged["api"]
-    if "provisioned_environments" not in (extra.get("api") or {}):
-        concurrency = LlmqConfig.model_validate({"concurrency": merged.get("concurrency", {})}).concurrency
+    # The front door starts warm, as a deployment that provisions it does: the first requests
+    # after `llmq sandbox up` meet no cold start (BENCHMARKS.md §5). Its provisioned
+    # environments give way to what an override asks for: SnapStart (which Lambda does not
+    # combine with them), or reservations below them.
+    api = merged.setdefault("api", {})
+    if "provisioned_environments" not in api:
+        concurrency = ConcurrencyConfig.model_validate(merged.get("concurrency", {}))
         api["provisioned_environments"] = (
             0
             if api.get("snap_start") or not concurrency.reserve

@@ -92,8 +92,8 @@ class Reconciler:
 
     def run(self, remaining_seconds: Callable[[], float] | None = None) -> ReconcileReport:
         """One sweep. `remaining_seconds` (the invocation's time left): the run settles entries
-        while more than `_TIME_RESERVE_SECONDS` is left, and leaves the rest due for the next
-        run, so a run with a large or throttled backlog ends within its timeout, reports what
+        while more than its reserve is left (`_TIME_RESERVE_SECONDS`, or `_TIME_RESERVE_SHARE`
+        of its time if that is less), and leaves the rest due for the next run, so a run with a large or throttled backlog ends within its timeout, reports what
         it did, and raises no Lambda error (its alarm) for work that was only late."""
         self._remaining = remaining_seconds
         self._reserve = (
