@@ -924,6 +924,37 @@ def _action_counts_at_the_root(self: Any, node: Any) -> Any:
     return node
 
 
+def _all_items_by_value(self: Any) -> list[Any]:
+    """Table.all_items in moto's order (by hash key, then range key), sorted on the keys'
+    plain values: moto compares DynamoType objects, a Python call per comparison, which every
+    query and scan pays over the whole table. DynamoType orders by exactly these values
+    (`cast_value`), and a table's key attributes have one type each, so the order is the same."""
+    items: list[Any] = []
+    for stored in self.items.values():
+        if self.range_key_attr:
+            items.extend(stored.values())
+        else:
+            items.append(stored)
+    return sorted(
+        items,
+        key=lambda item: (
+            (item.hash_key.cast_value, item.range_key.cast_value)
+            if item.range_key
+            else item.hash_key.cast_value
+        ),
+    )
+
+
+def _sorted_items_by_value(
+    self: Any, hash_key_attrs: list[str], range_key_attrs: list[Any], items: list[Any]
+) -> list[Any]:
+    """Table.sorted_items (an index query's matches, in the index's key order), on the keys'
+    plain values as `_all_items_by_value` sorts: the same order at a fraction of the cost."""
+    names = self._generate_attr_to_sort_by(hash_key_attrs, range_key_attrs)
+    items.sort(key=lambda item: tuple(item.attrs[name].cast_value for name in names))
+    return items
+
+
 def make_moto_strict() -> None:
     """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
     order) once per process."""
@@ -937,6 +968,8 @@ def make_moto_strict() -> None:
 
         LimitedSizeDict.__setitem__ = _size_checked_once_at_the_end  # type: ignore[method-assign]
         Table.put_item = _checked_put(Table.put_item)  # type: ignore[method-assign]
+        Table.all_items = _all_items_by_value  # type: ignore[method-assign]
+        Table.sorted_items = _sorted_items_by_value  # type: ignore[method-assign]
         DynamoDBBackend.update_item = _all_or_nothing_update(DynamoDBBackend.update_item)  # type: ignore[method-assign]
         # Outside the all-or-nothing update, inside the lock: only a write that held is remembered.
         DynamoDBBackend.put_item = _recorded(DynamoDBBackend.put_item)  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from llmq import aws
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
-from llmq.job_index import TENANT_INDEX
+from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
 from tests.conftest import REGION, MotoStack
 from tests.support.index_lag import IndexClock, lagging_indexes_on_a_test_clock
 
@@ -423,6 +423,49 @@ def test_an_index_answers_from_a_view_up_to_the_lag_old(
     assert [item["pk"]["S"] for item in scanned] == ["job_lag"]
     lagging.now += 0.6
     assert _listed(ddb, table, "ten_lag") == {}
+
+
+def test_an_index_query_pages_in_numeric_key_order_with_ties_in_table_key_order(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """Query, https://docs.aws.amazon.com/amazondynamodb/latest/APIReference/API_Query.html:
+    results come in sort key order, numerically for a Number. The sandbox sorts moto's items on
+    their plain values (llmq_sandbox.moto_fidelity, for speed); the order, ties included, is
+    moto's own, and a cursor resumes exactly where its page ended."""
+    table = moto_stack.jobs_table
+    # Numbers whose text order is not their order, and two items sharing a sort key
+    due = {"job_a": "100", "job_b": "9", "job_c": "-5", "job_d": "2.5", "job_e": "10", "job_f": "9"}
+    for job_id, when in due.items():
+        ddb.put_item(
+            TableName=table,
+            Item={
+                "pk": {"S": job_id},
+                "sweep_pk": {"S": "s#0"},
+                "sweep_at": {"N": when},
+                "status": {"S": "queued"},
+            },
+        )
+
+    def swept(forward: bool) -> list[str]:
+        found: list[str] = []
+        kwargs: dict[str, Any] = {
+            "TableName": table,
+            "IndexName": SWEEP_INDEX,
+            "KeyConditionExpression": "sweep_pk = :p AND sweep_at <= :due",
+            "ExpressionAttributeValues": {":p": {"S": "s#0"}, ":due": {"N": "1000"}},
+            "ScanIndexForward": forward,
+            "Limit": 2,
+        }
+        while True:
+            page = ddb.query(**kwargs)
+            found += [item["pk"]["S"] for item in page["Items"]]
+            if "LastEvaluatedKey" not in page:
+                return found
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    ascending = ["job_c", "job_d", "job_b", "job_f", "job_e", "job_a"]
+    assert swept(forward=True) == ascending
+    assert swept(forward=False) == ascending[::-1]
 
 
 def test_a_strongly_consistent_read_of_a_global_index_is_refused(ddb: Any, moto_stack: MotoStack) -> None:
