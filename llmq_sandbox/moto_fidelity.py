@@ -156,14 +156,42 @@ def moto_item_size(item: Any) -> int:
     return item_size_bytes({name: value.to_regular_json() for name, value in item.attrs.items()})
 
 
+def _index_key_types_hold(table: Any, types: dict[str, str]) -> None:
+    """An item (its attributes' types by name) whose attribute keys one of the table's indexes
+    under another type than the index's is refused, as DynamoDB refuses it ("Type mismatch for
+    Index Key"); moto's PutItem stores it, and leaves it out of the index (its UpdateItem
+    refuses it)."""
+    from moto.dynamodb.exceptions import MockValidationException
+
+    defined = {definition["AttributeName"]: definition["AttributeType"] for definition in table.attr or []}
+    for index in table.all_indexes():
+        for key in index.schema:
+            name = key["AttributeName"]
+            actual = types.get(name)
+            if actual is not None and name in defined and actual != defined[name]:
+                raise MockValidationException(
+                    "One or more parameter values were invalid: Type mismatch for Index Key "
+                    f"{name} Expected: {defined[name]} Actual: {actual} IndexName: {index.name}"
+                )
+
+
 def _checked_put(put_item: Callable[..., Any]) -> Callable[..., Any]:
-    """Table.put_item refuses a whole new item over 400 KB before anything is stored."""
+    """Table.put_item refuses a whole new item over 400 KB, or one that keys an index with an
+    attribute of the wrong type, before anything is stored."""
     from moto.dynamodb.exceptions import ItemSizeTooLarge
 
     @functools.wraps(put_item)
     def put(self: Any, item_attrs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if item_size_bytes(item_attrs) > MAX_ITEM_BYTES:
             raise ItemSizeTooLarge()
+        _index_key_types_hold(
+            self,
+            {
+                name: next(iter(value))
+                for name, value in item_attrs.items()
+                if isinstance(value, dict) and value
+            },
+        )
         return put_item(self, item_attrs, *args, **kwargs)
 
     return put

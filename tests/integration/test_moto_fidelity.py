@@ -468,6 +468,63 @@ def test_an_index_query_pages_in_numeric_key_order_with_ties_in_table_key_order(
     assert swept(forward=False) == ascending[::-1]
 
 
+def test_an_attribute_that_keys_an_index_under_another_type_is_refused_and_nothing_changes(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """Global secondary indexes, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/GSI.html:
+    an index key attribute written with another type than the index's definition is refused
+    ("Type mismatch for Index Key"), whether by PutItem, UpdateItem or in a transaction. moto's PutItem
+    stored it and left it out of the index: a put that typed such a key wrong passed here and
+    failed on AWS."""
+    table = moto_stack.jobs_table
+    ddb.put_item(
+        TableName=table, Item={"pk": {"S": "job_typed"}, "sweep_pk": {"S": "s#0"}, "sweep_at": {"N": "5"}}
+    )
+    before = _get(ddb, table, "job_typed")
+
+    def refused(call: Any) -> str:
+        with pytest.raises(ClientError) as error:
+            call()
+        assert error.value.response["Error"]["Code"] == "ValidationException"
+        return str(error.value)
+
+    # When a put, an update and a transaction each write sweep_at (a Number in the index) as a String
+    message = refused(
+        lambda: ddb.put_item(
+            TableName=table, Item={"pk": {"S": "job_new"}, "sweep_pk": {"S": "s#0"}, "sweep_at": {"S": "5"}}
+        )
+    )
+    assert "Type mismatch for Index Key sweep_at Expected: N Actual: S" in message
+    refused(
+        lambda: ddb.update_item(
+            TableName=table,
+            Key={"pk": {"S": "job_typed"}},
+            UpdateExpression="SET sweep_at = :due, #s = :s",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":due": {"S": "later"}, ":s": {"S": "running"}},
+        )
+    )
+    refused(
+        lambda: ddb.transact_write_items(
+            TransactItems=[
+                {"Put": {"TableName": table, "Item": {"pk": {"S": "job_other"}, "status": {"S": "queued"}}}},
+                {
+                    "Update": {
+                        "TableName": table,
+                        "Key": {"pk": {"S": "job_typed"}},
+                        "UpdateExpression": "SET tenant_id = :t, tenant_created = :c",
+                        "ExpressionAttributeValues": {":t": {"S": "ten_x"}, ":c": {"N": "1"}},
+                    }
+                },
+            ]
+        )
+    )
+    # Then nothing was written
+    assert _get(ddb, table, "job_typed") == before
+    assert _get(ddb, table, "job_new") is None
+    assert _get(ddb, table, "job_other") is None
+
+
 def test_a_strongly_consistent_read_of_a_global_index_is_refused(ddb: Any, moto_stack: MotoStack) -> None:
     """DynamoDB read consistency, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/HowItWorks.ReadConsistency.html:
     strongly consistent reads are not supported on global secondary indexes."""

@@ -16,17 +16,18 @@ from llmq import aws
 from llmq.errors import StoreUnavailable
 from llmq.execution import mark_dead_letter
 from llmq.job_index import sweep_partition, sweep_partitions
-from llmq.jobs import JobRepository
+from llmq.jobs import JobRepository, SweepPass
 from llmq.models import DeliveryStatus, ErrorCode, JobStatus
 from llmq.policy import ClaimOutcome, retention_error
 from llmq.queues import QueueRepository
-from llmq.reconcile import Reconciler
+from llmq.reconcile import Reconciler, ReconcileReport
 from llmq.shares import ShareRepository, ShareState
 from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
+from tests.integration.conftest import integration_config
 from tests.integration.harness import (
     ENTERPRISE,
     FREE,
@@ -691,7 +692,7 @@ def test_the_lapsed_leases_behind_a_long_backlog_of_stale_queued_jobs_are_read_i
     client.meta.events.register("provide-client-params.dynamodb.Query", record)
     try:
         # When the reconciler's first pass looks for lapsed leases
-        found = list(jobs.sweep(now, harness.config.reconciler.max_items_per_run, JobStatus.RUNNING))
+        found = list(jobs.sweep(now, harness.config.reconciler.max_items_per_run, SweepPass.LAPSED))
     finally:
         client.meta.events.unregister("provide-client-params.dynamodb.Query", record)
     # Then it finds the crashed job, reading that partition's 251 due entries in one request
@@ -1026,17 +1027,30 @@ def test_a_known_lost_job_of_a_lane_no_longer_deployed_still_ends_at_its_retenti
     assert _tenant_share(harness).active == 0
 
 
-class _RunningOut:
-    """An invocation's time left: plenty for the first `looks` looks, then almost none. A run
-    looks once as it starts (its reserve), once before the lanes' depths, and once before each
-    entry but its first."""
+class _Budget:
+    """An invocation's time left: `first` seconds as the run starts, less `per_write` at each
+    write the run makes to the jobs table (the reads take no time)."""
 
-    def __init__(self, looks: int, then: float = 1.0, first: float = 60.0) -> None:
-        self.looks, self.then, self.first = looks, then, first
+    def __init__(self, first: float, per_write: float) -> None:
+        self.left, self.per_write = first, per_write
 
     def __call__(self) -> float:
-        self.looks -= 1
-        return self.first if self.looks >= 0 else self.then
+        return self.left
+
+    def _spend(self, **_: Any) -> None:
+        self.left -= self.per_write
+
+    @contextmanager
+    def spent_by_writes(self) -> Iterator[_Budget]:
+        client = aws.client("dynamodb")
+        events = [f"provide-client-params.dynamodb.{name}" for name in ("TransactWriteItems", "UpdateItem")]
+        for event in events:
+            client.meta.events.register(event, self._spend)
+        try:
+            yield self
+        finally:
+            for event in events:
+                client.meta.events.unregister(event, self._spend)
 
 
 def test_a_run_whose_time_runs_out_leaves_the_rest_due_for_the_next_and_raises_nothing(
@@ -1052,10 +1066,11 @@ def test_a_run_whose_time_runs_out_leaves_the_rest_due_for_the_next_and_raises_n
     clock.offset = harness.config.reconciler.stale_queued_seconds + 10
     # When a run's invocation has time for two of them
     capsys.readouterr()
-    first = reconciler.run(remaining_seconds=_RunningOut(looks=3))
-    # Then it settled two, left three due, ended normally, and counted what it left (an alarm
-    # watches that count)
-    assert (first.examined, len(first.expired), first.left) == (2, 2, 3)
+    with _Budget(first=10.0, per_write=4.5).spent_by_writes() as budget:
+        first = reconciler.run(remaining_seconds=budget)
+    # Then it settled two, left three due (and did not read the stale queued jobs' pass), ended
+    # normally, and counted what it left (an alarm watches that count)
+    assert (first.examined, len(first.expired), first.left, first.unread_passes) == (2, 2, 3, 1)
     (record,) = emitted_metrics(capsys.readouterr().out, MetricName.RECONCILE_LEFT)
     assert record[MetricName.RECONCILE_LEFT] == [3.0]
     # And the next run, with time enough, settles the rest: every job ends expired, once
@@ -1082,13 +1097,173 @@ def test_a_run_with_almost_no_time_still_settles_one_entry_the_lapsed_leases_fir
     for job_id in crashed:
         assert jobs.claim(job_id, "dead-worker", 1, tenant).outcome is ClaimOutcome.CLAIMED
     clock.offset = harness.config.reconciler.stale_queued_seconds + 10
-    # When a run's reads take almost all of its invocation (10 s as it starts, then 1 s)
-    report = reconciler.run(remaining_seconds=_RunningOut(looks=1, then=1.0, first=10.0))
-    # Then it still settled one entry, a lapsed lease, and left the other three for the next
-    assert (report.examined, len(report.recovered), report.left) == (1, 1, 3)
+    # When the run's first write takes almost all of its invocation (10 s as it starts, 1 s after)
+    with _Budget(first=10.0, per_write=9.0).spent_by_writes() as budget:
+        report = reconciler.run(remaining_seconds=budget)
+    # Then it still settled one entry, a lapsed lease, and left the other for the next, without
+    # reading the passes after it (nor the lanes' depths, a read of the whole index)
+    assert (report.examined, len(report.recovered), report.left, report.unread_passes) == (1, 1, 1, 2)
     assert set(report.recovered) <= set(crashed)
-    # (nor did it read the lanes' depths, a read of the whole index)
     # And the next run, with time, settles the rest
     second = reconciler.run()
     assert set(second.recovered) | set(report.recovered) == set(crashed)
     assert set(second.expired) == set(late)
+
+
+@pytest.fixture
+def backlogged(
+    moto_stack: Any, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Harness, Reconciler, LaterClock]:
+    """A reconciler that reads 4 entries a run: a lane backlog of 7 stale queued jobs stands for
+    one of a few thousand against the default 500."""
+    harness = Harness(
+        moto_stack, integration_config(provider, reconciler={"max_items_per_run": 4}), monkeypatch
+    )
+    clock = LaterClock()
+    reconciler = Reconciler(
+        JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"), clock=clock),
+        QueueRepository(
+            harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+        ),
+        harness.config,
+    )
+    return harness, reconciler, clock
+
+
+def test_a_passed_deadline_behind_a_backlog_longer_than_a_run_ends_expired_in_the_next_run(
+    backlogged: tuple[Harness, Reconciler, LaterClock],
+) -> None:
+    """Hunt 200: a queued job ends `expired` within a period of its deadline, however long its
+    lane's backlog; it used to wait behind every older stale queued job, a period per
+    `max_items_per_run` of them (50 minutes behind 5,000), with nothing counted as left."""
+    harness, reconciler, clock = backlogged
+    # Given a lane backlog of 7 queued jobs (their messages in the queue: only waiting), and,
+    # accepted just after them, a job whose deadline is 400 s away
+    backlog = {harness.submit().body["id"] for _ in range(7)}
+    late = harness.submit(deadline_seconds=400).body["id"]
+    # When the reconciler runs just after its deadline
+    clock.offset = 401
+    report = reconciler.run(remaining_seconds=lambda: 28.0)
+    # Then that run expires it, and reads the backlog with the room left
+    assert report.expired == [late]
+    assert len(report.waiting) == 3 and set(report.waiting) <= backlog
+    job = harness.api("GET", f"/v1/jobs/{late}", tenant=ENTERPRISE).body
+    assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
+
+
+def test_a_lost_webhook_behind_a_backlog_longer_than_a_run_goes_again_in_the_next_run(
+    backlogged: tuple[Harness, Reconciler, LaterClock], receiver: WebhookReceiver
+) -> None:
+    """Hunt 200: a terminal job whose webhook message was lost gets it again once it is
+    `stale_webhook_seconds` old (DESIGN §3.6), whatever backlog of older stale queued jobs fills
+    the run's reads."""
+    harness, reconciler, clock = backlogged
+    # Given a job that succeeded, its webhook message lost, behind 7 queued jobs
+    done = harness.submit(webhook={"url": f"http://127.0.0.1:{receiver.port}/hook"}).body["id"]
+    harness.drain("high")
+    _purge(harness, harness.stack.webhook_queue_url)
+    backlog = {harness.submit().body["id"] for _ in range(7)}
+    # When the reconciler runs after the webhook threshold (the backlog stale by then too)
+    clock.offset = harness.config.reconciler.stale_webhook_seconds + 1
+    report = reconciler.run(remaining_seconds=lambda: 28.0)
+    # Then its webhook goes again in that run, and the backlog is read with the room left
+    assert report.webhooks == [done]
+    assert len(report.waiting) == 3 and set(report.waiting) <= backlog
+    bodies = [
+        json.loads(message["Body"])["job_id"] for message in harness.receive(harness.stack.webhook_queue_url)
+    ]
+    assert bodies == [done]
+
+
+def _run_with_slow_reads(
+    reconciler: Reconciler, per_query: float
+) -> tuple[ReconcileReport, float, list[float]]:
+    """One run in an invocation of 28 s in which each index Query takes `per_query` seconds (a
+    throttled index, botocore retrying with backoff): its report, the time it had left as it
+    ended, and the time left at each of its transactions."""
+    spent = [0.0]
+    at_transactions: list[float] = []
+
+    def remaining() -> float:
+        return 28.0 - spent[0]
+
+    def slow(params: dict[str, Any], **_: Any) -> None:
+        if params.get("IndexName"):
+            spent[0] += per_query
+
+    def transacting(params: dict[str, Any], **_: Any) -> None:
+        at_transactions.append(remaining())
+
+    client = aws.client("dynamodb")
+    client.meta.events.register("provide-client-params.dynamodb.Query", slow)
+    client.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", transacting)
+    try:
+        report = reconciler.run(remaining_seconds=remaining)
+    finally:
+        client.meta.events.unregister("provide-client-params.dynamodb.Query", slow)
+        client.meta.events.unregister("provide-client-params.dynamodb.TransactWriteItems", transacting)
+    return report, remaining(), at_transactions
+
+
+@pytest.mark.parametrize("per_query", [1.0, 2.0])
+def test_a_lapsed_lease_is_recovered_in_time_though_the_sweeps_reads_are_slow(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, per_query: float
+) -> None:
+    """Hunt 200, review 202: the lapsed leases are settled after their own pass's reads, every
+    pass stops reading when the run's time runs out, and each run reads the shards from another
+    one first. Every index Query slowed to 1 s used to take a 28 s invocation past its end before
+    a single lease was recovered, every run while it lasted."""
+    # Given a crashed job (its lease lapsed)
+    crashed = _crashed_job(harness)
+    clock.offset = 1 + harness.config.reconciler.expired_lease_grace_seconds + 1
+    # When the reconciler runs, every index Query slowed (at 2 s, a run reads 12 of the 18
+    # partitions: its job's may be among the others, read first by a later run)
+    recovered_with: list[float] = []
+    for _ in range(10):
+        report, left, at_transactions = _run_with_slow_reads(reconciler, per_query)
+        # Then every run ends within its invocation, counting the passes it did not read to their end
+        assert left > 0
+        assert report.unread_passes >= 1
+        if report.recovered:
+            assert report.recovered == [crashed]
+            recovered_with = at_transactions
+            break
+    # And one of them recovers the job with time to spare
+    assert recovered_with and recovered_with[0] > 0
+
+
+def test_a_run_with_no_lapsed_lease_ends_within_its_invocation_though_the_reads_are_slow(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    """Review 202: a run that finds nothing in its first passes stops reading the next when its
+    time runs out (at 0.7 s a Query, three passes of 18 partitions take 38 s of its 28)."""
+    for _ in range(3):
+        harness.submit()
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    report, left, _ = _run_with_slow_reads(reconciler, 0.7)
+    assert left > 0
+    assert report.unread_passes >= 1
+
+
+def test_a_known_lost_message_is_sent_though_more_urgent_entries_are_due_than_a_run_reads(
+    backlogged: tuple[Harness, Reconciler, LaterClock],
+) -> None:
+    """Review 202: the urgent pass leaves a quarter of the run's room to the backlog's, whose
+    first entries are the known-lost messages: a burst of passed deadlines does not hold them
+    back, and the run says it left urgent entries."""
+    harness, reconciler, clock = backlogged
+    # Given a job whose message is known lost, and four jobs whose deadline passes at once
+    lost = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).sweep_first(lost)
+    late = {harness.submit(deadline_seconds=400).body["id"] for _ in range(4)}
+    # When a run that reads 4 entries runs after their deadline
+    clock.offset = 401
+    first = reconciler.run(remaining_seconds=lambda: 28.0)
+    # Then it expires three, sends the lost job its message, and counts the urgent pass unread
+    assert first.requeued == [lost]
+    assert len(first.expired) == 3 and set(first.expired) <= late
+    assert first.unread_passes == 1
+    # And the next run expires the fourth
+    second = reconciler.run(remaining_seconds=lambda: 28.0)
+    assert set(first.expired) | set(second.expired) == late

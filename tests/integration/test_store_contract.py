@@ -18,7 +18,7 @@ from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import CancelRequested, LeaseLost, StoreUnavailable
 from llmq.job_record import JobRecord
-from llmq.jobs import SWEEP_RECOVERED_MS, JobRepository
+from llmq.jobs import SWEEP_RECOVERED_MS, JobRepository, SweepPass
 from llmq.live_output import OutputChunk, chunk_pk
 from llmq.models import (
     DeliveryAttempt,
@@ -333,6 +333,30 @@ def test_the_sweep_index_holds_unfinished_jobs_until_they_finish(subject: Subjec
     subject.jobs.cancel_queued(queued, "cancel#1")
     assert not subject.jobs.postpone_sweep(job_id, 60)
     assert subject.jobs.count_unfinished() == {}
+
+
+def test_the_sweeps_three_passes_read_each_due_entry_once(subject: Subject) -> None:
+    """`SweepPass`: the reconciler reads the lapsed leases, then what cannot wait for a lane's
+    backlog, then the backlog: each due entry in exactly one of them."""
+    # Given, all due: a stale queued job, one past its deadline, a crashed worker's and an
+    # ended job with its webhook pending
+    failed = _failed_with_a_pending_webhook(subject)
+    waiting = subject.created(id="job_waiting")
+    late = subject.created(id="job_late", deadline_ms=subject.jobs.now_ms() + 1_000)
+    crashed = subject.created(id="job_crashed")
+    assert subject.jobs.claim(crashed, "w1", LEASE_SECONDS).job is not None
+    thresholds = LlmqConfig().reconciler
+    subject.clock.advance(max(thresholds.stale_queued_seconds, thresholds.stale_webhook_seconds) + 1)
+    now = subject.jobs.now_ms()
+
+    def swept(only: SweepPass | None) -> set[str]:
+        return {entry.job_id for entry in subject.jobs.sweep(now, 10, only)}
+
+    # Then each pass reads its own, and together they read what the whole index holds
+    assert swept(SweepPass.LAPSED) == {crashed}
+    assert swept(SweepPass.URGENT) == {late, failed}
+    assert swept(SweepPass.BACKLOG) == {waiting}
+    assert swept(None) == {waiting, late, crashed, failed}
 
 
 @pytest.mark.parametrize("queued_by", ["accept", "requeue", "recover", "postpone"])

@@ -31,7 +31,7 @@ from llmq.errors import (
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
-from llmq.jobs import SWEEP_RECOVERED_MS, Admission, Created, RetentionDue, SweepEntry
+from llmq.jobs import SWEEP_RECOVERED_MS, Admission, Created, RetentionDue, SweepEntry, SweepPass
 from llmq.live_output import OUTPUT_PAGE, OutputChunk, OutputHead
 from llmq.models import (
     EVENT_FOR_STATUS,
@@ -704,11 +704,33 @@ class InMemoryJobs:
     # ---- the reconciler's sparse index ------------------------------------------------------
 
     @_throttleable
-    def sweep(self, due_before_ms: int, limit: int, status: JobStatus | None = None) -> Iterator[SweepEntry]:
+    def sweep(
+        self,
+        due_before_ms: int,
+        limit: int,
+        only: SweepPass | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[SweepEntry]:
+        if stop is not None and stop():
+            return
+
+        def chosen(record: JobRecord) -> bool:
+            passed = record.deadline_ms is not None and record.deadline_ms <= due_before_ms
+            if only is SweepPass.LAPSED:
+                return record.status is JobStatus.RUNNING
+            if only is SweepPass.URGENT:
+                return record.status not in (JobStatus.QUEUED, JobStatus.RUNNING) or (
+                    record.status is JobStatus.QUEUED and passed
+                )
+            if only is SweepPass.BACKLOG:
+                return record.status is JobStatus.QUEUED and not passed
+            return True
+
         due = sorted(
             (at, job_id)
             for job_id, at in self.due.items()
-            if at <= due_before_ms and (status is None or self.records[job_id].status is status)
+            if at <= due_before_ms and chosen(self.records[job_id])
         )
         for at, job_id in due[:limit]:
             record = self.records[job_id]

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -113,6 +114,27 @@ class SweepEntry:
     # A batch (`llmq.batches`) not yet ended, or whose webhook is not yet sent: `job_id` is its
     # item's key, and `status` stands for "queued" (the reconciler pokes it, `Reconciler._poke`).
     batch: bool = False
+
+
+class SweepPass(StrEnum):
+    """Which of the sweep index's due entries one pass of the reconciler reads: together, the
+    three read each entry once."""
+
+    # Running jobs: their leases, each holding its tenant's slot.
+    LAPSED = "lapsed"
+    # Every other entry but a queued job's within its deadline: a passed deadline, a webhook
+    # to send again, a batch to look at. Few, however long the lanes' backlogs.
+    URGENT = "urgent"
+    # Queued jobs within their deadline: a lane's stale queued jobs, as many as its backlog.
+    BACKLOG = "backlog"
+
+
+# What each pass keeps of a page (the index projects status and deadline_ms).
+_SWEEP_FILTERS = {
+    SweepPass.LAPSED: "#st = :running",
+    SweepPass.URGENT: "(#st <> :queued AND #st <> :running) OR (#st = :queued AND deadline_ms <= :due)",
+    SweepPass.BACKLOG: "#st = :queued AND (attribute_not_exists(deadline_ms) OR deadline_ms > :due)",
+}
 
 
 # A sweep entry due before any other (`JobRepository.sweep_first`): a queued job whose message
@@ -1513,16 +1535,28 @@ class JobRepository:
         last = response.get("LastEvaluatedKey")
         return records, (codec.encode_cursor(last) if last else None)
 
-    def sweep(self, due_before_ms: int, limit: int, status: JobStatus | None = None) -> Iterator[SweepEntry]:
+    def sweep(
+        self,
+        due_before_ms: int,
+        limit: int,
+        only: SweepPass | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[SweepEntry]:
         """Jobs the reconciler should look at, from the sparse index: never a scan.
 
         Each shard is read lazily, a page at a time, and the shards are merged so the most
-        overdue entries come first whatever shard they live in. With `status`, only entries
-        of jobs in it (filtered after the read: the index's entries are small).
+        overdue entries come first whatever shard they live in. With `only`, the entries of
+        that pass (filtered after the read: the index's entries are small). `stop` is asked
+        before each page: once it answers True, no shard reads on (the merge has read the first
+        page of each shard it reached: what those hold is still yielded).
         """
+        partitions = sweep_partitions(self.config.reconciler.sweep_shards)
+        # (from a shard chosen at random: when `stop` cuts the reads short run after run, each
+        # run reads other shards first, so none waits for good)
+        start = random.randrange(len(partitions))
         shards = [
-            self._sweep_shard(pk, due_before_ms, status)
-            for pk in sweep_partitions(self.config.reconciler.sweep_shards)
+            self._sweep_shard(pk, due_before_ms, only, stop) for pk in partitions[start:] + partitions[:start]
         ]
         merged = heapq.merge(*shards, key=lambda entry: entry.sweep_at)
         for seen, entry in enumerate(merged):
@@ -1531,27 +1565,30 @@ class JobRepository:
             yield entry
 
     def _sweep_shard(
-        self, partition: str, due_before_ms: int, status: JobStatus | None
+        self, partition: str, due_before_ms: int, only: SweepPass | None, stop: Callable[[], bool] | None
     ) -> Iterator[SweepEntry]:
         kwargs: dict[str, Any] = {
             "TableName": self.table_name,
             "IndexName": SWEEP_INDEX,
             "KeyConditionExpression": "sweep_pk = :p AND sweep_at <= :due",
             "ExpressionAttributeValues": codec.values(p=partition, due=due_before_ms),
-            # The pass for one status filters after the read, so a page may hold none of them:
+            # The passes of the few filter after the read, so a page may hold none of theirs:
             # behind a long backlog of stale queued jobs, the lapsed leases are a few among
-            # thousands. Its pages are ten times longer (index entries are small: 1,000 of them
-            # about 100 KB, one request's worth), for the same read units in a tenth of the
-            # requests; the merged pass reads only as far as the run's limit.
-            "Limit": _SWEEP_PAGE if status is None else _SWEEP_PAGE_FILTERED,
+            # thousands. Their pages are ten times longer (index entries are small: 1,000 of
+            # them about 100 KB, one request's worth), for the same read units in a tenth of the
+            # requests; the backlog's pass reads only as far as the run's limit.
+            "Limit": _SWEEP_PAGE if only in (None, SweepPass.BACKLOG) else _SWEEP_PAGE_FILTERED,
         }
-        if status is not None:
-            kwargs["FilterExpression"] = "#st = :status"
+        if only is not None:
+            kwargs["FilterExpression"] = _SWEEP_FILTERS[only]
             kwargs["ExpressionAttributeNames"] = {"#st": "status"}
+            used = {"running": JobStatus.RUNNING.value, "queued": JobStatus.QUEUED.value}
             kwargs["ExpressionAttributeValues"] = codec.values(
-                p=partition, due=due_before_ms, status=status.value
+                p=partition,
+                due=due_before_ms,
+                **{name: value for name, value in used.items() if f":{name}" in _SWEEP_FILTERS[only]},
             )
-        while True:
+        while stop is None or not stop():
             try:
                 response = self._ddb.query(**kwargs)
             except StoreUnavailable:

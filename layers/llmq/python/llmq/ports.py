@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 # For annotations only: the ports import nothing at run time, so any module may use them.
 if TYPE_CHECKING:
     from collections import Counter
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from llmq.job_record import JobRecord
-    from llmq.jobs import Admission, Created, SweepEntry
+    from llmq.jobs import Admission, Created, SweepEntry, SweepPass
     from llmq.live_output import OutputChunk, OutputHead
     from llmq.models import (
         BatchEvent,
@@ -121,7 +121,12 @@ class JobStore(Protocol):
 
     # ---- the reconciler's sparse index ----------------------------------------------------
     def sweep(
-        self, due_before_ms: int, limit: int, status: JobStatus | None = None
+        self,
+        due_before_ms: int,
+        limit: int,
+        only: SweepPass | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[SweepEntry]: ...
     def count_unfinished(self) -> Counter[str]: ...
     def sweep_first(self, job_id: str) -> None: ...

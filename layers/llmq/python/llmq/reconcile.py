@@ -18,7 +18,7 @@ from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_record import JobRecord
-from llmq.jobs import SWEEP_FIRST_MS, SWEEP_RECOVERED_MS, RetentionDue, SweepEntry
+from llmq.jobs import SWEEP_FIRST_MS, SWEEP_RECOVERED_MS, RetentionDue, SweepEntry, SweepPass
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
 from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
@@ -53,6 +53,9 @@ class ReconcileReport:
     # Swept entries the run left for the next one, its time running out (still due: the next
     # run's sweep finds them, the most overdue first).
     left: int = 0
+    # Passes of the sweep (`SweepPass`) the run had no time to read, or to read to their end:
+    # their entries, if any are due, wait for the next run too.
+    unread_passes: int = 0
 
     def as_log(self) -> dict[str, int]:
         return {
@@ -66,6 +69,7 @@ class ReconcileReport:
             "webhooks": len(self.webhooks),
             "batches": len(self.batches),
             "left": self.left,
+            "unread_passes": self.unread_passes,
         }
 
 
@@ -91,10 +95,12 @@ class Reconciler:
         self._reserve = 0.0
 
     def run(self, remaining_seconds: Callable[[], float] | None = None) -> ReconcileReport:
-        """One sweep. `remaining_seconds` (the invocation's time left): the run settles entries
-        while more than its reserve is left (`_TIME_RESERVE_SECONDS`, or `_TIME_RESERVE_SHARE`
-        of its time if that is less), and leaves the rest due for the next run, so a run with a large or throttled backlog ends within its timeout, reports what
-        it did, and raises no Lambda error (its alarm) for work that was only late."""
+        """One sweep, in three passes (`SweepPass`), each read and then settled. `remaining_seconds`
+        (the invocation's time left): the run reads and settles while more than its reserve is
+        left (`_TIME_RESERVE_SECONDS`, or `_TIME_RESERVE_SHARE` of its time if that is less), and
+        leaves the rest due for the next run, so a run with a large or throttled backlog ends
+        within its timeout, reports what it did, and raises no Lambda error (its alarm) for work
+        that was only late."""
         self._remaining = remaining_seconds
         self._reserve = (
             min(_TIME_RESERVE_SECONDS, _TIME_RESERVE_SHARE * remaining_seconds())
@@ -104,29 +110,35 @@ class Reconciler:
         report = ReconcileReport()
         self._sends.sent.clear()
         now = self.jobs.now_ms()
-        entries: list[SweepEntry] = []
-        limit = self.config.reconciler.max_items_per_run
-        try:
-            # Lapsed leases first, whatever the backlog of stale queued jobs: each holds a
-            # tenant's slot until it is recovered (DESIGN §3.11: within one run of the lease).
-            entries.extend(self.jobs.sweep(now, limit, JobStatus.RUNNING))
-            seen = {entry.job_id for entry in entries}
-            entries.extend(entry for entry in self.jobs.sweep(now, limit) if entry.job_id not in seen)
-            del entries[limit:]
-        except StoreUnavailable:
-            # A throttled shard: settle what was read; the rest stays due for the next run.
-            logger.warning("sweep interrupted", extra={"read": len(entries)})
-        # The lapsed leases are settled before the lane counts are read (a read of the whole
-        # sweep index): a run that runs out of time there has given their slots back already.
-        lapsed = [entry for entry in entries if entry.status is JobStatus.RUNNING and not entry.batch]
-        rest = [entry for entry in entries if not (entry.status is JobStatus.RUNNING and not entry.batch)]
-        self._settle_each(lapsed, now, Counter(), report)
-        # (with its time short, the lanes' depths, a read of the whole sweep index, are not
-        # read: stale queued jobs wait a run, as when the depths are unavailable)
-        deficits = Counter[str]() if self._short_of_time() else self._deficits_or_none(rest, now)
-        self._settle_each(rest, now, deficits, report)
-        if report.left:
-            emit_count(MetricName.RECONCILE_LEFT, report.left)
+        room = self.config.reconciler.max_items_per_run
+        # Lapsed leases first, whatever the backlog of stale queued jobs: each holds a tenant's
+        # slot until it is recovered (DESIGN §3.11: within one run of the lease). They are
+        # settled before anything else is read, however long the other reads take.
+        lapsed = self._read(SweepPass.LAPSED, now, room, report, set())
+        room -= len(lapsed)
+        self._settle_each([entry for entry in lapsed if not entry.batch], now, Counter(), report)
+        # Then what must not wait for the run to work through that backlog, which takes a
+        # period per `max_items_per_run` stale queued jobs: a passed deadline (expired within a
+        # period of it), a webhook to send again (DESIGN §3.6), a batch to look at.
+        # (Each pass reads after the one before has written: what it settled is not settled
+        # again from its new entry, a recovered job's among them, whose message went already.)
+        # A quarter of the room is kept for the backlog's pass, whose first entries are the
+        # known-lost messages (`sweep_first`) and the recovered jobs': a burst of urgent ones
+        # (a mass of deadlines passing at once) does not hold those back either.
+        settled = {entry.job_id for entry in lapsed}
+        urgent = self._read(SweepPass.URGENT, now, room - room // 4, report, settled)
+        room -= len(urgent)
+        self._settle_each([entry for entry in lapsed if entry.batch] + urgent, now, Counter(), report)
+        # Last the stale queued jobs, judged against their lanes' depths. (With its time short,
+        # the depths, a read of the whole sweep index, are not read: stale queued jobs wait a
+        # run, as when the depths are unavailable.)
+        settled |= {entry.job_id for entry in urgent}
+        backlog = self._read(SweepPass.BACKLOG, now, room, report, settled)
+        deficits = Counter[str]() if self._short_of_time() else self._deficits_or_none(backlog, now)
+        self._settle_each(backlog, now, deficits, report)
+        if report.left or report.unread_passes:
+            # (at least one: a pass left unread may hold none, or many)
+            emit_count(MetricName.RECONCILE_LEFT, max(report.left, 1))
             logger.warning("the run's time ran out; the rest is left for the next run", extra=report.as_log())
         else:
             logger.info("reconciled", extra=report.as_log())
@@ -134,6 +146,31 @@ class Reconciler:
 
     def _short_of_time(self) -> bool:
         return self._remaining is not None and self._remaining() < self._reserve
+
+    def _read(
+        self, only: SweepPass, now: int, room: int, report: ReconcileReport, settled: set[str]
+    ) -> list[SweepEntry]:
+        """Up to `room` due entries of one pass, read while the run's time lasts: it stops
+        between pages when the time runs out (what the pages read so far hold is still settled,
+        one entry at least). A pass the run had no time or room to read to its end counts in
+        `unread_passes` (the lanes' backlog filling its room is only a long backlog)."""
+        if room <= 0 or self._short_of_time():
+            report.unread_passes += 1
+            return []
+        stop = self._short_of_time
+        entries: list[SweepEntry] = []
+        try:
+            found = self.jobs.sweep(now, room + len(settled), only, stop=stop)
+            entries.extend(entry for entry in found if entry.job_id not in settled)
+        except StoreUnavailable:
+            # A throttled read: settle what was read; the rest stays due for the next run.
+            logger.warning("sweep interrupted", extra={"pass": only.value, "read": len(entries)})
+        if len(entries) >= room and only is not SweepPass.BACKLOG:
+            report.unread_passes += 1
+        del entries[room:]
+        if stop():
+            report.unread_passes += 1
+        return entries
 
     def _settle_each(
         self, entries: list[SweepEntry], now: int, deficits: Counter[str], report: ReconcileReport
