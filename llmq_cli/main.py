@@ -698,7 +698,8 @@ def _usage_plans(target: AwsTarget) -> Any:
 
 
 def _llmq_config(target: AwsTarget) -> Any:
-    """The config the stack was deployed with: the sandbox's own, else cdk.json's `llmq` context."""
+    """The config the stack was deployed with: the sandbox's own, else the deployed api
+    function's (its LLMQ_CONFIG), else cdk.json's `llmq` context in this directory."""
     from llmq.config import LlmqConfig
 
     if target.state is not None:
@@ -706,9 +707,32 @@ def _llmq_config(target: AwsTarget) -> Any:
             response = httpx.get(f"{target.state.api_url}/_sandbox/config", timeout=10)
             if response.status_code == 200:
                 return LlmqConfig.model_validate(response.json())
+    deployed = _deployed_config(target)
+    if deployed is not None:
+        return deployed
     cdk_json = Path("cdk.json")
     context = json.loads(cdk_json.read_text()).get("context", {}) if cdk_json.is_file() else {}
     return LlmqConfig.from_context(context.get("llmq"))
+
+
+def _deployed_config(target: AwsTarget) -> Any:
+    """The config the stack's api function runs with, or None where it cannot be read (a stack
+    without the FunctionNames output, no lambda:GetFunctionConfiguration): a tier's default
+    limits and the authorizer's cache time as deployed, wherever the CLI runs from."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from llmq.config import CONFIG_ENV_VAR, LlmqConfig
+
+    try:
+        api = json.loads(target.outputs().get("FunctionNames") or "{}").get("api")
+        if not api:
+            return None
+        variables = target.client("lambda").get_function_configuration(FunctionName=api)["Environment"][
+            "Variables"
+        ]
+    except (BotoCoreError, ClientError, KeyError, ValueError):
+        return None
+    return LlmqConfig.model_validate_json(variables.get(CONFIG_ENV_VAR) or "{}")
 
 
 def _tenant_limits(target: AwsTarget, table: str | None) -> Any:

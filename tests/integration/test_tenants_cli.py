@@ -448,3 +448,79 @@ def test_a_secret_or_key_write_applied_with_its_answer_lost_hands_out_what_it_st
     else:
         live = [key for key in llmq(capsys, "keys", "ten_acme") if not key["revoked"]]
         assert len(live) == 2 and tenants.authenticate(answer["api_key"]) is not None
+
+
+def test_revoke_key_says_the_authorizer_cache_time_the_stack_was_deployed_with(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Hunt 203: the CLI read the config from cdk.json in the directory it ran in, so run
+    elsewhere (or beside another stack's cdk.json) it told the operator a revoked key stops
+    working sooner than it does. It reads the deployed api function's LLMQ_CONFIG."""
+    import io
+    import zipfile
+
+    from llmq.config import CONFIG_ENV_VAR
+    from llmq.tenants import key_id_of
+
+    # Given a stack whose api function was deployed with a 7 s authorizer cache
+    deployed = LlmqConfig.model_validate({"limits": {"authorizer_cache_seconds": 7}})
+    role = aws.client("iam").create_role(
+        RoleName="llmq-cli-test-api",
+        AssumeRolePolicyDocument=json.dumps(
+            {
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"Service": "lambda.amazonaws.com"},
+                        "Action": "sts:AssumeRole",
+                    }
+                ]
+            }
+        ),
+    )["Role"]["Arn"]
+    code = io.BytesIO()
+    with zipfile.ZipFile(code, "w") as archive:
+        archive.writestr("handler.py", "def handler(event, context):\n    return None\n")
+    aws.client("lambda").create_function(
+        FunctionName="llmq-cli-test-api",
+        Runtime="python3.12",
+        Role=role,
+        Handler="handler.handler",
+        Code={"ZipFile": code.getvalue()},
+        Environment={"Variables": {CONFIG_ENV_VAR: deployed.to_env()}},
+    )
+    cloudformation = aws.client("cloudformation")
+    (described,) = cloudformation.describe_stacks(StackName=STACK)["Stacks"]
+    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
+    outputs["FunctionNames"] = json.dumps({"api": "llmq-cli-test-api"})
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
+        "Outputs": {name: {"Value": value} for name, value in outputs.items()},
+    }
+    cloudformation.update_stack(StackName=STACK, TemplateBody=json.dumps(template))
+    # And, in the directory the operator runs from, a cdk.json that says 120 s
+    (tmp_path / "cdk.json").write_text(
+        json.dumps({"context": {"llmq": {"limits": {"authorizer_cache_seconds": 120}}}})
+    )
+    created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+
+    # When a key is revoked
+    code_ = main(
+        [
+            "--state-file",
+            "no-sandbox.json",
+            "tenants",
+            "revoke-key",
+            "ten_acme",
+            key_id_of(created["api_key"]),
+            "--aws",
+            "--region",
+            "us-east-1",
+            "--stack",
+            STACK,
+        ]
+    )
+    # Then the CLI says the deployed stack's time
+    captured = capsys.readouterr()
+    assert code_ == 0, captured.err
+    assert "refuses it within 7 s" in captured.err
