@@ -1267,3 +1267,42 @@ def test_a_known_lost_message_is_sent_though_more_urgent_entries_are_due_than_a_
     # And the next run expires the fourth
     second = reconciler.run(remaining_seconds=lambda: 28.0)
     assert set(first.expired) | set(second.expired) == late
+
+
+def test_a_known_lost_message_is_sent_again_though_every_read_is_slow(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    """Review 206: each pass reads in a share of the run's time (half for the lapsed leases, half
+    of the rest for the urgent entries, the rest for the backlog), so slow reads no longer spend
+    every run on the first two passes' filtered reads while a known-lost message waits."""
+    # Given a job whose message is known lost
+    lost = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).sweep_first(lost)
+    clock.offset = 10
+    # When the reconciler runs with every index Query taking 0.7 s (each run reads some of the
+    # backlog's shards, from a random one: its job's among them, sooner or later)
+    runs = []
+    for _ in range(20):
+        report, left, _ = _run_with_slow_reads(reconciler, 0.7)
+        # Then every run ends within its invocation
+        assert left > 0
+        runs.append(report)
+        if report.requeued:
+            break
+    # And one of them sends the job its message
+    assert runs[-1].requeued == [lost], [run.as_log() for run in runs]
+
+
+def test_a_run_that_settled_every_due_entry_counts_no_unread_pass(
+    backlogged: tuple[Harness, Reconciler, LaterClock],
+) -> None:
+    """Review 206: a pass holding exactly its room was read to its end (no ReconcileLeft)."""
+    harness, reconciler, clock = backlogged
+    # Given exactly as many passed deadlines as the urgent pass has room for (3 of the run's 4)
+    late = {harness.submit(deadline_seconds=400).body["id"] for _ in range(3)}
+    clock.offset = 401
+    report = reconciler.run(remaining_seconds=lambda: 28.0)
+    # Then the run expires them and says it left nothing
+    assert set(report.expired) == late
+    assert (report.left, report.unread_passes) == (0, 0)

@@ -114,7 +114,7 @@ class Reconciler:
         # Lapsed leases first, whatever the backlog of stale queued jobs: each holds a tenant's
         # slot until it is recovered (DESIGN §3.11: within one run of the lease). They are
         # settled before anything else is read, however long the other reads take.
-        lapsed = self._read(SweepPass.LAPSED, now, room, report, set())
+        lapsed = self._read(SweepPass.LAPSED, now, room, report, set(), share=0.5)
         room -= len(lapsed)
         self._settle_each([entry for entry in lapsed if not entry.batch], now, Counter(), report)
         # Then what must not wait for the run to work through that backlog, which takes a
@@ -126,14 +126,15 @@ class Reconciler:
         # known-lost messages (`sweep_first`) and the recovered jobs': a burst of urgent ones
         # (a mass of deadlines passing at once) does not hold those back either.
         settled = {entry.job_id for entry in lapsed}
-        urgent = self._read(SweepPass.URGENT, now, room - room // 4, report, settled)
+        kept = (room + 3) // 4 if room > 1 else 0
+        urgent = self._read(SweepPass.URGENT, now, room - kept, report, settled, share=0.5)
         room -= len(urgent)
         self._settle_each([entry for entry in lapsed if entry.batch] + urgent, now, Counter(), report)
         # Last the stale queued jobs, judged against their lanes' depths. (With its time short,
         # the depths, a read of the whole sweep index, are not read: stale queued jobs wait a
         # run, as when the depths are unavailable.)
         settled |= {entry.job_id for entry in urgent}
-        backlog = self._read(SweepPass.BACKLOG, now, room, report, settled)
+        backlog = self._read(SweepPass.BACKLOG, now, room, report, settled, share=1.0)
         deficits = Counter[str]() if self._short_of_time() else self._deficits_or_none(backlog, now)
         self._settle_each(backlog, now, deficits, report)
         if report.left or report.unread_passes:
@@ -148,28 +149,38 @@ class Reconciler:
         return self._remaining is not None and self._remaining() < self._reserve
 
     def _read(
-        self, only: SweepPass, now: int, room: int, report: ReconcileReport, settled: set[str]
+        self, only: SweepPass, now: int, room: int, report: ReconcileReport, settled: set[str], share: float
     ) -> list[SweepEntry]:
-        """Up to `room` due entries of one pass, read while the run's time lasts: it stops
-        between pages when the time runs out (what the pages read so far hold is still settled,
-        one entry at least). A pass the run had no time or room to read to its end counts in
-        `unread_passes` (the lanes' backlog filling its room is only a long backlog)."""
+        """Up to `room` due entries of one pass, read in at most `share` of the time the run
+        has left above its reserve (the lapsed leases half of it, the urgent entries half of
+        the rest, the backlog what remains): when every read is slow (a throttled index), each
+        pass still reads some of its shards, from a random one, and a run settles some of each
+        instead of spending its time on the first passes' filtered reads. A pass stops between
+        pages when its time is up (what the pages read so far hold is still settled), and one
+        the run had no time or room to read to its end counts in `unread_passes` (the lanes'
+        backlog filling its room is only a long backlog)."""
         if room <= 0 or self._short_of_time():
             report.unread_passes += 1
             return []
         stop = self._short_of_time
+        if self._remaining is not None:
+            remaining, reserve = self._remaining, self._reserve
+            until = max(reserve, remaining() - share * (remaining() - reserve))
+
+            def stop() -> bool:
+                return remaining() < until
+
         entries: list[SweepEntry] = []
         try:
-            found = self.jobs.sweep(now, room + len(settled), only, stop=stop)
+            # (one more than the room: a pass that held exactly its room was read to its end)
+            found = self.jobs.sweep(now, room + 1 + len(settled), only, stop=stop)
             entries.extend(entry for entry in found if entry.job_id not in settled)
         except StoreUnavailable:
             # A throttled read: settle what was read; the rest stays due for the next run.
             logger.warning("sweep interrupted", extra={"pass": only.value, "read": len(entries)})
-        if len(entries) >= room and only is not SweepPass.BACKLOG:
+        if stop() or (len(entries) > room and only is not SweepPass.BACKLOG):
             report.unread_passes += 1
         del entries[room:]
-        if stop():
-            report.unread_passes += 1
         return entries
 
     def _settle_each(
