@@ -703,8 +703,11 @@ class ColdStarts:
 class CpuLoad:
     """How busy the machine's CPU and the sandbox's own process were since the last reading,
     read at most every _CPU_WINDOW_SECONDS (the machine's from /proc/stat; where there is none,
-    it counts as idle). The sandbox's process (moto, the gateway, the pollers) runs Python
-    under one lock, so it is full at one core's worth, however many the machine has."""
+    it counts as idle). The sandbox's process (the gateway, the pollers, this service) runs
+    Python under one lock, so it is full at one core's worth, however many the machine has.
+    moto runs in a process of its own, which this does not read: at 50 jobs/s it can be full
+    while the machine is not (holding starts back on its share showed no gain beyond the
+    noise of two runs of the 50 jobs/s point)."""
 
     def __init__(self) -> None:
         self._last = (time.monotonic(), *self._read())
