@@ -18,7 +18,14 @@ from standardwebhooks import Webhook
 from llmq import aws
 from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id, send_expand
 from llmq.jobs import JobRepository
-from llmq.models import BatchEvent, BatchRequestCounts, BatchStatus, DeliveryStatus, JobStatus
+from llmq.models import (
+    BatchEvent,
+    BatchRequestCounts,
+    BatchStatus,
+    DeliveryAttempt,
+    DeliveryStatus,
+    JobStatus,
+)
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
@@ -1988,6 +1995,46 @@ def test_a_resent_batch_webhook_whose_delivery_was_attempted_meanwhile_waits_for
     assert stored.delivery_next_ms > (time.time() + second) * 1000, "the next attempt is not due yet"
     # Then it sends no third copy (as for a job: test_reconciler's hunt-136 test)
     assert _reconciler_ahead(harness, second).run().webhooks == []
+
+
+def test_a_late_answer_of_the_round_before_a_batch_redelivery_keeps_the_new_rounds_attempt_in_the_log(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    """Hunt 207, as for a job's (test_store_contract): the late answer goes after the new round's
+    attempt in the batch's delivery log, not over it."""
+    # Given an ended batch with a webhook, whose message was lost before any attempt
+    _acme(harness)
+    hook = {"url": f"http://127.0.0.1:{receiver.port}/h207-batch"}
+    batch_id = _submit(harness, requests=_requests(1), webhook=hook).body["id"]
+    _run_lane(harness)
+    harness.sqs.purge_queue(QueueUrl=harness.stack.webhook_queue_url)
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    later = int((time.time() + 60) * 1000)
+
+    def record(status: DeliveryStatus, code: int, attempts: int, log_seq: int) -> bool:
+        entry = DeliveryAttempt(
+            attempt=attempts, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3
+        )
+        due = later if status is DeliveryStatus.PENDING else None
+        return batches.record_delivery(batch_id, status, code, attempts, entry, due, log_seq, None)
+
+    # And two failed attempts, and a third whose POST is slow to be answered (it read sequence 2)
+    assert record(DeliveryStatus.PENDING, 500, 1, 0)
+    assert record(DeliveryStatus.PENDING, 500, 2, 1)
+    # When a redelivery starts a new round, whose first attempt fails
+    batches.mark_redelivery(_stored(harness, batch_id))
+    assert record(DeliveryStatus.PENDING, 500, 1, 2)
+    # And then the old third attempt is answered 200
+    assert record(DeliveryStatus.DELIVERED, 200, 3, 2)
+    # Then it counts as the new round's second attempt, and the log keeps every attempt, in order
+    stored = _stored(harness, batch_id)
+    assert (stored.delivery_status, stored.delivery_attempts) == (DeliveryStatus.DELIVERED, 2)
+    assert [(entry.attempt, entry.status_code) for entry in stored.delivery_log] == [
+        (1, 500),
+        (2, 500),
+        (1, 500),
+        (3, 200),
+    ]
 
 
 def test_a_batch_expansion_outlasts_an_sqs_send_outage_before_the_dlq(

@@ -287,6 +287,41 @@ def test_a_410_counts_its_own_attempt_once_and_a_late_success_counts_once_in_a_n
     assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, 2)
 
 
+def test_a_late_answer_of_the_round_before_a_redelivery_keeps_the_new_rounds_attempt_in_the_log(
+    subject: Subject,
+) -> None:
+    """Hunt 207: a late answer counted as one of a redelivery's round went into the log slot of
+    the sequence it read before the redelivery, where the new round's attempt was by then: the
+    latest failure, the one an integrator looks at, vanished from `GET .../webhook`."""
+    job_id = _failed_with_a_pending_webhook(subject)
+
+    def record(status: DeliveryStatus, code: int, attempt: int, previous: int, log_seq: int) -> bool:
+        entry = DeliveryAttempt(
+            attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3
+        )
+        return subject.jobs.record_delivery(
+            job_id, status, code, 1.0, previous_attempts=previous, attempt=entry, log_seq=log_seq
+        )
+
+    def logged() -> list[tuple[int, int | None]]:
+        found = subject.jobs.find(job_id)
+        assert found is not None
+        return [(entry.attempt, entry.status_code) for entry in found.delivery_log]
+
+    # Given two failed attempts, and a third whose POST is slow to be answered (it read the
+    # log's sequence, 2)
+    assert record(DeliveryStatus.PENDING, 500, 1, 0, 0)
+    assert record(DeliveryStatus.PENDING, 500, 2, 1, 1)
+    # When a redelivery starts a new round, whose first attempt fails
+    subject.jobs.mark_delivery_pending(job_id, "ten_acme")
+    assert record(DeliveryStatus.PENDING, 500, 1, 0, 2)
+    # And then the old third attempt is answered 200
+    assert record(DeliveryStatus.DELIVERED, 200, 3, 2, 2)
+    # Then it counts as the new round's second attempt, and the log keeps every attempt, in order
+    assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, 2)
+    assert logged() == [(1, 500), (2, 500), (1, 500), (3, 200)]
+
+
 def test_the_delivery_log_keeps_the_latest_ten_attempts_across_a_redelivery(subject: Subject) -> None:
     job_id = subject.created(webhook_url="https://hooks.example.com/x", webhook_events=[WebhookEvent.FAILED])
     claimed = subject.jobs.claim(job_id, "w1", LEASE_SECONDS).job

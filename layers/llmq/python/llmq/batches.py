@@ -1168,7 +1168,9 @@ class BatchRepository:
         # the answer stands either way, while the count is still what was read.
         values["stored"] = stored
         values["next_count"] = stored if stored > attempts else stored + 1
-        condition = "delivery_status IN (:pending, :failed) AND delivery_attempts = :stored"
+        # (its log entry after the stored latest, which may be the new round's)
+        sets, held = codec.logged_after_the_stored(sets, values, old, log_seq)
+        condition = "delivery_status IN (:pending, :failed) AND delivery_attempts = :stored" + held
         return self._record_delivery_write(batch_id, update(":next_count"), condition, values, token) is None
 
     def _record_delivery_write(

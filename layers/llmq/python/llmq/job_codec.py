@@ -11,6 +11,7 @@ import binascii
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
@@ -39,6 +40,26 @@ DELIVERY_LOG_SEQ = "delivery_log_seq"
 
 def delivery_log_slot(seq: int) -> str:
     return f"{DELIVERY_LOG_PREFIX}{seq % DELIVERY_LOG_ATTEMPTS}"
+
+
+def logged_after_the_stored(
+    sets: list[str], values: dict[str, Any], old: Mapping[str, Any], read_seq: int
+) -> tuple[list[str], str]:
+    """A delivery record's SET clauses and an extra condition for its write after a first one
+    was refused because a redelivery began a new round since the attempt was read: its log
+    entry goes after the log's stored latest, not into the slot of the sequence it read,
+    which holds the new round's attempt by now (and the stored sequence must still hold)."""
+    stored = int(old.get(DELIVERY_LOG_SEQ, {}).get("N", "0"))
+    if "log" not in values or stored == read_seq:
+        return sets, ""
+    values["log"] = {**values["log"], "seq": stored}
+    read_slot = f"{delivery_log_slot(read_seq)} = :log"
+    if DELIVERY_LOG_SEQ in old:
+        values["stored_seq"] = stored
+        held = f" AND {DELIVERY_LOG_SEQ} = :stored_seq"
+    else:
+        held = f" AND attribute_not_exists({DELIVERY_LOG_SEQ})"
+    return [f"{delivery_log_slot(stored)} = :log" if clause == read_slot else clause for clause in sets], held
 
 
 def json_text(value: Any) -> str:

@@ -1349,11 +1349,13 @@ class JobRepository:
         values["stored"] = stored
         # Another copy counted a later attempt since (the count stays its), or a redelivery
         # started a new round since this attempt was read (it counts as one of that round's):
-        # the answer stands either way, while the count is still what was read.
+        # the answer stands either way, while the count is still what was read; its log entry
+        # goes after the stored latest, which may be the new round's.
+        sets, held = codec.logged_after_the_stored(sets, values, old, log_seq)
         return self._record_delivery_write(
             job_id,
             expression(sets, adds if stored > counts_as else [*adds, "delivery_attempts :one"]),
-            condition + " AND delivery_attempts = :stored",
+            condition + " AND delivery_attempts = :stored" + held,
             values,
             token,
         )
