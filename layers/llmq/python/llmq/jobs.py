@@ -1225,7 +1225,9 @@ class JobRepository:
         `attempt` goes into the delivery log in the same write, in the slot of `log_seq` (the
         job's `delivery_log_seq` as the dispatcher read it), and the sequence moves on: the item
         keeps the latest ten and no more. Two copies of a message delivering at once may log
-        into one slot; the delivery's status and count stay exact.
+        into one slot, as may a late answer of the round before a redelivery whose number fits
+        the new round's count (review 209; one refused by the count goes after the stored
+        latest); the delivery's status and count stay exact.
 
         Only a pending delivery moves; `delivered`, `failed` and `disabled` are final until
         a redelivery sets pending again (a late success may still turn `failed` into
