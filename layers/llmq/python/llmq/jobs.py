@@ -1586,11 +1586,14 @@ class JobRepository:
         if only is not None:
             kwargs["FilterExpression"] = _SWEEP_FILTERS[only]
             kwargs["ExpressionAttributeNames"] = {"#st": "status"}
-            used = {"running": JobStatus.RUNNING.value, "queued": JobStatus.QUEUED.value}
+            named = {
+                "p": partition,
+                "due": due_before_ms,
+                "running": JobStatus.RUNNING.value,
+                "queued": JobStatus.QUEUED.value,
+            }
             kwargs["ExpressionAttributeValues"] = codec.values(
-                p=partition,
-                due=due_before_ms,
-                **{name: value for name, value in used.items() if f":{name}" in _SWEEP_FILTERS[only]},
+                **codec.named_values(named, kwargs["KeyConditionExpression"], _SWEEP_FILTERS[only])
             )
         while stop is None or not stop():
             try:

@@ -162,13 +162,13 @@ class Reconciler:
         if room <= 0 or self._short_of_time():
             report.unread_passes += 1
             return []
-        stop = self._short_of_time
-        if self._remaining is not None:
-            remaining, reserve = self._remaining, self._reserve
-            until = max(reserve, remaining() - share * (remaining() - reserve))
+        remaining = self._remaining
+        if remaining is not None:
+            left = remaining()
+            until = max(self._reserve, left - share * (left - self._reserve))
 
-            def stop() -> bool:
-                return remaining() < until
+        def stop() -> bool:
+            return remaining is not None and remaining() < until
 
         entries: list[SweepEntry] = []
         try:
