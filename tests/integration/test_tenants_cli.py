@@ -513,3 +513,28 @@ def test_revoke_key_says_the_authorizer_cache_time_the_stack_was_deployed_with(
     captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
     # Then the CLI says the deployed stack's time
     assert "refuses it within 7 s" in captured.err
+
+
+def test_revoke_key_falls_back_to_cdk_json_where_the_deployed_config_cannot_be_read(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The api function the stack names is gone (or the operator may not read its
+    configuration: the same ClientError): the CLI says cdk.json's time, and still revokes."""
+    from llmq.tenants import key_id_of
+
+    cloudformation = aws.client("cloudformation")
+    (described,) = cloudformation.describe_stacks(StackName=STACK)["Stacks"]
+    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
+    outputs["FunctionNames"] = json.dumps({"api": "llmq-cli-test-no-such-function"})
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
+        "Outputs": {name: {"Value": value} for name, value in outputs.items()},
+    }
+    cloudformation.update_stack(StackName=STACK, TemplateBody=json.dumps(template))
+    (tmp_path / "cdk.json").write_text(
+        json.dumps({"context": {"llmq": {"limits": {"authorizer_cache_seconds": 120}}}})
+    )
+    created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
+    assert "refuses it within 120 s" in captured.err
+    assert json.loads(captured.out)["revoked"] is True
