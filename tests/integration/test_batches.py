@@ -1997,11 +1997,26 @@ def test_a_resent_batch_webhook_whose_delivery_was_attempted_meanwhile_waits_for
     assert _reconciler_ahead(harness, second).run().webhooks == []
 
 
-def test_a_late_answer_of_the_round_before_a_batch_redelivery_keeps_the_new_rounds_attempt_in_the_log(
-    harness: Harness, receiver: WebhookReceiver
+@pytest.mark.parametrize(
+    ("new_round", "status", "code"),
+    [
+        (1, DeliveryStatus.DELIVERED, 200),
+        (2, DeliveryStatus.DELIVERED, 200),
+        (2, DeliveryStatus.PENDING, 500),
+    ],
+)
+def test_a_late_answer_of_the_round_before_a_batch_redelivery_is_logged_after_the_new_rounds_attempts(
+    harness: Harness,
+    receiver: WebhookReceiver,
+    faults: AwsFaults,
+    new_round: int,
+    status: DeliveryStatus,
+    code: int,
 ) -> None:
-    """Hunt 207, as for a job's (test_store_contract): the late answer goes after the new round's
-    attempt in the batch's delivery log, not over it."""
+    """Hunts 207 and 209, as for a job's (test_store_contract): the old round's late answer goes
+    after the new round's attempts in the batch's delivery log, not over its first, whether
+    its count fits the new round's (209: the first write took it) or not (207). The write after
+    the refused first is applied and its answer lost (botocore sends it again): one entry."""
     # Given an ended batch with a webhook, whose message was lost before any attempt
     _acme(harness)
     hook = {"url": f"http://127.0.0.1:{receiver.port}/h207-batch"}
@@ -2021,19 +2036,23 @@ def test_a_late_answer_of_the_round_before_a_batch_redelivery_keeps_the_new_roun
     # And two failed attempts, and a third whose POST is slow to be answered (it read sequence 2)
     assert record(DeliveryStatus.PENDING, 500, 1, 0)
     assert record(DeliveryStatus.PENDING, 500, 2, 1)
-    # When a redelivery starts a new round, whose first attempt fails
+    # When a redelivery's round fails meanwhile, once or twice
     batches.mark_redelivery(_stored(harness, batch_id))
-    assert record(DeliveryStatus.PENDING, 500, 1, 2)
-    # And then the old third attempt is answered 200
-    assert record(DeliveryStatus.DELIVERED, 200, 3, 2)
-    # Then it counts as the new round's second attempt, and the log keeps every attempt, in order
+    new_attempts = [(1, 502), (2, 503)][:new_round]
+    for n, failure in new_attempts:
+        assert record(DeliveryStatus.PENDING, failure, n, 1 + n)
+    # And then the old third attempt is answered, its second write's answer lost
+    faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem", nth=2)
+    assert record(status, code, 3, 2)
+    assert len(faults.fired) == 1
+    # Then it counts as one more of the new round's, logged once after the new round's attempts
     stored = _stored(harness, batch_id)
-    assert (stored.delivery_status, stored.delivery_attempts) == (DeliveryStatus.DELIVERED, 2)
+    assert (stored.delivery_status, stored.delivery_attempts) == (status, new_round + 1)
     assert [(entry.attempt, entry.status_code) for entry in stored.delivery_log] == [
         (1, 500),
         (2, 500),
-        (1, 500),
-        (3, 200),
+        *new_attempts,
+        (3, code),
     ]
 
 

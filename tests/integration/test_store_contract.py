@@ -7,10 +7,12 @@ the integration suite because its moto tables come from the synthesized app.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+import boto3
 import pytest
 from moto import mock_aws
 
@@ -320,6 +322,157 @@ def test_a_late_answer_of_the_round_before_a_redelivery_keeps_the_new_rounds_att
     # Then it counts as the new round's second attempt, and the log keeps every attempt, in order
     assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, 2)
     assert logged() == [(1, 500), (2, 500), (1, 500), (3, 200)]
+
+
+def _recorded(
+    subject: Subject,
+    job_id: str,
+    status: DeliveryStatus,
+    code: int,
+    attempt: int,
+    previous: int,
+    log_seq: int,
+) -> bool:
+    """The dispatcher's record of attempt `attempt`, answered `code`, as read: the count
+    `previous` and the log's sequence `log_seq`."""
+    entry = DeliveryAttempt(attempt=attempt, at="2026-12-02T10:00:00.000Z", status_code=code, latency_ms=3)
+    return subject.jobs.record_delivery(
+        job_id, status, code, 1.0, previous_attempts=previous, attempt=entry, log_seq=log_seq
+    )
+
+
+def _logged(subject: Subject, job_id: str) -> list[tuple[int, int | None]]:
+    found = subject.jobs.find(job_id)
+    assert found is not None
+    return [(entry.attempt, entry.status_code) for entry in found.delivery_log]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (DeliveryStatus.DELIVERED, 200, (DeliveryStatus.DELIVERED, 3)),
+        (DeliveryStatus.PENDING, 500, (DeliveryStatus.PENDING, 3)),
+    ],
+)
+def test_a_late_answer_whose_number_fits_the_new_rounds_count_is_logged_after_the_new_rounds_attempts(
+    subject: Subject, status: DeliveryStatus, code: int, expected: tuple[DeliveryStatus, int]
+) -> None:
+    """Review 209: the old round's attempt 3, read at count 2 and log sequence 2, is answered
+    after a redelivery's round counted two attempts: its count fits, so the write was accepted
+    at once and logged into slot 2, over the new round's first attempt."""
+    job_id = _failed_with_a_pending_webhook(subject)
+    # Given two failed attempts, and a third whose POST is slow to be answered
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 500, 1, 0, 0)
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 500, 2, 1, 1)
+    # When a redelivery's round fails twice meanwhile
+    subject.jobs.mark_delivery_pending(job_id, "ten_acme")
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 502, 1, 0, 2)
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 503, 2, 1, 3)
+    # And then the old third attempt is answered
+    assert _recorded(subject, job_id, status, code, 3, 2, 2)
+    # Then it counts as the new round's third, and the log keeps every attempt, in order
+    assert _delivery(subject, job_id) == expected
+    assert _logged(subject, job_id) == [(1, 500), (2, 500), (1, 502), (2, 503), (3, code)]
+
+
+def test_both_copies_of_one_attempt_are_logged_when_one_failed_and_the_other_succeeded(
+    subject: Subject,
+) -> None:
+    """One receive handed over twice: both copies POST attempt 2, read at log sequence 1; the
+    receiver fails one and takes the other. Each answer is an entry of its own."""
+    job_id = _failed_with_a_pending_webhook(subject)
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 500, 1, 0, 0)
+    # When one copy records attempt 2 failed, and then the other its success
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 500, 2, 1, 1)
+    assert _recorded(subject, job_id, DeliveryStatus.DELIVERED, 200, 2, 1, 1)
+    # Then the delivery counts two attempts, and logs three answers
+    assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, 2)
+    assert _logged(subject, job_id) == [(1, 500), (2, 500), (2, 200)]
+
+
+@pytest.fixture
+def dynamodb_subject(request: pytest.FixtureRequest) -> Subject:
+    """The DynamoDB repository alone: what the in-memory fake cannot interleave."""
+    table = request.getfixturevalue("jobs_table")
+    clock, ddb = Clock(), aws.client("dynamodb")
+    for item in ddb.scan(TableName=table, ProjectionExpression="pk")["Items"]:
+        ddb.delete_item(TableName=table, Key={"pk": item["pk"]})
+    return Subject(JobRepository(table, LlmqConfig(), dynamodb=ddb, clock=clock), clock)
+
+
+@contextmanager
+def _updates_seen(client: Any, before_each: Callable[[dict[str, Any]], None]) -> Iterator[list[str]]:
+    """The ConditionExpression of each UpdateItem `client` sends, with `before_each` run first."""
+    conditions: list[str] = []
+
+    def seen(params: dict[str, Any], **_: Any) -> None:
+        conditions.append(params.get("ConditionExpression", ""))
+        before_each(params)
+
+    client.meta.events.register("provide-client-params.dynamodb.UpdateItem", seen, unique_id="r210")
+    try:
+        yield conditions
+    finally:
+        client.meta.events.unregister("provide-client-params.dynamodb.UpdateItem", unique_id="r210")
+
+
+@pytest.mark.parametrize("moves", [1, 5])
+def test_a_success_follows_a_log_that_moves_on_before_each_of_its_writes(
+    dynamodb_subject: Subject, moves: int
+) -> None:
+    """Review 210: a write that follows the moved log gave up after four tries, and a success
+    was then taken for another copy's outcome (the job stayed pending; its next attempt POSTed
+    again). Each move is another writer's accepted entry, so following it always ends."""
+    subject = dynamodb_subject
+    job_id = _failed_with_a_pending_webhook(subject)
+    assert isinstance(subject.jobs, JobRepository)
+    other = JobRepository(
+        subject.jobs.table_name, LlmqConfig(), dynamodb=boto3.client("dynamodb"), clock=subject.clock
+    )
+    interleaved: list[int] = []
+
+    def a_redelivery_fails_first(params: dict[str, Any]) -> None:
+        # (before each try of the write under test: a redelivery, whose attempt 1 fails)
+        if ":log_at" in params.get("ConditionExpression", "") and len(interleaved) < moves:
+            found = other.find(job_id)
+            assert found is not None
+            other.mark_delivery_pending(job_id, "ten_acme")
+            entry = DeliveryAttempt(attempt=1, at="2026-12-02T10:00:00.000Z", status_code=500, latency_ms=3)
+            assert other.record_delivery(
+                job_id,
+                DeliveryStatus.PENDING,
+                500,
+                1.0,
+                previous_attempts=0,
+                attempt=entry,
+                log_seq=found.delivery_log_seq,
+            )
+            interleaved.append(found.delivery_log_seq)
+
+    # When attempt 1 is answered 200, read at count 0 and the log's sequence 0, and the log moves
+    # on before each of its writes `moves` times
+    with _updates_seen(aws.client("dynamodb"), a_redelivery_fails_first) as conditions:
+        assert _recorded(subject, job_id, DeliveryStatus.DELIVERED, 200, 1, 0, 0)
+    # Then it is recorded, as the latest round's first attempt, after every entry logged before it
+    assert interleaved == list(range(moves))
+    assert len(conditions) == moves + 1
+    assert _delivery(subject, job_id) == (DeliveryStatus.DELIVERED, 1)
+    assert _logged(subject, job_id) == [(1, 500)] * moves + [(1, 200)]
+
+
+def test_a_copys_refused_failure_costs_one_write(dynamodb_subject: Subject) -> None:
+    """Review 210: a copy whose count was taken by its twin was refused on the count and the
+    log at once, and followed the log into a second write doomed by the count."""
+    subject = dynamodb_subject
+    job_id = _failed_with_a_pending_webhook(subject)
+    assert _recorded(subject, job_id, DeliveryStatus.PENDING, 500, 1, 0, 0)
+    # When the twin copy of attempt 1 records its 500 as well, read at count 0 and sequence 0
+    with _updates_seen(aws.client("dynamodb"), lambda _: None) as conditions:
+        assert not _recorded(subject, job_id, DeliveryStatus.PENDING, 500, 1, 0, 0)
+    # Then it is refused in one write, and the delivery counts and logs one attempt
+    assert len(conditions) == 1
+    assert _delivery(subject, job_id) == (DeliveryStatus.PENDING, 1)
+    assert _logged(subject, job_id) == [(1, 500)]
 
 
 def test_the_delivery_log_keeps_the_latest_ten_attempts_across_a_redelivery(subject: Subject) -> None:

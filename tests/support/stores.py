@@ -642,12 +642,9 @@ class InMemoryJobs:
         }
         self.deliveries.append((status, status_code, next_attempt_in_seconds))
         if attempt is not None:
-            # As the store: slot log_seq mod 10, the newest ten, oldest first; a final answer not
-            # counted as its own number (a later attempt counted, or a redelivery's round begun
-            # since it was read) goes after the stored latest.
-            final = status in (DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED)
-            if final and not attempt.attempt - 1 <= old.delivery_attempts <= attempt.attempt:
-                log_seq = old.delivery_log_seq
+            # As the store: after the stored latest (the sequence read, unless the log moved on
+            # since), in slot seq mod 10, the newest ten, oldest first.
+            log_seq = old.delivery_log_seq
             slots = {**self.log_slots.get(job_id, {}), log_seq % 10: (log_seq, attempt)}
             self.log_slots[job_id] = slots
             changes["delivery_log"] = [entry for _, entry in sorted(slots.values(), key=lambda slot: slot[0])]

@@ -18,7 +18,7 @@ import hashlib
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -1114,8 +1114,8 @@ class BatchRepository:
             sets.append("delivery_next_ms = :due")
             values["due"] = next_attempt_at_ms
         if attempt is not None:
-            # `log_seq` as the dispatcher read it: one writer per attempt (the condition), and
-            # the sequence only moves on (ADD).
+            # `log_seq` as the dispatcher read it, or the stored latest if the log moved on
+            # since (`job_codec.written_in_the_log`); the sequence only moves on (ADD).
             sets.append(f"{codec.delivery_log_slot(log_seq)} = :log")
             values["log"] = {**attempt.model_dump(mode="json", exclude_none=True), "seq": log_seq}
         if status_code is not None:
@@ -1140,7 +1140,7 @@ class BatchRepository:
         sets.append("delivery_write = :token")
         values["token"] = token
 
-        def update(count: str) -> str:
+        def update(sets: list[str], count: str) -> str:
             written = f"SET {', '.join([*sets, f'delivery_attempts = {count}'])}"
             written += f" REMOVE {', '.join(removes)}" if removes else ""
             return written + (f" ADD {codec.DELIVERY_LOG_SEQ} :one" if attempt is not None else "")
@@ -1156,26 +1156,39 @@ class BatchRepository:
             condition = (
                 "delivery_status IN (:pending, :failed) AND delivery_attempts BETWEEN :previous AND :attempts"
             )
-        old = self._record_delivery_write(batch_id, update(":attempts"), condition, values, token)
+        logged = log_seq if attempt is not None else None
+
+        def written(
+            count: str, condition: str, counts: tuple[int, int], at: int | None = None
+        ) -> Mapping[str, Any] | None:
+            def write(sets: list[str], condition: str) -> Mapping[str, Any] | None:
+                return self._record_delivery_write(batch_id, update(sets, count), condition, values, token)
+
+            def holds(old: Mapping[str, Any]) -> bool:
+                return codec.delivery_holds(old, statuses, *counts)
+
+            return codec.written_in_the_log(write, sets, condition, values, logged, holds, at)
+
+        statuses = {values["pending"], values["failed"]} if final else {values["pending"]}
+        old = written(":attempts", condition, (attempts - 1, attempts if final else attempts - 1))
         if old is None or not final:
             return old is None
         stored = int(old.get("delivery_attempts", {}).get("N", "0"))
-        moves = old.get("delivery_status", {}).get("S") in (values["pending"], values["failed"])
+        moves = old.get("delivery_status", {}).get("S") in statuses
         if not moves or attempts - 1 <= stored <= attempts:
-            return False
+            return False  # (refused on nothing it can follow: not a count that moved)
         # Another copy counted a later attempt since (the count stays its), or a redelivery
         # started a new round since this attempt was read (it counts as one of that round's):
-        # the answer stands either way, while the count is still what was read.
+        # the answer stands either way, while the count is still what was read; its log entry
+        # goes after the stored latest, which may be the new round's.
         values["stored"] = stored
         values["next_count"] = stored if stored > attempts else stored + 1
-        # (its log entry after the stored latest, which may be the new round's)
-        sets, held = codec.logged_after_the_stored(sets, values, old, log_seq)
-        condition = "delivery_status IN (:pending, :failed) AND delivery_attempts = :stored" + held
-        return self._record_delivery_write(batch_id, update(":next_count"), condition, values, token) is None
+        condition = "delivery_status IN (:pending, :failed) AND delivery_attempts = :stored"
+        return written(":next_count", condition, (stored, stored), codec.stored_log_seq(old)) is None
 
     def _record_delivery_write(
         self, batch_id: str, update: str, condition: str, values: dict[str, Any], token: str
-    ) -> dict[str, Any] | None:
+    ) -> Mapping[str, Any] | None:
         """One delivery record's UpdateItem: None when it was applied (or was this one's own
         write, applied with its answer lost), else the item as its condition found it."""
         try:

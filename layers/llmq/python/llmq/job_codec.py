@@ -11,7 +11,7 @@ import binascii
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
@@ -42,24 +42,56 @@ def delivery_log_slot(seq: int) -> str:
     return f"{DELIVERY_LOG_PREFIX}{seq % DELIVERY_LOG_ATTEMPTS}"
 
 
-def logged_after_the_stored(
-    sets: list[str], values: dict[str, Any], old: Mapping[str, Any], read_seq: int
-) -> tuple[list[str], str]:
-    """A delivery record's SET clauses and an extra condition for its write after a first one
-    was refused because a redelivery began a new round since the attempt was read: its log
-    entry goes after the log's stored latest, not into the slot of the sequence it read,
-    which holds the new round's attempt by now (and the stored sequence must still hold)."""
-    stored = int(old.get(DELIVERY_LOG_SEQ, {}).get("N", "0"))
-    if "log" not in values or stored == read_seq:
-        return sets, ""
-    values["log"] = {**values["log"], "seq": stored}
-    read_slot = f"{delivery_log_slot(read_seq)} = :log"
-    if DELIVERY_LOG_SEQ in old:
-        values["stored_seq"] = stored
-        held = f" AND {DELIVERY_LOG_SEQ} = :stored_seq"
-    else:
-        held = f" AND attribute_not_exists({DELIVERY_LOG_SEQ})"
-    return [f"{delivery_log_slot(stored)} = :log" if clause == read_slot else clause for clause in sets], held
+def stored_log_seq(old: Mapping[str, Any]) -> int:
+    return int(old.get(DELIVERY_LOG_SEQ, {}).get("N", "0"))
+
+
+def delivery_holds(old: Mapping[str, Any], statuses: Collection[str], low: int, high: int | None) -> bool:
+    """Whether a delivery record's condition, but for the log's sequence, held on `old`: its
+    status one of `statuses`, and the count of attempts from `low` to `high` (None: any)."""
+    count = int(old.get("delivery_attempts", {}).get("N", "0"))
+    status = old.get("delivery_status", {}).get("S")
+    return status in statuses and low <= count and (high is None or count <= high)
+
+
+def written_in_the_log(
+    write: Callable[[list[str], str], Mapping[str, Any] | None],
+    sets: list[str],
+    condition: str,
+    values: dict[str, Any],
+    log_seq: int | None,
+    holds: Callable[[Mapping[str, Any]], bool],
+    at: int | None = None,
+) -> Mapping[str, Any] | None:
+    """A delivery record written with its log entry (`values["log"]`, set among `sets` in the
+    slot of `log_seq`, the sequence the dispatcher read) in the slot of the log's stored latest,
+    never over an entry logged since (another copy of the message's, or a redelivery's new
+    round's, which a late answer of the old round would overwrite; review 209): the write also
+    holds the sequence it logs at, and one refused while the sequence moved on is written again
+    at the stored one if the rest of its condition (`holds`) held. Each try after the first
+    follows an entry another writer logged meanwhile, so the tries end. `at`: the stored
+    sequence, when a refused write just read it.
+    `write(sets, condition)` answers None when applied, else the item as its condition found
+    it; so does this. No entry (`log_seq` None): one write as it is."""
+    if log_seq is None:
+        return write(sets, condition)
+    at = log_seq if at is None else at
+    while True:
+        if at != log_seq:
+            values["log"] = {**values["log"], "seq": at}
+            read_slot = f"{delivery_log_slot(log_seq)} = :log"
+            sets = [f"{delivery_log_slot(at)} = :log" if clause == read_slot else clause for clause in sets]
+            log_seq = at
+        values["log_at"] = log_seq
+        held = f"{DELIVERY_LOG_SEQ} = :log_at"
+        # (a batch is written with its sequence at 0, a job without one)
+        held = held if log_seq else f"(attribute_not_exists({DELIVERY_LOG_SEQ}) OR {held})"
+        old = write(sets, f"{condition} AND {held}")
+        if old is None:
+            return None
+        at = stored_log_seq(old)
+        if at == log_seq or not holds(old):
+            return old
 
 
 def json_text(value: Any) -> str:

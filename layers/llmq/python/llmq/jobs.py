@@ -11,7 +11,7 @@ import heapq
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
@@ -1223,11 +1223,10 @@ class JobRepository:
         A pending one names the message that carries its next attempt (`carrier`), if known.
 
         `attempt` goes into the delivery log in the same write, in the slot of `log_seq` (the
-        job's `delivery_log_seq` as the dispatcher read it), and the sequence moves on: the item
-        keeps the latest ten and no more. Two copies of a message delivering at once may log
-        into one slot, as may a late answer of the round before a redelivery whose number fits
-        the new round's count (review 209; one refused by the count goes after the stored
-        latest); the delivery's status and count stay exact.
+        job's `delivery_log_seq` as the dispatcher read it) if the log has not moved on since,
+        else after its stored latest (`job_codec.written_in_the_log`: another copy's entry, or a
+        redelivery's new round's, which a late answer of the old round would overwrite; review
+        209), and the sequence moves on: the item keeps the latest ten and no more.
 
         Only a pending delivery moves; `delivered`, `failed` and `disabled` are final until
         a redelivery sets pending again (a late success may still turn `failed` into
@@ -1256,11 +1255,15 @@ class JobRepository:
         sets.append("delivery_write = :token")
         values["token"] = token
         condition = "delivery_status = :pending"
+        # (the condition's statuses and count, but for the log's sequence, as read back)
+        statuses: set[str] = {values["pending"]}
+        counts: tuple[int, int | None] = (0, None)
         if previous_attempts is not None and status in (DeliveryStatus.PENDING, DeliveryStatus.FAILED):
             condition += " AND (delivery_attempts = :previous" + (
                 " OR attribute_not_exists(delivery_attempts))" if previous_attempts == 0 else ")"
             )
             values["previous"] = previous_attempts
+            counts = (previous_attempts, previous_attempts)
         # A final answer (a success, a 410) counts its own attempt once: the copy that POSTed it
         # beside this one (one receive handed over twice, the receiver failing the other POST)
         # may have counted it. One with no attempt (410 to an earlier event) counts none.
@@ -1274,6 +1277,7 @@ class JobRepository:
             # or a 410 to the last attempt beside its twin's 500)
             condition = "delivery_status IN (:pending, :failed)"
             values["failed"] = DeliveryStatus.FAILED.value
+            statuses, counts = {values["pending"], values["failed"]}, (0, None)
         if counts_as is not None or (status is DeliveryStatus.DISABLED and attempt is None):
             adds.remove("delivery_attempts :one")
         if counts_as is not None:
@@ -1319,54 +1323,54 @@ class JobRepository:
             f"attribute_exists(pk) AND {condition} AND "
             "(attribute_not_exists(delivery_write) OR delivery_write <> :token)"
         )
+        logged = log_seq if attempt is not None else None
+
+        def written(
+            extra: list[str],
+            adds: list[str],
+            condition: str,
+            counts: tuple[int, int | None],
+            at: int | None = None,
+        ) -> Mapping[str, Any] | None:
+            def write(sets: list[str], condition: str) -> Mapping[str, Any] | None:
+                update = expression([*sets, *extra], adds)
+                return self._record_delivery_write(job_id, update, condition, values, token)
+
+            def holds(old: Mapping[str, Any]) -> bool:
+                return codec.delivery_holds(old, statuses, *counts)
+
+            return codec.written_in_the_log(write, sets, condition, values, logged, holds, at)
+
         if counts_as is None:
-            return self._record_delivery_write(job_id, expression(sets, adds), condition, values, token)
+            return written([], adds, condition, counts) is None
         # Its own attempt, or the one before it: the count is this attempt's number.
         counted = (
             condition
             + " AND (delivery_attempts BETWEEN :before AND :attempts"
             + (" OR attribute_not_exists(delivery_attempts))" if counts_as == 1 else ")")
         )
-        try:
-            self._ddb.update_item(
-                TableName=self.table_name,
-                Key={"pk": {"S": job_id}},
-                UpdateExpression=(update := expression([*sets, "delivery_attempts = :attempts"], adds)),
-                ConditionExpression=counted,
-                ExpressionAttributeValues=codec.values(**codec.named_values(values, update, counted)),
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
+        old = written(["delivery_attempts = :attempts"], adds, counted, (counts_as - 1, counts_as))
+        if old is None:
             return True
-        except ClientError as exc:
-            if not codec.condition_failed(exc):
-                raise
-            old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
-        if old.get("delivery_write", {}).get("S") == token:
-            return True
-        movable = {values["pending"], values.get("failed", values["pending"])}
-        if old.get("delivery_status", {}).get("S") not in movable:
+        if old.get("delivery_status", {}).get("S") not in statuses:
             return False
         stored = int(old.get("delivery_attempts", {}).get("N", "0"))
-        del values["attempts"], values["before"]
-        values["stored"] = stored
+        if counts_as - 1 <= stored <= counts_as:
+            return False  # (refused on nothing it can follow: not a count that moved)
         # Another copy counted a later attempt since (the count stays its), or a redelivery
         # started a new round since this attempt was read (it counts as one of that round's):
         # the answer stands either way, while the count is still what was read; its log entry
         # goes after the stored latest, which may be the new round's.
-        sets, held = codec.logged_after_the_stored(sets, values, old, log_seq)
-        return self._record_delivery_write(
-            job_id,
-            expression(sets, adds if stored > counts_as else [*adds, "delivery_attempts :one"]),
-            condition + " AND delivery_attempts = :stored" + held,
-            values,
-            token,
-        )
+        values["stored"] = stored
+        moved = adds if stored > counts_as else [*adds, "delivery_attempts :one"]
+        held = condition + " AND delivery_attempts = :stored"
+        return written([], moved, held, (stored, stored), codec.stored_log_seq(old)) is None
 
     def _record_delivery_write(
         self, job_id: str, update: str, condition: str, values: dict[str, Any], token: str
-    ) -> bool:
-        """One delivery record's UpdateItem: False when its condition refused it, unless the
-        write it refused was this one's own, applied with its answer lost."""
+    ) -> Mapping[str, Any] | None:
+        """One delivery record's UpdateItem: None when it was applied (or was this one's own
+        write, applied with its answer lost), else the item as its condition found it."""
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
@@ -1380,8 +1384,8 @@ class JobRepository:
             if not codec.condition_failed(exc):
                 raise
             old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
-            return bool(old.get("delivery_write", {}).get("S") == token)
-        return True
+            return None if old.get("delivery_write", {}).get("S") == token else old
+        return None
 
     def _keep_until(self, job_id: str, until_s: int) -> None:
         """The job is kept until `until_s` at least (its retention only ever moves out: a write
