@@ -414,11 +414,60 @@ def test_410_to_a_jobs_started_event_stops_its_later_events_until_a_redelivery(
     # And once the integrator fixed the endpoint, a redelivery sends it
     stored = stage.jobs.find("job_hooked")
     assert stored is not None
-    stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID, read=stored)
-    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    pending = stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID, read=stored)
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, delivery_round=pending.delivery_round)
     stage.dispatch()
     assert [request.path for request in stage.receiver.requests] == ["/hooks/gone-early"] * 2
     assert stage.delivery().status == "delivered"
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["read", "carried"])
+def test_a_message_of_the_round_before_a_redelivery_is_dropped_at_its_next_receive(
+    stage: Stage, carry: bool
+) -> None:
+    """Hunt 211: the old round's message waited behind the new round's after every one of its
+    attempts, each wait a receive, until it reached the webhooks DLQ (a false alarm), and one
+    back while the new round's first POST was slow POSTed beside it."""
+    # Given a job whose first attempt failed: its message m1 carries the next attempt
+    stage.job("/hooks/fail-99", carry=carry)
+    assert stage.dispatch()["batchItemFailures"]
+    m1 = stage.in_flight
+    # When the integrator asks for a redelivery (as `Intake.redeliver`), whose message m2 makes
+    # the new round's first attempt
+    stored = stage.jobs.find("job_hooked")
+    assert stored is not None
+    pending = stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID, read=stored)
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, delivery_round=pending.delivery_round)
+    assert stage.dispatch()["batchItemFailures"]
+    assert stage.delivery().attempts == 1
+    # And m1 comes back for its attempt
+    stage.in_flight = m1
+    stage.let_time_pass(SCHEDULE[0] + 1)
+    response = stage.dispatch()
+    # Then it is acknowledged without a POST: the new round's message carries the event
+    assert response == {"batchItemFailures": []}
+    assert len(stage.receiver.requests_to("/hooks/fail-99")) == 2
+    assert stage.delivery().attempts == 1
+    assert stage.queued() == 1
+
+
+def test_a_copy_that_only_waits_counts_no_failed_attempt(
+    stage: Stage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hunt 211: WebhookRetried, which WebhooksNoneDelivered weighs against deliveries as
+    failed attempts, counted every receive that only waited too."""
+    # Given a job whose first attempt failed (one failed attempt counted)
+    stage.job("/hooks/fail-99")
+    capsys.readouterr()
+    assert stage.dispatch()["batchItemFailures"]
+    (record,) = emitted_metrics(capsys.readouterr().out, MetricName.WEBHOOK_RETRIED)
+    assert record[MetricName.WEBHOOK_RETRIED] == [1.0]
+    # When a copy of its message comes before the next attempt is due, and waits
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    assert stage.dispatch()["batchItemFailures"]
+    # Then it POSTed nothing and counts no failed attempt
+    assert len(stage.receiver.requests_to("/hooks/fail-99")) == 1
+    assert emitted_metrics(capsys.readouterr().out, MetricName.WEBHOOK_RETRIED) == []
 
 
 def test_410_disables_delivery_after_one_attempt(stage: Stage) -> None:

@@ -588,7 +588,12 @@ class LifecycleModel(LifecycleMachine):
         if self.jobs.fired_in[0] != faults:
             return outcome  # (what a faulted read or write decided is checked by the invariants)
         if terminal and before is not None:
-            due = before.delivery_status is DeliveryStatus.PENDING and before.terminal_event is message.event
+            # (a message of a round before the job's latest redelivery is dropped: hunt 211)
+            due = (
+                before.delivery_status is DeliveryStatus.PENDING
+                and before.terminal_event is message.event
+                and message.delivery_round >= before.delivery_round
+            )
             if due and before.webhook_gone:
                 # 410 Gone to its job.started: nothing more is POSTed, the delivery is disabled.
                 assert len(self.posts) == sent, f"{message.event} POSTed after the receiver answered 410"

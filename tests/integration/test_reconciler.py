@@ -502,12 +502,43 @@ def test_redeliver_queues_the_terminal_event_again(
     assert reply.status == 202
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
     messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
-    assert messages == [{"job_id": job_id, "event": "job.succeeded"}]
+    assert messages == [{"job_id": job_id, "event": "job.succeeded", "delivery_round": 1}]
     _dispatch_all(harness, monkeypatch)
     # Then it arrives a second time with the same webhook-id, freshly signed
     first, second = receiver.requests_to("/hook")
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert Webhook(secret).verify(second.body, second.headers)["data"]["id"] == job_id
+
+
+def test_a_lost_redelivery_message_is_sent_again_in_its_round(
+    harness: Harness,
+    reconciler: Reconciler,
+    clock: LaterClock,
+    receiver: WebhookReceiver,
+    secret: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dispatcher drops a message of a round before the job's latest redelivery (hunt 211):
+    the reconciler's resend of a lost redelivery message must carry the job's round, or it
+    would be dropped at every resend, and the redelivery never made."""
+    # Given a delivered job whose redelivery's message was lost
+    hook = f"http://127.0.0.1:{receiver.port}/hook"
+    job_id = harness.submit(webhook={"url": hook}).body["id"]
+    harness.drain("high")
+    _dispatch_all(harness, monkeypatch)
+    assert harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE).status == 202
+    _purge(harness, harness.stack.webhook_queue_url)
+    # When the reconciler runs after the webhook threshold
+    clock.offset = harness.config.reconciler.stale_webhook_seconds + 1
+    assert reconciler.run().webhooks == [job_id]
+    # Then its message carries the redelivery's round, and the event is delivered again
+    messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
+    assert messages == [{"job_id": job_id, "event": "job.succeeded", "delivery_round": 1}]
+    assert _dispatch_all(harness, monkeypatch) == {"batchItemFailures": []}
+    _, again = receiver.requests_to("/hook")
+    assert Webhook(secret).verify(again.body, again.headers)["data"]["id"] == job_id
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["webhook"]["delivery"]["status"], job["webhook"]["delivery"]["attempts"]) == ("delivered", 1)
 
 
 def test_redeliver_is_409_before_the_end_and_404_for_another_tenant(harness: Harness) -> None:

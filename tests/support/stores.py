@@ -700,6 +700,7 @@ class InMemoryJobs:
             delivery_next_ms=None,
             delivery_carrier=None,
             webhook_gone=False,
+            delivery_round=old.delivery_round + 1,
             **kept,
         )
 
@@ -794,6 +795,7 @@ class InMemoryQueues:
         self.outputs: list[JobOutputEvent] = []
         # The job each webhook message carried (None: none), in the order of `webhooks`.
         self.snapshots: list[dict[str, Any] | None] = []
+        self.rounds: list[int] = []
         self.visibility: list[tuple[str, float]] = []
         self.unavailable: set[str] = set()
 
@@ -827,8 +829,10 @@ class InMemoryQueues:
         snapshot: dict[str, Any] | None = None,
         *,
         tenant_id: str | None = None,
+        delivery_round: int = 0,
     ) -> None:
         self.webhooks.append((job_id, event))
+        self.rounds.append(delivery_round)
         self.snapshots.append(snapshot)
         if output is not None:
             self.outputs.append(output)

@@ -413,7 +413,9 @@ class BatchIntake:
         if not batch.wants(event):
             raise NoWebhook(f"batch {batch_id} has no webhook subscribed to {event.value}")
         pending = self.batches.mark_redelivery(batch)
-        self.queues.enqueue_webhook(batch.id, event, tenant_id=tenant.tenant_id)
+        self.queues.enqueue_webhook(
+            batch.id, event, tenant_id=tenant.tenant_id, delivery_round=pending.delivery_round
+        )
         self.batches.mark_webhook_sent(batch.id)
         return pending
 

@@ -195,7 +195,7 @@ def _send_webhook(batches: BatchRepository, queues: QueueStore, batch: BatchReco
     event = batch.terminal_event
     if event is None:
         return
-    queues.enqueue_webhook(batch.id, event, tenant_id=batch.tenant_id)
+    queues.enqueue_webhook(batch.id, event, tenant_id=batch.tenant_id, delivery_round=batch.delivery_round)
     batches.mark_webhook_sent(batch.id)
 
 

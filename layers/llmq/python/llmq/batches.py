@@ -172,6 +172,8 @@ class BatchRecord(Model):
     # each written in the dispatcher's delivery update, oldest first.
     delivery_log: list[DeliveryAttempt] = Field(default_factory=list)
     delivery_log_seq: int = 0
+    # Redeliveries asked for, as a job's (`mark_redelivery` adds one).
+    delivery_round: int = 0
     # When the next attempt is due (a copy of the message that comes sooner waits for it).
     delivery_next_ms: int | None = None
     # The SQS message id of the copy that recorded the pending attempt, whose message carries
@@ -288,7 +290,9 @@ def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[s
     # The delivery log is written slot by slot, by the dispatcher's delivery updates only.
     # (dead_letter_ids: a string set, added to only; DynamoDB holds no empty set.)
     dumped = record.model_dump(
-        mode="json", exclude_none=True, exclude={"delivery_log", "dead_letter_ids", "redrive_round"}
+        mode="json",
+        exclude_none=True,
+        exclude={"delivery_log", "dead_letter_ids", "redrive_round", "delivery_round"},
     )
     data = {**dumped, **(extra or {})}
     for name in _BATCH_JSON:
@@ -1024,12 +1028,13 @@ class BatchRepository:
                 Key=batch_key(batch.id),
                 UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
                 "webhook_sent = :false, redelivered_ms = :now, sweep_pk = :sweep_pk, sweep_at = :sweep_at "
-                "REMOVE delivery_next_ms, delivery_carrier",
+                "REMOVE delivery_next_ms, delivery_carrier ADD delivery_round :one",
                 ConditionExpression=status_in,
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value,
                     zero=0,
+                    one=1,
                     false=False,
                     now=self.now_ms(),
                     **sweep,

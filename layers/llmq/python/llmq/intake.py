@@ -539,7 +539,9 @@ class JobIntake:
         if not job.wants(event):
             raise NoWebhook(f"job {job_id} has no webhook subscribed to {event.value}")
         pending = self.jobs.mark_delivery_pending(job_id, tenant.tenant_id, read=job)
-        self.queues.enqueue_webhook(job_id, event, tenant_id=tenant.tenant_id)
+        self.queues.enqueue_webhook(
+            job_id, event, tenant_id=tenant.tenant_id, delivery_round=pending.delivery_round
+        )
         return pending
 
 

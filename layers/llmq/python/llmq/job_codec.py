@@ -114,6 +114,7 @@ def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str,
             "redrive_round",
             "delivery_log",
             "delivery_log_seq",
+            "delivery_round",
         },
     )
     for name in _JSON_FIELDS:

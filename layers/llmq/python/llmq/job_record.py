@@ -129,6 +129,9 @@ class JobRecord(Model):
     delivery_log: list[DeliveryAttempt] = Field(default_factory=list)
     # Attempts logged so far, every round together: attempt k of the log goes in slot k mod 10.
     delivery_log_seq: int = 0
+    # Redeliveries asked for (`JobRepository.mark_delivery_pending` adds one): a webhooks message
+    # of an earlier round is dropped (`WebhookMessage.delivery_round`).
+    delivery_round: int = 0
     expires_at: int
     # The token of the last conditional write. A write retried after its response was lost
     # finds its own token in the item and knows it was applied (DESIGN §3.10).

@@ -1435,7 +1435,8 @@ class JobRepository:
             if now // 1000 < read.expires_at < outlive and not batches.batch_of(job_id):
                 sets.append("expires_at = :keep_until")
                 sweep["keep_until"] = outlive
-        update = f"SET {', '.join(sets)} REMOVE delivery_next_ms, delivery_carrier, webhook_gone"
+        # (a new round: the messages of earlier ones are dropped, `WebhookMessage.delivery_round`)
+        update = f"SET {', '.join(sets)} REMOVE delivery_next_ms, delivery_carrier, webhook_gone ADD delivery_round :one"
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
@@ -1443,7 +1444,7 @@ class JobRepository:
                 UpdateExpression=update,
                 ConditionExpression=condition,
                 ExpressionAttributeValues=codec.values(
-                    pending=DeliveryStatus.PENDING.value, tenant=tenant_id, zero=0, **sweep
+                    pending=DeliveryStatus.PENDING.value, tenant=tenant_id, zero=0, one=1, **sweep
                 ),
                 ReturnValues="ALL_NEW",
             )

@@ -682,8 +682,12 @@ class LaneMessage(Model):
     spoken_for: bool = False
 
 
-class WebhookMessage(_Strict):
-    """The body of a webhooks queue message."""
+class WebhookMessage(Model):
+    """The body of a webhooks queue message.
+
+    A field it does not know is ignored, not poison, as a lane message's (`LaneMessage`): during
+    a deploy two versions read the queue, and after a rollback the newer one's messages are
+    still in flight."""
 
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
     # A batch's event names the batch in `job_id`.
@@ -694,3 +698,8 @@ class WebhookMessage(_Strict):
     # it (a JobRecord without its input), so the first receive needs no read
     # (`llmq.queues.job_snapshot`); None when it would make the message too large.
     job: dict[str, Any] | None = None
+    # A terminal event's round of delivery: the redeliveries its job (or batch) had when it was
+    # sent. One of an earlier round is dropped once a redelivery's message carries the event,
+    # instead of waking after each of the new round's attempts until the webhooks DLQ (hunt
+    # 211). Left out at 0, so a first round's message reads the same to an older version.
+    delivery_round: Annotated[int, Field(ge=0)] = 0

@@ -144,12 +144,17 @@ class QueueRepository:
         snapshot: dict[str, Any] | None = None,
         *,
         tenant_id: str | None = None,
+        delivery_round: int = 0,
     ) -> None:
         """A webhook message. One queue and one dispatcher serve every tenant: the message
         carries its tenant as MessageGroupId, so SQS fair queues keep a tenant whose receiver
         is slow (or whose events are many) from lengthening every other tenant's wait, as the
-        lanes do (`enqueue_job`). A resend that does not know the tenant sends none."""
-        body = webhook_message_body(WebhookMessage(job_id=job_id, event=event, output=output, job=snapshot))
+        lanes do (`enqueue_job`). A resend that does not know the tenant sends none.
+        A terminal event's message carries its round (`WebhookMessage.delivery_round`)."""
+        message = WebhookMessage(
+            job_id=job_id, event=event, output=output, job=snapshot, delivery_round=delivery_round
+        )
+        body = webhook_message_body(message)
         group = {"MessageGroupId": tenant_id} if tenant_id else {}
         self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body, **group)
 
@@ -214,7 +219,11 @@ def announce_terminal(queues: QueueStore, job: JobRecord, *, carry: bool = False
     if job.delivery_status is not DeliveryStatus.PENDING or event is None or not job.wants(event):
         return False
     queues.enqueue_webhook(
-        job.id, event, snapshot=job_snapshot(job) if carry else None, tenant_id=job.tenant_id
+        job.id,
+        event,
+        snapshot=job_snapshot(job) if carry else None,
+        tenant_id=job.tenant_id,
+        delivery_round=job.delivery_round,
     )
     return True
 
@@ -223,7 +232,10 @@ def webhook_message_body(message: WebhookMessage) -> str:
     """A webhooks-queue message as SQS takes it: every non-ASCII character escaped, since SQS
     refuses some that JSON allows raw (U+FFFE, U+FFFF) and a job's output or metadata may hold
     them ("Amazon SQS message quotas": the allowed characters)."""
-    return json.dumps(message.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    body = message.model_dump(mode="json", exclude_none=True)
+    if not message.delivery_round:
+        del body["delivery_round"]
+    return json.dumps(body, separators=(",", ":"))
 
 
 def job_snapshot(job: JobRecord) -> dict[str, Any] | None:

@@ -296,11 +296,19 @@ class Reconciler:
         elif entry.status is JobStatus.RUNNING:
             self._recover(entry, now, report)
         elif entry.delivery_status is DeliveryStatus.PENDING:
-            self.queues.enqueue_webhook(entry.job_id, EVENT_FOR_STATUS[entry.status])
+            # Read for its round (the dispatcher drops a message of an earlier one) and tenant.
+            job = self.jobs.find(entry.job_id)
+            if job is not None:
+                self.queues.enqueue_webhook(
+                    entry.job_id,
+                    EVENT_FOR_STATUS[entry.status],
+                    tenant_id=job.tenant_id,
+                    delivery_round=job.delivery_round,
+                )
+                report.webhooks.append(entry.job_id)
             # (unless the dispatcher attempted it meanwhile: its write put the entry after that
             # attempt's next one, which the message sent here then waits for)
             self.jobs.postpone_sweep(entry.job_id, thresholds.stale_webhook_seconds, seen_at=entry.sweep_at)
-            report.webhooks.append(entry.job_id)
 
     def _poke(self, entry: SweepEntry, report: ReconcileReport) -> None:
         """A batch not yet ended (or its webhook not yet sent) that has not been looked at for a
@@ -315,7 +323,9 @@ class Reconciler:
         event = batch.terminal_event if batch is not None else None
         if batch is not None and event is not None and batch.webhook_sent:
             if batch.delivery_status is DeliveryStatus.PENDING:
-                self.queues.enqueue_webhook(batch.id, event, tenant_id=batch.tenant_id)
+                self.queues.enqueue_webhook(
+                    batch.id, event, tenant_id=batch.tenant_id, delivery_round=batch.delivery_round
+                )
                 report.webhooks.append(batch.id)
             # (never sooner than its next attempt's due time allows: its own message carries it)
             wait_s = self.config.reconciler.stale_webhook_seconds

@@ -126,6 +126,9 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 # with a long job's stream of them (the terminal events share it).
 OUTPUT_ATTEMPTS = 2
 OUTPUT_TIMEOUT_SECONDS = 5.0
+# Why a terminal event's message of a round before a redelivery is dropped: the redelivery's
+# own message carries the event (or, lost, the reconciler's resend of it).
+_A_LATER_ROUND = "a redelivery's message carries this event now"
 # Delivery states after which a terminal event is never sent again, whatever the queue holds.
 SETTLED = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.DISABLED, DeliveryStatus.FAILED})
 
@@ -351,7 +354,11 @@ class WebhookDispatcher:
         receive = receive_id(message_id, receipt)
         if isinstance(message.event, BatchEvent):
             outcome = await self.deliver_batch(
-                message.job_id, message.event, receive=receive, first_receive=receive_count == 1
+                message.job_id,
+                message.event,
+                receive=receive,
+                first_receive=receive_count == 1,
+                delivery_round=message.delivery_round,
             )
             _observe(message, outcome)
             if outcome.kind is OutcomeKind.RETRY and outcome.retry_in is not None:
@@ -368,24 +375,35 @@ class WebhookDispatcher:
         return outcome
 
     async def deliver_batch(
-        self, batch_id: str, event: BatchEvent, receive: str | None = None, *, first_receive: bool = False
+        self,
+        batch_id: str,
+        event: BatchEvent,
+        receive: str | None = None,
+        *,
+        first_receive: bool = False,
+        delivery_round: int | None = None,
     ) -> DeliveryOutcome:
         """The next attempt of a batch's event: `{"type", "timestamp", "data": <Batch>}`, signed
         and retried like a job's, and counted as a job's is: on the batch (the attempt after
         those it counted), recorded only if no other copy counted it first, and not made by a
-        copy that comes before it is due. So a redelivery's round is its own, whatever message
-        of an earlier round is still in flight."""
+        copy that comes before it is due. So a redelivery's round is its own, and a message of
+        an earlier round (`delivery_round`, None: any) is dropped."""
         if self._batches is None:
             return DeliveryOutcome.skipped("this dispatcher sends no batch events")
         async with self._one_at_a_time(batch_id):
-            return await self._deliver_batch(batch_id, event, receive, first_receive)
+            return await self._deliver_batch(batch_id, event, receive, first_receive, delivery_round)
 
     async def _deliver_batch(
-        self, batch_id: str, event: BatchEvent, receive: str | None, first_receive: bool
+        self,
+        batch_id: str,
+        event: BatchEvent,
+        receive: str | None,
+        first_receive: bool,
+        delivery_round: int | None,
     ) -> DeliveryOutcome:
         assert self._batches is not None
         batch = await asyncio.to_thread(self._batches.find, batch_id)
-        reason = _why_not_deliver_batch(batch, event, self._clock())
+        reason = _why_not_deliver_batch(batch, event, self._clock(), delivery_round)
         if batch is None or reason:
             return DeliveryOutcome.skipped(reason)
         waits = self._waits_for_the_carrier(
@@ -433,10 +451,12 @@ class WebhookDispatcher:
             batch.expires_at,
             receive,
         ):
-            return await self._after_a_batch_copy_counted(batch_id, receive)
+            return await self._after_a_batch_copy_counted(batch_id, receive, delivery_round)
         return outcome
 
-    async def _after_a_batch_copy_counted(self, batch_id: str, receive: str | None) -> DeliveryOutcome:
+    async def _after_a_batch_copy_counted(
+        self, batch_id: str, receive: str | None, delivery_round: int | None
+    ) -> DeliveryOutcome:
         """Another copy counted this attempt of the batch's event, or settled the delivery: as
         for a job's (`_after_a_copy_counted`), a settled one is acknowledged, and a pending one
         keeps this message until the next attempt is due: the copies may be one SQS message
@@ -444,6 +464,8 @@ class WebhookDispatcher:
         batch = await asyncio.to_thread(self._batches.find, batch_id) if self._batches else None
         if batch is None or batch.delivery_status is not DeliveryStatus.PENDING:
             return DeliveryOutcome.skipped("another copy of this delivery settled it first")
+        if delivery_round is not None and batch.delivery_round > delivery_round:
+            return DeliveryOutcome.skipped(_A_LATER_ROUND)
         return self._after_the_counting_copy(batch.delivery_next_ms, batch.delivery_carrier, receive)
 
     def _after_the_counting_copy(
@@ -490,7 +512,13 @@ class WebhookDispatcher:
         """
         event = message.event
         if isinstance(event, BatchEvent):
-            return await self.deliver_batch(message.job_id, event, receive, first_receive=first_receive)
+            return await self.deliver_batch(
+                message.job_id,
+                event,
+                receive,
+                first_receive=first_receive,
+                delivery_round=message.delivery_round,
+            )
         if event not in TERMINAL_EVENTS:
             with self._job_event_in_flight(message.job_id):
                 return await self._deliver(message, attempt, first_receive, first_receive, receive)
@@ -575,6 +603,8 @@ class WebhookDispatcher:
             and job.wants(job.terminal_event)
             and job.delivery_status is DeliveryStatus.DELIVERED
         )
+        if event in TERMINAL_EVENTS and job is not None and job.delivery_round > message.delivery_round:
+            reason = _A_LATER_ROUND
         if event is WebhookEvent.OUTPUT and message.output is None:
             reason = "a job.output message without its output"
         elif (
@@ -674,6 +704,8 @@ class WebhookDispatcher:
             if isinstance(message.event, WebhookEvent)
             else "a batch event"
         )
+        if job is not None and job.delivery_round > message.delivery_round:
+            reason = _A_LATER_ROUND
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
         # After the copy that counted it, whose message carries the attempt and comes back at it.
@@ -1050,6 +1082,11 @@ def _observe(message: WebhookMessage, outcome: DeliveryOutcome) -> None:
         # event carries the result): counted, a streaming tenant's slow receiver would page the
         # operator through WebhooksFailing, which means integrators losing results.
         return
+    if outcome.kind is OutcomeKind.RETRY and outcome.attempt is None:
+        # A copy that only waits (for the message carrying the attempt, or until it is due)
+        # POSTed nothing: WebhookRetried counts failed attempts, which WebhooksNoneDelivered
+        # weighs against deliveries (hunt 211: one redelivery's waits counted 15 for 11).
+        return
     metrics.add_metric(name=_OUTCOME_METRICS[outcome.kind], unit=MetricUnit.Count, value=1)
 
 
@@ -1062,7 +1099,9 @@ _RECORDED_STATUS = {
 }
 
 
-def _why_not_deliver_batch(batch: BatchRecord | None, event: BatchEvent, now_s: float) -> str:
+def _why_not_deliver_batch(
+    batch: BatchRecord | None, event: BatchEvent, now_s: float, delivery_round: int | None = None
+) -> str:
     if batch is None or batch.expires_at <= now_s:
         # (past its retention it is gone, as GET answers, whenever DynamoDB's TTL deletes it)
         return "the batch no longer exists"
@@ -1072,6 +1111,8 @@ def _why_not_deliver_batch(batch: BatchRecord | None, event: BatchEvent, now_s: 
         return "the batch is not in this event's state"
     if batch.delivery_status is not DeliveryStatus.PENDING:
         return f"the delivery is already {batch.delivery_status}"
+    if delivery_round is not None and batch.delivery_round > delivery_round:
+        return _A_LATER_ROUND
     return ""
 
 
