@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -67,9 +68,16 @@ class MotoStack:
         }
 
 
+# Each stack's queues are named apart from every earlier one in this process: moto's state is
+# global, so a thread a test left behind (a worker finishing late) would otherwise send into the
+# next test's queue of the same name, and that test would find a message it never sent.
+_STACKS = itertools.count(1)
+
+
 def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoStack:
     """The tables and queues of the CDK app, created with boto3 inside an active moto mock;
     the tables from the app's synthesized template."""
+    stack = next(_STACKS)
     from llmq import aws
     from tests.support.tables import create_table, default_app_template
 
@@ -80,13 +88,13 @@ def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoS
     create_table(ddb, template, "TenantsTableName", "llmq-tenants")
 
     def queue_with_dlq(name: str) -> tuple[str, str]:
-        dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+        dlq_url = sqs.create_queue(QueueName=f"{name}-{stack}-dlq")["QueueUrl"]
         dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
             "QueueArn"
         ]
         redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)})
         url = sqs.create_queue(
-            QueueName=name, Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "60"}
+            QueueName=f"{name}-{stack}", Attributes={"RedrivePolicy": redrive, "VisibilityTimeout": "60"}
         )["QueueUrl"]
         return url, dlq_url
 
@@ -103,7 +111,7 @@ def create_llmq_resources(lanes: list[str], max_receive_count: int = 6) -> MotoS
         lane_dlq_urls=lane_dlqs,
         webhook_queue_url=webhook_url,
         webhook_dlq_url=webhook_dlq,
-        poison_queue_url=sqs.create_queue(QueueName="llmq-poison")["QueueUrl"],
+        poison_queue_url=sqs.create_queue(QueueName=f"llmq-poison-{stack}")["QueueUrl"],
     )
 
 
