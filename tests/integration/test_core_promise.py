@@ -856,9 +856,12 @@ def test_job_started_sends_that_hang_never_hold_the_threads_the_results_are_writ
     )
     runner = _runner(harness, provider)
 
+    released, hanging = threading.Event(), []
+
     def hang_started_send(params: dict[str, Any], **_: Any) -> None:
         if "job.started" in str(params.get("MessageBody", "")):
-            time.sleep(14.0)
+            hanging.append(threading.current_thread())
+            released.wait(14.0)
 
     sqs = aws.client("sqs")
     sqs.meta.events.register("before-parameter-build.sqs.SendMessage", hang_started_send)
@@ -879,6 +882,11 @@ def test_job_started_sends_that_hang_never_hold_the_threads_the_results_are_writ
         # When the worker runs them, giving up on each send after a second
         asyncio.run(batch())
     finally:
+        # (the hanging sends end into this test's moto: left asleep, they sent into a later
+        # test's queue of the same name, which found messages it never sent)
+        released.set()
+        for thread in hanging:
+            thread.join(5.0)
         sqs.meta.events.unregister("before-parameter-build.sqs.SendMessage", hang_started_send)
     # Then every paid result is written (the sends still hanging hold no thread a write needs):
     # none is left for a next attempt to pay for again
