@@ -26,7 +26,7 @@ from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import DispatcherEnvironment
 from llmq.jobs import JobRepository
-from llmq.queues import QueueRepository
+from llmq.queues import QueueRepository, delivery_round_of
 from llmq.sqs_edge import QueueEdge
 from llmq.telemetry import logger, metrics, tracer
 from llmq.tenants import TenantRepository
@@ -63,6 +63,7 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> No
             receive_count=int(record.attributes.approximate_receive_count or 1),
             message_id=record.message_id,
             receipt=record.receipt_handle,
+            delivery_round=delivery_round_of(record.raw_event.get("messageAttributes")),
         )
 
 

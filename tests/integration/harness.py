@@ -23,6 +23,7 @@ from llmq.config import LlmqConfig
 from llmq.errors import PROBLEMS
 from llmq.long_polls import POLLS_PREFIX
 from llmq.models import EVENT_FOR_STATUS, JobStatus
+from llmq.queues import delivery_round_of
 from llmq.shares import SHARE_PREFIX
 from llmq_sandbox import event_sources
 from tests.conftest import REGION, MotoStack, load_event
@@ -67,10 +68,12 @@ def assert_catalogued(reply: ApiReply) -> None:
 
 
 def webhook_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A received webhooks-queue message's body as {job_id, event}: the job a terminal event's
-    message may carry is checked to be that job, ended as the event says and without its
-    input, then left out."""
+    """A received webhooks-queue message's body as {job_id, event}, and its `delivery_round`
+    (a message attribute) when it has one: the job a terminal event's message may carry is
+    checked to be that job, ended as the event says and without its input, then left out."""
     body: dict[str, Any] = json.loads(message["Body"])
+    if delivery_round := delivery_round_of(message.get("MessageAttributes")):
+        body["delivery_round"] = delivery_round
     carried = body.pop("job", None)
     if carried is not None:
         assert carried["id"] == body["job_id"] and "input" not in carried
@@ -198,6 +201,7 @@ class Harness:
             MaxNumberOfMessages=max_messages,
             VisibilityTimeout=visibility,
             AttributeNames=["All"],
+            MessageAttributeNames=["All"],
         )
         return list(response.get("Messages", []))
 

@@ -170,6 +170,7 @@ class Stage:
             MaxNumberOfMessages=10,
             VisibilityTimeout=60,
             AttributeNames=["All"],
+            MessageAttributeNames=["All"],
         ).get("Messages", [])
         assert messages, "nothing to dispatch"
         response: dict[str, Any] = self.handler.handler(

@@ -411,7 +411,7 @@ class LifecycleModel(LifecycleMachine):
         if not messages:
             return
         message = messages[pick % len(messages)]
-        webhook = WebhookMessage.model_validate_json(message["Body"])
+        webhook = self._webhook(message)
         outcome = self._dispatch(webhook, status, attempt)
         if outcome is not None and outcome.kind is not OutcomeKind.RETRY:
             self.sqs.delete_message(
@@ -491,7 +491,7 @@ class LifecycleModel(LifecycleMachine):
             for url, message in self._lane_messages():
                 self._start(0, message["Body"], SUCCEED, (url, message["ReceiptHandle"]))
             for message in self._peek(self.stack.webhook_queue_url):
-                webhook = WebhookMessage.model_validate_json(message["Body"])
+                webhook = self._webhook(message)
                 outcome = self._dispatch(webhook, 200, 1)
                 if outcome is not None and outcome.kind is not OutcomeKind.RETRY:
                     self.sqs.delete_message(

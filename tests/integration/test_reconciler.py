@@ -501,8 +501,13 @@ def test_redeliver_queues_the_terminal_event_again(
     reply = harness.api("POST", f"/v1/jobs/{job_id}/webhook/redeliver", tenant=ENTERPRISE)
     assert reply.status == 202
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
-    messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
-    assert messages == [{"job_id": job_id, "event": "job.succeeded", "delivery_round": 1}]
+    received = harness.receive(harness.stack.webhook_queue_url, visibility=0)
+    assert [webhook_message(m) for m in received] == [
+        {"job_id": job_id, "event": "job.succeeded", "delivery_round": 1}
+    ]
+    # (its round in a message attribute: the body is what a dispatcher before rounds reads, which
+    # refuses a field it does not know)
+    assert [json.loads(m["Body"]) for m in received] == [{"job_id": job_id, "event": "job.succeeded"}]
     _dispatch_all(harness, monkeypatch)
     # Then it arrives a second time with the same webhook-id, freshly signed
     first, second = receiver.requests_to("/hook")

@@ -53,6 +53,7 @@ from llmq.models import (
     JobResult,
     JobStatus,
     Usage,
+    WebhookMessage,
 )
 from llmq.payloads import PayloadStore
 from llmq.policy import Claim, ClaimOutcome
@@ -62,6 +63,7 @@ from llmq.providers import (
     ProviderTimeout,
     TransientProviderError,
 )
+from llmq.queues import delivery_round_of
 from llmq.reconcile import Reconciler
 from llmq.shares import is_share_key
 from llmq.telemetry import logger
@@ -935,8 +937,19 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _peek(self, url: str) -> list[dict[str, Any]]:
         """Up to ten messages of a queue, left visible: a step picks the one it handles."""
-        response = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
+        response = self.sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, MessageAttributeNames=["All"]
+        )
         return list(response.get("Messages", []))
+
+    @staticmethod
+    def _webhook(message: dict[str, Any]) -> WebhookMessage:
+        """A received webhooks message as the dispatcher's handler reads it: its body, and its
+        round from its message attribute."""
+        webhook = WebhookMessage.model_validate_json(message["Body"])
+        return webhook.model_copy(
+            update={"delivery_round": delivery_round_of(message.get("MessageAttributes"))}
+        )
 
     def _lane_messages(self) -> list[tuple[str, dict[str, Any]]]:
         return [(url, message) for url in self.stack.lane_queue_urls.values() for message in self._peek(url)]

@@ -1230,12 +1230,11 @@ async def test_a_redelivery_mid_round_counts_its_own_round_not_the_old_rounds_la
     # When the integrator asks for a redelivery meanwhile (POST /v1/jobs/{id}/webhook/redeliver:
     # a new round, delivery.attempts 0), whose message m2 makes the new round's attempt 1 (500)
     pending = world.jobs.mark_delivery_pending("job_1", "ten_acme")
-    redelivered = WebhookMessage(
-        job_id="job_1", event=WebhookEvent.SUCCEEDED, delivery_round=pending.delivery_round
-    ).model_dump_json()
     other = _second_environment(world)
     with pytest.raises(RetryLater):
-        await other.handle(redelivered, receive_count=1, message_id="m2", receipt="q1")
+        await other.handle(
+            body, receive_count=1, message_id="m2", receipt="q1", delivery_round=pending.delivery_round
+        )
     assert world.jobs.records["job_1"].delivery_attempts == 1
     # And the old round's attempt 5 is then answered 200
     world.receiver.release.set()

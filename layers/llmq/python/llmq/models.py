@@ -701,5 +701,6 @@ class WebhookMessage(Model):
     # A terminal event's round of delivery: the redeliveries its job (or batch) had when it was
     # sent. One of an earlier round is dropped once a redelivery's message carries the event,
     # instead of waking after each of the new round's attempts until the webhooks DLQ (hunt
-    # 211). Left out at 0, so a first round's message reads the same to an older version.
+    # 211). Carried as the SQS message attribute DELIVERY_ROUND_ATTRIBUTE, not in the body, which
+    # a version before it refuses with a field it does not know (`llmq.queues.delivery_round_of`).
     delivery_round: Annotated[int, Field(ge=0)] = 0

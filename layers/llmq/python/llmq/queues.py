@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -151,12 +152,13 @@ class QueueRepository:
         is slow (or whose events are many) from lengthening every other tenant's wait, as the
         lanes do (`enqueue_job`). A resend that does not know the tenant sends none.
         A terminal event's message carries its round (`WebhookMessage.delivery_round`)."""
-        message = WebhookMessage(
-            job_id=job_id, event=event, output=output, job=snapshot, delivery_round=delivery_round
-        )
-        body = webhook_message_body(message)
-        group = {"MessageGroupId": tenant_id} if tenant_id else {}
-        self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body, **group)
+        body = webhook_message_body(WebhookMessage(job_id=job_id, event=event, output=output, job=snapshot))
+        extra: dict[str, Any] = {"MessageGroupId": tenant_id} if tenant_id else {}
+        if delivery_round:
+            extra["MessageAttributes"] = {
+                DELIVERY_ROUND_ATTRIBUTE: {"DataType": "Number", "StringValue": str(delivery_round)}
+            }
+        self._sqs.send_message(QueueUrl=self.webhook_queue_url, MessageBody=body, **extra)
 
     def lane_depth(self, lane: str) -> int:
         """Messages in the lane's queue: waiting, in flight and delayed (approximate)."""
@@ -232,10 +234,23 @@ def webhook_message_body(message: WebhookMessage) -> str:
     """A webhooks-queue message as SQS takes it: every non-ASCII character escaped, since SQS
     refuses some that JSON allows raw (U+FFFE, U+FFFF) and a job's output or metadata may hold
     them ("Amazon SQS message quotas": the allowed characters)."""
-    body = message.model_dump(mode="json", exclude_none=True)
-    if not message.delivery_round:
-        del body["delivery_round"]
+    body = message.model_dump(mode="json", exclude_none=True, exclude={"delivery_round"})
     return json.dumps(body, separators=(",", ":"))
+
+
+# The SQS message attribute that carries a webhooks message's `delivery_round`. An attribute, not
+# a field of the body: a dispatcher before rounds refuses a body with a field it does not know
+# (as poison: the webhooks DLQ), and ignores an attribute, so a redelivery's message sent during a
+# deploy's update window, or in flight after a rollback, is delivered by either version.
+DELIVERY_ROUND_ATTRIBUTE = "delivery_round"
+
+
+def delivery_round_of(attributes: Mapping[str, Any] | None) -> int:
+    """The round a webhooks message carries, from its message attributes as ReceiveMessage
+    (`StringValue`) or Lambda's SQS event (`stringValue`) spells them; 0 without one."""
+    value = (attributes or {}).get(DELIVERY_ROUND_ATTRIBUTE) or {}
+    text = value.get("StringValue", value.get("stringValue")) if isinstance(value, Mapping) else None
+    return int(text) if isinstance(text, str) and text.isdigit() and len(text) <= 9 else 0
 
 
 def job_snapshot(job: JobRecord) -> dict[str, Any] | None:

@@ -342,15 +342,23 @@ class WebhookDispatcher:
         self.max_delay_seconds = float(MAX_REDELIVERY_DELAY_SECONDS)
 
     async def handle(
-        self, body: str, receive_count: int, message_id: str | None = None, receipt: str | None = None
+        self,
+        body: str,
+        receive_count: int,
+        message_id: str | None = None,
+        receipt: str | None = None,
+        delivery_round: int = 0,
     ) -> DeliveryOutcome:
         """One webhooks-queue message (SQS `message_id`), received `receive_count` times, this
-        time with the receipt handle `receipt`.
+        time with the receipt handle `receipt`, of round `delivery_round` (its message attribute,
+        `queues.delivery_round_of`).
 
         Raises RetryLater when the delivery should be tried again after the schedule's
         delay, and PoisonMessage for a body that is not a webhook message.
         """
         message = parse_webhook_message(body)
+        if delivery_round > message.delivery_round:
+            message = message.model_copy(update={"delivery_round": delivery_round})
         receive = receive_id(message_id, receipt)
         if isinstance(message.event, BatchEvent):
             outcome = await self.deliver_batch(
