@@ -815,6 +815,24 @@ def _upload_part_of_a_live_upload(upload_part: Callable[..., Any]) -> Callable[.
     return part
 
 
+def _etag_read_under_the_keys_lock(etag: property) -> property:
+    """moto works a key's ETag out lazily, the first time it is asked for, by seeking its buffer
+    to the start and reading it through, without the key's lock. Two threads asking at once (a
+    part's UploadPart answer, and a CompleteMultipartUpload naming it) interleave their seeks and
+    reads, and one stores and answers the MD5 of nothing, or of the bytes twice: a results file
+    whose checkpointed part ETag S3 never had fails InvalidPart at every Complete (helper 214
+    found a batch stuck in `finalizing` so). S3 computes a part's ETag from the bytes as it
+    stores them: the same bytes, the same ETag, whoever asks."""
+    read = etag.fget
+    assert read is not None
+
+    def locked(self: Any) -> str:
+        with self.lock:
+            return str(read(self))
+
+    return property(locked)
+
+
 def _listed_once(list_of_moto_modules: Callable[[], Any]) -> Callable[[], tuple[str, ...]]:
     """moto.backends.list_of_moto_modules, read from disk once.
 
@@ -1021,6 +1039,9 @@ def make_moto_strict() -> None:
         from moto.s3.models import S3Backend
 
         S3Backend.upload_part = _upload_part_of_a_live_upload(S3Backend.upload_part)  # type: ignore[method-assign]
+        from moto.s3.models import FakeKey
+
+        FakeKey.etag = _etag_read_under_the_keys_lock(FakeKey.etag)  # type: ignore[arg-type,assignment,method-assign]
         from moto.sqs.models import Message, SQSBackend
 
         Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]

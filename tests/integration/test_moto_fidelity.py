@@ -6,7 +6,9 @@ stricter moto hides a working feature. These pin the item-size limit and all-or-
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -846,3 +848,43 @@ def test_a_dead_letter_moved_back_by_hand_keeps_its_tenant_for_fair_queues(moto_
         "Messages"
     ]
     assert moved["Attributes"]["MessageGroupId"] == "ten_acme"
+
+
+class _PausedBeforeTheFirstRead:
+    """A key's buffer whose first read waits while `meanwhile` runs (for half a second at most,
+    since it may have to wait for the key's lock): another thread asking the same ETag then."""
+
+    def __init__(self, real: Any, meanwhile: Callable[[], None]) -> None:
+        self._real, self._meanwhile, self._paused = real, meanwhile, False
+
+    def seek(self, *args: Any) -> Any:
+        return self._real.seek(*args)
+
+    def read(self, *args: Any) -> Any:
+        if not self._paused:
+            self._paused = True
+            self._meanwhile()
+        return self._real.read(*args)
+
+
+def test_a_keys_etag_asked_by_two_threads_at_once_is_the_md5_of_its_bytes(moto_stack: MotoStack) -> None:
+    """Helper 214: moto worked a key's ETag out by seeking and reading its buffer without the
+    key's lock, so a part's UploadPart answer and a Complete naming it could store the MD5 of
+    nothing, and every Complete after it failed InvalidPart."""
+    from moto.s3.models import FakeKey
+
+    data = b"a results file's part " * 1000
+    key = FakeKey("part", data, account_id="123456789012", region_name=REGION)
+    answers: list[str] = []
+    other = threading.Thread(target=lambda: answers.append(key.etag))
+
+    def another_thread_asks() -> None:
+        other.start()
+        other.join(0.5)
+
+    key._value_buffer = _PausedBeforeTheFirstRead(key._value_buffer, another_thread_asks)
+    # When one thread works the ETag out, and another asks for it just as it starts reading
+    answers.append(key.etag)
+    other.join(5)
+    # Then both are the MD5 of the key's bytes, as S3 answers
+    assert answers == [f'"{hashlib.md5(data).hexdigest()}"'] * 2
