@@ -24,6 +24,9 @@ from llmq.queues import DELIVERY_ROUND_ATTRIBUTE, delivery_round_of, webhook_mes
         ({DELIVERY_ROUND_ATTRIBUTE: {"DataType": "Number", "StringValue": "1e3"}}, 0),
         ({DELIVERY_ROUND_ATTRIBUTE: {"DataType": "Number", "StringValue": "9" * 40}}, 0),
         ({DELIVERY_ROUND_ATTRIBUTE: "5"}, 0),
+        # digits that are not ASCII (SQS takes them as a Number; int() refuses the first)
+        ({DELIVERY_ROUND_ATTRIBUTE: {"DataType": "Number", "StringValue": "²"}}, 0),
+        ({DELIVERY_ROUND_ATTRIBUTE: {"DataType": "Number", "StringValue": "١"}}, 0),
     ],
 )
 def test_a_messages_round_is_read_from_its_attribute(attributes: Any, expected: int) -> None:

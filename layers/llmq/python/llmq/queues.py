@@ -250,7 +250,10 @@ def delivery_round_of(attributes: Mapping[str, Any] | None) -> int:
     (`StringValue`) or Lambda's SQS event (`stringValue`) spells them; 0 without one."""
     value = (attributes or {}).get(DELIVERY_ROUND_ATTRIBUTE) or {}
     text = value.get("StringValue", value.get("stringValue")) if isinstance(value, Mapping) else None
-    return int(text) if isinstance(text, str) and text.isdigit() and len(text) <= 9 else 0
+    # (ASCII digits only: str.isdigit also takes "²", which int() refuses)
+    if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 9:
+        return int(text)
+    return 0
 
 
 def job_snapshot(job: JobRecord) -> dict[str, Any] | None:
