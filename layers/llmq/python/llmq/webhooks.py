@@ -601,7 +601,7 @@ class WebhookDispatcher:
         job = _carried(message, self._clock()) if carried and self._policy.trust_carried_job else None
         if job is None:
             job = await asyncio.to_thread(self._jobs.find, message.job_id)
-        reason = _why_not_deliver(job, event)
+        reason = _why_not_deliver(job, event, message.delivery_round)
         # The receiver has the job's terminal event already: anything of the job running would
         # read as the job running again (a message redriven from the DLQ starts its count anew,
         # so its attempt says nothing).
@@ -611,8 +611,6 @@ class WebhookDispatcher:
             and job.wants(job.terminal_event)
             and job.delivery_status is DeliveryStatus.DELIVERED
         )
-        if event in TERMINAL_EVENTS and job is not None and job.delivery_round > message.delivery_round:
-            reason = _A_LATER_ROUND
         if event is WebhookEvent.OUTPUT and message.output is None:
             reason = "a job.output message without its output"
         elif (
@@ -708,12 +706,10 @@ class WebhookDispatcher:
         """
         job = await asyncio.to_thread(self._jobs.find, message.job_id)
         reason = (
-            _why_not_deliver(job, message.event)
+            _why_not_deliver(job, message.event, message.delivery_round)
             if isinstance(message.event, WebhookEvent)
             else "a batch event"
         )
-        if job is not None and job.delivery_round > message.delivery_round:
-            reason = _A_LATER_ROUND
         if job is None or reason:
             return DeliveryOutcome.skipped(reason or "another delivery of this event settled it first")
         # After the copy that counted it, whose message carries the attempt and comes back at it.
@@ -1124,8 +1120,9 @@ def _why_not_deliver_batch(
     return ""
 
 
-def _why_not_deliver(job: JobRecord | None, event: WebhookEvent) -> str:
-    """Why a message must not be sent (a duplicate, a stale event, a gone job), or ""."""
+def _why_not_deliver(job: JobRecord | None, event: WebhookEvent, delivery_round: int = 0) -> str:
+    """Why a message (of round `delivery_round`) must not be sent (a duplicate, a stale event,
+    a gone job, a round a redelivery replaced), or ""."""
     if job is None:
         return "the job no longer exists"
     if not job.wants(event):
@@ -1139,4 +1136,6 @@ def _why_not_deliver(job: JobRecord | None, event: WebhookEvent) -> str:
     if job.delivery_status in SETTLED:
         # A duplicate or late queue message: a redelivery from the API sets pending first.
         return f"the delivery is already {job.delivery_status}"
+    if job.delivery_round > delivery_round:
+        return _A_LATER_ROUND
     return ""
