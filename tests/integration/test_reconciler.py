@@ -515,6 +515,7 @@ def test_redeliver_queues_the_terminal_event_again(
     assert Webhook(secret).verify(second.body, second.headers)["data"]["id"] == job_id
 
 
+@pytest.mark.parametrize("read", ["answered", "throttled"])
 def test_a_lost_redelivery_message_is_sent_again_in_its_round(
     harness: Harness,
     reconciler: Reconciler,
@@ -522,10 +523,13 @@ def test_a_lost_redelivery_message_is_sent_again_in_its_round(
     receiver: WebhookReceiver,
     secret: str,
     monkeypatch: pytest.MonkeyPatch,
+    read: str,
 ) -> None:
     """The dispatcher drops a message of a round before the job's latest redelivery (hunt 211):
     the reconciler's resend of a lost redelivery message must carry the job's round, or it
-    would be dropped at every resend, and the redelivery never made."""
+    would be dropped at every resend, and the redelivery never made. Its read of the job for
+    the round, throttled past botocore's retries, sends nothing that run and leaves the job
+    due for the next."""
     # Given a delivered job whose redelivery's message was lost
     hook = f"http://127.0.0.1:{receiver.port}/hook"
     job_id = harness.submit(webhook={"url": hook}).body["id"]
@@ -535,6 +539,15 @@ def test_a_lost_redelivery_message_is_sent_again_in_its_round(
     _purge(harness, harness.stack.webhook_queue_url)
     # When the reconciler runs after the webhook threshold
     clock.offset = harness.config.reconciler.stale_webhook_seconds + 1
+    if read == "throttled":
+        faults = AwsFaults()
+        faults.arm(FaultKind.THROTTLE, "dynamodb.GetItem", times=1)
+        try:
+            assert reconciler.run().webhooks == []
+        finally:
+            faults.disarm()
+        assert len(faults.fired) == 1
+        assert harness.total_count(harness.stack.webhook_queue_url) == 0
     assert reconciler.run().webhooks == [job_id]
     # Then its message carries the redelivery's round, and the event is delivered again
     messages = [webhook_message(m) for m in harness.receive(harness.stack.webhook_queue_url, visibility=0)]
