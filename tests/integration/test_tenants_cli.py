@@ -494,25 +494,34 @@ def test_revoke_key_says_the_authorizer_cache_time_the_stack_was_deployed_with(
         Code={"ZipFile": code.getvalue()},
         Environment={"Variables": {CONFIG_ENV_VAR: deployed.to_env()}},
     )
-    cloudformation = aws.client("cloudformation")
-    (described,) = cloudformation.describe_stacks(StackName=STACK)["Stacks"]
-    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
-    outputs["FunctionNames"] = json.dumps({"api": "llmq-cli-test-api"})
-    template = {
-        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
-        "Outputs": {name: {"Value": value} for name, value in outputs.items()},
-    }
-    cloudformation.update_stack(StackName=STACK, TemplateBody=json.dumps(template))
+    _stack_names_api_function("llmq-cli-test-api")
     # And, in the directory the operator runs from, a cdk.json that says 120 s
-    (tmp_path / "cdk.json").write_text(
-        json.dumps({"context": {"llmq": {"limits": {"authorizer_cache_seconds": 120}}}})
-    )
+    _cdk_json_says_120_s(tmp_path)
     created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
 
     # When a key is revoked
     captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
     # Then the CLI says the deployed stack's time
     assert "refuses it within 7 s" in captured.err
+
+
+def _stack_names_api_function(name: str) -> None:
+    """The stack's outputs name `name` as its api function (the CLI reads its configuration)."""
+    cloudformation = aws.client("cloudformation")
+    (described,) = cloudformation.describe_stacks(StackName=STACK)["Stacks"]
+    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
+    outputs["FunctionNames"] = json.dumps({"api": name})
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
+        "Outputs": {key: {"Value": value} for key, value in outputs.items()},
+    }
+    cloudformation.update_stack(StackName=STACK, TemplateBody=json.dumps(template))
+
+
+def _cdk_json_says_120_s(directory: Path) -> None:
+    (directory / "cdk.json").write_text(
+        json.dumps({"context": {"llmq": {"limits": {"authorizer_cache_seconds": 120}}}})
+    )
 
 
 def test_revoke_key_falls_back_to_cdk_json_where_the_deployed_config_cannot_be_read(
@@ -522,18 +531,8 @@ def test_revoke_key_falls_back_to_cdk_json_where_the_deployed_config_cannot_be_r
     configuration: the same ClientError): the CLI says cdk.json's time, and still revokes."""
     from llmq.tenants import key_id_of
 
-    cloudformation = aws.client("cloudformation")
-    (described,) = cloudformation.describe_stacks(StackName=STACK)["Stacks"]
-    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
-    outputs["FunctionNames"] = json.dumps({"api": "llmq-cli-test-no-such-function"})
-    template = {
-        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
-        "Outputs": {name: {"Value": value} for name, value in outputs.items()},
-    }
-    cloudformation.update_stack(StackName=STACK, TemplateBody=json.dumps(template))
-    (tmp_path / "cdk.json").write_text(
-        json.dumps({"context": {"llmq": {"limits": {"authorizer_cache_seconds": 120}}}})
-    )
+    _stack_names_api_function("llmq-cli-test-no-such-function")
+    _cdk_json_says_120_s(tmp_path)
     created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
     captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
     assert "refuses it within 120 s" in captured.err
