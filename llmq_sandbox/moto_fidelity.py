@@ -37,6 +37,11 @@ or fail a test that AWS would pass:
 
 - **A start key outside the query.** DynamoDB refuses a Query whose ExclusiveStartKey the key
   condition excludes (a ValidationException); moto starts from it anyway.
+- **Numbers DynamoDB cannot store.** A number has at most 38 significant digits, and a magnitude
+  from 1E-130 to below 1E+126 ("Supported data types", DynamoDB developer guide); anything else
+  in a request (an item, a key, an expression's value) or made by an update (an ADD, a SET's
+  sum) is refused with a ValidationException. moto checks the range of a PutItem's values
+  only, as floats, and takes 39 digits or more anywhere, and any number an update makes.
 
 SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS developer guide):
 
@@ -57,6 +62,10 @@ SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS develop
 - **Message attributes count toward the size limit.** SendMessage refuses a message whose
   body and attributes (each one's name, data type and value) together pass the queue's
   MaximumMessageSize; moto counts the body alone.
+- **No negative seconds.** SQS refuses a DelaySeconds below 0 (SendMessage, and each entry of
+  SendMessageBatch) and a VisibilityTimeout below 0 (ReceiveMessage, ChangeMessageVisibility and
+  each entry of its batch) with InvalidParameterValue. moto takes them, a negative delay as
+  none, so a delay or a timeout worked out below zero passed here and failed on AWS.
 
 S3 multipart uploads:
 
@@ -100,6 +109,7 @@ one of its writes raises a validation error, and its writes go through the patch
 from __future__ import annotations
 
 import copy
+import decimal
 import functools
 import importlib
 import inspect
@@ -451,12 +461,23 @@ def _mark_received(mark_received: Callable[..., Any]) -> Callable[..., Any]:
     return received
 
 
+def _no_negative_seconds(value: Any, parameter: str) -> None:
+    """SQS refuses DelaySeconds and VisibilityTimeout below 0 (moto takes them)."""
+    if value is not None and int(value) < 0:
+        from moto.sqs.exceptions import InvalidParameterValue
+
+        raise InvalidParameterValue(
+            f"Value {value} for parameter {parameter} is invalid. Reason: must be >= 0."
+        )
+
+
 def _strict_change_message_visibility(
     self: Any, queue_name: str, receipt_handle: str, visibility_timeout: int
 ) -> None:
     from moto.core.utils import unix_time_millis
     from moto.sqs.exceptions import InvalidParameterValue, ReceiptHandleIsInvalid, SQSException
 
+    _no_negative_seconds(visibility_timeout, "VisibilityTimeout")
     queue = self.get_queue(queue_name)
     for message in queue._messages:
         if not message.had_receipt_handle(receipt_handle):
@@ -476,6 +497,33 @@ def _strict_change_message_visibility(
             queue.pending_messages.remove(message)
         return
     raise ReceiptHandleIsInvalid()
+
+
+def _negative_entries_fail_alone(change_batch: Callable[..., Any]) -> Callable[..., Any]:
+    """ChangeMessageVisibilityBatch: an entry with a negative timeout fails on its own."""
+
+    @functools.wraps(change_batch)
+    def change(self: Any, queue_name: str, entries: list[dict[str, Any]]) -> Any:
+        def negative(entry: dict[str, Any]) -> bool:
+            try:
+                return int(entry["VisibilityTimeout"]) < 0
+            except (KeyError, TypeError, ValueError):
+                return False  # moto's own check answers these
+
+        refused = [
+            {
+                "Id": entry["Id"],
+                "SenderFault": True,
+                "Code": "InvalidParameterValue",
+                "Message": "Visibility timeout invalid",
+            }
+            for entry in entries
+            if negative(entry)
+        ]
+        changed, failed = change_batch(self, queue_name, [entry for entry in entries if not negative(entry)])
+        return changed, [*failed, *refused]
+
+    return change
 
 
 # ---- SQS fair queues (emulated) -----------------------------------------------------------
@@ -663,7 +711,9 @@ def _fair_receive(receive_message: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(receive_message)
     def receive(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _receiving.count = int(signature.bind(self, *args, **kwargs).arguments["count"])
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        _no_negative_seconds(arguments.get("visibility_timeout"), "VisibilityTimeout")
+        _receiving.count = int(arguments["count"])
         try:
             return receive_message(self, *args, **kwargs)
         finally:
@@ -754,6 +804,8 @@ def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(send_message)
     def send(self: Any, *args: Any, **kwargs: Any) -> Any:
         arguments = signature.bind(self, *args, **kwargs).arguments
+        # Raised here, where moto raises a delay past 900: a batch entry fails alone, as there.
+        _no_negative_seconds(arguments.get("delay_seconds"), "DelaySeconds")
         attributes = arguments.get("message_attributes") or {}
         body = arguments.get("message_body")
         if attributes and isinstance(body, str):
@@ -1001,6 +1053,53 @@ def _sorted_items_by_value(
     return items
 
 
+# DynamoDB's numbers ("Supported data types"): 38 significant digits, magnitude 1E-130 to <1E+126.
+DYNAMODB_NUMBER_DIGITS = 38
+_LARGEST_EXPONENT = 125
+_SMALLEST_EXPONENT = -130
+
+
+def dynamodb_refuses_number(text: str) -> str | None:
+    """Why DynamoDB would refuse to store this number, in its own words; None if it stores it.
+    Text that is no number is left to moto's own checks."""
+    try:
+        number = decimal.Decimal(text)
+    except (decimal.InvalidOperation, TypeError, ValueError):
+        return None
+    if not number.is_finite() or number.is_zero():
+        return None
+    digits = "".join(map(str, number.as_tuple().digits)).strip("0")
+    if len(digits) > DYNAMODB_NUMBER_DIGITS:
+        return "Attempting to store more than 38 significant digits in a Number"
+    if number.adjusted() > _LARGEST_EXPONENT:
+        return "Number overflow. Attempting to store a number with magnitude larger than supported range"
+    if number.adjusted() < _SMALLEST_EXPONENT:
+        return "Number underflow. Attempting to store a number with magnitude smaller than supported range"
+    return None
+
+
+def _numbers_checked(init: Callable[..., Any]) -> Callable[..., Any]:
+    """Every number moto takes from a request, or makes in an update, is one DynamoDB can store."""
+
+    @functools.wraps(init)
+    def checked(self: Any, type_as_dict: Any) -> None:
+        init(self, type_as_dict)
+        if self.type == "N":
+            texts = [self.value]
+        elif self.type == "NS":
+            texts = list(self.value)
+        else:
+            return
+        for text in texts:
+            why = isinstance(text, str) and dynamodb_refuses_number(text)
+            if why:
+                from moto.dynamodb.exceptions import MockValidationException
+
+                raise MockValidationException(why)
+
+    return checked
+
+
 def make_moto_strict() -> None:
     """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
     order) once per process."""
@@ -1009,10 +1108,11 @@ def make_moto_strict() -> None:
         if _applied:
             return
         from moto.dynamodb.models import DynamoDBBackend
-        from moto.dynamodb.models.dynamo_type import LimitedSizeDict
+        from moto.dynamodb.models.dynamo_type import DynamoType, LimitedSizeDict
         from moto.dynamodb.models.table import Table
 
         LimitedSizeDict.__setitem__ = _size_checked_once_at_the_end  # type: ignore[method-assign]
+        DynamoType.__init__ = _numbers_checked(DynamoType.__init__)  # type: ignore[method-assign]
         Table.put_item = _checked_put(Table.put_item)  # type: ignore[method-assign]
         Table.all_items = _all_items_by_value  # type: ignore[method-assign]
         Table.sorted_items = _sorted_items_by_value  # type: ignore[method-assign]
@@ -1046,6 +1146,9 @@ def make_moto_strict() -> None:
 
         Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]
         SQSBackend.change_message_visibility = _strict_change_message_visibility  # type: ignore[method-assign]
+        SQSBackend.change_message_visibility_batch = _negative_entries_fail_alone(  # type: ignore[method-assign]
+            SQSBackend.change_message_visibility_batch
+        )
         from moto.sqs.models import Queue
 
         fair, counted = _fair_messages(vars(Queue)["messages"])

@@ -296,6 +296,114 @@ def test_a_stale_receipt_handle_and_a_message_not_in_flight_are_refused(moto_sta
     sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=second["ReceiptHandle"], VisibilityTimeout=5)
 
 
+def test_negative_delays_and_visibility_timeouts_are_refused(moto_stack: MotoStack) -> None:
+    """SendMessage, SendMessageBatch, ReceiveMessage, ChangeMessageVisibility(Batch) (API
+    reference): DelaySeconds is 0 to 900 and VisibilityTimeout 0 to 43,200; below 0 is
+    InvalidParameterValue (moto took a negative delay as none), a batch entry failing alone."""
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody="x", DelaySeconds=-1)) == (
+        "InvalidParameterValue"
+    )
+    sent = sqs.send_message_batch(
+        QueueUrl=url,
+        Entries=[
+            {"Id": "late", "MessageBody": "late", "DelaySeconds": -5},
+            {"Id": "now", "MessageBody": "now", "DelaySeconds": 0},
+        ],
+    )
+    assert [entry["Id"] for entry in sent["Successful"]] == ["now"]
+    assert [(entry["Id"], entry["Code"]) for entry in sent["Failed"]] == [("late", "InvalidParameterValue")]
+    assert (
+        _refused(lambda: sqs.receive_message(QueueUrl=url, VisibilityTimeout=-1)) == "InvalidParameterValue"
+    )
+    message = _received(sqs, url)
+    assert message["Body"] == "now"
+    handle = message["ReceiptHandle"]
+    assert (
+        _refused(
+            lambda: sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=-1)
+        )
+        == "InvalidParameterValue"
+    )
+    changed = sqs.change_message_visibility_batch(
+        QueueUrl=url,
+        Entries=[
+            {"Id": "back", "ReceiptHandle": handle, "VisibilityTimeout": -2},
+            {"Id": "hold", "ReceiptHandle": handle, "VisibilityTimeout": 60},
+        ],
+    )
+    assert [entry["Id"] for entry in changed["Successful"]] == ["hold"]
+    assert [(entry["Id"], entry["Code"]) for entry in changed["Failed"]] == [
+        ("back", "InvalidParameterValue")
+    ]
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0)
+
+
+@pytest.mark.parametrize(
+    ("number", "stored"),
+    [
+        ("1" * 38, True),
+        ("1" * 39, False),
+        ("0.000" + "1" * 38 + "000", True),
+        ("1" * 38 + "0" * 80, True),
+        ("9.9999999999999999999999999999999999999E+125", True),
+        ("1E+126", False),
+        ("-1E+126", False),
+        ("1E-130", True),
+        ("1E-131", False),
+    ],
+)
+def test_a_number_dynamodb_cannot_store_is_refused_wherever_it_is_written(
+    ddb: Any, moto_stack: MotoStack, number: str, stored: bool
+) -> None:
+    """Supported data types (DynamoDB developer guide): a number has at most 38 significant
+    digits (leading and trailing zeroes trimmed), magnitude 1E-130 to 9.99...E+125. moto took
+    39 digits anywhere, and any number in an update."""
+    table = moto_stack.jobs_table
+    ddb.put_item(TableName=table, Item={"pk": {"S": "counted"}, "n": {"N": "1"}})
+    writes: list[Callable[[], Any]] = [
+        lambda: ddb.put_item(TableName=table, Item={"pk": {"S": "put"}, "n": {"N": number}}),
+        lambda: ddb.update_item(
+            TableName=table,
+            Key={"pk": {"S": "set"}},
+            UpdateExpression="SET n = :n",
+            ExpressionAttributeValues={":n": {"N": number}},
+        ),
+        lambda: ddb.transact_write_items(
+            TransactItems=[
+                {"Put": {"TableName": table, "Item": {"pk": {"S": "tx"}, "n": {"NS": [number, "2"]}}}}
+            ]
+        ),
+    ]
+    for write in writes:
+        if stored:
+            write()
+        else:
+            assert _refused(write) == "ValidationException"
+    assert (_get(ddb, table, "put") is not None) == stored
+
+
+def test_an_update_that_makes_a_number_dynamodb_cannot_store_is_refused(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """An ADD (or a SET's sum) whose result has 39 significant digits is refused, and the item stays."""
+    table = moto_stack.jobs_table
+    ddb.put_item(TableName=table, Item={"pk": {"S": "counted"}, "n": {"N": "9" * 38}})
+    assert (
+        _refused(
+            lambda: ddb.update_item(
+                TableName=table,
+                Key={"pk": {"S": "counted"}},
+                UpdateExpression="ADD n :ten",
+                ExpressionAttributeValues={":ten": {"N": "10"}},
+            )
+        )
+        == "ValidationException"
+    )
+    assert _get(ddb, table, "counted") == {"pk": {"S": "counted"}, "n": {"N": "9" * 38}}
+
+
 def test_reads_hand_back_copies_that_a_later_update_cannot_change(ddb: Any, moto_stack: MotoStack) -> None:
     """DynamoDB read consistency, https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/HowItWorks.ReadConsistency.html:
     reads return committed values of an item, never a view of a write in progress."""
