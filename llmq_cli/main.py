@@ -741,13 +741,37 @@ def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
     from llmq_cli.tenant_limits import TenantLimits
 
     usage_plans = _usage_plans(target)
-    jobs_table = target.outputs()["JobsTableName"]
+    outputs = target.outputs()
+    jobs_table = outputs["JobsTableName"]
+    config = _llmq_config(target)
     return TenantLimits(
         tenants=_tenants_repository(target, table, usage_keys=usage_plans),
         shares=ShareRepository(jobs_table, dynamodb=target.client("dynamodb")),
         polls=LongPolls(jobs_table, dynamodb=target.client("dynamodb")),
         usage_plans=usage_plans,
-        config=_llmq_config(target),
+        config=config,
+        backlog=_deferred_backlog(outputs, jobs_table, config, target),
+    )
+
+
+def _deferred_backlog(outputs: dict[str, str], jobs_table: str, config: Any, target: AwsTarget) -> Any:
+    """What wakes a tenant's deferred jobs when its cap is raised; None for a stack whose
+    outputs name no lane queues (one deployed before they did)."""
+    from llmq.jobs import JobRepository
+    from llmq.queues import QueueRepository
+    from llmq_cli.tenant_limits import DeferredBacklog
+
+    try:
+        lanes = {
+            str(name): str(url) for name, url in json.loads(outputs.get("LaneQueueUrls") or "{}").items()
+        }
+    except (ValueError, AttributeError):
+        lanes = {}
+    if not lanes:
+        return None
+    return DeferredBacklog(
+        jobs=JobRepository(jobs_table, config, dynamodb=target.client("dynamodb")),
+        queues=QueueRepository(lanes, outputs.get("WebhookQueueUrl", ""), sqs=target.client("sqs")),
     )
 
 
@@ -831,7 +855,7 @@ def cmd_tenants_attach_usage_keys(args: argparse.Namespace) -> int:
 
 def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
     from llmq.tenants import UnknownTenant
-    from llmq_cli.tenant_limits import LimitsError, flat
+    from llmq_cli.tenant_limits import WOKEN, LimitsError, flat
 
     target = AwsTarget(args)
     try:
@@ -855,6 +879,12 @@ def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
         write_state(state_file(args.state_file), target.state)
     if args.rate is not None or "rate" in (args.clear or ()):
         print("API Gateway applies a usage plan change within seconds.", file=sys.stderr)
+    if shown.get(WOKEN):
+        print(
+            f"The raised cap starts {shown[WOKEN]} of the tenant's queued jobs now; the rest "
+            "start as slots free up.",
+            file=sys.stderr,
+        )
     _print_json(shown)
     return 0
 

@@ -6,6 +6,12 @@
 - max_long_polls: the override on the tenant's long-poll item (llmq.long_polls), else its tier's;
 - rate and burst: the usage plan its API Gateway key is in (llmq.usage_plans), its own
   `llmq-tenant-<id>` plan when overridden, else its tier's plan from the stack.
+
+A raised cap reaches the tenant's waiting jobs at once (`DeferredBacklog`): a job deferred at
+the old cap comes back when its deferral ends, up to `fair_share.max_deferral_seconds` later,
+so `set-limits` sends a fresh lane message for as many of its queued jobs as the new cap has
+free slots. Each is a duplicate of the deferred copy, which a claim already answers (the
+job is running or ended by then, and that copy is acknowledged).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 
 from llmq.config import LlmqConfig
 from llmq.long_polls import MAX_LONG_POLLS, LongPolls
+from llmq.models import JobStatus
+from llmq.ports import JobStore, QueueStore
 from llmq.shares import MAX_ACTIVE_JOBS, MAX_BATCH_CONCURRENCY, MAX_CONCURRENCY, ShareRepository, ShareState
 from llmq.tenants import Tenant, TenantRepository
 from llmq.usage_plans import ApiGatewayUsagePlans, RateLimit
@@ -31,8 +39,41 @@ TIER = "tier"
 MAX_OVERRIDE = 1_000_000
 
 
+# How many of the tenant index's entries a raised cap reads, at most, looking for queued jobs
+# (newest first, a page at a time); the oldest queued ones read are woken.
+BACKLOG_READ_LIMIT = 10_000
+_BACKLOG_PAGE = 500
+WOKEN = "woken"
+
+
 class LimitsError(RuntimeError):
     """The operator asked for something that cannot be done; the message says why."""
+
+
+@dataclass
+class DeferredBacklog:
+    """Wakes a tenant's queued jobs when its cap is raised: their deferrals were reckoned
+    against the old cap, and nothing else brings them back before those end."""
+
+    jobs: JobStore
+    queues: QueueStore
+
+    def wake(self, tenant_id: str, lane: str, room: int) -> int:
+        """Sends a lane message for up to `room` of the tenant's queued jobs in `lane`, the
+        oldest of the newest `BACKLOG_READ_LIMIT` the tenant index holds; how many it sent."""
+        if room <= 0:
+            return 0
+        queued: list[str] = []  # newest first
+        cursor: str | None = None
+        for _ in range(BACKLOG_READ_LIMIT // _BACKLOG_PAGE):
+            page, cursor = self.jobs.list_for_tenant(tenant_id, JobStatus.QUEUED, _BACKLOG_PAGE, cursor)
+            queued.extend(job.id for job in page if job.lane == lane and job.status is JobStatus.QUEUED)
+            if cursor is None:
+                break
+        woken = list(reversed(queued))[:room]
+        for job_id in woken:
+            self.queues.enqueue_job(job_id, lane, tenant_id)
+        return len(woken)
 
 
 @dataclass
@@ -44,6 +85,8 @@ class TenantLimits:
     polls: LongPolls
     usage_plans: ApiGatewayUsagePlans | None
     config: LlmqConfig
+    # Where a raised cap wakes the tenant's deferred jobs; None: they wait out their deferrals.
+    backlog: DeferredBacklog | None = None
 
     def show(self, tenant_id: str) -> dict[str, Any]:
         tenant = self.tenants.get(tenant_id)
@@ -93,8 +136,11 @@ class TenantLimits:
         if max_long_polls is not None or MAX_LONG_POLLS in clear:
             self.polls.set_limit(tenant_id, max_long_polls)
         share_clear = tuple(name for name in clear if name not in (RATE, MAX_LONG_POLLS))
+        lane = self.config.lane_for_tier(tenant.tier).name
+        cap_changes = max_concurrency is not None or MAX_CONCURRENCY in share_clear
+        cap_before = self._cap(self.shares.get(tenant_id), tenant, lane) if cap_changes else 0
         try:
-            self.shares.set_limits(
+            after = self.shares.set_limits(
                 tenant_id,
                 max_concurrency=max_concurrency,
                 max_active_jobs=max_active_jobs,
@@ -103,7 +149,16 @@ class TenantLimits:
             )
         except ValueError as exc:
             raise LimitsError(str(exc)) from exc
-        return self.show(tenant_id)
+        shown = self.show(tenant_id)
+        cap_after = self._cap(after, tenant, lane)
+        if cap_changes and cap_after > cap_before and self.backlog is not None:
+            room = cap_after - len(after.holders.get(lane, {}))
+            shown[WOKEN] = self.backlog.wake(tenant_id, lane, min(room, after.interactive_queued))
+        return shown
+
+    def _cap(self, share: ShareState, tenant: Tenant, lane: str) -> int:
+        cap = share.cap(lane)
+        return cap if cap is not None else self.config.concurrency_cap(tenant.tier)
 
     def effective(self, tenant_id: str) -> EffectiveLimits:
         return flat(self.show(tenant_id))

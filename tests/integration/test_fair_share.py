@@ -18,7 +18,8 @@ from llmq.jobs import JobRepository
 from llmq.policy import ClaimOutcome
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
-from llmq.shares import ShareRepository
+from llmq.shares import ShareRepository, share_key
+from llmq_cli.tenant_limits import DeferredBacklog, TenantLimits
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
@@ -814,3 +815,113 @@ def test_a_job_that_only_waits_at_its_cap_outlasts_an_sqs_send_outage_before_the
     assert sum(hidden_for) >= 15 * 60
     job = harness.api("GET", f"/v1/jobs/{waiting}", tenant=ENTERPRISE).body
     assert (job["status"], job["attempts"]) == ("queued", 0)
+
+
+# ---- a raised cap --------------------------------------------------------------------------------
+
+
+def _limits(harness: Harness) -> TenantLimits:
+    """`llmq tenants` as the CLI builds it against the stack: the shares, the tenant index and
+    the lane queues."""
+    from llmq.long_polls import LongPolls
+    from llmq.tenants import TenantRepository
+
+    table = harness.stack.jobs_table
+    tenants = TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    tenants.create("Acme", ENTERPRISE["tier"], tenant_id=ENTERPRISE["tenant_id"])
+    return TenantLimits(
+        tenants=tenants,
+        shares=_shares(harness),
+        polls=LongPolls(table, dynamodb=aws.client("dynamodb")),
+        usage_plans=None,
+        config=harness.config,
+        backlog=DeferredBacklog(
+            jobs=JobRepository(table, harness.config, dynamodb=aws.client("dynamodb")),
+            queues=QueueRepository(
+                harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+            ),
+        ),
+    )
+
+
+def deferred_at_a_cap_of_one(harness: Harness, backlog: int) -> list[str]:
+    """A tenant capped at one, its slot held by a long job, and `backlog` queued jobs whose
+    messages a worker deferred at the cap (far: its last job ran five minutes); their ids,
+    oldest first."""
+    tenant = ENTERPRISE["tenant_id"]
+    _shares(harness).set_limits(tenant, max_concurrency=1)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(harness.submit(prompt="long").body["id"], "busy", 600).outcome is ClaimOutcome.CLAIMED
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key=share_key(tenant),
+        UpdateExpression="SET lrun_high = :ran",
+        ExpressionAttributeValues={":ran": {"N": "300000"}},
+    )
+    url = harness.stack.lane_queue_urls["high"]
+    for message in harness.receive(url):
+        harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    ids = []
+    for n in range(backlog):
+        ids.append(harness.submit(prompt=f"job {n}").body["id"])
+        time.sleep(0.002)  # apart in the tenant index's order
+    received = harness.receive(url)
+    assert len(received) == backlog
+    harness.run_worker(url, received)
+    waiting = harness.sqs.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"]
+    )["Attributes"]
+    assert (
+        int(waiting["ApproximateNumberOfMessages"]),
+        int(waiting["ApproximateNumberOfMessagesDelayed"]),
+    ) == (
+        0,
+        backlog,
+    )
+    return ids
+
+
+def test_a_raised_cap_starts_the_tenants_deferred_jobs_at_once(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    """Hunt 216: a backlog deferred at the old cap waited out its deferrals (up to an hour) with
+    the new slots idle; set-limits now sends a message for as many queued jobs as there is room."""
+    # Given a tenant capped at one, one job running and four deferred for minutes
+    ids = deferred_at_a_cap_of_one(harness, 4)
+    provider.reset()
+    # When the operator raises its cap to ten
+    shown = _limits(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=10)
+    # Then each of the four has a message now, and a worker runs all four at once
+    assert shown["woken"] == 4
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url)
+    assert sorted(json.loads(message["Body"])["job_id"] for message in messages) == sorted(ids)
+    assert harness.run_worker(url, messages) == {"batchItemFailures": []}
+    states = [harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] for job_id in ids]
+    assert states == ["succeeded"] * 4
+    assert provider.state.calls == {job_id: 1 for job_id in ids}
+
+
+def test_a_raised_cap_wakes_only_as_many_as_its_free_slots_oldest_first(harness: Harness) -> None:
+    # Given a tenant capped at one, one job running and five deferred
+    ids = deferred_at_a_cap_of_one(harness, 5)
+    # When the cap goes to three (two free slots)
+    shown = _limits(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=3)
+    # Then the two oldest queued jobs get a message, the rest keep their deferrals
+    assert shown["woken"] == 2
+    woken = [
+        json.loads(message["Body"])["job_id"]
+        for message in harness.receive(harness.stack.lane_queue_urls["high"])
+    ]
+    assert sorted(woken) == sorted(ids[:2])
+
+
+def test_a_cap_set_to_what_it_was_or_a_quota_change_wakes_nothing(harness: Harness) -> None:
+    # Given a tenant capped at one with three deferred jobs
+    deferred_at_a_cap_of_one(harness, 3)
+    limits = _limits(harness)
+    # When the cap is set again to one, and its quota is raised
+    for change in ({"max_concurrency": 1}, {"max_active_jobs": 500}):
+        assert "woken" not in limits.set_limits(ENTERPRISE["tenant_id"], **change)
+    # Then no message was sent: the deferred copies are all there is
+    assert harness.receive(harness.stack.lane_queue_urls["high"]) == []

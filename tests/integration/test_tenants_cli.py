@@ -32,6 +32,8 @@ def stack(moto_stack: MotoStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "TenantsTableName": moto_stack.tenants_table,
         "JobsTableName": moto_stack.jobs_table,
         "UsagePlanIds": json.dumps(plan_ids),
+        "LaneQueueUrls": json.dumps(moto_stack.lane_queue_urls),
+        "WebhookQueueUrl": moto_stack.webhook_queue_url,
     }
     template = {
         "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
@@ -537,3 +539,19 @@ def test_revoke_key_falls_back_to_cdk_json_where_the_deployed_config_cannot_be_r
     captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
     assert "refuses it within 120 s" in captured.err
     assert json.loads(captured.out)["revoked"] is True
+
+
+def test_set_limits_raising_a_cap_starts_the_deferred_jobs_and_says_so(
+    stack: dict[str, str], harness: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI wakes a tenant's deferred backlog through the stack's lane queues (hunt 216)."""
+    from tests.integration.harness import ENTERPRISE
+    from tests.integration.test_fair_share import deferred_at_a_cap_of_one
+
+    llmq(capsys, "create", "--name", "Acme", "--tier", "enterprise", "--id", ENTERPRISE["tenant_id"])
+    ids = deferred_at_a_cap_of_one(harness, 3)
+    captured = llmq_captured(capsys, "set-limits", ENTERPRISE["tenant_id"], "--max-concurrency", "8")
+    assert json.loads(captured.out)["woken"] == 3
+    assert "starts 3 of the tenant's queued jobs now" in captured.err
+    url = harness.stack.lane_queue_urls["high"]
+    assert sorted(json.loads(message["Body"])["job_id"] for message in harness.receive(url)) == sorted(ids)
