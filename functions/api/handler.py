@@ -40,7 +40,7 @@ from llmq.config import (
     response_body_bytes,
 )
 from llmq.intake import MAX_IDEMPOTENCY_KEY, JobIntake
-from llmq.job_codec import cursor_after
+from llmq.job_codec import batch_cursor_after, cursor_after
 from llmq.jobs import JobRecord, JobRepository
 from llmq.live_output import finished_reading, resume_point, retry_hint
 from llmq.long_polls import LongPolls
@@ -629,16 +629,32 @@ def handle_list_jobs(
     # `stream: false` and show no progress, so the list leaves those out; a GET shows them.
     live = {"stream", "progress", "output_partial", "output_partial_truncated"}
     shown = [job.to_job(api_base=base) for job in jobs]
+    return _page_that_fits(
+        len(shown),
+        next_cursor,
+        lambda count, following: JobList(data=shown[:count], next_cursor=following).model_dump_json(
+            exclude={"data": {"__all__": live}}
+        ),
+        lambda last: cursor_after(jobs[last]),
+    )
+
+
+def _page_that_fits(
+    count: int,
+    next_cursor: str | None,
+    body_of: Callable[[int, str | None], str],
+    cursor_at: Callable[[int], str],
+) -> Response[Any]:
+    """A list page of the first `count` entries, or of fewer if Lambda could not answer it: a
+    page the store sized by its bytes can hold more than Lambda may answer, once its results
+    and metadata are escaped (a control character takes 6 bytes, then 7). It ends early, its
+    cursor at its last entry (`cursor_at(index)`), as a shorter `limit` would."""
     while True:
-        page = JobList(data=shown, next_cursor=next_cursor)
-        body = page.model_dump_json(exclude={"data": {"__all__": live}})
-        # A page DynamoDB sized by its bytes can hold more than Lambda may answer, once its
-        # results and metadata are escaped (a control character takes 6 bytes, then 7): the
-        # page ends early, its cursor at its last job, as a shorter `limit` would.
-        if len(shown) <= 1 or response_body_bytes(body) <= MAX_RESPONSE_BODY_BYTES:
+        body = body_of(count, next_cursor)
+        if count <= 1 or response_body_bytes(body) <= MAX_RESPONSE_BODY_BYTES:
             return Response(status_code=200, content_type="application/json", body=body)
-        shown = shown[: len(shown) // 2]
-        next_cursor = cursor_after(jobs[len(shown) - 1])
+        count //= 2
+        next_cursor = cursor_at(count - 1)
 
 
 @app.post(
@@ -816,8 +832,15 @@ def handle_list_batches(
 ) -> Response[Any]:
     listed, next_cursor = batch_intake().list_page(_tenant(), limit, cursor)
     base = _public_base()
-    page = BatchList(data=[batch.to_batch(counts, base) for batch, counts in listed], next_cursor=next_cursor)
-    return Response(status_code=200, content_type="application/json", body=page.model_dump_json())
+    shown = [batch.to_batch(counts, base) for batch, counts in listed]
+    return _page_that_fits(
+        len(shown),
+        next_cursor,
+        lambda count, following: BatchList(data=shown[:count], next_cursor=following).model_dump_json(),
+        lambda last: batch_cursor_after(
+            listed[last][0].id, listed[last][0].tenant_id, listed[last][0].created_ms
+        ),
+    )
 
 
 @app.get(

@@ -581,28 +581,42 @@ def test_a_compressed_body_is_415_and_writes_nothing(harness: Harness) -> None:
     _nothing_changed(harness)
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
 def test_a_list_page_too_large_for_lambdas_answer_ends_early_and_pages_on(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
-    # Given ten jobs, and a response limit that holds about three of them (Lambda's is 6 MB:
-    # a page of a hundred jobs whose metadata is control characters, escaped, can pass it)
-    ids = [harness.submit(metadata={"note": "\x01" * 200}).body["id"] for _ in range(10)]
-    one_job = len(json.dumps(harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query={"limit": "1"}).body))
-    monkeypatch.setattr(harness.api_module, "MAX_RESPONSE_BODY_BYTES", 3 * one_job)
+    # Given ten jobs (or batches), and a response limit that holds about three of them
+    # (Lambda's is 6 MB: a page of a hundred whose metadata is control characters, escaped,
+    # can pass it; hunt 218 found the batch list had no such check)
+    metadata = {"note": "\x01" * 200}
+    if path == "/v1/jobs":
+        ids = [harness.submit(metadata=metadata).body["id"] for _ in range(10)]
+    else:
+        ids = [
+            harness.api(
+                "POST",
+                path,
+                body={"requests": [{"custom_id": "a", "body": {"prompt": "hi"}}], "metadata": metadata},
+                tenant=ENTERPRISE,
+            ).body["id"]
+            for _ in range(10)
+        ]
+    one = len(json.dumps(harness.api("GET", path, tenant=ENTERPRISE, query={"limit": "1"}).body))
+    monkeypatch.setattr(harness.api_module, "MAX_RESPONSE_BODY_BYTES", 3 * one)
     # When the tenant lists them a page of ten at a time
     seen: list[str] = []
     cursor = None
     for _ in range(10):
         query = {"limit": "10", **({"cursor": cursor} if cursor else {})}
-        reply = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE, query=query)
+        reply = harness.api("GET", path, tenant=ENTERPRISE, query=query)
         assert reply.status == 200
         # Then each page is within the limit, and ends early with a cursor where it must
-        assert len(json.dumps(reply.body)) <= 3 * one_job
-        seen += [job["id"] for job in reply.body["data"]]
+        assert len(json.dumps(reply.body)) <= 3 * one
+        seen += [entry["id"] for entry in reply.body["data"]]
         cursor = reply.body["next_cursor"]
         if cursor is None:
             break
-    # And every job is listed once, newest first
+    # And every one is listed once, newest first
     assert seen == list(reversed(ids))
 
 

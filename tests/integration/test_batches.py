@@ -304,6 +304,45 @@ def test_a_batch_deadline_that_is_not_a_number_is_refused_and_nothing_is_written
     assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
 
 
+def test_a_batch_asking_for_its_items_live_output_is_refused_and_nothing_is_written(harness: Harness) -> None:
+    """A batch's items never stream, so job.output would never be sent: refused at once, as
+    a job that does not stream is (hunt 218: it was accepted)."""
+    reply = _submit(
+        harness,
+        requests=_requests(2),
+        webhook={"url": "https://hooks.example.com/b", "item_events": ["job.succeeded", "job.output"]},
+    )
+    assert (reply.status, reply.code) == (422, "invalid_request")
+    assert "job.output" in reply.body["detail"]
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+
+
+def test_metadata_too_large_for_the_batchs_record_is_a_413_and_nothing_is_written(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hunt 218: with max_metadata_keys raised, metadata a job's record refuses (413) made a
+    batch's TransactWriteItems fail on the 400 KB item limit: a 500, its requests file already
+    in S3. Now the same 413 as a job's, before anything is written."""
+    # Given a deployment that takes 200 metadata keys, and metadata of 4-byte characters
+    limits = {"max_prompt_chars": 5000, "max_body_bytes": 1_000_000, "max_metadata_keys": 200}
+    harness = Harness(moto_stack, integration_config(provider, limits=limits), monkeypatch)
+    emoji = "\U0001f642"
+    metadata = {f"{index:03d}" + emoji * 61: emoji * 512 for index in range(200)}
+    # When it is a job's, and a batch's
+    job = harness.submit(metadata=metadata)
+    batch = _submit(harness, requests=_requests(1), metadata=metadata)
+    # Then both are refused alike, and nothing is written: no item, no message, no S3 object
+    assert (job.status, job.code) == (413, "payload_too_large")
+    assert (batch.status, batch.code) == (413, "payload_too_large"), batch.body
+    assert harness.item_count() == 0
+    assert harness.total_count(harness.stack.lane_queue_urls[HIGH]) == 0
+    assert aws.client("s3").list_objects_v2(Bucket=harness.stack.payload_bucket).get("KeyCount") == 0
+    # And metadata that fits is taken
+    fits = {key: value for key, value in list(metadata.items())[:100]}
+    assert _submit(harness, requests=_requests(1), metadata=fits).status == 202
+
+
 def test_an_item_with_a_model_the_deployment_does_not_allow_is_refused_with_the_jobs_code(
     harness: Harness,
 ) -> None:

@@ -16,7 +16,7 @@ import secrets
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import result_line
 from llmq.batch_runs import ask_running_items_to_stop, encode_requests, settle
-from llmq.batches import BatchRecord, BatchRepository, new_batch_id, over_quota, send_expand
+from llmq.batches import BatchRecord, BatchRepository, batch_fits, new_batch_id, over_quota, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import (
     BatchExceedsQuota,
@@ -45,6 +45,7 @@ from llmq.models import (
     DeliveryStatus,
     JobStatus,
     Upload,
+    WebhookEvent,
 )
 from llmq.payloads import ObjectStat, PresignedUrl
 from llmq.ports import BlobStore, JobStore, QueueStore
@@ -194,6 +195,11 @@ class BatchIntake:
                     "jobs queued or running: split it into batches of at most that many"
                 )
             raise over_quota(state, record.total, default_max_active, self.config)
+        if not batch_fits(record, self.config.batches.upload_errors_shown):
+            raise PayloadTooLarge(
+                "the batch's metadata and webhook leave no room in its record: send fewer or "
+                "shorter metadata values"
+            )
         if request.requests is not None:
             self.payloads.put(record.requests_ref, encode_requests(request.requests))
         stored, replayed = self.batches.create(
@@ -321,6 +327,11 @@ class BatchIntake:
         if request.deadline_seconds is not None and request.deadline_seconds > limits.max_deadline_seconds:
             raise InvalidRequest(f"deadline_seconds is at most {limits.max_deadline_seconds}")
         if request.webhook is not None:
+            if WebhookEvent.OUTPUT in request.webhook.item_events:
+                # (a batch's items never stream: a subscription nothing would ever answer)
+                raise InvalidRequest(
+                    "webhook.item_events: job.output is sent only for a job with stream: true"
+                )
             try:
                 self.job_intake.check_webhook_url(request.webhook.url)
             except InvalidWebhookUrl as exc:

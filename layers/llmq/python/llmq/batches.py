@@ -28,11 +28,13 @@ from llmq import aws, shares
 from llmq import job_codec as codec
 from llmq.config import LlmqConfig
 from llmq.errors import BatchNotEnded, BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
+from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
 from llmq.job_record import JobRecord, delivery_view, iso
 from llmq.model_base import Model
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
+    MAX_LINE_ERROR_CHARS,
     TERMINAL_STATUSES,
     Batch,
     BatchEvent,
@@ -47,6 +49,7 @@ from llmq.models import (
     JobStatus,
     WebhookEvent,
 )
+from llmq.offload import BOOKKEEPING_BYTES, ITEM_HEADROOM_BYTES
 from llmq.payloads import PresignedUrl
 from llmq.policy import fresh_letter_condition
 from llmq.shares import ShareState, holders_of, share_key
@@ -284,6 +287,21 @@ _BATCH_JSON: dict[str, TypeAdapter[Any]] = {
     "final_counts": TypeAdapter(BatchRequestCounts),
     "errors": TypeAdapter(list[BatchLineError]),
 }
+
+
+# Room a batch's item keeps for what later writes add to it: its line errors (each up to
+# MAX_LINE_ERROR_CHARS characters of up to 4 bytes, with its line and code), and the rest
+# (ITEM_HEADROOM_BYTES for the delivery log and the write tokens, and as much again for the
+# validation's parts, the results file's checkpoint and the counts).
+_LINE_ERROR_BYTES = MAX_LINE_ERROR_CHARS * 4 + 64
+_BATCH_HEADROOM_BYTES = 2 * ITEM_HEADROOM_BYTES + BOOKKEEPING_BYTES
+
+
+def batch_fits(record: BatchRecord, errors_shown: int) -> bool:
+    """Whether the batch's record, as accepted, leaves the room its later writes need in its
+    DynamoDB item: its metadata and webhook stay there for its whole life."""
+    room = _BATCH_HEADROOM_BYTES + errors_shown * _LINE_ERROR_BYTES
+    return item_size_bytes(_to_item(record)) + room <= MAX_ITEM_BYTES
 
 
 def _to_item(record: BatchRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from llmq.errors import InvalidCursor
 from llmq.item_size import item_size_bytes
-from llmq.job_index import BATCH_SORT_PREFIX, INDEX_ATTRIBUTES, tenant_sort_key
+from llmq.job_index import BATCH_SORT_PREFIX, INDEX_ATTRIBUTES, batch_sort_key, tenant_sort_key
 from llmq.job_record import JobRecord
 from llmq.live_output import OutputChunk, chunk_pk
 from llmq.models import DELIVERY_LOG_ATTEMPTS, OutputDelta
@@ -243,12 +243,17 @@ def encode_cursor(key: dict[str, Any]) -> str:
 
 def cursor_after(job: JobRecord) -> str:
     """The cursor of a job list page that ends at `job` (as its LastEvaluatedKey would)."""
+    return _index_cursor(job.id, job.tenant_id, tenant_sort_key(job.created_ms, job.id))
+
+
+def batch_cursor_after(batch_id: str, tenant_id: str, created_ms: int) -> str:
+    """The cursor of a batch list page that ends at this batch."""
+    return _index_cursor(batch_id, tenant_id, batch_sort_key(created_ms, batch_id))
+
+
+def _index_cursor(pk: str, tenant_id: str, tenant_created: str) -> str:
     return encode_cursor(
-        {
-            "pk": {"S": job.id},
-            "tenant_id": {"S": job.tenant_id},
-            "tenant_created": {"S": tenant_sort_key(job.created_ms, job.id)},
-        }
+        {"pk": {"S": pk}, "tenant_id": {"S": tenant_id}, "tenant_created": {"S": tenant_created}}
     )
 
 

@@ -441,7 +441,8 @@ class BatchWebhook(_Strict):
     item_events: list[WebhookEvent] = Field(
         default_factory=list,
         max_length=MAX_EVENT_NAMES,
-        description="Per-item job events to send to the same URL too; none unless asked",
+        description="Per-item job events to send to the same URL too; none unless asked (not job.output: "
+        "a batch's items never stream)",
     )
 
     def subscribed_events(self) -> list[BatchEvent]:
