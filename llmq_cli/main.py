@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -309,29 +310,74 @@ def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
     return pairs
 
 
-def _param_value(raw: str) -> Any:
+class NotFiniteNumber(ValueError):
+    """NaN, Infinity, or a number past a double's range (1e400): JSON (and the API) has none,
+    and the request could not be sent (httpx writes JSON with allow_nan=False)."""
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise NotFiniteNumber(f"{constant} is not a JSON number (JSON has no NaN or infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotFiniteNumber(f"{text} is past a double's range (it reads as infinity)")
+    return value
+
+
+def loads_finite(text: str) -> Any:
+    """json.loads, but NaN, Infinity and numbers past a double's range are refused
+    (NotFiniteNumber, a ValueError) rather than read as floats no request can carry."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _file_error(path: Path, exc: OSError) -> CliError:
+    return CliError(f"{path}: {exc.strerror or exc}")
+
+
+def _param_value(key: str, raw: str) -> Any:
     try:
-        return json.loads(raw)
+        return loads_finite(raw)
+    except NotFiniteNumber as exc:
+        raise CliError(
+            f"--param {key}={raw}: {exc}; to send it as text, give it as a JSON string: {key}='\"{raw}\"'"
+        ) from exc
     except ValueError:
         return raw
 
 
 def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
-        body: dict[str, Any] = json.loads(Path(args.file).read_text())
+        path = Path(args.file)
+        try:
+            loaded = loads_finite(path.read_text())
+        except OSError as exc:
+            raise _file_error(path, exc) from exc
+        except NotFiniteNumber as exc:
+            raise CliError(f"{path}: {exc}") from exc
+        except ValueError as exc:
+            raise CliError(f"{path}: not a JSON body ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise CliError(f"{path}: a request body is a JSON object, not {type(loaded).__name__}")
+        body: dict[str, Any] = loaded
     elif args.prompt:
         body = {"prompt": args.prompt}
     else:
         raise CliError("give a prompt, or --file with a JSON body")
     if args.model:
         body["model"] = args.model
-    params = {key: _param_value(value) for key, value in _pairs(args.param, "--param").items()}
+    params = {key: _param_value(key, value) for key, value in _pairs(args.param, "--param").items()}
     if params:
+        if not isinstance(body.get("params", {}), dict):
+            raise CliError(f"{args.file}: its params are not a JSON object, so --param cannot add to them")
         body["params"] = {**body.get("params", {}), **params}
     if args.webhook:
         body["webhook"] = {"url": args.webhook, **({"events": args.event} if args.event else {})}
     metadata = _pairs(args.metadata, "--metadata")
     if metadata:
+        if not isinstance(body.get("metadata", {}), dict):
+            raise CliError(f"{args.file}: its metadata is not a JSON object, so --metadata cannot add to it")
         body["metadata"] = {**body.get("metadata", {}), **metadata}
     if args.deadline:
         body["deadline_seconds"] = args.deadline
@@ -489,18 +535,27 @@ _BATCH_ENDED = ("completed", "canceled", "expired", "failed")
 
 def read_batch_file(path: Path) -> list[dict[str, Any]]:
     """A JSONL file of requests, one `{"custom_id", "body"}` per line (blank lines skipped). A
-    line that is not JSON is named here; the API names what is wrong inside a valid one."""
+    line that is not JSON (or holds NaN, Infinity or 1e400, which no request can carry) is
+    named here; the API names what is wrong inside a valid one."""
     requests = []
     # As the API reads an upload: a BOM is ignored, and lines end at "\n" (or "\r\n") only,
     # so a prompt holding U+2028, U+2029 or U+0085 raw (`ensure_ascii=False`) stays whole.
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise _file_error(path, exc) from exc
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     for number, line in enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1):
         if not line.strip():
             continue
         try:
-            requests.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise CliError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+            requests.append(loads_finite(line))
+        except NotFiniteNumber as exc:
+            raise CliError(f"{path}:{number}: {exc}") from exc
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise CliError(f"{path}:{number}: not a JSON line ({reason})") from exc
     if not requests:
         raise CliError(f"{path}: no requests")
     return requests
@@ -545,7 +600,16 @@ _INLINE_FILE_BYTES = 4_000_000
 
 def cmd_batches_submit(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    upload = args.upload or path.stat().st_size > _INLINE_FILE_BYTES
+    # (a file missing or unreadable is said before anything is sent: an upload asks the API
+    # for its URL before it reads the file)
+    try:
+        size = path.stat().st_size
+        upload = args.upload or size > _INLINE_FILE_BYTES
+        if upload and size > 0:
+            with path.open("rb"):
+                pass
+    except OSError as exc:
+        raise _file_error(path, exc) from exc
     body: dict[str, Any] = {} if upload else {"requests": read_batch_file(path)}
     if args.webhook:
         body["webhook"] = {"url": args.webhook}
@@ -553,7 +617,7 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
         body["lane"] = args.lane
     with _client(args) as client:
         if upload:
-            if path.stat().st_size == 0:
+            if size == 0:
                 raise CliError(f"{path} is empty: no request to send")
             # The API validates the file's lines after its 202; a bad one fails the batch.
             body["upload_id"] = client.upload(path)
@@ -779,21 +843,45 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from llmq.errors import StoreUnavailable
-    from llmq.tenants import InvalidTenantId, TenantExists, new_tenant_id
+    from llmq.tenants import InvalidTenantId, NewTenant, TenantExists, new_tenant_id
 
     target = AwsTarget(args)
     limits = _tenant_limits(target, args.table)
     # Chosen here, so that a create cut short part-way can name the tenant it left behind.
     args.id = args.id or new_tenant_id()
     try:
-        created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
+        try:
+            created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)
+        except TenantExists:
+            existing = limits.tenants.get(args.id)
+            if (existing.name, existing.tier) != (args.name, args.tier) or limits.tenants.list_keys(args.id):
+                raise
+            # This command's own tenant, left by a run cut short before its first API key (as
+            # the recovery command below says): finished, its usage-plan key first.
+            tenant = existing
+            if limits.usage_plans is not None:
+                tenant = limits.tenants.attach_usage_key(args.id)
+            created = NewTenant(tenant=tenant, api_key=limits.tenants.issue_key(tenant))
     except InvalidTenantId as exc:
         raise CliError(str(exc)) from exc
     except (ClientError, BotoCoreError, StoreUnavailable) as exc:
         reason = aws_error_line(exc)
+        # The command as the operator runs it again: the target they chose (only the options
+        # they gave), and every word quoted for a shell.
+        again = ["llmq", *(["--state-file", args.state_file] if args.state_file else []), "tenants", "create"]
+        again += ["--name", args.name, "--tier", args.tier, "--id", args.id]
+        if args.table:
+            again += ["--table", args.table]
+        if args.endpoint_url:
+            again += ["--endpoint-url", args.endpoint_url]
+        if args.aws:
+            again.append("--aws")
+        if args.region:
+            again += ["--region", args.region]
+        if args.stack != _default_stack():
+            again += ["--stack", args.stack]
         raise CliError(
-            f"creating tenant {args.id} stopped: {reason}. Run `llmq tenants create {args.name!r} "
-            f"--tier {args.tier} --id {args.id}` again to finish it"
+            f"creating tenant {args.id} stopped: {reason}. Run `{shlex.join(again)}` again to finish it"
         ) from exc
     except TenantExists as exc:
         existing = limits.tenants.get(args.id)
@@ -855,7 +943,7 @@ def cmd_tenants_attach_usage_keys(args: argparse.Namespace) -> int:
 
 def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
     from llmq.tenants import UnknownTenant
-    from llmq_cli.tenant_limits import WOKEN, LimitsError, flat
+    from llmq_cli.tenant_limits import WAKE_STOPPED, WOKEN, LimitsError, flat
 
     target = AwsTarget(args)
     try:
@@ -879,10 +967,17 @@ def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
         write_state(state_file(args.state_file), target.state)
     if args.rate is not None or "rate" in (args.clear or ()):
         print("API Gateway applies a usage plan change within seconds.", file=sys.stderr)
-    if shown.get(WOKEN):
+    if WAKE_STOPPED in shown:
         print(
-            f"The raised cap starts {shown[WOKEN]} of the tenant's queued jobs now; the rest "
-            "start as slots free up.",
+            f"The cap is set, but starting the tenant's queued jobs stopped after {shown[WOKEN]}: "
+            f"{shown[WAKE_STOPPED]}. Run the command again to start the rest now; otherwise they "
+            "start as their deferrals end.",
+            file=sys.stderr,
+        )
+    elif shown.get(WOKEN):
+        print(
+            f"The cap starts {shown[WOKEN]} of the tenant's queued jobs now; the rest start as "
+            "slots free up.",
             file=sys.stderr,
         )
     _print_json(shown)
@@ -1032,7 +1127,15 @@ def cmd_dlq_redrive(args: argparse.Namespace) -> int:
 def cmd_webhooks_verify(args: argparse.Namespace) -> int:
     from llmq_cli.signatures import verify_delivery
 
-    saved = json.loads(Path(args.file).read_text())
+    path = Path(args.file)
+    try:
+        saved = json.loads(path.read_text())
+    except OSError as exc:
+        raise _file_error(path, exc) from exc
+    except ValueError as exc:
+        raise CliError(f"{path}: not a saved request's JSON ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise CliError(f"{path}: a saved request is a JSON object of headers and body")
     headers = {str(name).lower(): str(value) for name, value in (saved.get("headers") or {}).items()}
     body = saved.get("body")
     if not isinstance(body, str):

@@ -7,11 +7,12 @@
 - rate and burst: the usage plan its API Gateway key is in (llmq.usage_plans), its own
   `llmq-tenant-<id>` plan when overridden, else its tier's plan from the stack.
 
-A raised cap reaches the tenant's waiting jobs at once (`DeferredBacklog`): a job deferred at
-the old cap comes back when its deferral ends, up to `fair_share.max_deferral_seconds` later,
-so `set-limits` sends a fresh lane message for as many of its queued jobs as the new cap has
-free slots. Each is a duplicate of the deferred copy, which a claim already answers (the
-job is running or ended by then, and that copy is acknowledged).
+A cap set (raised, or set again) reaches the tenant's waiting jobs at once (`DeferredBacklog`):
+a job deferred at the cap before comes back when its deferral ends, up to
+`fair_share.max_deferral_seconds` later, so `set-limits` sends a fresh lane message for as
+many of its queued jobs as the cap has free slots. Each is a duplicate of the deferred copy,
+which a claim already answers (the job is running or ended by then, and that copy is
+acknowledged).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from llmq.config import LlmqConfig
+from llmq.errors import StoreUnavailable
 from llmq.long_polls import MAX_LONG_POLLS, LongPolls
 from llmq.models import JobStatus
 from llmq.ports import JobStore, QueueStore
@@ -39,41 +43,64 @@ TIER = "tier"
 MAX_OVERRIDE = 1_000_000
 
 
-# How many of the tenant index's entries a raised cap reads, at most, looking for queued jobs
+# How many of the tenant index's entries a cap set reads, at most, looking for queued jobs
 # (newest first, a page at a time); the oldest queued ones read are woken.
 BACKLOG_READ_LIMIT = 10_000
 _BACKLOG_PAGE = 500
 WOKEN = "woken"
+# Why waking stopped short (an AWS error after the cap was set), when it did.
+WAKE_STOPPED = "wake_stopped"
 
 
 class LimitsError(RuntimeError):
     """The operator asked for something that cannot be done; the message says why."""
 
 
+class WakeCut(RuntimeError):
+    """Waking the backlog stopped at an AWS error, after `woken` messages were sent."""
+
+    def __init__(self, woken: int, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.woken = woken
+
+
 @dataclass
 class DeferredBacklog:
-    """Wakes a tenant's queued jobs when its cap is raised: their deferrals were reckoned
-    against the old cap, and nothing else brings them back before those end."""
+    """Wakes a tenant's queued jobs when its cap is set: their deferrals were reckoned against
+    the cap before, and nothing else brings them back before those end."""
 
     jobs: JobStore
     queues: QueueStore
 
     def wake(self, tenant_id: str, lane: str, room: int) -> int:
-        """Sends a lane message for up to `room` of the tenant's queued jobs in `lane`, the
-        oldest of the newest `BACKLOG_READ_LIMIT` the tenant index holds; how many it sent."""
+        """Sends a lane message for up to `room` of the tenant's queued jobs in `lane` that can
+        start now, the oldest of the newest `BACKLOG_READ_LIMIT` the tenant index holds; how
+        many it sent. Each is read first (the index lags, and does not say when a job is due):
+        one waiting out a retry's backoff would refuse its claim until then, holding the slot
+        idle. `WakeCut` when AWS fails part way."""
         if room <= 0:
             return 0
-        queued: list[str] = []  # newest first
-        cursor: str | None = None
-        for _ in range(BACKLOG_READ_LIMIT // _BACKLOG_PAGE):
-            page, cursor = self.jobs.list_for_tenant(tenant_id, JobStatus.QUEUED, _BACKLOG_PAGE, cursor)
-            queued.extend(job.id for job in page if job.lane == lane and job.status is JobStatus.QUEUED)
-            if cursor is None:
-                break
-        woken = list(reversed(queued))[:room]
-        for job_id in woken:
-            self.queues.enqueue_job(job_id, lane, tenant_id)
-        return len(woken)
+        woken = 0
+        try:
+            queued: list[str] = []  # newest first
+            cursor: str | None = None
+            for _ in range(BACKLOG_READ_LIMIT // _BACKLOG_PAGE):
+                page, cursor = self.jobs.list_for_tenant(tenant_id, JobStatus.QUEUED, _BACKLOG_PAGE, cursor)
+                queued.extend(job.id for job in page if job.lane == lane and job.status is JobStatus.QUEUED)
+                if cursor is None:
+                    break
+            now_ms = self.jobs.now_ms()
+            for job_id in reversed(queued):
+                if woken >= room:
+                    break
+                job = self.jobs.find(job_id)
+                if job is None or job.status is not JobStatus.QUEUED or (job.not_before_ms or 0) > now_ms:
+                    continue
+                self.queues.enqueue_job(job_id, lane, tenant_id, redrive_round=job.redrive_round)
+                woken += 1
+        except (StoreUnavailable, ClientError, BotoCoreError) as exc:
+            raise WakeCut(woken, exc) from exc
+        return woken
 
 
 @dataclass
@@ -138,7 +165,6 @@ class TenantLimits:
         share_clear = tuple(name for name in clear if name not in (RATE, MAX_LONG_POLLS))
         lane = self.config.lane_for_tier(tenant.tier).name
         cap_changes = max_concurrency is not None or MAX_CONCURRENCY in share_clear
-        cap_before = self._cap(self.shares.get(tenant_id), tenant, lane) if cap_changes else 0
         try:
             after = self.shares.set_limits(
                 tenant_id,
@@ -150,10 +176,16 @@ class TenantLimits:
         except ValueError as exc:
             raise LimitsError(str(exc)) from exc
         shown = self.show(tenant_id)
-        cap_after = self._cap(after, tenant, lane)
-        if cap_changes and cap_after > cap_before and self.backlog is not None:
-            room = cap_after - len(after.holders.get(lane, {}))
-            shown[WOKEN] = self.backlog.wake(tenant_id, lane, min(room, after.interactive_queued))
+        if cap_changes and self.backlog is not None:
+            # (whether it rose or not: a run cut short before it woke every job is run again)
+            room = self._cap(after, tenant, lane) - len(after.holders.get(lane, {}))
+            try:
+                woken = self.backlog.wake(tenant_id, lane, min(room, after.interactive_queued))
+                if woken:
+                    shown[WOKEN] = woken
+            except WakeCut as cut:
+                shown[WOKEN] = cut.woken
+                shown[WAKE_STOPPED] = str(cut)
         return shown
 
     def _cap(self, share: ShareState, tenant: Tenant, lane: str) -> int:

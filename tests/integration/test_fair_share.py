@@ -916,12 +916,68 @@ def test_a_raised_cap_wakes_only_as_many_as_its_free_slots_oldest_first(harness:
     assert sorted(woken) == sorted(ids[:2])
 
 
-def test_a_cap_set_to_what_it_was_or_a_quota_change_wakes_nothing(harness: Harness) -> None:
-    # Given a tenant capped at one with three deferred jobs
+def test_a_cap_with_no_free_slot_or_a_quota_change_wakes_nothing(harness: Harness) -> None:
+    # Given a tenant capped at one, its slot held, with three deferred jobs
     deferred_at_a_cap_of_one(harness, 3)
     limits = _limits(harness)
-    # When the cap is set again to one, and its quota is raised
+    # When the cap is set again to one (no slot free), and its quota is raised
     for change in ({"max_concurrency": 1}, {"max_active_jobs": 500}):
         assert "woken" not in limits.set_limits(ENTERPRISE["tenant_id"], **change)
     # Then no message was sent: the deferred copies are all there is
     assert harness.receive(harness.stack.lane_queue_urls["high"]) == []
+
+
+def test_a_job_waiting_out_a_retry_backoff_is_passed_over_for_one_that_can_start(harness: Harness) -> None:
+    """Review 219: the oldest queued job may be one waiting out a retry's backoff, whose claim
+    is refused until then; woken in place of a deferred one, the free slot stayed idle."""
+    from llmq.models import ErrorCode, JobError
+
+    # Given a job of the tenant's requeued with ten minutes' backoff (the oldest queued job)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    retried = harness.submit(prompt="retried").body["id"]
+    claim = jobs.claim(retried, "w1", 600)
+    assert claim.outcome is ClaimOutcome.CLAIMED and claim.job is not None
+    error = JobError(code=ErrorCode.PROVIDER_UNAVAILABLE, message="503", retryable=True)
+    jobs.requeue(claim.job, "w1", error, 600)
+    time.sleep(0.01)
+    # And, behind it, a cap of one whose slot is held and two jobs deferred at it
+    ids = deferred_at_a_cap_of_one(harness, 2)
+    # When the cap goes to two (one free slot)
+    assert _limits(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=2)["woken"] == 1
+    # Then the slot goes to the oldest job that can start now, and a worker starts it
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url)
+    assert [json.loads(message["Body"])["job_id"] for message in messages] == [ids[0]]
+    harness.run_worker(url, messages)
+    assert harness.api("GET", f"/v1/jobs/{ids[0]}", tenant=ENTERPRISE).body["status"] == "succeeded"
+
+
+def test_waking_cut_short_by_sqs_says_how_far_it_got_and_setting_the_cap_again_wakes_the_rest(
+    harness: Harness,
+) -> None:
+    """Review 219: a send refused part way failed the whole command after the cap was written,
+    and running it again woke nothing (the cap had not risen)."""
+    # Given a tenant capped at one with three deferred jobs, and SQS throttling the second send
+    # past botocore's retries
+    ids = deferred_at_a_cap_of_one(harness, 3)
+    limits = _limits(harness)
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", nth=2, times=20)
+    try:
+        # When the cap goes to eight
+        shown = limits.set_limits(ENTERPRISE["tenant_id"], max_concurrency=8)
+    finally:
+        faults.disarm()
+    # Then the cap is set, and the answer says one job was woken and why the rest were not
+    assert shown["limits"]["max_concurrency"]["value"] == 8
+    assert shown["woken"] == 1 and "Throttl" in shown["wake_stopped"]
+    # And setting the cap again wakes every queued job (the first a second time: a duplicate,
+    # which its claim answers), and a worker runs each once
+    again = limits.set_limits(ENTERPRISE["tenant_id"], max_concurrency=8)
+    assert again["woken"] == 3 and "wake_stopped" not in again
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url)
+    assert sorted({json.loads(message["Body"])["job_id"] for message in messages}) == sorted(ids)
+    harness.run_worker(url, messages)
+    states = [harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body for job_id in ids]
+    assert [(job["status"], job["attempts"]) for job in states] == [("succeeded", 1)] * 3

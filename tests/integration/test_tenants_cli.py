@@ -7,6 +7,8 @@ The stack is a CloudFormation stack in moto whose outputs name the tables and th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -380,33 +382,103 @@ def test_attach_usage_keys_cut_short_after_the_tenant_got_its_key_finishes_when_
     assert llmq(capsys, "attach-usage-keys") == []
 
 
+@contextmanager
+def _usage_keys_refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """API Gateway throttling CreateApiKey past botocore's retries, on the CLI's own clients
+    (through llmq's, which the faults reach); it fired by the end."""
+    import llmq_cli.main as cli_main
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "apigateway.CreateApiKey", times=10)
+    try:
+        yield
+    finally:
+        faults.disarm()
+    assert faults.fired
+
+
 def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
     stack: dict[str, str],
     moto_stack: MotoStack,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import llmq_cli.main as cli_main
-    from tests.aws_faults import AwsFaults, FaultKind
-
-    # (the CLI's own clients, through llmq's, which the faults reach)
-    monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
     # Given API Gateway refusing the tenant's usage-plan key, after its item is written
-    faults = AwsFaults()
-    faults.arm(FaultKind.THROTTLE, "apigateway.CreateApiKey", times=10)
-    try:
+    with _usage_keys_refused(monkeypatch):
         err = _fails(capsys, "create", "--name", "Acme", "--tier", "free")
-    finally:
-        faults.disarm()
-    assert faults.fired
     # Then the error names the tenant it left behind, and the command that finishes it
     (tenant_id,) = [word for word in err.replace("`", " ").split() if word.startswith("ten_")][:1]
     assert f"--id {tenant_id}" in err and "Traceback" not in err
     tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
     assert tenants.get(tenant_id).usage_key_id is None
-    # And that command then says how to give it its usage-plan key
-    again = _fails(capsys, "create", "--name", "Acme", "--tier", "free", "--id", tenant_id)
+    # And a create of another tenant under that id (not the command it printed, which finishes
+    # it: below) is refused, saying how to give the one there its usage-plan key
+    again = _fails(capsys, "create", "--name", "Other", "--tier", "free", "--id", tenant_id)
     assert f"attach-usage-keys {tenant_id}" in again
+    assert tenants.get(tenant_id).name == "Acme" and tenants.list_keys(tenant_id) == []
+
+
+def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
+    stack: dict[str, str],
+    moto_stack: MotoStack,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import re
+    import shlex
+
+    # Given a create, aimed by every target option, cut short by API Gateway throttling the
+    # tenant's usage-plan key (past botocore's retries) after the tenant's item is written
+    name = "O'Brien & Sons $HOME"
+    with _usage_keys_refused(monkeypatch):
+        code = main(
+            [
+                "--state-file",
+                "no sandbox.json",
+                "tenants",
+                "create",
+                "--name",
+                name,
+                "--tier",
+                "free",
+                "--table",
+                moto_stack.tenants_table,
+                "--aws",
+                "--region",
+                "us-east-1",
+                "--stack",
+                STACK,
+            ]
+        )
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    # When the operator runs the command it printed, exactly as printed (a shell's words)
+    match = re.search(r"Run `([^`]+)` again to finish it", err)
+    assert match, err
+    llmq_word, *argv = shlex.split(match.group(1))
+    assert llmq_word == "llmq"
+    # (quoted for a shell: no `$HOME` expanded, no quote or `&` breaking the words)
+    assert f"--name {shlex.quote(name)} " in match.group(1)
+    assert argv.count("--stack") == 1 and "--aws" in argv and "--table" in argv and "--region" in argv
+    code = main(argv)
+    captured = capsys.readouterr()
+    # Then it finishes the tenant it left: named as given, its usage-plan key in its tier's plan,
+    # and an API key that carries it
+    assert code == 0, captured.err
+    created = json.loads(captured.out)
+    tenant_id = created["id"]
+    assert f"--id {tenant_id}" in match.group(1)
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    tenant = tenants.get(tenant_id)
+    assert (tenant.name, tenant.tier, created["name"]) == (name, "free", name)
+    assert tenant.usage_key_id and tenant.usage_key
+    identity = tenants.authenticate(created["api_key"])
+    assert identity is not None and identity.usage_key == tenant.usage_key
+    in_plans = aws.client("apigateway").get_usage_plans(keyId=tenant.usage_key_id)["items"]
+    assert [plan["id"] for plan in in_plans] == [stack["free"]]
+    assert [key.revoked for key in tenants.list_keys(tenant_id)] == [False]
 
 
 @pytest.mark.parametrize("tenant_id", ["acme corp", "müller-gmbh", "t" * 65, "..", "."])
@@ -552,6 +624,6 @@ def test_set_limits_raising_a_cap_starts_the_deferred_jobs_and_says_so(
     ids = deferred_at_a_cap_of_one(harness, 3)
     captured = llmq_captured(capsys, "set-limits", ENTERPRISE["tenant_id"], "--max-concurrency", "8")
     assert json.loads(captured.out)["woken"] == 3
-    assert "starts 3 of the tenant's queued jobs now" in captured.err
+    assert "The cap starts 3 of the tenant's queued jobs now" in captured.err
     url = harness.stack.lane_queue_urls["high"]
     assert sorted(json.loads(message["Body"])["job_id"] for message in harness.receive(url)) == sorted(ids)
