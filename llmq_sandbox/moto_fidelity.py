@@ -724,8 +724,9 @@ def _fair_receive(receive_message: Callable[..., Any]) -> Callable[..., Any]:
 
 def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any]:
     """SendMessage (and each batch entry) refuses a MessageGroupId AWS would refuse, and a body
-    AWS would: characters outside SQS's allowed set (InvalidMessageContents), or over the
-    queue's MaximumMessageSize counted in UTF-8 bytes (moto counts characters)."""
+    AWS would: characters outside SQS's allowed set (InvalidMessageContents, SendMessage's
+    error of that name), or over the queue's MaximumMessageSize counted in UTF-8 bytes (moto
+    counts characters)."""
     signature = inspect.signature(validate_message)
 
     @functools.wraps(validate_message)
@@ -742,9 +743,12 @@ def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any
         body = arguments.get("message_body")
         if isinstance(body, str):
             if _SQS_REFUSED_CHARACTERS.search(body):
-                raise InvalidParameterValue(
-                    "Invalid binary character in the message body (InvalidMessageContents): "
-                    "SQS allows #x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF"
+                from moto.sqs.exceptions import SQSException
+
+                raise SQSException(
+                    "InvalidMessageContents",
+                    "The message contains characters outside the allowed set: #x9, #xA, #xD, "
+                    "#x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF",
                 )
             queue = arguments.get("queue")
             limit = int(getattr(queue, "maximum_message_size", None) or SQS_MAX_MESSAGE_BYTES)
@@ -758,7 +762,8 @@ def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any
 
 
 # What SQS refuses in a body (its allowed set, inverted); and the size limit, in UTF-8 bytes, of
-# a queue that sets no MaximumMessageSize (moto's default).
+# a queue that sets no MaximumMessageSize (CreateQueue's documented default; moto 5.2.5 gives
+# its queues 1 MiB, so this applies only to one whose attribute is missing).
 _SQS_REFUSED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 SQS_MAX_MESSAGE_BYTES = 262_144
 

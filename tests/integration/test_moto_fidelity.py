@@ -914,9 +914,11 @@ def test_a_body_sqs_refuses_is_refused(moto_stack: MotoStack, body: str) -> None
             "MaximumMessageSize"
         ]
     )
-    if body == "over the queue's size in bytes":
+    oversized = body == "over the queue's size in bytes"
+    if oversized:
         body = "é" * (limit // 2 + 1)
-    assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody=body)) == "InvalidParameterValue"
+    code = "InvalidParameterValue" if oversized else "InvalidMessageContents"
+    assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody=body)) == code
     sqs.send_message(QueueUrl=url, MessageBody="é" * (limit // 2))
 
 
