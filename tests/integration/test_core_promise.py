@@ -2050,6 +2050,59 @@ def test_a_cancel_of_a_job_queued_again_while_s3_cannot_say_is_asked_and_the_cla
     _next_look_records_the_parked_result(harness, job_id)
 
 
+def _backing_off_for_an_hour(harness: Harness) -> str:
+    """A job whose first attempt met a 429 asking for an hour: queued again, its message hidden
+    for that long."""
+    job_id = harness.submit(webhook=HOOK).body["id"]
+    assert len(harness.receive(harness.stack.lane_queue_urls["high"], visibility=3600)) == 1
+    provider = ScriptedProvider([TransientProviderError("busy", 429, retry_after=3600.0), OK])
+    assert type(_run(_runner(harness, provider), job_id)).__name__ == "RetryLater"
+    assert (_job(harness, job_id)["status"], provider.calls) == ("queued", 1)
+    return job_id
+
+
+def _canceled_by_its_claim(harness: Harness, job_id: str) -> None:
+    """The lane's visible message for the job is claimed, and the job ends canceled unrun."""
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = [m for m in harness.receive(lane) if json.loads(m["Body"])["job_id"] == job_id]
+    assert messages, "no message to end the canceled job"
+    harness.run_worker(lane, messages)
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("canceled", 1)
+
+
+def test_a_cancel_in_a_retry_backoff_that_s3_cannot_answer_ends_the_job_within_seconds(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    """Hunt 222: the cancel was asked, not done, and nothing ended the job until its message
+    came back from the backoff (up to 12 hours), the job counting in the tenant's quota."""
+    # Given a job backing off for an hour, and S3 failing as the client cancels it
+    job_id = _backing_off_for_an_hour(harness)
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert (reply.status, reply.body["status"], reply.body["cancel_requested"]) == (202, "queued", True)
+    # Then a message for its claim is sent at once, and that claim ends it canceled unrun
+    _canceled_by_its_claim(harness, job_id)
+
+
+def test_a_cancel_in_a_retry_backoff_whose_message_sqs_refuses_is_ended_through_the_next_reconciler_run(
+    harness: Harness, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a job backing off for an hour, and S3 and SQS both failing as the client cancels it
+    job_id = _backing_off_for_an_hour(harness)
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    faults.arm("throttle", "sqs.SendMessage", times=1000)
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert (reply.status, reply.body["status"], reply.body["cancel_requested"]) == (202, "queued", True)
+    assert harness.receive(harness.stack.lane_queue_urls["high"], visibility=0) == []
+    # When the reconciler runs next (its sweep put the flagged job first)
+    _scheduled_reconciler(harness, monkeypatch, 60.0).handler({}, LambdaContextStub())
+    # Then it sent the job a message, and that claim ends it canceled unrun
+    _canceled_by_its_claim(harness, job_id)
+
+
 def test_a_cancel_of_a_job_queued_again_with_nothing_parked_cancels_it_at_once(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

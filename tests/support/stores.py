@@ -606,6 +606,8 @@ class InMemoryJobs:
         old = self.records.get(job.id)
         if old is None or old.status is not status:
             return None
+        if status is JobStatus.QUEUED and job.id in self.due:
+            self.due[job.id] = 1  # (to the front, as sweep_first)
         return self._put(old, cancel_requested=True)
 
     # ---- webhook delivery -------------------------------------------------------------------

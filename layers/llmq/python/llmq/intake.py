@@ -510,14 +510,24 @@ class JobIntake:
         the cancel then finds (409, as for any job that finished first). Nothing parked: it
         is canceled at once, as any queued job is. S3 unable to say now: the cancel is asked,
         not done, and whatever ends the job unrun (its next claim, the reconciler) looks
-        again first. None when the job moved on meanwhile."""
+        again first: a message is sent for that claim now (its own may be hidden for a
+        retry's backoff), and, should that send fail, by the reconciler's next run (the flag
+        puts the job first in its sweep). None when the job moved on meanwhile."""
         try:
             recorded = self.offload.record_parked(self.jobs, job, ends=True)
         except StoreUnavailable:
             logger.warning(
                 "parked result not looked for: S3 unavailable; cancel asked", extra={"job_id": job.id}
             )
-            return self.jobs.request_cancel(job, JobStatus.QUEUED)
+            flagged = self.jobs.request_cancel(job, JobStatus.QUEUED)
+            if flagged is not None:
+                try:
+                    self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
+                except StoreUnavailable:
+                    logger.warning(
+                        "cancel asked; its claim's message waits for the reconciler", extra={"job_id": job.id}
+                    )
+            return flagged
         if recorded is not None:
             self._announce_ended(recorded)
             return None

@@ -1035,7 +1035,10 @@ class JobRepository:
     def request_cancel(self, job: JobRecord, status: JobStatus = JobStatus.RUNNING) -> JobRecord | None:
         """A running job flagged for its worker to stop; None when it is no longer running.
         (`status` queued: a queued job flagged for what ends it unrun, its next claim or the
-        reconciler, when the API cannot end it at once: `JobIntake._cancel`.)
+        reconciler, when the API cannot end it at once: `JobIntake._cancel`. Its sweep entry
+        goes to the front, as a known-lost message's does (`sweep_first`): its own message may
+        be hidden for a retry's backoff, up to 12 hours, and the reconciler's next run sends it
+        one its claim ends canceled.)
 
         Idempotent: a retried write finds the job running with the flag already set. A
         streaming job's output transaction holds the item for a moment every interval: a
@@ -1043,9 +1046,13 @@ class JobRepository:
         """
         for attempt in range(_TRANSACTION_TRIES):
             try:
-                return self._update_if_status(
-                    job.id, status, "SET cancel_requested = :true", {":true": {"BOOL": True}}
-                )
+                sets, values = "SET cancel_requested = :true", {":true": {"BOOL": True}}
+                if status is JobStatus.QUEUED:
+                    sets, values = (
+                        f"{sets}, sweep_at = :first",
+                        {**values, **codec.values(first=SWEEP_FIRST_MS)},
+                    )
+                return self._update_if_status(job.id, status, sets, values)
             except StoreUnavailable as exc:
                 cause = getattr(exc.__cause__, "response", None) or {}
                 conflict = cause.get("Error", {}).get("Code") == "TransactionConflictException"
