@@ -337,14 +337,20 @@ def _file_error(path: Path, exc: OSError) -> CliError:
 
 
 def _param_value(key: str, raw: str) -> Any:
+    """A --param value: JSON when the whole value is JSON, else text; a whole value that is
+    NaN, Infinity or a number past a double's range is refused (text that only begins like
+    one, `Infinity War`, is text)."""
+    try:
+        json.loads(raw)
+    except ValueError:
+        return raw
     try:
         return loads_finite(raw)
     except NotFiniteNumber as exc:
+        as_text = shlex.quote(f"{key}={json.dumps(raw)}")
         raise CliError(
-            f"--param {key}={raw}: {exc}; to send it as text, give it as a JSON string: {key}='\"{raw}\"'"
+            f"--param {key}={raw}: {exc}; to send it as text, give it as a JSON string: {as_text}"
         ) from exc
-    except ValueError:
-        return raw
 
 
 def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -707,7 +713,9 @@ class AwsTarget:
         # clients honour first: take it here so both name the same region.
         self.region = self.region or os.environ.get("AWS_REGION") or None
         where = f"the sandbox ({self.endpoint_url})" if self.state else (self.endpoint_url or "AWS")
-        print(f"llmq: using {where}", file=sys.stderr)
+        # (the stack named too: a bare command in a shared account means the default one)
+        region = f" in {self.region}" if self.region else ""
+        print(f"llmq: using {where}, stack {self.stack}{region}", file=sys.stderr)
 
     def _sandbox_key(self) -> tuple[str, str] | None:
         """The sandbox's operator key when it enforces IAM, else any key moto takes; against
@@ -868,18 +876,22 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
         reason = aws_error_line(exc)
         # The command as the operator runs it again: the target they chose (only the options
         # they gave), and every word quoted for a shell.
-        again = ["llmq", *(["--state-file", args.state_file] if args.state_file else []), "tenants", "create"]
-        again += ["--name", args.name, "--tier", args.tier, "--id", args.id]
+        # (each value joined to its option: a name beginning with "-" stays a value)
+        again = [
+            "llmq",
+            *([f"--state-file={args.state_file}"] if args.state_file else []),
+            "tenants",
+            "create",
+        ]
+        again += [f"--name={args.name}", f"--tier={args.tier}", f"--id={args.id}"]
         if args.table:
-            again += ["--table", args.table]
+            again.append(f"--table={args.table}")
         if args.endpoint_url:
-            again += ["--endpoint-url", args.endpoint_url]
+            again.append(f"--endpoint-url={args.endpoint_url}")
         if args.aws:
-            again.append("--aws")
+            again += ["--aws", f"--stack={args.stack}"]
         if args.region:
-            again += ["--region", args.region]
-        if args.stack != _default_stack():
-            again += ["--stack", args.stack]
+            again.append(f"--region={args.region}")
         raise CliError(
             f"creating tenant {args.id} stopped: {reason}. Run `{shlex.join(again)}` again to finish it"
         ) from exc

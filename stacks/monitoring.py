@@ -404,17 +404,19 @@ class MonitoringConstruct(Construct):
             # a burst. Runs doing so three periods running (each holds a run at least) are a
             # backlog the reconciler does not keep up with (lapsed leases' slots come back
             # late: DESIGN §3.11).
+            period_minutes = max(5, config.reconciler.schedule_minutes)
             self._alarm(
                 "ReconcilerFallingBehind",
                 self._metric(
                     MetricName.RECONCILE_LEFT,
                     "Sum",
                     labelled=False,
-                    period=cdk.Duration.minutes(max(5, config.reconciler.schedule_minutes)),
+                    period=cdk.Duration.minutes(period_minutes),
                 ),
                 threshold=0,
                 description="llmq: the reconciler's runs left swept entries for the next, three periods running",
-                evaluation_periods=3,
+                # (within CloudWatch's 7-day window, for a schedule of days)
+                evaluation_periods=max(1, min(3, MAX_ALARM_WINDOW_MINUTES // period_minutes)),
             )
             window = reconciler_window_minutes(config)
             # No invocation at all reports no data point: missing data is the alarm here. It

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from llmq import aws, errors, startup
 from llmq.batch_intake import BatchIntake
-from llmq.batches import BatchRecord, BatchRepository
+from llmq.batches import BatchRecord, BatchRepository, batch_key
 from llmq.config import (
     GATEWAY_TIMEOUT_SECONDS,
     MAX_OBJECT_MEMBERS,
@@ -837,10 +837,12 @@ def handle_list_batches(
         len(shown),
         next_cursor,
         lambda count, following: BatchList(data=shown[:count], next_cursor=following).model_dump_json(),
-        lambda last: batch_cursor_after(
-            listed[last][0].id, listed[last][0].tenant_id, listed[last][0].created_ms
-        ),
+        lambda last: _batch_cursor_after(listed[last][0]),
     )
+
+
+def _batch_cursor_after(batch: BatchRecord) -> str:
+    return batch_cursor_after(batch_key(batch.id), batch.id, batch.tenant_id, batch.created_ms)
 
 
 @app.get(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from llmq.config import LlmqConfig
+from llmq.config import MAX_RECONCILER_SCHEDULE_MINUTES, LlmqConfig
 from llmq.telemetry import METRICS_NAMESPACE, MetricName
 from stacks.monitoring import (
     JOB_FAILURE_ALARM_MIN_COUNT,
@@ -554,3 +554,44 @@ def test_webhooks_that_no_receiver_gets_page_within_fifteen_minutes(synthesized,
     # failing receiver among others that answer
     assert WEBHOOK_NONE_DELIVERED_EXPRESSION.startswith("IF(FILL(delivered, 0) == 0 AND")
     _fires_on_any(alarm)
+
+
+# PutMetricAlarm: "Period multiplied by EvaluationPeriods can't be more than 604,800 seconds.
+# For alarms with a period of less than one hour (3,600 seconds), the total evaluation period
+# can't be longer than one day (86,400 seconds)."
+# https://docs.aws.amazon.com/AmazonCloudWatch/latest/APIReference/API_PutMetricAlarm.html
+def _windows_cloudwatch_refuses(synthesized: SynthesizedApp) -> dict[str, tuple[int, int]]:
+    refused = {}
+    for logical_id, resource in synthesized.template.of_type("AWS::CloudWatch::Alarm").items():
+        alarm = resource["Properties"]
+        periods = [alarm["Period"]] if "Period" in alarm else []
+        periods += [
+            query["MetricStat"]["Period"] for query in alarm.get("Metrics", []) if "MetricStat" in query
+        ]
+        period = max(periods)
+        window = period * alarm.get("EvaluationPeriods", 1)
+        if window > 604_800 or (period < 3_600 and window > 86_400):
+            refused[logical_id] = (period, window)
+    return refused
+
+
+def test_every_alarms_window_is_one_cloudwatch_accepts(synthesized):
+    assert _windows_cloudwatch_refuses(synthesized) == {}
+
+
+def test_the_longest_reconciler_schedule_still_gives_alarms_cloudwatch_accepts(tmp_path_factory):
+    """Hunt 221: a schedule of days made ReconcilerFallingBehind's three periods pass the 7-day
+    window, which CloudFormation refuses, rolling the whole deploy back."""
+    config = LlmqConfig.model_validate(
+        {
+            "retention_days": 30,
+            "reconciler": {
+                "schedule_minutes": MAX_RECONCILER_SCHEDULE_MINUTES,
+                "retention_margin_seconds": 200_000,
+            },
+        }
+    )
+    long = synthesize(config, outdir=tmp_path_factory.mktemp("cdk-long-schedule"))
+    assert _windows_cloudwatch_refuses(long) == {}
+    with pytest.raises(ValueError, match="schedule_minutes"):
+        LlmqConfig.model_validate({"reconciler": {"schedule_minutes": MAX_RECONCILER_SCHEDULE_MINUTES + 1}})

@@ -410,7 +410,7 @@ def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
         err = _fails(capsys, "create", "--name", "Acme", "--tier", "free")
     # Then the error names the tenant it left behind, and the command that finishes it
     (tenant_id,) = [word for word in err.replace("`", " ").split() if word.startswith("ten_")][:1]
-    assert f"--id {tenant_id}" in err and "Traceback" not in err
+    assert f"--id={tenant_id}" in err and "Traceback" not in err
     tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
     assert tenants.get(tenant_id).usage_key_id is None
     # And a create of another tenant under that id (not the command it printed, which finishes
@@ -420,18 +420,20 @@ def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
     assert tenants.get(tenant_id).name == "Acme" and tenants.list_keys(tenant_id) == []
 
 
+@pytest.mark.parametrize("name", ["O'Brien & Sons $HOME", "-Acme"])
 def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
     stack: dict[str, str],
     moto_stack: MotoStack,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    name: str,
 ) -> None:
     import re
     import shlex
 
     # Given a create, aimed by every target option, cut short by API Gateway throttling the
     # tenant's usage-plan key (past botocore's retries) after the tenant's item is written
-    name = "O'Brien & Sons $HOME"
+    # (a name a shell would expand or split, or one an option parser would take for an option)
     with _usage_keys_refused(monkeypatch):
         code = main(
             [
@@ -439,8 +441,7 @@ def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
                 "no sandbox.json",
                 "tenants",
                 "create",
-                "--name",
-                name,
+                f"--name={name}",
                 "--tier",
                 "free",
                 "--table",
@@ -460,8 +461,9 @@ def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
     llmq_word, *argv = shlex.split(match.group(1))
     assert llmq_word == "llmq"
     # (quoted for a shell: no `$HOME` expanded, no quote or `&` breaking the words)
-    assert f"--name {shlex.quote(name)} " in match.group(1)
-    assert argv.count("--stack") == 1 and "--aws" in argv and "--table" in argv and "--region" in argv
+    assert f"{shlex.quote('--name=' + name)} " in match.group(1)
+    options = {word.split("=", 1)[0] for word in argv}
+    assert {"--stack", "--aws", "--table", "--region", "--state-file"} <= options
     code = main(argv)
     captured = capsys.readouterr()
     # Then it finishes the tenant it left: named as given, its usage-plan key in its tier's plan,
@@ -469,7 +471,7 @@ def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
     assert code == 0, captured.err
     created = json.loads(captured.out)
     tenant_id = created["id"]
-    assert f"--id {tenant_id}" in match.group(1)
+    assert f"--id={tenant_id}" in match.group(1)
     tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
     tenant = tenants.get(tenant_id)
     assert (tenant.name, tenant.tier, created["name"]) == (name, "free", name)

@@ -131,6 +131,10 @@ def test_valid_job_input_is_still_sent(
                 "seed=1e300",
                 "--param",
                 "stop=end",
+                "--param",
+                "suffix=Infinity War",
+                "--param",
+                "note=NaN-safe 1e999x",
                 *API,
             ]
         )
@@ -143,7 +147,21 @@ def test_valid_job_input_is_still_sent(
     lines = "\ufeff" + '{"custom_id": "a", "body": {"prompt": "hi", "params": {"temperature": 1.5}}}\r\n\r\n'
     assert main(["batches", "submit", _write(tmp_path, "f.jsonl", lines), *API]) == 0
     assert sent == [
-        ("POST", "/v1/jobs", {"prompt": "hi", "params": {"temperature": 0.5, "seed": 1e300, "stop": "end"}}),
+        (
+            "POST",
+            "/v1/jobs",
+            {
+                "prompt": "hi",
+                # (text that only begins like NaN, Infinity or a number past a double is text)
+                "params": {
+                    "temperature": 0.5,
+                    "seed": 1e300,
+                    "stop": "end",
+                    "suffix": "Infinity War",
+                    "note": "NaN-safe 1e999x",
+                },
+            },
+        ),
         ("POST", "/v1/jobs", {"prompt": "hi", "params": {"max_tokens": 5, "top_p": 1}}),
         (
             "POST",

@@ -299,8 +299,11 @@ _BATCH_HEADROOM_BYTES = 2 * ITEM_HEADROOM_BYTES + BOOKKEEPING_BYTES
 
 def batch_fits(record: BatchRecord, errors_shown: int) -> bool:
     """Whether the batch's record, as accepted, leaves the room its later writes need in its
-    DynamoDB item: its metadata and webhook stay there for its whole life."""
-    room = _BATCH_HEADROOM_BYTES + errors_shown * _LINE_ERROR_BYTES
+    DynamoDB item: its metadata and webhook stay there for its whole life. Only an upload's
+    validation writes up to `errors_shown` line errors; an inline batch's items were checked
+    at intake, and it can end with one (`batch_crashed`)."""
+    lines = errors_shown if record.upload_id else 1
+    room = _BATCH_HEADROOM_BYTES + lines * _LINE_ERROR_BYTES
     return item_size_bytes(_to_item(record)) + room <= MAX_ITEM_BYTES
 
 

@@ -213,8 +213,14 @@ class LimitsConfig(_Frozen):
     authorizer_cache_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
 
 
+# The longest reconciler schedule: a day. Its alarms need it bounded (CloudWatch refuses a
+# window of period x evaluation periods over 7 days: ReconcilerNotRunning watches two periods,
+# ReconcilerFallingBehind three), and a crashed worker's slot comes back one period late.
+MAX_RECONCILER_SCHEDULE_MINUTES = 24 * 60
+
+
 class ReconcilerConfig(_Frozen):
-    schedule_minutes: Annotated[int, Field(ge=1)] = 5
+    schedule_minutes: Annotated[int, Field(ge=1, le=MAX_RECONCILER_SCHEDULE_MINUTES)] = 5
     # A queued job untouched this long may have lost its message between PutItem and SendMessage.
     stale_queued_seconds: Annotated[int, Field(ge=1)] = 300
     # A running job whose lease expired this long ago was left behind by a crash. The lease

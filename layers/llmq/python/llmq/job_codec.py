@@ -246,9 +246,9 @@ def cursor_after(job: JobRecord) -> str:
     return _index_cursor(job.id, job.tenant_id, tenant_sort_key(job.created_ms, job.id))
 
 
-def batch_cursor_after(batch_id: str, tenant_id: str, created_ms: int) -> str:
-    """The cursor of a batch list page that ends at this batch."""
-    return _index_cursor(batch_id, tenant_id, batch_sort_key(created_ms, batch_id))
+def batch_cursor_after(batch_key: dict[str, Any], batch_id: str, tenant_id: str, created_ms: int) -> str:
+    """The cursor of a batch list page that ends at this batch (`batch_key`: its table key)."""
+    return _index_cursor(batch_key["pk"]["S"], tenant_id, batch_sort_key(created_ms, batch_id))
 
 
 def _index_cursor(pk: str, tenant_id: str, tenant_created: str) -> str:
