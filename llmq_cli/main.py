@@ -888,8 +888,10 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
             again.append(f"--table={args.table}")
         if args.endpoint_url:
             again.append(f"--endpoint-url={args.endpoint_url}")
+        # (the stack this run used, whether AWS was chosen by --aws or by no sandbox running)
+        again.append(f"--stack={args.stack}")
         if args.aws:
-            again += ["--aws", f"--stack={args.stack}"]
+            again.append("--aws")
         if args.region:
             again.append(f"--region={args.region}")
         raise CliError(

@@ -2103,6 +2103,31 @@ def test_a_cancel_in_a_retry_backoff_whose_message_sqs_refuses_is_ended_through_
     _canceled_by_its_claim(harness, job_id)
 
 
+def test_a_flagged_cancel_never_takes_the_message_another_job_lost(
+    harness: Harness, faults: AwsFaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 224: the flagged job took the lane's one missing message (it has its own, hidden
+    for its backoff), and the job that had lost its message waited another stale period."""
+    # Given a job backing off, flagged for a cancel neither S3 nor SQS let the API finish
+    lane = harness.stack.lane_queue_urls["high"]
+    flagged = _backing_off_for_an_hour(harness)
+    # And another job whose message was lost unseen
+    lost = harness.submit(prompt="lost").body["id"]
+    (message,) = harness.receive(lane)
+    harness.sqs.delete_message(QueueUrl=lane, ReceiptHandle=message["ReceiptHandle"])
+    faults.arm("server_error", "s3.HeadObject", times=1000)
+    faults.arm("throttle", "sqs.SendMessage", times=1000)
+    reply = harness.api("POST", f"/v1/jobs/{flagged}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert (reply.status, reply.body["cancel_requested"]) == (202, True)
+    # When the reconciler runs once the lost one is stale
+    stale = harness.config.reconciler.stale_queued_seconds + 60
+    _scheduled_reconciler(harness, monkeypatch, stale).handler({}, LambdaContextStub())
+    # Then both have a message: the lost job its missing one, the flagged job one of its own
+    sent = sorted(json.loads(m["Body"])["job_id"] for m in harness.receive(lane, visibility=0))
+    assert sent == sorted([flagged, lost])
+
+
 def test_a_cancel_of_a_job_queued_again_with_nothing_parked_cancels_it_at_once(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -420,13 +420,14 @@ def test_a_create_cut_short_names_the_tenant_it_left_and_how_to_finish_it(
     assert tenants.get(tenant_id).name == "Acme" and tenants.list_keys(tenant_id) == []
 
 
-@pytest.mark.parametrize("name", ["O'Brien & Sons $HOME", "-Acme"])
+@pytest.mark.parametrize(("name", "aws_flag"), [("O'Brien & Sons $HOME", ["--aws"]), ("-Acme", [])])
 def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
     stack: dict[str, str],
     moto_stack: MotoStack,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     name: str,
+    aws_flag: list[str],
 ) -> None:
     import re
     import shlex
@@ -446,7 +447,7 @@ def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
                 "free",
                 "--table",
                 moto_stack.tenants_table,
-                "--aws",
+                *aws_flag,  # (without it, AWS too: no sandbox runs)
                 "--region",
                 "us-east-1",
                 "--stack",
@@ -462,8 +463,10 @@ def test_the_command_a_create_cut_short_prints_runs_as_printed_and_finishes_it(
     assert llmq_word == "llmq"
     # (quoted for a shell: no `$HOME` expanded, no quote or `&` breaking the words)
     assert f"{shlex.quote('--name=' + name)} " in match.group(1)
+    # (its stack named, whether --aws chose AWS or no sandbox did: review 224)
     options = {word.split("=", 1)[0] for word in argv}
-    assert {"--stack", "--aws", "--table", "--region", "--state-file"} <= options
+    assert {"--stack", *aws_flag, "--table", "--region", "--state-file"} <= options
+    assert f"--stack={STACK}" in argv
     code = main(argv)
     captured = capsys.readouterr()
     # Then it finishes the tenant it left: named as given, its usage-plan key in its tier's plan,

@@ -31,7 +31,15 @@ from llmq.errors import (
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_codec import to_item
 from llmq.job_record import JobInput, JobRecord
-from llmq.jobs import SWEEP_RECOVERED_MS, Admission, Created, RetentionDue, SweepEntry, SweepPass
+from llmq.jobs import (
+    SWEEP_CANCEL_ASKED_MS,
+    SWEEP_RECOVERED_MS,
+    Admission,
+    Created,
+    RetentionDue,
+    SweepEntry,
+    SweepPass,
+)
 from llmq.live_output import OUTPUT_PAGE, OutputChunk, OutputHead
 from llmq.models import (
     EVENT_FOR_STATUS,
@@ -607,7 +615,7 @@ class InMemoryJobs:
         if old is None or old.status is not status:
             return None
         if status is JobStatus.QUEUED and job.id in self.due:
-            self.due[job.id] = 1  # (to the front, as sweep_first)
+            self.due[job.id] = SWEEP_CANCEL_ASKED_MS
         return self._put(old, cancel_requested=True)
 
     # ---- webhook delivery -------------------------------------------------------------------

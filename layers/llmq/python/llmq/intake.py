@@ -520,12 +520,14 @@ class JobIntake:
                 "parked result not looked for: S3 unavailable; cancel asked", extra={"job_id": job.id}
             )
             flagged = self.jobs.request_cancel(job, JobStatus.QUEUED)
-            if flagged is not None:
+            # (once: a cancel asked again finds the flag, and its message, there already)
+            if flagged is not None and not job.cancel_requested:
                 try:
                     self.queues.enqueue_job(job.id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
-                except StoreUnavailable:
+                except Exception as exc:  # the flag holds: the reconciler's next run sends one
                     logger.warning(
-                        "cancel asked; its claim's message waits for the reconciler", extra={"job_id": job.id}
+                        "cancel asked; its claim's message waits for the reconciler",
+                        extra={"job_id": job.id, **error_fields(exc)},
                     )
             return flagged
         if recorded is not None:

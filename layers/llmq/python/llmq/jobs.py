@@ -143,6 +143,10 @@ SWEEP_FIRST_MS = 1
 # A recovered job's entry until the reconciler has sent its message and postponed it
 # (`JobRepository.recover`): due as soon, but its message may have gone.
 SWEEP_RECOVERED_MS = 2
+# A queued job flagged for a cancel the API could not end (`request_cancel`): due as soon, for
+# a message its claim ends it with, while its own may be hidden for a retry's backoff; it is not
+# one of the lane's missing messages.
+SWEEP_CANCEL_ASKED_MS = 3
 
 
 class RetentionDue(Exception):
@@ -1036,9 +1040,9 @@ class JobRepository:
         """A running job flagged for its worker to stop; None when it is no longer running.
         (`status` queued: a queued job flagged for what ends it unrun, its next claim or the
         reconciler, when the API cannot end it at once: `JobIntake._cancel`. Its sweep entry
-        goes to the front, as a known-lost message's does (`sweep_first`): its own message may
-        be hidden for a retry's backoff, up to 12 hours, and the reconciler's next run sends it
-        one its claim ends canceled.)
+        goes to the front (`SWEEP_CANCEL_ASKED_MS`): its own message may be hidden for a
+        retry's backoff, up to 12 hours, and the reconciler's next run sends it one its claim
+        ends canceled.)
 
         Idempotent: a retried write finds the job running with the flag already set. A
         streaming job's output transaction holds the item for a moment every interval: a
@@ -1050,7 +1054,7 @@ class JobRepository:
                 if status is JobStatus.QUEUED:
                     sets, values = (
                         f"{sets}, sweep_at = :first",
-                        {**values, **codec.values(first=SWEEP_FIRST_MS)},
+                        {**values, **codec.values(first=SWEEP_CANCEL_ASKED_MS)},
                     )
                 return self._update_if_status(job.id, status, sets, values)
             except StoreUnavailable as exc:

@@ -18,7 +18,14 @@ from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.job_record import JobRecord
-from llmq.jobs import SWEEP_FIRST_MS, SWEEP_RECOVERED_MS, RetentionDue, SweepEntry, SweepPass
+from llmq.jobs import (
+    SWEEP_CANCEL_ASKED_MS,
+    SWEEP_FIRST_MS,
+    SWEEP_RECOVERED_MS,
+    RetentionDue,
+    SweepEntry,
+    SweepPass,
+)
 from llmq.models import EVENT_FOR_STATUS, DeliveryStatus, ErrorCode, JobError, JobStatus
 from llmq.offload import Offload
 from llmq.policy import deadline_error, retention_error
@@ -260,9 +267,10 @@ class Reconciler:
             # acknowledged only with its whole batch) can hide the loss run after run.
             # A recovered job whose message may have gone (its postpone not written) takes one
             # too, but not one of the lane's missing messages: those are another job's, if its
-            # message went.
+            # message went. So does a job flagged for a cancel (its own message may be hidden
+            # for a retry's backoff: it has one, which the lane's depth counts).
             known_lost = entry.sweep_at == SWEEP_FIRST_MS
-            recovered = entry.sweep_at == SWEEP_RECOVERED_MS
+            recovered = entry.sweep_at in (SWEEP_RECOVERED_MS, SWEEP_CANCEL_ASKED_MS)
             if deficits[entry.lane] > 0 or known_lost or recovered:
                 if not recovered:
                     deficits[entry.lane] = max(0, deficits[entry.lane] - 1)
