@@ -31,7 +31,12 @@ class Verification:
 
 def verify_delivery(body: bytes | str, headers: Mapping[str, str], secrets: Sequence[str]) -> Verification:
     """The reference library's verdict against each secret in turn; a reason when none verifies."""
-    text = body if isinstance(body, str) else body.decode("utf-8", errors="replace")
+    try:
+        # (strictly, as the reference library does: two bodies that differ only in bytes that
+        # are not UTF-8 must not both verify against one signature)
+        text = body if isinstance(body, str) else body.decode("utf-8")
+    except UnicodeDecodeError:
+        return Verification(verified=False, reason="the body is not UTF-8")
     lowered = {name.lower(): value for name, value in headers.items()}
     for index, secret in enumerate(secrets):
         try:

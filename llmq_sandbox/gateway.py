@@ -6,7 +6,8 @@ binary media types, stage throttling and gateway responses the template declares
   on that resource (its own, else its ANY); no resource, or no such method on the chosen
   resource (a greedy parent is not asked), -> 403 "Missing Authentication Token";
 - throttles each method with a token bucket at the stage's MethodSettings rate and burst:
-  past them -> 429 (THROTTLED), before the authorizer or the function runs;
+  past them -> 429 (THROTTLED), after the authorizer and the client's usage plan (a request
+  they refuse takes nothing from the stage's bucket), before the function runs;
 - with a CUSTOM authorizer: a missing identity source -> 401 without invoking it; otherwise
   the REQUEST authorizer gets its event and methodArn, its policy is cached per identity
   source for the authorizer's TTL and evaluated against each
@@ -709,10 +710,21 @@ class ApiGateway:
         """
         if not isinstance(payload, dict) or not isinstance(payload.get("statusCode"), int):
             return None
-        headers: list[tuple[str, str]] = []
+        # A body that is not a string, a header value that is not a scalar, or multi-value
+        # headers that are not lists: API Gateway's 502 "Malformed Lambda proxy response".
+        single = payload.get("headers") or {}
         multi = payload.get("multiValueHeaders") or {}
+        if (
+            not isinstance(payload.get("body"), str | None)
+            or not isinstance(single, dict)
+            or not isinstance(multi, dict)
+            or any(isinstance(value, dict | list) for value in single.values())
+            or any(not isinstance(values, list | None) for values in multi.values())
+        ):
+            return None
+        headers: list[tuple[str, str]] = []
         multi_names = {name.lower() for name in multi}
-        for name, value in (payload.get("headers") or {}).items():
+        for name, value in single.items():
             if name.lower() not in multi_names:
                 headers.append((name, str(value)))
         for name, values in multi.items():

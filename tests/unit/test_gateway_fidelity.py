@@ -479,3 +479,21 @@ def test_a_throttled_invoke_of_the_function_is_a_500() -> None:
     reply = _send(_plain(_api(), Throttled()), "GET", "/v1/jobs")
     assert reply.status == 500
     assert json.loads(reply.body) == {"message": "Internal server error"}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"statusCode": 200, "body": {"id": "job_1"}},
+        {"statusCode": 200, "body": "{}", "multiValueHeaders": {"Retry-After": "30"}},
+        {"statusCode": 200, "body": "{}", "headers": {"X-Ids": ["a", "b"]}},
+    ],
+    ids=["a body that is not a string", "multi-value headers that are not a list", "a header that is a list"],
+)
+def test_a_malformed_proxy_response_is_a_502(reply: dict[str, Any]) -> None:
+    """Handling Lambda errors with an API Gateway API: a proxy response whose body is not a string
+    or whose headers are not of their documented shapes is "Malformed Lambda proxy response", a
+    502 to the client (hunt 226: the sandbox sent a body's Python repr, a string split into one
+    header per character)."""
+    reply = _send(_plain(_api(), EchoFunctions(reply=reply)), "GET", "/v1/jobs")
+    assert reply.status == 502

@@ -185,6 +185,24 @@ def test_a_tampered_body_or_wrong_secret_fails_verification() -> None:
         Webhook(new_webhook_secret()).verify(body, headers)
 
 
+def test_the_cli_verifier_refuses_a_body_that_is_not_utf8_as_the_reference_package_does() -> None:
+    """Hunt 225: `llmq_cli.signatures.verify_delivery` decoded bytes with replacement, so a body
+    whose bytes are not UTF-8 verified against the signature of the text they decode to."""
+    from llmq_cli.signatures import verify_delivery
+
+    secret = new_webhook_secret()
+    signed = '{"x":"\ufffd"}'.encode()
+    timestamp = int(time.time())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign([secret], "msg_1", timestamp, signed),
+    }
+    assert verify_delivery(signed, headers, [secret]).verified
+    other = verify_delivery(b'{"x":"\xff"}', headers, [secret])
+    assert (other.verified, other.reason) == (False, "the body is not UTF-8")
+
+
 def test_during_rotation_one_header_carries_a_signature_per_secret() -> None:
     # Given the new and the previous secret
     new, old = new_webhook_secret(), new_webhook_secret()
