@@ -1087,9 +1087,28 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             "body": body.model_dump_json(exclude_none=True),
             "isBase64Encoded": False,
         }
+    _route_on_the_resource(event)
     if str(event.get("path") or "").rstrip("/") == DOCS_PATH:  # (Powertools serves /v1/docs/ too)
         enable_docs()
     return app.resolve(event, context)
+
+
+def _route_on_the_resource(event: dict[str, Any]) -> None:
+    """Through a custom domain's API mapping, API Gateway's `path` carries the mapping's base
+    path (`/llmq/v1/jobs`), where the routes know the resource's own (`/v1/jobs`): every route
+    would be a 404. The path the resource and its proxy parameter name is routed on instead;
+    the base path stays in `requestContext.path`, where the links find it (`_public_base`)."""
+    resource = str(event.get("resource") or "")
+    proxy = (event.get("pathParameters") or {}).get("proxy")
+    if "{proxy+}" in resource and isinstance(proxy, str):
+        own = resource.replace("{proxy+}", proxy)
+    elif "{" not in resource:
+        own = resource
+    else:
+        return
+    path = str(event.get("path") or "")
+    if own and path != own and path.endswith(own):
+        event["path"] = own
 
 
 startup.imports_done(warm)

@@ -148,10 +148,12 @@ class Harness:
         raw_body: str | None = None,
         request_context: dict[str, Any] | None = None,
         base64_body: bool = False,
+        base_path: str = "",
     ) -> ApiReply:
+        """`base_path`: a custom domain's API mapping, which API Gateway leaves in `path`."""
         event = copy.deepcopy(load_event("api_submit"))
         event["httpMethod"] = method
-        event["path"] = path
+        event["path"] = base_path + path
         event["requestContext"]["httpMethod"] = method
         # As API Gateway reports it: the path the client asked for, stage included.
         event["requestContext"]["path"] = f"/{event['requestContext']['stage']}{path}"

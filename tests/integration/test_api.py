@@ -732,20 +732,34 @@ def test_a_known_path_with_another_method_is_405_with_allow(harness: Harness) ->
         ("api.example.com", "/v1/jobs", "https://api.example.com"),
     ],
 )
+@pytest.mark.parametrize("base_path_in_path", [False, True])
 def test_links_point_where_the_client_reached_the_api(
-    harness: Harness, domain: str, requested: str, base: str
+    harness: Harness, domain: str, requested: str, base: str, base_path_in_path: bool
 ) -> None:
-    # When a job is submitted through that domain and path
+    # When a job is submitted through that domain and path (a custom domain's base path, which
+    # API Gateway leaves in the event's `path` too: routed on the resource's own path, hunt 226)
+    base_path = (
+        requested.removesuffix("/v1/jobs") if base_path_in_path and "execute-api" not in domain else ""
+    )
     reply = harness.api(
         "POST",
         "/v1/jobs",
         body={"prompt": "hello"},
         tenant=ENTERPRISE,
         request_context={"domainName": domain, "path": requested},
+        base_path=base_path,
     )
-    # Then its Location is that URL, so following it reaches the job
+    # Then it is routed, and its Location is that URL, so following it reaches the job
     assert reply.status == 202, reply.body
     assert reply.headers["location"] == f"{base}/v1/jobs/{reply.body['id']}"
+    job = harness.api(
+        "GET",
+        f"/v1/jobs/{reply.body['id']}",
+        tenant=ENTERPRISE,
+        request_context={"domainName": domain, "path": f"{requested}/{reply.body['id']}"},
+        base_path=base_path,
+    )
+    assert job.status == 200 and job.body["id"] == reply.body["id"]
 
 
 def test_prefer_wait_is_cut_to_what_the_gateway_has_left(harness: Harness) -> None:
