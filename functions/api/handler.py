@@ -1078,6 +1078,8 @@ def _within_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST, log_event=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    # (first: the body's limit is chosen by the path, a batch's or a job's)
+    _route_on_the_resource(event)
     rejection = _reject_unacceptable_body(event)
     if rejection is not None:
         status, body = problem_for(rejection)
@@ -1087,7 +1089,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
             "body": body.model_dump_json(exclude_none=True),
             "isBase64Encoded": False,
         }
-    _route_on_the_resource(event)
     if str(event.get("path") or "").rstrip("/") == DOCS_PATH:  # (Powertools serves /v1/docs/ too)
         enable_docs()
     return app.resolve(event, context)

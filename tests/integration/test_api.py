@@ -633,13 +633,24 @@ def test_a_number_too_long_to_read_is_a_400_and_writes_nothing(harness: Harness,
     _nothing_changed(harness)
 
 
-def test_a_batch_posted_with_a_trailing_slash_has_the_batch_body_limit(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("path", "base_path"),
+    [("/v1/batches/", ""), ("/v1/batches", "/llmq")],
+    ids=["trailing slash", "base path"],
+)
+def test_a_batch_posted_with_a_trailing_slash_has_the_batch_body_limit(
+    harness: Harness, path: str, base_path: str
+) -> None:
     # Given a batch body larger than a job's body limit and well within a batch's
     requests = [{"custom_id": f"c{index}", "body": {"prompt": "x" * 900}} for index in range(100)]
     raw = json.dumps({"requests": requests})
     assert harness.config.limits.max_body_bytes < len(raw) < harness.config.batches.max_body_bytes
-    # When it is posted to /v1/batches/, which routes as /v1/batches
-    reply = harness.api("POST", "/v1/batches/", raw_body=raw, tenant=ENTERPRISE)
+    # When it is posted to /v1/batches/, which routes as /v1/batches, or through a custom
+    # domain's base path, which API Gateway leaves in the event's path (review 227)
+    context = {"domainName": "api.example.com", "path": f"{base_path}{path}"} if base_path else None
+    reply = harness.api(
+        "POST", path, raw_body=raw, tenant=ENTERPRISE, request_context=context, base_path=base_path
+    )
     # Then it is the batch it is, not a 413 by a job's limit
     assert reply.status == 202, reply.body
 
