@@ -7,6 +7,7 @@ knows: every delivery that arrives proves the connection went to the pinned addr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -1311,3 +1312,87 @@ def test_a_record_failed_by_aws_unavailable_for_now_is_not_counted_as_a_fault(
     # receiver's long Retry-After
     assert faults.fired and len(response["batchItemFailures"]) == 1
     assert emitted_metrics(capsys.readouterr().out, MetricName.RECORD_FAILED) == []
+
+
+class _RawReceiver:
+    """A loopback receiver that reads the whole request, then writes `answer` byte strings (a
+    pause of `pause` seconds between them), as some real servers answer: bytes httpx's parser
+    refuses after a valid status line, or headers that trickle."""
+
+    def __init__(self, answer: list[bytes], pause: float = 0.0) -> None:
+        import socket
+
+        self.answer, self.pause, self.requests = answer, pause, 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self._server.accept()
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            while len(body) < length:
+                body += connection.recv(65536)
+            self.requests += 1
+            for part in self.answer:
+                with contextlib.suppress(OSError):
+                    connection.sendall(part)
+                time.sleep(self.pause)
+
+    def close(self) -> None:
+        self._server.close()
+        self._thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("answer", "pause", "status", "code"),
+    [
+        # Workday's repeated chunked coding (encode/httpx#1862): h11 refuses the header block
+        (
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+            0.0,
+            "delivered",
+            200,
+        ),
+        # A header name h11 will not take (encode/httpx#1561), under a 410
+        ([b"HTTP/1.1 410 Gone\r\nbad/name: x\r\nContent-Length: 0\r\n\r\n"], 0.0, "disabled", 410),
+        # The status line at once, then headers slower than the attempt's timeout
+        (
+            [b"HTTP/1.1 200 OK\r\n", *(bytes([byte]) for byte in b"Server: slow\r\n\r\n")],
+            0.5,
+            "delivered",
+            200,
+        ),
+    ],
+    ids=["header block refused", "410 with a header refused", "headers slower than the timeout"],
+)
+def test_the_status_line_alone_decides_the_delivery(
+    stage: Stage, answer: list[bytes], pause: float, status: str, code: int
+) -> None:
+    """Hunt 229: a 200 (or 410) whose header block httpx's parser refused, or that came slower
+    than the timeout, was a failed attempt with no status, POSTed again on the schedule; the
+    docs promise the status line alone decides the delivery."""
+    # Given a receiver that answers so
+    receiver = _RawReceiver(answer, pause)
+    stage.job("/hooks/raw")
+    _point_webhook_at(stage, f"http://{WebhookReceiver.HOSTNAME}:{receiver.port}/hooks/raw")
+    # When the dispatcher sends the event
+    try:
+        stage.dispatch()
+    finally:
+        receiver.close()
+    # Then its status line decides: delivered (or disabled) after one POST, the log saying why
+    job = stage.jobs.find("job_hooked")
+    assert job is not None and receiver.requests == 1
+    assert job.delivery_status.value == status
+    (attempt,) = job.delivery_log
+    assert attempt.status_code == code and attempt.error_class in ("RemoteProtocolError", "Timeout")

@@ -10,6 +10,7 @@ TLS still verifies the certificate against the hostname, and the Host header kee
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -222,12 +223,53 @@ def _non_public(address: IPAddress) -> str | None:
 # ---- the pinned connection ---------------------------------------------------------------
 
 
+# The start of an HTTP/1 response's status line with a final status (1xx are interim).
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([2-5]\d\d)[ \r]")
+_STATUS_LINE_BYTES = 16
+
+
+class _FirstBytes(httpcore.AsyncNetworkStream):
+    """A connection's stream that keeps the first bytes it reads (after TLS, the plaintext):
+    the receiver's status line, whatever becomes of the header block after it."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream, kept: bytearray) -> None:
+        self._inner = inner
+        self._kept = kept
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self._inner.read(max_bytes, timeout)
+        if len(self._kept) < _STATUS_LINE_BYTES:
+            self._kept.extend(data[: _STATUS_LINE_BYTES - len(self._kept)])
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        return _FirstBytes(await self._inner.start_tls(ssl_context, server_hostname, timeout), self._kept)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Dials the checked addresses in place of the hostname; refuses any other destination."""
+    """Dials the checked addresses in place of the hostname; refuses any other destination.
+    Keeps the first bytes the receiver answered (`status_code`)."""
 
     def __init__(self, target: PinnedTarget, inner: httpcore.AsyncNetworkBackend) -> None:
         self._target = target
         self._inner = inner
+        self.first_bytes = bytearray()
+
+    def status_code(self) -> int | None:
+        """The final status the receiver's status line gave, if one came (None otherwise)."""
+        found = _STATUS_LINE.match(bytes(self.first_bytes))
+        return int(found.group(1)) if found else None
 
     async def connect_tcp(
         self,
@@ -242,9 +284,10 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         failure: Exception | None = None
         for address in self._target.addresses:
             try:
-                return await self._inner.connect_tcp(
+                stream = await self._inner.connect_tcp(
                     address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
                 )
+                return _FirstBytes(stream, self.first_bytes)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = exc
         raise failure or httpcore.ConnectError(f"no address to connect to for {host}")
@@ -285,11 +328,17 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
             ssl_context = _default_ssl_context()
         else:
             ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+        self._backend = _PinnedBackend(target, network_backend or httpcore.AnyIOBackend())
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
             max_connections=1,
             http1=True,
             http2=False,
             retries=0,
-            network_backend=_PinnedBackend(target, network_backend or httpcore.AnyIOBackend()),
+            network_backend=self._backend,
         )
+
+    def status_code(self) -> int | None:
+        """The final status the receiver's status line gave, even if what followed it was
+        refused or never came (`_PinnedBackend.status_code`)."""
+        return self._backend.status_code()

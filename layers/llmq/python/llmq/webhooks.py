@@ -876,13 +876,24 @@ class WebhookDispatcher:
         def elapsed_ms() -> int:
             return int((time.monotonic() - began) * 1000)
 
+        transport = self._transport_factory(target)
+
+        def status_line_only(error: str, error_class: str) -> _Response:
+            # The status line came, and what followed it was refused (a header block httpx's
+            # parser will not take, such as `Transfer-Encoding: chunked, chunked`) or did not
+            # come in time: that line alone still decides the delivery, as the docs promise.
+            code = transport.status_code() if isinstance(transport, PinnedTransport) else None
+            return _Response(
+                code, error=error, error_class=error_class, latency_ms=elapsed_ms(), started_ms=started_ms
+            )
+
         try:
             # httpx's timeout bounds each phase; this bounds the whole request, so a receiver
             # that drips its headers cannot hold a delivery past the timeout.
             async with (
                 asyncio.timeout(timeout),
                 httpx.AsyncClient(
-                    transport=self._transport_factory(target),
+                    transport=transport,
                     timeout=timeout,
                     follow_redirects=False,
                     trust_env=False,
@@ -903,13 +914,7 @@ class WebhookDispatcher:
         except TimeoutError:
             if answered is not None:
                 return answered
-            return _Response(
-                None,
-                error=f"no answer within {timeout:g}s",
-                error_class="Timeout",
-                latency_ms=elapsed_ms(),
-                started_ms=started_ms,
-            )
+            return status_line_only(f"no answer within {timeout:g}s", "Timeout")
         except Exception as exc:
             # httpx's errors, and whatever else the connection raised (a socket refusing an
             # address, an ExceptionGroup from the transport): a failed attempt on the schedule,
@@ -918,13 +923,7 @@ class WebhookDispatcher:
                 return answered
             if not isinstance(exc, httpx.HTTPError):
                 logger.warning("webhook POST failed unexpectedly", extra=error_fields(exc))
-            return _Response(
-                None,
-                error=type(exc).__name__,
-                error_class=type(exc).__name__,
-                latency_ms=elapsed_ms(),
-                started_ms=started_ms,
-            )
+            return status_line_only(type(exc).__name__, type(exc).__name__)
 
     def _judge(self, response: _Response, attempt: int) -> DeliveryOutcome:
         return replace(
