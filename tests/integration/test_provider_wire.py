@@ -4,6 +4,7 @@ shapes, rate-limit headers, moderation refusals), byte for byte over real HTTP o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 
 from llmq.models import ChatMessage, GenerationParams
 from llmq.providers import (
+    Answer,
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
@@ -351,3 +353,32 @@ async def test_a_fresh_key_read_after_a_401_that_took_the_calls_time_sends_nothi
     # (no refusal of llmq's account, which would wait minutes)
     assert len(seen) == 1
     assert not raised.value.about_account and "not sent again" in raised.value.message
+
+
+async def test_a_whole_answer_is_kept_when_the_loop_is_late_at_the_calls_deadline() -> None:
+    """Hunt 228: whole, only its trailer awaited, the answer was lost to the call's deadline
+    when another job of the batch held the event loop across the trailer wait's margin: both
+    timers fired together and the call's won, failing a paid answer as provider_timeout."""
+    # Given a whole answer whose trailer never comes
+    script: list[bytes | float | str] = [
+        _sse_head(),
+        _chunked(_event(_delta("Hello"))),
+        _chunked(_event(_delta("", "stop"))),
+        "HANG",
+    ]
+    async with _server(script) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        began = time.monotonic()
+
+        async def neighbour() -> None:
+            # (the batch's other work, holding the loop over the call's last half second)
+            await asyncio.sleep(1.5)
+            time.sleep(max(0.0, began + 2.3 - time.monotonic()))
+
+        held = asyncio.create_task(neighbour())
+        # When the call's deadline passes while the loop is held
+        request = dataclasses.replace(REQUEST, answer=Answer())
+        result = await provider.generate(request, 2.0)
+        await held
+    # Then the paid answer is returned, not a timeout
+    assert result.output == "Hello"

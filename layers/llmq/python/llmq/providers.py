@@ -160,6 +160,9 @@ class Answer:
     that comes now would throw away an answer already paid for."""
 
     whole: bool = False
+    # Once whole: the answer as it stands (its trailer may still come), kept should the call's
+    # deadline cut the wait for that trailer short.
+    result: Callable[[], JobResult] | None = field(default=None, repr=False)
 
 
 def classify_response(response: httpx.Response, body: bytes, *, log: bool = True) -> ProviderError:
@@ -676,6 +679,12 @@ class ChatCompletionsProvider:
                         request.answer,
                     )
         except TimeoutError as exc:
+            answer = request.answer
+            if answer is not None and answer.whole and answer.result is not None:
+                # Whole before the deadline, only its trailer awaited: the wait for that is cut
+                # short by its own margin, unless the event loop was late (another job of the
+                # batch holding it) and the call's deadline fired first. Paid for: kept.
+                return answer.result()
             if progress.refused is not None:
                 # Refused by its status before any generation; only the body was slow.
                 raise progress.refused from exc
@@ -997,6 +1006,7 @@ async def _read_stream(
                 break
             if answer is not None:
                 answer.whole = stream.whole
+                answer.result = stream.result if stream.whole else None
     except (httpx.TransportError, httpx.DecodingError):
         # Cut, stalled or garbled after the generation said it finished (only the usage chunk
         # or [DONE] lost): the output is whole and paid for; a retry would pay for it again.
