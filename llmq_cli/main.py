@@ -1182,7 +1182,8 @@ def cmd_webhooks_attempts(args: argparse.Namespace) -> int:
     for delivery in log["deliveries"]:
         print(f"  {delivery['event']}: {delivery['status']}")
         for attempt in delivery["attempts"]:
-            answer = attempt.get("status_code") or attempt.get("error_class") or "-"
+            code, error = attempt.get("status_code"), attempt.get("error_class")
+            answer = f"{code} ({error})" if code and error else code or error or "-"
             latency = "-" if attempt.get("latency_ms") is None else f"{attempt['latency_ms']} ms"
             head = (attempt.get("response_head") or "").replace("\n", " ")[:80]
             print(f"    #{attempt['attempt']}  {attempt['at']}  {answer}  {latency}  {head}".rstrip())

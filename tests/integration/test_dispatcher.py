@@ -404,12 +404,12 @@ def test_410_to_a_jobs_started_event_stops_its_later_events_until_a_redelivery(
     assert as_claimed is not None
     # When its job.started event is answered 410
     stage.queues.enqueue_webhook("job_hooked", WebhookEvent.STARTED)
-    assert stage.dispatch() == {"batchItemFailures": []}
+    stage.dispatch()
     # Then its terminal event is not POSTed, even from a message carrying the job as the worker
     # read it before the 410, and its delivery says delivery was disabled
     snapshot = job_snapshot(as_claimed) if carry else None
     stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, snapshot=snapshot)
-    assert stage.dispatch() == {"batchItemFailures": []}
+    stage.dispatch()
     assert len(stage.receiver.requests_to("/hooks/gone-early")) == 1
     assert stage.delivery().status == "disabled"
     assert stage.queued() == 0
@@ -475,7 +475,7 @@ def test_a_copy_that_only_waits_counts_no_failed_attempt(
 def test_410_disables_delivery_after_one_attempt(stage: Stage) -> None:
     stage.receiver.script("/hooks/gone", 410)
     stage.job("/hooks/gone")
-    assert stage.dispatch() == {"batchItemFailures": []}
+    stage.dispatch()
     assert len(stage.receiver.requests_to("/hooks/gone")) == 1
     assert stage.delivery().status == "disabled"
     assert stage.queued() == 0
@@ -852,7 +852,7 @@ def test_each_attempt_is_logged_with_its_status_latency_and_the_head_of_the_answ
     for delay in SCHEDULE[:2]:
         stage.dispatch()
         stage.let_time_pass(delay)
-    assert stage.dispatch() == {"batchItemFailures": []}
+    stage.dispatch()
     # When the integrator reads the job's delivery log
     job = stage.jobs.find("job_hooked")
     assert job is not None
@@ -1048,7 +1048,7 @@ def test_a_message_that_carries_its_job_is_delivered_with_one_write_and_no_read(
     assert before is not None
     calls = _dynamodb_calls()
     # When the second is dispatched (the tenant's secrets cached by the first)
-    assert stage.dispatch() == {"batchItemFailures": []}
+    stage.dispatch()
     # Then it made one AWS call, the write that records the delivery
     assert len(calls) == 1 and calls[0] in {"UpdateItem", "TransactWriteItems"}
     assert stage.delivery("job_second").status == "delivered"
@@ -1314,6 +1314,23 @@ def test_a_record_failed_by_aws_unavailable_for_now_is_not_counted_as_a_fault(
     assert emitted_metrics(capsys.readouterr().out, MetricName.RECORD_FAILED) == []
 
 
+def test_a_transport_that_cannot_be_made_is_a_failed_attempt_not_a_crash(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 230: a transport factory that raised (a CA bundle that cannot be loaded) failed
+    the record, unlogged, round until the webhooks DLQ, instead of an attempt on the schedule."""
+    stage.job("/hooks/odd")
+
+    def unmakeable(target: Any) -> httpx.AsyncBaseTransport:
+        raise ssl.SSLError(336245134, "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found")
+
+    monkeypatch.setattr(stage.handler.dispatcher(), "_transport_factory", unmakeable)
+    stage.dispatch()
+    job = stage.jobs.find("job_hooked")
+    assert job is not None
+    assert [attempt.error_class for attempt in job.delivery_log] == ["SSLError"]
+
+
 class _RawReceiver:
     """A loopback receiver that reads the whole request, then writes `answer` byte strings (a
     pause of `pause` seconds between them), as some real servers answer: bytes httpx's parser
@@ -1372,8 +1389,31 @@ class _RawReceiver:
             "delivered",
             200,
         ),
+        # After interim responses, which httpcore reads past (review 230)
+        (
+            [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 410 Gone\r\nbad/name: x\r\nContent-Length: 0\r\n\r\n"],
+            0.0,
+            "disabled",
+            410,
+        ),
+        (
+            [
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+                b"HTTP/1.1 2",
+                b"00 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            ],
+            0.1,
+            "delivered",
+            200,
+        ),
     ],
-    ids=["header block refused", "410 with a header refused", "headers slower than the timeout"],
+    ids=[
+        "header block refused",
+        "410 with a header refused",
+        "headers slower than the timeout",
+        "100 then a 410 refused",
+        "103 then a split 200 refused",
+    ],
 )
 def test_the_status_line_alone_decides_the_delivery(
     stage: Stage, answer: list[bytes], pause: float, status: str, code: int

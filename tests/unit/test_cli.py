@@ -348,3 +348,40 @@ def test_a_dlq_count_that_moves_or_shows_nothing_is_refused_not_reported_as_done
         build_parser().parse_args(args)
     assert refused.value.code == 2
     assert "must be at least" in capsys.readouterr().err
+
+
+def test_webhooks_attempts_shows_a_status_beside_what_became_of_the_headers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A status line whose headers timed out is a 200 (the delivery) and a Timeout (review 230:
+    the error was hidden behind the status)."""
+    import argparse
+    import contextlib
+
+    import llmq_cli.main as cli
+
+    attempt = {"attempt": 1, "at": "2026-12-05T00:00:00Z", "latency_ms": 5002}
+    log = {
+        "job_id": "job_x",
+        "url": "https://r.example/h",
+        "deliveries": [
+            {
+                "event": "job.succeeded",
+                "status": "delivered",
+                "attempts": [
+                    {**attempt, "status_code": 200, "error_class": "Timeout"},
+                    {**attempt, "attempt": 2, "status_code": None, "error_class": "ConnectError"},
+                    {**attempt, "attempt": 3, "status_code": 500},
+                ],
+            }
+        ],
+    }
+
+    class Client:
+        def webhook_log(self, job_id: str) -> dict[str, Any]:
+            return log
+
+    monkeypatch.setattr(cli, "_client", lambda args: contextlib.nullcontext(Client()))
+    cli.cmd_webhooks_attempts(argparse.Namespace(job_id="job_x", json=False))
+    lines = capsys.readouterr().out.splitlines()
+    assert "200 (Timeout)" in lines[2] and "ConnectError" in lines[3] and " 500 " in lines[4]

@@ -262,11 +262,13 @@ class DeliveryAttempt(Model):
     attempt: int
     # When the request was sent (or, with no request, when the attempt was given up).
     at: str
-    # The receiver's HTTP status; None when no answer came (a timeout, a refused connection).
+    # The receiver's HTTP status; None when no status line came (a timeout, a refused connection).
     status_code: int | None = None
-    # From sending the request to its status line; None when no request was sent.
+    # From sending the request to its status line (to the failure, when the headers after that
+    # line could not be read); None when no request was sent.
     latency_ms: int | None = None
-    # Why no usable answer came: the error's class (`ConnectError`, `Timeout`, `InvalidWebhookUrl`).
+    # Why no usable answer came: the error's class (`ConnectError`, `Timeout`, `InvalidWebhookUrl`);
+    # beside a status code, what became of the headers after its status line.
     error_class: str | None = None
     # The first 256 bytes of the receiver's answer, as UTF-8 (bytes that are not, replaced).
     response_head: str | None = None

@@ -223,9 +223,12 @@ def _non_public(address: IPAddress) -> str | None:
 # ---- the pinned connection ---------------------------------------------------------------
 
 
-# The start of an HTTP/1 response's status line with a final status (1xx are interim).
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([2-5]\d\d)[ \r]")
-_STATUS_LINE_BYTES = 16
+# An HTTP/1 response's final status line, after any interim (1xx) responses whole: a 100
+# Continue or a 103 Early Hints comes before it, and httpcore reads past them.
+_STATUS_LINE = re.compile(
+    rb"(?:HTTP/1\.[01] 1\d\d[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)*HTTP/1\.[01] ([2-5]\d\d)[ \r]"
+)
+_STATUS_LINE_BYTES = 4096
 
 
 class _FirstBytes(httpcore.AsyncNetworkStream):

@@ -876,7 +876,7 @@ class WebhookDispatcher:
         def elapsed_ms() -> int:
             return int((time.monotonic() - began) * 1000)
 
-        transport = self._transport_factory(target)
+        transport: httpx.AsyncBaseTransport | None = None
 
         def status_line_only(error: str, error_class: str) -> _Response:
             # The status line came, and what followed it was refused (a header block httpx's
@@ -888,6 +888,9 @@ class WebhookDispatcher:
             )
 
         try:
+            # (made in here: one that cannot be made, its CA bundle unreadable, is a failed
+            # attempt on the schedule too)
+            transport = self._transport_factory(target)
             # httpx's timeout bounds each phase; this bounds the whole request, so a receiver
             # that drips its headers cannot hold a delivery past the timeout.
             async with (
