@@ -404,12 +404,12 @@ def test_410_to_a_jobs_started_event_stops_its_later_events_until_a_redelivery(
     assert as_claimed is not None
     # When its job.started event is answered 410
     stage.queues.enqueue_webhook("job_hooked", WebhookEvent.STARTED)
-    stage.dispatch()
+    assert stage.dispatch() == {"batchItemFailures": []}
     # Then its terminal event is not POSTed, even from a message carrying the job as the worker
     # read it before the 410, and its delivery says delivery was disabled
     snapshot = job_snapshot(as_claimed) if carry else None
     stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, snapshot=snapshot)
-    stage.dispatch()
+    assert stage.dispatch() == {"batchItemFailures": []}
     assert len(stage.receiver.requests_to("/hooks/gone-early")) == 1
     assert stage.delivery().status == "disabled"
     assert stage.queued() == 0
@@ -475,7 +475,7 @@ def test_a_copy_that_only_waits_counts_no_failed_attempt(
 def test_410_disables_delivery_after_one_attempt(stage: Stage) -> None:
     stage.receiver.script("/hooks/gone", 410)
     stage.job("/hooks/gone")
-    stage.dispatch()
+    assert stage.dispatch() == {"batchItemFailures": []}
     assert len(stage.receiver.requests_to("/hooks/gone")) == 1
     assert stage.delivery().status == "disabled"
     assert stage.queued() == 0
@@ -852,7 +852,7 @@ def test_each_attempt_is_logged_with_its_status_latency_and_the_head_of_the_answ
     for delay in SCHEDULE[:2]:
         stage.dispatch()
         stage.let_time_pass(delay)
-    stage.dispatch()
+    assert stage.dispatch() == {"batchItemFailures": []}
     # When the integrator reads the job's delivery log
     job = stage.jobs.find("job_hooked")
     assert job is not None
@@ -1048,7 +1048,7 @@ def test_a_message_that_carries_its_job_is_delivered_with_one_write_and_no_read(
     assert before is not None
     calls = _dynamodb_calls()
     # When the second is dispatched (the tenant's secrets cached by the first)
-    stage.dispatch()
+    assert stage.dispatch() == {"batchItemFailures": []}
     # Then it made one AWS call, the write that records the delivery
     assert len(calls) == 1 and calls[0] in {"UpdateItem", "TransactWriteItems"}
     assert stage.delivery("job_second").status == "delivered"
@@ -1396,6 +1396,26 @@ class _RawReceiver:
             "disabled",
             410,
         ),
+        # Bare LF line ends and a final line without a reason phrase, as h11 reads them (review 232)
+        (
+            [b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200\nTransfer-Encoding: chunked, chunked\n\n"],
+            0.0,
+            "delivered",
+            200,
+        ),
+        # An interim response longer than the bytes kept of one
+        (
+            [
+                b"HTTP/1.1 103 Early Hints\r\n"
+                + b"".join(
+                    b"Link: </assets/chunk-%04d.js>; rel=preload; as=script\r\n" % n for n in range(90)
+                )
+                + b"\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+            ],
+            0.0,
+            "delivered",
+            200,
+        ),
         (
             [
                 b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
@@ -1412,6 +1432,8 @@ class _RawReceiver:
         "410 with a header refused",
         "headers slower than the timeout",
         "100 then a 410 refused",
+        "LF line ends, no reason phrase",
+        "a 103 of more than 4 KB",
         "103 then a split 200 refused",
     ],
 )

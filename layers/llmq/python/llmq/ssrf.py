@@ -225,10 +225,13 @@ def _non_public(address: IPAddress) -> str | None:
 
 # An HTTP/1 response's final status line, after any interim (1xx) responses whole: a 100
 # Continue or a 103 Early Hints comes before it, and httpcore reads past them.
+# (Lines may end in a bare LF, and a status line may have no reason phrase, as h11 reads them.)
 _STATUS_LINE = re.compile(
-    rb"(?:HTTP/1\.[01] 1\d\d[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)*HTTP/1\.[01] ([2-5]\d\d)[ \r]"
+    rb"(?:HTTP/1\.[01] 1\d\d[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*\r?\n)*HTTP/1\.[01] ([2-5]\d\d)[ \r\n]"
 )
 _STATUS_LINE_BYTES = 4096
+# One whole interim response, dropped from the kept bytes as it comes (however many there are).
+_INTERIM = re.compile(rb"HTTP/1\.[01] 1\d\d[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*\r?\n")
 
 
 class _FirstBytes(httpcore.AsyncNetworkStream):
@@ -242,7 +245,10 @@ class _FirstBytes(httpcore.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = await self._inner.read(max_bytes, timeout)
         if len(self._kept) < _STATUS_LINE_BYTES:
-            self._kept.extend(data[: _STATUS_LINE_BYTES - len(self._kept)])
+            self._kept.extend(data)
+            while interim := _INTERIM.match(self._kept):
+                del self._kept[: interim.end()]
+            del self._kept[_STATUS_LINE_BYTES:]
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
