@@ -35,6 +35,7 @@ from llmq.batches import BatchRecord, BatchRepository, batch_key
 from llmq.config import (
     GATEWAY_TIMEOUT_SECONDS,
     MAX_OBJECT_MEMBERS,
+    MAX_REQUEST_BODY_BYTES,
     MAX_RESPONSE_BODY_BYTES,
     ApiEnvironment,
     response_body_bytes,
@@ -1030,15 +1031,47 @@ else:
 # ---- entry point ------------------------------------------------------------------------
 
 
-def _reject_unacceptable_body(event: dict[str, Any]) -> errors.DomainError | None:
-    """Size and media type are checked before validation parses the body."""
+def _unless_an_accepted_retry(
+    event: dict[str, Any], too_large: errors.DomainError
+) -> errors.DomainError | None:
+    """A body over this deployment's limit, but within any deployment's, under a key that
+    already made a job or batch: the retry of an accepted submit after the limit was lowered,
+    answered as its replay (or refused as another body) by the route, as a schema's refusal is
+    (`_replay_despite_the_schema`); a 413 would read as "not accepted" and invite a second,
+    paid one (hunt 231). One GetItem, for an oversized body with a key only."""
+    headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
+    key = headers.get("idempotency-key")
+    context = (event.get("requestContext") or {}).get("authorizer") or {}
+    path = str(event.get("path") or "").rstrip("/")
+    if (
+        not key
+        or len(key) > MAX_IDEMPOTENCY_KEY
+        or path not in ("/v1/jobs", "/v1/batches")
+        or not context.get("tenant_id")
+        or not context.get("tier")
+    ):
+        return too_large
+    tenant = TenantIdentity(tenant_id=str(context["tenant_id"]), tier=str(context["tier"]))
+    accepted = intake().accepted_under if path == "/v1/jobs" else batch_intake().accepted_under
+    try:
+        return None if accepted(tenant, key) else too_large
+    except errors.StoreUnavailable as exc:
+        return exc  # (a 503 to retry: the refusal may be false)
+    except Exception as exc:
+        logger.warning("no replay looked for under an oversized body", extra=error_fields(exc))
+        return too_large
+
+
+def _reject_unacceptable_body(event: dict[str, Any], limit: int | None = None) -> errors.DomainError | None:
+    """Size and media type are checked before validation parses the body (`limit`: instead of
+    the deployment's body limit)."""
     body = event.get("body")
     if body is None or event.get("httpMethod") != "POST":
         return None
     raw = base64.b64decode(body) if event.get("isBase64Encoded") else body.encode("utf-8", "surrogateescape")
     # (Powertools routes /v1/batches/ as /v1/batches)
     batch = str(event.get("path") or "").rstrip("/") == "/v1/batches"
-    limit = ENV.config.batches.max_body_bytes if batch else LIMITS.max_body_bytes
+    limit = limit or (ENV.config.batches.max_body_bytes if batch else LIMITS.max_body_bytes)
     if len(raw) > limit:
         return errors.PayloadTooLarge(f"the body exceeds {limit} bytes")
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
@@ -1081,6 +1114,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # (first: the body's limit is chosen by the path, a batch's or a job's)
     _route_on_the_resource(event)
     rejection = _reject_unacceptable_body(event)
+    if isinstance(rejection, errors.PayloadTooLarge):
+        rejection = _unless_an_accepted_retry(event, rejection)
+        if rejection is None:  # (the rest of the body's checks, within any deployment's limit)
+            rejection = _reject_unacceptable_body(event, limit=MAX_REQUEST_BODY_BYTES)
     if rejection is not None:
         status, body = problem_for(rejection)
         return {

@@ -18,6 +18,7 @@ from llmq.job_index import TENANT_INDEX
 from llmq.telemetry import METRICS_NAMESPACE, SERVICE_NAME, MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
+from tests.conftest import MotoStack
 from tests.integration.harness import ENTERPRISE, FREE, ApiReply, Harness, emitted_metrics
 
 
@@ -1290,3 +1291,40 @@ def test_a_retry_the_next_deploy_would_refuse_is_answered_503_not_refused_while_
     assert faults.fired
     assert (retry.status, retry.code) == (503, "service_unavailable"), retry.body
     assert api.submit(key="order-79", model="fake-large").body["id"] == first.body["id"]
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
+def test_a_retry_of_an_accepted_submit_after_the_body_limit_was_lowered_is_its_replay(
+    harness: Harness,
+    moto_stack: MotoStack,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """Hunt 231: the 413 came before the replay was looked for, and read as "not accepted"
+    invites a second, paid submit under a new key."""
+    from tests.integration.conftest import integration_config
+
+    # Given a submit accepted under a key, its answer lost (a body of 24 KB: a Python client
+    # writes each 'é' as 6 bytes)
+    body: dict[str, Any] = {"prompt": "é" * 2000}
+    if path == "/v1/batches":
+        body = {"requests": [{"custom_id": "a", "body": body}]}
+    raw = json.dumps(body)
+    headers = {"Idempotency-Key": "big-1"}
+    first = harness.api("POST", path, raw_body=raw, headers=headers, tenant=ENTERPRISE)
+    assert first.status == 202, first.body
+    # When the operator lowers the body limit below it, and the client retries
+    limits = {"max_prompt_chars": 5000, "max_body_bytes": 4096, "wait_poll_seconds": 0.05}
+    lowered = integration_config(provider, limits=limits, batches={"max_body_bytes": 4096})
+    api = Harness(moto_stack, lowered, monkeypatch)
+    retry = api.api("POST", path, raw_body=raw, headers=headers, tenant=ENTERPRISE)
+    # Then it is the replay of what was accepted
+    assert (retry.status, retry.headers.get("idempotent-replayed"), retry.body["id"]) == (
+        202,
+        "true",
+        first.body["id"],
+    )
+    # And the same body under a new key is still refused by the lowered limit
+    new = api.api("POST", path, raw_body=raw, headers={"Idempotency-Key": "big-2"}, tenant=ENTERPRISE)
+    assert (new.status, new.code) == (413, "payload_too_large")
