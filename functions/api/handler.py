@@ -176,9 +176,13 @@ def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
         # Answered, not raised: Lambda counts no error for it, so without this metric no alarm
         # would see a missing grant, a deleted table or a bug (docs/operations.md).
         emit_count(MetricName.API_UNEXPECTED_ERROR)
+    return _problem_response(status, body, _retry_after(exc, status))
+
+
+def _retry_after(exc: errors.DomainError, status: int) -> dict[str, str] | None:
+    """A 503's (or a 429's) Retry-After, as README promises of each."""
     retry_after = exc.retry_after or (_RETRY_AFTER_UNAVAILABLE_SECONDS if status == 503 else None)
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return _problem_response(status, body, headers)
+    return {"Retry-After": str(retry_after)} if retry_after else None
 
 
 def _where(loc: list[Any]) -> tuple[str, ...]:
@@ -1114,15 +1118,17 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # (first: the body's limit is chosen by the path, a batch's or a job's)
     _route_on_the_resource(event)
     rejection = _reject_unacceptable_body(event)
-    if isinstance(rejection, errors.PayloadTooLarge):
+    # (a body over any deployment's limit is no retry of an accepted one: no lookup for it)
+    if (
+        isinstance(rejection, errors.PayloadTooLarge)
+        and _reject_unacceptable_body(event, MAX_REQUEST_BODY_BYTES) is None
+    ):
         rejection = _unless_an_accepted_retry(event, rejection)
-        if rejection is None:  # (the rest of the body's checks, within any deployment's limit)
-            rejection = _reject_unacceptable_body(event, limit=MAX_REQUEST_BODY_BYTES)
     if rejection is not None:
         status, body = problem_for(rejection)
         return {
             "statusCode": status,
-            "headers": {"Content-Type": PROBLEM_JSON},
+            "headers": {"Content-Type": PROBLEM_JSON, **(_retry_after(rejection, status) or {})},
             "body": body.model_dump_json(exclude_none=True),
             "isBase64Encoded": False,
         }

@@ -1328,3 +1328,26 @@ def test_a_retry_of_an_accepted_submit_after_the_body_limit_was_lowered_is_its_r
     # And the same body under a new key is still refused by the lowered limit
     new = api.api("POST", path, raw_body=raw, headers={"Idempotency-Key": "big-2"}, tenant=ENTERPRISE)
     assert (new.status, new.code) == (413, "payload_too_large")
+
+
+def test_a_throttled_look_for_an_oversized_retrys_key_is_a_503_with_retry_after(
+    harness: Harness, moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 233: the answer before the route had no Retry-After, which README promises of a 503."""
+    from tests.aws_faults import AwsFaults
+    from tests.integration.conftest import integration_config
+
+    raw = json.dumps({"prompt": "é" * 2000})
+    headers = {"Idempotency-Key": "big-1"}
+    assert harness.api("POST", "/v1/jobs", raw_body=raw, headers=headers, tenant=ENTERPRISE).status == 202
+    limits = {"max_prompt_chars": 5000, "max_body_bytes": 4096, "wait_poll_seconds": 0.05}
+    api = Harness(moto_stack, integration_config(provider, limits=limits), monkeypatch)
+    faults = AwsFaults()
+    faults.arm("throttle", "dynamodb.GetItem", times=50)
+    try:
+        retry = api.api("POST", "/v1/jobs", raw_body=raw, headers=headers, tenant=ENTERPRISE)
+    finally:
+        faults.disarm()
+    assert faults.fired
+    assert (retry.status, retry.code) == (503, "service_unavailable")
+    assert int(retry.headers["retry-after"]) > 0
