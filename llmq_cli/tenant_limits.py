@@ -86,7 +86,7 @@ class DeferredBacklog:
             cursor: str | None = None
             for _ in range(BACKLOG_READ_LIMIT // _BACKLOG_PAGE):
                 page, cursor = self.jobs.list_for_tenant(tenant_id, JobStatus.QUEUED, _BACKLOG_PAGE, cursor)
-                queued.extend(job.id for job in page if job.lane == lane and job.status is JobStatus.QUEUED)
+                queued.extend(job.id for job in page if job.lane == lane)
                 if cursor is None:
                     break
             now_ms = self.jobs.now_ms()

@@ -457,7 +457,11 @@ def _nests_deeper_than(text: str, limit: int) -> bool:
 
 
 def _tenant() -> TenantIdentity:
-    context = app.current_event.request_context.authorizer.raw_event or {}
+    return _tenant_of(app.current_event.request_context.authorizer.raw_event or {})
+
+
+def _tenant_of(context: dict[str, Any]) -> TenantIdentity:
+    """The tenant the authorizer's context names."""
     tenant_id, tier = context.get("tenant_id"), context.get("tier")
     if not tenant_id or not tier:
         raise errors.Unauthenticated("no tenant in the authorizer context")
@@ -1045,20 +1049,15 @@ def _unless_an_accepted_retry(
     paid one (hunt 231). One GetItem, for an oversized body with a key only."""
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
     key = headers.get("idempotency-key")
-    context = (event.get("requestContext") or {}).get("authorizer") or {}
     path = str(event.get("path") or "").rstrip("/")
-    if (
-        not key
-        or len(key) > MAX_IDEMPOTENCY_KEY
-        or path not in ("/v1/jobs", "/v1/batches")
-        or not context.get("tenant_id")
-        or not context.get("tier")
-    ):
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or path not in ("/v1/jobs", "/v1/batches"):
         return too_large
-    tenant = TenantIdentity(tenant_id=str(context["tenant_id"]), tier=str(context["tier"]))
     accepted = intake().accepted_under if path == "/v1/jobs" else batch_intake().accepted_under
     try:
+        tenant = _tenant_of((event.get("requestContext") or {}).get("authorizer") or {})
         return None if accepted(tenant, key) else too_large
+    except errors.Unauthenticated:
+        return too_large
     except errors.StoreUnavailable as exc:
         return exc  # (a 503 to retry: the refusal may be false)
     except Exception as exc:
