@@ -310,9 +310,35 @@ def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
     return pairs
 
 
-class NotFiniteNumber(ValueError):
+class UnsendableJson(ValueError):
+    """JSON that parses but that no request can carry."""
+
+
+class NotFiniteNumber(UnsendableJson):
     """NaN, Infinity, or a number past a double's range (1e400): JSON (and the API) has none,
     and the request could not be sent (httpx writes JSON with allow_nan=False)."""
+
+
+class LoneSurrogate(UnsendableJson):
+    """A string escape of half a UTF-16 pair (`"\\ud800"`, text cut inside an emoji): no
+    Unicode text, and the request could not be sent (httpx writes JSON as UTF-8)."""
+
+
+def _check_text(value: Any) -> None:
+    """Every string in a parsed JSON value, its object keys too, is Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            half = json.dumps(value[exc.start])
+            raise LoneSurrogate(f"a string holds a lone surrogate ({half}), half of a UTF-16 pair") from exc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
 
 
 def _refuse_constant(constant: str) -> Any:
@@ -327,9 +353,12 @@ def _finite_float(text: str) -> float:
 
 
 def loads_finite(text: str) -> Any:
-    """json.loads, but NaN, Infinity and numbers past a double's range are refused
-    (NotFiniteNumber, a ValueError) rather than read as floats no request can carry."""
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    """json.loads, but NaN, Infinity and numbers past a double's range (NotFiniteNumber), and
+    lone surrogate escapes (LoneSurrogate), are refused rather than read as values no request
+    can carry (both UnsendableJson, a ValueError)."""
+    loaded = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    _check_text(loaded)
+    return loaded
 
 
 def _file_error(path: Path, exc: OSError) -> CliError:
@@ -346,7 +375,7 @@ def _param_value(key: str, raw: str) -> Any:
         return raw
     try:
         return loads_finite(raw)
-    except NotFiniteNumber as exc:
+    except UnsendableJson as exc:
         as_text = shlex.quote(f"{key}={json.dumps(raw)}")
         raise CliError(
             f"--param {key}={raw}: {exc}; to send it as text, give it as a JSON string: {as_text}"
@@ -360,7 +389,7 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
             loaded = loads_finite(path.read_text())
         except OSError as exc:
             raise _file_error(path, exc) from exc
-        except NotFiniteNumber as exc:
+        except UnsendableJson as exc:
             raise CliError(f"{path}: {exc}") from exc
         except ValueError as exc:
             raise CliError(f"{path}: not a JSON body ({exc})") from exc
@@ -557,7 +586,7 @@ def read_batch_file(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             requests.append(loads_finite(line))
-        except NotFiniteNumber as exc:
+        except UnsendableJson as exc:
             raise CliError(f"{path}:{number}: {exc}") from exc
         except ValueError as exc:
             reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
@@ -1168,6 +1197,15 @@ def cmd_webhooks_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _visible(text: str) -> str:
+    """A receiver's bytes as text a terminal shows and does not obey: a control or format
+    character (CR, ESC, a bidi override, U+2028) as its escape, a newline as a space."""
+    return "".join(
+        char if char.isprintable() else " " if char == "\n" else char.encode("unicode_escape").decode()
+        for char in text
+    )
+
+
 def cmd_webhooks_attempts(args: argparse.Namespace) -> int:
     """The job's (or batch's) delivery log (GET /v1/jobs/{id}/webhook): JSON, or one line per
     attempt."""
@@ -1185,7 +1223,7 @@ def cmd_webhooks_attempts(args: argparse.Namespace) -> int:
             code, error = attempt.get("status_code"), attempt.get("error_class")
             answer = f"{code} ({error})" if code and error else code or error or "-"
             latency = "-" if attempt.get("latency_ms") is None else f"{attempt['latency_ms']} ms"
-            head = (attempt.get("response_head") or "").replace("\n", " ")[:80]
+            head = _visible((attempt.get("response_head") or "")[:80])
             print(f"    #{attempt['attempt']}  {attempt['at']}  {answer}  {latency}  {head}".rstrip())
     return 0
 
@@ -1582,6 +1620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except httpx.HTTPError as exc:
         print(f"llmq: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except UnicodeEncodeError as exc:
+        # (an argument holding bytes that are not UTF-8, which Python reads as lone surrogates:
+        # the request cannot be written, and nothing was sent)
+        print(f"llmq: an argument is not UTF-8 text ({exc.object[exc.start : exc.end]!a})", file=sys.stderr)
         return 1
     except ClientError as exc:
         # (an operator's wrong region or stack, expired credentials, a missing permission: said

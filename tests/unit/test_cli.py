@@ -385,3 +385,34 @@ def test_webhooks_attempts_shows_a_status_beside_what_became_of_the_headers(
     cli.cmd_webhooks_attempts(argparse.Namespace(job_id="job_x", json=False))
     lines = capsys.readouterr().out.splitlines()
     assert "200 (Timeout)" in lines[2] and "ConnectError" in lines[3] and " 500 " in lines[4]
+
+
+def test_a_receivers_control_bytes_are_shown_not_obeyed_by_the_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A receiver's answer that would rewrite the operator's screen (CR, ANSI escapes, a bidi
+    override) to read as a delivery is shown escaped (hunt 233)."""
+    import argparse
+    import contextlib
+
+    import llmq_cli.main as cli
+
+    head = "oops\r\x1b[2K\x1b[1A  job.succeeded: delivered\u202e\r\nnext"
+    attempt = {"attempt": 1, "at": "2026-12-05T00:00:00Z", "status_code": 500, "latency_ms": 3}
+    log = {
+        "job_id": "job_x",
+        "url": "https://r.example/h",
+        "deliveries": [
+            {"event": "job.succeeded", "status": "failed", "attempts": [{**attempt, "response_head": head}]}
+        ],
+    }
+
+    class Client:
+        def webhook_log(self, job_id: str) -> dict[str, Any]:
+            return log
+
+    monkeypatch.setattr(cli, "_client", lambda args: contextlib.nullcontext(Client()))
+    cli.cmd_webhooks_attempts(argparse.Namespace(job_id="job_x", json=False))
+    out = capsys.readouterr().out
+    assert not {"\x1b", "\r", "\u202e"} & set(out)
+    assert out.splitlines()[2].endswith("oops\\r\\x1b[2K\\x1b[1A  job.succeeded: delivered\\u202e\\r next")

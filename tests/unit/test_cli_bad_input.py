@@ -76,6 +76,20 @@ BAD_INPUTS = {
         "submit",
         _write(tmp, "f.jsonl", '{"custom_id": "a", "body": {"prompt": "hi", "params": {"seed": 1e400}}}\n'),
     ],
+    "batch line holding a lone surrogate": lambda tmp: [
+        "batches",
+        "submit",
+        _write(tmp, "f.jsonl", '{"custom_id": "a", "body": {"prompt": "caf\\ud800"}}\n'),
+    ],
+    "file holding a lone surrogate": lambda tmp: [
+        "submit",
+        "--file",
+        _write(tmp, "f.json", '{"prompt": "hi", "metadata": {"\\udc00": "x"}}'),
+    ],
+    "param holding a lone surrogate": lambda tmp: ["submit", "hi", "--param", 'stop=["\\udc00"]'],
+    # (bytes that are not UTF-8 in an argument: Python's argv holds them as lone surrogates)
+    "prompt not UTF-8": lambda tmp: ["submit", "caf\udce9"],
+    "metadata not UTF-8": lambda tmp: ["submit", "hi", "--metadata", "k=\udce9"],
     "batch file missing": lambda tmp: ["batches", "submit", str(tmp / "missing.jsonl")],
     "batch file missing, uploaded": lambda tmp: ["batches", "submit", "--upload", str(tmp / "missing.jsonl")],
     "batch file a directory, uploaded": lambda tmp: ["batches", "submit", "--upload", str(tmp)],
@@ -106,6 +120,9 @@ def test_bad_job_input_is_one_line_and_nothing_is_sent(
         ("file missing", "missing.json: No such file or directory"),
         ("batch line holding NaN", "f.jsonl:2: NaN is not a JSON number"),
         ("batch line holding 1e400", "f.jsonl:1: 1e400 is past a double's range"),
+        ("batch line holding a lone surrogate", 'f.jsonl:1: a string holds a lone surrogate ("\\ud800")'),
+        ("file holding a lone surrogate", 'f.json: a string holds a lone surrogate ("\\udc00")'),
+        ("prompt not UTF-8", "an argument is not UTF-8 text ('\\udce9')"),
         ("batch file missing", "missing.jsonl: No such file or directory"),
     ],
 )
