@@ -335,6 +335,32 @@ def test_a_checkpoint_cut_by_an_aws_fault_still_validates_and_runs_each_line_onc
     )
 
 
+def test_an_admission_that_meets_a_claim_on_the_share_item_is_tried_again_in_the_same_run(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a validated file whose admission (the batch and the tenant's share item, in one
+    # transaction) meets another write of the share item: a claim or an end of the tenant's
+    # jobs (TransactionConflict, which botocore does not retry)
+    faults = AwsFaults()
+    faults.wrap_handler("worker", harness.worker())
+    try:
+        text = "\n".join(_line(f"row-{index}") for index in range(3))
+        batch_id = _submit(harness, _upload(harness, text)).body["id"]
+        faults.arm(FaultKind.TRANSACTION_CONFLICT, "dynamodb.TransactWriteItems", function="worker")
+        # When the worker runs its expand message once
+        url = harness.stack.lane_queue_urls["high"]
+        harness.run_worker(url, harness.receive(url))
+        assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.TransactWriteItems"]
+    finally:
+        faults.disarm()
+    # Then that run admitted the batch and wrote its items, not a later one reading the file again
+    batch = _stored(harness, batch_id)
+    assert (batch.validated, batch.total, batch.expanded) == (True, 3, 3)
+    _run_lane(harness)
+    assert _stored(harness, batch_id).status is BatchStatus.COMPLETED
+    assert sum(provider.calls_for(item_job_id(batch_id, index)) for index in range(3)) == 3
+
+
 def test_a_line_of_json_dumps_escapes_is_measured_by_what_it_stores(harness: Harness) -> None:
     # Given a line as Python's json.dumps writes it (ensure_ascii): 400 Cyrillic characters,
     # 800 bytes stored, 2,400 bytes of \uXXXX escapes in the file (item limit 1,024 bytes)

@@ -799,7 +799,10 @@ class BatchRepository:
             whole_lane=self._not_its_own_lane(batch),
         )
         try:
-            self._ddb.transact_write_items(TransactItems=[update, admit])
+            # (the share item is in every claim and end of the tenant's jobs: a busy tenant's
+            # admission may meet one, and is tried again, not left to a new expand message
+            # whose run reads every stored part again)
+            _transact_through_conflicts(self._ddb, [update, admit])
         except ClientError as exc:
             reasons = _reasons(exc)
             if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
