@@ -28,6 +28,7 @@ from llmq.tenants import TenantRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
+from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import (
     ENTERPRISE,
@@ -488,6 +489,95 @@ def test_a_queued_job_ends_expired_only_as_its_retention_runs_out_and_frees_its_
     assert (job["status"], job["error"]["code"]) == ("expired", "deadline_exceeded")
     assert _tenant_share(harness).active == 0
     assert {"job_id": job_id, "event": "job.expired"} in _terminal_events(harness)
+
+
+def _past_its_retention(harness: Harness, job_id: str) -> None:
+    """The job's retention ended a minute ago, its item not yet deleted by DynamoDB's TTL."""
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(_time.time()) - 60)}},
+    )
+
+
+@pytest.mark.parametrize("body", ["same", "another"])
+def test_a_key_reused_over_a_job_the_reconciler_never_ended_ends_it_and_frees_its_quota(
+    harness: Harness, provider: FakeProviderServer, body: str
+) -> None:
+    # Given a job under an Idempotency-Key still queued past its retention: the reconciler,
+    # which ends such a job, was down all that time
+    first = harness.submit(key="weekly-report", prompt="last week")
+    assert first.status == 202 and _tenant_share(harness).active == 1
+    _past_its_retention(harness, first.body["id"])
+    # When the client uses the key again, as the retention allows
+    again = harness.submit(key="weekly-report", prompt="last week" if body == "same" else "this week")
+    # Then it is a new job, and the old one ended and gave its quota back, not held for good
+    assert again.status == 202 and "idempotent-replayed" not in again.headers
+    assert again.body["id"] == first.body["id"] and again.body["status"] == "queued"
+    assert _tenant_share(harness).active == 1
+    # and the new job runs once, whichever of the two messages comes first
+    harness.drain("high")
+    assert provider.calls_for(again.body["id"]) == 1
+    assert harness.api("GET", f"/v1/jobs/{again.body['id']}", tenant=ENTERPRISE).body["status"] == "succeeded"
+    assert (_tenant_share(harness).active, _tenant_share(harness).running) == (0, 0)
+
+
+@pytest.mark.parametrize("prompt", ["short", "stored apart"])
+def test_a_key_reused_at_the_quota_over_the_job_the_reconciler_never_ended_is_accepted(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, prompt: str
+) -> None:
+    # Given a tenant at its quota of one, held by a job under an Idempotency-Key still queued
+    # past its retention (the reconciler down), and a prompt that is, or is not, stored in S3
+    limits = {"max_item_payload_bytes": 1024, "max_prompt_chars": 50_000, "max_body_bytes": 200_000}
+    harness = Harness(
+        moto_stack,
+        integration_config(provider, **({} if prompt == "short" else {"limits": limits})),
+        monkeypatch,
+    )
+    text = "hello" if prompt == "short" else "lorem ipsum " * 400
+    ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).set_limits(
+        ENTERPRISE["tenant_id"], max_active_jobs=1
+    )
+    first = harness.submit(key="weekly", prompt=text)
+    assert first.status == 202, first.body
+    _past_its_retention(harness, first.body["id"])
+    # When the key is used again
+    again = harness.submit(key="weekly", prompt=text)
+    # Then the old job ends first, and the quota it held takes the new one (review 234: the
+    # input stored apart looked at the quota before the old job was ended: a 429)
+    assert again.status == 202, again.body
+    assert "idempotent-replayed" not in again.headers
+    assert _tenant_share(harness).active == 1
+
+
+def test_a_key_reused_over_a_job_a_live_worker_holds_past_its_retention_is_a_503(harness: Harness) -> None:
+    # Given a job under an Idempotency-Key running past its retention with a live lease
+    first = harness.submit(key="weekly-report", prompt="last week")
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": first.body["id"]}},
+        UpdateExpression="SET #st = :running, lease_expires_ms = :later",
+        ExpressionAttributeNames={"#st": "status"},
+        ExpressionAttributeValues={
+            ":running": {"S": "running"},
+            ":later": {"N": str(int(_time.time() * 1000) + 600_000)},
+        },
+    )
+    _past_its_retention(harness, first.body["id"])
+    before = aws.client("dynamodb").get_item(
+        TableName=harness.stack.jobs_table, Key={"pk": {"S": first.body["id"]}}
+    )
+    # When the key is used again
+    again = harness.submit(key="weekly-report", prompt="this week")
+    # Then the client is told to come back (its worker's job is neither overwritten nor ended)
+    assert again.status == 503 and int(again.headers["retry-after"]) > 0
+    assert again.body["code"] == "service_unavailable"
+    after = aws.client("dynamodb").get_item(
+        TableName=harness.stack.jobs_table, Key={"pk": {"S": first.body["id"]}}
+    )
+    assert after["Item"] == before["Item"]
+    assert _tenant_share(harness).active == 1
 
 
 def test_redeliver_queues_the_terminal_event_again(

@@ -199,7 +199,9 @@ class InMemoryJobs:
         if item_size_bytes(to_item(record)) > MAX_ITEM_BYTES:
             raise ItemTooLarge("the job does not fit in one item")
         existing = self.records.get(record.id)
-        if existing is not None and existing.expires_at >= int(self._clock()):
+        if existing is not None and (
+            existing.expires_at > int(self._clock()) or not existing.status.is_terminal
+        ):
             return Created(job=existing, replayed=True)
         self.check_quota(record.tenant_id, admission)
         share = self.shares[record.tenant_id]

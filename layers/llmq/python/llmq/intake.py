@@ -32,6 +32,7 @@ from llmq.lanes import lane_for_tier
 from llmq.live_output import done_event, paged_events, result_deltas, retry_hint, status_event
 from llmq.models import JobRequest, JobStatus, OutputDelta, WebhookEvent, WebhookLog
 from llmq.offload import Offload
+from llmq.policy import retention_error
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
 from llmq.request_rules import check_job_request
@@ -136,8 +137,11 @@ class JobIntake:
             # by the quota) writes nothing there, and a replay writes nothing either. (One that
             # loses a race after this look, or meets a fault, leaves its input object for the
             # bucket's lifecycle rule to delete.)
-            existing = self.jobs.find(record.id) if idempotency_key is not None else None
-            if existing is not None:
+            existing = self.jobs.find(record.id, past_retention=True) if idempotency_key is not None else None
+            if existing is not None and self._unretired(existing):
+                # (before the quota is looked at, which it still counts in: review 234)
+                self._retire(existing)
+            elif existing is not None and existing.expires_at > now_ms // 1000:
                 return self._replay(existing, record, request, tenant)
             if not self.offload.fits_by_reference(record):
                 raise PayloadTooLarge(
@@ -156,7 +160,14 @@ class JobIntake:
             # The input goes to S3 first; the item holds its reference.
             record = self.offload.store_input(record)
         created = self.jobs.create(record, admission)
+        if created.replayed and self._unretired(created.job):
+            self._retire(created.job)
+            created = self.jobs.create(record, admission)
         if created.replayed:
+            if self._unretired(created.job):
+                raise StoreUnavailable(
+                    "this Idempotency-Key's earlier job is past its retention and not ended yet"
+                )
             return self._replay(created.job, record, request, tenant)
         logger.info(
             "job accepted",
@@ -185,6 +196,22 @@ class JobIntake:
             except Exception:
                 logger.warning("could not put the job first for the reconciler", extra={"job_id": record.id})
         return Submission(job=record, replayed=False)
+
+    def _unretired(self, job: JobRecord) -> bool:
+        """A job past its retention (gone, as every read sees it) that has not ended: the
+        reconciler, which ends such a job, has not come to it yet."""
+        return not job.status.is_terminal and job.expires_at <= self.jobs.now_ms() // 1000
+
+    def _retire(self, job: JobRecord) -> None:
+        """An Idempotency-Key reused after its retention, over a job the reconciler has not yet
+        ended (it was down): that job ends now, expired, giving back its tenant's quota and
+        slot, before the key's new job takes its place. Overwritten, it would have held them
+        for good. (Nothing, if a live worker holds it.) Its event is sent as the reconciler's
+        would be; found past its retention, it is delivered only if its job is still found
+        (README: Guarantees)."""
+        ended = self.jobs.expire_at_retention(job, retention_error(job))
+        if ended is not None:
+            self._announce_ended(ended)
 
     @staticmethod
     def _replay(job: JobRecord, record: JobRecord, request: JobRequest, tenant: TenantIdentity) -> Submission:

@@ -44,6 +44,7 @@ from llmq.job_record import JobRecord, is_job_id
 from llmq.live_output import OUTPUT_PAGE, OutputChunk, OutputHead, chunk_pk
 from llmq.models import (
     EVENT_FOR_STATUS,
+    TERMINAL_STATUSES,
     DeliveryAttempt,
     DeliveryStatus,
     JobError,
@@ -385,9 +386,16 @@ class JobRepository:
             "Put": {
                 "TableName": self.table_name,
                 "Item": codec.to_item(record.model_copy(update={"last_write": token, "shared": True}), extra),
-                # An item past its TTL but not yet deleted by DynamoDB counts as gone.
-                "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
-                "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
+                # An item past its TTL but not yet deleted by DynamoDB counts as gone (as
+                # `find` sees it), once it has ended: one still queued or running holds its
+                # tenant's quota and slot, which only its own end gives back (`JobIntake`
+                # ends it first).
+                "ConditionExpression": "attribute_not_exists(pk) OR "
+                "(expires_at <= :now_s AND #st IN (:succeeded, :failed, :canceled, :expired))",
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": codec.values(
+                    now_s=int(self._clock()), **{status.value: status.value for status in TERMINAL_STATUSES}
+                ),
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
         }
