@@ -16,7 +16,6 @@ import json
 import random
 import re
 import time
-import traceback
 from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -71,7 +70,7 @@ from llmq.models import (
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
 from llmq.ssrf import SUBMIT_LOOKUP_SECONDS, bounded, check_webhook_url, system_resolver
-from llmq.telemetry import MetricName, emit_count, error_fields, logger
+from llmq.telemetry import MetricName, emit_count, error_fields, logger, traceback_fields
 from llmq.tenants import TenantIdentity
 
 ENV = ApiEnvironment.load(function_name="api")
@@ -395,19 +394,13 @@ def handle_unexpected(exc: Exception) -> Response[Any]:
         # Valid JSON Python's parser still refuses with a plain ValueError, which validation
         # never sees: an integer of more than 4,300 digits (sys.get_int_max_str_digits).
         return handle_domain_error(errors.MalformedJson("the body holds a number too long to read"))
+    # An exception's text, and the text of one it was raised while handling, can quote what a
+    # request sent (a validation error's quotes the values it refused: a prompt, never in
+    # logs): the classes, AWS codes and the code's path only; a validation error's fields.
+    fields: dict[str, Any] = traceback_fields(exc)
     if isinstance(exc, ValidationError):
-        # Its text quotes the values it refused, which may be a prompt's (never in logs): the
-        # fields and the code's path only.
-        logger.error(
-            "unhandled error",
-            extra={
-                "error_class": type(exc).__name__,
-                "errors": exc.errors(include_url=False, include_input=False, include_context=False),
-                "traceback": "".join(traceback.format_tb(exc.__traceback__)),
-            },
-        )
-    else:
-        logger.exception("unhandled error")
+        fields["errors"] = exc.errors(include_url=False, include_input=False, include_context=False)
+    logger.error("unhandled error", extra=fields)
     return handle_domain_error(errors.DomainError("see server logs"))
 
 

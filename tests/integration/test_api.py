@@ -1069,6 +1069,62 @@ def test_an_unexpected_validation_error_is_a_500_whose_log_quotes_none_of_the_re
     assert not [entry for entry in logged if "SECRET-PLAN" in entry]
 
 
+@pytest.mark.parametrize("route", ["/v1/jobs", "/v1/batches"])
+def test_an_unexpected_error_while_a_refused_body_is_replayed_logs_none_of_the_request(
+    moto_stack: Any,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    route: str,
+) -> None:
+    """Hunt 236: the error was raised while the schema's refusal (which quotes the refused
+    values) was handled, and `logger.exception` wrote that chained refusal's text."""
+    from tests.integration.conftest import integration_config
+
+    # Given a submit accepted under a key (its answer lost), and a deploy since that lowers the
+    # limit it passed
+    secret = "SECRET-PLAN: merge with Initech " * 40
+    body: dict[str, Any] = (
+        {"prompt": secret}
+        if route == "/v1/jobs"
+        else {"requests": [{"custom_id": f"i{n}", "body": {"prompt": secret}} for n in range(3)]}
+    )
+    first = Harness(moto_stack, integration_config(provider), monkeypatch).api(
+        "POST", route, body=body, headers={"Idempotency-Key": "k-1"}, tenant=ENTERPRISE
+    )
+    assert first.status == 202, first.body
+    lowered = (
+        {"limits": {"max_prompt_chars": 1000}} if route == "/v1/jobs" else {"batches": {"max_requests": 2}}
+    )
+    harness = Harness(moto_stack, integration_config(provider, **lowered), monkeypatch)
+    capsys.readouterr()
+    # When the retry's replay, past its first look (which found the key's job), meets an AWS
+    # error no client causes
+    events = aws.client("dynamodb").meta.events
+    calls: list[str] = []
+
+    def refuse_after_the_first(event_name: str, **_: Any) -> None:
+        calls.append(event_name)
+        if len(calls) > 1:
+            error: Any = {
+                "Error": {"Code": "AccessDeniedException"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+            raise ClientError(error, event_name.rsplit(".", 1)[-1])
+
+    events.register("before-call.dynamodb", refuse_after_the_first, unique_id="test-api-refused-later")
+    try:
+        reply = harness.api("POST", route, body=body, headers={"Idempotency-Key": "k-1"}, tenant=ENTERPRISE)
+    finally:
+        events.unregister("before-call.dynamodb", unique_id="test-api-refused-later")
+    # Then it is a 500, and the log names the failure and where, quoting none of the request
+    assert len(calls) > 1 and (reply.status, reply.code) == (500, "internal_error"), reply.body
+    logged = [str(vars(record)) for record in caplog.records] + [capsys.readouterr().out]
+    assert any("AccessDeniedException" in entry and "RequestValidationError" in entry for entry in logged)
+    assert not [entry for entry in logged if "SECRET-PLAN" in entry]
+
+
 def test_metadata_that_leaves_no_room_in_the_item_is_refused_413_and_nothing_is_written(
     moto_stack: Any, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

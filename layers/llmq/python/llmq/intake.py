@@ -36,7 +36,15 @@ from llmq.policy import retention_error
 from llmq.ports import BlobStore, JobStore, PollPlaces, QueueStore
 from llmq.queues import announce_terminal
 from llmq.request_rules import check_job_request
-from llmq.telemetry import MetricName, count_outcome, emit_count, error_fields, fingerprint, logger
+from llmq.telemetry import (
+    MetricName,
+    count_outcome,
+    emit_count,
+    error_fields,
+    fingerprint,
+    logger,
+    traceback_fields,
+)
 from llmq.tenants import TenantIdentity
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -179,11 +187,12 @@ class JobIntake:
         )
         try:
             self.queues.enqueue_job(record.id, record.lane, record.tenant_id)
-        except Exception:
+        except Exception as exc:
             # The job is stored durably as queued; the reconciler enqueues it after
             # `stale_queued_seconds`. The client keeps its 202 and its job id.
-            logger.exception(
-                "enqueue failed; the reconciler will pick the job up", extra={"job_id": record.id}
+            logger.error(
+                "enqueue failed; the reconciler will pick the job up",
+                extra={"job_id": record.id, **traceback_fields(exc)},
             )
             # Counted, since no error metric sees it: the Lane<Name>EnqueueFailed alarm.
             from llmq.telemetry import MetricName, emit_job_metric

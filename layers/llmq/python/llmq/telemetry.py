@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import traceback
 from enum import StrEnum
 from functools import cache
 from typing import TYPE_CHECKING
@@ -175,6 +176,21 @@ def error_fields(exc: BaseException) -> dict[str, str | None]:
     response = getattr(exc, "response", None)
     code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
     return {"error_class": type(exc).__name__, "error_code": code}
+
+
+def traceback_fields(exc: BaseException) -> dict[str, str | None]:
+    """`error_fields`, and where the exception was raised: the frames of it and of every
+    exception it was raised from or while handling, each named by its class only. Never
+    `logger.exception`, whose text of a chained exception can quote a request (a validation
+    error's holds the refused prompt)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}:\n{''.join(traceback.format_tb(current.__traceback__))}")
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return {**error_fields(exc), "traceback": "raised while handling ".join(parts)}
 
 
 def reconcile_fault(exc: BaseException, what: str, message: str) -> None:
