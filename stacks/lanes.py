@@ -11,7 +11,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from llmq.config import LaneConfig, LlmqConfig
+from llmq.config import LaneConfig, LlmqConfig, id_part
 from stacks.template import LANE_TAG
 
 # The longest SQS allows; a DLQ message is evidence, kept as long as possible.
@@ -54,9 +54,8 @@ def grant_send(grantee: iam.IGrantable, *queues: sqs.IQueue) -> None:
         queue.grant(grantee, "sqs:SendMessage")
 
 
-def pascal(name: str) -> str:
-    """A lane or function name as a CloudFormation-friendly id part: `short-batch` -> `ShortBatch`."""
-    return "".join(part.capitalize() for part in name.replace("_", "-").split("-"))
+# A lane, tier or function name as a CloudFormation id part: `short-batch` -> `ShortBatch`.
+pascal = id_part
 
 
 def build_queue_pair(

@@ -1559,6 +1559,24 @@ def test_items_still_queued_as_the_retention_runs_out_end_expired_at_their_claim
         assert _get(harness, reply.body["id"]).status == 200
 
 
+def test_in_the_second_a_batchs_retention_ends_a_get_a_replay_and_a_new_body_agree_it_is_gone(
+    harness: Harness,
+) -> None:
+    # Given a batch under an Idempotency-Key, and the api's clock in the second its retention ends
+    first = _submit(harness, key="nightly-9", requests=_requests(2))
+    batch_id = first.body["id"]
+    ends = int(time.time()) + 100
+    _retention_ends_at(harness, batch_id, ends)
+    harness.api_module.batch_intake().batches._clock = lambda: ends + 0.5
+    # When it is read, and the key is used again with the same body, then with another
+    got = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE)
+    again = _submit(harness, key="nightly-9", requests=_requests(3))
+    # Then all say it is gone (hunt 237: a 404 to GET, but a replay of it, or a conflict)
+    assert got.status == 404
+    assert again.status == 202 and "idempotent-replayed" not in again.headers, again.body
+    assert again.body["request_counts"]["total"] == 3
+
+
 def test_a_stale_message_past_the_retention_leaves_the_key_free_for_a_new_job(
     harness: Harness, provider: FakeProviderServer
 ) -> None:

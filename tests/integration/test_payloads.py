@@ -88,3 +88,42 @@ def test_a_result_above_the_inline_limit_is_a_presigned_url(
     document = harness.api("GET", "/v1/openapi.json").body
     assert "result_url_expires_at" in document["components"]["schemas"]["Job"]["properties"]
     assert "about a second" in document["paths"]["/v1/jobs"]["get"]["description"]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_a_presigned_urls_stated_expiry_is_never_later_than_the_url_signed_at_the_end_of_a_second(
+    moto_stack: MotoStack, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Hunt 237: the upload URL's expiry was read from the clock after signing, a second late
+    when the signing fell at the very end of a second."""
+    import types
+
+    import botocore.auth
+
+    from llmq import payloads
+
+    # Given one clock for the signer and llmq, 0.4 ms before a whole second, moving 0.5 ms a read
+    clock = [1_800_000_000.9996]
+
+    def tick() -> float:
+        clock[0] += 0.0005
+        return clock[0] - 0.0005
+
+    def signer_now(remove_tzinfo: bool = True) -> datetime:
+        now = datetime.fromtimestamp(tick(), tz=UTC)
+        return now.replace(tzinfo=None) if remove_tzinfo else now
+
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", signer_now)
+    monkeypatch.setattr(payloads, "time", types.SimpleNamespace(time=tick))
+    store = payloads.PayloadStore(moto_stack.payload_bucket, s3=aws.client("s3"))
+    # When a URL is signed
+    signed = (
+        store.presigned_url("results/job_x.json", 600)
+        if method == "GET"
+        else store.presigned_put("inputs/uploads/t/upl_x.jsonl", 600, 10)
+    )
+    # Then the expiry it states comes no later than the one S3 holds it to
+    query = parse_qs(urlparse(signed.url).query)
+    at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    works_until = at + timedelta(seconds=int(query["X-Amz-Expires"][0]))
+    assert signed.expires_ms <= works_until.timestamp() * 1000

@@ -251,6 +251,47 @@ def test_a_running_job_asked_to_cancel_ends_canceled(harness: Harness, provider:
     assert provider.calls_for(job_id) == 1
 
 
+def test_a_retry_after_longer_than_sqs_can_hide_a_message_is_due_when_its_message_comes_back(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a job whose provider asks for a day (a daily quota's 429), longer than SQS can hide
+    # its message again (12 hours from its receive)
+    job_id = harness.submit(prompt="[[fail:429x1]] [[retry_after:86400]]").body["id"]
+    spy = VisibilitySpy()
+    # When the worker runs it
+    message = harness.receive(harness.stack.lane_queue_urls["high"])[0]
+    harness.run_worker(harness.stack.lane_queue_urls["high"], [message])
+    # Then the job is due no later than its message comes back (hunt 237: 20 minutes later, so
+    # the message's return spent a receive on a claim not yet due, toward the DLQ)
+    item = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
+    due_in = int(item["not_before_ms"]["N"]) / 1000 - time.time()
+    assert spy.timeouts and spy.timeouts[-1] >= due_in
+    assert due_in > 11 * 3600
+
+
+def test_a_retry_back_on_time_runs_under_a_clock_a_little_behind_the_one_that_set_it(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a job requeued after a 429 with Retry-After: 2 by one worker environment
+    job_id = harness.submit(prompt="[[fail:429x1]] [[retry_after:2]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    (message,) = harness.receive(url)
+    harness.run_worker(url, [message])
+    item = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
+    due_s = int(item["not_before_ms"]["N"]) / 1000
+    # When its message comes back on time to another environment, whose clock is half a
+    # second behind the first's (Lambda environments' clocks differ by up to about a second)
+    harness.worker().runner().jobs._clock = lambda: due_s - 0.5
+    harness.sqs.change_message_visibility(
+        QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+    )
+    response = harness.run_worker(url, harness.receive(url))
+    # Then it runs (hunt 237: refused as not yet due, it spent a receive toward the DLQ)
+    assert response == {"batchItemFailures": []}
+    assert provider.calls_for(job_id) == 2
+    assert _job(harness, job_id)["status"] == "succeeded"
+
+
 def test_a_retry_that_would_come_after_the_jobs_retention_ends_it_now_with_its_webhook(
     harness: Harness, provider: FakeProviderServer
 ) -> None:

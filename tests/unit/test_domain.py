@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from llmq.config import MAX_VISIBILITY_SECONDS, ConfigError, LlmqConfig, RetryPolicy, WorkerEnvironment
+from llmq.config import MAX_REDELIVERY_DELAY_SECONDS, ConfigError, LlmqConfig, RetryPolicy, WorkerEnvironment
 from llmq.intake import request_hash
 from llmq.job_record import new_job_id
 from llmq.lanes import lane_for_tier, retry_delay_seconds
@@ -35,7 +35,8 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
     assert all(ceiling / 2 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
     assert retry_delay_seconds(policy, 1, 7.0, rng) >= 7.0
     assert retry_delay_seconds(policy, 30, None, rng) <= 60
-    assert retry_delay_seconds(policy, 1, 1e9, rng) == MAX_VISIBILITY_SECONDS
+    # (no later than its message can be hidden again, so it is due when the message is back)
+    assert retry_delay_seconds(policy, 1, 1e9, rng) == MAX_REDELIVERY_DELAY_SECONDS
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,17 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {"limits": {"max_body_bytes": 8_000_000}},
         # (past what a message's content may hold: prompts within it would fail at the worker)
         {"limits": {"max_prompt_chars": 4_000_000}},
+        # (names that would call two resources by one id, or take the default plan's: the
+        # synth's construct clash, not a line naming the setting; hunt 238)
+        {"fair_share": {"tiers": {"default": {}}}},
+        {"fair_share": {"tiers": {"pro-plan": {}, "pro_plan": {}}}},
+        {
+            "lanes": [
+                {"name": "a-b", "tiers": ["x"], "max_concurrency": 2},
+                {"name": "a--b", "tiers": ["y"], "max_concurrency": 2},
+            ],
+            "default_lane": "a-b",
+        },
     ],
 )
 def test_invalid_configs_are_refused(bad: dict) -> None:

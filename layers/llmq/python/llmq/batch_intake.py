@@ -227,7 +227,7 @@ class BatchIntake:
         """The batch an Idempotency-Key made, if any. One past its retention, not yet deleted,
         counts as none: the key is free again, as `create` sees it."""
         stored = self.batches.find(batch_id) if idempotency_key is not None else None
-        return stored if stored is not None and stored.expires_at >= now_ms // 1000 else None
+        return stored if stored is not None and stored.expires_at > now_ms // 1000 else None
 
     def _upload(
         self, tenant: TenantIdentity, upload_id: str, stored: BatchRecord | None = None

@@ -428,7 +428,8 @@ class BatchRepository:
             "Put": {
                 "TableName": self.table_name,
                 "Item": _to_item(record, {**sweep, **listed}),
-                "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now_s",
+                # (gone at its retention's end, as `get` and a replay's look see it)
+                "ConditionExpression": "attribute_not_exists(pk) OR expires_at <= :now_s",
                 "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
@@ -669,7 +670,7 @@ class BatchRepository:
                     # (an earlier release kept items past their batch for their webhooks'
                     # retries). Never one running: its worker holds a lease and its tenant's
                     # slot under this id, and the chunk waits for it to end or be recovered.
-                    "ConditionExpression": "attribute_not_exists(pk) OR (#st <> :running AND (expires_at < :now_s "
+                    "ConditionExpression": "attribute_not_exists(pk) OR (#st <> :running AND (expires_at <= :now_s "
                     "OR (created_ms < :earlier AND #st IN (:succeeded, :failed, :canceled, :expired))))",
                     "ExpressionAttributeNames": {"#st": "status"},
                     "ExpressionAttributeValues": codec.values(

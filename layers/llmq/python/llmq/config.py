@@ -23,6 +23,12 @@ from llmq.models import MAX_CONTENT_CHARS
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
 # SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
 MAX_VISIBILITY_SECONDS = 43_200
+# SQS caps a message's visibility at 12 hours from the ReceiveMessage that returned it, not
+# from the ChangeMessageVisibility call; asking for more is refused (InvalidParameterValue).
+# The event source mapping received the batch before the function started, up to Lambda's
+# longest timeout (900 s) plus the longest batching window (300 s) ago, so that much is kept:
+# the longest a message can be hidden again, and so the longest wait for a retry.
+MAX_REDELIVERY_DELAY_SECONDS = MAX_VISIBILITY_SECONDS - 900 - 300
 # API Gateway's REST integration timeout: the whole invoke, authorizer and cold start
 # included, must answer within it, or the client gets 504 while the function runs on.
 GATEWAY_TIMEOUT_SECONDS = 29.0
@@ -359,6 +365,22 @@ WEBHOOK_OVERHEAD_SECONDS = 5
 MAX_TRANSACTION_BYTES = 3_500_000
 
 
+def id_part(name: str) -> str:
+    """A lane's or tier's name as its resources' CloudFormation id part: `short-batch` ->
+    `ShortBatch`."""
+    return "".join(part.capitalize() for part in name.replace("_", "-").split("-"))
+
+
+def _distinct_ids(what: str, names: list[str]) -> None:
+    """Names that would call two resources by one id (`pro-plan`, `pro_plan`; `a--b`, `a-b`)
+    are refused here, not by the synth's error."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(id_part(name), name)
+        if other != name:
+            raise ValueError(f"{what}: {other!r} and {name!r} would name the same resources; rename one")
+
+
 def batch_cap(cap: int, reserve: float) -> int:
     """A tenant's batch items running at once in a lane where its cap is `cap`: the cap less
     the reserve for its other jobs (`reserve` of the cap, rounded up), at least one. A cap of
@@ -483,6 +505,14 @@ class LlmqConfig(_Frozen):
         names = [lane.name for lane in self.lanes]
         if len(set(names)) != len(names):
             raise ValueError(f"lane names must be unique: {names}")
+        _distinct_ids("lane names", names)
+        # (each tier's usage plan is named, and its resources called, by the tier; the plan of
+        # tiers not listed is `default`'s)
+        if any(tier.lower() == "default" for tier in self.fair_share.tiers):
+            raise ValueError(
+                "fair_share.tiers: `default` names the plan of tiers not listed; use fair_share.default"
+            )
+        _distinct_ids("fair_share.tiers", list(self.fair_share.tiers))
         if self.default_lane not in names:
             raise ValueError(f"default_lane {self.default_lane!r} is not a lane")
         tiers = [tier for lane in self.lanes for tier in lane.tiers]

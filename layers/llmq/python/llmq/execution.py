@@ -33,6 +33,7 @@ from llmq.live_output import OutputRecorder, printable
 from llmq.models import ErrorCode, JobError, JobResult, JobStatus, LaneMessage, WebhookEvent
 from llmq.offload import Offload
 from llmq.policy import (
+    DUE_TOLERANCE_MS,
     MAX_DEAD_LETTER_REDRIVES,
     Claim,
     ClaimOutcome,
@@ -269,7 +270,7 @@ class JobRunner:
                 logger.warning(
                     "lane message due too far ahead; claimed now", extra={"job_id": message.job_id}
                 )
-            elif wait_ms > 1000:
+            elif wait_ms > DUE_TOLERANCE_MS:
                 # A deferral longer than SQS's 900 s delay, on its way: passed on, not claimed.
                 await self._resend(
                     message,

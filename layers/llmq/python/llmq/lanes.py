@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from llmq.config import MAX_VISIBILITY_SECONDS, LaneConfig, LlmqConfig, RetryPolicy
+from llmq.config import MAX_REDELIVERY_DELAY_SECONDS, LaneConfig, LlmqConfig, RetryPolicy
 
 
 def lane_for_tier(config: LlmqConfig, tier: str) -> LaneConfig:
@@ -14,11 +14,14 @@ def lane_for_tier(config: LlmqConfig, tier: str) -> LaneConfig:
 def retry_delay_seconds(
     policy: RetryPolicy, attempt: int, retry_after: float | None, rng: random.Random | None = None
 ) -> float:
-    """Exponential backoff with full jitter, never sooner than the provider's Retry-After.
+    """Exponential backoff with full jitter, never sooner than the provider's Retry-After, and
+    never later than the job's message can be hidden (`MAX_REDELIVERY_DELAY_SECONDS`): a job
+    due later than its message comes back would spend a receive on a claim that is not yet
+    due, and enough of them reach the DLQ with nothing crashed (hunt 237).
 
     `attempt` is the number of the attempt that just failed, from 1.
     """
     ceiling = min(policy.max_seconds, policy.base_seconds * (2 ** max(0, attempt - 1)))
     jittered = (rng or random).uniform(ceiling / 2, ceiling)
     floor = retry_after or 0.0
-    return min(max(jittered, floor), float(MAX_VISIBILITY_SECONDS))
+    return min(max(jittered, floor), float(MAX_REDELIVERY_DELAY_SECONDS))

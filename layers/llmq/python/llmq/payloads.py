@@ -154,13 +154,11 @@ class PayloadStore:
         """A PUT URL for `key` of exactly `content_length` bytes, working as long as
         `presigned_url`'s GET would. The length is a signed header: S3 refuses a PUT of any
         other (SignatureDoesNotMatch), so nothing larger than was asked for reaches the bucket."""
-        seconds = self._url_seconds(expires_seconds)
-        url: str = self._s3.generate_presigned_url(
+        return self._signed(
             "put_object",
-            Params={"Bucket": self.bucket, "Key": key, "ContentLength": content_length},
-            ExpiresIn=seconds,
+            {"Bucket": self.bucket, "Key": key, "ContentLength": content_length},
+            expires_seconds,
         )
-        return PresignedUrl(url, (int(time.time()) + seconds) * 1000)
 
     def _url_seconds(self, expires_seconds: int) -> int:
         credentials_expire = credentials_expiry(self._raw)
@@ -171,13 +169,15 @@ class PayloadStore:
     def presigned_url(self, key: str, expires_seconds: int = RESULT_URL_SECONDS) -> PresignedUrl:
         """A GET URL for `key` that works for `expires_seconds`, or until the signing
         credentials expire if that is sooner."""
+        return self._signed("get_object", {"Bucket": self.bucket, "Key": key}, expires_seconds)
+
+    def _signed(self, operation: str, params: dict[str, Any], expires_seconds: int) -> PresignedUrl:
         now = time.time()
         seconds = self._url_seconds(expires_seconds)
-        url: str = self._s3.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=seconds
-        )
+        url: str = self._s3.generate_presigned_url(operation, Params=params, ExpiresIn=seconds)
         # The URL's life runs from its X-Amz-Date, the signing time in whole seconds, a moment
-        # after `now`: stated from `now` rounded down, the expiry is never later than the URL's.
+        # after `now`: stated from `now` rounded down, the expiry is never later than the URL's
+        # (hunt 237: the PUT's, read after signing, could be a second later).
         return PresignedUrl(url, (int(now) + seconds) * 1000)
 
 

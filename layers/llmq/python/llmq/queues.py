@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from llmq import aws
-from llmq.config import MAX_VISIBILITY_SECONDS
+from llmq.config import MAX_REDELIVERY_DELAY_SECONDS
 from llmq.job_record import JobRecord
 from llmq.models import BatchEvent, DeliveryStatus, JobOutputEvent, LaneMessage, WebhookEvent, WebhookMessage
 
@@ -27,11 +27,6 @@ _DEPTH_ATTRIBUTES = (
 )
 
 
-# SQS caps a message's visibility at 12 hours from the ReceiveMessage that returned it, not
-# from the ChangeMessageVisibility call; asking for more is refused (InvalidParameterValue).
-# The event source mapping received the batch before the function started, up to Lambda's
-# longest timeout (900 s) plus the longest batching window (300 s) ago, so that much is kept.
-MAX_REDELIVERY_DELAY_SECONDS = MAX_VISIBILITY_SECONDS - 900 - 300
 # SendMessage's DelaySeconds: 0 to 900.
 MAX_SEND_DELAY_SECONDS = 900
 # The job a terminal webhook message may carry (`job_snapshot`): well under SQS's default
