@@ -965,7 +965,9 @@ def cmd_tenants_show(args: argparse.Namespace) -> int:
 
 
 def cmd_tenants_attach_usage_keys(args: argparse.Namespace) -> int:
-    """For tenants created before usage plans: without a key API Gateway refuses them (403)."""
+    """For tenants created before usage plans: without a key API Gateway refuses them (403).
+    And for a deploy that added or removed a tier: keys left in another tier's plan, or in a
+    plan since deleted (403), go to the plan their tier has now."""
     from llmq.tenants import UnknownTenant
 
     target = AwsTarget(args)
@@ -980,6 +982,14 @@ def cmd_tenants_attach_usage_keys(args: argparse.Namespace) -> int:
         except UnknownTenant as exc:
             raise CliError(f"no tenant {tenant_id}") from exc
         attached.append({"id": tenant.id, "tier": tenant.tier, "usage_key_id": tenant.usage_key_id})
+    # Then every key into the plan it belongs in as the deploy left the plans (a tier added or
+    # removed), unless only named tenants were asked for.
+    if not args.tenant_id:
+        keys = limits.tenants.usage_keys_by_tenant()
+        tiers = {tenant_id: (tier, key_id) for tenant_id, tier, key_id in keys}
+        for tenant_id, plan in limits.usage_plans.rehome(keys):
+            tier, key_id = tiers[tenant_id]
+            attached.append({"id": tenant_id, "tier": tier, "usage_key_id": key_id, "moved_to_plan": plan})
     _print_json(attached)
     return 0
 
@@ -1495,9 +1505,12 @@ def build_parser() -> argparse.ArgumentParser:
     limits.set_defaults(handler=cmd_tenants_set_limits)
     attach = tenants.add_parser(
         "attach-usage-keys",
-        help="give tenants created before usage plans their API Gateway key (else API Gateway answers 403)",
+        help="give tenants without an API Gateway key one, and move every key into the usage plan its "
+        "tier now has (make deploy runs it; else API Gateway answers 403, or throttles at another plan's rate)",
     )
-    attach.add_argument("tenant_id", nargs="*", help="tenant ids (default: every tenant without one)")
+    attach.add_argument(
+        "tenant_id", nargs="*", help="tenant ids (default: every tenant without one, then every key's plan)"
+    )
     attach.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
     _aws_options(attach)
     attach.set_defaults(handler=cmd_tenants_attach_usage_keys)

@@ -203,6 +203,80 @@ def test_a_tenant_created_before_usage_plans_gets_its_key_on_every_api_key(
     assert [plan["id"] for plan in in_plans] == [stack["free"]]
 
 
+def _redeployed_with_plans(plan_ids: dict[str, str]) -> None:
+    """A deploy that changed the stack's tiers: its UsagePlanIds output names these plans."""
+    cloudformation = aws.client("cloudformation")
+    (described,) = cloudformation.describe_stacks(StackName=STACK)["Stacks"]
+    outputs = {output["OutputKey"]: output["OutputValue"] for output in described["Outputs"]}
+    outputs["UsagePlanIds"] = json.dumps(plan_ids)
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "placeholder"}}},
+        "Outputs": {key: {"Value": value} for key, value in outputs.items()},
+    }
+    cloudformation.update_stack(StackName=STACK, TemplateBody=json.dumps(template))
+
+
+def _plans_holding(key_id: str) -> list[str]:
+    return [plan["id"] for plan in aws.client("apigateway").get_usage_plans(keyId=key_id)["items"]]
+
+
+def test_a_deploy_that_removes_a_tier_moves_its_tenants_keys_to_the_default_plan(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
+) -> None:
+    # Given a free tenant, its key in the free tier's plan
+    created = llmq(capsys, "create", "--name", "Hobby", "--tier", "free", "--id", "ten_hobby")
+    key_id = (
+        TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+        .get("ten_hobby")
+        .usage_key_id
+    )
+    assert created["id"] == "ten_hobby" and key_id and _plans_holding(key_id) == [stack["free"]]
+    # When a deploy drops the tier from fair_share.tiers: CloudFormation deletes its plan
+    apigateway = aws.client("apigateway")
+    (stage,) = apigateway.get_usage_plan(usagePlanId=stack["free"])["apiStages"]
+    apigateway.update_usage_plan(
+        usagePlanId=stack["free"],
+        patchOperations=[
+            {"op": "remove", "path": "/apiStages", "value": f"{stage['apiId']}:{stage['stage']}"}
+        ],
+    )
+    apigateway.delete_usage_plan(usagePlanId=stack["free"])
+    _redeployed_with_plans({tier: plan for tier, plan in stack.items() if tier != "free"})
+    assert _plans_holding(key_id) == []  # (API Gateway would refuse every request: 403)
+    # And make deploy runs attach-usage-keys (hunt 238: it only looked for tenants without keys)
+    moved = llmq(capsys, "attach-usage-keys")
+    # Then the key is in the plan its tier has now, the default one, and a second run moves nothing
+    assert moved == [{"id": "ten_hobby", "tier": "free", "usage_key_id": key_id, "moved_to_plan": stack["*"]}]
+    assert _plans_holding(key_id) == [stack["*"]]
+    assert llmq(capsys, "attach-usage-keys") == []
+
+
+def test_a_deploy_that_adds_a_tier_moves_its_tenants_keys_to_its_plan_and_leaves_an_override(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str], moto_stack: MotoStack
+) -> None:
+    # Given two tenants of a tier the config did not list (in the default plan), one of them
+    # with a rate of its own
+    tenants = TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+    for tenant_id in ("ten_pro", "ten_own"):
+        llmq(capsys, "create", "--name", tenant_id, "--tier", "pro", "--id", tenant_id)
+    llmq(capsys, "set-limits", "ten_own", "--rate", "3", "--burst", "6")
+    pro_key, own_key = (tenants.get(tenant_id).usage_key_id or "" for tenant_id in ("ten_pro", "ten_own"))
+    assert _plans_holding(pro_key) == [stack["*"]]
+    (own_plan,) = _plans_holding(own_key)
+    # When a deploy adds the tier, with a plan of its own
+    apigateway = aws.client("apigateway")
+    stages = apigateway.get_usage_plan(usagePlanId=stack["*"])["apiStages"]
+    pro = apigateway.create_usage_plan(
+        name=f"{STACK}-pro", apiStages=stages, throttle={"rateLimit": 40.0, "burstLimit": 80}
+    )
+    _redeployed_with_plans({**stack, "pro": pro["id"]})
+    moved = llmq(capsys, "attach-usage-keys")
+    # Then the tier's tenant is in its plan, and the one with its own rate keeps it
+    assert [(entry["id"], entry["moved_to_plan"]) for entry in moved] == [("ten_pro", pro["id"])]
+    assert _plans_holding(pro_key) == [pro["id"]]
+    assert _plans_holding(own_key) == [own_plan] and own_plan != pro["id"]
+
+
 def _fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     code = main(
         ["--state-file", "x.json", "tenants", *args, "--aws", "--region", "us-east-1", "--stack", STACK]

@@ -290,6 +290,17 @@ class TenantRepository:
         }
         return bare + sorted(unfinished - set(bare))
 
+    def usage_keys_by_tenant(self) -> list[tuple[str, str, str]]:
+        """(tenant id, tier, API Gateway key id) of every tenant that has its key: a Scan."""
+        return [
+            (item["pk"]["S"].removeprefix("tenant#"), item["tier"]["S"], item["usage_key_id"]["S"])
+            for item in self._scan(
+                "begins_with(pk, :prefix) AND attribute_exists(usage_key_id)",
+                {":prefix": {"S": "tenant#"}},
+                projection=("pk", "tier", "usage_key_id"),
+            )
+        ]
+
     def _key_items_without_usage_key(self, tenant_id: str) -> list[str]:
         return [
             item["pk"]["S"]

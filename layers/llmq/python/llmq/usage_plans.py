@@ -190,6 +190,55 @@ class ApiGatewayUsagePlans:
             self._apigw.update_usage_plan(usagePlanId=own["id"], patchOperations=detach)
         self._apigw.delete_usage_plan(usagePlanId=own["id"])
 
+    def rehome(self, tenants: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        """Each (tenant id, tier, key id)'s key in the plan it belongs in, as the stack's
+        plans are now: the tenant's own (`set-limits --rate`) if it has one, else its tier's.
+        A deploy that adds a tier leaves that tier's tenants in the default plan, and one that
+        removes a tier deletes the plan their keys were in (API Gateway then refuses every
+        request of theirs with 403). (Tenant id, plan id) of each key moved. Each of the
+        stack's plans' keys are listed once, not looked up per tenant."""
+        apis = self._stack_apis()
+        plans = [
+            plan
+            for plan in self._pages()
+            if {stage.get("apiId") for stage in plan.get("apiStages") or []} & apis
+        ]
+        holders: dict[str, set[str]] = {}
+        for plan in plans:
+            for key_id in self._plan_key_ids(plan["id"]):
+                holders.setdefault(key_id, set()).add(plan["id"])
+        own = {
+            str(plan["name"]).removeprefix(TENANT_PLAN_PREFIX): plan["id"]
+            for plan in plans
+            if str(plan.get("name", "")).startswith(TENANT_PLAN_PREFIX)
+        }
+        moved = []
+        for tenant_id, tier, key_id in tenants:
+            wanted = own.get(tenant_id) or self.tier_plan(tier)
+            held = sorted(holders.get(key_id, set()) - {wanted})
+            if not held and wanted in holders.get(key_id, set()):
+                continue
+            for extra in held[1:]:
+                # (one plan per API stage: never more than one, unless made by hand)
+                self._apigw.delete_usage_plan_key(usagePlanId=extra, keyId=key_id)
+            if held:
+                self._move(key_id, from_plan=held[0], to_plan=wanted)
+            else:
+                self._apigw.create_usage_plan_key(usagePlanId=wanted, keyId=key_id, keyType="API_KEY")
+            moved.append((tenant_id, wanted))
+        return moved
+
+    def _plan_key_ids(self, plan_id: str) -> Iterator[str]:
+        position: str | None = None
+        while True:
+            page = self._apigw.get_usage_plan_keys(
+                usagePlanId=plan_id, limit=500, **({"position": position} if position else {})
+            )
+            yield from (key["id"] for key in page.get("items", []))
+            position = page.get("position")
+            if not position:
+                return
+
     def _own_plan(self, tenant_id: str) -> dict[str, Any] | None:
         """The tenant's own plan on this stack's API: plans are named per tenant across the
         account, and another stack (a staging copy) may have a tenant of the same id."""
