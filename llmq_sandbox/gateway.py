@@ -791,8 +791,13 @@ class _GatewayHandler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         parts = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._body()
+        if body is None:
+            # (a body whose end cannot be told: answered once, and the connection closed, so
+            # none of its bytes is read as a next request)
+            self.close_connection = True
+            self._write(HttpReply(400, [("Content-Type", "application/json")], b'{"message":"Bad Request"}'))
+            return
         # The sandbox's own endpoints answer with or without the stage in front.
         stage_prefix = f"/{self.server.gateway.api.stage}"
         own = (
@@ -807,7 +812,11 @@ class _GatewayHandler(BaseHTTPRequestHandler):
             method=self.command,
             path=parts.path or "/",
             query=parts.query,
-            headers=[(name, value) for name, value in self.headers.items() if name.lower() != "connection"],
+            headers=[
+                (name, value)
+                for name, value in self.headers.items()
+                if name.lower() not in ("connection", "transfer-encoding")
+            ],
             body=body,
             source_ip=self.client_address[0],
         )
@@ -819,6 +828,36 @@ class _GatewayHandler(BaseHTTPRequestHandler):
                 500, [("Content-Type", "application/json")], b'{"message":"Internal server error"}'
             )
         self._write(reply)
+
+    def _body(self) -> bytes | None:
+        """The request's body, framed by its Content-Length or sent chunked (a client that
+        streams its body); None when its framing is invalid. Past the payload limit a body is
+        read no further than one byte over it (the gateway then answers 413)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._chunked()
+        declared = self.headers.get("Content-Length") or "0"
+        if not declared.isdigit():
+            return None  # (negative, or not a number: AWS's front answers 400)
+        return self.rfile.read(int(declared)) if int(declared) else b""
+
+    def _chunked(self) -> bytes | None:
+        body = bytearray()
+        while True:
+            size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
+            try:
+                size = int(size_line, 16)
+            except ValueError:
+                return None
+            if size == 0:
+                break
+            if size < 0 or len(body) + size > MAX_PAYLOAD_BYTES + 1:
+                return None if size < 0 else bytes(body) + b"\0" * (MAX_PAYLOAD_BYTES + 1 - len(body))
+            body += self.rfile.read(size)
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                return None
+        while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+            pass  # (trailers)
+        return bytes(body)
 
     def _introspect(self, path: str, query: dict[str, str], body: bytes) -> None:
         introspection = self.server.introspection
