@@ -205,6 +205,13 @@ class BatchIntake:
         stored, replayed = self.batches.create(
             record, self.config.concurrency_caps(tenant.tier, record.lane), state, default_max_active
         )
+        if replayed and not stored.status.is_terminal and stored.expires_at <= now_ms // 1000:
+            # An earlier batch under the key, past its retention but not ended (the reconciler
+            # was down): its items still count, and end as their claims or the reconciler end
+            # them; then the key is free (review 234).
+            raise StoreUnavailable(
+                "this Idempotency-Key's earlier batch is past its retention and has not ended yet"
+            )
         if replayed:  # (a first submit of the same key, concurrent with this one)
             return self._replayed(stored, tenant, record.request_digest, digest), True
         logger.info("batch accepted", extra={"batch_id": batch_id, "items": record.total, "lane": lane})

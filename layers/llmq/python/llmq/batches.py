@@ -428,9 +428,16 @@ class BatchRepository:
             "Put": {
                 "TableName": self.table_name,
                 "Item": _to_item(record, {**sweep, **listed}),
-                # (gone at its retention's end, as `get` and a replay's look see it)
-                "ConditionExpression": "attribute_not_exists(pk) OR expires_at <= :now_s",
-                "ExpressionAttributeValues": codec.values(now_s=int(self._clock())),
+                # Gone at its retention's end, as `get` and a replay's look see it, once it has
+                # ended: one not ended still has items counted in its tenant's quota, which only
+                # their own ends give back (a put over it would leave them counted for good).
+                "ConditionExpression": "attribute_not_exists(pk) OR (expires_at <= :now_s AND #st IN "
+                "(:completed, :canceled, :expired, :failed))",
+                "ExpressionAttributeNames": {"#st": "status"},
+                "ExpressionAttributeValues": codec.values(
+                    now_s=int(self._clock()),
+                    **{status.value: status.value for status in BatchStatus if status.is_terminal},
+                ),
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
         }
