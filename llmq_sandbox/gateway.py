@@ -39,6 +39,7 @@ import fnmatch
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -782,6 +783,9 @@ class ApiGateway:
 Introspection = Callable[[str, dict[str, str], str, bytes], tuple[int, Any] | None]
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class _GatewayHandler(BaseHTTPRequestHandler):
     server: GatewayServer
     protocol_version = "HTTP/1.1"
@@ -844,14 +848,15 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         body = bytearray()
         while True:
             size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                return None
+            if not _CHUNK_SIZE.fullmatch(size_line):
+                return None  # (RFC 9112: 1*HEXDIG; not `0x2`, `+2` or `1_0`, which int() reads)
+            size = int(size_line, 16)
             if size == 0:
                 break
-            if size < 0 or len(body) + size > MAX_PAYLOAD_BYTES + 1:
-                return None if size < 0 else bytes(body) + b"\0" * (MAX_PAYLOAD_BYTES + 1 - len(body))
+            if len(body) + size > MAX_PAYLOAD_BYTES + 1:
+                # Refused (413) unread: the rest of the body must never be read as a request.
+                self.close_connection = True
+                return bytes(body) + b"\0" * (MAX_PAYLOAD_BYTES + 1 - len(body))
             body += self.rfile.read(size)
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 return None

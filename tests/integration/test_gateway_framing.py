@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmq_sandbox.config import RunnerSettings
-from llmq_sandbox.gateway import ApiGateway, GatewayServer
+from llmq_sandbox.gateway import MAX_PAYLOAD_BYTES, ApiGateway, GatewayServer
 from llmq_sandbox.lambda_service import InvocationResult, Outcome
 from llmq_sandbox.topology import ApiSpec, RouteSpec
 
@@ -110,6 +110,37 @@ def test_a_chunk_size_that_is_not_hex_is_a_400_and_nothing_is_invoked(
     server: GatewayServer, echo: Echo
 ) -> None:
     raw = b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    answered = _exchange(server, raw)
+    assert answered.startswith(b"HTTP/1.1 400") and answered.count(b"HTTP/1.1 ") == 1
+    assert echo.events == []
+
+
+def test_an_oversized_chunked_body_is_one_413_and_its_bytes_are_never_a_request(
+    server: GatewayServer, echo: Echo
+) -> None:
+    # Given a chunk larger than API Gateway's payload limit, whose bytes look like a request
+    smuggled = b"DELETE /prod/v1/jobs/job_smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    raw = (
+        b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{MAX_PAYLOAD_BYTES + 100:x}\r\n".encode()
+        + smuggled
+    )
+    answered = _exchange(server, raw)
+    # Then it is refused once, and nothing reaches the function (review 241: the chunk's bytes
+    # were read as a second request on the kept-alive connection)
+    assert answered.startswith(b"HTTP/1.1 413") and answered.count(b"HTTP/1.1 ") == 1
+    assert echo.events == []
+
+
+@pytest.mark.parametrize("size", [b"0x2", b"+2", b"0_2", b""])
+def test_a_chunk_size_that_is_not_hex_digits_alone_is_a_400(
+    server: GatewayServer, echo: Echo, size: bytes
+) -> None:
+    raw = (
+        b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + size
+        + b"\r\n{}\r\n0\r\n\r\n"
+    )
     answered = _exchange(server, raw)
     assert answered.startswith(b"HTTP/1.1 400") and answered.count(b"HTTP/1.1 ") == 1
     assert echo.events == []
