@@ -29,7 +29,7 @@ from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import sweep_partitions
 from llmq.job_record import JobRecord
 from llmq.jobs import JobRepository
-from llmq.models import DeliveryStatus, ErrorCode, JobResult, JobStatus, Usage
+from llmq.models import DeliveryStatus, ErrorCode, JobError, JobResult, JobStatus, Usage
 from llmq.offload import Offload
 from llmq.payloads import PayloadStore
 from llmq.policy import ClaimOutcome, deadline_error
@@ -1000,6 +1000,35 @@ def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> Non
     mark_dead_letter(jobs, queues, resent[0]["Body"], "dlq-message-2")
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
+def test_a_dead_letter_record_redelivered_after_a_claim_counts_no_crash_again(harness: Harness) -> None:
+    # Given a queued job whose message dead-lettered, counted and sent again, the DLQ record's
+    # acknowledgement lost (the dead-letter function timed out on a later record of its batch)
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    (submitted,) = _lane_messages(harness, job_id)
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
+    # And a worker that then claimed it through the message sent again, and met a provider
+    # error it may retry: queued again
+    claim = jobs.claim(job_id, "worker-1", lease_seconds=60)
+    assert claim.claimed and claim.job is not None
+    error = JobError(code=ErrorCode.PROVIDER_UNAVAILABLE, message="503", retryable=True)
+    assert jobs.requeue(claim.job, "worker-1", error, delay_seconds=0) is not None
+    harness.sqs.purge_queue(QueueUrl=harness.stack.lane_queue_urls["high"])
+    # When the same DLQ record comes back to the dead-letter function
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
+    # Then it counts nothing and sends nothing (hunt 241: it counted as the first letter since
+    # the claim, and sent another message)
+    assert _lane_messages(harness, job_id) == []
+    # And the first real dead letter since the claim is answered with a message, not a give-up
+    resent = json.dumps({**json.loads(submitted["Body"]), "redrive_round": 1})
+    mark_dead_letter(jobs, queues, resent, "dlq-message-2")
+    assert _job(harness, job_id)["status"] == "queued"
+    assert len(_lane_messages(harness, job_id)) == 1
 
 
 def test_a_dead_letter_whose_resend_is_throttled_is_retried_and_counts_once(harness: Harness) -> None:

@@ -142,6 +142,8 @@ class InMemoryJobs:
         self._clock = clock
         self.records: dict[str, JobRecord] = {}
         self.due: dict[str, int] = {}
+        # Every dead letter each job ever counted (the item's counted_letters), kept by claims.
+        self.counted_letters: dict[str, set[str]] = {}
         self.unavailable: set[str] = set()
         # Every delivery outcome recorded: (status, the receiver's status code, retry in).
         self.deliveries: list[tuple[DeliveryStatus, int | None, float | None]] = []
@@ -590,8 +592,11 @@ class InMemoryJobs:
             return None
         if message_id in old.dead_letter_ids:
             return old  # counted already: it still counts, once
+        if message_id in self.counted_letters.get(job.id, set()):
+            return None  # counted before the last claim: a DLQ record redelivered
         if old.dead_letter_ids and old.redrive_round != redrive_round:
             return None  # a copy from a round already answered
+        self.counted_letters.setdefault(job.id, set()).add(message_id)
         return self._put(
             old, dead_letter_ids={*old.dead_letter_ids, message_id}, redrive_round=redrive_round + 1
         )

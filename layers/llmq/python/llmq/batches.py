@@ -51,7 +51,7 @@ from llmq.models import (
 )
 from llmq.offload import BOOKKEEPING_BYTES, ITEM_HEADROOM_BYTES
 from llmq.payloads import PresignedUrl
-from llmq.policy import fresh_letter_condition
+from llmq.policy import COUNTED_LETTERS, fresh_letter_condition
 from llmq.shares import ShareState, holders_of, share_key
 from llmq.telemetry import error_fields, logger
 
@@ -842,8 +842,8 @@ class BatchRepository:
         the one conditional update that counts makes two letters handled at once count once."""
         counted = self._update_while_open(
             batch.id,
-            "ADD dead_letter_ids :ids, redrive_round :one",
-            {"ids": {message_id}, "round": redrive_round, "one": 1},
+            f"ADD dead_letter_ids :ids, {COUNTED_LETTERS} :ids, redrive_round :one",
+            {"ids": {message_id}, "round": redrive_round, "one": 1, "letter": message_id},
             fresh_letter_condition(redrive_round),
             finalizing=True,
         )

@@ -52,7 +52,7 @@ from llmq.models import (
     JobStatus,
     OutputDelta,
 )
-from llmq.policy import DUE_TOLERANCE_MS, Claim, fresh_letter_condition
+from llmq.policy import COUNTED_LETTERS, DUE_TOLERANCE_MS, Claim, fresh_letter_condition
 from llmq.read_gathering import GatheredReads
 from llmq.shares import ShareState
 from llmq.telemetry import error_fields, logger, reconcile_fault
@@ -1011,8 +1011,13 @@ class JobRepository:
         counted = self._update_if_status(
             job.id,
             JobStatus.QUEUED,
-            "ADD dead_letter_ids :ids, redrive_round :one",
-            {**ids, ":round": {"N": str(redrive_round)}, ":one": {"N": "1"}},
+            f"ADD dead_letter_ids :ids, {COUNTED_LETTERS} :ids, redrive_round :one",
+            {
+                **ids,
+                ":round": {"N": str(redrive_round)},
+                ":one": {"N": "1"},
+                ":letter": {"S": message_id},
+            },
             fresh_letter_condition(redrive_round),
         )
         if counted is not None:

@@ -43,7 +43,14 @@ def fresh_letter_condition(redrive_round: int) -> str:
     written before rounds existed has none, and is of the first round.
     """
     either = "attribute_not_exists(dead_letter_ids) OR redrive_round = :round"
-    return f"({either} OR attribute_not_exists(redrive_round))" if redrive_round == 0 else f"({either})"
+    fresh = f"({either} OR attribute_not_exists(redrive_round))" if redrive_round == 0 else f"({either})"
+    # Never a letter already counted, even before the last claim cleared the set: a DLQ record
+    # redelivered (its acknowledgement lost) after a claim would count a crash again (hunt 241).
+    return f"{fresh} AND NOT contains({COUNTED_LETTERS}, :letter)"
+
+
+# Every dead letter a job or batch ever counted (its DLQ message ids), which no claim clears.
+COUNTED_LETTERS = "counted_letters"
 
 
 class ClaimOutcome(StrEnum):
