@@ -211,7 +211,8 @@ def shown_body(body: str) -> str:
     by its id and status only."""
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # (RecursionError: a foreign poison body nested past Python's parser, hunt 241)
         return body
     if not isinstance(message, dict):
         return body

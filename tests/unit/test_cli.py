@@ -131,6 +131,9 @@ def test_a_peeked_webhook_dead_letter_shows_its_job_by_id_and_status_only() -> N
     # A lane message, or a body that is not JSON, is shown as it is
     assert shown_body('{"job_id": "job_2", "lane": "high"}') == '{"job_id": "job_2", "lane": "high"}'
     assert shown_body("not json") == "not json"
+    # And so is a foreign body nested deeper than Python's parser goes (the poison queue's)
+    nested = "[" * 5000 + "]" * 5000
+    assert shown_body(nested) == nested
     # And a `job.output` event's generated text is shown by its place in the output only
     output = json.dumps(
         {
