@@ -281,14 +281,20 @@ def test_a_retry_back_on_time_runs_under_a_clock_a_little_behind_the_one_that_se
     due_s = int(item["not_before_ms"]["N"]) / 1000
     # When its message comes back on time to another environment, whose clock is half a
     # second behind the first's (Lambda environments' clocks differ by up to about a second)
-    harness.worker().runner().jobs._clock = lambda: due_s - 0.5
+    behind = due_s - 0.5 - time.time()
+    harness.worker().runner().jobs._clock = lambda: time.time() + behind
+    due_by_that_clock = time.time() + 0.5
     harness.sqs.change_message_visibility(
         QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
     )
     response = harness.run_worker(url, harness.receive(url))
-    # Then it runs (hunt 237: refused as not yet due, it spent a receive toward the DLQ)
+    # Then it runs once due by that clock, in the same invocation (hunt 237: refused as not yet
+    # due, it spent a receive toward the DLQ), never before its Retry-After by the clock that
+    # claims it
     assert response == {"batchItemFailures": []}
     assert provider.calls_for(job_id) == 2
+    second = provider.state.snapshot()["log"][-1]
+    assert second["job_id"] == job_id and second["started_at"] >= due_by_that_clock
     assert _job(harness, job_id)["status"] == "succeeded"
 
 

@@ -55,7 +55,7 @@ from llmq.models import (
     WebhookEvent,
 )
 from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
-from llmq.policy import DUE_TOLERANCE_MS, Claim
+from llmq.policy import Claim
 from llmq.queues import redelivery_visibility
 from llmq.shares import ShareState
 from llmq.tenants import Tenant, TenantIdentity, UnknownTenant, hash_api_key, new_api_key, new_webhook_secret
@@ -336,7 +336,7 @@ class InMemoryJobs:
             return False
         if found.status is JobStatus.QUEUED:
             return (found.deadline_ms is None or found.deadline_ms > now) and (
-                found.not_before_ms is None or found.not_before_ms <= now + DUE_TOLERANCE_MS
+                found.not_before_ms is None or found.not_before_ms <= now
             )
         return (
             found.status is JobStatus.RUNNING

@@ -52,7 +52,7 @@ from llmq.models import (
     JobStatus,
     OutputDelta,
 )
-from llmq.policy import COUNTED_LETTERS, DUE_TOLERANCE_MS, Claim, fresh_letter_condition
+from llmq.policy import COUNTED_LETTERS, Claim, fresh_letter_condition
 from llmq.read_gathering import GatheredReads
 from llmq.shares import ShareState
 from llmq.telemetry import error_fields, logger, reconcile_fault
@@ -71,7 +71,7 @@ _CLAIM_CONDITION = (
     "attribute_exists(pk) AND expires_at > :retire_s AND "
     f"{_NOT_CANCELED} AND "
     "(attribute_not_exists(deadline_ms) OR deadline_ms > :now) AND ("
-    "(#st = :queued AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :due)) OR "
+    "(#st = :queued AND (attribute_not_exists(not_before_ms) OR not_before_ms <= :now)) OR "
     "(#st = :running AND lease_expires_ms < :now AND attempts < :max))"
 )
 # GET of a queued job counts the tenant's queued jobs submitted before it among this many of
@@ -512,7 +512,6 @@ class JobRepository:
             "owner": owner,
             "lease": lease_until,
             "now": now,
-            "due": now + DUE_TOLERANCE_MS,
             "retire_s": now // 1000 + self.config.reconciler.retention_margin_seconds,
             "one": 1,
             "max": self.config.max_attempts,

@@ -17,10 +17,12 @@ from llmq.shares import ShareState
 # the claim, or a batch's expansion each time) is sent again this many times before its job,
 # or its batch, is given up on.
 MAX_DEAD_LETTER_REDRIVES = 1
-# How early by the claiming environment's clock a job's retry may be claimed: another
-# environment's clock wrote its `not_before_ms`, and Lambda environments' clocks can differ by
-# up to about a second. Its message comes back on SQS's time; a claim refused as not yet due
-# would spend a receive (toward the DLQ) and a second's wait (hunt 237).
+# How far ahead of a job's `not_before_ms` (by the claiming environment's clock) a claim
+# refused as not yet due waits in process and claims again, rather than sending the message
+# back: another environment's clock wrote that time, and two environments' clocks can differ
+# a little. Its message comes back on SQS's time; sent back, it would spend a receive (toward
+# the DLQ) and a second (hunt 237). Never claimed early: a provider's Retry-After is kept by
+# the claimer's clock.
 DUE_TOLERANCE_MS = 1000
 
 
