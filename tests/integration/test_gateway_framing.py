@@ -106,15 +106,6 @@ def test_a_content_length_that_is_not_a_size_is_a_400_at_once(
     assert echo.events == []
 
 
-def test_a_chunk_size_that_is_not_hex_is_a_400_and_nothing_is_invoked(
-    server: GatewayServer, echo: Echo
-) -> None:
-    raw = b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
-    answered = _exchange(server, raw)
-    assert answered.startswith(b"HTTP/1.1 400") and answered.count(b"HTTP/1.1 ") == 1
-    assert echo.events == []
-
-
 def test_an_oversized_chunked_body_is_one_413_and_its_bytes_are_never_a_request(
     server: GatewayServer, echo: Echo
 ) -> None:
@@ -132,7 +123,7 @@ def test_an_oversized_chunked_body_is_one_413_and_its_bytes_are_never_a_request(
     assert echo.events == []
 
 
-@pytest.mark.parametrize("size", [b"0x2", b"+2", b"0_2", b""])
+@pytest.mark.parametrize("size", [b"zz", b"0x2", b"+2", b"0_2", b""])
 def test_a_chunk_size_that_is_not_hex_digits_alone_is_a_400(
     server: GatewayServer, echo: Echo, size: bytes
 ) -> None:

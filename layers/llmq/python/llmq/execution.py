@@ -353,25 +353,24 @@ class JobRunner:
         lease_seconds: float,
         tenant: tuple[str, str] | None,
     ) -> Claim:
-        try:
-            claim = await self._write_back(
-                lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds, tenant),
-                invocation,
-                budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
-                recognises=True,
-            )
-            wait_ms = self._due_soon(claim, invocation)
-            if wait_ms is None:
-                return claim
-            # Due within a clock's difference from the one that wrote its due time: claimed
-            # again once due by this clock, in process, with no receive spent (`DUE_TOLERANCE_MS`).
-            await asyncio.sleep(wait_ms / 1000)
+
+        async def claim_once() -> Claim:
             return await self._write_back(
                 lambda: self.jobs.claim(message.job_id, invocation.owner, lease_seconds, tenant),
                 invocation,
                 budget_seconds=_CLAIM_RETRY_BUDGET_SECONDS,
                 recognises=True,
             )
+
+        try:
+            claim = await claim_once()
+            wait_ms = self._due_soon(claim, invocation)
+            if wait_ms is None:
+                return claim
+            # Due within a clock's difference from the one that wrote its due time: claimed
+            # again once due by this clock, in process, with no receive spent (`DUE_TOLERANCE_MS`).
+            await asyncio.sleep(wait_ms / 1000)
+            return await claim_once()
         except StoreContended as exc:
             if not exc.after_unanswered:
                 raise

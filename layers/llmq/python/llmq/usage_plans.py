@@ -215,9 +215,10 @@ class ApiGatewayUsagePlans:
         moved = []
         for tenant_id, tier, key_id in tenants:
             wanted = own.get(tenant_id) or self.tier_plan(tier)
-            held = sorted(holders.get(key_id, set()) - {wanted})
-            if not held and wanted in holders.get(key_id, set()):
+            holding = holders.get(key_id, set())
+            if holding == {wanted}:
                 continue
+            held = sorted(holding - {wanted})
             for extra in held[1:]:
                 # (one plan per API stage: never more than one, unless made by hand)
                 self._apigw.delete_usage_plan_key(usagePlanId=extra, keyId=key_id)
