@@ -645,6 +645,8 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
                 pass
     except OSError as exc:
         raise _file_error(path, exc) from exc
+    from llmq_cli.client import ApiError
+
     body: dict[str, Any] = {} if upload else {"requests": read_batch_file(path)}
     if args.webhook:
         body["webhook"] = {"url": args.webhook}
@@ -656,7 +658,17 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
                 raise CliError(f"{path} is empty: no request to send")
             # The API validates the file's lines after its 202; a bad one fails the batch.
             body["upload_id"] = client.upload(path)
-        reply = client.submit_batch(body, args.idempotency_key)
+        try:
+            reply = client.submit_batch(body, args.idempotency_key)
+        except ApiError as exc:
+            if upload or not _too_big_to_send_inline(exc):
+                raise
+            # More lines (or bytes) than this deployment takes in one body, which its upload
+            # form takes: nothing was written for the refused body, so the same key is free.
+            print(f"{exc}: sending {path} by the upload form", file=sys.stderr)
+            del body["requests"]
+            body["upload_id"] = client.upload(path)
+            reply = client.submit_batch(body, args.idempotency_key)
         if reply.headers.get("idempotent-replayed"):
             print("Idempotent-Replayed: true (the original batch; nothing was created)", file=sys.stderr)
         batch = reply.body
@@ -667,6 +679,22 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
         # An uploaded file refused: where, and why (no item ran).
         print(f"{path}:{error['line']}: {error['code']}: {error['message']}", file=sys.stderr)
     return 1 if batch["status"] == "failed" else 0
+
+
+def _too_big_to_send_inline(exc: Any) -> bool:
+    """A batch body refused for its size alone: more requests than `batches.max_requests`, or
+    more bytes than `batches.max_body_bytes` (both below what an upload may hold)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    if exc.status == 413:
+        return body.get("code") == "payload_too_large"
+    errors = body.get("errors") or []
+    return (
+        exc.status == 422
+        and bool(errors)
+        and all(
+            error.get("loc") == ["body", "requests"] and error.get("type") == "too_long" for error in errors
+        )
+    )
 
 
 def cmd_batches_get(args: argparse.Namespace) -> int:

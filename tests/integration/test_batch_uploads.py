@@ -515,3 +515,86 @@ def test_a_batch_canceled_while_its_file_is_validated_ends_canceled_not_failed(h
     batch = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
     assert batch["status"] == "canceled", batch
     assert _item_jobs(harness) == []
+
+
+@pytest.mark.parametrize("over", ["requests", "bytes"])
+def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
+    moto_stack: MotoStack,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    capsys: pytest.CaptureFixture[str],
+    over: str,
+) -> None:
+    """`llmq batches submit` sends a small file inline; a deployment that takes fewer requests
+    (or bytes) in one body than the file holds refuses it, writing nothing, and the CLI sends the
+    same file by the upload form under the same Idempotency-Key: one batch, every line run once."""
+    import httpx
+
+    import llmq_cli.client
+    from llmq_cli.main import main
+
+    limits = {"max_requests": 2} if over == "requests" else {"max_body_bytes": 1024}
+    harness = Harness(
+        moto_stack,
+        integration_config(provider, batches={"expand_chunk": 2, "max_upload_bytes": 16384, **limits}),
+        monkeypatch,
+    )
+    lines = [_line(f"row-{index}", metadata={"pad": "x" * 250}) for index in range(5)]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def api(request: httpx.Request) -> httpx.Response:
+        # The real api handler, as API Gateway would invoke it for the CLI's request.
+        reply = harness.api(
+            request.method,
+            request.url.path,
+            raw_body=request.content.decode() or None,
+            headers={key: value for key, value in request.headers.items() if key == "idempotency-key"},
+            tenant=ENTERPRISE,
+        )
+        return httpx.Response(
+            reply.status, json=reply.body, headers={"content-type": reply.headers["content-type"]}
+        )
+
+    def put(url: str, content: bytes, timeout: float) -> httpx.Response:
+        # The presigned PUT, to moto's S3 in this process.
+        parts = urlsplit(url)
+        bucket, key = _bucket_and_key(parts.netloc, parts.path)
+        _s3().put_object(Bucket=bucket, Key=key, Body=content)
+        return httpx.Response(200)
+
+    class Client(llmq_cli.client.LlmqClient):
+        def __init__(self, api_url: str, api_key: str) -> None:
+            super().__init__(api_url, api_key)
+            self._http = httpx.Client(transport=httpx.MockTransport(api))
+
+    monkeypatch.setattr(llmq_cli.client, "LlmqClient", Client)
+    monkeypatch.setattr(llmq_cli.client.httpx, "put", put)
+    # When the CLI submits the file (inline: it is far under 4 MB)
+    code = main(
+        [
+            "batches",
+            "submit",
+            str(rows),
+            "--idempotency-key",
+            "k-1",
+            "--api-url",
+            "http://api.test",
+            "--api-key",
+            "k",
+        ]
+    )
+    out, err = capsys.readouterr()
+    # Then the inline body was refused and the file went by the upload form, accepted
+    assert code == 0, err
+    assert "by the upload form" in err
+    batch = json.loads(out)
+    assert batch["status"] == "validating" and batch["upload_id"]
+    # And the one batch there is runs every line once
+    _run_lane(harness)
+    ended = harness.api("GET", f"/v1/batches/{batch['id']}", tenant=ENTERPRISE).body
+    assert (ended["status"], ended["request_counts"]["succeeded"]) == ("completed", 5)
+    assert sum(provider.calls_for(item_job_id(batch["id"], index)) for index in range(5)) == 5
+    listed = harness.api("GET", "/v1/batches", tenant=ENTERPRISE).body
+    assert [found["id"] for found in listed["data"]] == [batch["id"]]
