@@ -588,6 +588,57 @@ def test_a_cancel_applied_but_unanswered_answers_canceled_not_409(
     assert (reply.status, reply.body["status"]) == (200, "canceled")
 
 
+def test_a_cancel_applied_with_every_answer_lost_reads_its_own_write_back(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a queued job with a webhook, and a cancel whose write DynamoDB applies while the
+    # answer of every botocore try is lost
+    job_id = harness.submit(webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    # When the client cancels
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert _kinds(faults) == ["TransactWriteItems:applied_lost"]
+    # Then it is told the job is canceled (a 503 made its retry a 409 "already finished"),
+    # and the job's event goes now, not at the reconciler's look at an unsent webhook
+    assert (reply.status, reply.body["status"]) == (200, "canceled"), reply.body
+    sent = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
+    assert sent == ["job.canceled"]
+    # And a retry of the cancel is a 409 for a job that ended, as for any cancel after its end
+    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 409
+
+
+def test_a_running_jobs_cancel_whose_flag_answer_is_lost_is_accepted_not_503(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a running job, and a cancel whose flag DynamoDB applies while every answer is lost
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert jobs.claim(job_id, "worker-1", 900, (ENTERPRISE["tenant_id"], "high")).claimed
+    faults.arm("applied_lost", "dynamodb.UpdateItem")
+    # When the client cancels
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert _kinds(faults) == ["UpdateItem:applied_lost"]
+    # Then it is told the cancel was asked (202), not to retry a cancel that worked
+    assert (reply.status, reply.body["status"]) == (202, "running"), reply.body
+    found = jobs.find(job_id)
+    assert found is not None and found.cancel_requested
+
+
+def test_a_cancel_that_dynamodb_keeps_refusing_is_a_503_and_changes_nothing(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a queued job, and DynamoDB throttling every try of the cancel's write
+    job_id = harness.submit().body["id"]
+    faults.arm("throttle", "dynamodb.TransactWriteItems", times=200)
+    reply = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    # Then it is a 503 to retry (not a 409 saying the job changed state), and the job is queued
+    assert (reply.status, reply.code) == (503, "service_unavailable"), reply.body
+    assert _job(harness, job_id)["status"] == "queued"
+
+
 def test_a_submit_applied_but_unanswered_is_read_back_and_accepted_with_its_message(
     harness: Harness, faults: AwsFaults
 ) -> None:

@@ -22,6 +22,7 @@ from llmq.errors import (
     NoWebhook,
     PayloadTooLarge,
     QuotaExceeded,
+    StoreContended,
     StoreUnavailable,
     WebhookNotFound,
 )
@@ -512,9 +513,16 @@ class JobIntake:
         applied with its answer lost, and the worker that saw it ended the job before the
         retry, whose condition (still running) then failed; or another cancel came first.
         Either way the job is canceled, as asked, and what ended it sent its event.
+
+        A write DynamoDB did not answer (every try's answer lost, or throttled) may have been
+        applied: the next look tells, by this request's token or the flag, before the request
+        answers 503. (Answered 503 at once, the client's retry met a job it had canceled
+        itself as one "already finished", a 409, and the job's event waited for the
+        reconciler's look at its unsent webhook.)
         """
         token = write_token("cancel")
         tried = False
+        unanswered: StoreUnavailable | None = None
         for _ in range(3):
             job = self.jobs.get(job_id, tenant_id)
             if job.status is JobStatus.CANCELED and job.last_write == token:
@@ -523,21 +531,38 @@ class JobIntake:
                 return job, False
             if job.status.is_terminal:
                 raise JobNotCancelable(f"job {job_id} is {job.status.value}")
+            if unanswered is not None:
+                # The look after a write left unanswered: its flag there, it was applied (or
+                # another cancel's was: asked either way); else it is a 503 to retry, without
+                # a try more of a write DynamoDB is refusing.
+                if job.cancel_requested:
+                    return job, False
+                raise unanswered
             tried = True
-            if job.status is JobStatus.QUEUED and job.attempts:
-                ended = self._cancel_requeued(job, token)
-                if ended is not None:
-                    return ended, ended.status.is_terminal
-                continue  # it ended with what an earlier attempt paid for, or moved on: look again
-            if job.status is JobStatus.QUEUED:
-                canceled = self.jobs.cancel_queued(job, token)
-                if canceled is not None:
-                    return canceled, True
-                continue  # it started meanwhile: look again
-            flagged = self.jobs.request_cancel(job)
-            if flagged is not None:
-                return flagged, False
+            try:
+                done = self._cancel_once(job, token)
+            except StoreContended:
+                raise  # (a transaction refused, never applied)
+            except StoreUnavailable as exc:
+                unanswered = exc
+                continue  # applied, perhaps: look again
+            if done is not None:
+                return done
+        if unanswered is not None:
+            raise unanswered
         raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
+
+    def _cancel_once(self, job: JobRecord, token: str) -> tuple[JobRecord, bool] | None:
+        """One write of `_cancel` for the job as read; None when the job moved on meanwhile."""
+        if job.status is JobStatus.QUEUED and job.attempts:
+            ended = self._cancel_requeued(job, token)
+            # (None: it ended with what an earlier attempt paid for, or moved on)
+            return (ended, ended.status.is_terminal) if ended is not None else None
+        if job.status is JobStatus.QUEUED:
+            canceled = self.jobs.cancel_queued(job, token)
+            return (canceled, True) if canceled is not None else None  # (or it started meanwhile)
+        flagged = self.jobs.request_cancel(job)
+        return (flagged, False) if flagged is not None else None
 
     def _cancel_requeued(self, job: JobRecord, token: str) -> JobRecord | None:
         """A queued job that ran before (queued again after a failed attempt, a hand-back or a
