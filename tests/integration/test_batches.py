@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError
 from standardwebhooks import Webhook
 
 from llmq import aws
+from llmq.batch_runs import stop
 from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id, send_expand
 from llmq.jobs import JobRepository
 from llmq.models import (
@@ -757,6 +758,60 @@ def test_a_cancel_or_a_submit_that_meets_a_claim_on_the_same_item_is_tried_again
         "dynamodb.TransactWriteItems",
         "dynamodb.UpdateItem",
     ]
+
+
+def test_a_batch_cancel_whose_flag_answer_is_lost_is_accepted_not_503(
+    harness: Harness, faults: AwsFaults, provider: FakeProviderServer
+) -> None:
+    # Given a batch whose items are queued, and a cancel whose flag DynamoDB applies while the
+    # answer of every try is lost
+    reply = _submit(harness, requests=_requests(3))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))
+    faults.arm(FaultKind.APPLIED_LOST, "dynamodb.UpdateItem", function="api")
+    # When the client cancels
+    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert [fired.fault.kind for fired in faults.fired] == [FaultKind.APPLIED_LOST]
+    # Then it is told the batch is canceling (a 503 invited a retry that could meet the batch
+    # its own cancel ended, a 409), and the batch ends canceled with no item run
+    assert (canceled.status, canceled.body["status"]) == (202, "canceling"), canceled.body
+    _run_lane(harness)
+    assert _provider_calls(provider) == 0
+    assert _get(harness, reply.body["id"]).body["status"] == "canceled"
+
+
+def test_a_batch_cancel_that_its_own_lost_answer_ended_before_the_retry_answers_canceled(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a batch not yet expanded, and a cancel whose flag is applied with its answer lost;
+    # before botocore tries it again, the expansion's message stops the batch, which ends it
+    reply = _submit(harness, requests=_requests(3))
+    batches = BatchRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=harness.sqs)
+    sends = [0]
+
+    def expansion_stops_it_before_the_retry(**_: Any) -> None:
+        sends[0] += 1
+        if sends[0] == 2:
+            found = batches.find(reply.body["id"])
+            assert found is not None and found.cancel_requested
+            stop(batches, queues, harness.config, found)
+
+    faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem", function="api")
+    events = aws.client("dynamodb").meta.events
+    events.register("before-send.dynamodb.UpdateItem", expansion_stops_it_before_the_retry)
+    try:
+        # When the client cancels
+        canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    finally:
+        events.unregister("before-send.dynamodb.UpdateItem", expansion_stops_it_before_the_retry)
+    assert _stored(harness, reply.body["id"]).status is BatchStatus.FINALIZING
+    # Then it is told the batch is ending, as it asked, not that it could not be canceled
+    assert (canceled.status, canceled.body["status"]) == (202, "finalizing"), canceled.body
+    # And it ends canceled once its results file is written
+    _run_lane(harness)
+    assert _get(harness, reply.body["id"]).body["status"] == "canceled"
 
 
 def test_a_batch_canceled_before_its_expansion_writes_no_item(

@@ -29,6 +29,7 @@ from llmq.errors import (
     InvalidWebhookUrl,
     NoWebhook,
     PayloadTooLarge,
+    StoreContended,
     StoreUnavailable,
     UploadNotFound,
     WebhookNotFound,
@@ -446,10 +447,26 @@ class BatchIntake:
         batch = self.batches.get(batch_id, tenant.tenant_id)
         if batch.status.is_terminal:
             raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
-        flagged = self.batches.request_cancel(batch, by_client=True)
+        try:
+            flagged = self.batches.request_cancel(batch, by_client=True)
+        except StoreContended:
+            raise  # (refused, never applied)
+        except StoreUnavailable:
+            # Applied with every answer lost, perhaps: its flag tells. Answered 503, the
+            # client's retry could meet the batch its own cancel had ended as a 409.
+            flagged = self.batches.get(batch_id, tenant.tenant_id)
+            if not flagged.client_canceled:
+                raise
         if flagged is None:
             batch = self.batches.get(batch_id, tenant.tenant_id)
+            if batch.client_canceled:
+                # Ending since this request's look, canceled (finalizing: its results file is
+                # being written), by a try of this request's own write, applied with its
+                # answer lost, or by another cancel: as asked, not a 409.
+                return batch
             raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
+        if flagged.status.is_terminal:
+            return flagged
         ask_running_items_to_stop(self.batches, self.job_store, flagged)
         if not flagged.expansion_over:
             # The expansion stops at its next chunk; if none runs, this message ends it.
