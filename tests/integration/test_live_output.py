@@ -29,7 +29,8 @@ from tests.integration.harness import ENTERPRISE, FREE, Harness
 def _events(body: str) -> list[tuple[str, str | None, str]]:
     events = []
     for block in body.split("\n\n"):
-        fields = dict(line.partition(": ")[::2] for line in block.splitlines())
+        # (lines end at a line feed only, as SSE reads them: not at U+2028 in an output)
+        fields = dict(line.partition(": ")[::2] for line in block.split("\n"))
         if "event" in fields:
             events.append((fields["event"], fields.get("id"), fields.get("data", "")))
     return events
@@ -136,6 +137,47 @@ def test_a_provider_that_does_not_stream_gives_a_streaming_job_its_output_at_the
     assert [event for event, _, _ in events] == ["output.delta", "status", "done"]
     done = json.loads(events[-1][2])
     assert json.loads(events[0][2])["delta"] == done["result"]["output"]
+
+
+def test_a_whole_answer_written_at_its_end_goes_as_one_job_output_event_per_message_not_per_chunk(
+    harness: Harness,
+) -> None:
+    # Given a deployment whose provider answers whole, and a job subscribed to job.output
+    # whose answer (57,000 characters) takes four output chunks and fits one message
+    hook = {"url": "http://127.0.0.1:9/hook", "events": ["job.output", "job.succeeded"]}
+    job_id = harness.submit(prompt="[[tokens:10000]] tell", stream=True, webhook=hook).body["id"]
+    harness.drain("high")
+    sent: list[dict[str, Any]] = []
+    while got := harness.receive(harness.stack.webhook_queue_url, visibility=600):
+        sent += [json.loads(message["Body"]) for message in got]
+    outputs = [message["output"] for message in sent if message["event"] == "job.output"]
+    output = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["result"]["output"]
+    assert len(output) > 3 * 16_000
+    # Then one job.output carries it all (not one per chunk, sent together at once), then the end
+    assert [(event["seq_from"], event["seq_to"]) for event in outputs] == [(1, 4)]
+    assert outputs[0]["delta"] == output
+    assert [message["event"] for message in sent].count("job.succeeded") == 1
+
+
+def test_an_output_holding_unicode_line_separators_stays_one_data_line_for_any_reader(
+    harness: Harness,
+) -> None:
+    # Given a streaming job whose output holds U+2028, U+2029 and U+0085 (NEL), which a
+    # JSON string may hold raw and which str.splitlines, and httpx-sse before 0.4.2, split at
+    job_id = harness.submit(prompt="[[echo]] one\u2028two\u2029three\x85four", stream=True).body["id"]
+    harness.drain("high")
+    body = str(harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"}).body)
+    output = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["result"]["output"]
+    assert "\u2028" in output
+    # Then a reader that splits lines as Python does still reads each event's JSON whole,
+    # and the deltas are the output
+    events = []
+    for block in body.split("\n\n"):
+        fields = dict(line.partition(": ")[::2] for line in block.splitlines())
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    assert "".join(data["delta"] for event, data in events if event == "output.delta") == output
+    assert events[-1][1]["result"]["output"] == output
 
 
 def test_a_bad_resume_point_or_wait_is_a_clear_422(harness: Harness) -> None:

@@ -88,6 +88,8 @@ _STARTED_SEND_SECONDS = 1.0
 # most, before the result is written without them (the events endpoint serves the rest from it).
 _FINAL_OUTPUT_TRIES = 3
 _FINAL_OUTPUT_SECONDS = 5.0
+# How long the job.output events of those writes may take to send, within the result's reserve.
+_FINAL_SEND_SECONDS = 2.0
 # Threads for a batch's output writes and job.output sends (the default executor, six
 # threads on two vCPUs, stays free for claims and results).
 _OUTPUT_THREADS = 4
@@ -1303,8 +1305,10 @@ class JobRunner:
             )
             return None
         recorder.written(chunk)
-        if job.wants(WebhookEvent.OUTPUT):
-            await self._send_output(job, recorder, final=final)
+        # (the last writes' chunks are sent together once they are all written, as many as
+        # fit one message: `_finish_output`)
+        if job.wants(WebhookEvent.OUTPUT) and not final:
+            await self._send_output(job, recorder, final=False)
         return None
 
     async def _send_output(self, job: JobRecord, recorder: OutputRecorder, *, final: bool) -> None:
@@ -1359,29 +1363,40 @@ class JobRunner:
         deadline = time.monotonic() + min(
             _FINAL_OUTPUT_SECONDS, max(0.0, invocation.remaining_seconds() - reserve)
         )
+        stop = await self._write_final_output(job, invocation, recorder, deadline)
+        # What the last writes wrote goes as job.output events, each as many chunks as fit one
+        # message (one per chunk, a whole answer of 200,000 characters written at its end was
+        # 13 events at once, more than the dispatcher takes in one batch): sent even when the
+        # writes' own time ran out, within the time the result's reserve leaves.
+        left = min(_FINAL_SEND_SECONDS, invocation.remaining_seconds() - reserve)
+        if job.wants(WebhookEvent.OUTPUT) and stop is not _Stop.LEASE_LOST and left > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._send_output(job, recorder, final=True), left)
+
+    async def _write_final_output(
+        self, job: JobRecord, invocation: Invocation, recorder: OutputRecorder, deadline: float
+    ) -> _Stop | None:
+        """The recorder's rest written, until `deadline` or `_FINAL_OUTPUT_TRIES` failures."""
         tries = 0
         while recorder.has_output() and tries < _FINAL_OUTPUT_TRIES:
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                return None
             before = recorder.seq
             try:
                 stop = await asyncio.wait_for(
                     self._write_output(job, invocation, recorder, final=True), max(0.1, left)
                 )
             except TimeoutError:
-                return
+                return None
             if stop is not None:
-                return
+                return stop
             if recorder.seq == before:
                 tries += 1
                 await asyncio.sleep(
                     min(_WRITE_RETRY_FIRST_SECONDS * tries, max(0.0, deadline - time.monotonic()))
                 )
-        left = deadline - time.monotonic()
-        if job.wants(WebhookEvent.OUTPUT) and left > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._send_output(job, recorder, final=True), left)
+        return None
 
     async def _announce(
         self, job: JobRecord | None, invocation: Invocation | None = None, *, counted: bool = False

@@ -258,13 +258,19 @@ class OutputRecorder:
 # ---- server-sent events -------------------------------------------------------------------
 
 
+# Characters a JSON string may hold raw that Python's `str.splitlines` (and readers built on
+# it, httpx-sse before 0.4.2 among them) takes for a line end: escaped in an event's JSON, an
+# output holding one stays one `data:` line for every reader.
+_LINE_BREAKERS_ESCAPED = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse_event(event: str, data: str, event_id: str | None = None) -> str:
     """One event in the text/event-stream format (data is one line of JSON here)."""
     lines = []
     if event_id is not None:
         lines.append(f"id: {event_id}")
     lines.append(f"event: {event}")
-    lines.extend(f"data: {line}" for line in data.split("\n"))
+    lines.extend(f"data: {line}" for line in data.translate(_LINE_BREAKERS_ESCAPED).split("\n"))
     return "\n".join(lines) + "\n\n"
 
 
