@@ -1797,6 +1797,32 @@ def test_results_of_a_key_reused_after_its_retention_never_show_the_earlier_batc
     assert sorted(line["custom_id"] for line in lines) == ["new-0", "new-1"]
 
 
+def test_results_of_a_key_reused_after_a_deploy_that_raised_the_retention_never_show_the_earlier_batchs_items(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch run to its end under a key with a retention of one day, which ended
+    before = Harness(moto_stack, integration_config(provider, retention_days=1), monkeypatch)
+    first = _submit(before, key="weekly", requests=_requests(2, prefix="old"))
+    _run_lane(before)
+    _made_a_retention_ago(before, first.body["id"], items=2)
+    # When a deploy raised the retention to a week, and the key is used again
+    after = Harness(moto_stack, integration_config(provider, retention_days=7), monkeypatch)
+    again = _submit(after, key="weekly", requests=_requests(2, prefix="new"))
+    assert again.status == 202 and "idempotent-replayed" not in again.headers
+    assert again.body["id"] == first.body["id"]
+    # Then the results read before the new batch expanded show none of the earlier one's
+    lines, _ = _results(after, again.body["id"])
+    assert [line["status"] for line in lines] == ["queued", "queued"], lines
+    assert all(not line.get("custom_id", "").startswith("old") for line in lines)
+    # And once it runs, its own are, each run once
+    _run_lane(after)
+    lines, _ = _results(after, again.body["id"])
+    assert sorted((line["custom_id"], line["status"]) for line in lines) == [
+        ("new-0", "succeeded"),
+        ("new-1", "succeeded"),
+    ]
+
+
 def test_an_earlier_batchs_item_kept_past_its_batch_never_blocks_a_new_batch_under_the_reused_key(
     harness: Harness,
 ) -> None:

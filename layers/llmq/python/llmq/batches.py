@@ -26,7 +26,7 @@ from pydantic import Field, TypeAdapter
 
 from llmq import aws, shares
 from llmq import job_codec as codec
-from llmq.config import LlmqConfig
+from llmq.config import MIN_RETENTION_DAYS, LlmqConfig
 from llmq.errors import BatchNotEnded, BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
@@ -643,10 +643,12 @@ class BatchRepository:
         """An item created before this is an earlier batch's under the same id (an
         Idempotency-Key reused after its retention, the item not yet deleted by DynamoDB's TTL,
         or kept past its batch for its webhook's retries): this batch has not written its own
-        yet. Such an item is a whole retention older; half of one is margin enough that the
-        clocks of the api (the batch's) and the worker (its items') never mistake a batch's
-        own item for an earlier one's."""
-        return batch.created_ms - self.config.retention_seconds * 500
+        yet. Such an item is a whole retention older, the earlier batch's: half of the
+        shortest any deployment may have, not this deployment's (a deploy that raised it
+        would take the earlier batch's items for this one's), is margin enough that the clocks
+        of the api (the batch's) and the worker (its items') never mistake a batch's own item
+        for an earlier one's."""
+        return batch.created_ms - MIN_RETENTION_DAYS * 86_400 * 500
 
     def _get_many(
         self, keys: list[dict[str, Any]], attributes: tuple[str, ...] = ()

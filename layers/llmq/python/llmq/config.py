@@ -29,6 +29,9 @@ MAX_VISIBILITY_SECONDS = 43_200
 # longest timeout (900 s) plus the longest batching window (300 s) ago, so that much is kept:
 # the longest a message can be hidden again, and so the longest wait for a retry.
 MAX_REDELIVERY_DELAY_SECONDS = MAX_VISIBILITY_SECONDS - 900 - 300
+# The shortest retention a deployment may have (`retention_days`): what a batch under a reused
+# key tells its own items from an earlier batch's by (`BatchRepository._own_items_since_ms`).
+MIN_RETENTION_DAYS = 1
 # API Gateway's REST integration timeout: the whole invoke, authorizer and cold start
 # included, must answer within it, or the client gets 504 while the function runs on.
 GATEWAY_TIMEOUT_SECONDS = 29.0
@@ -481,7 +484,7 @@ class LlmqConfig(_Frozen):
     # tenant is at its cap is replaced by a delayed copy, not received again, so waiting for
     # a slot never counts here (`JobRunner._defer`).
     max_receive_count: Annotated[int, Field(ge=5, le=1000)] = 6
-    retention_days: Annotated[int, Field(ge=1, le=365)] = 7
+    retention_days: Annotated[int, Field(ge=MIN_RETENTION_DAYS, le=365)] = 7
     # Added to the Lambda's remaining time to form the lease.
     lease_margin_seconds: Annotated[int, Field(ge=0)] = 30
     # How often a running job re-reads cancel_requested while waiting on the provider.
