@@ -5,6 +5,7 @@ batch's one webhook, and the tenant's cap over its items."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -812,6 +813,24 @@ def test_a_batch_cancel_that_its_own_lost_answer_ended_before_the_retry_answers_
     # And it ends canceled once its results file is written
     _run_lane(harness)
     assert _get(harness, reply.body["id"]).body["status"] == "canceled"
+
+
+def test_a_cancel_of_a_batch_whose_lane_a_deploy_removed_is_taken_not_a_500(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a free tenant's batch accepted in lane "low", not yet expanded, and a deploy that
+    # folds "low" into "high"
+    before = Harness(moto_stack, integration_config(provider), monkeypatch)
+    batch_id = _submit(before, tenant=FREE, requests=_requests(3)).body["id"]
+    lanes = [{"name": "high", "tiers": ["enterprise", "free"], "max_concurrency": 8}]
+    stack = dataclasses.replace(moto_stack, lane_queue_urls={"high": moto_stack.lane_queue_urls["high"]})
+    after = Harness(stack, integration_config(provider, lanes=lanes, default_lane="high"), monkeypatch)
+    # When the client cancels it
+    reply = after.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=FREE)
+    # Then the cancel is taken (its expand message, which has no lane to go to, is left to the
+    # reconciler), not a 500 for a cancel that was written
+    assert (reply.status, reply.body["status"]) == (202, "canceling"), reply.body
+    assert _stored(after, batch_id).cancel_requested
 
 
 def test_a_batch_canceled_before_its_expansion_writes_no_item(

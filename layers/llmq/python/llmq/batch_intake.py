@@ -470,7 +470,15 @@ class BatchIntake:
         ask_running_items_to_stop(self.batches, self.job_store, flagged)
         if not flagged.expansion_over:
             # The expansion stops at its next chunk; if none runs, this message ends it.
-            send_expand(self.queues, flagged)
+            try:
+                send_expand(self.queues, flagged)
+            except Exception as exc:
+                # (SQS refused it, or its lane is no longer deployed: the cancel holds, and the
+                # reconciler's next look at the open batch sends it)
+                logger.warning(
+                    "canceled batch's expand message not sent",
+                    extra={"batch_id": batch_id, **error_fields(exc)},
+                )
         try:
             return settle(self.batches, self.queues, flagged.id) or flagged
         except StoreUnavailable:
