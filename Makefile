@@ -119,6 +119,7 @@ deploy: install node_modules/.installed layers ## Preflight (llmq doctor), deplo
 	  $(PY) -m llmq_cli provider-key set --stack $(STACK); \
 	fi
 	$(PY) -m llmq_cli tenants attach-usage-keys --aws --stack $(STACK)
+	$(PY) -m llmq_cli tenants refresh-caps --aws --stack $(STACK)
 
 # The stack named like deploy's (STACK=...), and only it; cdk asks before deleting it.
 destroy: install node_modules/.installed layers ## Delete the stack (STACK=...); the two tables, the payloads bucket and the provider secret are retained

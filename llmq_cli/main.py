@@ -6,7 +6,7 @@
     llmq tenants create --name N --tier T | rotate-secret TENANT | show TENANT
     llmq tenants issue-key TENANT | keys TENANT | revoke-key TENANT KEY_ID
     llmq tenants set-limits TENANT [--max-concurrency N] [--max-active N] [--rate R --burst B] [--clear L]
-    llmq tenants attach-usage-keys [TENANT ...]
+    llmq tenants attach-usage-keys [TENANT ...] | refresh-caps [TENANT ...]
     llmq dlq list | redrive [--queue NAME]
     llmq webhooks verify --secret whsec_... --file saved_request.json
     llmq demo
@@ -1022,6 +1022,27 @@ def cmd_tenants_attach_usage_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_refresh_caps(args: argparse.Namespace) -> int:
+    """After a deploy that changed a tier's default caps (or moved a tier to another lane's
+    size): every tenant's share holds the caps its claims are held to, written at its accepts;
+    each is brought to the deployed config now, not at the tenant's next submit."""
+    from llmq.tenants import UnknownTenant
+
+    target = AwsTarget(args)
+    limits = _tenant_limits(target, args.table)
+    tenants = []
+    for tenant_id in args.tenant_id:
+        try:
+            tenants.append((tenant_id, limits.tenants.get(tenant_id).tier))
+        except UnknownTenant as exc:
+            raise CliError(f"no tenant {tenant_id}") from exc
+    if not args.tenant_id:
+        tenants = limits.tenants.tiers_by_tenant()
+    refreshed = [shown for tenant_id, tier in tenants if (shown := limits.refresh_caps(tenant_id, tier))]
+    _print_json(refreshed)
+    return 0
+
+
 def cmd_tenants_set_limits(args: argparse.Namespace) -> int:
     from llmq.tenants import UnknownTenant
     from llmq_cli.tenant_limits import WAKE_STOPPED, WOKEN, LimitsError, flat
@@ -1542,6 +1563,14 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
     _aws_options(attach)
     attach.set_defaults(handler=cmd_tenants_attach_usage_keys)
+    refresh = tenants.add_parser(
+        "refresh-caps",
+        help="write the deployed tier caps on every tenant's share (make deploy runs it)",
+    )
+    refresh.add_argument("tenant_id", nargs="*", help="tenant ids (default: every tenant)")
+    refresh.add_argument("--table", help="tenants table (default: the stack's TenantsTableName output)")
+    _aws_options(refresh)
+    refresh.set_defaults(handler=cmd_tenants_refresh_caps)
     rotate = tenants.add_parser("rotate-secret", help="new webhook secret; the previous one keeps signing")
     rotate.add_argument("tenant_id")
     rotate.add_argument(

@@ -188,6 +188,49 @@ class TenantLimits:
                 shown[WAKE_STOPPED] = str(cut)
         return shown
 
+    def refresh_caps(self, tenant_id: str, tier: str) -> dict[str, Any] | None:
+        """The tier's default caps as this deployment has them, on the tenant's share, for
+        each deployed lane it has caps in (an accept writes its lane's; a claim holds the
+        tenant to what is written): a deploy that changed them reaches the tenant's queued
+        jobs and running batches now, not at its next submit. A cap raised wakes jobs deferred
+        at the old one, as `set_limits` does. What changed, or None."""
+        share = self.shares.get(tenant_id)
+        caps = {
+            lane: self.config.concurrency_caps(tier, lane)
+            for lane in share.default_caps
+            if lane in self.config.lanes_by_name
+        }
+        changed = {
+            lane: caps[lane]
+            for lane in caps
+            if (share.default_caps.get(lane), share.default_batch_caps.get(lane)) != caps[lane]
+        }
+        if not changed:
+            return None
+        after = self.shares.refresh_default_caps(tenant_id, changed)
+        if after is None:
+            return None
+        shown: dict[str, Any] = {
+            "id": tenant_id,
+            "tier": tier,
+            "caps": {
+                lane: {"from": share.default_caps.get(lane), "to": cap, "batch_to": lane_batch_cap}
+                for lane, (cap, lane_batch_cap) in changed.items()
+            },
+        }
+        own = self.config.lane_for_tier(tier).name
+        raised = own in changed and changed[own][0] > (share.default_caps.get(own) or 0)
+        if raised and self.backlog is not None and after.max_concurrency is None:
+            room = changed[own][0] - len(after.holders.get(own, {}))
+            try:
+                woken = self.backlog.wake(tenant_id, own, min(room, after.interactive_queued))
+                if woken:
+                    shown[WOKEN] = woken
+            except WakeCut as cut:
+                shown[WOKEN] = cut.woken
+                shown[WAKE_STOPPED] = str(cut)
+        return shown
+
     def _cap(self, share: ShareState, tenant: Tenant, lane: str) -> int:
         cap = share.cap(lane)
         return cap if cap is not None else self.config.concurrency_cap(tenant.tier)

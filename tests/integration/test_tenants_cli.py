@@ -706,3 +706,80 @@ def test_set_limits_raising_a_cap_starts_the_deferred_jobs_and_says_so(
     assert "The cap starts 3 of the tenant's queued jobs now" in captured.err
     url = harness.stack.lane_queue_urls["high"]
     assert sorted(json.loads(message["Body"])["job_id"] for message in harness.receive(url)) == sorted(ids)
+
+
+def _deployed_tier_cap(directory: Path, cap: int) -> None:
+    """A deploy whose config gives the enterprise tier a default cap of `cap` (cdk.json: the
+    CLI reads it where the stack names no api function)."""
+    (directory / "cdk.json").write_text(
+        json.dumps({"context": {"llmq": {"fair_share": {"tiers": {"enterprise": {"max_concurrency": cap}}}}}})
+    )
+
+
+def test_refresh_caps_holds_the_tenants_queued_jobs_to_a_cap_a_deploy_lowered(
+    stack: dict[str, str],
+    moto_stack: MotoStack,
+    provider: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """A claim holds a tenant to the caps its accepts wrote on its share (hunt 246: after a
+    deploy lowered the tier's cap from 3 to 1, its three queued jobs all ran at once, until its
+    next submit). `make deploy` runs refresh-caps after every deploy."""
+    from llmq.jobs import JobRepository
+    from llmq.shares import ShareRepository
+    from tests.integration.conftest import integration_config
+    from tests.integration.harness import ENTERPRISE, Harness
+
+    tenant = ENTERPRISE["tenant_id"]
+    llmq(capsys, "create", "--name", "Acme", "--tier", "enterprise", "--id", tenant)
+    # Given three jobs accepted under a tier cap of 3
+    tiers = {"tiers": {"enterprise": {"max_concurrency": 3}}}
+    before = Harness(moto_stack, integration_config(provider, fair_share=tiers), monkeypatch)
+    ids = [before.submit(prompt=f"job {n}").body["id"] for n in range(3)]
+    # When a deploy lowers it to 1, and make deploy refreshes the tenants' caps
+    _deployed_tier_cap(tmp_path, 1)
+    refreshed = llmq(capsys, "refresh-caps")
+    assert refreshed == [
+        {"id": tenant, "tier": "enterprise", "caps": {"high": {"from": 3, "to": 1, "batch_to": 1}}}
+    ]
+    # Then the new workers claim one of them, and the others wait for its slot
+    after = integration_config(provider, fair_share={"tiers": {"enterprise": {"max_concurrency": 1}}})
+    jobs = JobRepository(moto_stack.jobs_table, after, dynamodb=aws.client("dynamodb"))
+    claimed = [
+        jobs.claim(job_id, f"worker-{n}", 600, (tenant, "high")).claimed for n, job_id in enumerate(ids)
+    ]
+    assert claimed == [True, False, False]
+    assert ShareRepository(moto_stack.jobs_table, dynamodb=aws.client("dynamodb")).get(tenant).running == 1
+    # And a second run finds nothing to change
+    assert llmq(capsys, "refresh-caps") == []
+
+
+def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
+    stack: dict[str, str], harness: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A tier cap raised by a deploy starts the jobs deferred at the old one at once, as a cap
+    raised by set-limits does, not when their deferrals end."""
+    from llmq.shares import ShareRepository
+    from tests.integration.harness import ENTERPRISE
+    from tests.integration.test_fair_share import deferred_at_a_cap_of_one
+
+    tenant = ENTERPRISE["tenant_id"]
+    llmq(capsys, "create", "--name", "Acme", "--tier", "enterprise", "--id", tenant)
+    ids = deferred_at_a_cap_of_one(harness, 3)
+    # (the cap of one was the operator's: the tier's, written at each accept, is the one here)
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    shares.set_limits(tenant, clear=("max_concurrency",))
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": f"share#{tenant}"}},
+        UpdateExpression="SET cap_high = :one, capb_high = :one",
+        ExpressionAttributeValues={":one": {"N": "1"}},
+    )
+    _deployed_tier_cap(tmp_path, 8)
+    refreshed = llmq(capsys, "refresh-caps")
+    assert [(shown["caps"]["high"]["from"], shown["caps"]["high"]["to"]) for shown in refreshed] == [(1, 8)]
+    assert refreshed[0]["woken"] == 3
+    url = harness.stack.lane_queue_urls["high"]
+    assert sorted(json.loads(message["Body"])["job_id"] for message in harness.receive(url)) == sorted(ids)

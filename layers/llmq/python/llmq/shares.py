@@ -34,6 +34,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from botocore.exceptions import ClientError
+
 from llmq.config import FairShareConfig, batch_cap
 from llmq.long_polls import POLLS_PREFIX
 
@@ -503,6 +505,35 @@ class ShareRepository:
             TableName=self.table_name, Key=share_key(tenant_id), ConsistentRead=True
         )
         return ShareState.from_item(tenant_id, response.get("Item"))
+
+    def refresh_default_caps(self, tenant_id: str, caps: dict[str, tuple[int, int]]) -> ShareState | None:
+        """The tier's default caps (all its jobs, its batch items) written for each lane in
+        `caps`, as an accept writes them: what a claim holds the tenant to until its next
+        accept. None when the tenant has no share yet (its first accept writes them)."""
+        if not caps:
+            return self.get(tenant_id)
+        names: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        sets = []
+        for index, (lane, (cap, lane_batch_cap)) in enumerate(sorted(caps.items())):
+            names |= {f"#c{index}": _CAP_PREFIX + lane, f"#b{index}": _BATCH_CAP_PREFIX + lane}
+            values |= {f":c{index}": {"N": str(cap)}, f":b{index}": {"N": str(lane_batch_cap)}}
+            sets.append(f"#c{index} = :c{index}, #b{index} = :b{index}")
+        try:
+            response = self._ddb.update_item(
+                TableName=self.table_name,
+                Key=share_key(tenant_id),
+                UpdateExpression="SET " + ", ".join(sets),
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return None
+            raise
+        return ShareState.from_item(tenant_id, response.get("Attributes"))
 
     def set_limits(
         self,

@@ -301,6 +301,15 @@ class TenantRepository:
             )
         ]
 
+    def tiers_by_tenant(self) -> list[tuple[str, str]]:
+        """(tenant id, tier) of every tenant: a Scan."""
+        return [
+            (item["pk"]["S"].removeprefix("tenant#"), item["tier"]["S"])
+            for item in self._scan(
+                "begins_with(pk, :prefix)", {":prefix": {"S": "tenant#"}}, projection=("pk", "tier")
+            )
+        ]
+
     def _key_items_without_usage_key(self, tenant_id: str) -> list[str]:
         return [
             item["pk"]["S"]
