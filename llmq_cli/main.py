@@ -914,6 +914,14 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     limits = _tenant_limits(target, args.table)
     # Chosen here, so that a create cut short part-way can name the tenant it left behind.
     args.id = args.id or new_tenant_id()
+    config = limits.config
+    if args.tier not in config.fair_share.tiers and all(args.tier not in lane.tiers for lane in config.lanes):
+        # (allowed: a tier the config names later; until then, the default lane and limits)
+        print(
+            f"llmq: tier {args.tier!r} is in neither fair_share.tiers nor any lane's tiers: the "
+            f"tenant runs in lane {config.default_lane!r} with fair_share.default's limits",
+            file=sys.stderr,
+        )
     try:
         try:
             created = limits.tenants.create(args.name, args.tier, tenant_id=args.id)

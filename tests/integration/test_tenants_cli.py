@@ -573,6 +573,27 @@ def test_a_tenant_id_sqs_would_refuse_as_a_message_group_is_refused_and_nothing_
     assert aws.client("apigateway").get_api_keys()["items"] == []
 
 
+@pytest.mark.parametrize("tier", ["", " ", "free tier", "gold/eu"])
+def test_a_tier_that_cannot_name_limits_is_refused_and_nothing_is_made(
+    stack: dict[str, str], moto_stack: MotoStack, capsys: pytest.CaptureFixture[str], tier: str
+) -> None:
+    # (hunt 247: `--tier "$TIER"` with TIER unset made a tenant and printed a key the api then
+    # refused on every request: 401, no tier in the authorizer's context)
+    err = _fails(capsys, "create", "--name", "Acme", "--tier", tier, "--id", "ten_acme")
+    assert "a tier is 1 to 64 of" in err and "Traceback" not in err
+    assert aws.client("dynamodb").scan(TableName=moto_stack.tenants_table)["Items"] == []
+    assert aws.client("apigateway").get_api_keys()["items"] == []
+
+
+def test_a_tier_the_config_does_not_name_is_created_with_a_warning(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    captured = llmq_captured(capsys, "create", "--name", "Acme", "--tier", "entreprise", "--id", "ten_acme")
+    assert "tier 'entreprise' is in neither fair_share.tiers nor any lane's tiers" in captured.err
+    assert json.loads(captured.out)["tier"] == "entreprise"
+    assert "is in neither" not in llmq_captured(capsys, "create", "--name", "B", "--tier", "free").err
+
+
 @pytest.mark.parametrize("command", ["rotate-secret", "issue-key"])
 def test_a_secret_or_key_write_applied_with_its_answer_lost_hands_out_what_it_stored(
     stack: dict[str, str],

@@ -109,7 +109,8 @@ class TenantExists(ValueError):
 
 
 class InvalidTenantId(ValueError):
-    """`create` with an id that cannot name a tenant everywhere it goes."""
+    """`create` with an id that cannot name a tenant everywhere it goes (or a tier that cannot
+    name its limits: an empty one's tenants were refused every request)."""
 
 
 # A tenant id is every lane message's MessageGroupId (SQS: 1 to 128 alphanumeric or punctuation
@@ -170,6 +171,11 @@ class TenantRepository:
             raise InvalidTenantId(
                 f"a tenant id is 1 to 64 of A-Z, a-z, 0-9 and _ . : -, starting with a letter or digit "
                 f"(it names every message of the tenant's jobs in SQS, and its S3 keys): {tenant_id!r} is not"
+            )
+        if not TENANT_ID.fullmatch(tier):
+            raise InvalidTenantId(
+                f"a tier is 1 to 64 of A-Z, a-z, 0-9 and _ . : -, starting with a letter or digit "
+                f"(the authorizer hands it to every request of the tenant): {tier!r} is not"
             )
         tenant = Tenant(
             id=tenant_id or new_tenant_id(),
