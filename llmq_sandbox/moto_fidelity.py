@@ -1105,6 +1105,38 @@ def _numbers_checked(init: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+# ---- API Gateway usage plan keys -------------------------------------------------------------
+
+
+def _plan_key_deleted_once(original: Callable[..., Any]) -> Callable[..., Any]:
+    """DeleteUsagePlanKey of a key not in the plan: API Gateway's NotFoundException, as the
+    retry of a delete applied with its answer lost meets it (moto raised a bare KeyError: a 500)."""
+    from moto.apigateway.exceptions import NotFoundException
+
+    class PlanKeyNotFound(NotFoundException):
+        code = 404
+
+    def delete(self: Any, usage_plan_id: str, key_id: str) -> Any:
+        if key_id not in self.usage_plan_keys.get(usage_plan_id, {}):
+            raise PlanKeyNotFound("Invalid API Key identifier specified")
+        return original(self, usage_plan_id, key_id)
+
+    return delete
+
+
+def _plan_key_added_once(original: Callable[..., Any]) -> Callable[..., Any]:
+    """CreateUsagePlanKey of a key already in the plan: API Gateway's ConflictException, as the
+    retry of an add applied with its answer lost meets it (moto added it again)."""
+    from moto.apigateway.exceptions import ConflictException
+
+    def create(self: Any, usage_plan_id: str, payload: dict[str, Any]) -> Any:
+        if payload.get("keyId") in self.usage_plan_keys.get(usage_plan_id, {}):
+            raise ConflictException("the API key is already in this usage plan")
+        return original(self, usage_plan_id, payload)
+
+    return create
+
+
 def make_moto_strict() -> None:
     """Idempotent: patches moto's DynamoDB backend (and SQS's visibility rules and fair-queue
     order) once per process."""
@@ -1166,6 +1198,14 @@ def make_moto_strict() -> None:
         Queue.wait_for_messages = _wakes_when_due  # type: ignore[method-assign,assignment]
         SQSBackend._validate_message = _checked_group_id(SQSBackend._validate_message)  # type: ignore[method-assign]
         SQSBackend.send_message = _sent_by_group(SQSBackend.send_message)  # type: ignore[method-assign]
+        from moto.apigateway.models import APIGatewayBackend
+
+        APIGatewayBackend.delete_usage_plan_key = _plan_key_deleted_once(
+            APIGatewayBackend.delete_usage_plan_key
+        )  # type: ignore[method-assign]
+        APIGatewayBackend.create_usage_plan_key = _plan_key_added_once(
+            APIGatewayBackend.create_usage_plan_key
+        )  # type: ignore[method-assign]
         from moto import backends
 
         backends.list_of_moto_modules = _listed_once(backends.list_of_moto_modules)

@@ -804,3 +804,38 @@ def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
     assert refreshed[0]["woken"] == 3
     url = harness.stack.lane_queue_urls["high"]
     assert sorted(json.loads(message["Body"])["job_id"] for message in harness.receive(url)) == sorted(ids)
+
+
+@pytest.mark.parametrize("operation", ["DeleteUsagePlanKey", "CreateUsagePlanKey"])
+def test_a_rate_move_whose_plan_key_call_was_applied_with_its_answer_lost_completes(
+    stack: dict[str, str],
+    moto_stack: MotoStack,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """botocore's retry of a plan-key call API Gateway applied meets NotFoundException (the key
+    left the tier's plan already) or ConflictException (it is in the new one already): the move
+    goes on, or is done (hunt 247: the CLI stopped with the key in NO plan, every request of the
+    tenant a 403, and said only that AWS refused the delete)."""
+    import llmq_cli.main as cli_main
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
+    llmq(capsys, "create", "--name", "Hobby", "--tier", "free", "--id", "ten_hobby")
+    key_id = (
+        TenantRepository(moto_stack.tenants_table, dynamodb=aws.client("dynamodb"))
+        .get("ten_hobby")
+        .usage_key_id
+    )
+    faults = AwsFaults()
+    faults.arm(FaultKind.APPLIED_RETRIED, f"apigateway.{operation}")
+    try:
+        shown = llmq(capsys, "set-limits", "ten_hobby", "--rate", "2", "--burst", "3")
+    finally:
+        faults.disarm()
+    assert len(faults.fired) == 1
+    # Then the key is in the tenant's own plan, and only there
+    own = [plan["name"] for plan in aws.client("apigateway").get_usage_plans(keyId=key_id)["items"]]
+    assert own == [tenant_plan_name("ten_hobby")]
+    assert shown["limits"]["rate_per_second"] == {"value": 2, "source": "override"}

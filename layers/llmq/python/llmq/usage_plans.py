@@ -260,6 +260,14 @@ class ApiGatewayUsagePlans:
         plan = self._apigw.get_usage_plan(usagePlanId=next(iter(self.plan_ids.values())))
         return {stage["apiId"] for stage in plan.get("apiStages") or []}
 
+    def _joined(self, plan_id: str, key_id: str) -> bool:
+        """After an add that failed: whether it was applied all the same (False when that
+        cannot be read either)."""
+        try:
+            return self._holds(plan_id, key_id)
+        except Exception:
+            return False
+
     def _holds(self, plan_id: str, key_id: str) -> bool:
         try:
             self._apigw.get_usage_plan_key(usagePlanId=plan_id, keyId=key_id)
@@ -270,14 +278,23 @@ class ApiGatewayUsagePlans:
     def _move(self, key_id: str, from_plan: str, to_plan: str) -> None:
         # A key may be in one plan per API stage: out of the old plan before into the new. If
         # the new plan will not take it, it goes back, so the tenant is never left in none.
+        # A call applied with its answer lost is told by a look at the plan: botocore's retry
+        # of it meets NotFoundException (a delete) or ConflictException (an add), which must
+        # neither stop the move half way (the key in no plan) nor undo one that was made.
         moved_out = self._holds(from_plan, key_id)
         if moved_out:
-            self._apigw.delete_usage_plan_key(usagePlanId=from_plan, keyId=key_id)
+            try:
+                self._apigw.delete_usage_plan_key(usagePlanId=from_plan, keyId=key_id)
+            except Exception:
+                if self._holds(from_plan, key_id):
+                    raise  # (still in it: nothing was moved)
         if self._holds(to_plan, key_id):
             return
         try:
             self._apigw.create_usage_plan_key(usagePlanId=to_plan, keyId=key_id, keyType="API_KEY")
         except Exception as exc:
+            if self._joined(to_plan, key_id):
+                return
             if moved_out:
                 try:
                     self._apigw.create_usage_plan_key(usagePlanId=from_plan, keyId=key_id, keyType="API_KEY")
