@@ -1200,12 +1200,9 @@ def make_moto_strict() -> None:
         SQSBackend.send_message = _sent_by_group(SQSBackend.send_message)  # type: ignore[method-assign]
         from moto.apigateway.models import APIGatewayBackend
 
-        APIGatewayBackend.delete_usage_plan_key = _plan_key_deleted_once(
-            APIGatewayBackend.delete_usage_plan_key
-        )  # type: ignore[method-assign]
-        APIGatewayBackend.create_usage_plan_key = _plan_key_added_once(
-            APIGatewayBackend.create_usage_plan_key
-        )  # type: ignore[method-assign]
+        plans = APIGatewayBackend
+        plans.delete_usage_plan_key = _plan_key_deleted_once(plans.delete_usage_plan_key)  # type: ignore[method-assign]
+        plans.create_usage_plan_key = _plan_key_added_once(plans.create_usage_plan_key)  # type: ignore[method-assign]
         from moto import backends
 
         backends.list_of_moto_modules = _listed_once(backends.list_of_moto_modules)
