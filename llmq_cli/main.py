@@ -661,10 +661,12 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
         try:
             reply = client.submit_batch(body, args.idempotency_key)
         except ApiError as exc:
-            if upload or not _too_big_to_send_inline(exc):
+            if upload or not (_too_big_to_send_inline(exc) or _sent_by_upload_before(exc, args)):
                 raise
             # More lines (or bytes) than this deployment takes in one body, which its upload
-            # form takes: nothing was written for the refused body, so the same key is free.
+            # form takes: nothing was written for the refused body, so the same key is free. Or
+            # a run before this one under the same key went that way: its batch knows the file
+            # by its upload (its size and digest), so the same file sent again is its replay.
             print(f"{exc}: sending {path} by the upload form", file=sys.stderr)
             del body["requests"]
             body["upload_id"] = client.upload(path)
@@ -679,6 +681,13 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
         # An uploaded file refused: where, and why (no item ran).
         print(f"{path}:{error['line']}: {error['code']}: {error['message']}", file=sys.stderr)
     return 1 if batch["status"] == "failed" else 0
+
+
+def _sent_by_upload_before(exc: Any, args: argparse.Namespace) -> bool:
+    """The inline body refused as another under its Idempotency-Key: perhaps the same file,
+    sent by the upload form by an earlier run (`_too_big_to_send_inline`)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return bool(args.idempotency_key) and exc.status == 422 and body.get("code") == "idempotency_key_reused"
 
 
 def _too_big_to_send_inline(exc: Any) -> bool:

@@ -553,9 +553,7 @@ def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
             headers={key: value for key, value in request.headers.items() if key == "idempotency-key"},
             tenant=ENTERPRISE,
         )
-        return httpx.Response(
-            reply.status, json=reply.body, headers={"content-type": reply.headers["content-type"]}
-        )
+        return httpx.Response(reply.status, json=reply.body, headers=reply.headers)
 
     def put(url: str, content: bytes, timeout: float) -> httpx.Response:
         # The presigned PUT, to moto's S3 in this process.
@@ -598,3 +596,42 @@ def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
     assert sum(provider.calls_for(item_job_id(batch["id"], index)) for index in range(5)) == 5
     listed = harness.api("GET", "/v1/batches", tenant=ENTERPRISE).body
     assert [found["id"] for found in listed["data"]] == [batch["id"]]
+    # And the same command run again (its answer lost, say) is the batch's replay, not a
+    # 422 for "another body" under the key (review 250)
+    code = main(
+        [
+            "batches",
+            "submit",
+            str(rows),
+            "--idempotency-key",
+            "k-1",
+            "--api-url",
+            "http://api.test",
+            "--api-key",
+            "k",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Idempotent-Replayed: true" in err
+    listed = harness.api("GET", "/v1/batches", tenant=ENTERPRISE).body
+    assert [found["id"] for found in listed["data"]] == [batch["id"]]
+    # While another file under that key is still refused as another body
+    rows.write_text(lines[0] + "\n", encoding="utf-8")
+    assert (
+        main(
+            [
+                "batches",
+                "submit",
+                str(rows),
+                "--idempotency-key",
+                "k-1",
+                "--api-url",
+                "http://api.test",
+                "--api-key",
+                "k",
+            ]
+        )
+        == 1
+    )
+    assert "idempotency_key_reused" in capsys.readouterr().err
