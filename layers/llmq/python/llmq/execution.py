@@ -88,8 +88,10 @@ _STARTED_SEND_SECONDS = 1.0
 # most, before the result is written without them (the events endpoint serves the rest from it).
 _FINAL_OUTPUT_TRIES = 3
 _FINAL_OUTPUT_SECONDS = 5.0
-# How long the job.output events of those writes may take to send, within the result's reserve.
+# How long the job.output events of those writes may take to send, within the result's reserve,
+# and the part of that the writes always leave them.
 _FINAL_SEND_SECONDS = 2.0
+_FINAL_SEND_SLICE_SECONDS = 0.5
 # Threads for a batch's output writes and job.output sends (the default executor, six
 # threads on two vCPUs, stays free for claims and results).
 _OUTPUT_THREADS = 4
@@ -1360,8 +1362,11 @@ class JobRunner:
         if recorder.seq == (job.stream_seq or 0) and not recorder.has_output() and output:
             recorder(output)
             recorder.close()  # keeps what it held back
+        # (the writes leave a slice of the time for their events' send: written but not sent,
+        # the output they hold would come as no job.output at all)
+        sends = _FINAL_SEND_SLICE_SECONDS if job.wants(WebhookEvent.OUTPUT) else 0.0
         deadline = time.monotonic() + min(
-            _FINAL_OUTPUT_SECONDS, max(0.0, invocation.remaining_seconds() - reserve)
+            _FINAL_OUTPUT_SECONDS, max(0.0, invocation.remaining_seconds() - reserve - sends)
         )
         stop = await self._write_final_output(job, invocation, recorder, deadline)
         # What the last writes wrote goes as job.output events, each as many chunks as fit one
