@@ -25,6 +25,7 @@ subscribed batch event arrived, every copy under one webhook-id.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import Counter
@@ -73,6 +74,7 @@ from tests.support.lifecycle_model import (
     TIMEOUT,
     TRANSIENT,
     Environment,
+    Letter,
     LifecycleMachine,
     ModelClock,
     ObservedDynamoDB,
@@ -197,28 +199,44 @@ class BatchJobRepository(ObservedJobRepository):
 
 
 class _ModelSqs:
-    """SQS whose delayed sends wait on the model clock (moto's would wait in real seconds)."""
+    """SQS whose delayed sends wait on the model clock (moto's would wait in real seconds), and
+    which stamps each message the system sends with a tick of the model's order (`sent`): what
+    tells a dead letter's round from another's (`Letter`), as the job model stamps them."""
 
     def __init__(self, inner: Any, clock: ModelClock) -> None:
         self._inner = inner
         self._clock = clock
-        self.delayed: list[tuple[float, dict[str, Any]]] = []
+        self.delayed: list[tuple[float, int, dict[str, Any]]] = []
+        self.ticks = itertools.count()
+        self.sent: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def send_message(self, **kwargs: Any) -> Any:
+        tick = next(self.ticks)
         delay = int(kwargs.pop("DelaySeconds", 0) or 0)
         if delay > 0:
-            self.delayed.append((self._clock.now + delay, kwargs))
+            self.delayed.append((self._clock.now + delay, tick, kwargs))
             return {"MessageId": f"delayed-{len(self.delayed)}"}
-        return self._inner.send_message(**kwargs)
+        return self._stamped(self._inner.send_message(**kwargs), tick)
+
+    def send_message_batch(self, **kwargs: Any) -> Any:
+        tick = next(self.ticks)
+        answer = self._inner.send_message_batch(**kwargs)
+        for entry in answer.get("Successful", []):
+            self.sent[entry["MessageId"]] = tick
+        return answer
 
     def release(self) -> None:
         due = [entry for entry in self.delayed if entry[0] <= self._clock.now]
         self.delayed = [entry for entry in self.delayed if entry[0] > self._clock.now]
-        for _, kwargs in due:
-            self._inner.send_message(**kwargs)
+        for _, tick, kwargs in due:
+            self._stamped(self._inner.send_message(**kwargs), tick)
+
+    def _stamped(self, answer: Any, tick: int) -> Any:
+        self.sent[answer["MessageId"]] = tick
+        return answer
 
 
 class BatchLifecycleModel(LifecycleMachine):
@@ -612,6 +630,16 @@ class BatchLifecycleModel(LifecycleMachine):
 
     def _dead_letter(self, body: str, message_id: str) -> None:
         self.letters += 1
+        sent = self.model_sqs.sent.get(message_id, -1)
+        try:
+            job_id = LaneMessage.model_validate_json(body).job_id
+        except ValueError:
+            job_id = ""
+        before = self.observer.seen.get(job_id)
+        if before is not None and before.status is JobStatus.QUEUED:
+            # (what lets a queued item fail as worker_crashed: letters of two rounds)
+            letter = Letter(message_id, before.attempts, sent, handled=next(self.model_sqs.ticks))
+            self.observer.dead_letters.setdefault(before.id, []).append(letter)
         try:
             mark_dead_letter(
                 self.jobs,
@@ -625,7 +653,8 @@ class BatchLifecycleModel(LifecycleMachine):
         except (StoreUnavailable, RetryLater):
             # The record stays in the DLQ; SQS's retry of it is a copy sent back to the lane.
             note("a dead letter left for another try")
-            self.sqs.send_message(QueueUrl=self._lane_url(body), MessageBody=body)
+            copy = self.sqs.send_message(QueueUrl=self._lane_url(body), MessageBody=body)
+            self.model_sqs.sent[copy["MessageId"]] = sent  # (the same record: its round)
         except PoisonMessage:
             note("a dead letter set aside as poison")
 
@@ -721,3 +750,24 @@ def test_a_free_tenants_items_wait_for_its_one_batch_slot(environment: Environme
         assert share.running == 1, share
         assert len(state.provider.calls) == 1
         assert state.model_sqs.delayed or state._lane_messages(), "the deferred item has no message"
+
+
+def test_an_item_dead_lettered_in_two_rounds_before_any_claim_fails_as_worker_crashed(
+    environment: Environment,
+) -> None:
+    """Found by the machine run alone (hunt 244): an item whose message dead-letters, and then
+    the copy the dead-letter function sent back dead-letters too, fails `worker_crashed`, as a
+    job's does (DESIGN §3.5). The model records each letter with the round of its message, so
+    the observer tells this from a failure without two rounds."""
+    with replayed(environment) as state:
+        state.first_batch(first=("enterprise", 5, False, False))
+        state.run_message(behaviour=SUCCEED, crash_after=0, pick=0)  # the expansion: 5 messages
+        state.dead_letter(pick=0)  # an item's message: the function sends it a new one
+        item = next(iter(state.observer.dead_letters))
+        state.dead_letter(pick=4)  # that new message
+        assert [letter.sent < letter.handled for letter in state.observer.dead_letters[item]] == [True, True]
+        failed = state.observer.seen[item]
+        assert (failed.status, failed.error.code if failed.error else None) == (
+            JobStatus.FAILED,
+            "worker_crashed",
+        )
