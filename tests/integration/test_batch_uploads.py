@@ -635,3 +635,49 @@ def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
         == 1
     )
     assert "idempotency_key_reused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("char", ["a", "\x01", '"'])
+def test_line_errors_of_characters_json_escapes_long_still_fit_the_batch_item_they_fail(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, char: str
+) -> None:
+    """An error names the field it found: one named by 1,000 control characters was 500 of them
+    stored as 3,000 bytes of JSON, past the room the batch item keeps for an error (hunt 248:
+    with 100 such errors shown the batch's failing write was refused as too large, and the
+    batch stayed validating, its errors never shown)."""
+    config = integration_config(
+        provider, limits={"max_metadata_keys": 1000}, batches={"upload_errors_shown": 100}
+    )
+    harness = Harness(moto_stack, config, monkeypatch)
+    bad = char * 1000
+    text = (
+        "\n".join(json.dumps({"custom_id": f"r{i}", "body": {"prompt": "x", bad: 1}}) for i in range(100))
+        + "\n"
+    )
+
+    def post(keys: int, tail: int) -> ApiReply:
+        metadata = {**{f"k{i:03d}": "\U0001f600" * 512 for i in range(keys)}, "z": "\U0001f600" * tail}
+        body = {"upload_id": _upload(harness, text), "metadata": metadata}
+        return harness.api(
+            "POST", "/v1/batches", raw_body=json.dumps(body, ensure_ascii=False), tenant=ENTERPRISE
+        )
+
+    # Given a batch whose metadata is the most its record may hold (a 413 above it)
+    keys = 120
+    while post(keys, 0).status == 413:
+        keys -= 1
+    low, high, accepted = 0, 512, None
+    while low < high:
+        middle = (low + high + 1) // 2
+        reply = post(keys, middle)
+        assert reply.status in (202, 413), reply.body
+        low, high, accepted = (middle, high, reply) if reply.status == 202 else (low, middle - 1, accepted)
+    assert accepted is not None
+    # When the worker validates its file of 100 bad lines
+    _run_lane(harness, seconds=10)
+    # Then the batch ends failed, showing the 100 errors, each cut to its stored size
+    batch = harness.api("GET", f"/v1/batches/{accepted.body['id']}", tenant=ENTERPRISE).body
+    assert (batch["status"], len(batch.get("errors") or [])) == ("failed", 100)
+    assert all(
+        len(json.dumps(error["message"], ensure_ascii=False).encode()) <= 2002 for error in batch["errors"]
+    )

@@ -480,6 +480,15 @@ async def test_a_finish_reason_spelled_finishreason_finishes_the_answer() -> Non
     assert (result.output, result.finish_reason) == ("The capital is Paris.", "stop")
 
 
+async def test_a_finish_reason_of_any_length_is_kept_short() -> None:
+    # Given a server that names the finish with 100,000 characters (hunt 248: kept whole, in the
+    # job's item and result, and in the log line of the job's end)
+    last = {"choices": [{"index": 0, "delta": {"content": " Paris."}, "finish_reason": "x" * 100_000}]}
+    result = await _streaming(_sse(_delta("The capital is"), last, "[DONE]")).generate(REQUEST, 5)
+    assert result.output == "The capital is Paris."
+    assert result.finish_reason == "x" * 300
+
+
 @pytest.mark.parametrize(
     ("line", "expected", "code"),
     [

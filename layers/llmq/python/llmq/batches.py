@@ -34,7 +34,7 @@ from llmq.job_record import JobRecord, delivery_view, iso
 from llmq.model_base import Model
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
-    MAX_LINE_ERROR_CHARS,
+    MAX_LINE_ERROR_BYTES,
     TERMINAL_STATUSES,
     Batch,
     BatchEvent,
@@ -290,10 +290,10 @@ _BATCH_JSON: dict[str, TypeAdapter[Any]] = {
 
 
 # Room a batch's item keeps for what later writes add to it: its line errors (each up to
-# MAX_LINE_ERROR_CHARS characters of up to 4 bytes, with its line and code), and the rest
+# MAX_LINE_ERROR_BYTES as stored, with its line and code), and the rest
 # (ITEM_HEADROOM_BYTES for the delivery log and the write tokens, and as much again for the
 # validation's parts, the results file's checkpoint and the counts).
-_LINE_ERROR_BYTES = MAX_LINE_ERROR_CHARS * 4 + 64
+_LINE_ERROR_BYTES = MAX_LINE_ERROR_BYTES + 64
 _BATCH_HEADROOM_BYTES = 2 * ITEM_HEADROOM_BYTES + BOOKKEEPING_BYTES
 
 

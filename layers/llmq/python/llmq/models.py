@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -556,10 +557,24 @@ class BatchWebhookState(Model):
 # and ten such errors once made a batch item too large to write (400 KB), and the batch list's
 # page too large for Lambda's answer.
 MAX_LINE_ERROR_CHARS = 500
+# ...and at most this many bytes as it is stored (JSON text, where a control character takes 6:
+# 500 of them once passed the room a batch item keeps for each error, and the batch's failing
+# write was refused as too large, leaving it validating, its errors never shown).
+MAX_LINE_ERROR_BYTES = MAX_LINE_ERROR_CHARS * 4
 
 
 def _brief(message: str) -> str:
-    return message if len(message) <= MAX_LINE_ERROR_CHARS else message[: MAX_LINE_ERROR_CHARS - 1] + "\u2026"
+    if len(message) > MAX_LINE_ERROR_CHARS:
+        message = message[: MAX_LINE_ERROR_CHARS - 1] + "\u2026"
+    if len(json.dumps(message, ensure_ascii=False).encode()) - 2 <= MAX_LINE_ERROR_BYTES:
+        return message
+    kept, size = 0, 0
+    for char in message:
+        size += len(json.dumps(char, ensure_ascii=False).encode()) - 2
+        if size > MAX_LINE_ERROR_BYTES - 3:  # (the ellipsis: 3 bytes)
+            break
+        kept += 1
+    return message[:kept] + "\u2026"
 
 
 class BatchLineError(Model):

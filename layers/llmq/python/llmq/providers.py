@@ -1161,4 +1161,6 @@ def _parse_completion(body: bytes) -> JobResult:
 def _reason(choice: dict[str, Any]) -> str | None:
     # (`finishReason`: Google's OpenAI-compatible endpoint, in its beta, named it so)
     reason = choice.get("finish_reason") or choice.get("finishReason")
-    return printable(reason) if isinstance(reason, str) and reason else None
+    # (a short word from any real provider; kept short whatever one sends: it goes in the job's
+    # item and its result, and in the log line of its end, whose event CloudWatch cuts at 256 KB)
+    return printable(reason)[:_MAX_MESSAGE] if isinstance(reason, str) and reason else None
