@@ -18,7 +18,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from llmq.config import MAX_VISIBILITY_SECONDS, LlmqConfig, WebhookPolicy
+from llmq.config import MAX_REDELIVERY_DELAY_SECONDS, MAX_VISIBILITY_SECONDS, LlmqConfig, WebhookPolicy
 from llmq.job_record import JobInput, JobRecord
 from llmq.models import (
     TERMINAL_EVENTS,
@@ -258,6 +258,14 @@ def test_the_schedule_gives_one_delay_per_retry_then_is_exhausted() -> None:
     assert schedule.exhausted(4)
     with pytest.raises(ValueError):
         schedule.delay(4)
+
+
+def test_a_schedule_step_longer_than_a_retry_can_wait_is_refused_by_the_config() -> None:
+    """A step past MAX_REDELIVERY_DELAY_SECONDS was taken, and retried about 20 minutes early
+    (hunt 249): the dispatcher's delay is capped there."""
+    assert WebhookPolicy(schedule_seconds=[MAX_REDELIVERY_DELAY_SECONDS]).schedule_seconds[0] == 42_000
+    with pytest.raises(ValueError, match="less than or equal to 42000"):
+        WebhookPolicy(schedule_seconds=[5, MAX_REDELIVERY_DELAY_SECONDS + 1])
 
 
 @pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])

@@ -69,8 +69,10 @@ class RetryPolicy(_Frozen):
 
 
 class WebhookPolicy(_Frozen):
-    # Standard Webhooks' recommended schedule, after the first attempt.
-    schedule_seconds: list[Annotated[int, Field(ge=0, le=MAX_VISIBILITY_SECONDS)]] = [
+    # Standard Webhooks' recommended schedule, after the first attempt. A step is at most what
+    # SQS can hide a message for, less the margins a retry's delay keeps (a longer one came
+    # about 20 minutes early).
+    schedule_seconds: list[Annotated[int, Field(ge=0, le=MAX_REDELIVERY_DELAY_SECONDS)]] = [
         5,
         300,
         1800,

@@ -404,7 +404,11 @@ class TenantRepository:
         )
 
     def get(self, tenant_id: str) -> Tenant:
-        response = self._ddb.get_item(TableName=self.table_name, Key={"pk": {"S": f"tenant#{tenant_id}"}})
+        """The tenant as last written: a dispatcher that read it a moment after a rotation would
+        otherwise keep signing with the secrets before it for its cache's whole time."""
+        response = self._ddb.get_item(
+            TableName=self.table_name, Key={"pk": {"S": f"tenant#{tenant_id}"}}, ConsistentRead=True
+        )
         item = response.get("Item")
         if not item:
             raise UnknownTenant(tenant_id)
