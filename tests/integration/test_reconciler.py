@@ -1448,3 +1448,36 @@ def test_a_run_that_settled_every_due_entry_counts_no_unread_pass(
     # Then the run expires them and says it left nothing
     assert set(report.expired) == late
     assert (report.left, report.unread_passes) == (0, 0)
+
+
+def test_a_cancel_flagged_while_the_run_looks_at_a_stale_queued_job_keeps_it_first_in_the_sweep(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    """A cancel the API could only ask for (S3 could not say whether a paid result was parked)
+    puts the job first in the sweep, for the message its claim ends it at. A run that read the
+    job as an ordinary stale one before that flag must not postpone it over the flag (hunt 251:
+    the job then waited, canceled as asked, in the tenant's quota, until its own message came
+    back from a retry's backoff, up to 12 hours)."""
+    from llmq.jobs import SWEEP_CANCEL_ASKED_MS
+
+    job_id = harness.submit().body["id"]
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    postpone = reconciler.jobs.postpone_sweep
+    api_jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+
+    def cancel_flagged_first(job: str, *args: Any, **kwargs: Any) -> bool:
+        found = api_jobs.find(job)
+        assert found is not None and api_jobs.request_cancel(found, JobStatus.QUEUED) is not None
+        return postpone(job, *args, **kwargs)
+
+    reconciler.jobs.postpone_sweep = cancel_flagged_first  # type: ignore[method-assign]
+    report = reconciler.run()
+    assert job_id in report.waiting
+    item = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
+    assert int(item["sweep_at"]["N"]) == SWEEP_CANCEL_ASKED_MS
+    # And the next run sends the message the job's claim ends it at
+    reconciler.jobs.postpone_sweep = postpone  # type: ignore[method-assign]
+    url = harness.stack.lane_queue_urls["high"]
+    before = harness.total_count(url)
+    assert job_id in reconciler.run().requeued
+    assert harness.total_count(url) == before + 1

@@ -1744,7 +1744,9 @@ class JobRepository:
             if codec.condition_failed(exc):
                 old: dict[str, Any] = exc.response.get("Item") or {}  # type: ignore[assignment]
                 moved = status is not None and old.get("status", {}).get("S") != status.value
-                if retention_margin_s is not None and "sweep_pk" in old and not moved:
+                # (refused for its retention, not only for an entry moved since `seen_at`)
+                due = int(old.get("expires_at", {}).get("N", "0")) <= sweep.get("soon_s", 0)
+                if retention_margin_s is not None and "sweep_pk" in old and not moved and due:
                     raise RetentionDue(codec.from_item(old)) from exc
                 return False
             raise

@@ -289,12 +289,15 @@ class Reconciler:
             else:
                 report.waiting.append(entry.job_id)
             try:
-                # (only while it is queued: one claimed meanwhile keeps its lease's entry)
+                # (only while it is queued: one claimed meanwhile keeps its lease's entry; and
+                # only from where it was read: a cancel flagged meanwhile put it first, for the
+                # message its claim ends it at, which the next run sends)
                 self.jobs.postpone_sweep(
                     entry.job_id,
                     thresholds.stale_queued_seconds,
                     retention_margin_s=thresholds.retention_margin_seconds,
                     status=JobStatus.QUEUED,
+                    seen_at=entry.sweep_at,
                     not_after_ms=entry.deadline_ms,
                 )
             except RetentionDue as due:
