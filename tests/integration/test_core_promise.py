@@ -656,6 +656,59 @@ def test_a_submit_applied_but_unanswered_is_read_back_and_accepted_with_its_mess
     assert [json.loads(m["Body"])["job_id"] for m in messages] == [first.body["id"]]
 
 
+def _a_dead_message_hidden_in_the_lane(harness: Harness) -> None:
+    """A message in the lane that no job needs: a job waiting out a provider's Retry-After of an
+    hour (its message hidden that long), then canceled while queued. The lane's depth counts it."""
+    first = harness.submit(key="dead", prompt="hello [[fail:503x1]] [[retry_after:3600]]")
+    harness.drain("high")
+    job = harness.api("GET", f"/v1/jobs/{first.body['id']}", tenant=ENTERPRISE).body
+    assert (job["status"], job["attempts"]) == ("queued", 1), job
+    canceled = harness.api("POST", f"/v1/jobs/{first.body['id']}/cancel", tenant=ENTERPRISE)
+    assert canceled.body["status"] == "canceled", canceled.body
+    url = harness.stack.lane_queue_urls["high"]
+    assert (harness.total_count(url), harness.visible_count(url)) == (1, 0)
+
+
+def _reconciled_three_times(harness: Harness) -> list[str]:
+    """What three reconciler runs, each a stale look later, sent a lane message for."""
+    step = harness.config.reconciler.stale_queued_seconds + 60.0
+    offset, requeued = [step], []
+    for _ in range(3):
+        requeued += reconciler_ahead(harness, offset).run().requeued
+        offset[0] += step
+    return requeued
+
+
+@pytest.mark.parametrize(
+    "trigger", ["accept answer lost, read-back throttled", "send refused, mark throttled"]
+)
+def test_a_stored_job_without_its_message_is_sent_one_though_a_dead_message_fills_the_lanes_depth(
+    harness: Harness, faults: AwsFaults, trigger: str
+) -> None:
+    """Hunt 252: a job stored without its lane message, in a lane whose depth counts a message no
+    job needs, was never sent one by the reconciler (the lane looked full), and waited until that
+    message came back (here an hour; up to 12) or expired unrun. The client's retry under its key
+    puts it first in the reconciler's sweep."""
+    _a_dead_message_hidden_in_the_lane(harness)
+    url = harness.stack.lane_queue_urls["high"]
+    if trigger.startswith("accept"):
+        faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+        faults.arm("throttle", "dynamodb.GetItem", times=5)
+    else:
+        faults.arm("server_error", "sqs.SendMessage")
+        faults.arm("throttle", "dynamodb.UpdateItem")
+    first = harness.submit(key="j", prompt="the paid one")
+    faults.disarm()
+    # The client is told to retry (the job is stored, its message neither sent nor marked lost)
+    assert (first.status, first.code) == (503, "service_unavailable"), first.body
+    kept = harness.submit(key="j", prompt="the paid one")
+    assert (kept.status, kept.headers.get("idempotent-replayed")) == (202, "true")
+    assert harness.item_count() == 2 and harness.total_count(url) == 1
+    # Then the reconciler sends it its message at its first look, once
+    assert _reconciled_three_times(harness) == [kept.body["id"]]
+    assert harness.total_count(url) == 2
+
+
 def test_a_submit_whose_write_was_throttled_stores_nothing_and_sends_nothing(
     harness: Harness, faults: AwsFaults
 ) -> None:
