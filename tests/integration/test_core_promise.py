@@ -679,27 +679,20 @@ def _reconciled_three_times(harness: Harness) -> list[str]:
     return requeued
 
 
-@pytest.mark.parametrize(
-    "trigger", ["accept answer lost, read-back throttled", "send refused, mark throttled"]
-)
 def test_a_stored_job_without_its_message_is_sent_one_though_a_dead_message_fills_the_lanes_depth(
-    harness: Harness, faults: AwsFaults, trigger: str
+    harness: Harness, faults: AwsFaults
 ) -> None:
-    """Hunt 252: a job stored without its lane message, in a lane whose depth counts a message no
-    job needs, was never sent one by the reconciler (the lane looked full), and waited until that
-    message came back (here an hour; up to 12) or expired unrun. The client's retry under its key
-    puts it first in the reconciler's sweep."""
+    """Hunt 252: a job stored without its lane message (its accept applied with the answer lost,
+    and the read of it refused: a 503), in a lane whose depth counts a message no job needs, was
+    never sent one by the reconciler (the lane looked full), and waited until that message came
+    back (here an hour; up to 12) or expired unrun. The client's retry under its key puts it
+    first in the reconciler's sweep."""
     _a_dead_message_hidden_in_the_lane(harness)
     url = harness.stack.lane_queue_urls["high"]
-    if trigger.startswith("accept"):
-        faults.arm("applied_lost", "dynamodb.TransactWriteItems")
-        faults.arm("throttle", "dynamodb.GetItem", times=5)
-    else:
-        faults.arm("server_error", "sqs.SendMessage")
-        faults.arm("throttle", "dynamodb.UpdateItem")
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    faults.arm("throttle", "dynamodb.GetItem", times=5)
     first = harness.submit(key="j", prompt="the paid one")
     faults.disarm()
-    # The client is told to retry (the job is stored, its message neither sent nor marked lost)
     assert (first.status, first.code) == (503, "service_unavailable"), first.body
     kept = harness.submit(key="j", prompt="the paid one")
     assert (kept.status, kept.headers.get("idempotent-replayed")) == (202, "true")
@@ -707,6 +700,20 @@ def test_a_stored_job_without_its_message_is_sent_one_though_a_dead_message_fill
     # Then the reconciler sends it its message at its first look, once
     assert _reconciled_three_times(harness) == [kept.body["id"]]
     assert harness.total_count(url) == 2
+
+
+def test_replays_of_a_job_add_at_most_one_message_to_its_own(harness: Harness) -> None:
+    """The mark a replay makes holds only until the reconciler's first look at the job: a client
+    replaying in a loop never multiplies its job's messages (review 251)."""
+    first = harness.submit(key="loop", prompt="hello")
+    assert first.status == 202
+    url = harness.stack.lane_queue_urls["high"]
+    for ahead in (10.0, 60.0, 120.0, 200.0, 290.0):
+        replay = harness.submit(key="loop", prompt="hello")
+        assert (replay.status, replay.headers.get("idempotent-replayed")) == (202, "true")
+        reconciler_ahead(harness, [ahead]).run()
+    # (its own, and at most the one the reconciler's first look sent for the mark)
+    assert harness.total_count(url) <= 2
 
 
 def test_a_submit_whose_write_was_throttled_stores_nothing_and_sends_nothing(

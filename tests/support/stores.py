@@ -769,8 +769,12 @@ class InMemoryJobs:
         return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
 
     @_throttleable
-    def sweep_first(self, job_id: str) -> None:
+    def sweep_first(self, job_id: str, unlooked: JobRecord | None = None) -> None:
         if job_id in self.due and self.records[job_id].status is JobStatus.QUEUED:
+            if unlooked is not None and self.due[job_id] != self._queued_due(
+                unlooked.created_ms, unlooked.deadline_ms
+            ):
+                return
             self.due[job_id] = 1
 
     @_throttleable

@@ -116,7 +116,8 @@ class JobIntake:
         self._sleep = sleep
 
     def submit(self, tenant: TenantIdentity, request: JobRequest, idempotency_key: str | None) -> Submission:
-        """One conditional PutItem, then one SendMessage. A replay writes and sends nothing."""
+        """One conditional PutItem, then one SendMessage. A replay sends nothing, and writes
+        nothing but, at most once, the mark of a job whose message may be lost (`_replay`)."""
         now_ms = self.jobs.now_ms()
         try:
             self.validate(request, idempotency_key)
@@ -203,14 +204,8 @@ class JobIntake:
                 # Its message is known lost: first in line for the next sweep, not behind the
                 # lane's backlog (whose messages are only late).
                 self.jobs.sweep_first(record.id)
-            except Exception as mark_exc:
+            except Exception:
                 logger.warning("could not put the job first for the reconciler", extra={"job_id": record.id})
-                if idempotency_key is not None:
-                    # Neither sent nor marked: a 503, whose retry (a replay under the key) marks
-                    # it. (Without a key, the 202 stands: a retry would be a second job.)
-                    raise StoreUnavailable(
-                        "the job is stored, but its message could not be sent: retry with the same key"
-                    ) from mark_exc
         return Submission(job=record, replayed=False)
 
     def _unretired(self, job: JobRecord) -> bool:
@@ -235,22 +230,23 @@ class JobIntake:
         """The job an accepted Idempotency-Key names (its id is derived from the key), if the
         body is the same request; never refused by a quota.
 
-        A retry soon after the first try, of a job not yet claimed, may be the retry of a 503
-        whose try stored the job and never sent its message (its answer lost and the read of
-        it refused; or SQS refused the send and the mark that says so). The job goes first in
-        the reconciler's sweep, which sends it one whatever the lane's depth says: a depth
-        that counts messages of jobs already ended (a canceled job's, hidden for a retry's
-        backoff) would otherwise hide the loss for hours (hunt 252). Marked at most while the
-        job is younger than `stale_queued_seconds`, so replays never multiply its messages."""
+        A retry of a job the reconciler has not looked at yet, not yet claimed, may be the
+        retry of a 503 whose try stored the job and never sent its message (its answer lost,
+        and the read of it refused). The job goes first in the reconciler's sweep, which sends
+        it one at its first look whatever the lane's depth says: a depth that counts messages
+        of jobs already ended (a canceled job's, hidden for a retry's backoff) would otherwise
+        hide the loss for hours (hunt 252). Only while its entry is where its accept put it (a
+        conditional write, refused once the reconciler has looked), so replays add at most one
+        message to a job's, however many there are."""
         same_body = job.request_hash == record.request_hash or (
             job.request_digest is not None and job.request_digest == record.request_digest
         )
         if job.tenant_id != tenant.tenant_id or not same_body:
             raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
         young = self.jobs.now_ms() - job.created_ms < self.config.reconciler.stale_queued_seconds * 1000
-        if job.status is JobStatus.QUEUED and not job.attempts and young:
+        if job.status is JobStatus.QUEUED and not job.attempts and not job.cancel_requested and young:
             try:
-                self.jobs.sweep_first(job.id)
+                self.jobs.sweep_first(job.id, unlooked=job)
             except Exception as exc:
                 logger.warning(
                     "replayed job not put first for the reconciler",

@@ -1675,19 +1675,27 @@ class JobRepository:
                 kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return counts
 
-    def sweep_first(self, job_id: str) -> None:
+    def sweep_first(self, job_id: str, unlooked: JobRecord | None = None) -> None:
         """A queued job whose message is known lost (its send failed after the job was stored):
         its sweep entry goes to the front, so the reconciler's next run gives it the message the
         lane is short of, rather than to the oldest of a backlog, whose messages are only late.
-        Nothing when the job is no longer queued (claimed after all: a duplicate got through)."""
+        Nothing when the job is no longer queued (claimed after all: a duplicate got through).
+        `unlooked`: the job as read, whose message may be lost: only while the reconciler has
+        not looked at it yet (its entry where its accept put it), so it is sent one at most."""
+        condition, values = "attribute_exists(sweep_pk) AND #st = :queued", {}
+        if unlooked is not None:
+            condition += " AND sweep_at = :accepted_at"
+            values["accepted_at"] = self._queued_due(unlooked.created_ms, unlooked.deadline_ms)
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
                 UpdateExpression="SET sweep_at = :first",
-                ConditionExpression="attribute_exists(sweep_pk) AND #st = :queued",
+                ConditionExpression=condition,
                 ExpressionAttributeNames={"#st": "status"},
-                ExpressionAttributeValues=codec.values(first=SWEEP_FIRST_MS, queued=JobStatus.QUEUED.value),
+                ExpressionAttributeValues=codec.values(
+                    first=SWEEP_FIRST_MS, queued=JobStatus.QUEUED.value, **values
+                ),
             )
         except ClientError as exc:
             if not codec.condition_failed(exc):
