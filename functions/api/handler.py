@@ -894,7 +894,7 @@ def handle_redeliver_batch_webhook(batch_id: Annotated[str, Path(pattern=BATCH_I
             "description": "A page of results",
             "content": {"application/jsonl": {"schema": {"type": "string"}}},
         },
-        **{code: entry for code, entry in _responses(200, "", Batch).items() if code != 200},
+        **{code: entry for code, entry in _responses(200, "", Batch, 410).items() if code != 200},
     },
 )
 def handle_batch_results(

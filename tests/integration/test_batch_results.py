@@ -273,3 +273,27 @@ def test_result_lines_read_the_items_results_not_their_prompts(
     # Then each line is there, and no read carried a prompt: ten item reads of a few hundred bytes
     assert [line["status"] for line in lines] == ["succeeded"] * 5 == [line["status"] for line in paged]
     assert len(read) == 10 and max(read) < 2_000, read
+
+
+def test_an_ended_batch_kept_past_its_items_answers_410_not_queued_lines_for_items_ttl_deleted(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that ends near its retention is kept for its webhook's retries, longer than an
+    item that ended before it: once DynamoDB's TTL deletes that item, a page cannot say what it
+    was (hunt 253: its line read `queued` in a `completed` batch). The page says so, and where
+    the line is; a page of items still kept is answered as before."""
+    harness = Harness(moto_stack, integration_config(provider, retention_days=1), monkeypatch)
+    batch_id = _submit(harness, requests=_requests(2)).body["id"]
+    _run_lane(harness)
+    batch = _stored(harness, batch_id)
+    assert batch.status is BatchStatus.COMPLETED and batch.results_key
+    # (as DynamoDB's TTL deletes an item whose own retention ended before its batch's)
+    harness.ddb.delete_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item_job_id(batch_id, 0)}})
+    got = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE)
+    assert (got.status, got.body["request_counts"]["succeeded"]) == (200, 2)
+    page = harness.api("GET", f"/v1/batches/{batch_id}/results", tenant=ENTERPRISE)
+    assert (page.status, page.code) == (410, "batch_results_expired"), page.body
+    assert "results_file_url" in page.body["detail"]
+    # And a page of the items still kept is answered as before
+    lines, _ = _results(harness, batch_id, cursor="1")
+    assert [line["status"] for line in lines] == ["succeeded"]

@@ -22,6 +22,7 @@ from llmq.errors import (
     BatchExceedsQuota,
     BatchNotCancelable,
     BatchNotEnded,
+    BatchResultsExpired,
     DomainError,
     IdempotencyConflict,
     InvalidIdempotencyKey,
@@ -396,6 +397,13 @@ class BatchIntake:
         batch = self.batches.get(batch_id, tenant.tenant_id)
         found = self.batches.items(batch, cursor, self.config.batches.results_page)
         missing = [index for index, job in found if job is None]
+        if batch.status.is_terminal and any(index < batch.expanded for index in missing):
+            # Written, ended, and gone since: DynamoDB's TTL deleted an item that ended well
+            # before its batch, which its end kept longer (hunt 253: its line read `queued`).
+            where = "its results file (results_file_url)" if batch.results_key else "no page"
+            raise BatchResultsExpired(
+                f"batch {batch_id}'s items have passed their retention; {where} holds their lines"
+            )
         names: dict[int, str] = {}
         if missing and self.payloads is not None:
             # Items not written yet: still queued, named from the stored requests.

@@ -150,6 +150,15 @@ class BatchNotEnded(DomainError):
     status = 409
 
 
+class BatchResultsExpired(DomainError):
+    """An ended batch, kept for its webhook's retries, whose items' records passed their own
+    retention before it: its pages cannot say what they were (its results file can)."""
+
+    code = "batch_results_expired"
+    title = "The batch's item records have passed their retention"
+    status = 410
+
+
 class BatchNotCancelable(DomainError):
     code = "batch_not_cancelable"
     title = "The batch has already finished"
