@@ -499,6 +499,24 @@ def _strict_change_message_visibility(
     raise ReceiptHandleIsInvalid()
 
 
+def _stale_handle_deletes_nothing(delete: Callable[..., Any]) -> Callable[..., Any]:
+    """DeleteMessage (and each entry of DeleteMessageBatch) with a handle from an earlier receive
+    of a message received again since: the request succeeds and the message stays (API
+    reference: "you must provide the most recently received receipt handle ... otherwise, the
+    request succeeds, but the message will not be deleted"). moto deleted it: a late
+    acknowledgement of a first receive took the message from its second (hunt 254)."""
+
+    @functools.wraps(delete)
+    def deleted(self: Any, queue_name: str, receipt_handle: str) -> None:
+        queue = self.get_queue(queue_name)
+        for message in queue._messages:
+            if message.had_receipt_handle(receipt_handle) and message.receipt_handle != receipt_handle:
+                return
+        delete(self, queue_name, receipt_handle)
+
+    return deleted
+
+
 def _negative_entries_fail_alone(change_batch: Callable[..., Any]) -> Callable[..., Any]:
     """ChangeMessageVisibilityBatch: an entry with a negative timeout fails on its own."""
 
@@ -1183,6 +1201,7 @@ def make_moto_strict() -> None:
 
         Message.mark_received = _mark_received(Message.mark_received)  # type: ignore[method-assign]
         SQSBackend.change_message_visibility = _strict_change_message_visibility  # type: ignore[method-assign]
+        SQSBackend.delete_message = _stale_handle_deletes_nothing(SQSBackend.delete_message)  # type: ignore[method-assign]
         SQSBackend.change_message_visibility_batch = _negative_entries_fail_alone(  # type: ignore[method-assign]
             SQSBackend.change_message_visibility_batch
         )

@@ -296,6 +296,31 @@ def test_a_stale_receipt_handle_and_a_message_not_in_flight_are_refused(moto_sta
     sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=second["ReceiptHandle"], VisibilityTimeout=5)
 
 
+def test_a_delete_with_a_stale_receipt_handle_succeeds_and_leaves_the_message(moto_stack: MotoStack) -> None:
+    """DeleteMessage (API reference): "you must provide the most recently received receipt handle
+    for the message (otherwise, the request succeeds, but the message will not be deleted)"."""
+    # Given a message received twice (its first visibility ended)
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    first = _received(sqs, url)
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=0)
+    second = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=30)["Messages"][0]
+    assert second["MessageId"] == first["MessageId"]
+    # When a late acknowledgement of the first receive deletes it, alone and in a batch
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])
+    batch = sqs.delete_message_batch(
+        QueueUrl=url, Entries=[{"Id": "a", "ReceiptHandle": first["ReceiptHandle"]}]
+    )
+    # Then both succeed, and the message is still in flight under its latest receive
+    assert [entry["Id"] for entry in batch.get("Successful", [])] == ["a"] and not batch.get("Failed")
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=second["ReceiptHandle"], VisibilityTimeout=0)
+    again = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=30)["Messages"]
+    assert [message["MessageId"] for message in again] == [first["MessageId"]]
+    # And the latest handle deletes it
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=again[0]["ReceiptHandle"])
+    assert sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1).get("Messages", []) == []
+
+
 def test_negative_delays_and_visibility_timeouts_are_refused(moto_stack: MotoStack) -> None:
     """SendMessage, SendMessageBatch, ReceiveMessage, ChangeMessageVisibility(Batch) (API
     reference): DelaySeconds is 0 to 900 and VisibilityTimeout 0 to 43,200; below 0 is
