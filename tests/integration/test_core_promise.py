@@ -702,14 +702,17 @@ def test_a_stored_job_without_its_message_is_sent_one_though_a_dead_message_fill
     assert harness.total_count(url) == 2
 
 
-def test_replays_of_a_job_add_at_most_one_message_to_its_own(harness: Harness) -> None:
+@pytest.mark.parametrize("deadline", [None, 250])
+def test_replays_of_a_job_add_at_most_one_message_to_its_own(harness: Harness, deadline: int | None) -> None:
     """The mark a replay makes holds only until the reconciler's first look at the job: a client
-    replaying in a loop never multiplies its job's messages (review 251)."""
-    first = harness.submit(key="loop", prompt="hello")
+    replaying in a loop never multiplies its job's messages (review 251), nor when a deadline
+    before that look puts the look's postpone back where the accept did (review 252)."""
+    body: dict[str, Any] = {"prompt": "hello"} | ({"deadline_seconds": deadline} if deadline else {})
+    first = harness.submit(key="loop", **body)
     assert first.status == 202
     url = harness.stack.lane_queue_urls["high"]
-    for ahead in (10.0, 60.0, 120.0, 200.0, 290.0):
-        replay = harness.submit(key="loop", prompt="hello")
+    for ahead in (10.0, 60.0, 120.0, 200.0, 240.0):
+        replay = harness.submit(key="loop", **body)
         assert (replay.status, replay.headers.get("idempotent-replayed")) == (202, "true")
         reconciler_ahead(harness, [ahead]).run()
     # (its own, and at most the one the reconciler's first look sent for the mark)

@@ -803,7 +803,8 @@ def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
     assert [(shown["caps"]["high"]["from"], shown["caps"]["high"]["to"]) for shown in refreshed] == [(1, 8)]
     assert refreshed[0]["woken"] == 3
     url = harness.stack.lane_queue_urls["high"]
-    assert sorted(json.loads(message["Body"])["job_id"] for message in harness.receive(url)) == sorted(ids)
+    # (each of the three woken; a deferred copy of one may be back too on a slow machine)
+    assert {json.loads(message["Body"])["job_id"] for message in harness.receive(url)} == set(ids)
 
 
 @pytest.mark.parametrize("operation", ["DeleteUsagePlanKey", "CreateUsagePlanKey"])

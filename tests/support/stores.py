@@ -142,6 +142,8 @@ class InMemoryJobs:
         self._clock = clock
         self.records: dict[str, JobRecord] = {}
         self.due: dict[str, int] = {}
+        # Jobs a reconciler's look postponed (`looked_ms`): a replay's mark no longer applies.
+        self.looked: set[str] = set()
         # Every dead letter each job ever counted (the item's counted_letters), kept by claims.
         self.counted_letters: dict[str, set[str]] = {}
         self.unavailable: set[str] = set()
@@ -771,8 +773,9 @@ class InMemoryJobs:
     @_throttleable
     def sweep_first(self, job_id: str, unlooked: JobRecord | None = None) -> None:
         if job_id in self.due and self.records[job_id].status is JobStatus.QUEUED:
-            if unlooked is not None and self.due[job_id] != self._queued_due(
-                unlooked.created_ms, unlooked.deadline_ms
+            if unlooked is not None and (
+                job_id in self.looked
+                or self.due[job_id] != self._queued_due(unlooked.created_ms, unlooked.deadline_ms)
             ):
                 return
             self.due[job_id] = 1
@@ -799,6 +802,7 @@ class InMemoryJobs:
             raise RetentionDue(record)
         due = self._in_seconds(seconds)
         self.due[job_id] = due if not_after_ms is None else min(due, not_after_ms)
+        self.looked.add(job_id)
         return True
 
 

@@ -1684,7 +1684,9 @@ class JobRepository:
         not looked at it yet (its entry where its accept put it), so it is sent one at most."""
         condition, values = "attribute_exists(sweep_pk) AND #st = :queued", {}
         if unlooked is not None:
-            condition += " AND sweep_at = :accepted_at"
+            # (`looked_ms`: written by every look's postpone, which can put the entry back where
+            # the accept did: a deadline before the first look clamps both to it)
+            condition += " AND sweep_at = :accepted_at AND attribute_not_exists(looked_ms)"
             values["accepted_at"] = self._queued_due(unlooked.created_ms, unlooked.deadline_ms)
         try:
             self._ddb.update_item(
@@ -1725,6 +1727,9 @@ class JobRepository:
         now = self.now_ms()
         due = now + int(seconds * 1000)
         sweep_sets, _, sweep = self._sweep(job_id, due if not_after_ms is None else min(due, not_after_ms))
+        # (the reconciler has looked at it: a replay's mark no longer applies, `sweep_first`)
+        sweep_sets = [*sweep_sets, "looked_ms = :looked"]
+        sweep["looked"] = now
         # A job that left the index meanwhile stays out of it.
         condition = "attribute_exists(sweep_pk)"
         names: dict[str, str] = {}
