@@ -176,16 +176,9 @@ class TenantLimits:
         except ValueError as exc:
             raise LimitsError(str(exc)) from exc
         shown = self.show(tenant_id)
-        if cap_changes and self.backlog is not None:
+        if cap_changes:
             # (whether it rose or not: a run cut short before it woke every job is run again)
-            room = self._cap(after, tenant, lane) - len(after.holders.get(lane, {}))
-            try:
-                woken = self.backlog.wake(tenant_id, lane, min(room, after.interactive_queued))
-                if woken:
-                    shown[WOKEN] = woken
-            except WakeCut as cut:
-                shown[WOKEN] = cut.woken
-                shown[WAKE_STOPPED] = str(cut)
+            self._wake(shown, tenant_id, lane, self._cap(after, tenant, lane), after)
         return shown
 
     def refresh_caps(self, tenant_id: str, tier: str) -> dict[str, Any] | None:
@@ -220,16 +213,23 @@ class TenantLimits:
         }
         own = self.config.lane_for_tier(tier).name
         raised = own in changed and changed[own][0] > (share.default_caps.get(own) or 0)
-        if raised and self.backlog is not None and after.max_concurrency is None:
-            room = changed[own][0] - len(after.holders.get(own, {}))
-            try:
-                woken = self.backlog.wake(tenant_id, own, min(room, after.interactive_queued))
-                if woken:
-                    shown[WOKEN] = woken
-            except WakeCut as cut:
-                shown[WOKEN] = cut.woken
-                shown[WAKE_STOPPED] = str(cut)
+        if raised and after.max_concurrency is None:
+            self._wake(shown, tenant_id, own, changed[own][0], after)
         return shown
+
+    def _wake(self, shown: dict[str, Any], tenant_id: str, lane: str, cap: int, share: ShareState) -> None:
+        """Wakes as many of the tenant's queued jobs as `cap` has free slots in `lane`, saying
+        in `shown` how many (and why it stopped short, if it did)."""
+        if self.backlog is None:
+            return
+        room = cap - len(share.holders.get(lane, {}))
+        try:
+            woken = self.backlog.wake(tenant_id, lane, min(room, share.interactive_queued))
+            if woken:
+                shown[WOKEN] = woken
+        except WakeCut as cut:
+            shown[WOKEN] = cut.woken
+            shown[WAKE_STOPPED] = str(cut)
 
     def _cap(self, share: ShareState, tenant: Tenant, lane: str) -> int:
         cap = share.cap(lane)

@@ -569,20 +569,10 @@ def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
 
     monkeypatch.setattr(llmq_cli.client, "LlmqClient", Client)
     monkeypatch.setattr(llmq_cli.client.httpx, "put", put)
+    submit = ["batches", "submit", str(rows), "--idempotency-key", "k-1"]
+    submit += ["--api-url", "http://api.test", "--api-key", "k"]
     # When the CLI submits the file (inline: it is far under 4 MB)
-    code = main(
-        [
-            "batches",
-            "submit",
-            str(rows),
-            "--idempotency-key",
-            "k-1",
-            "--api-url",
-            "http://api.test",
-            "--api-key",
-            "k",
-        ]
-    )
+    code = main(submit)
     out, err = capsys.readouterr()
     # Then the inline body was refused and the file went by the upload form, accepted
     assert code == 0, err
@@ -598,19 +588,7 @@ def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
     assert [found["id"] for found in listed["data"]] == [batch["id"]]
     # And the same command run again (its answer lost, say) is the batch's replay, not a
     # 422 for "another body" under the key (review 250)
-    code = main(
-        [
-            "batches",
-            "submit",
-            str(rows),
-            "--idempotency-key",
-            "k-1",
-            "--api-url",
-            "http://api.test",
-            "--api-key",
-            "k",
-        ]
-    )
+    code = main(submit)
     err = capsys.readouterr().err
     assert code == 0, err
     assert "Idempotent-Replayed: true" in err
@@ -618,22 +596,7 @@ def test_the_cli_sends_a_file_over_the_inline_limits_by_the_upload_form(
     assert [found["id"] for found in listed["data"]] == [batch["id"]]
     # While another file under that key is still refused as another body
     rows.write_text(lines[0] + "\n", encoding="utf-8")
-    assert (
-        main(
-            [
-                "batches",
-                "submit",
-                str(rows),
-                "--idempotency-key",
-                "k-1",
-                "--api-url",
-                "http://api.test",
-                "--api-key",
-                "k",
-            ]
-        )
-        == 1
-    )
+    assert main(submit) == 1
     assert "idempotency_key_reused" in capsys.readouterr().err
 
 
