@@ -13,7 +13,9 @@ deploy` stops before CloudFormation half-creates a stack it cannot finish.
   deploy` stores right after `cdk deploy` (`llmq provider-key set`, `set_provider_key` here);
 - alarm email: the template subscribes every address the deployed stack subscribes, so a
   deploy without ALARM_EMAIL does not unsubscribe the on-call address (CloudFormation would
-  delete the subscription a template no longer has).
+  delete the subscription a template no longer has);
+- settings: the template keeps what a deploy must never lower while jobs are in flight
+  (`lowered_settings`), unless the operator says the stack is drained (`--drained`).
 
 It reads the stack's reservations from a synthesized template (`cdk.out/<stack>.template.json`)
 when there is one, else from `LlmqConfig` in cdk.json. The template is parsed here rather than
@@ -28,9 +30,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+if TYPE_CHECKING:
+    from llmq.config import LlmqConfig
 
 # Lambda keeps this much of a region's concurrency quota unreserved, for the functions that
 # reserve none: a reservation that would leave less is refused ("decreases account's
@@ -180,6 +185,46 @@ def stage_logs_through_account_role(template: dict[str, Any] | None) -> bool:
     return False
 
 
+def config_in_template(template: dict[str, Any] | None) -> LlmqConfig | None:
+    """The LlmqConfig the template's functions run with (their LLMQ_CONFIG, as this version reads
+    it); None without a template, or without a function that names one."""
+    from llmq.config import CONFIG_ENV_VAR, LlmqConfig
+
+    for resource in (template or {}).get("Resources", {}).values():
+        if resource.get("Type") != "AWS::Lambda::Function":
+            continue
+        raw = resource.get("Properties", {}).get("Environment", {}).get("Variables", {}).get(CONFIG_ENV_VAR)
+        if isinstance(raw, str):
+            return LlmqConfig.model_validate_json(raw)
+    return None
+
+
+def lowered_settings(deployed: LlmqConfig, new: LlmqConfig) -> list[str]:
+    """What the new config lowers of the settings a deploy must never lower while jobs are in
+    flight (docs/operations.md): what sits on the part dropped is never read again."""
+    lowered = []
+    if new.reconciler.sweep_shards < deployed.reconciler.sweep_shards:
+        lowered.append(
+            f"reconciler.sweep_shards from {deployed.reconciler.sweep_shards} to "
+            f"{new.reconciler.sweep_shards} (the reconciler would never again look at a job whose "
+            "entry sits in a dropped shard: a crashed worker's slot held, a lost message never "
+            "sent again, a job never retired)"
+        )
+    if new.batches.count_shards < deployed.batches.count_shards:
+        lowered.append(
+            f"batches.count_shards from {deployed.batches.count_shards} to "
+            f"{new.batches.count_shards} (a running batch's items counted on a dropped shard "
+            "would be lost to its counts, and it would never end)"
+        )
+    removed = sorted(set(deployed.lanes_by_name) - set(new.lanes_by_name))
+    if removed:
+        lowered.append(
+            f"the lane{'s' if len(removed) > 1 else ''} {', '.join(removed)} removed (a job or "
+            "batch still in it would wait for good)"
+        )
+    return lowered
+
+
 def load_reservations(
     stack: str, template_path: Path | None, cdk_json: Path
 ) -> tuple[Reservations, dict[str, Any] | None]:
@@ -220,6 +265,8 @@ class Doctor:
         alarm_emails: frozenset[str] | None = None,
         bootstrap_parameter: str = BOOTSTRAP_VERSION_PARAMETER,
         stage_logs_through_account_role: bool = False,
+        config: LlmqConfig | None = None,
+        drained: bool = False,
     ) -> None:
         self._client = client
         self._environ = os.environ if environ is None else environ
@@ -234,6 +281,11 @@ class Doctor:
         self.alarm_emails = alarm_emails
         # The template's stage logs to CloudWatch, and it does not set the region's role itself.
         self.stage_logs_through_account_role = stage_logs_through_account_role
+        # The config the template about to be deployed runs with (None: no template to compare),
+        # and whether the operator says nothing is in flight (no job queued or running, no
+        # webhook pending, no batch open): then what it lowers is only noted.
+        self.config = config
+        self.drained = drained
         self.account: str | None = None
 
     def run(self) -> list[Finding]:
@@ -271,7 +323,7 @@ class Doctor:
             bootstrap,
             self.check_provider_key(outputs),
             self.check_alarm_email(outputs),
-            *[finding for finding in [self.check_api_logging()] if finding is not None],
+            *[finding for finding in [self.check_api_logging(), self.check_settings(outputs)] if finding],
         ]
 
     # ---- checks -------------------------------------------------------------------------
@@ -559,8 +611,7 @@ class Doctor:
                 "or SNS deletes the subscription)",
             )
         try:
-            body = self._client("cloudformation").get_template(StackName=self.stack)["TemplateBody"]
-            deployed = alarm_emails_in_template(body if isinstance(body, dict) else json.loads(body))
+            deployed = alarm_emails_in_template(self._deployed_template())
         except (ClientError, BotoCoreError, ValueError) as exc:
             return Finding(
                 "alarm email",
@@ -664,7 +715,54 @@ class Doctor:
             )
         return Finding("api logging", Verdict.OK, f"API Gateway's CloudWatch role: {role}")
 
+    def check_settings(self, outputs: dict[str, str] | None) -> Finding | None:
+        """The deploy keeps what must never be lowered while jobs are in flight (`lowered_settings`):
+        CloudFormation would apply it, and the jobs on what it drops would wait for good."""
+        if self.config is None or outputs is None:
+            return None
+        try:
+            deployed = config_in_template(self._deployed_template())
+        except (ClientError, BotoCoreError) as exc:
+            return Finding(
+                "settings",
+                Verdict.FAIL,
+                f"could not read the deployed template: {_reason(exc)}",
+                "allow cloudformation:GetTemplate on the stack to the deploying identity",
+            )
+        except ValueError as exc:
+            # (a config this version cannot read: one of a much older or newer version)
+            return Finding(
+                "settings",
+                Verdict.NOTE,
+                f"could not read the deployed functions' LLMQ_CONFIG: {str(exc).splitlines()[0]}",
+                "compare reconciler.sweep_shards, batches.count_shards and the lanes by hand "
+                "(docs/operations.md, Settings a deploy must never lower)",
+            )
+        lowered = lowered_settings(deployed, self.config) if deployed is not None else []
+        if not lowered:
+            return Finding("settings", Verdict.OK, "nothing lowered that jobs in flight rely on")
+        what = "; ".join(lowered)
+        if self.drained:
+            return Finding(
+                "settings",
+                Verdict.NOTE,
+                f"this deploy lowers {what}: deployed as the operator says the stack is drained",
+                "submit nothing until the deploy is over",
+            )
+        return Finding(
+            "settings",
+            Verdict.FAIL,
+            f"this deploy lowers {what}",
+            "keep the deployed value, or drain the stack first (no job queued or running, no "
+            "webhook pending, no batch open) and deploy with `make deploy DRAINED=1` "
+            "(docs/operations.md, Settings a deploy must never lower)",
+        )
+
     # ---- helpers ------------------------------------------------------------------------
+
+    def _deployed_template(self) -> dict[str, Any]:
+        body = self._client("cloudformation").get_template(StackName=self.stack)["TemplateBody"]
+        return body if isinstance(body, dict) else dict(json.loads(body))
 
     def _stack_outputs(self) -> dict[str, str] | None:
         return deployed_stack_outputs(self._client("cloudformation"), self.stack)

@@ -1318,6 +1318,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         Doctor,
         alarm_emails_in_template,
         bootstrap_version_parameter,
+        config_in_template,
         exit_code,
         load_reservations,
         min_bootstrap_version,
@@ -1340,6 +1341,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         alarm_emails=alarm_emails_in_template(template),
         bootstrap_parameter=bootstrap_version_parameter(template),
         stage_logs_through_account_role=stage_logs_through_account_role(template),
+        config=config_in_template(template),
+        drained=args.drained,
     )
     findings = doctor.run()
     print(render(findings, f"llmq doctor: stack {args.stack} in {session.region_name or '(no region)'}"))
@@ -1655,6 +1658,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--template",
         help="a synthesized template to count reservations from (default: cdk.out/<stack>.template.json)",
+    )
+    doctor.add_argument(
+        "--drained",
+        action="store_true",
+        help="nothing is in flight (no job queued or running, no webhook pending, no batch open): "
+        "a lowered reconciler.sweep_shards or batches.count_shards, or a removed lane, is only noted",
     )
     doctor.set_defaults(handler=cmd_doctor)
     key = commands.add_parser("provider-key", help="the deployed stack's provider API key")

@@ -32,6 +32,7 @@ from llmq_cli.doctor import (
     Verdict,
     alarm_emails_in_template,
     bootstrap_version_parameter,
+    config_in_template,
     exit_code,
     load_reservations,
     min_bootstrap_version,
@@ -110,7 +111,7 @@ class Account:
         return arn
 
     def doctor(
-        self, region: str | None = REGION, template: dict[str, Any] | None = None
+        self, region: str | None = REGION, template: dict[str, Any] | None = None, drained: bool = False
     ) -> tuple[list[Finding], str, int]:
         template_resources = (template or {}).get("Resources", {})
         doctor = Doctor(
@@ -125,6 +126,8 @@ class Account:
             stage_logs_through_account_role=stage_logs_through_account_role(
                 {"Resources": template_resources}
             ),
+            config=config_in_template(template),
+            drained=drained,
         )
         findings = doctor.run()
         return findings, render(findings, "llmq doctor"), exit_code(findings)
@@ -800,3 +803,95 @@ def test_a_redeploy_whose_own_reservations_cannot_be_read_names_the_permission(a
     assert "lambda:GetFunctionConcurrency and cloudformation:ListStackResources" in report
     assert "ask for a quota" not in report
     assert code == 1
+
+
+def _running(config: LlmqConfig) -> dict[str, Any]:
+    """A template whose function runs with `config`, as the app writes it (its LLMQ_CONFIG), and
+    the role moto's CloudFormation needs to make the function."""
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
+        ],
+    }
+    return {
+        "Resources": {
+            "WorkerRole": {"Type": "AWS::IAM::Role", "Properties": {"AssumeRolePolicyDocument": trust}},
+            "Worker": {
+                "Type": "AWS::Lambda::Function",
+                "Properties": {
+                    "Runtime": "python3.12",
+                    "Handler": "handler.handler",
+                    "Role": {"Fn::GetAtt": ["WorkerRole", "Arn"]},
+                    "Code": {"ZipFile": "def handler(event, context): pass"},
+                    "Environment": {"Variables": {"LLMQ_CONFIG": config.to_env()}},
+                },
+            },
+        }
+    }
+
+
+def _with(**settings: Any) -> LlmqConfig:
+    return LlmqConfig.model_validate(settings)
+
+
+def test_a_deploy_that_lowers_what_jobs_in_flight_rely_on_fails_unless_the_stack_is_drained(
+    account: Account,
+) -> None:
+    # Given a deployed stack running 16 sweep shards, 16 count shards and a lane of its own
+    two_lanes = [
+        {"name": "high", "tiers": ["enterprise"], "max_concurrency": 4},
+        {"name": "low", "tiers": ["free"], "max_concurrency": 2},
+    ]
+    deployed = _with(lanes=[*two_lanes, {"name": "eu", "tiers": ["eu"], "max_concurrency": 2}])
+    account.bootstrap()
+    secret = account.deploy(resources=_running(deployed)["Resources"])
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    lowered = {
+        "reconciler.sweep_shards from 16 to 8": _with(
+            lanes=deployed.model_dump()["lanes"], reconciler={"sweep_shards": 8}
+        ),
+        "batches.count_shards from 16 to 4": _with(
+            lanes=deployed.model_dump()["lanes"], batches={"count_shards": 4}
+        ),
+        "the lane eu removed": _with(lanes=two_lanes),
+    }
+    for what, config in lowered.items():
+        # When the operator's next deploy lowers one of them
+        findings, report, code = account.doctor(template=_running(config))
+        # Then the preflight stops it, naming what and how to go ahead
+        assert _verdicts(findings)["settings"] is Verdict.FAIL, report
+        assert f"this deploy lowers {what}" in report
+        assert "make deploy DRAINED=1" in report
+        assert code == 1
+        # And once the operator says the stack is drained, the deploy goes ahead with a note
+        findings, report, code = account.doctor(template=_running(config), drained=True)
+        assert _verdicts(findings)["settings"] is Verdict.NOTE, report
+        assert code == 0
+    # And a deploy that keeps or raises them goes ahead
+    raised = _with(lanes=deployed.model_dump()["lanes"], reconciler={"sweep_shards": 32})
+    for config in (deployed, raised):
+        findings, report, code = account.doctor(template=_running(config))
+        assert _verdicts(findings)["settings"] is Verdict.OK, report
+        assert code == 0
+
+
+def test_the_cli_passes_drained_on_to_the_settings_check(
+    account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    # Given a deployed stack of 16 sweep shards, and a synthesized template of 4
+    account.bootstrap()
+    secret = account.deploy(resources=_running(LlmqConfig())["Resources"])
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+    template = tmp_path / "Llmq.template.json"
+    template.write_text(json.dumps(_running(_with(reconciler={"sweep_shards": 4}))))
+    monkeypatch.setattr(boto3.session.Session, "client", lambda _self, service, **_: account.client(service))
+    # When `llmq doctor` runs on it, as `make deploy` does, and again with --drained (DRAINED=1)
+    code = cli.main(["doctor", "--template", str(template)])
+    refused = capsys.readouterr().out
+    drained = cli.main(["doctor", "--template", str(template), "--drained"])
+    noted = capsys.readouterr().out
+    # Then the first stops the deploy, the second lets it go with a note
+    assert (code, drained) == (1, 0), refused + noted
+    assert "  FAIL  settings: this deploy lowers reconciler.sweep_shards from 16 to 4" in refused
+    assert "  note  settings: this deploy lowers reconciler.sweep_shards from 16 to 4" in noted
