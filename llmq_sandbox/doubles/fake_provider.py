@@ -14,6 +14,7 @@ Directives (DESIGN §6):
   `finish_reason` instead of `stop`;
 - `[[trailer_late:1.5]]` (streaming) holds the connection 1.5 s after the finish_reason chunk,
   before the usage chunk and `[DONE]`, as a gateway that is slow to close may;
+  `[[trailer_late:1.5:1.5]]` holds it 1.5 s more between the usage chunk and `[DONE]`;
 - `[[finish_mid:0.4]]` (streaming) sends a chunk with only a `finish_reason` after the first
   delta, pauses 0.4 s, and goes on with the answer, as a gateway that marks chunks early may.
 
@@ -109,6 +110,7 @@ class Directives:
     finish_reason: str = "stop"
     stream_fault: StreamFault | None = None
     trailer_late: float = 0.0
+    done_late: float = 0.0
     finish_mid: float | None = None
 
     @classmethod
@@ -132,7 +134,8 @@ class Directives:
             elif name == "finish":
                 found.finish_reason = arg
             elif name == "trailer_late":
-                found.trailer_late = float(arg)
+                usage_after, _, done_after = arg.partition(":")
+                found.trailer_late, found.done_late = float(usage_after), float(done_after or 0)
             elif name == "finish_mid":
                 found.finish_mid = float(arg)
             elif name in ("stream_error", "stream_cut"):
@@ -320,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
                 directives.finish_reason,
                 fault,
                 joiner,
-                directives.trailer_late,
+                (directives.trailer_late, directives.done_late),
                 directives.finish_mid,
             )
         elif fault is not None and fault.kind == "stream_error":
@@ -344,7 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
         finish_reason: str,
         fault: StreamFault | None,
         joiner: str = " ",
-        trailer_late: float = 0.0,
+        trailer_late: tuple[float, float] = (0.0, 0.0),
         finish_mid: float | None = None,
     ) -> None:
         self.send_response(200)
@@ -373,9 +376,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(fault.error())
         else:
             self._chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
-            if trailer_late:
-                self.server.state.stopping.wait(trailer_late)
+            if trailer_late[0]:
+                self.server.state.stopping.wait(trailer_late[0])
             self._chunk({"choices": [], "usage": usage})
+            if trailer_late[1]:
+                self.server.state.stopping.wait(trailer_late[1])
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")
 

@@ -284,6 +284,33 @@ def test_a_cancel_while_only_a_whole_answers_trailer_is_awaited_keeps_the_paid_a
     assert provider.calls_for(job["id"]) == 1
 
 
+def test_a_cancel_while_a_whole_answers_trailer_comes_in_pieces_keeps_the_paid_answer(
+    streaming: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a whole answer whose usage chunk comes 1.5 s after its finish_reason, and [DONE]
+    # 1.5 s after that (each within the 2 s a trailer's silence may last; 3 s in all), when a
+    # cancel comes while the trailer is awaited
+    job = _canceled_into_its_call(streaming, provider, "[[tokens:3]] [[trailer_late:1.5:1.5]] hi", 0.4)
+    # Then the answer the provider billed stands, after one call
+    assert (job["status"], job["cancel_requested"]) == ("succeeded", True), job
+    assert job["result"]["output"]
+    assert provider.calls_for(job["id"]) == 1
+
+
+def test_a_cancel_whose_wait_for_a_trailer_runs_out_keeps_the_whole_answer(
+    streaming: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a whole answer whose trailer comes 1.5 s after its finish_reason, and a cancel's wait
+    # for a trailer that ends first (as when the event loop is late: another job of the batch
+    # holding it)
+    monkeypatch.setattr("llmq.execution.TRAILER_WAIT_SECONDS", 0.3)
+    job = _canceled_into_its_call(streaming, provider, "[[tokens:3]] [[trailer_late:1.5]] hi", 0.4)
+    # Then the answer stands as it was when the wait ran out: paid for, never thrown away
+    assert (job["status"], job["cancel_requested"]) == ("succeeded", True), job
+    assert job["result"]["output"]
+    assert provider.calls_for(job["id"]) == 1
+
+
 def test_a_cancel_while_an_early_finish_reason_looks_whole_still_stops_the_generation(
     streaming: Harness, provider: FakeProviderServer
 ) -> None:

@@ -338,6 +338,37 @@ async def test_a_stream_that_stalls_after_its_finish_reason_is_a_whole_answer_no
     assert (result.output, result.finish_reason) == ("the whole answer", "stop")
 
 
+class _TrailerApart(httpx.AsyncByteStream):
+    """A whole answer (its finish_reason alone), then its trailer in pieces `gap` apart, each
+    within the silence a whole answer's trailer is given: a usage chunk, a later usage chunk
+    (as a gateway adding its own count may send), [DONE]."""
+
+    def __init__(self, gap: float) -> None:
+        self.gap = gap
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield _sse(_delta("the whole"), _delta(" answer"), _delta("", "stop")).encode()
+        for tokens in (2, 5):
+            await asyncio.sleep(self.gap)
+            yield _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": tokens}}).encode()
+        await asyncio.sleep(self.gap)
+        yield b"data: [DONE]\n\n"
+
+
+async def test_a_whole_answers_trailer_in_pieces_is_awaited_from_the_answers_end_not_each_piece(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a whole answer whose trailer comes in pieces 0.7 of a trailer's silence apart
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 1.0)
+    provider = _provider(lambda request: httpx.Response(200, stream=_TrailerApart(0.7)), stream=True)
+    # When the job calls it
+    result = await provider.generate(REQUEST, 30)
+    # Then the answer is taken with what of its trailer came within one silence of the answer's
+    # end (the first usage chunk), not a whole silence more after each piece (a cancel waits
+    # `TRAILER_WAIT_SECONDS` for it, and would throw the paid answer away)
+    assert (result.output, result.usage.output_tokens) == ("the whole answer", 2)
+
+
 async def test_an_sse_error_event_is_never_part_of_an_answer_even_without_an_error_key() -> None:
     # Given a stream that sends half an answer, then an SSE `error` event whose data has no
     # `error` key, then [DONE]

@@ -917,6 +917,8 @@ class JobRunner:
         started = self.jobs.now_ms()
         stop = await _first_stop(generation, watcher, writer)
         watcher.cancel()
+        # A whole answer taken as it stands, its trailer not awaited further.
+        kept: JobResult | None = None
         if stop is _Stop.CANCELED and answer.whole and not generation.done():
             # The answer is whole, paid for: only its trailer is awaited, briefly. It stands;
             # unless more text comes after all (a gateway that marks chunks before the end),
@@ -924,7 +926,16 @@ class JobRunner:
             waited_until = time.monotonic() + TRAILER_WAIT_SECONDS
             while answer.whole and not generation.done() and time.monotonic() < waited_until:
                 await asyncio.wait({generation}, timeout=_TRAILER_LOOK_SECONDS)
-        if stop is _Stop.LEASE_LOST or (stop is _Stop.CANCELED and not _succeeded(generation)):
+            if answer.whole and answer.result is not None and not generation.done():
+                # Still whole, its trailer still to come (the event loop was late, say): the
+                # answer as it stands, never thrown away for the usage chunk or [DONE].
+                kept = answer.result()
+                generation.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await generation
+        if stop is _Stop.LEASE_LOST or (
+            stop is _Stop.CANCELED and not _succeeded(generation) and kept is None
+        ):
             # At once: an output write still in flight must not keep a canceled generation
             # running (and paid for) while it ends.
             generation.cancel()
@@ -933,7 +944,7 @@ class JobRunner:
             # within the time the provider call had, so the result keeps its reserve.
             writer_stop = await self._close_writer(recorder, writer, invocation, reserve)
             stop = stop or writer_stop
-        if stop is _Stop.CANCELED and _succeeded(generation):
+        if stop is _Stop.CANCELED and (kept is not None or _succeeded(generation)):
             # The generation ended as the cancel came: it is paid for, and its result stands.
             stop = None
         if stop is not None:
@@ -949,7 +960,7 @@ class JobRunner:
             return
         emit_job_metric(MetricName.RUN_TIME_MS, self.jobs.now_ms() - started, job.lane)
         try:
-            result = generation.result()
+            result = kept if kept is not None else generation.result()
         except ProviderError as exc:
             await self._after_provider_error(job, invocation, exc)
             return

@@ -824,6 +824,9 @@ class _Stream:
         # The data lines of an event not yet whole (SSE lets one event's data span lines).
         self.pending: list[str] = []
         self.last_data_at = time.monotonic()
+        # When the answer became whole: its trailer, however many lines it comes in, is awaited
+        # `_AFTER_FINISH_SECONDS` from then at most (a cancel waits `TRAILER_WAIT_SECONDS` for it).
+        self.whole_since: float | None = None
         self.started = False
 
     @property
@@ -844,6 +847,10 @@ class _Stream:
         limit = _AFTER_FINISH_SECONDS if self.finish_alone else _AFTER_FINISH_WITH_TEXT_SECONDS
         now = time.monotonic()
         allowed = limit - (now - self.last_data_at)
+        if self.whole and self.whole_since is not None:
+            # (from the answer's end, not the trailer's last line: a usage chunk and [DONE] that
+            # come apart, each within the silence, would hold the call, and a cancel, longer)
+            allowed = min(allowed, _AFTER_FINISH_SECONDS - (now - self.whole_since))
         if deadline is not None:
             # A whole answer whose [DONE] is late is kept, not lost to the call's deadline.
             allowed = min(allowed, deadline - now - _DEADLINE_MARGIN_SECONDS)
@@ -894,6 +901,8 @@ class _Stream:
         if not isinstance(chunk, dict):
             raise _malformed()
         self._chunk(chunk)
+        if self.whole_since is None and self.whole:
+            self.whole_since = self.last_data_at
 
     def _chunk(self, chunk: dict[str, Any]) -> None:
         error = _in_band_error(chunk)
