@@ -36,7 +36,7 @@ from typing import Any, TextIO
 import httpx
 from httpx_sse import ServerSentEvent
 
-from llmq.models import TERMINAL_STATUSES
+from llmq.models import MAX_JSON_DEPTH, TERMINAL_STATUSES
 from llmq_cli.sandbox_state import (
     SandboxState,
     TenantCredentials,
@@ -324,21 +324,30 @@ class LoneSurrogate(UnsendableJson):
     Unicode text, and the request could not be sent (httpx writes JSON as UTF-8)."""
 
 
+class NestsTooDeep(UnsendableJson):
+    """Arrays and objects inside one another past what the API reads (`MAX_JSON_DEPTH`): no
+    request of the schema nests so; deep enough, Python's own parser gives up (RecursionError)."""
+
+
 def _check_text(value: Any) -> None:
-    """Every string in a parsed JSON value, its object keys too, is Unicode text."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            half = json.dumps(value[exc.start])
-            raise LoneSurrogate(f"a string holds a lone surrogate ({half}), half of a UTF-16 pair") from exc
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item)
+    """Every string in a parsed JSON value, its object keys too, is Unicode text; and the value
+    nests no deeper than the API reads (walked without recursion: it may nest deeply)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                half = json.dumps(item[exc.start])
+                raise LoneSurrogate(
+                    f"a string holds a lone surrogate ({half}), half of a UTF-16 pair"
+                ) from exc
+        elif isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise NestsTooDeep(f"it nests deeper than {MAX_JSON_DEPTH} levels, which no request does")
+            inner = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            pending.extend((part, depth + 1) for part in inner)
 
 
 def _refuse_constant(constant: str) -> Any:
@@ -356,7 +365,10 @@ def loads_finite(text: str) -> Any:
     """json.loads, but NaN, Infinity and numbers past a double's range (NotFiniteNumber), and
     lone surrogate escapes (LoneSurrogate), are refused rather than read as values no request
     can carry (both UnsendableJson, a ValueError)."""
-    loaded = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    try:
+        loaded = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise NestsTooDeep(f"it nests deeper than {MAX_JSON_DEPTH} levels, which no request does") from exc
     _check_text(loaded)
     return loaded
 
@@ -373,6 +385,8 @@ def _param_value(key: str, raw: str) -> Any:
         json.loads(raw)
     except ValueError:
         return raw
+    except RecursionError:
+        pass  # (JSON too deep to read: refused as such below)
     try:
         return loads_finite(raw)
     except UnsendableJson as exc:

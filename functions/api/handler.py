@@ -46,6 +46,7 @@ from llmq.live_output import finished_reading, resume_point, retry_hint
 from llmq.long_polls import LongPolls
 from llmq.model_base import build_all
 from llmq.models import (
+    MAX_JSON_DEPTH,
     Batch,
     BatchList,
     BatchRequest,
@@ -351,6 +352,7 @@ _METHODS = [
     (re.compile(r"^/v1/jobs/?$"), "GET, POST"),
     (re.compile(r"^/v1/jobs/[^/]+/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/cancel/?$"), "POST"),
+    (re.compile(r"^/v1/jobs/[^/]+/events/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/?$"), "GET"),
     (re.compile(r"^/v1/jobs/[^/]+/webhook/redeliver/?$"), "POST"),
     (re.compile(r"^/v1/batches/?$"), "GET, POST"),
@@ -378,12 +380,12 @@ def handle_not_found(exc: NotFoundError) -> Response[Any]:
 def handle_unexpected(exc: Exception) -> Response[Any]:
     # The body as the parser read it: API Gateway passes a binary media type's body in base64.
     if isinstance(exc, RecursionError) and _nests_deeper_than(
-        app.current_event.decoded_body or "", _MAX_JSON_DEPTH
+        app.current_event.decoded_body or "", MAX_JSON_DEPTH
     ):
         # A body nested too deeply for the JSON parser (a valid document of a few KB can be):
         # the client's, as malformed JSON is.
         return handle_domain_error(
-            errors.MalformedJson(f"the body nests deeper than {_MAX_JSON_DEPTH} levels")
+            errors.MalformedJson(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
         )
     event = app.current_event
     if (
@@ -405,9 +407,6 @@ def handle_unexpected(exc: Exception) -> Response[Any]:
 
 
 # No request llmq takes nests anywhere near this deep; Python's parser gives up at about 1,000.
-_MAX_JSON_DEPTH = 100
-
-
 def _unreadable_json(text: str) -> bool:
     """Whether the body is JSON that Python's parser refuses with a plain ValueError (read only
     when handling a request has already failed). Not JSON at all, validation said so already;
@@ -1126,7 +1125,28 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         }
     if str(event.get("path") or "").rstrip("/") == DOCS_PATH:  # (Powertools serves /v1/docs/ too)
         enable_docs()
+    _read_as_json(event)
     return app.resolve(event, context)
+
+
+def _read_as_json(event: dict[str, Any]) -> None:
+    """A POST `_reject_unacceptable_body` let through is read as JSON: its Content-Type was JSON
+    in any case (media types are case-insensitive) or a `+json` type, or it has no body. The
+    validation's parser matches only `application/json` as written, and refused the others as
+    an unexpected error, a 500 (hunt 257)."""
+    if event.get("httpMethod") != "POST":
+        return
+    for name in ("headers", "multiValueHeaders"):
+        headers = event.get(name) or {}
+        for key in [key for key in headers if key.lower() == "content-type"]:
+            values = headers[key] if isinstance(headers[key], list) else [headers[key]]
+            read = [_as_json(str(value)) for value in values]
+            headers[key] = read if isinstance(headers[key], list) else read[0]
+
+
+def _as_json(content_type: str) -> str:
+    _, semicolon, parameters = content_type.partition(";")
+    return f"application/json{semicolon}{parameters}"
 
 
 def _route_on_the_resource(event: dict[str, Any]) -> None:

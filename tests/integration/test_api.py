@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -105,6 +106,28 @@ def test_same_idempotency_key_and_body_replays_the_original(harness: Harness) ->
     assert harness.item_count() == 1
 
 
+def test_a_retry_that_writes_the_default_model_out_or_leaves_it_is_the_same_body(harness: Harness) -> None:
+    # Given jobs submitted with the model left to the default, and named as the default
+    default = harness.config.provider.default_model
+    other = next(model for model in harness.config.provider.models if model != default)
+    left = harness.submit(key="order-left", prompt="same")
+    named = harness.submit(key="order-named", prompt="same", model=default)
+    # When each is retried with the model spelled the other way (an SDK writing defaults out)
+    retries = [
+        harness.submit(key="order-left", prompt="same", model=default),
+        harness.submit(key="order-named", prompt="same"),
+    ]
+    # Then each retry is its job's replay: the same job, which runs the same model
+    assert [(reply.status, reply.headers.get("idempotent-replayed")) for reply in retries] == [
+        (202, "true")
+    ] * 2
+    assert [reply.body["id"] for reply in retries] == [left.body["id"], named.body["id"]]
+    # And a retry naming another model is another body
+    reply = harness.submit(key="order-left", prompt="same", model=other)
+    assert (reply.status, reply.code) == (422, "idempotency_key_reused")
+    assert harness.item_count() == 2
+
+
 def test_same_idempotency_key_with_another_body_is_422_and_writes_nothing(harness: Harness) -> None:
     first = harness.submit(key="order-2", prompt="one body")
     reply = harness.submit(key="order-2", prompt="another body")
@@ -188,6 +211,36 @@ def test_a_wrong_content_type_is_415(harness: Harness) -> None:
         "POST", "/v1/jobs", raw_body="prompt=hi", headers={"Content-Type": "text/plain"}, tenant=ENTERPRISE
     )
     assert (reply.status, reply.code) == (415, "unsupported_media_type")
+    _nothing_changed(harness)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["Application/JSON", "APPLICATION/JSON; charset=utf-8", "application/vnd.api+json", "application/json"],
+)
+def test_a_json_content_type_however_spelt_is_read_as_json(harness: Harness, content_type: str) -> None:
+    # Given a job's body sent as JSON, its media type in any case (they are case-insensitive),
+    # or a +json type
+    body = json.dumps({"prompt": "hi"})
+    reply = harness.api(
+        "POST", "/v1/jobs", raw_body=body, headers={"Content-Type": content_type}, tenant=ENTERPRISE
+    )
+    # Then it is accepted as with application/json: never a 500 that pages the operator
+    assert reply.status == 202, reply.body
+    assert harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches", "/v1/uploads"])
+@pytest.mark.parametrize(("content_type", "raw"), [("text/plain", ""), ("application/octet-stream", " ")])
+def test_a_post_without_a_body_is_a_4xx_whatever_its_content_type(
+    harness: Harness, path: str, content_type: str, raw: str
+) -> None:
+    # Given a POST with no body, under a Content-Type that is not JSON
+    reply = harness.api("POST", path, raw_body=raw, headers={"Content-Type": content_type}, tenant=ENTERPRISE)
+    # Then it is refused as the same body sent as JSON is (a 4xx, never a 500), and nothing is written
+    as_json = harness.api("POST", path, raw_body=raw, tenant=ENTERPRISE)
+    assert (reply.status, reply.code) == (as_json.status, as_json.code), reply.body
+    assert (reply.status, reply.code) in ((400, "malformed_json"), (422, "invalid_request"))
     _nothing_changed(harness)
 
 
@@ -727,6 +780,21 @@ def test_a_known_path_with_another_method_is_405_with_allow(harness: Harness) ->
     reply = harness.api("PUT", "/v1/jobs", body={"prompt": "x"}, tenant=ENTERPRISE)
     assert (reply.status, reply.code) == (405, "method_not_allowed")
     assert reply.headers["allow"] == "GET, POST"
+    _nothing_changed(harness)
+
+
+def test_every_path_of_the_api_answers_another_method_405_with_what_it_allows(harness: Harness) -> None:
+    # Given every path the API document lists, and the methods it lists for each
+    paths = harness.api("GET", "/v1/openapi.json", tenant=ENTERPRISE).body["paths"]
+    assert "/v1/jobs/{job_id}/events" in paths
+    for template, operations in paths.items():
+        path = re.sub(r"\{[^}]+\}", "job_0123456789abcdef0123456789", template)
+        listed = sorted(method.upper() for method in operations if method in ("get", "post"))
+        # When a client uses a method the path does not serve
+        reply = harness.api("DELETE", path, tenant=ENTERPRISE)
+        # Then it is a 405 naming the methods it does serve, never a 404 "no such route"
+        assert (reply.status, reply.code) == (405, "method_not_allowed"), template
+        assert sorted(reply.headers["allow"].split(", ")) == listed, template
     _nothing_changed(harness)
 
 

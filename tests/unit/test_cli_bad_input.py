@@ -42,6 +42,10 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
     return str(path)
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
 BAD_INPUTS = {
     "param past a double's range": lambda tmp: ["submit", "hi", "--param", "temperature=1e400"],
     "param NaN": lambda tmp: ["submit", "hi", "--param", "temperature=NaN"],
@@ -90,6 +94,25 @@ BAD_INPUTS = {
     # (bytes that are not UTF-8 in an argument: Python's argv holds them as lone surrogates)
     "prompt not UTF-8": lambda tmp: ["submit", "caf\udce9"],
     "metadata not UTF-8": lambda tmp: ["submit", "hi", "--metadata", "k=\udce9"],
+    # (past Python's parser's recursion limit, and past the API's depth but within that limit)
+    "file nested 5,000 deep": lambda tmp: [
+        "submit",
+        "--file",
+        _write(tmp, "f.json", '{"prompt": "x", "metadata": {"a": ' + _nested(5000) + "}}"),
+    ],
+    "file nested 985 deep": lambda tmp: [
+        "submit",
+        "--file",
+        _write(tmp, "f.json", '{"prompt": "x", "metadata": {"a": ' + _nested(985) + "}}"),
+    ],
+    "param nested 5,000 deep": lambda tmp: ["submit", "hi", "--param", "stop=" + _nested(5000)],
+    "batch line nested 5,000 deep": lambda tmp: [
+        "batches",
+        "submit",
+        _write(
+            tmp, "f.jsonl", '{"custom_id": "a", "body": {"prompt": "x", "metadata": ' + _nested(5000) + "}}\n"
+        ),
+    ],
     "batch file missing": lambda tmp: ["batches", "submit", str(tmp / "missing.jsonl")],
     "batch file missing, uploaded": lambda tmp: ["batches", "submit", "--upload", str(tmp / "missing.jsonl")],
     "batch file a directory, uploaded": lambda tmp: ["batches", "submit", "--upload", str(tmp)],
@@ -124,6 +147,8 @@ def test_bad_job_input_is_one_line_and_nothing_is_sent(
         ("file holding a lone surrogate", 'f.json: a string holds a lone surrogate ("\\udc00")'),
         ("prompt not UTF-8", "an argument is not UTF-8 text ('\\udce9')"),
         ("batch file missing", "missing.jsonl: No such file or directory"),
+        ("file nested 985 deep", "f.json: it nests deeper than 100 levels"),
+        ("batch line nested 5,000 deep", "f.jsonl:1: it nests deeper than 100 levels"),
     ],
 )
 def test_the_line_names_the_file_the_line_and_the_number(

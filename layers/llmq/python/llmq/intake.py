@@ -239,7 +239,7 @@ class JobIntake:
         conditional write, refused once the reconciler has looked), so replays add at most one
         message to a job's, however many there are."""
         same_body = job.request_hash == record.request_hash or (
-            job.request_digest is not None and job.request_digest == record.request_digest
+            job.request_digest is not None and job.request_digest in self._spellings(request, job.model)
         )
         if job.tenant_id != tenant.tenant_id or not same_body:
             raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
@@ -253,6 +253,16 @@ class JobIntake:
                     extra={"job_id": job.id, **error_fields(exc)},
                 )
         return Submission(job=job, replayed=True)
+
+    def _spellings(self, request: JobRequest, model: str) -> set[str]:
+        """The request's digest; and when it asks for the model the job runs, by its name or by
+        leaving it to the default, its digests with the model named and left out: a client whose
+        SDK writes the documented default out replays the job it made without it (hunt 257)."""
+        digests = {request_digest(request)}
+        if (request.model or self.config.provider.default_model) == model:
+            digests.add(request_digest(request.model_copy(update={"model": None})))
+            digests.add(request_digest(request.model_copy(update={"model": model})))
+        return digests
 
     def accepted_under(self, tenant: TenantIdentity, idempotency_key: str) -> bool:
         """Whether the tenant's Idempotency-Key already made a job (one GetItem): a submit the

@@ -15,6 +15,10 @@ from llmq.model_base import Model
 MAX_CONTENT_CHARS = 2_000_000
 # The most dead-letter rounds a lane message can name (llmq sends a handful at most).
 MAX_REDRIVE_ROUND = 1_000_000
+# How deep a request's JSON may nest, arrays and objects inside one another: no request of the
+# schema comes near it; a body past Python's parser's recursion limit is refused as malformed
+# with this figure (the api), and the CLI refuses a body past it before sending it.
+MAX_JSON_DEPTH = 100
 
 if TYPE_CHECKING:
     from llmq.config import LlmqConfig
