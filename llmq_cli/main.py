@@ -1058,6 +1058,7 @@ def cmd_tenants_refresh_caps(args: argparse.Namespace) -> int:
     size): every tenant's share holds the caps its claims are held to, written at its accepts;
     each is brought to the deployed config now, not at the tenant's next submit."""
     from llmq.tenants import UnknownTenant
+    from llmq_cli.tenant_limits import WAKE_STOPPED
 
     target = AwsTarget(args)
     limits = _tenant_limits(target, args.table)
@@ -1071,6 +1072,14 @@ def cmd_tenants_refresh_caps(args: argparse.Namespace) -> int:
         tenants = limits.tenants.tiers_by_tenant()
     refreshed = [shown for tenant_id, tier in tenants if (shown := limits.refresh_caps(tenant_id, tier))]
     _print_json(refreshed)
+    stopped = [shown for shown in refreshed if WAKE_STOPPED in shown]
+    if stopped:
+        print(
+            f"The caps are written, but starting the queued jobs of {len(stopped)} tenant(s) stopped "
+            f"short ({stopped[0][WAKE_STOPPED]}). Run the command again to start the rest now; "
+            "otherwise they start as their deferrals end.",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -198,9 +198,13 @@ class TenantLimits:
             for lane in caps
             if (share.default_caps.get(lane), share.default_batch_caps.get(lane)) != caps[lane]
         }
-        if not changed:
+        own = self.config.lane_for_tier(tier).name
+        raised = own in changed and changed[own][0] > (share.default_caps.get(own) or 0)
+        # (a raise whose wake an earlier run did not finish: a throttle, its answer lost)
+        pending = share.wake_pending
+        if not changed and pending is None:
             return None
-        after = self.shares.refresh_default_caps(tenant_id, changed)
+        after = self.shares.refresh_default_caps(tenant_id, changed, wake=own if raised else None)
         if after is None:
             return None
         shown: dict[str, Any] = {
@@ -211,10 +215,11 @@ class TenantLimits:
                 for lane, (cap, lane_batch_cap) in changed.items()
             },
         }
-        own = self.config.lane_for_tier(tier).name
-        raised = own in changed and changed[own][0] > (share.default_caps.get(own) or 0)
-        if raised and after.max_concurrency is None:
-            self._wake(shown, tenant_id, own, changed[own][0], after)
+        wake = own if raised else after.wake_pending
+        if wake is not None and wake in caps and after.max_concurrency is None:
+            self._wake(shown, tenant_id, wake, caps[wake][0], after)
+        if wake is not None and WAKE_STOPPED not in shown:
+            self.shares.clear_wake_pending(tenant_id, wake)
         return shown
 
     def _wake(self, shown: dict[str, Any], tenant_id: str, lane: str, cap: int, share: ShareState) -> None:

@@ -241,16 +241,35 @@ def test_a_file_replaced_after_the_batch_was_made_fails_the_batch(harness: Harne
     assert _item_jobs(harness) == []
 
 
-def test_an_upload_over_the_tenants_quota_fails_quota_exceeded_and_charges_nothing(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("max_active", "active", "code"),
+    [
+        # over what is left of the quota: a wait may let it in
+        (3, 1, "quota_exceeded"),
+        # more requests than the quota at all: no wait does (as an inline batch's 422, hunt 259)
+        (2, 0, "batch_exceeds_quota"),
+    ],
+)
+def test_an_upload_over_the_tenants_quota_fails_and_charges_nothing(
+    harness: Harness, max_active: int, active: int, code: str
+) -> None:
+    # Given a tenant with `active` jobs queued, of at most `max_active`
     shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
-    shares.set_limits(FREE["tenant_id"], max_active_jobs=2)
+    shares.set_limits(FREE["tenant_id"], max_active_jobs=max_active)
+    for index in range(active):
+        assert harness.submit(tenant=FREE, prompt=f"job {index}").status == 202
+    url = harness.stack.lane_queue_urls["low"]
+    # (their messages out of the worker's way: they stay queued while the batch is looked at)
+    assert len(harness.receive(url, visibility=600)) == active
+    # When it uploads a batch of three valid requests, and a worker reads its file
     text = "\n".join(_line(f"r{index}") for index in range(3))
     batch_id = _submit(harness, _upload(harness, text, tenant=FREE), tenant=FREE).body["id"]
-    _run_lane(harness, lane="low")
+    harness.run_worker(url, harness.receive(url))
+    # Then the batch fails with the code that says whether to wait or to split, charging nothing
     failed = _stored(harness, batch_id)
     assert failed.status is BatchStatus.FAILED
-    assert failed.errors is not None and failed.errors[0].code == "quota_exceeded"
-    assert shares.get(FREE["tenant_id"]).active == 0
+    assert failed.errors is not None and failed.errors[0].code == code
+    assert shares.get(FREE["tenant_id"]).active == active
     assert _item_jobs(harness) == []
 
 

@@ -805,6 +805,58 @@ def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
     url = harness.stack.lane_queue_urls["high"]
     # (each of the three woken; a deferred copy of one may be back too on a slow machine)
     assert {json.loads(message["Body"])["job_id"] for message in harness.receive(url)} == set(ids)
+    # And a second run finds nothing to change, nor to wake
+    assert llmq(capsys, "refresh-caps") == []
+
+
+def test_refresh_caps_run_again_starts_the_jobs_a_cut_wake_left_deferred(
+    stack: dict[str, str],
+    harness: Any,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A raise's wake SQS cut short (a throttle) is done by the next run, as the command says
+    (hunt 259: the caps were written, so a second run found nothing changed and woke nothing;
+    the jobs waited out their deferrals, up to an hour, with the raised slots idle)."""
+    import llmq_cli.main as cli_main
+    from llmq.shares import ShareRepository
+    from tests.aws_faults import AwsFaults, FaultKind
+    from tests.integration.harness import ENTERPRISE
+    from tests.integration.test_fair_share import deferred_at_a_cap_of_one
+
+    monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
+    tenant = ENTERPRISE["tenant_id"]
+    llmq(capsys, "create", "--name", "Acme", "--tier", "enterprise", "--id", tenant)
+    # Given three jobs deferred at the tier's cap of one, which a deploy raises to 8
+    ids = deferred_at_a_cap_of_one(harness, 3)
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    shares.set_limits(tenant, clear=("max_concurrency",))
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": f"share#{tenant}"}},
+        UpdateExpression="SET cap_high = :one, capb_high = :one",
+        ExpressionAttributeValues={":one": {"N": "1"}},
+    )
+    _deployed_tier_cap(tmp_path, 8)
+    # When make deploy's refresh-caps writes the caps and SQS throttles its wake's first send
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "sqs.SendMessage")
+    try:
+        captured = llmq_captured(capsys, "refresh-caps")
+    finally:
+        faults.disarm()
+    first = json.loads(captured.out)
+    assert (first[0]["woken"], "wake_stopped" in first[0]) == (0, True), first
+    assert "Run the command again" in captured.err
+    url = harness.stack.lane_queue_urls["high"]
+    assert harness.receive(url) == []
+    # And the operator runs it again, as it says
+    second = llmq(capsys, "refresh-caps")
+    # Then the deferred jobs start now, and a third run has nothing left to do
+    assert [(shown["caps"], shown["woken"]) for shown in second] == [({}, 3)]
+    assert {json.loads(message["Body"])["job_id"] for message in harness.receive(url)} == set(ids)
+    assert llmq(capsys, "refresh-caps") == []
 
 
 @pytest.mark.parametrize("operation", ["DeleteUsagePlanKey", "CreateUsagePlanKey"])

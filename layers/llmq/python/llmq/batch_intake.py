@@ -16,10 +16,17 @@ import secrets
 from llmq.batch_requests import StoredRequests
 from llmq.batch_results import result_line
 from llmq.batch_runs import ask_running_items_to_stop, encode_requests, settle
-from llmq.batches import BatchRecord, BatchRepository, batch_fits, new_batch_id, over_quota, send_expand
+from llmq.batches import (
+    BatchRecord,
+    BatchRepository,
+    batch_fits,
+    exceeds_quota,
+    new_batch_id,
+    over_quota,
+    send_expand,
+)
 from llmq.config import LlmqConfig
 from llmq.errors import (
-    BatchExceedsQuota,
     BatchNotCancelable,
     BatchNotEnded,
     BatchResultsExpired,
@@ -192,10 +199,7 @@ class BatchIntake:
             if stored is not None:
                 return self._replayed(stored, tenant, record.request_digest, digest), True
             if record.total > limit:
-                raise BatchExceedsQuota(
-                    f"this batch has {record.total} requests and this tenant may have at most {limit} "
-                    "jobs queued or running: split it into batches of at most that many"
-                )
+                raise exceeds_quota(record.total, limit)
             raise over_quota(state, record.total, default_max_active, self.config)
         if not batch_fits(record, self.config.batches.upload_errors_shown):
             raise PayloadTooLarge(

@@ -11,7 +11,8 @@ line by line, by the same rules as an inline batch's items (`llmq.batch_items`):
 - a bad line ends the batch `failed` with the first `upload_errors_shown` bad lines, each
   naming its line and field, and no item is ever written;
 - all valid: one transaction sets the count and admits the items as the tenant's active jobs
-  (`BatchRepository.admit_upload`); over the quota, the batch fails `quota_exceeded`.
+  (`BatchRepository.admit_upload`); over the quota, the batch fails `quota_exceeded`, and
+  with more requests than the quota at all, `batch_exceeds_quota`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from llmq.batches import BatchRecord, BatchRepository, out_of_time, part_key, send_expand
 from llmq.config import LlmqConfig
-from llmq.errors import DomainError, QuotaExceeded
+from llmq.errors import BatchExceedsQuota, DomainError, QuotaExceeded
 from llmq.models import BatchItemRequest, BatchLineError
 from llmq.payloads import ObjectChanged
 from llmq.ports import BlobStore, QueueStore
@@ -182,7 +183,7 @@ class UploadScanner:
                 self.config.concurrency_caps(tier, batch.lane),
                 self.config.tenant_limits(tier).max_active_jobs,
             )
-        except QuotaExceeded as exc:
+        except (QuotaExceeded, BatchExceedsQuota) as exc:
             return ScanOutcome(errors=[BatchLineError(line=0, code=exc.code, message=exc.detail)])
         if admitted is not None:
             logger.info("batch upload validated", extra={"batch_id": batch.id, "items": count})

@@ -27,7 +27,14 @@ from pydantic import Field, TypeAdapter
 from llmq import aws, shares
 from llmq import job_codec as codec
 from llmq.config import MIN_RETENTION_DAYS, LlmqConfig
-from llmq.errors import BatchNotEnded, BatchNotFound, QuotaExceeded, StoreContended, StoreUnavailable
+from llmq.errors import (
+    BatchExceedsQuota,
+    BatchNotEnded,
+    BatchNotFound,
+    QuotaExceeded,
+    StoreContended,
+    StoreUnavailable,
+)
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
 from llmq.job_record import JobRecord, delivery_view, iso
@@ -779,7 +786,10 @@ class BatchRepository:
         when another run admitted it first, or it was canceled meanwhile; QuotaExceeded when
         its items do not fit, and nothing is written."""
         state = self.share(batch.tenant_id)
-        if state.active + total > (state.max_active_jobs or default_max_active):
+        limit = state.max_active_jobs or default_max_active
+        if total > limit:
+            raise exceeds_quota(total, limit)
+        if state.active + total > limit:
             raise over_quota(state, total, default_max_active, self.config)
         update = {
             "Update": {
@@ -1260,6 +1270,14 @@ class BatchRepository:
         except ClientError as exc:
             if not codec.condition_failed(exc):
                 raise
+
+
+def exceeds_quota(count: int, limit: int) -> BatchExceedsQuota:
+    """A batch of more requests than the tenant may have active at all: no wait lets it in."""
+    return BatchExceedsQuota(
+        f"this batch has {count} requests and this tenant may have at most {limit} jobs queued or "
+        "running: split it into batches of at most that many"
+    )
 
 
 def over_quota(state: ShareState, count: int, default_max_active: int, config: LlmqConfig) -> QuotaExceeded:

@@ -56,6 +56,8 @@ MAX_CONCURRENCY = "max_concurrency"
 MAX_ACTIVE_JOBS = "max_active_jobs"
 # Set with max_concurrency, from the same reserve as the tier default's batch cap.
 MAX_BATCH_CONCURRENCY = "max_batch_concurrency"
+# The lane whose raised default cap has jobs still to wake (`ShareState.wake_pending`).
+WAKE_PENDING = "wake_pending"
 
 
 def share_key(tenant_id: str) -> dict[str, Any]:
@@ -347,6 +349,9 @@ class ShareState:
     max_batch_concurrency: int | None = None
     # Per lane: how long the attempt of the tenant's last job to succeed ran (ms).
     last_runs: dict[str, int] = field(default_factory=dict)
+    # The lane whose default cap `refresh_default_caps` raised, until the jobs deferred at the
+    # old cap are woken (`clear_wake_pending`): a wake cut short is done by the next refresh.
+    wake_pending: str | None = None
 
     @classmethod
     def from_item(cls, tenant_id: str, item: dict[str, Any] | None) -> ShareState:
@@ -377,6 +382,7 @@ class ShareState:
             default_batch_caps=caps[_BATCH_CAP_PREFIX],
             max_batch_concurrency=override(MAX_BATCH_CONCURRENCY),
             last_runs=caps[_LAST_RUN_PREFIX],
+            wake_pending=item[WAKE_PENDING]["S"] if "S" in item.get(WAKE_PENDING, {}) else None,
         )
 
     @property
@@ -506,10 +512,14 @@ class ShareRepository:
         )
         return ShareState.from_item(tenant_id, response.get("Item"))
 
-    def refresh_default_caps(self, tenant_id: str, caps: dict[str, tuple[int, int]]) -> ShareState | None:
+    def refresh_default_caps(
+        self, tenant_id: str, caps: dict[str, tuple[int, int]], wake: str | None = None
+    ) -> ShareState | None:
         """The tier's default caps (all its jobs, its batch items) written for each lane in
         `caps`, as an accept writes them: what a claim holds the tenant to until its next
-        accept. None when the tenant has no share yet (its first accept writes them)."""
+        accept; `wake`: the lane whose jobs deferred at the old cap are to be woken, noted in
+        the same write (`ShareState.wake_pending`). None when the tenant has no share yet (its
+        first accept writes them)."""
         if not caps:
             return self.get(tenant_id)
         names: dict[str, str] = {}
@@ -519,6 +529,9 @@ class ShareRepository:
             names |= {f"#c{index}": _CAP_PREFIX + lane, f"#b{index}": _BATCH_CAP_PREFIX + lane}
             values |= {f":c{index}": {"N": str(cap)}, f":b{index}": {"N": str(lane_batch_cap)}}
             sets.append(f"#c{index} = :c{index}, #b{index} = :b{index}")
+        if wake is not None:
+            sets.append(f"{WAKE_PENDING} = :wake")
+            values[":wake"] = {"S": wake}
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
@@ -534,6 +547,20 @@ class ShareRepository:
                 return None
             raise
         return ShareState.from_item(tenant_id, response.get("Attributes"))
+
+    def clear_wake_pending(self, tenant_id: str, lane: str) -> None:
+        """The jobs deferred at the cap `lane` had before its raise are woken."""
+        try:
+            self._ddb.update_item(
+                TableName=self.table_name,
+                Key=share_key(tenant_id),
+                UpdateExpression=f"REMOVE {WAKE_PENDING}",
+                ConditionExpression=f"{WAKE_PENDING} = :lane",
+                ExpressionAttributeValues={":lane": {"S": lane}},
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
 
     def set_limits(
         self,
