@@ -777,11 +777,11 @@ def test_refresh_caps_holds_the_tenants_queued_jobs_to_a_cap_a_deploy_lowered(
     assert llmq(capsys, "refresh-caps") == []
 
 
-def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
-    stack: dict[str, str], harness: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    """A tier cap raised by a deploy starts the jobs deferred at the old one at once, as a cap
-    raised by set-limits does, not when their deferrals end."""
+def _deferred_at_a_tier_cap_a_deploy_raised(
+    harness: Any, capsys: pytest.CaptureFixture[str], directory: Path
+) -> list[str]:
+    """Three jobs of the enterprise tenant deferred at its tier's cap of one (as its accepts
+    wrote it on its share), and a deploy that raises the tier's cap to 8: the jobs' ids."""
     from llmq.shares import ShareRepository
     from tests.integration.harness import ENTERPRISE
     from tests.integration.test_fair_share import deferred_at_a_cap_of_one
@@ -798,7 +798,16 @@ def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
         UpdateExpression="SET cap_high = :one, capb_high = :one",
         ExpressionAttributeValues={":one": {"N": "1"}},
     )
-    _deployed_tier_cap(tmp_path, 8)
+    _deployed_tier_cap(directory, 8)
+    return ids
+
+
+def test_refresh_caps_starts_the_deferred_jobs_of_a_cap_a_deploy_raised(
+    stack: dict[str, str], harness: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A tier cap raised by a deploy starts the jobs deferred at the old one at once, as a cap
+    raised by set-limits does, not when their deferrals end."""
+    ids = _deferred_at_a_tier_cap_a_deploy_raised(harness, capsys, tmp_path)
     refreshed = llmq(capsys, "refresh-caps")
     assert [(shown["caps"]["high"]["from"], shown["caps"]["high"]["to"]) for shown in refreshed] == [(1, 8)]
     assert refreshed[0]["woken"] == 3
@@ -820,25 +829,11 @@ def test_refresh_caps_run_again_starts_the_jobs_a_cut_wake_left_deferred(
     (hunt 259: the caps were written, so a second run found nothing changed and woke nothing;
     the jobs waited out their deferrals, up to an hour, with the raised slots idle)."""
     import llmq_cli.main as cli_main
-    from llmq.shares import ShareRepository
     from tests.aws_faults import AwsFaults, FaultKind
-    from tests.integration.harness import ENTERPRISE
-    from tests.integration.test_fair_share import deferred_at_a_cap_of_one
 
     monkeypatch.setattr(cli_main.AwsTarget, "client", lambda self, service, config=None: aws.client(service))
-    tenant = ENTERPRISE["tenant_id"]
-    llmq(capsys, "create", "--name", "Acme", "--tier", "enterprise", "--id", tenant)
     # Given three jobs deferred at the tier's cap of one, which a deploy raises to 8
-    ids = deferred_at_a_cap_of_one(harness, 3)
-    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
-    shares.set_limits(tenant, clear=("max_concurrency",))
-    aws.client("dynamodb").update_item(
-        TableName=harness.stack.jobs_table,
-        Key={"pk": {"S": f"share#{tenant}"}},
-        UpdateExpression="SET cap_high = :one, capb_high = :one",
-        ExpressionAttributeValues={":one": {"N": "1"}},
-    )
-    _deployed_tier_cap(tmp_path, 8)
+    ids = _deferred_at_a_tier_cap_a_deploy_raised(harness, capsys, tmp_path)
     # When make deploy's refresh-caps writes the caps and SQS throttles its wake's first send
     faults = AwsFaults()
     faults.arm(FaultKind.THROTTLE, "sqs.SendMessage")
