@@ -169,6 +169,17 @@ def delete_messages(sqs: Any, queue_url: str, messages: list[dict[str, Any]]) ->
         )
 
 
+def _latest_receives(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per message, in the order first received: a message received again while
+    its batch gathered (a window longer than the queue's visibility timeout) is in it once, as
+    its latest receive, whose receipt handle is the one that deletes it. Lambda never puts one
+    message twice in a batch."""
+    latest: dict[str, dict[str, Any]] = {}
+    for message in messages:
+        latest[message["MessageId"]] = message
+    return list(latest.values())
+
+
 def _unique_ids(messages: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages with distinct ids; a second one with the same id (a held-back message that
     was received again) goes to `later`, since Lambda never puts one message twice in a batch."""
@@ -360,7 +371,7 @@ class QueuePoller:
         while messages and len(messages) < size and time.monotonic() < window_ends:
             if self._stopping.is_set():
                 break
-            messages += self._receive(size - len(messages), _WAIT_SECONDS)
+            messages = _latest_receives(messages + self._receive(size - len(messages), _WAIT_SECONDS))
         return messages
 
     def _next_batch(self) -> list[dict[str, Any]]:

@@ -840,8 +840,14 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._chunked()
         declared = self.headers.get("Content-Length") or "0"
-        if not declared.isdigit():
-            return None  # (negative, or not a number: AWS's front answers 400)
+        if not (declared.isascii() and declared.isdigit()):
+            # (negative, or not a number, `²` among them, which isdigit() alone takes for one:
+            # AWS's front answers 400)
+            return None
+        if int(declared) > MAX_PAYLOAD_BYTES:
+            # Refused (413) unread, as a chunked body past the limit is.
+            self.close_connection = True
+            return b"\0" * (MAX_PAYLOAD_BYTES + 1)
         return self.rfile.read(int(declared)) if int(declared) else b""
 
     def _chunked(self) -> bytes | None:

@@ -49,7 +49,10 @@ def test_each_configured_lane_gets_its_queue_with_the_configured_redrive_and_vis
 
     assert set(lanes) == {"high", "low", "short-batch"}
     for _, queue in lanes.values():
-        assert queue["Properties"]["VisibilityTimeout"] == 6 * 120
+        # Six worker timeouts, and the longest batching window, which a message waits out in
+        # flight (hunt 260: a window longer than the visibility timeout received it again and
+        # again into the DLQ, untried)
+        assert queue["Properties"]["VisibilityTimeout"] == 6 * 120 + 2
         assert queue["Properties"]["RedrivePolicy"]["maxReceiveCount"] == 9
 
 

@@ -140,7 +140,7 @@ def mapped(moto_stack: MotoStack, tmp_path: Path, request: pytest.FixtureRequest
             logical_id="SlowQueue", url=url, arn=f"arn:aws:sqs:{REGION}:{ACCOUNT}:slow-queue", lane=None
         ),
         batch_size=options.get("batch_size", 1),
-        batching_window_seconds=0,
+        batching_window_seconds=options.get("batching_window_seconds", 0),
         max_concurrency=5,
         report_batch_item_failures=True,
         enabled=True,
@@ -188,6 +188,29 @@ def test_a_batch_throttled_by_reserved_concurrency_stays_queued_and_throttles_al
     assert [record["receive_counts"] for record in throttled][:3] == [[1], [2], [3]]
     assert all(record["deleted_message_ids"] == [] for record in throttled)
     assert all(record["error"] == "Rate Exceeded." for record in throttled)
+
+
+@pytest.mark.parametrize(
+    "mapped", [{"batch_size": 10, "batching_window_seconds": 4, "max_receive_count": 9}], indirect=True
+)
+def test_a_message_received_again_while_its_batch_gathers_is_in_the_batch_once(mapped: Mapped) -> None:
+    """Lambda never hands one message twice in a batch. A batching window longer than the
+    queue's visibility timeout receives a lone message again while the batch gathers: the
+    batch holds it once, as its latest receive, whose receipt handle deletes it (hunt 260: the
+    sandbox handed the function each receive, three records of one message)."""
+    # Given a quiet queue whose visibility timeout (1 s) is shorter than the mapping's window (4 s)
+    # When one message arrives
+    mapped.sqs.send_message(QueueUrl=mapped.queue_url, MessageBody="go")
+    wait_until(lambda: mapped.records(), timeout=30)
+    # Then the function is handed it once, in one batch, once the window is over
+    (record,) = mapped.records()
+    assert len(record["message_ids"]) == 1, record
+    assert record["receive_counts"][0] >= 2, record
+    assert [delivery["body"] for delivery in mapped.deliveries()] == ["go"]
+    # And its acknowledgement deletes it: it is never delivered again, nor dead-lettered
+    time.sleep(2)
+    assert len(mapped.records()) == 1
+    assert mapped.dead_lettered() == []
 
 
 def test_a_throttled_message_is_processed_once_the_function_has_room_one_receive_older(

@@ -690,8 +690,11 @@ class LlmqConfig(_Frozen):
 
     @property
     def lane_visibility_timeout_seconds(self) -> int:
-        # AWS guidance: at least six times the consuming function's timeout.
-        return 6 * self.worker.timeout_seconds
+        # AWS guidance: at least six times the consuming function's timeout. A message the
+        # mapping holds while its batching window gathers more is in flight already: the
+        # longest window is added, or a message waiting out a window longer than the rest
+        # would be received again, and again, into the DLQ untried (hunt 260).
+        return 6 * self.worker.timeout_seconds + max(lane.batching_window_seconds for lane in self.lanes)
 
     @property
     def webhook_visibility_timeout_seconds(self) -> int:
