@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import socket
 import ssl
 import threading
 import time
@@ -658,6 +659,46 @@ def test_a_host_rebound_to_a_private_address_after_submit_is_not_contacted(stage
     assert stage.visibility_changes == [SCHEDULE[0]]
     delivery = stage.delivery()
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("pending", 1, None)
+
+
+class _DroppingAddress:
+    """A listener on 127.0.0.3 whose accept queue is full: the kernel drops SYNs to it, as a
+    node down behind round-robin DNS, or a security group, does."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.3", port))
+        self.sock.listen(0)
+        self.queued: list[socket.socket] = []
+        for _ in range(4):
+            client = socket.socket()
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(("127.0.0.3", port))
+            self.queued.append(client)
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        for client in self.queued:
+            client.close()
+        self.sock.close()
+
+
+def test_a_receiver_with_one_dead_address_among_its_own_is_reached_on_a_live_one(stage: Stage) -> None:
+    # Given a receiver whose name resolves to two addresses, the first of which drops SYNs
+    dead = _DroppingAddress(stage.receiver.port)
+    stage.dns.answers[WebhookReceiver.HOSTNAME] = ["127.0.0.3", "127.0.0.1"]
+    stage.job("/hooks/multi")
+    # When the dispatcher delivers
+    try:
+        stage.dispatch()
+    finally:
+        dead.close()
+    # Then the live address gets the event at this attempt (hunt 258: the dead one took the
+    # whole attempt's timeout, the live one was never dialled, and every retry did the same)
+    assert len(stage.receiver.requests_to("/hooks/multi")) == 1
+    delivery = stage.delivery()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("delivered", 1, 200)
 
 
 def test_a_first_job_started_is_posted_even_once_the_job_has_ended(stage: Stage) -> None:

@@ -9,12 +9,13 @@ TLS still verifies the certificate against the hostname, and the Host header kee
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -290,16 +291,16 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         if (host.lower(), port) != (self._target.host.lower(), self._target.port):
             raise httpcore.ConnectError(f"refusing to connect to {host}:{port}, which was not checked")
-        failure: Exception | None = None
-        for address in self._target.addresses:
-            try:
-                stream = await self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
-                )
-                return _FirstBytes(stream, self.first_bytes)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        raise failure or httpcore.ConnectError(f"no address to connect to for {host}")
+        if not self._target.addresses:
+            raise httpcore.ConnectError(f"no address to connect to for {host}")
+
+        def dial(address: str) -> Callable[[], Awaitable[httpcore.AsyncNetworkStream]]:
+            return lambda: self._inner.connect_tcp(
+                address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+            )
+
+        stream = await first_connected([dial(address) for address in self._target.addresses])
+        return _FirstBytes(stream, self.first_bytes)
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
@@ -308,6 +309,53 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+# RFC 8305's Connection Attempt Delay: how long one address is given before the next is dialled
+# beside it (an unpinned httpx client's anyio does the same).
+CONNECTION_ATTEMPT_DELAY_SECONDS = 0.25
+
+
+async def first_connected(
+    dials: list[Callable[[], Awaitable[httpcore.AsyncNetworkStream]]],
+    stagger: float = CONNECTION_ATTEMPT_DELAY_SECONDS,
+) -> httpcore.AsyncNetworkStream:
+    """The first connection any of `dials` makes, each started `stagger` after the one before
+    (at once when all before it failed), as Happy Eyeballs does: an address that drops SYNs (a
+    node down behind round-robin DNS, a firewall that drops) costs a quarter of a second, not
+    the attempt's whole connect timeout with the live address never tried (hunt 258). The
+    others are canceled, and a second connection made meanwhile is closed. Every dial failing:
+    the first one's error."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[httpcore.AsyncNetworkStream]] = []
+    winner: asyncio.Task[httpcore.AsyncNetworkStream] | None = None
+    try:
+        for index, dial in enumerate(dials):
+            tasks.append(asyncio.ensure_future(dial()))
+            until = None if index == len(dials) - 1 else loop.time() + stagger
+            while True:
+                winner = next((task for task in tasks if _connected(task)), None)
+                pending = {task for task in tasks if not task.done()}
+                wait = None if until is None else until - loop.time()
+                if winner is not None or not pending or (wait is not None and wait <= 0):
+                    break
+                await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if winner is not None:
+                return winner.result()
+        raise next(error for task in tasks if (error := task.exception()) is not None)
+    finally:
+        others = [task for task in tasks if task is not winner]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others)
+        for task in others:
+            if _connected(task):
+                await task.result().aclose()
+
+
+def _connected(task: asyncio.Task[httpcore.AsyncNetworkStream]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 @cache
