@@ -355,18 +355,53 @@ class _TrailerApart(httpx.AsyncByteStream):
         yield b"data: [DONE]\n\n"
 
 
+class _AnnotatedTrailer(httpx.AsyncByteStream):
+    """A whole answer, then an annotation chunk (no text, no finish_reason, no usage), then
+    the usage chunk and [DONE], `gap` apart."""
+
+    def __init__(self, gap: float) -> None:
+        self.gap = gap
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield _sse(_delta("the whole"), _delta(" answer"), _delta("", "stop")).encode()
+        await asyncio.sleep(self.gap)
+        annotation = {"index": 0, "delta": {}, "finish_reason": None, "content_filter_results": {}}
+        yield _sse({"choices": [annotation]}).encode()
+        await asyncio.sleep(self.gap)
+        yield _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}, "[DONE]").encode()
+
+
 async def test_a_whole_answers_trailer_in_pieces_is_awaited_from_the_answers_end_not_each_piece(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Given a whole answer whose trailer comes in pieces 0.7 of a trailer's silence apart
+    # Given a whole answer whose trailer comes in pieces 0.7 s apart, each within a trailer's
+    # silence (1 s here), and a trailer given 1 s in all from the answer's end (10 s on AWS)
     monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 1.0)
+    monkeypatch.setattr(providers, "_WHOLE_TRAILER_SECONDS", 1.0)
     provider = _provider(lambda request: httpx.Response(200, stream=_TrailerApart(0.7)), stream=True)
     # When the job calls it
     result = await provider.generate(REQUEST, 30)
-    # Then the answer is taken with what of its trailer came within one silence of the answer's
-    # end (the first usage chunk), not a whole silence more after each piece (a cancel waits
-    # `TRAILER_WAIT_SECONDS` for it, and would throw the paid answer away)
+    # Then the answer is taken with what of its trailer came within that time (the first usage
+    # chunk), not a whole silence more after each piece, for as long as pieces keep coming
     assert (result.output, result.usage.output_tokens) == ("the whole answer", 2)
+
+
+async def test_a_whole_answers_usage_after_a_slow_annotation_chunk_is_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a whole answer whose trailer is an annotation chunk (Azure's content_filter_results)
+    # and then its usage, each 0.7 of a trailer's silence after the line before: the usage
+    # comes past one silence from the answer's end, well within the trailer's whole time
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 1.0)
+    provider = _provider(lambda request: httpx.Response(200, stream=_AnnotatedTrailer(0.7)), stream=True)
+    # When the job calls it, nobody canceling it
+    result = await provider.generate(REQUEST, 30)
+    # Then its usage is recorded: the tokens billed (review 255: it read 0 and 0)
+    assert (result.output, result.usage.output_tokens, result.usage.input_tokens) == (
+        "the whole answer",
+        7,
+        3,
+    )
 
 
 async def test_an_sse_error_event_is_never_part_of_an_answer_even_without_an_error_key() -> None:

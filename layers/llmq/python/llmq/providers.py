@@ -791,6 +791,10 @@ _AFTER_FINISH_SECONDS = 2.0
 # the call (`Answer`).
 TRAILER_WAIT_SECONDS = _AFTER_FINISH_SECONDS + 0.5
 _AFTER_FINISH_WITH_TEXT_SECONDS = 10.0
+# How long a whole answer's trailer may take in all, from the answer's end, however many lines
+# it comes in (an annotation chunk, the usage chunk, [DONE]: review 255 saw usage lost when the
+# trailer's silence counted from the answer's end alone).
+_WHOLE_TRAILER_SECONDS = _AFTER_FINISH_WITH_TEXT_SECONDS
 # What may share a chunk with a finish_reason that came alone: nothing but an empty text.
 _NOT_MORE = frozenset({"content", "role"})
 # SSE's line ends; not str.splitlines()'s, which also splits at U+2028, U+0085 and others that a
@@ -825,7 +829,7 @@ class _Stream:
         self.pending: list[str] = []
         self.last_data_at = time.monotonic()
         # When the answer became whole: its trailer, however many lines it comes in, is awaited
-        # `_AFTER_FINISH_SECONDS` from then at most (a cancel waits `TRAILER_WAIT_SECONDS` for it).
+        # `_WHOLE_TRAILER_SECONDS` from then at most.
         self.whole_since: float | None = None
         self.started = False
 
@@ -848,9 +852,10 @@ class _Stream:
         now = time.monotonic()
         allowed = limit - (now - self.last_data_at)
         if self.whole and self.whole_since is not None:
-            # (from the answer's end, not the trailer's last line: a usage chunk and [DONE] that
-            # come apart, each within the silence, would hold the call, and a cancel, longer)
-            allowed = min(allowed, _AFTER_FINISH_SECONDS - (now - self.whole_since))
+            # (and the whole trailer within `_WHOLE_TRAILER_SECONDS` of the answer's end: lines
+            # that come apart, each within the silence, do not hold the call for ever; a cancel
+            # meanwhile keeps the answer as it stands, `JobRunner._execute`)
+            allowed = min(allowed, _WHOLE_TRAILER_SECONDS - (now - self.whole_since))
         if deadline is not None:
             # A whole answer whose [DONE] is late is kept, not lost to the call's deadline.
             allowed = min(allowed, deadline - now - _DEADLINE_MARGIN_SECONDS)
@@ -901,7 +906,9 @@ class _Stream:
         if not isinstance(chunk, dict):
             raise _malformed()
         self._chunk(chunk)
-        if self.whole_since is None and self.whole:
+        if not self.whole:
+            self.whole_since = None
+        elif self.whole_since is None:
             self.whole_since = self.last_data_at
 
     def _chunk(self, chunk: dict[str, Any]) -> None:
