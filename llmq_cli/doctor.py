@@ -30,12 +30,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-if TYPE_CHECKING:
-    from llmq.config import LlmqConfig
 
 # Lambda keeps this much of a region's concurrency quota unreserved, for the functions that
 # reserve none: a reservation that would leave less is refused ("decreases account's
@@ -185,38 +182,77 @@ def stage_logs_through_account_role(template: dict[str, Any] | None) -> bool:
     return False
 
 
-def config_in_template(template: dict[str, Any] | None) -> LlmqConfig | None:
-    """The LlmqConfig the template's functions run with (their LLMQ_CONFIG, as this version reads
-    it); None without a template, or without a function that names one."""
-    from llmq.config import CONFIG_ENV_VAR, LlmqConfig
+def in_flight_settings_in_template(template: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the template's stack runs of the settings a deploy must never lower while jobs are
+    in flight (`LlmqConfig.in_flight_settings`): as its Metadata records them; for a template
+    of a version before that record, read from its functions' LLMQ_CONFIG, what it leaves out
+    taken as this version's defaults. None without a template, or one with no function (no
+    llmq stack yet); ValueError when the template says them in no way this version reads."""
+    from llmq.config import CONFIG_ENV_VAR, IN_FLIGHT_SETTINGS_METADATA, LlmqConfig
 
-    for resource in (template or {}).get("Resources", {}).values():
+    if template is None:
+        return None
+    recorded = (template.get("Metadata") or {}).get(IN_FLIGHT_SETTINGS_METADATA)
+    if recorded is not None:
+        return _settings(recorded)
+    for resource in template.get("Resources", {}).values():
         if resource.get("Type") != "AWS::Lambda::Function":
             continue
         raw = resource.get("Properties", {}).get("Environment", {}).get("Variables", {}).get(CONFIG_ENV_VAR)
-        if isinstance(raw, str):
-            return LlmqConfig.model_validate_json(raw)
+        if not isinstance(raw, str):
+            continue
+        # (only what is compared: a setting an older version had and this one dropped is no
+        # reason not to read these three)
+        written = json.loads(raw)
+        defaults = LlmqConfig().in_flight_settings()
+        try:
+            return _settings(
+                {
+                    "reconciler.sweep_shards": written.get("reconciler", {}).get(
+                        "sweep_shards", defaults["reconciler.sweep_shards"]
+                    ),
+                    "batches.count_shards": written.get("batches", {}).get(
+                        "count_shards", defaults["batches.count_shards"]
+                    ),
+                    "lanes": [lane["name"] for lane in written["lanes"]]
+                    if "lanes" in written
+                    else defaults["lanes"],
+                }
+            )
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(f"its {CONFIG_ENV_VAR} does not say them ({exc!r})") from exc
     return None
 
 
-def lowered_settings(deployed: LlmqConfig, new: LlmqConfig) -> list[str]:
-    """What the new config lowers of the settings a deploy must never lower while jobs are in
-    flight (docs/operations.md): what sits on the part dropped is never read again."""
+def _settings(recorded: Any) -> dict[str, Any]:
+    try:
+        return {
+            "reconciler.sweep_shards": int(recorded["reconciler.sweep_shards"]),
+            "batches.count_shards": int(recorded["batches.count_shards"]),
+            "lanes": sorted(str(lane) for lane in recorded["lanes"]),
+        }
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"unreadable settings {recorded!r}") from exc
+
+
+def lowered_settings(deployed: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What `new` lowers of the settings a deploy must never lower while jobs are in flight
+    (docs/operations.md): what sits on the part dropped is never read again."""
     lowered = []
-    if new.reconciler.sweep_shards < deployed.reconciler.sweep_shards:
+    shards = "reconciler.sweep_shards"
+    if new[shards] < deployed[shards]:
         lowered.append(
-            f"reconciler.sweep_shards from {deployed.reconciler.sweep_shards} to "
-            f"{new.reconciler.sweep_shards} (the reconciler would never again look at a job whose "
-            "entry sits in a dropped shard: a crashed worker's slot held, a lost message never "
-            "sent again, a job never retired)"
+            f"{shards} from {deployed[shards]} to {new[shards]} (the reconciler would never again "
+            "look at a job whose entry sits in a dropped shard: a crashed worker's slot held, a "
+            "lost message never sent again, a job never retired)"
         )
-    if new.batches.count_shards < deployed.batches.count_shards:
+    counts = "batches.count_shards"
+    if new[counts] < deployed[counts]:
         lowered.append(
-            f"batches.count_shards from {deployed.batches.count_shards} to "
-            f"{new.batches.count_shards} (a running batch's items counted on a dropped shard "
-            "would be lost to its counts, and it would never end)"
+            f"{counts} from {deployed[counts]} to {new[counts]} (a running batch's items counted "
+            "on a dropped shard would be lost to its counts, and it would never end)"
         )
-    removed = sorted(set(deployed.lanes_by_name) - set(new.lanes_by_name))
+    removed = sorted(set(deployed["lanes"]) - set(new["lanes"]))
     if removed:
         lowered.append(
             f"the lane{'s' if len(removed) > 1 else ''} {', '.join(removed)} removed (a job or "
@@ -265,7 +301,7 @@ class Doctor:
         alarm_emails: frozenset[str] | None = None,
         bootstrap_parameter: str = BOOTSTRAP_VERSION_PARAMETER,
         stage_logs_through_account_role: bool = False,
-        config: LlmqConfig | None = None,
+        settings: dict[str, Any] | None = None,
         drained: bool = False,
     ) -> None:
         self._client = client
@@ -281,10 +317,10 @@ class Doctor:
         self.alarm_emails = alarm_emails
         # The template's stage logs to CloudWatch, and it does not set the region's role itself.
         self.stage_logs_through_account_role = stage_logs_through_account_role
-        # The config the template about to be deployed runs with (None: no template to compare),
-        # and whether the operator says nothing is in flight (no job queued or running, no
-        # webhook pending, no batch open): then what it lowers is only noted.
-        self.config = config
+        # The in-flight settings of the template about to be deployed (None: no template to
+        # compare), and whether the operator says nothing is in flight (no job queued or
+        # running, no webhook pending, no batch open): then what it lowers is only noted.
+        self.settings = settings
         self.drained = drained
         self.account: str | None = None
 
@@ -718,10 +754,10 @@ class Doctor:
     def check_settings(self, outputs: dict[str, str] | None) -> Finding | None:
         """The deploy keeps what must never be lowered while jobs are in flight (`lowered_settings`):
         CloudFormation would apply it, and the jobs on what it drops would wait for good."""
-        if self.config is None or outputs is None:
+        if self.settings is None or outputs is None:
             return None
         try:
-            deployed = config_in_template(self._deployed_template())
+            deployed = in_flight_settings_in_template(self._deployed_template())
         except (ClientError, BotoCoreError) as exc:
             return Finding(
                 "settings",
@@ -730,15 +766,12 @@ class Doctor:
                 "allow cloudformation:GetTemplate on the stack to the deploying identity",
             )
         except ValueError as exc:
-            # (a config this version cannot read: one of a much older or newer version)
-            return Finding(
-                "settings",
-                Verdict.NOTE,
-                f"could not read the deployed functions' LLMQ_CONFIG: {str(exc).splitlines()[0]}",
-                "compare reconciler.sweep_shards, batches.count_shards and the lanes by hand "
-                "(docs/operations.md, Settings a deploy must never lower)",
-            )
-        lowered = lowered_settings(deployed, self.config) if deployed is not None else []
+            lowered = [
+                "what it may (the deployed template's reconciler.sweep_shards, batches.count_shards "
+                f"and lanes could not be read: {str(exc).splitlines()[0]})"
+            ]
+        else:
+            lowered = lowered_settings(deployed, self.settings) if deployed is not None else []
         if not lowered:
             return Finding("settings", Verdict.OK, "nothing lowered that jobs in flight rely on")
         what = "; ".join(lowered)

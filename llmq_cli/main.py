@@ -1341,8 +1341,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         Doctor,
         alarm_emails_in_template,
         bootstrap_version_parameter,
-        config_in_template,
         exit_code,
+        in_flight_settings_in_template,
         load_reservations,
         min_bootstrap_version,
         render,
@@ -1364,7 +1364,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         alarm_emails=alarm_emails_in_template(template),
         bootstrap_parameter=bootstrap_version_parameter(template),
         stage_logs_through_account_role=stage_logs_through_account_role(template),
-        config=config_in_template(template),
+        settings=in_flight_settings_in_template(template),
         drained=args.drained,
     )
     findings = doctor.run()

@@ -12,7 +12,7 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from llmq.batch_results import RESULTS_FILE_PREFIX
-from llmq.config import ApiEnvironment, LlmqConfig
+from llmq.config import IN_FLIGHT_SETTINGS_METADATA, ApiEnvironment, LlmqConfig
 from llmq.telemetry import stack_service_name
 from stacks.api import STAGE_NAME, ApiConstruct, ApiLogging
 from stacks.bytecode import runtime_interpreter
@@ -75,6 +75,8 @@ class LlmqStack(cdk.Stack):
             description="llmq: asynchronous job gateway for long-running LLM requests",
             **kwargs,
         )
+        # What the next deploy's preflight must not see lowered, as this one runs it.
+        self.template_options.metadata = {IN_FLIGHT_SETTINGS_METADATA: config.in_flight_settings()}
         # The stateful resources outlive the stack. The bucket and the secret are removed when
         # the create that made them rolls back (RetainExceptOnCreate), so a failed first deploy
         # leaves nothing behind; the tables are kept even then, because their deletion

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from llmq.config import (
+    IN_FLIGHT_SETTINGS_METADATA,
     ApiSizing,
     ConcurrencyConfig,
     FunctionSizing,
@@ -17,7 +18,7 @@ from llmq.config import (
     WebhookPolicy,
     WorkerEnvironment,
 )
-from llmq_cli.doctor import reservations_from_template
+from llmq_cli.doctor import in_flight_settings_in_template, reservations_from_template
 from tests.infra.api_permissions import unpermitted_routes
 from tests.infra.synthesis import SynthesizedApp, function_concurrency_bounds, synthesize
 
@@ -72,6 +73,18 @@ def test_worker_sizing_and_reserved_concurrency_follow_the_config(synthesized):
     assert worker["Timeout"] == 120
     assert worker["MemorySize"] == 512
     assert worker["ReservedConcurrentExecutions"] == 20 + 3 + 6
+
+
+def test_the_template_records_what_a_deploy_must_never_lower_for_the_next_preflight(synthesized):
+    # (llmq doctor compares them with the next deploy's: values, whatever either version's
+    # defaults, which LLMQ_CONFIG leaves out)
+    recorded = synthesized.template.template["Metadata"][IN_FLIGHT_SETTINGS_METADATA]
+    assert recorded == {
+        "reconciler.sweep_shards": 16,
+        "batches.count_shards": 16,
+        "lanes": ["high", "low", "short-batch"],
+    }
+    assert in_flight_settings_in_template(synthesized.template.template) == recorded
 
 
 def test_every_function_receives_the_same_config(synthesized):

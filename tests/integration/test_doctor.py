@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from llmq.config import LlmqConfig
+from llmq.config import IN_FLIGHT_SETTINGS_METADATA, LlmqConfig
 from llmq_cli import main as cli
 from llmq_cli.doctor import (
     ALARM_TOPIC_OUTPUT,
@@ -32,8 +32,8 @@ from llmq_cli.doctor import (
     Verdict,
     alarm_emails_in_template,
     bootstrap_version_parameter,
-    config_in_template,
     exit_code,
+    in_flight_settings_in_template,
     load_reservations,
     min_bootstrap_version,
     render,
@@ -82,7 +82,12 @@ class Account:
         }
         self.client("cloudformation").create_stack(StackName=stack, TemplateBody=json.dumps(template))
 
-    def deploy(self, resources: dict[str, Any] | None = None, alarm_topic: str | None = None) -> str:
+    def deploy(
+        self,
+        resources: dict[str, Any] | None = None,
+        alarm_topic: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
         """The stack and its provider secret, holding the placeholder the app's template generates,
         with the output that names it. Returns its ARN.
 
@@ -98,6 +103,7 @@ class Account:
         )["RandomPassword"]
         arn = str(secrets.create_secret(Name="LlmqProviderApiKey", SecretString=placeholder)["ARN"])
         template = {
+            **({"Metadata": metadata} if metadata else {}),
             "Resources": {
                 "Placeholder": {"Type": "AWS::CloudFormation::WaitConditionHandle"},
                 **(resources or {}),
@@ -126,7 +132,7 @@ class Account:
             stage_logs_through_account_role=stage_logs_through_account_role(
                 {"Resources": template_resources}
             ),
-            config=config_in_template(template),
+            settings=in_flight_settings_in_template(template),
             drained=drained,
         )
         findings = doctor.run()
@@ -805,16 +811,19 @@ def test_a_redeploy_whose_own_reservations_cannot_be_read_names_the_permission(a
     assert code == 1
 
 
-def _running(config: LlmqConfig) -> dict[str, Any]:
+def _running(config: LlmqConfig, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """A template whose function runs with `config`, as the app writes it (its LLMQ_CONFIG), and
-    the role moto's CloudFormation needs to make the function."""
+    the role moto's CloudFormation needs to make the function; `recorded`: the in-flight
+    settings its Metadata records, as this version's app writes them (none: an older version's)."""
     trust = {
         "Version": "2012-10-17",
         "Statement": [
             {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}
         ],
     }
+    metadata = {} if recorded is None else {"Metadata": {IN_FLIGHT_SETTINGS_METADATA: recorded}}
     return {
+        **metadata,
         "Resources": {
             "WorkerRole": {"Type": "AWS::IAM::Role", "Properties": {"AssumeRolePolicyDocument": trust}},
             "Worker": {
@@ -827,7 +836,7 @@ def _running(config: LlmqConfig) -> dict[str, Any]:
                     "Environment": {"Variables": {"LLMQ_CONFIG": config.to_env()}},
                 },
             },
-        }
+        },
     }
 
 
@@ -895,3 +904,56 @@ def test_the_cli_passes_drained_on_to_the_settings_check(
     assert (code, drained) == (1, 0), refused + noted
     assert "  FAIL  settings: this deploy lowers reconciler.sweep_shards from 16 to 4" in refused
     assert "  note  settings: this deploy lowers reconciler.sweep_shards from 16 to 4" in noted
+
+
+def _deployed(account: Account, template: dict[str, Any]) -> None:
+    account.bootstrap()
+    secret = account.deploy(resources=template["Resources"], metadata=template.get("Metadata"))
+    account.client("secretsmanager").put_secret_value(SecretId=secret, SecretString="sk-real")
+
+
+def test_the_settings_a_template_records_are_compared_not_two_versions_defaults(account: Account) -> None:
+    # Given a stack deployed by a version whose default was 32 sweep shards, for an operator on
+    # defaults: its LLMQ_CONFIG says nothing of them, its Metadata records 32
+    recorded = {**LlmqConfig().in_flight_settings(), "reconciler.sweep_shards": 32}
+    _deployed(account, _running(LlmqConfig(), recorded=recorded))
+    # When this version (16 by default) is deployed on defaults
+    findings, report, code = account.doctor(
+        template=_running(LlmqConfig(), recorded=LlmqConfig().in_flight_settings())
+    )
+    # Then the preflight sees 32 lowered to 16 (review 255: it compared 16 with 16)
+    assert _verdicts(findings)["settings"] is Verdict.FAIL, report
+    assert "reconciler.sweep_shards from 32 to 16" in report
+    assert code == 1
+
+
+def test_an_older_deployed_config_is_read_for_its_settings_whatever_else_it_holds(account: Account) -> None:
+    # Given a stack an older version deployed (no recorded settings) with 32 sweep shards and
+    # a setting this version no longer has
+    deployed = _running(_with(reconciler={"sweep_shards": 32}))
+    variables = deployed["Resources"]["Worker"]["Properties"]["Environment"]["Variables"]
+    config = json.loads(variables["LLMQ_CONFIG"])
+    config["reconciler"]["sweep_batch_size"] = 25
+    variables["LLMQ_CONFIG"] = json.dumps(config)
+    _deployed(account, deployed)
+    # When this version lowers them to 4
+    lowering = _running(_with(reconciler={"sweep_shards": 4}))
+    _, report, code = account.doctor(template=lowering)
+    # Then the preflight stops it (review 255: a config it could not validate was only a note)
+    assert "this deploy lowers reconciler.sweep_shards from 32 to 4" in report
+    assert code == 1
+
+
+def test_a_deployed_template_whose_settings_cannot_be_read_stops_the_deploy_unless_drained(
+    account: Account,
+) -> None:
+    # Given a deployed stack whose function's LLMQ_CONFIG is not JSON this version reads
+    deployed = _running(LlmqConfig())
+    deployed["Resources"]["Worker"]["Properties"]["Environment"]["Variables"]["LLMQ_CONFIG"] = '{"lanes": 7}'
+    _deployed(account, deployed)
+    # When the preflight runs, then it cannot say nothing is lowered: the deploy waits for a drain
+    findings, report, code = account.doctor(template=_running(LlmqConfig()))
+    assert _verdicts(findings)["settings"] is Verdict.FAIL, report
+    assert "could not be read" in report
+    findings, report, code = account.doctor(template=_running(LlmqConfig()), drained=True)
+    assert (_verdicts(findings)["settings"], code) == (Verdict.NOTE, 0), report

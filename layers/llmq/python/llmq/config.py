@@ -21,6 +21,8 @@ from llmq.model_base import Model
 from llmq.models import MAX_CONTENT_CHARS
 
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
+# The template's Metadata key that records `LlmqConfig.in_flight_settings`.
+IN_FLIGHT_SETTINGS_METADATA = "LlmqInFlightSettings"
 # SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
 MAX_VISIBILITY_SECONDS = 43_200
 # SQS caps a message's visibility at 12 hours from the ReceiveMessage that returned it, not
@@ -715,6 +717,17 @@ class LlmqConfig(_Frozen):
 
     def to_env(self) -> str:
         return self.model_dump_json(exclude_defaults=True)
+
+    def in_flight_settings(self) -> dict[str, Any]:
+        """What a deploy must never lower while jobs are in flight (docs/operations.md), with
+        their values as this version reads them, defaults included: the template records them
+        (`IN_FLIGHT_SETTINGS_METADATA`), so the next deploy's preflight compares values, not
+        two versions' defaults (`llmq doctor`)."""
+        return {
+            "reconciler.sweep_shards": self.reconciler.sweep_shards,
+            "batches.count_shards": self.batches.count_shards,
+            "lanes": sorted(self.lanes_by_name),
+        }
 
     @classmethod
     def from_context(cls, context: Mapping[str, Any] | None) -> LlmqConfig:
