@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from llmq import aws
-from llmq.payloads import RESULT_URL_SECONDS
+from llmq.jobs import JobRepository
+from llmq.models import JobResult
+from llmq.offload import Offload
+from llmq.payloads import RESULT_URL_SECONDS, PayloadStore
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
@@ -49,7 +53,7 @@ def test_a_large_prompt_and_result_round_trip_through_s3(
     assert "input" not in item and item["input_ref"]["S"].startswith(f"inputs/{job_id}/")
     assert harness.drain("high") == {"batchItemFailures": []}
     item = _item(harness, job_id)
-    assert "result" not in item and item["result_ref"]["S"].startswith(f"results/{job_id}/")
+    assert "result" not in item and item["result_ref"]["S"].startswith(f"results/parked/{job_id}/")
     # GET inlines the result
     job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
     assert job["status"] == "succeeded"
@@ -63,6 +67,68 @@ def test_a_large_prompt_and_result_round_trip_through_s3(
         == f"https://abc123.execute-api.us-east-1.amazonaws.com/prod/v1/jobs/{job_id}"
     )
     assert provider.calls_for(job_id) == 1
+
+
+class _Died(BaseException):
+    """The worker's process dies here (nothing in llmq catches a BaseException)."""
+
+
+def test_a_large_paid_result_put_in_s3_is_recorded_not_paid_again_after_a_crash_before_its_write(
+    small_items: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = small_items
+    # Given a job whose answer is too large for its item
+    job_id = harness.submit(prompt="write at length [[tokens:600]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    # When its worker dies once S3 took the paid result, before the write that names it
+    real_complete = JobRepository.complete
+
+    def die_before_writing(self: JobRepository, *args: Any, **kwargs: Any) -> Any:
+        assert kwargs.get("result_ref"), "the result goes to S3"
+        raise _Died("killed between PutObject and the complete write")
+
+    monkeypatch.setattr(JobRepository, "complete", die_before_writing)
+    messages = harness.receive(url)
+    with pytest.raises(_Died):
+        harness.run_worker(url, messages)
+    monkeypatch.setattr(JobRepository, "complete", real_complete)
+    assert provider.calls_for(job_id) == 1
+    # And its lease lapses, and its message comes back, as AWS recovers it
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET lease_expires_ms = :lapsed",
+        ExpressionAttributeValues={":lapsed": {"N": str(int(time.time() * 1000) - 1)}},
+    )
+    for message in messages:
+        harness.sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+    assert harness.drain("high") == {"batchItemFailures": []}
+    # Then the next claim records the paid result: the job succeeds with it, the provider
+    # called once (hunt 261: the result sat under a key nothing looked at, and was paid again)
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], len(job["result"]["output"].split())) == ("succeeded", 600)
+    assert provider.calls_for(job_id) == 1
+
+
+def test_a_result_a_job_names_in_s3_is_never_replaced_by_a_late_attempts_park(
+    small_items: Harness, provider: FakeProviderServer
+) -> None:
+    harness = small_items
+    # Given a job completed with a result too large for its item (it names the parked object)
+    job_id = harness.submit(prompt="write at length [[tokens:600]]").body["id"]
+    assert harness.drain("high") == {"batchItemFailures": []}
+    before = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["result"]
+    # When a fenced-out attempt of it, whose own write failed, parks the answer it paid for
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    job = jobs.find(job_id)
+    assert job is not None
+    offload = Offload(PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3")), harness.config)
+    offload.park_result(job, JobResult(output="a late attempt's answer", finish_reason="stop"))
+    # Then the job's result is still the one it was completed with
+    after = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["result"]
+    assert after == before and len(after["output"].split()) == 600
 
 
 def test_a_result_above_the_inline_limit_is_a_presigned_url(

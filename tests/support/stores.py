@@ -885,6 +885,13 @@ class InMemoryBlobs:
         return key
 
     @_throttleable
+    def put_new(self, key: str, data: bytes) -> bool:
+        if key in self.objects:
+            return False
+        self.objects[key] = data
+        return True
+
+    @_throttleable
     def get(self, key: str) -> bytes:
         return self.objects[key]
 

@@ -104,6 +104,8 @@ _TRANSIENT_CODES = frozenset(
         "TransactionConflictException",
         "RequestTimeout",
         "RequestTimeoutException",
+        # S3: a conditional write that met another one on its key in flight; to try again.
+        "ConditionalRequestConflict",
     }
 )
 

@@ -90,13 +90,25 @@ class Offload:
         self, jobs: JobStore, job: JobRecord, owner: str, result: JobResult, *, timed: bool = True
     ) -> JobRecord:
         """Record the result inline when the whole item still fits, else in S3 by reference
-        (`timed`: as `JobStore.complete`)."""
+        (`timed`: as `JobStore.complete`).
+
+        By reference, the result is parked first, where the job's next look finds it (its claim,
+        the reconciler, the dead-letter function: `record_parked`), and the job names that
+        object: a worker that dies between the put and the write leaves a paid result that is
+        recorded, not paid for again (hunt 261: under a key of its own, nothing looked for it).
+        Unless an attempt parked one first: this one's then goes under a key of its own."""
         if self.result_fits(job, result):
             try:
                 return jobs.complete(job, owner, result=result, timed=timed)
             except ItemTooLarge:
                 pass  # measured wrong somehow: the result still has a home in S3
-        return jobs.complete(job, owner, result_ref=self.put_result(job, owner, result), timed=timed)
+        data = result.model_dump_json().encode()
+        ref = (
+            _parked_key(job)
+            if self._store().put_new(_parked_key(job), data)
+            else self.put_result(job, owner, result)
+        )
+        return jobs.complete(job, owner, result_ref=ref, timed=timed)
 
     def put_result(self, job: JobRecord, owner: str, result: JobResult) -> str:
         # Keyed by owner too, so a fenced-out worker's upload never replaces the winner's.
@@ -107,13 +119,20 @@ class Offload:
         """A paid result whose write to the job failed for longer than the worker could wait (a
         DynamoDB outage): kept in S3, so the job's next attempt records it instead of paying
         for the generation again (`parked_result`)."""
-        self._store().put(_parked_key(job), result.model_dump_json().encode())
+        self._park(job, result.model_dump_json().encode())
 
     def park_failure(self, job: JobRecord, error: JobError) -> None:
         """A failure that may have been billed (a provider timeout: the provider may still be
         generating) whose write failed as a result's can: kept the same way, so that no later
         attempt sends the request again; the job fails with it instead."""
-        self._store().put(_parked_key(job), json.dumps({_FAILED: error.model_dump(mode="json")}).encode())
+        self._park(job, json.dumps({_FAILED: error.model_dump(mode="json")}).encode())
+
+    def _park(self, job: JobRecord, data: bytes) -> None:
+        """Parked unless an attempt parked first (S3's conditional write): what is parked is
+        never replaced, so a job that names its parked object as its result (`complete`) keeps
+        it whatever a fenced-out worker parks later."""
+        if not self._store().put_new(_parked_key(job), data):
+            logger.info("an earlier attempt's outcome is parked already", extra={"job_id": job.id})
 
     def parked_result(self, job: JobRecord) -> JobResult | JobError | None:
         """What an earlier attempt of this job parked, if anything: its paid result, or its

@@ -69,6 +69,20 @@ class PayloadStore:
         self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json")
         return key
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """The object written unless one is there already (S3's conditional write, If-None-Match
+        `*`): False when one was, and nothing is written. (A retry whose first try S3 applied
+        with its answer lost answers False too: the object is there, this one's.)"""
+        try:
+            self._s3.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType="application/json", IfNoneMatch="*"
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                return False
+            raise
+        return True
+
     def get(self, key: str) -> bytes:
         body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
         with _broken_off(key):
