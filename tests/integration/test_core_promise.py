@@ -37,6 +37,7 @@ from llmq.providers import GenerationRequest, PermanentProviderError, ProviderTi
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
+from llmq.sqs_edge import RetryLater
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults
 from tests.conftest import MotoStack
@@ -1521,6 +1522,41 @@ def test_a_claim_throttled_then_contended_comes_back_in_seconds_not_a_lease(
     assert _job(harness, job_id)["status"] == "queued"
 
 
+def test_a_claim_applied_with_its_answer_lost_then_throttled_is_given_back_unrun(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a job on its last attempt (two 503s spent the others)
+    job_id = harness.submit().body["id"]
+    provider = ScriptedProvider([TransientProviderError("busy", 503)] * 2 + [OK])
+    for _ in range(2):
+        assert type(_run(_runner(harness, provider), job_id)).__name__ == "RetryLater"
+        harness.let_backoffs_pass()
+    assert _job(harness, job_id)["attempts"] == 2
+    # When its next claim is applied with its answer lost, and the worker's retries of it are
+    # throttled past the claim's budget (a brown-out), then answered again
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=6)
+    outcome = _run(_runner(harness, provider), job_id, seconds=300)
+    assert [f.fault.kind.value for f in faults.fired][:2] == ["applied_lost", "throttle"]
+    # Then the lease it may hold is given back unrun: the attempt refunded, its tenant's slot
+    # freed, and its message back in seconds, not after the lease (five minutes here)
+    assert isinstance(outcome, RetryLater) and outcome.delay_seconds < 10, outcome
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 2)
+    assert (
+        ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+        .get(ENTERPRISE["tenant_id"])
+        .running
+        == 0
+    )
+    # And its next claim runs the provider's third try, which succeeds (hunt 256: the lease
+    # counted as the third attempt, and the job failed worker_crashed after two calls)
+    faults.disarm()
+    harness.let_backoffs_pass()
+    assert _run(_runner(harness, provider), job_id) is None
+    assert (provider.calls, _job(harness, job_id)["status"]) == (3, "succeeded")
+
+
 def _with_delayed(harness: Harness, url: str) -> int:
     """Messages on the queue, delayed ones too (a contended claim's copy waits a few seconds)."""
     delayed = harness.sqs.get_queue_attributes(
@@ -1937,15 +1973,30 @@ def test_a_parked_result_belongs_to_its_own_job_only(s3_held: Harness) -> None:
 
 
 def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness, faults: AwsFaults) -> None:
-    # Given a table that throttles every claim
+    # Given a table that throttles every claim, and every read of the job
     job_id = harness.submit().body["id"]
     faults.arm("throttle", "dynamodb.TransactWriteItems", times=1000)
+    faults.arm("throttle", "dynamodb.GetItem", times=1000)
     # When a worker with 20 s left tries
     outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=20)
     # Then the message comes back only once a lease it may have taken has lapsed
     lease = 20 + harness.config.lease_margin_seconds
     assert type(outcome).__name__ == "RetryLater"
     assert lease - 6 <= outcome.delay_seconds <= lease * 1.1  # type: ignore[union-attr]
+
+
+def test_a_throttled_claim_that_a_read_shows_untaken_comes_back_in_seconds(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a table that throttles every claim, but answers a read of the job
+    job_id = harness.submit().body["id"]
+    faults.arm("throttle", "dynamodb.TransactWriteItems", times=1000)
+    # When a worker with 300 s left tries
+    outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=300)
+    # Then the read shows no claim was applied: the message comes back in seconds, not after
+    # a lease it never took, and the job is untouched
+    assert isinstance(outcome, RetryLater) and outcome.delay_seconds < 10, outcome
+    assert (_job(harness, job_id)["status"], _job(harness, job_id)["attempts"]) == ("queued", 0)
 
 
 # ---- a parked result ends the job, whatever ends it ---------------------------------------

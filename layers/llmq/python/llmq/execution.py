@@ -73,6 +73,10 @@ _WRITE_RETRY_FLOOR_SECONDS = 4.0
 _AFTER_LAST_TRY_SECONDS = 3.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
+# After that, how long the worker keeps trying to give back a claim DynamoDB may have applied
+# with its answer lost (`JobRunner._give_back_claim`), and its first pause between tries.
+_GIVE_BACK_SECONDS = 30.0
+_GIVE_BACK_FIRST_PAUSE_SECONDS = 0.5
 # Beyond the scout's retry budget, how long its batch's other claims of the tenant wait for it.
 _SCOUT_PATIENCE_SECONDS = 5.0
 # A claim that kept meeting other transactions on the tenant's share comes back this soon
@@ -400,6 +404,38 @@ class JobRunner:
         spare = invocation.remaining_seconds() * (1 - _WRITE_BACK_SHARE)
         return wait_ms if 0 < wait_ms <= DUE_TOLERANCE_MS and spare > wait_ms / 1000 + 1 else None
 
+    async def _give_back_claim(self, message: LaneMessage, invocation: Invocation) -> bool:
+        """After a claim that AWS kept refusing, whose try may have been applied with its
+        answer lost: the job, if it is leased to this invocation, handed back unrun (its attempt
+        refunded, its tenant's slot freed: `JobStore.release`), within `_GIVE_BACK_SECONDS`.
+        True once the job is known not to be held by this invocation; False when DynamoDB did
+        not say (hunt 256: the lease, never run, counted as an attempt, and a job on its last
+        one then failed `worker_crashed` with a try of the provider left)."""
+        until = time.monotonic() + min(_GIVE_BACK_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
+        pause = _GIVE_BACK_FIRST_PAUSE_SECONDS
+        while True:
+            try:
+                found = await asyncio.to_thread(self.jobs.find, message.job_id)
+                if (
+                    found is None
+                    or found.status is not JobStatus.RUNNING
+                    or found.lease_owner != invocation.owner
+                ):
+                    return True
+                await asyncio.to_thread(self.jobs.release, found, invocation.owner, 0)
+                logger.info("claim given back unrun", extra={"job_id": message.job_id})
+                return True
+            except LeaseLost:
+                return True
+            except CancelRequested:
+                return False  # (its lease lapses, and the next look ends it canceled)
+            except StoreUnavailable:
+                wait = pause * (1 + self._rng.random())
+                if time.monotonic() + wait >= until:
+                    return False
+                await asyncio.sleep(wait)
+                pause = min(2 * pause, _WRITE_RETRY_MAX_SECONDS)
+
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
     ) -> Claim | None:
@@ -435,14 +471,17 @@ class JobRunner:
             )
             return None
         except StoreUnavailable as exc:
-            # Nothing was spent yet. The claim may have been applied, though, leased to us: the
-            # message comes back once that lease has lapsed (with jitter, so throttled messages
-            # do not return in lock-step), when any worker can take the job over. That also
-            # keeps a throttled table from burning the receives of a job that never ran.
+            # Nothing was spent yet. The claim may have been applied, though, leased to us, and
+            # counted as an attempt: it is given back, attempt refunded and slot freed, if
+            # DynamoDB answers again soon (`_give_back_claim`), and the message comes back in
+            # seconds. Else it comes back once that lease has lapsed (with jitter, so throttled
+            # messages do not return in lock-step), when any worker can take the job over. That
+            # also keeps a throttled table from burning the receives of a job that never ran.
             sibling.answered(took_slot=False)
-            delay = lease_seconds * (1 + self._rng.random() / 10)
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
-            raise RetryLater(message.job_id, delay) from exc
+            if await self._give_back_claim(message, invocation):
+                raise RetryLater(message.job_id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
+            raise RetryLater(message.job_id, lease_seconds * (1 + self._rng.random() / 10)) from exc
         if claim.outcome is ClaimOutcome.AT_CAP and claim.share is not None:
             return claim
         job = claim.job
