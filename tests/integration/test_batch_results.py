@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from llmq import aws
-from llmq.batch_results import ResultsCompiler
-from llmq.batch_runs import RESULTS_ASK_GRACE_SECONDS, settle
+from llmq import aws, batch_results
+from llmq.batch_results import MAX_COMPILE_STALLS, ResultsCompiler
+from llmq.batch_runs import BATCH_CRASHED, RESULTS_ASK_GRACE_SECONDS, settle
 from llmq.batches import BatchRecord, BatchRepository, item_job_id
 from llmq.errors import StoreUnavailable
 from llmq.item_size import item_size_bytes
@@ -96,6 +96,44 @@ def test_a_file_of_many_parts_cut_short_resumes_and_holds_each_line_once(
     in_file = _file_lines(done)
     assert [line["job_id"] for line in in_file] == [item_job_id(batch_id, index) for index in range(12)]
     assert url  # the lane the items ran in
+
+
+def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a finalizing batch whose first part's reads take longer than a whole invocation
+    # (scaled down: a page of one item costs 200 s of a run's 300; on AWS, tens of thousands
+    # of items whose large results each read ~300 KB for a line that is a short URL)
+    batch_id = _submit(harness, requests=_requests(3)).body["id"]
+    real_compile = ResultsCompiler.compile
+    monkeypatch.setattr(ResultsCompiler, "compile", lambda self, batch, remaining: None)
+    _run_lane(harness)
+    monkeypatch.setattr(ResultsCompiler, "compile", real_compile)
+    _reset(harness, batch_id)
+    monkeypatch.setattr(batch_results, "_READ_PAGE", 1)
+    spent = [0.0]
+    read_items = BatchRepository.items
+
+    def slow_items(self: BatchRepository, batch: BatchRecord, start: int, count: int) -> Any:
+        spent[0] += 200
+        return read_items(self, batch, start, count)
+
+    monkeypatch.setattr(BatchRepository, "items", slow_items)
+    # When run after run hands on with no part written
+    runs = 0
+    while not _stored(harness, batch_id).status.is_terminal and runs < 10:
+        spent[0] = 0.0
+        _expander(harness).expand(batch_id, lambda: 300 - spent[0])
+        runs += 1
+    # Then after MAX_COMPILE_STALLS of them the batch ends without its file, saying why, as
+    # one whose worker crashed every time does (hunt 264: it stayed finalizing for good, each
+    # run handing on to the next)
+    ended = _stored(harness, batch_id)
+    assert runs == MAX_COMPILE_STALLS
+    assert (ended.status, ended.results_key) == (BatchStatus.COMPLETED, None)
+    assert ended.errors is not None and [error.code for error in ended.errors] == [BATCH_CRASHED]
+    reply = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
+    assert (reply["status"], reply["request_counts"]["succeeded"]) == ("completed", 3)
 
 
 def _reset(harness: Harness, batch_id: str, upload_id: str | None = None) -> None:

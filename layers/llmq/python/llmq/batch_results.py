@@ -29,6 +29,19 @@ RESULTS_FILE_PREFIX = "results/batches/"
 RESULT_INLINE_BYTES = 256_000
 # Items read per BatchGetItem while the file is written.
 _READ_PAGE = 100
+# Runs in a row that handed on with no part of the file written: after this many, no run has
+# the time a part takes to read (`ResultsFileStalled`).
+MAX_COMPILE_STALLS = 3
+
+
+class ResultsFileStalled(Exception):
+    """The results file cannot be written: `MAX_COMPILE_STALLS` runs in a row ran out of time
+    before a part was whole. Handed on again, each run would read the same items again, for
+    ever (hunt 264), with the batch `finalizing` and its webhook unsent."""
+
+    def __init__(self, batch: BatchRecord) -> None:
+        super().__init__(f"batch {batch.id}: its results file stalled {batch.compile_stalls} times")
+        self.batch = batch
 
 
 def results_file_key(batch_id: str) -> str:
@@ -109,9 +122,14 @@ class ResultsCompiler:
         slowest = 0.0
         part_began = time.monotonic()
         requests = StoredRequests(self.payloads, batch)
+        progressed = False
         while page_start < batch.total:
             if page_start > batch.compile_next and out_of_time(remaining_seconds(), slowest):
                 # Out of time inside a part: the next run reads it again from the checkpoint.
+                if not progressed:
+                    stalled = self.batches.note_compile_stall(batch)
+                    if stalled is not None and stalled.compile_stalls >= MAX_COMPILE_STALLS:
+                        raise ResultsFileStalled(stalled)
                 send_expand(self.queues, batch)
                 return None
             page = self.batches.items(batch, page_start, _READ_PAGE)
@@ -131,7 +149,7 @@ class ResultsCompiler:
                 moved = self.batches.checkpoint_compile(batch, following, etags)
                 if moved is None:
                     return None
-                batch, held, held_bytes = moved, [], 0
+                batch, held, held_bytes, progressed = moved, [], 0, True
                 slowest = max(slowest, time.monotonic() - part_began)
                 part_began = time.monotonic()
                 if out_of_time(remaining_seconds(), slowest):

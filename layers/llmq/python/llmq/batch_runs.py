@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from llmq.batch_requests import StoredRequests, request_lines
-from llmq.batch_results import ResultsCompiler
+from llmq.batch_results import ResultsCompiler, ResultsFileStalled
 from llmq.batch_uploads import UploadScanner
 from llmq.batches import BatchRecord, BatchRepository, batch_of, item_job_id, out_of_time, send_expand
 from llmq.config import MAX_EXPAND_CHUNK, LlmqConfig
@@ -331,8 +331,23 @@ class BatchExpander:
         logger.info("batch expanded", extra={"batch_id": batch.id, "items": batch.total})
 
     def _finalize(self, batch: BatchRecord, remaining_seconds: Callable[[], float]) -> None:
-        """Every item has ended: the results file, then the batch's terminal write and webhook."""
-        written = self.compiler.compile(batch, remaining_seconds)
+        """Every item has ended: the results file, then the batch's terminal write and webhook.
+        A file no run has the time to write ends the batch without it, as a worker crashing on
+        it every time does (`dead_lettered`): its results stay readable page by page."""
+        try:
+            written = self.compiler.compile(batch, remaining_seconds)
+        except ResultsFileStalled as stalled:
+            logger.error("a batch's results file ran out of time at every run", extra={"batch_id": batch.id})
+            if stalled.batch.final_counts is None:
+                return
+            ended = self.batches.finish(
+                stalled.batch, stalled.batch.final_counts, errors=stalled.batch.errors or _crashed()
+            )
+            if ended is None:
+                settle(self.batches, self.queues, batch.id)
+            elif _webhook_unsent(ended):
+                _send_webhook(self.batches, self.queues, ended)
+            return
         if written is None or batch.final_counts is None:
             return
         ended = self.batches.finish(written, batch.final_counts, results_key=written.results_key)
@@ -483,13 +498,7 @@ def dead_lettered(
     if letters <= MAX_DEAD_LETTER_REDRIVES:
         send_expand(queues, counted)
         return counted
-    crashed = [
-        BatchLineError(
-            line=0,
-            code=BATCH_CRASHED,
-            message="the batch's worker crashed (or timed out) at every try; nothing more is tried",
-        )
-    ]
+    crashed = _crashed()
     logger.error(
         "a batch crashed its workers at every try",
         extra={"batch_id": batch_id, "status": counted.status.value},
@@ -514,6 +523,18 @@ def dead_lettered(
     if ended is not None and _webhook_unsent(ended):
         _send_webhook(batches, queues, ended)
     return ended or batches.find(batch_id)
+
+
+def _crashed() -> list[BatchLineError]:
+    """Why a batch ended (or was canceled) by llmq: its work crashed, or ran out of time, at
+    every try."""
+    return [
+        BatchLineError(
+            line=0,
+            code=BATCH_CRASHED,
+            message="the batch's worker crashed (or timed out) at every try; nothing more is tried",
+        )
+    ]
 
 
 # Dead letters of a batch already canceled for crashing (a stale copy, a retry of the give-up

@@ -217,6 +217,9 @@ class BatchRecord(Model):
     compile_upload_id: str | None = None
     compile_next: int = 0
     compile_parts: list[str] = Field(default_factory=list)
+    # Runs of the results file that handed on with no part written since the checkpoint
+    # (`note_compile_stall`): a part that no run has the time to read, at `MAX_COMPILE_STALLS`.
+    compile_stalls: int = 0
     results_key: str | None = None
     # The expand messages that exhausted their receives (DLQ message ids): the worker crashed
     # on the batch each time (`batch_runs.dead_lettered`).
@@ -960,9 +963,20 @@ class BatchRepository:
         had it, or stands where this very write (its answer lost) already put it."""
         return self._update_while_open(
             batch.id,
-            f"SET compile_next = :next, compile_parts = :parts {_PROGRESSED}",
-            {"next": next_index, "parts": etags, "from": batch.compile_next},
+            f"SET compile_next = :next, compile_parts = :parts, compile_stalls = :zero {_PROGRESSED}",
+            {"next": next_index, "parts": etags, "from": batch.compile_next, "zero": 0},
             "(compile_next = :from OR compile_next = :next)",
+            finalizing=True,
+        )
+
+    def note_compile_stall(self, batch: BatchRecord) -> BatchRecord | None:
+        """A run of the results file handed on with no part written: counted while the
+        checkpoint stands where `batch` had it. None when it moved on (another run wrote a part)."""
+        return self._update_while_open(
+            batch.id,
+            "SET compile_stalls = if_not_exists(compile_stalls, :zero) + :one",
+            {"zero": 0, "one": 1, "next": batch.compile_next},
+            "compile_next = :next",
             finalizing=True,
         )
 
