@@ -26,7 +26,14 @@ from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, Harness
 from tests.integration.test_batch_uploads import _expander
-from tests.integration.test_batches import _requests, _results, _run_lane, _stored, _submit
+from tests.integration.test_batches import (
+    _requests,
+    _results,
+    _retention_ends_at,
+    _run_lane,
+    _stored,
+    _submit,
+)
 
 MIB = 1024 * 1024
 
@@ -134,6 +141,38 @@ def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it
     assert ended.errors is not None and [error.code for error in ended.errors] == [BATCH_CRASHED]
     reply = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
     assert (reply["status"], reply["request_counts"]["succeeded"]) == ("completed", 3)
+
+
+def test_a_reused_keys_new_batch_never_takes_the_earlier_batchs_file_for_its_own(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a batch under a key, ended with its results file, whose retention then passed
+    old_id = _submit(harness, key="weekly", requests=_requests(2, prefix="old")).body["id"]
+    _run_lane(harness)
+    old = _stored(harness, old_id)
+    assert old.status is BatchStatus.COMPLETED and old.results_key
+    _retention_ends_at(harness, old_id, 1)
+    # And a new batch under the key (the same id), its items all ended, finalizing, whose
+    # results file's upload S3's lifecycle rule aborted (left incomplete for a day)
+    assert _submit(harness, key="weekly", requests=_requests(3, prefix="new")).body["id"] == old_id
+    real_compile = ResultsCompiler.compile
+    monkeypatch.setattr(ResultsCompiler, "compile", lambda self, batch, remaining: None)
+    _run_lane(harness)
+    monkeypatch.setattr(ResultsCompiler, "compile", real_compile)
+    s3 = aws.client("s3")
+    upload = s3.create_multipart_upload(Bucket="llmq-payloads", Key=old.results_key)["UploadId"]
+    s3.abort_multipart_upload(Bucket="llmq-payloads", Key=old.results_key, UploadId=upload)
+    _reset(harness, old_id, upload)
+    # When a worker writes its file
+    finalizing = _stored(harness, old_id)
+    QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    ).enqueue_expand(old_id, finalizing.lane, finalizing.tenant_id)
+    _run_lane(harness)
+    # Then the new batch ends with a file of its own three items, not the earlier batch's two
+    ended = _stored(harness, old_id)
+    assert ended.status is BatchStatus.COMPLETED and ended.results_key != old.results_key
+    assert [line["custom_id"] for line in _file_lines(ended)] == ["new-0", "new-1", "new-2"]
 
 
 def _reset(harness: Harness, batch_id: str, upload_id: str | None = None) -> None:

@@ -44,8 +44,12 @@ class ResultsFileStalled(Exception):
         self.batch = batch
 
 
-def results_file_key(batch_id: str) -> str:
-    return f"{RESULTS_FILE_PREFIX}{batch_id}/results.jsonl"
+def results_file_key(batch: BatchRecord) -> str:
+    """Where the batch's file is written: under its creation time too, since a batch id made
+    from an Idempotency-Key is made again once its retention is over, while S3 keeps the
+    earlier batch's file a while longer (hunt 264: a new batch whose upload was aborted took
+    the file found there for its own, and ended with the earlier batch's lines)."""
+    return f"{RESULTS_FILE_PREFIX}{batch.id}/{batch.created_ms}/results.jsonl"
 
 
 def result_line(
@@ -90,7 +94,7 @@ class ResultsCompiler:
     def compile(self, batch: BatchRecord, remaining_seconds: Callable[[], float]) -> BatchRecord | None:
         """Write the file from the batch's checkpoint on. The batch with its file complete, or
         None: handed on to a new message (time ran short), or another run moved on first."""
-        key = results_file_key(batch.id)
+        key = results_file_key(batch)
         if batch.compile_upload_id is None:
             upload_id = self.payloads.start_multipart(key)
             started = self.batches.start_compile(batch, upload_id)
@@ -113,7 +117,7 @@ class ResultsCompiler:
     def _write(
         self, batch: BatchRecord, upload_id: str, remaining_seconds: Callable[[], float]
     ) -> BatchRecord | None:
-        key = results_file_key(batch.id)
+        key = results_file_key(batch)
         etags = list(batch.compile_parts)
         held: list[bytes] = []
         held_bytes = 0
