@@ -95,6 +95,17 @@ def request_digest(request: JobRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# How far past its wait's deadline an answer may be before it skips what can wait (giving back
+# its place, the queue position, reading an S3-held result): about what one look at the job
+# takes throttled, well within the gateway's reserve after the deadline (the api's
+# ANSWER_RESERVE_SECONDS), which botocore's retries of two throttled calls would overrun.
+LATE_AFTER_WAIT_SECONDS = 0.5
+
+
+def _late(deadline: float) -> bool:
+    return time.monotonic() > deadline + LATE_AFTER_WAIT_SECONDS
+
+
 class JobIntake:
     def __init__(
         self,
@@ -333,14 +344,20 @@ class JobIntake:
                         )
                         job = self.jobs.get(job_id, tenant.tenant_id)
                 finally:
-                    self._give_back(tenant, place)
+                    self._give_back(tenant, place, deadline)
+        # Past its deadline by more than a look takes (a throttled read), a wait's answer skips
+        # what can wait: API Gateway gives up `ANSWER_RESERVE_SECONDS` after it (hunt 262).
+        late = wait_seconds > 0 and _late(deadline)
         # A batch's item is not in the tenant's job index: its batch's counts say where it stands.
-        if position and not refused and job.status is JobStatus.QUEUED and job.batch_id is None:
+        if position and not refused and not late and job.status is JobStatus.QUEUED and job.batch_id is None:
             try:
                 job = job.model_copy(update={"queue_position": 1 + self.jobs.queued_ahead(job)})
             except StoreUnavailable:
                 logger.warning("queue position unavailable", extra={"job_id": job.id})
-        return Polled(self.offload.load_result(job), wait_refused=refused)
+        # (late, an S3-held result is a link to it: no read)
+        return Polled(
+            self.offload.link_result(job) if late else self.offload.load_result(job), wait_refused=refused
+        )
 
     def output_events(self, tenant: TenantIdentity, job_id: str, seen: int, wait_seconds: float = 0) -> str:
         """GET /v1/jobs/{id}/events: a long poll answered as server-sent events.
@@ -394,7 +411,7 @@ class JobIntake:
                     return "".join(opening) + retry_hint(streaming.retry_ms)
                 status, last = head.status, head.stream_seq
         finally:
-            self._give_back(tenant, place)
+            self._give_back(tenant, place, deadline)
         if status.is_terminal:
             return self._events_now(self.jobs.get(job_id, tenant.tenant_id), seen, opening, ended=True)
         return "".join(opening) + retry_hint(streaming.retry_ms)
@@ -499,8 +516,13 @@ class JobIntake:
             emit_count(MetricName.LONG_POLL_REFUSED)
         return place
 
-    def _give_back(self, tenant: TenantIdentity, place: str) -> None:
+    def _give_back(self, tenant: TenantIdentity, place: str, deadline: float) -> None:
+        """The wait's place given back; not when the wait is answering late (`_late`): the
+        place lapses by itself moments after (llmq.long_polls), and the answer is due now."""
         if self.polls is None or not place:
+            return
+        if _late(deadline):
+            logger.info("long-poll place left to lapse: the answer is late")
             return
         try:
             self.polls.leave(tenant.tenant_id, place)
