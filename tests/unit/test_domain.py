@@ -87,6 +87,13 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
             ],
             "default_lane": "a-b",
         },
+        # (tiers no tenant can be made in: `llmq tenants create` refuses them; hunt 263)
+        {"fair_share": {"tiers": {"pro plan": {}}}},
+        {"fair_share": {"tiers": {"pró": {}}}},
+        {
+            "lanes": [{"name": "high", "tiers": ["enterprise/eu"], "max_concurrency": 2}],
+            "default_lane": "high",
+        },
     ],
 )
 def test_invalid_configs_are_refused(bad: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any, Self
@@ -21,6 +22,10 @@ from llmq.model_base import Model
 from llmq.models import MAX_CONTENT_CHARS
 
 CONFIG_ENV_VAR = "LLMQ_CONFIG"
+# What a tier may be called: the authorizer hands it to every request of its tenants, and
+# `llmq tenants create` refuses any other (1 to 64 of A-Z, a-z, 0-9 and _ . : -, from a letter
+# or a digit).
+TIER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 # The template's Metadata key that records `LlmqConfig.in_flight_settings`.
 IN_FLIGHT_SETTINGS_METADATA = "LlmqInFlightSettings"
 # SQS caps a message's visibility timeout (hence any delay before a retry) at 12 hours.
@@ -520,6 +525,14 @@ class LlmqConfig(_Frozen):
                 "fair_share.tiers: `default` names the plan of tiers not listed; use fair_share.default"
             )
         _distinct_ids("fair_share.tiers", list(self.fair_share.tiers))
+        named = [*self.fair_share.tiers, *(tier for lane in self.lanes for tier in lane.tiers)]
+        unnamable = sorted({tier for tier in named if not TIER_NAME.fullmatch(tier)})
+        if unnamable:
+            # (the config would deploy, and no tenant could ever be made in the tier: hunt 263)
+            raise ValueError(
+                f"tiers {unnamable} cannot be tenants' tiers: a tier is 1 to 64 of A-Z, a-z, 0-9 and "
+                "_ . : -, starting with a letter or digit"
+            )
         if self.default_lane not in names:
             raise ValueError(f"default_lane {self.default_lane!r} is not a lane")
         tiers = [tier for lane in self.lanes for tier in lane.tiers]

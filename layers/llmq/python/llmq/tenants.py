@@ -29,6 +29,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from llmq import aws
+from llmq.config import TIER_NAME
 from llmq.errors import StoreUnavailable
 from llmq.usage_plans import UsageKeys, new_usage_key_value
 
@@ -172,7 +173,7 @@ class TenantRepository:
                 f"a tenant id is 1 to 64 of A-Z, a-z, 0-9 and _ . : -, starting with a letter or digit "
                 f"(it names every message of the tenant's jobs in SQS, and its S3 keys): {tenant_id!r} is not"
             )
-        if not TENANT_ID.fullmatch(tier):
+        if not TIER_NAME.fullmatch(tier):
             raise InvalidTenantId(
                 f"a tier is 1 to 64 of A-Z, a-z, 0-9 and _ . : -, starting with a letter or digit "
                 f"(the authorizer hands it to every request of the tenant): {tier!r} is not"
