@@ -236,16 +236,30 @@ def test_a_lane_message_with_a_field_a_later_version_added_still_runs_its_job() 
 
 
 def test_a_throttled_claim_returns_the_message_after_the_lease_would_lapse() -> None:
-    # Given a jobs table that keeps throttling the claim
+    # Given a jobs table that keeps throttling the claim, and every read of the job
     world = World()
     world.add()
-    world.jobs.unavailable.add("claim")
+    world.jobs.unavailable.update({"claim", "find"})
     # When the message is run with little time left
     with pytest.raises(RetryLater) as retry:
         world.run(remaining_seconds=2.0)
     # Then it comes back once any lease it may have taken has lapsed (remaining + margin)
     assert retry.value.delay_seconds >= 2.0 + world.config.lease_margin_seconds
     assert world.provider.calls == []
+
+
+def test_a_throttled_claim_a_read_shows_untaken_returns_the_message_in_seconds() -> None:
+    # Given a jobs table that keeps throttling the claim, but answers a read of the job
+    world = World()
+    world.add()
+    world.jobs.unavailable.add("claim")
+    # When the message is run
+    with pytest.raises(RetryLater) as retry:
+        world.run(remaining_seconds=60.0)
+    # Then the read shows no lease was taken: it comes back in seconds, not after one
+    assert retry.value.delay_seconds < 10
+    assert world.provider.calls == []
+    assert world.outcome() == (JobStatus.QUEUED, None)
 
 
 # ---- retry ------------------------------------------------------------------------------
