@@ -1144,15 +1144,32 @@ def _plan_key_deleted_once(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _plan_key_added_once(original: Callable[..., Any]) -> Callable[..., Any]:
     """CreateUsagePlanKey of a key already in the plan: API Gateway's ConflictException, as the
-    retry of an add applied with its answer lost meets it (moto added it again)."""
+    retry of an add applied with its answer lost meets it (moto added it again). And of a key
+    in another plan of one of the plan's stages: a key references one plan per API stage, and
+    API Gateway refuses the add (moto made it, and the sandbox's gateway then throttled the
+    key by whichever plan it read last: hunt 263)."""
     from moto.apigateway.exceptions import ConflictException
 
     def create(self: Any, usage_plan_id: str, payload: dict[str, Any]) -> Any:
-        if payload.get("keyId") in self.usage_plan_keys.get(usage_plan_id, {}):
+        key = payload.get("keyId")
+        if key in self.usage_plan_keys.get(usage_plan_id, {}):
             raise ConflictException("the API key is already in this usage plan")
+        stages = _stages_of(self.usage_plans.get(usage_plan_id))
+        for other_id, keys in self.usage_plan_keys.items():
+            shared = stages & _stages_of(self.usage_plans.get(other_id))
+            if other_id != usage_plan_id and key in keys and shared:
+                raise ConflictException(
+                    f"Usage Plan {usage_plan_id} cannot be added because API Key {key} cannot reference "
+                    f"multiple Usage Plans with the same API Stage: {min(shared)}"
+                )
         return original(self, usage_plan_id, payload)
 
     return create
+
+
+def _stages_of(plan: Any) -> set[str]:
+    """A moto usage plan's API stages, as `apiId:stage`."""
+    return {f"{stage.get('apiId')}:{stage.get('stage')}" for stage in getattr(plan, "api_stages", None) or []}
 
 
 def make_moto_strict() -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from llmq import aws
 from llmq.config import LlmqConfig
@@ -232,3 +233,20 @@ def test_a_move_whose_way_back_fails_too_says_the_tenant_is_in_no_plan_and_a_rer
     plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
     (own,) = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
     assert own["name"] == tenant_plan_name("ten_nowhere")
+
+
+def test_a_key_joins_one_plan_per_api_stage_as_api_gateway_allows(plans: Plans) -> None:
+    # Given a key in the free tier's plan, and another plan on the same stage
+    apigateway = aws.client("apigateway")
+    key = apigateway.create_api_key(name="k", enabled=True, value="v" * 40)
+    other = apigateway.create_usage_plan(name="other", apiStages=[{"apiId": API_ID, "stage": STAGE}])
+    apigateway.create_usage_plan_key(usagePlanId=plans.ids["free"], keyId=key["id"], keyType="API_KEY")
+    # When the key is added to the other plan too
+    with pytest.raises(ClientError) as refused:
+        apigateway.create_usage_plan_key(usagePlanId=other["id"], keyId=key["id"], keyType="API_KEY")
+    # Then the sandbox's API Gateway refuses it, as AWS does (hunt 263: moto took it, and the
+    # gateway throttled the key by whichever plan it read last)
+    assert refused.value.response["Error"]["Code"] == "ConflictException"
+    assert [plan["id"] for plan in apigateway.get_usage_plans(keyId=key["id"])["items"]] == [
+        plans.ids["free"]
+    ]
