@@ -250,3 +250,36 @@ def test_a_key_joins_one_plan_per_api_stage_as_api_gateway_allows(plans: Plans) 
     assert [plan["id"] for plan in apigateway.get_usage_plans(keyId=key["id"])["items"]] == [
         plans.ids["free"]
     ]
+
+
+def test_a_rate_plan_whose_create_was_applied_and_retried_leaves_one_plan_and_later_rates_apply(
+    plans: Plans, moto_stack: MotoStack
+) -> None:
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    tenant = tenants.create("Hobby", "free", tenant_id="ten_dup").tenant
+    apigateway = aws.client("apigateway")
+    # Given a rate override whose CreateUsagePlan API Gateway applied with its answer lost, and
+    # botocore's retry made again (plans' names are not unique)
+    faults = AwsFaults()
+    faults.arm(FaultKind.APPLIED_RETRIED, "apigateway.CreateUsagePlan")
+    try:
+        plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
+    finally:
+        faults.disarm()
+    assert len(faults.fired) == 1
+    # When the operator sets another rate
+    plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 50, 100)
+    # Then the tenant has one plan of its own, holding its key at the new rate (hunt 263: two,
+    # the empty one updated, and on AWS the key refused by it while the CLI said 50/s)
+    own = [
+        plan for plan in apigateway.get_usage_plans()["items"] if plan["name"] == tenant_plan_name(tenant.id)
+    ]
+    assert len(own) == 1
+    holding = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
+    assert [(plan["id"], plan["throttle"]) for plan in holding] == [
+        (own[0]["id"], {"rateLimit": 50.0, "burstLimit": 100})
+    ]

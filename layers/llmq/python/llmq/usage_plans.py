@@ -173,6 +173,8 @@ class ApiGatewayUsagePlans:
             throttle={"rateLimit": rate, "burstLimit": burst},
         )
         self._move(key_id, from_plan=tier_plan["id"], to_plan=created["id"])
+        # (a create applied with its answer lost made one more, which holds no key)
+        self._delete_empty(self._own_plans(tenant_id), created["id"])
         return RateLimit(created["id"], name, rate, burst, override=True)
 
     def clear_rate(self, tenant_id: str, tier: str, key_id: str) -> None:
@@ -182,13 +184,17 @@ class ApiGatewayUsagePlans:
         if own is None:
             return
         self._move(key_id, from_plan=own["id"], to_plan=self.tier_plan(tier))
+        self._delete_plan(own)
+
+    def _delete_plan(self, plan: dict[str, Any]) -> None:
+        """API Gateway refuses to delete a plan that still has API stages: detached first."""
         detach = [
             {"op": "remove", "path": "/apiStages", "value": f"{stage['apiId']}:{stage['stage']}"}
-            for stage in own.get("apiStages") or []
+            for stage in plan.get("apiStages") or []
         ]
         if detach:
-            self._apigw.update_usage_plan(usagePlanId=own["id"], patchOperations=detach)
-        self._apigw.delete_usage_plan(usagePlanId=own["id"])
+            self._apigw.update_usage_plan(usagePlanId=plan["id"], patchOperations=detach)
+        self._apigw.delete_usage_plan(usagePlanId=plan["id"])
 
     def rehome(self, tenants: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         """Each (tenant id, tier, key id)'s key in the plan it belongs in, as the stack's
@@ -242,18 +248,35 @@ class ApiGatewayUsagePlans:
 
     def _own_plan(self, tenant_id: str) -> dict[str, Any] | None:
         """The tenant's own plan on this stack's API: plans are named per tenant across the
-        account, and another stack (a staging copy) may have a tenant of the same id."""
+        account, and another stack (a staging copy) may have a tenant of the same id. Of two
+        (a CreateUsagePlan API Gateway applied with its answer lost, then botocore's retry; two
+        operators at once: hunt 263), the one that holds a key, and the other, holding none,
+        is deleted."""
+        plans = self._own_plans(tenant_id)
+        if len(plans) < 2:
+            return plans[0] if plans else None
+        holding = [plan for plan in plans if next(self._plan_key_ids(plan["id"]), None) is not None]
+        kept = (holding or plans)[0]
+        self._delete_empty(plans, kept["id"])
+        return kept
+
+    def _own_plans(self, tenant_id: str) -> list[dict[str, Any]]:
         name = tenant_plan_name(tenant_id)
         ours = self._stack_apis()
-        return next(
-            (
-                plan
-                for plan in self._pages()
-                if plan.get("name") == name
-                and {stage.get("apiId") for stage in plan.get("apiStages") or []} & ours
-            ),
-            None,
-        )
+        return [
+            plan
+            for plan in self._pages()
+            if plan.get("name") == name
+            and {stage.get("apiId") for stage in plan.get("apiStages") or []} & ours
+        ]
+
+    def _delete_empty(self, plans: list[dict[str, Any]], kept: str) -> None:
+        """The tenant's plans other than `kept` that hold no key, deleted (each an orphan that
+        counts against the account's usage plans)."""
+        for plan in plans:
+            if plan["id"] == kept or next(self._plan_key_ids(plan["id"]), None) is not None:
+                continue
+            self._delete_plan(plan)
 
     def _stack_apis(self) -> set[str]:
         """The REST API ids this stack's tier plans are attached to."""
