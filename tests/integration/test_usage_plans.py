@@ -208,15 +208,20 @@ def test_a_key_left_unrecorded_is_found_again_but_never_another_stacks(plans: Pl
     assert plans.usage_plans.create_key("ten_acme", "free", "x" * 40) == prod_key
 
 
+def _free_tenant(plans: Plans, moto_stack: MotoStack, tenant_id: str) -> Any:
+    """A free-tier tenant, its key in the free plan."""
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    return tenants.create("Hobby", "free", tenant_id=tenant_id).tenant
+
+
 def test_a_move_whose_way_back_fails_too_says_the_tenant_is_in_no_plan_and_a_rerun_repairs_it(
     plans: Plans, moto_stack: MotoStack
 ) -> None:
     from tests.aws_faults import AwsFaults, FaultKind
 
-    tenants = TenantRepository(
-        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
-    )
-    tenant = tenants.create("Hobby", "free", tenant_id="ten_nowhere").tenant
+    tenant = _free_tenant(plans, moto_stack, "ten_nowhere")
     assert tenant.usage_key_id
     # Given API Gateway refusing both the move into the tenant's own plan and the way back
     faults = AwsFaults()
@@ -257,10 +262,7 @@ def test_a_rate_plan_whose_create_was_applied_and_retried_leaves_one_plan_and_la
 ) -> None:
     from tests.aws_faults import AwsFaults, FaultKind
 
-    tenants = TenantRepository(
-        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
-    )
-    tenant = tenants.create("Hobby", "free", tenant_id="ten_dup").tenant
+    tenant = _free_tenant(plans, moto_stack, "ten_dup")
     apigateway = aws.client("apigateway")
     # Given a rate override whose CreateUsagePlan API Gateway applied with its answer lost, and
     # botocore's retry made again (plans' names are not unique)
