@@ -309,8 +309,9 @@ def test_the_dispatcher_reads_a_tenants_secrets_as_last_written(stage: Stage) ->
     assert [params.get("ConsistentRead") for params in asked] == [True]
 
 
+@pytest.mark.parametrize("a_keeps_previous", [True, False], ids=["rotate", "rotate --drop-previous"])
 def test_two_rotations_at_once_both_keep_signing_and_an_unknown_tenant_is_refused(
-    stage: Stage, monkeypatch: pytest.MonkeyPatch
+    stage: Stage, monkeypatch: pytest.MonkeyPatch, a_keeps_previous: bool
 ) -> None:
     # Given operator A who has read the tenant's secrets, and operator B who rotates meanwhile
     tenants = stage.tenants
@@ -319,15 +320,17 @@ def test_two_rotations_at_once_both_keep_signing_and_an_unknown_tenant_is_refuse
     reads = iter([read_by_a])
     real_get = tenants.get
     monkeypatch.setattr(tenants, "get", lambda tenant_id: next(reads, None) or real_get(tenant_id))
-    # When A's rotation writes what it read
-    rotated_by_a = tenants.rotate_webhook_secret(TENANT_ID)
-    # Then it rotated on top of B's: A's secret signs first, and B's, which B handed out, still signs
+    # When A's rotation writes what it read (dropping the previous secret, or not)
+    rotated_by_a = tenants.rotate_webhook_secret(TENANT_ID, keep_previous=a_keeps_previous)
+    # Then it rotated on top of B's: A's secret signs first, and B's, which B handed out, still
+    # signs (hunt 263: a --drop-previous dropped it unseen); the secret both replaced does not
     stored = real_get(TENANT_ID).webhook_secrets
     assert (
         stored
         == rotated_by_a.webhook_secrets
         == [rotated_by_a.webhook_secrets[0], rotated_by_b.webhook_secrets[0]]
     )
+    assert read_by_a.webhook_secrets[0] not in stored
     stage.job("/hooks/acme")
     stage.dispatch()
     [request] = stage.receiver.requests_to("/hooks/acme")

@@ -427,7 +427,7 @@ class TenantRepository:
 
         The write holds only if the secrets are still those it read: of two rotations at once,
         the later one rotates again on top of the other's, so the secret the other handed out
-        keeps signing (as the previous one), never silently dropped. A retry of a write that was
+        keeps signing (as the previous one), never silently dropped, `keep_previous` or not. A retry of a write that was
         applied (its answer lost) finds its own fresh secret stored, and stops there."""
         current = self.get(tenant_id)
         read = current.webhook_secrets
@@ -444,7 +444,10 @@ class TenantRepository:
                 stored = [entry["S"] for entry in item.get("webhook_secrets", {}).get("L", [])]
                 if stored == rotated:
                     break  # this write, applied, then retried by the SDK
-                read = stored  # another rotation came first: rotate on top of what it stored
+                # Another rotation came first: rotate on top of what it stored, keeping the
+                # secret it handed out even when this one drops the previous (what it drops is
+                # then the secret both replaced: hunt 263, the other's was dropped unseen).
+                read, keep_previous = stored, True
                 continue
             break
         else:
