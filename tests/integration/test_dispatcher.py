@@ -1436,6 +1436,19 @@ class _RawReceiver:
         self._thread.join(timeout=10)
 
 
+# A CDN's 103 Early Hints preloading 130 scripts: about 7 KB.
+_LONG_HINTS = (
+    b"HTTP/1.1 103 Early Hints\r\n"
+    + b"".join(b"Link: </assets/chunk-%04d.js>; rel=preload; as=script\r\n" % n for n in range(130))
+    + b"\r\n"
+)
+
+
+def _in_pieces(data: bytes, count: int) -> list[bytes]:
+    size = -(-len(data) // count)
+    return [data[start : start + size] for start in range(0, len(data), size)]
+
+
 @pytest.mark.parametrize(
     ("answer", "pause", "status", "code"),
     [
@@ -1482,6 +1495,13 @@ class _RawReceiver:
             "delivered",
             200,
         ),
+        # ... and one that comes in pieces, each read keeping less than the whole (hunt 258)
+        (
+            [*_in_pieces(_LONG_HINTS, 3), b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"],
+            0.2,
+            "delivered",
+            200,
+        ),
         (
             [
                 b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
@@ -1500,6 +1520,7 @@ class _RawReceiver:
         "100 then a 410 refused",
         "LF line ends, no reason phrase",
         "a 103 of more than 4 KB",
+        "a 103 of 7 KB in three reads",
         "103 then a split 200 refused",
     ],
 )

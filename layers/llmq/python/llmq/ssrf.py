@@ -233,6 +233,18 @@ _STATUS_LINE = re.compile(
 _STATUS_LINE_BYTES = 4096
 # One whole interim response, dropped from the kept bytes as it comes (however many there are).
 _INTERIM = re.compile(rb"HTTP/1\.[01] 1\d\d[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*\r?\n")
+# The start of one, and how much of one not yet whole is kept: as much as httpcore's parser
+# takes of a response's head (`MAX_INCOMPLETE_EVENT_SIZE`, 100 KiB), so one that comes over
+# several reads is dropped whole once it is, and the final status line after it is kept (hunt
+# 258: it was cut at 4 KB, never whole again, and the 200 after it went unseen).
+_INTERIM_START = re.compile(rb"HTTP/1\.[01] 1\d\d[ \r\n]")
+_INTERIM_BYTES = 100 * 1024
+
+
+def _kept_bytes(kept: bytearray) -> int:
+    """How much of a response's start to keep: an interim response not yet whole, up to
+    `_INTERIM_BYTES`; else the final status line's `_STATUS_LINE_BYTES`."""
+    return _INTERIM_BYTES if _INTERIM_START.match(kept) else _STATUS_LINE_BYTES
 
 
 class _FirstBytes(httpcore.AsyncNetworkStream):
@@ -245,11 +257,11 @@ class _FirstBytes(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = await self._inner.read(max_bytes, timeout)
-        if len(self._kept) < _STATUS_LINE_BYTES:
+        if len(self._kept) < _kept_bytes(self._kept):
             self._kept.extend(data)
             while interim := _INTERIM.match(self._kept):
                 del self._kept[: interim.end()]
-            del self._kept[_STATUS_LINE_BYTES:]
+            del self._kept[_kept_bytes(self._kept) :]
         return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
