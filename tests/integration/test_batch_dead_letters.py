@@ -507,3 +507,27 @@ def test_one_unreadable_running_item_does_not_keep_the_reconciler_from_stopping_
     # Then the other running item is asked to stop all the same
     (other,) = [item for item in items if item not in failed]
     assert jobs.is_cancel_requested(other), "one unreadable item kept the others running, billed"
+
+
+def test_a_foreign_expand_letter_naming_a_batchs_count_shard_is_set_aside_once(harness: Harness) -> None:
+    from tests.integration.test_poison import _poison
+
+    # Given a batch that ran, and so has count shards (items of the table keyed `batch#...#...`)
+    requests = [{"custom_id": f"c{n}", "body": {"prompt": f"say {n}"}} for n in range(3)]
+    assert harness.api("POST", "/v1/batches", body={"requests": requests}, tenant=ENTERPRISE).status == 202
+    for _ in range(3):
+        harness.drain("high")
+    keys = [
+        item["pk"]["S"] for item in aws.client("dynamodb").scan(TableName=harness.stack.jobs_table)["Items"]
+    ]
+    shard = next(key for key in keys if key.startswith("batch#") and key.count("#") == 3)
+    # When a lane DLQ holds an expand letter naming that shard (a message sent by hand)
+    dlq = harness.stack.lane_dlq_urls["high"]
+    body = json.dumps({"job_id": shard.removeprefix("batch#"), "kind": "expand", "lane": "high"})
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody=body)
+    letters = harness.receive(dlq, visibility=60)
+    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    # Then it is set aside with the poison, once, not failed at every receive for 14 days (hunt
+    # 266: the shard read as a batch failed validation, an unexpected error each time)
+    assert answer["batchItemFailures"] == []
+    assert [message["Body"] for message in _poison(harness)] == [body]

@@ -96,6 +96,11 @@ def batch_of(job_id: str) -> tuple[str, int] | None:
     return BATCH_ID_PREFIX + rest[:_CORE], int(digits)
 
 
+def is_batch_id(batch_id: str) -> bool:
+    """An id llmq gives a batch (`new_batch_id`): never the key of another item of the table."""
+    return batch_id.startswith(BATCH_ID_PREFIX) and "#" not in batch_id
+
+
 def is_batch_key(pk: str) -> bool:
     return pk.startswith(BATCH_PREFIX)
 
@@ -526,6 +531,10 @@ class BatchRepository:
     # ---- read ---------------------------------------------------------------------------
 
     def find(self, batch_id: str) -> BatchRecord | None:
+        """The batch; None for an id llmq never gives a batch (a message sent by hand naming
+        another item of the table, a batch's count shard: hunt 266), as for one not found."""
+        if not is_batch_id(batch_id):
+            return None
         response = self._ddb.get_item(TableName=self.table_name, Key=batch_key(batch_id), ConsistentRead=True)
         item = response.get("Item")
         return _from_item(item) if item else None
