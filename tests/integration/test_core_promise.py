@@ -37,7 +37,6 @@ from llmq.providers import GenerationRequest, PermanentProviderError, ProviderTi
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
-from llmq.sqs_edge import RetryLater
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults
 from tests.conftest import MotoStack
@@ -1536,11 +1535,14 @@ def test_a_claim_applied_with_its_answer_lost_then_throttled_is_given_back_unrun
     # throttled past the claim's budget (a brown-out), then answered again
     faults.arm("applied_lost", "dynamodb.TransactWriteItems")
     faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=6)
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = _with_delayed(harness, lane)
     outcome = _run(_runner(harness, provider), job_id, seconds=300)
     assert [f.fault.kind.value for f in faults.fired][:2] == ["applied_lost", "throttle"]
     # Then the lease it may hold is given back unrun: the attempt refunded, its tenant's slot
-    # freed, and its message back in seconds, not after the lease (five minutes here)
-    assert isinstance(outcome, RetryLater) and outcome.delay_seconds < 10, outcome
+    # freed, and a copy of its message sent (no receive spent on a job that never ran)
+    assert outcome is None
+    assert _with_delayed(harness, lane) == messages + 1
     job = _job(harness, job_id)
     assert (job["status"], job["attempts"]) == ("queued", 2)
     assert (
@@ -1985,17 +1987,21 @@ def test_a_throttled_claim_comes_back_after_its_possible_lease(harness: Harness,
     assert lease - 6 <= outcome.delay_seconds <= lease * 1.1  # type: ignore[union-attr]
 
 
-def test_a_throttled_claim_that_a_read_shows_untaken_comes_back_in_seconds(
+def test_a_throttled_claim_that_a_read_shows_untaken_comes_back_as_a_copy_spending_no_receive(
     harness: Harness, faults: AwsFaults
 ) -> None:
     # Given a table that throttles every claim, but answers a read of the job
     job_id = harness.submit().body["id"]
     faults.arm("throttle", "dynamodb.TransactWriteItems", times=1000)
+    lane = harness.stack.lane_queue_urls["high"]
+    messages = _with_delayed(harness, lane)
     # When a worker with 300 s left tries
     outcome = _run(_runner(harness, ScriptedProvider([OK])), job_id, seconds=300)
-    # Then the read shows no claim was applied: the message comes back in seconds, not after
-    # a lease it never took, and the job is untouched
-    assert isinstance(outcome, RetryLater) and outcome.delay_seconds < 10, outcome
+    # Then the read shows no claim was applied: a copy of the message comes back after a lease
+    # (throttled claims must not storm the table), and no receive is spent on it (review 256:
+    # returning in seconds, a never-run job failed worker_crashed in a minute and a half)
+    assert outcome is None
+    assert _with_delayed(harness, lane) == messages + 1
     assert (_job(harness, job_id)["status"], _job(harness, job_id)["attempts"]) == ("queued", 0)
 
 

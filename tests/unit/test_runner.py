@@ -248,16 +248,17 @@ def test_a_throttled_claim_returns_the_message_after_the_lease_would_lapse() -> 
     assert world.provider.calls == []
 
 
-def test_a_throttled_claim_a_read_shows_untaken_returns_the_message_in_seconds() -> None:
+def test_a_throttled_claim_a_read_shows_untaken_comes_back_as_a_copy_after_a_lease() -> None:
     # Given a jobs table that keeps throttling the claim, but answers a read of the job
     world = World()
     world.add()
     world.jobs.unavailable.add("claim")
     # When the message is run
-    with pytest.raises(RetryLater) as retry:
-        world.run(remaining_seconds=60.0)
-    # Then the read shows no lease was taken: it comes back in seconds, not after one
-    assert retry.value.delay_seconds < 10
+    world.run(remaining_seconds=60.0, tenant_id="ten_acme")
+    # Then the read shows no lease was taken: the message is acknowledged and a copy sent,
+    # due once a lease it might have taken would have lapsed, spending no receive
+    assert [job_id for job_id, _ in world.queues.delays] == ["job_1"]
+    assert world.queues.delays[0][1] >= 60
     assert world.provider.calls == []
     assert world.outcome() == (JobStatus.QUEUED, None)
 
@@ -537,9 +538,11 @@ def test_a_first_claim_that_aws_refuses_speaks_for_no_one() -> None:
     world.jobs.claim = throttled_once  # type: ignore[method-assign]
     # When one invocation receives both, with too little time to retry the throttled claim
     outcomes = _run_batch(world, ["job_1", "job_2"], remaining_seconds=3.0)
-    # Then the throttled message comes back later, and the other claimed for itself and ran
+    # Then the throttled message comes back later (as a copy: a read showed the job untaken),
+    # and the other claimed for itself and ran
     assert claims == ["job_1", "job_2"]
-    assert isinstance(outcomes[0], RetryLater) and outcomes[1] is None
+    assert outcomes == [None, None]
+    assert [job_id for job_id, _ in world.queues.delays] == ["job_1"]
     assert world.job("job_2").status is JobStatus.SUCCEEDED
     assert len(world.provider.calls) == 1
 

@@ -473,15 +473,20 @@ class JobRunner:
         except StoreUnavailable as exc:
             # Nothing was spent yet. The claim may have been applied, though, leased to us, and
             # counted as an attempt: it is given back, attempt refunded and slot freed, if
-            # DynamoDB answers again soon (`_give_back_claim`), and the message comes back in
-            # seconds. Else it comes back once that lease has lapsed (with jitter, so throttled
-            # messages do not return in lock-step), when any worker can take the job over. That
-            # also keeps a throttled table from burning the receives of a job that never ran.
+            # DynamoDB answers again soon (`_give_back_claim`). Either way the job is tried
+            # again once a lease it may hold has lapsed (with jitter, so throttled messages do
+            # not return in lock-step), when any worker can take the job over; known free, by
+            # a copy of the message, so a throttled table never burns the receives of a job
+            # that never ran (review 256: coming back in seconds, it reached the DLQ twice, and
+            # failed worker_crashed, in a minute and a half of throttled writes).
             sibling.answered(took_slot=False)
             logger.warning("claim throttled", extra={"job_id": message.job_id, "why": str(exc)})
-            if await self._give_back_claim(message, invocation):
-                raise RetryLater(message.job_id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
-            raise RetryLater(message.job_id, lease_seconds * (1 + self._rng.random() / 10)) from exc
+            delay = lease_seconds * (1 + self._rng.random() / 10)
+            given_back = await self._give_back_claim(message, invocation)
+            if given_back and tenant is not None:
+                await self._resend(message, tenant, None, delay, "claim throttled", invocation=invocation)
+                return None
+            raise RetryLater(message.job_id, delay) from exc
         if claim.outcome is ClaimOutcome.AT_CAP and claim.share is not None:
             return claim
         job = claim.job
