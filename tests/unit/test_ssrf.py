@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
@@ -9,6 +10,7 @@ import httpcore
 import httpx
 import pytest
 
+from llmq import ssrf
 from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
 from llmq.ssrf import PinnedTarget, PinnedTransport, check_webhook_url
 from tests.support.dns import FakeDns
@@ -168,3 +170,39 @@ async def test_the_pinned_transport_refuses_any_other_destination() -> None:
         with pytest.raises(httpx.ConnectError, match="not checked"):
             await client.post("https://169.254.169.254/latest/meta-data/", content=b"{}")
     assert backend.connected == []
+
+
+class _Dripping:
+    """A receiver's stream: an interim response's ~100 KB head with no end, then byte by byte."""
+
+    def __init__(self, drips: int) -> None:
+        self.chunks = [b"HTTP/1.1 103 Early Hints\r\n" + b"Link: </a.css>; rel=preload\r\n" * 3300]
+        self.chunks += [b"X"] * drips
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_an_interim_head_read_a_byte_at_a_time_is_not_parsed_again_at_each_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a receiver that sends an unfinished 103 of about 100 KB, then one byte per read
+    scans: list[int] = []
+    pattern = ssrf._INTERIM
+
+    class Counted:
+        def match(self, data: bytearray) -> Any:
+            scans.append(len(data))
+            return pattern.match(data)
+
+    monkeypatch.setattr(ssrf, "_INTERIM", Counted())
+    stream = ssrf._FirstBytes(_Dripping(2000), bytearray())  # type: ignore[arg-type]
+
+    async def read_all() -> None:
+        for _ in range(2001):
+            await stream.read(65536)
+
+    asyncio.run(read_all())
+    # Then the head is never parsed for a blank line no read brought (review 256: the whole
+    # kept head was matched at every byte, CPU growing with the square of its length)
+    assert scans == []

@@ -259,8 +259,13 @@ class _FirstBytes(httpcore.AsyncNetworkStream):
         data = await self._inner.read(max_bytes, timeout)
         if len(self._kept) < _kept_bytes(self._kept):
             self._kept.extend(data)
-            while interim := _INTERIM.match(self._kept):
+            # (an interim response is whole only once a blank line came: looked for again only
+            # when these bytes, with the two before them, may hold one; a read at a time of a
+            # 100 KiB head would otherwise cost its whole length each: review 256)
+            recent = self._kept[-(len(data) + 2) :]
+            while (b"\n\n" in recent or b"\n\r\n" in recent) and (interim := _INTERIM.match(self._kept)):
                 del self._kept[: interim.end()]
+                recent = self._kept
             del self._kept[_kept_bytes(self._kept) :]
         return data
 
