@@ -126,6 +126,23 @@ def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it
         return read_items(self, batch, start, count)
 
     monkeypatch.setattr(BatchRepository, "items", slow_items)
+    # (the first stall's write applied with its answer lost, and retried by botocore)
+    note = BatchRepository.note_compile_stall
+    noted: list[int] = []
+
+    def note_once_retried(self: BatchRepository, batch: BatchRecord, run: str) -> Any:
+        noted.append(1)
+        if len(noted) > 1:
+            return note(self, batch, run)
+        faults = AwsFaults()
+        faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem")
+        try:
+            return note(self, batch, run)
+        finally:
+            faults.disarm()
+            assert faults.fired
+
+    monkeypatch.setattr(BatchRepository, "note_compile_stall", note_once_retried)
     # When run after run hands on with no part written
     runs = 0
     while not _stored(harness, batch_id).status.is_terminal and runs < 10:

@@ -11,6 +11,7 @@ index, until the file is complete and the batch has ended.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 
@@ -127,11 +128,13 @@ class ResultsCompiler:
         part_began = time.monotonic()
         requests = StoredRequests(self.payloads, batch)
         progressed = False
+        # (this run's name on the stall it may count: `note_compile_stall`)
+        run = secrets.token_hex(6)
         while page_start < batch.total:
             if page_start > batch.compile_next and out_of_time(remaining_seconds(), slowest):
                 # Out of time inside a part: the next run reads it again from the checkpoint.
                 if not progressed:
-                    stalled = self.batches.note_compile_stall(batch)
+                    stalled = self.batches.note_compile_stall(batch, run)
                     if stalled is not None and stalled.compile_stalls >= MAX_COMPILE_STALLS:
                         raise ResultsFileStalled(stalled)
                 send_expand(self.queues, batch)

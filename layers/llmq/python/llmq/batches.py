@@ -225,6 +225,8 @@ class BatchRecord(Model):
     # Runs of the results file that handed on with no part written since the checkpoint
     # (`note_compile_stall`): a part that no run has the time to read, at `MAX_COMPILE_STALLS`.
     compile_stalls: int = 0
+    # The run that counted the last stall (a retry of its write counts nothing more).
+    compile_stall_run: str | None = None
     results_key: str | None = None
     # The expand messages that exhausted their receives (DLQ message ids): the worker crashed
     # on the batch each time (`batch_runs.dead_lettered`).
@@ -978,14 +980,16 @@ class BatchRepository:
             finalizing=True,
         )
 
-    def note_compile_stall(self, batch: BatchRecord) -> BatchRecord | None:
-        """A run of the results file handed on with no part written: counted while the
-        checkpoint stands where `batch` had it. None when it moved on (another run wrote a part)."""
+    def note_compile_stall(self, batch: BatchRecord, run: str) -> BatchRecord | None:
+        """A run of the results file handed on with no part written: counted once per `run`
+        (botocore's retry of a write applied with its answer lost counts nothing more: review
+        256), while the checkpoint stands where `batch` had it. None when it moved on (another
+        run wrote a part), or this run was counted already."""
         return self._update_while_open(
             batch.id,
-            "SET compile_stalls = if_not_exists(compile_stalls, :zero) + :one",
-            {"zero": 0, "one": 1, "next": batch.compile_next},
-            "compile_next = :next",
+            "SET compile_stalls = if_not_exists(compile_stalls, :zero) + :one, compile_stall_run = :run",
+            {"zero": 0, "one": 1, "next": batch.compile_next, "run": run},
+            "compile_next = :next AND (attribute_not_exists(compile_stall_run) OR compile_stall_run <> :run)",
             finalizing=True,
         )
 
