@@ -49,6 +49,7 @@ from tests.integration.harness import (
     emitted_metrics,
     hidden_for_each_receive,
     load_handler,
+    observing_sqs,
     webhook_message,
 )
 
@@ -2373,3 +2374,27 @@ def test_a_late_batch_success_after_a_later_attempt_was_counted_still_settles_th
         f"the batch's delivery is {stored.delivery_status} with {stored.delivery_attempts} attempts "
         "after the receiver answered 200"
     )
+
+
+def test_a_canceled_batchs_item_whose_end_is_throttled_comes_back_in_seconds(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a canceled batch whose one item is still queued
+    batch_id, url = _expanded(harness, 1)
+    assert harness.api("POST", f"/v1/batches/{batch_id}/cancel", tenant=ENTERPRISE).status == 202
+    (message,) = harness.receive(url, visibility=0)
+    # When the item's claim is refused for the cancel, and its end (the worker's second
+    # transaction) is throttled past botocore's retries
+    faults.arm(FaultKind.THROTTLE, "dynamodb.TransactWriteItems", function="worker", nth=2, times=1)
+    visibility: list[int] = []
+    with observing_sqs(
+        "ChangeMessageVisibility", lambda params, **_: visibility.append(params["VisibilityTimeout"])
+    ):
+        response = harness.run_worker(url, [message])
+    # Then its message comes back in seconds, not after the lane's visibility timeout (hunt
+    # 265: an unexpected failure, the batch canceling for a reconciler period), and then ends it
+    assert faults.fired and len(response["batchItemFailures"]) == 1
+    assert visibility and visibility[0] < 60, visibility
+    faults.disarm()
+    _run_lane(harness, seconds=20)
+    assert _stored(harness, batch_id).status is BatchStatus.CANCELED

@@ -852,6 +852,18 @@ class JobRunner:
             return False
 
     async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
+        """A job refused its claim for a reason that ends it unrun: ended so. A write AWS kept
+        refusing brings the message back in seconds (each is conditional, and a look again
+        finds the job as it stands), not after the lane's visibility timeout as an unexpected
+        error would (hunt 265: a canceled batch's item, throttled, kept its batch canceling
+        for a reconciler period, and paged as a fault)."""
+        try:
+            await self._end_unclaimed(outcome, job)
+        except (StoreUnavailable, StoreContended) as exc:
+            logger.warning("refused claim's end not written", extra={"job_id": job.id, "why": str(exc)})
+            raise RetryLater(job.id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
+
+    async def _end_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:
             await self._resend_lost_webhook(job)
         elif outcome in _ENDS_UNRUN and await self._record_parked(job):
