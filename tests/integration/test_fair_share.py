@@ -466,6 +466,38 @@ def test_a_job_requeued_for_a_retry_hands_its_slot_to_the_message_waiting_in_its
     assert _shares(harness).get(ENTERPRISE["tenant_id"]).running == 0
 
 
+def test_a_handed_on_copy_whose_send_stalls_never_outlasts_the_invocation(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a tenant capped at one, and two of its jobs in one batch: one slow, one that waits
+    harness = _capped_with_long_deferrals(moto_stack, provider, monkeypatch, cap=1)
+    running = harness.submit(prompt="slow [[latency:3]]").body["id"]
+    waiting = harness.submit(prompt="waits").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    messages = harness.receive(url, visibility=600)
+    assert len(messages) == 2
+
+    # And SQS answering the waiting job's copy in 10 s (botocore's read timeout for one try)
+    def stall(params: dict[str, Any], **_: Any) -> None:
+        if params.get("QueueUrl") == url and json.loads(params["MessageBody"])["job_id"] == waiting:
+            time.sleep(10)
+
+    events = aws.client("sqs").meta.events
+    events.register("provide-client-params.sqs.SendMessage", stall)
+    try:
+        response = harness.run_worker(url, messages, timeout_seconds=12.0)
+    finally:
+        events.unregister("provide-client-params.sqs.SendMessage", stall)
+    # Then the send is given up in time for the invocation to answer, the waiting message
+    # reported to come back (hunt 265: the send ran on past the invocation's end, and on Lambda
+    # every record of the batch, the succeeded one's too, would have come back). (The test's own
+    # event loop still waits for the stalled thread as it closes; Lambda's stays open.)
+    assert [failure["itemIdentifier"] for failure in response["batchItemFailures"]] == [
+        message["MessageId"] for message in messages if json.loads(message["Body"])["job_id"] == waiting
+    ]
+    assert harness.api("GET", f"/v1/jobs/{running}", tenant=ENTERPRISE).body["status"] == "succeeded"
+
+
 def test_a_handed_on_copy_that_sqs_throttles_leaves_its_message_to_wait_its_deferral(
     moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,9 @@ _WRITE_RETRY_FLOOR_SECONDS = 4.0
 # What a write-back try leaves of the Lambda's time, however long its call takes: enough to
 # park a paid result (a PUT given the rest but a second).
 _AFTER_LAST_TRY_SECONDS = 3.0
+# What a copy's send leaves of the invocation (at most a quarter of what is left): the message's
+# own settling after it (a visibility change, bounded to the last second) and that second.
+_RESEND_RESERVE_SECONDS = 3.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
 # After that, how long the worker keeps trying to give back a claim DynamoDB may have applied
@@ -720,21 +723,33 @@ class JobRunner:
         log = {"job_id": message.job_id, "delay_seconds": round(delay, 1), **extra}
         tenant_id, lane = tenant
         hop = math.ceil(min(delay, MAX_SEND_DELAY_SECONDS))
-        if lane:
+        # The send ends while the invocation can still settle the message: a stalled
+        # connection takes botocore's tries seconds each, and a resend after a wait for a
+        # sibling comes near the end (hunt 265: past it, the invocation timed out whole, and
+        # every record of its batch came back). A send cut short may still go: its copy is one
+        # more, which a claim absorbs.
+        remaining = invocation.remaining_seconds()
+        budget = remaining - min(_RESEND_RESERVE_SECONDS, remaining * _WRITE_BACK_SHARE)
+        if lane and budget > 0:
             try:
-                await asyncio.to_thread(
-                    functools.partial(
-                        self.queues.enqueue_job, redrive_round=message.redrive_round, spoken_for=spoken_for
+                await asyncio.wait_for(
+                    asyncio.to_thread(
+                        functools.partial(
+                            self.queues.enqueue_job,
+                            redrive_round=message.redrive_round,
+                            spoken_for=spoken_for,
+                        ),
+                        message.job_id,
+                        lane,
+                        tenant_id,
+                        hop,
+                        due_ms if due_ms is not None and delay > MAX_SEND_DELAY_SECONDS else None,
                     ),
-                    message.job_id,
-                    lane,
-                    tenant_id,
-                    hop,
-                    due_ms if due_ms is not None and delay > MAX_SEND_DELAY_SECONDS else None,
+                    budget,
                 )
                 logger.info(why, extra=log)
                 return
-            except StoreUnavailable:
+            except (StoreUnavailable, TimeoutError):
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
         wait = delay if unsent_delay is None else unsent_delay
         raise RetryLater(message.job_id, max(wait, self._unsent_wait(invocation.receive_count)))
