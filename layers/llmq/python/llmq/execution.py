@@ -333,10 +333,10 @@ class JobRunner:
                 # Its copy could not be sent, and this message, which says nothing of being
                 # spoken for, would come back as it is (and could be spoken for again): its job
                 # is looked at now instead, as its own claim would have.
-                if not spoken_for or not await self._look_without_claiming(message):
+                if not spoken_for or not await self._look_without_claiming(message, invocation):
                     raise
 
-    async def _look_without_claiming(self, message: LaneMessage) -> bool:
+    async def _look_without_claiming(self, message: LaneMessage, invocation: Invocation) -> bool:
         """What a claim of its own would have looked at, for a message spoken for whose copy
         SQS refused: a queued job asked to cancel, past its deadline or at its retention ends
         here (True: the message is done). Nothing is claimed to run: this late in the
@@ -354,7 +354,7 @@ class JobRunner:
         if outcome not in _ENDS_QUEUED:
             return False
         logger.info("spoken-for message looked at", extra={"job_id": found.id, "claim": outcome.value})
-        await self._settle_unclaimed(outcome, found)
+        await self._settle_unclaimed(outcome, found, invocation)
         return True
 
     async def _claim(
@@ -502,7 +502,7 @@ class JobRunner:
             raise RetryLater(job.id, max(1.0, wait_ms / 1000))
         if claim.outcome is not ClaimOutcome.CLAIMED:
             logger.info("message not claimed", extra=log)
-            await self._settle_unclaimed(claim.outcome, job)
+            await self._settle_unclaimed(claim.outcome, job, invocation)
             return None
         logger.info("job claimed", extra={**log, "attempt": job.attempts, "lane": job.lane})
         try:
@@ -866,17 +866,20 @@ class JobRunner:
             logger.warning("cancel check failed", extra={"job_id": job_id, "error_class": type(exc).__name__})
             return False
 
-    async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
+    async def _settle_unclaimed(self, outcome: ClaimOutcome, job: JobRecord, invocation: Invocation) -> None:
         """A job refused its claim for a reason that ends it unrun: ended so. A write AWS kept
-        refusing brings the message back in seconds (each is conditional, and a look again
-        finds the job as it stands), not after the lane's visibility timeout as an unexpected
-        error would (hunt 265: a canceled batch's item, throttled, kept its batch canceling
-        for a reconciler period, and paged as a fault)."""
+        refusing brings the message back soon (each is conditional, and a look again finds the
+        job as it stands), not after the lane's visibility timeout as an unexpected error would
+        (hunt 265: a canceled batch's item, throttled, kept its batch canceling for a
+        reconciler period, and paged as a fault); later at each receive (`_unsent_wait`), so
+        that a throttle of minutes never spends its receives into the DLQ, where a canceled
+        batch's item would fail as crashed (review 257: in 40 s, coming back in seconds)."""
         try:
             await self._end_unclaimed(outcome, job)
         except (StoreUnavailable, StoreContended) as exc:
             logger.warning("refused claim's end not written", extra={"job_id": job.id, "why": str(exc)})
-            raise RetryLater(job.id, _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())) from exc
+            soon = _CONTENDED_DELAY_SECONDS * (1 + self._rng.random())
+            raise RetryLater(job.id, max(soon, self._unsent_wait(invocation.receive_count))) from exc
 
     async def _end_unclaimed(self, outcome: ClaimOutcome, job: JobRecord) -> None:
         if outcome is ClaimOutcome.TERMINAL:
