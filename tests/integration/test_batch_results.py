@@ -105,8 +105,11 @@ def test_a_file_of_many_parts_cut_short_resumes_and_holds_each_line_once(
     assert url  # the lane the items ran in
 
 
+@pytest.mark.parametrize(
+    "retried_at", [1, MAX_COMPILE_STALLS], ids=["first stall retried", "last stall retried"]
+)
 def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, retried_at: int
 ) -> None:
     # Given a finalizing batch whose first part's reads take longer than a whole invocation
     # (scaled down: a page of one item costs 200 s of a run's 300; on AWS, tens of thousands
@@ -126,13 +129,14 @@ def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it
         return read_items(self, batch, start, count)
 
     monkeypatch.setattr(BatchRepository, "items", slow_items)
-    # (the first stall's write applied with its answer lost, and retried by botocore)
+    # (a stall's write applied with its answer lost, and retried by botocore: the first, or
+    # the one that ends the file, which review 257 saw cost a run more)
     note = BatchRepository.note_compile_stall
     noted: list[int] = []
 
     def note_once_retried(self: BatchRepository, batch: BatchRecord, run: str) -> Any:
         noted.append(1)
-        if len(noted) > 1:
+        if len(noted) != retried_at:
             return note(self, batch, run)
         faults = AwsFaults()
         faults.arm(FaultKind.APPLIED_RETRIED, "dynamodb.UpdateItem")

@@ -985,13 +985,24 @@ class BatchRepository:
         (botocore's retry of a write applied with its answer lost counts nothing more: review
         256), while the checkpoint stands where `batch` had it. None when it moved on (another
         run wrote a part), or this run was counted already."""
-        return self._update_while_open(
+        written = self._update_while_open(
             batch.id,
             "SET compile_stalls = if_not_exists(compile_stalls, :zero) + :one, compile_stall_run = :run",
             {"zero": 0, "one": 1, "next": batch.compile_next, "run": run},
             "compile_next = :next AND (attribute_not_exists(compile_stall_run) OR compile_stall_run <> :run)",
             finalizing=True,
         )
+        if written is None:
+            # (refused: this run's own write, applied with its answer lost, is the batch as it
+            # stands; review 257: the stall that ended the file went unseen, a run more spent)
+            found = self.find(batch.id)
+            if (
+                found is not None
+                and found.compile_stall_run == run
+                and found.compile_next == batch.compile_next
+            ):
+                return found
+        return written
 
     def _end(
         self,
