@@ -77,9 +77,8 @@ _RESEND_RESERVE_SECONDS = 3.0
 # A throttled claim: retried in process this long, then the message comes back after the delay.
 _CLAIM_RETRY_BUDGET_SECONDS = 5.0
 # After that, how long the worker keeps trying to give back a claim DynamoDB may have applied
-# with its answer lost (`JobRunner._give_back_claim`), and its first pause between tries.
+# with its answer lost (`JobRunner._give_back_claim`).
 _GIVE_BACK_SECONDS = 30.0
-_GIVE_BACK_FIRST_PAUSE_SECONDS = 0.5
 # Beyond the scout's retry budget, how long its batch's other claims of the tenant wait for it.
 _SCOUT_PATIENCE_SECONDS = 5.0
 # A claim that kept meeting other transactions on the tenant's share comes back this soon
@@ -414,30 +413,28 @@ class JobRunner:
         True once the job is known not to be held by this invocation; False when DynamoDB did
         not say (hunt 256: the lease, never run, counted as an attempt, and a job on its last
         one then failed `worker_crashed` with a try of the provider left)."""
-        until = time.monotonic() + min(_GIVE_BACK_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
-        pause = _GIVE_BACK_FIRST_PAUSE_SECONDS
-        while True:
-            try:
-                found = await asyncio.to_thread(self.jobs.find, message.job_id)
-                if (
-                    found is None
-                    or found.status is not JobStatus.RUNNING
-                    or found.lease_owner != invocation.owner
-                ):
-                    return True
-                await asyncio.to_thread(self.jobs.release, found, invocation.owner, 0)
-                logger.info("claim given back unrun", extra={"job_id": message.job_id})
+
+        def give_back() -> bool:
+            found = self.jobs.find(message.job_id)
+            if (
+                found is None
+                or found.status is not JobStatus.RUNNING
+                or found.lease_owner != invocation.owner
+            ):
                 return True
-            except LeaseLost:
-                return True
-            except CancelRequested:
-                return False  # (its lease lapses, and the next look ends it canceled)
-            except StoreUnavailable:
-                wait = pause * (1 + self._rng.random())
-                if time.monotonic() + wait >= until:
-                    return False
-                await asyncio.sleep(wait)
-                pause = min(2 * pause, _WRITE_RETRY_MAX_SECONDS)
+            self.jobs.release(found, invocation.owner, 0)
+            logger.info("claim given back unrun", extra={"job_id": message.job_id})
+            return True
+
+        # (a retry after a release applied with its answer lost finds the job queued: done)
+        budget = min(_GIVE_BACK_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
+        try:
+            return await self._write_back(give_back, invocation, budget)
+        except LeaseLost:
+            return True
+        except (StoreUnavailable, CancelRequested):
+            # (a cancel flagged meanwhile: its lease lapses, and the next look ends it canceled)
+            return False
 
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
