@@ -108,35 +108,24 @@ def test_a_content_length_that_is_not_a_size_is_a_400_at_once(
     assert echo.events == []
 
 
-def test_a_content_length_past_the_payload_limit_is_one_413_without_reading_the_body(
-    server: GatewayServer, echo: Echo
+@pytest.mark.parametrize(
+    "framing",
+    [
+        # a declared size past the limit: refused at once, its body never waited for
+        f"Content-Length: {MAX_PAYLOAD_BYTES + 100}\r\n\r\n".encode(),
+        # a chunk past it (review 241: the chunk's bytes were read as a second request on the
+        # kept-alive connection)
+        f"Transfer-Encoding: chunked\r\n\r\n{MAX_PAYLOAD_BYTES + 100:x}\r\n".encode(),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_an_oversized_body_is_one_413_and_its_bytes_are_never_a_request(
+    server: GatewayServer, echo: Echo, framing: bytes
 ) -> None:
-    # Given a declared size past API Gateway's payload limit, whose few bytes sent look like a request
+    # Given a body larger than API Gateway's payload limit, whose bytes sent look like a request
     smuggled = b"DELETE /prod/v1/jobs/job_smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    raw = (
-        b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\n"
-        + f"Content-Length: {MAX_PAYLOAD_BYTES + 100}\r\n\r\n".encode()
-        + smuggled
-    )
-    answered = _exchange(server, raw)
-    # Then it is refused at once, never waited for, and nothing reaches the function
-    assert answered.startswith(b"HTTP/1.1 413") and answered.count(b"HTTP/1.1 ") == 1
-    assert echo.events == []
-
-
-def test_an_oversized_chunked_body_is_one_413_and_its_bytes_are_never_a_request(
-    server: GatewayServer, echo: Echo
-) -> None:
-    # Given a chunk larger than API Gateway's payload limit, whose bytes look like a request
-    smuggled = b"DELETE /prod/v1/jobs/job_smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    raw = (
-        b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + f"{MAX_PAYLOAD_BYTES + 100:x}\r\n".encode()
-        + smuggled
-    )
-    answered = _exchange(server, raw)
-    # Then it is refused once, and nothing reaches the function (review 241: the chunk's bytes
-    # were read as a second request on the kept-alive connection)
+    answered = _exchange(server, b"POST /prod/v1/jobs HTTP/1.1\r\nHost: x\r\n" + framing + smuggled)
+    # Then it is refused once, and nothing reaches the function
     assert answered.startswith(b"HTTP/1.1 413") and answered.count(b"HTTP/1.1 ") == 1
     assert echo.events == []
 
