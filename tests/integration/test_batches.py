@@ -716,17 +716,25 @@ def test_two_expansions_at_once_write_each_item_once(harness: Harness, provider:
 # ---- cancel -------------------------------------------------------------------------------------
 
 
+def _canceled_once_queued(harness: Harness, count: int) -> ApiReply:
+    """A batch of `count` items, written and queued (none has run), then canceled by its client."""
+    reply = _submit(harness, requests=_requests(count))
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, harness.receive(url))
+    assert len(_item_jobs(harness)) == count
+    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
+    assert (canceled.status, canceled.body["status"]) == (202, "canceling")
+    return reply
+
+
+def _job_of(message: dict[str, Any]) -> str:
+    return str(json.loads(message["Body"])["job_id"])
+
+
 def test_a_canceled_batch_runs_no_queued_item_and_ends_canceled_with_its_counts(
     harness: Harness, provider: FakeProviderServer
 ) -> None:
-    reply = _submit(harness, requests=_requests(5))
-    url = harness.stack.lane_queue_urls[HIGH]
-    # The items are written and queued, none has run
-    harness.run_worker(url, harness.receive(url))
-    assert len(_item_jobs(harness)) == 5
-    canceled = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
-    assert canceled.status == 202
-    assert canceled.body["status"] == "canceling"
+    reply = _canceled_once_queued(harness, 5)
     _run_lane(harness)
     # No item reached the provider; every one ended canceled; the batch is canceled
     assert _provider_calls(provider) == 0
@@ -738,6 +746,32 @@ def test_a_canceled_batch_runs_no_queued_item_and_ends_canceled_with_its_counts(
     assert {line["status"] for line in lines} == {"canceled"}
     again = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
     assert (again.status, again.code) == (409, "batch_not_cancelable")
+
+
+def test_a_canceled_batchs_queued_item_whose_messages_dead_letter_ends_canceled_not_crashed(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # Given a batch whose items are written and queued, then canceled by its client
+    reply = _canceled_once_queued(harness, 2)
+    url = harness.stack.lane_queue_urls[HIGH]
+    # When every message of its items exhausts its receives (a throttle kept each claim's end
+    # from being written), and so does each the dead-letter function sends again
+    letters = 0
+    while items := [message for message in harness.receive(url, visibility=0) if batch_of(_job_of(message))]:
+        harness.dead_letter(HIGH, items)
+        letters += len(items)
+    assert letters >= 2
+    # Then each item ends canceled, as its batch asked, not failed as crashed; none ran
+    statuses = {item["status"]["S"] for item in _item_jobs(harness)}
+    assert statuses == {"canceled"}, statuses
+    _run_lane(harness)
+    assert _provider_calls(provider) == 0
+    done = _get(harness, reply.body["id"]).body
+    assert (done["status"], done["request_counts"]["canceled"], done["request_counts"]["failed"]) == (
+        "canceled",
+        2,
+        0,
+    )
 
 
 def test_a_cancel_or_a_submit_that_meets_a_claim_on_the_same_item_is_tried_again_not_answered_503(

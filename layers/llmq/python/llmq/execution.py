@@ -1568,7 +1568,14 @@ def mark_dead_letter(
             )
         return None
     ended = _mark_dead_letter(
-        jobs, queues, message, message_id, crashed or (lambda job: None), offload, config
+        jobs,
+        queues,
+        message,
+        message_id,
+        crashed or (lambda job: None),
+        offload,
+        config,
+        batches[0] if batches is not None else None,
     )
     item_ended(None, queues, ended)
     return ended
@@ -1582,6 +1589,7 @@ def _mark_dead_letter(
     crashed: Callable[[JobRecord], None],
     offload: Offload | None,
     config: LlmqConfig | None,
+    batches: BatchRepository | None = None,
 ) -> JobRecord | None:
     """A lane message that exhausted its receives.
 
@@ -1590,7 +1598,9 @@ def _mark_dead_letter(
 
     - a job whose earlier attempt paid for a result and parked it ends with it
       (`Offload.record_parked`), whatever else below would end it;
-    - a job asked to cancel ends `canceled`; one past its deadline `expired`;
+    - a job asked to cancel ends `canceled`, as does a queued item of a canceling batch (whose
+      claim is refused: a throttle that kept each claim's end from being written spent its
+      receives); one past its deadline `expired`;
     - a running job whose worker vanished fails as `worker_crashed`;
     - a queued job that never got claimed is sent once more, then fails as `worker_crashed`
       (a letter of a message sent in a round already answered changes nothing:
@@ -1610,6 +1620,8 @@ def _mark_dead_letter(
         return _announced(queues, recorded)
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
+    if job.status is JobStatus.QUEUED and _batch_canceling(batches, job):
+        return _announced(queues, jobs.cancel_queued(job, write_token("cancel")))
     if job.status is JobStatus.QUEUED:
         return _dead_letter_queued(jobs, queues, job, message_id, message.redrive_round, crashed)
     error = JobError(
@@ -1619,6 +1631,16 @@ def _mark_dead_letter(
     )
     # (told before the announcement, whose send may fail: the count is the write's)
     return _announced(queues, _told(crashed, jobs.fail_unleased(job, error)))
+
+
+def _batch_canceling(batches: BatchRepository | None, job: JobRecord) -> bool:
+    """Whether the job is an item of a batch canceling, by its client or by llmq, which no
+    claim of the item gets past (`JobRepository.claim`): one GetItem, for a batch's item."""
+    item_of = batch_of(job.id)
+    if batches is None or item_of is None:
+        return False
+    batch = batches.find(item_of[0])
+    return batch is not None and batch.cancel_requested
 
 
 def _told(crashed: Callable[[JobRecord], None], failed: JobRecord | None) -> JobRecord | None:
