@@ -280,15 +280,27 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
     assert parse_retry_after(httpx.Headers({"Retry-After": "120"}), now) == 120
     assert parse_retry_after(httpx.Headers({"Retry-After": later}), now) == pytest.approx(90)
     assert parse_retry_after(httpx.Headers({"retry-after-ms": "1500", "retry-after": "9"}), now) == 1.5
+    assert parse_retry_after(httpx.Headers({"Retry-After": " 2.5 "}), now) == 2.5
     for unreadable in (
         "soon",
         "inf",
         "nan",
         "",
+        # What Python's float() reads, and RFC 9110's delay-seconds is not (hunt 269): each
+        # held a webhook's next attempt for hours
+        "1e4",
+        "10_000",
+        "+10000",
+        "-5",
+        "9" * 400,
         "Wed, 21 Oct 99999999999 07:28:00 GMT",
         "Wed, 21 Oct 2026 07:28:00 -99999999999999999999",
     ):
         assert parse_retry_after(httpx.Headers({"Retry-After": unreadable}), now) is None
+    # Digits of another script, as a receiver's UTF-8 bytes on the wire
+    arabic_indic = httpx.Headers([(b"Retry-After", "٣٠٠٠٠".encode())])
+    assert parse_retry_after(arabic_indic, now) is None
+    assert parse_retry_after(httpx.Headers([(b"retry-after-ms", "１５００".encode())]), now) is None
     assert parse_retry_after(httpx.Headers(), now) is None
 
 

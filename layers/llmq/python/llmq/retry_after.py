@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC
+
+# A delay in seconds: ASCII digits, with an optional decimal fraction (`_seconds`).
+_DELAY = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
@@ -31,9 +35,13 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
 
 
 def _seconds(value: str | None) -> float | None:
-    """A non-negative finite number, or None: "inf" and "nan" parse as floats but are no delay."""
-    try:
-        number = float(value) if value else math.nan
-    except ValueError:
+    """Delta-seconds as RFC 9110 writes them (ASCII digits), or with a decimal fraction as some
+    providers send; None for anything else. Python's float() also reads exponents, signs,
+    underscores and the digits of every script ("1e4", "+10000", "10_000", Arabic-Indic
+    digits), each of which held a webhook's next attempt for hours (hunt 269); and "inf", which
+    is no delay."""
+    number = (value or "").strip()
+    if not _DELAY.fullmatch(number):
         return None
-    return max(0.0, number) if math.isfinite(number) else None
+    seconds = float(number)
+    return seconds if math.isfinite(seconds) else None
