@@ -76,6 +76,7 @@ import json
 import re
 import threading
 import types
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -338,6 +339,8 @@ def evaluations(
     region; a call whose key cannot be told (an unknown table) has no leading keys. Other calls
     keep moto's resource.
     """
+    if action.startswith("sqs:") and resource == _UNKNOWN_RESOURCE:
+        resource = _queue_arn(body, account_id, region) or resource
     if not action.startswith("dynamodb:"):
         return [Evaluation(entry, resource) for entry in evaluated_actions(action)]
     try:
@@ -352,6 +355,29 @@ def evaluations(
         name = request.get("TableName")
         return [Evaluation(action, tables.arn(name) if isinstance(name, str) else resource)]
     return found or [Evaluation(action, resource)]
+
+
+def _queue_arn(body: bytes | str | None, account_id: str, region: str) -> str | None:
+    """The ARN of the queue an SQS request names, for one moto finds no queue for: a
+    GetQueueUrl names it by QueueName (moto read the queue from the path, and found none), and
+    a queue that does not exist has an ARN all the same. IAM authorizes either on that ARN, so
+    a grant on other queues refuses it (hunt 268: any Allow of the action let it through)."""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body or ""
+    try:
+        request = json.loads(text)
+    except ValueError:
+        request = {name: values[0] for name, values in urllib.parse.parse_qs(text).items()}
+    if not isinstance(request, dict):
+        return None
+    name, owner = request.get("QueueName"), request.get("QueueOwnerAWSAccountId") or account_id
+    url = request.get("QueueUrl")
+    if isinstance(url, str) and url:
+        parts = urllib.parse.urlsplit(url).path.strip("/").split("/") if "://" in url else [url]
+        name = parts[-1]
+        owner = parts[0] if len(parts) == 2 else owner
+    if not isinstance(name, str) or not name or not isinstance(owner, str):
+        return None
+    return f"arn:aws:sqs:{region}:{owner}:{name}"
 
 
 def _dynamodb_evaluations(action: str, request: dict[str, Any], tables: _Tables) -> list[Evaluation] | None:

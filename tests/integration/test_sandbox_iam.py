@@ -34,7 +34,13 @@ ROLE_POLICY = {
     "Statement": [
         {
             "Effect": "Allow",
-            "Action": ["dynamodb:GetItem", "dynamodb:UpdateItem", "sqs:SendMessage", "s3:GetObject"],
+            "Action": [
+                "dynamodb:GetItem",
+                "dynamodb:UpdateItem",
+                "sqs:SendMessage",
+                "sqs:GetQueueUrl",
+                "s3:GetObject",
+            ],
             "Resource": [
                 f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/jobs",
                 f"arn:aws:sqs:{REGION}:{ACCOUNT}:lane",
@@ -229,6 +235,18 @@ def test_sqs_checks_the_queue_and_a_batch_as_its_single_action(moto: Moto) -> No
     # Then both sends to its queue pass (sqs:SendMessage covers the batch), the other is refused
     assert [entry["Id"] for entry in sent["Successful"]] == ["1"]
     assert "sqs:SendMessage" in error["Message"]
+
+
+def test_a_queue_named_by_its_name_or_one_that_does_not_exist_is_checked_on_its_arn(moto: Moto) -> None:
+    sqs = moto.client("sqs", moto.function)
+    # When the role asks for its queue's URL, another's, and a missing queue's
+    assert sqs.get_queue_url(QueueName="lane")["QueueUrl"].endswith("/lane")
+    other = _refusal(lambda: sqs.get_queue_url(QueueName="other"))
+    missing = _refusal(lambda: sqs.send_message(QueueUrl=moto.queue_url("gone"), MessageBody="x"))
+    # Then only its own is answered: IAM authorizes each on the ARN it names, before SQS looks
+    # for the queue (moto found no queue from the path, and any Allow of the action passed)
+    assert f"arn:aws:sqs:{REGION}:{ACCOUNT}:other" in other["Message"], other
+    assert f"arn:aws:sqs:{REGION}:{ACCOUNT}:gone" in missing["Message"], missing
 
 
 def test_a_presigned_url_is_authorized_as_its_signer(moto: Moto) -> None:
