@@ -341,6 +341,11 @@ def evaluations(
     """
     if action.startswith("sqs:") and resource == _UNKNOWN_RESOURCE:
         resource = _queue_arn(body, account_id, region) or resource
+    if action == "s3:GetObject" and (bucket := _bucket_of_missing_object(resource, account_id)):
+        # S3 tells a missing key apart (404 NoSuchKey) only to a caller who may list the
+        # bucket; anyone else is answered 403 AccessDenied, as for an object they may not read
+        # (hunt 268: the sandbox answered 404 to a role with no s3:ListBucket).
+        return [Evaluation(action, resource), Evaluation("s3:ListBucket", bucket)]
     if not action.startswith("dynamodb:"):
         return [Evaluation(entry, resource) for entry in evaluated_actions(action)]
     try:
@@ -355,6 +360,21 @@ def evaluations(
         name = request.get("TableName")
         return [Evaluation(action, tables.arn(name) if isinstance(name, str) else resource)]
     return found or [Evaluation(action, resource)]
+
+
+def _bucket_of_missing_object(resource: str, account_id: str) -> str | None:
+    """The bucket's ARN, for an object ARN whose object moto's S3 does not hold; else None."""
+    prefix = "arn:aws:s3:::"
+    bucket, _, key = resource.removeprefix(prefix).partition("/")
+    if not resource.startswith(prefix) or not bucket or not key or "*" in bucket:
+        return None
+    from moto.s3.models import s3_backends
+
+    try:
+        found = s3_backends[account_id]["aws"].get_object(bucket, key)
+    except Exception:  # (no such bucket: S3 answers NoSuchBucket, whatever the grants)
+        return None
+    return None if found is not None else prefix + bucket
 
 
 def _queue_arn(body: bytes | str | None, account_id: str, region: str) -> str | None:

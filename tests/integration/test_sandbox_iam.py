@@ -249,6 +249,18 @@ def test_a_queue_named_by_its_name_or_one_that_does_not_exist_is_checked_on_its_
     assert f"arn:aws:sqs:{REGION}:{ACCOUNT}:gone" in missing["Message"], missing
 
 
+def test_a_missing_object_is_404_only_to_a_caller_who_may_list_its_bucket(moto: Moto) -> None:
+    # When the role (s3:GetObject on payloads/*, no s3:ListBucket) and the operator (who may
+    # list it) look at an object that is not there, and the role at one that is
+    role, operator = moto.client("s3", moto.function), moto.client("s3", moto.operator)
+    hidden = _refusal(lambda: role.head_object(Bucket="payloads", Key="results/none.json"))
+    read = _refusal(lambda: role.get_object(Bucket="payloads", Key="results/none.json"))
+    missing = _refusal(lambda: operator.head_object(Bucket="payloads", Key="results/none.json"))
+    # Then S3 tells the role nothing it may not list (403), and the operator that it is missing
+    assert (hidden["Code"], read["Code"], missing["Code"]) == ("403", "AccessDenied", "404")
+    assert role.head_object(Bucket="payloads", Key="results/job.json")["ContentLength"] > 0
+
+
 def test_a_presigned_url_is_authorized_as_its_signer(moto: Moto) -> None:
     # Given a presigned GET by the role (granted s3:GetObject), and one by an unknown key
     def presigned(credentials: AwsCredentials) -> str:
