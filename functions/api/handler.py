@@ -725,12 +725,13 @@ def handle_job_events(
     ] = None,
 ) -> Response[Any]:
     tenant = _tenant()
-    if finished_reading(last_event_id) and intake().get(tenant, job_id).status.is_terminal:
-        # The client read `done`: 204 is how the SSE standard stops EventSource reconnecting.
-        # (Only for a job that has ended: an id carried over from another job's stream must
-        # not stop this one's for good. Otherwise the stream starts from its beginning.)
-        return Response(status_code=204, body="", headers={"Cache-Control": "no-cache"})
     try:
+        if finished_reading(last_event_id) and intake().has_ended(tenant, job_id):
+            # The client read `done`: 204 is how the SSE standard stops EventSource
+            # reconnecting. (Only for a job that has ended: an id carried over from another
+            # job's stream must not stop this one's for good, nor a busy store's 503, hunt 267.
+            # Otherwise the stream starts from its beginning.)
+            return Response(status_code=204, body="", headers={"Cache-Control": "no-cache"})
         body = intake().output_events(
             tenant, job_id, resume_point(last_event_id, after), wait_seconds=_wait_budget(wait)
         )

@@ -235,13 +235,21 @@ def test_a_cancel_that_meets_an_output_write_in_progress_is_tried_again_not_answ
     assert (reply.status, reply.body["cancel_requested"]) == (202, True)
 
 
-def test_a_busy_store_answers_the_stream_with_a_retry_not_an_error(harness: Harness) -> None:
-    # Given a job, and the table throttling the api's reads of it
+@pytest.mark.parametrize("last_event_id", [None, "done"])
+def test_a_busy_store_answers_the_stream_with_a_retry_not_an_error(
+    harness: Harness, last_event_id: str | None
+) -> None:
+    # Given a job, and the table throttling the api's reads of it; a client starting to read,
+    # or one that carried a `done` over from another job's stream (hunt 267: its look at
+    # whether the job ended was a 503)
     job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else None
     faults = AwsFaults()
     try:
         throttle = faults.arm(FaultKind.THROTTLE, "dynamodb.GetItem", times=1)
-        reply = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"})
+        reply = harness.api(
+            "GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "0"}, headers=headers
+        )
     finally:
         faults.disarm()
     # Then the answer is a 200 that says when to come back (any other status ends an

@@ -10,15 +10,22 @@ api handler against moto.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import boto3
 import pytest
 
 from llmq import aws
+from llmq.jobs import JobRepository
+from llmq.live_output import OutputChunk
 from llmq.long_polls import LongPolls, polls_key
+from llmq.models import JobResult
+from llmq.offload import Offload
+from llmq.payloads import PayloadStore
 from llmq.telemetry import MetricName
 from tests.aws_faults import AwsFaults, FaultKind
+from tests.conftest import REGION
 from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics
 
 PAST = 120.0
@@ -213,24 +220,39 @@ def test_a_wait_whose_place_is_slow_to_take_still_answers_within_api_gateways_ti
     assert time.time() - received < 29.0
 
 
-def _slow_after(moment: float, seconds: float, calls: list[str]) -> None:
-    """DynamoDB reads and writes made after `moment` (epoch s) take `seconds` each: what
-    botocore's retries spend on a call throttled twice (backoffs of up to 1 s and 2 s)."""
+# The api's calls a wait can make after its deadline, by service.
+_SLOWED = {"dynamodb": ("GetItem", "UpdateItem", "Query", "BatchGetItem"), "s3": ("HeadObject", "GetObject")}
+
+
+def _slow_after(
+    moment: float, seconds: float, calls: list[str], first: Callable[[], None] | None = None
+) -> None:
+    """The api's DynamoDB and S3 calls made after `moment` (epoch s) take `seconds` each: what
+    botocore's retries spend on a call throttled twice (backoffs of up to 1 s and 2 s). `first`
+    runs once, before the first of them."""
+    done: list[bool] = []
 
     def slow(model: Any, **_: Any) -> None:
         if time.time() >= moment:
+            if first is not None and not done:
+                done.append(True)
+                first()
             calls.append(model.name)
             time.sleep(seconds)
 
-    events = aws.client("dynamodb").meta.events
-    for operation in ("GetItem", "UpdateItem", "Query"):
-        events.register(f"before-call.dynamodb.{operation}", slow, unique_id=f"slow-after-{operation}")
+    for service, operations in _SLOWED.items():
+        for operation in operations:
+            aws.client(service).meta.events.register(
+                f"before-call.{service}.{operation}", slow, unique_id=f"slow-after-{operation}"
+            )
 
 
 def _unslowed() -> None:
-    events = aws.client("dynamodb").meta.events
-    for operation in ("GetItem", "UpdateItem", "Query"):
-        events.unregister(f"before-call.dynamodb.{operation}", unique_id=f"slow-after-{operation}")
+    for service, operations in _SLOWED.items():
+        for operation in operations:
+            aws.client(service).meta.events.unregister(
+                f"before-call.{service}.{operation}", unique_id=f"slow-after-{operation}"
+            )
 
 
 @pytest.mark.parametrize("kind", ["GET ?wait", "POST Prefer: wait"])
@@ -269,3 +291,63 @@ def test_a_wait_whose_calls_after_its_deadline_are_throttled_still_answers_withi
     assert reply.status in (200, 202), reply.body
     assert time.time() - received < 29.0, calls
     assert calls[0] == "GetItem"
+
+
+@pytest.mark.parametrize("held", ["inline", "in S3"])
+def test_an_events_wait_that_sees_its_job_end_late_still_answers_within_api_gateways_timeout(
+    harness: Harness, held: str
+) -> None:
+    # Given a running stream: true job with one chunk written, followed from that chunk by a
+    # client whose request API Gateway received 21 s ago (its wait cut to end 4 s before 29 s)
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    other = boto3.client("dynamodb", region_name=REGION)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=other)
+    claimed = jobs.claim(job_id, "worker-1", 120)
+    assert claimed.claimed and claimed.job is not None
+    job = claimed.job
+    chunk = OutputChunk(
+        seq=1,
+        delta="Once",
+        attempt=1,
+        reset=False,
+        tokens=1,
+        partial="Once",
+        truncated=False,
+        chars=4,
+        opens=True,
+    )
+    jobs.write_output(job, "worker-1", chunk)
+    result = JobResult(output="Once upon" + ("x" * 400_000 if held == "in S3" else ""), finish_reason="stop")
+    payloads = PayloadStore(harness.stack.payload_bucket, s3=boto3.client("s3", region_name=REGION))
+    ref = Offload(payloads, harness.config).put_result(job, "worker-1", result) if held == "in S3" else None
+    received = time.time() - 21.0
+    deadline = received + 29.0 - 4.0
+    calls: list[str] = []
+    # When the job ends just as the wait's time is up, and every call after that is throttled
+    _slow_after(
+        deadline - 0.05,
+        2.0,
+        calls,
+        first=lambda: jobs.complete(job, "worker-1", **({"result_ref": ref} if ref else {"result": result})),
+    )
+    try:
+        reply = harness.api(
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            tenant=ENTERPRISE,
+            headers={"Last-Event-ID": "1"},
+            query={"wait": "25"},
+            request_context={"requestTimeEpoch": int(received * 1000)},
+        )
+    finally:
+        _unslowed()
+    # Then it answers before API Gateway gives up, with a retry hint: the reconnect reads the
+    # rest (hunt 267: the job's, its chunks' and its result's reads, each throttled, took it
+    # past 29 s, and a 504 ends an EventSource for good)
+    assert reply.status == 200
+    assert time.time() - received < 29.0, calls
+    assert calls == ["GetItem"], calls
+    assert "retry:" in reply.body and "done" not in reply.body, reply.body
+    # and the reconnect, a moment later, gets the rest of the output and the end
+    again = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, headers={"Last-Event-ID": "1"})
+    assert again.status == 200 and "event: done" in again.body, again.body[:300]

@@ -359,6 +359,10 @@ class JobIntake:
             self.offload.link_result(job) if late else self.offload.load_result(job), wait_refused=refused
         )
 
+    def has_ended(self, tenant: TenantIdentity, job_id: str) -> bool:
+        """Whether the tenant's job has ended: its item alone, never its S3-held result."""
+        return self.jobs.get(job_id, tenant.tenant_id).status.is_terminal
+
     def output_events(self, tenant: TenantIdentity, job_id: str, seen: int, wait_seconds: float = 0) -> str:
         """GET /v1/jobs/{id}/events: a long poll answered as server-sent events.
 
@@ -410,9 +414,15 @@ class JobIntake:
                     opening.append(status_event(head.status))
                     return "".join(opening) + retry_hint(streaming.retry_ms)
                 status, last = head.status, head.stream_seq
+                if _late(deadline):
+                    # What the head found is the reconnect's to read, a retry hint away: a
+                    # wait past its deadline makes no more calls (hunt 267: the job's read, its
+                    # chunks' and its S3-held result's, throttled, took the answer past API
+                    # Gateway's timeout, a 504 that ends an EventSource for good).
+                    break
         finally:
             self._give_back(tenant, place, deadline)
-        if status.is_terminal:
+        if status.is_terminal and not _late(deadline):
             return self._events_now(self.jobs.get(job_id, tenant.tenant_id), seen, opening, ended=True)
         return "".join(opening) + retry_hint(streaming.retry_ms)
 
