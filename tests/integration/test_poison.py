@@ -5,10 +5,16 @@ for 12 hours at a time, come back, and page once more, for the DLQ's 14 days).""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 
+from llmq import aws
+from llmq.jobs import JobRepository
+from llmq.models import JobResult
+from llmq.policy import ClaimOutcome
+from llmq.shares import ShareRepository
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
 
@@ -238,3 +244,32 @@ def test_a_redrive_cut_short_leaves_the_letters_it_did_not_move_for_a_run_again(
     # Then it moves the four left: none stays hidden behind a "moved: 0"
     assert again.moved == 4
     assert harness.total_count(dlq) == 0 and harness.total_count(source) == 5
+
+
+@pytest.mark.parametrize("status", ["running", "succeeded"])
+def test_a_dead_letter_of_a_job_past_its_retention_is_no_poison(harness: Harness, status: str) -> None:
+    # Given a job past its retention that DynamoDB has not deleted yet: one whose worker
+    # crashed, which the reconciler (fallen behind) has not retired, or one that ended
+    tenant_id = ENTERPRISE["tenant_id"]
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claimed = jobs.claim(job_id, "dead-worker", 0.001, (tenant_id, "high"))
+    assert claimed.outcome is ClaimOutcome.CLAIMED and claimed.job is not None
+    if status == "succeeded":
+        jobs.complete(claimed.job, "dead-worker", result=JobResult(output="hi", finish_reason="stop"))
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={":at": {"N": str(int(time.time()) - 60)}},
+    )
+    time.sleep(0.01)
+    # When a message of it exhausts its receives
+    harness.dead_letter("high", harness.receive(harness.stack.lane_queue_urls["high"]))
+    # Then it is no poison (hunt 270: it was set aside, paging an operator, for a real job);
+    # the crashed one ends expired and gives back its tenant's slot and quota
+    assert _poison(harness) == []
+    ended = jobs.find(job_id, past_retention=True)
+    assert ended is not None and ended.status.value == ("expired" if status == "running" else "succeeded")
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(tenant_id)
+    assert (share.active, share.running) == (0, 0)

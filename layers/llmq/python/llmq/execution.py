@@ -1598,6 +1598,8 @@ def _mark_dead_letter(
 
     - a job whose earlier attempt paid for a result and parked it ends with it
       (`Offload.record_parked`), whatever else below would end it;
+    - a job at the end of its retention (or past it, not yet deleted) ends `expired`, unless
+      asked to cancel;
     - a job asked to cancel ends `canceled`, as does a queued item of a canceling batch (whose
       claim is refused: a throttle that kept each claim's end from being written spent its
       receives); one past its deadline `expired`;
@@ -1608,11 +1610,15 @@ def _mark_dead_letter(
 
     Raises PoisonMessage for a body that names no job, so it stays in the DLQ for a human.
     """
-    job = jobs.find(message.job_id)
+    # Past its retention too, not yet deleted (hunt 270: such a job was "no job", set aside as
+    # poison, which paged; left running, its slot and quota stayed counted if the reconciler
+    # had fallen behind, for good once DynamoDB's TTL deleted it)
+    job = jobs.find(message.job_id, past_retention=True)
     if job is None:
         raise PoisonMessage(f"no job {message.job_id}")
+    now_ms = jobs.now_ms()
     if job.status.is_terminal:
-        if webhook_maybe_lost(job, jobs.now_ms(), config):
+        if job.expires_at * 1000 > now_ms and webhook_maybe_lost(job, now_ms, config):
             announce_terminal(queues, job)
         return job
     recorded = offload.record_parked(jobs, job, ends=True) if offload is not None else None
@@ -1620,6 +1626,11 @@ def _mark_dead_letter(
         return _announced(queues, recorded)
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
+    margin = config.reconciler.retention_margin_seconds if config is not None else 0
+    if job.expires_at - margin <= now_ms // 1000:
+        # At the end of its retention: it ends expired, as its claim or the reconciler would
+        # end it, giving back its slot and quota (None: a live worker holds it).
+        return _announced(queues, jobs.expire_at_retention(job, retention_error(job)))
     if job.status is JobStatus.QUEUED and _batch_canceling(batches, job):
         return _announced(queues, jobs.cancel_queued(job, write_token("cancel")))
     if job.status is JobStatus.QUEUED:
