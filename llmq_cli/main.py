@@ -36,7 +36,7 @@ from typing import Any, TextIO
 import httpx
 from httpx_sse import ServerSentEvent
 
-from llmq.models import MAX_JSON_DEPTH, TERMINAL_STATUSES
+from llmq.models import MAX_JSON_DEPTH, TERMINAL_STATUSES, blank_line
 from llmq_cli.sandbox_state import (
     SandboxState,
     TenantCredentials,
@@ -583,7 +583,8 @@ _BATCH_ENDED = ("completed", "canceled", "expired", "failed")
 
 
 def read_batch_file(path: Path) -> list[dict[str, Any]]:
-    """A JSONL file of requests, one `{"custom_id", "body"}` per line (blank lines skipped). A
+    """A JSONL file of requests, one `{"custom_id", "body"}` per line (blank lines skipped, by the
+    rule the worker reads an upload with: `blank_line`). A
     line that is not JSON (or holds NaN, Infinity or 1e400, which no request can carry) is
     named here; the API names what is wrong inside a valid one."""
     requests = []
@@ -596,7 +597,7 @@ def read_batch_file(path: Path) -> list[dict[str, Any]]:
     except UnicodeDecodeError as exc:
         raise CliError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     for number, line in enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1):
-        if not line.strip():
+        if blank_line(line.encode()):
             continue
         try:
             requests.append(loads_finite(line))

@@ -10,7 +10,7 @@ import pytest
 
 import llmq_cli.client
 from llmq_cli.client import LlmqClient as RealClient
-from llmq_cli.main import build_parser, main
+from llmq_cli.main import CliError, build_parser, main
 
 LONG_ID = "job_01JDQ8Z6W4M2X9V7K3N5P8R2T4"
 JOBS = [
@@ -177,6 +177,22 @@ def test_a_batch_file_is_read_as_the_api_reads_an_upload(tmp_path: Path) -> None
         "\ufeff" + "\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\r\n", encoding="utf-8"
     )
     assert read_batch_file(path) == rows
+
+
+@pytest.mark.parametrize("blank", ["\u00a0", "\u3000", "\x1c", "\u2028"])
+def test_a_batch_file_line_is_blank_only_as_the_worker_reads_an_upload(tmp_path: Path, blank: str) -> None:
+    """ASCII whitespace alone is a blank line, skipped; a line of any other space is named as no
+    JSON before anything is sent (hunt 271: the CLI skipped it inline, and the same file,
+    uploaded, failed at its 202's validation)."""
+    from llmq_cli.main import read_batch_file
+
+    row, other = (json.dumps({"custom_id": name, "body": {"prompt": "hi"}}) for name in "ab")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{row}\n \t\x0b\x0c\n{other}\n", encoding="utf-8")
+    assert [request["custom_id"] for request in read_batch_file(path)] == ["a", "b"]
+    path.write_text(f"{row}\n{blank}\n", encoding="utf-8")
+    with pytest.raises(CliError, match=r"rows\.jsonl:2: not a JSON line"):
+        read_batch_file(path)
 
 
 def test_batch_results_lines_are_split_at_newlines_only() -> None:

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from llmq.batches import BatchRecord, BatchRepository, out_of_time, part_key, send_expand
 from llmq.config import LlmqConfig
 from llmq.errors import BatchExceedsQuota, DomainError, QuotaExceeded
-from llmq.models import BatchItemRequest, BatchLineError
+from llmq.models import BatchItemRequest, BatchLineError, blank_line
 from llmq.payloads import ObjectChanged
 from llmq.ports import BlobStore, QueueStore
 from llmq.request_rules import check_item
@@ -126,7 +126,7 @@ class UploadScanner:
                         "payload_too_large",
                         f"line {line}: over a batch item's {settings.max_item_bytes} bytes",
                     )
-                elif raw.strip():
+                elif not blank_line(raw):
                     count += 1
                     if count > settings.max_upload_requests:
                         refuse("invalid_request", f"more than {settings.max_upload_requests} requests")

@@ -20,6 +20,15 @@ MAX_REDRIVE_ROUND = 1_000_000
 # with this figure (the api), and the CLI refuses a body past it before sending it.
 MAX_JSON_DEPTH = 100
 
+
+def blank_line(line: bytes) -> bool:
+    """Whether a line of a batch file is blank, and skipped: ASCII whitespace alone, as the
+    worker reads an upload and the CLI an inline file (hunt 271: the CLI skipped a line of
+    U+00A0 or U+3000 that failed the same file uploaded). Any other character makes it a line
+    to parse, which is no JSON."""
+    return not line.strip()
+
+
 if TYPE_CHECKING:
     from llmq.config import LlmqConfig
 
