@@ -774,6 +774,31 @@ def test_a_canceled_batchs_queued_item_whose_messages_dead_letter_ends_canceled_
     )
 
 
+@pytest.mark.parametrize("path", ["its claim", "its dead letter"])
+def test_a_canceled_batchs_item_near_its_retention_ends_canceled_whichever_path_meets_it(
+    harness: Harness, path: str
+) -> None:
+    # Given a canceled batch's queued item within the reconciler's margin of its retention
+    _canceled_once_queued(harness, 1)
+    for item in _item_jobs(harness):
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": item["pk"]},
+            UpdateExpression="SET expires_at = :at",
+            ExpressionAttributeValues={":at": {"N": str(int(time.time()) + 600)}},
+        )
+    url = harness.stack.lane_queue_urls[HIGH]
+    items = [message for message in harness.receive(url, visibility=0) if batch_of(_job_of(message))]
+    assert items
+    # When a worker claims it, or its messages exhaust their receives
+    if path == "its claim":
+        harness.run_worker(url, items)
+    else:
+        harness.dead_letter(HIGH, items)
+    # Then it ends canceled either way, as its batch asked (review 258: expired, by its letter)
+    assert {item["status"]["S"] for item in _item_jobs(harness)} == {"canceled"}
+
+
 def test_a_cancel_or_a_submit_that_meets_a_claim_on_the_same_item_is_tried_again_not_answered_503(
     harness: Harness, faults: AwsFaults
 ) -> None:

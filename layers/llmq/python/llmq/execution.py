@@ -1626,13 +1626,18 @@ def _mark_dead_letter(
         return _announced(queues, recorded)
     if job.cancel_requested:
         return _announced(queues, jobs.cancel_unleased(job))
+    # In the order a claim judges the job by (`Claim.outcome`): a canceling batch, then the
+    # deadline of a queued one, then its retention (review 258: a canceled batch's item near
+    # its retention ended expired here, and canceled at its claim).
+    if job.status is JobStatus.QUEUED and _batch_canceling(batches, job):
+        return _announced(queues, jobs.cancel_queued(job, write_token("cancel")))
+    if job.status is JobStatus.QUEUED and job.deadline_ms is not None and job.deadline_ms <= now_ms:
+        return _announced(queues, jobs.expire(job, deadline_error(job)))
     margin = config.reconciler.retention_margin_seconds if config is not None else 0
     if job.expires_at - margin <= now_ms // 1000:
         # At the end of its retention: it ends expired, as its claim or the reconciler would
         # end it, giving back its slot and quota (None: a live worker holds it).
         return _announced(queues, jobs.expire_at_retention(job, retention_error(job)))
-    if job.status is JobStatus.QUEUED and _batch_canceling(batches, job):
-        return _announced(queues, jobs.cancel_queued(job, write_token("cancel")))
     if job.status is JobStatus.QUEUED:
         return _dead_letter_queued(jobs, queues, job, message_id, message.redrive_round, crashed)
     error = JobError(
@@ -1670,8 +1675,6 @@ def _dead_letter_queued(
     redrive_round: int,
     crashed: Callable[[JobRecord], None],
 ) -> JobRecord | None:
-    if job.deadline_ms is not None and job.deadline_ms <= jobs.now_ms():
-        return _announced(queues, jobs.expire(job, deadline_error(job)))
     counted = jobs.note_dead_letter(job, message_id, redrive_round)
     if counted is None:
         # It left queued meanwhile (whoever moved it owns it now), or the letter is a copy from
