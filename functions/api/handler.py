@@ -508,23 +508,37 @@ def _wait_budget(requested: float) -> float:
     bounds it too. A client asking for 25 s on a cold path gets less, never a 504 for a job
     that was accepted.
     """
-    left = GATEWAY_TIMEOUT_SECONDS
     received_ms = app.current_event.request_context.request_time_epoch
-    if received_ms:
-        left -= max(0.0, time.time() - received_ms / 1000)
-    context = getattr(app, "lambda_context", None)
-    if context is not None:
-        left = min(left, context.get_remaining_time_in_millis() / 1000)
+    left = _seconds_left(received_ms, getattr(app, "lambda_context", None))
     return max(0.0, min(float(requested), left - ANSWER_RESERVE_SECONDS))
 
 
+def _seconds_left(received_ms: int | None, context: LambdaContext | None) -> float:
+    """How long the request has before API Gateway gives up on it (its 29 s run from when it
+    received the request) or the function's own time runs out."""
+    left = GATEWAY_TIMEOUT_SECONDS
+    if received_ms:
+        left -= max(0.0, time.time() - received_ms / 1000)
+    if context is not None:
+        left = min(left, context.get_remaining_time_in_millis() / 1000)
+    return left
+
+
 def _prefer_wait(prefer: str | None) -> int:
+    """The `wait` preference's seconds (RFC 7240: preferences apart by commas, each a name of
+    any case, "=", a token or quoted string, then its parameters after ";"); 0 without one.
+    Only ASCII digits are seconds (hunt 273: `wait=٣` and `x-wait=3` were waited on)."""
+    digits = None
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() == "wait":
+            digits = value.strip().removeprefix('"').removesuffix('"')
+            break
+    if digits is None or not (digits.isascii() and digits.isdigit()):
+        return 0
     # (a run of digits longer than any wait reads as the longest wait: `int()` refuses over
     # 4,300 digits, and the job is accepted before the preference is read)
-    match = re.search(r"\bwait\s*=\s*(\d+)", prefer or "")
-    if not match:
-        return 0
-    digits = match.group(1).lstrip("0") or "0"
+    digits = digits.lstrip("0") or "0"
     return (
         LIMITS.max_submit_wait_seconds
         if len(digits) > 9
@@ -1127,7 +1141,13 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if str(event.get("path") or "").rstrip("/") == DOCS_PATH:  # (Powertools serves /v1/docs/ too)
         enable_docs()
     _read_as_json(event)
-    return app.resolve(event, context)
+    # SQS sends after a write (a job's lane message, an ended job's event) end in time for the
+    # answer: each is one the reconciler makes too, and a stalled one took 40 s (hunt 273),
+    # making an accepted submit, or a done cancel, a 504 whose retry paid twice or met a 409.
+    received_ms = (event.get("requestContext") or {}).get("requestTimeEpoch")
+    left = _seconds_left(received_ms if isinstance(received_ms, int) else None, context)
+    with aws.answering_by(time.monotonic() + left - ANSWER_RESERVE_SECONDS):
+        return app.resolve(event, context)
 
 
 def _read_as_json(event: dict[str, Any]) -> None:

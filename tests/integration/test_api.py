@@ -718,6 +718,28 @@ def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness)
     assert reply.body["status"] == "queued"
 
 
+@pytest.mark.parametrize(
+    ("prefer", "applied"),
+    [
+        ('respond-async, WAIT = "1"; x=y', "wait=1"),
+        ("wait=\u0663", None),
+        ("wait=\uff13", None),
+        ("x-wait=3", None),
+        ("wait=1e1", None),
+        ("wait", None),
+    ],
+)
+def test_only_a_wait_preference_rfc_7240_reads_as_one_is_applied(
+    harness: Harness, prefer: str, applied: str | None
+) -> None:
+    # (hunt 273: Arabic-Indic or full-width digits, and a preference merely ending in "wait",
+    # held a long-poll place and answered Preference-Applied for a wait never asked)
+    reply = harness.api(
+        "POST", "/v1/jobs", body={"prompt": "x"}, headers={"Prefer": prefer}, tenant=ENTERPRISE
+    )
+    assert (reply.status, reply.headers.get("preference-applied")) == (202, applied)
+
+
 @pytest.mark.parametrize("trouble", ["wait of 4,301 digits", "throttled read while waiting"])
 def test_a_submit_whose_wait_fails_is_still_its_one_accepted_job(harness: Harness, trouble: str) -> None:
     """The job is written and queued before the wait: any failure of the wait must answer the
@@ -976,6 +998,62 @@ def test_a_submit_whose_message_was_not_sent_is_accepted_and_counted_for_the_ala
     assert sorted(directive["Dimensions"][0]) == ["lane", "service"]
     assert (record["lane"], record["service"]) == ("high", SERVICE_NAME)
     assert record[MetricName.JOB_ENQUEUE_FAILED] == [1.0]
+
+
+class _Released(Exception):
+    """What a stalled send raises once its test is over (botocore retries no such error)."""
+
+
+@contextmanager
+def _stalled_sends() -> Iterator[list[str]]:
+    """SQS answering no SendMessage (a brownout: the connection open, no answer) while the block
+    runs; each stalled call fails when it ends, so none sends anything afterwards."""
+    release, stalled, ended = threading.Event(), [], []
+
+    def stall(**_: Any) -> None:
+        stalled.append("SendMessage")
+        release.wait(30)
+        ended.append("SendMessage")
+        raise _Released
+
+    events = aws.client("sqs").meta.events
+    events.register("before-send.sqs.SendMessage", stall, unique_id="stalled-sends")
+    try:
+        yield stalled
+    finally:
+        release.set()
+        events.unregister("before-send.sqs.SendMessage", unique_id="stalled-sends")
+        deadline = time.monotonic() + 5
+        while len(ended) < len(stalled) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def test_a_submit_or_a_cancel_whose_send_stalls_still_answers_before_api_gateway_gives_up(
+    harness: Harness,
+) -> None:
+    # Given a request API Gateway received 20 s ago (9 s of its 29 left), and SQS answering no
+    # send: each try takes botocore's 10 s read timeout, three tries (hunt 273: 40 s)
+    context = {"requestTimeEpoch": int((time.time() - 20.0) * 1000)}
+    job_id = harness.submit(prompt="first", webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+    with _stalled_sends() as stalled:
+        # When a client submits a job, and cancels another
+        started = time.monotonic()
+        reply = harness.api(
+            "POST", "/v1/jobs", body={"prompt": "hello"}, tenant=ENTERPRISE, request_context=context
+        )
+        submitted = time.monotonic() - started
+        started = time.monotonic()
+        canceled = harness.api(
+            "POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE, request_context=context
+        )
+        cancel_took = time.monotonic() - started
+    # Then each is answered, accepted and done, before API Gateway's 29 s: the sends are the
+    # reconciler's to make (a 504 had a retry without a key pay for a second job, and a retried
+    # cancel meet a 409 for the job it canceled)
+    assert len(stalled) >= 2
+    assert (reply.status, canceled.status, canceled.body["status"]) == (202, 200, "canceled")
+    assert submitted < 9.0 and cancel_took < 9.0, (submitted, cancel_took)
+    assert harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE).body["status"] == "queued"
 
 
 def test_a_boolean_or_a_string_where_a_number_belongs_is_422_and_writes_nothing(harness: Harness) -> None:

@@ -8,9 +8,14 @@ import still get mocked clients.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from typing import Any
 
 import boto3
@@ -169,22 +174,64 @@ def get_items(
     return found
 
 
+# When the request being served must be answered (`time.monotonic()`), set by the api around
+# each request (`answering_by`): a bounded client's call AWS has not answered by then is
+# given up (`TranslatedClient`).
+_answer_by: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmq_answer_by", default=None)
+_bounded_calls: ThreadPoolExecutor | None = None
+
+
+@contextmanager
+def answering_by(deadline: float) -> Iterator[None]:
+    """Calls of bounded clients (`TranslatedClient(bounded=True)`) made inside end by
+    `deadline` (`time.monotonic()`), answered or not."""
+    token = _answer_by.set(deadline)
+    try:
+        yield
+    finally:
+        _answer_by.reset(token)
+
+
+def _by_deadline(call: Callable[[], Any], deadline: float, what: str) -> Any:
+    """`call`, on a thread of its own, given up at `deadline`: a stalled connection takes
+    botocore's tries `read_timeout` each, 40 s for an SQS send, past any request's answer (hunt
+    273). The call given up may still go through later; the caller treats it as failed."""
+    global _bounded_calls
+    with _lock:
+        if _bounded_calls is None:
+            _bounded_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llmq-bounded")
+    future = _bounded_calls.submit(contextvars.copy_context().run, call)
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        from llmq.errors import StoreUnavailable
+
+        raise StoreUnavailable(f"{what}: no answer in the time the request had left") from None
+
+
 class TranslatedClient:
     """A boto3 client whose transient failures surface as the domain's StoreUnavailable.
 
     Repositories call AWS through it, so nothing above them sees botocore for a throttle or a
     5xx; other ClientErrors (a failed condition, validation) pass through for the repository
-    to interpret.
+    to interpret. A `bounded` one's calls inside `answering_by` end by its deadline, as
+    StoreUnavailable if AWS has not answered: sends whose failure the caller survives (a lost
+    lane message or event is the reconciler's to send), not writes it must know the fate of.
     """
 
-    def __init__(self, boto_client: Any) -> None:
+    def __init__(self, boto_client: Any, *, bounded: bool = False) -> None:
         self._client = boto_client
+        self._bounded = bounded
 
     def __getattr__(self, operation: str) -> Any:
         method = getattr(self._client, operation)
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            deadline = _answer_by.get() if self._bounded else None
             try:
+                if deadline is not None:
+                    what = f"{_service_name(self._client)}.{operation}"
+                    return _by_deadline(lambda: method(*args, **kwargs), deadline, what)
                 return method(*args, **kwargs)
             except Exception as exc:
                 if is_transient(exc):

@@ -59,7 +59,9 @@ class QueueRepository:
         self.lane_queue_urls = lane_queue_urls
         self.webhook_queue_url = webhook_queue_url
         self.poison_queue_url = poison_queue_url
-        self._sqs = aws.TranslatedClient(sqs)
+        # (bounded: a request answers in time whatever SQS does; every send it makes is one
+        # the reconciler makes too, should it fail: `aws.answering_by`)
+        self._sqs = aws.TranslatedClient(sqs, bounded=True)
 
     def enqueue_job(
         self,
