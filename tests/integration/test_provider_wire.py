@@ -382,3 +382,57 @@ async def test_a_whole_answer_is_kept_when_the_loop_is_late_at_the_calls_deadlin
         await held
     # Then the paid answer is returned, not a timeout
     assert result.output == "Hello"
+
+
+_COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "the whole answer"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+    }
+).encode()
+
+
+def _head(content_type: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("after", ["cut", "stall"])
+@pytest.mark.parametrize(
+    ("stream", "content_type", "body"),
+    [
+        (False, b"application/json", _COMPLETION),
+        (True, b"text/event-stream", _COMPLETION),
+        (True, b"application/json", _event(_delta("the whole answer")) + _event(_delta("", "stop"))),
+    ],
+    ids=["a completion", "a completion labelled a stream", "a stream labelled json"],
+)
+async def test_a_whole_answer_whose_connection_is_cut_or_stalls_after_it_is_kept(
+    stream: bool, content_type: bytes, body: bytes, after: str
+) -> None:
+    # Given a whole answer, paid for, whose connection is then cut before the chunked
+    # encoding's end, or left open (a proxy closing early, a server that never finishes)
+    end: list[bytes | float | str] = [0.2] if after == "cut" else ["HANG"]
+    async with _server([_head(content_type), _chunked(body), *end]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=stream)
+        started = time.monotonic()
+        result = await provider.generate(REQUEST, 8.0)
+    # Then the answer is kept, and at once (hunt 272: read to the body's end, a cut was retried,
+    # paying again, and a stall failed the job as a provider_timeout with the answer lost)
+    assert (result.output, result.finish_reason) == ("the whole answer", "stop")
+    assert time.monotonic() - started < 6.0
+
+
+async def test_a_completion_cut_before_its_end_is_an_answer_cut_off() -> None:
+    async with _server([_head(b"application/json"), _chunked(_COMPLETION[:-20]), 0.2]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=False)
+        with pytest.raises(TransientProviderError) as raised:
+            await provider.generate(REQUEST, 5.0)
+    assert "cut off" in raised.value.message

@@ -1482,7 +1482,7 @@ _ATOMS = [
 
 async def _lines_of(pieces: list[bytes]) -> list[str]:
     response = httpx.Response(200, stream=_Pieces(*pieces), headers={"content-type": "text/event-stream"})
-    return [line async for line in providers._lines(response)]
+    return [line async for line in providers._lines(response.aiter_bytes())]
 
 
 def _whole_body_lines(body: bytes) -> list[str]:

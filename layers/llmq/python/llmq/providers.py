@@ -744,7 +744,7 @@ class ChatCompletionsProvider:
             try:
                 if self.stream:
                     return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
-                return _parse_completion(await response.aread())
+                return await _whole_json(response.aiter_bytes())
             except httpx.TimeoutException:
                 raise
             except (httpx.TransportError, httpx.DecodingError) as exc:
@@ -861,11 +861,6 @@ class _Stream:
             allowed = min(allowed, deadline - now - _DEADLINE_MARGIN_SECONDS)
         return max(0.0, allowed)
 
-    def json_instead(self, line: str) -> bool:
-        """An answer sent as one JSON body, however it is labelled: no SSE line starts with `{`
-        (a server that answers `text/event-stream` with the whole completion, or an error)."""
-        return not self.started and line.lstrip("\ufeff \t").startswith("{")
-
     def feed(self, line: str) -> None:
         if not self.started:
             line = line.removeprefix("\ufeff")  # (a byte order mark, which SSE ignores)
@@ -978,29 +973,18 @@ async def _read_stream(
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
     media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "application/json" or media_type.endswith("+json"):
+    labelled_json = media_type == "application/json" or media_type.endswith("+json")
+    stream = _Stream(on_output, done_ends_answer)
+    pieces = response.aiter_bytes().__aiter__()
+    start = await _body_start(pieces)
+    if _one_json_body(start, labelled_json):
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
-        body = await response.aread()
-        if not body.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"data:"):
-            return _parse_completion(body)
-        # (a stream, however it is labelled)
-        labelled = _Stream(on_output, done_ends_answer)
-        for line in _LINE_END.split(body.decode("utf-8", "replace")):
-            try:
-                labelled.feed(line)
-            except ProviderError:
-                if not labelled.whole:
-                    raise
-                break  # (a whole answer, then an error: paid for, as below)
-            if labelled.done:
-                break
-        if answer is not None:
-            answer.whole = labelled.whole
-        return labelled.result()
-    stream = _Stream(on_output, done_ends_answer)
-    lines = _lines(response).__aiter__()
+        return await _whole_json(_prefixed(start, pieces))
+    # (a stream, however it is labelled: read line by line, as it comes; hunt 272: read whole
+    # first, a stream labelled JSON lost its paid answer to a cut or a stall after it)
+    lines = _lines(_prefixed(start, pieces)).__aiter__()
     try:
         while not stream.done:
             # After a finish_reason only the usage chunk and [DONE] are left: a server that
@@ -1010,8 +994,6 @@ async def _read_stream(
                     line = await lines.__anext__()
             except (StopAsyncIteration, TimeoutError):
                 break
-            if stream.json_instead(line):
-                return _parse_completion("\n".join([line] + [rest async for rest in lines]).encode())
             try:
                 stream.feed(line)
             except ProviderError:
@@ -1031,7 +1013,7 @@ async def _read_stream(
     return stream.result()
 
 
-async def _lines(response: httpx.Response) -> AsyncIterator[str]:
+async def _lines(pieces: AsyncIterator[bytes]) -> AsyncIterator[str]:
     """The body's lines, split where SSE ends a line (CR LF, CR or LF) and nowhere else, and
     decoded as UTF-8 whatever charset the content type names (SSE is UTF-8 by definition). Only
     the text that arrived is searched, so a huge line sent in small pieces costs linear time; a
@@ -1042,7 +1024,7 @@ async def _lines(response: httpx.Response) -> AsyncIterator[str]:
     line: list[str] = []
     length = 0
     held = False
-    async for piece in response.aiter_bytes():
+    async for piece in pieces:
         text = decoder.decode(piece)
         if not text:
             continue
@@ -1154,8 +1136,81 @@ def _dicts(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
+async def _whole_json(pieces: AsyncIterator[bytes]) -> JobResult:
+    """A completion sent as one JSON body, taken as soon as it parses whole: a connection cut
+    after its last byte (before the chunked encoding's end), or left open, keeps the answer
+    paid for (hunt 272: read to its end, a cut retried it, paying again, and a stall failed it
+    as a timeout). Cut before its end, it is an answer cut off."""
+    body = bytearray()
+    last = b""
+    try:
+        async for piece in pieces:
+            body.extend(piece)
+            last = piece.rstrip(b" \t\r\n")[-1:] or last
+            if last == b"}":
+                whole = _whole_completion(body)
+                if whole is not None:
+                    return whole
+    except (httpx.TransportError, httpx.DecodingError):
+        whole = _whole_completion(body)
+        if whole is None:
+            raise
+        return whole
+    return _parse_completion(bytes(body))
+
+
+# What a body may start with before what tells one JSON body from a stream: a byte order mark
+# and whitespace.
+_LEADING = b"\xef\xbb\xbf \t\r\n"
+# Enough of a body's start to tell an SSE `data:` line from anything else.
+_SNIFF_BYTES = len(b"data:")
+
+
+async def _body_start(pieces: AsyncIterator[bytes]) -> bytes:
+    """The body's first pieces: until they hold `_SNIFF_BYTES` past what may lead, or it ended."""
+    start = b""
+    while len(start.lstrip(_LEADING)) < _SNIFF_BYTES:
+        try:
+            start += await pieces.__anext__()
+        except StopAsyncIteration:
+            break
+    return start
+
+
+def _one_json_body(start: bytes, labelled_json: bool) -> bool:
+    """An answer sent as one JSON body, however it is labelled: no SSE line starts with `{` (a
+    server that answers `text/event-stream` with the whole completion, or an error); labelled
+    JSON, anything but an SSE `data:` line is one."""
+    significant = start.lstrip(_LEADING)
+    if significant.startswith(b"{"):
+        return True
+    return labelled_json and not significant.startswith(b"data:")
+
+
+async def _prefixed(start: bytes, pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if start:
+        yield start
+    async for piece in pieces:
+        yield piece
+
+
+def _whole_completion(body: bytes | bytearray) -> JobResult | None:
+    """The completion `body` holds if it is whole JSON (an error body raises, classified);
+    None while it is not."""
+    try:
+        data = json.loads(body)
+    except _UNREADABLE_JSON:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return _completion(data)
+
+
 def _parse_completion(body: bytes) -> JobResult:
-    data = _json_or_error(body)
+    return _completion(_json_or_error(body))
+
+
+def _completion(data: dict[str, Any]) -> JobResult:
     error = _in_band_error(data)
     if error is not None:
         raise error
