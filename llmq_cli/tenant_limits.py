@@ -131,6 +131,9 @@ class TenantLimits:
         burst: int | None = None,
         clear: tuple[str, ...] = (),
     ) -> dict[str, Any]:
+        # (a limit named twice is cleared once: DynamoDB refuses a REMOVE of one path twice,
+        # after the rate and long-poll changes were made, hunt 274)
+        clear = tuple(dict.fromkeys(clear))
         unknown = set(clear) - set(CLEARABLE)
         if unknown:
             raise LimitsError(f"--clear takes {', '.join(CLEARABLE)}, not {', '.join(sorted(unknown))}")

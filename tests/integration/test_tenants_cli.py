@@ -127,13 +127,16 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
     # ...and the api's long-poll places (llmq.long_polls)
     assert LongPolls("llmq-jobs", dynamodb=aws.client("dynamodb")).limit("ten_hobby") == 1
 
-    # Clearing three of them brings the tier's back; the other two stay
+    # Clearing three of them brings the tier's back; the other two stay (one named twice is
+    # cleared once: hunt 274 saw DynamoDB refuse it after the rate was cleared)
     cleared = llmq(
         capsys,
         "set-limits",
         "ten_hobby",
         "--clear",
         "rate",
+        "--clear",
+        "max_active_jobs",
         "--clear",
         "max_active_jobs",
         "--clear",

@@ -593,6 +593,7 @@ class ShareRepository:
             raise ValueError(f"unknown limits: {sorted(unknown)}")
         if MAX_CONCURRENCY in clear:
             clear = (*clear, MAX_BATCH_CONCURRENCY)
+        clear = tuple(dict.fromkeys(clear))  # (DynamoDB refuses a path removed twice)
         expression = ("SET " + ", ".join(sets) if sets else "") + (
             " REMOVE " + ", ".join(clear) if clear else ""
         )
