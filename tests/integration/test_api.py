@@ -1005,14 +1005,17 @@ class _Released(Exception):
 
 
 @contextmanager
-def _stalled_sends() -> Iterator[list[str]]:
+def _stalled_sends(count: int | None = None) -> Iterator[list[str]]:
     """SQS answering no SendMessage (a brownout: the connection open, no answer) while the block
-    runs; each stalled call fails when it ends, so none sends anything afterwards."""
+    runs, or only its first `count`; each stalled call fails when it ends, so none sends
+    anything afterwards."""
     release, stalled, ended = threading.Event(), [], []
 
     def stall(**_: Any) -> None:
+        if count is not None and len(stalled) >= count:
+            return
         stalled.append("SendMessage")
-        release.wait(30)
+        release.wait(60)
         ended.append("SendMessage")
         raise _Released
 
@@ -1033,18 +1036,20 @@ def test_a_submit_or_a_cancel_whose_send_stalls_still_answers_before_api_gateway
 ) -> None:
     # Given a request API Gateway received 20 s ago (9 s of its 29 left), and SQS answering no
     # send: each try takes botocore's 10 s read timeout, three tries (hunt 273: 40 s)
-    context = {"requestTimeEpoch": int((time.time() - 20.0) * 1000)}
+    def context() -> dict[str, int]:
+        return {"requestTimeEpoch": int((time.time() - 20.0) * 1000)}
+
     job_id = harness.submit(prompt="first", webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
     with _stalled_sends() as stalled:
         # When a client submits a job, and cancels another
         started = time.monotonic()
         reply = harness.api(
-            "POST", "/v1/jobs", body={"prompt": "hello"}, tenant=ENTERPRISE, request_context=context
+            "POST", "/v1/jobs", body={"prompt": "hello"}, tenant=ENTERPRISE, request_context=context()
         )
         submitted = time.monotonic() - started
         started = time.monotonic()
         canceled = harness.api(
-            "POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE, request_context=context
+            "POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE, request_context=context()
         )
         cancel_took = time.monotonic() - started
     # Then each is answered, accepted and done, before API Gateway's 29 s: the sends are the
@@ -1054,6 +1059,26 @@ def test_a_submit_or_a_cancel_whose_send_stalls_still_answers_before_api_gateway
     assert (reply.status, canceled.status, canceled.body["status"]) == (202, 200, "canceled")
     assert submitted < 9.0 and cancel_took < 9.0, (submitted, cancel_took)
     assert harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+def test_a_send_after_sends_given_up_in_the_same_environment_goes_at_once(harness: Harness) -> None:
+    # Given four submits whose sends SQS never answered, given up (each request with 1.5 s to
+    # spare), their calls still waiting on their connections
+    lane = harness.stack.lane_queue_urls["high"]
+    with _stalled_sends(count=4) as stalled:
+        for _ in range(4):
+            late = {"requestTimeEpoch": int((time.time() - 23.5) * 1000)}
+            reply = harness.api(
+                "POST", "/v1/jobs", body={"prompt": "x"}, tenant=ENTERPRISE, request_context=late
+            )
+            assert reply.status == 202
+        assert len(stalled) == 4 and harness.total_count(lane) == 0
+        # When the next submit comes, SQS answering again
+        reply = harness.api("POST", "/v1/jobs", body={"prompt": "y"}, tenant=ENTERPRISE)
+        # Then its message is sent with it, not queued behind the stalled calls (review 259: a
+        # pool of four held it until its own deadline, 24 s, and it was given up)
+        assert reply.status == 202
+        assert harness.total_count(lane) == 1
 
 
 def test_a_boolean_or_a_string_where_a_number_belongs_is_422_and_writes_nothing(harness: Harness) -> None:

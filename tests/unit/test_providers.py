@@ -1518,3 +1518,48 @@ def test_many_short_lines_never_trip_the_line_cap(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(providers, "_MAX_LINE_CHARS", 50)
     body = b"".join(b"data: %d\r\n\r\n" % n for n in range(2000))
     assert len(asyncio.run(_lines_of([body[i : i + 7] for i in range(0, len(body), 7)]))) == 4000
+
+
+_WHOLE = json.dumps(
+    {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "the whole answer"},
+                "finish_reason": "stop",
+            }
+        ]
+    }
+).encode()
+_CONTEXT_ERROR = json.dumps(
+    {"error": {"message": "maximum context length is 8192 tokens", "code": "context_length_exceeded"}}
+).encode()
+
+
+def _answered(pieces: list[bytes], content_type: str, stream: bool = True) -> ChatCompletionsProvider:
+    return _provider(
+        lambda request: httpx.Response(200, stream=_Pieces(*pieces), headers={"content-type": content_type}),
+        stream=stream,
+    )
+
+
+async def test_one_json_body_after_a_gateways_keep_alives_is_read_as_one() -> None:
+    # (review 259: a keep-alive comment first made it read as a stream, cut: a paid completion
+    # retried, paying again, and a request's own error retried until its retries ran out)
+    keep_alive = b": keep-alive\n\n"
+    kept = _answered([keep_alive, keep_alive, _WHOLE], "text/event-stream")
+    assert (await kept.generate(REQUEST, 5)).output == "the whole answer"
+    with pytest.raises(PermanentProviderError):
+        await _answered([keep_alive, _CONTEXT_ERROR], "text/event-stream").generate(REQUEST, 5)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream", "application/x-ndjson"])
+async def test_json_lines_are_no_answer_at_their_first_line(content_type: str) -> None:
+    # (review 259: taken as soon as its first line parsed, a job succeeded with "Hel")
+    first = json.dumps({"choices": [{"index": 0, "message": {"content": "Hel"}}]}).encode() + b"\n"
+    second = json.dumps(
+        {"choices": [{"index": 0, "message": {"content": "lo"}, "finish_reason": "stop"}]}
+    ).encode()
+    provider = _answered([first, second + b"\n"], content_type)
+    with pytest.raises(TransientProviderError):
+        await provider.generate(REQUEST, 5)

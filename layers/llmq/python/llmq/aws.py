@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Any
@@ -178,7 +178,6 @@ def get_items(
 # each request (`answering_by`): a bounded client's call AWS has not answered by then is
 # given up (`TranslatedClient`).
 _answer_by: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmq_answer_by", default=None)
-_bounded_calls: ThreadPoolExecutor | None = None
 
 
 @contextmanager
@@ -195,17 +194,27 @@ def answering_by(deadline: float) -> Iterator[None]:
 def _by_deadline(call: Callable[[], Any], deadline: float, what: str) -> Any:
     """`call`, on a thread of its own, given up at `deadline`: a stalled connection takes
     botocore's tries `read_timeout` each, 40 s for an SQS send, past any request's answer (hunt
-    273). The call given up may still go through later; the caller treats it as failed."""
-    global _bounded_calls
-    with _lock:
-        if _bounded_calls is None:
-            _bounded_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llmq-bounded")
-    future = _bounded_calls.submit(contextvars.copy_context().run, call)
-    try:
-        return future.result(timeout=max(0.0, deadline - time.monotonic()))
-    except FutureTimeout:
-        from llmq.errors import StoreUnavailable
+    273). A thread per call, not a pool: a call given up still holds its thread, and a later
+    call must never wait behind it (review 259: a healthy send queued behind four stalled ones
+    took 24 s). The call given up may still go through later; the caller treats it as failed."""
+    from llmq.errors import StoreUnavailable
 
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StoreUnavailable(f"{what}: not tried, the request has no time left")
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(run,), name="llmq-bounded", daemon=True).start()
+    try:
+        return future.result(timeout=left)
+    except FutureTimeout:
         raise StoreUnavailable(f"{what}: no answer in the time the request had left") from None
 
 

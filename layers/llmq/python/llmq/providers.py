@@ -975,13 +975,13 @@ async def _read_stream(
     media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     labelled_json = media_type == "application/json" or media_type.endswith("+json")
     stream = _Stream(on_output, done_ends_answer)
-    pieces = response.aiter_bytes().__aiter__()
-    start = await _body_start(pieces)
-    if _one_json_body(start, labelled_json):
+    pieces = aiter(response.aiter_bytes())
+    start, significant = await _body_start(pieces)
+    if _one_json_body(significant, labelled_json):
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
-        return await _whole_json(_prefixed(start, pieces))
+        return await _whole_json(_prefixed(significant, pieces))
     # (a stream, however it is labelled: read line by line, as it comes; hunt 272: read whole
     # first, a stream labelled JSON lost its paid answer to a cut or a stall after it)
     lines = _lines(_prefixed(start, pieces)).__aiter__()
@@ -1137,25 +1137,44 @@ def _dicts(value: object) -> list[dict[str, Any]]:
 
 
 async def _whole_json(pieces: AsyncIterator[bytes]) -> JobResult:
-    """A completion sent as one JSON body, taken as soon as it parses whole: a connection cut
-    after its last byte (before the chunked encoding's end), or left open, keeps the answer
-    paid for (hunt 272: read to its end, a cut retried it, paying again, and a stall failed it
-    as a timeout). Cut before its end, it is an answer cut off."""
+    """A completion sent as one JSON body. Read to its end, as it always was; but a whole
+    answer in it, one that finished (its finish_reason said so), is kept when the connection
+    is then cut (before the chunked encoding's end) or left open: hunt 272 saw a cut retried,
+    paying again, and a stall fail the job as a timeout with the answer lost. The body is
+    looked at only then (a cut, or `_AFTER_FINISH_SECONDS` of silence after a `}`), never at
+    each piece: a JSON-lines body is no answer at its first line (review 259), and a large one
+    is parsed a few times at most."""
     body = bytearray()
     last = b""
+    upcoming: asyncio.Future[bytes] | None = None
     try:
-        async for piece in pieces:
+        while True:
+            if upcoming is None:
+                upcoming = asyncio.ensure_future(anext(pieces))
+            if last == b"}":
+                # (what came may be the whole body: a silence after it is looked into)
+                done, _ = await asyncio.wait({upcoming}, timeout=_AFTER_FINISH_SECONDS)
+                if not done:
+                    whole = _finished_completion(body)
+                    if whole is not None:
+                        return whole
+                    last = b""  # (not whole: wait for more, as after any piece)
+                    continue
+            try:
+                piece = await upcoming
+            except StopAsyncIteration:
+                break
+            upcoming = None
             body.extend(piece)
             last = piece.rstrip(b" \t\r\n")[-1:] or last
-            if last == b"}":
-                whole = _whole_completion(body)
-                if whole is not None:
-                    return whole
     except (httpx.TransportError, httpx.DecodingError):
-        whole = _whole_completion(body)
+        whole = _finished_completion(body)
         if whole is None:
             raise
         return whole
+    finally:
+        if upcoming is not None and not upcoming.done():
+            upcoming.cancel()
     return _parse_completion(bytes(body))
 
 
@@ -1166,22 +1185,37 @@ _LEADING = b"\xef\xbb\xbf \t\r\n"
 _SNIFF_BYTES = len(b"data:")
 
 
-async def _body_start(pieces: AsyncIterator[bytes]) -> bytes:
-    """The body's first pieces: until they hold `_SNIFF_BYTES` past what may lead, or it ended."""
+async def _body_start(pieces: AsyncIterator[bytes]) -> tuple[bytes, bytes]:
+    """The body's first pieces, read until they hold `_SNIFF_BYTES` past what may lead it (or
+    it ended), and that part of them (`_significant`)."""
     start = b""
-    while len(start.lstrip(_LEADING)) < _SNIFF_BYTES:
+    while True:
+        significant = _significant(start)
+        if significant is not None and len(significant) >= _SNIFF_BYTES:
+            return start, significant
         try:
-            start += await pieces.__anext__()
+            start += await anext(pieces)
         except StopAsyncIteration:
-            break
-    return start
+            return start, significant or b""
 
 
-def _one_json_body(start: bytes, labelled_json: bool) -> bool:
+def _significant(start: bytes) -> bytes | None:
+    """What the body starts with past a byte order mark, whitespace and whole SSE comment lines
+    (the keep-alives a gateway sends while its upstream works, before an answer sent as one
+    JSON body: review 259); None while a comment line is unfinished."""
+    rest = start.lstrip(_LEADING)
+    while rest.startswith(b":"):
+        ends = [at for at in (rest.find(b"\n"), rest.find(b"\r")) if at >= 0]
+        if not ends:
+            return None
+        rest = rest[min(ends) + 1 :].lstrip(_LEADING)
+    return rest
+
+
+def _one_json_body(significant: bytes, labelled_json: bool) -> bool:
     """An answer sent as one JSON body, however it is labelled: no SSE line starts with `{` (a
     server that answers `text/event-stream` with the whole completion, or an error); labelled
     JSON, anything but an SSE `data:` line is one."""
-    significant = start.lstrip(_LEADING)
     if significant.startswith(b"{"):
         return True
     return labelled_json and not significant.startswith(b"data:")
@@ -1194,16 +1228,17 @@ async def _prefixed(start: bytes, pieces: AsyncIterator[bytes]) -> AsyncIterator
         yield piece
 
 
-def _whole_completion(body: bytes | bytearray) -> JobResult | None:
-    """The completion `body` holds if it is whole JSON (an error body raises, classified);
-    None while it is not."""
+def _finished_completion(body: bytes | bytearray) -> JobResult | None:
+    """The completion `body` holds if it is whole JSON and finished (an error body raises,
+    classified); None while it is not."""
     try:
         data = json.loads(body)
     except _UNREADABLE_JSON:
         return None
     if not isinstance(data, dict):
         return None
-    return _completion(data)
+    result = _completion(data)
+    return result if result.finish_reason is not None else None
 
 
 def _parse_completion(body: bytes) -> JobResult:
