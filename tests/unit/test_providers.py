@@ -1563,3 +1563,44 @@ async def test_json_lines_are_no_answer_at_their_first_line(content_type: str) -
     provider = _answered([first, second + b"\n"], content_type)
     with pytest.raises(TransientProviderError):
         await provider.generate(REQUEST, 5)
+
+
+@pytest.mark.parametrize(
+    ("code", "for_good"),
+    [
+        ("ResourceNotFoundException", True),
+        ("AccessDeniedException", True),
+        ("DecryptionFailure", True),
+        ("ThrottlingException", False),
+        ("InternalServiceError", False),
+    ],
+)
+async def test_a_key_store_refusing_for_good_is_the_operators_to_fix(code: str, for_good: bool) -> None:
+    # Given a key store that refuses, as Powertools' parameters raise it (the AWS error the
+    # context of its own), and a provider that would answer
+    from aws_lambda_powertools.utilities.parameters.exceptions import GetParameterError
+    from botocore.exceptions import ClientError
+
+    def read(fresh: bool) -> str:
+        try:
+            status = 500 if code.startswith("Internal") else 400
+            raise ClientError(
+                {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetSecretValue"
+            )
+        except ClientError as exc:
+            raise GetParameterError(str(exc))  # noqa: B904 (as Powertools raises it)
+
+    sent: list[httpx.Request] = []
+    provider = ChatCompletionsProvider(
+        "http://provider.test/v1",
+        ProviderKey(read),
+        False,
+        httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200, content=_WHOLE)),
+    )
+    with pytest.raises(TransientProviderError) as raised:
+        await provider.generate(REQUEST, 5)
+    # Then nothing is sent; one refusing for good (a secret deleted, a grant or KMS key gone) is
+    # about llmq's account, as a provider refusing its key is: minutes between attempts and the
+    # ProviderAccountRefused alarm (hunt 275: seconds apart, failed as not retryable, no page)
+    assert sent == []
+    assert raised.value.about_account is for_good

@@ -387,8 +387,34 @@ def classify_exception(
 
 
 def _key_unreadable(exc: Exception) -> TransientProviderError:
-    # The key store (Secrets Manager) failed: nothing was sent, so nothing was billed.
-    return TransientProviderError(f"could not read the provider key: {type(exc).__name__}")
+    """The key store (Secrets Manager) failed: nothing was sent, so nothing was billed. One that
+    refuses for good (the secret deleted or scheduled for deletion, its grant or its KMS key
+    gone, a wrong id) is the operator's to fix, as a provider refusing the key is: attempts
+    minutes apart, the job retryable once they run out, and the ProviderAccountRefused alarm
+    (hunt 275: its jobs failed seconds apart as not retryable, and nothing paged)."""
+    error = TransientProviderError(f"could not read the provider key: {type(exc).__name__}")
+    refusal = _aws_refusal(exc)
+    if refusal is not None:
+        error.about_account = True
+        logger.warning("the provider key cannot be read", extra={"error_code": refusal})
+    return error
+
+
+def _aws_refusal(exc: BaseException) -> str | None:
+    """The code of an AWS error, in `exc`'s chain, that no retry fixes; None if there is none
+    (a throttle, a 5xx, a timeout: the store is failing for now)."""
+    from botocore.exceptions import ClientError
+
+    from llmq.aws import is_transient
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # (a chain is a few links long; never follow a cycle for ever)
+        if seen is None:
+            return None
+        if isinstance(seen, ClientError):
+            return None if is_transient(seen) else str(seen.response.get("Error", {}).get("Code") or "")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def timed_out(message: str, retry_timeouts: bool) -> ProviderError:
