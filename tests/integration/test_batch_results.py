@@ -20,11 +20,12 @@ from llmq.item_size import item_size_bytes
 from llmq.job_record import JobRecord
 from llmq.models import BatchStatus
 from llmq.queues import QueueRepository
+from llmq.telemetry import MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, Harness
+from tests.integration.harness import ENTERPRISE, Harness, emitted_metrics
 from tests.integration.test_batch_uploads import _expander
 from tests.integration.test_batches import (
     _requests,
@@ -109,7 +110,7 @@ def test_a_file_of_many_parts_cut_short_resumes_and_holds_each_line_once(
     "retried_at", [1, MAX_COMPILE_STALLS], ids=["first stall retried", "last stall retried"]
 )
 def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch, retried_at: int
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, retried_at: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given a finalizing batch whose first part's reads take longer than a whole invocation
     # (scaled down: a page of one item costs 200 s of a run's 300; on AWS, tens of thousands
@@ -147,6 +148,7 @@ def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it
             assert faults.fired
 
     monkeypatch.setattr(BatchRepository, "note_compile_stall", note_once_retried)
+    capsys.readouterr()
     # When run after run hands on with no part written
     runs = 0
     while not _stored(harness, batch_id).status.is_terminal and runs < 10:
@@ -160,6 +162,9 @@ def test_a_file_whose_part_no_run_has_the_time_to_read_ends_the_batch_without_it
     assert runs == MAX_COMPILE_STALLS
     assert (ended.status, ended.results_key) == (BatchStatus.COMPLETED, None)
     assert ended.errors is not None and [error.code for error in ended.errors] == [BATCH_CRASHED]
+    # ...counted for the lane's alarm once, as a crash is (hunt 275: nothing paged)
+    (counted,) = emitted_metrics(capsys.readouterr().out, MetricName.JOB_DEAD_LETTERED)
+    assert (counted["lane"], counted[MetricName.JOB_DEAD_LETTERED]) == (ended.lane, [1.0])
     reply = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE).body
     assert (reply["status"], reply["request_counts"]["succeeded"]) == ("completed", 3)
 

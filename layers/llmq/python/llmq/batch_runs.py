@@ -46,7 +46,7 @@ from llmq.models import (
 from llmq.policy import MAX_DEAD_LETTER_REDRIVES
 from llmq.ports import BlobStore, JobStore, QueueStore
 from llmq.sqs_edge import PoisonMessage
-from llmq.telemetry import error_fields, logger
+from llmq.telemetry import MetricName, emit_job_metric, error_fields, logger
 
 
 def request_hash(request: JobRequest) -> str:
@@ -343,6 +343,10 @@ class BatchExpander:
             ended = self.batches.finish(
                 stalled.batch, stalled.batch.final_counts, errors=stalled.batch.errors or _crashed()
             )
+            if ended is not None:
+                # Its client has no results file: counted as a crash is (hunt 275: nothing
+                # paged, and every large batch would meet the same worker timeout)
+                emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, batch.lane)
             if ended is None:
                 settle(self.batches, self.queues, batch.id)
             elif _webhook_unsent(ended):
