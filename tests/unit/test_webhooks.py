@@ -506,6 +506,24 @@ async def test_a_delivery_to_retry_asks_for_its_message_back_after_the_schedules
     assert world.jobs.deliveries == [(DeliveryStatus.PENDING, 503, SCHEDULE[0])]
 
 
+async def test_each_attempt_is_logged_with_its_host_and_error_class_never_its_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a receiver the dispatcher cannot reach
+    world = World(httpx.ConnectError("connection refused"))
+    world.add(make_job())
+    body = WebhookMessage(job_id="job_1", event=WebhookEvent.SUCCEEDED).model_dump_json()
+    # When its message is handled
+    with pytest.raises(RetryLater):
+        await world.dispatcher.handle(body, receive_count=1)
+    # Then the log says which host failed, and how, as the runbook reads it to tell one dead
+    # receiver from a broken dispatcher (hunt 275: neither was logged); never the URL's path
+    # or query, which may carry the integrator's token
+    [record] = [record for record in caplog.records if record.getMessage().startswith("webhook ")]
+    assert (record.host, record.error_class) == ("hooks.example.com", "ConnectError")
+    assert "token=abc" not in caplog.text
+
+
 async def test_a_body_that_is_not_a_webhook_message_is_poison_and_never_sent() -> None:
     world = World()
     with pytest.raises(PoisonMessage):

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 import httpx
 from aws_lambda_powertools.metrics import MetricUnit
@@ -259,6 +260,7 @@ class DeliveryOutcome:
     error_class: str | None = None
     response_head: str | None = None
     started_ms: int | None = None
+    host: str | None = None
 
     @classmethod
     def skipped(cls, reason: str) -> DeliveryOutcome:
@@ -278,6 +280,8 @@ class _Response:
     latency_ms: int | None = None
     started_ms: int | None = None
     head: str | None = None
+    # The receiver's host name, for the dispatcher's log (never its path or query).
+    host: str | None = None
 
 
 class WebhookDispatcher:
@@ -827,6 +831,14 @@ class WebhookDispatcher:
     async def _send_body(
         self, url: str, msg_id: str, body: bytes, secrets: list[str], timeout: float | None = None
     ) -> _Response:
+        # (the host is logged with the outcome: the runbook tells one dead receiver from a
+        # broken dispatcher by it, hunt 275)
+        response = await self._send_to(url, msg_id, body, secrets, timeout)
+        return replace(response, host=_host_of(url))
+
+    async def _send_to(
+        self, url: str, msg_id: str, body: bytes, secrets: list[str], timeout: float | None
+    ) -> _Response:
         timeout = timeout or self._policy.timeout_seconds
         began = time.monotonic()
         try:
@@ -935,6 +947,7 @@ class WebhookDispatcher:
             error_class=response.error_class,
             response_head=response.head,
             started_ms=response.started_ms,
+            host=response.host,
         )
 
     def _verdict(self, response: _Response, attempt: int) -> DeliveryOutcome:
@@ -1079,6 +1092,8 @@ def _observe(message: WebhookMessage, outcome: DeliveryOutcome) -> None:
             "event": message.event.value,
             "attempt": outcome.attempt,
             "status_code": outcome.status_code,
+            "error_class": outcome.error_class,
+            "host": outcome.host,
             "retry_in": outcome.retry_in,
             "reason": outcome.reason,
         },
@@ -1094,6 +1109,13 @@ def _observe(message: WebhookMessage, outcome: DeliveryOutcome) -> None:
         # weighs against deliveries (hunt 211: one redelivery's waits counted 15 for 11).
         return
     metrics.add_metric(name=_OUTCOME_METRICS[outcome.kind], unit=MetricUnit.Count, value=1)
+
+
+def _host_of(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
 
 
 _COURTESY_EVENTS = frozenset({WebhookEvent.STARTED, WebhookEvent.OUTPUT})
