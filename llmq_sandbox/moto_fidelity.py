@@ -821,7 +821,9 @@ def _values_all_used(action: Callable[..., Any]) -> Callable[..., Any]:
 def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
     """Remembers when each message group last sent (a tenant silent for 5 minutes is quiet),
     and refuses a message whose body and attributes together pass the queue's size limit, as
-    SQS counts them (each attribute's name, type and value); moto counts the body alone."""
+    SQS counts them (each attribute's name, type and value); moto counts the body alone. A
+    String attribute's value that is empty, or holds a character a body may not, is refused
+    (moto takes it: hunt 276)."""
     signature = inspect.signature(send_message)
 
     @functools.wraps(send_message)
@@ -830,6 +832,17 @@ def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
         # Raised here, where moto raises a delay past 900: a batch entry fails alone, as there.
         _no_negative_seconds(arguments.get("delay_seconds"), "DelaySeconds")
         attributes = arguments.get("message_attributes") or {}
+        for name, attribute in attributes.items():
+            value = attribute.get("StringValue") if isinstance(attribute, dict) else None
+            if isinstance(value, str) and (not value or _SQS_REFUSED_CHARACTERS.search(value)):
+                # (a String value has the body's rules, and is never empty: AWS's API reference,
+                # MessageAttributeValue; it names no error code, so the body's is given)
+                from moto.sqs.exceptions import SQSException
+
+                raise SQSException(
+                    "InvalidMessageContents",
+                    f"Message attribute {name}'s value is empty or contains characters outside the allowed set",
+                )
         body = arguments.get("message_body")
         if attributes and isinstance(body, str):
             from moto.sqs.exceptions import InvalidParameterValue

@@ -947,6 +947,21 @@ def test_a_body_sqs_refuses_is_refused(moto_stack: MotoStack, body: str) -> None
     sqs.send_message(QueueUrl=url, MessageBody="é" * (limit // 2))
 
 
+@pytest.mark.parametrize("value", ["no job \x01", "", "a\ufffeb"])
+def test_a_string_attribute_value_sqs_refuses_is_refused(moto_stack: MotoStack, value: str) -> None:
+    """MessageAttributeValue (API reference): a String value has the body's restrictions on its
+    characters, and is never empty (moto took both: hunt 276)."""
+    sqs = aws.client("sqs")
+    url = moto_stack.lane_queue_urls["high"]
+    note = {"why": {"DataType": "String", "StringValue": value}}
+    assert _refused(lambda: sqs.send_message(QueueUrl=url, MessageBody="x", MessageAttributes=note)) == (
+        "InvalidMessageContents"
+    )
+    sqs.send_message(
+        QueueUrl=url, MessageBody="x", MessageAttributes={"why": {"DataType": "String", "StringValue": "ok"}}
+    )
+
+
 def test_message_attributes_count_toward_the_size_limit(moto_stack: MotoStack) -> None:
     """SendMessage: a message's attributes (each one's name, data type and value) count toward
     the queue's MaximumMessageSize with its body (moto counts the body alone)."""

@@ -273,3 +273,21 @@ def test_a_dead_letter_of_a_job_past_its_retention_is_no_poison(harness: Harness
     assert ended is not None and ended.status.value == ("expired" if status == "running" else "succeeded")
     share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(tenant_id)
     assert (share.active, share.running) == (0, 0)
+
+
+def test_a_dead_letter_naming_a_job_id_sqs_cannot_carry_in_a_note_is_set_aside_with_it_escaped(
+    harness: Harness,
+) -> None:
+    # Given a dead letter naming a "job" whose id holds a control character (escaped in its JSON
+    # body, which SQS takes)
+    body = json.dumps({"job_id": "job_\u0001x", "lane": "high"})
+    letters = _letters(harness, [body])
+    dlq = harness.stack.lane_dlq_urls["high"]
+    # When the dead-letter function takes it
+    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    # Then it is set aside with its notes, the reason's character escaped: SQS refuses it in an
+    # attribute's value (hunt 276: the set-aside failed at every try, for the DLQ's 14 days)
+    assert answer["batchItemFailures"] == []
+    (shelved,) = _poison(harness)
+    assert shelved["Body"] == body
+    assert shelved["MessageAttributes"]["llmq-why"]["StringValue"] == "no job job_\\x01x"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -188,9 +189,9 @@ class QueueRepository:
         if self.poison_queue_url is None:
             raise LookupError("no poison queue in this environment")
         notes = {
-            "llmq-source": source_arn,
-            "llmq-message-id": message_id,
-            "llmq-why": why[:_POISON_REASON_CHARS] or "-",
+            "llmq-source": _sendable(source_arn),
+            "llmq-message-id": _sendable(message_id),
+            "llmq-why": _sendable(why[:_POISON_REASON_CHARS]),
         }
         attributes = {name: {"DataType": "String", "StringValue": value} for name, value in notes.items()}
         try:
@@ -208,6 +209,18 @@ class QueueRepository:
         self._sqs.change_message_visibility(
             QueueUrl=url, ReceiptHandle=receipt_handle, VisibilityTimeout=redelivery_visibility(seconds)
         )
+
+
+# What SQS refuses in a message body, and in a String attribute's value: characters outside its
+# allowed set (#x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF).
+_SQS_REFUSED = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _sendable(note: str) -> str:
+    """A note SQS takes as a String attribute's value: never empty, its characters outside SQS's
+    set escaped (hunt 276: a letter naming a job id with a control character, its reason
+    quoting it, was refused, and never set aside)."""
+    return _SQS_REFUSED.sub(lambda found: found.group().encode("unicode_escape").decode(), note) or "-"
 
 
 def announce_terminal(queues: QueueStore, job: JobRecord, *, carry: bool = False) -> bool:
