@@ -1604,3 +1604,44 @@ async def test_a_key_store_refusing_for_good_is_the_operators_to_fix(code: str, 
     # ProviderAccountRefused alarm (hunt 275: seconds apart, failed as not retryable, no page)
     assert sent == []
     assert raised.value.about_account is for_good
+
+
+class _WholeThenOpen(httpx.AsyncByteStream):
+    """A whole completion, then the connection held open (its chunked end never sent)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield _WHOLE
+        await asyncio.sleep(3600)
+
+
+async def test_a_whole_json_body_left_open_near_the_calls_end_is_kept_at_once() -> None:
+    # (review 260: a 2 s wait for the body's end outlasted the call's time, and a cancel meanwhile
+    # threw the paid answer away)
+    provider = _provider(lambda request: httpx.Response(200, stream=_WholeThenOpen()))
+    assert (await provider.generate(REQUEST, 1.5)).output == "the whole answer"
+
+
+async def test_a_large_json_body_of_many_pieces_is_parsed_a_few_times_not_at_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a 1 MB completion whose content is JSON text, sent in a thousand pieces each ending
+    # in a closing brace
+    content = ('{"k": "' + "x" * 990 + '"}') * 1000
+    body = json.dumps(
+        {"choices": [{"index": 0, "message": {"content": content}, "finish_reason": "stop"}]}
+    ).encode()
+    pieces, start = [], 0
+    while (end := body.find(b"}", start + 900)) >= 0:
+        pieces.append(body[start : end + 1])
+        start = end + 1
+    pieces.append(body[start:])
+    parsed: list[int] = []
+    finished = providers._finished_completion
+    monkeypatch.setattr(
+        providers, "_finished_completion", lambda data: parsed.append(len(data)) or finished(data)
+    )
+    provider = _provider(lambda request: httpx.Response(200, stream=_Pieces(*pieces)))
+    # When it is read, then it is whole, parsed only as it doubled (review 259: at each piece,
+    # seconds of CPU for a few MB)
+    assert (await provider.generate(REQUEST, 30)).output == content
+    assert len(pieces) > 500 and len(parsed) <= 12, (len(pieces), len(parsed))

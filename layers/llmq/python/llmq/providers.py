@@ -770,7 +770,7 @@ class ChatCompletionsProvider:
             try:
                 if self.stream:
                     return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
-                return await _whole_json(response.aiter_bytes())
+                return await _whole_json(response.aiter_bytes(), deadline)
             except httpx.TimeoutException:
                 raise
             except (httpx.TransportError, httpx.DecodingError) as exc:
@@ -1007,7 +1007,7 @@ async def _read_stream(
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
-        return await _whole_json(_prefixed(significant, pieces))
+        return await _whole_json(_prefixed(significant, pieces), deadline)
     # (a stream, however it is labelled: read line by line, as it comes; hunt 272: read whole
     # first, a stream labelled JSON lost its paid answer to a cut or a stall after it)
     lines = _lines(_prefixed(start, pieces)).__aiter__()
@@ -1162,30 +1162,43 @@ def _dicts(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-async def _whole_json(pieces: AsyncIterator[bytes]) -> JobResult:
-    """A completion sent as one JSON body. Read to its end, as it always was; but a whole
-    answer in it, one that finished (its finish_reason said so), is kept when the connection
-    is then cut (before the chunked encoding's end) or left open: hunt 272 saw a cut retried,
-    paying again, and a stall fail the job as a timeout with the answer lost. The body is
-    looked at only then (a cut, or `_AFTER_FINISH_SECONDS` of silence after a `}`), never at
-    each piece: a JSON-lines body is no answer at its first line (review 259), and a large one
-    is parsed a few times at most."""
+async def _whole_json(pieces: AsyncIterator[bytes], deadline: float | None = None) -> JobResult:
+    """A completion sent as one JSON body, taken as soon as it is whole and finished (its
+    finish_reason said so): a connection then cut (before the chunked encoding's end) or left
+    open keeps the answer paid for (hunt 272: read to its end, a cut retried it, paying again,
+    and a stall failed the job as a timeout). Cut before, it is an answer cut off; whole with
+    no finish_reason, it is taken at the body's end only (a JSON-lines body is no answer at its
+    first line: review 259).
+
+    The body is parsed when a piece ends a `}`, but a large one that many pieces end so only
+    as it doubles (review 259: parsed at each, it cost seconds of CPU); one such piece not
+    parsed is looked into after `_AFTER_FINISH_SECONDS` of silence, within the call's time
+    (review 260: a fixed wait outlasted it)."""
     body = bytearray()
     last = b""
+    looked_at = 0
     upcoming: asyncio.Future[bytes] | None = None
     try:
         while True:
             if upcoming is None:
                 upcoming = asyncio.ensure_future(anext(pieces))
-            if last == b"}":
-                # (what came may be the whole body: a silence after it is looked into)
-                done, _ = await asyncio.wait({upcoming}, timeout=_AFTER_FINISH_SECONDS)
-                if not done:
+            if last == b"}" and len(body) > looked_at:
+                if len(body) >= 2 * looked_at:
+                    looked_at = len(body)
                     whole = _finished_completion(body)
                     if whole is not None:
                         return whole
-                    last = b""  # (not whole: wait for more, as after any piece)
-                    continue
+                else:
+                    wait = _AFTER_FINISH_SECONDS
+                    if deadline is not None:
+                        wait = max(0.0, min(wait, deadline - time.monotonic() - _DEADLINE_MARGIN_SECONDS))
+                    done, _ = await asyncio.wait({upcoming}, timeout=wait)
+                    if not done:
+                        looked_at = len(body)
+                        whole = _finished_completion(body)
+                        if whole is not None:
+                            return whole
+                        continue
             try:
                 piece = await upcoming
             except StopAsyncIteration:
