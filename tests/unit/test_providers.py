@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from llmq import providers
 from llmq.models import ChatMessage, ErrorCode, GenerationParams
 from llmq.providers import (
+    Answer,
     ChatCompletionsProvider,
     GenerationRequest,
     PermanentProviderError,
@@ -1645,3 +1647,58 @@ async def test_a_large_json_body_of_many_pieces_is_parsed_a_few_times_not_at_eac
     # seconds of CPU for a few MB)
     assert (await provider.generate(REQUEST, 30)).output == content
     assert len(pieces) > 500 and len(parsed) <= 12, (len(pieces), len(parsed))
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_json_lines_each_marked_finished_are_no_answer_at_their_first_line(
+    content_type: str, stream: bool
+) -> None:
+    # (review 261: taken at its first whole, finished line, a job succeeded with "Hel")
+    first, second = (
+        json.dumps(
+            {"choices": [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}]}
+        ).encode()
+        + b"\n"
+        for text in ("Hel", "lo")
+    )
+    provider = _answered([first, second], content_type, stream=stream)
+    with pytest.raises(TransientProviderError):
+        await provider.generate(REQUEST, 5)
+
+
+class _BigThenOpen(httpx.AsyncByteStream):
+    """A whole completion whose text is full of braces, in two pieces, then held open."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.ended_at: float | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        cut = self.body.find(b"}", int(len(self.body) * 0.6)) + 1
+        yield self.body[:cut]
+        await asyncio.sleep(0.05)
+        yield self.body[cut:]
+        self.ended_at = time.monotonic()
+        await asyncio.sleep(3600)
+
+
+async def test_a_whole_finished_json_answer_is_marked_whole_as_its_last_byte_comes() -> None:
+    # Given a whole, finished completion whose text is full of braces, its connection then held
+    content = "a}" * 40_000
+    stream = _BigThenOpen(
+        json.dumps(
+            {"choices": [{"index": 0, "message": {"content": content}, "finish_reason": "stop"}]}
+        ).encode()
+    )
+    provider = _provider(lambda request: httpx.Response(200, stream=stream))
+    answer = Answer()
+    generation = asyncio.create_task(provider.generate(dataclasses.replace(REQUEST, answer=answer), 30))
+    while stream.ended_at is None:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    # Then as soon as its last byte is in, it is whole: a cancel now keeps it (review 261: for
+    # up to 2 s it was neither returned nor marked whole, and a cancel threw it away)
+    assert answer.whole and answer.result is not None
+    assert answer.result().output == content
+    assert (await generation).output == content

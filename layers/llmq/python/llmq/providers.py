@@ -770,7 +770,7 @@ class ChatCompletionsProvider:
             try:
                 if self.stream:
                     return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
-                return await _whole_json(response.aiter_bytes(), deadline)
+                return await _whole_json(response.aiter_bytes(), deadline, answer)
             except httpx.TimeoutException:
                 raise
             except (httpx.TransportError, httpx.DecodingError) as exc:
@@ -1007,7 +1007,7 @@ async def _read_stream(
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
         # as the job's output at the end, as for a provider that does not stream).
-        return await _whole_json(_prefixed(significant, pieces), deadline)
+        return await _whole_json(_prefixed(significant, pieces), deadline, answer)
     # (a stream, however it is labelled: read line by line, as it comes; hunt 272: read whole
     # first, a stream labelled JSON lost its paid answer to a cut or a stall after it)
     lines = _lines(_prefixed(start, pieces)).__aiter__()
@@ -1162,59 +1162,107 @@ def _dicts(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-async def _whole_json(pieces: AsyncIterator[bytes], deadline: float | None = None) -> JobResult:
-    """A completion sent as one JSON body, taken as soon as it is whole and finished (its
-    finish_reason said so): a connection then cut (before the chunked encoding's end) or left
-    open keeps the answer paid for (hunt 272: read to its end, a cut retried it, paying again,
-    and a stall failed the job as a timeout). Cut before, it is an answer cut off; whole with
-    no finish_reason, it is taken at the body's end only (a JSON-lines body is no answer at its
-    first line: review 259).
-
-    The body is parsed when a piece ends a `}`, but a large one that many pieces end so only
-    as it doubles (review 259: parsed at each, it cost seconds of CPU); one such piece not
-    parsed is looked into after `_AFTER_FINISH_SECONDS` of silence, within the call's time
-    (review 260: a fixed wait outlasted it)."""
+async def _whole_json(
+    pieces: AsyncIterator[bytes], deadline: float | None = None, answer: Answer | None = None
+) -> JobResult:
+    """A completion sent as one JSON body. Where its top-level object closes is found as its
+    pieces come (`_JsonEnd`, linear in its size: review 259 saw a large body parsed at each
+    piece cost seconds of CPU); a whole, finished answer there (its finish_reason said so) is
+    `answer.whole`, kept from a cancel or the call's deadline as a stream's is, and taken when
+    the body ends, is cut, or is silent for `_AFTER_FINISH_SECONDS` (within the call's time):
+    hunt 272 saw a cut retried, paying again, and a body left open fail as a timeout. Anything
+    but whitespace after it makes it no answer (a JSON-lines body, each line marked finished,
+    is not its first line: review 261), and the body's end decides."""
     body = bytearray()
-    last = b""
-    looked_at = 0
+    ends = _JsonEnd()
+    held: JobResult | None = None
     upcoming: asyncio.Future[bytes] | None = None
     try:
         while True:
             if upcoming is None:
                 upcoming = asyncio.ensure_future(anext(pieces))
-            if last == b"}" and len(body) > looked_at:
-                if len(body) >= 2 * looked_at:
-                    looked_at = len(body)
-                    whole = _finished_completion(body)
-                    if whole is not None:
-                        return whole
-                else:
-                    wait = _AFTER_FINISH_SECONDS
-                    if deadline is not None:
-                        wait = max(0.0, min(wait, deadline - time.monotonic() - _DEADLINE_MARGIN_SECONDS))
-                    done, _ = await asyncio.wait({upcoming}, timeout=wait)
-                    if not done:
-                        looked_at = len(body)
-                        whole = _finished_completion(body)
-                        if whole is not None:
-                            return whole
-                        continue
+            if held is not None:
+                wait = _AFTER_FINISH_SECONDS
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.monotonic() - _DEADLINE_MARGIN_SECONDS))
+                done, _ = await asyncio.wait({upcoming}, timeout=wait)
+                if not done:
+                    return held
             try:
                 piece = await upcoming
             except StopAsyncIteration:
                 break
             upcoming = None
             body.extend(piece)
-            last = piece.rstrip(b" \t\r\n")[-1:] or last
+            end = ends.feed(piece)
+            if end is not None:
+                held = _finished_completion(body[:end])
+                _mark_whole(answer, held)
+            elif held is not None and ends.end is not None and body[ends.end :].strip():
+                held = None
+                _mark_whole(answer, None)
     except (httpx.TransportError, httpx.DecodingError):
-        whole = _finished_completion(body)
-        if whole is None:
-            raise
-        return whole
+        if held is not None:
+            return held
+        raise
     finally:
         if upcoming is not None and not upcoming.done():
             upcoming.cancel()
     return _parse_completion(bytes(body))
+
+
+def _mark_whole(answer: Answer | None, held: JobResult | None) -> None:
+    if answer is not None:
+        answer.whole = held is not None
+        answer.result = (lambda: held) if held is not None else None
+
+
+# What moves a JSON body's nesting: a brace, a quote, a backslash (in a string, it escapes the
+# next byte).
+_JSON_TOKENS = re.compile(rb'[{}"\\]')
+
+
+class _JsonEnd:
+    """Where a JSON body's top-level object closes, found as its pieces come: braces counted
+    outside strings, escapes honoured, a piece looked at once."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False  # (the next piece's first byte is escaped)
+        self.seen = 0
+        self.end: int | None = None
+
+    def feed(self, piece: bytes) -> int | None:
+        """The offset just past the top-level object's closing brace, if this piece holds it."""
+        base, self.seen = self.seen, self.seen + len(piece)
+        if self.end is not None:
+            return None
+        skip = 0 if self.escaped else -1
+        self.escaped = False
+        for found in _JSON_TOKENS.finditer(piece):
+            at = found.start()
+            if at == skip:
+                continue
+            char = piece[at : at + 1]
+            if self.in_string:
+                if char == b"\\":
+                    if at + 1 < len(piece):
+                        skip = at + 1
+                    else:
+                        self.escaped = True
+                elif char == b'"':
+                    self.in_string = False
+            elif char == b'"':
+                self.in_string = True
+            elif char == b"{":
+                self.depth += 1
+            elif char == b"}":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = base + at + 1
+                    return self.end
+        return None
 
 
 # What a body may start with before what tells one JSON body from a stream: a byte order mark
