@@ -498,6 +498,11 @@ def _responses(success: int, description: str, model: type = Job, *errors_: int)
 
 # What an answer needs after a wait: a last read, an S3-held result of up to 4 MB, the response.
 ANSWER_RESERVE_SECONDS = 4.0
+# What an answer needs after a send given up (`aws.answering_by`): its job's mark for the
+# reconciler (one write) and the response. Less than a wait's: a request that comes late
+# (a cold start, a slow authorizer) still sends its job's message, rather than leave the job
+# to the reconciler's next sweep.
+SEND_RESERVE_SECONDS = 1.0
 
 
 def _wait_budget(requested: float) -> float:
@@ -1146,7 +1151,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # making an accepted submit, or a done cancel, a 504 whose retry paid twice or met a 409.
     received_ms = (event.get("requestContext") or {}).get("requestTimeEpoch")
     left = _seconds_left(received_ms if isinstance(received_ms, int) else None, context)
-    with aws.answering_by(time.monotonic() + left - ANSWER_RESERVE_SECONDS):
+    with aws.answering_by(time.monotonic() + left - SEND_RESERVE_SECONDS):
         return app.resolve(event, context)
 
 
