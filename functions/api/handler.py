@@ -499,10 +499,11 @@ def _responses(success: int, description: str, model: type = Job, *errors_: int)
 # What an answer needs after a wait: a last read, an S3-held result of up to 4 MB, the response.
 ANSWER_RESERVE_SECONDS = 4.0
 # What an answer needs after a send given up (`aws.answering_by`): its job's mark for the
-# reconciler (one write) and the response. Less than a wait's: a request that comes late
-# (a cold start, a slow authorizer) still sends its job's message, rather than leave the job
-# to the reconciler's next sweep.
-SEND_RESERVE_SECONDS = 1.0
+# reconciler (one write, which botocore's retries of two throttles can stretch to a few
+# seconds: review 262 saw a 1 s reserve overrun) and the response. Less than a wait's: a
+# request that comes late (a cold start, a slow authorizer) still sends its job's message,
+# rather than leave the job to the reconciler's next sweep.
+SEND_RESERVE_SECONDS = 2.5
 
 
 def _wait_budget(requested: float) -> float:

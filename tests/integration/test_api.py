@@ -1067,7 +1067,7 @@ def test_a_send_after_sends_given_up_in_the_same_environment_goes_at_once(harnes
     lane = harness.stack.lane_queue_urls["high"]
     with _stalled_sends(count=4) as stalled:
         for _ in range(4):
-            late = {"requestTimeEpoch": int((time.time() - 26.5) * 1000)}
+            late = {"requestTimeEpoch": int((time.time() - 25.0) * 1000)}
             reply = harness.api(
                 "POST", "/v1/jobs", body={"prompt": "x"}, tenant=ENTERPRISE, request_context=late
             )

@@ -1702,3 +1702,39 @@ async def test_a_whole_finished_json_answer_is_marked_whole_as_its_last_byte_com
     assert answer.whole and answer.result is not None
     assert answer.result().output == content
     assert (await generation).output == content
+
+
+class _ThenCutOrHeld(httpx.AsyncByteStream):
+    def __init__(self, body: bytes, after: str) -> None:
+        self.body, self.after = body, after
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.body
+        if self.after == "cut":
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        await asyncio.sleep(3600)
+
+
+@pytest.mark.parametrize("after", ["cut", "held open"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_json_lines_read_in_one_piece_are_no_answer_at_their_first_line(
+    after: str, stream: bool
+) -> None:
+    # (review 262: only what came in a later piece was looked at after the first line's end)
+    lines = b"".join(
+        json.dumps(
+            {"choices": [{"index": 0, "message": {"content": text}, "finish_reason": "stop"}]}
+        ).encode()
+        + b"\n"
+        for text in ("Hel", "lo")
+    )
+    provider = _provider(
+        lambda request: httpx.Response(
+            200, stream=_ThenCutOrHeld(lines, after), headers={"content-type": "application/x-ndjson"}
+        ),
+        stream=stream,
+    )
+    answer = Answer()
+    with pytest.raises(ProviderError):
+        await provider.generate(dataclasses.replace(REQUEST, answer=answer), 3)
+    assert not answer.whole

@@ -1197,10 +1197,11 @@ async def _whole_json(
             end = ends.feed(piece)
             if end is not None:
                 held = _finished_completion(body[:end])
-                _mark_whole(answer, held)
-            elif held is not None and ends.end is not None and body[ends.end :].strip():
+            if held is not None and ends.end is not None and body[ends.end :].strip(_JSON_SPACE):
+                # (more after it, in this piece too: review 262 saw JSON lines read in one
+                # piece taken as their first)
                 held = None
-                _mark_whole(answer, None)
+            _mark_whole(answer, held)
     except (httpx.TransportError, httpx.DecodingError):
         if held is not None:
             return held
@@ -1217,6 +1218,8 @@ def _mark_whole(answer: Answer | None, held: JobResult | None) -> None:
         answer.result = (lambda: held) if held is not None else None
 
 
+# What JSON allows between its tokens (not `bytes.strip()`'s \x0b and \x0c).
+_JSON_SPACE = b" \t\r\n"
 # What moves a JSON body's nesting: a brace, a quote, a backslash (in a string, it escapes the
 # next byte).
 _JSON_TOKENS = re.compile(rb'[{}"\\]')
@@ -1236,7 +1239,7 @@ class _JsonEnd:
     def feed(self, piece: bytes) -> int | None:
         """The offset just past the top-level object's closing brace, if this piece holds it."""
         base, self.seen = self.seen, self.seen + len(piece)
-        if self.end is not None:
+        if self.end is not None or not piece:
             return None
         skip = 0 if self.escaped else -1
         self.escaped = False
