@@ -1738,3 +1738,21 @@ async def test_json_lines_read_in_one_piece_are_no_answer_at_their_first_line(
     with pytest.raises(ProviderError):
         await provider.generate(dataclasses.replace(REQUEST, answer=answer), 3)
     assert not answer.whole
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("content_type", ["text/event-stream", "application/json", None])
+async def test_a_paid_json_answer_with_a_byte_that_is_not_utf_8_is_kept(
+    stream: bool, content_type: str | None
+) -> None:
+    # Given a whole completion cut at max_tokens inside a character (or from a Latin-1 gateway)
+    body = (
+        b'{"choices":[{"index":0,"message":{"role":"assistant","content":"caf\xe9 \xe4\xbd"},'
+        b'"finish_reason":"length"}]}'
+    )
+    headers = {"content-type": content_type} if content_type else {}
+    provider = _provider(lambda request: httpx.Response(200, content=body, headers=headers), stream=stream)
+    # Then it is the job's answer, the bytes read as a stream's are: never retried, paying
+    # again (review 263: a streamed request answered so was, where 24a3360 kept it)
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("caf\ufffd \ufffd", "length")

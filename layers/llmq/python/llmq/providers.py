@@ -1104,9 +1104,20 @@ def _malformed() -> TransientProviderError:
     return TransientProviderError("the provider sent a malformed answer", code=ErrorCode.PROVIDER_ERROR)
 
 
+def _answer_json(body: bytes | bytearray) -> Any:
+    """A completion's JSON, read as its bytes say (UTF-8, or the UTF-16 or -32 json detects);
+    a byte that is not UTF-8 (a model cut inside a character, a Latin-1 gateway) becomes
+    U+FFFD, as a stream's lines are read (`_lines`): a paid answer is never retried for it
+    (review 263: one sent as a JSON body to a streamed request was, and 24a3360 kept it)."""
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        return json.loads(bytes(body).decode("utf-8", "replace").removeprefix("\ufeff"))
+
+
 def _json_or_error(body: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(body)
+        data = _answer_json(body)
     except _UNREADABLE_JSON as exc:
         raise _malformed() from exc
     if not isinstance(data, dict):
@@ -1322,7 +1333,7 @@ def _finished_completion(body: bytes | bytearray) -> JobResult | None:
     """The completion `body` holds if it is whole JSON and finished (an error body raises,
     classified); None while it is not."""
     try:
-        data = json.loads(body)
+        data = _answer_json(body)
     except _UNREADABLE_JSON:
         return None
     if not isinstance(data, dict):
