@@ -125,6 +125,7 @@ from typing import Any
 
 from llmq.config import MAX_VISIBILITY_SECONDS as MAX_SQS_VISIBILITY_SECONDS
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
+from llmq.queues import SQS_REFUSED_CHARACTERS
 
 _LOCK = threading.RLock()
 _WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
@@ -760,7 +761,7 @@ def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any
             )
         body = arguments.get("message_body")
         if isinstance(body, str):
-            if _SQS_REFUSED_CHARACTERS.search(body):
+            if SQS_REFUSED_CHARACTERS.search(body):
                 from moto.sqs.exceptions import SQSException
 
                 raise SQSException(
@@ -779,10 +780,9 @@ def _checked_group_id(validate_message: Callable[..., Any]) -> Callable[..., Any
     return validate
 
 
-# What SQS refuses in a body (its allowed set, inverted); and the size limit, in UTF-8 bytes, of
-# a queue that sets no MaximumMessageSize (CreateQueue's documented default; moto 5.2.5 gives
+# The size limit, in UTF-8 bytes, of a queue that sets no MaximumMessageSize (what SQS refuses
+# in a body is `llmq.queues.SQS_REFUSED_CHARACTERS`) (CreateQueue's documented default; moto 5.2.5 gives
 # its queues 1 MiB, so this applies only to one whose attribute is missing).
-_SQS_REFUSED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 SQS_MAX_MESSAGE_BYTES = 262_144
 
 
@@ -834,7 +834,7 @@ def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
         attributes = arguments.get("message_attributes") or {}
         for name, attribute in attributes.items():
             value = attribute.get("StringValue") if isinstance(attribute, dict) else None
-            if isinstance(value, str) and (not value or _SQS_REFUSED_CHARACTERS.search(value)):
+            if isinstance(value, str) and (not value or SQS_REFUSED_CHARACTERS.search(value)):
                 # (a String value has the body's rules, and is never empty: AWS's API reference,
                 # MessageAttributeValue; it names no error code, so the body's is given)
                 from moto.sqs.exceptions import SQSException

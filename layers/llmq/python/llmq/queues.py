@@ -212,15 +212,18 @@ class QueueRepository:
 
 
 # What SQS refuses in a message body, and in a String attribute's value: characters outside its
-# allowed set (#x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF).
-_SQS_REFUSED = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# allowed set (#x9, #xA, #xD, #x20 to #xD7FF, #xE000 to #xFFFD, #x10000 to #x10FFFF). The
+# sandbox refuses by it too (llmq_sandbox.moto_fidelity).
+SQS_REFUSED_CHARACTERS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _sendable(note: str) -> str:
     """A note SQS takes as a String attribute's value: never empty, its characters outside SQS's
     set escaped (hunt 276: a letter naming a job id with a control character, its reason
     quoting it, was refused, and never set aside)."""
-    return _SQS_REFUSED.sub(lambda found: found.group().encode("unicode_escape").decode(), note) or "-"
+    return (
+        SQS_REFUSED_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode(), note) or "-"
+    )
 
 
 def announce_terminal(queues: QueueStore, job: JobRecord, *, carry: bool = False) -> bool:
