@@ -32,6 +32,13 @@ def _letters(harness: Harness, bodies: list[str]) -> list[dict[str, Any]]:
     return letters
 
 
+def _handled(harness: Harness, letters: list[dict[str, Any]]) -> Any:
+    """`letters`, received from the high lane's DLQ, handled by the dead-letter function (one
+    invocation): its answer."""
+    dlq = harness.stack.lane_dlq_urls["high"]
+    return load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+
+
 def _poison(harness: Harness) -> list[dict[str, Any]]:
     return list(
         harness.sqs.receive_message(
@@ -50,7 +57,7 @@ def test_a_dead_letter_naming_no_job_is_set_aside_and_its_batchmate_settles(harn
     letters = _letters(harness, [NOT_JSON, lane_message["Body"], UNKNOWN_JOB])
     dlq = harness.stack.lane_dlq_urls["high"]
     # When the dead-letter function takes the three
-    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    answer = _handled(harness, letters)
     # Then none is reported failed: the mapping deletes all three from the DLQ
     assert answer["batchItemFailures"] == []
     # And the job's letter settled it (never claimed: it is queued again, not failed)
@@ -78,9 +85,8 @@ def test_poison_at_the_size_limit_is_set_aside_without_its_notes(harness: Harnes
     )
     body = "x" * limit
     letters = _letters(harness, [body])
-    dlq = harness.stack.lane_dlq_urls["high"]
     # When the dead-letter function takes it
-    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    answer = _handled(harness, letters)
     # Then it is set aside whole: its notes would not fit, so they are in the log alone
     assert answer["batchItemFailures"] == []
     (shelved,) = _poison(harness)
@@ -117,10 +123,7 @@ def test_the_operators_peek_shows_each_poison_messages_notes(harness: Harness) -
     from llmq_cli.dead_letters import peek
 
     letters = _letters(harness, [NOT_JSON])
-    dlq = harness.stack.lane_dlq_urls["high"]
-    assert load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub()) == {
-        "batchItemFailures": []
-    }
+    assert _handled(harness, letters) == {"batchItemFailures": []}
     (shown,) = peek(harness.sqs, harness.stack.poison_queue_url, 5)
     assert isinstance(shown, dict)
     assert (shown["body"], shown["llmq-message-id"]) == (NOT_JSON, letters[0]["MessageId"])
@@ -148,9 +151,8 @@ def test_a_dead_letter_naming_an_item_that_is_no_job_is_set_aside(harness: Harne
     # Given a dead letter whose job id is a tenant's share item's key (sent by hand, mis-wired)
     body = json.dumps({"job_id": _share_key(harness)})
     letters = _letters(harness, [body])
-    dlq = harness.stack.lane_dlq_urls["high"]
     # When the dead-letter function takes it
-    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    answer = _handled(harness, letters)
     # Then it is poison, set aside: not failed back into the DLQ to come back for 14 days
     assert answer["batchItemFailures"] == []
     assert [message["Body"] for message in _poison(harness)] == [body]
@@ -202,9 +204,8 @@ def test_a_dead_letter_with_a_redrive_round_no_table_can_hold_is_set_aside(harne
     (message,) = harness.receive(harness.stack.lane_queue_urls["high"])
     body = json.dumps(json.loads(message["Body"]) | {"redrive_round": 10**130 + 7})
     letters = _letters(harness, [body])
-    dlq = harness.stack.lane_dlq_urls["high"]
     # When the dead-letter function takes it
-    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    answer = _handled(harness, letters)
     # Then it is poison, set aside; the job itself is untouched
     assert answer["batchItemFailures"] == []
     assert [m["Body"] for m in _poison(harness)] == [body]
@@ -282,9 +283,8 @@ def test_a_dead_letter_naming_a_job_id_sqs_cannot_carry_in_a_note_is_set_aside_w
     # body, which SQS takes)
     body = json.dumps({"job_id": "job_\u0001x", "lane": "high"})
     letters = _letters(harness, [body])
-    dlq = harness.stack.lane_dlq_urls["high"]
     # When the dead-letter function takes it
-    answer = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    answer = _handled(harness, letters)
     # Then it is set aside with its notes, the reason's character escaped: SQS refuses it in an
     # attribute's value (hunt 276: the set-aside failed at every try, for the DLQ's 14 days)
     assert answer["batchItemFailures"] == []
