@@ -87,6 +87,15 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
             ],
             "default_lane": "a-b",
         },
+        # (a lane's queue id taken by another lane's DLQ, or by the poison queue: hunt 280)
+        {
+            "lanes": [
+                {"name": "a", "tiers": ["x"], "max_concurrency": 2},
+                {"name": "a-dlq", "tiers": ["y"], "max_concurrency": 2},
+            ],
+            "default_lane": "a",
+        },
+        {"lanes": [{"name": "poison", "tiers": ["x"], "max_concurrency": 2}], "default_lane": "poison"},
         # (tiers no tenant can be made in: `llmq tenants create` refuses them; hunt 263)
         {"fair_share": {"tiers": {"pro plan": {}}}},
         {"fair_share": {"tiers": {"pró": {}}}},

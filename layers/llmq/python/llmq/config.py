@@ -393,6 +393,22 @@ def _distinct_ids(what: str, names: list[str]) -> None:
             raise ValueError(f"{what}: {other!r} and {name!r} would name the same resources; rename one")
 
 
+def _lane_ids_free(names: list[str]) -> None:
+    """Lane names whose queues would take another's id in the lanes' construct (hunt 280):
+    lane `x`'s DLQ is `XDlq`, so lanes `a` and `a-dlq` clash, and `Poison` is the poison
+    queue's. The synth failed with a construct clash that named no setting."""
+    parts = {id_part(name): name for name in names}
+    for name in names:
+        part = id_part(name)
+        if part == "Poison":
+            raise ValueError(f"lane names: {name!r} would name the poison queue's resources; rename it")
+        if part.endswith("Dlq") and part[: -len("Dlq")] in parts:
+            raise ValueError(
+                f"lane names: {name!r} would name the resources of lane {parts[part[: -len('Dlq')]]!r}'s "
+                "DLQ; rename one"
+            )
+
+
 def batch_cap(cap: int, reserve: float) -> int:
     """A tenant's batch items running at once in a lane where its cap is `cap`: the cap less
     the reserve for its other jobs (`reserve` of the cap, rounded up), at least one. A cap of
@@ -518,6 +534,7 @@ class LlmqConfig(_Frozen):
         if len(set(names)) != len(names):
             raise ValueError(f"lane names must be unique: {names}")
         _distinct_ids("lane names", names)
+        _lane_ids_free(names)
         # (each tier's usage plan is named, and its resources called, by the tier; the plan of
         # tiers not listed is `default`'s)
         if any(tier.lower() == "default" for tier in self.fair_share.tiers):
