@@ -13,9 +13,11 @@ from llmq.errors import (
     JobNotFound,
     JobNotTerminal,
     QuotaExceeded,
+    StoreContended,
     UnknownModel,
 )
 from llmq.intake import JobIntake
+from llmq.job_record import JobRecord
 from llmq.models import DeliveryStatus, JobRequest, JobStatus, WebhookEvent, WebhookSubscription
 from llmq.tenants import TenantIdentity
 from tests.support.stores import Clock, InMemoryBlobs, InMemoryJobs, InMemoryQueues, job_record
@@ -253,6 +255,28 @@ def test_a_finished_job_cannot_be_canceled() -> None:
     with pytest.raises(JobNotCancelable):
         world.intake.cancel(ACME, "job_1")
     assert world.jobs.records["job_1"].status is JobStatus.SUCCEEDED
+
+
+def test_a_job_that_moves_at_every_try_to_cancel_it_is_a_503_to_retry_not_finished() -> None:
+    # Given a job claimed and handed back between each of the cancel's reads and its write
+    world = World()
+    job_id = world.submit()
+    read = world.jobs.get
+
+    def moving(job_id: str, tenant_id: str) -> JobRecord:
+        job = read(job_id, tenant_id)
+        flipped = JobStatus.RUNNING if job.status is JobStatus.QUEUED else JobStatus.QUEUED
+        world.jobs.records[job_id] = job.model_copy(update={"status": flipped, "lease_owner": "w"})
+        return job
+
+    world.jobs.get = moving  # type: ignore[method-assign]
+    # When the client cancels it
+    with pytest.raises(StoreContended):
+        world.intake.cancel(ACME, job_id)
+    # Then it is answered as contention to retry, not as a job already finished, which it
+    # is not; and nothing ended it
+    assert not world.jobs.records[job_id].status.is_terminal
+    assert world.queues.webhooks == []
 
 
 # ---- redeliver --------------------------------------------------------------------------

@@ -612,7 +612,8 @@ class JobIntake:
                 return done
         if unanswered is not None:
             raise unanswered
-        raise JobNotCancelable(f"job {job_id} changed state while being canceled; retry")
+        # (not a 409: the job has not ended, and a client does not retry "already finished")
+        raise StoreContended(f"job {job_id} changed state at each try to cancel it; retry")
 
     def _cancel_once(self, job: JobRecord, token: str) -> tuple[JobRecord, bool] | None:
         """One write of `_cancel` for the job as read; None when the job moved on meanwhile."""
