@@ -400,3 +400,33 @@ def test_an_ended_batch_kept_past_its_items_answers_410_not_queued_lines_for_ite
     # And a page of the items still kept is answered as before
     lines, _ = _results(harness, batch_id, cursor="1")
     assert [line["status"] for line in lines] == ["succeeded"]
+
+
+def test_a_file_written_after_an_items_ttl_deletion_says_it_ended_with_its_outcome_gone(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose end came late, after DynamoDB's TTL deleted an item that had ended well
+    before it, writes that item's line as ended with its outcome gone (hunt 282: `queued`, in
+    a `completed` batch's file, which a client would have submitted again)."""
+    harness = Harness(moto_stack, integration_config(provider, retention_days=1), monkeypatch)
+    batch_id = _submit(harness, requests=_requests(2)).body["id"]
+    # Given a batch whose items all ended, its file not yet written
+    _run_lane(harness)
+    _reset(harness, batch_id)
+    assert _stored(harness, batch_id).status is BatchStatus.FINALIZING
+    # (as DynamoDB's TTL deletes an item whose own retention ended before its batch's)
+    harness.ddb.delete_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item_job_id(batch_id, 0)}})
+    # When a worker writes its file
+    _expander(harness).expand(batch_id, lambda: 300)
+    # Then the batch ends with both counted, and the deleted item's line says it expired,
+    # its outcome gone, not that it waits to run
+    ended = _stored(harness, batch_id)
+    assert ended.status is BatchStatus.COMPLETED
+    assert ended.final_counts is not None and ended.final_counts.succeeded == 2
+    lines = _file_lines(ended)
+    assert [(line["custom_id"], line["status"]) for line in lines] == [
+        ("item-0", "expired"),
+        ("item-1", "succeeded"),
+    ]
+    assert lines[0]["error"]["retryable"] is False
+    assert "counts only" in lines[0]["error"]["message"]

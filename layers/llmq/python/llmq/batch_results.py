@@ -19,7 +19,7 @@ from llmq.batch_requests import StoredRequests
 from llmq.batches import BatchRecord, BatchRepository, item_job_id, out_of_time, send_expand
 from llmq.config import LlmqConfig
 from llmq.job_record import JobRecord
-from llmq.models import BatchResultLine, JobStatus
+from llmq.models import BatchResultLine, ErrorCode, JobError, JobStatus
 from llmq.payloads import UploadDone
 from llmq.ports import BlobStore, QueueStore
 from llmq.telemetry import logger
@@ -58,9 +58,24 @@ def result_line(
 ) -> BatchResultLine:
     """Item `index`'s line. A result too large to inline, or held in S3, is its job's URL to GET
     (relative, `/v1/jobs/{id}`, where no API base is known: in the results file)."""
+    if job is None and index < batch.expanded:
+        # Written, and gone since: DynamoDB's TTL deleted an item that ended well before its
+        # batch, which came late to its end (hunt 282: its line read `queued`, and a client
+        # would have submitted it again). Its outcome is in the batch's counts only.
+        return BatchResultLine(
+            custom_id=names.get(index, ""),
+            job_id=item_job_id(batch.id, index),
+            status=JobStatus.EXPIRED,
+            error=JobError(
+                code=ErrorCode.DEADLINE_EXCEEDED,
+                message="The item ended, and its record passed its retention and was deleted "
+                "before this line was written: its outcome is counted in the batch's counts only",
+                retryable=False,
+            ),
+        )
     if job is None:
         # Not written yet: queued, or never to be if its batch was canceled first.
-        never = batch.unexpanded_canceled > 0 and index >= batch.expanded
+        never = batch.unexpanded_canceled > 0
         return BatchResultLine(
             custom_id=names.get(index, ""),
             job_id=item_job_id(batch.id, index),
