@@ -92,8 +92,9 @@ class LlmqStack(cdk.Stack):
             payloads_removal_policy=kept_once_created,
             deletion_protection=not settings.sandbox,
             # A job's payloads outlive its item: the retention, and the longest a terminal event's
-            # delivery may keep the item past it (a redelivery near the end), and a day.
-            payload_days=config.retention_days + math.ceil(config.terminal_event_seconds / 86_400) + 1,
+            # delivery may keep the item past it (a round whose receiver asks the longest
+            # Retry-After at each attempt, near the end), and a day.
+            payload_days=config.retention_days + math.ceil(config.delivery_keep_seconds / 86_400) + 1,
         )
         self.provider_secret = ProviderSecretConstruct(self, "Provider", removal_policy=kept_once_created)
         self.lanes = LanesConstruct(self, "Lanes", config=config)

@@ -721,7 +721,7 @@ def test_payloads_outlive_the_longest_a_late_webhook_keeps_their_job(synthesized
     (bucket,) = synthesized.template.of_type("AWS::S3::Bucket").values()
     rules = bucket["Properties"]["LifecycleConfiguration"]["Rules"]
     (general,) = [rule for rule in rules if "Prefix" not in rule and "Filter" not in rule]
-    item_life = config.retention_seconds + config.terminal_event_seconds
+    item_life = config.retention_seconds + config.delivery_keep_seconds
     assert general["ExpirationInDays"] * 86_400 >= item_life + 86_400
 
 

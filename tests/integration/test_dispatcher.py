@@ -587,6 +587,33 @@ def test_a_long_retry_after_near_the_end_of_the_retention_keeps_the_job_for_that
     assert stage.delivery().status == "pending"
 
 
+def test_a_long_retry_after_never_keeps_the_job_past_its_retention_and_one_slowest_round(
+    stage: Stage,
+) -> None:
+    """However often a tenant redelivers and its receiver asks for the longest wait, its job is
+    kept no longer than its payloads are (hunt 281: each round's Retry-After kept it again, for
+    good, past its S3 objects' lifetime, and GET then failed)."""
+    # Given a job kept past its retention by earlier rounds, within an hour of the longest any
+    # job is kept, and a receiver that asks to be tried in 2 h
+    _job_asked_for_later_near_its_end(stage)
+    bound = int(time.time()) + 3600
+    created_ms = (bound - stage.config.retention_seconds - stage.config.delivery_keep_seconds) * 1000
+    aws.client("dynamodb").update_item(
+        TableName=stage.stack.jobs_table,
+        Key={"pk": {"S": "job_hooked"}},
+        UpdateExpression="SET created_ms = :created",
+        ExpressionAttributeValues={":created": {"N": str(created_ms)}},
+    )
+    # When the attempt is answered so
+    stage.dispatch()
+    # Then the attempt is still scheduled as asked, and the job kept to the bound, not past it
+    assert stage.visibility_changes and stage.visibility_changes[0] >= 7200
+    item = aws.client("dynamodb").get_item(TableName=stage.stack.jobs_table, Key={"pk": {"S": "job_hooked"}})[
+        "Item"
+    ]
+    assert int(item["expires_at"]["N"]) == stage.config.kept_until_s(created_ms) == bound
+
+
 @pytest.mark.parametrize(
     ("kind", "nth"),
     [(FaultKind.APPLIED_LOST, 1), (FaultKind.THROTTLE, 2)],

@@ -653,6 +653,7 @@ class ObservedJobRepository(JobRepository):
         log_seq: int = 0,
         carrier: str | None = None,
         expires_at: int | None = None,
+        created_ms: int | None = None,
     ) -> bool:
         before = self.observer.seen.get(job_id)
         try:
@@ -667,6 +668,7 @@ class ObservedJobRepository(JobRepository):
                 log_seq=log_seq,
                 carrier=carrier,
                 expires_at=expires_at,
+                created_ms=created_ms,
             )
         except StoreUnavailable:
             if self.observer.seen.get(job_id) is not before:  # applied, its answer lost

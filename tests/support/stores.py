@@ -642,6 +642,7 @@ class InMemoryJobs:
         log_seq: int = 0,
         carrier: str | None = None,
         expires_at: int | None = None,
+        created_ms: int | None = None,
     ) -> bool:
         old = self.records.get(job_id)
         movable = {DeliveryStatus.PENDING}
@@ -681,6 +682,8 @@ class InMemoryJobs:
             keep_until_s = (
                 changes["delivery_next_ms"] // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
             )
+            if created_ms is not None:
+                keep_until_s = min(keep_until_s, self.config.kept_until_s(created_ms))
             kept = expires_at is not None and self.now_ms() // 1000 < expires_at < keep_until_s
             # (as the repository: never for a batch's item, never shorter than stored)
             if kept and old.batch_id is None and old.expires_at < keep_until_s:

@@ -745,6 +745,20 @@ class LlmqConfig(_Frozen):
         schedule = math.ceil(sum(self.webhooks.schedule_seconds) * (1 + self.webhooks.jitter_fraction))
         return schedule + 3 * self.reconciler.stale_webhook_seconds
 
+    @property
+    def delivery_keep_seconds(self) -> int:
+        """The longest a job or batch is kept past its retention for its terminal event: one
+        round at its slowest, every attempt's wait the longest receiver's Retry-After honoured
+        (`MAX_REDELIVERY_DELAY_SECONDS`), and three sweeps. However often it is redelivered,
+        and whatever its receiver asks, never longer (hunt 281: each round's Retry-After kept
+        it again, for good, past its S3 payloads' lifetime); its payloads outlive this."""
+        slowest = len(self.webhooks.schedule_seconds) * MAX_REDELIVERY_DELAY_SECONDS
+        return max(self.terminal_event_seconds, slowest + 3 * self.reconciler.stale_webhook_seconds)
+
+    def kept_until_s(self, created_ms: int) -> int:
+        """The latest a job or batch created at `created_ms` is ever kept (epoch seconds)."""
+        return created_ms // 1000 + self.retention_seconds + self.delivery_keep_seconds
+
     def to_env(self) -> str:
         return self.model_dump_json(exclude_defaults=True)
 

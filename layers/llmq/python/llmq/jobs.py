@@ -1239,11 +1239,13 @@ class JobRepository:
         log_seq: int = 0,
         carrier: str | None = None,
         expires_at: int | None = None,
+        created_ms: int | None = None,
     ) -> bool:
         """One UpdateItem per delivery attempt. Pending keeps the job in the reconciler's index.
         With the job's `expires_at` as read, a next attempt due after it (a receiver's long
         Retry-After near the end of the retention) keeps the job until then, or that attempt
-        would find no job.
+        would find no job; with its `created_ms`, never past its retention and
+        `delivery_keep_seconds`.
         A pending one names the message that carries its next attempt (`carrier`), if known.
 
         `attempt` goes into the delivery log in the same write, in the slot of `log_seq` (the
@@ -1315,6 +1317,8 @@ class JobRepository:
             sets.append("delivery_next_ms = :next")
             values["next"] = next_attempt_at_ms if next_attempt_at_ms is not None else now + wait_ms
             keep_until_s = values["next"] // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
+            if created_ms is not None:
+                keep_until_s = min(keep_until_s, self.config.kept_until_s(created_ms))
             if (
                 expires_at is not None
                 and now // 1000 < expires_at < keep_until_s

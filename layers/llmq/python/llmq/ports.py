@@ -113,6 +113,7 @@ class JobStore(Protocol):
         log_seq: int = ...,
         carrier: str | None = None,
         expires_at: int | None = None,
+        created_ms: int | None = None,
     ) -> bool: ...
     def mark_webhook_gone(self, job_id: str) -> None: ...
     def mark_delivery_pending(

@@ -462,6 +462,7 @@ class WebhookDispatcher:
             batch.delivery_log_seq,
             batch.expires_at,
             receive,
+            batch.created_ms,
         ):
             return await self._after_a_batch_copy_counted(batch_id, receive, delivery_round)
         return outcome
@@ -994,6 +995,7 @@ class WebhookDispatcher:
             log_seq=job.delivery_log_seq,
             carrier=carrier,
             expires_at=job.expires_at,
+            created_ms=job.created_ms,
         )
 
 
