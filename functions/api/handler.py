@@ -370,6 +370,12 @@ _METHODS = [
 def handle_not_found(exc: NotFoundError) -> Response[Any]:
     path = app.current_event.path
     allowed = next((methods for pattern, methods in _METHODS if pattern.match(path)), None)
+    if allowed is not None and app.current_event.http_method in allowed.split(", "):
+        # A path of a route's shape, asked with a method the route takes, that the router did
+        # not match: an id holding a character the router's pattern has not (`"`, `\`, a
+        # control character), as an id's pattern would refuse it percent-encoded (hunt 281: a
+        # 405 saying "use GET" to a GET).
+        return handle_domain_error(errors.InvalidRequest("the path holds an id with a character no id has"))
     if allowed is not None:
         entry = errors.METHOD_NOT_ALLOWED
         return _problem_response(entry.status, problem(entry, f"use {allowed}"), {"Allow": allowed})

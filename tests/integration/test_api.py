@@ -821,6 +821,26 @@ def test_every_path_of_the_api_answers_another_method_405_with_what_it_allows(ha
 
 
 @pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", '/v1/jobs/job_a"b'),
+        ("GET", "/v1/jobs/job_a\\b/events"),
+        ("POST", "/v1/jobs/job_a\x01b/cancel"),
+        ("GET", '/v1/batches/bat_a"b/results'),
+    ],
+)
+def test_an_id_with_a_character_the_router_takes_not_is_422_not_405_to_the_method_it_used(
+    harness: Harness, method: str, path: str
+) -> None:
+    # When a client asks a route with the method it takes, an id holding a raw `"`, `\` or a
+    # control character (the router's pattern has none of them)
+    reply = harness.api(method, path, tenant=ENTERPRISE)
+    # Then it is the 422 the same id percent-encoded gets, not a 405 "use GET" to a GET
+    assert (reply.status, reply.code) == (422, "invalid_request"), reply.body
+    _nothing_changed(harness)
+
+
+@pytest.mark.parametrize(
     ("domain", "requested", "base"),
     [
         # The execute-api domain: the stage comes first (a path without it is a 403 on AWS)
