@@ -285,3 +285,29 @@ def test_a_rate_plan_whose_create_was_applied_and_retried_leaves_one_plan_and_la
     assert [(plan["id"], plan["throttle"]) for plan in holding] == [
         (own[0]["id"], {"rateLimit": 50.0, "burstLimit": 100})
     ]
+
+
+def test_a_key_whose_create_was_applied_and_retried_is_the_tenants_one_key(
+    plans: Plans, moto_stack: MotoStack
+) -> None:
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    tenants = TenantRepository(
+        moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
+    )
+    # Given a tenant's CreateApiKey that API Gateway applied with its answer lost, and
+    # botocore's retry of the same value (refused: a key's value is unique)
+    faults = AwsFaults()
+    faults.arm(FaultKind.APPLIED_RETRIED, "apigateway.CreateApiKey")
+    try:
+        created = tenants.create("Acme", "enterprise", tenant_id="ten_retried")
+    finally:
+        faults.disarm()
+    assert len(faults.fired) == 1
+    # Then the tenant is made, with the one key the create made, in its tier's plan (hunt 285:
+    # the command stopped with the ConflictException, for the operator to run again)
+    apigateway = aws.client("apigateway")
+    keys = [key for key in apigateway.get_api_keys()["items"] if key.get("customerId") == "ten_retried"]
+    assert [key["id"] for key in keys] == [created.tenant.usage_key_id]
+    holding = apigateway.get_usage_plans(keyId=created.tenant.usage_key_id)["items"]
+    assert [plan["id"] for plan in holding] == [plans.ids["enterprise"]]

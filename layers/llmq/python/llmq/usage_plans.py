@@ -72,6 +72,10 @@ class UsagePlanError(RuntimeError):
 _MADE_FOR = "; made for usage plan "
 
 
+def _conflict(exc: ClientError) -> bool:
+    return bool(exc.response.get("Error", {}).get("Code") == "ConflictException")
+
+
 class ApiGatewayUsagePlans:
     """Tenants' API keys and usage plans, through API Gateway's own API.
 
@@ -95,18 +99,25 @@ class ApiGatewayUsagePlans:
         plan = self.tier_plan(tier)
         key = self._unrecorded_key(tenant_id, plan)
         if key is None:
-            created = self._apigw.create_api_key(
-                name=tenant_plan_name(tenant_id),
-                description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer){_MADE_FOR}{plan}",
-                enabled=True,
-                value=value,
-                customerId=tenant_id,
-            )
-            key = UsageKey(id=created["id"], value=value)
+            try:
+                created = self._apigw.create_api_key(
+                    name=tenant_plan_name(tenant_id),
+                    description=f"llmq: request rate of tenant {tenant_id} (returned by the authorizer){_MADE_FOR}{plan}",
+                    enabled=True,
+                    value=value,
+                    customerId=tenant_id,
+                )
+                key = UsageKey(id=created["id"], value=value)
+            except ClientError as exc:
+                # A key's value is unique: botocore's retry of a create applied with its answer
+                # lost is refused, and the key it made is this call's (hunt 285).
+                key = self._unrecorded_key(tenant_id, plan) if _conflict(exc) else None
+                if key is None:
+                    raise
         try:
             self._apigw.create_usage_plan_key(usagePlanId=plan, keyId=key.id, keyType="API_KEY")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConflictException":
+            if not _conflict(exc):
                 raise  # (ConflictException: the key is in the plan already)
         return key
 
