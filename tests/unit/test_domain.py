@@ -87,6 +87,17 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
             ],
             "default_lane": "a-b",
         },
+        # (a margin a run outlasts: a job claimed just before it ends after its retention)
+        {
+            "retention_days": 1,
+            "reconciler": {
+                "retention_margin_seconds": 600,
+                "stale_queued_seconds": 100,
+                "schedule_minutes": 1,
+            },
+            "fair_share": {"max_deferral_seconds": 200},
+            "worker": {"timeout_seconds": 900},
+        },
         # (a lane's queue id taken by another lane's DLQ, or by the poison queue: hunt 280)
         {
             "lanes": [

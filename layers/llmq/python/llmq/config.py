@@ -585,6 +585,13 @@ class LlmqConfig(_Frozen):
                 f"({between_claims:g} s): a batch's queued item, deferred at its tenant's cap, is looked "
                 "at only by its own claims, at most two deferrals apart"
             )
+        a_run = self.worker.timeout_seconds + self.lease_margin_seconds
+        if self.reconciler.retention_margin_seconds <= a_run:
+            raise ValueError(
+                "reconciler.retention_margin_seconds must be more than worker.timeout_seconds plus "
+                f"lease_margin_seconds ({a_run} s): a job claimed just before the margin would end "
+                "after its retention, its paid result gone to every read (hunt 283)"
+            )
         if self.reconciler.retention_margin_seconds * 2 > self.retention_seconds:
             raise ValueError(
                 "reconciler.retention_margin_seconds must be at most half the retention "
