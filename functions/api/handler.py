@@ -506,10 +506,13 @@ def _responses(success: int, description: str, model: type = Job, *errors_: int)
 ANSWER_RESERVE_SECONDS = 4.0
 # What an answer needs after a send given up (`aws.answering_by`): its job's mark for the
 # reconciler (one write, which botocore's retries of two throttles can stretch to a few
-# seconds: review 262 saw a 1 s reserve overrun) and the response. Less than a wait's: a
+# seconds: review 262 saw a 1 s reserve overrun; given up itself, should DynamoDB stall) and
+# the response. Less than a wait's: a
 # request that comes late (a cold start, a slow authorizer) still sends its job's message,
 # rather than leave the job to the reconciler's next sweep.
 SEND_RESERVE_SECONDS = 2.5
+# What the answer needs after that mark, should it be given up too (`aws.answering_by`).
+MARK_RESERVE_SECONDS = 0.5
 
 
 def _wait_budget(requested: float) -> float:
@@ -1158,7 +1161,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # making an accepted submit, or a done cancel, a 504 whose retry paid twice or met a 409.
     received_ms = (event.get("requestContext") or {}).get("requestTimeEpoch")
     left = _seconds_left(received_ms if isinstance(received_ms, int) else None, context)
-    with aws.answering_by(time.monotonic() + left - SEND_RESERVE_SECONDS):
+    now = time.monotonic()
+    with aws.answering_by(now + left - SEND_RESERVE_SECONDS, marks_by=now + left - MARK_RESERVE_SECONDS):
         return app.resolve(event, context)
 
 

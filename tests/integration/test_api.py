@@ -1025,27 +1025,29 @@ class _Released(Exception):
 
 
 @contextmanager
-def _stalled_sends(count: int | None = None) -> Iterator[list[str]]:
+def _stalled_sends(
+    count: int | None = None, service: str = "sqs", operation: str = "SendMessage"
+) -> Iterator[list[str]]:
     """SQS answering no SendMessage (a brownout: the connection open, no answer) while the block
     runs, or only its first `count`; each stalled call fails when it ends, so none sends
-    anything afterwards."""
+    anything afterwards. (Or another service's `operation`.)"""
     release, stalled, ended = threading.Event(), [], []
 
     def stall(**_: Any) -> None:
         if count is not None and len(stalled) >= count:
             return
-        stalled.append("SendMessage")
+        stalled.append(operation)
         release.wait(60)
-        ended.append("SendMessage")
+        ended.append(operation)
         raise _Released
 
-    events = aws.client("sqs").meta.events
-    events.register("before-send.sqs.SendMessage", stall, unique_id="stalled-sends")
+    events = aws.client(service).meta.events
+    events.register(f"before-send.{service}.{operation}", stall, unique_id=f"stalled-{operation}")
     try:
         yield stalled
     finally:
         release.set()
-        events.unregister("before-send.sqs.SendMessage", unique_id="stalled-sends")
+        events.unregister(f"before-send.{service}.{operation}", unique_id=f"stalled-{operation}")
         deadline = time.monotonic() + 5
         while len(ended) < len(stalled) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -1078,6 +1080,28 @@ def test_a_submit_or_a_cancel_whose_send_stalls_still_answers_before_api_gateway
     assert len(stalled) >= 2
     assert (reply.status, canceled.status, canceled.body["status"]) == (202, 200, "canceled")
     assert submitted < 9.0 and cancel_took < 9.0, (submitted, cancel_took)
+    assert harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+def test_a_submit_whose_send_and_its_mark_for_the_reconciler_stall_is_still_accepted_in_time(
+    harness: Harness,
+) -> None:
+    # Given a request API Gateway received 20 s ago (9 s of its 29 left), SQS answering no
+    # send, and DynamoDB then answering no write: the mark that puts the job first for the
+    # reconciler takes botocore's three 10 s tries
+    late = {"requestTimeEpoch": int((time.time() - 20.0) * 1000)}
+    with _stalled_sends() as sends, _stalled_sends(service="dynamodb", operation="UpdateItem") as marks:
+        # When a client submits a job
+        started = time.monotonic()
+        reply = harness.api(
+            "POST", "/v1/jobs", body={"prompt": "hello"}, tenant=ENTERPRISE, request_context=late
+        )
+        took = time.monotonic() - started
+    # Then it is accepted before API Gateway gives up (review 263: the mark ran past it, and
+    # the accepted submit was a 504 its client retried into a second, paid job); the job
+    # waits, queued, for the reconciler's sweep
+    assert sends and marks
+    assert reply.status == 202 and took < 9.0, (reply.status, took)
     assert harness.api("GET", f"/v1/jobs/{reply.body['id']}", tenant=ENTERPRISE).body["status"] == "queued"
 
 

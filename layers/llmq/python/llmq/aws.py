@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 from botocore.config import Config
@@ -178,16 +178,22 @@ def get_items(
 # each request (`answering_by`): a bounded client's call AWS has not answered by then is
 # given up (`TranslatedClient`).
 _answer_by: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmq_answer_by", default=None)
+# When the marks after a send (`TranslatedClient(bounded="marks")`) must end: later than the
+# sends, which leave them time.
+_marks_by: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmq_marks_by", default=None)
 
 
 @contextmanager
-def answering_by(deadline: float) -> Iterator[None]:
+def answering_by(deadline: float, marks_by: float | None = None) -> Iterator[None]:
     """Calls of bounded clients (`TranslatedClient(bounded=True)`) made inside end by
-    `deadline` (`time.monotonic()`), answered or not."""
+    `deadline` (`time.monotonic()`), answered or not; those of clients bounded for marks, by
+    `marks_by`."""
     token = _answer_by.set(deadline)
+    marks = _marks_by.set(marks_by)
     try:
         yield
     finally:
+        _marks_by.reset(marks)
         _answer_by.reset(token)
 
 
@@ -226,9 +232,12 @@ class TranslatedClient:
     to interpret. A `bounded` one's calls inside `answering_by` end by its deadline, as
     StoreUnavailable if AWS has not answered: sends whose failure the caller survives (a lost
     lane message or event is the reconciler's to send), not writes it must know the fate of.
+    One bounded for "marks" ends by the later deadline `answering_by` gives the marks that
+    follow a send given up (a job put first for the reconciler's sweep), which the caller
+    survives too: a stalled one made an accepted submit a 504 (review 263).
     """
 
-    def __init__(self, boto_client: Any, *, bounded: bool = False) -> None:
+    def __init__(self, boto_client: Any, *, bounded: bool | Literal["marks"] = False) -> None:
         self._client = boto_client
         self._bounded = bounded
 
@@ -236,7 +245,9 @@ class TranslatedClient:
         method = getattr(self._client, operation)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            deadline = _answer_by.get() if self._bounded else None
+            deadline = (
+                (_marks_by if self._bounded == "marks" else _answer_by).get() if self._bounded else None
+            )
             try:
                 if deadline is not None:
                     what = f"{_service_name(self._client)}.{operation}"

@@ -204,6 +204,8 @@ class JobRepository:
         self.config = config
         self._clock = clock
         self._ddb = aws.TranslatedClient(dynamodb)
+        # (a request's marks after a send it gave up end in time for its answer: `sweep_first`)
+        self._marks = aws.TranslatedClient(dynamodb, bounded="marks")
         self._rng = random.Random()
         # The read after each claim, gathered with those of the batch's other claims.
         self.claimed_reads = GatheredReads(self._read_items)
@@ -1693,7 +1695,9 @@ class JobRepository:
             condition += " AND sweep_at = :accepted_at AND attribute_not_exists(looked_ms)"
             values["accepted_at"] = self._queued_due(unlooked.created_ms, unlooked.deadline_ms)
         try:
-            self._ddb.update_item(
+            # (bounded in a request: should DynamoDB stall, the job waits for its place in the
+            # sweep, rather than the accepted submit be a 504 its client retries into a second)
+            self._marks.update_item(
                 TableName=self.table_name,
                 Key={"pk": {"S": job_id}},
                 UpdateExpression="SET sweep_at = :first",
