@@ -100,6 +100,9 @@ def test_a_job_without_stream_gets_status_and_done_and_another_tenant_gets_404(h
     events = _events(str(got.body))
     assert [(event, event_id) for event, event_id, _ in events] == [("status", None), ("done", "done")]
     assert json.loads(events[1][2])["status"] == "succeeded"
+    # (`done` is the job exactly as GET shows it, its null fields too: hunt 290)
+    shown = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert json.loads(events[1][2]) == shown and shown["error"] is None
     foreign = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=FREE)
     assert (foreign.status, foreign.code) == (404, "job_not_found")
     # And a reconnect after `done` is answered 204, which ends an EventSource for good

@@ -283,7 +283,8 @@ def delta_events(deltas: Iterable[OutputDelta]) -> str:
 
 
 def done_event(job: Job) -> str:
-    return sse_event("done", job.model_dump_json(exclude_none=True), DONE_ID)
+    # (every field, nulls too, as GET and the webhook show it: docs/streaming.md; hunt 290)
+    return sse_event("done", job.model_dump_json(), DONE_ID)
 
 
 def retry_hint(retry_ms: int) -> str:
