@@ -612,7 +612,14 @@ class JobIntake:
                 return done
         if unanswered is not None:
             raise unanswered
-        # (not a 409: the job has not ended, and a client does not retry "already finished")
+        # Moved at each try: ended meanwhile (a worker's write came first), it is answered as
+        # ended; else contention to retry, not a 409 (a client does not retry "already finished"
+        # for a job that has not ended; review 264: nor a 503 for one that has).
+        job = self.jobs.get(job_id, tenant_id)
+        if job.status is JobStatus.CANCELED and job.last_write == token:
+            return job, True
+        if job.status.is_terminal:
+            raise JobNotCancelable(f"job {job_id} is {job.status.value}")
         raise StoreContended(f"job {job_id} changed state at each try to cancel it; retry")
 
     def _cancel_once(self, job: JobRecord, token: str) -> tuple[JobRecord, bool] | None:
