@@ -1460,35 +1460,47 @@ def test_a_batch_past_its_retention_sends_no_webhook(harness: Harness, receiver:
     assert [delivery for delivery in receiver.deliveries() if delivery.path == path] == []
 
 
-@pytest.mark.parametrize("kept_long", [False, True], ids=["within-its-retention", "near-the-longest-keep"])
+@pytest.mark.parametrize(
+    "case", ["within-its-retention", "near-the-longest-keep", "ended-after-its-retention"]
+)
 def test_a_long_retry_after_near_the_end_of_a_batchs_retention_keeps_the_batch_for_that_attempt(
-    harness: Harness, receiver: WebhookReceiver, kept_long: bool
+    harness: Harness, receiver: WebhookReceiver, case: str
 ) -> None:
     # Given an ended batch whose retention ends in a minute, and a receiver that asks for 2 h;
     # or one already kept past its retention by earlier rounds, within an hour of the longest
-    # any batch is kept
-    path = f"/batch-later-{kept_long}"
+    # any batch is kept; or one that ended (its results file late) after its retention
+    path = f"/batch-later-{case}"
     receiver.script(path, Answer(429, {"Retry-After": "7200"}))
     dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
     _batch_expires_in(harness, batch_id, 60)
-    bound = int(time.time()) + 3600
-    created_ms = (bound - harness.config.retention_seconds - harness.config.delivery_keep_seconds) * 1000
-    if kept_long:
+    config = harness.config
+    now = int(time.time())
+    created_ms = (now + 3600 - config.retention_seconds - config.delivery_keep_seconds) * 1000
+    ended_s = now + 60 - config.terminal_event_seconds
+    changes = {
+        "within-its-retention": {},
+        "near-the-longest-keep": {":created": created_ms, ":ended": created_ms + 60_000},
+        "ended-after-its-retention": {":created": created_ms, ":ended": ended_s * 1000},
+    }[case]
+    if changes:
+        assert ended_s > created_ms // 1000 + config.retention_seconds
+        sets = ["created_ms = :created", "finished_ms = :ended"]
         aws.client("dynamodb").update_item(
             TableName=harness.stack.jobs_table,
             Key=batch_key(batch_id),
-            UpdateExpression="SET created_ms = :created",
-            ExpressionAttributeValues={":created": {"N": str(created_ms)}},
+            UpdateExpression="SET " + ", ".join(sets),
+            ExpressionAttributeValues={name: {"N": str(value)} for name, value in changes.items()},
         )
     # When the first attempt is answered so
     _dispatch_all(harness, dispatcher)
     assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [429]
-    # Then the batch is kept until that attempt can still find it; but never past the bound
-    # (hunt 281: each round's Retry-After kept it again, past its S3 objects' lifetime)
+    # Then the batch is kept until that attempt can still find it; but never past its
+    # retention (or its late end: review 264) and the longest round (hunt 281: each round's
+    # Retry-After kept it again, past its S3 objects' lifetime)
     batch = _stored(harness, batch_id)
     assert batch.delivery_status is DeliveryStatus.PENDING
-    if kept_long:
-        assert batch.expires_at == harness.config.kept_until_s(created_ms) == bound
+    if case == "near-the-longest-keep":
+        assert batch.expires_at == config.kept_until_s(created_ms) == now + 3600
     else:
         assert batch.expires_at >= time.time() + 7200
 

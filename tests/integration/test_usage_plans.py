@@ -287,27 +287,42 @@ def test_a_rate_plan_whose_create_was_applied_and_retried_leaves_one_plan_and_la
     ]
 
 
-def test_a_key_whose_create_was_applied_and_retried_is_the_tenants_one_key(
-    plans: Plans, moto_stack: MotoStack
+@pytest.mark.parametrize("meanwhile", [False, True], ids=["alone", "another-runs-key-made-meanwhile"])
+def test_a_key_whose_create_was_applied_and_retried_is_the_tenants_key(
+    plans: Plans, moto_stack: MotoStack, meanwhile: bool
 ) -> None:
     from tests.aws_faults import AwsFaults, FaultKind
 
     tenants = TenantRepository(
         moto_stack.tenants_table, dynamodb=aws.client("dynamodb"), usage_keys=plans.usage_plans
     )
+    apigateway = aws.client("apigateway")
+    made: list[str] = []
+
+    def another_run(**kwargs: Any) -> None:
+        # (another run's create for the tenant, between this one's look and its create)
+        if meanwhile and not made:
+            made.append("another")
+            params = {**kwargs["params"], "value": "another-runs-value-0123456789abcdef"}
+            made.append(apigateway.create_api_key(**params)["id"])
+
+    apigateway.meta.events.register(
+        "provide-client-params.apigateway.CreateApiKey", another_run, unique_id="h"
+    )
     # Given a tenant's CreateApiKey that API Gateway applied with its answer lost, and
     # botocore's retry of the same value (refused: a key's value is unique)
     faults = AwsFaults()
-    faults.arm(FaultKind.APPLIED_RETRIED, "apigateway.CreateApiKey")
+    faults.arm(FaultKind.APPLIED_RETRIED, "apigateway.CreateApiKey", nth=2 if meanwhile else 1)
     try:
         created = tenants.create("Acme", "enterprise", tenant_id="ten_retried")
     finally:
         faults.disarm()
+        apigateway.meta.events.unregister("provide-client-params.apigateway.CreateApiKey", unique_id="h")
     assert len(faults.fired) == 1
-    # Then the tenant is made, with the one key the create made, in its tier's plan (hunt 285:
-    # the command stopped with the ConflictException, for the operator to run again)
-    apigateway = aws.client("apigateway")
-    keys = [key for key in apigateway.get_api_keys()["items"] if key.get("customerId") == "ten_retried"]
-    assert [key["id"] for key in keys] == [created.tenant.usage_key_id]
+    # Then the tenant is made, with the key its create made (not another run's), in its tier's
+    # plan (hunt 285: the command stopped with the ConflictException, to be run again)
+    keys = {key["id"]: key["value"] for key in apigateway.get_api_keys(includeValues=True)["items"]}
+    assert created.tenant.usage_key_id in keys and created.tenant.usage_key_id not in made
+    assert keys[created.tenant.usage_key_id] != "another-runs-value-0123456789abcdef"
     holding = apigateway.get_usage_plans(keyId=created.tenant.usage_key_id)["items"]
     assert [plan["id"] for plan in holding] == [plans.ids["enterprise"]]

@@ -91,7 +91,7 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {
             "retention_days": 1,
             "reconciler": {
-                "retention_margin_seconds": 600,
+                "retention_margin_seconds": 900,
                 "stale_queued_seconds": 100,
                 "schedule_minutes": 1,
             },
@@ -134,6 +134,23 @@ def test_a_provider_base_url_is_kept_as_written(url: str) -> None:
     config = LlmqConfig.model_validate({"provider": {"base_url": url}})
     assert config.provider.base_url == url
     assert LlmqConfig.model_validate_json(config.model_dump_json()).provider.base_url == url
+
+
+def test_a_retention_margin_just_longer_than_a_run_is_accepted() -> None:
+    # (a takeover after the lease is a claim of its own, refused within the margin: review 264)
+    config = LlmqConfig.model_validate(
+        {
+            "retention_days": 1,
+            "reconciler": {
+                "retention_margin_seconds": 901,
+                "stale_queued_seconds": 100,
+                "schedule_minutes": 1,
+            },
+            "fair_share": {"max_deferral_seconds": 200},
+            "worker": {"timeout_seconds": 900},
+        }
+    )
+    assert config.reconciler.retention_margin_seconds == 901
 
 
 def test_the_config_module_does_not_import_pydantics_url_types() -> None:

@@ -1170,6 +1170,7 @@ class BatchRepository:
         expires_at: int | None = None,
         carrier: str | None = None,
         created_ms: int | None = None,
+        ended_ms: int | None = None,
     ) -> bool:
         """What became of attempt `attempts` of the batch's event, counted only if it is the one
         after those the batch counted (another copy of the message may have counted it first),
@@ -1179,11 +1180,12 @@ class BatchRepository:
         With the batch's `expires_at` as read, a next attempt due after it (a receiver's long
         Retry-After near the end of the retention) keeps the batch until then, first, as a
         job's delivery does (`JobRepository.record_delivery`): the attempt would find no batch.
-        With its `created_ms`, never past its retention and `delivery_keep_seconds`."""
+        With its `created_ms`, never past its retention (or its end, `ended_ms`, if later: review
+        264) and `delivery_keep_seconds`."""
         if status is DeliveryStatus.PENDING and next_attempt_at_ms is not None and expires_at is not None:
             keep_until_s = next_attempt_at_ms // 1000 + 3 * self.config.reconciler.stale_webhook_seconds
             if created_ms is not None:
-                keep_until_s = min(keep_until_s, self.config.kept_until_s(created_ms))
+                keep_until_s = min(keep_until_s, self.config.kept_until_s(created_ms, ended_ms))
             if self.now_ms() // 1000 < expires_at < keep_until_s:
                 self._keep_until(batch_id, keep_until_s)
         sets = ["delivery_status = :status"]

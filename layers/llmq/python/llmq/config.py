@@ -585,11 +585,12 @@ class LlmqConfig(_Frozen):
                 f"({between_claims:g} s): a batch's queued item, deferred at its tenant's cap, is looked "
                 "at only by its own claims, at most two deferrals apart"
             )
-        a_run = self.worker.timeout_seconds + self.lease_margin_seconds
-        if self.reconciler.retention_margin_seconds <= a_run:
+        # (a run ends within the worker's timeout of its claim; a takeover after its lease is
+        # a claim of its own, refused within the margin: review 264)
+        if self.reconciler.retention_margin_seconds <= self.worker.timeout_seconds:
             raise ValueError(
-                "reconciler.retention_margin_seconds must be more than worker.timeout_seconds plus "
-                f"lease_margin_seconds ({a_run} s): a job claimed just before the margin would end "
+                "reconciler.retention_margin_seconds must be more than worker.timeout_seconds "
+                f"({self.worker.timeout_seconds} s): a job claimed just before the margin would end "
                 "after its retention, its paid result gone to every read (hunt 283)"
             )
         if self.reconciler.retention_margin_seconds * 2 > self.retention_seconds:
@@ -762,9 +763,12 @@ class LlmqConfig(_Frozen):
         slowest = len(self.webhooks.schedule_seconds) * MAX_REDELIVERY_DELAY_SECONDS
         return max(self.terminal_event_seconds, slowest + 3 * self.reconciler.stale_webhook_seconds)
 
-    def kept_until_s(self, created_ms: int) -> int:
-        """The latest a job or batch created at `created_ms` is ever kept (epoch seconds)."""
-        return created_ms // 1000 + self.retention_seconds + self.delivery_keep_seconds
+    def kept_until_s(self, created_ms: int, ended_ms: int | None = None) -> int:
+        """The latest a job or batch created at `created_ms` is ever kept (epoch seconds); a
+        batch that ended after its retention (`ended_ms`: its results file came late, and is
+        kept from then), from its end."""
+        since_s = max(created_ms // 1000 + self.retention_seconds, (ended_ms or 0) // 1000)
+        return since_s + self.delivery_keep_seconds
 
     def to_env(self) -> str:
         return self.model_dump_json(exclude_defaults=True)

@@ -111,7 +111,8 @@ class ApiGatewayUsagePlans:
             except ClientError as exc:
                 # A key's value is unique: botocore's retry of a create applied with its answer
                 # lost is refused, and the key it made is this call's (hunt 285).
-                key = self._unrecorded_key(tenant_id, plan) if _conflict(exc) else None
+                # (this call's value: not another run's key, made meanwhile; review 264)
+                key = self._unrecorded_key(tenant_id, plan, value) if _conflict(exc) else None
                 if key is None:
                     raise
         try:
@@ -121,9 +122,9 @@ class ApiGatewayUsagePlans:
                 raise  # (ConflictException: the key is in the plan already)
         return key
 
-    def _unrecorded_key(self, tenant_id: str, plan: str) -> UsageKey | None:
+    def _unrecorded_key(self, tenant_id: str, plan: str, value: str | None = None) -> UsageKey | None:
         """A key made for this tenant for `plan` (this stack's: another stack in the account
-        may have a tenant of the same id), enabled."""
+        may have a tenant of the same id), enabled; of `value`, if given."""
         name = tenant_plan_name(tenant_id)
         found = self._apigw.get_api_keys(nameQuery=name, customerId=tenant_id, includeValues=True, limit=500)
         for item in found.get("items", []):
@@ -132,6 +133,7 @@ class ApiGatewayUsagePlans:
                 and item.get("customerId") == tenant_id
                 and item.get("enabled")
                 and str(item.get("description", "")).endswith(f"{_MADE_FOR}{plan}")
+                and value in (None, item.get("value"))
             ):
                 return UsageKey(id=item["id"], value=item["value"])
         return None

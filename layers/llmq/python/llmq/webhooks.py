@@ -463,6 +463,7 @@ class WebhookDispatcher:
             batch.expires_at,
             receive,
             batch.created_ms,
+            batch.finished_ms,
         ):
             return await self._after_a_batch_copy_counted(batch_id, receive, delivery_round)
         return outcome
