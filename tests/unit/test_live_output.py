@@ -630,7 +630,7 @@ def test_output_its_last_writes_could_not_keep_is_served_from_the_result() -> No
 class NoPlaces:
     """Every long-poll place taken."""
 
-    def enter(self, tenant_id: str, cap: int, seconds: float) -> str | None:
+    def enter(self, tenant_id: str, cap: int, seconds: float, deadline: float | None = None) -> str | None:
         return None
 
     def leave(self, tenant_id: str, place: str) -> None:

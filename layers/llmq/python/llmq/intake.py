@@ -333,9 +333,11 @@ class JobIntake:
         deadline = time.monotonic() + wait_seconds
         job = self.jobs.get(job_id, tenant.tenant_id)
         refused = False
-        if wait_seconds > 0 and not job.status.is_terminal:
-            place = self._take_place(tenant, wait_seconds)
-            refused = place is None
+        # (a first read that took the wait's time waits no more, and takes no place: hunt 289)
+        if wait_seconds > 0 and not job.status.is_terminal and time.monotonic() < deadline:
+            place = self._take_place(tenant, wait_seconds, deadline)
+            # (none for want of time is no refusal: the answer is due, with the job as read)
+            refused = place is None and time.monotonic() < deadline
             if place is not None:
                 try:
                     while not job.status.is_terminal and time.monotonic() < deadline:
@@ -387,7 +389,11 @@ class JobIntake:
         opening = [] if seen > 0 else [status_event(job.status)]
         if wait_seconds <= 0:
             return self._events_now(job, seen, opening)
-        place = self._take_place(tenant, wait_seconds)
+        place = self._take_place(tenant, wait_seconds, deadline) if time.monotonic() < deadline else None
+        if place is None and time.monotonic() >= deadline:
+            # Its first read (or the place's writes) took the wait's time: the reconnect reads
+            # on, a retry hint away (hunt 289: the place taken late answered past API Gateway).
+            return "".join(opening) + retry_hint(streaming.retry_ms)
         if place is None:
             later = self.config.fair_share.long_poll_retry_after_seconds * 1000
             return self._events_now(job, seen, opening, retry_ms=later)
@@ -510,16 +516,18 @@ class JobIntake:
             if not deltas:
                 return []
 
-    def _take_place(self, tenant: TenantIdentity, seconds: float) -> str | None:
+    def _take_place(self, tenant: TenantIdentity, seconds: float, deadline: float) -> str | None:
         if self.polls is None:
             return ""
         try:
-            place = self.polls.enter(tenant.tenant_id, self.config.long_poll_cap(tenant.tier), seconds)
+            place = self.polls.enter(
+                tenant.tenant_id, self.config.long_poll_cap(tenant.tier), seconds, deadline
+            )
         except StoreUnavailable:
             logger.warning("long-poll place unavailable: answering without a wait")
             emit_count(MetricName.LONG_POLL_REFUSED)
             return None
-        if place is None:
+        if place is None and time.monotonic() < deadline:
             logger.info(
                 "long-polls all taken: answering without a wait", extra={"tenant_id": tenant.tenant_id}
             )

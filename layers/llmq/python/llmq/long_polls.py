@@ -58,14 +58,23 @@ class LongPolls:
         self._ddb = aws.TranslatedClient(dynamodb)
         self._clock = clock
 
-    def enter(self, tenant_id: str, cap: int, seconds: float) -> str | None:
-        """A place for a request that waits up to `seconds`: its id, or None at the cap.
+    def enter(self, tenant_id: str, cap: int, seconds: float, deadline: float | None = None) -> str | None:
+        """A place for a request that waits up to `seconds`: its id, or None at the cap, or
+        once `deadline` (`time.monotonic()`) has passed, when no write more is tried: each
+        may take seconds throttled, and the request's answer is due (hunt 289: a first wait
+        made three, and answered an accepted submit after API Gateway gave up).
 
         `cap` is the tier's default; the tenant's override on the item wins. Raises
         StoreUnavailable when DynamoDB is busy (the caller then does not wait).
         """
         place = secrets.token_hex(8)
+
+        def out_of_time() -> bool:
+            return deadline is not None and time.monotonic() >= deadline
+
         for _ in range(_TRIES):
+            if out_of_time():
+                return None
             now_ms = int(self._clock() * 1000)
             try:
                 self._ddb.update_item(
@@ -93,12 +102,14 @@ class LongPolls:
                     raise
                 item: Any = exc.response.get("Item") or {}
             places = item.get(_PLACES, {}).get("M")
+            if places is not None and place in places:
+                # Our own write, applied before its answer was lost and retried by botocore.
+                return place
+            if out_of_time():
+                return None
             if places is None:
                 self._make_map(tenant_id)
                 continue
-            if place in places:
-                # Our own write, applied before its answer was lost and retried by botocore.
-                return place
             lapsed = [held for held, until in places.items() if int(until["N"]) <= now_ms]
             if not lapsed:
                 return None

@@ -178,7 +178,9 @@ class QueueStore(Protocol):
 class PollPlaces(Protocol):
     """Each tenant's places for waiting requests (llmq.long_polls)."""
 
-    def enter(self, tenant_id: str, cap: int, seconds: float) -> str | None: ...
+    def enter(
+        self, tenant_id: str, cap: int, seconds: float, deadline: float | None = None
+    ) -> str | None: ...
     def leave(self, tenant_id: str, place: str) -> None: ...
 
 
