@@ -1156,6 +1156,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if str(event.get("path") or "").rstrip("/") == DOCS_PATH:  # (Powertools serves /v1/docs/ too)
         enable_docs()
     _read_as_json(event)
+    _one_prefer(event)
     # SQS sends after a write (a job's lane message, an ended job's event) end in time for the
     # answer: each is one the reconciler makes too, and a stalled one took 40 s (hunt 273),
     # making an accepted submit, or a done cancel, a 504 whose retry paid twice or met a 409.
@@ -1164,6 +1165,21 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     now = time.monotonic()
     with aws.answering_by(now + left - SEND_RESERVE_SECONDS, marks_by=now + left - MARK_RESERVE_SECONDS):
         return app.resolve(event, context)
+
+
+def _one_prefer(event: dict[str, Any]) -> None:
+    """Prefer header lines are one list of preferences (RFC 7240 §2: a client may send several;
+    API Gateway passes each in `multiValueHeaders`), which the parameter, one string, refused
+    as a 422 (hunt 289)."""
+    multi = event.get("multiValueHeaders") or {}
+    for key in [key for key in multi if key.lower() == "prefer"]:
+        values = multi[key]
+        if isinstance(values, list) and len(values) > 1:
+            joined = ", ".join(str(value) for value in values)
+            multi[key] = [joined]
+            headers = event.get("headers") or {}
+            for name in [name for name in headers if name.lower() == "prefer"]:
+                headers[name] = joined
 
 
 def _read_as_json(event: dict[str, Any]) -> None:

@@ -718,6 +718,26 @@ def test_prefer_wait_answers_202_when_the_job_is_still_running(harness: Harness)
     assert reply.body["status"] == "queued"
 
 
+def test_prefer_header_lines_are_one_list_of_preferences(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a client that sends its preferences as two Prefer lines (RFC 7240 §2), which API
+    # Gateway passes as two values
+    real = harness.api_module.handler
+
+    def two_lines(event: dict[str, Any], context: Any) -> Any:
+        event["multiValueHeaders"]["Prefer"] = ["respond-async", "wait=1"]
+        return real(event, context)
+
+    monkeypatch.setattr(harness.api_module, "handler", two_lines)
+    # When it submits a job
+    reply = harness.api(
+        "POST", "/v1/jobs", body={"prompt": "x"}, headers={"Prefer": "wait=1"}, tenant=ENTERPRISE
+    )
+    # Then the job is accepted, its wait applied (hunt 289: a 422 at header.prefer)
+    assert (reply.status, reply.headers.get("preference-applied")) == (202, "wait=1"), reply.body
+
+
 @pytest.mark.parametrize(
     ("prefer", "applied"),
     [
