@@ -2492,3 +2492,33 @@ def test_a_canceled_batchs_item_whose_end_is_throttled_comes_back_soon_then_late
     faults.disarm()
     _run_lane(harness, seconds=20)
     assert _stored(harness, batch_id).status is BatchStatus.CANCELED
+
+
+@pytest.mark.parametrize("of", ["job", "batch"])
+def test_a_redelivery_whose_send_sqs_refuses_is_accepted_its_round_left_to_the_reconciler(
+    harness: Harness, receiver: WebhookReceiver, faults: AwsFaults, of: str
+) -> None:
+    # Given an ended job or batch with a webhook, and SQS refusing the api's sends
+    if of == "batch":
+        _, ended_id = _ended_batch_with_a_webhook(harness, receiver, "/redeliver-unsent")
+        path = f"/v1/batches/{ended_id}"
+    else:
+        ended_id = harness.submit(prompt="hi", webhook={"url": "http://127.0.0.1:9/hook"}).body["id"]
+        harness.drain("high")
+        path = f"/v1/jobs/{ended_id}"
+    key = batch_key(ended_id) if of == "batch" else {"pk": {"S": ended_id}}
+
+    def stored() -> dict[str, Any]:
+        return harness.ddb.get_item(TableName=harness.stack.jobs_table, Key=key, ConsistentRead=True)["Item"]
+
+    rounds_before = int(stored().get("delivery_round", {"N": "0"})["N"])
+    fault = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", function="api", times=10)
+    # When the client asks for a redelivery
+    reply = harness.api("POST", f"{path}/webhook/redeliver", tenant=ENTERPRISE)
+    assert faults.fired_for(fault)
+    # Then it is accepted (hunt 289: a 503, though the new round was written, whose retry
+    # starts yet another), the round pending, and in the reconciler's sweep, which sends it
+    assert reply.status == 202, reply.body
+    assert reply.body["webhook"]["delivery"]["status"] == "pending"
+    item = stored()
+    assert "sweep_at" in item and int(item["delivery_round"]["N"]) == rounds_before + 1

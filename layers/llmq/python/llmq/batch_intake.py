@@ -444,9 +444,18 @@ class BatchIntake:
         if not batch.wants(event):
             raise NoWebhook(f"batch {batch_id} has no webhook subscribed to {event.value}")
         pending = self.batches.mark_redelivery(batch)
-        self.queues.enqueue_webhook(
-            batch.id, event, tenant_id=tenant.tenant_id, delivery_round=pending.delivery_round
-        )
+        try:
+            self.queues.enqueue_webhook(
+                batch.id, event, tenant_id=tenant.tenant_id, delivery_round=pending.delivery_round
+            )
+        except StoreUnavailable as exc:
+            # The new round is written, unsent and due in the reconciler's sweep, whose poke
+            # sends its event: accepted, not a 503 whose retry starts another round (hunt 289).
+            logger.warning(
+                "redelivery's event not sent; the reconciler sends it",
+                extra={"batch_id": batch.id, **error_fields(exc)},
+            )
+            return pending
         self.batches.mark_webhook_sent(batch.id)
         return pending
 

@@ -690,9 +690,18 @@ class JobIntake:
         if not job.wants(event):
             raise NoWebhook(f"job {job_id} has no webhook subscribed to {event.value}")
         pending = self.jobs.mark_delivery_pending(job_id, tenant.tenant_id, read=job)
-        self.queues.enqueue_webhook(
-            job_id, event, tenant_id=tenant.tenant_id, delivery_round=pending.delivery_round
-        )
+        try:
+            self.queues.enqueue_webhook(
+                job_id, event, tenant_id=tenant.tenant_id, delivery_round=pending.delivery_round
+            )
+        except StoreUnavailable as exc:
+            # The new round is written, pending, and in the reconciler's sweep, whose look sends
+            # its event: the redelivery is accepted, not a 503 whose retry starts another round
+            # (hunt 289).
+            logger.warning(
+                "redelivery's event not sent; the reconciler sends it",
+                extra={"job_id": job_id, **error_fields(exc)},
+            )
         return pending
 
 
