@@ -1145,6 +1145,63 @@ def test_a_dead_letter_record_redelivered_after_a_claim_counts_no_crash_again(ha
     assert len(_lane_messages(harness, job_id)) == 1
 
 
+@pytest.mark.parametrize("letter", ["the-same-record-back", "a-copy-of-the-round-answered"])
+def test_an_answered_rounds_letter_fails_no_job_claimed_since_and_crashed_once(
+    harness: Harness, letter: str
+) -> None:
+    # Given a queued job whose message dead-lettered, counted and sent again (round 1), then
+    # claimed through that message by a worker that crashed (its lease lapsed, one attempt)
+    job_id = harness.submit().body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    (submitted,) = _lane_messages(harness, job_id)
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
+    assert jobs.claim(job_id, "worker-1", lease_seconds=-1).claimed
+    # When that letter's record comes back (its acknowledgement lost), or another copy of the
+    # round-0 message dead-letters
+    again = "dlq-message-1" if letter == "the-same-record-back" else "dlq-copy-b"
+    assert mark_dead_letter(jobs, queues, submitted["Body"], again) is None
+    # Then the job is not failed (hunt 286: worker_crashed, not retryable, after one crash):
+    # its round-1 message is alive, and the reconciler recovers its lease to run it again
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("running", 1), job.get("error")
+    # And a letter of its own round still fails it, as its messages ran out
+    resent = json.dumps({**json.loads(submitted["Body"]), "redrive_round": 1})
+    mark_dead_letter(jobs, queues, resent, "dlq-message-2")
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
+def test_a_crashed_running_jobs_letter_past_its_deadline_fails_it_as_its_deadline_passed(
+    harness: Harness,
+) -> None:
+    # Given a job with a deadline, claimed by a worker that crashed, its deadline since passed
+    job_id = harness.submit(deadline_seconds=3600).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queues = QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+    (submitted,) = _lane_messages(harness, job_id)
+    assert jobs.claim(job_id, "worker-1", lease_seconds=-1).claimed
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET deadline_ms = :past",
+        ExpressionAttributeValues={":past": {"N": str(jobs.now_ms() - 1000)}},
+    )
+    # When its message dead-letters
+    mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
+    # Then it fails as its claim or the reconciler would fail it (hunt 286: worker_crashed)
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"], job["error"]["retryable"]) == (
+        "failed",
+        "deadline_exceeded",
+        True,
+    )
+
+
 def test_a_dead_letter_whose_resend_is_throttled_is_retried_and_counts_once(harness: Harness) -> None:
     """The letter is counted, then SQS throttles the message sent again: the DLQ record fails
     and comes back, and its retry sends the message without counting a second round."""

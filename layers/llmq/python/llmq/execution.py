@@ -1603,7 +1603,9 @@ def _mark_dead_letter(
     - a job asked to cancel ends `canceled`, as does a queued item of a canceling batch (whose
       claim is refused: a throttle that kept each claim's end from being written spent its
       receives); one past its deadline `expired`;
-    - a running job whose worker vanished fails as `worker_crashed`;
+    - a running job whose worker vanished fails as `worker_crashed` (past its deadline, as
+      `deadline_exceeded`), unless the letter was counted already or is of a round already
+      answered: its newer message is alive, and its lapsed lease the reconciler's;
     - a queued job that never got claimed is sent once more, then fails as `worker_crashed`
       (a letter of a message sent in a round already answered changes nothing:
       `JobStore.note_dead_letter`).
@@ -1640,6 +1642,20 @@ def _mark_dead_letter(
         return _announced(queues, jobs.expire_at_retention(job, retention_error(job)))
     if job.status is JobStatus.QUEUED:
         return _dead_letter_queued(jobs, queues, job, message_id, message.redrive_round, crashed)
+    if job.deadline_ms is not None and job.deadline_ms <= now_ms:
+        # Running, its worker gone, past its deadline: it fails as its claim or the
+        # reconciler's recovery fails it (hunt 286: `worker_crashed`, not retryable).
+        return _announced(queues, jobs.fail_unleased(job, deadline_error(job)))
+    if message_id in job.dead_letter_ids or message.redrive_round < job.redrive_round:
+        # A letter already counted (its record back, its acknowledgement lost), or of a round
+        # already answered, for a job claimed since through its newer message: that message
+        # is alive, and the reconciler recovers the lapsed lease, to run the job again while it
+        # has attempts left (hunt 286: one crash since its claim failed it for good).
+        logger.info(
+            "dead letter of a round already answered: the job's lapsed lease is the reconciler's",
+            extra={"job_id": job.id, "redrive_round": message.redrive_round},
+        )
+        return None
     error = JobError(
         code=ErrorCode.WORKER_CRASHED,
         message="the job's message exhausted its deliveries without an answer",
