@@ -1180,6 +1180,39 @@ def _plan_key_added_once(original: Callable[..., Any]) -> Callable[..., Any]:
     return create
 
 
+def _plan_deleted_once(original: Callable[..., Any]) -> Callable[..., Any]:
+    """DeleteUsagePlan of a plan that is gone: API Gateway's NotFoundException, as the retry of
+    a delete applied with its answer lost meets it (moto raised a bare KeyError: a 500)."""
+    from moto.apigateway.exceptions import NotFoundException
+
+    class PlanNotFound(NotFoundException):
+        code = 404
+
+    def delete(self: Any, usage_plan_id: str) -> Any:
+        if usage_plan_id not in self.usage_plans:
+            raise PlanNotFound("Invalid Usage Plan ID specified")
+        return original(self, usage_plan_id)
+
+    return delete
+
+
+def _plan_stage_removed_once(original: Callable[..., Any]) -> Callable[..., Any]:
+    """UpdateUsagePlan removing an API stage the plan does not have: API Gateway's
+    BadRequestException ("Invalid API Stage specified"), as the retry of a detach applied with
+    its answer lost meets it (moto raised a bare ValueError: a 500)."""
+    from moto.apigateway.exceptions import BadRequestException
+
+    def update(self: Any, usage_plan_id: str, patch_operations: Any) -> Any:
+        stages = _stages_of(self.usage_plans.get(usage_plan_id))
+        for operation in patch_operations or []:
+            removed = operation.get("op") == "remove" and operation.get("path") == "/apiStages"
+            if removed and operation.get("value") not in stages:
+                raise BadRequestException("Invalid API Stage specified")
+        return original(self, usage_plan_id, patch_operations)
+
+    return update
+
+
 def _stages_of(plan: Any) -> set[str]:
     """A moto usage plan's API stages, as `apiId:stage`."""
     return {f"{stage.get('apiId')}:{stage.get('stage')}" for stage in getattr(plan, "api_stages", None) or []}
@@ -1252,6 +1285,8 @@ def make_moto_strict() -> None:
         plans = APIGatewayBackend
         plans.delete_usage_plan_key = _plan_key_deleted_once(plans.delete_usage_plan_key)  # type: ignore[method-assign]
         plans.create_usage_plan_key = _plan_key_added_once(plans.create_usage_plan_key)  # type: ignore[method-assign]
+        plans.delete_usage_plan = _plan_deleted_once(plans.delete_usage_plan)  # type: ignore[method-assign]
+        plans.update_usage_plan = _plan_stage_removed_once(plans.update_usage_plan)  # type: ignore[method-assign]
         from moto import backends
 
         backends.list_of_moto_modules = _listed_once(backends.list_of_moto_modules)

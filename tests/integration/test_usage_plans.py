@@ -326,3 +326,31 @@ def test_a_key_whose_create_was_applied_and_retried_is_the_tenants_key(
     assert keys[created.tenant.usage_key_id] != "another-runs-value-0123456789abcdef"
     holding = apigateway.get_usage_plans(keyId=created.tenant.usage_key_id)["items"]
     assert [plan["id"] for plan in holding] == [plans.ids["enterprise"]]
+
+
+@pytest.mark.parametrize("operation", ["UpdateUsagePlan", "DeleteUsagePlan"])
+def test_clearing_a_rate_whose_plan_call_was_applied_and_retried_deletes_the_plan(
+    plans: Plans, moto_stack: MotoStack, operation: str
+) -> None:
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    # Given a tenant with a rate plan of its own
+    tenant = _free_tenant(plans, moto_stack, f"ten_clear_{operation.lower()}")
+    plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
+    apigateway = aws.client("apigateway")
+    own = tenant_plan_name(tenant.id)
+    assert own in [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
+    # When its rate is cleared, and API Gateway applies the plan's detach (or delete) with its
+    # answer lost, botocore's retry refused (the stage is not the plan's; the plan is gone)
+    faults = AwsFaults()
+    faults.arm(FaultKind.APPLIED_RETRIED, f"apigateway.{operation}")
+    try:
+        plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
+    finally:
+        faults.disarm()
+    assert len(faults.fired) == 1
+    # Then the command is done: the plan deleted (hunt 288: the command failed, and after a
+    # detach its rerun no longer found the plan, an orphan for good), the key in its tier's
+    assert own not in [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
+    holding = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
+    assert [plan["id"] for plan in holding] == [plans.ids["free"]]

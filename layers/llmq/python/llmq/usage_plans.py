@@ -200,14 +200,36 @@ class ApiGatewayUsagePlans:
         self._delete_plan(own)
 
     def _delete_plan(self, plan: dict[str, Any]) -> None:
-        """API Gateway refuses to delete a plan that still has API stages: detached first."""
+        """API Gateway refuses to delete a plan that still has API stages: detached first.
+
+        Either call applied with its answer lost is refused on botocore's retry (the stage is
+        no longer the plan's; the plan is gone): read as done, not a failed command whose rerun
+        no longer finds the detached plan, an orphan counted against the account's usage plans
+        for good (hunt 288)."""
         detach = [
             {"op": "remove", "path": "/apiStages", "value": f"{stage['apiId']}:{stage['stage']}"}
             for stage in plan.get("apiStages") or []
         ]
         if detach:
-            self._apigw.update_usage_plan(usagePlanId=plan["id"], patchOperations=detach)
-        self._apigw.delete_usage_plan(usagePlanId=plan["id"])
+            try:
+                self._apigw.update_usage_plan(usagePlanId=plan["id"], patchOperations=detach)
+            except ClientError:
+                if self._stages_left(plan["id"]):
+                    raise
+        try:
+            self._apigw.delete_usage_plan(usagePlanId=plan["id"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NotFoundException":
+                raise
+
+    def _stages_left(self, plan_id: str) -> bool:
+        """Whether the plan still has API stages (False once it is gone)."""
+        try:
+            return bool(self._apigw.get_usage_plan(usagePlanId=plan_id).get("apiStages"))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NotFoundException":
+                return False
+            raise
 
     def rehome(self, tenants: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         """Each (tenant id, tier, key id)'s key in the plan it belongs in, as the stack's
