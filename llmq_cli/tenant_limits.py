@@ -22,7 +22,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from llmq.config import LlmqConfig
+from llmq.config import MAX_TENANT_SLOTS, LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.long_polls import MAX_LONG_POLLS, LongPolls
 from llmq.models import JobStatus
@@ -147,8 +147,10 @@ class TenantLimits:
             (MAX_LONG_POLLS, max_long_polls),
         )
         for name, value in overrides:
-            if value is not None and not 1 <= value <= MAX_OVERRIDE:
-                raise LimitsError(f"{name} must be from 1 to {MAX_OVERRIDE:,}")
+            # (a tenant's running jobs are held on its one share item: MAX_TENANT_SLOTS)
+            most = MAX_TENANT_SLOTS if name == MAX_CONCURRENCY else MAX_OVERRIDE
+            if value is not None and not 1 <= value <= most:
+                raise LimitsError(f"{name} must be from 1 to {most:,}")
             if value is not None and name in clear:
                 raise LimitsError(f"--{name.replace('_', '-')} and --clear {name} contradict each other")
         tenant = self.tenants.get(tenant_id)

@@ -161,7 +161,9 @@ def test_set_limits_and_show_round_trip(stack: dict[str, str], capsys: pytest.Ca
         (["--rate", "2"], "--rate and --burst together"),
         (["--rate", "2", "--burst", "2", "--clear", "rate"], "contradict"),
         (["--max-active", "0"], "from 1 to 1,000,000"),
-        (["--max-concurrency", "1" + "0" * 400], "from 1 to 1,000,000"),
+        (["--max-concurrency", "1" + "0" * 400], "from 1 to 2,000"),
+        # (held by id on the tenant's one share item, 400 KB at most: hunt 287)
+        (["--max-concurrency", "2001"], "max_concurrency must be from 1 to 2,000"),
     ],
 )
 def test_set_limits_refuses_what_cannot_be_done(

@@ -184,3 +184,25 @@ def test_prompt_shorthand_and_default_events() -> None:
     assert WebhookEvent.STARTED not in request.webhook.subscribed_events()
     assert request_hash(request) == request_hash(JobRequest.model_validate(request.model_dump()))
     assert request_hash(request) != request_hash(JobRequest.model_validate({"prompt": "hi!"}))
+
+
+def test_no_tenant_may_hold_more_slots_in_a_lane_than_its_share_item_can_name() -> None:
+    from llmq.config import MAX_TENANT_SLOTS
+
+    # A lane of 1,000 invocations x 10 jobs: half of it would be 5,000 (hunt 287: the claims
+    # past about 4,500 failed as ItemTooLarge on the share item)
+    lanes = [{"name": "big", "tiers": ["enterprise"], "max_concurrency": 1000, "batch_size": 10}]
+    config = LlmqConfig.model_validate({"lanes": lanes, "default_lane": "big"})
+    assert config.concurrency_caps("enterprise")[0] == MAX_TENANT_SLOTS == 2_000
+    with pytest.raises(ValidationError):
+        LlmqConfig.model_validate({"fair_share": {"tiers": {"enterprise": {"max_concurrency": 2_001}}}})
+    # And that many batch items, each in both maps of its own lane and of `batches.lane`, by
+    # the longest ids items have, fit one item with room for the share's other attributes
+    from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
+
+    held = {f"job_{n:026d}n{100_000 + n}": {"N": "1796559989123"} for n in range(MAX_TENANT_SLOTS)}
+    share = {
+        "pk": {"S": "share#ten_" + "x" * 60},
+        **{f"run{kind}_lane{n}": {"M": held} for kind in ("", "b") for n in (1, 2)},
+    }
+    assert item_size_bytes(share) < MAX_ITEM_BYTES - 32 * 1024

@@ -310,6 +310,14 @@ class ConcurrencyConfig(_Frozen):
     authorizer: Annotated[int, Field(ge=1, le=1000)] = 20
 
 
+# The most jobs one tenant may run at once in a lane: each is held by its id on the tenant's one
+# share item (llmq.shares), a batch item in two maps, in its own lane and in `batches.lane`,
+# about 46 bytes each; four maps of this many fit DynamoDB's 400 KB with room for the rest
+# (hunt 287: a cap of 5,000, half a lane of 1,000 x 10, failed the claims past about 4,500 as
+# ItemTooLarge, burning their receives). docs/scale.md: a tenant beyond it is sharded.
+MAX_TENANT_SLOTS = 2_000
+
+
 class TenantLimits(_Frozen):
     """What one tenant may use; a tier's defaults, which `llmq tenants set-limits` overrides.
 
@@ -318,8 +326,8 @@ class TenantLimits(_Frozen):
 
     # Jobs running at once, in each lane. None: half the lane's job capacity (its
     # max_concurrency times its batch size, since an invocation runs a whole batch at once),
-    # so one tenant can never take a whole lane.
-    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+    # so one tenant can never take a whole lane; never more than MAX_TENANT_SLOTS.
+    max_concurrency: Annotated[int, Field(ge=1, le=MAX_TENANT_SLOTS)] | None = None
     # Queued plus running jobs; a submit over it is refused with 429 quota_exceeded.
     max_active_jobs: Annotated[int, Field(ge=1)] = 1000
     # API Gateway usage plan throttling of the tenant's requests (all routes together).
@@ -678,7 +686,7 @@ class LlmqConfig(_Frozen):
         if limits.max_concurrency is not None:
             return limits.max_concurrency
         lane = self.lane_for_tier(tier)
-        return max(1, lane.max_concurrency * lane.batch_size // 2)
+        return max(1, min(MAX_TENANT_SLOTS, lane.max_concurrency * lane.batch_size // 2))
 
     def concurrency_caps(self, tier: str, lane: str | None = None) -> tuple[int, int]:
         """A tenant of `tier`'s default caps in `lane` (its own by default): all its jobs, and
