@@ -868,7 +868,8 @@ def _render_scale(results: dict[str, Any]) -> list[str]:
     out += [
         "`bench/scale.py` takes this run's per-job counts (a small job writes "
         f"{job['share_write_units']} units to its tenant's share item and {job['job_write_units']} to its own, "
-        f"§2) and AWS's documented limits, and gives each limit's headroom at four loads (allowed ÷ needed; "
+        f"§2, with one of the tenant's jobs running; each more one running adds its id, {job['holder_bytes']} bytes, "
+        "to the share item, which DynamoDB charges per KB on each of the job's three writes) and AWS's documented limits, and gives each limit's headroom at four loads (allowed ÷ needed; "
         "below 1 it binds). Assumed, not measured: 50 ms per warm submit in the api function, 200 ms per "
         "warm delivery, 60 s generations, batches of 10, two lanes. docs/scale.md says what to change at each step.",
         "",

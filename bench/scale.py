@@ -13,7 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmq.config import LlmqConfig
+from llmq.config import MAX_TENANT_SLOTS, LlmqConfig
+from llmq.item_size import item_size_bytes
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,20 @@ class PerJob:
     # Each of a job's three writes changes what the tenant index projects, under 1 KB: one
     # unit each in the partition of the tenant's id (an estimate; moto does not meter GSIs).
     tenant_index_write_units: float = 3
+    # The share item as §2 measured it (the tenant's one job running), and what each more of
+    # the tenant's jobs running adds to it: its id in the holders map (hunt 287: DynamoDB
+    # charges a write by the item's size, so the share's writes grow with the tenant's jobs
+    # running, and §2's six units hold for a tenant with one).
+    share_item_bytes: int = 0
+    holder_bytes: int = 0
+
+    def share_units(self, running: float) -> float:
+        """A job's units on its tenant's share item with `running` of the tenant's jobs held
+        there: three transactional writes, each charged twice per KB of the item."""
+        if not self.share_item_bytes:
+            return self.share_write_units
+        size = self.share_item_bytes + self.holder_bytes * max(0.0, running - 1)
+        return 3 * 2 * math.ceil(size / 1024)
 
 
 @dataclass(frozen=True)
@@ -142,7 +157,16 @@ def per_job_from(results: dict[str, Any]) -> PerJob:
         share_write_units=share_units,
         job_write_units=small["transactional_write_units"] - share_units,
         claim_attempts=attempts,
+        share_item_bytes=small["share_item_bytes"],
+        holder_bytes=HOLDER_BYTES,
     )
+
+
+# One running job's entry in its tenant's holders map (its id, its claim's epoch ms), as
+# DynamoDB sizes it.
+HOLDER_BYTES = item_size_bytes(
+    {"held": {"M": {f"job_{'0' * 26}": {"N": "1796559989123"}}}}
+) - item_size_bytes({"held": {"M": {}}})
 
 
 # Rows named for what they bound, and the limit each is held to: one DynamoDB partition's writes.
@@ -158,6 +182,9 @@ def headroom(load: Load, job: PerJob) -> list[Row]:
     workers = math.ceil(load.in_flight / job.batch_size)
     lambdas = workers + load.submits_per_second * job.api_seconds + completions * job.dispatcher_seconds
     tenant_rate = load.submits_per_second * load.biggest_tenant_share
+    # The busiest tenant's jobs running, each held on its share item (at most its cap), split
+    # across the share's shards
+    tenant_running = min(load.in_flight * load.biggest_tenant_share, MAX_TENANT_SLOTS) / load.shards_per_share
     # A running job's lane message is in flight until its job ends; a deferred job's is not
     # (the worker acknowledges it and sends a delayed copy, and delayed messages are not in
     # flight), so a capped tenant's backlog, however large, takes none of the quota.
@@ -196,7 +223,7 @@ def headroom(load: Load, job: PerJob) -> list[Row]:
         (
             "share_item_partition",
             "write units/s on the busiest tenant's share item",
-            tenant_rate * job.share_write_units,
+            tenant_rate * job.share_units(tenant_running),
             LIMITS["dynamodb_partition_wcu"].value * load.shards_per_share,
             "shard each tenant's share item, its cap split across the shards",
         ),

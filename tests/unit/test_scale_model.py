@@ -52,3 +52,28 @@ def test_the_mappings_not_the_function_set_the_pace_from_idle() -> None:
     # 1,000 invocations a lane: a mapping adds 300 a minute from 5, Lambda 1,000 per 10 s
     load = Load(submits_per_second=100, in_flight=20_000, generation_seconds=60, biggest_tenant_share=0.1)
     assert ramp_seconds(load, JOB) == 60 * 995 / 300
+
+
+def test_the_share_items_writes_grow_with_the_tenants_jobs_running() -> None:
+    from bench.scale import HOLDER_BYTES
+
+    # Each running job is held by its id on the share item, and DynamoDB charges each of a
+    # job's three transactional writes 2 units per KB of it (hunt 287: §2's six units hold
+    # for a tenant with one job running)
+    job = PerJob(
+        share_write_units=6, job_write_units=8, claim_attempts=3.0, share_item_bytes=79, holder_bytes=39
+    )
+    assert HOLDER_BYTES == 39
+    assert job.share_units(1) == 6
+    assert job.share_units(300) == 3 * 2 * 12  # 79 + 39 x 299 bytes: 12 KB
+    # A tenant of 100 submits/s (half of them) with 3,000 in flight, held to its 2,000 slots
+    load = Load(submits_per_second=100, in_flight=6_000, generation_seconds=60, biggest_tenant_share=0.5)
+    row = next(row for row in headroom(load, job) if row.limit == "share_item_partition")
+    assert row.needed == 50 * job.share_units(2_000) and row.headroom < 0.05
+    # Sharded eight ways, each shard holds an eighth: the units fall with the square
+    sharded = next(
+        row
+        for row in headroom(dataclasses.replace(load, shards_per_share=8), job)
+        if row.limit == "share_item_partition"
+    )
+    assert sharded.headroom > 40 * row.headroom
