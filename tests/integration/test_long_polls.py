@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from llmq import aws
 from llmq.jobs import JobRepository
@@ -330,6 +331,87 @@ def test_a_wait_throttled_throughout_takes_no_place_once_its_time_is_gone(
     # the first wait's three writes answered an accepted submit 32.6 s after its receipt)
     assert reply.status in (200, 202), reply.body
     assert time.time() - received < 29.0, calls
+
+
+def test_a_submit_wait_whose_place_write_is_throttled_just_before_its_deadline_answers_in_time(
+    harness: Harness,
+) -> None:
+    # Given a tenant's long-poll place writes throttled (each failing after botocore's three
+    # tries, 2.5 s), and a Prefer: wait submit API Gateway received 24.8 s ago (its wait's
+    # budget a fraction of a second: the place's write starts just before its deadline)
+    calls: list[float] = []
+
+    def throttled(params: dict[str, Any], **_: Any) -> None:
+        if str(params.get("Key", {}).get("pk", {}).get("S", "")).startswith("polls#"):
+            calls.append(time.time())
+            time.sleep(2.5)
+            error: Any = {
+                "Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+            raise ClientError(error, "UpdateItem")
+
+    events = aws.client("dynamodb").meta.events
+    events.register("provide-client-params.dynamodb.UpdateItem", throttled, unique_id="place-throttled")
+    received = time.time() - 24.8
+    try:
+        reply = harness.api(
+            "POST",
+            "/v1/jobs",
+            body={"prompt": "hello"},
+            headers={"Prefer": "wait=25"},
+            tenant=ENTERPRISE,
+            request_context={"requestTimeEpoch": int(received * 1000)},
+        )
+    finally:
+        events.unregister("provide-client-params.dynamodb.UpdateItem", unique_id="place-throttled")
+    # Then the accepted submit answers before API Gateway's 29 s: the place, maybe taken,
+    # lapses by itself rather than be taken back by a second throttled write (review 265)
+    assert reply.status == 202, reply.body
+    assert time.time() - received < 29.0, [round(call - received, 2) for call in calls]
+
+
+@pytest.mark.parametrize("wait", ["0", "1"])
+def test_an_events_wait_whose_first_read_was_slow_still_serves_the_deltas_written(
+    harness: Harness, wait: str
+) -> None:
+    # Given a running stream: true job with three deltas written
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claim = jobs.claim(job_id, "worker-1", 600)
+    assert claim.claimed and claim.job is not None
+    for seq in range(1, 4):
+        chunk = OutputChunk(
+            seq=seq,
+            delta=f"d{seq} ",
+            attempt=1,
+            reset=False,
+            tokens=seq,
+            partial="",
+            truncated=False,
+            chars=seq * 3,
+        )
+        jobs.write_output(claim.job, "worker-1", chunk)
+    # And the api's first read of it slow (one throttled read: 1.3 s), past a 1 s wait
+    slowed: list[str] = []
+
+    def slow_once(**_: Any) -> None:
+        if not slowed:
+            slowed.append("GetItem")
+            time.sleep(1.3)
+
+    events = aws.client("dynamodb").meta.events
+    events.register("before-call.dynamodb.GetItem", slow_once, unique_id="first-read-slow")
+    try:
+        got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": wait})
+    finally:
+        events.unregister("before-call.dynamodb.GetItem", unique_id="first-read-slow")
+    # Then the deltas written are served, as without a wait (review 265: a hint alone, at
+    # every reconnect while the store was slow)
+    assert slowed and got.status == 200
+    assert [event for event in str(got.body).split("\n") if event.startswith("event: ")].count(
+        "event: output.delta"
+    ) >= 1, got.body
 
 
 @pytest.mark.parametrize("held", ["inline", "in S3"])

@@ -257,8 +257,14 @@ def test_a_finished_job_cannot_be_canceled() -> None:
     assert world.jobs.records["job_1"].status is JobStatus.SUCCEEDED
 
 
-@pytest.mark.parametrize("ends", [False, True], ids=["still-moving", "finished-at-the-last-try"])
-def test_a_job_that_moves_at_every_try_to_cancel_it_is_a_503_to_retry_unless_it_finished(ends: bool) -> None:
+@pytest.mark.parametrize(
+    "ends",
+    [None, JobStatus.SUCCEEDED, JobStatus.CANCELED],
+    ids=["still-moving", "finished", "canceled-by-another"],
+)
+def test_a_job_that_moves_at_every_try_to_cancel_it_is_a_503_to_retry_unless_it_ended(
+    ends: JobStatus | None,
+) -> None:
     # Given a job claimed and handed back between each of the cancel's reads and its write (or
     # finished by its worker before the last try's write)
     world = World()
@@ -270,19 +276,23 @@ def test_a_job_that_moves_at_every_try_to_cancel_it_is_a_503_to_retry_unless_it_
         job = read(job_id, tenant_id)
         reads.append(job.status.value)
         flipped = JobStatus.RUNNING if job.status is JobStatus.QUEUED else JobStatus.QUEUED
-        if ends and len(reads) == 3:
-            flipped = JobStatus.SUCCEEDED
+        if ends is not None and len(reads) == 3:
+            flipped = ends
         if not job.status.is_terminal:
             world.jobs.records[job_id] = job.model_copy(update={"status": flipped, "lease_owner": "w"})
         return job
 
     world.jobs.get = moving  # type: ignore[method-assign]
     # When the client cancels it
+    if ends is JobStatus.CANCELED:
+        # Then one canceled by another cancel meanwhile is canceled, as asked (review 265)
+        assert world.intake.cancel(ACME, job_id).status is JobStatus.CANCELED
+        return
     with pytest.raises(JobNotCancelable if ends else StoreContended):
         world.intake.cancel(ACME, job_id)
     # Then it is answered as contention to retry, not as a job already finished, which it is
     # not; or as finished, when it is (review 264); and the cancel ended nothing
-    assert world.jobs.records[job_id].status.is_terminal is ends
+    assert world.jobs.records[job_id].status.is_terminal is (ends is not None)
     assert world.queues.webhooks == []
 
 

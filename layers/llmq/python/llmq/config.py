@@ -593,12 +593,13 @@ class LlmqConfig(_Frozen):
                 f"({between_claims:g} s): a batch's queued item, deferred at its tenant's cap, is looked "
                 "at only by its own claims, at most two deferrals apart"
             )
-        # (a run ends within the worker's timeout of its claim; a takeover after its lease is
-        # a claim of its own, refused within the margin: review 264)
-        if self.reconciler.retention_margin_seconds <= self.worker.timeout_seconds:
+        # (a run ends within the worker's timeout of its claim, and a crashed one's lease
+        # lapses a lease margin later, when the reconciler can end it: review 265)
+        a_run = self.worker.timeout_seconds + self.lease_margin_seconds
+        if self.reconciler.retention_margin_seconds <= a_run:
             raise ValueError(
-                "reconciler.retention_margin_seconds must be more than worker.timeout_seconds "
-                f"({self.worker.timeout_seconds} s): a job claimed just before the margin would end "
+                "reconciler.retention_margin_seconds must be more than worker.timeout_seconds plus "
+                f"lease_margin_seconds ({a_run} s): a job claimed just before the margin would end "
                 "after its retention, its paid result gone to every read (hunt 283)"
             )
         if self.reconciler.retention_margin_seconds * 2 > self.retention_seconds:

@@ -391,8 +391,12 @@ class JobIntake:
             return self._events_now(job, seen, opening)
         place = self._take_place(tenant, wait_seconds, deadline) if time.monotonic() < deadline else None
         if place is None and time.monotonic() >= deadline:
-            # Its first read (or the place's writes) took the wait's time: the reconnect reads
-            # on, a retry hint away (hunt 289: the place taken late answered past API Gateway).
+            # Its first read (or the place's writes) took the wait's time: what is written is
+            # served as without a wait (review 265: not a hint alone, at every reconnect while
+            # the store is slow), and once late the reconnect reads on, a retry hint away
+            # (hunt 289: the place taken late answered past API Gateway).
+            if not _late(deadline):
+                return self._events_now(job, seen, opening)
             return "".join(opening) + retry_hint(streaming.retry_ms)
         if place is None:
             later = self.config.fair_share.long_poll_retry_after_seconds * 1000
@@ -624,8 +628,10 @@ class JobIntake:
         # ended; else contention to retry, not a 409 (a client does not retry "already finished"
         # for a job that has not ended; review 264: nor a 503 for one that has).
         job = self.jobs.get(job_id, tenant_id)
-        if job.status is JobStatus.CANCELED and job.last_write == token:
-            return job, True
+        if job.status is JobStatus.CANCELED:
+            # (this request's, or another cancel's that came first: canceled as asked, as the
+            # loop answers it; review 265)
+            return job, job.last_write == token
         if job.status.is_terminal:
             raise JobNotCancelable(f"job {job_id} is {job.status.value}")
         raise StoreContended(f"job {job_id} changed state at each try to cancel it; retry")

@@ -94,8 +94,10 @@ class LongPolls:
                 return place
             except StoreUnavailable:
                 # Perhaps applied, its answer lost: take it back rather than hold a place
-                # nobody waits in until it lapses.
-                self._forget(tenant_id, place)
+                # nobody waits in until it lapses; not once the answer is due (it lapses by
+                # itself: review 265, a second throttled write took a submit past 29 s).
+                if not out_of_time():
+                    self._forget(tenant_id, place)
                 raise
             except ClientError as exc:
                 if not condition_failed(exc):
