@@ -204,9 +204,32 @@ class LlmqClient:
         self._ok(reply)
         return reply
 
-    def batch(self, batch_id: str) -> dict[str, Any]:
-        found: dict[str, Any] = self._ok(self.request("GET", f"/v1/batches/{batch_id}"))
+    def batch(self, batch_id: str, patience: float = 0.0) -> dict[str, Any]:
+        """The batch; with `patience`, a 429, a 5xx or a dropped connection is waited out for
+        that many seconds (`_read_patiently`)."""
+        response = self._read_patiently(f"/v1/batches/{batch_id}", time.monotonic() + patience)
+        found: dict[str, Any] = self._ok(
+            Reply(response.status_code, response.headers, _json_or_text(response))
+        )
         return found
+
+    def _read_patiently(self, path: str, until: float, **kwargs: Any) -> httpx.Response:
+        """A GET (which changes nothing, so trying again is always safe), tried again after a
+        429 (the tenant's request rate), a 5xx (the api busy for a moment) or a dropped
+        connection, for its Retry-After (a second without one), until `until`
+        (`time.monotonic()`): then the last answer, or the connection's error."""
+        while True:
+            pause = 1.0
+            try:
+                response = self._http.get(f"{self.base_url}{path}", **kwargs)
+            except httpx.TransportError:
+                if time.monotonic() >= until:
+                    raise
+            else:
+                if (response.status_code != 429 and response.status_code < 500) or time.monotonic() >= until:
+                    return response
+                pause = parse_retry_after(response.headers, time.time()) or 1.0
+            time.sleep(max(0.0, min(pause, until - time.monotonic())))
 
     def upload(self, path: Path) -> str:
         """POST /v1/uploads, then the file PUT to the URL it answers (S3, not the API: no API
@@ -255,14 +278,20 @@ class LlmqClient:
         found: dict[str, Any] = self._ok(self.request("POST", f"/v1/batches/{batch_id}/cancel"))
         return found
 
-    def batch_results(self, batch_id: str, status: str | None = None) -> Iterator[str]:
-        """The results' JSON lines, page after page (`Llmq-Next-Cursor`), as the API wrote them."""
+    def batch_results(
+        self, batch_id: str, status: str | None = None, patience: float = 120.0
+    ) -> Iterator[str]:
+        """The results' JSON lines, page after page (`Llmq-Next-Cursor`), as the API wrote them.
+        A page met by a 429 (a large batch's pages, read back to back, pass the tenant's request
+        rate), a 5xx or a dropped connection is asked for again, for up to `patience` seconds
+        (hunt 293: the first one ended the command, its file half written)."""
         cursor: str | None = "0"
         while cursor is not None:
             params = {"cursor": cursor, **({"status": status} if status else {})}
-            response = self._http.get(f"{self.base_url}/v1/batches/{batch_id}/results", params=params)
+            path = f"/v1/batches/{batch_id}/results"
+            response = self._read_patiently(path, time.monotonic() + patience, params=params)
             if response.status_code >= 400:
-                raise ApiError(response.status_code, response.json() if response.content else None)
+                raise ApiError(response.status_code, _json_or_text(response))
             # JSON Lines end at "\n" only: a result may hold U+2028, U+2029 or U+0085 raw,
             # which str.splitlines() would also split on.
             yield from (line.removesuffix("\r") for line in response.text.split("\n") if line.strip())

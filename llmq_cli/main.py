@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -279,11 +280,21 @@ def cmd_sandbox_status(args: argparse.Namespace) -> int:
 # ---- the API --------------------------------------------------------------------------------
 
 
+# An API key as a header carries it: printable ASCII, no spaces.
+_PRINTABLE_KEY = re.compile(r"[\x21-\x7e]+")
+
+
 def _client(args: argparse.Namespace) -> Any:
     from llmq_cli.client import LlmqClient
 
     api_url = args.api_url or os.environ.get("LLMQ_API_URL")
     api_key = args.api_key or os.environ.get("LLMQ_API_KEY")
+    if api_key and not _PRINTABLE_KEY.fullmatch(api_key):
+        # (httpx refuses such a header naming its value, the secret, in the error: hunt 293)
+        raise CliError(
+            "the API key holds whitespace or a character that cannot be sent in a header "
+            "(read from a file with CRLF line ends?)"
+        )
     if api_url and api_key:
         return LlmqClient(api_url, api_key)
     if api_url or api_key:
@@ -629,7 +640,9 @@ def watch_batch(client: Any, batch_id: str, timeout: float, interval: float = 1.
     """Poll the batch until it ends, its progress on stderr (one line, redrawn on a terminal)."""
     deadline = time.monotonic() + timeout
     redraw = sys.stderr.isatty()
-    batch: dict[str, Any] = client.batch(batch_id)
+    # (a poll met by a 429, a 5xx or a dropped connection is waited out: the batch runs on)
+    patience = 120.0
+    batch: dict[str, Any] = client.batch(batch_id, patience)
     last = ""
     while True:
         line = progress_line(batch)
@@ -641,7 +654,7 @@ def watch_batch(client: Any, batch_id: str, timeout: float, interval: float = 1.
                 print(file=sys.stderr)
             return batch
         time.sleep(interval)
-        batch = client.batch(batch_id)
+        batch = client.batch(batch_id, patience)
 
 
 # Past this size a file goes by the upload form: an inline body holds 4.5 MB at most.
@@ -690,6 +703,9 @@ def cmd_batches_submit(args: argparse.Namespace) -> int:
             print("Idempotent-Replayed: true (the original batch; nothing was created)", file=sys.stderr)
         batch = reply.body
         if args.wait:
+            # (the id first: a wait cut short must not leave the batch unnamed, and a re-run of
+            # the command, without a key, would pay for a second one: hunt 293)
+            print(f"{batch['id']} {batch['status']}; watching", file=sys.stderr)
             batch = watch_batch(client, batch["id"], args.timeout)
     _print_json(batch)
     for error in batch.get("errors") or []:

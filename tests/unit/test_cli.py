@@ -317,6 +317,80 @@ def test_submit_follow_names_the_job_before_it_waits(capsys: pytest.CaptureFixtu
     assert f"{LONG_ID} queued; following" in capsys.readouterr().err
 
 
+def test_batch_results_ride_out_a_throttled_page_and_a_busy_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    # Given a batch's results in two pages, the second first met by the tenant's request rate
+    # (429), a busy gateway answering HTML (502) and a dropped connection
+    page = {"llmq-next-cursor": "2"}
+    answers = [
+        httpx.Response(200, headers=page, text='{"custom_id":"a"}\n{"custom_id":"b"}\n'),
+        _problem(429, "rate_limited"),
+        httpx.Response(502, text="<html>Bad Gateway</html>"),
+        httpx.ConnectError("connection reset"),
+        httpx.Response(200, text='{"custom_id":"c"}\n'),
+    ]
+    seen: list[str] = []
+    # When `llmq batches results` reads them
+    lines = list(_answering(answers, seen).batch_results("bat_1"))
+    # Then every line comes once, each failure waited out for its Retry-After (a second
+    # without one), the same page asked for again (hunt 293: the first 429 ended the command)
+    assert [json.loads(line)["custom_id"] for line in lines] == ["a", "b", "c"]
+    assert slept == [2.0, 1.0, 1.0]
+    assert [url.rsplit("cursor=", 1)[1] for url in seen] == ["0", "2", "2", "2", "2"]
+
+
+def test_batch_results_say_a_refusal_whose_body_is_not_json() -> None:
+    import httpx
+
+    from llmq_cli.client import ApiError
+
+    client = _answering([httpx.Response(403, text="<html>Forbidden</html>")], [])
+    with pytest.raises(ApiError, match="403"):
+        list(client.batch_results("bat_1"))
+
+
+def test_batches_submit_wait_names_the_batch_before_it_watches(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from llmq_cli.client import ApiError
+
+    class Busy(FakeClient):
+        def submit_batch(self, body: dict[str, Any], idempotency_key: str | None) -> Any:
+            import httpx
+
+            from llmq_cli.client import Reply
+
+            return Reply(202, httpx.Headers(), {"id": "bat_" + "1" * 26, "status": "validating"})
+
+        def batch(self, batch_id: str, patience: float = 0.0) -> dict[str, Any]:
+            raise ApiError(403, {"code": "forbidden"})
+
+    monkeypatch.setattr(llmq_cli.client, "LlmqClient", Busy)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"custom_id": "a", "body": {"prompt": "hi"}}\n', encoding="utf-8")
+    # When a batch is accepted and the watch after it fails
+    assert main(["batches", "submit", str(rows), *API, "--wait"]) == 1
+    # Then the accepted batch was named first: re-running the command would pay for another
+    assert f"bat_{'1' * 26} validating; watching" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tail", ["\r", "\n", " "])
+def test_an_api_key_that_cannot_be_a_header_is_refused_without_printing_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tail: str
+) -> None:
+    monkeypatch.setattr(llmq_cli.client, "LlmqClient", RealClient)
+    secret = "llmq_live_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+    # When the key ends in a CR, a line feed or a space (read from a CRLF file, or pasted)
+    code = main(["get", "job_x", "--api-url", "http://127.0.0.1:9", "--api-key", secret + tail])
+    # Then the command says so, never the key (hunt 293: httpx's refusal printed it)
+    err = capsys.readouterr().err
+    assert code == 1 and "CRLF" in err
+    assert secret not in err
+
+
 @pytest.mark.parametrize("command", [["tenants", "show", "ten_1"], ["doctor"], ["provider-key", "set"]])
 def test_the_default_stack_is_the_one_make_deploy_deploys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
