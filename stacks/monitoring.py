@@ -21,7 +21,7 @@ from constructs import Construct
 
 from llmq.config import LlmqConfig
 from llmq.telemetry import (
-    JOB_OUTCOME_METRICS,
+    JOB_OUTCOMES,
     METRICS_NAMESPACE,
     WEBHOOK_OUTCOME_METRICS,
     MetricName,
@@ -461,9 +461,20 @@ class MonitoringConstruct(Construct):
         )
         if api_name is None or stage_name is None:
             return
+        # (less the 503s a tenant's own webhook host causes, its name servers failing: one
+        # tenant retrying paged every period, hunt 294; a resolver of the region's failing
+        # fails the api's AWS calls too, which still count)
         self._alarm(
             "Api5xx",
-            api_server_errors(api_name, stage_name, labelled=False),
+            cloudwatch.MathExpression(
+                expression="FILL(errors, 0) - FILL(hosts, 0)",
+                using_metrics={
+                    "errors": api_server_errors(api_name, stage_name, labelled=False),
+                    "hosts": self._metric(MetricName.WEBHOOK_HOST_UNAVAILABLE, "Sum", labelled=False),
+                },
+                period=FIVE_MINUTES,
+                label="API 5XX less webhook hosts unavailable",
+            ),
             threshold=0,
             description="llmq: API Gateway answered 5XX (502 function crash, 504 timeout, 503 busy, 500)",
         )
@@ -543,11 +554,7 @@ class MonitoringConstruct(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Job outcomes",
-                left=[
-                    self._metric(outcome, "Sum", lane)
-                    for lane in names
-                    for outcome in JOB_OUTCOME_METRICS.values()
-                ],
+                left=[self._metric(outcome, "Sum", lane) for lane in names for outcome in JOB_OUTCOMES],
                 stacked=True,
                 width=12,
             ),

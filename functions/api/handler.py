@@ -176,6 +176,9 @@ def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
         # Answered, not raised: Lambda counts no error for it, so without this metric no alarm
         # would see a missing grant, a deleted table or a bug (docs/operations.md).
         emit_count(MetricName.API_UNEXPECTED_ERROR)
+    if isinstance(exc, errors.WebhookHostUnavailable):
+        # (a tenant's webhook host's name servers failing: Api5xx leaves these out, hunt 294)
+        emit_count(MetricName.WEBHOOK_HOST_UNAVAILABLE)
     return _problem_response(status, body, _retry_after(exc, status))
 
 

@@ -1219,7 +1219,7 @@ def _job_and_batch_hooked_at(harness: Harness, host: str) -> tuple[ApiReply, Api
 
 
 def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given the system resolver failing for now (EAI_AGAIN: timed out, or unreachable)
     looked_up: list[str] = []
@@ -1237,6 +1237,9 @@ def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
         assert (reply.status, reply.code) == (503, "webhook_host_unavailable")
         assert int(reply.headers["retry-after"]) > 0
     _nothing_changed(harness)
+    # And each is counted apart, for Api5xx to leave out (hunt 294: the tenant's name servers)
+    counted = emitted_metrics(capsys.readouterr().out, MetricName.WEBHOOK_HOST_UNAVAILABLE)
+    assert [record[MetricName.WEBHOOK_HOST_UNAVAILABLE] for record in counted] == [[1.0], [1.0]]
 
 
 def test_a_webhook_host_whose_name_server_does_not_answer_in_time_is_a_503_and_writes_nothing(

@@ -72,6 +72,22 @@ def test_a_crashed_job_the_reconciler_fails_counts_as_failed(
     assert len(emitted_metrics(capsys.readouterr().out, MetricName.JOB_FAILED)) == 1
 
 
+def test_a_job_failed_for_what_its_request_asked_counts_as_refused_not_failed(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a job whose prompt the provider refuses as past the model's context
+    job_id = harness.submit(prompt="[[fail:400:context_length_exceeded]]").body["id"]
+    capsys.readouterr()
+    # When a worker runs it
+    harness.drain("high")
+    assert _status(harness, job_id)["error"]["code"] == "context_length_exceeded"
+    # Then it is one JobRefused, not a JobFailed: the client's to fix, which JobsFailing does
+    # not page on (hunt 294: five such prompts of one tenant paged it)
+    out = capsys.readouterr().out
+    assert [record["lane"] for record in emitted_metrics(out, MetricName.JOB_REFUSED)] == ["high"]
+    assert emitted_metrics(out, MetricName.JOB_FAILED) == []
+
+
 def test_a_queued_job_the_reconciler_expires_at_its_deadline_counts_as_expired(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,6 +6,7 @@ from llmq.models import TERMINAL_STATUSES
 from llmq.telemetry import (
     FAULT_METRICS,
     JOB_OUTCOME_METRICS,
+    JOB_OUTCOMES,
     LIMIT_METRICS,
     WEBHOOK_OUTCOME_METRICS,
     MetricName,
@@ -19,7 +20,7 @@ def test_every_terminal_status_counts_under_its_own_outcome_metric() -> None:
 
 def test_outcome_timing_and_fault_metrics_together_are_the_whole_catalogue() -> None:
     timings = {MetricName.QUEUE_WAIT_MS, MetricName.RUN_TIME_MS}
-    outcomes = set(JOB_OUTCOME_METRICS.values()) | set(WEBHOOK_OUTCOME_METRICS)
+    outcomes = set(JOB_OUTCOMES) | set(WEBHOOK_OUTCOME_METRICS)
     faults = set(FAULT_METRICS)
     limits = set(LIMIT_METRICS)
     assert timings | outcomes | faults | limits == set(MetricName)

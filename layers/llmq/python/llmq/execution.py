@@ -1493,7 +1493,7 @@ class JobRunner:
         if job is None:
             return
         if not counted:
-            count_outcome(job.status, job.lane)
+            count_outcome(job.status, job.lane, job.error.code if job.error else None)
         carry = self.config.webhooks.trust_carried_job
         try:
             if invocation is None:
@@ -1737,6 +1737,6 @@ def webhook_maybe_lost(job: JobRecord, now_ms: int, config: LlmqConfig | None) -
 
 def _announced(queues: QueueStore, job: JobRecord | None) -> JobRecord | None:
     if job is not None and job.status.is_terminal:
-        count_outcome(job.status, job.lane)
+        count_outcome(job.status, job.lane, job.error.code if job.error else None)
         announce_terminal(queues, job)
     return job

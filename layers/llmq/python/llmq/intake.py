@@ -568,7 +568,7 @@ class JobIntake:
         """The event of a job this request ended. If SQS will not take it, its delivery stays
         pending and the reconciler sends it: answering an error here would make the client's
         retry a 409 for a job that ended."""
-        count_outcome(job.status, job.lane)
+        count_outcome(job.status, job.lane, job.error.code if job.error else None)
         try:
             announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
         except Exception as exc:

@@ -447,7 +447,7 @@ class Reconciler:
 
     def _ended(self, job: JobRecord) -> None:
         """A job this run ended: counted, its terminal event sent, its batch told."""
-        count_outcome(job.status, job.lane)
+        count_outcome(job.status, job.lane, job.error.code if job.error else None)
         announce_terminal(self.queues, job, carry=self.config.webhooks.trust_carried_job)
         item_ended(None, self.queues, job)
 

@@ -62,6 +62,9 @@ class MetricName(StrEnum):
     RUN_TIME_MS = "RunTimeMs"
     JOB_SUCCEEDED = "JobSucceeded"
     JOB_FAILED = "JobFailed"
+    # Failed for what its request asked (invalid, past the model's context, filtered): the
+    # client's to fix, counted apart so JobsFailing pages on llmq's failures, not a tenant's.
+    JOB_REFUSED = "JobRefused"
     JOB_CANCELED = "JobCanceled"
     JOB_EXPIRED = "JobExpired"
     WEBHOOK_DELIVERED = "WebhookDelivered"
@@ -92,6 +95,9 @@ class MetricName(StrEnum):
     # The provider refused llmq's own account (401, 403, 402 or a quota out of credit): every
     # job fails with it, after retries minutes apart, until an operator fixes the key.
     PROVIDER_ACCOUNT_REFUSED = "ProviderAccountRefused"
+    # The api answered 503 webhook_host_unavailable: a tenant's webhook host whose own name
+    # servers fail, which Api5xx leaves out (API Gateway's 5XXError counts it).
+    WEBHOOK_HOST_UNAVAILABLE = "WebhookHostUnavailable"
 
 
 # One count per terminal job, with the lane as its dimension.
@@ -129,8 +135,12 @@ FAULT_METRICS = (
     MetricName.PROVIDER_ACCOUNT_REFUSED,
 )
 # Refusals, not faults (service dimension only): the api's waits refused a place (a tenant's
-# limit at work), the authorizer refused a key.
-LIMIT_METRICS = (MetricName.LONG_POLL_REFUSED, MetricName.AUTHENTICATION_REFUSED)
+# limit at work), the authorizer refused a key, a tenant's webhook host could not be looked up.
+LIMIT_METRICS = (
+    MetricName.LONG_POLL_REFUSED,
+    MetricName.AUTHENTICATION_REFUSED,
+    MetricName.WEBHOOK_HOST_UNAVAILABLE,
+)
 
 
 def fingerprint(text: str) -> str:
@@ -145,10 +155,21 @@ def emit_job_metric(name: MetricName, value: float, lane: str) -> None:
         metric.add_dimension(name="lane", value=lane)
 
 
-def count_outcome(status: JobStatus, lane: str) -> None:
+# Every count of a terminal job, by lane: one per terminal status, and the failures that were
+# the request's (`count_outcome`).
+JOB_OUTCOMES = (*JOB_OUTCOME_METRICS.values(), MetricName.JOB_REFUSED)
+# Job errors that are the request's (the client's to fix), not llmq's or the provider's.
+REQUEST_ERROR_CODES = frozenset({"invalid_request", "context_length_exceeded", "content_filtered"})
+
+
+def count_outcome(status: JobStatus, lane: str, error_code: str | None = None) -> None:
     """One terminal job in `lane`, counted by whatever write ended it (a worker, the
-    reconciler, the dead-letter function, a client's cancel); nothing for one not terminal."""
+    reconciler, the dead-letter function, a client's cancel); nothing for one not terminal. A
+    failure for what its request asked (`error_code`) counts as JobRefused (hunt 294: five
+    prompts over the model's context paged JobsFailing)."""
     name = JOB_OUTCOME_METRICS.get(status)
+    if name is MetricName.JOB_FAILED and error_code in REQUEST_ERROR_CODES:
+        name = MetricName.JOB_REFUSED
     if name is not None:
         emit_job_metric(name, 1, lane)
 
