@@ -2682,3 +2682,45 @@ def test_a_cancel_pending_end_s3_cannot_answer_stays_away_longer_at_each_receive
     assert later.value.delay_seconds >= 240
     assert provider.calls == 1
     assert _job(harness, job_id)["status"] == "queued"
+
+
+def test_a_cancel_met_by_a_claim_given_back_ends_the_job_now_not_after_its_lease(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a job whose claim was applied with its answer lost, then throttled past its budget,
+    # so its worker gives it back
+    job_id = harness.submit().body["id"]
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=6)
+    replies: list[int] = []
+
+    def client_cancels(**_: Any) -> None:
+        # (the client, seeing the job running, cancels just as the worker looks to give it back)
+        if replies:
+            return
+        faults.disarm()
+        replies.append(0)
+        canceling = threading.Thread(
+            target=lambda: replies.append(
+                harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status
+            )
+        )
+        canceling.start()
+        canceling.join()
+
+    events = aws.client("dynamodb").meta.events
+    events.register("before-call.dynamodb.GetItem", client_cancels, unique_id="cancel-at-give-back")
+    provider = ScriptedProvider([OK])
+    try:
+        outcome = _run(_runner(harness, provider), job_id, seconds=300)
+    finally:
+        events.unregister("before-call.dynamodb.GetItem", unique_id="cancel-at-give-back")
+    assert replies == [0, 202]
+    # Then the job, held by this worker and never run, ends canceled now, its slot given back
+    # (hunt 291: it stayed running, holding the slot, until its lease lapsed)
+    assert provider.calls == 0
+    assert _job(harness, job_id)["status"] == "canceled"
+    share = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb")).get(
+        ENTERPRISE["tenant_id"]
+    )
+    assert share.running == 0, outcome

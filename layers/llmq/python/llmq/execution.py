@@ -412,7 +412,11 @@ class JobRunner:
         refunded, its tenant's slot freed: `JobStore.release`), within `_GIVE_BACK_SECONDS`.
         True once the job is known not to be held by this invocation; False when DynamoDB did
         not say (hunt 256: the lease, never run, counted as an attempt, and a job on its last
-        one then failed `worker_crashed` with a try of the provider left)."""
+        one then failed `worker_crashed` with a try of the provider left). A job asked to cancel
+        meanwhile, which refuses the release, ends canceled here: held by this invocation and
+        never run (hunt 291: it held its tenant's slot until its lease lapsed, its cancel
+        answered 202 and not done for a quarter of an hour)."""
+        flagged: list[JobRecord] = []
 
         def give_back() -> bool:
             found = self.jobs.find(message.job_id)
@@ -422,19 +426,27 @@ class JobRunner:
                 or found.lease_owner != invocation.owner
             ):
                 return True
-            self.jobs.release(found, invocation.owner, 0)
+            try:
+                self.jobs.release(found, invocation.owner, 0)
+            except CancelRequested:
+                flagged[:] = [found]
+                return True
             logger.info("claim given back unrun", extra={"job_id": message.job_id})
             return True
 
         # (a retry after a release applied with its answer lost finds the job queued: done)
         budget = min(_GIVE_BACK_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
         try:
-            return await self._write_back(give_back, invocation, budget)
+            given_back = await self._write_back(give_back, invocation, budget)
         except LeaseLost:
             return True
-        except (StoreUnavailable, CancelRequested):
-            # (a cancel flagged meanwhile: its lease lapses, and the next look ends it canceled)
+        except StoreUnavailable:
             return False
+        if flagged:
+            # (an earlier attempt may have paid and parked its result, which comes first)
+            earlier = flagged[0].attempts > 1
+            await self._cancel_held(flagged[0], invocation, paid_unknown=earlier, look_again=earlier)
+        return given_back
 
     async def _claim_and_run(
         self, message: LaneMessage, invocation: Invocation, tenant: tuple[str, str] | None, sibling: Sibling
