@@ -20,6 +20,21 @@ from llmq.models import JobRequest, WebhookEvent
 LAYER = str(Path(sys.modules["llmq"].__file__ or "").parents[1])
 
 
+def _margin_after_a_run(margin_seconds: int) -> dict:
+    """A day's retention whose margin is `margin_seconds`, after a worker's run of 900 s and
+    its 30 s lease margin (every other bound on the margin met)."""
+    return {
+        "retention_days": 1,
+        "reconciler": {
+            "retention_margin_seconds": margin_seconds,
+            "stale_queued_seconds": 100,
+            "schedule_minutes": 1,
+        },
+        "fair_share": {"max_deferral_seconds": 200},
+        "worker": {"timeout_seconds": 900},
+    }
+
+
 def test_tiers_route_to_their_lane_and_unknown_tiers_to_the_default() -> None:
     config = LlmqConfig()
     assert lane_for_tier(config, "enterprise").name == "high"
@@ -88,16 +103,7 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
             "default_lane": "a-b",
         },
         # (a margin a run outlasts: a job claimed just before it ends after its retention)
-        {
-            "retention_days": 1,
-            "reconciler": {
-                "retention_margin_seconds": 930,
-                "stale_queued_seconds": 100,
-                "schedule_minutes": 1,
-            },
-            "fair_share": {"max_deferral_seconds": 200},
-            "worker": {"timeout_seconds": 900},
-        },
+        _margin_after_a_run(930),
         # (a lane's queue id taken by another lane's DLQ, or by the poison queue: hunt 280)
         {
             "lanes": [
@@ -139,18 +145,7 @@ def test_a_provider_base_url_is_kept_as_written(url: str) -> None:
 def test_a_retention_margin_just_longer_than_a_run_and_its_lease_is_accepted() -> None:
     # (a takeover after the lease is a claim of its own, refused within the margin: review 264;
     # a crashed run's lease lapses a lease margin after its timeout: review 265)
-    config = LlmqConfig.model_validate(
-        {
-            "retention_days": 1,
-            "reconciler": {
-                "retention_margin_seconds": 931,
-                "stale_queued_seconds": 100,
-                "schedule_minutes": 1,
-            },
-            "fair_share": {"max_deferral_seconds": 200},
-            "worker": {"timeout_seconds": 900},
-        }
-    )
+    config = LlmqConfig.model_validate(_margin_after_a_run(931))
     assert config.reconciler.retention_margin_seconds == 931
 
 
