@@ -1578,6 +1578,13 @@ def test_a_claim_throttled_then_contended_comes_back_in_seconds_not_a_lease(
     assert _job(harness, job_id)["status"] == "queued"
 
 
+def _claim_lost_then_throttled(faults: AwsFaults) -> None:
+    """The next claim applied with its answer lost, and the worker's retries of it throttled
+    past the claim's budget (a brown-out)."""
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=6)
+
+
 def test_a_claim_applied_with_its_answer_lost_then_throttled_is_given_back_unrun(
     harness: Harness, faults: AwsFaults
 ) -> None:
@@ -1590,8 +1597,7 @@ def test_a_claim_applied_with_its_answer_lost_then_throttled_is_given_back_unrun
     assert _job(harness, job_id)["attempts"] == 2
     # When its next claim is applied with its answer lost, and the worker's retries of it are
     # throttled past the claim's budget (a brown-out), then answered again
-    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
-    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=6)
+    _claim_lost_then_throttled(faults)
     lane = harness.stack.lane_queue_urls["high"]
     messages = _with_delayed(harness, lane)
     outcome = _run(_runner(harness, provider), job_id, seconds=300)
@@ -2690,8 +2696,7 @@ def test_a_cancel_met_by_a_claim_given_back_ends_the_job_now_not_after_its_lease
     # Given a job whose claim was applied with its answer lost, then throttled past its budget,
     # so its worker gives it back
     job_id = harness.submit().body["id"]
-    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
-    faults.arm("throttle", "dynamodb.TransactWriteItems", nth=2, times=6)
+    _claim_lost_then_throttled(faults)
     replies: list[int] = []
 
     def client_cancels(**_: Any) -> None:

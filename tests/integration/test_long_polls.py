@@ -256,6 +256,18 @@ def _unslowed() -> None:
             )
 
 
+def _submit_waiting(harness: Harness, context: dict[str, Any]) -> Any:
+    """A submit that prefers to wait its longest, API Gateway's request context as given."""
+    return harness.api(
+        "POST",
+        "/v1/jobs",
+        body={"prompt": "hello"},
+        headers={"Prefer": "wait=25"},
+        tenant=ENTERPRISE,
+        request_context=context,
+    )
+
+
 @pytest.mark.parametrize("kind", ["GET ?wait", "POST Prefer: wait"])
 def test_a_wait_whose_calls_after_its_deadline_are_throttled_still_answers_within_api_gateways_timeout(
     harness: Harness, kind: str
@@ -276,14 +288,7 @@ def test_a_wait_whose_calls_after_its_deadline_are_throttled_still_answers_withi
             )
         else:
             _slow_after(deadline - 0.05, 2.5, calls)
-            reply = harness.api(
-                "POST",
-                "/v1/jobs",
-                body={"prompt": "hello"},
-                headers={"Prefer": "wait=25"},
-                tenant=ENTERPRISE,
-                request_context=context,
-            )
+            reply = _submit_waiting(harness, context)
     finally:
         _unslowed()
     # Then it answers before API Gateway gives up: once late, it leaves its place to lapse and
@@ -313,14 +318,7 @@ def test_a_wait_throttled_throughout_takes_no_place_once_its_time_is_gone(
     try:
         _slow_after(0, 2.5, calls)
         if kind.startswith("POST"):
-            reply = harness.api(
-                "POST",
-                "/v1/jobs",
-                body={"prompt": "hello"},
-                headers={"Prefer": "wait=25"},
-                tenant=ENTERPRISE,
-                request_context=context,
-            )
+            reply = _submit_waiting(harness, context)
         else:
             path = f"/v1/jobs/{job_id}" + ("/events" if kind.endswith("events") else "")
             reply = harness.api("GET", path, tenant=ENTERPRISE, query={"wait": "20"}, request_context=context)
