@@ -315,6 +315,33 @@ def test_a_takeover_of_its_own_lapsed_lease_is_never_refused_by_the_cap(harness:
     assert set(share.holders["high"]) == {job_id}
 
 
+def test_a_cap_stored_above_what_the_share_item_can_name_holds_at_that_bound(harness: Harness) -> None:
+    from llmq.config import MAX_TENANT_SLOTS
+    from llmq.shares import MAX_CONCURRENCY, holders_of
+
+    # Given a tenant whose operator override of 5,000 was stored before the bound, holding the
+    # bound's number of slots already
+    tenant = ENTERPRISE["tenant_id"]
+    job_id = harness.submit().body["id"]
+    now = {"N": str(int(time.time() * 1000))}
+    held = {f"job_{n:026d}": now for n in range(MAX_TENANT_SLOTS)}
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=share_key(tenant),
+        UpdateExpression="SET #max = :max, #h = :held",
+        ExpressionAttributeNames={"#max": MAX_CONCURRENCY, "#h": holders_of("high")},
+        ExpressionAttributeValues={":max": {"N": "5000"}, ":held": {"M": held}},
+    )
+    assert _shares(harness).get(tenant).cap("high") == MAX_TENANT_SLOTS
+    # When a worker claims its next job
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    claim = jobs.claim(job_id, "w1", 60, (tenant, "high"))
+    # Then it waits at the cap (review 266: held past the bound, the share item grew toward
+    # DynamoDB's 400 KB, where claims fail as ItemTooLarge and burn their receives)
+    assert claim.outcome is ClaimOutcome.AT_CAP
+    assert len(_shares(harness).get(tenant).holders["high"]) == MAX_TENANT_SLOTS
+
+
 def test_a_deferred_message_comes_back_later_the_longer_the_tenants_backlog(harness: Harness) -> None:
     # Given a tenant capped at one with a running job, and first a short then a long backlog
     _shares(harness).set_limits(ENTERPRISE["tenant_id"], max_concurrency=1)

@@ -86,6 +86,14 @@ def test_a_job_failed_for_what_its_request_asked_counts_as_refused_not_failed(
     out = capsys.readouterr().out
     assert [record["lane"] for record in emitted_metrics(out, MetricName.JOB_REFUSED)] == ["high"]
     assert emitted_metrics(out, MetricName.JOB_FAILED) == []
+    # And a provider's 400 with no such code, which every job meets when the provider stops
+    # taking what llmq sends, still counts as failed (review 266: it paged nothing)
+    other = harness.submit(prompt="[[fail:400:unsupported_parameter]]").body["id"]
+    harness.drain("high")
+    assert _status(harness, other)["error"]["code"] == "invalid_request"
+    out = capsys.readouterr().out
+    assert len(emitted_metrics(out, MetricName.JOB_FAILED)) == 1
+    assert emitted_metrics(out, MetricName.JOB_REFUSED) == []
 
 
 def test_a_queued_job_the_reconciler_expires_at_its_deadline_counts_as_expired(

@@ -36,7 +36,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from llmq.config import FairShareConfig, batch_cap
+from llmq.config import MAX_TENANT_SLOTS, FairShareConfig, batch_cap
 from llmq.long_polls import POLLS_PREFIX
 
 SHARE_PREFIX = "share#"
@@ -208,7 +208,13 @@ def hold(
     A job already holding one (a takeover of its own expired lease) keeps it.
     """
     names = {"#h": holders_of(lane), "#job": job_id, "#max": MAX_CONCURRENCY, "#cap": _CAP_PREFIX + lane}
-    expression, condition = "SET #h.#job = :now", _below("#h", "#max", "#cap")
+    # (and never past what the share item can name, whatever cap an operator stored before
+    # that bound: review 266)
+    expression = "SET #h.#job = :now"
+    condition = (
+        f"{_below('#h', '#max', '#cap')} AND "
+        "(attribute_not_exists(#h) OR attribute_exists(#h.#job) OR size(#h) < :slots)"
+    )
     if batch_item:
         names |= {
             "#bh": batch_holders_of(lane),
@@ -231,7 +237,7 @@ def hold(
             "UpdateExpression": expression,
             "ConditionExpression": condition,
             "ExpressionAttributeNames": names,
-            "ExpressionAttributeValues": {":now": {"N": str(now_ms)}},
+            "ExpressionAttributeValues": {":now": {"N": str(now_ms)}, ":slots": {"N": str(MAX_TENANT_SLOTS)}},
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
     }
@@ -409,9 +415,10 @@ class ShareState:
         return max(0, self.queued - self.batch_queued)
 
     def cap(self, lane: str) -> int | None:
-        """The cap in force in `lane`: the operator's override, else the tier's default."""
+        """The cap in force in `lane`: the operator's override, else the tier's default; never
+        more than MAX_TENANT_SLOTS (an override stored before that bound: review 266)."""
         if self.max_concurrency is not None:
-            return self.max_concurrency
+            return min(self.max_concurrency, MAX_TENANT_SLOTS)
         return self.default_caps.get(lane)
 
     def batch_cap(self, lane: str) -> int | None:

@@ -62,8 +62,8 @@ class MetricName(StrEnum):
     RUN_TIME_MS = "RunTimeMs"
     JOB_SUCCEEDED = "JobSucceeded"
     JOB_FAILED = "JobFailed"
-    # Failed for what its request asked (invalid, past the model's context, filtered): the
-    # client's to fix, counted apart so JobsFailing pages on llmq's failures, not a tenant's.
+    # Failed for what its request asked (past the model's context, filtered): the client's to
+    # fix, counted apart so JobsFailing pages on llmq's failures, not a tenant's.
     JOB_REFUSED = "JobRefused"
     JOB_CANCELED = "JobCanceled"
     JOB_EXPIRED = "JobExpired"
@@ -158,15 +158,17 @@ def emit_job_metric(name: MetricName, value: float, lane: str) -> None:
 # Every count of a terminal job, by lane: one per terminal status, and the failures that were
 # the request's (`count_outcome`).
 JOB_OUTCOMES = (*JOB_OUTCOME_METRICS.values(), MetricName.JOB_REFUSED)
-# Job errors that are the request's (the client's to fix), not llmq's or the provider's.
-REQUEST_ERROR_CODES = frozenset({"invalid_request", "context_length_exceeded", "content_filtered"})
+# Job errors that are the request's (the client's to fix), not llmq's or the provider's. Not
+# `invalid_request`: a provider's 400 without a code of these is read so, and every job fails
+# with it when the provider stops taking what llmq sends (review 266).
+REQUEST_ERROR_CODES = frozenset({"context_length_exceeded", "content_filtered"})
 
 
 def count_outcome(status: JobStatus, lane: str, error_code: str | None = None) -> None:
     """One terminal job in `lane`, counted by whatever write ended it (a worker, the
     reconciler, the dead-letter function, a client's cancel); nothing for one not terminal. A
-    failure for what its request asked (`error_code`) counts as JobRefused (hunt 294: five
-    prompts over the model's context paged JobsFailing)."""
+    failure for what its request asked (`error_code`: past the model's context, or filtered)
+    counts as JobRefused (hunt 294: five prompts over the model's context paged JobsFailing)."""
     name = JOB_OUTCOME_METRICS.get(status)
     if name is MetricName.JOB_FAILED and error_code in REQUEST_ERROR_CODES:
         name = MetricName.JOB_REFUSED
