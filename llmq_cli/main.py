@@ -638,11 +638,13 @@ def progress_line(batch: dict[str, Any], width: int = 30) -> str:
 
 def watch_batch(client: Any, batch_id: str, timeout: float, interval: float = 1.0) -> dict[str, Any]:
     """Poll the batch until it ends, its progress on stderr (one line, redrawn on a terminal)."""
+    from llmq_cli.client import ApiError
+
     deadline = time.monotonic() + timeout
     redraw = sys.stderr.isatty()
-    # (a poll met by a 429, a 5xx or a dropped connection is waited out: the batch runs on)
-    patience = 120.0
-    batch: dict[str, Any] = client.batch(batch_id, patience)
+    # (a poll met by a 429, a 5xx or a dropped connection is waited out, up to the watch's end:
+    # the batch runs on; review 266: not two minutes past it)
+    batch: dict[str, Any] = client.batch(batch_id, max(0.0, deadline - time.monotonic()))
     last = ""
     while True:
         line = progress_line(batch)
@@ -654,7 +656,13 @@ def watch_batch(client: Any, batch_id: str, timeout: float, interval: float = 1.
                 print(file=sys.stderr)
             return batch
         time.sleep(interval)
-        batch = client.batch(batch_id, patience)
+        try:
+            batch = client.batch(batch_id, max(0.0, deadline - time.monotonic()))
+        except httpx.TransportError:
+            pass  # (no answer until the watch's end: the batch as last read, as `wait` answers)
+        except ApiError as exc:
+            if exc.status != 429 and exc.status < 500:
+                raise
 
 
 # Past this size a file goes by the upload form: an inline body holds 4.5 MB at most.

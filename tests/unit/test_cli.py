@@ -342,6 +342,26 @@ def test_batch_results_ride_out_a_throttled_page_and_a_busy_gateway(monkeypatch:
     assert [url.rsplit("cursor=", 1)[1] for url in seen] == ["0", "2", "2", "2", "2"]
 
 
+def test_a_batch_watch_ends_at_its_timeout_with_the_batch_last_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from llmq_cli.main import watch_batch
+
+    now = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    monkeypatch.setattr("time.sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    counts = {"total": 2, "succeeded": 1, "failed": 0, "canceled": 0, "expired": 0, "running": 1, "queued": 0}
+    running = {"id": "bat_1", "status": "in_progress", "request_counts": counts}
+    # Given a batch read once, then the API busy for good
+    answers = [httpx.Response(200, json=running)] + [_problem(503, "service_unavailable")] * 500
+    # When a watch of 10 s polls it
+    batch = watch_batch(_answering(answers, []), "bat_1", timeout=10)
+    # Then it ends at its timeout, with the batch as last read (review 266: two minutes past
+    # it, with an error)
+    assert batch == running
+    assert now[0] - 1000.0 <= 12
+
+
 def test_batch_results_say_a_refusal_whose_body_is_not_json() -> None:
     import httpx
 
