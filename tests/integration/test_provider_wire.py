@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from llmq.models import ChatMessage, GenerationParams
+from llmq.models import ChatMessage, ErrorCode, GenerationParams
 from llmq.providers import (
     Answer,
     ChatCompletionsProvider,
@@ -436,3 +436,138 @@ async def test_a_completion_cut_before_its_end_is_an_answer_cut_off() -> None:
         with pytest.raises(TransientProviderError) as raised:
             await provider.generate(REQUEST, 5.0)
     assert "cut off" in raised.value.message
+
+
+# ---- what real servers and proxies answer (hunt 297) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "key_refused"),
+    [
+        # LiteLLM's proxy, its key or team over budget
+        (
+            400,
+            {
+                "error": {
+                    "message": "Budget has been exceeded! Current cost: 14.27, Max budget: 100.0",
+                    "type": "budget_exceeded",
+                    "code": "400",
+                }
+            },
+            False,
+        ),
+        # Google's OpenAI-compatible endpoint, a bad key
+        (
+            400,
+            [
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "API key not valid.",
+                        "status": "INVALID_ARGUMENT",
+                        "details": [
+                            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+                        ],
+                    }
+                }
+            ],
+            True,
+        ),
+    ],
+    ids=["litellm-budget", "gemini-key"],
+)
+async def test_an_account_refusal_answered_400_is_llmqs_account_not_the_requests(
+    status: int, body: object, key_refused: bool
+) -> None:
+    answer = _error_answer(status, json.dumps(body).encode())
+    async with _server([answer], later=[answer]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(ProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    # Retried minutes apart, the operator paged, never the job failed for good as the client's
+    # (hunt 297: invalid_request, not retryable, the operator's spend quoted to the tenant)
+    error = raised.value
+    assert isinstance(error, TransientProviderError) and error.about_account
+    assert error.key_refused is key_refused
+    assert "Current cost" not in error.message
+
+
+@pytest.mark.parametrize("key", ["sk-abc\u200b", "\u201csk-abc\u201d", "sk-abc\u2026"])
+async def test_a_key_no_header_can_carry_is_the_operators_to_fix_and_sends_nothing(key: str) -> None:
+    async with _server([]) as url:
+        provider = ChatCompletionsProvider(url, lambda: key, stream=True)
+        with pytest.raises(TransientProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    # (hunt 297: httpx's refusal escaped as an unreadable answer, the backlog failed in seconds)
+    assert raised.value.about_account and "header" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 301 Moved\r\nlocation: https://api.example.com/v1/chat/completions\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 405 Not Allowed\r\ncontent-type: text/html\r\ncontent-length: 22\r\n\r\n<html>405 nginx</html>",
+        _error_answer(400, b"<html><title>400 The plain HTTP request was sent to HTTPS port</title></html>"),
+    ],
+    ids=["redirect", "405", "html-400"],
+)
+async def test_a_base_url_that_is_wrong_is_the_operators_to_fix(answer: bytes) -> None:
+    async with _server([answer]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(ProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    # (hunt 297: a redirect spent the attempts seconds apart; a proxy's HTML 400 or 405 failed
+    # the backlog for good as the client's invalid request)
+    assert isinstance(raised.value, TransientProviderError) and raised.value.about_account
+    assert "provider.base_url" in raised.value.message
+
+
+async def test_openrouters_429_reset_is_waited_for() -> None:
+    reset_ms = int((time.time() + 40) * 1000)
+    body = {
+        "error": {
+            "message": "Rate limit exceeded: free-models-per-min.",
+            "code": 429,
+            "metadata": {"headers": {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(reset_ms)}},
+        }
+    }
+    extra = b"x-ratelimit-remaining: 0\r\nx-ratelimit-reset: %d\r\n" % reset_ms
+    async with _server([_error_answer(429, json.dumps(body).encode(), extra)]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(TransientProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    # (hunt 297: not read, the attempts were spent 2 and 4 s apart inside the limit's minute)
+    assert raised.value.retry_after is not None and 30 <= raised.value.retry_after <= 41
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (
+            400,
+            {
+                "object": "error",
+                "message": "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.",
+                "type": "BadRequestError",
+                "code": 400,
+            },
+        ),
+        (
+            422,
+            {
+                "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4090",
+                "error_type": "validation",
+            },
+        ),
+    ],
+    ids=["vllm", "tgi"],
+)
+async def test_a_prompt_past_the_context_said_in_words_is_context_length_exceeded(
+    status: int, body: dict
+) -> None:
+    async with _server([_error_answer(status, json.dumps(body).encode())]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        with pytest.raises(PermanentProviderError) as raised:
+            await provider.generate(REQUEST, 5)
+    # (hunt 297: invalid_request, which a client truncating on context_length_exceeded never saw)
+    assert raised.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED

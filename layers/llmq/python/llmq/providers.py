@@ -186,10 +186,47 @@ def classify_response(response: httpx.Response, body: bytes, *, log: bool = True
         # account; either way the operator's to fix (the models are theirs to allow), and
         # failing it as the client's unknown model would fail the whole backlog.
         return _missing_endpoint(status, log)
+    if 300 <= status < 400 or status == 405 or (status == 400 and found is None and _html(body)):
+        # A redirect (an http:// base URL behind "always HTTPS"), a method not allowed, or a
+        # proxy's HTML 400 (plain HTTP to an HTTPS port): the base URL is wrong, the operator's
+        # to fix; not the request's, which failed the backlog for good, nor a retry seconds
+        # apart that spent its attempts (hunt 297).
+        return _missing_endpoint(status, log)
+    if status < 500 and _OUT_OF_CREDIT_CODES & set(names):
+        # (LiteLLM answers a budget exceeded 400: llmq's account, never the request's)
+        return _account_error(status, names, message, status, wait, log)
+    if status < 500 and _KEY_REFUSED_REASONS & _reasons(found):
+        # (Google's OpenAI-compatible endpoint answers a bad or expired key 400)
+        refused = _account_error(status, names, message, status, wait, log, reads_as=401)
+        refused.key_refused = True
+        return refused
+    if (
+        status in (400, 413, 422)
+        and not _PERMANENT_CODES.keys() & set(names)
+        and _CONTEXT_TOO_LONG.search(message)
+    ):
+        # (vLLM, TGI and OpenRouter say a prompt past the model's context only in words)
+        return PermanentProviderError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, message, status)
     error = _classify(status, names, message, status, wait, log=log)
     # Only an HTTP answer counts: it refused the request before any generation started.
     error.key_refused = status in _KEY_REFUSED_STATUSES
     return error
+
+
+# How vLLM, TGI and OpenRouter word a prompt past the model's context, with no code for it.
+_CONTEXT_TOO_LONG = re.compile(
+    r"maximum context length|context length (?:is|of) \d|`inputs` tokens \+ `max_new_tokens` must be", re.I
+)
+
+
+def _html(body: bytes) -> bool:
+    """An HTML page (a proxy's), not an API's error."""
+    return body.lstrip()[:1] == b"<"
+
+
+def _reasons(error: dict[str, Any] | None) -> set[str]:
+    """A Google error's ErrorInfo reasons, lower-cased."""
+    return {str(detail.get("reason", "")).lower() for detail in _dicts((error or {}).get("details"))}
 
 
 def _flagged(error: dict[str, Any]) -> bool:
@@ -198,6 +235,7 @@ def _flagged(error: dict[str, Any]) -> bool:
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_RESET_HEADERS = ("x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-reset")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -217,6 +255,30 @@ def _stated_wait(headers: httpx.Headers, error: dict[str, Any] | None) -> float 
         reset = _duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
         if reset is not None and headers.get(f"x-ratelimit-remaining-{kind}", "0").strip() == "0":
             waits.append(reset)
+    # OpenRouter's `X-RateLimit-Reset`, epoch milliseconds, in the headers or its error's
+    # metadata (hunt 297: not read, a job's attempts were spent inside the limit's minute);
+    # the IETF draft's `RateLimit-Reset`, seconds
+    stated = (error or {}).get("metadata")
+    inner = stated.get("headers") if isinstance(stated, dict) else None
+    named = {
+        str(key).lower(): str(value) for key, value in (inner.items() if isinstance(inner, dict) else ())
+    }
+    named.update({key: value for key, value in headers.items() if key in _RESET_HEADERS})
+    if named.get("x-ratelimit-remaining", "0").strip() == "0":
+        reset_at = named.get("x-ratelimit-reset", "").strip()
+        if reset_at.isascii() and reset_at.isdigit() and len(reset_at) <= 16:
+            value = int(reset_at)
+            waits.append(
+                value / 1000 - time.time()
+                if value > 10**11
+                else value - time.time()
+                if value > 10**9
+                else value
+            )
+    draft = named.get("ratelimit-reset", "").strip()
+    if draft.isascii() and draft.isdigit() and len(draft) <= 9:
+        waits.append(float(draft))
+    waits = [wait for wait in waits if wait > 0]
     for detail in _dicts((error or {}).get("details")):
         if str(detail.get("@type", "")).endswith("RetryInfo") and isinstance(detail.get("retryDelay"), str):
             delay = _duration(detail["retryDelay"])
@@ -260,8 +322,12 @@ _ACCOUNT_ERRORS = {
     429: "the provider is rate-limiting llmq's account",
 }
 # Codes that say more than the status (OpenAI answers an account out of credit with a 429).
-_OUT_OF_CREDIT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+_OUT_OF_CREDIT_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "budget_exceeded"})
+# Google's ErrorInfo reasons of a key refused (its OpenAI-compatible endpoint answers them 400).
+_KEY_REFUSED_REASONS = frozenset({"api_key_invalid", "api_key_expired"})
 _CODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+# What a bearer token in a header may hold: printable ASCII.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 # What the operator's log keeps of the provider's own text: a key-like token is cut out.
 _KEY_LIKE = re.compile(
     r"\b(?:(?:sk|pk|rk|gsk|key|org|proj)[-_]|ABSK)[A-Za-z0-9_*.+/=-]{4,}|[A-Za-z0-9_+/=-]{32,}"
@@ -275,17 +341,18 @@ def _account_error(
     status_code: int | None,
     retry_after: float | None,
     log: bool,
+    reads_as: int | None = None,
 ) -> TransientProviderError:
     """An error about llmq's provider account, in llmq's own words with the provider's code
     names; never the provider's message, which goes to the operator's log only (key-like
     tokens cut out): a warning when the account is refused, a note for a rate limit."""
     codes = _codes(names)
     out_of_credit = bool(_OUT_OF_CREDIT_CODES & set(codes))
-    said = _ACCOUNT_ERRORS[402] if out_of_credit else _ACCOUNT_ERRORS[status]
+    said = _ACCOUNT_ERRORS[402] if out_of_credit else _ACCOUNT_ERRORS[reads_as or status]
     error = TransientProviderError(
         f"{said} (HTTP {status})" + (f": {', '.join(codes)}" if codes else ""), status_code, retry_after
     )
-    error.about_account = status != 429 or out_of_credit
+    error.about_account = (reads_as or status) != 429 or out_of_credit
     _tell_operator(
         logger.warning if error.about_account else logger.info, said, status, codes, provider_said, log
     )
@@ -294,7 +361,7 @@ def _account_error(
 
 def _missing_endpoint(status: int, log: bool) -> TransientProviderError:
     said = (
-        "the provider answered 404 with no error of its own: check provider.base_url, "
+        f"the provider answered {status} with no error of its own: check provider.base_url, "
         "and that the provider serves the model to llmq's account"
     )
     error = TransientProviderError(f"{said} (HTTP {status})", status)
@@ -735,6 +802,15 @@ class ChatCompletionsProvider:
         # (a key stored with a trailing newline or space, from a file or the console, would be
         # an illegal header: every call refused before it is sent, as if the provider were down)
         if key and key.strip():
+            if not _HEADER_SAFE.fullmatch(key.strip()):
+                # (curly quotes or a zero-width space from a paste: no header can carry it, and
+                # httpx's refusal escaped as an unreadable answer, failing the backlog in seconds
+                # with nothing paged; hunt 297) Nothing was sent. The operator's to fix, as a
+                # refused key is, and the secret read again at once, as for a refusal.
+                error = TransientProviderError("the provider key holds characters no HTTP header can carry")
+                error.about_account = error.key_refused = True
+                logger.warning("the provider key holds characters no HTTP header can carry")
+                raise error
             headers["authorization"] = f"Bearer {key.strip()}"
         return headers
 
