@@ -18,7 +18,15 @@ from standardwebhooks import Webhook
 
 from llmq import aws
 from llmq.batch_runs import stop
-from llmq.batches import BatchRecord, BatchRepository, batch_key, batch_of, item_job_id, send_expand
+from llmq.batches import (
+    BATCH_PREFIX,
+    BatchRecord,
+    BatchRepository,
+    batch_key,
+    batch_of,
+    item_job_id,
+    send_expand,
+)
 from llmq.jobs import JobRepository
 from llmq.models import (
     BatchEvent,
@@ -2522,3 +2530,54 @@ def test_a_redelivery_whose_send_sqs_refuses_is_accepted_its_round_left_to_the_r
     assert reply.body["webhook"]["delivery"]["status"] == "pending"
     item = stored()
     assert "sweep_at" in item and int(item["delivery_round"]["N"]) == rounds_before + 1
+
+
+def test_a_batch_items_end_near_the_invocations_end_never_outlasts_its_timeout(
+    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (as in Lambda, whose event loop lives on: outside it, Powertools' asyncio.run would wait
+    # at its end for the call given up, which Lambda freezes with the environment instead)
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", "/var/task")
+    # Given a batch of one item whose answer takes 3 s, run by a worker invocation with 8 s
+    # to live (its write-back reserve is 2 s), and a DynamoDB connection that stalls 8 s on
+    # the batch's read once the answer is in (one stalled read; botocore reads for 10 s)
+    reply = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": "a", "body": {"prompt": "a [[latency:3]]"}}]},
+        tenant=ENTERPRISE,
+    )
+    assert reply.status in (200, 201, 202), reply.body
+    batch_id = reply.body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    harness.run_worker(url, harness.receive(url))  # the expansion
+    messages = harness.receive(url)
+    assert len(messages) == 1
+    started = time.monotonic()
+    stalls: list[float] = []
+
+    def stalled(params: dict[str, Any], **_: Any) -> None:
+        key = params.get("Key", {}).get("pk", {}).get("S", "")
+        if key == BATCH_PREFIX + batch_id and time.monotonic() - started > 2.5 and not stalls:
+            stalls.append(time.monotonic() - started)
+            time.sleep(8.0)
+
+    events = aws.client("dynamodb").meta.events
+    events.register("provide-client-params.dynamodb.GetItem", stalled, unique_id="hunt295-stall")
+    try:
+        # When the worker runs the item
+        response = harness.run_worker(url, messages, timeout_seconds=8)
+    finally:
+        events.unregister("provide-client-params.dynamodb.GetItem", unique_id="hunt295-stall")
+    took = time.monotonic() - started
+    item = json.loads(messages[0]["Body"])["job_id"]
+    job = harness.api("GET", f"/v1/jobs/{item}", tenant=ENTERPRISE).body
+    # Then the item succeeded, and the invocation answered within its 8 s, its batch's end
+    # left for its message to look at again (hunt 295: past them, Lambda would have cut it off
+    # and every record of its batch would come back, settled or not)
+    assert stalls, "the stall never fired"
+    assert job["status"] == "succeeded"
+    assert took < 8.0, f"the invocation answered after {took:.1f} s, past its 8 s timeout"
+    assert [failure["itemIdentifier"] for failure in response["batchItemFailures"]] == [
+        messages[0]["MessageId"]
+    ]

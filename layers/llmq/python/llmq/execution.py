@@ -1514,19 +1514,32 @@ class JobRunner:
                 await self._write_back(lambda: announce_terminal(self.queues, job, carry=carry), invocation)
         except StoreUnavailable:
             logger.warning("webhook enqueue failed; the reconciler will send it", extra={"job_id": job.id})
-        await self._announce_batch(job)
+        await self._announce_batch(job, invocation)
 
-    async def _announce_batch(self, job: JobRecord) -> None:
+    async def _announce_batch(self, job: JobRecord, invocation: Invocation | None = None) -> None:
         """A batch's item ended: its batch may end with it (`llmq.batch_runs.settle`). If AWS
         will not answer, the item's message comes back to look again (a claim finds the job
-        terminal and lands here), so a batch's end and its webhook are never left undone."""
+        terminal and lands here), so a batch's end and its webhook are never left undone. With
+        the `invocation`, the look ends in time for it: an item ended near the Lambda's end
+        whose look met a stalled call ran past the function's timeout (hunt 295), and every
+        record of the batch came back, a receive spent."""
         if job.batch_id is None or not job.status.is_terminal:
             return
         if self.batches is None:
             await asyncio.to_thread(item_ended, None, self.queues, job)
             return
+        look = asyncio.to_thread(settle, self.batches, self.queues, job.batch_id)
         try:
-            await asyncio.to_thread(settle, self.batches, self.queues, job.batch_id)
+            if invocation is None:
+                await look
+            else:
+                left = invocation.remaining_seconds() - _RESEND_RESERVE_SECONDS
+                try:
+                    await asyncio.wait_for(look, max(0.1, left))
+                except TimeoutError as timed_out:
+                    raise StoreUnavailable(
+                        "the batch's end check did not answer in the time left"
+                    ) from timed_out
         except StoreUnavailable as exc:
             logger.warning(
                 "batch end check failed; the item's message comes back", extra={"batch_id": job.batch_id}
