@@ -354,3 +354,31 @@ def test_clearing_a_rate_whose_plan_call_was_applied_and_retried_deletes_the_pla
     assert own not in [plan["name"] for plan in apigateway.get_usage_plans()["items"]]
     holding = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
     assert [plan["id"] for plan in holding] == [plans.ids["free"]]
+
+
+def test_a_rate_whose_plan_was_detached_but_not_deleted_is_cleared_by_a_rerun(
+    plans: Plans, moto_stack: MotoStack
+) -> None:
+    from tests.aws_faults import AwsFaults, FaultKind
+
+    # Given a tenant with a rate plan of its own, whose clearing detached the plan from the
+    # stage, then had its deletion throttled for good (the command failed)
+    tenant = _free_tenant(plans, moto_stack, "ten_orphan")
+    plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "apigateway.DeleteUsagePlan", times=100)
+    try:
+        with pytest.raises(ClientError):
+            plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
+    finally:
+        faults.disarm()
+    # When the operator runs it again
+    plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
+    # Then the plan is gone (review 266: the rerun found no plan of this stack, and the detached
+    # one stayed an orphan for good), the key in its tier's plan
+    apigateway = aws.client("apigateway")
+    assert [
+        plan for plan in apigateway.get_usage_plans()["items"] if plan["name"] == tenant_plan_name(tenant.id)
+    ] == []
+    holding = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
+    assert [plan["id"] for plan in holding] == [plans.ids["free"]]

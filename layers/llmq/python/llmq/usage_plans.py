@@ -72,6 +72,16 @@ class UsagePlanError(RuntimeError):
 _MADE_FOR = "; made for usage plan "
 
 
+# How a tenant's plan's description names the APIs it was made for (`set_rate`).
+_FOR_APIS = "; for APIs "
+
+
+def _made_for(plan: dict[str, Any]) -> set[str]:
+    """The API ids a tenant's plan's description names (none for one made before)."""
+    _, found, apis = str(plan.get("description", "")).rpartition(_FOR_APIS)
+    return set(apis.split(",")) - {""} if found else set()
+
+
 def _conflict(exc: ClientError) -> bool:
     return bool(exc.response.get("Error", {}).get("Code") == "ConflictException")
 
@@ -179,9 +189,10 @@ class ApiGatewayUsagePlans:
         stages = [
             {"apiId": stage["apiId"], "stage": stage["stage"]} for stage in tier_plan.get("apiStages") or []
         ]
+        apis = ",".join(sorted({stage["apiId"] for stage in stages}))
         created = self._apigw.create_usage_plan(
             name=name,
-            description=f"llmq: request rate of tenant {tenant_id} (llmq tenants set-limits)",
+            description=f"llmq: request rate of tenant {tenant_id} (llmq tenants set-limits){_FOR_APIS}{apis}",
             apiStages=stages,
             throttle={"rateLimit": rate, "burstLimit": burst},
         )
@@ -296,13 +307,19 @@ class ApiGatewayUsagePlans:
         return kept
 
     def _own_plans(self, tenant_id: str) -> list[dict[str, Any]]:
+        """The tenant's plans on this stack's API, and one detached from it whose deletion
+        failed (review 266: no stage named it this stack's, so a rerun never found it, an
+        orphan for good), told this stack's by the APIs its description names."""
         name = tenant_plan_name(tenant_id)
         ours = self._stack_apis()
         return [
             plan
             for plan in self._pages()
             if plan.get("name") == name
-            and {stage.get("apiId") for stage in plan.get("apiStages") or []} & ours
+            and (
+                {stage.get("apiId") for stage in plan.get("apiStages") or []} & ours
+                or (not plan.get("apiStages") and _made_for(plan) & ours)
+            )
         ]
 
     def _delete_empty(self, plans: list[dict[str, Any]], kept: str) -> None:
