@@ -13,6 +13,7 @@ gc.disable()  # for the imports below (llmq.startup)
 
 import base64
 import json
+import os
 import random
 import re
 import time
@@ -70,7 +71,7 @@ from llmq.models import (
 )
 from llmq.payloads import payload_store
 from llmq.queues import QueueRepository
-from llmq.ssrf import SUBMIT_LOOKUP_SECONDS, bounded, check_webhook_url, system_resolver
+from llmq.ssrf import SUBMIT_LOOKUP_SECONDS, bounded, check_webhook_url, resolver_answers, system_resolver
 from llmq.telemetry import MetricName, emit_count, error_fields, logger, traceback_fields
 from llmq.tenants import TenantIdentity
 
@@ -141,6 +142,8 @@ def batch_intake() -> BatchIntake:
 
 # How long a client should wait after a 503 before it tries again.
 _RETRY_AFTER_UNAVAILABLE_SECONDS = 2
+# How long a 503 webhook_host_unavailable waits to learn whose the failure is (`resolver_answers`).
+RESOLVER_CHECK_SECONDS = 1.0
 # Checks the schema states, answered with the domain's own code rather than the generic
 # `invalid_request`, so a client meets the same code whichever layer refused it.
 _DOMAIN_ERROR_AT: dict[tuple[str, ...], type[errors.DomainError]] = {
@@ -176,8 +179,11 @@ def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
         # Answered, not raised: Lambda counts no error for it, so without this metric no alarm
         # would see a missing grant, a deleted table or a bug (docs/operations.md).
         emit_count(MetricName.API_UNEXPECTED_ERROR)
-    if isinstance(exc, errors.WebhookHostUnavailable):
-        # (a tenant's webhook host's name servers failing: Api5xx leaves these out, hunt 294)
+    if isinstance(exc, errors.WebhookHostUnavailable) and resolver_answers(
+        bounded(system_resolver, RESOLVER_CHECK_SECONDS), os.environ.get("AWS_REGION", "us-east-1")
+    ):
+        # (a tenant's webhook host's name servers failing, while the resolver answers for
+        # others: Api5xx leaves these out, hunt 294; a resolver failing still pages, review 266)
         emit_count(MetricName.WEBHOOK_HOST_UNAVAILABLE)
     return _problem_response(status, body, _retry_after(exc, status))
 

@@ -1218,28 +1218,36 @@ def _job_and_batch_hooked_at(harness: Harness, host: str) -> tuple[ApiReply, Api
     return job, harness.api("POST", "/v1/batches", body=body, tenant=ENTERPRISE)
 
 
+@pytest.mark.parametrize("failing", ["the host's name servers", "the resolver"])
 def test_a_webhook_host_dns_cannot_look_up_now_is_a_503_and_writes_nothing(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], failing: str
 ) -> None:
-    # Given the system resolver failing for now (EAI_AGAIN: timed out, or unreachable)
+    # Given the lookup of a webhook host failing for now (EAI_AGAIN: timed out, or
+    # unreachable): its own name servers' (the resolver answers for other names), or the
+    # resolver's, for every name
     looked_up: list[str] = []
 
-    def failing(host: str, *_: Any, **__: Any) -> Any:
+    def lookup(host: str, *_: Any, **__: Any) -> Any:
         looked_up.append(host)
+        if failing == "the host's name servers" and host.startswith("sts."):
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("52.94.0.1", 443))]
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
-    monkeypatch.setattr(socket, "getaddrinfo", failing)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
     # When a job and a batch name a webhook on a public host
     job, batch = _job_and_batch_hooked_at(harness, "hooks.example.com")
     # Then each is a 503 to retry, with Retry-After, not a 422 calling the URL bad; nothing written
-    assert looked_up == ["hooks.example.com", "hooks.example.com"]
+    assert [host for host in looked_up if not host.startswith("sts.")] == ["hooks.example.com"] * 2
     for reply in (job, batch):
         assert (reply.status, reply.code) == (503, "webhook_host_unavailable")
         assert int(reply.headers["retry-after"]) > 0
     _nothing_changed(harness)
-    # And each is counted apart, for Api5xx to leave out (hunt 294: the tenant's name servers)
+    # And each is counted apart for Api5xx to leave out when the host's name servers fail
+    # (hunt 294: one tenant retrying paged every period), never when the resolver fails for
+    # every name (review 266: every tenant's webhook submits failed, and nothing paged)
     counted = emitted_metrics(capsys.readouterr().out, MetricName.WEBHOOK_HOST_UNAVAILABLE)
-    assert [record[MetricName.WEBHOOK_HOST_UNAVAILABLE] for record in counted] == [[1.0], [1.0]]
+    expected = [[1.0], [1.0]] if failing == "the host's name servers" else []
+    assert [record[MetricName.WEBHOOK_HOST_UNAVAILABLE] for record in counted] == expected
 
 
 def test_a_webhook_host_whose_name_server_does_not_answer_in_time_is_a_503_and_writes_nothing(

@@ -66,6 +66,16 @@ def system_resolver(host: str, port: int) -> list[str]:
 SUBMIT_LOOKUP_SECONDS = 2.0
 
 
+def resolver_answers(resolver: Resolver, region: str) -> bool:
+    """Whether `resolver` answers for a name that always resolves (the region's STS endpoint):
+    a webhook host's lookup failing while it does is the host's name servers', the tenant's to
+    fix; while it does not, the resolver's, the operator's (review 266)."""
+    try:
+        return bool(resolver(f"sts.{region}.amazonaws.com", 443))
+    except (OSError, UnicodeError):
+        return False
+
+
 def bounded(resolver: Resolver, seconds: float) -> Resolver:
     """`resolver`, each lookup in a daemon thread of its own, given up after `seconds` as a
     lookup that failed for now (503 webhook_host_unavailable: the client retries). A lookup
