@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from typing import Any
 
 import boto3
 
-from llmq.config import LlmqConfig
+from llmq.config import DispatcherEnvironment, LlmqConfig
 from llmq_cli.sandbox_state import OperatorCredentials, SandboxState, TenantCredentials
 from llmq_sandbox.config import ProviderChoice, RunnerSettings, sandbox_config
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
@@ -59,6 +60,17 @@ log = logging.getLogger("llmq.sandbox")
 REGION = "us-east-1"
 # One tenant per tier of the default lanes; ids are fixed so examples can name them.
 SEED_TENANTS = (("ten_acme", "Acme Corp", "enterprise"), ("ten_hobby", "Hobby Hacker", "free"))
+
+
+# The dispatcher's variable naming the API's public address (`DispatcherEnvironment`).
+_PUBLIC_API_URL_VAR = str(DispatcherEnvironment.model_fields["public_api_url"].alias)
+
+
+def _free_port() -> int:
+    """A loopback port free now, for a server started a moment later."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class SandboxStartError(RuntimeError):
@@ -159,6 +171,14 @@ class Sandbox:
         self._disable_moto_mappings()
         self.topology = self._read_topology(deployment)
         role_credentials = self._enforce_iam(self.topology) if self.settings.enforce_iam else None
+        # The links in webhook bodies name the API where its clients reach it: the gateway's
+        # address, not the execute-api host moto made up, which does not resolve (hunt 296:
+        # every batch webhook's results_url, and a large result's result_url, led nowhere).
+        gateway_port = _free_port()
+        public_api_url = f"http://127.0.0.1:{gateway_port}/{self.topology.api.stage}/"
+        for spec in self.topology.functions.values():
+            if _PUBLIC_API_URL_VAR in spec.environment:
+                spec.environment[_PUBLIC_API_URL_VAR] = public_api_url
         began = time.monotonic()
         running.functions = self._start_functions(self.topology, role_credentials)
         log.info("%d functions cold-started in %.1fs", len(self.topology.functions), time.monotonic() - began)
@@ -177,7 +197,7 @@ class Sandbox:
             self.settings,
             usage_plans=usage_plans,
         )
-        running.gateway = GatewayServer(gateway, self._introspect).start()
+        running.gateway = GatewayServer(gateway, self._introspect, port=gateway_port).start()
         running.pollers = self._start_pollers(self.topology, running.functions)
         running.timers = self._start_timers(self.topology, running.functions)
         # The synthesized app and the runner live as long as the sandbox (llmq_sandbox/settling.py).

@@ -98,6 +98,11 @@ def test_a_batch_runs_its_items_once_and_sends_one_verified_webhook(sandbox: San
     request = deliveries[0]["request"]
     payload = Webhook(tenant["webhook_secret"]).verify(request["body"], request["headers"])
     assert payload["data"]["request_counts"]["succeeded"] == 12
+    # Whose results link is the one GET answers, and answers (hunt 296: it named the
+    # execute-api host of the template, which does not resolve in the sandbox)
+    assert payload["data"]["results_url"] == ended["results_url"]
+    with sandbox.api("enterprise") as client:
+        assert client.get(payload["data"]["results_url"]).status_code == 200
 
 
 def test_a_batch_canceled_mid_run_calls_the_provider_for_no_queued_item(sandbox: SandboxUnderTest) -> None:
