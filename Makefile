@@ -112,7 +112,7 @@ synth: install node_modules/.installed layers ## Synthesize into cdk.out, offlin
 deploy: install node_modules/.installed layers ## Preflight (llmq doctor), deploy to the account of your AWS credentials, store the provider key (ALARM_EMAIL=you@example.com)
 	@$(if $(ALARM_EMAIL),true,printf '\n\033[1;31m*** No ALARM_EMAIL: unless cdk.json sets alarm_email, every alarm notifies NOBODY. Use: make deploy ALARM_EMAIL=oncall@example.com (docs/operations.md) ***\033[0m\n\n' >&2)
 	cdk synth --no-notices -q -c llmq:stack_name=$(STACK) $(if $(ALARM_EMAIL),-c alarm_email=$(ALARM_EMAIL))
-	$(PY) -m llmq_cli doctor --stack $(STACK) --template cdk.out/$(STACK).template.json $(if $(DRAINED),--drained)
+	$(PY) -m llmq_cli doctor --stack $(STACK) --template cdk.out/$(STACK).template.json $(if $(filter 1 true yes,$(DRAINED)),--drained)
 	cdk deploy --no-notices --app cdk.out $(STACK)
 	@if [ -n "$$LLMQ_PROVIDER_API_KEY" ]; then \
 	  echo "$(PY) -m llmq_cli provider-key set --stack $(STACK)"; \

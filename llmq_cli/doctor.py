@@ -575,7 +575,14 @@ class Doctor:
         if outputs is None:
             # The stack goes live with a random placeholder as the key: `make deploy` replaces it
             # right after `cdk deploy`, from the environment, so only with the variable set.
-            if self._environ.get(PROVIDER_KEY_ENV, "").strip():
+            from llmq.providers import key_fits_a_header
+
+            pending = self._environ.get(PROVIDER_KEY_ENV, "").strip()
+            if pending and not key_fits_a_header(pending):
+                return Finding(
+                    "provider key", Verdict.FAIL, _UNSENDABLE_KEY, f"export {PROVIDER_KEY_ENV} again"
+                )
+            if pending:
                 return Finding(
                     "provider key",
                     Verdict.OK,
@@ -851,6 +858,13 @@ class StoredKey:
     version_id: str
 
 
+# (never the key itself)
+_UNSENDABLE_KEY = (
+    f"${PROVIDER_KEY_ENV} holds whitespace or a character no HTTP header can carry (a paste's "
+    "curly quotes or zero-width space, a key wrapped over two lines?): it is not stored"
+)
+
+
 def set_provider_key(client: Callable[[str], Any], stack: str, environ: Mapping[str, str]) -> StoredKey:
     """Store $LLMQ_PROVIDER_API_KEY as the current version of the stack's provider secret.
 
@@ -864,6 +878,11 @@ def set_provider_key(client: Callable[[str], Any], stack: str, environ: Mapping[
             f"(e.g. `read -rs {PROVIDER_KEY_ENV} && export {PROVIDER_KEY_ENV}`); it is never "
             "taken from the command line"
         )
+    from llmq.providers import key_fits_a_header
+
+    if not key_fits_a_header(key):
+        # (the worker refuses to send such a key: every job would fail; hunt 298)
+        raise ProviderKeyError(_UNSENDABLE_KEY)
     try:
         outputs = deployed_stack_outputs(client("cloudformation"), stack)
     except (ClientError, BotoCoreError) as exc:

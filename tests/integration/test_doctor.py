@@ -328,6 +328,26 @@ def test_setting_the_key_without_the_variable_is_a_clear_error_and_writes_nothin
         assert len(_versions(account, secret)) == 1
 
 
+@pytest.mark.parametrize(
+    "pasted", ["sk-proj-abc123\u200bdef456", "\u201csk-proj-abc123def456\u201d", "sk-proj-abc123 def456"]
+)
+def test_a_key_no_header_can_carry_is_refused_unstored_and_the_doctor_fails_it(
+    account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], pasted: str
+) -> None:
+    # Given a key pasted with a zero-width space, curly quotes, or wrapped over two lines
+    monkeypatch.setenv(PROVIDER_KEY_ENV, pasted)
+    # Then a first deploy's preflight fails it (the worker would refuse to send it: hunt 298)
+    account.bootstrap()
+    findings, _, _ = account.doctor()
+    assert _verdicts(findings)["provider key"] is Verdict.FAIL
+    # And when the stack is deployed, setting it fails, never naming it, and stores nothing
+    secret = account.deploy()
+    assert _set_key(account, monkeypatch, "--stack", STACK) == 1
+    err = capsys.readouterr().err
+    assert "no HTTP header can carry" in err and pasted.strip() not in err
+    assert len(_versions(account, secret)) == 1
+
+
 def test_setting_the_key_of_a_stack_that_is_not_there_is_a_clear_error(
     account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

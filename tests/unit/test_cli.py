@@ -529,3 +529,23 @@ def test_a_receivers_control_bytes_are_shown_not_obeyed_by_the_terminal(
     out = capsys.readouterr().out
     assert not {"\x1b", "\r", "\u202e"} & set(out)
     assert out.splitlines()[2].endswith("oops\\r\\x1b[2K\\x1b[1A  job.succeeded: delivered\\u202e\\r next")
+
+
+def test_make_deploy_is_drained_only_when_drained_says_so() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+
+    def doctor_line(drained: str) -> str:
+        dry = subprocess.run(
+            ["make", "-n", "deploy", f"DRAINED={drained}", "STACK=Llmq"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        return next(line for line in dry.splitlines() if "llmq_cli doctor" in line)
+
+    # (hunt 298: any value, DRAINED=0 exported in CI too, turned the lowered-settings guard off)
+    assert "--drained" not in doctor_line("0") and "--drained" not in doctor_line("no")
+    assert "--drained" in doctor_line("1")

@@ -328,6 +328,14 @@ _KEY_REFUSED_REASONS = frozenset({"api_key_invalid", "api_key_expired"})
 _CODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # What a bearer token in a header may hold: printable ASCII.
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
+def key_fits_a_header(key: str) -> bool:
+    """Whether a provider key, stripped, can be sent in an HTTP header (the worker refuses one
+    that cannot: curly quotes or a zero-width space from a paste, a key wrapped over lines)."""
+    return bool(_HEADER_SAFE.fullmatch(key.strip()))
+
+
 # What the operator's log keeps of the provider's own text: a key-like token is cut out.
 _KEY_LIKE = re.compile(
     r"\b(?:(?:sk|pk|rk|gsk|key|org|proj)[-_]|ABSK)[A-Za-z0-9_*.+/=-]{4,}|[A-Za-z0-9_+/=-]{32,}"
@@ -802,7 +810,7 @@ class ChatCompletionsProvider:
         # (a key stored with a trailing newline or space, from a file or the console, would be
         # an illegal header: every call refused before it is sent, as if the provider were down)
         if key and key.strip():
-            if not _HEADER_SAFE.fullmatch(key.strip()):
+            if not key_fits_a_header(key):
                 # (curly quotes or a zero-width space from a paste: no header can carry it, and
                 # httpx's refusal escaped as an unreadable answer, failing the backlog in seconds
                 # with nothing paged; hunt 297) Nothing was sent. The operator's to fix, as a
