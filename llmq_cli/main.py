@@ -44,6 +44,7 @@ from llmq_cli.sandbox_state import (
     pid_alive,
     read_state,
     remove_state,
+    sandbox_alive,
     state_file,
     write_state,
 )
@@ -68,7 +69,7 @@ def _running_state(path: Path) -> SandboxState | None:
         state = read_state(path)
     except (FileNotFoundError, ValueError):
         return None
-    return state if pid_alive(state.pid) else None
+    return state if sandbox_alive(state.pid) else None
 
 
 def _api_answers(state: SandboxState) -> bool:
@@ -243,9 +244,14 @@ def cmd_sandbox_down(args: argparse.Namespace) -> int:
         print("no sandbox is running")
         return 0
     pid = state.pid
+    if not sandbox_alive(pid):
+        # (its pid gone, or the OS's since for another process: nothing of ours to stop)
+        remove_state(path)
+        print(f"no sandbox is running (the state file named pid {pid}, which is not one); removed it")
+        return 0
     # A detached sandbox leads its own process group (its function environments are in it);
     # a foreground one (`make dev`) shares the terminal's, which must not be signalled.
-    leads_group = pid_alive(pid) and _process_group(pid) == pid
+    leads_group = _process_group(pid) == pid
     if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS

@@ -111,6 +111,23 @@ def remove_state(path: Path, pid: int | None = None) -> None:
         return
 
 
+def sandbox_alive(pid: int) -> bool:
+    """True while `pid` is a process of this user's running llmq (its command line names it),
+    not one the OS has given the pid of a sandbox that died without removing its state file
+    since (hunt 298: `sandbox down` killed it, and `sandbox up` refused to start). Without
+    /proc to read, any process of this user."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False  # (gone, or another user's: not a sandbox this user started)
+    try:
+        return b"llmq" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return False
+
+
 def pid_alive(pid: int, *, or_group: bool = False) -> bool:
     """True while `pid` exists or, with `or_group`, any process of the group it leads (a detached
     sandbox's children outlive their leader for a moment)."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import llmq_cli.client
+import llmq_cli.main
 from llmq_cli.client import LlmqClient as RealClient
 from llmq_cli.main import CliError, build_parser, main
 
@@ -549,3 +551,47 @@ def test_make_deploy_is_drained_only_when_drained_says_so() -> None:
     # (hunt 298: any value, DRAINED=0 exported in CI too, turned the lowered-settings guard off)
     assert "--drained" not in doctor_line("0") and "--drained" not in doctor_line("no")
     assert "--drained" in doctor_line("1")
+
+
+def _stale_state(path: Path, pid: int) -> None:
+    """A state file a sandbox left when it died (SIGKILL, OOM, a reboot), naming `pid`."""
+    url = "http://127.0.0.1:9"
+    path.write_text(
+        json.dumps(
+            {
+                "api_url": url,
+                "aws_endpoint_url": url,
+                "region": "us-east-1",
+                "provider_url": url,
+                "receiver_url": url,
+                "pid": pid,
+                "tenants": [],
+            }
+        )
+    )
+
+
+def test_a_stale_state_whose_pid_the_os_gave_another_process_stops_nothing_and_blocks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    # Given a state file naming a pid the OS has since given one of the user's other processes
+    # (a daemon leading its own session)
+    unrelated = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        state = tmp_path / "sandbox.json"
+        _stale_state(state, unrelated.pid)
+        # When the user stops the sandbox
+        assert main(["--state-file", str(state), "sandbox", "down"]) == 0
+        time.sleep(0.2)
+        # Then that process lives on, and the stale file is gone (hunt 298: it was killed)
+        assert unrelated.poll() is None
+        assert not state.exists()
+        # And a sandbox can start over a stale file (hunt 298: refused, "already running")
+        _stale_state(state, unrelated.pid)
+        monkeypatch.setattr(llmq_cli.main, "_up_foreground", lambda path, announce: 0)
+        assert main(["--state-file", str(state), "sandbox", "up"]) == 0
+    finally:
+        unrelated.kill()
+        unrelated.wait()
