@@ -1284,13 +1284,28 @@ def cmd_dlq_redrive(args: argparse.Namespace) -> int:
             "not redriven. Read them with `llmq dlq list --queue poison --peek 10`, then purge the "
             "queue (`aws sqs purge-queue --queue-url <its dlq_url>`)"
         )
+    from botocore.exceptions import BotoCoreError, ClientError
+
     target = AwsTarget(args)
-    results = [
-        redrive(target.client, queue, args.max).__dict__
-        for queue in _dead_letter_queues(target, args.queue)
-        if queue.source_url is not None
-    ]
+    # Each queue's own result, whatever another's: one whose earlier move task still runs (AWS
+    # takes one a queue), or that AWS refused, stopped the others (hunt 298: the webhooks DLQ
+    # was never redriven while a lane's large move ran on)
+    results: list[dict[str, Any]] = []
+    for queue in _dead_letter_queues(target, args.queue):
+        if queue.source_url is None:
+            continue
+        try:
+            results.append(redrive(target.client, queue, args.max).__dict__)
+        except (ClientError, BotoCoreError) as exc:
+            running = isinstance(exc, ClientError) and "already a task running" in str(exc)
+            method = {"method": "StartMessageMoveTask", "already_running": True} if running else {}
+            results.append(
+                {"queue": queue.name, **method, **({} if running else {"error": aws_error_line(exc)})}
+            )
     _print_json(results)
+    failed = [result["queue"] for result in results if "error" in result]
+    if failed:
+        raise CliError(f"not redriven: {', '.join(failed)} (the others were; run it again for these)")
     return 0
 
 

@@ -595,3 +595,48 @@ def test_a_stale_state_whose_pid_the_os_gave_another_process_stops_nothing_and_b
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+def test_a_redrive_of_every_queue_goes_on_past_one_whose_move_still_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from botocore.exceptions import ClientError
+
+    import llmq_cli.dead_letters
+    from llmq_cli.dead_letters import DeadLetterQueue, RedriveResult
+
+    queues = [
+        DeadLetterQueue(name, f"https://q/{name}-dlq", f"https://q/{name}")
+        for name in ("high", "low", "webhooks")
+    ]
+    started: list[str] = []
+
+    def redrive(client: Any, queue: DeadLetterQueue, max_messages: int | None) -> RedriveResult:
+        if queue.name == "high":
+            # (AWS takes one move task a source queue: the high lane's earlier one still runs)
+            error = {"Code": "InvalidParameterValue", "Message": "There is already a task running."}
+            raise ClientError({"Error": error}, "StartMessageMoveTask")
+        if queue.name == "low":
+            raise ClientError(
+                {"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "StartMessageMoveTask"
+            )
+        started.append(queue.name)
+        return RedriveResult(queue.name, "StartMessageMoveTask", None, "handle-1")
+
+    class Target:
+        def __init__(self, args: Any) -> None:
+            self.client = None
+
+    monkeypatch.setattr(llmq_cli.main, "AwsTarget", Target)
+    monkeypatch.setattr(llmq_cli.main, "_dead_letter_queues", lambda target, name: queues)
+    monkeypatch.setattr(llmq_cli.dead_letters, "redrive", redrive)
+    # When the operator redrives every queue while the high lane's earlier move runs on
+    code = main(["dlq", "redrive", "--aws", "--stack", "Llmq"])
+    out, err = capsys.readouterr()
+    # Then the webhooks DLQ is redriven all the same, each queue says what became of it, and
+    # the command fails naming the one AWS refused (hunt 298: it stopped at the high lane)
+    assert started == ["webhooks"]
+    results = {result["queue"]: result for result in json.loads(out)}
+    assert results["high"].get("already_running") is True and "error" not in results["high"]
+    assert "ThrottlingException" in results["low"]["error"]
+    assert code == 1 and "not redriven: low" in err
