@@ -197,13 +197,6 @@ def answering_by(deadline: float, marks_by: float | None = None) -> Iterator[Non
         _answer_by.reset(token)
 
 
-def answer_seconds_left() -> float | None:
-    """How long the request being served has before its answer is due (its marks' deadline,
-    `answering_by`); None outside a request."""
-    deadline = _marks_by.get() or _answer_by.get()
-    return None if deadline is None else deadline - time.monotonic()
-
-
 def _by_deadline(call: Callable[[], Any], deadline: float, what: str) -> Any:
     """`call`, on a thread of its own, given up at `deadline`: a stalled connection takes
     botocore's tries `read_timeout` each, 40 s for an SQS send, past any request's answer (hunt

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
 
-from llmq import aws
 from llmq.batch_runs import item_ended
 from llmq.config import LlmqConfig
 from llmq.errors import (
@@ -105,19 +104,6 @@ LATE_AFTER_WAIT_SECONDS = 0.5
 
 def _late(deadline: float) -> bool:
     return time.monotonic() > deadline + LATE_AFTER_WAIT_SECONDS
-
-
-# What one read takes throttled at most, botocore's retries of it included (the tests' fault
-# model: two throttles and their backoffs).
-THROTTLED_READ_SECONDS = 2.5
-
-
-def _reads_left(reads: int) -> bool:
-    """Whether the request has time for `reads` throttled reads before its answer is due,
-    however late its wait (review 266: a short wait whose first read was slow answered a retry
-    hint alone at every reconnect, 25 s before API Gateway would have given up)."""
-    left = aws.answer_seconds_left()
-    return left is not None and left > reads * THROTTLED_READ_SECONDS
 
 
 class JobIntake:
@@ -409,7 +395,7 @@ class JobIntake:
             # served as without a wait (review 265: not a hint alone, at every reconnect while
             # the store is slow), and once late the reconnect reads on, a retry hint away
             # (hunt 289: the place taken late answered past API Gateway).
-            if not _late(deadline) or _reads_left(2):
+            if not _late(deadline):
                 return self._events_now(job, seen, opening)
             return "".join(opening) + retry_hint(streaming.retry_ms)
         if place is None:
