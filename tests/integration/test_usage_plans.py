@@ -356,13 +356,11 @@ def test_clearing_a_rate_whose_plan_call_was_applied_and_retried_deletes_the_pla
     assert [plan["id"] for plan in holding] == [plans.ids["free"]]
 
 
-def test_a_rate_whose_plan_was_detached_but_not_deleted_is_cleared_by_a_rerun(
-    plans: Plans, moto_stack: MotoStack
-) -> None:
+def _clear_that_failed_after_the_detach(plans: Plans, moto_stack: MotoStack) -> Any:
+    """A tenant whose rate plan's clearing detached the plan from the stage, then had its
+    deletion throttled for good (the command failed)."""
     from tests.aws_faults import AwsFaults, FaultKind
 
-    # Given a tenant with a rate plan of its own, whose clearing detached the plan from the
-    # stage, then had its deletion throttled for good (the command failed)
     tenant = _free_tenant(plans, moto_stack, "ten_orphan")
     plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 2, 3)
     faults = AwsFaults()
@@ -372,13 +370,32 @@ def test_a_rate_whose_plan_was_detached_but_not_deleted_is_cleared_by_a_rerun(
             plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
     finally:
         faults.disarm()
-    # When the operator runs it again
-    plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
-    # Then the plan is gone (review 266: the rerun found no plan of this stack, and the detached
-    # one stayed an orphan for good), the key in its tier's plan
+    return tenant
+
+
+@pytest.mark.parametrize("then", ["cleared again", "a rate set"])
+def test_a_rate_whose_plan_was_detached_but_not_deleted_leaves_no_orphan_and_the_key_on_the_stage(
+    plans: Plans, moto_stack: MotoStack, then: str
+) -> None:
+    tenant = _clear_that_failed_after_the_detach(plans, moto_stack)
     apigateway = aws.client("apigateway")
-    assert [
+    # The key is in its tier's plan meanwhile, as `tenants show` says (review 267)
+    limit = plans.usage_plans.rate_limit(tenant.id, tenant.tier, tenant.usage_key_id)
+    assert limit is not None and limit.plan_id == plans.ids["free"]
+    # When the operator runs the clear again, or sets a rate instead
+    if then == "cleared again":
+        plans.usage_plans.clear_rate(tenant.id, tenant.tier, tenant.usage_key_id)
+    else:
+        plans.usage_plans.set_rate(tenant.id, tenant.tier, tenant.usage_key_id, 5, 10)
+    # Then no detached plan is left (review 266: the rerun found none of this stack's, an
+    # orphan for good), and the key is in a plan on the stage (review 267: moved into the
+    # detached plan, the tenant was refused with 403)
+    named = [
         plan for plan in apigateway.get_usage_plans()["items"] if plan["name"] == tenant_plan_name(tenant.id)
-    ] == []
+    ]
+    assert all(plan.get("apiStages") for plan in named), named
+    assert len(named) == (0 if then == "cleared again" else 1)
     holding = apigateway.get_usage_plans(keyId=tenant.usage_key_id)["items"]
-    assert [plan["id"] for plan in holding] == [plans.ids["free"]]
+    assert len(holding) == 1 and holding[0].get("apiStages")
+    if then == "cleared again":
+        assert holding[0]["id"] == plans.ids["free"]

@@ -197,14 +197,16 @@ class ApiGatewayUsagePlans:
             throttle={"rateLimit": rate, "burstLimit": burst},
         )
         self._move(key_id, from_plan=tier_plan["id"], to_plan=created["id"])
-        # (a create applied with its answer lost made one more, which holds no key)
-        self._delete_empty(self._own_plans(tenant_id), created["id"])
+        # (a create applied with its answer lost made one more, which holds no key; or an
+        # earlier clear detached one and failed to delete it)
+        self._delete_empty(self._own_plans(tenant_id, detached=True), created["id"])
         return RateLimit(created["id"], name, rate, burst, override=True)
 
     def clear_rate(self, tenant_id: str, tier: str, key_id: str) -> None:
         """Back to the tier's plan; the tenant's own plan is deleted (API Gateway refuses to
-        delete a plan that still has API stages, so they are detached first)."""
-        own = self._own_plan(tenant_id)
+        delete a plan that still has API stages, so they are detached first), or one an earlier
+        clear detached and failed to delete."""
+        own = self._own_plan(tenant_id, detached=True)
         if own is None:
             return
         self._move(key_id, from_plan=own["id"], to_plan=self.tier_plan(tier))
@@ -292,13 +294,13 @@ class ApiGatewayUsagePlans:
             if not position:
                 return
 
-    def _own_plan(self, tenant_id: str) -> dict[str, Any] | None:
+    def _own_plan(self, tenant_id: str, detached: bool = False) -> dict[str, Any] | None:
         """The tenant's own plan on this stack's API: plans are named per tenant across the
         account, and another stack (a staging copy) may have a tenant of the same id. Of two
         (a CreateUsagePlan API Gateway applied with its answer lost, then botocore's retry; two
         operators at once: hunt 263), the one that holds a key, and the other, holding none,
         is deleted."""
-        plans = self._own_plans(tenant_id)
+        plans = self._own_plans(tenant_id, detached)
         if len(plans) < 2:
             return plans[0] if plans else None
         holding = [plan for plan in plans if next(self._plan_key_ids(plan["id"]), None) is not None]
@@ -306,10 +308,12 @@ class ApiGatewayUsagePlans:
         self._delete_empty(plans, kept["id"])
         return kept
 
-    def _own_plans(self, tenant_id: str) -> list[dict[str, Any]]:
-        """The tenant's plans on this stack's API, and one detached from it whose deletion
-        failed (review 266: no stage named it this stack's, so a rerun never found it, an
-        orphan for good), told this stack's by the APIs its description names."""
+    def _own_plans(self, tenant_id: str, detached: bool = False) -> list[dict[str, Any]]:
+        """The tenant's plans on this stack's API; `detached`, and one detached from it whose
+        deletion failed (review 266: no stage named it this stack's, so a rerun never found it,
+        an orphan for good), told this stack's by the APIs its description names: for the
+        clean-up only, never a plan a key may be moved into (review 267: a key there has no
+        stage, and API Gateway refused every request of the tenant)."""
         name = tenant_plan_name(tenant_id)
         ours = self._stack_apis()
         return [
@@ -318,7 +322,7 @@ class ApiGatewayUsagePlans:
             if plan.get("name") == name
             and (
                 {stage.get("apiId") for stage in plan.get("apiStages") or []} & ours
-                or (not plan.get("apiStages") and _made_for(plan) & ours)
+                or (detached and not plan.get("apiStages") and _made_for(plan) & ours)
             )
         ]
 
