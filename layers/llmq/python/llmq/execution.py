@@ -436,6 +436,7 @@ class JobRunner:
 
         # (a retry after a release applied with its answer lost finds the job queued: done)
         budget = min(_GIVE_BACK_SECONDS, invocation.remaining_seconds() * _WRITE_BACK_SHARE)
+        given_by = time.monotonic() + budget
         try:
             given_back = await self._write_back(give_back, invocation, budget)
         except LeaseLost:
@@ -443,9 +444,15 @@ class JobRunner:
         except StoreUnavailable:
             return False
         if flagged:
-            # (an earlier attempt may have paid and parked its result, which comes first)
+            # (an earlier attempt may have paid and parked its result, which comes first;
+            # within the give-back's budget, else the message comes back after the lease as
+            # before: review 267, a brown-out held it to the Lambda's end, then failed it)
             earlier = flagged[0].attempts > 1
-            await self._cancel_held(flagged[0], invocation, paid_unknown=earlier, look_again=earlier)
+            ending = self._cancel_held(flagged[0], invocation, paid_unknown=earlier, look_again=earlier)
+            try:
+                await asyncio.wait_for(ending, max(0.1, given_by - time.monotonic()))
+            except (TimeoutError, StoreUnavailable):
+                return False
         return given_back
 
     async def _claim_and_run(
