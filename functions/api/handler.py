@@ -13,7 +13,6 @@ gc.disable()  # for the imports below (llmq.startup)
 
 import base64
 import json
-import os
 import random
 import re
 import time
@@ -180,7 +179,7 @@ def handle_domain_error(exc: errors.DomainError) -> Response[Any]:
         # would see a missing grant, a deleted table or a bug (docs/operations.md).
         emit_count(MetricName.API_UNEXPECTED_ERROR)
     if isinstance(exc, errors.WebhookHostUnavailable) and resolver_answers(
-        bounded(system_resolver, RESOLVER_CHECK_SECONDS), os.environ.get("AWS_REGION", "us-east-1")
+        bounded(system_resolver, RESOLVER_CHECK_SECONDS), aws.endpoint_host("dynamodb")
     ):
         # (a tenant's webhook host's name servers failing, while the resolver answers for
         # others: Api5xx leaves these out, hunt 294; a resolver failing still pages, review 266)

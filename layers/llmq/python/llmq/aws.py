@@ -197,6 +197,14 @@ def answering_by(deadline: float, marks_by: float | None = None) -> Iterator[Non
         _answer_by.reset(token)
 
 
+def endpoint_host(service: str) -> str:
+    """The host this environment's `service` client calls (the region's, in its partition:
+    `.amazonaws.com.cn` in China; the sandbox's emulator)."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(str(client(service).meta.endpoint_url)).hostname or ""
+
+
 def _by_deadline(call: Callable[[], Any], deadline: float, what: str) -> Any:
     """`call`, on a thread of its own, given up at `deadline`: a stalled connection takes
     botocore's tries `read_timeout` each, 40 s for an SQS send, past any request's answer (hunt

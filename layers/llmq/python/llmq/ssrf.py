@@ -66,12 +66,12 @@ def system_resolver(host: str, port: int) -> list[str]:
 SUBMIT_LOOKUP_SECONDS = 2.0
 
 
-def resolver_answers(resolver: Resolver, region: str) -> bool:
-    """Whether `resolver` answers for a name that always resolves (the region's STS endpoint):
-    a webhook host's lookup failing while it does is the host's name servers', the tenant's to
-    fix; while it does not, the resolver's, the operator's (review 266)."""
+def resolver_answers(resolver: Resolver, host: str) -> bool:
+    """Whether `resolver` answers for a name that always resolves (an AWS endpoint the function
+    calls anyway): a webhook host's lookup failing while it does is the host's name servers',
+    the tenant's to fix; while it does not, the resolver's, the operator's (review 266)."""
     try:
-        return bool(resolver(f"sts.{region}.amazonaws.com", 443))
+        return bool(resolver(host, 443))
     except (OSError, UnicodeError):
         return False
 
