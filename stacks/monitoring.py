@@ -22,6 +22,7 @@ from constructs import Construct
 from llmq.config import LlmqConfig
 from llmq.telemetry import (
     JOB_OUTCOMES,
+    LIMIT_METRICS,
     METRICS_NAMESPACE,
     WEBHOOK_OUTCOME_METRICS,
     MetricName,
@@ -600,15 +601,15 @@ class MonitoringConstruct(Construct):
                 width=12,
             ),
             cloudwatch.GraphWidget(
-                title="Lambda throttles; refusals: long-polls (a tenant at its max_long_polls), API keys (401)",
+                title=(
+                    "Lambda throttles; refusals: long-polls (a tenant at its max_long_polls), API keys "
+                    "(401), webhook hosts a tenant's name servers fail (503)"
+                ),
                 left=[
                     function.metric_throttles(period=FIVE_MINUTES, statistic="Sum", label=name)
                     for name, function in functions.items()
                 ],
-                right=[
-                    self._metric(MetricName.LONG_POLL_REFUSED, "Sum"),
-                    self._metric(MetricName.AUTHENTICATION_REFUSED, "Sum"),
-                ],
+                right=[self._metric(name, "Sum") for name in LIMIT_METRICS],
                 width=12,
             ),
         ]
