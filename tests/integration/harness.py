@@ -302,12 +302,20 @@ def emitted_metrics(stdout: str, name: str) -> list[dict[str, Any]]:
 @contextmanager
 def observing_sqs(operation: str, record: Callable[..., None]) -> Iterator[None]:
     """`record(params)` for each call of the SQS `operation` the handlers make meanwhile."""
-    events = aws.client("sqs").meta.events
-    events.register(f"provide-client-params.sqs.{operation}", record)
+    with on_aws_call("sqs", f"provide-client-params.sqs.{operation}", record):
+        yield
+
+
+@contextmanager
+def on_aws_call(service: str, event: str, hook: Callable[..., None]) -> Iterator[None]:
+    """`hook` on botocore's `event` of the handlers' `service` client meanwhile (to watch, slow
+    or stall its calls)."""
+    events = aws.client(service).meta.events
+    events.register(event, hook, unique_id=f"on-aws-call-{id(hook)}")
     try:
         yield
     finally:
-        events.unregister(f"provide-client-params.sqs.{operation}", record)
+        events.unregister(event, unique_id=f"on-aws-call-{id(hook)}")
 
 
 def hidden_for_each_receive(harness: Harness, url: str, receives: int) -> list[int]:

@@ -58,6 +58,7 @@ from tests.integration.harness import (
     hidden_for_each_receive,
     load_handler,
     observing_sqs,
+    on_aws_call,
     webhook_message,
 )
 
@@ -2562,13 +2563,9 @@ def test_a_batch_items_end_near_the_invocations_end_never_outlasts_its_timeout(
             stalls.append(time.monotonic() - started)
             time.sleep(8.0)
 
-    events = aws.client("dynamodb").meta.events
-    events.register("provide-client-params.dynamodb.GetItem", stalled, unique_id="hunt295-stall")
-    try:
+    with on_aws_call("dynamodb", "provide-client-params.dynamodb.GetItem", stalled):
         # When the worker runs the item
         response = harness.run_worker(url, messages, timeout_seconds=8)
-    finally:
-        events.unregister("provide-client-params.dynamodb.GetItem", unique_id="hunt295-stall")
     took = time.monotonic() - started
     item = json.loads(messages[0]["Body"])["job_id"]
     job = harness.api("GET", f"/v1/jobs/{item}", tenant=ENTERPRISE).body

@@ -47,6 +47,7 @@ from tests.integration.harness import (
     Harness,
     LambdaContextStub,
     load_handler,
+    on_aws_call,
     reconciler_ahead,
     webhook_message,
 )
@@ -222,12 +223,17 @@ class ScriptedProvider:
         return answer
 
 
+def _queues(harness: Harness) -> QueueRepository:
+    """The lanes and the webhooks queue, as the functions send to them."""
+    return QueueRepository(
+        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
+    )
+
+
 def _runner(harness: Harness, provider: ScriptedProvider, **config: Any) -> JobRunner:
     merged = harness.config.model_copy(update=config)
     jobs = JobRepository(harness.stack.jobs_table, merged, dynamodb=aws.client("dynamodb"))
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
+    queues = _queues(harness)
     payloads = PayloadStore(harness.stack.payload_bucket, s3=aws.client("s3"))
     return JobRunner(jobs, queues, provider, merged, payloads=payloads)  # type: ignore[arg-type]
 
@@ -840,9 +846,7 @@ def test_a_lost_message_among_steady_traffic_is_sent_again_at_the_next_run(harne
         dynamodb=aws.client("dynamodb"),
         clock=lambda: time.time() + offset[0],
     )
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
+    queues = _queues(harness)
     for index in range(20):
         record = JobRecord.model_validate(
             {**_record_of(harness, lost), "id": f"job_fresh{index}", "created_ms": fresh.now_ms()}
@@ -1099,9 +1103,7 @@ def test_the_same_dead_letter_handled_twice_counts_once(harness: Harness) -> Non
     # Given a queued job whose message dead-lettered
     job_id = harness.submit().body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
+    queues = _queues(harness)
     (submitted,) = _lane_messages(harness, job_id)
     # When the dead-letter function handles that same letter twice (its record was retried)
     mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
@@ -1121,9 +1123,7 @@ def test_a_dead_letter_record_redelivered_after_a_claim_counts_no_crash_again(ha
     # acknowledgement lost (the dead-letter function timed out on a later record of its batch)
     job_id = harness.submit().body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
+    queues = _queues(harness)
     (submitted,) = _lane_messages(harness, job_id)
     mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
     # And a worker that then claimed it through the message sent again, and met a provider
@@ -1153,9 +1153,7 @@ def test_an_answered_rounds_letter_fails_no_job_claimed_since_and_crashed_once(
     # claimed through that message by a worker that crashed (its lease lapsed, one attempt)
     job_id = harness.submit().body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
+    queues = _queues(harness)
     (submitted,) = _lane_messages(harness, job_id)
     mark_dead_letter(jobs, queues, submitted["Body"], "dlq-message-1")
     assert jobs.claim(job_id, "worker-1", lease_seconds=-1).claimed
@@ -1180,9 +1178,7 @@ def test_a_crashed_running_jobs_letter_past_its_deadline_fails_it_as_its_deadlin
     # Given a job with a deadline, claimed by a worker that crashed, its deadline since passed
     job_id = harness.submit(deadline_seconds=3600).body["id"]
     jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
-    queues = QueueRepository(
-        harness.stack.lane_queue_urls, harness.stack.webhook_queue_url, sqs=aws.client("sqs")
-    )
+    queues = _queues(harness)
     (submitted,) = _lane_messages(harness, job_id)
     assert jobs.claim(job_id, "worker-1", lease_seconds=-1).claimed
     harness.ddb.update_item(
@@ -2717,13 +2713,11 @@ def test_a_cancel_met_by_a_claim_given_back_ends_the_job_now_not_after_its_lease
             # (and the throttling goes on: the cancel's own write is refused too)
             faults.arm("throttle", "dynamodb.TransactWriteItems", times=100_000)
 
-    events = aws.client("dynamodb").meta.events
-    events.register("before-call.dynamodb.GetItem", client_cancels, unique_id="cancel-at-give-back")
     provider = ScriptedProvider([OK])
     try:
-        outcome = _run(_runner(harness, provider), job_id, seconds=60 if brown_out else 300)
+        with on_aws_call("dynamodb", "before-call.dynamodb.GetItem", client_cancels):
+            outcome = _run(_runner(harness, provider), job_id, seconds=60 if brown_out else 300)
     finally:
-        events.unregister("before-call.dynamodb.GetItem", unique_id="cancel-at-give-back")
         faults.disarm()
     assert replies == [0, 202]
     assert provider.calls == 0

@@ -27,7 +27,7 @@ from llmq.payloads import PayloadStore
 from llmq.telemetry import MetricName
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION
-from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics
+from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics, on_aws_call
 
 PAST = 120.0
 
@@ -349,20 +349,9 @@ def test_a_submit_wait_whose_place_write_is_throttled_just_before_its_deadline_a
             }
             raise ClientError(error, "UpdateItem")
 
-    events = aws.client("dynamodb").meta.events
-    events.register("provide-client-params.dynamodb.UpdateItem", throttled, unique_id="place-throttled")
     received = time.time() - 24.8
-    try:
-        reply = harness.api(
-            "POST",
-            "/v1/jobs",
-            body={"prompt": "hello"},
-            headers={"Prefer": "wait=25"},
-            tenant=ENTERPRISE,
-            request_context={"requestTimeEpoch": int(received * 1000)},
-        )
-    finally:
-        events.unregister("provide-client-params.dynamodb.UpdateItem", unique_id="place-throttled")
+    with on_aws_call("dynamodb", "provide-client-params.dynamodb.UpdateItem", throttled):
+        reply = _submit_waiting(harness, {"requestTimeEpoch": int(received * 1000)})
     # Then the accepted submit answers before API Gateway's 29 s: the place, maybe taken,
     # lapses by itself rather than be taken back by a second throttled write (review 265)
     assert reply.status == 202, reply.body
@@ -398,12 +387,8 @@ def test_an_events_wait_whose_first_read_was_slow_still_serves_the_deltas_writte
             slowed.append("GetItem")
             time.sleep(1.3)
 
-    events = aws.client("dynamodb").meta.events
-    events.register("before-call.dynamodb.GetItem", slow_once, unique_id="first-read-slow")
-    try:
+    with on_aws_call("dynamodb", "before-call.dynamodb.GetItem", slow_once):
         got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": wait})
-    finally:
-        events.unregister("before-call.dynamodb.GetItem", unique_id="first-read-slow")
     # Then the deltas written are served, as without a wait (review 265: a hint alone, at
     # every reconnect while the store was slow)
     assert slowed and got.status == 200
