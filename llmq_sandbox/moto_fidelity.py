@@ -67,8 +67,15 @@ SQS (ChangeMessageVisibility, "Amazon SQS visibility timeout" in the SQS develop
   each entry of its batch) with InvalidParameterValue. moto takes them, a negative delay as
   none, so a delay or a timeout worked out below zero passed here and failed on AWS.
 
-S3 multipart uploads:
+S3:
 
+- **A PUT's body is the object, whatever its Content-Type.** S3 stores the bytes of a
+  PutObject or UploadPart as sent; a Content-Type header is only the object's metadata. moto's
+  server reads a body sent as `application/x-www-form-urlencoded` or `multipart/form-data` as
+  a form, and stored an empty object with a 200: `curl --data-binary @rows.jsonl` (curl's
+  default type) to a batch upload URL uploaded nothing, in the sandbox only. Here a PUT's body
+  is read raw first and never parsed as a form (no S3 call llmq makes is a form; a browser's
+  POST upload is one, and keeps moto's parsing).
 - **A part for an upload that is no more.** S3 answers UploadPart for an upload that was
   completed or aborted with NoSuchUpload ("UploadPart", S3 API reference). moto 5.x looks the
   upload up in a dict and raises a bare KeyError, which surfaces as an internal error: the
@@ -891,6 +898,23 @@ def _wakes_when_due(queue: Any, timeout: float) -> None:
         queue._messages_lock.wait_for(lambda: queue.messages, timeout=timeout)
 
 
+def _put_body_taken_raw(setup_class: Callable[..., Any]) -> Callable[..., Any]:
+    """S3: a PUT's body as sent, never a form (module docstring)."""
+
+    @functools.wraps(setup_class)
+    def setup(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if request.method == "PUT":
+            from werkzeug.datastructures import ImmutableMultiDict
+
+            request.get_data(parse_form_data=False)  # cached: `request.data` answers these bytes
+            # werkzeug parses no form once one is there.
+            request.__dict__["form"] = ImmutableMultiDict()
+            request.__dict__["files"] = ImmutableMultiDict()
+        return setup_class(self, request, *args, **kwargs)
+
+    return setup
+
+
 def _upload_part_of_a_live_upload(upload_part: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(upload_part)
     def part(self: Any, bucket_name: str, multipart_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -1258,6 +1282,9 @@ def make_moto_strict() -> None:
 
         S3Backend.upload_part = _upload_part_of_a_live_upload(S3Backend.upload_part)  # type: ignore[method-assign]
         from moto.s3.models import FakeKey
+        from moto.s3.responses import S3Response
+
+        S3Response.setup_class = _put_body_taken_raw(S3Response.setup_class)  # type: ignore[method-assign]
 
         FakeKey.etag = _etag_read_under_the_keys_lock(FakeKey.etag)  # type: ignore[arg-type,assignment,method-assign]
         from moto.sqs.models import Message, SQSBackend

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 from botocore.exceptions import ClientError
 
@@ -56,6 +57,29 @@ def test_it_serves_aws_with_the_sandboxs_patches(moto: MotoProcess) -> None:
         )
     # Then it is refused, as on AWS: the child applied the fidelity patches before serving
     assert refused.value.response["Error"]["Code"] == "ReceiptHandleIsInvalid"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/x-ndjson"],
+)
+def test_a_presigned_put_stores_its_body_whatever_its_content_type(
+    moto: MotoProcess, content_type: str
+) -> None:
+    # Given a presigned PUT URL, as POST /v1/uploads answers one
+    s3 = _client(moto, "s3")
+    s3.create_bucket(Bucket="uploads")  # type: ignore[attr-defined]
+    url = s3.generate_presigned_url(  # type: ignore[attr-defined]
+        "put_object", Params={"Bucket": "uploads", "Key": "rows.jsonl"}, ExpiresIn=60
+    )
+    body = b'{"body": {"prompt": "a=b&key=c"}}\n{"body": {"prompt": "caf\xc3\xa9"}}\n'
+    # When a file is PUT with the type curl gives `--data-binary` (a form), or another
+    put = httpx.put(url, content=body, headers={"Content-Type": content_type}, timeout=10)
+    # Then S3 keeps the bytes as sent, and the type as the object's metadata
+    assert put.status_code == 200, put.text
+    stored = s3.get_object(Bucket="uploads", Key="rows.jsonl")  # type: ignore[attr-defined]
+    assert stored["Body"].read() == body
+    assert stored["ContentType"] == content_type
 
 
 def test_keeping_an_unknown_session_alive_is_refused(moto: MotoProcess) -> None:
