@@ -633,10 +633,18 @@ def _long_polls_taken(instead: str) -> errors.TooManyLongPolls:
 def handle_get_job(
     job_id: Annotated[str, Path(pattern=JOB_ID)],
     wait: Annotated[
-        int, Query(ge=0, le=LIMITS.max_get_wait_seconds, description="Long-poll up to this many seconds")
+        int,
+        Query(
+            ge=0,
+            description=f"Long-poll up to this many seconds; a longer wait than {LIMITS.max_get_wait_seconds} "
+            "is cut to it",
+        ),
     ] = 0,
 ) -> Response[Any]:
     tenant = _tenant()
+    # Cut, not refused, as `Prefer: wait` is: a client written for the documented bound (the
+    # CLI's, an integrator's) keeps working where an operator lowered it (hunt 302).
+    wait = min(wait, LIMITS.max_get_wait_seconds)
     polled = intake().long_poll(tenant, job_id, wait_seconds=_wait_budget(wait), position=True)
     if polled.wait_refused:
         # The tenant's long-polls are all taken: a 429 with Retry-After, which every client's
@@ -750,7 +758,9 @@ def handle_job_events(
     wait: Annotated[
         int,
         Query(
-            ge=0, le=STREAMING.max_wait_seconds, description="Hold the response open up to this many seconds"
+            ge=0,
+            description="Hold the response open up to this many seconds; a longer wait than "
+            f"{STREAMING.max_wait_seconds} is cut to it",
         ),
     ] = STREAMING.max_wait_seconds,
     after: Annotated[
@@ -770,7 +780,10 @@ def handle_job_events(
             # Otherwise the stream starts from its beginning.)
             return Response(status_code=204, body="", headers={"Cache-Control": "no-cache"})
         body = intake().output_events(
-            tenant, job_id, resume_point(last_event_id, after), wait_seconds=_wait_budget(wait)
+            tenant,
+            job_id,
+            resume_point(last_event_id, after),
+            wait_seconds=_wait_budget(min(wait, STREAMING.max_wait_seconds)),
         )
     except errors.StoreUnavailable as exc:
         # Any answer but 200 ends an EventSource for good: a busy store says when to come back.

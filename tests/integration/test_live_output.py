@@ -185,7 +185,7 @@ def test_an_output_holding_unicode_line_separators_stays_one_data_line_for_any_r
 
 def test_a_bad_resume_point_or_wait_is_a_clear_422(harness: Harness) -> None:
     job_id = harness.submit(prompt="hello", stream=True).body["id"]
-    for query in ({"after": "-1"}, {"after": "x"}, {"wait": "26"}):
+    for query in ({"after": "-1"}, {"after": "x"}, {"wait": "-1"}, {"wait": "x"}):
         got = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query=query)
         assert got.status == 422, query
         assert got.headers["content-type"] == "application/problem+json"

@@ -25,8 +25,10 @@ from llmq.models import JobResult
 from llmq.offload import Offload
 from llmq.payloads import PayloadStore
 from llmq.telemetry import MetricName
+from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
-from tests.conftest import REGION
+from tests.conftest import REGION, MotoStack
+from tests.integration.conftest import integration_config
 from tests.integration.harness import ENTERPRISE, FREE, Harness, emitted_metrics, on_aws_call
 
 PAST = 120.0
@@ -130,6 +132,31 @@ def test_a_finished_job_is_answered_without_taking_a_place(harness: Harness) -> 
     polls = _polls(harness)
     assert None not in [polls.enter(FREE["tenant_id"], cap=2, seconds=20) for _ in range(2)]
     assert _poll(harness, job_id, FREE, wait=20) == (200, "canceled", None)
+
+
+def test_a_wait_past_a_lowered_bound_is_cut_to_it_not_refused(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a deployment that lowered both long polls' bounds below the documented 20 s and 25 s
+    config = integration_config(
+        provider,
+        limits={"max_get_wait_seconds": 1, "wait_poll_seconds": 0.05},
+        streaming={"max_wait_seconds": 1},
+    )
+    harness = Harness(moto_stack, config, monkeypatch)
+    job_id = harness.submit(prompt="hello", stream=True).body["id"]
+    # When a client written for the documented bounds (the CLI's 20 s and 25 s) waits
+    got = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE, query={"wait": "20"})
+    events = harness.api("GET", f"/v1/jobs/{job_id}/events", tenant=ENTERPRISE, query={"wait": "25"})
+    # Then each waits as long as this deployment lets it and answers, as `Prefer: wait` does,
+    # not a 422 the client cannot act on (hunt 302: `llmq submit --stream` failed on its first read)
+    assert (got.status, got.body["status"]) == (200, "queued")
+    assert events.status == 200, events.body
+    assert events.headers["content-type"].startswith("text/event-stream")
+    assert "event: status" in events.body
+    # And a negative wait is still a clear 422
+    negative = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE, query={"wait": "-1"})
+    assert (negative.status, negative.code) == (422, "invalid_request")
 
 
 def test_no_tier_lets_one_tenant_wait_in_more_than_half_the_api_reservation() -> None:
