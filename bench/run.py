@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -77,25 +78,36 @@ def measure(sections: tuple[str, ...], quick: bool) -> dict[str, Any]:
                 _section("curve", results, lambda: throughput_curve(quick=quick))
                 _section("curve_on_demand", results, lambda: curve_on_demand(quick=quick))
     if "cost" in sections:
-        _section("cost", results, lambda: _cost(results.get("calls")))
+        _section("cost", results, lambda: _cost(results.get("calls"), results.get("write_units")))
     return results
 
 
-def _cost(calls: dict[str, Any] | None) -> dict[str, Any]:
+def measured_per_job(calls: dict[str, Any], write_units: dict[str, Any]) -> cost.CallsPerJob:
+    """A small job with a webhook, priced from §2: its transactions' write units as measured on
+    the real items; the delivery's writes of the finished job a unit per KB, and every read but
+    the claim's (measured) a consistent unit per 4 KB of the larger item it may read."""
+    counts: dict[str, int] = {}
+    for step in calls["steps"].values():
+        for name, count in step.items():
+            counts[name] = counts.get(name, 0) + count
+    small = next(row for row in write_units["rows"] if row["job"] == "small")
+    finished_bytes = small["item_bytes_finished"]
+    claim_reads = calls["steps"]["claim + complete + webhook enqueue (worker)"].get("GetItem", 0)
+    other_reads = counts.get("GetItem", 0) + counts.get("Query", 0) - claim_reads
+    return cost.CallsPerJob(
+        dynamodb_write_units=small["transactional_write_units"]
+        + (counts.get("UpdateItem", 0) + counts.get("PutItem", 0)) * math.ceil(finished_bytes / 1024),
+        dynamodb_read_units=claim_reads * small["claim_read_units"]
+        + other_reads * math.ceil(finished_bytes / 4096),
+        sqs_sends=counts.get("SendMessage", 0),
+        sqs_polls=0.4,  # receive + delete, per batch of 10, for two queues
+    )
+
+
+def _cost(calls: dict[str, Any] | None, write_units: dict[str, Any] | None) -> dict[str, Any]:
     measured = cost.CallsPerJob()
-    if calls and "steps" in calls:
-        counts: dict[str, int] = {}
-        for step in calls["steps"].values():
-            for name, count in step.items():
-                counts[name] = counts.get(name, 0) + count
-        measured = cost.CallsPerJob(
-            dynamodb_writes=counts.get("PutItem", 0)
-            + counts.get("UpdateItem", 0)
-            + counts.get("TransactWriteItems", 0),
-            dynamodb_reads=counts.get("GetItem", 0) + counts.get("Query", 0),
-            sqs_sends=counts.get("SendMessage", 0),
-            sqs_polls=0.4,  # receive + delete, per batch of 10, for two queues
-        )
+    if calls and "steps" in calls and write_units and "rows" in write_units:
+        measured = measured_per_job(calls, write_units)
     out: dict[str, Any] = {}
     for latency in (10.0, 60.0):
         workload = cost.Workload(jobs=1_000_000, latency_seconds=latency, calls=measured)
@@ -733,7 +745,7 @@ def _render_cost(costs: Any) -> list[str]:
     if not costs or "error" in costs:
         return out + _error(costs or {"error": "skipped"})
     out.append(
-        f"`llmq cost --jobs N --latency S`; unit prices {costs['prices_as_of']}, from the measured calls per job."
+        f"`llmq cost --jobs N --latency S`; unit prices {costs['prices_as_of']}, from the calls and DynamoDB units a small job with a webhook is measured to take (§2): each transaction is billed for both its items, twice per KB."
     )
     out.append("")
     for key in ("10s", "60s"):

@@ -23,13 +23,22 @@ PRICES = {
 
 @dataclass(frozen=True)
 class CallsPerJob:
-    """AWS calls one job makes, by kind. Defaults are the counts `make bench` measures."""
+    """What one job with a webhook takes from AWS, by kind. The defaults are what `make bench`
+    measures for a small job (BENCHMARKS.md §2; `bench/run.py` `measured_per_job`, and a test
+    keeps the two equal).
 
-    dynamodb_writes: float = 3.0  # PutItem, claim UpdateItem, complete UpdateItem
-    dynamodb_reads: float = 0.0
-    sqs_sends: float = 1.0
-    # The event source mapping's ReceiveMessage and DeleteMessageBatch, shared by a batch.
-    sqs_polls: float = 0.2
+    DynamoDB bills units, not calls: accept, claim and complete each write the job and its
+    tenant's share item in one transaction, which costs two units per KB of each item; the
+    delivery's write of the job one per KB. A consistent read is a unit per 4 KB."""
+
+    dynamodb_write_units: float = 16.0
+    # The claim's read of the job; the delivery's of the job and of the tenant's secrets.
+    dynamodb_read_units: float = 3.0
+    # The lane's message and the webhook's.
+    sqs_sends: float = 2.0
+    # The event source mappings' ReceiveMessage and DeleteMessageBatch, shared by a batch of
+    # ten, for the lane and the webhooks queue.
+    sqs_polls: float = 0.4
     api_requests: float = 1.0
 
 
@@ -95,8 +104,8 @@ def cost_per_million(workload: Workload, jobs_per_invocation: float) -> list[Cos
             "DynamoDB",
             million
             * (
-                calls.dynamodb_writes * PRICES["dynamodb_write_request_unit"]
-                + calls.dynamodb_reads * PRICES["dynamodb_read_request_unit"]
+                calls.dynamodb_write_units * PRICES["dynamodb_write_request_unit"]
+                + calls.dynamodb_read_units * PRICES["dynamodb_read_request_unit"]
             ),
         ),
         CostLine("SQS", million * (calls.sqs_sends + calls.sqs_polls) * PRICES["sqs_request"]),

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from llmq_cli.cost import Streaming, Workload, cost_per_million, total
+from bench.run import measured_per_job
+from llmq_cli.cost import PRICES, CallsPerJob, Streaming, Workload, cost_per_million, total
 from llmq_cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_clis_figures_are_what_the_benchmark_measured() -> None:
+    # `llmq cost` prices what `make bench` last measured (hunt 302: the CLI priced three
+    # writes of one unit each, BENCHMARKS §6 the calls it counted, and neither the units)
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    assert CallsPerJob() == measured_per_job(results["calls"], results["write_units"])
+
+
+def test_dynamodb_is_priced_by_the_units_its_transactions_take_not_by_calls() -> None:
+    # Given a small job's measured transactions: 14 write units for 3 calls (BENCHMARKS §2)
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    small = next(row for row in results["write_units"]["rows"] if row["job"] == "small")
+    lines = {line.item: line.per_million_jobs for line in cost_per_million(Workload(1_000_000, 10.0), 10)}
+    # Then a million of them cost at least those units
+    assert (
+        lines["DynamoDB"] >= small["transactional_write_units"] * PRICES["dynamodb_write_request_unit"] * 1e6
+    )
 
 
 def test_one_invocation_per_job_pays_for_every_idle_second() -> None:

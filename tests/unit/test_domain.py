@@ -113,6 +113,8 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
             "default_lane": "a",
         },
         {"lanes": [{"name": "poison", "tiers": ["x"], "max_concurrency": 2}], "default_lane": "poison"},
+        # (or the name `llmq dlq` gives the webhooks' DLQ: hunt 302)
+        {"lanes": [{"name": "webhooks", "tiers": ["x"], "max_concurrency": 2}], "default_lane": "webhooks"},
         # (tiers no tenant can be made in: `llmq tenants create` refuses them; hunt 263)
         {"fair_share": {"tiers": {"pro plan": {}}}},
         {"fair_share": {"tiers": {"pró": {}}}},

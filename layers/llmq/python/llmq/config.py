@@ -404,12 +404,18 @@ def _distinct_ids(what: str, names: list[str]) -> None:
 def _lane_ids_free(names: list[str]) -> None:
     """Lane names whose queues would take another's id in the lanes' construct (hunt 280):
     lane `x`'s DLQ is `XDlq`, so lanes `a` and `a-dlq` clash, and `Poison` is the poison
-    queue's. The synth failed with a construct clash that named no setting."""
+    queue's. The synth failed with a construct clash that named no setting. And `llmq dlq`
+    names the webhooks' DLQ `webhooks`: a lane of that name made `--queue webhooks` redrive both
+    (hunt 302)."""
     parts = {id_part(name): name for name in names}
     for name in names:
         part = id_part(name)
         if part == "Poison":
             raise ValueError(f"lane names: {name!r} would name the poison queue's resources; rename it")
+        if part == "Webhooks":
+            raise ValueError(
+                f"lane names: {name!r} is the name `llmq dlq` gives the webhooks' DLQ; rename it"
+            )
         if part.endswith("Dlq") and part[: -len("Dlq")] in parts:
             raise ValueError(
                 f"lane names: {name!r} would name the resources of lane {parts[part[: -len('Dlq')]]!r}'s "
