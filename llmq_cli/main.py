@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -417,9 +418,13 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.file:
         path = Path(args.file)
         try:
-            loaded = loads_finite(path.read_text())
+            # UTF-8 whatever the locale, a BOM ignored: as a batch file is read (hunt 299: a
+            # Latin-1 or cp1252 locale sent "café" as "cafÃ©", and a BOM was refused).
+            loaded = loads_finite(path.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             raise _file_error(path, exc) from exc
+        except UnicodeDecodeError as exc:
+            raise CliError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
         except UnsendableJson as exc:
             raise CliError(f"{path}: {exc}") from exc
         except ValueError as exc:
@@ -792,10 +797,22 @@ def cmd_batches_list(args: argparse.Namespace) -> int:
 
 
 def cmd_batches_results(args: argparse.Namespace) -> int:
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     with _client(args) as client:
         for line in client.batch_results(args.batch_id, args.status):
-            print(line)
+            print(_writable_line(line, encoding))
     return 0
+
+
+def _writable_line(line: str, encoding: str) -> str:
+    """A results line as is, or, where the output's encoding cannot write a character of it,
+    the same JSON with that character escaped (hunt 299: a non-UTF-8 locale's file stopped at
+    the first such line; a backslash escape of Python's would not be JSON)."""
+    try:
+        line.encode(encoding)
+    except UnicodeEncodeError:
+        return json.dumps(json.loads(line))
+    return line
 
 
 def cmd_batches_cancel(args: argparse.Namespace) -> int:
@@ -1317,7 +1334,9 @@ def cmd_webhooks_verify(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     try:
-        saved = json.loads(path.read_text())
+        # (JSON is UTF-8, RFC 8259: a delivery's non-ASCII body read in the locale's encoding
+        # would be other text than was signed, and "NOT verified")
+        saved = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise _file_error(path, exc) from exc
     except ValueError as exc:
@@ -1778,6 +1797,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llmq_cli.client import ApiError
 
     args = build_parser().parse_args(argv)
+    # An output the terminal's encoding cannot write (an emoji in a cp1252 console) is escaped,
+    # not an error after the job was sent and paid for (hunt 299).
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code: int = args.handler(args)
     except (CliError, ApiError) as exc:
