@@ -23,6 +23,11 @@ or fail a test that AWS would pass:
   where DynamoDB checks the result. Here the size is `llmq.item_size.item_size_bytes`, the
   same count the domain uses to decide what goes to S3, checked on the whole new item.
   moto already counts strings and names in UTF-8 bytes, so non-ASCII text was never the gap.
+- **A transaction's size.** "The aggregate size of the items in the transaction cannot exceed
+  4 MB" (TransactWriteItems, DynamoDB API reference): DynamoDB refuses a larger one with a
+  ValidationException, and moto writes it. Here the items a transaction puts are counted
+  (`item_size_bytes`) and more than 4 MB is refused before anything is written (hunt 299: a
+  batch's expansion chunk could pass it, and only AWS would have said so).
 
 - **Eventually consistent indexes.** A Query or Scan of a global secondary index reads an
   asynchronously updated copy of the table ("DynamoDB read consistency",
@@ -135,6 +140,8 @@ from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.queues import SQS_REFUSED_CHARACTERS
 
 _LOCK = threading.RLock()
+# TransactWriteItems: "the aggregate size of the items in the transaction cannot exceed 4 MB".
+MAX_TRANSACTION_BYTES = 4 * 1024 * 1024
 _WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
 # Reads that hand back stored Item objects, which later writes mutate in place.
 _READS = ("get_item", "query", "scan")
@@ -277,6 +284,13 @@ def _item_rollback_transaction(transact: Callable[..., Any]) -> Callable[..., An
 
     @functools.wraps(transact)
     def transaction(self: Any, transact_items: list[dict[str, Any]]) -> Any:
+        from moto.dynamodb.exceptions import MockValidationException
+
+        put = sum(
+            item_size_bytes(entry["Put"].get("Item") or {}) for entry in transact_items if "Put" in entry
+        )
+        if put > MAX_TRANSACTION_BYTES:
+            raise MockValidationException("Transaction request cannot be larger than 4 MB")
         before: list[tuple[Any, Any, Any, Any]] = []
         for entry in transact_items:
             try:

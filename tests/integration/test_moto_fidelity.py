@@ -182,6 +182,31 @@ def test_a_transaction_with_one_oversized_write_changes_no_item(ddb: Any, moto_s
     assert {pk: _get(ddb, table, pk) for pk in ("job_a", "job_b")} == before
 
 
+def test_a_transaction_of_more_than_4_mb_of_items_is_refused_and_writes_nothing(
+    ddb: Any, moto_stack: MotoStack
+) -> None:
+    """TransactWriteItems: "the aggregate size of the items in the transaction cannot exceed 4 MB"
+    (hunt 299: moto wrote one; a batch chunk at a config's limit with a non-ASCII webhook URL was one)."""
+    table = moto_stack.jobs_table
+
+    def puts(count: int, size: int) -> list[dict[str, Any]]:
+        return [
+            {"Put": {"TableName": table, "Item": _padded_to(size, pk={"S": f"job_t{n:02d}"})}}
+            for n in range(count)
+        ]
+
+    # Given eleven items of 390,000 bytes (4.29 MB together), each within the item limit
+    with pytest.raises(ClientError) as refused:
+        ddb.transact_write_items(TransactItems=puts(11, 390_000))
+    # Then the transaction is refused, and no item written
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert "4 MB" in refused.value.response["Error"]["Message"]
+    assert _get(ddb, table, "job_t00") is None
+    # And ten of them (3.9 MB) are written
+    ddb.transact_write_items(TransactItems=puts(10, 390_000))
+    assert _get(ddb, table, "job_t09") is not None
+
+
 def test_a_transaction_whose_second_condition_fails_leaves_the_first_item_as_it_was(
     ddb: Any, moto_stack: MotoStack
 ) -> None:

@@ -113,6 +113,9 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
             "default_lane": "a",
         },
         {"lanes": [{"name": "poison", "tiers": ["x"], "max_concurrency": 2}], "default_lane": "poison"},
+        # (a chunk of items at their limit, each with a webhook URL of 2,048 emoji, passes a
+        # transaction's 4 MB: hunt 299)
+        {"batches": {"expand_chunk": 99, "max_item_bytes": 35_000}},
         # (or the name `llmq dlq` gives the webhooks' DLQ: hunt 302)
         {"lanes": [{"name": "webhooks", "tiers": ["x"], "max_concurrency": 2}], "default_lane": "webhooks"},
         # (tiers no tenant can be made in: `llmq tenants create` refuses them; hunt 263)
