@@ -378,20 +378,37 @@ def test_result_lines_read_the_items_results_not_their_prompts(
     assert len(read) == 10 and max(read) < 2_000, read
 
 
+def _item_gone(harness: Harness, batch_id: str, index: int, deleted: bool) -> None:
+    """Item `index` past its own retention: deleted by DynamoDB's TTL, or not yet (which
+    takes up to days, and reads must take for gone, DESIGN §3.8)."""
+    key = {"pk": {"S": item_job_id(batch_id, index)}}
+    if deleted:
+        harness.ddb.delete_item(TableName=harness.stack.jobs_table, Key=key)
+        return
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=key,
+        UpdateExpression="SET expires_at = :e",
+        ExpressionAttributeValues={":e": {"N": str(int(time.time()) - 60)}},
+    )
+
+
+@pytest.mark.parametrize("deleted", [True, False], ids=["ttl-deleted", "expired-not-yet-deleted"])
 def test_an_ended_batch_kept_past_its_items_answers_410_not_queued_lines_for_items_ttl_deleted(
-    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, deleted: bool
 ) -> None:
     """A batch that ends near its retention is kept for its webhook's retries, longer than an
-    item that ended before it: once DynamoDB's TTL deletes that item, a page cannot say what it
+    item that ended before it: once that item's retention has passed, a page cannot say what it
     was (hunt 253: its line read `queued` in a `completed` batch). The page says so, and where
-    the line is; a page of items still kept is answered as before."""
+    the line is, whether or not the TTL has deleted it yet (hunt 301: until then the page
+    listed it, linking to its 404); a page of items still kept is answered as before."""
     harness = Harness(moto_stack, integration_config(provider, retention_days=1), monkeypatch)
     batch_id = _submit(harness, requests=_requests(2)).body["id"]
     _run_lane(harness)
     batch = _stored(harness, batch_id)
     assert batch.status is BatchStatus.COMPLETED and batch.results_key
-    # (as DynamoDB's TTL deletes an item whose own retention ended before its batch's)
-    harness.ddb.delete_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item_job_id(batch_id, 0)}})
+    _item_gone(harness, batch_id, 0, deleted)
+    assert harness.api("GET", f"/v1/jobs/{item_job_id(batch_id, 0)}", tenant=ENTERPRISE).status == 404
     got = harness.api("GET", f"/v1/batches/{batch_id}", tenant=ENTERPRISE)
     assert (got.status, got.body["request_counts"]["succeeded"]) == (200, 2)
     page = harness.api("GET", f"/v1/batches/{batch_id}/results", tenant=ENTERPRISE)
@@ -402,8 +419,9 @@ def test_an_ended_batch_kept_past_its_items_answers_410_not_queued_lines_for_ite
     assert [line["status"] for line in lines] == ["succeeded"]
 
 
+@pytest.mark.parametrize("deleted", [True, False], ids=["ttl-deleted", "expired-not-yet-deleted"])
 def test_a_file_written_after_an_items_ttl_deletion_says_it_ended_with_its_outcome_gone(
-    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, deleted: bool
 ) -> None:
     """A batch whose end came late, after DynamoDB's TTL deleted an item that had ended well
     before it, writes that item's line as ended with its outcome gone (hunt 282: `queued`, in
@@ -414,8 +432,8 @@ def test_a_file_written_after_an_items_ttl_deletion_says_it_ended_with_its_outco
     _run_lane(harness)
     _reset(harness, batch_id)
     assert _stored(harness, batch_id).status is BatchStatus.FINALIZING
-    # (as DynamoDB's TTL deletes an item whose own retention ended before its batch's)
-    harness.ddb.delete_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": item_job_id(batch_id, 0)}})
+    # (an item whose own retention ended before its batch's, deleted by the TTL or not yet)
+    _item_gone(harness, batch_id, 0, deleted)
     # When a worker writes its file
     _expander(harness).expand(batch_id, lambda: 300)
     # Then the batch ends with both counted, and the deleted item's line says it expired,

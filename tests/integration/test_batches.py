@@ -1939,6 +1939,42 @@ def test_results_of_a_key_reused_after_a_deploy_that_raised_the_retention_never_
     ]
 
 
+def test_a_batch_redelivery_asked_as_its_retention_ends_is_kept_for_its_round_and_delivered(
+    harness: Harness, receiver: WebhookReceiver
+) -> None:
+    # Given a batch whose event was delivered, and whose retention ends in a second or two
+    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
+        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
+    )
+    dispatcher = load_handler("webhook_dispatcher")
+    path = "/batch-late-redelivery"
+    batch_id = _submit(
+        harness, requests=_requests(1), webhook={"url": f"http://127.0.0.1:{receiver.port}{path}"}
+    ).body["id"]
+    _run_lane(harness)
+    _dispatch_all(harness, dispatcher)
+    assert len(receiver.requests_to(path)) == 1
+    ends_s = int(time.time()) + 2
+    harness.ddb.update_item(
+        TableName=harness.stack.jobs_table,
+        Key=batch_key(batch_id),
+        UpdateExpression="SET expires_at = :e",
+        ExpressionAttributeValues={":e": {"N": str(ends_s)}},
+    )
+    # When a redelivery is accepted, and its round's first attempt comes after that end (the
+    # dispatcher behind, or its message re-sent by the reconciler)
+    again = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
+    assert again.status == 202, again.body
+    time.sleep(max(0.0, ends_s + 0.2 - time.time()))
+    _dispatch_all(harness, dispatcher)
+    # Then it is delivered, as a job's is (hunt 301: the batch was gone to the dispatcher, and
+    # the redelivery stayed pending), and the batch kept no longer than one round
+    assert len(receiver.requests_to(path)) == 2
+    stored = _stored(harness, batch_id)
+    assert stored.delivery_status is DeliveryStatus.DELIVERED
+    assert stored.expires_at <= harness.config.kept_until_s(stored.created_ms, stored.finished_ms)
+
+
 def test_an_earlier_batchs_item_kept_past_its_batch_never_blocks_a_new_batch_under_the_reused_key(
     harness: Harness,
 ) -> None:

@@ -647,16 +647,24 @@ class BatchRepository:
         return counts
 
     def items(self, batch: BatchRecord, start: int, count: int) -> list[tuple[int, JobRecord | None]]:
-        """Items [start, start + count) of the batch, each with its job (None: not written yet),
-        as a result line reads it: never its input (`_RESULT_ATTRIBUTES`)."""
+        """Items [start, start + count) of the batch, each with its job (None: not written yet,
+        or gone), as a result line reads it: never its input (`_RESULT_ATTRIBUTES`).
+
+        An item past its retention is gone, whether or not DynamoDB's TTL has deleted it yet
+        (DESIGN §3.8), as GET /v1/jobs/{id} answers it: a kept batch's page listed such an
+        item, with a link to its 404, until the TTL ran and then answered 410 (hunt 301)."""
         indexes = list(range(start, min(batch.total, start + count)))
         found = self._get_many(
             [{"pk": {"S": item_job_id(batch.id, index)}} for index in indexes], _RESULT_ATTRIBUTES
         )
         jobs = {key: codec.from_item(item) for key, item in found.items()}
         oldest_ms = self._own_items_since_ms(batch)
+        now_s = self.now_ms() // 1000
         return [
-            (index, job if job is not None and job.created_ms >= oldest_ms else None)
+            (
+                index,
+                job if job is not None and job.created_ms >= oldest_ms and job.expires_at > now_s else None,
+            )
             for index, job in ((index, jobs.get(item_job_id(batch.id, index))) for index in indexes)
         ]
 
@@ -1101,24 +1109,50 @@ class BatchRepository:
     def mark_redelivery(self, batch: BatchRecord) -> BatchRecord:
         """Redelivery: the ended batch's event goes out again, a new round of attempts under the
         same webhook-id. Pending and unsent, and in the reconciler's sweep index until it is
-        sent (should SQS refuse the message, the reconciler's poke sends it)."""
-        sweep = self._sweep(batch.id, self.now_ms())
+        sent (should SQS refuse the message, the reconciler's poke sends it).
+
+        Only the batch read (not one made since under its reused Idempotency-Key); and one whose
+        retention ends before the new round's retries is kept for them, as its terminal write
+        kept it (`_end`) and as a job's redelivery keeps the job
+        (`JobRepository.mark_delivery_pending`): never past its retention, or its end if later,
+        plus one round, however often it is redelivered (hunt 301: a redelivery accepted near
+        the end found no batch at its first attempt, and was dropped, pending)."""
+        now_ms = self.now_ms()
+        now_s = now_ms // 1000
+        sweep = self._sweep(batch.id, now_ms)
         status_in, named = _status_in([status for status in BatchStatus if status.is_terminal])
+        sets = [
+            "delivery_status = :pending",
+            "delivery_attempts = :zero",
+            "webhook_sent = :false",
+            "redelivered_ms = :now",
+            "sweep_pk = :sweep_pk",
+            "sweep_at = :sweep_at",
+        ]
+        retained_s = max(
+            batch.created_ms // 1000 + self.config.retention_seconds, (batch.finished_ms or 0) // 1000
+        )
+        outlive = min(now_s, retained_s) + self.config.terminal_event_seconds
+        keep: dict[str, Any] = {}
+        if now_s < batch.expires_at < outlive:
+            sets.append("expires_at = :keep_until")
+            keep["keep_until"] = outlive
         try:
             response = self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch.id),
-                UpdateExpression="SET delivery_status = :pending, delivery_attempts = :zero, "
-                "webhook_sent = :false, redelivered_ms = :now, sweep_pk = :sweep_pk, sweep_at = :sweep_at "
+                UpdateExpression=f"SET {', '.join(sets)} "
                 "REMOVE delivery_next_ms, delivery_carrier ADD delivery_round :one",
-                ConditionExpression=status_in,
+                ConditionExpression=f"{status_in} AND created_ms = :read_created",
                 ExpressionAttributeNames={"#st": "status"},
                 ExpressionAttributeValues=codec.values(
                     pending=DeliveryStatus.PENDING.value,
                     zero=0,
                     one=1,
                     false=False,
-                    now=self.now_ms(),
+                    now=now_ms,
+                    read_created=batch.created_ms,
+                    **keep,
                     **sweep,
                     **named,
                 ),
