@@ -638,6 +638,8 @@ def handle_get_job(
             ge=0,
             description=f"Long-poll up to this many seconds; a longer wait than {LIMITS.max_get_wait_seconds} "
             "is cut to it",
+            # (the bound stated, not enforced: a longer wait is cut, below)
+            json_schema_extra={"maximum": LIMITS.max_get_wait_seconds},
         ),
     ] = 0,
 ) -> Response[Any]:
@@ -761,6 +763,7 @@ def handle_job_events(
             ge=0,
             description="Hold the response open up to this many seconds; a longer wait than "
             f"{STREAMING.max_wait_seconds} is cut to it",
+            json_schema_extra={"maximum": STREAMING.max_wait_seconds},
         ),
     ] = STREAMING.max_wait_seconds,
     after: Annotated[

@@ -418,6 +418,8 @@ def test_openapi_document_states_every_limit_the_config_sets(harness: Harness) -
     assert "wait=N" in prefer["description"] and str(limits.max_submit_wait_seconds) in prefer["description"]
     wait = _parameter(_operation(document, "get", "/v1/jobs/{job_id}"), "wait")
     assert (wait["minimum"], wait["maximum"]) == (0, limits.max_get_wait_seconds)
+    events_wait = _parameter(_operation(document, "get", "/v1/jobs/{job_id}/events"), "wait")
+    assert (events_wait["minimum"], events_wait["maximum"]) == (0, harness.config.streaming.max_wait_seconds)
     listing = _operation(document, "get", "/v1/jobs")
     assert (_parameter(listing, "limit")["minimum"], _parameter(listing, "limit")["maximum"]) == (1, 100)
     cursor = _nullable(_parameter(listing, "cursor"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,24 @@ def test_llmq_cost_refuses_a_workload_that_cannot_be(argv: list[str], capsys) ->
         main(["cost", *argv])
     assert refused.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_the_streaming_docs_price_what_llmq_cost_prices() -> None:
+    # docs/streaming.md's table is `llmq cost --latency 60 --follow`, line by line (review 268:
+    # its base figure was two cost models old)
+    docs = (ROOT / "docs" / "streaming.md").read_text(encoding="utf-8")
+    stated = [float(figure) for figure in re.findall(r"^\| [^|]+ \| \+?([0-9.]+) \|$", docs, re.M)]
+    followed = Workload(
+        jobs=1_000_000, latency_seconds=60, stream=Streaming(interval_seconds=1.0, followed=True)
+    )
+    lines = {line.item: line.per_million_jobs for line in cost_per_million(followed, 10)}
+    base = sum(
+        value
+        for item, value in lines.items()
+        if item not in ("DynamoDB output writes", "Following the events")
+    )
+    assert stated == [
+        round(base, 2),
+        round(lines["DynamoDB output writes"], 2),
+        round(lines["Following the events"], 2),
+    ]
