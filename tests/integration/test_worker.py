@@ -168,6 +168,37 @@ def test_a_provider_that_keeps_failing_ends_retries_exhausted_after_max_attempts
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
 
 
+@pytest.mark.parametrize("status", [504, 524])
+def test_a_gateways_timeout_after_it_held_the_request_is_not_paid_for_again(
+    harness: Harness, provider: FakeProviderServer, status: int
+) -> None:
+    # Given a job behind a gateway (nginx, an ALB, Cloudflare) that held the whole request while
+    # the model generated, then gave up on it with its own timeout
+    job_id = harness.submit(prompt=f"long essay [[latency:1.5]] [[fail:{status}x5]]").body["id"]
+    # When the worker runs the lane until nothing is left
+    _run_until_settled(harness, "high", rounds=harness.config.max_attempts + 2)
+    # Then it is the timeout it is, the request sent once (hunt 303: retried as a 5xx, three
+    # paid generations, and retries_exhausted all the same)
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"], job["error"]["retryable"]) == (
+        "failed",
+        "provider_timeout",
+        True,
+    )
+    assert provider.calls_for(job_id) == 1
+
+
+def test_a_gateways_timeout_answered_at_once_is_retried_as_a_5xx(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    # A 504 that comes back at once never reached a model: retried, and the job runs
+    job_id = harness.submit(prompt="[[fail:504x1]]").body["id"]
+    _run_until_settled(harness, "high", rounds=3)
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    assert provider.calls_for(job_id) == 2
+
+
 def test_a_context_length_error_fails_once_and_acknowledges(
     harness: Harness, provider: FakeProviderServer
 ) -> None:

@@ -91,6 +91,12 @@ _STREAM_CUT = "the provider's stream ended before the generation finished"
 # A connection that drops this long after the whole request went out, unanswered, may have left
 # the provider generating it (`_Progress.unanswered`).
 _UNANSWERED_AFTER_SECONDS = 1.0
+# What a gateway in front of the model answers when it gave up waiting for it: 504 (nginx's
+# proxy_read_timeout, an ALB's idle timeout, API gateways), Cloudflare's 524 (its 100 s to the
+# origin's first byte) and 598 (a network read timeout, some proxies). Answered after the
+# gateway held the whole request a while, the model behind it may be generating, and billing,
+# it still: a timeout (`_Progress.held`), as a dropped connection is (hunt 303).
+_GATEWAY_TIMEOUTS = frozenset({504, 524, 598})
 _ANSWER_CUT = "the provider's answer was cut off before it was complete"
 
 
@@ -602,6 +608,8 @@ class _Progress:
         # does), and whether an answer's headers came back since.
         self.sent_at: float | None = None
         self.answered = False
+        # How long the answer's headers took after the body went out.
+        self.answer_wait: float | None = None
         # The provider refused the request by its status: what it means before its body is
         # read, should the call's time run out while reading it.
         self.refused: ProviderError | None = None
@@ -618,8 +626,11 @@ class _Progress:
         elif event.endswith(".send_request_body.complete"):
             self.sent_at = time.monotonic()
             self.answered = False
+            self.answer_wait = None
         elif event.endswith(".receive_response_headers.complete"):
             self.answered = True
+            if self.sent_at is not None:
+                self.answer_wait = time.monotonic() - self.sent_at
 
     @property
     def nothing_sent(self) -> bool:
@@ -635,6 +646,12 @@ class _Progress:
             and not self.answered
             and time.monotonic() - self.sent_at >= _UNANSWERED_AFTER_SECONDS
         )
+
+    @property
+    def held(self) -> bool:
+        """The answer came only after the whole request had been out a while: a gateway's
+        timeout then may have left the model behind it generating."""
+        return self.answer_wait is not None and self.answer_wait >= _UNANSWERED_AFTER_SECONDS
 
 
 class ProviderKey:
@@ -848,6 +865,14 @@ class ChatCompletionsProvider:
         async with client.stream(
             "POST", url, json=payload, headers=headers, extensions=extensions
         ) as response:
+            if response.status_code in _GATEWAY_TIMEOUTS and progress.held:
+                error = timed_out(
+                    f"a gateway answered {response.status_code} after holding the request "
+                    f"{progress.answer_wait or 0:.0f}s",
+                    self.retry_timeouts,
+                )
+                progress.refused = error
+                raise error
             if response.status_code >= 300:
                 progress.refused = classify_response(response, b"", log=False)
                 raise classify_response(response, await _error_body(response))
