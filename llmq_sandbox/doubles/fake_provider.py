@@ -8,6 +8,8 @@ Directives (DESIGN §6):
 - `[[hang]]` never answers (until the server stops);
 - `[[stall]]` answers 200 and then sends only keep-alives (SSE comments, or whitespace when not
   streaming) forever: every read succeeds, so only a total deadline ends the call;
+  `[[stall:1.5]]` closes the connection after 1.5 s of them, before any answer (an idle
+  timeout in front of a model still generating);
 - `[[echo]]` answers with the last message's text, directives removed (exact bytes, any
   script: the way to try a large or non-ASCII result);
 - `[[finish:length]]` (or any reason: `content_filter`, …) ends the answer with that
@@ -106,6 +108,8 @@ class Directives:
     retry_after: float | None = None
     hang: bool = False
     stall: bool = False
+    # Seconds of keep-alives before the connection is closed; None: never.
+    stall_cut: float | None = None
     echo: bool = False
     finish_reason: str = "stop"
     stream_fault: StreamFault | None = None
@@ -127,6 +131,7 @@ class Directives:
                 found.hang = True
             elif name == "stall":
                 found.stall = True
+                found.stall_cut = float(arg) if arg else None
             elif name == "echo":
                 found.echo = True
             elif name == "fail":
@@ -299,7 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.state.stopping.wait()
             return 0, None
         if directives.stall:
-            self._stall(stream)
+            self._stall(stream, directives.stall_cut)
             return 200, None
         if directives.latency and not stream:
             self.server.state.stopping.wait(directives.latency)
@@ -384,14 +389,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")
 
-    def _stall(self, stream: bool) -> None:
+    def _stall(self, stream: bool, cut_after: float | None = None) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream" if stream else "application/json")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         keep_alive = b": keep-alive\n\n" if stream else b" "
+        until = None if cut_after is None else time.monotonic() + cut_after
         try:
-            while not self.server.state.stopping.wait(0.5):
+            while not self.server.state.stopping.wait(
+                0.5 if until is None else max(0.0, min(0.5, until - time.monotonic()))
+            ):
+                if until is not None and time.monotonic() >= until:
+                    # No terminating chunk: the client sees the connection drop mid-body.
+                    self.close_connection = True
+                    return
                 self._write_chunk(keep_alive)
         except OSError:  # the caller gave up and closed the connection
             return

@@ -188,6 +188,22 @@ def test_a_gateways_timeout_after_it_held_the_request_is_not_paid_for_again(
     assert provider.calls_for(job_id) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whitespace", "sse-comments"])
+def test_a_connection_cut_after_keep_alives_before_any_answer_is_not_paid_for_again(
+    harness: Harness, provider: FakeProviderServer, stream: bool
+) -> None:
+    # Given a provider that answers 200 at once and sends keep-alives while it generates
+    # (OpenRouter's whitespace, SSE comments), whose connection an idle timeout cuts
+    job_id = harness.submit(prompt="long essay [[stall:1.5]]", stream=stream).body["id"]
+    # When the worker runs the lane until nothing is left
+    _run_until_settled(harness, "high", rounds=harness.config.max_attempts + 2)
+    # Then it is a drop before any answer, a timeout, and the request is sent once (hunt 303:
+    # retried as an answer cut part way, three paid generations)
+    job = _job(harness, job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "provider_timeout")
+    assert provider.calls_for(job_id) == 1
+
+
 def test_a_gateways_timeout_answered_at_once_is_retried_as_a_5xx(
     harness: Harness, provider: FakeProviderServer
 ) -> None:

@@ -98,6 +98,14 @@ _UNANSWERED_AFTER_SECONDS = 1.0
 # it still: a timeout (`_Progress.held`), as a dropped connection is (hunt 303).
 _GATEWAY_TIMEOUTS = frozenset({504, 524, 598})
 _ANSWER_CUT = "the provider's answer was cut off before it was complete"
+_CUT_BEFORE_ANSWER = "the provider's connection closed before its answer began"
+
+
+class _CutBeforeAnswer(Exception):
+    """The connection broke after the answer's headers but before any of its content: only
+    keep-alive whitespace (OpenRouter's, under a non-streamed call), SSE comments or heartbeats
+    came. The model may be generating, and billing, the request still: `_call` judges it as a
+    drop before any answer (`_Progress.unanswered`), not as an answer cut part way."""
 
 
 class ProviderError(Exception):
@@ -648,6 +656,11 @@ class _Progress:
         )
 
     @property
+    def out_a_while(self) -> bool:
+        """The whole request went out at least `_UNANSWERED_AFTER_SECONDS` ago."""
+        return self.sent_at is not None and time.monotonic() - self.sent_at >= _UNANSWERED_AFTER_SECONDS
+
+    @property
     def held(self) -> bool:
         """The answer came only after the whole request had been out a while: a gateway's
         timeout then may have left the model behind it generating."""
@@ -880,6 +893,11 @@ class ChatCompletionsProvider:
                 if self.stream:
                     return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
                 return await _whole_json(response.aiter_bytes(), deadline, answer)
+            except _CutBeforeAnswer as exc:
+                # (hunt 303: retried as a cut answer, each retry a new paid generation)
+                if progress.out_a_while:
+                    raise timed_out(_CUT_BEFORE_ANSWER, self.retry_timeouts) from exc
+                raise TransientProviderError(_CUT_BEFORE_ANSWER, code=ErrorCode.PROVIDER_ERROR) from exc
             except httpx.TimeoutException:
                 raise
             except (httpx.TransportError, httpx.DecodingError) as exc:
@@ -1111,7 +1129,10 @@ async def _read_stream(
     labelled_json = media_type == "application/json" or media_type.endswith("+json")
     stream = _Stream(on_output, done_ends_answer)
     pieces = aiter(response.aiter_bytes())
-    start, significant = await _body_start(pieces)
+    try:
+        start, significant = await _body_start(pieces)
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise _CutBeforeAnswer() from exc
     if _one_json_body(significant, labelled_json):
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
@@ -1140,10 +1161,12 @@ async def _read_stream(
             if answer is not None:
                 answer.whole = stream.whole
                 answer.result = stream.result if stream.whole else None
-    except (httpx.TransportError, httpx.DecodingError):
+    except (httpx.TransportError, httpx.DecodingError) as exc:
         # Cut, stalled or garbled after the generation said it finished (only the usage chunk
         # or [DONE] lost): the output is whole and paid for; a retry would pay for it again.
         if not stream.whole:
+            if not stream.started:
+                raise _CutBeforeAnswer() from exc
             raise
     return stream.result()
 
@@ -1322,9 +1345,11 @@ async def _whole_json(
                 # piece taken as their first)
                 held = None
             _mark_whole(answer, held)
-    except (httpx.TransportError, httpx.DecodingError):
+    except (httpx.TransportError, httpx.DecodingError) as exc:
         if held is not None:
             return held
+        if not body.strip(_LEADING):
+            raise _CutBeforeAnswer() from exc
         raise
     finally:
         if upcoming is not None and not upcoming.done():
