@@ -1605,26 +1605,13 @@ def test_a_late_success_of_a_batch_webhook_counts_after_another_copy_counted_the
     assert [delivery.status for delivery in receiver.deliveries() if delivery.path == path] == [200]
 
 
-def _ended_batch_hooked_to(harness: Harness, receiver: WebhookReceiver, path: str) -> tuple[str, Any]:
-    """An ended batch of one item whose webhook POSTs to `path`, its event's message queued;
-    and the dispatcher's handler."""
-    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
-        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
-    )
-    dispatcher = load_handler("webhook_dispatcher")
-    hook = {"url": f"http://127.0.0.1:{receiver.port}{path}"}
-    batch_id = _submit(harness, requests=_requests(1), webhook=hook).body["id"]
-    _run_lane(harness)
-    return batch_id, dispatcher
-
-
 def test_a_redelivery_during_a_retry_round_runs_its_own_round_of_attempts(
     harness: Harness, receiver: WebhookReceiver
 ) -> None:
     # Given a batch whose receiver is down, its event's first attempt failed, its message now
     # waiting out the backoff
     path = "/batch-round/fail-99"
-    batch_id, dispatcher = _ended_batch_hooked_to(harness, receiver, path)
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
     _dispatch_all(harness, dispatcher)
     assert [a.status_code for a in _stored(harness, batch_id).delivery_log] == [500]
     # When the integrator asks for a redelivery meanwhile
@@ -1653,7 +1640,7 @@ def test_a_batch_message_of_the_round_before_a_redelivery_is_dropped_at_its_next
     without a POST, not kept waiting behind the new round's after each of its attempts."""
     # Given a batch whose event's first attempt failed: its message m1 carries the next
     path = "/batch-old-round/fail-99"
-    batch_id, dispatcher = _ended_batch_hooked_to(harness, receiver, path)
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
     url = harness.stack.webhook_queue_url
 
     def dispatched() -> tuple[list[dict[str, Any]], set[str]]:
@@ -1943,15 +1930,8 @@ def test_a_batch_redelivery_asked_as_its_retention_ends_is_kept_for_its_round_an
     harness: Harness, receiver: WebhookReceiver
 ) -> None:
     # Given a batch whose event was delivered, and whose retention ends in a second or two
-    TenantRepository(harness.stack.tenants_table, dynamodb=aws.client("dynamodb")).create(
-        "Acme", "enterprise", tenant_id=ENTERPRISE["tenant_id"]
-    )
-    dispatcher = load_handler("webhook_dispatcher")
     path = "/batch-late-redelivery"
-    batch_id = _submit(
-        harness, requests=_requests(1), webhook={"url": f"http://127.0.0.1:{receiver.port}{path}"}
-    ).body["id"]
-    _run_lane(harness)
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
     _dispatch_all(harness, dispatcher)
     assert len(receiver.requests_to(path)) == 1
     ends_s = int(time.time()) + 2
