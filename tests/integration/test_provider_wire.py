@@ -20,6 +20,7 @@ from llmq.providers import (
     PermanentProviderError,
     ProviderError,
     ProviderKey,
+    ProviderTimeout,
     TransientProviderError,
 )
 
@@ -571,3 +572,85 @@ async def test_a_prompt_past_the_context_said_in_words_is_context_length_exceede
             await provider.generate(REQUEST, 5)
     # (hunt 297: invalid_request, which a client truncating on context_length_exceeded never saw)
     assert raised.value.code is ErrorCode.CONTEXT_LENGTH_EXCEEDED
+
+
+# ---- an answer that never began: a generation that may still run, and bill (hunt 303) ----------
+
+_JSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _keep_alives(piece: bytes, seconds: float = 1.6) -> list[bytes | float]:
+    """`piece` every 0.4 s for `seconds`: OpenRouter's whitespace, or SSE comments."""
+    out: list[bytes | float] = []
+    for _ in range(int(seconds / 0.4)):
+        out += [_chunked(piece), 0.4]
+    return out
+
+
+async def _failure(script: list, *, stream: bool, retry_timeouts: bool = False) -> ProviderError:
+    async with _server(script) as url:
+        provider = ChatCompletionsProvider(
+            url, lambda: "sk-test", stream=stream, retry_timeouts=retry_timeouts
+        )
+        with pytest.raises(ProviderError) as raised:
+            await provider.generate(REQUEST, 10)
+    return raised.value
+
+
+@pytest.mark.parametrize("code", [504, 408])
+@pytest.mark.parametrize("stream", [False, True], ids=["whitespace", "sse-comments"])
+async def test_a_gateways_timeout_said_in_band_after_keep_alives_is_a_timeout(
+    code: int, stream: bool
+) -> None:
+    # Given OpenRouter's way: 200 once a model starts, keep-alives, then the upstream's timeout
+    # in the body (review 269: retried as a 5xx, each retry a new paid generation)
+    error = json.dumps({"error": {"code": code, "message": "upstream timed out"}}).encode()
+    script = (
+        [_sse_head(), *_keep_alives(b": OPENROUTER PROCESSING\n\n"), _chunked(b"data: " + error + b"\n\n")]
+        if stream
+        else [_JSON_HEAD, *_keep_alives(b" \n"), _chunked(error)]
+    )
+    failure = await _failure([*script, _chunked(b"")], stream=stream)
+    # Then it is a timeout, not retried unless the operator says so
+    assert isinstance(failure, ProviderTimeout), repr(failure)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"choices": [], "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]},
+    ],
+    ids=["role-only", "azure-prompt-filter"],
+)
+async def test_a_stream_cut_after_a_chunk_with_no_answer_is_a_cut_before_the_answer(first: dict) -> None:
+    # Given a first chunk that carries no answer (sent before the first token), keep-alives, a cut
+    script = [_sse_head(), _chunked(_event(first)), *_keep_alives(b": ka\n\n")]
+    failure = await _failure(script, stream=True)
+    assert isinstance(failure, ProviderTimeout), repr(failure)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whitespace", "sse-comments"])
+async def test_keep_alives_then_a_clean_end_are_no_answer_either(stream: bool) -> None:
+    script = [
+        _sse_head() if stream else _JSON_HEAD,
+        *_keep_alives(b": ka\n\n" if stream else b" "),
+        _chunked(b""),
+    ]
+    failure = await _failure(script, stream=stream)
+    assert isinstance(failure, ProviderTimeout), repr(failure)
+
+
+async def test_a_held_504_retried_by_the_operators_choice_keeps_its_retry_after() -> None:
+    # Given provider.retry_timeouts, and a gateway's 504 with Retry-After after holding the request
+    head = b"HTTP/1.1 504 Gateway Timeout\r\nretry-after: 30\r\ncontent-length: 0\r\n\r\n"
+    failure = await _failure([1.5, head], stream=False, retry_timeouts=True)
+    # Then it is retried as a 503 is: not sooner than it says
+    assert isinstance(failure, TransientProviderError)
+    assert (failure.retry_after, failure.status_code) == (30, 504)
+
+
+async def test_a_gateways_timeout_said_in_band_at_once_is_retried_as_a_5xx() -> None:
+    error = json.dumps({"error": {"code": 504, "message": "upstream timed out"}}).encode()
+    failure = await _failure([_JSON_HEAD, _chunked(error), _chunked(b"")], stream=False)
+    assert isinstance(failure, TransientProviderError) and failure.status_code == 504, repr(failure)

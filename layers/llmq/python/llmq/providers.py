@@ -102,10 +102,30 @@ _CUT_BEFORE_ANSWER = "the provider's connection closed before its answer began"
 
 
 class _CutBeforeAnswer(Exception):
-    """The connection broke after the answer's headers but before any of its content: only
-    keep-alive whitespace (OpenRouter's, under a non-streamed call), SSE comments or heartbeats
-    came. The model may be generating, and billing, the request still: `_call` judges it as a
-    drop before any answer (`_Progress.unanswered`), not as an answer cut part way."""
+    """The answer ended after its headers but before any of its content: only keep-alive
+    whitespace (OpenRouter's, under a non-streamed call), SSE comments, heartbeats or chunks
+    that carry no answer (a role, Azure's prompt filter results) came, and then the connection
+    broke or the body ended; or a gateway's timeout said so in the body (`error`: OpenRouter
+    answers 200 once a model starts, and reports a later timeout in band). The model may be
+    generating, and billing, the request still: `_call` judges it as a drop before any answer
+    (`_Progress.unanswered`), not as an answer cut part way (hunt 303, review 269)."""
+
+    def __init__(self, error: ProviderError | None = None) -> None:
+        super().__init__(str(error) if error is not None else _CUT_BEFORE_ANSWER)
+        self.error = error
+
+
+# An in-band error that says a gateway gave up waiting: its timeouts, and 408 (OpenRouter's
+# "your request timed out").
+_IN_BAND_TIMEOUTS = frozenset({408, *_GATEWAY_TIMEOUTS})
+
+
+def _before_answer(error: ProviderError) -> Exception:
+    """An in-band error that came before any of the answer: a gateway's timeout is judged as
+    a drop before any answer, anything else raised as it is."""
+    if isinstance(error, TransientProviderError) and error.status_code in _IN_BAND_TIMEOUTS:
+        return _CutBeforeAnswer(error)
+    return error
 
 
 class ProviderError(Exception):
@@ -878,7 +898,8 @@ class ChatCompletionsProvider:
         async with client.stream(
             "POST", url, json=payload, headers=headers, extensions=extensions
         ) as response:
-            if response.status_code in _GATEWAY_TIMEOUTS and progress.held:
+            if response.status_code in _GATEWAY_TIMEOUTS and progress.held and not self.retry_timeouts:
+                # (retried, it is a 5xx as ever, its Retry-After honoured: review 269)
                 error = timed_out(
                     f"a gateway answered {response.status_code} after holding the request "
                     f"{progress.answer_wait or 0:.0f}s",
@@ -895,8 +916,10 @@ class ChatCompletionsProvider:
                 return await _whole_json(response.aiter_bytes(), deadline, answer)
             except _CutBeforeAnswer as exc:
                 # (hunt 303: retried as a cut answer, each retry a new paid generation)
-                if progress.out_a_while:
-                    raise timed_out(_CUT_BEFORE_ANSWER, self.retry_timeouts) from exc
+                if progress.out_a_while and not self.retry_timeouts:
+                    raise timed_out(str(exc), retry_timeouts=False) from exc
+                if exc.error is not None:
+                    raise exc.error from None
                 raise TransientProviderError(_CUT_BEFORE_ANSWER, code=ErrorCode.PROVIDER_ERROR) from exc
             except httpx.TimeoutException:
                 raise
@@ -985,6 +1008,12 @@ class _Stream:
         # `_WHOLE_TRAILER_SECONDS` from then at most.
         self.whole_since: float | None = None
         self.started = False
+
+    @property
+    def began(self) -> bool:
+        """Some of the answer came: text, or a finish_reason (not a role, nor a chunk with no
+        choices, which a server sends before the generation's first token)."""
+        return bool(self.parts) or self.finish_reason is not None
 
     @property
     def whole(self) -> bool:
@@ -1152,9 +1181,9 @@ async def _read_stream(
                 break
             try:
                 stream.feed(line)
-            except ProviderError:
+            except ProviderError as error:
                 if not stream.whole:
-                    raise
+                    raise error if stream.began else _before_answer(error) from None
                 # A whole answer, then an unreadable line or an error (a cut usage chunk):
                 # the answer is paid for; a retry would pay for it again.
                 break
@@ -1165,9 +1194,11 @@ async def _read_stream(
         # Cut, stalled or garbled after the generation said it finished (only the usage chunk
         # or [DONE] lost): the output is whole and paid for; a retry would pay for it again.
         if not stream.whole:
-            if not stream.started:
+            if not stream.began:
                 raise _CutBeforeAnswer() from exc
             raise
+    if not stream.began:
+        raise _CutBeforeAnswer()  # (nothing but keep-alives, then the body's clean end)
     return stream.result()
 
 
@@ -1339,7 +1370,11 @@ async def _whole_json(
             body.extend(piece)
             end = ends.feed(piece)
             if end is not None:
-                held = _finished_completion(body[:end])
+                try:
+                    held = _finished_completion(body[:end])
+                except ProviderError as error:
+                    # (a body that is one error: nothing of an answer came before it)
+                    raise _before_answer(error) from None
             if held is not None and ends.end is not None and body[ends.end :].strip(_JSON_SPACE):
                 # (more after it, in this piece too: review 262 saw JSON lines read in one
                 # piece taken as their first)
@@ -1354,7 +1389,13 @@ async def _whole_json(
     finally:
         if upcoming is not None and not upcoming.done():
             upcoming.cancel()
-    return _parse_completion(bytes(body))
+    if not body.strip(_LEADING):
+        raise _CutBeforeAnswer()  # (nothing but keep-alives, then the body's clean end)
+    try:
+        return _parse_completion(bytes(body))
+    except ProviderError as error:
+        # (a body that is one error: nothing of an answer came before it)
+        raise _before_answer(error) from None
 
 
 def _mark_whole(answer: Answer | None, held: JobResult | None) -> None:
