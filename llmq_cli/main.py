@@ -450,7 +450,9 @@ def _submit_body(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(body.get("metadata", {}), dict):
             raise CliError(f"{args.file}: its metadata is not a JSON object, so --metadata cannot add to it")
         body["metadata"] = {**body.get("metadata", {}), **metadata}
-    if args.deadline:
+    if args.deadline is not None:
+        # (0 too: the API's 422 says what a deadline may be, where dropping it sent, and paid
+        # for, a job with none; hunt 304)
         body["deadline_seconds"] = args.deadline
     if getattr(args, "stream", False):
         body["stream"] = True

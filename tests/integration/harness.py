@@ -318,10 +318,13 @@ def on_aws_call(service: str, event: str, hook: Callable[..., None]) -> Iterator
         events.unregister(event, unique_id=f"on-aws-call-{id(hook)}")
 
 
-def hidden_for_each_receive(harness: Harness, url: str, receives: int) -> list[int]:
+def hidden_for_each_receive(
+    harness: Harness, url: str, receives: int, waited: Callable[[], None] | None = None
+) -> list[int]:
     """Run the worker on the lane's one message `receives` times, as SQS would bring it back,
     and say for how long each run sent it away (its ChangeMessageVisibility); the test itself
-    makes it visible again at once after each."""
+    makes it visible again at once after each, and `waited` makes what else that wait was for
+    come true (a job's `not_before`)."""
     hidden_for: list[int] = []
 
     def record(params: dict[str, Any], **_: Any) -> None:
@@ -335,6 +338,8 @@ def hidden_for_each_receive(harness: Harness, url: str, receives: int) -> list[i
         harness.sqs.change_message_visibility(
             QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
         )
+        if waited is not None:
+            waited()
     return hidden_for
 
 

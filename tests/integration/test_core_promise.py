@@ -38,7 +38,7 @@ from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
-from tests.aws_faults import AwsFaults
+from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
 from tests.integration.harness import (
@@ -46,6 +46,7 @@ from tests.integration.harness import (
     FREE,
     Harness,
     LambdaContextStub,
+    hidden_for_each_receive,
     load_handler,
     on_aws_call,
     reconciler_ahead,
@@ -1429,6 +1430,36 @@ def test_an_input_s3_will_not_give_back_is_handed_back_with_its_attempt_refunded
     assert provider.calls == 0
     job = _job(harness, job_id)
     assert (job["status"], job["attempts"], job["error"]) == ("queued", 0, None)
+
+
+def test_an_input_s3_will_not_give_back_comes_back_later_at_each_receive(s3_held: Harness) -> None:
+    # Given a job whose input lives in S3, and S3 refusing every read of the worker's for minutes
+    harness = s3_held
+    url = harness.stack.lane_queue_urls["high"]
+    job_id = harness.submit(prompt="x" * 8000).body["id"]
+    faults = AwsFaults()
+    faults.wrap_handler("worker", harness.worker())
+    faults.arm(FaultKind.THROTTLE, "s3.GetObject", function="worker", times=10_000)
+
+    def due_again() -> None:  # (the job's hand-back wait over, as when SQS brings it back)
+        harness.ddb.update_item(
+            TableName=harness.stack.jobs_table,
+            Key={"pk": {"S": job_id}},
+            UpdateExpression="REMOVE not_before_ms",
+        )
+
+    try:
+        # When the worker runs its message at each of the lane's receives
+        hidden_for = hidden_for_each_receive(harness, url, harness.config.max_receive_count, due_again)
+    finally:
+        faults.disarm()
+    # Then the job never ran, and its receives outlast an outage of a quarter of an hour, as a
+    # refused claim's end does (hunt 304: a second each, into the lane's DLQ in three minutes,
+    # which paged for a job that never ran, round after round)
+    assert faults.fired
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"]) == ("queued", 0)
+    assert sum(hidden_for) >= 15 * 60, hidden_for
 
 
 def test_an_input_whose_body_breaks_off_while_read_is_handed_back_with_its_attempt_refunded(

@@ -309,6 +309,7 @@ class LifecycleModel(LifecycleMachine):
         a finished one answers 409."""
         job = self._job(pick)
         before = self.observer.seen[job.id]
+        faulted = self.jobs.fault is not None
         try:
             after = self.intake.cancel(job.tenant, job.id)
         except StoreUnavailable:
@@ -320,9 +321,9 @@ class LifecycleModel(LifecycleMachine):
         assert not before.status.is_terminal, f"a {before.status.value} job accepted a cancel"
         if before.status is JobStatus.QUEUED:
             # (a job queued again after an attempt, whose parked result S3 cannot look for now,
-            # is asked to cancel, not canceled: `JobIntake._cancel_requeued`)
+            # an AWS fault armed, is asked to cancel, not canceled: `JobIntake._cancel_requeued`)
             assert after.status is JobStatus.CANCELED or (
-                after.status is JobStatus.QUEUED and after.cancel_requested and after.attempts > 0
+                faulted and after.status is JobStatus.QUEUED and after.cancel_requested and after.attempts > 0
             ), after
         else:
             assert after.status is JobStatus.RUNNING and after.cancel_requested

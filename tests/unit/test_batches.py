@@ -8,7 +8,7 @@ from botocore.stub import Stubber
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmq.batch_runs import encode_requests, item_record, parse_requests
+from llmq.batch_runs import _blocked_chunk_wait, encode_requests, item_record, parse_requests
 from llmq.batch_uploads import split_lines
 from llmq.batches import BatchRecord, batch_of, final_status, item_job_id, new_batch_id, tally
 from llmq.config import LlmqConfig
@@ -223,3 +223,18 @@ def test_a_refused_bodys_replay_look_builds_one_error_not_one_per_element() -> N
         len(StoredJobRequest.model_validate_json(job.replace('"1"', '"s"').replace("1", '"s"')).params.stop)
         == 500_000
     )
+
+
+@pytest.mark.parametrize(
+    ("deadline_in_s", "wait"),
+    [(None, 60), (600, 60), (10, 5), (1, 2), (-3600, 60)],
+    ids=["none", "far", "near", "imminent", "passed"],
+)
+def test_a_blocked_chunk_is_looked_at_again_before_the_deadline_and_once_a_minute_after_it(
+    deadline_in_s: int | None, wait: int
+) -> None:
+    # (hunt 304: past the deadline it looked every 2 s, for minutes, though its items expire
+    # at their claims whatever it finds)
+    now_ms = 1_700_000_000_000
+    deadline_ms = None if deadline_in_s is None else now_ms + deadline_in_s * 1000
+    assert _blocked_chunk_wait(_batch(1, deadline_ms=deadline_ms), now_ms) == wait

@@ -223,3 +223,9 @@ def test_webhooks_verify_names_a_missing_file_in_a_line(
     code = main(["webhooks", "verify", "--secret", "whsec_x", "--file", str(tmp_path / "saved.json")])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("llmq: ") and "saved.json: No such file or directory" in err
+
+
+def test_a_deadline_of_zero_is_sent_for_the_api_to_refuse_not_dropped(sent: list[Any]) -> None:
+    # (hunt 304: `if args.deadline` dropped 0, and a job with no deadline was sent and paid for)
+    main(["submit", "hi", "--deadline", "0", *API])
+    assert sent == [("POST", "/v1/jobs", {"prompt": "hi", "deadline_seconds": 0})]

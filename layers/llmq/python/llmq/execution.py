@@ -864,8 +864,14 @@ class JobRunner:
     ) -> None:
         """S3 stays unavailable before the provider was called: the lease is handed back,
         attempt refunded, so the next delivery of the message can claim the job (RetryLater);
-        returns only when a cancel that arrived meanwhile ended it here."""
-        delay = retry_delay_seconds(self.config.retry, 1, None, self._rng)
+        returns only when a cancel that arrived meanwhile ended it here. Later at each receive
+        (`_unsent_wait`), as a refused claim's end comes back: an S3 outage of minutes spent
+        a large input's receives into the lane's DLQ in seconds each, and paged, round after
+        round (hunt 304)."""
+        delay = max(
+            retry_delay_seconds(self.config.retry, 1, None, self._rng),
+            self._unsent_wait(invocation.receive_count),
+        )
         try:
             await self._write_back(lambda: self.jobs.release(job, invocation.owner, delay), invocation)
         except CancelRequested:
