@@ -654,3 +654,44 @@ async def test_a_gateways_timeout_said_in_band_at_once_is_retried_as_a_5xx() -> 
     error = json.dumps({"error": {"code": 504, "message": "upstream timed out"}}).encode()
     failure = await _failure([_JSON_HEAD, _chunked(error), _chunked(b"")], stream=False)
     assert isinstance(failure, TransientProviderError) and failure.status_code == 504, repr(failure)
+
+
+_ROLE = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+
+@pytest.mark.parametrize("pause", [0.0, 1.2], ids=["at-once", "later"])
+async def test_an_empty_answer_ended_by_done_where_done_ends_the_answer_is_kept(pause: float) -> None:
+    # (review 270: no text, so "no answer began", failed a whole, paid, empty answer)
+    script = [_sse_head(), _chunked(_event(_ROLE)), pause, _chunked(_event("[DONE]")), _chunked(b"")]
+    async with _server(script) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True, done_ends_answer=True)
+        result = await provider.generate(REQUEST, 10)
+    assert result.output == ""
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [{"reasoning_content": "Let me think"}, {"reasoning": "Let me think"}, {"refusal": "I cannot"}],
+    ids=["deepseek-vllm", "openrouter", "refusal"],
+)
+async def test_a_stream_cut_while_the_model_streams_tokens_other_than_text_is_a_cut_answer(
+    delta: dict,
+) -> None:
+    # Given a generation under way in tokens that are not the answer's text (a reasoning
+    # model's thinking), cut (review 270: taken for a cut before any answer, and failed)
+    chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    script = [
+        _sse_head(),
+        _chunked(_event(_ROLE)),
+        *[piece for _ in range(3) for piece in (_chunked(_event(chunk)), 0.4)],
+    ]
+    failure = await _failure(script, stream=True)
+    # Then it is an answer cut part way, retried as ever
+    assert type(failure) is TransientProviderError, repr(failure)
+
+
+async def test_done_after_only_a_role_chunk_is_a_stream_cut_retried_not_a_timeout() -> None:
+    # ([DONE] is the server ending the stream, as a gateway whose upstream failed does)
+    script = [_sse_head(), _chunked(_event(_ROLE)), 1.2, _chunked(_event("[DONE]")), _chunked(b"")]
+    failure = await _failure(script, stream=True)
+    assert type(failure) is TransientProviderError, repr(failure)

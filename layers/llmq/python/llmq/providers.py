@@ -111,7 +111,11 @@ class _CutBeforeAnswer(Exception):
     (`_Progress.unanswered`), not as an answer cut part way (hunt 303, review 269)."""
 
     def __init__(self, error: ProviderError | None = None) -> None:
-        super().__init__(str(error) if error is not None else _CUT_BEFORE_ANSWER)
+        super().__init__(
+            _CUT_BEFORE_ANSWER
+            if error is None
+            else f"a gateway reported a timeout ({error.status_code}) before the answer began"
+        )
         self.error = error
 
 
@@ -916,10 +920,10 @@ class ChatCompletionsProvider:
                 return await _whole_json(response.aiter_bytes(), deadline, answer)
             except _CutBeforeAnswer as exc:
                 # (hunt 303: retried as a cut answer, each retry a new paid generation)
-                if progress.out_a_while and not self.retry_timeouts:
-                    raise timed_out(str(exc), retry_timeouts=False) from exc
-                if exc.error is not None:
-                    raise exc.error from None
+                if exc.error is not None and (self.retry_timeouts or not progress.out_a_while):
+                    raise exc.error from None  # (a 5xx as ever, its Retry-After honoured)
+                if progress.out_a_while:
+                    raise timed_out(str(exc), self.retry_timeouts) from exc
                 raise TransientProviderError(_CUT_BEFORE_ANSWER, code=ErrorCode.PROVIDER_ERROR) from exc
             except httpx.TimeoutException:
                 raise
@@ -1008,12 +1012,21 @@ class _Stream:
         # `_WHOLE_TRAILER_SECONDS` from then at most.
         self.whole_since: float | None = None
         self.started = False
+        # A delta carried something of the generation besides its text (`began`).
+        self.generating = False
 
     @property
     def began(self) -> bool:
-        """Some of the answer came: text, or a finish_reason (not a role, nor a chunk with no
-        choices, which a server sends before the generation's first token)."""
-        return bool(self.parts) or self.finish_reason is not None
+        """The generation showed itself: text, a finish_reason, or tokens of another kind (a
+        reasoning model's thinking, a refusal, tool calls); or [DONE] where it ends the answer.
+        Not a role alone, nor a chunk with no choices (Azure's prompt filter results), which a
+        server sends before the generation's first token."""
+        return (
+            bool(self.parts)
+            or self.finish_reason is not None
+            or self.generating
+            or (self.done and self.done_ends_answer)
+        )
 
     @property
     def whole(self) -> bool:
@@ -1105,6 +1118,8 @@ class _Stream:
                 # (a server that streams each piece as a `message`, as a completion holds it)
                 delta = choice.get("message")
             text = _text(delta.get("content")) if isinstance(delta, dict) else ""
+            if isinstance(delta, dict) and any(value for key, value in delta.items() if key != "role"):
+                self.generating = True
             if text:
                 with_text = True
                 self.parts.append(text)
@@ -1197,8 +1212,10 @@ async def _read_stream(
             if not stream.began:
                 raise _CutBeforeAnswer() from exc
             raise
-    if not stream.began:
-        raise _CutBeforeAnswer()  # (nothing but keep-alives, then the body's clean end)
+    if not stream.began and not stream.done:
+        # (nothing but keep-alives, then the body's clean end; a [DONE] says the server ended
+        # the stream, as a gateway whose upstream failed does: a cut, retried, as ever)
+        raise _CutBeforeAnswer()
     return stream.result()
 
 
