@@ -690,8 +690,41 @@ async def test_a_stream_cut_while_the_model_streams_tokens_other_than_text_is_a_
     assert type(failure) is TransientProviderError, repr(failure)
 
 
-async def test_done_after_only_a_role_chunk_is_a_stream_cut_retried_not_a_timeout() -> None:
-    # ([DONE] is the server ending the stream, as a gateway whose upstream failed does)
-    script = [_sse_head(), _chunked(_event(_ROLE)), 1.2, _chunked(_event("[DONE]")), _chunked(b"")]
+@pytest.mark.parametrize(
+    "before",
+    [
+        [_chunked(_event(_ROLE)), 1.2],
+        _keep_alives(b": OPENROUTER PROCESSING\n\n"),
+        [_chunked(_event(_ROLE)), *_keep_alives(b": ping\n\n")],
+    ],
+    ids=["role", "sse-comments", "role-and-comments"],
+)
+async def test_done_after_nothing_of_the_answer_a_while_is_a_timeout(before: list) -> None:
+    # ([DONE] is a gateway ending the stream, whether or not the model behind it gave up: as a
+    # clean end or a cut after the same, review 271)
+    script = [_sse_head(), *before, _chunked(_event("[DONE]")), _chunked(b"")]
+    failure = await _failure(script, stream=True)
+    assert isinstance(failure, ProviderTimeout), repr(failure)
+
+
+async def test_done_at_once_after_nothing_of_the_answer_is_retried() -> None:
+    script = [_sse_head(), _chunked(_event(_ROLE)), _chunked(_event("[DONE]")), _chunked(b"")]
     failure = await _failure(script, stream=True)
     assert type(failure) is TransientProviderError, repr(failure)
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"role": "assistant", "context": {"citations": [{"content": "doc"}], "intent": '["q"]'}},
+        {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+        {"role": "assistant", "content": None, "tool_calls": [], "function_call": None, "refusal": None},
+    ],
+    ids=["azure-on-your-data-context", "empty-text-part", "nulls"],
+)
+async def test_a_cut_after_a_first_chunk_of_metadata_a_while_is_a_timeout(delta: dict) -> None:
+    # (review 271: metadata a server sends before the first token is not the generation)
+    chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    script = [_sse_head(), _chunked(_event(chunk)), *_keep_alives(b": ping\n\n")]
+    failure = await _failure(script, stream=True)
+    assert isinstance(failure, ProviderTimeout), repr(failure)

@@ -1118,7 +1118,7 @@ class _Stream:
                 # (a server that streams each piece as a `message`, as a completion holds it)
                 delta = choice.get("message")
             text = _text(delta.get("content")) if isinstance(delta, dict) else ""
-            if isinstance(delta, dict) and any(value for key, value in delta.items() if key != "role"):
+            if isinstance(delta, dict) and _generates(delta):
                 self.generating = True
             if text:
                 with_text = True
@@ -1212,9 +1212,9 @@ async def _read_stream(
             if not stream.began:
                 raise _CutBeforeAnswer() from exc
             raise
-    if not stream.began and not stream.done:
-        # (nothing but keep-alives, then the body's clean end; a [DONE] says the server ended
-        # the stream, as a gateway whose upstream failed does: a cut, retried, as ever)
+    if not stream.began:
+        # (nothing but keep-alives, a role or chunks with no choices, then the body's clean end
+        # or a [DONE]: a gateway ends the stream so whether or not the model behind it gave up)
         raise _CutBeforeAnswer()
     return stream.result()
 
@@ -1347,6 +1347,28 @@ def _text(content: object) -> str:
             and part.get("type", "text") in ("text", "output_text")
         )
     return ""
+
+
+# Delta keys that carry the generation's own tokens besides its text: a reasoning model's
+# thinking (DeepSeek and vLLM, OpenRouter), a refusal, tool calls, audio. Not metadata a server
+# sends before the first token (Azure On Your Data's `context` with its citations: review 271).
+_GENERATED_KEYS = (
+    "reasoning_content",
+    "reasoning",
+    "reasoning_details",
+    "refusal",
+    "tool_calls",
+    "function_call",
+    "audio",
+)
+
+
+def _generates(delta: dict[str, Any]) -> bool:
+    """The delta carries tokens of the generation: a key above, or content parts holding
+    something (Mistral's thinking parts), not an empty text part."""
+    if any(delta.get(key) for key in _GENERATED_KEYS):
+        return True
+    return any(value for part in _dicts(delta.get("content")) for key, value in part.items() if key != "type")
 
 
 def _dicts(value: object) -> list[dict[str, Any]]:
