@@ -28,15 +28,18 @@ _UNSUPPORTED_CODES = {
     "AWS.SimpleQueueService.UnsupportedOperation",
 }
 POISON = "poison"
+# The reconciler's failed runs (their event and error, Lambda's on-failure destination): read,
+# never redriven (the next tick is the retry).
+RECONCILER_FAILURES = "reconciler-failures"
 _NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
 _LONG_POLL_SECONDS = 1
 
 
 @dataclass(frozen=True)
 class DeadLetterQueue:
-    name: str  # the lane, "webhooks" or "poison"
+    name: str  # the lane, "webhooks", "poison" or "reconciler-failures"
     dlq_url: str
-    source_url: str | None  # None: the poison queue, which redrives nowhere
+    source_url: str | None  # None: the poison queue or the reconciler's failures, which redrive nowhere
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def stack_dead_letter_queues(outputs: dict[str, str]) -> list[DeadLetterQueue]:
         queues.append(DeadLetterQueue("webhooks", outputs["WebhookDlqUrl"], outputs["WebhookQueueUrl"]))
     if outputs.get("PoisonQueueUrl"):
         queues.append(DeadLetterQueue(POISON, outputs["PoisonQueueUrl"], None))
+    if outputs.get("ReconcilerFailuresUrl"):
+        queues.append(DeadLetterQueue(RECONCILER_FAILURES, outputs["ReconcilerFailuresUrl"], None))
     return queues
 
 

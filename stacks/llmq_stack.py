@@ -222,6 +222,8 @@ class LlmqStack(cdk.Stack):
             "WebhookQueueUrl": self.webhooks.queue.queue_url,
             "WebhookDlqUrl": self.webhooks.dlq.queue_url,
             "PoisonQueueUrl": self.lanes.poison.queue_url,
+            # (failed sweeps' events and errors, for an operator: `llmq dlq list`)
+            "ReconcilerFailuresUrl": self.reconciler.failures.queue_url,
             "ProviderSecretArn": self.provider_secret.secret.secret_arn,
             "AlarmTopicArn": self.monitoring.topic.topic_arn,
             "FunctionNames": self.to_json_string(

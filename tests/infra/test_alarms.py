@@ -189,6 +189,19 @@ def test_poison_set_aside_raises_an_alarm_while_it_waits(synthesized, alarms):
     _fires_on_any(alarm)
 
 
+def test_the_reconcilers_failed_runs_are_where_llmq_dlq_lists_them(synthesized):
+    # Lambda's on-failure destination of the reconciler's runs is an output the CLI lists, so
+    # an operator paged by ReconcilerErrors finds the failed runs' events (hunt 305: no output,
+    # not listed, not in the runbook)
+    from llmq_cli.dead_letters import RECONCILER_FAILURES, stack_dead_letter_queues
+
+    (invoke_config,) = synthesized.template.of_type("AWS::Lambda::EventInvokeConfig").values()
+    failures = invoke_config["Properties"]["DestinationConfig"]["OnFailure"]["Destination"]["Fn::GetAtt"][0]
+    assert _ref(synthesized, "ReconcilerFailuresUrl") == failures
+    listed = stack_dead_letter_queues({"ReconcilerFailuresUrl": "https://q/failures"})
+    assert [(queue.name, queue.source_url) for queue in listed] == [(RECONCILER_FAILURES, None)]
+
+
 def test_every_lane_alarms_on_jobs_the_dead_letter_function_failed(synthesized, alarms):
     for lane in synthesized.config.lanes:
         alarm = _one(

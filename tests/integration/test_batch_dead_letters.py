@@ -21,10 +21,11 @@ from llmq.jobs import JobRepository
 from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
+from llmq.telemetry import MetricName
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
+from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, emitted_metrics, load_handler
 from tests.integration.test_batch_uploads import _upload
 from tests.integration.test_batches import _reconciler_later
 
@@ -107,8 +108,19 @@ def _crashed(batch: dict[str, Any]) -> bool:
     return [error["code"] for error in batch.get("errors") or []] == ["batch_crashed"]
 
 
+def _dead_lettered(capsys: pytest.CaptureFixture[str]) -> list[str | None]:
+    """The lanes of the JobDeadLettered counts the functions emitted since the last look."""
+    return [
+        record.get("lane")
+        for record in emitted_metrics(capsys.readouterr().out, MetricName.JOB_DEAD_LETTERED)
+    ]
+
+
 def test_an_expansion_that_crashes_every_time_is_tried_once_more_then_canceled_with_its_reason(
-    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+    harness: Harness,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given a batch of five whose expansion crashes its worker at the third item, every time
     _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
@@ -120,9 +132,12 @@ def test_an_expansion_that_crashes_every_time_is_tried_once_more_then_canceled_w
     assert _batch(harness, batch_id)["status"] in ("validating", "in_progress")
     assert len(_expand_messages(harness)) == 1
     # When that one dead-letters too
+    capsys.readouterr()
     assert _crash_then_dead_letter(harness)["batchItemFailures"] == []
-    # Then the batch is canceling with its reason; the worker's next look (the message sent
-    # for it) and the two items written end it, and no item reached the provider
+    # Then the batch is canceling with its reason, counted as a crash once for the alarm
+    # (hunt 305); the worker's next look (the message sent for it) and the two items written
+    # end it, and no item reached the provider
+    assert _dead_lettered(capsys) == [HIGH]
     _run_items(harness)
     url = harness.stack.lane_queue_urls[HIGH]
     harness.run_worker(url, _expand_messages(harness))
@@ -142,6 +157,7 @@ def test_an_expansion_that_crashes_every_time_is_tried_once_more_then_canceled_w
         5,
     )
     assert _crashed(ended) and ended.get("results_file_url") is None
+    assert _dead_lettered(capsys) == []  # (its one give-up counted already)
     assert len(provider.state.snapshot()["log"]) == 0
     # And the tenant's five active jobs are given back
     shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
@@ -227,7 +243,7 @@ def test_a_message_of_the_round_before_a_step_and_its_copy_count_once_after_it(
 
 
 def test_an_upload_whose_validation_crashes_every_time_fails_and_admits_nothing(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given an uploaded file whose validation crashes its worker every time
     _crash(monkeypatch, UploadScanner, "scan")
@@ -238,10 +254,12 @@ def test_an_upload_whose_validation_crashes_every_time_fails_and_admits_nothing(
     # When its expand message dead-letters twice
     _crash_then_dead_letter(harness)
     _crash_then_dead_letter(harness)
-    # Then it failed with its reason, nothing was admitted, and nothing more is asked of a worker
+    # Then it failed with its reason, counted as a crash for the alarm (hunt 305), nothing was
+    # admitted, and nothing more is asked of a worker
     failed = _batch(harness, batch_id)
     assert (failed["status"], failed["request_counts"]["total"]) == ("failed", 0)
     assert _crashed(failed)
+    assert _dead_lettered(capsys) == [HIGH]
     assert (
         ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
         .get(ENTERPRISE["tenant_id"])
@@ -252,7 +270,10 @@ def test_an_upload_whose_validation_crashes_every_time_fails_and_admits_nothing(
 
 
 def test_a_results_file_that_crashes_every_time_ends_the_batch_without_it(
-    harness: Harness, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+    harness: Harness,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given a batch of two whose items ran, and whose results file crashes its worker every time
     _crash(monkeypatch, ResultsCompiler, "compile")
@@ -265,10 +286,12 @@ def test_a_results_file_that_crashes_every_time_ends_the_batch_without_it(
     _crash_then_dead_letter(harness)
     assert _batch(harness, batch_id)["status"] == "finalizing"
     _crash_then_dead_letter(harness)
-    # Then the batch ended with its counts, without a file; its results stay readable by page
+    # Then the batch ended with its counts, without a file, counted as a crash for the alarm
+    # (hunt 305); its results stay readable by page
     ended = _batch(harness, batch_id)
     assert (ended["status"], ended["request_counts"]["succeeded"]) == ("completed", 2)
     assert ended.get("results_file_url") is None and _crashed(ended)
+    assert _dead_lettered(capsys) == [HIGH]
     page = harness.api("GET", f"/v1/batches/{batch_id}/results", tenant=ENTERPRISE)
     assert page.status == 200
 

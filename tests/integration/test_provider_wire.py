@@ -728,3 +728,35 @@ async def test_a_cut_after_a_first_chunk_of_metadata_a_while_is_a_timeout(delta:
     script = [_sse_head(), _chunked(_event(chunk)), *_keep_alives(b": ping\n\n")]
     failure = await _failure(script, stream=True)
     assert isinstance(failure, ProviderTimeout), repr(failure)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+async def test_a_whole_answer_cut_right_after_its_finish_lines_cr_is_kept(eol: bytes) -> None:
+    # Given a stream with CR LF (or CR) line ends, cut after the CR that ends its finish line
+    # (hunt 306: the line waited for an LF that never came, and the paid answer was retried)
+    body = b"".join(
+        b"data: " + json.dumps(chunk).encode() + eol + eol
+        for chunk in (_ROLE, _delta("Hello"), _delta("", "stop"))
+    )
+    cut = body.rindex(b'"stop"}]}') + len(b'"stop"}]}') + 1
+    async with _server([_sse_head(), _chunked(body[:cut]), 0.2]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Hello", "stop")
+
+
+@pytest.mark.parametrize(
+    "field", [b"id: %d\n", b"event: message\n", b"retry: 3000\n"], ids=["id", "event", "retry"]
+)
+async def test_a_stream_labelled_json_whose_events_open_with_another_field_is_read_as_a_stream(
+    field: bytes,
+) -> None:
+    # (hunt 306: read as one malformed JSON body, at every call, each paid for)
+    chunks = [_delta("Hello"), _delta(" world"), _delta("", "stop"), "[DONE]"]
+    body = b"".join(
+        (field % n if b"%d" in field else field) + _event(chunk) for n, chunk in enumerate(chunks)
+    )
+    async with _server([_head(b"application/json"), _chunked(body), _chunked(b"")]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Hello world", "stop")

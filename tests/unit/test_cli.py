@@ -228,6 +228,7 @@ def test_dead_letter_queues_are_named_as_their_lanes_are() -> None:
         "WebhookQueueUrl": "https://q/hooks",
         "WebhookDlqUrl": "https://q/hooks-dlq",
         "PoisonQueueUrl": "https://q/poison",
+        "ReconcilerFailuresUrl": "https://q/reconciler-failures",
     }
     named = {queue.name: (queue.dlq_url, queue.source_url) for queue in stack_dead_letter_queues(outputs)}
     assert named == {
@@ -235,6 +236,8 @@ def test_dead_letter_queues_are_named_as_their_lanes_are() -> None:
         "short-batch": ("https://q/short-dlq", "https://q/short"),
         "webhooks": ("https://q/hooks-dlq", "https://q/hooks"),
         "poison": ("https://q/poison", None),
+        # (the reconciler's failed runs, for an operator to read: hunt 305)
+        "reconciler-failures": ("https://q/reconciler-failures", None),
     }
 
 

@@ -118,6 +118,10 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
         {"batches": {"expand_chunk": 99, "max_item_bytes": 35_000}},
         # (or the name `llmq dlq` gives the webhooks' DLQ: hunt 302)
         {"lanes": [{"name": "webhooks", "tiers": ["x"], "max_concurrency": 2}], "default_lane": "webhooks"},
+        {
+            "lanes": [{"name": "reconciler-failures", "tiers": ["x"], "max_concurrency": 2}],
+            "default_lane": "reconciler-failures",
+        },
         # (tiers no tenant can be made in: `llmq tenants create` refuses them; hunt 263)
         {"fair_share": {"tiers": {"pro plan": {}}}},
         {"fair_share": {"tiers": {"pró": {}}}},

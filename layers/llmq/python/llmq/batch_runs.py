@@ -520,12 +520,19 @@ def dead_lettered(
         # conflict is finished here, never left half done.
         flagged = batches.request_cancel(counted, counted.errors if _given_up(counted) else crashed)
         if flagged is not None:
+            if not _given_up(counted):
+                emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, counted.lane)  # (the first give-up)
             _write_no_more(batches, queues, config, flagged)
         # A worker ends it once its items have (this function reads no counts).
         send_expand(queues, counted)
         return batches.find(batch_id)
-    if ended is not None and _webhook_unsent(ended):
-        _send_webhook(batches, queues, ended)
+    if ended is not None:
+        if not _given_up(counted):
+            # Counted as a crash is, as the worker's own give-up counts it, once a batch (hunt
+            # 305: the DeadLettered alarm the runbook names for `batch_crashed` stayed quiet)
+            emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, counted.lane)
+        if _webhook_unsent(ended):
+            _send_webhook(batches, queues, ended)
     return ended or batches.find(batch_id)
 
 

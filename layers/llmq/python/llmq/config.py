@@ -417,10 +417,8 @@ def _lane_ids_free(names: list[str]) -> None:
         part = id_part(name)
         if part == "Poison":
             raise ValueError(f"lane names: {name!r} would name the poison queue's resources; rename it")
-        if part == "Webhooks":
-            raise ValueError(
-                f"lane names: {name!r} is the name `llmq dlq` gives the webhooks' DLQ; rename it"
-            )
+        if part in ("Webhooks", "ReconcilerFailures"):
+            raise ValueError(f"lane names: {name!r} is the name of another queue in `llmq dlq`; rename it")
         if part.endswith("Dlq") and part[: -len("Dlq")] in parts:
             raise ValueError(
                 f"lane names: {name!r} would name the resources of lane {parts[part[: -len('Dlq')]]!r}'s "

@@ -1229,15 +1229,20 @@ async def _lines(pieces: AsyncIterator[bytes]) -> AsyncIterator[str]:
     # CR LF, or a line end of its own).
     line: list[str] = []
     length = 0
-    held = False
+    # A CR ended the last piece: its line is yielded at once (a lone CR ends an SSE line), and an
+    # LF that starts the next piece is the second half of a CR LF. (Held until that next byte,
+    # a whole answer whose finish line's CR LF was cut between the two was lost: hunt 306.)
+    after_cr = False
     async for piece in pieces:
         text = decoder.decode(piece)
         if not text:
             continue
-        if held:
-            text = "\r" + text
-        held = text.endswith("\r")
-        parts = _LINE_END.split(text[:-1] if held else text)
+        if after_cr and text.startswith("\n"):
+            text = text[1:]
+        after_cr = text.endswith("\r")
+        if not text:
+            continue
+        parts = _LINE_END.split(text)
         for part in parts[:-1]:
             line.append(part)
             yield "".join(line)
@@ -1247,10 +1252,6 @@ async def _lines(pieces: AsyncIterator[bytes]) -> AsyncIterator[str]:
         if length > _MAX_LINE_CHARS:
             raise _malformed()
     tail = decoder.decode(b"", final=True)
-    if held:
-        # (the CR ended its line; what the decoder held back is a line of its own)
-        yield "".join(line)
-        line = []
     rest = "".join(line) + tail
     if rest:
         yield rest
@@ -1496,8 +1497,10 @@ class _JsonEnd:
 # What a body may start with before what tells one JSON body from a stream: a byte order mark
 # and whitespace.
 _LEADING = b"\xef\xbb\xbf \t\r\n"
-# Enough of a body's start to tell an SSE `data:` line from anything else.
-_SNIFF_BYTES = len(b"data:")
+# Enough of a body's start to tell an SSE field's line (`data:`, `event:`, `id:`, `retry:`) from
+# anything else.
+_SNIFF_BYTES = len(b"retry:")
+_SSE_FIELD = re.compile(rb"(?:data|event|id|retry):")
 
 
 async def _body_start(pieces: AsyncIterator[bytes]) -> tuple[bytes, bytes]:
@@ -1530,10 +1533,12 @@ def _significant(start: bytes) -> bytes | None:
 def _one_json_body(significant: bytes, labelled_json: bool) -> bool:
     """An answer sent as one JSON body, however it is labelled: no SSE line starts with `{` (a
     server that answers `text/event-stream` with the whole completion, or an error); labelled
-    JSON, anything but an SSE `data:` line is one."""
+    JSON, anything but an SSE field's line is one (a gateway that streams under a JSON label
+    may open each event with its `id:` or `event:`: hunt 306 saw every call of such a stream
+    read as a malformed body, and paid for again)."""
     if significant.startswith(b"{"):
         return True
-    return labelled_json and not significant.startswith(b"data:")
+    return labelled_json and not _SSE_FIELD.match(significant)
 
 
 async def _prefixed(start: bytes, pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
