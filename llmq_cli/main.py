@@ -1295,13 +1295,19 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_redrive(args: argparse.Namespace) -> int:
-    from llmq_cli.dead_letters import POISON, redrive
+    from llmq_cli.dead_letters import POISON, RECONCILER_FAILURES, redrive
 
     if args.queue == POISON:
         raise CliError(
             "the poison queue holds lane dead letters no function can settle, so they are "
             "not redriven. Read them with `llmq dlq list --queue poison --peek 10`, then purge the "
             "queue (`aws sqs purge-queue --queue-url <its dlq_url>`)"
+        )
+    if args.queue == RECONCILER_FAILURES:
+        # (review 272: it printed [] and exited 0, as if they had been dealt with)
+        raise CliError(
+            "the reconciler's failed runs are not redriven: its next tick is the retry. Read them "
+            "with `llmq dlq list --queue reconciler-failures --peek 10`, then purge the queue"
         )
     from botocore.exceptions import BotoCoreError, ClientError
 

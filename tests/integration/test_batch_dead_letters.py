@@ -13,7 +13,7 @@ import pytest
 
 from llmq import aws
 from llmq.batch_requests import StoredRequests
-from llmq.batch_results import ResultsCompiler
+from llmq.batch_results import ResultsCompiler, ResultsFileStalled
 from llmq.batch_uploads import UploadScanner
 from llmq.batches import BatchRepository, batch_key, item_job_id
 from llmq.errors import StoreContended
@@ -554,3 +554,32 @@ def test_a_foreign_expand_letter_naming_a_batchs_count_shard_is_set_aside_once(h
     # 266: the shard read as a batch failed validation, an unexpected error each time)
     assert answer["batchItemFailures"] == []
     assert [message["Body"] for message in _poison(harness)] == [body]
+
+
+def test_a_batch_given_up_once_is_counted_once_whatever_ends_it(
+    harness: Harness,
+    provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given a batch given up for crashing (counted for the alarm), canceling, its items ended
+    _crash(monkeypatch, StoredRequests, "item", when=lambda index: index >= 2)
+    batch_id = _submit(harness)
+    _crash_then_dead_letter(harness)
+    capsys.readouterr()
+    _crash_then_dead_letter(harness)
+    assert _dead_lettered(capsys) == [HIGH]
+    _run_items(harness)
+    url = harness.stack.lane_queue_urls[HIGH]
+    harness.run_worker(url, _expand_messages(harness))
+    assert _batch(harness, batch_id)["status"] == "finalizing"
+
+    # When its results file runs out of time at every run (what compile raises after its stalls)
+    def stalled(self: ResultsCompiler, batch: Any, remaining: Any) -> None:
+        raise ResultsFileStalled(self.batches.find(batch.id))
+
+    monkeypatch.setattr(ResultsCompiler, "compile", stalled)
+    harness.run_worker(url, _expand_messages(harness))
+    # Then it ends without the file, and is not counted again (review 272: twice)
+    assert _batch(harness, batch_id)["status"] == "canceled"
+    assert _dead_lettered(capsys) == []

@@ -643,3 +643,19 @@ def test_a_redrive_of_every_queue_goes_on_past_one_whose_move_still_runs(
     assert results["high"].get("already_running") is True and "error" not in results["high"]
     assert "ThrottlingException" in results["low"]["error"]
     assert code == 1 and "not redriven: low" in err
+
+
+@pytest.mark.parametrize("queue", ["poison", "reconciler-failures"])
+def test_a_redrive_of_a_queue_nothing_can_process_is_refused_and_touches_no_aws(
+    queue: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (review 272: the reconciler's failures printed [] and exited 0, as if dealt with)
+    import llmq_cli.main
+
+    def no_aws(args: Any) -> None:
+        raise AssertionError("a refused redrive reached AWS")
+
+    monkeypatch.setattr(llmq_cli.main, "AwsTarget", no_aws)
+    code = main(["dlq", "redrive", "--queue", queue, "--aws", "--stack", "Llmq"])
+    assert code == 1
+    assert "not redriven" in capsys.readouterr().err

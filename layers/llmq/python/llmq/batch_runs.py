@@ -343,9 +343,10 @@ class BatchExpander:
             ended = self.batches.finish(
                 stalled.batch, stalled.batch.final_counts, errors=stalled.batch.errors or _crashed()
             )
-            if ended is not None:
+            if ended is not None and not _given_up(stalled.batch):
                 # Its client has no results file: counted as a crash is (hunt 275: nothing
-                # paged, and every large batch would meet the same worker timeout)
+                # paged, and every large batch would meet the same worker timeout); once a
+                # batch, whose earlier give-up counted already (review 272)
                 emit_job_metric(MetricName.JOB_DEAD_LETTERED, 1, batch.lane)
             if ended is None:
                 settle(self.batches, self.queues, batch.id)
