@@ -469,7 +469,10 @@ class QueuePoller:
 
 
 class ScheduleTimer:
-    """Invokes a rule's target function every period, never two runs at once."""
+    """Invokes a rule's target function every period, never two runs at once; a run that fails
+    (raised, or timed out) sends Lambda's on-failure record to the function's OnFailure queue,
+    as Lambda does for an asynchronous invocation whose retries (none: the stack sets 0) are
+    spent ("Adding a destination", Lambda developer guide)."""
 
     def __init__(
         self,
@@ -478,8 +481,10 @@ class ScheduleTimer:
         account: str,
         region: str,
         every_seconds: float,
+        sqs: Any = None,
     ) -> None:
         self.schedule = schedule
+        self._sqs = sqs
         self._functions = functions
         self._account = account
         self._region = region
@@ -510,18 +515,55 @@ class ScheduleTimer:
             "detail": {},
         }
 
+    def run_once(self) -> InvocationResult:
+        """One tick: the run, recorded, and its failure's record sent."""
+        event = self.event()
+        result = self._functions.invoke(self.schedule.function, event)
+        self._record(result)
+        if result.outcome in (Outcome.ERROR, Outcome.TIMEOUT) and self.schedule.on_failure_url and self._sqs:
+            self._sqs.send_message(
+                QueueUrl=self.schedule.on_failure_url,
+                MessageBody=json.dumps(self._failure_record(event, result)),
+            )
+        return result
+
+    def _failure_record(self, event: dict[str, Any], result: InvocationResult) -> dict[str, Any]:
+        """What Lambda sends an on-failure destination: the request, and how it failed."""
+        function_arn = (
+            f"arn:aws:lambda:{self._region}:{self._account}:function:{self.schedule.function}:$LATEST"
+        )
+        return {
+            "version": "1.0",
+            "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "requestContext": {
+                "requestId": result.request_id,
+                "functionArn": function_arn,
+                "condition": "RetriesExhausted",
+                "approximateInvokeCount": 1,
+            },
+            "requestPayload": event,
+            "responseContext": {
+                "statusCode": 200,
+                "executedVersion": "$LATEST",
+                "functionError": "Unhandled",
+            },
+            "responsePayload": result.error or {"errorMessage": result.outcome.value},
+        }
+
     def _run(self) -> None:
         while not self._stopping.wait(self.every_seconds):
-            result = self._functions.invoke(self.schedule.function, self.event())
-            self._functions.invocations.add(
-                InvocationRecord(
-                    function=result.function,
-                    request_id=result.request_id,
-                    outcome=result.outcome.value,
-                    trigger=f"schedule:{self.schedule.name}",
-                    started_at=result.started_at,
-                    duration_seconds=result.duration_seconds,
-                    cold_start=result.cold_start,
-                    error=result.error_message or None,
-                )
+            self.run_once()
+
+    def _record(self, result: InvocationResult) -> None:
+        self._functions.invocations.add(
+            InvocationRecord(
+                function=result.function,
+                request_id=result.request_id,
+                outcome=result.outcome.value,
+                trigger=f"schedule:{self.schedule.name}",
+                started_at=result.started_at,
+                duration_seconds=result.duration_seconds,
+                cold_start=result.cold_start,
+                error=result.error_message or None,
             )
+        )

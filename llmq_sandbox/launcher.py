@@ -418,7 +418,10 @@ class Sandbox:
             if not schedule.enabled:
                 continue
             every = self.settings.reconciler_every_seconds or schedule.rate_seconds
-            timer = ScheduleTimer(schedule, functions, topology.account, self.region, every)
+            # (as the Lambda service, it sends a failed run's record to its OnFailure queue)
+            timer = ScheduleTimer(
+                schedule, functions, topology.account, self.region, every, sqs=self.client("sqs")
+            )
             timer.start()
             timers.append(timer)
         return timers

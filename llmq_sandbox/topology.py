@@ -78,6 +78,8 @@ class ScheduleSpec:
     expression: str
     function: str
     enabled: bool
+    # Where Lambda sends a failed run's record (the function's EventInvokeConfig OnFailure).
+    on_failure_url: str | None = None
 
     @property
     def rate_seconds(self) -> float:
@@ -315,8 +317,23 @@ class TemplateReader(StackTemplate):
 
     # ---- schedules ----
 
+    def on_failure_urls(self) -> dict[str, str]:
+        """Function logical id -> the queue Lambda sends a failed asynchronous invocation's record
+        to (its EventInvokeConfig's OnFailure destination)."""
+        found: dict[str, str] = {}
+        for _, properties in self.properties_of_type("AWS::Lambda::EventInvokeConfig"):
+            function_id = self.referenced(properties.get("FunctionName"), "AWS::Lambda::Function")
+            on_failure = ((properties.get("DestinationConfig") or {}).get("OnFailure") or {}).get(
+                "Destination"
+            )
+            queue_id = self.referenced(on_failure, "AWS::SQS::Queue")
+            if function_id is not None and queue_id is not None:
+                found[function_id] = self.queue(queue_id).url
+        return found
+
     def schedules(self, names: dict[str, str]) -> list[ScheduleSpec]:
         found: list[ScheduleSpec] = []
+        on_failure = self.on_failure_urls()
         for logical_id, properties in self.properties_of_type("AWS::Events::Rule"):
             expression = properties.get("ScheduleExpression")
             if not expression:
@@ -334,6 +351,7 @@ class TemplateReader(StackTemplate):
                         expression=str(expression),
                         function=names[function_id],
                         enabled=properties.get("State", "ENABLED") == "ENABLED",
+                        on_failure_url=on_failure.get(function_id),
                     )
                 )
         return found

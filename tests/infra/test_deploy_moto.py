@@ -10,6 +10,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from llmq.config import ApiSizing, LlmqConfig
+from llmq_sandbox.event_sources import ScheduleTimer
+from llmq_sandbox.lambda_service import InvocationLog, InvocationResult, Outcome
 from llmq_sandbox.moto_deploy import MotoDeployError, MotoDeployment, deploy_to_moto, moto_session
 from llmq_sandbox.topology import Topology, read_topology
 from stacks.functions import FUNCTION_NAMES
@@ -151,6 +153,34 @@ def test_the_sandbox_plays_every_mapping_with_its_template_maximum_concurrency(d
         assert by_id[logical_id].max_concurrency == scaling["MaximumConcurrency"], logical_id
     (dispatcher,) = [m for m in topology.mappings if m.function == "webhook_dispatcher"]
     assert dispatcher.max_concurrency == CONFIG.webhooks.max_concurrency
+
+
+class _FailingRuns:
+    """The sandbox's Lambda service, as far as a schedule uses it, whose every run raises."""
+
+    def __init__(self) -> None:
+        self.invocations = InvocationLog()
+
+    def invoke(self, function: str, event: dict[str, Any]) -> InvocationResult:
+        error = {"errorMessage": "sweep failed", "errorType": "RuntimeError"}
+        return InvocationResult(function=function, request_id="req-1", outcome=Outcome.ERROR, error=error)
+
+
+def test_a_failed_reconciler_run_sends_lambdas_on_failure_record_to_its_failures_queue(deployment, aws):
+    # Given the sandbox's schedule of the reconciler, as `sandbox up` reads it
+    topology = _sandbox_topology(deployment, aws)
+    (schedule,) = topology.schedules
+    assert schedule.on_failure_url == deployment.outputs["ReconcilerFailuresUrl"]
+    # When a run fails
+    timer = ScheduleTimer(schedule, _FailingRuns(), topology.account, REGION, 3600, sqs=aws("sqs"))  # type: ignore[arg-type]
+    timer.run_once()
+    # Then its record waits in the failures queue, as Lambda sends it there, where `llmq dlq
+    # list --peek` shows it (review 272: the sandbox never filled it)
+    (message,) = aws("sqs").receive_message(QueueUrl=schedule.on_failure_url, WaitTimeSeconds=1)["Messages"]
+    record = json.loads(message["Body"])
+    assert record["requestContext"]["condition"] == "RetriesExhausted"
+    assert record["requestPayload"]["detail-type"] == "Scheduled Event"
+    assert record["responsePayload"]["errorType"] == "RuntimeError"
 
 
 @pytest.mark.parametrize(
