@@ -447,14 +447,8 @@ class QueuePoller:
         failed: set[str],
         settled: list[dict[str, Any]],
     ) -> InvocationRecord:
-        return InvocationRecord(
-            function=result.function,
-            request_id=result.request_id,
-            outcome=result.outcome.value,
-            trigger=f"sqs:{self.mapping.queue.name}",
-            started_at=result.started_at,
-            duration_seconds=result.duration_seconds,
-            cold_start=result.cold_start,
+        return result.record(
+            f"sqs:{self.mapping.queue.name}",
             lane=self.mapping.queue.lane,
             message_ids=[message["MessageId"] for message in messages],
             job_ids=[job for job in (_job_id(message["Body"]) for message in messages) if job],
@@ -464,7 +458,6 @@ class QueuePoller:
             ],
             failed_message_ids=sorted(failed),
             deleted_message_ids=[message["MessageId"] for message in settled],
-            error=result.error_message or None,
         )
 
 
@@ -555,15 +548,4 @@ class ScheduleTimer:
             self.run_once()
 
     def _record(self, result: InvocationResult) -> None:
-        self._functions.invocations.add(
-            InvocationRecord(
-                function=result.function,
-                request_id=result.request_id,
-                outcome=result.outcome.value,
-                trigger=f"schedule:{self.schedule.name}",
-                started_at=result.started_at,
-                duration_seconds=result.duration_seconds,
-                cold_start=result.cold_start,
-                error=result.error_message or None,
-            )
-        )
+        self._functions.invocations.add(result.record(f"schedule:{self.schedule.name}"))

@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from llmq_sandbox.config import RunnerSettings
-from llmq_sandbox.lambda_service import InvocationRecord, InvocationResult, LambdaService, Outcome
+from llmq_sandbox.lambda_service import InvocationResult, LambdaService, Outcome
 from llmq_sandbox.topology import ApiSpec, AuthorizerSpec, RouteSpec
 
 log = logging.getLogger("llmq.sandbox")
@@ -763,18 +763,7 @@ class ApiGateway:
         return HttpReply(status=status, headers=list(headers.items()), body=body.encode())
 
     def _note(self, result: InvocationResult, trigger: str) -> None:
-        self._functions.invocations.add(
-            InvocationRecord(
-                function=result.function,
-                request_id=result.request_id,
-                outcome=result.outcome.value,
-                trigger=trigger,
-                started_at=result.started_at,
-                duration_seconds=result.duration_seconds,
-                cold_start=result.cold_start,
-                error=result.error_message or None,
-            )
-        )
+        self._functions.invocations.add(result.record(trigger))
 
 
 # ---- the HTTP server ------------------------------------------------------------------------

@@ -105,6 +105,20 @@ class InvocationResult:
     def error_message(self) -> str:
         return str((self.error or {}).get("errorMessage", ""))
 
+    def record(self, trigger: str, **details: Any) -> InvocationRecord:
+        """What the sandbox remembers of this invocation, with what its trigger adds."""
+        return InvocationRecord(
+            function=self.function,
+            request_id=self.request_id,
+            outcome=self.outcome.value,
+            trigger=trigger,
+            started_at=self.started_at,
+            duration_seconds=self.duration_seconds,
+            cold_start=self.cold_start,
+            error=self.error_message or None,
+            **details,
+        )
+
 
 @dataclass(frozen=True)
 class AwsAccess:
