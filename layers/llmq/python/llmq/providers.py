@@ -673,11 +673,7 @@ class _Progress:
         """The provider had the whole request for a while and did not answer: a drop now may
         leave it generating. (One that comes at once is a server that never read it: one
         restarting, or a port that speaks TLS.)"""
-        return (
-            self.sent_at is not None
-            and not self.answered
-            and time.monotonic() - self.sent_at >= _UNANSWERED_AFTER_SECONDS
-        )
+        return self.out_a_while and not self.answered
 
     @property
     def out_a_while(self) -> bool:
@@ -904,13 +900,11 @@ class ChatCompletionsProvider:
         ) as response:
             if response.status_code in _GATEWAY_TIMEOUTS and progress.held and not self.retry_timeouts:
                 # (retried, it is a 5xx as ever, its Retry-After honoured: review 269)
-                error = timed_out(
+                raise timed_out(
                     f"a gateway answered {response.status_code} after holding the request "
                     f"{progress.answer_wait or 0:.0f}s",
-                    self.retry_timeouts,
+                    retry_timeouts=False,
                 )
-                progress.refused = error
-                raise error
             if response.status_code >= 300:
                 progress.refused = classify_response(response, b"", log=False)
                 raise classify_response(response, await _error_body(response))
