@@ -514,10 +514,13 @@ class ScheduleTimer:
         result = self._functions.invoke(self.schedule.function, event)
         self._record(result)
         if result.outcome in (Outcome.ERROR, Outcome.TIMEOUT) and self.schedule.on_failure_url and self._sqs:
-            self._sqs.send_message(
-                QueueUrl=self.schedule.on_failure_url,
-                MessageBody=json.dumps(self._failure_record(event, result)),
-            )
+            try:
+                self._sqs.send_message(
+                    QueueUrl=self.schedule.on_failure_url,
+                    MessageBody=json.dumps(self._failure_record(event, result)),
+                )
+            except Exception as exc:  # (Lambda drops a record it cannot deliver; the schedule goes on)
+                log.warning("on-failure record not sent for %s: %s", self.schedule.function, exc)
         return result
 
     def _failure_record(self, event: dict[str, Any], result: InvocationResult) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -181,6 +182,19 @@ def test_a_failed_reconciler_run_sends_lambdas_on_failure_record_to_its_failures
     assert record["requestContext"]["condition"] == "RetriesExhausted"
     assert record["requestPayload"]["detail-type"] == "Scheduled Event"
     assert record["responsePayload"]["errorType"] == "RuntimeError"
+
+
+def test_an_on_failure_record_sqs_refuses_is_dropped_and_the_schedule_goes_on(deployment, aws):
+    # Given an OnFailure queue SQS refuses (it no longer exists)
+    topology = _sandbox_topology(deployment, aws)
+    (schedule,) = topology.schedules
+    gone = dataclasses.replace(schedule, on_failure_url=f"{schedule.on_failure_url}-gone")
+    runs = _FailingRuns()
+    timer = ScheduleTimer(gone, runs, topology.account, REGION, 3600, sqs=aws("sqs"))  # type: ignore[arg-type]
+    # When a run fails, then the tick ends (its thread would have died, and the schedule with it)
+    # with the run recorded, as Lambda drops a record it cannot deliver
+    assert timer.run_once().outcome is Outcome.ERROR
+    assert [record.outcome for record in runs.invocations.records()] == ["error"]
 
 
 @pytest.mark.parametrize(
