@@ -46,6 +46,8 @@ from llmq.live_output import finished_reading, resume_point, retry_hint
 from llmq.long_polls import LongPolls
 from llmq.model_base import build_all
 from llmq.models import (
+    BATCH_ID_PATTERN,
+    JOB_ID_PATTERN,
     MAX_JSON_DEPTH,
     Batch,
     BatchList,
@@ -76,8 +78,8 @@ from llmq.tenants import TenantIdentity
 
 ENV = ApiEnvironment.load(function_name="api")
 PROBLEM_JSON = "application/problem+json"
-JOB_ID = r"^job_[a-z0-9]{1,64}$"
-BATCH_ID = r"^bat_[a-z0-9]{1,64}$"
+JOB_ID = JOB_ID_PATTERN
+BATCH_ID = BATCH_ID_PATTERN
 # A results cursor is the index of the next item.
 RESULTS_CURSOR = r"^[0-9]{1,7}$"
 # A list cursor is unpadded URL-safe base64 of the key it resumes from.
@@ -1140,12 +1142,34 @@ def _reject_unacceptable_body(event: dict[str, Any], limit: int | None = None) -
         return errors.MalformedJson("the body is not UTF-8 text")
     # Before validation (`MAX_OBJECT_MEMBERS`).
     try:
-        json.loads(text, object_pairs_hook=_within_members)
+        value = json.loads(text, object_pairs_hook=_within_members)
     except _TooManyMembers as exc:
         return errors.InvalidRequest(str(exc))
     except (ValueError, RecursionError):
         return None  # (not JSON the parser reads: validation says how)
+    route = str(event.get("path") or "").rstrip("/")
+    if route in _OBJECT_BODY_ROUTES and not isinstance(value, dict):
+        # (validation takes a list given for one value as its first element, as it would a
+        # repeated query parameter: `[{"prompt": "a"}, {"prompt": "b"}]` was one job, 202, and
+        # the rest dropped unsaid; hunt 310)
+        return errors.InvalidRequest(f"the body must be a JSON object, not {_json_kind(value)}")
     return None
+
+
+# The routes whose body is one object (a job, a batch, an upload).
+_OBJECT_BODY_ROUTES = frozenset({"/v1/jobs", "/v1/batches", "/v1/uploads"})
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"
 
 
 class _TooManyMembers(ValueError):

@@ -206,6 +206,32 @@ def test_a_non_json_body_is_400_malformed_json(harness: Harness) -> None:
     _nothing_changed(harness)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "kind"),
+    [
+        ("/v1/jobs", [{"prompt": "first"}, {"prompt": "second"}], "an array"),
+        ("/v1/jobs", [{"prompt": "only"}, "junk", 7], "an array"),
+        ("/v1/jobs/", [{"prompt": "only"}], "an array"),
+        ("/v1/jobs", "hi", "a string"),
+        ("/v1/jobs", None, "null"),
+        ("/v1/batches", [{"requests": [{"custom_id": "a", "body": {"prompt": "x"}}]}], "an array"),
+        ("/v1/uploads", [{"size_bytes": 5}], "an array"),
+    ],
+    ids=["two-jobs", "job-then-junk", "trailing-slash", "string", "null", "batch", "upload"],
+)
+def test_a_body_that_is_not_one_object_is_refused_and_writes_nothing(
+    harness: Harness, path: str, body: Any, kind: str
+) -> None:
+    # Given a JSON value where the API takes one object, as API Gateway hands it over (binary
+    # media types */*: the body base64 in the event). Hunt 310: validation took an array as its
+    # first element, a job was written and queued (202) and the rest dropped unsaid.
+    reply = harness.api("POST", path, raw_body=json.dumps(body), tenant=ENTERPRISE, base64_body=True)
+    # Then it is refused, saying what it was, and nothing is stored, queued or presigned
+    assert (reply.status, reply.code) == (422, "invalid_request"), reply.body
+    assert f"the body must be a JSON object, not {kind}" in reply.body["detail"]
+    _nothing_changed(harness)
+
+
 def test_a_wrong_content_type_is_415(harness: Harness) -> None:
     reply = harness.api(
         "POST", "/v1/jobs", raw_body="prompt=hi", headers={"Content-Type": "text/plain"}, tenant=ENTERPRISE
