@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
-from llmq.models import TERMINAL_STATUSES
+from llmq.models import BATCH_ID_PATTERN, JOB_ID_PATTERN, TERMINAL_STATUSES
 from llmq.retry_after import parse_retry_after
 
 
@@ -31,6 +32,23 @@ class ApiError(RuntimeError):
         super().__init__(f"{status} {code or ''} {detail or ''}".strip())
         self.status = status
         self.body = body
+
+
+class NotAnId(ValueError):
+    """An id argument that is none the API gives: nothing is sent. In a path, the HTTP client
+    resolves `..`, so `llmq cancel ../batches/bat_x` canceled the batch (hunt 309)."""
+
+
+def _job(job_id: str) -> str:
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
+        raise NotAnId(f"{job_id!r} is not a job id (job_ and lowercase letters and digits)")
+    return job_id
+
+
+def _batch(batch_id: str) -> str:
+    if not re.fullmatch(BATCH_ID_PATTERN, batch_id):
+        raise NotAnId(f"{batch_id!r} is not a batch id (bat_ and lowercase letters and digits)")
+    return batch_id
 
 
 @dataclass
@@ -83,7 +101,7 @@ class LlmqClient:
 
     def get(self, job_id: str, wait: int = 0) -> dict[str, Any]:
         params = {"wait": str(wait)} if wait else None
-        job: dict[str, Any] = self._ok(self.request("GET", f"/v1/jobs/{job_id}", params=params))
+        job: dict[str, Any] = self._ok(self.request("GET", f"/v1/jobs/{_job(job_id)}", params=params))
         return job
 
     def wait(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
@@ -104,7 +122,7 @@ class LlmqClient:
             params = {"wait": str(wait)} if wait else None
             pause = 1.0
             try:
-                reply = self.request("GET", f"/v1/jobs/{job_id}", params=params)
+                reply = self.request("GET", f"/v1/jobs/{_job(job_id)}", params=params)
             except httpx.TransportError as exc:
                 failed = exc
             else:
@@ -139,7 +157,7 @@ class LlmqClient:
                 with connect_sse(
                     self._http,
                     "GET",
-                    f"{self.base_url}/v1/jobs/{job_id}/events",
+                    f"{self.base_url}/v1/jobs/{_job(job_id)}/events",
                     params={"wait": str(wait)},
                     headers=headers,
                     timeout=httpx.Timeout(wait + 15.0),
@@ -169,12 +187,12 @@ class LlmqClient:
 
     def webhook_log(self, job_id: str) -> dict[str, Any]:
         """A job's delivery log, or a batch's (its id starts with `bat_`)."""
-        kind = "batches" if job_id.startswith("bat_") else "jobs"
-        log: dict[str, Any] = self._ok(self.request("GET", f"/v1/{kind}/{job_id}/webhook"))
+        path = f"/v1/batches/{_batch(job_id)}" if job_id.startswith("bat_") else f"/v1/jobs/{_job(job_id)}"
+        log: dict[str, Any] = self._ok(self.request("GET", f"{path}/webhook"))
         return log
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self._ok(self.request("POST", f"/v1/jobs/{job_id}/cancel"))
+        job: dict[str, Any] = self._ok(self.request("POST", f"/v1/jobs/{_job(job_id)}/cancel"))
         return job
 
     def page(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
@@ -207,7 +225,7 @@ class LlmqClient:
     def batch(self, batch_id: str, patience: float = 0.0) -> dict[str, Any]:
         """The batch; with `patience`, a 429, a 5xx or a dropped connection is waited out for
         that many seconds (`_read_patiently`)."""
-        response = self._read_patiently(f"/v1/batches/{batch_id}", time.monotonic() + patience)
+        response = self._read_patiently(f"/v1/batches/{_batch(batch_id)}", time.monotonic() + patience)
         found: dict[str, Any] = self._ok(
             Reply(response.status_code, response.headers, _json_or_text(response))
         )
@@ -275,7 +293,7 @@ class LlmqClient:
                 return found
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        found: dict[str, Any] = self._ok(self.request("POST", f"/v1/batches/{batch_id}/cancel"))
+        found: dict[str, Any] = self._ok(self.request("POST", f"/v1/batches/{_batch(batch_id)}/cancel"))
         return found
 
     def batch_results(
@@ -288,7 +306,7 @@ class LlmqClient:
         cursor: str | None = "0"
         while cursor is not None:
             params = {"cursor": cursor, **({"status": status} if status else {})}
-            path = f"/v1/batches/{batch_id}/results"
+            path = f"/v1/batches/{_batch(batch_id)}/results"
             response = self._read_patiently(path, time.monotonic() + patience, params=params)
             if response.status_code >= 400:
                 raise ApiError(response.status_code, _json_or_text(response))

@@ -1802,7 +1802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from llmq.errors import StoreUnavailable
-    from llmq_cli.client import ApiError
+    from llmq_cli.client import ApiError, NotAnId
 
     args = build_parser().parse_args(argv)
     # An output the terminal's encoding cannot write (an emoji in a cp1252 console) is escaped,
@@ -1812,7 +1812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         code: int = args.handler(args)
-    except (CliError, ApiError) as exc:
+    except (CliError, ApiError, NotAnId) as exc:
         print(f"llmq: {exc}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:

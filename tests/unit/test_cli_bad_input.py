@@ -116,6 +116,21 @@ BAD_INPUTS = {
     "batch file missing": lambda tmp: ["batches", "submit", str(tmp / "missing.jsonl")],
     "batch file missing, uploaded": lambda tmp: ["batches", "submit", "--upload", str(tmp / "missing.jsonl")],
     "batch file a directory, uploaded": lambda tmp: ["batches", "submit", "--upload", str(tmp)],
+    # (an id the HTTP client would resolve into another resource's path: hunt 309, where
+    # `llmq cancel ../batches/bat_x` canceled the batch)
+    "cancel of a batch's path": lambda tmp: ["cancel", "../batches/bat_01a24c35281b5d28a2b3aa04d3"],
+    "cancel of another job's path": lambda tmp: ["cancel", "job_a/../job_b"],
+    "batch cancel of a job's path": lambda tmp: [
+        "batches",
+        "cancel",
+        "../jobs/job_01a24c3529d78ddb7741ecdd2c",
+    ],
+    "get of a query": lambda tmp: ["get", "job_a?status=queued"],
+    "get waiting, of a path": lambda tmp: ["get", "../jobs/job_a", "--wait"],
+    "batch get of a path": lambda tmp: ["batches", "get", "bat_a/../bat_b"],
+    "batch results of a path": lambda tmp: ["batches", "results", "bat_a/.."],
+    "attempts of a path": lambda tmp: ["webhooks", "attempts", "bat_a/../../jobs/job_b"],
+    "id with a newline": lambda tmp: ["cancel", "job_a\n"],
 }
 
 
@@ -147,6 +162,11 @@ def test_bad_job_input_is_one_line_and_nothing_is_sent(
         ("file holding a lone surrogate", 'f.json: a string holds a lone surrogate ("\\udc00")'),
         ("prompt not UTF-8", "an argument is not UTF-8 text ('\\udce9')"),
         ("batch file missing", "missing.jsonl: No such file or directory"),
+        (
+            "cancel of another job's path",
+            "'job_a/../job_b' is not a job id (job_ and lowercase letters and digits)",
+        ),
+        ("batch cancel of a job's path", "'../jobs/job_01a24c3529d78ddb7741ecdd2c' is not a batch id"),
         ("file nested 985 deep", "f.json: it nests deeper than 100 levels"),
         ("batch line nested 5,000 deep", "f.jsonl:1: it nests deeper than 100 levels"),
     ],

@@ -46,6 +46,10 @@ class JobStatus(StrEnum):
         return self in TERMINAL_STATUSES
 
 
+# The ids the API gives, as its paths take them (and the CLI checks before it builds a path).
+JOB_ID_PATTERN = r"^job_[a-z0-9]{1,64}$"
+BATCH_ID_PATTERN = r"^bat_[a-z0-9]{1,64}$"
+
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED})
 
 
