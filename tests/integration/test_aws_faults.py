@@ -36,6 +36,7 @@ from moto import mock_aws
 from standardwebhooks.webhooks import Webhook
 
 from llmq import aws
+from llmq.job_codec import from_item
 from llmq.job_record import new_job_id
 from llmq.jobs import JobRepository
 from llmq.models import EVENT_FOR_STATUS, JobStatus
@@ -43,7 +44,7 @@ from llmq.queues import QueueRepository
 from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository
 from llmq.tenants import TenantRepository
-from llmq.webhooks import webhook_id
+from llmq.webhooks import record_webhook_id
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from llmq_sandbox.doubles.receiver import WebhookReceiver
 from llmq_sandbox.moto_fidelity import make_moto_strict
@@ -387,10 +388,16 @@ class World:
         return terminal and item.get("delivery_status") != "pending"
 
     def _item(self, job_id: str) -> dict[str, Any]:
-        found = self.harness.ddb.get_item(
+        return {name: next(iter(value.values())) for name, value in self._stored_item(job_id).items()}
+
+    def _stored_item(self, job_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.harness.ddb.get_item(
             TableName=self.harness.stack.jobs_table, Key={"pk": {"S": job_id}}, ConsistentRead=True
         ).get("Item", {})
-        return {name: next(iter(value.values())) for name, value in found.items()}
+        return found
+
+    def stored(self, job_id: str) -> Any:
+        return from_item(self._stored_item(job_id))
 
     def provider_log(self) -> list[Any]:
         with self.provider.state.lock:
@@ -561,6 +568,44 @@ def test_nth_counts_calls_within_each_invocation_of_the_function_only(
     assert faults.unfired() == []
 
 
+def test_a_key_reused_after_the_retention_gives_the_new_jobs_webhook_an_id_of_its_own(
+    make_world: Any,
+) -> None:
+    """Hunt 308: the new job took the old one's id, and so its webhook-id, which the receiver
+    may have seen an hour before (the old job's last attempt late in its retention): a receiver
+    de-duplicating on it, as the README says, dropped the new job's result."""
+    # Given a job with a webhook, submitted under a key, run and delivered
+    [site] = [site for site in SITES if site.what == "accept write"]
+    # (no fault armed; a path of its own, the receiver being the module's)
+    world = dataclasses.replace(make_world(site, FaultKind.THROTTLE), hook_path="/hooks/reused-key")
+    key = "reused-after-the-retention"
+    job_id = new_job_id(ENTERPRISE["tenant_id"], key, 0)
+    first, _ = world.submit("the first [[tokens:3]]", key)
+    assert first.status == 202
+    world.settle(job_id)
+    [old] = world.receiver.requests_to(world.hook_path)
+    # and its retention over (the item not yet deleted by TTL)
+    world.harness.ddb.update_item(
+        TableName=world.harness.stack.jobs_table,
+        Key={"pk": {"S": job_id}},
+        UpdateExpression="SET expires_at = :past",
+        ExpressionAttributeValues={":past": {"N": str(int(time.time()) - 1)}},
+    )
+    # When the client reuses the key for a new job, which runs and is delivered
+    second, _ = world.submit("the second [[tokens:3]]", key)
+    assert (second.status, second.body["id"]) == (202, job_id)
+    assert "idempotent-replayed" not in second.headers
+    world.settle(job_id)
+    # Then the receiver gets the new job's result under an id of its own, each verifying
+    posts = world.receiver.requests_to(world.hook_path)
+    assert len(posts) == 2
+    new = posts[1]
+    assert json.loads(new.body)["data"]["created_at"] != json.loads(old.body)["data"]["created_at"]
+    assert new.headers["webhook-id"] != old.headers["webhook-id"]
+    for post in (old, new):
+        Webhook(world.secret).verify(post.body, post.headers)
+
+
 # ---- the suite -------------------------------------------------------------------------------
 
 
@@ -658,7 +703,7 @@ def test_a_job_survives_an_aws_fault_at_every_call_site(site: Site, kind: FaultK
 
     # And the receiver got one webhook id for the job, each POST verifying
     assert len(posts) >= 1 + site.receiver_failures, "the webhook did not reach the receiver"
-    assert {post.headers["webhook-id"] for post in posts} == {webhook_id(job_id, event)}
+    assert {post.headers["webhook-id"] for post in posts} == {record_webhook_id(world.stored(job_id), event)}
     for post in posts:
         payload = Webhook(world.secret).verify(post.body, post.headers)
         assert (payload["type"], payload["data"]["id"]) == (event.value, job_id)

@@ -82,7 +82,7 @@ from llmq.reconcile import Reconciler
 from llmq.shares import ShareRepository, is_share_key
 from llmq.sqs_edge import PoisonMessage, RetryLater
 from llmq.tenants import TenantIdentity
-from llmq.webhooks import OutcomeKind, webhook_id
+from llmq.webhooks import OutcomeKind, record_webhook_id
 from tests.support.lifecycle_model import (
     ANSWERS,
     CONFIG,
@@ -635,7 +635,9 @@ class LifecycleModel(LifecycleMachine):
         payload = json.loads(request.content)
         tenant = next(job.tenant for job in self.model_jobs if job.id == payload["data"]["id"])
         msg_id, timestamp = request.headers["webhook-id"], request.headers["webhook-timestamp"]
-        assert msg_id == webhook_id(payload["data"]["id"], payload["type"])
+        stored = self.observer.seen[payload["data"]["id"]]
+        assert stored.ids_by_creation, "a job accepted by this version has ids of its own (hunt 308)"
+        assert msg_id == record_webhook_id(stored, payload["type"])
         assert int(timestamp) == int(self.clock.now), "an attempt was not signed afresh"
         expected = Webhook(self.env.secrets[tenant.tenant_id]).sign(
             msg_id, datetime.fromtimestamp(int(timestamp), UTC), request.content.decode()

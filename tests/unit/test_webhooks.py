@@ -44,6 +44,7 @@ from llmq.webhooks import (
     WebhookSchedule,
     build_payload,
     receive_id,
+    record_webhook_id,
     sign,
     webhook_id,
 )
@@ -226,6 +227,23 @@ def test_the_webhook_id_is_stable_per_job_and_event_type() -> None:
     assert webhook_id("job_1", WebhookEvent.SUCCEEDED).startswith("msg_")
     assert webhook_id("job_1", WebhookEvent.SUCCEEDED) != webhook_id("job_1", WebhookEvent.STARTED)
     assert webhook_id("job_1", WebhookEvent.SUCCEEDED) != webhook_id("job_2", WebhookEvent.SUCCEEDED)
+
+
+def test_a_job_id_given_again_gives_its_webhooks_new_ids_and_a_job_stored_before_keeps_its_own() -> None:
+    # Given one job id given to two jobs (its Idempotency-Key reused after the retention),
+    # created at different times, and a job stored before ids held the creation time
+    old, new = make_job(), make_job()
+    old.ids_by_creation = new.ids_by_creation = True
+    old.created_ms, new.created_ms = 1_000, 8 * 86_400_000
+    before = make_job()
+    # Then each job's event has an id of its own, the same at every attempt (the record's),
+    assert record_webhook_id(old, WebhookEvent.SUCCEEDED) != record_webhook_id(new, WebhookEvent.SUCCEEDED)
+    assert record_webhook_id(new, WebhookEvent.SUCCEEDED) == webhook_id(
+        new.id, WebhookEvent.SUCCEEDED, new.created_ms
+    )
+    # and the job stored before keeps the id its deliveries began with (hunt 308)
+    assert not before.ids_by_creation
+    assert record_webhook_id(before, WebhookEvent.SUCCEEDED) == webhook_id("job_1", WebhookEvent.SUCCEEDED)
 
 
 # ---- payload ----------------------------------------------------------------------------

@@ -180,6 +180,7 @@ class BatchIntake:
             request_hash=digest,
             request_digest=batch_request_digest(request, upload),
             created_ms=now_ms,
+            ids_by_creation=True,
             expires_at=now_ms // 1000 + self.config.retention_seconds,
             metadata=request.metadata,
             deadline_ms=now_ms + request.deadline_seconds * 1000 if request.deadline_seconds else None,

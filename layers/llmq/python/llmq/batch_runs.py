@@ -79,6 +79,7 @@ def item_record(
         custom_id=item.custom_id,
         shared=True,
         last_write=write_token("expand"),
+        ids_by_creation=True,
     )
 
 

@@ -189,6 +189,8 @@ class BatchRecord(Model):
     delivery_log_seq: int = 0
     # Redeliveries asked for, as a job's (`mark_redelivery` adds one).
     delivery_round: int = 0
+    # Its webhook-ids hold `created_ms`, as a job's (`JobRecord.ids_by_creation`).
+    ids_by_creation: bool = False
     # When the next attempt is due (a copy of the message that comes sooner waits for it).
     delivery_next_ms: int | None = None
     # The SQS message id of the copy that recorded the pending attempt, whose message carries

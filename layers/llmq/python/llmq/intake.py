@@ -314,6 +314,7 @@ class JobIntake:
             webhook_events=webhook.subscribed_events() if webhook else [],
             expires_at=now_ms // 1000 + self.config.retention_seconds,
             stream=True if request.stream else None,
+            ids_by_creation=True,
         )
 
     def get(

@@ -132,6 +132,9 @@ class JobRecord(Model):
     # Redeliveries asked for (`JobRepository.mark_delivery_pending` adds one): a webhooks message
     # of an earlier round is dropped (`WebhookMessage.delivery_round`).
     delivery_round: int = 0
+    # Its webhook-ids hold `created_ms` (`webhooks.record_webhook_id`): set on every job stored
+    # from this version on; one stored before keeps the ids its deliveries began with.
+    ids_by_creation: bool = False
     expires_at: int
     # The token of the last conditional write. A write retried after its response was lost
     # finds its own token in the item and knows it was applied (DESIGN §3.10).

@@ -140,10 +140,23 @@ TransportFactory = Callable[[PinnedTarget], httpx.AsyncBaseTransport]
 # ---- signing (Standard Webhooks 1.0) ----------------------------------------------------------
 
 
-def webhook_id(job_id: str, event: WebhookEvent | str) -> str:
-    """Stable per (job, event type) across every retry and redelivery, so receivers can de-duplicate."""
-    digest = hashlib.sha256(f"{job_id}\x00{event}".encode()).digest()
+def webhook_id(job_id: str, event: WebhookEvent | str, created_ms: int | None = None) -> str:
+    """Stable per (job, event type) across every retry and redelivery, so receivers can de-duplicate.
+
+    With `created_ms`, the id also holds when the job was created: a job id given again (its
+    Idempotency-Key reused after the retention) then gives the new job's webhooks ids of their
+    own. Without it, the new job's result came under an id its receiver may have seen an hour
+    before, the old job's last attempt late in its retention, and was dropped as a duplicate
+    (hunt 308)."""
+    created = "" if created_ms is None else f"{created_ms}\x00"
+    digest = hashlib.sha256(f"{job_id}\x00{created}{event}".encode()).digest()
     return "msg_" + base64.b32encode(digest).decode().lower().rstrip("=")[:32]
+
+
+def record_webhook_id(record: JobRecord | BatchRecord, event: WebhookEvent | str) -> str:
+    """A job's or a batch's webhook-id for `event`: by its creation too where it was stored with
+    that (`ids_by_creation`); one stored before keeps the ids its deliveries began with."""
+    return webhook_id(record.id, event, record.created_ms if record.ids_by_creation else None)
 
 
 def _secret_key(secret: str) -> bytes:
@@ -445,7 +458,7 @@ class WebhookDispatcher:
             )
             body = payload.model_dump_json().encode()
             response = await self._send_body(
-                batch.webhook_url or "", webhook_id(batch.id, event), body, secrets
+                batch.webhook_url or "", record_webhook_id(batch, event), body, secrets
             )
             outcome = self._judge(response, attempt)
         outcome = replace(outcome, attempt=attempt)
@@ -817,7 +830,7 @@ class WebhookDispatcher:
             self._public_api_url,
             self._policy.inline_result_limit_bytes,
         )
-        return await self._send_body(job.webhook_url or "", webhook_id(job.id, event), body, secrets)
+        return await self._send_body(job.webhook_url or "", record_webhook_id(job, event), body, secrets)
 
     async def _send_output(self, job: JobRecord, output: JobOutputEvent, secrets: list[str]) -> _Response:
         """A job.output event: the text its message carries. Its id names the output it holds,
@@ -825,7 +838,7 @@ class WebhookDispatcher:
         payload = OutputWebhookPayload(
             type=WebhookEvent.OUTPUT, timestamp=iso(int(self._clock() * 1000)), data=output
         )
-        msg_id = webhook_id(job.id, f"{WebhookEvent.OUTPUT}:{output.attempt}:{output.seq_to}")
+        msg_id = record_webhook_id(job, f"{WebhookEvent.OUTPUT}:{output.attempt}:{output.seq_to}")
         body = payload.model_dump_json().encode()
         timeout = min(self._policy.timeout_seconds, OUTPUT_TIMEOUT_SECONDS)
         return await self._send_body(job.webhook_url or "", msg_id, body, secrets, timeout=timeout)
