@@ -99,6 +99,10 @@ def test_a_lookup_that_failed_is_not_a_bad_url_but_a_retry(errno: int) -> None:
         ("https://user:secret@hooks.example.com/", "credentials"),
         ("https:///hook", "host"),
         ("not a url at all", "https"),
+        # (a zone names an interface of one machine: a public address with one was accepted,
+        # and every attempt failed to connect; hunt 308)
+        ("https://[2606:4700::1111%25eth0]/h", "zone"),
+        ("https://[2606:4700::1111%eth0]/h", "zone"),
     ],
 )
 def test_malformed_or_unsafe_urls_are_refused(url: str, why: str) -> None:

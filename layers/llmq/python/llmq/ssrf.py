@@ -167,6 +167,11 @@ def _parse(url: str) -> httpx.URL:
 
 def _addresses(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
     literal = _ip(host)
+    if isinstance(literal, ipaddress.IPv6Address) and literal.scope_id is not None:
+        # (`[…%eth0]`: an interface of one machine, which no function's network has)
+        raise InvalidWebhookUrl(
+            "the webhook URL's IPv6 address names a zone (%…), which no receiver can be reached by"
+        )
     if literal is not None:
         return [literal]
     try:
