@@ -1094,7 +1094,8 @@ def _unless_an_accepted_retry(
     already made a job or batch: the retry of an accepted submit after the limit was lowered,
     answered as its replay (or refused as another body) by the route, as a schema's refusal is
     (`_replay_despite_the_schema`); a 413 would read as "not accepted" and invite a second,
-    paid one (hunt 231). One GetItem, for an oversized body with a key only."""
+    paid one (hunt 231). So is an array of objects, which releases before hunt 310 took as its
+    first (review 273). One GetItem, for such a body with a key only."""
     headers = {key.lower(): value for key, value in (event.get("headers") or {}).items()}
     key = headers.get("idempotency-key")
     path = str(event.get("path") or "").rstrip("/")
@@ -1152,8 +1153,16 @@ def _reject_unacceptable_body(event: dict[str, Any], limit: int | None = None) -
         # (validation takes a list given for one value as its first element, as it would a
         # repeated query parameter: `[{"prompt": "a"}, {"prompt": "b"}]` was one job, 202, and
         # the rest dropped unsaid; hunt 310)
-        return errors.InvalidRequest(f"the body must be a JSON object, not {_json_kind(value)}")
+        detail = f"the body must be a JSON object, not {_json_kind(value)}"
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            return _ArrayOfObjects(detail)
+        return errors.InvalidRequest(detail)
     return None
+
+
+class _ArrayOfObjects(errors.InvalidRequest):
+    """What releases before hunt 310 took as its first object: under a key that made a job or
+    a batch, the retry of a submit they accepted (`_unless_an_accepted_retry`)."""
 
 
 # The routes whose body is one object (a job, a batch, an upload).
@@ -1188,9 +1197,11 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     _route_on_the_resource(event)
     rejection = _reject_unacceptable_body(event)
     # (a body over any deployment's limit is no retry of an accepted one: no lookup for it)
-    if (
+    if isinstance(rejection, _ArrayOfObjects) or (
         isinstance(rejection, errors.PayloadTooLarge)
-        and _reject_unacceptable_body(event, MAX_REQUEST_BODY_BYTES) is None
+        and isinstance(
+            _reject_unacceptable_body(event, MAX_REQUEST_BODY_BYTES), (type(None), _ArrayOfObjects)
+        )
     ):
         rejection = _unless_an_accepted_retry(event, rejection)
     if rejection is not None:

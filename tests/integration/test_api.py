@@ -232,6 +232,32 @@ def test_a_body_that_is_not_one_object_is_refused_and_writes_nothing(
     _nothing_changed(harness)
 
 
+def test_a_retry_of_an_array_an_earlier_release_accepted_is_its_replay(harness: Harness) -> None:
+    # Given a job accepted under a key from `[{"prompt": "hello"}]` by a release before hunt 310
+    # (it took the array's first object: this very job), its answer lost
+    first = harness.submit(key="order-array", prompt="hello")
+    assert first.status == 202, first.body
+
+    def sent(body: Any, key: str) -> ApiReply:
+        return harness.api(
+            "POST", "/v1/jobs", raw_body=json.dumps(body), headers={"Idempotency-Key": key}, tenant=ENTERPRISE
+        )
+
+    # When the client retries the same bytes after the upgrade
+    retry = sent([{"prompt": "hello"}], "order-array")
+    # Then it is the accepted job's replay, not a refusal that reads as "not accepted" (review 273)
+    assert (retry.status, retry.body["id"]) == (202, first.body["id"]), retry.body
+    assert retry.headers.get("idempotent-replayed") == "true"
+    # and another body under the key is refused as such, as it was then
+    other = sent([{"prompt": "something else"}], "order-array")
+    assert (other.status, other.code) == (422, "idempotency_key_reused")
+    # while an array under a key that made nothing is refused, and writes nothing
+    assert harness.item_count() == 1
+    fresh = sent([{"prompt": "hello"}], "never-used")
+    assert (fresh.status, fresh.code) == (422, "invalid_request")
+    assert harness.item_count() == 1
+
+
 def test_a_wrong_content_type_is_415(harness: Harness) -> None:
     reply = harness.api(
         "POST", "/v1/jobs", raw_body="prompt=hi", headers={"Content-Type": "text/plain"}, tenant=ENTERPRISE
