@@ -16,7 +16,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -206,14 +206,19 @@ def _where(loc: list[Any]) -> tuple[str, ...]:
     return parts[:2]
 
 
-def _domain_error_at(details: list[dict[str, Any]]) -> type[errors.DomainError] | None:
-    """The domain error that stands for these validation errors, if they all share one."""
-    kinds = {_DOMAIN_ERROR_AT.get(_where(detail["loc"])) for detail in details}
+def _domain_error_at(found: Sequence[Any]) -> type[errors.DomainError] | None:
+    """The domain error that stands for these validation errors (pydantic's, with the input),
+    if they all share one."""
+    kinds = {_DOMAIN_ERROR_AT.get(_where(list(error.get("loc", ())))) for error in found}
     if len(kinds) != 1:
         return None
     kind = kinds.pop()
     # Only an over-long prompt is too large; a prompt of the wrong type is just invalid.
-    if kind is errors.PromptTooLarge and any(detail["type"] != "string_too_long" for detail in details):
+    if kind is errors.PromptTooLarge and any(error.get("type") != "string_too_long" for error in found):
+        return None
+    # Only a name off the list is a model not available; a model of the wrong type (5, a list)
+    # is just invalid, as it is in an uploaded batch's line (hunt 311).
+    if kind is errors.UnknownModel and any(not isinstance(error.get("input"), str) for error in found):
         return None
     return kind
 
@@ -230,7 +235,7 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
     replayed = _replay_despite_the_schema()
     if replayed is not None:
         return replayed
-    kind = _domain_error_at(details)
+    kind = _domain_error_at(exc.errors())
     if kind is not None:
         messages = dict.fromkeys(_located(detail) for detail in details[:_MAX_ERRORS_SHOWN])
         return handle_domain_error(kind("; ".join(messages)))
@@ -248,6 +253,40 @@ def handle_validation_error(exc: RequestValidationError) -> Response[Any]:
 
 
 _MAX_ERRORS_SHOWN = 20
+
+
+# The integer query parameters of each route, read as ASCII digits before validation
+# (`_loose_number`); tests/integration/test_api.py holds this to the OpenAPI document.
+INTEGER_QUERIES: dict[str, frozenset[str]] = {
+    "/v1/jobs": frozenset({"limit"}),
+    "/v1/batches": frozenset({"limit"}),
+    "/v1/jobs/{job_id}": frozenset({"wait"}),
+    "/v1/jobs/{job_id}/events": frozenset({"wait", "after"}),
+}
+_INTEGER_QUERY_ROUTES = [
+    (re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", route) + "/*$"), names)
+    for route, names in INTEGER_QUERIES.items()
+]
+
+
+def _loose_number(event: dict[str, Any]) -> errors.DomainError | None:
+    """A query's integer not written in ASCII digits, as the schema's integer is: validation
+    reads a query's text by Python's rules, which took `1_0` for 10 and `5.0`, `+5` or ` 5` for 5
+    (a long poll held ten seconds, a page of another size; hunt 311)."""
+    if event.get("httpMethod") != "GET":
+        return None
+    path = str(event.get("path") or "")
+    names = next((names for pattern, names in _INTEGER_QUERY_ROUTES if pattern.match(path)), frozenset())
+    given = event.get("multiValueQueryStringParameters") or {
+        name: [value] for name, value in (event.get("queryStringParameters") or {}).items()
+    }
+    for name in sorted(names & set(given)):
+        for value in given[name] or []:
+            if not (isinstance(value, str) and value.isascii() and value.isdigit()):
+                return errors.InvalidRequest(
+                    f"the query parameter {name} must be a whole number in ASCII digits"
+                )
+    return None
 
 
 @cache
@@ -769,7 +808,8 @@ def handle_job_events(
         ),
     ] = STREAMING.max_wait_seconds,
     after: Annotated[
-        int | None, Query(ge=0, description="Read the deltas after this seq (or Last-Event-ID's, if later)")
+        int | None,
+        Query(ge=0, description="Read the deltas after this seq (or Last-Event-ID's, if later)"),
     ] = None,
     last_event_id: Annotated[
         str | None,
@@ -1195,7 +1235,7 @@ def _within_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # (first: the body's limit is chosen by the path, a batch's or a job's)
     _route_on_the_resource(event)
-    rejection = _reject_unacceptable_body(event)
+    rejection = _reject_unacceptable_body(event) or _loose_number(event)
     # (a body over any deployment's limit is no retry of an accepted one: no lookup for it)
     if isinstance(rejection, _ArrayOfObjects) or (
         isinstance(rejection, errors.PayloadTooLarge)
