@@ -839,6 +839,41 @@ def _values_all_used(action: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+# DynamoDB's bound on any one expression string, in UTF-8 bytes ("the maximum length of any
+# expression string is 4 KB").
+MAX_EXPRESSION_BYTES = 4096
+_ALL_EXPRESSIONS = (*_EXPRESSIONS, "ProjectionExpression")
+
+
+def _expressions_within_4_kb(action: Callable[..., Any]) -> Callable[..., Any]:
+    """A request (each of a transaction's entries, each table of a BatchGetItem) with an
+    expression over 4 KB is refused, as DynamoDB refuses it; moto takes any length, so an
+    expression that grows with its input (a list of names, of swept places) would pass every
+    local test and fail on AWS (hunt 312)."""
+
+    @functools.wraps(action)
+    def checked(self: Any) -> Any:
+        from moto.dynamodb.exceptions import MockValidationException
+
+        body = self.body if isinstance(self.body, dict) else {}
+        requests = [
+            *(next(iter(entry.values())) for entry in body.get("TransactItems") or []),
+            *(body.get("RequestItems") or {}).values(),
+            body,
+        ]
+        for request in requests:
+            for name in _ALL_EXPRESSIONS:
+                size = len(str(request.get(name) or "").encode("utf-8", "surrogatepass"))
+                if size > MAX_EXPRESSION_BYTES:
+                    raise MockValidationException(
+                        f"Invalid {name}: Expression size has exceeded the maximum allowed size; "
+                        f"expression size: {size}"
+                    )
+        return action(self)
+
+    return checked
+
+
 def _sent_by_group(send_message: Callable[..., Any]) -> Callable[..., Any]:
     """Remembers when each message group last sent (a tenant silent for 5 minutes is quiet),
     and refuses a message whose body and attributes together pass the queue's size limit, as
@@ -1292,6 +1327,18 @@ def make_moto_strict() -> None:
 
         for name in ("put_item", "delete_item", "query", "scan", "transact_write_items"):
             setattr(DynamoHandler, name, _values_all_used(getattr(DynamoHandler, name)))
+        for name in (
+            "put_item",
+            "delete_item",
+            "update_item",
+            "get_item",
+            "batch_get_item",
+            "query",
+            "scan",
+            "transact_write_items",
+            "transact_get_items",
+        ):
+            setattr(DynamoHandler, name, _expressions_within_4_kb(getattr(DynamoHandler, name)))
         from moto.s3.models import S3Backend
 
         S3Backend.upload_part = _upload_part_of_a_live_upload(S3Backend.upload_part)  # type: ignore[method-assign]

@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from llmq import aws
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import SWEEP_INDEX, TENANT_INDEX
+from llmq_sandbox.moto_fidelity import MAX_EXPRESSION_BYTES
 from tests.conftest import REGION, MotoStack
 from tests.support.index_lag import IndexClock, lagging_indexes_on_a_test_clock
 
@@ -893,6 +894,65 @@ def test_a_start_key_outside_the_querys_key_condition_is_refused_as_dynamodb_doe
         assert "outside query boundaries" in caught.value.response["Error"]["Message"]
     else:
         assert query()["Items"] == []
+
+
+@pytest.mark.parametrize("call", ["update", "get", "batch get", "query", "transaction"])
+def test_an_expression_over_4_kb_is_refused_as_dynamodb_refuses_it(
+    ddb: Any, moto_stack: MotoStack, call: str
+) -> None:
+    """DynamoDB refuses any expression string over 4 KB; moto took any length, so an
+    expression that grows with what it is given would pass every local test (hunt 312)."""
+    table = moto_stack.jobs_table
+    key = {"pk": {"S": "long-expression"}}
+
+    def sent(condition: str, projection: str) -> Any:
+        calls = {
+            "update": lambda: ddb.update_item(
+                TableName=table,
+                Key=key,
+                UpdateExpression="SET n = :n",
+                ConditionExpression=condition,
+                ExpressionAttributeValues={":n": {"N": "1"}},
+            ),
+            "get": lambda: ddb.get_item(TableName=table, Key=key, ProjectionExpression=projection),
+            "batch get": lambda: ddb.batch_get_item(
+                RequestItems={table: {"Keys": [key], "ProjectionExpression": projection}}
+            ),
+            "query": lambda: ddb.query(
+                TableName=table,
+                KeyConditionExpression="pk = :pk",
+                ProjectionExpression=projection,
+                ExpressionAttributeValues={":pk": {"S": "x"}},
+            ),
+            "transaction": lambda: ddb.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": table,
+                            "Key": key,
+                            "UpdateExpression": "SET n = :n",
+                            "ConditionExpression": condition,
+                            "ExpressionAttributeValues": {":n": {"N": "1"}},
+                        }
+                    }
+                ]
+            ),
+        }
+        return calls[call]()
+
+    def padded(expression: str, size: int) -> str:
+        # (with spaces, which DynamoDB counts as it counts every byte of an expression)
+        return expression + " " * (size - len(expression))
+
+    # Given an expression of exactly 4 KB, then one of a byte more
+    sent(padded("attribute_not_exists(pk)", MAX_EXPRESSION_BYTES), padded("pk", MAX_EXPRESSION_BYTES))
+    with pytest.raises(ClientError) as refused:
+        sent(padded("attribute_not_exists(pk)", 4097), padded("pk", 4097))
+    # Then the second is refused as DynamoDB refuses it
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
+    assert "Expression size has exceeded the maximum allowed size; expression size: 4097" in str(
+        refused.value
+    )
 
 
 @pytest.mark.parametrize(
