@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time as _time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -291,7 +291,7 @@ def test_a_lapsed_lease_is_recovered_before_the_lane_counts_are_read(
     # And the counts of the lane's unfinished jobs (a read of the whole sweep index) fail
     recovered_first: list[bool] = []
 
-    def counted() -> Any:
+    def counted(stop: Any = None) -> Any:
         recovered_first.append(_tenant_share(harness).running == 0)
         raise StoreUnavailable("throttled", retry_after=1)
 
@@ -1481,3 +1481,74 @@ def test_a_cancel_flagged_while_the_run_looks_at_a_stale_queued_job_keeps_it_fir
     before = harness.total_count(url)
     assert job_id in reconciler.run().requeued
     assert harness.total_count(url) == before + 1
+
+
+class _LambdaTimedOut(BaseException):
+    """Lambda ends the invocation at its timeout: nothing after it runs."""
+
+
+@contextmanager
+def _slowed_index(spent: list[float], per_page: Callable[[dict[str, Any]], float]) -> Iterator[None]:
+    """Each Query of the sweep index costs `per_page(params)` seconds of the run's time, which
+    ends (as Lambda ends it) at 28 s."""
+
+    def slow(params: dict[str, Any], **_: Any) -> None:
+        if params.get("IndexName"):
+            spent[0] += per_page(params)
+            if spent[0] >= 28.0:
+                raise _LambdaTimedOut()
+
+    client = aws.client("dynamodb")
+    client.meta.events.register("provide-client-params.dynamodb.Query", slow)
+    try:
+        yield
+    finally:
+        client.meta.events.unregister("provide-client-params.dynamodb.Query", slow)
+
+
+def _whole_index_pages_slow(params: dict[str, Any]) -> float:
+    # (the depths' count reads every entry of every shard, a 1 MB page of about 10,000 at a
+    # time; the passes read only what is due)
+    return 1.7 if "sweep_at" not in params["KeyConditionExpression"] else 0.01
+
+
+@pytest.mark.parametrize(
+    "per_page",
+    [lambda params: 0.45, _whole_index_pages_slow],
+    ids=["every-query-slow", "the-whole-index-slow"],
+)
+def test_a_run_ends_within_its_time_however_long_the_lane_depths_take_to_count(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock, per_page: Callable[[dict[str, Any]], float]
+) -> None:
+    """Hunt 315: the depths' count (a read of the whole sweep index, which grows with the
+    backlog) had no bound: a throttled or large index ran every run past its timeout."""
+    # Given stale queued jobs (whose judging needs the lanes' depths), and a slow index
+    for _ in range(3):
+        harness.submit()
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    spent = [0.0]
+    # When the reconciler runs with 28 s
+    with _slowed_index(spent, per_page):
+        report = reconciler.run(remaining_seconds=lambda: 28.0 - spent[0])
+    # Then it ends within them, and says it left work for the next run
+    assert spent[0] < 28.0
+    assert report.unread_passes >= 1
+
+
+def test_a_known_lost_message_is_sent_while_the_index_is_too_large_to_count_in_a_run(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a queued job whose message is known lost (its send failed after it was stored)
+    lost = harness.submit().body["id"]
+    _purge(harness, harness.stack.lane_queue_urls["high"])
+    JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).sweep_first(lost)
+    clock.offset = 10
+    # When the reconciler runs while the whole index takes longer than a run to read
+    spent = [0.0]
+    with _slowed_index(spent, _whole_index_pages_slow):
+        reconciler.run(remaining_seconds=lambda: 28.0 - spent[0])
+    # Then the run was not cut off by its timeout, and the job has its message (hunt 315: every
+    # run ended inside the count, and the job waited, queued with no message, for as long as
+    # the index stayed that large)
+    bodies = [message["Body"] for message in harness.receive(harness.stack.lane_queue_urls["high"])]
+    assert any(lost in body for body in bodies)

@@ -769,7 +769,7 @@ class InMemoryJobs:
             )
 
     @_throttleable
-    def count_unfinished(self) -> Counter[str]:
+    def count_unfinished(self, stop: Callable[[], bool] | None = None) -> Counter[str]:
         unfinished = (self.records[job_id] for job_id in self.due if batch_of(job_id) is None)
         return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
 

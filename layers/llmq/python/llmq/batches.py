@@ -32,6 +32,7 @@ from llmq.errors import (
     BatchNotEnded,
     BatchNotFound,
     QuotaExceeded,
+    ReadCutShort,
     StoreContended,
     StoreUnavailable,
 )
@@ -591,8 +592,9 @@ class BatchRepository:
             shard_key(batch.id, batch.expires_at, shard) for shard in range(self.config.batches.count_shards)
         ]
 
-    def open_batches(self) -> list[BatchRecord]:
-        """Every batch in the sweep index (not yet ended, or its webhook not yet sent)."""
+    def open_batches(self, stop: Callable[[], bool] | None = None) -> list[BatchRecord]:
+        """Every batch in the sweep index (not yet ended, or its webhook not yet sent); `stop`, as
+        `JobRepository.count_unfinished`'s, raises ReadCutShort between two reads."""
         from llmq.job_index import SWEEP_INDEX, sweep_partitions
 
         found: list[BatchRecord] = []
@@ -606,8 +608,12 @@ class BatchRepository:
                 "ExpressionAttributeValues": codec.values(p=partition, batch=BATCH_PREFIX),
             }
             while True:
+                if stop is not None and stop():
+                    raise ReadCutShort("the open batches were not read in the time given")
                 response = self._ddb.query(**kwargs)
                 for item in response.get("Items", []):
+                    if stop is not None and stop():
+                        raise ReadCutShort("the open batches were not read in the time given")
                     batch = self.find(item["pk"]["S"][len(BATCH_PREFIX) :])
                     if batch is not None and not batch.status.is_terminal:
                         found.append(batch)

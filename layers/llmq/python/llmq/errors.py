@@ -178,6 +178,11 @@ class LeaseLost(DomainError):
     title = "The job's lease is held by another worker"
 
 
+class ReadCutShort(Exception):
+    """A read of many pages stopped between two: the time its caller gave it was up, and what
+    it had read is no answer (a count of part of an index)."""
+
+
 class StoreUnavailable(DomainError):
     """DynamoDB, SQS or S3 throttled or failed after botocore's own retries: try again later.
 

@@ -28,6 +28,7 @@ from llmq.errors import (
     JobNotFound,
     LeaseLost,
     QuotaExceeded,
+    ReadCutShort,
     StoreContended,
     StoreUnavailable,
 )
@@ -1653,12 +1654,15 @@ class JobRepository:
                 return
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
-    def count_unfinished(self) -> Counter[str]:
+    def count_unfinished(self, stop: Callable[[], bool] | None = None) -> Counter[str]:
         """Queued and running jobs per lane, read from the sparse index's small entries; not a
         batch's items, which their batch counts (`BatchRepository.unfinished_items`).
 
         The reconciler compares this with each lane queue's depth to tell a backlog (every
-        job still has its message) from a lost message.
+        job still has its message) from a lost message. A read of the whole index, page after
+        page: `stop` says when the caller's time is up, and the read then raises ReadCutShort
+        between two pages (hunt 315: a large or throttled index read on past the reconciler's
+        timeout, every run, and what it would have settled after the count never was).
         """
         counts: Counter[str] = Counter()
         for partition in sweep_partitions(self.config.reconciler.sweep_shards):
@@ -1672,6 +1676,8 @@ class JobRepository:
                 "ExpressionAttributeValues": codec.values(p=partition, queued="queued", running="running"),
             }
             while True:
+                if stop is not None and stop():
+                    raise ReadCutShort("the lanes' unfinished jobs were not counted in the time given")
                 response = self._ddb.query(**kwargs)
                 for item in response.get("Items", []):
                     if batches.batch_of(item["pk"]["S"]) is None:

@@ -16,7 +16,7 @@ from typing import Any, cast
 from llmq.batch_runs import ask_running_items_to_stop, item_ended
 from llmq.batches import BATCH_PREFIX, BatchRepository, send_expand
 from llmq.config import LlmqConfig
-from llmq.errors import StoreUnavailable
+from llmq.errors import ReadCutShort, StoreUnavailable
 from llmq.job_record import JobRecord
 from llmq.jobs import (
     SWEEP_CANCEL_ASKED_MS,
@@ -142,7 +142,7 @@ class Reconciler:
         # run, as when the depths are unavailable.)
         settled |= {entry.job_id for entry in urgent}
         backlog = self._read(SweepPass.BACKLOG, now, room, report, settled, share=1.0)
-        deficits = Counter[str]() if self._short_of_time() else self._deficits_or_none(backlog, now)
+        deficits = Counter[str]() if self._short_of_time() else self._deficits_or_none(backlog, now, report)
         self._settle_each(backlog, now, deficits, report)
         if report.left or report.unread_passes:
             # (at least one: a pass left unread may hold none, or many)
@@ -212,9 +212,14 @@ class Reconciler:
                 _not_settled(exc, entry.job_id)
                 report.skipped.append(entry.job_id)
 
-    def _deficits_or_none(self, entries: list[SweepEntry], now: int) -> Counter[str]:
+    def _deficits_or_none(self, entries: list[SweepEntry], now: int, report: ReconcileReport) -> Counter[str]:
         try:
             return self._message_deficits(entries, now)
+        except ReadCutShort:
+            # The run's time ran out within the count (a large or throttled index): the same,
+            # and the run says it left work (hunt 315).
+            logger.warning("lane depths not read in the run's time; stale queued jobs wait for the next run")
+            report.unread_passes += 1
         except StoreUnavailable:
             # Unknown this run: send nothing new for stale queued jobs; the rest goes on.
             logger.warning("lane depths unavailable; stale queued jobs wait for the next run")
@@ -234,11 +239,12 @@ class Reconciler:
         if not lanes:
             return Counter()
         # (ordinary jobs: a batch's items are counted from their batch, each once)
-        unfinished = self.jobs.count_unfinished()
+        # (within the run's time: a read of the whole index, which grows with the backlog)
+        unfinished = self.jobs.count_unfinished(stop=self._short_of_time)
         if self.batches is not None:
             # A batch's unfinished items have messages in the lane: counted here, or their
             # messages would pass for ordinary jobs' and hide a lost one.
-            for batch in self.batches.open_batches():
+            for batch in self.batches.open_batches(stop=self._short_of_time):
                 if batch.lane in lanes:
                     unfinished[batch.lane] += self.batches.unfinished_items(batch)
         deficits: Counter[str] = Counter()
