@@ -1154,7 +1154,9 @@ def _unless_an_accepted_retry(
         return too_large
 
 
-def _reject_unacceptable_body(event: dict[str, Any], limit: int | None = None) -> errors.DomainError | None:
+def _reject_unacceptable_body(
+    event: dict[str, Any], limit: int | None = None
+) -> errors.DomainError | _ArrayOfObjects | None:
     """Size and media type are checked before validation parses the body (`limit`: instead of
     the deployment's body limit)."""
     body = event.get("body")
@@ -1195,14 +1197,20 @@ def _reject_unacceptable_body(event: dict[str, Any], limit: int | None = None) -
         # the rest dropped unsaid; hunt 310)
         detail = f"the body must be a JSON object, not {_json_kind(value)}"
         if isinstance(value, list) and value and isinstance(value[0], dict):
-            return _ArrayOfObjects(detail)
+            return _ArrayOfObjects(errors.InvalidRequest(detail))
         return errors.InvalidRequest(detail)
     return None
 
 
-class _ArrayOfObjects(errors.InvalidRequest):
-    """What releases before hunt 310 took as its first object: under a key that made a job or
-    a batch, the retry of a submit they accepted (`_unless_an_accepted_retry`)."""
+class _ArrayOfObjects(Exception):
+    """An array of objects, which releases before hunt 310 took as its first: refused as
+    `refusal`, unless it is, under a key that made a job or a batch, the retry of a submit they
+    accepted (`_unless_an_accepted_retry`). (Not a problem type of its own: its code is
+    `invalid_request`.)"""
+
+    def __init__(self, refusal: errors.InvalidRequest) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
 
 
 # The routes whose body is one object (a job, a batch, an upload).
@@ -1235,12 +1243,16 @@ def _within_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     # (first: the body's limit is chosen by the path, a batch's or a job's)
     _route_on_the_resource(event)
-    rejection = _reject_unacceptable_body(event) or _loose_number(event)
+    found = _reject_unacceptable_body(event) or _loose_number(event)
+    rejection = found.refusal if isinstance(found, _ArrayOfObjects) else found
     # (a body over any deployment's limit is no retry of an accepted one: no lookup for it)
-    if isinstance(rejection, _ArrayOfObjects) or (
-        isinstance(rejection, errors.PayloadTooLarge)
-        and isinstance(
-            _reject_unacceptable_body(event, MAX_REQUEST_BODY_BYTES), (type(None), _ArrayOfObjects)
+    if rejection is not None and (
+        isinstance(found, _ArrayOfObjects)
+        or (
+            isinstance(rejection, errors.PayloadTooLarge)
+            and isinstance(
+                _reject_unacceptable_body(event, MAX_REQUEST_BODY_BYTES), (type(None), _ArrayOfObjects)
+            )
         )
     ):
         rejection = _unless_an_accepted_retry(event, rejection)
