@@ -16,7 +16,14 @@ from llmq.models import JobResult
 from llmq.policy import ClaimOutcome
 from llmq.shares import ShareRepository
 from tests.aws_faults import AwsFaults, FaultKind
-from tests.integration.harness import ENTERPRISE, Harness, LambdaContextStub, load_handler
+from tests.integration.harness import (
+    ENTERPRISE,
+    FREE,
+    Harness,
+    LambdaContextStub,
+    emitted_metrics,
+    load_handler,
+)
 
 NOT_JSON = "this is not a lane message"
 UNKNOWN_JOB = json.dumps({"job_id": "job_01HZZZZZZZZZZZZZZZZZZZZZZZ", "lane": "high"})
@@ -291,3 +298,116 @@ def test_a_dead_letter_naming_a_job_id_sqs_cannot_carry_in_a_note_is_set_aside_w
     (shelved,) = _poison(harness)
     assert shelved["Body"] == body
     assert shelved["MessageAttributes"]["llmq-why"]["StringValue"] == "no job job_\\x01x"
+
+
+# ---- lane messages that name another tenant or lane than their job's (hunt 316) ---------------
+
+
+def _emptied(harness: Harness, queue_url: str) -> None:
+    for message in harness.receive(queue_url):
+        harness.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _sent_by_hand(harness: Harness, lane_url: str, body: dict[str, Any]) -> dict[str, Any]:
+    harness.sqs.send_message(QueueUrl=lane_url, MessageBody=json.dumps(body), MessageGroupId="by-hand")
+    (message,) = harness.receive(lane_url)
+    return message
+
+
+def _lane_quiet(harness: Harness, lane_url: str) -> None:
+    """Nothing visible, delayed or in flight: no copy of the message was passed on."""
+    attributes = harness.sqs.get_queue_attributes(QueueUrl=lane_url, AttributeNames=["All"])["Attributes"]
+    waiting = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed")
+    assert [int(attributes[name]) for name in waiting] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "named",
+    [{"tenant_id": FREE["tenant_id"], "lane": "high"}, {"tenant_id": ENTERPRISE["tenant_id"], "lane": "low"}],
+    ids=["another-tenant", "another-lane"],
+)
+def test_a_message_naming_another_tenant_or_lane_leaves_a_crashed_job_to_its_recovery(
+    harness: Harness, caplog: pytest.LogCaptureFixture, named: dict[str, str]
+) -> None:
+    # Given a job whose worker died (its lease lapsed, one attempt of three spent), and another
+    # tenant with a share of its own
+    assert harness.submit(tenant=FREE).status == 202
+    _emptied(harness, harness.stack.lane_queue_urls["low"])
+    job_id = harness.submit().body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    _emptied(harness, lane)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    assert (
+        jobs.claim(job_id, "dead-worker", 0.001, (ENTERPRISE["tenant_id"], "high")).outcome
+        is ClaimOutcome.CLAIMED
+    )
+    time.sleep(0.05)
+    before = jobs.find(job_id)
+    # When a lane message naming the job with another tenant or lane is run
+    message = _sent_by_hand(harness, lane, {"job_id": job_id, **named})
+    answer = harness.run_worker(lane, [message])
+    # Then it is acknowledged and nothing is written: the job is not failed as crashed (hunt 316:
+    # `worker_crashed`, not retryable, with two attempts left); the reconciler recovers it
+    assert answer == {"batchItemFailures": []}
+    after = jobs.find(job_id)
+    assert after is not None and before is not None
+    assert (after.status.value, after.attempts, after.last_write) == ("running", 1, before.last_write)
+    assert "lane message names another tenant or lane than its job's; dropped" in caplog.text
+    _lane_quiet(harness, lane)
+
+
+def test_a_message_naming_another_tenant_for_a_due_job_is_not_retried_into_the_dlq(harness: Harness) -> None:
+    # Given a queued job, due now, and a message naming it with another tenant's id
+    assert harness.submit(tenant=FREE).status == 202
+    job_id = harness.submit().body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    _emptied(harness, lane)
+    message = _sent_by_hand(harness, lane, {"job_id": job_id, "tenant_id": FREE["tenant_id"], "lane": "high"})
+    # When it is run
+    answer = harness.run_worker(lane, [message])
+    # Then it is acknowledged (hunt 316: judged not yet due, it came back every second and
+    # reached the DLQ, paging), and the job still waits for its own message, unwritten
+    assert answer == {"batchItemFailures": []}
+    job = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (job["status"], job["attempts"]) == ("queued", 0)
+    _lane_quiet(harness, lane)
+
+
+def test_a_message_naming_a_tenant_with_no_share_is_dropped_not_passed_on_for_ever(harness: Harness) -> None:
+    # Given a message naming a real job with a tenant that has no share
+    job_id = harness.submit().body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    _emptied(harness, lane)
+    items = harness.item_count()
+    message = _sent_by_hand(harness, lane, {"job_id": job_id, "tenant_id": "ten_nobody", "lane": "high"})
+    # When it is run
+    answer = harness.run_worker(lane, [message])
+    # Then it is acknowledged, no fresh copy goes out (hunt 316: taken for a throttled claim, a
+    # copy with a new receive count went out each lease, for ever, paging nothing), and no
+    # share is made for the tenant
+    assert answer == {"batchItemFailures": []}
+    _lane_quiet(harness, lane)
+    assert harness.item_count() == items
+    assert harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body["status"] == "queued"
+
+
+def test_a_deferral_naming_a_lane_not_deployed_is_dropped_not_an_unexpected_failure(
+    harness: Harness, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a deferred copy naming a lane this deployment has not
+    job_id = harness.submit().body["id"]
+    lane = harness.stack.lane_queue_urls["high"]
+    _emptied(harness, lane)
+    due = int(time.time() * 1000) + 60_000
+    body = {"job_id": job_id, "tenant_id": ENTERPRISE["tenant_id"], "lane": "gone", "not_before_ms": due}
+    message = _sent_by_hand(harness, lane, body)
+    capsys.readouterr()
+    # When it is run
+    answer = harness.run_worker(lane, [message])
+    # Then it is acknowledged with a warning, not a record failed unexpectedly (a KeyError: back
+    # after the visibility timeout each time, into the DLQ; hunt 316)
+    out = capsys.readouterr().out
+    assert answer == {"batchItemFailures": []}
+    assert emitted_metrics(out, "RecordFailed") == []
+    assert "lane message names a lane this deployment has not; dropped" in caplog.text
+    _lane_quiet(harness, lane)

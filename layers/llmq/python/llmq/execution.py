@@ -271,6 +271,10 @@ class JobRunner:
             # (a message sent by hand naming another item of the table: a share, a batch)
             raise PoisonMessage(f"lane message names no job: {message.job_id[:64]!r}")
         tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
+        if tenant is not None and message.lane not in {lane.name for lane in self.config.lanes}:
+            # (no job of this deployment is in that lane: passed on, the copy found no queue)
+            _drop_foreign(message, "names a lane this deployment has not")
+            return
         if tenant is not None and message.not_before_ms is not None:
             wait_ms = message.not_before_ms - self.jobs.now_ms()
             if wait_ms > 1000 * (self.config.fair_share.max_deferral_seconds + MAX_SEND_DELAY_SECONDS):
@@ -512,6 +516,9 @@ class JobRunner:
         log = {"job_id": message.job_id, "claim": claim.outcome.value}
         if claim.outcome is ClaimOutcome.NOT_FOUND or job is None:
             raise PoisonMessage(f"no job {message.job_id}")
+        if claim.outcome is ClaimOutcome.FOREIGN:
+            _drop_foreign(message, "names another tenant or lane than its job's")
+            return None
         if claim.outcome is ClaimOutcome.NOT_YET_DUE:
             # A copy of the message arrived during the backoff: it comes back when it is due.
             wait_ms = (job.not_before_ms or 0) - self.jobs.now_ms()
@@ -1569,6 +1576,16 @@ def lane_job_id(body: str) -> str | None:
         return _parse(body).job_id
     except PoisonMessage:
         return None
+
+
+def _drop_foreign(message: LaneMessage, why: str) -> None:
+    """A lane message no job of its names is run by (sent by hand, miswired, another version's):
+    acknowledged, and nothing written; its job's own message runs it, or the reconciler looks
+    at the job (hunt 316)."""
+    logger.warning(
+        f"lane message {why}; dropped",
+        extra={"job_id": message.job_id, "tenant_id": message.tenant_id, "lane": message.lane},
+    )
 
 
 def _parse(body: str) -> LaneMessage:

@@ -165,6 +165,14 @@ class RetentionDue(Exception):
 _SHARE_AT = 1
 
 
+class _Foreign(Exception):
+    """A claim's message named another tenant or lane than its job's."""
+
+    def __init__(self, job: JobRecord) -> None:
+        super().__init__(job.id)
+        self.job = job
+
+
 class _NoHolders(Exception):
     """A transaction refused because its share update writes inside a missing holders map."""
 
@@ -301,13 +309,17 @@ class JobRepository:
         tenant_id: str,
         lane: str,
         calling: Callable[[], AbstractContextManager[None]] = nullcontext,
+        owned: Callable[[], None] | None = None,
     ) -> None:
         """`_transact`, whose share update writes inside the lane's holders maps: a share written
         before one of them existed has it added (`shares.ensure_holders`), then the same
-        transaction is tried again."""
+        transaction is tried again. `owned` raises when the job is not the tenant's in that lane,
+        before anything is added to the share."""
         try:
             self._transact(items, sharing=True, calling=calling)
         except _NoHolders:
+            if owned is not None:
+                owned()
             try:
                 self._ddb.update_item(**shares.ensure_holders(self.table_name, tenant_id, lane))
             except ClientError as exc:
@@ -539,13 +551,29 @@ class JobRepository:
             # A batch's item is claimed only while its batch is not canceling: no extra call.
             items.append(batches.not_canceled(self.table_name, item_of[0]))
         gathered = self.claimed_reads.claim(job_id)
+
+        def owned() -> None:
+            # (a share found without the lane's holders, or none at all: the job is read before
+            # a share is repaired, so a message naming another tenant writes nothing to its)
+            found = self.find(job_id)
+            if found is not None and found.shared and (found.tenant_id, found.lane) != (tenant_id, lane):
+                raise _Foreign(found)
+
         try:
-            self._transact_sharing(items, tenant_id, lane, calling=gathered.calling)
+            self._transact_sharing(items, tenant_id, lane, calling=gathered.calling, owned=owned)
+        except _Foreign as exc:
+            return Claim(claimed=False, job=exc.job, at_ms=now, foreign=True)
         except _Canceled as exc:
             if exc.failed(0):
                 found = exc.job()
                 if found is not None and not found.shared:
                     return self._claim_unshared(job_id, expression, values, owner, now)
+                if found is not None and (found.tenant_id, found.lane) != (tenant_id, lane):
+                    # The message named another tenant or lane than its job's: the condition
+                    # refused it for that, not for the job's state (hunt 316: a crashed job
+                    # with attempts left was failed as crashed for good, a due one retried
+                    # every second into the DLQ).
+                    return Claim(claimed=False, job=found, at_ms=now, foreign=True)
                 if exc.failed(2) and found is not None and found.status is JobStatus.QUEUED:
                     # Its batch is canceling too (and it is, say, near its retention): it
                     # ends canceled, as its batch asked.

@@ -73,6 +73,9 @@ class ClaimOutcome(StrEnum):
     # its item not yet deleted: it ends expired now, giving back its tenant's slot and quota,
     # never started again (a batch's queued items have no sweep entry: this is their look).
     RETENTION_DUE = "retention_due"
+    # The message names another tenant or lane than its job's (sent by hand, or miswired): not
+    # its job's message, which is the one to run it; nothing is written (hunt 316).
+    FOREIGN = "foreign"
 
 
 def refused_claim(found: JobRecord | None, now_ms: int, retention_margin_s: int = 0) -> ClaimOutcome:
@@ -141,11 +144,15 @@ class Claim:
     batch_canceled: bool = False
     # The claim refuses a job this close to the end of its retention (`reconciler.retention_margin_seconds`).
     retention_margin_s: int = 0
+    # Set when the message named another tenant or lane than the job's.
+    foreign: bool = False
 
     @property
     def outcome(self) -> ClaimOutcome:
         if self.claimed:
             return ClaimOutcome.CLAIMED
+        if self.foreign:
+            return ClaimOutcome.FOREIGN
         if self.batch_canceled and self.job is not None:
             # A running item past its lease is left to the reconciler, which queues it again.
             queued = self.job.status is JobStatus.QUEUED
