@@ -289,6 +289,19 @@ def _loose_number(event: dict[str, Any]) -> errors.DomainError | None:
     return None
 
 
+def _first_of_an_array(body: str) -> str:
+    """The body, or its first object where it is an array of objects."""
+    if not body.lstrip().startswith("["):
+        return body
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return json.dumps(value[0], ensure_ascii=False)
+    return body
+
+
 @cache
 def _stored_batch_request() -> type[StoredBatchRequest]:
     return stored_batch_request_model(ENV.config.batches.max_requests)
@@ -309,7 +322,9 @@ def _replay_despite_the_schema() -> Response[Any] | None:
         return None
     path = event.path.rstrip("/")
     prefer = event.get_header_value("Prefer")
-    body = event.decoded_body or ""
+    # (an array of objects reaches this only under a key that made a job or a batch: read as
+    # releases before hunt 310 read it, its first object; review 274)
+    body = _first_of_an_array(event.decoded_body or "")
     looked = False
     try:
         tenant = _tenant()

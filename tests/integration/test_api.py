@@ -1576,6 +1576,16 @@ def test_a_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepted_job(
         "true",
     )
     assert (other.status, other.code) == (422, "idempotency_key_reused")
+    # and so is the same body sent as an array of it, which releases before hunt 310 took as
+    # its first object (review 274: the schema's refusal of that object stood)
+    as_array = api.api(
+        "POST",
+        "/v1/jobs",
+        raw_body=json.dumps([body]),
+        headers={"Idempotency-Key": "order-77"},
+        tenant=ENTERPRISE,
+    )
+    assert (as_array.status, as_array.body.get("id")) == (202, first.body["id"]), as_array.body
     assert harness.item_count() == 1
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
     # And a new key with the refused body is refused as before
@@ -1610,8 +1620,17 @@ def test_a_batch_retry_after_max_requests_was_lowered_is_the_replay_of_its_accep
     api = _redeployed(moto_stack, provider, monkeypatch, batches={"max_requests": 2})
     # When the client retries with the same key and body
     retry = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-3"}, tenant=ENTERPRISE)
-    # Then it is the batch's replay, not a 422 inviting a second, paid batch
+    # Then it is the batch's replay, not a 422 inviting a second, paid batch, and so is the body
+    # sent as an array of it (review 274)
     assert (retry.status, retry.body.get("id")) == (202, first.body["id"]), retry.body
+    as_array = api.api(
+        "POST",
+        "/v1/batches",
+        raw_body=json.dumps([body]),
+        headers={"Idempotency-Key": "b-3"},
+        tenant=ENTERPRISE,
+    )
+    assert (as_array.status, as_array.body.get("id")) == (202, first.body["id"]), as_array.body
     # And the same body under a key that made nothing is refused for its size, as before
     fresh = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-4"}, tenant=ENTERPRISE)
     assert fresh.status == 422 and fresh.code != "idempotency_key_reused", fresh.body
