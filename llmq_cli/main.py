@@ -874,12 +874,20 @@ class AwsTarget:
 
         return stack_outputs(self.client("cloudformation"), self.stack)
 
+    def output(self, name: str) -> str:
+        """One of the stack's outputs, or a one-line refusal: a stack without it (another team's,
+        named by a typo) is no llmq stack (hunt 314: a KeyError's traceback)."""
+        value = self.outputs().get(name)
+        if not value:
+            raise CliError(f"stack {self.stack} has no {name} output: is it an llmq stack?")
+        return value
+
 
 def _tenants_repository(target: AwsTarget, table: str | None, usage_keys: Any = None) -> Any:
     from llmq.tenants import TenantRepository
 
     return TenantRepository(
-        table or target.outputs()["TenantsTableName"],
+        table or target.output("TenantsTableName"),
         dynamodb=target.client("dynamodb"),
         usage_keys=usage_keys,
     )
@@ -922,6 +930,7 @@ def _deployed_config(target: AwsTarget) -> Any:
     without the FunctionNames output, no lambda:GetFunctionConfiguration): a tier's default
     limits and the authorizer's cache time as deployed, wherever the CLI runs from."""
     from botocore.exceptions import BotoCoreError, ClientError
+    from pydantic import ValidationError
 
     from llmq.config import CONFIG_ENV_VAR, LlmqConfig
 
@@ -934,7 +943,17 @@ def _deployed_config(target: AwsTarget) -> Any:
         ]
     except (BotoCoreError, ClientError, KeyError, ValueError):
         return None
-    return LlmqConfig.model_validate_json(variables.get(CONFIG_ENV_VAR) or "{}")
+    try:
+        return LlmqConfig.model_validate_json(variables.get(CONFIG_ENV_VAR) or "{}")
+    except ValidationError as exc:
+        # (a stack another llmq version deployed: a setting this one does not know, or one it
+        # now refuses; hunt 314: a traceback, mid-incident, after the key was revoked)
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CliError(
+            f"the stack's api function runs a config this CLI cannot read ({where}: {first['msg']}): "
+            "was it deployed by another llmq version? Use that version's CLI"
+        ) from exc
 
 
 def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
@@ -944,7 +963,7 @@ def _tenant_limits(target: AwsTarget, table: str | None) -> Any:
 
     usage_plans = _usage_plans(target)
     outputs = target.outputs()
-    jobs_table = outputs["JobsTableName"]
+    jobs_table = target.output("JobsTableName")
     config = _llmq_config(target)
     return TenantLimits(
         tenants=_tenants_repository(target, table, usage_keys=usage_plans),
@@ -1244,8 +1263,12 @@ def cmd_tenants_revoke_key(args: argparse.Namespace) -> int:
         revoked = _tenants_repository(target, args.table).revoke_key_id(args.tenant_id, args.key_id)
     except UnknownKey as exc:
         raise CliError(str(exc)) from exc
-    ttl = _llmq_config(target).limits.authorizer_cache_seconds
-    print(f"Revoked: API Gateway refuses it within {ttl} s (its authorizer cache).", file=sys.stderr)
+    try:
+        within = f"{_llmq_config(target).limits.authorizer_cache_seconds} s"
+    except CliError as exc:
+        # (revoked all the same: what the deployed config says is only for this line)
+        within = f"its cache time ({exc})"
+    print(f"Revoked: API Gateway refuses it within {within} (its authorizer cache).", file=sys.stderr)
     if target.state is not None:
         from llmq.tenants import key_id_of
 
@@ -1775,10 +1798,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=_at_least(0, int), default=1_000_000, help="how many jobs (default 1,000,000)"
     )
     cost.add_argument(
-        "--latency", type=_more_than(0.0), default=60.0, help="seconds per generation (default 60)"
+        # (at most a Lambda's 15 minutes, in which a worker's call must end)
+        "--latency",
+        type=_more_than(0.0, at_most=900.0),
+        default=60.0,
+        help="seconds per generation (default 60)",
     )
     cost.add_argument(
-        "--memory", type=_at_least(128, int), default=256, help="worker memory in MB (default 256)"
+        "--memory",
+        type=_at_least(128, int, at_most=10_240),
+        default=256,
+        help="worker memory in MB (default 256)",
     )
     cost.add_argument(
         "--batch", type=_at_least(1, int), default=10, help="jobs per worker batch (default 10)"
@@ -1786,7 +1816,9 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--stream", action="store_true", help="stream: true jobs (their output writes)")
     cost.add_argument(
         "--interval",
-        type=_more_than(0.0),
+        # (streaming.partial_interval_ms's bounds: 1e-320 took the writes a job to infinity, and
+        # a traceback; hunt 314)
+        type=_more_than(0.0, at_least=0.1, at_most=60.0),
         default=1.0,
         help="seconds between output writes (streaming.partial_interval_ms)",
     )
@@ -1838,21 +1870,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _at_least(low: int, kind: Callable[[str], int]) -> Callable[[str], int]:
+def _at_least(low: int, kind: Callable[[str], int], at_most: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = kind(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most}")
         return value
 
     return parse
 
 
-def _more_than(low: float) -> Callable[[str], float]:
+def _more_than(
+    low: float, *, at_least: float | None = None, at_most: float | None = None
+) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = float(text)
         if not (value > low and math.isfinite(value)):  # (NaN and infinity too)
             raise argparse.ArgumentTypeError(f"must be a number more than {low:g}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be at least {at_least:g}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most:g}")
         return value
 
     return parse

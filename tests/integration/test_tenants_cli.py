@@ -6,7 +6,9 @@ The stack is a CloudFormation stack in moto whose outputs name the tables and th
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +17,10 @@ from typing import Any
 import pytest
 
 from llmq import aws
-from llmq.config import LlmqConfig
+from llmq.config import CONFIG_ENV_VAR, LlmqConfig
 from llmq.errors import StoreUnavailable
 from llmq.long_polls import LongPolls
-from llmq.tenants import TenantRepository
+from llmq.tenants import TenantRepository, key_id_of
 from llmq.usage_plans import tenant_plan_name
 from llmq_cli.main import main
 from tests.conftest import MotoStack
@@ -640,14 +642,21 @@ def test_revoke_key_says_the_authorizer_cache_time_the_stack_was_deployed_with(
     """Hunt 203: the CLI read the config from cdk.json in the directory it ran in, so run
     elsewhere (or beside another stack's cdk.json) it told the operator a revoked key stops
     working sooner than it does. It reads the deployed api function's LLMQ_CONFIG."""
-    import io
-    import zipfile
-
-    from llmq.config import CONFIG_ENV_VAR
-    from llmq.tenants import key_id_of
-
     # Given a stack whose api function was deployed with a 7 s authorizer cache
     deployed = LlmqConfig.model_validate({"limits": {"authorizer_cache_seconds": 7}})
+    _api_function_deployed_with(deployed.to_env())
+    # And, in the directory the operator runs from, a cdk.json that says 120 s
+    _cdk_json_says_120_s(tmp_path)
+    created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+
+    # When a key is revoked
+    captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
+    # Then the CLI says the deployed stack's time
+    assert "refuses it within 7 s" in captured.err
+
+
+def _api_function_deployed_with(config: str) -> None:
+    """The stack's api function, its LLMQ_CONFIG `config`."""
     role = aws.client("iam").create_role(
         RoleName="llmq-cli-test-api",
         AssumeRolePolicyDocument=json.dumps(
@@ -671,17 +680,54 @@ def test_revoke_key_says_the_authorizer_cache_time_the_stack_was_deployed_with(
         Role=role,
         Handler="handler.handler",
         Code={"ZipFile": code.getvalue()},
-        Environment={"Variables": {CONFIG_ENV_VAR: deployed.to_env()}},
+        Environment={"Variables": {CONFIG_ENV_VAR: config}},
     )
     _stack_names_api_function("llmq-cli-test-api")
-    # And, in the directory the operator runs from, a cdk.json that says 120 s
-    _cdk_json_says_120_s(tmp_path)
-    created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
 
-    # When a key is revoked
+
+def test_a_key_is_revoked_and_said_so_in_a_line_where_another_version_deployed_the_stack(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a tenant, and a stack whose api function another llmq version deployed: its config
+    # holds a setting this version does not know
+    created = llmq(capsys, "create", "--name", "Acme", "--tier", "free", "--id", "ten_acme")
+    config = json.loads(LlmqConfig().to_env())
+    config.setdefault("reconciler", {})["sweep_batch_size"] = 25
+    _api_function_deployed_with(json.dumps(config))
+    # When the operator revokes a leaked key
     captured = llmq_captured(capsys, "revoke-key", "ten_acme", key_id_of(created["api_key"]))
-    # Then the CLI says the deployed stack's time
-    assert "refuses it within 7 s" in captured.err
+    # Then it is revoked and the CLI says so, and why it cannot say the cache's time (hunt 314:
+    # a traceback after the key was revoked, mid-incident)
+    assert json.loads(captured.out)["revoked"] is True
+    assert "reconciler.sweep_batch_size" in captured.err and "another llmq version" in captured.err
+    # and a command that needs the deployed config says why it cannot, in one line, doing nothing
+    code = main(_show_argv(STACK))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        "llmq: the stack's api function runs a config this CLI cannot read"
+    )
+
+
+def test_a_stack_without_llmqs_outputs_is_refused_in_one_line(
+    stack: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a stack that is not llmq's (another team's, named by a typo)
+    template = {"Resources": {"Q": {"Type": "AWS::SQS::Queue", "Properties": {"QueueName": "other-team"}}}}
+    aws.client("cloudformation").create_stack(StackName="OtherTeam", TemplateBody=json.dumps(template))
+    # When a tenants command is run against it
+    code = main(_show_argv("OtherTeam"))
+    # Then it says so in one line (hunt 314: a KeyError's traceback)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "llmq: stack OtherTeam has no JobsTableName output: is it an llmq stack?" in err
+    assert "Traceback" not in err
+
+
+def _show_argv(stack: str) -> list[str]:
+    """`llmq tenants show ten_acme` against `stack`."""
+    options = ["--aws", "--region", "us-east-1", "--stack", stack]
+    return ["--state-file", "no-sandbox.json", "tenants", "show", "ten_acme", *options]
 
 
 def _stack_names_api_function(name: str) -> None:

@@ -245,6 +245,24 @@ def test_webhooks_verify_names_a_missing_file_in_a_line(
     assert code != 0 and err.startswith("llmq: ") and "saved.json: No such file or directory" in err
 
 
+@pytest.mark.parametrize("timestamp", ["nan", "inf", "1e20", "-5", "99999999999999999999"])
+def test_webhooks_verify_of_a_forged_timestamp_says_not_verified_in_a_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], timestamp: str
+) -> None:
+    # Given a saved delivery whose webhook-timestamp is no Unix time (a forged request's)
+    saved = tmp_path / "delivery.json"
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": timestamp, "webhook-signature": "v1,abc"}
+    saved.write_text(json.dumps({"headers": headers, "body": "{}"}))
+    # When it is checked
+    code = main(
+        ["webhooks", "verify", "--secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "--file", str(saved)]
+    )
+    # Then it is not verified, saying why, not a traceback (hunt 314)
+    out = capsys.readouterr()
+    assert code == 1
+    assert "webhook-timestamp is not a Unix time" in out.out + out.err
+
+
 def test_a_deadline_of_zero_is_sent_for_the_api_to_refuse_not_dropped(sent: list[Any]) -> None:
     # (hunt 304: `if args.deadline` dropped 0, and a job with no deadline was sent and paid for)
     main(["submit", "hi", "--deadline", "0", *API])

@@ -92,6 +92,11 @@ def test_following_a_job_pays_for_each_responses_long_poll_place(monkeypatch: py
         ["--jobs", "-1"],
         ["--stream", "--interval", "0"],
         ["--stream", "--interval", "-1"],
+        # (hunt 314: the writes of a job went to infinity, and a traceback)
+        ["--stream", "--interval", "1e-320"],
+        ["--stream", "--interval", "61"],
+        ["--latency", "1e308"],
+        ["--memory", "1000000"],
     ],
 )
 def test_llmq_cost_refuses_a_workload_that_cannot_be(argv: list[str], capsys) -> None:
