@@ -238,10 +238,8 @@ def test_a_retry_of_an_array_an_earlier_release_accepted_is_its_replay(harness: 
     first = harness.submit(key="order-array", prompt="hello")
     assert first.status == 202, first.body
 
-    def sent(body: Any, key: str) -> ApiReply:
-        return harness.api(
-            "POST", "/v1/jobs", raw_body=json.dumps(body), headers={"Idempotency-Key": key}, tenant=ENTERPRISE
-        )
+    def sent(body: list[Any], key: str) -> ApiReply:
+        return _sent_as_an_array(harness, "/v1/jobs", body, key)
 
     # When the client retries the same bytes after the upgrade
     retry = sent([{"prompt": "hello"}], "order-array")
@@ -1531,6 +1529,13 @@ def test_a_job_output_subscription_without_streaming_is_refused(harness: Harness
 # ---- a retry of an accepted submit is its replay, whatever changed since -------------------------
 
 
+def _sent_as_an_array(api: Harness, path: str, body: list[Any], key: str) -> ApiReply:
+    """`body`, a JSON array, POSTed under `key`."""
+    return api.api(
+        "POST", path, raw_body=json.dumps(body), headers={"Idempotency-Key": key}, tenant=ENTERPRISE
+    )
+
+
 def _redeployed(
     moto_stack: Any, server: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, **overrides: Any
 ) -> Harness:
@@ -1578,13 +1583,7 @@ def test_a_retry_the_next_deploy_would_refuse_is_the_replay_of_its_accepted_job(
     assert (other.status, other.code) == (422, "idempotency_key_reused")
     # and so is the same body sent as an array of it, which releases before hunt 310 took as
     # its first object (review 274: the schema's refusal of that object stood)
-    as_array = api.api(
-        "POST",
-        "/v1/jobs",
-        raw_body=json.dumps([body]),
-        headers={"Idempotency-Key": "order-77"},
-        tenant=ENTERPRISE,
-    )
+    as_array = _sent_as_an_array(api, "/v1/jobs", [body], "order-77")
     assert (as_array.status, as_array.body.get("id")) == (202, first.body["id"]), as_array.body
     assert harness.item_count() == 1
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 1
@@ -1623,13 +1622,7 @@ def test_a_batch_retry_after_max_requests_was_lowered_is_the_replay_of_its_accep
     # Then it is the batch's replay, not a 422 inviting a second, paid batch, and so is the body
     # sent as an array of it (review 274)
     assert (retry.status, retry.body.get("id")) == (202, first.body["id"]), retry.body
-    as_array = api.api(
-        "POST",
-        "/v1/batches",
-        raw_body=json.dumps([body]),
-        headers={"Idempotency-Key": "b-3"},
-        tenant=ENTERPRISE,
-    )
+    as_array = _sent_as_an_array(api, "/v1/batches", [body], "b-3")
     assert (as_array.status, as_array.body.get("id")) == (202, first.body["id"]), as_array.body
     # And the same body under a key that made nothing is refused for its size, as before
     fresh = api.api("POST", "/v1/batches", body=body, headers={"Idempotency-Key": "b-4"}, tenant=ENTERPRISE)
