@@ -18,7 +18,7 @@ from moto import mock_aws
 
 from llmq import aws
 from llmq.config import LlmqConfig
-from llmq.errors import CancelRequested, LeaseLost, StoreUnavailable
+from llmq.errors import CancelRequested, LeaseLost, ReadCutShort, StoreUnavailable
 from llmq.job_record import JobRecord
 from llmq.jobs import SWEEP_RECOVERED_MS, JobRepository, SweepPass
 from llmq.live_output import OutputChunk, chunk_pk
@@ -786,3 +786,23 @@ def test_what_a_terminal_write_returns_is_the_job_stored_as_its_webhook_shows_it
         assert snapshot is not None
         assert shown(JobRecord.model_validate(snapshot)) == shown(stored)
     assert [record.to_job().cancel_requested for record in ended] == [True, False, False]
+
+
+def test_a_count_given_no_time_is_cut_short_not_answered_in_part(subject: Subject) -> None:
+    # (the reconciler's run ends within its time: review 275, hunt 315)
+    subject.created()
+    with pytest.raises(ReadCutShort):
+        subject.jobs.count_unfinished(stop=lambda: True)
+    assert subject.jobs.count_unfinished(stop=lambda: False) == {"high": 1}
+
+
+@pytest.mark.parametrize("named", [("ten_other", "high"), ("ten_acme", "low")], ids=["tenant", "lane"])
+def test_a_claim_naming_another_tenant_or_lane_is_foreign_and_writes_nothing(
+    subject: Subject, named: tuple[str, str]
+) -> None:
+    # (hunt 316: a message naming another tenant or lane than its job's)
+    job_id = subject.created()
+    before = subject.jobs.find(job_id)
+    claim = subject.jobs.claim(job_id, "w1", 60.0, named)
+    assert claim.outcome is ClaimOutcome.FOREIGN
+    assert subject.jobs.find(job_id) == before

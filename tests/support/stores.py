@@ -26,6 +26,7 @@ from llmq.errors import (
     JobNotFound,
     LeaseLost,
     QuotaExceeded,
+    ReadCutShort,
     StoreUnavailable,
 )
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
@@ -353,6 +354,9 @@ class InMemoryJobs:
     ) -> Claim:
         now = self.now_ms()
         found = self.records.get(job_id)
+        if found is not None and tenant is not None and (found.tenant_id, found.lane) != tenant:
+            # (the message named another tenant or lane: the store's condition refuses it)
+            return Claim(claimed=False, job=found, at_ms=now, foreign=True)
         if found is None or not self._claimable(found, now):
             ours = found is not None and found.status is JobStatus.RUNNING and found.lease_owner == owner
             margin = self.config.reconciler.retention_margin_seconds
@@ -770,6 +774,8 @@ class InMemoryJobs:
 
     @_throttleable
     def count_unfinished(self, stop: Callable[[], bool] | None = None) -> Counter[str]:
+        if stop is not None and stop():
+            raise ReadCutShort("the lanes' unfinished jobs were not counted in the time given")
         unfinished = (self.records[job_id] for job_id in self.due if batch_of(job_id) is None)
         return Counter(r.lane for r in unfinished if r.status in (JobStatus.QUEUED, JobStatus.RUNNING))
 
