@@ -1795,7 +1795,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cost = commands.add_parser("cost", help="AWS cost per million jobs, against one invocation per job")
     cost.add_argument(
-        "--jobs", type=_at_least(0, int), default=1_000_000, help="how many jobs (default 1,000,000)"
+        "--jobs",
+        type=_at_least(0, int, at_most=10**15),
+        default=1_000_000,
+        help="how many jobs (default 1,000,000)",
     )
     cost.add_argument(
         # (at most a Lambda's 15 minutes, in which a worker's call must end)
@@ -1811,7 +1814,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker memory in MB (default 256)",
     )
     cost.add_argument(
-        "--batch", type=_at_least(1, int), default=10, help="jobs per worker batch (default 10)"
+        # (at most SQS's largest batch for a Lambda's event source mapping)
+        "--batch",
+        type=_at_least(1, int, at_most=10_000),
+        default=10,
+        help="jobs per worker batch (default 10)",
     )
     cost.add_argument("--stream", action="store_true", help="stream: true jobs (their output writes)")
     cost.add_argument(

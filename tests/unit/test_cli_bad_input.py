@@ -245,7 +245,7 @@ def test_webhooks_verify_names_a_missing_file_in_a_line(
     assert code != 0 and err.startswith("llmq: ") and "saved.json: No such file or directory" in err
 
 
-@pytest.mark.parametrize("timestamp", ["nan", "inf", "1e20", "-5", "99999999999999999999"])
+@pytest.mark.parametrize("timestamp", ["nan", "inf", "1e20", "99999999999999999999"])
 def test_webhooks_verify_of_a_forged_timestamp_says_not_verified_in_a_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], timestamp: str
 ) -> None:

@@ -97,6 +97,8 @@ def test_following_a_job_pays_for_each_responses_long_poll_place(monkeypatch: py
         ["--stream", "--interval", "61"],
         ["--latency", "1e308"],
         ["--memory", "1000000"],
+        ["--jobs", "1" + "0" * 400],
+        ["--batch", "1" + "0" * 400],
     ],
 )
 def test_llmq_cost_refuses_a_workload_that_cannot_be(argv: list[str], capsys) -> None:

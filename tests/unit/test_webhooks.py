@@ -186,6 +186,23 @@ def test_a_tampered_body_or_wrong_secret_fails_verification() -> None:
         Webhook(new_webhook_secret()).verify(body, headers)
 
 
+@pytest.mark.parametrize("form", ["{}", "{}.0", " {}", "+{}"])
+def test_the_cli_verifier_says_a_stale_delivery_is_old_in_every_form_the_reference_reads(form: str) -> None:
+    # (review 275: the check of a forged timestamp took these for "not a Unix time")
+    from llmq_cli.signatures import verify_delivery
+
+    secret = new_webhook_secret()
+    body = b'{"a": 1}'
+    then = int(time.time()) - 3600
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": form.format(then),
+        "webhook-signature": sign([secret], "msg_1", then, body),
+    }
+    found = verify_delivery(body, headers, [secret])
+    assert not found.verified and "s old" in found.reason, found.reason
+
+
 def test_the_cli_verifier_refuses_a_body_that_is_not_utf8_as_the_reference_package_does() -> None:
     """Hunt 225: `llmq_cli.signatures.verify_delivery` decoded bytes with replacement, so a body
     whose bytes are not UTF-8 verified against the signature of the text they decode to."""
