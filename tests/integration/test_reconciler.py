@@ -1625,3 +1625,84 @@ def test_a_run_ends_within_its_time_however_many_open_batches_it_counts(
     # inside the open batches' counts)
     assert spent[0] < 28.0
     assert report.unread_passes >= 1
+
+
+def _lane_with_lost_messages(harness: Harness, count: int, lost: set[int]) -> list[str]:
+    """`count` queued jobs in the high lane, the messages of those at the `lost` places gone."""
+    url = harness.stack.lane_queue_urls["high"]
+    ids = [harness.submit().body["id"] for _ in range(count)]
+    messages: list[dict[str, Any]] = []
+    while received := harness.receive(url):
+        messages.extend(received)
+    assert len(messages) == count
+    for message in messages:
+        if ids.index(json.loads(message["Body"])["job_id"]) in lost:
+            harness.sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        else:
+            harness.sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+            )
+    return ids
+
+
+def _messages_per_job(harness: Harness) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    while received := harness.receive(harness.stack.lane_queue_urls["high"]):
+        for message in received:
+            job_id = json.loads(message["Body"])["job_id"]
+            seen[job_id] = seen.get(job_id, 0) + 1
+    return seen
+
+
+def test_a_known_lost_job_ended_at_its_retention_takes_no_other_lost_jobs_message(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given two jobs with no message, the first known lost and within its retention's margin
+    ids = _lane_with_lost_messages(harness, 3, {0, 1})
+    JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).sweep_first(
+        ids[0]
+    )
+    thresholds = harness.config.reconciler
+    aws.client("dynamodb").update_item(
+        TableName=harness.stack.jobs_table,
+        Key={"pk": {"S": ids[0]}},
+        UpdateExpression="SET expires_at = :at",
+        ExpressionAttributeValues={
+            ":at": {
+                "N": str(
+                    int(_time.time())
+                    + thresholds.stale_queued_seconds
+                    + 10
+                    + thresholds.retention_margin_seconds // 2
+                )
+            }
+        },
+    )
+    clock.offset = thresholds.stale_queued_seconds + 10
+    # When the reconciler runs
+    report = reconciler.run()
+    # Then the first ends at its retention, and the second gets the message its lane is short
+    # of (review 276: the first, resent then ended, took it)
+    assert ids[0] in report.expired
+    assert _messages_per_job(harness).get(ids[1]) == 1
+
+
+def test_a_known_lost_send_sqs_refuses_gives_no_other_job_a_second_message(
+    harness: Harness, reconciler: Reconciler, clock: LaterClock
+) -> None:
+    # Given a job whose message is known lost, beside two that have theirs
+    ids = _lane_with_lost_messages(harness, 3, {0})
+    JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb")).sweep_first(
+        ids[0]
+    )
+    clock.offset = harness.config.reconciler.stale_queued_seconds + 10
+    # When the reconciler's send of its message is refused
+    faults = AwsFaults()
+    try:
+        fault = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage")
+        report = reconciler.run()
+    finally:
+        faults.disarm()
+    # Then it waits for the next run, and no other job is sent a second message (review 276)
+    assert faults.fired_for(fault) and ids[0] in report.skipped
+    assert _messages_per_job(harness) == {ids[1]: 1, ids[2]: 1}

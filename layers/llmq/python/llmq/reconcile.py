@@ -151,10 +151,11 @@ class Reconciler:
         deficits = Counter[str]()
         if judged and not self._short_of_time():
             deficits = self._deficits_or_none(judged, now, report)
-            # (a known-lost job given its message above took one the lane was short of)
-            resent = set(report.requeued)
+            # (a known-lost job the run did not end takes one the lane is short of, whether its
+            # send went or SQS refused it: counted before its send, as it was; review 276)
+            ended = {*report.expired, *report.canceled, *report.recovered}
             for entry in sure:
-                if entry.sweep_at == SWEEP_FIRST_MS and entry.job_id in resent:
+                if entry.sweep_at == SWEEP_FIRST_MS and entry.job_id not in ended:
                     deficits[entry.lane] = max(0, deficits[entry.lane] - 1)
         self._settle_each(judged, now, deficits, report)
         if report.left or report.unread_passes:
