@@ -303,11 +303,6 @@ def test_a_dead_letter_naming_a_job_id_sqs_cannot_carry_in_a_note_is_set_aside_w
 # ---- lane messages that name another tenant or lane than their job's (hunt 316) ---------------
 
 
-def _emptied(harness: Harness, queue_url: str) -> None:
-    for message in harness.receive(queue_url):
-        harness.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-
-
 def _sent_by_hand(harness: Harness, lane_url: str, body: dict[str, Any]) -> dict[str, Any]:
     harness.sqs.send_message(QueueUrl=lane_url, MessageBody=json.dumps(body), MessageGroupId="by-hand")
     (message,) = harness.receive(lane_url)

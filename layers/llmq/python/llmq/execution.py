@@ -250,6 +250,8 @@ class JobRunner:
         self.provider = provider
         self.config = config
         self._rng = rng or random.Random()
+        # The deployment's lanes: a message naming another is no job's (`_drop_foreign`).
+        self._lanes = frozenset(lane.name for lane in config.lanes)
         # Refused messages waiting for a slot their batch's own jobs free.
         self._handoff = SlotHandoff()
         # Threads for output writes and job.output sends (`_on_output_thread`).
@@ -271,7 +273,7 @@ class JobRunner:
             # (a message sent by hand naming another item of the table: a share, a batch)
             raise PoisonMessage(f"lane message names no job: {message.job_id[:64]!r}")
         tenant = (message.tenant_id, message.lane) if message.tenant_id and message.lane else None
-        if tenant is not None and message.lane not in {lane.name for lane in self.config.lanes}:
+        if tenant is not None and message.lane not in self._lanes:
             # (no job of this deployment is in that lane: passed on, the copy found no queue)
             _drop_foreign(message, "names a lane this deployment has not")
             return
