@@ -2143,10 +2143,12 @@ def test_a_retry_recorded_before_the_sender_marks_the_webhook_sent_keeps_the_bat
     _acme(harness)
     dispatcher = load_handler("webhook_dispatcher")
     url = harness.stack.webhook_queue_url
-    slow: list[tuple[BatchRepository, str]] = []
+    slow: list[tuple[BatchRepository, str, int]] = []
     mark = BatchRepository.mark_webhook_sent
     monkeypatch.setattr(
-        BatchRepository, "mark_webhook_sent", lambda self, batch_id: slow.append((self, batch_id))
+        BatchRepository,
+        "mark_webhook_sent",
+        lambda self, batch_id, delivery_round: slow.append((self, batch_id, delivery_round)),
     )
     hook = {"url": f"http://127.0.0.1:{receiver.port}/race/fail-9"}
     batch_id = _submit(harness, requests=_requests(1), webhook=hook).body["id"]
@@ -2157,8 +2159,8 @@ def test_a_retry_recorded_before_the_sender_marks_the_webhook_sent_keeps_the_bat
         == 1
     )
     # When the sender's write lands after it, and the retry's message is then lost
-    for repository, sent in slow:
-        mark(repository, sent)
+    for repository, sent, delivery_round in slow:
+        mark(repository, sent, delivery_round)
     assert (_stored(harness, batch_id).delivery_attempts, _stored(harness, batch_id).webhook_sent) == (
         1,
         True,
@@ -2594,3 +2596,47 @@ def test_a_batch_items_end_near_the_invocations_end_never_outlasts_its_timeout(
     assert [failure["itemIdentifier"] for failure in response["batchItemFailures"]] == [
         messages[0]["MessageId"]
     ]
+
+
+def test_a_redelivery_sent_while_a_later_one_failed_its_send_leaves_the_later_round_due(
+    harness: Harness, receiver: WebhookReceiver, faults: AwsFaults
+) -> None:
+    # Given an ended batch whose webhook was delivered
+    path = "/redeliver-overlap"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    _dispatch_all(harness, dispatcher)
+    assert len(receiver.requests_to(path)) == 1
+    queues = harness.api_module.batch_intake().queues
+    send = queues.enqueue_webhook
+    rounds: list[int] = []
+
+    def overtaken(*args: Any, **kwargs: Any) -> Any:
+        rounds.append(kwargs["delivery_round"])
+        if len(rounds) == 1:
+            # When a second redelivery comes in while the first's message is on its way, and
+            # SQS refuses the second's send (it is accepted, its round left to the reconciler)
+            fault = faults.arm(FaultKind.THROTTLE, "sqs.SendMessage", function="api", times=10)
+            second = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
+            assert second.status == 202, second.body
+            assert faults.fired_for(fault)
+            faults.disarm()
+        return send(*args, **kwargs)
+
+    queues.enqueue_webhook = overtaken  # type: ignore[method-assign]
+    try:
+        first = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
+    finally:
+        queues.enqueue_webhook = send  # type: ignore[method-assign]
+    assert first.status == 202, first.body
+    # Then the first's "sent" does not mark the second's round, unsent, as sent (hunt 318: it
+    # waited a stale_webhook_seconds in the index, and the first's message is dropped as an
+    # earlier round's): the reconciler's next run pokes the batch, whose look sends it, and
+    # the receiver gets it
+    assert rounds == [1, 2]
+    stored = _stored(harness, batch_id)
+    assert (stored.delivery_round, stored.webhook_sent) == (2, False)
+    report = _reconciler_ahead(harness, harness.config.reconciler.stale_queued_seconds + 60).run()
+    assert report.batches == [batch_id]
+    _run_lane(harness)
+    _dispatch_all(harness, dispatcher)
+    assert len(receiver.requests_to(path)) == 2

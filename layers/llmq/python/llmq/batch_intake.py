@@ -457,7 +457,7 @@ class BatchIntake:
                 extra={"batch_id": batch.id, **error_fields(exc)},
             )
             return pending
-        self.batches.mark_webhook_sent(batch.id)
+        self.batches.mark_webhook_sent(batch.id, pending.delivery_round)
         return pending
 
     # ---- cancel -------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def _send_webhook(batches: BatchRepository, queues: QueueStore, batch: BatchReco
     if event is None:
         return
     queues.enqueue_webhook(batch.id, event, tenant_id=batch.tenant_id, delivery_round=batch.delivery_round)
-    batches.mark_webhook_sent(batch.id)
+    batches.mark_webhook_sent(batch.id, batch.delivery_round)
 
 
 def item_ended(batches: BatchRepository | None, queues: QueueStore, job: JobRecord | None) -> None:

@@ -1172,33 +1172,47 @@ class BatchRepository:
             raise
         return _from_item(response["Attributes"])
 
-    def mark_webhook_sent(self, batch_id: str) -> None:
-        """The ended batch's webhook message went. Its first attempt not yet recorded, the batch
-        stays in the reconciler's index a `stale_webhook_seconds` from now: should the message
-        be lost before any attempt (the webhooks DLQ), the reconciler sends it again
-        (`Reconciler._poke`), as a job's. An attempt recorded first (this write was slow) keeps
-        the index entry it set (`record_delivery`), and a settled delivery stays out."""
+    def mark_webhook_sent(self, batch_id: str, delivery_round: int) -> None:
+        """The ended batch's webhook message of `delivery_round` went. Its first attempt not yet
+        recorded, the batch stays in the reconciler's index a `stale_webhook_seconds` from now:
+        should the message be lost before any attempt (the webhooks DLQ), the reconciler sends
+        it again (`Reconciler._poke`), as a job's. An attempt recorded first (this write was
+        slow) keeps the index entry it set (`record_delivery`), and a settled delivery stays out.
+        A later round (a redelivery asked for meanwhile, whose own send may have failed and left
+        it due in the index) is not this message's: it is left as it is (hunt 318)."""
         due = self.now_ms() + self.config.reconciler.stale_webhook_seconds * 1000
         sweep = sweep_attributes(BATCH_PREFIX + batch_id, due, self.config.reconciler.sweep_shards)
+        # (round 0 is stored as no attribute: `mark_redelivery` ADDs to it)
+        this_round = (
+            "(attribute_not_exists(delivery_round) OR delivery_round = :round)"
+            if delivery_round == 0
+            else "delivery_round = :round"
+        )
         try:
             self._ddb.update_item(
                 TableName=self.table_name,
                 Key=batch_key(batch_id),
                 UpdateExpression="SET webhook_sent = :true, sweep_pk = :sweep_pk, sweep_at = :sweep_at",
-                ConditionExpression="delivery_status = :pending AND attribute_not_exists(delivery_next_ms)",
+                ConditionExpression=f"{this_round} AND delivery_status = :pending"
+                " AND attribute_not_exists(delivery_next_ms)",
                 ExpressionAttributeValues=codec.values(
-                    true=True, pending=DeliveryStatus.PENDING.value, **sweep
+                    true=True, pending=DeliveryStatus.PENDING.value, round=delivery_round, **sweep
                 ),
             )
         except ClientError as exc:
             if not codec.condition_failed(exc):
                 raise
-            self._ddb.update_item(
-                TableName=self.table_name,
-                Key=batch_key(batch_id),
-                UpdateExpression="SET webhook_sent = :true",
-                ExpressionAttributeValues={":true": {"BOOL": True}},
-            )
+            try:
+                self._ddb.update_item(
+                    TableName=self.table_name,
+                    Key=batch_key(batch_id),
+                    UpdateExpression="SET webhook_sent = :true",
+                    ConditionExpression=this_round,
+                    ExpressionAttributeValues=codec.values(true=True, round=delivery_round),
+                )
+            except ClientError as later:
+                if not codec.condition_failed(later):
+                    raise
 
     def record_delivery(
         self,
