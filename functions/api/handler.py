@@ -764,6 +764,9 @@ def _page_that_fits(
 @app.post(
     "/v1/jobs/<job_id>/cancel",
     summary="Cancel a job",
+    description="A queued job is canceled at once (200); a running one is asked to stop (202). "
+    "A job canceled already answers 200 with it (a retried cancel's answer); one that succeeded, "
+    "failed or expired answers 409.",
     responses={
         **_responses(200, "Canceled", Job, 409),
         202: {"description": "Cancel requested", "content": {"application/json": {"model": Job}}},
@@ -1025,7 +1028,8 @@ def handle_batch_results(
     summary="Cancel a batch",
     description="Queued items end canceled without a provider call, running ones are stopped as a "
     "job is, and items not yet written never are. The batch is `canceling` until every item has "
-    "ended, then `canceled`.",
+    "ended, then `canceled`. A batch canceled already answers 200 with it; one that ended "
+    "otherwise answers 409.",
     responses={
         **_responses(202, "Canceling", Batch, 409),
         200: {"description": "Canceled", "content": {"application/json": {"model": Batch}}},

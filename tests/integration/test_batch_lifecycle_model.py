@@ -366,6 +366,10 @@ class BatchLifecycleModel(LifecycleMachine):
                 f"a {before.status.value} batch refused a cancel (now {now.status.value})"
             )
             return
+        if before.status is BatchStatus.CANCELED:
+            # (canceled already: answered as it is, the outcome asked for; hunt 322)
+            assert after.status is BatchStatus.CANCELED, after
+            return
         assert not before.status.is_terminal, f"a {before.status.value} batch accepted a cancel"
         assert after.cancel_requested
         batch.cancel_accepted = True

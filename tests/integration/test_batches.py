@@ -753,8 +753,9 @@ def test_a_canceled_batch_runs_no_queued_item_and_ends_canceled_with_its_counts(
     assert done["request_counts"]["canceled"] == 5
     lines, _ = _results(harness, reply.body["id"])
     assert {line["status"] for line in lines} == {"canceled"}
+    # And a cancel again (a retry of one whose answer was lost) is answered canceled, not 409
     again = harness.api("POST", f"/v1/batches/{reply.body['id']}/cancel", tenant=ENTERPRISE)
-    assert (again.status, again.code) == (409, "batch_not_cancelable")
+    assert (again.status, again.body["status"]) == (200, "canceled")
 
 
 def test_a_canceled_batchs_queued_item_whose_messages_dead_letter_ends_canceled_not_crashed(
@@ -2638,5 +2639,33 @@ def test_a_redelivery_sent_while_a_later_one_failed_its_send_leaves_the_later_ro
     report = _reconciler_ahead(harness, harness.config.reconciler.stale_queued_seconds + 60).run()
     assert report.batches == [batch_id]
     _run_lane(harness)
+    _dispatch_all(harness, dispatcher)
+    assert len(receiver.requests_to(path)) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "nth"),
+    [(FaultKind.THROTTLE, 2), (FaultKind.APPLIED_LOST, 1)],
+    ids=["sent-mark-throttled", "round-applied-answer-lost"],
+)
+def test_a_batch_redelivery_whose_write_fails_after_it_applied_is_accepted_and_sent_once(
+    harness: Harness, receiver: WebhookReceiver, faults: AwsFaults, kind: FaultKind, nth: int
+) -> None:
+    # Given an ended batch whose webhook was delivered
+    path = f"/redeliver-{kind.value}"
+    dispatcher, batch_id = _ended_batch_with_a_webhook(harness, receiver, path)
+    _dispatch_all(harness, dispatcher)
+    assert len(receiver.requests_to(path)) == 1
+    # When a redelivery's write saying its message went is throttled (the api's second
+    # UpdateItem, after the message), or its round's write (the first) is applied while every
+    # answer is lost
+    fault = faults.arm(kind, "dynamodb.UpdateItem", function="api", nth=nth, times=5)
+    reply = harness.api("POST", f"/v1/batches/{batch_id}/webhook/redeliver", tenant=ENTERPRISE)
+    assert faults.fired_for(fault)
+    faults.disarm()
+    # Then it is accepted, as a job's is (hunt 321, review 277: a 503 for a round written, whose
+    # retry starts another round and sends its event again), and the receiver gets it once more
+    assert reply.status == 202, reply.body
+    assert _stored(harness, batch_id).delivery_round == 1
     _dispatch_all(harness, dispatcher)
     assert len(receiver.requests_to(path)) == 2

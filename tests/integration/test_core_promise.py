@@ -611,8 +611,30 @@ def test_a_cancel_applied_with_every_answer_lost_reads_its_own_write_back(
     assert (reply.status, reply.body["status"]) == (200, "canceled"), reply.body
     sent = [json.loads(m["Body"])["event"] for m in harness.receive(harness.stack.webhook_queue_url)]
     assert sent == ["job.canceled"]
-    # And a retry of the cancel is a 409 for a job that ended, as for any cancel after its end
-    assert harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE).status == 409
+    # And a retry of the cancel is answered canceled too, and sends no event more
+    again = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    assert (again.status, again.body["status"]) == (200, "canceled"), again.body
+    assert harness.receive(harness.stack.webhook_queue_url) == []
+
+
+def test_a_cancel_answered_503_though_applied_is_answered_canceled_at_its_retry_not_409(
+    harness: Harness, faults: AwsFaults
+) -> None:
+    # Given a queued job, and a cancel whose write DynamoDB applies while every answer is lost,
+    # and whose look after it is throttled (as a gateway timeout or a dropped connection
+    # leaves a client without the answer of a cancel that worked)
+    job_id = harness.submit().body["id"]
+    faults.arm("applied_lost", "dynamodb.TransactWriteItems")
+    faults.arm("throttle", "dynamodb.GetItem", nth=2, times=20)
+    first = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    faults.disarm()
+    assert _kinds(faults)[0] == "TransactWriteItems:applied_lost"
+    assert (first.status, first.code) == (503, "service_unavailable"), first.body
+    # When the client retries, as a 503 asks
+    again = harness.api("POST", f"/v1/jobs/{job_id}/cancel", tenant=ENTERPRISE)
+    # Then it is told the job is canceled: not a 409 "already finished", which says the job
+    # ran and was paid for (hunt 322)
+    assert (again.status, again.body["status"]) == (200, "canceled"), again.body
 
 
 def test_a_running_jobs_cancel_whose_flag_answer_is_lost_is_accepted_not_503(

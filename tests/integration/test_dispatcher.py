@@ -449,6 +449,119 @@ def test_410_to_a_jobs_started_event_stops_its_later_events_until_a_redelivery(
     assert stage.delivery().status == "delivered"
 
 
+def test_410_to_a_jobs_started_event_whose_write_is_throttled_still_stops_its_terminal_event(
+    stage: Stage,
+) -> None:
+    # Given a job subscribed to job.started and job.succeeded, whose receiver answers 410 Gone,
+    # and DynamoDB throttling the write that records it, once (botocore's own tries included)
+    stage.receiver.script("/hooks/gone-throttled", 410, 200)
+    stage.job("/hooks/gone-throttled", events=[WebhookEvent.STARTED, WebhookEvent.SUCCEEDED])
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    faults = AwsFaults()
+    faults.arm(FaultKind.THROTTLE, "dynamodb.UpdateItem")
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.STARTED)
+    try:
+        # When its job.started event is answered 410
+        assert stage.dispatch() == {"batchItemFailures": []}
+    finally:
+        faults.disarm()
+    assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.UpdateItem"]
+    # Then the 410 is written all the same (hunt 321: the message came back once the job had
+    # ended, was skipped, and the 410 was never written), and the terminal event is not POSTed
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED)
+    assert stage.dispatch() == {"batchItemFailures": []}
+    assert len(stage.receiver.requests_to("/hooks/gone-throttled")) == 1
+    assert stage.delivery().status == "disabled"
+
+
+@pytest.mark.parametrize("kind", [FaultKind.APPLIED_LOST, FaultKind.APPLIED_RETRIED])
+def test_a_redelivery_applied_with_its_answer_lost_is_read_back_as_the_round_stored(
+    stage: Stage, kind: FaultKind
+) -> None:
+    # Given a delivered job, and a redelivery's write DynamoDB applies while every answer is
+    # lost, or applies twice (botocore's resend of a write whose answer was lost)
+    stage.receiver.script("/hooks/again", 200, 200)
+    stage.job("/hooks/again")
+    stage.dispatch()
+    assert stage.delivery().status == "delivered"
+    stored = stage.jobs.find("job_hooked")
+    assert stored is not None
+    faults = AwsFaults()
+    faults.arm(kind, "dynamodb.UpdateItem")
+    try:
+        pending = stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID, read=stored)
+    finally:
+        faults.disarm()
+    assert [fired.fault.operation for fired in faults.fired] == ["dynamodb.UpdateItem"]
+    # Then it is the round stored, read back (hunt 321: a 503 whose retry started another)
+    found = stage.jobs.find("job_hooked")
+    assert found is not None and found.delivery_round > stored.delivery_round
+    assert (pending.delivery_round, pending.delivery_status) == (found.delivery_round, DeliveryStatus.PENDING)
+    # And its message is delivered, under the job's one webhook-id
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, delivery_round=pending.delivery_round)
+    stage.dispatch()
+    posts = stage.receiver.requests_to("/hooks/again")
+    assert len(posts) == 2 and len({post.headers["webhook-id"] for post in posts}) == 1
+    assert stage.delivery().status == "delivered"
+
+
+class _ResentAcrossARedelivery:
+    """The dispatcher's DynamoDB client: its first delivery record is applied, its answer lost;
+    a redelivery (the api's) lands; then botocore sends the same record again."""
+
+    def __init__(self, real: Any, stage: Stage) -> None:
+        self.real = real
+        self._stage = stage
+        self.rounds: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        token = kwargs.get("ExpressionAttributeValues", {}).get(":token", {}).get("S", "")
+        if not self.rounds and token.startswith("delivery#"):
+            self.real.update_item(**kwargs)  # applied; its answer lost
+            stored = self._stage.jobs.find("job_hooked")
+            assert stored is not None
+            self.rounds.append(
+                self._stage.jobs.mark_delivery_pending("job_hooked", TENANT_ID, read=stored).delivery_round
+            )
+        return self.real.update_item(**kwargs)
+
+
+@pytest.mark.parametrize("first", [200, 500])
+def test_an_attempts_record_resent_across_a_redelivery_never_lands_on_the_new_round(
+    stage: Stage, first: int
+) -> None:
+    # Given a finished job whose first attempt is answered `first`
+    stage.receiver.script("/hooks/resent", first, 200, 200)
+    stage.job("/hooks/resent")
+    jobs = stage.handler.dispatcher()._jobs
+    spy = _ResentAcrossARedelivery(jobs._ddb, stage)
+    jobs._ddb = spy
+    try:
+        # When the attempt's record is applied with its answer lost, a redelivery lands, and
+        # botocore resends the record
+        stage.dispatch()
+    finally:
+        jobs._ddb = spy.real
+    assert spy.rounds == [1]
+    # Then the new round has made no attempt yet (review 277: the resend, not knowing its own
+    # write once the redelivery rewrote its token, landed on the new round: delivered, so the
+    # redelivery was never POSTed, or waiting out the old round's backoff)
+    after = stage.jobs.find("job_hooked")
+    assert after is not None
+    assert (after.delivery_status, after.delivery_attempts, after.delivery_next_ms) == (
+        DeliveryStatus.PENDING,
+        0,
+        None,
+    )
+    # And the redelivery's message POSTs the event at once
+    stage.queues.enqueue_webhook("job_hooked", WebhookEvent.SUCCEEDED, delivery_round=1)
+    stage.dispatch()
+    assert len(stage.receiver.requests_to("/hooks/resent")) == 2
+
+
 @pytest.mark.parametrize("carry", [False, True], ids=["read", "carried"])
 def test_a_message_of_the_round_before_a_redelivery_is_dropped_at_its_next_receive(
     stage: Stage, carry: bool

@@ -318,6 +318,10 @@ class LifecycleModel(LifecycleMachine):
         except JobNotCancelable:
             assert before.status.is_terminal, f"a {before.status.value} job refused to cancel"
             return
+        if before.status is JobStatus.CANCELED:
+            # (canceled already: answered as it is, the outcome asked for; hunt 322)
+            assert after.status is JobStatus.CANCELED, after
+            return
         assert not before.status.is_terminal, f"a {before.status.value} job accepted a cancel"
         if before.status is JobStatus.QUEUED:
             # (a job queued again after an attempt, whose parked result S3 cannot look for now,

@@ -181,19 +181,54 @@ def faults(harness: Harness) -> Iterator[AwsFaults]:
 
 
 @pytest.mark.parametrize("kind", [FaultKind.THROTTLE, FaultKind.APPLIED_LOST])
-def test_a_place_that_cannot_be_taken_is_refused_at_once_and_leaves_nothing_held(
-    harness: Harness, faults: AwsFaults, kind: FaultKind
+def test_a_place_that_cannot_be_taken_is_a_busy_store_at_once_and_leaves_nothing_held(
+    harness: Harness, faults: AwsFaults, kind: FaultKind, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job_id = harness.submit(tenant=FREE).body["id"]
     polls = _polls(harness)
     polls.leave(FREE["tenant_id"], polls.enter(FREE["tenant_id"], cap=2, seconds=1) or "")
     # Given DynamoDB refuses the write that takes the place, or applies it and loses the answer
     fault = faults.arm(kind, "dynamodb.UpdateItem")
-    # When the tenant long-polls, it is refused at once (not a 5xx) and told when to ask again
-    assert _poll(harness, job_id, FREE) == REFUSED
+    capsys.readouterr()
+    # When the tenant long-polls, it is answered at once that the store is busy, and told when
+    # to ask again: not a 429 `too_many_long_polls`, which tells the integrator its own waits
+    # are at their limit, nor counted as a refusal on the operator's dashboard (hunt 322)
+    status, code, retry_after = _poll(harness, job_id, FREE)
+    assert (status, code) == (503, "service_unavailable")
+    assert retry_after is not None and int(retry_after) >= 1
     assert [entry.fault for entry in faults.fired] == [fault]
+    assert emitted_metrics(capsys.readouterr().out, MetricName.LONG_POLL_REFUSED) == []
     # And no place is left held by a request that is not waiting
     assert _places_held(harness, FREE) == 0
+    # And once DynamoDB answers, the same poll waits, and gives its place back
+    faults.disarm()
+    assert _poll(harness, job_id, FREE) == (200, "queued", None)
+    assert _places_held(harness, FREE) == 0
+
+
+def test_a_wait_whose_place_write_fails_past_its_time_answers_the_job_as_read(harness: Harness) -> None:
+    # Given a queued job, and DynamoDB slow (1.5 s) and then throttling the write that would
+    # take a long-poll place
+    job_id = harness.submit().body["id"]
+    calls: list[float] = []
+
+    def slow_then_throttled(params: dict[str, Any], **_: Any) -> None:
+        if str(params.get("Key", {}).get("pk", {}).get("S", "")).startswith("polls#"):
+            calls.append(time.time())
+            time.sleep(1.5)
+            error: Any = {
+                "Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+            raise ClientError(error, "UpdateItem")
+
+    # When a poll waits 1 s
+    with on_aws_call("dynamodb", "provide-client-params.dynamodb.UpdateItem", slow_then_throttled):
+        reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE, query={"wait": "1"})
+    # Then, its wait's time spent on the place's tries, it is answered with the job as read, as
+    # when no place was taken for want of time (review 277: a 503)
+    assert calls
+    assert (reply.status, reply.body.get("status")) == (200, "queued"), reply.body
 
 
 def test_a_place_taken_whose_answer_was_lost_is_recognised_as_its_own(

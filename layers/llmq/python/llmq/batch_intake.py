@@ -457,7 +457,16 @@ class BatchIntake:
                 extra={"batch_id": batch.id, **error_fields(exc)},
             )
             return pending
-        self.batches.mark_webhook_sent(batch.id, pending.delivery_round)
+        try:
+            self.batches.mark_webhook_sent(batch.id, pending.delivery_round)
+        except StoreUnavailable as exc:
+            # The round went: its batch, still marked unsent, is poked by the reconciler, whose
+            # message is then dropped as a copy. Accepted, not a 503 whose retry starts another
+            # round and sends its event again (hunt 321).
+            logger.warning(
+                "redelivery's event sent, not marked so; the reconciler looks",
+                extra={"batch_id": batch.id, **error_fields(exc)},
+            )
         return pending
 
     # ---- cancel -------------------------------------------------------------------------
@@ -465,8 +474,12 @@ class BatchIntake:
     def cancel(self, tenant: TenantIdentity, batch_id: str) -> BatchRecord:
         """Canceling: no item starts any more (a queued one ends canceled at its claim, with no
         provider call), each running one is asked to stop as a job is, and items not written yet
-        are never written. The batch ends `canceled` once every item has ended."""
+        are never written. The batch ends `canceled` once every item has ended. A batch
+        canceled already is answered as it is, not 409 (hunt 322: a retry of a cancel whose
+        answer was lost met the batch its own cancel had ended as one "already finished")."""
         batch = self.batches.get(batch_id, tenant.tenant_id)
+        if batch.status is BatchStatus.CANCELED:
+            return batch
         if batch.status.is_terminal:
             raise BatchNotCancelable(f"batch {batch_id} is {batch.status.value}")
         try:

@@ -1170,6 +1170,21 @@ class BatchRepository:
             if codec.condition_failed(exc):
                 raise BatchNotEnded(f"batch {batch.id} has not ended") from exc
             raise
+        except StoreUnavailable:
+            # Applied with every answer lost, perhaps: a round past the one read is there (this
+            # request's or another's, unsent either way), answered as accepted, not a 503 whose
+            # retry starts another round (review 277; `JobRepository.mark_delivery_pending`).
+            try:
+                found = self.find(batch.id)
+            except StoreUnavailable:
+                found = None
+            if (
+                found is None
+                or found.created_ms != batch.created_ms
+                or found.delivery_round <= batch.delivery_round
+            ):
+                raise
+            return found
         return _from_item(response["Attributes"])
 
     def mark_webhook_sent(self, batch_id: str, delivery_round: int) -> None:

@@ -329,14 +329,23 @@ class JobIntake:
         `position`, a job still queued says where it stands among the tenant's queued jobs.
 
         A wait holds one of the tenant's long-poll places (llmq.long_polls); with none free,
-        nothing waits and `wait_refused` says so. A job already finished needs no place.
+        nothing waits and `wait_refused` says so. A job already finished needs no place. A
+        place whose write failed (a throttle) is StoreUnavailable, as the job's read would be:
+        not the tenant's limit (hunt 322: a 429 `too_many_long_polls`, counted as a refusal).
         """
         deadline = time.monotonic() + wait_seconds
         job = self.jobs.get(job_id, tenant.tenant_id)
         refused = False
         # (a first read that took the wait's time waits no more, and takes no place: hunt 289)
         if wait_seconds > 0 and not job.status.is_terminal and time.monotonic() < deadline:
-            place = self._take_place(tenant, wait_seconds, deadline)
+            try:
+                place = self._take_place(tenant, wait_seconds, deadline)
+            except StoreUnavailable:
+                if time.monotonic() < deadline:
+                    raise
+                # (the wait's time spent on the place's tries: answered with the job as read, as
+                # when none was taken for want of time; review 277)
+                place = None
             # (none for want of time is no refusal: the answer is due, with the job as read)
             refused = place is None and time.monotonic() < deadline
             if place is not None:
@@ -390,7 +399,12 @@ class JobIntake:
         opening = [] if seen > 0 else [status_event(job.status)]
         if wait_seconds <= 0:
             return self._events_now(job, seen, opening)
-        place = self._take_place(tenant, wait_seconds, deadline) if time.monotonic() < deadline else None
+        try:
+            place = self._take_place(tenant, wait_seconds, deadline) if time.monotonic() < deadline else None
+        except StoreUnavailable:
+            # (a reconnect a retry hint later, as with the places all taken)
+            logger.warning("long-poll place unavailable: answering without a wait")
+            place = None
         if place is None and time.monotonic() >= deadline:
             # Its first read (or the place's writes) took the wait's time: what is written is
             # served as without a wait (review 265: not a hint alone, at every reconnect while
@@ -522,16 +536,11 @@ class JobIntake:
                 return []
 
     def _take_place(self, tenant: TenantIdentity, seconds: float, deadline: float) -> str | None:
+        """A long-poll place, or None when the tenant's are all taken (a refusal, counted);
+        StoreUnavailable when the place's write failed, which is no refusal."""
         if self.polls is None:
             return ""
-        try:
-            place = self.polls.enter(
-                tenant.tenant_id, self.config.long_poll_cap(tenant.tier), seconds, deadline
-            )
-        except StoreUnavailable:
-            logger.warning("long-poll place unavailable: answering without a wait")
-            emit_count(MetricName.LONG_POLL_REFUSED)
-            return None
+        place = self.polls.enter(tenant.tenant_id, self.config.long_poll_cap(tenant.tier), seconds, deadline)
         if place is None and time.monotonic() < deadline:
             logger.info(
                 "long-polls all taken: answering without a wait", extra={"tenant_id": tenant.tenant_id}
@@ -579,15 +588,16 @@ class JobIntake:
 
     def _cancel(self, job_id: str, tenant_id: str) -> tuple[JobRecord, bool]:
         """Queued: canceled at once. Running: cancel_requested, the worker stops it. Ended
-        before the request: 409. With whether this request's own write ended the job (its
-        event is then this request's to send).
+        otherwise before the request (succeeded, failed, expired): 409. With whether this
+        request's own write ended the job (its event is then this request's to send).
 
-        One token for the whole request: a retried cancel whose answer was lost finds the
-        job canceled by itself, not by someone else. A job found canceled once this request
-        has tried its write is answered as canceled, not 409: the flag's write may have been
-        applied with its answer lost, and the worker that saw it ended the job before the
-        retry, whose condition (still running) then failed; or another cancel came first.
-        Either way the job is canceled, as asked, and what ended it sent its event.
+        A job found canceled is answered as canceled (200), not 409, whoever canceled it: the
+        outcome asked for. A client's retry of a cancel whose answer it never had (a lost
+        answer and a throttled look, a gateway timeout, a dropped connection) meets the job
+        it canceled itself, and a 409 "already finished" would tell it the job ran (hunt 322);
+        a flag's write applied with its answer lost, which the worker obeyed before this
+        request's retried write, is the same. What ended the job sent its event. One token
+        for the whole request tells its own write from another's.
 
         A write DynamoDB did not answer (every try's answer lost, or throttled) may have been
         applied: the next look tells, by this request's token or the flag, before the request
@@ -596,14 +606,11 @@ class JobIntake:
         reconciler's look at its unsent webhook.)
         """
         token = write_token("cancel")
-        tried = False
         unanswered: StoreUnavailable | None = None
         for _ in range(3):
             job = self.jobs.get(job_id, tenant_id)
-            if job.status is JobStatus.CANCELED and job.last_write == token:
-                return job, True
-            if job.status is JobStatus.CANCELED and tried:
-                return job, False
+            if job.status is JobStatus.CANCELED:
+                return job, job.last_write == token
             if job.status.is_terminal:
                 raise JobNotCancelable(f"job {job_id} is {job.status.value}")
             if unanswered is not None:
@@ -613,7 +620,6 @@ class JobIntake:
                 if job.cancel_requested:
                     return job, False
                 raise unanswered
-            tried = True
             try:
                 done = self._cancel_once(job, token)
             except StoreContended:
@@ -630,8 +636,7 @@ class JobIntake:
         # for a job that has not ended; review 264: nor a 503 for one that has).
         job = self.jobs.get(job_id, tenant_id)
         if job.status is JobStatus.CANCELED:
-            # (this request's, or another cancel's that came first: canceled as asked, as the
-            # loop answers it; review 265)
+            # (this request's, or another cancel's that came first: canceled as asked; review 265)
             return job, job.last_write == token
         if job.status.is_terminal:
             raise JobNotCancelable(f"job {job_id} is {job.status.value}")

@@ -1511,7 +1511,35 @@ class JobRepository:
             if codec.condition_failed(exc):
                 raise JobNotFound(job_id) from exc
             raise
+        except StoreUnavailable:
+            # Applied with every answer lost, perhaps: a round past the one read is there, this
+            # request's or another redelivery's, and pending either way: answered as accepted,
+            # not 503, whose retry starts another round (hunt 321). (No token of its own: the
+            # item's `delivery_write` is the dispatcher's, whose record in flight it names; a
+            # token there made a record resent across the redelivery land on the new round,
+            # review 277.)
+            newer = self._newer_round(job_id, read)
+            if newer is None:
+                raise
+            return newer
         return codec.from_item(response["Attributes"])
+
+    def _newer_round(self, job_id: str, read: JobRecord | None) -> JobRecord | None:
+        """The job as stored, when a delivery round past `read`'s is there (the same job); None
+        otherwise, or without `read`, or when the read fails too."""
+        if read is None:
+            return None
+        try:
+            found = self.find(job_id)
+        except StoreUnavailable:
+            return None
+        if (
+            found is None
+            or found.created_ms != read.created_ms
+            or found.delivery_round <= read.delivery_round
+        ):
+            return None
+        return found
 
     # ---- reads --------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from llmq.batches import BatchRecord, BatchRepository
 from llmq.config import WEBHOOK_OUTPUT_FIRST_SECONDS, LlmqConfig
-from llmq.errors import InvalidWebhookUrl, WebhookHostUnavailable
+from llmq.errors import InvalidWebhookUrl, StoreUnavailable, WebhookHostUnavailable
 from llmq.job_record import JobRecord, iso
 from llmq.model_base import Model
 from llmq.models import (
@@ -126,6 +126,10 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 # waits this long at most for an answer: a receiver that hangs must not fill the dispatcher
 # with a long job's stream of them (the terminal events share it).
 OUTPUT_ATTEMPTS = 2
+# The waits between tries of the write that says a receiver answered 410 Gone to an event not
+# recorded (`WebhookDispatcher._mark_gone`), each after botocore's own retries.
+# Once: a throttled dispatcher must not spend its invocation here (its other deliveries wait).
+GONE_WRITE_RETRY_SECONDS = (1.0,)
 OUTPUT_TIMEOUT_SECONDS = 5.0
 # Why a terminal event's message of a round before a redelivery is dropped: the redelivery's
 # own message carries the event (or, lost, the reconciler's resend of it).
@@ -712,8 +716,22 @@ class WebhookDispatcher:
             return await self._after_a_copy_counted(message, receive)
         if not terminal and outcome.kind is OutcomeKind.DISABLED:
             # Said on the job, so its later events (the terminal one too) are not POSTed.
-            await asyncio.to_thread(self._jobs.mark_webhook_gone, job.id)
+            await self._mark_gone(job.id)
         return outcome
+
+    async def _mark_gone(self, job_id: str) -> None:
+        """A 410 Gone to job.started or job.output, written on the job; a throttled write is
+        tried again within the invocation (hunt 321): this message, back later, finds the job
+        ended and is skipped, and the 410 was never written: the terminal event went to a
+        receiver that had said it was gone."""
+        for delay in (*GONE_WRITE_RETRY_SECONDS, None):
+            try:
+                await asyncio.to_thread(self._jobs.mark_webhook_gone, job_id)
+                return
+            except StoreUnavailable:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
 
     async def _after_a_copy_counted(self, message: WebhookMessage, receive: str | None) -> DeliveryOutcome:
         """Another copy of this message settled or counted this attempt first: its outcome stands.
