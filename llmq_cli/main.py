@@ -42,11 +42,14 @@ from llmq.models import MAX_JSON_DEPTH, TERMINAL_STATUSES, blank_line
 from llmq_cli.sandbox_state import (
     SandboxState,
     TenantCredentials,
+    lock_holder,
     pid_alive,
     read_state,
     remove_state,
     sandbox_alive,
     state_file,
+    state_pid,
+    take_lock,
     write_state,
 )
 
@@ -70,7 +73,7 @@ def _running_state(path: Path) -> SandboxState | None:
         state = read_state(path)
     except (FileNotFoundError, ValueError):
         return None
-    return state if sandbox_alive(state.pid) else None
+    return state if sandbox_alive(state.pid, path) else None
 
 
 def _api_answers(state: SandboxState) -> bool:
@@ -107,8 +110,26 @@ def cmd_sandbox_up(args: argparse.Namespace) -> int:
 
         os.environ[IAM_VAR] = "off"  # read by the sandbox, here or in the detached child
     if args.detach:
+        starting = lock_holder(path)
+        if starting is not None:
+            raise CliError(_already(starting, path))
         return _up_detached(path, args.timeout)
-    return _up_foreground(path, announce=not args.serve)
+    # Held for the sandbox's life: two `up`s at once both booted, and the second's state file
+    # hid the first from `down` for good (hunt 320).
+    lock = take_lock(path)
+    if lock is None:
+        raise CliError(_already(lock_holder(path), path))
+    try:
+        return _up_foreground(path, announce=not args.serve)
+    finally:
+        os.close(lock)
+
+
+def _already(pid: int | None, path: Path) -> str:
+    return (
+        f"a sandbox is already starting or running (pid {pid or 'not known yet'}, {path}); "
+        "`llmq sandbox down` first"
+    )
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -141,7 +162,10 @@ def _up_foreground(path: Path, announce: bool) -> int:
         else:
             print(f"sandbox ready: {state.api_url}", flush=True)
         _serve_while_aws_runs(sandbox)
-        print("llmq: the sandbox's moto process exited; stopping the sandbox", file=sys.stderr)
+        print(
+            f"llmq: {sandbox.down_part() or 'a part of the sandbox exited'}; stopping the sandbox",
+            file=sys.stderr,
+        )
         code = 1
     except KeyboardInterrupt:
         code = 0
@@ -158,8 +182,9 @@ def _up_foreground(path: Path, announce: bool) -> int:
 
 
 def _serve_while_aws_runs(sandbox: Any) -> None:
-    """Until interrupted, or until moto's process is gone (its state with it: a sandbox that
-    answered on without it would fail every call behind a healthy-looking gateway)."""
+    """Until interrupted, or until moto's process is gone (its state with it), or the Lambda
+    service's runtime (no function could run): a sandbox that answered on without either would
+    fail every call behind a healthy-looking gateway."""
     while sandbox.aws_alive:
         time.sleep(1.0)
 
@@ -211,16 +236,23 @@ def _up_detached(path: Path, timeout: float) -> int:
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise CliError(
-                f"the sandbox exited during start (status {process.returncode}):\n{_tail(log_path)}"
-            )
-        state = _running_state(path)
-        if state is not None and state.pid == process.pid and _api_answers(state):
-            print(f"sandbox up (pid {state.pid}): API {state.api_url}; state in {path}")
-            return 0
-        time.sleep(0.25)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise CliError(
+                    f"the sandbox exited during start (status {process.returncode}):\n{_tail(log_path)}"
+                )
+            state = _running_state(path)
+            if state is not None and state.pid == process.pid and _api_answers(state):
+                print(f"sandbox up (pid {state.pid}): API {state.api_url}; state in {path}")
+                return 0
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        # Ctrl-C while it starts: it does not come up later behind the user's back, unseen by
+        # `down` (hunt 320), and no traceback.
+        _kill_group(process.pid)
+        print("llmq: interrupted; the sandbox that was starting is stopped", file=sys.stderr)
+        return 130
     _kill_group(process.pid)
     raise CliError(f"the sandbox did not answer within {timeout:.0f}s:\n{_tail(log_path)}")
 
@@ -239,15 +271,31 @@ def _kill_group(pid: int) -> None:
 
 def cmd_sandbox_down(args: argparse.Namespace) -> int:
     path = state_file(args.state_file)
+    # The sandbox holding the lock, if any: perhaps still starting, with no state file yet, or
+    # one that another's state file hides (hunt 320).
+    holder = lock_holder(path)
+    for _ in range(20):
+        if holder != 0:
+            break
+        time.sleep(0.05)  # (its lock just taken, its pid not yet written: a moment)
+        holder = lock_holder(path)
     try:
-        state = read_state(path)
+        pid: int | None = read_state(path).pid
     except FileNotFoundError:
+        pid = None
+    except ValueError:
+        # (written by another llmq version, or cut short: its pid still says what to stop;
+        # hunt 320: a traceback, and the sandbox could not be stopped)
+        pid = state_pid(path)
+    if holder and holder != pid:
+        pid = holder
+    if pid is None:
+        _forget_state(path)
         print("no sandbox is running")
         return 0
-    pid = state.pid
-    if not sandbox_alive(pid):
+    if not sandbox_alive(pid, path):
         # (its pid gone, or the OS's since for another process: nothing of ours to stop)
-        remove_state(path)
+        _forget_state(path)
         print(f"no sandbox is running (the state file named pid {pid}, which is not one); removed it")
         return 0
     # A detached sandbox leads its own process group (its function environments are in it);
@@ -262,9 +310,15 @@ def cmd_sandbox_down(args: argparse.Namespace) -> int:
             os.kill(pid, signal.SIGKILL)
     if leads_group:
         _kill_group(pid)
-    remove_state(path)
+    _forget_state(path)
     print(f"sandbox stopped (pid {pid})")
     return 0
+
+
+def _forget_state(path: Path) -> None:
+    """The state file removed, readable or not (its sandbox is gone)."""
+    with suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _process_group(pid: int) -> int | None:
@@ -278,6 +332,14 @@ def cmd_sandbox_status(args: argparse.Namespace) -> int:
     path = state_file(args.state_file)
     state = _running_state(path)
     if state is None:
+        holder = lock_holder(path)
+        if holder is not None:
+            # (starting, or its state file is another version's: not "none", which `up` would
+            # take for leave to start a second; hunt 320)
+            print(
+                f"a sandbox (pid {holder or 'not known yet'}) is starting, or its state file cannot be read"
+            )
+            return 1
         print("no sandbox is running")
         return 1
     _print_json({**state.model_dump(exclude_none=True), "api_answers": _api_answers(state)})

@@ -11,10 +11,17 @@ set-limits` rewrites them, `llmq tenants show` reads them live.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+
+try:
+    import fcntl
+except ImportError:  # (no flock: the process's command line alone tells a sandbox)
+    fcntl = None  # type: ignore[assignment]
 
 DEFAULT_STATE_FILE = Path(".llmq") / "sandbox.json"
 STATE_FILE_VAR = "LLMQ_SANDBOX_STATE"
@@ -111,21 +118,86 @@ def remove_state(path: Path, pid: int | None = None) -> None:
         return
 
 
-def sandbox_alive(pid: int) -> bool:
-    """True while `pid` is a process of this user's running llmq (its command line names it),
-    not one the OS has given the pid of a sandbox that died without removing its state file
-    since (hunt 298: `sandbox down` killed it, and `sandbox up` refused to start). Without
-    /proc to read, any process of this user."""
+def sandbox_alive(pid: int, path: Path | None = None) -> bool:
+    """True while `pid` is this user's sandbox, not a process the OS has given the pid of a
+    sandbox that died without removing its state file since (hunt 298: `sandbox down` killed
+    it, and `sandbox up` refused to start). With the state file's `path`, the sandbox's lock
+    (`take_lock`) says so, which the kernel releases however its holder ends (hunt 320: a pid
+    given since to `tail -f .llmq/sandbox.log`, or to another sandbox's function environment,
+    passed a command line naming llmq). Else, and for a sandbox of a version without the lock,
+    its command line (`sandbox up`); without /proc to read, any process of this user."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False  # (gone, or another user's: not a sandbox this user started)
+    if path is not None and fcntl is not None and lock_file(path).exists():
+        return lock_holder(path) == pid
     try:
-        return b"llmq" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"sandbox\x00up" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
         return not Path("/proc/self").exists()
     except OSError:
         return False
+
+
+def lock_file(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def take_lock(path: Path) -> int | None:
+    """The lock of the sandbox whose state file is `path`, held from its start to its end (the
+    descriptor returned stays open; closing it, or the process's end, releases it): two `up`s
+    never both boot, and a sandbox still starting, with no state file yet, can be found and
+    stopped (`lock_holder`). None when another process holds it. The lock file names the
+    holder's pid. Always a descriptor where flock is not to be had."""
+    lock = lock_file(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    if fcntl is None:
+        return descriptor
+    for attempt in range(3):
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 2:
+                os.close(descriptor)
+                return None
+            time.sleep(0.05)  # (perhaps a `lock_holder` looking, for a moment)
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, str(os.getpid()).encode())
+    return descriptor
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the sandbox's lock (0 when it has not written it yet), or
+    None when none holds it."""
+    if fcntl is None:
+        return None
+    try:
+        descriptor = os.open(lock_file(path), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(descriptor, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def state_pid(path: Path) -> int | None:
+    """The pid a state file names, read as plain JSON: one this version cannot validate (another
+    llmq version's, hunt 320) still says which sandbox to stop."""
+    try:
+        pid = json.loads(path.read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
 
 def pid_alive(pid: int, *, or_group: bool = False) -> bool:

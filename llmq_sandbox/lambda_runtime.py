@@ -414,6 +414,11 @@ def serve_forks() -> None:
 
 
 def main(argv: list[str]) -> None:
+    # Ctrl-C at the terminal of a sandbox in the foreground (`make dev`) reaches its whole process
+    # group: the sandbox stops its environments itself, and one cut by the key instead printed a
+    # KeyboardInterrupt traceback in its function's log, mid-handler, as if it crashed (hunt 320).
+    # (Forked environments inherit it from the fork server.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if argv[:1] == ["--fork-server"]:
         serve_forks()
     elif argv[:1] == ["--connect"] and len(argv) == 3:

@@ -383,6 +383,12 @@ class EnvironmentLauncher:
         if not forked:
             raise FunctionStartError(f"the fork server stopped; see {self._log.name}")
 
+    @property
+    def alive(self) -> bool:
+        """The fork server runs (without it no environment can start, and each running one
+        exits with it: hunt 320); always, without one."""
+        return self._server is None or self._server.poll() is None
+
     def close(self) -> None:
         self._closed = True
         if self._server is not None:
@@ -464,6 +470,12 @@ class ExecutionEnvironment:
     @property
     def pid(self) -> int:
         return self._connection.pid
+
+    def exited_while_idle(self) -> bool:
+        """Its process ended between invocations (killed, out of memory on the way to idle, its
+        fork server gone): its connection's end is all its replies hold. Not one whose init was
+        stopped for its timeout on purpose, which the next invocation starts again (review 278)."""
+        return not self.init_suppressed and bool(self._replies.queue) and self._replies.queue[0] is None
 
     @property
     def memory_limit_bytes(self) -> int:
@@ -632,9 +644,10 @@ class ExecutionEnvironment:
         with suppress(OSError):
             self._connection.socket.shutdown(socket.SHUT_WR)
 
-    def stop(self) -> None:
+    def stop(self, deadline: float | None = None) -> None:
+        """Asked to stop, then killed at the monotonic `deadline` (a second from now by default)."""
         self.request_stop()
-        deadline = time.monotonic() + 1.0
+        deadline = deadline if deadline is not None else time.monotonic() + 1.0
         while pid_alive(self.pid) and time.monotonic() < deadline:
             if self._connection.process is not None and self._connection.process.poll() is not None:
                 break
@@ -857,6 +870,7 @@ class FunctionPool:
                 while True:
                     if self._closed:
                         raise _Stopping(self.spec.name)
+                    self._drop_exited_idle()
                     if self._busy >= self._max and not self._idle:
                         if throttle:
                             raise FunctionThrottled(self.spec.name)
@@ -887,17 +901,31 @@ class FunctionPool:
             if environment is not None and environment.alive and not self._closed:
                 self._idle.append(environment)
             elif environment is not None:
-                with self._lock:
-                    if environment in self._all:
-                        self._all.remove(environment)
-                if environment in self._provisioned:
-                    self._provisioned.discard(environment)
-                    if not self._closed:
-                        self._busy += 1
-                        threading.Thread(
-                            target=self._replace_provisioned, name=f"provision-{self.spec.name}", daemon=True
-                        ).start()
+                self._forget(environment)
             self._changed.notify_all()
+
+    def _drop_exited_idle(self) -> None:
+        """(holding `_changed`) Idle environments whose process ended between invocations are
+        dropped, and a provisioned one replaced: Lambda never hands an invocation an environment
+        that is gone, it starts another (hunt 320: the next invocation failed
+        `Runtime.ExitError` at once)."""
+        for environment in [idle for idle in self._idle if idle.exited_while_idle()]:
+            self._idle.remove(environment)
+            environment.kill()
+            self._forget(environment)
+
+    def _forget(self, environment: ExecutionEnvironment) -> None:
+        """(holding `_changed`) An environment no longer usable; a provisioned one is replaced."""
+        with self._lock:
+            if environment in self._all:
+                self._all.remove(environment)
+        if environment in self._provisioned:
+            self._provisioned.discard(environment)
+            if not self._closed:
+                self._busy += 1
+                threading.Thread(
+                    target=self._replace_provisioned, name=f"provision-{self.spec.name}", daemon=True
+                ).start()
 
     def _start(self) -> ExecutionEnvironment:
         try:
@@ -981,8 +1009,10 @@ class FunctionPool:
             self._all.clear()
         for environment in environments:
             environment.request_stop()
+        # (one second for them all, not each: busy ones, which ignore Ctrl-C, are killed together)
+        deadline = time.monotonic() + 1.0
         for environment in environments:
-            environment.stop()
+            environment.stop(deadline)
         self._log.close()
 
 
@@ -1077,6 +1107,11 @@ class LambdaService:
         self, function: str, event: Any, timeout_seconds: float | None = None, *, throttle: bool = False
     ) -> InvocationResult:
         return self.pools[function].invoke(event, timeout_seconds, throttle=throttle)
+
+    @property
+    def alive(self) -> bool:
+        """Environments can start (`EnvironmentLauncher.alive`)."""
+        return self.launcher.alive
 
     def close(self) -> None:
         threads = [threading.Thread(target=pool.close) for pool in self.pools.values()]

@@ -450,8 +450,9 @@ class Sandbox:
         if path == "/_sandbox/mappings":
             return self._mappings_endpoint(method, body)
         if path == "/_sandbox/health":
-            if not self.aws_alive:
-                return 503, {"status": "moto's process exited"}
+            down = self.down_part()
+            if down is not None:
+                return 503, {"status": down}
             return 200, {"status": "ok"}
         if path == "/_sandbox/invocations":
             records = self.functions.invocations.records(
@@ -570,9 +571,19 @@ class Sandbox:
 
     @property
     def aws_alive(self) -> bool:
-        """moto's process is up (everything the sandbox holds lives there)."""
+        """moto's process is up (everything the sandbox holds lives there), and the Lambda
+        service's runtime, without which no function can run (hunt 320: its fork server gone,
+        the sandbox answered every request with an error behind a healthy gateway)."""
+        return self.down_part() is None
+
+    def down_part(self) -> str | None:
+        """What of the sandbox's own processes has exited, or None."""
         running = self._running  # stop() may clear it meanwhile
-        return running is not None and running.moto.alive
+        if running is None or not running.moto.alive:
+            return "the sandbox's moto process exited"
+        if running.functions is not None and not running.functions.alive:
+            return "the Lambda service's runtime (its fork server) exited"
+        return None
 
     # ---- stop ----
 

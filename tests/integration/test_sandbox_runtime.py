@@ -220,9 +220,15 @@ def test_an_init_past_its_limit_is_retried_within_the_first_invocation(
     https://docs.aws.amazon.com/lambda/latest/dg/lambda-runtime-environment.html"""
     running = _slow_init(service, tmp_path, seconds=short_init + 1, timeout_seconds=10)
     running.warm_up()  # not a failure: the init is left to the first invocation
+    # (which comes a moment later: the stopped init's process is gone by then, and its
+    # environment, kept for the retry, is not taken for one that died idle; review 278)
+    time.sleep(0.5)
     result = running.invoke("fn", {})
     assert result.outcome is Outcome.OK, result.error
-    assert (tmp_path / "inits").read_text().count("init") == 2  # stopped once, then run again
+    assert (result.cold_start, (tmp_path / "inits").read_text().count("init")) == (
+        False,
+        2,
+    )  # stopped once, then run again
     # The retried init was counted against the invocation's own 10 s.
     assert result.payload < 10_000 - 1000
 
@@ -526,3 +532,45 @@ def test_a_function_without_provisioned_environments_starts_one_on_demand_with_t
     running.warm_up()
     result = running.invoke("fn", {"sleep": 0})
     assert (result.payload["initialization"], result.cold_start) == ("on-demand", False)
+
+
+@pytest.mark.parametrize("provisioned", [0, 1], ids=["on-demand", "provisioned"])
+def test_an_environment_that_died_while_idle_is_never_handed_the_next_invocation(
+    service: Service, provisioned: int
+) -> None:
+    import os
+    import signal
+
+    # Given a function's warm environment, killed between invocations (the OOM killer, a stray kill)
+    running = service(CRASHES_ON_ASK, provisioned=provisioned)
+    running.warm_up()
+    first = running.invoke("fn", {})
+    assert first.outcome is Outcome.OK
+    os.kill(first.payload["pid"], signal.SIGKILL)
+    time.sleep(1.0)
+    # When the next request comes
+    after = running.invoke("fn", {})
+    # Then it runs, in another environment, as on Lambda (hunt 320: it failed at once with
+    # Runtime.ExitError, the dead environment handed out as warm)
+    assert after.outcome is Outcome.OK, after.payload
+    assert after.payload["pid"] != first.payload["pid"]
+
+
+def test_the_lambda_service_says_it_cannot_run_functions_once_its_fork_server_is_gone(
+    service: Service,
+) -> None:
+    import os
+    import signal
+
+    running = service(CRASHES_ON_ASK)
+    running.warm_up()
+    assert running.alive
+    server = running.launcher._server
+    if server is None:
+        pytest.skip("no fork server where os.fork is not to be had")
+    # When the fork server dies (every environment exits with it, and none can start)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
+    # Then the service says so, which the sandbox watches to stop rather than answer every
+    # request with an error behind a healthy gateway (hunt 320)
+    assert not running.alive
