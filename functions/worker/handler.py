@@ -6,7 +6,6 @@ import gc
 
 gc.disable()  # for the imports below (llmq.startup)
 
-import uuid
 from functools import cache
 from typing import Any
 
@@ -23,7 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from llmq import aws, startup
 from llmq.batches import BatchRepository
 from llmq.config import WorkerEnvironment
-from llmq.execution import Invocation, JobRunner, enough_threads, lane_job_id
+from llmq.execution import Invocation, JobRunner, enough_threads, lane_job_id, lease_owner
 from llmq.jobs import JobRepository
 from llmq.payloads import payload_store
 from llmq.providers import ChatCompletionsProvider, ProviderKey
@@ -84,8 +83,7 @@ EDGE = QueueEdge(queues=queues, job_of=lane_job_id)
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:
     enough_threads()
     invocation = Invocation(
-        # Unique per handling, even for two copies of one message in a batch.
-        owner=f"{lambda_context.aws_request_id}/{record.message_id}/{uuid.uuid4().hex[:8]}",
+        owner=lease_owner(lambda_context.aws_request_id, record.message_id),
         remaining_seconds=lambda: lambda_context.get_remaining_time_in_millis() / 1000,
         hold_message=lambda seconds: EDGE.hold(record, seconds),
         receive_count=int(record.attributes.approximate_receive_count or 1),

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from llmq import aws
 from llmq.config import LlmqConfig
 from llmq.errors import StoreUnavailable
-from llmq.execution import Invocation, JobRunner, mark_dead_letter
+from llmq.execution import Invocation, JobRunner, lease_owner, mark_dead_letter
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import sweep_partitions
 from llmq.job_record import JobRecord
@@ -1193,6 +1193,38 @@ def test_an_answered_rounds_letter_fails_no_job_claimed_since_and_crashed_once(
     mark_dead_letter(jobs, queues, resent, "dlq-message-2")
     job = _job(harness, job_id)
     assert (job["status"], job["error"]["code"]) == ("failed", "worker_crashed")
+
+
+def test_a_late_letter_of_a_message_that_never_claimed_the_job_fails_no_job_crashed_once(
+    harness: Harness,
+) -> None:
+    # Given a job whose first message exhausted its receives without a claim (workers dying at
+    # their init) and reached the lane's DLQ, where the dead-letter function could not settle it
+    # yet (failing, or throttled)
+    job_id = harness.submit().body["id"]
+    lane, dlq = harness.stack.lane_queue_urls["high"], harness.stack.lane_dlq_urls["high"]
+    (first,) = harness.receive(lane)
+    harness.sqs.delete_message(QueueUrl=lane, ReceiptHandle=first["ReceiptHandle"])
+    harness.sqs.send_message(QueueUrl=dlq, MessageBody=first["Body"])
+    # And a message sent again in the same round (the reconciler's, for a job it took for one
+    # whose message was lost), through which a worker claimed the job and crashed (one attempt,
+    # its lease lapsed)
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    job = jobs.find(job_id)
+    assert job is not None
+    _queues(harness).enqueue_job(job_id, job.lane, job.tenant_id, redrive_round=job.redrive_round)
+    (resent,) = harness.receive(lane)
+    owner = lease_owner("request-1", resent["MessageId"])
+    assert jobs.claim(job_id, owner, lease_seconds=-1).claimed
+    assert _job(harness, job_id)["attempts"] == 1 < harness.config.max_attempts
+    # When the dead-letter function, fixed, settles the old letter at last
+    letters = harness.receive(dlq)
+    reply = load_handler("dead_letter").handler(harness.sqs_event(dlq, letters), LambdaContextStub())
+    assert reply["batchItemFailures"] == []
+    # Then the job is left to the reconciler's recovery, to run again while it has attempts left
+    # (hunt 324: failed for good, worker_crashed, not retryable, after one crash)
+    job_now = _job(harness, job_id)
+    assert (job_now["status"], job_now["attempts"]) == ("running", 1), job_now.get("error")
 
 
 def test_a_crashed_running_jobs_letter_past_its_deadline_fails_it_as_its_deadline_passed(

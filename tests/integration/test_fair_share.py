@@ -26,7 +26,14 @@ from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, FREE, Harness, hidden_for_each_receive, observing_sqs
+from tests.integration.harness import (
+    ENTERPRISE,
+    FREE,
+    Harness,
+    hidden_for_each_receive,
+    observing_sqs,
+    on_aws_call,
+)
 
 
 def _shares(harness: Harness) -> ShareRepository:
@@ -484,8 +491,21 @@ def test_a_job_requeued_for_a_retry_hands_its_slot_to_the_message_waiting_in_its
     # the other waits for it
     messages = harness.receive(url, visibility=600)
     assert len(messages) == 2
-    with observing_sqs("SendMessage", record):
+    slowed: list[bool] = []
+
+    def slow_first_requeue(params: dict[str, Any], **_: Any) -> None:
+        # (the first requeue's write takes a second: the other message's claim meets the slot
+        # held, on a loaded machine too, where it could otherwise come after the requeue)
+        if not slowed and "REMOVE lease_owner" in json.dumps(params):
+            slowed.append(True)
+            time.sleep(1.0)
+
+    with (
+        observing_sqs("SendMessage", record),
+        on_aws_call("dynamodb", "provide-client-params.dynamodb.TransactWriteItems", slow_first_requeue),
+    ):
         response = harness.run_worker(url, messages, timeout_seconds=60)
+    assert slowed
     # Then the requeue freed the slot and the waiting message was sent on at once, while the
     # requeued one waits out its backoff
     assert len(response["batchItemFailures"]) == 1

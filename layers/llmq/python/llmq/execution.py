@@ -13,6 +13,7 @@ import functools
 import math
 import random
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -203,6 +204,19 @@ def _result(task: asyncio.Task[bool]) -> bool:
     """A watcher's verdict; one that failed (or was cut short) says nothing."""
     verdict: bool = _task_value(task, "cancel watcher", False)
     return verdict
+
+
+def lease_owner(request_id: str, message_id: str) -> str:
+    """Who holds a job's lease: unique per handling, even for two copies of one message in a
+    batch, and naming the SQS message that claimed it (`claimed_through`)."""
+    return f"{request_id}/{message_id}/{uuid.uuid4().hex[:8]}"
+
+
+def claimed_through(job: JobRecord) -> str | None:
+    """The id of the SQS message whose handling holds (or held) the job's lease, as
+    `lease_owner` names it; None when it does not say (a lease of another form)."""
+    parts = (job.lease_owner or "").split("/")
+    return parts[1] if len(parts) == 3 and parts[1] else None
 
 
 @dataclass(frozen=True)
@@ -1703,6 +1717,19 @@ def _mark_dead_letter(
         # Running, its worker gone, past its deadline: it fails as its claim or the
         # reconciler's recovery fails it (hunt 286: `worker_crashed`, not retryable).
         return _announced(queues, jobs.fail_unleased(job, deadline_error(job)))
+    through = claimed_through(job)
+    if through is not None and through != message_id:
+        # Claimed through another message of the same round (the reconciler's, for a job it
+        # took for one whose message was lost, or a lapsed lease's), whose worker crashed: this
+        # letter, which never claimed the job, is late (the dead-letter function failing or
+        # throttled meanwhile); the lapsed lease is the reconciler's, which runs the job again
+        # while it has attempts left (hunt 324: one crash failed it for good). (SQS keeps a
+        # message's id as it moves it to the DLQ.)
+        logger.info(
+            "dead letter of a message that did not claim the job: its lapsed lease is the reconciler's",
+            extra={"job_id": job.id},
+        )
+        return None
     if message_id in job.dead_letter_ids or message.redrive_round < job.redrive_round:
         # A letter already counted (its record back, its acknowledgement lost), or of a round
         # already answered, for a job claimed since through its newer message: that message
