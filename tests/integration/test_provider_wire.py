@@ -331,6 +331,56 @@ async def test_an_account_error_is_logged_once_a_rate_limit_as_a_note(
     ]
 
 
+# A key with no prefix `_KEY_LIKE` knows, too short for its long-token rule (a vLLM --api-key, a
+# LiteLLM virtual key), and the request's text, which a provider's message may echo.
+SHORT_KEY = "vllm-Op3rat0rKey"
+PROMPT = "the tenant's confidential prompt, word for word"
+ECHOED = GenerationRequest(
+    model="m",
+    messages=[ChatMessage(role="user", content=PROMPT)],
+    params=GenerationParams(max_tokens=5),
+    job_id="job_echoed",
+)
+
+
+@pytest.mark.parametrize("status", [500, 502, 400, 422])
+async def test_a_provider_error_quoting_the_key_never_puts_it_in_the_jobs_error(status: int) -> None:
+    # Given a provider (or a proxy before it) whose error quotes the request's Authorization
+    body = {"error": {"message": f"upstream refused the request with authorization: Bearer {SHORT_KEY}"}}
+    async with _server([_error_answer(status, json.dumps(body).encode())]) as url:
+        provider = ChatCompletionsProvider(url, lambda: SHORT_KEY, stream=True)
+        with pytest.raises(ProviderError) as raised:
+            await provider.generate(ECHOED, 5)
+    # Then the error the job keeps, which its tenant reads (GET, the webhook), says what the
+    # provider said without the operator's key (hunt 325: word for word)
+    assert SHORT_KEY not in raised.value.message and SHORT_KEY not in str(raised.value)
+    assert "upstream refused the request" in raised.value.message
+
+
+@pytest.mark.parametrize("status", [401, 429, 403])
+async def test_an_account_error_echoing_the_key_and_the_input_logs_neither(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded", 403: "model_not_found"}[status]
+    body = {"error": {"message": f"refused key {SHORT_KEY} for the input: {PROMPT}", "code": code}}
+    with caplog.at_level("INFO"):
+        async with _server([_error_answer(status, json.dumps(body).encode())]) as url:
+            provider = ChatCompletionsProvider(url, lambda: SHORT_KEY, stream=True)
+            with pytest.raises(ProviderError):
+                await provider.generate(ECHOED, 5)
+    # Then the operator's log keeps what the provider said, without the key or the prompt
+    # (hunt 325: `_KEY_LIKE` knew neither)
+    said = [
+        str(record.__dict__["provider_message"])
+        for record in caplog.records
+        if getattr(record, "provider_message", None)
+    ]
+    assert said and all(message == "refused key […] for the input: […]" for message in said), said
+    assert not any(
+        SHORT_KEY in str(record.__dict__) or PROMPT in str(record.__dict__) for record in caplog.records
+    )
+
+
 async def test_a_fresh_key_read_after_a_401_that_took_the_calls_time_sends_nothing_more() -> None:
     # Given a rotated key: the cached one is refused (401), and the fresh read from the key
     # store is slow (Secrets Manager retried), taking most of the call's time

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
+import contextvars
 import json
 import re
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -132,12 +134,42 @@ def _before_answer(error: ProviderError) -> Exception:
     return error
 
 
+# The provider keys of the call under way, and its request's texts: what no message a job keeps
+# may carry (a key), nor any the operator's log keeps (either), whatever the provider's answer
+# quotes (hunt 325: a proxy's 500 quoting the request's `Authorization: Bearer <key>` put the
+# operator's key in the tenant's job and webhook; a 401 echoing a short key, or the input, put
+# it in the log, which `_KEY_LIKE` alone does not recognise).
+_CALL_KEYS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("llmq_call_keys", default=())
+_CALL_TEXTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("llmq_call_texts", default=())
+# Shorter request texts are not cut out of the log (a prompt "hi" would cut words apart).
+_MIN_TEXT_CUT = 8
+
+
+@contextlib.contextmanager
+def _unsaid(keys: Iterable[str | None], texts: Iterable[str] = ()) -> Iterator[None]:
+    """Within: `keys` (and `texts`, for the log) are cut out of what the provider says."""
+    kept = _CALL_KEYS.set((*_CALL_KEYS.get(), *(key.strip() for key in keys if key and key.strip())))
+    said = _CALL_TEXTS.set((*_CALL_TEXTS.get(), *(text for text in texts if len(text) >= _MIN_TEXT_CUT)))
+    try:
+        yield
+    finally:
+        _CALL_TEXTS.reset(said)
+        _CALL_KEYS.reset(kept)
+
+
+def _cut(text: str, values: Iterable[str]) -> str:
+    for value in sorted(set(values), key=len, reverse=True):
+        text = text.replace(value, "[…]")
+    return text
+
+
 class ProviderError(Exception):
     def __init__(self, code: ErrorCode, message: str, status_code: int | None = None) -> None:
+        message = _cut(message, _CALL_KEYS.get())
         super().__init__(message)
         self.code = code
         # Kept on the job: as UTF-8 can hold it (a provider's message may carry half an emoji,
-        # a proxy having cut it, which no store, queue or JSON answer takes).
+        # a proxy having cut it, which no store, queue or JSON answer takes); never the key.
         self.message = printable(message[:_MAX_MESSAGE])
         # The HTTP status, or the one an in-band error event reported.
         self.status_code = status_code
@@ -424,14 +456,16 @@ def _codes(names: list[str]) -> list[str]:
 def _tell_operator(
     log_at: Callable[..., None], said: str, status: int, codes: list[str], provider_said: str, log: bool
 ) -> None:
-    """What the provider said, for the operator's log only (key-like tokens cut out)."""
+    """What the provider said, for the operator's log only (the call's keys, key-like tokens
+    and the request's texts cut out)."""
     if log:
+        kept = _cut(_cut(provider_said, _CALL_KEYS.get()), _CALL_TEXTS.get())
         log_at(
             said,
             extra={
                 "status_code": status,
                 "provider_codes": codes,
-                "provider_message": _KEY_LIKE.sub("[…]", provider_said)[:_MAX_MESSAGE],
+                "provider_message": _KEY_LIKE.sub("[…]", kept)[:_MAX_MESSAGE],
             },
         )
 
@@ -778,6 +812,18 @@ class ChatCompletionsProvider:
             )
         timeout_seconds = left
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
+        with _unsaid([key], (message.content for message in request.messages)):
+            return await self._generate(request, key, timeout, timeout_seconds, deadline, given)
+
+    async def _generate(
+        self,
+        request: GenerationRequest,
+        key: str | None,
+        timeout: httpx.Timeout,
+        timeout_seconds: float,
+        deadline: float,
+        given: float,
+    ) -> JobResult:
         progress = _Progress()
         try:
             # httpx bounds each read; this bounds the whole call, so a stream that trickles
@@ -807,28 +853,29 @@ class ChatCompletionsProvider:
                     newer = await self._replacing(key)
                     if newer is None:
                         raise
-                    if deadline - time.monotonic() < given / 2:
-                        # The refusal and the fresh read took half the call's time: a request
-                        # sent into the rest would be cut off and billed. The new key is kept
-                        # for the next attempt, which this is no refusal of.
-                        raise TransientProviderError(
-                            "the provider refused the old key, and reading the new one took half "
-                            "the call's time; the request was not sent again"
-                        ) from None
-                    # A cancel asked for meanwhile (the job's, or its deadline's) lands here, at
-                    # a point that yields, before the second call is sent: a cancel is only
-                    # delivered where the task yields, and sending may not.
-                    await asyncio.sleep(0)
-                    progress = _Progress()
-                    return await self._call(
-                        client,
-                        self._payload(request),
-                        self._headers(request, newer),
-                        progress,
-                        request.on_output,
-                        deadline,
-                        request.answer,
-                    )
+                    with _unsaid([newer]):
+                        if deadline - time.monotonic() < given / 2:
+                            # The refusal and the fresh read took half the call's time: a request
+                            # sent into the rest would be cut off and billed. The new key is kept
+                            # for the next attempt, which this is no refusal of.
+                            raise TransientProviderError(
+                                "the provider refused the old key, and reading the new one took half "
+                                "the call's time; the request was not sent again"
+                            ) from None
+                        # A cancel asked for meanwhile (the job's, or its deadline's) lands here, at
+                        # a point that yields, before the second call is sent: a cancel is only
+                        # delivered where the task yields, and sending may not.
+                        await asyncio.sleep(0)
+                        progress = _Progress()
+                        return await self._call(
+                            client,
+                            self._payload(request),
+                            self._headers(request, newer),
+                            progress,
+                            request.on_output,
+                            deadline,
+                            request.answer,
+                        )
         except TimeoutError as exc:
             answer = request.answer
             if answer is not None and answer.whole and answer.result is not None:
