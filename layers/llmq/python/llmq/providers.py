@@ -141,14 +141,17 @@ def _before_answer(error: ProviderError) -> Exception:
 # it in the log, which `_KEY_LIKE` alone does not recognise).
 _CALL_KEYS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("llmq_call_keys", default=())
 _CALL_TEXTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("llmq_call_texts", default=())
-# Shorter request texts are not cut out of the log (a prompt "hi" would cut words apart).
+# Shorter request texts are not cut out of the log (a prompt "hi" would cut words apart), nor
+# shorter keys out of any message (a sandbox's or a test's "x" is no secret).
 _MIN_TEXT_CUT = 8
+_MIN_KEY_CUT = 6
 
 
 @contextlib.contextmanager
 def _unsaid(keys: Iterable[str | None], texts: Iterable[str] = ()) -> Iterator[None]:
     """Within: `keys` (and `texts`, for the log) are cut out of what the provider says."""
-    kept = _CALL_KEYS.set((*_CALL_KEYS.get(), *(key.strip() for key in keys if key and key.strip())))
+    cut = [key.strip() for key in keys if key and len(key.strip()) >= _MIN_KEY_CUT]
+    kept = _CALL_KEYS.set((*_CALL_KEYS.get(), *cut))
     said = _CALL_TEXTS.set((*_CALL_TEXTS.get(), *(text for text in texts if len(text) >= _MIN_TEXT_CUT)))
     try:
         yield
@@ -157,15 +160,49 @@ def _unsaid(keys: Iterable[str | None], texts: Iterable[str] = ()) -> Iterator[N
         _CALL_KEYS.reset(kept)
 
 
-def _cut(text: str, values: Iterable[str]) -> str:
-    for value in sorted(set(values), key=len, reverse=True):
-        text = text.replace(value, "[…]")
+def _cut_keys(text: str) -> str:
+    """`text` without the call's keys, in any case (a code name is lower-cased), nor a part of
+    one at either end (a proxy's message cut at its own length limit; review 280)."""
+    for key in sorted(set(_CALL_KEYS.get()), key=len, reverse=True):
+        text = re.sub(re.escape(key), "[…]", text, flags=re.IGNORECASE)
+        lowered = text.lower()
+        for size in range(len(key) - 1, _MIN_KEY_CUT - 1, -1):
+            if lowered.endswith(key[:size].lower()):
+                text = text[:-size] + "[…]"
+                break
+        lowered = text.lower()
+        for size in range(len(key) - 1, _MIN_KEY_CUT - 1, -1):
+            if lowered.startswith(key[-size:].lower()):
+                text = "[…]" + text[size:]
+                break
     return text
+
+
+# A run this long shared with the request's text (or its JSON form, as a gateway quoting the
+# request's body writes it) is the request quoted: the provider's message is not logged.
+_QUOTED_RUN = 16
+
+
+def _quotes_the_request(text: str) -> bool:
+    """Whether `text` quotes the call's request texts, whole, cut short or JSON-escaped (review
+    280: only the whole text as sent was cut out, so a gateway's echo of the body reached the
+    log)."""
+    text = text[:_MAX_MESSAGE]
+    texts = [
+        form
+        for said in _CALL_TEXTS.get()
+        for form in (said, json.dumps(said)[1:-1], json.dumps(said, ensure_ascii=False)[1:-1])
+    ]
+    return any(
+        text[start : start + _QUOTED_RUN] in form
+        for start in range(max(0, len(text) - _QUOTED_RUN + 1))
+        for form in texts
+    )
 
 
 class ProviderError(Exception):
     def __init__(self, code: ErrorCode, message: str, status_code: int | None = None) -> None:
-        message = _cut(message, _CALL_KEYS.get())
+        message = _cut_keys(message)
         super().__init__(message)
         self.code = code
         # Kept on the job: as UTF-8 can hold it (a provider's message may carry half an emoji,
@@ -459,12 +496,14 @@ def _tell_operator(
     """What the provider said, for the operator's log only (the call's keys, key-like tokens
     and the request's texts cut out)."""
     if log:
-        kept = _cut(_cut(provider_said, _CALL_KEYS.get()), _CALL_TEXTS.get())
+        kept = _cut_keys(provider_said)
+        if _quotes_the_request(kept):
+            kept = "[withheld: it quotes the request]"
         log_at(
             said,
             extra={
                 "status_code": status,
-                "provider_codes": codes,
+                "provider_codes": [_cut_keys(code) for code in codes],
                 "provider_message": _KEY_LIKE.sub("[…]", kept)[:_MAX_MESSAGE],
             },
         )
