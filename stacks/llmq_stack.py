@@ -142,6 +142,14 @@ class LlmqStack(cdk.Stack):
             logging=settings.api_logging,
         )
         self.webhooks.link_public_api(self.api.url)
+        # A deploy updates the webhook dispatcher before the functions that store jobs and
+        # batches (the api, the worker's batch items): records whose webhook-ids hold their
+        # creation (`ids_by_creation`) are then only ever signed by a dispatcher that reads the
+        # flag. Updated together, a dispatcher of the release before signed a first attempt
+        # under the old id, and the new one its retry under the new: one delivery under two
+        # webhook-ids, which a receiver de-duplicating by id acts on twice (hunt 326).
+        for function in (self.api.function, self.worker.worker):
+            function.node.add_dependency(self.webhooks.dispatcher)
         self.reconciler = ReconcilerConstruct(
             self,
             "Reconciler",

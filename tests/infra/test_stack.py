@@ -754,3 +754,15 @@ def test_every_aws_call_the_function_makes_is_granted_to_its_role(synthesized, n
 
     # Then a statement of the function's role allows it there, as do its event sources' needs
     assert missing == [], f"{name}'s role does not allow:\n  " + "\n  ".join(missing)
+
+
+def test_a_deploy_updates_the_webhook_dispatcher_before_the_functions_that_store_jobs(synthesized):
+    # Given the template, Then the api and the worker depend on the webhook dispatcher, so
+    # CloudFormation updates it first: a dispatcher of the release before never signs a first
+    # attempt of a job stored with webhook-ids by creation, whose retry the new one signs under
+    # another id (hunt 326: one delivery, two webhook-ids, acted on twice)
+    template = synthesized.template
+    dispatcher, _ = template.function("webhook_dispatcher")
+    for name in ("api", "worker"):
+        _, function = template.function(name)
+        assert dispatcher in function.get("DependsOn", []), name

@@ -47,7 +47,7 @@ from llmq.queues import QueueRepository, job_snapshot, webhook_message_body
 from llmq.ssrf import PinnedTransport, check_webhook_url
 from llmq.telemetry import MetricName
 from llmq.tenants import TenantRepository, UnknownTenant, new_webhook_secret
-from llmq.webhooks import WebhookDispatcher, webhook_id
+from llmq.webhooks import WebhookDispatcher, record_webhook_id, webhook_id
 from llmq_sandbox.doubles.receiver import Answer, WebhookReceiver
 from tests.aws_faults import AwsFaults, FaultKind
 from tests.conftest import REGION, MotoStack
@@ -1263,6 +1263,38 @@ def test_a_message_that_carries_its_job_is_delivered_with_one_write_and_no_read(
     payload = Webhook(stage.tenant.webhook_secrets[0]).verify(post.body, dict(post.headers))
     assert payload["data"] == json.loads(before.to_job(api_base="https://api.llmq.test").model_dump_json())
     assert "a prompt" not in post.body.decode()
+
+
+def test_a_job_carried_by_a_worker_of_the_release_before_signs_its_attempts_under_one_id(
+    stage: Stage,
+) -> None:
+    # Given a job stored with webhook-ids by creation (as this release's api stores every job),
+    # whose terminal message a worker of the release before sent: its carried job has no word
+    # of how the ids are made
+    stage.receiver.script("/hooks/mixed", 500, 200)
+    record = stage.job("/hooks/mixed")
+    stage.jobs._ddb.update_item(
+        TableName=stage.jobs.table_name,
+        Key={"pk": {"S": record.id}},
+        UpdateExpression="SET ids_by_creation = :true",
+        ExpressionAttributeValues={":true": {"BOOL": True}},
+    )
+    stage.sqs.purge_queue(QueueUrl=stage.stack.webhook_queue_url)
+    stored = stage.jobs.find(record.id)
+    assert stored is not None and stored.ids_by_creation
+    earlier = {key: value for key, value in (job_snapshot(stored) or {}).items() if key != "ids_by_creation"}
+    stage.queues.enqueue_webhook(record.id, WebhookEvent.SUCCEEDED, snapshot=earlier)
+    # When its first attempt fails and its retry goes
+    assert len(stage.dispatch()["batchItemFailures"]) == 1
+    stage.let_time_pass(SCHEDULE[0])
+    assert stage.dispatch() == {"batchItemFailures": []}
+    # Then both came under the one webhook-id the stored job gives (hunt 326: the first under
+    # the id the carried job gave, the retry, which reads the job, under another)
+    posts = stage.receiver.requests_to("/hooks/mixed")
+    assert len(posts) == 2
+    assert {post.headers["webhook-id"] for post in posts} == {
+        record_webhook_id(stored, WebhookEvent.SUCCEEDED)
+    }
 
 
 def test_a_carried_job_that_moved_on_keeps_the_delivery_on_its_schedule(stage: Stage) -> None:

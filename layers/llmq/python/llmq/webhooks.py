@@ -1075,6 +1075,11 @@ def _carried(message: WebhookMessage, now: float) -> JobRecord | None:
     carries a job that has moved on since (delivered, failed, expired), and must read it."""
     if message.job is None or message.event not in TERMINAL_EVENTS:
         return None
+    if "ids_by_creation" not in message.job:
+        # (carried by a release before webhook-ids by creation, which could not say how the
+        # stored job's ids are made: read, so an attempt and its retry sign under one id;
+        # hunt 326)
+        return None
     try:
         job = JobRecord.model_validate(message.job)
     except ValidationError:
