@@ -309,6 +309,37 @@ def test_the_dispatcher_reads_a_tenants_secrets_as_last_written(stage: Stage) ->
     assert [params.get("ConsistentRead") for params in asked] == [True]
 
 
+def test_a_rotation_is_used_within_the_cache_time_of_when_the_read_began(stage: Stage) -> None:
+    # Given the dispatcher's read of a tenant's secrets that takes most of the cache time
+    # (throttled, and retried by botocore)
+    ttl = stage.config.webhooks.secrets_cache_seconds
+    slowed: list[bool] = []
+
+    def slow(params: dict[str, Any], **_: Any) -> None:
+        if params.get("TableName") == stage.stack.tenants_table and not slowed:
+            slowed.append(True)
+            stage.clock.now += ttl - 5
+
+    events = aws.client("dynamodb").meta.events
+    events.register("provide-client-params.dynamodb.GetItem", slow)
+    try:
+        stage.job("/hooks/before", job_id="job_before")
+        stage.dispatch()
+    finally:
+        events.unregister("provide-client-params.dynamodb.GetItem", slow)
+    assert slowed and len(stage.receiver.requests_to("/hooks/before")) == 1
+    # When the tenant rotates, dropping the previous secret, and the cache time since the read
+    # began has passed
+    rotated = stage.tenants.rotate_webhook_secret(TENANT_ID, keep_previous=False)
+    stage.clock.now += 10
+    stage.job("/hooks/after", job_id="job_after")
+    stage.dispatch()
+    # Then the next webhook is signed with the new secret (hunt 321: the cache was stamped when
+    # the read returned, and the dropped secret signed alone for the read's time more)
+    [request] = stage.receiver.requests_to("/hooks/after")
+    Webhook(rotated.webhook_secrets[0]).verify(request.body, request.headers)
+
+
 @pytest.mark.parametrize("a_keeps_previous", [True, False], ids=["rotate", "rotate --drop-previous"])
 def test_two_rotations_at_once_both_keep_signing_and_an_unknown_tenant_is_refused(
     stage: Stage, monkeypatch: pytest.MonkeyPatch, a_keeps_previous: bool

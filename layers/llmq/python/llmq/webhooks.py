@@ -833,12 +833,15 @@ class WebhookDispatcher:
             cached = self._secret_cache.get(tenant_id)
             if cached is not None and ttl > 0 and self._clock() - cached[0] < ttl:
                 return cached[1]
+            # (kept from when the read began: a slow read, throttled and retried, holds secrets
+            # as they were then, and a rotation since is used within the cache time of that)
+            read_at = self._clock()
             try:
                 tenant = await asyncio.to_thread(self._tenants.get, tenant_id)
             except UnknownTenant:
                 self._secret_cache.pop(tenant_id, None)
                 return []
-            self._secret_cache[tenant_id] = (self._clock(), tenant.webhook_secrets)
+            self._secret_cache[tenant_id] = (read_at, tenant.webhook_secrets)
             return tenant.webhook_secrets
 
     async def _send(self, job: JobRecord, event: WebhookEvent, secrets: list[str]) -> _Response:
