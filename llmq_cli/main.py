@@ -290,12 +290,12 @@ def cmd_sandbox_down(args: argparse.Namespace) -> int:
     if holder and holder != pid:
         pid = holder
     if pid is None:
-        _forget_state(path)
+        path.unlink(missing_ok=True)  # (readable or not: its sandbox is gone)
         print("no sandbox is running")
         return 0
     if not sandbox_alive(pid, path):
         # (its pid gone, or the OS's since for another process: nothing of ours to stop)
-        _forget_state(path)
+        path.unlink(missing_ok=True)
         print(f"no sandbox is running (the state file named pid {pid}, which is not one); removed it")
         return 0
     # A detached sandbox leads its own process group (its function environments are in it);
@@ -310,15 +310,9 @@ def cmd_sandbox_down(args: argparse.Namespace) -> int:
             os.kill(pid, signal.SIGKILL)
     if leads_group:
         _kill_group(pid)
-    _forget_state(path)
+    path.unlink(missing_ok=True)
     print(f"sandbox stopped (pid {pid})")
     return 0
-
-
-def _forget_state(path: Path) -> None:
-    """The state file removed, readable or not (its sandbox is gone)."""
-    with suppress(FileNotFoundError):
-        path.unlink()
 
 
 def _process_group(pid: int) -> int | None:

@@ -38,7 +38,7 @@ from llmq.errors import (
 )
 from llmq.item_size import MAX_ITEM_BYTES, item_size_bytes
 from llmq.job_index import BATCH_SORT_PREFIX, TENANT_INDEX, batch_sort_key, sweep_attributes
-from llmq.job_record import JobRecord, delivery_view, iso
+from llmq.job_record import JobRecord, a_later_round, delivery_view, iso
 from llmq.model_base import Model
 from llmq.models import (
     BATCH_EVENT_FOR_STATUS,
@@ -1178,11 +1178,7 @@ class BatchRepository:
                 found = self.find(batch.id)
             except StoreUnavailable:
                 found = None
-            if (
-                found is None
-                or found.created_ms != batch.created_ms
-                or found.delivery_round <= batch.delivery_round
-            ):
+            if found is None or not a_later_round(found, batch):
                 raise
             return found
         return _from_item(response["Attributes"])

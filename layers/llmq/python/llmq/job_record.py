@@ -72,6 +72,21 @@ def delivery_view(record: _Delivered) -> WebhookDelivery:
     )
 
 
+class _Rounded(Protocol):
+    created_ms: int
+    delivery_round: int
+
+
+def a_later_round(found: _Rounded | None, read: _Rounded) -> bool:
+    """Whether `found` is the record `read` was (the same creation) with a delivery round past
+    `read`'s: a redelivery's write applied, perhaps with its answer lost (a job's or a batch's)."""
+    return (
+        found is not None
+        and found.created_ms == read.created_ms
+        and found.delivery_round > read.delivery_round
+    )
+
+
 class JobRecord(Model):
     """A job as stored, including what the public Job hides (tenant, lease, input)."""
 

@@ -41,7 +41,7 @@ from llmq.job_index import (
     sweep_partitions,
     tenant_sort_key,
 )
-from llmq.job_record import JobRecord, is_job_id
+from llmq.job_record import JobRecord, a_later_round, is_job_id
 from llmq.live_output import OUTPUT_PAGE, OutputChunk, OutputHead, chunk_pk
 from llmq.models import (
     EVENT_FOR_STATUS,
@@ -1533,13 +1533,7 @@ class JobRepository:
             found = self.find(job_id)
         except StoreUnavailable:
             return None
-        if (
-            found is None
-            or found.created_ms != read.created_ms
-            or found.delivery_round <= read.delivery_round
-        ):
-            return None
-        return found
+        return found if a_later_round(found, read) else None
 
     # ---- reads --------------------------------------------------------------------------
 
