@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -939,9 +940,19 @@ def test_get_with_wait_returns_at_once_for_a_terminal_job(harness: Harness) -> N
     assert (negative.status, negative.code) == (422, "invalid_request")
 
 
+# The root logger's level: Python's default, and what Lambda sets for a function whose
+# application log level (advanced logging controls) an operator turned to INFO or DEBUG.
+@pytest.mark.parametrize("root_level", [None, logging.INFO, logging.DEBUG])
 def test_prompts_and_outputs_never_reach_the_logs(
-    harness: Harness, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    harness: Harness,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    root_level: int | None,
 ) -> None:
+    # Given the root logger at the level under test (hunt 325: at DEBUG, botocore logged every
+    # request's body and Powertools' event handler the parsed request, the prompt in both)
+    if root_level is not None:
+        caplog.set_level(root_level)
     secret_prompt = "TOP-SECRET-merger-plan-7731"
     job_id = harness.submit(prompt=f"{secret_prompt} [[tokens:3]]").body["id"]
     harness.drain("high")

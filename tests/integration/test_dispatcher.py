@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -251,6 +252,23 @@ def test_a_delivered_webhook_verifies_with_the_reference_package(stage: Stage) -
     assert stage.queued() == 0
 
 
+@pytest.mark.parametrize("root_level", [logging.INFO, logging.DEBUG])
+def test_a_webhook_url_and_payload_never_reach_the_logs_whatever_the_root_level(
+    stage: Stage, caplog: pytest.LogCaptureFixture, root_level: int
+) -> None:
+    # Given the root logger below WARNING, as Lambda sets it for a function whose application
+    # log level is INFO or DEBUG, and a webhook URL carrying the integrator's token
+    caplog.set_level(root_level)
+    stage.job("/hooks/acme?token=integrator-secret-5521")
+    # When the dispatcher delivers it
+    assert stage.dispatch() == {"batchItemFailures": []}
+    assert len(stage.receiver.requests_to("/hooks/acme?token=integrator-secret-5521")) == 1
+    # Then no log holds the token (httpx logs each request's URL at INFO) nor the output
+    assert caplog.records
+    assert "integrator-secret-5521" not in caplog.text
+    assert "the answer" not in caplog.text
+
+
 def test_tampering_a_wrong_secret_or_an_old_timestamp_fail_verification(stage: Stage) -> None:
     stage.clock.now = time.time() - 600
     stage.job("/hooks/acme")
@@ -305,7 +323,7 @@ def test_the_dispatcher_reads_a_tenants_secrets_as_last_written(stage: Stage) ->
         stage.dispatch()
     finally:
         events.unregister("provide-client-params.dynamodb.GetItem", record)
-    assert len(stage.receiver.requests_to("/hooks/acme")) == 1
+    assert len(stage.receiver.requests_to("/hooks/acme?token=integrator-secret-5521")) == 1
     assert [params.get("ConsistentRead") for params in asked] == [True]
 
 
@@ -957,7 +975,7 @@ def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again(stage: Stag
     response = stage.dispatch()
     # Then it is acknowledged without a second POST
     assert response == {"batchItemFailures": []}
-    assert len(stage.receiver.requests_to("/hooks/acme")) == 1
+    assert len(stage.receiver.requests_to("/hooks/acme?token=integrator-secret-5521")) == 1
     assert stage.delivery().attempts == 1
     assert stage.queued() == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import traceback
 from enum import StrEnum
@@ -24,6 +25,33 @@ SERVICE_NAME = os.environ.get("POWERTOOLS_SERVICE_NAME") or DEFAULT_SERVICE_NAME
 # What X-Ray instruments (see `tracer`): never a client used from concurrent asyncio tasks.
 TRACED_MODULES = ("botocore",)
 logger = Logger(service=SERVICE_NAME)
+# Libraries whose records below WARNING quote what llmq never logs: botocore's DEBUG has every
+# request's parameters and every answer's body (a job's prompt and output, an API key's hash),
+# Powertools' event handler's DEBUG the parsed request (the prompt), httpx's INFO each request's
+# URL (a webhook's path and query, where integrators put tokens). They reach a log only when the
+# root logger is set below WARNING, as Lambda does for a function whose application log level is
+# INFO or DEBUG (advanced logging controls), so they are held at WARNING here whatever the root's
+# level is. llmq's own logger (LOG_LEVEL) is not among them.
+QUIET_LIBRARY_LOGGERS = (
+    "aws_lambda_powertools",
+    "boto3",
+    "botocore",
+    "httpcore",
+    "httpx",
+    "s3transfer",
+    "urllib3",
+)
+
+
+def quiet_libraries() -> None:
+    """Hold the loggers of `QUIET_LIBRARY_LOGGERS` at WARNING (a higher level set is kept)."""
+    for name in QUIET_LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        if library.level < logging.WARNING:
+            library.setLevel(logging.WARNING)
+
+
+quiet_libraries()
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 if TYPE_CHECKING:
     from aws_lambda_powertools import Tracer
