@@ -285,7 +285,8 @@ def describe(
         # Of which batch items may take (the rest is kept for the tenant's other jobs).
         MAX_BATCH_CONCURRENCY: limit(share.max_batch_concurrency, config.concurrency_caps(tenant.tier)[1]),
         MAX_ACTIVE_JOBS: limit(share.max_active_jobs, defaults.max_active_jobs),
-        MAX_LONG_POLLS: limit(max_long_polls, defaults.max_long_polls),
+        # (the tier's, within half the api's reserved concurrency: what the api enforces)
+        MAX_LONG_POLLS: limit(max_long_polls, config.long_poll_cap(tenant.tier)),
     }
     if rate is not None:
         source = OVERRIDE if rate.override else TIER

@@ -804,3 +804,23 @@ def test_a_redrive_of_a_queue_nothing_can_process_is_refused_and_touches_no_aws(
     code = main(["dlq", "redrive", "--queue", queue, "--aws", "--stack", "Llmq"])
     assert code == 1
     assert "not redriven" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("api_concurrency", "shown"), [(20, 10), (100, 20)])
+def test_tenants_show_names_the_long_poll_limit_the_api_enforces(api_concurrency: int, shown: int) -> None:
+    from llmq.config import LlmqConfig
+    from llmq.shares import ShareState
+    from llmq.tenants import Tenant
+    from llmq_cli.tenant_limits import describe
+
+    # Given an api whose reserved concurrency bounds a tenant's waits below its tier's 20
+    config = LlmqConfig.model_validate({"concurrency": {"api": api_concurrency}})
+    assert config.tenant_limits("enterprise").max_long_polls == 20
+    tenant = Tenant(id="ten_a", name="A", tier="enterprise", webhook_secrets=["whsec_x"])
+    # When the operator reads the tenant's limits
+    limits = describe(config, tenant, ShareState(tenant_id="ten_a"), None)["limits"]
+    # Then they show the waits the api lets it hold at once (hunt 330: the tier's 20, where the
+    # api refused the 11th wait 429 too_many_long_polls), and the override when there is one
+    assert limits["max_long_polls"] == {"value": shown, "source": "tier"}
+    overridden = describe(config, tenant, ShareState(tenant_id="ten_a"), None, max_long_polls=30)["limits"]
+    assert overridden["max_long_polls"] == {"value": 30, "source": "override"}
