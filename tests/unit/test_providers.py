@@ -609,6 +609,45 @@ async def test_a_whole_completion_under_the_event_stream_type_is_kept_not_paid_f
     assert (result.output, result.finish_reason, len(calls)) == ("Paid answer", "stop", 1)
 
 
+@pytest.mark.parametrize("content_type", ["text/event-stream", "application/json", "text/plain"])
+@pytest.mark.parametrize("lead", ["", ": keep-alive\n\n"])
+async def test_a_stream_answered_to_a_request_for_one_body_is_kept_not_paid_for_again(
+    content_type: str, lead: str
+) -> None:
+    # Given a provider configured not to stream, and a gateway that streams whatever it is asked:
+    # a whole, finished stream, however labelled, after keep-alives or not
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+    ]
+    calls: list[httpx.Request] = []
+    provider = _provider(
+        lambda request: (
+            calls.append(request)
+            or httpx.Response(
+                200, content=(lead + _sse(*chunks, "[DONE]")).encode(), headers={"content-type": content_type}
+            )
+        ),
+        stream=False,
+    )
+    # When the job calls it
+    result = await provider.generate(REQUEST, 5)
+    # Then the answer is its result, from one call, asked as one body (hunt 329: read as a
+    # malformed body, each paid answer was asked again, three times, and the job failed)
+    assert (result.output, result.finish_reason, result.usage.output_tokens) == ("Hello", "stop", 2)
+    assert len(calls) == 1 and "stream" not in json.loads(calls[0].content)
+    # And a stream cut before its finish is no answer, as when it was asked for
+    cut = _provider(
+        lambda request: httpx.Response(
+            200, content=(lead + _sse(*chunks[:1])).encode(), headers={"content-type": content_type}
+        ),
+        stream=False,
+    )
+    with pytest.raises(TransientProviderError):
+        await cut.generate(REQUEST, 5)
+
+
 async def test_a_stream_whose_chunks_carry_their_text_as_a_message_keeps_it() -> None:
     # Given a server that streams each piece as a `message`, as a completion holds it
     chunks = [

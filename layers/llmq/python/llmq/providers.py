@@ -997,7 +997,7 @@ class ChatCompletionsProvider:
             try:
                 if self.stream:
                     return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
-                return await _whole_json(response.aiter_bytes(), deadline, answer)
+                return await _read_whole(response, deadline, answer, self.done_ends_answer)
             except _CutBeforeAnswer as exc:
                 # (hunt 303: retried as a cut answer, each retry a new paid generation)
                 if exc.error is not None and (self.retry_timeouts or not progress.out_a_while):
@@ -1238,25 +1238,50 @@ class _Stream:
         return JobResult(output="".join(self.parts), finish_reason=self.finish_reason, usage=self.usage)
 
 
+async def _opened(response: httpx.Response) -> tuple[AsyncIterator[bytes], bytes, bytes]:
+    """The body's pieces, with its start and that start's significant part (`_body_start`)."""
+    pieces = aiter(response.aiter_bytes())
+    try:
+        start, significant = await _body_start(pieces)
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise _CutBeforeAnswer() from exc
+    return pieces, start, significant
+
+
+async def _read_whole(
+    response: httpx.Response,
+    deadline: float | None = None,
+    answer: Answer | None = None,
+    done_ends_answer: bool = False,
+) -> JobResult:
+    """The answer to a request that asked for no stream: one JSON body, or, from a gateway
+    that streams whatever it is asked, a stream (hunt 329: each such answer, whole and paid
+    for, was read as a malformed body and paid for again, three times, and the job failed)."""
+    opened = await _opened(response)
+    pieces, start, significant = opened
+    if _SSE_FIELD.match(significant):
+        return await _read_stream(response, None, deadline, answer, done_ends_answer, opened=opened)
+    return await _whole_json(_prefixed(start, pieces), deadline, answer)
+
+
 async def _read_stream(
     response: httpx.Response,
     on_output: Callable[[str], None] | None = None,
     deadline: float | None = None,
     answer: Answer | None = None,
     done_ends_answer: bool = False,
+    *,
+    opened: tuple[AsyncIterator[bytes], bytes, bytes] | None = None,
 ) -> JobResult:
     """`deadline`: when the call's time ends (`time.monotonic()`); `answer` is kept up to
-    date with whether the answer is whole yet."""
+    date with whether the answer is whole yet; `opened`: the body as `_opened` read its start,
+    if it did."""
     # Cancelling the task that awaits here closes the connection between chunks,
     # which is how a running job stops being billed.
     media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     labelled_json = media_type == "application/json" or media_type.endswith("+json")
     stream = _Stream(on_output, done_ends_answer)
-    pieces = aiter(response.aiter_bytes())
-    try:
-        start, significant = await _body_start(pieces)
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        raise _CutBeforeAnswer() from exc
+    pieces, start, significant = opened or await _opened(response)
     if _one_json_body(significant, labelled_json):
         # A server that answers a streamed request with one JSON body: an error, classified as
         # its code says, or the whole completion, paid for and kept (the worker writes it all
