@@ -685,7 +685,7 @@ def _long_polls_taken(instead: str) -> errors.TooManyLongPolls:
     )
 
 
-@app.get("/v1/jobs/<job_id>", summary="Get a job", responses=_responses(200, "The job"))
+@app.get("/v1/jobs/<job_id>", summary="Get a job", responses=_responses(200, "The job", Job, 410))
 def handle_get_job(
     job_id: Annotated[str, Path(pattern=JOB_ID)],
     wait: Annotated[

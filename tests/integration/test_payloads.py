@@ -17,7 +17,7 @@ from llmq.payloads import RESULT_URL_SECONDS, PayloadStore
 from llmq_sandbox.doubles.fake_provider import FakeProviderServer
 from tests.conftest import MotoStack
 from tests.integration.conftest import integration_config
-from tests.integration.harness import ENTERPRISE, Harness
+from tests.integration.harness import ENTERPRISE, Harness, assert_catalogued
 
 
 @pytest.fixture
@@ -67,6 +67,36 @@ def test_a_large_prompt_and_result_round_trip_through_s3(
         == f"https://abc123.execute-api.us-east-1.amazonaws.com/prod/v1/jobs/{job_id}"
     )
     assert provider.calls_for(job_id) == 1
+
+
+def test_a_job_whose_result_is_gone_from_s3_is_410_result_expired_not_a_500(
+    small_items: Harness, provider: FakeProviderServer
+) -> None:
+    harness = small_items
+    # Given a succeeded job whose result S3 holds, and a job with its result inline
+    job_id = harness.submit(prompt="write [[tokens:600]]").body["id"]
+    inline = harness.submit(prompt="short [[tokens:3]]").body["id"]
+    assert harness.drain("high") == {"batchItemFailures": []}
+    ref = _item(harness, job_id)["result_ref"]["S"]
+    # When the bucket's lifecycle deletes the result before the job's record expires (a deploy
+    # lowered retention_days: S3 applies the shorter rule to objects it holds already)
+    aws.client("s3").delete_object(Bucket=harness.stack.payload_bucket, Key=ref)
+    # Then reading the job, at once or after a wait, is a 410 that says so (hunt 328: a 500
+    # at every read for the rest of the record's life)
+    for query in (None, {"wait": "1"}):
+        reply = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE, query=query)
+        assert (reply.status, reply.code) == (410, "result_expired"), reply.body
+        assert_catalogued(reply)
+        assert "7 days" in reply.body["detail"]
+    # And the list, which links the result without reading it, and the other job still answer
+    listed = harness.api("GET", "/v1/jobs", tenant=ENTERPRISE)
+    assert listed.status == 200 and {job["id"] for job in listed.body["data"]} == {job_id, inline}
+    kept = harness.api("GET", f"/v1/jobs/{inline}", tenant=ENTERPRISE)
+    assert (kept.status, kept.body["status"]) == (200, "succeeded")
+    assert provider.calls_for(job_id) == 1
+    # And the API document says GET may answer so
+    document = harness.api("GET", "/v1/openapi.json").body
+    assert "410" in document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
 
 
 class _Died(BaseException):

@@ -13,6 +13,7 @@ throttle or a 5xx that outlasted botocore's retries does.
 from __future__ import annotations
 
 import functools
+import hashlib
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -55,7 +56,7 @@ from llmq.models import (
     OutputDelta,
     WebhookEvent,
 )
-from llmq.payloads import RESULT_URL_SECONDS, PresignedUrl
+from llmq.payloads import RESULT_URL_SECONDS, ObjectStat, PresignedUrl
 from llmq.policy import Claim
 from llmq.queues import redelivery_visibility
 from llmq.shares import ShareState
@@ -905,8 +906,9 @@ class InMemoryBlobs:
         return self.objects[key]
 
     @_throttleable
-    def size(self, key: str) -> int:
-        return len(self.objects[key])
+    def stat(self, key: str) -> ObjectStat | None:
+        data = self.objects.get(key)
+        return None if data is None else ObjectStat(len(data), hashlib.md5(data).hexdigest())
 
     def presigned_url(self, key: str, expires_seconds: int = RESULT_URL_SECONDS) -> PresignedUrl:
         return PresignedUrl(f"https://payloads.example/{key}?expires={expires_seconds}", 1_700_000_000_000)

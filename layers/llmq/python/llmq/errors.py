@@ -107,6 +107,15 @@ class JobNotFound(DomainError):
     status = 404
 
 
+class JobResultExpired(DomainError):
+    """A job whose S3-held result is gone before its record: the bucket's lifecycle, shortened
+    by a deploy that lowered `retention_days`, deleted it (docs/operations.md)."""
+
+    code = "result_expired"
+    title = "The job's result is no longer kept"
+    status = 410
+
+
 class JobNotCancelable(DomainError):
     code = "job_not_cancelable"
     title = "The job has already finished"

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 from llmq.config import LlmqConfig
-from llmq.errors import ItemTooLarge, PayloadTooLarge, StoreUnavailable
+from llmq.errors import ItemTooLarge, JobResultExpired, PayloadTooLarge, StoreUnavailable
 from llmq.item_size import MAX_ITEM_BYTES
 from llmq.job_codec import record_size
 from llmq.job_record import JobInput, JobRecord
@@ -225,7 +225,14 @@ class Offload:
         if record.result is not None or record.result_ref is None:
             return record
         store = self._store()
-        if store.size(record.result_ref) > self.config.limits.max_inline_result_bytes:
+        found = store.stat(record.result_ref)
+        if found is None:
+            # (hunt 328: a 500 at every read of the job for the rest of its record's life)
+            raise JobResultExpired(
+                f"job {record.id}'s result is no longer kept: results are kept "
+                f"{self.config.retention_days} days"
+            )
+        if found.size > self.config.limits.max_inline_result_bytes:
             # Short-lived, and stated: see llmq.payloads.RESULT_URL_SECONDS.
             url, expires_ms = store.presigned_url(record.result_ref)
             return record.model_copy(update={"result_url": url, "result_url_expires_ms": expires_ms})

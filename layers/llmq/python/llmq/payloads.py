@@ -92,9 +92,6 @@ class PayloadStore:
                 body.close()
         return data
 
-    def size(self, key: str) -> int:
-        return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-
     def stat(self, key: str) -> ObjectStat | None:
         """The object's size and ETag; None when there is none.
 
