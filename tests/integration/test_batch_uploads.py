@@ -663,3 +663,68 @@ def test_line_errors_of_characters_json_escapes_long_still_fit_the_batch_item_th
     assert all(
         len(json.dumps(error["message"], ensure_ascii=False).encode()) <= 2002 for error in batch["errors"]
     )
+
+
+def _quota_set_after_the_read(monkeypatch: pytest.MonkeyPatch, harness: Harness, to: int | None) -> list[str]:
+    """An operator's `tenants set-limits --max-active` (None: `--clear`) landing between a
+    batch admission's read of the tenant's share and its write."""
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    read = BatchRepository.share
+    landed: list[str] = []
+
+    def share(self: BatchRepository, tenant_id: str) -> Any:
+        state = read(self, tenant_id)
+        if not landed:
+            if to is None:
+                shares.set_limits(tenant_id, clear=("max_active_jobs",))
+            else:
+                shares.set_limits(tenant_id, max_active_jobs=to)
+            landed.append(tenant_id)
+        return state
+
+    monkeypatch.setattr(BatchRepository, "share", share)
+    return landed
+
+
+@pytest.mark.parametrize(("before", "after"), [(None, 500), (50, 500), (50, None), (500, 4)])
+def test_a_quota_changed_while_a_batch_is_admitted_is_the_one_it_meets(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, before: int | None, after: int | None
+) -> None:
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    tenant_id = FREE["tenant_id"]
+    if before is not None:
+        shares.set_limits(tenant_id, max_active_jobs=before)
+    # Given a free tenant (tier quota 100) with 2 jobs queued, and a file of 3 lines
+    for index in range(2):
+        assert harness.submit(tenant=FREE, prompt=f"job {index}").status == 202
+    url = harness.stack.lane_queue_urls["low"]
+    assert len(harness.receive(url, visibility=600)) == 2
+    text = "\n".join(_line(f"r{index}") for index in range(3))
+    uploaded = _submit(harness, _upload(harness, text, tenant=FREE), tenant=FREE).body["id"]
+    # When the operator changes its quota while a worker validates the file, and while the api
+    # accepts an inline batch of 3
+    landed = _quota_set_after_the_read(monkeypatch, harness, after)
+    harness.run_worker(url, harness.receive(url))
+    assert landed == [tenant_id]
+    landed.clear()
+    inline = harness.api(
+        "POST",
+        "/v1/batches",
+        body={"requests": [{"custom_id": f"r{n}", "body": {"prompt": "hi"}} for n in range(3)]},
+        tenant=FREE,
+    )
+    assert landed == [tenant_id]
+    active = shares.get(tenant_id).active
+    if after is None or after >= 8:
+        # Then each is admitted under the quota in force (hunt 330: a raised or cleared
+        # override failed the upload `quota_exceeded` "2 queued ... adds 3; at most 500", and
+        # the inline batch 429)
+        batch = _stored(harness, uploaded)
+        assert batch.status is not BatchStatus.FAILED and batch.validated, batch.errors
+        assert inline.status == 202, inline.body
+        assert active == 8
+    else:
+        # Or refused by it, when it no longer fits: nothing charged
+        assert _stored(harness, uploaded).status is BatchStatus.FAILED
+        assert (inline.status, inline.code) == (429, "quota_exceeded")
+        assert active == 2

@@ -462,55 +462,62 @@ class BatchRepository:
             }
         }
         # An upload's items are admitted when its file is validated (`admit_upload`).
-        share = (
-            [
-                shares.admit_many(
-                    self.table_name,
-                    record.tenant_id,
-                    record.lane,
-                    caps,
-                    record.total,
-                    state,
-                    default_max_active,
-                    whole_lane=self._not_its_own_lane(record),
-                )
-            ]
-            if record.validated
-            else []
-        )
-        try:
-            # (the share item is in every claim and end of the tenant's jobs: a busy tenant's
-            # put may meet one of them, and is tried again, as a job's is)
-            _transact_through_conflicts(self._ddb, [put, *share])
-        except ClientError as exc:
-            reasons = _reasons(exc)
-            if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
-                old = reasons[0].get("Item")
-                if not old:
-                    raise StoreUnavailable("the batch's put was refused without its item") from exc
-                existing = _from_item(old)
-                # Our own put, applied on a try whose answer was lost: same stored body, same time.
-                mine = (
-                    existing.request_hash == record.request_hash and existing.created_ms == record.created_ms
-                )
-                return existing, not mine
-            if len(reasons) > 1 and reasons[1].get("Code") == "ConditionalCheckFailed":
-                found = ShareState.from_item(record.tenant_id, reasons[1].get("Item"))
-                raise over_quota(found, record.total, default_max_active, self.config) from exc
-            _raise_retryable(exc, "the batch's put")
-            raise
-        except StoreContended:
-            raise  # (canceled, try after try: known not to have been applied)
-        except StoreUnavailable:
-            # Perhaps applied with its answer lost: one consistent read says, as a job's accept
-            # does (`JobRepository.create`). Stored, the batch is accepted (a 503 would have a
-            # client without an Idempotency-Key pay for it twice); a read that fails as well
-            # leaves the 503.
-            stored = self._stored_as(record)
-            if stored is None:
+        tries_left = _OVERRIDE_RACE_TRIES
+        while True:
+            tries_left -= 1
+            share = (
+                [
+                    shares.admit_many(
+                        self.table_name,
+                        record.tenant_id,
+                        record.lane,
+                        caps,
+                        record.total,
+                        state,
+                        default_max_active,
+                        whole_lane=self._not_its_own_lane(record),
+                    )
+                ]
+                if record.validated
+                else []
+            )
+            try:
+                # (the share item is in every claim and end of the tenant's jobs: a busy tenant's
+                # put may meet one of them, and is tried again, as a job's is)
+                _transact_through_conflicts(self._ddb, [put, *share])
+            except ClientError as exc:
+                reasons = _reasons(exc)
+                if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
+                    old = reasons[0].get("Item")
+                    if not old:
+                        raise StoreUnavailable("the batch's put was refused without its item") from exc
+                    existing = _from_item(old)
+                    # Our own put, applied on a try whose answer was lost: same stored body, same time.
+                    mine = (
+                        existing.request_hash == record.request_hash
+                        and existing.created_ms == record.created_ms
+                    )
+                    return existing, not mine
+                if len(reasons) > 1 and reasons[1].get("Code") == "ConditionalCheckFailed":
+                    found = ShareState.from_item(record.tenant_id, reasons[1].get("Item"))
+                    if tries_left and fits_quota(found, record.total, default_max_active):
+                        state = found  # (the override moved: see `fits_quota`)
+                        continue
+                    raise over_quota(found, record.total, default_max_active, self.config) from exc
+                _raise_retryable(exc, "the batch's put")
                 raise
-            return stored, False
-        return record, False
+            except StoreContended:
+                raise  # (canceled, try after try: known not to have been applied)
+            except StoreUnavailable:
+                # Perhaps applied with its answer lost: one consistent read says, as a job's accept
+                # does (`JobRepository.create`). Stored, the batch is accepted (a 503 would have a
+                # client without an Idempotency-Key pay for it twice); a read that fails as well
+                # leaves the 503.
+                stored = self._stored_as(record)
+                if stored is None:
+                    raise
+                return stored, False
+            return record, False
 
     def _stored_as(self, record: BatchRecord) -> BatchRecord | None:
         """The batch, if this put stored it (the same body at the same time, as the put's own
@@ -838,31 +845,37 @@ class BatchRepository:
                 ),
             }
         }
-        admit = shares.admit_many(
-            self.table_name,
-            batch.tenant_id,
-            batch.lane,
-            caps,
-            total,
-            state,
-            default_max_active,
-            whole_lane=self._not_its_own_lane(batch),
-        )
-        try:
-            # (the share item is in every claim and end of the tenant's jobs: a busy tenant's
-            # admission may meet one, and is tried again, not left to a new expand message
-            # whose run reads every stored part again)
-            _transact_through_conflicts(self._ddb, [update, admit])
-        except ClientError as exc:
-            reasons = _reasons(exc)
-            if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
-                return None
-            if len(reasons) > 1 and reasons[1].get("Code") == "ConditionalCheckFailed":
-                found = ShareState.from_item(batch.tenant_id, reasons[1].get("Item"))
-                raise over_quota(found, total, default_max_active, self.config) from exc
-            _raise_retryable(exc, "an upload's admission")
-            raise
-        return batch.model_copy(update={"total": total, "parts": parts, "validated": True})
+        tries_left = _OVERRIDE_RACE_TRIES
+        while True:
+            tries_left -= 1
+            admit = shares.admit_many(
+                self.table_name,
+                batch.tenant_id,
+                batch.lane,
+                caps,
+                total,
+                state,
+                default_max_active,
+                whole_lane=self._not_its_own_lane(batch),
+            )
+            try:
+                # (the share item is in every claim and end of the tenant's jobs: a busy tenant's
+                # admission may meet one, and is tried again, not left to a new expand message
+                # whose run reads every stored part again)
+                _transact_through_conflicts(self._ddb, [update, admit])
+            except ClientError as exc:
+                reasons = _reasons(exc)
+                if reasons and reasons[0].get("Code") == "ConditionalCheckFailed":
+                    return None
+                if len(reasons) > 1 and reasons[1].get("Code") == "ConditionalCheckFailed":
+                    found = ShareState.from_item(batch.tenant_id, reasons[1].get("Item"))
+                    if tries_left and fits_quota(found, total, default_max_active):
+                        state = found  # (the override moved: see `fits_quota`)
+                        continue
+                    raise over_quota(found, total, default_max_active, self.config) from exc
+                _raise_retryable(exc, "an upload's admission")
+                raise
+            return batch.model_copy(update={"total": total, "parts": parts, "validated": True})
 
     def fail(self, batch: BatchRecord, errors: list[BatchLineError]) -> BatchRecord | None:
         """An upload refused before any item was written: the batch ends `failed` with the
@@ -1389,6 +1402,20 @@ def exceeds_quota(count: int, limit: int) -> BatchExceedsQuota:
         f"this batch has {count} requests and this tenant may have at most {limit} jobs queued or "
         "running: split it into batches of at most that many"
     )
+
+
+# Accepts of a batch tried against the quota in force, should an operator's override of it
+# move between their read and their write (`fits_quota`).
+_OVERRIDE_RACE_TRIES = 3
+
+
+def fits_quota(found: ShareState, count: int, default_max_active: int) -> bool:
+    """Whether `count` more active jobs fit the quota of the share as a refusal found it. A
+    batch's accept holds the operator's override as it read it (`shares.admit_many`: a
+    condition has no arithmetic), so an override set, raised or cleared meanwhile refuses a
+    batch that fits (hunt 330: `set-limits --max-active` raised for a tenant's big batch failed
+    it `quota_exceeded`, "2 queued ... adds 3; at most 500"): it is tried again against it."""
+    return found.active + count <= (found.max_active_jobs or default_max_active)
 
 
 def over_quota(state: ShareState, count: int, default_max_active: int, config: LlmqConfig) -> QuotaExceeded:
