@@ -323,7 +323,7 @@ def test_the_dispatcher_reads_a_tenants_secrets_as_last_written(stage: Stage) ->
         stage.dispatch()
     finally:
         events.unregister("provide-client-params.dynamodb.GetItem", record)
-    assert len(stage.receiver.requests_to("/hooks/acme?token=integrator-secret-5521")) == 1
+    assert len(stage.receiver.requests_to("/hooks/acme")) == 1
     assert [params.get("ConsistentRead") for params in asked] == [True]
 
 
@@ -975,7 +975,7 @@ def test_a_duplicate_message_for_a_delivered_job_is_not_posted_again(stage: Stag
     response = stage.dispatch()
     # Then it is acknowledged without a second POST
     assert response == {"batchItemFailures": []}
-    assert len(stage.receiver.requests_to("/hooks/acme?token=integrator-secret-5521")) == 1
+    assert len(stage.receiver.requests_to("/hooks/acme")) == 1
     assert stage.delivery().attempts == 1
     assert stage.queued() == 0
 
