@@ -204,13 +204,23 @@ class TenantLimits:
             if (share.default_caps.get(lane), share.default_batch_caps.get(lane)) != caps[lane]
         }
         own = self.config.lane_for_tier(tier).name
-        raised = own in changed and changed[own][0] > (share.default_caps.get(own) or 0)
+        # A raise is told from the cap this command last reconciled, not the one on the share:
+        # the new api's accept of the tenant's next submit writes the raised cap, and a busy
+        # tenant submits before make deploy's refresh runs (hunt 330: nothing read as changed,
+        # its jobs deferred at the old cap waited out their deferrals with the raised slots idle).
+        reconciled = share.refreshed_caps.get(own, share.default_caps.get(own))
+        raised = own in caps and caps[own][0] > (reconciled or 0)
+        refreshed = (
+            {own: caps[own][0]} if own in caps and share.refreshed_caps.get(own) != caps[own][0] else {}
+        )
         # (a raise whose wake an earlier run did not finish: a throttle, its answer lost)
         pending = share.wake_pending
-        if not changed and pending is None:
+        if not changed and pending is None and not refreshed:
             return None
-        after = self.shares.refresh_default_caps(tenant_id, changed, wake=own if raised else None)
-        if after is None:
+        after = self.shares.refresh_default_caps(
+            tenant_id, changed, wake=own if raised else None, refreshed=refreshed
+        )
+        if after is None or not (changed or raised or pending):
             return None
         shown: dict[str, Any] = {
             "id": tenant_id,

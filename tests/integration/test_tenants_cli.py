@@ -846,7 +846,8 @@ def _deferred_at_a_tier_cap_a_deploy_raised(
     aws.client("dynamodb").update_item(
         TableName=harness.stack.jobs_table,
         Key={"pk": {"S": f"share#{tenant}"}},
-        UpdateExpression="SET cap_high = :one, capb_high = :one",
+        # (and as the share's first accept recorded it, for refresh-caps to tell a raise by)
+        UpdateExpression="SET cap_high = :one, capb_high = :one, capr_high = :one",
         ExpressionAttributeValues={":one": {"N": "1"}},
     )
     _deployed_tier_cap(directory, 8)
@@ -903,6 +904,39 @@ def test_refresh_caps_run_again_starts_the_jobs_a_cut_wake_left_deferred(
     # Then the deferred jobs start now, and a third run has nothing left to do
     assert [(shown["caps"], shown["woken"]) for shown in second] == [({}, 3)]
     assert {json.loads(message["Body"])["job_id"] for message in harness.receive(url)} == set(ids)
+    assert llmq(capsys, "refresh-caps") == []
+
+
+def test_refresh_caps_wakes_the_deferred_jobs_after_a_submit_wrote_the_raised_cap_first(
+    stack: dict[str, str],
+    harness: Any,
+    moto_stack: MotoStack,
+    provider: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from llmq.shares import ShareRepository
+    from tests.integration.conftest import integration_config
+    from tests.integration.harness import ENTERPRISE, Harness
+
+    # Given three jobs deferred at the tier's cap of one, and a deploy that raises it to 8
+    ids = _deferred_at_a_tier_cap_a_deploy_raised(harness, capsys, tmp_path)
+    # When the tenant submits to the new api before make deploy's refresh-caps runs: its
+    # accept writes the raised cap on its share
+    deployed = integration_config(provider, fair_share={"tiers": {"enterprise": {"max_concurrency": 8}}})
+    new_id = Harness(moto_stack, deployed, monkeypatch).submit(prompt="after the deploy").body["id"]
+    shares = ShareRepository(harness.stack.jobs_table, dynamodb=aws.client("dynamodb"))
+    assert shares.get(ENTERPRISE["tenant_id"]).default_caps["high"] == 8
+    capsys.readouterr()
+    refreshed = llmq(capsys, "refresh-caps")
+    # Then refresh-caps still wakes the jobs deferred at the old cap (hunt 330: it found nothing
+    # changed, and they waited out their deferrals with the raised slots idle)
+    # (and the new job, due as they are: its first message then finds it claimed)
+    assert [(shown["caps"], shown["woken"]) for shown in refreshed] == [({}, 4)], refreshed
+    url = harness.stack.lane_queue_urls["high"]
+    assert set(ids) | {new_id} == {json.loads(message["Body"])["job_id"] for message in harness.receive(url)}
+    # And a second run finds nothing to change, nor to wake
     assert llmq(capsys, "refresh-caps") == []
 
 

@@ -51,6 +51,10 @@ _BATCH_CAP_PREFIX = "capb_"
 # Per lane, how long the attempt of the tenant's last job to succeed ran (ms): what a deferral
 # takes a run to be (none of the prefixes starts another).
 _LAST_RUN_PREFIX = "lrun_"
+# Per lane, the tier's default cap as `llmq tenants refresh-caps` last reconciled it (a share's
+# first accept writes it too): what tells a raise by a deploy apart once the new api's accept
+# has written the raised cap before make deploy's refresh ran (hunt 330).
+_REFRESHED_CAP_PREFIX = "capr_"
 # Operator overrides; tier defaults apply where they are absent.
 MAX_CONCURRENCY = "max_concurrency"
 MAX_ACTIVE_JOBS = "max_active_jobs"
@@ -83,7 +87,10 @@ def batch_holders_of(lane: str) -> str:
 # An accept makes sure both holders maps of its lane exist (a claim and a departure write
 # inside them; `ensure_holders` repairs a share written before the batch map existed), and
 # refreshes the tier's default caps for the lane.
-_ACCEPT_SETS = "#h = if_not_exists(#h, :empty), #bh = if_not_exists(#bh, :empty), #cap = :cap, #bcap = :bcap"
+_ACCEPT_SETS = (
+    "#h = if_not_exists(#h, :empty), #bh = if_not_exists(#bh, :empty), #cap = :cap, #bcap = :bcap, "
+    "#rcap = if_not_exists(#rcap, :cap)"
+)
 
 
 def _accept_names(lane: str) -> dict[str, str]:
@@ -92,6 +99,7 @@ def _accept_names(lane: str) -> dict[str, str]:
         "#bh": batch_holders_of(lane),
         "#cap": _CAP_PREFIX + lane,
         "#bcap": _BATCH_CAP_PREFIX + lane,
+        "#rcap": _REFRESHED_CAP_PREFIX + lane,
         "#max": MAX_ACTIVE_JOBS,
     }
 
@@ -355,6 +363,8 @@ class ShareState:
     max_batch_concurrency: int | None = None
     # Per lane: how long the attempt of the tenant's last job to succeed ran (ms).
     last_runs: dict[str, int] = field(default_factory=dict)
+    # Per lane: the default cap as refresh-caps last reconciled it (`_REFRESHED_CAP_PREFIX`).
+    refreshed_caps: dict[str, int] = field(default_factory=dict)
     # The lane whose default cap `refresh_default_caps` raised, until the jobs deferred at the
     # old cap are woken (`clear_wake_pending`): a wake cut short is done by the next refresh.
     wake_pending: str | None = None
@@ -364,7 +374,12 @@ class ShareState:
         if not item:
             return cls(tenant_id=tenant_id)
         maps: dict[str, dict[str, dict[str, int]]] = {_HOLDERS_PREFIX: {}, _BATCH_HOLDERS_PREFIX: {}}
-        caps: dict[str, dict[str, int]] = {_CAP_PREFIX: {}, _BATCH_CAP_PREFIX: {}, _LAST_RUN_PREFIX: {}}
+        caps: dict[str, dict[str, int]] = {
+            _CAP_PREFIX: {},
+            _BATCH_CAP_PREFIX: {},
+            _LAST_RUN_PREFIX: {},
+            _REFRESHED_CAP_PREFIX: {},
+        }
         for name, value in item.items():
             prefix, _, lane = name.partition("_")
             prefix += "_"
@@ -388,6 +403,7 @@ class ShareState:
             default_batch_caps=caps[_BATCH_CAP_PREFIX],
             max_batch_concurrency=override(MAX_BATCH_CONCURRENCY),
             last_runs=caps[_LAST_RUN_PREFIX],
+            refreshed_caps=caps[_REFRESHED_CAP_PREFIX],
             wake_pending=item[WAKE_PENDING]["S"] if "S" in item.get(WAKE_PENDING, {}) else None,
         )
 
@@ -520,14 +536,19 @@ class ShareRepository:
         return ShareState.from_item(tenant_id, response.get("Item"))
 
     def refresh_default_caps(
-        self, tenant_id: str, caps: dict[str, tuple[int, int]], wake: str | None = None
+        self,
+        tenant_id: str,
+        caps: dict[str, tuple[int, int]],
+        wake: str | None = None,
+        refreshed: dict[str, int] | None = None,
     ) -> ShareState | None:
         """The tier's default caps (all its jobs, its batch items) written for each lane in
         `caps`, as an accept writes them: what a claim holds the tenant to until its next
         accept; `wake`: the lane whose jobs deferred at the old cap are to be woken, noted in
-        the same write (`ShareState.wake_pending`). None when the tenant has no share yet (its
-        first accept writes them)."""
-        if not caps:
+        the same write (`ShareState.wake_pending`); `refreshed`: the caps reconciled, per lane
+        (`ShareState.refreshed_caps`). None when the tenant has no share yet (its first accept
+        writes them)."""
+        if not caps and not refreshed and wake is None:
             return self.get(tenant_id)
         names: dict[str, str] = {}
         values: dict[str, Any] = {}
@@ -536,6 +557,10 @@ class ShareRepository:
             names |= {f"#c{index}": _CAP_PREFIX + lane, f"#b{index}": _BATCH_CAP_PREFIX + lane}
             values |= {f":c{index}": {"N": str(cap)}, f":b{index}": {"N": str(lane_batch_cap)}}
             sets.append(f"#c{index} = :c{index}, #b{index} = :b{index}")
+        for index, (lane, cap) in enumerate(sorted((refreshed or {}).items())):
+            names[f"#r{index}"] = _REFRESHED_CAP_PREFIX + lane
+            values[f":r{index}"] = {"N": str(cap)}
+            sets.append(f"#r{index} = :r{index}")
         if wake is not None:
             sets.append(f"{WAKE_PENDING} = :wake")
             values[":wake"] = {"S": wake}
