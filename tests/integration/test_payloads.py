@@ -94,6 +94,16 @@ def test_a_job_whose_result_is_gone_from_s3_is_410_result_expired_not_a_500(
     kept = harness.api("GET", f"/v1/jobs/{inline}", tenant=ENTERPRISE)
     assert (kept.status, kept.body["status"]) == (200, "succeeded")
     assert provider.calls_for(job_id) == 1
+    # And a streamed job's live output, read to its end after its result is gone, still ends
+    # with its status and done events (the text came as deltas), not a 410
+    streamed = harness.submit(prompt="write [[tokens:600]]", stream=True).body["id"]
+    assert harness.drain("high") == {"batchItemFailures": []}
+    gone = _item(harness, streamed)["result_ref"]["S"]
+    aws.client("s3").delete_object(Bucket=harness.stack.payload_bucket, Key=gone)
+    events = harness.api(
+        "GET", f"/v1/jobs/{streamed}/events", tenant=ENTERPRISE, headers={"Last-Event-ID": "999999"}
+    )
+    assert events.status == 200 and "event: done" in str(events.body), events.body
     # And the API document says GET may answer so
     document = harness.api("GET", "/v1/openapi.json").body
     assert "410" in document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]

@@ -833,3 +833,57 @@ async def test_a_stream_labelled_json_whose_events_open_with_another_field_is_re
         provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
         result = await provider.generate(REQUEST, 5)
     assert (result.output, result.finish_reason) == ("Hello world", "stop")
+
+
+# ---- answers with no text, and more than one choice (hunt 332) -------------------------------
+
+
+def _choice(delta: dict, finish_reason: str | None = None, index: int = 0) -> dict:
+    return {"choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        [_choice({"reasoning_content": f"step {n} "}) for n in range(5)],
+        [_choice({"reasoning": "thinking about it"})],
+        [_choice({"content": "Hi"})],
+    ],
+    ids=["reasoning_content", "reasoning", "text"],
+)
+async def test_a_finished_answer_of_any_tokens_cut_before_its_trailer_is_kept(tokens: list[dict]) -> None:
+    # Given a reasoning model that spent max_tokens thinking: its stream finishes (length) with
+    # no text, alone, then the connection is cut before the usage chunk and [DONE]
+    role = _choice({"role": "assistant", "content": None})
+    body = b"".join(_event(chunk) for chunk in [role, *tokens, _choice({}, "length")])
+    answer = Answer()
+    request = dataclasses.replace(REQUEST, answer=answer)
+    async with _server([_sse_head(), _chunked(body), 0.2]) as url:
+        provider = ChatCompletionsProvider(url, lambda: "sk-test", stream=True)
+        result = await provider.generate(request, 8.0)
+    # Then the paid answer is kept as it is, as a text answer's is (hunt 332: retried as a cut
+    # stream, paid for three times, and the job failed retries_exhausted), and marked whole, so
+    # a cancel at that moment keeps it too
+    assert result.finish_reason == "length" and answer.whole
+    assert result.output == ("Hi" if tokens[0]["choices"][0]["delta"].get("content") else "")
+
+
+async def test_only_the_first_choice_is_the_answer_whatever_a_server_interleaves() -> None:
+    # Given a gateway that ignores n=1 and streams a second choice between the first's chunks
+    chunks = [
+        _choice({"content": text}, index=index)
+        for pair in [("The", "A"), (" cat", " dog")]
+        for index, text in enumerate(pair)
+    ]
+    whole = [*chunks, _choice({"content": " sat"}), _choice({}, "stop", index=1), _choice({}, "stop")]
+    async with _server(
+        [_sse_head(), _chunked(b"".join(map(_event, whole)) + _event("[DONE]")), _chunked(b"")]
+    ) as url:
+        result = await ChatCompletionsProvider(url, lambda: "sk-test", stream=True).generate(REQUEST, 8.0)
+    # Then the output is the first choice's alone (hunt 332: "TheA cat dog sat")
+    assert (result.output, result.finish_reason) == ("The cat sat", "stop")
+    # And the second's finish never makes the first's cut answer whole
+    cut = [*chunks, _choice({}, "stop", index=1)]
+    async with _server([_sse_head(), _chunked(b"".join(map(_event, cut))), 0.2]) as url:
+        with pytest.raises(TransientProviderError):
+            await ChatCompletionsProvider(url, lambda: "sk-test", stream=True).generate(REQUEST, 8.0)

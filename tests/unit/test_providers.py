@@ -648,6 +648,31 @@ async def test_a_stream_answered_to_a_request_for_one_body_is_kept_not_paid_for_
         await cut.generate(REQUEST, 5)
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream", "text/plain"])
+@pytest.mark.parametrize("lead", ["\n\n", "\ufeff", ": keep-alive\n\n", ": OPENROUTER PROCESSING\n\n: x\n\n"])
+async def test_a_body_asked_for_is_read_past_what_leads_it(content_type: str, lead: str) -> None:
+    # Given a provider configured not to stream, whose gateway sends whitespace, a byte order
+    # mark or keep-alive comments before the whole completion
+    body = {
+        "choices": [{"index": 0, "message": {"content": "Paid answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+    calls: list[httpx.Request] = []
+    provider = _provider(
+        lambda request: (
+            calls.append(request)
+            or httpx.Response(
+                200, content=(lead + json.dumps(body)).encode(), headers={"content-type": content_type}
+            )
+        ),
+        stream=False,
+    )
+    # When the job calls it, then the answer is its result, from one call (review 282: past a
+    # comment, it was a malformed answer, paid for again at each attempt)
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, len(calls)) == ("Paid answer", 1)
+
+
 async def test_a_stream_whose_chunks_carry_their_text_as_a_message_keeps_it() -> None:
     # Given a server that streams each piece as a `message`, as a completion holds it
     chunks = [

@@ -1,6 +1,11 @@
-"""The metric catalogue: every name the functions emit is one MetricName."""
+"""The metric catalogue: every name the functions emit is one MetricName; and what the logs
+hold back."""
 
 from __future__ import annotations
+
+import logging
+
+import pytest
 
 from llmq.models import TERMINAL_STATUSES
 from llmq.telemetry import (
@@ -29,3 +34,25 @@ def test_outcome_timing_and_fault_metrics_together_are_the_whole_catalogue() -> 
         and not faults & (timings | outcomes)
         and not limits & (timings | outcomes | faults)
     )
+
+
+@pytest.mark.parametrize(
+    "library",
+    [
+        "botocore.endpoint",
+        "aws_lambda_powertools.event_handler.api_gateway",
+        "httpx",
+        "aws_xray_sdk.core.emitters.udp_emitter",
+    ],
+)
+def test_libraries_that_quote_requests_log_nothing_below_warning_at_any_root_level(
+    caplog: pytest.LogCaptureFixture, library: str
+) -> None:
+    # Given the root logger at DEBUG, as Lambda sets it for an application log level of DEBUG
+    caplog.set_level(logging.DEBUG)
+    # When a library logs what it sends below WARNING, and a warning
+    logging.getLogger(library).debug("request body: the prompt")
+    logging.getLogger(library).info("HTTP Request: POST https://hooks.example/x?token=secret")
+    logging.getLogger(library).warning("a warning")
+    # Then only the warning reaches a log
+    assert [record.getMessage() for record in caplog.records if record.name == library] == ["a warning"]

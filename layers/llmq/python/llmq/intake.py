@@ -19,6 +19,7 @@ from llmq.errors import (
     InvalidRequest,
     JobNotCancelable,
     JobNotTerminal,
+    JobResultExpired,
     NoWebhook,
     PayloadTooLarge,
     QuotaExceeded,
@@ -486,7 +487,11 @@ class JobIntake:
                 # More to read, or a read AWS left unfinished: the next request reads on.
                 return paged_events(opened, deltas, hint, hint)
         if job.stream and job.status is JobStatus.SUCCEEDED:
-            loaded = self.offload.load_result(job)
+            try:
+                loaded = self.offload.load_result(job)
+            except JobResultExpired:
+                # (its text read as deltas, if the client read them in time: the stream ends)
+                loaded = job
             if loaded.result is not None:
                 deltas += result_deltas(job, loaded.result.output, seen, whole=whole)
             if len(deltas) > streaming.max_deltas_per_response:

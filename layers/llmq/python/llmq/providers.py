@@ -1109,6 +1109,13 @@ class _Stream:
         )
 
     @property
+    def _generated(self) -> bool:
+        """Something of the generation came before its finish: text, or tokens of another kind
+        (hunt 332: a reasoning model that spent `max_tokens` thinking finishes with no text; its
+        answer, cut before its usage chunk, was never whole, and was paid for three times)."""
+        return bool(self.parts) or self.generating
+
+    @property
     def whole(self) -> bool:
         """The generation said it finished, alone, and nothing since has said otherwise: what
         follows (the usage chunk, [DONE]) may be lost or garbled without losing the answer."""
@@ -1190,7 +1197,7 @@ class _Stream:
             raise error
         had_finished = self.finish_reason is not None
         with_text = False
-        for choice in _dicts(chunk.get("choices")):
+        for choice in _answer_choices(chunk.get("choices")):
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 self.deltas = True
@@ -1211,12 +1218,12 @@ class _Stream:
                 more = isinstance(delta, dict) and any(
                     value for key, value in delta.items() if key not in _NOT_MORE
                 )
-                self.finish_alone = not text and not more and bool(self.parts)
+                self.finish_alone = not text and not more and self._generated
         if with_text and had_finished:
             self.marks_every_chunk = True
         if chunk.get("usage"):
             self.usage = _usage(chunk["usage"])
-            if self.finish_reason is not None and not with_text and self.parts:
+            if self.finish_reason is not None and not with_text and self._generated:
                 # The usage chunk a stream ends with (vLLM's final text carries its
                 # finish_reason): the finish stands alone now.
                 self.finish_alone = True
@@ -1258,10 +1265,11 @@ async def _read_whole(
     that streams whatever it is asked, a stream (hunt 329: each such answer, whole and paid
     for, was read as a malformed body and paid for again, three times, and the job failed)."""
     opened = await _opened(response)
-    pieces, start, significant = opened
+    pieces, _start, significant = opened
     if _SSE_FIELD.match(significant):
         return await _read_stream(response, None, deadline, answer, done_ends_answer, opened=opened)
-    return await _whole_json(_prefixed(start, pieces), deadline, answer)
+    # (past the keep-alive comments a gateway sends while its upstream works: review 282)
+    return await _whole_json(_prefixed(significant, pieces), deadline, answer)
 
 
 async def _read_stream(
@@ -1481,6 +1489,13 @@ def _dicts(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
+def _answer_choices(value: object) -> list[dict[str, Any]]:
+    """The choices of the one answer llmq asks for: index 0, or none named. A server that sends
+    more than one (a gateway that ignores `n`) interleaves their chunks; read together, their
+    texts mixed into one output, and one's finish made the other's cut answer whole (hunt 332)."""
+    return [choice for choice in _dicts(value) if choice.get("index") in (0, None)]
+
+
 async def _whole_json(
     pieces: AsyncIterator[bytes], deadline: float | None = None, answer: Answer | None = None
 ) -> JobResult:
@@ -1674,7 +1689,7 @@ def _completion(data: dict[str, Any]) -> JobResult:
     error = _in_band_error(data)
     if error is not None:
         raise error
-    choices = _dicts(data.get("choices"))
+    choices = _answer_choices(data.get("choices"))
     if not choices:
         raise TransientProviderError("the provider answered without choices", code=ErrorCode.PROVIDER_ERROR)
     first = choices[0]

@@ -34,6 +34,8 @@ logger = Logger(service=SERVICE_NAME)
 # level is. llmq's own logger (LOG_LEVEL) is not among them.
 QUIET_LIBRARY_LOGGERS = (
     "aws_lambda_powertools",
+    # (its DEBUG has each trace segment sent, with the messages of the errors it captured)
+    "aws_xray_sdk",
     "boto3",
     "botocore",
     "httpcore",
