@@ -77,7 +77,7 @@ def runner() -> JobRunner:
     return JobRunner(jobs, queues(), provider, config, payloads=payloads, batches=batches)
 
 
-EDGE = QueueEdge(queues=queues, job_of=lane_job_id)
+EDGE = QueueEdge(queues=queues, job_of=lane_job_id, send_again=lambda: queues().send_again)
 
 
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> None:

@@ -2820,3 +2820,43 @@ def test_a_cancel_met_by_a_claim_given_back_ends_the_job_now_not_after_its_lease
         ENTERPRISE["tenant_id"]
     )
     assert share.running == 0, outcome
+
+
+def test_a_retry_whose_message_a_losing_copy_deleted_is_sent_again(
+    harness: Harness, provider: FakeProviderServer
+) -> None:
+    url = harness.stack.lane_queue_urls["high"]
+    # Given a job whose first provider call is slow and fails with a 503 (a transient error)
+    job_id = harness.submit(prompt="[[latency:1.5]][[fail:503x1]] hi").body["id"]
+    # And its one message received twice (SQS's at-least-once; the second receive is the newest)
+    first = harness.receive(url, visibility=60)
+    harness.sqs.change_message_visibility(
+        QueueUrl=url, ReceiptHandle=first[0]["ReceiptHandle"], VisibilityTimeout=0
+    )
+    second = harness.receive(url, visibility=60)
+    assert first[0]["MessageId"] == second[0]["MessageId"]
+    # When the first receive's worker claims the job and calls the provider, while the second's
+    # finds the job leased elsewhere and acknowledges its copy, which deletes the message
+    answers: dict[str, Any] = {}
+    winner = threading.Thread(target=lambda: answers.__setitem__("first", harness.run_worker(url, first)))
+    winner.start()
+    time.sleep(0.7)
+    answers["second"] = harness.run_worker(url, second)
+    winner.join(30)
+    assert answers["second"] == {"batchItemFailures": []}
+    jobs = JobRepository(harness.stack.jobs_table, harness.config, dynamodb=aws.client("dynamodb"))
+    queued = jobs.find(job_id)
+    assert queued is not None and (queued.status, queued.attempts) == (JobStatus.QUEUED, 1)
+    # Then the job, back to queued for its retry, has a message to bring it back (hunt 331: none,
+    # until the reconciler's stale-queued sweep minutes later)
+    counts = harness.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert harness.total_count(url) + int(counts["ApproximateNumberOfMessagesDelayed"]) == 1
+    # And the retry runs from it, once its backoff is over: the job succeeds on its second call
+    messages: list[dict[str, Any]] = []
+    waited = time.monotonic() + 15
+    while not messages and time.monotonic() < waited:
+        messages = harness.receive(url)
+        time.sleep(0.2)
+    assert harness.run_worker(url, messages) == {"batchItemFailures": []}
+    done = harness.api("GET", f"/v1/jobs/{job_id}", tenant=ENTERPRISE).body
+    assert (done["status"], done["attempts"], provider.calls_for(job_id)) == ("succeeded", 2, 2)

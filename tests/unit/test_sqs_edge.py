@@ -191,3 +191,45 @@ def test_a_visibility_change_slower_than_the_invocation_is_given_up_and_the_reco
     with pytest.raises(RetryLater):
         asyncio.run(handed_back())
     assert answered_when_settled == [[]]
+
+
+class _HandleGone:
+    """SQS whose message is gone (a copy's acknowledgement deleted it): visibility changes are
+    refused as AWS refuses a receipt handle no longer in flight; sends are kept, or refused."""
+
+    def __init__(self, refuse_sends: bool = False) -> None:
+        self.sent: list[tuple[str, str, float]] = []
+        self.refuse_sends = refuse_sends
+
+    def delay_redelivery(self, queue_arn: str, receipt_handle: str, seconds: float) -> None:
+        from botocore.exceptions import ClientError
+
+        error = {"Error": {"Code": "ReceiptHandleIsInvalid", "Message": "gone"}}
+        raise ClientError(error, "ChangeMessageVisibility")  # type: ignore[arg-type]
+
+    def send_again(self, body: str, *, source_arn: str, delay_seconds: float) -> None:
+        if self.refuse_sends:
+            raise StoreUnavailable("sqs.SendMessage: throttled")
+        self.sent.append((body, source_arn, delay_seconds))
+
+
+@pytest.mark.parametrize("gave_back_slot", [True, False])
+def test_a_job_handed_back_whose_message_is_gone_is_sent_again(gave_back_slot: bool) -> None:
+    sqs = _HandleGone()
+    edge = QueueEdge(queues=lambda: sqs, job_of=lambda body: "job_1", send_again=lambda: sqs.send_again)
+    # When a record whose job was handed back to its queue (a retry's backoff) asks to come
+    # back later, and its message is no longer there to delay
+    retry = RetryLater("job_1", 7.5, gave_back_slot=gave_back_slot)
+    assert settle(edge, retry) is retry
+    # Then it is sent again, after the delay, to the queue it came from (hunt 331); a record
+    # whose job was not handed back (a deferral: its job is someone else's now) is not
+    expected = [(Record.body, Record.event_source_arn, 7.5)] if gave_back_slot else []
+    assert sqs.sent == expected
+
+
+def test_a_send_again_refused_leaves_the_job_to_the_reconciler_and_reports_the_record_failed() -> None:
+    sqs = _HandleGone(refuse_sends=True)
+    edge = QueueEdge(queues=lambda: sqs, job_of=lambda body: "job_1", send_again=lambda: sqs.send_again)
+    retry = RetryLater("job_1", 7.5, gave_back_slot=True)
+    assert settle(edge, retry) is retry
+    assert sqs.sent == []

@@ -96,6 +96,18 @@ class QueueRepository:
             DelaySeconds=min(delay_seconds, MAX_SEND_DELAY_SECONDS),
         )
 
+    def send_again(self, body: str, *, source_arn: str, delay_seconds: float) -> None:
+        """A lane message, as received from the queue `source_arn`, sent to it again after
+        `delay_seconds` (`QueueEdge.send_again`), under its tenant's group."""
+        message = LaneMessage.model_validate_json(body)
+        extra: dict[str, Any] = {"MessageGroupId": message.tenant_id} if message.tenant_id else {}
+        self._sqs.send_message(
+            QueueUrl=self.queue_url_for_arn(source_arn) or self._url_from_arn(source_arn),
+            MessageBody=body,
+            DelaySeconds=min(math.ceil(delay_seconds), MAX_SEND_DELAY_SECONDS),
+            **extra,
+        )
+
     def enqueue_jobs(self, job_ids: list[str], lane: str, tenant_id: str) -> None:
         """Lane messages for many jobs, ten to a SendMessageBatch; entries SQS failed are sent
         again, and StoreUnavailable if some still fail (their jobs wait for the reconciler)."""

@@ -68,6 +68,10 @@ class SetAside(Protocol):
     def __call__(self, body: str, *, source_arn: str, message_id: str, why: str) -> None: ...
 
 
+class SendAgain(Protocol):
+    def __call__(self, body: str, *, source_arn: str, delay_seconds: float) -> None: ...
+
+
 # What `settling_async` leaves of the invocation for the batch's response.
 _LAST_SECOND = 1.0
 # What ChangeMessageVisibility answers for a receipt handle no longer in flight.
@@ -90,6 +94,9 @@ class QueueEdge:
     poison_visibility_seconds: float = 0
     # Where poison goes instead of coming back (`QueueRepository.set_aside_poison`), if anywhere.
     set_aside: Callable[[], SetAside] | None = None
+    # How a message whose job was handed back to its queue is sent again when its own is gone
+    # (`QueueRepository.send_again`), if it can be.
+    send_again: Callable[[], SendAgain] | None = None
 
     @contextmanager
     def settling(self, record: QueueRecord) -> Iterator[None]:
@@ -138,7 +145,8 @@ class QueueEdge:
         """Tell SQS when a record that raised comes back; True when it was poison set aside
         (the record is then acknowledged)."""
         if isinstance(exc, RetryLater):
-            self._delay(record, exc.delay_seconds)
+            if not self._delay(record, exc.delay_seconds) and exc.gave_back_slot:
+                self._send_again(record, exc)
             return False
         if self._set_aside(record, str(exc)):
             return True
@@ -188,7 +196,27 @@ class QueueEdge:
         logger.error("poison message set aside", extra={"message_id": record.message_id, "why": why})
         return True
 
-    def _delay(self, record: QueueRecord, seconds: float) -> None:
+    def _send_again(self, record: QueueRecord, exc: RetryLater) -> None:
+        """The message of a job handed back to its queue (a retry's backoff, a hand-back) whose
+        own is gone: a copy of it that lost the job's claim to this one was received after it,
+        and its acknowledgement deleted it (SQS deletes by the newest receipt handle). Without
+        one, the job waited for the reconciler's stale-queued sweep, minutes after its retry
+        was due (hunt 331). A copy sent needlessly (the message received again elsewhere) is a
+        duplicate, which a claim absorbs."""
+        if self.send_again is None:
+            return
+        try:
+            self.send_again()(
+                record.body, source_arn=record.event_source_arn, delay_seconds=exc.delay_seconds
+            )
+        except Exception as error:
+            # (the job is queued: the reconciler's sweep sends it one)
+            log_record_failure(error, record.message_id, self.job_of(record.body), record.event_source_arn)
+            return
+        logger.info("message sent again: its own was gone", extra={"message_id": record.message_id})
+
+    def _delay(self, record: QueueRecord, seconds: float) -> bool:
+        """False when the message is no longer there to delay (its receipt handle gone)."""
         try:
             self.queues().delay_redelivery(record.event_source_arn, record.receipt_handle, seconds)
         except StoreUnavailable:
@@ -198,9 +226,10 @@ class QueueEdge:
             if exc.response.get("Error", {}).get("Code") in _HANDLE_GONE:
                 # (a copy received again elsewhere, or deleted: nothing to delay)
                 logger.warning("message no longer in flight", extra={"message_id": record.message_id})
-                return
+                return False
             # A grant missing (AccessDenied), or a bug: every record that asks for a delay
             # comes back only after the queue's visibility timeout. Counted (RecordFailed), as
             # any unexpected failure of a record is, for its alarm.
             log_record_failure(exc, record.message_id, self.job_of(record.body), record.event_source_arn)
             raise
+        return True
