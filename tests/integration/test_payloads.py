@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -104,6 +105,11 @@ def test_a_job_whose_result_is_gone_from_s3_is_410_result_expired_not_a_500(
         "GET", f"/v1/jobs/{streamed}/events", tenant=ENTERPRISE, headers={"Last-Event-ID": "999999"}
     )
     assert events.status == 200 and "event: done" in str(events.body), events.body
+    done = json.loads(str(events.body).rsplit("event: done", 1)[1].split("data: ", 1)[1].split("\n", 1)[0])
+    # (its link the job's own, whose GET says the result is gone; never a presigned URL to
+    # the object that is gone: review 283)
+    assert (done["status"], done["result"]) == ("succeeded", None)
+    assert done["result_url"].endswith(f"/v1/jobs/{streamed}") and "X-Amz-Signature" not in done["result_url"]
     # And the API document says GET may answer so
     document = harness.api("GET", "/v1/openapi.json").body
     assert "410" in document["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]

@@ -1820,3 +1820,62 @@ async def test_a_paid_json_answer_with_a_byte_that_is_not_utf_8_is_kept(
     # again (review 263: a streamed request answered so was, where 24a3360 kept it)
     result = await provider.generate(REQUEST, 5)
     assert (result.output, result.finish_reason) == ("caf\ufffd \ufffd", "length")
+
+
+class _Spaced(httpx.AsyncByteStream):
+    """A stream whose events come `gap` seconds apart, then [DONE]."""
+
+    def __init__(self, events: list[dict[str, Any]], gap: float) -> None:
+        self.events, self.gap = events, gap
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for event in self.events:
+            yield _sse(event).encode()
+            await asyncio.sleep(self.gap)
+        yield b"data: [DONE]\n\n"
+
+
+def _marked_with_usage(delta: dict[str, Any]) -> dict[str, Any]:
+    """A chunk of a gateway that marks every chunk finished and repeats the usage in each."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}], "usage": usage}
+
+
+async def test_thinking_a_gateway_marks_finished_is_never_a_whole_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(providers, "_WHOLE_TRAILER_SECONDS", 0.2)
+    monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 0.2)
+    # Given a gateway that marks each chunk finished, with usage, the reasoning's chunks too
+    events = [_marked_with_usage({"reasoning_content": f"t{n} "}) for n in range(4)]
+    events += [_marked_with_usage({"content": "Hello"}), _marked_with_usage({"content": " world"})]
+    provider = _provider(lambda request: httpx.Response(200, stream=_Spaced(events, gap=0.3)), stream=True)
+    # When the model thinks longer than the wait for a whole answer's trailer
+    result = await provider.generate(REQUEST, 10)
+    # Then its answer is read to the end, not taken empty mid-thought (review 283)
+    assert (result.output, result.finish_reason) == ("Hello world", "stop")
+    # And a cut mid-thought is a cut, not an empty success
+    head = _sse(*events[:2]).encode()
+    cut = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
+    with pytest.raises(TransientProviderError):
+        await cut.generate(REQUEST, 5)
+
+
+@pytest.mark.parametrize("index", [1, "0"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_answer_whose_one_choice_is_numbered_otherwise_is_kept(index: object, stream: bool) -> None:
+    # Given a server that numbers its one choice from 1, or writes its index as a string
+    if stream:
+        body = _sse(
+            {"choices": [{"index": index, "delta": {"content": "Paid answer"}, "finish_reason": None}]},
+            {"choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]},
+            "[DONE]",
+        )
+    else:
+        choice = {"index": index, "message": {"content": "Paid answer"}, "finish_reason": "stop"}
+        body = json.dumps({"choices": [choice]})
+    provider = _provider(lambda request: httpx.Response(200, text=body), stream=stream)
+    # When the job calls it, then the answer is kept (review 283: "answered without choices",
+    # paid for again at each attempt)
+    result = await provider.generate(REQUEST, 5)
+    assert (result.output, result.finish_reason) == ("Paid answer", "stop")

@@ -486,12 +486,14 @@ class JobIntake:
             elif deltas[-1].seq < last:
                 # More to read, or a read AWS left unfinished: the next request reads on.
                 return paged_events(opened, deltas, hint, hint)
+        expired = False
         if job.stream and job.status is JobStatus.SUCCEEDED:
             try:
                 loaded = self.offload.load_result(job)
             except JobResultExpired:
-                # (its text read as deltas, if the client read them in time: the stream ends)
-                loaded = job
+                # (its text read as deltas, if the client read them in time: the stream ends,
+                # with no link to what is gone: review 283)
+                loaded, expired = job, True
             if loaded.result is not None:
                 deltas += result_deltas(job, loaded.result.output, seen, whole=whole)
             if len(deltas) > streaming.max_deltas_per_response:
@@ -499,7 +501,8 @@ class JobIntake:
         # A result held in S3 goes as its presigned URL: the deltas carried its text already,
         # and the event must fit in the Lambda's response. A page too large for it ends early,
         # before the end, which the client's next request reads.
-        end = (status_event(job.status) if ended else "") + done_event(self.offload.link_result(job).to_job())
+        linked = job if expired else self.offload.link_result(job)
+        end = (status_event(job.status) if ended else "") + done_event(linked.to_job())
         return paged_events(opened, deltas, end, hint)
 
     def _unread_deltas(self, job: JobRecord, seen: int, last: int) -> list[OutputDelta]:

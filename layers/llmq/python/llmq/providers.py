@@ -1094,6 +1094,8 @@ class _Stream:
         self.started = False
         # A delta carried something of the generation besides its text (`began`).
         self.generating = False
+        # The index of the answer's choice, from the first chunk that names one.
+        self.answer_index: object = None
 
     @property
     def began(self) -> bool:
@@ -1107,6 +1109,22 @@ class _Stream:
             or self.generating
             or (self.done and self.done_ends_answer)
         )
+
+    def _answer_choices(self, value: object) -> list[dict[str, Any]]:
+        """The choices of the one answer llmq asks for: those of the first index the stream
+        named (0, but a server may number from 1 or name it "0"), or of none. A server that sends
+        more than one (a gateway that ignores `n`) interleaves their chunks; read together,
+        their texts mixed into one output, and one's finish made the other's cut answer whole
+        (hunt 332)."""
+        choices = _dicts(value)
+        for choice in choices:
+            if self.answer_index is None and choice.get("index") is not None:
+                self.answer_index = _choice_index(choice)
+        return [
+            choice
+            for choice in choices
+            if choice.get("index") is None or _choice_index(choice) == self.answer_index
+        ]
 
     @property
     def _generated(self) -> bool:
@@ -1197,7 +1215,9 @@ class _Stream:
             raise error
         had_finished = self.finish_reason is not None
         with_text = False
-        for choice in _answer_choices(chunk.get("choices")):
+        # (tokens of any kind: a reasoning model's thinking, a refusal, tool calls; or text)
+        with_tokens = False
+        for choice in self._answer_choices(chunk.get("choices")):
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 self.deltas = True
@@ -1207,6 +1227,7 @@ class _Stream:
             text = _text(delta.get("content")) if isinstance(delta, dict) else ""
             if isinstance(delta, dict) and _generates(delta):
                 self.generating = True
+                with_tokens = True
             if text:
                 with_text = True
                 self.parts.append(text)
@@ -1219,11 +1240,13 @@ class _Stream:
                     value for key, value in delta.items() if key not in _NOT_MORE
                 )
                 self.finish_alone = not text and not more and self._generated
-        if with_text and had_finished:
+        if (with_text or with_tokens) and had_finished:
+            # (a gateway that marks its reasoning chunks finished too, review 283: its thinking
+            # is never a whole answer, however long it lasts)
             self.marks_every_chunk = True
         if chunk.get("usage"):
             self.usage = _usage(chunk["usage"])
-            if self.finish_reason is not None and not with_text and self._generated:
+            if self.finish_reason is not None and not (with_text or with_tokens) and self._generated:
                 # The usage chunk a stream ends with (vLLM's final text carries its
                 # finish_reason): the finish stands alone now.
                 self.finish_alone = True
@@ -1489,11 +1512,18 @@ def _dicts(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-def _answer_choices(value: object) -> list[dict[str, Any]]:
-    """The choices of the one answer llmq asks for: index 0, or none named. A server that sends
-    more than one (a gateway that ignores `n`) interleaves their chunks; read together, their
-    texts mixed into one output, and one's finish made the other's cut answer whole (hunt 332)."""
-    return [choice for choice in _dicts(value) if choice.get("index") in (0, None)]
+def _choice_index(choice: dict[str, Any]) -> object:
+    """A choice's index, a number however it is written (`0`, `"0"`)."""
+    index = choice.get("index")
+    if isinstance(index, str) and index.strip().isdigit():
+        return int(index)
+    return index
+
+
+def _answer_choice(value: object) -> dict[str, Any] | None:
+    """The answer's choice in a completion: index 0 (however written), else the first."""
+    choices = _dicts(value)
+    return next((choice for choice in choices if _choice_index(choice) == 0), choices[0] if choices else None)
 
 
 async def _whole_json(
@@ -1689,10 +1719,9 @@ def _completion(data: dict[str, Any]) -> JobResult:
     error = _in_band_error(data)
     if error is not None:
         raise error
-    choices = _answer_choices(data.get("choices"))
-    if not choices:
+    first = _answer_choice(data.get("choices"))
+    if first is None:
         raise TransientProviderError("the provider answered without choices", code=ErrorCode.PROVIDER_ERROR)
-    first = choices[0]
     if _reason(first) in _GAVE_UP:
         # The server stopped the generation itself (SGLang's and vLLM's abort): not an answer.
         raise TransientProviderError(_ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR)
