@@ -1811,6 +1811,41 @@ def test_a_paid_result_whose_write_fails_for_good_is_parked_and_recorded_by_the_
     assert (job["status"], job["result"]["output"], job["attempts"]) == ("succeeded", "fine", 2)
 
 
+@pytest.mark.parametrize(
+    "code", ["AccessDeniedException", "ExpiredTokenException", "KMSAccessDeniedException"]
+)
+def test_a_paid_result_whose_write_meets_an_error_no_retry_fixes_is_parked_and_recorded(
+    harness: Harness, code: str
+) -> None:
+    # Given a job whose generation is paid for, and DynamoDB refusing its result write with an
+    # error botocore does not retry (a grant removed, credentials expired, the table's key gone)
+    job_id = harness.submit().body["id"]
+    writes: list[str] = []
+
+    def refuse_the_result_write(model: Any, **_: Any) -> None:
+        if model.name == "TransactWriteItems":
+            writes.append(model.name)
+            if len(writes) == 2:
+                error = {
+                    "Error": {"Code": code, "Message": "refused"},
+                    "ResponseMetadata": {"HTTPStatusCode": 400},
+                }
+                raise ClientError(error, model.name)  # type: ignore[arg-type]
+
+    provider = ScriptedProvider([OK, JobResult(output="paid twice", finish_reason="stop", usage=Usage())])
+    with on_aws_call("dynamodb", "before-call.dynamodb", refuse_the_result_write):
+        outcome = _run(_runner(harness, provider), job_id, seconds=8)
+    assert isinstance(outcome, ClientError) and provider.calls == 1
+    # When its lease lapses and the job's message comes back to another worker
+    _lapse_lease(harness, job_id)
+    assert _run(_runner(harness, provider), job_id, owner="worker-2", seconds=2.4) is None
+    # Then the result parked in S3 is recorded, not paid for a second time (hunt 333: parked on
+    # a throttle alone, it was lost, and the job ran again)
+    assert provider.calls == 1
+    job = _job(harness, job_id)
+    assert (job["status"], job["result"]["output"], job["attempts"]) == ("succeeded", "fine", 2)
+
+
 @pytest.mark.parametrize("next_look", ["claim", "reconciler"])
 @pytest.mark.parametrize(
     ("billed", "code"),

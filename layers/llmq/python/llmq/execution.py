@@ -1154,10 +1154,15 @@ class JobRunner:
     ) -> T:
         """`write`, whatever AWS says for a while; a write that still fails `park`s what it
         wrote in S3 (`Offload.park_result`, `park_failure`) and raises: the job's next look
-        records that instead of running the job again."""
+        records that instead of running the job again. Whatever it fails with, but a lease
+        taken over or a cancel (the job is no longer this attempt's to end): an error no retry
+        fixes (credentials expired, a grant or the table's key gone) left the paid result to
+        the worker's memory alone, and the job ran again (hunt 333), while S3 answered."""
         try:
             return await self._write_back(write, invocation)
-        except StoreUnavailable:
+        except (LeaseLost, CancelRequested):
+            raise
+        except Exception:
             if self.offload.payloads is not None:
                 # Within what is left of the Lambda (a second before its end): S3 failing with
                 # DynamoDB must not time the invocation out, which would send every message of
