@@ -371,17 +371,25 @@ class Observed:
     """What the run left behind, for the submitted jobs only."""
 
     jobs: dict[str, dict[str, Any]]  # as polled, by id
-    calls: dict[str, int]  # provider calls, by job id
+    # Provider calls that may have been paid for, by job id: not those refused before generating
+    # (a 429, 503 or 529 answer), whose attempts are refunded (`RetryPolicy.max_refusals`).
+    calls: dict[str, int]
     deliveries: list[dict[str, Any]]  # every attempt the receiver saw
     worker_outcomes: Counter[str]
     depths: dict[str, int]
+
+
+# What the fake provider answers when it refuses a call before generating (its faults' statuses).
+REFUSAL_STATUSES = frozenset({429, 503, 529})
 
 
 def observe(
     sandbox: Sandbox, submitted: Submitted, jobs: dict[str, dict[str, Any]], depths: dict[str, int]
 ) -> Observed:
     ids = set(submitted.tenant_of)
-    calls: dict[str, int] = _get(f"{sandbox.state['provider_url']}/_calls")["calls"]
+    provider = _get(f"{sandbox.state['provider_url']}/_calls")
+    calls: Counter[str] = Counter(provider["calls"])
+    calls.subtract(record["job_id"] for record in provider["log"] if record["status"] in REFUSAL_STATUSES)
     deliveries = _get(f"{sandbox.state['receiver_url']}/_deliveries")["data"]
     workers = _get(f"{sandbox.state['api_url']}/_sandbox/invocations?function=worker")["data"]
     return Observed(

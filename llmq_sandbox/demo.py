@@ -74,7 +74,11 @@ class Tour:
             )
         self.planned += [
             Planned(
-                "transient 503", "enterprise", "Translate the contract [[fail:503x1]]", expect_attempts=2
+                # (refused before generating: the attempt is refunded, `retry.max_refusals`)
+                "transient 503",
+                "enterprise",
+                "Translate the contract [[fail:503x1]]",
+                expect_attempts=1,
             ),
             Planned(
                 "receiver fails twice", "enterprise", "Draft the reply [[latency:0.2]]", hook="/hooks/fail-2"

@@ -295,8 +295,9 @@ def test_duplicate_messages_during_a_retry_backoff_do_not_cut_the_retry_after_sh
     # When two copies of its lane message arrive during the backoff
     figures.send_lane_messages("high", [lane_message(job_id, "high")] * 2)
     job = figures.sandbox.wait_terminal(job_id)
-    # Then it succeeds on its second attempt, called no sooner than the provider asked
-    assert (job["status"], job["attempts"]) == ("succeeded", 2)
+    # Then it succeeds on its second call (its first attempt: the 503 refused it before
+    # generating, refunded), called no sooner than the provider asked
+    assert (job["status"], job["attempts"]) == ("succeeded", 1)
     first, second = figures.provider_calls(job_id)
     assert (first.status, second.status) == (503, 200)
     assert second.started_at - first.ended_at >= 3 - CLOCK_SLACK
@@ -312,8 +313,8 @@ def test_a_fractional_retry_after_is_never_rounded_down(figures: Figures) -> Non
         time.sleep(0.25)
     for job_id in ids:
         job = figures.sandbox.wait_terminal(job_id)
-        # Then each retry came no sooner than 1.45 s after its 429
-        assert (job["status"], job["attempts"]) == ("succeeded", 2)
+        # Then each retry came no sooner than 1.45 s after its 429 (the 429's attempt refunded)
+        assert (job["status"], job["attempts"]) == ("succeeded", 1)
         first, second = figures.provider_calls(job_id)
         assert (first.status, second.status) == (429, 200)
         assert second.started_at - first.ended_at >= 1.45 - CLOCK_SLACK, (first, second)
@@ -556,15 +557,12 @@ def test_a_storm_of_429_and_503_ends_every_job_succeeded_or_exhausted_and_honour
     for job_id, job in jobs.items():
         calls = figures.provider_calls(job_id)
         statuses = [call.status for call in calls]
-        # Then each job succeeded, or failed with retries_exhausted after max_attempts calls
-        if job["status"] == "succeeded":
-            assert statuses[-1] == 200 and set(statuses[:-1]) <= {429, 503}
-        else:
-            assert (job["status"], job["error"]["code"]) == ("failed", "retries_exhausted")
-            assert job["error"]["retryable"] is False
-            assert len(calls) == config["max_attempts"] and set(statuses) <= {429, 503}
-        # And no job was called more than max_attempts times, one call per attempt, never at once
-        assert len(calls) == job["attempts"] <= config["max_attempts"]
+        # Then each job succeeded on its first attempt: every refusal (a 429 or 503 before
+        # generating) refunded, up to the budget of them, which a storm of seconds never spends
+        assert statuses[-1] == 200 and set(statuses[:-1]) <= {429, 503}
+        assert (job["status"], job["attempts"]) == ("succeeded", 1)
+        assert len(calls) <= 1 + config["retry"]["max_refusals"]
+        # And no two calls of a job at once
         assert overlapping(calls) == []
         # And each retry waited at least the Retry-After
         for earlier, later in itertools.pairwise(calls):

@@ -55,7 +55,10 @@ def integration_config(server: FakeProviderServer, **overrides: object) -> LlmqC
             "timeout_seconds": 30,
             "stream": False,
         },
-        "retry": {"base_seconds": 1, "max_seconds": 8},
+        # (a refusal before generating spends an attempt here, as any transient error does, so
+        # a test's retries come back as it drives them: `RetryPolicy.max_refusals` has tests of
+        # its own, test_worker and test_runner)
+        "retry": {"base_seconds": 1, "max_seconds": 8, "max_refusals": 0},
         "cancel_check_seconds": 0.2,
         "webhooks": {"allow_loopback_http": True, "schedule_seconds": [1, 2, 4]},
         "limits": {"max_prompt_chars": 5000, "max_body_bytes": 65536, "wait_poll_seconds": 0.05},

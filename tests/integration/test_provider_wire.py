@@ -887,3 +887,27 @@ async def test_only_the_first_choice_is_the_answer_whatever_a_server_interleaves
     async with _server([_sse_head(), _chunked(b"".join(map(_event, cut))), 0.2]) as url:
         with pytest.raises(TransientProviderError):
             await ChatCompletionsProvider(url, lambda: "sk-test", stream=True).generate(REQUEST, 8.0)
+
+
+@pytest.mark.parametrize("status", [429, 503, 529])
+async def test_a_refusal_answered_at_once_is_unbilled_and_one_after_a_held_request_is_not(
+    status: int,
+) -> None:
+    body = json.dumps(
+        {"error": {"message": "upstream connect error or disconnect/reset before headers"}}
+    ).encode()
+    # Given a provider that refuses at once, and a gateway that answers the same after holding
+    # the whole request a while (the model behind it crashed mid-generation)
+    async with (
+        _server([_error_answer(status, body)]) as at_once,
+        _server([2.5, _error_answer(status, body)]) as held,
+    ):
+        provider = ChatCompletionsProvider(at_once, lambda: "sk-test", stream=False)
+        with pytest.raises(TransientProviderError) as refused:
+            await provider.generate(REQUEST, 10.0)
+        provider = ChatCompletionsProvider(held, lambda: "sk-test", stream=False)
+        with pytest.raises(TransientProviderError) as late:
+            await provider.generate(REQUEST, 10.0)
+    # Then only the first is a refusal whose attempt is refunded: the second may have been
+    # generating, and paid for (review 285: refunded too, a job was called 13 times, not 3)
+    assert (refused.value.refused, late.value.refused) == (True, False)

@@ -163,7 +163,8 @@ def test_a_provider_that_keeps_failing_ends_retries_exhausted_after_max_attempts
     job = _job(harness, job_id)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "retries_exhausted"
-    assert job["error"]["retryable"] is False
+    # (each call refused before generating: nothing paid for, the request may be sent later)
+    assert job["error"]["retryable"] is True
     assert provider.calls_for(job_id) == harness.config.max_attempts
     assert harness.total_count(harness.stack.lane_queue_urls["high"]) == 0
 
@@ -684,3 +685,35 @@ def test_a_slow_visibility_change_of_one_record_never_costs_its_siblings_paid_an
     assert [failure["itemIdentifier"] for failure in response["batchItemFailures"]] == [
         m["MessageId"] for m in messages if job_a in m["Body"]
     ]
+
+
+def test_a_provider_refusing_for_a_while_spends_no_attempt_and_counts_no_receive(
+    moto_stack: MotoStack, provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that refuses a job's first two calls before generating (529 overloaded),
+    # and a deployment that refunds such refusals (the default)
+    config = integration_config(provider, retry={"base_seconds": 0.2, "max_seconds": 1})
+    assert config.retry.max_refusals == 10
+    harness = Harness(moto_stack, config, monkeypatch)
+    job_id = harness.submit(prompt="[[fail:529x2]]").body["id"]
+    url = harness.stack.lane_queue_urls["high"]
+    receive_counts: list[int] = []
+    for _ in range(3):
+        # When each message comes (a delayed copy after each refusal: SQS holds it a second)
+        messages: list[dict[str, Any]] = []
+        waited = time.monotonic() + 10
+        while not messages and time.monotonic() < waited:
+            messages = harness.sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60, AttributeNames=["All"]
+            ).get("Messages", [])
+        receive_counts += [int(message["Attributes"]["ApproximateReceiveCount"]) for message in messages]
+        # Then each is settled, none left to come back failed
+        assert harness.run_worker(url, messages) == {"batchItemFailures": []}
+    # And the job succeeds on its first attempt, the refusals refunded and counted (hunt 335:
+    # each spent an attempt, and an outage of seconds failed the job retries_exhausted)
+    job = _job(harness, job_id)
+    assert (job["status"], job["attempts"], provider.calls_for(job_id)) == ("succeeded", 1, 3)
+    stored = harness.ddb.get_item(TableName=harness.stack.jobs_table, Key={"pk": {"S": job_id}})["Item"]
+    assert stored["refusals"] == {"N": "2"}
+    # And every message was a fresh copy, received once: refusals never count toward the DLQ
+    assert receive_counts == [1, 1, 1]

@@ -472,17 +472,25 @@ class InMemoryJobs:
         return self._finish_leased(job, owner, JobStatus.CANCELED)
 
     @_throttleable
-    def requeue(self, job: JobRecord, owner: str, error: JobError, delay_seconds: float) -> JobRecord:
-        return self._back_to_queued(job, owner, delay_seconds, error)
+    def requeue(
+        self, job: JobRecord, owner: str, error: JobError, delay_seconds: float, *, refused: bool = False
+    ) -> JobRecord:
+        return self._back_to_queued(job, owner, delay_seconds, error, refused=refused)
 
     @_throttleable
     def release(self, job: JobRecord, owner: str, delay_seconds: float) -> JobRecord:
         return self._back_to_queued(job, owner, delay_seconds, None)
 
     def _back_to_queued(
-        self, job: JobRecord, owner: str, delay_seconds: float, error: JobError | None
+        self,
+        job: JobRecord,
+        owner: str,
+        delay_seconds: float,
+        error: JobError | None,
+        *,
+        refused: bool = False,
     ) -> JobRecord:
-        token = f"{owner}#{'requeue' if error else 'release'}"
+        token = f"{owner}#{'release' if error is None else 'refused' if refused else 'requeue'}"
         old = self.records.get(job.id)
         if old is None or old.lease_owner != owner or old.status is not JobStatus.RUNNING:
             if old is not None and old.last_write == token and old.status is JobStatus.QUEUED:
@@ -494,6 +502,8 @@ class InMemoryJobs:
         self.due[job.id] = self._queued_due(visible_at, job.deadline_ms)
         self.shares[old.tenant_id].leave(old, ends=False)
         changes: dict[str, Any] = {"error": error} if error else {"attempts": old.attempts - 1}
+        if refused:
+            changes |= {"attempts": old.attempts - 1, "refusals": old.refusals + 1}
         return self._put(
             old,
             status=JobStatus.QUEUED,

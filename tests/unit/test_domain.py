@@ -49,6 +49,9 @@ def test_backoff_grows_and_never_undercuts_retry_after() -> None:
     ceilings = [2, 4, 8, 16]
     assert all(ceiling / 2 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
     assert retry_delay_seconds(policy, 1, 7.0, rng) >= 7.0
+    # (above a stated wait, jittered: fifty jobs refused together come back spread out)
+    waits = {round(retry_delay_seconds(policy, 1, 30.0, random.Random(seed)), 3) for seed in range(50)}
+    assert len(waits) > 40 and min(waits) >= 30.0 and max(waits) <= 33.0
     assert retry_delay_seconds(policy, 30, None, rng) <= 60
     # (no later than its message can be hidden again, so it is due when the message is back)
     assert retry_delay_seconds(policy, 1, 1e9, rng) == MAX_REDELIVERY_DELAY_SECONDS

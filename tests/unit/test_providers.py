@@ -1841,24 +1841,33 @@ def _marked_with_usage(delta: dict[str, Any]) -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": delta, "finish_reason": "stop"}], "usage": usage}
 
 
+def _thinking_part(text: str) -> dict[str, Any]:
+    """Thinking as Mistral's reasoning models (Magistral) stream it: content parts."""
+    return {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": text}]}]}
+
+
+@pytest.mark.parametrize(
+    "thinking", [lambda text: {"reasoning_content": text}, _thinking_part], ids=["reasoning_content", "parts"]
+)
 async def test_thinking_a_gateway_marks_finished_is_never_a_whole_answer(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, thinking: Callable[[str], dict[str, Any]]
 ) -> None:
     monkeypatch.setattr(providers, "_WHOLE_TRAILER_SECONDS", 0.2)
     monkeypatch.setattr(providers, "_AFTER_FINISH_SECONDS", 0.2)
     # Given a gateway that marks each chunk finished, with usage, the reasoning's chunks too
-    events = [_marked_with_usage({"reasoning_content": f"t{n} "}) for n in range(4)]
+    events = [_marked_with_usage(thinking(f"t{n} ")) for n in range(4)]
     events += [_marked_with_usage({"content": "Hello"}), _marked_with_usage({"content": " world"})]
     provider = _provider(lambda request: httpx.Response(200, stream=_Spaced(events, gap=0.3)), stream=True)
     # When the model thinks longer than the wait for a whole answer's trailer
     result = await provider.generate(REQUEST, 10)
     # Then its answer is read to the end, not taken empty mid-thought (review 283)
     assert (result.output, result.finish_reason) == ("Hello world", "stop")
-    # And a cut mid-thought is a cut, not an empty success
-    head = _sse(*events[:2]).encode()
-    cut = _provider(lambda request: httpx.Response(200, stream=_Broken(head)), stream=True)
-    with pytest.raises(TransientProviderError):
-        await cut.generate(REQUEST, 5)
+    # And a cut mid-thought (after its first chunk, or more) is a cut, not an empty success
+    for thought in (1, 2):
+        head = _sse(*events[:thought]).encode()
+        cut = _provider(lambda request, head=head: httpx.Response(200, stream=_Broken(head)), stream=True)
+        with pytest.raises(TransientProviderError):
+            await cut.generate(REQUEST, 5)
 
 
 @pytest.mark.parametrize("index", [1, "0"])

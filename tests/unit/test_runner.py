@@ -919,7 +919,8 @@ def test_an_error_about_the_operators_provider_account_is_told_in_llmqs_words(st
         False,
         httpx.MockTransport(lambda request: httpx.Response(status, content=body)),
     )
-    world.add(attempts=1)
+    # (a 429 past the refusals refunded: `RetryPolicy.max_refusals`)
+    world.add(attempts=1, refusals=world.config.retry.max_refusals)
     # When the job's attempts run out on it
     world.run()
     job = world.job()
@@ -1054,3 +1055,124 @@ def test_a_cancel_before_a_retried_timeout_on_the_last_attempt_ends_canceled_not
     # though the call took all the time beyond the write-back's reserve
     assert world.job().cancel_requested
     assert world.outcome() == (JobStatus.CANCELED, None)
+
+
+# ---- a provider that refuses for a while (hunt 335) -----------------------------------------
+
+
+def _refusing(refusals: int, status: int = 529) -> tuple[Any, list[Any]]:
+    """The real provider client against a server that refuses `refusals` calls with `status`
+    (before generating anything), then answers."""
+    import httpx
+
+    from llmq.providers import ChatCompletionsProvider
+
+    calls: list[Any] = []
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    answer = {
+        "choices": [{"index": 0, "message": {"content": "the answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+
+    def serve(request: Any) -> Any:
+        calls.append(request)
+        return (
+            httpx.Response(status, json=overloaded)
+            if len(calls) <= refusals
+            else httpx.Response(200, json=answer)
+        )
+
+    return ChatCompletionsProvider(
+        "http://provider.test/v1", lambda: "sk-test", False, httpx.MockTransport(serve)
+    ), calls
+
+
+@pytest.mark.parametrize("status", [429, 503, 529])
+def test_a_provider_refusing_for_a_while_spends_no_attempt_and_the_job_succeeds_after(status: int) -> None:
+    # Given a queued job, and a provider that refuses six calls in a row before generating
+    # (an outage of a minute and more at the backoffs), with three attempts allowed
+    world = World()
+    world.runner.provider, calls = _refusing(6, status)
+    world.add()
+    delays: list[int] = []
+    for run in range(7):
+        # When each of its messages comes, once the one before asked to come back
+        world.run(owner=f"req-{run}/msg-{run}/aaaa")
+        if run < 6:
+            # Then each refusal hands the job back with its attempt refunded, a delayed copy
+            # of its message in the lane instead of this one coming back (no receive counted)
+            job = world.job()
+            assert (job.status, job.attempts, job.refusals) == (JobStatus.QUEUED, 0, run + 1)
+            assert job.error is not None and job.error.retryable
+            (_job_id, delay) = world.queues.delays[-1]
+            delays.append(delay)
+            world.clock.advance(delay)
+    # And the seventh call succeeds, on the job's first attempt (hunt 335: every refusal spent
+    # an attempt, and a six-second outage failed the job retries_exhausted, nothing paid for)
+    job = world.job()
+    assert (job.status, job.attempts, len(calls)) == (JobStatus.SUCCEEDED, 1, 7)
+    # And the copies wait longer each time, as attempts' backoffs do
+    assert delays == sorted(delays) and delays[-1] > delays[0]
+
+
+def test_refusals_past_their_budget_spend_attempts_and_fail_retryable() -> None:
+    # Given a provider that refuses every call, and two refusals refunded at most
+    world = World(retry=RetryPolicy(base_seconds=2, max_seconds=60, max_refusals=2))
+    world.runner.provider, calls = _refusing(1000)
+    world.add()
+    for run in range(10):
+        try:
+            world.run(owner=f"req-{run}/msg-{run}/aaaa")
+        except RetryLater as retry:
+            world.clock.advance(retry.delay_seconds)
+            continue
+        if world.job().status is JobStatus.FAILED:
+            break
+        world.clock.advance(world.queues.delays[-1][1])
+    # Then after two refunded refusals, three attempts are spent, and the job fails
+    # retries_exhausted, retryable: nothing was paid for, and the same request may be sent later
+    job = world.job()
+    assert (job.status, job.refusals, job.attempts, len(calls)) == (JobStatus.FAILED, 2, 3, 5)
+    assert job.error is not None and (job.error.code, job.error.retryable) == (
+        ErrorCode.RETRIES_EXHAUSTED,
+        True,
+    )
+
+
+def test_a_refusal_whose_copy_cannot_be_sent_says_it_gave_back_the_slot() -> None:
+    # Given a refused job whose delayed copy SQS refuses
+    world = World()
+    world.runner.provider, _calls = _refusing(5, 503)
+    world.add()
+    world.queues.unavailable.add("enqueue_job")
+    # When it is handed back, then its message comes back instead, saying the slot is free (for
+    # a waiter in its batch, and for sending it again should its message be gone: review 285)
+    with pytest.raises(RetryLater) as retry:
+        world.run()
+    assert retry.value.gave_back_slot
+    job = world.job()
+    assert (job.status, job.lease_owner, job.attempts, job.refusals) == (JobStatus.QUEUED, None, 0, 1)
+
+
+def test_a_refused_job_says_it_started_once_and_that_it_ran_when_its_deadline_passes() -> None:
+    # Given a job subscribed to job.started, which the provider refuses twice, then answers
+    world = World()
+    world.runner.provider, calls = _refusing(2, 529)
+    world.add(webhook_url=WEBHOOK, webhook_events=[WebhookEvent.STARTED])
+    for run in range(3):
+        world.run(owner=f"req-{run}/msg-{run}/aaaa")
+        if run < 2:
+            world.clock.advance(world.queues.delays[-1][1])
+    # Then job.started went once (review 285: once per refusal, each refunded attempt the first)
+    assert (world.job().status, len(calls)) == (JobStatus.SUCCEEDED, 3)
+    assert [event for _, event in world.queues.webhooks].count(WebhookEvent.STARTED) == 1
+    # And a refused job whose next call comes after its deadline says it ran, retryable
+    late = World()
+    late.runner.provider, _late_calls = _refusing(5, 503)
+    late.add(deadline_ms=late.jobs.now_ms() + 120_000)
+    late.run(owner="req-0/msg-0/aaaa")
+    late.clock.advance(200)
+    late.run(owner="req-1/msg-1/aaaa")
+    error = late.job().error
+    assert error is not None and error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert error.retryable and "ran 1 time(s)" in error.message, error

@@ -73,6 +73,14 @@ class RetryPolicy(_Frozen):
     # 403), the next attempt waits at least this long, doubling with each attempt: an operator
     # paged has minutes to fix the key before the backlog's attempts run out, not seconds.
     account_error_seconds: Annotated[float, Field(ge=0, le=MAX_VISIBILITY_SECONDS)] = 120.0
+    # A provider that refuses a request before generating (a 429 rate limit, a 503 or 529
+    # overload: nothing paid for) hands the job back with its attempt refunded, this many times
+    # at most, backing off as attempts do (from `base_seconds`, doubling, to `max_seconds`,
+    # Retry-After honoured): with the defaults, a provider refusing for about a quarter of an
+    # hour. Past them, a refusal spends an attempt as any transient error does. Hunt 335: each
+    # refusal spent one of `max_attempts`, and a six-second outage failed every job claimed in
+    # it `retries_exhausted`, nothing paid for.
+    max_refusals: Annotated[int, Field(ge=0, le=100)] = 10
 
 
 class WebhookPolicy(_Frozen):

@@ -583,7 +583,7 @@ class JobRunner:
                 sibling.freed = True
                 return None
             job = loaded
-            if job.attempts == 1 and job.started_ms is not None:
+            if job.attempts == 1 and not job.refusals and job.started_ms is not None:
                 emit_job_metric(MetricName.QUEUE_WAIT_MS, job.started_ms - job.created_ms, job.lane)
             await self._execute(job, invocation, paid_unknown=parked is False)
         except RetryLater as exc:
@@ -752,6 +752,7 @@ class JobRunner:
         *,
         invocation: Invocation,
         spoken_for: bool = False,
+        gave_back_slot: bool = False,
         **extra: object,
     ) -> None:
         """Acknowledge this message and send a copy delayed by `delay` (at most 900 s a hop).
@@ -791,7 +792,11 @@ class JobRunner:
             except (StoreUnavailable, TimeoutError):
                 logger.warning(f"{why}: the copy could not be sent; the message waits instead", extra=log)
         wait = delay if unsent_delay is None else unsent_delay
-        raise RetryLater(message.job_id, max(wait, self._unsent_wait(invocation.receive_count)))
+        raise RetryLater(
+            message.job_id,
+            max(wait, self._unsent_wait(invocation.receive_count)),
+            gave_back_slot=gave_back_slot,
+        )
 
     def _unsent_wait(self, receive_count: int) -> float:
         """How long a message whose copy SQS refused stays away at least, by the receives it has
@@ -987,7 +992,8 @@ class JobRunner:
     async def _execute(self, job: JobRecord, invocation: Invocation, *, paid_unknown: bool = False) -> None:
         if await self._too_late_to_start(job, invocation, paid_unknown=paid_unknown):
             return
-        if job.attempts == 1 and job.wants(WebhookEvent.STARTED):
+        # (once: a refused attempt, refunded, leaves the next one its first: review 285)
+        if job.attempts == 1 and not job.refusals and job.wants(WebhookEvent.STARTED):
             # job.started is a courtesy; losing it must not cost the generation, nor may a slow
             # send (botocore's tries) leave the provider too little time: the time is looked
             # at again after it. A send given up on goes on in a thread of the output's own, so
@@ -1230,13 +1236,19 @@ class JobRunner:
             # (each refusal, at once: the retries are minutes apart, and the jobs fail only
             # once their attempts have run out)
             emit_count(MetricName.PROVIDER_ACCOUNT_REFUSED)
-        if job.attempts >= self.config.max_attempts:
+        # A refusal before generating (a rate limit, an overload: nothing paid for) is refunded,
+        # a bounded number of times, so an outage of minutes does not fail the backlog
+        refused = exc.refused and job.refusals < self.config.retry.max_refusals
+        if refused:
+            emit_count(MetricName.PROVIDER_REFUSED)
+        if job.attempts >= self.config.max_attempts and not refused:
             error = JobError(
                 code=ErrorCode.RETRIES_EXHAUSTED,
                 message=f"gave up after {job.attempts} attempts; last error: {exc.message}",
-                # (a refusal of llmq's own provider account is the operator's to fix: the same
-                # request may be sent again once it is)
-                retryable=exc.about_account,
+                # (a refusal of llmq's own provider account is the operator's to fix, and a
+                # refusal before generating paid for nothing: the same request may be sent
+                # again later)
+                retryable=exc.about_account or exc.refused,
             )
             logger.info("retries exhausted", extra=extra)
             await self._fail_billed(job, invocation, error)
@@ -1246,7 +1258,10 @@ class JobRunner:
             # (an operator's to fix: minutes, doubling, rather than seconds between attempts)
             floor = self.config.retry.account_error_seconds * 2 ** max(0, job.attempts - 1)
             wait = max(wait or 0.0, floor)
-        delay = retry_delay_seconds(self.config.retry, job.attempts, wait, self._rng)
+        # (a refusal backs off by its own count, as attempts do: the provider's outage, not
+        # the job's, sets the pace)
+        backoff = job.refusals + 1 if refused else job.attempts
+        delay = retry_delay_seconds(self.config.retry, backoff, wait, self._rng)
         crossed = self._end_a_retry_would_cross(job, delay)
         if crossed is not None:
             end, ends = crossed
@@ -1261,11 +1276,31 @@ class JobRunner:
         error = JobError(code=exc.code, message=exc.message, retryable=True)
         owner = invocation.owner
         try:
-            await self._write_back(lambda: self.jobs.requeue(job, owner, error, delay), invocation)
+            await self._write_back(
+                lambda: self.jobs.requeue(job, owner, error, delay, refused=refused), invocation
+            )
         except CancelRequested:
             # The client canceled while the provider was failing: never send it again.
             logger.info("cancel requested; not retried", extra=extra)
             await self._settle(self.jobs.cancel_leased, job, invocation)
+            return
+        if refused:
+            # A copy delayed by the backoff replaces this message, as a deferral's does: the
+            # refusals of a provider outage never count the message's receives to the DLQ.
+            message = LaneMessage(
+                job_id=job.id, lane=job.lane, tenant_id=job.tenant_id, redrive_round=job.redrive_round
+            )
+            due_ms = self.jobs.now_ms() + int(delay * 1000)
+            await self._resend(
+                message,
+                (job.tenant_id, job.lane),
+                due_ms,
+                delay,
+                "the provider refused the request; the job waits, its attempt refunded",
+                invocation=invocation,
+                gave_back_slot=True,
+                refusals=job.refusals + 1,
+            )
             return
         logger.info("transient failure; job requeued", extra={**extra, "delay_seconds": round(delay, 1)})
         raise RetryLater(job.id, delay, gave_back_slot=True)

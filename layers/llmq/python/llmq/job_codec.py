@@ -111,6 +111,8 @@ def to_item(record: JobRecord, extra: dict[str, Any] | None = None) -> dict[str,
             "result_url_expires_ms",
             "queue_position",
             "dead_letter_ids",
+            # (counted by `JobRepository.requeue`'s ADD alone)
+            "refusals",
             "redrive_round",
             "delivery_log",
             "delivery_log_seq",

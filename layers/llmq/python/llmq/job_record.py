@@ -110,6 +110,8 @@ class JobRecord(Model):
     claimed_ms: int | None = None
     finished_ms: int | None = None
     attempts: int = 0
+    # Attempts the provider refused before generating, refunded (`RetryPolicy.max_refusals`).
+    refusals: int = 0
     cancel_requested: bool = False
     lease_owner: str | None = None
     lease_expires_ms: int | None = None

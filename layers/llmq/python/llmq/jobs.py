@@ -652,24 +652,34 @@ class JobRepository:
     def cancel_leased(self, job: JobRecord, owner: str) -> JobRecord:
         return self._finish_leased(job, owner, JobStatus.CANCELED)
 
-    def requeue(self, job: JobRecord, owner: str, error: JobError, delay_seconds: float) -> JobRecord:
-        """A transient failure: back to queued with the attempt count kept, lease released.
+    def requeue(
+        self, job: JobRecord, owner: str, error: JobError, delay_seconds: float, *, refused: bool = False
+    ) -> JobRecord:
+        """A transient failure: back to queued with the attempt count kept, lease released;
+        `refused`: the provider refused the attempt before generating, which is refunded and
+        counted as a refusal (`RetryPolicy.max_refusals`).
 
         Raises CancelRequested, with the lease still ours, when the client asked to cancel
         meanwhile: such a job must end canceled, never reach the provider again.
         """
-        return self._back_to_queued(job, owner, delay_seconds, error=error)
+        return self._back_to_queued(job, owner, delay_seconds, error=error, refused=refused)
 
     def release(self, job: JobRecord, owner: str, delay_seconds: float) -> JobRecord:
         """Hand a claimed job back before the provider was called: the attempt is refunded."""
         return self._back_to_queued(job, owner, delay_seconds, error=None)
 
     def _back_to_queued(
-        self, job: JobRecord, owner: str, delay_seconds: float, error: JobError | None
+        self,
+        job: JobRecord,
+        owner: str,
+        delay_seconds: float,
+        error: JobError | None,
+        *,
+        refused: bool = False,
     ) -> JobRecord:
         now = self.now_ms()
         visible_at = now + int(delay_seconds * 1000)
-        token = f"{owner}#{'requeue' if error else 'release'}"
+        token = f"{owner}#{'release' if error is None else 'refused' if refused else 'requeue'}"
         sweep_sets, _, sweep = self._sweep(job.id, self._queued_due(visible_at, job.deadline_ms))
         sets = f"SET #st = :queued, {', '.join(sweep_sets)}, not_before_ms = :not_before, last_write = :token"
         values: dict[str, Any] = {
@@ -688,7 +698,11 @@ class JobRepository:
             names["#err"] = "error"
             values["error"] = error.model_dump_json()
             expression = f"{sets}, #err = :error REMOVE lease_owner, lease_expires_ms"
-            del values["refund"]
+            if refused:
+                expression += " ADD attempts :refund, refusals :one"
+                values["one"] = 1
+            else:
+                del values["refund"]
         update = self._job_update(
             job.id,
             expression,
@@ -715,8 +729,10 @@ class JobRepository:
         }
         if error is not None:
             changes["error"] = error
-        else:
+        if error is None or refused:
             changes["attempts"] = job.attempts - 1
+        if refused:
+            changes["refusals"] = job.refusals + 1
         return job.model_copy(update=changes)
 
     def _finish_leased(

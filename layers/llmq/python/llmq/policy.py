@@ -106,7 +106,7 @@ def refused_claim(found: JobRecord | None, now_ms: int, retention_margin_s: int 
 
 def deadline_error(job: JobRecord) -> JobError:
     """Say what happened: a job that never ran differs from one whose retry came too late."""
-    if job.attempts == 0:
+    if job.attempts == 0 and not job.refusals:
         return JobError(
             code=ErrorCode.DEADLINE_EXCEEDED,
             message="The job did not start before its deadline",
@@ -115,18 +115,20 @@ def deadline_error(job: JobRecord) -> JobError:
     last = f"; its last attempt failed: {job.error.message}" if job.error else ""
     return JobError(
         code=ErrorCode.DEADLINE_EXCEEDED,
-        message=f"The job ran {job.attempts} time(s) and its deadline passed before the next retry{last}",
+        message=f"The job ran {job.attempts + job.refusals} time(s) and its deadline passed before the next retry{last}",
         retryable=True,
     )
 
 
 def retention_error(job: JobRecord) -> JobError:
     """A job still unfinished as its retention runs out: ended expired, as a deadline would."""
-    ran = f" after {job.attempts} attempt(s)" if job.attempts else ""
+    # (a job the provider refused, its attempts refunded, ran too: review 285)
+    calls = job.attempts + job.refusals
+    ran = f" after {calls} attempt(s)" if calls else ""
     return JobError(
         code=ErrorCode.DEADLINE_EXCEEDED,
         message=f"The job did not finish{ran} within its retention, and is kept no longer",
-        retryable=job.attempts > 0,
+        retryable=calls > 0,
     )
 
 

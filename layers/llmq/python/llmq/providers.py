@@ -217,6 +217,12 @@ class ProviderError(Exception):
         self.about_account = False
 
 
+# Statuses by which a provider refuses a request before generating anything, for a while: its
+# rate limit, its capacity (503; Anthropic-compatible gateways' 529 "overloaded"). Not a 5xx
+# that may come after the request was processed, nor a gateway's timeout.
+_UNBILLED_REFUSALS = frozenset({429, 503, 529})
+
+
 class TransientProviderError(ProviderError):
     def __init__(
         self,
@@ -227,6 +233,9 @@ class TransientProviderError(ProviderError):
     ) -> None:
         super().__init__(code, message, status_code)
         self.retry_after = retry_after
+        # The provider refused the request at once, before generating (`_UNBILLED_REFUSALS`):
+        # nothing was paid for (`RetryPolicy.max_refusals`).
+        self.refused = False
 
 
 class PermanentProviderError(ProviderError):
@@ -992,8 +1001,12 @@ class ChatCompletionsProvider:
                     retry_timeouts=False,
                 )
             if response.status_code >= 300:
-                progress.refused = classify_response(response, b"", log=False)
-                raise classify_response(response, await _error_body(response))
+                progress.refused = _marked_refused(
+                    classify_response(response, b"", log=False), response, progress
+                )
+                raise _marked_refused(
+                    classify_response(response, await _error_body(response)), response, progress
+                )
             try:
                 if self.stream:
                     return await _read_stream(response, on_output, deadline, answer, self.done_ends_answer)
@@ -1012,6 +1025,16 @@ class ChatCompletionsProvider:
                 raise TransientProviderError(
                     _STREAM_CUT if self.stream else _ANSWER_CUT, code=ErrorCode.PROVIDER_ERROR
                 ) from exc
+
+
+def _marked_refused(error: ProviderError, response: httpx.Response, progress: _Progress) -> ProviderError:
+    """`error`, marked `refused` when its status refused the request before generating: a rate
+    limit or an overload answered at once, not after the request was held a while (a gateway's
+    503 when the model behind it crashed mid-generation may have been paid for: review 285),
+    nor a refusal of llmq's own account (retried as the operator's to fix)."""
+    if isinstance(error, TransientProviderError) and response.status_code in _UNBILLED_REFUSALS:
+        error.refused = not error.about_account and not progress.held
+    return error
 
 
 async def _error_body(response: httpx.Response) -> bytes:
@@ -1225,7 +1248,8 @@ class _Stream:
                 # (a server that streams each piece as a `message`, as a completion holds it)
                 delta = choice.get("message")
             text = _text(delta.get("content")) if isinstance(delta, dict) else ""
-            if isinstance(delta, dict) and _generates(delta):
+            tokens = isinstance(delta, dict) and _generates(delta)
+            if tokens:
                 self.generating = True
                 with_tokens = True
             if text:
@@ -1239,7 +1263,8 @@ class _Stream:
                 more = isinstance(delta, dict) and any(
                     value for key, value in delta.items() if key not in _NOT_MORE
                 )
-                self.finish_alone = not text and not more and self._generated
+                # (tokens with it, as content parts, Magistral's thinking, are more: review 284)
+                self.finish_alone = not text and not more and not tokens and self._generated
         if (with_text or with_tokens) and had_finished:
             # (a gateway that marks its reasoning chunks finished too, review 283: its thinking
             # is never a whole answer, however long it lasts)
@@ -1515,7 +1540,7 @@ def _dicts(value: object) -> list[dict[str, Any]]:
 def _choice_index(choice: dict[str, Any]) -> object:
     """A choice's index, a number however it is written (`0`, `"0"`)."""
     index = choice.get("index")
-    if isinstance(index, str) and index.strip().isdigit():
+    if isinstance(index, str) and index.strip().isascii() and index.strip().isdigit():
         return int(index)
     return index
 

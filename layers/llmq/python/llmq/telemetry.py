@@ -125,6 +125,10 @@ class MetricName(StrEnum):
     # The provider refused llmq's own account (401, 403, 402 or a quota out of credit): every
     # job fails with it, after retries minutes apart, until an operator fixes the key.
     PROVIDER_ACCOUNT_REFUSED = "ProviderAccountRefused"
+    # The provider refused a request before generating (a 429 rate limit, a 503 or 529
+    # overload), its attempt refunded (`RetryPolicy.max_refusals`): an outage or a limit set too
+    # low shows here while the jobs wait, before any fails.
+    PROVIDER_REFUSED = "ProviderRefused"
     # The api answered 503 webhook_host_unavailable: a tenant's webhook host whose own name
     # servers fail, which Api5xx leaves out (API Gateway's 5XXError counts it).
     WEBHOOK_HOST_UNAVAILABLE = "WebhookHostUnavailable"
@@ -165,11 +169,13 @@ FAULT_METRICS = (
     MetricName.PROVIDER_ACCOUNT_REFUSED,
 )
 # Refusals, not faults (service dimension only): the api's waits refused a place (a tenant's
-# limit at work), the authorizer refused a key, a tenant's webhook host could not be looked up.
+# limit at work), the authorizer refused a key, a tenant's webhook host could not be looked up,
+# the provider refused a request before generating (its rate limit, its capacity).
 LIMIT_METRICS = (
     MetricName.LONG_POLL_REFUSED,
     MetricName.AUTHENTICATION_REFUSED,
     MetricName.WEBHOOK_HOST_UNAVAILABLE,
+    MetricName.PROVIDER_REFUSED,
 )
 
 
