@@ -1176,3 +1176,19 @@ def test_a_refused_job_says_it_started_once_and_that_it_ran_when_its_deadline_pa
     error = late.job().error
     assert error is not None and error.code is ErrorCode.DEADLINE_EXCEEDED
     assert error.retryable and "ran 1 time(s)" in error.message, error
+
+
+def test_the_jitter_above_a_stated_wait_never_fails_a_retry_that_fits_before_the_deadline() -> None:
+    # Given jobs whose deadline is 28 s away, each failed with a 429 and Retry-After: 27
+    outcomes = []
+    for seed in range(8):
+        world = World(TransientProviderError("rate limited", status_code=429, retry_after=27.0))
+        world.runner._rng = Random(seed)
+        world.add(deadline_ms=world.jobs.now_ms() + 28_000)
+        # When each runs once
+        with pytest.raises(RetryLater):
+            world.run()
+        outcomes.append(world.job().status)
+    # Then every one waits for its retry, at the provider's second at the latest (review 286:
+    # the jitter above the wait failed most of them deadline_exceeded)
+    assert outcomes == [JobStatus.QUEUED] * 8

@@ -1262,6 +1262,10 @@ class JobRunner:
         # the job's, sets the pace)
         backoff = job.refusals + 1 if refused else job.attempts
         delay = retry_delay_seconds(self.config.retry, backoff, wait, self._rng)
+        if wait is not None and delay > wait and self._end_a_retry_would_cross(job, delay) is not None:
+            # (the jitter above a stated wait never turns a retry that fits before the job's
+            # deadline into a failure: review 286)
+            delay = wait
         crossed = self._end_a_retry_would_cross(job, delay)
         if crossed is not None:
             end, ends = crossed

@@ -256,7 +256,9 @@ class JobIntake:
         if job.tenant_id != tenant.tenant_id or not same_body:
             raise IdempotencyConflict("this Idempotency-Key was already used with a different body")
         young = self.jobs.now_ms() - job.created_ms < self.config.reconciler.stale_queued_seconds * 1000
-        if job.status is JobStatus.QUEUED and not job.attempts and not job.cancel_requested and young:
+        # (a job the provider refused, its attempt refunded, ran: its message is the copy's)
+        ran = job.attempts or job.refusals
+        if job.status is JobStatus.QUEUED and not ran and not job.cancel_requested and young:
             try:
                 self.jobs.sweep_first(job.id, unlooked=job)
             except Exception as exc:
