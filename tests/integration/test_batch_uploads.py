@@ -728,3 +728,30 @@ def test_a_quota_changed_while_a_batch_is_admitted_is_the_one_it_meets(
         assert _stored(harness, uploaded).status is BatchStatus.FAILED
         assert (inline.status, inline.code) == (429, "quota_exceeded")
         assert active == 2
+
+
+@pytest.mark.parametrize(("ending", "bom"), [("\n", False), ("\r\n", False), ("\r\n", True)])
+def test_a_line_at_the_raw_limit_is_read_whatever_its_ending_and_one_past_it_is_refused(
+    harness: Harness, ending: str, bom: bool
+) -> None:
+    limit = harness.config.batches.max_item_bytes * 6  # (as written: `_RAW_LINE_SLACK`)
+
+    def padded(custom_id: str, size: int) -> str:
+        # (whitespace between tokens, as a pretty-printer writes it)
+        line = _line(custom_id)
+        return line[:-1] + " " * (size - len(line)) + "}"
+
+    # Given files whose first line is exactly at the raw line limit, saved with LF or CRLF
+    # endings, with a byte order mark or not
+    lead = "\ufeff" if bom else ""
+    at_limit = lead + padded("a", limit) + ending + _line("b") + ending
+    over = lead + padded("a", limit + 1) + ending + _line("b") + ending
+    accepted = _submit(harness, _upload(harness, at_limit)).body["id"]
+    refused = _submit(harness, _upload(harness, over)).body["id"]
+    _run_lane(harness)
+    # Then the line at the limit is read as an LF file's is (hunt 336: refused with CRLF)
+    batch = _stored(harness, accepted)
+    assert (batch.errors, batch.total) == (None, 2)
+    # And one byte more is refused, whatever the ending
+    errors = _stored(harness, refused).errors
+    assert errors is not None and [(error.line, error.code) for error in errors] == [(1, "payload_too_large")]

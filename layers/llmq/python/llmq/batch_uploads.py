@@ -112,12 +112,18 @@ class UploadScanner:
             errors.append(BatchLineError(line=line, code=code, message=message))
 
         chunks = self.payloads.stream(batch.upload_ref, consumed, batch.upload_etag)
+        raw_limit = settings.max_item_bytes * _RAW_LINE_SLACK
         try:
-            for raw, size in split_lines(chunks, settings.max_item_bytes * _RAW_LINE_SLACK):
+            # (read with room for what a line's limit does not count: a CRLF ending's `\r`, and
+            # the first line's byte order mark; hunt 336 saw a line at the limit refused only
+            # when the file was saved with CRLF endings)
+            for raw, size in split_lines(chunks, raw_limit + len(b"\r") + len(_UTF8_BOM)):
                 line += 1
                 consumed += size
                 if line == 1 and raw is not None and raw.startswith(_UTF8_BOM):
                     raw = raw[len(_UTF8_BOM) :]  # (as Windows tools save UTF-8: not JSON, not data)
+                if raw is not None and len(raw.removesuffix(b"\r")) > raw_limit:
+                    raw = None
                 if consumed > settings.max_upload_bytes:
                     refuse("payload_too_large", f"the file runs past {settings.max_upload_bytes} bytes")
                     break
